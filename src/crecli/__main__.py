@@ -1,0 +1,3 @@
+from crecli.cli import main
+
+main()

@@ -1,0 +1,62 @@
+"""The one small interface every model runtime implements.
+
+A backend has one abstract method, `complete`, on text already rendered in the model's
+prompt format. `generate`, `sample` and `embed` build on it; runtimes override them only
+where they can do better (llama.cpp reuses the prompt's KV cache across samples).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Sequence
+
+from crecli.errors import BackendError
+from crecli.models.prompting import render
+
+if TYPE_CHECKING:
+    from crecli.config import ModelSpec
+
+
+@dataclass(frozen=True)
+class GenParams:
+    max_tokens: int = 48
+    temperature: float = 0.0
+    top_p: float = 0.95
+    top_k: int = 40
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    output_tokens: int
+    seconds: float
+    finish_reason: str = "stop"
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Backend(abc.ABC):
+    def __init__(self, spec: "ModelSpec") -> None:
+        self.spec = spec
+
+    @abc.abstractmethod
+    def complete(self, text: str, params: GenParams) -> Generation:
+        """Continue `text` (already in the model's prompt format)."""
+
+    def generate(self, prompt: str, params: GenParams = GenParams()) -> Generation:
+        rendered = render(self.spec.prompt_format, prompt)
+        params = replace(params, stop=tuple(dict.fromkeys((*params.stop, *rendered.stop))))
+        return self.complete(rendered.text, params)
+
+    def sample(self, prompt: str, k: int, params: GenParams, base_seed: int = 0) -> list[Generation]:
+        """k samples of one prompt. Backends that cache the prompt make samples 2..k cheap."""
+        return [self.generate(prompt, replace(params, seed=base_seed + i)) for i in range(k)]
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        raise BackendError(f"model {self.spec.name!r} ({self.spec.backend} backend) cannot embed")
+
+    def close(self) -> None:
+        """Free the model's memory. Safe to call twice."""

@@ -1,0 +1,40 @@
+"""What `cre models list` reports: one row per model, from config, disk and bench figures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from crecli.config import Settings
+from crecli.models import bench
+from crecli.models.pull import file_state
+
+
+def rows(settings: Settings, deep: bool = False) -> list[dict[str, Any]]:
+    out = []
+    for name, spec in settings.models.items():
+        state = file_state(spec, deep=deep)
+        speed = bench.stored(spec)
+        out.append(
+            {
+                "name": name,
+                "on_ladder": name in settings.ladder,
+                "rung": settings.ladder.index(name) if name in settings.ladder else None,
+                "backend": spec.backend,
+                "arch": spec.arch,
+                "params": spec.params,
+                "quant": spec.quant,
+                "size": spec.size if spec.size is not None else state.size,
+                "path": str(spec.file) if spec.file else spec.url,
+                "present": state.present,
+                "verified": state.verified,
+                "problem": "" if state.verified else state.reason,
+                "sha256": spec.sha256,
+                "prompt_format": spec.prompt_format,
+                "context": spec.context,
+                "n_gpu_layers": spec.n_gpu_layers,
+                "pp_tokens_per_s": speed["pp_tokens_per_s"] if speed else None,
+                "tg_tokens_per_s": speed["tg_tokens_per_s"] if speed else None,
+            }
+        )
+    out.sort(key=lambda r: (r["rung"] is None, r["rung"] if r["rung"] is not None else 0, r["name"]))
+    return out

@@ -1,0 +1,56 @@
+"""A deterministic backend for tests: answers come from a table or a function."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from crecli.models.backend import Backend, Generation, GenParams
+
+if TYPE_CHECKING:
+    from crecli.config import ModelSpec
+
+Answerer = Callable[[str, GenParams], str]
+
+
+class FakeBackend(Backend):
+    """`answers` maps a raw user prompt to its answer, or is a function of (text, params).
+
+    Seconds are simulated from token counts so cost accounting can be tested exactly:
+    `seconds_per_token` per prompt or output token.
+    """
+
+    def __init__(
+        self,
+        spec: "ModelSpec",
+        answers: dict[str, str] | Answerer | None = None,
+        seconds_per_token: float = 0.001,
+        dims: int = 8,
+    ) -> None:
+        super().__init__(spec)
+        self.answers = answers or {}
+        self.seconds_per_token = seconds_per_token
+        self.dims = dims
+        self.calls: list[tuple[str, GenParams]] = []
+
+    def complete(self, text: str, params: GenParams) -> Generation:
+        self.calls.append((text, params))
+        if callable(self.answers):
+            answer = self.answers(text, params)
+        else:
+            answer = next((a for p, a in self.answers.items() if p in text), "I don't know")
+        prompt_tokens = max(1, len(text.split()))
+        output_tokens = min(params.max_tokens, max(1, len(answer.split())))
+        return Generation(
+            text=answer,
+            prompt_tokens=prompt_tokens,
+            output_tokens=output_tokens,
+            seconds=(prompt_tokens + output_tokens) * self.seconds_per_token,
+        )
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        out = []
+        for t in texts:
+            digest = hashlib.sha256(t.encode()).digest()
+            out.append([b / 255.0 for b in digest[: self.dims]])
+        return out

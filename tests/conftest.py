@@ -1,0 +1,71 @@
+"""Shared fixtures. Every test runs with CRE_HOME in a temp dir, so no user file is touched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from crecli.config import ModelSpec
+from crecli.models.backend import Backend
+from crecli.models.fake import FakeBackend
+
+TINY_TOML = """
+schema = 1
+ladder = ["small", "medium", "large"]
+
+[embedder]
+kind = "tfidf"
+dims = 16
+
+[models.small]
+path = "/nonexistent/small.gguf"
+prompt_format = "completion"
+[models.medium]
+path = "/nonexistent/medium.gguf"
+[models.large]
+path = "/nonexistent/large.gguf"
+"""
+
+
+@pytest.fixture(autouse=True)
+def cre_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "cre-home"
+    monkeypatch.setenv("CRE_HOME", str(home))
+    monkeypatch.delenv("CRE_MODELS", raising=False)
+    monkeypatch.delenv("CRE_MODELS_DIR", raising=False)
+    return home
+
+
+@pytest.fixture
+def tiny_models_toml(tmp_path: Path) -> Path:
+    """A three-rung ladder of fake models (small, medium, large), used with --models."""
+    path = tmp_path / "models.toml"
+    path.write_text(TINY_TOML)
+    return path
+
+
+@pytest.fixture
+def fake_backends(monkeypatch: pytest.MonkeyPatch) -> Callable[..., dict[str, FakeBackend]]:
+    """Route every backend_for() call to FakeBackends.
+
+    Call the fixture with {model name: answers} (a dict or a function, see FakeBackend);
+    it returns the dict of created backends, filled in as models are used.
+    """
+    from crecli.models import registry
+
+    created: dict[str, FakeBackend] = {}
+
+    def install(answers: dict[str, object] | None = None, **kwargs: object) -> dict[str, FakeBackend]:
+        answers = answers or {}
+
+        def factory(spec: ModelSpec) -> Backend:
+            backend = FakeBackend(spec, answers.get(spec.name), **kwargs)  # type: ignore[arg-type]
+            created[spec.name] = backend
+            return backend
+
+        monkeypatch.setattr(registry, "make_backend", factory)
+        return created
+
+    return install
