@@ -7,9 +7,13 @@ from typing import Callable
 
 import pytest
 
+from crecli import paths
 from crecli.config import ModelSpec
 from crecli.models.backend import Backend
 from crecli.models.fake import FakeBackend
+
+# Where the user's real, pulled models are, read before any test redirects CRE_HOME.
+REAL_MODELS_DIR = paths.models_dir()
 
 TINY_TOML = """
 schema = 1
@@ -69,3 +73,10 @@ def fake_backends(monkeypatch: pytest.MonkeyPatch) -> Callable[..., dict[str, Fa
         return created
 
     return install
+
+
+@pytest.fixture
+def real_models(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point crecli at the user's pulled models (tests marked `real` use them)."""
+    monkeypatch.setenv("CRE_MODELS_DIR", str(REAL_MODELS_DIR))
+    return REAL_MODELS_DIR

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import TYPE_CHECKING, Any, Iterator
 from contextlib import contextmanager
@@ -21,6 +22,9 @@ def out() -> "Console":
         from rich.console import Console
 
         _out = Console(soft_wrap=True)
+        if not _out.is_terminal and "COLUMNS" not in os.environ:
+            # Piped tables are read by people too (in logs, `| less`): don't squash them to 80.
+            _out = Console(soft_wrap=True, width=160)
     return _out
 
 

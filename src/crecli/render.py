@@ -27,8 +27,15 @@ def models_table(rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table(title="Model ladder (smallest first)", title_justify="left")
+    # Names and states must survive a narrow or piped console whole: other columns shrink.
+    widest = max((len(r["name"]) for r in rows), default=4)
     for col in ("rung", "name", "arch", "params", "quant", "size", "file", "pp tok/s", "tg tok/s"):
-        table.add_column(col, justify="right" if col in ("rung", "size", "pp tok/s", "tg tok/s") else "left")
+        table.add_column(
+            col,
+            justify="right" if col in ("rung", "size", "pp tok/s", "tg tok/s") else "left",
+            min_width=widest if col == "name" else (8 if col == "file" else None),
+            no_wrap=col in ("name", "file"),
+        )
     for r in rows:
         if r["backend"] == "openai":
             file_state = "[cyan]remote[/cyan]"

@@ -9,9 +9,11 @@ collapses throughput.
 from __future__ import annotations
 
 import os
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from crecli.errors import BackendError
 from crecli.models.backend import Backend, Generation, GenParams
@@ -29,6 +31,27 @@ def default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - macOS
         return max(1, os.cpu_count() or 1)
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence llama.cpp's C-level logging (it writes to fd 2 even with verbose=False).
+
+    Set CRE_DEBUG=1 to see it.
+    """
+    if os.environ.get("CRE_DEBUG"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 class LlamaBackend(Backend):
@@ -55,17 +78,18 @@ class LlamaBackend(Backend):
             raise BackendError(f"llama-cpp-python is not importable ({exc}); reinstall crecli") from exc
         start = time.perf_counter()
         try:
-            llm = Llama(
-                model_path=str(path),
-                n_ctx=self.n_ctx,
-                n_threads=self.n_threads,
-                n_threads_batch=self.n_threads,
-                n_gpu_layers=self.n_gpu_layers,
-                embedding=embedding,
-                # Mean pooling: decoder models have no CLS token worth reading.
-                **({"pooling_type": 1} if embedding else {}),
-                verbose=False,
-            )
+            with _quiet_stderr():
+                llm = Llama(
+                    model_path=str(path),
+                    n_ctx=self.n_ctx,
+                    n_threads=self.n_threads,
+                    n_threads_batch=self.n_threads,
+                    n_gpu_layers=self.n_gpu_layers,
+                    embedding=embedding,
+                    # Mean pooling: decoder models have no CLS token worth reading.
+                    **({"pooling_type": 1} if embedding else {}),
+                    verbose=False,
+                )
         except Exception as exc:  # llama.cpp reports load failures as bare ValueErrors
             raise BackendError(f"llama.cpp could not load {self.spec.name!r} from {path}: {exc}") from exc
         self.load_seconds += time.perf_counter() - start

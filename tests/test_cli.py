@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from typer.testing import CliRunner
+
+from crecli import __version__
+from crecli.cli import app
+
+runner = CliRunner()
+HEAVY = ("numpy", "umap", "hdbscan", "llama_cpp", "sklearn", "numba")
+
+
+def run(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "crecli", *args], capture_output=True, text=True, input=input, timeout=120
+    )
+
+
+def test_help_has_examples_and_exit_codes() -> None:
+    for flag in ("-h", "--help"):
+        result = runner.invoke(app, [flag])
+        assert result.exit_code == 0
+        assert "Examples:" in result.output and "Exit codes:" in result.output
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"cre {__version__}"
+
+
+def test_help_imports_nothing_heavy() -> None:
+    code = (
+        "import sys; from crecli.cli import app; from typer.testing import CliRunner; "
+        "CliRunner().invoke(app, ['--help']); CliRunner().invoke(app, ['models', '--help']); "
+        f"print([m for m in {HEAVY!r} if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_errors_are_one_line_with_exit_1() -> None:
+    result = run("ask", "hi", "--model", "gpt-9")
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: unknown model 'gpt-9'")
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_missing_model_file_says_how_to_fetch_it(tiny_models_toml: Path) -> None:
+    result = run("--help")  # warm
+    result = run("ask", "hi", "--model", "small", "--models", str(tiny_models_toml))
+    assert result.returncode == 1
+    assert "model 'small' is not on disk" in result.stderr and "check `path`" in result.stderr
+
+
+def test_ask_direct_with_fake_model(tiny_models_toml: Path, fake_backends: Callable[..., dict]) -> None:
+    created = fake_backends({"medium": {"capital of France": "Paris"}})
+    result = runner.invoke(app, ["ask", "What is the capital of France?", "--model", "medium", "--models", str(tiny_models_toml)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[0] == "Paris"
+    # the prompt went through the chatml template, the answer type's stop strings with it
+    text, params = created["medium"].calls[0]
+    assert text.startswith("<|im_start|>system") and "<|im_end|>" in params.stop
+
+
+def test_ask_reads_stdin_and_prints_json(tiny_models_toml: Path, fake_backends: Callable[..., dict]) -> None:
+    created = fake_backends({"small": {"12 plus 30": "42"}})
+    result = runner.invoke(
+        app, ["ask", "-", "--model", "small", "--models", str(tiny_models_toml), "--json"], input="What is 12 plus 30?\n"
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["answer"] == "42" and data["model"] == "small" and data["output_tokens"] == 1
+    assert created["small"].calls[0][0].startswith("Q: What is 3 plus 4?")  # completion template
+
+
+def test_empty_prompt_is_refused() -> None:
+    result = run("ask", "-", "--model", "gemma-3-270m", input="  \n")
+    assert result.returncode == 1 and "prompt is empty" in result.stderr
+
+
+def test_models_list_json_reports_missing_files() -> None:
+    result = run("models", "list", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [r["name"] for r in rows] == ["gemma-3-270m", "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"]
+    assert all(r["present"] is False and r["verified"] is False for r in rows)  # CRE_HOME is empty
+    assert rows[0]["size"] == 253113024
+
+
+def test_models_list_table_goes_to_stdout_hints_to_stderr() -> None:
+    result = run("models", "list")
+    assert "gemma-3-270m" in result.stdout and "cre models pull" in result.stderr
+
+
+def test_python_dash_m_works() -> None:
+    assert "Usage: cre" in run("--help").stdout or "Usage: python -m crecli" in run("--help").stdout

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from crecli import config, paths
+from crecli.errors import ConfigError
+
+
+def test_shipped_ladder_is_three_models_smallest_first() -> None:
+    settings = config.load()
+    assert settings.ladder == ["gemma-3-270m", "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"]
+    sizes = [spec.size for spec in settings.ladder_specs()]
+    assert sizes == sorted(sizes)
+    gemma = settings.get("gemma-3-270m")
+    assert gemma.prompt_format == "completion"
+    assert len(gemma.chunks) == 4 and gemma.chunks[0].package.endswith("==1.0.0")
+    assert len(settings.get("qwen2.5-coder-1.5b-instruct").chunks) == 22
+    for spec in settings.ladder_specs():
+        assert spec.sha256 and len(spec.sha256) == 64
+        assert spec.n_gpu_layers == 0 and spec.context >= 2048
+
+
+def test_user_file_overrides_fields_and_explicit_file_wins(tmp_path: Path) -> None:
+    paths.ensure(paths.config_dir())
+    paths.user_models_toml().write_text(
+        '[models."qwen2.5-coder-0.5b-instruct"]\nn_gpu_layers = 99\n'
+        '[models.mine]\npath = "/models/mine.gguf"\nprompt_format = "chatml"\n'
+    )
+    settings = config.load()
+    q = settings.get("qwen2.5-coder-0.5b-instruct")
+    assert q.n_gpu_layers == 99 and q.sha256  # other shipped fields survive
+    assert settings.get("mine").file == Path("/models/mine.gguf")
+    assert "mine" not in settings.ladder
+
+    explicit = tmp_path / "extra.toml"
+    explicit.write_text('ladder = ["gemma-3-270m", "mine"]\n[models.mine]\ncontext = 8192\n')
+    settings = config.load(explicit)
+    assert settings.ladder == ["gemma-3-270m", "mine"]
+    assert settings.get("mine").context == 8192
+    assert settings.get("mine").path == "/models/mine.gguf"
+
+
+def test_path_replaces_shipped_chunks(tmp_path: Path) -> None:
+    f = tmp_path / "m.toml"
+    f.write_text('[models."gemma-3-270m"]\npath = "/x/gemma.gguf"\n')
+    spec = config.load(f).get("gemma-3-270m")
+    assert spec.chunks == () and spec.sha256 is None and spec.file == Path("/x/gemma.gguf")
+
+
+def test_remote_rung_needs_no_file(tmp_path: Path) -> None:
+    f = tmp_path / "m.toml"
+    f.write_text('[models.big]\nurl = "http://127.0.0.1:8080/v1"\napi_model = "qwen"\n')
+    spec = config.load(f).get("big")
+    assert spec.backend == "openai" and spec.file is None
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("ladder = [", "not valid TOML"),
+        ("schema = 7", "schema 7 is not supported"),
+        ('ladder = ["nope"]', "ladder names 'nope'"),
+        ('[models.x]\nprompt_format = "chatml"', "needs one of `chunks`, `path` or `url`"),
+        ('[models.x]\npath = "a"\nprompt_format = "alpaca"', "prompt_format must be one of"),
+        ('[models.x]\npath = "a"\ncolour = "red"', "unknown field(s): colour"),
+    ],
+)
+def test_bad_files_name_the_file_and_problem(tmp_path: Path, text: str, message: str) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        config.load(f)
+    assert message in str(info.value)
+    assert str(f) in str(info.value) or "ladder names" in message
+
+
+def test_unknown_model_lists_known_ones() -> None:
+    with pytest.raises(ConfigError, match="Known models: gemma-3-270m"):
+        config.load().get("gpt-9")
+
+
+def test_cre_models_env_is_the_explicit_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "env.toml"
+    f.write_text('ladder = ["gemma-3-270m"]\n')
+    monkeypatch.setenv("CRE_MODELS", str(f))
+    assert config.load().ladder == ["gemma-3-270m"]

