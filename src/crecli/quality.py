@@ -7,7 +7,13 @@ replay recorded votes). Vote 0 is the greedy answer; votes 1..k-1 are samples at
 
 Early stopping: with `need = ceil(threshold * k)` votes required for the majority, we stop
 as soon as the leading answer has `need` votes (accept) or can no longer reach it
-(escalate). Agreement is the leading answer's share of the votes actually drawn.
+(escalate). Agreement is the leading answer's share of the votes actually drawn. With
+thresholds at or below one half, early stopping accepts the first answer to reach `need`,
+so the procedure, not just the final tally, defines the decision; calibration replays the
+same procedure, so what it measures is what runs.
+
+An empty normalised answer (a model that only started explaining, or gave no option
+letter) is a vote for nothing: k empty answers agree perfectly but are never accepted.
 """
 
 from __future__ import annotations
@@ -74,19 +80,21 @@ def decide(votes: Sequence[str], k: int, threshold: float, early_stop: bool = Tr
         used = i + 1
         if early_stop and _fixed(counts, need, k - used):
             break
-    # Ties go to the answer seen first, which makes the greedy answer win ties.
-    top = max(counts, key=lambda a: (counts[a], -first[a]))
+    # Empty answers never win while any real answer exists; ties go to the answer seen
+    # first, which makes the greedy answer win ties.
+    real = [a for a in counts if a != ""] or [""]
+    top = max(real, key=lambda a: (counts[a], -first[a]))
     return Decision(
         answer=top,
         index=first[top],
         agreement=counts[top] / used,
         used=used,
-        accept=counts[top] >= need,
+        accept=top != "" and counts[top] >= need,
     )
 
 
 def _fixed(counts: Counter[str], need: int, remaining: int) -> bool:
-    top = max(counts.values())
+    top = max((n for a, n in counts.items() if a != ""), default=0)
     return top >= need or top + remaining < need
 
 

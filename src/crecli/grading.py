@@ -1,0 +1,357 @@
+"""Answer normalisation and grading.
+
+`normalize` gives the canonical form of an answer. It serves two purposes that must agree:
+grading (an answer is right when its canonical form matches a reference's) and
+self-consistency voting (two sampled answers vote together when their canonical forms are
+equal). Models rarely answer with the bare answer, so the rule for finding it is explicit.
+
+**The answer segment.** Markdown emphasis (`**`, `__`, backticks) is removed, then the
+first rule that applies picks the segment of the text that holds the answer:
+  1. the contents of the first LaTeX `\\boxed{...}`;
+  2. after the first explicit marker, "answer is", "answer:", "correct option is", ...
+     (see `_MARKER`), to the end of that line, or the next non-empty line when the marker
+     ends its line ("Answer:\\nB");
+  3. otherwise the first non-empty line, or the second when the first only introduces it
+     ("Here are the words sorted:"). When that line is a list item ("- x", "1. x"), the
+     whole run of list items is the segment, bullets dropped, so a list of sorted words
+     reads as one answer.
+Everything after the segment (explanations, a next question a base model invents) is
+ignored, except by `contains` and `regex`, which look at the whole text.
+
+**Per match type, within the segment:**
+  - choice: the option letter, upper case. A leading "(B)", "[B]", "B)", "B.", "B:",
+    "B" alone, "Option B" or lower-case "(b)"/"b)"; else the first parenthesised letter
+    "(B)" anywhere in the segment; else "" (no letter found). A bare letter followed by
+    a word is not read as an option ("A dog", "I think", so also "B because"), since "A"
+    and "I" are English words.
+  - numeric: the canonical number ("12", "-3", "0.5", "1000"). Digits (with `,` thousand
+    separators) or English number words ("twenty-one", "one hundred and five"). The
+    number right after the last "=", "is", "are", "equals", "was" or "were" wins ("The
+    sum of 33 and 32 is 65."), else the first number in the segment; "" if none.
+  - exact, contains, regex: normalised text (see `_text`): NFKC, accents dropped, lower
+    case, a leading "answer:"/"the answer is" dropped, apostrophes deleted, other
+    punctuation turned to spaces, whitespace collapsed. `exact` normalises the segment;
+    `contains` and `regex` the whole text.
+  - None (unlabelled traffic): within the segment, the option letter if the segment is
+    plainly an option (the leading forms above), else the number if the whole segment
+    is one number (digits or words, trailing punctuation allowed), else normalised text.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from decimal import Decimal
+from functools import lru_cache
+from typing import Sequence
+
+from crecli.errors import InputError
+
+MATCH_TYPES = ("exact", "numeric", "choice", "contains", "regex")
+
+# Short caps because answers are short and output tokens are most of the cost. Numbers
+# get room for a sign, separators and a trailing period; text for a short phrase.
+_MAX_TOKENS: dict[str | None, int] = {
+    "choice": 8,
+    "numeric": 16,
+    "exact": 24,
+    "contains": 48,
+    "regex": 48,
+    None: 64,
+}
+
+# Absolute tolerance for numeric grading; answers here are integers or short decimals.
+NUMERIC_TOLERANCE = 1e-6
+
+_EMPHASIS = re.compile(r"\*\*|__|`+")
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+_MARKER = re.compile(
+    r"\b(?:(?:final|correct|right)\s+)?answer\b(?:\s+(?:is|would\s+be|should\s+be|will\s+be))?\s*[:=\-]?[ \t]*"
+    r"|\b(?:correct|right)\s+(?:option|choice|letter)\b(?:\s+is)?\s*[:=\-]?[ \t]*",
+    re.IGNORECASE,
+)
+_LIST_ITEM = re.compile(r"^\s*(?:[-*\u2022]|\d{1,3}[.)])\s+(.*)$")
+_QUOTES = "\"'\u201c\u201d\u2018\u2019\u00ab\u00bb"
+
+# Option letters. An optional "Option"/"choice"/"letter" word may precede the letter.
+_OPTION_PREFIX = r"(?:(?i:option|choice|letter)\s+)?"
+_LEADING_LETTER = [
+    re.compile(rf"^{_OPTION_PREFIX}\(([A-Za-z])\)"),
+    re.compile(rf"^{_OPTION_PREFIX}\[([A-Za-z])\]"),
+    # Upper case only, and only before punctuation, a dash or the end: a bare letter
+    # followed by a word is too often "A" or "I" starting a sentence.
+    re.compile(rf"^{_OPTION_PREFIX}([A-Z])(?=[).:,\]]|\s*$|\s+[-\u2013\u2014]\s)"),
+    re.compile(r"^(?i:option|choice|letter)\s+([A-Za-z])\b"),
+    re.compile(r"^([a-z])(?=\)|\.?\s*$)"),
+]
+_PAREN_LETTER = re.compile(r"\(([A-Za-z])\)")
+
+# Number words. Values for units, teens and tens; scales multiply.
+_SMALL = {
+    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
+    "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13,
+    "fourteen": 14, "fifteen": 15, "sixteen": 16, "seventeen": 17, "eighteen": 18,
+    "nineteen": 19,
+}
+_TENS = {
+    "twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70,
+    "eighty": 80, "ninety": 90,
+}
+_SCALES = {"thousand": 1_000, "million": 1_000_000, "billion": 1_000_000_000}
+_WORD = "|".join(sorted([*_SMALL, *_TENS, "hundred", *_SCALES], key=len, reverse=True))
+_NUMBER = re.compile(
+    # Digits: grouped thousands first so "1,000" is one number; no sign after a word
+    # character, so "12-15" does not read as -15.
+    rf"(?<![\w.])(?P<digits>[-+]?(?:\d{{1,3}}(?:,\d{{3}})+|\d+)(?:\.\d+)?|[-+]?\.\d+)(?![\d])"
+    rf"|\b(?P<words>(?:(?:minus|negative)\s+)?(?:{_WORD})(?:(?:\s+and\s+|[\s-]+)(?:{_WORD}))*)\b",
+    re.IGNORECASE,
+)
+_COPULA = re.compile(r"(?:=|\bequals?|\bis|\bare|\bwas|\bwere)\s*:?\s*$", re.IGNORECASE)
+_LEADING_ANSWER = re.compile(
+    r"^(?:the\s+)?(?:(?:final|correct)\s+)?answer\s*(?:is\b|:)\s*:?\s*", re.IGNORECASE
+)
+
+
+def max_tokens_for(match: str | None) -> int:
+    """Output-token cap for an answer of this match type (None: unlabelled traffic)."""
+    if match not in _MAX_TOKENS:
+        raise InputError(_unknown_match(match))
+    return _MAX_TOKENS[match]
+
+
+def normalize(text: str, match: str | None = None) -> str:
+    """Canonical answer for grading and voting; the rules are in the module docstring."""
+    if match is not None and match not in MATCH_TYPES:
+        raise InputError(_unknown_match(match))
+    if match in ("contains", "regex"):
+        return _text(_EMPHASIS.sub("", text))
+    segment = _segment(text)
+    if match == "choice":
+        return _leading_letter(segment) or _paren_letter(segment)
+    if match == "numeric":
+        value = _pick_number(segment)
+        return "" if value is None else _canonical(value)
+    if match == "exact":
+        return _text(segment)
+    letter = _leading_letter(segment)
+    if letter:
+        return letter
+    whole = _whole_number(segment)
+    if whole is not None:
+        return _canonical(whole)
+    return _text(segment)
+
+
+def grade(answer: str, reference: str | Sequence[str], match: str) -> bool:
+    """True when `answer` matches any of the references under `match`.
+
+    exact: equal normalised text. numeric: equal numbers within NUMERIC_TOLERANCE. choice:
+    equal option letters. contains: the normalised reference occurs in the normalised
+    answer on word boundaries ("cat" is not in "concatenate"). regex: `re.search` of the
+    reference on the raw answer, ignoring case. An answer with no letter, number or text
+    is never right. A reference that cannot match anything raises InputError.
+    """
+    if match not in MATCH_TYPES:
+        raise InputError(_unknown_match(match))
+    references = [reference] if isinstance(reference, str) else list(reference)
+    for ref in references:
+        problem = reference_problem(ref, match)
+        if problem:
+            raise InputError(f"{problem}; fix the reference in the query log")
+    if match == "regex":
+        return any(_compile(ref).search(answer) for ref in references)
+    if match == "numeric":
+        got = _pick_number(_segment(answer))
+        if got is None:
+            return False
+        return any(abs(float(got) - float(_reference_number(ref))) <= NUMERIC_TOLERANCE for ref in references)
+    canonical = normalize(answer, match)
+    if not canonical:
+        return False
+    if match == "contains":
+        padded = f" {canonical} "
+        return any(f" {_reference_form(ref, match)} " in padded for ref in references)
+    return any(canonical == _reference_form(ref, match) for ref in references)
+
+
+# Cached: logs repeat the same few references ("A", "B", small numbers) many times.
+@lru_cache(maxsize=4096)
+def reference_problem(reference: str, match: str) -> str | None:
+    """Why `reference` can never be matched under `match`, or None when it is usable.
+
+    Query-log readers call this to reject a bad label at its line instead of grading
+    every answer wrong later.
+    """
+    if match not in MATCH_TYPES:
+        return _unknown_match(match)
+    if match == "regex":
+        try:
+            _compile(reference)
+        except re.error as exc:
+            return f"reference {reference!r} is not a valid regular expression ({exc})"
+        return None
+    if not normalize(reference, match):
+        kind = {"choice": "option letter", "numeric": "number"}.get(match, "text")
+        return f"reference {reference!r} holds no {kind} for match {match!r}"
+    return None
+
+
+@lru_cache(maxsize=4096)
+def _reference_form(reference: str, match: str) -> str:
+    return normalize(reference, match)
+
+
+@lru_cache(maxsize=4096)
+def _reference_number(reference: str) -> Decimal:
+    # reference_problem has already checked that the reference holds a number.
+    value = _pick_number(_segment(reference))
+    assert value is not None
+    return value
+
+
+@lru_cache(maxsize=1024)
+def _compile(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern, re.IGNORECASE)
+
+
+def _unknown_match(match: object) -> str:
+    return f"unknown match type {match!r}; use one of {', '.join(MATCH_TYPES)}"
+
+
+def _segment(text: str) -> str:
+    text = _EMPHASIS.sub("", text).replace("\u2212", "-")
+    boxed = _BOXED.search(text)
+    if boxed:
+        return boxed.group(1).strip()
+    marker = _MARKER.search(text)
+    if marker:
+        rest = text[marker.end():]
+        line, _, after = rest.partition("\n")
+        if line.strip():
+            return line.strip()
+        return _first_line(after)
+    return _first_line(text)
+
+
+def _first_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if len(lines) > 1 and lines[0].rstrip().endswith(":"):
+        lines = lines[1:]
+    items: list[str] = []
+    for line in lines:
+        item = _LIST_ITEM.match(line)
+        if not item:
+            break
+        items.append(item.group(1).strip())
+    return " ".join(items) if items else lines[0].strip()
+
+
+def _strip_wrapping(text: str) -> str:
+    return text.strip().strip(_QUOTES).strip()
+
+
+def _leading_letter(segment: str) -> str:
+    segment = _strip_wrapping(segment)
+    for pattern in _LEADING_LETTER:
+        found = pattern.match(segment)
+        if found:
+            return found.group(1).upper()
+    return ""
+
+
+def _paren_letter(segment: str) -> str:
+    found = _PAREN_LETTER.search(segment)
+    return found.group(1).upper() if found else ""
+
+
+def _numbers(text: str) -> list[tuple[int, Decimal]]:
+    """(start offset, value) of every number written in digits or words."""
+    found = []
+    for m in _NUMBER.finditer(text):
+        value = _match_value(m, whole=False)
+        if value is not None:
+            found.append((m.start(), value))
+    return found
+
+
+def _match_value(m: re.Match[str], whole: bool) -> Decimal | None:
+    if m.group("digits"):
+        return Decimal(m.group("digits").replace(",", ""))
+    return _words_value(m.group("words"), whole)
+
+
+def _pick_number(segment: str) -> Decimal | None:
+    numbers = _numbers(segment)
+    if not numbers:
+        return None
+    after_copula = [value for start, value in numbers if _COPULA.search(segment[:start])]
+    return after_copula[-1] if after_copula else numbers[0][1]
+
+
+def _whole_number(segment: str) -> Decimal | None:
+    body = _strip_wrapping(segment).rstrip(" .!")
+    m = _NUMBER.fullmatch(body)
+    return _match_value(m, whole=True) if m else None
+
+
+def _words_value(words: str, whole: bool) -> Decimal | None:
+    """Value of the longest valid prefix of a run of number words.
+
+    "one two" is two numbers, so parsing stops where a word cannot extend the number;
+    with `whole`, a run that does not parse to its end is no number at all.
+    """
+    tokens = [t for t in re.split(r"[\s-]+", words.lower()) if t and t != "and"]
+    sign = 1
+    if tokens[0] in ("minus", "negative"):
+        sign, tokens = -1, tokens[1:]
+    total = current = 0
+    last = ""  # kind of the previous word: "", small, tens, hundred or scale
+    used = 0
+    for token in tokens:
+        fresh = current % 100 == 0 and last in ("", "hundred", "scale")
+        if token in _SMALL:
+            value = _SMALL[token]
+            if not (fresh or (last == "tens" and 0 < value < 10)):
+                break
+            current += value
+            last = "small"
+        elif token in _TENS:
+            if not fresh:
+                break
+            current += _TENS[token]
+            last = "tens"
+        elif token == "hundred":
+            if last not in ("", "small", "tens") or current >= 100:
+                break
+            current = (current or 1) * 100
+            last = "hundred"
+        else:
+            if last == "scale":
+                break
+            total += (current or 1) * _SCALES[token]
+            current = 0
+            last = "scale"
+        used += 1
+    if whole and used < len(tokens):
+        return None
+    return Decimal(sign * (total + current))
+
+
+def _canonical(value: Decimal) -> str:
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
+def _text(text: str) -> str:
+    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text))
+    text = "".join(ch for ch in text if not unicodedata.combining(ch)).casefold()
+    text = _LEADING_ANSWER.sub("", _strip_wrapping(text))
+    out = []
+    for ch in text:
+        if ch in "'\u2019":
+            continue
+        out.append(" " if unicodedata.category(ch).startswith("P") else ch)
+    return " ".join("".join(out).split())

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import pytest
+
+from crecli.quality import QualitySettings, decide, done, needed
+
+
+@pytest.mark.parametrize(
+    "votes, threshold, early, answer, used, accept, agreement",
+    [
+        (["7", "7", "7", "9", "9"], 0.6, True, "7", 3, True, 1.0),  # 3 of 5 reached after 3 votes
+        (["7", "7", "7", "9", "9"], 0.6, False, "7", 5, True, 0.6),
+        (["7", "9", "8", "7", "9"], 0.6, True, "7", 5, False, 0.4),  # 3 stays reachable until the end
+        (["7", "9", "8", "6", "5"], 0.6, True, "7", 4, False, 0.25),  # after 4 votes, 1 + 1 < 3: escalate
+        (["7"], 0.0, True, "7", 1, True, 1.0),  # threshold 0: greedy only
+        (["9", "7", "7", "9", "8"], 1.0, True, "9", 2, False, 0.5),  # unanimity broken at vote 2
+        (["9", "7", "9", "7", "8"], 0.2, False, "9", 5, True, 0.4),  # tie 2-2: greedy's answer wins
+        (["", "", "", "", ""], 0.6, False, "", 5, False, 1.0),  # five empty answers agree on nothing
+        (["", "B", "B", "", "B"], 0.6, False, "B", 5, True, 0.6),
+        (["", "B", "", "B", ""], 0.2, False, "B", 5, True, 0.4),  # empty answers never win
+        (["", "", "", "", ""], 0.0, True, "", 1, False, 1.0),
+        (["", "B", "", "B", ""], 0.2, True, "B", 2, True, 0.5),
+    ],
+)
+def test_decide(votes: list[str], threshold: float, early: bool, answer: str, used: int, accept: bool, agreement: float) -> None:
+    d = decide(votes, 5, threshold, early)
+    assert (d.answer, d.used, d.accept) == (answer, used, accept)
+    assert d.agreement == pytest.approx(agreement)
+    assert votes[d.index] == d.answer
+
+
+def test_empty_greedy_answer_escalates_even_at_threshold_zero() -> None:
+    d = decide(["", "7"], 5, 0.0)
+    assert d.used == 1 and not d.accept
+
+
+def test_done_matches_decide() -> None:
+    votes = ["7", "9", "8", "7", "9"]
+    for n in range(1, 6):
+        assert done(votes[:n], 5, 0.6) == (n >= decide(votes, 5, 0.6).used)
+    assert not done(["7", "7"], 5, 0.6, early_stop=False)
+
+
+def test_needed_is_robust_to_float_error() -> None:
+    assert needed(0.6, 5) == 3 and needed(0.61, 5) == 4 and needed(0.0, 5) == 0 and needed(1.0, 5) == 5
+
+
+def test_settings_key_changes_with_what_changes_a_vote() -> None:
+    base = QualitySettings()
+    assert base.key() == QualitySettings().key()
+    assert base.key() != QualitySettings(temperature=0.5).key()
+    assert base.key() != QualitySettings(k=3).key()
+    assert base.key() == QualitySettings(early_stop=False).key()  # early stop only reads fewer votes
