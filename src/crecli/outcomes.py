@@ -1,0 +1,406 @@
+"""The resumable store of (query, model) -> votes, tokens and seconds.
+
+`collect` answers every labelled query with every ladder model, k votes each (vote 0
+greedy, votes 1..k-1 sampled with seeds 1..k-1, exactly as the cascade draws them), and
+records each vote's text, output tokens and seconds. Calibration and evaluation then
+replay the cascade on these recordings instead of running models again.
+
+The store is a SQLite file keyed by (prompt sha256, model, model sha256, settings key), so:
+- a query is committed as soon as its k votes are in: Ctrl-C loses at most the query in
+  flight, and the next run continues where the last one stopped;
+- nothing is computed twice, not even two log lines with the same prompt;
+- adding a model to the ladder runs only that model, and a changed model file (another
+  sha256) or other quality settings (another key) are measured afresh.
+
+Records that carry a correctness label for a model (`Record.labels`) are not run on it:
+they become label-only outcomes (`source="label"`), which can choose a cluster's model
+but carry no votes for the quality check. Label-only outcomes are never stored; they are
+rebuilt from the log on every call, so the log stays their single source of truth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sqlite3
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+from crecli import console, grading, paths
+from crecli.errors import ConfigError, CreError
+from crecli.models.backend import GenParams
+from crecli.models.registry import backend_for
+
+if TYPE_CHECKING:
+    from crecli.config import ModelSpec, Settings
+    from crecli.models.backend import Backend
+    from crecli.models.registry import ModelPool
+    from crecli.quality import QualitySettings
+    from crecli.querylog import Record
+
+STORE_SCHEMA = 1
+UNITS = ("seconds", "price")
+
+# Typical query size for costing label-only outcomes when no model has run a single
+# query yet: a short BIG-bench-style question and a one-word answer.
+TYPICAL_PROMPT_TOKENS = 96
+TYPICAL_OUTPUT_TOKENS = 8
+
+OutcomeKey = tuple[str, str]  # (query id, model name)
+
+
+@dataclass(frozen=True)
+class Vote:
+    text: str
+    output_tokens: int
+    seconds: float  # vote 0 includes prompt processing; later votes reuse the prompt's KV cache
+
+
+@dataclass
+class Outcome:
+    query_id: str
+    prompt_sha256: str
+    model: str
+    model_sha256: str
+    settings_key: str
+    source: str  # "run": votes were recorded; "label": only a correctness label is known
+    prompt_tokens: int
+    votes: list[Vote] = field(default_factory=list)
+    label: bool | None = None
+
+    def correct(self, record: "Record") -> list[bool]:
+        """Correctness of each vote against the record's reference (a label is one vote)."""
+        if self.source == "label":
+            return [bool(self.label)]
+        if record.reference is None:
+            raise CreError(f"query {record.id!r} has no reference answer, so its votes cannot be graded")
+        return [grading.grade(v.text, record.reference, record.match) for v in self.votes]
+
+    def vote_costs(self, unit: str = "seconds", price_per_1k_tokens: float | None = None) -> list[float] | None:
+        """Measured cost of each vote in order; None for label-only outcomes.
+
+        "seconds": the model-seconds each vote took on this machine. "price": tokens times
+        the model's price; vote 0 pays prompt and output tokens, later votes only their
+        output tokens, because the prompt is cached after the first vote.
+        """
+        if self.source == "label":
+            return None
+        if unit == "seconds":
+            return [v.seconds for v in self.votes]
+        if unit == "price":
+            if price_per_1k_tokens is None:
+                raise ConfigError(f"model {self.model!r} has no price_per_1k_tokens in models.toml")
+            per_token = price_per_1k_tokens / 1000.0
+            return [
+                (v.output_tokens + (self.prompt_tokens if i == 0 else 0)) * per_token
+                for i, v in enumerate(self.votes)
+            ]
+        raise ValueError(f"unknown cost unit {unit!r}; use one of {', '.join(UNITS)}")
+
+    def cost(self, used_votes: int = 1, unit: str = "seconds", price_per_1k_tokens: float | None = None) -> float | None:
+        """Measured cost of the first `used_votes` votes (see `vote_costs`); None for labels."""
+        costs = self.vote_costs(unit, price_per_1k_tokens)
+        return None if costs is None else sum(costs[:used_votes])
+
+
+def prompt_sha256(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+
+def settings_key(quality: "QualitySettings", max_tokens: int) -> str:
+    """What makes two recordings of a prompt comparable, besides the model file."""
+    return f"{quality.key()}-m{max_tokens}"
+
+
+def model_identity(spec: "ModelSpec") -> str | None:
+    """The model's identity by content, so outcomes and routers survive moving files.
+
+    The pinned sha256 when models.toml has one; else the hash of the file on disk (cached
+    by crecli.models.pull's stamp file); a remote rung is known by its URL and model name.
+    None when nothing identifies it (an unpinned file that is not on disk).
+    """
+    if spec.sha256:
+        return spec.sha256
+    if spec.url:
+        return f"remote:{spec.url}#{spec.api_model or ''}"
+    from crecli.models.pull import file_state
+
+    state = file_state(spec)
+    return state.sha256 if state.present else None
+
+
+def default_store_path() -> Path:
+    return paths.data_dir() / "outcomes.sqlite"
+
+
+class OutcomeStore:
+    """SQLite file of recorded votes; one row per (prompt, model, model file, settings)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        paths.ensure(self.path.parent)
+        try:
+            self._db = sqlite3.connect(str(self.path))
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+            )
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS outcomes ("
+                " prompt_sha256 TEXT NOT NULL, model TEXT NOT NULL, model_sha256 TEXT NOT NULL,"
+                " settings_key TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, votes TEXT NOT NULL,"
+                " created TEXT NOT NULL,"
+                " PRIMARY KEY (prompt_sha256, model, model_sha256, settings_key))"
+            )
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(STORE_SCHEMA),))
+            self._db.commit()
+        except sqlite3.DatabaseError as exc:
+            raise CreError(
+                f"{self.path}: not a usable outcome store ({exc}). Move it away or delete it; "
+                "the next run records outcomes afresh."
+            ) from None
+        if row is not None and row[0] != str(STORE_SCHEMA):
+            self._db.close()
+            raise CreError(
+                f"{self.path}: outcome store schema {row[0]} is not the one this crecli writes "
+                f"({STORE_SCHEMA}). Move it away or delete it to record outcomes afresh."
+            )
+
+    def get(self, prompt_sha: str, model: str, model_sha: str, key: str) -> tuple[int, list[Vote]] | None:
+        row = self._db.execute(
+            "SELECT prompt_tokens, votes FROM outcomes"
+            " WHERE prompt_sha256 = ? AND model = ? AND model_sha256 = ? AND settings_key = ?",
+            (prompt_sha, model, model_sha, key),
+        ).fetchone()
+        if row is None:
+            return None
+        return int(row[0]), [Vote(str(t), int(n), float(s)) for t, n, s in json.loads(row[1])]
+
+    def put(self, prompt_sha: str, model: str, model_sha: str, key: str, prompt_tokens: int, votes: Sequence[Vote]) -> None:
+        """Record one query's votes and commit at once (the unit of resumption)."""
+        payload = json.dumps([[v.text, v.output_tokens, v.seconds] for v in votes], ensure_ascii=False)
+        self._db.execute(
+            "INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (prompt_sha, model, model_sha, key, prompt_tokens, payload, time.strftime("%Y-%m-%dT%H:%M:%S%z")),
+        )
+        self._db.commit()
+
+    def count(self) -> int:
+        """Recorded (prompt, model, model file, settings) rows."""
+        return int(self._db.execute("SELECT COUNT(*) FROM outcomes").fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> "OutcomeStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class _Job:
+    record: "Record"
+    prompt_sha: str
+    key: str
+    max_tokens: int
+
+
+def collect(
+    records: Sequence["Record"],
+    settings: "Settings",
+    store: OutcomeStore,
+    quality: "QualitySettings",
+    models: Sequence[str] | None = None,
+    pool: "ModelPool | None" = None,
+) -> dict[OutcomeKey, Outcome]:
+    """Outcomes of every record on every model (default: the ladder), running only what is missing.
+
+    Model-major: each model is loaded once, answers all its pending queries, and is closed
+    before the next one loads (with `pool`, the pool decides when to close it instead).
+    Records without a reference and without a label for a model get no outcome for it:
+    there would be nothing to grade.
+    """
+    names = list(models) if models is not None else list(settings.ladder)
+    results: dict[OutcomeKey, Outcome] = {}
+    for name in names:
+        spec = settings.get(name)
+        identity = model_identity(spec) or ""
+        pending: list[_Job] = []
+        for record in records:
+            psha = prompt_sha256(record.prompt)
+            if name in record.labels:
+                results[(record.id, name)] = Outcome(
+                    query_id=record.id, prompt_sha256=psha, model=name, model_sha256=identity,
+                    settings_key="label", source="label", prompt_tokens=0, votes=[],
+                    label=bool(record.labels[name]),
+                )
+                continue
+            if record.reference is None:
+                continue
+            max_tokens = grading.max_tokens_for(record.match)
+            job = _Job(record, psha, settings_key(quality, max_tokens), max_tokens)
+            found = store.get(psha, name, identity, job.key)
+            if found is None:
+                pending.append(job)
+            else:
+                results[(record.id, name)] = _run_outcome(job, name, identity, *found)
+        if pending:
+            reused = sum(1 for key in results if key[1] == name)
+            console.status(f"{name}: {len(pending)} queries to run, {reused} already recorded or labelled")
+            _run_model(spec, identity, pending, store, quality, pool, results)
+    return results
+
+
+def _run_outcome(job: _Job, model: str, identity: str, prompt_tokens: int, votes: list[Vote]) -> Outcome:
+    return Outcome(
+        query_id=job.record.id, prompt_sha256=job.prompt_sha, model=model, model_sha256=identity,
+        settings_key=job.key, source="run", prompt_tokens=prompt_tokens, votes=votes,
+    )
+
+
+def _run_model(
+    spec: "ModelSpec",
+    identity: str,
+    jobs: list[_Job],
+    store: OutcomeStore,
+    quality: "QualitySettings",
+    pool: "ModelPool | None",
+    results: dict[OutcomeKey, Outcome],
+) -> None:
+    backend: Backend = pool.get(spec) if pool is not None else backend_for(spec)
+    # Two log lines with the same prompt and answer cap share one recording.
+    done: dict[tuple[str, str], tuple[int, list[Vote]]] = {}
+    try:
+        with console.progress() as bar:
+            task = bar.add_task(f"{spec.name}", total=len(jobs))
+            for job in jobs:
+                cached = done.get((job.prompt_sha, job.key))
+                if cached is None:
+                    cached = _votes(backend, job, quality)
+                    store.put(job.prompt_sha, spec.name, identity, job.key, *cached)
+                    done[(job.prompt_sha, job.key)] = cached
+                results[(job.record.id, spec.name)] = _run_outcome(job, spec.name, identity, *cached)
+                bar.advance(task)
+    finally:
+        if pool is None:
+            backend.close()
+
+
+def _votes(backend: "Backend", job: _Job, quality: "QualitySettings") -> tuple[int, list[Vote]]:
+    """The cascade's k votes: greedy first, then samples with seeds 1..k-1 on the cached prompt."""
+    prompt = job.record.prompt
+    greedy = backend.generate(
+        prompt,
+        GenParams(max_tokens=job.max_tokens, temperature=0.0, top_p=quality.top_p, top_k=quality.top_k, seed=0),
+    )
+    gens = [greedy]
+    if quality.k > 1:
+        params = GenParams(
+            max_tokens=job.max_tokens, temperature=quality.temperature, top_p=quality.top_p, top_k=quality.top_k
+        )
+        gens += backend.sample(prompt, quality.k - 1, params, base_seed=1)
+    return greedy.prompt_tokens, [Vote(g.text, g.output_tokens, g.seconds) for g in gens]
+
+
+def sample_records(records: Sequence["Record"], labels: Sequence[int], n: int, seed: int = 0) -> list["Record"]:
+    """At most `n` labelled records per cluster (unclustered, -1, counts as one group).
+
+    Measuring every model on every query is the expensive part of fitting; a few dozen
+    queries per cluster pin down each cluster's accuracies well enough to choose its model.
+    The choice is seeded, and the records keep their log order.
+    """
+    if len(records) != len(labels):
+        raise ValueError(f"{len(records)} records but {len(labels)} cluster labels")
+    if n < 1:
+        raise ValueError("sample_records needs n >= 1")
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, (record, label) in enumerate(zip(records, labels)):
+        if record.labelled:
+            groups[int(label)].append(i)
+    rng = random.Random(seed)
+    keep: set[int] = set()
+    for label in sorted(groups):
+        members = groups[label]
+        keep.update(members if len(members) <= n else rng.sample(members, n))
+    return [records[i] for i in sorted(keep)]
+
+
+class CostModel:
+    """The cost of each vote of an outcome, in one unit for the whole ladder.
+
+    The unit is "price" when every ladder model has `price_per_1k_tokens` in models.toml
+    (or when asked for explicitly), else "seconds" measured on this machine.
+
+    Label-only outcomes have no measured cost. They are charged the model's mean measured
+    cost of a greedy answer over its recorded outcomes; a model with none is costed from its
+    `cre models bench` speeds (prompt and generation tokens per second) at typical token
+    counts: the mean over all recorded outcomes of any model, or TYPICAL_PROMPT_TOKENS and
+    TYPICAL_OUTPUT_TOKENS when nothing has been recorded. Price units use the same token
+    counts times the price. Only the greedy vote of a label-only outcome can be costed: it
+    has no other votes.
+    """
+
+    def __init__(self, unit: str, prices: dict[str, float], label_cost: dict[str, float]) -> None:
+        if unit not in UNITS:
+            raise ValueError(f"unknown cost unit {unit!r}; use one of {', '.join(UNITS)}")
+        self.unit = unit
+        self.prices = prices
+        self.label_cost = label_cost
+
+    @classmethod
+    def build(cls, outcomes: Iterable[Outcome], specs: Sequence["ModelSpec"] = (), unit: str | None = None) -> "CostModel":
+        outcomes = list(outcomes)
+        prices = {s.name: s.price_per_1k_tokens for s in specs if s.price_per_1k_tokens is not None}
+        if unit is None:
+            unit = "price" if specs and len(prices) == len(specs) else "seconds"
+        if unit == "price":
+            unpriced = sorted({o.model for o in outcomes} - set(prices))
+            if unpriced:
+                raise ConfigError(
+                    f"cost unit 'price' needs price_per_1k_tokens for every model; missing for "
+                    f"{', '.join(unpriced)}. Add it in models.toml, or use the measured seconds."
+                )
+        model = cls(unit, {k: float(v) for k, v in prices.items()}, {})
+        runs = [o for o in outcomes if o.source == "run" and o.votes]
+        needs = sorted({o.model for o in outcomes if o.source == "label"})
+        if needs:
+            typical = (
+                (sum(o.prompt_tokens for o in runs) / len(runs), sum(o.votes[0].output_tokens for o in runs) / len(runs))
+                if runs
+                else (float(TYPICAL_PROMPT_TOKENS), float(TYPICAL_OUTPUT_TOKENS))
+            )
+            by_name = {s.name: s for s in specs}
+            for name in needs:
+                model.label_cost[name] = model._estimate(name, [o for o in runs if o.model == name], typical, by_name.get(name))
+        return model
+
+    def _estimate(self, name: str, runs: list[Outcome], typical: tuple[float, float], spec: "ModelSpec | None") -> float:
+        if runs:
+            return sum(self.votes(o)[0] for o in runs) / len(runs)
+        prompt_tokens, output_tokens = typical
+        if self.unit == "price":
+            return (prompt_tokens + output_tokens) * self.prices[name] / 1000.0
+        from crecli.models import bench
+
+        speed = bench.stored(spec) if spec is not None else None
+        if speed is None:
+            raise CreError(
+                f"no cost is known for {name!r}: every outcome of it is a label and it has no "
+                f"benchmark. Run `cre models bench {name}`, or let it answer some queries."
+            )
+        return prompt_tokens / float(speed["pp_tokens_per_s"]) + output_tokens / float(speed["tg_tokens_per_s"])
+
+    def votes(self, outcome: Outcome) -> list[float]:
+        """Cost of each vote in order (vote 0 carries prompt processing)."""
+        costs = outcome.vote_costs(self.unit, self.prices.get(outcome.model))
+        return [self.label_cost[outcome.model]] if costs is None else costs
+
+    def of(self, outcome: Outcome, used_votes: int = 1) -> float:
+        return sum(self.votes(outcome)[:used_votes])

@@ -1,0 +1,338 @@
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from crecli import config
+from crecli.calibrate import (
+    PRIOR_STRENGTH,
+    Budget,
+    Choice,
+    ClusterStats,
+    ModelStats,
+    Replay,
+    StatsTable,
+    assignments_for,
+    choose_models,
+    cluster_stats,
+    default_thresholds,
+    plan,
+    simulate,
+    threshold_grid,
+    tune_thresholds,
+)
+from crecli.errors import CreError
+from crecli.outcomes import CostModel, Outcome, OutcomeStore, Vote, collect
+from crecli.quality import QualitySettings
+from crecli.querylog import Record
+
+K3 = QualitySettings(k=3)
+
+
+def rec(qid: str, ref: str = "1") -> Record:
+    return Record(id=qid, prompt=f"prompt {qid}", reference=[ref], match="numeric")
+
+
+def run(qid: str, model: str, texts: list[str], seconds: list[float] | None = None) -> Outcome:
+    seconds = seconds or [1.0] * len(texts)
+    return Outcome(qid, "sha", model, "m", "key", "run", 10, [Vote(t, 1, s) for t, s in zip(texts, seconds)])
+
+
+def label(qid: str, model: str, ok: bool) -> Outcome:
+    return Outcome(qid, "sha", model, "m", "label", "label", 0, [], ok)
+
+
+def table(ladder: list[str], rows: dict[int, tuple[int, dict[str, tuple[float, float]]]]) -> StatsTable:
+    """rows: cluster -> (size, model -> (shrunk accuracy, mean cost))."""
+    clusters = {
+        cid: ClusterStats(cid, size, {m: ModelStats(size, 0, acc, acc, cost) for m, (acc, cost) in models.items()})
+        for cid, (size, models) in rows.items()
+    }
+    return StatsTable(clusters, ClusterStats(-1, 0, {}), ladder, PRIOR_STRENGTH)
+
+
+# --- cluster_stats -----------------------------------------------------------------------
+
+def test_cluster_stats_shrinks_toward_the_global_accuracy() -> None:
+    ladder = ["small", "large"]
+    records = [rec(f"q{i}") for i in range(6)]
+    labels = [0, 0, 0, 1, 1, -1]
+    small_ok = [True, True, False, False, False, True]
+    outcomes = {}
+    for r, ok in zip(records, small_ok):
+        outcomes[(r.id, "small")] = run(r.id, "small", ["1" if ok else "2"], [0.5])
+        outcomes[(r.id, "large")] = run(r.id, "large", ["1"], [2.0])
+    t = cluster_stats(labels, records, outcomes, ladder, CostModel.build(outcomes.values()))
+    assert sorted(t.clusters) == [-1, 0, 1]
+    g = 3 / 6
+    s0 = t.clusters[0].models["small"]
+    assert (s0.n, s0.correct, s0.accuracy) == (3, 2, pytest.approx(2 / 3))
+    assert s0.shrunk_accuracy == pytest.approx((2 + PRIOR_STRENGTH * g) / (3 + PRIOR_STRENGTH))
+    assert t.clusters[1].models["small"].shrunk_accuracy == pytest.approx((0 + 5 * g) / (2 + 5))
+    assert t.clusters[1].models["large"].shrunk_accuracy == pytest.approx(1.0)
+    assert s0.mean_cost == 0.5 and t.clusters[0].models["large"].mean_cost == 2.0
+    assert t.clusters[0].size == 3 and t.overall.size == 6
+    assert t.overall.models["small"].accuracy == g
+    assert s0.to_dict()["shrunk_accuracy"] == s0.shrunk_accuracy
+
+
+def test_cluster_stats_without_outcomes_falls_back_to_global_figures() -> None:
+    records = [rec("a"), rec("b")]
+    outcomes = {("a", "small"): run("a", "small", ["1"], [0.25]), ("b", "small"): run("b", "small", ["1"], [0.75])}
+    outcomes[("a", "large")] = label("a", "large", True)
+    outcomes[("b", "large")] = label("b", "large", False)
+    costs = CostModel("seconds", {}, {"large": 3.0})
+    t = cluster_stats([0, 1], [records[0], records[1]], {k: v for k, v in outcomes.items() if k != ("b", "small")},
+                      ["small", "large"], costs, prior_strength=1.0)
+    empty = t.clusters[1].models["small"]
+    assert empty.n == 0 and empty.accuracy == 1.0 and empty.shrunk_accuracy == 1.0 and empty.mean_cost == 0.25
+    assert t.clusters[1].models["large"].shrunk_accuracy == pytest.approx((0 + 1 * 0.5) / 2)
+    assert t.clusters[0].models["large"].mean_cost == 3.0
+
+
+# --- choose_models -----------------------------------------------------------------------
+
+LADDER = ["s", "m", "l"]
+ROWS = {
+    0: (10, {"s": (0.5, 1.0), "m": (0.89, 2.0), "l": (0.9, 4.0)}),
+    1: (10, {"s": (0.2, 1.0), "m": (0.5, 2.0), "l": (0.9, 4.0)}),
+}
+
+
+def test_retain_picks_the_cheapest_model_close_enough_to_the_top() -> None:
+    choice = choose_models(table(LADDER, ROWS), Budget("retain", 0.98))
+    assert choice.models == {0: "m", 1: "l"}
+    assert choice.fallback == "l"
+    assert choice.expected_accuracy == pytest.approx((8.9 + 9) / 20)
+    assert choice.expected_cost == pytest.approx(3.0)
+    assert (choice.reference_accuracy, choice.reference_cost) == (pytest.approx(0.9), pytest.approx(4.0))
+    assert choose_models(table(LADDER, ROWS), Budget("retain", 0.5)).models == {0: "s", 1: "m"}
+
+
+def test_retain_above_one_takes_the_most_accurate_when_none_qualifies() -> None:
+    rows = {0: (4, {"s": (0.95, 1.0), "m": (0.6, 2.0), "l": (0.9, 4.0)})}
+    assert choose_models(table(LADDER, rows), Budget("retain", 1.05)).models == {0: "s"}
+    assert choose_models(table(LADDER, rows), Budget("retain", 1.2)).models == {0: "s"}
+
+
+def test_max_cost_is_a_greedy_knapsack_by_accuracy_per_cost() -> None:
+    assert choose_models(table(LADDER, ROWS), Budget("max_cost", 0.5)).models == {0: "m", 1: "m"}
+    assert choose_models(table(LADDER, ROWS), Budget("max_cost", 0.75)).models == {0: "m", 1: "l"}
+    assert choose_models(table(LADDER, ROWS), Budget("max_cost", 1.0)).models == {0: "l", 1: "l"}
+    assert choose_models(table(LADDER, ROWS), Budget("max_cost", 0.1)).models == {0: "s", 1: "s"}
+
+
+def test_max_cost_charges_unclustered_queries_the_fallback() -> None:
+    rows = {**ROWS, -1: (5, {"s": (0.1, 1.0), "m": (0.2, 2.0), "l": (0.3, 4.0)})}
+    choice = choose_models(table(LADDER, rows), Budget("max_cost", 0.5))
+    assert choice.models == {0: "m", 1: "s"}  # budget 50: 20 for the fallback, 20 + 10 for the clusters
+    assert choice.expected_cost == pytest.approx((20 + 10 + 20) / 25)
+
+
+def test_budget_validates_its_kind_and_value() -> None:
+    with pytest.raises(CreError, match="retain, max_cost"):
+        Budget("cheap", 0.5)
+    with pytest.raises(CreError, match="positive"):
+        Budget("retain", 0)
+    assert Budget().to_dict() == {"kind": "retain", "value": 0.98}
+
+
+# --- simulate ----------------------------------------------------------------------------
+
+def sim_fixture() -> tuple[list[Record], dict, dict[str, str]]:
+    records = [rec(q) for q in ("q0", "q1", "q2", "q3")]
+    outcomes = {
+        ("q0", "small"): run("q0", "small", ["1", "1", "2"], [1.0, 0.25, 0.25]),
+        ("q1", "small"): run("q1", "small", ["2", "3", "1"], [1.0, 0.25, 0.25]),
+        ("q2", "small"): run("q2", "small", ["2", "two", "1"], [1.0, 0.25, 0.25]),
+        ("q3", "small"): run("q3", "small", ["1", "1", "1"], [1.0, 0.25, 0.25]),
+    }
+    for q, text in (("q0", "1"), ("q1", "The answer is 1."), ("q2", "1"), ("q3", "3")):
+        outcomes[(q, "large")] = run(q, "large", [text, "1", "1"], [2.0, 0.5, 0.5])
+    starts = {"q0": "small", "q1": "small", "q2": "small", "q3": "large"}
+    return records, outcomes, starts
+
+
+def test_simulate_replays_the_cascade_exactly() -> None:
+    records, outcomes, starts = sim_fixture()
+    result = simulate(starts, outcomes, records, ["small", "large"], {"small": 0.6, "large": 0.0}, K3)
+    t = {tr.query_id: tr for tr in result.traces}
+    # q0: two agreeing votes settle it; q1: no majority, escalates; q2: "2" and "two" agree, wrongly
+    assert [(s.model, s.used, s.accept) for s in t["q0"].steps] == [("small", 2, True)]
+    assert [(s.model, s.used, s.accept) for s in t["q1"].steps] == [("small", 3, False), ("large", 1, True)]
+    assert (t["q2"].answer, t["q2"].correct, t["q2"].cost) == ("2", False, 1.25)
+    assert (t["q3"].model, t["q3"].correct, t["q3"].cost) == ("large", False, 2.0)
+    assert t["q1"].answer == "1" and t["q1"].correct and t["q1"].cost == 3.5
+    assert result.accuracy == 0.5
+    assert result.cost == 8.0 and result.mean_cost == 2.0
+    assert result.escalation_rate == 0.25
+    assert result.answered_by == {"small": 2, "large": 2}
+    assert result.summary()["unit"] == "seconds"
+
+
+def test_simulate_top_threshold_draws_votes_for_a_majority() -> None:
+    records, outcomes, starts = sim_fixture()
+    result = simulate({"q3": "large"}, outcomes, records[3:], ["small", "large"], {"small": 0.6, "large": 0.6}, K3)
+    step = result.traces[0].steps[0]
+    # "3", "1", "1": the greedy answer is outvoted once a third vote is drawn
+    assert (step.used, step.accept, result.traces[0].answer, result.accuracy, result.cost) == (3, True, "1", 1.0, 3.0)
+    # at 1.0 no unanimity is possible after "3", "1": two votes, and the tie goes to the greedy answer
+    result = simulate({"q3": "large"}, outcomes, records[3:], ["small", "large"], {"small": 0.6, "large": 1.0}, K3)
+    step = result.traces[0].steps[0]
+    assert (step.used, step.accept, result.traces[0].answer, result.accuracy, result.cost) == (2, False, "3", 0.0, 2.5)
+
+
+def test_simulate_without_early_stop_draws_every_vote() -> None:
+    records, outcomes, starts = sim_fixture()
+    no_stop = QualitySettings(k=3, early_stop=False)
+    result = simulate(starts, outcomes, records[:1], ["small", "large"], {"small": 0.6, "large": 0.0}, no_stop)
+    step = result.traces[0].steps[0]
+    assert (step.used, step.agreement, result.cost) == (3, pytest.approx(2 / 3), 1.5)
+
+
+def test_simulate_with_per_query_threshold_overrides() -> None:
+    records, outcomes, starts = sim_fixture()
+    thresholds = {"small": 0.6, "large": 0.0}
+    result = simulate(starts, outcomes, records, ["small", "large"], thresholds, K3, overrides={"q2": {"small": 1.0}})
+    q2 = result.traces[2]
+    assert [s.model for s in q2.steps] == ["small", "large"] and q2.correct
+    assert result.accuracy == 0.75
+
+
+def test_simulate_label_only_outcomes_replay_only_single_vote_checks() -> None:
+    records = [rec("a")]
+    outcomes = {("a", "small"): label("a", "small", True), ("a", "large"): run("a", "large", ["2"])}
+    costs = CostModel("seconds", {}, {"small": 0.5})
+    ok = simulate({"a": "small"}, outcomes, records, ["small", "large"], {"small": 0.0, "large": 0.0}, K3, costs)
+    assert (ok.accuracy, ok.cost, ok.traces[0].model) == (1.0, 0.5, "small")
+    with pytest.raises(CreError, match="only a correctness label"):
+        simulate({"a": "small"}, outcomes, records, ["small", "large"], {"small": 0.6, "large": 0.0}, K3, costs)
+
+
+def test_simulate_reports_missing_outcomes_and_starts() -> None:
+    records, outcomes, starts = sim_fixture()
+    del outcomes[("q1", "large")]
+    thresholds = {"small": 0.6, "large": 0.0}
+    with pytest.raises(CreError, match="no recorded outcome for query 'q1' on 'large'"):
+        simulate(starts, outcomes, records, ["small", "large"], thresholds, K3)
+    with pytest.raises(CreError, match="no starting model"):
+        simulate({}, outcomes, records, ["small", "large"], thresholds, K3)
+    with pytest.raises(CreError, match="not on the ladder"):
+        simulate({"q0": "huge"}, outcomes, records[:1], ["small", "large"], thresholds, K3)
+    with pytest.raises(CreError, match="fewer than the k=5"):
+        simulate(starts, outcomes, records[:1], ["small", "large"], thresholds, QualitySettings(k=5))
+
+
+def test_simulate_is_fast_on_a_log_sized_replay() -> None:
+    rng = random.Random(0)
+    ladder = ["s", "m", "l"]
+    records = [rec(f"q{i}", ref=str(i % 3)) for i in range(480)]
+    outcomes = {
+        (r.id, m): run(r.id, m, [str(rng.randrange(3)) for _ in range(5)], [rng.random() for _ in range(5)])
+        for r in records for m in ladder
+    }
+    replay = Replay.build(outcomes, records, ladder)
+    starts = {r.id: rng.choice(ladder) for r in records}
+    quality = QualitySettings(k=5)
+    t0 = time.perf_counter()
+    for t in (0.2, 0.4, 0.6, 0.8, 1.0):
+        result = replay.simulate(starts, {"s": t, "m": t, "l": 0.0}, quality)
+        assert len(result.traces) == 480
+    assert (time.perf_counter() - t0) / 5 < 0.5
+
+
+# --- thresholds --------------------------------------------------------------------------
+
+def tune_fixture() -> Replay:
+    records = [rec(q) for q in "abcd"]
+    small = {"a": ["1", "1", "1"], "b": ["2", "1", "3"], "c": ["2", "2", "1"], "d": ["1", "1", "2"]}
+    large = {"a": "1", "b": "1", "c": "1", "d": "2"}
+    outcomes = {}
+    for q in "abcd":
+        outcomes[(q, "small")] = run(q, "small", small[q], [1.0, 1.0, 1.0])
+        outcomes[(q, "large")] = run(q, "large", [large[q], "1", "1"], [4.0, 1.0, 1.0])
+    return Replay.build(outcomes, records, ["small", "large"])
+
+
+def test_default_thresholds_and_grid() -> None:
+    assert default_thresholds(["s", "m", "l"]) == {"s": 0.6, "m": 0.6, "l": 0.0}
+    assert threshold_grid(4) == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+@pytest.mark.parametrize(
+    "budget, threshold, accuracy, cost, met",
+    [
+        (Budget("retain", 1.0), 2 / 3, 0.75, 13.0, True),  # 1.0 reaches it too, at cost 23
+        (Budget("retain", 0.6), 0.0, 0.5, 4.0, True),
+        (Budget("retain", 1.2), 2 / 3, 0.75, 13.0, False),  # unreachable: the most accurate, cheapest
+        (Budget("max_cost", 0.5), 0.0, 0.5, 4.0, True),
+        (Budget("max_cost", 1.0), 2 / 3, 0.75, 13.0, True),
+        (Budget("max_cost", 0.1), 0.0, 0.5, 4.0, False),  # unreachable: the cheapest
+    ],
+)
+def test_tune_thresholds_meets_the_budget(budget: Budget, threshold: float, accuracy: float, cost: float, met: bool) -> None:
+    replay = tune_fixture()
+    tuning = tune_thresholds(replay, {q: "small" for q in "abcd"}, K3, budget)
+    assert tuning.thresholds == {"small": pytest.approx(threshold), "large": 0.0}
+    assert (tuning.result.accuracy, tuning.result.cost, tuning.met) == (accuracy, cost, met)
+    assert (tuning.reference.accuracy, tuning.reference.cost) == (0.75, 16.0)
+    assert tuning.tried == 4
+
+
+def test_tune_thresholds_keeps_the_default_where_it_makes_no_difference() -> None:
+    replay = tune_fixture()
+    # every query starts on the top rung: small's threshold changes nothing
+    tuning = tune_thresholds(replay, {q: "large" for q in "abcd"}, K3, Budget("retain", 1.0), grid=threshold_grid(5))
+    assert tuning.thresholds == {"small": 0.6, "large": 0.0} and tuning.tried == 6
+
+
+def test_tune_thresholds_needs_a_grid() -> None:
+    with pytest.raises(ValueError):
+        tune_thresholds(tune_fixture(), {q: "small" for q in "abcd"}, K3, Budget(), grid=[])
+
+
+# --- the plan fit uses -------------------------------------------------------------------
+
+def test_assignments_follow_clusters_with_fallback() -> None:
+    choice = Choice({0: "s", 1: "m"}, "l", 0, 0, 0, 0)
+    assert assignments_for([rec("a"), rec("b"), rec("c")], [1, -1, 0], choice) == {"a": "m", "b": "l", "c": "s"}
+
+
+def test_plan_end_to_end_with_fake_models(tiny_models_toml: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import re
+
+    from crecli.models import registry
+    from crecli.models.fake import FakeBackend
+
+    settings = config.load(tiny_models_toml)
+    records = [Record(id=f"add{i}", prompt=f"add {i} and {i}", reference=[str(2 * i)], match="numeric") for i in range(6)]
+    records += [Record(id=f"hard{i}", prompt=f"hard {i}", reference=["42"], match="numeric") for i in range(6)]
+    clusters = {r.id: (0 if r.id.startswith("add") else 1) for r in records}
+
+    def smart(text: str, params: object) -> str:
+        found = re.search(r"add (\d+)", text)
+        return str(2 * int(found.group(1))) if found else "42"
+
+    answers = {"small": lambda text, p: smart(text, p) if "add" in text else "7", "medium": smart, "large": smart}
+    speed = {"small": 0.001, "medium": 0.002, "large": 0.004}  # bigger models are slower per token
+    monkeypatch.setattr(registry, "make_backend", lambda spec: FakeBackend(spec, answers[spec.name], speed[spec.name]))
+    with OutcomeStore(tmp_path / "o.sqlite") as store:
+        outcomes = collect(records, settings, store, K3)
+    p = plan(records, clusters, outcomes, settings, Budget("retain", 0.75), K3)
+    # small is right on every "add" query, but shrinkage toward its 50% log-wide accuracy
+    # leaves it at (6 + 5 * 0.5) / 11 = 0.77: enough for 0.75, not for 0.98
+    assert p.choice.models == {0: "small", 1: "medium"}
+    assert choose_models(p.table, Budget("retain", 0.98)).models == {0: "medium", 1: "medium"}
+    assert p.unit == "seconds" and p.budget_met is True
+    # every model agrees with itself here, so the cheapest thresholds (greedy only) keep accuracy
+    assert p.thresholds == {"small": 0.0, "medium": 0.0, "large": 0.0}
+    assert p.result is not None and p.result.accuracy == 1.0 and p.result.escalation_rate == 0.0
+
+    lab = Record(id="lab", prompt="add 9 and 9", reference=None, labels={"small": True, "medium": True, "large": True})
+    with OutcomeStore(tmp_path / "o.sqlite") as store:
+        outcomes = collect(records + [lab], settings, store, K3)
+    p = plan(records + [lab], {**clusters, "lab": 0}, outcomes, settings, Budget("retain", 0.98), K3)
+    assert p.thresholds == default_thresholds(settings.ladder) and p.result is None and p.budget_met is None

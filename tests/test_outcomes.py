@@ -1,0 +1,240 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from crecli import config, grading
+from crecli.errors import ConfigError, CreError
+from crecli.models import bench
+from crecli.models.backend import GenParams
+from crecli.outcomes import (
+    CostModel,
+    Outcome,
+    OutcomeStore,
+    Vote,
+    collect,
+    prompt_sha256,
+    sample_records,
+    settings_key,
+)
+from crecli.quality import QualitySettings
+from crecli.querylog import Record
+
+Q3 = QualitySettings(k=3)
+
+
+def rec(i: int, prompt: str | None = None, ref: str | None = None, match: str = "numeric") -> Record:
+    return Record(id=f"q{i}", prompt=prompt or f"What is {i} plus {i}?", reference=[ref or str(2 * i)], match=match)
+
+
+@pytest.fixture
+def settings(tiny_models_toml: Path) -> config.Settings:
+    return config.load(tiny_models_toml)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> OutcomeStore:
+    with OutcomeStore(tmp_path / "outcomes.sqlite") as s:
+        yield s
+
+
+def test_collect_runs_each_query_and_model_once(settings, store, fake_backends) -> None:
+    records = [rec(i) for i in range(4)]
+    created = fake_backends({"small": lambda text, p: "4", "large": lambda text, p: "four"})
+    results = collect(records, settings, store, Q3)
+    assert sorted(results) == sorted((r.id, m) for r in records for m in ("small", "medium", "large"))
+    # greedy + k-1 samples per query, all through one backend per model
+    assert {m: len(b.calls) for m, b in created.items()} == {"small": 12, "medium": 12, "large": 12}
+    assert store.count() == 12
+    o = results[("q1", "small")]
+    assert o.source == "run" and o.label is None and len(o.votes) == 3
+    assert o.prompt_sha256 == prompt_sha256(records[1].prompt)
+    assert o.settings_key == settings_key(Q3, grading.max_tokens_for("numeric"))
+    assert o.prompt_tokens > 0 and o.votes[0].text == "4"
+    assert o.correct(records[1]) == [False, False, False]  # 1 + 1 is not 4
+    assert results[("q2", "small")].correct(records[2]) == [True, True, True]
+    assert results[("q2", "large")].correct(records[2]) == [True, True, True]  # "four" == 4
+    assert results[("q2", "medium")].correct(records[2]) == [False, False, False]  # "I don't know"
+
+    created.clear()
+    again = collect(records, settings, store, Q3)
+    assert created == {}  # nothing pending: no model is even loaded
+    assert again == results
+
+
+def test_votes_follow_the_cascade_protocol(settings, store, fake_backends) -> None:
+    created = fake_backends()
+    collect([rec(1, match="choice", ref="(A)")], settings, store, Q3, models=["medium"])
+    params = [p for _, p in created["medium"].calls]
+    max_tokens = grading.max_tokens_for("choice")
+    assert params[0].temperature == 0.0 and params[0].max_tokens == max_tokens
+    assert [(p.temperature, p.seed, p.max_tokens) for p in params[1:]] == [(0.7, 1, max_tokens), (0.7, 2, max_tokens)]
+
+
+def test_interrupted_collect_resumes_without_recomputing(settings, store, fake_backends) -> None:
+    records = [rec(i) for i in range(5)]
+    calls = {"n": 0}
+
+    def flaky(text: str, params: GenParams) -> str:
+        calls["n"] += 1
+        if calls["n"] == 8:  # the 3rd query's 2nd vote (k = 3)
+            raise KeyboardInterrupt
+        return "4"
+
+    fake_backends({"small": flaky})
+    with pytest.raises(KeyboardInterrupt):
+        collect(records, settings, store, Q3)
+    assert store.count() == 2  # two whole queries were committed, the one in flight was lost
+
+    created = fake_backends()
+    results = collect(records, settings, store, Q3)
+    assert len(created["small"].calls) == 3 * 3  # the 3 queries left on small, and no more
+    assert len(created["medium"].calls) == len(created["large"].calls) == 5 * 3
+    assert len(results) == 15 and store.count() == 15
+
+
+def test_store_survives_reopening(settings, tmp_path, fake_backends) -> None:
+    path = tmp_path / "o.sqlite"
+    fake_backends()
+    with OutcomeStore(path) as s:
+        first = collect([rec(1)], settings, s, Q3)
+    created = fake_backends()
+    created.clear()  # the fixture keeps one dict of every backend it made
+    with OutcomeStore(path) as s:
+        assert collect([rec(1)], settings, s, Q3) == first
+    assert created == {}
+
+
+def test_label_only_records_skip_the_model(settings, store, fake_backends) -> None:
+    created = fake_backends()
+    labelled = Record(id="lab", prompt="Is water wet?", reference=None, match=None, labels={"small": True, "large": False})
+    results = collect([labelled, rec(1)], settings, store, Q3)
+    assert results[("lab", "small")].source == "label" and results[("lab", "small")].label is True
+    assert results[("lab", "large")].correct(labelled) == [False]
+    assert ("lab", "medium") not in results  # no reference, no label: nothing to grade
+    assert all("Is water wet?" not in text for b in created.values() for text, _ in b.calls)
+    assert store.count() == 3  # labels are not stored: the log is their source of truth
+
+
+def test_adding_a_model_runs_only_that_model(settings, store, fake_backends) -> None:
+    records = [rec(i) for i in range(3)]
+    fake_backends()
+    collect(records, settings, store, Q3, models=["small", "medium"])
+    created = fake_backends()
+    created.clear()
+    collect(records, settings, store, Q3)
+    assert set(created) == {"large"}
+
+
+def test_other_quality_settings_or_model_file_are_measured_afresh(settings, store, fake_backends) -> None:
+    fake_backends()
+    collect([rec(1)], settings, store, Q3, models=["small"])
+    created = fake_backends()
+    collect([rec(1)], settings, store, QualitySettings(k=3, temperature=0.9), models=["small"])
+    assert len(created["small"].calls) == 3
+    from dataclasses import replace
+
+    settings.models["small"] = replace(settings.models["small"], sha256="ab" * 32)
+    created = fake_backends()
+    collect([rec(1)], settings, store, Q3, models=["small"])
+    assert len(created["small"].calls) == 3
+
+
+def test_duplicate_prompts_are_run_once(settings, store, fake_backends) -> None:
+    created = fake_backends()
+    results = collect([rec(1, prompt="same?"), rec(2, prompt="same?")], settings, store, Q3, models=["small"])
+    assert len(created["small"].calls) == 3
+    assert results[("q1", "small")].votes == results[("q2", "small")].votes
+
+
+def test_sample_records_caps_each_cluster() -> None:
+    records = [rec(i) for i in range(10)] + [Record(id="u", prompt="no label")]
+    labels = [0, 0, 0, 0, 1, 1, -1, -1, -1, 2, 0]
+    picked = sample_records(records, labels, 2, seed=3)
+    ids = [r.id for r in picked]
+    assert ids == sorted(ids, key=lambda i: [r.id for r in records].index(i))  # log order kept
+    groups = [labels[[r.id for r in records].index(i)] for i in ids]
+    assert sorted(groups) == [-1, -1, 0, 0, 1, 1, 2]
+    assert "u" not in ids  # unlabelled records are never measured
+    assert sample_records(records, labels, 2, seed=3) == picked
+    assert [r.id for r in sample_records(records, labels, 100, seed=0)] == [r.id for r in records[:10]]
+    with pytest.raises(ValueError):
+        sample_records(records, labels[:-1], 2)
+
+
+def run_outcome(model: str, votes: list[tuple[str, int, float]], prompt_tokens: int = 10) -> Outcome:
+    return Outcome("q", "sha", model, "m", "key", "run", prompt_tokens, [Vote(*v) for v in votes])
+
+
+def test_outcome_cost_in_seconds_and_price() -> None:
+    o = run_outcome("small", [("4", 2, 0.5), ("4", 3, 0.25), ("5", 1, 0.125)])
+    assert o.cost(1) == 0.5
+    assert o.cost(3) == 0.875
+    # vote 0 pays the 10 prompt tokens; later votes only their own output tokens
+    assert o.cost(2, "price", 2.0) == pytest.approx((10 + 2 + 3) * 2.0 / 1000)
+    assert o.vote_costs("price", 1000.0) == [12.0, 3.0, 1.0]
+    with pytest.raises(ConfigError):
+        o.cost(1, "price")
+    label = Outcome("q", "sha", "small", "m", "label", "label", 0, [], True)
+    assert label.cost(1) is None
+
+
+def test_cost_model_fills_labels_from_measured_means() -> None:
+    runs = [run_outcome("small", [("a", 1, 0.2), ("a", 1, 0.1)]), run_outcome("small", [("a", 1, 0.4)])]
+    label = Outcome("q", "sha", "small", "m", "label", "label", 0, [], False)
+    costs = CostModel.build(runs + [label])
+    assert costs.unit == "seconds"
+    assert costs.votes(label) == [pytest.approx(0.3)]  # mean greedy cost of small's runs
+    assert costs.of(runs[0], 2) == pytest.approx(0.3)
+
+
+def test_cost_model_uses_bench_speeds_for_a_model_never_run(settings) -> None:
+    spec = settings.get("large")
+    label = Outcome("q", "sha", "large", "m", "label", "label", 0, [], True)
+    with pytest.raises(CreError, match="cre models bench large"):
+        CostModel.build([label], settings.ladder_specs())
+    bench.save(bench.Speed("large", None, 2, pp_tokens_per_s=100.0, tg_tokens_per_s=10.0, load_seconds=1.0,
+                           pp_tokens=256, tg_tokens=64, measured_at="now"))
+    runs = [run_outcome("small", [("a", 4, 9.0)], prompt_tokens=50)]
+    costs = CostModel.build(runs + [label], settings.ladder_specs())
+    # typical tokens come from the recorded outcomes of any model: 50 prompt, 4 output
+    assert costs.votes(label) == [pytest.approx(50 / 100 + 4 / 10)]
+    assert spec.sha256 is None
+
+
+def test_cost_model_prices_when_every_model_has_one(settings) -> None:
+    from dataclasses import replace
+
+    specs = [replace(s, price_per_1k_tokens=p) for s, p in zip(settings.ladder_specs(), (1.0, 2.0, 4.0))]
+    o = run_outcome("medium", [("a", 5, 1.0), ("a", 5, 1.0)], prompt_tokens=20)
+    costs = CostModel.build([o], specs)
+    assert costs.unit == "price"
+    assert costs.of(o, 2) == pytest.approx((20 + 5 + 5) * 2.0 / 1000)
+    assert CostModel.build([o], specs[:2] + [settings.get("large")]).unit == "seconds"
+    with pytest.raises(ConfigError, match="price_per_1k_tokens"):
+        CostModel.build([o], [settings.get("medium")], unit="price")
+
+
+def test_store_refuses_other_schema_and_garbage(tmp_path) -> None:
+    bad = tmp_path / "garbage.sqlite"
+    bad.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(CreError, match="not a usable outcome store"):
+        OutcomeStore(bad)
+    path = tmp_path / "old.sqlite"
+    OutcomeStore(path).close()
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
+    with pytest.raises(CreError, match="schema 99"):
+        OutcomeStore(path)
+
+
+def test_store_rows_are_plain_json(store) -> None:
+    store.put("p", "small", "m", "k", 7, [Vote("x", 1, 0.5)])
+    raw = store._db.execute("SELECT votes FROM outcomes").fetchone()[0]
+    assert json.loads(raw) == [["x", 1, 0.5]]
+    assert store.get("p", "small", "m", "k") == (7, [Vote("x", 1, 0.5)])
+    assert store.get("p", "small", "other", "k") is None
