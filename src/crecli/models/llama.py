@@ -92,6 +92,11 @@ class LlamaBackend(Backend):
                 )
         except Exception as exc:  # llama.cpp reports load failures as bare ValueErrors
             raise BackendError(f"llama.cpp could not load {self.spec.name!r} from {path}: {exc}") from exc
+        if not embedding:
+            # One tiny decode allocates llama.cpp's compute buffers now, so the first real
+            # query is not charged for it (costs are measured per query).
+            llm.eval(llm.tokenize(b" ", add_bos=True))
+            llm.reset()
         self.load_seconds += time.perf_counter() - start
         return llm
 

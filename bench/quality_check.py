@@ -1,0 +1,106 @@
+"""What the self-consistency check costs, as a multiple of one greedy answer, on a real model.
+
+Four ways to answer the same prompts, measured side by side in one run:
+  (a) one greedy answer;
+  (b) the quality check at k votes as the cascade runs it (crecli.escalate.check): prompt
+      processed once, samples reuse its KV cache, early stop, answer-type output caps;
+  (c) the same check with early stop disabled (always k votes);
+  (d) a naive loop: k votes with the cache reset before each, so every vote pays for the
+      prompt again.
+Every method starts from an empty KV cache, so each pays for its prompt at least once.
+All four use the same answer-type caps, so the multiples isolate the cost of voting.
+
+Run it alone (it loads a real model; nothing else should compute at the same time):
+
+    flock /tmp/cre-cpu.lock .venv/bin/python bench/quality_check.py [--model NAME] [--queries N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from crecli import config, grading, querylog
+from crecli.escalate import check, vote_params
+from crecli.models.llama import LlamaBackend
+from crecli.quality import QualitySettings
+
+DEFAULT_LOG = Path("/work/shared/data/querylog.jsonl")
+
+
+def spread(records: list[querylog.Record], n: int) -> list[querylog.Record]:
+    """n records at evenly spaced positions, so a log sorted by task yields many tasks."""
+    if n >= len(records):
+        return records
+    return [records[i * len(records) // n] for i in range(n)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--queries", type=int, default=8)
+    parser.add_argument("--log", type=Path, default=DEFAULT_LOG)
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--threshold", type=float, default=0.6, help="agreement needed to accept (early stop)")
+    parser.add_argument("--models", type=Path, default=None, help="an extra models.toml")
+    args = parser.parse_args()
+
+    settings = config.load(args.models)
+    records = spread([r for r in querylog.read_log(args.log).records], args.queries)
+    quality = QualitySettings(k=args.k)
+    no_early = replace(quality, early_stop=False)
+    backend = LlamaBackend(settings.get(args.model))
+    llm = backend.llm
+    backend.generate("Warm-up: say OK.", vote_params(quality, 0, 4))  # first decode allocates buffers
+
+    names = ["(a) greedy", "(b) check, as implemented", "(c) check, no early stop", "(d) naive loop, cache reset"]
+    seconds = dict.fromkeys(names, 0.0)
+    votes = dict.fromkeys(names, 0)
+    tokens = dict.fromkeys(names, 0)
+    same_greedy = 0
+    for n, record in enumerate(records, start=1):
+        cap = grading.max_tokens_for(record.match)
+
+        llm.reset()
+        start = time.perf_counter()
+        greedy = backend.generate(record.prompt, vote_params(quality, 0, cap))
+        seconds[names[0]] += time.perf_counter() - start
+        votes[names[0]] += 1
+        tokens[names[0]] += greedy.output_tokens
+
+        for name, qs in ((names[1], quality), (names[2], no_early)):
+            llm.reset()
+            start = time.perf_counter()
+            step = check(backend, record.prompt, qs, args.threshold, cap, record.match)
+            seconds[name] += time.perf_counter() - start
+            votes[name] += step.used
+            tokens[name] += step.output_tokens
+            if name == names[1]:
+                same_greedy += step.votes[0] == greedy.text
+                summary = f"{step.used} votes, agreement {step.agreement:.2f}, answer {step.answer[:30]!r}"
+
+        start = time.perf_counter()
+        for i in range(args.k):
+            llm.reset()
+            gen = backend.generate(record.prompt, vote_params(quality, i, cap))
+            tokens[names[3]] += gen.output_tokens
+        seconds[names[3]] += time.perf_counter() - start
+        votes[names[3]] += args.k
+        print(f"[{n}/{len(records)}] {record.id} ({record.match}, cap {cap}): {summary}", file=sys.stderr, flush=True)
+    backend.close()
+
+    base = seconds[names[0]]
+    print(f"model {args.model}, {len(records)} prompts from {args.log.name}, k={args.k}, "
+          f"threshold {args.threshold}, {backend.n_threads} threads")
+    print(f"{'method':32} {'seconds':>8} {'x greedy':>9} {'votes':>6} {'out tokens':>11}")
+    for name in names:
+        print(f"{name:32} {seconds[name]:8.2f} {seconds[name] / base:8.2f}x {votes[name]:6d} {tokens[name]:11d}")
+    print(f"greedy vote of (b) identical to (a) on {same_greedy}/{len(records)} prompts")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""`cre batch`: answer a stream of prompts, one JSONL result per input line, in input order.
+
+Work is reordered to keep models loaded: lines are taken in chunks, and within a chunk
+every prompt on the lowest pending rung is checked before any prompt moves up, so each
+model is used in one run of consecutive calls per chunk instead of being swapped in and
+out as prompts escalate. Results are buffered and the complete prefix is written (and
+flushed) as soon as it exists, so output order is input order and an interrupted batch
+leaves whole lines behind for `--resume`.
+
+A bad line (not JSON, no prompt, not UTF-8, empty) gets an error record in its place: N
+lines in, N lines out (minus lines skipped by --resume).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, TextIO
+
+from crecli.console import progress
+from crecli.errors import CreError, InputError, ModelNotAvailable
+from crecli.querylog import Record, parse_batch_line
+from crecli.route import route_many
+
+if TYPE_CHECKING:
+    from crecli.escalate import Cascade, Pending, Trace
+
+
+@dataclass
+class BatchSummary:
+    lines: int = 0  # input lines read
+    skipped: int = 0  # already answered in the --resume file
+    answered: int = 0
+    errors: int = 0
+    graded: int = 0  # answers to lines with a reference
+    correct: int = 0
+    escalated: int = 0  # answers that needed at least one escalation
+    seconds: float = 0.0  # model-seconds: generation time of every vote drawn
+    route_seconds: float = 0.0
+    # Always-strongest cost cannot be measured for prompts the cascade answered lower down;
+    # it is estimated from the router's recorded mean cost of one greedy answer of the top
+    # model per cluster, in the router's cost unit ("seconds", or "price" from models.toml).
+    unit: str = "seconds"
+    strongest_model: str = ""
+    strongest_cost: float = 0.0  # the estimate, over the answers counted in `estimated`
+    cascade_cost: float = 0.0  # what the cascade spent on those same answers, same unit
+    estimated: int = 0
+    models: dict[str, int] = field(default_factory=dict)  # answers per final model
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.graded if self.graded else None
+
+    @property
+    def escalation_rate(self) -> float | None:
+        return self.escalated / self.answered if self.answered else None
+
+    @property
+    def cost_ratio(self) -> float | None:
+        """Cascade cost as a share of the estimated always-strongest cost."""
+        return self.cascade_cost / self.strongest_cost if self.strongest_cost > 0 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(accuracy=self.accuracy, escalation_rate=self.escalation_rate, cost_ratio=self.cost_ratio)
+        return data
+
+
+_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "M": 1024**2, "MB": 1024**2, "G": 1024**3, "GB": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """'4GB', '512MB', '1.5G' or a byte count, in binary units (1GB = 1024**3 bytes)."""
+    value = text.strip().upper().replace(" ", "").removesuffix("IB").removesuffix("I")
+    number = value.rstrip("KMGB")
+    unit = value[len(number):]
+    try:
+        size = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise InputError(f"--memory-budget {text!r}: give a size such as 4GB, 512MB or 1.5G") from None
+    if size <= 0:
+        raise InputError(f"--memory-budget {text!r}: the budget must be positive")
+    return int(size)
+
+
+def read_done_ids(path: Path) -> set[str]:
+    """Ids that already have an answer in an earlier output file.
+
+    Error records are not counted as done, so their lines are tried again; unreadable lines
+    (such as a last line cut short by a crash) are ignored.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{path}: --resume file not found; drop --resume for a first run") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the --resume file: {exc.strerror}") from None
+    done: set[str] = set()
+    for line in raw.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "answer" in row and "error" not in row and row.get("id") is not None:
+            done.add(str(row["id"]))
+    return done
+
+
+def _id_of(raw: bytes) -> str | None:
+    """The id of a line that failed to parse, when it is JSON with one (for the error record)."""
+    try:
+        row = json.loads(raw)
+    except ValueError:
+        return None
+    value = row.get("id") if isinstance(row, dict) else None
+    return None if value is None else str(value)
+
+
+def result_record(line: int, trace: "Trace") -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "id": trace.id,
+        "line": line,
+        "answer": trace.answer,
+        "model": trace.model,
+        "cluster": trace.cluster,
+        "escalations": trace.escalations,
+        "agreement": trace.agreement,
+        "prompt_tokens": trace.prompt_tokens,
+        "output_tokens": trace.output_tokens,
+        "seconds": round(trace.seconds, 6),
+    }
+    if trace.correct is not None:
+        record["correct"] = trace.correct
+    record["trace"] = trace.to_dict()
+    return record
+
+
+def error_record(line: int, id: str | None, message: str) -> dict[str, Any]:
+    return {"line": line, "id": id, "error": message}
+
+
+class _OrderedWriter:
+    """Writes records in line order as soon as the prefix up to them is complete."""
+
+    def __init__(self, out: TextIO, first: int) -> None:
+        self.out = out
+        self.next = first
+        self.ready: dict[int, dict[str, Any] | None] = {}
+
+    def put(self, line: int, record: dict[str, Any] | None) -> None:
+        """`record` None marks a line that produces no output (skipped by --resume)."""
+        self.ready[line] = record
+        wrote = False
+        while self.next in self.ready:
+            rec = self.ready.pop(self.next)
+            if rec is not None:
+                self.out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                wrote = True
+            self.next += 1
+        if wrote:
+            self.out.flush()
+
+
+def _chunks(lines: Iterable[bytes], size: int) -> Iterator[list[tuple[int, bytes]]]:
+    numbered = enumerate(lines, start=1)
+    while chunk := list(islice(numbered, size)):
+        yield chunk
+
+
+def _strongest_cost(cascade: "Cascade") -> tuple[dict[int, float], float | None]:
+    """The top model's mean cost per cluster, and its size-weighted mean for unclustered prompts."""
+    top = cascade.ladder[-1]
+    per_cluster: dict[int, float] = {}
+    weighted = weight = 0.0
+    for info in cascade.router.clusters:
+        cost = info.stats.get(top, {}).get("mean_cost")
+        if cost is None:
+            continue
+        per_cluster[info.id] = float(cost)
+        weighted += float(cost) * info.size
+        weight += info.size
+    return per_cluster, (weighted / weight if weight else None)
+
+
+def _trace_cost(trace: "Trace", unit: str, cascade: "Cascade") -> float | None:
+    """What the cascade spent on one prompt, in the router's cost unit (None: no price known)."""
+    if unit == "seconds":
+        return sum(s.seconds for s in trace.steps)
+    total = 0.0
+    for step in trace.steps:
+        price = cascade.specs[step.model].price_per_1k_tokens
+        if price is None:
+            return None
+        # As in calibration: the prompt is paid once per model, every vote's output tokens.
+        total += (step.prompt_tokens + step.output_tokens) * price / 1000.0
+    return total
+
+
+def run_batch(
+    lines: Iterable[bytes],
+    out: TextIO,
+    cascade: "Cascade",
+    resume_ids: set[str] | frozenset[str] = frozenset(),
+    source: str = "<stdin>",
+    chunk_size: int = 64,
+) -> BatchSummary:
+    """Answer every line of `lines` (JSONL objects or plain-text prompts) into `out`.
+
+    Lines whose id is in `resume_ids` are skipped and write nothing. A missing or corrupt
+    model file stops the batch (every later line would fail the same way); any other
+    problem with one line becomes that line's error record.
+    """
+    summary = BatchSummary(
+        unit=str(cascade.router.fit.get("cost_unit", "seconds")), strongest_model=cascade.ladder[-1]
+    )
+    per_cluster, overall = _strongest_cost(cascade)
+    writer = _OrderedWriter(out, first=1)
+
+    def finish(line: int, trace: "Trace") -> None:
+        summary.answered += 1
+        summary.escalated += int(trace.escalations > 0)
+        summary.seconds += sum(s.seconds for s in trace.steps)
+        summary.route_seconds += trace.route_seconds
+        summary.models[trace.model] = summary.models.get(trace.model, 0) + 1
+        if trace.correct is not None:
+            summary.graded += 1
+            summary.correct += int(trace.correct)
+        estimate = per_cluster.get(trace.cluster, overall)
+        spent = _trace_cost(trace, summary.unit, cascade)
+        if estimate is not None and spent is not None:
+            summary.estimated += 1
+            summary.strongest_cost += estimate
+            summary.cascade_cost += spent
+        writer.put(line, result_record(line, trace))
+
+    def fail(line: int, id: str | None, message: str) -> None:
+        summary.errors += 1
+        writer.put(line, error_record(line, id, message))
+
+    with progress() as bar:
+        task = bar.add_task("Answering", total=None)
+        for chunk in _chunks(lines, chunk_size):
+            summary.lines += len(chunk)
+            records: list[tuple[int, Record]] = []
+            for line, raw in chunk:
+                try:
+                    record = parse_batch_line(raw, line, source)
+                except InputError as exc:
+                    fail(line, _id_of(raw), str(exc))
+                    bar.advance(task)
+                    continue
+                if record.id in resume_ids:
+                    summary.skipped += 1
+                    writer.put(line, None)
+                    bar.advance(task)
+                    continue
+                records.append((line, record))
+            pending: list[tuple[int, "Pending"]] = []
+            try:
+                # One routing call per chunk: per-call overhead dominates single prompts.
+                decisions = route_many(cascade.router, [record.prompt for _, record in records])
+            except CreError as exc:
+                for line, record in records:
+                    fail(line, record.id, f"{source}:{line}: {exc}")
+                    bar.advance(task)
+                decisions = []
+            for (line, record), decision in zip(records, decisions):
+                pending.append(
+                    (line, cascade.begin(record.prompt, record.match, record.reference, id=record.id, decision=decision))
+                )
+            while pending:
+                # Lowest rung first: each model's calls stay together, and the prompts that
+                # escalate are checked on the next model in one run.
+                rung = min(p.rung for _, p in pending)
+                still: list[tuple[int, "Pending"]] = []
+                for line, p in pending:
+                    if p.rung != rung:
+                        still.append((line, p))
+                        continue
+                    try:
+                        final = cascade.advance(p)
+                    except ModelNotAvailable:
+                        raise
+                    except CreError as exc:
+                        fail(line, p.trace.id, f"{source}:{line}: {exc}")
+                        bar.advance(task)
+                        continue
+                    if final:
+                        finish(line, p.trace)
+                        bar.advance(task)
+                    else:
+                        still.append((line, p))
+                pending = still
+    return summary

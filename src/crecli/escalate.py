@@ -1,0 +1,292 @@
+"""The cascade: route a prompt, answer on its cluster's model, escalate while unsure.
+
+On each rung the quality check draws votes lazily: vote 0 is the greedy answer, votes
+1..k-1 are samples at the router's temperature with seeds 1..k-1, and drawing stops as soon
+as `quality.done` says more votes cannot change the decision. All votes for one prompt on
+one model are consecutive calls with the same rendered prompt, so llama.cpp reuses the
+prompt's KV cache and only the first vote pays for prompt processing. A majority share
+below the (cluster, model) threshold moves the prompt to the next larger rung; the top
+rung's answer is final.
+
+`Cascade` is also the library API:
+
+    with Cascade.from_file("router.cre") as cascade:
+        print(cascade.ask("What is 2+2?").answer)
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from crecli import grading
+from crecli.errors import RouterFileError
+from crecli.models.backend import GenParams
+from crecli.models.registry import ModelPool
+from crecli.quality import decide, done
+from crecli.route import RouteDecision, route
+
+if TYPE_CHECKING:
+    from crecli.config import Settings
+    from crecli.models.backend import Backend
+    from crecli.quality import QualitySettings
+    from crecli.routerfile import RouterFile
+
+
+def vote_params(settings: "QualitySettings", index: int, max_tokens: int) -> GenParams:
+    """Generation parameters of vote `index`: 0 is greedy, the rest sample with seed = index."""
+    return GenParams(
+        max_tokens=max_tokens,
+        temperature=0.0 if index == 0 else settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        seed=index,
+    )
+
+
+@dataclass
+class Step:
+    """One rung's quality check."""
+
+    model: str
+    votes: list[str]  # raw texts, in the order drawn (greedy first)
+    normalized: list[str]  # what was voted on
+    agreement: float  # majority share among the votes drawn
+    used: int  # votes drawn before the decision was fixed
+    threshold: float
+    accepted: bool  # the majority reached the threshold
+    answer: str  # raw text (stripped) of the first vote that gave the majority
+    prompt_tokens: int  # the prompt is processed once per model, so counted once
+    output_tokens: int
+    seconds: float
+    why: str  # why the cascade stopped here or moved on
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check(
+    backend: "Backend",
+    prompt: str,
+    settings: "QualitySettings",
+    threshold: float,
+    max_tokens: int,
+    answer_type: str | None,
+) -> Step:
+    """Run the self-consistency check for `prompt` on one model, drawing votes lazily."""
+    votes: list[str] = []
+    normalized: list[str] = []
+    prompt_tokens = output_tokens = 0
+    seconds = 0.0
+    while not done(normalized, settings.k, threshold, settings.early_stop):
+        gen = backend.generate(prompt, vote_params(settings, len(votes), max_tokens))
+        votes.append(gen.text)
+        normalized.append(grading.normalize(gen.text, answer_type))
+        if len(votes) == 1:
+            prompt_tokens = gen.prompt_tokens
+        output_tokens += gen.output_tokens
+        seconds += gen.seconds
+    decision = decide(normalized, settings.k, threshold, settings.early_stop)
+    majority = Counter(normalized[: decision.used])[decision.answer]
+    share = f"agreement {decision.agreement:.2f} ({majority}/{decision.used})"
+    why = f"{share} >= threshold {threshold:.2f}" if decision.accept else f"{share} < threshold {threshold:.2f}"
+    return Step(
+        model=backend.spec.name,
+        votes=votes,
+        normalized=normalized,
+        agreement=decision.agreement,
+        used=decision.used,
+        threshold=threshold,
+        accepted=decision.accept,
+        answer=votes[decision.index].strip(),
+        prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens,
+        seconds=seconds,
+        why=why,
+    )
+
+
+@dataclass
+class Trace:
+    """Everything the cascade did for one prompt; `to_dict()` is JSON-ready."""
+
+    id: str | None
+    cluster: int
+    distance: float
+    route_reason: str
+    route_seconds: float
+    answer_type: str | None
+    start_model: str
+    steps: list[Step] = field(default_factory=list)
+    answer: str = ""
+    model: str = ""
+    agreement: float = 0.0
+    escalations: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    seconds: float = 0.0  # routing plus generation; model loading is not counted
+    correct: bool | None = None  # only when a reference was given
+
+    @property
+    def fallback(self) -> bool:
+        return self.cluster < 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["fallback"] = self.fallback
+        return data
+
+
+@dataclass
+class Pending:
+    """A prompt partway down the ladder; `Cascade.advance` moves it one rung."""
+
+    prompt: str
+    match: str | None
+    reference: list[str] | None
+    rung: int
+    trace: Trace
+    done: bool = False
+
+
+class Cascade:
+    """Route, check, escalate. Model calls are strictly sequential; models stay in `pool`."""
+
+    def __init__(
+        self,
+        router: "RouterFile",
+        settings: "Settings",
+        pool: ModelPool | None = None,
+        quality: "QualitySettings | None" = None,
+    ) -> None:
+        self.router = router
+        self.settings = settings
+        self.quality = quality or router.quality
+        self._owns_pool = pool is None
+        self.pool = pool if pool is not None else ModelPool()
+        self.ladder = [str(entry["name"]) for entry in router.ladder]
+        self.specs = {name: settings.get(name) for name in self.ladder}
+        starts = {router.fallback_model, *(c.model for c in router.clusters)}
+        off = sorted(starts - set(self.ladder))
+        if off:
+            raise RouterFileError(
+                f"the router starts prompts on {', '.join(off)}, which is not on its ladder "
+                f"({', '.join(self.ladder)}); refit it with `cre fit`"
+            )
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str | Path,
+        models_file: Path | None = None,
+        force: bool = False,
+        memory_budget_bytes: int | None = None,
+    ) -> "Cascade":
+        """Load a router file (checked against the models.toml files) and get ready to answer."""
+        from crecli import config, routerfile
+
+        settings = config.load(models_file)
+        router = routerfile.load(Path(path), settings, force=force)
+        cascade = cls(router, settings, ModelPool(memory_budget_bytes))
+        cascade._owns_pool = True
+        return cascade
+
+    def route(self, prompt: str) -> RouteDecision:
+        return route(self.router, prompt)
+
+    def begin(
+        self,
+        prompt: str,
+        match: str | None = None,
+        reference: Sequence[str] | str | None = None,
+        *,
+        id: str | None = None,
+        decision: RouteDecision | None = None,
+    ) -> Pending:
+        """Place `prompt` on its starting rung, routing it unless `decision` is given."""
+        if decision is None:
+            decision = self.route(prompt)
+        info = self.router.cluster(decision.cluster) if decision.cluster >= 0 else None
+        answer_type = match or (info.answer_type if info is not None else None)
+        if isinstance(reference, str):
+            reference = [reference]
+        trace = Trace(
+            id=id,
+            cluster=decision.cluster,
+            distance=decision.distance,
+            route_reason=decision.reason,
+            route_seconds=decision.seconds,
+            answer_type=answer_type,
+            start_model=decision.model,
+        )
+        return Pending(
+            prompt=prompt,
+            match=match,
+            reference=list(reference) if reference is not None else None,
+            rung=self.ladder.index(decision.model),
+            trace=trace,
+        )
+
+    def advance(self, pending: Pending) -> bool:
+        """Run the check on the pending prompt's current rung; True once its answer is final."""
+        trace = pending.trace
+        name = self.ladder[pending.rung]
+        backend = self.pool.get(self.specs[name])
+        step = check(
+            backend,
+            pending.prompt,
+            self.quality,
+            self.router.threshold(trace.cluster, name),
+            grading.max_tokens_for(trace.answer_type),
+            trace.answer_type,
+        )
+        top = pending.rung == len(self.ladder) - 1
+        if not step.accepted:
+            step.why += "; top rung, so its answer is final" if top else f": escalate to {self.ladder[pending.rung + 1]}"
+        trace.steps.append(step)
+        if step.accepted or top:
+            self._finish(pending, step)
+        else:
+            pending.rung += 1
+        return pending.done
+
+    def _finish(self, pending: Pending, step: Step) -> None:
+        trace = pending.trace
+        trace.answer = step.answer
+        trace.model = step.model
+        trace.agreement = step.agreement
+        trace.escalations = len(trace.steps) - 1
+        trace.prompt_tokens = sum(s.prompt_tokens for s in trace.steps)
+        trace.output_tokens = sum(s.output_tokens for s in trace.steps)
+        trace.seconds = trace.route_seconds + sum(s.seconds for s in trace.steps)
+        if pending.reference is not None:
+            # Like the query log, a reference without a match type is compared as exact text.
+            match = pending.match or trace.answer_type or "exact"
+            trace.correct = grading.grade(trace.answer, pending.reference, match)
+        pending.done = True
+
+    def ask(
+        self,
+        prompt: str,
+        match: str | None = None,
+        reference: Sequence[str] | str | None = None,
+        *,
+        id: str | None = None,
+    ) -> Trace:
+        """Answer one prompt through the cascade and return the trace of every step."""
+        pending = self.begin(prompt, match, reference, id=id)
+        while not self.advance(pending):
+            pass
+        return pending.trace
+
+    def close(self) -> None:
+        if self._owns_pool:
+            self.pool.close()
+
+    def __enter__(self) -> "Cascade":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,274 @@
+"""`cre batch`: N lines in, N results out in input order, errors in place, resume, summary."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from typer.testing import CliRunner
+
+from crecli import config, routerfile
+from crecli.batch import BatchSummary, parse_size, read_done_ids, run_batch
+from crecli.cli import app
+from crecli.errors import BackendError, InputError, ModelNotAvailable
+from crecli.escalate import Cascade
+from crecli.models.backend import GenParams
+from crecli.models.fake import FakeBackend
+from crecli.routerfile import RouterFile
+from test_escalate import FAR, LADDER, install, make_router, scripted, user_prompt
+
+ADD = "What is 7 plus 5?"
+HARD = "What is 8 plus 9?"  # small disagrees with itself: escalates to medium
+PERU = "What is the capital city of Peru?"
+FRUIT = "Which of these is a fruit? (A) stone (B) fruit-like thing (C) chair"
+TABLE = {
+    "small": {ADD: ["12"] * 5, HARD: ["17", "16", "15", "14", "13"], FRUIT: ["(B)"] * 5},
+    "medium": {PERU: ["Lima"] * 5, HARD: ["17"] * 5},
+    "large": {FAR: ["?"] * 5},
+}
+
+
+def jl(**fields: Any) -> bytes:
+    return (json.dumps(fields) + "\n").encode()
+
+
+MIXED = [
+    jl(id="a1", prompt=ADD, reference=["12"], match="numeric"),
+    b"{not json\n",
+    jl(id="x", text="no prompt field"),
+    b"\xff\xfe\n",
+    b"\n",
+    (PERU + "\n").encode(),
+    jl(id="far", prompt=FAR),
+]
+
+
+@pytest.fixture(scope="module")
+def router() -> RouterFile:
+    return make_router()
+
+
+@pytest.fixture
+def cascade(router: RouterFile, tiny_models_toml: Path) -> Cascade:
+    return Cascade(router, config.load(tiny_models_toml))
+
+
+def _run(lines: list[bytes], cascade: Cascade, **kw: Any) -> tuple[list[dict[str, Any]], BatchSummary]:
+    out = io.StringIO()
+    summary = run_batch(lines, out, cascade, **kw)
+    text = out.getvalue()
+    assert text.endswith("\n") or text == ""
+    return [json.loads(line) for line in text.splitlines()], summary
+
+
+def test_every_line_gets_one_result_in_input_order(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade
+) -> None:
+    install(fake_backends, TABLE)
+    rows, summary = _run(MIXED, cascade, source="in.jsonl")
+
+    assert [r["line"] for r in rows] == list(range(1, 8))
+    errors = {r["line"]: r for r in rows if "error" in r}
+    assert sorted(errors) == [2, 3, 4, 5]
+    assert errors[2]["id"] is None and errors[2]["error"].startswith("in.jsonl:2: ")
+    assert errors[3]["id"] == "x" and "missing 'prompt'" in errors[3]["error"]
+    assert errors[4]["id"] is None and errors[5]["id"] is None and "empty line" in errors[5]["error"]
+    good = {r["line"]: r for r in rows if "error" not in r}
+    assert (good[1]["id"], good[1]["answer"], good[1]["model"], good[1]["correct"]) == ("a1", "12", "small", True)
+    assert (good[6]["id"], good[6]["answer"], good[6]["model"], good[6]["cluster"]) == ("6", "Lima", "medium", 1)
+    assert "correct" not in good[6]  # no reference, no verdict
+    assert (good[7]["model"], good[7]["cluster"]) == ("large", -1)
+    for row in good.values():
+        trace = row["trace"]
+        assert row["escalations"] == trace["escalations"] and row["agreement"] == trace["agreement"]
+        assert row["output_tokens"] == sum(s["output_tokens"] for s in trace["steps"])
+    assert (summary.lines, summary.answered, summary.errors, summary.graded, summary.correct) == (7, 3, 4, 1, 1)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 64])
+def test_work_is_grouped_by_rung_but_output_keeps_input_order(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade, chunk_size: int
+) -> None:
+    log: list[tuple[str, str, GenParams]] = []
+    install(fake_backends, TABLE, log)
+    prompts = [PERU, HARD, FAR, ADD, FRUIT, PERU, HARD]
+    rows, summary = _run([(p + "\n").encode() for p in prompts], cascade, chunk_size=chunk_size)
+
+    assert [r["id"] for r in rows] == [str(i) for i in range(1, 8)]
+    assert [r["answer"] for r in rows] == ["Lima", "17", "?", "12", "(B)", "Lima", "17"]
+    # Within a chunk the ladder is climbed once: every call is on the same or a larger rung.
+    start = 0
+    for first in range(0, len(rows), chunk_size):
+        n = sum(s["used"] for r in rows[first:first + chunk_size] for s in r["trace"]["steps"])
+        rungs = [LADDER.index(m) for m, _, _ in log[start:start + n]]
+        assert rungs == sorted(rungs)
+        start += n
+    assert start == len(log)
+    # Each check's votes are consecutive calls: seeds 0, 1, 2, ... on one (model, prompt).
+    checks: list[list[tuple[str, str, GenParams]]] = []
+    for call in log:
+        if call[2].seed == 0:
+            checks.append([])
+        checks[-1].append(call)
+    assert len(checks) == sum(len(r["trace"]["steps"]) for r in rows)
+    for calls in checks:
+        assert len({(m, p) for m, p, _ in calls}) == 1
+        assert [params.seed for _, _, params in calls] == list(range(len(calls)))
+    assert summary.escalated == 2 and summary.escalation_rate == pytest.approx(2 / 7)
+
+
+def test_resume_skips_ids_already_answered(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade, tmp_path: Path
+) -> None:
+    install(fake_backends, TABLE)
+    earlier = tmp_path / "out.jsonl"
+    rows, _ = _run(MIXED[:1] + MIXED[5:6], cascade)
+    earlier.write_text(
+        json.dumps(rows[0]) + "\n"  # line 1, id a1: done
+        + json.dumps({"line": 6, "id": "6", "error": "backend failed"}) + "\n"  # an error: tried again
+        + '{"line": 7, "id": "far", "answ'  # cut short by a crash: ignored
+    )
+    done = read_done_ids(earlier)
+    assert done == {"a1"}
+
+    rows, summary = _run(MIXED, cascade, resume_ids=done)
+    assert [r["line"] for r in rows] == [2, 3, 4, 5, 6, 7]
+    assert (summary.lines, summary.skipped, summary.answered, summary.errors) == (7, 1, 2, 4)
+
+
+def test_read_done_ids_needs_the_file() -> None:
+    with pytest.raises(InputError, match="drop --resume"):
+        read_done_ids(Path("/nonexistent/out.jsonl"))
+
+
+def test_summary_compares_cost_with_always_the_strongest(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade
+) -> None:
+    install(fake_backends, TABLE)
+    rows, summary = _run([jl(prompt=p) for p in (ADD, HARD, PERU, FRUIT, FAR)], cascade)
+
+    spent = sum(s["seconds"] for r in rows for s in r["trace"]["steps"])
+    assert summary.seconds == pytest.approx(spent) and summary.cascade_cost == pytest.approx(spent)
+    # The test router records large's mean cost as 1 + cluster id; unclustered prompts get
+    # the size-weighted mean over clusters (all size 10): 2.0.
+    assert summary.strongest_cost == pytest.approx(1.0 + 1.0 + 2.0 + 3.0 + 2.0)
+    assert summary.estimated == 5 and summary.unit == "seconds"
+    assert summary.cost_ratio == pytest.approx(spent / 9.0)
+    assert summary.models == {"small": 2, "medium": 2, "large": 1}
+    data = summary.to_dict()
+    assert data["escalation_rate"] == pytest.approx(0.2) and data["accuracy"] is None
+
+
+def test_price_units_cost_tokens_times_price(
+    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, tiny_models_toml: Path, tmp_path: Path
+) -> None:
+    priced = tmp_path / "priced.toml"
+    priced.write_text(
+        tiny_models_toml.read_text()
+        .replace('path = "/nonexistent/small.gguf"', 'path = "/nonexistent/small.gguf"\nprice_per_1k_tokens = 1.0')
+        .replace('path = "/nonexistent/medium.gguf"', 'path = "/nonexistent/medium.gguf"\nprice_per_1k_tokens = 2.0')
+    )
+    install(fake_backends, TABLE)
+    cascade = Cascade(replace(router, fit={"cost_unit": "price"}), config.load(priced))
+    rows, summary = _run([jl(prompt=ADD), jl(prompt=HARD)], cascade)
+
+    price = {"small": 1.0, "medium": 2.0}
+    expected = sum((s["prompt_tokens"] + s["output_tokens"]) * price[s["model"]] / 1000
+                   for r in rows for s in r["trace"]["steps"])
+    assert summary.unit == "price" and summary.cascade_cost == pytest.approx(expected)
+    assert summary.estimated == 2
+
+
+def test_a_backend_failure_is_that_lines_error(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade
+) -> None:
+    base = scripted(TABLE["medium"])
+
+    def flaky(text: str, params: GenParams) -> str:
+        if user_prompt(text) == HARD:
+            raise BackendError("prompt too long")
+        return base(text, params)
+
+    install(fake_backends, TABLE)
+    fake_backends({"small": scripted(TABLE["small"]), "medium": flaky})
+    rows, summary = _run([jl(id="h", prompt=HARD), jl(id="p", prompt=PERU)], cascade, source="in")
+    assert rows[0] == {"line": 1, "id": "h", "error": "in:1: prompt too long"}
+    assert rows[1]["answer"] == "Lima" and summary.errors == 1
+
+
+def test_a_missing_model_stops_the_batch_after_the_complete_prefix(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade
+) -> None:
+    def missing(text: str, params: GenParams) -> str:
+        raise ModelNotAvailable("model 'medium' is not on disk: run `cre models pull medium`")
+
+    fake_backends({"small": scripted(TABLE["small"]), "medium": missing})
+    out = io.StringIO()
+    with pytest.raises(ModelNotAvailable):
+        run_batch([jl(prompt=ADD), jl(prompt=PERU)], out, cascade, chunk_size=1)
+    assert [json.loads(line)["answer"] for line in out.getvalue().splitlines()] == ["12"]
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("4GB", 4 << 30), ("512MB", 512 << 20), ("1.5G", 3 << 29), ("2GiB", 2 << 30), ("1000", 1000), ("64 kb", 64 << 10)],
+)
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["lots", "4TB", "-1GB", "0"])
+def test_parse_size_rejects_nonsense(text: str) -> None:
+    with pytest.raises(InputError, match="--memory-budget"):
+        parse_size(text)
+
+
+# ---------------------------------------------------------------- cre batch
+
+
+@pytest.fixture
+def saved_router(router: RouterFile, tmp_path: Path) -> Path:
+    path = tmp_path / "router.cre"
+    routerfile.save(router, path)
+    return path
+
+
+def _batch(args: list[str], models_toml: Path, input: bytes | None = None) -> Any:
+    return CliRunner().invoke(app, ["batch", *args, "--models", str(models_toml)], input=input)
+
+
+def test_cli_batch_reads_a_file_and_exits_3_on_error_lines(
+    fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path, tmp_path: Path
+) -> None:
+    install(fake_backends, TABLE)
+    infile = tmp_path / "in.jsonl"
+    infile.write_bytes(b"".join(MIXED))
+    result = _batch([str(infile), "--router", str(saved_router)], tiny_models_toml)
+    assert result.exit_code == 3, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["line"] for r in rows] == list(range(1, 8))
+    assert rows[1]["error"].startswith(f"{infile}:2: ")
+    assert "7 lines: 3 answered, 4 errors" in result.stderr
+    assert "accuracy 100.0% (1/1" in result.stderr and "vs always large" in result.stderr
+
+
+def test_cli_batch_stdin_resume_and_json_summary(
+    fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path, tmp_path: Path
+) -> None:
+    install(fake_backends, TABLE)
+    lines = [jl(id="a", prompt=ADD), jl(id="b", prompt=PERU), jl(id="c", prompt=FRUIT)]
+    first = _batch(["--router", str(saved_router), "--memory-budget", "1GB"], tiny_models_toml, b"".join(lines[:2]))
+    assert first.exit_code == 0, first.output
+    out = tmp_path / "out.jsonl"
+    out.write_text(first.stdout)
+
+    again = _batch(["--router", str(saved_router), "--resume", str(out), "--json-summary"], tiny_models_toml,
+                   b"".join(lines))
+    assert again.exit_code == 0, again.output
+    assert [json.loads(line)["id"] for line in again.stdout.splitlines()] == ["c"]
+    summary = json.loads(again.stderr)
+    assert (summary["lines"], summary["skipped"], summary["answered"], summary["errors"]) == (3, 2, 1, 0)

@@ -1,0 +1,349 @@
+"""The cascade: lazy votes, early stop, escalation iff agreement < threshold, traces, `cre ask`.
+
+Models are FakeBackends on the tiny small/medium/large ladder; the router is built in
+memory from a real TF-IDF embedder and k-NN assigner fitted on three topics of prompts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from typer.testing import CliRunner
+
+from crecli import config, grading, routerfile
+from crecli.cli import app
+from crecli.escalate import Cascade, check, vote_params
+from crecli.models.backend import GenParams
+from crecli.models.fake import FakeBackend
+from crecli.quality import QualitySettings
+from crecli.routerfile import ClusterInfo, RouterFile
+
+LADDER = ["small", "medium", "large"]
+ADD = [f"What is {a} plus {b}?" for a, b in [(3, 4), (12, 30), (7, 5), (8, 9), (21, 4), (6, 6), (40, 2), (15, 15), (9, 1), (33, 32)]]
+CAPITALS = [f"What is the capital city of {c}?" for c in
+            ["France", "Italy", "Spain", "Peru", "Chile", "Japan", "Kenya", "Egypt", "Norway", "Canada"]]
+CHOICE = [f"Which of these is a {w}? (A) stone (B) {w}-like thing (C) chair" for w in
+          ["fruit", "tool", "bird", "fish", "tree", "car", "song", "game", "river", "metal"]]
+FAR = "zzqx vrrrk blorpf xyzzyq"
+
+
+def user_prompt(text: str) -> str:
+    """The user's prompt inside a rendered prompt (chatml or the few-shot completion format)."""
+    if "<|im_start|>user\n" in text:
+        return text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
+    return text.rsplit("Q: ", 1)[1].rsplit("\nA:", 1)[0]
+
+
+def scripted(votes: dict[str, list[str]], log: list[tuple[str, str, GenParams]] | None = None,
+             model: str = "", default: str = "I don't know") -> Callable[[str, GenParams], str]:
+    """An answerer returning votes[prompt][seed]: vote 0 is the greedy one."""
+
+    def answer(text: str, params: GenParams) -> str:
+        prompt = user_prompt(text)
+        if log is not None:
+            log.append((model, prompt, params))
+        options = votes.get(prompt)
+        if not options:
+            return default
+        return options[(params.seed or 0) % len(options)]
+
+    return answer
+
+
+def make_router(thresholds: dict[str, float] | None = None, starts: tuple[str, str, str] = ("small", "medium", "small"),
+                cluster_thresholds: dict[int, dict[str, float]] | None = None) -> RouterFile:
+    """Clusters 0 (addition, numeric), 1 (capitals, exact) and 2 (choice); fallback: large."""
+    import numpy as np
+
+    from crecli.cluster import Assigner
+    from crecli.embed import TfidfEmbedder
+
+    prompts = ADD + CAPITALS + CHOICE
+    labels = np.repeat(np.arange(3), 10)
+    # Word n-grams only: unknown words then embed to nothing, so FAR is far from everything
+    # (distance 1). Every parameter is pinned so the test does not follow the defaults, and
+    # the far cut-off is fixed: 30 near-identical prompts make the automatic one degenerate.
+    embedder = TfidfEmbedder(dims=16, analyzer="word", min_df=1, mask_digits=True).fit(prompts)
+    assigner = Assigner(k=3, max_distance=0.8).fit(embedder.transform(prompts), labels)
+    types = ["numeric", "exact", "choice"]
+    clusters = [
+        ClusterInfo(
+            id=cid, size=10, model=starts[cid], answer_type=types[cid], examples=group[:2],
+            stats={m: {"n": 10.0, "correct": 5.0, "accuracy": 0.5, "shrunk_accuracy": 0.5,
+                       "mean_cost": {"small": 0.1, "medium": 0.3, "large": 1.0 + cid}[m]} for m in LADDER},
+            thresholds=(cluster_thresholds or {}).get(cid, {}),
+        )
+        for cid, group in enumerate([ADD, CAPITALS, CHOICE])
+    ]
+    return RouterFile(
+        schema_version=routerfile.SCHEMA_VERSION,
+        ladder=[{"name": m, "sha256": None, "size": None} for m in LADDER],
+        embedder=embedder,
+        assigner=assigner,
+        clusters=clusters,
+        fallback_model="large",
+        budget={"kind": "retain", "value": 0.95},
+        quality=QualitySettings(),
+        thresholds=thresholds or {"small": 0.6, "medium": 0.6, "large": 0.0},
+        fit={"cost_unit": "seconds"},
+    )
+
+
+@pytest.fixture(scope="module")
+def router() -> RouterFile:
+    return make_router()
+
+
+@pytest.fixture
+def settings(tiny_models_toml: Path) -> config.Settings:
+    return config.load(tiny_models_toml)
+
+
+def install(fake_backends: Callable[..., dict[str, FakeBackend]], table: dict[str, dict[str, list[str]]],
+            log: list[tuple[str, str, GenParams]] | None = None) -> dict[str, FakeBackend]:
+    return fake_backends({m: scripted(table.get(m, {}), log, m) for m in LADDER})
+
+
+def test_agreeing_votes_are_accepted_on_the_start_model_with_the_fewest_votes(
+    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, settings: config.Settings
+) -> None:
+    created = install(fake_backends, {"small": {"What is 7 plus 5?": ["12"] * 5}})
+    trace = Cascade(router, settings).ask("What is 7 plus 5?")
+
+    assert (trace.cluster, trace.start_model, trace.model, trace.answer) == (0, "small", "small", "12")
+    assert trace.escalations == 0 and len(trace.steps) == 1
+    step = trace.steps[0]
+    assert (step.used, step.agreement, step.accepted, step.threshold) == (3, 1.0, True, 0.6)
+    calls = [params for _, params in created["small"].calls]
+    assert len(calls) == 3  # ceil(0.6 * 5) agreeing votes fix the decision
+    cap = grading.max_tokens_for("numeric")  # the cluster's answer type
+    assert [(p.temperature, p.seed, p.max_tokens) for p in calls] == [(0.0, 0, cap), (0.7, 1, cap), (0.7, 2, cap)]
+    assert "medium" not in created and "large" not in created
+
+
+@pytest.mark.parametrize(
+    ("votes", "threshold", "used", "agreement"),
+    [
+        (["7", "7", "8", "7", "9"], 0.6, 4, 0.75),  # 3 of 4 reach need=3: accept
+        (["7", "8", "9", "7", "6"], 0.6, 5, 0.4),  # the majority can no longer reach 3
+        (["7", "8", "9", "7", "6"], 0.4, 4, 0.5),  # need=2: the 4th vote settles it
+        (["7", "8", "9", "6", "5"], 0.4, 5, 0.2),  # all differ: the 5th vote could still pair up
+        (["7", "7", "7", "7", "7"], 1.0, 5, 1.0),  # need=5: every vote
+    ],
+)
+def test_escalation_happens_iff_agreement_is_below_the_threshold(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.Settings,
+    votes: list[str], threshold: float, used: int, agreement: float,
+) -> None:
+    install(fake_backends, {"small": {"What is 12 plus 30?": votes}, "medium": {"What is 12 plus 30?": ["42"] * 5}})
+    router = make_router({"small": threshold, "medium": 0.6, "large": 0.0})
+    trace = Cascade(router, settings).ask("What is 12 plus 30?")
+
+    first = trace.steps[0]
+    assert (first.model, first.used, first.agreement) == ("small", used, agreement)
+    escalated = agreement < threshold
+    assert first.accepted is not escalated
+    assert trace.escalations == int(escalated)
+    assert trace.model == ("medium" if escalated else "small")
+    assert ("escalate to medium" in first.why) is escalated
+
+
+def test_the_top_rung_answer_is_final_even_below_its_threshold(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.Settings
+) -> None:
+    split = ["1", "2", "3", "4", "5"]
+    prompt = "What is 8 plus 9?"
+    install(fake_backends, {m: {prompt: split} for m in LADDER})
+    router = make_router({"small": 0.6, "medium": 0.6, "large": 0.6})
+    trace = Cascade(router, settings).ask(prompt)
+
+    assert [s.model for s in trace.steps] == LADDER
+    assert [s.accepted for s in trace.steps] == [False, False, False]
+    assert (trace.model, trace.answer, trace.escalations) == ("large", "1", 2)
+    assert "top rung" in trace.steps[-1].why
+
+
+def test_top_rung_threshold_zero_draws_only_the_greedy_vote(
+    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, settings: config.Settings
+) -> None:
+    created = install(fake_backends, {"large": {FAR: ["a", "b", "c", "d", "e"]}})
+    trace = Cascade(router, settings).ask(FAR)
+    assert len(created["large"].calls) == 1
+    assert (trace.model, trace.answer, trace.steps[0].used, trace.steps[0].accepted) == ("large", "a", 1, True)
+
+
+@pytest.mark.parametrize(("early_stop", "calls"), [(True, 4), (False, 5)])
+def test_early_stop_draws_the_fewest_votes(
+    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, settings: config.Settings,
+    early_stop: bool, calls: int,
+) -> None:
+    # Four different answers: after the 4th, no answer can reach 3 of 5 any more.
+    created = install(fake_backends, {"small": {"What is 9 plus 1?": ["1", "2", "3", "4", "4"]}})
+    cascade = Cascade(router, settings, quality=QualitySettings(early_stop=early_stop))
+    trace = cascade.ask("What is 9 plus 1?")
+    assert len(created["small"].calls) == calls == trace.steps[0].used
+
+
+def test_check_is_usable_on_its_own() -> None:
+    spec = config.ModelSpec(name="m", path="/nonexistent")
+    backend = FakeBackend(spec, lambda text, params: ["B", "(B)", "b)", "C", "A"][params.seed or 0])
+    step = check(backend, "Pick one", QualitySettings(), 0.6, 8, "choice")
+    assert step.normalized == ["B", "B", "B"] and step.accepted and step.answer == "B"
+    assert step.prompt_tokens == len(backend.calls[0][0].split())  # counted once, from vote 0
+    assert step.output_tokens == 3
+
+
+def test_trace_holds_raw_answer_tokens_seconds_and_correctness(
+    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, settings: config.Settings
+) -> None:
+    prompt = "What is 15 plus 15?"
+    install(fake_backends, {
+        "small": {prompt: [" 31", "30", "29", "28", "27"]},  # escalates: all differ
+        "medium": {prompt: [" 31\n", "The answer is 30.", "30", "thirty", "31"]},
+    })
+    trace = Cascade(router, settings).ask(prompt, reference=["30"])
+
+    small, medium = trace.steps
+    assert small.votes == [" 31", "30", "29", "28"] and not small.accepted
+    assert "agreement 0.25 (1/4) < threshold 0.60: escalate to medium" == small.why
+    assert medium.normalized == ["31", "30", "30", "30"] and medium.accepted
+    # The raw text of the first vote that gave the majority, stripped.
+    assert (trace.answer, trace.model, trace.agreement) == ("The answer is 30.", "medium", 0.75)
+    assert trace.correct is True
+    assert trace.prompt_tokens == small.prompt_tokens + medium.prompt_tokens
+    assert trace.output_tokens == small.output_tokens + medium.output_tokens
+    assert trace.seconds == pytest.approx(trace.route_seconds + small.seconds + medium.seconds)
+    data = json.loads(json.dumps(trace.to_dict()))
+    assert data["steps"][1]["votes"][1] == "The answer is 30." and data["fallback"] is False
+    assert data["correct"] is True and data["escalations"] == 1
+
+
+def test_match_overrides_the_cluster_answer_type(
+    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, settings: config.Settings
+) -> None:
+    created = install(fake_backends, {"small": {"What is 3 plus 4?": ["7"] * 5}})
+    trace = Cascade(router, settings).ask("What is 3 plus 4?", match="exact", reference="7")
+    assert trace.answer_type == "exact" and trace.correct is True
+    assert created["small"].calls[0][1].max_tokens == grading.max_tokens_for("exact")
+
+
+def test_per_cluster_threshold_override(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.Settings
+) -> None:
+    prompt = "What is 21 plus 4?"
+    install(fake_backends, {"small": {prompt: ["25", "25", "26", "27", "28"]}, "medium": {prompt: ["25"] * 5}})
+    strict = make_router(cluster_thresholds={0: {"small": 1.0}})
+    trace = Cascade(strict, settings).ask(prompt)
+    assert trace.steps[0].threshold == 1.0 and trace.model == "medium"
+
+
+def test_far_prompt_goes_to_the_fallback_model(
+    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, settings: config.Settings
+) -> None:
+    install(fake_backends, {"large": {FAR: ["ok"] * 5}})
+    trace = Cascade(router, settings).ask(FAR)
+    assert (trace.cluster, trace.start_model, trace.model, trace.fallback) == (-1, "large", "large", True)
+    assert "far from every cluster" in trace.route_reason
+    assert trace.answer_type is None  # unknown: the generic normaliser and cap
+
+
+def test_votes_for_one_prompt_on_one_model_are_consecutive(
+    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, settings: config.Settings
+) -> None:
+    log: list[tuple[str, str, GenParams]] = []
+    prompt = "What is 40 plus 2?"
+    install(fake_backends, {"small": {prompt: ["1", "2", "3", "4", "5"]},
+                            "medium": {prompt: ["42", "41", "40", "39", "38"]},
+                            "large": {prompt: ["42"] * 5}}, log)
+    Cascade(router, settings).ask(prompt)
+    models = [m for m, _, _ in log]
+    assert models == ["small"] * 4 + ["medium"] * 4 + ["large"]
+    assert [p.seed for _, _, p in log] == [0, 1, 2, 3, 0, 1, 2, 3, 0]
+
+
+def test_vote_params_match_the_recorded_outcomes() -> None:
+    quality = QualitySettings(temperature=0.5, top_p=0.9, top_k=20)
+    assert vote_params(quality, 0, 8) == GenParams(max_tokens=8, temperature=0.0, top_p=0.9, top_k=20, seed=0)
+    assert vote_params(quality, 3, 8) == GenParams(max_tokens=8, temperature=0.5, top_p=0.9, top_k=20, seed=3)
+
+
+def test_from_file_loads_a_saved_router(
+    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, tmp_path: Path, tiny_models_toml: Path
+) -> None:
+    path = tmp_path / "router.cre"
+    routerfile.save(router, path)
+    install(fake_backends, {"medium": {"What is the capital city of Peru?": ["Lima"] * 5}})
+    with Cascade.from_file(path, models_file=tiny_models_toml) as cascade:
+        trace = cascade.ask("What is the capital city of Peru?")
+    assert (trace.cluster, trace.model, trace.answer) == (1, "medium", "Lima")
+
+
+# ---------------------------------------------------------------- cre ask
+
+
+@pytest.fixture
+def saved_router(router: RouterFile, tmp_path: Path) -> Path:
+    path = tmp_path / "router.cre"
+    routerfile.save(router, path)
+    return path
+
+
+def _ask(args: list[str], models_toml: Path, input: str | None = None) -> Any:
+    return CliRunner().invoke(app, ["ask", *args, "--models", str(models_toml)], input=input)
+
+
+def test_cli_ask_routes_an_argument(
+    fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path
+) -> None:
+    install(fake_backends, {"small": {"What is 6 plus 6?": ["12"] * 5}})
+    result = _ask(["What is 6 plus 6?", "--router", str(saved_router)], tiny_models_toml)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "12\n"
+    assert "small" in result.stderr
+
+
+def test_cli_ask_reads_stdin_and_explains_on_stderr(
+    fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path
+) -> None:
+    prompt = "What is 33 plus 32?"
+    install(fake_backends, {"small": {prompt: ["65", "64", "63", "62", "61"]}, "medium": {prompt: ["65"] * 5}})
+    result = _ask(["-", "--router", str(saved_router), "--explain"], tiny_models_toml, input=prompt + "\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "65\n"
+    err = result.stderr
+    assert "cluster 0" in err and "step 1 small" in err and "step 2 medium" in err
+    assert "escalate to medium" in err and "agreement 0.25 (1/4)" in err and "1 escalation" in err
+
+
+def test_cli_ask_json_prints_the_whole_trace(
+    fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path
+) -> None:
+    install(fake_backends, {"large": {FAR: ["fine"] * 5}})
+    result = _ask([FAR, "--router", str(saved_router), "--json"], tiny_models_toml)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert (data["answer"], data["model"], data["cluster"], data["fallback"]) == ("fine", "large", -1, True)
+    assert data["steps"][0]["votes"] == ["fine"]
+
+
+def test_cli_ask_uses_the_default_router(
+    fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path
+) -> None:
+    from crecli import paths
+
+    install(fake_backends, {"small": {"What is 6 plus 6?": ["12"] * 5}})
+    result = _ask(["What is 6 plus 6?"], tiny_models_toml)
+    assert result.exit_code == 1 and "--set-default" in str(result.exception)
+
+    paths.ensure(paths.config_dir())
+    paths.settings_file().write_text(f"default_router = {json.dumps(str(saved_router))}\n")
+    result = _ask(["What is 6 plus 6?"], tiny_models_toml)
+    assert result.exit_code == 0 and result.stdout == "12\n"
+
+
+def test_cli_ask_model_and_router_together_is_an_error(saved_router: Path, tiny_models_toml: Path) -> None:
+    result = _ask(["hi", "--model", "small", "--router", str(saved_router)], tiny_models_toml)
+    assert result.exit_code == 1 and "not both" in str(result.exception)

@@ -1,0 +1,183 @@
+"""The OpenAI-compatible backend against a tiny HTTP server on 127.0.0.1 in this process."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from crecli.config import ModelSpec
+from crecli.errors import BackendError
+from crecli.models.backend import GenParams
+from crecli.models.openai import OpenAIBackend
+from crecli.models.prompting import render
+
+Reply = tuple[int, Any]  # (HTTP status, JSON body or raw bytes)
+
+
+class _Server:
+    """Records each request; answers with `reply(path, body)`."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.reply: Callable[[str, dict[str, Any]], Reply] = lambda path, body: (200, {})
+        self.delay = 0.0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                length = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(length))
+                server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                if server.delay:
+                    time.sleep(server.delay)
+                status, payload = server.reply(self.path, body)
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (the timeout test)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Server]:
+    # A proxy in the environment must not intercept requests to the test server.
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    srv = _Server()
+    yield srv
+    srv.close()
+
+
+def _spec(url: str, **kw: Any) -> ModelSpec:
+    return ModelSpec(name="remote", url=url, api_model="served-model", defined_in="test.toml", **kw)
+
+
+def _completion(text: str, prompt_tokens: int = 11, completion_tokens: int = 2) -> dict[str, Any]:
+    return {
+        "choices": [{"text": text, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+    }
+
+
+def test_completion_posts_the_rendered_prompt(server: _Server) -> None:
+    server.reply = lambda path, body: (200, _completion(" 12"))
+    backend = OpenAIBackend(_spec(server.url, prompt_format="chatml"))
+    gen = backend.generate("What is 7 plus 5?", GenParams(max_tokens=16, temperature=0.7, top_p=0.9, seed=3))
+
+    assert (gen.text, gen.prompt_tokens, gen.output_tokens, gen.finish_reason) == (" 12", 11, 2, "stop")
+    assert gen.seconds > 0
+    [request] = server.requests
+    assert request["path"] == "/v1/completions"
+    body = request["body"]
+    rendered = render("chatml", "What is 7 plus 5?")
+    assert body["prompt"] == rendered.text
+    assert body["model"] == "served-model"
+    assert (body["max_tokens"], body["temperature"], body["top_p"], body["seed"]) == (16, 0.7, 0.9, 3)
+    assert body["stop"] == list(rendered.stop)
+    assert "Authorization" not in request["headers"]
+
+
+def test_chat_format_posts_messages(server: _Server) -> None:
+    server.reply = lambda path, body: (
+        200,
+        {"choices": [{"message": {"role": "assistant", "content": "Paris"}, "finish_reason": "length"}],
+         "usage": {"prompt_tokens": 30, "completion_tokens": 1}},
+    )
+    backend = OpenAIBackend(_spec(server.url + "/", prompt_format="chat"))
+    gen = backend.generate("  Capital of France?  ", GenParams(max_tokens=8))
+
+    assert (gen.text, gen.prompt_tokens, gen.output_tokens, gen.finish_reason) == ("Paris", 30, 1, "length")
+    [request] = server.requests
+    assert request["path"] == "/v1/chat/completions"
+    messages = request["body"]["messages"]
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert messages[1]["content"] == "Capital of France?"
+    assert "prompt" not in request["body"] and "stop" not in request["body"]
+
+
+def test_api_key_comes_from_the_named_environment_variable(server: _Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    server.reply = lambda path, body: (200, _completion("ok"))
+    backend = OpenAIBackend(_spec(server.url, api_key_env="CRE_TEST_KEY"))
+    monkeypatch.delenv("CRE_TEST_KEY", raising=False)
+    with pytest.raises(BackendError, match=r"\$CRE_TEST_KEY.*not set"):
+        backend.generate("hi")
+    assert server.requests == []
+
+    monkeypatch.setenv("CRE_TEST_KEY", "sekrit")
+    backend.generate("hi")
+    assert server.requests[0]["headers"]["Authorization"] == "Bearer sekrit"
+
+
+@pytest.mark.parametrize(
+    ("status", "advice"),
+    [(401, "API key"), (404, "/v1"), (500, "try again later"), (400, "models.toml|test.toml")],
+)
+def test_http_errors_name_the_url_status_and_a_fix(
+    server: _Server, monkeypatch: pytest.MonkeyPatch, status: int, advice: str
+) -> None:
+    server.reply = lambda path, body: (status, {"error": {"message": "nope"}})
+    monkeypatch.setenv("CRE_TEST_KEY", "wrong")
+    backend = OpenAIBackend(_spec(server.url, api_key_env="CRE_TEST_KEY" if status == 401 else None))
+    with pytest.raises(BackendError) as info:
+        backend.generate("hi")
+    message = str(info.value)
+    assert f"{server.url}/completions" in message
+    assert f"HTTP {status}" in message
+    assert "nope" in message
+    assert any(word in message for word in advice.split("|"))
+
+
+def test_a_reply_that_is_not_a_completion_is_an_error(server: _Server) -> None:
+    server.reply = lambda path, body: (200, b"<html>hello</html>")
+    with pytest.raises(BackendError, match="not an OpenAI-style completion"):
+        OpenAIBackend(_spec(server.url)).generate("hi")
+
+
+def test_connection_refused_says_to_start_the_server(server: _Server) -> None:
+    url = server.url
+    server.close()  # the port is now closed
+    with pytest.raises(BackendError, match="cannot connect.*start the server"):
+        OpenAIBackend(_spec(url)).generate("hi")
+
+
+def test_timeout_is_reported(server: _Server) -> None:
+    server.delay = 0.5
+    server.reply = lambda path, body: (200, _completion("late"))
+    with pytest.raises(BackendError, match="no answer within"):
+        OpenAIBackend(_spec(server.url), timeout=0.1).generate("hi")
+
+
+def test_missing_usage_counts_zero_tokens(server: _Server) -> None:
+    server.reply = lambda path, body: (200, {"choices": [{"text": "x"}]})
+    gen = OpenAIBackend(_spec(server.url)).generate("hi")
+    assert (gen.text, gen.prompt_tokens, gen.output_tokens, gen.finish_reason) == ("x", 0, 0, "stop")
+
+
+def test_registry_builds_it_for_a_spec_with_a_url(server: _Server) -> None:
+    from crecli.models.registry import backend_for
+
+    assert isinstance(backend_for(_spec(server.url)), OpenAIBackend)

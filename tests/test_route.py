@@ -1,0 +1,75 @@
+"""Routing a prompt to its cluster's starting model, or to the fallback when it is far from all."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Sequence
+
+import pytest
+
+from crecli.route import RouteDecision, route, route_many
+from crecli.routerfile import RouterFile
+from test_escalate import FAR, make_router
+
+
+@pytest.fixture(scope="module")
+def router() -> RouterFile:
+    return make_router(starts=("small", "medium", "large"))
+
+
+@pytest.mark.parametrize(
+    ("prompt", "cluster", "model"),
+    [
+        ("What is 41 plus 17?", 0, "small"),  # not in the log: assigned by its neighbours
+        ("What is the capital city of Brazil?", 1, "medium"),
+        ("Which of these is a cat? (A) stone (B) cat-like thing (C) chair", 2, "large"),
+    ],
+)
+def test_prompts_start_on_their_clusters_model(router: RouterFile, prompt: str, cluster: int, model: str) -> None:
+    decision = route(router, prompt)
+    assert (decision.cluster, decision.model) == (cluster, model)
+    assert decision.reason.startswith(f"cluster {cluster} (10 queries, e.g. ")
+    assert decision.reason.endswith(f"starts on {model}")
+    assert -1e-6 <= decision.distance < router.assigner.threshold_
+    assert decision.seconds > 0
+
+
+def test_a_prompt_far_from_every_cluster_goes_to_the_fallback(router: RouterFile) -> None:
+    decision = route(replace(router, fallback_model="medium"), FAR)
+    assert (decision.cluster, decision.model) == (-1, "medium")
+    assert decision.distance > router.assigner.threshold_
+    assert decision.reason == f"far from every cluster (distance {decision.distance:.3f}): fallback to medium"
+
+
+class _FixedAssigner:
+    """Puts every prompt in one cluster, at distance 0.1."""
+
+    def __init__(self, label: int) -> None:
+        self.label = label
+
+    def predict(self, X: Sequence[Sequence[float]]) -> tuple[list[int], list[float]]:
+        return [self.label] * len(X), [0.1] * len(X)
+
+
+def test_a_cluster_the_router_does_not_know_goes_to_the_fallback(router: RouterFile) -> None:
+    decision = route(replace(router, assigner=_FixedAssigner(7)), "What is 1 plus 1?")
+    assert (decision.cluster, decision.model) == (-1, "large")
+    assert decision.reason == "cluster 7 is not in the router file: fallback to large"
+
+
+def test_decision_is_json_ready(router: RouterFile) -> None:
+    decision = route(router, "What is 2 plus 2?")
+    data = json.loads(json.dumps(decision.to_dict()))
+    assert set(data) == {"cluster", "model", "distance", "reason", "seconds"}
+    assert RouteDecision(**data) == decision
+
+
+def test_routing_many_prompts_at_once_decides_as_one_at_a_time(router: RouterFile) -> None:
+    prompts = ["What is 41 plus 17?", FAR, "What is the capital city of Brazil?", "What is 2 plus 2?"]
+    together = route_many(router, prompts)
+    alone = [route(router, p) for p in prompts]
+    assert [(d.cluster, d.model, d.reason) for d in together] == [(d.cluster, d.model, d.reason) for d in alone]
+    assert [d.distance for d in together] == pytest.approx([d.distance for d in alone], abs=1e-6)
+    assert len({d.seconds for d in together}) == 1  # an equal share of one call
+    assert route_many(router, []) == []
