@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -14,6 +15,9 @@ from crecli.models.fake import FakeBackend
 
 # Where the user's real, pulled models are, read before any test redirects CRE_HOME.
 REAL_MODELS_DIR = paths.models_dir()
+# numba compiles UMAP's kernels once per cache dir (tens of seconds): keep one cache for the
+# whole run rather than one per test's CRE_HOME.
+os.environ.setdefault("NUMBA_CACHE_DIR", str(paths.cache_dir() / "numba"))
 
 TINY_TOML = """
 schema = 1

@@ -174,40 +174,336 @@ def models_path() -> None:
     typer.echo(f"model files:         {paths.models_dir()}")
 
 
+# ---------------------------------------------------------------- fit, inspect
+
+
+@app.command()
+def fit(
+    log: Annotated[Path, typer.Argument(help="Query log: JSONL, CSV, or plain text (one prompt per line).", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Router file to write.")] = Path("router.cre"),
+    models: ModelsOpt = None,
+    retain: Annotated[Optional[float], typer.Option(help="Budget: keep at least this share of the strongest model's accuracy in every cluster, at the least cost. Default 0.98.", show_default=False)] = None,
+    max_cost: Annotated[Optional[float], typer.Option(help="Budget instead: spend at most this share of always using the strongest model, at the best accuracy.", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed for UMAP, sampling and splits: the same seed gives the same router.")] = 0,
+    min_cluster_size: Annotated[Optional[int], typer.Option(help="HDBSCAN min_cluster_size (default scales with the log size).", show_default=False)] = None,
+    min_samples: Annotated[Optional[int], typer.Option(help="HDBSCAN min_samples (default scales with the log size).", show_default=False)] = None,
+    n_components: Annotated[int, typer.Option(help="UMAP output dimensions.")] = 8,
+    n_neighbors: Annotated[Optional[int], typer.Option(help="UMAP n_neighbors (default scales with the log size).", show_default=False)] = None,
+    max_fit_rows: Annotated[int, typer.Option(help="Larger logs are clustered on a sample of this many rows; the rest are assigned afterwards.")] = 20000,
+    sample_per_cluster: Annotated[Optional[int], typer.Option(help="Run the models on at most N labelled queries per cluster (caps calibration cost).", show_default=False)] = None,
+    k: Annotated[int, typer.Option("--k", help="Self-consistency votes per model and query (1 greedy + k-1 samples).")] = 5,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature of votes 2..k.")] = 0.7,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="jsonl, csv or text (default: by file extension).", show_default=False)] = None,
+    prompt_field: Annotated[str, typer.Option(help="Field holding the prompt.")] = "prompt",
+    reference_field: Annotated[str, typer.Option(help="Field holding the reference answer(s).")] = "reference",
+    match_field: Annotated[str, typer.Option(help="Field holding the match rule.")] = "match",
+    id_field: Annotated[str, typer.Option(help="Field holding the query id.")] = "id",
+    labels_field: Annotated[str, typer.Option(help="Field holding known correctness labels {model: bool}.")] = "labels",
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip bad lines (and report how many) instead of stopping.")] = False,
+    store: Annotated[Optional[Path], typer.Option(help="Outcome store (default: in the user data dir, shared by all fits).", show_default=False)] = None,
+    truth_field: Annotated[Optional[str], typer.Option(help="Report NMI/ARI of the clusters against this field, e.g. meta.source. Never used to route.", show_default=False)] = None,
+    set_default: Annotated[bool, typer.Option("--set-default", help="Make this router the default for `cre ask` and `cre batch`.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Cluster a labelled query log, measure every model on every cluster, write a router file.
+
+    Interrupt it at any time: a re-run continues where it stopped and recomputes nothing.
+
+    Examples:
+
+      cre fit querylog.jsonl -o router.cre
+
+      cre fit querylog.jsonl -o router.cre --retain 0.95 --set-default
+
+      cre fit big.jsonl --sample-per-cluster 30 --skip-bad --json
+    """
+    from crecli import render
+    from crecli.fit import FitOptions, fit as run_fit
+    from crecli.quality import QualitySettings
+    from crecli.querylog import FieldMap
+
+    options = FitOptions(
+        seed=seed, n_components=n_components, n_neighbors=n_neighbors,
+        min_cluster_size=min_cluster_size, min_samples=min_samples, max_fit_rows=max_fit_rows,
+        sample_per_cluster=sample_per_cluster, quality=QualitySettings(k=k, temperature=temperature),
+        fmt=fmt, fields=FieldMap(prompt=prompt_field, reference=reference_field, match=match_field, id=id_field, labels=labels_field),
+        skip_bad=skip_bad, store=store, truth_field=truth_field,
+    )
+    report = run_fit(log, output, _settings(models), _budget(retain, max_cost), options)
+    if set_default:
+        _set_default_router(output)
+    render.fit_report(report, json_)
+
+
+@app.command()
+def inspect(
+    router: Annotated[Path, typer.Argument(help="A router file written by `cre fit`.", show_default=False)],
+    models: ModelsOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Warn instead of failing when local model files differ from the router's.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Show a router's clusters: size, example prompts, each model's accuracy and cost, the chosen model.
+
+    Examples:
+
+      cre inspect router.cre
+
+      cre inspect router.cre --json | jq '.clusters[] | {id, model}'
+    """
+    from crecli import render, routerfile
+
+    loaded = routerfile.load(router, _settings(models), force=force)
+    render.inspect_router(loaded, json_)
+
+
+@app.command()
+def calibrate(
+    router: Annotated[Path, typer.Argument(help="A router file written by `cre fit`.", show_default=False)],
+    log: Annotated[Optional[Path], typer.Option(help="Labelled log to tune on (default: the log the router was fitted on).", show_default=False)] = None,
+    retain: Annotated[Optional[float], typer.Option(help="Target: accuracy at least this share of always using the strongest model, at the least cost. Default 0.98.", show_default=False)] = None,
+    max_cost: Annotated[Optional[float], typer.Option(help="Target instead: cost at most this share of always using the strongest model, at the best accuracy.", show_default=False)] = None,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds for the held-out figures.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the fold split.")] = 0,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the tuned router here (default: update ROUTER in place).", show_default=False)] = None,
+    models: ModelsOpt = None,
+    store: Annotated[Optional[Path], typer.Option(help="Outcome store (default: the one `cre fit` uses).", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Warn instead of failing when local model files differ from the router's.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Re-choose each cluster's model and each model's quality-check threshold for a target.
+
+    Works from recorded outcomes: no model runs unless an outcome is missing. The figures it
+    reports are held out (cross-validation); it prints the accuracy-cost frontier and marks
+    the chosen point.
+
+    Examples:
+
+      cre calibrate router.cre --retain 0.98
+
+      cre calibrate router.cre --max-cost 0.4 -o cheap.cre --json
+    """
+    from crecli import evaluate, render, routerfile
+
+    settings = _settings(models)
+    loaded = routerfile.load(router, settings, force=force)
+    data = evaluate.prepare(loaded, settings, _router_log(loaded, log), store)
+    cal = evaluate.recalibrate(loaded, data, _budget(retain, max_cost), n_folds=folds, seed=seed)
+    routerfile.save(evaluate.apply(loaded, cal), output or router)
+    render.calibration(cal, output or router, json_)
+
+
+@app.command("eval")
+def eval_(
+    log: Annotated[Path, typer.Argument(help="Labelled log (JSONL or CSV with references).", show_default=False)],
+    router: Annotated[Optional[Path], typer.Option(help="Router file (default: your default router).", show_default=False)] = None,
+    models: ModelsOpt = None,
+    store: Annotated[Optional[Path], typer.Option(help="Outcome store (default: the one `cre fit` uses).", show_default=False)] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write an accuracy-against-cost chart (.svg, or .png with matplotlib installed).", show_default=False)] = None,
+    live: Annotated[bool, typer.Option("--live", help="Also run the real cascade on every query and compare it with the replay.")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip bad lines instead of stopping.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Warn instead of failing when local model files differ from the router's.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Measure the cascade on a labelled log against baselines: each model alone, random
+    routing at equal cost, routing without the quality check, the cascade without clusters,
+    and the oracle.
+
+    The cascade is replayed on recorded, seeded votes (missing ones are collected first);
+    --live runs it for real as well.
+
+    Examples:
+
+      cre eval test.jsonl --router router.cre
+
+      cre eval test.jsonl --router router.cre --plot frontier.svg --json
+    """
+    from crecli import evaluate, render, routerfile
+
+    settings = _settings(models)
+    path = _router_path(router)
+    loaded = routerfile.load(path, settings, force=force)
+    data = evaluate.prepare(loaded, settings, log, store, skip_bad=skip_bad)
+    report = evaluate.evaluate(loaded, data)
+    if live:
+        report.live = evaluate.live(path, models, data)
+    if plot:
+        render.plot(report, plot)
+    render.eval_report(report, json_)
+
+
+def _router_log(router, log: Path | None) -> Path:  # router: routerfile.RouterFile
+    if log is not None:
+        return log
+    recorded = router.fit.get("log")
+    if not recorded or not Path(recorded).is_file():
+        raise CreError(f"the router's log {recorded!r} is not here; pass --log FILE")
+    return Path(recorded)
+
+
+def _budget(retain: float | None, max_cost: float | None):  # -> calibrate.Budget
+    from crecli.calibrate import Budget
+
+    if retain is not None and max_cost is not None:
+        raise CreError("give one budget: --retain or --max-cost, not both")
+    if max_cost is not None:
+        if not 0 < max_cost <= 1:
+            raise CreError("--max-cost is a share of always using the strongest model: between 0 and 1")
+        return Budget("max_cost", max_cost)
+    value = 0.98 if retain is None else retain
+    if not 0 < value <= 1.5:
+        raise CreError("--retain is a share of the strongest model's accuracy, e.g. 0.98")
+    return Budget("retain", value)
+
+
+def _set_default_router(path: Path) -> None:
+    import tomllib
+
+    import tomli_w
+
+    from crecli import paths
+
+    file = paths.settings_file()
+    data = tomllib.loads(file.read_text()) if file.is_file() else {}
+    data["default_router"] = str(path.resolve())
+    paths.ensure(file.parent)
+    file.write_text(tomli_w.dumps(data))
+    from crecli.console import status
+
+    status(f"Default router is now {path.resolve()} (stored in {file})")
+
+
 # ---------------------------------------------------------------- ask
 
 
 @app.command()
 def ask(
     prompt: Annotated[str, typer.Argument(help="The prompt, or - to read it from stdin.")],
+    router: Annotated[Optional[Path], typer.Option("--router", "-r", help="Router file from `cre fit` (default: the one set by `cre fit --set-default`).", show_default=False)] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Answer with this model directly, skipping the router.", show_default=False)] = None,
     models: ModelsOpt = None,
-    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 64,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 is greedy).")] = 0.0,
-    json_: JsonOpt = False,
+    match: Annotated[Optional[str], typer.Option("--match", help="Answer type (choice, numeric, exact): caps the answer's length and how votes are compared. Default: the prompt's cluster's type.", show_default=False)] = None,
+    explain: Annotated[bool, typer.Option("--explain", help="Write the trace to stderr: cluster, models tried, agreement, tokens, seconds, why it escalated.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Use the router even if the model files differ from the ones it was fitted with.")] = False,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate (with --model).")] = 64,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature, 0 is greedy (with --model).")] = 0.0,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON on stdout for scripts: the whole trace when routed.")] = False,
 ) -> None:
-    """Answer one prompt.
+    """Answer one prompt: route it to its cluster's model and escalate while the answer is unsure.
+
+    The answer goes to stdout. Without --model the prompt goes through a router file: it
+    starts on its cluster's model, and whenever the sampled answers agree less than the
+    router's threshold it moves up the ladder.
 
     Examples:
 
-      cre ask "What is the capital of France?" --model qwen2.5-coder-1.5b-instruct
+      cre ask "What is 7 plus 5?" --router router.cre --explain
 
-      echo "What is 12 plus 30?" | cre ask - --model gemma-3-270m --json
+      echo "What is 12 plus 30?" | cre ask - --json | jq .steps
+
+      cre ask "What is the capital of France?" --model qwen2.5-coder-1.5b-instruct
     """
     from crecli import render
-    from crecli.models.backend import GenParams
-    from crecli.models.registry import backend_for
 
     text = _read_prompt(prompt)
-    settings = _settings(models)
-    if model is None:
-        raise CreError("no --model given; routing through a router file arrives with `cre fit`")
-    backend = backend_for(settings.get(model))
+    if model is not None:
+        if router is not None:
+            raise CreError("use either --model (one model, no routing) or --router, not both")
+        from crecli.models.backend import GenParams
+        from crecli.models.registry import backend_for
+
+        backend = backend_for(_settings(models).get(model))
+        try:
+            gen = backend.generate(text, GenParams(max_tokens=max_tokens, temperature=temperature))
+        finally:
+            backend.close()
+        render.answer(model, gen, json_)
+        return
+    from crecli.escalate import Cascade
+
+    with Cascade.from_file(_router_path(router), models, force=force) as cascade:
+        trace = cascade.ask(text, match=match)
+    render.routed_answer(trace, as_json=json_, explain=explain)
+
+
+@app.command()
+def batch(
+    file: Annotated[Optional[Path], typer.Argument(help="Prompts, one per line: JSONL objects or plain text (default: stdin).", show_default=False)] = None,
+    router: Annotated[Optional[Path], typer.Option("--router", "-r", help="Router file from `cre fit` (default: the one set by `cre fit --set-default`).", show_default=False)] = None,
+    models: ModelsOpt = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="An earlier output file: skip the ids it already answered.", show_default=False)] = None,
+    memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Keep models loaded within this much memory, e.g. 4GB (default: no limit).", show_default=False)] = None,
+    json_summary: Annotated[bool, typer.Option("--json-summary", help="Write the summary as JSON (on stderr; stdout carries the results).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Use the router even if the model files differ from the ones it was fitted with.")] = False,
+) -> None:
+    """Answer many prompts: one JSONL result per input line, in input order, on stdout.
+
+    A JSONL line holds "prompt" and optionally "id", "reference" and "match" (then the
+    result says whether the answer is correct). A bad line gets {"line", "id", "error"}
+    in its place, so N lines in give N lines out. Prompts are grouped by model behind the
+    scenes so each model stays loaded; a summary (accuracy, cost against always using the
+    strongest model, escalation rate) goes to stderr at the end.
+
+    To finish an interrupted batch, append the remaining answers to the same file:
+
+      cre batch --resume out.jsonl < in.jsonl >> out.jsonl
+
+    Lines already answered in out.jsonl are skipped; lines that got an error are tried again.
+
+    Examples:
+
+      cre batch prompts.jsonl --router router.cre > answers.jsonl
+
+      cat questions.txt | cre batch --memory-budget 2GB > answers.jsonl
+
+    Exit codes: 0 every line answered; 1 error (nothing or only part was written; the
+    message says what to do); 2 bad usage; 3 finished, but some lines got error records.
+    """
+    from crecli import render
+    from crecli.batch import parse_size, read_done_ids, run_batch
+    from crecli.escalate import Cascade
+
+    done = read_done_ids(resume) if resume is not None else set()
+    budget = parse_size(memory_budget) if memory_budget is not None else None
+    with Cascade.from_file(_router_path(router), models, force=force, memory_budget_bytes=budget) as cascade:
+        if file is None:
+            summary = run_batch(sys.stdin.buffer, sys.stdout, cascade, done, source="<stdin>")
+        else:
+            try:
+                fh = file.open("rb")
+            except OSError as exc:
+                raise CreError(f"{file}: cannot read it ({exc.strerror})") from None
+            with fh:
+                summary = run_batch(fh, sys.stdout, cascade, done, source=str(file))
+    render.batch_summary(summary, as_json=json_summary)
+    if summary.errors:
+        raise typer.Exit(3)
+
+
+def _router_path(router: Path | None) -> Path:
+    """--router, else the user's default router from settings.toml."""
+    if router is not None:
+        return router
+    from crecli import paths
+    from crecli.errors import ConfigError
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    settings_file = paths.settings_file()
     try:
-        gen = backend.generate(text, GenParams(max_tokens=max_tokens, temperature=temperature))
-    finally:
-        backend.close()
-    render.answer(model, gen, json_)
+        value = tomllib.loads(settings_file.read_text()).get("default_router")
+    except FileNotFoundError:
+        value = None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{settings_file}: cannot read the default router ({exc}); fix or delete the file") from None
+    if not value:
+        raise CreError(
+            "no router given and no default router set: pass --router FILE, or fit one with "
+            "`cre fit LOG -o router.cre --set-default`"
+        )
+    return Path(str(value)).expanduser()
 
 
 def _read_prompt(prompt: str) -> str:

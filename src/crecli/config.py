@@ -10,7 +10,7 @@ The last file that sets `ladder` decides the ladder.
 from __future__ import annotations
 
 import os
-import sys
+import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -18,11 +18,6 @@ from typing import Any
 
 from crecli import paths
 from crecli.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 SCHEMA = 1
 PROMPT_FORMATS = ("completion", "chatml", "chat")

@@ -120,3 +120,386 @@ def answer(model: str, gen: "Generation", as_json: bool) -> None:
             f"[dim]{model}: {gen.prompt_tokens}+{gen.output_tokens} tokens, {gen.seconds:.2f} s[/dim]",
             highlight=False,
         )
+
+
+if TYPE_CHECKING:
+    from crecli.batch import BatchSummary
+    from crecli.escalate import Trace
+
+
+def _clip(text: str, width: int = 24) -> str:
+    text = " ".join(text.split())
+    return repr(text if len(text) <= width else text[: width - 1] + "…")
+
+
+def explain_trace(trace: "Trace") -> None:
+    """The cascade's trace, readable, on stderr."""
+    from rich.markup import escape
+
+    e = err()
+    where = f"cluster {trace.cluster}" if trace.cluster >= 0 else "no cluster (fallback)"
+    e.print(f"[bold]route[/bold]  {where}, distance {trace.distance:.3f}, {trace.route_seconds * 1000:.1f} ms: "
+            f"{escape(trace.route_reason)}", highlight=False)
+    e.print(f"       answer type {trace.answer_type or 'unknown (generic normaliser)'}", highlight=False)
+    for n, step in enumerate(trace.steps, start=1):
+        verdict = "[green]accepted[/green]" if step.accepted else "[yellow]not sure[/yellow]"
+        e.print(
+            f"[bold]step {n}[/bold] {escape(step.model)}: {verdict}, {escape(step.why)}; "
+            f"{step.prompt_tokens}+{step.output_tokens} tokens, {step.seconds:.2f} s",
+            highlight=False,
+        )
+        e.print("       votes: " + escape(", ".join(_clip(v) for v in step.normalized)), highlight=False)
+    share = trace.route_seconds / trace.seconds if trace.seconds > 0 else 0.0
+    e.print(
+        f"[bold]answer[/bold] from {escape(trace.model)} after {trace.escalations} escalation(s): "
+        f"{trace.prompt_tokens}+{trace.output_tokens} tokens, {trace.seconds:.2f} s "
+        f"(routing {share:.1%})"
+        + ("" if trace.correct is None else f", {'correct' if trace.correct else 'wrong'}"),
+        highlight=False,
+    )
+
+
+def routed_answer(trace: "Trace", as_json: bool, explain: bool) -> None:
+    if explain:
+        explain_trace(trace)
+    if as_json:
+        print_json(trace.to_dict())
+        return
+    out().print(trace.answer, markup=False, highlight=False)
+    if not explain:
+        err().print(
+            f"[dim]{trace.model} ({trace.escalations} escalation(s), agreement {trace.agreement:.2f}): "
+            f"{trace.prompt_tokens}+{trace.output_tokens} tokens, {trace.seconds:.2f} s[/dim]",
+            highlight=False,
+        )
+
+
+def batch_summary(summary: "BatchSummary", as_json: bool) -> None:
+    """The end-of-batch summary, on stderr (stdout carries the results)."""
+    import json
+
+    if as_json:
+        e = err()
+        e.file.write(json.dumps(summary.to_dict(), ensure_ascii=False) + "\n")
+        e.file.flush()
+        return
+    lines = [
+        f"{summary.lines} lines: {summary.answered} answered, {summary.errors} errors"
+        + (f", {summary.skipped} skipped (already in --resume file)" if summary.skipped else ""),
+    ]
+    if summary.accuracy is not None:
+        lines.append(f"accuracy {summary.accuracy:.1%} ({summary.correct}/{summary.graded} lines with a reference)")
+    if summary.escalation_rate is not None:
+        mix = ", ".join(f"{name} {count}" for name, count in summary.models.items())
+        lines.append(f"escalated {summary.escalation_rate:.1%} of answers; answered by: {mix}")
+    lines.append(
+        f"cost {summary.seconds:.1f} model-seconds (+{summary.route_seconds:.2f} s routing)"
+    )
+    if summary.cost_ratio is not None:
+        unit = "model-seconds" if summary.unit == "seconds" else "price units"
+        lines.append(
+            f"vs always {summary.strongest_model}: {summary.cascade_cost:.3g} against an estimated "
+            f"{summary.strongest_cost:.3g} {unit} ({summary.cost_ratio:.0%}) on {summary.estimated} answers; "
+            "the estimate is the router's recorded mean cost of one greedy answer per cluster"
+        )
+    for line in lines:
+        status(line)
+
+
+def fit_report(report: Any, as_json: bool) -> None:
+    """Summary of `cre fit`: data on stdout as JSON, or a short human summary on stderr."""
+    from dataclasses import asdict
+
+    data = asdict(report)
+    data["router_path"] = str(report.router_path)
+    if as_json:
+        print_json(data)
+        return
+    total = sum(report.seconds.values())
+    status(
+        f"Wrote {report.router_path}: {report.n_clusters} clusters from {report.n_records} queries "
+        f"({report.n_labelled} labelled, {report.n_unclustered} unclustered"
+        + (f", {report.n_bad} bad lines skipped" if report.n_bad else "")
+        + ")."
+    )
+    status(
+        f"Outcomes: {report.outcomes_run} model runs now, {report.outcomes_reused} reused from the store; "
+        f"{report.model_seconds:.0f} model-seconds recorded in all."
+    )
+    status("Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items()) + f" (total {total:.1f} s)")
+    if report.truth:
+        status(f"Clusters against the truth field: NMI {report.truth['nmi']:.3f}, ARI {report.truth['ari']:.3f}")
+    status(f"Inspect it with `cre inspect {report.router_path}`.")
+
+
+def router_dict(router: Any) -> dict[str, Any]:
+    return {
+        "schema_version": router.schema_version,
+        "ladder": router.ladder,
+        "embedder": {"kind": router.embedder.kind, "identity": router.embedder.identity},
+        "fallback_model": router.fallback_model,
+        "budget": router.budget,
+        "quality": router.quality.to_dict(),
+        "thresholds": router.thresholds,
+        "fit": router.fit,
+        "clusters": [
+            {
+                "id": c.id,
+                "size": c.size,
+                "model": c.model,
+                "answer_type": c.answer_type,
+                "examples": c.examples,
+                "stats": c.stats,
+                "thresholds": c.thresholds,
+            }
+            for c in router.clusters
+        ],
+    }
+
+
+def inspect_router(router: Any, as_json: bool) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    if as_json:
+        print_json(router_dict(router))
+        return
+    ladder = [m["name"] for m in router.ladder]
+    unit = router.fit.get("cost_unit", "seconds")
+    cost_label = "s" if unit == "seconds" else "$"
+    fit = router.fit
+    out().print(
+        f"Router schema {router.schema_version}: {len(router.clusters)} clusters from {fit.get('n_queries')} queries "
+        f"({fit.get('log')}, fitted {fit.get('date')}); budget {router.budget['kind']} {router.budget['value']}; "
+        f"fallback {router.fallback_model}; quality check k={router.quality.k}, T={router.quality.temperature}; "
+        "thresholds " + ", ".join(f"{m} {t:.2f}" for m, t in router.thresholds.items()),
+        highlight=False,
+        markup=False,
+    )
+    table = Table(show_lines=True)
+    table.add_column("cluster", justify="right")
+    table.add_column("size", justify="right")
+    table.add_column("examples", ratio=3)
+    for name in ladder:
+        table.add_column(f"{name}\nacc (n) / cost {cost_label}", justify="right")
+    table.add_column("chosen")
+    for c in router.clusters:
+        cells = []
+        for name in ladder:
+            st = c.stats.get(name)
+            if not st or not st.get("n"):
+                cells.append("-")
+                continue
+            mark = "*" if name == c.model else ""
+            cells.append(
+                f"{mark}{st['accuracy']:.2f} ({int(st['n'])})\n{st['mean_cost']:.2f}"
+            )
+        examples = "\n".join("- " + e.replace("\n", " ")[:90] for e in c.examples)
+        table.add_row(str(c.id), str(c.size), Text(examples), *cells, c.model)  # prompts may hold [brackets]
+    out().print(table)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def calibration(cal: Any, path: Any, as_json: bool) -> None:
+    from rich.table import Table
+
+    ref = cal.reference
+    if as_json:
+        data = {
+            "router": str(path),
+            "budget": cal.budget.to_dict(),
+            "budget_met": cal.budget_met,
+            "setting": cal.setting.label(),
+            "thresholds": cal.thresholds,
+            "cluster_models": {str(k): v for k, v in cal.choice.models.items()},
+            "held_out": cal.held_out,
+            "in_sample": cal.in_sample,
+            "reference": ref,
+            "frontier": cal.frontier,
+            "n": cal.n,
+            "folds": cal.folds,
+            "seconds": cal.seconds,
+        }
+        print_json(data)
+        return
+    table = Table(title="Accuracy-cost frontier (in-sample, all settings tried; * = chosen)", title_justify="left")
+    for col in ("", "setting", "accuracy", "vs strongest", "cost/query", "vs strongest", "escalated"):
+        table.add_column(col, justify="left" if col in ("", "setting") else "right")
+    for p in cal.frontier:
+        table.add_row(
+            "*" if p["chosen"] else "",
+            p["setting"],
+            f"{p['accuracy']:.3f}",
+            _pct(p["accuracy"] / ref["accuracy"]) if ref["accuracy"] else "-",
+            f"{p['mean_cost']:.3f}",
+            _pct(p["mean_cost"] / ref["mean_cost"]) if ref["mean_cost"] else "-",
+            _pct(p["escalation_rate"]),
+        )
+    out().print(table)
+    held = cal.held_out
+    out().print(
+        f"Chosen for {cal.budget.kind} {cal.budget.value}: {cal.setting.label()}"
+        + ("" if cal.budget_met else " (budget NOT met in-sample; closest setting chosen)"),
+        highlight=False,
+    )
+    out().print(
+        f"Held out ({cal.folds}-fold cross-validation, {cal.n} queries): accuracy {held['accuracy']:.3f} "
+        f"= {_pct(held['accuracy'] / ref['accuracy']) if ref['accuracy'] else '-'} of the strongest model's "
+        f"{ref['accuracy']:.3f}, at {_pct(held['mean_cost'] / ref['mean_cost']) if ref['mean_cost'] else '-'} of its cost; "
+        f"{_pct(held['escalation_rate'])} escalated.",
+        highlight=False,
+    )
+    status(f"Wrote {path} ({cal.seconds:.1f} s).")
+
+
+def eval_report(report: Any, as_json: bool) -> None:
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    if as_json:
+        data = asdict(report)
+        print_json(data)
+        return
+    ref = report.reference
+    table = Table(title=f"cre eval: {report.n} labelled queries (cost in {report.unit} per query)", title_justify="left")
+    for col in ("system", "accuracy", "vs strongest", "cost/query", "vs strongest", "escalated", "note"):
+        table.add_column(col, justify="left" if col in ("system", "note") else "right")
+    for p in report.points:
+        table.add_row(
+            p.name,
+            f"{p.accuracy:.3f}",
+            _pct(p.accuracy / ref["accuracy"]) if ref["accuracy"] else "-",
+            f"{p.mean_cost:.3f}",
+            _pct(p.mean_cost / ref["mean_cost"]) if ref["mean_cost"] else "-",
+            _pct(p.escalation_rate) if p.escalation_rate is not None else "",
+            p.note,
+        )
+    out().print(table)
+    out().print(
+        f"Cascade keeps {_pct(report.retained)} of the strongest model's accuracy at {_pct(report.cost_share)} "
+        f"of its cost; the oracle is {100 * report.oracle_gap:.1f} points higher. "
+        f"{report.tokens['output_tokens']:.0f} output tokens, "
+        f"{report.tokens['seconds_per_output_token'] * 1000:.0f} ms of model time per output token.",
+        highlight=False,
+    )
+    clusters = Table(title="Per cluster", title_justify="left")
+    for col in ("cluster", "n", "starts on", "accuracy", "cost/query", "escalated", "answered by"):
+        clusters.add_column(col, justify="left" if col in ("starts on", "answered by") else "right")
+    for c in report.per_cluster:
+        clusters.add_row(
+            str(c["cluster"]) if c["cluster"] >= 0 else "unclustered",
+            str(c["n"]),
+            c["start_model"],
+            f"{c['accuracy']:.2f}",
+            f"{c['mean_cost']:.2f}",
+            _pct(c["escalation_rate"]),
+            ", ".join(f"{m} {n}" for m, n in c["answered_by"].items() if n),
+        )
+    out().print(clusters)
+    out().print(_ascii_scatter(report.points, ref))
+    if report.live:
+        live = report.live
+        out().print(
+            f"Live cascade on {live['n']} queries: accuracy {live['accuracy']:.3f}, "
+            f"{live['model_seconds']:.1f} model-seconds, {live['wall_seconds']:.1f} s wall.",
+            highlight=False,
+        )
+
+
+def _ascii_scatter(points: list[Any], ref: dict[str, float], width: int = 60, height: int = 14) -> str:
+    """A compact accuracy-against-cost view for the terminal; letters key the systems."""
+    xs = [p.mean_cost for p in points]
+    ys = [p.accuracy for p in points]
+    x0, x1 = 0.0, max(xs) * 1.05 or 1.0
+    y0, y1 = max(0.0, min(ys) - 0.05), min(1.0, max(ys) + 0.05)
+    grid = [[" "] * width for _ in range(height)]
+    keys = []
+    for i, p in enumerate(points):
+        ch = chr(ord("A") + i)
+        col = int((p.mean_cost - x0) / (x1 - x0) * (width - 1))
+        row = height - 1 - int((p.accuracy - y0) / ((y1 - y0) or 1) * (height - 1))
+        grid[row][col] = ch
+        keys.append(f"{ch} {p.name}")
+    lines = [f"accuracy {y1:.2f}"] + ["  |" + "".join(r) for r in grid] + [
+        "  +" + "-" * width,
+        f"   {x0:.2f}{' ' * (width - 12)}{x1:.2f}  cost/query",
+    ]
+    return "\n".join(lines + ["   " + "; ".join(keys)])
+
+
+def plot(report: Any, path: Any) -> None:
+    """Accuracy against cost for the cascade and every baseline: SVG by hand, PNG via matplotlib."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.suffix.lower() == ".png":
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            from crecli.errors import CreError
+
+            raise CreError("PNG plots need matplotlib (`pip install matplotlib`); or write .svg, which needs nothing") from None
+        fig, ax = plt.subplots(figsize=(7, 5))
+        for p in report.points:
+            ax.scatter([p.mean_cost], [p.accuracy], s=60 if p.name.startswith("cascade (") else 30)
+            ax.annotate(p.name, (p.mean_cost, p.accuracy), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.set_xlabel(f"mean cost per query ({report.unit})")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"cre eval: {report.n} queries")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    elif path.suffix.lower() == ".svg":
+        path.write_text(_svg(report))
+    else:
+        from crecli.errors import CreError
+
+        raise CreError(f"{path}: plots are .svg or .png")
+    status(f"Wrote {path}")
+
+
+def _svg(report: Any, w: int = 720, h: int = 480, pad: int = 60) -> str:
+    from html import escape
+
+    xs = [p.mean_cost for p in report.points]
+    ys = [p.accuracy for p in report.points]
+    x1 = max(xs) * 1.1 or 1.0
+    y0, y1 = max(0.0, min(ys) - 0.05), min(1.0, max(ys) + 0.05)
+
+    def sx(x: float) -> float:
+        return pad + x / x1 * (w - 2 * pad)
+
+    def sy(y: float) -> float:
+        return h - pad - (y - y0) / ((y1 - y0) or 1) * (h - 2 * pad)
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
+        f'<rect width="{w}" height="{h}" fill="white"/>',
+        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
+        f'<text x="{w / 2}" y="{h - 15}" text-anchor="middle">mean cost per query ({escape(report.unit)})</text>',
+        f'<text x="15" y="{h / 2}" transform="rotate(-90 15 {h / 2})" text-anchor="middle">accuracy</text>',
+        f'<text x="{w / 2}" y="25" text-anchor="middle" font-size="14">cre eval: {report.n} queries</text>',
+    ]
+    for i in range(5):
+        yv = y0 + (y1 - y0) * i / 4
+        xv = x1 * i / 4
+        parts.append(f'<text x="{pad - 5}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.2f}</text>')
+        parts.append(f'<text x="{sx(xv):.1f}" y="{h - pad + 15}" text-anchor="middle">{xv:.2f}</text>')
+    for p in report.points:
+        main = p.name.startswith("cascade (")
+        parts.append(
+            f'<circle cx="{sx(p.mean_cost):.1f}" cy="{sy(p.accuracy):.1f}" r="{6 if main else 4}" '
+            f'fill="{"crimson" if main else "steelblue"}"/>'
+        )
+        parts.append(f'<text x="{sx(p.mean_cost) + 7:.1f}" y="{sy(p.accuracy) - 5:.1f}">{escape(p.name)}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,362 @@
+"""Clustering the query log (UMAP + HDBSCAN) and assigning new prompts to its clusters.
+
+Two estimators:
+
+- `QueryClusterer` finds the log's clusters: UMAP (`crecli.reduce.Reducer`) to a few
+  dimensions, then HDBSCAN, then the noise handling described in its docstring.
+- `Assigner` puts a new prompt into one of those clusters at route time, in embedding
+  space (k nearest exemplars, or nearest centroid), so routing needs no UMAP and nothing in
+  the router file but plain arrays. `agreement()` measures, leave-one-out, how often it
+  reproduces HDBSCAN's own labels on the training prompts.
+
+All vectors are expected L2-normalised (`crecli.embed` returns them so); both estimators
+normalise again defensively, so cosine distance is `1 - dot`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Iterator
+
+from crecli.embed import normalize_rows
+from crecli.errors import CreError, RouterFileError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+ASSIGN_METHODS = ("knn", "centroid")
+# The auto far-threshold is this quantile of the training members' leave-one-out distances
+# (see Assigner). 0.99 rather than the max so that one stray member does not widen it.
+THRESHOLD_QUANTILE = 0.99
+MIN_ROWS = 10
+_CHUNK = 1024  # query rows per similarity block: bounds memory at _CHUNK x n_exemplars floats
+
+
+def default_min_cluster_size(n: int) -> int:
+    """HDBSCAN's smallest cluster for n prompts: sqrt(n) / 2, at least 5 (11 at n = 480).
+
+    A cluster's model is chosen from its members' correctness labels, so it needs enough
+    members for an accuracy to mean something. Too large a value merges distinct tasks
+    (ARI fell from 0.91 to 0.60 at n = 240 going from 8 to 15); too small only splits a task
+    into sub-clusters, which costs little. sqrt(n) / 2 stayed on the safe side of that
+    cliff on 160-, 240- and 480-row samples of the real log (bench/embedders.py --grid).
+    """
+    return max(5, round(math.sqrt(n) / 2))
+
+
+def default_min_samples(min_cluster_size: int) -> int:
+    """HDBSCAN's density smoothing: a third of min_cluster_size, at least 2 (4 at n = 480).
+
+    It barely matters on the real log: with the default embedder and min_cluster_size 11,
+    min_samples 1, 2, 4, 10 gave ARI 0.925, 0.901, 0.918, 0.918 (bench/embedders.py --grid).
+    It grows with the log so that density estimates on large logs are not driven by one
+    neighbour.
+    """
+    return max(2, round(min_cluster_size / 3))
+
+
+def _as_matrix(X: Any, what: str) -> "np.ndarray":
+    import numpy as np
+
+    X = np.asarray(X, dtype=np.float32)
+    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
+        raise CreError(f"{what}: expected a non-empty 2-D array of embeddings, got shape {X.shape}")
+    if not np.isfinite(X).all():
+        raise CreError(f"{what}: embeddings contain NaN or infinite values; re-embed the prompts")
+    return normalize_rows(X)
+
+
+def _chunks(n: int) -> Iterator[slice]:
+    for start in range(0, n, _CHUNK):
+        yield slice(start, min(n, start + _CHUNK))
+
+
+class Assigner:
+    """Route-time cluster assignment in embedding space.
+
+    `method="knn"`: majority vote of the `k` nearest exemplars (the training prompts HDBSCAN
+    put in a cluster), ties going to the cluster whose voters are nearer. `method="centroid"`:
+    the nearest cluster centroid. Noise rows (label -1) are never exemplars.
+
+    A prompt whose distance (cosine, to the nearest exemplar for knn or nearest centroid
+    for centroid) exceeds `threshold_` is "far from every cluster" and gets -1. The auto
+    threshold is the 0.99 quantile of the training members' leave-one-out distances: a
+    query farther than that from everything known would be an outlier even among the
+    clusters' own members, so no cluster's statistics describe it. `max_distance` fixes it
+    instead.
+
+    Learned: `exemplars_` (float32), `exemplar_labels_`, `classes_`, `centroids_` (one per
+    class, normalised, in `classes_` order), `threshold_`, `k_` (k capped by the exemplar count).
+    """
+
+    def __init__(self, method: str = "knn", k: int = 5, max_distance: float | None = None) -> None:
+        self.method = method
+        self.k = k
+        self.max_distance = max_distance
+
+    def _check_params(self) -> None:
+        if self.method not in ASSIGN_METHODS:
+            raise CreError(f"assign method {self.method!r} is not known; use one of {', '.join(ASSIGN_METHODS)}")
+        if not isinstance(self.k, int) or self.k < 1:
+            raise CreError(f"assigner k must be a positive integer, not {self.k!r}")
+        if self.max_distance is not None and not 0 <= self.max_distance <= 2:
+            raise CreError(f"max_distance is a cosine distance in [0, 2], not {self.max_distance!r}")
+
+    def fit(self, X: "np.ndarray", labels: "np.ndarray") -> "Assigner":
+        import numpy as np
+
+        self._check_params()
+        X = _as_matrix(X, "Assigner.fit")
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.shape != (X.shape[0],):
+            raise CreError(f"Assigner.fit: {len(labels)} labels for {X.shape[0]} rows")
+        keep = labels >= 0
+        if not keep.any():
+            raise CreError("Assigner.fit: every row is noise (-1); there is no cluster to assign to")
+        self.exemplars_ = X[keep]
+        self.exemplar_labels_ = labels[keep]
+        self.classes_ = np.unique(self.exemplar_labels_)
+        self.centroids_ = self._centroids(self.exemplars_, self.exemplar_labels_, self.classes_)
+        self.k_ = min(self.k, len(self.exemplars_))
+        if self.max_distance is not None:
+            self.threshold_ = float(self.max_distance)
+        else:
+            _, dist = _leave_one_out(self, self.exemplars_, self.exemplar_labels_)
+            self.threshold_ = float(np.quantile(dist, THRESHOLD_QUANTILE))
+        return self
+
+    @staticmethod
+    def _centroids(X: "np.ndarray", labels: "np.ndarray", classes: "np.ndarray") -> "np.ndarray":
+        import numpy as np
+
+        sums = np.zeros((len(classes), X.shape[1]), dtype=np.float64)
+        np.add.at(sums, np.searchsorted(classes, labels), X)
+        return normalize_rows(sums)
+
+    def _require_fitted(self) -> None:
+        if not hasattr(self, "exemplars_"):
+            raise CreError("the assigner is not fitted: call fit() with embeddings and cluster labels first")
+
+    def _vote(self, sims: "np.ndarray", ex_labels: "np.ndarray", k: int) -> tuple["np.ndarray", "np.ndarray"]:
+        """knn labels and nearest distances from a (queries, exemplars) similarity block."""
+        import numpy as np
+
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
+        top = np.take_along_axis(top, order, axis=1)
+        cls = np.searchsorted(self.classes_, ex_labels[top])
+        # One vote each, minus a hair per rank, so a tie in votes goes to the nearer voters.
+        weights = 1.0 - 1e-6 * np.arange(k)
+        scores = np.zeros((sims.shape[0], len(self.classes_)))
+        np.add.at(scores, (np.arange(sims.shape[0])[:, None], cls), weights)
+        nearest = 1.0 - sims[np.arange(sims.shape[0]), top[:, 0]]
+        return self.classes_[scores.argmax(axis=1)], nearest
+
+    def predict(self, X: "np.ndarray") -> tuple["np.ndarray", "np.ndarray"]:
+        """(labels, distances): -1 where the distance exceeds `threshold_`."""
+        import numpy as np
+
+        self._require_fitted()
+        X = _as_matrix(X, "Assigner.predict")
+        if X.shape[1] != self.exemplars_.shape[1]:
+            raise CreError(
+                f"Assigner.predict: embeddings have {X.shape[1]} dimensions, the clusters {self.exemplars_.shape[1]}; "
+                "embed with the router's own embedder"
+            )
+        labels = np.empty(X.shape[0], dtype=np.int64)
+        dist = np.empty(X.shape[0], dtype=np.float64)
+        for rows in _chunks(X.shape[0]):
+            if self.method == "knn":
+                labels[rows], dist[rows] = self._vote(X[rows] @ self.exemplars_.T, self.exemplar_labels_, self.k_)
+            else:
+                sims = X[rows] @ self.centroids_.T
+                best = sims.argmax(axis=1)
+                labels[rows], dist[rows] = self.classes_[best], 1.0 - sims[np.arange(len(best)), best]
+        labels[dist > self.threshold_] = -1
+        return labels, dist
+
+    def state(self) -> tuple[dict[str, Any], dict[str, "np.ndarray"]]:
+        self._require_fitted()
+        params = {"method": self.method, "k": self.k, "max_distance": self.max_distance,
+                  "k_": self.k_, "threshold_": self.threshold_}
+        arrays = {"exemplars": self.exemplars_, "exemplar_labels": self.exemplar_labels_,
+                  "classes": self.classes_, "centroids": self.centroids_}
+        return params, arrays
+
+    @classmethod
+    def from_state(cls, params: dict[str, Any], arrays: dict[str, "np.ndarray"]) -> "Assigner":
+        import numpy as np
+
+        try:
+            assigner = cls(method=str(params["method"]), k=int(params["k"]),
+                           max_distance=None if params["max_distance"] is None else float(params["max_distance"]))
+            assigner.k_ = int(params["k_"])
+            assigner.threshold_ = float(params["threshold_"])
+            assigner.exemplars_ = np.asarray(arrays["exemplars"], dtype=np.float32)
+            assigner.exemplar_labels_ = np.asarray(arrays["exemplar_labels"], dtype=np.int64)
+            assigner.classes_ = np.asarray(arrays["classes"], dtype=np.int64)
+            assigner.centroids_ = np.asarray(arrays["centroids"], dtype=np.float32)
+        except KeyError as exc:
+            raise RouterFileError(f"assigner state lacks {exc.args[0]!r}; the router file is incomplete, refit it") from None
+        except (TypeError, ValueError) as exc:
+            raise RouterFileError(f"assigner state is unreadable ({exc}); the router file is damaged, refit it") from None
+        ex, lab, cls_, cen = (assigner.exemplars_, assigner.exemplar_labels_, assigner.classes_, assigner.centroids_)
+        consistent = (
+            ex.ndim == 2 and len(ex) > 0 and lab.shape == (len(ex),)
+            and np.array_equal(np.unique(lab), cls_) and cen.shape == (len(cls_), ex.shape[1])
+            and 1 <= assigner.k_ <= len(ex)
+        )
+        if not consistent:
+            raise RouterFileError(
+                f"assigner state is inconsistent (exemplars {ex.shape}, labels {lab.shape}, "
+                f"classes {cls_.shape}, centroids {cen.shape}); the router file is damaged, refit it"
+            )
+        try:
+            assigner._check_params()
+        except CreError as exc:
+            raise RouterFileError(f"assigner state: {exc}") from None
+        return assigner
+
+
+def _leave_one_out(assigner: Assigner, X: "np.ndarray", labels: "np.ndarray") -> tuple["np.ndarray", "np.ndarray"]:
+    """Each labelled row's prediction (before the far threshold) with itself left out.
+
+    X, labels: non-noise rows only. For knn a row is masked from its own neighbours; for
+    centroid it is subtracted from its own cluster's centroid.
+    """
+    import numpy as np
+
+    n = X.shape[0]
+    pred = np.empty(n, dtype=np.int64)
+    dist = np.empty(n, dtype=np.float64)
+    if assigner.method == "knn":
+        if n < 2:
+            raise CreError("leave-one-out assignment needs at least 2 clustered rows")
+        for rows in _chunks(n):
+            sims = X[rows] @ X.T
+            sims[np.arange(rows.stop - rows.start), np.arange(rows.start, rows.stop)] = -np.inf
+            # At most n - 1 voters, so a row's own (masked) entry never gets a vote.
+            pred[rows], dist[rows] = assigner._vote(sims, labels, min(assigner.k_, n - 1))
+        return pred, dist
+    classes = assigner.classes_
+    sums = np.zeros((len(classes), X.shape[1]), dtype=np.float64)
+    idx = np.searchsorted(classes, labels)
+    np.add.at(sums, idx, X)
+    unit = normalize_rows(sums)
+    for rows in _chunks(n):
+        sims = X[rows] @ unit.T
+        own = normalize_rows(sums[idx[rows]] - X[rows])
+        sims[np.arange(rows.stop - rows.start), idx[rows]] = np.einsum("ij,ij->i", X[rows], own)
+        best = sims.argmax(axis=1)
+        pred[rows], dist[rows] = classes[best], 1.0 - sims[np.arange(len(best)), best]
+    return pred, dist
+
+
+def agreement(assigner: Assigner, X: "np.ndarray", labels: "np.ndarray") -> float:
+    """Share of non-noise rows whose leave-one-out assignment equals their label.
+
+    Uses `assigner`'s method, k and fitted `threshold_` (a row judged far counts as a miss),
+    with the rows of (X, labels) as exemplars: a row never votes for itself, so this is
+    what route time would do for a new prompt like it.
+    """
+    import numpy as np
+
+    assigner._require_fitted()
+    X = _as_matrix(X, "agreement")
+    labels = np.asarray(labels, dtype=np.int64)
+    keep = labels >= 0
+    if not keep.any():
+        raise CreError("agreement: every row is noise (-1); there is nothing to compare")
+    pred, dist = _leave_one_out(assigner, X[keep], labels[keep])
+    pred[dist > assigner.threshold_] = -1
+    return float((pred == labels[keep]).mean())
+
+
+class QueryClusterer:
+    """UMAP + HDBSCAN on the log's embeddings, with noise handling and an Assigner.
+
+    Defaults scale with the number of rows fitted, n: `n_neighbors` ->
+    `reduce.default_n_neighbors(n)` (~0.7 sqrt(n) in [5, 30]), `min_cluster_size` ->
+    `default_min_cluster_size(n)` (sqrt(n) / 2, at least 5), `min_samples` ->
+    `default_min_samples(min_cluster_size)` (a third, at least 2).
+
+    Large logs: when n > `max_fit_rows`, UMAP and HDBSCAN see a random sample of
+    `max_fit_rows` rows (seeded by `seed`); the other rows are assigned like new prompts.
+
+    Noise handling: HDBSCAN leaves points in sparse regions unlabelled (-1). Each such point
+    gets the label the `Assigner` (k nearest exemplars in embedding space) gives it, if it is
+    within the assigner's distance threshold; otherwise it stays -1, "unclustered", and the
+    router sends such prompts (and new prompts far from every cluster) to the router
+    file's fallback model. If HDBSCAN finds no cluster at all, the log has no structure to
+    route on: every row becomes cluster 0, so calibration picks one model for everything.
+    (UMAP ties every point to its nearest neighbours, so a handful of stray prompts often
+    joins a cluster instead of staying noise; new strays are still judged by distance.)
+
+    Learned: `fit_index_` (rows used to fit, sorted), `raw_labels_` (HDBSCAN's labels of
+    X[fit_index_], -1 = noise), `labels_` (one per row of X, after noise handling and
+    assignment of unsampled rows), `n_clusters_`, `assigner_`, `reducer_`, and the resolved
+    `n_neighbors_`, `min_cluster_size_`, `min_samples_`.
+    """
+
+    def __init__(self, n_components: int = 8, n_neighbors: int | None = None, min_cluster_size: int | None = None,
+                 min_samples: int | None = None, seed: int | None = 0, max_fit_rows: int = 20000) -> None:
+        self.n_components = n_components
+        self.n_neighbors = n_neighbors
+        self.min_cluster_size = min_cluster_size
+        self.min_samples = min_samples
+        self.seed = seed
+        self.max_fit_rows = max_fit_rows
+
+    def fit(self, X: "np.ndarray") -> "QueryClusterer":
+        import numpy as np
+
+        from crecli.reduce import Reducer
+
+        X = _as_matrix(X, "QueryClusterer.fit")
+        n = X.shape[0]
+        if n < MIN_ROWS:
+            raise CreError(f"clustering needs at least {MIN_ROWS} prompts, got {n}; add more queries to the log")
+        if self.max_fit_rows < MIN_ROWS:
+            raise CreError(f"max_fit_rows must be at least {MIN_ROWS}, not {self.max_fit_rows}")
+        if n > self.max_fit_rows:
+            rng = np.random.default_rng(self.seed)
+            self.fit_index_ = np.sort(rng.choice(n, size=self.max_fit_rows, replace=False))
+        else:
+            self.fit_index_ = np.arange(n)
+        X_fit = X[self.fit_index_]
+        m = len(self.fit_index_)
+
+        self.min_cluster_size_ = self.min_cluster_size or default_min_cluster_size(m)
+        self.min_samples_ = self.min_samples or default_min_samples(self.min_cluster_size_)
+        if not 2 <= self.min_cluster_size_ <= m:
+            raise CreError(f"min_cluster_size must be between 2 and the {m} rows fitted, not {self.min_cluster_size_}")
+
+        self.reducer_ = Reducer(n_components=self.n_components, n_neighbors=self.n_neighbors, seed=self.seed)
+        reduced = self.reducer_.fit_transform(X_fit)
+        self.n_neighbors_ = self.reducer_.n_neighbors_
+        self.raw_labels_ = self._hdbscan(reduced)
+
+        fit_labels = self.raw_labels_.copy()
+        if (fit_labels < 0).all():
+            fit_labels[:] = 0
+        self.n_clusters_ = int(len(np.unique(fit_labels[fit_labels >= 0])))
+        self.assigner_ = Assigner().fit(X_fit, fit_labels)
+
+        self.labels_ = np.full(n, -1, dtype=np.int64)
+        self.labels_[self.fit_index_] = fit_labels
+        # Noise rows and unsampled rows alike are assigned like new prompts: -1 if far.
+        noise_in_fit = np.zeros(n, dtype=bool)
+        noise_in_fit[self.fit_index_[fit_labels < 0]] = True
+        unsampled = np.ones(n, dtype=bool)
+        unsampled[self.fit_index_] = False
+        todo = np.flatnonzero(noise_in_fit | unsampled)
+        if len(todo):
+            self.labels_[todo], _ = self.assigner_.predict(X[todo])
+        return self
+
+    def _hdbscan(self, reduced: "np.ndarray") -> "np.ndarray":
+        import numpy as np
+        import hdbscan
+
+        model = hdbscan.HDBSCAN(min_cluster_size=self.min_cluster_size_, min_samples=self.min_samples_)
+        return np.asarray(model.fit_predict(reduced.astype(np.float64)), dtype=np.int64)

@@ -1,0 +1,189 @@
+"""`cre fit`: the whole offline pipeline, from a labelled query log to a router file.
+
+log -> embed -> reduce + cluster -> outcomes (run and grade every model) -> calibrate
+(each cluster's cheapest adequate model, quality-check thresholds) -> router file.
+
+Every expensive step is cached: embeddings by text hash, outcomes by (prompt, model sha256,
+settings) in a SQLite store that commits after every query. Interrupting a fit and running
+it again recomputes nothing that was done.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from crecli import paths
+from crecli.console import status
+from crecli.quality import QualitySettings
+
+if TYPE_CHECKING:
+    from crecli.calibrate import Budget
+    from crecli.config import Settings
+    from crecli.querylog import FieldMap
+
+
+@dataclass
+class FitOptions:
+    seed: int = 0
+    n_components: int = 8
+    n_neighbors: int | None = None
+    min_cluster_size: int | None = None
+    min_samples: int | None = None
+    max_fit_rows: int = 20000
+    sample_per_cluster: int | None = None
+    quality: QualitySettings = field(default_factory=QualitySettings)
+    fmt: str | None = None
+    fields: "FieldMap | None" = None
+    skip_bad: bool = False
+    store: Path | None = None
+    truth_field: str | None = None  # e.g. "meta.source": report NMI/ARI against it; never used to route
+
+
+@dataclass
+class FitReport:
+    router_path: Path
+    n_records: int
+    n_labelled: int
+    n_bad: int
+    n_clusters: int
+    n_unclustered: int
+    seconds: dict[str, float]
+    model_seconds: float  # recorded model time of every outcome used, including reused ones
+    outcomes_run: int
+    outcomes_reused: int
+    truth: dict[str, float] | None
+    clusters: list[dict[str, Any]]
+
+
+def _truth_labels(records: list[Any], dotted: str) -> list[str]:
+    out = []
+    for r in records:
+        value: Any = {"meta": r.meta, **r.meta}
+        for part in dotted.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        out.append(str(value))
+    return out
+
+
+def fit(log_path: Path, out_path: Path, settings: "Settings", budget: "Budget", options: FitOptions) -> FitReport:
+    from crecli import calibrate, cluster, embed, outcomes, querylog, routerfile
+
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    log = querylog.read_log(log_path, fmt=options.fmt, fields=options.fields or querylog.FieldMap(), skip_bad=options.skip_bad)
+    if log.bad:
+        status(f"Skipped {len(log.bad)} bad line(s), first: {log.bad[0].source}: {log.bad[0].reason}")
+    records = log.records
+    if len(records) < 10:
+        from crecli.errors import InputError
+
+        raise InputError(f"{log_path}: only {len(records)} usable queries; clustering needs at least 10")
+    prompts = [r.prompt for r in records]
+    seconds["read"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    status(f"Embedding {len(prompts)} prompts ({settings.embedder.get('kind', 'tfidf')})...")
+    embedder = embed.make_embedder(settings.embedder, settings, seed=options.seed).fit(prompts)
+    X = embed.embed_texts(embedder, prompts)
+    seconds["embed"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    status("Clustering (UMAP + HDBSCAN)...")
+    clusterer = cluster.QueryClusterer(
+        n_components=options.n_components,
+        n_neighbors=options.n_neighbors,
+        min_cluster_size=options.min_cluster_size,
+        min_samples=options.min_samples,
+        seed=options.seed,
+        max_fit_rows=options.max_fit_rows,
+    ).fit(X)
+    labels = [int(x) for x in clusterer.labels_]
+    seconds["cluster"] = time.perf_counter() - t0
+    n_clusters = int(clusterer.n_clusters_)
+    status(f"{n_clusters} clusters; {labels.count(-1)} of {len(labels)} queries unclustered")
+
+    truth = None
+    if options.truth_field:
+        from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+        gold = _truth_labels(records, options.truth_field)
+        truth = {
+            "nmi": float(normalized_mutual_info_score(gold, labels)),
+            "ari": float(adjusted_rand_score(gold, labels)),
+        }
+
+    t0 = time.perf_counter()
+    labelled = [(r, c) for r, c in zip(records, labels) if r.labelled]
+    measured = [r for r, _ in labelled]
+    if options.sample_per_cluster:
+        measured = outcomes.sample_records(
+            measured, [c for _, c in labelled], options.sample_per_cluster, options.seed
+        )
+    store_path = options.store or paths.ensure(paths.data_dir()) / "outcomes.sqlite"
+    with outcomes.OutcomeStore(store_path) as store:
+        before = store.count()
+        results = outcomes.collect(measured, settings, store, options.quality)
+        ran = store.count() - before
+    seconds["outcomes"] = time.perf_counter() - t0
+    model_seconds = sum(sum(v.seconds for v in o.votes) for o in results.values())
+
+    t0 = time.perf_counter()
+    cluster_of = {r.id: c for r, c in zip(records, labels)}
+    plan = calibrate.plan(
+        records=measured,
+        clusters={r.id: cluster_of[r.id] for r in measured},
+        outcomes=results,
+        settings=settings,
+        budget=budget,
+        quality=options.quality,
+    )
+    seconds["calibrate"] = time.perf_counter() - t0
+
+    router = routerfile.build(
+        settings=settings,
+        embedder=embedder,
+        assigner=clusterer.assigner_,
+        records=records,
+        labels=labels,
+        plan=plan,
+        budget=budget,
+        quality=options.quality,
+        fit_meta={
+            "log": str(log_path),
+            "log_sha256": log.sha256,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "n_queries": len(records),
+            "n_labelled": len(labelled),
+            "n_measured": len(measured),
+            "n_bad_lines": len(log.bad),
+            "n_clusters": n_clusters,
+            "n_unclustered": labels.count(-1),
+            "seed": options.seed,
+            "cluster_params": {
+                "n_components": int(clusterer.n_components),
+                "n_neighbors": int(clusterer.n_neighbors_),
+                "min_cluster_size": int(clusterer.min_cluster_size_),
+                "min_samples": int(clusterer.min_samples_),
+                "fit_rows": int(len(clusterer.fit_index_)),
+            },
+            "truth": truth,
+        },
+    )
+    routerfile.save(router, out_path)
+    return FitReport(
+        router_path=out_path,
+        n_records=len(records),
+        n_labelled=len(labelled),
+        n_bad=len(log.bad),
+        n_clusters=n_clusters,
+        n_unclustered=labels.count(-1),
+        seconds=seconds,
+        model_seconds=model_seconds,
+        outcomes_run=ran,
+        outcomes_reused=len(results) - ran,
+        truth=truth,
+        clusters=[c.__dict__ for c in router.clusters],
+    )

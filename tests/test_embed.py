@@ -1,0 +1,234 @@
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from crecli import config, embed
+from crecli.embed import LlamaEmbedder, TfidfEmbedder, embed_texts, embedder_from_state, make_embedder
+from crecli.errors import ConfigError, CreError, RouterFileError
+from crecli.models.fake import FakeBackend
+
+TEXTS = [
+    "What is 8 plus 2?\nGive only the final answer.",
+    "What is 17 plus 25?\nGive only the final answer.",
+    "What is 466 times 616?\nGive only the final answer.",
+    "Sort the following words alphabetically:\nList: applaud vogel gluey",
+    "Sort the following words alphabetically:\nList: zebra apple mango",
+    "The capital of Belgium is\nGive only the final answer.",
+    "The capital of Peru is\nGive only the final answer.",
+    "Is the sequence ( ) { } valid?\nOptions:\n(A) Valid\n(B) Invalid",
+]
+
+PINNED_TOML = """
+schema = 1
+ladder = ["small"]
+[models.small]
+path = "/nonexistent/small.gguf"
+sha256 = "{sha}"
+"""
+
+
+def _roundtrip_npz(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What a router file does with the arrays: .npz written and read without pickle."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    buf.seek(0)
+    with np.load(buf, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def test_tfidf_vectors_are_unit_float32_rows() -> None:
+    X = TfidfEmbedder(dims=4, min_df=1).fit(TEXTS).transform(TEXTS)
+    assert X.dtype == np.float32
+    assert X.shape == (len(TEXTS), 4)
+    np.testing.assert_allclose(np.linalg.norm(X, axis=1), 1.0, rtol=1e-5)
+
+
+def test_tfidf_state_roundtrip_gives_identical_vectors_without_pickle() -> None:
+    emb = TfidfEmbedder(dims=5, min_df=1, seed=3).fit(TEXTS)
+    params, arrays = emb.state()
+    json.dumps(params)  # params must be JSON
+    assert all(a.dtype != object for a in arrays.values())
+    assert arrays["word_vocab"].dtype.kind == "U"
+    back = TfidfEmbedder.from_state(json.loads(json.dumps(params)), _roundtrip_npz(arrays))
+    unseen = ["What is 3 plus 9?", "Sort these words: kiwi lime", "completely novel gibberish qqqq"]
+    np.testing.assert_array_equal(back.transform(TEXTS + unseen), emb.transform(TEXTS + unseen))
+    assert back.identity == emb.identity
+
+
+def test_tfidf_identity_pins_the_fitted_state() -> None:
+    a = TfidfEmbedder(dims=4, min_df=1).fit(TEXTS)
+    b = TfidfEmbedder(dims=4, min_df=1).fit(TEXTS)
+    c = TfidfEmbedder(dims=4, min_df=1).fit(TEXTS[:-1])
+    d = TfidfEmbedder(dims=3, min_df=1).fit(TEXTS)
+    assert a.identity == b.identity
+    assert a.identity.startswith("tfidf:")
+    assert len({a.identity, c.identity, d.identity}) == 3
+
+
+def test_tfidf_dims_are_capped_by_the_data() -> None:
+    emb = TfidfEmbedder(dims=256, min_df=1).fit(TEXTS)
+    assert emb.dims_ == len(TEXTS) - 1
+    assert emb.transform(["x"]).shape == (1, len(TEXTS) - 1)
+
+
+def test_mask_digits_keeps_number_length_not_value() -> None:
+    emb = TfidfEmbedder(dims=6, min_df=1, mask_digits=True).fit(TEXTS)
+    X = emb.transform(["What is 12 plus 34?", "What is 56 plus 78?", "What is 123 plus 456?"])
+    np.testing.assert_array_equal(X[0], X[1])
+    assert not np.allclose(X[0], X[2])
+    raw = TfidfEmbedder(dims=6, min_df=1, mask_digits=False).fit(TEXTS)
+    Y = raw.transform(["What is 8 plus 2?", "What is 9 plus 3?"])
+    assert not np.allclose(Y[0], Y[1])
+
+
+def test_word_analyzer_has_no_char_block() -> None:
+    emb = TfidfEmbedder(dims=4, analyzer="word", min_df=1).fit(TEXTS)
+    assert len(emb.char_vocab_) == 0
+    assert emb.components_.shape[1] == len(emb.word_vocab_)
+
+
+def test_tfidf_errors() -> None:
+    with pytest.raises(CreError, match="not fitted"):
+        TfidfEmbedder().transform(["x"])
+    with pytest.raises(CreError, match="at least 2 texts"):
+        TfidfEmbedder().fit(["only one"])
+    with pytest.raises(CreError, match="no words"):
+        TfidfEmbedder(analyzer="word", min_df=1).fit(["!!!", "???"])
+    with pytest.raises(ConfigError, match="analyzer"):
+        TfidfEmbedder(analyzer="bytes").fit(TEXTS)
+
+
+def test_damaged_tfidf_state_is_refused() -> None:
+    params, arrays = TfidfEmbedder(dims=4, min_df=1).fit(TEXTS).state()
+    broken = dict(arrays, components=arrays["components"][:, :-1])
+    with pytest.raises(RouterFileError, match="inconsistent"):
+        TfidfEmbedder.from_state(params, broken)
+    with pytest.raises(RouterFileError, match="word_idf"):
+        TfidfEmbedder.from_state(params, {k: v for k, v in arrays.items() if k != "word_idf"})
+
+
+def test_make_embedder_from_config(tiny_models_toml: Path) -> None:
+    settings = config.load(tiny_models_toml)
+    emb = make_embedder(settings.embedder, settings, seed=7)
+    assert isinstance(emb, TfidfEmbedder)
+    assert (emb.dims, emb.seed) == (16, 7)
+    assert isinstance(make_embedder({}, settings), TfidfEmbedder)
+    llama = make_embedder({"kind": "llama", "model": "medium"}, settings)
+    assert isinstance(llama, LlamaEmbedder) and llama.model == "medium"
+    with pytest.raises(ConfigError, match="kind 'bert' is not known"):
+        make_embedder({"kind": "bert"}, settings)
+    with pytest.raises(ConfigError, match="unknown field"):
+        make_embedder({"kind": "tfidf", "dimensions": 8}, settings)
+    with pytest.raises(ConfigError, match="needs `model"):
+        make_embedder({"kind": "llama"}, settings)
+    with pytest.raises(ConfigError, match="unknown model 'nope'"):
+        make_embedder({"kind": "llama", "model": "nope"}, settings)
+
+
+def test_embedder_from_state_dispatches_on_kind(tiny_models_toml: Path) -> None:
+    settings = config.load(tiny_models_toml)
+    tfidf = TfidfEmbedder(dims=4, min_df=1).fit(TEXTS)
+    again = embedder_from_state(*tfidf.state(), settings)
+    np.testing.assert_array_equal(again.transform(TEXTS), tfidf.transform(TEXTS))
+    llama = embedder_from_state(*LlamaEmbedder("small", settings).state(), settings)
+    assert isinstance(llama, LlamaEmbedder) and llama.model == "small"
+    with pytest.raises(RouterFileError, match="'bert' is not known"):
+        embedder_from_state({"kind": "bert"}, {}, settings)
+
+
+def test_llama_embedder_state_refuses_another_model_file(tmp_path: Path) -> None:
+    toml = tmp_path / "pinned.toml"
+    toml.write_text(PINNED_TOML.format(sha="ab" * 32))
+    settings = config.load(toml)
+    params, arrays = LlamaEmbedder("small", settings).state()
+    assert params["sha256"] == "ab" * 32
+    with pytest.raises(RouterFileError, match="pins"):
+        LlamaEmbedder.from_state({**params, "sha256": "cd" * 32}, arrays, settings)
+
+
+def test_llama_embedder_normalises_backend_vectors(tiny_models_toml: Path, fake_backends: Callable) -> None:
+    backends = fake_backends()
+    emb = LlamaEmbedder("small", config.load(tiny_models_toml))
+    X = emb.transform(["a", "b", "c"])
+    assert X.dtype == np.float32 and X.shape == (3, 8)
+    np.testing.assert_allclose(np.linalg.norm(X, axis=1), 1.0, rtol=1e-5)
+    assert "small" in backends
+    # No sha256 pinned and no file on disk: the identity cannot pin the vectors.
+    assert emb.identity == "llama:small:unpinned"
+    assert not emb.cacheable
+
+
+class CountingBackend(FakeBackend):
+    def __init__(self, *args: object, fail_after: int | None = None, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.embedded: list[str] = []
+        self.fail_after = fail_after
+
+    def embed(self, texts):  # type: ignore[no-untyped-def]
+        if self.fail_after is not None and len(self.embedded) >= self.fail_after:
+            raise CreError("simulated crash")
+        self.embedded.extend(texts)
+        return super().embed(texts)
+
+
+@pytest.fixture
+def pinned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[LlamaEmbedder, CountingBackend]]:
+    from crecli.models import registry
+
+    toml = tmp_path / "pinned.toml"
+    toml.write_text(PINNED_TOML.format(sha="ab" * 32))
+    settings = config.load(toml)
+
+    def make(fail_after: int | None = None) -> tuple[LlamaEmbedder, CountingBackend]:
+        backend = CountingBackend(settings.get("small"), fail_after=fail_after)
+        monkeypatch.setattr(registry, "make_backend", lambda spec: backend)
+        return LlamaEmbedder("small", settings), backend
+
+    return make
+
+
+def test_embed_texts_caches_on_disk_and_embeds_nothing_twice(pinned: Callable, cre_home: Path) -> None:
+    emb, backend = pinned()
+    texts = ["one", "two", "one", "three", "four", "five"]
+    first = embed_texts(emb, texts, batch_size=2)
+    assert backend.embedded == ["one", "two", "three", "four", "five"]  # duplicates once
+    assert first.shape == (6, 8) and first.dtype == np.float32
+    np.testing.assert_array_equal(first[0], first[2])
+    assert embed.cache_path().is_file()
+    assert str(embed.cache_path()).startswith(str(cre_home))
+
+    emb2, backend2 = pinned()
+    again = embed_texts(emb2, texts + ["six"], batch_size=2)
+    assert backend2.embedded == ["six"]
+    np.testing.assert_array_equal(again[:6], first)
+    np.testing.assert_array_equal(again, emb2.transform(texts + ["six"]))
+
+
+def test_embed_texts_resumes_after_a_crash(pinned: Callable) -> None:
+    emb, _ = pinned(fail_after=4)
+    texts = [f"text {i}" for i in range(10)]
+    with pytest.raises(CreError, match="simulated"):
+        embed_texts(emb, texts, batch_size=2)
+    emb2, backend2 = pinned()
+    embed_texts(emb2, texts, batch_size=2)
+    assert backend2.embedded == texts[4:]  # the first two batches were kept
+
+
+def test_embed_texts_without_cache_and_for_tfidf(pinned: Callable) -> None:
+    emb, backend = pinned()
+    embed_texts(emb, ["a", "b"], cache=False)
+    embed_texts(emb, ["a", "b"], cache=False)
+    assert backend.embedded == ["a", "b", "a", "b"]
+    assert not embed.cache_path().exists()
+
+    tfidf = TfidfEmbedder(dims=4, min_df=1).fit(TEXTS)
+    X = embed_texts(tfidf, TEXTS, batch_size=3)
+    np.testing.assert_array_equal(X, tfidf.transform(TEXTS))
+    assert not embed.cache_path().exists()  # tfidf is never cached (see TfidfEmbedder.cacheable)
+    assert embed_texts(tfidf, []).shape[0] == 0

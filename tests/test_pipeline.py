@@ -1,0 +1,111 @@
+"""fit -> inspect -> calibrate -> eval -> ask -> batch, end to end through the CLI, on the
+real small query log with fake models whose skill differs by task.
+
+"large" is always right; "medium" is right on arithmetic and multiple choice; "small" is
+right on arithmetic only. On what they can't do, the fakes answer at random per seed, so
+their votes disagree and the quality check has something to find.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from crecli.cli import app
+from crecli.config import ModelSpec
+from crecli.models import registry
+from crecli.models.backend import Backend, GenParams
+from crecli.models.fake import FakeBackend
+
+SMALL_LOG = Path(__file__).resolve().parents[2] / "shared" / "data" / "querylog-small.jsonl"
+runner = CliRunner()
+
+
+def _answers() -> dict[str, tuple[str, str]]:
+    out = {}
+    for line in SMALL_LOG.read_text().splitlines():
+        row = json.loads(line)
+        ref = row["reference"][0] if isinstance(row["reference"], list) else row["reference"]
+        out[row["prompt"].strip()] = (row["meta"]["source"], ref)
+    return out
+
+
+SKILL = {"small": ("arithmetic",), "medium": ("arithmetic", "choice"), "large": ("",)}
+COST = {"small": 0.001, "medium": 0.003, "large": 0.01}
+
+
+@pytest.fixture
+def skilled_fakes(monkeypatch: pytest.MonkeyPatch) -> dict[str, FakeBackend]:
+    answers = _answers()
+    created: dict[str, FakeBackend] = {}
+
+    def factory(spec: ModelSpec) -> Backend:
+        def answer(text: str, params: GenParams) -> str:
+            prompt = next((p for p in answers if p in text), None)
+            if prompt is None:
+                return "I don't know"
+            source, ref = answers[prompt]
+            kind = "choice" if "(A)" in prompt else source
+            if any(s in kind for s in SKILL[spec.name]):
+                return ref if len(ref) > 1 or not ref.isalpha() else f"({ref})"
+            rng = random.Random(f"{prompt}|{params.seed}|{spec.name}")
+            return str(rng.randint(0, 9))
+
+        backend = FakeBackend(spec, answer, seconds_per_token=COST[spec.name])
+        created[spec.name] = backend
+        return backend
+
+    monkeypatch.setattr(registry, "make_backend", factory)
+    return created
+
+
+def invoke(*args: str, input: str | None = None) -> str:
+    result = runner.invoke(app, list(args), input=input)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result.stdout
+
+
+@pytest.mark.skipif(not SMALL_LOG.is_file(), reason="needs ../shared/data/querylog-small.jsonl")
+def test_fit_calibrate_eval_ask_batch(tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict[str, FakeBackend]) -> None:
+    router = tmp_path / "router.cre"
+    m = ("--models", str(tiny_models_toml))
+    report = json.loads(invoke("fit", str(SMALL_LOG), "-o", str(router), *m, "--truth-field", "meta.source", "--json", "--set-default"))
+    assert report["n_records"] == 80 and report["outcomes_run"] == 240
+    assert report["truth"]["nmi"] > 0.8  # the clusters follow the task families
+    calls = sum(len(b.calls) for b in skilled_fakes.values())
+
+    # A second fit recomputes nothing.
+    again = json.loads(invoke("fit", str(SMALL_LOG), "-o", str(router), *m, "--json"))
+    assert again["outcomes_run"] == 0 and sum(len(b.calls) for b in skilled_fakes.values()) == calls
+
+    # With 5 queries per task, shrinkage toward each model's log-wide accuracy keeps fit
+    # cautious; calibration then finds that the small model is enough for arithmetic.
+    cal = json.loads(invoke("calibrate", str(router), *m, "--retain", "0.98", "--folds", "4", "--json"))
+    assert cal["held_out"]["accuracy"] >= 0.9 * cal["reference"]["accuracy"]
+    assert cal["held_out"]["mean_cost"] < cal["reference"]["mean_cost"]
+    assert sum(p["chosen"] for p in cal["frontier"]) <= 1
+
+    info = json.loads(invoke("inspect", str(router), *m, "--json"))
+    models = {c["model"] for c in info["clusters"]}
+    assert "small" in models and models <= {"small", "medium", "large"}
+    arithmetic = [c for c in info["clusters"] if all("plus" in e for e in c["examples"])]
+    assert arithmetic and all(c["model"] == "small" for c in arithmetic)
+
+    ev = json.loads(invoke("eval", str(SMALL_LOG), "--router", str(router), *m, "--plot", str(tmp_path / "p.svg"), "--json"))
+    names = [p["name"] for p in ev["points"]]
+    assert names[0] == "cascade (this router)" and any(n.startswith("oracle") for n in names)
+    assert ev["cost_share"] < 1.0 and ev["retained"] >= 0.9
+    assert (tmp_path / "p.svg").read_text().startswith("<svg")
+    assert sum(len(b.calls) for b in skilled_fakes.values()) == calls  # eval replays, runs nothing
+
+    # The default router set by --set-default serves ask and batch.
+    assert invoke("ask", "What is 5 plus 4?\nGive only the final answer, with no explanation.", *m).strip() == "9"
+    lines = [l for l in SMALL_LOG.read_text().splitlines()[:6]] + ["{bad json", ""]
+    out = runner.invoke(app, ["batch", *m], input="\n".join(lines) + "\n")
+    records = [json.loads(l) for l in out.stdout.splitlines()]
+    assert len(records) == 8 and "error" in records[6] and "error" in records[7]
+    assert out.exit_code == 3  # some lines got error records
