@@ -9,7 +9,10 @@ clustering.
 
     .venv/bin/python bench/embedders.py                      # tfidf candidates
     flock /tmp/cre-cpu.lock .venv/bin/python bench/embedders.py --llama   # + llama.cpp embeddings
-    .venv/bin/python bench/embedders.py --grid --only tfidf-wc-256        # tune HDBSCAN defaults
+    .venv/bin/python bench/embedders.py --grid --only tfidf-wc-256-mindf2-maskdigits  # tune HDBSCAN
+    .venv/bin/python bench/embedders.py --grid --sample 240 --mcs auto,5,8,11,15 --ms auto
+
+crecli's default embedder (TfidfEmbedder()) is the candidate tfidf-wc-256-mindf2-maskdigits.
 
 llama.cpp candidates run only with --llama and only for models whose GGUF is present and
 verified; run them under `flock /tmp/cre-cpu.lock` so no two model computations overlap.

@@ -54,7 +54,7 @@ def main() -> int:
     no_early = replace(quality, early_stop=False)
     backend = LlamaBackend(settings.get(args.model))
     llm = backend.llm
-    backend.generate("Warm-up: say OK.", vote_params(quality, 0, 4))  # first decode allocates buffers
+    backend.generate("Warm-up: say OK.", vote_params(quality, 0, 4, "Warm-up: say OK."))  # first decode allocates buffers
 
     names = ["(a) greedy", "(b) check, as implemented", "(c) check, no early stop", "(d) naive loop, cache reset"]
     seconds = dict.fromkeys(names, 0.0)
@@ -66,7 +66,7 @@ def main() -> int:
 
         llm.reset()
         start = time.perf_counter()
-        greedy = backend.generate(record.prompt, vote_params(quality, 0, cap))
+        greedy = backend.generate(record.prompt, vote_params(quality, 0, cap, record.prompt))
         seconds[names[0]] += time.perf_counter() - start
         votes[names[0]] += 1
         tokens[names[0]] += greedy.output_tokens
@@ -85,7 +85,7 @@ def main() -> int:
         start = time.perf_counter()
         for i in range(args.k):
             llm.reset()
-            gen = backend.generate(record.prompt, vote_params(quality, i, cap))
+            gen = backend.generate(record.prompt, vote_params(quality, i, cap, record.prompt))
             tokens[names[3]] += gen.output_tokens
         seconds[names[3]] += time.perf_counter() - start
         votes[names[3]] += args.k

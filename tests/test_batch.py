@@ -18,6 +18,7 @@ from crecli.errors import BackendError, InputError, ModelNotAvailable
 from crecli.escalate import Cascade
 from crecli.models.backend import GenParams
 from crecli.models.fake import FakeBackend
+from crecli.quality import vote_seed
 from crecli.routerfile import RouterFile
 from test_escalate import FAR, LADDER, install, make_router, scripted, user_prompt
 
@@ -108,7 +109,7 @@ def test_work_is_grouped_by_rung_but_output_keeps_input_order(
         assert rungs == sorted(rungs)
         start += n
     assert start == len(log)
-    # Each check's votes are consecutive calls: seeds 0, 1, 2, ... on one (model, prompt).
+    # Each check's votes are consecutive calls on one (model, prompt): greedy, then vote_seed(prompt, 1), 2, ...
     checks: list[list[tuple[str, str, GenParams]]] = []
     for call in log:
         if call[2].seed == 0:
@@ -117,7 +118,7 @@ def test_work_is_grouped_by_rung_but_output_keeps_input_order(
     assert len(checks) == sum(len(r["trace"]["steps"]) for r in rows)
     for calls in checks:
         assert len({(m, p) for m, p, _ in calls}) == 1
-        assert [params.seed for _, _, params in calls] == list(range(len(calls)))
+        assert [params.seed for _, _, params in calls] == [0] + [vote_seed(calls[0][1], i) for i in range(1, len(calls))]
     assert summary.escalated == 2 and summary.escalation_rate == pytest.approx(2 / 7)
 
 

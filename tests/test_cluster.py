@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +13,6 @@ from crecli.errors import CreError, RouterFileError
 from crecli.reduce import Reducer, default_n_neighbors
 
 QUERYLOG = Path("/work/shared/data/querylog.jsonl")
-
-# UMAP's numba kernels compile on first use. crecli caches them under CRE_HOME, which tests
-# redirect per test; a cache that outlives the session saves ~20 s of compiling per run.
-# It must be set before umap is first imported.
-os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "numba"))
 
 
 def blobs(n_per: int = 30, k: int = 4, d: int = 32, spread: float = 0.08, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -118,7 +118,13 @@ def test_make_embedder_from_config(tiny_models_toml: Path) -> None:
     emb = make_embedder(settings.embedder, settings, seed=7)
     assert isinstance(emb, TfidfEmbedder)
     assert (emb.dims, emb.seed) == (16, 7)
-    assert isinstance(make_embedder({}, settings), TfidfEmbedder)
+    default = make_embedder({}, settings)
+    assert isinstance(default, TfidfEmbedder)
+    assert (default.dims, default.analyzer, default.min_df, default.mask_digits) == (256, "word+char", 2, True)
+    custom = make_embedder({"kind": "tfidf", "analyzer": "word", "min_df": 1, "mask_digits": False}, settings)
+    assert (custom.analyzer, custom.min_df, custom.mask_digits) == ("word", 1, False)
+    with pytest.raises(ConfigError, match="min_df"):
+        make_embedder({"min_df": 0}, settings)
     llama = make_embedder({"kind": "llama", "model": "medium"}, settings)
     assert isinstance(llama, LlamaEmbedder) and llama.model == "medium"
     with pytest.raises(ConfigError, match="kind 'bert' is not known"):

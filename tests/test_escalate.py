@@ -18,7 +18,7 @@ from crecli.cli import app
 from crecli.escalate import Cascade, check, vote_params
 from crecli.models.backend import GenParams
 from crecli.models.fake import FakeBackend
-from crecli.quality import QualitySettings
+from crecli.quality import QualitySettings, vote_seed
 from crecli.routerfile import ClusterInfo, RouterFile
 
 LADDER = ["small", "medium", "large"]
@@ -39,7 +39,7 @@ def user_prompt(text: str) -> str:
 
 def scripted(votes: dict[str, list[str]], log: list[tuple[str, str, GenParams]] | None = None,
              model: str = "", default: str = "I don't know") -> Callable[[str, GenParams], str]:
-    """An answerer returning votes[prompt][seed]: vote 0 is the greedy one."""
+    """An answerer returning votes[prompt][i] for vote i (recovered from its seed): vote 0 is greedy."""
 
     def answer(text: str, params: GenParams) -> str:
         prompt = user_prompt(text)
@@ -48,7 +48,8 @@ def scripted(votes: dict[str, list[str]], log: list[tuple[str, str, GenParams]] 
         options = votes.get(prompt)
         if not options:
             return default
-        return options[(params.seed or 0) % len(options)]
+        index = 0 if not params.seed else next(i for i in range(1, 64) if vote_seed(prompt, i) == params.seed)
+        return options[index % len(options)]
 
     return answer
 
@@ -120,7 +121,8 @@ def test_agreeing_votes_are_accepted_on_the_start_model_with_the_fewest_votes(
     calls = [params for _, params in created["small"].calls]
     assert len(calls) == 3  # ceil(0.6 * 5) agreeing votes fix the decision
     cap = grading.max_tokens_for("numeric")  # the cluster's answer type
-    assert [(p.temperature, p.seed, p.max_tokens) for p in calls] == [(0.0, 0, cap), (0.7, 1, cap), (0.7, 2, cap)]
+    seeds = [vote_seed("What is 7 plus 5?", i) for i in (1, 2)]
+    assert [(p.temperature, p.seed, p.max_tokens) for p in calls] == [(0.0, 0, cap), (0.7, seeds[0], cap), (0.7, seeds[1], cap)]
     assert "medium" not in created and "large" not in created
 
 
@@ -189,7 +191,7 @@ def test_early_stop_draws_the_fewest_votes(
 
 def test_check_is_usable_on_its_own() -> None:
     spec = config.ModelSpec(name="m", path="/nonexistent")
-    backend = FakeBackend(spec, lambda text, params: ["B", "(B)", "b)", "C", "A"][params.seed or 0])
+    backend = FakeBackend(spec, scripted({"Pick one": ["B", "(B)", "b)", "C", "A"]}))
     step = check(backend, "Pick one", QualitySettings(), 0.6, 8, "choice")
     assert step.normalized == ["B", "B", "B"] and step.accepted and step.answer == "B"
     assert step.prompt_tokens == len(backend.calls[0][0].split())  # counted once, from vote 0
@@ -261,13 +263,16 @@ def test_votes_for_one_prompt_on_one_model_are_consecutive(
     Cascade(router, settings).ask(prompt)
     models = [m for m, _, _ in log]
     assert models == ["small"] * 4 + ["medium"] * 4 + ["large"]
-    assert [p.seed for _, _, p in log] == [0, 1, 2, 3, 0, 1, 2, 3, 0]
+    seeds = [0] + [vote_seed(prompt, i) for i in (1, 2, 3)]
+    assert [p.seed for _, _, p in log] == seeds + seeds + [0]
 
 
 def test_vote_params_match_the_recorded_outcomes() -> None:
     quality = QualitySettings(temperature=0.5, top_p=0.9, top_k=20)
-    assert vote_params(quality, 0, 8) == GenParams(max_tokens=8, temperature=0.0, top_p=0.9, top_k=20, seed=0)
-    assert vote_params(quality, 3, 8) == GenParams(max_tokens=8, temperature=0.5, top_p=0.9, top_k=20, seed=3)
+    assert vote_params(quality, 0, 8, "q") == GenParams(max_tokens=8, temperature=0.0, top_p=0.9, top_k=20, seed=0)
+    assert vote_params(quality, 3, 8, "q") == GenParams(max_tokens=8, temperature=0.5, top_p=0.9, top_k=20, seed=vote_seed("q", 3))
+    # Seeds differ between prompts, so vote i's random draws are not shared by every query.
+    assert vote_params(quality, 3, 8, "q").seed != vote_params(quality, 3, 8, "r").seed
 
 
 def test_from_file_loads_a_saved_router(

@@ -19,7 +19,7 @@ from crecli.outcomes import (
     sample_records,
     settings_key,
 )
-from crecli.quality import QualitySettings
+from crecli.quality import QualitySettings, vote_seed
 from crecli.querylog import Record
 
 Q3 = QualitySettings(k=3)
@@ -70,7 +70,8 @@ def test_votes_follow_the_cascade_protocol(settings, store, fake_backends) -> No
     params = [p for _, p in created["medium"].calls]
     max_tokens = grading.max_tokens_for("choice")
     assert params[0].temperature == 0.0 and params[0].max_tokens == max_tokens
-    assert [(p.temperature, p.seed, p.max_tokens) for p in params[1:]] == [(0.7, 1, max_tokens), (0.7, 2, max_tokens)]
+    seeds = [vote_seed("What is 1 plus 1?", i) for i in (1, 2)]  # what the cascade draws for this prompt
+    assert [(p.temperature, p.seed, p.max_tokens) for p in params[1:]] == [(0.7, seeds[0], max_tokens), (0.7, seeds[1], max_tokens)]
 
 
 def test_interrupted_collect_resumes_without_recomputing(settings, store, fake_backends) -> None:

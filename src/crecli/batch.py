@@ -188,6 +188,14 @@ def _trace_cost(trace: "Trace", unit: str, cascade: "Cascade") -> float | None:
     """What the cascade spent on one prompt, in the router's cost unit (None: no price known)."""
     if unit == "seconds":
         return sum(s.seconds for s in trace.steps)
+    if unit == "bench-seconds":
+        total = 0.0
+        for step in trace.steps:
+            speed = cascade.speeds.get(step.model)
+            if speed is None:
+                return None
+            total += step.prompt_tokens / speed[0] + step.output_tokens / speed[1]
+        return total
     total = 0.0
     for step in trace.steps:
         price = cascade.specs[step.model].price_per_1k_tokens

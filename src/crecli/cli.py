@@ -486,10 +486,7 @@ def _router_path(router: Path | None) -> Path:
     from crecli import paths
     from crecli.errors import ConfigError
 
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
+    import tomllib
 
     settings_file = paths.settings_file()
     try:

@@ -36,10 +36,12 @@ def default_min_cluster_size(n: int) -> int:
     """HDBSCAN's smallest cluster for n prompts: sqrt(n) / 2, at least 5 (11 at n = 480).
 
     A cluster's model is chosen from its members' correctness labels, so it needs enough
-    members for an accuracy to mean something. Too large a value merges distinct tasks
-    (ARI fell from 0.91 to 0.60 at n = 240 going from 8 to 15); too small only splits a task
-    into sub-clusters, which costs little. sqrt(n) / 2 stayed on the safe side of that
-    cliff on 160-, 240- and 480-row samples of the real log (bench/embedders.py --grid).
+    members for an accuracy to mean something. Too large a value merges distinct tasks;
+    too small only splits a task into sub-clusters, which costs little. ARI against the
+    real log's 16 tasks with the default embedder (bench/embedders.py --grid --sample N):
+    n = 160: 0.897 at the default 6, 0.594 at 11; n = 240: 0.910 at the default 8, 0.606
+    at 15; n = 480: 0.918 at the default 11, 0.935 at 15, 0.935 at 30. sqrt(n) / 2 stays on
+    the safe side of that cliff.
     """
     return max(5, round(math.sqrt(n) / 2))
 
@@ -47,10 +49,8 @@ def default_min_cluster_size(n: int) -> int:
 def default_min_samples(min_cluster_size: int) -> int:
     """HDBSCAN's density smoothing: a third of min_cluster_size, at least 2 (4 at n = 480).
 
-    It barely matters on the real log: with the default embedder and min_cluster_size 11,
-    min_samples 1, 2, 4, 10 gave ARI 0.925, 0.901, 0.918, 0.918 (bench/embedders.py --grid).
-    It grows with the log so that density estimates on large logs are not driven by one
-    neighbour.
+    On the real log with the default embedder and min_cluster_size 11, min_samples 1, 2,
+    4, 10 gave ARI 0.883, 0.901, 0.918, 0.918 (bench/embedders.py --grid).
     """
     return max(2, round(min_cluster_size / 3))
 

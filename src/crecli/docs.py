@@ -6,7 +6,6 @@ when the committed files in completions/ and man/ no longer match what this prod
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
@@ -122,7 +121,11 @@ def generate(root: Path) -> dict[Path, str]:
 
 
 def main() -> None:
-    root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path.cwd()
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m crecli.docs", description=__doc__.splitlines()[0])
+    parser.add_argument("root", nargs="?", type=Path, default=Path.cwd(), help="the repository root (default: .)")
+    root = parser.parse_args().root
     for path, text in generate(root).items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

@@ -144,6 +144,10 @@ class TfidfEmbedder(Embedder):
                 "mask_digits": self.mask_digits, "seed": self.seed}
 
     def _check_params(self) -> None:
+        if not isinstance(self.min_df, int) or self.min_df < 1:
+            raise ConfigError(f"tfidf min_df must be an integer >= 1, not {self.min_df!r}")
+        if not isinstance(self.mask_digits, bool):
+            raise ConfigError(f"tfidf mask_digits must be true or false, not {self.mask_digits!r}")
         if self.analyzer not in TFIDF_ANALYZERS:
             raise ConfigError(
                 f"tfidf analyzer {self.analyzer!r} is not known; use one of {', '.join(TFIDF_ANALYZERS)}"
@@ -281,7 +285,10 @@ class TfidfEmbedder(Embedder):
                 f"tfidf embedder state is inconsistent (components {emb.components_.shape}, "
                 f"{n_features} features, dims {emb.dims_}); the router file is damaged, refit it"
             )
-        emb._check_params()
+        try:
+            emb._check_params()
+        except ConfigError as exc:
+            raise RouterFileError(f"tfidf embedder state: {exc}") from None
         emb._vecs = emb._rebuild()
         return emb
 
@@ -365,18 +372,15 @@ class LlamaEmbedder(Embedder):
 def make_embedder(config: dict[str, Any], settings: "Settings", seed: int = 0) -> Embedder:
     """An unfitted embedder from a models.toml `[embedder]` table.
 
-    kind = "tfidf" (default) takes `dims` (256), `analyzer` ("word+char") and `min_df` (1);
-    kind = "llama" takes `model`, a model name from models.toml.
+    kind = "tfidf" (default) takes `dims` (256), `analyzer` ("word+char"), `min_df` (2) and
+    `mask_digits` (true); kind = "llama" takes `model`, a model name from models.toml.
     """
     config = dict(config)
     kind = config.pop("kind", "tfidf")
     if kind == "tfidf":
-        allowed = {"dims", "analyzer", "min_df"}
+        allowed = {"dims", "analyzer", "min_df", "mask_digits"}
         _reject_unknown(kind, config, allowed)
-        emb: Embedder = TfidfEmbedder(
-            dims=config.get("dims", 256), analyzer=config.get("analyzer", "word+char"),
-            min_df=config.get("min_df", 1), seed=seed,
-        )
+        emb: Embedder = TfidfEmbedder(seed=seed, **config)
         emb._check_params()  # type: ignore[attr-defined]
         return emb
     if kind == "llama":

@@ -1,7 +1,7 @@
 """The cascade: route a prompt, answer on its cluster's model, escalate while unsure.
 
 On each rung the quality check draws votes lazily: vote 0 is the greedy answer, votes
-1..k-1 are samples at the router's temperature with seeds 1..k-1, and drawing stops as soon
+1..k-1 are samples at the router's temperature with seeds from `quality.vote_seed`, and drawing stops as soon
 as `quality.done` says more votes cannot change the decision. All votes for one prompt on
 one model are consecutive calls with the same rendered prompt, so llama.cpp reuses the
 prompt's KV cache and only the first vote pays for prompt processing. A majority share
@@ -25,7 +25,8 @@ from crecli import grading
 from crecli.errors import RouterFileError
 from crecli.models.backend import GenParams
 from crecli.models.registry import ModelPool
-from crecli.quality import decide, done
+from crecli.outcomes import bench_speeds
+from crecli.quality import decide, done, vote_seed
 from crecli.route import RouteDecision, route
 
 if TYPE_CHECKING:
@@ -35,14 +36,18 @@ if TYPE_CHECKING:
     from crecli.routerfile import RouterFile
 
 
-def vote_params(settings: "QualitySettings", index: int, max_tokens: int) -> GenParams:
-    """Generation parameters of vote `index`: 0 is greedy, the rest sample with seed = index."""
+def vote_params(settings: "QualitySettings", index: int, max_tokens: int, prompt: str) -> GenParams:
+    """Generation parameters of vote `index`: 0 is greedy, the rest sample with `vote_seed`.
+
+    These must match what `outcomes.collect` records, or calibration tunes on other votes
+    than the ones the cascade draws.
+    """
     return GenParams(
         max_tokens=max_tokens,
         temperature=0.0 if index == 0 else settings.temperature,
         top_p=settings.top_p,
         top_k=settings.top_k,
-        seed=index,
+        seed=0 if index == 0 else vote_seed(prompt, index),
     )
 
 
@@ -81,7 +86,7 @@ def check(
     prompt_tokens = output_tokens = 0
     seconds = 0.0
     while not done(normalized, settings.k, threshold, settings.early_stop):
-        gen = backend.generate(prompt, vote_params(settings, len(votes), max_tokens))
+        gen = backend.generate(prompt, vote_params(settings, len(votes), max_tokens, prompt))
         votes.append(gen.text)
         normalized.append(grading.normalize(gen.text, answer_type))
         if len(votes) == 1:
@@ -168,6 +173,7 @@ class Cascade:
         self.pool = pool if pool is not None else ModelPool()
         self.ladder = [str(entry["name"]) for entry in router.ladder]
         self.specs = {name: settings.get(name) for name in self.ladder}
+        self.speeds = bench_speeds(list(self.specs.values()))
         starts = {router.fallback_model, *(c.model for c in router.clusters)}
         off = sorted(starts - set(self.ladder))
         if off:

@@ -34,6 +34,7 @@ from crecli import console, grading, paths
 from crecli.errors import ConfigError, CreError
 from crecli.models.backend import GenParams
 from crecli.models.registry import backend_for
+from crecli.quality import vote_seed
 
 if TYPE_CHECKING:
     from crecli.config import ModelSpec, Settings
@@ -43,7 +44,12 @@ if TYPE_CHECKING:
     from crecli.querylog import Record
 
 STORE_SCHEMA = 1
-UNITS = ("seconds", "price")
+# "bench-seconds": each vote's tokens at the speeds `cre models bench` measured (prompt
+# tokens / prompt tok/s on vote 0, output tokens / generation tok/s on every vote). It is
+# the default when every model has been benchmarked, because it is measured on this
+# machine yet does not depend on what else the machine was doing while outcomes were
+# collected; raw "seconds" do, and a busy machine skews one model against another.
+UNITS = ("bench-seconds", "seconds", "price")
 
 # Typical query size for costing label-only outcomes when no model has run a single
 # query yet: a short BIG-bench-style question and a one-word answer.
@@ -80,17 +86,31 @@ class Outcome:
             raise CreError(f"query {record.id!r} has no reference answer, so its votes cannot be graded")
         return [grading.grade(v.text, record.reference, record.match) for v in self.votes]
 
-    def vote_costs(self, unit: str = "seconds", price_per_1k_tokens: float | None = None) -> list[float] | None:
+    def vote_costs(
+        self,
+        unit: str = "seconds",
+        price_per_1k_tokens: float | None = None,
+        speed: tuple[float, float] | None = None,
+    ) -> list[float] | None:
         """Measured cost of each vote in order; None for label-only outcomes.
 
-        "seconds": the model-seconds each vote took on this machine. "price": tokens times
-        the model's price; vote 0 pays prompt and output tokens, later votes only their
+        "seconds": the model-seconds each vote took on this machine. "bench-seconds": tokens
+        at the benchmarked (prompt, generation) tokens/s in `speed`. "price": tokens times
+        the model's price. Vote 0 pays prompt and output tokens, later votes only their
         output tokens, because the prompt is cached after the first vote.
         """
         if self.source == "label":
             return None
         if unit == "seconds":
             return [v.seconds for v in self.votes]
+        if unit == "bench-seconds":
+            if speed is None:
+                raise ConfigError(f"model {self.model!r} has no benchmark; run `cre models bench {self.model}`")
+            pp, tg = speed
+            return [
+                v.output_tokens / tg + (self.prompt_tokens / pp if i == 0 else 0.0)
+                for i, v in enumerate(self.votes)
+            ]
         if unit == "price":
             if price_per_1k_tokens is None:
                 raise ConfigError(f"model {self.model!r} has no price_per_1k_tokens in models.toml")
@@ -305,7 +325,7 @@ def _votes(backend: "Backend", job: _Job, quality: "QualitySettings") -> tuple[i
         params = GenParams(
             max_tokens=job.max_tokens, temperature=quality.temperature, top_p=quality.top_p, top_k=quality.top_k
         )
-        gens += backend.sample(prompt, quality.k - 1, params, base_seed=1)
+        gens += backend.sample(prompt, params, [vote_seed(prompt, i) for i in range(1, quality.k)])
     return greedy.prompt_tokens, [Vote(g.text, g.output_tokens, g.seconds) for g in gens]
 
 
@@ -332,11 +352,24 @@ def sample_records(records: Sequence["Record"], labels: Sequence[int], n: int, s
     return [records[i] for i in sorted(keep)]
 
 
+def bench_speeds(specs: Sequence["ModelSpec"]) -> dict[str, tuple[float, float]]:
+    """(prompt, generation) tokens/s of each model that `cre models bench` measured."""
+    from crecli.models import bench
+
+    out = {}
+    for spec in specs:
+        entry = bench.stored(spec)
+        if entry:
+            out[spec.name] = (float(entry["pp_tokens_per_s"]), float(entry["tg_tokens_per_s"]))
+    return out
+
+
 class CostModel:
     """The cost of each vote of an outcome, in one unit for the whole ladder.
 
     The unit is "price" when every ladder model has `price_per_1k_tokens` in models.toml
-    (or when asked for explicitly), else "seconds" measured on this machine.
+    (or when asked for explicitly); else "bench-seconds" when every model has been
+    benchmarked (`cre models bench`); else "seconds" measured on this machine.
 
     Label-only outcomes have no measured cost. They are charged the model's mean measured
     cost of a greedy answer over its recorded outcomes; a model with none is costed from its
@@ -347,19 +380,32 @@ class CostModel:
     has no other votes.
     """
 
-    def __init__(self, unit: str, prices: dict[str, float], label_cost: dict[str, float]) -> None:
+    def __init__(
+        self,
+        unit: str,
+        prices: dict[str, float],
+        label_cost: dict[str, float],
+        speeds: dict[str, tuple[float, float]] | None = None,
+    ) -> None:
         if unit not in UNITS:
             raise ValueError(f"unknown cost unit {unit!r}; use one of {', '.join(UNITS)}")
         self.unit = unit
         self.prices = prices
         self.label_cost = label_cost
+        self.speeds = speeds or {}
 
     @classmethod
     def build(cls, outcomes: Iterable[Outcome], specs: Sequence["ModelSpec"] = (), unit: str | None = None) -> "CostModel":
         outcomes = list(outcomes)
         prices = {s.name: s.price_per_1k_tokens for s in specs if s.price_per_1k_tokens is not None}
+        speeds = bench_speeds(specs)
         if unit is None:
-            unit = "price" if specs and len(prices) == len(specs) else "seconds"
+            if specs and len(prices) == len(specs):
+                unit = "price"
+            elif specs and len(speeds) == len(specs):
+                unit = "bench-seconds"
+            else:
+                unit = "seconds"
         if unit == "price":
             unpriced = sorted({o.model for o in outcomes} - set(prices))
             if unpriced:
@@ -367,7 +413,7 @@ class CostModel:
                     f"cost unit 'price' needs price_per_1k_tokens for every model; missing for "
                     f"{', '.join(unpriced)}. Add it in models.toml, or use the measured seconds."
                 )
-        model = cls(unit, {k: float(v) for k, v in prices.items()}, {})
+        model = cls(unit, {k: float(v) for k, v in prices.items()}, {}, speeds)
         runs = [o for o in outcomes if o.source == "run" and o.votes]
         needs = sorted({o.model for o in outcomes if o.source == "label"})
         if needs:
@@ -387,6 +433,9 @@ class CostModel:
         prompt_tokens, output_tokens = typical
         if self.unit == "price":
             return (prompt_tokens + output_tokens) * self.prices[name] / 1000.0
+        if self.unit == "bench-seconds" and name in self.speeds:
+            pp, tg = self.speeds[name]
+            return prompt_tokens / pp + output_tokens / tg
         from crecli.models import bench
 
         speed = bench.stored(spec) if spec is not None else None
@@ -399,7 +448,7 @@ class CostModel:
 
     def votes(self, outcome: Outcome) -> list[float]:
         """Cost of each vote in order (vote 0 carries prompt processing)."""
-        costs = outcome.vote_costs(self.unit, self.prices.get(outcome.model))
+        costs = outcome.vote_costs(self.unit, self.prices.get(outcome.model), self.speeds.get(outcome.model))
         return [self.label_cost[outcome.model]] if costs is None else costs
 
     def of(self, outcome: Outcome, used_votes: int = 1) -> float:

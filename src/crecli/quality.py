@@ -3,7 +3,7 @@
 The decision rule is a pure function of the ordered, normalised votes, so the same code
 decides online (in the cascade, sampling lazily) and offline (calibration and evaluation
 replay recorded votes). Vote 0 is the greedy answer; votes 1..k-1 are samples at
-`temperature` with seeds 1..k-1.
+`temperature` with seeds from `vote_seed(prompt, i)`.
 
 Early stopping: with `need = ceil(threshold * k)` votes required for the majority, we stop
 as soon as the leading answer has `need` votes (accept) or can no longer reach it
@@ -25,9 +25,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-# Bump when prompt rendering or answer caps change: recorded votes made under another
-# version are not comparable and are re-run.
-PROMPT_VERSION = 1
+# Bump when prompt rendering, answer caps or vote seeds change: recorded votes made under
+# another version are not comparable and are re-run.
+PROMPT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,19 @@ class Decision:
     agreement: float  # majority share among the votes used
     used: int  # votes drawn before the decision was fixed
     accept: bool  # whether the majority reached the threshold
+
+
+def vote_seed(prompt: str, index: int) -> int:
+    """The sampling seed of vote `index` (>= 1) for `prompt`.
+
+    Derived from the prompt, not just the index: with fixed seeds 1..k-1, vote i draws the
+    same random numbers for every query, so a seed whose first draw lands in the tail makes
+    vote i wrong everywhere at once (seen on qwen-0.5b: seed 1 answered "17" to 3 + 4 at
+    temperature 0.3). Hashing keeps votes reproducible, so calibration's recorded votes are
+    the ones `cre ask` draws, and independent across queries.
+    """
+    digest = hashlib.sha256(f"{index}\0{prompt.strip()}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 def needed(threshold: float, k: int) -> int:

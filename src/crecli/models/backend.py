@@ -51,9 +51,13 @@ class Backend(abc.ABC):
         params = replace(params, stop=tuple(dict.fromkeys((*params.stop, *rendered.stop))))
         return self.complete(rendered.text, params)
 
-    def sample(self, prompt: str, k: int, params: GenParams, base_seed: int = 0) -> list[Generation]:
-        """k samples of one prompt. Backends that cache the prompt make samples 2..k cheap."""
-        return [self.generate(prompt, replace(params, seed=base_seed + i)) for i in range(k)]
+    def sample(self, prompt: str, params: GenParams, seeds: Sequence[int]) -> list[Generation]:
+        """One sample of `prompt` per seed, back to back.
+
+        Consecutive calls with the same prompt let llama.cpp reuse the prompt's KV cache,
+        so only the first call pays for prompt processing.
+        """
+        return [self.generate(prompt, replace(params, seed=seed)) for seed in seeds]
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         raise BackendError(f"model {self.spec.name!r} ({self.spec.backend} backend) cannot embed")

@@ -12,7 +12,6 @@ import os
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from crecli.errors import BackendError
@@ -140,12 +139,6 @@ class LlamaBackend(Backend):
             seconds=seconds,
             finish_reason=str(choice.get("finish_reason") or "stop"),
         )
-
-    def sample(self, prompt: str, k: int, params: GenParams, base_seed: int = 0) -> list[Generation]:
-        # llama-cpp-python keeps the last prompt in its KV cache and re-evaluates only the
-        # differing suffix, so samples 2..k skip prompt processing entirely. The first sample
-        # carries the prompt's cost; the rest show it as near-zero prompt time.
-        return [self.generate(prompt, replace(params, seed=base_seed + i)) for i in range(k)]
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         if self._embedder is None:
