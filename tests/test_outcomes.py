@@ -239,3 +239,24 @@ def test_store_rows_are_plain_json(store) -> None:
     assert json.loads(raw) == [["x", 1, 0.5]]
     assert store.get("p", "small", "m", "k") == (7, [Vote("x", 1, 0.5)])
     assert store.get("p", "small", "other", "k") is None
+
+
+def _bench(name: str, pp: float, tg: float) -> None:
+    bench.save(bench.Speed(name, None, 2, pp_tokens_per_s=pp, tg_tokens_per_s=tg, load_seconds=1.0,
+                           pp_tokens=256, tg_tokens=64, measured_at="now"))
+
+
+def test_cost_in_bench_seconds_when_every_model_is_benchmarked(settings) -> None:
+    o = run_outcome("medium", [("a", 4, 9.0), ("a", 2, 7.0)], prompt_tokens=50)
+    _bench("small", 400.0, 40.0)
+    _bench("medium", 100.0, 20.0)
+    assert CostModel.build([o], settings.ladder_specs()).unit == "seconds"  # large not benchmarked
+    _bench("large", 25.0, 10.0)
+    costs = CostModel.build([o], settings.ladder_specs())
+    assert costs.unit == "bench-seconds"
+    # vote 0: 50 prompt tokens at 100/s and 4 output tokens at 20/s; vote 1: 2 tokens at 20/s.
+    # The measured 9 and 7 seconds (a busy machine) play no part.
+    assert costs.votes(o) == [pytest.approx(0.5 + 0.2), pytest.approx(0.1)]
+    assert o.vote_costs("bench-seconds", speed=(100.0, 20.0)) == costs.votes(o)
+    with pytest.raises(ConfigError, match="cre models bench medium"):
+        o.vote_costs("bench-seconds")
