@@ -117,6 +117,12 @@ def fit(log_path: Path, out_path: Path, settings: "Settings", budget: "Budget", 
 
     t0 = time.perf_counter()
     labelled = [(r, c) for r, c in zip(records, labels) if r.labelled]
+    if not labelled:
+        status(
+            "No query has a reference or labels, so no model is measured: every cluster starts "
+            f"on the fallback model ({settings.ladder[-1]}). Add `reference` (and `match`) or "
+            "`labels` to the log to route by cluster."
+        )
     measured = [r for r, _ in labelled]
     if options.sample_per_cluster:
         measured = outcomes.sample_records(

@@ -105,14 +105,16 @@ def build(
     """A router from a fitted embedder and assigner and a calibration plan.
 
     `labels[i]` is the cluster of `records[i]` (every record of the log, measured or not).
-    A cluster the plan has no model for (none of its records was measured) is left out,
-    so its prompts go to the fallback model.
+    A cluster the plan has no model for (none of its records was labelled, as in a
+    plain-text log) is kept, with no statistics, and starts on the fallback model: the
+    router still shows the log's clusters, and a later fit with labels can fill them in.
     """
     members: dict[int, list["Record"]] = {}
     for record, label in zip(records, labels):
         members.setdefault(int(label), []).append(record)
     clusters = []
-    for cid, model in sorted(plan.choice.models.items()):
+    for cid in sorted(set(plan.choice.models) | {c for c in members if c >= 0}):
+        model = plan.choice.models.get(cid, plan.choice.fallback)
         group = members.get(cid, [])
         types = Counter(r.match for r in group if r.match is not None)
         clusters.append(ClusterInfo(
@@ -121,7 +123,10 @@ def build(
             model=model,
             answer_type=types.most_common(1)[0][0] if types else None,
             examples=[r.prompt[:EXAMPLE_CHARS] for r in group[:EXAMPLES_PER_CLUSTER]],
-            stats={m: s.to_dict() for m, s in plan.table.clusters[cid].models.items()},
+            stats=(
+                {m: s.to_dict() for m, s in plan.table.clusters[cid].models.items()}
+                if cid in plan.table.clusters else {}
+            ),
         ))
     fit = {
         **fit_meta,
