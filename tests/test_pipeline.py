@@ -109,3 +109,18 @@ def test_fit_calibrate_eval_ask_batch(tmp_path: Path, tiny_models_toml: Path, sk
     records = [json.loads(l) for l in out.stdout.splitlines()]
     assert len(records) == 8 and "error" in records[6] and "error" in records[7]
     assert out.exit_code == 3  # some lines got error records
+
+
+@pytest.mark.skipif(not SMALL_LOG.is_file(), reason="needs ../shared/data/querylog-small.jsonl")
+def test_plain_text_log_is_clustered_but_not_measured(tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict[str, FakeBackend]) -> None:
+    prompts = [json.loads(l)["prompt"].replace("\n", " ") for l in SMALL_LOG.read_text().splitlines()]
+    log = tmp_path / "prompts.txt"
+    log.write_text("\n".join(prompts) + "\n")
+    router = tmp_path / "plain.cre"
+    m = ("--models", str(tiny_models_toml))
+    report = json.loads(invoke("fit", str(log), "-o", str(router), *m, "--json"))
+    assert report["n_labelled"] == 0 and report["outcomes_run"] == 0
+    assert not any(b.calls for b in skilled_fakes.values())  # no model ran
+    info = json.loads(invoke("inspect", str(router), *m, "--json"))
+    assert len(info["clusters"]) == report["n_clusters"] > 1
+    assert {c["model"] for c in info["clusters"]} == {"large"} and all(c["stats"] == {} for c in info["clusters"])
