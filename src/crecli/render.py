@@ -325,7 +325,7 @@ def calibration(cal: Any, path: Any, as_json: bool) -> None:
         }
         print_json(data)
         return
-    table = Table(title="Accuracy-cost frontier (in-sample, all settings tried; * = chosen)", title_justify="left")
+    table = Table(title="Accuracy-cost frontier, held out by cross-validation (* = chosen)", title_justify="left")
     for col in ("", "setting", "accuracy", "vs strongest", "cost/query", "vs strongest", "escalated"):
         table.add_column(col, justify="left" if col in ("", "setting") else "right")
     for p in cal.frontier:
@@ -342,7 +342,7 @@ def calibration(cal: Any, path: Any, as_json: bool) -> None:
     held = cal.held_out
     out().print(
         f"Chosen for {cal.budget.kind} {cal.budget.value}: {cal.setting.label()}"
-        + ("" if cal.budget_met else " (budget NOT met in-sample; closest setting chosen)"),
+        + ("" if cal.budget_met else " (budget NOT met on held-out folds; the closest setting was chosen)"),
         highlight=False,
     )
     out().print(
