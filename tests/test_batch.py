@@ -19,6 +19,7 @@ from crecli.escalate import Cascade
 from crecli.models.backend import GenParams
 from crecli.models.fake import FakeBackend
 from crecli.quality import vote_seed
+from crecli.querylog import FieldMap
 from crecli.routerfile import RouterFile
 from test_escalate import FAR, LADDER, install, make_router, scripted, user_prompt
 
@@ -273,3 +274,11 @@ def test_cli_batch_stdin_resume_and_json_summary(
     assert [json.loads(line)["id"] for line in again.stdout.splitlines()] == ["c"]
     summary = json.loads(again.stderr)
     assert (summary["lines"], summary["skipped"], summary["answered"], summary["errors"]) == (3, 2, 1, 0)
+
+
+def test_field_names_can_be_mapped(fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade) -> None:
+    install(fake_backends, TABLE)
+    fields = FieldMap(prompt="question", reference="gold", id="key")
+    rows, summary = _run([jl(key="k1", question=ADD, gold=["12"], match="numeric"), jl(id="x", prompt=ADD)], cascade, fields=fields)
+    assert rows[0]["id"] == "k1" and rows[0]["answer"] == "12" and rows[0]["correct"] is True
+    assert "missing 'question' field" in rows[1]["error"]

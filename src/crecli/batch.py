@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, TextIO
 
 from crecli.console import progress
 from crecli.errors import CreError, InputError, ModelNotAvailable
-from crecli.querylog import Record, parse_batch_line
+from crecli.querylog import FieldMap, Record, parse_batch_line
 from crecli.route import route_many
 
 if TYPE_CHECKING:
@@ -213,6 +213,7 @@ def run_batch(
     resume_ids: set[str] | frozenset[str] = frozenset(),
     source: str = "<stdin>",
     chunk_size: int = 64,
+    fields: FieldMap = FieldMap(),
 ) -> BatchSummary:
     """Answer every line of `lines` (JSONL objects or plain-text prompts) into `out`.
 
@@ -254,7 +255,7 @@ def run_batch(
             records: list[tuple[int, Record]] = []
             for line, raw in chunk:
                 try:
-                    record = parse_batch_line(raw, line, source)
+                    record = parse_batch_line(raw, line, source, fields)
                 except InputError as exc:
                     fail(line, _id_of(raw), str(exc))
                     bar.advance(task)

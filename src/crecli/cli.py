@@ -434,6 +434,10 @@ def batch(
     memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Keep models loaded within this much memory, e.g. 4GB (default: no limit).", show_default=False)] = None,
     json_summary: Annotated[bool, typer.Option("--json-summary", help="Write the summary as JSON (on stderr; stdout carries the results).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Use the router even if the model files differ from the ones it was fitted with.")] = False,
+    prompt_field: Annotated[str, typer.Option(help="Field holding the prompt.")] = "prompt",
+    reference_field: Annotated[str, typer.Option(help="Field holding the reference answer(s).")] = "reference",
+    match_field: Annotated[str, typer.Option(help="Field holding the match rule.")] = "match",
+    id_field: Annotated[str, typer.Option(help="Field holding the id.")] = "id",
 ) -> None:
     """Answer many prompts: one JSONL result per input line, in input order, on stdout.
 
@@ -462,18 +466,21 @@ def batch(
     from crecli.batch import parse_size, read_done_ids, run_batch
     from crecli.escalate import Cascade
 
+    from crecli.querylog import FieldMap
+
+    fields = FieldMap(prompt=prompt_field, reference=reference_field, match=match_field, id=id_field)
     done = read_done_ids(resume) if resume is not None else set()
     budget = parse_size(memory_budget) if memory_budget is not None else None
     with Cascade.from_file(_router_path(router), models, force=force, memory_budget_bytes=budget) as cascade:
         if file is None:
-            summary = run_batch(sys.stdin.buffer, sys.stdout, cascade, done, source="<stdin>")
+            summary = run_batch(sys.stdin.buffer, sys.stdout, cascade, done, source="<stdin>", fields=fields)
         else:
             try:
                 fh = file.open("rb")
             except OSError as exc:
                 raise CreError(f"{file}: cannot read it ({exc.strerror})") from None
             with fh:
-                summary = run_batch(fh, sys.stdout, cascade, done, source=str(file))
+                summary = run_batch(fh, sys.stdout, cascade, done, source=str(file), fields=fields)
     render.batch_summary(summary, as_json=json_summary)
     if summary.errors:
         raise typer.Exit(3)

@@ -92,8 +92,8 @@ class Setting:
     thresholds: tuple[tuple[str, float], ...]
 
     def label(self) -> str:
-        t = ", ".join(f"{m.split('-')[0]}:{v:.1f}" for m, v in self.thresholds)
-        return f"retain {self.retain:.2f} | {t}"
+        """e.g. "retain 0.85 | thresholds 0.8/0.6/0.0" (thresholds smallest rung first)."""
+        return f"retain {self.retain:.2f} | thresholds " + "/".join(f"{v:.1f}" for _, v in self.thresholds)
 
 
 @dataclass

@@ -196,7 +196,7 @@ def batch_summary(summary: "BatchSummary", as_json: bool) -> None:
         f"cost {summary.seconds:.1f} model-seconds (+{summary.route_seconds:.2f} s routing)"
     )
     if summary.cost_ratio is not None:
-        unit = "model-seconds" if summary.unit == "seconds" else "price units"
+        unit = {"seconds": "model-seconds", "bench-seconds": "bench-seconds"}.get(summary.unit, "price units")
         lines.append(
             f"vs always {summary.strongest_model}: {summary.cascade_cost:.3g} against an estimated "
             f"{summary.strongest_cost:.3g} {unit} ({summary.cost_ratio:.0%}) on {summary.estimated} answers; "
@@ -266,7 +266,7 @@ def inspect_router(router: Any, as_json: bool) -> None:
         return
     ladder = [m["name"] for m in router.ladder]
     unit = router.fit.get("cost_unit", "seconds")
-    cost_label = "s" if unit == "seconds" else "$"
+    cost_label = "$" if unit == "price" else "s"
     fit = router.fit
     out().print(
         f"Router schema {router.schema_version}: {len(router.clusters)} clusters from {fit.get('n_queries')} queries "
