@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import pytest
 from typer.testing import CliRunner
 
 from crecli import __version__
@@ -52,7 +51,6 @@ def test_errors_are_one_line_with_exit_1() -> None:
 
 
 def test_missing_model_file_says_how_to_fetch_it(tiny_models_toml: Path) -> None:
-    result = run("--help")  # warm
     result = run("ask", "hi", "--model", "small", "--models", str(tiny_models_toml))
     assert result.returncode == 1
     assert "model 'small' is not on disk" in result.stderr and "check `path`" in result.stderr
