@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, TextIO
 
 from crecli.console import progress
 from crecli.errors import CreError, InputError, ModelNotAvailable
+from crecli.outcomes import token_cost
 from crecli.querylog import FieldMap, Record, parse_batch_line
 from crecli.route import route_many
 
@@ -188,21 +189,16 @@ def _trace_cost(trace: "Trace", unit: str, cascade: "Cascade") -> float | None:
     """What the cascade spent on one prompt, in the router's cost unit (None: no price known)."""
     if unit == "seconds":
         return sum(s.seconds for s in trace.steps)
-    if unit == "bench-seconds":
-        total = 0.0
-        for step in trace.steps:
-            speed = cascade.speeds.get(step.model)
-            if speed is None:
-                return None
-            total += step.prompt_tokens / speed[0] + step.output_tokens / speed[1]
-        return total
     total = 0.0
     for step in trace.steps:
-        price = cascade.specs[step.model].price_per_1k_tokens
-        if price is None:
-            return None
         # As in calibration: the prompt is paid once per model, every vote's output tokens.
-        total += (step.prompt_tokens + step.output_tokens) * price / 1000.0
+        cost = token_cost(
+            unit, step.prompt_tokens, step.output_tokens,
+            cascade.specs[step.model].price_per_1k_tokens, cascade.speeds.get(step.model),
+        )
+        if cost is None:
+            return None
+        total += cost
     return total
 
 

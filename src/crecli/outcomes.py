@@ -103,23 +103,18 @@ class Outcome:
             return None
         if unit == "seconds":
             return [v.seconds for v in self.votes]
-        if unit == "bench-seconds":
-            if speed is None:
-                raise ConfigError(f"model {self.model!r} has no benchmark; run `cre models bench {self.model}`")
-            pp, tg = speed
-            return [
-                v.output_tokens / tg + (self.prompt_tokens / pp if i == 0 else 0.0)
-                for i, v in enumerate(self.votes)
-            ]
-        if unit == "price":
-            if price_per_1k_tokens is None:
-                raise ConfigError(f"model {self.model!r} has no price_per_1k_tokens in models.toml")
-            per_token = price_per_1k_tokens / 1000.0
-            return [
-                (v.output_tokens + (self.prompt_tokens if i == 0 else 0)) * per_token
-                for i, v in enumerate(self.votes)
-            ]
-        raise ValueError(f"unknown cost unit {unit!r}; use one of {', '.join(UNITS)}")
+        if unit not in UNITS:
+            raise ValueError(f"unknown cost unit {unit!r}; use one of {', '.join(UNITS)}")
+        if unit == "price" and price_per_1k_tokens is None:
+            raise ConfigError(f"model {self.model!r} has no price_per_1k_tokens in models.toml")
+        if unit == "bench-seconds" and speed is None:
+            raise ConfigError(f"model {self.model!r} has no benchmark; run `cre models bench {self.model}`")
+        costs = [
+            token_cost(unit, self.prompt_tokens if i == 0 else 0, v.output_tokens, price_per_1k_tokens, speed)
+            for i, v in enumerate(self.votes)
+        ]
+        assert None not in costs  # the checks above leave no vote without a figure
+        return costs  # type: ignore[return-value]
 
     def cost(self, used_votes: int = 1, unit: str = "seconds", price_per_1k_tokens: float | None = None) -> float | None:
         """Measured cost of the first `used_votes` votes (see `vote_costs`); None for labels."""
@@ -352,6 +347,27 @@ def sample_records(records: Sequence["Record"], labels: Sequence[int], n: int, s
     return [records[i] for i in sorted(keep)]
 
 
+def token_cost(
+    unit: str,
+    prompt_tokens: float,
+    output_tokens: float,
+    price_per_1k_tokens: float | None = None,
+    speed: tuple[float, float] | None = None,
+) -> float | None:
+    """Cost of reading `prompt_tokens` and writing `output_tokens`; None if its figure is unknown.
+
+    "price": tokens times the price. Any other unit: seconds at the benchmarked
+    (prompt, generation) tokens/s in `speed`, which is also how a model that never ran is
+    priced in measured seconds.
+    """
+    if unit == "price":
+        return None if price_per_1k_tokens is None else (prompt_tokens + output_tokens) * price_per_1k_tokens / 1000.0
+    if speed is None:
+        return None
+    pp, tg = speed
+    return prompt_tokens / pp + output_tokens / tg
+
+
 def bench_speeds(specs: Sequence["ModelSpec"]) -> dict[str, tuple[float, float]]:
     """(prompt, generation) tokens/s of each model that `cre models bench` measured."""
     from crecli.models import bench
@@ -422,29 +438,20 @@ class CostModel:
                 if runs
                 else (float(TYPICAL_PROMPT_TOKENS), float(TYPICAL_OUTPUT_TOKENS))
             )
-            by_name = {s.name: s for s in specs}
             for name in needs:
-                model.label_cost[name] = model._estimate(name, [o for o in runs if o.model == name], typical, by_name.get(name))
+                model.label_cost[name] = model._estimate(name, [o for o in runs if o.model == name], typical)
         return model
 
-    def _estimate(self, name: str, runs: list[Outcome], typical: tuple[float, float], spec: "ModelSpec | None") -> float:
+    def _estimate(self, name: str, runs: list[Outcome], typical: tuple[float, float]) -> float:
         if runs:
             return sum(self.votes(o)[0] for o in runs) / len(runs)
-        prompt_tokens, output_tokens = typical
-        if self.unit == "price":
-            return (prompt_tokens + output_tokens) * self.prices[name] / 1000.0
-        if self.unit == "bench-seconds" and name in self.speeds:
-            pp, tg = self.speeds[name]
-            return prompt_tokens / pp + output_tokens / tg
-        from crecli.models import bench
-
-        speed = bench.stored(spec) if spec is not None else None
-        if speed is None:
+        cost = token_cost(self.unit, *typical, self.prices.get(name), self.speeds.get(name))
+        if cost is None:
             raise CreError(
                 f"no cost is known for {name!r}: every outcome of it is a label and it has no "
                 f"benchmark. Run `cre models bench {name}`, or let it answer some queries."
             )
-        return prompt_tokens / float(speed["pp_tokens_per_s"]) + output_tokens / float(speed["tg_tokens_per_s"])
+        return cost
 
     def votes(self, outcome: Outcome) -> list[float]:
         """Cost of each vote in order (vote 0 carries prompt processing)."""
