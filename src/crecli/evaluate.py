@@ -35,6 +35,7 @@ from crecli.outcomes import CostModel, Outcome, OutcomeKey
 if TYPE_CHECKING:
     from crecli.config import Settings
     from crecli.querylog import Record
+    from crecli.route import RouteDecision
     from crecli.routerfile import RouterFile
 
 # Per-cluster model choices are swept over these "retain" values; the threshold grid is
@@ -47,10 +48,14 @@ class Data:
     """A labelled log prepared for replay: records, their clusters, and outcomes."""
 
     records: list["Record"]
-    clusters: list[int]
+    routes: list["RouteDecision"]  # each record's cluster and starting model, as `cre ask` routes it
     outcomes: dict[OutcomeKey, Outcome]
     costs: CostModel
     replay: Replay
+
+    @property
+    def clusters(self) -> list[int]:
+        return [r.cluster for r in self.routes]
 
 
 def prepare(router: "RouterFile", settings: "Settings", log: Path, store: Path | None = None, skip_bad: bool = False) -> Data:
@@ -65,22 +70,21 @@ def prepare(router: "RouterFile", settings: "Settings", log: Path, store: Path |
     missing = [m for m in ladder if m not in settings.models]
     if missing:
         raise CreError(f"the router's ladder has {', '.join(missing)}, which your models.toml lacks")
-    clusters = assign(router, [r.prompt for r in records])
+    routes = assign(router, [r.prompt for r in records])
     path = store or outcomes_mod.default_store_path()
     with outcomes_mod.OutcomeStore(path) as st:
         found = outcomes_mod.collect(records, settings, st, router.quality, models=ladder)
     costs = CostModel.build(found.values(), [settings.get(m) for m in ladder])
     replay = Replay.build(found, records, ladder, costs)
-    return Data(records, clusters, found, costs, replay)
+    return Data(records, routes, found, costs, replay)
 
 
-def assign(router: "RouterFile", prompts: Sequence[str]) -> list[int]:
-    """Clusters exactly as `cre ask` assigns them: embed, then the router's assigner."""
+def assign(router: "RouterFile", prompts: Sequence[str]) -> list["RouteDecision"]:
+    """Routes exactly as `cre ask` decides them (embedded in batches, with a progress bar)."""
     from crecli.embed import embed_texts
+    from crecli.route import route_vectors
 
-    vectors = embed_texts(router.embedder, list(prompts))
-    labels, _ = router.assigner.predict(vectors)
-    return [int(x) for x in labels]
+    return route_vectors(router, embed_texts(router.embedder, list(prompts)))
 
 
 # ---------------------------------------------------------------- settings and sweeps
@@ -327,10 +331,9 @@ def evaluate(router: "RouterFile", data: Data) -> EvalReport:
     ladder = [m["name"] for m in router.ladder]
     quality = router.quality
     records = data.records
-    starts = {r.id: (router.cluster(c).model if c >= 0 and router.cluster(c) else router.fallback_model)
-              for r, c in zip(records, data.clusters)}
-    overrides = {r.id: router.cluster(c).thresholds for r, c in zip(records, data.clusters)
-                 if c >= 0 and router.cluster(c) and router.cluster(c).thresholds}
+    starts = {r.id: route.model for r, route in zip(records, data.routes)}
+    overrides = {r.id: info.thresholds for r, route in zip(records, data.routes)
+                 if route.cluster >= 0 and (info := router.cluster(route.cluster)) and info.thresholds}
     cascade = data.replay.simulate(starts, router.thresholds, quality, overrides or None)
 
     singles = [_greedy_point(data, f"{m} only", {r.id: m for r in records}) for m in ladder]

@@ -50,10 +50,19 @@ def route_many(router: "RouterFile", prompts: Sequence[str]) -> list[RouteDecisi
     if not prompts:
         return []
     start = time.perf_counter()
-    vectors = router.embedder.transform(list(prompts))
+    return route_vectors(router, router.embedder.transform(list(prompts)), start)
+
+
+def route_vectors(router: "RouterFile", vectors: Any, start: float | None = None) -> list[RouteDecision]:
+    """Decisions for prompts already embedded with `router.embedder`.
+
+    `start` (a `time.perf_counter()` reading) is when routing began, so embedding can be
+    counted in each decision's `seconds`; by default only the assignment is.
+    """
+    start = time.perf_counter() if start is None else start
     labels, distances = router.assigner.predict(vectors)
     decided = [_decide(router, int(cid), float(distance)) for cid, distance in zip(labels, distances)]
-    share = (time.perf_counter() - start) / len(prompts)
+    share = (time.perf_counter() - start) / max(1, len(decided))
     return [RouteDecision(cluster=c, model=m, distance=d, reason=r, seconds=share) for c, m, d, r in decided]
 
 
