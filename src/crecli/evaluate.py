@@ -17,7 +17,7 @@ import random
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from crecli import console
 from crecli.calibrate import (
@@ -144,12 +144,16 @@ class Figures:
     escalation_rate: float
 
 
-def reference(data: Data, idx: Sequence[int], ladder: list[str]) -> tuple[float, float]:
-    """Accuracy and mean cost of always using the strongest model (its greedy answer)."""
-    top = ladder[-1]
-    entries = [data.replay.entries[(data.records[i].id, top)] for i in idx]
+def greedy(data: Data, idx: Sequence[int], model_of: Callable[[int], str]) -> tuple[float, float]:
+    """Accuracy and mean cost of the greedy answer of model `model_of(i)` for each query i in `idx`."""
+    entries = [data.replay.entries[(data.records[i].id, model_of(i))] for i in idx]
     n = len(entries) or 1
     return sum(e.correct[0] for e in entries) / n, sum(e.cumcost[0] for e in entries) / n
+
+
+def reference(data: Data, idx: Sequence[int], ladder: list[str]) -> tuple[float, float]:
+    """Accuracy and mean cost of always using the strongest model (its greedy answer)."""
+    return greedy(data, idx, lambda i: ladder[-1])
 
 
 def _pick(candidates: Sequence[tuple[Setting, Any]], budget: Budget, ref: tuple[float, float]) -> tuple[Setting, Any, bool]:
@@ -282,13 +286,7 @@ class EvalReport:
 
 
 def _greedy_point(data: Data, name: str, starts: Mapping[str, str]) -> Point:
-    n = len(data.records)
-    correct = cost = 0.0
-    for r in data.records:
-        e = data.replay.entries[(r.id, starts[r.id])]
-        correct += e.correct[0]
-        cost += e.cumcost[0]
-    return Point(name, correct / n, cost / n)
+    return Point(name, *greedy(data, range(len(data.records)), lambda i: starts[data.records[i].id]))
 
 
 def _oracle(data: Data, ladder: list[str]) -> Point:
