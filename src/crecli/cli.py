@@ -56,6 +56,15 @@ ModelsOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout for scripts.")]
 
 
+def _finite(value: float) -> float:
+    """Option callback: click's ranges let nan and inf through."""
+    import math
+
+    if not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number.")
+    return value
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"cre {__version__}")
@@ -135,8 +144,8 @@ def models_pull(
 def models_bench(
     names: Annotated[Optional[list[str]], typer.Argument(help="Models to measure (default: the ladder).", show_default=False)] = None,
     models: ModelsOpt = None,
-    pp_tokens: Annotated[int, typer.Option(help="Prompt tokens to process.")] = 256,
-    tg_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
+    pp_tokens: Annotated[int, typer.Option(min=1, help="Prompt tokens to process.")] = 256,
+    tg_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 64,
     json_: JsonOpt = False,
 ) -> None:
     """Measure prompt-processing and generation tokens/s of each model on this machine.
@@ -184,15 +193,15 @@ def fit(
     models: ModelsOpt = None,
     retain: Annotated[Optional[float], typer.Option(help="Budget: keep at least this share of the strongest model's accuracy in every cluster, at the least cost. Default 0.98.", show_default=False)] = None,
     max_cost: Annotated[Optional[float], typer.Option(help="Budget instead: spend at most this share of always using the strongest model, at the best accuracy.", show_default=False)] = None,
-    seed: Annotated[int, typer.Option(help="Seed for UMAP, sampling and splits: the same seed gives the same router.")] = 0,
-    min_cluster_size: Annotated[Optional[int], typer.Option(help="HDBSCAN min_cluster_size (default scales with the log size).", show_default=False)] = None,
-    min_samples: Annotated[Optional[int], typer.Option(help="HDBSCAN min_samples (default scales with the log size).", show_default=False)] = None,
-    n_components: Annotated[int, typer.Option(help="UMAP output dimensions.")] = 8,
-    n_neighbors: Annotated[Optional[int], typer.Option(help="UMAP n_neighbors (default scales with the log size).", show_default=False)] = None,
-    max_fit_rows: Annotated[int, typer.Option(help="Larger logs are clustered on a sample of this many rows; the rest are assigned afterwards.")] = 20000,
-    sample_per_cluster: Annotated[Optional[int], typer.Option(help="Run the models on at most N labelled queries per cluster (caps calibration cost).", show_default=False)] = None,
-    k: Annotated[int, typer.Option("--k", help="Self-consistency votes per model and query (1 greedy + k-1 samples).")] = 5,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature of votes 2..k.")] = 0.7,
+    seed: Annotated[int, typer.Option(min=0, help="Seed for UMAP, sampling and splits: the same seed gives the same router.")] = 0,
+    min_cluster_size: Annotated[Optional[int], typer.Option(min=2, help="HDBSCAN min_cluster_size (default scales with the log size).", show_default=False)] = None,
+    min_samples: Annotated[Optional[int], typer.Option(min=1, help="HDBSCAN min_samples (default scales with the log size).", show_default=False)] = None,
+    n_components: Annotated[int, typer.Option(min=1, help="UMAP output dimensions.")] = 8,
+    n_neighbors: Annotated[Optional[int], typer.Option(min=2, help="UMAP n_neighbors (default scales with the log size).", show_default=False)] = None,
+    max_fit_rows: Annotated[int, typer.Option(min=10, help="Larger logs are clustered on a sample of this many rows; the rest are assigned afterwards.")] = 20000,
+    sample_per_cluster: Annotated[Optional[int], typer.Option(min=1, help="Run the models on at most N labelled queries per cluster (caps calibration cost).", show_default=False)] = None,
+    k: Annotated[int, typer.Option("--k", min=1, help="Self-consistency votes per model and query (1 greedy + k-1 samples).")] = 5,
+    temperature: Annotated[float, typer.Option(min=0.0, callback=_finite, help="Sampling temperature of votes 2..k.")] = 0.7,
     fmt: Annotated[Optional[str], typer.Option("--format", help="jsonl, csv or text (default: by file extension).", show_default=False)] = None,
     prompt_field: Annotated[str, typer.Option(help="Field holding the prompt.")] = "prompt",
     reference_field: Annotated[str, typer.Option(help="Field holding the reference answer(s).")] = "reference",
@@ -229,7 +238,10 @@ def fit(
         fmt=fmt, fields=FieldMap(prompt=prompt_field, reference=reference_field, match=match_field, id=id_field, labels=labels_field),
         skip_bad=skip_bad, store=store, truth_field=truth_field,
     )
-    report = run_fit(log, output, _settings(models), _budget(retain, max_cost), options)
+    settings, budget = _settings(models), _budget(retain, max_cost)
+    if set_default:
+        _check_can_set_default()  # before the run, not after it
+    report = run_fit(log, output, settings, budget, options)
     if set_default:
         _set_default_router(output)
     render.fit_report(report, json_)
@@ -262,8 +274,8 @@ def calibrate(
     log: Annotated[Optional[Path], typer.Option(help="Labelled log to tune on (default: the log the router was fitted on).", show_default=False)] = None,
     retain: Annotated[Optional[float], typer.Option(help="Target: accuracy at least this share of always using the strongest model, at the least cost. Default 0.98.", show_default=False)] = None,
     max_cost: Annotated[Optional[float], typer.Option(help="Target instead: cost at most this share of always using the strongest model, at the best accuracy.", show_default=False)] = None,
-    folds: Annotated[int, typer.Option(help="Cross-validation folds for the held-out figures.")] = 5,
-    seed: Annotated[int, typer.Option(help="Seed of the fold split.")] = 0,
+    folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds for the held-out figures.")] = 5,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the fold split.")] = 0,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the tuned router here (default: update ROUTER in place).", show_default=False)] = None,
     models: ModelsOpt = None,
     store: Annotated[Optional[Path], typer.Option(help="Outcome store (default: the one `cre fit` uses).", show_default=False)] = None,
@@ -284,12 +296,17 @@ def calibrate(
     """
     from crecli import evaluate, render, routerfile
 
-    settings = _settings(models)
+    from crecli import paths
+
+    settings, budget = _settings(models), _budget(retain, max_cost)
     loaded = routerfile.load(router, settings, force=force)
-    data = evaluate.prepare(loaded, settings, _router_log(loaded, log), store)
-    cal = evaluate.recalibrate(loaded, data, _budget(retain, max_cost), n_folds=folds, seed=seed)
-    routerfile.save(evaluate.apply(loaded, cal), output or router)
-    render.calibration(cal, output or router, json_)
+    log = _router_log(loaded, log)
+    target = output or router
+    paths.check_output(target, "-o", [("the query log", log), ("the outcome store", store), *_models_files(settings)])
+    data = evaluate.prepare(loaded, settings, log, store)
+    cal = evaluate.recalibrate(loaded, data, budget, n_folds=folds, seed=seed)
+    routerfile.save(evaluate.apply(loaded, cal), target)
+    render.calibration(cal, target, json_)
 
 
 @app.command("eval")
@@ -321,6 +338,11 @@ def eval_(
 
     settings = _settings(models)
     path = _router_path(router)
+    if plot:
+        from crecli import paths
+
+        keep = [("the log", log), ("the router", path), ("the outcome store", store), *_models_files(settings)]
+        paths.check_output(plot, "--plot", keep, example="frontier.svg")
     loaded = routerfile.load(path, settings, force=force)
     data = evaluate.prepare(loaded, settings, log, store, skip_bad=skip_bad)
     report = evaluate.evaluate(loaded, data)
@@ -355,18 +377,25 @@ def _budget(retain: float | None, max_cost: float | None):  # -> calibrate.Budge
     return Budget("retain", value)
 
 
-def _set_default_router(path: Path) -> None:
-    import tomllib
+def _models_files(settings) -> list[tuple[str, Path]]:  # settings: config.Settings
+    """The models.toml files read, for paths.check_output: an output must not replace one."""
+    return [("a models.toml", Path(source)) for source in settings.sources]
 
-    import tomli_w
 
+def _check_can_set_default() -> None:
+    """--set-default writes settings.toml after the fit: check now that it parses and its folder takes a file."""
     from crecli import paths
 
-    file = paths.settings_file()
-    data = tomllib.loads(file.read_text()) if file.is_file() else {}
+    paths.writable_dir(paths.config_dir())
+    paths.read_settings()
+
+
+def _set_default_router(path: Path) -> None:
+    from crecli import paths
+
+    data = paths.read_settings()
     data["default_router"] = str(path.resolve())
-    paths.ensure(file.parent)
-    file.write_text(tomli_w.dumps(data))
+    file = paths.write_settings(data)
     from crecli.console import status
 
     status(f"Default router is now {path.resolve()} (stored in {file})")
@@ -384,8 +413,8 @@ def ask(
     match: Annotated[Optional[str], typer.Option("--match", help="Answer type (choice, numeric, exact): caps the answer's length and how votes are compared. Default: the prompt's cluster's type.", show_default=False)] = None,
     explain: Annotated[bool, typer.Option("--explain", help="Write the trace to stderr: cluster, models tried, agreement, tokens, seconds, why it escalated.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Use the router even if the model files differ from the ones it was fitted with.")] = False,
-    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate (with --model).")] = 64,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature, 0 is greedy (with --model).")] = 0.0,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate (with --model).")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, callback=_finite, help="Sampling temperature, 0 is greedy (with --model).")] = 0.0,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON on stdout for scripts: the whole trace when routed.")] = False,
 ) -> None:
     """Answer one prompt: route it to its cluster's model and escalate while the answer is unsure.

@@ -25,6 +25,7 @@ ENVIRONMENT = {
     "CRE_MODELS_DIR": "Where assembled model files live (default: the user cache dir).",
     "CRE_THREADS": "llama.cpp threads (default: the number of usable cores).",
     "CRE_DEBUG": "Show llama.cpp's own log output.",
+    "CRE_PROGRESS_INTERVAL": "Seconds between plain progress lines when stderr is not a terminal (default: 30).",
 }
 
 

@@ -68,9 +68,25 @@ def _truth_labels(records: list[Any], dotted: str) -> list[str]:
     return out
 
 
+def check_before_fit(log_path: Path, out_path: Path, settings: "Settings", options: FitOptions) -> Path:
+    """Everything a fit writes, checked before it starts; returns the outcome store's path.
+
+    Each of these used to fail only when the router was written, after the whole run, or
+    worse, succeed: `-o` naming the log replaced the log with the router.
+    """
+    keep = [("the query log", log_path), ("the outcome store", options.store)]
+    keep += [("a models.toml", Path(source)) for source in settings.sources]
+    paths.check_output(out_path, "-o", keep)
+    if options.store is not None:
+        paths.check_output(options.store, "--store", [("the query log", log_path)], example="outcomes.sqlite")
+    paths.writable_dir(paths.cache_dir())  # the embedding cache
+    return options.store or paths.writable_dir(paths.data_dir()) / "outcomes.sqlite"
+
+
 def fit(log_path: Path, out_path: Path, settings: "Settings", budget: "Budget", options: FitOptions) -> FitReport:
     from crecli import calibrate, cluster, embed, outcomes, querylog, routerfile
 
+    store_path = check_before_fit(log_path, out_path, settings, options)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     log = querylog.read_log(log_path, fmt=options.fmt, fields=options.fields or querylog.FieldMap(), skip_bad=options.skip_bad)
@@ -128,7 +144,6 @@ def fit(log_path: Path, out_path: Path, settings: "Settings", budget: "Budget", 
         measured = outcomes.sample_records(
             measured, [c for _, c in labelled], options.sample_per_cluster, options.seed
         )
-    store_path = options.store or paths.ensure(paths.data_dir()) / "outcomes.sqlite"
     with outcomes.OutcomeStore(store_path) as store:
         before = store.count()
         results = outcomes.collect(measured, settings, store, options.quality)

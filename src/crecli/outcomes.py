@@ -294,7 +294,7 @@ def _run_model(
     done: dict[tuple[str, str], tuple[int, list[Vote]]] = {}
     try:
         with console.progress() as bar:
-            task = bar.add_task(f"{spec.name}", total=len(jobs))
+            task = bar.add_task(f"{spec.name}", total=len(jobs), unit="queries")
             for job in jobs:
                 cached = done.get((job.prompt_sha, job.key))
                 if cached is None:

@@ -69,7 +69,7 @@ def pull_models(settings: "Settings", names: Sequence[str], force: bool = False)
     specs = [settings.get(n) for n in names]
     with progress(transient=False) as bar:
         for spec in specs:
-            task = bar.add_task(f"{spec.name}", total=spec.size)
+            task = bar.add_task(f"{spec.name}", total=spec.size, unit="bytes")
             path, did = pull(spec, progress=lambda n, t=task: bar.advance(t, n), force=force)
             bar.update(task, completed=spec.size)
             status(f"{spec.name}: {'assembled and verified' if did else 'already verified'} at {path}")
