@@ -7,22 +7,26 @@ out as prompts escalate. Results are buffered and the complete prefix is written
 flushed) as soon as it exists, so output order is input order and an interrupted batch
 leaves whole lines behind for `--resume`.
 
-A bad line (not JSON, no prompt, not UTF-8, empty) gets an error record in its place: N
-lines in, N lines out (minus lines skipped by --resume).
+A bad line (not JSON, no prompt, not UTF-8, empty, over the --max-prompt-bytes cap, JSON
+that Python cannot hold: too deep, an over-long integer, a lone surrogate) gets an error
+record in its place: N lines in, N lines out (minus lines skipped by --resume). A stream is
+read with `querylog.read_lines`, so an over-cap line is skipped in chunks, never held whole.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Iterator, TextIO
 
 from crecli.console import progress
 from crecli.errors import CreError, InputError, ModelNotAvailable
 from crecli.outcomes import token_cost
-from crecli.querylog import FieldMap, Record, parse_batch_line
+from crecli.querylog import FieldMap, LongLine, Record, parse_batch_line, read_lines
 from crecli.route import route_many
 
 if TYPE_CHECKING:
@@ -69,6 +73,7 @@ class BatchSummary:
         return data
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "M": 1024**2, "MB": 1024**2, "G": 1024**3, "GB": 1024**3}
 
 
@@ -81,7 +86,10 @@ def parse_size(text: str) -> int:
         size = float(number) * _UNITS[unit]
     except (ValueError, KeyError):
         raise InputError(f"--memory-budget {text!r}: give a size such as 4GB, 512MB or 1.5G") from None
-    if size <= 0:
+    # float() also reads "inf", "nan" and "1e999"; none of them is an amount of memory.
+    if not math.isfinite(size):
+        raise InputError(f"--memory-budget {text!r}: give a finite size such as 4GB, or leave the option out for no limit")
+    if size < 1:
         raise InputError(f"--memory-budget {text!r}: the budget must be positive")
     return int(size)
 
@@ -102,21 +110,28 @@ def read_done_ids(path: Path) -> set[str]:
     for line in raw.splitlines():
         try:
             row = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(row, dict) and "answer" in row and "error" not in row and row.get("id") is not None:
             done.add(str(row["id"]))
     return done
 
 
-def _id_of(raw: bytes) -> str | None:
-    """The id of a line that failed to parse, when it is JSON with one (for the error record)."""
-    try:
-        row = json.loads(raw)
-    except ValueError:
+def _id_of(raw: "bytes | LongLine", fields: FieldMap) -> str | None:
+    """The id of a line that failed to parse, when it is JSON with a usable one (for the error record)."""
+    # Never parse a line the cap refused (the slack is a byte order mark and "\r\n").
+    if isinstance(raw, LongLine) or len(raw) > fields.max_line_bytes + 5:
         return None
-    value = row.get("id") if isinstance(row, dict) else None
-    return None if value is None else str(value)
+    try:
+        row = json.loads(raw.removeprefix(b"\xef\xbb\xbf"))
+    except (ValueError, RecursionError):  # ValueError covers bad UTF-8 and over-long integers
+        return None
+    value = row.get(fields.id) if isinstance(row, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return None
+    text = str(value)
+    # A lone surrogate in the id is what made the line bad; it cannot go into the output either.
+    return None if _SURROGATE.search(text) else text
 
 
 def result_record(line: int, trace: "Trace") -> dict[str, Any]:
@@ -157,14 +172,25 @@ class _OrderedWriter:
         while self.next in self.ready:
             rec = self.ready.pop(self.next)
             if rec is not None:
-                self.out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                self.out.write(_json_line(rec))
                 wrote = True
             self.next += 1
         if wrote:
             self.out.flush()
 
 
-def _chunks(lines: Iterable[bytes], size: int) -> Iterator[list[tuple[int, bytes]]]:
+def _json_line(record: dict[str, Any]) -> str:
+    """One output line, always valid UTF-8 JSON, so one odd record cannot end the batch.
+
+    Input lines with lone surrogates are refused when parsed, but a model's answer or a file
+    name (undecodable bytes in it become surrogates) can still carry one; outside string
+    literals the JSON text is ASCII, so replacing surrogates keeps it valid.
+    """
+    text = json.dumps(record, ensure_ascii=False)
+    return _SURROGATE.sub("\ufffd", text) + "\n"
+
+
+def _chunks(lines: Iterable["bytes | LongLine"], size: int) -> Iterator[list[tuple[int, "bytes | LongLine"]]]:
     numbered = enumerate(lines, start=1)
     while chunk := list(islice(numbered, size)):
         yield chunk
@@ -203,7 +229,7 @@ def _trace_cost(trace: "Trace", unit: str, cascade: "Cascade") -> float | None:
 
 
 def run_batch(
-    lines: Iterable[bytes],
+    lines: "Iterable[bytes | LongLine] | BinaryIO",
     out: TextIO,
     cascade: "Cascade",
     resume_ids: set[str] | frozenset[str] = frozenset(),
@@ -213,10 +239,13 @@ def run_batch(
 ) -> BatchSummary:
     """Answer every line of `lines` (JSONL objects or plain-text prompts) into `out`.
 
-    Lines whose id is in `resume_ids` are skipped and write nothing. A missing or corrupt
-    model file stops the batch (every later line would fail the same way); any other
-    problem with one line becomes that line's error record.
+    `lines` is a binary stream (read a line at a time, capped at `fields.max_line_bytes`)
+    or the lines themselves. Lines whose id is in `resume_ids` are skipped and write
+    nothing. A missing or corrupt model file stops the batch (every later line would fail
+    the same way); any other problem with one line becomes that line's error record.
     """
+    if hasattr(lines, "readline"):
+        lines = read_lines(lines, fields.max_line_bytes)  # type: ignore[arg-type]
     summary = BatchSummary(
         unit=str(cascade.router.fit.get("cost_unit", "seconds")), strongest_model=cascade.ladder[-1]
     )
@@ -253,7 +282,7 @@ def run_batch(
                 try:
                     record = parse_batch_line(raw, line, source, fields)
                 except InputError as exc:
-                    fail(line, _id_of(raw), str(exc))
+                    fail(line, _id_of(raw, fields), str(exc))
                     bar.advance(task)
                     continue
                 if record.id in resume_ids:

@@ -209,6 +209,7 @@ def fit(
     id_field: Annotated[str, typer.Option(help="Field holding the query id.")] = "id",
     labels_field: Annotated[str, typer.Option(help="Field holding known correctness labels {model: bool}.")] = "labels",
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip bad lines (and report how many) instead of stopping.")] = False,
+    max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, help="Longest log line (and so prompt) to read, in bytes; a longer line is a bad line. Default 1 MiB.", show_default=False)] = None,
     store: Annotated[Optional[Path], typer.Option(help="Outcome store (default: in the user data dir, shared by all fits).", show_default=False)] = None,
     truth_field: Annotated[Optional[str], typer.Option(help="Report NMI/ARI of the clusters against this field, e.g. meta.source. Never used to route.", show_default=False)] = None,
     set_default: Annotated[bool, typer.Option("--set-default", help="Make this router the default for `cre ask` and `cre batch`.")] = False,
@@ -229,13 +230,16 @@ def fit(
     from crecli import render
     from crecli.fit import FitOptions, fit as run_fit
     from crecli.quality import QualitySettings
-    from crecli.querylog import FieldMap
+    from crecli.querylog import MAX_LINE_BYTES, FieldMap
 
     options = FitOptions(
         seed=seed, n_components=n_components, n_neighbors=n_neighbors,
         min_cluster_size=min_cluster_size, min_samples=min_samples, max_fit_rows=max_fit_rows,
         sample_per_cluster=sample_per_cluster, quality=QualitySettings(k=k, temperature=temperature),
-        fmt=fmt, fields=FieldMap(prompt=prompt_field, reference=reference_field, match=match_field, id=id_field, labels=labels_field),
+        fmt=fmt, fields=FieldMap(
+            prompt=prompt_field, reference=reference_field, match=match_field, id=id_field, labels=labels_field,
+            max_line_bytes=max_prompt_bytes if max_prompt_bytes is not None else MAX_LINE_BYTES,
+        ),
         skip_bad=skip_bad, store=store, truth_field=truth_field,
     )
     settings, budget = _settings(models), _budget(retain, max_cost)
@@ -467,6 +471,7 @@ def batch(
     reference_field: Annotated[str, typer.Option(help="Field holding the reference answer(s).")] = "reference",
     match_field: Annotated[str, typer.Option(help="Field holding the match rule.")] = "match",
     id_field: Annotated[str, typer.Option(help="Field holding the id.")] = "id",
+    max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, help="Longest input line (and so prompt), in bytes; a longer line gets an error record. Default 1 MiB.", show_default=False)] = None,
 ) -> None:
     """Answer many prompts: one JSONL result per input line, in input order, on stdout.
 
@@ -495,9 +500,12 @@ def batch(
     from crecli.batch import parse_size, read_done_ids, run_batch
     from crecli.escalate import Cascade
 
-    from crecli.querylog import FieldMap
+    from crecli.querylog import MAX_LINE_BYTES, FieldMap
 
-    fields = FieldMap(prompt=prompt_field, reference=reference_field, match=match_field, id=id_field)
+    fields = FieldMap(
+        prompt=prompt_field, reference=reference_field, match=match_field, id=id_field,
+        max_line_bytes=max_prompt_bytes if max_prompt_bytes is not None else MAX_LINE_BYTES,
+    )
     done = read_done_ids(resume) if resume is not None else set()
     budget = parse_size(memory_budget) if memory_budget is not None else None
     with Cascade.from_file(_router_path(router), models, force=force, memory_budget_bytes=budget) as cascade:

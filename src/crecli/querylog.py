@@ -16,6 +16,13 @@ CSV: a header row, then one record per row; columns are named by the same `Field
 reference cell holds a plain string or, when it reads `[...]`, a JSON list; a labels cell
 holds a JSON object. Other columns go to `Record.meta` as strings.
 Plain text: one prompt per non-blank line.
+
+Hostile input stays a bad line: a line over `FieldMap.max_line_bytes` (1 MiB by default) is
+read in chunks and dropped, never held whole, because parsing and embedding one huge prompt
+costs hundreds of times its size in memory; JSON nested too deeply for Python's parser,
+integers longer than Python converts, and lone surrogates (a `\\ud800` escape, which no
+UTF-8 output can hold) are reported at their line like any other bad JSON. A UTF-8 byte
+order mark at the start of a file is ignored.
 """
 
 from __future__ import annotations
@@ -23,15 +30,25 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from crecli import grading
 from crecli.errors import InputError
 
 FORMATS = ("jsonl", "csv", "text")
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+
+# The default cap on one input line (and so on one prompt): far above any real prompt (the
+# longest line of the bundled logs is about 530 bytes) and far below what hurts memory.
+MAX_LINE_BYTES = 1 << 20
+_BOM = b"\xef\xbb\xbf"
+_CHUNK = 1 << 16  # how much of an over-cap line is in memory at once while it is skipped
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -51,16 +68,25 @@ class Record:
 
 @dataclass(frozen=True)
 class FieldMap:
-    """Names of our fields in the user's log (the CLI's --prompt-field and friends)."""
+    """How to read the user's log: our fields' names in it (the CLI's --prompt-field and
+    friends) and the longest line accepted (--max-prompt-bytes)."""
 
     prompt: str = "prompt"
     reference: str = "reference"
     match: str = "match"
     id: str = "id"
     labels: str = "labels"
+    max_line_bytes: int = MAX_LINE_BYTES
 
     def names(self) -> set[str]:
         return {self.prompt, self.reference, self.match, self.id, self.labels}
+
+
+@dataclass(frozen=True)
+class LongLine:
+    """A line over the cap, in place of its bytes: they were hashed and dropped unread."""
+
+    size: int  # bytes, without the line ending
 
 
 @dataclass
@@ -80,6 +106,7 @@ class LogRead:
 # (line number, builder): the builder turns the line into a Record given its "path:line",
 # raising _Bad, so one loop in read_log handles errors the same way for every format.
 _Row = tuple[int, Callable[[str], Record]]
+_Lines = Iterator[tuple[int, "bytes | LongLine"]]
 
 
 class _Bad(Exception):
@@ -107,8 +134,8 @@ def read_log(
     records: list[Record] = []
     bad: list[BadLine] = []
     seen: dict[str, str] = {}
-    with handle:
-        lines = _hashed_lines(handle, digest)
+    with handle, _csv_field_limit(fields.max_line_bytes):
+        lines = _hashed_lines(handle, digest, fields.max_line_bytes)
         rows = {"jsonl": _jsonl_rows, "csv": _csv_rows, "text": _text_rows}[fmt](lines, path, fields)
         for line_no, build in rows:
             source = f"{path}:{line_no}"
@@ -126,14 +153,35 @@ def read_log(
     return LogRead(path=path, sha256=digest.hexdigest(), records=records, bad=bad)
 
 
-def parse_batch_line(raw: bytes, line_no: int, source: str, fields: FieldMap = FieldMap()) -> Record:
+@contextmanager
+def _csv_field_limit(cap: int) -> Iterator[None]:
+    # The csv module's own field limit (128 KiB by default) would stop the read at a prompt
+    # the cap allows; it is process-wide, so it is put back when the read ends.
+    saved = csv.field_size_limit(cap)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(saved)
+
+
+def parse_batch_line(
+    raw: "bytes | LongLine", line_no: int, source: str, fields: FieldMap = FieldMap()
+) -> Record:
     """One line of `cre batch` input: a JSON object with a prompt, or the prompt itself.
 
     Empty lines are errors, not skipped, because batch writes one output per input line.
+    `raw` is a line as `read_lines` gives it (or any bytes: the cap is checked here too).
     """
     where = f"{source}:{line_no}"
     try:
-        text = _decode(raw.rstrip(b"\r\n"))
+        if isinstance(raw, LongLine):
+            raise _Bad(_too_long(raw.size, fields.max_line_bytes))
+        body = raw.rstrip(b"\r\n")
+        if line_no == 1 and body.startswith(_BOM):
+            body = body[len(_BOM):]
+        if len(body) > fields.max_line_bytes:
+            raise _Bad(_too_long(len(body), fields.max_line_bytes))
+        text = _decode(body)
         if not text.strip():
             raise _Bad("empty line; every input line needs a prompt")
         if text.lstrip().startswith("{"):
@@ -143,12 +191,57 @@ def parse_batch_line(raw: bytes, line_no: int, source: str, fields: FieldMap = F
         raise InputError(f"{where}: {exc}") from None
 
 
-def _hashed_lines(handle: Any, digest: Any) -> Iterator[tuple[int, bytes]]:
-    for line_no, raw in enumerate(handle, start=1):
-        digest.update(raw)
-        if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]
+def read_lines(handle: BinaryIO, cap: int = MAX_LINE_BYTES, digest: Any = None) -> Iterator["bytes | LongLine"]:
+    """The lines of a binary stream, each with its line ending, or a LongLine for a line over
+    `cap` bytes (not counting the ending, or a byte order mark that starts the stream).
+
+    A line is only read whole when it fits: readline(limit) stops at the limit, and the rest
+    of a longer line is read a chunk at a time (into `digest`, when given) and dropped, so a
+    50 MB line costs a chunk of memory, not 50 MB and the str and JSON built from it.
+    """
+    limit = cap + len(_BOM) + 2  # room for a BOM and "\r\n" on a line of exactly `cap`
+    first = True
+    while True:
+        raw = handle.readline(limit)
+        if not raw:
+            return
+        if digest is not None:
+            digest.update(raw)
+        if raw.endswith(b"\n") or len(raw) < limit:
+            size = len(raw.rstrip(b"\r\n")) - (len(_BOM) if first and raw.startswith(_BOM) else 0)
+            first = False
+            yield raw if size <= cap else LongLine(size)
+            continue
+        first = False
+        size, tail = len(raw), raw[-2:]
+        while not tail.endswith(b"\n"):
+            chunk = handle.readline(_CHUNK)
+            if not chunk:
+                break
+            if digest is not None:
+                digest.update(chunk)
+            size += len(chunk)
+            tail = (tail + chunk)[-2:]
+        ending = len(tail) - len(tail.rstrip(b"\r\n")) if tail.endswith(b"\n") else 0
+        yield LongLine(size - ending)
+
+
+def _hashed_lines(handle: BinaryIO, digest: Any, cap: int) -> _Lines:
+    for line_no, raw in enumerate(read_lines(handle, cap, digest), start=1):
+        if line_no == 1 and isinstance(raw, bytes) and raw.startswith(_BOM):
+            raw = raw[len(_BOM):]
         yield line_no, raw
+
+
+def _too_long(size: int, cap: int) -> str:
+    return f"line is {size:,} bytes, over the {_size_text(cap)} cap; raise it with --max-prompt-bytes"
+
+
+def _size_text(n: int) -> str:
+    for unit, name in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if n >= unit and n % unit == 0:
+            return f"{n // unit} {name}"
+    return f"{n:,}-byte"
 
 
 def _decode(raw: bytes) -> str:
@@ -161,23 +254,27 @@ def _decode(raw: bytes) -> str:
         ) from None
 
 
-def _text_rows(lines: Iterator[tuple[int, bytes]], path: Path, fields: FieldMap) -> Iterator[_Row]:
+def _text_rows(lines: _Lines, path: Path, fields: FieldMap) -> Iterator[_Row]:
     for line_no, raw in lines:
-        if not raw.strip():
+        if isinstance(raw, bytes) and not raw.strip():
             continue
 
-        def build(source: str, raw: bytes = raw, line_no: int = line_no) -> Record:
+        def build(source: str, raw: bytes | LongLine = raw, line_no: int = line_no) -> Record:
+            if isinstance(raw, LongLine):
+                raise _Bad(_too_long(raw.size, fields.max_line_bytes))
             return Record(id=f"{path.stem}:{line_no}", prompt=_decode(raw).strip(), source=source)
 
         yield line_no, build
 
 
-def _jsonl_rows(lines: Iterator[tuple[int, bytes]], path: Path, fields: FieldMap) -> Iterator[_Row]:
+def _jsonl_rows(lines: _Lines, path: Path, fields: FieldMap) -> Iterator[_Row]:
     for line_no, raw in lines:
-        if not raw.strip():
+        if isinstance(raw, bytes) and not raw.strip():
             continue
 
-        def build(source: str, raw: bytes = raw, line_no: int = line_no) -> Record:
+        def build(source: str, raw: bytes | LongLine = raw, line_no: int = line_no) -> Record:
+            if isinstance(raw, LongLine):
+                raise _Bad(_too_long(raw.size, fields.max_line_bytes))
             obj = _parse_object(_decode(raw.rstrip(b"\r\n")))
             return _record_from_object(obj, fields, f"{path.stem}:{line_no}", source)
 
@@ -185,13 +282,48 @@ def _jsonl_rows(lines: Iterator[tuple[int, bytes]], path: Path, fields: FieldMap
 
 
 def _parse_object(text: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _Bad(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+    obj = _loads(text, "invalid JSON")
     if not isinstance(obj, dict):
         raise _Bad(f"expected a JSON object, got {_json_type(obj)}")
     return obj
+
+
+def _loads(text: str, what: str) -> Any:
+    """json.loads whose every failure is a _Bad, and whose strings are all valid Unicode."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _Bad(f"{what} ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise _Bad(f"{what} (nested too deeply to read); flatten it") from None
+    except ValueError:
+        # Python refuses to convert longer integers (CVE-2020-10735); no real id or answer is one.
+        raise _Bad(
+            f"{what} (a number longer than {sys.get_int_max_str_digits():,} digits); quote it as a string"
+        ) from None
+    _check_unicode(value)
+    return value
+
+
+def _check_unicode(value: Any) -> None:
+    """Refuse lone surrogates: JSON's `\\ud800` escape decodes to one, and writing it anywhere
+    as UTF-8 (a result line, the router file, the outcome store) fails later."""
+    # A loop, not recursion: anything json.loads returned must be checkable.
+    stack: list[tuple[Any, Any]] = [(value, None)]
+    while stack:
+        item, top = stack.pop()
+        if isinstance(item, dict):
+            for key, inner in item.items():
+                stack.append((key, key if top is None else top))
+                stack.append((inner, key if top is None else top))
+        elif isinstance(item, list):
+            stack.extend((inner, top) for inner in item)
+        elif isinstance(item, str) and (found := _SURROGATE.search(item)):
+            where = "" if top is None else f" in {top!r}"
+            raise _Bad(
+                f"lone surrogate \\u{ord(found.group()):04x}{where} is not valid Unicode; "
+                "pair it or remove it"
+            )
 
 
 def _record_from_object(obj: dict[str, Any], fields: FieldMap, default_id: str, source: str) -> Record:
@@ -292,9 +424,20 @@ def _json_type(value: Any) -> str:
     return "an object"
 
 
-def _csv_rows(lines: Iterator[tuple[int, bytes]], path: Path, fields: FieldMap) -> Iterator[_Row]:
-    # csv needs text; undecodable bytes ride along as surrogates and fail their own row.
-    reader = csv.reader(raw.decode("utf-8", errors="surrogateescape") for _, raw in lines)
+def _csv_rows(lines: _Lines, path: Path, fields: FieldMap) -> Iterator[_Row]:
+    long_lines: dict[int, int] = {}  # line number: size, of lines over the cap
+
+    def texts() -> Iterator[str]:
+        for line_no, raw in lines:
+            if isinstance(raw, LongLine):
+                # A blank line in its place keeps the reader's line count; its row is bad.
+                long_lines[line_no] = raw.size
+                yield "\n"
+            else:
+                # csv needs text; undecodable bytes ride along as surrogates and fail their own row.
+                yield raw.decode("utf-8", errors="surrogateescape")
+
+    reader = csv.reader(texts())
     header: list[str] | None = None
     start = 1  # first line of the next row; a quoted field may span lines
     while True:
@@ -304,8 +447,24 @@ def _csv_rows(lines: Iterator[tuple[int, bytes]], path: Path, fields: FieldMap) 
             return
         except csv.Error as exc:
             # The reader cannot resynchronise after this, so it stops the read.
+            if "field limit" in str(exc):
+                raise InputError(
+                    f"{path}:{start}: a field is over the {_size_text(fields.max_line_bytes)} cap; "
+                    "raise it with --max-prompt-bytes"
+                ) from None
             raise InputError(f"{path}:{start}: unreadable CSV ({exc}); fix the row") from None
         here, start = start, reader.line_num + 1
+        too_long = [long_lines.pop(n) for n in sorted(long_lines) if n <= reader.line_num]
+        if too_long:
+            reason = _too_long(too_long[0], fields.max_line_bytes)
+            if header is None:
+                raise InputError(f"{path}:{here}: header {reason}")
+
+            def bad(source: str, reason: str = reason) -> Record:
+                raise _Bad(reason)
+
+            yield here, bad
+            continue
         if not any(cell.strip() for cell in row):
             continue
         if header is None:
@@ -378,7 +537,4 @@ def _csv_reference(cell: str, name: str) -> Any:
 
 
 def _csv_json(cell: str, name: str) -> Any:
-    try:
-        return json.loads(cell)
-    except json.JSONDecodeError as exc:
-        raise _Bad(f"{name!r} column is not valid JSON ({exc.msg} at column {exc.colno})") from None
+    return _loads(cell, f"{name!r} column is not valid JSON")
