@@ -146,12 +146,16 @@ def models_bench(
     models: ModelsOpt = None,
     pp_tokens: Annotated[int, typer.Option(min=1, help="Prompt tokens to process.")] = 256,
     tg_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 64,
+    repeats: Annotated[int, typer.Option(min=1, max=20, help="Runs per model; the median is stored and the spread reported.")] = 3,
     json_: JsonOpt = False,
 ) -> None:
     """Measure prompt-processing and generation tokens/s of each model on this machine.
 
-    Models are measured one after another, never at once. Figures are stored in the user
-    data dir and used as each model's cost.
+    Each model is first loaded and run in a child process, so a llama.cpp crash (for
+    example on some AMX Xeons) is reported with its cause and fix. Models are measured one
+    after another, never at once, `--repeats` times each; runs that disagree, or a busy
+    machine, give a warning. Figures are stored in the user data dir per file sha256 and
+    thread count, and used as each model's cost.
 
     Examples:
 
@@ -160,9 +164,10 @@ def models_bench(
       cre models bench qwen2.5-coder-0.5b-instruct --json
     """
     from crecli import render
+    from crecli.models import bench
 
     settings = _settings(models)
-    speeds = render.bench_models(settings, names or settings.ladder, pp_tokens, tg_tokens)
+    speeds = bench.run(settings, names or settings.ladder, pp_tokens, tg_tokens, repeats)
     if json_:
         from dataclasses import asdict
 
@@ -561,6 +566,14 @@ def _read_prompt(prompt: str) -> str:
 
 def main() -> None:
     """Entry point: run the app, turning crecli's errors into one-line messages."""
+    import faulthandler
+
+    # A crash inside llama.cpp's native code kills the process before Python can report
+    # it; faulthandler at least prints the Python stack (ending in crecli/models/llama.py)
+    # instead of a bare "Segmentation fault". `cre models bench` probes each model in a
+    # child process and names the cause and the fix.
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
     try:
         app()
     except CreError as exc:

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from crecli import grading
 from crecli.errors import RouterFileError
+from crecli.models import bench
 from crecli.models.backend import GenParams
 from crecli.models.registry import ModelPool
-from crecli.outcomes import bench_speeds
 from crecli.quality import decide, done, vote_seed
 from crecli.route import RouteDecision, route
 
@@ -173,7 +173,7 @@ class Cascade:
         self.pool = pool if pool is not None else ModelPool()
         self.ladder = [str(entry["name"]) for entry in router.ladder]
         self.specs = {name: settings.get(name) for name in self.ladder}
-        self.speeds = bench_speeds(list(self.specs.values()))
+        self.speeds = bench.speeds(list(self.specs.values()))
         starts = {router.fallback_model, *(c.model for c in router.clusters)}
         off = sorted(starts - set(self.ladder))
         if off:

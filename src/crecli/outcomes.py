@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 from crecli import console, grading, paths
 from crecli.errors import ConfigError, CreError
+from crecli.models import bench
 from crecli.models.backend import GenParams
 from crecli.models.registry import backend_for
 from crecli.quality import vote_seed
@@ -368,18 +369,6 @@ def token_cost(
     return prompt_tokens / pp + output_tokens / tg
 
 
-def bench_speeds(specs: Sequence["ModelSpec"]) -> dict[str, tuple[float, float]]:
-    """(prompt, generation) tokens/s of each model that `cre models bench` measured."""
-    from crecli.models import bench
-
-    out = {}
-    for spec in specs:
-        entry = bench.stored(spec)
-        if entry:
-            out[spec.name] = (float(entry["pp_tokens_per_s"]), float(entry["tg_tokens_per_s"]))
-    return out
-
-
 class CostModel:
     """The cost of each vote of an outcome, in one unit for the whole ladder.
 
@@ -414,7 +403,7 @@ class CostModel:
     def build(cls, outcomes: Iterable[Outcome], specs: Sequence["ModelSpec"] = (), unit: str | None = None) -> "CostModel":
         outcomes = list(outcomes)
         prices = {s.name: s.price_per_1k_tokens for s in specs if s.price_per_1k_tokens is not None}
-        speeds = bench_speeds(specs)
+        speeds = bench.speeds(specs)
         if unit is None:
             if specs and len(prices) == len(specs):
                 unit = "price"

@@ -75,30 +75,18 @@ def pull_models(settings: "Settings", names: Sequence[str], force: bool = False)
             status(f"{spec.name}: {'assembled and verified' if did else 'already verified'} at {path}")
 
 
-def bench_models(settings: "Settings", names: Sequence[str], pp_tokens: int, tg_tokens: int) -> list["Speed"]:
-    from crecli.models import bench
-
-    speeds = []
-    for name in names:
-        spec = settings.get(name)
-        if spec.backend != "llama":
-            warn(f"{name}: remote models are not benchmarked; set price_per_1k_tokens instead")
-            continue
-        status(f"Measuring {name} ({pp_tokens} prompt tokens, {tg_tokens} generated)...")
-        speed = bench.measure(spec, pp_tokens=pp_tokens, tg_tokens=tg_tokens)
-        bench.save(speed)
-        speeds.append(speed)
-    return speeds
-
-
 def bench_table(speeds: list["Speed"]) -> None:
     from rich.table import Table
 
     table = Table(title="Measured speed on this machine", title_justify="left")
-    for col in ("model", "threads", "load s", "prompt tok/s", "gen tok/s"):
+    for col in ("model", "threads", "load s", "prompt tok/s", "gen tok/s", "spread", "repacked"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for s in speeds:
-        table.add_row(s.model, str(s.threads), f"{s.load_seconds:.1f}", f"{s.pp_tokens_per_s:.0f}", f"{s.tg_tokens_per_s:.1f}")
+        table.add_row(
+            s.model, str(s.threads), f"{s.load_seconds:.1f}", f"{s.pp_tokens_per_s:.0f}", f"{s.tg_tokens_per_s:.1f}",
+            f"{max(s.pp_spread, s.tg_spread):.0%}" + ("" if s.steady else " !"),
+            {True: "yes", False: "no (AMX)" if s.extra_bufts is False else "no", None: "-"}[s.extra_bufts],
+        )
     out().print(table)
 
 

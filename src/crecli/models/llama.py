@@ -9,9 +9,14 @@ collapses throughput.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from crecli.errors import BackendError
@@ -53,6 +58,106 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(devnull)
 
 
+# What a user is told when llama.cpp dies in native code: the process is gone, so this is
+# printed by the parent of a probe (`cre models bench`) or pointed to by faulthandler.
+CRASH_HINT = (
+    "llama.cpp crashed in native code ({how}) while loading or running {what}. "
+    "On Xeons with AMX (lscpu shows amx_int8) a native llama.cpp build crashes at the first "
+    "decode when weights go into its AMX buffers (ggml-org/llama.cpp#20824). cre turns those "
+    "buffers off on AMX CPUs; if you forced them on, unset CRE_LLAMA_EXTRA_BUFTS. Otherwise "
+    "rebuild llama-cpp-python without native CPU tuning: CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" "
+    "pip install --force-reinstall --no-cache-dir llama-cpp-python. Run with CRE_DEBUG=1 to "
+    "see llama.cpp's own log."
+)
+
+
+CPUINFO = "/proc/cpuinfo"
+
+
+@lru_cache(maxsize=1)
+def cpu_has_amx() -> bool:
+    """Whether this CPU advertises AMX tiles (Linux /proc/cpuinfo; False where unknown)."""
+    try:
+        with open(CPUINFO, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_int8" in line.split() or "amx_tile" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def use_extra_bufts() -> bool:
+    """Whether llama.cpp may put weights in its extra (repacked or AMX) CPU buffer types.
+
+    Off on AMX CPUs: there a native build routes weights into the AMX buffer type and the
+    first decode segfaults (ggml-org/llama.cpp#20824). Everywhere else the repacked layouts
+    stay on, because they are llama.cpp's faster CPU kernels. `CRE_LLAMA_EXTRA_BUFTS=0/1`
+    overrides the choice (README, "Set up", has the measured cost of each).
+    """
+    forced = os.environ.get("CRE_LLAMA_EXTRA_BUFTS", "").strip().lower()
+    if forced in ("0", "false", "no", "off"):
+        return False
+    if forced in ("1", "true", "yes", "on"):
+        return True
+    return not cpu_has_amx()
+
+
+# llama-cpp-python's high-level `Llama` builds its llama_model_params itself and has no
+# argument for `use_extra_bufts`, so the default-params factory it calls is wrapped for the
+# duration of one construction. The lock keeps two threads from interleaving the swap.
+_PARAMS_LOCK = threading.Lock()
+
+
+@contextmanager
+def _model_params(extra_bufts: bool) -> Iterator[None]:
+    import llama_cpp.llama_cpp as low
+
+    if extra_bufts or not hasattr(low.llama_model_params, "_fields_") or "use_extra_bufts" not in dict(
+        low.llama_model_params._fields_
+    ):
+        yield
+        return
+    with _PARAMS_LOCK:
+        original = low.llama_model_default_params
+
+        def without_extra_bufts() -> Any:
+            params = original()
+            params.use_extra_bufts = False
+            return params
+
+        low.llama_model_default_params = without_extra_bufts
+        try:
+            yield
+        finally:
+            low.llama_model_default_params = original
+
+
+def probe(spec: "ModelSpec", timeout: float = 300.0) -> None:
+    """Load `spec` and decode a few tokens in a child process, so that a native crash is
+    reported with its cause instead of killing this process with a bare segfault."""
+    path = require_file(spec)
+    cmd = _probe_command(path, spec)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    except subprocess.TimeoutExpired as exc:
+        raise BackendError(f"loading {spec.name!r} and decoding 4 tokens took over {timeout:.0f} s; is the machine busy?") from exc
+    if proc.returncode < 0:
+        sig = -proc.returncode
+        try:
+            how = signal.Signals(sig).name
+        except ValueError:
+            how = f"signal {sig}"
+        raise BackendError(CRASH_HINT.format(how=how, what=repr(spec.name)))
+    if proc.returncode != 0:
+        detail = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        raise BackendError(f"llama.cpp could not run {spec.name!r} from {path}: {detail}")
+
+
+def _probe_command(path: Path, spec: "ModelSpec") -> list[str]:
+    return [sys.executable, "-m", "crecli.models.llama", str(path), str(spec.context), str(spec.n_gpu_layers)]
+
+
 class LlamaBackend(Backend):
     def __init__(
         self,
@@ -77,7 +182,7 @@ class LlamaBackend(Backend):
             raise BackendError(f"llama-cpp-python is not importable ({exc}); reinstall crecli") from exc
         start = time.perf_counter()
         try:
-            with _quiet_stderr():
+            with _quiet_stderr(), _model_params(use_extra_bufts()):
                 llm = Llama(
                     model_path=str(path),
                     n_ctx=self.n_ctx,
@@ -159,3 +264,24 @@ class LlamaBackend(Backend):
                 except Exception:
                     pass
                 setattr(self, attr, None)
+
+
+def _probe_main(argv: Sequence[str]) -> None:
+    """Child side of `probe`: load the file and run a short greedy decode."""
+    from crecli.config import ModelSpec
+
+    path, context, n_gpu_layers = argv[0], int(argv[1]), int(argv[2])
+    spec = ModelSpec(name=Path(path).name, path=path, context=context, n_gpu_layers=n_gpu_layers)
+    backend = LlamaBackend(spec)
+    try:
+        llm = backend.llm
+        llm.reset()
+        llm.eval(llm.tokenize(b"The capital of France is", add_bos=True))
+        for _ in range(4):
+            llm.eval([llm.sample(temp=0.0)])
+    finally:
+        backend.close()
+
+
+if __name__ == "__main__":
+    _probe_main(sys.argv[1:])
