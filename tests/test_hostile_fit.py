@@ -232,18 +232,21 @@ def test_calibrate_refuses_bad_outputs_and_options(cre, router, log, tiny_models
     refused(cre("calibrate", router, *m, "-o", tmp_path), "is a folder")
     refused(cre("calibrate", router, *m, "-o", tmp_path / "gone" / "r.cre"), "does not exist")
     refused(cre("calibrate", router, *m, "--retain", "2"), "--retain")
+    refused(cre("calibrate", router, *m, "--store", log), "--store", "is the query log")
+    refused(cre("calibrate", router, *m, "--store", router), "--store", "is the router")
     for bad in (("--folds", "1"), ("--seed", "-1")):
         run = cre("calibrate", router, *m, *bad)
         assert run.code == 2 and bad[0] in run.err and "Traceback" not in run.err, run
     assert log.read_bytes() == before and router.read_bytes() == router_bytes and fakes == {}
 
 
-def test_eval_plot_over_an_input_is_refused(cre, router, log, tiny_models_toml, fakes, tmp_path) -> None:
+def test_eval_plot_or_store_over_an_input_is_refused(cre, router, log, tiny_models_toml, fakes, tmp_path) -> None:
     before, router_bytes = log.read_bytes(), router.read_bytes()
     m = ("--router", router, "--models", tiny_models_toml)
     refused(cre("eval", log, *m, "--plot", log), "--plot", "is the log")
     refused(cre("eval", log, *m, "--plot", router), "--plot", "is the router")
     refused(cre("eval", log, *m, "--plot", tmp_path), "is a folder", "frontier.svg")
+    refused(cre("eval", log, *m, "--store", log), "--store", "is the log")
     assert log.read_bytes() == before and router.read_bytes() == router_bytes and fakes == {}
 
 

@@ -311,6 +311,8 @@ def calibrate(
     loaded = routerfile.load(router, settings, force=force)
     log = _router_log(loaded, log)
     target = output or router
+    if store is not None:
+        paths.check_output(store, "--store", [("the query log", log), ("the router", router)], example="outcomes.sqlite")
     paths.check_output(target, "-o", [("the query log", log), ("the outcome store", store), *_models_files(settings)])
     data = evaluate.prepare(loaded, settings, log, store)
     cal = evaluate.recalibrate(loaded, data, budget, n_folds=folds, seed=seed)
@@ -347,9 +349,11 @@ def eval_(
 
     settings = _settings(models)
     path = _router_path(router)
-    if plot:
-        from crecli import paths
+    from crecli import paths
 
+    if store is not None:
+        paths.check_output(store, "--store", [("the log", log), ("the router", path)], example="outcomes.sqlite")
+    if plot:
         keep = [("the log", log), ("the router", path), ("the outcome store", store), *_models_files(settings)]
         paths.check_output(plot, "--plot", keep, example="frontier.svg")
     loaded = routerfile.load(path, settings, force=force)
