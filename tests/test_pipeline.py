@@ -83,7 +83,8 @@ def test_fit_calibrate_eval_ask_batch(tmp_path: Path, tiny_models_toml: Path, sk
     assert again["outcomes_run"] == 0 and sum(len(b.calls) for b in skilled_fakes.values()) == calls
 
     # With 5 queries per task, shrinkage toward each model's log-wide accuracy keeps fit
-    # cautious; calibration then finds that the small model is enough for arithmetic.
+    # cautious; calibration then moves the clusters a cheaper model answers as well as the
+    # large one off the large model.
     cal = json.loads(invoke("calibrate", str(router), *m, "--retain", "0.98", "--folds", "4", "--json"))
     assert cal["held_out"]["accuracy"] >= 0.9 * cal["reference"]["accuracy"]
     assert cal["held_out"]["mean_cost"] < cal["reference"]["mean_cost"]
@@ -91,9 +92,16 @@ def test_fit_calibrate_eval_ask_batch(tmp_path: Path, tiny_models_toml: Path, sk
 
     info = json.loads(invoke("inspect", str(router), *m, "--json"))
     models = {c["model"] for c in info["clusters"]}
-    assert "small" in models and models <= {"small", "medium", "large"}
-    arithmetic = [c for c in info["clusters"] if all("plus" in e for e in c["examples"])]
-    assert arithmetic and all(c["model"] == "small" for c in arithmetic)
+    assert models <= {"small", "medium", "large"} and models != {"large"}
+    # Which cheap model wins a cluster depends on the cluster's size (shrinkage), and UMAP
+    # draws task borders a little differently across CPUs (float order in numba): arithmetic
+    # came out as one merged cluster on one machine and as four exact ones on another. What
+    # holds everywhere: no cluster goes to a model that fails its recorded queries, and the
+    # arithmetic clusters, which every model gets right, leave the large model.
+    for c in info["clusters"]:
+        assert c["stats"][c["model"]]["accuracy"] == 1.0, c
+    arithmetic = [c for c in info["clusters"] if all("plus" in e or "times" in e for e in c["examples"])]
+    assert arithmetic and all(c["model"] in ("small", "medium") for c in arithmetic)
 
     ev = json.loads(invoke("eval", str(SMALL_LOG), "--router", str(router), *m, "--plot", str(tmp_path / "p.svg"), "--json"))
     names = [p["name"] for p in ev["points"]]
