@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from rich.errors import MarkupError
 from typer.testing import CliRunner
 
 from crecli import config, routerfile
@@ -390,12 +389,6 @@ def test_bom_on_line_1_is_ignored_by_every_reader(tmp_path: Path, name: str, dat
     assert log.sha256 == hashlib.sha256(data).hexdigest()
 
 
-@pytest.mark.xfail(
-    raises=MarkupError,
-    strict=True,
-    reason="fit.py prints the first skipped line's reason with console.status(), which parses Rich "
-    "markup; needs rich.markup.escape() there (or markup=False in console.status)",
-)
 def test_fit_reports_a_skipped_line_holding_markup(tmp_path: Path, tiny_models_toml: Path) -> None:
     from crecli.calibrate import Budget
     from crecli.fit import FitOptions, fit

@@ -43,12 +43,18 @@ def err() -> "Console":
 
 
 def status(message: str) -> None:
-    """A line of progress or status, on stderr."""
-    err().print(message, highlight=False)
+    """A line of progress or status, on stderr.
+
+    Printed without markup: messages quote user text (log lines, prompts, file names), and
+    `[/]` in a skipped log line must not be read as a Rich tag.
+    """
+    err().print(message, highlight=False, markup=False)
 
 
 def warn(message: str) -> None:
-    err().print(f"[yellow]Warning:[/yellow] {message}", highlight=False)
+    from rich.text import Text
+
+    err().print(Text.assemble(("Warning:", "yellow"), " ", message), highlight=False)
 
 
 def print_json(data: Any) -> None:
