@@ -260,3 +260,23 @@ def test_cost_in_bench_seconds_when_every_model_is_benchmarked(settings) -> None
     assert o.vote_costs("bench-seconds", speed=(100.0, 20.0)) == costs.votes(o)
     with pytest.raises(ConfigError, match="cre models bench medium"):
         o.vote_costs("bench-seconds")
+
+
+def test_recorded_votes_and_live_votes_get_identical_parameters(settings, store, fake_backends) -> None:
+    """Calibration replays recorded votes, so they must be drawn exactly as the cascade draws them."""
+    from crecli.escalate import check
+
+    quality = QualitySettings(k=4, temperature=0.4, top_p=0.8, top_k=12, early_stop=False)
+    record = rec(3, match="choice", ref="(A)")
+    created = fake_backends({"small": lambda text, p: "(B)"})
+    collect([record], settings, store, quality, models=["small"])
+    recorded = [p for _, p in created["small"].calls]
+    live_backend = created["small"]
+    live_backend.calls.clear()
+    check(live_backend, record.prompt, quality, 1.0, grading.max_tokens_for("choice"), "choice")
+    live = [p for _, p in live_backend.calls]
+    assert len(recorded) == len(live) == 4
+    # Seeds, temperature, top-p/top-k, max tokens and stop strings, vote by vote.
+    assert recorded == live
+    assert [p.seed for p in live] == [0] + [vote_seed(record.prompt, i) for i in (1, 2, 3)]
+    assert live[0].temperature == 0.0 and {p.temperature for p in live[1:]} == {0.4}

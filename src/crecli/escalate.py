@@ -24,9 +24,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 from crecli import grading
 from crecli.errors import RouterFileError
 from crecli.models import bench
-from crecli.models.backend import GenParams
 from crecli.models.registry import ModelPool
-from crecli.quality import decide, done, vote_seed
+from crecli.quality import decide, done, vote_params
 from crecli.route import RouteDecision, route
 
 if TYPE_CHECKING:
@@ -34,21 +33,6 @@ if TYPE_CHECKING:
     from crecli.models.backend import Backend
     from crecli.quality import QualitySettings
     from crecli.routerfile import RouterFile
-
-
-def vote_params(settings: "QualitySettings", index: int, max_tokens: int, prompt: str) -> GenParams:
-    """Generation parameters of vote `index`: 0 is greedy, the rest sample with `vote_seed`.
-
-    These must match what `outcomes.collect` records, or calibration tunes on other votes
-    than the ones the cascade draws.
-    """
-    return GenParams(
-        max_tokens=max_tokens,
-        temperature=0.0 if index == 0 else settings.temperature,
-        top_p=settings.top_p,
-        top_k=settings.top_k,
-        seed=0 if index == 0 else vote_seed(prompt, index),
-    )
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The resumable store of (query, model) -> votes, tokens and seconds.
 
 `collect` answers every labelled query with every ladder model, k votes each (vote 0
-greedy, votes 1..k-1 sampled with seeds 1..k-1, exactly as the cascade draws them), and
+greedy, votes 1..k-1 sampled with seeds `quality.vote_seed(prompt, i)`: the parameters of
+`quality.vote_params`, exactly as the cascade draws them), and
 records each vote's text, output tokens and seconds. Calibration and evaluation then
 replay the cascade on these recordings instead of running models again.
 
@@ -33,9 +34,8 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from crecli import console, grading, paths
 from crecli.errors import ConfigError, CreError
 from crecli.models import bench
-from crecli.models.backend import GenParams
 from crecli.models.registry import backend_for
-from crecli.quality import vote_seed
+from crecli.quality import vote_params
 
 if TYPE_CHECKING:
     from crecli.config import ModelSpec, Settings
@@ -310,19 +310,10 @@ def _run_model(
 
 
 def _votes(backend: "Backend", job: _Job, quality: "QualitySettings") -> tuple[int, list[Vote]]:
-    """The cascade's k votes: greedy first, then samples with seeds 1..k-1 on the cached prompt."""
+    """The cascade's k votes (`quality.vote_params`), back to back on the cached prompt."""
     prompt = job.record.prompt
-    greedy = backend.generate(
-        prompt,
-        GenParams(max_tokens=job.max_tokens, temperature=0.0, top_p=quality.top_p, top_k=quality.top_k, seed=0),
-    )
-    gens = [greedy]
-    if quality.k > 1:
-        params = GenParams(
-            max_tokens=job.max_tokens, temperature=quality.temperature, top_p=quality.top_p, top_k=quality.top_k
-        )
-        gens += backend.sample(prompt, params, [vote_seed(prompt, i) for i in range(1, quality.k)])
-    return greedy.prompt_tokens, [Vote(g.text, g.output_tokens, g.seconds) for g in gens]
+    gens = [backend.generate(prompt, vote_params(quality, i, job.max_tokens, prompt)) for i in range(quality.k)]
+    return gens[0].prompt_tokens, [Vote(g.text, g.output_tokens, g.seconds) for g in gens]
 
 
 def sample_records(records: Sequence["Record"], labels: Sequence[int], n: int, seed: int = 0) -> list["Record"]:

@@ -25,6 +25,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+from crecli.models.backend import GenParams
+
 # Bump when prompt rendering, answer caps or vote seeds change: recorded votes made under
 # another version are not comparable and are re-run.
 PROMPT_VERSION = 2
@@ -68,6 +70,21 @@ def vote_seed(prompt: str, index: int) -> int:
     """
     digest = hashlib.sha256(f"{index}\0{prompt.strip()}".encode()).digest()
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def vote_params(quality: QualitySettings, index: int, max_tokens: int, prompt: str) -> GenParams:
+    """Generation parameters of vote `index` of `prompt`: 0 is greedy, the rest sample with `vote_seed`.
+
+    The one definition for both the live cascade (`escalate.check`) and the recorded votes
+    (`outcomes.collect`): calibration tunes on exactly the votes the cascade draws.
+    """
+    return GenParams(
+        max_tokens=max_tokens,
+        temperature=0.0 if index == 0 else quality.temperature,
+        top_p=quality.top_p,
+        top_k=quality.top_k,
+        seed=0 if index == 0 else vote_seed(prompt, index),
+    )
 
 
 def needed(threshold: float, k: int) -> int:
