@@ -245,6 +245,22 @@ def router_dict(router: Any) -> dict[str, Any]:
     }
 
 
+# What a terminal acts on: C0 controls but newline and tab, DEL, C1 controls, the line
+# separators, the bidi overrides that reorder what is shown, and lone surrogates (which
+# cannot even be encoded). A router file comes from someone else, so its text is shown
+# with these escaped and cannot recolour, retitle or rewrite the reader's terminal.
+_TERMINAL_ESCAPES = {
+    c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}")
+    for c in (*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0), 0x2028, 0x2029,
+              *range(0x202A, 0x202F), *range(0x2066, 0x206A), *range(0xD800, 0xE000))
+}
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with terminal control characters shown as escapes (`\\x1b`), not acted on."""
+    return text.translate(_TERMINAL_ESCAPES)
+
+
 def inspect_router(router: Any, as_json: bool) -> None:
     from rich.table import Table
     from rich.text import Text
@@ -257,10 +273,12 @@ def inspect_router(router: Any, as_json: bool) -> None:
     cost_label = "$" if unit == "price" else "s"
     fit = router.fit
     out().print(
-        f"Router schema {router.schema_version}: {len(router.clusters)} clusters from {fit.get('n_queries')} queries "
-        f"({fit.get('log')}, fitted {fit.get('date')}); budget {router.budget['kind']} {router.budget['value']}; "
-        f"fallback {router.fallback_model}; quality check k={router.quality.k}, T={router.quality.temperature}; "
-        "thresholds " + ", ".join(f"{m} {t:.2f}" for m, t in router.thresholds.items()),
+        terminal_safe(
+            f"Router schema {router.schema_version}: {len(router.clusters)} clusters from {fit.get('n_queries')} queries "
+            f"({fit.get('log')}, fitted {fit.get('date')}); budget {router.budget['kind']} {router.budget['value']}; "
+            f"fallback {router.fallback_model}; quality check k={router.quality.k}, T={router.quality.temperature}; "
+            "thresholds " + ", ".join(f"{m} {t:.2f}" for m, t in router.thresholds.items())
+        ),
         highlight=False,
         markup=False,
     )
@@ -268,8 +286,9 @@ def inspect_router(router: Any, as_json: bool) -> None:
     table.add_column("cluster", justify="right")
     table.add_column("size", justify="right")
     table.add_column("examples", ratio=3)
+    # Text, not str, wherever the router's own words go: Rich would read [brackets] as markup.
     for name in ladder:
-        table.add_column(f"{name}\nacc (n) / cost {cost_label}", justify="right")
+        table.add_column(Text(f"{terminal_safe(name)}\nacc (n) / cost {cost_label}"), justify="right")
     table.add_column("chosen")
     for c in router.clusters:
         cells = []
@@ -282,8 +301,8 @@ def inspect_router(router: Any, as_json: bool) -> None:
             cells.append(
                 f"{mark}{st['accuracy']:.2f} ({int(st['n'])})\n{st['mean_cost']:.2f}"
             )
-        examples = "\n".join("- " + e.replace("\n", " ")[:90] for e in c.examples)
-        table.add_row(str(c.id), str(c.size), Text(examples), *cells, c.model)  # prompts may hold [brackets]
+        examples = "\n".join("- " + terminal_safe(e.replace("\n", " ")[:90]) for e in c.examples)
+        table.add_row(str(c.id), str(c.size), Text(examples), *cells, Text(terminal_safe(c.model)))
     out().print(table)
 
 
