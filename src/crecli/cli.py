@@ -15,6 +15,7 @@ import typer
 
 from crecli import __version__
 from crecli.errors import CreError
+from crecli.quality import MAX_TEMPERATURE, MAX_VOTES
 
 EXIT_CODES = """Exit codes: 0 success; 1 error (the message says what to do); 2 bad usage;
 3 `cre batch` finished but some lines got error records; 130 interrupted (Ctrl-C)."""
@@ -205,8 +206,8 @@ def fit(
     n_neighbors: Annotated[Optional[int], typer.Option(min=2, help="UMAP n_neighbors (default scales with the log size).", show_default=False)] = None,
     max_fit_rows: Annotated[int, typer.Option(min=10, help="Larger logs are clustered on a sample of this many rows; the rest are assigned afterwards.")] = 20000,
     sample_per_cluster: Annotated[Optional[int], typer.Option(min=1, help="Run the models on at most N labelled queries per cluster (caps calibration cost).", show_default=False)] = None,
-    k: Annotated[int, typer.Option("--k", min=1, help="Self-consistency votes per model and query (1 greedy + k-1 samples).")] = 5,
-    temperature: Annotated[float, typer.Option(min=0.0, callback=_finite, help="Sampling temperature of votes 2..k.")] = 0.7,
+    k: Annotated[int, typer.Option("--k", min=1, max=MAX_VOTES, help="Self-consistency votes per model and query (1 greedy + k-1 samples).")] = 5,
+    temperature: Annotated[float, typer.Option(min=0.0, max=MAX_TEMPERATURE, callback=_finite, help="Sampling temperature of votes 2..k.")] = 0.7,
     fmt: Annotated[Optional[str], typer.Option("--format", help="jsonl, csv or text (default: by file extension).", show_default=False)] = None,
     prompt_field: Annotated[str, typer.Option(help="Field holding the prompt.")] = "prompt",
     reference_field: Annotated[str, typer.Option(help="Field holding the reference answer(s).")] = "reference",

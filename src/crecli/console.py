@@ -58,8 +58,12 @@ def warn(message: str) -> None:
 
 
 def print_json(data: Any) -> None:
-    """Machine-readable output: plain JSON on stdout, no colour, no wrapping."""
-    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    """Machine-readable output: plain JSON on stdout, no colour, no wrapping.
+
+    ASCII-only: text from router files and logs may hold C1 controls or bidi overrides,
+    which JSON leaves raw otherwise and a terminal would act on.
+    """
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=True, default=str) + "\n")
     sys.stdout.flush()
 
 

@@ -27,6 +27,12 @@ from typing import Sequence
 
 from crecli.models.backend import GenParams
 
+# The quality check's bounds, shared by the CLI's options and the router-file loader: k
+# votes cost k generations per answer, and more than 64 is no check anyone runs; past a
+# temperature of 5 samples are noise.
+MAX_VOTES = 64
+MAX_TEMPERATURE = 5.0
+
 # Bump when prompt rendering, answer caps or vote seeds change: recorded votes made under
 # another version are not comparable and are re-run.
 PROMPT_VERSION = 2

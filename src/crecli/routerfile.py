@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence, TypeVar
 from crecli import __version__, console
 from crecli.errors import RouterFileError
 from crecli.outcomes import model_identity
-from crecli.quality import QualitySettings
+from crecli.quality import MAX_TEMPERATURE, MAX_VOTES, QualitySettings
 
 if TYPE_CHECKING:
     import numpy as np
@@ -718,9 +718,6 @@ MAX_NAME_CHARS = 128
 MAX_TEXT_CHARS = 4096
 MAX_LADDER = 64
 MAX_CLUSTERS = 100_000
-# k votes cost k generations per answer; more than 64 is no quality check anyone runs.
-MAX_VOTES = 64
-MAX_TEMPERATURE = 5.0
 _T = TypeVar("_T")
 
 
