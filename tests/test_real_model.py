@@ -54,3 +54,12 @@ def test_cre_ask_end_to_end(gemma) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
+
+
+def test_probe_runs_the_real_model_on_this_cpu(gemma) -> None:
+    """The child-process probe that `cre models bench` runs first: it loads the model and
+    decodes a few tokens with cre's buffer choice for this CPU (extra buffer types off on
+    AMX Xeons, where a native build otherwise crashes at the first decode)."""
+    from crecli.models.llama import probe
+
+    probe(gemma)
