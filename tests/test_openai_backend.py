@@ -26,6 +26,7 @@ class _Server:
         self.requests: list[dict[str, Any]] = []
         self.reply: Callable[[str, dict[str, Any]], Reply] = lambda path, body: (200, {})
         self.delay = 0.0
+        self.location = ""  # a Location header to send (redirect tests)
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -39,6 +40,8 @@ class _Server:
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 try:
                     self.send_response(status)
+                    if server.location:
+                        self.send_header("Location", server.location)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
@@ -181,3 +184,30 @@ def test_registry_builds_it_for_a_spec_with_a_url(server: _Server) -> None:
     from crecli.models.registry import backend_for
 
     assert isinstance(backend_for(_spec(server.url)), OpenAIBackend)
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_redirects_are_refused_and_the_key_stays_home(server: _Server, monkeypatch: pytest.MonkeyPatch, status: int) -> None:
+    """urllib would follow a redirect to another host (or to ftp://) with the Authorization
+    header; a `url` rung answers only from the address it names."""
+    other = _Server()
+    try:
+        other.reply = lambda path, body: (200, _completion(" stolen"))
+        server.location = other.url + "/completions"
+        server.reply = lambda path, body: (status, {})
+        monkeypatch.setenv("CRE_TEST_KEY", "sk-secret")
+        backend = OpenAIBackend(_spec(server.url, api_key_env="CRE_TEST_KEY"))
+        with pytest.raises(BackendError, match="redirect to .* refused"):
+            backend.generate("hi", GenParams(max_tokens=4))
+        assert other.requests == []
+    finally:
+        other.close()
+
+
+def test_a_reply_larger_than_any_answer_is_refused(server: _Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    from crecli.models import openai
+
+    monkeypatch.setattr(openai, "MAX_REPLY_BYTES", 1000)
+    server.reply = lambda path, body: (200, _completion("x" * 5000))
+    with pytest.raises(BackendError, match="reply is over"):
+        OpenAIBackend(_spec(server.url)).generate("hi", GenParams(max_tokens=4))

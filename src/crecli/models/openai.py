@@ -30,6 +30,23 @@ if TYPE_CHECKING:
 DEFAULT_TIMEOUT = 120.0
 
 
+# A completion is a few KB; a reply far larger than any answer is a broken or hostile server.
+MAX_REPLY_BYTES = 16 * 2**20
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Refuse redirects: urllib would follow one to another host (or to ftp://) and send the
+    Authorization header there, so a `url` rung answers only from the address it names."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        raise urllib.error.HTTPError(
+            req.full_url, code, f"redirect to {newurl[:200]} refused; set `url` to the final address", headers, fp
+        )
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 class OpenAIBackend(Backend):
     def __init__(self, spec: "ModelSpec", timeout: float = DEFAULT_TIMEOUT) -> None:
         super().__init__(spec)
@@ -52,13 +69,16 @@ class OpenAIBackend(Backend):
         return headers
 
     def _post(self, endpoint: str, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        """POST JSON to the server; redirects are refused (see _NoRedirect)."""
         url = f"{self.url}/{endpoint}"
         request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=self._headers(), method="POST")
         where = f"model {self.spec.name!r} at {url}"
         start = time.perf_counter()
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read()
+            with _OPENER.open(request, timeout=self.timeout) as response:
+                raw = response.read(MAX_REPLY_BYTES + 1)
+            if len(raw) > MAX_REPLY_BYTES:
+                raise BackendError(f"{where}: the reply is over {MAX_REPLY_BYTES // 2**20} MiB; refusing it")
         except urllib.error.HTTPError as exc:
             detail = exc.read(500).decode("utf-8", "replace").strip()
             raise BackendError(f"{where}: HTTP {exc.code} {exc.reason}: {detail or 'no details'}; {_advice(exc.code, self.spec)}") from None
