@@ -147,22 +147,69 @@ def test_read_done_ids_needs_the_file() -> None:
         read_done_ids(Path("/nonexistent/out.jsonl"))
 
 
+def _bench_all(speeds: dict[str, tuple[float, float]]) -> None:
+    from crecli.models import bench
+    from crecli.models.llama import default_threads
+
+    for name, (pp, tg) in speeds.items():
+        bench.save(bench.Speed(name, None, default_threads(), pp_tokens_per_s=pp, tg_tokens_per_s=tg,
+                               load_seconds=1.0, pp_tokens=256, tg_tokens=64, measured_at="now"))
+
+
+SPEEDS = {"small": (400.0, 40.0), "medium": (200.0, 20.0), "large": (50.0, 5.0)}
+
+
 def test_summary_compares_cost_with_always_the_strongest(
-    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade
+    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, tiny_models_toml: Path
 ) -> None:
+    _bench_all(SPEEDS)
     install(fake_backends, TABLE)
+    cascade = Cascade(router, config.load(tiny_models_toml))
     rows, summary = _run([jl(prompt=p) for p in (ADD, HARD, PERU, FRUIT, FAR)], cascade)
 
     spent = sum(s["seconds"] for r in rows for s in r["trace"]["steps"])
-    assert summary.seconds == pytest.approx(spent) and summary.cascade_cost == pytest.approx(spent)
-    # The test router records large's mean cost as 1 + cluster id; unclustered prompts get
-    # the size-weighted mean over clusters (all size 10): 2.0.
-    assert summary.strongest_cost == pytest.approx(1.0 + 1.0 + 2.0 + 3.0 + 2.0)
-    assert summary.estimated == 5 and summary.unit == "seconds"
-    assert summary.cost_ratio == pytest.approx(spent / 9.0)
+    assert summary.seconds == pytest.approx(spent)
+    # Both sides in bench-seconds from the answers' tokens, whatever the router recorded.
+    assert summary.unit == "bench-seconds" and summary.estimated == 5
+    pp, tg = {m: s[0] for m, s in SPEEDS.items()}, {m: s[1] for m, s in SPEEDS.items()}
+    cascade_cost = sum(s["prompt_tokens"] / pp[s["model"]] + s["output_tokens"] / tg[s["model"]]
+                       for r in rows for s in r["trace"]["steps"])
+    assert summary.cascade_cost == pytest.approx(cascade_cost)
+    # FAR starts on large, which answers it with one vote: both sides are the same answer.
+    far = rows[-1]["trace"]["steps"][0]
+    assert far["model"] == "large" and far["used"] == 1
+    assert 0 < summary.strongest_cost and summary.cost_ratio == pytest.approx(cascade_cost / summary.strongest_cost)
     assert summary.models == {"small": 2, "medium": 2, "large": 1}
     data = summary.to_dict()
     assert data["escalation_rate"] == pytest.approx(0.2) and data["accuracy"] is None
+
+
+def test_a_batch_answered_by_the_strongest_model_alone_costs_100_percent_of_it(
+    fake_backends: Callable[..., dict[str, FakeBackend]], tiny_models_toml: Path
+) -> None:
+    """The router's stored per-cluster costs are stale (made under load); the summary must not use them."""
+    stale = make_router(starts=("large", "large", "large"))
+    for info in stale.clusters:
+        info.stats["large"]["mean_cost"] = 50.0  # what a busy machine recorded
+    stale = replace(stale, fit=routerfile.FitRecord(cost_unit="bench-seconds"))
+    _bench_all(SPEEDS)
+    install(fake_backends, {"large": {ADD: ["12"], PERU: ["Lima"], FRUIT: ["(B)"], FAR: ["?"]}})
+    cascade = Cascade(stale, config.load(tiny_models_toml))
+    rows, summary = _run([jl(prompt=p) for p in (ADD, PERU, FRUIT, FAR)], cascade)
+
+    assert summary.models == {"large": 4}
+    assert all(len(r["trace"]["steps"]) == 1 and r["trace"]["steps"][0]["used"] == 1 for r in rows)
+    assert summary.estimated == 4
+    assert summary.cascade_cost == pytest.approx(summary.strongest_cost)
+    assert summary.cost_ratio == pytest.approx(1.0)
+
+
+def test_in_measured_seconds_no_saving_is_claimed(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade
+) -> None:
+    install(fake_backends, TABLE)
+    rows, summary = _run([jl(prompt=p) for p in (ADD, HARD)], cascade)
+    assert summary.unit == "seconds" and summary.estimated == 0 and summary.cost_ratio is None
 
 
 def test_price_units_cost_tokens_times_price(
@@ -173,9 +220,10 @@ def test_price_units_cost_tokens_times_price(
         tiny_models_toml.read_text()
         .replace('path = "/nonexistent/small.gguf"', 'path = "/nonexistent/small.gguf"\nprice_per_1k_tokens = 1.0')
         .replace('path = "/nonexistent/medium.gguf"', 'path = "/nonexistent/medium.gguf"\nprice_per_1k_tokens = 2.0')
+        .replace('path = "/nonexistent/large.gguf"', 'path = "/nonexistent/large.gguf"\nprice_per_1k_tokens = 4.0')
     )
     install(fake_backends, TABLE)
-    cascade = Cascade(replace(router, fit={"cost_unit": "price"}), config.load(priced))
+    cascade = Cascade(router, config.load(priced))
     rows, summary = _run([jl(prompt=ADD), jl(prompt=HARD)], cascade)
 
     price = {"small": 1.0, "medium": 2.0}
@@ -246,6 +294,7 @@ def _batch(args: list[str], models_toml: Path, input: bytes | None = None) -> An
 def test_cli_batch_reads_a_file_and_exits_3_on_error_lines(
     fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path, tmp_path: Path
 ) -> None:
+    _bench_all(SPEEDS)
     install(fake_backends, TABLE)
     infile = tmp_path / "in.jsonl"
     infile.write_bytes(b"".join(MIXED))

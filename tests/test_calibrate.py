@@ -25,7 +25,8 @@ from crecli.calibrate import (
     tune_thresholds,
 )
 from crecli.errors import CreError
-from crecli.outcomes import CostModel, Outcome, OutcomeStore, Vote, collect
+from crecli.costs import CostModel
+from crecli.outcomes import Outcome, OutcomeStore, Vote, collect
 from crecli.quality import QualitySettings
 from crecli.querylog import Record
 

@@ -81,7 +81,7 @@ def make_router(thresholds: dict[str, float] | None = None, starts: tuple[str, s
     ]
     return RouterFile(
         schema_version=routerfile.SCHEMA_VERSION,
-        ladder=[{"name": m, "sha256": None, "size": None} for m in LADDER],
+        ladder=[routerfile.LadderEntry(m, None, None) for m in LADDER],
         embedder=embedder,
         assigner=assigner,
         clusters=clusters,
@@ -89,7 +89,7 @@ def make_router(thresholds: dict[str, float] | None = None, starts: tuple[str, s
         budget={"kind": "retain", "value": 0.95},
         quality=QualitySettings(),
         thresholds=thresholds or {"small": 0.6, "medium": 0.6, "large": 0.0},
-        fit={"cost_unit": "seconds"},
+        fit=routerfile.FitRecord(cost_unit="seconds"),
     )
 
 
@@ -352,3 +352,26 @@ def test_cli_ask_uses_the_default_router(
 def test_cli_ask_model_and_router_together_is_an_error(saved_router: Path, tiny_models_toml: Path) -> None:
     result = _ask(["hi", "--model", "small", "--router", str(saved_router)], tiny_models_toml)
     assert result.exit_code == 1 and "not both" in str(result.exception)
+
+
+def test_the_answering_path_loads_no_fit_time_code(settings: config.Settings, router: RouterFile, tmp_path: Path, tiny_models_toml: Path) -> None:
+    """`cre ask` imports escalate, route and routerfile and loads a router: none of that may
+    load the outcome store, fitting or calibration (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "r.cre"
+    routerfile.save(router, path)
+    code = (
+        "import sys\n"
+        "import crecli.escalate, crecli.route, crecli.routerfile\n"
+        "from pathlib import Path\nfrom crecli import config\n"
+        f"router = crecli.routerfile.load({str(path)!r}, config.load(Path({str(tiny_models_toml)!r})))\n"
+        f"cascade = crecli.escalate.Cascade(router, config.load(Path({str(tiny_models_toml)!r})))\n"
+        "cascade.route('What is 7 plus 5?')\n"
+        "print(' '.join(m for m in ('crecli.outcomes', 'crecli.fit', 'crecli.calibrate', 'crecli.evaluate',"
+        " 'crecli.reduce', 'umap', 'hdbscan') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""

@@ -454,12 +454,12 @@ def test_a_non_finite_number_is_refused(settings: config.Settings, saved: Path) 
 
 def test_remote_models_and_unpinned_models_still_load(settings: config.Settings, tmp_path: Path) -> None:
     router = make_router(settings)
-    router.ladder[0]["sha256"] = None
-    router.ladder[2]["sha256"] = "remote:https://api.example.com/v1#gpt-x"
+    router.ladder[0] = replace(router.ladder[0], sha256=None)
+    router.ladder[2] = replace(router.ladder[2], sha256="remote:https://api.example.com/v1#gpt-x")
     path = tmp_path / "r.cre"
     routerfile.save(router, path)
     # The local models' identities differ from the router's, which --force allows.
-    assert routerfile.load(path, settings, force=True).ladder[2]["sha256"].startswith("remote:")
+    assert routerfile.load(path, settings, force=True).ladder[2].sha256.startswith("remote:")
 
 
 def test_a_bad_k_fails_inspect_and_batch_with_exit_1(saved: Path, pinned_toml: Path, tmp_path: Path) -> None:

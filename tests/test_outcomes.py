@@ -9,8 +9,8 @@ from crecli import config, grading
 from crecli.errors import ConfigError, CreError
 from crecli.models import bench
 from crecli.models.backend import GenParams
+from crecli.costs import CostModel
 from crecli.outcomes import (
-    CostModel,
     Outcome,
     OutcomeStore,
     Vote,

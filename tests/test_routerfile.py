@@ -48,7 +48,7 @@ def make_router(settings: config.Settings) -> routerfile.RouterFile:
     choice = Choice({0: "small", 1: "medium"}, "large", 0.5, 1.0, 0.5, 1.0)
     plan = Plan(table, choice, default_thresholds(settings.ladder), "seconds", None, None, None)
     router = routerfile.build(settings, embedder, assigner, records, labels, plan, Budget("retain", 0.9),
-                              QualitySettings(k=3), {"log_sha256": "ab" * 32, "n_queries": 12, "seed": 0})
+                              QualitySettings(k=3), routerfile.FitRecord(log_sha256="ab" * 32, n_queries=12, seed=0))
     router.clusters[1].thresholds["medium"] = 0.9
     return router
 
@@ -84,7 +84,8 @@ def edit_manifest(path: Path, change: Callable[[dict[str, Any]], None], rehash: 
 def test_round_trip(settings: config.Settings, saved: Path) -> None:
     original = make_router(settings)
     loaded = routerfile.load(saved, settings)
-    assert loaded.ladder == [{"name": n, "sha256": SHAS[n], "size": 1000} for n in ("small", "medium", "large")]
+    assert loaded.ladder == [routerfile.LadderEntry(n, SHAS[n], 1000) for n in ("small", "medium", "large")]
+    assert loaded.ladder_names == ["small", "medium", "large"]
     assert loaded.clusters == original.clusters
     assert [c.answer_type for c in loaded.clusters] == ["numeric", "choice"]
     assert loaded.clusters[0].examples == PROMPTS[:3] and loaded.clusters[0].size == 6
@@ -94,7 +95,8 @@ def test_round_trip(settings: config.Settings, saved: Path) -> None:
     assert loaded.threshold(1, "medium") == 0.9 and loaded.threshold(0, "medium") == 0.6
     assert loaded.threshold(-1, "small") == 0.6
     assert loaded.cluster(1) is loaded.clusters[1] and loaded.cluster(7) is None
-    assert loaded.fit["log_sha256"] == "ab" * 32 and loaded.fit["cost_unit"] == "seconds"
+    assert loaded.fit == original.fit
+    assert loaded.fit.log_sha256 == "ab" * 32 and loaded.fit.cost_unit == "seconds" and loaded.fit.n_queries == 12
     probe = ["What is 8 plus 11?", "Which word is a synonym of broad? (A) big (B) small"]
     assert np.array_equal(loaded.embedder.transform(probe), original.embedder.transform(probe))
     labels, dist = loaded.assigner.predict(loaded.embedder.transform(probe))
@@ -241,7 +243,7 @@ def test_unpinned_local_models_are_identified_by_their_file(tiny_models_toml: Pa
         settings.models[name] = replace(settings.models[name], path=str(gguf))
     path = tmp_path / "r.cre"
     routerfile.save(make_router(settings), path)
-    assert routerfile.load(path, settings).ladder[0]["sha256"] == hashlib.sha256(b"small").hexdigest()
+    assert routerfile.load(path, settings).ladder[0].sha256 == hashlib.sha256(b"small").hexdigest()
     (tmp_path / "small.gguf").write_bytes(b"changed!")
     with pytest.raises(RouterFileError, match="model 'small' is not the file"):
         routerfile.load(path, settings)

@@ -25,9 +25,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Iterator, TextIO
 
 from crecli.console import progress
 from crecli.errors import CreError, InputError, ModelNotAvailable
-from crecli.outcomes import token_cost
 from crecli.querylog import FieldMap, LongLine, Record, parse_batch_line, read_lines
-from crecli.route import route_many
 
 if TYPE_CHECKING:
     from crecli.escalate import Cascade, Pending, Trace
@@ -44,9 +42,10 @@ class BatchSummary:
     escalated: int = 0  # answers that needed at least one escalation
     seconds: float = 0.0  # model-seconds: generation time of every vote drawn
     route_seconds: float = 0.0
-    # Always-strongest cost cannot be measured for prompts the cascade answered lower down;
-    # it is estimated from the router's recorded mean cost of one greedy answer of the top
-    # model per cluster, in the router's cost unit ("seconds", or "price" from models.toml).
+    # Both sides of the comparison with always using the strongest model are priced by the
+    # cascade's one `Pricing` on the same answers (`Cascade.cost_of`, `strongest_cost_of`):
+    # the strongest model's greedy answer is priced from token counts, so it needs a
+    # token-priced unit ("bench-seconds" or "price"); in "seconds" nothing is estimated.
     unit: str = "seconds"
     strongest_model: str = ""
     strongest_cost: float = 0.0  # the estimate, over the answers counted in `estimated`
@@ -196,38 +195,6 @@ def _chunks(lines: Iterable["bytes | LongLine"], size: int) -> Iterator[list[tup
         yield chunk
 
 
-def _strongest_cost(cascade: "Cascade") -> tuple[dict[int, float], float | None]:
-    """The top model's mean cost per cluster, and its size-weighted mean for unclustered prompts."""
-    top = cascade.ladder[-1]
-    per_cluster: dict[int, float] = {}
-    weighted = weight = 0.0
-    for info in cascade.router.clusters:
-        cost = info.stats.get(top, {}).get("mean_cost")
-        if cost is None:
-            continue
-        per_cluster[info.id] = float(cost)
-        weighted += float(cost) * info.size
-        weight += info.size
-    return per_cluster, (weighted / weight if weight else None)
-
-
-def _trace_cost(trace: "Trace", unit: str, cascade: "Cascade") -> float | None:
-    """What the cascade spent on one prompt, in the router's cost unit (None: no price known)."""
-    if unit == "seconds":
-        return sum(s.seconds for s in trace.steps)
-    total = 0.0
-    for step in trace.steps:
-        # As in calibration: the prompt is paid once per model, every vote's output tokens.
-        cost = token_cost(
-            unit, step.prompt_tokens, step.output_tokens,
-            cascade.specs[step.model].price_per_1k_tokens, cascade.speeds.get(step.model),
-        )
-        if cost is None:
-            return None
-        total += cost
-    return total
-
-
 def run_batch(
     lines: "Iterable[bytes | LongLine] | BinaryIO",
     out: TextIO,
@@ -246,13 +213,10 @@ def run_batch(
     """
     if hasattr(lines, "readline"):
         lines = read_lines(lines, fields.max_line_bytes)  # type: ignore[arg-type]
-    summary = BatchSummary(
-        unit=str(cascade.router.fit.get("cost_unit", "seconds")), strongest_model=cascade.ladder[-1]
-    )
-    per_cluster, overall = _strongest_cost(cascade)
+    summary = BatchSummary(unit=cascade.pricing.unit, strongest_model=cascade.strongest)
     writer = _OrderedWriter(out, first=1)
 
-    def finish(line: int, trace: "Trace") -> None:
+    def finish(line: int, trace: "Trace", prompt: str) -> None:
         summary.answered += 1
         summary.escalated += int(trace.escalations > 0)
         summary.seconds += sum(s.seconds for s in trace.steps)
@@ -261,8 +225,8 @@ def run_batch(
         if trace.correct is not None:
             summary.graded += 1
             summary.correct += int(trace.correct)
-        estimate = per_cluster.get(trace.cluster, overall)
-        spent = _trace_cost(trace, summary.unit, cascade)
+        estimate = cascade.strongest_cost_of(trace, prompt)
+        spent = cascade.cost_of(trace)
         if estimate is not None and spent is not None:
             summary.estimated += 1
             summary.strongest_cost += estimate
@@ -294,7 +258,7 @@ def run_batch(
             pending: list[tuple[int, "Pending"]] = []
             try:
                 # One routing call per chunk: per-call overhead dominates single prompts.
-                decisions = route_many(cascade.router, [record.prompt for _, record in records])
+                decisions = cascade.route_many([record.prompt for _, record in records])
             except CreError as exc:
                 for line, record in records:
                     fail(line, record.id, f"{source}:{line}: {exc}")
@@ -322,7 +286,7 @@ def run_batch(
                         bar.advance(task)
                         continue
                     if final:
-                        finish(line, p.trace)
+                        finish(line, p.trace, p.prompt)
                         bar.advance(task)
                     else:
                         still.append((line, p))

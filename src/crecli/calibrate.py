@@ -8,64 +8,49 @@ Three steps, all pure functions of recorded outcomes (no model runs here):
 2. `choose_models`: the cluster -> starting model map for a `Budget`.
 3. `simulate` / `tune_thresholds`: replay the cascade on the recorded votes to measure
    accuracy, cost and escalations for given thresholds, and pick thresholds for a budget.
+
+`plan` runs the three in-sample for `cre fit`. `recalibrate` is `cre calibrate`: the same
+choices, scored by cross-validation (cluster models chosen on the other folds, the cascade
+replayed on the held-out fold), so the chosen setting is judged on queries it was not chosen
+on. Choosing the best of many settings still flatters the winner a little; `bench/headline`
+evaluates on a half of the log that calibration never saw. Replays run the same decision
+procedure as `cre ask` on the same seeded votes, so thousands of settings are compared in
+seconds; only outcomes missing from the store are collected first (that runs models, once).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import random
+import time
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from crecli import console, grading
 from crecli.errors import CreError
-from crecli.outcomes import CostModel, Outcome, OutcomeKey
+from crecli.costs import BUDGET_EPS, BUDGET_KINDS, DEFAULT_RETAIN, Budget, CostModel  # noqa: F401 (re-exported)
 from crecli.quality import decide, done, needed
 
 if TYPE_CHECKING:
     from crecli.config import Settings
+    from crecli.outcomes import Outcome, OutcomeKey
     from crecli.quality import QualitySettings
-    from crecli.querylog import Record
+    from crecli.querylog import LogOptions, Record
+    from crecli.route import RouteDecision
+    from crecli.routerfile import RouterFile
 
 # How many queries' worth of belief the model's log-wide accuracy carries in a cluster.
 # With 5, a cluster needs about 5 queries before its own record counts as much as the
 # log-wide figure: enough to stop a 2-for-2 cluster from looking perfect, little enough
 # that a 30-query cluster speaks for itself.
 PRIOR_STRENGTH = 5.0
-BUDGET_KINDS = ("retain", "max_cost")
-DEFAULT_RETAIN = 0.98
 # Agreement needed below the top rung: 3 of 5 votes.
 DEFAULT_THRESHOLD = 0.6
 # Ratios are compared with this slack, so a budget met exactly is not missed by rounding.
-_EPS = 1e-9
-
-
-@dataclass(frozen=True)
-class Budget:
-    """The one knob of calibration.
-
-    - `Budget("retain", 0.98)`: keep quality. Each cluster starts on the cheapest model whose
-      shrunk accuracy on that cluster is at least 0.98 x the strongest (top-rung) model's
-      shrunk accuracy there; if none is (possible for values above 1), the most accurate one.
-    - `Budget("max_cost", 0.5)`: cap cost. The most accurate assignment whose total cost stays
-      within 0.5 x the cost of sending every query to the strongest model. Every cluster
-      starts on its cheapest model; then, greedily, the upgrade (cluster, better model) with
-      the most accuracy gained per unit of extra cost that still fits the budget is taken,
-      until none fits.
-    """
-
-    kind: str = "retain"
-    value: float = DEFAULT_RETAIN
-
-    def __post_init__(self) -> None:
-        if self.kind not in BUDGET_KINDS:
-            raise CreError(f"unknown budget kind {self.kind!r}; use one of {', '.join(BUDGET_KINDS)}")
-        if not self.value > 0:
-            raise CreError(f"budget value must be positive, got {self.value}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "value": self.value}
+_EPS = BUDGET_EPS
 
 
 @dataclass(frozen=True)
@@ -484,13 +469,8 @@ def tune_thresholds(
     for combo in combos:
         thresholds = {**dict(zip(ladder[:-1], combo)), top: top_threshold}
         result = replay.simulate(assignments, thresholds, quality)
-        if budget.kind == "retain":
-            met = result.accuracy >= budget.value * reference.accuracy - _EPS
-            key = (met, -result.cost, result.accuracy) if met else (met, result.accuracy, -result.cost)
-        else:
-            met = result.cost <= budget.value * reference.cost + _EPS
-            key = (met, result.accuracy, -result.cost) if met else (met, -result.cost, result.accuracy)
-        candidates.append((key, thresholds, result, met))
+        key = budget.rank(result.accuracy, result.cost, reference.accuracy, reference.cost)
+        candidates.append((key, thresholds, result, key[0]))
     # max() keeps the first of equal keys: the defaults, then lower thresholds (fewer votes).
     _, thresholds, result, met = max(candidates, key=lambda c: c[0])
     return Tuning(thresholds, result, reference, met, len(candidates))
@@ -543,3 +523,333 @@ def plan(
     replay = Replay.build(outcomes, records, ladder, costs)
     tuning = tune_thresholds(replay, assignments_for(records, labels, choice), quality, budget)
     return Plan(table, choice, tuning.thresholds, costs.unit, tuning.result, tuning.reference, tuning.met)
+
+
+# ---------------------------------------------------------------- cre calibrate: cross-validated tuning
+
+# Per-cluster model choices are swept over these "retain" values; the threshold grid is
+# swept for each. Values above 1 let a cluster prefer a model better than the strongest.
+RETAIN_GRID = (0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 1.0, 1.02, 1.05, 1.1)
+
+
+@dataclass
+class Data:
+    """A labelled log prepared for replay: records, their clusters, and outcomes."""
+
+    records: list["Record"]
+    routes: list["RouteDecision"]  # each record's cluster and starting model, as `cre ask` routes it
+    outcomes: dict["OutcomeKey", "Outcome"]
+    costs: CostModel
+    replay: Replay
+    log_sha256: str = ""
+
+    @property
+    def clusters(self) -> list[int]:
+        return [r.cluster for r in self.routes]
+
+
+def prepare(
+    router: "RouterFile",
+    settings: "Settings",
+    log: Path,
+    store: Path | None = None,
+    reader: "LogOptions | None" = None,
+) -> Data:
+    """Read `log` with `reader` (default: as the router's fit read its log), route every
+    labelled query as `cre ask` would, and collect the missing outcomes.
+
+    Costs are priced afresh (today's `cre models bench` speeds or prices), never taken from
+    the router's stored statistics.
+    """
+    from crecli import outcomes as outcomes_mod
+
+    reader = reader or router.fit.reader
+    read = reader.read(log)
+    if read.bad:
+        console.status(f"Skipped {len(read.bad)} bad line(s), first: {read.bad[0].source}: {read.bad[0].reason}")
+    records = [r for r in read.records if r.reference is not None or r.labels]
+    if not records:
+        raise CreError(f"{log}: no labelled queries (a `reference` or `labels` field) to evaluate on")
+    ladder = router.ladder_names
+    missing = [m for m in ladder if m not in settings.models]
+    if missing:
+        raise CreError(f"the router's ladder has {', '.join(missing)}, which your models.toml lacks")
+    routes = assign(router, [r.prompt for r in records])
+    path = store or outcomes_mod.default_store_path()
+    with outcomes_mod.OutcomeStore(path) as st:
+        found = outcomes_mod.collect(records, settings, st, router.quality, models=ladder)
+    costs = CostModel.build(found.values(), [settings.get(m) for m in ladder])
+    replay = Replay.build(found, records, ladder, costs)
+    return Data(records, routes, found, costs, replay, read.sha256)
+
+
+def assign(router: "RouterFile", prompts: Sequence[str]) -> list["RouteDecision"]:
+    """Routes exactly as `cre ask` decides them (embedded in batches, with a progress bar)."""
+    from crecli.embed import embed_texts
+    from crecli.route import route_vectors
+
+    return route_vectors(router, embed_texts(router.embedder, list(prompts)))
+
+
+def fitted_log(router: "RouterFile", log: Path | None = None) -> Path:
+    """`log` when given, else the log the router was fitted on, where the fit found it.
+
+    The fit records the log's absolute path and sha256; a log that is no longer there is an
+    error that says so (pass --log), and `check_log` warns when it changed since.
+    """
+    if log is not None:
+        return log
+    recorded = router.fit.log
+    if not recorded:
+        raise CreError("the router does not record the log it was fitted on; pass --log FILE")
+    path = Path(recorded)
+    if not path.is_file():
+        raise CreError(
+            f"the router was fitted on {recorded}, which is not there any more (moved or deleted); "
+            "pass --log FILE to calibrate on it where it is now"
+        )
+    return path
+
+
+def check_log(router: "RouterFile", log: Path, data: Data) -> None:
+    """Warn when the router's own log changed since the fit (its sha256 differs)."""
+    fit = router.fit
+    if fit.log_sha256 and data.log_sha256 and data.log_sha256 != fit.log_sha256 and Path(fit.log or "") == log:
+        console.warn(
+            f"{log} has changed since the router was fitted on it (sha256 {fit.log_sha256[:12]}… then, "
+            f"{data.log_sha256[:12]}… now); calibrating on it as it is now"
+        )
+
+
+@dataclass(frozen=True)
+class Setting:
+    retain: float  # per-cluster model choice: Budget("retain", retain)
+    thresholds: tuple[tuple[str, float], ...]
+
+    def label(self) -> str:
+        """e.g. "retain 0.85 | thresholds 0.8/0.6/0.0" (thresholds smallest rung first)."""
+        return f"retain {self.retain:.2f} | thresholds " + "/".join(f"{v:.1f}" for _, v in self.thresholds)
+
+
+def _table(data: Data, idx: Sequence[int], ladder: list[str]) -> StatsTable:
+    return cluster_stats([data.clusters[i] for i in idx], [data.records[i] for i in idx], data.outcomes, ladder, data.costs)
+
+
+def _choice(table: StatsTable, retain: float) -> Choice:
+    return choose_models(table, Budget("retain", retain) if retain > 0 else Budget("retain", 1e-9))
+
+
+def _simulate(data: Data, idx: Sequence[int], choice: Choice, thresholds: Mapping[str, float], quality: "QualitySettings") -> SimResult:
+    sub = Replay(data.replay.entries, [data.records[i] for i in idx], data.replay.ladder, data.replay.unit)
+    starts = {data.records[i].id: choice.models.get(data.clusters[i], choice.fallback) for i in idx}
+    return sub.simulate(starts, thresholds, quality)
+
+
+def sweep(data: Data, fit_idx: Sequence[int], eval_idx: Sequence[int], ladder: list[str], quality: "QualitySettings") -> list[tuple[Setting, SimResult]]:
+    """Every (retain, thresholds) setting: cluster models chosen on `fit_idx`, replayed on `eval_idx`."""
+    grid = threshold_grid(quality.k)
+    table = _table(data, fit_idx, ladder)
+    out = []
+    for retain in RETAIN_GRID:
+        choice = _choice(table, retain)
+        for combo in itertools.product(grid, repeat=len(ladder) - 1):
+            # The top rung either answers greedily or takes a 3-of-5 majority.
+            for top in (0.0, 0.6):
+                thresholds = {**dict(zip(ladder[:-1], combo)), ladder[-1]: top}
+                result = _simulate(data, eval_idx, choice, thresholds, quality)
+                out.append((Setting(retain, tuple(thresholds.items())), result))
+    return out
+
+
+@dataclass(frozen=True)
+class Figures:
+    accuracy: float
+    mean_cost: float
+    escalation_rate: float
+
+
+def greedy(data: Data, idx: Sequence[int], model_of: Callable[[int], str]) -> tuple[float, float]:
+    """Accuracy and mean cost of the greedy answer of model `model_of(i)` for each query i in `idx`."""
+    entries = [data.replay.entries[(data.records[i].id, model_of(i))] for i in idx]
+    n = len(entries) or 1
+    return sum(e.correct[0] for e in entries) / n, sum(e.cumcost[0] for e in entries) / n
+
+
+def reference(data: Data, idx: Sequence[int], ladder: list[str]) -> tuple[float, float]:
+    """Accuracy and mean cost of always using the strongest model (its greedy answer)."""
+    return greedy(data, idx, lambda i: ladder[-1])
+
+
+def _pick(candidates: Sequence[tuple[Setting, Figures]], budget: Budget, ref: tuple[float, float]) -> tuple[Setting, Figures, bool]:
+    """The setting that best meets `budget` (`Budget.rank`); if none meets it, the closest one."""
+    ref_acc, ref_cost = ref
+    # max() keeps the first of equal keys, so ties go to the earlier setting.
+    setting, figures = max(candidates, key=lambda c: budget.rank(c[1].accuracy, c[1].mean_cost, ref_acc, ref_cost))
+    return setting, figures, budget.rank(figures.accuracy, figures.mean_cost, ref_acc, ref_cost)[0]
+
+
+def frontier(points: Sequence[tuple[Setting, Any]]) -> list[tuple[Setting, Any]]:
+    """The settings no other setting beats on both accuracy and cost, cheapest first."""
+    ordered = sorted(points, key=lambda p: (p[1].mean_cost, -p[1].accuracy))
+    front: list[tuple[Setting, Any]] = []
+    for setting, result in ordered:
+        if not front or result.accuracy > front[-1][1].accuracy + 1e-12:
+            front.append((setting, result))
+    return front
+
+
+def folds(n: int, k: int, seed: int) -> list[list[int]]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [sorted(order[i::k]) for i in range(k)]
+
+
+@dataclass
+class Calibration:
+    budget: Budget
+    setting: Setting
+    choice: Choice
+    thresholds: dict[str, float]
+    in_sample: dict[str, float]
+    held_out: dict[str, float]
+    reference: dict[str, float]
+    frontier: list[dict[str, Any]]
+    n: int
+    folds: int
+    budget_met: bool
+    seconds: float
+    table: StatsTable | None = None  # every cluster's statistics on all queries, at today's costs
+    unit: str = "seconds"  # of every cost figure
+    result: SimResult | None = None  # the chosen setting replayed on all queries
+    reference_result: SimResult | None = None  # every query on the strongest model
+
+
+def recalibrate(router: "RouterFile", data: Data, budget: Budget, n_folds: int = 5, seed: int = 0) -> Calibration:
+    """Choose per-cluster models and thresholds for `budget`, by cross-validation.
+
+    A setting is a `retain` value for the per-cluster model choice plus one threshold per
+    rung. Each setting is scored on held-out folds only: its cluster models are chosen on
+    the other folds and its cascade replayed on the fold, so a setting that merely fits the
+    noise of small clusters scores badly. The setting that meets the budget on these
+    held-out figures at the least cost (or the best accuracy, for "max_cost") is chosen,
+    and its cluster models are then chosen once more on all queries for the router.
+    """
+    start = time.perf_counter()
+    ladder = router.ladder_names
+    quality = router.quality
+    n = len(data.records)
+    if n < 2 * n_folds:
+        raise CreError(f"only {n} labelled queries: too few for {n_folds}-fold cross-validation (use --folds 2 or a larger log)")
+    totals: dict[Setting, list[float]] = {}
+    for fold in folds(n, n_folds, seed):
+        train = sorted(set(range(n)) - set(fold))
+        for setting, result in sweep(data, train, fold, ladder, quality):
+            t = totals.setdefault(setting, [0.0, 0.0, 0.0])
+            t[0] += result.accuracy * len(fold)
+            t[1] += result.mean_cost * len(fold)
+            t[2] += result.escalation_rate * len(fold)
+    held = [(setting, Figures(t[0] / n, t[1] / n, t[2] / n)) for setting, t in totals.items()]
+    everything = list(range(n))
+    ref = reference(data, everything, ladder)
+    setting, figures, met = _pick(held, budget, ref)
+    table = _table(data, everything, ladder)
+    choice = _choice(table, setting.retain)
+    result = _simulate(data, everything, choice, dict(setting.thresholds), quality)
+    top_only = Choice({}, ladder[-1], 0.0, 0.0, 0.0, 0.0)
+    reference_result = _simulate(data, everything, top_only, {ladder[-1]: 0.0}, quality)
+    return Calibration(
+        budget=budget,
+        setting=setting,
+        choice=choice,
+        thresholds=dict(setting.thresholds),
+        in_sample={"accuracy": result.accuracy, "mean_cost": result.mean_cost, "escalation_rate": result.escalation_rate},
+        held_out={"accuracy": figures.accuracy, "mean_cost": figures.mean_cost, "escalation_rate": figures.escalation_rate},
+        reference={"accuracy": ref[0], "mean_cost": ref[1]},
+        frontier=[
+            {"setting": s.label(), "accuracy": r.accuracy, "mean_cost": r.mean_cost,
+             "escalation_rate": r.escalation_rate, "chosen": s == setting}
+            for s, r in frontier(held)
+        ],
+        n=n,
+        folds=n_folds,
+        budget_met=met,
+        seconds=time.perf_counter() - start,
+        table=table,
+        unit=data.costs.unit,
+        result=result,
+        reference_result=reference_result,
+    )
+
+
+def apply(router: "RouterFile", cal: Calibration) -> "RouterFile":
+    """The router with the calibrated cluster models, thresholds and budget, and every cost
+    it stores priced afresh: each cluster's statistics, the cost unit and the expected and
+    simulated figures all come from this calibration's costs, not from the fit's.
+
+    A cluster with no labelled query in the calibration log keeps its model, but its
+    statistics are dropped: they cannot be re-priced, and stale costs must not stand
+    beside fresh ones.
+    """
+    from crecli.routerfile import Expected
+
+    assert cal.table is not None and cal.result is not None and cal.reference_result is not None
+    clusters = []
+    stale = 0
+    for c in router.clusters:
+        fresh = cal.table.clusters.get(c.id)
+        stale += fresh is None and bool(c.stats)
+        stats = {m: s.to_dict() for m, s in fresh.models.items()} if fresh is not None else {}
+        clusters.append(replace(c, model=cal.choice.models.get(c.id, c.model), thresholds={}, stats=stats))
+    if stale:
+        console.warn(f"{stale} cluster(s) have no labelled query in this log: their models are kept, their statistics dropped")
+    fit = replace(
+        router.fit,
+        cost_unit=cal.unit,
+        expected=Expected(cal.choice.expected_accuracy, cal.choice.expected_cost,
+                          cal.choice.reference_accuracy, cal.choice.reference_cost),
+        simulated=cal.result.summary(),
+        simulated_reference=cal.reference_result.summary(),
+        budget_met=cal.budget_met,
+        calibration={
+            "budget": cal.budget.to_dict(), "held_out": cal.held_out, "in_sample": cal.in_sample,
+            "reference": cal.reference, "folds": cal.folds, "n": cal.n, "setting": cal.setting.label(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
+    return replace(router, clusters=clusters, thresholds=dict(cal.thresholds), budget=cal.budget.to_dict(), fit=fit)
+
+
+def run(
+    router_path: Path,
+    settings: "Settings",
+    budget: Budget,
+    *,
+    log: Path | None = None,
+    output: Path | None = None,
+    store: Path | None = None,
+    max_line_bytes: int | None = None,
+    n_folds: int = 5,
+    seed: int = 0,
+    force: bool = False,
+) -> tuple[Calibration, Path]:
+    """`cre calibrate`: load the router, read its log as the fit did, recalibrate, write it.
+
+    Outputs are checked before any work. Returns the calibration and where the router went.
+    """
+    from crecli import paths, routerfile
+
+    router = routerfile.load(router_path, settings, force=force)
+    log = fitted_log(router, log)
+    target = output or router_path
+    if store is not None:
+        paths.check_output(store, "--store", [("the query log", log), ("the router", router_path)], example="outcomes.sqlite")
+    keep = [("the query log", log), ("the outcome store", store), *[("a models.toml", Path(f)) for f in settings.sources]]
+    paths.check_output(target, "-o", keep)
+    reader = router.fit.reader
+    if max_line_bytes is not None:
+        reader = replace(reader, fields=replace(reader.fields, max_line_bytes=max_line_bytes))
+    data = prepare(router, settings, log, store, reader)
+    check_log(router, log, data)
+    cal = recalibrate(router, data, budget, n_folds=n_folds, seed=seed)
+    routerfile.save(apply(router, cal), target)
+    return cal, target

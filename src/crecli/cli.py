@@ -136,9 +136,10 @@ def models_pull(
       cre models pull gemma-3-270m
     """
     from crecli import render
+    from crecli.models.pull import pull_many
 
     settings = _settings(models)
-    render.pull_models(settings, names or settings.ladder, force=force)
+    render.pulled(pull_many([settings.get(n) for n in names or settings.ladder], force=force))
 
 
 @models_app.command("bench")
@@ -223,7 +224,8 @@ def fit(
 ) -> None:
     """Cluster a labelled query log, measure every model on every cluster, write a router file.
 
-    Interrupt it at any time: a re-run continues where it stopped and recomputes nothing.
+    Interrupt it at any time: a re-run runs no model on a query it already answered (outcomes
+    are stored as they come). Reading, embedding, clustering and calibration are redone.
 
     Examples:
 
@@ -290,13 +292,16 @@ def calibrate(
     models: ModelsOpt = None,
     store: Annotated[Optional[Path], typer.Option(help="Outcome store (default: the one `cre fit` uses).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Warn instead of failing when local model files differ from the router's.")] = False,
+    max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, help="Longest log line (and so prompt) to read, in bytes (default: what `cre fit` was given).", show_default=False)] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Re-choose each cluster's model and each model's quality-check threshold for a target.
 
-    Works from recorded outcomes: no model runs unless an outcome is missing. The figures it
+    Works from recorded outcomes: no model runs unless an outcome is missing. The log is
+    read as `cre fit` read it (format, field names, --skip-bad, line cap). The figures it
     reports are held out (cross-validation); it prints the accuracy-cost frontier and marks
-    the chosen point.
+    the chosen point. Every cost stored in the router is priced afresh from today's
+    `cre models bench` speeds (or prices).
 
     Examples:
 
@@ -304,20 +309,13 @@ def calibrate(
 
       cre calibrate router.cre --max-cost 0.4 -o cheap.cre --json
     """
-    from crecli import evaluate, render, routerfile
-
-    from crecli import paths
+    from crecli import calibrate as calibration, render
 
     settings, budget = _settings(models), _budget(retain, max_cost)
-    loaded = routerfile.load(router, settings, force=force)
-    log = _router_log(loaded, log)
-    target = output or router
-    if store is not None:
-        paths.check_output(store, "--store", [("the query log", log), ("the router", router)], example="outcomes.sqlite")
-    paths.check_output(target, "-o", [("the query log", log), ("the outcome store", store), *_models_files(settings)])
-    data = evaluate.prepare(loaded, settings, log, store)
-    cal = evaluate.recalibrate(loaded, data, budget, n_folds=folds, seed=seed)
-    routerfile.save(evaluate.apply(loaded, cal), target)
+    cal, target = calibration.run(
+        router, settings, budget, log=log, output=output, store=store, max_line_bytes=max_prompt_bytes,
+        n_folds=folds, seed=seed, force=force,
+    )
     render.calibration(cal, target, json_)
 
 
@@ -329,7 +327,8 @@ def eval_(
     store: Annotated[Optional[Path], typer.Option(help="Outcome store (default: the one `cre fit` uses).", show_default=False)] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write an accuracy-against-cost chart (.svg, or .png with matplotlib installed).", show_default=False)] = None,
     live: Annotated[bool, typer.Option("--live", help="Also run the real cascade on every query and compare it with the replay.")] = False,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip bad lines instead of stopping.")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip bad lines instead of stopping (default: what `cre fit` was given).")] = False,
+    max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, help="Longest log line (and so prompt) to read, in bytes (default: what `cre fit` was given).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Warn instead of failing when local model files differ from the router's.")] = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -337,8 +336,9 @@ def eval_(
     routing at equal cost, routing without the quality check, the cascade without clusters,
     and the oracle.
 
-    The cascade is replayed on recorded, seeded votes (missing ones are collected first);
-    --live runs it for real as well.
+    The log is read as `cre fit` read its log (format, field names, line cap). The cascade
+    is replayed on recorded, seeded votes (missing ones are collected first); --live runs it
+    for real as well and reports the replay's accuracy beside it.
 
     Examples:
 
@@ -346,38 +346,19 @@ def eval_(
 
       cre eval test.jsonl --router router.cre --plot frontier.svg --json
     """
-    from crecli import evaluate, render, routerfile
+    from crecli import evaluate, render
 
-    settings = _settings(models)
-    path = _router_path(router)
-    from crecli import paths
-
-    if store is not None:
-        paths.check_output(store, "--store", [("the log", log), ("the router", path)], example="outcomes.sqlite")
-    if plot:
-        keep = [("the log", log), ("the router", path), ("the outcome store", store), *_models_files(settings)]
-        paths.check_output(plot, "--plot", keep, example="frontier.svg")
-    loaded = routerfile.load(path, settings, force=force)
-    data = evaluate.prepare(loaded, settings, log, store, skip_bad=skip_bad)
-    report = evaluate.evaluate(loaded, data)
-    if live:
-        report.live = evaluate.live(path, models, data)
+    report = evaluate.run(
+        log, _router_path(router), _settings(models), store=store, plot=plot, run_live=live,
+        skip_bad=skip_bad, max_line_bytes=max_prompt_bytes, force=force,
+    )
     if plot:
         render.plot(report, plot)
     render.eval_report(report, json_)
 
 
-def _router_log(router, log: Path | None) -> Path:  # router: routerfile.RouterFile
-    if log is not None:
-        return log
-    recorded = router.fit.get("log")
-    if not recorded or not Path(recorded).is_file():
-        raise CreError(f"the router's log {recorded!r} is not here; pass --log FILE")
-    return Path(recorded)
-
-
-def _budget(retain: float | None, max_cost: float | None):  # -> calibrate.Budget
-    from crecli.calibrate import Budget
+def _budget(retain: float | None, max_cost: float | None):  # -> costs.Budget
+    from crecli.costs import Budget
 
     if retain is not None and max_cost is not None:
         raise CreError("give one budget: --retain or --max-cost, not both")
@@ -389,11 +370,6 @@ def _budget(retain: float | None, max_cost: float | None):  # -> calibrate.Budge
     if not 0 < value <= 1.5:
         raise CreError("--retain is a share of the strongest model's accuracy, e.g. 0.98")
     return Budget("retain", value)
-
-
-def _models_files(settings) -> list[tuple[str, Path]]:  # settings: config.Settings
-    """The models.toml files read, for paths.check_output: an output must not replace one."""
-    return [("a models.toml", Path(source)) for source in settings.sources]
 
 
 def _check_can_set_default() -> None:
@@ -452,13 +428,9 @@ def ask(
         if router is not None:
             raise CreError("use either --model (one model, no routing) or --router, not both")
         from crecli.models.backend import GenParams
-        from crecli.models.registry import backend_for
+        from crecli.models.registry import generate_once
 
-        backend = backend_for(_settings(models).get(model))
-        try:
-            gen = backend.generate(text, GenParams(max_tokens=max_tokens, temperature=temperature))
-        finally:
-            backend.close()
+        gen = generate_once(_settings(models).get(model), text, GenParams(max_tokens=max_tokens, temperature=temperature))
         render.answer(model, gen, json_)
         return
     from crecli.escalate import Cascade

@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from crecli import grading
+from crecli.costs import Pricing
 from crecli.errors import RouterFileError
-from crecli.models import bench
+from crecli.models.prompting import render
 from crecli.models.registry import ModelPool
 from crecli.quality import decide, done, vote_params
-from crecli.route import RouteDecision, route
+from crecli.route import RouteDecision, route, route_many
 
 if TYPE_CHECKING:
     from crecli.config import Settings
@@ -48,7 +49,8 @@ class Step:
     accepted: bool  # the majority reached the threshold
     answer: str  # raw text (stripped) of the first vote that gave the majority
     prompt_tokens: int  # the prompt is processed once per model, so counted once
-    output_tokens: int
+    output_tokens: int  # of every vote drawn
+    greedy_output_tokens: int  # of the greedy vote alone: an answer without the check
     seconds: float
     why: str  # why the cascade stopped here or moved on
 
@@ -67,14 +69,14 @@ def check(
     """Run the self-consistency check for `prompt` on one model, drawing votes lazily."""
     votes: list[str] = []
     normalized: list[str] = []
-    prompt_tokens = output_tokens = 0
+    prompt_tokens = output_tokens = greedy_output_tokens = 0
     seconds = 0.0
     while not done(normalized, settings.k, threshold, settings.early_stop):
         gen = backend.generate(prompt, vote_params(settings, len(votes), max_tokens, prompt))
         votes.append(gen.text)
         normalized.append(grading.normalize(gen.text, answer_type))
         if len(votes) == 1:
-            prompt_tokens = gen.prompt_tokens
+            prompt_tokens, greedy_output_tokens = gen.prompt_tokens, gen.output_tokens
         output_tokens += gen.output_tokens
         seconds += gen.seconds
     decision = decide(normalized, settings.k, threshold, settings.early_stop)
@@ -92,6 +94,7 @@ def check(
         answer=votes[decision.index].strip(),
         prompt_tokens=prompt_tokens,
         output_tokens=output_tokens,
+        greedy_output_tokens=greedy_output_tokens,
         seconds=seconds,
         why=why,
     )
@@ -155,9 +158,9 @@ class Cascade:
         self.quality = quality or router.quality
         self._owns_pool = pool is None
         self.pool = pool if pool is not None else ModelPool()
-        self.ladder = [str(entry["name"]) for entry in router.ladder]
+        self.ladder = router.ladder_names
         self.specs = {name: settings.get(name) for name in self.ladder}
-        self.speeds = bench.speeds(list(self.specs.values()))
+        self.pricing = Pricing.for_models([self.specs[name] for name in self.ladder])
         starts = {router.fallback_model, *(c.model for c in router.clusters)}
         off = sorted(starts - set(self.ladder))
         if off:
@@ -183,8 +186,52 @@ class Cascade:
         cascade._owns_pool = True
         return cascade
 
+    @property
+    def strongest(self) -> str:
+        return self.ladder[-1]
+
+    def cost_of(self, trace: Trace) -> float | None:
+        """What answering `trace` cost, in `self.pricing.unit`; None when a model has no price.
+
+        Per rung, the prompt once and every vote's output tokens, as calibration prices
+        recorded votes; in "seconds", the model-seconds the votes took.
+        """
+        if not self.pricing.by_tokens:
+            return sum(step.seconds for step in trace.steps)
+        total = 0.0
+        for step in trace.steps:
+            cost = self.pricing.tokens(step.model, step.prompt_tokens, step.output_tokens)
+            if cost is None:
+                return None
+            total += cost
+        return total
+
+    def strongest_cost_of(self, trace: Trace, prompt: str) -> float | None:
+        """What the strongest model's greedy answer to `prompt` costs, priced as `cost_of` prices.
+
+        When the strongest model ran, its own prompt tokens and first vote's output tokens;
+        otherwise the answering model's counts, with the prompt scaled by how much longer the
+        strongest model's prompt format renders it (the few-shot preamble of a base model is
+        longer than a chat template). None in "seconds": a model that did not run took no time
+        to measure, and only a token-priced unit can price it (`cre models bench` gives one).
+        """
+        if not self.pricing.by_tokens or not trace.steps:
+            return None
+        top = self.strongest
+        ran = next((step for step in trace.steps if step.model == top), None)
+        if ran is not None:
+            return self.pricing.tokens(top, ran.prompt_tokens, ran.greedy_output_tokens)
+        last = trace.steps[-1]
+        theirs = len(render(self.specs[last.model].prompt_format, prompt).text)
+        ours = len(render(self.specs[top].prompt_format, prompt).text)
+        return self.pricing.tokens(top, last.prompt_tokens * ours / max(1, theirs), last.greedy_output_tokens)
+
     def route(self, prompt: str) -> RouteDecision:
         return route(self.router, prompt)
+
+    def route_many(self, prompts: Sequence[str]) -> list[RouteDecision]:
+        """`route` for many prompts in one embedder call (see `route.route_many`)."""
+        return route_many(self.router, prompts)
 
     def begin(
         self,

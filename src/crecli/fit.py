@@ -3,9 +3,12 @@
 log -> embed -> reduce + cluster -> outcomes (run and grade every model) -> calibrate
 (each cluster's cheapest adequate model, quality-check thresholds) -> router file.
 
-Every expensive step is cached: embeddings by text hash, outcomes by (prompt, model sha256,
-settings) in a SQLite store that commits after every query. Interrupting a fit and running
-it again recomputes nothing that was done.
+Running the models is the expensive step, and it is the one that resumes: outcomes are
+stored by (prompt, model sha256, settings) in a SQLite store that commits after every
+query, so a fit that is interrupted and run again runs no model twice. The rest is redone
+on every run: reading the log, embedding it (the default TF-IDF embedder is fitted on the
+log each time and skips the embedding cache; only a llama.cpp embedder caches vectors by
+text hash), UMAP and HDBSCAN, and calibration.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from crecli.console import status
 from crecli.quality import QualitySettings
 
 if TYPE_CHECKING:
-    from crecli.calibrate import Budget
     from crecli.config import Settings
-    from crecli.querylog import FieldMap
+    from crecli.costs import Budget
+    from crecli.querylog import FieldMap, LogOptions
 
 
 @dataclass
@@ -40,6 +43,12 @@ class FitOptions:
     skip_bad: bool = False
     store: Path | None = None
     truth_field: str | None = None  # e.g. "meta.source": report NMI/ARI against it; never used to route
+
+    @property
+    def reader(self) -> "LogOptions":
+        from crecli.querylog import FieldMap, LogOptions
+
+        return LogOptions(fmt=self.fmt, fields=self.fields or FieldMap(), skip_bad=self.skip_bad)
 
 
 @dataclass
@@ -89,7 +98,7 @@ def fit(log_path: Path, out_path: Path, settings: "Settings", budget: "Budget", 
     store_path = check_before_fit(log_path, out_path, settings, options)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    log = querylog.read_log(log_path, fmt=options.fmt, fields=options.fields or querylog.FieldMap(), skip_bad=options.skip_bad)
+    log = options.reader.read(log_path)
     if log.bad:
         status(f"Skipped {len(log.bad)} bad line(s), first: {log.bad[0].source}: {log.bad[0].reason}")
     records = log.records
@@ -172,26 +181,29 @@ def fit(log_path: Path, out_path: Path, settings: "Settings", budget: "Budget", 
         plan=plan,
         budget=budget,
         quality=options.quality,
-        fit_meta={
-            "log": str(log_path),
-            "log_sha256": log.sha256,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "n_queries": len(records),
-            "n_labelled": len(labelled),
-            "n_measured": len(measured),
-            "n_bad_lines": len(log.bad),
-            "n_clusters": n_clusters,
-            "n_unclustered": labels.count(-1),
-            "seed": options.seed,
-            "cluster_params": {
+        fit=routerfile.FitRecord(
+            # Absolute, so `cre calibrate` finds the log from any folder; the sha256 tells
+            # it when the log has changed since.
+            log=str(Path(log_path).resolve()),
+            log_sha256=log.sha256,
+            reader=options.reader,
+            date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            n_queries=len(records),
+            n_labelled=len(labelled),
+            n_measured=len(measured),
+            n_bad_lines=len(log.bad),
+            n_clusters=n_clusters,
+            n_unclustered=labels.count(-1),
+            seed=options.seed,
+            cluster_params={
                 "n_components": int(clusterer.n_components),
                 "n_neighbors": int(clusterer.n_neighbors_),
                 "min_cluster_size": int(clusterer.min_cluster_size_),
                 "min_samples": int(clusterer.min_samples_),
                 "fit_rows": int(len(clusterer.fit_index_)),
             },
-            "truth": truth,
-        },
+            truth=truth,
+        ),
     )
     routerfile.save(router, out_path)
     return FitReport(

@@ -29,11 +29,12 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from crecli import console, grading, paths
 from crecli.errors import ConfigError, CreError
-from crecli.models import bench
+from crecli.costs import UNITS, token_cost
+from crecli.models.pull import model_identity
 from crecli.models.registry import backend_for
 from crecli.quality import vote_params
 
@@ -45,17 +46,6 @@ if TYPE_CHECKING:
     from crecli.querylog import Record
 
 STORE_SCHEMA = 1
-# "bench-seconds": each vote's tokens at the speeds `cre models bench` measured (prompt
-# tokens / prompt tok/s on vote 0, output tokens / generation tok/s on every vote). It is
-# the default when every model has been benchmarked, because it is measured on this
-# machine yet does not depend on what else the machine was doing while outcomes were
-# collected; raw "seconds" do, and a busy machine skews one model against another.
-UNITS = ("bench-seconds", "seconds", "price")
-
-# Typical query size for costing label-only outcomes when no model has run a single
-# query yet: a short BIG-bench-style question and a one-word answer.
-TYPICAL_PROMPT_TOKENS = 96
-TYPICAL_OUTPUT_TOKENS = 8
 
 OutcomeKey = tuple[str, str]  # (query id, model name)
 
@@ -130,23 +120,6 @@ def prompt_sha256(prompt: str) -> str:
 def settings_key(quality: "QualitySettings", max_tokens: int) -> str:
     """What makes two recordings of a prompt comparable, besides the model file."""
     return f"{quality.key()}-m{max_tokens}"
-
-
-def model_identity(spec: "ModelSpec") -> str | None:
-    """The model's identity by content, so outcomes and routers survive moving files.
-
-    The pinned sha256 when models.toml has one; else the hash of the file on disk (cached
-    by crecli.models.pull's stamp file); a remote rung is known by its URL and model name.
-    None when nothing identifies it (an unpinned file that is not on disk).
-    """
-    if spec.sha256:
-        return spec.sha256
-    if spec.url:
-        return f"remote:{spec.url}#{spec.api_model or ''}"
-    from crecli.models.pull import file_state
-
-    state = file_state(spec)
-    return state.sha256 if state.present else None
 
 
 def default_store_path() -> Path:
@@ -337,106 +310,3 @@ def sample_records(records: Sequence["Record"], labels: Sequence[int], n: int, s
         members = groups[label]
         keep.update(members if len(members) <= n else rng.sample(members, n))
     return [records[i] for i in sorted(keep)]
-
-
-def token_cost(
-    unit: str,
-    prompt_tokens: float,
-    output_tokens: float,
-    price_per_1k_tokens: float | None = None,
-    speed: tuple[float, float] | None = None,
-) -> float | None:
-    """Cost of reading `prompt_tokens` and writing `output_tokens`; None if its figure is unknown.
-
-    "price": tokens times the price. Any other unit: seconds at the benchmarked
-    (prompt, generation) tokens/s in `speed`, which is also how a model that never ran is
-    priced in measured seconds.
-    """
-    if unit == "price":
-        return None if price_per_1k_tokens is None else (prompt_tokens + output_tokens) * price_per_1k_tokens / 1000.0
-    if speed is None:
-        return None
-    pp, tg = speed
-    return prompt_tokens / pp + output_tokens / tg
-
-
-class CostModel:
-    """The cost of each vote of an outcome, in one unit for the whole ladder.
-
-    The unit is "price" when every ladder model has `price_per_1k_tokens` in models.toml
-    (or when asked for explicitly); else "bench-seconds" when every model has been
-    benchmarked (`cre models bench`); else "seconds" measured on this machine.
-
-    Label-only outcomes have no measured cost. They are charged the model's mean measured
-    cost of a greedy answer over its recorded outcomes; a model with none is costed from its
-    `cre models bench` speeds (prompt and generation tokens per second) at typical token
-    counts: the mean over all recorded outcomes of any model, or TYPICAL_PROMPT_TOKENS and
-    TYPICAL_OUTPUT_TOKENS when nothing has been recorded. Price units use the same token
-    counts times the price. Only the greedy vote of a label-only outcome can be costed: it
-    has no other votes.
-    """
-
-    def __init__(
-        self,
-        unit: str,
-        prices: dict[str, float],
-        label_cost: dict[str, float],
-        speeds: dict[str, tuple[float, float]] | None = None,
-    ) -> None:
-        if unit not in UNITS:
-            raise ValueError(f"unknown cost unit {unit!r}; use one of {', '.join(UNITS)}")
-        self.unit = unit
-        self.prices = prices
-        self.label_cost = label_cost
-        self.speeds = speeds or {}
-
-    @classmethod
-    def build(cls, outcomes: Iterable[Outcome], specs: Sequence["ModelSpec"] = (), unit: str | None = None) -> "CostModel":
-        outcomes = list(outcomes)
-        prices = {s.name: s.price_per_1k_tokens for s in specs if s.price_per_1k_tokens is not None}
-        speeds = bench.speeds(specs)
-        if unit is None:
-            if specs and len(prices) == len(specs):
-                unit = "price"
-            elif specs and len(speeds) == len(specs):
-                unit = "bench-seconds"
-            else:
-                unit = "seconds"
-        if unit == "price":
-            unpriced = sorted({o.model for o in outcomes} - set(prices))
-            if unpriced:
-                raise ConfigError(
-                    f"cost unit 'price' needs price_per_1k_tokens for every model; missing for "
-                    f"{', '.join(unpriced)}. Add it in models.toml, or use the measured seconds."
-                )
-        model = cls(unit, {k: float(v) for k, v in prices.items()}, {}, speeds)
-        runs = [o for o in outcomes if o.source == "run" and o.votes]
-        needs = sorted({o.model for o in outcomes if o.source == "label"})
-        if needs:
-            typical = (
-                (sum(o.prompt_tokens for o in runs) / len(runs), sum(o.votes[0].output_tokens for o in runs) / len(runs))
-                if runs
-                else (float(TYPICAL_PROMPT_TOKENS), float(TYPICAL_OUTPUT_TOKENS))
-            )
-            for name in needs:
-                model.label_cost[name] = model._estimate(name, [o for o in runs if o.model == name], typical)
-        return model
-
-    def _estimate(self, name: str, runs: list[Outcome], typical: tuple[float, float]) -> float:
-        if runs:
-            return sum(self.votes(o)[0] for o in runs) / len(runs)
-        cost = token_cost(self.unit, *typical, self.prices.get(name), self.speeds.get(name))
-        if cost is None:
-            raise CreError(
-                f"no cost is known for {name!r}: every outcome of it is a label and it has no "
-                f"benchmark. Run `cre models bench {name}`, or let it answer some queries."
-            )
-        return cost
-
-    def votes(self, outcome: Outcome) -> list[float]:
-        """Cost of each vote in order (vote 0 carries prompt processing)."""
-        costs = outcome.vote_costs(self.unit, self.prices.get(outcome.model), self.speeds.get(outcome.model))
-        return [self.label_cost[outcome.model]] if costs is None else costs
-
-    def of(self, outcome: Outcome, used_votes: int = 1) -> float:
-        return sum(self.votes(outcome)[:used_votes])

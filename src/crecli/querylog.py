@@ -33,7 +33,7 @@ import json
 import re
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
@@ -80,6 +80,27 @@ class FieldMap:
 
     def names(self) -> set[str]:
         return {self.prompt, self.reference, self.match, self.id, self.labels}
+
+
+@dataclass(frozen=True)
+class LogOptions:
+    """How a log is read: its format (None: by extension), field names and line cap, and
+    whether bad lines are skipped. `cre fit` records them in the router, so `cre calibrate`
+    and `cre eval` read a log as the fit read it."""
+
+    fmt: str | None = None
+    fields: FieldMap = FieldMap()
+    skip_bad: bool = False
+
+    def read(self, path: Path) -> "LogRead":
+        return read_log(path, fmt=self.fmt, fields=self.fields, skip_bad=self.skip_bad)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.fmt, "skip_bad": self.skip_bad, "fields": asdict(self.fields)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LogOptions":
+        return cls(fmt=data.get("format"), fields=FieldMap(**data.get("fields", {})), skip_bad=bool(data.get("skip_bad")))
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
-from crecli.console import err, out, print_json, progress, status, warn
+from crecli.console import err, out, print_json, status, warn
 
 if TYPE_CHECKING:
-    from crecli.config import Settings
     from crecli.models.backend import Generation
     from crecli.models.bench import Speed
 
@@ -63,16 +62,10 @@ def models_table(rows: list[dict[str, Any]]) -> None:
         status("Measure speeds with `cre models bench`.")
 
 
-def pull_models(settings: "Settings", names: Sequence[str], force: bool = False) -> None:
-    from crecli.models.pull import pull
-
-    specs = [settings.get(n) for n in names]
-    with progress(transient=False) as bar:
-        for spec in specs:
-            task = bar.add_task(f"{spec.name}", total=spec.size, unit="bytes")
-            path, did = pull(spec, progress=lambda n, t=task: bar.advance(t, n), force=force)
-            bar.update(task, completed=spec.size)
-            status(f"{spec.name}: {'assembled and verified' if did else 'already verified'} at {path}")
+def pulled(results: Sequence[tuple[str, Any, bool]]) -> None:
+    """One line per model from `models.pull.pull_many`: assembled now, or already there."""
+    for name, path, did in results:
+        status(f"{name}: {'assembled and verified' if did else 'already verified'} at {path}")
 
 
 def bench_table(speeds: list["Speed"]) -> None:
@@ -188,7 +181,12 @@ def batch_summary(summary: "BatchSummary", as_json: bool) -> None:
         lines.append(
             f"vs always {summary.strongest_model}: {summary.cascade_cost:.3g} against an estimated "
             f"{summary.strongest_cost:.3g} {unit} ({summary.cost_ratio:.0%}) on {summary.estimated} answers; "
-            "the estimate is the router's recorded mean cost of one greedy answer per cluster"
+            f"both priced from the answers' tokens, the estimate as {summary.strongest_model}'s greedy answer"
+        )
+    elif summary.answered and summary.unit == "seconds":
+        lines.append(
+            f"no comparison with always using {summary.strongest_model}: run `cre models bench` "
+            "so answers are priced by their tokens"
         )
     for line in lines:
         status(line)
@@ -221,15 +219,17 @@ def fit_report(report: Any, as_json: bool) -> None:
 
 
 def router_dict(router: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
     return {
         "schema_version": router.schema_version,
-        "ladder": router.ladder,
+        "ladder": [asdict(entry) for entry in router.ladder],
         "embedder": {"kind": router.embedder.kind, "identity": router.embedder.identity},
         "fallback_model": router.fallback_model,
         "budget": router.budget,
         "quality": router.quality.to_dict(),
         "thresholds": router.thresholds,
-        "fit": router.fit,
+        "fit": router.fit.to_dict(),
         "clusters": [
             {
                 "id": c.id,
@@ -268,14 +268,13 @@ def inspect_router(router: Any, as_json: bool) -> None:
     if as_json:
         print_json(router_dict(router))
         return
-    ladder = [m["name"] for m in router.ladder]
-    unit = router.fit.get("cost_unit", "seconds")
-    cost_label = "$" if unit == "price" else "s"
+    ladder = router.ladder_names
+    cost_label = "$" if router.fit.cost_unit == "price" else "s"
     fit = router.fit
     out().print(
         terminal_safe(
-            f"Router schema {router.schema_version}: {len(router.clusters)} clusters from {fit.get('n_queries')} queries "
-            f"({fit.get('log')}, fitted {fit.get('date')}); budget {router.budget['kind']} {router.budget['value']}; "
+            f"Router schema {router.schema_version}: {len(router.clusters)} clusters from {fit.n_queries} queries "
+            f"({fit.log}, fitted {fit.date}); budget {router.budget['kind']} {router.budget['value']}; "
             f"fallback {router.fallback_model}; quality check k={router.quality.k}, T={router.quality.temperature}; "
             "thresholds " + ", ".join(f"{m} {t:.2f}" for m, t in router.thresholds.items())
         ),
@@ -411,7 +410,8 @@ def eval_report(report: Any, as_json: bool) -> None:
     if report.live:
         live = report.live
         out().print(
-            f"Live cascade on {live['n']} queries: accuracy {live['accuracy']:.3f}, "
+            f"Live cascade on {live['n']} queries: accuracy {live['accuracy']:.3f} "
+            f"(replay {live['replay']['accuracy']:.3f}; {_pct(live['agreement'])} of queries graded alike), "
             f"{live['model_seconds']:.1f} model-seconds, {live['wall_seconds']:.1f} s wall.",
             highlight=False,
         )

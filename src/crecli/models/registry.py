@@ -12,6 +12,7 @@ from crecli.models.backend import Backend
 
 if TYPE_CHECKING:
     from crecli.config import ModelSpec
+    from crecli.models.backend import Generation, GenParams
 
 
 def _default_factory(spec: "ModelSpec") -> Backend:
@@ -30,6 +31,15 @@ make_backend: Callable[["ModelSpec"], Backend] = _default_factory
 def backend_for(spec: "ModelSpec") -> Backend:
     # Looked up at call time so a test's monkeypatch of `make_backend` takes effect.
     return make_backend(spec)
+
+
+def generate_once(spec: "ModelSpec", prompt: str, params: "GenParams") -> "Generation":
+    """One answer from one model, loaded for it and closed after (`cre ask --model`)."""
+    backend = backend_for(spec)
+    try:
+        return backend.generate(prompt, params)
+    finally:
+        backend.close()
 
 
 class ModelPool:

@@ -1,0 +1,211 @@
+"""What an answer costs, in one unit for the whole ladder.
+
+Three units, chosen in this order:
+
+- "price": tokens times each model's `price_per_1k_tokens` from models.toml, when every
+  model has one;
+- "bench-seconds": each answer's prompt tokens at the prompt speed and its output tokens at
+  the generation speed that `cre models bench` measured, when every model has been
+  measured. It is this machine's speed, but it does not depend on what else was running
+  while the answers were drawn; raw seconds do, and a busy machine skews one model
+  against another;
+- "seconds": the model-seconds each answer took.
+
+In every unit a model's first vote pays for the prompt and later votes only for their output
+tokens, because the prompt stays in llama.cpp's cache between votes.
+
+`Pricing` prices tokens for the live cascade (`Cascade.cost_of`) and is the base of
+`CostModel`, which prices recorded outcomes for calibration and evaluation, so both price
+an answer the same way. `Budget` is the knob that trades cost against accuracy; the
+router file stores it, and calibration ranks settings with `Budget.rank`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Sequence
+
+from crecli.errors import ConfigError, CreError
+from crecli.models import bench
+
+if TYPE_CHECKING:
+    from crecli.config import ModelSpec
+    from crecli.outcomes import Outcome
+
+CostUnit = Literal["bench-seconds", "seconds", "price"]
+UNITS: tuple[CostUnit, ...] = ("bench-seconds", "seconds", "price")
+BUDGET_KINDS = ("retain", "max_cost")
+DEFAULT_RETAIN = 0.98
+# Ratios are compared with this slack, so a budget met exactly is not missed by rounding.
+BUDGET_EPS = 1e-9
+
+# Typical query size for costing label-only outcomes when no model has run a single
+# query yet: a short BIG-bench-style question and a one-word answer.
+TYPICAL_PROMPT_TOKENS = 96
+TYPICAL_OUTPUT_TOKENS = 8
+
+
+def token_cost(
+    unit: str,
+    prompt_tokens: float,
+    output_tokens: float,
+    price_per_1k_tokens: float | None = None,
+    speed: tuple[float, float] | None = None,
+) -> float | None:
+    """Cost of reading `prompt_tokens` and writing `output_tokens`; None if its figure is unknown.
+
+    "price": tokens times the price. Any other unit: seconds at the benchmarked
+    (prompt, generation) tokens/s in `speed`, which is also how a model that never ran is
+    priced in measured seconds.
+    """
+    if unit == "price":
+        return None if price_per_1k_tokens is None else (prompt_tokens + output_tokens) * price_per_1k_tokens / 1000.0
+    if speed is None:
+        return None
+    pp, tg = speed
+    return prompt_tokens / pp + output_tokens / tg
+
+
+class Pricing:
+    """A cost unit and what prices tokens in it: each model's price and benchmarked speeds."""
+
+    def __init__(self, unit: str, prices: dict[str, float], speeds: dict[str, tuple[float, float]] | None = None) -> None:
+        if unit not in UNITS:
+            raise ValueError(f"unknown cost unit {unit!r}; use one of {', '.join(UNITS)}")
+        self.unit = unit
+        self.prices = prices
+        self.speeds = speeds or {}
+
+    @classmethod
+    def for_models(cls, specs: Sequence["ModelSpec"], unit: str | None = None) -> "Pricing":
+        """The ladder's unit (see the module docstring), or `unit` when given."""
+        prices = {s.name: float(s.price_per_1k_tokens) for s in specs if s.price_per_1k_tokens is not None}
+        speeds = bench.speeds(specs)
+        if unit is None:
+            if specs and len(prices) == len(specs):
+                unit = "price"
+            elif specs and len(speeds) == len(specs):
+                unit = "bench-seconds"
+            else:
+                unit = "seconds"
+        return cls(unit, prices, speeds)
+
+    @property
+    def by_tokens(self) -> bool:
+        """Whether this unit prices token counts (so a model that did not run can be priced)."""
+        return self.unit != "seconds"
+
+    def tokens(self, model: str, prompt_tokens: float, output_tokens: float) -> float | None:
+        """Cost of `model` reading and writing these many tokens; None in seconds, or unpriced."""
+        if not self.by_tokens:
+            return None
+        return token_cost(self.unit, prompt_tokens, output_tokens, self.prices.get(model), self.speeds.get(model))
+
+
+class CostModel(Pricing):
+    """The cost of each vote of a recorded outcome, in one unit for the whole ladder.
+
+    Label-only outcomes have no measured cost. They are charged the model's mean measured
+    cost of a greedy answer over its recorded outcomes; a model with none is costed from its
+    `cre models bench` speeds (prompt and generation tokens per second) at typical token
+    counts: the mean over all recorded outcomes of any model, or TYPICAL_PROMPT_TOKENS and
+    TYPICAL_OUTPUT_TOKENS when nothing has been recorded. Price units use the same token
+    counts times the price. Only the greedy vote of a label-only outcome can be costed: it
+    has no other votes.
+    """
+
+    def __init__(
+        self,
+        unit: str,
+        prices: dict[str, float],
+        label_cost: dict[str, float],
+        speeds: dict[str, tuple[float, float]] | None = None,
+    ) -> None:
+        super().__init__(unit, prices, speeds)
+        self.label_cost = label_cost
+
+    @classmethod
+    def build(cls, outcomes: Iterable["Outcome"], specs: Sequence["ModelSpec"] = (), unit: str | None = None) -> "CostModel":  # type: ignore[override]
+        outcomes = list(outcomes)
+        pricing = Pricing.for_models(specs, unit)
+        if pricing.unit == "price":
+            unpriced = sorted({o.model for o in outcomes} - set(pricing.prices))
+            if unpriced:
+                raise ConfigError(
+                    f"cost unit 'price' needs price_per_1k_tokens for every model; missing for "
+                    f"{', '.join(unpriced)}. Add it in models.toml, or use the measured seconds."
+                )
+        model = cls(pricing.unit, pricing.prices, {}, pricing.speeds)
+        runs = [o for o in outcomes if o.source == "run" and o.votes]
+        needs = sorted({o.model for o in outcomes if o.source == "label"})
+        if needs:
+            typical = (
+                (sum(o.prompt_tokens for o in runs) / len(runs), sum(o.votes[0].output_tokens for o in runs) / len(runs))
+                if runs
+                else (float(TYPICAL_PROMPT_TOKENS), float(TYPICAL_OUTPUT_TOKENS))
+            )
+            for name in needs:
+                model.label_cost[name] = model._estimate(name, [o for o in runs if o.model == name], typical)
+        return model
+
+    def _estimate(self, name: str, runs: list["Outcome"], typical: tuple[float, float]) -> float:
+        if runs:
+            return sum(self.votes(o)[0] for o in runs) / len(runs)
+        cost = token_cost(self.unit, *typical, self.prices.get(name), self.speeds.get(name))
+        if cost is None:
+            raise CreError(
+                f"no cost is known for {name!r}: every outcome of it is a label and it has no "
+                f"benchmark. Run `cre models bench {name}`, or let it answer some queries."
+            )
+        return cost
+
+    def votes(self, outcome: "Outcome") -> list[float]:
+        """Cost of each vote in order (vote 0 carries prompt processing)."""
+        costs = outcome.vote_costs(self.unit, self.prices.get(outcome.model), self.speeds.get(outcome.model))
+        return [self.label_cost[outcome.model]] if costs is None else costs
+
+    def of(self, outcome: "Outcome", used_votes: int = 1) -> float:
+        return sum(self.votes(outcome)[:used_votes])
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The one knob of calibration.
+
+    - `Budget("retain", 0.98)`: keep quality. Each cluster starts on the cheapest model whose
+      shrunk accuracy on that cluster is at least 0.98 x the strongest (top-rung) model's
+      shrunk accuracy there; if none is (possible for values above 1), the most accurate one.
+    - `Budget("max_cost", 0.5)`: cap cost. The most accurate assignment whose total cost stays
+      within 0.5 x the cost of sending every query to the strongest model. Every cluster
+      starts on its cheapest model; then, greedily, the upgrade (cluster, better model) with
+      the most accuracy gained per unit of extra cost that still fits the budget is taken,
+      until none fits.
+    """
+
+    kind: str = "retain"
+    value: float = DEFAULT_RETAIN
+
+    def __post_init__(self) -> None:
+        if self.kind not in BUDGET_KINDS:
+            raise CreError(f"unknown budget kind {self.kind!r}; use one of {', '.join(BUDGET_KINDS)}")
+        if not self.value > 0:
+            raise CreError(f"budget value must be positive, got {self.value}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "value": self.value}
+
+    def rank(self, accuracy: float, cost: float, reference_accuracy: float, reference_cost: float) -> tuple[bool, float, float]:
+        """How well a setting with this accuracy and cost meets the budget: higher is better.
+
+        The reference is always using the strongest model, with `cost` in the same terms
+        (both totals, or both means). Settings that meet the budget come first: among
+        them the cheapest for "retain" (ties: the more accurate), the most accurate for
+        "max_cost" (ties: the cheaper). A setting that misses it ranks by closeness: the
+        more accurate for "retain", the cheaper for "max_cost". The first element is
+        whether the budget is met.
+        """
+        if self.kind == "retain":
+            met = accuracy >= self.value * reference_accuracy - BUDGET_EPS
+            return (met, -cost, accuracy) if met else (met, accuracy, -cost)
+        met = cost <= self.value * reference_cost + BUDGET_EPS
+        return (met, accuracy, -cost) if met else (met, -cost, accuracy)

@@ -1,0 +1,156 @@
+"""`cre calibrate` and `cre eval` on a router from `cre fit`: they read the log as the fit
+read it, find it from any folder, price every stored cost afresh, and `eval --force --live`
+answers with the router as loaded. Fake models; the fits are real (TF-IDF, UMAP, HDBSCAN)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from typer.testing import CliRunner
+
+from crecli import config, routerfile
+from crecli.cli import app
+from crecli.models import bench
+from crecli.models.backend import GenParams
+from crecli.models.fake import FakeBackend
+from crecli.models.llama import default_threads
+
+runner = CliRunner()
+TOPICS = ["What is {a} plus {b}?", "Add {a} and {b}: what is the sum?", "Compute {a} + {b} please."]
+
+
+def _sum(text: str, params: GenParams) -> str:
+    numbers = [int(n) for n in re.findall(r"\d+", text.rsplit("Q:", 1)[-1].split("<|im_start|>user")[-1])]
+    return str(sum(numbers[-2:])) if len(numbers) >= 2 else "?"
+
+
+@pytest.fixture
+def fakes(fake_backends: Callable[..., dict[str, FakeBackend]]) -> dict[str, FakeBackend]:
+    return fake_backends({m: _sum for m in ("small", "medium", "large")})
+
+
+def rows(n: int = 30, **names: str) -> list[dict[str, Any]]:
+    f = {"id": "id", "prompt": "prompt", "reference": "reference", "match": "match", **names}
+    return [
+        {f["id"]: f"q{i}", f["prompt"]: TOPICS[i % 3].format(a=i, b=i + 1), f["reference"]: str(2 * i + 1), f["match"]: "numeric"}
+        for i in range(n)
+    ]
+
+
+def write(path: Path, items: list[dict[str, Any]], extra: str = "") -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in items) + extra)
+    return path
+
+
+def cre(*args: str | Path) -> Any:
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def ok(*args: str | Path) -> str:
+    result = cre(*args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result.stdout
+
+
+def save_speeds(scale: float = 1.0) -> None:
+    for name, (pp, tg) in {"small": (400.0, 40.0), "medium": (200.0, 20.0), "large": (100.0, 10.0)}.items():
+        bench.save(bench.Speed(name, None, default_threads(), pp_tokens_per_s=pp * scale, tg_tokens_per_s=tg * scale,
+                               load_seconds=1.0, pp_tokens=256, tg_tokens=64, measured_at="now"))
+
+
+def test_calibrate_and_eval_read_the_log_as_fit_read_it(fakes, tiny_models_toml: Path, tmp_path: Path) -> None:
+    names = {"id": "key", "prompt": "question", "reference": "gold", "match": "kind"}
+    long_line = json.dumps({"key": "long", "question": "What is 1 plus 2? " + "x" * 300, "gold": "3", "kind": "numeric"})
+    # A .txt name, so only --format says it is JSONL; one bad line, one over the cap.
+    log = write(tmp_path / "log.txt", rows(**names), "{not json\n" + long_line + "\n")
+    router = tmp_path / "router.cre"
+    m = ("--models", tiny_models_toml)
+    ok("fit", log, "-o", router, *m, "--format", "jsonl", "--prompt-field", "question", "--reference-field", "gold",
+       "--match-field", "kind", "--id-field", "key", "--skip-bad", "--max-prompt-bytes", "200")
+    cal = json.loads(ok("calibrate", router, *m, "--folds", "2", "--json"))
+    assert cal["n"] == 30  # the bad line and the long one skipped, as in the fit
+    fit = routerfile.load(router, config.load(tiny_models_toml)).fit
+    assert fit.reader.fmt == "jsonl" and fit.reader.skip_bad and fit.reader.fields.prompt == "question"
+    assert fit.reader.fields.max_line_bytes == 200 and fit.n_bad_lines == 2
+    # --max-prompt-bytes overrides the recorded cap: the long line is read now.
+    cal = json.loads(ok("calibrate", router, *m, "--folds", "2", "--max-prompt-bytes", "1000", "--json"))
+    assert cal["n"] == 31
+    report = json.loads(ok("eval", log, "--router", router, *m, "--json"))
+    assert report["n"] == 30 and report["cascade"]["accuracy"] == 1.0
+    assert json.loads(ok("eval", log, "--router", router, *m, "--max-prompt-bytes", "1000", "--json"))["n"] == 31
+
+
+def test_calibrate_finds_the_log_from_another_folder_and_says_when_it_moved_or_changed(
+    fakes, tiny_models_toml: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    log = write(work / "log.jsonl", rows())
+    monkeypatch.chdir(work)
+    ok("fit", "log.jsonl", "-o", "router.cre", "--models", tiny_models_toml)  # a relative path
+    router = work / "router.cre"
+
+    monkeypatch.chdir(elsewhere)
+    ok("calibrate", router, "--models", tiny_models_toml, "--folds", "2")
+    assert routerfile.load(router, config.load(tiny_models_toml)).fit.log == str(log.resolve())
+
+    write(log, rows(32))
+    result = cre("calibrate", router, "--models", tiny_models_toml, "--folds", "2")
+    assert result.exit_code == 0, result.output
+    assert f"{log.resolve()} has changed since the router was fitted on it" in result.stderr
+
+    log.rename(work / "moved.jsonl")
+    result = cre("calibrate", router, "--models", tiny_models_toml, "--folds", "2")
+    assert result.exit_code == 1
+    assert f"fitted on {log.resolve()}, which is not there any more" in str(result.exception) + result.output
+    ok("calibrate", router, "--models", tiny_models_toml, "--folds", "2", "--log", work / "moved.jsonl")
+
+
+def test_eval_force_live_answers_with_the_router_as_loaded(fakes, tiny_models_toml: Path, tmp_path: Path) -> None:
+    log = write(tmp_path / "log.jsonl", rows())
+    router = tmp_path / "router.cre"
+    ok("fit", log, "-o", router, "--models", tiny_models_toml)
+    settings = config.load(tiny_models_toml)
+    loaded = routerfile.load(router, settings)
+    # The router says it was fitted with another small model file: only --force uses it.
+    loaded.ladder[0] = replace(loaded.ladder[0], sha256="ab" * 32)
+    routerfile.save(loaded, router)
+    assert cre("eval", log, "--router", router, "--models", tiny_models_toml).exit_code == 1
+
+    report = json.loads(ok("eval", log, "--router", router, "--models", tiny_models_toml, "--force", "--live", "--json"))
+    live = report["live"]
+    assert live["n"] == 30 and live["accuracy"] == 1.0
+    assert live["replay"]["accuracy"] == report["cascade"]["accuracy"] and live["agreement"] == 1.0
+
+
+def test_calibrate_prices_every_stored_cost_afresh(fakes, tiny_models_toml: Path, tmp_path: Path) -> None:
+    save_speeds(1.0)
+    log = write(tmp_path / "log.jsonl", rows())
+    router = tmp_path / "router.cre"
+    ok("fit", log, "-o", router, "--models", tiny_models_toml)
+    settings = config.load(tiny_models_toml)
+    before = routerfile.load(router, settings)
+    assert before.fit.cost_unit == "bench-seconds"
+
+    save_speeds(0.5)  # a re-bench: every model half as fast as the fit believed
+    ok("calibrate", router, "--models", tiny_models_toml, "--folds", "2")
+    after = routerfile.load(router, settings)
+    assert after.fit.cost_unit == "bench-seconds"
+    compared = 0
+    for old, new in zip(before.clusters, after.clusters):
+        assert old.id == new.id
+        for model, stats in old.stats.items():
+            if stats["n"]:
+                assert new.stats[model]["mean_cost"] == pytest.approx(2 * stats["mean_cost"])
+                compared += 1
+    assert compared
+    assert before.fit.expected is not None and after.fit.expected is not None
+    assert after.fit.expected.reference_cost == pytest.approx(2 * before.fit.expected.reference_cost)
+    assert after.fit.simulated is not None and after.fit.simulated["unit"] == "bench-seconds"
