@@ -8,6 +8,7 @@ import pytest
 from crecli import config, grading
 from crecli.errors import ConfigError, CreError
 from crecli.models import bench
+from crecli.models.llama import default_threads
 from crecli.models.backend import GenParams
 from crecli.costs import CostModel
 from crecli.outcomes import (
@@ -196,7 +197,7 @@ def test_cost_model_uses_bench_speeds_for_a_model_never_run(settings) -> None:
     label = Outcome("q", "sha", "large", "m", "label", "label", 0, [], True)
     with pytest.raises(CreError, match="cre models bench large"):
         CostModel.build([label], settings.ladder_specs())
-    bench.save(bench.Speed("large", None, 2, pp_tokens_per_s=100.0, tg_tokens_per_s=10.0, load_seconds=1.0,
+    bench.save(bench.Speed("large", None, default_threads(), pp_tokens_per_s=100.0, tg_tokens_per_s=10.0, load_seconds=1.0,
                            pp_tokens=256, tg_tokens=64, measured_at="now"))
     runs = [run_outcome("small", [("a", 4, 9.0)], prompt_tokens=50)]
     costs = CostModel.build(runs + [label], settings.ladder_specs())
@@ -242,7 +243,7 @@ def test_store_rows_are_plain_json(store) -> None:
 
 
 def _bench(name: str, pp: float, tg: float) -> None:
-    bench.save(bench.Speed(name, None, 2, pp_tokens_per_s=pp, tg_tokens_per_s=tg, load_seconds=1.0,
+    bench.save(bench.Speed(name, None, default_threads(), pp_tokens_per_s=pp, tg_tokens_per_s=tg, load_seconds=1.0,
                            pp_tokens=256, tg_tokens=64, measured_at="now"))
 
 
