@@ -27,10 +27,10 @@ from crecli.calibrate import (
 from crecli.errors import CreError
 from crecli.costs import CostModel
 from crecli.outcomes import Outcome, OutcomeStore, Vote, collect
-from crecli.quality import QualitySettings
+from crecli.quality import QualityCheck
 from crecli.querylog import Record
 
-K3 = QualitySettings(k=3)
+K3 = QualityCheck(k=3)
 
 
 def rec(qid: str, ref: str = "1") -> Record:
@@ -188,7 +188,7 @@ def test_simulate_top_threshold_draws_votes_for_a_majority() -> None:
 
 def test_simulate_without_early_stop_draws_every_vote() -> None:
     records, outcomes, starts = sim_fixture()
-    no_stop = QualitySettings(k=3, early_stop=False)
+    no_stop = QualityCheck(k=3, early_stop=False)
     result = simulate(starts, outcomes, records[:1], ["small", "large"], {"small": 0.6, "large": 0.0}, no_stop)
     step = result.traces[0].steps[0]
     assert (step.used, step.agreement, result.cost) == (3, pytest.approx(2 / 3), 1.5)
@@ -224,7 +224,7 @@ def test_simulate_reports_missing_outcomes_and_starts() -> None:
     with pytest.raises(CreError, match="not on the ladder"):
         simulate({"q0": "huge"}, outcomes, records[:1], ["small", "large"], thresholds, K3)
     with pytest.raises(CreError, match="fewer than the k=5"):
-        simulate(starts, outcomes, records[:1], ["small", "large"], thresholds, QualitySettings(k=5))
+        simulate(starts, outcomes, records[:1], ["small", "large"], thresholds, QualityCheck(k=5))
 
 
 def test_simulate_is_fast_on_a_log_sized_replay() -> None:
@@ -237,7 +237,7 @@ def test_simulate_is_fast_on_a_log_sized_replay() -> None:
     }
     replay = Replay.build(outcomes, records, ladder)
     starts = {r.id: rng.choice(ladder) for r in records}
-    quality = QualitySettings(k=5)
+    quality = QualityCheck(k=5)
     t0 = time.perf_counter()
     for t in (0.2, 0.4, 0.6, 0.8, 1.0):
         result = replay.simulate(starts, {"s": t, "m": t, "l": 0.0}, quality)

@@ -18,7 +18,7 @@ from crecli.cli import app
 from crecli.escalate import Cascade, check, vote_params
 from crecli.models.backend import GenParams
 from crecli.models.fake import FakeBackend
-from crecli.quality import QualitySettings, vote_seed
+from crecli.quality import QualityCheck, vote_seed
 from crecli.routerfile import ClusterInfo, RouterFile
 
 LADDER = ["small", "medium", "large"]
@@ -87,7 +87,7 @@ def make_router(thresholds: dict[str, float] | None = None, starts: tuple[str, s
         clusters=clusters,
         fallback_model="large",
         budget={"kind": "retain", "value": 0.95},
-        quality=QualitySettings(),
+        quality=QualityCheck(),
         thresholds=thresholds or {"small": 0.6, "medium": 0.6, "large": 0.0},
         fit=routerfile.FitRecord(cost_unit="seconds"),
     )
@@ -99,7 +99,7 @@ def router() -> RouterFile:
 
 
 @pytest.fixture
-def settings(tiny_models_toml: Path) -> config.Settings:
+def settings(tiny_models_toml: Path) -> config.ModelConfig:
     return config.load(tiny_models_toml)
 
 
@@ -109,7 +109,7 @@ def install(fake_backends: Callable[..., dict[str, FakeBackend]], table: dict[st
 
 
 def test_agreeing_votes_are_accepted_on_the_start_model_with_the_fewest_votes(
-    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, settings: config.Settings
+    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, settings: config.ModelConfig
 ) -> None:
     created = install(fake_backends, {"small": {"What is 7 plus 5?": ["12"] * 5}})
     trace = Cascade(router, settings).ask("What is 7 plus 5?")
@@ -137,7 +137,7 @@ def test_agreeing_votes_are_accepted_on_the_start_model_with_the_fewest_votes(
     ],
 )
 def test_escalation_happens_iff_agreement_is_below_the_threshold(
-    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.Settings,
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig,
     votes: list[str], threshold: float, used: int, agreement: float,
 ) -> None:
     install(fake_backends, {"small": {"What is 12 plus 30?": votes}, "medium": {"What is 12 plus 30?": ["42"] * 5}})
@@ -154,7 +154,7 @@ def test_escalation_happens_iff_agreement_is_below_the_threshold(
 
 
 def test_the_top_rung_answer_is_final_even_below_its_threshold(
-    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.Settings
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig
 ) -> None:
     split = ["1", "2", "3", "4", "5"]
     prompt = "What is 8 plus 9?"
@@ -169,7 +169,7 @@ def test_the_top_rung_answer_is_final_even_below_its_threshold(
 
 
 def test_top_rung_threshold_zero_draws_only_the_greedy_vote(
-    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, settings: config.Settings
+    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, settings: config.ModelConfig
 ) -> None:
     created = install(fake_backends, {"large": {FAR: ["a", "b", "c", "d", "e"]}})
     trace = Cascade(router, settings).ask(FAR)
@@ -179,12 +179,12 @@ def test_top_rung_threshold_zero_draws_only_the_greedy_vote(
 
 @pytest.mark.parametrize(("early_stop", "calls"), [(True, 4), (False, 5)])
 def test_early_stop_draws_the_fewest_votes(
-    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, settings: config.Settings,
+    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, settings: config.ModelConfig,
     early_stop: bool, calls: int,
 ) -> None:
     # Four different answers: after the 4th, no answer can reach 3 of 5 any more.
     created = install(fake_backends, {"small": {"What is 9 plus 1?": ["1", "2", "3", "4", "4"]}})
-    cascade = Cascade(router, settings, quality=QualitySettings(early_stop=early_stop))
+    cascade = Cascade(router, settings, quality=QualityCheck(early_stop=early_stop))
     trace = cascade.ask("What is 9 plus 1?")
     assert len(created["small"].calls) == calls == trace.steps[0].used
 
@@ -192,14 +192,14 @@ def test_early_stop_draws_the_fewest_votes(
 def test_check_is_usable_on_its_own() -> None:
     spec = config.ModelSpec(name="m", path="/nonexistent")
     backend = FakeBackend(spec, scripted({"Pick one": ["B", "(B)", "b)", "C", "A"]}))
-    step = check(backend, "Pick one", QualitySettings(), 0.6, 8, "choice")
+    step = check(backend, "Pick one", QualityCheck(), 0.6, 8, "choice")
     assert step.normalized == ["B", "B", "B"] and step.accepted and step.answer == "B"
     assert step.prompt_tokens == len(backend.calls[0][0].split())  # counted once, from vote 0
     assert step.output_tokens == 3
 
 
 def test_trace_holds_raw_answer_tokens_seconds_and_correctness(
-    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, settings: config.Settings
+    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, settings: config.ModelConfig
 ) -> None:
     prompt = "What is 15 plus 15?"
     install(fake_backends, {
@@ -224,7 +224,7 @@ def test_trace_holds_raw_answer_tokens_seconds_and_correctness(
 
 
 def test_match_overrides_the_cluster_answer_type(
-    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, settings: config.Settings
+    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, settings: config.ModelConfig
 ) -> None:
     created = install(fake_backends, {"small": {"What is 3 plus 4?": ["7"] * 5}})
     trace = Cascade(router, settings).ask("What is 3 plus 4?", match="exact", reference="7")
@@ -233,7 +233,7 @@ def test_match_overrides_the_cluster_answer_type(
 
 
 def test_per_cluster_threshold_override(
-    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.Settings
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig
 ) -> None:
     prompt = "What is 21 plus 4?"
     install(fake_backends, {"small": {prompt: ["25", "25", "26", "27", "28"]}, "medium": {prompt: ["25"] * 5}})
@@ -243,7 +243,7 @@ def test_per_cluster_threshold_override(
 
 
 def test_far_prompt_goes_to_the_fallback_model(
-    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, settings: config.Settings
+    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, settings: config.ModelConfig
 ) -> None:
     install(fake_backends, {"large": {FAR: ["ok"] * 5}})
     trace = Cascade(router, settings).ask(FAR)
@@ -253,7 +253,7 @@ def test_far_prompt_goes_to_the_fallback_model(
 
 
 def test_votes_for_one_prompt_on_one_model_are_consecutive(
-    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, settings: config.Settings
+    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, settings: config.ModelConfig
 ) -> None:
     log: list[tuple[str, str, GenParams]] = []
     prompt = "What is 40 plus 2?"
@@ -268,7 +268,7 @@ def test_votes_for_one_prompt_on_one_model_are_consecutive(
 
 
 def test_vote_params_match_the_recorded_outcomes() -> None:
-    quality = QualitySettings(temperature=0.5, top_p=0.9, top_k=20)
+    quality = QualityCheck(temperature=0.5, top_p=0.9, top_k=20)
     assert vote_params(quality, 0, 8, "q") == GenParams(max_tokens=8, temperature=0.0, top_p=0.9, top_k=20, seed=0)
     assert vote_params(quality, 3, 8, "q") == GenParams(max_tokens=8, temperature=0.5, top_p=0.9, top_k=20, seed=vote_seed("q", 3))
     # Seeds differ between prompts, so vote i's random draws are not shared by every query.
@@ -344,7 +344,7 @@ def test_cli_ask_uses_the_default_router(
     assert result.exit_code == 1 and "--set-default" in str(result.exception)
 
     paths.ensure(paths.config_dir())
-    paths.settings_file().write_text(f"default_router = {json.dumps(str(saved_router))}\n")
+    paths.user_settings_file().write_text(f"default_router = {json.dumps(str(saved_router))}\n")
     result = _ask(["What is 6 plus 6?"], tiny_models_toml)
     assert result.exit_code == 0 and result.stdout == "12\n"
 
@@ -354,7 +354,7 @@ def test_cli_ask_model_and_router_together_is_an_error(saved_router: Path, tiny_
     assert result.exit_code == 1 and "not both" in str(result.exception)
 
 
-def test_the_answering_path_loads_no_fit_time_code(settings: config.Settings, router: RouterFile, tmp_path: Path, tiny_models_toml: Path) -> None:
+def test_the_answering_path_loads_no_fit_time_code(settings: config.ModelConfig, router: RouterFile, tmp_path: Path, tiny_models_toml: Path) -> None:
     """`cre ask` imports escalate, route and routerfile and loads a router: none of that may
     load the outcome store, fitting or calibration (checked in a fresh interpreter)."""
     import subprocess

@@ -156,7 +156,7 @@ def test_read_only_cre_home_is_refused_up_front(cre, log, tiny_models_toml, fake
 
 
 def test_broken_settings_toml_with_set_default_is_refused_up_front(cre, log, tiny_models_toml, fakes, tmp_path) -> None:
-    settings = paths.settings_file()
+    settings = paths.user_settings_file()
     settings.parent.mkdir(parents=True)
     settings.write_bytes(b"default_router = [unclosed\n")
     run = fit(cre, log, tiny_models_toml, "-o", tmp_path / "r.cre", "--set-default")
@@ -166,9 +166,9 @@ def test_broken_settings_toml_with_set_default_is_refused_up_front(cre, log, tin
 
 
 def test_settings_toml_is_replaced_whole(tmp_path: Path) -> None:
-    paths.write_settings({"default_router": "/a.cre", "other": 1})
-    assert paths.read_settings() == {"default_router": "/a.cre", "other": 1}
-    assert [p.name for p in paths.settings_file().parent.iterdir()] == ["settings.toml"]  # no temp file left
+    paths.write_user_settings({"default_router": "/a.cre", "other": 1})
+    assert paths.read_user_settings() == {"default_router": "/a.cre", "other": 1}
+    assert [p.name for p in paths.user_settings_file().parent.iterdir()] == ["settings.toml"]  # no temp file left
 
 
 # ---------------------------------------------------------------- options out of range
@@ -320,7 +320,7 @@ def test_running_models_reports_progress_in_a_log(tiny_models_toml, fake_backend
     """What `cre fit` under nohup shows while it runs the models."""
     from crecli import config
     from crecli.outcomes import OutcomeStore, collect
-    from crecli.quality import QualitySettings
+    from crecli.quality import QualityCheck
     from crecli.querylog import Record
 
     monkeypatch.setenv(console.PROGRESS_INTERVAL_ENV, "0")
@@ -328,7 +328,7 @@ def test_running_models_reports_progress_in_a_log(tiny_models_toml, fake_backend
     records = [Record(id=f"q{i}", prompt=f"What is {i} plus {i}?", reference=[str(2 * i)], match="numeric") for i in range(3)]
     capsys.readouterr()
     with OutcomeStore(tmp_path / "o.sqlite") as store:
-        collect(records, config.load(tiny_models_toml), store, QualitySettings(k=2), models=["small"])
+        collect(records, config.load(tiny_models_toml), store, QualityCheck(k=2), models=["small"])
     err = capsys.readouterr().err
     assert "small: 3 queries to run" in err
     assert "small: 1/3 queries" in err and "small: 3/3 queries in " in err

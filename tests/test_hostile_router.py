@@ -53,7 +53,7 @@ sha256 = "{large}"
 
 
 @pytest.fixture
-def settings(tiny_models_toml: Path) -> config.Settings:
+def settings(tiny_models_toml: Path) -> config.ModelConfig:
     s = config.load(tiny_models_toml)
     for name, sha in SHAS.items():
         s.models[name] = replace(s.models[name], sha256=sha, size=1000)
@@ -69,13 +69,13 @@ def pinned_toml(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def saved(settings: config.Settings, tmp_path: Path) -> Path:
+def saved(settings: config.ModelConfig, tmp_path: Path) -> Path:
     path = tmp_path / "router.cre"
     routerfile.save(make_router(settings), path)
     return path
 
 
-def refused(path: Path, settings: config.Settings, match: str) -> RouterFileError:
+def refused(path: Path, settings: config.ModelConfig, match: str) -> RouterFileError:
     """Load `path`, expecting a RouterFileError matching `match` with a one-line, printable message."""
     with pytest.raises(RouterFileError, match=match) as info:
         routerfile.load(path, settings)
@@ -152,13 +152,13 @@ def patch_central(path: Path, member: str, *, flag: int | None = None, method: i
 # ---------------------------------------------------------------- 1. sizes from the zip, capped
 
 
-def test_a_manifest_member_claiming_gigabytes_is_refused_before_inflating(settings: config.Settings, saved: Path) -> None:
+def test_a_manifest_member_claiming_gigabytes_is_refused_before_inflating(settings: config.ModelConfig, saved: Path) -> None:
     patch_central(saved, "manifest.json", file_size=0xFFFF_FFF0)
     refused(saved, settings, r"manifest\.json\" would inflate to 4294967280 bytes, over the limit of 64 MiB")
 
 
 def test_a_zip_bomb_array_is_refused_before_inflating(
-    settings: config.Settings, saved: Path, monkeypatch: pytest.MonkeyPatch
+    settings: config.ModelConfig, saved: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # 32 MiB of zeros deflate to ~32 KB; with the cap lowered to 1 MiB the member must be
     # refused from its zip entry alone, so loading allocates nowhere near 32 MiB.
@@ -175,7 +175,7 @@ def test_a_zip_bomb_array_is_refused_before_inflating(
     assert peak < 8 << 20
 
 
-def test_the_manifest_cannot_raise_the_member_cap(settings: config.Settings, saved: Path) -> None:
+def test_the_manifest_cannot_raise_the_member_cap(settings: config.ModelConfig, saved: Path) -> None:
     def huge(manifest: dict[str, Any]) -> None:
         manifest["body"]["assigner"]["arrays"]["exemplars"]["size"] = routerfile.MAX_MEMBER_BYTES + 1
 
@@ -183,12 +183,12 @@ def test_the_manifest_cannot_raise_the_member_cap(settings: config.Settings, sav
     refused(saved, settings, r"array assigner/exemplars\.npy has the wrong size")
 
 
-def test_arrays_are_capped_in_total(settings: config.Settings, saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_arrays_are_capped_in_total(settings: config.ModelConfig, saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(routerfile, "MAX_ARRAY_BYTES", 1000)
     refused(saved, settings, r"the router's arrays would inflate to \d+ bytes, over the limit of 0 MiB in all")
 
 
-def test_a_member_that_inflates_past_its_recorded_size_is_refused(settings: config.Settings, saved: Path) -> None:
+def test_a_member_that_inflates_past_its_recorded_size_is_refused(settings: config.ModelConfig, saved: Path) -> None:
     # The entry says 100 bytes; the member holds more. zipfile stops at the recorded size
     # and the CRC of what it read does not match.
     edit_manifest(saved, lambda m: m["body"]["assigner"]["arrays"]["classes"].update(size=100))
@@ -196,7 +196,7 @@ def test_a_member_that_inflates_past_its_recorded_size_is_refused(settings: conf
     refused(saved, settings, r"assigner/classes\.npy\" cannot be read|holds fewer bytes")
 
 
-def test_too_many_members_are_refused(settings: config.Settings, saved: Path) -> None:
+def test_too_many_members_are_refused(settings: config.ModelConfig, saved: Path) -> None:
     entries = members(saved)
     entries.update({f"assigner/pad{i}.npy": b"" for i in range(routerfile.MAX_MEMBERS)})
     rewrite(saved, entries)
@@ -206,7 +206,7 @@ def test_too_many_members_are_refused(settings: config.Settings, saved: Path) ->
 # ---------------------------------------------------------------- 2. .npy headers
 
 
-def test_an_npy_header_claiming_a_huge_shape_is_refused_without_allocating(settings: config.Settings, saved: Path) -> None:
+def test_an_npy_header_claiming_a_huge_shape_is_refused_without_allocating(settings: config.ModelConfig, saved: Path) -> None:
     # 20000 x 27000 float32 is 2.1 GB; the member holds 64 bytes.
     data = npy_with_header({"descr": "<f4", "fortran_order": False, "shape": (20000, 27000)}, b"\0" * 64)
     replace_array(saved, "assigner", "exemplars", data, "<f4", [20000, 27000])
@@ -233,7 +233,7 @@ def test_an_npy_header_claiming_a_huge_shape_is_refused_without_allocating(setti
     ],
 )
 def test_npy_headers_that_do_not_describe_their_bytes_are_refused(
-    settings: config.Settings, saved: Path, header: dict[str, Any], payload: bytes, dtype: str, shape: list[int], match: str
+    settings: config.ModelConfig, saved: Path, header: dict[str, Any], payload: bytes, dtype: str, shape: list[int], match: str
 ) -> None:
     replace_array(saved, "assigner", "classes", npy_with_header(header, payload), dtype, shape)
     refused(saved, settings, match)
@@ -248,12 +248,12 @@ def test_npy_headers_that_do_not_describe_their_bytes_are_refused(
         b"not an npy file at all",
     ],
 )
-def test_unreadable_npy_headers_are_refused(settings: config.Settings, saved: Path, data: bytes) -> None:
+def test_unreadable_npy_headers_are_refused(settings: config.ModelConfig, saved: Path, data: bytes) -> None:
     replace_array(saved, "assigner", "classes", data, "<i8", [2])
     refused(saved, settings, r"assigner/classes\.npy has an unreadable \.npy header")
 
 
-def test_arrays_holding_nan_or_infinity_are_refused(settings: config.Settings, saved: Path) -> None:
+def test_arrays_holding_nan_or_infinity_are_refused(settings: config.ModelConfig, saved: Path) -> None:
     # Consistent in every other way; `cre ask` would only fail at its first prompt.
     components = routerfile.load(saved, settings).embedder.components_.copy()
     components[0, 0] = np.inf
@@ -261,7 +261,7 @@ def test_arrays_holding_nan_or_infinity_are_refused(settings: config.Settings, s
     refused(saved, settings, r"array embedder/components\.npy holds NaN or infinite values")
 
 
-def test_arrays_the_assigner_cannot_use_are_refused_naming_the_file(settings: config.Settings, saved: Path) -> None:
+def test_arrays_the_assigner_cannot_use_are_refused_naming_the_file(settings: config.ModelConfig, saved: Path) -> None:
     classes = np.array([["\x1b[31m"]])
     replace_array(saved, "assigner", "classes", npy_bytes(classes), classes.dtype.str, [1, 1])
     error = refused(saved, settings, "assigner state is unreadable")
@@ -271,7 +271,7 @@ def test_arrays_the_assigner_cannot_use_are_refused_naming_the_file(settings: co
 # ---------------------------------------------------------------- 3. structure the zip and JSON allow
 
 
-def test_a_manifest_nested_100k_deep_is_refused(settings: config.Settings, saved: Path, pinned_toml: Path) -> None:
+def test_a_manifest_nested_100k_deep_is_refused(settings: config.ModelConfig, saved: Path, pinned_toml: Path) -> None:
     entries = members(saved)
     entries["manifest.json"] = b"[" * 100_000 + b"]" * 100_000
     rewrite(saved, entries)
@@ -279,7 +279,7 @@ def test_a_manifest_nested_100k_deep_is_refused(settings: config.Settings, saved
     assert_cli_refuses(saved, pinned_toml, "nested too deeply")
 
 
-def test_a_deep_but_checksummed_manifest_is_refused(settings: config.Settings, saved: Path) -> None:
+def test_a_deep_but_checksummed_manifest_is_refused(settings: config.ModelConfig, saved: Path) -> None:
     deep: Any = 1
     for _ in range(200):
         deep = {"x": deep}
@@ -288,26 +288,26 @@ def test_a_deep_but_checksummed_manifest_is_refused(settings: config.Settings, s
 
 
 @pytest.mark.parametrize("text", [b'{"format": NaN}', b'{"format": -Infinity}', b"\xff\xfe\x00{", b'{"a": "\\ud800"}'])
-def test_manifests_that_are_not_plain_json_are_refused(settings: config.Settings, saved: Path, text: bytes) -> None:
+def test_manifests_that_are_not_plain_json_are_refused(settings: config.ModelConfig, saved: Path, text: bytes) -> None:
     entries = members(saved)
     entries["manifest.json"] = text
     rewrite(saved, entries)
     refused(saved, settings, "not valid JSON|not valid Unicode")
 
 
-def test_an_encrypted_member_is_refused(settings: config.Settings, saved: Path, pinned_toml: Path) -> None:
+def test_an_encrypted_member_is_refused(settings: config.ModelConfig, saved: Path, pinned_toml: Path) -> None:
     patch_central(saved, "assigner/classes.npy", flag=0x1)
     refused(saved, settings, r"assigner/classes\.npy\" is encrypted")
     assert_cli_refuses(saved, pinned_toml, "is encrypted")
 
 
-def test_an_unknown_compression_method_is_refused(settings: config.Settings, saved: Path) -> None:
+def test_an_unknown_compression_method_is_refused(settings: config.ModelConfig, saved: Path) -> None:
     patch_central(saved, "manifest.json", method=99)
     refused(saved, settings, "compression method 99, not stored or deflated")
 
 
 @pytest.mark.parametrize("method", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
-def test_compression_crecli_does_not_write_is_refused(settings: config.Settings, saved: Path, method: int) -> None:
+def test_compression_crecli_does_not_write_is_refused(settings: config.ModelConfig, saved: Path, method: int) -> None:
     entries = members(saved)
     with zipfile.ZipFile(saved, "w", compression=method) as zf:
         for name, data in entries.items():
@@ -318,7 +318,7 @@ def test_compression_crecli_does_not_write_is_refused(settings: config.Settings,
 @pytest.mark.parametrize(
     "name", ["\x1b[31mred.npy", "assigner/\x1b]0;title\x07.npy", "embedder/é.npy", "manifest.json\0"]
 )
-def test_strange_member_names_are_refused_and_shown_escaped(settings: config.Settings, saved: Path, name: str) -> None:
+def test_strange_member_names_are_refused_and_shown_escaped(settings: config.ModelConfig, saved: Path, name: str) -> None:
     entries = members(saved)
     entries[name] = b"x"
     rewrite(saved, entries)
@@ -326,7 +326,7 @@ def test_strange_member_names_are_refused_and_shown_escaped(settings: config.Set
     assert "\x1b" not in str(error)
 
 
-def test_a_damaged_central_directory_is_refused(settings: config.Settings, saved: Path) -> None:
+def test_a_damaged_central_directory_is_refused(settings: config.ModelConfig, saved: Path) -> None:
     data = bytearray(saved.read_bytes())
     end = data.rindex(b"PK\x05\x06")
     struct.pack_into("<I", data, end + 16, 0xFFFF_FF00)  # central directory offset
@@ -429,7 +429,7 @@ FIELD_CASES: list[tuple[Callable[[dict[str, Any]], None], str]] = [
 
 @pytest.mark.parametrize(("change", "message"), FIELD_CASES, ids=[m[:60] for _, m in FIELD_CASES])
 def test_every_manifest_field_is_checked(
-    settings: config.Settings, saved: Path, change: Callable[[dict[str, Any]], None], message: str
+    settings: config.ModelConfig, saved: Path, change: Callable[[dict[str, Any]], None], message: str
 ) -> None:
     edit_manifest(saved, change)
     with pytest.raises(RouterFileError) as info:
@@ -439,7 +439,7 @@ def test_every_manifest_field_is_checked(
     assert "\n" not in text and text.isprintable()
 
 
-def test_the_schema_version_must_be_the_integer_1(settings: config.Settings, saved: Path) -> None:
+def test_the_schema_version_must_be_the_integer_1(settings: config.ModelConfig, saved: Path) -> None:
     def truthy(manifest: dict[str, Any]) -> None:
         manifest["schema_version"] = manifest["body"]["schema_version"] = True
 
@@ -447,12 +447,12 @@ def test_the_schema_version_must_be_the_integer_1(settings: config.Settings, sav
     refused(saved, settings, "router schema version true is not supported")
 
 
-def test_a_non_finite_number_is_refused(settings: config.Settings, saved: Path) -> None:
+def test_a_non_finite_number_is_refused(settings: config.ModelConfig, saved: Path) -> None:
     edit_manifest(saved, at("quality", "temperature", value=math.nan), rehash=False)
     refused(saved, settings, "NaN is not a number JSON allows")
 
 
-def test_remote_models_and_unpinned_models_still_load(settings: config.Settings, tmp_path: Path) -> None:
+def test_remote_models_and_unpinned_models_still_load(settings: config.ModelConfig, tmp_path: Path) -> None:
     router = make_router(settings)
     router.ladder[0] = replace(router.ladder[0], sha256=None)
     router.ladder[2] = replace(router.ladder[2], sha256="remote:https://api.example.com/v1#gpt-x")
@@ -488,7 +488,7 @@ HOSTILE_PROMPT = "\x1b]0;owned\x07\x1b[2J\x1b[31mred\x9b1m [/] [bold]loud[/bold]
 
 
 def test_inspect_shows_prompts_escaped_not_acted_on(
-    settings: config.Settings, tmp_path: Path, pinned_toml: Path, monkeypatch: pytest.MonkeyPatch
+    settings: config.ModelConfig, tmp_path: Path, pinned_toml: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A wide console, so no table cell wraps the text the assertions look for.
     monkeypatch.setattr(console, "_out", None)
@@ -527,7 +527,7 @@ def temps(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
 
 
-def test_a_save_removes_orphans_of_killed_saves(settings: config.Settings, saved: Path) -> None:
+def test_a_save_removes_orphans_of_killed_saves(settings: config.ModelConfig, saved: Path) -> None:
     folder = saved.parent
     orphan = folder / f".router.cre.{dead_pid()}.0123abcd.tmp"
     old_style = folder / ".router.cre.a1b2c3d4.tmp"  # mkstemp's name, before pids were in it
@@ -544,7 +544,7 @@ def test_a_save_removes_orphans_of_killed_saves(settings: config.Settings, saved
 
 
 def test_a_failed_save_leaves_no_temp_file_and_the_old_router(
-    settings: config.Settings, saved: Path, monkeypatch: pytest.MonkeyPatch
+    settings: config.ModelConfig, saved: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     before = saved.read_bytes()
 
@@ -568,7 +568,7 @@ def test_a_failed_save_leaves_no_temp_file_and_the_old_router(
     routerfile.load(saved, settings)
 
 
-def test_a_planted_link_at_the_temp_name_is_not_followed(settings: config.Settings, saved: Path) -> None:
+def test_a_planted_link_at_the_temp_name_is_not_followed(settings: config.ModelConfig, saved: Path) -> None:
     # Temp names are random, so nobody can plant one ahead; a link under an orphan's name is
     # left alone by the cleanup (it is not a regular file we wrote).
     target = saved.parent / "victim.txt"
@@ -582,7 +582,7 @@ def test_a_planted_link_at_the_temp_name_is_not_followed(settings: config.Settin
 # ---------------------------------------------------------------- fuzzing
 
 
-def load_or_refuse(path: Path, settings: config.Settings) -> None:
+def load_or_refuse(path: Path, settings: config.ModelConfig) -> None:
     """Load `path`: a RouterFileError is fine, any other exception fails the test."""
     try:
         loaded = routerfile.load(path, settings, force=True)
@@ -595,14 +595,14 @@ def load_or_refuse(path: Path, settings: config.Settings) -> None:
 
 
 @pytest.fixture
-def valid_bytes(settings: config.Settings, tmp_path: Path) -> bytes:
+def valid_bytes(settings: config.ModelConfig, tmp_path: Path) -> bytes:
     path = tmp_path / "valid.cre"
     routerfile.save(make_router(settings), path)
     return path.read_bytes()
 
 
 def test_random_byte_mutations_only_ever_give_router_file_errors(
-    settings: config.Settings, valid_bytes: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    settings: config.ModelConfig, valid_bytes: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rng = random.Random(8)
     path = tmp_path / "fuzz.cre"
@@ -633,7 +633,7 @@ def _mutate_json(value: Any, rng: random.Random) -> Any:
 
 
 def test_checksummed_manifest_mutations_only_ever_give_router_file_errors(
-    settings: config.Settings, valid_bytes: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    settings: config.ModelConfig, valid_bytes: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The hostile case: the editor recomputes body_sha256, so only the field checks stand.
     rng = random.Random(8)
@@ -658,7 +658,7 @@ def _canonical_ok(body: Any) -> bool:
     return True
 
 
-def test_hypothesis_byte_fuzz(settings: config.Settings, valid_bytes: bytes, tmp_path: Path,
+def test_hypothesis_byte_fuzz(settings: config.ModelConfig, valid_bytes: bytes, tmp_path: Path,
                               capsys: pytest.CaptureFixture[str]) -> None:
     hyp = pytest.importorskip("hypothesis")
     st = pytest.importorskip("hypothesis.strategies")

@@ -20,10 +20,10 @@ from crecli.outcomes import (
     sample_records,
     settings_key,
 )
-from crecli.quality import QualitySettings, vote_seed
+from crecli.quality import QualityCheck, vote_seed
 from crecli.querylog import Record
 
-Q3 = QualitySettings(k=3)
+Q3 = QualityCheck(k=3)
 
 
 def rec(i: int, prompt: str | None = None, ref: str | None = None, match: str = "numeric") -> Record:
@@ -31,7 +31,7 @@ def rec(i: int, prompt: str | None = None, ref: str | None = None, match: str = 
 
 
 @pytest.fixture
-def settings(tiny_models_toml: Path) -> config.Settings:
+def settings(tiny_models_toml: Path) -> config.ModelConfig:
     return config.load(tiny_models_toml)
 
 
@@ -134,7 +134,7 @@ def test_other_quality_settings_or_model_file_are_measured_afresh(settings, stor
     fake_backends()
     collect([rec(1)], settings, store, Q3, models=["small"])
     created = fake_backends()
-    collect([rec(1)], settings, store, QualitySettings(k=3, temperature=0.9), models=["small"])
+    collect([rec(1)], settings, store, QualityCheck(k=3, temperature=0.9), models=["small"])
     assert len(created["small"].calls) == 3
     from dataclasses import replace
 
@@ -267,7 +267,7 @@ def test_recorded_votes_and_live_votes_get_identical_parameters(settings, store,
     """Calibration replays recorded votes, so they must be drawn exactly as the cascade draws them."""
     from crecli.escalate import check
 
-    quality = QualitySettings(k=4, temperature=0.4, top_p=0.8, top_k=12, early_stop=False)
+    quality = QualityCheck(k=4, temperature=0.4, top_p=0.8, top_k=12, early_stop=False)
     record = rec(3, match="choice", ref="(A)")
     created = fake_backends({"small": lambda text, p: "(B)"})
     collect([record], settings, store, quality, models=["small"])

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from crecli.quality import QualitySettings, decide, done, needed
+from crecli.quality import QualityCheck, decide, done, needed
 
 
 @pytest.mark.parametrize(
@@ -46,8 +46,8 @@ def test_needed_is_robust_to_float_error() -> None:
 
 
 def test_settings_key_changes_with_what_changes_a_vote() -> None:
-    base = QualitySettings()
-    assert base.key() == QualitySettings().key()
-    assert base.key() != QualitySettings(temperature=0.5).key()
-    assert base.key() != QualitySettings(k=3).key()
-    assert base.key() == QualitySettings(early_stop=False).key()  # early stop only reads fewer votes
+    base = QualityCheck()
+    assert base.key() == QualityCheck().key()
+    assert base.key() != QualityCheck(temperature=0.5).key()
+    assert base.key() != QualityCheck(k=3).key()
+    assert base.key() == QualityCheck(early_stop=False).key()  # early stop only reads fewer votes

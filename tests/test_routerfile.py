@@ -17,7 +17,7 @@ from crecli.calibrate import PRIOR_STRENGTH, Budget, Choice, ClusterStats, Model
 from crecli.cluster import Assigner
 from crecli.embed import TfidfEmbedder
 from crecli.errors import RouterFileError
-from crecli.quality import QualitySettings
+from crecli.quality import QualityCheck
 from crecli.querylog import Record
 
 SHAS = {"small": "1" * 64, "medium": "2" * 64, "large": "3" * 64}
@@ -27,14 +27,14 @@ PROMPTS = [f"What is {i} plus {i + 3}?" for i in range(6)] + [
 
 
 @pytest.fixture
-def settings(tiny_models_toml: Path) -> config.Settings:
+def settings(tiny_models_toml: Path) -> config.ModelConfig:
     s = config.load(tiny_models_toml)
     for name, sha in SHAS.items():
         s.models[name] = replace(s.models[name], sha256=sha, size=1000)
     return s
 
 
-def make_router(settings: config.Settings) -> routerfile.RouterFile:
+def make_router(settings: config.ModelConfig) -> routerfile.RouterFile:
     embedder = TfidfEmbedder(dims=6).fit(PROMPTS)
     labels = [0] * 6 + [1] * 6
     assigner = Assigner(k=3).fit(embedder.transform(PROMPTS), np.array(labels))
@@ -48,13 +48,13 @@ def make_router(settings: config.Settings) -> routerfile.RouterFile:
     choice = Choice({0: "small", 1: "medium"}, "large", 0.5, 1.0, 0.5, 1.0)
     plan = Plan(table, choice, default_thresholds(settings.ladder), "seconds", None, None, None)
     router = routerfile.build(settings, embedder, assigner, records, labels, plan, Budget("retain", 0.9),
-                              QualitySettings(k=3), routerfile.FitRecord(log_sha256="ab" * 32, n_queries=12, seed=0))
+                              QualityCheck(k=3), routerfile.FitRecord(log_sha256="ab" * 32, n_queries=12, seed=0))
     router.clusters[1].thresholds["medium"] = 0.9
     return router
 
 
 @pytest.fixture
-def saved(settings: config.Settings, tmp_path: Path) -> Path:
+def saved(settings: config.ModelConfig, tmp_path: Path) -> Path:
     path = tmp_path / "router.cre"
     routerfile.save(make_router(settings), path)
     return path
@@ -81,7 +81,7 @@ def edit_manifest(path: Path, change: Callable[[dict[str, Any]], None], rehash: 
     rewrite(path, entries)
 
 
-def test_round_trip(settings: config.Settings, saved: Path) -> None:
+def test_round_trip(settings: config.ModelConfig, saved: Path) -> None:
     original = make_router(settings)
     loaded = routerfile.load(saved, settings)
     assert loaded.ladder == [routerfile.LadderEntry(n, SHAS[n], 1000) for n in ("small", "medium", "large")]
@@ -90,7 +90,7 @@ def test_round_trip(settings: config.Settings, saved: Path) -> None:
     assert [c.answer_type for c in loaded.clusters] == ["numeric", "choice"]
     assert loaded.clusters[0].examples == PROMPTS[:3] and loaded.clusters[0].size == 6
     assert loaded.clusters[0].stats["small"]["shrunk_accuracy"] == 0.5
-    assert (loaded.fallback_model, loaded.budget, loaded.quality) == ("large", {"kind": "retain", "value": 0.9}, QualitySettings(k=3))
+    assert (loaded.fallback_model, loaded.budget, loaded.quality) == ("large", {"kind": "retain", "value": 0.9}, QualityCheck(k=3))
     assert loaded.thresholds == {"small": 0.6, "medium": 0.6, "large": 0.0}
     assert loaded.threshold(1, "medium") == 0.9 and loaded.threshold(0, "medium") == 0.6
     assert loaded.threshold(-1, "small") == 0.6
@@ -105,7 +105,7 @@ def test_round_trip(settings: config.Settings, saved: Path) -> None:
     assert loaded.embedder.identity == original.embedder.identity
 
 
-def test_save_is_atomic_and_deterministic(settings: config.Settings, saved: Path) -> None:
+def test_save_is_atomic_and_deterministic(settings: config.ModelConfig, saved: Path) -> None:
     first = saved.read_bytes()
     routerfile.save(make_router(settings), saved)
     assert saved.read_bytes() == first
@@ -114,7 +114,7 @@ def test_save_is_atomic_and_deterministic(settings: config.Settings, saved: Path
     assert "manifest.json" in names and all(n == "manifest.json" or n.endswith(".npy") for n in names)
 
 
-def test_refuses_a_pickle_renamed_to_router_cre(settings: config.Settings, tmp_path: Path) -> None:
+def test_refuses_a_pickle_renamed_to_router_cre(settings: config.ModelConfig, tmp_path: Path) -> None:
     class Payload:
         def __init__(self, marker: Path) -> None:
             self.marker = marker
@@ -135,14 +135,14 @@ def test_refuses_a_pickle_renamed_to_router_cre(settings: config.Settings, tmp_p
     assert not marker.exists()
 
 
-def test_refuses_a_truncated_file(settings: config.Settings, saved: Path) -> None:
+def test_refuses_a_truncated_file(settings: config.ModelConfig, saved: Path) -> None:
     data = saved.read_bytes()
     saved.write_bytes(data[: len(data) // 2])
     with pytest.raises(RouterFileError, match="truncated"):
         routerfile.load(saved, settings)
 
 
-def test_refuses_other_files(settings: config.Settings, tmp_path: Path) -> None:
+def test_refuses_other_files(settings: config.ModelConfig, tmp_path: Path) -> None:
     text = tmp_path / "notes.cre"
     text.write_text("hello")
     with pytest.raises(RouterFileError, match="not a zip archive"):
@@ -155,7 +155,7 @@ def test_refuses_other_files(settings: config.Settings, tmp_path: Path) -> None:
         routerfile.load(other, settings)
 
 
-def test_refuses_a_tampered_array(settings: config.Settings, saved: Path) -> None:
+def test_refuses_a_tampered_array(settings: config.ModelConfig, saved: Path) -> None:
     entries = members(saved)
     buf = io.BytesIO()
     np.save(buf, np.zeros((12, 6), dtype=np.float32))
@@ -165,7 +165,7 @@ def test_refuses_a_tampered_array(settings: config.Settings, saved: Path) -> Non
         routerfile.load(saved, settings)
 
 
-def test_refuses_a_tampered_manifest(settings: config.Settings, saved: Path) -> None:
+def test_refuses_a_tampered_manifest(settings: config.ModelConfig, saved: Path) -> None:
     def cheaper(manifest: dict[str, Any]) -> None:
         manifest["body"]["clusters"][1]["model"] = "small"
 
@@ -174,7 +174,7 @@ def test_refuses_a_tampered_manifest(settings: config.Settings, saved: Path) -> 
         routerfile.load(saved, settings)
 
 
-def test_refuses_an_unknown_schema_version(settings: config.Settings, saved: Path) -> None:
+def test_refuses_an_unknown_schema_version(settings: config.ModelConfig, saved: Path) -> None:
     def future(manifest: dict[str, Any]) -> None:
         manifest["schema_version"] = manifest["body"]["schema_version"] = 2
 
@@ -184,7 +184,7 @@ def test_refuses_an_unknown_schema_version(settings: config.Settings, saved: Pat
 
 
 @pytest.mark.parametrize("name", ["../evil.npy", "embedder/run.py", "/etc/passwd", "assigner/x.npy"])
-def test_refuses_unexpected_members(settings: config.Settings, saved: Path, name: str) -> None:
+def test_refuses_unexpected_members(settings: config.ModelConfig, saved: Path, name: str) -> None:
     entries = members(saved)
     entries[name] = b"x"
     rewrite(saved, entries)
@@ -192,7 +192,7 @@ def test_refuses_unexpected_members(settings: config.Settings, saved: Path, name
         routerfile.load(saved, settings)
 
 
-def test_refuses_object_arrays_even_with_matching_hashes(settings: config.Settings, saved: Path) -> None:
+def test_refuses_object_arrays_even_with_matching_hashes(settings: config.ModelConfig, saved: Path) -> None:
     buf = io.BytesIO()
     np.save(buf, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
     evil = buf.getvalue()
@@ -210,7 +210,7 @@ def test_refuses_object_arrays_even_with_matching_hashes(settings: config.Settin
 
 
 def test_a_model_with_another_sha256_is_refused_unless_forced(
-    settings: config.Settings, saved: Path, capsys: pytest.CaptureFixture[str]
+    settings: config.ModelConfig, saved: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings.models["medium"] = replace(settings.models["medium"], sha256="f" * 64)
     with pytest.raises(RouterFileError, match="model 'medium' is not the file the router was fitted with.*--force"):
@@ -220,7 +220,7 @@ def test_a_model_with_another_sha256_is_refused_unless_forced(
     assert "Warning" in capsys.readouterr().err
 
 
-def test_a_model_missing_from_models_toml_is_refused(settings: config.Settings, saved: Path) -> None:
+def test_a_model_missing_from_models_toml_is_refused(settings: config.ModelConfig, saved: Path) -> None:
     renamed = replace(settings.models.pop("medium"), name="qwen-local")
     with pytest.raises(RouterFileError, match="needs model 'medium'.*no models.toml defines"):
         routerfile.load(saved, settings, force=True)
@@ -229,7 +229,7 @@ def test_a_model_missing_from_models_toml_is_refused(settings: config.Settings, 
         routerfile.load(saved, settings)
 
 
-def test_models_are_matched_by_sha256_not_path(settings: config.Settings, saved: Path) -> None:
+def test_models_are_matched_by_sha256_not_path(settings: config.ModelConfig, saved: Path) -> None:
     for name in settings.ladder:
         settings.models[name] = replace(settings.models[name], path=f"/elsewhere/{name}.gguf")
     assert routerfile.load(saved, settings).fallback_model == "large"
@@ -249,7 +249,7 @@ def test_unpinned_local_models_are_identified_by_their_file(tiny_models_toml: Pa
         routerfile.load(path, settings)
 
 
-def test_refuses_an_inconsistent_router(settings: config.Settings, saved: Path) -> None:
+def test_refuses_an_inconsistent_router(settings: config.ModelConfig, saved: Path) -> None:
     def off_ladder(manifest: dict[str, Any]) -> None:
         manifest["body"]["clusters"][0]["model"] = "huge"
         del manifest["body"]["thresholds"]["small"]
@@ -259,7 +259,7 @@ def test_refuses_an_inconsistent_router(settings: config.Settings, saved: Path) 
         routerfile.load(saved, settings)
 
 
-def test_refuses_a_malformed_manifest(settings: config.Settings, saved: Path) -> None:
+def test_refuses_a_malformed_manifest(settings: config.ModelConfig, saved: Path) -> None:
     edit_manifest(saved, lambda m: m["body"].pop("clusters"))
     with pytest.raises(RouterFileError, match="malformed.*'clusters'"):
         routerfile.load(saved, settings)

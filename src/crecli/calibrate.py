@@ -35,9 +35,9 @@ from crecli.costs import BUDGET_EPS, BUDGET_KINDS, DEFAULT_RETAIN, Budget, CostM
 from crecli.quality import decide, done, needed
 
 if TYPE_CHECKING:
-    from crecli.config import Settings
+    from crecli.config import ModelConfig
     from crecli.outcomes import Outcome, OutcomeKey
-    from crecli.quality import QualitySettings
+    from crecli.quality import QualityCheck
     from crecli.querylog import LogOptions, Record
     from crecli.route import RouteDecision
     from crecli.routerfile import RouterFile
@@ -342,7 +342,7 @@ class Replay:
         self,
         assignments: Mapping[str, str],
         thresholds: Mapping[str, float],
-        quality: "QualitySettings",
+        quality: "QualityCheck",
         overrides: Mapping[str, Mapping[str, float]] | None = None,
     ) -> SimResult:
         """Replay the cascade for every record: see the module function `simulate`."""
@@ -403,7 +403,7 @@ def simulate(
     records: Sequence["Record"],
     ladder: Sequence[str],
     thresholds: Mapping[str, float],
-    quality: "QualitySettings",
+    quality: "QualityCheck",
     costs: CostModel | None = None,
     overrides: Mapping[str, Mapping[str, float]] | None = None,
 ) -> SimResult:
@@ -438,7 +438,7 @@ def threshold_grid(k: int) -> list[float]:
 def tune_thresholds(
     replay: Replay,
     assignments: Mapping[str, str],
-    quality: "QualitySettings",
+    quality: "QualityCheck",
     budget: Budget,
     top_threshold: float = 0.0,
     grid: Sequence[float] | None = None,
@@ -498,9 +498,9 @@ def plan(
     records: Sequence["Record"],
     clusters: Mapping[str, int],
     outcomes: Mapping[OutcomeKey, Outcome],
-    settings: "Settings",
+    settings: "ModelConfig",
     budget: Budget,
-    quality: "QualitySettings",
+    quality: "QualityCheck",
 ) -> Plan:
     """Choose each cluster's model for `budget`, then tune the thresholds on the same records.
 
@@ -550,7 +550,7 @@ class Data:
 
 def prepare(
     router: "RouterFile",
-    settings: "Settings",
+    settings: "ModelConfig",
     log: Path,
     store: Path | None = None,
     reader: "LogOptions | None" = None,
@@ -639,13 +639,13 @@ def _choice(table: StatsTable, retain: float) -> Choice:
     return choose_models(table, Budget("retain", retain) if retain > 0 else Budget("retain", 1e-9))
 
 
-def _simulate(data: Data, idx: Sequence[int], choice: Choice, thresholds: Mapping[str, float], quality: "QualitySettings") -> SimResult:
+def _simulate(data: Data, idx: Sequence[int], choice: Choice, thresholds: Mapping[str, float], quality: "QualityCheck") -> SimResult:
     sub = Replay(data.replay.entries, [data.records[i] for i in idx], data.replay.ladder, data.replay.unit)
     starts = {data.records[i].id: choice.models.get(data.clusters[i], choice.fallback) for i in idx}
     return sub.simulate(starts, thresholds, quality)
 
 
-def sweep(data: Data, fit_idx: Sequence[int], eval_idx: Sequence[int], ladder: list[str], quality: "QualitySettings") -> list[tuple[Setting, SimResult]]:
+def sweep(data: Data, fit_idx: Sequence[int], eval_idx: Sequence[int], ladder: list[str], quality: "QualityCheck") -> list[tuple[Setting, SimResult]]:
     """Every (retain, thresholds) setting: cluster models chosen on `fit_idx`, replayed on `eval_idx`."""
     grid = threshold_grid(quality.k)
     table = _table(data, fit_idx, ladder)
@@ -821,7 +821,7 @@ def apply(router: "RouterFile", cal: Calibration) -> "RouterFile":
 
 def run(
     router_path: Path,
-    settings: "Settings",
+    settings: "ModelConfig",
     budget: Budget,
     *,
     log: Path | None = None,

@@ -82,7 +82,7 @@ def _root(
     """Cluster, Route, Escalate."""
 
 
-def _settings(models: Path | None):  # -> config.Settings
+def _model_config(models: Path | None):  # -> config.ModelConfig
     from crecli import config
 
     return config.load(models)
@@ -107,7 +107,7 @@ def models_list(
     """
     from crecli.models import catalog
 
-    rows = catalog.rows(_settings(models), deep=verify)
+    rows = catalog.rows(_model_config(models), deep=verify)
     if json_:
         from crecli.console import print_json
 
@@ -138,7 +138,7 @@ def models_pull(
     from crecli import render
     from crecli.models.pull import pull_many
 
-    settings = _settings(models)
+    settings = _model_config(models)
     render.pulled(pull_many([settings.get(n) for n in names or settings.ladder], force=force))
 
 
@@ -168,7 +168,7 @@ def models_bench(
     from crecli import render
     from crecli.models import bench
 
-    settings = _settings(models)
+    settings = _model_config(models)
     speeds = bench.run(settings, names or settings.ladder, pp_tokens, tg_tokens, repeats)
     if json_:
         from dataclasses import asdict
@@ -237,20 +237,20 @@ def fit(
     """
     from crecli import render
     from crecli.fit import FitOptions, fit as run_fit
-    from crecli.quality import QualitySettings
+    from crecli.quality import QualityCheck
     from crecli.querylog import MAX_LINE_BYTES, FieldMap
 
     options = FitOptions(
         seed=seed, n_components=n_components, n_neighbors=n_neighbors,
         min_cluster_size=min_cluster_size, min_samples=min_samples, max_fit_rows=max_fit_rows,
-        sample_per_cluster=sample_per_cluster, quality=QualitySettings(k=k, temperature=temperature),
+        sample_per_cluster=sample_per_cluster, quality=QualityCheck(k=k, temperature=temperature),
         fmt=fmt, fields=FieldMap(
             prompt=prompt_field, reference=reference_field, match=match_field, id=id_field, labels=labels_field,
             max_line_bytes=max_prompt_bytes if max_prompt_bytes is not None else MAX_LINE_BYTES,
         ),
         skip_bad=skip_bad, store=store, truth_field=truth_field,
     )
-    settings, budget = _settings(models), _budget(retain, max_cost)
+    settings, budget = _model_config(models), _budget(retain, max_cost)
     if set_default:
         _check_can_set_default()  # before the run, not after it
     report = run_fit(log, output, settings, budget, options)
@@ -276,7 +276,7 @@ def inspect(
     """
     from crecli import render, routerfile
 
-    loaded = routerfile.load(router, _settings(models), force=force)
+    loaded = routerfile.load(router, _model_config(models), force=force)
     render.inspect_router(loaded, json_)
 
 
@@ -311,7 +311,7 @@ def calibrate(
     """
     from crecli import calibrate as calibration, render
 
-    settings, budget = _settings(models), _budget(retain, max_cost)
+    settings, budget = _model_config(models), _budget(retain, max_cost)
     cal, target = calibration.run(
         router, settings, budget, log=log, output=output, store=store, max_line_bytes=max_prompt_bytes,
         n_folds=folds, seed=seed, force=force,
@@ -349,7 +349,7 @@ def eval_(
     from crecli import evaluate, render
 
     report = evaluate.run(
-        log, _router_path(router), _settings(models), store=store, plot=plot, run_live=live,
+        log, _router_path(router), _model_config(models), store=store, plot=plot, run_live=live,
         skip_bad=skip_bad, max_line_bytes=max_prompt_bytes, force=force,
     )
     if plot:
@@ -377,15 +377,15 @@ def _check_can_set_default() -> None:
     from crecli import paths
 
     paths.writable_dir(paths.config_dir())
-    paths.read_settings()
+    paths.read_user_settings()
 
 
 def _set_default_router(path: Path) -> None:
     from crecli import paths
 
-    data = paths.read_settings()
+    data = paths.read_user_settings()
     data["default_router"] = str(path.resolve())
-    file = paths.write_settings(data)
+    file = paths.write_user_settings(data)
     from crecli.console import status
 
     status(f"Default router is now {path.resolve()} (stored in {file})")
@@ -430,7 +430,7 @@ def ask(
         from crecli.models.backend import GenParams
         from crecli.models.registry import generate_once
 
-        gen = generate_once(_settings(models).get(model), text, GenParams(max_tokens=max_tokens, temperature=temperature))
+        gen = generate_once(_model_config(models).get(model), text, GenParams(max_tokens=max_tokens, temperature=temperature))
         render.answer(model, gen, json_)
         return
     from crecli.escalate import Cascade
@@ -514,13 +514,13 @@ def _router_path(router: Path | None) -> Path:
 
     import tomllib
 
-    settings_file = paths.settings_file()
+    user_settings_file = paths.user_settings_file()
     try:
-        value = tomllib.loads(settings_file.read_text()).get("default_router")
+        value = tomllib.loads(user_settings_file.read_text()).get("default_router")
     except FileNotFoundError:
         value = None
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{settings_file}: cannot read the default router ({exc}); fix or delete the file") from None
+        raise ConfigError(f"{user_settings_file}: cannot read the default router ({exc}); fix or delete the file") from None
     if not value:
         raise CreError(
             "no router given and no default router set: pass --router FILE, or fit one with "

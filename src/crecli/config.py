@@ -104,7 +104,12 @@ class ModelSpec:
 
 
 @dataclass
-class Settings:
+class ModelConfig:
+    """The merged models.toml files: every model's spec, the ladder and the embedder.
+
+    Not to be confused with the user's settings.toml (`paths.read_user_settings`, the
+    default router) or the quality check's parameters (`quality.QualityCheck`)."""
+
     models: dict[str, ModelSpec]
     ladder: list[str]
     embedder: dict[str, Any] = field(default_factory=dict)
@@ -357,7 +362,7 @@ def _spec(name: str, fields: dict[str, Any], where: str) -> ModelSpec:
     return spec
 
 
-def load(models_file: Path | None = None) -> Settings:
+def load(models_file: Path | None = None) -> ModelConfig:
     """Merge the shipped, user and explicit models.toml files in that order."""
     files = [default_toml()]
     user = paths.user_models_toml()
@@ -395,4 +400,4 @@ def load(models_file: Path | None = None) -> Settings:
             raise ConfigError(f"ladder names {name!r}, which no models.toml defines ({', '.join(map(str, files))})")
     if not ladder:
         raise ConfigError("no `ladder` is set in any models.toml")
-    return Settings(models=models, ladder=ladder, embedder=embedder, sources=[str(f) for f in files])
+    return ModelConfig(models=models, ladder=ladder, embedder=embedder, sources=[str(f) for f in files])

@@ -30,9 +30,9 @@ from crecli.quality import decide, done, vote_params
 from crecli.route import RouteDecision, route, route_many
 
 if TYPE_CHECKING:
-    from crecli.config import Settings
+    from crecli.config import ModelConfig
     from crecli.models.backend import Backend
-    from crecli.quality import QualitySettings
+    from crecli.quality import QualityCheck
     from crecli.routerfile import RouterFile
 
 
@@ -61,7 +61,7 @@ class Step:
 def check(
     backend: "Backend",
     prompt: str,
-    settings: "QualitySettings",
+    settings: "QualityCheck",
     threshold: float,
     max_tokens: int,
     answer_type: str | None,
@@ -149,9 +149,9 @@ class Cascade:
     def __init__(
         self,
         router: "RouterFile",
-        settings: "Settings",
+        settings: "ModelConfig",
         pool: ModelPool | None = None,
-        quality: "QualitySettings | None" = None,
+        quality: "QualityCheck | None" = None,
     ) -> None:
         self.router = router
         self.settings = settings

@@ -19,7 +19,7 @@ from crecli import console
 from crecli.calibrate import Data, SimResult, greedy
 
 if TYPE_CHECKING:
-    from crecli.config import Settings
+    from crecli.config import ModelConfig
     from crecli.routerfile import RouterFile
 
 
@@ -165,7 +165,7 @@ def evaluate(router: "RouterFile", data: Data) -> EvalReport:
     )
 
 
-def live(router: "RouterFile", settings: "Settings", data: Data, limit: int | None = None) -> dict[str, Any]:
+def live(router: "RouterFile", settings: "ModelConfig", data: Data, limit: int | None = None) -> dict[str, Any]:
     """Run the real cascade (`cre ask`) on the queries, beside the replay's figures for them.
 
     `router` is the router as loaded (with `--force` when given), so the live run answers
@@ -203,7 +203,7 @@ def live(router: "RouterFile", settings: "Settings", data: Data, limit: int | No
 def run(
     log: Path,
     router_path: Path,
-    settings: "Settings",
+    settings: "ModelConfig",
     *,
     store: Path | None = None,
     plot: Path | None = None,

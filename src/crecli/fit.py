@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from crecli import paths
 from crecli.console import status
-from crecli.quality import QualitySettings
+from crecli.quality import QualityCheck
 
 if TYPE_CHECKING:
-    from crecli.config import Settings
+    from crecli.config import ModelConfig
     from crecli.costs import Budget
     from crecli.querylog import FieldMap, LogOptions
 
@@ -37,7 +37,7 @@ class FitOptions:
     min_samples: int | None = None
     max_fit_rows: int = 20000
     sample_per_cluster: int | None = None
-    quality: QualitySettings = field(default_factory=QualitySettings)
+    quality: QualityCheck = field(default_factory=QualityCheck)
     fmt: str | None = None
     fields: "FieldMap | None" = None
     skip_bad: bool = False
@@ -77,7 +77,7 @@ def _truth_labels(records: list[Any], dotted: str) -> list[str]:
     return out
 
 
-def check_before_fit(log_path: Path, out_path: Path, settings: "Settings", options: FitOptions) -> Path:
+def check_before_fit(log_path: Path, out_path: Path, settings: "ModelConfig", options: FitOptions) -> Path:
     """Everything a fit writes, checked before it starts; returns the outcome store's path.
 
     Each of these used to fail only when the router was written, after the whole run, or
@@ -92,7 +92,7 @@ def check_before_fit(log_path: Path, out_path: Path, settings: "Settings", optio
     return options.store or paths.writable_dir(paths.data_dir()) / "outcomes.sqlite"
 
 
-def fit(log_path: Path, out_path: Path, settings: "Settings", budget: "Budget", options: FitOptions) -> FitReport:
+def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget", options: FitOptions) -> FitReport:
     from crecli import calibrate, cluster, embed, outcomes, querylog, routerfile
 
     store_path = check_before_fit(log_path, out_path, settings, options)

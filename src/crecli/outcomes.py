@@ -39,10 +39,10 @@ from crecli.models.registry import backend_for
 from crecli.quality import vote_params
 
 if TYPE_CHECKING:
-    from crecli.config import ModelSpec, Settings
+    from crecli.config import ModelSpec, ModelConfig
     from crecli.models.backend import Backend
     from crecli.models.registry import ModelPool
-    from crecli.quality import QualitySettings
+    from crecli.quality import QualityCheck
     from crecli.querylog import Record
 
 STORE_SCHEMA = 1
@@ -117,7 +117,7 @@ def prompt_sha256(prompt: str) -> str:
     return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
 
 
-def settings_key(quality: "QualitySettings", max_tokens: int) -> str:
+def settings_key(quality: "QualityCheck", max_tokens: int) -> str:
     """What makes two recordings of a prompt comparable, besides the model file."""
     return f"{quality.key()}-m{max_tokens}"
 
@@ -203,9 +203,9 @@ class _Job:
 
 def collect(
     records: Sequence["Record"],
-    settings: "Settings",
+    settings: "ModelConfig",
     store: OutcomeStore,
-    quality: "QualitySettings",
+    quality: "QualityCheck",
     models: Sequence[str] | None = None,
     pool: "ModelPool | None" = None,
 ) -> dict[OutcomeKey, Outcome]:
@@ -259,7 +259,7 @@ def _run_model(
     identity: str,
     jobs: list[_Job],
     store: OutcomeStore,
-    quality: "QualitySettings",
+    quality: "QualityCheck",
     pool: "ModelPool | None",
     results: dict[OutcomeKey, Outcome],
 ) -> None:
@@ -282,7 +282,7 @@ def _run_model(
             backend.close()
 
 
-def _votes(backend: "Backend", job: _Job, quality: "QualitySettings") -> tuple[int, list[Vote]]:
+def _votes(backend: "Backend", job: _Job, quality: "QualityCheck") -> tuple[int, list[Vote]]:
     """The cascade's k votes (`quality.vote_params`), back to back on the cached prompt."""
     prompt = job.record.prompt
     gens = [backend.generate(prompt, vote_params(quality, i, job.max_tokens, prompt)) for i in range(quality.k)]

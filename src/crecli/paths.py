@@ -59,7 +59,7 @@ def bench_file() -> Path:
     return data_dir() / "bench.json"
 
 
-def settings_file() -> Path:
+def user_settings_file() -> Path:
     """User settings written by commands, such as the default router."""
     return config_dir() / "settings.toml"
 
@@ -136,13 +136,13 @@ def check_output(
     return path
 
 
-def read_settings() -> dict:
+def read_user_settings() -> dict:
     """settings.toml as a dict ({} when there is none); a broken file is a ConfigError."""
     import tomllib
 
     from crecli.errors import ConfigError
 
-    file = settings_file()
+    file = user_settings_file()
     try:
         return tomllib.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -151,13 +151,13 @@ def read_settings() -> dict:
         raise ConfigError(f"{file}: cannot read it ({exc}); fix or delete the file") from None
 
 
-def write_settings(data: dict) -> Path:
+def write_user_settings(data: dict) -> Path:
     """Replace settings.toml atomically, so an interrupted write leaves the old file whole."""
     import tomli_w
 
     from crecli.errors import ConfigError
 
-    file = settings_file()
+    file = user_settings_file()
     folder = writable_dir(file.parent)
     tmp = folder / f".{file.name}.tmp{os.getpid()}"
     try:

@@ -39,7 +39,9 @@ PROMPT_VERSION = 2
 
 
 @dataclass(frozen=True)
-class QualitySettings:
+class QualityCheck:
+    """The self-consistency check's parameters: k votes, how they are sampled, early stop."""
+
     k: int = 5
     temperature: float = 0.7
     top_p: float = 0.95
@@ -54,6 +56,10 @@ class QualitySettings:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+# The old name, still imported by bench/quality_check.py; new code uses QualityCheck.
+QualitySettings = QualityCheck
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,7 @@ def vote_seed(prompt: str, index: int) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
-def vote_params(quality: QualitySettings, index: int, max_tokens: int, prompt: str) -> GenParams:
+def vote_params(quality: QualityCheck, index: int, max_tokens: int, prompt: str) -> GenParams:
     """Generation parameters of vote `index` of `prompt`: 0 is greedy, the rest sample with `vote_seed`.
 
     The one definition for both the live cascade (`escalate.check`) and the recorded votes

@@ -45,7 +45,7 @@ from crecli import __version__, console
 from crecli.costs import UNITS, CostUnit
 from crecli.errors import RouterFileError
 from crecli.models.pull import model_identity
-from crecli.quality import MAX_TEMPERATURE, MAX_VOTES, QualitySettings
+from crecli.quality import MAX_TEMPERATURE, MAX_VOTES, QualityCheck
 from crecli.querylog import FORMATS, FieldMap, LogOptions
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from crecli.calibrate import Plan
     from crecli.costs import Budget
     from crecli.cluster import Assigner
-    from crecli.config import Settings
+    from crecli.config import ModelConfig
     from crecli.embed import Embedder
     from crecli.querylog import Record
 
@@ -155,7 +155,7 @@ class RouterFile:
     clusters: list[ClusterInfo]
     fallback_model: str  # for unclustered (-1) and far-from-every-cluster prompts
     budget: dict[str, Any]  # {"kind": "retain" | "max_cost", "value": float}
-    quality: QualitySettings
+    quality: QualityCheck
     thresholds: dict[str, float]  # per model: agreement needed to accept its answer
     fit: FitRecord
 
@@ -174,14 +174,14 @@ class RouterFile:
 
 
 def build(
-    settings: "Settings",
+    settings: "ModelConfig",
     embedder: "Embedder",
     assigner: "Assigner",
     records: Sequence["Record"],
     labels: Sequence[int],
     plan: "Plan",
     budget: "Budget",
-    quality: QualitySettings,
+    quality: QualityCheck,
     fit: FitRecord,
 ) -> RouterFile:
     """A router from a fitted embedder and assigner and a calibration plan.
@@ -405,7 +405,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load(path: Path, settings: "Settings | None" = None, force: bool = False) -> RouterFile:
+def load(path: Path, settings: "ModelConfig | None" = None, force: bool = False) -> RouterFile:
     """Read and verify a router file; never executes anything from it.
 
     Checks, in order: a zip archive of at most MAX_MEMBERS plain (stored or deflated,
@@ -674,7 +674,7 @@ def _decode_npy(path: Path, member: str, data: bytes, entry: dict[str, Any]) -> 
     return array
 
 
-def _assemble(path: Path, body: "_Body", members: dict[str, "np.ndarray"], settings: "Settings", force: bool) -> RouterFile:
+def _assemble(path: Path, body: "_Body", members: dict[str, "np.ndarray"], settings: "ModelConfig", force: bool) -> RouterFile:
     from crecli import cluster, embed
 
     _check_ladder(path, body.ladder, settings, force)
@@ -729,7 +729,7 @@ def _assemble(path: Path, body: "_Body", members: dict[str, "np.ndarray"], setti
     )
 
 
-def _check_ladder(path: Path, ladder: list[LadderEntry], settings: "Settings", force: bool) -> None:
+def _check_ladder(path: Path, ladder: list[LadderEntry], settings: "ModelConfig", force: bool) -> None:
     for entry in ladder:
         name, wanted = entry.name, entry.sha256
         spec = settings.models.get(name)
@@ -908,7 +908,7 @@ class _Body:
     clusters: list[ClusterInfo]
     fallback_model: str
     budget: dict[str, Any]
-    quality: QualitySettings
+    quality: QualityCheck
     thresholds: dict[str, float]
     fit: FitRecord
 
@@ -954,7 +954,7 @@ def _check_body(body: dict[str, Any]) -> _Body:
     budget_value = budget["value"].as_float(0, 2.0 if budget_kind == "retain" else 1.0, above=True)
     q = root["quality"]
     q.as_object(keys=("k", "temperature", "top_p", "top_k", "early_stop"))
-    quality = QualitySettings(
+    quality = QualityCheck(
         k=q["k"].as_int(1, MAX_VOTES),
         temperature=q["temperature"].as_float(0, MAX_TEMPERATURE),
         top_p=q["top_p"].as_float(0, 1),

@@ -23,7 +23,7 @@ from crecli import paths
 from crecli.config import ModelSpec
 
 if TYPE_CHECKING:
-    from crecli.config import Settings
+    from crecli.config import ModelConfig
 
 # Runs that differ by more than this (slowest against fastest) are reported as unsteady:
 # quiet 2-core VMs here agree within 10-20%, runs beside a busy process differ by 2-10x.
@@ -197,7 +197,7 @@ def speeds(specs: Sequence[ModelSpec]) -> dict[str, tuple[float, float]]:
     return out
 
 
-def run(settings: "Settings", names: Sequence[str], pp_tokens: int = 256, tg_tokens: int = 64, repeats: int = 3) -> list[Speed]:
+def run(settings: "ModelConfig", names: Sequence[str], pp_tokens: int = 256, tg_tokens: int = 64, repeats: int = 3) -> list[Speed]:
     """Probe, measure and store each named local model, one after another.
 
     The probe runs first in a child process, so a llama.cpp crash in native code becomes

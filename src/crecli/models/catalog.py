@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from crecli.config import Settings
+from crecli.config import ModelConfig
 from crecli.models import bench
 from crecli.models.pull import file_state
 
 
-def rows(settings: Settings, deep: bool = False) -> list[dict[str, Any]]:
+def rows(settings: ModelConfig, deep: bool = False) -> list[dict[str, Any]]:
     out = []
     for name, spec in settings.models.items():
         state = file_state(spec, deep=deep)
