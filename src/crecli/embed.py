@@ -5,18 +5,20 @@ Two embedders share one interface:
 - `TfidfEmbedder` (the default): TF-IDF with sublinear term frequency, word 1-2 grams and
   optionally character 2-4 grams inside word boundaries, reduced by truncated SVD. It is
   fitted on the query log and travels inside the router file as plain arrays (vocabulary
-  as a unicode array, idf weights, SVD components), so loading it never runs code. It
-  embeds a prompt in a few milliseconds; `bench/embedders.py` compares it with llama.cpp's
-  embeddings on the real log.
+  as a unicode array, idf weights, SVD components), so loading it never runs code. Its
+  cost per prompt is measured in README "Cluster"; `bench/embedders.py` compares its
+  clusters with llama.cpp's embeddings on the real log.
 - `LlamaEmbedder`: llama.cpp's embedding mode (mean pooling) on one of the GGUF models.
   Pretrained, so `fit` does nothing; its identity pins the model's sha256.
 
 Every embedder returns float32 rows with unit L2 norm, so a dot product is a cosine
 similarity everywhere downstream.
 
-`embed_texts` batches, shows progress on stderr and caches vectors on disk in SQLite
-(raw float32 bytes, no pickle), keyed by (embedder identity, sha256 of the text), so a
-re-run embeds nothing twice. TF-IDF skips the cache (see `TfidfEmbedder.cacheable`).
+`embed_texts` batches and shows progress on stderr. For a `LlamaEmbedder` it also caches
+vectors on disk in SQLite (raw float32 bytes, no pickle), keyed by (embedder identity,
+sha256 of the text), so a re-run embeds nothing twice. TF-IDF skips the cache (see
+`TfidfEmbedder.cacheable`): it is refitted on every `cre fit`, and computing its vectors
+is cheaper than reading them back.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from crecli.errors import ConfigError, CreError, RouterFileError
 if TYPE_CHECKING:
     import numpy as np
 
-    from crecli.config import Settings
+    from crecli.config import ModelConfig
     from crecli.models.backend import Backend
 
 TFIDF_ANALYZERS = ("word", "word+char")
@@ -101,7 +103,7 @@ class Embedder(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def from_state(
-        cls, params: dict[str, Any], arrays: dict[str, "np.ndarray"], settings: "Settings"
+        cls, params: dict[str, Any], arrays: dict[str, "np.ndarray"], settings: "ModelConfig"
     ) -> "Embedder":
         """The inverse of `state()`."""
 
@@ -261,7 +263,7 @@ class TfidfEmbedder(Embedder):
 
     @classmethod
     def from_state(
-        cls, params: dict[str, Any], arrays: dict[str, "np.ndarray"], settings: "Settings | None" = None
+        cls, params: dict[str, Any], arrays: dict[str, "np.ndarray"], settings: "ModelConfig | None" = None
     ) -> "TfidfEmbedder":
         import numpy as np
 
@@ -303,7 +305,7 @@ class LlamaEmbedder(Embedder):
 
     kind = "llama"
 
-    def __init__(self, model: str, settings: "Settings") -> None:
+    def __init__(self, model: str, settings: "ModelConfig") -> None:
         self.model = model
         self.settings = settings
         self._backend: "Backend | None" = None
@@ -347,7 +349,7 @@ class LlamaEmbedder(Embedder):
 
     @classmethod
     def from_state(
-        cls, params: dict[str, Any], arrays: dict[str, "np.ndarray"], settings: "Settings"
+        cls, params: dict[str, Any], arrays: dict[str, "np.ndarray"], settings: "ModelConfig"
     ) -> "LlamaEmbedder":
         try:
             model = str(params["model"])
@@ -369,7 +371,7 @@ class LlamaEmbedder(Embedder):
             self._backend = None
 
 
-def make_embedder(config: dict[str, Any], settings: "Settings", seed: int = 0) -> Embedder:
+def make_embedder(config: dict[str, Any], settings: "ModelConfig", seed: int = 0) -> Embedder:
     """An unfitted embedder from a models.toml `[embedder]` table.
 
     kind = "tfidf" (default) takes `dims` (256), `analyzer` ("word+char"), `min_df` (2) and
@@ -401,7 +403,7 @@ def _reject_unknown(kind: str, config: dict[str, Any], allowed: set[str]) -> Non
         )
 
 
-def embedder_from_state(params: dict[str, Any], arrays: dict[str, "np.ndarray"], settings: "Settings") -> Embedder:
+def embedder_from_state(params: dict[str, Any], arrays: dict[str, "np.ndarray"], settings: "ModelConfig") -> Embedder:
     """Rebuild an embedder saved with `state()`, dispatching on params["kind"]."""
     kind = params.get("kind")
     classes: dict[str, type[Embedder]] = {"tfidf": TfidfEmbedder, "llama": LlamaEmbedder}

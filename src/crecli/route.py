@@ -43,9 +43,9 @@ def route(router: "RouterFile", prompt: str) -> RouteDecision:
 def route_many(router: "RouterFile", prompts: Sequence[str]) -> list[RouteDecision]:
     """`route` for many prompts with one embedder and assigner call.
 
-    Each call has a fixed overhead of several milliseconds (the vectorisers' setup), so
-    routing a batch together costs about 1 ms a prompt instead of 6 to 9. Each decision's
-    `seconds` is an equal share of the whole call.
+    Most of an embedder call is fixed overhead (the vectorisers' setup), so routing a batch
+    together costs a fraction of routing its prompts one by one (README "Cluster" has the
+    measured figures). Each decision's `seconds` is an equal share of the whole call.
     """
     if not prompts:
         return []

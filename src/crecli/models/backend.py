@@ -1,8 +1,11 @@
 """The one small interface every model runtime implements.
 
 A backend has one abstract method, `complete`, on text already rendered in the model's
-prompt format. `generate`, `sample` and `embed` build on it; runtimes override them only
-where they can do better (llama.cpp reuses the prompt's KV cache across samples).
+prompt format; `generate` and `sample` build on it, and `embed` is for runtimes that can
+embed. No runtime overrides `generate` or `sample`: the reuse of the prompt's KV cache
+across a prompt's votes comes from llama-cpp-python itself, which keeps the last
+evaluated tokens and processes only what follows the longest common prefix, so
+consecutive calls with the same rendered prompt pay for it once.
 """
 
 from __future__ import annotations
