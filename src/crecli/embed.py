@@ -76,6 +76,9 @@ def _digest(params: dict[str, Any], arrays: dict[str, "np.ndarray"]) -> str:
     return h.hexdigest()
 
 
+# --- the interface and the two embedders ------------------------------------------------
+
+
 class Embedder(abc.ABC):
     """Texts -> float32 (n, d) with unit-norm rows. See the module docstring."""
 
@@ -369,6 +372,9 @@ class LlamaEmbedder(Embedder):
         if self._backend is not None:
             self._backend.close()
             self._backend = None
+
+
+# --- building an embedder from models.toml or a router file ----------------------------
 
 
 def make_embedder(config: dict[str, Any], settings: "ModelConfig", seed: int = 0) -> Embedder:

@@ -1,9 +1,12 @@
-"""The resumable store of (query, model) -> votes, tokens and seconds.
+"""Recorded outcomes: what every ladder model answered to every labelled query.
+
+Two parts, in this order below: `OutcomeStore`, the resumable SQLite store of
+(query, model) -> votes, tokens and seconds; and the runner, `collect`, which has the
+models answer whatever the store lacks. Pricing the recorded votes is `costs.CostModel`'s job.
 
 `collect` answers every labelled query with every ladder model, k votes each (vote 0
 greedy, votes 1..k-1 sampled with seeds `quality.vote_seed(prompt, i)`: the parameters of
-`quality.vote_params`, exactly as the cascade draws them), and
-records each vote's text, output tokens and seconds. Calibration and evaluation then
+`quality.vote_params`, exactly as the cascade draws them), and records each vote's text, output tokens and seconds. Calibration and evaluation then
 replay the cascade on these recordings instead of running models again.
 
 The store is a SQLite file keyed by (prompt sha256, model, model sha256, settings key), so:
@@ -48,6 +51,9 @@ if TYPE_CHECKING:
 STORE_SCHEMA = 1
 
 OutcomeKey = tuple[str, str]  # (query id, model name)
+
+
+# ---------------------------------------------------------------- what is recorded
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,9 @@ class Outcome:
         """Measured cost of the first `used_votes` votes (see `vote_costs`); None for labels."""
         costs = self.vote_costs(unit, price_per_1k_tokens)
         return None if costs is None else sum(costs[:used_votes])
+
+
+# ---------------------------------------------------------------- the store: SQLite, one row per (prompt, model, file, settings)
 
 
 def prompt_sha256(prompt: str) -> str:
@@ -191,6 +200,9 @@ class OutcomeStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------- the runner: models answer what the store lacks
 
 
 @dataclass
@@ -287,6 +299,9 @@ def _votes(backend: "Backend", job: _Job, quality: "QualityCheck") -> tuple[int,
     prompt = job.record.prompt
     gens = [backend.generate(prompt, vote_params(quality, i, job.max_tokens, prompt)) for i in range(quality.k)]
     return gens[0].prompt_tokens, [Vote(g.text, g.output_tokens, g.seconds) for g in gens]
+
+
+# ---------------------------------------------------------------- which records to run
 
 
 def sample_records(records: Sequence["Record"], labels: Sequence[int], n: int, seed: int = 0) -> list["Record"]:
