@@ -238,3 +238,33 @@ def test_embed_texts_without_cache_and_for_tfidf(pinned: Callable) -> None:
     np.testing.assert_array_equal(X, tfidf.transform(TEXTS))
     assert not embed.cache_path().exists()  # tfidf is never cached (see TfidfEmbedder.cacheable)
     assert embed_texts(tfidf, []).shape[0] == 0
+
+
+def test_an_unusable_cache_warns_and_embeds_anyway(pinned: Callable, capsys: pytest.CaptureFixture[str]) -> None:
+    """The cache only saves time: a cache path that is a folder (unopenable) or a database
+    that refuses writes must not stop `cre ask` or `cre fit`."""
+    emb, backend = pinned()
+    embed.cache_path().parent.mkdir(parents=True)
+    embed.cache_path().mkdir()  # sqlite cannot open a folder
+    X = embed_texts(emb, ["a", "b"])
+    assert X.shape == (2, 8) and backend.embedded == ["a", "b"]
+    assert "embedding cache" in capsys.readouterr().err
+
+
+def test_a_cache_that_refuses_writes_warns_once(pinned: Callable, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import sqlite3
+
+    def refuse(*args: object) -> None:
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(embed, "_store", refuse)
+    emb, backend = pinned()
+    X = embed_texts(emb, [f"t{i}" for i in range(6)], batch_size=2)
+    assert X.shape == (6, 8) and len(backend.embedded) == 6
+    assert capsys.readouterr().err.count("cannot write the embedding cache") == 1
+
+
+@pytest.mark.parametrize("field, value", [("min_df", True), ("dims", True), ("dims", 10**6), ("mask_digits", 1)])
+def test_tfidf_settings_refuse_bools_for_numbers_and_huge_dims(field: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=field):
+        embed.make_embedder({"kind": "tfidf", field: value}, config.load())

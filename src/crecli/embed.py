@@ -46,6 +46,15 @@ EMBEDDER_KINDS = ("tfidf", "llama")
 _DIGIT = re.compile(r"\d")
 
 
+# The SVD's width: past a few thousand dimensions the router file grows and routing slows
+# for no gain (256 is the measured default).
+MAX_TFIDF_DIMS = 4096
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def normalize_rows(X: "np.ndarray") -> "np.ndarray":
     """float32 rows scaled to unit L2 norm; all-zero rows (no known token) stay zero."""
     import numpy as np
@@ -149,7 +158,8 @@ class TfidfEmbedder(Embedder):
                 "mask_digits": self.mask_digits, "seed": self.seed}
 
     def _check_params(self) -> None:
-        if not isinstance(self.min_df, int) or self.min_df < 1:
+        # bool is an int to Python; `min_df = true` in TOML is a typo, not 1.
+        if not _is_int(self.min_df) or self.min_df < 1:
             raise ConfigError(f"tfidf min_df must be an integer >= 1, not {self.min_df!r}")
         if not isinstance(self.mask_digits, bool):
             raise ConfigError(f"tfidf mask_digits must be true or false, not {self.mask_digits!r}")
@@ -157,8 +167,8 @@ class TfidfEmbedder(Embedder):
             raise ConfigError(
                 f"tfidf analyzer {self.analyzer!r} is not known; use one of {', '.join(TFIDF_ANALYZERS)}"
             )
-        if not isinstance(self.dims, int) or self.dims < 2:
-            raise ConfigError(f"tfidf dims must be an integer >= 2, not {self.dims!r}")
+        if not _is_int(self.dims) or not 2 <= self.dims <= MAX_TFIDF_DIMS:
+            raise ConfigError(f"tfidf dims must be an integer from 2 to {MAX_TFIDF_DIMS}, not {self.dims!r}")
 
     def _vectorizers(self, min_df: int = 1) -> list[Any]:
         import numpy as np
@@ -465,7 +475,15 @@ def embed_texts(embedder: Embedder, texts: Sequence[str], batch_size: int = 32, 
     unique = list(text_of)
     identity = embedder.identity
     found: dict[str, "np.ndarray"] = {}
-    with closing(_open_cache()) as conn:
+    try:
+        conn = _open_cache()
+    except (sqlite3.Error, CreError, OSError) as exc:
+        # The cache only saves time: an unwritable or corrupt one must not stop an answer.
+        from crecli.console import warn
+
+        warn(f"the embedding cache at {cache_path()} is unusable ({exc}); embedding without it")
+        return _compute(embedder, texts, batch_size)
+    with closing(conn):
         for chunk in _batches(unique, 500):
             rows = conn.execute(
                 "SELECT text_sha256, dims, vector FROM vectors WHERE identity = ? AND text_sha256 IN "
@@ -479,8 +497,18 @@ def embed_texts(embedder: Embedder, texts: Sequence[str], batch_size: int = 32, 
         missing = [k for k in unique if k not in found]
         if missing:
 
+            failed: list[str] = []
+
             def store(start: int, vectors: "np.ndarray") -> None:
-                _store(conn, identity, missing[start:start + len(vectors)], vectors)
+                if failed:
+                    return
+                try:
+                    _store(conn, identity, missing[start:start + len(vectors)], vectors)
+                except sqlite3.Error as exc:  # read-only or full: keep embedding, stop caching
+                    from crecli.console import warn
+
+                    failed.append(str(exc))
+                    warn(f"cannot write the embedding cache at {cache_path()} ({exc}); going on without it")
 
             vectors = _compute(embedder, [text_of[k] for k in missing], batch_size, store)
             found.update(zip(missing, vectors))
