@@ -26,7 +26,7 @@ from pathlib import Path
 from crecli import config, grading, querylog
 from crecli.escalate import check, vote_params
 from crecli.models.llama import LlamaBackend
-from crecli.quality import QualitySettings
+from crecli.quality import QualityCheck
 
 DEFAULT_LOG = Path("/work/shared/data/querylog.jsonl")
 
@@ -50,7 +50,7 @@ def main() -> int:
 
     settings = config.load(args.models)
     records = spread([r for r in querylog.read_log(args.log).records], args.queries)
-    quality = QualitySettings(k=args.k)
+    quality = QualityCheck(k=args.k)
     no_early = replace(quality, early_stop=False)
     backend = LlamaBackend(settings.get(args.model))
     llm = backend.llm

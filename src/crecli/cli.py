@@ -248,14 +248,9 @@ def fit(
             prompt=prompt_field, reference=reference_field, match=match_field, id=id_field, labels=labels_field,
             max_line_bytes=max_prompt_bytes if max_prompt_bytes is not None else MAX_LINE_BYTES,
         ),
-        skip_bad=skip_bad, store=store, truth_field=truth_field,
+        skip_bad=skip_bad, store=store, truth_field=truth_field, set_default=set_default,
     )
-    settings, budget = _model_config(models), _budget(retain, max_cost)
-    if set_default:
-        _check_can_set_default()  # before the run, not after it
-    report = run_fit(log, output, settings, budget, options)
-    if set_default:
-        _set_default_router(output)
+    report = run_fit(log, output, _model_config(models), _budget(retain, max_cost), options)
     render.fit_report(report, json_)
 
 
@@ -370,25 +365,6 @@ def _budget(retain: float | None, max_cost: float | None):  # -> costs.Budget
     if not 0 < value <= 1.5:
         raise CreError("--retain is a share of the strongest model's accuracy, e.g. 0.98")
     return Budget("retain", value)
-
-
-def _check_can_set_default() -> None:
-    """--set-default writes settings.toml after the fit: check now that it parses and its folder takes a file."""
-    from crecli import paths
-
-    paths.writable_dir(paths.config_dir())
-    paths.read_user_settings()
-
-
-def _set_default_router(path: Path) -> None:
-    from crecli import paths
-
-    data = paths.read_user_settings()
-    data["default_router"] = str(path.resolve())
-    file = paths.write_user_settings(data)
-    from crecli.console import status
-
-    status(f"Default router is now {path.resolve()} (stored in {file})")
 
 
 # ---------------------------------------------------------------- ask

@@ -43,6 +43,7 @@ class FitOptions:
     skip_bad: bool = False
     store: Path | None = None
     truth_field: str | None = None  # e.g. "meta.source": report NMI/ARI against it; never used to route
+    set_default: bool = False  # make the router the default for ask and batch (settings.toml)
 
     @property
     def reader(self) -> "LogOptions":
@@ -89,6 +90,8 @@ def check_before_fit(log_path: Path, out_path: Path, settings: "ModelConfig", op
     if options.store is not None:
         paths.check_output(options.store, "--store", [("the query log", log_path)], example="outcomes.sqlite")
     paths.writable_dir(paths.cache_dir())  # the embedding cache
+    if options.set_default:
+        paths.check_can_set_default()
     return options.store or paths.writable_dir(paths.data_dir()) / "outcomes.sqlite"
 
 
@@ -206,6 +209,8 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
         ),
     )
     routerfile.save(router, out_path)
+    if options.set_default:
+        status(f"Default router is now {out_path.resolve()} (stored in {paths.set_default_router(out_path)})")
     return FitReport(
         router_path=out_path,
         n_records=len(records),

@@ -167,3 +167,17 @@ def write_user_settings(data: dict) -> Path:
         tmp.unlink(missing_ok=True)
         raise ConfigError(f"{file}: cannot write it ({exc.strerror or exc}){_home_hint()}") from None
     return file
+
+
+def check_can_set_default() -> None:
+    """`--set-default` writes settings.toml after a long run: check first that it parses
+    and that its folder takes a file."""
+    writable_dir(config_dir())
+    read_user_settings()
+
+
+def set_default_router(router: Path) -> Path:
+    """Record `router` as the default for `cre ask` and `cre batch`; returns settings.toml's path."""
+    data = read_user_settings()
+    data["default_router"] = str(router.resolve())
+    return write_user_settings(data)

@@ -58,10 +58,6 @@ class QualityCheck:
         return asdict(self)
 
 
-# The old name, still imported by bench/quality_check.py; new code uses QualityCheck.
-QualitySettings = QualityCheck
-
-
 @dataclass(frozen=True)
 class Decision:
     answer: str  # the normalised majority answer
