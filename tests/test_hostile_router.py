@@ -34,7 +34,7 @@ from typer.testing import CliRunner
 from crecli import config, console, render, routerfile
 from crecli.cli import app
 from crecli.errors import CreError, RouterFileError
-from test_routerfile import SHAS, edit_manifest, make_router, members, rewrite
+from test_routerfile import SHAS, edit_manifest, make_router, members, rewrite, saved  # noqa: F401 - saved is a fixture
 
 MODELS_TOML = """
 schema = 1
@@ -65,13 +65,6 @@ def pinned_toml(tmp_path: Path) -> Path:
     """models.toml pinning the sha256s the test router was fitted with, for the CLI."""
     path = tmp_path / "pinned.toml"
     path.write_text(MODELS_TOML.format(**SHAS))
-    return path
-
-
-@pytest.fixture
-def saved(settings: config.ModelConfig, tmp_path: Path) -> Path:
-    path = tmp_path / "router.cre"
-    routerfile.save(make_router(settings), path)
     return path
 
 
