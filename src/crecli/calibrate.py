@@ -13,7 +13,7 @@ Three steps, all pure functions of recorded outcomes (no model runs here):
 choices, scored by cross-validation (cluster models chosen on the other folds, the cascade
 replayed on the held-out fold), so the chosen setting is judged on queries it was not chosen
 on. Choosing the best of many settings still flatters the winner a little; `bench/headline`
-evaluates on a half of the log that calibration never saw. Replays run the same decision
+scores every query with a router fitted and calibrated without it. Replays run the same decision
 procedure as `cre ask` on the same seeded votes, so thousands of settings are compared in
 seconds; only outcomes missing from the store are collected first (that runs models, once).
 """

@@ -5,7 +5,9 @@ procedure as `cre ask` on the same seeded votes; outcomes missing from the store
 collected first (that does run models, once). The baselines are replayed on the same votes:
 each model alone, the strongest model with a k-vote majority, random routing at equal cost,
 cluster routing without the quality check, the cascade without clusters, and the oracle.
-`--live` also runs the real cascade (`live`), to check the replay against it.
+`--live` also runs the real cascade (`live`), to check the replay against it. `pool` pools
+reports on disjoint held-out sets into figures over all their queries (`bench/headline`
+cross-fits with it).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from crecli import console
 from crecli.calibrate import Data, SimResult, greedy
@@ -21,6 +23,12 @@ from crecli.calibrate import Data, SimResult, greedy
 if TYPE_CHECKING:
     from crecli.config import ModelConfig
     from crecli.routerfile import RouterFile
+
+
+# Point names that `pool` (and readers of `cre eval --json`) pick points out by.
+CASCADE = "cascade (this router)"
+RANDOM = "random routing at equal cost"
+SINGLE_SUFFIX = " only"  # "<model> only": one model answers every query greedily
 
 
 @dataclass
@@ -76,19 +84,55 @@ def _random_at_cost(singles: list[Point], target_cost: float) -> Point:
     """
     by_cost = sorted(singles, key=lambda p: p.mean_cost)
     if target_cost <= by_cost[0].mean_cost:
-        return replace(by_cost[0], name="random routing at equal cost", note="cascade is cheaper than every model")
+        return replace(by_cost[0], name=RANDOM, note="cascade is cheaper than every model")
     if target_cost >= by_cost[-1].mean_cost:
-        return replace(by_cost[-1], name="random routing at equal cost", note="cascade costs more than every model")
+        return replace(by_cost[-1], name=RANDOM, note="cascade costs more than every model")
     for lo, hi in zip(by_cost, by_cost[1:]):
         if lo.mean_cost <= target_cost <= hi.mean_cost:
             p = (target_cost - lo.mean_cost) / (hi.mean_cost - lo.mean_cost)
             return Point(
-                "random routing at equal cost",
+                RANDOM,
                 (1 - p) * lo.accuracy + p * hi.accuracy,
                 target_cost,
                 note=f"{1 - p:.0%} {lo.name.split(' ')[0]}, {p:.0%} {hi.name.split(' ')[0]}",
             )
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def pool(held_out: Sequence[tuple[int, Sequence[Point]]]) -> list[Point]:
+    """The points of `cre eval` reports on disjoint query sets, pooled over all their queries.
+
+    `held_out` holds each report's query count and points (`cre eval --json` "n" and
+    "points"; each point's fields as `Point`). Accuracy, cost and escalation rate are means
+    over queries, so each pools as sum over sets of n x mean, divided by the total n: pooled
+    accuracy is the share of all queries answered right. Random routing at equal cost is the
+    exception: a mean of per-set mixtures is not a mixture at the pooled cost, so it is
+    recomputed from the pooled single models at the pooled cascade cost. Every report must
+    have the same points in the same order (one router recipe, one ladder).
+    """
+    if not held_out:
+        raise ValueError("nothing to pool")
+    names = [p.name for p in held_out[0][1]]
+    for _, points in held_out:
+        if [p.name for p in points] != names:
+            raise ValueError(f"reports to pool have different points: {names} vs {[p.name for p in points]}")
+    total = sum(n for n, _ in held_out)
+    if total <= 0:
+        raise ValueError("reports to pool hold no queries")
+    pooled = []
+    for i, name in enumerate(names):
+        rows = [(n, points[i]) for n, points in held_out]
+        escalates = all(p.escalation_rate is not None for _, p in rows)
+        pooled.append(Point(
+            name,
+            sum(n * p.accuracy for n, p in rows) / total,
+            sum(n * p.mean_cost for n, p in rows) / total,
+            sum(n * (p.escalation_rate or 0.0) for n, p in rows) / total if escalates else None,
+            rows[0][1].note,
+        ))
+    singles = [p for p in pooled if p.name.endswith(SINGLE_SUFFIX)]
+    cascade = next(p for p in pooled if p.name == CASCADE)
+    return [_random_at_cost(singles, cascade.mean_cost) if p.name == RANDOM else p for p in pooled]
 
 
 def replay_cascade(router: "RouterFile", data: Data) -> "SimResult":
@@ -106,7 +150,7 @@ def evaluate(router: "RouterFile", data: Data) -> EvalReport:
     starts = {r.id: route.model for r, route in zip(records, data.routes)}
     cascade = replay_cascade(router, data)
 
-    singles = [_greedy_point(data, f"{m} only", {r.id: m for r in records}) for m in ladder]
+    singles = [_greedy_point(data, f"{m}{SINGLE_SUFFIX}", {r.id: m for r in records}) for m in ladder]
     top_vote = data.replay.simulate({r.id: ladder[-1] for r in records}, {ladder[-1]: 1.0},
                                     replace(quality, early_stop=False))
     no_qc = _greedy_point(data, "cluster routing, no quality check", starts)
@@ -149,7 +193,7 @@ def evaluate(router: "RouterFile", data: Data) -> EvalReport:
         "output_tokens": float(out_tokens),
         "seconds_per_output_token": (cascade.cost / out_tokens) if out_tokens and data.replay.unit == "seconds" else float("nan"),
     }
-    point = Point("cascade (this router)", cascade.accuracy, cascade.mean_cost, cascade.escalation_rate)
+    point = Point(CASCADE, cascade.accuracy, cascade.mean_cost, cascade.escalation_rate)
     return EvalReport(
         n=len(records),
         unit=data.replay.unit,

@@ -1,0 +1,128 @@
+"""`bench/headline`, cross-fitted: folds that hold every query out once, held-out reports
+pooled over all queries (`evaluate.pool`), and whole tasks held out for --leave-tasks-out.
+
+The bench runs `cre` in a subprocess; here its runner is swapped for an in-process one, so
+the fake models of test_pipeline answer and nothing real runs.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from typer.testing import CliRunner
+
+from crecli.cli import app
+from crecli.evaluate import CASCADE, RANDOM, Point, pool
+from test_pipeline import SMALL_LOG, skilled_fakes  # noqa: F401 - skilled_fakes is a fixture
+
+HEADLINE = Path(__file__).resolve().parents[1] / "bench" / "headline"
+runner = CliRunner()
+
+
+def _bench() -> ModuleType:
+    # bench/headline is a script without a .py suffix, so name its loader explicitly.
+    loader = importlib.machinery.SourceFileLoader("headline", str(HEADLINE))
+    spec = importlib.util.spec_from_loader("headline", loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def _in_process(models: Path):
+    def run(*args: str) -> dict:
+        result = runner.invoke(app, [*args, "--models", str(models), "--json"])
+        assert result.exit_code == 0, (args, result.output, result.exception)
+        return json.loads(result.stdout)
+
+    return run
+
+
+def test_pool_weights_by_queries_and_reprices_random_routing_at_the_pooled_cost() -> None:
+    def points(a: float, b: float, cascade: tuple[float, float], rnd: float) -> list[Point]:
+        return [Point(CASCADE, *cascade, 0.5), Point("a only", a, 1.0), Point("b only", b, 3.0),
+                Point(RANDOM, rnd, cascade[1]), Point("oracle", 1.0, 1.0, note="ceiling")]
+
+    # 10 queries with the cascade at cost 2 (random: half "a", half "b", 0.4), 30 at cost 3
+    # (random: all "b", 0.6).
+    first, second = points(0.2, 0.6, (0.3, 2.0), 0.4), points(0.4, 0.6, (0.5, 3.0), 0.6)
+    pooled = {p.name: p for p in pool([(10, first), (30, second)])}
+    assert pooled["a only"].accuracy == pytest.approx((10 * 0.2 + 30 * 0.4) / 40)
+    assert pooled["b only"].accuracy == pytest.approx(0.6)
+    assert pooled[CASCADE].accuracy == pytest.approx(0.45) and pooled[CASCADE].mean_cost == pytest.approx(2.75)
+    assert pooled[CASCADE].escalation_rate == pytest.approx(0.5)
+    assert pooled["a only"].escalation_rate is None and pooled["oracle"].note == "ceiling"
+    # Random routing at the pooled cascade cost 2.75 mixes the pooled singles 12.5% "a", 87.5%
+    # "b": 0.56875, not the query-weighted mean of the per-set mixtures (0.55).
+    assert pooled[RANDOM].accuracy == pytest.approx(0.125 * 0.35 + 0.875 * 0.6)
+    assert pooled[RANDOM].mean_cost == pytest.approx(2.75)
+    with pytest.raises(ValueError):
+        pool([(10, first), (10, first[:-1])])
+
+
+def test_leave_tasks_out_folds_hold_whole_tasks() -> None:
+    bench = _bench()
+    lines = [json.dumps({"prompt": f"q{i}", "meta": {"source": f"task{i % 6}"}}) for i in range(30)]
+    folds = bench.task_folds(lines, 2, seed=1)
+    assert len(folds) == 3 and sorted(i for f in folds for i in f) == list(range(30))
+    for fold in folds:
+        held = {bench.task_of(lines[i]) for i in fold}
+        assert len(held) == 2 and all(bench.task_of(l) not in held for j, l in enumerate(lines) if j not in fold)
+    assert bench.task_folds(lines, 2, seed=1) == folds and bench.task_folds(lines, 2, seed=2) != folds
+
+
+@pytest.mark.skipif(not SMALL_LOG.is_file(), reason="needs ../shared/data/querylog-small.jsonl")
+def test_cross_fitted_headline_holds_every_query_out_once_and_pools_over_all(
+    tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict  # noqa: F811
+) -> None:
+    bench = _bench()
+    run = _in_process(tiny_models_toml)
+    lines = [l for l in SMALL_LOG.read_text().splitlines() if l.strip()]
+    result = bench.headline(run, lines, tmp_path, seeds=[0], n_folds=4, retain=0.98)
+
+    [seed] = result["runs"]
+    assert seed["n"] == len(lines) and len(seed["folds"]) == 4
+    ids = [json.loads(l)["id"] for l in lines]
+    held: list[str] = []
+    for f in range(4):
+        fit = {json.loads(l)["id"] for l in (tmp_path / "seed0" / f"fold{f}" / "fit.jsonl").read_text().splitlines()}
+        test = [json.loads(l)["id"] for l in (tmp_path / "seed0" / f"fold{f}" / "test.jsonl").read_text().splitlines()]
+        assert not fit & set(test) and len(fit) + len(test) == len(lines)  # fitted on the other folds only
+        held += test
+    assert sorted(held) == sorted(ids)  # every query held out exactly once
+
+    # Figures that do not depend on the router (each model alone, the k-vote majority, the
+    # oracle) pooled over the held-out folds equal those of the whole log evaluated at once.
+    whole = run("eval", str(SMALL_LOG), "--router", str(tmp_path / "seed0" / "fold0" / "router.cre"))
+    pooled = {p["name"]: p for p in seed["points"]}
+    for p in whole["points"]:
+        if p["name"].endswith(" only") or "majority" in p["name"] or p["name"].startswith("oracle"):
+            assert pooled[p["name"]]["accuracy"] == pytest.approx(p["accuracy"]), p["name"]
+            assert pooled[p["name"]]["mean_cost"] == pytest.approx(p["mean_cost"]), p["name"]
+    ref = pooled[seed["reference"]]
+    assert seed["reference"] == "large only" and ref["accuracy_share"] == 1.0 and ref["cost_share"] == 1.0
+    cascade = pooled[CASCADE]
+    assert cascade["cost_share"] < 1.0 and cascade["accuracy_share"] > 0.9
+    assert pooled[RANDOM]["mean_cost"] == pytest.approx(cascade["mean_cost"])
+    summary = {p["name"]: p for p in result["summary"]}
+    assert summary[CASCADE]["accuracy"]["mean"] == cascade["accuracy"] and summary[CASCADE]["accuracy"]["std"] == 0.0
+
+
+@pytest.mark.skipif(not SMALL_LOG.is_file(), reason="needs ../shared/data/querylog-small.jsonl")
+def test_leave_tasks_out_evaluates_on_tasks_the_router_never_saw(
+    tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict  # noqa: F811
+) -> None:
+    bench = _bench()
+    lines = [l for l in SMALL_LOG.read_text().splitlines() if l.strip()]
+    result = bench.headline(_in_process(tiny_models_toml), lines, tmp_path, seeds=[0], n_folds=5, retain=0.98, tasks_out=8)
+    [seed] = result["runs"]
+    assert result["mode"] == "leave-tasks-out" and len(seed["folds"]) == 2 and seed["n"] == len(lines)
+    for f, fold in enumerate(seed["folds"]):
+        fit_tasks = {json.loads(l)["meta"]["source"] for l in (tmp_path / "seed0" / f"fold{f}" / "fit.jsonl").read_text().splitlines()}
+        assert len(fold["held_out"]) == 8 and not fit_tasks & set(fold["held_out"])
+    assert {p["name"] for p in seed["points"]} >= {CASCADE, RANDOM, "large only"}
