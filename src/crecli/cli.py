@@ -481,6 +481,46 @@ def batch(
         raise typer.Exit(3)
 
 
+# ---------------------------------------------------------------- serve
+
+
+@app.command()
+def serve(
+    router: Annotated[Optional[Path], typer.Option("--router", "-r", help="Router file from `cre fit` (default: the one set by `cre fit --set-default`).", show_default=False)] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on. Anything but loopback lets other machines connect: give it a key.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    models: ModelsOpt = None,
+    memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Keep models loaded within this much memory, e.g. 4GB (default: no limit).", show_default=False)] = None,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait behind the one being answered; more get 429 with Retry-After.")] = 16,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.001, callback=_finite, help="Seconds from a request's arrival (queue time included) to its answer; then 504.")] = 300.0,
+    max_body: Annotated[int, typer.Option("--max-body", min=1024, help="Largest request body in bytes; a larger one gets 413 before it is read.")] = 4 << 20,
+    api_key_env: Annotated[Optional[str], typer.Option("--api-key-env", help="Environment variable holding an API key; then /v1/* needs `Authorization: Bearer <key>`.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Use the router even if the model files differ from the ones it was fitted with.")] = False,
+) -> None:
+    """Serve the router behind an OpenAI-compatible HTTP API until SIGTERM or Ctrl-C.
+
+    Endpoints: POST /v1/chat/completions and /v1/completions, GET /v1/models, GET /health.
+    Model "cre" (or the router file's name without .cre) answers through the cascade; a
+    ladder model's name answers with that model alone. Responses carry `usage` and a `cre`
+    object with the trace. Models stay loaded; one request computes at a time. Needs the
+    serve extra: pip install 'crecli[serve]'.
+
+    Examples:
+
+      cre serve --router router.cre
+
+      CRE_KEY=s3cret cre serve --host 0.0.0.0 --api-key-env CRE_KEY --memory-budget 4GB
+
+      curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{"model": "cre", "messages": [{"role": "user", "content": "What is 7 plus 5?"}]}'
+    """
+    from crecli import serve as serving
+    from crecli.batch import parse_size
+
+    options = serving.ServeOptions(host=host, port=port, max_queue=max_queue, timeout=timeout, max_body=max_body)
+    budget = parse_size(memory_budget) if memory_budget is not None else None
+    serving.run(_router_path(router), models, options, force=force, memory_budget_bytes=budget, api_key_env=api_key_env)
+
+
 def _router_path(router: Path | None) -> Path:
     """--router, else the user's default router from settings.toml."""
     if router is not None:

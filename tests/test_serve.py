@@ -1,0 +1,376 @@
+"""`cre serve`: the official openai client against a live server on loopback, with fake models.
+
+The server runs in a thread of the test process (uvicorn.Server on a socket bound to port 0),
+so the fakes installed by `fake_backends` are the ones it uses. SIGTERM is tested on a child
+process, since only a main thread gets signals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+import openai
+import pytest
+
+from crecli import config
+from crecli.escalate import Cascade
+from crecli.models.backend import GenParams
+from crecli.models.fake import FakeBackend
+from crecli.serve import ServeOptions, create_app, listen, make_server
+from test_escalate import install, make_router
+
+PROMPT = "What is 7 plus 5?"
+# small disagrees with itself (escalate), medium agrees: the answer comes from rung 1.
+TABLE = {"small": {PROMPT: ["12", "13", "14", "15", "16"]}, "medium": {PROMPT: ["12"] * 5}}
+CHAT = [{"role": "user", "content": PROMPT}]
+
+
+@pytest.fixture
+def settings(tiny_models_toml: Path) -> config.ModelConfig:
+    return config.load(tiny_models_toml)
+
+
+@contextmanager
+def serving(cascade: Cascade, name: str | None = "team", **opts: Any) -> Iterator[str]:
+    """A live server on a free loopback port; yields its base URL."""
+    options = ServeOptions(**opts)
+    app = create_app(cascade, options, name=name)
+    sock = listen("127.0.0.1", 0)
+    server = make_server(app, options, log_level="warning")
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        sock.close()
+
+
+def client(url: str, key: str = "unused") -> openai.OpenAI:
+    # No retries: a 429 or 5xx must reach the test, not be retried away.
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=30)
+
+
+def slow(answer: str, seconds: float, active: list[int] | None = None) -> Callable[[str, GenParams], str]:
+    """An answerer that takes `seconds` a vote and records how many votes ran at once."""
+    lock, running = threading.Lock(), [0]
+
+    def answerer(text: str, params: GenParams) -> str:
+        with lock:
+            running[0] += 1
+            if active is not None:
+                active.append(running[0])
+        time.sleep(seconds)
+        with lock:
+            running[0] -= 1
+        return answer
+
+    return answerer
+
+
+def test_openai_client_gets_the_cascade_answer_usage_and_trace(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig
+) -> None:
+    install(fake_backends, TABLE)
+    expected = Cascade(make_router(), settings).ask(PROMPT)
+    with serving(Cascade(make_router(), settings)) as url:
+        # The system message and earlier turns are not part of the prompt: the last user message is.
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
+                    {"role": "assistant", "content": "Hi!"}, *CHAT]
+        response = client(url).chat.completions.create(model="cre", messages=messages)  # type: ignore[arg-type]
+
+    assert response.choices[0].message.content == expected.answer == "12"
+    assert response.choices[0].finish_reason == "stop" and response.model == "medium"
+    usage = response.usage
+    assert usage is not None
+    # Every rung's prompt once and every vote drawn, on both rungs.
+    assert usage.prompt_tokens == sum(s.prompt_tokens for s in expected.steps) == expected.prompt_tokens
+    assert usage.completion_tokens == sum(s.output_tokens for s in expected.steps) == expected.output_tokens
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    cre = (response.model_extra or {})["cre"]
+    assert (cre["model"], cre["cluster"], cre["start_model"], cre["escalations"]) == ("medium", 0, "small", 1)
+    assert cre["agreement"] == 1.0 and [s["model"] for s in cre["steps"]] == ["small", "medium"]
+    assert cre["cost_unit"] == "seconds" and cre["cost"] == pytest.approx(sum(s.seconds for s in expected.steps))
+
+
+def test_streaming_through_the_client_and_the_router_name(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig
+) -> None:
+    install(fake_backends, TABLE)
+    with serving(Cascade(make_router(), settings)) as url:
+        chunks = list(client(url).chat.completions.create(
+            model="team", messages=CHAT, stream=True, stream_options={"include_usage": True}  # type: ignore[arg-type]
+        ))
+        text_chunks = list(client(url).completions.create(model="cre", prompt=PROMPT, stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == "12"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices] == [None, "stop"]
+    assert chunks[1].model_extra and chunks[1].model_extra["cre"]["model"] == "medium"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert "".join(c.choices[0].text for c in text_chunks) == "12"
+
+
+def test_a_ladder_model_answers_alone_and_models_are_listed(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig
+) -> None:
+    created = install(fake_backends, TABLE)
+    with serving(Cascade(make_router(), settings)) as url:
+        listed = [m.id for m in client(url).models.list()]
+        response = client(url).completions.create(model="small", prompt=PROMPT, max_tokens=7)
+        with pytest.raises(openai.NotFoundError) as missing:
+            client(url).chat.completions.create(model="gpt-9", messages=CHAT)  # type: ignore[arg-type]
+    assert listed == ["cre", "team", "small", "medium", "large"]
+    assert response.choices[0].text == "12" and response.model == "small"  # greedy: vote 0
+    assert (response.model_extra or {})["cre"]["escalations"] == 0
+    assert [(p.temperature, p.max_tokens) for _, p in created["small"].calls] == [(0.0, 7)]
+    assert "medium" not in created
+    error = missing.value.body
+    assert isinstance(error, dict) and error["code"] == "model_not_found" and error["param"] == "model"
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_a_second_cascade_on_the_same_router_gives_the_same_answer(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig
+) -> None:
+    install(fake_backends, TABLE)
+    answers = []
+    for _ in range(2):
+        with serving(Cascade(make_router(), settings)) as url:
+            response = client(url).chat.completions.create(model="cre", messages=CHAT)  # type: ignore[arg-type]
+        answers.append((response.choices[0].message.content, (response.model_extra or {})["cre"]["steps"]))
+    assert answers[0] == answers[1]
+
+
+def _raw(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    response = httpx.post(f"{url}/v1/chat/completions", content=body, headers=headers or {}, timeout=30)
+    return response.status_code, response.json()
+
+
+def test_hostile_requests_get_4xx_in_openai_shape_and_the_server_stays_up(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig
+) -> None:
+    install(fake_backends, TABLE)
+    good = json.dumps({"model": "cre", "messages": CHAT}).encode()
+    cases: list[tuple[bytes, int, str]] = [
+        (b"{", 400, "not valid JSON"),
+        (b"[" * 5000 + b"]" * 5000, 400, "nested too deeply"),
+        (b'{"model": "cre", "messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, "not UTF-8"),
+        (b'{"model": "cre", "messages": [{"role": "user", "content": "\\ud800"}]}', 400, "lone surrogate"),
+        (b'{"model": "cre", "messages": [{"role": "user", "content": "' + b"9" * 5000 + b'"}], "n": ' + b"9" * 5000 + b"}",
+         400, "digits"),
+        (b"[1, 2]", 400, "must be a JSON object"),
+        (b'{"model": "cre"}', 400, "'messages' is required"),
+        (b'{"model": "cre", "messages": "hi"}', 400, "'messages' must be"),
+        (b'{"model": 5, "messages": [{"role": "user", "content": "hi"}]}', 400, "'model' must be"),
+        (b'{"messages": [{"role": "user", "content": "hi"}]}', 400, "'model' is required"),
+        (b'{"model": "cre", "messages": [{"role": "user", "content": 5}]}', 400, "content must be"),
+        (b'{"model": "cre", "messages": [{"role": "wizard", "content": "hi"}]}', 400, "role must be"),
+        (b'{"model": "cre", "messages": [{"role": "system", "content": "hi"}]}', 400, "no user message"),
+        (b'{"model": "cre", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', 400, "'stream' must be"),
+        (b'{"model": "cre", "messages": [{"role": "user", "content": "hi"}], "max_tokens": true}', 400, "'max_tokens' must be"),
+        (b'{"model": "cre", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}', 400, "'max_tokens' must be"),
+        (b'{"model": "cre", "messages": [{"role": "user", "content": "hi"}], "n": 3}', 400, "'n' must be 1"),
+        (b'{"model": "cre", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', 400, "text part"),
+        (b'{"model": "cre", "messages": [{"role": "user", "content": "  "}]}', 400, "empty"),
+    ]
+    with serving(Cascade(make_router(), settings), max_body=64 * 1024) as url:
+        for body, status, words in cases:
+            code, data = _raw(url, body)
+            assert (code, set(data["error"])) == (status, {"message", "type", "param", "code"}), body[:80]
+            assert words in data["error"]["message"], (body[:80], data)
+        # Over --max-body: by Content-Length before reading, and by counting a chunked body.
+        code, data = _raw(url, b"x" * (100 * 1024))
+        assert code == 413 and data["error"]["code"] == "request_too_large"
+        chunked = httpx.post(f"{url}/v1/chat/completions", content=iter([b"[" * 8192] * 20), timeout=30)
+        assert chunked.status_code == 413 and "chunked" not in chunked.text
+        big_prompt = json.dumps({"model": "cre", "messages": [{"role": "user", "content": "é" * (600 * 1024)}]})
+        with serving(Cascade(make_router(), settings), name=None, max_body=4 << 20) as big_url:
+            code, data = _raw(big_url, big_prompt.encode())
+        assert code == 400 and data["error"]["code"] == "prompt_too_long"
+        assert httpx.get(f"{url}/nowhere").status_code == 404
+        assert httpx.get(f"{url}/v1/chat/completions").json()["error"]["code"] == "method_not_allowed"
+        assert _raw(url, good)[0] == 200  # still answering
+
+
+def test_api_key_is_required_when_set(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig
+) -> None:
+    install(fake_backends, TABLE)
+    with serving(Cascade(make_router(), settings), api_key="s3cret-key") as url:
+        with pytest.raises(openai.AuthenticationError):
+            client(url, "wrong-key").chat.completions.create(model="cre", messages=CHAT)  # type: ignore[arg-type]
+        assert _raw(url, b"{}")[0] == 401  # no header: refused before the body is looked at
+        assert _raw(url, b"{}", {"Authorization": "Basic s3cret-key"})[0] == 401
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"  # open, for load balancers
+        response = client(url, "s3cret-key").chat.completions.create(model="cre", messages=CHAT)  # type: ignore[arg-type]
+    assert response.choices[0].message.content == "12"
+
+
+def test_a_full_queue_gets_429_with_retry_after_and_computation_is_serialised(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig
+) -> None:
+    active: list[int] = []
+    fake_backends({m: slow("12", 0.1, active) for m in ("small", "medium", "large")})
+    with serving(Cascade(make_router(), settings), max_queue=1) as url:
+        results: list[httpx.Response] = []
+
+        def send() -> None:
+            results.append(httpx.post(f"{url}/v1/chat/completions", json={"model": "cre", "messages": CHAT}, timeout=30))
+
+        threads = [threading.Thread(target=send) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        health = httpx.get(f"{url}/health").json()
+    codes = sorted(r.status_code for r in results)
+    assert set(codes) == {200, 429} and codes.count(200) >= 2
+    refused = next(r for r in results if r.status_code == 429)
+    assert int(refused.headers["Retry-After"]) >= 1 and refused.json()["error"]["code"] == "queue_full"
+    assert max(active) == 1  # never two model computations at once
+    assert health == {"status": "ok", "running": 0, "queued": 0, "max_queue": 1}
+
+
+def test_a_slow_request_gets_504_and_the_server_goes_on(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig
+) -> None:
+    fake_backends({m: slow("12", 0.3) for m in ("small", "medium", "large")})
+    with serving(Cascade(make_router(), settings), timeout=0.2) as url:
+        with pytest.raises(openai.APIStatusError) as timed_out:
+            client(url).chat.completions.create(model="cre", messages=CHAT)  # type: ignore[arg-type]
+        time.sleep(1.0)  # the abandoned job finishes its rung and frees the worker
+        health = httpx.get(f"{url}/health").json()
+        # A body that never comes spends the same timeout: 408, and the connection is not held.
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as trickle:
+            trickle.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            reply = b""
+            while chunk := trickle.recv(65536):  # uvicorn closes it: the request was never complete
+                reply += chunk
+    assert timed_out.value.status_code == 504
+    assert isinstance(timed_out.value.body, dict) and timed_out.value.body["type"] == "timeout_error"
+    assert (health["running"], health["queued"]) == (0, 0)
+    assert reply.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in reply
+
+
+CHILD = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from pathlib import Path
+from crecli import config, serve
+from crecli.escalate import Cascade
+from crecli.models import registry
+from crecli.models.fake import FakeBackend
+from test_escalate import make_router
+
+def answer(text, params):
+    time.sleep(0.4)
+    return "12"
+
+registry.make_backend = lambda spec: FakeBackend(spec, answer)
+options = serve.ServeOptions(timeout=30)
+sock = serve.listen("127.0.0.1", 0)
+print(sock.getsockname()[1], flush=True)
+with Cascade(make_router(), config.load(Path(sys.argv[1]))) as cascade:
+    serve.serve_forever(cascade, options, sock)
+print("closed", flush=True)
+"""
+
+
+def test_sigterm_drains_the_request_in_flight_then_exits(tiny_models_toml: Path) -> None:
+    tests = str(Path(__file__).parent)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tiny_models_toml), tests],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        url = f"http://127.0.0.1:{int(proc.stdout.readline())}"
+        result: list[httpx.Response] = []
+        sender = threading.Thread(target=lambda: result.append(
+            httpx.post(f"{url}/v1/chat/completions", json={"model": "cre", "messages": CHAT}, timeout=30)))
+        sender.start()
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/health", timeout=5).json()["running"] == 0:
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        sender.join(30)
+        assert proc.wait(timeout=30) == 0
+        out = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert result and result[0].status_code == 200 and result[0].json()["choices"][0]["message"]["content"] == "12"
+    assert "closed" in out
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health", timeout=5)
+
+
+def test_cli_warns_on_a_public_host_without_a_key_and_reports_a_busy_port() -> None:
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        result = subprocess.run(
+            [sys.executable, "-m", "crecli", "serve", "--router", "nowhere.cre", "--host", "0.0.0.0", "--port", port],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert result.returncode == 1 and result.stdout == ""
+    assert "Warning:" in result.stderr and "no API key" in result.stderr
+    assert f"Error: cannot listen on 0.0.0.0:{port}" in result.stderr
+
+
+def test_cli_refuses_an_unset_key_variable() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "CRE_TEST_UNSET_KEY"}
+    result = subprocess.run(
+        [sys.executable, "-m", "crecli", "serve", "--router", "nowhere.cre", "--api-key-env", "CRE_TEST_UNSET_KEY"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert result.returncode == 1 and "Error: --api-key-env CRE_TEST_UNSET_KEY" in result.stderr
+
+
+def test_cre_serve_end_to_end_from_the_command_line(tmp_path: Path, tiny_models_toml: Path) -> None:
+    """The real CLI on a saved router: it lists its models, a model missing on disk is a 500
+    with `cre ask`'s message, and SIGTERM ends it with exit 0. (Models load on first use, so
+    the fake ladder's missing files matter only to the request that needs one.)"""
+    from crecli import routerfile
+
+    path = tmp_path / "team.cre"
+    routerfile.save(make_router(), path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crecli", "serve", "--router", str(path), "--models", str(tiny_models_toml), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert line.startswith("cre serve: ") and "/v1 (models: cre, small, medium, large)" in line, line
+        url = line.split(" on ", 1)[1].split("/v1", 1)[0]
+        listed = [m.id for m in client(url).models.list()]
+        with pytest.raises(openai.InternalServerError) as failed:
+            client(url).chat.completions.create(model="team", messages=CHAT)  # type: ignore[arg-type]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert listed == ["cre", "team", "small", "medium", "large"]
+    assert isinstance(failed.value.body, dict) and "model 'small' is not on disk" in failed.value.body["message"]
+    assert out == "" and "Finished server process" in err  # stdout stays clean; logs go to stderr
