@@ -280,9 +280,13 @@ from crecli.models import registry
 from crecli.models.fake import FakeBackend
 from test_escalate import make_router
 
+delay = float(sys.argv[3])
+
 def answer(text, params):
-    time.sleep(0.4)
-    return "12"
+    time.sleep(delay)
+    # Samples answer by their seed, so the votes (and whether a rung escalates) are the same
+    # in another process only if the seeds are.
+    return "12" if not params.seed else str(11 + params.seed % 3)
 
 registry.make_backend = lambda spec: FakeBackend(spec, answer)
 options = serve.ServeOptions(timeout=30)
@@ -294,13 +298,36 @@ print("closed", flush=True)
 """
 
 
-def test_sigterm_drains_the_request_in_flight_then_exits(tiny_models_toml: Path) -> None:
-    tests = str(Path(__file__).parent)
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tiny_models_toml), tests],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@contextmanager
+def child_server(toml: Path, delay: float, hash_seed: str = "0") -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A server process on fake models taking `delay` seconds a vote; yields it and its URL."""
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(toml), str(Path(__file__).parent), str(delay)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout is not None
-        url = f"http://127.0.0.1:{int(proc.stdout.readline())}"
+        yield proc, f"http://127.0.0.1:{int(proc.stdout.readline())}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+
+def test_a_second_process_on_the_same_router_gives_the_same_answer(tiny_models_toml: Path) -> None:
+    seen = []
+    for hash_seed in ("1", "2"):  # str hashes differ between the two processes
+        with child_server(tiny_models_toml, 0.0, hash_seed) as (proc, url):
+            body = httpx.post(f"{url}/v1/chat/completions", json={"model": "cre", "messages": CHAT}, timeout=30).json()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        cre = body["cre"]
+        seen.append((body["choices"][0]["message"]["content"], body["usage"], cre["escalations"], cre["steps"]))
+    assert seen[0] == seen[1]
+    assert any(step["agreement"] < 1 for step in seen[0][3]), seen[0]  # the votes differed: seeds mattered
+
+
+def test_sigterm_drains_the_request_in_flight_then_exits(tiny_models_toml: Path) -> None:
+    with child_server(tiny_models_toml, 0.4) as (proc, url):
         result: list[httpx.Response] = []
         sender = threading.Thread(target=lambda: result.append(
             httpx.post(f"{url}/v1/chat/completions", json={"model": "cre", "messages": CHAT}, timeout=30)))
@@ -312,12 +339,10 @@ def test_sigterm_drains_the_request_in_flight_then_exits(tiny_models_toml: Path)
         proc.send_signal(signal.SIGTERM)
         sender.join(30)
         assert proc.wait(timeout=30) == 0
+        assert proc.stdout is not None
         out = proc.stdout.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert result and result[0].status_code == 200 and result[0].json()["choices"][0]["message"]["content"] == "12"
-    assert "closed" in out
+    assert "closed" in out  # the models were closed after the drain
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health", timeout=5)
 

@@ -509,9 +509,9 @@ def serve(
 
       cre serve --router router.cre
 
-      CRE_KEY=s3cret cre serve --host 0.0.0.0 --api-key-env CRE_KEY --memory-budget 4GB
+      cre serve --host 0.0.0.0 --api-key-env CRE_KEY --memory-budget 4GB
 
-      curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{"model": "cre", "messages": [{"role": "user", "content": "What is 7 plus 5?"}]}'
+      curl -s localhost:8000/v1/models
     """
     from crecli import serve as serving
     from crecli.batch import parse_size
