@@ -7,6 +7,10 @@ out as prompts escalate. Results are buffered and the complete prefix is written
 flushed) as soon as it exists, so output order is input order and an interrupted batch
 leaves whole lines behind for `--resume`.
 
+With `--parallel N` (the cascade's `parallel`), the greedy votes of a chunk's prompts on
+one rung are decoded together, N sequences at a time (`Cascade.decode_greedy`), before
+their checks run one by one; the checks' sampled votes are drawn as without it.
+
 A bad line (not JSON, no prompt, not UTF-8, empty, over the --max-prompt-bytes cap, JSON
 that Python cannot hold: too deep, an over-long integer, a lone surrogate) gets an error
 record in its place: N lines in, N lines out (minus lines skipped by --resume). A stream is
@@ -272,6 +276,7 @@ def run_batch(
                 # Lowest rung first: each model's calls stay together, and the prompts that
                 # escalate are checked on the next model in one run.
                 rung = min(p.rung for _, p in pending)
+                cascade.decode_greedy([p for _, p in pending if p.rung == rung])
                 still: list[tuple[int, "Pending"]] = []
                 for line, p in pending:
                     if p.rung != rung:

@@ -416,13 +416,18 @@ def ask(
     render.routed_answer(trace, as_json=json_, explain=explain)
 
 
+# `cre batch --parallel`: measured by bench/batch_throughput.py (README, "Batch").
+PARALLEL_DEFAULT = 1
+
+
 @app.command()
 def batch(
     file: Annotated[Optional[Path], typer.Argument(help="Prompts, one per line: JSONL objects or plain text (default: stdin).", show_default=False)] = None,
     router: Annotated[Optional[Path], typer.Option("--router", "-r", help="Router file from `cre fit` (default: the one set by `cre fit --set-default`).", show_default=False)] = None,
     models: ModelsOpt = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="An earlier output file: skip the ids it already answered.", show_default=False)] = None,
-    memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Keep models loaded within this much memory, e.g. 4GB (default: no limit).", show_default=False)] = None,
+    memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Keep models loaded within this much memory, e.g. 4GB, counting each model's file and the KV cache of --parallel (default: no limit).", show_default=False)] = None,
+    parallel: Annotated[int, typer.Option("--parallel", min=1, max=64, help="Decode the greedy answers of up to this many prompts on one model at once (1: one at a time).")] = PARALLEL_DEFAULT,
     json_summary: Annotated[bool, typer.Option("--json-summary", help="Write the summary as JSON (on stderr; stdout carries the results).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Use the router even if the model files differ from the ones it was fitted with.")] = False,
     prompt_field: Annotated[str, typer.Option(help="Field holding the prompt.")] = "prompt",
@@ -436,8 +441,10 @@ def batch(
     A JSONL line holds "prompt" and optionally "id", "reference" and "match" (then the
     result says whether the answer is correct). A bad line gets {"line", "id", "error"}
     in its place, so N lines in give N lines out. Prompts are grouped by model behind the
-    scenes so each model stays loaded; a summary (accuracy, cost against always using the
-    strongest model, escalation rate) goes to stderr at the end.
+    scenes so each model stays loaded, and the greedy answers of up to --parallel prompts on
+    one model are decoded at once (the quality check's sampled votes are drawn one by one,
+    as with --parallel 1); a summary (accuracy, cost against always using the strongest
+    model, escalation rate) goes to stderr at the end.
 
     To finish an interrupted batch, append the remaining answers to the same file:
 
@@ -450,6 +457,8 @@ def batch(
       cre batch prompts.jsonl --router router.cre > answers.jsonl
 
       cat questions.txt | cre batch --memory-budget 2GB > answers.jsonl
+
+      cre batch prompts.jsonl --parallel 1 > answers.jsonl   # one prompt at a time
 
     Exit codes: 0 every line answered; 1 error (nothing or only part was written; the
     message says what to do); 2 bad usage; 3 finished, but some lines got error records.
@@ -466,7 +475,7 @@ def batch(
     )
     done = read_done_ids(resume) if resume is not None else set()
     budget = parse_size(memory_budget) if memory_budget is not None else None
-    with Cascade.from_file(_router_path(router), models, force=force, memory_budget_bytes=budget) as cascade:
+    with Cascade.from_file(_router_path(router), models, force=force, memory_budget_bytes=budget, parallel=parallel) as cascade:
         if file is None:
             summary = run_batch(sys.stdin.buffer, sys.stdout, cascade, done, source="<stdin>", fields=fields)
         else:

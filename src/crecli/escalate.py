@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from crecli import grading
 from crecli.costs import Pricing
-from crecli.errors import RouterFileError
+from crecli.errors import CreError, RouterFileError
 from crecli.models.prompting import render
 from crecli.models.registry import ModelPool
 from crecli.quality import decide, done, vote_params
@@ -31,7 +31,7 @@ from crecli.route import RouteDecision, route, route_many
 
 if TYPE_CHECKING:
     from crecli.config import ModelConfig
-    from crecli.models.backend import Backend
+    from crecli.models.backend import Backend, Generation
     from crecli.quality import QualityCheck
     from crecli.routerfile import RouterFile
 
@@ -65,14 +65,22 @@ def check(
     threshold: float,
     max_tokens: int,
     answer_type: str | None,
+    greedy: "Generation | None" = None,
 ) -> Step:
-    """Run the self-consistency check for `prompt` on one model, drawing votes lazily."""
+    """Run the self-consistency check for `prompt` on one model, drawing votes lazily.
+
+    `greedy`, when given, is vote 0 already decoded (`Cascade.decode_greedy`) with the same
+    parameters; the sampled votes are drawn here as always.
+    """
     votes: list[str] = []
     normalized: list[str] = []
     prompt_tokens = output_tokens = greedy_output_tokens = 0
     seconds = 0.0
     while not done(normalized, settings.k, threshold, settings.early_stop):
-        gen = backend.generate(prompt, vote_params(settings, len(votes), max_tokens, prompt))
+        if not votes and greedy is not None:
+            gen = greedy
+        else:
+            gen = backend.generate(prompt, vote_params(settings, len(votes), max_tokens, prompt))
         votes.append(gen.text)
         normalized.append(grading.normalize(gen.text, answer_type))
         if len(votes) == 1:
@@ -141,10 +149,16 @@ class Pending:
     rung: int
     trace: Trace
     done: bool = False
+    greedy: "Generation | None" = None  # vote 0 on the current rung, decoded ahead (`decode_greedy`)
 
 
 class Cascade:
-    """Route, check, escalate. Model calls are strictly sequential; models stay in `pool`."""
+    """Route, check, escalate. Model calls are strictly sequential; models stay in `pool`.
+
+    `parallel` is how many greedy answers `decode_greedy` may decode at once on one model
+    (`cre batch --parallel`); 1 decodes them one by one. It is the pool's setting, so the
+    memory budget counts the larger KV cache it needs.
+    """
 
     def __init__(
         self,
@@ -176,13 +190,14 @@ class Cascade:
         models_file: Path | None = None,
         force: bool = False,
         memory_budget_bytes: int | None = None,
+        parallel: int = 1,
     ) -> "Cascade":
         """Load a router file (checked against the models.toml files) and get ready to answer."""
         from crecli import config, routerfile
 
         settings = config.load(models_file)
         router = routerfile.load(Path(path), settings, force=force)
-        cascade = cls(router, settings, ModelPool(memory_budget_bytes))
+        cascade = cls(router, settings, ModelPool(memory_budget_bytes, parallel=parallel))
         cascade._owns_pool = True
         return cascade
 
@@ -266,11 +281,44 @@ class Cascade:
             trace=trace,
         )
 
+    @property
+    def parallel(self) -> int:
+        return self.pool.parallel
+
+    def decode_greedy(self, pendings: Sequence[Pending]) -> None:
+        """Decode vote 0 of every pending prompt on its current rung ahead of its check,
+        up to `parallel` prompts of one rung at a time (`Backend.generate_many`).
+
+        Each vote uses the parameters `check` would give it, so the check then goes on
+        exactly as if it had drawn the vote itself. A prompt whose vote fails here (or a
+        rung whose model cannot be loaded) is left alone: its check draws the vote and
+        reports the error in its own place.
+        """
+        if self.parallel <= 1:
+            return
+        by_rung: dict[int, list[Pending]] = {}
+        for p in pendings:
+            if not p.done and p.greedy is None:
+                by_rung.setdefault(p.rung, []).append(p)
+        for rung, group in sorted(by_rung.items()):
+            if len(group) < 2:
+                continue
+            params = [vote_params(self.quality, 0, grading.max_tokens_for(p.trace.answer_type), p.prompt) for p in group]
+            try:
+                backend = self.pool.get(self.specs[self.ladder[rung]])
+                gens = backend.generate_many([p.prompt for p in group], params, self.parallel)
+            except CreError:
+                continue
+            for p, gen in zip(group, gens):
+                if not isinstance(gen, CreError):
+                    p.greedy = gen
+
     def advance(self, pending: Pending) -> bool:
         """Run the check on the pending prompt's current rung; True once its answer is final."""
         trace = pending.trace
         name = self.ladder[pending.rung]
         backend = self.pool.get(self.specs[name])
+        greedy, pending.greedy = pending.greedy, None
         step = check(
             backend,
             pending.prompt,
@@ -278,6 +326,7 @@ class Cascade:
             self.router.threshold(trace.cluster, name),
             grading.max_tokens_for(trace.answer_type),
             trace.answer_type,
+            greedy,
         )
         top = pending.rung == len(self.ladder) - 1
         if not step.accepted:

@@ -6,6 +6,10 @@ embed. No runtime overrides `generate` or `sample`: the reuse of the prompt's KV
 across a prompt's votes comes from llama-cpp-python itself, which keeps the last
 evaluated tokens and processes only what follows the longest common prefix, so
 consecutive calls with the same rendered prompt pay for it once.
+
+`generate_many` answers many prompts in one call. Its default is a loop over `generate`;
+the llama.cpp backend overrides it to decode greedy answers as parallel sequences
+(`cre batch --parallel`), and `parallel_memory` says how much memory that costs.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import abc
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Sequence
 
-from crecli.errors import BackendError
+from crecli.errors import BackendError, CreError
 from crecli.models.prompting import render
 
 if TYPE_CHECKING:
@@ -49,10 +53,34 @@ class Backend(abc.ABC):
     def complete(self, text: str, params: GenParams) -> Generation:
         """Continue `text` (already in the model's prompt format)."""
 
-    def generate(self, prompt: str, params: GenParams = GenParams()) -> Generation:
+    def prepare(self, prompt: str, params: GenParams) -> tuple[str, GenParams]:
+        """`prompt` in the model's prompt format, and `params` with the format's stop strings added."""
         rendered = render(self.spec.prompt_format, prompt)
-        params = replace(params, stop=tuple(dict.fromkeys((*params.stop, *rendered.stop))))
-        return self.complete(rendered.text, params)
+        return rendered.text, replace(params, stop=tuple(dict.fromkeys((*params.stop, *rendered.stop))))
+
+    def generate(self, prompt: str, params: GenParams = GenParams()) -> Generation:
+        return self.complete(*self.prepare(prompt, params))
+
+    def generate_many(
+        self, prompts: Sequence[str], params: Sequence[GenParams], parallel: int = 1
+    ) -> list[Generation | CreError]:
+        """One generation per prompt, in order; an entry is the error that prompt alone raised.
+
+        `parallel` is how many prompts a runtime may decode at once; this default decodes
+        them one after another with `generate`, so its answers, token counts and seconds are
+        exactly those of `generate`.
+        """
+        out: list[Generation | CreError] = []
+        for prompt, p in zip(prompts, params, strict=True):
+            try:
+                out.append(self.generate(prompt, p))
+            except CreError as exc:
+                out.append(exc)
+        return out
+
+    def parallel_memory(self, parallel: int) -> int:
+        """Bytes that decoding `parallel` sequences at once adds to this model's memory (0: nothing)."""
+        return 0
 
     def sample(self, prompt: str, params: GenParams, seeds: Sequence[int]) -> list[Generation]:
         """One sample of `prompt` per seed, back to back.

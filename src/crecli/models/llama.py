@@ -4,6 +4,10 @@ The model loads on first use, not at construction, so building a ladder is free 
 the rungs a query reaches cost memory. `n_threads` defaults to the core count: llama.cpp's
 threads spin while they wait, so more threads than cores (or two models computing at once)
 collapses throughput.
+
+`ParallelGreedy` decodes the greedy answers of many prompts as parallel sequences of a
+second context on the same loaded model (`cre batch --parallel`); everything else goes
+through llama-cpp-python's single-sequence `Llama`.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from crecli.errors import BackendError
+from crecli.errors import BackendError, CreError
 from crecli.models.backend import Backend, Generation, GenParams
 from crecli.models.pull import require_file
 
@@ -158,6 +164,67 @@ def _probe_command(path: Path, spec: "ModelSpec") -> list[str]:
     return [sys.executable, "-m", "crecli.models.llama", str(path), str(spec.context), str(spec.n_gpu_layers)]
 
 
+# GGUF value types (gguf.GGUFValueType): fixed sizes by type id; 8 is a string, 9 an array.
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_INTS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}
+
+
+@lru_cache(maxsize=16)
+def _gguf_ints(path: Path, mtime_ns: int) -> dict[str, int]:
+    """The integer metadata of a GGUF file's header (arrays and strings are skipped)."""
+    import struct
+
+    found: dict[str, int] = {}
+    with open(path, "rb") as f:
+        magic, _version, _n_tensors, n_kv = struct.unpack("<4sIQQ", f.read(24))
+        if magic != b"GGUF":
+            raise BackendError(f"{path} is not a GGUF file")
+
+        def skip(kind: int) -> None:
+            if kind == 8:
+                f.seek(struct.unpack("<Q", f.read(8))[0], 1)
+            elif kind == 9:
+                item, count = struct.unpack("<IQ", f.read(12))
+                if item in _GGUF_SIZES:
+                    f.seek(_GGUF_SIZES[item] * count, 1)
+                else:
+                    for _ in range(count):
+                        skip(item)
+            else:
+                f.seek(_GGUF_SIZES[kind], 1)
+
+        for _ in range(n_kv):
+            key = f.read(struct.unpack("<Q", f.read(8))[0]).decode("utf-8", errors="replace")
+            kind = struct.unpack("<I", f.read(4))[0]
+            if kind in _GGUF_INTS:
+                fmt = _GGUF_INTS[kind]
+                found[key] = struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+            else:
+                skip(kind)
+    return found
+
+
+def kv_bytes_per_token(path: Path) -> int:
+    """Bytes of KV cache one token takes in every layer, at 16-bit K and V."""
+    import struct
+
+    try:
+        meta = _gguf_ints(path, path.stat().st_mtime_ns)
+    except (OSError, KeyError, ValueError, struct.error) as exc:  # a truncated or odd header
+        raise BackendError(f"cannot read the GGUF header of {path}: {exc}") from exc
+    arch = next((k.split(".")[0] for k in meta if k.endswith(".block_count")), "")
+    try:
+        layers = meta[f"{arch}.block_count"]
+        heads = meta[f"{arch}.attention.head_count"]
+        heads_kv = meta.get(f"{arch}.attention.head_count_kv", heads)
+        head_dim = meta[f"{arch}.embedding_length"] // max(1, heads)
+    except KeyError as exc:
+        raise BackendError(f"{path}: the GGUF header has no {exc.args[0]}") from None
+    k = meta.get(f"{arch}.attention.key_length", head_dim)
+    v = meta.get(f"{arch}.attention.value_length", head_dim)
+    return layers * heads_kv * (k + v) * 2
+
+
 class LlamaBackend(Backend):
     def __init__(
         self,
@@ -172,6 +239,8 @@ class LlamaBackend(Backend):
         self.n_ctx = n_ctx or spec.context
         self._llm: Any = None
         self._embedder: Any = None
+        self._parallel: ParallelGreedy | None = None
+        self._handoff: dict[str, Handoff] = {}  # rendered prompt -> its cells from the last wave
         self.load_seconds = 0.0
 
     def _load(self, embedding: bool = False) -> Any:
@@ -223,6 +292,9 @@ class LlamaBackend(Backend):
         llm = self.llm
         n_prompt = len(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
         start = time.perf_counter()
+        handoff = self._handoff.pop(text, None)
+        if handoff is not None:
+            handoff.restore(llm)
         out = llm.create_completion(
             text,
             max_tokens=self._fit_max_tokens(n_prompt, params.max_tokens),
@@ -245,6 +317,44 @@ class LlamaBackend(Backend):
             finish_reason=str(choice.get("finish_reason") or "stop"),
         )
 
+    def generate_many(
+        self, prompts: Sequence[str], params: Sequence[GenParams], parallel: int = 1
+    ) -> list[Generation | CreError]:
+        """Greedy answers decoded `parallel` at a time (see `ParallelGreedy`); otherwise one by one.
+
+        Only greedy parameters go parallel: sampled votes keep the sequential path, whose
+        seeded sampler chain is what `cre fit` recorded. A single prompt also stays
+        sequential, so its later votes find its prompt in the `Llama`'s KV cache.
+        """
+        if parallel <= 1 or len(prompts) < 2 or any(p.temperature != 0.0 for p in params):
+            return super().generate_many(prompts, params, parallel)
+        llm = self.llm
+        if self._parallel is None or self._parallel.n_seq != parallel:
+            self._close_parallel()
+            self._parallel = ParallelGreedy(llm, parallel, self.n_ctx, self.n_threads)
+        prepared = [self.prepare(prompt, p) for prompt, p in zip(prompts, params, strict=True)]
+        # The last wave's leftovers go: votes come right after the wave that decoded their prompt.
+        self._handoff.clear()
+        return self._parallel.run([text for text, _ in prepared], [p for _, p in prepared], self._handoff)
+
+    def parallel_memory(self, parallel: int) -> int:
+        """The KV cache of the parallel context: `parallel` sequences of `n_ctx` tokens.
+
+        From the GGUF header (layers, KV heads, key and value widths) at 16-bit K and V,
+        llama.cpp's default cache type (a unified cache keeps sliding-window layers at full
+        size too). Not counted, as for the single-sequence context: compute buffers, and the
+        `Handoff` copies of a wave's prompts, which are at most one chunk's prompts' cells.
+        """
+        if parallel <= 1:
+            return 0
+        return parallel * self.n_ctx * kv_bytes_per_token(require_file(self.spec))
+
+    def _close_parallel(self) -> None:
+        self._handoff.clear()
+        if self._parallel is not None:
+            self._parallel.close()
+            self._parallel = None
+
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         if self._embedder is None:
             self._embedder = self._load(embedding=True)
@@ -256,6 +366,8 @@ class LlamaBackend(Backend):
         return vectors
 
     def close(self) -> None:
+        # The parallel context uses the Llama's model, so it goes first.
+        self._close_parallel()
         for attr in ("_llm", "_embedder"):
             llm = getattr(self, attr)
             if llm is not None:
@@ -264,6 +376,304 @@ class LlamaBackend(Backend):
                 except Exception:
                     pass
                 setattr(self, attr, None)
+
+
+# ---------------------------------------------------------------- parallel greedy decoding
+
+
+@dataclass
+class _Stream:
+    """One prompt's greedy answer in flight in the parallel context."""
+
+    index: int  # position in the caller's list
+    prompt: list[int]
+    max_tokens: int
+    stop: list[bytes]
+    seq: int = -1
+    n_past: int = 0
+    feed: list[int] = field(default_factory=list)  # tokens to decode in the next step
+    out: list[int] = field(default_factory=list)
+    multibyte_fix: int = 0
+    seconds: float = 0.0
+
+
+def prompt_tokens(llm: Any, text: str) -> list[int]:
+    """The tokens llama-cpp-python's `create_completion` decodes for `text` (no suffix).
+
+    Mirrors its rule for the leading BOS/CLS and trailing EOS/SEP tokens, so the parallel
+    path feeds the model exactly what the sequential path feeds it.
+    """
+    model = llm._model
+    bos, cls, sep = llm.token_bos(), model.token_cls(), model.token_sep()
+    head = [cls if cls != -1 else bos]
+    tail = [sep if sep != -1 else llm.token_eos()]
+    if not model.add_bos_token() or head[:1] == [-1]:
+        head = []
+    if not model.add_eos_token() and sep == -1:
+        tail = []
+    return head + llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) + tail
+
+
+def _advance_stream(llm: Any, vocab: Any, stream: _Stream, token: int) -> tuple[bytes, str] | None:
+    """Take one greedy token; (text, finish_reason) once the answer is complete.
+
+    The same stop rules, in the same order, as llama-cpp-python 0.3's `_create_completion`
+    (non-streaming): an end-of-generation token stops without being counted; a stop string
+    cuts the text before it; the token cap gives "length"; a token that ends inside a
+    multi-byte character defers the checks, as there.
+    """
+    import llama_cpp
+
+    if llama_cpp.llama_vocab_is_eog(vocab, token):
+        return llm.detokenize(stream.out, prev_tokens=stream.prompt), "stop"
+    stream.out.append(token)
+    text = llm.detokenize(stream.out, prev_tokens=stream.prompt)
+    for k, char in enumerate(text[-3:]):
+        k = 3 - k
+        for num, pattern in ((2, 192), (3, 224), (4, 240)):
+            if num > k and pattern & char == pattern:
+                stream.multibyte_fix = num - k
+    if stream.multibyte_fix > 0:
+        stream.multibyte_fix -= 1
+        return None
+    hits = [s for s in stream.stop if s in text]
+    if hits:
+        return text[: text.index(hits[0])], "stop"
+    if len(stream.out) >= stream.max_tokens:
+        return text, "length"
+    return None
+
+
+@dataclass
+class Handoff:
+    """One sequence's KV cells, copied out of the parallel context for the `Llama`'s own.
+
+    After a wave, a prompt's sampled votes run on the single-sequence `Llama`, whose cache
+    holds whatever it decoded last; without this, each of them would process its prompt
+    again (measured on qwen-0.5b: the votes' time tripled and the wave was a net loss).
+    Restoring the cells (`llama_state_seq_set_data`) and the token list makes the `Llama`
+    find the prompt cached, as if it had just decoded the greedy answer itself.
+    """
+
+    tokens: list[int]  # what the cells hold: the prompt, then the answer tokens decoded
+    data: Any  # ctypes byte buffer from llama_state_seq_get_data
+
+    @classmethod
+    def save(cls, ctx: Any, seq: int, tokens: list[int]) -> "Handoff":
+        import ctypes
+
+        import llama_cpp
+
+        size = llama_cpp.llama_state_seq_get_size(ctx, seq)
+        data = (ctypes.c_uint8 * size)()
+        llama_cpp.llama_state_seq_get_data(ctx, data, size, seq)
+        return cls(tokens, data)
+
+    def restore(self, llm: Any) -> bool:
+        """Put the cells into `llm`'s (sequence 0) and tell it which tokens they hold."""
+        import llama_cpp
+
+        memory = llama_cpp.llama_get_memory(llm._ctx.ctx)
+        llama_cpp.llama_memory_clear(memory, True)
+        llm.n_tokens = 0
+        if not llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, self.data, len(self.data), 0):
+            return False
+        llm.input_ids[: len(self.tokens)] = self.tokens
+        llm.n_tokens = len(self.tokens)
+        # The logits in `llm` are not this prompt's: make it decode the last prompt token again.
+        llm._requires_eval = True
+        return True
+
+
+class ParallelGreedy:
+    """Greedy answers of many prompts, decoded as parallel sequences of one llama.cpp context.
+
+    The context is built on the loaded model of a `Llama` (weights are shared, not copied)
+    with `n_seq` sequences (plus `root`, see `_decode_shared_prefix`) in one unified KV
+    cache of `n_seq * n_ctx_seq` cells, and otherwise the `Llama`'s own context parameters.
+    Unified, because llama.cpp refuses to move a sequence's cells between caches of
+    different stream counts (`n_stream mismatch`), and `Handoff` moves them into the
+    `Llama`'s single-stream cache; each sequence is still held to `n_ctx_seq` tokens, as
+    the `Llama` holds one prompt.
+
+    Scheduling is continuous: a sequence that finishes frees its slot and the next prompt's
+    tokens enter the very next `llama_decode`, alongside the other sequences' next tokens.
+    Each sequence reads its own logits row (`llama_get_logits_ith` at the index of its last
+    token in the batch); the greedy token is the first argmax, as llama.cpp's greedy
+    sampler picks it. Each step's wall time is split across the sequences in it in
+    proportion to the tokens each fed, so a prompt's `seconds` carry its prompt processing.
+    """
+
+    def __init__(self, llm: Any, n_seq: int, n_ctx_seq: int, n_threads: int) -> None:
+        import llama_cpp
+
+        self.llm = llm
+        self.n_seq = n_seq
+        self.n_ctx_seq = n_ctx_seq
+        params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
+        params.n_ctx = n_seq * n_ctx_seq
+        # A step may hold several whole prompts; llama.cpp splits it into n_ubatch pieces.
+        params.n_batch = n_seq * n_ctx_seq
+        # One more sequence than decodes at once: `root` holds the prompts' shared prefix.
+        params.n_seq_max = n_seq + 1
+        params.kv_unified = True
+        params.n_threads = params.n_threads_batch = n_threads
+        with _quiet_stderr():
+            ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+        if not ctx:
+            raise BackendError(
+                f"llama.cpp could not create a context for {n_seq} parallel sequences of {n_ctx_seq} tokens; "
+                "lower --parallel"
+            )
+        self.ctx = ctx
+        self.vocab = llm._model.vocab
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.root = n_seq
+        self.capacity = n_seq * n_ctx_seq
+        self.batch = llama_cpp.llama_batch_init(self.capacity, 0, 1)
+
+    def _decode_shared_prefix(self, streams: list[_Stream], memory: Any) -> int:
+        """Decode the prompts' common leading tokens once, into sequence `root`; their length.
+
+        Every prompt of one model starts with the same template (the chat system prompt, the
+        few-shot preamble), which the sequential path also decodes once: llama-cpp-python
+        keeps it from the previous prompt. Each sequence then starts as a copy of `root`
+        (`llama_memory_seq_cp`, which in a unified cache only tags the cells) and decodes
+        the rest of its prompt. Its time is shared equally by the prompts.
+        """
+        import llama_cpp
+
+        if len(streams) < 2:
+            return 0
+        first = streams[0].prompt
+        # At least one token of every prompt is left to decode, for its logits.
+        length = min(len(s.prompt) for s in streams) - 1
+        for s in streams[1:]:
+            same = 0
+            for a, b in zip(first[:length], s.prompt):
+                if a != b:
+                    break
+                same += 1
+            length = same
+        if length <= 0:
+            return 0
+        start = time.perf_counter()
+        batch = self.batch
+        for i, token in enumerate(first[:length]):
+            batch.token[i] = token
+            batch.pos[i] = i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = self.root
+            batch.logits[i] = False
+        batch.n_tokens = length
+        rc = llama_cpp.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise BackendError(f"llama.cpp could not decode the prompts' shared prefix (llama_decode returned {rc})")
+        share = (time.perf_counter() - start) / len(streams)
+        for s in streams:
+            s.seconds += share
+        return length
+
+    def close(self) -> None:
+        import llama_cpp
+
+        if self.ctx is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+
+    def run(
+        self, texts: Sequence[str], params: Sequence[GenParams], keep: dict[str, "Handoff"] | None = None
+    ) -> list[Generation | CreError]:
+        """Greedy completions of `texts` (rendered prompts); an entry is an error for a prompt
+        that does not fit the per-sequence context (as `LlamaBackend.complete` raises it).
+
+        With `keep`, each finished sequence's KV cells are copied out into it, by text, before
+        its slot is reused (see `Handoff`)."""
+        import numpy as np
+        import llama_cpp
+
+        llm = self.llm
+        results: list[Generation | CreError] = [BackendError("not decoded")] * len(texts)
+        queue: deque[_Stream] = deque()
+        for i, (text, p) in enumerate(zip(texts, params)):
+            tokens = prompt_tokens(llm, text)
+            room = self.n_ctx_seq - len(tokens)
+            if room <= 0:
+                results[i] = BackendError(
+                    f"prompt is {len(tokens)} tokens, which fills {self.n_ctx_seq}-token context; "
+                    "shorten it or raise `context` in models.toml"
+                )
+                continue
+            stops = [s.encode("utf-8") for s in p.stop]
+            queue.append(_Stream(i, tokens, min(p.max_tokens, room) if p.max_tokens > 0 else room, stops))
+        memory = llama_cpp.llama_get_memory(self.ctx)
+        llama_cpp.llama_memory_clear(memory, True)
+        shared = self._decode_shared_prefix(list(queue), memory)
+        free = list(range(self.n_seq - 1, -1, -1))
+        active: list[_Stream] = []
+        batch = self.batch
+        while queue or active:
+            start = time.perf_counter()
+            while queue and free:
+                stream = queue.popleft()
+                stream.seq = free.pop()
+                if shared:
+                    llama_cpp.llama_memory_seq_cp(memory, self.root, stream.seq, -1, -1)
+                stream.n_past = shared
+                stream.feed = stream.prompt[shared:]
+                active.append(stream)
+            n = 0
+            rows: list[int] = []
+            for stream in active:
+                for j, token in enumerate(stream.feed):
+                    batch.token[n] = token
+                    batch.pos[n] = stream.n_past + j
+                    batch.n_seq_id[n] = 1
+                    batch.seq_id[n][0] = stream.seq
+                    batch.logits[n] = j == len(stream.feed) - 1
+                    n += 1
+                rows.append(n - 1)
+            batch.n_tokens = n
+            rc = llama_cpp.llama_decode(self.ctx, batch)
+            if rc != 0:
+                raise BackendError(f"llama.cpp could not decode {len(active)} parallel sequences (llama_decode returned {rc})")
+            fed = [len(stream.feed) for stream in active]
+            still: list[_Stream] = []
+            finished: list[tuple[_Stream, bytes, str]] = []
+            for stream, row in zip(active, rows):
+                stream.n_past += len(stream.feed)
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
+                token = int(np.argmax(logits))
+                done = _advance_stream(llm, self.vocab, stream, token)
+                if done is None and stream.n_past >= self.n_ctx_seq:
+                    # The sequential path would fail here (its context is full); end the answer.
+                    done = (llm.detokenize(stream.out, prev_tokens=stream.prompt), "length")
+                if done is None:
+                    stream.feed = [token]
+                    still.append(stream)
+                else:
+                    finished.append((stream, *done))
+            # Each step's wall time is shared by the sequences in it, in proportion to the
+            # tokens each fed: a prompt's first step carries its prompt processing.
+            elapsed = time.perf_counter() - start
+            total = sum(fed)
+            for stream, k in zip(active, fed):
+                stream.seconds += elapsed * k / total
+            for stream, text, reason in finished:
+                if keep is not None:
+                    keep[texts[stream.index]] = Handoff.save(self.ctx, stream.seq, (stream.prompt + stream.out)[: stream.n_past])
+                llama_cpp.llama_memory_seq_rm(memory, stream.seq, -1, -1)
+                free.append(stream.seq)
+                results[stream.index] = Generation(
+                    text=text.decode("utf-8", errors="ignore"),
+                    prompt_tokens=len(stream.prompt),
+                    output_tokens=len(stream.out),
+                    seconds=stream.seconds,
+                    finish_reason=reason,
+                )
+            active = still
+        return results
 
 
 def _probe_main(argv: Sequence[str]) -> None:

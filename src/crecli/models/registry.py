@@ -45,36 +45,45 @@ def generate_once(spec: "ModelSpec", prompt: str, params: "GenParams") -> "Gener
 class ModelPool:
     """Loaded backends, most recently used last, within a memory budget.
 
-    The budget counts GGUF file sizes, a fair proxy for resident memory with mmap. When a
-    new model would exceed it, the least recently used models are closed first. Only one
-    model computes at a time: callers are sequential, by design (llama.cpp threads spin).
+    The budget counts GGUF file sizes, a fair proxy for resident memory with mmap, plus,
+    when `parallel` > 1, the KV cache of each model's parallel context
+    (`Backend.parallel_memory`). When a new model would exceed it, the least recently used
+    models are closed first. Only one model computes at a time: callers are sequential, by
+    design (llama.cpp threads spin).
     """
 
-    def __init__(self, memory_budget_bytes: int | None = None) -> None:
+    def __init__(self, memory_budget_bytes: int | None = None, parallel: int = 1) -> None:
         self.budget = memory_budget_bytes
+        self.parallel = max(1, parallel)
         self._loaded: OrderedDict[str, Backend] = OrderedDict()
+        self._costs: dict[str, int] = {}
 
-    @staticmethod
-    def _cost(spec: "ModelSpec") -> int:
-        return spec.size or 0
+    def cost(self, backend: Backend) -> int:
+        """Bytes `backend` is counted for against the budget."""
+        return (backend.spec.size or 0) + backend.parallel_memory(self.parallel)
 
     def get(self, spec: "ModelSpec") -> Backend:
         if spec.name in self._loaded:
             self._loaded.move_to_end(spec.name)
             return self._loaded[spec.name]
-        if self.budget is not None:
-            used = sum(self._cost(b.spec) for b in self._loaded.values())
-            while self._loaded and used + self._cost(spec) > self.budget:
-                _, old = self._loaded.popitem(last=False)
-                used -= self._cost(old.spec)
-                old.close()
+        # Constructing a backend loads nothing (models load on first use), so its cost can
+        # be known before older models make room for it.
         backend = backend_for(spec)
+        cost = self.cost(backend) if self.budget is not None else 0
+        if self.budget is not None:
+            used = sum(self._costs.values())
+            while self._loaded and used + cost > self.budget:
+                name, old = self._loaded.popitem(last=False)
+                used -= self._costs.pop(name)
+                old.close()
         self._loaded[spec.name] = backend
+        self._costs[spec.name] = cost
         return backend
 
     def close(self) -> None:
         while self._loaded:
-            _, backend = self._loaded.popitem()
+            name, backend = self._loaded.popitem()
+            self._costs.pop(name, None)
             backend.close()
 
     def __enter__(self) -> "ModelPool":
