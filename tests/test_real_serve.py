@@ -1,0 +1,59 @@
+"""`cre serve` on a real model: the official openai client gets llama.cpp's answer.
+
+The router is fitted on a plain-text log (the small log's prompts), which clusters but runs
+no model, over a one-rung ladder of gemma-3-270m, so the only model work is the answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from crecli import config
+from crecli.cli import app
+from crecli.models.pull import file_state
+
+pytestmark = pytest.mark.real
+
+SMALL_LOG = Path(__file__).resolve().parents[2] / "shared" / "data" / "querylog-small.jsonl"
+
+
+@pytest.fixture
+def gemma_router(real_models: Path, tmp_path: Path) -> tuple[Path, Path]:
+    if not file_state(config.load().get("gemma-3-270m")).verified:
+        if os.environ.get("CRE_REQUIRE_REAL"):
+            pytest.fail("gemma-3-270m is not pulled; run `cre models pull gemma-3-270m`")
+        pytest.skip("gemma-3-270m is not pulled; run `cre models pull gemma-3-270m`")
+    if not SMALL_LOG.is_file():
+        pytest.skip("needs ../shared/data/querylog-small.jsonl")
+    toml = tmp_path / "models.toml"
+    toml.write_text('ladder = ["gemma-3-270m"]\n')
+    log = tmp_path / "prompts.txt"
+    log.write_text("\n".join(json.loads(l)["prompt"].replace("\n", " ") for l in SMALL_LOG.read_text().splitlines()) + "\n")
+    router = tmp_path / "gemma.cre"
+    result = CliRunner().invoke(app, ["fit", str(log), "-o", str(router), "--models", str(toml), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["outcomes_run"] == 0  # a text log runs no model
+    return router, toml
+
+
+def test_openai_client_gets_a_real_answer_through_cre_serve(gemma_router: tuple[Path, Path]) -> None:
+    openai = pytest.importorskip("openai")
+    from crecli.escalate import Cascade
+    from test_serve import serving
+
+    router, toml = gemma_router
+    with Cascade.from_file(router, toml) as cascade, serving(cascade) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(
+            model="cre", messages=[{"role": "user", "content": "What is the capital of France?"}]
+        )
+        assert "paris" in reply.choices[0].message.content.lower()
+        assert reply.model == "gemma-3-270m" and reply.usage.completion_tokens > 0
+        assert reply.model_extra["cre"]["model"] == "gemma-3-270m"
+        alone = client.completions.create(model="gemma-3-270m", prompt="What is the capital of France?", max_tokens=8)
+        assert "paris" in alone.choices[0].text.lower()
