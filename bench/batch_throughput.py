@@ -10,7 +10,9 @@ rung, side by side in one run:
 It prints prompts/s and the speed-up over the sequential path, split into the greedy
 phase and the sampled votes (these re-process the prompt after a parallel wave, since the
 single-sequence cache no longer holds it), the share of greedy answers identical to the
-sequential path's, and the accuracy of the greedy and of the checked answers.
+sequential path's, the share of checked answers identical to its answers (sampled votes
+after a wave run on KV cells the parallel context computed, so they too can differ where
+floating-point order tips a token), and the accuracy of the greedy and checked answers.
 
 `--threshold 0` makes every check stop at its greedy vote (what a rung whose threshold
 calibrated to 0 does), so it measures the parallel greedy engine alone.
@@ -125,14 +127,15 @@ def main() -> int:
         print(f"model {name}, {len(records)} prompts from {args.log.name}, k={args.k}, threshold {args.threshold}, "
               f"{backend.n_threads} threads")
         print(f"{'run':12} {'prompts/s':>9} {'speed-up':>8} {'greedy s':>8} {'votes s':>8} {'votes':>6} "
-              f"{'same greedy':>11} {'greedy acc':>10} {'answer acc':>10}")
+              f"{'same greedy':>11} {'same answer':>11} {'greedy acc':>10} {'answer acc':>10}")
         for run in runs:
             same = sum(a == b for a, b in zip(run.greedy, base.greedy))
+            same_answer = sum(a.answer == b.answer for a, b in zip(run.steps, base.steps))
             greedy_ok = sum(grading.grade(g.strip(), r.reference or [], r.match or "exact") for g, r in zip(run.greedy, records))
             answer_ok = sum(grading.grade(s.answer, r.reference or [], r.match or "exact") for s, r in zip(run.steps, records))
             print(f"{run.name:12} {len(records) / run.seconds:9.3f} {base.seconds / run.seconds:7.2f}x "
                   f"{run.greedy_seconds:8.1f} {run.vote_seconds:8.1f} {run.votes:6d} "
-                  f"{same:5d}/{len(records):<5d} {greedy_ok / len(records):10.3f} {answer_ok / len(records):10.3f}")
+                  f"{same:5d}/{len(records):<5d} {same_answer:5d}/{len(records):<5d} {greedy_ok / len(records):10.3f} {answer_ok / len(records):10.3f}")
         print(flush=True)
     return 0
 

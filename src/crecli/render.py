@@ -28,7 +28,7 @@ def models_table(rows: list[dict[str, Any]]) -> None:
     table = Table(title="Model ladder (smallest first)", title_justify="left")
     # Names and states must survive a narrow or piped console whole: other columns shrink.
     widest = max((len(r["name"]) for r in rows), default=4)
-    for col in ("rung", "name", "arch", "params", "quant", "size", "file", "pp tok/s", "tg tok/s"):
+    for col in ("rung", "name", "arch", "params", "quant", "size", "file", "runs on", "pp tok/s", "tg tok/s"):
         table.add_column(
             col,
             justify="right" if col in ("rung", "size", "pp tok/s", "tg tok/s") else "left",
@@ -52,6 +52,7 @@ def models_table(rows: list[dict[str, Any]]) -> None:
             r["quant"],
             human_bytes(r["size"]),
             file_state,
+            r["runs_on"],
             f"{r['pp_tokens_per_s']:.0f}" if r["pp_tokens_per_s"] else "-",
             f"{r['tg_tokens_per_s']:.1f}" if r["tg_tokens_per_s"] else "-",
         )

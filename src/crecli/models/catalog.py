@@ -9,6 +9,12 @@ from crecli.models import bench
 from crecli.models.pull import file_state
 
 
+def _placement(spec: Any) -> str:
+    from crecli.models.llama import placement
+
+    return placement(spec)
+
+
 def rows(settings: ModelConfig, deep: bool = False) -> list[dict[str, Any]]:
     out = []
     for name, spec in settings.models.items():
@@ -32,6 +38,7 @@ def rows(settings: ModelConfig, deep: bool = False) -> list[dict[str, Any]]:
                 "prompt_format": spec.prompt_format,
                 "context": spec.context,
                 "n_gpu_layers": spec.n_gpu_layers,
+                "runs_on": "remote" if spec.backend == "openai" else _placement(spec),
                 "pp_tokens_per_s": speed["pp_tokens_per_s"] if speed else None,
                 "tg_tokens_per_s": speed["tg_tokens_per_s"] if speed else None,
             }

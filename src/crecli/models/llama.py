@@ -225,6 +225,38 @@ def kv_bytes_per_token(path: Path) -> int:
     return layers * heads_kv * (k + v) * 2
 
 
+def placement(spec: "ModelSpec") -> str:
+    """Where llama.cpp runs `spec`: "CPU", "GPU" (every layer) or "GPU k/n layers".
+
+    From `n_gpu_layers` in models.toml, the model's layer count (its GGUF header, when the
+    file is here) and whether this llama-cpp-python build can offload at all: a CPU-only
+    build ignores `n_gpu_layers`.
+    """
+    if spec.n_gpu_layers == 0:
+        return "CPU"
+    try:
+        import llama_cpp
+
+        offload = bool(llama_cpp.llama_supports_gpu_offload())
+    except Exception:  # pragma: no cover - install problem, reported elsewhere
+        offload = False
+    if not offload:
+        return "CPU (no GPU build)"
+    layers = None
+    if spec.file is not None and spec.file.is_file():
+        try:
+            meta = _gguf_ints(spec.file, spec.file.stat().st_mtime_ns)
+            layers = next((v for k, v in meta.items() if k.endswith(".block_count")), None)
+        except Exception:  # an unreadable header only loses the layer count
+            layers = None
+    # llama.cpp offloads the output layer too once n_gpu_layers exceeds the repeating layers.
+    if spec.n_gpu_layers < 0 or (layers is not None and spec.n_gpu_layers > layers):
+        return "GPU"
+    if layers is None:
+        return f"GPU {spec.n_gpu_layers} layers"
+    return f"GPU {spec.n_gpu_layers}/{layers} layers"
+
+
 class LlamaBackend(Backend):
     def __init__(
         self,
