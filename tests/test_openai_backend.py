@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -165,6 +166,34 @@ def test_connection_refused_says_to_start_the_server(server: _Server) -> None:
     server.close()  # the port is now closed
     with pytest.raises(BackendError, match="cannot connect.*start the server"):
         OpenAIBackend(_spec(url)).generate("hi")
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [b"", b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{"choices": ['],
+    ids=["no-reply", "truncated-reply"],
+)
+def test_a_server_that_dies_mid_request_is_named_in_the_error(server: _Server, reply: bytes) -> None:
+    """The request reached the server, which then went away: urllib raises a bare reset or
+    IncompleteRead there, not a URLError, and the user must still get the rung and its URL.
+    (`server` only clears proxy variables here; this test needs a socket it can drop.)"""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def die_after_reading() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(reply)
+
+    thread = threading.Thread(target=die_after_reading, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    try:
+        with pytest.raises(BackendError, match=r"model 'remote' at http://127\.0\.0\.1:\d+/v1/completions: the connection broke"):
+            OpenAIBackend(_spec(url)).generate("hi")
+    finally:
+        thread.join(5)
+        listener.close()
 
 
 def test_timeout_is_reported(server: _Server) -> None:

@@ -12,6 +12,7 @@ Only the standard library talks HTTP, so a remote rung adds no dependency.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
@@ -77,8 +78,13 @@ class OpenAIBackend(Backend):
         try:
             with _OPENER.open(request, timeout=self.timeout) as response:
                 raw = response.read(MAX_REPLY_BYTES + 1)
+                # read(n) returns a body cut short by a closed connection without complaint;
+                # the bytes its Content-Length still promised tell that the server went away.
+                missing = response.length if len(raw) <= MAX_REPLY_BYTES else None
             if len(raw) > MAX_REPLY_BYTES:
                 raise BackendError(f"{where}: the reply is over {MAX_REPLY_BYTES // 2**20} MiB; refusing it")
+            if missing:
+                raise http.client.IncompleteRead(raw, missing)
         except urllib.error.HTTPError as exc:
             detail = exc.read(500).decode("utf-8", "replace").strip()
             raise BackendError(f"{where}: HTTP {exc.code} {exc.reason}: {detail or 'no details'}; {_advice(exc.code, self.spec)}") from None
@@ -93,6 +99,14 @@ class OpenAIBackend(Backend):
                 ) from None
             raise BackendError(
                 f"{where}: cannot connect ({exc.reason}); start the server or fix `url` in {self.spec.defined_in}"
+            ) from None
+        except (OSError, http.client.HTTPException) as exc:
+            # urllib wraps only a failed connect in URLError: a server that dies after taking
+            # the request (a crash, an OOM kill, a restart) surfaces as a raw reset or a
+            # truncated reply, which would otherwise end `cre` with a traceback.
+            raise BackendError(
+                f"{where}: the connection broke before the reply was complete ({type(exc).__name__}: {exc}); "
+                "the server may have crashed or restarted, check its log"
             ) from None
         seconds = time.perf_counter() - start
         try:
