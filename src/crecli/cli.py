@@ -416,7 +416,8 @@ def ask(
     render.routed_answer(trace, as_json=json_, explain=explain)
 
 
-# `cre batch --parallel`: measured by bench/batch_throughput.py (README, "Batch").
+# `cre batch --parallel`: 1, because on 2 CPU cores bench/batch_throughput.py measured only
+# 1.05-1.13x for 2-8 (README, "Batch") at the price of 5 of 64 greedy answers changed.
 PARALLEL_DEFAULT = 1
 
 
