@@ -8,6 +8,9 @@ prompt's KV cache and only the first vote pays for prompt processing. A majority
 below the (cluster, model) threshold moves the prompt to the next larger rung; the top
 rung's answer is final.
 
+`Cascade.decode_greedy` lets a batch decode the greedy votes of many prompts on one rung
+together (`cre batch --parallel`); each check then starts from its prompt's vote.
+
 `Cascade` is also the library API:
 
     with Cascade.from_file("router.cre") as cascade:
@@ -301,15 +304,22 @@ class Cascade:
             if not p.done and p.greedy is None:
                 by_rung.setdefault(p.rung, []).append(p)
         for rung, group in sorted(by_rung.items()):
-            if len(group) < 2:
+            members: list[Pending] = []
+            params = []
+            for p in group:
+                try:
+                    params.append(vote_params(self.quality, 0, grading.max_tokens_for(p.trace.answer_type), p.prompt))
+                except CreError:
+                    continue
+                members.append(p)
+            if len(members) < 2:
                 continue
-            params = [vote_params(self.quality, 0, grading.max_tokens_for(p.trace.answer_type), p.prompt) for p in group]
             try:
                 backend = self.pool.get(self.specs[self.ladder[rung]])
-                gens = backend.generate_many([p.prompt for p in group], params, self.parallel)
+                gens = backend.generate_many([p.prompt for p in members], params, self.parallel)
             except CreError:
                 continue
-            for p, gen in zip(group, gens):
+            for p, gen in zip(members, gens):
                 if not isinstance(gen, CreError):
                     p.greedy = gen
 
