@@ -110,14 +110,14 @@ def test_missing_prompt_names_the_mapped_field(tmp_path: Path) -> None:
 BAD_JSONL = [
     ('{"prompt": "a"', "invalid JSON (Expecting ',' delimiter at column 15)"),
     ("not json at all", "invalid JSON (Expecting value at column 1)"),
-    ('["prompt"]', "expected a JSON object, got a list"),
+    ('["prompt"]', "expected a JSON object, got an array"),
     ("42", "expected a JSON object, got a number"),
     ('{"id": "x"}', "missing 'prompt' field (name another field with --prompt-field)"),
     ('{"prompt": null}', "missing 'prompt' field (name another field with --prompt-field)"),
     ('{"prompt": "  "}', "empty 'prompt'"),
     ('{"prompt": 12}', "'prompt' must be a string, got a number"),
     ('{"prompt": "a", "id": ""}', "empty 'id'"),
-    ('{"prompt": "a", "id": [1]}', "'id' must be a string or an integer, got a list"),
+    ('{"prompt": "a", "id": [1]}', "'id' must be a string or an integer, got an array"),
     ('{"prompt": "a", "id": true}', "'id' must be a string or an integer, got a boolean"),
     (
         '{"prompt": "a", "reference": "x", "match": "fuzzy"}',
@@ -133,7 +133,7 @@ BAD_JSONL = [
     ('{"prompt": "a", "reference": []}', "'reference' is an empty list; give at least one accepted answer or leave it out"),
     ('{"prompt": "a", "reference": "Invalid", "match": "choice"}', "reference 'Invalid' holds no option letter for match 'choice'"),
     ('{"prompt": "a", "reference": "many", "match": "numeric"}', "reference 'many' holds no number for match 'numeric'"),
-    ('{"prompt": "a", "labels": ["small"]}', "'labels' must map model names to true/false, got a list"),
+    ('{"prompt": "a", "labels": ["small"]}', "'labels' must map model names to true/false, got an array"),
     ('{"prompt": "a", "labels": {"small": 1}}', "'labels' must map model names to true/false; 'small' has 1"),
     ('{"prompt": "a", "labels": {"small": "yes"}}', "'labels' must map model names to true/false; 'small' has 'yes'"),
 ]

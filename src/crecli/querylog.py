@@ -305,7 +305,7 @@ def _jsonl_rows(lines: _Lines, path: Path, fields: FieldMap) -> Iterator[_Row]:
 def _parse_object(text: str) -> dict[str, Any]:
     obj = _loads(text, "invalid JSON")
     if not isinstance(obj, dict):
-        raise _Bad(f"expected a JSON object, got {_json_type(obj)}")
+        raise _Bad(f"expected a JSON object, got {json_type(obj)}")
     return obj
 
 
@@ -371,7 +371,7 @@ def _prompt(value: Any, name: str) -> str:
     if value is None:
         raise _Bad(f"missing {name!r} field (name another field with --prompt-field)")
     if not isinstance(value, str):
-        raise _Bad(f"{name!r} must be a string, got {_json_type(value)}")
+        raise _Bad(f"{name!r} must be a string, got {json_type(value)}")
     if not value.strip():
         raise _Bad(f"empty {name!r}")
     return value
@@ -381,7 +381,7 @@ def _id(value: Any, name: str, default: str) -> str:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise _Bad(f"{name!r} must be a string or an integer, got {_json_type(value)}")
+        raise _Bad(f"{name!r} must be a string or an integer, got {json_type(value)}")
     text = str(value)
     if not text.strip():
         raise _Bad(f"empty {name!r}")
@@ -401,7 +401,7 @@ def _reference(value: Any, name: str) -> list[str] | None:
         elif isinstance(item, (int, float)) and not isinstance(item, bool):
             out.append(json.dumps(item))
         else:
-            raise _Bad(f"{name!r} must be a string, a number or a list of them; found {_json_type(item)}")
+            raise _Bad(f"{name!r} must be a string, a number or a list of them; found {json_type(item)}")
     return out
 
 
@@ -424,14 +424,15 @@ def _labels(value: Any, name: str) -> dict[str, bool]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _Bad(f"{name!r} must map model names to true/false, got {_json_type(value)}")
+        raise _Bad(f"{name!r} must map model names to true/false, got {json_type(value)}")
     for model, ok in value.items():
         if not isinstance(ok, bool):
             raise _Bad(f"{name!r} must map model names to true/false; {model!r} has {ok!r}")
     return dict(value)
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """A JSON value's type in words, for error messages about logs and request bodies."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -441,7 +442,7 @@ def _json_type(value: Any) -> str:
     if isinstance(value, str):
         return "a string"
     if isinstance(value, list):
-        return "a list"
+        return "an array"
     return "an object"
 
 

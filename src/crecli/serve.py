@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from crecli.errors import CreError, InputError
-from crecli.querylog import MAX_LINE_BYTES, _Bad, _loads
+from crecli.querylog import MAX_LINE_BYTES, _Bad, _loads, json_type
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -129,22 +129,8 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     except _Bad as exc:
         raise ApiError(400, str(exc)) from None
     if not isinstance(value, dict):
-        raise ApiError(400, f"the request body must be a JSON object, got {_json_type(value)}")
+        raise ApiError(400, f"the request body must be a JSON object, got {json_type(value)}")
     return value
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
 
 
 def _expect(body: dict[str, Any], name: str, kinds: tuple[type, ...], what: str, required: bool = False) -> Any:
@@ -155,7 +141,7 @@ def _expect(body: dict[str, Any], name: str, kinds: tuple[type, ...], what: str,
         return None
     # bool is an int in Python, but `"max_tokens": true` is a mistake, not 1.
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        raise ApiError(400, f"'{name}' must be {what}, got {_json_type(value)}", param=name, code="invalid_type")
+        raise ApiError(400, f"'{name}' must be {what}, got {json_type(value)}", param=name, code="invalid_type")
     return value
 
 
@@ -198,10 +184,10 @@ def parse_chat(body: dict[str, Any]) -> Query:
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise ApiError(400, f"{where} must be an object, got {_json_type(message)}", param=where)
+            raise ApiError(400, f"{where} must be an object, got {json_type(message)}", param=where)
         role = message.get("role")
         if role not in ROLES:
-            shown = role if isinstance(role, str) else _json_type(role)
+            shown = role if isinstance(role, str) else json_type(role)
             raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}, got {shown!r}", param=f"{where}.role")
         text = _content(message.get("content"), f"{where}.content")
         if role == "user":
@@ -225,7 +211,7 @@ def _content(content: Any, where: str) -> str:
                                "cre's models read text only", param=where)
             texts.append(part["text"])
         return "\n".join(texts)
-    raise ApiError(400, f"{where} must be a string or an array of text parts, got {_json_type(content)}", param=where)
+    raise ApiError(400, f"{where} must be a string or an array of text parts, got {json_type(content)}", param=where)
 
 
 def parse_completion(body: dict[str, Any]) -> Query:
