@@ -36,16 +36,9 @@ from crecli.escalate import Step, check
 from crecli.models.backend import Generation, GenParams
 from crecli.models.llama import LlamaBackend
 from crecli.quality import QualityCheck, vote_params
+from quality_check import DEFAULT_LOG, spread  # bench/ is on sys.path when run as a script
 
-DEFAULT_LOG = Path("/work/shared/data/querylog.jsonl")
 LADDER = ["gemma-3-270m", "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"]
-
-
-def spread(records: list[querylog.Record], n: int) -> list[querylog.Record]:
-    """n records at evenly spaced positions, so a log sorted by task yields many tasks."""
-    if n >= len(records):
-        return records
-    return [records[i * len(records) // n] for i in range(n)]
 
 
 @dataclass

@@ -28,7 +28,8 @@ from crecli.escalate import check, vote_params
 from crecli.models.llama import LlamaBackend
 from crecli.quality import QualityCheck
 
-DEFAULT_LOG = Path("/work/shared/data/querylog.jsonl")
+# ../shared/data beside the repository, wherever it is cloned.
+DEFAULT_LOG = Path(__file__).resolve().parents[2] / "shared" / "data" / "querylog.jsonl"
 
 
 def spread(records: list[querylog.Record], n: int) -> list[querylog.Record]:

@@ -34,7 +34,7 @@ from typer.testing import CliRunner
 from crecli import config, console, render, routerfile
 from crecli.cli import app
 from crecli.errors import CreError, RouterFileError
-from test_routerfile import SHAS, edit_manifest, make_router, members, rewrite, saved  # noqa: F401 - saved is a fixture
+from test_routerfile import SHAS, edit_manifest, make_router, members, rewrite, saved, settings  # noqa: F401 - fixtures
 
 MODELS_TOML = """
 schema = 1
@@ -50,14 +50,6 @@ sha256 = "{medium}"
 path = "/nonexistent/large.gguf"
 sha256 = "{large}"
 """
-
-
-@pytest.fixture
-def settings(tiny_models_toml: Path) -> config.ModelConfig:
-    s = config.load(tiny_models_toml)
-    for name, sha in SHAS.items():
-        s.models[name] = replace(s.models[name], sha256=sha, size=1000)
-    return s
 
 
 @pytest.fixture
