@@ -33,6 +33,7 @@ from crecli.querylog import FieldMap, LongLine, Record, parse_batch_line, read_l
 
 if TYPE_CHECKING:
     from crecli.escalate import Cascade, Pending, Trace
+    from crecli.servedlog import ServedLog
 
 
 @dataclass
@@ -207,6 +208,7 @@ def run_batch(
     source: str = "<stdin>",
     chunk_size: int = 64,
     fields: FieldMap = FieldMap(),
+    served: "ServedLog | None" = None,
 ) -> BatchSummary:
     """Answer every line of `lines` (JSONL objects or plain-text prompts) into `out`.
 
@@ -214,6 +216,7 @@ def run_batch(
     or the lines themselves. Lines whose id is in `resume_ids` are skipped and write
     nothing. A missing or corrupt model file stops the batch (every later line would fail
     the same way); any other problem with one line becomes that line's error record.
+    Each answer is also recorded in `served` (the served-query log) when given.
     """
     if hasattr(lines, "readline"):
         lines = read_lines(lines, fields.max_line_bytes)  # type: ignore[arg-type]
@@ -236,6 +239,8 @@ def run_batch(
             summary.strongest_cost += estimate
             summary.cascade_cost += spent
         writer.put(line, result_record(line, trace))
+        if served is not None:
+            served.record(prompt, trace, cascade)
 
     def fail(line: int, id: str | None, message: str) -> None:
         summary.errors += 1

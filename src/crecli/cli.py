@@ -55,6 +55,14 @@ ModelsOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout for scripts.")]
+NoLogOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-log",
+        help="Keep answered prompts out of the served-query log (see `cre log`); "
+        "`log_queries = false` in settings.toml turns the log off for good.",
+    ),
+]
 
 
 def _finite(value: float) -> float:
@@ -220,12 +228,18 @@ def fit(
     store: Annotated[Optional[Path], typer.Option(help="Outcome store (default: in the user data dir, shared by all fits).", show_default=False)] = None,
     truth_field: Annotated[Optional[str], typer.Option(help="Report NMI/ARI of the clusters against this field, e.g. meta.source. Never used to route.", show_default=False)] = None,
     set_default: Annotated[bool, typer.Option("--set-default", help="Make this router the default for `cre ask` and `cre batch`.")] = False,
+    served: Annotated[bool, typer.Option("--served", help="Also cluster the prompts of your served-query log (`cre log`); they carry no labels, so they shape clusters but choose no model.")] = False,
+    served_log: Annotated[Optional[list[Path]], typer.Option("--served-log", help="Also cluster the prompts of this file written by `cre log -o` (repeatable); as --served.", show_default=False)] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Cluster a labelled query log, measure every model on every cluster, write a router file.
 
     Interrupt it at any time: a re-run runs no model on a query it already answered (outcomes
     are stored as they come). Reading, embedding, clustering and calibration are redone.
+
+    With --served, the prompts `cre ask`, `cre batch` and `cre serve` answered join the
+    embedding and clustering, so clusters follow real traffic; only the log's labelled rows
+    measure models and choose each cluster's model.
 
     Examples:
 
@@ -234,6 +248,8 @@ def fit(
       cre fit querylog.jsonl -o router.cre --retain 0.95 --set-default
 
       cre fit big.jsonl --sample-per-cluster 30 --skip-bad --json
+
+      cre fit querylog.jsonl -o router.cre --served
     """
     from crecli import render
     from crecli.fit import FitOptions, fit as run_fit
@@ -249,6 +265,7 @@ def fit(
             max_line_bytes=max_prompt_bytes if max_prompt_bytes is not None else MAX_LINE_BYTES,
         ),
         skip_bad=skip_bad, store=store, truth_field=truth_field, set_default=set_default,
+        served=served, served_logs=list(served_log or []),
     )
     report = run_fit(log, output, _model_config(models), _budget(retain, max_cost), options)
     render.fit_report(report, json_)
@@ -382,12 +399,14 @@ def ask(
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate (with --model).")] = 64,
     temperature: Annotated[float, typer.Option(min=0.0, callback=_finite, help="Sampling temperature, 0 is greedy (with --model).")] = 0.0,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON on stdout for scripts: the whole trace when routed.")] = False,
+    no_log: NoLogOpt = False,
 ) -> None:
     """Answer one prompt: route it to its cluster's model and escalate while the answer is unsure.
 
     The answer goes to stdout. Without --model the prompt goes through a router file: it
     starts on its cluster's model, and whenever the sampled answers agree less than the
-    router's threshold it moves up the ladder.
+    router's threshold it moves up the ladder. A routed prompt, its answer and trace are
+    added to the served-query log (`cre log`) unless --no-log is given.
 
     Examples:
 
@@ -396,6 +415,8 @@ def ask(
       echo "What is 12 plus 30?" | cre ask - --json | jq .steps
 
       cre ask "What is the capital of France?" --model qwen2.5-coder-1.5b-instruct
+
+      cre ask "A private question" --no-log
     """
     from crecli import render
 
@@ -409,10 +430,14 @@ def ask(
         gen = generate_once(_model_config(models).get(model), text, GenParams(max_tokens=max_tokens, temperature=temperature))
         render.answer(model, gen, json_)
         return
+    from crecli import servedlog
     from crecli.escalate import Cascade
 
-    with Cascade.from_file(_router_path(router), models, force=force) as cascade:
+    router_path = _router_path(router)
+    served = servedlog.for_command("ask", no_log, router_path)
+    with Cascade.from_file(router_path, models, force=force) as cascade:
         trace = cascade.ask(text, match=match)
+        served.record(text, trace, cascade)
     render.routed_answer(trace, as_json=json_, explain=explain)
 
 
@@ -436,6 +461,7 @@ def batch(
     match_field: Annotated[str, typer.Option(help="Field holding the match rule.")] = "match",
     id_field: Annotated[str, typer.Option(help="Field holding the id.")] = "id",
     max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, help="Longest input line (and so prompt), in bytes; a longer line gets an error record. Default 1 MiB.", show_default=False)] = None,
+    no_log: NoLogOpt = False,
 ) -> None:
     """Answer many prompts: one JSONL result per input line, in input order, on stdout.
 
@@ -452,6 +478,8 @@ def batch(
       cre batch --resume out.jsonl < in.jsonl >> out.jsonl
 
     Lines already answered in out.jsonl are skipped; lines that got an error are tried again.
+    Each answered prompt, its answer and trace are added to the served-query log (`cre log`;
+    references and labels are not), unless --no-log is given.
 
     Examples:
 
@@ -461,10 +489,12 @@ def batch(
 
       cre batch prompts.jsonl --parallel 1 > answers.jsonl   # one prompt at a time
 
+      cre batch test.jsonl --no-log > answers.jsonl           # an evaluation, not traffic
+
     Exit codes: 0 every line answered; 1 error (nothing or only part was written; the
     message says what to do); 2 bad usage; 3 finished, but some lines got error records.
     """
-    from crecli import render
+    from crecli import render, servedlog
     from crecli.batch import parse_size, read_done_ids, run_batch
     from crecli.escalate import Cascade
 
@@ -476,16 +506,18 @@ def batch(
     )
     done = read_done_ids(resume) if resume is not None else set()
     budget = parse_size(memory_budget) if memory_budget is not None else None
-    with Cascade.from_file(_router_path(router), models, force=force, memory_budget_bytes=budget, parallel=parallel) as cascade:
+    router_path = _router_path(router)
+    served = servedlog.for_command("batch", no_log, router_path)
+    with Cascade.from_file(router_path, models, force=force, memory_budget_bytes=budget, parallel=parallel) as cascade:
         if file is None:
-            summary = run_batch(sys.stdin.buffer, sys.stdout, cascade, done, source="<stdin>", fields=fields)
+            summary = run_batch(sys.stdin.buffer, sys.stdout, cascade, done, source="<stdin>", fields=fields, served=served)
         else:
             try:
                 fh = file.open("rb")
             except OSError as exc:
                 raise CreError(f"{file}: cannot read it ({exc.strerror})") from None
             with fh:
-                summary = run_batch(fh, sys.stdout, cascade, done, source=str(file), fields=fields)
+                summary = run_batch(fh, sys.stdout, cascade, done, source=str(file), fields=fields, served=served)
     render.batch_summary(summary, as_json=json_summary)
     if summary.errors:
         raise typer.Exit(3)
@@ -506,14 +538,16 @@ def serve(
     max_body: Annotated[int, typer.Option("--max-body", min=1024, help="Largest request body in bytes; a larger one gets 413 before it is read.")] = 4 << 20,
     api_key_env: Annotated[Optional[str], typer.Option("--api-key-env", help="Environment variable holding an API key; then /v1/* needs `Authorization: Bearer <key>`.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Use the router even if the model files differ from the ones it was fitted with.")] = False,
+    no_log: NoLogOpt = False,
 ) -> None:
     """Serve the router behind an OpenAI-compatible HTTP API until SIGTERM or Ctrl-C.
 
     Endpoints: POST /v1/chat/completions and /v1/completions, GET /v1/models, GET /health.
     Model "cre" (or the router file's name without .cre) answers through the cascade; a
     ladder model's name answers with that model alone. Responses carry `usage` and a `cre`
-    object with the trace. Models stay loaded; one request computes at a time. Needs the
-    serve extra: pip install 'crecli[serve]'.
+    object with the trace. Models stay loaded; one request computes at a time. Requests
+    answered through the cascade go to the served-query log (`cre log`) unless --no-log is
+    given. Needs the serve extra: pip install 'crecli[serve]'.
 
     Examples:
 
@@ -528,7 +562,49 @@ def serve(
 
     options = serving.ServeOptions(host=host, port=port, max_queue=max_queue, timeout=timeout, max_body=max_body)
     budget = parse_size(memory_budget) if memory_budget is not None else None
-    serving.run(_router_path(router), models, options, force=force, memory_budget_bytes=budget, api_key_env=api_key_env)
+    serving.run(
+        _router_path(router), models, options, force=force, memory_budget_bytes=budget, api_key_env=api_key_env,
+        no_log=no_log,
+    )
+
+
+# ---------------------------------------------------------------- log
+
+
+@app.command("log")
+def log_(
+    last: Annotated[Optional[int], typer.Option("--last", "-n", min=1, help="Only the newest N entries (default: 20 when shown; all with --since or -o).", show_default=False)] = None,
+    since: Annotated[Optional[str], typer.Option("--since", help="Only entries at or after this date or time, e.g. 2025-01-31 or 2025-01-31T14:00 (UTC unless it says).", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Export the entries to this JSONL file (the log's own format, for `cre fit --served-log`).", show_default=False)] = None,
+    path: Annotated[bool, typer.Option("--path", help="Print the log file's path and nothing else.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print the entries as a JSON array on stdout for scripts.")] = False,
+) -> None:
+    """Show or export the served-query log: the prompts `cre ask`, `cre batch` and `cre serve`
+    answered through a router, with each answer and trace.
+
+    The log is served.jsonl in the user data dir, rotated at 16 MiB into served.1.jsonl ..
+    served.3.jsonl. Entries go to stdout (a table, --json, or -o FILE); the log's path and
+    counts go to stderr. Turn logging off with --no-log on a command, or for good with
+    `log_queries = false` in settings.toml.
+
+    Examples:
+
+      cre log
+
+      cre log --last 5 --json | jq -r '.[].prompt'
+
+      cre log --since 2025-01-01 -o traffic.jsonl
+
+      cre fit querylog.jsonl -o router.cre --served
+    """
+    from crecli import render, servedlog
+
+    if path:
+        typer.echo(str(servedlog.log_path()))
+        return
+    if output is not None and json_:
+        raise CreError("give --json (entries on stdout) or -o FILE (entries in a file), not both")
+    render.served_log(servedlog.query(last=last, since=since, output=output), json_)
 
 
 def _router_path(router: Path | None) -> Path:

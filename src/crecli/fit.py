@@ -44,6 +44,10 @@ class FitOptions:
     store: Path | None = None
     truth_field: str | None = None  # e.g. "meta.source": report NMI/ARI against it; never used to route
     set_default: bool = False  # make the router the default for ask and batch (settings.toml)
+    # Prompts of the served-query log (`--served`: this user's; `--served-log FILE`: exports)
+    # join the embedding and clustering only: they carry no labels, so they choose no model.
+    served: bool = False
+    served_logs: list[Path] = field(default_factory=list)
 
     @property
     def reader(self) -> "LogOptions":
@@ -66,6 +70,7 @@ class FitReport:
     outcomes_reused: int
     truth: dict[str, float] | None
     clusters: list[dict[str, Any]]
+    n_served: int = 0  # prompts from the served-query log that joined the clustering
 
 
 def _truth_labels(records: list[Any], dotted: str) -> list[str]:
@@ -85,6 +90,7 @@ def check_before_fit(log_path: Path, out_path: Path, settings: "ModelConfig", op
     worse, succeed: `-o` naming the log replaced the log with the router.
     """
     keep = [("the query log", log_path), ("the outcome store", options.store)]
+    keep += [("a served-query log", p) for p in options.served_logs]
     keep += [("a models.toml", Path(source)) for source in settings.sources]
     paths.check_output(out_path, "-o", keep)
     if options.store is not None:
@@ -104,7 +110,10 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
     log = options.reader.read(log_path)
     if log.bad:
         status(f"Skipped {len(log.bad)} bad line(s), first: {log.bad[0].source}: {log.bad[0].reason}")
-    records = log.records
+    logged = log.records
+    served = _served_records(options, logged) if options.served or options.served_logs else []
+    # Log rows first: a cluster's example prompts, shown by `cre inspect`, come from them first.
+    records = logged + served
     if len(records) < 10:
         from crecli.errors import InputError
 
@@ -137,14 +146,16 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
     if options.truth_field:
         from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-        gold = _truth_labels(records, options.truth_field)
+        # Over the log's rows only: served prompts have no truth field to compare with.
+        gold = _truth_labels(logged, options.truth_field)
         truth = {
-            "nmi": float(normalized_mutual_info_score(gold, labels)),
-            "ari": float(adjusted_rand_score(gold, labels)),
+            "nmi": float(normalized_mutual_info_score(gold, labels[: len(logged)])),
+            "ari": float(adjusted_rand_score(gold, labels[: len(logged)])),
         }
 
     t0 = time.perf_counter()
-    labelled = [(r, c) for r, c in zip(records, labels) if r.labelled]
+    # Only the log's rows can be labelled; zip stops before the served prompts.
+    labelled = [(r, c) for r, c in zip(logged, labels) if r.labelled]
     if not labelled:
         status(
             "No query has a reference or labels, so no model is measured: every cluster starts "
@@ -164,7 +175,7 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
     model_seconds = sum(sum(v.seconds for v in o.votes) for o in results.values())
 
     t0 = time.perf_counter()
-    cluster_of = {r.id: c for r, c in zip(records, labels)}
+    cluster_of = {r.id: c for r, c in zip(logged, labels)}
     plan = calibrate.plan(
         records=measured,
         clusters={r.id: cluster_of[r.id] for r in measured},
@@ -224,4 +235,50 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
         outcomes_reused=len(results) - ran,
         truth=truth,
         clusters=[c.__dict__ for c in router.clusters],
+        n_served=len(served),
     )
+
+
+def _served_records(options: FitOptions, logged: list[Any]) -> list[Any]:
+    """The served-query log's prompts as unlabelled records, each distinct prompt once.
+
+    A prompt already in the fit log, or seen earlier in the served log, is dropped: the log's
+    row is the one that counts, and many copies of one prompt would pile up at a single
+    point, which HDBSCAN reads as a dense cluster of its own. A prompt over the fit's line
+    cap is dropped, as the log's reader would drop it.
+    """
+    from crecli import servedlog
+    from crecli.querylog import Record
+
+    files = servedlog.fit_files(options.served, options.served_logs)
+    reading = servedlog.read(files)
+    seen = {r.prompt for r in logged}
+    taken_ids = {r.id for r in logged}
+    cap = options.reader.fields.max_line_bytes
+    records: list[Any] = []
+    duplicates = too_long = 0
+    for n, entry in enumerate(reading.entries, start=1):
+        prompt = entry["prompt"]
+        if prompt in seen:
+            duplicates += 1
+            continue
+        if len(prompt.encode("utf-8")) > cap:
+            too_long += 1
+            continue
+        seen.add(prompt)
+        rid = f"served-{n}"
+        while rid in taken_ids:  # a log that happens to use the same ids
+            rid = "_" + rid
+        taken_ids.add(rid)
+        # No reference and no labels: `Record.labelled` is False, so no model is run on it and
+        # calibration never sees it.
+        records.append(Record(id=rid, prompt=prompt, meta={"served": True, "command": entry.get("command"),
+                                                            "time": entry.get("time")}, source="served"))
+    if not files:
+        status("The served-query log is empty: no served prompts to add (see `cre log`).")
+    else:
+        skipped = [f"{duplicates} repeated", f"{too_long} over the line cap", f"{reading.bad} unreadable line(s)"]
+        shown = [text for text in skipped if not text.startswith("0 ")]
+        status(f"Adding {len(records)} served prompts to the clustering"
+               + (f" ({', '.join(shown)} left out)" if shown else "") + ".")
+    return records

@@ -205,7 +205,9 @@ def fit_report(report: Any, as_json: bool) -> None:
     total = sum(report.seconds.values())
     status(
         f"Wrote {report.router_path}: {report.n_clusters} clusters from {report.n_records} queries "
-        f"({report.n_labelled} labelled, {report.n_unclustered} unclustered"
+        f"({report.n_labelled} labelled, "
+        + (f"{report.n_served} served, " if report.n_served else "")
+        + f"{report.n_unclustered} unclustered"
         + (f", {report.n_bad} bad lines skipped" if report.n_bad else "")
         + ")."
     )
@@ -217,6 +219,49 @@ def fit_report(report: Any, as_json: bool) -> None:
     if report.truth:
         status(f"Clusters against the truth field: NMI {report.truth['nmi']:.3f}, ARI {report.truth['ari']:.3f}")
     status(f"Inspect it with `cre inspect {report.router_path}`.")
+
+
+def served_log(reading: Any, as_json: bool) -> None:
+    """`cre log`: entries on stdout (a table, or JSON), the log's place and counts on stderr."""
+    from rich.table import Table
+    from rich.text import Text
+
+    entries = reading.entries
+    where = f"Served-query log: {reading.live}"
+    if len(reading.files) > 1:
+        where += f" (and {len(reading.files) - 1} rotated file(s))"
+    counts = f"{reading.total} entries" + (f", {reading.bad} unreadable line(s) skipped" if reading.bad else "")
+    status(terminal_safe(f"{where}; {counts}."))
+    if reading.enabled is False:
+        status("Logging is off: settings.toml has log_queries = false.")
+    if reading.output is not None:
+        status(terminal_safe(f"Wrote {len(entries)} entries to {reading.output}."))
+        return
+    if as_json:
+        print_json(entries)
+        return
+    if not entries:
+        status("No entries to show." if reading.total else "Nothing logged yet: `cre ask`, `cre batch` and `cre serve` add to it.")
+        return
+    table = Table()
+    for col in ("time (UTC)", "command", "model", "cluster", "esc", "agree", "prompt", "answer"):
+        table.add_column(col, justify="right" if col in ("cluster", "esc", "agree") else "left",
+                         no_wrap=col in ("time (UTC)", "command"), ratio=2 if col in ("prompt", "answer") else None)
+    for e in entries:
+        agreement = e.get("agreement")
+        table.add_row(
+            str(e.get("time", ""))[:19].replace("T", " "),
+            Text(terminal_safe(str(e.get("command", "")))),
+            Text(terminal_safe(str(e.get("model", "")))),
+            str(e.get("cluster", "")),
+            str(e.get("escalations", "")),
+            f"{agreement:.2f}" if isinstance(agreement, (int, float)) else "-",
+            Text(terminal_safe(" ".join(str(e.get("prompt", "")).split())[:120])),
+            Text(terminal_safe(" ".join(str(e.get("answer", "")).split())[:80])),
+        )
+    out().print(table)
+    if len(entries) < reading.matched:
+        status(f"Showing the newest {len(entries)}; --last N for more, -o FILE to export.")
 
 
 def router_dict(router: Any) -> dict[str, Any]:

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
     from crecli.escalate import Cascade, Trace
     from crecli.models.backend import Generation
+    from crecli.servedlog import ServedLog
 
 CASCADE_MODEL = "cre"
 DEFAULT_HOST = "127.0.0.1"
@@ -280,11 +281,16 @@ class Worker:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _cascade_job(cascade: "Cascade", prompt: str, cancel: threading.Event) -> "Trace":
+def _cascade_job(
+    cascade: "Cascade", prompt: str, cancel: threading.Event, served: "ServedLog | None" = None
+) -> "Trace":
     pending = cascade.begin(prompt)
     while not cascade.advance(pending):
         if cancel.is_set():
             raise _Abandoned
+    if served is not None:
+        # On the worker thread, so the event loop never waits on the disk.
+        served.record(prompt, pending.trace, cascade)
     return pending.trace
 
 
@@ -376,8 +382,13 @@ def stream_events(query: Query, answer: Answer, rid: str, created: int) -> Itera
 # ---------------------------------------------------------------- the app
 
 
-def create_app(cascade: "Cascade", options: ServeOptions = ServeOptions(), name: str | None = None) -> "Starlette":
+def create_app(
+    cascade: "Cascade", options: ServeOptions = ServeOptions(), name: str | None = None, served: "ServedLog | None" = None
+) -> "Starlette":
     """The ASGI app answering through `cascade`; `name` (the router's stem) also means the cascade.
+
+    Cascade answers are recorded in `served` (the served-query log) when given; answers of a
+    ladder model asked by name skip the router and are not.
 
     The caller owns `cascade` and closes it; the app's shutdown stops its worker thread,
     after uvicorn has drained the requests in flight.
@@ -428,7 +439,7 @@ def create_app(cascade: "Cascade", options: ServeOptions = ServeOptions(), name:
         job: Callable[[], Any]
         convert: Callable[[Any], Answer]
         if query.model in cascade_names:
-            job = lambda: _cascade_job(cascade, query.prompt, cancel)  # noqa: E731
+            job = lambda: _cascade_job(cascade, query.prompt, cancel, served)  # noqa: E731
             convert = lambda trace: cascade_answer(cascade, trace)  # noqa: E731
         elif query.model in ladder:
             from crecli.models.backend import GenParams
@@ -599,6 +610,7 @@ def run(
     force: bool = False,
     memory_budget_bytes: int | None = None,
     api_key_env: str | None = None,
+    no_log: bool = False,
 ) -> None:
     """`cre serve`: load the router, bind, and answer until SIGTERM or Ctrl-C."""
     try:
@@ -608,10 +620,12 @@ def run(
         raise CreError("`cre serve` needs the serve extra: pip install 'crecli[serve]'") from None
     from dataclasses import replace
 
+    from crecli import servedlog
     from crecli.console import status, warn
     from crecli.escalate import Cascade
 
     options = replace(options, api_key=read_api_key(api_key_env))
+    served = servedlog.for_command("serve", no_log, router)
     if options.api_key is None and not is_loopback(options.host):
         warn(f"serving on {options.host}, which other machines can reach, with no API key: anyone who can "
              "connect can use your models; pass --api-key-env NAME")
@@ -620,7 +634,9 @@ def run(
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         status(f"cre serve: {router} on http://{shown}:{port}/v1 (models: {CASCADE_MODEL}, {', '.join(cascade.ladder)})")
-        serve_forever(cascade, options, sock, name=router.stem)
+        if served.enabled:
+            status(f"cre serve: logging answered prompts to {served.path} (--no-log to stop)")
+        serve_forever(cascade, options, sock, name=router.stem, served=served)
 
 
 class _Terminated(Exception):
@@ -631,7 +647,10 @@ def _terminated(signum: int, frame: Any) -> None:
     raise _Terminated
 
 
-def serve_forever(cascade: "Cascade", options: ServeOptions, sock: socket.socket, name: str | None = None) -> None:
+def serve_forever(
+    cascade: "Cascade", options: ServeOptions, sock: socket.socket, name: str | None = None,
+    served: "ServedLog | None" = None,
+) -> None:
     """Answer on `sock` until SIGTERM (drain the requests in flight, then return) or Ctrl-C.
 
     uvicorn drains on SIGTERM and then raises the signal again, which by default kills the
@@ -640,7 +659,7 @@ def serve_forever(cascade: "Cascade", options: ServeOptions, sock: socket.socket
     """
     import signal
 
-    server = make_server(create_app(cascade, options, name=name), options)
+    server = make_server(create_app(cascade, options, name=name, served=served), options)
     if threading.current_thread() is not threading.main_thread():
         server.run(sockets=[sock])  # signals reach only the main thread; the caller stops it
         return

@@ -1,0 +1,393 @@
+"""The served-query log: every prompt `cre ask`, `cre batch` and `cre serve` answered through
+a router, with its answer and trace, for `cre log` to show and `cre fit --served` to refit on.
+
+The one home of the log's format, place, appending, rotation and reading. The log is
+`served.jsonl` in the user data dir (under `CRE_HOME` when set), one JSON object a line:
+
+    {"schema": 1, "time": "2025-01-31T12:00:00.123Z", "command": "ask", "prompt": ...,
+     "answer": ..., "model": ..., "cluster": ..., "escalations": ..., "agreement": ...,
+     "cost": ..., "cost_unit": ..., "router": ..., "router_sha256": ..., "trace": {...}}
+
+`trace` is `Trace.to_dict()` whole (steps, votes, tokens, seconds); the top-level copies of
+its main fields are there so that people and `jq` need not dig for them.
+
+Appending is one `os.write` of one whole line to a file opened with O_APPEND, so lines of
+concurrent `cre` processes never interleave; a line cut short (a full disk, a killed
+process) is skipped and counted by the reader, never fatal. Past `MAX_BYTES` the file
+becomes `served.1.jsonl` (and `.1` becomes `.2`, up to `GENERATIONS`; the oldest goes)
+before the next append. Logging never fails an answer: a write that fails warns once on
+stderr and the command goes on.
+
+Only the standard library is imported here: `cre ask` loads this module on every call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from crecli import paths
+from crecli.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from crecli.escalate import Cascade, Trace
+
+SCHEMA = 1
+FILE_NAME = "served.jsonl"
+LOCK_NAME = "served.lock"
+# 16 MiB holds some thousands of entries (a trace with five votes on two rungs is ~2 KB); four
+# files keep a bounded 64 MiB of history.
+MAX_BYTES = 16 << 20
+GENERATIONS = 3  # served.1.jsonl .. served.3.jsonl beside the live file
+# One entry is never more than this: a longer line is not written, and is skipped when read,
+# so a corrupt file can't make the reader hold a huge line.
+MAX_ENTRY_BYTES = 4 << 20
+SETTING = "log_queries"  # in settings.toml; false turns the log off
+COMMANDS = ("ask", "batch", "serve")
+DEFAULT_LAST = 20
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def log_path() -> Path:
+    """The live log file (rotated generations sit beside it)."""
+    return paths.data_dir() / FILE_NAME
+
+
+def generation_path(live: Path, n: int) -> Path:
+    """`served.jsonl` for 0, `served.<n>.jsonl` for older generations."""
+    if n == 0:
+        return live
+    return live.with_name(f"{live.stem}.{n}{live.suffix}")
+
+
+def setting_enabled() -> bool:
+    """settings.toml's `log_queries`, true when absent.
+
+    A broken settings.toml or a value that is not a boolean stops the command before any
+    work, as a broken default router setting does: guessing could log what the user asked
+    not to log.
+    """
+    value = paths.read_user_settings().get(SETTING, True)
+    if not isinstance(value, bool):
+        raise ConfigError(
+            f"{paths.user_settings_file()}: {SETTING} must be true or false, got {value!r}; fix or delete the line"
+        )
+    return value
+
+
+def for_command(command: str, no_log: bool = False, router: Path | None = None) -> "ServedLog":
+    """The log a command writes to: off with `--no-log` or `log_queries = false`.
+
+    Called before the command's work, so a settings problem stops it before any answer.
+    """
+    if command not in COMMANDS:  # pragma: no cover - a programming error
+        raise ValueError(f"unknown command {command!r}")
+    enabled = not no_log and setting_enabled()
+    return ServedLog(log_path(), command, router=router, enabled=enabled)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _line(entry: dict[str, Any]) -> bytes:
+    """One entry as one UTF-8 JSON line.
+
+    Lone surrogates (undecodable bytes of a command-line prompt) can't be written as UTF-8
+    and would come back as prompts the query log refuses, so they become U+FFFD.
+    """
+    text = json.dumps(entry, ensure_ascii=False, allow_nan=False, default=str)
+    return (_SURROGATE.sub("\ufffd", text) + "\n").encode("utf-8")
+
+
+@contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """An exclusive lock between `cre` processes, where the platform has flock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: rotation races are then possible but rare
+        yield
+        return
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+@dataclass
+class ServedLog:
+    """Appends entries for one command; `enabled` False makes `record` do nothing."""
+
+    path: Path
+    command: str
+    router: Path | None = None
+    enabled: bool = True
+    max_bytes: int = MAX_BYTES
+    generations: int = GENERATIONS
+    written: int = 0
+    failed: bool = False  # a write failed (and was warned about); later failures stay quiet
+    _router_sha256: str | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, prompt: str, trace: "Trace", cascade: "Cascade | None" = None) -> None:
+        """Append the entry for one answered prompt; never raises."""
+        if not self.enabled:
+            return
+        try:
+            entry = self.entry(prompt, trace, cascade)
+        except Exception as exc:  # noqa: BLE001 - a log entry must never cost the answer
+            self._warn(f"could not build the served-query log entry ({type(exc).__name__}: {exc})")
+            return
+        self.append(entry)
+
+    def entry(self, prompt: str, trace: "Trace", cascade: "Cascade | None" = None) -> dict[str, Any]:
+        cost = cascade.cost_of(trace) if cascade is not None else None
+        unit = cascade.pricing.unit if cascade is not None else None
+        return {
+            "schema": SCHEMA,
+            "time": _now(),
+            "command": self.command,
+            "prompt": prompt,
+            "answer": trace.answer,
+            "model": trace.model,
+            "cluster": trace.cluster,
+            "escalations": trace.escalations,
+            "agreement": trace.agreement,
+            "cost": cost,
+            "cost_unit": unit,
+            "router": str(self.router.resolve()) if self.router is not None else None,
+            "router_sha256": self._router_digest(),
+            "trace": trace.to_dict(),
+        }
+
+    def _router_digest(self) -> str | None:
+        """The router file's sha256, hashed once per process; None when it can't be read."""
+        if self.router is None:
+            return None
+        if self._router_sha256 is None:
+            try:
+                digest = hashlib.sha256()
+                with self.router.open("rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        digest.update(block)
+                self._router_sha256 = digest.hexdigest()
+            except OSError:
+                return None
+        return self._router_sha256
+
+    def append(self, entry: dict[str, Any]) -> bool:
+        """Write one entry as one line; False (after one warning) when it could not be written."""
+        if not self.enabled:
+            return False
+        try:
+            data = _line(entry)
+        except (TypeError, ValueError) as exc:
+            self._warn(f"could not encode a served-query log entry ({exc})")
+            return False
+        if len(data) > MAX_ENTRY_BYTES:
+            self._warn(f"an entry of {len(data):,} bytes is over the served-query log's {MAX_ENTRY_BYTES:,}-byte limit; "
+                       "it was not logged")
+            return False
+        with self._lock:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._rotate_if_full()
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    wrote = os.write(fd, data)
+                    if wrote != len(data):
+                        # End the cut line, so the next entry starts on a line of its own.
+                        os.write(fd, b"\n")
+                        raise OSError(f"only {wrote} of {len(data)} bytes written")
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                self._warn(f"cannot write the served-query log {self.path} ({exc.strerror or exc}); "
+                           "answering goes on without it (turn it off with --no-log)")
+                return False
+        self.written += 1
+        return True
+
+    def _rotate_if_full(self) -> None:
+        try:
+            if self.path.stat().st_size < self.max_bytes:
+                return
+        except FileNotFoundError:
+            return
+        # Under a lock, with the size checked again inside, so two processes that both saw a
+        # full file rotate it once, not twice (which would push a generation out early).
+        with _exclusive(self.path.with_name(LOCK_NAME)):
+            try:
+                if self.path.stat().st_size < self.max_bytes:
+                    return
+            except FileNotFoundError:
+                return
+            for n in range(self.generations, 0, -1):
+                older = generation_path(self.path, n - 1)
+                if n - 1 == 0 or older.exists():
+                    os.replace(older, generation_path(self.path, n))
+
+    def _warn(self, message: str) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        from crecli.console import warn
+
+        warn(message)
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass
+class LogReading:
+    """Entries read (oldest first) from the files read, and how many lines were skipped."""
+
+    entries: list[dict[str, Any]]
+    bad: int
+    files: list[Path]
+    total: int  # good entries in the files
+    matched: int = 0  # of those, at or after --since (before --last)
+    live: Path = field(default_factory=log_path)
+    enabled: bool | None = None  # settings.toml's log_queries; None when it could not be read
+    output: Path | None = None  # where `cre log -o` wrote the entries
+
+
+def log_files(live: Path | None = None) -> list[Path]:
+    """The log's files that exist, oldest generation first."""
+    live = live or log_path()
+    return [p for p in (generation_path(live, n) for n in range(GENERATIONS, -1, -1)) if p.is_file()]
+
+
+def parse_since(text: str) -> datetime:
+    """`--since`: a date (2025-01-31, midnight UTC) or an ISO date and time (UTC unless it says)."""
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise InputError(f"--since {text!r}: give a date such as 2025-01-31 or a time such as 2025-01-31T14:00") from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
+def _entry_time(entry: dict[str, Any]) -> datetime | None:
+    try:
+        when = datetime.fromisoformat(str(entry["time"]))
+    except (KeyError, ValueError):
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
+def _valid(entry: Any) -> bool:
+    """An entry this crecli understands: an object of a known schema with a prompt and a time."""
+    return (
+        isinstance(entry, dict)
+        and entry.get("schema") == SCHEMA
+        and isinstance(entry.get("prompt"), str)
+        and bool(entry["prompt"].strip())
+        and not _SURROGATE.search(entry["prompt"])  # only a hand-edited file has one; no UTF-8 output can hold it
+        and _entry_time(entry) is not None
+    )
+
+
+def _read_file(path: Path) -> Iterator[dict[str, Any] | None]:
+    """Each line's entry, or None for a line that is not one (cut short, corrupt, too long)."""
+    from crecli.querylog import LongLine, read_lines
+
+    try:
+        fh = path.open("rb")
+    except FileNotFoundError:
+        return  # rotated away between listing and opening
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    with fh:
+        for raw in read_lines(fh, MAX_ENTRY_BYTES):
+            if isinstance(raw, LongLine):
+                yield None
+                continue
+            if not raw.strip():
+                continue
+            try:
+                entry = json.loads(raw)
+            except (ValueError, RecursionError):
+                yield None
+                continue
+            yield entry if _valid(entry) else None
+
+
+def read(
+    files: list[Path] | None = None, since: datetime | None = None, last: int | None = None
+) -> LogReading:
+    """The entries of `files` (default: every generation of this user's log), oldest first.
+
+    `since` keeps entries at or after it; `last` keeps the newest `last` of those. Lines
+    that are not valid entries are skipped and counted in `bad`.
+    """
+    files = log_files() if files is None else files
+    kept: deque[dict[str, Any]] = deque(maxlen=last)
+    bad = total = matched = 0
+    for path in files:
+        for entry in _read_file(path):
+            if entry is None:
+                bad += 1
+                continue
+            total += 1
+            if since is not None:
+                when = _entry_time(entry)
+                if when is None or when < since:
+                    continue
+            matched += 1
+            kept.append(entry)
+    return LogReading(entries=list(kept), bad=bad, files=files, total=total, matched=matched)
+
+
+def fit_files(own: bool, named: list[Path]) -> list[Path]:
+    """The files `cre fit` reads served prompts from: this user's log (`--served`) and any
+    `--served-log FILE`; a named file that does not exist is an error, not an empty log."""
+    for path in named:
+        if not path.is_file():
+            what = "is a folder" if path.is_dir() else "not found"
+            raise InputError(f"--served-log {path}: {what}; give a file written by `cre log -o FILE`")
+    return (log_files() if own else []) + list(named)
+
+
+def export(entries: list[dict[str, Any]], out: Path, sources: list[Path]) -> Path:
+    """Write `entries` as JSONL to `out` (replacing it), in the log's own format, so
+    `cre fit --served-log` reads it; `out` may not be one of the log's own files."""
+    paths.check_output(out, "-o", [("the served-query log", p) for p in sources], example="served-export.jsonl")
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        with tmp.open("wb") as fh:
+            for entry in entries:
+                fh.write(_line(entry))
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"-o {out}: cannot write it ({exc.strerror or exc})") from None
+    return out
+
+
+def query(last: int | None = None, since: str | None = None, output: Path | None = None) -> LogReading:
+    """`cre log`: the newest `last` entries (default 20 when shown; every entry with
+    `since` or `output`), at or after `since`, written to `output` when given."""
+    if last is None and since is None and output is None:
+        last = DEFAULT_LAST
+    reading = read(since=parse_since(since) if since is not None else None, last=last)
+    try:
+        reading.enabled = setting_enabled()
+    except ConfigError:
+        reading.enabled = None  # `cre log` still shows the log; the answering commands will report it
+    if output is not None:
+        export(reading.entries, output, reading.files)
+        reading.output = output
+    return reading
