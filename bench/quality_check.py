@@ -1,7 +1,10 @@
-"""What the self-consistency check costs, as a multiple of one greedy answer, on a real model.
+"""What the quality checks cost, as a multiple of one greedy answer, on a real model.
 
-Four ways to answer the same prompts, measured side by side in one run:
-  (a) one greedy answer;
+Six ways to answer the same prompts, measured side by side in one run:
+  (a) one greedy answer, without reading its signals (log-probs, option margin);
+  (a') the same greedy answer with its signals read, as every greedy answer is by default;
+  (e) the calibrated deferral check (`cre calibrate --check deferral`, one vote): the
+      greedy answer with its signals and one P(correct) from them;
   (b) the quality check at k votes as the cascade runs it (crecli.escalate.check): prompt
       processed once, samples reuse its KV cache, early stop, answer-type output caps;
   (c) the same check with early stop disabled (always k votes);
@@ -26,7 +29,7 @@ from pathlib import Path
 from crecli import config, grading, querylog
 from crecli.escalate import check, vote_params
 from crecli.models.llama import LlamaBackend
-from crecli.quality import QualityCheck
+from crecli.quality import Deferral, QualityCheck, feature_names
 
 # ../shared/data beside the repository, wherever it is cloned.
 DEFAULT_LOG = Path(__file__).resolve().parents[2] / "shared" / "data" / "querylog.jsonl"
@@ -57,7 +60,10 @@ def main() -> int:
     llm = backend.llm
     backend.generate("Warm-up: say OK.", vote_params(quality, 0, 4, "Warm-up: say OK."))  # first decode allocates buffers
 
-    names = ["(a) greedy", "(b) check, as implemented", "(c) check, no early stop", "(d) naive loop, cache reset"]
+    names = ["(a) greedy", "(b) check, as implemented", "(c) check, no early stop", "(d) naive loop, cache reset",
+             "(a') greedy, signals read", "(e) deferral check, 1 vote"]
+    # The check's cost does not depend on the weights: any model of the right shape will do.
+    deferral = Deferral(feature_names(1), (0.0,) * 5, 0.0, (0.0,) * 5, 0.5)
     seconds = dict.fromkeys(names, 0.0)
     votes = dict.fromkeys(names, 0)
     tokens = dict.fromkeys(names, 0)
@@ -66,11 +72,27 @@ def main() -> int:
         cap = grading.max_tokens_for(record.match)
 
         llm.reset()
+        backend.read_signals = False
         start = time.perf_counter()
         greedy = backend.generate(record.prompt, vote_params(quality, 0, cap, record.prompt))
         seconds[names[0]] += time.perf_counter() - start
+        backend.read_signals = True
         votes[names[0]] += 1
         tokens[names[0]] += greedy.output_tokens
+
+        llm.reset()
+        start = time.perf_counter()
+        signalled = backend.generate(record.prompt, vote_params(quality, 0, cap, record.prompt))
+        seconds[names[4]] += time.perf_counter() - start
+        votes[names[4]] += 1
+        tokens[names[4]] += signalled.output_tokens
+
+        llm.reset()
+        start = time.perf_counter()
+        step = check(backend, record.prompt, quality, 0.5, cap, record.match, deferral=deferral, votes_wanted=1)
+        seconds[names[5]] += time.perf_counter() - start
+        votes[names[5]] += step.used
+        tokens[names[5]] += step.output_tokens
 
         for name, qs in ((names[1], quality), (names[2], no_early)):
             llm.reset()
@@ -100,6 +122,7 @@ def main() -> int:
     for name in names:
         print(f"{name:32} {seconds[name]:8.2f} {seconds[name] / base:8.2f}x {votes[name]:6d} {tokens[name]:11d}")
     print(f"greedy vote of (b) identical to (a) on {same_greedy}/{len(records)} prompts")
+    print("Goal (issue 10): the quality check at most 1.6x one greedy answer; (issue 11): k=5 at most 1.25x.")
     return 0
 
 

@@ -74,6 +74,7 @@ def fake_backends(monkeypatch: pytest.MonkeyPatch) -> Callable[..., dict[str, Fa
             return backend
 
         monkeypatch.setattr(registry, "make_backend", factory)
+        monkeypatch.setattr(registry, "reports_signals", lambda spec: kwargs.get("signals") is not None)
         return created
 
     return install

@@ -61,6 +61,7 @@ def parallel_fakes(monkeypatch: pytest.MonkeyPatch) -> Callable[..., dict[str, P
             return created[spec.name]
 
         monkeypatch.setattr(registry, "make_backend", factory)
+        monkeypatch.setattr(registry, "reports_signals", lambda spec: False)
         return created
 
     return install

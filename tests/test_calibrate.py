@@ -320,6 +320,7 @@ def test_plan_end_to_end_with_fake_models(tiny_models_toml: Path, monkeypatch: p
     answers = {"small": lambda text, p: smart(text, p) if "add" in text else "7", "medium": smart, "large": smart}
     speed = {"small": 0.001, "medium": 0.002, "large": 0.004}  # bigger models are slower per token
     monkeypatch.setattr(registry, "make_backend", lambda spec: FakeBackend(spec, answers[spec.name], speed[spec.name]))
+    monkeypatch.setattr(registry, "reports_signals", lambda spec: False)
     with OutcomeStore(tmp_path / "o.sqlite") as store:
         outcomes = collect(records, settings, store, K3)
     p = plan(records, clusters, outcomes, settings, Budget("retain", 0.75), K3)

@@ -194,6 +194,7 @@ def pinned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., tup
     def make(fail_after: int | None = None) -> tuple[LlamaEmbedder, CountingBackend]:
         backend = CountingBackend(settings.get("small"), fail_after=fail_after)
         monkeypatch.setattr(registry, "make_backend", lambda spec: backend)
+        monkeypatch.setattr(registry, "reports_signals", lambda spec: False)
         return LlamaEmbedder("small", settings), backend
 
     return make

@@ -65,6 +65,41 @@ def test_collect_runs_each_query_and_model_once(settings, store, fake_backends) 
     assert again == results
 
 
+def test_votes_recorded_without_signals_rerun_only_the_greedy_vote(settings, store, fake_backends, monkeypatch) -> None:
+    from crecli.models.backend import Signals
+
+    created = fake_backends()
+    records = [rec(1, match="numeric", ref="2"), rec(2, match="numeric", ref="4")]
+    first = collect(records, settings, store, Q3, models=["small"])
+    assert first[("q1", "small")].votes[0].signals is None
+    created.clear()
+
+    # A runtime that reports signals finds the rows without them and re-runs vote 0 only.
+    from crecli.models import registry
+    from crecli.models.fake import FakeBackend
+
+    calls: list[tuple[str, object]] = []
+
+    class WithSignals(FakeBackend):
+        def complete(self, text, params):  # type: ignore[no-untyped-def]
+            gen = super().complete(text, params)
+            calls.append((text, params))
+            gen.signals = Signals(-0.5, -0.25, None) if params.temperature == 0.0 else None
+            return gen
+
+    monkeypatch.setattr(registry, "make_backend", lambda spec: WithSignals(spec, answers=lambda text, p: "2"))
+    monkeypatch.setattr(registry, "reports_signals", lambda spec: True)
+    again = collect(records, settings, store, Q3, models=["small"])
+    assert len(calls) == 2 and all(p.temperature == 0.0 for _, p in calls)  # one greedy vote per query
+    for r in records:
+        old, new = first[(r.id, "small")], again[(r.id, "small")]
+        assert new.votes[0].signals == Signals(-0.5, -0.25, None)
+        assert new.votes[1:] == old.votes[1:]  # the sampled votes are kept
+    calls.clear()
+    third = collect(records, settings, store, Q3, models=["small"])
+    assert calls == [] and third[("q1", "small")].votes[0].signals == Signals(-0.5, -0.25, None)
+
+
 def test_votes_follow_the_cascade_protocol(settings, store, fake_backends) -> None:
     created = fake_backends()
     collect([rec(1, match="choice", ref="(A)")], settings, store, Q3, models=["medium"])

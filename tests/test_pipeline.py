@@ -60,6 +60,7 @@ def skilled_fakes(monkeypatch: pytest.MonkeyPatch) -> dict[str, FakeBackend]:
         return backend
 
     monkeypatch.setattr(registry, "make_backend", factory)
+    monkeypatch.setattr(registry, "reports_signals", lambda spec: False)
     return created
 
 

@@ -32,10 +32,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 from crecli import console, grading
 from crecli.errors import CreError
 from crecli.costs import BUDGET_EPS, BUDGET_KINDS, DEFAULT_RETAIN, Budget, CostModel  # noqa: F401 (re-exported)
-from crecli.quality import decide, done, needed
+from crecli.quality import (
+    DeferralCheck, Deferral, accept_deferral, decide, deferral_features, done, feature_names, needed,
+)
 
 if TYPE_CHECKING:
     from crecli.config import ModelConfig
+    from crecli.models.backend import Signals
     from crecli.outcomes import Outcome, OutcomeKey
     from crecli.quality import QualityCheck
     from crecli.querylog import LogOptions, Record
@@ -301,6 +304,8 @@ class _Entry:
     answers: tuple[str, ...]  # normalised votes; () for a label-only outcome
     correct: tuple[bool, ...]  # per vote (one entry for a label)
     cumcost: tuple[float, ...]  # cumcost[i]: cost of votes 0..i
+    signals: "Signals | None" = None  # of the greedy vote
+    cut: bool = False  # the greedy vote stopped at the token cap
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -335,7 +340,12 @@ class Replay:
                 per = costs.votes(outcome)
                 cum = tuple(itertools.accumulate(per))
                 answers = tuple(_normalize(v.text, record.match) for v in outcome.votes)
-                entries[(record.id, model)] = _Entry(answers, tuple(outcome.correct(record)), cum)
+                first = outcome.votes[0] if outcome.votes else None
+                entries[(record.id, model)] = _Entry(
+                    answers, tuple(outcome.correct(record)), cum,
+                    first.signals if first is not None else None,
+                    first is not None and first.output_tokens >= grading.max_tokens_for(record.match),
+                )
         return cls(entries, records, ladder, costs.unit)
 
     def simulate(
@@ -344,8 +354,16 @@ class Replay:
         thresholds: Mapping[str, float],
         quality: "QualityCheck",
         overrides: Mapping[str, Mapping[str, float]] | None = None,
+        p_correct: Mapping[OutcomeKey, float] | None = None,
+        votes: int = 1,
     ) -> SimResult:
-        """Replay the cascade for every record: see the module function `simulate`."""
+        """Replay the cascade for every record: see the module function `simulate`.
+
+        With `p_correct` (each (query, model)'s deferral estimate, `deferral_p`), the rungs
+        below the top run the deferral check instead: `votes` votes drawn, the greedy
+        answer kept when `quality.accept_deferral(p, threshold)`; the top rung answers
+        greedily.
+        """
         k, early = quality.k, quality.early_stop
         last = len(self.ladder) - 1
         traces = []
@@ -369,6 +387,22 @@ class Replay:
                         "for every ladder model first (`cre fit` does)"
                     )
                 threshold = local.get(model, thresholds[model])
+                if p_correct is not None:
+                    if not entry.answers:
+                        raise CreError(
+                            f"query {record.id!r} has only a correctness label for {model!r}, no recorded "
+                            "greedy answer, so the deferral check cannot be replayed on it"
+                        )
+                    used = 1 if rung == last else min(votes, len(entry.answers))
+                    accept = rung == last or accept_deferral(p_correct[(record.id, model)], threshold)
+                    cost = entry.cumcost[used - 1]
+                    total += cost
+                    steps.append(SimStep(model, sum(a == entry.answers[0] for a in entry.answers[:used]) / used, used, accept, cost))
+                    if accept:
+                        traces.append(QueryTrace(record.id, start, steps, entry.answers[0], entry.correct[0], total))
+                        break
+                    rung += 1
+                    continue
                 if entry.answers:
                     if not done(entry.answers, k, threshold, early):
                         raise CreError(
@@ -639,10 +673,18 @@ def _choice(table: StatsTable, retain: float) -> Choice:
     return choose_models(table, Budget("retain", retain) if retain > 0 else Budget("retain", 1e-9))
 
 
-def _simulate(data: Data, idx: Sequence[int], choice: Choice, thresholds: Mapping[str, float], quality: "QualityCheck") -> SimResult:
+def _simulate(
+    data: Data,
+    idx: Sequence[int],
+    choice: Choice,
+    thresholds: Mapping[str, float],
+    quality: "QualityCheck",
+    p_correct: Mapping[OutcomeKey, float] | None = None,
+    votes: int = 1,
+) -> SimResult:
     sub = Replay(data.replay.entries, [data.records[i] for i in idx], data.replay.ladder, data.replay.unit)
     starts = {data.records[i].id: choice.models.get(data.clusters[i], choice.fallback) for i in idx}
-    return sub.simulate(starts, thresholds, quality)
+    return sub.simulate(starts, thresholds, quality, p_correct=p_correct, votes=votes)
 
 
 def sweep(data: Data, fit_idx: Sequence[int], eval_idx: Sequence[int], ladder: list[str], quality: "QualityCheck") -> list[tuple[Setting, SimResult]]:
@@ -704,6 +746,185 @@ def folds(n: int, k: int, seed: int) -> list[list[int]]:
     return [sorted(order[i::k]) for i in range(k)]
 
 
+# ---------------------------------------------------------------- the calibrated deferral check
+
+# P(correct) thresholds swept per rung below the top; 1.0 always escalates.
+DEFERRAL_GRID = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+CHECKS = ("agreement", "deferral")
+# Ridge penalty on the standardised weights: with a few hundred labelled answers per rung
+# it barely moves a weight the data supports, and keeps a feature that is constant in the
+# training folds (the margin on a log without choice queries) at zero.
+L2 = 1.0
+
+
+def fit_logistic(x: Any, y: Any, l2: float = L2, iterations: int = 50) -> tuple[Any, float]:
+    """Ridge logistic regression by Newton's method; weights and bias on the raw features.
+
+    Features are standardised for the fit (so one penalty suits every scale) and the
+    weights mapped back, so the stored model is a plain dot product. The bias gets a
+    token penalty, which keeps it finite when every training answer was right (or wrong).
+    """
+    import numpy as np
+
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n, d = x.shape
+    mu = x.mean(axis=0) if n else np.zeros(d)
+    sd = x.std(axis=0) if n else np.ones(d)
+    sd[sd < 1e-9] = 1.0
+    a = np.hstack([(x - mu) / sd, np.ones((n, 1))])
+    reg = np.full(d + 1, l2)
+    reg[-1] = 1e-3
+    beta = np.zeros(d + 1)
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-np.clip(a @ beta, -30, 30)))
+        grad = a.T @ (p - y) + reg * beta
+        hess = a.T @ (a * (p * (1 - p))[:, None]) + np.diag(reg)
+        step = np.linalg.solve(hess, grad)
+        beta -= step
+        if np.max(np.abs(step)) < 1e-8:
+            break
+    weights = beta[:d] / sd
+    return weights, float(beta[d] - np.sum(beta[:d] * mu / sd))
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """Area under the ROC curve of `scores` for predicting `labels` (ties count half);
+    None when either class is absent."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return None
+    ranked = sorted((s, y) for s, y in zip(scores, labels))
+    # Mann-Whitney U from average ranks.
+    rank_sum, i = 0.0, 0
+    while i < len(ranked):
+        j = i
+        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
+            j += 1
+        mean_rank = (i + j + 1) / 2
+        rank_sum += mean_rank * sum(1 for _, y in ranked[i:j] if y)
+        i = j
+    return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+
+
+def cluster_prior(table: StatsTable, cid: int, model: str) -> float:
+    """`model`'s shrunk accuracy in cluster `cid`; its log-wide accuracy outside every
+    cluster. What `RouterFile.prior` reads back from the router this table goes into."""
+    info = table.clusters.get(cid) if cid >= 0 else None
+    stats = info.models[model] if info is not None else table.overall.models[model]
+    return stats.shrunk_accuracy if info is not None else stats.accuracy
+
+
+def _loo_prior(table: StatsTable, cid: int, model: str, correct: bool) -> float:
+    # A training answer's own label must not feed its prior, or the fitted model would
+    # trust the prior more than it deserves on prompts it has not seen.
+    info = table.clusters.get(cid) if cid >= 0 else None
+    if info is None:
+        return table.overall.models[model].accuracy
+    st, m = info.models[model], table.prior_strength
+    glob = table.overall.models[model].accuracy
+    denom = st.n - 1 + m
+    return (st.correct - correct + m * glob) / denom if denom > 0 else glob
+
+
+def train_deferral(data: Data, idx: Sequence[int], table: StatsTable, model: str, votes: int) -> Deferral:
+    """`model`'s deferral model, fitted on the recorded answers of the records `idx`."""
+    rows: list[list[float | None]] = []
+    ys: list[bool] = []
+    for i in idx:
+        entry = data.replay.entries.get((data.records[i].id, model))
+        if entry is None or not entry.answers:
+            continue
+        y = entry.correct[0]
+        rows.append(deferral_features(entry.signals, entry.answers[:votes], entry.cut,
+                                      _loo_prior(table, data.clusters[i], model, y)))
+        ys.append(y)
+    names = feature_names(votes)
+    fill = []
+    for j in range(len(names)):
+        seen = [r[j] for r in rows if r[j] is not None]
+        fill.append(sum(seen) / len(seen) if seen else 0.0)  # type: ignore[arg-type]
+    filled = [[f if v is None else v for v, f in zip(r, fill)] for r in rows]
+    weights, bias = fit_logistic(filled, ys) if rows else ([0.0] * len(names), 0.0)
+    return Deferral(names, tuple(float(w) for w in weights), bias, tuple(fill), table.overall.models[model].accuracy)
+
+
+def deferral_p(
+    data: Data, idx: Sequence[int], rules: Mapping[str, Deferral], prior_of: Callable[[int, str], float], votes: int
+) -> dict[OutcomeKey, float]:
+    """Each (record, model)'s P(correct) under `rules`, as the live check computes it."""
+    out: dict[OutcomeKey, float] = {}
+    for i in idx:
+        rid, cid = data.records[i].id, data.clusters[i]
+        for model, rule in rules.items():
+            entry = data.replay.entries.get((rid, model))
+            if entry is not None and entry.answers:
+                out[(rid, model)] = rule.p_correct(
+                    deferral_features(entry.signals, entry.answers[:votes], entry.cut, prior_of(cid, model)))
+    return out
+
+
+def sweep_deferral(
+    data: Data, fit_idx: Sequence[int], eval_idx: Sequence[int], ladder: list[str], quality: "QualityCheck", votes: int
+) -> tuple[list[tuple[Setting, SimResult]], dict[OutcomeKey, float]]:
+    """Every (retain, P(correct) thresholds) setting of the deferral check, fitted on
+    `fit_idx` and replayed on `eval_idx`; also the held-out P(correct) of `eval_idx`."""
+    table = _table(data, fit_idx, ladder)
+    # The top rung gets a model too, for the signal report only: its answer is final, but
+    # its doubt is what a larger rung above it (a remote server) would act on.
+    rules = {m: train_deferral(data, fit_idx, table, m, votes) for m in ladder}
+    p = deferral_p(data, eval_idx, rules, lambda c, m: cluster_prior(table, c, m), votes)
+    out = []
+    for retain in RETAIN_GRID:
+        choice = _choice(table, retain)
+        for combo in itertools.product(DEFERRAL_GRID, repeat=len(ladder) - 1):
+            thresholds = {**dict(zip(ladder[:-1], combo)), ladder[-1]: 0.0}
+            result = _simulate(data, eval_idx, choice, thresholds, quality, p, votes)
+            out.append((Setting(retain, tuple(thresholds.items())), result))
+    return out, p
+
+
+def signal_report(data: Data, p_held_out: Mapping[OutcomeKey, float], ladder: Sequence[str], votes: int) -> dict[str, dict[str, Any]]:
+    """Per model: held-out AUROC, for predicting that the greedy answer is right, of the
+    deferral model's P(correct) and of each raw signal, beside vote agreement."""
+    report: dict[str, dict[str, Any]] = {}
+    for model in ladder:
+        cols: dict[str, tuple[list[float], list[bool]]] = {}
+
+        def add(name: str, value: float | None, y: bool) -> None:
+            if value is not None:
+                col = cols.setdefault(name, ([], []))
+                col[0].append(value)
+                col[1].append(y)
+
+        for record in data.records:
+            entry = data.replay.entries.get((record.id, model))
+            if entry is None or not entry.answers:
+                continue
+            y = entry.correct[0]
+            add("p_correct", p_held_out.get((record.id, model)), y)
+            if entry.signals is not None:
+                add("min_logprob", entry.signals.min_logprob, y)
+                add("mean_logprob", entry.signals.mean_logprob, y)
+                add("margin", entry.signals.margin, y)
+            if len(entry.answers) > 1:
+                add(f"agreement of {len(entry.answers)} votes", sum(a == entry.answers[0] for a in entry.answers) / len(entry.answers), y)
+        report[model] = {name: {"auroc": auroc(*col), "n": len(col[0])} for name, col in cols.items()}
+        if "p_correct" in cols:
+            # What acting on this rung's doubt could buy: how many answers fall below
+            # P(correct) 0.5, and how often those are right, against the rest.
+            ps, ys = cols["p_correct"]
+            low = [y for p, y in zip(ps, ys) if p < 0.5]
+            high = [y for p, y in zip(ps, ys) if p >= 0.5]
+            report[model]["p_correct"].update(
+                doubtful_share=len(low) / len(ps),
+                doubtful_accuracy=sum(low) / len(low) if low else None,
+                confident_accuracy=sum(high) / len(high) if high else None,
+            )
+    return report
+
+
 @dataclass
 class Calibration:
     budget: Budget
@@ -722,10 +943,21 @@ class Calibration:
     unit: str = "seconds"  # of every cost figure
     result: SimResult | None = None  # the chosen setting replayed on all queries
     reference_result: SimResult | None = None  # every query on the strongest model
+    deferral: DeferralCheck | None = None  # the fitted deferral check ("deferral" only)
+    signals: dict[str, dict[str, Any]] | None = None  # held-out AUROC per model and signal
+    check: str = "agreement"
 
 
-def recalibrate(router: "RouterFile", data: Data, budget: Budget, n_folds: int = 5, seed: int = 0) -> Calibration:
-    """Choose per-cluster models and thresholds for `budget`, by cross-validation.
+def recalibrate(
+    router: "RouterFile",
+    data: Data,
+    budget: Budget,
+    n_folds: int = 5,
+    seed: int = 0,
+    check: str = "agreement",
+    votes: int = 1,
+) -> Calibration:
+    """Choose per-cluster models and the quality check's thresholds for `budget`, by cross-validation.
 
     A setting is a `retain` value for the per-cluster model choice plus one threshold per
     rung. Each setting is scored on held-out folds only: its cluster models are chosen on
@@ -733,17 +965,32 @@ def recalibrate(router: "RouterFile", data: Data, budget: Budget, n_folds: int =
     noise of small clusters scores badly. The setting that meets the budget on these
     held-out figures at the least cost (or the best accuracy, for "max_cost") is chosen,
     and its cluster models are then chosen once more on all queries for the router.
+
+    `check` "agreement" tunes self-consistency thresholds (votes needed). "deferral" fits
+    one logistic deferral model per rung below the top on the other folds (greedy signals,
+    the cluster prior and, with `votes` > 1, agreement), and tunes P(correct) thresholds;
+    the final models are refitted on all queries.
     """
+    if check not in CHECKS:
+        raise CreError(f"unknown quality check {check!r}; use one of {', '.join(CHECKS)}")
     start = time.perf_counter()
     ladder = router.ladder_names
     quality = router.quality
+    if check == "deferral" and not 1 <= votes <= quality.k:
+        raise CreError(f"--votes {votes}: the router records {quality.k} vote(s) a query; use 1 to {quality.k}")
     n = len(data.records)
     if n < 2 * n_folds:
         raise CreError(f"only {n} labelled queries: too few for {n_folds}-fold cross-validation (use --folds 2 or a larger log)")
     totals: dict[Setting, list[float]] = {}
+    held_p: dict[OutcomeKey, float] = {}
     for fold in folds(n, n_folds, seed):
         train = sorted(set(range(n)) - set(fold))
-        for setting, result in sweep(data, train, fold, ladder, quality):
+        if check == "deferral":
+            swept, p = sweep_deferral(data, train, fold, ladder, quality, votes)
+            held_p.update(p)
+        else:
+            swept = sweep(data, train, fold, ladder, quality)
+        for setting, result in swept:
             t = totals.setdefault(setting, [0.0, 0.0, 0.0])
             t[0] += result.accuracy * len(fold)
             t[1] += result.mean_cost * len(fold)
@@ -754,7 +1001,14 @@ def recalibrate(router: "RouterFile", data: Data, budget: Budget, n_folds: int =
     setting, figures, met = _pick(held, budget, ref)
     table = _table(data, everything, ladder)
     choice = _choice(table, setting.retain)
-    result = _simulate(data, everything, choice, dict(setting.thresholds), quality)
+    rules = None
+    if check == "deferral":
+        models = {m: train_deferral(data, everything, table, m, votes) for m in ladder[:-1]}
+        rules = DeferralCheck(votes, models)
+        p_all = deferral_p(data, everything, models, lambda c, m: cluster_prior(table, c, m), votes)
+        result = _simulate(data, everything, choice, dict(setting.thresholds), quality, p_all, votes)
+    else:
+        result = _simulate(data, everything, choice, dict(setting.thresholds), quality)
     top_only = Choice({}, ladder[-1], 0.0, 0.0, 0.0, 0.0)
     reference_result = _simulate(data, everything, top_only, {ladder[-1]: 0.0}, quality)
     return Calibration(
@@ -778,6 +1032,9 @@ def recalibrate(router: "RouterFile", data: Data, budget: Budget, n_folds: int =
         unit=data.costs.unit,
         result=result,
         reference_result=reference_result,
+        deferral=rules,
+        check=check,
+        signals=signal_report(data, held_p, ladder, votes) if check == "deferral" else None,
     )
 
 
@@ -813,10 +1070,12 @@ def apply(router: "RouterFile", cal: Calibration) -> "RouterFile":
         calibration={
             "budget": cal.budget.to_dict(), "held_out": cal.held_out, "in_sample": cal.in_sample,
             "reference": cal.reference, "folds": cal.folds, "n": cal.n, "setting": cal.setting.label(),
+            "check": cal.check, **({"votes": cal.deferral.votes} if cal.deferral is not None else {}),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )
-    return replace(router, clusters=clusters, thresholds=dict(cal.thresholds), budget=cal.budget.to_dict(), fit=fit)
+    return replace(router, clusters=clusters, thresholds=dict(cal.thresholds), budget=cal.budget.to_dict(), fit=fit,
+                   deferral=cal.deferral)
 
 
 def run(
@@ -831,6 +1090,8 @@ def run(
     n_folds: int = 5,
     seed: int = 0,
     force: bool = False,
+    check: str = "agreement",
+    votes: int = 1,
 ) -> tuple[Calibration, Path]:
     """`cre calibrate`: load the router, read its log as the fit did, recalibrate, write it.
 
@@ -850,6 +1111,6 @@ def run(
         reader = replace(reader, fields=replace(reader.fields, max_line_bytes=max_line_bytes))
     data = prepare(router, settings, log, store, reader)
     check_log(router, log, data)
-    cal = recalibrate(router, data, budget, n_folds=n_folds, seed=seed)
+    cal = recalibrate(router, data, budget, n_folds=n_folds, seed=seed, check=check, votes=votes)
     routerfile.save(apply(router, cal), target)
     return cal, target

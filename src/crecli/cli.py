@@ -305,6 +305,8 @@ def calibrate(
     store: Annotated[Optional[Path], typer.Option(help="Outcome store (default: the one `cre fit` uses).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Warn instead of failing when local model files differ from the router's.")] = False,
     max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, help="Longest log line (and so prompt) to read, in bytes (default: what `cre fit` was given).", show_default=False)] = None,
+    check: Annotated[str, typer.Option(help="Quality check: 'agreement' (self-consistency votes) or 'deferral' (a logistic P(correct) model per rung on the greedy answer's own signals).")] = "agreement",
+    votes: Annotated[int, typer.Option(min=1, help="With --check deferral: votes a rung draws (1: the greedy answer alone; more adds their agreement as a signal).")] = 1,
     json_: JsonOpt = False,
 ) -> None:
     """Re-choose each cluster's model and each model's quality-check threshold for a target.
@@ -320,13 +322,15 @@ def calibrate(
       cre calibrate router.cre --retain 0.98
 
       cre calibrate router.cre --max-cost 0.4 -o cheap.cre --json
+
+      cre calibrate router.cre --retain 0.98 --check deferral
     """
     from crecli import calibrate as calibration, render
 
     settings, budget = _model_config(models), _budget(retain, max_cost)
     cal, target = calibration.run(
         router, settings, budget, log=log, output=output, store=store, max_line_bytes=max_prompt_bytes,
-        n_folds=folds, seed=seed, force=force,
+        n_folds=folds, seed=seed, force=force, check=check, votes=votes,
     )
     render.calibration(cal, target, json_)
 

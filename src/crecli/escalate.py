@@ -29,13 +29,13 @@ from crecli.costs import Pricing
 from crecli.errors import CreError, RouterFileError
 from crecli.models.prompting import render
 from crecli.models.registry import ModelPool
-from crecli.quality import decide, done, vote_params
+from crecli.quality import accept_deferral, decide, deferral_features, done, vote_params
 from crecli.route import RouteDecision, route, route_many
 
 if TYPE_CHECKING:
     from crecli.config import ModelConfig
     from crecli.models.backend import Backend, Generation
-    from crecli.quality import QualityCheck
+    from crecli.quality import Deferral, QualityCheck
     from crecli.routerfile import RouterFile
 
 
@@ -56,6 +56,7 @@ class Step:
     greedy_output_tokens: int  # of the greedy vote alone: an answer without the check
     seconds: float
     why: str  # why the cascade stopped here or moved on
+    p_correct: float | None = None  # the deferral model's estimate (routers calibrated with it)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,17 +70,31 @@ def check(
     max_tokens: int,
     answer_type: str | None,
     greedy: "Generation | None" = None,
+    deferral: "Deferral | None" = None,
+    votes_wanted: int = 1,
+    prior: float = 0.5,
 ) -> Step:
-    """Run the self-consistency check for `prompt` on one model, drawing votes lazily.
+    """Run the quality check for `prompt` on one model.
 
-    `greedy`, when given, is vote 0 already decoded (`Cascade.decode_greedy`) with the same
-    parameters; the sampled votes are drawn here as always.
+    Self-consistency (no `deferral`): votes are drawn lazily until `quality.done`.
+    With `deferral`, exactly `votes_wanted` votes are drawn and the greedy answer is kept
+    when the model's P(correct) (`quality.deferral_features` with the cluster `prior`)
+    reaches `threshold`. `greedy`, when given, is vote 0 already decoded
+    (`Cascade.decode_greedy`) with the same parameters; sampled votes are drawn here.
     """
     votes: list[str] = []
     normalized: list[str] = []
     prompt_tokens = output_tokens = greedy_output_tokens = 0
     seconds = 0.0
-    while not done(normalized, settings.k, threshold, settings.early_stop):
+    signals = None
+    cut = False
+
+    def more() -> bool:
+        if deferral is not None:
+            return len(votes) < max(1, votes_wanted)
+        return not done(normalized, settings.k, threshold, settings.early_stop)
+
+    while more():
         if not votes and greedy is not None:
             gen = greedy
         else:
@@ -88,8 +103,21 @@ def check(
         normalized.append(grading.normalize(gen.text, answer_type))
         if len(votes) == 1:
             prompt_tokens, greedy_output_tokens = gen.prompt_tokens, gen.output_tokens
+            # As the replay judges recorded votes, which keep token counts, not finish reasons.
+            signals, cut = gen.signals, gen.output_tokens >= max_tokens
         output_tokens += gen.output_tokens
         seconds += gen.seconds
+    if deferral is not None:
+        p = deferral.p_correct(deferral_features(signals, normalized, cut, prior))
+        accepted = accept_deferral(p, threshold)
+        agreement = sum(a == normalized[0] for a in normalized) / len(normalized)
+        why = f"P(correct) {p:.2f} {'>=' if accepted else '<'} threshold {threshold:.2f}"
+        return Step(
+            model=backend.spec.name, votes=votes, normalized=normalized, agreement=agreement,
+            used=len(votes), threshold=threshold, accepted=accepted, answer=votes[0].strip(),
+            prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+            greedy_output_tokens=greedy_output_tokens, seconds=seconds, why=why, p_correct=p,
+        )
     decision = decide(normalized, settings.k, threshold, settings.early_stop)
     majority = Counter(normalized[: decision.used])[decision.answer]
     share = f"agreement {decision.agreement:.2f} ({majority}/{decision.used})"
@@ -126,6 +154,7 @@ class Trace:
     answer: str = ""
     model: str = ""
     agreement: float = 0.0
+    p_correct: float | None = None  # of the answering rung, when the router has a deferral model
     escalations: int = 0
     prompt_tokens: int = 0
     output_tokens: int = 0
@@ -329,6 +358,8 @@ class Cascade:
         name = self.ladder[pending.rung]
         backend = self.pool.get(self.specs[name])
         greedy, pending.greedy = pending.greedy, None
+        rules = self.router.deferral
+        top = pending.rung == len(self.ladder) - 1
         step = check(
             backend,
             pending.prompt,
@@ -337,8 +368,13 @@ class Cascade:
             grading.max_tokens_for(trace.answer_type),
             trace.answer_type,
             greedy,
+            # The top rung's answer is final, so a deferral router draws it greedily.
+            deferral=rules.models.get(name) if rules is not None and not top else None,
+            votes_wanted=rules.votes if rules is not None else 1,
+            prior=self.router.prior(trace.cluster, name),
         )
-        top = pending.rung == len(self.ladder) - 1
+        if rules is not None and top:
+            step.accepted, step.why = True, "greedy answer of the top rung"
         if not step.accepted:
             step.why += "; top rung, so its answer is final" if top else f": escalate to {self.ladder[pending.rung + 1]}"
         trace.steps.append(step)
@@ -353,6 +389,7 @@ class Cascade:
         trace.answer = step.answer
         trace.model = step.model
         trace.agreement = step.agreement
+        trace.p_correct = step.p_correct
         trace.escalations = len(trace.steps) - 1
         trace.prompt_tokens = sum(s.prompt_tokens for s in trace.steps)
         trace.output_tokens = sum(s.output_tokens for s in trace.steps)

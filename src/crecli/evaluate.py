@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from crecli import console
-from crecli.calibrate import Data, SimResult, greedy
+from crecli.calibrate import Data, SimResult, deferral_p, greedy
 
 if TYPE_CHECKING:
     from crecli.config import ModelConfig
@@ -76,7 +76,7 @@ def _oracle(data: Data, ladder: list[str]) -> Point:
     return Point("oracle (cheapest correct model)", correct / n, cost / n, note="ceiling; needs the answer key")
 
 
-def _random_at_cost(singles: list[Point], target_cost: float) -> Point:
+def random_at_cost(singles: Sequence[Point], target_cost: float, name: str = RANDOM) -> Point:
     """Expected accuracy of routing each query to a random model, mixed to cost `target_cost`.
 
     The mixture of the two single models whose costs bracket the target: an analytic
@@ -84,14 +84,14 @@ def _random_at_cost(singles: list[Point], target_cost: float) -> Point:
     """
     by_cost = sorted(singles, key=lambda p: p.mean_cost)
     if target_cost <= by_cost[0].mean_cost:
-        return replace(by_cost[0], name=RANDOM, note="cascade is cheaper than every model")
+        return replace(by_cost[0], name=name, note="cascade is cheaper than every model")
     if target_cost >= by_cost[-1].mean_cost:
-        return replace(by_cost[-1], name=RANDOM, note="cascade costs more than every model")
+        return replace(by_cost[-1], name=name, note="cascade costs more than every model")
     for lo, hi in zip(by_cost, by_cost[1:]):
         if lo.mean_cost <= target_cost <= hi.mean_cost:
             p = (target_cost - lo.mean_cost) / (hi.mean_cost - lo.mean_cost)
             return Point(
-                RANDOM,
+                name,
                 (1 - p) * lo.accuracy + p * hi.accuracy,
                 target_cost,
                 note=f"{1 - p:.0%} {lo.name.split(' ')[0]}, {p:.0%} {hi.name.split(' ')[0]}",
@@ -132,7 +132,7 @@ def pool(held_out: Sequence[tuple[int, Sequence[Point]]]) -> list[Point]:
         ))
     singles = [p for p in pooled if p.name.endswith(SINGLE_SUFFIX)]
     cascade = next(p for p in pooled if p.name == CASCADE)
-    return [_random_at_cost(singles, cascade.mean_cost) if p.name == RANDOM else p for p in pooled]
+    return [random_at_cost(singles, cascade.mean_cost) if p.name == RANDOM else p for p in pooled]
 
 
 def replay_cascade(router: "RouterFile", data: Data) -> "SimResult":
@@ -140,7 +140,17 @@ def replay_cascade(router: "RouterFile", data: Data) -> "SimResult":
     starts = {r.id: route.model for r, route in zip(data.records, data.routes)}
     overrides = {r.id: info.thresholds for r, route in zip(data.records, data.routes)
                  if route.cluster >= 0 and (info := router.cluster(route.cluster)) and info.thresholds}
-    return data.replay.simulate(starts, router.thresholds, router.quality, overrides or None)
+    return _replay(router, data, starts, overrides or None)
+
+
+def _replay(router: "RouterFile", data: Data, starts: Mapping[str, str],
+            overrides: Mapping[str, Mapping[str, float]] | None = None) -> "SimResult":
+    """The router's quality check (self-consistency or its deferral models) from `starts`."""
+    rules = router.deferral
+    if rules is None:
+        return data.replay.simulate(starts, router.thresholds, router.quality, overrides)
+    p = deferral_p(data, range(len(data.records)), rules.models, router.prior, rules.votes)
+    return data.replay.simulate(starts, router.thresholds, router.quality, overrides, p_correct=p, votes=rules.votes)
 
 
 def evaluate(router: "RouterFile", data: Data) -> EvalReport:
@@ -154,12 +164,12 @@ def evaluate(router: "RouterFile", data: Data) -> EvalReport:
     top_vote = data.replay.simulate({r.id: ladder[-1] for r in records}, {ladder[-1]: 1.0},
                                     replace(quality, early_stop=False))
     no_qc = _greedy_point(data, "cluster routing, no quality check", starts)
-    no_clusters = data.replay.simulate({r.id: ladder[0] for r in records}, router.thresholds, quality)
+    no_clusters = _replay(router, data, {r.id: ladder[0] for r in records})
     oracle = _oracle(data, ladder)
     baselines = [
         *singles,
         Point(f"{ladder[-1]} with {quality.k}-vote majority", top_vote.accuracy, top_vote.mean_cost),
-        _random_at_cost(singles, cascade.mean_cost),
+        random_at_cost(singles, cascade.mean_cost),
         no_qc,
         Point("cascade without clusters (start at the smallest)", no_clusters.accuracy, no_clusters.mean_cost,
               no_clusters.escalation_rate),

@@ -30,7 +30,7 @@ import random
 import sqlite3
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -38,8 +38,10 @@ from crecli import console, grading, paths
 from crecli.errors import ConfigError, CreError
 from crecli.costs import UNITS, token_cost
 from crecli.models.pull import model_identity
+from crecli.models import registry
 from crecli.models.registry import backend_for
-from crecli.quality import vote_params
+from crecli.models.backend import Signals
+from crecli.quality import MAX_VOTES, vote_params
 
 if TYPE_CHECKING:
     from crecli.config import ModelSpec, ModelConfig
@@ -61,6 +63,7 @@ class Vote:
     text: str
     output_tokens: int
     seconds: float  # vote 0 includes prompt processing; later votes reuse the prompt's KV cache
+    signals: "Signals | None" = None  # the greedy vote's own confidence, where the runtime gives it
 
 
 @dataclass
@@ -177,11 +180,20 @@ class OutcomeStore:
         ).fetchone()
         if row is None:
             return None
-        return int(row[0]), [Vote(str(t), int(n), float(s)) for t, n, s in json.loads(row[1])]
+        votes = []
+        for item in json.loads(row[1]):
+            # Rows written before greedy signals were recorded hold three fields.
+            text, tokens, seconds = item[:3]
+            signals = Signals.from_list(item[3]) if len(item) > 3 else None
+            votes.append(Vote(str(text), int(tokens), float(seconds), signals))
+        return int(row[0]), votes
 
     def put(self, prompt_sha: str, model: str, model_sha: str, key: str, prompt_tokens: int, votes: Sequence[Vote]) -> None:
         """Record one query's votes and commit at once (the unit of resumption)."""
-        payload = json.dumps([[v.text, v.output_tokens, v.seconds] for v in votes], ensure_ascii=False)
+        payload = json.dumps(
+            [[v.text, v.output_tokens, v.seconds, *([v.signals.to_list()] if v.signals else [])] for v in votes],
+            ensure_ascii=False,
+        )
         self._db.execute(
             "INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, ?, ?, ?, ?)",
             (prompt_sha, model, model_sha, key, prompt_tokens, payload, time.strftime("%Y-%m-%dT%H:%M:%S%z")),
@@ -211,6 +223,7 @@ class _Job:
     prompt_sha: str
     key: str
     max_tokens: int
+    recorded: tuple[int, list[Vote]] | None = None  # votes to keep; only the greedy one is re-run
 
 
 def collect(
@@ -234,6 +247,7 @@ def collect(
         spec = settings.get(name)
         identity = model_identity(spec) or ""
         pending: list[_Job] = []
+        stale: list[_Job] = []
         for record in records:
             psha = prompt_sha256(record.prompt)
             if name in record.labels:
@@ -247,16 +261,44 @@ def collect(
                 continue
             max_tokens = grading.max_tokens_for(record.match)
             job = _Job(record, psha, settings_key(quality, max_tokens), max_tokens)
-            found = store.get(psha, name, identity, job.key)
+            found = _recorded(store, psha, name, identity, quality, max_tokens)
             if found is None:
                 pending.append(job)
             else:
                 results[(record.id, name)] = _run_outcome(job, name, identity, *found)
+                if found[1] and found[1][0].signals is None:
+                    job.recorded = found
+                    stale.append(job)
+        rerun = 0
+        if stale and registry.reports_signals(spec):
+            # Recorded before greedy signals were: the greedy vote alone is run again, and
+            # the sampled votes, which do not depend on it, are kept.
+            pending.extend(stale)
+            rerun = len(stale)
         if pending:
-            reused = sum(1 for key in results if key[1] == name)
-            console.status(f"{name}: {len(pending)} queries to run, {reused} already recorded or labelled")
+            reused = sum(1 for key in results if key[1] == name) - rerun
+            console.status(
+                f"{name}: {len(pending) - rerun} queries to run, {rerun} greedy votes to re-run for "
+                f"their signals, {reused} already recorded or labelled"
+            )
             _run_model(spec, identity, pending, store, quality, pool, results)
     return results
+
+
+def _recorded(
+    store: OutcomeStore, psha: str, model: str, identity: str, quality: "QualityCheck", max_tokens: int
+) -> tuple[int, list[Vote]] | None:
+    """The first k votes of a recording of this prompt with k or more votes, else None.
+
+    Votes are prefix-stable: vote i's seed depends only on the prompt and i, so the first k
+    of a k'-vote recording (same sampling settings) are exactly what a k-vote run draws. A
+    greedy-only router (k = 1) thus reuses every recording a 5-vote fit made.
+    """
+    for more in range(quality.k, MAX_VOTES + 1):
+        found = store.get(psha, model, identity, settings_key(replace(quality, k=more), max_tokens))
+        if found is not None:
+            return found[0], found[1][: quality.k]
+    return None
 
 
 def _run_outcome(job: _Job, model: str, identity: str, prompt_tokens: int, votes: list[Vote]) -> Outcome:
@@ -295,10 +337,18 @@ def _run_model(
 
 
 def _votes(backend: "Backend", job: _Job, quality: "QualityCheck") -> tuple[int, list[Vote]]:
-    """The cascade's k votes (`quality.vote_params`), back to back on the cached prompt."""
+    """The cascade's k votes (`quality.vote_params`), back to back on the cached prompt.
+
+    A job with `recorded` votes runs the greedy vote alone and keeps the sampled ones: each
+    sampled vote's seed depends only on the prompt and its index (`quality.vote_seed`).
+    """
     prompt = job.record.prompt
-    gens = [backend.generate(prompt, vote_params(quality, i, job.max_tokens, prompt)) for i in range(quality.k)]
-    return gens[0].prompt_tokens, [Vote(g.text, g.output_tokens, g.seconds) for g in gens]
+    count = 1 if job.recorded is not None else quality.k
+    gens = [backend.generate(prompt, vote_params(quality, i, job.max_tokens, prompt)) for i in range(count)]
+    votes = [Vote(g.text, g.output_tokens, g.seconds, g.signals) for g in gens]
+    if job.recorded is not None:
+        votes += job.recorded[1][1 : quality.k]
+    return gens[0].prompt_tokens, votes
 
 
 # ---------------------------------------------------------------- which records to run

@@ -14,6 +14,12 @@ same procedure, so what it measures is what runs.
 
 An empty normalised answer (a model that only started explaining, or gave no option
 letter) is a vote for nothing: k empty answers agree perfectly but are never accepted.
+
+The calibrated alternative (`Deferral`, a router fitted with `cre calibrate --check
+deferral`): each rung's greedy answer gets P(correct) from a logistic regression on signals
+the greedy pass gives for free (`deferral_features`), optionally with the agreement of a
+fixed number of votes, and is kept when P(correct) reaches the rung's threshold
+(`accept_deferral`). The answer is always the greedy one.
 """
 
 from __future__ import annotations
@@ -23,9 +29,12 @@ import json
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from crecli.models.backend import GenParams
+
+if TYPE_CHECKING:
+    from crecli.models.backend import Signals
 
 # The quality check's bounds, shared by the CLI's options and the router-file loader: k
 # votes cost k generations per answer, and more than 64 is no check anyone runs; past a
@@ -143,3 +152,93 @@ def done(votes: Sequence[str], k: int, threshold: float, early_stop: bool = True
     if not early_stop or not votes:
         return False
     return _fixed(Counter(votes), needed(threshold, k), k - len(votes))
+
+
+# ---------------------------------------------------------------- the calibrated deferral rule
+
+# Inputs of a rung's deferral model, in order. All come free with the greedy answer:
+# its weakest and mean token log-probability, the option-letter margin (choice answers),
+# whether the answer is empty or was cut at the token cap, and the logit of the cluster's
+# shrunk accuracy for this model (its prior). "agreement", the share of the rung's votes
+# that agree with the greedy answer, is added only when the router draws votes.
+SIGNAL_FEATURES = ("min_logprob", "mean_logprob", "margin", "empty_or_cut", "prior")
+VOTE_FEATURE = "agreement"
+# Log-probabilities below this carry no more information and would let one odd token
+# dominate a linear model; priors are kept off 0 and 1 for the same reason.
+LOGPROB_FLOOR = -20.0
+PRIOR_CLIP = 0.02
+
+
+def feature_names(votes: int) -> tuple[str, ...]:
+    return SIGNAL_FEATURES + ((VOTE_FEATURE,) if votes > 1 else ())
+
+
+def deferral_features(
+    signals: "Signals | None",
+    answers: Sequence[str],
+    cut: bool,
+    prior: float,
+) -> list[float | None]:
+    """The deferral model's inputs for one rung, in `feature_names(len(answers))` order.
+
+    `answers` are the normalised votes drawn, greedy first; `cut` says the greedy answer
+    stopped at the token cap. A missing signal (a runtime that does not report one, or a
+    margin where no option letter was chosen) is None; the model fills it in. The one
+    definition for the live check (`escalate.check`) and calibration's replay.
+    """
+    greedy = answers[0] if answers else ""
+    lo = mean = margin = None
+    if signals is not None:
+        lo = max(LOGPROB_FLOOR, signals.min_logprob)
+        mean = max(LOGPROB_FLOOR, signals.mean_logprob)
+        margin = signals.margin
+    p = min(1 - PRIOR_CLIP, max(PRIOR_CLIP, prior))
+    values: list[float | None] = [lo, mean, margin, 1.0 if (greedy == "" or cut) else 0.0, math.log(p / (1 - p))]
+    if len(answers) > 1:
+        values.append(sum(a == greedy for a in answers) / len(answers))
+    return values
+
+
+@dataclass(frozen=True)
+class Deferral:
+    """One rung's P(correct) model: a logistic regression on `deferral_features`.
+
+    Plain numbers, so a router file carries it without executing anything: `weights`
+    pair with `features`, and `fill` is each feature's training mean, used where a value
+    is missing. `prior` is the model's accuracy over the fit's log, the prior for a prompt
+    that lands in no cluster.
+    """
+
+    features: tuple[str, ...]
+    weights: tuple[float, ...]
+    bias: float
+    fill: tuple[float, ...]
+    prior: float
+
+    def p_correct(self, values: Sequence[float | None]) -> float:
+        if len(values) != len(self.weights):
+            raise ValueError(f"the deferral model takes {len(self.weights)} features, got {len(values)}")
+        z = self.bias + sum(w * (f if v is None else v) for w, v, f in zip(self.weights, values, self.fill))
+        # A numerically safe logistic: exp of a large positive z would overflow.
+        return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+    def to_dict(self) -> dict[str, object]:
+        return {"features": list(self.features), "weights": list(self.weights), "bias": self.bias,
+                "fill": list(self.fill), "prior": self.prior}
+
+
+def accept_deferral(p_correct: float, threshold: float) -> bool:
+    """The deferral rule: keep the rung's greedy answer when P(correct) reaches the threshold."""
+    return p_correct >= threshold
+
+
+@dataclass(frozen=True)
+class DeferralCheck:
+    """A router's calibrated check: `votes` votes a rung (1: the greedy answer alone) and
+    one `Deferral` per ladder model below the top, whose answer is always final."""
+
+    votes: int
+    models: dict[str, Deferral]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"votes": self.votes, "models": {m: d.to_dict() for m, d in self.models.items()}}

@@ -374,6 +374,9 @@ def calibration(cal: Any, path: Any, as_json: bool) -> None:
             "n": cal.n,
             "folds": cal.folds,
             "seconds": cal.seconds,
+            "check": cal.check,
+            "deferral": cal.deferral.to_dict() if cal.deferral is not None else None,
+            "signals": cal.signals,
         }
         print_json(data)
         return
@@ -404,6 +407,17 @@ def calibration(cal: Any, path: Any, as_json: bool) -> None:
         f"{_pct(held['escalation_rate'])} escalated.",
         highlight=False,
     )
+    if cal.signals:
+        signals = Table(title="How well each signal predicts a right greedy answer (held-out AUROC; 0.5 is chance)",
+                        title_justify="left")
+        names = sorted({name for per in cal.signals.values() for name in per})
+        signals.add_column("model")
+        for name in names:
+            signals.add_column(name, justify="right")
+        for model, per in cal.signals.items():
+            signals.add_row(model, *(
+                "-" if name not in per or per[name]["auroc"] is None else f"{per[name]['auroc']:.2f}" for name in names))
+        out().print(signals)
     status(f"Wrote {path} ({cal.seconds:.1f} s).")
 
 

@@ -45,7 +45,7 @@ from crecli import __version__, console
 from crecli.costs import UNITS, CostUnit
 from crecli.errors import RouterFileError
 from crecli.models.pull import model_identity
-from crecli.quality import MAX_TEMPERATURE, MAX_VOTES, QualityCheck
+from crecli.quality import MAX_TEMPERATURE, MAX_VOTES, Deferral, DeferralCheck, QualityCheck, feature_names
 from crecli.querylog import FORMATS, FieldMap, LogOptions
 
 if TYPE_CHECKING:
@@ -156,8 +156,9 @@ class RouterFile:
     fallback_model: str  # for unclustered (-1) and far-from-every-cluster prompts
     budget: dict[str, Any]  # {"kind": "retain" | "max_cost", "value": float}
     quality: QualityCheck
-    thresholds: dict[str, float]  # per model: agreement needed to accept its answer
+    thresholds: dict[str, float]  # per model: agreement (or, with `deferral`, P(correct)) needed to accept
     fit: FitRecord
+    deferral: DeferralCheck | None = None  # the calibrated check; None: self-consistency
 
     @property
     def ladder_names(self) -> list[str]:
@@ -171,6 +172,15 @@ class RouterFile:
         if info is not None and model in info.thresholds:
             return info.thresholds[model]
         return self.thresholds[model]
+
+    def prior(self, cid: int, model: str) -> float:
+        """The deferral model's prior for `model` in cluster `cid`: the cluster's shrunk
+        accuracy, else the model's accuracy over the log (0.5 without a deferral model)."""
+        info = self.cluster(cid) if cid >= 0 else None
+        if info is not None and model in info.stats:
+            return info.stats[model]["shrunk_accuracy"]
+        rules = self.deferral.models.get(model) if self.deferral is not None else None
+        return rules.prior if rules is not None else 0.5
 
 
 def build(
@@ -295,6 +305,7 @@ def save(router: RouterFile, path: Path) -> None:
         "quality": router.quality.to_dict(),
         "thresholds": router.thresholds,
         "fit": router.fit.to_dict(),
+        **({"deferral": router.deferral.to_dict()} if router.deferral is not None else {}),
     }
     try:
         canonical = _canonical(body)
@@ -703,7 +714,7 @@ def _assemble(path: Path, body: "_Body", members: dict[str, "np.ndarray"], setti
             raise RouterFileError(f"{problem}; refit the router with this crecli, or pass --force to use it anyway")
         console.warn(f"{problem}; using it anyway (--force), so prompts may land in other clusters.")
     used = {
-        body.fallback_model, *body.thresholds,
+        body.fallback_model, *body.thresholds, *(body.deferral.models if body.deferral is not None else ()),
         *(m for c in body.clusters for m in (c.model, *c.thresholds, *c.stats)),
     }
     off = sorted(used - set(names))
@@ -726,6 +737,7 @@ def _assemble(path: Path, body: "_Body", members: dict[str, "np.ndarray"], setti
         quality=body.quality,
         thresholds=body.thresholds,
         fit=body.fit,
+        deferral=body.deferral,
     )
 
 
@@ -911,6 +923,7 @@ class _Body:
     quality: QualityCheck
     thresholds: dict[str, float]
     fit: FitRecord
+    deferral: DeferralCheck | None
 
 
 def _sha256(f: _Field) -> str:
@@ -927,7 +940,8 @@ def _check_body(body: dict[str, Any]) -> _Body:
 
     root = _Field(body, "")
     root.as_object(keys=("schema_version", "crecli_version", "ladder", "embedder", "assigner", "clusters",
-                         "fallback_model", "budget", "quality", "thresholds", "fit"))
+                         "fallback_model", "budget", "quality", "thresholds", "fit", "deferral"),
+                   optional=("deferral",))
     root["schema_version"].as_int(SCHEMA_VERSION, SCHEMA_VERSION)
     root["crecli_version"].as_str(64)
     ladder = [_ladder_entry(e) for e in root["ladder"].as_list(MAX_LADDER, min_items=1)]
@@ -973,7 +987,32 @@ def _check_body(body: dict[str, Any]) -> _Body:
         quality=quality,
         thresholds={m: t.as_float(0, 1) for m, t in root["thresholds"].items(MAX_LADDER)},
         fit=_fit(root["fit"]),
+        deferral=_deferral(root["deferral"]) if root.has("deferral") else None,
     )
+
+
+# A logistic weight past this is no calibrated model; it would only overflow.
+_MAX_WEIGHT = 1e4
+
+
+def _deferral(f: _Field) -> DeferralCheck:
+    f.as_object(keys=("votes", "models"))
+    votes = f["votes"].as_int(1, MAX_VOTES)
+    names = feature_names(votes)
+    models = {}
+    for model, m in f["models"].items(MAX_LADDER):
+        m.as_object(keys=("features", "weights", "bias", "fill", "prior"))
+        features = tuple(x.as_str(32) for x in m["features"].as_list(len(names), len(names)))
+        if features != names:
+            raise _FieldError(f"manifest field {m.where}.features must be {list(names)} for {votes} vote(s), got {list(features)}")
+        models[model] = Deferral(
+            features=features,
+            weights=tuple(w.as_float(-_MAX_WEIGHT, _MAX_WEIGHT) for w in m["weights"].as_list(len(names), len(names))),
+            bias=m["bias"].as_float(-_MAX_WEIGHT, _MAX_WEIGHT),
+            fill=tuple(v.as_float(-_MAX_WEIGHT, _MAX_WEIGHT) for v in m["fill"].as_list(len(names), len(names))),
+            prior=m["prior"].as_float(0, 1),
+        )
+    return DeferralCheck(votes, models)
 
 
 def _ladder_entry(f: _Field) -> LadderEntry:

@@ -15,7 +15,7 @@ the llama.cpp backend overrides it to decode greedy answers as parallel sequence
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Sequence
 
 from crecli.errors import BackendError, CreError
@@ -35,6 +35,37 @@ class GenParams:
     stop: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Signals:
+    """What a greedy pass says about its own answer, read from logits it computes anyway.
+
+    `min_logprob` and `mean_logprob` are over the chosen tokens (each the argmax, so its
+    log-probability is the logit minus the log-sum-exp of the step). `margin` is taken at
+    the first step whose chosen token is an option letter (A-Z, with or without a leading
+    space): the top letter's probability minus the runner-up's, both renormalised over the
+    letters; None when no step chose a letter.
+    """
+
+    min_logprob: float
+    mean_logprob: float
+    margin: float | None = None
+
+    def to_list(self) -> list[float | None]:
+        return [self.min_logprob, self.mean_logprob, self.margin]
+
+    @classmethod
+    def from_list(cls, data: object) -> "Signals | None":
+        """The inverse of `to_list`; None for anything that is not three numbers (or null margin)."""
+        if not isinstance(data, list) or len(data) != 3:
+            return None
+        lo, mean, margin = data
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, mean)):
+            return None
+        if margin is not None and (not isinstance(margin, (int, float)) or isinstance(margin, bool)):
+            return None
+        return cls(float(lo), float(mean), None if margin is None else float(margin))
+
+
 @dataclass
 class Generation:
     text: str
@@ -42,7 +73,7 @@ class Generation:
     output_tokens: int
     seconds: float
     finish_reason: str = "stop"
-    extra: dict[str, float] = field(default_factory=dict)
+    signals: Signals | None = None  # greedy passes of runtimes that expose logits only
 
 
 class Backend(abc.ABC):

@@ -5,19 +5,22 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from crecli.models.backend import Backend, Generation, GenParams
+from crecli.models.backend import Backend, Generation, GenParams, Signals
 
 if TYPE_CHECKING:
     from crecli.config import ModelSpec
 
 Answerer = Callable[[str, GenParams], str]
+# (rendered text, params, answer) -> what a greedy pass would report about the answer
+SignalMaker = Callable[[str, GenParams, str], "Signals | None"]
 
 
 class FakeBackend(Backend):
     """`answers` maps a raw user prompt to its answer, or is a function of (text, params).
 
     Seconds are simulated from token counts so cost accounting can be tested exactly:
-    `seconds_per_token` per prompt or output token.
+    `seconds_per_token` per prompt or output token. `signals`, when given, makes greedy
+    generations carry `Signals`, as the llama.cpp backend's do.
     """
 
     def __init__(
@@ -26,8 +29,10 @@ class FakeBackend(Backend):
         answers: dict[str, str] | Answerer | None = None,
         seconds_per_token: float = 0.001,
         dims: int = 8,
+        signals: SignalMaker | None = None,
     ) -> None:
         super().__init__(spec)
+        self.signals = signals
         self.answers = answers or {}
         self.seconds_per_token = seconds_per_token
         self.dims = dims
@@ -46,6 +51,7 @@ class FakeBackend(Backend):
             prompt_tokens=prompt_tokens,
             output_tokens=output_tokens,
             seconds=(prompt_tokens + output_tokens) * self.seconds_per_token,
+            signals=self.signals(text, params, answer) if self.signals and params.temperature == 0.0 else None,
         )
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from crecli.errors import BackendError, CreError
-from crecli.models.backend import Backend, Generation, GenParams
+from crecli.models.backend import Backend, Generation, GenParams, Signals
 from crecli.models.pull import require_file
 
 if TYPE_CHECKING:
@@ -257,6 +257,58 @@ def placement(spec: "ModelSpec") -> str:
     return f"GPU {spec.n_gpu_layers}/{layers} layers"
 
 
+# ---------------------------------------------------------------- confidence from the greedy pass
+
+
+def letter_tokens(llm: Any) -> dict[int, int]:
+    """Token id -> letter index (A=0 .. Z=25) for the single-token forms "A", " A", "(A" and " (A"."""
+    ids: dict[int, int] = {}
+    for i in range(26):
+        letter = chr(ord("A") + i)
+        for form in (letter, " " + letter, "(" + letter, " (" + letter):
+            tokens = llm.tokenize(form.encode(), add_bos=False, special=False)
+            if len(tokens) == 1:
+                ids.setdefault(int(tokens[0]), i)
+    return ids
+
+
+class SignalMeter:
+    """Reads each greedy step's logits into `Signals`, one home for both decoding paths.
+
+    Only for greedy decoding: the chosen token is then the argmax, so its log-probability
+    is max(logits) - logsumexp(logits) without knowing which token the sampler took. The
+    cost is one pass over the vocabulary per token (well under a millisecond), against
+    `logits_all`, which would keep every position's logits.
+    """
+
+    def __init__(self, letters: dict[int, int]) -> None:
+        self.letters = letters
+        self._ids: Any = None
+        self.logprobs: list[float] = []
+        self.margin: float | None = None
+
+    def observe(self, logits: Any) -> None:
+        import numpy as np
+
+        values = np.asarray(logits, dtype=np.float32)
+        top = int(np.argmax(values))
+        peak = float(values[top])
+        lse = peak + float(np.log(np.sum(np.exp(values - peak), dtype=np.float64)))
+        self.logprobs.append(peak - lse)
+        if self.margin is None and top in self.letters:
+            if self._ids is None:
+                self._ids = np.fromiter(self.letters, dtype=np.int64)
+            probs = np.zeros(26)
+            np.add.at(probs, [self.letters[int(t)] for t in self._ids], np.exp(values[self._ids].astype(np.float64) - lse))
+            first, second = np.sort(probs)[::-1][:2]
+            self.margin = float((first - second) / max(probs.sum(), 1e-30))
+
+    def signals(self) -> Signals | None:
+        if not self.logprobs:
+            return None
+        return Signals(min(self.logprobs), sum(self.logprobs) / len(self.logprobs), self.margin)
+
+
 class LlamaBackend(Backend):
     def __init__(
         self,
@@ -273,7 +325,16 @@ class LlamaBackend(Backend):
         self._embedder: Any = None
         self._parallel: ParallelGreedy | None = None
         self._handoff: dict[str, Handoff] = {}  # rendered prompt -> its cells from the last wave
+        self._letters: dict[int, int] | None = None
+        # Greedy answers carry `Signals`; off only to measure what reading them costs.
+        self.read_signals = True
         self.load_seconds = 0.0
+
+    @property
+    def letters(self) -> dict[int, int]:
+        if self._letters is None:
+            self._letters = letter_tokens(self.llm)
+        return self._letters
 
     def _load(self, embedding: bool = False) -> Any:
         path = require_file(self.spec)
@@ -327,6 +388,16 @@ class LlamaBackend(Backend):
         handoff = self._handoff.pop(text, None)
         if handoff is not None:
             handoff.restore(llm)
+        meter = SignalMeter(self.letters) if params.temperature == 0.0 and self.read_signals else None
+        processors = None
+        if meter is not None:
+            from llama_cpp import LogitsProcessorList
+
+            def observe(_ids: Any, scores: Any) -> Any:
+                meter.observe(scores)
+                return scores
+
+            processors = LogitsProcessorList([observe])
         out = llm.create_completion(
             text,
             max_tokens=self._fit_max_tokens(n_prompt, params.max_tokens),
@@ -337,6 +408,7 @@ class LlamaBackend(Backend):
             repeat_penalty=1.0,
             seed=params.seed,
             stop=list(params.stop) or None,
+            logits_processor=processors,
         )
         seconds = time.perf_counter() - start
         choice = out["choices"][0]
@@ -347,6 +419,7 @@ class LlamaBackend(Backend):
             output_tokens=int(usage.get("completion_tokens", 0)),
             seconds=seconds,
             finish_reason=str(choice.get("finish_reason") or "stop"),
+            signals=meter.signals() if meter is not None else None,
         )
 
     def generate_many(
@@ -367,7 +440,7 @@ class LlamaBackend(Backend):
         prepared = [self.prepare(prompt, p) for prompt, p in zip(prompts, params, strict=True)]
         # The last wave's leftovers go: votes come right after the wave that decoded their prompt.
         self._handoff.clear()
-        return self._parallel.run([text for text, _ in prepared], [p for _, p in prepared], self._handoff)
+        return self._parallel.run([text for text, _ in prepared], [p for _, p in prepared], self._handoff, self.letters)
 
     def parallel_memory(self, parallel: int) -> int:
         """The KV cache of the parallel context: `parallel` sequences of `n_ctx` tokens.
@@ -427,6 +500,7 @@ class _Stream:
     out: list[int] = field(default_factory=list)
     multibyte_fix: int = 0
     seconds: float = 0.0
+    meter: SignalMeter | None = None
 
 
 def prompt_tokens(llm: Any, text: str) -> list[int]:
@@ -615,7 +689,11 @@ class ParallelGreedy:
             self.ctx = None
 
     def run(
-        self, texts: Sequence[str], params: Sequence[GenParams], keep: dict[str, "Handoff"] | None = None
+        self,
+        texts: Sequence[str],
+        params: Sequence[GenParams],
+        keep: dict[str, "Handoff"] | None = None,
+        letters: dict[int, int] | None = None,
     ) -> list[Generation | CreError]:
         """Greedy completions of `texts` (rendered prompts); an entry is an error for a prompt
         that does not fit the per-sequence context (as `LlamaBackend.complete` raises it).
@@ -638,7 +716,8 @@ class ParallelGreedy:
                 )
                 continue
             stops = [s.encode("utf-8") for s in p.stop]
-            queue.append(_Stream(i, tokens, min(p.max_tokens, room) if p.max_tokens > 0 else room, stops))
+            queue.append(_Stream(i, tokens, min(p.max_tokens, room) if p.max_tokens > 0 else room, stops,
+                                 meter=SignalMeter(letters) if letters is not None else None))
         memory = llama_cpp.llama_get_memory(self.ctx)
         llama_cpp.llama_memory_clear(memory, True)
         shared = self._decode_shared_prefix(list(queue), memory)
@@ -676,6 +755,8 @@ class ParallelGreedy:
             for stream, row in zip(active, rows):
                 stream.n_past += len(stream.feed)
                 logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
+                if stream.meter is not None:
+                    stream.meter.observe(logits)
                 token = int(np.argmax(logits))
                 done = _advance_stream(llm, self.vocab, stream, token)
                 if done is None and stream.n_past >= self.n_ctx_seq:
@@ -703,6 +784,7 @@ class ParallelGreedy:
                     output_tokens=len(stream.out),
                     seconds=stream.seconds,
                     finish_reason=reason,
+                    signals=stream.meter.signals() if stream.meter is not None else None,
                 )
             active = still
         return results

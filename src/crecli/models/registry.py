@@ -28,6 +28,16 @@ def _default_factory(spec: "ModelSpec") -> Backend:
 make_backend: Callable[["ModelSpec"], Backend] = _default_factory
 
 
+def _default_reports_signals(spec: "ModelSpec") -> bool:
+    # Only llama.cpp hands its logits to Python; an HTTP rung returns text.
+    return spec.backend != "openai"
+
+
+# Whether `make_backend(spec)` gives greedy `Signals`, answered without building a backend;
+# tests that replace `make_backend` replace this with it.
+reports_signals: Callable[["ModelSpec"], bool] = _default_reports_signals
+
+
 def backend_for(spec: "ModelSpec") -> Backend:
     # Looked up at call time so a test's monkeypatch of `make_backend` takes effect.
     return make_backend(spec)

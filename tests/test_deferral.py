@@ -1,0 +1,214 @@
+"""The calibrated deferral check: greedy-pass signals, one logistic P(correct) model per
+rung, stored as plain numbers in the router, and the same decision live and in replay."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from typer.testing import CliRunner
+
+from crecli import config, routerfile
+from crecli.calibrate import auroc, fit_logistic
+from crecli.cli import app
+from crecli.errors import RouterFileError
+from crecli.models.backend import GenParams, Signals
+from crecli.models.fake import FakeBackend
+from crecli.outcomes import OutcomeStore, Vote, collect, prompt_sha256, settings_key
+from crecli.quality import (
+    LOGPROB_FLOOR, Deferral, DeferralCheck, QualityCheck, accept_deferral, deferral_features, feature_names,
+)
+from crecli.querylog import Record
+
+runner = CliRunner()
+
+
+# ---------------------------------------------------------------- the pure pieces
+
+
+def test_signals_round_trip_and_reject_what_they_did_not_write() -> None:
+    s = Signals(-1.5, -0.25, 0.75)
+    assert Signals.from_list(s.to_list()) == s
+    assert Signals.from_list([-1.0, -0.5, None]) == Signals(-1.0, -0.5, None)
+    for bad in (None, [], [1, 2], ["a", 0, 0], [True, 0.0, None], [0.0, 0.0, "x"], {"a": 1}):
+        assert Signals.from_list(bad) is None
+
+
+def test_deferral_features_order_floor_flags_prior_and_agreement() -> None:
+    values = deferral_features(Signals(-100.0, -0.5, 0.4), ["A"], cut=False, prior=0.5)
+    assert feature_names(1) == ("min_logprob", "mean_logprob", "margin", "empty_or_cut", "prior")
+    assert values == [LOGPROB_FLOOR, -0.5, 0.4, 0.0, 0.0]  # logit(0.5) = 0
+    assert deferral_features(None, [""], cut=False, prior=0.9)[:4] == [None, None, None, 1.0]
+    assert deferral_features(None, ["7"], cut=True, prior=0.9)[3] == 1.0
+    assert deferral_features(None, ["7"], cut=False, prior=1.0)[4] == pytest.approx(math.log(0.98 / 0.02))
+    five = deferral_features(None, ["7", "7", "8", "7", ""], cut=False, prior=0.5)
+    assert len(five) == len(feature_names(5)) == 6 and five[5] == pytest.approx(3 / 5)
+
+
+def test_p_correct_fills_missing_values_and_never_overflows() -> None:
+    d = Deferral(feature_names(1), (1.0, 0.0, 2.0, -3.0, 1.0), 0.5, (-1.0, 0.0, 0.25, 0.0, 0.0), 0.6)
+    # None takes the fill value: 0.5 + (-1) + 2 * 0.25 = 0.
+    assert d.p_correct([None, None, None, 0.0, 0.0]) == pytest.approx(0.5)
+    assert d.p_correct([-1.0, 0.0, 0.25, 1.0, 0.0]) == pytest.approx(1 / (1 + math.exp(3)))
+    big = Deferral(feature_names(1), (1e4,) * 5, 0.0, (0.0,) * 5, 0.5)
+    assert big.p_correct([1e4] * 5) == 1.0 and big.p_correct([-1e4] * 5) == 0.0
+    with pytest.raises(ValueError):
+        d.p_correct([0.0])
+    assert accept_deferral(0.7, 0.7) and not accept_deferral(0.69, 0.7)
+
+
+def test_fit_logistic_finds_the_informative_feature_and_ignores_a_constant_one() -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 2))
+    x[:, 1] = 3.0  # constant: standardisation must not divide by zero
+    y = (x[:, 0] + 0.3 * rng.normal(size=400)) > 0
+    w, b = fit_logistic(x, y)
+    assert w[0] > 1.0 and abs(w[1]) < 1e-6
+    p = 1 / (1 + np.exp(-(x @ w + b)))
+    assert auroc(list(p), list(y)) > 0.9
+    # Every answer right: the bias stays finite and says so.
+    w, b = fit_logistic(x, np.ones(400, dtype=bool))
+    assert math.isfinite(b) and b > 2
+
+
+def test_auroc_known_values() -> None:
+    assert auroc([0.1, 0.2, 0.8, 0.9], [False, False, True, True]) == 1.0
+    assert auroc([0.9, 0.8, 0.2, 0.1], [False, False, True, True]) == 0.0
+    assert auroc([0.5, 0.5, 0.5, 0.5], [False, True, False, True]) == 0.5
+    assert auroc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == 0.75
+    assert auroc([0.1, 0.2], [True, True]) is None
+
+
+# ---------------------------------------------------------------- the outcome store
+
+
+def test_votes_keep_their_signals_and_a_longer_recording_serves_fewer_votes(
+    tiny_models_toml: Path, tmp_path: Path, fake_backends: Callable[..., Any]
+) -> None:
+    settings = config.load(tiny_models_toml)
+    created = fake_backends({"small": {"2 + 2": "4"}}, signals=lambda text, params, answer: Signals(-0.1, -0.05, None))
+    record = Record(id="q", prompt="What is 2 + 2?", reference=["4"], match="numeric")
+    five = QualityCheck(k=5)
+    with OutcomeStore(tmp_path / "o.sqlite") as store:
+        first = collect([record], settings, store, five, models=["small"])[("q", "small")]
+        assert [v.signals for v in first.votes] == [Signals(-0.1, -0.05, None)] + [None] * 4
+        assert len(created["small"].calls) == 5
+        created["small"].calls.clear()
+        # The first vote of the 5-vote recording is what a greedy-only (k=1) run would draw.
+        one = collect([record], settings, store, QualityCheck(k=1), models=["small"])[("q", "small")]
+        assert created["small"].calls == [] and one.votes == first.votes[:1]
+        found = store.get(prompt_sha256(record.prompt), "small", one.model_sha256, settings_key(five, 16))
+        assert found is not None and found[1][0] == Vote("4", 1, found[1][0].seconds, Signals(-0.1, -0.05, None))
+
+
+# ---------------------------------------------------------------- the router file
+
+
+def test_router_file_carries_the_deferral_check_as_plain_validated_numbers(tiny_models_toml: Path, tmp_path: Path) -> None:
+    from test_routerfile import edit_manifest, make_router
+
+    settings = config.load(tiny_models_toml)
+    router = make_router(settings)
+    names = feature_names(1)
+    rules = DeferralCheck(1, {"small": Deferral(names, (0.5, 0.25, 1.0, -2.0, 1.0), -0.5, (-1.0, -0.5, 0.3, 0.1, 0.0), 0.4)})
+    router.deferral = rules
+    path = tmp_path / "router.cre"
+    routerfile.save(router, path)
+    again = routerfile.load(path, settings)
+    assert again.deferral == rules
+    assert again.prior(0, "small") == 0.5  # the cluster's shrunk accuracy
+    assert again.prior(-1, "small") == 0.4  # outside every cluster: the model's log-wide accuracy
+    assert again.prior(-1, "medium") == 0.5  # no deferral model for it
+
+    def refused(change: Callable[[dict[str, Any]], None]) -> str:
+        routerfile.save(router, path)
+        edit_manifest(path, lambda m: change(m["body"]["deferral"]))
+        with pytest.raises(RouterFileError) as err:
+            routerfile.load(path, settings)
+        return str(err.value)
+
+    assert "weights" in refused(lambda d: d["models"]["small"].__setitem__("weights", [1e9] * 5))
+    assert "weights" in refused(lambda d: d["models"]["small"].__setitem__("weights", ["1"] * 5))
+    assert "features" in refused(lambda d: d["models"]["small"].__setitem__("features", list(names[::-1])))
+    assert "features" in refused(lambda d: d.__setitem__("votes", 3))  # 3 votes need the agreement feature
+    assert "prior" in refused(lambda d: d["models"]["small"].__setitem__("prior", 1.5))
+    assert "unexpected" in refused(lambda d: d["models"]["small"].__setitem__("code", "import os"))
+    assert "not on its ladder" in refused(lambda d: d["models"].__setitem__("ghost", d["models"]["small"]))
+
+
+# ---------------------------------------------------------------- end to end: fit, calibrate, eval --live
+
+
+def _sum(text: str, params: GenParams) -> str:
+    numbers = [int(n) for n in re.findall(r"\d+", text.split("<|im_start|>user")[-1])]
+    return str(sum(numbers[-2:])) if len(numbers) >= 2 else "?"
+
+
+def _small(text: str, params: GenParams) -> str:
+    # Right on small numbers only, as a weak rung is.
+    numbers = [int(n) for n in re.findall(r"\d+", text.split("<|im_start|>user")[-1])]
+    return _sum(text, params) if numbers and numbers[-2] < 15 else "0"
+
+
+def _confidence(text: str, params: GenParams, answer: str) -> Signals:
+    # The fake is sure exactly where it is right: its log-probs say which answers to keep.
+    return Signals(-0.05 if answer != "0" else -3.0, -0.02 if answer != "0" else -1.5, None)
+
+
+def test_calibrated_deferral_live_matches_its_replay(
+    fake_backends: Callable[..., Any], tiny_models_toml: Path, tmp_path: Path
+) -> None:
+    fake_backends({"small": _small, "medium": _small, "large": _sum}, signals=_confidence)
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(
+        json.dumps({"id": f"q{i}", "prompt": f"What is {i} plus {i + 1}?", "reference": str(2 * i + 1), "match": "numeric"}) + "\n"
+        for i in range(30)))
+    router = tmp_path / "router.cre"
+    m = ("--models", str(tiny_models_toml))
+    assert runner.invoke(app, ["fit", str(log), "-o", str(router), *m]).exit_code == 0
+    result = runner.invoke(app, ["calibrate", str(router), *m, "--folds", "2", "--check", "deferral", "--json"])
+    assert result.exit_code == 0, result.output
+    cal = json.loads(result.stdout)
+    assert cal["check"] == "deferral" and set(cal["deferral"]["models"]) == {"small", "medium"}
+    # The fake's log-probs separate right from wrong answers perfectly, held out too.
+    assert cal["signals"]["small"]["min_logprob"]["auroc"] == 1.0
+    assert cal["signals"]["small"]["p_correct"]["auroc"] > 0.9
+    loaded = routerfile.load(router, config.load(tiny_models_toml))
+    assert loaded.deferral is not None and loaded.deferral.votes == 1
+
+    report = json.loads(runner.invoke(app, ["eval", str(log), "--router", str(router), *m, "--live", "--json"]).stdout)
+    live = report["live"]
+    assert live["agreement"] == 1.0 and live["accuracy"] == report["cascade"]["accuracy"]
+    # Perfect signals: every query right, and the small numbers stay on the cheap rung.
+    assert report["cascade"]["accuracy"] == 1.0
+    assert report["cascade"]["answered_by"].get("small", 0) + report["cascade"]["answered_by"].get("medium", 0) > 0
+
+    ask = runner.invoke(app, ["ask", "What is 3 plus 4?", "--router", str(router), *m, "--json", "--no-log"])
+    trace = json.loads(ask.stdout)
+    assert trace["answer"] == "7" and trace["p_correct"] is not None
+    assert "P(correct)" in trace["steps"][0]["why"]
+
+
+def test_calibrate_refuses_more_deferral_votes_than_recorded(
+    fake_backends: Callable[..., Any], tiny_models_toml: Path, tmp_path: Path
+) -> None:
+    fake_backends({"small": _sum, "medium": _sum, "large": _sum})
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"What is {i} plus 1?", "reference": str(i + 1),
+                                       "match": "numeric"}) + "\n" for i in range(20)))
+    router = tmp_path / "router.cre"
+    m = ("--models", str(tiny_models_toml))
+    assert runner.invoke(app, ["fit", str(log), "-o", str(router), *m, "--k", "3"]).exit_code == 0
+    bad = runner.invoke(app, ["calibrate", str(router), *m, "--folds", "2", "--check", "deferral", "--votes", "4"])
+    assert bad.exit_code == 1 and "--votes 4" in str(bad.exception)
+    bad = runner.invoke(app, ["calibrate", str(router), *m, "--folds", "2", "--check", "vibes"])
+    assert bad.exit_code == 1 and "vibes" in str(bad.exception)
+    good = runner.invoke(app, ["calibrate", str(router), *m, "--folds", "2", "--check", "deferral", "--votes", "3", "--json"])
+    assert good.exit_code == 0, good.output
+    assert json.loads(good.stdout)["deferral"]["models"]["small"]["features"][-1] == "agreement"
