@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ import openai
 import pytest
 
 from crecli import config
+from crecli.errors import BackendError, PromptTooLong
 from crecli.escalate import Cascade
 from crecli.models.backend import GenParams
 from crecli.models.fake import FakeBackend
@@ -269,6 +271,74 @@ def test_a_slow_request_gets_504_and_the_server_goes_on(
     assert (health["running"], health["queued"]) == (0, 0)
     assert reply.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in reply
 
+
+def test_a_prompt_over_the_context_is_a_400_and_other_model_errors_stay_500(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig
+) -> None:
+    def answerer(text: str, params: GenParams) -> str:
+        if "long" in text:  # what LlamaBackend raises when the prompt fills the context
+            raise PromptTooLong("prompt is 5000 tokens, which fills 'small''s context of 4096; "
+                                "shorten it or raise `context` in models.toml")
+        raise BackendError("llama.cpp could not decode the prompt")
+
+    fake_backends({m: answerer for m in ("small", "medium", "large")})
+    with serving(Cascade(make_router(), settings)) as url:
+        with pytest.raises(openai.BadRequestError) as chat:
+            client(url).chat.completions.create(model="cre", messages=[{"role": "user", "content": "a long prompt"}])
+        with pytest.raises(openai.BadRequestError) as direct:
+            client(url).completions.create(model="small", prompt="a long prompt")
+        with pytest.raises(openai.InternalServerError) as broken:
+            client(url).completions.create(model="small", prompt="a short prompt")
+    for raised, param in ((chat, "messages"), (direct, "prompt")):
+        body = raised.value.body
+        assert isinstance(body, dict) and set(body) == {"message", "type", "param", "code"}
+        assert (body["type"], body["code"]) == ("invalid_request_error", "context_length_exceeded")
+        assert body["param"] == param
+        assert "fills 'small''s context of 4096" in body["message"]
+    assert broken.value.status_code == 500
+    assert isinstance(broken.value.body, dict) and broken.value.body["code"] == "model_error"
+
+
+def test_requests_over_the_servers_limit_get_503_in_openai_shape_not_uvicorns_plain_text(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig
+) -> None:
+    install(fake_backends, TABLE)
+    limit, extra = ServeOptions(max_queue=0).max_requests, 3
+    with serving(Cascade(make_router(), settings), max_queue=0, timeout=30) as url:
+        port = int(url.rsplit(":", 1)[1])
+        trickles = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(limit + extra)]
+        replies: list[bytes] = []
+        try:
+            # Each holds a request in flight, its body never finished; only the extra are answered.
+            for trickle in trickles:
+                trickle.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            waiting, deadline = list(trickles), time.monotonic() + 20
+            while len(replies) < extra and time.monotonic() < deadline:
+                for ready in select.select(waiting, [], [], 0.1)[0]:
+                    waiting.remove(ready)
+                    reply = b""
+                    while chunk := ready.recv(65536):  # the refusal closes the connection
+                        reply += chunk
+                    replies.append(reply)
+            time.sleep(0.2)
+            replies += [t.recv(65536) for t in select.select(waiting, [], [], 0)[0]]  # none, if the count is right
+        finally:
+            for trickle in trickles:
+                trickle.close()
+        deadline = time.monotonic() + 20
+        while (after := httpx.get(f"{url}/health", timeout=10)).status_code != 200:  # the slots free as they close
+            assert time.monotonic() < deadline, "still refusing"
+            time.sleep(0.05)
+    assert len(replies) == extra, replies[:1]
+    for reply in replies:
+        head, _, body = reply.partition(b"\r\n\r\n")
+        headers = dict(line.split(": ", 1) for line in head.decode().lower().split("\r\n")[1:])
+        assert head.startswith(b"HTTP/1.1 503 ") and headers["content-type"] == "application/json", reply
+        assert headers["connection"] == "close" and int(headers["retry-after"]) >= 1
+        error = json.loads(body)["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert (error["type"], error["code"]) == ("server_error", "overloaded")
+    assert after.json()["status"] == "ok"
 
 CHILD = """
 import sys, time

@@ -31,3 +31,7 @@ class RouterFileError(CreError):
 
 class BackendError(CreError):
     """A backend (llama.cpp or a remote server) failed to answer."""
+
+
+class PromptTooLong(BackendError):
+    """The prompt does not fit the model's context: the caller's to shorten, so `cre serve` answers 400."""

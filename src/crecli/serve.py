@@ -7,9 +7,10 @@ answers with that model alone, greedily.
 Every model computation runs on one worker thread, in arrival order: llama.cpp's threads
 spin, so two computations at once on a CPU slow both down more than they gain. The event
 loop only parses, checks and queues; a request beyond `max_queue` waiting ones is refused
-with 429 at once rather than left to wait for a timeout. Each request's timeout counts from
-its arrival, queue time included; on expiry a queued job is dropped and a running cascade
-stops at its next rung.
+with 429 at once rather than left to wait for a timeout, and a request beyond
+`max_requests` in flight (reading, parsing, queued or running) with 503, both in OpenAI's
+error shape. Each request's timeout counts from its arrival, queue time included; on expiry
+a queued job is dropped and a running cascade stops at its next rung.
 
 `create_app` builds the app without a socket (tests use it through a client); `run` is
 `cre serve`. Starlette and uvicorn are imported only here, inside functions, so `cre --help`
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from crecli.errors import CreError, InputError
+from crecli.errors import CreError, InputError, PromptTooLong
 from crecli.querylog import MAX_LINE_BYTES, _Bad, _loads, json_type
 
 if TYPE_CHECKING:
@@ -67,6 +68,15 @@ class ServeOptions:
     timeout: float = DEFAULT_TIMEOUT  # seconds from arrival to answer, queue time included
     max_body: int = DEFAULT_MAX_BODY  # bytes
     api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer <key>`
+
+    @property
+    def max_requests(self) -> int:
+        """HTTP requests in flight at once, on every endpoint; more get 503.
+
+        Well above the queue's own limit (max_queue + 1 admitted), so that a full queue
+        answers 429 and this only stops a flood of requests still sending their bodies.
+        """
+        return max(64, 4 * (self.max_queue + 1))
 
 
 class ApiError(Exception):
@@ -244,13 +254,20 @@ class Worker:
         with self._lock:
             return self._admitted - self.running
 
+    def retry_after(self) -> str:
+        """Seconds until the admitted jobs are likely done, for a refusal's Retry-After."""
+        with self._lock:
+            return self._retry_after()
+
+    def _retry_after(self) -> str:  # with the lock held
+        return str(max(1, math.ceil(self._mean_seconds * self._admitted)))
+
     def submit(self, job: Callable[[], Any], cancel: threading.Event) -> "Future[Any]":
         with self._lock:
             if self._admitted >= self.limit:
-                retry = max(1, math.ceil(self._mean_seconds * self._admitted))
                 raise ApiError(
                     429, f"the server is busy: {self._admitted - 1} requests are waiting, the most it queues; retry later",
-                    type="rate_limit_error", code="queue_full", headers={"Retry-After": str(retry)},
+                    type="rate_limit_error", code="queue_full", headers={"Retry-After": self._retry_after()},
                 )
             self._admitted += 1
 
@@ -397,6 +414,7 @@ def create_app(
 
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
@@ -458,6 +476,10 @@ def create_app(
             raise ApiError(504, f"no answer within the server's timeout of {options.timeout:g} s; "
                            "the server is busy or the prompt is slow to answer", type="timeout_error",
                            code="timeout") from None
+        except PromptTooLong as exc:
+            # The client's to fix (a shorter prompt), unlike the model errors below.
+            raise ApiError(400, str(exc), param="messages" if query.kind == "chat" else "prompt",
+                           code="context_length_exceeded") from None
         except CreError as exc:
             raise ApiError(500, str(exc), type="server_error", code="model_error") from None
         return convert(result)
@@ -526,10 +548,42 @@ def create_app(
             Route("/health", health, methods=["GET"]),
         ],
         exception_handlers={ApiError: on_api_error, HTTPException: on_http_error, Exception: on_crash},
+        middleware=[Middleware(_RequestLimit, limit=options.max_requests, worker=worker)],
         lifespan=lifespan,
     )
     app.state.worker = worker
     return app
+
+
+class _RequestLimit:
+    """ASGI middleware: an HTTP request beyond `limit` in flight gets 503 in OpenAI's shape.
+
+    It replaces uvicorn's `limit_concurrency`, whose refusal is a plain-text 503 that OpenAI
+    clients cannot read, and which counts idle keep-alive connections as load.
+    """
+
+    def __init__(self, app: Any, limit: int, worker: Worker) -> None:
+        self.app, self.limit, self.worker = app, limit, worker
+        self.active = 0  # only the event loop's thread touches it
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            from starlette.responses import JSONResponse
+
+            exc = ApiError(503, f"the server is overloaded: {self.active} requests are in flight, the most it "
+                           "takes at once; retry later", type="server_error", code="overloaded")
+            # Closing the connection, unread body and all, frees it for a client that can be served.
+            headers = {"Retry-After": self.worker.retry_after(), "Connection": "close"}
+            await JSONResponse(exc.body(), status_code=503, headers=headers)(scope, receive, send)
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
 
 
 def _too_large(limit: int) -> ApiError:
@@ -585,10 +639,10 @@ def make_server(app: "Starlette", options: ServeOptions, log_level: str = "info"
         # On SIGTERM uvicorn stops accepting, finishes the requests in flight, then exits;
         # none can outlive its own timeout, so that bounds the drain.
         timeout_graceful_shutdown=math.ceil(options.timeout) + 5,
-        # Idle keep-alive connections are closed soon, and a flood of connections is turned
-        # away with 503 by uvicorn instead of each holding memory while it waits.
+        # Idle keep-alive connections are closed soon. No `limit_concurrency`: the app
+        # refuses requests beyond `options.max_requests` itself, in OpenAI's shape
+        # (`_RequestLimit`); uvicorn's limit would answer plain text first.
         timeout_keep_alive=5,
-        limit_concurrency=max(64, 4 * (options.max_queue + 1)),
     )
     return uvicorn.Server(config)
 
