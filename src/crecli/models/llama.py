@@ -25,7 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from crecli.errors import BackendError, CreError
+from crecli.errors import BackendError, CreError, PromptTooLong
 from crecli.models.backend import Backend, Generation, GenParams, Signals
 from crecli.models.pull import require_file
 
@@ -375,7 +375,7 @@ class LlamaBackend(Backend):
     def _fit_max_tokens(self, n_prompt: int, wanted: int) -> int:
         room = self.n_ctx - n_prompt
         if room <= 0:
-            raise BackendError(
+            raise PromptTooLong(
                 f"prompt is {n_prompt} tokens, which fills {self.spec.name!r}'s context of {self.n_ctx}; "
                 "shorten it or raise `context` in models.toml"
             )
@@ -710,7 +710,7 @@ class ParallelGreedy:
             tokens = prompt_tokens(llm, text)
             room = self.n_ctx_seq - len(tokens)
             if room <= 0:
-                results[i] = BackendError(
+                results[i] = PromptTooLong(
                     f"prompt is {len(tokens)} tokens, which fills {self.n_ctx_seq}-token context; "
                     "shorten it or raise `context` in models.toml"
                 )
