@@ -76,3 +76,43 @@ def test_run_stops_at_a_crashing_probe(tiny_models_toml: Path, monkeypatch: pyte
     monkeypatch.setattr(bench, "measure", lambda *a, **k: pytest.fail("measured after a crash"))
     with pytest.raises(BackendError, match="AMX"):
         bench.run(config.load(tiny_models_toml), ["small"])
+
+
+class _Tokenizer:
+    """Splits on spaces, one token per word plus a BOS: enough to find a shared head."""
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = True) -> list[int]:
+        return ([0] if add_bos else []) + [hash(w) & 0xFFFF for w in text.decode().split(" ")]
+
+
+def test_cached_head_is_what_two_unlike_prompts_share_once_tokenized() -> None:
+    from crecli.models.prompting import render
+
+    head = bench.cached_head_tokens(_Tokenizer(), "chatml")
+    a = _Tokenizer().tokenize(render("chatml", "What is 2 plus 2?").text.encode())
+    # The system turn and "<|im_start|>user\nWhat": the first prompt word merges with the
+    # turn's last line under this toy tokenizer, so only whole shared words count.
+    assert 5 < head < len(a)
+    assert bench.cached_head_tokens(_Tokenizer(), "chat") == 1  # only the BOS: a remote template is unknown
+
+
+def test_bench_seconds_leave_out_the_cached_head_and_other_units_do_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    from crecli.costs import CostModel, Pricing
+    from crecli.outcomes import Outcome, Vote
+
+    spec = ModelSpec(name="m", sha256="a" * 64)
+    monkeypatch.setenv("CRE_THREADS", "2")
+    bench.save(_speed(head_tokens=40))
+    assert bench.cached_heads([spec]) == {"m": 40}
+    pricing = Pricing.for_models([spec])
+    assert pricing.unit == "bench-seconds" and pricing.cached("m") == 40
+    # 100 prompt tokens, 40 cached: 60 at 100 tokens/s, and 10 output tokens at 10/s.
+    assert pricing.tokens("m", 100, 10) == pytest.approx(0.6 + 1.0)
+    assert pricing.tokens("m", 30, 0) == 0.0  # a prompt shorter than the head costs nothing to read
+    outcome = Outcome("q", "p", "m", "a" * 64, "k", "run", 100, [Vote("4", 10, 9.0), Vote("4", 10, 1.0)])
+    costs = CostModel.build([outcome], [spec])
+    assert costs.votes(outcome) == pytest.approx([1.6, 1.0])  # later votes never paid for the prompt
+    seconds = CostModel.build([outcome], [spec], unit="seconds")
+    assert seconds.cached("m") == 0 and seconds.votes(outcome) == [9.0, 1.0]
+    bench.save(_speed())  # measured before heads were: nothing left out
+    assert bench.cached_heads([spec]) == {"m": 0} and Pricing.for_models([spec]).tokens("m", 100, 10) == pytest.approx(2.0)

@@ -46,6 +46,28 @@ def test_llama_backend_generates_with_completion_template(gemma) -> None:
         backend.close()
 
 
+def test_greedy_answers_carry_signals_and_the_head_is_counted_on_the_real_model(gemma) -> None:
+    from crecli.models import bench
+    from crecli.models.backend import GenParams
+    from crecli.models.llama import LlamaBackend
+    from crecli.quality import QualityCheck, vote_params
+
+    backend = LlamaBackend(gemma)
+    try:
+        prompt = "Which is a fruit?\n(A) stone\n(B) apple\n(C) chair"
+        gen = backend.generate(prompt, vote_params(QualityCheck(), 0, 8, prompt))
+        s = gen.signals
+        assert s is not None and s.min_logprob <= s.mean_logprob <= 0.0
+        if "(" in gen.text or gen.text.strip()[:1].isupper():
+            assert s.margin is not None and 0.0 <= s.margin <= 1.0
+        # Sampled votes carry none: their token is not the argmax, so its log-prob is unknown.
+        assert backend.generate(prompt, GenParams(max_tokens=8, temperature=0.7, seed=1)).signals is None
+        head = bench.cached_head_tokens(backend.llm, gemma.prompt_format)
+        assert 20 < head < gen.prompt_tokens  # the few-shot preamble, not the question
+    finally:
+        backend.close()
+
+
 def test_cre_ask_end_to_end(gemma) -> None:
     env = dict(os.environ)
     result = subprocess.run(

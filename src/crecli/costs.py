@@ -12,7 +12,11 @@ Three units, chosen in this order:
 - "seconds": the model-seconds each answer took.
 
 In every unit a model's first vote pays for the prompt and later votes only for their output
-tokens, because the prompt stays in llama.cpp's cache between votes.
+tokens, because the prompt stays in llama.cpp's cache between votes. In bench-seconds the
+first vote does not pay for the head every prompt of that model shares (the system turn and
+the start of the user turn, or a base model's few-shot preamble; `cre models bench` counts
+its tokens): llama.cpp reuses it from the model's previous prompt, so in steady use it is
+processed once per load. Measured seconds show the same saving.
 
 `Pricing` prices tokens for the live cascade (`Cascade.cost_of`) and is the base of
 `CostModel`, which prices recorded outcomes for calibration and evaluation, so both price
@@ -69,18 +73,30 @@ def token_cost(
 class Pricing:
     """A cost unit and what prices tokens in it: each model's price and benchmarked speeds."""
 
-    def __init__(self, unit: str, prices: dict[str, float], speeds: dict[str, tuple[float, float]] | None = None) -> None:
+    def __init__(
+        self,
+        unit: str,
+        prices: dict[str, float],
+        speeds: dict[str, tuple[float, float]] | None = None,
+        heads: dict[str, int] | None = None,
+    ) -> None:
         if unit not in UNITS:
             raise ValueError(f"unknown cost unit {unit!r}; use one of {', '.join(UNITS)}")
         self.unit = unit
         self.prices = prices
         self.speeds = speeds or {}
+        self.heads = heads or {}
+
+    def cached(self, model: str) -> int:
+        """Prompt tokens of `model` that cost nothing in this unit (its cached head)."""
+        return self.heads.get(model, 0) if self.unit == "bench-seconds" else 0
 
     @classmethod
     def for_models(cls, specs: Sequence["ModelSpec"], unit: str | None = None) -> "Pricing":
         """The ladder's unit (see the module docstring), or `unit` when given."""
         prices = {s.name: float(s.price_per_1k_tokens) for s in specs if s.price_per_1k_tokens is not None}
         speeds = bench.speeds(specs)
+        heads = bench.cached_heads(specs)
         if unit is None:
             if specs and len(prices) == len(specs):
                 unit = "price"
@@ -88,7 +104,7 @@ class Pricing:
                 unit = "bench-seconds"
             else:
                 unit = "seconds"
-        return cls(unit, prices, speeds)
+        return cls(unit, prices, speeds, heads)
 
     @property
     def by_tokens(self) -> bool:
@@ -99,7 +115,8 @@ class Pricing:
         """Cost of `model` reading and writing these many tokens; None in seconds, or unpriced."""
         if not self.by_tokens:
             return None
-        return token_cost(self.unit, prompt_tokens, output_tokens, self.prices.get(model), self.speeds.get(model))
+        return token_cost(self.unit, max(0.0, prompt_tokens - self.cached(model)), output_tokens,
+                          self.prices.get(model), self.speeds.get(model))
 
 
 class CostModel(Pricing):
@@ -120,8 +137,9 @@ class CostModel(Pricing):
         prices: dict[str, float],
         label_cost: dict[str, float],
         speeds: dict[str, tuple[float, float]] | None = None,
+        heads: dict[str, int] | None = None,
     ) -> None:
-        super().__init__(unit, prices, speeds)
+        super().__init__(unit, prices, speeds, heads)
         self.label_cost = label_cost
 
     @classmethod
@@ -135,7 +153,7 @@ class CostModel(Pricing):
                     f"cost unit 'price' needs price_per_1k_tokens for every model; missing for "
                     f"{', '.join(unpriced)}. Add it in models.toml, or use the measured seconds."
                 )
-        model = cls(pricing.unit, pricing.prices, {}, pricing.speeds)
+        model = cls(pricing.unit, pricing.prices, {}, pricing.speeds, pricing.heads)
         runs = [o for o in outcomes if o.source == "run" and o.votes]
         needs = sorted({o.model for o in outcomes if o.source == "label"})
         if needs:
@@ -151,7 +169,8 @@ class CostModel(Pricing):
     def _estimate(self, name: str, runs: list["Outcome"], typical: tuple[float, float]) -> float:
         if runs:
             return sum(self.votes(o)[0] for o in runs) / len(runs)
-        cost = token_cost(self.unit, *typical, self.prices.get(name), self.speeds.get(name))
+        cost = token_cost(self.unit, max(0.0, typical[0] - self.cached(name)), typical[1],
+                          self.prices.get(name), self.speeds.get(name))
         if cost is None:
             raise CreError(
                 f"no cost is known for {name!r}: every outcome of it is a label and it has no "
@@ -161,7 +180,8 @@ class CostModel(Pricing):
 
     def votes(self, outcome: "Outcome") -> list[float]:
         """Cost of each vote in order (vote 0 carries prompt processing)."""
-        costs = outcome.vote_costs(self.unit, self.prices.get(outcome.model), self.speeds.get(outcome.model))
+        costs = outcome.vote_costs(self.unit, self.prices.get(outcome.model), self.speeds.get(outcome.model),
+                                   self.cached(outcome.model))
         return [self.label_cost[outcome.model]] if costs is None else costs
 
     def of(self, outcome: "Outcome", used_votes: int = 1) -> float:

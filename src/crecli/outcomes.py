@@ -91,13 +91,15 @@ class Outcome:
         unit: str = "seconds",
         price_per_1k_tokens: float | None = None,
         speed: tuple[float, float] | None = None,
+        cached_prompt_tokens: int = 0,
     ) -> list[float] | None:
         """Measured cost of each vote in order; None for label-only outcomes.
 
         "seconds": the model-seconds each vote took on this machine. "bench-seconds": tokens
         at the benchmarked (prompt, generation) tokens/s in `speed`. "price": tokens times
-        the model's price. Vote 0 pays prompt and output tokens, later votes only their
-        output tokens, because the prompt is cached after the first vote.
+        the model's price. Vote 0 pays prompt and output tokens, less `cached_prompt_tokens`
+        (see `costs.Pricing.cached`), later votes only their output tokens, because the
+        prompt is cached after the first vote.
         """
         if self.source == "label":
             return None
@@ -109,8 +111,9 @@ class Outcome:
             raise ConfigError(f"model {self.model!r} has no price_per_1k_tokens in models.toml")
         if unit == "bench-seconds" and speed is None:
             raise ConfigError(f"model {self.model!r} has no benchmark; run `cre models bench {self.model}`")
+        prompt = max(0, self.prompt_tokens - cached_prompt_tokens)
         costs = [
-            token_cost(unit, self.prompt_tokens if i == 0 else 0, v.output_tokens, price_per_1k_tokens, speed)
+            token_cost(unit, prompt if i == 0 else 0, v.output_tokens, price_per_1k_tokens, speed)
             for i, v in enumerate(self.votes)
         ]
         assert None not in costs  # the checks above leave no vote without a figure

@@ -51,6 +51,9 @@ class Speed:
     # are probably low.
     busy_share: float | None = None
     extra_bufts: bool | None = None
+    # Prompt tokens every rendered prompt shares (`prompting.HEAD_PROBES`), which llama.cpp
+    # keeps cached between prompts; None when measured before this was recorded.
+    head_tokens: int | None = None
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -96,6 +99,7 @@ def measure(spec: ModelSpec, pp_tokens: int = 256, tg_tokens: int = 64, repeats:
     backend = LlamaBackend(spec)
     try:
         llm = backend.llm
+        head = cached_head_tokens(llm, spec.prompt_format)
         tokens = llm.tokenize((_PROMPT * 64).encode(), add_bos=True)[:pp_tokens]
         llm.reset()
         llm.eval(tokens[:8])  # warm-up: first decode allocates buffers
@@ -125,11 +129,25 @@ def measure(spec: ModelSpec, pp_tokens: int = 256, tg_tokens: int = 64, repeats:
             repeats=len(pp_rates),
             busy_share=busy,
             extra_bufts=use_extra_bufts(),
+            head_tokens=head,
         )
     finally:
         backend.close()
     speed.warnings = check(speed)
     return speed
+
+
+def cached_head_tokens(llm: Any, prompt_format: str) -> int:
+    """How many leading tokens two different prompts in this format share once tokenized,
+    which is what llama.cpp's prefix reuse skips (the head's last characters can merge with
+    the prompt's first into one token, so the text's own token count would overstate it)."""
+    from crecli.models.prompting import HEAD_PROBES, render
+
+    a, b = (llm.tokenize(render(prompt_format, p).text.encode(), add_bos=True, special=True) for p in HEAD_PROBES)
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def check(speed: Speed) -> list[str]:
@@ -194,6 +212,17 @@ def speeds(specs: Sequence[ModelSpec]) -> dict[str, tuple[float, float]]:
         entry = stored(spec)
         if entry:
             out[spec.name] = (float(entry["pp_tokens_per_s"]), float(entry["tg_tokens_per_s"]))
+    return out
+
+
+def cached_heads(specs: Sequence[ModelSpec]) -> dict[str, int]:
+    """Each measured model's cached head, in tokens (0 where the measurement predates it)."""
+    out = {}
+    for spec in specs:
+        entry = stored(spec)
+        if entry:
+            head = entry.get("head_tokens")
+            out[spec.name] = int(head) if isinstance(head, int) and not isinstance(head, bool) and head >= 0 else 0
     return out
 
 

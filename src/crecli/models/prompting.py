@@ -58,3 +58,11 @@ def render(prompt_format: str, prompt: str, system: str = SYSTEM) -> Rendered:
         # Remote chat servers apply their own template; the openai backend sends messages.
         return Rendered(prompt, ())
     raise ValueError(f"unknown prompt format {prompt_format!r}")
+
+
+# Two prompts unlike each other: what their renderings share is the head every prompt in
+# that format starts with (the system turn and the start of the user turn, or a base model's
+# few-shot preamble). llama.cpp keeps a model's last prompt in its KV cache and reuses the
+# longest common prefix, so in steady use the head is processed once per load, not per prompt;
+# `cre models bench` counts its tokens (`bench.cached_head_tokens`) and costs leave them out.
+HEAD_PROBES = ("What is 2 plus 2?", "(A) yes (B) no")
