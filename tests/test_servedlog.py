@@ -23,7 +23,7 @@ from crecli.escalate import Cascade, Trace
 from crecli.models.fake import FakeBackend
 from crecli.routerfile import RouterFile
 from crecli.servedlog import ServedLog
-from test_escalate import install, make_router
+from test_escalate import install, make_router, router, saved_router  # noqa: F401 - fixtures
 
 ADD = "What is 7 plus 5?"
 PERU = "What is the capital city of Peru?"
@@ -37,18 +37,6 @@ def trace(answer: str = "12", model: str = "small", cluster: int = 0) -> Trace:
 
 def prompts(reading: servedlog.LogReading) -> list[str]:
     return [e["prompt"] for e in reading.entries]
-
-
-@pytest.fixture(scope="module")
-def router() -> RouterFile:
-    return make_router()
-
-
-@pytest.fixture
-def saved_router(router: RouterFile, tmp_path: Path) -> Path:
-    path = tmp_path / "router.cre"
-    routerfile.save(router, path)
-    return path
 
 
 def cre(*args: str | Path, input: str | bytes | None = None) -> Any:
