@@ -21,7 +21,6 @@ from crecli import config, paths, routerfile, servedlog
 from crecli.cli import app
 from crecli.escalate import Cascade, Trace
 from crecli.models.fake import FakeBackend
-from crecli.routerfile import RouterFile
 from crecli.servedlog import ServedLog
 from test_escalate import install, make_router, router, saved_router  # noqa: F401 - fixtures
 
