@@ -212,3 +212,22 @@ def test_calibrate_refuses_more_deferral_votes_than_recorded(
     good = runner.invoke(app, ["calibrate", str(router), *m, "--folds", "2", "--check", "deferral", "--votes", "3", "--json"])
     assert good.exit_code == 0, good.output
     assert json.loads(good.stdout)["deferral"]["models"]["small"]["features"][-1] == "agreement"
+
+
+def test_calibrate_and_eval_price_in_the_cost_unit_asked_for(
+    fake_backends: Callable[..., Any], tiny_models_toml: Path, tmp_path: Path
+) -> None:
+    fake_backends({"small": _small, "medium": _small, "large": _sum})
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"What is {i} plus 1?", "reference": str(i + 1),
+                                       "match": "numeric"}) + "\n" for i in range(20)))
+    router = tmp_path / "router.cre"
+    m = ("--models", str(tiny_models_toml))
+    assert runner.invoke(app, ["fit", str(log), "-o", str(router), *m]).exit_code == 0
+    cal = runner.invoke(app, ["calibrate", str(router), *m, "--folds", "2", "--cost-unit", "seconds", "--json"])
+    assert cal.exit_code == 0, cal.output
+    assert routerfile.load(router, config.load(tiny_models_toml)).fit.cost_unit == "seconds"
+    ev = json.loads(runner.invoke(app, ["eval", str(log), "--router", str(router), *m, "--cost-unit", "seconds", "--json"]).stdout)
+    assert ev["unit"] == "seconds"
+    bad = runner.invoke(app, ["calibrate", str(router), *m, "--folds", "2", "--cost-unit", "dollars"])
+    assert bad.exit_code == 1 and "dollars" in str(bad.exception)

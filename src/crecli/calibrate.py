@@ -588,14 +588,20 @@ def prepare(
     log: Path,
     store: Path | None = None,
     reader: "LogOptions | None" = None,
+    unit: str | None = None,
 ) -> Data:
     """Read `log` with `reader` (default: as the router's fit read its log), route every
     labelled query as `cre ask` would, and collect the missing outcomes.
 
     Costs are priced afresh (today's `cre models bench` speeds or prices), never taken from
-    the router's stored statistics.
+    the router's stored statistics, in `unit` when given (else the ladder's default unit,
+    see `costs`).
     """
     from crecli import outcomes as outcomes_mod
+    from crecli.costs import UNITS
+
+    if unit is not None and unit not in UNITS:
+        raise CreError(f"--cost-unit {unit!r}: use one of {', '.join(UNITS)}")
 
     reader = reader or router.fit.reader
     read = reader.read(log)
@@ -612,7 +618,7 @@ def prepare(
     path = store or outcomes_mod.default_store_path()
     with outcomes_mod.OutcomeStore(path) as st:
         found = outcomes_mod.collect(records, settings, st, router.quality, models=ladder)
-    costs = CostModel.build(found.values(), [settings.get(m) for m in ladder])
+    costs = CostModel.build(found.values(), [settings.get(m) for m in ladder], unit)
     replay = Replay.build(found, records, ladder, costs)
     return Data(records, routes, found, costs, replay, read.sha256)
 
@@ -1092,6 +1098,7 @@ def run(
     force: bool = False,
     check: str = "agreement",
     votes: int = 1,
+    unit: str | None = None,
 ) -> tuple[Calibration, Path]:
     """`cre calibrate`: load the router, read its log as the fit did, recalibrate, write it.
 
@@ -1109,7 +1116,7 @@ def run(
     reader = router.fit.reader
     if max_line_bytes is not None:
         reader = replace(reader, fields=replace(reader.fields, max_line_bytes=max_line_bytes))
-    data = prepare(router, settings, log, store, reader)
+    data = prepare(router, settings, log, store, reader, unit)
     check_log(router, log, data)
     cal = recalibrate(router, data, budget, n_folds=n_folds, seed=seed, check=check, votes=votes)
     routerfile.save(apply(router, cal), target)

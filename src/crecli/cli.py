@@ -55,6 +55,10 @@ ModelsOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout for scripts.")]
+CostUnitOpt = Annotated[
+    Optional[str],
+    typer.Option("--cost-unit", help="Price costs in 'bench-seconds', 'seconds' (as recorded) or 'price' instead of the ladder's default (price if every model has one, else bench-seconds once benchmarked, else seconds).", show_default=False),
+]
 NoLogOpt = Annotated[
     bool,
     typer.Option(
@@ -307,6 +311,7 @@ def calibrate(
     max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, help="Longest log line (and so prompt) to read, in bytes (default: what `cre fit` was given).", show_default=False)] = None,
     check: Annotated[str, typer.Option(help="Quality check: 'agreement' (self-consistency votes) or 'deferral' (a logistic P(correct) model per rung on the greedy answer's own signals).")] = "agreement",
     votes: Annotated[int, typer.Option(min=1, help="With --check deferral: votes a rung draws (1: the greedy answer alone; more adds their agreement as a signal).")] = 1,
+    cost_unit: CostUnitOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Re-choose each cluster's model and each model's quality-check threshold for a target.
@@ -330,7 +335,7 @@ def calibrate(
     settings, budget = _model_config(models), _budget(retain, max_cost)
     cal, target = calibration.run(
         router, settings, budget, log=log, output=output, store=store, max_line_bytes=max_prompt_bytes,
-        n_folds=folds, seed=seed, force=force, check=check, votes=votes,
+        n_folds=folds, seed=seed, force=force, check=check, votes=votes, unit=cost_unit,
     )
     render.calibration(cal, target, json_)
 
@@ -346,6 +351,7 @@ def eval_(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip bad lines instead of stopping (default: what `cre fit` was given).")] = False,
     max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, help="Longest log line (and so prompt) to read, in bytes (default: what `cre fit` was given).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Warn instead of failing when local model files differ from the router's.")] = False,
+    cost_unit: CostUnitOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Measure the cascade on a labelled log against baselines: each model alone, random
@@ -366,7 +372,7 @@ def eval_(
 
     report = evaluate.run(
         log, _router_path(router), _model_config(models), store=store, plot=plot, run_live=live,
-        skip_bad=skip_bad, max_line_bytes=max_prompt_bytes, force=force,
+        skip_bad=skip_bad, max_line_bytes=max_prompt_bytes, force=force, unit=cost_unit,
     )
     if plot:
         render.plot(report, plot)

@@ -265,6 +265,7 @@ def run(
     skip_bad: bool = False,
     max_line_bytes: int | None = None,
     force: bool = False,
+    unit: str | None = None,
 ) -> EvalReport:
     """`cre eval`: outputs checked first, then the router loaded once (with `force`), the log
     read as the router's fit read its own (field names, format, line cap; --skip-bad and
@@ -284,7 +285,7 @@ def run(
         reader = replace(reader, skip_bad=True)
     if max_line_bytes is not None:
         reader = replace(reader, fields=replace(reader.fields, max_line_bytes=max_line_bytes))
-    data = calibrate.prepare(router, settings, log, store, reader)
+    data = calibrate.prepare(router, settings, log, store, reader, unit)
     report = evaluate(router, data)
     if run_live:
         report.live = live(router, settings, data)
