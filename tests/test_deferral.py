@@ -181,6 +181,9 @@ def test_calibrated_deferral_live_matches_its_replay(
     assert cal["signals"]["small"]["p_correct"]["auroc"] > 0.9
     loaded = routerfile.load(router, config.load(tiny_models_toml))
     assert loaded.deferral is not None and loaded.deferral.votes == 1
+    shown = json.loads(runner.invoke(app, ["inspect", str(router), *m, "--json"]).stdout)
+    assert shown["deferral"]["models"]["small"]["features"] == list(feature_names(1))
+    assert "calibrated deferral" in runner.invoke(app, ["inspect", str(router), *m]).stdout
 
     report = json.loads(runner.invoke(app, ["eval", str(log), "--router", str(router), *m, "--live", "--json"]).stdout)
     live = report["live"]

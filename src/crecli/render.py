@@ -275,6 +275,7 @@ def router_dict(router: Any) -> dict[str, Any]:
         "budget": router.budget,
         "quality": router.quality.to_dict(),
         "thresholds": router.thresholds,
+        "deferral": router.deferral.to_dict() if router.deferral is not None else None,
         "fit": router.fit.to_dict(),
         "clusters": [
             {
@@ -321,8 +322,11 @@ def inspect_router(router: Any, as_json: bool) -> None:
         terminal_safe(
             f"Router schema {router.schema_version}: {len(router.clusters)} clusters from {fit.n_queries} queries "
             f"({fit.log}, fitted {fit.date}); budget {router.budget['kind']} {router.budget['value']}; "
-            f"fallback {router.fallback_model}; quality check k={router.quality.k}, T={router.quality.temperature}; "
-            "thresholds " + ", ".join(f"{m} {t:.2f}" for m, t in router.thresholds.items())
+            f"fallback {router.fallback_model}; "
+            + (f"quality check: calibrated deferral, {router.deferral.votes} vote(s) a rung; P(correct) thresholds "
+               if router.deferral is not None
+               else f"quality check k={router.quality.k}, T={router.quality.temperature}; thresholds ")
+            + ", ".join(f"{m} {t:.2f}" for m, t in router.thresholds.items())
         ),
         highlight=False,
         markup=False,
