@@ -234,3 +234,31 @@ def test_calibrate_and_eval_price_in_the_cost_unit_asked_for(
     assert ev["unit"] == "seconds"
     bad = runner.invoke(app, ["calibrate", str(router), *m, "--folds", "2", "--cost-unit", "dollars"])
     assert bad.exit_code == 1 and "dollars" in str(bad.exception)
+
+
+def test_a_four_rung_replay_escalates_by_p_correct_and_the_remote_top_is_final() -> None:
+    """A ladder of any length: a remote top rung above the 1.5B is asked only what every
+    rung below doubts, and its greedy answer is final (it has no deferral model)."""
+    from crecli.calibrate import Replay, _Entry
+
+    ladder = ["tiny", "small", "big", "remote"]
+    records = [Record(id=f"q{i}", prompt=f"p{i}", reference=["1"], match="numeric") for i in range(3)]
+    entries = {}
+    for r in records:
+        for j, m in enumerate(ladder):
+            # Rung j is right on query i when j >= i + 1; costs 1, 2, 4, 8.
+            right = j >= int(r.id[1:]) + 1
+            entries[(r.id, m)] = _Entry(("1" if right else "2",), (right,), (float(2 ** j),), None, False)
+    replay = Replay(entries, records, ladder, "bench-seconds")
+    # P(correct) says "right" exactly where the rung is right.
+    p = {key: (0.9 if e.correct[0] else 0.1) for key, e in entries.items()}
+    thresholds = {"tiny": 0.5, "small": 0.5, "big": 0.5, "remote": 0.0}
+    result = replay.simulate({r.id: "tiny" for r in records}, thresholds, QualityCheck(k=1), p_correct=p, votes=1)
+    by = {t.query_id: t for t in result.traces}
+    assert [len(by[f"q{i}"].steps) for i in range(3)] == [2, 3, 4]  # q2 climbs to the remote rung
+    assert by["q2"].model == "remote" and by["q2"].cost == 1 + 2 + 4 + 8
+    assert result.accuracy == 1.0
+    # Remove the remote rung's signal entirely: its answer is still final, never deferred.
+    p.pop(("q2", "remote"))
+    assert replay.simulate({"q2": "remote", "q0": "tiny", "q1": "tiny"}, thresholds, QualityCheck(k=1),
+                           p_correct=p, votes=1).traces[2].model == "remote"
