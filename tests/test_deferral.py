@@ -198,16 +198,22 @@ def test_calibrated_deferral_live_matches_its_replay(
     assert "P(correct)" in trace["steps"][0]["why"]
 
 
-def test_calibrate_refuses_more_deferral_votes_than_recorded(
-    fake_backends: Callable[..., Any], tiny_models_toml: Path, tmp_path: Path
-) -> None:
-    fake_backends({"small": _sum, "medium": _sum, "large": _sum})
+def _fitted(tmp_path: Path, models_toml: Path, *fit_args: str) -> tuple[Path, Path, tuple[str, str]]:
+    """A 20-query log and a router fitted on it: (log, router, the --models option)."""
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"What is {i} plus 1?", "reference": str(i + 1),
                                        "match": "numeric"}) + "\n" for i in range(20)))
     router = tmp_path / "router.cre"
-    m = ("--models", str(tiny_models_toml))
-    assert runner.invoke(app, ["fit", str(log), "-o", str(router), *m, "--k", "3"]).exit_code == 0
+    m = ("--models", str(models_toml))
+    assert runner.invoke(app, ["fit", str(log), "-o", str(router), *m, *fit_args]).exit_code == 0
+    return log, router, m
+
+
+def test_calibrate_refuses_more_deferral_votes_than_recorded(
+    fake_backends: Callable[..., Any], tiny_models_toml: Path, tmp_path: Path
+) -> None:
+    fake_backends({"small": _sum, "medium": _sum, "large": _sum})
+    _, router, m = _fitted(tmp_path, tiny_models_toml, "--k", "3")
     bad = runner.invoke(app, ["calibrate", str(router), *m, "--folds", "2", "--check", "deferral", "--votes", "4"])
     assert bad.exit_code == 1 and "--votes 4" in str(bad.exception)
     bad = runner.invoke(app, ["calibrate", str(router), *m, "--folds", "2", "--check", "vibes"])
@@ -221,12 +227,7 @@ def test_calibrate_and_eval_price_in_the_cost_unit_asked_for(
     fake_backends: Callable[..., Any], tiny_models_toml: Path, tmp_path: Path
 ) -> None:
     fake_backends({"small": _small, "medium": _small, "large": _sum})
-    log = tmp_path / "log.jsonl"
-    log.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"What is {i} plus 1?", "reference": str(i + 1),
-                                       "match": "numeric"}) + "\n" for i in range(20)))
-    router = tmp_path / "router.cre"
-    m = ("--models", str(tiny_models_toml))
-    assert runner.invoke(app, ["fit", str(log), "-o", str(router), *m]).exit_code == 0
+    log, router, m = _fitted(tmp_path, tiny_models_toml)
     cal = runner.invoke(app, ["calibrate", str(router), *m, "--folds", "2", "--cost-unit", "seconds", "--json"])
     assert cal.exit_code == 0, cal.output
     assert routerfile.load(router, config.load(tiny_models_toml)).fit.cost_unit == "seconds"
