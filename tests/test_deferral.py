@@ -196,6 +196,11 @@ def test_calibrated_deferral_live_matches_its_replay(
     trace = json.loads(ask.stdout)
     assert trace["answer"] == "7" and trace["p_correct"] is not None
     assert "P(correct)" in trace["steps"][0]["why"]
+    shown = runner.invoke(app, ["ask", "What is 3 plus 4?", "--router", str(router), *m, "--no-log"])
+    assert "P(correct)" in shown.stderr
+    batch = runner.invoke(app, ["batch", "--router", str(router), *m, "--no-log"], input="What is 3 plus 4?\n")
+    assert batch.exit_code == 0, batch.output
+    assert 0.0 <= json.loads(batch.stdout.splitlines()[0])["p_correct"] <= 1.0
 
 
 def _fitted(tmp_path: Path, models_toml: Path, *fit_args: str) -> tuple[Path, Path, tuple[str, str]]:

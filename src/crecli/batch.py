@@ -147,6 +147,7 @@ def result_record(line: int, trace: "Trace") -> dict[str, Any]:
         "cluster": trace.cluster,
         "escalations": trace.escalations,
         "agreement": trace.agreement,
+        "p_correct": trace.p_correct,  # with a router calibrated by `--check deferral`
         "prompt_tokens": trace.prompt_tokens,
         "output_tokens": trace.output_tokens,
         "seconds": round(trace.seconds, 6),

@@ -150,7 +150,9 @@ def routed_answer(trace: "Trace", as_json: bool, explain: bool) -> None:
     out().print(trace.answer, markup=False, highlight=False)
     if not explain:
         err().print(
-            f"[dim]{trace.model} ({trace.escalations} escalation(s), agreement {trace.agreement:.2f}): "
+            f"[dim]{trace.model} ({trace.escalations} escalation(s), "
+            + (f"P(correct) {trace.p_correct:.2f}" if trace.p_correct is not None else f"agreement {trace.agreement:.2f}")
+            + f"): "
             f"{trace.prompt_tokens}+{trace.output_tokens} tokens, {trace.seconds:.2f} s[/dim]",
             highlight=False,
         )

@@ -313,7 +313,8 @@ def _cascade_job(
 
 def _step_summary(step: Any) -> dict[str, Any]:
     return {
-        "model": step.model, "agreement": step.agreement, "votes": step.used, "threshold": step.threshold,
+        "model": step.model, "agreement": step.agreement, "p_correct": step.p_correct, "votes": step.used,
+        "threshold": step.threshold,
         "accepted": step.accepted, "prompt_tokens": step.prompt_tokens, "completion_tokens": step.output_tokens,
         "seconds": round(step.seconds, 4), "why": step.why,
     }
@@ -331,7 +332,7 @@ def cascade_answer(cascade: "Cascade", trace: "Trace") -> Answer:
         cre={
             "model": trace.model, "cluster": trace.cluster, "fallback": trace.fallback,
             "start_model": trace.start_model, "escalations": trace.escalations, "agreement": trace.agreement,
-            "answer_type": trace.answer_type, "cost": cost, "cost_unit": cascade.pricing.unit,
+            "p_correct": trace.p_correct, "answer_type": trace.answer_type, "cost": cost, "cost_unit": cascade.pricing.unit,
             "seconds": round(trace.seconds, 4), "steps": [_step_summary(s) for s in trace.steps],
         },
     )
@@ -346,7 +347,7 @@ def direct_answer(cascade: "Cascade", name: str, gen: "Generation") -> Answer:
         finish_reason="length" if gen.finish_reason == "length" else "stop",
         prompt_tokens=gen.prompt_tokens,
         completion_tokens=gen.output_tokens,
-        cre={"model": name, "cluster": None, "escalations": 0, "agreement": None, "cost": cost,
+        cre={"model": name, "cluster": None, "escalations": 0, "agreement": None, "p_correct": None, "cost": cost,
              "cost_unit": pricing.unit, "seconds": round(gen.seconds, 4), "steps": []},
     )
 
