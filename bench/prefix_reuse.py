@@ -22,8 +22,7 @@ from crecli import config, grading, querylog
 from crecli.models import bench
 from crecli.models.llama import LlamaBackend
 from crecli.quality import QualityCheck, vote_params
-
-DEFAULT_LOG = Path(__file__).resolve().parents[2] / "shared" / "data" / "querylog.jsonl"
+from quality_check import DEFAULT_LOG, spread  # bench/ is on sys.path when run as a script
 
 
 def main() -> int:
@@ -34,8 +33,7 @@ def main() -> int:
     args = parser.parse_args()
 
     settings = config.load(None)
-    records = querylog.read_log(args.log).records
-    records = [records[i * len(records) // args.queries] for i in range(min(args.queries, len(records)))]
+    records = spread(list(querylog.read_log(args.log).records), args.queries)
     quality = QualityCheck()
     print(f"{len(records)} prompts from {args.log.name}, greedy, each model alone")
     print(f"{'model':32} {'head':>5} {'prompt':>7} {'cold s':>8} {'warm s':>8} {'warm/cold':>10} {'predicted':>10}")

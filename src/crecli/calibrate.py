@@ -33,7 +33,8 @@ from crecli import console, grading
 from crecli.errors import CreError
 from crecli.costs import BUDGET_EPS, BUDGET_KINDS, DEFAULT_RETAIN, Budget, CostModel  # noqa: F401 (re-exported)
 from crecli.quality import (
-    DeferralCheck, Deferral, accept_deferral, decide, deferral_features, done, feature_names, needed,
+    DeferralCheck, Deferral, accept_deferral, decide, deferral_features, done, feature_names, greedy_agreement,
+    needed,
 )
 
 if TYPE_CHECKING:
@@ -132,13 +133,18 @@ def cluster_stats(
             g_acc, g_cost = glob[model]
             n, correct, _ = row[model]
             acc, mean_cost = _raw(row[model], g_acc, g_cost)
-            shrunk = (correct + prior_strength * g_acc) / (n + prior_strength) if n + prior_strength > 0 else g_acc
+            shrunk = shrink(correct, n, g_acc, prior_strength)
             out[model] = ModelStats(int(n), int(correct), acc, shrunk, mean_cost)
         return out
 
     clusters = {cid: ClusterStats(cid, sizes[cid], stats(sums[cid])) for cid in sorted(sums)}
     overall = ClusterStats(-1, len(records), stats(total))
     return StatsTable(clusters, overall, list(ladder), prior_strength)
+
+
+def shrink(correct: float, n: float, glob: float, strength: float) -> float:
+    """Empirical-Bayes accuracy: `correct` of `n` shrunk toward `glob`, worth `strength` answers."""
+    return (correct + strength * glob) / (n + strength) if n + strength > 0 else glob
 
 
 def _raw(row: list[float], acc_default: float | None, cost_default: float | None) -> tuple[float, float]:
@@ -307,6 +313,10 @@ class _Entry:
     signals: "Signals | None" = None  # of the greedy vote
     cut: bool = False  # the greedy vote stopped at the token cap
 
+    def features(self, votes: int, prior: float) -> list[float | None]:
+        """The deferral model's inputs for this recorded answer, as the live check builds them."""
+        return deferral_features(self.signals, self.answers[:votes], self.cut, prior)
+
 
 @functools.lru_cache(maxsize=1 << 16)
 def _normalize(text: str, match: str | None) -> str:
@@ -397,7 +407,7 @@ class Replay:
                     accept = rung == last or accept_deferral(p_correct[(record.id, model)], threshold)
                     cost = entry.cumcost[used - 1]
                     total += cost
-                    steps.append(SimStep(model, sum(a == entry.answers[0] for a in entry.answers[:used]) / used, used, accept, cost))
+                    steps.append(SimStep(model, greedy_agreement(entry.answers[:used]), used, accept, cost))
                     if accept:
                         traces.append(QueryTrace(record.id, start, steps, entry.answers[0], entry.correct[0], total))
                         break
@@ -818,8 +828,9 @@ def cluster_prior(table: StatsTable, cid: int, model: str) -> float:
     """`model`'s shrunk accuracy in cluster `cid`; its log-wide accuracy outside every
     cluster. What `RouterFile.prior` reads back from the router this table goes into."""
     info = table.clusters.get(cid) if cid >= 0 else None
-    stats = info.models[model] if info is not None else table.overall.models[model]
-    return stats.shrunk_accuracy if info is not None else stats.accuracy
+    if info is None:
+        return table.overall.models[model].accuracy
+    return info.models[model].shrunk_accuracy
 
 
 def _loo_prior(table: StatsTable, cid: int, model: str, correct: bool) -> float:
@@ -828,10 +839,8 @@ def _loo_prior(table: StatsTable, cid: int, model: str, correct: bool) -> float:
     info = table.clusters.get(cid) if cid >= 0 else None
     if info is None:
         return table.overall.models[model].accuracy
-    st, m = info.models[model], table.prior_strength
-    glob = table.overall.models[model].accuracy
-    denom = st.n - 1 + m
-    return (st.correct - correct + m * glob) / denom if denom > 0 else glob
+    st = info.models[model]
+    return shrink(st.correct - correct, st.n - 1, table.overall.models[model].accuracy, table.prior_strength)
 
 
 def train_deferral(data: Data, idx: Sequence[int], table: StatsTable, model: str, votes: int) -> Deferral:
@@ -843,8 +852,7 @@ def train_deferral(data: Data, idx: Sequence[int], table: StatsTable, model: str
         if entry is None or not entry.answers:
             continue
         y = entry.correct[0]
-        rows.append(deferral_features(entry.signals, entry.answers[:votes], entry.cut,
-                                      _loo_prior(table, data.clusters[i], model, y)))
+        rows.append(entry.features(votes, _loo_prior(table, data.clusters[i], model, y)))
         ys.append(y)
     names = feature_names(votes)
     fill = []
@@ -866,8 +874,7 @@ def deferral_p(
         for model, rule in rules.items():
             entry = data.replay.entries.get((rid, model))
             if entry is not None and entry.answers:
-                out[(rid, model)] = rule.p_correct(
-                    deferral_features(entry.signals, entry.answers[:votes], entry.cut, prior_of(cid, model)))
+                out[(rid, model)] = rule.p_correct(entry.features(votes, prior_of(cid, model)))
     return out
 
 
@@ -915,7 +922,7 @@ def signal_report(data: Data, p_held_out: Mapping[OutcomeKey, float], ladder: Se
                 add("mean_logprob", entry.signals.mean_logprob, y)
                 add("margin", entry.signals.margin, y)
             if len(entry.answers) > 1:
-                add(f"agreement of {len(entry.answers)} votes", sum(a == entry.answers[0] for a in entry.answers) / len(entry.answers), y)
+                add(f"agreement of {len(entry.answers)} votes", greedy_agreement(entry.answers), y)
         report[model] = {name: {"auroc": auroc(*col), "n": len(col[0])} for name, col in cols.items()}
         if "p_correct" in cols:
             # What acting on this rung's doubt could buy: how many answers fall below

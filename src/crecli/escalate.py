@@ -29,7 +29,7 @@ from crecli.costs import Pricing
 from crecli.errors import CreError, RouterFileError
 from crecli.models.prompting import render
 from crecli.models.registry import ModelPool
-from crecli.quality import accept_deferral, decide, deferral_features, done, vote_params
+from crecli.quality import accept_deferral, decide, deferral_features, done, greedy_agreement, vote_params
 from crecli.route import RouteDecision, route, route_many
 
 if TYPE_CHECKING:
@@ -110,10 +110,9 @@ def check(
     if deferral is not None:
         p = deferral.p_correct(deferral_features(signals, normalized, cut, prior))
         accepted = accept_deferral(p, threshold)
-        agreement = sum(a == normalized[0] for a in normalized) / len(normalized)
         why = f"P(correct) {p:.2f} {'>=' if accepted else '<'} threshold {threshold:.2f}"
         return Step(
-            model=backend.spec.name, votes=votes, normalized=normalized, agreement=agreement,
+            model=backend.spec.name, votes=votes, normalized=normalized, agreement=greedy_agreement(normalized),
             used=len(votes), threshold=threshold, accepted=accepted, answer=votes[0].strip(),
             prompt_tokens=prompt_tokens, output_tokens=output_tokens,
             greedy_output_tokens=greedy_output_tokens, seconds=seconds, why=why, p_correct=p,

@@ -173,6 +173,11 @@ def feature_names(votes: int) -> tuple[str, ...]:
     return SIGNAL_FEATURES + ((VOTE_FEATURE,) if votes > 1 else ())
 
 
+def greedy_agreement(answers: Sequence[str]) -> float:
+    """The share of the normalised votes `answers` (greedy first) that agree with the greedy one."""
+    return sum(a == answers[0] for a in answers) / len(answers)
+
+
 def deferral_features(
     signals: "Signals | None",
     answers: Sequence[str],
@@ -195,7 +200,7 @@ def deferral_features(
     p = min(1 - PRIOR_CLIP, max(PRIOR_CLIP, prior))
     values: list[float | None] = [lo, mean, margin, 1.0 if (greedy == "" or cut) else 0.0, math.log(p / (1 - p))]
     if len(answers) > 1:
-        values.append(sum(a == greedy for a in answers) / len(answers))
+        values.append(greedy_agreement(answers))
     return values
 
 

@@ -141,13 +141,11 @@ def cached_head_tokens(llm: Any, prompt_format: str) -> int:
     """How many leading tokens two different prompts in this format share once tokenized,
     which is what llama.cpp's prefix reuse skips (the head's last characters can merge with
     the prompt's first into one token, so the text's own token count would overstate it)."""
+    from crecli.models.llama import shared_prefix
     from crecli.models.prompting import HEAD_PROBES, render
 
-    a, b = (llm.tokenize(render(prompt_format, p).text.encode(), add_bos=True, special=True) for p in HEAD_PROBES)
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+    return len(shared_prefix([llm.tokenize(render(prompt_format, p).text.encode(), add_bos=True, special=True)
+                              for p in HEAD_PROBES]))
 
 
 def check(speed: Speed) -> list[str]:

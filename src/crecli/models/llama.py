@@ -260,6 +260,12 @@ def placement(spec: "ModelSpec") -> str:
 # ---------------------------------------------------------------- confidence from the greedy pass
 
 
+def shared_prefix(sequences: Sequence[Sequence[int]]) -> Sequence[int]:
+    """The longest run of tokens every sequence starts with (what llama.cpp's prefix reuse skips)."""
+    # commonprefix compares element by element, so it serves token lists as well as paths.
+    return os.path.commonprefix(list(sequences))
+
+
 def letter_tokens(llm: Any) -> dict[int, int]:
     """Token id -> letter index (A=0 .. Z=25) for the single-token forms "A", " A", "(A" and " (A"."""
     ids: dict[int, int] = {}
@@ -653,14 +659,7 @@ class ParallelGreedy:
             return 0
         first = streams[0].prompt
         # At least one token of every prompt is left to decode, for its logits.
-        length = min(len(s.prompt) for s in streams) - 1
-        for s in streams[1:]:
-            same = 0
-            for a, b in zip(first[:length], s.prompt):
-                if a != b:
-                    break
-                same += 1
-            length = same
+        length = min(len(shared_prefix([s.prompt for s in streams])), min(len(s.prompt) for s in streams) - 1)
         if length <= 0:
             return 0
         start = time.perf_counter()
