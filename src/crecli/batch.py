@@ -284,7 +284,9 @@ def run_batch(
                 rung = min(p.rung for _, p in pending)
                 cascade.decode_greedy([p for _, p in pending if p.rung == rung])
                 still: list[tuple[int, "Pending"]] = []
-                for line, p in pending:
+                # A cluster's prompts one after another: they share the rendered head and the
+                # cluster's answered examples, which llama.cpp then reuses from its KV cache.
+                for line, p in sorted(pending, key=lambda item: item[1].trace.cluster):
                     if p.rung != rung:
                         still.append((line, p))
                         continue

@@ -40,7 +40,7 @@ from crecli.quality import (
 if TYPE_CHECKING:
     from crecli.config import ModelConfig
     from crecli.models.backend import Signals
-    from crecli.outcomes import Outcome, OutcomeKey
+    from crecli.outcomes import Outcome, OutcomeKey, OutcomeStore
     from crecli.quality import QualityCheck
     from crecli.querylog import LogOptions, Record
     from crecli.route import RouteDecision
@@ -312,10 +312,22 @@ class _Entry:
     cumcost: tuple[float, ...]  # cumcost[i]: cost of votes 0..i
     signals: "Signals | None" = None  # of the greedy vote
     cut: bool = False  # the greedy vote stopped at the token cap
+    prefix_key: str = ""  # the shared answered examples, whose cost `cumcost` leaves out
+    prefix_cost: float = 0.0  # processing them once (`CostModel.prefix`)
 
     def features(self, votes: int, prior: float) -> list[float | None]:
         """The deferral model's inputs for this recorded answer, as the live check builds them."""
         return deferral_features(self.signals, self.answers[:votes], self.cut, prior)
+
+
+def prefix_shares(entries: Sequence[_Entry]) -> list[float]:
+    """Each visit's share of its shared examples' cost: a prefix is processed once per
+    batch, by the first prompt that needs it, and reused by the rest (llama.cpp's KV cache,
+    with `cre batch` taking a cluster's prompts together), so its cost is split evenly
+    over the visits in `entries` that share it. The one rule for replays and greedy points.
+    """
+    visits = Counter(e.prefix_key for e in entries if e.prefix_key)
+    return [e.prefix_cost / visits[e.prefix_key] if e.prefix_key else 0.0 for e in entries]
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -355,6 +367,7 @@ class Replay:
                     answers, tuple(outcome.correct(record)), cum,
                     first.signals if first is not None else None,
                     first is not None and first.output_tokens >= grading.max_tokens_for(record.match),
+                    outcome.prefix_key, costs.prefix(outcome),
                 )
         return cls(entries, records, ladder, costs.unit)
 
@@ -377,6 +390,7 @@ class Replay:
         k, early = quality.k, quality.early_stop
         last = len(self.ladder) - 1
         traces = []
+        visited: list[_Entry] = []  # the entry of every step, in order, for `prefix_shares`
         for record in self.records:
             start = assignments.get(record.id)
             if start is None:
@@ -408,6 +422,7 @@ class Replay:
                     cost = entry.cumcost[used - 1]
                     total += cost
                     steps.append(SimStep(model, greedy_agreement(entry.answers[:used]), used, accept, cost))
+                    visited.append(entry)
                     if accept:
                         traces.append(QueryTrace(record.id, start, steps, entry.answers[0], entry.correct[0], total))
                         break
@@ -434,11 +449,26 @@ class Replay:
                 cost = entry.cumcost[used - 1]
                 total += cost
                 steps.append(SimStep(model, agreement, used, accept, cost))
+                visited.append(entry)
                 if accept or rung == last:
                     traces.append(QueryTrace(record.id, start, steps, answer, entry.correct[index], total))
                     break
                 rung += 1
-        return SimResult(traces, self.unit)
+        return SimResult(_with_prefixes(traces, visited), self.unit)
+
+
+def _with_prefixes(traces: list[QueryTrace], visited: Sequence[_Entry]) -> list[QueryTrace]:
+    """`traces` with each step's share of its shared examples' cost added (`prefix_shares`)."""
+    shares = prefix_shares(visited)
+    if not any(shares):
+        return traces
+    it = iter(shares)
+    out = []
+    for t in traces:
+        added = [next(it) for _ in t.steps]
+        steps = [replace(step, cost=step.cost + extra) for step, extra in zip(t.steps, added)]
+        out.append(replace(t, steps=steps, cost=t.cost + sum(added)))
+    return out
 
 
 def simulate(
@@ -536,6 +566,10 @@ class Plan:
     result: SimResult | None  # the cascade replayed on the records; None without votes
     reference: SimResult | None  # every record on the strongest model
     budget_met: bool | None  # by `result`, per `tune_thresholds`; None when not replayed
+    # Answered examples (`cre fit --shots`, `choose_shots`): cluster -> [[prompt, answer]],
+    # and cluster -> model -> how many of them it is shown.
+    exemplars: dict[int, list[list[str]]] = field(default_factory=dict)
+    shots: dict[int, dict[str, int]] = field(default_factory=dict)
 
 
 def plan(
@@ -567,6 +601,157 @@ def plan(
     replay = Replay.build(outcomes, records, ladder, costs)
     tuning = tune_thresholds(replay, assignments_for(records, labels, choice), quality, budget)
     return Plan(table, choice, tuning.thresholds, costs.unit, tuning.result, tuning.reference, tuning.met)
+
+
+# ---------------------------------------------------------------- answered examples (cre fit --shots)
+
+Shots = tuple[tuple[str, str], ...]
+
+
+def exemplar_answer(record: "Record") -> str | None:
+    """The answer an exemplar shows: its reference in the form the system prompt asks for
+    ("(B)", a plain number, the text); None when it cannot be one (a regex, no reference)."""
+    if not record.reference or record.match in (None, "regex"):
+        return None
+    ref = record.reference[0]
+    if record.match == "choice":
+        letter = grading.normalize(ref, "choice")
+        return f"({letter})" if letter else None
+    if record.match == "numeric":
+        return grading.normalize(ref, "numeric") or None
+    return ref.strip() or None
+
+
+def pick_exemplars(records: Sequence["Record"], n: int) -> list["Record"]:
+    """Up to `n` of a cluster's labelled `records` to show as answered examples, in log order.
+
+    Distinct answers come first (different option letters, different numbers), so the
+    examples do not teach one answer; prompts or answers over the router file's caps are
+    never chosen.
+    """
+    from crecli.routerfile import SHOT_ANSWER_CHARS, SHOT_PROMPT_CHARS
+
+    usable = []
+    for r in records:
+        answer = exemplar_answer(r)
+        if answer is not None and len(r.prompt.strip()) <= SHOT_PROMPT_CHARS and len(answer) <= SHOT_ANSWER_CHARS:
+            usable.append((r, answer))
+    chosen: list["Record"] = []
+    seen: set[str] = set()
+    for r, answer in usable:
+        if len(chosen) < n and answer not in seen:
+            chosen.append(r)
+            seen.add(answer)
+    for r, _ in usable:
+        if len(chosen) < n and r not in chosen:
+            chosen.append(r)
+    return chosen
+
+
+def shots_of(exemplars: Sequence[Sequence[str]], n: int) -> Shots:
+    return tuple((str(q), str(a)) for q, a in exemplars[:n])
+
+
+def resolve_shots(
+    records: Sequence["Record"],
+    base: Mapping[OutcomeKey, Outcome],
+    shown: Mapping[OutcomeKey, Outcome],
+    shots: Mapping[OutcomeKey, Shots],
+) -> dict[OutcomeKey, Outcome]:
+    """The outcome each (query, model) answers with: `shown[key]` (recorded after the
+    examples `shots[key]`) where it has examples, else `base[key]`.
+
+    An outcome with examples carries the tokens they add (its prompt tokens less the plain
+    prompt's), and a key naming the model and the examples, so costs count the shared
+    prefix once per batch (`prefix_shares`).
+    """
+    from crecli.outcomes import prompt_sha256
+
+    out: dict[OutcomeKey, Outcome] = {}
+    for key, outcome in base.items():
+        examples = shots.get(key, ())
+        if not examples or key not in shown:
+            out[key] = outcome
+            continue
+        with_shots = shown[key]
+        out[key] = replace(
+            with_shots,
+            prefix_tokens=max(0, with_shots.prompt_tokens - outcome.prompt_tokens),
+            prefix_key=f"{key[1]}:{prompt_sha256('', examples)[:16]}",
+        )
+    return out
+
+
+@dataclass
+class ShotPlan:
+    """What `choose_shots` decided: each cluster's exemplars and each model's count."""
+
+    exemplars: dict[int, list[list[str]]]  # cluster -> [[prompt, answer], ...]
+    counts: dict[int, dict[str, int]]  # cluster -> model -> shots shown (0 left out)
+    held_out: set[str]  # ids of the exemplar queries: they never answer with examples of their own
+    accuracy: dict[int, dict[str, dict[int, tuple[int, int]]]]  # cluster -> model -> shots -> (right, n)
+
+    def shots(self, cid: int, model: str) -> Shots:
+        return shots_of(self.exemplars.get(cid, []), self.counts.get(cid, {}).get(model, 0))
+
+
+def choose_shots(
+    records: Sequence["Record"],
+    clusters: Mapping[str, int],
+    settings: "ModelConfig",
+    store: "OutcomeStore",
+    quality: "QualityCheck",
+    base: Mapping[OutcomeKey, Outcome],
+    counts: Sequence[int],
+) -> ShotPlan:
+    """Per (cluster, model), how many answered examples (one of `counts`) to show, by held-out accuracy.
+
+    Each cluster's exemplars are `pick_exemplars` of its records. Every other record of the
+    cluster is answered with the first n of them for each n in `counts` (the store records
+    these, grouped by cluster), and the n with the most right answers wins; ties go to
+    fewer examples, the cheaper prompt. An exemplar query is never scored on its own
+    examples; it is left out of the choice.
+    """
+    from crecli import outcomes as outcomes_mod
+
+    ladder = list(settings.ladder)
+    top = max(counts)
+    members: dict[int, list["Record"]] = {}
+    for r in records:
+        if clusters[r.id] >= 0:
+            members.setdefault(clusters[r.id], []).append(r)
+    exemplars: dict[int, list[list[str]]] = {}
+    held_out: set[str] = set()
+    for cid, group in sorted(members.items()):
+        chosen = pick_exemplars(group, top)
+        # Too few examples to show the most, or too few queries left to score them on.
+        if len(chosen) < top or len(group) - len(chosen) < 2:
+            continue
+        exemplars[cid] = [[r.prompt.strip(), str(exemplar_answer(r))] for r in chosen]
+        held_out.update(r.id for r in chosen)
+    scored = [r for r in records if clusters[r.id] in exemplars and r.id not in held_out]
+    shown: dict[int, Mapping[OutcomeKey, Outcome]] = {0: base}
+    for n in sorted(set(counts) - {0}):
+        wanted = {(r.id, m): shots_of(exemplars[clusters[r.id]], n) for r in scored for m in ladder}
+        console.status(f"Answering {len(scored)} queries after {n} answered example(s) of their cluster...")
+        shown[n] = outcomes_mod.collect(scored, settings, store, quality, shots=wanted)
+    accuracy: dict[int, dict[str, dict[int, tuple[int, int]]]] = {}
+    chosen_counts: dict[int, dict[str, int]] = {}
+    by_id = {r.id: r for r in scored}
+    for cid in exemplars:
+        ids = [r.id for r in scored if clusters[r.id] == cid]
+        for m in ladder:
+            tally: dict[int, tuple[int, int]] = {}
+            for n, found in shown.items():
+                runs = [found[(i, m)] for i in ids if (i, m) in found and found[(i, m)].source == "run"]
+                tally[n] = (sum(o.correct(by_id[o.query_id])[0] for o in runs), len(runs))
+            accuracy.setdefault(cid, {})[m] = tally
+            if len({n for _, n in tally.values()}) != 1:
+                continue  # some answers are labels only: no fair comparison
+            best = max(sorted(tally), key=lambda n: tally[n][0])  # first of equals: fewer examples
+            if best:
+                chosen_counts.setdefault(cid, {})[m] = best
+    return ShotPlan(exemplars, chosen_counts, held_out, accuracy)
 
 
 # ---------------------------------------------------------------- cre calibrate: cross-validated tuning
@@ -625,9 +810,26 @@ def prepare(
     if missing:
         raise CreError(f"the router's ladder has {', '.join(missing)}, which your models.toml lacks")
     routes = assign(router, [r.prompt for r in records])
+    shown_prompts = {q for c in router.clusters for q, _ in c.exemplars}
+    if shown_prompts:
+        keep = [i for i, r in enumerate(records) if r.prompt.strip() not in shown_prompts]
+        if len(keep) < len(records):
+            console.status(f"Left out {len(records) - len(keep)} queries that the router shows as answered "
+                           "examples: they would be answered after their own answer")
+        if not keep:
+            raise CreError(f"{log}: every labelled query is one of the router's answered examples")
+        records, routes = [records[i] for i in keep], [routes[i] for i in keep]
+    shots = {
+        (r.id, m): router.shots(d.cluster, m) for r, d in zip(records, routes) for m in ladder if router.shots(d.cluster, m)
+    }
     path = store or outcomes_mod.default_store_path()
     with outcomes_mod.OutcomeStore(path) as st:
         found = outcomes_mod.collect(records, settings, st, router.quality, models=ladder)
+        if shots:
+            ids = {rid for rid, _ in shots}
+            shown = outcomes_mod.collect([r for r in records if r.id in ids], settings, st, router.quality,
+                                         models=ladder, shots=shots)
+            found = resolve_shots(records, found, shown, shots)
     costs = CostModel.build(found.values(), [settings.get(m) for m in ladder], unit)
     replay = Replay.build(found, records, ladder, costs)
     return Data(records, routes, found, costs, replay, read.sha256)
@@ -730,7 +932,8 @@ def greedy(data: Data, idx: Sequence[int], model_of: Callable[[int], str]) -> tu
     """Accuracy and mean cost of the greedy answer of model `model_of(i)` for each query i in `idx`."""
     entries = [data.replay.entries[(data.records[i].id, model_of(i))] for i in idx]
     n = len(entries) or 1
-    return sum(e.correct[0] for e in entries) / n, sum(e.cumcost[0] for e in entries) / n
+    cost = sum(e.cumcost[0] for e in entries) + sum(prefix_shares(entries))
+    return sum(e.correct[0] for e in entries) / n, cost / n
 
 
 def reference(data: Data, idx: Sequence[int], ladder: list[str]) -> tuple[float, float]:

@@ -234,6 +234,7 @@ def fit(
     set_default: Annotated[bool, typer.Option("--set-default", help="Make this router the default for `cre ask` and `cre batch`.")] = False,
     served: Annotated[bool, typer.Option("--served", help="Also cluster the prompts of your served-query log (`cre log`); they carry no labels, so they shape clusters but choose no model.")] = False,
     served_log: Annotated[Optional[list[Path]], typer.Option("--served-log", help="Also cluster the prompts of this file written by `cre log -o` (repeatable); as --served.", show_default=False)] = None,
+    shots: Annotated[str, typer.Option("--shots", help="Answered examples to try per cluster and model, from the cluster's own labelled queries: '0' (none) or a list such as '0,1,3'. Each count is measured on the cluster's other queries and the best kept; the router file then holds those examples.")] = "0",
     json_: JsonOpt = False,
 ) -> None:
     """Cluster a labelled query log, measure every model on every cluster, write a router file.
@@ -254,6 +255,8 @@ def fit(
       cre fit big.jsonl --sample-per-cluster 30 --skip-bad --json
 
       cre fit querylog.jsonl -o router.cre --served
+
+      cre fit querylog.jsonl -o router.cre --k 1 --shots 0,1,3
     """
     from crecli import render
     from crecli.fit import FitOptions, fit as run_fit
@@ -269,10 +272,24 @@ def fit(
             max_line_bytes=max_prompt_bytes if max_prompt_bytes is not None else MAX_LINE_BYTES,
         ),
         skip_bad=skip_bad, store=store, truth_field=truth_field, set_default=set_default,
-        served=served, served_logs=list(served_log or []),
+        served=served, served_logs=list(served_log or []), shots=_shot_counts(shots),
     )
     report = run_fit(log, output, _model_config(models), _budget(retain, max_cost), options)
     render.fit_report(report, json_)
+
+
+def _shot_counts(text: str) -> tuple[int, ...]:
+    from crecli.routerfile import SHOT_COUNTS
+
+    try:
+        counts = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        counts = []
+    if not counts or any(n not in SHOT_COUNTS for n in counts) or counts[0] != 0:
+        raise typer.BadParameter(
+            f"{text!r}: give counts from {', '.join(map(str, SHOT_COUNTS))}, 0 included, e.g. 0,1,3", param_hint="--shots"
+        )
+    return tuple(counts)
 
 
 @app.command()
@@ -606,6 +623,8 @@ def log_(
       cre log --since 2025-01-01 -o traffic.jsonl
 
       cre fit querylog.jsonl -o router.cre --served
+
+      cre fit querylog.jsonl -o router.cre --k 1 --shots 0,1,3
     """
     from crecli import render, servedlog
 

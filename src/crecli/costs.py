@@ -184,6 +184,17 @@ class CostModel(Pricing):
                                    self.cached(outcome.model))
         return [self.label_cost[outcome.model]] if costs is None else costs
 
+    def prefix(self, outcome: "Outcome") -> float:
+        """What processing the outcome's shared examples (`Outcome.prefix_tokens`) costs once.
+
+        0 in "seconds": recorded seconds already hold it, paid by the first prompt of its
+        cluster that ran (outcomes are recorded grouped by their examples, as batches run).
+        """
+        if not outcome.prefix_tokens or self.unit == "seconds":
+            return 0.0
+        return token_cost(self.unit, outcome.prefix_tokens, 0, self.prices.get(outcome.model),
+                          self.speeds.get(outcome.model)) or 0.0
+
     def of(self, outcome: "Outcome", used_votes: int = 1) -> float:
         return sum(self.votes(outcome)[:used_votes])
 

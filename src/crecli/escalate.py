@@ -73,6 +73,7 @@ def check(
     deferral: "Deferral | None" = None,
     votes_wanted: int = 1,
     prior: float = 0.5,
+    shots: Sequence[tuple[str, str]] = (),
 ) -> Step:
     """Run the quality check for `prompt` on one model.
 
@@ -81,6 +82,7 @@ def check(
     when the model's P(correct) (`quality.deferral_features` with the cluster `prior`)
     reaches `threshold`. `greedy`, when given, is vote 0 already decoded
     (`Cascade.decode_greedy`) with the same parameters; sampled votes are drawn here.
+    `shots` are the answered examples shown before the prompt (`RouterFile.shots`).
     """
     votes: list[str] = []
     normalized: list[str] = []
@@ -98,7 +100,7 @@ def check(
         if not votes and greedy is not None:
             gen = greedy
         else:
-            gen = backend.generate(prompt, vote_params(settings, len(votes), max_tokens, prompt))
+            gen = backend.generate(prompt, vote_params(settings, len(votes), max_tokens, prompt, shots))
         votes.append(gen.text)
         normalized.append(grading.normalize(gen.text, answer_type))
         if len(votes) == 1:
@@ -336,7 +338,8 @@ class Cascade:
             params = []
             for p in group:
                 try:
-                    params.append(vote_params(self.quality, 0, grading.max_tokens_for(p.trace.answer_type), p.prompt))
+                    params.append(vote_params(self.quality, 0, grading.max_tokens_for(p.trace.answer_type), p.prompt,
+                                              self.router.shots(p.trace.cluster, self.ladder[rung])))
                 except CreError:
                     continue
                 members.append(p)
@@ -371,6 +374,7 @@ class Cascade:
             deferral=rules.models.get(name) if rules is not None and not top else None,
             votes_wanted=rules.votes if rules is not None else 1,
             prior=self.router.prior(trace.cluster, name),
+            shots=self.router.shots(trace.cluster, name),
         )
         if rules is not None and top:
             step.accepted, step.why = True, "greedy answer of the top rung"

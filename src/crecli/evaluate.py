@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from crecli import console
-from crecli.calibrate import Data, SimResult, deferral_p, greedy
+from crecli.calibrate import Data, SimResult, deferral_p, greedy, prefix_shares
 
 if TYPE_CHECKING:
     from crecli.config import ModelConfig
@@ -66,13 +66,14 @@ def _greedy_point(data: Data, name: str, starts: Mapping[str, str]) -> Point:
 def _oracle(data: Data, ladder: list[str]) -> Point:
     """The cheapest model whose greedy answer is right; the cheapest model when none is."""
     n = len(data.records)
-    correct = cost = 0.0
+    correct = 0.0
+    picks = []
     for r in data.records:
         entries = sorted((data.replay.entries[(r.id, m)] for m in ladder), key=lambda e: e.cumcost[0])
         right = [e for e in entries if e.correct[0]]
-        pick = right[0] if right else entries[0]
+        picks.append(right[0] if right else entries[0])
         correct += bool(right)
-        cost += pick.cumcost[0]
+    cost = sum(e.cumcost[0] for e in picks) + sum(prefix_shares(picks))
     return Point("oracle (cheapest correct model)", correct / n, cost / n, note="ceiling; needs the answer key")
 
 

@@ -48,6 +48,8 @@ class FitOptions:
     # join the embedding and clustering only: they carry no labels, so they choose no model.
     served: bool = False
     served_logs: list[Path] = field(default_factory=list)
+    # Answered examples to try per (cluster, model) (`calibrate.choose_shots`); (0,): none.
+    shots: tuple[int, ...] = (0,)
 
     @property
     def reader(self) -> "LogOptions":
@@ -167,15 +169,27 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
         measured = outcomes.sample_records(
             measured, [c for _, c in labelled], options.sample_per_cluster, options.seed
         )
+    cluster_of = {r.id: c for r, c in zip(logged, labels)}
+    shot_plan = None
     with outcomes.OutcomeStore(store_path) as store:
         before = store.count()
         results = outcomes.collect(measured, settings, store, options.quality)
+        if len(options.shots) > 1 and measured:
+            shot_plan = calibrate.choose_shots(measured, cluster_of, settings, store, options.quality, results, options.shots)
+            measured = [r for r in measured if r.id not in shot_plan.held_out]
+            wanted = {(r.id, m): shot_plan.shots(cluster_of[r.id], m) for r in measured for m in settings.ladder}
+            wanted = {key: shots for key, shots in wanted.items() if shots}
+            # Every one of these was recorded while choosing: this only reads them back.
+            shown = outcomes.collect([r for r in measured if any((r.id, m) in wanted for m in settings.ladder)],
+                                     settings, store, options.quality, shots=wanted)
+            results = calibrate.resolve_shots(
+                measured, {key: o for key, o in results.items() if key[0] not in shot_plan.held_out}, shown, wanted
+            )
         ran = store.count() - before
     seconds["outcomes"] = time.perf_counter() - t0
     model_seconds = sum(sum(v.seconds for v in o.votes) for o in results.values())
 
     t0 = time.perf_counter()
-    cluster_of = {r.id: c for r, c in zip(logged, labels)}
     plan = calibrate.plan(
         records=measured,
         clusters={r.id: cluster_of[r.id] for r in measured},
@@ -184,6 +198,13 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
         budget=budget,
         quality=options.quality,
     )
+    if shot_plan is not None:
+        # Only clusters that show some model examples carry them: a router file holds as
+        # few of the log's prompts as it needs.
+        plan.shots = shot_plan.counts
+        plan.exemplars = {cid: shot_plan.exemplars[cid] for cid in shot_plan.counts}
+        for cid, counts in sorted(shot_plan.counts.items()):
+            status(f"cluster {cid}: " + ", ".join(f"{m} shown {n}" for m, n in counts.items()) + " answered example(s)")
     seconds["calibrate"] = time.perf_counter() - t0
 
     router = routerfile.build(

@@ -32,7 +32,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from crecli import console, grading, paths
 from crecli.errors import ConfigError, CreError
@@ -77,6 +77,12 @@ class Outcome:
     prompt_tokens: int
     votes: list[Vote] = field(default_factory=list)
     label: bool | None = None
+    # With answered examples (`shots`): the prompt tokens they add, which every prompt of the
+    # cluster shares and llama.cpp reuses, and what identifies that shared prefix
+    # (`calibrate.resolve_shots` sets both). Costs count the prefix once per batch
+    # (`costs.CostModel.prefix`), not in every vote.
+    prefix_tokens: int = 0
+    prefix_key: str = ""
 
     def correct(self, record: "Record") -> list[bool]:
         """Correctness of each vote against the record's reference (a label is one vote)."""
@@ -98,8 +104,8 @@ class Outcome:
         "seconds": the model-seconds each vote took on this machine. "bench-seconds": tokens
         at the benchmarked (prompt, generation) tokens/s in `speed`. "price": tokens times
         the model's price. Vote 0 pays prompt and output tokens, less `cached_prompt_tokens`
-        (see `costs.Pricing.cached`), later votes only their output tokens, because the
-        prompt is cached after the first vote.
+        (see `costs.Pricing.cached`) and the shared examples' `prefix_tokens`, later votes
+        only their output tokens, because the prompt is cached after the first vote.
         """
         if self.source == "label":
             return None
@@ -111,7 +117,7 @@ class Outcome:
             raise ConfigError(f"model {self.model!r} has no price_per_1k_tokens in models.toml")
         if unit == "bench-seconds" and speed is None:
             raise ConfigError(f"model {self.model!r} has no benchmark; run `cre models bench {self.model}`")
-        prompt = max(0, self.prompt_tokens - cached_prompt_tokens)
+        prompt = max(0, self.prompt_tokens - cached_prompt_tokens - self.prefix_tokens)
         costs = [
             token_cost(unit, prompt if i == 0 else 0, v.output_tokens, price_per_1k_tokens, speed)
             for i, v in enumerate(self.votes)
@@ -128,8 +134,12 @@ class Outcome:
 # ---------------------------------------------------------------- the store: SQLite, one row per (prompt, model, file, settings)
 
 
-def prompt_sha256(prompt: str) -> str:
-    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+def prompt_sha256(prompt: str, shots: Sequence[tuple[str, str]] = ()) -> str:
+    """What a recording is keyed by: the prompt, and the answered examples shown before it."""
+    if not shots:
+        return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+    body = json.dumps([prompt, [list(s) for s in shots]], ensure_ascii=False)
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 
 def settings_key(quality: "QualityCheck", max_tokens: int) -> str:
@@ -227,6 +237,7 @@ class _Job:
     key: str
     max_tokens: int
     recorded: tuple[int, list[Vote]] | None = None  # votes to keep; only the greedy one is re-run
+    shots: tuple[tuple[str, str], ...] = ()
 
 
 def collect(
@@ -236,8 +247,13 @@ def collect(
     quality: "QualityCheck",
     models: Sequence[str] | None = None,
     pool: "ModelPool | None" = None,
+    shots: Mapping[OutcomeKey, Sequence[tuple[str, str]]] | None = None,
 ) -> dict[OutcomeKey, Outcome]:
     """Outcomes of every record on every model (default: the ladder), running only what is missing.
+
+    `shots[(record id, model)]`, where given, are the answered examples shown before that
+    prompt on that model; the recording is keyed by them too. Prompts that share examples
+    run one after another, so llama.cpp reuses the shared prefix as `cre batch` does.
 
     Model-major: each model is loaded once, answers all its pending queries, and is closed
     before the next one loads (with `pool`, the pool decides when to close it instead).
@@ -252,7 +268,8 @@ def collect(
         pending: list[_Job] = []
         stale: list[_Job] = []
         for record in records:
-            psha = prompt_sha256(record.prompt)
+            examples = tuple((str(q), str(a)) for q, a in (shots or {}).get((record.id, name), ()))
+            psha = prompt_sha256(record.prompt, examples)
             if name in record.labels:
                 results[(record.id, name)] = Outcome(
                     query_id=record.id, prompt_sha256=psha, model=name, model_sha256=identity,
@@ -263,7 +280,7 @@ def collect(
             if record.reference is None:
                 continue
             max_tokens = grading.max_tokens_for(record.match)
-            job = _Job(record, psha, settings_key(quality, max_tokens), max_tokens)
+            job = _Job(record, psha, settings_key(quality, max_tokens), max_tokens, shots=examples)
             found = _recorded(store, psha, name, identity, quality, max_tokens)
             if found is None:
                 pending.append(job)
@@ -284,6 +301,8 @@ def collect(
                 f"{name}: {len(pending) - rerun} queries to run, {rerun} greedy votes to re-run for "
                 f"their signals, {reused} already recorded or labelled"
             )
+            # Stable: within one set of examples, log order.
+            pending.sort(key=lambda j: json.dumps(j.shots, ensure_ascii=False))
             _run_model(spec, identity, pending, store, quality, pool, results)
     return results
 
@@ -347,7 +366,7 @@ def _votes(backend: "Backend", job: _Job, quality: "QualityCheck") -> tuple[int,
     """
     prompt = job.record.prompt
     count = 1 if job.recorded is not None else quality.k
-    gens = [backend.generate(prompt, vote_params(quality, i, job.max_tokens, prompt)) for i in range(count)]
+    gens = [backend.generate(prompt, vote_params(quality, i, job.max_tokens, prompt, job.shots)) for i in range(count)]
     votes = [Vote(g.text, g.output_tokens, g.seconds, g.signals) for g in gens]
     if job.recorded is not None:
         votes += job.recorded[1][1 : quality.k]

@@ -35,6 +35,7 @@ from crecli.models.backend import GenParams
 
 if TYPE_CHECKING:
     from crecli.models.backend import Signals
+    from crecli.models.prompting import Shot
 
 # The quality check's bounds, shared by the CLI's options and the router-file loader: k
 # votes cost k generations per answer, and more than 64 is no check anyone runs; past a
@@ -89,11 +90,14 @@ def vote_seed(prompt: str, index: int) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
-def vote_params(quality: QualityCheck, index: int, max_tokens: int, prompt: str) -> GenParams:
+def vote_params(
+    quality: QualityCheck, index: int, max_tokens: int, prompt: str, shots: Sequence["Shot"] = ()
+) -> GenParams:
     """Generation parameters of vote `index` of `prompt`: 0 is greedy, the rest sample with `vote_seed`.
 
-    The one definition for both the live cascade (`escalate.check`) and the recorded votes
-    (`outcomes.collect`): calibration tunes on exactly the votes the cascade draws.
+    `shots` are the answered examples the prompt is shown after (its cluster's, for this
+    model). The one definition for both the live cascade (`escalate.check`) and the recorded
+    votes (`outcomes.collect`): calibration tunes on exactly the votes the cascade draws.
     """
     return GenParams(
         max_tokens=max_tokens,
@@ -101,6 +105,7 @@ def vote_params(quality: QualityCheck, index: int, max_tokens: int, prompt: str)
         top_p=quality.top_p,
         top_k=quality.top_k,
         seed=0 if index == 0 else vote_seed(prompt, index),
+        shots=tuple((str(q), str(a)) for q, a in shots),
     )
 
 

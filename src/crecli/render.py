@@ -288,6 +288,8 @@ def router_dict(router: Any) -> dict[str, Any]:
                 "examples": c.examples,
                 "stats": c.stats,
                 "thresholds": c.thresholds,
+                "exemplars": c.exemplars,
+                "shots": c.shots,
             }
             for c in router.clusters
         ],
@@ -349,8 +351,10 @@ def inspect_router(router: Any, as_json: bool) -> None:
                 cells.append("-")
                 continue
             mark = "*" if name == c.model else ""
+            shots = c.shots.get(name, 0)
             cells.append(
                 f"{mark}{st['accuracy']:.2f} ({int(st['n'])})\n{st['mean_cost']:.2f}"
+                + (f"\n{shots} example{'s' if shots > 1 else ''}" if shots else "")
             )
         examples = "\n".join("- " + terminal_safe(e.replace("\n", " ")[:90]) for e in c.examples)
         table.add_row(str(c.id), str(c.size), Text(examples), *cells, Text(terminal_safe(c.model)))

@@ -77,6 +77,12 @@ _MEMBER = re.compile(r"^(embedder|assigner)/([A-Za-z0-9_]{1,64})\.npy$")
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 EXAMPLES_PER_CLUSTER = 3
 EXAMPLE_CHARS = 200
+# Answered examples (`cre fit --shots`): a cluster carries at most this many, and a model
+# is shown one of SHOT_COUNTS of them. Longer exemplars are never chosen (`calibrate.pick_exemplars`).
+SHOT_COUNTS = (0, 1, 3)
+MAX_SHOTS = max(SHOT_COUNTS)
+SHOT_PROMPT_CHARS = 1000
+SHOT_ANSWER_CHARS = 200
 
 
 @dataclass
@@ -88,6 +94,19 @@ class ClusterInfo:
     examples: list[str]
     stats: dict[str, dict[str, float]]  # per model: n, correct, accuracy, shrunk_accuracy, mean_cost
     thresholds: dict[str, float] = field(default_factory=dict)  # per-model override of RouterFile.thresholds
+    # Answered examples from the cluster's labelled queries, as [prompt, answer] pairs, and
+    # how many of them (from the first) each model is shown before a prompt; a model not
+    # listed is shown none. Both are empty unless `cre fit --shots` chose some.
+    exemplars: list[list[str]] = field(default_factory=list)
+    shots: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        # Written only when used, so a router without shots reads as before.
+        for key in ("exemplars", "shots"):
+            if not data[key]:
+                del data[key]
+        return data
 
 
 @dataclass(frozen=True)
@@ -182,6 +201,13 @@ class RouterFile:
         rules = self.deferral.models.get(model) if self.deferral is not None else None
         return rules.prior if rules is not None else 0.5
 
+    def shots(self, cid: int, model: str) -> tuple[tuple[str, str], ...]:
+        """The answered examples `model` is shown before a prompt of cluster `cid` (none when unclustered)."""
+        info = self.cluster(cid) if cid >= 0 else None
+        if info is None:
+            return ()
+        return tuple((q, a) for q, a in info.exemplars[: info.shots.get(model, 0)])
+
 
 def build(
     settings: "ModelConfig",
@@ -219,6 +245,8 @@ def build(
                 {m: s.to_dict() for m, s in plan.table.clusters[cid].models.items()}
                 if cid in plan.table.clusters else {}
             ),
+            exemplars=[list(pair) for pair in plan.exemplars.get(cid, [])],
+            shots=dict(plan.shots.get(cid, {})),
         ))
     choice = plan.choice
     fit = replace(
@@ -299,7 +327,7 @@ def save(router: RouterFile, path: Path) -> None:
             "arrays": _pack("embedder", e_arrays, blobs),
         },
         "assigner": {"params": a_params, "arrays": _pack("assigner", a_arrays, blobs)},
-        "clusters": [asdict(c) for c in router.clusters],
+        "clusters": [c.to_dict() for c in router.clusters],
         "fallback_model": router.fallback_model,
         "budget": router.budget,
         "quality": router.quality.to_dict(),
@@ -715,7 +743,7 @@ def _assemble(path: Path, body: "_Body", members: dict[str, "np.ndarray"], setti
         console.warn(f"{problem}; using it anyway (--force), so prompts may land in other clusters.")
     used = {
         body.fallback_model, *body.thresholds, *(body.deferral.models if body.deferral is not None else ()),
-        *(m for c in body.clusters for m in (c.model, *c.thresholds, *c.stats)),
+        *(m for c in body.clusters for m in (c.model, *c.thresholds, *c.stats, *c.shots)),
     }
     off = sorted(used - set(names))
     lacking = [n for n in names if n not in body.thresholds]
@@ -1071,7 +1099,20 @@ def _assigner_params(f: _Field) -> dict[str, Any]:
 def _cluster(f: _Field) -> ClusterInfo:
     from crecli.grading import MATCH_TYPES
 
-    f.as_object(keys=("id", "size", "model", "answer_type", "examples", "stats", "thresholds"), optional=("thresholds",))
+    f.as_object(keys=("id", "size", "model", "answer_type", "examples", "stats", "thresholds", "exemplars", "shots"),
+                optional=("thresholds", "exemplars", "shots"))
+    exemplars = []
+    if f.has("exemplars"):
+        for pair in f["exemplars"].as_list(MAX_SHOTS):
+            q, a = pair.as_list(2, 2)
+            # Prompts keep their newlines; whatever prints them escapes control characters.
+            exemplars.append([q.as_str(SHOT_PROMPT_CHARS, text=True), a.as_str(SHOT_ANSWER_CHARS, text=True)])
+    shots = {}
+    if f.has("shots"):
+        for m, n in f["shots"].items(MAX_LADDER):
+            shots[m] = n.as_int(0, len(exemplars))
+            if shots[m] not in SHOT_COUNTS:
+                n.fail("one of " + ", ".join(str(c) for c in SHOT_COUNTS if c <= len(exemplars)))
     return ClusterInfo(
         id=f["id"].as_int(-1, (1 << 31) - 1),
         size=f["size"].as_int(0),
@@ -1081,6 +1122,8 @@ def _cluster(f: _Field) -> ClusterInfo:
         examples=[x.as_str(EXAMPLE_CHARS, text=True) for x in f["examples"].as_list(EXAMPLES_PER_CLUSTER)],
         stats={m: _stats(s) for m, s in f["stats"].items(MAX_LADDER)},
         thresholds={m: t.as_float(0, 1) for m, t in f["thresholds"].items(MAX_LADDER)} if f.has("thresholds") else {},
+        exemplars=exemplars,
+        shots=shots,
     )
 
 

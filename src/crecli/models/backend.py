@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Sequence
 
 from crecli.errors import BackendError, CreError
-from crecli.models.prompting import render
+from crecli.models.prompting import Shot, render
 
 if TYPE_CHECKING:
     from crecli.config import ModelSpec
@@ -33,6 +33,10 @@ class GenParams:
     top_k: int = 40
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Answered examples rendered before the prompt (`prompting.render`). They ride with the
+    # parameters so that every path to a model (votes, parallel waves, remote servers)
+    # renders a prompt the same way.
+    shots: tuple[Shot, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ class Backend(abc.ABC):
 
     def prepare(self, prompt: str, params: GenParams) -> tuple[str, GenParams]:
         """`prompt` in the model's prompt format, and `params` with the format's stop strings added."""
-        rendered = render(self.spec.prompt_format, prompt)
+        rendered = render(self.spec.prompt_format, prompt, shots=params.shots)
         return rendered.text, replace(params, stop=tuple(dict.fromkeys((*params.stop, *rendered.stop))))
 
     def generate(self, prompt: str, params: GenParams = GenParams()) -> Generation:

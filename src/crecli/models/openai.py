@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from crecli.errors import BackendError, ConfigError
 from crecli.models.backend import Backend, Generation, GenParams
-from crecli.models.prompting import SYSTEM
+from crecli.models.prompting import chat_messages
 
 if TYPE_CHECKING:
     from crecli.config import ModelSpec
@@ -150,7 +150,7 @@ class OpenAIBackend(Backend):
     def generate(self, prompt: str, params: GenParams = GenParams()) -> Generation:
         if self.spec.prompt_format != "chat":
             return super().generate(prompt, params)
-        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt.strip()}]
+        messages = chat_messages(prompt, shots=params.shots)
         data, seconds = self._post("chat/completions", {**self._body(params), "messages": messages})
         message = data["choices"][0].get("message") or {}
         return self._generation(data, str(message.get("content") or ""), seconds)

@@ -8,6 +8,11 @@ and prompt-prefix caching works across the k samples of the quality check.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
+
+# An answered example shown before the prompt: (prompt, answer). `cre fit --shots` takes
+# them from a cluster's labelled queries (`RouterFile.shots`).
+Shot = tuple[str, str]
 
 SYSTEM = (
     "You are a precise assistant. Reply with only the final answer: a number, a word, "
@@ -31,7 +36,7 @@ A: (B)
 Q: What is the opposite of "hot"?
 A: cold
 
-Q: {prompt}
+{shots}Q: {prompt}
 A:"""
 
 
@@ -41,23 +46,42 @@ class Rendered:
     stop: tuple[str, ...]
 
 
-def render(prompt_format: str, prompt: str, system: str = SYSTEM) -> Rendered:
+def render(prompt_format: str, prompt: str, system: str = SYSTEM, shots: Sequence[Shot] = ()) -> Rendered:
+    """`prompt` in `prompt_format`, after the answered examples `shots`.
+
+    The shots come before the prompt and after the fixed head, so every prompt of a cluster
+    shares the head and its shots: llama.cpp reuses that prefix between consecutive prompts.
+    """
     prompt = prompt.strip()
     if prompt_format == "completion":
         # One line per answer: a base model that is not stopped at the newline writes the
         # next question itself.
-        return Rendered(FEW_SHOT.format(prompt=prompt), ("\n",))
+        examples = "".join(f"Q: {q.strip()}\nA: {a.strip()}\n\n" for q, a in shots)
+        return Rendered(FEW_SHOT.format(shots=examples, prompt=prompt), ("\n",))
     if prompt_format == "chatml":
+        turns = "".join(
+            f"<|im_start|>user\n{q.strip()}<|im_end|>\n<|im_start|>assistant\n{a.strip()}<|im_end|>\n"
+            for q, a in shots
+        )
         text = (
-            f"<|im_start|>system\n{system}<|im_end|>\n"
+            f"<|im_start|>system\n{system}<|im_end|>\n{turns}"
             f"<|im_start|>user\n{prompt}<|im_end|>\n"
             "<|im_start|>assistant\n"
         )
         return Rendered(text, ("<|im_end|>", "<|endoftext|>"))
     if prompt_format == "chat":
-        # Remote chat servers apply their own template; the openai backend sends messages.
+        # Remote chat servers apply their own template; the openai backend sends messages
+        # (`chat_messages`).
         return Rendered(prompt, ())
     raise ValueError(f"unknown prompt format {prompt_format!r}")
+
+
+def chat_messages(prompt: str, system: str = SYSTEM, shots: Sequence[Shot] = ()) -> list[dict[str, str]]:
+    """The "chat" format's messages: the system turn, each shot as a user/assistant pair, the prompt."""
+    messages = [{"role": "system", "content": system}]
+    for q, a in shots:
+        messages += [{"role": "user", "content": q.strip()}, {"role": "assistant", "content": a.strip()}]
+    return messages + [{"role": "user", "content": prompt.strip()}]
 
 
 # Two prompts unlike each other: what their renderings share is the head every prompt in

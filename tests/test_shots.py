@@ -1,0 +1,172 @@
+"""Answered examples per (cluster, model): `cre fit --shots`, the router file, the cascade.
+
+The fakes of test_pipeline answer by task; here "small" is right on multiple choice only
+when its prompt shows it at least one answered multiple-choice example, so the fit must
+find that, store the examples, and the cascade must show them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from crecli import calibrate, config, outcomes, routerfile
+from crecli.cli import app
+from crecli.config import ModelSpec
+from crecli.models import registry
+from crecli.models.backend import Backend, GenParams
+from crecli.models.fake import FakeBackend
+from crecli.models.prompting import chat_messages, render
+from crecli.querylog import Record
+
+from test_pipeline import SMALL_LOG, _answers
+
+runner = CliRunner()
+
+
+def _shown_choice_examples(text: str) -> int:
+    # The completion format's fixed preamble already holds one "A: (B)".
+    return text.count("\nA: (") - 1
+
+
+@pytest.fixture
+def shot_fakes(monkeypatch: pytest.MonkeyPatch) -> dict[str, FakeBackend]:
+    answers = _answers()
+    created: dict[str, FakeBackend] = {}
+
+    def factory(spec: ModelSpec) -> Backend:
+        def answer(text: str, params: GenParams) -> str:
+            # The prompt is the last one in the text: examples come before it.
+            prompt = max((p for p in answers if p in text), key=text.rfind, default=None)
+            if prompt is None:
+                return "I don't know"
+            source, ref = answers[prompt]
+            choice = "(A)" in prompt
+            right = spec.name == "large" or "arithmetic" in source or (
+                choice and spec.name == "small" and _shown_choice_examples(text) >= 1
+            )
+            if right:
+                return ref if len(ref) > 1 or not ref.isalpha() else f"({ref})"
+            return str(random.Random(f"{prompt}|{params.seed}|{spec.name}").randint(0, 9))
+
+        created[spec.name] = FakeBackend(spec, answer, seconds_per_token={"small": 0.001, "medium": 0.003, "large": 0.01}[spec.name])
+        return created[spec.name]
+
+    monkeypatch.setattr(registry, "make_backend", factory)
+    monkeypatch.setattr(registry, "reports_signals", lambda spec: False)
+    return created
+
+
+def invoke(*args: str) -> str:
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result.stdout
+
+
+@pytest.mark.skipif(not SMALL_LOG.is_file(), reason="needs ../shared/data/querylog-small.jsonl")
+def test_fit_finds_the_examples_a_model_needs_and_the_cascade_shows_them(
+    tmp_path: Path, tiny_models_toml: Path, shot_fakes: dict[str, FakeBackend]
+) -> None:
+    router = tmp_path / "router.cre"
+    m = ("--models", str(tiny_models_toml))
+    invoke("fit", str(SMALL_LOG), "-o", str(router), *m, "--k", "1", "--shots", "0,1,3", "--retain", "0.5", "--json")
+    info = json.loads(invoke("inspect", str(router), *m, "--json"))
+    choice = [c for c in info["clusters"] if c["answer_type"] == "choice" and c.get("shots")]
+    assert choice, info["clusters"]
+    for c in choice:
+        # One example is enough, and ties go to fewer examples.
+        assert c["shots"] == {"small": 1}
+        assert len(c["exemplars"]) == 3 and all(a.startswith("(") for _, a in c["exemplars"])
+    # Arithmetic needs no examples: every model is right without them.
+    assert not any(c.get("shots") for c in info["clusters"] if c["answer_type"] == "numeric")
+
+    loaded = routerfile.load(router, config.load(tiny_models_toml))
+    c = choice[0]
+    shots = loaded.shots(c["id"], "small")
+    assert shots == ((c["exemplars"][0][0], c["exemplars"][0][1]),)
+    assert loaded.shots(c["id"], "large") == () and loaded.shots(-1, "small") == ()
+
+    # The live cascade shows the same example: a choice prompt that is not an exemplar, asked
+    # directly, is answered by the small model after it.
+    rows = [json.loads(line) for line in SMALL_LOG.read_text().splitlines()]
+    exemplar_prompts = {q for cl in info["clusters"] for q, _ in cl.get("exemplars", [])}
+    row = next(r for r in rows if r["match"] == "choice" and r["prompt"].strip() not in exemplar_prompts
+               and _cluster_of(loaded, r["prompt"]) == c["id"])
+    trace = json.loads(invoke("ask", row["prompt"], "--router", str(router), *m, "--json"))
+    assert trace["steps"][0]["model"] == "small"
+    seen = shot_fakes["small"].calls[-1][0]
+    assert c["exemplars"][0][0] in seen and seen.rfind(row["prompt"].strip()) > seen.find(c["exemplars"][0][0])
+
+    # eval replays recorded answers with the router's examples: nothing new runs, and the
+    # exemplar queries are left out of the scoring.
+    calls = sum(len(b.calls) for b in shot_fakes.values())
+    ev = json.loads(invoke("eval", str(SMALL_LOG), "--router", str(router), *m, "--json"))
+    assert sum(len(b.calls) for b in shot_fakes.values()) == calls
+    assert ev["n"] == len(rows) - len(exemplar_prompts)
+
+
+def _cluster_of(router: routerfile.RouterFile, prompt: str) -> int:
+    from crecli.route import route
+
+    return route(router, prompt).cluster
+
+
+def test_rendered_examples_sit_between_the_head_and_the_prompt() -> None:
+    shots = (("What is 1 plus 1?", "2"), ("Pick one\n(A) x\n(B) y", "(B)"))
+    chatml = render("chatml", "What is 3 plus 4?", shots=shots).text
+    head = render("chatml", "What is 3 plus 4?").text.split("<|im_start|>user")[0]
+    assert chatml.startswith(head)
+    assert chatml.index("What is 1 plus 1?") < chatml.index("<|im_start|>assistant\n2<|im_end|>") < chatml.index("What is 3 plus 4?")
+    completion = render("completion", "What is 3 plus 4?", shots=shots).text
+    assert completion.endswith("Q: What is 1 plus 1?\nA: 2\n\nQ: Pick one\n(A) x\n(B) y\nA: (B)\n\nQ: What is 3 plus 4?\nA:")
+    # No examples: the prompt renders exactly as before, so old recordings still match.
+    assert render("completion", "x").text == render("completion", "x", shots=()).text
+    roles = [msg["role"] for msg in chat_messages("What is 3 plus 4?", shots=shots)]
+    assert roles == ["system", "user", "assistant", "user", "assistant", "user"]
+
+
+def test_recordings_are_keyed_by_their_examples() -> None:
+    assert outcomes.prompt_sha256("q") == outcomes.prompt_sha256("q", ())
+    assert outcomes.prompt_sha256("q", (("a", "b"),)) != outcomes.prompt_sha256("q")
+    assert outcomes.prompt_sha256("q", (("a", "b"),)) != outcomes.prompt_sha256("q", (("a", "c"),))
+
+
+def _record(i: int, answer: str, match: str = "choice", prompt: str | None = None) -> Record:
+    return Record(id=f"r{i}", prompt=prompt or f"Question {i}?\n(A) x\n(B) y\n(C) z", reference=[answer], match=match)
+
+
+def test_exemplars_prefer_distinct_answers_and_skip_what_cannot_be_shown() -> None:
+    records = [_record(0, "A"), _record(1, "A"), _record(2, "B"), _record(3, "A", prompt="x" * 5000), _record(4, "C")]
+    chosen = calibrate.pick_exemplars(records, 3)
+    assert [r.id for r in chosen] == ["r0", "r2", "r4"]
+    assert [calibrate.exemplar_answer(r) for r in chosen] == ["(A)", "(B)", "(C)"]
+    assert [r.id for r in calibrate.pick_exemplars(records[:2], 3)] == ["r0", "r1"]
+    assert calibrate.exemplar_answer(_record(5, "thirteen", "numeric")) == "13"
+    assert calibrate.exemplar_answer(_record(6, "^a+$", "regex")) is None
+
+
+def _outcome(rid: str, model: str, prompt_tokens: int, text: str = "x") -> outcomes.Outcome:
+    return outcomes.Outcome(rid, "sha", model, "", "k", "run", prompt_tokens, [outcomes.Vote(text, 2, 0.1)])
+
+
+def test_shared_examples_are_priced_once_per_batch() -> None:
+    """Answers after the same examples share their cost; without them nothing is added."""
+    shots = {("a", "m"): (("q", "1"),), ("b", "m"): (("q", "1"),)}
+    base = {(r, "m"): _outcome(r, "m", 10) for r in "abc"}
+    shown = {(r, "m"): _outcome(r, "m", 40) for r in "ab"}
+    resolved = calibrate.resolve_shots([], base, shown, shots)
+    assert resolved[("a", "m")].prefix_tokens == 30 and resolved[("c", "m")].prefix_tokens == 0
+    assert resolved[("a", "m")].prefix_key == resolved[("b", "m")].prefix_key != ""
+
+    def entry(key: str, cost: float) -> Any:
+        return calibrate._Entry(("x",), (True,), (1.0,), prefix_key=key, prefix_cost=cost)
+
+    shares = calibrate.prefix_shares([entry("p", 3.0), entry("p", 3.0), entry("", 0.0), entry("p", 3.0)])
+    assert shares == [1.0, 1.0, 0.0, 1.0]
+    # In "bench-seconds" a vote no longer pays the shared tokens in its own prompt.
+    assert resolved[("a", "m")].vote_costs("bench-seconds", speed=(10.0, 1.0)) == [pytest.approx(1.0 + 2.0)]
