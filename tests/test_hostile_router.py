@@ -340,6 +340,17 @@ def at(*keys: Any, value: Any) -> Callable[[dict[str, Any]], None]:
     return change
 
 
+def _shots(counts: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    """Cluster 0 with three exemplars and these per-model counts."""
+
+    def change(manifest: dict[str, Any]) -> None:
+        cluster = manifest["body"]["clusters"][0]
+        cluster["exemplars"] = [[f"What is {i} plus 1?", str(i + 1)] for i in range(3)]
+        cluster["shots"] = counts
+
+    return change
+
+
 FIELD_CASES: list[tuple[Callable[[dict[str, Any]], None], str]] = [
     (at("quality", "k", value="five"), 'manifest field quality.k must be an integer from 1 to 64, got "five"'),
     (at("quality", "k", value=-1), "manifest field quality.k must be an integer from 1 to 64, got -1"),
@@ -386,6 +397,14 @@ FIELD_CASES: list[tuple[Callable[[dict[str, Any]], None], str]] = [
     (at("clusters", 0, "stats", "small", "mean_cost", value=DELETE), "field 'clusters[0].stats[\"small\"].mean_cost' is missing"),
     (at("clusters", 0, "stats", "tiny", value=dict.fromkeys(routerfile._STAT_KEYS, 1)), "models tiny are not on its ladder"),
     (at("clusters", 1, "thresholds", "medium", value=-0.1), 'clusters[1].thresholds["medium"] must be a number >= 0 and <= 1, got -0.1'),
+    (at("clusters", 0, "exemplars", value="What is 1 plus 1?"), "clusters[0].exemplars must be a list of 0 to 3 entries"),
+    (at("clusters", 0, "exemplars", value=[["q"]]), "clusters[0].exemplars[0] must be a list of 2 to 2 entries"),
+    (at("clusters", 0, "exemplars", value=[["q", 5]]), "clusters[0].exemplars[0][1] must be a string of at most 200 characters, got 5"),
+    (at("clusters", 0, "exemplars", value=[["x" * 1001, "a"]]), "clusters[0].exemplars[0][0] must be a string of at most 1000 characters"),
+    (at("clusters", 0, "shots", value={"small": 1}), 'clusters[0].shots["small"] must be an integer from 0 to 0, got 1'),
+    (_shots({"small": 2}), 'clusters[0].shots["small"] must be one of 0, 1, 3, got 2'),
+    (_shots({"small": True}), 'clusters[0].shots["small"] must be an integer from 0 to 3, got true'),
+    (_shots({"tiny": 1}), "models tiny are not on its ladder"),
     (at("clusters", 0, "model", value=None), "clusters[0].model must be a printable string of 1 to 128 characters, got null"),
     (at("clusters", 0, value="cluster"), "manifest field clusters[0] must be an object"),
     (at("embedder", "kind", value="evil"), 'embedder.kind must be one of "tfidf", "llama", got "evil"'),
