@@ -125,6 +125,12 @@ def test_router_file_carries_the_deferral_check_as_plain_validated_numbers(tiny_
     assert again.prior(0, "small") == 0.5  # the cluster's shrunk accuracy
     assert again.prior(-1, "small") == 0.4  # outside every cluster: the model's log-wide accuracy
     assert again.prior(-1, "medium") == 0.5  # no deferral model for it
+    # A prompt far from its cluster's own queries (a task the log never had) gets the model's
+    # log-wide prior; one inside the cluster's radius gets the cluster's.
+    radius = again.assigner.radius(0)
+    assert radius is not None and 0 <= radius <= again.assigner.threshold_
+    assert again.prior(0, "small", distance=radius) == 0.5
+    assert again.prior(0, "small", distance=again.assigner.threshold_) == 0.4
 
     def refused(change: Callable[[dict[str, Any]], None]) -> str:
         routerfile.save(router, path)

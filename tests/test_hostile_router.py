@@ -253,6 +253,29 @@ def test_arrays_the_assigner_cannot_use_are_refused_naming_the_file(settings: co
     assert "\x1b" not in str(error)
 
 
+@pytest.mark.parametrize("kind", ["one short", "negative", "two-dimensional", "past 2"])
+def test_cluster_radii_the_router_cannot_use_are_refused(settings: config.ModelConfig, saved: Path, kind: str) -> None:
+    n = len(routerfile.load(saved, settings).assigner.classes_)
+    radius = {"one short": np.full(n - 1, 0.3), "negative": np.array([-0.5] + [0.3] * (n - 1)),
+              "two-dimensional": np.full((n, 1), 0.3), "past 2": np.array([2.5] + [0.3] * (n - 1))}[kind]
+    replace_array(saved, "assigner", "radius", npy_bytes(radius), radius.dtype.str, list(radius.shape))
+    refused(saved, settings, "assigner state is inconsistent")
+
+
+def test_a_router_without_cluster_radii_trusts_every_cluster(settings: config.ModelConfig, saved: Path) -> None:
+    """Routers written before radii were kept load, and their priors ignore distance, as then."""
+    entries = members(saved)
+    manifest = json.loads(entries["manifest.json"])
+    del manifest["body"]["assigner"]["arrays"]["radius"]
+    del entries["assigner/radius.npy"]
+    manifest["body_sha256"] = hashlib.sha256(routerfile._canonical(manifest["body"])).hexdigest()
+    entries["manifest.json"] = json.dumps(manifest).encode()
+    rewrite(saved, entries)
+    router = routerfile.load(saved, settings)
+    assert router.assigner.radius(router.clusters[0].id) is None
+    assert router.prior(router.clusters[0].id, "small", distance=1.9) == router.prior(router.clusters[0].id, "small")
+
+
 # ---------------------------------------------------------------- 3. structure the zip and JSON allow
 
 

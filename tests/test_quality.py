@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from crecli.quality import QualityCheck, decide, done, needed
+from crecli.quality import QualityCheck, blend_prior, decide, done, needed, trust
 
 
 @pytest.mark.parametrize(
@@ -51,3 +51,14 @@ def test_settings_key_changes_with_what_changes_a_vote() -> None:
     assert base.key() != QualityCheck(temperature=0.5).key()
     assert base.key() != QualityCheck(k=3).key()
     assert base.key() == QualityCheck(early_stop=False).key()  # early stop only reads fewer votes
+
+
+def test_trust_in_a_cluster_falls_from_its_radius_to_the_far_threshold() -> None:
+    assert trust(0.1, 0.2, 0.8) == 1.0
+    assert trust(0.5, 0.2, 0.8) == pytest.approx(0.5)
+    assert trust(0.8, 0.2, 0.8) == 0.0 and trust(1.5, 0.2, 0.8) == 0.0
+    assert trust(0.5, 0.9, 0.8) == 1.0  # inside a radius wider than the threshold
+    # Unknown distance or radius (a router written before radii were kept): trusted, as before.
+    assert trust(None, 0.2, 0.8) == 1.0 and trust(0.7, None, 0.8) == 1.0
+    assert blend_prior(0.9, 0.3, 1.0) == 0.9 and blend_prior(0.9, 0.3, 0.0) == 0.3
+    assert blend_prior(0.9, 0.3, 0.5) == pytest.approx(0.6)

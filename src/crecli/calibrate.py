@@ -1070,14 +1070,15 @@ def train_deferral(data: Data, idx: Sequence[int], table: StatsTable, model: str
 def deferral_p(
     data: Data, idx: Sequence[int], rules: Mapping[str, Deferral], prior_of: Callable[[int, str], float], votes: int
 ) -> dict[OutcomeKey, float]:
-    """Each (record, model)'s P(correct) under `rules`, as the live check computes it."""
+    """Each (record, model)'s P(correct) under `rules`, as the live check computes it;
+    `prior_of(i, model)` is record i's prior for `model`."""
     out: dict[OutcomeKey, float] = {}
     for i in idx:
-        rid, cid = data.records[i].id, data.clusters[i]
+        rid = data.records[i].id
         for model, rule in rules.items():
             entry = data.replay.entries.get((rid, model))
             if entry is not None and entry.answers:
-                out[(rid, model)] = rule.p_correct(entry.features(votes, prior_of(cid, model)))
+                out[(rid, model)] = rule.p_correct(entry.features(votes, prior_of(i, model)))
     return out
 
 
@@ -1090,7 +1091,7 @@ def sweep_deferral(
     # The top rung gets a model too, for the signal report only: its answer is final, but
     # its doubt is what a larger rung above it (a remote server) would act on.
     rules = {m: train_deferral(data, fit_idx, table, m, votes) for m in ladder}
-    p = deferral_p(data, eval_idx, rules, lambda c, m: cluster_prior(table, c, m), votes)
+    p = deferral_p(data, eval_idx, rules, lambda i, m: cluster_prior(table, data.clusters[i], m), votes)
     out = []
     for retain in RETAIN_GRID:
         choice = _choice(table, retain)
@@ -1221,7 +1222,7 @@ def recalibrate(
     if check == "deferral":
         models = {m: train_deferral(data, everything, table, m, votes) for m in ladder[:-1]}
         rules = DeferralCheck(votes, models)
-        p_all = deferral_p(data, everything, models, lambda c, m: cluster_prior(table, c, m), votes)
+        p_all = deferral_p(data, everything, models, lambda i, m: cluster_prior(table, data.clusters[i], m), votes)
         result = _simulate(data, everything, choice, dict(setting.thresholds), quality, p_all, votes)
     else:
         result = _simulate(data, everything, choice, dict(setting.thresholds), quality)

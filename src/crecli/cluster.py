@@ -28,6 +28,10 @@ ASSIGN_METHODS = ("knn", "centroid")
 # The auto far-threshold is this quantile of the training members' leave-one-out distances
 # (see Assigner). 0.99 rather than the max so that one stray member does not widen it.
 THRESHOLD_QUANTILE = 0.99
+# A cluster's radius is this quantile of its own members' leave-one-out distances: how far
+# a new prompt may sit from its nearest exemplar before it looks unlike the cluster's
+# queries, so that the cluster's record speaks for it less (`quality.trust`).
+RADIUS_QUANTILE = 0.9
 MIN_ROWS = 10
 _CHUNK = 1024  # query rows per similarity block: bounds memory at _CHUNK x n_exemplars floats
 
@@ -86,7 +90,9 @@ class Assigner:
     instead.
 
     Learned: `exemplars_` (float32), `exemplar_labels_`, `classes_`, `centroids_` (one per
-    class, normalised, in `classes_` order), `threshold_`, `k_` (k capped by the exemplar count).
+    class, normalised, in `classes_` order), `threshold_`, `k_` (k capped by the exemplar count),
+    `radius_` (per class, in `classes_` order, RADIUS_QUANTILE of its members' leave-one-out
+    distances; None in routers written before it was kept).
     """
 
     def __init__(self, method: str = "knn", k: int = 5, max_distance: float | None = None) -> None:
@@ -118,12 +124,33 @@ class Assigner:
         self.classes_ = np.unique(self.exemplar_labels_)
         self.centroids_ = self._centroids(self.exemplars_, self.exemplar_labels_, self.classes_)
         self.k_ = min(self.k, len(self.exemplars_))
+        self.radius_: "np.ndarray | None" = None
+        dist = None
+        if len(self.exemplars_) >= 2:
+            _, dist = _leave_one_out(self, self.exemplars_, self.exemplar_labels_)
+            radius = np.array([np.quantile(dist[self.exemplar_labels_ == c], RADIUS_QUANTILE)
+                               for c in self.classes_], dtype=np.float64)
+            # A one-member cluster under the centroid method has no leave-one-out distance
+            # (NaN): its radius is unknown, so its record is always trusted (2 is the widest).
+            self.radius_ = np.where(np.isfinite(radius), np.clip(radius, 0.0, 2.0), 2.0)
         if self.max_distance is not None:
             self.threshold_ = float(self.max_distance)
-        else:
-            _, dist = _leave_one_out(self, self.exemplars_, self.exemplar_labels_)
+        elif dist is not None:
             self.threshold_ = float(np.quantile(dist, THRESHOLD_QUANTILE))
+        else:
+            raise CreError("leave-one-out assignment needs at least 2 clustered rows")
         return self
+
+    def radius(self, label: int) -> float | None:
+        """Cluster `label`'s radius (see `radius_`); None when unknown."""
+        import numpy as np
+
+        if label < 0 or getattr(self, "radius_", None) is None:
+            return None
+        at = int(np.searchsorted(self.classes_, label))
+        if at >= len(self.classes_) or self.classes_[at] != label:
+            return None
+        return float(self.radius_[at])  # type: ignore[index]
 
     @staticmethod
     def _centroids(X: "np.ndarray", labels: "np.ndarray", classes: "np.ndarray") -> "np.ndarray":
@@ -181,6 +208,8 @@ class Assigner:
                   "k_": self.k_, "threshold_": self.threshold_}
         arrays = {"exemplars": self.exemplars_, "exemplar_labels": self.exemplar_labels_,
                   "classes": self.classes_, "centroids": self.centroids_}
+        if getattr(self, "radius_", None) is not None:
+            arrays["radius"] = self.radius_
         return params, arrays
 
     @classmethod
@@ -196,6 +225,8 @@ class Assigner:
             assigner.exemplar_labels_ = np.asarray(arrays["exemplar_labels"], dtype=np.int64)
             assigner.classes_ = np.asarray(arrays["classes"], dtype=np.int64)
             assigner.centroids_ = np.asarray(arrays["centroids"], dtype=np.float32)
+            radius = arrays.get("radius")
+            assigner.radius_ = None if radius is None else np.asarray(radius, dtype=np.float64)
         except KeyError as exc:
             raise RouterFileError(f"assigner state lacks {exc.args[0]!r}; the router file is incomplete, refit it") from None
         except (TypeError, ValueError) as exc:
@@ -205,11 +236,14 @@ class Assigner:
             ex.ndim == 2 and len(ex) > 0 and lab.shape == (len(ex),)
             and np.array_equal(np.unique(lab), cls_) and cen.shape == (len(cls_), ex.shape[1])
             and 1 <= assigner.k_ <= len(ex)
+            and (assigner.radius_ is None or (assigner.radius_.shape == cls_.shape
+                                              and bool(np.all((assigner.radius_ >= 0) & (assigner.radius_ <= 2)))))
         )
         if not consistent:
             raise RouterFileError(
                 f"assigner state is inconsistent (exemplars {ex.shape}, labels {lab.shape}, "
-                f"classes {cls_.shape}, centroids {cen.shape}); the router file is damaged, refit it"
+                f"classes {cls_.shape}, centroids {cen.shape}, radius "
+                f"{None if assigner.radius_ is None else assigner.radius_.shape}); the router file is damaged, refit it"
             )
         try:
             assigner._check_params()

@@ -373,7 +373,7 @@ class Cascade:
             # The top rung's answer is final, so a deferral router draws it greedily.
             deferral=rules.models.get(name) if rules is not None and not top else None,
             votes_wanted=rules.votes if rules is not None else 1,
-            prior=self.router.prior(trace.cluster, name),
+            prior=self.router.prior(trace.cluster, name, trace.distance),
             shots=self.router.shots(trace.cluster, name),
         )
         if rules is not None and top:

@@ -150,7 +150,9 @@ def _replay(router: "RouterFile", data: Data, starts: Mapping[str, str],
     rules = router.deferral
     if rules is None:
         return data.replay.simulate(starts, router.thresholds, router.quality, overrides)
-    p = deferral_p(data, range(len(data.records)), rules.models, router.prior, rules.votes)
+    routes = data.routes
+    p = deferral_p(data, range(len(data.records)), rules.models,
+                   lambda i, m: router.prior(routes[i].cluster, m, routes[i].distance), rules.votes)
     return data.replay.simulate(starts, router.thresholds, router.quality, overrides, p_correct=p, votes=rules.votes)
 
 

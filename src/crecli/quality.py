@@ -237,6 +237,26 @@ class Deferral:
                 "fill": list(self.fill), "prior": self.prior}
 
 
+def trust(distance: float | None, radius: float | None, far: float) -> float:
+    """How much a cluster's record speaks for a prompt `distance` from its nearest exemplar.
+
+    1 within the cluster's `radius` (how far its own members sit from each other), falling
+    linearly to 0 at `far`, the distance past which a prompt joins no cluster. A prompt
+    unlike any query of its cluster (a task the log never had) then gets the model's
+    log-wide prior instead of the cluster's (`blend_prior`). 1 when either is unknown.
+    """
+    if distance is None or radius is None or distance <= radius:
+        return 1.0
+    if far <= radius or distance >= far:
+        return 0.0
+    return (far - distance) / (far - radius)
+
+
+def blend_prior(cluster: float, overall: float, weight: float) -> float:
+    """The deferral prior: the cluster's shrunk accuracy, trusted by `weight` (`trust`), else the log-wide one."""
+    return weight * cluster + (1.0 - weight) * overall
+
+
 def accept_deferral(p_correct: float, threshold: float) -> bool:
     """The deferral rule: keep the rung's greedy answer when P(correct) reaches the threshold."""
     return p_correct >= threshold

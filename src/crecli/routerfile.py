@@ -45,7 +45,9 @@ from crecli import __version__, console
 from crecli.costs import UNITS, CostUnit
 from crecli.errors import RouterFileError
 from crecli.models.pull import model_identity
-from crecli.quality import MAX_TEMPERATURE, MAX_VOTES, Deferral, DeferralCheck, QualityCheck, feature_names
+from crecli.quality import (
+    MAX_TEMPERATURE, MAX_VOTES, Deferral, DeferralCheck, QualityCheck, blend_prior, feature_names, trust,
+)
 from crecli.querylog import FORMATS, FieldMap, LogOptions
 
 if TYPE_CHECKING:
@@ -192,14 +194,20 @@ class RouterFile:
             return info.thresholds[model]
         return self.thresholds[model]
 
-    def prior(self, cid: int, model: str) -> float:
+    def prior(self, cid: int, model: str, distance: float | None = None) -> float:
         """The deferral model's prior for `model` in cluster `cid`: the cluster's shrunk
-        accuracy, else the model's accuracy over the log (0.5 without a deferral model)."""
-        info = self.cluster(cid) if cid >= 0 else None
-        if info is not None and model in info.stats:
-            return info.stats[model]["shrunk_accuracy"]
+        accuracy, else the model's accuracy over the log (0.5 without a deferral model).
+
+        With the prompt's `distance` to its nearest exemplar, a prompt beyond the cluster's
+        radius gets a blend of the two (`quality.trust`, `quality.blend_prior`).
+        """
         rules = self.deferral.models.get(model) if self.deferral is not None else None
-        return rules.prior if rules is not None else 0.5
+        overall = rules.prior if rules is not None else 0.5
+        info = self.cluster(cid) if cid >= 0 else None
+        if info is None or model not in info.stats:
+            return overall
+        weight = trust(distance, self.assigner.radius(cid), self.assigner.threshold_)
+        return blend_prior(info.stats[model]["shrunk_accuracy"], overall, weight)
 
     def shots(self, cid: int, model: str) -> tuple[tuple[str, str], ...]:
         """The answered examples `model` is shown before a prompt of cluster `cid` (none when unclustered)."""
