@@ -74,7 +74,8 @@ def test_fit_finds_the_examples_a_model_needs_and_the_cascade_shows_them(
 ) -> None:
     router = tmp_path / "router.cre"
     m = ("--models", str(tiny_models_toml))
-    invoke("fit", str(SMALL_LOG), "-o", str(router), *m, "--k", "1", "--shots", "0,1,3", "--retain", "0.5", "--json")
+    report = json.loads(invoke("fit", str(SMALL_LOG), "-o", str(router), *m, "--k", "1", "--shots", "0,1,3",
+                               "--retain", "0.5", "--json"))
     info = json.loads(invoke("inspect", str(router), *m, "--json"))
     choice = [c for c in info["clusters"] if c["answer_type"] == "choice" and c.get("shots")]
     assert choice, info["clusters"]
@@ -82,6 +83,9 @@ def test_fit_finds_the_examples_a_model_needs_and_the_cascade_shows_them(
         # One example is enough, and ties go to fewer examples.
         assert c["shots"] == {"small": 1}
         assert len(c["exemplars"]) == 3 and all(a.startswith("(") for _, a in c["exemplars"])
+        # The evidence: right answers of the small model over the cluster's other queries.
+        tally = report["shots"][str(c["id"])]["small"]
+        assert tally["1"] == tally["3"] == [tally["1"][1], tally["1"][1]] and tally["0"][0] < tally["0"][1]
     # Arithmetic needs no examples: every model is right without them.
     assert not any(c.get("shots") for c in info["clusters"] if c["answer_type"] == "numeric")
 

@@ -73,6 +73,9 @@ class FitReport:
     truth: dict[str, float] | None
     clusters: list[dict[str, Any]]
     n_served: int = 0  # prompts from the served-query log that joined the clustering
+    # With --shots: per cluster, model and number of examples, [right, scored] over the
+    # cluster's queries other than its exemplars (what `calibrate.choose_shots` compared).
+    shots: dict[str, dict[str, dict[str, list[int]]]] | None = None
 
 
 def _truth_labels(records: list[Any], dotted: str) -> list[str]:
@@ -257,6 +260,10 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
         truth=truth,
         clusters=[c.__dict__ for c in router.clusters],
         n_served=len(served),
+        shots=None if shot_plan is None else {
+            str(cid): {m: {str(n): list(t) for n, t in per.items()} for m, per in models.items()}
+            for cid, models in shot_plan.accuracy.items()
+        },
     )
 
 
