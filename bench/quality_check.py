@@ -7,7 +7,11 @@ Six ways to answer the same prompts, measured side by side in one run:
       greedy answer with its signals and one P(correct) from them;
   (b) the quality check at k votes as the cascade runs it (crecli.escalate.check): prompt
       processed once, samples reuse its KV cache, early stop, answer-type output caps;
-  (c) the same check with early stop disabled (always k votes);
+      Its sampled votes are decoded as parallel sequences over the prompt (waves, see
+      `quality.wave`);
+  (b') the same check with its sampled votes drawn one after another (the path before
+      parallel votes; `Backend.sample_many`'s default);
+  (c) the same check with early stop disabled (always k votes), and (c') one at a time;
   (d) a naive loop: k votes with the cache reset before each, so every vote pays for the
       prompt again.
 Every method starts from an empty KV cache, so each pays for its prompt at least once.
@@ -28,6 +32,7 @@ from pathlib import Path
 
 from crecli import config, grading, querylog
 from crecli.escalate import check, vote_params
+from crecli.models.backend import Backend
 from crecli.models.llama import LlamaBackend
 from crecli.quality import Deferral, QualityCheck, feature_names
 
@@ -61,13 +66,20 @@ def main() -> int:
     backend.generate("Warm-up: say OK.", vote_params(quality, 0, 4, "Warm-up: say OK."))  # first decode allocates buffers
 
     names = ["(a) greedy", "(b) check, as implemented", "(c) check, no early stop", "(d) naive loop, cache reset",
-             "(a') greedy, signals read", "(e) deferral check, 1 vote"]
+             "(a') greedy, signals read", "(e) deferral check, 1 vote", "(b') check, votes one at a time",
+             "(c') no early stop, one at a time"]
+    parallel_votes = backend.sample_many
+
+    def sequential_votes(prompt: str, params: list) -> list:  # type: ignore[type-arg]
+        return Backend.sample_many(backend, prompt, params)
+
     # The check's cost does not depend on the weights: any model of the right shape will do.
     deferral = Deferral(feature_names(1), (0.0,) * 5, 0.0, (0.0,) * 5, 0.5)
     seconds = dict.fromkeys(names, 0.0)
     votes = dict.fromkeys(names, 0)
     tokens = dict.fromkeys(names, 0)
     same_greedy = 0
+    same_votes = total_votes = 0
     for n, record in enumerate(records, start=1):
         cap = grading.max_tokens_for(record.match)
 
@@ -94,16 +106,24 @@ def main() -> int:
         votes[names[5]] += step.used
         tokens[names[5]] += step.output_tokens
 
-        for name, qs in ((names[1], quality), (names[2], no_early)):
+        drawn = {}
+        for name, qs, sampler in ((names[1], quality, parallel_votes), (names[2], no_early, parallel_votes),
+                                  (names[6], quality, sequential_votes), (names[7], no_early, sequential_votes)):
+            backend.sample_many = sampler  # type: ignore[method-assign]
             llm.reset()
             start = time.perf_counter()
             step = check(backend, record.prompt, qs, args.threshold, cap, record.match)
             seconds[name] += time.perf_counter() - start
             votes[name] += step.used
             tokens[name] += step.output_tokens
+            drawn[name] = step.votes
             if name == names[1]:
                 same_greedy += step.votes[0] == greedy.text
                 summary = f"{step.used} votes, agreement {step.agreement:.2f}, answer {step.answer[:30]!r}"
+        backend.sample_many = parallel_votes  # type: ignore[method-assign]
+        # Sampled votes: parallel against one at a time, same seeds; only float order differs.
+        same_votes += sum(a == b for a, b in zip(drawn[names[2]][1:], drawn[names[7]][1:]))
+        total_votes += len(drawn[names[2]]) - 1
 
         start = time.perf_counter()
         for i in range(args.k):
@@ -122,6 +142,7 @@ def main() -> int:
     for name in names:
         print(f"{name:32} {seconds[name]:8.2f} {seconds[name] / base:8.2f}x {votes[name]:6d} {tokens[name]:11d}")
     print(f"greedy vote of (b) identical to (a) on {same_greedy}/{len(records)} prompts")
+    print(f"sampled votes of (c) identical to (c') on {same_votes}/{total_votes}")
     print("Goal (issue 10): the quality check at most 1.6x one greedy answer; (issue 11): k=5 at most 1.25x.")
     return 0
 

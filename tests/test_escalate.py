@@ -375,3 +375,29 @@ def test_the_answering_path_loads_no_fit_time_code(settings: config.ModelConfig,
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ""
+
+
+class _Waves(FakeBackend):
+    """Logs how many votes each `sample_many` call asks for."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.waves: list[int] = []
+
+    def sample_many(self, prompt: str, params: Any) -> list[Any]:
+        self.waves.append(len(params))
+        return super().sample_many(prompt, params)
+
+
+@pytest.mark.parametrize(("answers", "waves", "used"), [
+    (["4", "4", "4", "4", "4"], [2], 3),  # 3 of 5 agree as soon as possible
+    (["4", "5", "4", "4", "4"], [2, 1], 4),  # a dissent costs one more vote
+    (["4", "5", "6", "7", "4"], [2, 1], 4),  # after 4 votes no answer can reach 3: reject
+])
+def test_sampled_votes_come_in_waves_of_votes_the_check_surely_needs(answers: list[str], waves: list[int], used: int) -> None:
+    from crecli.config import ModelSpec
+
+    backend = _Waves(ModelSpec(name="m", path="/x.gguf"), scripted({"What is 2 plus 2?": answers}))
+    step = check(backend, "What is 2 plus 2?", QualityCheck(k=5), 0.6, 16, "numeric")
+    assert backend.waves == waves and step.used == used
+    assert step.votes == answers[:used]

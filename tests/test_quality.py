@@ -62,3 +62,21 @@ def test_trust_in_a_cluster_falls_from_its_radius_to_the_far_threshold() -> None
     assert trust(None, 0.2, 0.8) == 1.0 and trust(0.7, None, 0.8) == 1.0
     assert blend_prior(0.9, 0.3, 1.0) == 0.9 and blend_prior(0.9, 0.3, 0.0) == 0.3
     assert blend_prior(0.9, 0.3, 0.5) == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("k,threshold", [(5, 0.6), (5, 1.0), (5, 0.4), (3, 0.67), (7, 0.6), (5, 0.0)])
+def test_a_wave_draws_only_votes_that_one_at_a_time_would_draw(k: int, threshold: float) -> None:
+    """Over every sequence of answers: drawing in waves stops at the same vote as drawing lazily."""
+    import itertools
+
+    from crecli.quality import wave
+
+    for answers in itertools.product(["a", "b", ""], repeat=k):
+        lazy = 1
+        while not done(list(answers[:lazy]), k, threshold):
+            lazy += 1
+        drawn = 1
+        while (w := wave(list(answers[:drawn]), k, threshold)) > 0:
+            assert drawn + w <= lazy, (answers, drawn, w)  # never past where lazy drawing stops
+            drawn += w
+        assert drawn == lazy, answers

@@ -47,3 +47,29 @@ def test_parallel_greedy_answers_equal_the_sequential_ones(gemma) -> None:  # no
         assert backend.parallel_memory(4) == 4 * 512 * 18 * 1 * (256 + 256) * 2
     finally:
         backend.close()
+
+
+def test_parallel_votes_are_the_sequential_votes(gemma) -> None:  # noqa: F811
+    """A prompt's sampled votes decoded together: the same seeded samplers as one at a time.
+
+    Batched decoding may reorder floating-point sums; on this model and these prompts the
+    votes came out identical, so any difference here is a change worth a look.
+    """
+    from crecli.models.llama import LlamaBackend
+
+    backend = LlamaBackend(gemma, n_ctx=512)
+    try:
+        for prompt in PROMPTS[:3]:
+            params = [GenParams(max_tokens=8, temperature=0.7, seed=seed, stop=("\n",)) for seed in (11, 12, 13, 14)]
+            backend.generate(prompt, GenParams(max_tokens=8))  # the greedy vote leaves the prompt cached
+            together = backend.sample_many(prompt, params)
+            one_by_one = [backend.generate(prompt, p) for p in params]
+            assert [g.text for g in together] == [g.text for g in one_by_one]
+            assert [g.output_tokens for g in together] == [g.output_tokens for g in one_by_one]
+            assert all(g.prompt_tokens == one_by_one[0].prompt_tokens and g.seconds > 0 for g in together)
+        # Without the prompt in the Llama's cache (another prompt ran last) the votes decode it.
+        backend.generate(PROMPTS[4], GenParams(max_tokens=4))
+        again = backend.sample_many(PROMPTS[0], params)
+        assert [g.text for g in again] == [g.text for g in backend.sample_many(PROMPTS[0], params)]
+    finally:
+        backend.close()

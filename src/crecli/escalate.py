@@ -2,9 +2,10 @@
 
 On each rung the quality check draws votes lazily: vote 0 is the greedy answer, votes
 1..k-1 are samples at the router's temperature with seeds from `quality.vote_seed`, and drawing stops as soon
-as `quality.done` says more votes cannot change the decision. All votes for one prompt on
-one model are consecutive calls with the same rendered prompt, so llama.cpp reuses the
-prompt's KV cache and only the first vote pays for prompt processing. A majority share
+as `quality.done` says more votes cannot change the decision. Sampled votes are asked for
+in waves (`quality.wave`: the votes no outcome could make unnecessary), which the llama.cpp
+backend decodes as parallel sequences over the prompt's KV cells; the greedy vote leaves
+the prompt cached, so only it pays for prompt processing. A majority share
 below the (cluster, model) threshold moves the prompt to the next larger rung; the top
 rung's answer is final.
 
@@ -29,7 +30,7 @@ from crecli.costs import Pricing
 from crecli.errors import CreError, RouterFileError
 from crecli.models.prompting import render
 from crecli.models.registry import ModelPool
-from crecli.quality import accept_deferral, decide, deferral_features, done, greedy_agreement, vote_params
+from crecli.quality import accept_deferral, decide, deferral_features, done, greedy_agreement, vote_params, wave
 from crecli.route import RouteDecision, route, route_many
 
 if TYPE_CHECKING:
@@ -97,18 +98,24 @@ def check(
         return not done(normalized, settings.k, threshold, settings.early_stop)
 
     while more():
-        if not votes and greedy is not None:
-            gen = greedy
+        if not votes:
+            gens = [greedy if greedy is not None else backend.generate(prompt, vote_params(settings, 0, max_tokens, prompt, shots))]
         else:
-            gen = backend.generate(prompt, vote_params(settings, len(votes), max_tokens, prompt, shots))
-        votes.append(gen.text)
-        normalized.append(grading.normalize(gen.text, answer_type))
-        if len(votes) == 1:
-            prompt_tokens, greedy_output_tokens = gen.prompt_tokens, gen.output_tokens
-            # As the replay judges recorded votes, which keep token counts, not finish reasons.
-            signals, cut = gen.signals, gen.output_tokens >= max_tokens
-        output_tokens += gen.output_tokens
-        seconds += gen.seconds
+            # Sampled votes come in waves (`quality.wave`: as many as drawing one at a time
+            # would surely draw), which a backend may decode as parallel sequences.
+            count = max(1, votes_wanted - len(votes)) if deferral is not None else wave(
+                normalized, settings.k, threshold, settings.early_stop)
+            gens = backend.sample_many(
+                prompt, [vote_params(settings, len(votes) + j, max_tokens, prompt, shots) for j in range(count)])
+        for gen in gens:
+            votes.append(gen.text)
+            normalized.append(grading.normalize(gen.text, answer_type))
+            if len(votes) == 1:
+                prompt_tokens, greedy_output_tokens = gen.prompt_tokens, gen.output_tokens
+                # As the replay judges recorded votes, which keep token counts, not finish reasons.
+                signals, cut = gen.signals, gen.output_tokens >= max_tokens
+            output_tokens += gen.output_tokens
+            seconds += gen.seconds
     if deferral is not None:
         p = deferral.p_correct(deferral_features(signals, normalized, cut, prior))
         accepted = accept_deferral(p, threshold)

@@ -359,14 +359,17 @@ def _run_model(
 
 
 def _votes(backend: "Backend", job: _Job, quality: "QualityCheck") -> tuple[int, list[Vote]]:
-    """The cascade's k votes (`quality.vote_params`), back to back on the cached prompt.
+    """The cascade's k votes (`quality.vote_params`) on the cached prompt: the greedy one, then
+    the sampled ones in one `Backend.sample_many` call.
 
     A job with `recorded` votes runs the greedy vote alone and keeps the sampled ones: each
     sampled vote's seed depends only on the prompt and its index (`quality.vote_seed`).
     """
     prompt = job.record.prompt
     count = 1 if job.recorded is not None else quality.k
-    gens = [backend.generate(prompt, vote_params(quality, i, job.max_tokens, prompt, job.shots)) for i in range(count)]
+    params = [vote_params(quality, i, job.max_tokens, prompt, job.shots) for i in range(count)]
+    # The calls the live check makes: the greedy vote, then the sampled ones together.
+    gens = [backend.generate(prompt, params[0]), *(backend.sample_many(prompt, params[1:]) if count > 1 else [])]
     votes = [Vote(g.text, g.output_tokens, g.seconds, g.signals) for g in gens]
     if job.recorded is not None:
         votes += job.recorded[1][1 : quality.k]

@@ -159,6 +159,24 @@ def done(votes: Sequence[str], k: int, threshold: float, early_stop: bool = True
     return _fixed(Counter(votes), needed(threshold, k), k - len(votes))
 
 
+def wave(votes: Sequence[str], k: int, threshold: float, early_stop: bool = True) -> int:
+    """How many more votes can be drawn at once without drawing one that `done` would skip.
+
+    No decision can be fixed before this many more votes are in, whatever they say: the
+    leading answer needs `needed - top` more to be accepted, and rejection needs the
+    remaining votes to be too few for it. Drawing a wave together (as parallel sequences)
+    thus uses exactly the votes that drawing one at a time would. 0 once `done`.
+    """
+    remaining = k - len(votes)
+    if remaining <= 0 or done(votes, k, threshold, early_stop):
+        return 0
+    if not early_stop or not votes:
+        return remaining
+    need = needed(threshold, k)
+    top = max((n for a, n in Counter(votes).items() if a != ""), default=0)
+    return max(1, min(need - top, remaining + top - need + 1, remaining))
+
+
 # ---------------------------------------------------------------- the calibrated deferral rule
 
 # Inputs of a rung's deferral model, in order. All come free with the greedy answer:

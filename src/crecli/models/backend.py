@@ -7,7 +7,8 @@ across a prompt's votes comes from llama-cpp-python itself, which keeps the last
 evaluated tokens and processes only what follows the longest common prefix, so
 consecutive calls with the same rendered prompt pay for it once.
 
-`generate_many` answers many prompts in one call. Its default is a loop over `generate`;
+`sample_many` draws one prompt's votes in one call; the llama.cpp backend decodes them as
+parallel sequences over the prompt's cached KV cells. `generate_many` answers many prompts in one call. Its default is a loop over `generate`;
 the llama.cpp backend overrides it to decode greedy answers as parallel sequences
 (`cre batch --parallel`), and `parallel_memory` says how much memory that costs.
 """
@@ -118,12 +119,17 @@ class Backend(abc.ABC):
         return 0
 
     def sample(self, prompt: str, params: GenParams, seeds: Sequence[int]) -> list[Generation]:
-        """One sample of `prompt` per seed, back to back.
+        """One sample of `prompt` per seed (see `sample_many`)."""
+        return self.sample_many(prompt, [replace(params, seed=seed) for seed in seeds])
 
-        Consecutive calls with the same prompt let llama.cpp reuse the prompt's KV cache,
-        so only the first call pays for prompt processing.
+    def sample_many(self, prompt: str, params: Sequence[GenParams]) -> list[Generation]:
+        """One generation of `prompt` per entry of `params` (the quality check's votes), in order.
+
+        This default draws them back to back: consecutive calls with the same prompt let
+        llama.cpp reuse the prompt's KV cache, so only the first pays for the prompt. The
+        llama.cpp backend decodes them as parallel sequences over the shared prompt instead.
         """
-        return [self.generate(prompt, replace(params, seed=seed)) for seed in seeds]
+        return [self.generate(prompt, p) for p in params]
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         raise BackendError(f"model {self.spec.name!r} ({self.spec.backend} backend) cannot embed")

@@ -330,6 +330,7 @@ class LlamaBackend(Backend):
         self._llm: Any = None
         self._embedder: Any = None
         self._parallel: ParallelGreedy | None = None
+        self._votes: ParallelVotes | None = None
         self._handoff: dict[str, Handoff] = {}  # rendered prompt -> its cells from the last wave
         self._letters: dict[int, int] | None = None
         # Greedy answers carry `Signals`; off only to measure what reading them costs.
@@ -448,6 +449,30 @@ class LlamaBackend(Backend):
         self._handoff.clear()
         return self._parallel.run([text for text, _ in prepared], [p for _, p in prepared], self._handoff, self.letters)
 
+    def sample_many(self, prompt: str, params: Sequence[GenParams]) -> list[Generation]:
+        """Sampled votes of one prompt, decoded together as parallel sequences (`ParallelVotes`).
+
+        Each vote has its own sampler chain, the one llama-cpp-python builds for
+        `complete`'s settings, seeded with the vote's seed. A single vote, or a greedy one,
+        takes the sequential path.
+        """
+        if len(params) < 2 or any(p.temperature == 0.0 for p in params):
+            return super().sample_many(prompt, params)
+        prepared = [self.prepare(prompt, p) for p in params]
+        text = prepared[0][0]
+        llm = self.llm
+        tokens = prompt_tokens(llm, text)
+        self._fit_max_tokens(len(tokens), 1)  # a prompt that fills the context fails as `complete` fails
+        if self._votes is None or self._votes.n_seq < len(params):
+            self._close_votes()
+            self._votes = ParallelVotes(llm, max(len(params), VOTE_SEQUENCES), self.n_ctx, self.n_threads)
+        return self._votes.run(text, tokens, [p for _, p in prepared])
+
+    def _close_votes(self) -> None:
+        if self._votes is not None:
+            self._votes.close()
+            self._votes = None
+
     def parallel_memory(self, parallel: int) -> int:
         """The KV cache of the parallel context: `parallel` sequences of `n_ctx` tokens.
 
@@ -477,8 +502,9 @@ class LlamaBackend(Backend):
         return vectors
 
     def close(self) -> None:
-        # The parallel context uses the Llama's model, so it goes first.
+        # The parallel contexts use the Llama's model, so they go first.
         self._close_parallel()
+        self._close_votes()
         for attr in ("_llm", "_embedder"):
             llm = getattr(self, attr)
             if llm is not None:
@@ -787,6 +813,169 @@ class ParallelGreedy:
                 )
             active = still
         return results
+
+
+# Sequences the votes context holds at first: the 4 sampled votes of a k=5 check.
+VOTE_SEQUENCES = 4
+
+
+def sampler_chain(params: GenParams) -> Any:
+    """The sampler chain llama-cpp-python's `create_completion` builds for `complete`'s
+    settings at temperature > 0: top-k, typical (1.0: a no-op), top-p, min-p 0, temperature,
+    and a draw seeded with `params.seed`. (Its repeat-penalty sampler, at 1.0, changes nothing.)"""
+    import llama_cpp
+
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    for sampler in (
+        llama_cpp.llama_sampler_init_top_k(params.top_k),
+        llama_cpp.llama_sampler_init_typical(1.0, 1),
+        llama_cpp.llama_sampler_init_top_p(params.top_p, 1),
+        llama_cpp.llama_sampler_init_min_p(0.0, 1),
+        llama_cpp.llama_sampler_init_temp(params.temperature),
+        llama_cpp.llama_sampler_init_dist(params.seed if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED),
+    ):
+        llama_cpp.llama_sampler_chain_add(chain, sampler)
+    return chain
+
+
+class ParallelVotes:
+    """The sampled votes of one prompt, decoded as parallel sequences over its KV cells.
+
+    The prompt's cells come from the `Llama`, which holds them after the greedy vote
+    (`llama_state_seq_get_data`/`set_data` into sequence `root`, the reverse of `Handoff`);
+    only when it does not are they decoded here. Each vote's sequence starts as a copy of
+    `root` up to the prompt's last token, which every sequence then decodes for its own
+    first logits, in one batch; from there each step decodes one token per live sequence.
+    Each sequence samples with its own chain (`sampler_chain`). A step's wall time is split
+    across its sequences as `ParallelGreedy` splits it.
+    """
+
+    def __init__(self, llm: Any, n_seq: int, n_ctx: int, n_threads: int) -> None:
+        import llama_cpp
+
+        self.llm = llm
+        self.n_seq = n_seq
+        self.n_ctx = n_ctx
+        params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
+        # The prompt once, plus every sequence's answer: at most the Llama's own context each.
+        params.n_ctx = 2 * n_ctx
+        params.n_batch = max(n_ctx, n_seq)
+        params.n_seq_max = n_seq + 1
+        params.kv_unified = True
+        params.n_threads = params.n_threads_batch = n_threads
+        with _quiet_stderr():
+            ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+        if not ctx:
+            raise BackendError(f"llama.cpp could not create a context for {n_seq} parallel votes")
+        self.ctx = ctx
+        self.vocab = llm._model.vocab
+        self.root = n_seq
+        self.batch = llama_cpp.llama_batch_init(max(n_ctx, n_seq), 0, 1)
+        self.held: list[int] = []  # the tokens `root` holds
+
+    def close(self) -> None:
+        import llama_cpp
+
+        if self.ctx is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+
+    def _load_prompt(self, tokens: list[int]) -> float:
+        """Make `root` hold `tokens[:-1]`; the seconds it took."""
+        import llama_cpp
+
+        head = tokens[:-1]
+        if self.held == head:
+            return 0.0
+        start = time.perf_counter()
+        memory = llama_cpp.llama_get_memory(self.ctx)
+        llama_cpp.llama_memory_clear(memory, True)
+        self.held = []
+        llm = self.llm
+        n = len(head)
+        if llm.n_tokens >= n and list(llm.input_ids[:n]) == head:
+            cells = Handoff.save(llm._ctx.ctx, 0, list(llm.input_ids[: llm.n_tokens]))
+            if llama_cpp.llama_state_seq_set_data(self.ctx, cells.data, len(cells.data), self.root):
+                llama_cpp.llama_memory_seq_rm(memory, self.root, n, -1)
+                self.held = head
+                return time.perf_counter() - start
+            llama_cpp.llama_memory_clear(memory, True)
+        batch = self.batch
+        for i, token in enumerate(head):
+            batch.token[i] = token
+            batch.pos[i] = i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = self.root
+            batch.logits[i] = False
+        batch.n_tokens = n
+        if n and llama_cpp.llama_decode(self.ctx, batch) != 0:
+            raise BackendError("llama.cpp could not decode the prompt for its votes")
+        self.held = head
+        return time.perf_counter() - start
+
+    def run(self, text: str, tokens: list[int], params: Sequence[GenParams]) -> list[Generation]:
+        import llama_cpp
+
+        llm = self.llm
+        memory = llama_cpp.llama_get_memory(self.ctx)
+        share = self._load_prompt(tokens) / len(params)
+        n_prompt = len(tokens)
+        streams: list[_Stream] = []
+        chains = []
+        for i, p in enumerate(params):
+            room = self.n_ctx - n_prompt
+            stream = _Stream(i, tokens, min(p.max_tokens, room) if p.max_tokens > 0 else room,
+                             [s.encode("utf-8") for s in p.stop], seq=i, n_past=n_prompt - 1, feed=[tokens[-1]])
+            stream.seconds = share
+            llama_cpp.llama_memory_seq_rm(memory, i, -1, -1)
+            llama_cpp.llama_memory_seq_cp(memory, self.root, i, -1, -1)
+            streams.append(stream)
+            chains.append(sampler_chain(p))
+        results: list[Generation | None] = [None] * len(params)
+        active = list(streams)
+        batch = self.batch
+        try:
+            while active:
+                start = time.perf_counter()
+                for n, stream in enumerate(active):
+                    batch.token[n] = stream.feed[0]
+                    batch.pos[n] = stream.n_past
+                    batch.n_seq_id[n] = 1
+                    batch.seq_id[n][0] = stream.seq
+                    batch.logits[n] = True
+                batch.n_tokens = len(active)
+                rc = llama_cpp.llama_decode(self.ctx, batch)
+                if rc != 0:
+                    raise BackendError(f"llama.cpp could not decode {len(active)} parallel votes (llama_decode returned {rc})")
+                still = []
+                finished: list[tuple[_Stream, bytes, str]] = []
+                for row, stream in enumerate(active):
+                    stream.n_past += 1
+                    token = int(llama_cpp.llama_sampler_sample(chains[stream.index], self.ctx, row))
+                    done = _advance_stream(llm, self.vocab, stream, token)
+                    if done is None and stream.n_past >= self.n_ctx:
+                        done = (llm.detokenize(stream.out, prev_tokens=stream.prompt), "length")
+                    if done is None:
+                        stream.feed = [token]
+                        still.append(stream)
+                    else:
+                        finished.append((stream, *done))
+                # Every sequence fed one token: the step's time is shared equally.
+                elapsed = (time.perf_counter() - start) / len(active)
+                for stream in active:
+                    stream.seconds += elapsed
+                for stream, out, reason in finished:
+                    results[stream.index] = Generation(
+                        text=out.decode("utf-8", errors="ignore"), prompt_tokens=n_prompt,
+                        output_tokens=len(stream.out), seconds=stream.seconds, finish_reason=reason,
+                    )
+                    llama_cpp.llama_memory_seq_rm(memory, stream.seq, -1, -1)
+                active = still
+        finally:
+            for chain in chains:
+                llama_cpp.llama_sampler_free(chain)
+        return [r for r in results if r is not None]
 
 
 def _probe_main(argv: Sequence[str]) -> None:
