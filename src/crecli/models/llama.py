@@ -582,6 +582,26 @@ def _advance_stream(llm: Any, vocab: Any, stream: _Stream, token: int) -> tuple[
     return None
 
 
+def _take(llm: Any, vocab: Any, stream: _Stream, token: int, n_ctx: int) -> tuple[bytes, str] | None:
+    """`_advance_stream`, and an answer whose sequence has filled its `n_ctx` cells ends
+    there ("length"), where the sequential path would fail; else `token` is fed next."""
+    done = _advance_stream(llm, vocab, stream, token)
+    if done is None and stream.n_past >= n_ctx:
+        done = (llm.detokenize(stream.out, prev_tokens=stream.prompt), "length")
+    if done is None:
+        stream.feed = [token]
+    return done
+
+
+def _put(batch: Any, n: int, token: int, pos: int, seq: int, logits: bool) -> None:
+    """Entry `n` of a llama.cpp batch: one token of one sequence."""
+    batch.token[n] = token
+    batch.pos[n] = pos
+    batch.n_seq_id[n] = 1
+    batch.seq_id[n][0] = seq
+    batch.logits[n] = logits
+
+
 @dataclass
 class Handoff:
     """One sequence's KV cells, copied out of the parallel context for the `Llama`'s own.
@@ -623,6 +643,25 @@ class Handoff:
         return True
 
 
+def _sequences_context(llm: Any, n_seq: int, n_ctx: int, n_batch: int, n_threads: int, what: str) -> Any:
+    """A llama.cpp context on `llm`'s loaded weights for `n_seq` sequences and one more,
+    `root`, which holds a prefix they share, in one unified KV cache of `n_ctx` cells;
+    otherwise the `Llama`'s own context parameters."""
+    import llama_cpp
+
+    params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
+    params.n_ctx = n_ctx
+    params.n_batch = n_batch
+    params.n_seq_max = n_seq + 1
+    params.kv_unified = True
+    params.n_threads = params.n_threads_batch = n_threads
+    with _quiet_stderr():
+        ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+    if not ctx:
+        raise BackendError(f"llama.cpp could not create a context for {what}")
+    return ctx
+
+
 class ParallelGreedy:
     """Greedy answers of many prompts, decoded as parallel sequences of one llama.cpp context.
 
@@ -648,22 +687,11 @@ class ParallelGreedy:
         self.llm = llm
         self.n_seq = n_seq
         self.n_ctx_seq = n_ctx_seq
-        params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
-        params.n_ctx = n_seq * n_ctx_seq
         # A step may hold several whole prompts; llama.cpp splits it into n_ubatch pieces.
-        params.n_batch = n_seq * n_ctx_seq
-        # One more sequence than decodes at once: `root` holds the prompts' shared prefix.
-        params.n_seq_max = n_seq + 1
-        params.kv_unified = True
-        params.n_threads = params.n_threads_batch = n_threads
-        with _quiet_stderr():
-            ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
-        if not ctx:
-            raise BackendError(
-                f"llama.cpp could not create a context for {n_seq} parallel sequences of {n_ctx_seq} tokens; "
-                "lower --parallel"
-            )
-        self.ctx = ctx
+        self.ctx = _sequences_context(
+            llm, n_seq, n_seq * n_ctx_seq, n_seq * n_ctx_seq, n_threads,
+            f"{n_seq} parallel sequences of {n_ctx_seq} tokens; lower --parallel",
+        )
         self.vocab = llm._model.vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.root = n_seq
@@ -691,11 +719,7 @@ class ParallelGreedy:
         start = time.perf_counter()
         batch = self.batch
         for i, token in enumerate(first[:length]):
-            batch.token[i] = token
-            batch.pos[i] = i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = self.root
-            batch.logits[i] = False
+            _put(batch, i, token, i, self.root, False)
         batch.n_tokens = length
         rc = llama_cpp.llama_decode(self.ctx, batch)
         if rc != 0:
@@ -763,11 +787,7 @@ class ParallelGreedy:
             rows: list[int] = []
             for stream in active:
                 for j, token in enumerate(stream.feed):
-                    batch.token[n] = token
-                    batch.pos[n] = stream.n_past + j
-                    batch.n_seq_id[n] = 1
-                    batch.seq_id[n][0] = stream.seq
-                    batch.logits[n] = j == len(stream.feed) - 1
+                    _put(batch, n, token, stream.n_past + j, stream.seq, j == len(stream.feed) - 1)
                     n += 1
                 rows.append(n - 1)
             batch.n_tokens = n
@@ -782,13 +802,8 @@ class ParallelGreedy:
                 logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
                 if stream.meter is not None:
                     stream.meter.observe(logits)
-                token = int(np.argmax(logits))
-                done = _advance_stream(llm, self.vocab, stream, token)
-                if done is None and stream.n_past >= self.n_ctx_seq:
-                    # The sequential path would fail here (its context is full); end the answer.
-                    done = (llm.detokenize(stream.out, prev_tokens=stream.prompt), "length")
+                done = _take(llm, self.vocab, stream, int(np.argmax(logits)), self.n_ctx_seq)
                 if done is None:
-                    stream.feed = [token]
                     still.append(stream)
                 else:
                     finished.append((stream, *done))
@@ -856,18 +871,8 @@ class ParallelVotes:
         self.llm = llm
         self.n_seq = n_seq
         self.n_ctx = n_ctx
-        params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
-        # The prompt once, plus every sequence's answer: at most the Llama's own context each.
-        params.n_ctx = 2 * n_ctx
-        params.n_batch = max(n_ctx, n_seq)
-        params.n_seq_max = n_seq + 1
-        params.kv_unified = True
-        params.n_threads = params.n_threads_batch = n_threads
-        with _quiet_stderr():
-            ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
-        if not ctx:
-            raise BackendError(f"llama.cpp could not create a context for {n_seq} parallel votes")
-        self.ctx = ctx
+        # The prompt once, plus every sequence's answer: at most the Llama's own context in all.
+        self.ctx = _sequences_context(llm, n_seq, 2 * n_ctx, max(n_ctx, n_seq), n_threads, f"{n_seq} parallel votes")
         self.vocab = llm._model.vocab
         self.root = n_seq
         self.batch = llama_cpp.llama_batch_init(max(n_ctx, n_seq), 0, 1)
@@ -903,11 +908,7 @@ class ParallelVotes:
             llama_cpp.llama_memory_clear(memory, True)
         batch = self.batch
         for i, token in enumerate(head):
-            batch.token[i] = token
-            batch.pos[i] = i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = self.root
-            batch.logits[i] = False
+            _put(batch, i, token, i, self.root, False)
         batch.n_tokens = n
         if n and llama_cpp.llama_decode(self.ctx, batch) != 0:
             raise BackendError("llama.cpp could not decode the prompt for its votes")
@@ -939,11 +940,7 @@ class ParallelVotes:
             while active:
                 start = time.perf_counter()
                 for n, stream in enumerate(active):
-                    batch.token[n] = stream.feed[0]
-                    batch.pos[n] = stream.n_past
-                    batch.n_seq_id[n] = 1
-                    batch.seq_id[n][0] = stream.seq
-                    batch.logits[n] = True
+                    _put(batch, n, stream.feed[0], stream.n_past, stream.seq, True)
                 batch.n_tokens = len(active)
                 rc = llama_cpp.llama_decode(self.ctx, batch)
                 if rc != 0:
@@ -953,11 +950,8 @@ class ParallelVotes:
                 for row, stream in enumerate(active):
                     stream.n_past += 1
                     token = int(llama_cpp.llama_sampler_sample(chains[stream.index], self.ctx, row))
-                    done = _advance_stream(llm, self.vocab, stream, token)
-                    if done is None and stream.n_past >= self.n_ctx:
-                        done = (llm.detokenize(stream.out, prev_tokens=stream.prompt), "length")
+                    done = _take(llm, self.vocab, stream, token, self.n_ctx)
                     if done is None:
-                        stream.feed = [token]
                         still.append(stream)
                     else:
                         finished.append((stream, *done))
