@@ -126,3 +126,20 @@ def test_leave_tasks_out_evaluates_on_tasks_the_router_never_saw(
         fit_tasks = {json.loads(l)["meta"]["source"] for l in (tmp_path / "seed0" / f"fold{f}" / "fit.jsonl").read_text().splitlines()}
         assert len(fold["held_out"]) == 8 and not fit_tasks & set(fold["held_out"])
     assert {p["name"] for p in seed["points"]} >= {CASCADE, RANDOM, "large only"}
+
+
+def test_a_test_log_split_holds_out_only_queries_the_fit_log_lacks() -> None:
+    bench = _bench()
+
+    def line(i: int, task: str) -> str:
+        return json.dumps({"id": f"{task}-{i}", "prompt": f"q{i}", "meta": {"source": task}})
+
+    train = [line(i, t) for t in "ab" for i in range(2)]
+    test = train + [line(i, t) for t in "ab" for i in range(2, 6)]
+    lines, held = bench.split_lines(train, test)
+    assert lines[:4] == train and held == list(range(4, 12))
+    # Every other new query of each task joins the fit part, after the fit log.
+    lines, held = bench.split_lines(train, test, 2)
+    fitted = [json.loads(lines[i])["id"] for i in range(len(lines)) if i not in held]
+    assert fitted == ["a-0", "a-1", "b-0", "b-1", "a-2", "a-4", "b-2", "b-4"]
+    assert sorted(json.loads(lines[i])["id"] for i in held) == ["a-3", "a-5", "b-3", "b-5"]
