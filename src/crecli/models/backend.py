@@ -1,16 +1,18 @@
 """The one small interface every model runtime implements.
 
 A backend has one abstract method, `complete`, on text already rendered in the model's
-prompt format; `generate` and `sample` build on it, and `embed` is for runtimes that can
-embed. No runtime overrides `generate` or `sample`: the reuse of the prompt's KV cache
-across a prompt's votes comes from llama-cpp-python itself, which keeps the last
-evaluated tokens and processes only what follows the longest common prefix, so
-consecutive calls with the same rendered prompt pay for it once.
+prompt format; `generate`, `sample_many` and `generate_many` build on it, and `embed` is
+for runtimes that can embed.
 
-`sample_many` draws one prompt's votes in one call; the llama.cpp backend decodes them as
-parallel sequences over the prompt's cached KV cells. `generate_many` answers many prompts in one call. Its default is a loop over `generate`;
-the llama.cpp backend overrides it to decode greedy answers as parallel sequences
-(`cre batch --parallel`), and `parallel_memory` says how much memory that costs.
+The defaults call `generate` one prompt and one vote at a time. That is cheap on llama.cpp
+because llama-cpp-python keeps the last evaluated tokens and processes only what follows
+the longest common prefix, so a prompt's votes, and a cluster's prompts with their shared
+head and answered examples, pay for what they share once. The llama.cpp backend also
+overrides `sample_many`, to decode one prompt's sampled votes as parallel sequences over
+its cached KV cells, and `generate_many`, to decode many prompts' greedy answers as
+parallel sequences (`cre batch --parallel`); `parallel_memory` says what that costs in
+memory. The OpenAI-compatible backend overrides `generate` for servers that take chat
+messages.
 """
 
 from __future__ import annotations
