@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from crecli import console, grading
 from crecli.errors import CreError
+from crecli.models.prompting import shots_of
 from crecli.costs import BUDGET_EPS, BUDGET_KINDS, DEFAULT_RETAIN, Budget, CostModel  # noqa: F401 (re-exported)
 from crecli.quality import (
     DeferralCheck, Deferral, accept_deferral, decide, deferral_features, done, feature_names, greedy_agreement,
@@ -648,10 +649,6 @@ def pick_exemplars(records: Sequence["Record"], n: int) -> list["Record"]:
     return chosen
 
 
-def shots_of(exemplars: Sequence[Sequence[str]], n: int) -> Shots:
-    return tuple((str(q), str(a)) for q, a in exemplars[:n])
-
-
 def resolve_shots(
     records: Sequence["Record"],
     base: Mapping[OutcomeKey, Outcome],
@@ -819,9 +816,8 @@ def prepare(
         if not keep:
             raise CreError(f"{log}: every labelled query is one of the router's answered examples")
         records, routes = [records[i] for i in keep], [routes[i] for i in keep]
-    shots = {
-        (r.id, m): router.shots(d.cluster, m) for r, d in zip(records, routes) for m in ladder if router.shots(d.cluster, m)
-    }
+    every = {(r.id, m): router.shots(d.cluster, m) for r, d in zip(records, routes) for m in ladder}
+    shots = {key: examples for key, examples in every.items() if examples}
     path = store or outcomes_mod.default_store_path()
     with outcomes_mod.OutcomeStore(path) as st:
         found = outcomes_mod.collect(records, settings, st, router.quality, models=ladder)

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence, TypeVar
 from crecli import __version__, console
 from crecli.costs import UNITS, CostUnit
 from crecli.errors import RouterFileError
+from crecli.models.prompting import shots_of
 from crecli.models.pull import model_identity
 from crecli.quality import (
     MAX_TEMPERATURE, MAX_VOTES, Deferral, DeferralCheck, QualityCheck, blend_prior, feature_names, trust,
@@ -212,9 +213,7 @@ class RouterFile:
     def shots(self, cid: int, model: str) -> tuple[tuple[str, str], ...]:
         """The answered examples `model` is shown before a prompt of cluster `cid` (none when unclustered)."""
         info = self.cluster(cid) if cid >= 0 else None
-        if info is None:
-            return ()
-        return tuple((q, a) for q, a in info.exemplars[: info.shots.get(model, 0)])
+        return shots_of(info.exemplars, info.shots.get(model, 0)) if info is not None else ()
 
 
 def build(

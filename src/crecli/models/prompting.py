@@ -40,6 +40,11 @@ A: cold
 A:"""
 
 
+def shots_of(exemplars: Sequence[Sequence[str]], n: int) -> tuple[Shot, ...]:
+    """The first `n` of a cluster's exemplars ([prompt, answer] pairs) as the shots a model is shown."""
+    return tuple((str(q), str(a)) for q, a in exemplars[:n])
+
+
 @dataclass(frozen=True)
 class Rendered:
     text: str
