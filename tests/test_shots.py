@@ -163,7 +163,7 @@ def test_shared_examples_are_priced_once_per_batch() -> None:
     shots = {("a", "m"): (("q", "1"),), ("b", "m"): (("q", "1"),)}
     base = {(r, "m"): _outcome(r, "m", 10) for r in "abc"}
     shown = {(r, "m"): _outcome(r, "m", 40) for r in "ab"}
-    resolved = calibrate.resolve_shots([], base, shown, shots)
+    resolved = calibrate.resolve_shots(base, shown, shots)
     assert resolved[("a", "m")].prefix_tokens == 30 and resolved[("c", "m")].prefix_tokens == 0
     assert resolved[("a", "m")].prefix_key == resolved[("b", "m")].prefix_key != ""
 

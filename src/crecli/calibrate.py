@@ -650,7 +650,6 @@ def pick_exemplars(records: Sequence["Record"], n: int) -> list["Record"]:
 
 
 def resolve_shots(
-    records: Sequence["Record"],
     base: Mapping[OutcomeKey, Outcome],
     shown: Mapping[OutcomeKey, Outcome],
     shots: Mapping[OutcomeKey, Shots],
@@ -687,9 +686,23 @@ class ShotPlan:
     counts: dict[int, dict[str, int]]  # cluster -> model -> shots shown (0 left out)
     held_out: set[str]  # ids of the exemplar queries: they never answer with examples of their own
     accuracy: dict[int, dict[str, dict[int, tuple[int, int]]]]  # cluster -> model -> shots -> (right, n)
+    # shots -> the outcomes compared: 0 the plain ones, each other count those after that many examples
+    answered: dict[int, Mapping[OutcomeKey, Outcome]] = field(default_factory=dict)
 
     def shots(self, cid: int, model: str) -> Shots:
         return shots_of(self.exemplars.get(cid, []), self.counts.get(cid, {}).get(model, 0))
+
+    def apply(
+        self, records: Sequence["Record"], clusters: Mapping[str, int], ladder: Sequence[str]
+    ) -> tuple[list["Record"], dict[OutcomeKey, Outcome]]:
+        """The records left once the exemplar queries are out, and the outcome each answers
+        with under this plan (`resolve_shots`), from the outcomes the choice compared."""
+        kept = [r for r in records if r.id not in self.held_out]
+        wanted = {(r.id, m): self.shots(clusters[r.id], m) for r in kept for m in ladder}
+        wanted = {key: examples for key, examples in wanted.items() if examples}
+        base = {key: o for key, o in self.answered[0].items() if key[0] not in self.held_out}
+        shown = {key: o for key, examples in wanted.items() if (o := self.answered[len(examples)].get(key)) is not None}
+        return kept, resolve_shots(base, shown, wanted)
 
 
 def choose_shots(
@@ -748,7 +761,7 @@ def choose_shots(
             best = max(sorted(tally), key=lambda n: tally[n][0])  # first of equals: fewer examples
             if best:
                 chosen_counts.setdefault(cid, {})[m] = best
-    return ShotPlan(exemplars, chosen_counts, held_out, accuracy)
+    return ShotPlan(exemplars, chosen_counts, held_out, accuracy, shown)
 
 
 # ---------------------------------------------------------------- cre calibrate: cross-validated tuning
@@ -825,7 +838,7 @@ def prepare(
             ids = {rid for rid, _ in shots}
             shown = outcomes_mod.collect([r for r in records if r.id in ids], settings, st, router.quality,
                                          models=ladder, shots=shots)
-            found = resolve_shots(records, found, shown, shots)
+            found = resolve_shots(found, shown, shots)
     costs = CostModel.build(found.values(), [settings.get(m) for m in ladder], unit)
     replay = Replay.build(found, records, ladder, costs)
     return Data(records, routes, found, costs, replay, read.sha256)

@@ -179,15 +179,7 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
         results = outcomes.collect(measured, settings, store, options.quality)
         if len(options.shots) > 1 and measured:
             shot_plan = calibrate.choose_shots(measured, cluster_of, settings, store, options.quality, results, options.shots)
-            measured = [r for r in measured if r.id not in shot_plan.held_out]
-            wanted = {(r.id, m): shot_plan.shots(cluster_of[r.id], m) for r in measured for m in settings.ladder}
-            wanted = {key: shots for key, shots in wanted.items() if shots}
-            # Every one of these was recorded while choosing: this only reads them back.
-            shown = outcomes.collect([r for r in measured if any((r.id, m) in wanted for m in settings.ladder)],
-                                     settings, store, options.quality, shots=wanted)
-            results = calibrate.resolve_shots(
-                measured, {key: o for key, o in results.items() if key[0] not in shot_plan.held_out}, shown, wanted
-            )
+            measured, results = shot_plan.apply(measured, cluster_of, settings.ladder)
         ran = store.count() - before
     seconds["outcomes"] = time.perf_counter() - t0
     model_seconds = sum(sum(v.seconds for v in o.votes) for o in results.values())
