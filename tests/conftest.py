@@ -58,7 +58,8 @@ def tiny_models_toml(tmp_path: Path) -> Path:
 def fake_backends(monkeypatch: pytest.MonkeyPatch) -> Callable[..., dict[str, FakeBackend]]:
     """Route every backend_for() call to FakeBackends.
 
-    Call the fixture with {model name: answers} (a dict or a function, see FakeBackend);
+    Call the fixture with {model name: answers} (a dict or a function, see FakeBackend) and
+    FakeBackend's keyword arguments (`seconds_per_token` may be a {model name: value} dict);
     it returns the dict of created backends, filled in as models are used.
     """
     from crecli.models import registry
@@ -69,7 +70,11 @@ def fake_backends(monkeypatch: pytest.MonkeyPatch) -> Callable[..., dict[str, Fa
         answers = answers or {}
 
         def factory(spec: ModelSpec) -> Backend:
-            backend = FakeBackend(spec, answers.get(spec.name), **kwargs)  # type: ignore[arg-type]
+            # seconds_per_token may be {model name: value}, so that rungs differ in cost.
+            own = dict(kwargs)
+            if isinstance(own.get("seconds_per_token"), dict):
+                own["seconds_per_token"] = own["seconds_per_token"][spec.name]  # type: ignore[index]
+            backend = FakeBackend(spec, answers.get(spec.name), **own)  # type: ignore[arg-type]
             created[spec.name] = backend
             return backend
 

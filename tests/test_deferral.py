@@ -170,7 +170,10 @@ def _confidence(text: str, params: GenParams, answer: str) -> Signals:
 def test_calibrated_deferral_live_matches_its_replay(
     fake_backends: Callable[..., Any], tiny_models_toml: Path, tmp_path: Path
 ) -> None:
-    fake_backends({"small": _small, "medium": _small, "large": _sum}, signals=_confidence)
+    # The small rungs cost a fifth and half of the large one: starting there pays only when
+    # the check sends on exactly the answers that are wrong.
+    fake_backends({"small": _small, "medium": _small, "large": _sum}, signals=_confidence,
+                  seconds_per_token={"small": 0.0002, "medium": 0.0005, "large": 0.001})
     log = tmp_path / "log.jsonl"
     log.write_text("".join(
         json.dumps({"id": f"q{i}", "prompt": f"What is {i} plus {i + 1}?", "reference": str(2 * i + 1), "match": "numeric"}) + "\n"

@@ -5,7 +5,9 @@ Three steps, all pure functions of recorded outcomes (no model runs here):
 1. `cluster_stats`: per cluster and model, how often the greedy answer is right and what
    it costs. Small clusters are noisy, so accuracies are shrunk toward the model's
    accuracy over the whole log (empirical Bayes, prior strength PRIOR_STRENGTH).
-2. `choose_models`: the cluster -> starting model map for a `Budget`.
+2. `choose_models`: the cluster -> starting model map for a `Budget` (what `cre fit`
+   uses); `choose_by_weight`: the same map for one price of accuracy (what `cre calibrate`
+   sweeps).
 3. `simulate` / `tune_thresholds`: replay the cascade on the recorded votes to measure
    accuracy, cost and escalations for given thresholds, and pick thresholds for a budget.
 
@@ -173,12 +175,51 @@ def choose_models(table: StatsTable, budget: Budget) -> Choice:
     therefore charged the strongest model's cost against a "max_cost" budget.
     """
     ladder = table.ladder
-    top = ladder[-1]
     real = {cid: c for cid, c in table.clusters.items() if cid >= 0}
     if budget.kind == "retain":
         models = {cid: _retain(c, ladder, budget.value) for cid, c in real.items()}
     else:
         models = _max_cost(table, real, budget.value)
+    return _choice_of(table, models)
+
+
+def choose_by_weight(table: StatsTable, weight: float) -> Choice:
+    """Each cluster's starting model for one price of accuracy: the model with the highest
+    `weight` x (its shrunk accuracy there / the strongest model's log-wide accuracy) -
+    (its mean cost there / the strongest model's log-wide mean cost); ties go to the cheaper.
+
+    This is the Lagrangian of "as accurate as possible over the whole log for this much
+    cost": one exchange rate for every cluster, so a cluster where a small model loses a
+    little accuracy for a large saving gives it up before one where it saves little. A
+    per-cluster share (`Budget("retain", r)` in `choose_models`) holds every cluster to the
+    same ratio instead, which spends cost where the strongest model is weak. On the 1,400-query
+    log, choosing one model per task by each rule on four folds and scoring the fifth, the
+    ratio rule kept 96.9-98.1% of the strongest model's accuracy at 88.5-90.1% of its cost,
+    this one 98.1-98.9% at 80.7-82.8% (`bench/frontier_bound.py` prints the in-sample curves).
+    0 picks each cluster's cheapest model; a very large weight its most accurate one.
+    """
+    ladder = table.ladder
+    top = table.overall.models[ladder[-1]]
+    acc_unit = top.accuracy if top.accuracy > 0 else 1.0
+    cost_unit = top.mean_cost if top.mean_cost > 0 else 1.0
+
+    def score(stats: ClusterStats, model: str) -> float:
+        m = stats.models[model]
+        return weight * m.shrunk_accuracy / acc_unit - m.mean_cost / cost_unit
+
+    models = {}
+    for cid, stats in table.clusters.items():
+        if cid < 0:
+            continue
+        # max() keeps the first of equals, and _by_cost lists the cheapest first.
+        models[cid] = max(_by_cost(stats, ladder), key=lambda m: score(stats, m))
+    return _choice_of(table, models)
+
+
+def _choice_of(table: StatsTable, models: dict[int, str]) -> Choice:
+    """`models` as a Choice: unclustered prompts start on the strongest model, and the
+    expected figures are the table's, by the choice and by always using the strongest."""
+    top = table.ladder[-1]
     chosen = dict(models)
     if -1 in table.clusters:
         chosen[-1] = top
@@ -766,9 +807,10 @@ def choose_shots(
 
 # ---------------------------------------------------------------- cre calibrate: cross-validated tuning
 
-# Per-cluster model choices are swept over these "retain" values; the threshold grid is
-# swept for each. Values above 1 let a cluster prefer a model better than the strongest.
-RETAIN_GRID = (0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 1.0, 1.02, 1.05, 1.1)
+# Per-cluster model choices are swept over these prices of accuracy (`choose_by_weight`);
+# the threshold grid is swept for each. 0 is every cluster's cheapest model, the last its
+# most accurate, which may be better than the strongest.
+WEIGHT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0, 10.0, 1e6)
 
 
 @dataclass
@@ -884,20 +926,16 @@ def check_log(router: "RouterFile", log: Path, data: Data) -> None:
 
 @dataclass(frozen=True)
 class Setting:
-    retain: float  # per-cluster model choice: Budget("retain", retain)
+    weight: float  # per-cluster model choice: `choose_by_weight(table, weight)`
     thresholds: tuple[tuple[str, float], ...]
 
     def label(self) -> str:
-        """e.g. "retain 0.85 | thresholds 0.8/0.6/0.0" (thresholds smallest rung first)."""
-        return f"retain {self.retain:.2f} | thresholds " + "/".join(f"{v:.1f}" for _, v in self.thresholds)
+        """e.g. "weight 1.5 | thresholds 0.8/0.6/0.0" (thresholds smallest rung first)."""
+        return f"weight {self.weight:g} | thresholds " + "/".join(f"{v:.1f}" for _, v in self.thresholds)
 
 
 def _table(data: Data, idx: Sequence[int], ladder: list[str]) -> StatsTable:
     return cluster_stats([data.clusters[i] for i in idx], [data.records[i] for i in idx], data.outcomes, ladder, data.costs)
-
-
-def _choice(table: StatsTable, retain: float) -> Choice:
-    return choose_models(table, Budget("retain", retain) if retain > 0 else Budget("retain", 1e-9))
 
 
 def _simulate(
@@ -915,18 +953,18 @@ def _simulate(
 
 
 def sweep(data: Data, fit_idx: Sequence[int], eval_idx: Sequence[int], ladder: list[str], quality: "QualityCheck") -> list[tuple[Setting, SimResult]]:
-    """Every (retain, thresholds) setting: cluster models chosen on `fit_idx`, replayed on `eval_idx`."""
+    """Every (weight, thresholds) setting: cluster models chosen on `fit_idx`, replayed on `eval_idx`."""
     grid = threshold_grid(quality.k)
     table = _table(data, fit_idx, ladder)
     out = []
-    for retain in RETAIN_GRID:
-        choice = _choice(table, retain)
+    for weight in WEIGHT_GRID:
+        choice = choose_by_weight(table, weight)
         for combo in itertools.product(grid, repeat=len(ladder) - 1):
             # The top rung either answers greedily or takes a 3-of-5 majority.
             for top in (0.0, 0.6):
                 thresholds = {**dict(zip(ladder[:-1], combo)), ladder[-1]: top}
                 result = _simulate(data, eval_idx, choice, thresholds, quality)
-                out.append((Setting(retain, tuple(thresholds.items())), result))
+                out.append((Setting(weight, tuple(thresholds.items())), result))
     return out
 
 
@@ -1094,7 +1132,7 @@ def deferral_p(
 def sweep_deferral(
     data: Data, fit_idx: Sequence[int], eval_idx: Sequence[int], ladder: list[str], quality: "QualityCheck", votes: int
 ) -> tuple[list[tuple[Setting, SimResult]], dict[OutcomeKey, float]]:
-    """Every (retain, P(correct) thresholds) setting of the deferral check, fitted on
+    """Every (weight, P(correct) thresholds) setting of the deferral check, fitted on
     `fit_idx` and replayed on `eval_idx`; also the held-out P(correct) of `eval_idx`."""
     table = _table(data, fit_idx, ladder)
     # The top rung gets a model too, for the signal report only: its answer is final, but
@@ -1102,12 +1140,12 @@ def sweep_deferral(
     rules = {m: train_deferral(data, fit_idx, table, m, votes) for m in ladder}
     p = deferral_p(data, eval_idx, rules, lambda i, m: cluster_prior(table, data.clusters[i], m), votes)
     out = []
-    for retain in RETAIN_GRID:
-        choice = _choice(table, retain)
+    for weight in WEIGHT_GRID:
+        choice = choose_by_weight(table, weight)
         for combo in itertools.product(DEFERRAL_GRID, repeat=len(ladder) - 1):
             thresholds = {**dict(zip(ladder[:-1], combo)), ladder[-1]: 0.0}
             result = _simulate(data, eval_idx, choice, thresholds, quality, p, votes)
-            out.append((Setting(retain, tuple(thresholds.items())), result))
+            out.append((Setting(weight, tuple(thresholds.items())), result))
     return out, p
 
 
@@ -1185,8 +1223,8 @@ def recalibrate(
 ) -> Calibration:
     """Choose per-cluster models and the quality check's thresholds for `budget`, by cross-validation.
 
-    A setting is a `retain` value for the per-cluster model choice plus one threshold per
-    rung. Each setting is scored on held-out folds only: its cluster models are chosen on
+    A setting is a price of accuracy for the per-cluster model choice (`choose_by_weight`)
+    plus one threshold per rung. Each setting is scored on held-out folds only: its cluster models are chosen on
     the other folds and its cascade replayed on the fold, so a setting that merely fits the
     noise of small clusters scores badly. The setting that meets the budget on these
     held-out figures at the least cost (or the best accuracy, for "max_cost") is chosen,
@@ -1226,7 +1264,7 @@ def recalibrate(
     ref = reference(data, everything, ladder)
     setting, figures, met = _pick(held, budget, ref)
     table = _table(data, everything, ladder)
-    choice = _choice(table, setting.retain)
+    choice = choose_by_weight(table, setting.weight)
     rules = None
     if check == "deferral":
         models = {m: train_deferral(data, everything, table, m, votes) for m in ladder[:-1]}

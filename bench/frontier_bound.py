@@ -1,0 +1,223 @@
+#!/usr/bin/env python3
+"""How far could any router and quality check go on this ladder? Bounds from recorded answers.
+
+Issue 10 asks, when the goal (98% of the strongest model's accuracy at 80% of its cost) is
+missed, to name the next limiting factor with figures. This bench prices the recorded greedy
+answers of a labelled log (what `cre fit` records; anything missing is run first, as `cre
+fit` would) exactly as calibration does (`costs.CostModel`, bench-seconds by default), and
+prints three IN-SAMPLE bounds, each chosen on the very queries it is scored on. They are
+ceilings for held-out results, never results themselves:
+
+1. **One model per task** (perfect clusters, no quality check): for each task, the model
+   that minimises cost - lambda x accuracy, swept over lambda. Held-out cluster routing
+   cannot beat it.
+2. **A cascade with a perfect quality check** (an answer is accepted exactly when it is
+   right; the top rung always answers), per task: every ordered subset of the ladder ending
+   at the top rung, plus each small rung alone, each query paying for every rung it visits.
+   No signal can do better than perfect, so no cascade of these rungs can beat this curve.
+3. **A per-query prior before any model runs**: the within-task AUROC of the k nearest
+   neighbours' mean correctness (the router's own embedder, fitted on the log) for each
+   model. 0.5 means the prompt's wording says nothing about which queries of a task a model
+   gets right, beyond what the task (cluster) already says; only running a rung can tell.
+
+It also prints, per model, the mean cost per answer as a share of the strongest model's,
+and the share of that cost spent on prompt processing.
+
+    .venv/bin/python bench/frontier_bound.py ../shared/data/querylog-large.jsonl
+    .venv/bin/python bench/frontier_bound.py LOG --unit seconds --retain 0.98 --json
+
+Prompt processing and generation are what the answers cost at `cre models bench` speeds;
+bench-seconds need every ladder model measured. Nothing here loads a model unless some
+answer is missing from the outcome store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from crecli import config, costs, embed, querylog
+from crecli.outcomes import OutcomeStore, collect, default_store_path
+from crecli.quality import QualityCheck
+
+LAMBDAS = np.concatenate([np.linspace(0.0, 0.5, 51), np.linspace(0.5, 5.0, 46), np.linspace(5.0, 40.0, 36)])
+
+
+def task_of(record: querylog.Record, field: str) -> str:
+    value: Any = {"meta": record.meta, "id": record.id}
+    for part in field.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if value is None:
+        sys.exit(f"record {record.id!r} has no {field} field; pass --task-field")
+    return str(value)
+
+
+def frontier(options: dict[str, list[tuple[float, float]]], n: int, ref_acc: float, ref_cost: float) -> list[tuple[float, float]]:
+    """Lagrangian sweep: per task, the option minimising cost - lambda x correct answers.
+    `options[task]` are (correct answers, total cost) pairs. Returns (accuracy share, cost
+    share) points of the strongest model, deduplicated, cheapest first."""
+    points = set()
+    for lam in LAMBDAS:
+        correct = cost = 0.0
+        for opts in options.values():
+            a, c = min(opts, key=lambda o: o[1] - lam * o[0])
+            correct += a
+            cost += c
+        points.add((round(correct / n / ref_acc, 4), round(cost / n / ref_cost, 4)))
+    # Keep the upper-left hull in the cost order: a point is kept if nothing cheaper is as accurate.
+    kept: list[tuple[float, float]] = []
+    for acc, cost in sorted(points, key=lambda p: (p[1], -p[0])):
+        if not kept or acc > kept[-1][0]:
+            kept.append((acc, cost))
+    return kept
+
+
+def cost_at(points: Sequence[tuple[float, float]], retain: float) -> float | None:
+    """The cheapest cost share on the curve that keeps `retain` of the accuracy, interpolated."""
+    for (a0, c0), (a1, c1) in zip(points, points[1:]):
+        if a0 < retain <= a1:
+            return c0 + (c1 - c0) * (retain - a0) / (a1 - a0)
+    return points[0][1] if points and points[0][0] >= retain else None
+
+
+def cascade_paths(n_models: int) -> list[tuple[int, ...]]:
+    top = n_models - 1
+    paths = [p for size in range(1, n_models + 1) for p in itertools.combinations(range(n_models), size) if p[-1] == top]
+    return paths + [(j,) for j in range(top)]
+
+
+def perfect_cascade(C: np.ndarray, K: np.ndarray, path: Sequence[int]) -> tuple[float, float]:
+    """Correct answers and total cost of `path` when each rung's answer is accepted exactly
+    when it is right (the last rung always answers)."""
+    done = np.zeros(len(C), bool)
+    correct = cost = 0.0
+    for i, rung in enumerate(path):
+        cost += K[~done, rung].sum()
+        take = ~done & (C[:, rung].astype(bool) | (i == len(path) - 1))
+        correct += C[take, rung].sum()
+        done |= take
+    return correct, cost
+
+
+def auroc(score: np.ndarray, y: np.ndarray) -> float | None:
+    y = y.astype(bool)
+    pos, neg = int(y.sum()), int((~y).sum())
+    if not pos or not neg:
+        return None
+    order = np.argsort(score, kind="mergesort")
+    ranks = np.empty(len(score))
+    sorted_scores = score[order]
+    # Average ranks over ties.
+    i = 0
+    while i < len(score):
+        j = i
+        while j + 1 < len(score) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def within_task_knn(X: np.ndarray, C: np.ndarray, tasks: np.ndarray, k: int) -> list[float | None]:
+    """Per model: pair-weighted mean over tasks of the AUROC of the k nearest neighbours'
+    (leave-one-out, any task) mean correctness for predicting each query's correctness."""
+    sims = X @ X.T
+    np.fill_diagonal(sims, -np.inf)
+    nearest = np.argsort(-sims, axis=1)[:, :k]
+    out: list[float | None] = []
+    for j in range(C.shape[1]):
+        prior = C[nearest, j].mean(axis=1)
+        num = den = 0.0
+        for task in np.unique(tasks):
+            sel = tasks == task
+            a = auroc(prior[sel], C[sel, j])
+            if a is None:
+                continue
+            y = C[sel, j].astype(bool)
+            weight = float(y.sum() * (~y).sum())
+            num += a * weight
+            den += weight
+        out.append(num / den if den else None)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("log", type=Path)
+    ap.add_argument("--unit", choices=costs.UNITS, default=None, help="cost unit (default: the ladder's, as calibration picks)")
+    ap.add_argument("--task-field", default="meta.source", help="where each record names its task")
+    ap.add_argument("--retain", type=float, default=0.98, help="report each curve's cost at this accuracy share")
+    ap.add_argument("--k", type=int, nargs="+", default=[5, 10, 20], help="neighbours for the per-query prior")
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = ap.parse_args()
+
+    records = [r for r in querylog.read_log(args.log).records if r.reference is not None]
+    settings = config.load()
+    ladder = list(settings.ladder)
+    specs = [settings.get(m) for m in ladder]
+    with OutcomeStore(default_store_path()) as store:
+        found = collect(records, settings, store, QualityCheck(k=1), models=ladder)
+    model = costs.CostModel.build(found.values(), specs, args.unit)
+    C = np.array([[found[(r.id, m)].correct(r)[0] for m in ladder] for r in records], dtype=float)
+    K = np.array([[model.of(found[(r.id, m)]) for m in ladder] for r in records], dtype=float)
+    share = np.array([[
+        (costs.token_cost(model.unit, max(0, found[(r.id, m)].prompt_tokens - model.cached(m)), 0,
+                          model.prices.get(m), model.speeds.get(m)) or 0.0) for m in ladder] for r in records])
+    tasks = np.array([task_of(r, args.task_field) for r in records])
+    n, top = len(records), len(ladder) - 1
+    ref_acc, ref_cost = C[:, top].mean(), K[:, top].mean()
+
+    per_task: dict[str, list[tuple[float, float]]] = {}
+    perfect: dict[str, list[tuple[float, float]]] = {}
+    for task in np.unique(tasks):
+        sel = tasks == task
+        per_task[task] = [(C[sel, j].sum(), K[sel, j].sum()) for j in range(len(ladder))]
+        perfect[task] = [perfect_cascade(C[sel], K[sel], p) for p in cascade_paths(len(ladder))]
+    one_model = frontier(per_task, n, ref_acc, ref_cost)
+    perfect_curve = frontier(perfect, n, ref_acc, ref_cost)
+
+    embedder = embed.make_embedder(settings.embedder, settings).fit([r.prompt for r in records])
+    X = embedder.transform([r.prompt for r in records])
+    knn = {k: within_task_knn(X, C, tasks, k) for k in args.k}
+
+    figures = {
+        "log": str(args.log), "queries": n, "tasks": int(len(np.unique(tasks))), "unit": model.unit,
+        "models": [
+            {"model": m, "accuracy": round(float(C[:, j].mean()), 4),
+             "cost_share": round(float(K[:, j].mean() / ref_cost), 4),
+             "prompt_share_of_its_cost": round(float(share[:, j].sum() / K[:, j].sum()), 4) if K[:, j].sum() else None}
+            for j, m in enumerate(ladder)
+        ],
+        "one_model_per_task": one_model,
+        "perfect_check_cascade": perfect_curve,
+        "retain": args.retain,
+        "cost_at_retain": {"one_model_per_task": cost_at(one_model, args.retain),
+                           "perfect_check_cascade": cost_at(perfect_curve, args.retain)},
+        "within_task_knn_auroc": {str(k): dict(zip(ladder, v)) for k, v in knn.items()},
+    }
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return
+    print(f"{args.log}: {n} queries, {figures['tasks']} tasks; shares of {ladder[-1]} answering every query; "
+          f"cost in {model.unit}; IN-SAMPLE bounds, not results")
+    print("\nmodel | accuracy | cost share | prompt processing share of its cost")
+    for row in figures["models"]:
+        print(f"{row['model']} | {row['accuracy']:.3f} | {row['cost_share']:.3f} | {row['prompt_share_of_its_cost']}")
+    for name, curve in (("one model per task", one_model), ("cascade with a perfect quality check, per task", perfect_curve)):
+        print(f"\n{name}: accuracy share @ cost share")
+        print("  " + ", ".join(f"{a:.3f}@{c:.3f}" for a, c in curve if a >= 0.8))
+        at = figures["cost_at_retain"]["one_model_per_task" if name.startswith("one") else "perfect_check_cascade"]
+        print(f"  cost at {args.retain:.0%} of the accuracy: " + ("not reached" if at is None else f"{at:.3f}"))
+    print("\nper-query prior before any model runs: within-task AUROC of the k nearest neighbours' correctness")
+    for k, values in knn.items():
+        print(f"  k={k}: " + ", ".join(f"{m} {v:.3f}" if v is not None else f"{m} -" for m, v in zip(ladder, values)))
+
+
+if __name__ == "__main__":
+    main()
