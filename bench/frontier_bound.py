@@ -15,7 +15,14 @@ ceilings for held-out results, never results themselves:
    right; the top rung always answers), per task: every ordered subset of the ladder ending
    at the top rung, plus each small rung alone, each query paying for every rung it visits.
    No signal can do better than perfect, so no cascade of these rungs can beat this curve.
-3. **A per-query prior before any model runs**: the within-task AUROC of the k nearest
+3. **Cross-fitted, one model per task, by two rules** (the only figures here that are held
+   out): on four folds, each task's model is chosen by the per-task share rule (the cheapest
+   model with at least r x the strongest model's accuracy on that task, `choose_models`'
+   "retain") or by one price of accuracy (`calibrate.choose_by_weight`'s rule, without its
+   shrinkage), r or the price being the cheapest setting that keeps `--retain` of the
+   strongest model's accuracy on those four folds; the fifth fold is scored. 5 folds,
+   seeds 0-2.
+4. **A per-query prior before any model runs**: the within-task AUROC of the k nearest
    neighbours' mean correctness (the router's own embedder, fitted on the log) for each
    model. 0.5 means the prompt's wording says nothing about which queries of a task a model
    gets right, beyond what the task (cluster) already says; only running a rung can tell.
@@ -147,6 +154,58 @@ def within_task_knn(X: np.ndarray, C: np.ndarray, tasks: np.ndarray, k: int) -> 
     return out
 
 
+RATIOS = np.linspace(0.5, 1.2, 71)
+
+
+def _pick_share(C: np.ndarray, K: np.ndarray, tasks: np.ndarray, ratio: float) -> dict[str, int]:
+    top = C.shape[1] - 1
+    pick = {}
+    for task in np.unique(tasks):
+        sel = tasks == task
+        acc, cost = C[sel].mean(axis=0), K[sel].mean(axis=0)
+        ok = [j for j in sorted(range(C.shape[1]), key=lambda j: (cost[j], j)) if acc[j] >= ratio * acc[top] - 1e-9]
+        pick[task] = ok[0] if ok else int(np.argmax(acc))
+    return pick
+
+
+def _pick_price(C: np.ndarray, K: np.ndarray, tasks: np.ndarray, lam: float) -> dict[str, int]:
+    top = C.shape[1] - 1
+    acc_unit, cost_unit = max(C[:, top].mean(), 1e-12), max(K[:, top].mean(), 1e-12)
+    pick = {}
+    for task in np.unique(tasks):
+        sel = tasks == task
+        acc, cost = C[sel].mean(axis=0), K[sel].mean(axis=0)
+        pick[task] = max(sorted(range(C.shape[1]), key=lambda j: (cost[j], j)), key=lambda j: lam * acc[j] / acc_unit - cost[j] / cost_unit)
+    return pick
+
+
+def cross_fit_rules(C: np.ndarray, K: np.ndarray, tasks: np.ndarray, retain: float, seeds: Sequence[int], n_folds: int = 5) -> dict[str, list[tuple[float, float]]]:
+    """Held-out (accuracy share, cost share) per seed of one model per task, chosen on the
+    other folds by each rule at its cheapest setting that keeps `retain` there."""
+    top = C.shape[1] - 1
+    rules = {"share of the strongest, per task": (_pick_share, RATIOS), "one price of accuracy": (_pick_price, LAMBDAS)}
+    out: dict[str, list[tuple[float, float]]] = {name: [] for name in rules}
+    for seed in seeds:
+        fold = np.random.default_rng(seed).permutation(len(C)) % n_folds
+        for name, (rule, grid) in rules.items():
+            correct = cost = 0.0
+            for f in range(n_folds):
+                tr, te = fold != f, fold == f
+                best: tuple[float, dict[str, int]] | None = None
+                for value in grid:
+                    pick = rule(C[tr], K[tr], tasks[tr], float(value))
+                    a = sum(C[tr & (tasks == t), j].sum() for t, j in pick.items())
+                    c = sum(K[tr & (tasks == t), j].sum() for t, j in pick.items())
+                    if a >= retain * C[tr, top].sum() - 1e-9 and (best is None or c < best[0]):
+                        best = (c, pick)
+                if best is None:
+                    best = (0.0, {t: top for t in np.unique(tasks)})
+                correct += sum(C[te & (tasks == t), j].sum() for t, j in best[1].items())
+                cost += sum(K[te & (tasks == t), j].sum() for t, j in best[1].items())
+            out[name].append((round(correct / C[:, top].sum(), 4), round(cost / K[:, top].sum(), 4)))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("log", type=Path)
@@ -154,6 +213,7 @@ def main() -> None:
     ap.add_argument("--task-field", default="meta.source", help="where each record names its task")
     ap.add_argument("--retain", type=float, default=0.98, help="report each curve's cost at this accuracy share")
     ap.add_argument("--k", type=int, nargs="+", default=[5, 10, 20], help="neighbours for the per-query prior")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fold seeds of the cross-fitted rules")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args()
 
@@ -185,6 +245,7 @@ def main() -> None:
     embedder = embed.make_embedder(settings.embedder, settings).fit([r.prompt for r in records])
     X = embedder.transform([r.prompt for r in records])
     knn = {k: within_task_knn(X, C, tasks, k) for k in args.k}
+    crossed = cross_fit_rules(C, K, tasks, args.retain, args.seeds)
 
     figures = {
         "log": str(args.log), "queries": n, "tasks": int(len(np.unique(tasks))), "unit": model.unit,
@@ -199,6 +260,7 @@ def main() -> None:
         "retain": args.retain,
         "cost_at_retain": {"one_model_per_task": cost_at(one_model, args.retain),
                            "perfect_check_cascade": cost_at(perfect_curve, args.retain)},
+        "cross_fitted_one_model_per_task": crossed,
         "within_task_knn_auroc": {str(k): dict(zip(ladder, v)) for k, v in knn.items()},
     }
     if args.json:
@@ -214,6 +276,10 @@ def main() -> None:
         print("  " + ", ".join(f"{a:.3f}@{c:.3f}" for a, c in curve if a >= 0.8))
         at = figures["cost_at_retain"]["one_model_per_task" if name.startswith("one") else "perfect_check_cascade"]
         print(f"  cost at {args.retain:.0%} of the accuracy: " + ("not reached" if at is None else f"{at:.3f}"))
+    print(f"\ncross-fitted, one model per task chosen on {5 - 1} of 5 folds for {args.retain:.0%} there, "
+          "scored on the fifth (accuracy share @ cost share, per seed):")
+    for name, values in crossed.items():
+        print(f"  {name}: " + ", ".join(f"{a:.3f}@{c:.3f}" for a, c in values))
     print("\nper-query prior before any model runs: within-task AUROC of the k nearest neighbours' correctness")
     for k, values in knn.items():
         print(f"  k={k}: " + ", ".join(f"{m} {v:.3f}" if v is not None else f"{m} -" for m, v in zip(ladder, values)))

@@ -7,6 +7,7 @@ find that, store the examples, and the cascade must show them.
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from pathlib import Path
@@ -112,6 +113,31 @@ def test_fit_finds_the_examples_a_model_needs_and_the_cascade_shows_them(
     ev = json.loads(invoke("eval", str(SMALL_LOG), "--router", str(router), *m, "--json"))
     assert sum(len(b.calls) for b in shot_fakes.values()) == calls
     assert ev["n"] == len(rows) - len(exemplar_prompts)
+
+    # A batch charges the cluster's examples once per chunk and rung: the first answer on
+    # "small" pays for them, the others only for their own tokens (llama.cpp keeps them).
+    from crecli.batch import run_batch
+    from crecli.escalate import Cascade
+
+    priced = tmp_path / "priced.toml"
+    priced.write_text(tiny_models_toml.read_text().replace('.gguf"\n', '.gguf"\nprice_per_1k_tokens = 1.0\n'))
+    same = [r for r in rows if r["match"] == "choice" and r["prompt"].strip() not in exemplar_prompts
+            and _cluster_of(loaded, r["prompt"]) == c["id"]]
+    assert len(same) >= 2
+    with Cascade.from_file(router, priced) as cascade:
+        assert cascade.pricing.unit == "price"
+        traces = [cascade.ask(r["prompt"]) for r in same]
+        prefix = [s.prefix_tokens for t in traces for s in t.steps if s.model == "small"]
+        assert len(prefix) == len(same) and prefix[0] > 0 and len(set(prefix)) == 1
+        # The examples' tokens are what the prompt gains from them, in the backend's own count.
+        first = traces[0].steps[0]
+        plain = shot_fakes["small"].count_tokens(render("completion", same[0]["prompt"]).text)
+        assert first.prompt_tokens - plain == prefix[0]
+        full = sum(cascade.cost_of(t) for t in traces)
+        summary = run_batch([json.dumps({"id": r["id"], "prompt": r["prompt"]}).encode() for r in same],
+                            io.StringIO(), cascade)
+    assert summary.answered == len(same)
+    assert summary.cascade_cost == pytest.approx(full - (len(same) - 1) * prefix[0] / 1000)
 
 
 def _cluster_of(router: routerfile.RouterFile, prompt: str) -> int:

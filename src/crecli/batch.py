@@ -223,6 +223,11 @@ def run_batch(
         lines = read_lines(lines, fields.max_line_bytes)  # type: ignore[arg-type]
     summary = BatchSummary(unit=cascade.pricing.unit, strongest_model=cascade.strongest)
     writer = _OrderedWriter(out, first=1)
+    # The (model, cluster) pairs whose answered examples this chunk has processed, for the
+    # cascade and for the strongest model's estimate: a chunk answers a cluster's prompts on
+    # a rung one after another, so llama.cpp processes the examples once (`Cascade.cost_of`).
+    paid: set[tuple[str, int]] = set()
+    paid_strongest: set[tuple[str, int]] = set()
 
     def finish(line: int, trace: "Trace", prompt: str) -> None:
         summary.answered += 1
@@ -233,8 +238,8 @@ def run_batch(
         if trace.correct is not None:
             summary.graded += 1
             summary.correct += int(trace.correct)
-        estimate = cascade.strongest_cost_of(trace, prompt)
-        spent = cascade.cost_of(trace)
+        estimate = cascade.strongest_cost_of(trace, prompt, paid_strongest)
+        spent = cascade.cost_of(trace, paid)
         if estimate is not None and spent is not None:
             summary.estimated += 1
             summary.strongest_cost += estimate
@@ -251,6 +256,8 @@ def run_batch(
         task = bar.add_task("Answering", total=None)
         for chunk in _chunks(lines, chunk_size):
             summary.lines += len(chunk)
+            paid.clear()
+            paid_strongest.clear()
             records: list[tuple[int, Record]] = []
             for line, raw in chunk:
                 try:

@@ -58,6 +58,9 @@ class Step:
     seconds: float
     why: str  # why the cascade stopped here or moved on
     p_correct: float | None = None  # the deferral model's estimate (routers calibrated with it)
+    # Of prompt_tokens, the cluster's answered examples (`Backend.shot_tokens`): every prompt
+    # of the cluster on this model shares them, so a batch processes them once.
+    prefix_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,6 +119,7 @@ def check(
                 signals, cut = gen.signals, gen.output_tokens >= max_tokens
             output_tokens += gen.output_tokens
             seconds += gen.seconds
+    prefix = backend.shot_tokens(prompt, vote_params(settings, 0, max_tokens, prompt, shots)) if shots else 0
     if deferral is not None:
         p = deferral.p_correct(deferral_features(signals, normalized, cut, prior))
         accepted = accept_deferral(p, threshold)
@@ -125,6 +129,7 @@ def check(
             used=len(votes), threshold=threshold, accepted=accepted, answer=votes[0].strip(),
             prompt_tokens=prompt_tokens, output_tokens=output_tokens,
             greedy_output_tokens=greedy_output_tokens, seconds=seconds, why=why, p_correct=p,
+            prefix_tokens=prefix,
         )
     decision = decide(normalized, settings.k, threshold, settings.early_stop)
     majority = Counter(normalized[: decision.used])[decision.answer]
@@ -144,6 +149,7 @@ def check(
         greedy_output_tokens=greedy_output_tokens,
         seconds=seconds,
         why=why,
+        prefix_tokens=prefix,
     )
 
 
@@ -190,6 +196,18 @@ class Pending:
     trace: Trace
     done: bool = False
     greedy: "Generation | None" = None  # vote 0 on the current rung, decoded ahead (`decode_greedy`)
+
+
+def _reused(step: Step, cluster: int, paid: set[tuple[str, int]] | None) -> int:
+    """The step's example tokens that need no processing because `paid` already holds its
+    (model, cluster); records the pair otherwise (see `Cascade.cost_of`)."""
+    if not step.prefix_tokens or paid is None:
+        return 0
+    key = (step.model, cluster)
+    if key in paid:
+        return step.prefix_tokens
+    paid.add(key)
+    return 0
 
 
 class Cascade:
@@ -245,41 +263,49 @@ class Cascade:
     def strongest(self) -> str:
         return self.ladder[-1]
 
-    def cost_of(self, trace: Trace) -> float | None:
+    def cost_of(self, trace: Trace, paid: set[tuple[str, int]] | None = None) -> float | None:
         """What answering `trace` cost, in `self.pricing.unit`; None when a model has no price.
 
         Per rung, the prompt once and every vote's output tokens, as calibration prices
-        recorded votes; in "seconds", the model-seconds the votes took.
+        recorded votes; in "seconds", the model-seconds the votes took. `paid`, where given,
+        holds the (model, cluster) pairs whose answered examples this run has already
+        processed (`cre batch` answers a cluster's prompts on a rung together, so llama.cpp
+        keeps them cached): a step of such a pair is charged without its examples, and the
+        first one of a pair adds it. Without `paid`, every step pays for its examples.
         """
         if not self.pricing.by_tokens:
             return sum(step.seconds for step in trace.steps)
         total = 0.0
         for step in trace.steps:
-            cost = self.pricing.tokens(step.model, step.prompt_tokens, step.output_tokens)
+            cost = self.pricing.tokens(step.model, step.prompt_tokens - _reused(step, trace.cluster, paid),
+                                       step.output_tokens)
             if cost is None:
                 return None
             total += cost
         return total
 
-    def strongest_cost_of(self, trace: Trace, prompt: str) -> float | None:
+    def strongest_cost_of(self, trace: Trace, prompt: str, paid: set[tuple[str, int]] | None = None) -> float | None:
         """What the strongest model's greedy answer to `prompt` costs, priced as `cost_of` prices.
 
-        When the strongest model ran, its own prompt tokens and first vote's output tokens;
-        otherwise the answering model's counts, with the prompt scaled by how much longer the
-        strongest model's prompt format renders it (the few-shot preamble of a base model is
-        longer than a chat template). None in "seconds": a model that did not run took no time
-        to measure, and only a token-priced unit can price it (`cre models bench` gives one).
+        When the strongest model ran, its own prompt tokens and first vote's output tokens
+        (its answered examples once per (model, cluster) in `paid`, as in `cost_of`; pass a
+        set of its own, since this prices another run); otherwise the answering model's
+        counts without its examples, with the prompt scaled by how much longer the strongest
+        model's prompt format renders it (the few-shot preamble of a base model is longer than
+        a chat template). None in "seconds": a model that did not run took no time to
+        measure, and only a token-priced unit can price it (`cre models bench` gives one).
         """
         if not self.pricing.by_tokens or not trace.steps:
             return None
         top = self.strongest
         ran = next((step for step in trace.steps if step.model == top), None)
         if ran is not None:
-            return self.pricing.tokens(top, ran.prompt_tokens, ran.greedy_output_tokens)
+            return self.pricing.tokens(top, ran.prompt_tokens - _reused(ran, trace.cluster, paid), ran.greedy_output_tokens)
         last = trace.steps[-1]
         theirs = len(render(self.specs[last.model].prompt_format, prompt).text)
         ours = len(render(self.specs[top].prompt_format, prompt).text)
-        return self.pricing.tokens(top, last.prompt_tokens * ours / max(1, theirs), last.greedy_output_tokens)
+        return self.pricing.tokens(top, (last.prompt_tokens - last.prefix_tokens) * ours / max(1, theirs),
+                                   last.greedy_output_tokens)
 
     def route(self, prompt: str) -> RouteDecision:
         return route(self.router, prompt)

@@ -99,6 +99,21 @@ class Backend(abc.ABC):
     def generate(self, prompt: str, params: GenParams = GenParams()) -> Generation:
         return self.complete(*self.prepare(prompt, params))
 
+    def count_tokens(self, text: str) -> int | None:
+        """Prompt tokens that `text` (already in the model's prompt format) takes, as
+        `complete` would count them; None where the runtime cannot tell without running."""
+        return None
+
+    def shot_tokens(self, prompt: str, params: GenParams) -> int:
+        """Of `prompt`'s prompt tokens with `params.shots`, the answered examples' share:
+        the tokens with them less the tokens without; 0 without examples, or where
+        `count_tokens` cannot tell."""
+        if not params.shots:
+            return 0
+        with_shots = self.count_tokens(self.prepare(prompt, params)[0])
+        without = self.count_tokens(self.prepare(prompt, replace(params, shots=()))[0])
+        return 0 if with_shots is None or without is None else max(0, with_shots - without)
+
     def generate_many(
         self, prompts: Sequence[str], params: Sequence[GenParams], parallel: int = 1
     ) -> list[Generation | CreError]:

@@ -44,7 +44,7 @@ class FakeBackend(Backend):
             answer = self.answers(text, params)
         else:
             answer = next((a for p, a in self.answers.items() if p in text), "I don't know")
-        prompt_tokens = max(1, len(text.split()))
+        prompt_tokens = self.count_tokens(text)
         output_tokens = min(params.max_tokens, max(1, len(answer.split())))
         return Generation(
             text=answer,
@@ -53,6 +53,9 @@ class FakeBackend(Backend):
             seconds=(prompt_tokens + output_tokens) * self.seconds_per_token,
             signals=self.signals(text, params, answer) if self.signals and params.temperature == 0.0 else None,
         )
+
+    def count_tokens(self, text: str) -> int:
+        return max(1, len(text.split()))
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         out = []

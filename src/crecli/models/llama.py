@@ -388,9 +388,12 @@ class LlamaBackend(Backend):
             )
         return min(wanted, room)
 
+    def count_tokens(self, text: str) -> int:
+        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+
     def complete(self, text: str, params: GenParams) -> Generation:
         llm = self.llm
-        n_prompt = len(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+        n_prompt = self.count_tokens(text)
         start = time.perf_counter()
         handoff = self._handoff.pop(text, None)
         if handoff is not None:
