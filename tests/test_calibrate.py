@@ -16,6 +16,7 @@ from crecli.calibrate import (
     Replay,
     StatsTable,
     assignments_for,
+    choose_by_weight,
     choose_models,
     cluster_stats,
     default_thresholds,
@@ -117,6 +118,34 @@ def test_retain_above_one_takes_the_most_accurate_when_none_qualifies() -> None:
     rows = {0: (4, {"s": (0.95, 1.0), "m": (0.6, 2.0), "l": (0.9, 4.0)})}
     assert choose_models(table(LADDER, rows), Budget("retain", 1.05)).models == {0: "s"}
     assert choose_models(table(LADDER, rows), Budget("retain", 1.2)).models == {0: "s"}
+
+
+def test_choose_by_weight_prices_accuracy_alike_in_every_cluster() -> None:
+    # Both clusters lose the same accuracy for the same saving on a smaller model; only the
+    # strongest model's accuracy there differs. A share of it per cluster treats them apart,
+    # one price of accuracy alike.
+    rows = {
+        0: (10, {"s": (0.05, 1.0), "m": (0.08, 2.0), "l": (0.1, 4.0)}),
+        1: (10, {"s": (0.85, 1.0), "m": (0.88, 2.0), "l": (0.9, 4.0)}),
+        -1: (2, {"s": (0.1, 1.0), "m": (0.2, 2.0), "l": (0.5, 4.0)}),
+    }
+    t = table(LADDER, rows)
+    t.overall = ClusterStats(-1, 22, {m: ModelStats(22, 0, a, a, c) for m, (a, c) in
+                                      {"s": (0.4, 1.0), "m": (0.45, 2.0), "l": (0.5, 4.0)}.items()})
+    assert choose_models(t, Budget("retain", 0.9)).models == {0: "l", 1: "s"}
+    # weight x accuracy / 0.5 - cost / 4: s wins below w = 25/6, m up to 12.5, l above.
+    assert choose_by_weight(t, 2.0).models == {0: "s", 1: "s"}
+    assert choose_by_weight(t, 8.0).models == {0: "m", 1: "m"}
+    assert choose_by_weight(t, 20.0).models == {0: "l", 1: "l"}
+    assert choose_by_weight(t, 0.0).models == {0: "s", 1: "s"}  # the cheapest
+    choice = choose_by_weight(t, 8.0)
+    assert choice.fallback == "l"  # unclustered prompts start on the strongest model
+    assert choice.expected_cost == pytest.approx((10 * 2 + 10 * 2 + 2 * 4) / 22)
+    assert choice.reference_accuracy == pytest.approx((1 + 9 + 1) / 22)
+    # Equal scores go to the cheaper model.
+    tie = table(["s", "l"], {0: (5, {"s": (0.5, 1.0), "l": (1.0, 2.0)})})
+    tie.overall = ClusterStats(-1, 5, {"s": ModelStats(5, 0, 0.5, 0.5, 1.0), "l": ModelStats(5, 0, 1.0, 1.0, 2.0)})
+    assert choose_by_weight(tie, 1.0).models == {0: "s"}  # 0.5 - 0.5 == 1.0 - 1.0
 
 
 def test_max_cost_is_a_greedy_knapsack_by_accuracy_per_cost() -> None:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from crecli.errors import BackendError, CreError, PromptTooLong
 from crecli.models.backend import Backend, Generation, GenParams, Signals
+from crecli.models.prompting import render
 from crecli.models.pull import require_file
 
 if TYPE_CHECKING:
@@ -78,6 +79,10 @@ CRASH_HINT = (
 
 
 CPUINFO = "/proc/cpuinfo"
+# Snapshots of answered examples' KV cells kept per loaded model (`LlamaBackend._warm_prefix`).
+# One holds a cluster's head and examples, about 100-400 tokens: 1-5 MB on the 0.5B and
+# 3-11 MB on the 1.5B (KV bytes per token from their GGUF headers).
+PREFIX_SNAPSHOTS = 16
 
 
 @lru_cache(maxsize=1)
@@ -332,6 +337,11 @@ class LlamaBackend(Backend):
         self._parallel: ParallelGreedy | None = None
         self._votes: ParallelVotes | None = None
         self._handoff: dict[str, Handoff] = {}  # rendered prompt -> its cells from the last wave
+        # Answered examples -> the KV cells of the tokens every prompt shown them starts with
+        # (`_warm_prefix`), most recently used last; and those tokens, per set of examples.
+        self._prefixes: OrderedDict[tuple[tuple[str, str], ...], Handoff] = OrderedDict()
+        self._prefix_tokens: dict[tuple[tuple[str, str], ...], list[int]] = {}
+        self.prefix_restores = 0  # prompts whose examples came from a snapshot
         self._letters: dict[int, int] | None = None
         # Greedy answers carry `Signals`; off only to measure what reading them costs.
         self.read_signals = True
@@ -391,6 +401,54 @@ class LlamaBackend(Backend):
     def count_tokens(self, text: str) -> int:
         return len(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
 
+    def shot_prefix(self, shots: tuple[tuple[str, str], ...]) -> list[int]:
+        """The tokens every prompt shown `shots` starts with: the head, the examples and the
+        start of the prompt's own turn (what two differing probe prompts share)."""
+        if shots not in self._prefix_tokens:
+            from crecli.models.prompting import HEAD_PROBES
+
+            self._prefix_tokens[shots] = list(shared_prefix([
+                self.llm.tokenize(render(self.spec.prompt_format, p, shots=shots).text.encode("utf-8"),
+                                  add_bos=True, special=True) for p in HEAD_PROBES]))
+        return self._prefix_tokens[shots]
+
+    def _warm_prefix(self, shots: tuple[tuple[str, str], ...]) -> None:
+        """Make the `Llama` hold the examples' prefix (`shot_prefix`) before a prompt shown them.
+
+        llama-cpp-python reuses what the previous prompt shares with this one, which covers
+        a batch answered cluster by cluster. A server or a run of mixed clusters would process
+        a cluster's examples again each time another cluster came between; so the first time
+        a prefix is decoded its KV cells are kept (`llama_state_seq_get_data`, a few MB), and
+        later prompts restore them instead (`llama_state_seq_set_data`), keeping the
+        PREFIX_SNAPSHOTS most recently used.
+        """
+        import llama_cpp
+
+        llm = self.llm
+        prefix = self.shot_prefix(shots)
+        n = len(prefix)
+        if not n or (llm.n_tokens >= n and list(llm.input_ids[:n]) == prefix):
+            return
+        snapshot = self._prefixes.get(shots)
+        if snapshot is not None:
+            if snapshot.restore(llm):
+                self._prefixes.move_to_end(shots)
+                self.prefix_restores += 1
+                return
+            del self._prefixes[shots]
+        # Decode the prefix after what the cache already shares with it (usually the head).
+        common = len(shared_prefix([list(llm.input_ids[: llm.n_tokens]), prefix]))
+        memory = llama_cpp.llama_get_memory(llm._ctx.ctx)
+        if not llama_cpp.llama_memory_seq_rm(memory, -1, common, -1):
+            # Some caches (sliding-window attention) cannot drop a tail: start afresh.
+            llama_cpp.llama_memory_clear(memory, True)
+            common = 0
+        llm.n_tokens = common
+        llm.eval(prefix[common:])
+        self._prefixes[shots] = Handoff.save(llm._ctx.ctx, 0, prefix)
+        while len(self._prefixes) > PREFIX_SNAPSHOTS:
+            self._prefixes.popitem(last=False)
+
     def complete(self, text: str, params: GenParams) -> Generation:
         llm = self.llm
         n_prompt = self.count_tokens(text)
@@ -398,6 +456,8 @@ class LlamaBackend(Backend):
         handoff = self._handoff.pop(text, None)
         if handoff is not None:
             handoff.restore(llm)
+        elif params.shots:
+            self._warm_prefix(params.shots)
         meter = SignalMeter(self.letters) if params.temperature == 0.0 and self.read_signals else None
         processors = None
         if meter is not None:
@@ -508,6 +568,7 @@ class LlamaBackend(Backend):
         # The parallel contexts use the Llama's model, so they go first.
         self._close_parallel()
         self._close_votes()
+        self._prefixes.clear()
         for attr in ("_llm", "_embedder"):
             llm = getattr(self, attr)
             if llm is not None:

@@ -1,0 +1,45 @@
+"""Snapshots of a cluster's answered examples (`LlamaBackend._warm_prefix`) on the real 270M
+model, whose sliding-window attention makes its cache the hard case: prompts of two clusters
+in turn restore their examples' KV cells instead of decoding them again, and answer exactly
+as a freshly loaded model that decodes them."""
+
+from __future__ import annotations
+
+import pytest
+
+from crecli.models.backend import GenParams
+from test_real_model import gemma  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.real
+
+SUMS = (("What is 3 plus 4?", "7"), ("What is 10 plus 5?", "15"))
+CHOICES = (("Which of these is a fruit?\n(A) apple\n(B) car", "(A)"),)
+PROMPTS = [
+    ("What is 12 plus 30?", SUMS),
+    ("Which of these is an animal?\n(A) dog\n(B) rock", CHOICES),
+    ("What is 2 plus 9?", SUMS),
+    ("Which of these is blue?\n(A) grass\n(B) sky", CHOICES),
+    ("What is 8 plus 8?", SUMS),
+]
+
+
+def test_example_prefixes_are_restored_and_answer_as_a_fresh_model(gemma) -> None:  # noqa: F811
+    from crecli.models.llama import LlamaBackend
+
+    backend = LlamaBackend(gemma, n_ctx=1024)
+    try:
+        mixed = [backend.generate(p, GenParams(max_tokens=8, shots=s)) for p, s in PROMPTS]
+        # The first prompt of each cluster decodes its examples; every later one, coming
+        # after the other cluster's prompt, restores them.
+        assert backend.prefix_restores == 3
+        assert len(backend.shot_prefix(SUMS)) > len(backend.shot_prefix(()))
+    finally:
+        backend.close()
+    for (prompt, shots), got in zip(PROMPTS, mixed):
+        fresh = LlamaBackend(gemma, n_ctx=1024)
+        try:
+            want = fresh.generate(prompt, GenParams(max_tokens=8, shots=shots))
+            assert fresh.prefix_restores == 0
+        finally:
+            fresh.close()
+        assert (got.text, got.prompt_tokens, got.output_tokens) == (want.text, want.prompt_tokens, want.output_tokens)
