@@ -32,6 +32,10 @@ and the share of that cost spent on prompt processing.
 
     .venv/bin/python bench/frontier_bound.py ../shared/data/querylog-large.jsonl
     .venv/bin/python bench/frontier_bound.py LOG --unit seconds --retain 0.98 --json
+    .venv/bin/python bench/frontier_bound.py LOG --headline H.json --plot frontier.svg
+
+`--plot FILE.svg` draws the two in-sample curves, the goal, and, with `--headline` (the
+`--json` output of `bench/headline` on the same log), each seed's held-out points.
 
 Prompt processing and generation are what the answers cost at `cre models bench` speeds;
 bench-seconds need every ladder model measured. Nothing here loads a model unless some
@@ -206,6 +210,72 @@ def cross_fit_rules(C: np.ndarray, K: np.ndarray, tasks: np.ndarray, retain: flo
     return out
 
 
+PLOTTED = ("cascade, calibrated deferral", "cascade (this router)", "cluster routing, no quality check",
+           "random routing at the deferral cascade's cost", "qwen2.5-coder-0.5b-instruct only",
+           "gemma-3-270m only", "oracle (cheapest correct model)")
+
+
+def held_out_points(path: Path) -> list[tuple[str, float, float]]:
+    """(name, cost share, accuracy share) of each seed's systems in a `bench/headline --json` file."""
+    report = json.loads(path.read_text())
+    out = []
+    for run in report["runs"]:
+        for p in run["points"]:
+            if p["name"] in PLOTTED:
+                out.append((p["name"], float(p["cost_share"]), float(p["accuracy_share"])))
+    return out
+
+
+def svg(curves: dict[str, list[tuple[float, float]]], points: list[tuple[str, float, float]], title: str,
+        retain: float, goal_cost: float, w: int = 760, h: int = 520, pad: int = 64) -> str:
+    """Accuracy share against cost share, by hand (no plotting dependency)."""
+    from html import escape
+
+    x0, x1, y0, y1 = 0.4, 1.1, 0.3, 1.15
+
+    def sx(x: float) -> float:
+        return pad + (min(max(x, x0), x1) - x0) / (x1 - x0) * (w - 2 * pad)
+
+    def sy(y: float) -> float:
+        return h - pad - (min(max(y, y0), y1) - y0) / (y1 - y0) * (h - 2 * pad)
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
+        f'<rect width="{w}" height="{h}" fill="white"/>',
+        f'<text x="{w / 2}" y="22" text-anchor="middle" font-size="13">{escape(title)}</text>',
+        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
+        f'<text x="{w / 2}" y="{h - 18}" text-anchor="middle">cost, share of the strongest model answering every query</text>',
+        f'<text x="16" y="{h / 2}" transform="rotate(-90 16 {h / 2})" text-anchor="middle">accuracy, share of the strongest</text>',
+        # The goal: at least `retain` of the accuracy at no more than `goal_cost` of the cost.
+        f'<rect x="{pad}" y="{sy(y1):.1f}" width="{sx(goal_cost) - pad:.1f}" height="{sy(retain) - sy(y1):.1f}" '
+        f'fill="#2a2" fill-opacity="0.08" stroke="#2a2" stroke-dasharray="4 3"/>',
+        f'<text x="{sx(goal_cost) - 4:.1f}" y="{sy(y1) + 14:.1f}" text-anchor="end" fill="#2a2">goal</text>',
+    ]
+    for i in range(8):
+        xv = x0 + (x1 - x0) * i / 7
+        yv = y0 + (y1 - y0) * i / 7
+        parts.append(f'<text x="{sx(xv):.1f}" y="{h - pad + 15}" text-anchor="middle">{xv:.2f}</text>')
+        parts.append(f'<text x="{pad - 5}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.2f}</text>')
+    colours = ["#888", "#c60"]
+    for (name, curve), colour in zip(curves.items(), colours):
+        line = " ".join(f"{sx(c):.1f},{sy(a):.1f}" for a, c in curve)
+        parts.append(f'<polyline points="{line}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        a, c = next(((a, c) for a, c in curve if a >= 1.0), curve[-1])
+        parts.append(f'<text x="{sx(c) + 6:.1f}" y="{sy(a) - 6:.1f}" fill="{colour}">{escape(name)}</text>')
+    palette = dict(zip(PLOTTED, ["crimson", "purple", "steelblue", "#999", "#2a7", "#a72", "black"]))
+    named: set[str] = set()
+    for name, cost, acc in points:
+        parts.append(f'<circle cx="{sx(cost):.1f}" cy="{sy(acc):.1f}" r="4" fill="{palette[name]}" fill-opacity="0.8"/>')
+        named.add(name)
+    for i, name in enumerate(n for n in PLOTTED if n in named):
+        y = h - pad - 14 * (len(named) - i)
+        parts.append(f'<circle cx="{w - pad - 250}" cy="{y - 4}" r="4" fill="{palette[name]}"/>')
+        parts.append(f'<text x="{w - pad - 240}" y="{y}">{escape(name)} (held out)</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("log", type=Path)
@@ -214,6 +284,8 @@ def main() -> None:
     ap.add_argument("--retain", type=float, default=0.98, help="report each curve's cost at this accuracy share")
     ap.add_argument("--k", type=int, nargs="+", default=[5, 10, 20], help="neighbours for the per-query prior")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fold seeds of the cross-fitted rules")
+    ap.add_argument("--headline", type=Path, help="a `bench/headline --json` file of the same log: its held-out points")
+    ap.add_argument("--plot", type=Path, help="write the curves (and --headline's points) to this .svg")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args()
 
@@ -263,6 +335,12 @@ def main() -> None:
         "cross_fitted_one_model_per_task": crossed,
         "within_task_knn_auroc": {str(k): dict(zip(ladder, v)) for k, v in knn.items()},
     }
+    if args.plot:
+        points = held_out_points(args.headline) if args.headline else []
+        title = f"{args.log.name}: {n} queries, cost in {model.unit}; curves in-sample, points held out"
+        args.plot.write_text(svg({"one model per task": one_model, "cascade with a perfect check": perfect_curve},
+                                 points, title, args.retain, 0.8))
+        print(f"wrote {args.plot}", file=sys.stderr)
     if args.json:
         print(json.dumps(figures, indent=2))
         return
