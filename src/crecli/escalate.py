@@ -119,7 +119,7 @@ def check(
                 signals, cut = gen.signals, gen.output_tokens >= max_tokens
             output_tokens += gen.output_tokens
             seconds += gen.seconds
-    prefix = backend.shot_tokens(prompt, vote_params(settings, 0, max_tokens, prompt, shots)) if shots else 0
+    prefix = backend.shot_tokens(prompt, vote_params(settings, 0, max_tokens, prompt, shots), prompt_tokens) if shots else 0
     if deferral is not None:
         p = deferral.p_correct(deferral_features(signals, normalized, cut, prior))
         accepted = accept_deferral(p, threshold)

@@ -104,15 +104,14 @@ class Backend(abc.ABC):
         `complete` would count them; None where the runtime cannot tell without running."""
         return None
 
-    def shot_tokens(self, prompt: str, params: GenParams) -> int:
-        """Of `prompt`'s prompt tokens with `params.shots`, the answered examples' share:
-        the tokens with them less the tokens without; 0 without examples, or where
-        `count_tokens` cannot tell."""
+    def shot_tokens(self, prompt: str, params: GenParams, prompt_tokens: int) -> int:
+        """Of `prompt_tokens`, the prompt tokens a generation of `prompt` with `params.shots`
+        reported, the answered examples' share: those less the tokens without them; 0
+        without examples, or where `count_tokens` cannot tell."""
         if not params.shots:
             return 0
-        with_shots = self.count_tokens(self.prepare(prompt, params)[0])
         without = self.count_tokens(self.prepare(prompt, replace(params, shots=()))[0])
-        return 0 if with_shots is None or without is None else max(0, with_shots - without)
+        return 0 if without is None else max(0, prompt_tokens - without)
 
     def generate_many(
         self, prompts: Sequence[str], params: Sequence[GenParams], parallel: int = 1

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from crecli.errors import BackendError, CreError, PromptTooLong
 from crecli.models.backend import Backend, Generation, GenParams, Signals
-from crecli.models.prompting import render
+from crecli.models.prompting import HEAD_PROBES, render
 from crecli.models.pull import require_file
 
 if TYPE_CHECKING:
@@ -405,8 +405,6 @@ class LlamaBackend(Backend):
         """The tokens every prompt shown `shots` starts with: the head, the examples and the
         start of the prompt's own turn (what two differing probe prompts share)."""
         if shots not in self._prefix_tokens:
-            from crecli.models.prompting import HEAD_PROBES
-
             self._prefix_tokens[shots] = list(shared_prefix([
                 self.llm.tokenize(render(self.spec.prompt_format, p, shots=shots).text.encode("utf-8"),
                                   add_bos=True, special=True) for p in HEAD_PROBES]))
