@@ -16,12 +16,12 @@ ceilings for held-out results, never results themselves:
    at the top rung, plus each small rung alone, each query paying for every rung it visits.
    No signal can do better than perfect, so no cascade of these rungs can beat this curve.
 3. **Cross-fitted, one model per task, by two rules** (the only figures here that are held
-   out): on four folds, each task's model is chosen by the per-task share rule (the cheapest
-   model with at least r x the strongest model's accuracy on that task, `choose_models`'
-   "retain") or by one price of accuracy (`calibrate.choose_by_weight`'s rule, without its
-   shrinkage), r or the price being the cheapest setting that keeps `--retain` of the
-   strongest model's accuracy on those four folds; the fifth fold is scored. 5 folds,
-   seeds 0-2.
+   out): on four folds, each task's model is chosen by calibrate's own rules, with the tasks
+   as clusters and its shrunk accuracies: the per-task share rule (`choose_models` with
+   `Budget("retain", r)`: the cheapest model with at least r x the strongest model's
+   accuracy on that task) or one price of accuracy (`choose_by_weight`), r or the price
+   being the cheapest setting that keeps `--retain` of the strongest model's accuracy on
+   those four folds; the fifth fold is scored. 5 folds, seeds 0-2.
 4. **A per-query prior before any model runs**: the within-task AUROC of the k nearest
    neighbours' mean correctness (the router's own embedder, fitted on the log) for each
    model. 0.5 means the prompt's wording says nothing about which queries of a task a model
@@ -53,7 +53,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from crecli import config, costs, embed, querylog
+from crecli import calibrate, config, costs, embed, querylog
 from crecli.outcomes import OutcomeStore, collect, default_store_path
 from crecli.quality import QualityCheck
 
@@ -116,25 +116,6 @@ def perfect_cascade(C: np.ndarray, K: np.ndarray, path: Sequence[int]) -> tuple[
     return correct, cost
 
 
-def auroc(score: np.ndarray, y: np.ndarray) -> float | None:
-    y = y.astype(bool)
-    pos, neg = int(y.sum()), int((~y).sum())
-    if not pos or not neg:
-        return None
-    order = np.argsort(score, kind="mergesort")
-    ranks = np.empty(len(score))
-    sorted_scores = score[order]
-    # Average ranks over ties.
-    i = 0
-    while i < len(score):
-        j = i
-        while j + 1 < len(score) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
-
-
 def within_task_knn(X: np.ndarray, C: np.ndarray, tasks: np.ndarray, k: int) -> list[float | None]:
     """Per model: pair-weighted mean over tasks of the AUROC of the k nearest neighbours'
     (leave-one-out, any task) mean correctness for predicting each query's correctness."""
@@ -147,7 +128,7 @@ def within_task_knn(X: np.ndarray, C: np.ndarray, tasks: np.ndarray, k: int) -> 
         num = den = 0.0
         for task in np.unique(tasks):
             sel = tasks == task
-            a = auroc(prior[sel], C[sel, j])
+            a = calibrate.auroc(prior[sel].tolist(), C[sel, j].astype(bool).tolist())
             if a is None:
                 continue
             y = C[sel, j].astype(bool)
@@ -161,51 +142,42 @@ def within_task_knn(X: np.ndarray, C: np.ndarray, tasks: np.ndarray, k: int) -> 
 RATIOS = np.linspace(0.5, 1.2, 71)
 
 
-def _pick_share(C: np.ndarray, K: np.ndarray, tasks: np.ndarray, ratio: float) -> dict[str, int]:
-    top = C.shape[1] - 1
-    pick = {}
-    for task in np.unique(tasks):
-        sel = tasks == task
-        acc, cost = C[sel].mean(axis=0), K[sel].mean(axis=0)
-        ok = [j for j in sorted(range(C.shape[1]), key=lambda j: (cost[j], j)) if acc[j] >= ratio * acc[top] - 1e-9]
-        pick[task] = ok[0] if ok else int(np.argmax(acc))
-    return pick
-
-
-def _pick_price(C: np.ndarray, K: np.ndarray, tasks: np.ndarray, lam: float) -> dict[str, int]:
-    top = C.shape[1] - 1
-    acc_unit, cost_unit = max(C[:, top].mean(), 1e-12), max(K[:, top].mean(), 1e-12)
-    pick = {}
-    for task in np.unique(tasks):
-        sel = tasks == task
-        acc, cost = C[sel].mean(axis=0), K[sel].mean(axis=0)
-        pick[task] = max(sorted(range(C.shape[1]), key=lambda j: (cost[j], j)), key=lambda j: lam * acc[j] / acc_unit - cost[j] / cost_unit)
-    return pick
-
-
-def cross_fit_rules(C: np.ndarray, K: np.ndarray, tasks: np.ndarray, retain: float, seeds: Sequence[int], n_folds: int = 5) -> dict[str, list[tuple[float, float]]]:
+def cross_fit_rules(records: Sequence[querylog.Record], found: dict, model: costs.CostModel, ladder: Sequence[str],
+                    C: np.ndarray, K: np.ndarray, tasks: np.ndarray, retain: float, seeds: Sequence[int],
+                    n_folds: int = 5) -> dict[str, list[tuple[float, float]]]:
     """Held-out (accuracy share, cost share) per seed of one model per task, chosen on the
-    other folds by each rule at its cheapest setting that keeps `retain` there."""
+    other folds by each of calibrate's rules (on `calibrate.cluster_stats` with the tasks
+    as clusters) at its cheapest setting that keeps `retain` there."""
     top = C.shape[1] - 1
-    rules = {"share of the strongest, per task": (_pick_share, RATIOS), "one price of accuracy": (_pick_price, LAMBDAS)}
+    names = sorted(set(tasks))
+    labels = np.array([names.index(t) for t in tasks])
+    rules = {
+        "share of the strongest, per task": lambda table, r: calibrate.choose_models(table, costs.Budget("retain", r)),
+        "one price of accuracy": calibrate.choose_by_weight,
+    }
+    grids = {"share of the strongest, per task": RATIOS, "one price of accuracy": LAMBDAS}
     out: dict[str, list[tuple[float, float]]] = {name: [] for name in rules}
+
+    def score(idx: np.ndarray, models: dict[int, str]) -> tuple[float, float]:
+        rung = np.array([ladder.index(models[c]) for c in labels[idx]])
+        return float(C[idx, rung].sum()), float(K[idx, rung].sum())
+
     for seed in seeds:
         fold = np.random.default_rng(seed).permutation(len(C)) % n_folds
-        for name, (rule, grid) in rules.items():
+        for name, rule in rules.items():
             correct = cost = 0.0
             for f in range(n_folds):
-                tr, te = fold != f, fold == f
-                best: tuple[float, dict[str, int]] | None = None
-                for value in grid:
-                    pick = rule(C[tr], K[tr], tasks[tr], float(value))
-                    a = sum(C[tr & (tasks == t), j].sum() for t, j in pick.items())
-                    c = sum(K[tr & (tasks == t), j].sum() for t, j in pick.items())
+                tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+                table = calibrate.cluster_stats(labels[tr].tolist(), [records[i] for i in tr], found, ladder, model)
+                best: tuple[float, dict[int, str]] | None = None
+                for value in grids[name]:
+                    models = rule(table, float(value)).models
+                    a, c = score(tr, models)
                     if a >= retain * C[tr, top].sum() - 1e-9 and (best is None or c < best[0]):
-                        best = (c, pick)
-                if best is None:
-                    best = (0.0, {t: top for t in np.unique(tasks)})
-                correct += sum(C[te & (tasks == t), j].sum() for t, j in best[1].items())
-                cost += sum(K[te & (tasks == t), j].sum() for t, j in best[1].items())
+                        best = (c, models)
+                a, c = score(te, best[1] if best else {i: ladder[top] for i in range(len(names))})
+                correct += a
+                cost += c
             out[name].append((round(correct / C[:, top].sum(), 4), round(cost / K[:, top].sum(), 4)))
     return out
 
@@ -317,7 +289,7 @@ def main() -> None:
     embedder = embed.make_embedder(settings.embedder, settings).fit([r.prompt for r in records])
     X = embedder.transform([r.prompt for r in records])
     knn = {k: within_task_knn(X, C, tasks, k) for k in args.k}
-    crossed = cross_fit_rules(C, K, tasks, args.retain, args.seeds)
+    crossed = cross_fit_rules(records, found, model, ladder, C, K, tasks, args.retain, args.seeds)
 
     figures = {
         "log": str(args.log), "queries": n, "tasks": int(len(np.unique(tasks))), "unit": model.unit,

@@ -194,8 +194,8 @@ def choose_by_weight(table: StatsTable, weight: float) -> Choice:
     per-cluster share (`Budget("retain", r)` in `choose_models`) holds every cluster to the
     same ratio instead, which spends cost where the strongest model is weak. On the 1,400-query
     log, choosing one model per task by each rule on four folds (for 98% there) and scoring
-    the fifth, the ratio rule kept 97.6-98.3% of the strongest model's accuracy at 90.5-90.8%
-    of its cost, this one 98.8-99.6% at 83.1-84.2% (`bench/frontier_bound.py`, seeds 0-2).
+    the fifth, the ratio rule kept 97.9-98.9% of the strongest model's accuracy at 92.4-93.8%
+    of its cost, this one 98.6-99.6% at 83.4-84.6% (`bench/frontier_bound.py`, seeds 0-2).
     0 picks each cluster's cheapest model; a very large weight its most accurate one.
     """
     ladder = table.ladder
