@@ -48,22 +48,27 @@ def test_check_flags_disagreeing_runs_and_a_busy_machine() -> None:
     assert "90% of the CPUs" in busy
 
 
-def test_run_probes_first_and_measures_an_unsteady_model_again(tiny_models_toml: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_probes_first_then_measures_in_interleaved_rounds_and_again_when_unsteady(
+    tiny_models_toml: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     settings = config.load(tiny_models_toml)
     calls: list[str] = []
-    results = iter([_speed("small", None, repeats=3, tg_spread=0.9), _speed("small", None, repeats=3, tg_spread=0.01)])
+    # small's second round runs at half speed in the first pass: unsteady, so every model
+    # is measured once more and the second pass is stored.
+    rates = {"small": iter([200.0, 100.0, 200.0, 210.0, 200.0, 190.0]), "medium": iter([50.0] * 6)}
 
-    def fake_measure(spec: ModelSpec, **kw: object) -> bench.Speed:
-        calls.append(f"measure {spec.name}")
-        speed = next(results)
-        speed.warnings = bench.check(speed)
-        return speed
+    def fake_run(spec: ModelSpec, pp_tokens: int, tg_tokens: int) -> bench._Run:
+        calls.append(spec.name)
+        return bench._Run(next(rates[spec.name]), 10.0, 5, pp_tokens, 0.1, 2)
 
     monkeypatch.setattr(llama, "probe", lambda spec: calls.append(f"probe {spec.name}"))
-    monkeypatch.setattr(bench, "measure", fake_measure)
-    [speed] = bench.run(settings, ["small"])
-    assert calls == ["probe small", "measure small", "measure small"]
-    assert speed.steady and bench.stored(settings.get("small"), threads=2) is not None
+    monkeypatch.setattr(bench, "_run_once", fake_run)
+    monkeypatch.setattr(bench, "_busy_share", lambda: 0.0)
+    speeds = bench.run(settings, ["small", "medium"], repeats=3)
+    assert calls == ["probe small", "probe medium"] + ["small", "medium"] * 6
+    assert [s.model for s in speeds] == ["small", "medium"] and all(s.steady for s in speeds)
+    assert speeds[0].pp_tokens_per_s == 200.0 and speeds[0].repeats == 3 and speeds[0].head_tokens == 5
+    assert bench.stored(settings.get("small"), threads=2)["pp_tokens_per_s"] == 200.0  # type: ignore[index]
 
 
 def test_run_stops_at_a_crashing_probe(tiny_models_toml: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -85,3 +85,13 @@ def test_probe_runs_the_real_model_on_this_cpu(gemma) -> None:
     from crecli.models.llama import probe
 
     probe(gemma)
+
+
+def test_bench_times_short_prompts_after_the_cached_head(gemma) -> None:
+    from crecli.models import bench
+
+    speed = bench.measure(gemma, pp_tokens=16, tg_tokens=4, repeats=2)
+    # The head is counted, the timed prompt is the 16 tokens after it, and both phases ran.
+    assert speed.head_tokens is not None and speed.head_tokens > 10
+    assert speed.pp_tokens == 16 and speed.tg_tokens == 4 and speed.repeats == 2
+    assert speed.pp_tokens_per_s > 0 and speed.tg_tokens_per_s > 0

@@ -1083,6 +1083,11 @@ def cluster_prior(table: StatsTable, cid: int, model: str) -> float:
     return info.models[model].shrunk_accuracy
 
 
+def _table_prior(data: Data, table: StatsTable) -> Callable[[int, str], float]:
+    """`deferral_p`'s prior for calibration: record i's cluster prior for a model in `table`."""
+    return lambda i, model: cluster_prior(table, data.clusters[i], model)
+
+
 def _loo_prior(table: StatsTable, cid: int, model: str, correct: bool) -> float:
     # A training answer's own label must not feed its prior, or the fitted model would
     # trust the prior more than it deserves on prompts it has not seen.
@@ -1138,7 +1143,7 @@ def sweep_deferral(
     # The top rung gets a model too, for the signal report only: its answer is final, but
     # its doubt is what a larger rung above it (a remote server) would act on.
     rules = {m: train_deferral(data, fit_idx, table, m, votes) for m in ladder}
-    p = deferral_p(data, eval_idx, rules, lambda i, m: cluster_prior(table, data.clusters[i], m), votes)
+    p = deferral_p(data, eval_idx, rules, _table_prior(data, table), votes)
     out = []
     for weight in WEIGHT_GRID:
         choice = choose_by_weight(table, weight)
@@ -1269,7 +1274,7 @@ def recalibrate(
     if check == "deferral":
         models = {m: train_deferral(data, everything, table, m, votes) for m in ladder[:-1]}
         rules = DeferralCheck(votes, models)
-        p_all = deferral_p(data, everything, models, lambda i, m: cluster_prior(table, data.clusters[i], m), votes)
+        p_all = deferral_p(data, everything, models, _table_prior(data, table), votes)
         result = _simulate(data, everything, choice, dict(setting.thresholds), quality, p_all, votes)
     else:
         result = _simulate(data, everything, choice, dict(setting.thresholds), quality)

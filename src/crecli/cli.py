@@ -15,6 +15,7 @@ import typer
 
 from crecli import __version__
 from crecli.errors import CreError
+from crecli.models.bench import PP_TOKENS, REPEATS, TG_TOKENS
 from crecli.quality import MAX_TEMPERATURE, MAX_VOTES
 
 EXIT_CODES = """Exit codes: 0 success; 1 error (the message says what to do); 2 bad usage;
@@ -158,17 +159,18 @@ def models_pull(
 def models_bench(
     names: Annotated[Optional[list[str]], typer.Argument(help="Models to measure (default: the ladder).", show_default=False)] = None,
     models: ModelsOpt = None,
-    pp_tokens: Annotated[int, typer.Option(min=1, help="Prompt tokens to process.")] = 256,
-    tg_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 64,
-    repeats: Annotated[int, typer.Option(min=1, max=20, help="Runs per model; the median is stored and the spread reported.")] = 3,
+    pp_tokens: Annotated[int, typer.Option(min=1, help="Prompt tokens to process after the cached head (a short query's).")] = PP_TOKENS,
+    tg_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = TG_TOKENS,
+    repeats: Annotated[int, typer.Option(min=1, max=20, help="Runs per model; the median is stored and the spread reported.")] = REPEATS,
     json_: JsonOpt = False,
 ) -> None:
     """Measure prompt-processing and generation tokens/s of each model on this machine.
 
     Each model is first loaded and run in a child process, so a llama.cpp crash (for
-    example on some AMX Xeons) is reported with its cause and fix. Models are measured one
-    after another, never at once, `--repeats` times each; runs that disagree, or a busy
-    machine, give a warning. Figures are stored in the user data dir per file sha256 and
+    example on some AMX Xeons) is reported with its cause and fix. Then every model is
+    measured in `--repeats` interleaved rounds, one model at a time, so a slow minute of a
+    shared machine slows them alike; prompts are timed as short queries after the cached
+    chat head. Runs that disagree, or a busy machine, give a warning. Figures are stored in the user data dir per file sha256 and
     thread count, and used as each model's cost.
 
     Examples:

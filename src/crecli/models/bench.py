@@ -2,9 +2,11 @@
 
 Prompt processing (pp) and token generation (tg) are timed separately, straight through
 llama.cpp's eval and sample calls, because they differ by an order of magnitude and a
-query's cost is a mix of both. Each is measured `repeats` times in one load; the median is
-stored and the spread (slowest against fastest run) is reported, because a run beside
-another busy process can be several times slower and would make that model look dear.
+query's cost is a mix of both. Prompts are timed as they run: a short query's tokens after
+the cached head. Every model is measured `repeats` times in interleaved rounds (each model
+once per round, in a fresh load); the median is stored and the spread (slowest against
+fastest run) is reported, because a run beside another busy process can be several times
+slower and would make that model look dear.
 
 Figures are stored per model sha256 and thread count: a re-pulled file or another
 `CRE_THREADS` is measured again rather than priced with stale speeds.
@@ -14,22 +16,31 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from crecli import paths
-from crecli.config import ModelSpec
 
 if TYPE_CHECKING:
-    from crecli.config import ModelConfig
+    from crecli.config import ModelConfig, ModelSpec
 
 # Runs that differ by more than this (slowest against fastest) are reported as unsteady:
 # quiet 2-core VMs here agree within 10-20%, runs beside a busy process differ by 2-10x.
 MAX_SPREAD = 0.25
 # Other work using more than this share of the CPUs before a run makes its figures suspect.
 MAX_BUSY = 0.25
+# Prompt tokens a measurement processes after the cached head, as a real prompt does: a
+# short query. The 1,400-query BIG-bench log adds 42 tokens on average after its head (25
+# to 65 for the middle 80%). At 256 tokens llama.cpp's matrix kernels ran the 1.5B
+# relatively faster than at 40 (`bench/cpu_backends.py --lengths`), which priced the
+# small rungs above what their answers take on the clock.
+PP_TOKENS = 48
+# A short prompt takes a fraction of a second, so each run times this many in a row
+# (with 4, runs of the 0.5B disagreed by up to 52% on a quiet 2-core VM).
+PP_ROUNDS = 8
+TG_TOKENS = 64
+REPEATS = 3
 
 
 @dataclass
@@ -67,8 +78,14 @@ _PROMPT = (
 )
 
 
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def _spread(values: Sequence[float]) -> float:
-    mid = statistics.median(values)
+    mid = _median(values)
     return (max(values) - min(values)) / mid if mid > 0 else 0.0
 
 
@@ -92,49 +109,102 @@ def _busy_share(seconds: float = 0.5) -> float | None:
     return (busy1 - busy0) / (total1 - total0) if total1 > total0 else None
 
 
-def measure(spec: ModelSpec, pp_tokens: int = 256, tg_tokens: int = 64, repeats: int = 3) -> Speed:
-    from crecli.models.llama import LlamaBackend, use_extra_bufts
+@dataclass
+class _Run:
+    """One load of one model: its prompt and generation rates, and what the load showed."""
 
-    busy = _busy_share()
+    pp: float
+    tg: float
+    head: int
+    pp_tokens: int
+    load_seconds: float
+    threads: int
+
+
+def _run_once(spec: "ModelSpec", pp_tokens: int, tg_tokens: int) -> _Run:
+    """Load `spec`, time PP_ROUNDS prompts of `pp_tokens` new tokens after its cached head
+    (the chat template's fixed start, which llama.cpp reuses from the previous prompt), then
+    `tg_tokens` greedy tokens after the last of them, and unload it."""
+    from crecli.models.llama import LlamaBackend
+    from crecli.models.prompting import HEAD_PROBES, render
+
     backend = LlamaBackend(spec)
     try:
         llm = backend.llm
         head = cached_head_tokens(llm, spec.prompt_format)
-        tokens = llm.tokenize((_PROMPT * 64).encode(), add_bos=True)[:pp_tokens]
+        first = llm.tokenize(render(spec.prompt_format, HEAD_PROBES[0]).text.encode(), add_bos=True, special=True)[:head]
+        tokens = llm.tokenize((_PROMPT * 64).encode(), add_bos=not first)[:pp_tokens]
         llm.reset()
+        if first:
+            llm.eval(first)
         llm.eval(tokens[:8])  # warm-up: first decode allocates buffers
-        pp_rates, tg_rates = [], []
-        for _ in range(max(1, repeats)):
-            llm.reset()
+        elapsed = 0.0
+        for _ in range(PP_ROUNDS):
+            llm.n_tokens = len(first)  # as if the previous prompt had shared only the head
             start = time.perf_counter()
             llm.eval(tokens)
-            pp_rates.append(len(tokens) / (time.perf_counter() - start))
-            start = time.perf_counter()
-            for _ in range(tg_tokens):
-                token = llm.sample(temp=0.0)
-                llm.eval([token])
-            tg_rates.append(tg_tokens / (time.perf_counter() - start))
+            elapsed += time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(tg_tokens):
+            token = llm.sample(temp=0.0)
+            llm.eval([token])
+        tg = tg_tokens / (time.perf_counter() - start)
+        return _Run(PP_ROUNDS * len(tokens) / elapsed, tg, head, len(tokens), backend.load_seconds, backend.n_threads)
+    finally:
+        backend.close()
+
+
+def measure_all(
+    specs: Sequence["ModelSpec"], pp_tokens: int = PP_TOKENS, tg_tokens: int = TG_TOKENS, repeats: int = REPEATS,
+    progress: Callable[[str], None] | None = None,
+) -> list[Speed]:
+    """Time each model `repeats` times, interleaved: round r measures every model once
+    before round r+1 starts, each in a fresh load (one model in memory at a time).
+
+    Why interleaved: costs compare models, and a shared VM's speed drifts over minutes.
+    Measured one model after another, the 0.5B's prompt speed against the 1.5B's ranged
+    from 1.13x to 2.05x over six runs in one morning; in rounds, a slow minute slows every
+    model alike (`bench/speed_ratios.py` compares the two orders).
+    """
+    from crecli.models.llama import use_extra_bufts
+
+    busy = _busy_share()
+    runs: dict[str, list[_Run]] = {spec.name: [] for spec in specs}
+    for r in range(max(1, repeats)):
+        for spec in specs:
+            if progress is not None:
+                progress(f"Round {r + 1}/{max(1, repeats)}: {spec.name} ({pp_tokens} prompt tokens after its cached head, "
+                         f"{tg_tokens} generated)...")
+            runs[spec.name].append(_run_once(spec, pp_tokens, tg_tokens))
+    out = []
+    for spec in specs:
+        done = runs[spec.name]
+        pp_rates, tg_rates = [x.pp for x in done], [x.tg for x in done]
         speed = Speed(
             model=spec.name,
             sha256=spec.sha256,
-            threads=backend.n_threads,
-            pp_tokens_per_s=statistics.median(pp_rates),
-            tg_tokens_per_s=statistics.median(tg_rates),
-            load_seconds=backend.load_seconds,
-            pp_tokens=len(tokens),
+            threads=done[0].threads,
+            pp_tokens_per_s=_median(pp_rates),
+            tg_tokens_per_s=_median(tg_rates),
+            load_seconds=_median([x.load_seconds for x in done]),
+            pp_tokens=done[0].pp_tokens,
             tg_tokens=tg_tokens,
             measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             pp_spread=_spread(pp_rates),
             tg_spread=_spread(tg_rates),
-            repeats=len(pp_rates),
+            repeats=len(done),
             busy_share=busy,
             extra_bufts=use_extra_bufts(),
-            head_tokens=head,
+            head_tokens=done[0].head,
         )
-    finally:
-        backend.close()
-    speed.warnings = check(speed)
-    return speed
+        speed.warnings = check(speed)
+        out.append(speed)
+    return out
+
+
+def measure(spec: "ModelSpec", pp_tokens: int = PP_TOKENS, tg_tokens: int = TG_TOKENS, repeats: int = REPEATS) -> Speed:
+    """One model's speed (`measure_all` of it alone)."""
+    return measure_all([spec], pp_tokens, tg_tokens, repeats)[0]
 
 
 def cached_head_tokens(llm: Any, prompt_format: str) -> int:
@@ -224,18 +294,22 @@ def cached_heads(specs: Sequence[ModelSpec]) -> dict[str, int]:
     return out
 
 
-def run(settings: "ModelConfig", names: Sequence[str], pp_tokens: int = 256, tg_tokens: int = 64, repeats: int = 3) -> list[Speed]:
-    """Probe, measure and store each named local model, one after another.
+def run(
+    settings: "ModelConfig", names: Sequence[str], pp_tokens: int = PP_TOKENS, tg_tokens: int = TG_TOKENS, repeats: int = REPEATS
+) -> list[Speed]:
+    """Probe each named local model, then measure them all in interleaved rounds
+    (`measure_all`) and store the figures.
 
     The probe runs first in a child process, so a llama.cpp crash in native code becomes
-    an error that names the cause and the fix instead of killing `cre`. An unsteady
-    measurement is taken once more; if it is still unsteady it is stored with a warning,
-    because a re-run on a quiet machine is the only real fix.
+    an error that names the cause and the fix instead of killing `cre`. If any model's
+    figures are unsteady, all are measured once more, so the stored ones still come from
+    the same rounds; still unsteady ones are stored with a warning, because a re-run on a
+    quiet machine is the only real fix.
     """
     from crecli.console import status, warn
     from crecli.models.llama import probe
 
-    results = []
+    specs = []
     for name in names:
         spec = settings.get(name)
         if spec.backend != "llama":
@@ -243,14 +317,17 @@ def run(settings: "ModelConfig", names: Sequence[str], pp_tokens: int = 256, tg_
             continue
         status(f"Checking that llama.cpp runs {name}...")
         probe(spec)
-        status(f"Measuring {name} ({pp_tokens} prompt tokens, {tg_tokens} generated, {repeats} runs)...")
-        speed = measure(spec, pp_tokens=pp_tokens, tg_tokens=tg_tokens, repeats=repeats)
-        if not speed.steady:
-            status(f"{name}: unsteady figures ({'; '.join(speed.warnings)}); measuring again")
-            speed = measure(spec, pp_tokens=pp_tokens, tg_tokens=tg_tokens, repeats=repeats)
+        specs.append(spec)
+    if not specs:
+        return []
+    speeds = measure_all(specs, pp_tokens, tg_tokens, repeats, progress=status)
+    unsteady = [w for s in speeds for w in s.warnings]
+    if unsteady:
+        status(f"Unsteady figures ({'; '.join(unsteady)}); measuring every model again")
+        speeds = measure_all(specs, pp_tokens, tg_tokens, repeats, progress=status)
+    for speed in speeds:
         for problem in speed.warnings:
-            warn(f"{problem}. Stored anyway: re-run `cre models bench {name}` on a quiet machine, "
+            warn(f"{problem}. Stored anyway: re-run `cre models bench {speed.model}` on a quiet machine, "
                  "since costs are computed from these speeds")
         save(speed)
-        results.append(speed)
-    return results
+    return speeds
