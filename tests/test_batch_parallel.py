@@ -184,3 +184,20 @@ def test_cli_parallel_option(tiny_models_toml: Path) -> None:
     assert result.exit_code == 2 and "--parallel" in result.output
     result = runner.invoke(app, ["batch", "--help"])
     assert "--parallel" in result.output
+
+
+def test_memory_budget_counts_the_caches_models_hold_when_the_next_is_asked_for(
+    parallel_fakes: Callable[..., dict[str, ParallelFake]], tiny_models_toml: Path
+) -> None:
+    parallel_fakes({})
+    settings = config.load(tiny_models_toml)
+    from dataclasses import replace
+
+    small, medium = replace(settings.get("small"), size=1000), replace(settings.get("medium"), size=1000)
+    for held, loaded in ((0, ["small", "medium"]), (500, ["medium"])):
+        pool = ModelPool(2400)
+        # small's answered-example snapshots hold `held` bytes by the time medium is asked
+        # for: two files of 1000 fit in 2400, but not with 500 more.
+        pool.get(small).cache_memory = lambda held=held: held  # type: ignore[method-assign]
+        pool.get(medium)
+        assert list(pool._loaded) == loaded

@@ -33,6 +33,10 @@ def test_example_prefixes_are_restored_and_answer_as_a_fresh_model(gemma) -> Non
         # after the other cluster's prompt, restores them.
         assert backend.prefix_restores == 3
         assert len(backend.shot_prefix(SUMS)) > len(backend.shot_prefix(()))
+        # Two snapshots held, which `--memory-budget` counts (`ModelPool`).
+        held = backend.cache_memory()
+        assert len(backend._prefixes) == 2 and held > 0
+        print(f"two example snapshots hold {held} bytes")
     finally:
         backend.close()
     for (prompt, shots), got in zip(PROMPTS, mixed):

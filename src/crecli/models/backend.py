@@ -134,6 +134,11 @@ class Backend(abc.ABC):
         """Bytes that decoding `parallel` sequences at once adds to this model's memory (0: nothing)."""
         return 0
 
+    def cache_memory(self) -> int:
+        """Bytes of caches this model holds now beside its context (0: none), such as
+        snapshots of answered examples' KV cells; they grow while it answers."""
+        return 0
+
     def sample(self, prompt: str, params: GenParams, seeds: Sequence[int]) -> list[Generation]:
         """One sample of `prompt` per seed (see `sample_many`)."""
         return self.sample_many(prompt, [replace(params, seed=seed) for seed in seeds])

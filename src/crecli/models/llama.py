@@ -534,6 +534,10 @@ class LlamaBackend(Backend):
             self._votes.close()
             self._votes = None
 
+    def cache_memory(self) -> int:
+        """The snapshots of answered examples' KV cells kept for reuse (`_warm_prefix`)."""
+        return sum(len(h.data) for h in self._prefixes.values())
+
     def parallel_memory(self, parallel: int) -> int:
         """The KV cache of the parallel context: `parallel` sequences of `n_ctx` tokens.
 

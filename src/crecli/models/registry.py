@@ -57,8 +57,11 @@ class ModelPool:
 
     The budget counts GGUF file sizes, a fair proxy for resident memory with mmap, plus,
     when `parallel` > 1, the KV cache of each model's parallel context
-    (`Backend.parallel_memory`). When a new model would exceed it, the least recently used
-    models are closed first. Only one model computes at a time: callers are sequential, by
+    (`Backend.parallel_memory`), plus the caches the loaded models hold at that moment
+    (`Backend.cache_memory`: snapshots of answered examples). When a new model would
+    exceed it, the least recently used models are closed first. A model's caches grow while
+    it answers, so the budget is checked each time a model is asked for, not held at every
+    instant. Only one model computes at a time: callers are sequential, by
     design (llama.cpp threads spin).
     """
 
@@ -81,10 +84,11 @@ class ModelPool:
         backend = backend_for(spec)
         cost = self.cost(backend) if self.budget is not None else 0
         if self.budget is not None:
-            used = sum(self._costs.values())
+            # Caches that grew while the loaded models answered count as they stand now.
+            used = sum(self._costs.values()) + sum(b.cache_memory() for b in self._loaded.values())
             while self._loaded and used + cost > self.budget:
                 name, old = self._loaded.popitem(last=False)
-                used -= self._costs.pop(name)
+                used -= self._costs.pop(name) + old.cache_memory()
                 old.close()
         self._loaded[spec.name] = backend
         self._costs[spec.name] = cost
