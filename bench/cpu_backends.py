@@ -57,13 +57,12 @@ print(json.dumps({"pp": speed.pp_tokens_per_s, "tg": speed.tg_tokens_per_s,
 LENGTHS_CHILD = r"""
 import json, statistics, sys, time
 from crecli import config
-from crecli.models.bench import _PROMPT, cached_head_tokens
-from crecli.models.llama import LlamaBackend
-from crecli.models.prompting import render
+from crecli.models.bench import _PROMPT
+from crecli.models.llama import LlamaBackend, prompt_head
 spec = config.load().get(sys.argv[1])
 llm = LlamaBackend(spec).llm
-head = cached_head_tokens(llm, spec.prompt_format)
-first = llm.tokenize(render(spec.prompt_format, "hello").text.encode(), add_bos=True, special=True)[:head]
+first = prompt_head(llm, spec.prompt_format)
+head = len(first)
 body = llm.tokenize((_PROMPT * 64).encode(), add_bos=False)
 llm.reset()
 llm.eval(first)

@@ -39,12 +39,6 @@ def shares(speeds: list[bench.Speed]) -> list[float]:
     return [c / cost[-1] for c in cost]
 
 
-def spread(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = ordered[len(ordered) // 2] if len(ordered) % 2 else (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
-    return (ordered[-1] - ordered[0]) / mid if mid else 0.0
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="measurements of each order, alternating")
@@ -65,7 +59,7 @@ def main() -> None:
             seen[name].append(shares(measure()))
     names = [s.name for s in specs]
     result = {
-        name: {"shares": runs, "spread": {m: spread([r[j] for r in runs]) for j, m in enumerate(names)}}
+        name: {"shares": runs, "spread": {m: bench.spread([r[j] for r in runs]) for j, m in enumerate(names)}}
         for name, runs in seen.items()
     }
     if args.json:

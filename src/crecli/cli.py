@@ -170,8 +170,8 @@ def models_bench(
     example on some AMX Xeons) is reported with its cause and fix. Then every model is
     measured in `--repeats` interleaved rounds, one model at a time, so a slow minute of a
     shared machine slows them alike; prompts are timed as short queries after the cached
-    chat head. Runs that disagree, or a busy machine, give a warning. Figures are stored in the user data dir per file sha256 and
-    thread count, and used as each model's cost.
+    chat head. Runs that disagree, or a busy machine, give a warning. Figures are stored in
+    the user data dir per file sha256 and thread count, and used as each model's cost.
 
     Examples:
 

@@ -84,7 +84,8 @@ def _median(values: Sequence[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
-def _spread(values: Sequence[float]) -> float:
+def spread(values: Sequence[float]) -> float:
+    """(max - min) / median: how far repeated measurements disagree."""
     mid = _median(values)
     return (max(values) - min(values)) / mid if mid > 0 else 0.0
 
@@ -125,14 +126,12 @@ def _run_once(spec: "ModelSpec", pp_tokens: int, tg_tokens: int) -> _Run:
     """Load `spec`, time PP_ROUNDS prompts of `pp_tokens` new tokens after its cached head
     (the chat template's fixed start, which llama.cpp reuses from the previous prompt), then
     `tg_tokens` greedy tokens after the last of them, and unload it."""
-    from crecli.models.llama import LlamaBackend
-    from crecli.models.prompting import HEAD_PROBES, render
+    from crecli.models.llama import LlamaBackend, prompt_head
 
     backend = LlamaBackend(spec)
     try:
         llm = backend.llm
-        head = cached_head_tokens(llm, spec.prompt_format)
-        first = llm.tokenize(render(spec.prompt_format, HEAD_PROBES[0]).text.encode(), add_bos=True, special=True)[:head]
+        first = prompt_head(llm, spec.prompt_format)
         tokens = llm.tokenize((_PROMPT * 64).encode(), add_bos=not first)[:pp_tokens]
         llm.reset()
         if first:
@@ -149,7 +148,7 @@ def _run_once(spec: "ModelSpec", pp_tokens: int, tg_tokens: int) -> _Run:
             token = llm.sample(temp=0.0)
             llm.eval([token])
         tg = tg_tokens / (time.perf_counter() - start)
-        return _Run(PP_ROUNDS * len(tokens) / elapsed, tg, head, len(tokens), backend.load_seconds, backend.n_threads)
+        return _Run(PP_ROUNDS * len(tokens) / elapsed, tg, len(first), len(tokens), backend.load_seconds, backend.n_threads)
     finally:
         backend.close()
 
@@ -190,8 +189,8 @@ def measure_all(
             pp_tokens=done[0].pp_tokens,
             tg_tokens=tg_tokens,
             measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            pp_spread=_spread(pp_rates),
-            tg_spread=_spread(tg_rates),
+            pp_spread=spread(pp_rates),
+            tg_spread=spread(tg_rates),
             repeats=len(done),
             busy_share=busy,
             extra_bufts=use_extra_bufts(),
@@ -208,14 +207,11 @@ def measure(spec: "ModelSpec", pp_tokens: int = PP_TOKENS, tg_tokens: int = TG_T
 
 
 def cached_head_tokens(llm: Any, prompt_format: str) -> int:
-    """How many leading tokens two different prompts in this format share once tokenized,
-    which is what llama.cpp's prefix reuse skips (the head's last characters can merge with
-    the prompt's first into one token, so the text's own token count would overstate it)."""
-    from crecli.models.llama import shared_prefix
-    from crecli.models.prompting import HEAD_PROBES, render
+    """How many leading tokens two different prompts in this format share once tokenized
+    (`llama.prompt_head`), which is what llama.cpp's prefix reuse skips."""
+    from crecli.models.llama import prompt_head
 
-    return len(shared_prefix([llm.tokenize(render(prompt_format, p).text.encode(), add_bos=True, special=True)
-                              for p in HEAD_PROBES]))
+    return len(prompt_head(llm, prompt_format))
 
 
 def check(speed: Speed) -> list[str]:

@@ -271,6 +271,16 @@ def shared_prefix(sequences: Sequence[Sequence[int]]) -> Sequence[int]:
     return os.path.commonprefix(list(sequences))
 
 
+def prompt_head(llm: Any, prompt_format: str, shots: Sequence[tuple[str, str]] = ()) -> list[int]:
+    """The tokens every prompt in `prompt_format` shown `shots` starts with once tokenized
+    (what two unlike probe prompts share): the template's fixed head, the examples and the
+    start of the prompt's own turn. What llama.cpp's prefix reuse skips; the head's last
+    characters can merge with a prompt's first into one token, so the text's own token
+    count would overstate it."""
+    return list(shared_prefix([llm.tokenize(render(prompt_format, p, shots=shots).text.encode("utf-8"),
+                                            add_bos=True, special=True) for p in HEAD_PROBES]))
+
+
 def letter_tokens(llm: Any) -> dict[int, int]:
     """Token id -> letter index (A=0 .. Z=25) for the single-token forms "A", " A", "(A" and " (A"."""
     ids: dict[int, int] = {}
@@ -405,9 +415,7 @@ class LlamaBackend(Backend):
         """The tokens every prompt shown `shots` starts with: the head, the examples and the
         start of the prompt's own turn (what two differing probe prompts share)."""
         if shots not in self._prefix_tokens:
-            self._prefix_tokens[shots] = list(shared_prefix([
-                self.llm.tokenize(render(self.spec.prompt_format, p, shots=shots).text.encode("utf-8"),
-                                  add_bos=True, special=True) for p in HEAD_PROBES]))
+            self._prefix_tokens[shots] = prompt_head(self.llm, self.spec.prompt_format, shots)
         return self._prefix_tokens[shots]
 
     def _warm_prefix(self, shots: tuple[tuple[str, str], ...]) -> None:
