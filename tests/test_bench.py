@@ -31,6 +31,41 @@ def test_speeds_are_stored_per_file_and_thread_count(monkeypatch: pytest.MonkeyP
     assert bench.stored(replace(spec, sha256="b" * 64)) is None  # another file: measure again
 
 
+def test_stored_speed_is_the_median_of_the_runs_measured_the_same_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRE_THREADS", "2")
+    spec = ModelSpec(name="m", sha256="a" * 64)
+    for i, (pp, tg) in enumerate([(100.0, 10.0), (300.0, 30.0), (200.0, 5.0)]):
+        stored = bench.save(_speed(pp_tokens_per_s=pp, tg_tokens_per_s=tg, measured_at=f"t{i}"))
+    assert (stored.pp_tokens_per_s, stored.tg_tokens_per_s, stored.pooled) == (200.0, 10.0, 3)
+    assert bench.speeds([spec]) == {"m": (200.0, 10.0)}
+    assert [r["measured_at"] for r in bench.stored(spec)["runs"]] == ["t0", "t1", "t2"]  # type: ignore[index]
+    for i in range(bench.POOLED_RUNS):  # only the newest POOLED_RUNS count
+        stored = bench.save(_speed(pp_tokens_per_s=50.0, measured_at=f"u{i}"))
+    assert stored.pp_tokens_per_s == 50.0 and stored.pooled == bench.POOLED_RUNS
+    # Measured another way (prompt length), or asked afresh: this run alone.
+    assert bench.save(_speed(pp_tokens_per_s=80.0, pp_tokens=48)).pooled == 1
+    assert bench.save(_speed(pp_tokens_per_s=90.0, pp_tokens=48)).pp_tokens_per_s == 85.0
+    fresh = bench.save(_speed(pp_tokens_per_s=70.0, pp_tokens=48), fresh=True)
+    assert (fresh.pp_tokens_per_s, fresh.pooled) == (70.0, 1)
+
+
+def test_a_bench_file_from_before_pooling_counts_as_one_run_and_bad_runs_are_dropped(cre_home: Path) -> None:
+    import json
+
+    from crecli import paths
+
+    old = {k: v for k, v in vars(_speed(pp_tokens_per_s=100.0)).items() if k != "runs"}
+    paths.ensure(paths.bench_file().parent)
+    paths.bench_file().write_text(json.dumps({f"{'a' * 64}@2": old}))
+    assert bench.save(_speed(pp_tokens_per_s=200.0)).pp_tokens_per_s == 150.0
+    data = json.loads(paths.bench_file().read_text())
+    data[f"{'a' * 64}@2"]["runs"] += [{"pp_tokens_per_s": -1, "tg_tokens_per_s": 10}, "junk",
+                                      {"pp_tokens_per_s": True, "tg_tokens_per_s": 10.0}]
+    paths.bench_file().write_text(json.dumps(data))
+    stored = bench.save(_speed(pp_tokens_per_s=400.0))
+    assert stored.pooled == 3 and stored.pp_tokens_per_s == 200.0
+
+
 def test_a_broken_bench_file_reads_as_nothing_measured(cre_home: Path) -> None:
     from crecli import paths
 

@@ -161,7 +161,8 @@ def models_bench(
     models: ModelsOpt = None,
     pp_tokens: Annotated[int, typer.Option(min=1, help="Prompt tokens to process after the cached head (a short query's).")] = PP_TOKENS,
     tg_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = TG_TOKENS,
-    repeats: Annotated[int, typer.Option(min=1, max=20, help="Runs per model; the median is stored and the spread reported.")] = REPEATS,
+    repeats: Annotated[int, typer.Option(min=1, max=20, help="Rounds per model in this run; their median is this run's figure and their spread is reported.")] = REPEATS,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Forget earlier runs of these models: price them by this run alone (after a hardware or build change).")] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Measure prompt-processing and generation tokens/s of each model on this machine.
@@ -170,20 +171,24 @@ def models_bench(
     example on some AMX Xeons) is reported with its cause and fix. Then every model is
     measured in `--repeats` interleaved rounds, one model at a time, so a slow minute of a
     shared machine slows them alike; prompts are timed as short queries after the cached
-    chat head. Runs that disagree, or a busy machine, give a warning. Figures are stored in
-    the user data dir per file sha256 and thread count, and used as each model's cost.
+    chat head. Rounds that disagree, or a busy machine, give a warning. Figures are stored
+    in the user data dir per file sha256 and thread count, and used as each model's cost:
+    the median of this run and the last few measured the same way, because a shared
+    machine's speed ratios drift from hour to hour (`--fresh` keeps only this run).
 
     Examples:
 
       cre models bench
 
       cre models bench qwen2.5-coder-0.5b-instruct --json
+
+      cre models bench --fresh
     """
     from crecli import render
     from crecli.models import bench
 
     settings = _model_config(models)
-    speeds = bench.run(settings, names or settings.ladder, pp_tokens, tg_tokens, repeats)
+    speeds = bench.run(settings, names or settings.ladder, pp_tokens, tg_tokens, repeats, fresh)
     if json_:
         from dataclasses import asdict
 

@@ -9,15 +9,20 @@ fastest run) is reported, because a run beside another busy process can be sever
 slower and would make that model look dear.
 
 Figures are stored per model sha256 and thread count: a re-pulled file or another
-`CRE_THREADS` is measured again rather than priced with stale speeds.
+`CRE_THREADS` is measured again rather than priced with stale speeds. Each command's run
+is kept beside the earlier ones measured the same way (up to POOLED_RUNS), and the stored
+speed, which prices every answer, is their median: on a shared VM the speed ratios drift
+from one hour to the next by more than one run's spread, so one run's minute should not
+decide a router's costs. `cre models bench --fresh` starts the pool again.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from crecli import paths
@@ -41,6 +46,10 @@ PP_TOKENS = 48
 PP_ROUNDS = 8
 TG_TOKENS = 64
 REPEATS = 3
+# Runs (`cre models bench` commands) whose medians price a model. Three measurements one
+# morning priced the 0.5B at 0.52, 0.62 and 0.74 of the 1.5B per answer, which moved the
+# 1,400-query headline's cost share by 2.6 points; a median of several runs moves less.
+POOLED_RUNS = 5
 
 
 @dataclass
@@ -66,10 +75,19 @@ class Speed:
     # keeps cached between prompts; None when measured before this was recorded.
     head_tokens: int | None = None
     warnings: list[str] = field(default_factory=list)
+    # Each pooled run's own figures, oldest first ({"pp_tokens_per_s", "tg_tokens_per_s",
+    # "measured_at"}); pp_tokens_per_s and tg_tokens_per_s above are their medians once
+    # stored (`save`). Empty for a measurement not stored yet.
+    runs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def steady(self) -> bool:
         return not self.warnings
+
+    @property
+    def pooled(self) -> int:
+        """How many runs the figures are the median of."""
+        return max(1, len(self.runs))
 
 
 _PROMPT = (
@@ -239,15 +257,53 @@ def load_all() -> dict[str, dict[str, Any]]:
     return data if isinstance(data, dict) else {}
 
 
-def save(speed: Speed) -> None:
+def _rate(value: Any) -> float | None:
+    """A stored tokens/s figure, or None when it is not a positive finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) and value > 0 else None
+
+
+def _earlier_runs(entry: Any, speed: Speed) -> list[dict[str, Any]]:
+    """The runs stored for this file and thread count that can pool with `speed`: measured
+    the same way (prompt and generation tokens, cached head, weight repacking). A file
+    written before runs were pooled counts as one run."""
+    if not isinstance(entry, dict):
+        return []
+    same = all(entry.get(k) == getattr(speed, k) for k in ("pp_tokens", "tg_tokens", "head_tokens", "extra_bufts"))
+    if not same:
+        return []
+    runs = entry.get("runs")
+    if not isinstance(runs, list):
+        runs = [entry]
+    kept = []
+    for run in runs:
+        if not isinstance(run, dict):
+            continue
+        pp, tg = _rate(run.get("pp_tokens_per_s")), _rate(run.get("tg_tokens_per_s"))
+        if pp is not None and tg is not None:
+            kept.append({"pp_tokens_per_s": pp, "tg_tokens_per_s": tg, "measured_at": str(run.get("measured_at", ""))})
+    return kept
+
+
+def save(speed: Speed, fresh: bool = False) -> Speed:
+    """Store `speed` as the newest run of its model and return what is stored: the median
+    of the last POOLED_RUNS runs measured the same way (only this one when `fresh`)."""
     data = load_all()
-    entry = asdict(speed)
-    data[_key(speed.sha256, speed.model, speed.threads)] = entry
+    key = _key(speed.sha256, speed.model, speed.threads)
+    runs = [] if fresh else _earlier_runs(data.get(key), speed)
+    runs = [*runs, {"pp_tokens_per_s": speed.pp_tokens_per_s, "tg_tokens_per_s": speed.tg_tokens_per_s,
+                    "measured_at": speed.measured_at}][-POOLED_RUNS:]
+    pooled = replace(speed, runs=runs,
+                     pp_tokens_per_s=_median([r["pp_tokens_per_s"] for r in runs]),
+                     tg_tokens_per_s=_median([r["tg_tokens_per_s"] for r in runs]))
+    data[key] = asdict(pooled)
     path = paths.bench_file()
     paths.ensure(path.parent)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
+    return pooled
 
 
 def stored(spec: ModelSpec, threads: int | None = None) -> dict[str, Any] | None:
@@ -261,11 +317,8 @@ def stored(spec: ModelSpec, threads: int | None = None) -> dict[str, Any] | None
     entry = load_all().get(_key(spec.sha256, spec.name, threads or default_threads()))
     if not isinstance(entry, dict):
         return None
-    try:
-        if float(entry["pp_tokens_per_s"]) > 0 and float(entry["tg_tokens_per_s"]) > 0:
-            return entry
-    except (KeyError, TypeError, ValueError):
-        pass
+    if _rate(entry.get("pp_tokens_per_s")) is not None and _rate(entry.get("tg_tokens_per_s")) is not None:
+        return entry
     return None
 
 
@@ -291,10 +344,12 @@ def cached_heads(specs: Sequence[ModelSpec]) -> dict[str, int]:
 
 
 def run(
-    settings: "ModelConfig", names: Sequence[str], pp_tokens: int = PP_TOKENS, tg_tokens: int = TG_TOKENS, repeats: int = REPEATS
+    settings: "ModelConfig", names: Sequence[str], pp_tokens: int = PP_TOKENS, tg_tokens: int = TG_TOKENS,
+    repeats: int = REPEATS, fresh: bool = False,
 ) -> list[Speed]:
-    """Probe each named local model, then measure them all in interleaved rounds
-    (`measure_all`) and store the figures.
+    """Probe each named local model, measure them all in interleaved rounds
+    (`measure_all`), store the figures as each model's newest run, and return what is
+    stored: the median of its pooled runs (`save`; only this run when `fresh`).
 
     The probe runs first in a child process, so a llama.cpp crash in native code becomes
     an error that names the cause and the fix instead of killing `cre`. If any model's
@@ -325,5 +380,4 @@ def run(
         for problem in speed.warnings:
             warn(f"{problem}. Stored anyway: re-run `cre models bench {speed.model}` on a quiet machine, "
                  "since costs are computed from these speeds")
-        save(speed)
-    return speeds
+    return [save(speed, fresh) for speed in speeds]
