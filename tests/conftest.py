@@ -55,6 +55,21 @@ def tiny_models_toml(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def bench_speeds() -> Callable[[dict[str, tuple[float, float]]], None]:
+    """Store (prompt, generation) tokens/s per model name as `cre models bench --fresh`
+    would, so costs are in bench-seconds; a later call replaces, never pools, them."""
+    from crecli.models import bench
+    from crecli.models.llama import default_threads
+
+    def store(speeds: dict[str, tuple[float, float]]) -> None:
+        for name, (pp, tg) in speeds.items():
+            bench.save(bench.Speed(name, None, default_threads(), pp_tokens_per_s=pp, tg_tokens_per_s=tg,
+                                   load_seconds=1.0, pp_tokens=256, tg_tokens=64, measured_at="now"), fresh=True)
+
+    return store
+
+
+@pytest.fixture
 def fake_backends(monkeypatch: pytest.MonkeyPatch) -> Callable[..., dict[str, FakeBackend]]:
     """Route every backend_for() call to FakeBackends.
 

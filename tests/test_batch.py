@@ -147,22 +147,13 @@ def test_read_done_ids_needs_the_file() -> None:
         read_done_ids(Path("/nonexistent/out.jsonl"))
 
 
-def _bench_all(speeds: dict[str, tuple[float, float]]) -> None:
-    from crecli.models import bench
-    from crecli.models.llama import default_threads
-
-    for name, (pp, tg) in speeds.items():
-        bench.save(bench.Speed(name, None, default_threads(), pp_tokens_per_s=pp, tg_tokens_per_s=tg,
-                               load_seconds=1.0, pp_tokens=256, tg_tokens=64, measured_at="now"))
-
-
 SPEEDS = {"small": (400.0, 40.0), "medium": (200.0, 20.0), "large": (50.0, 5.0)}
 
 
 def test_summary_compares_cost_with_always_the_strongest(
-    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, tiny_models_toml: Path
+    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, tiny_models_toml: Path, bench_speeds
 ) -> None:
-    _bench_all(SPEEDS)
+    bench_speeds(SPEEDS)
     install(fake_backends, TABLE)
     cascade = Cascade(router, config.load(tiny_models_toml))
     rows, summary = _run([jl(prompt=p) for p in (ADD, HARD, PERU, FRUIT, FAR)], cascade)
@@ -185,14 +176,14 @@ def test_summary_compares_cost_with_always_the_strongest(
 
 
 def test_a_batch_answered_by_the_strongest_model_alone_costs_100_percent_of_it(
-    fake_backends: Callable[..., dict[str, FakeBackend]], tiny_models_toml: Path
+    fake_backends: Callable[..., dict[str, FakeBackend]], tiny_models_toml: Path, bench_speeds
 ) -> None:
     """The router's stored per-cluster costs are stale (made under load); the summary must not use them."""
     stale = make_router(starts=("large", "large", "large"))
     for info in stale.clusters:
         info.stats["large"]["mean_cost"] = 50.0  # what a busy machine recorded
     stale = replace(stale, fit=routerfile.FitRecord(cost_unit="bench-seconds"))
-    _bench_all(SPEEDS)
+    bench_speeds(SPEEDS)
     install(fake_backends, {"large": {ADD: ["12"], PERU: ["Lima"], FRUIT: ["(B)"], FAR: ["?"]}})
     cascade = Cascade(stale, config.load(tiny_models_toml))
     rows, summary = _run([jl(prompt=p) for p in (ADD, PERU, FRUIT, FAR)], cascade)
@@ -292,9 +283,10 @@ def _batch(args: list[str], models_toml: Path, input: bytes | None = None) -> An
 
 
 def test_cli_batch_reads_a_file_and_exits_3_on_error_lines(
-    fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path, tmp_path: Path
+    fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path, tmp_path: Path,
+    bench_speeds,
 ) -> None:
-    _bench_all(SPEEDS)
+    bench_speeds(SPEEDS)
     install(fake_backends, TABLE)
     infile = tmp_path / "in.jsonl"
     infile.write_bytes(b"".join(MIXED))

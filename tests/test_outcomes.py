@@ -7,8 +7,6 @@ import pytest
 
 from crecli import config, grading
 from crecli.errors import ConfigError, CreError
-from crecli.models import bench
-from crecli.models.llama import default_threads
 from crecli.models.backend import GenParams
 from crecli.costs import CostModel
 from crecli.outcomes import (
@@ -227,13 +225,12 @@ def test_cost_model_fills_labels_from_measured_means() -> None:
     assert costs.of(runs[0], 2) == pytest.approx(0.3)
 
 
-def test_cost_model_uses_bench_speeds_for_a_model_never_run(settings) -> None:
+def test_cost_model_uses_bench_speeds_for_a_model_never_run(settings, bench_speeds) -> None:
     spec = settings.get("large")
     label = Outcome("q", "sha", "large", "m", "label", "label", 0, [], True)
     with pytest.raises(CreError, match="cre models bench large"):
         CostModel.build([label], settings.ladder_specs())
-    bench.save(bench.Speed("large", None, default_threads(), pp_tokens_per_s=100.0, tg_tokens_per_s=10.0, load_seconds=1.0,
-                           pp_tokens=256, tg_tokens=64, measured_at="now"))
+    bench_speeds({"large": (100.0, 10.0)})
     runs = [run_outcome("small", [("a", 4, 9.0)], prompt_tokens=50)]
     costs = CostModel.build(runs + [label], settings.ladder_specs())
     # typical tokens come from the recorded outcomes of any model: 50 prompt, 4 output
@@ -277,17 +274,11 @@ def test_store_rows_are_plain_json(store) -> None:
     assert store.get("p", "small", "other", "k") is None
 
 
-def _bench(name: str, pp: float, tg: float) -> None:
-    bench.save(bench.Speed(name, None, default_threads(), pp_tokens_per_s=pp, tg_tokens_per_s=tg, load_seconds=1.0,
-                           pp_tokens=256, tg_tokens=64, measured_at="now"))
-
-
-def test_cost_in_bench_seconds_when_every_model_is_benchmarked(settings) -> None:
+def test_cost_in_bench_seconds_when_every_model_is_benchmarked(settings, bench_speeds) -> None:
     o = run_outcome("medium", [("a", 4, 9.0), ("a", 2, 7.0)], prompt_tokens=50)
-    _bench("small", 400.0, 40.0)
-    _bench("medium", 100.0, 20.0)
+    bench_speeds({"small": (400.0, 40.0), "medium": (100.0, 20.0)})
     assert CostModel.build([o], settings.ladder_specs()).unit == "seconds"  # large not benchmarked
-    _bench("large", 25.0, 10.0)
+    bench_speeds({"large": (25.0, 10.0)})
     costs = CostModel.build([o], settings.ladder_specs())
     assert costs.unit == "bench-seconds"
     # vote 0: 50 prompt tokens at 100/s and 4 output tokens at 20/s; vote 1: 2 tokens at 20/s.

@@ -15,10 +15,8 @@ from typer.testing import CliRunner
 
 from crecli import config, routerfile
 from crecli.cli import app
-from crecli.models import bench
 from crecli.models.backend import GenParams
 from crecli.models.fake import FakeBackend
-from crecli.models.llama import default_threads
 
 runner = CliRunner()
 TOPICS = ["What is {a} plus {b}?", "Add {a} and {b}: what is the sum?", "Compute {a} + {b} please."]
@@ -58,10 +56,7 @@ def ok(*args: str | Path) -> str:
     return result.stdout
 
 
-def save_speeds(scale: float = 1.0) -> None:
-    for name, (pp, tg) in {"small": (400.0, 40.0), "medium": (200.0, 20.0), "large": (100.0, 10.0)}.items():
-        bench.save(bench.Speed(name, None, default_threads(), pp_tokens_per_s=pp * scale, tg_tokens_per_s=tg * scale,
-                               load_seconds=1.0, pp_tokens=256, tg_tokens=64, measured_at="now"))
+SPEEDS = {"small": (400.0, 40.0), "medium": (200.0, 20.0), "large": (100.0, 10.0)}
 
 
 def test_calibrate_and_eval_read_the_log_as_fit_read_it(fakes, tiny_models_toml: Path, tmp_path: Path) -> None:
@@ -130,8 +125,8 @@ def test_eval_force_live_answers_with_the_router_as_loaded(fakes, tiny_models_to
     assert live["replay"]["accuracy"] == report["cascade"]["accuracy"] and live["agreement"] == 1.0
 
 
-def test_calibrate_prices_every_stored_cost_afresh(fakes, tiny_models_toml: Path, tmp_path: Path) -> None:
-    save_speeds(1.0)
+def test_calibrate_prices_every_stored_cost_afresh(fakes, tiny_models_toml: Path, tmp_path: Path, bench_speeds) -> None:
+    bench_speeds(SPEEDS)
     log = write(tmp_path / "log.jsonl", rows())
     router = tmp_path / "router.cre"
     ok("fit", log, "-o", router, "--models", tiny_models_toml)
@@ -139,7 +134,7 @@ def test_calibrate_prices_every_stored_cost_afresh(fakes, tiny_models_toml: Path
     before = routerfile.load(router, settings)
     assert before.fit.cost_unit == "bench-seconds"
 
-    save_speeds(0.5)  # a re-bench: every model half as fast as the fit believed
+    bench_speeds({m: (pp / 2, tg / 2) for m, (pp, tg) in SPEEDS.items()})  # a re-bench: half as fast as the fit believed
     ok("calibrate", router, "--models", tiny_models_toml, "--folds", "2")
     after = routerfile.load(router, settings)
     assert after.fit.cost_unit == "bench-seconds"
