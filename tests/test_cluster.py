@@ -168,6 +168,21 @@ def test_assigner_state_roundtrip_without_pickle() -> None:
     for got, want in zip(back.predict(queries), a.predict(queries)):
         np.testing.assert_array_equal(got, want)
     assert back.threshold_ == a.threshold_
+    np.testing.assert_array_equal(back.radius_, a.radius_)
+    np.testing.assert_array_equal(back.reach_, a.reach_)
+
+
+@pytest.mark.parametrize("method", ["knn", "centroid"])
+def test_a_clusters_reach_is_its_farthest_members_leave_one_out_distance(method: str) -> None:
+    X, y = blobs()
+    a = Assigner(method=method, k=3).fit(X, y)
+    _, loo = cluster._leave_one_out(a, a.exemplars_, a.exemplar_labels_)
+    for c in a.classes_:
+        mine = loo[a.exemplar_labels_ == c]
+        assert a.reach(int(c)) == pytest.approx(mine.max())
+        assert a.radius(int(c)) == pytest.approx(np.quantile(mine, cluster.RADIUS_QUANTILE))
+        assert a.radius(int(c)) <= a.reach(int(c))  # type: ignore[operator]
+    assert a.reach(-1) is None and a.reach(99) is None
 
 
 def test_assigner_errors() -> None:

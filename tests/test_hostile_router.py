@@ -253,27 +253,32 @@ def test_arrays_the_assigner_cannot_use_are_refused_naming_the_file(settings: co
     assert "\x1b" not in str(error)
 
 
+@pytest.mark.parametrize("array", ["radius", "reach"])
 @pytest.mark.parametrize("kind", ["one short", "negative", "two-dimensional", "past 2"])
-def test_cluster_radii_the_router_cannot_use_are_refused(settings: config.ModelConfig, saved: Path, kind: str) -> None:
+def test_cluster_radii_the_router_cannot_use_are_refused(settings: config.ModelConfig, saved: Path, kind: str,
+                                                         array: str) -> None:
     n = len(routerfile.load(saved, settings).assigner.classes_)
-    radius = {"one short": np.full(n - 1, 0.3), "negative": np.array([-0.5] + [0.3] * (n - 1)),
+    values = {"one short": np.full(n - 1, 0.3), "negative": np.array([-0.5] + [0.3] * (n - 1)),
               "two-dimensional": np.full((n, 1), 0.3), "past 2": np.array([2.5] + [0.3] * (n - 1))}[kind]
-    replace_array(saved, "assigner", "radius", npy_bytes(radius), radius.dtype.str, list(radius.shape))
+    replace_array(saved, "assigner", array, npy_bytes(values), values.dtype.str, list(values.shape))
     refused(saved, settings, "assigner state is inconsistent")
 
 
 def test_a_router_without_cluster_radii_trusts_every_cluster(settings: config.ModelConfig, saved: Path) -> None:
-    """Routers written before radii were kept load, and their priors ignore distance, as then."""
+    """Routers written before radii and reaches were kept load, and their priors and starting
+    models ignore distance within the far threshold, as then."""
     entries = members(saved)
     manifest = json.loads(entries["manifest.json"])
-    del manifest["body"]["assigner"]["arrays"]["radius"]
-    del entries["assigner/radius.npy"]
+    for name in ("radius", "reach"):
+        del manifest["body"]["assigner"]["arrays"][name]
+        del entries[f"assigner/{name}.npy"]
     manifest["body_sha256"] = hashlib.sha256(routerfile._canonical(manifest["body"])).hexdigest()
     entries["manifest.json"] = json.dumps(manifest).encode()
     rewrite(saved, entries)
     router = routerfile.load(saved, settings)
-    assert router.assigner.radius(router.clusters[0].id) is None
-    assert router.prior(router.clusters[0].id, "small", distance=1.9) == router.prior(router.clusters[0].id, "small")
+    cid = router.clusters[0].id
+    assert router.assigner.radius(cid) is None and router.assigner.reach(cid) is None
+    assert router.prior(cid, "small", distance=1.9) == router.prior(cid, "small")
 
 
 # ---------------------------------------------------------------- 3. structure the zip and JSON allow

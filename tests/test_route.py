@@ -42,6 +42,19 @@ def test_a_prompt_far_from_every_cluster_goes_to_the_fallback(router: RouterFile
     assert decision.reason == f"far from every cluster (distance {decision.distance:.3f}): fallback to medium"
 
 
+def test_a_prompt_beyond_its_clusters_reach_starts_on_the_fallback(router: RouterFile) -> None:
+    """In cluster 1 by its neighbours, but farther from them than any capitals question sits
+    from another: the cluster's record (medium is adequate) says nothing about it."""
+    reach = router.assigner.reach(1)
+    assert reach is not None and 0 < reach < router.assigner.threshold_
+    near, beyond = route(router, "What is the river of the city?"), route(router, "Which river runs through the capital?")
+    assert near.cluster == beyond.cluster == 1
+    assert near.distance <= reach < beyond.distance < router.assigner.threshold_
+    assert near.model == "medium" and beyond.model == "large"
+    assert f"farther than any of them sits from the others ({reach:.3f})" in beyond.reason
+    assert beyond.reason.endswith("starts on large")
+
+
 class _FixedAssigner:
     """Puts every prompt in one cluster, at distance 0.1."""
 

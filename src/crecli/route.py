@@ -33,9 +33,12 @@ def route(router: "RouterFile", prompt: str) -> RouteDecision:
 
     A prompt in a known cluster starts on that cluster's calibrated model: the cheapest one
     whose recorded accuracy met the router's budget. A prompt the assigner puts in no
-    cluster (-1: farther from every cluster than the distances seen at fit time) starts on
-    `router.fallback_model`, which `cre fit` sets to the strongest model, so prompts unlike
-    anything in the query log never get a weak model's answer without a check.
+    cluster (-1: farther from every cluster than the distances seen at fit time), or one
+    beyond its cluster's reach (farther from the cluster's exemplars than any member sits
+    from its nearest other exemplar: `Assigner.reach_`), starts on `router.fallback_model`,
+    which `cre fit` sets to the strongest model, so prompts unlike anything in the query log,
+    or unlike every query of the cluster they land in, never get a weak model's answer on
+    that cluster's record.
     """
     return route_many(router, [prompt])[0]
 
@@ -76,4 +79,10 @@ def _decide(router: "RouterFile", cid: int, distance: float) -> tuple[int, str, 
         )
         return -1, router.fallback_model, distance, f"{why}: fallback to {router.fallback_model}"
     examples = f", e.g. {info.examples[0][:60]!r}" if info.examples else ""
+    reach = router.assigner.reach(cid)
+    if reach is not None and distance > reach and info.model != router.fallback_model:
+        return cid, router.fallback_model, distance, (
+            f"cluster {cid} ({info.size} queries{examples}), but {distance:.3f} from its queries, farther than any of "
+            f"them sits from the others ({reach:.3f}): its record does not vouch for {info.model}; "
+            f"starts on {router.fallback_model}")
     return cid, info.model, distance, f"cluster {cid} ({info.size} queries{examples}) starts on {info.model}"
