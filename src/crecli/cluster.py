@@ -249,9 +249,9 @@ class Assigner:
             assigner.exemplar_labels_ = np.asarray(arrays["exemplar_labels"], dtype=np.int64)
             assigner.classes_ = np.asarray(arrays["classes"], dtype=np.int64)
             assigner.centroids_ = np.asarray(arrays["centroids"], dtype=np.float32)
-            radius, reach = arrays.get("radius"), arrays.get("reach")
-            assigner.radius_ = None if radius is None else np.asarray(radius, dtype=np.float64)
-            assigner.reach_ = None if reach is None else np.asarray(reach, dtype=np.float64)
+            for name in ("radius", "reach"):  # optional: routers written before them lack them
+                values = arrays.get(name)
+                setattr(assigner, f"{name}_", None if values is None else np.asarray(values, dtype=np.float64))
         except KeyError as exc:
             raise RouterFileError(f"assigner state lacks {exc.args[0]!r}; the router file is incomplete, refit it") from None
         except (TypeError, ValueError) as exc:

@@ -264,6 +264,11 @@ def _rate(value: Any) -> float | None:
     return float(value) if math.isfinite(value) and value > 0 else None
 
 
+def _run_record(pp: float, tg: float, measured_at: str) -> dict[str, Any]:
+    """One pooled run as `Speed.runs` and bench.json keep it."""
+    return {"pp_tokens_per_s": pp, "tg_tokens_per_s": tg, "measured_at": measured_at}
+
+
 def _earlier_runs(entry: Any, speed: Speed) -> list[dict[str, Any]]:
     """The runs stored for this file and thread count that can pool with `speed`: measured
     the same way (prompt and generation tokens, cached head, weight repacking). A file
@@ -282,7 +287,7 @@ def _earlier_runs(entry: Any, speed: Speed) -> list[dict[str, Any]]:
             continue
         pp, tg = _rate(run.get("pp_tokens_per_s")), _rate(run.get("tg_tokens_per_s"))
         if pp is not None and tg is not None:
-            kept.append({"pp_tokens_per_s": pp, "tg_tokens_per_s": tg, "measured_at": str(run.get("measured_at", ""))})
+            kept.append(_run_record(pp, tg, str(run.get("measured_at", ""))))
     return kept
 
 
@@ -292,8 +297,7 @@ def save(speed: Speed, fresh: bool = False) -> Speed:
     data = load_all()
     key = _key(speed.sha256, speed.model, speed.threads)
     runs = [] if fresh else _earlier_runs(data.get(key), speed)
-    runs = [*runs, {"pp_tokens_per_s": speed.pp_tokens_per_s, "tg_tokens_per_s": speed.tg_tokens_per_s,
-                    "measured_at": speed.measured_at}][-POOLED_RUNS:]
+    runs = [*runs, _run_record(speed.pp_tokens_per_s, speed.tg_tokens_per_s, speed.measured_at)][-POOLED_RUNS:]
     pooled = replace(speed, runs=runs,
                      pp_tokens_per_s=_median([r["pp_tokens_per_s"] for r in runs]),
                      tg_tokens_per_s=_median([r["tg_tokens_per_s"] for r in runs]))
