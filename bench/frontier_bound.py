@@ -52,6 +52,7 @@ import argparse
 import itertools
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -62,6 +63,34 @@ from crecli.outcomes import OutcomeStore, collect, default_store_path
 from crecli.quality import QualityCheck
 
 LAMBDAS = np.concatenate([np.linspace(0.0, 0.5, 51), np.linspace(0.5, 5.0, 46), np.linspace(5.0, 40.0, 36)])
+
+
+@dataclass
+class Recorded:
+    """A labelled log's recorded greedy answers, priced: `C[i, j]` is 1 where ladder model j
+    answered record i right, `K[i, j]` what that answer cost."""
+
+    records: list[querylog.Record]
+    settings: Any
+    ladder: list[str]
+    found: dict
+    model: costs.CostModel
+    C: np.ndarray
+    K: np.ndarray
+
+
+def recorded(log: Path, unit: str | None) -> Recorded:
+    """Read `log`, collect every ladder model's greedy answer (running what is missing, as
+    `cre fit` would) and price them as calibration does."""
+    records = [r for r in querylog.read_log(log).records if r.reference is not None]
+    settings = config.load()
+    ladder = list(settings.ladder)
+    with OutcomeStore(default_store_path()) as store:
+        found = collect(records, settings, store, QualityCheck(k=1), models=ladder)
+    model = costs.CostModel.build(found.values(), [settings.get(m) for m in ladder], unit)
+    C = np.array([[found[(r.id, m)].correct(r)[0] for m in ladder] for r in records], dtype=float)
+    K = np.array([[model.of(found[(r.id, m)]) for m in ladder] for r in records], dtype=float)
+    return Recorded(records, settings, ladder, found, model, C, K)
 
 
 def task_of(record: querylog.Record, field: str) -> str:
@@ -283,15 +312,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args()
 
-    records = [r for r in querylog.read_log(args.log).records if r.reference is not None]
-    settings = config.load()
-    ladder = list(settings.ladder)
-    specs = [settings.get(m) for m in ladder]
-    with OutcomeStore(default_store_path()) as store:
-        found = collect(records, settings, store, QualityCheck(k=1), models=ladder)
-    model = costs.CostModel.build(found.values(), specs, args.unit)
-    C = np.array([[found[(r.id, m)].correct(r)[0] for m in ladder] for r in records], dtype=float)
-    K = np.array([[model.of(found[(r.id, m)]) for m in ladder] for r in records], dtype=float)
+    rec = recorded(args.log, args.unit)
+    records, settings, ladder, found, model, C, K = rec.records, rec.settings, rec.ladder, rec.found, rec.model, rec.C, rec.K
     share = np.array([[
         (costs.token_cost(model.unit, max(0, found[(r.id, m)].prompt_tokens - model.cached(m)), 0,
                           model.prices.get(m), model.speeds.get(m)) or 0.0) for m in ladder] for r in records])

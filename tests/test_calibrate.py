@@ -9,8 +9,10 @@ import pytest
 from crecli import config
 from crecli.calibrate import (
     PRIOR_STRENGTH,
+    WEIGHT_GRID,
     Budget,
     Choice,
+    Figures,
     ClusterStats,
     ModelStats,
     Replay,
@@ -20,6 +22,7 @@ from crecli.calibrate import (
     choose_models,
     cluster_stats,
     default_thresholds,
+    estimate,
     plan,
     simulate,
     threshold_grid,
@@ -367,3 +370,15 @@ def test_plan_end_to_end_with_fake_models(tiny_models_toml: Path, monkeypatch: p
         outcomes = collect(records + [lab], settings, store, K3)
     p = plan(records + [lab], {**clusters, "lab": 0}, outcomes, settings, Budget("retain", 0.98), K3)
     assert p.thresholds == default_thresholds(settings.ladder) and p.result is None and p.budget_met is None
+
+
+def test_estimate_is_the_mean_of_held_out_and_in_sample_figures() -> None:
+    got = estimate(Figures(0.5, 0.8, 0.1), Figures(0.7, 0.6, 0.3))
+    assert (got.accuracy, got.mean_cost, got.escalation_rate) == pytest.approx((0.6, 0.7, 0.2))
+
+
+def test_the_price_grid_is_fine_where_the_prices_that_keep_98_percent_fell() -> None:
+    grid = list(WEIGHT_GRID)
+    assert grid == sorted(set(grid)) and grid[0] == 0.0 and grid[-1] >= 1e6
+    steps = [b - a for a, b in zip(grid, grid[1:]) if a < 12]
+    assert max(steps) <= 0.25 and {3.0, 4.0, 6.0, 10.0} <= set(grid)

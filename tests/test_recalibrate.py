@@ -149,3 +149,58 @@ def test_calibrate_prices_every_stored_cost_afresh(fakes, tiny_models_toml: Path
     assert before.fit.expected is not None and after.fit.expected is not None
     assert after.fit.expected.reference_cost == pytest.approx(2 * before.fit.expected.reference_cost)
     assert after.fit.simulated is not None and after.fit.simulated["unit"] == "bench-seconds"
+
+
+def _only(*words: str) -> Callable[[str, GenParams], str]:
+    """A fake model that adds right only in prompts worded with one of `words`."""
+
+    def answer(text: str, params: GenParams) -> str:
+        asked = text.rsplit("Q:", 1)[-1].split("<|im_start|>user")[-1]
+        return _sum(text, params) if any(w in asked for w in words) else "0"
+
+    return answer
+
+
+def test_calibrate_replays_each_distinct_choice_once_and_chooses_on_the_estimate(
+    fake_backends: Callable[..., dict[str, FakeBackend]], tiny_models_toml: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, bench_speeds,
+) -> None:
+    from crecli import calibrate
+
+    bench_speeds(SPEEDS)
+    fake_backends({"small": _only("plus"), "medium": _only("plus", "Add"), "large": _sum})
+    log = write(tmp_path / "log.jsonl", rows(60))
+    router = tmp_path / "router.cre"
+    ok("fit", log, "-o", router, "--models", tiny_models_toml)
+    settings = config.load(tiny_models_toml)
+    loaded = routerfile.load(router, settings)
+    ladder = loaded.ladder_names
+    data = calibrate.prepare(loaded, settings, log)
+    everything = list(range(len(data.records)))
+    table = calibrate._table(data, everything, ladder)
+    combos = [{m: 0.0 for m in ladder}, {**{m: 0.6 for m in ladder[:-1]}, ladder[-1]: 0.0}]
+
+    real = calibrate._simulate
+    calls: list[float] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibrate, "_simulate", counted)
+    swept = calibrate._replay_grid(data, table, everything, combos, loaded.quality)
+    distinct = {tuple(sorted(calibrate.choose_by_weight(table, w).models.items())) for w in calibrate.WEIGHT_GRID}
+    assert len(distinct) > 1  # the prices do choose differently here
+    assert len(calls) == len(distinct) * len(combos) < len(calibrate.WEIGHT_GRID) * len(combos)
+    assert len(swept) == len(calibrate.WEIGHT_GRID) * len(combos)
+    for setting, result in swept:  # a reused replay is the one its own price would give
+        direct = real(data, everything, calibrate.choose_by_weight(table, setting.weight), dict(setting.thresholds),
+                      loaded.quality)
+        assert (result.accuracy, result.mean_cost) == (direct.accuracy, direct.mean_cost)
+
+    cal = json.loads(ok("calibrate", router, "--models", tiny_models_toml, "--folds", "2", "--json"))
+    for key in ("accuracy", "mean_cost", "escalation_rate"):
+        assert cal["estimate"][key] == pytest.approx((cal["held_out"][key] + cal["in_sample"][key]) / 2)
+    chosen = [p for p in cal["frontier"] if p["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["setting"] == cal["setting"]
+    assert chosen[0]["accuracy"] == pytest.approx(cal["held_out"]["accuracy"])

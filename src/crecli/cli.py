@@ -341,10 +341,11 @@ def calibrate(
     """Re-choose each cluster's model and each model's quality-check threshold for a target.
 
     Works from recorded outcomes: no model runs unless an outcome is missing. The log is
-    read as `cre fit` read it (format, field names, --skip-bad, line cap). The figures it
-    reports are held out (cross-validation); it prints the accuracy-cost frontier and marks
-    the chosen point. Every cost stored in the router is priced afresh from today's
-    `cre models bench` speeds (or prices).
+    read as `cre fit` read it (format, field names, --skip-bad, line cap). Each setting is
+    scored held out (cross-validation) and in sample (its models chosen on all queries);
+    the setting is chosen on the mean of the two. It prints the held-out accuracy-cost
+    frontier, marks the chosen point, and prints the estimate it was chosen on. Every cost
+    stored in the router is priced afresh from today's `cre models bench` speeds (or prices).
 
     Examples:
 

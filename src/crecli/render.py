@@ -378,6 +378,7 @@ def calibration(cal: Any, path: Any, as_json: bool) -> None:
             "thresholds": cal.thresholds,
             "cluster_models": {str(k): v for k, v in cal.choice.models.items()},
             "held_out": cal.held_out,
+            "estimate": cal.estimate,
             "in_sample": cal.in_sample,
             "reference": ref,
             "frontier": cal.frontier,
@@ -407,7 +408,13 @@ def calibration(cal: Any, path: Any, as_json: bool) -> None:
     held = cal.held_out
     out().print(
         f"Chosen for {cal.budget.kind} {cal.budget.value}: {cal.setting.label()}"
-        + ("" if cal.budget_met else " (budget NOT met on held-out folds; the closest setting was chosen)"),
+        + ("" if cal.budget_met else " (budget NOT met by any setting's estimate; the closest setting was chosen)"),
+        highlight=False,
+    )
+    guess = cal.estimate
+    out().print(
+        f"Chosen on its estimate (the mean of held-out and in-sample figures): accuracy {guess['accuracy']:.3f} "
+        f"at {_pct(guess['mean_cost'] / ref['mean_cost']) if ref['mean_cost'] else '-'} of the strongest model's cost.",
         highlight=False,
     )
     out().print(
