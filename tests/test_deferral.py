@@ -58,7 +58,9 @@ def test_p_correct_fills_missing_values_and_never_overflows() -> None:
     assert big.p_correct([1e4] * 5) == 1.0 and big.p_correct([-1e4] * 5) == 0.0
     with pytest.raises(ValueError):
         d.p_correct([0.0])
-    assert accept_deferral(0.7, 0.7) and not accept_deferral(0.69, 0.7)
+    assert accept_deferral(0.7, 0.7, "7") and not accept_deferral(0.69, 0.7, "7")
+    # An empty answer is never kept, not even at threshold 0, as the agreement check.
+    assert accept_deferral(0.0, 0.0, "7") and not accept_deferral(1.0, 0.0, "")
 
 
 def test_fit_logistic_finds_the_informative_feature_and_ignores_a_constant_one() -> None:
@@ -277,3 +279,25 @@ def test_a_four_rung_replay_escalates_by_p_correct_and_the_remote_top_is_final()
     p.pop(("q2", "remote"))
     assert replay.simulate({"q2": "remote", "q0": "tiny", "q1": "tiny"}, thresholds, QualityCheck(k=1),
                            p_correct=p, votes=1).traces[2].model == "remote"
+
+
+def test_the_replayed_deferral_check_never_keeps_an_empty_answer_below_the_top() -> None:
+    """Threshold 0 keeps every answer but an empty one, which escalates; the top rung's
+    empty answer is still final."""
+    from crecli.calibrate import Replay, _Entry
+
+    ladder = ["small", "big"]
+    records = [Record(id=f"q{i}", prompt=f"p{i}", reference=["1"], match="numeric") for i in range(2)]
+    entries = {
+        ("q0", "small"): _Entry(("",), (False,), (1.0,), None, False),
+        ("q0", "big"): _Entry(("1",), (True,), (4.0,), None, False),
+        ("q1", "small"): _Entry(("1",), (True,), (1.0,), None, False),
+        ("q1", "big"): _Entry(("",), (False,), (4.0,), None, False),
+    }
+    replay = Replay(entries, records, ladder, "bench-seconds")
+    p = {key: 0.9 for key in entries}
+    result = replay.simulate({"q0": "small", "q1": "big"}, {"small": 0.0, "big": 0.0}, QualityCheck(k=1),
+                             p_correct=p, votes=1)
+    by = {t.query_id: t for t in result.traces}
+    assert [s.model for s in by["q0"].steps] == ["small", "big"] and by["q0"].correct
+    assert by["q1"].model == "big" and not by["q1"].correct

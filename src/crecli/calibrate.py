@@ -426,7 +426,7 @@ class Replay:
 
         With `p_correct` (each (query, model)'s deferral estimate, `deferral_p`), the rungs
         below the top run the deferral check instead: `votes` votes drawn, the greedy
-        answer kept when `quality.accept_deferral(p, threshold)`; the top rung answers
+        answer kept when `quality.accept_deferral(p, threshold, answer)`; the top rung answers
         greedily.
         """
         k, early = quality.k, quality.early_stop
@@ -460,7 +460,7 @@ class Replay:
                             "greedy answer, so the deferral check cannot be replayed on it"
                         )
                     used = 1 if rung == last else min(votes, len(entry.answers))
-                    accept = rung == last or accept_deferral(p_correct[(record.id, model)], threshold)
+                    accept = rung == last or accept_deferral(p_correct[(record.id, model)], threshold, entry.answers[0])
                     cost = entry.cumcost[used - 1]
                     total += cost
                     steps.append(SimStep(model, greedy_agreement(entry.answers[:used]), used, accept, cost))

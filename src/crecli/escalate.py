@@ -122,8 +122,9 @@ def check(
     prefix = backend.shot_tokens(prompt, vote_params(settings, 0, max_tokens, prompt, shots), prompt_tokens) if shots else 0
     if deferral is not None:
         p = deferral.p_correct(deferral_features(signals, normalized, cut, prior))
-        accepted = accept_deferral(p, threshold)
-        why = f"P(correct) {p:.2f} {'>=' if accepted else '<'} threshold {threshold:.2f}"
+        accepted = accept_deferral(p, threshold, normalized[0])
+        why = (f"P(correct) {p:.2f} {'>=' if p >= threshold else '<'} threshold {threshold:.2f}"
+               + ("" if normalized[0] else "; the answer is empty"))
         return Step(
             model=backend.spec.name, votes=votes, normalized=normalized, agreement=greedy_agreement(normalized),
             used=len(votes), threshold=threshold, accepted=accepted, answer=votes[0].strip(),

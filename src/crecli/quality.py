@@ -18,8 +18,8 @@ letter) is a vote for nothing: k empty answers agree perfectly but are never acc
 The calibrated alternative (`Deferral`, a router fitted with `cre calibrate --check
 deferral`): each rung's greedy answer gets P(correct) from a logistic regression on signals
 the greedy pass gives for free (`deferral_features`), optionally with the agreement of a
-fixed number of votes, and is kept when P(correct) reaches the rung's threshold
-(`accept_deferral`). The answer is always the greedy one.
+fixed number of votes, and is kept when P(correct) reaches the rung's threshold and the
+answer is not empty (`accept_deferral`). The answer is always the greedy one.
 """
 
 from __future__ import annotations
@@ -275,9 +275,15 @@ def blend_prior(cluster: float, overall: float, weight: float) -> float:
     return weight * cluster + (1.0 - weight) * overall
 
 
-def accept_deferral(p_correct: float, threshold: float) -> bool:
-    """The deferral rule: keep the rung's greedy answer when P(correct) reaches the threshold."""
-    return p_correct >= threshold
+def accept_deferral(p_correct: float, threshold: float, greedy: str) -> bool:
+    """The deferral rule: keep the rung's greedy answer when P(correct) reaches the
+    threshold, and never when the normalised greedy answer `greedy` is empty.
+
+    An empty answer is graded wrong whatever its P(correct), and the agreement check never
+    accepts one either; without this, threshold 0 (which calibration picks in most folds)
+    kept empty answers that the next rung could have answered.
+    """
+    return greedy != "" and p_correct >= threshold
 
 
 @dataclass(frozen=True)
