@@ -70,8 +70,10 @@ class Harness:
         rung = models[self.labels[idx]]
         return calibrate.Figures(float(self.rec.C[idx, rung].mean()), float(self.rec.K[idx, rung].mean()), 0.0)
 
-    def figures(self, train: np.ndarray, grid: Sequence[float], seed: int) -> dict[str, list[calibrate.Figures]]:
-        """Each price's held-out (inner 5-fold) and in-sample figures on `train`, and their estimate."""
+    def figures(self, train: np.ndarray, grid: Sequence[float], final: Sequence[np.ndarray],
+                seed: int) -> dict[str, list[calibrate.Figures]]:
+        """Each price's held-out (inner 5-fold) and in-sample figures on `train`, and their
+        estimate; `final` are the models chosen on all of `train` at each price of `grid`."""
         held = [[0.0, 0.0] for _ in grid]
         for inner in calibrate.folds(len(train), 5, seed):
             test = train[inner]
@@ -80,7 +82,7 @@ class Harness:
                 held[g][0] += f.accuracy * len(test)
                 held[g][1] += f.mean_cost * len(test)
         out: dict[str, list[calibrate.Figures]] = {"held out": [], "in sample": [], "estimate": []}
-        for g, models in enumerate(self.models(train, grid)):
+        for g, models in enumerate(final):
             h = calibrate.Figures(held[g][0] / len(train), held[g][1] / len(train), 0.0)
             inside = self.score(train, models)
             out["held out"].append(h)
@@ -122,16 +124,18 @@ def main() -> None:
             train = np.setdiff1d(np.arange(n), test)
             ref = (float(rec.C[train, top].mean()), float(rec.K[train, top].mean()))
             for gname, grid in grids.items():
-                figs = h.figures(train, grid, seed * 100 + len(totals))
+                final = h.models(train, grid)
+                figs = h.figures(train, grid, final, seed * 100 + len(totals))
                 for retain in args.retain:
                     for rule in RULES:
                         weight = pick(grid, figs[rule], retain, ref)
-                        f = h.score(test, h.models(train, [weight])[0])
+                        f = h.score(test, final[list(grid).index(weight)])
                         t = totals.setdefault((seed, retain, gname, rule), [0.0, 0.0])
                         t[0] += f.accuracy * len(test)
                         t[1] += f.mean_cost * len(test)
-            figs = h.figures(train, BIAS_PRICES, seed * 100 + 99)
-            for p, models in enumerate(h.models(train, BIAS_PRICES)):
+            final = h.models(train, BIAS_PRICES)
+            figs = h.figures(train, BIAS_PRICES, final, seed * 100 + 99)
+            for p, models in enumerate(final):
                 truth = h.score(test, models)
                 for rule in RULES:
                     bias[rule][p] += (figs[rule][p].accuracy - truth.accuracy) / ref[0], (figs[rule][p].mean_cost - truth.mean_cost) / ref[1]

@@ -959,11 +959,21 @@ def _simulate(
 
 def sweep(data: Data, fit_idx: Sequence[int], eval_idx: Sequence[int], ladder: list[str], quality: "QualityCheck") -> list[tuple[Setting, SimResult]]:
     """Every (weight, thresholds) setting: cluster models chosen on `fit_idx`, replayed on `eval_idx`."""
-    grid = threshold_grid(quality.k)
-    # The top rung either answers greedily or takes a 3-of-5 majority.
-    combos = [{**dict(zip(ladder[:-1], combo)), ladder[-1]: top}
-              for combo in itertools.product(grid, repeat=len(ladder) - 1) for top in (0.0, 0.6)]
-    return _replay_grid(data, _table(data, fit_idx, ladder), eval_idx, combos, quality)
+    return _replay_grid(data, _table(data, fit_idx, ladder), eval_idx, _agreement_combos(ladder, quality.k), quality)
+
+
+def _agreement_combos(ladder: Sequence[str], k: int) -> list[dict[str, float]]:
+    """The agreement check's threshold settings: `threshold_grid(k)` for each rung below the
+    top; the top rung either answers greedily or takes a 3-of-5 majority."""
+    return [{**dict(zip(ladder[:-1], combo)), ladder[-1]: top}
+            for combo in itertools.product(threshold_grid(k), repeat=len(ladder) - 1) for top in (0.0, 0.6)]
+
+
+def _deferral_combos(ladder: Sequence[str]) -> list[dict[str, float]]:
+    """The deferral check's threshold settings: `DEFERRAL_GRID` for each rung below the top,
+    whose greedy answer is final."""
+    return [{**dict(zip(ladder[:-1], combo)), ladder[-1]: 0.0}
+            for combo in itertools.product(DEFERRAL_GRID, repeat=len(ladder) - 1)]
 
 
 def _replay_grid(
@@ -1201,9 +1211,7 @@ def sweep_deferral(
     # its doubt is what a larger rung above it (a remote server) would act on.
     rules = {m: train_deferral(data, fit_idx, table, m, votes) for m in ladder}
     p = deferral_p(data, eval_idx, rules, _table_prior(data, table), votes)
-    combos = [{**dict(zip(ladder[:-1], combo)), ladder[-1]: 0.0}
-              for combo in itertools.product(DEFERRAL_GRID, repeat=len(ladder) - 1)]
-    return _replay_grid(data, table, eval_idx, combos, quality, p, votes), p
+    return _replay_grid(data, table, eval_idx, _deferral_combos(ladder), quality, p, votes), p
 
 
 def signal_report(data: Data, p_held_out: Mapping[OutcomeKey, float], ladder: Sequence[str], votes: int) -> dict[str, dict[str, Any]]:
@@ -1321,20 +1329,21 @@ def recalibrate(
     held = [(setting, Figures(t[0] / n, t[1] / n, t[2] / n)) for setting, t in totals.items()]
     everything = list(range(n))
     ref = reference(data, everything, ladder)
-    if check == "deferral":
-        inside = dict(sweep_deferral(data, everything, everything, ladder, quality, votes)[0])
-    else:
-        inside = dict(sweep(data, everything, everything, ladder, quality))
-    estimates = [(setting, estimate(figures, inside[setting])) for setting, figures in held]
-    setting, guess, met = _pick(estimates, budget, ref)
-    figures = dict(held)[setting]
+    # The router's own cluster statistics and deferral models, from every query, replayed
+    # on those same queries: the in-sample half of each setting's estimate.
     table = _table(data, everything, ladder)
-    choice = choose_by_weight(table, setting.weight)
-    # The in-sample sweep already replayed this setting on all queries with these models.
-    result = inside[setting]
     rules = None
     if check == "deferral":
         rules = DeferralCheck(votes, {m: train_deferral(data, everything, table, m, votes) for m in ladder[:-1]})
+        p_all = deferral_p(data, everything, rules.models, _table_prior(data, table), votes)
+        inside = dict(_replay_grid(data, table, everything, _deferral_combos(ladder), quality, p_all, votes))
+    else:
+        inside = dict(_replay_grid(data, table, everything, _agreement_combos(ladder, quality.k), quality))
+    estimates = [(setting, estimate(figures, inside[setting])) for setting, figures in held]
+    setting, guess, met = _pick(estimates, budget, ref)
+    figures = dict(held)[setting]
+    choice = choose_by_weight(table, setting.weight)
+    result = inside[setting]
     top_only = Choice({}, ladder[-1], 0.0, 0.0, 0.0, 0.0)
     reference_result = _simulate(data, everything, top_only, {ladder[-1]: 0.0}, quality)
     return Calibration(
