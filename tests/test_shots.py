@@ -131,7 +131,7 @@ def test_fit_finds_the_examples_a_model_needs_and_the_cascade_shows_them(
         assert len(prefix) == len(same) and prefix[0] > 0 and len(set(prefix)) == 1
         # The examples' tokens are what the prompt gains from them, in the backend's own count.
         first = traces[0].steps[0]
-        plain = shot_fakes["small"].count_tokens(render("completion", same[0]["prompt"]).text)
+        plain = shot_fakes["small"].count_tokens(render("completion", same[0]["prompt"]))
         assert first.prompt_tokens - plain == prefix[0]
         full = sum(cascade.cost_of(t) for t in traces)
         summary = run_batch([json.dumps({"id": r["id"], "prompt": r["prompt"]}).encode() for r in same],

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Sequence
 
 from crecli.console import err, out, print_json, status, warn
+from crecli.models.prompting import control_markers
 
 if TYPE_CHECKING:
     from crecli.models.backend import Generation
@@ -290,10 +291,30 @@ def router_dict(router: Any) -> dict[str, Any]:
                 "thresholds": c.thresholds,
                 "exemplars": c.exemplars,
                 "shots": c.shots,
+                # Control-token spellings in the examples: fed to models as plain text, but
+                # no honest fit writes them, so a reader should look (`exemplar_warnings`).
+                "exemplar_markers": sorted({m for pair in c.exemplars for text in pair for m in control_markers(text)}),
             }
             for c in router.clusters
         ],
     }
+
+
+def exemplar_warnings(router: Any) -> list[str]:
+    """One line per answered example of a router that spells a chat-template control token.
+
+    crecli tokenizes examples as text, so such a spelling cannot open a chat turn; but a
+    shared router file whose examples hold `<|im_start|>system` was edited to try, and its
+    examples deserve a reader's eyes.
+    """
+    lines = []
+    for c in router.clusters:
+        for i, pair in enumerate(c.exemplars):
+            found = sorted({m for text in pair for m in control_markers(text)})
+            if found:
+                lines.append(f"cluster {c.id}, example {i + 1} spells control token(s) {', '.join(found)}: "
+                             "models read it as plain text, but check where this router file came from")
+    return lines
 
 
 # What a terminal acts on: C0 controls but newline and tab, DEL, C1 controls, the line
@@ -359,6 +380,34 @@ def inspect_router(router: Any, as_json: bool) -> None:
         examples = "\n".join("- " + terminal_safe(e.replace("\n", " ")[:90]) for e in c.examples)
         table.add_row(str(c.id), str(c.size), Text(examples), *cells, Text(terminal_safe(c.model)))
     out().print(table)
+    _answered_examples(router)
+
+
+# How much of an answered example `cre inspect` shows: enough to read what a model is told.
+EXEMPLAR_SHOWN_CHARS = 300
+
+
+def _answered_examples(router: Any) -> None:
+    """The answered examples each model is shown before a cluster's prompts, in full enough to
+    audit (they come from the router file, so from whoever wrote it), flagged where they spell
+    a control token."""
+    from rich.text import Text
+
+    shown = [c for c in router.clusters if c.exemplars and any(c.shots.values())]
+    if not shown:
+        return
+    out().print(Text("\nAnswered examples shown before prompts (from the router file):", style="bold"))
+    for c in shown:
+        who = ", ".join(f"{terminal_safe(m)} first {n}" for m, n in c.shots.items() if n)
+        out().print(Text(f"cluster {c.id} ({who}):"))
+        for i, (q, a) in enumerate(c.exemplars, start=1):
+            flag = sorted({m for text in (q, a) for m in control_markers(text)})
+            text = Text(f"  {i}. Q: {terminal_safe(q[:EXEMPLAR_SHOWN_CHARS])}\n     A: {terminal_safe(a[:EXEMPLAR_SHOWN_CHARS])}")
+            if flag:
+                text.append(f"\n     ! spells control token(s) {terminal_safe(', '.join(flag))} (read as plain text)", style="bold red")
+            out().print(text)
+    for line in exemplar_warnings(router):
+        warn(line)
 
 
 def _pct(x: float) -> str:

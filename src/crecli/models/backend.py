@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Sequence
 
 from crecli.errors import BackendError, CreError
-from crecli.models.prompting import Shot, render
+from crecli.models.prompting import Rendered, Shot, render
 
 if TYPE_CHECKING:
     from crecli.config import ModelSpec
@@ -88,19 +88,22 @@ class Backend(abc.ABC):
         self.spec = spec
 
     @abc.abstractmethod
-    def complete(self, text: str, params: GenParams) -> Generation:
-        """Continue `text` (already in the model's prompt format)."""
+    def complete(self, rendered: Rendered, params: GenParams) -> Generation:
+        """Continue `rendered` (a prompt already in the model's prompt format).
 
-    def prepare(self, prompt: str, params: GenParams) -> tuple[str, GenParams]:
+        Only its control parts may become special tokens (`Rendered.parts`): user text and
+        answered examples are text, whatever they spell."""
+
+    def prepare(self, prompt: str, params: GenParams) -> tuple[Rendered, GenParams]:
         """`prompt` in the model's prompt format, and `params` with the format's stop strings added."""
         rendered = render(self.spec.prompt_format, prompt, shots=params.shots)
-        return rendered.text, replace(params, stop=tuple(dict.fromkeys((*params.stop, *rendered.stop))))
+        return rendered, replace(params, stop=tuple(dict.fromkeys((*params.stop, *rendered.stop))))
 
     def generate(self, prompt: str, params: GenParams = GenParams()) -> Generation:
         return self.complete(*self.prepare(prompt, params))
 
-    def count_tokens(self, text: str) -> int | None:
-        """Prompt tokens that `text` (already in the model's prompt format) takes, as
+    def count_tokens(self, rendered: Rendered) -> int | None:
+        """Prompt tokens that `rendered` (a prompt in the model's prompt format) takes, as
         `complete` would count them; None where the runtime cannot tell without running."""
         return None
 

@@ -6,6 +6,7 @@ import hashlib
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from crecli.models.backend import Backend, Generation, GenParams, Signals
+from crecli.models.prompting import Rendered
 
 if TYPE_CHECKING:
     from crecli.config import ModelSpec
@@ -38,13 +39,14 @@ class FakeBackend(Backend):
         self.dims = dims
         self.calls: list[tuple[str, GenParams]] = []
 
-    def complete(self, text: str, params: GenParams) -> Generation:
+    def complete(self, rendered: Rendered, params: GenParams) -> Generation:
+        text = rendered.text
         self.calls.append((text, params))
         if callable(self.answers):
             answer = self.answers(text, params)
         else:
             answer = next((a for p, a in self.answers.items() if p in text), "I don't know")
-        prompt_tokens = self.count_tokens(text)
+        prompt_tokens = self.count_tokens(rendered)
         output_tokens = min(params.max_tokens, max(1, len(answer.split())))
         return Generation(
             text=answer,
@@ -54,8 +56,8 @@ class FakeBackend(Backend):
             signals=self.signals(text, params, answer) if self.signals and params.temperature == 0.0 else None,
         )
 
-    def count_tokens(self, text: str) -> int:
-        return max(1, len(text.split()))
+    def count_tokens(self, rendered: Rendered) -> int:
+        return max(1, len(rendered.text.split()))
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         out = []

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from crecli.errors import BackendError, CreError, PromptTooLong
 from crecli.models.backend import Backend, Generation, GenParams, Signals
-from crecli.models.prompting import HEAD_PROBES, render
+from crecli.models.prompting import HEAD_PROBES, Rendered, render
 from crecli.models.pull import require_file
 
 if TYPE_CHECKING:
@@ -277,8 +277,24 @@ def prompt_head(llm: Any, prompt_format: str, shots: Sequence[tuple[str, str]] =
     start of the prompt's own turn. What llama.cpp's prefix reuse skips; the head's last
     characters can merge with a prompt's first into one token, so the text's own token
     count would overstate it."""
-    return list(shared_prefix([llm.tokenize(render(prompt_format, p, shots=shots).text.encode("utf-8"),
-                                            add_bos=True, special=True) for p in HEAD_PROBES]))
+    return list(shared_prefix([tokenize(llm, render(prompt_format, p, shots=shots), add_bos=True) for p in HEAD_PROBES]))
+
+
+def tokenize(llm: Any, rendered: Rendered, add_bos: bool = False) -> list[int]:
+    """`rendered`'s tokens: control parts with special tokens parsed, text parts without.
+
+    llama.cpp parsing special tokens splits a string at each one and tokenizes the runs
+    between them as text; tokenizing the parts one by one does the same, except that a
+    control spelling inside a text part (a user's `<|im_end|>`) stays text. For ordinary
+    prompts the tokens are those of the whole string with special tokens parsed, so outcomes
+    recorded before this rule still match.
+    """
+    if not rendered.parts:
+        return llm.tokenize(b"", add_bos=add_bos, special=True)
+    tokens: list[int] = []
+    for i, (text, control) in enumerate(rendered.parts):
+        tokens += llm.tokenize(text.encode("utf-8"), add_bos=add_bos and i == 0, special=control)
+    return tokens
 
 
 def letter_tokens(llm: Any) -> dict[int, int]:
@@ -408,8 +424,8 @@ class LlamaBackend(Backend):
             )
         return min(wanted, room)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+    def count_tokens(self, rendered: Rendered) -> int:
+        return len(prompt_tokens(self.llm, rendered))
 
     def shot_prefix(self, shots: tuple[tuple[str, str], ...]) -> list[int]:
         """The tokens every prompt shown `shots` starts with: the head, the examples and the
@@ -455,11 +471,12 @@ class LlamaBackend(Backend):
         while len(self._prefixes) > PREFIX_SNAPSHOTS:
             self._prefixes.popitem(last=False)
 
-    def complete(self, text: str, params: GenParams) -> Generation:
+    def complete(self, rendered: Rendered, params: GenParams) -> Generation:
         llm = self.llm
-        n_prompt = self.count_tokens(text)
+        tokens = prompt_tokens(llm, rendered)
+        n_prompt = len(tokens)
         start = time.perf_counter()
-        handoff = self._handoff.pop(text, None)
+        handoff = self._handoff.pop(rendered.text, None)
         if handoff is not None:
             handoff.restore(llm)
         elif params.shots:
@@ -474,8 +491,10 @@ class LlamaBackend(Backend):
                 return scores
 
             processors = LogitsProcessorList([observe])
+        # Tokens, not text: llama-cpp-python would tokenize a string with special tokens
+        # parsed, user text included (`tokenize`).
         out = llm.create_completion(
-            text,
+            tokens,
             max_tokens=self._fit_max_tokens(n_prompt, params.max_tokens),
             temperature=params.temperature,
             top_p=params.top_p,
@@ -516,7 +535,7 @@ class LlamaBackend(Backend):
         prepared = [self.prepare(prompt, p) for prompt, p in zip(prompts, params, strict=True)]
         # The last wave's leftovers go: votes come right after the wave that decoded their prompt.
         self._handoff.clear()
-        return self._parallel.run([text for text, _ in prepared], [p for _, p in prepared], self._handoff, self.letters)
+        return self._parallel.run([rendered for rendered, _ in prepared], [p for _, p in prepared], self._handoff, self.letters)
 
     def sample_many(self, prompt: str, params: Sequence[GenParams]) -> list[Generation]:
         """Sampled votes of one prompt, decoded together as parallel sequences (`ParallelVotes`).
@@ -528,14 +547,14 @@ class LlamaBackend(Backend):
         if len(params) < 2 or any(p.temperature == 0.0 for p in params):
             return super().sample_many(prompt, params)
         prepared = [self.prepare(prompt, p) for p in params]
-        text = prepared[0][0]
+        rendered = prepared[0][0]
         llm = self.llm
-        tokens = prompt_tokens(llm, text)
+        tokens = prompt_tokens(llm, rendered)
         self._fit_max_tokens(len(tokens), 1)  # a prompt that fills the context fails as `complete` fails
         if self._votes is None or self._votes.n_seq < len(params):
             self._close_votes()
             self._votes = ParallelVotes(llm, max(len(params), VOTE_SEQUENCES), self.n_ctx, self.n_threads)
-        return self._votes.run(text, tokens, [p for _, p in prepared])
+        return self._votes.run(tokens, [p for _, p in prepared])
 
     def _close_votes(self) -> None:
         if self._votes is not None:
@@ -609,11 +628,11 @@ class _Stream:
     meter: SignalMeter | None = None
 
 
-def prompt_tokens(llm: Any, text: str) -> list[int]:
-    """The tokens llama-cpp-python's `create_completion` decodes for `text` (no suffix).
-
-    Mirrors its rule for the leading BOS/CLS and trailing EOS/SEP tokens, so the parallel
-    path feeds the model exactly what the sequential path feeds it.
+def prompt_tokens(llm: Any, rendered: Rendered) -> list[int]:
+    """The tokens every path decodes for `rendered`: `tokenize`'s, with the leading
+    BOS/CLS and trailing EOS/SEP tokens llama-cpp-python's `create_completion` would add to
+    a string prompt (no suffix). `complete` passes this list, so the sequential and parallel
+    paths feed the model exactly the same tokens.
     """
     model = llm._model
     bos, cls, sep = llm.token_bos(), model.token_cls(), model.token_sep()
@@ -623,7 +642,7 @@ def prompt_tokens(llm: Any, text: str) -> list[int]:
         head = []
     if not model.add_eos_token() and sep == -1:
         tail = []
-    return head + llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) + tail
+    return head + tokenize(llm, rendered) + tail
 
 
 def _advance_stream(llm: Any, vocab: Any, stream: _Stream, token: int) -> tuple[bytes, str] | None:
@@ -813,24 +832,24 @@ class ParallelGreedy:
 
     def run(
         self,
-        texts: Sequence[str],
+        prompts: Sequence[Rendered],
         params: Sequence[GenParams],
         keep: dict[str, "Handoff"] | None = None,
         letters: dict[int, int] | None = None,
     ) -> list[Generation | CreError]:
-        """Greedy completions of `texts` (rendered prompts); an entry is an error for a prompt
+        """Greedy completions of `prompts` (rendered); an entry is an error for a prompt
         that does not fit the per-sequence context (as `LlamaBackend.complete` raises it).
 
-        With `keep`, each finished sequence's KV cells are copied out into it, by text, before
-        its slot is reused (see `Handoff`)."""
+        With `keep`, each finished sequence's KV cells are copied out into it, by rendered
+        text, before its slot is reused (see `Handoff`)."""
         import numpy as np
         import llama_cpp
 
         llm = self.llm
-        results: list[Generation | CreError] = [BackendError("not decoded")] * len(texts)
+        results: list[Generation | CreError] = [BackendError("not decoded")] * len(prompts)
         queue: deque[_Stream] = deque()
-        for i, (text, p) in enumerate(zip(texts, params)):
-            tokens = prompt_tokens(llm, text)
+        for i, (rendered, p) in enumerate(zip(prompts, params)):
+            tokens = prompt_tokens(llm, rendered)
             room = self.n_ctx_seq - len(tokens)
             if room <= 0:
                 results[i] = PromptTooLong(
@@ -889,7 +908,7 @@ class ParallelGreedy:
                 stream.seconds += elapsed * k / total
             for stream, text, reason in finished:
                 if keep is not None:
-                    keep[texts[stream.index]] = Handoff.save(self.ctx, stream.seq, (stream.prompt + stream.out)[: stream.n_past])
+                    keep[prompts[stream.index].text] = Handoff.save(self.ctx, stream.seq, (stream.prompt + stream.out)[: stream.n_past])
                 llama_cpp.llama_memory_seq_rm(memory, stream.seq, -1, -1)
                 free.append(stream.seq)
                 results[stream.index] = Generation(
@@ -989,7 +1008,7 @@ class ParallelVotes:
         self.held = head
         return time.perf_counter() - start
 
-    def run(self, text: str, tokens: list[int], params: Sequence[GenParams]) -> list[Generation]:
+    def run(self, tokens: list[int], params: Sequence[GenParams]) -> list[Generation]:
         import llama_cpp
 
         llm = self.llm

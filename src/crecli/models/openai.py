@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from crecli.errors import BackendError, ConfigError
 from crecli.models.backend import Backend, Generation, GenParams
-from crecli.models.prompting import chat_messages
+from crecli.models.prompting import Rendered, chat_messages
 
 if TYPE_CHECKING:
     from crecli.config import ModelSpec
@@ -143,8 +143,10 @@ class OpenAIBackend(Backend):
             finish_reason=str(data["choices"][0].get("finish_reason") or "stop"),
         )
 
-    def complete(self, text: str, params: GenParams) -> Generation:
-        data, seconds = self._post("completions", {**self._body(params), "prompt": text})
+    def complete(self, rendered: Rendered, params: GenParams) -> Generation:
+        # The server parses special tokens in the text it is sent, so user text goes with its
+        # control-token spellings defused (`Rendered.escaped`).
+        data, seconds = self._post("completions", {**self._body(params), "prompt": rendered.escaped()})
         return self._generation(data, str(data["choices"][0].get("text") or ""), seconds)
 
     def generate(self, prompt: str, params: GenParams = GenParams()) -> Generation:

@@ -7,6 +7,7 @@ and prompt-prefix caching works across the k samples of the quality check.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -45,10 +46,72 @@ def shots_of(exemplars: Sequence[Sequence[str]], n: int) -> tuple[Shot, ...]:
     return tuple((str(q), str(a)) for q, a in exemplars[:n])
 
 
+# A piece of rendered text and whether it is the format's own control markup. Only the
+# template writes control pieces; the prompt, the system turn and answered examples are
+# always text (`control` False), which the llama.cpp backend tokenizes without parsing
+# special tokens, so `<|im_end|>` typed by a user, or hidden in a router file's example,
+# stays six ordinary tokens and can never open or close a chat turn.
+Part = tuple[str, bool]
+
+
 @dataclass(frozen=True)
 class Rendered:
+    """A prompt in a model's format: the text, its stop strings, and the text as `parts`."""
+
     text: str
     stop: tuple[str, ...]
+    parts: tuple[Part, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.parts:
+            # Plain text (a test, or a caller with no template): all of it is user text.
+            object.__setattr__(self, "parts", ((self.text, False),) if self.text else ())
+        elif "".join(text for text, _ in self.parts) != self.text:
+            raise ValueError("a rendered prompt's parts must spell its text")
+
+    @classmethod
+    def of(cls, parts: Sequence[Part], stop: tuple[str, ...]) -> "Rendered":
+        """From parts in order; neighbouring parts of the same kind are joined, so text is
+        tokenized in the same runs as one string split only at control markup."""
+        merged: list[Part] = []
+        for text, control in parts:
+            if not text:
+                continue
+            if merged and merged[-1][1] == control:
+                merged[-1] = (merged[-1][0] + text, control)
+            else:
+                merged.append((text, control))
+        return cls("".join(text for text, _ in merged), stop, tuple(merged))
+
+    def escaped(self) -> str:
+        """The text with control-like markers in its text parts defused (`defuse`), for a
+        runtime that parses special tokens in whatever text it is sent (a remote server)."""
+        return "".join(text if control else defuse(text) for text, control in self.parts)
+
+
+# Strings that chat templates use as control tokens: ChatML and Qwen's `<|...|>`, Llama 3's
+# `<|start_header_id|>`, Gemma's `<start_of_turn>`/`<end_of_turn>`, and the usual BOS/EOS
+# spellings. A remote server tokenizes what it is sent with special tokens parsed, so these
+# are defused in user text sent to one (`Rendered.escaped`, `chat_messages`), and `cre
+# inspect` flags router-file examples that contain them.
+CONTROL_MARKER = re.compile(
+    r"<\|[^<>|\s]{1,64}\|>|<(?:start_of_turn|end_of_turn|bos|eos|pad|unk|s|/s)>|\[/?INST\]",
+    re.IGNORECASE,
+)
+# Inserted after a marker's first character: it splits the marker into ordinary tokens, and
+# a reader sees the same text.
+_DEFUSER = "\u200b"
+
+
+def control_markers(text: str) -> list[str]:
+    """The control-token spellings `text` contains (empty for ordinary text)."""
+    return CONTROL_MARKER.findall(text)
+
+
+def defuse(text: str) -> str:
+    """`text` with every control-token spelling broken by a zero-width space after its first
+    character, so no tokenizer that parses special tokens can read it as one."""
+    return CONTROL_MARKER.sub(lambda m: m.group(0)[0] + _DEFUSER + m.group(0)[1:], text)
 
 
 def render(prompt_format: str, prompt: str, system: str = SYSTEM, shots: Sequence[Shot] = ()) -> Rendered:
@@ -56,37 +119,38 @@ def render(prompt_format: str, prompt: str, system: str = SYSTEM, shots: Sequenc
 
     The shots come before the prompt and after the fixed head, so every prompt of a cluster
     shares the head and its shots: llama.cpp reuses that prefix between consecutive prompts.
+    Only the template's own markup is a control part (`Rendered.parts`).
     """
     prompt = prompt.strip()
     if prompt_format == "completion":
         # One line per answer: a base model that is not stopped at the newline writes the
-        # next question itself.
+        # next question itself. A base model's preamble has no control markup at all.
         examples = "".join(f"Q: {q.strip()}\nA: {a.strip()}\n\n" for q, a in shots)
-        return Rendered(FEW_SHOT.format(shots=examples, prompt=prompt), ("\n",))
+        return Rendered.of([(FEW_SHOT.format(shots=examples, prompt=prompt), False)], ("\n",))
     if prompt_format == "chatml":
-        turns = "".join(
-            f"<|im_start|>user\n{q.strip()}<|im_end|>\n<|im_start|>assistant\n{a.strip()}<|im_end|>\n"
-            for q, a in shots
-        )
-        text = (
-            f"<|im_start|>system\n{system}<|im_end|>\n{turns}"
-            f"<|im_start|>user\n{prompt}<|im_end|>\n"
-            "<|im_start|>assistant\n"
-        )
-        return Rendered(text, ("<|im_end|>", "<|endoftext|>"))
+        start, end = ("<|im_start|>", True), ("<|im_end|>", True)
+        parts: list[Part] = [start, (f"system\n{system}", False), end, ("\n", False)]
+        for q, a in shots:
+            parts += [start, (f"user\n{q.strip()}", False), end, ("\n", False),
+                      start, (f"assistant\n{a.strip()}", False), end, ("\n", False)]
+        parts += [start, (f"user\n{prompt}", False), end, ("\n", False), start, ("assistant\n", False)]
+        return Rendered.of(parts, ("<|im_end|>", "<|endoftext|>"))
     if prompt_format == "chat":
         # Remote chat servers apply their own template; the openai backend sends messages
         # (`chat_messages`).
-        return Rendered(prompt, ())
+        return Rendered.of([(prompt, False)], ())
     raise ValueError(f"unknown prompt format {prompt_format!r}")
 
 
 def chat_messages(prompt: str, system: str = SYSTEM, shots: Sequence[Shot] = ()) -> list[dict[str, str]]:
-    """The "chat" format's messages: the system turn, each shot as a user/assistant pair, the prompt."""
-    messages = [{"role": "system", "content": system}]
+    """The "chat" format's messages: the system turn, each shot as a user/assistant pair, the prompt.
+
+    The server applies its own template and tokenizes the result with special tokens
+    parsed, so control-token spellings in the text are defused (`defuse`)."""
+    messages = [{"role": "system", "content": defuse(system)}]
     for q, a in shots:
-        messages += [{"role": "user", "content": q.strip()}, {"role": "assistant", "content": a.strip()}]
-    return messages + [{"role": "user", "content": prompt.strip()}]
+        messages += [{"role": "user", "content": defuse(q.strip())}, {"role": "assistant", "content": defuse(a.strip())}]
+    return messages + [{"role": "user", "content": defuse(prompt.strip())}]
 
 
 # Two prompts unlike each other: what their renderings share is the head every prompt in
