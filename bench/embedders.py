@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_LOG = Path(__file__).resolve().parents[2] / "shared" / "data" / "querylog.jsonl"
+DEFAULT_LOG = Path(__file__).resolve().parents[1] / "examples" / "querylog.jsonl"
 
 
 def read_prompts(path: Path) -> tuple[list[str], list[str]]:

@@ -34,7 +34,7 @@ ceilings for held-out results, never results themselves:
 It also prints, per model, the mean cost per answer as a share of the strongest model's,
 and the share of that cost spent on prompt processing.
 
-    .venv/bin/python bench/frontier_bound.py ../shared/data/querylog-large.jsonl
+    .venv/bin/python bench/frontier_bound.py examples/querylog-large.jsonl
     .venv/bin/python bench/frontier_bound.py LOG --unit seconds --retain 0.98 --json
     .venv/bin/python bench/frontier_bound.py LOG --headline H.json --plot frontier.svg
 

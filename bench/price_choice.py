@@ -19,7 +19,7 @@ range over the fold seeds of the accuracy and cost shares of the strongest model
 prints, at a few prices, how far each kind of figure sat from what that price's final
 choices kept on the outer fold, averaged over every outer fold: the bias each rule carries.
 
-    .venv/bin/python bench/price_choice.py ../shared/data/querylog-large.jsonl
+    .venv/bin/python bench/price_choice.py examples/querylog-large.jsonl
     .venv/bin/python bench/price_choice.py LOG --retain 0.95 0.98 0.99 --seeds 5 6 7 8 9 --json
 
 Nothing loads a model unless an answer is missing from the outcome store (then it runs, as

@@ -36,8 +36,8 @@ from crecli.models.backend import Backend
 from crecli.models.llama import LlamaBackend
 from crecli.quality import Deferral, QualityCheck, feature_names
 
-# ../shared/data beside the repository, wherever it is cloned.
-DEFAULT_LOG = Path(__file__).resolve().parents[2] / "shared" / "data" / "querylog.jsonl"
+# examples/ in the repository.
+DEFAULT_LOG = Path(__file__).resolve().parents[1] / "examples" / "querylog.jsonl"
 
 
 def spread(records: list[querylog.Record], n: int) -> list[querylog.Record]:

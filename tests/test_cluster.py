@@ -12,7 +12,7 @@ from crecli.cluster import Assigner, QueryClusterer, agreement
 from crecli.errors import CreError, RouterFileError
 from crecli.reduce import Reducer, default_n_neighbors
 
-QUERYLOG = Path(__file__).resolve().parents[2] / "shared" / "data" / "querylog.jsonl"
+QUERYLOG = Path(__file__).resolve().parents[1] / "examples" / "querylog.jsonl"
 
 
 def blobs(n_per: int = 30, k: int = 4, d: int = 32, spread: float = 0.08, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ import pytest
 from crecli.errors import InputError
 from crecli.grading import MATCH_TYPES, grade, max_tokens_for, normalize, reference_problem
 
-QUERYLOG = Path(__file__).resolve().parents[2] / "shared" / "data" / "querylog.jsonl"
+QUERYLOG = Path(__file__).resolve().parents[1] / "examples" / "querylog.jsonl"
 
 NORMALIZE = [
     # choice: option letters in every form models use

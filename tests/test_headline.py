@@ -76,7 +76,6 @@ def test_leave_tasks_out_folds_hold_whole_tasks() -> None:
     assert bench.task_folds(lines, 2, seed=1) == folds and bench.task_folds(lines, 2, seed=2) != folds
 
 
-@pytest.mark.skipif(not SMALL_LOG.is_file(), reason="needs ../shared/data/querylog-small.jsonl")
 def test_cross_fitted_headline_holds_every_query_out_once_and_pools_over_all(
     tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict  # noqa: F811
 ) -> None:
@@ -113,7 +112,6 @@ def test_cross_fitted_headline_holds_every_query_out_once_and_pools_over_all(
     assert summary[CASCADE]["accuracy"]["mean"] == cascade["accuracy"] and summary[CASCADE]["accuracy"]["std"] == 0.0
 
 
-@pytest.mark.skipif(not SMALL_LOG.is_file(), reason="needs ../shared/data/querylog-small.jsonl")
 def test_leave_tasks_out_evaluates_on_tasks_the_router_never_saw(
     tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict  # noqa: F811
 ) -> None:

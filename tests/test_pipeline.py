@@ -21,7 +21,7 @@ from crecli.models import registry
 from crecli.models.backend import Backend, GenParams
 from crecli.models.fake import FakeBackend
 
-SMALL_LOG = Path(__file__).resolve().parents[2] / "shared" / "data" / "querylog-small.jsonl"
+SMALL_LOG = Path(__file__).resolve().parents[1] / "examples" / "querylog-small.jsonl"
 runner = CliRunner()
 
 
@@ -70,7 +70,6 @@ def invoke(*args: str, input: str | None = None) -> str:
     return result.stdout
 
 
-@pytest.mark.skipif(not SMALL_LOG.is_file(), reason="needs ../shared/data/querylog-small.jsonl")
 def test_fit_calibrate_eval_ask_batch(tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict[str, FakeBackend]) -> None:
     router = tmp_path / "router.cre"
     m = ("--models", str(tiny_models_toml))
@@ -120,7 +119,6 @@ def test_fit_calibrate_eval_ask_batch(tmp_path: Path, tiny_models_toml: Path, sk
     assert out.exit_code == 3  # some lines got error records
 
 
-@pytest.mark.skipif(not SMALL_LOG.is_file(), reason="needs ../shared/data/querylog-small.jsonl")
 def test_plain_text_log_is_clustered_but_not_measured(tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict[str, FakeBackend]) -> None:
     prompts = [json.loads(l)["prompt"].replace("\n", " ") for l in SMALL_LOG.read_text().splitlines()]
     log = tmp_path / "prompts.txt"

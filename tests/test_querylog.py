@@ -12,7 +12,7 @@ import pytest
 from crecli.errors import InputError
 from crecli.querylog import FieldMap, Record, parse_batch_line, read_log
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "examples"
 SKIP = "; fix the line or pass --skip-bad"
 
 

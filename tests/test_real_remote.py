@@ -34,7 +34,7 @@ from crecli.models.pull import file_state
 
 pytestmark = pytest.mark.real
 
-SMALL_LOG = Path(__file__).resolve().parents[2] / "shared" / "data" / "querylog-small.jsonl"
+SMALL_LOG = Path(__file__).resolve().parents[1] / "examples" / "querylog-small.jsonl"
 ALIAS = "gemma-3-270m-served"
 # A request whose prompt holds this kills the server while it holds the request: a real
 # mid-request death (the reply never comes), at a point the test chooses.
@@ -156,8 +156,6 @@ def gemma_gguf(real_models: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             pytest.fail("gemma-3-270m is not pulled; run `cre models pull gemma-3-270m`")
         pytest.skip("gemma-3-270m is not pulled; run `cre models pull gemma-3-270m`")
     pytest.importorskip("llama_cpp.server.app", reason="needs llama-cpp-python's server extra (the test extra lists it)")
-    if not SMALL_LOG.is_file():
-        pytest.skip("needs ../shared/data/querylog-small.jsonl")
     # A proxy in the environment must not intercept the loopback requests.
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)

@@ -19,7 +19,7 @@ from crecli.models.pull import file_state
 
 pytestmark = pytest.mark.real
 
-SMALL_LOG = Path(__file__).resolve().parents[2] / "shared" / "data" / "querylog-small.jsonl"
+SMALL_LOG = Path(__file__).resolve().parents[1] / "examples" / "querylog-small.jsonl"
 
 
 @pytest.fixture
@@ -28,8 +28,6 @@ def gemma_router(real_models: Path, tmp_path: Path) -> tuple[Path, Path]:
         if os.environ.get("CRE_REQUIRE_REAL"):
             pytest.fail("gemma-3-270m is not pulled; run `cre models pull gemma-3-270m`")
         pytest.skip("gemma-3-270m is not pulled; run `cre models pull gemma-3-270m`")
-    if not SMALL_LOG.is_file():
-        pytest.skip("needs ../shared/data/querylog-small.jsonl")
     toml = tmp_path / "models.toml"
     toml.write_text('ladder = ["gemma-3-270m"]\n')
     log = tmp_path / "prompts.txt"

@@ -69,7 +69,6 @@ def invoke(*args: str) -> str:
     return result.stdout
 
 
-@pytest.mark.skipif(not SMALL_LOG.is_file(), reason="needs ../shared/data/querylog-small.jsonl")
 def test_fit_finds_the_examples_a_model_needs_and_the_cascade_shows_them(
     tmp_path: Path, tiny_models_toml: Path, shot_fakes: dict[str, FakeBackend]
 ) -> None:
