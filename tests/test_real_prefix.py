@@ -1,7 +1,9 @@
 """Snapshots of a cluster's answered examples (`LlamaBackend._warm_prefix`) on the real 270M
 model, whose sliding-window attention makes its cache the hard case: prompts of two clusters
-in turn restore their examples' KV cells instead of decoding them again, and answer exactly
-as a freshly loaded model that decodes them."""
+in turn restore their examples' KV cells instead of decoding them again, and answer as a freshly
+loaded model that decodes them: the same prompt tokens, and the same answer unless a step
+was a near-tie (decoding a prompt's tail after restored cells batches it differently, and
+CPUs round differently)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import pytest
 
 from crecli.models.backend import GenParams
 from test_real_model import gemma  # noqa: F401 - the fixture
+from test_real_parallel import assert_same_or_contested
 
 pytestmark = pytest.mark.real
 
@@ -46,4 +49,4 @@ def test_example_prefixes_are_restored_and_answer_as_a_fresh_model(gemma) -> Non
             assert fresh.prefix_restores == 0
         finally:
             fresh.close()
-        assert (got.text, got.prompt_tokens, got.output_tokens) == (want.text, want.prompt_tokens, want.output_tokens)
+        assert_same_or_contested(want, got)
