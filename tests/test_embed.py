@@ -106,9 +106,45 @@ def test_tfidf_errors() -> None:
 
 def test_damaged_tfidf_state_is_refused() -> None:
     params, arrays = TfidfEmbedder(dims=4, min_df=1).fit(TEXTS).state()
-    broken = dict(arrays, components=arrays["components"][:, :-1])
+    broken = dict(arrays, components_q8=arrays["components_q8"][:, :-1])
     with pytest.raises(RouterFileError, match="inconsistent"):
         TfidfEmbedder.from_state(params, broken)
+    with pytest.raises(RouterFileError, match="components_scale"):
+        TfidfEmbedder.from_state(params, dict(arrays, components_scale=arrays["components_scale"][:-1]))
+    with pytest.raises(RouterFileError, match="components_q8"):
+        TfidfEmbedder.from_state(params, dict(arrays, components_q8=arrays["components_q8"].astype(np.float32)))
+
+
+def test_components_are_stored_as_int8_and_embed_as_the_fit_did() -> None:
+    """The SVD's components travel as int8 with a scale per component, a quarter of float32;
+    fit embeds with the same rounded numbers, so a loaded embedder gives identical vectors."""
+    emb = TfidfEmbedder(dims=4, min_df=1).fit(TEXTS)
+    params, arrays = emb.state()
+    assert arrays["components_q8"].dtype == np.int8 and "components" not in arrays
+    loaded = TfidfEmbedder.from_state(params, arrays)
+    assert np.array_equal(loaded.transform(TEXTS), emb.transform(TEXTS))
+    assert loaded.identity == emb.identity
+
+
+def test_quantized_rows_are_within_half_a_step() -> None:
+    from crecli.embed import dequantize, quantize
+
+    rows = np.random.default_rng(0).normal(size=(5, 300)).astype(np.float32)
+    rows[2] = 0.0  # an all-zero row keeps a zero scale and decodes to zeros
+    codes, scale = quantize(rows)
+    back = dequantize(codes, scale)
+    assert codes.dtype == np.int8 and scale.shape == (5,)
+    assert np.all(np.abs(back - rows) <= scale[:, None] / 2 + 1e-7)
+    assert not back[2].any()
+
+
+def test_routers_with_float32_components_still_load() -> None:
+    """Routers written before int8 components stored them as float32 `components`."""
+    emb = TfidfEmbedder(dims=4, min_df=1).fit(TEXTS)
+    params, arrays = emb.state()
+    old = {k: v for k, v in arrays.items() if not k.startswith("components")}
+    old["components"] = emb.components_
+    assert np.array_equal(TfidfEmbedder.from_state(params, old).transform(TEXTS), emb.transform(TEXTS))
     with pytest.raises(RouterFileError, match="word_idf"):
         TfidfEmbedder.from_state(params, {k: v for k, v in arrays.items() if k != "word_idf"})
 

@@ -240,10 +240,10 @@ def test_unreadable_npy_headers_are_refused(settings: config.ModelConfig, saved:
 
 def test_arrays_holding_nan_or_infinity_are_refused(settings: config.ModelConfig, saved: Path) -> None:
     # Consistent in every other way; `cre ask` would only fail at its first prompt.
-    components = routerfile.load(saved, settings).embedder.components_.copy()
-    components[0, 0] = np.inf
-    replace_array(saved, "embedder", "components", npy_bytes(components), components.dtype.str, list(components.shape))
-    refused(saved, settings, r"array embedder/components\.npy holds NaN or infinite values")
+    scale = routerfile.load(saved, settings).embedder.state()[1]["components_scale"].copy()
+    scale[0] = np.inf
+    replace_array(saved, "embedder", "components_scale", npy_bytes(scale), scale.dtype.str, list(scale.shape))
+    refused(saved, settings, r"array embedder/components_scale\.npy holds NaN or infinite values")
 
 
 def test_arrays_the_assigner_cannot_use_are_refused_naming_the_file(settings: config.ModelConfig, saved: Path) -> None:

@@ -77,6 +77,13 @@ def _as_matrix(X: Any, what: str) -> "np.ndarray":
     return normalize_rows(X)
 
 
+def stored_rows(X: "np.ndarray") -> "np.ndarray":
+    """Exemplar rows as a router file stores them: float16 (`Assigner._set_exemplars`)."""
+    import numpy as np
+
+    return np.asarray(X).astype(np.float16)
+
+
 def _chunks(n: int) -> Iterator[slice]:
     for start in range(0, n, _CHUNK):
         yield slice(start, min(n, start + _CHUNK))
@@ -96,7 +103,7 @@ class Assigner:
     clusters' own members, so no cluster's statistics describe it. `max_distance` fixes it
     instead.
 
-    Learned: `exemplars_` (float32), `exemplar_labels_`, `classes_`, `centroids_` (one per
+    Learned: `exemplars_` (float32, from float16: `_set_exemplars`), `exemplar_labels_`, `classes_`, `centroids_` (one per
     class, normalised, in `classes_` order), `threshold_`, `k_` (k capped by the exemplar count),
     `radius_` and `reach_` (per class, in `classes_` order, RADIUS_QUANTILE and
     REACH_QUANTILE of its members' leave-one-out distances; None in routers written before
@@ -127,7 +134,7 @@ class Assigner:
         keep = labels >= 0
         if not keep.any():
             raise CreError("Assigner.fit: every row is noise (-1); there is no cluster to assign to")
-        self.exemplars_ = X[keep]
+        self._set_exemplars(stored_rows(X[keep]))
         self.exemplar_labels_ = labels[keep]
         self.classes_ = np.unique(self.exemplar_labels_)
         self.centroids_ = self._centroids(self.exemplars_, self.exemplar_labels_, self.classes_)
@@ -145,6 +152,16 @@ class Assigner:
         else:
             raise CreError("leave-one-out assignment needs at least 2 clustered rows")
         return self
+
+    def _set_exemplars(self, stored: "np.ndarray") -> None:
+        """Exemplars from the float16 rows a router file stores, renormalised (rounding moves
+        a unit vector's norm by up to 1e-3, which would make near distances negative).
+        `fit` goes through here too, so the fitted distances, radii and threshold are the
+        ones a loaded router computes."""
+        import numpy as np
+
+        self._stored_exemplars = stored
+        self.exemplars_ = normalize_rows(stored.astype(np.float32)) if stored.dtype == np.float16 else stored
 
     def _per_class(self, dist: "np.ndarray", quantile: float) -> "np.ndarray":
         """The `quantile` of each class's leave-one-out distances, in `classes_` order.
@@ -229,7 +246,10 @@ class Assigner:
         self._require_fitted()
         params = {"method": self.method, "k": self.k, "max_distance": self.max_distance,
                   "k_": self.k_, "threshold_": self.threshold_}
-        arrays = {"exemplars": self.exemplars_, "exemplar_labels": self.exemplar_labels_,
+        # float16 exemplars: half the bytes of the largest array after the embedder's, and
+        # unit vectors need no more precision to rank neighbours (`_set_exemplars`).
+        stored = getattr(self, "_stored_exemplars", None)
+        arrays = {"exemplars": stored if stored is not None else self.exemplars_, "exemplar_labels": self.exemplar_labels_,
                   "classes": self.classes_, "centroids": self.centroids_}
         for name in ("radius", "reach"):
             if getattr(self, f"{name}_", None) is not None:
@@ -245,7 +265,9 @@ class Assigner:
                            max_distance=None if params["max_distance"] is None else float(params["max_distance"]))
             assigner.k_ = int(params["k_"])
             assigner.threshold_ = float(params["threshold_"])
-            assigner.exemplars_ = np.asarray(arrays["exemplars"], dtype=np.float32)
+            stored = np.asarray(arrays["exemplars"])
+            # float16 since int8 components; older routers stored float32, used as they are.
+            assigner._set_exemplars(stored if stored.dtype == np.float16 else stored.astype(np.float32))
             assigner.exemplar_labels_ = np.asarray(arrays["exemplar_labels"], dtype=np.int64)
             assigner.classes_ = np.asarray(arrays["classes"], dtype=np.int64)
             assigner.centroids_ = np.asarray(arrays["centroids"], dtype=np.float32)
