@@ -35,8 +35,8 @@ from crecli import console, grading
 from crecli.errors import CreError
 from crecli.models.prompting import shots_of
 from crecli.costs import BUDGET_EPS, BUDGET_KINDS, DEFAULT_RETAIN, Budget, CostModel  # noqa: F401 (re-exported)
-from crecli.quality import (
-    DeferralCheck, Deferral, accept_deferral, decide, deferral_features, done, feature_names, greedy_agreement,
+from crecli.quality import (  # noqa: F401 (CHECKS re-exported)
+    CHECKS, DEFAULT_CHECK, DeferralCheck, Deferral, accept_deferral, decide, deferral_features, done, feature_names, greedy_agreement,
     needed,
 )
 
@@ -1083,7 +1083,6 @@ def folds(n: int, k: int, seed: int) -> list[list[int]]:
 
 # P(correct) thresholds swept per rung below the top; 1.0 always escalates.
 DEFERRAL_GRID = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-CHECKS = ("agreement", "deferral")
 # Ridge penalty on the standardised weights: with a few hundred labelled answers per rung
 # it barely moves a weight the data supports, and keeps a feature that is constant in the
 # training folds (the margin on a log without choice queries) at zero.
@@ -1275,7 +1274,7 @@ class Calibration:
     reference_result: SimResult | None = None  # every query on the strongest model
     deferral: DeferralCheck | None = None  # the fitted deferral check ("deferral" only)
     signals: dict[str, dict[str, Any]] | None = None  # held-out AUROC per model and signal
-    check: str = "agreement"
+    check: str = DEFAULT_CHECK
 
 
 def recalibrate(
@@ -1284,7 +1283,7 @@ def recalibrate(
     budget: Budget,
     n_folds: int = 5,
     seed: int = 0,
-    check: str = "agreement",
+    check: str = DEFAULT_CHECK,
     votes: int = 1,
 ) -> Calibration:
     """Choose per-cluster models and the quality check's thresholds for `budget`, by cross-validation.
@@ -1309,6 +1308,9 @@ def recalibrate(
     quality = router.quality
     if check == "deferral" and not 1 <= votes <= quality.k:
         raise CreError(f"--votes {votes}: the router records {quality.k} vote(s) a query; use 1 to {quality.k}")
+    if check == "agreement" and quality.k == 1:
+        console.warn("the router was fitted with one vote a query (--k 1), so the agreement check can only "
+                     "escalate empty answers; use the default --check deferral, or refit with --k 5 to tune agreement")
     n = len(data.records)
     if n < 2 * n_folds:
         raise CreError(f"only {n} labelled queries: too few for {n_folds}-fold cross-validation (use --folds 2 or a larger log)")
@@ -1426,7 +1428,7 @@ def run(
     n_folds: int = 5,
     seed: int = 0,
     force: bool = False,
-    check: str = "agreement",
+    check: str = DEFAULT_CHECK,
     votes: int = 1,
     unit: str | None = None,
 ) -> tuple[Calibration, Path]:

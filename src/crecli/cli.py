@@ -16,7 +16,7 @@ import typer
 from crecli import __version__
 from crecli.errors import CreError
 from crecli.models.bench import PP_TOKENS, REPEATS, TG_TOKENS
-from crecli.quality import MAX_TEMPERATURE, MAX_VOTES
+from crecli.quality import CHECKS, DEFAULT_CHECK, DEFAULT_FIT_VOTES, MAX_TEMPERATURE, MAX_VOTES
 
 EXIT_CODES = """Exit codes: 0 success; 1 error (the message says what to do); 2 bad usage;
 3 `cre batch` finished but some lines got error records; 130 interrupted (Ctrl-C)."""
@@ -226,7 +226,7 @@ def fit(
     n_neighbors: Annotated[Optional[int], typer.Option(min=2, help="UMAP n_neighbors (default scales with the log size).", show_default=False)] = None,
     max_fit_rows: Annotated[int, typer.Option(min=10, help="Larger logs are clustered on a sample of this many rows; the rest are assigned afterwards.")] = 20000,
     sample_per_cluster: Annotated[Optional[int], typer.Option(min=1, help="Run the models on at most N labelled queries per cluster (caps calibration cost).", show_default=False)] = None,
-    k: Annotated[int, typer.Option("--k", min=1, max=MAX_VOTES, help="Self-consistency votes per model and query (1 greedy + k-1 samples).")] = 5,
+    k: Annotated[int, typer.Option("--k", min=1, max=MAX_VOTES, help="Votes recorded per model and query (1 greedy + k-1 samples). 1 is all the default deferral check needs; the agreement check (`cre calibrate --check agreement`) needs more, e.g. 5, at k times the model time.")] = DEFAULT_FIT_VOTES,
     temperature: Annotated[float, typer.Option(min=0.0, max=MAX_TEMPERATURE, callback=_finite, help="Sampling temperature of votes 2..k.")] = 0.7,
     fmt: Annotated[Optional[str], typer.Option("--format", help="jsonl, csv or text (default: by file extension).", show_default=False)] = None,
     prompt_field: Annotated[str, typer.Option(help="Field holding the prompt.")] = "prompt",
@@ -248,6 +248,7 @@ def fit(
 
     Interrupt it at any time: a re-run runs no model on a query it already answered (outcomes
     are stored as they come). Reading, embedding, clustering and calibration are redone.
+    Then run `cre calibrate ROUTER`: it tunes the budget and the quality check held out.
 
     With --served, the prompts `cre ask`, `cre batch` and `cre serve` answered join the
     embedding and clustering, so clusters follow real traffic; only the log's labelled rows
@@ -263,7 +264,9 @@ def fit(
 
       cre fit querylog.jsonl -o router.cre --served
 
-      cre fit querylog.jsonl -o router.cre --k 1 --shots 0,1,3
+      cre fit querylog.jsonl -o router.cre --shots 0,1,3
+
+      cre fit querylog.jsonl -o router.cre --k 5   # votes for `cre calibrate --check agreement`
     """
     from crecli import render
     from crecli.fit import FitOptions, fit as run_fit
@@ -333,7 +336,7 @@ def calibrate(
     store: Annotated[Optional[Path], typer.Option(help="Outcome store (default: the one `cre fit` uses).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Warn instead of failing when local model files differ from the router's.")] = False,
     max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, help="Longest log line (and so prompt) to read, in bytes (default: what `cre fit` was given).", show_default=False)] = None,
-    check: Annotated[str, typer.Option(help="Quality check: 'agreement' (self-consistency votes) or 'deferral' (a logistic P(correct) model per rung on the greedy answer's own signals).")] = "agreement",
+    check: Annotated[str, typer.Option(help="Quality check: 'deferral' (a logistic P(correct) model per rung on the greedy answer's own signals) or 'agreement' (self-consistency votes; needs a fit with --k above 1).")] = DEFAULT_CHECK,
     votes: Annotated[int, typer.Option(min=1, help="With --check deferral: votes a rung draws (1: the greedy answer alone; more adds their agreement as a signal).")] = 1,
     cost_unit: CostUnitOpt = None,
     json_: JsonOpt = False,
@@ -353,7 +356,7 @@ def calibrate(
 
       cre calibrate router.cre --max-cost 0.4 -o cheap.cre --json
 
-      cre calibrate router.cre --retain 0.98 --check deferral
+      cre calibrate router.cre --check agreement   # needs a fit with --k 5
     """
     from crecli import calibrate as calibration, render
 
@@ -630,9 +633,7 @@ def log_(
 
       cre log --since 2025-01-01 -o traffic.jsonl
 
-      cre fit querylog.jsonl -o router.cre --served
-
-      cre fit querylog.jsonl -o router.cre --k 1 --shots 0,1,3
+      cre fit querylog.jsonl -o router.cre --served   # cluster with the logged prompts
     """
     from crecli import render, servedlog
 

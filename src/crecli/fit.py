@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from crecli import paths
 from crecli.console import status
-from crecli.quality import QualityCheck
+from crecli.quality import DEFAULT_FIT_VOTES, QualityCheck
 
 if TYPE_CHECKING:
     from crecli.config import ModelConfig
@@ -37,7 +37,8 @@ class FitOptions:
     min_samples: int | None = None
     max_fit_rows: int = 20000
     sample_per_cluster: int | None = None
-    quality: QualityCheck = field(default_factory=QualityCheck)
+    # The votes `cre fit --k` records (DEFAULT_FIT_VOTES: the greedy answer alone).
+    quality: QualityCheck = field(default_factory=lambda: QualityCheck(k=DEFAULT_FIT_VOTES))
     fmt: str | None = None
     fields: "FieldMap | None" = None
     skip_bad: bool = False

@@ -43,6 +43,16 @@ if TYPE_CHECKING:
 MAX_VOTES = 64
 MAX_TEMPERATURE = 5.0
 
+# The two quality checks `cre calibrate --check` chooses between. "deferral" is the default:
+# it keeps the greedy answer (one generation a rung, 0.99x its cost in bench/quality_check.py)
+# and predicted right answers better than five votes' agreement (docs/calibration.md).
+CHECKS = ("agreement", "deferral")
+DEFAULT_CHECK = "deferral"
+# Votes `cre fit` records per model and query: the greedy answer alone, which is all the
+# default deferral check draws; more only feed the agreement check and cost k times the
+# model time of the fit.
+DEFAULT_FIT_VOTES = 1
+
 # Bump when prompt rendering, answer caps or vote seeds change: recorded votes made under
 # another version are not comparable and are re-run.
 PROMPT_VERSION = 2
