@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from crecli import config, embed
-from crecli.embed import LlamaEmbedder, TfidfEmbedder, embed_texts, embedder_from_state, make_embedder
+from crecli.embed import LlamaEmbedder, normalize_rows, TfidfEmbedder, embed_texts, embedder_from_state, make_embedder
 from crecli.errors import ConfigError, CreError, RouterFileError
 from crecli.models.fake import FakeBackend
 
@@ -305,3 +305,59 @@ def test_a_cache_that_refuses_writes_warns_once(pinned: Callable, monkeypatch: p
 def test_tfidf_settings_refuse_bools_for_numbers_and_huge_dims(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field):
         embed.make_embedder({"kind": "tfidf", field: value}, config.load())
+
+
+EDGE_TEXTS = ["", "   ", "a", "I", "x y", "What  is\t12 plus\n\n30?", "Ünïcödé wörds, naïve café!", "12345 678", "(A) yes (B) no",
+              "word " * 50, "tab\tand\u00a0nbsp", "emoji 🙂 and \u2028 separator"]
+
+
+@pytest.mark.parametrize(("analyzer", "mask_digits"), [("word+char", True), ("word", False)])
+def test_transform_matches_scikit_learn(analyzer: str, mask_digits: bool) -> None:
+    """Route-time TF-IDF is computed without scikit-learn; it must give the rows
+    TfidfVectorizer gives with the same vocabulary and idf."""
+    import json
+    from pathlib import Path
+
+    import scipy.sparse as sp
+
+    log = Path(__file__).resolve().parents[1] / "examples" / "querylog.jsonl"
+    texts = [json.loads(line)["prompt"] for line in log.read_text().splitlines()]
+    emb = TfidfEmbedder(analyzer=analyzer, mask_digits=mask_digits).fit(texts)
+    vecs = emb._vectorizers()
+    for vec, vocab, idf in zip(vecs, (emb.word_vocab_, emb.char_vocab_), (emb.word_idf_, emb.char_idf_)):
+        vec.vocabulary = {str(t): i for i, t in enumerate(vocab.tolist())}
+        vec.idf_ = idf
+    probe = texts[:200] + EDGE_TEXTS
+    X = sp.hstack([v.transform(probe) for v in vecs]).tocsr()
+    want = normalize_rows(X @ emb.components_.T)
+    assert np.allclose(emb.transform(probe), want, atol=1e-6)
+
+
+def test_analyzers_list_the_terms_scikit_learn_lists() -> None:
+    from crecli.embed import _mask_digits, char_terms, word_terms
+
+    vecs = TfidfEmbedder()._vectorizers()  # their preprocessor masks digits, as ours does
+    word, char = (v.build_analyzer() for v in vecs)
+    for text in EDGE_TEXTS + ["What is the capital of France?", "Which of these is a color?\n(A) table\n(B) blue"]:
+        assert sorted(word_terms(_mask_digits(text))) == sorted(word(text))
+        assert sorted(char_terms(_mask_digits(text))) == sorted(char(text))
+
+
+def test_routing_imports_neither_scikit_learn_nor_scipy(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Importing scikit-learn takes 1-2 s on 2 cores: a one-off `cre ask` must not pay it."""
+    import subprocess
+    import sys
+
+    emb = TfidfEmbedder(dims=4, min_df=1).fit(TEXTS)
+    params, arrays = emb.state()
+    np.savez(tmp_path / "state.npz", **arrays)
+    code = (
+        "import json, sys, numpy as np\n"
+        "from crecli.embed import TfidfEmbedder\n"
+        f"arrays = dict(np.load({str(tmp_path / 'state.npz')!r}))\n"
+        f"emb = TfidfEmbedder.from_state(json.loads({json.dumps(json.dumps(params))}), arrays)\n"
+        "emb.transform(['What is 2 plus 2?'])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

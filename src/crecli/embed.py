@@ -55,6 +55,41 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# scikit-learn's analyzers, as TfidfVectorizer runs them with our preprocessor: the word
+# tokens of its default token_pattern and their bigrams (ngram_range (1, 2)), and
+# "char_wb" 2-4 grams of each whitespace-separated word padded with a space. `transform`
+# uses these at route time; `fit` learns the vocabulary with scikit-learn itself, and
+# tests/test_embed.py checks that both list the same terms.
+_TOKEN = re.compile(r"(?u)\b\w+\b")
+_WHITE_SPACES = re.compile(r"\s\s+")
+WORD_NGRAMS = (1, 2)
+CHAR_NGRAMS = (2, 4)
+
+
+def word_terms(text: str) -> list[str]:
+    """A preprocessed text's word terms: its tokens, then each pair of neighbours."""
+    tokens = _TOKEN.findall(text)
+    return tokens + [" ".join(tokens[i : i + 2]) for i in range(len(tokens) - 1)]
+
+
+def char_terms(text: str) -> list[str]:
+    """A preprocessed text's character 2-4 grams within words padded by a space (a word
+    shorter than n gives its one padded n-gram once)."""
+    grams: list[str] = []
+    lo, hi = CHAR_NGRAMS
+    for word in _WHITE_SPACES.sub(" ", text).split():
+        word = f" {word} "
+        for n in range(lo, hi + 1):
+            offset = 0
+            grams.append(word[:n])
+            while offset + n < len(word):
+                offset += 1
+                grams.append(word[offset : offset + n])
+            if offset == 0:
+                break
+    return grams
+
+
 def quantize(rows: "np.ndarray") -> tuple["np.ndarray", "np.ndarray"]:
     """Each row as int8 codes times one float32 scale (its largest magnitude / 127).
 
@@ -198,12 +233,12 @@ class TfidfEmbedder(Embedder):
         import numpy as np
         from sklearn.feature_extraction.text import TfidfVectorizer
 
-        # float64 so that a vectoriser rebuilt from the stored float64 idf gives identical output.
+        # float64, as `transform` computes the rows from the stored float64 idf.
         common = {"sublinear_tf": True, "min_df": min_df, "dtype": np.float64,
                   "preprocessor": _mask_digits if self.mask_digits else _lower}
-        vecs = [TfidfVectorizer(analyzer="word", ngram_range=(1, 2), token_pattern=r"(?u)\b\w+\b", **common)]
+        vecs = [TfidfVectorizer(analyzer="word", ngram_range=WORD_NGRAMS, token_pattern=_TOKEN.pattern, **common)]
         if self.analyzer == "word+char":
-            vecs.append(TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), **common))
+            vecs.append(TfidfVectorizer(analyzer="char_wb", ngram_range=CHAR_NGRAMS, **common))
         return vecs
 
     def fit(self, texts: Sequence[str]) -> "TfidfEmbedder":
@@ -238,7 +273,7 @@ class TfidfEmbedder(Embedder):
             self.char_vocab_, self.char_idf_ = self._export(vecs[1])
         else:
             self.char_vocab_, self.char_idf_ = np.array([], dtype="<U1"), np.array([], dtype=np.float64)
-        self._vecs = self._rebuild()
+        self._lookups = self._build_lookups()
         self._identity = ""
         return self
 
@@ -251,14 +286,20 @@ class TfidfEmbedder(Embedder):
             terms[col] = term
         return np.array(terms, dtype=str), np.asarray(vec.idf_, dtype=np.float64)
 
-    def _rebuild(self) -> list[Any]:
-        """Vectorisers from the stored vocabulary and idf only (the path a router file takes)."""
-        vecs = self._vectorizers()
-        pairs = [(self.word_vocab_, self.word_idf_), (self.char_vocab_, self.char_idf_)]
-        for vec, (vocab, idf) in zip(vecs, pairs):
-            vec.vocabulary = {str(term): i for i, term in enumerate(vocab.tolist())}
-            vec.idf_ = idf
-        return vecs
+    def _build_lookups(self) -> list[tuple[dict[str, int], "np.ndarray", Callable[[str], list[str]], int]]:
+        """Per block (words, then characters): term -> column in the block, the block's idf,
+        the analyzer that lists a text's terms, and the block's first column in the
+        components. Plain Python and numpy: routing never imports scikit-learn."""
+        preprocess = _mask_digits if self.mask_digits else _lower
+        blocks = [(self.word_vocab_, self.word_idf_, lambda text: word_terms(preprocess(text)))]
+        if self.analyzer == "word+char":
+            blocks.append((self.char_vocab_, self.char_idf_, lambda text: char_terms(preprocess(text))))
+        lookups = []
+        offset = 0
+        for vocab, idf, terms in blocks:
+            lookups.append(({str(t): i for i, t in enumerate(vocab.tolist())}, idf, terms, offset))
+            offset += len(vocab)
+        return lookups
 
     @staticmethod
     def _stack(blocks: list[Any]) -> Any:
@@ -275,10 +316,38 @@ class TfidfEmbedder(Embedder):
             raise CreError("the tfidf embedder is not fitted: call fit() on the log's prompts first")
 
     def transform(self, texts: Sequence[str]) -> "np.ndarray":
+        """Each text's TF-IDF row times the SVD components, unit length.
+
+        The rows are what scikit-learn's TfidfVectorizer gives with the fitted vocabulary
+        and idf (sublinear tf, idf, each block L2-normalised; tests/test_embed.py checks it
+        against scikit-learn), computed here so that `cre ask` does not spend the 1-2 s that
+        importing scikit-learn takes on a 2-core machine.
+        """
+        import numpy as np
+
         self._require_fitted()
         texts = list(texts)
-        X = self._stack([v.transform(texts) for v in self._vecs])
-        return normalize_rows(X @ self.components_.T)
+        out = np.zeros((len(texts), self.components_.shape[0]), dtype=np.float64)
+        for row, text in enumerate(texts):
+            cols: list["np.ndarray"] = []
+            vals: list["np.ndarray"] = []
+            for lookup, idf, terms, offset in self._lookups:
+                counts: dict[int, int] = {}
+                for term in terms(text):
+                    col = lookup.get(term)
+                    if col is not None:
+                        counts[col] = counts.get(col, 0) + 1
+                if not counts:
+                    continue
+                idx = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+                tf = np.fromiter(counts.values(), dtype=np.float64, count=len(counts))
+                weights = (np.log(tf) + 1.0) * idf[idx]
+                cols.append(idx + offset)
+                vals.append(weights / np.sqrt(np.dot(weights, weights)))
+            if cols:
+                idx = np.concatenate(cols)
+                out[row] = self.components_[:, idx].astype(np.float64) @ np.concatenate(vals)
+        return normalize_rows(out)
 
     @property
     def identity(self) -> str:
@@ -341,7 +410,7 @@ class TfidfEmbedder(Embedder):
             emb._check_params()
         except ConfigError as exc:
             raise RouterFileError(f"tfidf embedder state: {exc}") from None
-        emb._vecs = emb._rebuild()
+        emb._lookups = emb._build_lookups()
         return emb
 
 
