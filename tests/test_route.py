@@ -33,6 +33,7 @@ def test_prompts_start_on_their_clusters_model(router: RouterFile, prompt: str, 
     assert decision.reason.endswith(f"starts on {model}")
     assert -1e-6 <= decision.distance < router.assigner.threshold_
     assert decision.seconds > 0
+    assert decision.familiar
 
 
 def test_a_prompt_far_from_every_cluster_goes_to_the_fallback(router: RouterFile) -> None:
@@ -40,6 +41,7 @@ def test_a_prompt_far_from_every_cluster_goes_to_the_fallback(router: RouterFile
     assert (decision.cluster, decision.model) == (-1, "medium")
     assert decision.distance > router.assigner.threshold_
     assert decision.reason == f"far from every cluster (distance {decision.distance:.3f}): fallback to medium"
+    assert not decision.familiar
 
 
 def test_a_prompt_beyond_its_clusters_reach_starts_on_the_fallback(router: RouterFile) -> None:
@@ -51,6 +53,7 @@ def test_a_prompt_beyond_its_clusters_reach_starts_on_the_fallback(router: Route
     assert near.cluster == beyond.cluster == 1
     assert near.distance <= reach < beyond.distance < router.assigner.threshold_
     assert near.model == "medium" and beyond.model == "large"
+    assert near.familiar and not beyond.familiar
     assert f"farther than any of them sits from the others ({reach:.3f})" in beyond.reason
     assert beyond.reason.endswith("starts on large")
 
@@ -74,7 +77,7 @@ def test_a_cluster_the_router_does_not_know_goes_to_the_fallback(router: RouterF
 def test_decision_is_json_ready(router: RouterFile) -> None:
     decision = route(router, "What is 2 plus 2?")
     data = json.loads(json.dumps(decision.to_dict()))
-    assert set(data) == {"cluster", "model", "distance", "reason", "seconds"}
+    assert set(data) == {"cluster", "model", "distance", "reason", "seconds", "familiar"}
     assert RouteDecision(**data) == decision
 
 

@@ -165,6 +165,7 @@ class Trace:
     route_seconds: float
     answer_type: str | None
     start_model: str
+    familiar: bool = True  # `RouteDecision.familiar`: the router's log had queries like this prompt
     steps: list[Step] = field(default_factory=list)
     answer: str = ""
     model: str = ""
@@ -339,6 +340,7 @@ class Cascade:
             route_seconds=decision.seconds,
             answer_type=answer_type,
             start_model=decision.model,
+            familiar=decision.familiar,
         )
         return Pending(
             prompt=prompt,

@@ -115,14 +115,23 @@ def _clip(text: str, width: int = 24) -> str:
     return repr(text if len(text) <= width else text[: width - 1] + "…")
 
 
-def explain_trace(trace: "Trace") -> None:
-    """The cascade's trace, readable, on stderr."""
+def explain_trace(trace: "Trace", router_name: str = "the router") -> None:
+    """The cascade's trace, readable, on stderr. `router_name` says which router answered,
+    for the hint given when the prompt was unlike its log."""
     from rich.markup import escape
 
     e = err()
     where = f"cluster {trace.cluster}" if trace.cluster >= 0 else "no cluster (fallback)"
     e.print(f"[bold]route[/bold]  {where}, distance {trace.distance:.3f}, {trace.route_seconds * 1000:.1f} ms: "
             f"{escape(trace.route_reason)}", highlight=False)
+    if not trace.familiar:
+        e.print(
+            f"[bold]hint[/bold]   {escape(router_name)} was fitted on a log with no queries like this one, so it "
+            f"started on the strongest model, {escape(trace.start_model)}, rather than trust a cheaper one it never "
+            "saw answer such prompts. To route prompts like it cheaply, fit a router on a labelled log of your own: "
+            "cre fit LOG -o router.cre && cre calibrate router.cre",
+            highlight=False,
+        )
     e.print(f"       answer type {trace.answer_type or 'unknown (generic normaliser)'}", highlight=False)
     for n, step in enumerate(trace.steps, start=1):
         verdict = "[green]accepted[/green]" if step.accepted else "[yellow]not sure[/yellow]"
@@ -142,9 +151,9 @@ def explain_trace(trace: "Trace") -> None:
     )
 
 
-def routed_answer(trace: "Trace", as_json: bool, explain: bool) -> None:
+def routed_answer(trace: "Trace", as_json: bool, explain: bool, router_name: str = "the router") -> None:
     if explain:
-        explain_trace(trace)
+        explain_trace(trace, router_name)
     if as_json:
         print_json(trace.to_dict())
         return

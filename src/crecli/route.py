@@ -23,6 +23,9 @@ class RouteDecision:
     distance: float  # to the assigned cluster's exemplars, in the embedder's space
     reason: str
     seconds: float
+    # Whether the prompt is like the labelled queries of its cluster (in a cluster, and
+    # within its reach): only then does the router's record speak for its starting model.
+    familiar: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,10 +69,10 @@ def route_vectors(router: "RouterFile", vectors: Any, start: float | None = None
     labels, distances = router.assigner.predict(vectors)
     decided = [_decide(router, int(cid), float(distance)) for cid, distance in zip(labels, distances)]
     share = (time.perf_counter() - start) / max(1, len(decided))
-    return [RouteDecision(cluster=c, model=m, distance=d, reason=r, seconds=share) for c, m, d, r in decided]
+    return [RouteDecision(cluster=c, model=m, distance=d, reason=r, seconds=share, familiar=f) for c, m, d, r, f in decided]
 
 
-def _decide(router: "RouterFile", cid: int, distance: float) -> tuple[int, str, float, str]:
+def _decide(router: "RouterFile", cid: int, distance: float) -> tuple[int, str, float, str, bool]:
     info = router.cluster(cid) if cid >= 0 else None
     if info is None:
         why = (
@@ -77,12 +80,13 @@ def _decide(router: "RouterFile", cid: int, distance: float) -> tuple[int, str, 
             if cid < 0
             else f"cluster {cid} is not in the router file"
         )
-        return -1, router.fallback_model, distance, f"{why}: fallback to {router.fallback_model}"
+        return -1, router.fallback_model, distance, f"{why}: fallback to {router.fallback_model}", False
     examples = f", e.g. {info.examples[0][:60]!r}" if info.examples else ""
     reach = router.assigner.reach(cid)
-    if reach is not None and distance > reach and info.model != router.fallback_model:
+    beyond = reach is not None and distance > reach
+    if beyond and info.model != router.fallback_model:
         return cid, router.fallback_model, distance, (
             f"cluster {cid} ({info.size} queries{examples}), but {distance:.3f} from its queries, farther than any of "
             f"them sits from the others ({reach:.3f}): its record does not vouch for {info.model}; "
-            f"starts on {router.fallback_model}")
-    return cid, info.model, distance, f"cluster {cid} ({info.size} queries{examples}) starts on {info.model}"
+            f"starts on {router.fallback_model}"), False
+    return cid, info.model, distance, f"cluster {cid} ({info.size} queries{examples}) starts on {info.model}", not beyond
