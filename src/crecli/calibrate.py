@@ -1440,7 +1440,8 @@ def run(
     log = fitted_log(router, log)
     target = output or router_path
     if store is not None:
-        paths.check_output(store, "--store", [("the query log", log), ("the router", router_path)], example="outcomes.sqlite")
+        paths.check_output(store, "--store", [("the query log", log), ("the router", router_path)], example="outcomes.sqlite",
+                           allow="an outcome store")
     keep = [("the query log", log), ("the outcome store", store), *[("a models.toml", Path(f)) for f in settings.sources]]
     paths.check_output(target, "-o", keep)
     reader = router.fit.reader

@@ -277,7 +277,8 @@ def run(
     from crecli import calibrate, paths, routerfile
 
     if store is not None:
-        paths.check_output(store, "--store", [("the log", log), ("the router", router_path)], example="outcomes.sqlite")
+        paths.check_output(store, "--store", [("the log", log), ("the router", router_path)], example="outcomes.sqlite",
+                           allow="an outcome store")
     if plot is not None:
         keep = [("the log", log), ("the router", router_path), ("the outcome store", store),
                 *[("a models.toml", Path(f)) for f in settings.sources]]

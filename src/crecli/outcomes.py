@@ -148,7 +148,7 @@ def settings_key(quality: "QualityCheck", max_tokens: int) -> str:
 
 
 def default_store_path() -> Path:
-    return paths.data_dir() / "outcomes.sqlite"
+    return paths.outcome_store_file()
 
 
 class OutcomeStore:

@@ -7,6 +7,7 @@ them with one folder, which tests and CI use to stay away from the real user's f
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -98,31 +99,146 @@ def writable_dir(path: Path) -> Path:
     return path
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def outcome_store_file() -> Path:
+    """The outcome store every fit shares unless `--store` names another."""
+    return data_dir() / "outcomes.sqlite"
+
+
+# SQLite's own files beside a store, and the lock `cre fit` holds while it runs models
+# (outcomes.STORE_LOCK_SUFFIX): all of them are part of the store.
+STORE_SIDECARS = ("-journal", "-wal", "-shm", ".lock")
+
+
+@dataclass(frozen=True)
+class Owned:
+    """A file (or, with `tree`, a whole folder) crecli keeps for itself."""
+
+    what: str
+    path: Path
+    tree: bool = False
+
+
+def owned_files(stores: Iterable[Path | None] = ()) -> list[Owned]:
+    """Every file crecli owns, and the folders it owns whole: the one list a user-named
+    output is checked against (`check_output`).
+
+    `stores` adds outcome stores given with `--store` to the default one. Model files and
+    caches (the embedding cache, verified stamps, numba's) are owned as folders, since
+    their file names come and go.
+    """
+    from crecli import servedlog
+
+    owned: list[Owned] = []
+    for store in (outcome_store_file(), *(Path(s) for s in stores if s is not None)):
+        owned.append(Owned("an outcome store", store))
+        owned += [Owned("an outcome store's own file", store.with_name(store.name + s)) for s in STORE_SIDECARS]
+    live = servedlog.log_path()
+    owned += [Owned("the served-query log", servedlog.generation_path(live, n)) for n in range(servedlog.GENERATIONS + 1)]
+    owned.append(Owned("the served-query log's lock file", live.with_name(servedlog.LOCK_NAME)))
+    owned += [
+        Owned("crecli's settings.toml", user_settings_file()),
+        Owned("crecli's benchmark file", bench_file()),
+        Owned("the user models.toml", user_models_toml()),
+        Owned("crecli's model folder", models_dir(), tree=True),
+        Owned("crecli's cache folder", cache_dir(), tree=True),
+    ]
+    return owned
+
+
+def _stat(path: Path) -> os.stat_result | None:
     try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)  # symlinks and hard links too
-        return a.resolve() == b.resolve()
-    except OSError:
+        return path.stat()  # follows symlinks, as a write would
+    except (OSError, ValueError):
+        return None
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return path.absolute()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether writing `a` writes `b`: the same inode where both exist (symlinks and hard
+    links included), else the same resolved path."""
+    sa, sb = _stat(a), _stat(b)
+    if sa is not None and sb is not None:
+        return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+    return _resolved(a) == _resolved(b)
+
+
+# A hard link into an owned folder is found by scanning it; the scan stops here, which
+# the model and cache folders (a few dozen files) never reach.
+_TREE_SCAN_LIMIT = 10_000
+
+
+def _in_tree(path: Path, tree: Path) -> bool:
+    """Whether `path` lies in the folder `tree`, or is a hard link to a file in it."""
+    root = _resolved(tree)
+    if _resolved(path).is_relative_to(root):
+        return True
+    st = _stat(path)
+    if st is None or st.st_nlink < 2 or not root.is_dir():
         return False
+    seen = 0
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            seen += 1
+            other = _stat(Path(folder) / name)
+            if other is not None and (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                return True
+            if seen >= _TREE_SCAN_LIMIT:
+                return False
+    return False
+
+
+def owner_of(path: Path, stores: Iterable[Path | None] = (), allow: str | None = None) -> Owned | None:
+    """The owned file (`owned_files`) that writing `path` would write over, or None.
+
+    `allow` names the one kind an output may be (`--store` may be an outcome store).
+    """
+    for owned in owned_files(stores):
+        if owned.what == allow:
+            continue
+        if _in_tree(path, owned.path) if owned.tree else _same_file(path, owned.path):
+            return owned
+    return None
 
 
 def check_output(
-    path: Path, option: str, keep: Iterable[tuple[str, Path | None]] = (), example: str = "router.cre"
+    path: Path,
+    option: str,
+    keep: Iterable[tuple[str, Path | None]] = (),
+    example: str = "router.cre",
+    allow: str | None = None,
 ) -> Path:
-    """Refuse, before any work, an output file that cannot be written or would replace an input.
+    """Refuse, before any work, an output file that cannot be written, would replace an
+    input, or would replace a file crecli owns.
 
     Writing a router over its own log destroys the log, and a folder that cannot be
     written in fails only at the end of an hour-long fit, so every command that writes a
     file the user names calls this first. `option` names the flag in messages ("-o");
     `keep` pairs a description ("the query log") with each file the command reads, which
     the output must not be; `example` is a file name to suggest when `path` is a folder.
+    Every file in `owned_files` (the outcome stores, including any in `keep`, the
+    served-query log, settings, benchmarks, models and caches) is refused too, however
+    the path reaches it; `allow` exempts one kind (`--store` is "an outcome store").
     """
     from crecli.errors import CreError
 
+    keep = list(keep)
     for what, other in keep:
         if other is not None and _same_file(path, Path(other)):
             raise CreError(f"{option} {path} is {what} ({other}); writing there would destroy it. Choose another file name")
+    stores = [Path(other) for what, other in keep if other is not None and what == "the outcome store"]
+    owned = owner_of(path, stores, allow=allow)
+    if owned is not None:
+        where = f"is in {owned.what} ({owned.path})" if owned.tree else f"is {owned.what} ({owned.path})"
+        raise CreError(
+            f"{option} {path} {where}, which crecli keeps for itself; writing there would destroy it. "
+            "Choose another file name"
+        )
     if path.is_dir():
         raise CreError(f"{option} {path} is a folder; give a file name in it, e.g. {path / example}")
     folder = path.absolute().parent
