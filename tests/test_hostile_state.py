@@ -120,3 +120,36 @@ def test_store_option_may_name_the_default_store(tmp_path: Path) -> None:
     # An ordinary output next to crecli's files is fine.
     elsewhere = tmp_path / "router.cre"
     assert paths.check_output(elsewhere, "-o") == elsewhere
+
+
+# ---------------------------------------------------------------- 2. a cut served-log line loses only itself
+
+
+def _served_entry(prompt: str) -> dict:
+    from test_servedlog import trace
+
+    return servedlog.ServedLog(Path("unused"), "ask").entry(prompt, trace())
+
+
+def test_an_append_after_a_cut_line_starts_a_line_of_its_own(tmp_path: Path) -> None:
+    live = tmp_path / "served.jsonl"
+    log = servedlog.ServedLog(live, "ask")
+    assert log.append(_served_entry("first"))
+    full = servedlog._line(_served_entry("cut by a full disk"))
+    with live.open("ab") as fh:
+        fh.write(full[: len(full) // 2])  # what a crash or a full disk leaves
+    assert log.append(_served_entry("after the cut"))
+    assert log.append(_served_entry("and one more"))
+    reading = servedlog.read([live])
+    assert [e["prompt"] for e in reading.entries] == ["first", "after the cut", "and one more"]
+    assert reading.bad == 1
+
+
+def test_the_reader_recovers_an_entry_glued_onto_a_cut_line(tmp_path: Path) -> None:
+    live = tmp_path / "served.jsonl"
+    cut = servedlog._line(_served_entry("cut"))[:40]
+    good = servedlog._line(_served_entry('holds {"schema": 1, inside'))
+    live.write_bytes(servedlog._line(_served_entry("before")) + cut + good + servedlog._line(_served_entry("after")))
+    reading = servedlog.read([live])
+    assert [e["prompt"] for e in reading.entries] == ["before", 'holds {"schema": 1, inside', "after"]
+    assert reading.bad == 1

@@ -11,9 +11,11 @@ The one home of the log's format, place, appending, rotation and reading. The lo
 `trace` is `Trace.to_dict()` whole (steps, votes, tokens, seconds); the top-level copies of
 its main fields are there so that people and `jq` need not dig for them.
 
-Appending is one `os.write` of one whole line to a file opened with O_APPEND, so lines of
-concurrent `cre` processes never interleave; a line cut short (a full disk, a killed
-process) is skipped and counted by the reader, never fatal. Past `MAX_BYTES` the file
+Appending is one `os.write` of one whole line to a file opened with O_APPEND, under a
+lock file shared by `cre` processes, so their lines never interleave. A line cut short (a
+full disk, a killed process) is ended by the next append before it writes, so the next
+entry starts a line of its own; the reader skips and counts the cut line, never fatal, and
+reads an entry that an older crecli glued onto one. Past `MAX_BYTES` the file
 becomes `served.1.jsonl` (and `.1` becomes `.2`, up to `GENERATIONS`; the oldest goes)
 before the next append. Logging never fails an answer: a write that fails warns once on
 stderr and the command goes on.
@@ -126,6 +128,12 @@ def _exclusive(lock_file: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+def _ends_a_line(fd: int) -> bool:
+    """Whether the file is empty or its last byte ends a line."""
+    size = os.fstat(fd).st_size
+    return size == 0 or os.pread(fd, 1, size - 1) == b"\n"
+
+
 @dataclass
 class ServedLog:
     """Appends entries for one command; `enabled` False makes `record` do nothing."""
@@ -203,16 +211,21 @@ class ServedLog:
         with self._lock:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._rotate_if_full()
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-                try:
-                    wrote = os.write(fd, data)
-                    if wrote != len(data):
-                        # End the cut line, so the next entry starts on a line of its own.
-                        os.write(fd, b"\n")
-                        raise OSError(f"only {wrote} of {len(data)} bytes written")
-                finally:
-                    os.close(fd)
+                # One lock between `cre` processes for rotating and appending: the check for a
+                # cut last line and the write after it must see the same end of file.
+                with _exclusive(self.path.with_name(LOCK_NAME)):
+                    self._rotate_if_full()
+                    fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+                    try:
+                        if not _ends_a_line(fd):
+                            # A crash or a full disk cut the last line: end it first, or this
+                            # entry would be glued onto it and both lost to the reader.
+                            data = b"\n" + data
+                        wrote = os.write(fd, data)
+                        if wrote != len(data):
+                            raise OSError(f"only {wrote} of {len(data)} bytes written")
+                    finally:
+                        os.close(fd)
             except OSError as exc:
                 self._warn(f"cannot write the served-query log {self.path} ({exc.strerror or exc}); "
                            "answering goes on without it (turn it off with --no-log)")
@@ -221,23 +234,17 @@ class ServedLog:
         return True
 
     def _rotate_if_full(self) -> None:
+        """Rotate a full live file; called under the lock, so two processes that both saw a
+        full file rotate it once, not twice (which would push a generation out early)."""
         try:
             if self.path.stat().st_size < self.max_bytes:
                 return
         except FileNotFoundError:
             return
-        # Under a lock, with the size checked again inside, so two processes that both saw a
-        # full file rotate it once, not twice (which would push a generation out early).
-        with _exclusive(self.path.with_name(LOCK_NAME)):
-            try:
-                if self.path.stat().st_size < self.max_bytes:
-                    return
-            except FileNotFoundError:
-                return
-            for n in range(self.generations, 0, -1):
-                older = generation_path(self.path, n - 1)
-                if n - 1 == 0 or older.exists():
-                    os.replace(older, generation_path(self.path, n))
+        for n in range(self.generations, 0, -1):
+            older = generation_path(self.path, n - 1)
+            if n - 1 == 0 or older.exists():
+                os.replace(older, generation_path(self.path, n))
 
     def _warn(self, message: str) -> None:
         if self.failed:
@@ -318,11 +325,38 @@ def _read_file(path: Path) -> Iterator[dict[str, Any] | None]:
             if not raw.strip():
                 continue
             try:
-                entry = json.loads(raw)
+                entry = json.loads(raw, parse_constant=_no_constant)
             except (ValueError, RecursionError):
+                # Only the damaged bytes are lost: an entry glued onto a cut line (written
+                # before appends ended cut lines) still starts with its own `{"schema": `.
                 yield None
+                glued = _glued_entry(raw)
+                if glued is not None:
+                    yield glued
                 continue
             yield entry if _valid(entry) else None
+
+
+# How every entry's line begins (`_line` writes "schema" first). Inside a JSON string a
+# quote is escaped, so these bytes past a line's start begin another entry.
+_ENTRY_START = b'{"schema": '
+
+
+def _glued_entry(raw: bytes) -> dict[str, Any] | None:
+    """The last whole entry inside a line that does not parse, or None."""
+    start = raw.rfind(_ENTRY_START)
+    if start <= 0:
+        return None
+    try:
+        entry = json.loads(raw[start:], parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        return None
+    return entry if _valid(entry) else None
+
+
+def _no_constant(name: str) -> None:
+    """NaN and Infinity (which no JSON output may hold) are read as null."""
+    return None
 
 
 def read(
