@@ -153,3 +153,161 @@ def test_the_reader_recovers_an_entry_glued_onto_a_cut_line(tmp_path: Path) -> N
     reading = servedlog.read([live])
     assert [e["prompt"] for e in reading.entries] == ["before", 'holds {"schema": 1, inside', "after"]
     assert reading.bad == 1
+
+
+# ---------------------------------------------------------------- 3. an unwritable or full outcome store
+
+
+def stopped(run: Run, *words: str) -> None:
+    """Exit 1 after progress lines, ending in one `Error: ...` line naming each of `words`."""
+    assert run.code == 1, run
+    last = run.err.rstrip("\n").split("\n")[-1]
+    assert last.startswith("Error: ") and "Traceback" not in run.err and run.out == "", run.err
+    for word in words:
+        assert word in last, (word, last)
+
+
+def _read_only_connect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Open every store read-only, as SQLite does a file or folder it may not write (tests
+    may run as root, whom permissions do not stop)."""
+    from crecli import outcomes
+
+    real = sqlite3.connect
+    monkeypatch.setattr(outcomes.sqlite3, "connect", lambda path, *a, **k: real(f"file:{path}?mode=ro", uri=True))
+
+
+@pytest.fixture
+def labelled(tmp_path: Path) -> Path:
+    """A labelled JSONL log: a fit runs every model on it."""
+    path = tmp_path / "labelled.jsonl"
+    rows = [{"id": f"q{i}", "prompt": f"What is {i} plus {i}?", "reference": str(2 * i), "match": "numeric"} for i in range(12)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_read_only_store_stops_a_fit_before_any_model_runs(cre, labelled, tiny_models_toml, fakes, tmp_path, monkeypatch) -> None:
+    from crecli.outcomes import OutcomeStore
+
+    store = tmp_path / "outcomes.sqlite"
+    OutcomeStore(store).close()
+    before = store.read_bytes()
+    _read_only_connect(monkeypatch)
+    run = fit(cre, labelled, tiny_models_toml, "-o", tmp_path / "r.cre", "--store", store)
+    stopped(run, str(store), "cannot be written", "nothing was run", "--store")
+    assert fakes == {} and store.read_bytes() == before and not (tmp_path / "r.cre").exists()
+
+
+def test_a_read_only_store_still_serves_what_it_holds(tiny_models_toml, fake_backends, tmp_path, monkeypatch) -> None:
+    from crecli import config
+    from crecli.outcomes import OutcomeStore, collect
+    from crecli.quality import QualityCheck
+    from crecli.querylog import Record
+
+    settings = config.load(tiny_models_toml)
+    records = [Record(id=f"q{i}", prompt=f"What is {i} plus {i}?", reference=[str(2 * i)], match="numeric") for i in range(3)]
+    created = fake_backends({m: (lambda text, p: "4") for m in settings.ladder})
+    with OutcomeStore(tmp_path / "s.sqlite") as store:
+        first = collect(records, settings, store, QualityCheck(k=1))
+    created.clear()
+    _read_only_connect(monkeypatch)
+    with OutcomeStore(tmp_path / "s.sqlite") as store:
+        assert store.unwritable is not None
+        assert collect(records, settings, store, QualityCheck(k=1)) == first
+    assert created == {}
+
+
+class _FullDisk:
+    """A connection whose commits fail once `room` rows are in, like a disk that fills up."""
+
+    def __init__(self, db: sqlite3.Connection, room: int) -> None:
+        self.db, self.room = db, room
+
+    def execute(self, *args: object) -> sqlite3.Cursor:
+        return self.db.execute(*args)
+
+    def commit(self) -> None:
+        if self.room <= 0:
+            raise sqlite3.OperationalError("database or disk is full")
+        self.room -= 1
+        self.db.commit()
+
+    def rollback(self) -> None:
+        self.db.rollback()
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def test_a_store_that_fills_up_is_an_error_that_keeps_the_rows_recorded(
+    cre, labelled, tiny_models_toml, fakes, tmp_path, monkeypatch
+) -> None:
+    from crecli import outcomes
+    from crecli.outcomes import OutcomeStore
+
+    real_init = OutcomeStore.__init__
+
+    def init(self: OutcomeStore, path: Path) -> None:
+        real_init(self, path)
+        self._db = _FullDisk(self._db, room=3)
+
+    monkeypatch.setattr(OutcomeStore, "__init__", init)
+    store = tmp_path / "outcomes.sqlite"
+    run = fit(cre, labelled, tiny_models_toml, "-o", tmp_path / "r.cre", "--store", store, "--k", "1")
+    stopped(run, str(store), "database or disk is full", "the 3 recorded before it in this run are kept", "run the command again")
+    assert "Traceback" not in run.err and not (tmp_path / "r.cre").exists()
+    monkeypatch.setattr(OutcomeStore, "__init__", real_init)
+    with outcomes.OutcomeStore(store) as again:
+        assert again.count() == 3
+
+
+# ---------------------------------------------------------------- 4. two commands on one store
+
+
+def test_a_second_command_waits_for_the_first_and_reuses_its_work(
+    tiny_models_toml, fake_backends, tmp_path, capsys
+) -> None:
+    import fcntl
+    import threading
+    import time
+
+    from crecli import config, grading
+    from crecli.models.pull import model_identity
+    from crecli.outcomes import OutcomeStore, Vote, collect, prompt_sha256, settings_key
+    from crecli.quality import QualityCheck
+    from crecli.querylog import Record
+
+    settings = config.load(tiny_models_toml)
+    quality = QualityCheck(k=1)
+    records = [Record(id=f"q{i}", prompt=f"What is {i} plus {i}?", reference=[str(2 * i)], match="numeric") for i in range(4)]
+    created = fake_backends({m: (lambda text, p: "4") for m in settings.ladder})
+    path = tmp_path / "outcomes.sqlite"
+    OutcomeStore(path).close()
+    # Another `cre fit` holds the store's lock while it runs the models.
+    other = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    results: dict = {}
+
+    def second() -> None:
+        with OutcomeStore(path) as store:
+            results.update(collect(records, settings, store, quality))
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while "is running models on this store; waiting" not in capsys.readouterr().err:
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.05)
+    assert created == {}  # waiting, not running
+    # The first command records every outcome, then exits (its lock goes with it).
+    key = settings_key(quality, grading.max_tokens_for("numeric"))
+    with OutcomeStore(path) as first:
+        for name in settings.ladder:
+            identity = model_identity(settings.get(name)) or ""
+            for r in records:
+                first.put(prompt_sha256(r.prompt), name, identity, key, 5, [Vote("4", 1, 0.5)])
+    os.close(other)
+    thread.join(10)
+    assert not thread.is_alive()
+    assert created == {}  # no model was loaded: everything was recorded meanwhile
+    assert len(results) == len(records) * len(settings.ladder)
+    assert all(o.votes[0].seconds == 0.5 for o in results.values())
