@@ -311,3 +311,23 @@ def test_a_second_command_waits_for_the_first_and_reuses_its_work(
     assert created == {}  # no model was loaded: everything was recorded meanwhile
     assert len(results) == len(records) * len(settings.ladder)
     assert all(o.votes[0].seconds == 0.5 for o in results.values())
+
+
+# ---------------------------------------------------------------- 9. settings.toml that is not UTF-8
+
+
+@pytest.mark.parametrize("command", [("ask", "What is 1 plus 1?"), ("batch",), ("serve",), ("eval", "log.jsonl")])
+def test_settings_that_are_not_utf8_are_a_config_error(cre, command, tiny_models_toml) -> None:
+    settings = paths.user_settings_file()
+    settings.parent.mkdir(parents=True)
+    settings.write_bytes(b'default_router = "/r\xff.cre"\n')
+    run = cre(*command, "--models", tiny_models_toml)
+    refused(run, str(settings), "fix or delete the file")
+
+
+def test_a_default_router_that_is_not_a_path_is_a_config_error(cre, tiny_models_toml) -> None:
+    paths.ensure(paths.config_dir())
+    paths.user_settings_file().write_text("default_router = 3\n")
+    refused(cre("ask", "hi", "--models", tiny_models_toml), "default_router must be a file path")
+    paths.user_settings_file().write_text("# nothing set\n")
+    refused(cre("ask", "hi", "--models", tiny_models_toml), "no default router set")

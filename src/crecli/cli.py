@@ -645,27 +645,18 @@ def log_(
 
 
 def _router_path(router: Path | None) -> Path:
-    """--router, else the user's default router from settings.toml."""
+    """--router, else the user's default router (`paths.default_router`)."""
     if router is not None:
         return router
     from crecli import paths
-    from crecli.errors import ConfigError
 
-    import tomllib
-
-    user_settings_file = paths.user_settings_file()
-    try:
-        value = tomllib.loads(user_settings_file.read_text()).get("default_router")
-    except FileNotFoundError:
-        value = None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{user_settings_file}: cannot read the default router ({exc}); fix or delete the file") from None
-    if not value:
+    default = paths.default_router()
+    if default is None:
         raise CreError(
             "no router given and no default router set: pass --router FILE, or fit one with "
             "`cre fit LOG -o router.cre --set-default`"
         )
-    return Path(str(value)).expanduser()
+    return default
 
 
 def _read_prompt(prompt: str) -> str:

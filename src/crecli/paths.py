@@ -267,6 +267,26 @@ def read_user_settings() -> dict:
         raise ConfigError(f"{file}: cannot read it ({exc}); fix or delete the file") from None
 
 
+DEFAULT_ROUTER = "default_router"  # the settings.toml key `cre fit --set-default` writes
+
+
+def default_router() -> Path | None:
+    """The router `cre fit --set-default` recorded in settings.toml, or None when none is set.
+
+    A settings.toml that cannot be read, or a value that is not a path, is a ConfigError.
+    """
+    from crecli.errors import ConfigError
+
+    value = read_user_settings().get(DEFAULT_ROUTER)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(
+            f"{user_settings_file()}: {DEFAULT_ROUTER} must be a file path in quotes, got {value!r}; fix or delete the line"
+        )
+    return Path(value).expanduser()
+
+
 def write_user_settings(data: dict) -> Path:
     """Replace settings.toml atomically, so an interrupted write leaves the old file whole."""
     import tomli_w
