@@ -331,3 +331,49 @@ def test_a_default_router_that_is_not_a_path_is_a_config_error(cre, tiny_models_
     refused(cre("ask", "hi", "--models", tiny_models_toml), "default_router must be a file path")
     paths.user_settings_file().write_text("# nothing set\n")
     refused(cre("ask", "hi", "--models", tiny_models_toml), "no default router set")
+
+
+# ---------------------------------------------------------------- 12. --set-default keeps the rest of settings.toml
+
+
+SETTINGS = """# my crecli settings
+log_queries = false  # keep prompts private
+
+# switched routers on Monday
+default_router = "/old/router.cre"  # the old one
+
+[team]
+# shared
+name = "ops"
+"""
+
+
+def test_set_default_changes_only_its_line(tmp_path: Path) -> None:
+    paths.ensure(paths.config_dir())
+    paths.user_settings_file().write_text(SETTINGS)
+    new = tmp_path / "new.cre"
+    paths.set_default_router(new)
+    text = paths.user_settings_file().read_text()
+    assert text == SETTINGS.replace('default_router = "/old/router.cre"  # the old one\n', f'default_router = "{new}"\n')
+    assert paths.default_router() == new
+
+
+def test_set_default_adds_its_line_above_the_tables(tmp_path: Path) -> None:
+    paths.ensure(paths.config_dir())
+    body = "# comment\nlog_queries = true\n[team]\ndefault_router = 'not the top-level key'\n"
+    paths.user_settings_file().write_text(body)
+    paths.set_default_router(tmp_path / "r.cre")
+    text = paths.user_settings_file().read_text()
+    assert text == f'# comment\nlog_queries = true\ndefault_router = "{tmp_path / "r.cre"}"\n[team]\ndefault_router = \'not the top-level key\'\n'
+    assert paths.read_user_settings()["team"] == {"default_router": "not the top-level key"}
+    # No file yet: one line.
+    paths.user_settings_file().unlink()
+    paths.set_default_router(tmp_path / "r.cre")
+    assert paths.user_settings_file().read_text() == f'default_router = "{tmp_path / "r.cre"}"\n'
+
+
+def test_set_default_on_a_value_it_cannot_edit_in_place_keeps_every_setting(tmp_path: Path) -> None:
+    paths.ensure(paths.config_dir())
+    paths.user_settings_file().write_text('default_router = """\n/multi/line.cre"""\nlog_queries = false\n')
+    paths.set_default_router(tmp_path / "r.cre")
+    assert paths.read_user_settings() == {"default_router": str(tmp_path / "r.cre"), "log_queries": False}

@@ -288,21 +288,78 @@ def default_router() -> Path | None:
 
 
 def write_user_settings(data: dict) -> Path:
-    """Replace settings.toml atomically, so an interrupted write leaves the old file whole."""
+    """Replace settings.toml with `data` (comments and layout are not kept; see
+    `update_user_setting` for a change that keeps them)."""
     import tomli_w
 
+    return _replace_settings_text(tomli_w.dumps(data))
+
+
+def _replace_settings_text(text: str) -> Path:
+    """Write settings.toml atomically, so an interrupted write leaves the old file whole."""
     from crecli.errors import ConfigError
 
     file = user_settings_file()
     folder = writable_dir(file.parent)
     tmp = folder / f".{file.name}.tmp{os.getpid()}"
     try:
-        tmp.write_text(tomli_w.dumps(data), encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, file)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise ConfigError(f"{file}: cannot write it ({exc.strerror or exc}){_home_hint()}") from None
     return file
+
+
+def _with_key(text: str, key: str, line: str) -> str:
+    """`text` with the top-level `key = ...` line replaced by `line`, or `line` added before
+    the first table; everything else (comments, order, other keys) as it was."""
+    import re
+
+    pattern = re.compile(rf"""^[ \t]*(?:{re.escape(key)}|"{re.escape(key)}"|'{re.escape(key)}')[ \t]*=""")
+    lines = text.splitlines(keepends=True)
+    for i, old in enumerate(lines):
+        if old.lstrip().startswith("["):
+            break  # past the top level: keys below belong to a table
+        if pattern.match(old):
+            lines[i] = line
+            return "".join(lines)
+    else:
+        i = len(lines)
+    if i and not lines[i - 1].endswith("\n"):
+        lines[i - 1] += "\n"
+    lines.insert(i, line)
+    return "".join(lines)
+
+
+def update_user_setting(key: str, value: str | bool | int | float) -> Path:
+    """Set one top-level key of settings.toml, keeping the rest of the file as written.
+
+    Only that key's line changes (or one line is added). The edit is checked by parsing
+    the result: if it does not read back as the old settings with the one key changed (a
+    value spread over several lines, say), the file is rewritten from its parsed data,
+    which keeps every setting but not the comments.
+    """
+    import tomllib
+
+    import tomli_w
+
+    data = read_user_settings()  # a broken file is a ConfigError before anything is written
+    try:
+        text = user_settings_file().read_text(encoding="utf-8")
+    except FileNotFoundError:
+        text = ""
+    except OSError as exc:
+        from crecli.errors import ConfigError
+
+        raise ConfigError(f"{user_settings_file()}: cannot read it ({exc.strerror or exc}); fix or delete the file") from None
+    wanted = {**data, key: value}
+    edited = _with_key(text, key, tomli_w.dumps({key: value}))
+    try:
+        same = tomllib.loads(edited) == wanted
+    except tomllib.TOMLDecodeError:
+        same = False
+    return _replace_settings_text(edited if same else tomli_w.dumps(wanted))
 
 
 def check_can_set_default() -> None:
@@ -313,7 +370,9 @@ def check_can_set_default() -> None:
 
 
 def set_default_router(router: Path) -> Path:
-    """Record `router` as the default for `cre ask` and `cre batch`; returns settings.toml's path."""
-    data = read_user_settings()
-    data["default_router"] = str(router.resolve())
-    return write_user_settings(data)
+    """Record `router` as the default for `cre ask` and `cre batch`; returns settings.toml's path.
+
+    Only the `default_router` line of settings.toml changes: comments and other settings
+    stay as the user wrote them.
+    """
+    return update_user_setting(DEFAULT_ROUTER, str(router.resolve()))
