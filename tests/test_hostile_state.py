@@ -377,3 +377,51 @@ def test_set_default_on_a_value_it_cannot_edit_in_place_keeps_every_setting(tmp_
     paths.user_settings_file().write_text('default_router = """\n/multi/line.cre"""\nlog_queries = false\n')
     paths.set_default_router(tmp_path / "r.cre")
     assert paths.read_user_settings() == {"default_router": str(tmp_path / "r.cre"), "log_queries": False}
+
+
+# ---------------------------------------------------------------- 10. hostile fields in the served-query log
+
+
+def _hostile_log() -> Path:
+    from test_servedlog import trace
+
+    live = servedlog.log_path()
+    live.parent.mkdir(parents=True, exist_ok=True)
+    log = servedlog.ServedLog(live, "ask")
+    entry = log.entry("a [bold]prompt[/] \x1b]0;pwned\x07", trace())
+    entry.update(cluster="[/]", escalations="\x1b[2J\x1b[31mred", model="[red]m[/red]", agreement=float("nan"),
+                 cost=float("inf"), command="\x9b31m")
+    line = json.dumps(entry, allow_nan=True).encode() + b"\n"  # what a hand edit or another tool may write
+    live.write_bytes(line + servedlog._line(log.entry("a plain one", trace())))
+    return live
+
+
+def test_cre_log_shows_markup_and_escapes_as_text(cre) -> None:
+    _hostile_log()
+    run = cre("log")
+    assert run.code == 0 and "Traceback" not in run.err, run
+    for raw in ("\x1b", "\x07", "\x9b"):
+        assert raw not in run.out and raw not in run.err
+    assert "[/]" in run.out and "\\x1b[2J" in run.out and "[red]m[/red]" in run.out
+
+
+def test_cre_log_json_and_export_hold_no_nan(cre, tmp_path: Path) -> None:
+    _hostile_log()
+    run = cre("log", "--json")
+    assert run.code == 0, run
+    first = json.loads(run.out, parse_constant=lambda name: pytest.fail(f"{name} in --json output"))[0]
+    assert first["agreement"] is None and first["cost"] is None and first["cluster"] == "[/]"
+    out = tmp_path / "export.jsonl"
+    run = cre("log", "-o", out)
+    assert run.code == 0 and "Traceback" not in run.err, run
+    assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()][1] == "a plain one"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".export")) == []
+
+
+def test_a_failed_export_leaves_no_temp_file(tmp_path: Path) -> None:
+    from crecli.errors import InputError
+
+    out = tmp_path / "export.jsonl"
+    with pytest.raises(InputError, match="cannot be written as JSON"):
+        servedlog.export([{"schema": 1, "x": float("nan")}], out, [])
+    assert list(tmp_path.iterdir()) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Sequence
 
 from crecli.console import err, out, print_json, status, warn
@@ -249,17 +250,22 @@ def served_log(reading: Any, as_json: bool) -> None:
     for col in ("time (UTC)", "command", "model", "cluster", "esc", "agree", "prompt", "answer"):
         table.add_column(col, justify="right" if col in ("cluster", "esc", "agree") else "left",
                          no_wrap=col in ("time (UTC)", "command"), ratio=2 if col in ("prompt", "answer") else None)
+    def cell(value: Any, width: int = 120) -> Text:
+        # Every field is the log's text, which anyone who can write the file controls: a
+        # Text is never read as Rich markup (`[/]`), and terminal_safe shows escapes.
+        return Text(terminal_safe(" ".join(str("" if value is None else value).split())[:width]))
+
     for e in entries:
         agreement = e.get("agreement")
         table.add_row(
-            str(e.get("time", ""))[:19].replace("T", " "),
-            Text(terminal_safe(str(e.get("command", "")))),
-            Text(terminal_safe(str(e.get("model", "")))),
-            str(e.get("cluster", "")),
-            str(e.get("escalations", "")),
-            f"{agreement:.2f}" if isinstance(agreement, (int, float)) else "-",
-            Text(terminal_safe(" ".join(str(e.get("prompt", "")).split())[:120])),
-            Text(terminal_safe(" ".join(str(e.get("answer", "")).split())[:80])),
+            cell(str(e.get("time", ""))[:19].replace("T", " ")),
+            cell(e.get("command")),
+            cell(e.get("model")),
+            cell(e.get("cluster"), 12),
+            cell(e.get("escalations"), 12),
+            Text(f"{agreement:.2f}" if type(agreement) in (int, float) and math.isfinite(agreement) else "-"),
+            cell(e.get("prompt")),
+            cell(e.get("answer"), 80),
         )
     out().print(table)
     if len(entries) < reading.matched:

@@ -406,8 +406,11 @@ def export(entries: list[dict[str, Any]], out: Path, sources: list[Path]) -> Pat
                 fh.write(_line(entry))
         os.replace(tmp, out)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise InputError(f"-o {out}: cannot write it ({exc.strerror or exc})") from None
+    except (TypeError, ValueError) as exc:  # a value JSON cannot hold; `read` gives none, callers might
+        raise InputError(f"-o {out}: an entry cannot be written as JSON ({exc}); nothing was written") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after the replace; left by any failure or Ctrl-C before it
     return out
 
 
