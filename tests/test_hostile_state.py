@@ -425,3 +425,28 @@ def test_a_failed_export_leaves_no_temp_file(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="cannot be written as JSON"):
         servedlog.export([{"schema": 1, "x": float("nan")}], out, [])
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- 11a. the router that answered gets the credit
+
+
+def test_served_entries_credit_the_router_as_loaded(fake_backends, tiny_models_toml, tmp_path: Path) -> None:
+    import hashlib
+
+    from crecli import routerfile
+    from crecli.escalate import Cascade
+    from test_escalate import make_router
+    from test_servedlog import TABLE, install
+
+    install(fake_backends, TABLE)
+    path = tmp_path / "router.cre"
+    routerfile.save(make_router(), path)
+    loaded = hashlib.sha256(path.read_bytes()).hexdigest()
+    served = servedlog.for_command("serve", router=path)
+    with Cascade.from_file(path, tiny_models_toml) as cascade:
+        # Replaced after startup, before the first answer (a refit, a copy over it).
+        path.write_bytes(b"another router entirely")
+        trace = cascade.ask("What is 7 plus 5?")
+        served.record("What is 7 plus 5?", trace, cascade)
+    (entry,) = servedlog.read().entries
+    assert entry["router_sha256"] == loaded

@@ -9,7 +9,8 @@ The one home of the log's format, place, appending, rotation and reading. The lo
      "cost": ..., "cost_unit": ..., "router": ..., "router_sha256": ..., "trace": {...}}
 
 `trace` is `Trace.to_dict()` whole (steps, votes, tokens, seconds); the top-level copies of
-its main fields are there so that people and `jq` need not dig for them.
+its main fields are there so that people and `jq` need not dig for them. `router_sha256` is
+the sha256 of the router file as the cascade loaded it (`RouterFile.file_sha256`).
 
 Appending is one `os.write` of one whole line to a file opened with O_APPEND, under a
 lock file shared by `cre` processes, so their lines never interleave. A line cut short (a
@@ -25,7 +26,6 @@ Only the standard library is imported here: `cre ask` loads this module on every
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -146,7 +146,6 @@ class ServedLog:
     generations: int = GENERATIONS
     written: int = 0
     failed: bool = False  # a write failed (and was warned about); later failures stay quiet
-    _router_sha256: str | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(self, prompt: str, trace: "Trace", cascade: "Cascade | None" = None) -> None:
@@ -176,24 +175,11 @@ class ServedLog:
             "cost": cost,
             "cost_unit": unit,
             "router": str(self.router.resolve()) if self.router is not None else None,
-            "router_sha256": self._router_digest(),
+            # The digest of the bytes the cascade loaded at startup, not of whatever the path
+            # holds now: a router replaced while `cre serve` runs must not get the credit.
+            "router_sha256": cascade.router.file_sha256 if cascade is not None else None,
             "trace": trace.to_dict(),
         }
-
-    def _router_digest(self) -> str | None:
-        """The router file's sha256, hashed once per process; None when it can't be read."""
-        if self.router is None:
-            return None
-        if self._router_sha256 is None:
-            try:
-                digest = hashlib.sha256()
-                with self.router.open("rb") as fh:
-                    for block in iter(lambda: fh.read(1 << 20), b""):
-                        digest.update(block)
-                self._router_sha256 = digest.hexdigest()
-            except OSError:
-                return None
-        return self._router_sha256
 
     def append(self, entry: dict[str, Any]) -> bool:
         """Write one entry as one line; False (after one warning) when it could not be written."""
