@@ -450,3 +450,63 @@ def test_served_entries_credit_the_router_as_loaded(fake_backends, tiny_models_t
         served.record("What is 7 plus 5?", trace, cascade)
     (entry,) = servedlog.read().entries
     assert entry["router_sha256"] == loaded
+
+
+# ---------------------------------------------------------------- 12. files that never end
+
+
+def _endless() -> Path:
+    if not Path("/dev/zero").exists():  # pragma: no cover - not POSIX
+        pytest.skip("no /dev/zero")
+    return Path("/dev/zero")
+
+
+def _in_time(run_it) -> Run:  # type: ignore[no-untyped-def]
+    """Run `run_it()`; fail the test, not hang it, if it is still reading after 20 s."""
+    import signal
+
+    def late(signum: int, frame: object) -> None:
+        raise AssertionError("still reading an endless file after 20 s")
+
+    previous = signal.signal(signal.SIGALRM, late)
+    signal.alarm(20)
+    try:
+        return run_it()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_log_readers_refuse_a_device(cre, router, tiny_models_toml, fakes, tmp_path) -> None:
+    zero = _endless()
+    m = ("--models", tiny_models_toml)
+    refused(_in_time(lambda: cre("eval", zero, "--router", router, *m)), "/dev/zero: is a device", "regular file")
+    refused(_in_time(lambda: fit(cre, zero, tiny_models_toml, "-o", tmp_path / "r.cre")), "is a device")
+    refused(_in_time(lambda: cre("calibrate", router, "--log", zero, *m)), "is a device")
+    refused(_in_time(lambda: cre("batch", zero, "--router", router, *m)), "is a device")
+    refused(_in_time(lambda: cre("batch", "--resume", zero, "--router", router, *m)), "is a device")
+    assert fakes == {}
+
+
+def test_a_served_log_that_is_a_device_is_refused(tmp_path: Path) -> None:
+    from crecli.errors import InputError
+
+    with pytest.raises(InputError, match="is a device"):
+        _in_time(lambda: servedlog.read([_endless()]))
+
+
+def test_batch_input_may_still_come_through_a_pipe(tmp_path: Path) -> None:
+    from crecli.querylog import open_input
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = os.open(fifo, os.O_RDWR)  # keeps the open for reading from blocking
+    try:
+        with open_input(fifo, "x", pipes=True):
+            pass
+        from crecli.errors import InputError
+
+        with pytest.raises(InputError, match="is a pipe, not a regular file.*save it to a file first"):
+            open_input(fifo, "x")
+    finally:
+        os.close(writer)

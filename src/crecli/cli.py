@@ -547,8 +547,10 @@ def batch(
         if file is None:
             summary = run_batch(sys.stdin.buffer, sys.stdout, cascade, done, source="<stdin>", fields=fields, served=served)
         else:
+            from crecli.querylog import open_input
+
             try:
-                fh = file.open("rb")
+                fh = open_input(file, "a file of prompts, or - for stdin", pipes=True)
             except OSError as exc:
                 raise CreError(f"{file}: cannot read it ({exc.strerror})") from None
             with fh:

@@ -295,10 +295,10 @@ def _valid(entry: Any) -> bool:
 
 def _read_file(path: Path) -> Iterator[dict[str, Any] | None]:
     """Each line's entry, or None for a line that is not one (cut short, corrupt, too long)."""
-    from crecli.querylog import LongLine, read_lines
+    from crecli.querylog import LongLine, open_input, read_lines
 
     try:
-        fh = path.open("rb")
+        fh = open_input(path, "a file written by `cre log -o`")
     except FileNotFoundError:
         return  # rotated away between listing and opening
     except OSError as exc:
@@ -376,7 +376,7 @@ def fit_files(own: bool, named: list[Path]) -> list[Path]:
     `--served-log FILE`; a named file that does not exist is an error, not an empty log."""
     for path in named:
         if not path.is_file():
-            what = "is a folder" if path.is_dir() else "not found"
+            what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "not found"
             raise InputError(f"--served-log {path}: {what}; give a file written by `cre log -o FILE`")
     return (log_files() if own else []) + list(named)
 
