@@ -510,3 +510,48 @@ def test_batch_input_may_still_come_through_a_pipe(tmp_path: Path) -> None:
             open_input(fifo, "x")
     finally:
         os.close(writer)
+
+
+# ---------------------------------------------------------------- 12. an oversized manifest, a router of many clusters
+
+
+def test_a_manifest_over_8_mib_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    import zipfile
+
+    from crecli import routerfile
+    from crecli.errors import RouterFileError
+
+    path = tmp_path / "big.cre"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("manifest.json", b" " * ((8 << 20) + 1))  # deflates to a few KB
+    assert path.stat().st_size < 100_000
+    with pytest.raises(RouterFileError, match="over the limit of 8 MiB"):
+        routerfile.load(path, force=True)
+
+
+def test_a_real_manifest_is_far_under_the_cap(tmp_path: Path) -> None:
+    import zipfile
+
+    from crecli import routerfile
+    from test_escalate import make_router
+
+    path = tmp_path / "r.cre"
+    routerfile.save(make_router(), path)
+    with zipfile.ZipFile(path) as zf:
+        assert zf.getinfo("manifest.json").file_size * 50 < routerfile.MAX_MANIFEST_BYTES
+
+
+def test_inspect_shows_a_bounded_table_of_a_router_with_thousands_of_clusters(capsys) -> None:
+    from dataclasses import replace
+
+    from crecli import render
+    from test_escalate import make_router
+
+    router = make_router()
+    many = [replace(router.clusters[i % len(router.clusters)], id=i) for i in range(render.INSPECT_CLUSTERS + 50)]
+    render.inspect_router(replace(router, clusters=many), as_json=False)
+    captured = capsys.readouterr()
+    assert f"Showing the first {render.INSPECT_CLUSTERS} of {len(many)} clusters" in captured.err
+    assert "`cre inspect --json` lists them all" in captured.err
+    render.inspect_router(replace(router, clusters=many), as_json=True)
+    assert len(json.loads(capsys.readouterr().out)["clusters"]) == len(many)

@@ -308,6 +308,8 @@ def inspect(
 ) -> None:
     """Show a router's clusters: size, example prompts, each model's accuracy and cost, the chosen model.
 
+    The table shows the first 200 clusters; --json lists them all.
+
     Examples:
 
       cre inspect router.cre

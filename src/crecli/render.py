@@ -318,6 +318,12 @@ def terminal_safe(text: str) -> str:
     return text.translate(_TERMINAL_ESCAPES)
 
 
+# Rows of the `cre inspect` table: a router fitted on 1,400 queries has about 20-40 clusters,
+# and Rich takes seconds per thousand rows, so a router file with thousands (hand-made, or
+# fitted with --min-cluster-size 2 on a huge log) is shown in part; --json has them all.
+INSPECT_CLUSTERS = 200
+
+
 def inspect_router(router: Any, as_json: bool) -> None:
     from rich.table import Table
     from rich.text import Text
@@ -349,7 +355,7 @@ def inspect_router(router: Any, as_json: bool) -> None:
     for name in ladder:
         table.add_column(Text(f"{terminal_safe(name)}\nacc (n) / cost {cost_label}"), justify="right")
     table.add_column("chosen")
-    for c in router.clusters:
+    for c in router.clusters[:INSPECT_CLUSTERS]:
         cells = []
         for name in ladder:
             st = c.stats.get(name)
@@ -365,6 +371,9 @@ def inspect_router(router: Any, as_json: bool) -> None:
         examples = "\n".join("- " + terminal_safe(e.replace("\n", " ")[:90]) for e in c.examples)
         table.add_row(str(c.id), str(c.size), Text(examples), *cells, Text(terminal_safe(c.model)))
     out().print(table)
+    if len(router.clusters) > INSPECT_CLUSTERS:
+        status(f"Showing the first {INSPECT_CLUSTERS} of {len(router.clusters):,} clusters; "
+               "`cre inspect --json` lists them all.")
 
 
 def _pct(x: float) -> str:
