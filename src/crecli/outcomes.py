@@ -153,9 +153,6 @@ def default_store_path() -> Path:
     return paths.outcome_store_file()
 
 
-# The lock file beside a store (one of paths.STORE_SIDECARS) that a command holds while it
-# runs models into the store.
-STORE_LOCK_SUFFIX = ".lock"
 WAITING = "another cre command (fit, calibrate or eval) is running models on this store; waiting"
 
 
@@ -244,7 +241,7 @@ class OutcomeStore:
             yield
             return
         try:
-            fd = os.open(self.path.with_name(self.path.name + STORE_LOCK_SUFFIX), os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(paths.store_lock_file(self.path), os.O_RDWR | os.O_CREAT, 0o600)
         except OSError:
             yield
             return

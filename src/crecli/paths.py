@@ -104,9 +104,19 @@ def outcome_store_file() -> Path:
     return data_dir() / "outcomes.sqlite"
 
 
-# SQLite's own files beside a store, and the lock `cre fit` holds while it runs models
-# (outcomes.STORE_LOCK_SUFFIX): all of them are part of the store.
-STORE_SIDECARS = ("-journal", "-wal", "-shm", ".lock")
+# SQLite's own files beside a store; they and the store's lock file are part of the store.
+STORE_SIDECARS = ("-journal", "-wal", "-shm")
+
+
+def store_lock_file(store: Path) -> Path:
+    """The lock file a command holds while it runs models into `store` (`OutcomeStore.running_models`)."""
+    return store.with_name(store.name + ".lock")
+
+
+# What an outcome store is called in `Owned.what` (and so in `check_output(allow=...)`), and
+# in the `keep` pairs callers pass for the store a command uses.
+OWNED_STORE = "an outcome store"
+KEEP_STORE = "the outcome store"
 
 
 @dataclass(frozen=True)
@@ -130,8 +140,9 @@ def owned_files(stores: Iterable[Path | None] = ()) -> list[Owned]:
 
     owned: list[Owned] = []
     for store in (outcome_store_file(), *(Path(s) for s in stores if s is not None)):
-        owned.append(Owned("an outcome store", store))
+        owned.append(Owned(OWNED_STORE, store))
         owned += [Owned("an outcome store's own file", store.with_name(store.name + s)) for s in STORE_SIDECARS]
+        owned.append(Owned("an outcome store's lock file", store_lock_file(store)))
     live = servedlog.log_path()
     owned += [Owned("the served-query log", servedlog.generation_path(live, n)) for n in range(servedlog.GENERATIONS + 1)]
     owned.append(Owned("the served-query log's lock file", live.with_name(servedlog.LOCK_NAME)))
@@ -223,7 +234,8 @@ def check_output(
     the output must not be; `example` is a file name to suggest when `path` is a folder.
     Every file in `owned_files` (the outcome stores, including any in `keep`, the
     served-query log, settings, benchmarks, models and caches) is refused too, however
-    the path reaches it; `allow` exempts one kind (`--store` is "an outcome store").
+    the path reaches it; `allow` exempts one kind (`--store` may be an OWNED_STORE). The
+    stores in `keep` must be described as KEEP_STORE.
     """
     from crecli.errors import CreError
 
@@ -231,7 +243,7 @@ def check_output(
     for what, other in keep:
         if other is not None and _same_file(path, Path(other)):
             raise CreError(f"{option} {path} is {what} ({other}); writing there would destroy it. Choose another file name")
-    stores = [Path(other) for what, other in keep if other is not None and what == "the outcome store"]
+    stores = [Path(other) for what, other in keep if other is not None and what == KEEP_STORE]
     owned = owner_of(path, stores, allow=allow)
     if owned is not None:
         where = f"is in {owned.what} ({owned.path})" if owned.tree else f"is {owned.what} ({owned.path})"

@@ -129,9 +129,12 @@ def _exclusive(lock_file: Path) -> Iterator[None]:
 
 
 def _ends_a_line(fd: int) -> bool:
-    """Whether the file is empty or its last byte ends a line."""
-    size = os.fstat(fd).st_size
-    return size == 0 or os.pread(fd, 1, size - 1) == b"\n"
+    """Whether the file is empty or its last byte ends a line (O_APPEND writes go to the end
+    whatever the offset this moves)."""
+    if os.fstat(fd).st_size == 0:
+        return True
+    os.lseek(fd, -1, os.SEEK_END)
+    return os.read(fd, 1) == b"\n"
 
 
 @dataclass
