@@ -20,7 +20,7 @@ from test_hostile_fit import Run, cre, fakes, fit, log, refused, router  # noqa:
 # ---------------------------------------------------------------- 1. -o never replaces crecli's own files
 
 
-def _state_files(home: Path) -> dict[str, Path]:
+def _state_files() -> dict[str, Path]:
     """Every kind of file crecli keeps, created with recognisable bytes."""
     files = {
         "store": paths.outcome_store_file(),
@@ -47,7 +47,7 @@ def _snapshot(files: dict[str, Path]) -> dict[str, bytes | None]:
 
 
 def test_fit_output_onto_any_state_file_is_refused(cre, log, tiny_models_toml, fakes, cre_home, tmp_path) -> None:
-    files = _state_files(cre_home)
+    files = _state_files()
     before = _snapshot(files)
     for name, path in files.items():
         run = fit(cre, log, tiny_models_toml, "-o", path)
@@ -58,7 +58,7 @@ def test_fit_output_onto_any_state_file_is_refused(cre, log, tiny_models_toml, f
 
 
 def test_every_spelling_of_the_default_store_is_refused(cre, log, tiny_models_toml, fakes, cre_home, tmp_path) -> None:
-    store = _state_files(cre_home)["store"]
+    store = _state_files()["store"]
     before = store.read_bytes()
     symlink = tmp_path / "store-link.cre"
     symlink.symlink_to(store)
@@ -71,7 +71,7 @@ def test_every_spelling_of_the_default_store_is_refused(cre, log, tiny_models_to
 
 
 def test_a_hard_link_to_a_model_file_is_refused(cre, log, tiny_models_toml, fakes, cre_home, tmp_path) -> None:
-    model = _state_files(cre_home)["model file"]
+    model = _state_files()["model file"]
     hard = tmp_path / "elsewhere.cre"
     os.link(model, hard)
     refused(fit(cre, log, tiny_models_toml, "-o", hard), "crecli's model folder")
@@ -82,7 +82,7 @@ def test_a_hard_link_to_a_model_file_is_refused(cre, log, tiny_models_toml, fake
 
 
 def test_calibrate_output_onto_state_files_is_refused(cre, router, log, tiny_models_toml, fakes, cre_home, tmp_path) -> None:
-    files = _state_files(cre_home)
+    files = _state_files()
     before = _snapshot(files)
     m = ("--models", tiny_models_toml, "--log", log)
     for name in ("store", "served", "settings", "bench"):
@@ -100,7 +100,7 @@ def test_calibrate_output_onto_state_files_is_refused(cre, router, log, tiny_mod
 
 
 def test_eval_plot_and_log_export_onto_state_files_are_refused(cre, router, log, tiny_models_toml, fakes, cre_home) -> None:
-    files = _state_files(cre_home)
+    files = _state_files()
     files["served"].write_bytes(b"")
     before = _snapshot(files)
     m = ("--router", router, "--models", tiny_models_toml)
@@ -115,7 +115,9 @@ def test_store_option_may_name_the_default_store(tmp_path: Path) -> None:
     store = paths.outcome_store_file()
     paths.ensure(store.parent)
     assert paths.check_output(store, "--store", allow="an outcome store") == store
-    with pytest.raises(Exception, match="outcome store's own file"):
+    from crecli.errors import CreError
+
+    with pytest.raises(CreError, match="outcome store's own file"):
         paths.check_output(store.with_name("outcomes.sqlite-wal"), "--store", allow="an outcome store")
     # An ordinary output next to crecli's files is fine.
     elsewhere = tmp_path / "router.cre"
