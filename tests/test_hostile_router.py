@@ -139,7 +139,7 @@ def patch_central(path: Path, member: str, *, flag: int | None = None, method: i
 
 def test_a_manifest_member_claiming_gigabytes_is_refused_before_inflating(settings: config.ModelConfig, saved: Path) -> None:
     patch_central(saved, "manifest.json", file_size=0xFFFF_FFF0)
-    refused(saved, settings, r"manifest\.json\" would inflate to 4294967280 bytes, over the limit of 64 MiB")
+    refused(saved, settings, r"manifest\.json\" would inflate to 4294967280 bytes, over the limit of 8 MiB")
 
 
 def test_a_zip_bomb_array_is_refused_before_inflating(

@@ -104,8 +104,11 @@ def read_done_ids(path: Path) -> set[str]:
     Error records are not counted as done, so their lines are tried again; unreadable lines
     (such as a last line cut short by a crash) are ignored.
     """
+    from crecli.querylog import open_input
+
     try:
-        raw = path.read_bytes()
+        with open_input(path, "an earlier output file of `cre batch`", pipes=True) as fh:
+            raw = fh.read()
     except FileNotFoundError:
         raise InputError(f"{path}: --resume file not found; drop --resume for a first run") from None
     except OSError as exc:

@@ -1442,8 +1442,9 @@ def run(
     log = fitted_log(router, log)
     target = output or router_path
     if store is not None:
-        paths.check_output(store, "--store", [("the query log", log), ("the router", router_path)], example="outcomes.sqlite")
-    keep = [("the query log", log), ("the outcome store", store), *[("a models.toml", Path(f)) for f in settings.sources]]
+        paths.check_output(store, "--store", [("the query log", log), ("the router", router_path)], example="outcomes.sqlite",
+                           allow=paths.OWNED_STORE)
+    keep = [("the query log", log), (paths.KEEP_STORE, store), *[("a models.toml", Path(f)) for f in settings.sources]]
     paths.check_output(target, "-o", keep)
     reader = router.fit.reader
     if max_line_bytes is not None:

@@ -311,6 +311,8 @@ def inspect(
 ) -> None:
     """Show a router's clusters: size, example prompts, each model's accuracy and cost, the chosen model.
 
+    The table shows the first 200 clusters; --json lists them all.
+
     Examples:
 
       cre inspect router.cre
@@ -550,8 +552,10 @@ def batch(
         if file is None:
             summary = run_batch(sys.stdin.buffer, sys.stdout, cascade, done, source="<stdin>", fields=fields, served=served)
         else:
+            from crecli.querylog import open_input
+
             try:
-                fh = file.open("rb")
+                fh = open_input(file, "a file of prompts, or - for stdin", pipes=True)
             except OSError as exc:
                 raise CreError(f"{file}: cannot read it ({exc.strerror})") from None
             with fh:
@@ -646,27 +650,18 @@ def log_(
 
 
 def _router_path(router: Path | None) -> Path:
-    """--router, else the user's default router from settings.toml."""
+    """--router, else the user's default router (`paths.default_router`)."""
     if router is not None:
         return router
     from crecli import paths
-    from crecli.errors import ConfigError
 
-    import tomllib
-
-    user_settings_file = paths.user_settings_file()
-    try:
-        value = tomllib.loads(user_settings_file.read_text()).get("default_router")
-    except FileNotFoundError:
-        value = None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{user_settings_file}: cannot read the default router ({exc}); fix or delete the file") from None
-    if not value:
+    default = paths.default_router()
+    if default is None:
         raise CreError(
             "no router given and no default router set: pass --router FILE, or fit one with "
             "`cre fit LOG -o router.cre --set-default`"
         )
-    return Path(str(value)).expanduser()
+    return default
 
 
 def _read_prompt(prompt: str) -> str:

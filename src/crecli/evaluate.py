@@ -277,9 +277,10 @@ def run(
     from crecli import calibrate, paths, routerfile
 
     if store is not None:
-        paths.check_output(store, "--store", [("the log", log), ("the router", router_path)], example="outcomes.sqlite")
+        paths.check_output(store, "--store", [("the log", log), ("the router", router_path)], example="outcomes.sqlite",
+                           allow=paths.OWNED_STORE)
     if plot is not None:
-        keep = [("the log", log), ("the router", router_path), ("the outcome store", store),
+        keep = [("the log", log), ("the router", router_path), (paths.KEEP_STORE, store),
                 *[("a models.toml", Path(f)) for f in settings.sources]]
         paths.check_output(plot, "--plot", keep, example="frontier.svg")
     router = routerfile.load(router_path, settings, force=force)

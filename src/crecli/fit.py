@@ -95,16 +95,20 @@ def check_before_fit(log_path: Path, out_path: Path, settings: "ModelConfig", op
     Each of these used to fail only when the router was written, after the whole run, or
     worse, succeed: `-o` naming the log replaced the log with the router.
     """
-    keep = [("the query log", log_path), ("the outcome store", options.store)]
+    keep = [("the query log", log_path), (paths.KEEP_STORE, options.store)]
     keep += [("a served-query log", p) for p in options.served_logs]
     keep += [("a models.toml", Path(source)) for source in settings.sources]
     paths.check_output(out_path, "-o", keep)
     if options.store is not None:
-        paths.check_output(options.store, "--store", [("the query log", log_path)], example="outcomes.sqlite")
+        paths.check_output(options.store, "--store", [("the query log", log_path), *keep[2:]],
+                           example="outcomes.sqlite", allow=paths.OWNED_STORE)
     paths.writable_dir(paths.cache_dir())  # the embedding cache
     if options.set_default:
         paths.check_can_set_default()
-    return options.store or paths.writable_dir(paths.data_dir()) / "outcomes.sqlite"
+    if options.store is not None:
+        return options.store
+    paths.writable_dir(paths.data_dir())
+    return paths.outcome_store_file()
 
 
 def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget", options: FitOptions) -> FitReport:

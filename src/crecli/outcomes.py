@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import sqlite3
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 from crecli import console, grading, paths
 from crecli.errors import ConfigError, CreError
@@ -148,14 +150,23 @@ def settings_key(quality: "QualityCheck", max_tokens: int) -> str:
 
 
 def default_store_path() -> Path:
-    return paths.data_dir() / "outcomes.sqlite"
+    return paths.outcome_store_file()
+
+
+WAITING = "another cre command (fit, calibrate or eval) is running models on this store; waiting"
 
 
 class OutcomeStore:
-    """SQLite file of recorded votes; one row per (prompt, model, model file, settings)."""
+    """SQLite file of recorded votes; one row per (prompt, model, model file, settings).
+
+    Opening probes whether the store takes a write (`writable`), so a read-only file or a
+    full disk is reported before any model runs (`require_writable`), not after an hour
+    of answers that could not be recorded; a store only read from may be read-only.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.recorded = 0  # rows this process has committed
         paths.ensure(self.path.parent)
         try:
             self._db = sqlite3.connect(str(self.path))
@@ -184,6 +195,65 @@ class OutcomeStore:
                 f"{self.path}: outcome store schema {row[0]} is not the one this crecli writes "
                 f"({STORE_SCHEMA}). Move it away or delete it to record outcomes afresh."
             )
+        self.unwritable = self._probe_write()
+
+    def _probe_write(self) -> str | None:
+        """Why the store cannot take a write (read-only file or folder, full disk), or None.
+
+        A real write of one meta row, committed: SQLite opens a read-only file without
+        complaint and says so only at the first write.
+        """
+        try:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('opened', ?)", (time.strftime("%Y-%m-%dT%H:%M:%S%z"),))
+            self._db.commit()
+        except sqlite3.Error as exc:
+            self._rollback()
+            return str(exc)
+        return None
+
+    def _rollback(self) -> None:
+        try:
+            self._db.rollback()
+        except sqlite3.Error:
+            pass
+
+    def require_writable(self, what: str) -> None:
+        """Stop, before `what` runs, when its answers could not be recorded."""
+        if self.unwritable is not None:
+            raise CreError(
+                f"{self.path}: the outcome store cannot be written ({self.unwritable}), so {what} would run "
+                "for nothing. Make the file and its folder writable or free disk space, or give --store a "
+                "file you can write; nothing was run"
+            )
+
+    @contextmanager
+    def running_models(self) -> Iterator[None]:
+        """Held while models run into this store, so a second command on the same store waits
+        and then reuses what the first recorded instead of running it again.
+
+        An advisory flock on a lock file beside the store: the system releases it when
+        the holder exits, killed or not. Where there is no flock, or the lock file cannot
+        be made, commands run unlocked, as before.
+        """
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            yield
+            return
+        try:
+            fd = os.open(paths.store_lock_file(self.path), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            yield
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                console.status(WAITING)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     def get(self, prompt_sha: str, model: str, model_sha: str, key: str) -> tuple[int, list[Vote]] | None:
         row = self._db.execute(
@@ -207,11 +277,21 @@ class OutcomeStore:
             [[v.text, v.output_tokens, v.seconds, *([v.signals.to_list()] if v.signals else [])] for v in votes],
             ensure_ascii=False,
         )
-        self._db.execute(
-            "INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (prompt_sha, model, model_sha, key, prompt_tokens, payload, time.strftime("%Y-%m-%dT%H:%M:%S%z")),
-        )
-        self._db.commit()
+        try:
+            self._db.execute(
+                "INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (prompt_sha, model, model_sha, key, prompt_tokens, payload, time.strftime("%Y-%m-%dT%H:%M:%S%z")),
+            )
+            self._db.commit()
+        except sqlite3.Error as exc:
+            # Rows committed before stay: each query is its own transaction.
+            self._rollback()
+            raise CreError(
+                f"{self.path}: cannot record an outcome ({exc}); the {self.recorded} recorded before it in this "
+                "run are kept. Free disk space or make the store writable, then run the command again: it "
+                "continues where it stopped"
+            ) from None
+        self.recorded += 1
 
     def count(self) -> int:
         """Recorded (prompt, model, model file, settings) rows."""
@@ -301,9 +381,11 @@ def collect(
                 f"{name}: {len(pending) - rerun} queries to run, {rerun} greedy votes to re-run for "
                 f"their signals, {reused} already recorded or labelled"
             )
+            store.require_writable(f"{name} on {len(pending)} queries")
             # Stable: within one set of examples, log order.
             pending.sort(key=lambda j: json.dumps(j.shots, ensure_ascii=False))
-            _run_model(spec, identity, pending, store, quality, pool, results)
+            with store.running_models():
+                _run_model(spec, identity, pending, store, quality, pool, results)
     return results
 
 
@@ -339,23 +421,45 @@ def _run_model(
     pool: "ModelPool | None",
     results: dict[OutcomeKey, Outcome],
 ) -> None:
-    backend: Backend = pool.get(spec) if pool is not None else backend_for(spec)
+    """Run `jobs` on one model, under the store's lock (`OutcomeStore.running_models`).
+
+    Each job is looked up in the store again just before it runs: another command that
+    held the lock may have recorded it meanwhile. The model loads at the first job that
+    still needs it, so a command that waited loads nothing when all was done for it.
+    """
+    backend: Backend | None = None
     # Two log lines with the same prompt and answer cap share one recording.
     done: dict[tuple[str, str], tuple[int, list[Vote]]] = {}
     try:
         with console.progress() as bar:
             task = bar.add_task(f"{spec.name}", total=len(jobs), unit="queries")
             for job in jobs:
-                cached = done.get((job.prompt_sha, job.key))
+                cached = done.get((job.prompt_sha, job.key)) or _recorded_since(store, job, spec.name, identity, quality)
                 if cached is None:
+                    if backend is None:
+                        backend = pool.get(spec) if pool is not None else backend_for(spec)
                     cached = _votes(backend, job, quality)
                     store.put(job.prompt_sha, spec.name, identity, job.key, *cached)
-                    done[(job.prompt_sha, job.key)] = cached
+                done[(job.prompt_sha, job.key)] = cached
                 results[(job.record.id, spec.name)] = _run_outcome(job, spec.name, identity, *cached)
                 bar.advance(task)
     finally:
-        if pool is None:
+        if pool is None and backend is not None:
             backend.close()
+
+
+def _recorded_since(
+    store: OutcomeStore, job: _Job, model: str, identity: str, quality: "QualityCheck"
+) -> tuple[int, list[Vote]] | None:
+    """A recording of `job` made since it was found missing (by another command), or None.
+
+    A job re-run only for the greedy vote's signals counts as done only by a recording
+    that has them.
+    """
+    found = _recorded(store, job.prompt_sha, model, identity, quality, job.max_tokens)
+    if found is None or (job.recorded is not None and (not found[1] or found[1][0].signals is None)):
+        return None
+    return found
 
 
 def _votes(backend: "Backend", job: _Job, quality: "QualityCheck") -> tuple[int, list[Vote]]:

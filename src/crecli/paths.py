@@ -7,6 +7,7 @@ them with one folder, which tests and CI use to stay away from the real user's f
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -98,31 +99,158 @@ def writable_dir(path: Path) -> Path:
     return path
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def outcome_store_file() -> Path:
+    """The outcome store every fit shares unless `--store` names another."""
+    return data_dir() / "outcomes.sqlite"
+
+
+# SQLite's own files beside a store; they and the store's lock file are part of the store.
+STORE_SIDECARS = ("-journal", "-wal", "-shm")
+
+
+def store_lock_file(store: Path) -> Path:
+    """The lock file a command holds while it runs models into `store` (`OutcomeStore.running_models`)."""
+    return store.with_name(store.name + ".lock")
+
+
+# What an outcome store is called in `Owned.what` (and so in `check_output(allow=...)`), and
+# in the `keep` pairs callers pass for the store a command uses.
+OWNED_STORE = "an outcome store"
+KEEP_STORE = "the outcome store"
+
+
+@dataclass(frozen=True)
+class Owned:
+    """A file (or, with `tree`, a whole folder) crecli keeps for itself."""
+
+    what: str
+    path: Path
+    tree: bool = False
+
+
+def owned_files(stores: Iterable[Path | None] = ()) -> list[Owned]:
+    """Every file crecli owns, and the folders it owns whole: the one list a user-named
+    output is checked against (`check_output`).
+
+    `stores` adds outcome stores given with `--store` to the default one. Model files and
+    caches (the embedding cache, verified stamps, numba's) are owned as folders, since
+    their file names come and go.
+    """
+    from crecli import servedlog
+
+    owned: list[Owned] = []
+    for store in (outcome_store_file(), *(Path(s) for s in stores if s is not None)):
+        owned.append(Owned(OWNED_STORE, store))
+        owned += [Owned("an outcome store's own file", store.with_name(store.name + s)) for s in STORE_SIDECARS]
+        owned.append(Owned("an outcome store's lock file", store_lock_file(store)))
+    live = servedlog.log_path()
+    owned += [Owned("the served-query log", servedlog.generation_path(live, n)) for n in range(servedlog.GENERATIONS + 1)]
+    owned.append(Owned("the served-query log's lock file", live.with_name(servedlog.LOCK_NAME)))
+    owned += [
+        Owned("crecli's settings.toml", user_settings_file()),
+        Owned("crecli's benchmark file", bench_file()),
+        Owned("the user models.toml", user_models_toml()),
+        Owned("crecli's model folder", models_dir(), tree=True),
+        Owned("crecli's cache folder", cache_dir(), tree=True),
+    ]
+    return owned
+
+
+def _stat(path: Path) -> os.stat_result | None:
     try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)  # symlinks and hard links too
-        return a.resolve() == b.resolve()
-    except OSError:
+        return path.stat()  # follows symlinks, as a write would
+    except (OSError, ValueError):
+        return None
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return path.absolute()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether writing `a` writes `b`: the same inode where both exist (symlinks and hard
+    links included), else the same resolved path."""
+    sa, sb = _stat(a), _stat(b)
+    if sa is not None and sb is not None:
+        return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+    return _resolved(a) == _resolved(b)
+
+
+# A hard link into an owned folder is found by scanning it; the scan stops here, which
+# the model and cache folders (a few dozen files) never reach.
+_TREE_SCAN_LIMIT = 10_000
+
+
+def _in_tree(path: Path, tree: Path) -> bool:
+    """Whether `path` lies in the folder `tree`, or is a hard link to a file in it."""
+    root = _resolved(tree)
+    if _resolved(path).is_relative_to(root):
+        return True
+    st = _stat(path)
+    if st is None or st.st_nlink < 2 or not root.is_dir():
         return False
+    seen = 0
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            seen += 1
+            other = _stat(Path(folder) / name)
+            if other is not None and (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                return True
+            if seen >= _TREE_SCAN_LIMIT:
+                return False
+    return False
+
+
+def owner_of(path: Path, stores: Iterable[Path | None] = (), allow: str | None = None) -> Owned | None:
+    """The owned file (`owned_files`) that writing `path` would write over, or None.
+
+    `allow` names the one kind an output may be (`--store` may be an outcome store).
+    """
+    for owned in owned_files(stores):
+        if owned.what == allow:
+            continue
+        if _in_tree(path, owned.path) if owned.tree else _same_file(path, owned.path):
+            return owned
+    return None
 
 
 def check_output(
-    path: Path, option: str, keep: Iterable[tuple[str, Path | None]] = (), example: str = "router.cre"
+    path: Path,
+    option: str,
+    keep: Iterable[tuple[str, Path | None]] = (),
+    example: str = "router.cre",
+    allow: str | None = None,
 ) -> Path:
-    """Refuse, before any work, an output file that cannot be written or would replace an input.
+    """Refuse, before any work, an output file that cannot be written, would replace an
+    input, or would replace a file crecli owns.
 
     Writing a router over its own log destroys the log, and a folder that cannot be
     written in fails only at the end of an hour-long fit, so every command that writes a
     file the user names calls this first. `option` names the flag in messages ("-o");
     `keep` pairs a description ("the query log") with each file the command reads, which
     the output must not be; `example` is a file name to suggest when `path` is a folder.
+    Every file in `owned_files` (the outcome stores, including any in `keep`, the
+    served-query log, settings, benchmarks, models and caches) is refused too, however
+    the path reaches it; `allow` exempts one kind (`--store` may be an OWNED_STORE). The
+    stores in `keep` must be described as KEEP_STORE.
     """
     from crecli.errors import CreError
 
+    keep = list(keep)
     for what, other in keep:
         if other is not None and _same_file(path, Path(other)):
             raise CreError(f"{option} {path} is {what} ({other}); writing there would destroy it. Choose another file name")
+    stores = [Path(other) for what, other in keep if other is not None and what == KEEP_STORE]
+    owned = owner_of(path, stores, allow=allow)
+    if owned is not None:
+        where = f"is in {owned.what} ({owned.path})" if owned.tree else f"is {owned.what} ({owned.path})"
+        raise CreError(
+            f"{option} {path} {where}, which crecli keeps for itself; writing there would destroy it. "
+            "Choose another file name"
+        )
     if path.is_dir():
         raise CreError(f"{option} {path} is a folder; give a file name in it, e.g. {path / example}")
     folder = path.absolute().parent
@@ -151,22 +279,99 @@ def read_user_settings() -> dict:
         raise ConfigError(f"{file}: cannot read it ({exc}); fix or delete the file") from None
 
 
+DEFAULT_ROUTER = "default_router"  # the settings.toml key `cre fit --set-default` writes
+
+
+def default_router() -> Path | None:
+    """The router `cre fit --set-default` recorded in settings.toml, or None when none is set.
+
+    A settings.toml that cannot be read, or a value that is not a path, is a ConfigError.
+    """
+    from crecli.errors import ConfigError
+
+    value = read_user_settings().get(DEFAULT_ROUTER)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(
+            f"{user_settings_file()}: {DEFAULT_ROUTER} must be a file path in quotes, got {value!r}; fix or delete the line"
+        )
+    return Path(value).expanduser()
+
+
 def write_user_settings(data: dict) -> Path:
-    """Replace settings.toml atomically, so an interrupted write leaves the old file whole."""
+    """Replace settings.toml with `data` (comments and layout are not kept; see
+    `update_user_setting` for a change that keeps them)."""
     import tomli_w
 
+    return _replace_settings_text(tomli_w.dumps(data))
+
+
+def _replace_settings_text(text: str) -> Path:
+    """Write settings.toml atomically, so an interrupted write leaves the old file whole."""
     from crecli.errors import ConfigError
 
     file = user_settings_file()
     folder = writable_dir(file.parent)
     tmp = folder / f".{file.name}.tmp{os.getpid()}"
     try:
-        tmp.write_text(tomli_w.dumps(data), encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, file)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise ConfigError(f"{file}: cannot write it ({exc.strerror or exc}){_home_hint()}") from None
     return file
+
+
+def _with_key(text: str, key: str, line: str) -> str:
+    """`text` with the top-level `key = ...` line replaced by `line`, or `line` added before
+    the first table; everything else (comments, order, other keys) as it was."""
+    import re
+
+    pattern = re.compile(rf"""^[ \t]*(?:{re.escape(key)}|"{re.escape(key)}"|'{re.escape(key)}')[ \t]*=""")
+    lines = text.splitlines(keepends=True)
+    for i, old in enumerate(lines):
+        if old.lstrip().startswith("["):
+            break  # past the top level: keys below belong to a table
+        if pattern.match(old):
+            lines[i] = line
+            return "".join(lines)
+    else:
+        i = len(lines)
+    if i and not lines[i - 1].endswith("\n"):
+        lines[i - 1] += "\n"
+    lines.insert(i, line)
+    return "".join(lines)
+
+
+def update_user_setting(key: str, value: str | bool | int | float) -> Path:
+    """Set one top-level key of settings.toml, keeping the rest of the file as written.
+
+    Only that key's line changes (or one line is added). The edit is checked by parsing
+    the result: if it does not read back as the old settings with the one key changed (a
+    value spread over several lines, say), the file is rewritten from its parsed data,
+    which keeps every setting but not the comments.
+    """
+    import tomllib
+
+    import tomli_w
+
+    data = read_user_settings()  # a broken file is a ConfigError before anything is written
+    try:
+        text = user_settings_file().read_text(encoding="utf-8")
+    except FileNotFoundError:
+        text = ""
+    except OSError as exc:
+        from crecli.errors import ConfigError
+
+        raise ConfigError(f"{user_settings_file()}: cannot read it ({exc.strerror or exc}); fix or delete the file") from None
+    wanted = {**data, key: value}
+    edited = _with_key(text, key, tomli_w.dumps({key: value}))
+    try:
+        same = tomllib.loads(edited) == wanted
+    except tomllib.TOMLDecodeError:
+        same = False
+    return _replace_settings_text(edited if same else tomli_w.dumps(wanted))
 
 
 def check_can_set_default() -> None:
@@ -177,7 +382,9 @@ def check_can_set_default() -> None:
 
 
 def set_default_router(router: Path) -> Path:
-    """Record `router` as the default for `cre ask` and `cre batch`; returns settings.toml's path."""
-    data = read_user_settings()
-    data["default_router"] = str(router.resolve())
-    return write_user_settings(data)
+    """Record `router` as the default for `cre ask` and `cre batch`; returns settings.toml's path.
+
+    Only the `default_router` line of settings.toml changes: comments and other settings
+    stay as the user wrote them.
+    """
+    return update_user_setting(DEFAULT_ROUTER, str(router.resolve()))

@@ -145,7 +145,7 @@ def read_log(
     if path.is_dir():
         raise InputError(f"{path}: is a directory; pass a query log file (.jsonl, .csv or .txt)")
     try:
-        handle = path.open("rb")
+        handle = open_input(path, "a query log file (.jsonl, .csv or .txt)")
     except FileNotFoundError:
         raise InputError(f"{path}: no such file; check the path") from None
     except OSError as exc:
@@ -172,6 +172,29 @@ def read_log(
             seen[record.id] = source
             records.append(record)
     return LogRead(path=path, sha256=digest.hexdigest(), records=records, bad=bad)
+
+
+def open_input(path: Path, want: str, pipes: bool = False) -> BinaryIO:
+    """`path` opened for reading, refused (InputError) unless it is a regular file, or with
+    `pipes` also a pipe; OSError as `open` raises it.
+
+    A device never ends: `/dev/zero` is one endless line, which the line cap skips a
+    chunk at a time forever, and `/dev/urandom` the same. A log is read more than once
+    (`cre calibrate` reads the fitted log again and checks its sha256), so it must be a
+    file; `cre batch` input may come through a pipe (`<(zcat prompts.gz)`). The check is
+    made on the opened file, so the path cannot be swapped between check and read.
+    """
+    import os
+    import stat
+
+    handle = Path(path).open("rb")
+    mode = os.fstat(handle.fileno()).st_mode
+    if stat.S_ISREG(mode) or (pipes and stat.S_ISFIFO(mode)):
+        return handle
+    handle.close()
+    kind = "a pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    fix = "save it to a file first" if stat.S_ISFIFO(mode) else f"pass {want}"
+    raise InputError(f"{path}: is {kind}, not a regular file, so reading it might never end; {fix}")
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Sequence
 
 from crecli.console import err, out, print_json, status, warn
@@ -259,17 +260,22 @@ def served_log(reading: Any, as_json: bool) -> None:
     for col in ("time (UTC)", "command", "model", "cluster", "esc", "agree", "prompt", "answer"):
         table.add_column(col, justify="right" if col in ("cluster", "esc", "agree") else "left",
                          no_wrap=col in ("time (UTC)", "command"), ratio=2 if col in ("prompt", "answer") else None)
+    def cell(value: Any, width: int = 120) -> Text:
+        # Every field is the log's text, which anyone who can write the file controls: a
+        # Text is never read as Rich markup (`[/]`), and terminal_safe shows escapes.
+        return Text(terminal_safe(" ".join(str("" if value is None else value).split())[:width]))
+
     for e in entries:
         agreement = e.get("agreement")
         table.add_row(
-            str(e.get("time", ""))[:19].replace("T", " "),
-            Text(terminal_safe(str(e.get("command", "")))),
-            Text(terminal_safe(str(e.get("model", "")))),
-            str(e.get("cluster", "")),
-            str(e.get("escalations", "")),
-            f"{agreement:.2f}" if isinstance(agreement, (int, float)) else "-",
-            Text(terminal_safe(" ".join(str(e.get("prompt", "")).split())[:120])),
-            Text(terminal_safe(" ".join(str(e.get("answer", "")).split())[:80])),
+            cell(str(e.get("time", ""))[:19].replace("T", " ")),
+            cell(e.get("command")),
+            cell(e.get("model")),
+            cell(e.get("cluster"), 12),
+            cell(e.get("escalations"), 12),
+            Text(f"{agreement:.2f}" if type(agreement) in (int, float) and math.isfinite(agreement) else "-"),
+            cell(e.get("prompt")),
+            cell(e.get("answer"), 80),
         )
     out().print(table)
     if len(entries) < reading.matched:
@@ -342,6 +348,12 @@ def terminal_safe(text: str) -> str:
     return text.translate(_TERMINAL_ESCAPES)
 
 
+# Rows of the `cre inspect` table: a router fitted on 1,400 queries has about 20-40 clusters,
+# and Rich takes seconds per thousand rows, so a router file with thousands (hand-made, or
+# fitted with --min-cluster-size 2 on a huge log) is shown in part; --json has them all.
+INSPECT_CLUSTERS = 200
+
+
 def inspect_router(router: Any, as_json: bool) -> None:
     from rich.table import Table
     from rich.text import Text
@@ -373,7 +385,7 @@ def inspect_router(router: Any, as_json: bool) -> None:
     for name in ladder:
         table.add_column(Text(f"{terminal_safe(name)}\nacc (n) / cost {cost_label}"), justify="right")
     table.add_column("chosen")
-    for c in router.clusters:
+    for c in router.clusters[:INSPECT_CLUSTERS]:
         cells = []
         for name in ladder:
             st = c.stats.get(name)
@@ -389,6 +401,9 @@ def inspect_router(router: Any, as_json: bool) -> None:
         examples = "\n".join("- " + terminal_safe(e.replace("\n", " ")[:90]) for e in c.examples)
         table.add_row(str(c.id), str(c.size), Text(examples), *cells, Text(terminal_safe(c.model)))
     out().print(table)
+    if len(router.clusters) > INSPECT_CLUSTERS:
+        status(f"Showing the first {INSPECT_CLUSTERS} of {len(router.clusters):,} clusters; "
+               "`cre inspect --json` lists them all.")
     _answered_examples(router)
 
 
@@ -402,7 +417,7 @@ def _answered_examples(router: Any) -> None:
     a control token."""
     from rich.text import Text
 
-    shown = [c for c in router.clusters if c.exemplars and any(c.shots.values())]
+    shown = [c for c in router.clusters[:INSPECT_CLUSTERS] if c.exemplars and any(c.shots.values())]
     if not shown:
         return
     out().print(Text("\nAnswered examples shown before prompts (from the router file):", style="bold"))

@@ -39,7 +39,7 @@ import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, NoReturn, Sequence, TypeVar
 
 from crecli import __version__, console
 from crecli.costs import UNITS, CostUnit
@@ -64,7 +64,11 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 FORMAT = "crecli-router"
 MANIFEST = "manifest.json"
-MAX_MANIFEST_BYTES = 64 << 20
+# A router fitted on 1,400 queries into 40 clusters on 4 models, with --shots 0,1,3 and
+# prompts of up to 90 words, has a 117 KB manifest (its arrays are separate members). 8 MiB
+# leaves room for some thousands of clusters, and bounds what parsing, checking and showing
+# a hostile manifest costs: 64 MiB made `cre inspect` take 13.6 s and 409 MB.
+MAX_MANIFEST_BYTES = 8 << 20
 # Caps on what a router file may make us inflate. The manifest's own sizes cannot be
 # trusted (its checksum is recomputable), so these are fixed. A TF-IDF router on a large
 # log holds tens of MB of arrays; 512 MiB per member and 1 GiB in all leave ample room
@@ -181,6 +185,9 @@ class RouterFile:
     thresholds: dict[str, float]  # per model: agreement (or, with `deferral`, P(correct)) needed to accept
     fit: FitRecord
     deferral: DeferralCheck | None = None  # the calibrated check; None: self-consistency
+    # The sha256 of the file `load` read (None for a router built in memory): what served-log
+    # entries credit, so a file replaced after loading does not get the credit.
+    file_sha256: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def ladder_names(self) -> list[str]:
@@ -468,8 +475,10 @@ def load(path: Path, settings: "ModelConfig | None" = None, force: bool = False)
 
         settings = config.load()
     try:
-        body, arrays = _read(path)
-        return _assemble(path, body, arrays, settings, force)
+        body, arrays, digest = _read(path)
+        router = _assemble(path, body, arrays, settings, force)
+        router.file_sha256 = digest
+        return router
     except _FieldError as exc:
         raise RouterFileError(f"{path}: {exc}; refusing to load it (refit it with `cre fit`)") from None
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, RecursionError) as exc:
@@ -480,13 +489,32 @@ def load(path: Path, settings: "ModelConfig | None" = None, force: bool = False)
         ) from None
 
 
-def _read(path: Path) -> tuple["_Body", dict[str, "np.ndarray"]]:
+def _read(path: Path) -> tuple["_Body", dict[str, "np.ndarray"], str]:
+    """The checked manifest body, the arrays, and the sha256 of the file's bytes.
+
+    One open file serves the hash and the zip, so the digest is that of the bytes loaded
+    even if the path is replaced meanwhile (served-log entries credit it).
+    """
     if not path.is_file():
         raise RouterFileError(f"{path}: no such router file; check the path, or make one with `cre fit`")
     try:
-        with path.open("rb") as fh:
-            head = fh.read(4)
-        is_zip = zipfile.is_zipfile(path)
+        fh = path.open("rb")
+    except OSError as exc:
+        raise RouterFileError(f"{path}: cannot read the router file ({exc.strerror or exc})") from None
+    with fh:
+        return _read_open(path, fh)
+
+
+def _read_open(path: Path, fh: BinaryIO) -> tuple["_Body", dict[str, "np.ndarray"], str]:
+    try:
+        head = fh.read(4)
+        fh.seek(0)
+        sha = hashlib.sha256()
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            sha.update(block)
+        fh.seek(0)
+        is_zip = zipfile.is_zipfile(fh)
+        fh.seek(0)
     except OSError as exc:
         raise RouterFileError(f"{path}: cannot read the router file ({exc.strerror or exc})") from None
     if not is_zip:
@@ -500,13 +528,14 @@ def _read(path: Path) -> tuple["_Body", dict[str, "np.ndarray"]]:
             f"{path}: not a usable crecli router file ({why}). Get the file `cre fit` wrote again, or refit."
         )
     try:
-        zf = zipfile.ZipFile(path)
+        zf = zipfile.ZipFile(fh)
     except _ZIP_ERRORS as exc:
         raise RouterFileError(
             f"{path}: the router file is truncated or damaged ({_clean(str(exc))}). Copy it again, or refit with `cre fit`."
         ) from None
     with zf:
-        return _read_zip(path, zf)
+        body, arrays = _read_zip(path, zf)
+    return body, arrays, sha.hexdigest()
 
 
 # What zipfile and zlib raise on a damaged or hostile archive (bad headers, names that are

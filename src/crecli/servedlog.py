@@ -9,11 +9,14 @@ The one home of the log's format, place, appending, rotation and reading. The lo
      "cost": ..., "cost_unit": ..., "router": ..., "router_sha256": ..., "trace": {...}}
 
 `trace` is `Trace.to_dict()` whole (steps, votes, tokens, seconds); the top-level copies of
-its main fields are there so that people and `jq` need not dig for them.
+its main fields are there so that people and `jq` need not dig for them. `router_sha256` is
+the sha256 of the router file as the cascade loaded it (`RouterFile.file_sha256`).
 
-Appending is one `os.write` of one whole line to a file opened with O_APPEND, so lines of
-concurrent `cre` processes never interleave; a line cut short (a full disk, a killed
-process) is skipped and counted by the reader, never fatal. Past `MAX_BYTES` the file
+Appending is one `os.write` of one whole line to a file opened with O_APPEND, under a
+lock file shared by `cre` processes, so their lines never interleave. A line cut short (a
+full disk, a killed process) is ended by the next append before it writes, so the next
+entry starts a line of its own; the reader skips and counts the cut line, never fatal, and
+reads an entry that an older crecli glued onto one. Past `MAX_BYTES` the file
 becomes `served.1.jsonl` (and `.1` becomes `.2`, up to `GENERATIONS`; the oldest goes)
 before the next append. Logging never fails an answer: a write that fails warns once on
 stderr and the command goes on.
@@ -23,7 +26,6 @@ Only the standard library is imported here: `cre ask` loads this module on every
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -126,6 +128,15 @@ def _exclusive(lock_file: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+def _ends_a_line(fd: int) -> bool:
+    """Whether the file is empty or its last byte ends a line (O_APPEND writes go to the end
+    whatever the offset this moves)."""
+    if os.fstat(fd).st_size == 0:
+        return True
+    os.lseek(fd, -1, os.SEEK_END)
+    return os.read(fd, 1) == b"\n"
+
+
 @dataclass
 class ServedLog:
     """Appends entries for one command; `enabled` False makes `record` do nothing."""
@@ -138,7 +149,6 @@ class ServedLog:
     generations: int = GENERATIONS
     written: int = 0
     failed: bool = False  # a write failed (and was warned about); later failures stay quiet
-    _router_sha256: str | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(self, prompt: str, trace: "Trace", cascade: "Cascade | None" = None) -> None:
@@ -168,24 +178,11 @@ class ServedLog:
             "cost": cost,
             "cost_unit": unit,
             "router": str(self.router.resolve()) if self.router is not None else None,
-            "router_sha256": self._router_digest(),
+            # The digest of the bytes the cascade loaded at startup, not of whatever the path
+            # holds now: a router replaced while `cre serve` runs must not get the credit.
+            "router_sha256": cascade.router.file_sha256 if cascade is not None else None,
             "trace": trace.to_dict(),
         }
-
-    def _router_digest(self) -> str | None:
-        """The router file's sha256, hashed once per process; None when it can't be read."""
-        if self.router is None:
-            return None
-        if self._router_sha256 is None:
-            try:
-                digest = hashlib.sha256()
-                with self.router.open("rb") as fh:
-                    for block in iter(lambda: fh.read(1 << 20), b""):
-                        digest.update(block)
-                self._router_sha256 = digest.hexdigest()
-            except OSError:
-                return None
-        return self._router_sha256
 
     def append(self, entry: dict[str, Any]) -> bool:
         """Write one entry as one line; False (after one warning) when it could not be written."""
@@ -203,16 +200,21 @@ class ServedLog:
         with self._lock:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._rotate_if_full()
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-                try:
-                    wrote = os.write(fd, data)
-                    if wrote != len(data):
-                        # End the cut line, so the next entry starts on a line of its own.
-                        os.write(fd, b"\n")
-                        raise OSError(f"only {wrote} of {len(data)} bytes written")
-                finally:
-                    os.close(fd)
+                # One lock between `cre` processes for rotating and appending: the check for a
+                # cut last line and the write after it must see the same end of file.
+                with _exclusive(self.path.with_name(LOCK_NAME)):
+                    self._rotate_if_full()
+                    fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+                    try:
+                        if not _ends_a_line(fd):
+                            # A crash or a full disk cut the last line: end it first, or this
+                            # entry would be glued onto it and both lost to the reader.
+                            data = b"\n" + data
+                        wrote = os.write(fd, data)
+                        if wrote != len(data):
+                            raise OSError(f"only {wrote} of {len(data)} bytes written")
+                    finally:
+                        os.close(fd)
             except OSError as exc:
                 self._warn(f"cannot write the served-query log {self.path} ({exc.strerror or exc}); "
                            "answering goes on without it (turn it off with --no-log)")
@@ -221,23 +223,17 @@ class ServedLog:
         return True
 
     def _rotate_if_full(self) -> None:
+        """Rotate a full live file; called under the lock, so two processes that both saw a
+        full file rotate it once, not twice (which would push a generation out early)."""
         try:
             if self.path.stat().st_size < self.max_bytes:
                 return
         except FileNotFoundError:
             return
-        # Under a lock, with the size checked again inside, so two processes that both saw a
-        # full file rotate it once, not twice (which would push a generation out early).
-        with _exclusive(self.path.with_name(LOCK_NAME)):
-            try:
-                if self.path.stat().st_size < self.max_bytes:
-                    return
-            except FileNotFoundError:
-                return
-            for n in range(self.generations, 0, -1):
-                older = generation_path(self.path, n - 1)
-                if n - 1 == 0 or older.exists():
-                    os.replace(older, generation_path(self.path, n))
+        for n in range(self.generations, 0, -1):
+            older = generation_path(self.path, n - 1)
+            if n - 1 == 0 or older.exists():
+                os.replace(older, generation_path(self.path, n))
 
     def _warn(self, message: str) -> None:
         if self.failed:
@@ -302,10 +298,10 @@ def _valid(entry: Any) -> bool:
 
 def _read_file(path: Path) -> Iterator[dict[str, Any] | None]:
     """Each line's entry, or None for a line that is not one (cut short, corrupt, too long)."""
-    from crecli.querylog import LongLine, read_lines
+    from crecli.querylog import LongLine, open_input, read_lines
 
     try:
-        fh = path.open("rb")
+        fh = open_input(path, "a file written by `cre log -o`")
     except FileNotFoundError:
         return  # rotated away between listing and opening
     except OSError as exc:
@@ -318,11 +314,38 @@ def _read_file(path: Path) -> Iterator[dict[str, Any] | None]:
             if not raw.strip():
                 continue
             try:
-                entry = json.loads(raw)
+                entry = json.loads(raw, parse_constant=_no_constant)
             except (ValueError, RecursionError):
+                # Only the damaged bytes are lost: an entry glued onto a cut line (written
+                # before appends ended cut lines) still starts with its own `{"schema": `.
                 yield None
+                glued = _glued_entry(raw)
+                if glued is not None:
+                    yield glued
                 continue
             yield entry if _valid(entry) else None
+
+
+# How every entry's line begins (`_line` writes "schema" first). Inside a JSON string a
+# quote is escaped, so these bytes past a line's start begin another entry.
+_ENTRY_START = b'{"schema": '
+
+
+def _glued_entry(raw: bytes) -> dict[str, Any] | None:
+    """The last whole entry inside a line that does not parse, or None."""
+    start = raw.rfind(_ENTRY_START)
+    if start <= 0:
+        return None
+    try:
+        entry = json.loads(raw[start:], parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        return None
+    return entry if _valid(entry) else None
+
+
+def _no_constant(name: str) -> None:
+    """NaN and Infinity (which no JSON output may hold) are read as null."""
+    return None
 
 
 def read(
@@ -356,7 +379,7 @@ def fit_files(own: bool, named: list[Path]) -> list[Path]:
     `--served-log FILE`; a named file that does not exist is an error, not an empty log."""
     for path in named:
         if not path.is_file():
-            what = "is a folder" if path.is_dir() else "not found"
+            what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "not found"
             raise InputError(f"--served-log {path}: {what}; give a file written by `cre log -o FILE`")
     return (log_files() if own else []) + list(named)
 
@@ -372,8 +395,11 @@ def export(entries: list[dict[str, Any]], out: Path, sources: list[Path]) -> Pat
                 fh.write(_line(entry))
         os.replace(tmp, out)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise InputError(f"-o {out}: cannot write it ({exc.strerror or exc})") from None
+    except (TypeError, ValueError) as exc:  # a value JSON cannot hold; `read` gives none, callers might
+        raise InputError(f"-o {out}: an entry cannot be written as JSON ({exc}); nothing was written") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after the replace; left by any failure or Ctrl-C before it
     return out
 
 

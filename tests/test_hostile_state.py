@@ -1,0 +1,559 @@
+"""crecli's own state under hostile or careless use (issue 22): outputs that would replace a
+file crecli keeps, a cut served-log line, an unwritable or shared outcome store, a
+settings.toml that is not UTF-8, hostile `cre log` fields, a router swapped after
+startup, `--set-default` and comments, oversized manifests and endless log files.
+
+Every case runs on fake backends; none loads a model."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from crecli import paths, servedlog
+from test_hostile_fit import Run, cre, fakes, fit, log, refused, router  # noqa: F401 - fixtures
+
+# ---------------------------------------------------------------- 1. -o never replaces crecli's own files
+
+
+def _state_files() -> dict[str, Path]:
+    """Every kind of file crecli keeps, created with recognisable bytes."""
+    files = {
+        "store": paths.outcome_store_file(),
+        "store-journal": paths.outcome_store_file().with_name("outcomes.sqlite-journal"),
+        "store-lock": paths.outcome_store_file().with_name("outcomes.sqlite.lock"),
+        "served": servedlog.log_path(),
+        "served.2": servedlog.generation_path(servedlog.log_path(), 2),
+        "served-lock": servedlog.log_path().with_name(servedlog.LOCK_NAME),
+        "settings": paths.user_settings_file(),
+        "bench": paths.bench_file(),
+        "models.toml": paths.user_models_toml(),
+        "model file": paths.models_dir() / "small.gguf",
+        "embedding cache": paths.cache_dir() / "embeddings" / "vectors.sqlite",
+    }
+    for name, path in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name != "models.toml":  # a models.toml with junk would break every command
+            path.write_bytes(f"precious {name}\n".encode())
+    return files
+
+
+def _snapshot(files: dict[str, Path]) -> dict[str, bytes | None]:
+    return {name: (p.read_bytes() if p.exists() else None) for name, p in files.items()}
+
+
+def test_fit_output_onto_any_state_file_is_refused(cre, log, tiny_models_toml, fakes, cre_home, tmp_path) -> None:
+    files = _state_files()
+    before = _snapshot(files)
+    for name, path in files.items():
+        run = fit(cre, log, tiny_models_toml, "-o", path)
+        refused(run, "which crecli keeps for itself", "Choose another file name")
+    # --served: the private log must not become a world-readable zip.
+    refused(fit(cre, log, tiny_models_toml, "-o", files["served"], "--served"), "the served-query log")
+    assert _snapshot(files) == before and fakes == {}
+
+
+def test_every_spelling_of_the_default_store_is_refused(cre, log, tiny_models_toml, fakes, cre_home, tmp_path) -> None:
+    store = _state_files()["store"]
+    before = store.read_bytes()
+    symlink = tmp_path / "store-link.cre"
+    symlink.symlink_to(store)
+    hard = tmp_path / "store-hard.cre"
+    os.link(store, hard)
+    dotted = store.parent / ".." / store.parent.name / store.name
+    for spelling in (store, dotted, symlink, hard):
+        refused(fit(cre, log, tiny_models_toml, "-o", spelling), "is an outcome store", str(store))
+    assert store.read_bytes() == before and fakes == {}
+
+
+def test_a_hard_link_to_a_model_file_is_refused(cre, log, tiny_models_toml, fakes, cre_home, tmp_path) -> None:
+    model = _state_files()["model file"]
+    hard = tmp_path / "elsewhere.cre"
+    os.link(model, hard)
+    refused(fit(cre, log, tiny_models_toml, "-o", hard), "crecli's model folder")
+    # A state file that does not exist yet is matched by its path.
+    paths.bench_file().unlink()
+    refused(fit(cre, log, tiny_models_toml, "-o", paths.bench_file()), "benchmark file")
+    assert not paths.bench_file().exists() and fakes == {}
+
+
+def test_calibrate_output_onto_state_files_is_refused(cre, router, log, tiny_models_toml, fakes, cre_home, tmp_path) -> None:
+    files = _state_files()
+    before = _snapshot(files)
+    m = ("--models", tiny_models_toml, "--log", log)
+    for name in ("store", "served", "settings", "bench"):
+        refused(cre("calibrate", router, *m, "-o", files[name]), "which crecli keeps for itself")
+    hard = tmp_path / "hard.cre"
+    os.link(files["store"], hard)
+    refused(cre("calibrate", router, *m, "-o", hard), "is an outcome store")
+    # In place: a router kept in crecli's cache folder is not rewritten there.
+    cached = paths.cache_dir() / "r.cre"
+    cached.write_bytes(router.read_bytes())
+    refused(cre("calibrate", cached, *m), "crecli's cache folder")
+    # --store may be an outcome store, but not another state file.
+    refused(cre("calibrate", router, *m, "--store", files["served"]), "--store", "served-query log")
+    assert _snapshot(files) == before and fakes == {}
+
+
+def test_eval_plot_and_log_export_onto_state_files_are_refused(cre, router, log, tiny_models_toml, fakes, cre_home) -> None:
+    files = _state_files()
+    files["served"].write_bytes(b"")
+    before = _snapshot(files)
+    m = ("--router", router, "--models", tiny_models_toml)
+    for name in ("store", "bench", "settings"):
+        refused(cre("eval", log, *m, "--plot", files[name]), "--plot")
+    for name in ("store", "served.2", "settings", "bench", "served-lock"):
+        refused(cre("log", "-o", files[name]), "-o", "writing there would destroy it")
+    assert _snapshot(files) == before and fakes == {}
+
+
+def test_store_option_may_name_the_default_store(tmp_path: Path) -> None:
+    store = paths.outcome_store_file()
+    paths.ensure(store.parent)
+    assert paths.check_output(store, "--store", allow="an outcome store") == store
+    from crecli.errors import CreError
+
+    with pytest.raises(CreError, match="outcome store's own file"):
+        paths.check_output(store.with_name("outcomes.sqlite-wal"), "--store", allow="an outcome store")
+    # An ordinary output next to crecli's files is fine.
+    elsewhere = tmp_path / "router.cre"
+    assert paths.check_output(elsewhere, "-o") == elsewhere
+
+
+# ---------------------------------------------------------------- 2. a cut served-log line loses only itself
+
+
+def _served_entry(prompt: str) -> dict:
+    from test_servedlog import trace
+
+    return servedlog.ServedLog(Path("unused"), "ask").entry(prompt, trace())
+
+
+def test_an_append_after_a_cut_line_starts_a_line_of_its_own(tmp_path: Path) -> None:
+    live = tmp_path / "served.jsonl"
+    log = servedlog.ServedLog(live, "ask")
+    assert log.append(_served_entry("first"))
+    full = servedlog._line(_served_entry("cut by a full disk"))
+    with live.open("ab") as fh:
+        fh.write(full[: len(full) // 2])  # what a crash or a full disk leaves
+    assert log.append(_served_entry("after the cut"))
+    assert log.append(_served_entry("and one more"))
+    reading = servedlog.read([live])
+    assert [e["prompt"] for e in reading.entries] == ["first", "after the cut", "and one more"]
+    assert reading.bad == 1
+
+
+def test_the_reader_recovers_an_entry_glued_onto_a_cut_line(tmp_path: Path) -> None:
+    live = tmp_path / "served.jsonl"
+    cut = servedlog._line(_served_entry("cut"))[:40]
+    good = servedlog._line(_served_entry('holds {"schema": 1, inside'))
+    live.write_bytes(servedlog._line(_served_entry("before")) + cut + good + servedlog._line(_served_entry("after")))
+    reading = servedlog.read([live])
+    assert [e["prompt"] for e in reading.entries] == ["before", 'holds {"schema": 1, inside', "after"]
+    assert reading.bad == 1
+
+
+# ---------------------------------------------------------------- 3. an unwritable or full outcome store
+
+
+def stopped(run: Run, *words: str) -> None:
+    """Exit 1 after progress lines, ending in one `Error: ...` line naming each of `words`."""
+    assert run.code == 1, run
+    last = run.err.rstrip("\n").split("\n")[-1]
+    assert last.startswith("Error: ") and "Traceback" not in run.err and run.out == "", run.err
+    for word in words:
+        assert word in last, (word, last)
+
+
+def _read_only_connect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Open every store read-only, as SQLite does a file or folder it may not write (tests
+    may run as root, whom permissions do not stop)."""
+    from crecli import outcomes
+
+    real = sqlite3.connect
+    monkeypatch.setattr(outcomes.sqlite3, "connect", lambda path, *a, **k: real(f"file:{path}?mode=ro", uri=True))
+
+
+@pytest.fixture
+def labelled(tmp_path: Path) -> Path:
+    """A labelled JSONL log: a fit runs every model on it."""
+    path = tmp_path / "labelled.jsonl"
+    rows = [{"id": f"q{i}", "prompt": f"What is {i} plus {i}?", "reference": str(2 * i), "match": "numeric"} for i in range(12)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_read_only_store_stops_a_fit_before_any_model_runs(cre, labelled, tiny_models_toml, fakes, tmp_path, monkeypatch) -> None:
+    from crecli.outcomes import OutcomeStore
+
+    store = tmp_path / "outcomes.sqlite"
+    OutcomeStore(store).close()
+    before = store.read_bytes()
+    _read_only_connect(monkeypatch)
+    run = fit(cre, labelled, tiny_models_toml, "-o", tmp_path / "r.cre", "--store", store)
+    stopped(run, str(store), "cannot be written", "nothing was run", "--store")
+    assert fakes == {} and store.read_bytes() == before and not (tmp_path / "r.cre").exists()
+
+
+def test_a_read_only_store_still_serves_what_it_holds(tiny_models_toml, fake_backends, tmp_path, monkeypatch) -> None:
+    from crecli import config
+    from crecli.outcomes import OutcomeStore, collect
+    from crecli.quality import QualityCheck
+    from crecli.querylog import Record
+
+    settings = config.load(tiny_models_toml)
+    records = [Record(id=f"q{i}", prompt=f"What is {i} plus {i}?", reference=[str(2 * i)], match="numeric") for i in range(3)]
+    created = fake_backends({m: (lambda text, p: "4") for m in settings.ladder})
+    with OutcomeStore(tmp_path / "s.sqlite") as store:
+        first = collect(records, settings, store, QualityCheck(k=1))
+    created.clear()
+    _read_only_connect(monkeypatch)
+    with OutcomeStore(tmp_path / "s.sqlite") as store:
+        assert store.unwritable is not None
+        assert collect(records, settings, store, QualityCheck(k=1)) == first
+    assert created == {}
+
+
+class _FullDisk:
+    """A connection whose commits fail once `room` rows are in, like a disk that fills up."""
+
+    def __init__(self, db: sqlite3.Connection, room: int) -> None:
+        self.db, self.room = db, room
+
+    def execute(self, *args: object) -> sqlite3.Cursor:
+        return self.db.execute(*args)
+
+    def commit(self) -> None:
+        if self.room <= 0:
+            raise sqlite3.OperationalError("database or disk is full")
+        self.room -= 1
+        self.db.commit()
+
+    def rollback(self) -> None:
+        self.db.rollback()
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def test_a_store_that_fills_up_is_an_error_that_keeps_the_rows_recorded(
+    cre, labelled, tiny_models_toml, fakes, tmp_path, monkeypatch
+) -> None:
+    from crecli import outcomes
+    from crecli.outcomes import OutcomeStore
+
+    real_init = OutcomeStore.__init__
+
+    def init(self: OutcomeStore, path: Path) -> None:
+        real_init(self, path)
+        self._db = _FullDisk(self._db, room=3)
+
+    monkeypatch.setattr(OutcomeStore, "__init__", init)
+    store = tmp_path / "outcomes.sqlite"
+    run = fit(cre, labelled, tiny_models_toml, "-o", tmp_path / "r.cre", "--store", store, "--k", "1")
+    stopped(run, str(store), "database or disk is full", "the 3 recorded before it in this run are kept", "run the command again")
+    assert "Traceback" not in run.err and not (tmp_path / "r.cre").exists()
+    monkeypatch.setattr(OutcomeStore, "__init__", real_init)
+    with outcomes.OutcomeStore(store) as again:
+        assert again.count() == 3
+
+
+# ---------------------------------------------------------------- 4. two commands on one store
+
+
+def test_a_second_command_waits_for_the_first_and_reuses_its_work(
+    tiny_models_toml, fake_backends, tmp_path, capsys
+) -> None:
+    import fcntl
+    import threading
+    import time
+
+    from crecli import config, grading
+    from crecli.models.pull import model_identity
+    from crecli.outcomes import OutcomeStore, Vote, collect, prompt_sha256, settings_key
+    from crecli.quality import QualityCheck
+    from crecli.querylog import Record
+
+    settings = config.load(tiny_models_toml)
+    quality = QualityCheck(k=1)
+    records = [Record(id=f"q{i}", prompt=f"What is {i} plus {i}?", reference=[str(2 * i)], match="numeric") for i in range(4)]
+    created = fake_backends({m: (lambda text, p: "4") for m in settings.ladder})
+    path = tmp_path / "outcomes.sqlite"
+    OutcomeStore(path).close()
+    # Another `cre fit` holds the store's lock while it runs the models.
+    other = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    results: dict = {}
+
+    def second() -> None:
+        with OutcomeStore(path) as store:
+            results.update(collect(records, settings, store, quality))
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while "is running models on this store; waiting" not in capsys.readouterr().err:
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.05)
+    assert created == {}  # waiting, not running
+    # The first command records every outcome, then exits (its lock goes with it).
+    key = settings_key(quality, grading.max_tokens_for("numeric"))
+    with OutcomeStore(path) as first:
+        for name in settings.ladder:
+            identity = model_identity(settings.get(name)) or ""
+            for r in records:
+                first.put(prompt_sha256(r.prompt), name, identity, key, 5, [Vote("4", 1, 0.5)])
+    os.close(other)
+    thread.join(10)
+    assert not thread.is_alive()
+    assert created == {}  # no model was loaded: everything was recorded meanwhile
+    assert len(results) == len(records) * len(settings.ladder)
+    assert all(o.votes[0].seconds == 0.5 for o in results.values())
+
+
+# ---------------------------------------------------------------- 9. settings.toml that is not UTF-8
+
+
+@pytest.mark.parametrize("command", [("ask", "What is 1 plus 1?"), ("batch",), ("serve",), ("eval", "log.jsonl")])
+def test_settings_that_are_not_utf8_are_a_config_error(cre, command, tiny_models_toml) -> None:
+    settings = paths.user_settings_file()
+    settings.parent.mkdir(parents=True)
+    settings.write_bytes(b'default_router = "/r\xff.cre"\n')
+    run = cre(*command, "--models", tiny_models_toml)
+    refused(run, str(settings), "fix or delete the file")
+
+
+def test_a_default_router_that_is_not_a_path_is_a_config_error(cre, tiny_models_toml) -> None:
+    paths.ensure(paths.config_dir())
+    paths.user_settings_file().write_text("default_router = 3\n")
+    refused(cre("ask", "hi", "--models", tiny_models_toml), "default_router must be a file path")
+    paths.user_settings_file().write_text("# nothing set\n")
+    refused(cre("ask", "hi", "--models", tiny_models_toml), "no default router set")
+
+
+# ---------------------------------------------------------------- 12. --set-default keeps the rest of settings.toml
+
+
+SETTINGS = """# my crecli settings
+log_queries = false  # keep prompts private
+
+# switched routers on Monday
+default_router = "/old/router.cre"  # the old one
+
+[team]
+# shared
+name = "ops"
+"""
+
+
+def test_set_default_changes_only_its_line(tmp_path: Path) -> None:
+    paths.ensure(paths.config_dir())
+    paths.user_settings_file().write_text(SETTINGS)
+    new = tmp_path / "new.cre"
+    paths.set_default_router(new)
+    text = paths.user_settings_file().read_text()
+    assert text == SETTINGS.replace('default_router = "/old/router.cre"  # the old one\n', f'default_router = "{new}"\n')
+    assert paths.default_router() == new
+
+
+def test_set_default_adds_its_line_above_the_tables(tmp_path: Path) -> None:
+    paths.ensure(paths.config_dir())
+    body = "# comment\nlog_queries = true\n[team]\ndefault_router = 'not the top-level key'\n"
+    paths.user_settings_file().write_text(body)
+    paths.set_default_router(tmp_path / "r.cre")
+    text = paths.user_settings_file().read_text()
+    assert text == f'# comment\nlog_queries = true\ndefault_router = "{tmp_path / "r.cre"}"\n[team]\ndefault_router = \'not the top-level key\'\n'
+    assert paths.read_user_settings()["team"] == {"default_router": "not the top-level key"}
+    # No file yet: one line.
+    paths.user_settings_file().unlink()
+    paths.set_default_router(tmp_path / "r.cre")
+    assert paths.user_settings_file().read_text() == f'default_router = "{tmp_path / "r.cre"}"\n'
+
+
+def test_set_default_on_a_value_it_cannot_edit_in_place_keeps_every_setting(tmp_path: Path) -> None:
+    paths.ensure(paths.config_dir())
+    paths.user_settings_file().write_text('default_router = """\n/multi/line.cre"""\nlog_queries = false\n')
+    paths.set_default_router(tmp_path / "r.cre")
+    assert paths.read_user_settings() == {"default_router": str(tmp_path / "r.cre"), "log_queries": False}
+
+
+# ---------------------------------------------------------------- 10. hostile fields in the served-query log
+
+
+def _hostile_log() -> Path:
+    from test_servedlog import trace
+
+    live = servedlog.log_path()
+    live.parent.mkdir(parents=True, exist_ok=True)
+    log = servedlog.ServedLog(live, "ask")
+    entry = log.entry("a [bold]prompt[/] \x1b]0;pwned\x07", trace())
+    entry.update(cluster="[/]", escalations="\x1b[2J\x1b[31mred", model="[red]m[/red]", agreement=float("nan"),
+                 cost=float("inf"), command="\x9b31m")
+    line = json.dumps(entry, allow_nan=True).encode() + b"\n"  # what a hand edit or another tool may write
+    live.write_bytes(line + servedlog._line(log.entry("a plain one", trace())))
+    return live
+
+
+def test_cre_log_shows_markup_and_escapes_as_text(cre) -> None:
+    _hostile_log()
+    run = cre("log")
+    assert run.code == 0 and "Traceback" not in run.err, run
+    for raw in ("\x1b", "\x07", "\x9b"):
+        assert raw not in run.out and raw not in run.err
+    assert "[/]" in run.out and "\\x1b[2J" in run.out and "[red]m[/red]" in run.out
+
+
+def test_cre_log_json_and_export_hold_no_nan(cre, tmp_path: Path) -> None:
+    _hostile_log()
+    run = cre("log", "--json")
+    assert run.code == 0, run
+    first = json.loads(run.out, parse_constant=lambda name: pytest.fail(f"{name} in --json output"))[0]
+    assert first["agreement"] is None and first["cost"] is None and first["cluster"] == "[/]"
+    out = tmp_path / "export.jsonl"
+    run = cre("log", "-o", out)
+    assert run.code == 0 and "Traceback" not in run.err, run
+    assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()][1] == "a plain one"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".export")) == []
+
+
+def test_a_failed_export_leaves_no_temp_file(tmp_path: Path) -> None:
+    from crecli.errors import InputError
+
+    out = tmp_path / "export.jsonl"
+    with pytest.raises(InputError, match="cannot be written as JSON"):
+        servedlog.export([{"schema": 1, "x": float("nan")}], out, [])
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- 11a. the router that answered gets the credit
+
+
+def test_served_entries_credit_the_router_as_loaded(fake_backends, tiny_models_toml, tmp_path: Path) -> None:
+    import hashlib
+
+    from crecli import routerfile
+    from crecli.escalate import Cascade
+    from test_escalate import make_router
+    from test_servedlog import TABLE, install
+
+    install(fake_backends, TABLE)
+    path = tmp_path / "router.cre"
+    routerfile.save(make_router(), path)
+    loaded = hashlib.sha256(path.read_bytes()).hexdigest()
+    served = servedlog.for_command("serve", router=path)
+    with Cascade.from_file(path, tiny_models_toml) as cascade:
+        # Replaced after startup, before the first answer (a refit, a copy over it).
+        path.write_bytes(b"another router entirely")
+        trace = cascade.ask("What is 7 plus 5?")
+        served.record("What is 7 plus 5?", trace, cascade)
+    (entry,) = servedlog.read().entries
+    assert entry["router_sha256"] == loaded
+
+
+# ---------------------------------------------------------------- 12. files that never end
+
+
+def _endless() -> Path:
+    if not Path("/dev/zero").exists():  # pragma: no cover - not POSIX
+        pytest.skip("no /dev/zero")
+    return Path("/dev/zero")
+
+
+def _in_time(run_it) -> Run:  # type: ignore[no-untyped-def]
+    """Run `run_it()`; fail the test, not hang it, if it is still reading after 20 s."""
+    import signal
+
+    def late(signum: int, frame: object) -> None:
+        raise AssertionError("still reading an endless file after 20 s")
+
+    previous = signal.signal(signal.SIGALRM, late)
+    signal.alarm(20)
+    try:
+        return run_it()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_log_readers_refuse_a_device(cre, router, tiny_models_toml, fakes, tmp_path) -> None:
+    zero = _endless()
+    m = ("--models", tiny_models_toml)
+    refused(_in_time(lambda: cre("eval", zero, "--router", router, *m)), "/dev/zero: is a device", "regular file")
+    refused(_in_time(lambda: fit(cre, zero, tiny_models_toml, "-o", tmp_path / "r.cre")), "is a device")
+    refused(_in_time(lambda: cre("calibrate", router, "--log", zero, *m)), "is a device")
+    refused(_in_time(lambda: cre("batch", zero, "--router", router, *m)), "is a device")
+    refused(_in_time(lambda: cre("batch", "--resume", zero, "--router", router, *m)), "is a device")
+    assert fakes == {}
+
+
+def test_a_served_log_that_is_a_device_is_refused(tmp_path: Path) -> None:
+    from crecli.errors import InputError
+
+    with pytest.raises(InputError, match="is a device"):
+        _in_time(lambda: servedlog.read([_endless()]))
+
+
+def test_batch_input_may_still_come_through_a_pipe(tmp_path: Path) -> None:
+    from crecli.querylog import open_input
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = os.open(fifo, os.O_RDWR)  # keeps the open for reading from blocking
+    try:
+        with open_input(fifo, "x", pipes=True):
+            pass
+        from crecli.errors import InputError
+
+        with pytest.raises(InputError, match="is a pipe, not a regular file.*save it to a file first"):
+            open_input(fifo, "x")
+    finally:
+        os.close(writer)
+
+
+# ---------------------------------------------------------------- 12. an oversized manifest, a router of many clusters
+
+
+def test_a_manifest_over_8_mib_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    import zipfile
+
+    from crecli import routerfile
+    from crecli.errors import RouterFileError
+
+    path = tmp_path / "big.cre"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("manifest.json", b" " * ((8 << 20) + 1))  # deflates to a few KB
+    assert path.stat().st_size < 100_000
+    with pytest.raises(RouterFileError, match="over the limit of 8 MiB"):
+        routerfile.load(path, force=True)
+
+
+def test_a_real_manifest_is_far_under_the_cap(tmp_path: Path) -> None:
+    import zipfile
+
+    from crecli import routerfile
+    from test_escalate import make_router
+
+    path = tmp_path / "r.cre"
+    routerfile.save(make_router(), path)
+    with zipfile.ZipFile(path) as zf:
+        assert zf.getinfo("manifest.json").file_size * 50 < routerfile.MAX_MANIFEST_BYTES
+
+
+def test_inspect_shows_a_bounded_table_of_a_router_with_thousands_of_clusters(capsys) -> None:
+    from dataclasses import replace
+
+    from crecli import render
+    from test_escalate import make_router
+
+    router = make_router()
+    many = [replace(router.clusters[i % len(router.clusters)], id=i) for i in range(render.INSPECT_CLUSTERS + 50)]
+    render.inspect_router(replace(router, clusters=many), as_json=False)
+    captured = capsys.readouterr()
+    assert f"Showing the first {render.INSPECT_CLUSTERS} of {len(many)} clusters" in captured.err
+    assert "`cre inspect --json` lists them all" in captured.err
+    render.inspect_router(replace(router, clusters=many), as_json=True)
+    assert len(json.loads(capsys.readouterr().out)["clusters"]) == len(many)
