@@ -56,6 +56,25 @@ def user_models_toml() -> Path:
     return config_dir() / "models.toml"
 
 
+# The served-query log (`servedlog`): the live file, its rotated generations
+# served.1.jsonl .. served.3.jsonl beside it, and the lock its writers take.
+SERVED_LOG = "served.jsonl"
+SERVED_LOCK = "served.lock"
+SERVED_GENERATIONS = 3
+
+
+def served_log_file() -> Path:
+    """The live served-query log (rotated generations sit beside it)."""
+    return data_dir() / SERVED_LOG
+
+
+def served_generation(live: Path, n: int) -> Path:
+    """`served.jsonl` for 0, `served.<n>.jsonl` for older generations."""
+    if n == 0:
+        return live
+    return live.with_name(f"{live.stem}.{n}{live.suffix}")
+
+
 def bench_file() -> Path:
     return data_dir() / "bench.json"
 
@@ -136,16 +155,14 @@ def owned_files(stores: Iterable[Path | None] = ()) -> list[Owned]:
     caches (the embedding cache, verified stamps, numba's) are owned as folders, since
     their file names come and go.
     """
-    from crecli import servedlog
-
     owned: list[Owned] = []
     for store in (outcome_store_file(), *(Path(s) for s in stores if s is not None)):
         owned.append(Owned(OWNED_STORE, store))
         owned += [Owned("an outcome store's own file", store.with_name(store.name + s)) for s in STORE_SIDECARS]
         owned.append(Owned("an outcome store's lock file", store_lock_file(store)))
-    live = servedlog.log_path()
-    owned += [Owned("the served-query log", servedlog.generation_path(live, n)) for n in range(servedlog.GENERATIONS + 1)]
-    owned.append(Owned("the served-query log's lock file", live.with_name(servedlog.LOCK_NAME)))
+    live = served_log_file()
+    owned += [Owned("the served-query log", served_generation(live, n)) for n in range(SERVED_GENERATIONS + 1)]
+    owned.append(Owned("the served-query log's lock file", live.with_name(SERVED_LOCK)))
     owned += [
         Owned("crecli's settings.toml", user_settings_file()),
         Owned("crecli's benchmark file", bench_file()),

@@ -44,12 +44,11 @@ if TYPE_CHECKING:
     from crecli.escalate import Cascade, Trace
 
 SCHEMA = 1
-FILE_NAME = "served.jsonl"
-LOCK_NAME = "served.lock"
+# Where the log lives is `paths`' to say (it lists every file crecli keeps).
+FILE_NAME, LOCK_NAME, GENERATIONS = paths.SERVED_LOG, paths.SERVED_LOCK, paths.SERVED_GENERATIONS
 # 16 MiB holds some thousands of entries (a trace with five votes on two rungs is ~2 KB); four
 # files keep a bounded 64 MiB of history.
 MAX_BYTES = 16 << 20
-GENERATIONS = 3  # served.1.jsonl .. served.3.jsonl beside the live file
 # One entry is never more than this: a longer line is not written, and is skipped when read,
 # so a corrupt file can't make the reader hold a huge line.
 MAX_ENTRY_BYTES = 4 << 20
@@ -60,16 +59,8 @@ DEFAULT_LAST = 20
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def log_path() -> Path:
-    """The live log file (rotated generations sit beside it)."""
-    return paths.data_dir() / FILE_NAME
-
-
-def generation_path(live: Path, n: int) -> Path:
-    """`served.jsonl` for 0, `served.<n>.jsonl` for older generations."""
-    if n == 0:
-        return live
-    return live.with_name(f"{live.stem}.{n}{live.suffix}")
+log_path = paths.served_log_file
+generation_path = paths.served_generation
 
 
 def setting_enabled() -> bool:
