@@ -589,3 +589,18 @@ def test_serve_a_non_ascii_api_key_authenticates_and_any_other_header_is_a_clean
         assert response.status_code == 401, header
         assert response.json()["error"]["code"] == "invalid_api_key"
     assert serve_client.get("/v1/models", headers=KEY).status_code == 200
+
+
+@pytest.mark.parametrize(("length", "status", "words"), [
+    ("9" * 5000, 413, "over the server's limit"),
+    ("0" * 5000 + "2", 400, "'prompt' is required"),  # read: the body was the two bytes it said
+    ("+2", 400, "not a number"),
+    ("-1", 400, "not a number"),
+    ("1e3", 400, "not a number"),
+])
+def test_serve_a_content_length_of_any_spelling_is_a_clean_answer(
+    serve_client: Any, length: str, status: int, words: str
+) -> None:
+    """Found by tests/test_fuzz_http.py: 5,000 digits made int() raise, a 500."""
+    response = serve_client.post("/v1/completions", content=b"{}", headers={"Content-Length": length.encode("latin-1")})
+    assert response.status_code == status and words in response.json()["error"]["message"], response.text
