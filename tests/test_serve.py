@@ -707,3 +707,19 @@ def test_cre_serve_end_to_end_from_the_command_line(tmp_path: Path, tiny_models_
     assert failed.value.response.headers["x-request-id"] == rid
     assert f"{rid}: team could not answer: model 'small' is not on disk (/nonexistent/small.gguf)" in err
     assert out == "" and "Finished server process" in err  # stdout stays clean; logs go to stderr
+
+
+def test_the_soak_bench_runs_cre_serve_through_every_kind_of_client() -> None:
+    """bench/serve_soak.py --fake, briefly: the real `cre serve` command line (fake models in its
+    process) with slow headers, slow bodies, leavers and a flood, and every goal holds."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "serve_soak.py"
+    result = subprocess.run(
+        [sys.executable, str(bench), "--fake", "--seconds", "4", "--clients", "2", "--slow-headers", "3",
+         "--slow-bodies", "3", "--leavers", "1", "--flood-burst", "10", "--flood-every", "2",
+         "--header-timeout", "1", "--body-timeout", "1.5", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    summary = json.loads(result.stdout)
+    assert result.returncode == 0 and all(summary["goals"].values()), (summary["goals"], result.stderr[-2000:])
+    assert summary["normal"]["answered"] > 0 and summary["slow_headers"]["replies"].get("408", 0) > 0
+    assert summary["slow_bodies"]["replies"].get("408", 0) > 0 and summary["health"]["polls"] > 0
