@@ -731,6 +731,7 @@ def create_app(
 
     async def read_body(request: "Request") -> bytes:
         length = request.headers.get("content-length")
+        declared = "unknown"
         if length is not None:
             if not (length.isascii() and length.isdigit()):
                 raise ApiError(400, "the Content-Length header is not a number")
@@ -738,6 +739,7 @@ def create_app(
             digits = length.lstrip("0")
             if len(digits) > len(str(options.max_body)) or int(digits or "0") > options.max_body:
                 raise _too_large(options.max_body)
+            declared = f"{int(digits or '0'):,}"
         # Counted as it arrives too: a chunked body has no Content-Length to check first.
         chunks: list[bytes] = []
         size = 0
@@ -751,7 +753,7 @@ def create_app(
         except ClientDisconnect:
             # A client that gives up mid-upload is routine, not a server error: one line.
             log.info("%s closed the connection after %s of its request body's %s bytes; nothing to answer",
-                     _client(request), f"{size:,}", f"{int(length):,}" if length else "unknown")  # checked above
+                     _client(request), f"{size:,}", declared)
             raise _ClientGone from None
         finally:
             limits.give_bytes(sum(map(len, chunks)))
