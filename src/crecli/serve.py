@@ -681,8 +681,9 @@ async def _disconnected(receive: Callable[[], Any]) -> None:
         pass
 
 
-def _client(request: "Request") -> str:
-    return "%s:%d" % tuple(request.client) if request.client else "a client"
+def _address(client: Any) -> str:
+    """A client's (host, port) as the log shows it."""
+    return "%s:%d" % tuple(client) if client else "a client"
 
 
 def create_app(
@@ -753,7 +754,7 @@ def create_app(
         except ClientDisconnect:
             # A client that gives up mid-upload is routine, not a server error: one line.
             log.info("%s closed the connection after %s of its request body's %s bytes; nothing to answer",
-                     _client(request), f"{size:,}", declared)
+                     _address(request.client), f"{size:,}", declared)
             raise _ClientGone from None
         finally:
             limits.give_bytes(sum(map(len, chunks)))
@@ -786,7 +787,7 @@ def create_app(
         if future not in done and ticket.cancel():
             future.cancel()
             if gone in done:
-                log.info("%s closed the connection before its answer; its job is dropped", _client(request))
+                log.info("%s closed the connection before its answer; its job is dropped", _address(request.client))
                 raise _ClientGone
             raise ApiError(504, f"no answer within the server's timeout of {options.timeout:g} s; "
                            "the server is busy or the prompt is slow to answer", type="timeout_error",
@@ -983,9 +984,8 @@ def guarded_protocol(header_timeout: float, body_timeout: float) -> type:
             if self.transport.is_closing() or what is None:
                 return
             if what[0] == "headers" and self._started():
-                client = "%s:%d" % tuple(self.client) if self.client else "a client"
-                log.info("%s sent no complete request headers within %g s (--header-timeout); closed", client,
-                         header_timeout)
+                log.info("%s sent no complete request headers within %g s (--header-timeout); closed",
+                         _address(self.client), header_timeout)
                 self.transport.write(_raw_error(408, f"the request headers did not arrive within {header_timeout:g} s "
                                                 "(--header-timeout)", "request_timeout"))
             self.transport.close()
