@@ -499,3 +499,106 @@ def test_fuzz_batch_keeps_n_lines_in_n_lines_out(
         assert summary.answered + summary.errors == len(lines)
 
     check()
+
+
+# ---------------------------------------------------------------- cre serve: fields and keys
+
+
+CHAT_BODY = {"model": "cre", "messages": [{"role": "user", "content": ADD}]}
+
+# Issue 22: each was accepted silently, whatever its type. (field, value, words of the 400)
+SERVE_FIELDS: list[tuple[str, Any, str]] = [
+    ("tools", [{"type": "function", "function": {"name": "f"}}], "'tools' is not supported"),
+    ("tool_choice", "required", "'tool_choice' is not supported"),
+    ("functions", [{"name": "f"}], "'functions' is not supported"),
+    ("response_format", {"type": "json_object"}, "'response_format' is not supported"),
+    ("logprobs", True, "'logprobs' is not supported"),
+    ("top_logprobs", 3, "'top_logprobs' is not supported"),
+    ("frequency_penalty", 0.5, "'frequency_penalty' is not supported"),
+    ("logit_bias", {"50256": -100}, "'logit_bias' is not supported"),
+    ("n", 2, "'n' must be 1"),
+    ("top_p", "x", "'top_p' must be a number from 0 to 1, got a string"),
+    ("top_p", 1.5, "'top_p' must be from 0 to 1"),
+    ("seed", {}, "'seed' must be an integer"),
+    ("seed", 1.5, "'seed' must be an integer"),
+    ("seed", -1, "'seed' must be from 0"),
+    ("seed", True, "'seed' must be an integer"),
+    ("temperature", "hot", "'temperature' must be a number"),
+    ("stop", 5, "'stop' must be a string or an array"),
+    ("stop", ["a", "b", "c", "d", "e"], "'stop' must be a non-empty string or an array of 1 to 4"),
+    ("stop", [""], "'stop' must be a non-empty string"),
+    ("stop", [1], "'stop' must be a non-empty string"),
+    ("user", 5, "'user' must be a string"),
+    ("metadata", "x", "'metadata' must be an object"),
+    ("stream_options", [], "'stream_options' must be an object"),
+    ("made_up_field", 1, "'made_up_field' is not a field cre serve knows"),
+    ("prompt", "hi", "'prompt' is not a field cre serve knows"),  # a completion's field in a chat
+]
+
+# What clients send by default, meaning "nothing": accepted, with nulls for anything.
+SERVE_NEUTRAL: dict[str, Any] = {
+    "tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "logprobs": False,
+    "top_logprobs": 0, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "n": 1,
+    "parallel_tool_calls": True, "user": "u-1", "metadata": {"team": "a"}, "seed": 0, "top_p": 1,
+    "temperature": 0.7, "stop": ["\n\n"], "functions": None, "audio": None, "stream": False,
+}
+
+
+@pytest.fixture(params=[None], ids=["no key"])
+def serve_client(request: pytest.FixtureRequest, fake_backends: Callable[..., dict[str, FakeBackend]],
+                 cascade: Cascade) -> Any:
+    from starlette.testclient import TestClient
+
+    from crecli.serve import ServeOptions, create_app
+
+    install(fake_backends, TABLE)
+    with TestClient(create_app(cascade, ServeOptions(api_key=request.param))) as client:
+        yield client
+
+
+KEY = {"Authorization": "Bearer clé-🔑".encode()}  # the UTF-8 bytes, as a client sends them
+
+
+@pytest.mark.parametrize(("name", "value", "words"), SERVE_FIELDS)
+def test_serve_refuses_a_field_it_cannot_honour_or_a_wrong_type_naming_it(
+    serve_client: Any, name: str, value: Any, words: str
+) -> None:
+    response = serve_client.post("/v1/chat/completions", json={**CHAT_BODY, name: value})
+    error = response.json()["error"]
+    assert response.status_code == 400 and words in error["message"], error
+    assert error["param"] == name and set(error) == {"message", "type", "param", "code"}
+
+
+def test_serve_accepts_the_values_that_ask_for_nothing(serve_client: Any) -> None:
+    response = serve_client.post("/v1/chat/completions", json={**CHAT_BODY, **SERVE_NEUTRAL})
+    assert response.status_code == 200, response.text
+    completion = serve_client.post("/v1/completions", json={
+        "model": "cre", "prompt": ADD, "echo": False, "best_of": 1, "suffix": "", "logprobs": 0})
+    assert completion.status_code == 200, completion.text
+
+
+@pytest.mark.parametrize("serve_client", ["clé-🔑"], indirect=True, ids=["utf-8 key"])
+def test_serve_a_non_ascii_api_key_authenticates_and_any_other_header_is_a_clean_401(serve_client: Any) -> None:
+    """Issue 22: a non-ASCII key could never authenticate (the header came back as Latin-1)."""
+    assert serve_client.post("/v1/chat/completions", json=CHAT_BODY, headers=KEY).status_code == 200
+    for header in ("Bearer clé-🔑".encode("latin-1", "replace"), b"Bearer \xff\xfe\x80", "Bearer clé".encode(),
+                   b"bearer", b"\xc3\xa9", "Bearer clé-🔑 x".encode()):
+        response = serve_client.post("/v1/chat/completions", json=CHAT_BODY, headers={"Authorization": header})
+        assert response.status_code == 401, header
+        assert response.json()["error"]["code"] == "invalid_api_key"
+    assert serve_client.get("/v1/models", headers=KEY).status_code == 200
+
+
+@pytest.mark.parametrize(("length", "status", "words"), [
+    ("9" * 5000, 413, "over the server's limit"),
+    ("0" * 5000 + "2", 400, "'prompt' is required"),  # read: the body was the two bytes it said
+    ("+2", 400, "not a number"),
+    ("-1", 400, "not a number"),
+    ("1e3", 400, "not a number"),
+])
+def test_serve_a_content_length_of_any_spelling_is_a_clean_answer(
+    serve_client: Any, length: str, status: int, words: str
+) -> None:
+    """Found by tests/test_fuzz_http.py: 5,000 digits made int() raise, a 500."""
+    response = serve_client.post("/v1/completions", content=b"{}", headers={"Content-Length": length.encode("latin-1")})
+    assert response.status_code == status and words in response.json()["error"]["message"], response.text

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -29,7 +29,8 @@ from crecli.errors import BackendError, PromptTooLong
 from crecli.escalate import Cascade
 from crecli.models.backend import GenParams
 from crecli.models.fake import FakeBackend
-from crecli.serve import ServeOptions, create_app, listen, make_server
+from crecli.serve import ApiError, Limits, ServeOptions, Worker, create_app, listen, make_server
+from conftest import TINY_TOML
 from test_escalate import install, make_router
 
 PROMPT = "What is 7 plus 5?"
@@ -38,18 +39,30 @@ TABLE = {"small": {PROMPT: ["12", "13", "14", "15", "16"]}, "medium": {PROMPT: [
 CHAT = [{"role": "user", "content": PROMPT}]
 
 
+def ready_ladder(folder: Path, missing: tuple[str, ...] = ()) -> Path:
+    """The fake ladder's models.toml, with a GGUF-headed file for each rung but `missing`, so
+    that /health finds them ready (the fakes never read them)."""
+    text = TINY_TOML
+    for name in ("small", "medium", "large"):
+        if name not in missing:
+            (folder / f"{name}.gguf").write_bytes(b"GGUF" + bytes(28))
+            text = text.replace(f"/nonexistent/{name}.gguf", str(folder / f"{name}.gguf"))
+    (folder / "models.toml").write_text(text)
+    return folder / "models.toml"
+
+
 @pytest.fixture
-def settings(tiny_models_toml: Path) -> config.ModelConfig:
-    return config.load(tiny_models_toml)
+def settings(tmp_path: Path) -> config.ModelConfig:
+    return config.load(ready_ladder(tmp_path))
 
 
 @contextmanager
-def serving(cascade: Cascade, name: str | None = "team", **opts: Any) -> Iterator[str]:
+def serving(cascade: Cascade, name: str | None = "team", log_level: str = "warning", **opts: Any) -> Iterator[str]:
     """A live server on a free loopback port; yields its base URL."""
     options = ServeOptions(**opts)
     app = create_app(cascade, options, name=name)
     sock = listen("127.0.0.1", 0)
-    server = make_server(app, options, log_level="warning")
+    server = make_server(app, options, log_level=log_level)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -247,7 +260,8 @@ def test_a_full_queue_gets_429_with_retry_after_and_computation_is_serialised(
     refused = next(r for r in results if r.status_code == 429)
     assert int(refused.headers["Retry-After"]) >= 1 and refused.json()["error"]["code"] == "queue_full"
     assert max(active) == 1  # never two model computations at once
-    assert health == {"status": "ok", "running": 0, "queued": 0, "max_queue": 1}
+    assert health == {"status": "ok", "running": 0, "queued": 0, "max_queue": 1,
+                      "models": {"small": "ready", "medium": "ready", "large": "ready"}}
 
 
 def test_a_slow_request_gets_504_and_the_server_goes_on(
@@ -270,6 +284,205 @@ def test_a_slow_request_gets_504_and_the_server_goes_on(
     assert isinstance(timed_out.value.body, dict) and timed_out.value.body["type"] == "timeout_error"
     assert (health["running"], health["queued"]) == (0, 0)
     assert reply.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in reply
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    reply = b""
+    while chunk := sock.recv(65536):
+        reply += chunk
+    return reply
+
+
+def test_half_sent_headers_are_answered_408_and_closed_after_the_header_timeout(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig
+) -> None:
+    """Issue 22: 150 half-sent headers were all still open after 20 s. Now each connection gets
+    --header-timeout from its start (or its next request's first byte) to finish its headers."""
+    install(fake_backends, TABLE)
+    with serving(Cascade(make_router(), settings), header_timeout=0.5) as url:
+        port = int(url.rsplit(":", 1)[1])
+        start = time.monotonic()
+        half = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(30)]
+        silent = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(10)]
+        for i, conn in enumerate(half):
+            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+            if i % 2:
+                conn.sendall(b"X-Slow: 1\r\n")  # still trickling: the deadline does not move
+        # A keep-alive connection's next request gets its own deadline.
+        kept = socket.create_connection(("127.0.0.1", port), timeout=10)
+        kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while not first.endswith(b"}"):
+            first += kept.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200 ")
+        kept.sendall(b"GET /health HTTP/1.1\r\n")
+        replies = [_read_all(conn) for conn in half + [kept]]
+        quiet = [_read_all(conn) for conn in silent]
+        took = time.monotonic() - start
+        answered = httpx.post(f"{url}/v1/chat/completions", json={"model": "cre", "messages": CHAT}, timeout=30)
+    assert took < 5, took
+    for reply in replies:
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower(), reply
+        assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert quiet == [b""] * len(silent)  # never a byte sent: closed without a word
+    assert answered.status_code == 200
+
+
+def test_slow_uploads_neither_lock_out_other_clients_nor_health(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig
+) -> None:
+    """Issue 22: 68 slow uploads filled the in-flight limit, and then every request, /health
+    included, got 503 for up to --timeout. A body still arriving now takes no place among the
+    requests in flight, and gets 408 after --body-timeout."""
+    install(fake_backends, TABLE)
+    slow_ones = ServeOptions(max_queue=0).max_requests + 6
+    with serving(Cascade(make_router(), settings), max_queue=0, timeout=60, body_timeout=1.5) as url:
+        port = int(url.rsplit(":", 1)[1])
+        uploads = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(slow_ones)]
+        for conn in uploads:
+            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        time.sleep(0.3)
+        start = time.monotonic()
+        health = httpx.get(f"{url}/health", timeout=10)
+        health_seconds = time.monotonic() - start
+        answered = httpx.post(f"{url}/v1/chat/completions", json={"model": "cre", "messages": CHAT}, timeout=10)
+        # A body that goes on trickling spends the same deadline.
+        uploads[0].sendall(b" ")
+        replies = [_read_all(conn) for conn in uploads]
+    assert health.status_code == 200 and health_seconds < 1, health_seconds
+    assert answered.status_code == 200 and answered.json()["choices"][0]["message"]["content"] == "12"
+    for reply in replies:
+        assert reply.startswith(b"HTTP/1.1 408 ") and b'"request_timeout"' in reply, reply[:200]
+        assert b"--body-timeout" in reply
+
+
+def test_an_aborted_upload_is_one_log_line_not_a_traceback(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    install(fake_backends, TABLE)
+    with serving(Cascade(make_router(), settings), log_level="info") as url:
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"mo")
+                time.sleep(0.1)
+        time.sleep(0.3)
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "ClientDisconnect" not in err, err
+    lines = [line for line in err.splitlines() if "closed the connection" in line]
+    assert len(lines) == 3 and "after 4 of its request body's 100 bytes" in lines[0], err
+
+
+def test_a_client_that_leaves_before_its_answer_drops_its_queued_job(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig
+) -> None:
+    calls: list[str] = []
+
+    def answerer(text: str, params: GenParams) -> str:
+        calls.append(text)
+        time.sleep(0.5)
+        return "12"
+
+    fake_backends({m: answerer for m in ("small", "medium", "large")})
+    with serving(Cascade(make_router(), settings), max_queue=4) as url:
+        port = int(url.rsplit(":", 1)[1])
+        body = json.dumps({"model": "small", "prompt": "first"}).encode()
+        running = threading.Thread(target=lambda: httpx.post(f"{url}/v1/completions", content=body, timeout=30))
+        running.start()
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{url}/health", timeout=10).json()["running"] == 0:
+            assert time.monotonic() < deadline, "the first request never started"
+            time.sleep(0.01)
+        gone = json.dumps({"model": "small", "prompt": "never asked"}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(gone), gone))
+            time.sleep(0.1)  # queued behind the first
+        running.join(30)
+        time.sleep(0.5)
+        health = httpx.get(f"{url}/health", timeout=10).json()
+    assert not any("never asked" in c for c in calls)
+    assert (health["running"], health["queued"]) == (0, 0)
+
+
+def test_a_504_is_not_logged_as_served(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig, tmp_path: Path
+) -> None:
+    """Issue 22: the cascade finished its rung after the request's 504 and logged the answer
+    no client got. Only answers that are sent are served."""
+    from crecli import servedlog
+
+    fake_backends({m: slow("12", 0.3) for m in ("small", "medium", "large")})
+    log = servedlog.ServedLog(tmp_path / "served.jsonl", "serve")
+    cascade = Cascade(make_router(), settings)
+    options = ServeOptions(timeout=0.2)
+    from starlette.testclient import TestClient
+
+    with TestClient(create_app(cascade, options, served=log)) as test_client:
+        timed_out = test_client.post("/v1/chat/completions", json={"model": "cre", "messages": CHAT})
+        worker = test_client.app.state.worker  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 20
+        while worker.running or worker.queued:  # the abandoned rung runs to its end
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert timed_out.status_code == 504
+    assert servedlog.read([log.path]).entries == []
+
+
+def test_health_tells_which_rungs_can_answer_and_is_503_when_none_can(
+    fake_backends: Callable[..., dict[str, FakeBackend]], tmp_path: Path
+) -> None:
+    """Issue 22: /health said ok when no model could answer."""
+    from starlette.testclient import TestClient
+
+    install(fake_backends, TABLE)
+    (tmp_path / "all").mkdir()
+    (tmp_path / "some").mkdir()
+    (tmp_path / "none").mkdir()
+    ready = config.load(ready_ladder(tmp_path / "all"))
+    some = config.load(ready_ladder(tmp_path / "some", missing=("large",)))
+    (tmp_path / "some" / "medium.gguf").write_bytes(b"not a model")
+    nothing = config.load(ready_ladder(tmp_path / "none", missing=("small", "medium", "large")))
+    seen = {}
+    for label, settings in (("all", ready), ("some", some), ("none", nothing)):
+        with TestClient(create_app(Cascade(make_router(), settings))) as test_client:
+            response = test_client.get("/health")
+            seen[label] = (response.status_code, response.json()["status"], response.json()["models"])
+        assert "/" not in response.text  # no path
+    with TestClient(create_app(Cascade(make_router(), ready), ServeOptions(api_key="k"))) as test_client:
+        anonymous = test_client.get("/health").json()
+        keyed = test_client.get("/health", headers={"Authorization": "Bearer k"}).json()
+    assert seen["all"] == (200, "ok", {"small": "ready", "medium": "ready", "large": "ready"})
+    assert seen["some"] == (200, "degraded", {"small": "ready", "medium": "not a GGUF file", "large": "missing"})
+    assert seen["none"] == (503, "unavailable", {"small": "missing", "medium": "missing", "large": "missing"})
+    assert "models" not in anonymous and anonymous["status"] == "ok"  # which models, only with the key
+    assert keyed["models"]["small"] == "ready"
+
+
+def test_a_ladder_model_applies_stop_seed_temperature_and_top_p_and_the_cascade_cuts_at_stop(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig
+) -> None:
+    """Issue 22: `stop` was accepted and ignored."""
+    created = fake_backends({"small": lambda text, params: "Lima. It is in Peru.",
+                             "medium": lambda text, params: "12. Twelve.", "large": lambda text, params: "12. Twelve."})
+    with serving(Cascade(make_router(), settings)) as url:
+        direct = client(url).completions.create(model="small", prompt="Capital of Peru?", stop=["Peru", "."],
+                                                 seed=7, temperature=0.5, top_p=0.9, max_tokens=9)
+        greedy = client(url).completions.create(model="small", prompt="Capital of Peru?")
+        routed = client(url).chat.completions.create(model="cre", messages=CHAT, stop=".", temperature=1.5,
+                                                     seed=3)  # type: ignore[arg-type]
+        whole = client(url).chat.completions.create(model="cre", messages=CHAT)  # type: ignore[arg-type]
+    first, second = (params for _, params in created["small"].calls[:2])
+    assert (first.seed, first.temperature, first.top_p, first.max_tokens) == (7, 0.5, 0.9, 9)
+    assert {"Peru", "."} <= set(first.stop)  # with the prompt format's own stops
+    assert (second.seed, second.temperature, second.top_p) == (None, 0.0, GenParams().top_p)
+    assert direct.choices[0].text == "Lima" and direct.choices[0].finish_reason == "stop"
+    assert greedy.choices[0].text == "Lima. It is in Peru."
+    # The cascade's votes keep the router's own sampling; only its answer is cut.
+    assert routed.choices[0].message.content == "12" and whole.choices[0].message.content == "12. Twelve."
+    assert (routed.model_extra or {})["cre"]["steps"] == (whole.model_extra or {})["cre"]["steps"]
 
 
 def test_a_prompt_over_the_context_is_a_400_and_other_model_errors_stay_500(
@@ -299,19 +512,24 @@ def test_a_prompt_over_the_context_is_a_400_and_other_model_errors_stay_500(
     assert isinstance(broken.value.body, dict) and broken.value.body["code"] == "model_error"
 
 
-def test_requests_over_the_servers_limit_get_503_in_openai_shape_not_uvicorns_plain_text(
+def test_uploads_past_the_body_budget_get_503_in_openai_shape_not_uvicorns_plain_text(
     fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig
 ) -> None:
+    """Bodies still arriving are bounded by their bytes (`ServeOptions.body_budget`), not by a
+    count of requests: those that would go past it get 503 in OpenAI's shape and are closed."""
     install(fake_backends, TABLE)
-    limit, extra = ServeOptions(max_queue=0).max_requests, 3
-    with serving(Cascade(make_router(), settings), max_queue=0, timeout=30) as url:
+    options = ServeOptions(max_queue=0, max_body=1024)
+    each, extra = 1000, 3
+    holders = options.body_budget // (each - 1)  # each holds 999 bytes of its 1,000
+    with serving(Cascade(make_router(), settings), max_queue=0, max_body=1024, timeout=30) as url:
         port = int(url.rsplit(":", 1)[1])
-        trickles = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(limit + extra)]
+        trickles = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(holders + extra)]
         replies: list[bytes] = []
         try:
-            # Each holds a request in flight, its body never finished; only the extra are answered.
             for trickle in trickles:
-                trickle.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+                trickle.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+                                + b" " * (each - 1))
+                time.sleep(0.002)  # in order, so that the last ones are the refused
             waiting, deadline = list(trickles), time.monotonic() + 20
             while len(replies) < extra and time.monotonic() < deadline:
                 for ready in select.select(waiting, [], [], 0.1)[0]:
@@ -322,12 +540,13 @@ def test_requests_over_the_servers_limit_get_503_in_openai_shape_not_uvicorns_pl
                     replies.append(reply)
             time.sleep(0.2)
             replies += [t.recv(65536) for t in select.select(waiting, [], [], 0)[0]]  # none, if the count is right
+            health = httpx.get(f"{url}/health", timeout=10)  # never refused: it holds no body
         finally:
             for trickle in trickles:
                 trickle.close()
         deadline = time.monotonic() + 20
-        while (after := httpx.get(f"{url}/health", timeout=10)).status_code != 200:  # the slots free as they close
-            assert time.monotonic() < deadline, "still refusing"
+        while (after := _raw(url, json.dumps({"model": "cre", "messages": CHAT}).encode()))[0] != 200:
+            assert time.monotonic() < deadline, "still refusing"  # the bytes free as they close
             time.sleep(0.05)
     assert len(replies) == extra, replies[:1]
     for reply in replies:
@@ -338,7 +557,20 @@ def test_requests_over_the_servers_limit_get_503_in_openai_shape_not_uvicorns_pl
         error = json.loads(body)["error"]
         assert set(error) == {"message", "type", "param", "code"}
         assert (error["type"], error["code"]) == ("server_error", "overloaded")
-    assert after.json()["status"] == "ok"
+    assert health.status_code == 200
+
+
+def test_requests_past_their_body_over_the_limit_get_503() -> None:
+    limits = Limits(ServeOptions(max_queue=0), Worker(0))
+    with ExitStack() as held:
+        for _ in range(limits.max_requests):
+            held.enter_context(limits.admitted())
+        with pytest.raises(ApiError) as refused:
+            with limits.admitted():
+                pass
+    assert (refused.value.status, refused.value.code) == (503, "overloaded") and limits.active == 0
+    assert refused.value.headers["Connection"] == "close" and int(refused.value.headers["Retry-After"]) >= 1
+
 
 CHILD = """
 import sys, time
@@ -443,7 +675,7 @@ def test_cli_refuses_an_unset_key_variable() -> None:
 
 def test_cre_serve_end_to_end_from_the_command_line(tmp_path: Path, tiny_models_toml: Path) -> None:
     """The real CLI on a saved router: it lists its models, a model missing on disk is a 500
-    with `cre ask`'s message, and SIGTERM ends it with exit 0. (Models load on first use, so
+    whose details (`cre ask`'s message) go to the server's log, and SIGTERM ends it with exit 0. (Models load on first use, so
     the fake ladder's missing files matter only to the request that needs one.)"""
     from crecli import routerfile
 
@@ -468,5 +700,26 @@ def test_cre_serve_end_to_end_from_the_command_line(tmp_path: Path, tiny_models_
         if proc.poll() is None:
             proc.kill()
     assert listed == ["cre", "team", "small", "medium", "large"]
-    assert isinstance(failed.value.body, dict) and "model 'small' is not on disk" in failed.value.body["message"]
+    # The client gets a request id, the server's log the details: no path, no hint to run a command.
+    body = failed.value.body
+    assert isinstance(body, dict) and body["code"] == "model_error" and "/nonexistent" not in body["message"]
+    rid = body["message"].rsplit("request id ", 1)[1].rstrip(")")
+    assert failed.value.response.headers["x-request-id"] == rid
+    assert f"{rid}: team could not answer: model 'small' is not on disk (/nonexistent/small.gguf)" in err
     assert out == "" and "Finished server process" in err  # stdout stays clean; logs go to stderr
+
+
+def test_the_soak_bench_runs_cre_serve_through_every_kind_of_client() -> None:
+    """bench/serve_soak.py --fake, briefly: the real `cre serve` command line (fake models in its
+    process) with slow headers, slow bodies, leavers and a flood, and every goal holds."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "serve_soak.py"
+    result = subprocess.run(
+        [sys.executable, str(bench), "--fake", "--seconds", "4", "--clients", "2", "--slow-headers", "3",
+         "--slow-bodies", "3", "--leavers", "1", "--flood-burst", "10", "--flood-every", "2",
+         "--header-timeout", "1", "--body-timeout", "1.5", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    summary = json.loads(result.stdout)
+    assert result.returncode == 0 and all(summary["goals"].values()), (summary["goals"], result.stderr[-2000:])
+    assert summary["normal"]["answered"] > 0 and summary["slow_headers"]["replies"].get("408", 0) > 0
+    assert summary["slow_bodies"]["replies"].get("408", 0) > 0 and summary["health"]["polls"] > 0

@@ -578,6 +578,8 @@ def serve(
     max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait behind the one being answered; more get 429 with Retry-After.")] = 16,
     timeout: Annotated[float, typer.Option("--timeout", min=0.001, callback=_finite, help="Seconds from a request's arrival (queue time included) to its answer; then 504.")] = 300.0,
     max_body: Annotated[int, typer.Option("--max-body", min=1024, help="Largest request body in bytes; a larger one gets 413 before it is read.")] = 4 << 20,
+    header_timeout: Annotated[float, typer.Option("--header-timeout", min=0.001, callback=_finite, help="Seconds a client has to send a request's line and headers; then 408 and the connection closes.")] = 10.0,
+    body_timeout: Annotated[float, typer.Option("--body-timeout", min=0.001, callback=_finite, help="Seconds a client has to send a request's body once its headers are in; then 408 and the connection closes.")] = 30.0,
     api_key_env: Annotated[Optional[str], typer.Option("--api-key-env", help="Environment variable holding an API key; then /v1/* needs `Authorization: Bearer <key>`.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Use the router even if the model files differ from the ones it was fitted with.")] = False,
     no_log: NoLogOpt = False,
@@ -587,9 +589,13 @@ def serve(
     Endpoints: POST /v1/chat/completions and /v1/completions, GET /v1/models, GET /health.
     Model "cre" (or the router file's name without .cre) answers through the cascade; a
     ladder model's name answers with that model alone. Responses carry `usage` and a `cre`
-    object with the trace. Models stay loaded; one request computes at a time. Requests
-    answered through the cascade go to the served-query log (`cre log`) unless --no-log is
-    given. Needs the serve extra: pip install 'crecli[serve]'.
+    object with the trace. Models stay loaded; one request computes at a time. A field cre
+    cannot honour (tools, response_format, logprobs, ...) or of the wrong type is a 400 that
+    names it. A client gets --header-timeout for its headers and --body-timeout for its body,
+    then 408. /health says whether each model can answer (503 when none can) and never waits
+    behind model work. Model errors reach the client as a 500 with a request id; the details
+    go to stderr. Requests answered through the cascade go to the served-query log (`cre
+    log`) unless --no-log is given. Needs the serve extra: pip install 'crecli[serve]'.
 
     Examples:
 
@@ -602,7 +608,8 @@ def serve(
     from crecli import serve as serving
     from crecli.batch import parse_size
 
-    options = serving.ServeOptions(host=host, port=port, max_queue=max_queue, timeout=timeout, max_body=max_body)
+    options = serving.ServeOptions(host=host, port=port, max_queue=max_queue, timeout=timeout, max_body=max_body,
+                                   header_timeout=header_timeout, body_timeout=body_timeout)
     budget = parse_size(memory_budget) if memory_budget is not None else None
     serving.run(
         _router_path(router), models, options, force=force, memory_budget_bytes=budget, api_key_env=api_key_env,

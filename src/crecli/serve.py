@@ -2,15 +2,19 @@
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health.
 Model "cre" (or the router file's stem) answers through the cascade; a ladder model's name
-answers with that model alone, greedily.
+answers with that model alone (greedily unless the request sets a temperature).
 
 Every model computation runs on one worker thread, in arrival order: llama.cpp's threads
 spin, so two computations at once on a CPU slow both down more than they gain. The event
-loop only parses, checks and queues; a request beyond `max_queue` waiting ones is refused
-with 429 at once rather than left to wait for a timeout, and a request beyond
-`max_requests` in flight (reading, parsing, queued or running) with 503, both in OpenAI's
-error shape. Each request's timeout counts from its arrival, queue time included; on expiry
-a queued job is dropped and a running cascade stops at its next rung.
+loop only reads, parses, checks and queues; a request beyond `max_queue` waiting ones is
+refused with 429 at once rather than left to wait for a timeout, and a request beyond
+`max_requests` past its body (parsing, queued or running) with 503, both in OpenAI's error
+shape. Each request's timeout counts from its arrival, queue time included; on expiry (or
+when its client leaves) a queued job is dropped and a running cascade stops at its next rung.
+
+Slow clients cannot hold the server: headers and bodies have their own short deadlines
+(`guarded_protocol`, `--header-timeout`, `--body-timeout`), a body still arriving takes
+no place among the requests in flight (`Limits`), and /health runs on the event loop alone.
 
 `create_app` builds the app without a socket (tests use it through a client); `run` is
 `cre serve`. Starlette and uvicorn are imported only here, inside functions, so `cre --help`
@@ -23,6 +27,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import logging
 import math
 import os
 import secrets
@@ -30,6 +35,7 @@ import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -42,8 +48,9 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
 
+    from crecli.config import ModelSpec
     from crecli.escalate import Cascade, Trace
-    from crecli.models.backend import Generation
+    from crecli.models.backend import Generation, GenParams
     from crecli.servedlog import ServedLog
 
 CASCADE_MODEL = "cre"
@@ -51,13 +58,24 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_QUEUE = 16
 DEFAULT_TIMEOUT = 300.0
+# A client's request line and headers, then its body, get their own short deadlines, so that
+# a slow or stalled client holds a connection for seconds, not for the answer's --timeout.
+DEFAULT_HEADER_TIMEOUT = 10.0
+DEFAULT_BODY_TIMEOUT = 30.0
 # A prompt may be as long as a query-log line (one cap for both); the body also carries the
 # conversation before it and JSON escaping, hence the headroom.
 MAX_PROMPT_BYTES = MAX_LINE_BYTES
 DEFAULT_MAX_BODY = 4 * MAX_LINE_BYTES
 DEFAULT_MAX_TOKENS = 256  # a ladder model asked directly, when the request names none
 MAX_TOKENS_LIMIT = 8192
+MAX_SEED = 2**31 - 1  # what every runtime takes (llama.cpp's is 32-bit; its all-ones seed means "random")
+MAX_STOP = 4  # stop strings, as OpenAI allows
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+# Parsing a large body holds the event loop; past this size it runs on a thread, so that
+# /health and other clients are answered meanwhile.
+THREAD_PARSE_BYTES = 64 << 10
+
+log = logging.getLogger("uvicorn.error")  # uvicorn's own log: stderr, with its format
 
 
 @dataclass(frozen=True)
@@ -68,15 +86,28 @@ class ServeOptions:
     timeout: float = DEFAULT_TIMEOUT  # seconds from arrival to answer, queue time included
     max_body: int = DEFAULT_MAX_BODY  # bytes
     api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer <key>`
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT  # seconds for a request line and its headers
+    body_timeout: float = DEFAULT_BODY_TIMEOUT  # seconds for a body, once its headers are in
 
     @property
     def max_requests(self) -> int:
-        """HTTP requests in flight at once, on every endpoint; more get 503.
+        """Requests past their body (parsing, queued, running) at once; more get 503.
 
         Well above the queue's own limit (max_queue + 1 admitted), so that a full queue
-        answers 429 and this only stops a flood of requests still sending their bodies.
+        answers 429. A request still sending its body does not count: slow uploads must not
+        lock out the clients that have sent theirs (`body_budget` bounds them instead).
         """
         return max(64, 4 * (self.max_queue + 1))
+
+    @property
+    def body_budget(self) -> int:
+        """Bytes of request bodies being received at once; a body that would go past it gets 503.
+
+        As many whole bodies as requests may be in flight: memory stays bounded however many
+        clients upload at once, while a thousand slow uploads, holding little each, do not
+        keep anyone else out.
+        """
+        return self.max_requests * self.max_body
 
 
 class ApiError(Exception):
@@ -109,6 +140,11 @@ class Query:
     stream: bool = False
     include_usage: bool = False
     max_tokens: int | None = None
+    # Sampling, applied where the answering model can (`sampling` says where): None is unset.
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
 
 
 @dataclass
@@ -126,6 +162,49 @@ class _Abandoned(Exception):
 
 
 # ---------------------------------------------------------------- parsing and checking
+#
+# Pure functions of the request body: every field a request may carry is named below, in one
+# place, and each is checked for type and range before anything runs.
+
+# Fields cre applies; `_common` and the parsers check them.
+APPLIED = {
+    "chat": ("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n",
+             "temperature", "top_p", "seed", "stop"),
+    "completion": ("model", "prompt", "stream", "stream_options", "max_tokens", "n", "temperature", "top_p",
+                   "seed", "stop"),
+}
+# Harmless metadata: checked for type, then not used.
+METADATA: dict[str, tuple[tuple[type, ...], str]] = {
+    "user": ((str,), "a string"),
+    "metadata": ((dict,), "an object"),
+}
+# Fields cre cannot honour: a 400 that names the field, unless the value is the one that asks
+# for nothing (what some clients send by default); null is always absent.
+UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "tools": (lambda v: v == [], "cre's models answer in text; they do not call tools"),
+    "tool_choice": (lambda v: v == "none", "cre's models answer in text; they do not call tools"),
+    "parallel_tool_calls": (lambda v: isinstance(v, bool), "cre's models do not call tools"),
+    "functions": (lambda v: v == [], "cre's models answer in text; they do not call functions"),
+    "function_call": (lambda v: v == "none", "cre's models answer in text; they do not call functions"),
+    "response_format": (lambda v: v == {"type": "text"}, "only {\"type\": \"text\"} answers are supported"),
+    "logprobs": (lambda v: v is False or (v == 0 and not isinstance(v, bool) and isinstance(v, int)),
+                 "cre does not return log-probabilities yet"),
+    "top_logprobs": (lambda v: v == 0 and isinstance(v, int) and not isinstance(v, bool),
+                     "cre does not return log-probabilities yet"),
+    "frequency_penalty": (lambda v: v == 0 and isinstance(v, (int, float)) and not isinstance(v, bool),
+                          "cre's models sample without penalties"),
+    "presence_penalty": (lambda v: v == 0 and isinstance(v, (int, float)) and not isinstance(v, bool),
+                         "cre's models sample without penalties"),
+    "logit_bias": (lambda v: v == {}, "cre's models sample without logit biases"),
+    "best_of": (lambda v: v == 1 and not isinstance(v, bool), "cre returns one answer per request"),
+    "echo": (lambda v: v is False, "cre does not echo the prompt"),
+    "suffix": (lambda v: v == "", "cre's models do not insert text"),
+    "modalities": (lambda v: v == ["text"], "cre's models read and write text only"),
+    "audio": (lambda v: False, "cre's models read and write text only"),
+    "prediction": (lambda v: False, "cre does not take predicted outputs"),
+    "reasoning_effort": (lambda v: False, "cre's models do not take a reasoning effort"),
+    "web_search_options": (lambda v: False, "cre's models do not search the web"),
+}
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -156,7 +235,46 @@ def _expect(body: dict[str, Any], name: str, kinds: tuple[type, ...], what: str,
     return value
 
 
+def _number(body: dict[str, Any], name: str, low: float, high: float) -> float | None:
+    value = _expect(body, name, (int, float), f"a number from {low:g} to {high:g}")
+    if value is not None and not (math.isfinite(value) and low <= value <= high):
+        raise ApiError(400, f"'{name}' must be from {low:g} to {high:g}, got {value}", param=name, code="invalid_value")
+    return None if value is None else float(value)
+
+
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
+    value = _expect(body, "stop", (str, list), f"a string or an array of up to {MAX_STOP} strings")
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if len(stops) > MAX_STOP or not all(isinstance(s, str) and s for s in stops):
+        raise ApiError(400, f"'stop' must be a non-empty string or an array of 1 to {MAX_STOP} non-empty strings",
+                       param="stop", code="invalid_value")
+    return tuple(stops)
+
+
+def check_fields(body: dict[str, Any], kind: str) -> None:
+    """A 400 naming the first field cre cannot honour, or does not know, or whose metadata type is wrong."""
+    for name, value in body.items():
+        if value is None or name in APPLIED[kind]:
+            continue
+        if name in METADATA:
+            kinds, what = METADATA[name]
+            _expect(body, name, kinds, what)
+        elif name in UNSUPPORTED:
+            neutral, why = UNSUPPORTED[name]
+            if not neutral(value):
+                raise ApiError(400, f"'{name}' is not supported: {why}; leave it out", param=name,
+                               code="unsupported_parameter")
+        else:
+            shown = name if len(name) <= 64 else name[:64] + "..."
+            raise ApiError(400, f"{shown!r} is not a field cre serve knows; it takes "
+                           f"{', '.join(APPLIED[kind])} (and {', '.join(METADATA)})", param=shown[:64],
+                           code="unknown_parameter")
+
+
 def _common(body: dict[str, Any], kind: str, prompt: str) -> Query:
+    check_fields(body, kind)
     model = _expect(body, "model", (str,), "a model name such as \"cre\"", required=True)
     stream = _expect(body, "stream", (bool,), "true or false") or False
     options = _expect(body, "stream_options", (dict,), "an object") or {}
@@ -173,9 +291,12 @@ def _common(body: dict[str, Any], kind: str, prompt: str) -> Query:
     n = _expect(body, "n", (int,), "1")
     if n not in (None, 1):
         raise ApiError(400, "'n' must be 1: cre returns one answer per request", param="n")
-    temperature = _expect(body, "temperature", (int, float), "a number from 0 to 2")
-    if temperature is not None and not (math.isfinite(temperature) and 0 <= temperature <= 2):
-        raise ApiError(400, f"'temperature' must be from 0 to 2, got {temperature}", param="temperature")
+    seed = _expect(body, "seed", (int,), f"an integer from 0 to {MAX_SEED}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ApiError(400, f"'seed' must be from 0 to {MAX_SEED}, got {seed}", param="seed", code="invalid_value")
+    query = Query(kind=kind, model=model, prompt=prompt, stream=stream, include_usage=include_usage,
+                  max_tokens=max_tokens, temperature=_number(body, "temperature", 0, 2),
+                  top_p=_number(body, "top_p", 0, 1), seed=seed, stop=_stop(body))
     if len(prompt.encode("utf-8")) > MAX_PROMPT_BYTES:
         raise ApiError(
             400, f"the prompt is over {MAX_PROMPT_BYTES:,} bytes; shorten it", param="messages" if kind == "chat" else "prompt",
@@ -183,7 +304,7 @@ def _common(body: dict[str, Any], kind: str, prompt: str) -> Query:
         )
     if not prompt.strip():
         raise ApiError(400, "the prompt is empty", param="messages" if kind == "chat" else "prompt")
-    return Query(kind=kind, model=model, prompt=prompt, stream=stream, include_usage=include_usage, max_tokens=max_tokens)
+    return query
 
 
 def parse_chat(body: dict[str, Any]) -> Query:
@@ -198,7 +319,7 @@ def parse_chat(body: dict[str, Any]) -> Query:
             raise ApiError(400, f"{where} must be an object, got {json_type(message)}", param=where)
         role = message.get("role")
         if role not in ROLES:
-            shown = role if isinstance(role, str) else json_type(role)
+            shown = role[:32] if isinstance(role, str) else json_type(role)
             raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}, got {shown!r}", param=f"{where}.role")
         text = _content(message.get("content"), f"{where}.content")
         if role == "user":
@@ -235,7 +356,65 @@ def parse_completion(body: dict[str, Any]) -> Query:
     return _common(body, "completion", prompt)
 
 
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """`text` up to the first place any stop string starts, and whether it was cut.
+
+    The one rule for `stop` on every answer: a ladder model also stops generating there, and
+    a cascade's answer, decided by its check on whole answers, is cut after the fact.
+    """
+    ends = [i for s in stop if (i := text.find(s)) >= 0]
+    return (text[: min(ends)], True) if ends else (text, False)
+
+
+def sampling(query: Query) -> "GenParams":
+    """The generation parameters of a ladder model asked by name: greedy unless `temperature` says
+    otherwise, with the request's top_p, seed, stop and max_tokens.
+
+    The cascade ("cre") applies only `stop` (`cut_at_stop`): its votes are drawn at the
+    router's temperature with the router's seeds, the ones its thresholds were calibrated on,
+    so temperature, top_p and seed are checked but do not change a cascade's answer.
+    """
+    from dataclasses import replace
+
+    from crecli.models.backend import GenParams
+
+    params = GenParams(max_tokens=query.max_tokens or DEFAULT_MAX_TOKENS, temperature=query.temperature or 0.0,
+                       seed=query.seed, stop=query.stop)
+    return params if query.top_p is None else replace(params, top_p=query.top_p)
+
+
 # ---------------------------------------------------------------- answering
+
+
+class Ticket:
+    """Who has the last word on a job: its request giving up, or the job delivering its answer.
+
+    Whichever comes first wins, under a lock, so that an answer the client never gets is never
+    recorded as served, and one that is recorded is always sent. `cancel` (the request timed
+    out or its client left) is False when the job has already claimed its answer; `claim`
+    (the job is about to record it) is False when the request has given up.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = "open"
+
+    def cancel(self) -> bool:
+        with self._lock:
+            if self._state == "open":
+                self._state = "cancelled"
+            return self._state == "cancelled"
+
+    def claim(self) -> bool:
+        with self._lock:
+            if self._state == "open":
+                self._state = "claimed"
+            return self._state == "claimed"
+
+    def is_set(self) -> bool:
+        """The request gave up: a job not started is dropped, a running cascade stops at its next rung."""
+        with self._lock:
+            return self._state == "cancelled"
 
 
 class Worker:
@@ -262,7 +441,7 @@ class Worker:
     def _retry_after(self) -> str:  # with the lock held
         return str(max(1, math.ceil(self._mean_seconds * self._admitted)))
 
-    def submit(self, job: Callable[[], Any], cancel: threading.Event) -> "Future[Any]":
+    def submit(self, job: Callable[[], Any], ticket: Ticket) -> "Future[Any]":
         with self._lock:
             if self._admitted >= self.limit:
                 raise ApiError(
@@ -272,7 +451,7 @@ class Worker:
             self._admitted += 1
 
         def run() -> Any:
-            if cancel.is_set():
+            if ticket.is_set():
                 raise _Abandoned
             with self._lock:
                 self.running += 1
@@ -299,12 +478,16 @@ class Worker:
 
 
 def _cascade_job(
-    cascade: "Cascade", prompt: str, cancel: threading.Event, served: "ServedLog | None" = None
+    cascade: "Cascade", prompt: str, ticket: Ticket, served: "ServedLog | None" = None
 ) -> "Trace":
     pending = cascade.begin(prompt)
     while not cascade.advance(pending):
-        if cancel.is_set():
+        if ticket.is_set():
             raise _Abandoned
+    # Only an answer its request will send is served: one that came after the request gave
+    # up (a 504, a client gone) is dropped here, unrecorded.
+    if not ticket.claim():
+        raise _Abandoned
     if served is not None:
         # On the worker thread, so the event loop never waits on the disk.
         served.record(prompt, pending.trace, cascade)
@@ -320,11 +503,12 @@ def _step_summary(step: Any) -> dict[str, Any]:
     }
 
 
-def cascade_answer(cascade: "Cascade", trace: "Trace") -> Answer:
-    """The cascade's answer; usage sums every rung (its prompt once) and every vote drawn."""
+def cascade_answer(cascade: "Cascade", trace: "Trace", stop: tuple[str, ...] = ()) -> Answer:
+    """The cascade's answer, cut at the first `stop` string; usage sums every rung (its prompt
+    once) and every vote drawn."""
     cost = cascade.cost_of(trace)
     return Answer(
-        text=trace.answer,
+        text=cut_at_stop(trace.answer, stop)[0].strip(),
         model=trace.model,
         finish_reason="stop",
         prompt_tokens=trace.prompt_tokens,
@@ -338,13 +522,15 @@ def cascade_answer(cascade: "Cascade", trace: "Trace") -> Answer:
     )
 
 
-def direct_answer(cascade: "Cascade", name: str, gen: "Generation") -> Answer:
+def direct_answer(cascade: "Cascade", name: str, gen: "Generation", stop: tuple[str, ...] = ()) -> Answer:
     pricing = cascade.pricing
     cost = pricing.tokens(name, gen.prompt_tokens, gen.output_tokens) if pricing.by_tokens else gen.seconds
+    # The model was asked to stop there too; cutting again covers a remote server that ignores it.
+    text, cut = cut_at_stop(gen.text, stop)
     return Answer(
-        text=gen.text.strip(),
+        text=text.strip(),
         model=name,
-        finish_reason="length" if gen.finish_reason == "length" else "stop",
+        finish_reason="length" if gen.finish_reason == "length" and not cut else "stop",
         prompt_tokens=gen.prompt_tokens,
         completion_tokens=gen.output_tokens,
         cre={"model": name, "cluster": None, "escalations": 0, "agreement": None, "p_correct": None, "cost": cost,
@@ -397,7 +583,107 @@ def stream_events(query: Query, answer: Answer, rid: str, created: int) -> Itera
     yield "data: [DONE]\n\n"
 
 
+# ---------------------------------------------------------------- health
+
+
+def rung_state(spec: "ModelSpec") -> str:
+    """Whether a rung can answer, by cheap checks only (a stat and 4 bytes; no model runs):
+    "remote" (a configured server), "ready" (a GGUF file of the pinned size), or what is wrong.
+
+    No path is named: /health answers anyone who can connect.
+    """
+    import stat
+
+    from crecli.models.pull import is_gguf
+
+    if spec.url:
+        return "remote"
+    path = spec.file
+    assert path is not None
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            return "missing"
+        if spec.size is not None and info.st_size != spec.size:
+            return "wrong size"
+        return "ready" if is_gguf(path) else "not a GGUF file"
+    except FileNotFoundError:
+        return "missing"
+    except OSError:
+        return "unreadable"
+
+
+USABLE = ("ready", "remote")
+
+
+def health_report(states: dict[str, str]) -> tuple[int, str]:
+    """The HTTP status and word for /health: 200 "ok" when every rung can answer, 200
+    "degraded" when some can, 503 "unavailable" when none can (a load balancer's signal)."""
+    usable = sum(state in USABLE for state in states.values())
+    if usable == len(states):
+        return 200, "ok"
+    return (200, "degraded") if usable else (503, "unavailable")
+
+
 # ---------------------------------------------------------------- the app
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+class _ClientGone(ApiError):
+    """The client closed its connection; the response is never sent (uvicorn drops it)."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "the client closed the connection", code="client_closed")
+
+
+class Limits:
+    """What the app holds at once. Requests past their body (parsing, queued, running) are
+    counted against `max_requests`; bodies still arriving, against `body_budget` bytes.
+
+    Only the event loop's thread touches it, so there is no lock.
+    """
+
+    def __init__(self, options: ServeOptions, worker: Worker) -> None:
+        self.max_requests, self.budget, self.worker = options.max_requests, options.body_budget, worker
+        self.active = 0
+        self.buffered = 0
+
+    def overloaded(self, why: str) -> ApiError:
+        # Closing the connection, unread body and all, frees it for a client that can be served.
+        return ApiError(503, f"the server is overloaded: {why}; retry later", type="server_error", code="overloaded",
+                        headers={"Retry-After": self.worker.retry_after(), "Connection": "close"})
+
+    def take_bytes(self, n: int) -> None:
+        if self.buffered + n > self.budget:
+            raise self.overloaded(f"{self.buffered:,} bytes of request bodies are arriving, the most it holds")
+        self.buffered += n
+
+    def give_bytes(self, n: int) -> None:
+        self.buffered -= n
+
+    @contextmanager
+    def admitted(self) -> Iterator[None]:
+        if self.active >= self.max_requests:
+            raise self.overloaded(f"{self.active} requests are in flight, the most it takes at once")
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+
+async def _disconnected(receive: Callable[[], Any]) -> None:
+    """Returns when the client has gone; only called once the request's body is all read."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _address(client: Any) -> str:
+    """A client's (host, port) as the log shows it."""
+    return "%s:%d" % tuple(client) if client else "a client"
 
 
 def create_app(
@@ -415,87 +701,129 @@ def create_app(
 
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.middleware import Middleware
+    from starlette.requests import ClientDisconnect
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
     worker = Worker(options.max_queue)
+    limits = Limits(options, worker)
     ladder = list(cascade.ladder)
     cascade_names = [CASCADE_MODEL] + ([name] if name and name != CASCADE_MODEL and name not in ladder else [])
-    key = options.api_key.encode("utf-8") if options.api_key else None
+    # Bytes, compared with the header's bytes: a key in UTF-8 (or any bytes the environment
+    # held) authenticates as sent.
+    key = options.api_key.encode("utf-8", "surrogateescape") if options.api_key else None
 
     def error(exc: ApiError) -> "Response":
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
-    def check_key(request: "Request") -> None:
+    def key_ok(request: "Request") -> bool:
         if key is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
+            return True
+        # Starlette decodes header values as Latin-1, so encoding them back gives the bytes sent.
+        given = request.headers.get("authorization", "").encode("latin-1")
+        scheme, _, token = given.partition(b" ")
         # Constant time, so a wrong key's timing says nothing about the right one.
-        if not (scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("utf-8", "replace"), key)):
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
+
+    def check_key(request: "Request") -> None:
+        if not key_ok(request):
             raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     async def read_body(request: "Request") -> bytes:
         length = request.headers.get("content-length")
+        declared = "unknown"
         if length is not None:
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit()):
                 raise ApiError(400, "the Content-Length header is not a number")
-            if int(length) > options.max_body:
+            # Compared without int() first: Python refuses to convert over 4,300 digits.
+            digits = length.lstrip("0")
+            if len(digits) > len(str(options.max_body)) or int(digits or "0") > options.max_body:
                 raise _too_large(options.max_body)
+            declared = f"{int(digits or '0'):,}"
         # Counted as it arrives too: a chunked body has no Content-Length to check first.
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > options.max_body:
-                raise _too_large(options.max_body)
-            chunks.append(chunk)
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > options.max_body:
+                    raise _too_large(options.max_body)
+                limits.take_bytes(len(chunk))
+                chunks.append(chunk)
+        except ClientDisconnect:
+            # A client that gives up mid-upload is routine, not a server error: one line.
+            log.info("%s closed the connection after %s of its request body's %s bytes; nothing to answer",
+                     _address(request.client), f"{size:,}", declared)
+            raise _ClientGone from None
+        finally:
+            limits.give_bytes(sum(map(len, chunks)))
         return b"".join(chunks)
 
-    async def answer(query: Query, deadline: float) -> Answer:
-        cancel = threading.Event()
+    async def answer(request: "Request", query: Query, deadline: float) -> Answer:
+        ticket = Ticket()
         job: Callable[[], Any]
         convert: Callable[[Any], Answer]
         if query.model in cascade_names:
-            job = lambda: _cascade_job(cascade, query.prompt, cancel, served)  # noqa: E731
-            convert = lambda trace: cascade_answer(cascade, trace)  # noqa: E731
+            job = lambda: _cascade_job(cascade, query.prompt, ticket, served)  # noqa: E731
+            convert = lambda trace: cascade_answer(cascade, trace, query.stop)  # noqa: E731
         elif query.model in ladder:
-            from crecli.models.backend import GenParams
-
-            spec, params = cascade.specs[query.model], GenParams(max_tokens=query.max_tokens or DEFAULT_MAX_TOKENS)
+            spec, params = cascade.specs[query.model], sampling(query)
             job = lambda: cascade.pool.get(spec).generate(query.prompt, params)  # noqa: E731
-            convert = lambda gen: direct_answer(cascade, query.model, gen)  # noqa: E731
+            convert = lambda gen: direct_answer(cascade, query.model, gen, query.stop)  # noqa: E731
         else:
             raise ApiError(404, f"the model {query.model!r} does not exist here; GET /v1/models lists "
                            f"{', '.join(cascade_names + ladder)}", param="model", code="model_not_found")
-        future = worker.submit(job, cancel)
+        future = asyncio.wrap_future(worker.submit(job, ticket))
+        gone = asyncio.ensure_future(_disconnected(request.receive))
         try:
-            result = await asyncio.wait_for(asyncio.wrap_future(future), max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
-            cancel.set()  # a queued job is dropped; a running cascade stops at its next rung
+            done, _ = await asyncio.wait({future, gone}, timeout=max(0.0, deadline - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        # Unless the job has claimed its answer (it is being recorded, and will be sent), a
+        # request that gives up drops its job: queued, it never runs; running, a cascade
+        # stops at its next rung.
+        if future not in done and ticket.cancel():
+            future.cancel()
+            if gone in done:
+                log.info("%s closed the connection before its answer; its job is dropped", _address(request.client))
+                raise _ClientGone
             raise ApiError(504, f"no answer within the server's timeout of {options.timeout:g} s; "
                            "the server is busy or the prompt is slow to answer", type="timeout_error",
-                           code="timeout") from None
+                           code="timeout")
+        try:
+            result = await future
         except PromptTooLong as exc:
             # The client's to fix (a shorter prompt), unlike the model errors below.
             raise ApiError(400, str(exc), param="messages" if query.kind == "chat" else "prompt",
                            code="context_length_exceeded") from None
         except CreError as exc:
-            raise ApiError(500, str(exc), type="server_error", code="model_error") from None
+            # The details (file paths, `cre models pull`) are for the server's operator.
+            rid = new_request_id()
+            log.error("%s: %s could not answer: %s", rid, query.model, exc)
+            raise ApiError(500, f"the model could not answer; the server's log has the details (request id {rid})",
+                           type="server_error", code="model_error", headers={"X-Request-Id": rid}) from None
         return convert(result)
 
     async def complete(request: "Request", parse: Callable[[dict[str, Any]], Query]) -> "Response":
         # The timeout runs from arrival: a body that trickles in slowly spends it too.
         deadline = time.monotonic() + options.timeout
         check_key(request)
+        wait = min(options.body_timeout, options.timeout)
         try:
-            raw = await asyncio.wait_for(read_body(request), options.timeout)
+            raw = await asyncio.wait_for(read_body(request), wait)
         except asyncio.TimeoutError:
-            raise ApiError(408, f"the request body did not arrive within {options.timeout:g} s",
-                           code="request_timeout") from None
-        query = parse(parse_json(raw))
-        result = await answer(query, deadline)
+            raise ApiError(408, f"the request body did not arrive within {wait:g} s (--body-timeout)",
+                           code="request_timeout", headers={"Connection": "close"}) from None
+        # Counted from here, with its body read: a slow upload holds no place another client needs.
+        with limits.admitted():
+            if len(raw) > THREAD_PARSE_BYTES:
+                body = await asyncio.get_running_loop().run_in_executor(None, parse_json, raw)
+            else:
+                body = parse_json(raw)
+            query = parse(body)
+            result = await answer(request, query, deadline)
         rid = ("chatcmpl-" if query.kind == "chat" else "cmpl-") + secrets.token_hex(12)
         created = int(time.time())
         if query.stream:
@@ -518,9 +846,15 @@ def create_app(
         return JSONResponse({"object": "list", "data": data})
 
     async def health(request: "Request") -> "Response":
-        # Unauthenticated on purpose, for load balancers: it says nothing about the models.
-        return JSONResponse({"status": "ok", "running": worker.running, "queued": worker.queued,
-                             "max_queue": options.max_queue})
+        # Unauthenticated, for load balancers, and on the event loop alone: it never waits
+        # behind model work. Which models are which only with the key, when one is set.
+        states = {n: rung_state(cascade.specs[n]) for n in ladder}
+        status, word = health_report(states)
+        body: dict[str, Any] = {"status": word, "running": worker.running, "queued": worker.queued,
+                                "max_queue": options.max_queue}
+        if key_ok(request):
+            body["models"] = states
+        return JSONResponse(body, status_code=status)
 
     async def on_api_error(request: "Request", exc: Exception) -> "Response":
         assert isinstance(exc, ApiError)
@@ -529,12 +863,15 @@ def create_app(
     async def on_http_error(request: "Request", exc: Exception) -> "Response":
         assert isinstance(exc, HTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code,
+        return error(ApiError(exc.status_code, f"{request.method} {request.url.path[:200]}: {exc.detail}", code=code,
                               headers=dict(exc.headers or {})))
 
     async def on_crash(request: "Request", exc: Exception) -> "Response":
         # A bug, not the client's fault: say so in OpenAI's shape; uvicorn logs the traceback.
-        return error(ApiError(500, f"internal error ({type(exc).__name__}); see the server's log", type="server_error"))
+        rid = new_request_id()
+        log.error("%s: internal error (%s: %s); the traceback follows", rid, type(exc).__name__, exc)
+        return error(ApiError(500, f"internal error; the server's log has the details (request id {rid})",
+                              type="server_error", headers={"X-Request-Id": rid}))
 
     @asynccontextmanager
     async def lifespan(app: Any) -> Any:
@@ -549,47 +886,111 @@ def create_app(
             Route("/health", health, methods=["GET"]),
         ],
         exception_handlers={ApiError: on_api_error, HTTPException: on_http_error, Exception: on_crash},
-        middleware=[Middleware(_RequestLimit, limit=options.max_requests, worker=worker)],
         lifespan=lifespan,
     )
     app.state.worker = worker
+    app.state.limits = limits
     return app
-
-
-class _RequestLimit:
-    """ASGI middleware: an HTTP request beyond `limit` in flight gets 503 in OpenAI's shape.
-
-    It replaces uvicorn's `limit_concurrency`, whose refusal is a plain-text 503 that OpenAI
-    clients cannot read, and which counts idle keep-alive connections as load.
-    """
-
-    def __init__(self, app: Any, limit: int, worker: Worker) -> None:
-        self.app, self.limit, self.worker = app, limit, worker
-        self.active = 0  # only the event loop's thread touches it
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        if self.active >= self.limit:
-            from starlette.responses import JSONResponse
-
-            exc = ApiError(503, f"the server is overloaded: {self.active} requests are in flight, the most it "
-                           "takes at once; retry later", type="server_error", code="overloaded")
-            # Closing the connection, unread body and all, frees it for a client that can be served.
-            headers = {"Retry-After": self.worker.retry_after(), "Connection": "close"}
-            await JSONResponse(exc.body(), status_code=503, headers=headers)(scope, receive, send)
-            return
-        self.active += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.active -= 1
 
 
 def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"the request body is over the server's limit of {limit:,} bytes (--max-body)",
                     code="request_too_large")
+
+
+# ---------------------------------------------------------------- the connection
+
+
+def _raw_error(status: int, message: str, code: str) -> bytes:
+    """A whole HTTP/1.1 error response in OpenAI's shape, for the protocol to write itself when
+    no request reached the app; it closes the connection."""
+    import http
+
+    body = json.dumps(ApiError(status, message, code=code).body()).encode()
+    head = (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+    return head.encode("ascii") + body
+
+
+def guarded_protocol(header_timeout: float, body_timeout: float) -> type:
+    """uvicorn's h11 protocol with deadlines uvicorn lacks, one timer a connection:
+
+    - a request line and headers must arrive within `header_timeout` of the connection
+      opening or of their first byte (keep-alive idle time is uvicorn's own timer), else 408
+      and the connection closes: a client cannot hold a connection by sending headers slowly;
+    - a body must arrive within `body_timeout` of its headers. The app answers 408 for bodies
+      it reads; this closes connections still sending a body nobody reads, after their
+      answer (a 401, 404 or 413 sent early), a second later.
+
+    uvicorn's plain-text 400 for a malformed request is JSON in OpenAI's shape here too.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        _timer: asyncio.TimerHandle | None = None
+        _timer_for: tuple[str, int] | None = None
+        _responses = 0  # completed on this connection: which request a deadline is for
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._watch()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch()
+
+        def on_response_complete(self) -> None:
+            self._responses += 1
+            super().on_response_complete()
+            self._watch()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def send_400_response(self, msg: str) -> None:
+            why = f"the request is not valid HTTP/1.1 ({msg.rstrip('.')})"
+            self.transport.write(_raw_error(400, why, "bad_request"))
+            self.transport.close()
+
+        def _watch(self) -> None:
+            state = self.conn.their_state
+            if self.transport.is_closing():
+                self._disarm()
+            elif state is h11.IDLE and (self._responses == 0 or self._started()):
+                self._arm(("headers", self._responses), header_timeout)
+            elif state is h11.SEND_BODY:
+                self._arm(("body", self._responses), body_timeout + 1.0)
+            else:  # a request is complete, or an idle keep-alive connection (uvicorn's timer)
+                self._disarm()
+
+        def _started(self) -> bool:
+            """Bytes of a next request have come (blank lines between requests do not count)."""
+            return bool(self.conn.trailing_data[0].strip())
+
+        def _arm(self, what: tuple[str, int], seconds: float) -> None:
+            if self._timer_for != what:
+                self._disarm()
+                self._timer, self._timer_for = self.loop.call_later(seconds, self._expired), what
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._timer_for = None
+
+        def _expired(self) -> None:
+            what, self._timer, self._timer_for = self._timer_for, None, None
+            if self.transport.is_closing() or what is None:
+                return
+            if what[0] == "headers" and self._started():
+                log.info("%s sent no complete request headers within %g s (--header-timeout); closed",
+                         _address(self.client), header_timeout)
+                self.transport.write(_raw_error(408, f"the request headers did not arrive within {header_timeout:g} s "
+                                                "(--header-timeout)", "request_timeout"))
+            self.transport.close()
+
+    return GuardedH11Protocol
 
 
 # ---------------------------------------------------------------- serving
@@ -642,8 +1043,10 @@ def make_server(app: "Starlette", options: ServeOptions, log_level: str = "info"
         timeout_graceful_shutdown=math.ceil(options.timeout) + 5,
         # Idle keep-alive connections are closed soon. No `limit_concurrency`: the app
         # refuses requests beyond `options.max_requests` itself, in OpenAI's shape
-        # (`_RequestLimit`); uvicorn's limit would answer plain text first.
+        # (`Limits`); uvicorn's limit would answer plain text first, and count slow clients.
         timeout_keep_alive=5,
+        # h11 (pure Python, always installed) with deadlines for headers and bodies.
+        http=guarded_protocol(options.header_timeout, options.body_timeout),
     )
     return uvicorn.Server(config)
 
