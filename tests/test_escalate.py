@@ -334,19 +334,47 @@ def test_cli_ask_json_prints_the_whole_trace(
     assert data["steps"][0]["votes"] == ["fine"]
 
 
-def test_cli_ask_uses_the_default_router(
-    fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path
+def test_cli_ask_uses_your_default_router_else_the_shipped_one(
+    fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    import shutil
+
     from crecli import paths
 
-    install(fake_backends, {"small": {"What is 6 plus 6?": ["12"] * 5}})
+    install(fake_backends, {"small": {"What is 6 plus 6?": ["12"] * 5}, "medium": {"What is 6 plus 6?": ["twelve"] * 5}})
+    shipped = tmp_path / "shipped" / "default.cre"
+    monkeypatch.setattr(paths, "shipped_router", lambda: shipped)
+    # Nothing given, nothing set, nothing shipped: say what to do.
     result = _ask(["What is 6 plus 6?"], tiny_models_toml)
-    assert result.exit_code == 1 and "--set-default" in str(result.exception)
+    assert result.exit_code == 1 and "--set-default" in str(result.exception) and "reinstall" in str(result.exception)
 
-    paths.ensure(paths.config_dir())
-    paths.user_settings_file().write_text(f"default_router = {json.dumps(str(saved_router))}\n")
+    # Right after setup: the router crecli ships answers.
+    shipped.parent.mkdir()
+    shutil.copy(saved_router, shipped)
     result = _ask(["What is 6 plus 6?"], tiny_models_toml)
     assert result.exit_code == 0 and result.stdout == "12\n"
+
+    # Yours, once set, comes first.
+    mine = tmp_path / "mine.cre"
+    routerfile.save(make_router(starts=("medium", "medium", "medium")), mine)
+    paths.ensure(paths.config_dir())
+    paths.user_settings_file().write_text(f"default_router = {json.dumps(str(mine))}\n")
+    result = _ask(["What is 6 plus 6?"], tiny_models_toml)
+    assert result.exit_code == 0 and result.stdout == "twelve\n"
+
+
+def test_cli_ask_explains_a_prompt_unlike_the_routers_log(
+    fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path
+) -> None:
+    install(fake_backends, {"large": {FAR: ["fine"] * 5}, "small": {"What is 6 plus 6?": ["12"] * 5}})
+    far = _ask([FAR, "--router", str(saved_router), "--explain"], tiny_models_toml)
+    assert far.exit_code == 0, far.output
+    hint = " ".join(far.stderr.split())
+    assert f"{saved_router} was fitted on a log with no queries like this one" in hint
+    assert "strongest model, large" in hint and "cre fit LOG" in hint
+    near = _ask(["What is 6 plus 6?", "--router", str(saved_router), "--explain"], tiny_models_toml)
+    assert near.exit_code == 0 and "hint" not in near.stderr
 
 
 def test_cli_ask_model_and_router_together_is_an_error(saved_router: Path, tiny_models_toml: Path) -> None:

@@ -56,6 +56,15 @@ ModelsOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout for scripts.")]
+RouterOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--router", "-r",
+        help="Router file from `cre fit` (default: yours, set by `cre fit --set-default`; else the one crecli ships, "
+        "fitted on 1,400 BIG-bench queries).",
+        show_default=False,
+    ),
+]
 CostUnitOpt = Annotated[
     Optional[str],
     typer.Option("--cost-unit", help="Price costs in 'bench-seconds', 'seconds' (as recorded) or 'price' instead of the ladder's default (price if every model has one, else bench-seconds once benchmarked, else seconds).", show_default=False),
@@ -238,7 +247,7 @@ def fit(
     max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, help="Longest log line (and so prompt) to read, in bytes; a longer line is a bad line. Default 1 MiB.", show_default=False)] = None,
     store: Annotated[Optional[Path], typer.Option(help="Outcome store (default: in the user data dir, shared by all fits).", show_default=False)] = None,
     truth_field: Annotated[Optional[str], typer.Option(help="Report NMI/ARI of the clusters against this field, e.g. meta.source. Never used to route.", show_default=False)] = None,
-    set_default: Annotated[bool, typer.Option("--set-default", help="Make this router the default for `cre ask` and `cre batch`.")] = False,
+    set_default: Annotated[bool, typer.Option("--set-default", help="Make this router the default for `cre ask`, `batch`, `serve`, `eval` and `inspect` (instead of the one crecli ships).")] = False,
     served: Annotated[bool, typer.Option("--served", help="Also cluster the prompts of your served-query log (`cre log`); they carry no labels, so they shape clusters but choose no model.")] = False,
     served_log: Annotated[Optional[list[Path]], typer.Option("--served-log", help="Also cluster the prompts of this file written by `cre log -o` (repeatable); as --served.", show_default=False)] = None,
     shots: Annotated[str, typer.Option("--shots", help="Answered examples to try per cluster and model, from the cluster's own labelled queries: '0' (none) or a list such as '0,1,3'. Each count is measured on the cluster's other queries and the best kept; the router file then holds those examples.")] = "0",
@@ -304,24 +313,27 @@ def _shot_counts(text: str) -> tuple[int, ...]:
 
 @app.command()
 def inspect(
-    router: Annotated[Path, typer.Argument(help="A router file written by `cre fit`.", show_default=False)],
+    router: Annotated[Optional[Path], typer.Argument(help="A router file written by `cre fit` (default: the router `cre ask` would use).", show_default=False)] = None,
     models: ModelsOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Warn instead of failing when local model files differ from the router's.")] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Show a router's clusters: size, example prompts, each model's accuracy and cost, the chosen model.
 
-    The table shows the first 200 clusters; --json lists them all.
+    The table shows the first 200 clusters; --json lists them all. Without ROUTER, the one
+    `cre ask` would use: yours (`cre fit --set-default`), else the one crecli ships.
 
     Examples:
 
       cre inspect router.cre
 
+      cre inspect                 # the default router
+
       cre inspect router.cre --json | jq '.clusters[] | {id, model}'
     """
     from crecli import render, routerfile
 
-    loaded = routerfile.load(router, _model_config(models), force=force)
+    loaded = routerfile.load(_router_path(router), _model_config(models), force=force)
     render.inspect_router(loaded, json_)
 
 
@@ -373,7 +385,7 @@ def calibrate(
 @app.command("eval")
 def eval_(
     log: Annotated[Path, typer.Argument(help="Labelled log (JSONL or CSV with references).", show_default=False)],
-    router: Annotated[Optional[Path], typer.Option(help="Router file (default: your default router).", show_default=False)] = None,
+    router: RouterOpt = None,
     models: ModelsOpt = None,
     store: Annotated[Optional[Path], typer.Option(help="Outcome store (default: the one `cre fit` uses).", show_default=False)] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write an accuracy-against-cost chart (.svg, or .png with matplotlib installed).", show_default=False)] = None,
@@ -430,7 +442,7 @@ def _budget(retain: float | None, max_cost: float | None):  # -> costs.Budget
 @app.command()
 def ask(
     prompt: Annotated[str, typer.Argument(help="The prompt, or - to read it from stdin.")],
-    router: Annotated[Optional[Path], typer.Option("--router", "-r", help="Router file from `cre fit` (default: the one set by `cre fit --set-default`).", show_default=False)] = None,
+    router: RouterOpt = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Answer with this model directly, skipping the router.", show_default=False)] = None,
     models: ModelsOpt = None,
     match: Annotated[Optional[str], typer.Option("--match", help="Answer type (choice, numeric, exact): caps the answer's length and how votes are compared. Default: the prompt's cluster's type.", show_default=False)] = None,
@@ -470,15 +482,15 @@ def ask(
         gen = generate_once(_model_config(models).get(model), text, GenParams(max_tokens=max_tokens, temperature=temperature))
         render.answer(model, gen, json_)
         return
-    from crecli import servedlog
+    from crecli import paths, servedlog
     from crecli.escalate import Cascade
 
-    router_path = _router_path(router)
+    router_path, router_name = paths.router_in_use(router)
     served = servedlog.for_command("ask", no_log, router_path)
     with Cascade.from_file(router_path, models, force=force) as cascade:
         trace = cascade.ask(text, match=match)
         served.record(text, trace, cascade)
-    render.routed_answer(trace, as_json=json_, explain=explain)
+    render.routed_answer(trace, as_json=json_, explain=explain, router_name=router_name)
 
 
 # `cre batch --parallel`: 1, because on 2 CPU cores bench/batch_throughput.py measured only
@@ -489,7 +501,7 @@ PARALLEL_DEFAULT = 1
 @app.command()
 def batch(
     file: Annotated[Optional[Path], typer.Argument(help="Prompts, one per line: JSONL objects or plain text (default: stdin).", show_default=False)] = None,
-    router: Annotated[Optional[Path], typer.Option("--router", "-r", help="Router file from `cre fit` (default: the one set by `cre fit --set-default`).", show_default=False)] = None,
+    router: RouterOpt = None,
     models: ModelsOpt = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="An earlier output file: skip the ids it already answered.", show_default=False)] = None,
     memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Keep models loaded within this much memory, e.g. 4GB, counting each model's file, the KV cache of --parallel and its snapshots of answered examples (default: no limit).", show_default=False)] = None,
@@ -570,7 +582,7 @@ def batch(
 
 @app.command()
 def serve(
-    router: Annotated[Optional[Path], typer.Option("--router", "-r", help="Router file from `cre fit` (default: the one set by `cre fit --set-default`).", show_default=False)] = None,
+    router: RouterOpt = None,
     host: Annotated[str, typer.Option(help="Address to listen on. Anything but loopback lets other machines connect: give it a key.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
     models: ModelsOpt = None,
@@ -657,18 +669,10 @@ def log_(
 
 
 def _router_path(router: Path | None) -> Path:
-    """--router, else the user's default router (`paths.default_router`)."""
-    if router is not None:
-        return router
+    """--router, else the user's default router, else the one crecli ships (`paths.router_in_use`)."""
     from crecli import paths
 
-    default = paths.default_router()
-    if default is None:
-        raise CreError(
-            "no router given and no default router set: pass --router FILE, or fit one with "
-            "`cre fit LOG -o router.cre --set-default`"
-        )
-    return default
+    return paths.router_in_use(router)[0]
 
 
 def _read_prompt(prompt: str) -> str:

@@ -316,6 +316,37 @@ def default_router() -> Path | None:
     return Path(value).expanduser()
 
 
+def shipped_router() -> Path:
+    """The router crecli ships: fitted and calibrated on examples/querylog-large.jsonl (1,400
+    BIG-bench queries, 16 tasks) with the default ladder by bench/refit_default_router.sh."""
+    from importlib.resources import files
+
+    return Path(str(files("crecli") / "routers" / "default.cre"))
+
+
+SHIPPED_ROUTER_NAME = "the default router shipped with crecli (fitted on 1,400 BIG-bench queries of 16 tasks)"
+
+
+def router_in_use(router: Path | None) -> tuple[Path, str]:
+    """The router a command answers with, and how to name it to a user: `router` when given,
+    else the default `cre fit --set-default` recorded, else the one crecli ships, so `cre
+    ask` answers through the cascade right after setup."""
+    if router is not None:
+        return router, str(router)
+    default = default_router()
+    if default is not None:
+        return default, f"your default router {default}"
+    shipped = shipped_router()
+    if not shipped.is_file():
+        from crecli.errors import CreError
+
+        raise CreError(
+            f"no router given, no default router set, and the router crecli ships is missing ({shipped}): "
+            "pass --router FILE, fit one with `cre fit LOG -o router.cre --set-default`, or reinstall crecli"
+        )
+    return shipped, SHIPPED_ROUTER_NAME
+
+
 def write_user_settings(data: dict) -> Path:
     """Replace settings.toml with `data` (comments and layout are not kept; see
     `update_user_setting` for a change that keeps them)."""
@@ -399,7 +430,7 @@ def check_can_set_default() -> None:
 
 
 def set_default_router(router: Path) -> Path:
-    """Record `router` as the default for `cre ask` and `cre batch`; returns settings.toml's path.
+    """Record `router` as the default for `cre ask`, `batch`, `serve`, `eval` and `inspect`; returns settings.toml's path.
 
     Only the `default_router` line of settings.toml changes: comments and other settings
     stay as the user wrote them.
