@@ -37,7 +37,7 @@ CONTESTED_LOGPROB = -0.6  # as tests/test_real_parallel.py
 
 def cpu() -> str:
     """This machine's CPU model, and whether it has AMX (where llama.cpp runs other kernels)."""
-    from crecli.models.llama import cpu_has_amx
+    from crecli.models.runtime import cpu_has_amx
 
     name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace")
                  if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()

@@ -59,7 +59,7 @@ def bench_speeds() -> Callable[[dict[str, tuple[float, float]]], None]:
     """Store (prompt, generation) tokens/s per model name as `cre models bench --fresh`
     would, so costs are in bench-seconds; a later call replaces, never pools, them."""
     from crecli.models import bench
-    from crecli.models.llama import default_threads
+    from crecli.models.runtime import default_threads
 
     def store(speeds: dict[str, tuple[float, float]]) -> None:
         for name, (pp, tg) in speeds.items():

@@ -10,7 +10,7 @@ import pytest
 
 from crecli import config
 from crecli.config import ModelSpec
-from crecli.models import bench, llama
+from crecli.models import bench, llama, runtime
 
 
 def _speed(name: str = "m", sha: str | None = "a" * 64, threads: int = 2, **kw: object) -> bench.Speed:
@@ -110,7 +110,7 @@ def test_run_stops_at_a_crashing_probe(tiny_models_toml: Path, monkeypatch: pyte
     from crecli.errors import BackendError
 
     def crash(spec: ModelSpec) -> None:
-        raise BackendError(llama.CRASH_HINT.format(how="SIGSEGV", what=repr(spec.name)))
+        raise BackendError(runtime.CRASH_HINT.format(how="SIGSEGV", what=repr(spec.name)))
 
     monkeypatch.setattr(llama, "probe", crash)
     monkeypatch.setattr(bench, "measure", lambda *a, **k: pytest.fail("measured after a crash"))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from crecli.errors import BackendError
-from crecli.models import llama
+from crecli.models import llama, runtime
 
 AMX_FLAGS = "flags\t\t: fpu vme sse sse2 avx avx2 avx512f avx512_vnni amx_bf16 amx_tile amx_int8\n"
 PLAIN_FLAGS = "flags\t\t: fpu vme sse sse2 avx avx2 fma f16c\n"
@@ -27,48 +27,48 @@ def cpuinfo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     def write(flags_line: str) -> None:
         path = tmp_path / "cpuinfo"
         path.write_text("processor\t: 0\nmodel name\t: Test CPU\n" + flags_line)
-        monkeypatch.setattr(llama, "CPUINFO", str(path))
-        llama.cpu_has_amx.cache_clear()
+        monkeypatch.setattr(runtime, "CPUINFO", str(path))
+        runtime.cpu_has_amx.cache_clear()
 
     monkeypatch.delenv("CRE_LLAMA_EXTRA_BUFTS", raising=False)
     yield write
-    llama.cpu_has_amx.cache_clear()
+    runtime.cpu_has_amx.cache_clear()
 
 
 def test_amx_cpu_turns_extra_buffer_types_off(cpuinfo) -> None:
     cpuinfo(AMX_FLAGS)
-    assert llama.cpu_has_amx() and not llama.use_extra_bufts()
+    assert runtime.cpu_has_amx() and not runtime.use_extra_bufts()
 
 
 def test_cpu_without_amx_keeps_repacked_weights(cpuinfo) -> None:
     cpuinfo(PLAIN_FLAGS)
-    assert not llama.cpu_has_amx() and llama.use_extra_bufts()
+    assert not runtime.cpu_has_amx() and runtime.use_extra_bufts()
 
 
 def test_unreadable_cpuinfo_counts_as_no_amx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(llama, "CPUINFO", str(tmp_path / "missing"))
-    llama.cpu_has_amx.cache_clear()
+    monkeypatch.setattr(runtime, "CPUINFO", str(tmp_path / "missing"))
+    runtime.cpu_has_amx.cache_clear()
     try:
-        assert not llama.cpu_has_amx()
+        assert not runtime.cpu_has_amx()
     finally:
-        llama.cpu_has_amx.cache_clear()
+        runtime.cpu_has_amx.cache_clear()
 
 
 @pytest.mark.parametrize("value, expected", [("0", False), ("off", False), ("1", True), ("yes", True)])
 def test_environment_overrides_the_choice(cpuinfo, monkeypatch: pytest.MonkeyPatch, value: str, expected: bool) -> None:
     cpuinfo(AMX_FLAGS if expected else PLAIN_FLAGS)  # the override wins over the CPU either way
     monkeypatch.setenv("CRE_LLAMA_EXTRA_BUFTS", value)
-    assert llama.use_extra_bufts() is expected
+    assert runtime.use_extra_bufts() is expected
 
 
 def test_the_choice_reaches_llama_model_params() -> None:
     """What `Llama(...)` builds inside the guard has use_extra_bufts off, and only there."""
     low = pytest.importorskip("llama_cpp.llama_cpp")
     assert low.llama_model_default_params().use_extra_bufts  # llama.cpp's default
-    with llama._model_params(extra_bufts=False):
+    with runtime.model_params(extra_bufts=False):
         assert low.llama_model_default_params().use_extra_bufts is False
     assert low.llama_model_default_params().use_extra_bufts
-    with llama._model_params(extra_bufts=True):
+    with runtime.model_params(extra_bufts=True):
         assert low.llama_model_default_params().use_extra_bufts
 
 

@@ -29,8 +29,8 @@ from typer.testing import CliRunner
 
 from crecli import config
 from crecli.cli import app
-from crecli.models.llama import default_threads
 from crecli.models.pull import file_state
+from crecli.models.runtime import default_threads
 
 pytestmark = pytest.mark.real
 
@@ -42,7 +42,7 @@ DIE_MARKER = "Atlantis"
 
 # Runs in the child with `sys.executable -c`. The server builds its `Llama` inside
 # create_app, so that is where cre's buffer rule applies: on AMX CPUs a model loaded with
-# llama.cpp's extra buffer types crashes at the first decode (see crecli.models.llama).
+# llama.cpp's extra buffer types crashes at the first decode (see crecli.models.runtime).
 LAUNCHER = r"""
 import os, signal, socket, sys
 
@@ -50,11 +50,11 @@ import uvicorn
 from llama_cpp.server.app import create_app
 from llama_cpp.server.settings import ModelSettings, ServerSettings
 
-from crecli.models.llama import _model_params, use_extra_bufts
+from crecli.models.runtime import model_params, use_extra_bufts
 
 fd, path, alias, n_ctx, threads, marker = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6].encode()
 
-with _model_params(use_extra_bufts()):
+with model_params(use_extra_bufts()):
     api = create_app(
         server_settings=ServerSettings(host="127.0.0.1", port=0),
         model_settings=[ModelSettings(

@@ -183,7 +183,7 @@ def measure_all(
     from 1.13x to 2.05x over six runs in one morning; in rounds, a slow minute slows every
     model alike (`bench/speed_ratios.py` compares the two orders).
     """
-    from crecli.models.llama import use_extra_bufts
+    from crecli.models.runtime import use_extra_bufts
 
     busy = _busy_share()
     runs: dict[str, list[_Run]] = {spec.name: [] for spec in specs}
@@ -316,7 +316,7 @@ def stored(spec: ModelSpec, threads: int | None = None) -> dict[str, Any] | None
     A re-pulled or changed model, or another `CRE_THREADS`, is re-measured rather than
     priced with speeds that no longer hold.
     """
-    from crecli.models.llama import default_threads
+    from crecli.models.runtime import default_threads
 
     entry = load_all().get(_key(spec.sha256, spec.name, threads or default_threads()))
     if not isinstance(entry, dict):

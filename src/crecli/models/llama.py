@@ -16,132 +16,27 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import OrderedDict, deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from crecli.errors import BackendError, CreError, PromptTooLong
 from crecli.models.backend import Backend, Generation, GenParams, Signals
 from crecli.models.prompting import HEAD_PROBES, Rendered, render
 from crecli.models.pull import require_file
+from crecli.models.runtime import CRASH_HINT, default_threads, model_params, quiet_stderr, use_extra_bufts
 
 if TYPE_CHECKING:
     from crecli.config import ModelSpec
 
 
-def default_threads() -> int:
-    value = os.environ.get("CRE_THREADS")
-    if value:
-        return max(1, int(value))
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - macOS
-        return max(1, os.cpu_count() or 1)
-
-
-@contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence llama.cpp's C-level logging (it writes to fd 2 even with verbose=False).
-
-    Set CRE_DEBUG=1 to see it.
-    """
-    if os.environ.get("CRE_DEBUG"):
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-# What a user is told when llama.cpp dies in native code: the process is gone, so this is
-# printed by the parent of a probe (`cre models bench`) or pointed to by faulthandler.
-CRASH_HINT = (
-    "llama.cpp crashed in native code ({how}) while loading or running {what}. "
-    "On Xeons with AMX (lscpu shows amx_int8) a native llama.cpp build crashes at the first "
-    "decode when weights go into its AMX buffers (ggml-org/llama.cpp#20824). cre turns those "
-    "buffers off on AMX CPUs; if you forced them on, unset CRE_LLAMA_EXTRA_BUFTS. Otherwise "
-    "rebuild llama-cpp-python without native CPU tuning: CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" "
-    "pip install --force-reinstall --no-cache-dir llama-cpp-python. Run with CRE_DEBUG=1 to "
-    "see llama.cpp's own log."
-)
-
-
-CPUINFO = "/proc/cpuinfo"
 # Snapshots of answered examples' KV cells kept per loaded model (`LlamaBackend._warm_prefix`).
 # One holds a cluster's head and examples, about 100-400 tokens: 1-5 MB on the 0.5B and
 # 3-11 MB on the 1.5B (KV bytes per token from their GGUF headers).
 PREFIX_SNAPSHOTS = 16
-
-
-@lru_cache(maxsize=1)
-def cpu_has_amx() -> bool:
-    """Whether this CPU advertises AMX tiles (Linux /proc/cpuinfo; False where unknown)."""
-    try:
-        with open(CPUINFO, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "amx_int8" in line.split() or "amx_tile" in line.split()
-    except OSError:
-        pass
-    return False
-
-
-def use_extra_bufts() -> bool:
-    """Whether llama.cpp may put weights in its extra (repacked or AMX) CPU buffer types.
-
-    Off on AMX CPUs: there a native build routes weights into the AMX buffer type and the
-    first decode segfaults (ggml-org/llama.cpp#20824). Everywhere else the repacked layouts
-    stay on, because they are llama.cpp's faster CPU kernels. `CRE_LLAMA_EXTRA_BUFTS=0/1`
-    overrides the choice (README, "Set up", has the measured cost of each).
-    """
-    forced = os.environ.get("CRE_LLAMA_EXTRA_BUFTS", "").strip().lower()
-    if forced in ("0", "false", "no", "off"):
-        return False
-    if forced in ("1", "true", "yes", "on"):
-        return True
-    return not cpu_has_amx()
-
-
-# llama-cpp-python's high-level `Llama` builds its llama_model_params itself and has no
-# argument for `use_extra_bufts`, so the default-params factory it calls is wrapped for the
-# duration of one construction. The lock keeps two threads from interleaving the swap.
-_PARAMS_LOCK = threading.Lock()
-
-
-@contextmanager
-def _model_params(extra_bufts: bool) -> Iterator[None]:
-    import llama_cpp.llama_cpp as low
-
-    if extra_bufts or not hasattr(low.llama_model_params, "_fields_") or "use_extra_bufts" not in dict(
-        low.llama_model_params._fields_
-    ):
-        yield
-        return
-    with _PARAMS_LOCK:
-        original = low.llama_model_default_params
-
-        def without_extra_bufts() -> Any:
-            params = original()
-            params.use_extra_bufts = False
-            return params
-
-        low.llama_model_default_params = without_extra_bufts
-        try:
-            yield
-        finally:
-            low.llama_model_default_params = original
 
 
 def probe(spec: "ModelSpec", timeout: float = 300.0) -> None:
@@ -387,7 +282,7 @@ class LlamaBackend(Backend):
             raise BackendError(f"llama-cpp-python is not importable ({exc}); reinstall crecli") from exc
         start = time.perf_counter()
         try:
-            with _quiet_stderr(), _model_params(use_extra_bufts()):
+            with quiet_stderr(), model_params(use_extra_bufts()):
                 llm = Llama(
                     model_path=str(path),
                     n_ctx=self.n_ctx,
@@ -748,7 +643,7 @@ def _sequences_context(llm: Any, n_seq: int, n_ctx: int, n_batch: int, n_threads
     params.n_seq_max = n_seq + 1
     params.kv_unified = True
     params.n_threads = params.n_threads_batch = n_threads
-    with _quiet_stderr():
+    with quiet_stderr():
         ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
     if not ctx:
         raise BackendError(f"llama.cpp could not create a context for {what}")

@@ -1,0 +1,124 @@
+"""llama.cpp's runtime in this process: its threads, its C-level log, AMX CPUs, the crash hint.
+
+`default_threads` is the usable core count (`CRE_THREADS` overrides it): llama.cpp's
+threads spin while they wait, so more threads than cores (or two models computing at once)
+collapses throughput. On AMX CPUs llama.cpp's extra buffer types stay off (`use_extra_bufts`,
+applied by `model_params`), since a native build crashes there at the first decode;
+`CRASH_HINT` is what a user is told when llama.cpp dies in native code all the same.
+Nothing here loads a model: the backend (`models/llama.py`) does.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Any, Iterator
+
+
+def default_threads() -> int:
+    value = os.environ.get("CRE_THREADS")
+    if value:
+        return max(1, int(value))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS
+        return max(1, os.cpu_count() or 1)
+
+
+@contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silence llama.cpp's C-level logging (it writes to fd 2 even with verbose=False).
+
+    Set CRE_DEBUG=1 to see it.
+    """
+    if os.environ.get("CRE_DEBUG"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+# What a user is told when llama.cpp dies in native code: the process is gone, so this is
+# printed by the parent of a probe (`cre models bench`) or pointed to by faulthandler.
+CRASH_HINT = (
+    "llama.cpp crashed in native code ({how}) while loading or running {what}. "
+    "On Xeons with AMX (lscpu shows amx_int8) a native llama.cpp build crashes at the first "
+    "decode when weights go into its AMX buffers (ggml-org/llama.cpp#20824). cre turns those "
+    "buffers off on AMX CPUs; if you forced them on, unset CRE_LLAMA_EXTRA_BUFTS. Otherwise "
+    "rebuild llama-cpp-python without native CPU tuning: CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" "
+    "pip install --force-reinstall --no-cache-dir llama-cpp-python. Run with CRE_DEBUG=1 to "
+    "see llama.cpp's own log."
+)
+
+
+CPUINFO = "/proc/cpuinfo"
+
+
+@lru_cache(maxsize=1)
+def cpu_has_amx() -> bool:
+    """Whether this CPU advertises AMX tiles (Linux /proc/cpuinfo; False where unknown)."""
+    try:
+        with open(CPUINFO, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_int8" in line.split() or "amx_tile" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def use_extra_bufts() -> bool:
+    """Whether llama.cpp may put weights in its extra (repacked or AMX) CPU buffer types.
+
+    Off on AMX CPUs: there a native build routes weights into the AMX buffer type and the
+    first decode segfaults (ggml-org/llama.cpp#20824). Everywhere else the repacked layouts
+    stay on, because they are llama.cpp's faster CPU kernels. `CRE_LLAMA_EXTRA_BUFTS=0/1`
+    overrides the choice (README, "Set up", has the measured cost of each).
+    """
+    forced = os.environ.get("CRE_LLAMA_EXTRA_BUFTS", "").strip().lower()
+    if forced in ("0", "false", "no", "off"):
+        return False
+    if forced in ("1", "true", "yes", "on"):
+        return True
+    return not cpu_has_amx()
+
+
+# llama-cpp-python's high-level `Llama` builds its llama_model_params itself and has no
+# argument for `use_extra_bufts`, so the default-params factory it calls is wrapped for the
+# duration of one construction. The lock keeps two threads from interleaving the swap.
+_PARAMS_LOCK = threading.Lock()
+
+
+@contextmanager
+def model_params(extra_bufts: bool) -> Iterator[None]:
+    import llama_cpp.llama_cpp as low
+
+    if extra_bufts or not hasattr(low.llama_model_params, "_fields_") or "use_extra_bufts" not in dict(
+        low.llama_model_params._fields_
+    ):
+        yield
+        return
+    with _PARAMS_LOCK:
+        original = low.llama_model_default_params
+
+        def without_extra_bufts() -> Any:
+            params = original()
+            params.use_extra_bufts = False
+            return params
+
+        low.llama_model_default_params = without_extra_bufts
+        try:
+            yield
+        finally:
+            low.llama_model_default_params = original
