@@ -9,7 +9,7 @@ import pytest
 
 from crecli.config import ModelSpec
 from crecli.errors import BackendError
-from crecli.models import llama
+from crecli.models import gguf
 
 
 def write_header(path: Path, fields: dict[str, int | str | list[str]]) -> Path:
@@ -44,11 +44,11 @@ QWEN_LIKE = {
 def test_kv_bytes_per_token_from_the_header(tmp_path: Path) -> None:
     path = write_header(tmp_path / "q.gguf", QWEN_LIKE)
     # 24 layers x 2 KV heads x (64 + 64) x 2 bytes: qwen2.5-0.5b's figure.
-    assert llama.kv_bytes_per_token(path) == 24 * 2 * 128 * 2 == 12288
+    assert gguf.kv_bytes_per_token(path) == 24 * 2 * 128 * 2 == 12288
     gemma = write_header(tmp_path / "g.gguf", {"gemma3.block_count": 18, "gemma3.embedding_length": 640,
                                                "gemma3.attention.head_count": 4, "gemma3.attention.head_count_kv": 1,
                                                "gemma3.attention.key_length": 256, "gemma3.attention.value_length": 256})
-    assert llama.kv_bytes_per_token(gemma) == 18 * 1 * 512 * 2
+    assert gguf.kv_bytes_per_token(gemma) == 18 * 1 * 512 * 2
 
 
 def test_a_broken_header_is_a_backend_error(tmp_path: Path) -> None:
@@ -56,10 +56,10 @@ def test_a_broken_header_is_a_backend_error(tmp_path: Path) -> None:
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(path.read_bytes()[:60])
     with pytest.raises(BackendError, match="GGUF header"):
-        llama.kv_bytes_per_token(cut)
+        gguf.kv_bytes_per_token(cut)
     missing = write_header(tmp_path / "m.gguf", {"qwen2.block_count": 24})
     with pytest.raises(BackendError, match="has no"):
-        llama.kv_bytes_per_token(missing)
+        gguf.kv_bytes_per_token(missing)
 
 
 @pytest.mark.parametrize(("layers", "offload", "expected"), [
@@ -71,4 +71,4 @@ def test_placement(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layers: int,
 
     monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: offload)
     path = write_header(tmp_path / "q.gguf", QWEN_LIKE)
-    assert llama.placement(ModelSpec(name="q", path=str(path), n_gpu_layers=layers)) == expected
+    assert gguf.placement(ModelSpec(name="q", path=str(path), n_gpu_layers=layers)) == expected

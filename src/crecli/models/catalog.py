@@ -10,7 +10,7 @@ from crecli.models.pull import file_state
 
 
 def _placement(spec: Any) -> str:
-    from crecli.models.llama import placement
+    from crecli.models.gguf import placement
 
     return placement(spec)
 
