@@ -58,7 +58,8 @@ LENGTHS_CHILD = r"""
 import json, statistics, sys, time
 from crecli import config
 from crecli.models.bench import _PROMPT
-from crecli.models.llama import LlamaBackend, prompt_head
+from crecli.models.llama import LlamaBackend
+from crecli.models.tokens import prompt_head
 spec = config.load().get(sys.argv[1])
 llm = LlamaBackend(spec).llm
 first = prompt_head(llm, spec.prompt_format)

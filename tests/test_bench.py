@@ -10,7 +10,7 @@ import pytest
 
 from crecli import config
 from crecli.config import ModelSpec
-from crecli.models import bench, llama, runtime
+from crecli.models import bench, llama, runtime, tokens
 
 
 def _speed(name: str = "m", sha: str | None = "a" * 64, threads: int = 2, **kw: object) -> bench.Speed:
@@ -129,7 +129,7 @@ def test_cached_head_is_what_two_unlike_prompts_share_once_tokenized() -> None:
     from crecli.models.prompting import render
 
     head = bench.cached_head_tokens(_Tokenizer(), "chatml")
-    a = llama.tokenize(_Tokenizer(), render("chatml", "What is 2 plus 2?"), add_bos=True)
+    a = tokens.tokenize(_Tokenizer(), render("chatml", "What is 2 plus 2?"), add_bos=True)
     # The system turn and "<|im_start|>user\nWhat": the first prompt word merges with the
     # turn's last line under this toy tokenizer, so only whole shared words count.
     assert 5 < head < len(a)

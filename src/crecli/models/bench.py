@@ -144,7 +144,8 @@ def _run_once(spec: "ModelSpec", pp_tokens: int, tg_tokens: int) -> _Run:
     """Load `spec`, time PP_ROUNDS prompts of `pp_tokens` new tokens after its cached head
     (the chat template's fixed start, which llama.cpp reuses from the previous prompt), then
     `tg_tokens` greedy tokens after the last of them, and unload it."""
-    from crecli.models.llama import LlamaBackend, prompt_head
+    from crecli.models.llama import LlamaBackend
+    from crecli.models.tokens import prompt_head
 
     backend = LlamaBackend(spec)
     try:
@@ -226,8 +227,8 @@ def measure(spec: "ModelSpec", pp_tokens: int = PP_TOKENS, tg_tokens: int = TG_T
 
 def cached_head_tokens(llm: Any, prompt_format: str) -> int:
     """How many leading tokens two different prompts in this format share once tokenized
-    (`llama.prompt_head`), which is what llama.cpp's prefix reuse skips."""
-    from crecli.models.llama import prompt_head
+    (`tokens.prompt_head`), which is what llama.cpp's prefix reuse skips."""
+    from crecli.models.tokens import prompt_head
 
     return len(prompt_head(llm, prompt_format))
 

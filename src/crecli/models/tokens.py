@@ -1,0 +1,117 @@
+"""What tokens a rendered prompt becomes, and the confidence signals of a greedy pass.
+
+Every path that decodes a prompt (the `Llama`'s own, parallel greedy sequences, parallel
+votes) feeds the model `prompt_tokens`, so all of them see the same tokens: a template's
+control parts are tokenized with special tokens parsed, user text without (`tokenize`).
+`prompt_head` is what every prompt of a format shares, which llama.cpp's prefix reuse
+skips. `SignalMeter` reads each greedy step's logits into `Signals`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from crecli.models.backend import Signals
+from crecli.models.prompting import HEAD_PROBES, Rendered, render
+
+
+def shared_prefix(sequences: Sequence[Sequence[int]]) -> Sequence[int]:
+    """The longest run of tokens every sequence starts with (what llama.cpp's prefix reuse skips)."""
+    # commonprefix compares element by element, so it serves token lists as well as paths.
+    return os.path.commonprefix(list(sequences))
+
+
+def prompt_head(llm: Any, prompt_format: str, shots: Sequence[tuple[str, str]] = ()) -> list[int]:
+    """The tokens every prompt in `prompt_format` shown `shots` starts with once tokenized
+    (what two unlike probe prompts share): the template's fixed head, the examples and the
+    start of the prompt's own turn. What llama.cpp's prefix reuse skips; the head's last
+    characters can merge with a prompt's first into one token, so the text's own token
+    count would overstate it."""
+    return list(shared_prefix([tokenize(llm, render(prompt_format, p, shots=shots), add_bos=True) for p in HEAD_PROBES]))
+
+
+def tokenize(llm: Any, rendered: Rendered, add_bos: bool = False) -> list[int]:
+    """`rendered`'s tokens: control parts with special tokens parsed, text parts without.
+
+    llama.cpp parsing special tokens splits a string at each one and tokenizes the runs
+    between them as text; tokenizing the parts one by one does the same, except that a
+    control spelling inside a text part (a user's `<|im_end|>`) stays text. For ordinary
+    prompts the tokens are those of the whole string with special tokens parsed, so outcomes
+    recorded before this rule still match.
+    """
+    if not rendered.parts:
+        return llm.tokenize(b"", add_bos=add_bos, special=True)
+    tokens: list[int] = []
+    for i, (text, control) in enumerate(rendered.parts):
+        tokens += llm.tokenize(text.encode("utf-8"), add_bos=add_bos and i == 0, special=control)
+    return tokens
+
+
+def prompt_tokens(llm: Any, rendered: Rendered) -> list[int]:
+    """The tokens every path decodes for `rendered`: `tokenize`'s, with the leading
+    BOS/CLS and trailing EOS/SEP tokens llama-cpp-python's `create_completion` would add to
+    a string prompt (no suffix). `LlamaBackend.complete` passes this list, so the
+    sequential and parallel paths feed the model exactly the same tokens.
+    """
+    model = llm._model
+    bos, cls, sep = llm.token_bos(), model.token_cls(), model.token_sep()
+    head = [cls if cls != -1 else bos]
+    tail = [sep if sep != -1 else llm.token_eos()]
+    if not model.add_bos_token() or head[:1] == [-1]:
+        head = []
+    if not model.add_eos_token() and sep == -1:
+        tail = []
+    return head + tokenize(llm, rendered) + tail
+
+
+# ---------------------------------------------------------------- confidence from the greedy pass
+
+
+def letter_tokens(llm: Any) -> dict[int, int]:
+    """Token id -> letter index (A=0 .. Z=25) for the single-token forms "A", " A", "(A" and " (A"."""
+    ids: dict[int, int] = {}
+    for i in range(26):
+        letter = chr(ord("A") + i)
+        for form in (letter, " " + letter, "(" + letter, " (" + letter):
+            tokens = llm.tokenize(form.encode(), add_bos=False, special=False)
+            if len(tokens) == 1:
+                ids.setdefault(int(tokens[0]), i)
+    return ids
+
+
+class SignalMeter:
+    """Reads each greedy step's logits into `Signals`, one home for both decoding paths.
+
+    Only for greedy decoding: the chosen token is then the argmax, so its log-probability
+    is max(logits) - logsumexp(logits) without knowing which token the sampler took. The
+    cost is one pass over the vocabulary per token (well under a millisecond), against
+    `logits_all`, which would keep every position's logits.
+    """
+
+    def __init__(self, letters: dict[int, int]) -> None:
+        self.letters = letters
+        self._ids: Any = None
+        self.logprobs: list[float] = []
+        self.margin: float | None = None
+
+    def observe(self, logits: Any) -> None:
+        import numpy as np
+
+        values = np.asarray(logits, dtype=np.float32)
+        top = int(np.argmax(values))
+        peak = float(values[top])
+        lse = peak + float(np.log(np.sum(np.exp(values - peak), dtype=np.float64)))
+        self.logprobs.append(peak - lse)
+        if self.margin is None and top in self.letters:
+            if self._ids is None:
+                self._ids = np.fromiter(self.letters, dtype=np.int64)
+            probs = np.zeros(26)
+            np.add.at(probs, [self.letters[int(t)] for t in self._ids], np.exp(values[self._ids].astype(np.float64) - lse))
+            first, second = np.sort(probs)[::-1][:2]
+            self.margin = float((first - second) / max(probs.sum(), 1e-30))
+
+    def signals(self) -> Signals | None:
+        if not self.logprobs:
+            return None
+        return Signals(min(self.logprobs), sum(self.logprobs) / len(self.logprobs), self.margin)
