@@ -692,7 +692,7 @@ def main() -> None:
     import faulthandler
 
     # A crash inside llama.cpp's native code kills the process before Python can report
-    # it; faulthandler at least prints the Python stack (ending in crecli/models/llama.py)
+    # it; faulthandler at least prints the Python stack (ending in a crecli/models/ module)
     # instead of a bare "Segmentation fault". `cre models bench` probes each model in a
     # child process and names the cause and the fix.
     if not faulthandler.is_enabled():
