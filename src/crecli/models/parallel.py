@@ -26,7 +26,7 @@ from crecli.models.tokens import SignalMeter, prompt_tokens, shared_prefix
 
 @dataclass
 class _Stream:
-    """One prompt's greedy answer in flight in the parallel context."""
+    """One answer in flight in a parallel context: a prompt's greedy answer, or one sampled vote."""
 
     index: int  # position in the caller's list
     prompt: list[int]
