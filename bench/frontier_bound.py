@@ -58,8 +58,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from crecli import calibrate, config, costs, embed, querylog
-from crecli.outcomes import OutcomeStore, collect, default_store_path
+from crecli import choice, config, costs, deferral, embed, querylog
+from crecli.outcomes import OutcomeStore, collect, default_store_path, graded
 from crecli.quality import QualityCheck
 
 LAMBDAS = np.concatenate([np.linspace(0.0, 0.5, 51), np.linspace(0.5, 5.0, 46), np.linspace(5.0, 40.0, 36)])
@@ -88,7 +88,7 @@ def recorded(log: Path, unit: str | None) -> Recorded:
     with OutcomeStore(default_store_path()) as store:
         found = collect(records, settings, store, QualityCheck(k=1), models=ladder)
     model = costs.CostModel.build(found.values(), [settings.get(m) for m in ladder], unit)
-    C = np.array([[found[(r.id, m)].correct(r)[0] for m in ladder] for r in records], dtype=float)
+    C = np.array([[graded(found[(r.id, m)], r)[0] for m in ladder] for r in records], dtype=float)
     K = np.array([[model.of(found[(r.id, m)]) for m in ladder] for r in records], dtype=float)
     return Recorded(records, settings, ladder, found, model, C, K)
 
@@ -161,7 +161,7 @@ def within_task_knn(X: np.ndarray, C: np.ndarray, tasks: np.ndarray, k: int) -> 
         num = den = 0.0
         for task in np.unique(tasks):
             sel = tasks == task
-            a = calibrate.auroc(prior[sel].tolist(), C[sel, j].astype(bool).tolist())
+            a = deferral.auroc(prior[sel].tolist(), C[sel, j].astype(bool).tolist())
             if a is None:
                 continue
             y = C[sel, j].astype(bool)
@@ -179,14 +179,14 @@ def cross_fit_rules(records: Sequence[querylog.Record], found: dict, model: cost
                     C: np.ndarray, K: np.ndarray, tasks: np.ndarray, retain: float, seeds: Sequence[int],
                     n_folds: int = 5) -> dict[str, list[tuple[float, float]]]:
     """Held-out (accuracy share, cost share) per seed of one model per task, chosen on the
-    other folds by each of calibrate's rules (on `calibrate.cluster_stats` with the tasks
+    other folds by each of calibrate's rules (on `choice.cluster_stats` with the tasks
     as clusters) at its cheapest setting that keeps `retain` there."""
     top = C.shape[1] - 1
     names = sorted(set(tasks))
     labels = np.array([names.index(t) for t in tasks])
     rules = {
-        "share of the strongest, per task": lambda table, r: calibrate.choose_models(table, costs.Budget("retain", r)),
-        "one price of accuracy": calibrate.choose_by_weight,
+        "share of the strongest, per task": lambda table, r: choice.choose_models(table, costs.Budget("retain", r)),
+        "one price of accuracy": choice.choose_by_weight,
     }
     grids = {"share of the strongest, per task": RATIOS, "one price of accuracy": LAMBDAS}
     out: dict[str, list[tuple[float, float]]] = {name: [] for name in rules}
@@ -202,7 +202,7 @@ def cross_fit_rules(records: Sequence[querylog.Record], found: dict, model: cost
         tables = []
         for f in range(n_folds):
             tr = np.flatnonzero(fold != f)
-            tables.append(calibrate.cluster_stats(labels[tr].tolist(), [records[i] for i in tr], found, ladder, model))
+            tables.append(choice.cluster_stats(labels[tr].tolist(), [records[i] for i in tr], found, ladder, model))
         for name, rule in rules.items():
             correct = cost = 0.0
             for f in range(n_folds):
@@ -224,7 +224,7 @@ def cross_fit_rules(records: Sequence[querylog.Record], found: dict, model: cost
         for value in LAMBDAS:
             a = c = 0.0
             for f in range(n_folds):
-                got = score(np.flatnonzero(fold == f), calibrate.choose_by_weight(tables[f], float(value)).models)
+                got = score(np.flatnonzero(fold == f), choice.choose_by_weight(tables[f], float(value)).models)
                 a, c = a + got[0], c + got[1]
             held.append((a / C[:, top].sum(), c / K[:, top].sum()))
         kept = [(c, a) for a, c in held if a >= retain - 1e-9]

@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from crecli import calibrate, costs
+from crecli import calibrate, choice, costs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from frontier_bound import recorded, task_of  # noqa: E402  (a sibling script, not a package)
@@ -57,11 +57,11 @@ class Harness:
 
     def models(self, idx: np.ndarray, grid: Sequence[float]) -> list[np.ndarray]:
         """Each task's ladder index at each price of `grid`, chosen on `idx` by calibrate's own rule."""
-        table = calibrate.cluster_stats(self.labels[idx].tolist(), [self.rec.records[i] for i in idx], self.rec.found,
+        table = choice.cluster_stats(self.labels[idx].tolist(), [self.rec.records[i] for i in idx], self.rec.found,
                                         self.rec.ladder, self.rec.model)
         out = []
         for weight in grid:
-            chosen = calibrate.choose_by_weight(table, weight).models
+            chosen = choice.choose_by_weight(table, weight).models
             out.append(np.array([self.rec.ladder.index(chosen.get(t, self.rec.ladder[-1]))
                                  for t in range(self.labels.max() + 1)]))
         return out

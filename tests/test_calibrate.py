@@ -7,27 +7,12 @@ from pathlib import Path
 import pytest
 
 from crecli import config
-from crecli.calibrate import (
-    PRIOR_STRENGTH,
-    WEIGHT_GRID,
-    Budget,
-    Choice,
-    Figures,
-    ClusterStats,
-    ModelStats,
-    Replay,
-    StatsTable,
-    assignments_for,
-    choose_by_weight,
-    choose_models,
-    cluster_stats,
-    default_thresholds,
-    estimate,
-    plan,
-    simulate,
-    threshold_grid,
-    tune_thresholds,
-)
+from crecli.calibrate import WEIGHT_GRID, Figures, estimate
+from crecli.choice import PRIOR_STRENGTH, Choice, ClusterStats, ModelStats, StatsTable, assignments_for, choose_by_weight, choose_models, cluster_stats
+from crecli.costs import Budget
+from crecli.fit import plan, tune_thresholds
+from crecli.quality import default_thresholds, threshold_grid
+from crecli.replay import Replay, simulate
 from crecli.errors import CreError
 from crecli.costs import CostModel
 from crecli.outcomes import Outcome, OutcomeStore, Vote, collect
@@ -168,8 +153,11 @@ def test_max_cost_charges_unclustered_queries_the_fallback() -> None:
 def test_budget_validates_its_kind_and_value() -> None:
     with pytest.raises(CreError, match="retain, max_cost"):
         Budget("cheap", 0.5)
-    with pytest.raises(CreError, match="positive"):
-        Budget("retain", 0)
+    # One home for the ranges, which the CLI and the router loader both use.
+    for kind, value in (("retain", 0), ("retain", 1.6), ("max_cost", 1.01), ("max_cost", -0.1), ("retain", float("nan"))):
+        with pytest.raises(CreError, match="--retain|--max-cost|finite"):
+            Budget(kind, value)
+    assert Budget("retain", 1.5).value == 1.5 and Budget("max_cost", 1.0).value == 1.0
     assert Budget().to_dict() == {"kind": "retain", "value": 0.98}
 
 

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from crecli import config, routerfile
-from crecli.calibrate import auroc, fit_logistic
+from crecli.deferral import auroc, fit_logistic
 from crecli.cli import app
 from crecli.errors import RouterFileError
 from crecli.models.backend import GenParams, Signals
@@ -256,7 +256,7 @@ def test_calibrate_and_eval_price_in_the_cost_unit_asked_for(
 def test_a_four_rung_replay_escalates_by_p_correct_and_the_remote_top_is_final() -> None:
     """A ladder of any length: a remote top rung above the 1.5B is asked only what every
     rung below doubts, and its greedy answer is final (it has no deferral model)."""
-    from crecli.calibrate import Replay, _Entry
+    from crecli.replay import Replay, _Entry
 
     ladder = ["tiny", "small", "big", "remote"]
     records = [Record(id=f"q{i}", prompt=f"p{i}", reference=["1"], match="numeric") for i in range(3)]
@@ -284,7 +284,7 @@ def test_a_four_rung_replay_escalates_by_p_correct_and_the_remote_top_is_final()
 def test_the_replayed_deferral_check_never_keeps_an_empty_answer_below_the_top() -> None:
     """Threshold 0 keeps every answer but an empty one, which escalates; the top rung's
     empty answer is still final."""
-    from crecli.calibrate import Replay, _Entry
+    from crecli.replay import Replay, _Entry
 
     ladder = ["small", "big"]
     records = [Record(id=f"q{i}", prompt=f"p{i}", reference=["1"], match="numeric") for i in range(2)]

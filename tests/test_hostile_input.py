@@ -390,7 +390,7 @@ def test_bom_on_line_1_is_ignored_by_every_reader(tmp_path: Path, name: str, dat
 
 
 def test_fit_reports_a_skipped_line_holding_markup(tmp_path: Path, tiny_models_toml: Path) -> None:
-    from crecli.calibrate import Budget
+    from crecli.costs import Budget
     from crecli.fit import FitOptions, fit
 
     path = write(tmp_path / "log.jsonl", GOOD + jl(id="[/]", prompt="hi", match="[/]"))

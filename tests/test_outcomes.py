@@ -14,6 +14,7 @@ from crecli.outcomes import (
     OutcomeStore,
     Vote,
     collect,
+    graded,
     prompt_sha256,
     sample_records,
     settings_key,
@@ -52,10 +53,10 @@ def test_collect_runs_each_query_and_model_once(settings, store, fake_backends) 
     assert o.prompt_sha256 == prompt_sha256(records[1].prompt)
     assert o.settings_key == settings_key(Q3, grading.max_tokens_for("numeric"))
     assert o.prompt_tokens > 0 and o.votes[0].text == "4"
-    assert o.correct(records[1]) == [False, False, False]  # 1 + 1 is not 4
-    assert results[("q2", "small")].correct(records[2]) == [True, True, True]
-    assert results[("q2", "large")].correct(records[2]) == [True, True, True]  # "four" == 4
-    assert results[("q2", "medium")].correct(records[2]) == [False, False, False]  # "I don't know"
+    assert graded(o, records[1]) == [False, False, False]  # 1 + 1 is not 4
+    assert graded(results[("q2", "small")], records[2]) == [True, True, True]
+    assert graded(results[("q2", "large")], records[2]) == [True, True, True]  # "four" == 4
+    assert graded(results[("q2", "medium")], records[2]) == [False, False, False]  # "I don't know"
 
     created.clear()
     again = collect(records, settings, store, Q3)
@@ -147,7 +148,7 @@ def test_label_only_records_skip_the_model(settings, store, fake_backends) -> No
     labelled = Record(id="lab", prompt="Is water wet?", reference=None, match=None, labels={"small": True, "large": False})
     results = collect([labelled, rec(1)], settings, store, Q3)
     assert results[("lab", "small")].source == "label" and results[("lab", "small")].label is True
-    assert results[("lab", "large")].correct(labelled) == [False]
+    assert graded(results[("lab", "large")], labelled) == [False]
     assert ("lab", "medium") not in results  # no reference, no label: nothing to grade
     assert all("Is water wet?" not in text for b in created.values() for text, _ in b.calls)
     assert store.count() == 3  # labels are not stored: the log is their source of truth
@@ -204,16 +205,18 @@ def run_outcome(model: str, votes: list[tuple[str, int, float]], prompt_tokens: 
 
 
 def test_outcome_cost_in_seconds_and_price() -> None:
+    """An outcome is a plain record; `costs.CostModel` prices its votes."""
     o = run_outcome("small", [("4", 2, 0.5), ("4", 3, 0.25), ("5", 1, 0.125)])
-    assert o.cost(1) == 0.5
-    assert o.cost(3) == 0.875
+    seconds = CostModel("seconds", {}, {})
+    assert seconds.of(o, 1) == 0.5
+    assert seconds.of(o, 3) == 0.875
     # vote 0 pays the 10 prompt tokens; later votes only their own output tokens
-    assert o.cost(2, "price", 2.0) == pytest.approx((10 + 2 + 3) * 2.0 / 1000)
-    assert o.vote_costs("price", 1000.0) == [12.0, 3.0, 1.0]
+    assert CostModel("price", {"small": 2.0}, {}).of(o, 2) == pytest.approx((10 + 2 + 3) * 2.0 / 1000)
+    assert CostModel("price", {"small": 1000.0}, {}).votes(o) == [12.0, 3.0, 1.0]
     with pytest.raises(ConfigError):
-        o.cost(1, "price")
+        CostModel("price", {}, {}).of(o, 1)
     label = Outcome("q", "sha", "small", "m", "label", "label", 0, [], True)
-    assert label.cost(1) is None
+    assert CostModel("seconds", {}, {"small": 0.7}).votes(label) == [0.7]
 
 
 def test_cost_model_fills_labels_from_measured_means() -> None:
@@ -284,9 +287,8 @@ def test_cost_in_bench_seconds_when_every_model_is_benchmarked(settings, bench_s
     # vote 0: 50 prompt tokens at 100/s and 4 output tokens at 20/s; vote 1: 2 tokens at 20/s.
     # The measured 9 and 7 seconds (a busy machine) play no part.
     assert costs.votes(o) == [pytest.approx(0.5 + 0.2), pytest.approx(0.1)]
-    assert o.vote_costs("bench-seconds", speed=(100.0, 20.0)) == costs.votes(o)
     with pytest.raises(ConfigError, match="cre models bench medium"):
-        o.vote_costs("bench-seconds")
+        CostModel("bench-seconds", {}, {}, {"small": (1.0, 1.0)}).votes(o)
 
 
 def test_recorded_votes_and_live_votes_get_identical_parameters(settings, store, fake_backends) -> None:

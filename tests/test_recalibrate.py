@@ -165,7 +165,7 @@ def test_calibrate_replays_each_distinct_choice_once_and_chooses_on_the_estimate
     fake_backends: Callable[..., dict[str, FakeBackend]], tiny_models_toml: Path, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch, bench_speeds,
 ) -> None:
-    from crecli import calibrate
+    from crecli import calibrate, choice, replay
 
     bench_speeds(SPEEDS)
     fake_backends({"small": _only("plus"), "medium": _only("plus", "Add"), "large": _sum})
@@ -175,7 +175,7 @@ def test_calibrate_replays_each_distinct_choice_once_and_chooses_on_the_estimate
     settings = config.load(tiny_models_toml)
     loaded = routerfile.load(router, settings)
     ladder = loaded.ladder_names
-    data = calibrate.prepare(loaded, settings, log)
+    data = replay.prepare(loaded, settings, log)
     everything = list(range(len(data.records)))
     table = calibrate._table(data, everything, ladder)
     combos = [{m: 0.0 for m in ladder}, {**{m: 0.6 for m in ladder[:-1]}, ladder[-1]: 0.0}]
@@ -189,12 +189,12 @@ def test_calibrate_replays_each_distinct_choice_once_and_chooses_on_the_estimate
 
     monkeypatch.setattr(calibrate, "_simulate", counted)
     swept = calibrate._replay_grid(data, table, everything, combos, loaded.quality)
-    distinct = {tuple(sorted(calibrate.choose_by_weight(table, w).models.items())) for w in calibrate.WEIGHT_GRID}
+    distinct = {tuple(sorted(choice.choose_by_weight(table, w).models.items())) for w in calibrate.WEIGHT_GRID}
     assert len(distinct) > 1  # the prices do choose differently here
     assert len(calls) == len(distinct) * len(combos) < len(calibrate.WEIGHT_GRID) * len(combos)
     assert len(swept) == len(calibrate.WEIGHT_GRID) * len(combos)
     for setting, result in swept:  # a reused replay is the one its own price would give
-        direct = real(data, everything, calibrate.choose_by_weight(table, setting.weight), dict(setting.thresholds),
+        direct = real(data, everything, choice.choose_by_weight(table, setting.weight), dict(setting.thresholds),
                       loaded.quality)
         assert (result.accuracy, result.mean_cost) == (direct.accuracy, direct.mean_cost)
 

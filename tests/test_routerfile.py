@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 
 from crecli import config, routerfile
-from crecli.calibrate import PRIOR_STRENGTH, Budget, Choice, ClusterStats, ModelStats, Plan, StatsTable, default_thresholds
+from crecli.choice import PRIOR_STRENGTH, Choice, ClusterStats, ModelStats, StatsTable
+from crecli.costs import Budget
+from crecli.fit import Plan
+from crecli.quality import default_thresholds
 from crecli.cluster import Assigner
 from crecli.embed import TfidfEmbedder
 from crecli.errors import RouterFileError

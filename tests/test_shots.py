@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from crecli import calibrate, config, outcomes, routerfile
+from crecli import config, costs, outcomes, routerfile
+from crecli import shots as shot_choice
 from crecli.cli import app
 from crecli.config import ModelSpec
 from crecli.models import registry
@@ -171,12 +172,12 @@ def _record(i: int, answer: str, match: str = "choice", prompt: str | None = Non
 
 def test_exemplars_prefer_distinct_answers_and_skip_what_cannot_be_shown() -> None:
     records = [_record(0, "A"), _record(1, "A"), _record(2, "B"), _record(3, "A", prompt="x" * 5000), _record(4, "C")]
-    chosen = calibrate.pick_exemplars(records, 3)
+    chosen = shot_choice.pick_exemplars(records, 3)
     assert [r.id for r in chosen] == ["r0", "r2", "r4"]
-    assert [calibrate.exemplar_answer(r) for r in chosen] == ["(A)", "(B)", "(C)"]
-    assert [r.id for r in calibrate.pick_exemplars(records[:2], 3)] == ["r0", "r1"]
-    assert calibrate.exemplar_answer(_record(5, "thirteen", "numeric")) == "13"
-    assert calibrate.exemplar_answer(_record(6, "^a+$", "regex")) is None
+    assert [shot_choice.exemplar_answer(r) for r in chosen] == ["(A)", "(B)", "(C)"]
+    assert [r.id for r in shot_choice.pick_exemplars(records[:2], 3)] == ["r0", "r1"]
+    assert shot_choice.exemplar_answer(_record(5, "thirteen", "numeric")) == "13"
+    assert shot_choice.exemplar_answer(_record(6, "^a+$", "regex")) is None
 
 
 def _outcome(rid: str, model: str, prompt_tokens: int, text: str = "x") -> outcomes.Outcome:
@@ -188,14 +189,13 @@ def test_shared_examples_are_priced_once_per_batch() -> None:
     shots = {("a", "m"): (("q", "1"),), ("b", "m"): (("q", "1"),)}
     base = {(r, "m"): _outcome(r, "m", 10) for r in "abc"}
     shown = {(r, "m"): _outcome(r, "m", 40) for r in "ab"}
-    resolved = calibrate.resolve_shots(base, shown, shots)
+    resolved = shot_choice.resolve_shots(base, shown, shots)
     assert resolved[("a", "m")].prefix_tokens == 30 and resolved[("c", "m")].prefix_tokens == 0
     assert resolved[("a", "m")].prefix_key == resolved[("b", "m")].prefix_key != ""
 
-    def entry(key: str, cost: float) -> Any:
-        return calibrate._Entry(("x",), (True,), (1.0,), prefix_key=key, prefix_cost=cost)
-
-    shares = calibrate.prefix_shares([entry("p", 3.0), entry("p", 3.0), entry("", 0.0), entry("p", 3.0)])
+    shares = costs.share_prefixes([("p", 3.0), ("p", 3.0), ("", 0.0), ("p", 3.0)])
     assert shares == [1.0, 1.0, 0.0, 1.0]
     # In "bench-seconds" a vote no longer pays the shared tokens in its own prompt.
-    assert resolved[("a", "m")].vote_costs("bench-seconds", speed=(10.0, 1.0)) == [pytest.approx(1.0 + 2.0)]
+    pricing = costs.CostModel("bench-seconds", {}, {}, {"m": (10.0, 1.0)})
+    assert pricing.votes(resolved[("a", "m")]) == [pytest.approx(1.0 + 2.0)]
+    assert pricing.prefix_of(resolved[("a", "m")]) == pytest.approx(3.0)

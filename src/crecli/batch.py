@@ -48,9 +48,10 @@ class BatchSummary:
     seconds: float = 0.0  # model-seconds: generation time of every vote drawn
     route_seconds: float = 0.0
     # Both sides of the comparison with always using the strongest model are priced by the
-    # cascade's one `Pricing` on the same answers (`Cascade.cost_of`, `strongest_cost_of`):
-    # the strongest model's greedy answer is priced from token counts, so it needs a
-    # token-priced unit ("bench-seconds" or "price"); in "seconds" nothing is estimated.
+    # cascade's one `Pricing` on the same answers, as one run (`Cascade.cost_of_run`,
+    # `strongest_cost_of_run`): the strongest model's greedy answer is priced from its own
+    # token counts, so it needs a token-priced unit ("bench-seconds" or "price"); in
+    # "seconds" nothing is estimated.
     unit: str = "seconds"
     strongest_model: str = ""
     strongest_cost: float = 0.0  # the estimate, over the answers counted in `estimated`
@@ -226,11 +227,9 @@ def run_batch(
         lines = read_lines(lines, fields.max_line_bytes)  # type: ignore[arg-type]
     summary = BatchSummary(unit=cascade.pricing.unit, strongest_model=cascade.strongest)
     writer = _OrderedWriter(out, first=1)
-    # The (model, cluster) pairs whose answered examples this chunk has processed, for the
-    # cascade and for the strongest model's estimate: a chunk answers a cluster's prompts on
-    # a rung one after another, so llama.cpp processes the examples once (`Cascade.cost_of`).
-    paid: set[tuple[str, int]] = set()
-    paid_strongest: set[tuple[str, int]] = set()
+    # Every answer of the run, for the summary's costs: the batch is one run of answers, whose
+    # answered examples are priced by the one rule of `costs.share_prefixes`.
+    answered: list[tuple["Trace", str]] = []
 
     def finish(line: int, trace: "Trace", prompt: str) -> None:
         summary.answered += 1
@@ -241,12 +240,7 @@ def run_batch(
         if trace.correct is not None:
             summary.graded += 1
             summary.correct += int(trace.correct)
-        estimate = cascade.strongest_cost_of(trace, prompt, paid_strongest)
-        spent = cascade.cost_of(trace, paid)
-        if estimate is not None and spent is not None:
-            summary.estimated += 1
-            summary.strongest_cost += estimate
-            summary.cascade_cost += spent
+        answered.append((trace, prompt))
         writer.put(line, result_record(line, trace))
         if served is not None:
             served.record(prompt, trace, cascade)
@@ -259,8 +253,6 @@ def run_batch(
         task = bar.add_task("Answering", total=None)
         for chunk in _chunks(lines, chunk_size):
             summary.lines += len(chunk)
-            paid.clear()
-            paid_strongest.clear()
             records: list[tuple[int, Record]] = []
             for line, raw in chunk:
                 try:
@@ -314,4 +306,18 @@ def run_batch(
                     else:
                         still.append((line, p))
                 pending = still
+    _price(summary, cascade, answered)
     return summary
+
+
+def _price(summary: BatchSummary, cascade: "Cascade", answered: list[tuple["Trace", str]]) -> None:
+    """The summary's cost comparison: what the cascade spent and what always using the
+    strongest model would have, over the answers both can price, as one run."""
+    traces = [t for t, _ in answered]
+    spent = cascade.cost_of_run(traces)
+    estimate = cascade.strongest_cost_of_run(traces, [p for _, p in answered])
+    for ours, theirs in zip(spent, estimate):
+        if ours is not None and theirs is not None:
+            summary.estimated += 1
+            summary.cascade_cost += ours
+            summary.strongest_cost += theirs

@@ -16,7 +16,7 @@ import typer
 from crecli import __version__
 from crecli.errors import CreError
 from crecli.models.bench import PP_TOKENS, REPEATS, TG_TOKENS
-from crecli.quality import CHECKS, DEFAULT_CHECK, DEFAULT_FIT_VOTES, MAX_TEMPERATURE, MAX_VOTES
+from crecli.quality import DEFAULT_CHECK, DEFAULT_FIT_VOTES, MAX_TEMPERATURE, MAX_VOTES
 
 EXIT_CODES = """Exit codes: 0 success; 1 error (the message says what to do); 2 bad usage;
 3 `cre batch` finished but some lines got error records; 130 interrupted (Ctrl-C)."""

@@ -18,16 +18,23 @@ the start of the user turn, or a base model's few-shot preamble; `cre models ben
 its tokens): llama.cpp reuses it from the model's previous prompt, so in steady use it is
 processed once per load. Measured seconds show the same saving.
 
-`Pricing` prices tokens for the live cascade (`Cascade.cost_of`) and is the base of
-`CostModel`, which prices recorded outcomes for calibration and evaluation, so both price
-an answer the same way. `Budget` is the knob that trades cost against accuracy; the
-router file stores it, and calibration ranks settings with `Budget.rank`.
+Every cost crecli reports comes from here: `Pricing.price_votes` prices a rung's votes (for the
+live cascade's steps, `price_trace`, and for recorded outcomes, `CostModel.votes`, which
+calibration, evaluation and the benches replay), `Pricing.prefix` a cluster's answered
+examples, and `share_prefixes` is the one rule for how answers share those: a model
+processes a cluster's examples once and keeps them (llama.cpp's cache, and the KV snapshots
+`LlamaBackend` keeps per model), so within one run (a batch, a replayed log, a single
+answer) their cost is split evenly over the answers that were shown them. `estimate_strongest`
+prices what always using the strongest model would have cost. `Budget` is the knob that
+trades cost against accuracy; the router file stores it, and calibration ranks settings with
+`Budget.rank`.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Protocol, Sequence
 
 from crecli.errors import ConfigError, CreError
 from crecli.models import bench
@@ -40,6 +47,9 @@ CostUnit = Literal["bench-seconds", "seconds", "price"]
 UNITS: tuple[CostUnit, ...] = ("bench-seconds", "seconds", "price")
 BUDGET_KINDS = ("retain", "max_cost")
 DEFAULT_RETAIN = 0.98
+# The largest "retain": a share of the strongest model's accuracy, a little over 1 asking
+# for better than it. The one bound for the CLI and the router-file loader.
+MAX_RETAIN = 1.5
 # Ratios are compared with this slack, so a budget met exactly is not missed by rounding.
 BUDGET_EPS = 1e-9
 
@@ -70,6 +80,13 @@ def token_cost(
     return prompt_tokens / pp + output_tokens / tg
 
 
+def check_unit(unit: str, what: str = "cost unit") -> str:
+    """`unit` when it is one of UNITS; the one check of a cost unit's name."""
+    if unit not in UNITS:
+        raise CreError(f"{what} {unit!r}: use one of {', '.join(UNITS)}")
+    return unit
+
+
 class Pricing:
     """A cost unit and what prices tokens in it: each model's price and benchmarked speeds."""
 
@@ -80,9 +97,7 @@ class Pricing:
         speeds: dict[str, tuple[float, float]] | None = None,
         heads: dict[str, int] | None = None,
     ) -> None:
-        if unit not in UNITS:
-            raise ValueError(f"unknown cost unit {unit!r}; use one of {', '.join(UNITS)}")
-        self.unit = unit
+        self.unit = check_unit(unit)
         self.prices = prices
         self.speeds = speeds or {}
         self.heads = heads or {}
@@ -117,6 +132,103 @@ class Pricing:
             return None
         return token_cost(self.unit, max(0.0, prompt_tokens - self.cached(model)), output_tokens,
                           self.prices.get(model), self.speeds.get(model))
+
+    def price_votes(
+        self, model: str, prompt_tokens: int, outputs: Sequence[int], seconds: Sequence[float], prefix_tokens: int = 0
+    ) -> list[float] | None:
+        """The cost of each of a rung's votes, in order; None when `model` has no figure in
+        this unit.
+
+        "seconds": the model-seconds each vote took. Token units: vote 0 pays the prompt,
+        less the cached head (`cached`) and the shared examples' `prefix_tokens` (priced
+        apart, `prefix`), and its output tokens; later votes only their output tokens,
+        because the prompt stays in the KV cache after the first vote.
+        """
+        if not self.by_tokens:
+            return list(seconds)
+        price, speed = self.prices.get(model), self.speeds.get(model)
+        if (self.unit == "price" and price is None) or (self.unit == "bench-seconds" and speed is None):
+            return None
+        prompt = max(0, prompt_tokens - self.cached(model) - prefix_tokens)
+        return [token_cost(self.unit, prompt if i == 0 else 0, out, price, speed) or 0.0 for i, out in enumerate(outputs)]
+
+    def prefix(self, model: str, prefix_tokens: int) -> float:
+        """What processing a cluster's answered examples (`prefix_tokens` of `model`'s prompt)
+        once costs. 0 in "seconds": measured seconds already hold it, paid by whichever
+        answer processed the examples."""
+        if not prefix_tokens or not self.by_tokens:
+            return 0.0
+        return token_cost(self.unit, prefix_tokens, 0, self.prices.get(model), self.speeds.get(model)) or 0.0
+
+
+def share_prefixes(visits: Sequence[tuple[str, float]]) -> list[float]:
+    """Each visit's share of its answered examples' cost, for (prefix key, prefix cost) visits.
+
+    The one rule for every run of answers (a batch, a replayed log, one answer alone): a model
+    processes a cluster's examples once and keeps them, so their cost is split evenly over
+    the visits in the run that share a key ("" : none). Why once per run and not once per
+    chunk of a batch: `LlamaBackend` keeps each prefix's KV cells as a snapshot (16 per
+    model) and restores them when the cluster comes back (tests/test_real_prefix.py).
+    """
+    counts = Counter(key for key, _ in visits if key)
+    return [cost / counts[key] if key else 0.0 for key, cost in visits]
+
+
+class PricedStep(Protocol):
+    """What pricing needs of a live cascade step (`escalate.Step`)."""
+
+    model: str
+    prompt_tokens: int
+    output_tokens: int
+    seconds: float
+    prefix_tokens: int
+
+
+def prefix_key(model: str, cluster: int) -> str:
+    """What identifies the answered examples a step was shown: its model and cluster."""
+    return f"{model}@{cluster}"
+
+
+def price_steps(pricing: Pricing, runs: Sequence[tuple[int, Sequence[PricedStep]]]) -> list[float | None]:
+    """Each trace's cost in a run of traces, given as (cluster, steps); None where a model
+    has no figure in the unit.
+
+    Each step pays its votes (`Pricing.price_votes`; a step's output tokens are a sum, and token
+    costs are linear, so one figure prices them all) and its share of its examples
+    (`share_prefixes` over the whole run).
+    """
+    visits: list[tuple[str, float]] = []
+    own: list[float | None] = []
+    for cluster, steps in runs:
+        total: float | None = 0.0
+        for step in steps:
+            votes = pricing.price_votes(step.model, step.prompt_tokens, [step.output_tokens], [step.seconds], step.prefix_tokens)
+            total = None if votes is None or total is None else total + sum(votes)
+            if step.prefix_tokens and pricing.by_tokens:
+                visits.append((prefix_key(step.model, cluster), pricing.prefix(step.model, step.prefix_tokens)))
+            else:
+                visits.append(("", 0.0))
+        own.append(total)
+    shares = iter(share_prefixes(visits))
+    out: list[float | None] = []
+    for (cluster, steps), total in zip(runs, own):
+        extra = sum(next(shares) for _ in steps)
+        out.append(None if total is None else total + extra)
+    return out
+
+
+def estimate_strongest(
+    pricing: Pricing, model: str, prompt_tokens: int | None, output_tokens: int, prefix_tokens: int = 0
+) -> float | None:
+    """What the strongest `model`'s greedy answer to a prompt costs, examples included in
+    full (`prefix_tokens`); None in "seconds" (a model that did not run took no time to
+    measure) or when its prompt's tokens are unknown. The caller counts the tokens with the
+    strongest model's own tokenizer and prompt format (`escalate.Cascade.strongest_tokens`),
+    or takes them from its own step where it ran."""
+    if prompt_tokens is None or not pricing.by_tokens:
+        return None
+    votes = pricing.price_votes(model, prompt_tokens, [output_tokens], [0.0], prefix_tokens)
+    return None if votes is None else sum(votes) + pricing.prefix(model, prefix_tokens)
 
 
 class CostModel(Pricing):
@@ -179,21 +291,23 @@ class CostModel(Pricing):
         return cost
 
     def votes(self, outcome: "Outcome") -> list[float]:
-        """Cost of each vote in order (vote 0 carries prompt processing)."""
-        costs = outcome.vote_costs(self.unit, self.prices.get(outcome.model), self.speeds.get(outcome.model),
-                                   self.cached(outcome.model))
-        return [self.label_cost[outcome.model]] if costs is None else costs
+        """Cost of each recorded vote in order (`Pricing.price_votes`: vote 0 carries the prompt);
+        a label-only outcome's one "vote" costs the model's `label_cost`."""
+        if outcome.source == "label":
+            return [self.label_cost[outcome.model]]
+        costs = self.price_votes(outcome.model, outcome.prompt_tokens, [v.output_tokens for v in outcome.votes],
+                              [v.seconds for v in outcome.votes], outcome.prefix_tokens)
+        if costs is None:
+            fix = ("has no price_per_1k_tokens in models.toml" if self.unit == "price"
+                   else f"has no benchmark; run `cre models bench {outcome.model}`")
+            raise ConfigError(f"model {outcome.model!r} {fix}")
+        return costs
 
-    def prefix(self, outcome: "Outcome") -> float:
-        """What processing the outcome's shared examples (`Outcome.prefix_tokens`) costs once.
-
-        0 in "seconds": recorded seconds already hold it, paid by the first prompt of its
-        cluster that ran (outcomes are recorded grouped by their examples, as batches run).
-        """
-        if not outcome.prefix_tokens or self.unit == "seconds":
-            return 0.0
-        return token_cost(self.unit, outcome.prefix_tokens, 0, self.prices.get(outcome.model),
-                          self.speeds.get(outcome.model)) or 0.0
+    def prefix_of(self, outcome: "Outcome") -> float:
+        """What processing the outcome's shared examples (`Outcome.prefix_tokens`) costs once
+        (`Pricing.prefix`; 0 in "seconds", where recorded seconds already hold it, paid by the
+        first prompt of its cluster that ran: outcomes are recorded grouped by examples)."""
+        return self.prefix(outcome.model, outcome.prefix_tokens)
 
     def of(self, outcome: "Outcome", used_votes: int = 1) -> float:
         return sum(self.votes(outcome)[:used_votes])
@@ -217,10 +331,19 @@ class Budget:
     value: float = DEFAULT_RETAIN
 
     def __post_init__(self) -> None:
+        import math
+
         if self.kind not in BUDGET_KINDS:
             raise CreError(f"unknown budget kind {self.kind!r}; use one of {', '.join(BUDGET_KINDS)}")
-        if not self.value > 0:
-            raise CreError(f"budget value must be positive, got {self.value}")
+        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)) or not math.isfinite(self.value):
+            raise CreError(f"budget value must be a finite number, got {self.value!r}")
+        high = MAX_RETAIN if self.kind == "retain" else 1.0
+        if not 0 < self.value <= high:
+            if self.kind == "retain":
+                raise CreError(f"--retain {self.value}: a share of the strongest model's accuracy, above 0 and at "
+                               f"most {MAX_RETAIN}, e.g. {DEFAULT_RETAIN}")
+            raise CreError(f"--max-cost {self.value}: a share of always using the strongest model's cost, above 0 "
+                           "and at most 1")
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "value": self.value}

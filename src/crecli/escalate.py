@@ -1,16 +1,19 @@
 """The cascade: route a prompt, answer on its cluster's model, escalate while unsure.
 
-On each rung the quality check draws votes lazily: vote 0 is the greedy answer, votes
-1..k-1 are samples at the router's temperature with seeds from `quality.vote_seed`, and drawing stops as soon
-as `quality.done` says more votes cannot change the decision. Sampled votes are asked for
-in waves (`quality.wave`: the votes no outcome could make unnecessary), which the llama.cpp
-backend decodes as parallel sequences over the prompt's KV cells; the greedy vote leaves
-the prompt cached, so only it pays for prompt processing. A majority share
-below the (cluster, model) threshold moves the prompt to the next larger rung; the top
-rung's answer is final.
+The walk up the ladder is the ladder engine's (`ladder`): each rung's policy is resolved
+once when a prompt is placed (`Cascade.begin`), `ladder.judge` decides each rung on votes
+that `LiveVotes` draws from the rung's model, and the top rung's answer is final. The
+replay that calibration and evaluation run drives the same engine on recorded votes
+(`replay`), so the two cannot decide differently.
+
+Votes are drawn lazily: vote 0 is the greedy answer, votes 1..k-1 are samples at the
+router's temperature with seeds from `quality.vote_seed`, asked for in waves
+(`quality.wave`) that the llama.cpp backend decodes as parallel sequences over the prompt's
+KV cells; the greedy vote leaves the prompt cached, so only it pays for prompt processing.
 
 `Cascade.decode_greedy` lets a batch decode the greedy votes of many prompts on one rung
-together (`cre batch --parallel`); each check then starts from its prompt's vote.
+together (`cre batch --parallel`); each check then starts from its prompt's vote. Costs
+come from `costs` (`Cascade.cost_of`, `cost_of_run`, `strongest_cost_of_run`).
 
 `Cascade` is also the library API:
 
@@ -26,16 +29,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from crecli import grading
-from crecli.costs import Pricing
+from crecli.costs import Pricing, estimate_strongest, prefix_key, price_steps, share_prefixes
 from crecli.errors import CreError, RouterFileError
+from crecli.ladder import AGREEMENT, DEFERRAL, GREEDY, Climb, Policy, Rung, Verdict, judge, step, walk
+from crecli.models.backend import GenParams
 from crecli.models.prompting import render
 from crecli.models.registry import ModelPool
-from crecli.quality import accept_deferral, decide, deferral_features, done, greedy_agreement, vote_params, wave
+from crecli.quality import deferral_features, vote_params
 from crecli.route import RouteDecision, route, route_many
 
 if TYPE_CHECKING:
     from crecli.config import ModelConfig
-    from crecli.models.backend import Backend, Generation
+    from crecli.models.backend import Backend, Generation, Signals
     from crecli.quality import Deferral, QualityCheck
     from crecli.routerfile import RouterFile
 
@@ -66,6 +71,75 @@ class Step:
         return asdict(self)
 
 
+class LiveVotes:
+    """A rung's votes for one prompt, generated on demand by a model backend (`ladder.Votes`).
+
+    Vote 0 is the greedy answer (or `greedy`, already decoded ahead by `Cascade.decode_greedy`
+    with the same parameters); later votes are sampled, a wave at a time in one
+    `Backend.sample_many` call, which the llama.cpp backend decodes as parallel sequences.
+    It keeps what a `Step` reports: the raw texts, tokens, seconds and the greedy signals.
+    """
+
+    def __init__(self, backend: "Backend", prompt: str, quality: "QualityCheck", max_tokens: int,
+                 answer_type: str | None, shots: Sequence[tuple[str, str]] = (), greedy: "Generation | None" = None) -> None:
+        self.backend, self.prompt, self.quality = backend, prompt, quality
+        self.max_tokens, self.answer_type, self.shots = max_tokens, answer_type, tuple(shots)
+        self.greedy = greedy
+        self.texts: list[str] = []
+        self.normalized: list[str] = []
+        self.prompt_tokens = self.output_tokens = self.greedy_output_tokens = 0
+        self.seconds = 0.0
+        self.signals: "Signals | None" = None
+        self.cut = False
+
+    def _params(self, index: int) -> "GenParams":
+        return vote_params(self.quality, index, self.max_tokens, self.prompt, self.shots)
+
+    def more(self, count: int) -> list[str]:
+        start = len(self.texts)
+        if start == 0:
+            gens = [self.greedy if self.greedy is not None else self.backend.generate(self.prompt, self._params(0))]
+            gens += self.backend.sample_many(self.prompt, [self._params(i) for i in range(1, count)]) if count > 1 else []
+        else:
+            gens = self.backend.sample_many(self.prompt, [self._params(start + j) for j in range(count)])
+        for gen in gens:
+            self.texts.append(gen.text)
+            self.normalized.append(grading.normalize(gen.text, self.answer_type))
+            if len(self.texts) == 1:
+                self.prompt_tokens, self.greedy_output_tokens = gen.prompt_tokens, gen.output_tokens
+                # As the replay judges recorded votes, which keep token counts, not finish reasons.
+                self.signals, self.cut = gen.signals, gen.output_tokens >= self.max_tokens
+            self.output_tokens += gen.output_tokens
+            self.seconds += gen.seconds
+        return self.normalized[start:]
+
+    def p_correct(self, rung: Rung, answers: Sequence[str]) -> float:
+        assert rung.deferral is not None, "a deferral rung carries its P(correct) model"
+        return rung.deferral.p_correct(deferral_features(self.signals, answers, self.cut, rung.prior))
+
+    def step(self, rung: Rung, verdict: Verdict) -> "Step":
+        """What the rung did, for the trace; `why` says why it kept the answer or not."""
+        if rung.check == GREEDY:
+            why = "greedy answer of the top rung"
+        elif rung.check == DEFERRAL:
+            p = verdict.p_correct if verdict.p_correct is not None else 0.0
+            why = (f"P(correct) {p:.2f} {'>=' if p >= rung.threshold else '<'} threshold {rung.threshold:.2f}"
+                   + ("" if verdict.answer else "; the answer is empty"))
+        else:
+            majority = Counter(self.normalized[: verdict.used])[verdict.answer]
+            share = f"agreement {verdict.agreement:.2f} ({majority}/{verdict.used})"
+            why = f"{share} >= threshold {rung.threshold:.2f}" if verdict.kept else f"{share} < threshold {rung.threshold:.2f}"
+        params = self._params(0)
+        prefix = self.backend.shot_tokens(self.prompt, params, self.prompt_tokens) if self.shots else 0
+        return Step(
+            model=self.backend.spec.name, votes=self.texts, normalized=self.normalized, agreement=verdict.agreement,
+            used=verdict.used, threshold=rung.threshold, accepted=verdict.kept, answer=self.texts[verdict.index].strip(),
+            prompt_tokens=self.prompt_tokens, output_tokens=self.output_tokens,
+            greedy_output_tokens=self.greedy_output_tokens, seconds=self.seconds, why=why, p_correct=verdict.p_correct,
+            prefix_tokens=prefix,
+        )
+
+
 def check(
     backend: "Backend",
     prompt: str,
@@ -79,79 +153,15 @@ def check(
     prior: float = 0.5,
     shots: Sequence[tuple[str, str]] = (),
 ) -> Step:
-    """Run the quality check for `prompt` on one model.
-
-    Self-consistency (no `deferral`): votes are drawn lazily until `quality.done`.
-    With `deferral`, exactly `votes_wanted` votes are drawn and the greedy answer is kept
-    when the model's P(correct) (`quality.deferral_features` with the cluster `prior`)
-    reaches `threshold`. `greedy`, when given, is vote 0 already decoded
-    (`Cascade.decode_greedy`) with the same parameters; sampled votes are drawn here.
-    `shots` are the answered examples shown before the prompt (`RouterFile.shots`).
-    """
-    votes: list[str] = []
-    normalized: list[str] = []
-    prompt_tokens = output_tokens = greedy_output_tokens = 0
-    seconds = 0.0
-    signals = None
-    cut = False
-
-    def more() -> bool:
-        if deferral is not None:
-            return len(votes) < max(1, votes_wanted)
-        return not done(normalized, settings.k, threshold, settings.early_stop)
-
-    while more():
-        if not votes:
-            gens = [greedy if greedy is not None else backend.generate(prompt, vote_params(settings, 0, max_tokens, prompt, shots))]
-        else:
-            # Sampled votes come in waves (`quality.wave`: as many as drawing one at a time
-            # would surely draw), which a backend may decode as parallel sequences.
-            count = max(1, votes_wanted - len(votes)) if deferral is not None else wave(
-                normalized, settings.k, threshold, settings.early_stop)
-            gens = backend.sample_many(
-                prompt, [vote_params(settings, len(votes) + j, max_tokens, prompt, shots) for j in range(count)])
-        for gen in gens:
-            votes.append(gen.text)
-            normalized.append(grading.normalize(gen.text, answer_type))
-            if len(votes) == 1:
-                prompt_tokens, greedy_output_tokens = gen.prompt_tokens, gen.output_tokens
-                # As the replay judges recorded votes, which keep token counts, not finish reasons.
-                signals, cut = gen.signals, gen.output_tokens >= max_tokens
-            output_tokens += gen.output_tokens
-            seconds += gen.seconds
-    prefix = backend.shot_tokens(prompt, vote_params(settings, 0, max_tokens, prompt, shots), prompt_tokens) if shots else 0
+    """One rung's check of `prompt` on `backend`, as the cascade runs it below the top
+    (`ladder.judge` on `LiveVotes`): self-consistency, or with `deferral` the P(correct)
+    check on `votes_wanted` votes and the cluster `prior`. For the benches and tests."""
     if deferral is not None:
-        p = deferral.p_correct(deferral_features(signals, normalized, cut, prior))
-        accepted = accept_deferral(p, threshold, normalized[0])
-        why = (f"P(correct) {p:.2f} {'>=' if p >= threshold else '<'} threshold {threshold:.2f}"
-               + ("" if normalized[0] else "; the answer is empty"))
-        return Step(
-            model=backend.spec.name, votes=votes, normalized=normalized, agreement=greedy_agreement(normalized),
-            used=len(votes), threshold=threshold, accepted=accepted, answer=votes[0].strip(),
-            prompt_tokens=prompt_tokens, output_tokens=output_tokens,
-            greedy_output_tokens=greedy_output_tokens, seconds=seconds, why=why, p_correct=p,
-            prefix_tokens=prefix,
-        )
-    decision = decide(normalized, settings.k, threshold, settings.early_stop)
-    majority = Counter(normalized[: decision.used])[decision.answer]
-    share = f"agreement {decision.agreement:.2f} ({majority}/{decision.used})"
-    why = f"{share} >= threshold {threshold:.2f}" if decision.accept else f"{share} < threshold {threshold:.2f}"
-    return Step(
-        model=backend.spec.name,
-        votes=votes,
-        normalized=normalized,
-        agreement=decision.agreement,
-        used=decision.used,
-        threshold=threshold,
-        accepted=decision.accept,
-        answer=votes[decision.index].strip(),
-        prompt_tokens=prompt_tokens,
-        output_tokens=output_tokens,
-        greedy_output_tokens=greedy_output_tokens,
-        seconds=seconds,
-        why=why,
-        prefix_tokens=prefix,
-    )
+        rung = Rung(backend.spec.name, DEFERRAL, threshold, False, votes=max(1, votes_wanted), deferral=deferral, prior=prior)
+    else:
+        rung = Rung(backend.spec.name, AGREEMENT, threshold, False, settings.k, settings.early_stop)
+    votes = LiveVotes(backend, prompt, settings, max_tokens, answer_type, shots, greedy)
+    return votes.step(rung, judge(rung, votes))
 
 
 @dataclass
@@ -189,27 +199,22 @@ class Trace:
 
 @dataclass
 class Pending:
-    """A prompt partway down the ladder; `Cascade.advance` moves it one rung."""
+    """A prompt partway up the ladder; `Cascade.advance` moves it one rung."""
 
     prompt: str
     match: str | None
     reference: list[str] | None
-    rung: int
+    climb: Climb  # where the ladder engine stands, each rung's policy resolved once
     trace: Trace
-    done: bool = False
     greedy: "Generation | None" = None  # vote 0 on the current rung, decoded ahead (`decode_greedy`)
 
+    @property
+    def rung(self) -> int:
+        return self.climb.rung
 
-def _reused(step: Step, cluster: int, paid: set[tuple[str, int]] | None) -> int:
-    """The step's example tokens that need no processing because `paid` already holds its
-    (model, cluster); records the pair otherwise (see `Cascade.cost_of`)."""
-    if not step.prefix_tokens or paid is None:
-        return 0
-    key = (step.model, cluster)
-    if key in paid:
-        return step.prefix_tokens
-    paid.add(key)
-    return 0
+    @property
+    def done(self) -> bool:
+        return self.climb.done
 
 
 class Cascade:
@@ -242,6 +247,13 @@ class Cascade:
                 f"the router starts prompts on {', '.join(off)}, which is not on its ladder "
                 f"({', '.join(self.ladder)}); refit it with `cre fit`"
             )
+        rules = router.deferral
+        self.policy = Policy(
+            tuple(self.ladder), router.thresholds, self.quality,
+            deferral_votes=rules.votes if rules is not None else None,
+            deferral_models=rules.models if rules is not None else {},
+        )
+        self._counter: "Backend | None" = None  # the strongest model's tokenizer, for estimates
 
     @classmethod
     def from_file(
@@ -265,49 +277,70 @@ class Cascade:
     def strongest(self) -> str:
         return self.ladder[-1]
 
-    def cost_of(self, trace: Trace, paid: set[tuple[str, int]] | None = None) -> float | None:
-        """What answering `trace` cost, in `self.pricing.unit`; None when a model has no price.
+    def cost_of(self, trace: Trace) -> float | None:
+        """What answering `trace` alone cost, in `self.pricing.unit` (`costs.price_steps`:
+        each rung's votes, and its cluster's answered examples in full); None when a model
+        has no figure in the unit. `cost_of_run` prices many answers that shared examples."""
+        return price_steps(self.pricing, [(trace.cluster, trace.steps)])[0]
 
-        Per rung, the prompt once and every vote's output tokens, as calibration prices
-        recorded votes; in "seconds", the model-seconds the votes took. `paid`, where given,
-        holds the (model, cluster) pairs whose answered examples this run has already
-        processed (`cre batch` answers a cluster's prompts on a rung together, so llama.cpp
-        keeps them cached): a step of such a pair is charged without its examples, and the
-        first one of a pair adds it. Without `paid`, every step pays for its examples.
-        """
-        if not self.pricing.by_tokens:
-            return sum(step.seconds for step in trace.steps)
-        total = 0.0
-        for step in trace.steps:
-            cost = self.pricing.tokens(step.model, step.prompt_tokens - _reused(step, trace.cluster, paid),
-                                       step.output_tokens)
-            if cost is None:
-                return None
-            total += cost
-        return total
+    def cost_of_run(self, traces: Sequence[Trace]) -> list[float | None]:
+        """Each trace's cost in a run of answers (a batch), its answered examples shared by
+        the one rule of `costs.share_prefixes`."""
+        return price_steps(self.pricing, [(t.cluster, t.steps) for t in traces])
 
-    def strongest_cost_of(self, trace: Trace, prompt: str, paid: set[tuple[str, int]] | None = None) -> float | None:
-        """What the strongest model's greedy answer to `prompt` costs, priced as `cost_of` prices.
-
-        When the strongest model ran, its own prompt tokens and first vote's output tokens
-        (its answered examples once per (model, cluster) in `paid`, as in `cost_of`; pass a
-        set of its own, since this prices another run); otherwise the answering model's
-        counts without its examples, with the prompt scaled by how much longer the strongest
-        model's prompt format renders it (the few-shot preamble of a base model is longer than
-        a chat template). None in "seconds": a model that did not run took no time to
-        measure, and only a token-priced unit can price it (`cre models bench` gives one).
-        """
-        if not self.pricing.by_tokens or not trace.steps:
-            return None
+    def strongest_tokens(self, trace: Trace, prompt: str) -> tuple[int | None, int, int]:
+        """The strongest model's greedy answer to `prompt` in tokens: (prompt, answered
+        examples among them, output). Its own counts where it ran; otherwise counted with its
+        own tokenizer and prompt format (a base model's few-shot preamble is far longer than a
+        chat template, so the answering model's counts would mislead), the output as the
+        final answer's text in its tokens. A runtime that cannot count without running (a
+        remote server) gives the answering model's counts, its prompt scaled by how much longer
+        the strongest model's prompt format renders it; prompt None when nothing ran."""
         top = self.strongest
         ran = next((step for step in trace.steps if step.model == top), None)
         if ran is not None:
-            return self.pricing.tokens(top, ran.prompt_tokens - _reused(ran, trace.cluster, paid), ran.greedy_output_tokens)
+            return ran.prompt_tokens, ran.prefix_tokens, ran.greedy_output_tokens
+        if not trace.steps:
+            return None, 0, 0
         last = trace.steps[-1]
-        theirs = len(render(self.specs[last.model].prompt_format, prompt).text)
-        ours = len(render(self.specs[top].prompt_format, prompt).text)
-        return self.pricing.tokens(top, (last.prompt_tokens - last.prefix_tokens) * ours / max(1, theirs),
-                                   last.greedy_output_tokens)
+        backend = self._strongest_counter()
+        shots = self.router.shots(trace.cluster, top)
+        rendered = backend.prepare(prompt, GenParams(shots=shots))[0]
+        counted = backend.count_tokens(rendered)
+        answer = backend.count_text_tokens(trace.answer)
+        if counted is None or answer is None:
+            theirs = len(render(self.specs[last.model].prompt_format, prompt).text)
+            ours = len(render(self.specs[top].prompt_format, prompt).text)
+            return round((last.prompt_tokens - last.prefix_tokens) * ours / max(1, theirs)), 0, last.greedy_output_tokens
+        bare = backend.count_tokens(backend.prepare(prompt, GenParams())[0]) if shots else counted
+        return counted, max(0, counted - (bare or counted)), answer
+
+    def _strongest_counter(self) -> "Backend":
+        """A backend of the strongest model for counting tokens: the pool's where it is loaded,
+        else one of its own, which loads only the model's vocabulary to count."""
+        top = self.specs[self.strongest]
+        loaded = self.pool.loaded(top.name)
+        if loaded is not None:
+            return loaded
+        if self._counter is None:
+            from crecli.models.registry import backend_for
+
+            self._counter = backend_for(top)
+        return self._counter
+
+    def strongest_cost_of_run(self, traces: Sequence[Trace], prompts: Sequence[str]) -> list[float | None]:
+        """What always answering with the strongest model's greedy answer would have cost,
+        per trace of a run, priced as `cost_of_run` prices the cascade (`costs.estimate_strongest`,
+        its examples shared by `costs.share_prefixes`); None in "seconds"."""
+        top = self.strongest
+        visits: list[tuple[str, float]] = []
+        own: list[float | None] = []
+        for trace, prompt in zip(traces, prompts):
+            tokens, prefix, output = self.strongest_tokens(trace, prompt)
+            cost = estimate_strongest(self.pricing, top, tokens, output, prefix)
+            own.append(None if cost is None else cost - self.pricing.prefix(top, prefix))
+            visits.append((prefix_key(top, trace.cluster), self.pricing.prefix(top, prefix)) if prefix else ("", 0.0))
+        return [None if cost is None else cost + share for cost, share in zip(own, share_prefixes(visits))]
 
     def route(self, prompt: str) -> RouteDecision:
         return route(self.router, prompt)
@@ -325,7 +358,8 @@ class Cascade:
         id: str | None = None,
         decision: RouteDecision | None = None,
     ) -> Pending:
-        """Place `prompt` on its starting rung, routing it unless `decision` is given."""
+        """Place `prompt` on its starting rung, routing it unless `decision` is given; each
+        rung's policy for it (its cluster's thresholds and priors) is resolved here, once."""
         if decision is None:
             decision = self.route(prompt)
         info = self.router.cluster(decision.cluster) if decision.cluster >= 0 else None
@@ -342,11 +376,15 @@ class Cascade:
             start_model=decision.model,
             familiar=decision.familiar,
         )
+        rungs = self.policy.rungs(
+            info.thresholds if info is not None else None,
+            lambda model: self.router.prior(decision.cluster, model, decision.distance),
+        )
         return Pending(
             prompt=prompt,
             match=match,
             reference=list(reference) if reference is not None else None,
-            rung=self.ladder.index(decision.model),
+            climb=Climb(rungs, self.ladder.index(decision.model)),
             trace=trace,
         )
 
@@ -358,7 +396,7 @@ class Cascade:
         """Decode vote 0 of every pending prompt on its current rung ahead of its check,
         up to `parallel` prompts of one rung at a time (`Backend.generate_many`).
 
-        Each vote uses the parameters `check` would give it, so the check then goes on
+        Each vote uses the parameters the check would give it, so the check then goes on
         exactly as if it had drawn the vote itself. A prompt whose vote fails here (or a
         rung whose model cannot be loaded) is left alone: its check draws the vote and
         reports the error in its own place.
@@ -390,38 +428,31 @@ class Cascade:
                 if not isinstance(gen, CreError):
                     p.greedy = gen
 
-    def advance(self, pending: Pending) -> bool:
-        """Run the check on the pending prompt's current rung; True once its answer is final."""
+    def _votes(self, pending: Pending) -> LiveVotes:
+        """The current rung's votes for `pending`, drawn from the rung's model."""
         trace = pending.trace
-        name = self.ladder[pending.rung]
-        backend = self.pool.get(self.specs[name])
+        name = pending.climb.current.model
         greedy, pending.greedy = pending.greedy, None
-        rules = self.router.deferral
-        top = pending.rung == len(self.ladder) - 1
-        step = check(
-            backend,
-            pending.prompt,
-            self.quality,
-            self.router.threshold(trace.cluster, name),
-            grading.max_tokens_for(trace.answer_type),
-            trace.answer_type,
-            greedy,
-            # The top rung's answer is final, so a deferral router draws it greedily.
-            deferral=rules.models.get(name) if rules is not None and not top else None,
-            votes_wanted=rules.votes if rules is not None else 1,
-            prior=self.router.prior(trace.cluster, name, trace.distance),
-            shots=self.router.shots(trace.cluster, name),
-        )
-        if rules is not None and top:
-            step.accepted, step.why = True, "greedy answer of the top rung"
-        if not step.accepted:
-            step.why += "; top rung, so its answer is final" if top else f": escalate to {self.ladder[pending.rung + 1]}"
-        trace.steps.append(step)
-        if step.accepted or top:
-            self._finish(pending, step)
-        else:
-            pending.rung += 1
-        return pending.done
+        return LiveVotes(self.pool.get(self.specs[name]), pending.prompt, self.quality,
+                         grading.max_tokens_for(trace.answer_type), trace.answer_type,
+                         self.router.shots(trace.cluster, name), greedy)
+
+    def advance(self, pending: Pending) -> bool:
+        """Run the check on the pending prompt's current rung (`ladder.step`); True once its
+        answer is final."""
+        votes = self._votes(pending)
+        rung = pending.climb.current
+        final = step(pending.climb, votes)
+        self._record(pending, rung, pending.climb.verdicts[-1][1], votes)
+        return final
+
+    def _record(self, pending: Pending, rung: Rung, verdict: Verdict, votes: LiveVotes) -> None:
+        s = votes.step(rung, verdict)
+        if not verdict.kept:
+            s.why += "; top rung, so its answer is final" if rung.top else f": escalate to {self.ladder[pending.rung]}"
+        pending.trace.steps.append(s)
+        if pending.done:
+            self._finish(pending, s)
 
     def _finish(self, pending: Pending, step: Step) -> None:
         trace = pending.trace
@@ -437,7 +468,6 @@ class Cascade:
             # Like the query log, a reference without a match type is compared as exact text.
             match = pending.match or trace.answer_type or "exact"
             trace.correct = grading.grade(trace.answer, pending.reference, match)
-        pending.done = True
 
     def ask(
         self,
@@ -447,13 +477,16 @@ class Cascade:
         *,
         id: str | None = None,
     ) -> Trace:
-        """Answer one prompt through the cascade and return the trace of every step."""
+        """Answer one prompt through the cascade (`ladder.walk`) and return the trace of every step."""
         pending = self.begin(prompt, match, reference, id=id)
-        while not self.advance(pending):
-            pass
+        walk(pending.climb, lambda rung: self._votes(pending),
+             lambda rung, verdict, votes: self._record(pending, rung, verdict, votes))  # type: ignore[arg-type]
         return pending.trace
 
     def close(self) -> None:
+        if self._counter is not None:
+            self._counter.close()
+            self._counter = None
         if self._owns_pool:
             self.pool.close()
 
@@ -462,3 +495,4 @@ class Cascade:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+

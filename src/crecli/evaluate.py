@@ -1,7 +1,7 @@
 """`cre eval`: measure a router on a labelled log against baselines.
 
-The cascade is replayed on recorded votes (`calibrate.Replay`), which runs the same decision
-procedure as `cre ask` on the same seeded votes; outcomes missing from the store are
+The cascade is replayed on recorded votes (`replay.Replay`), which walks the same ladder
+engine as `cre ask` on the same seeded votes; outcomes missing from the store are
 collected first (that does run models, once). The baselines are replayed on the same votes:
 each model alone, the strongest model with a k-vote majority, random routing at equal cost,
 cluster routing without the quality check, the cascade without clusters, and the oracle.
@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from crecli import console
-from crecli.calibrate import Data, SimResult, deferral_p, greedy, prefix_shares
+from crecli.costs import share_prefixes
+from crecli.deferral import deferral_p
+from crecli.replay import Data, SimResult, greedy
 
 if TYPE_CHECKING:
     from crecli.config import ModelConfig
@@ -73,7 +75,7 @@ def _oracle(data: Data, ladder: list[str]) -> Point:
         right = [e for e in entries if e.correct[0]]
         picks.append(right[0] if right else entries[0])
         correct += bool(right)
-    cost = sum(e.cumcost[0] for e in picks) + sum(prefix_shares(picks))
+    cost = sum(e.cumcost[0] for e in picks) + sum(share_prefixes([(e.prefix_key, e.prefix_cost) for e in picks]))
     return Point("oracle (cheapest correct model)", correct / n, cost / n, note="ceiling; needs the answer key")
 
 
@@ -274,7 +276,7 @@ def run(
     read as the router's fit read its own (field names, format, line cap; --skip-bad and
     --max-prompt-bytes override), replayed against the baselines, and with `run_live`
     answered for real by the same loaded router."""
-    from crecli import calibrate, paths, routerfile
+    from crecli import paths, replay, routerfile
 
     if store is not None:
         paths.check_output(store, "--store", [("the log", log), ("the router", router_path)], example="outcomes.sqlite",
@@ -289,7 +291,7 @@ def run(
         reader = replace(reader, skip_bad=True)
     if max_line_bytes is not None:
         reader = replace(reader, fields=replace(reader.fields, max_line_bytes=max_line_bytes))
-    data = calibrate.prepare(router, settings, log, store, reader, unit)
+    data = replay.prepare(router, settings, log, store, reader, unit)
     report = evaluate(router, data)
     if run_live:
         report.live = live(router, settings, data)

@@ -13,19 +13,23 @@ text hash), UMAP and HDBSCAN, and calibration.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from crecli import paths
+from crecli import console, paths
+from crecli.choice import Choice, StatsTable, assignments_for, choose_models, cluster_stats
 from crecli.console import status
-from crecli.quality import DEFAULT_FIT_VOTES, QualityCheck
+from crecli.costs import BUDGET_EPS, Budget, CostModel
+from crecli.quality import DEFAULT_FIT_VOTES, DEFAULT_THRESHOLD, QualityCheck, default_thresholds, threshold_grid
+from crecli.replay import Replay, SimResult
 
 if TYPE_CHECKING:
     from crecli.config import ModelConfig
-    from crecli.costs import Budget
-    from crecli.querylog import FieldMap, LogOptions
+    from crecli.outcomes import Outcome, OutcomeKey
+    from crecli.querylog import FieldMap, LogOptions, Record
 
 
 @dataclass
@@ -49,7 +53,7 @@ class FitOptions:
     # join the embedding and clustering only: they carry no labels, so they choose no model.
     served: bool = False
     served_logs: list[Path] = field(default_factory=list)
-    # Answered examples to try per (cluster, model) (`calibrate.choose_shots`); (0,): none.
+    # Answered examples to try per (cluster, model) (`shots.choose_shots`); (0,): none.
     shots: tuple[int, ...] = (0,)
 
     @property
@@ -75,7 +79,7 @@ class FitReport:
     clusters: list[dict[str, Any]]
     n_served: int = 0  # prompts from the served-query log that joined the clustering
     # With --shots: per cluster, model and number of examples, [right, scored] over the
-    # cluster's queries other than its exemplars (what `calibrate.choose_shots` compared).
+    # cluster's queries other than its exemplars (what `shots.choose_shots` compared).
     shots: dict[str, dict[str, dict[str, list[int]]]] | None = None
 
 
@@ -112,7 +116,7 @@ def check_before_fit(log_path: Path, out_path: Path, settings: "ModelConfig", op
 
 
 def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget", options: FitOptions) -> FitReport:
-    from crecli import calibrate, cluster, embed, outcomes, querylog, routerfile
+    from crecli import cluster, embed, outcomes, routerfile, shots
 
     store_path = check_before_fit(log_path, out_path, settings, options)
     seconds: dict[str, float] = {}
@@ -183,14 +187,14 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
         before = store.count()
         results = outcomes.collect(measured, settings, store, options.quality)
         if len(options.shots) > 1 and measured:
-            shot_plan = calibrate.choose_shots(measured, cluster_of, settings, store, options.quality, results, options.shots)
+            shot_plan = shots.choose_shots(measured, cluster_of, settings, store, options.quality, results, options.shots)
             measured, results = shot_plan.apply(measured, cluster_of, settings.ladder)
         ran = store.count() - before
     seconds["outcomes"] = time.perf_counter() - t0
     model_seconds = sum(sum(v.seconds for v in o.votes) for o in results.values())
 
     t0 = time.perf_counter()
-    plan = calibrate.plan(
+    decided = plan(
         records=measured,
         clusters={r.id: cluster_of[r.id] for r in measured},
         outcomes=results,
@@ -201,8 +205,8 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
     if shot_plan is not None:
         # Only clusters that show some model examples carry them: a router file holds as
         # few of the log's prompts as it needs.
-        plan.shots = shot_plan.counts
-        plan.exemplars = {cid: shot_plan.exemplars[cid] for cid in shot_plan.counts}
+        decided.shots = shot_plan.counts
+        decided.exemplars = {cid: shot_plan.exemplars[cid] for cid in shot_plan.counts}
         for cid, counts in sorted(shot_plan.counts.items()):
             status(f"cluster {cid}: " + ", ".join(f"{m} shown {n}" for m, n in counts.items()) + " answered example(s)")
     seconds["calibrate"] = time.perf_counter() - t0
@@ -213,7 +217,7 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
         assigner=clusterer.assigner_,
         records=records,
         labels=labels,
-        plan=plan,
+        plan=decided,
         budget=budget,
         quality=options.quality,
         fit=routerfile.FitRecord(
@@ -307,3 +311,108 @@ def _served_records(options: FitOptions, logged: list[Any]) -> list[Any]:
         status(f"Adding {len(records)} served prompts to the clustering"
                + (f" ({', '.join(shown)} left out)" if shown else "") + ".")
     return records
+
+
+# ---------------------------------------------------------------- the in-sample plan of `cre fit`
+
+
+
+@dataclass
+class Tuning:
+    thresholds: dict[str, float]
+    result: SimResult
+    reference: SimResult  # every query on the strongest model, at its threshold
+    met: bool  # whether the budget was met; if not, the closest setting is returned
+    tried: int
+
+
+
+def tune_thresholds(
+    replay: Replay,
+    assignments: Mapping[str, str],
+    quality: "QualityCheck",
+    budget: Budget,
+    top_threshold: float = 0.0,
+    grid: Sequence[float] | None = None,
+) -> Tuning:
+    """Each non-top model's threshold from `grid` (default `threshold_grid(k)`) for `budget`.
+
+    The reference is every query answered by the strongest model at `top_threshold`.
+    "retain": the cheapest setting whose accuracy is at least value x the reference's
+    (ties: the more accurate). "max_cost": the most accurate setting whose cost is at most
+    value x the reference's (ties: the cheaper). Remaining ties keep the default threshold
+    (DEFAULT_THRESHOLD), then the lower one. If no setting meets the budget, the closest
+    is returned with `met=False`: the most accurate for "retain", the cheapest for
+    "max_cost". The search is exhaustive: len(grid) ** (rungs - 1) replays.
+    """
+    ladder = replay.ladder
+    top = ladder[-1]
+    grid = list(grid) if grid is not None else threshold_grid(quality.k)
+    if not grid:
+        raise ValueError("tune_thresholds needs a non-empty threshold grid")
+    reference = replay.simulate({r.id: top for r in replay.records}, {top: top_threshold}, quality)
+    candidates: list[tuple[tuple[float, ...], dict[str, float], SimResult, bool]] = []
+    # Settings closest to the defaults come first, so that where thresholds make no
+    # difference on these records (a rung no query visits) the defaults are kept.
+    combos = sorted(
+        itertools.product(grid, repeat=len(ladder) - 1),
+        key=lambda combo: sum(abs(t - DEFAULT_THRESHOLD) > BUDGET_EPS for t in combo),
+    )
+    for combo in combos:
+        thresholds = {**dict(zip(ladder[:-1], combo)), top: top_threshold}
+        result = replay.simulate(assignments, thresholds, quality)
+        key = budget.rank(result.accuracy, result.cost, reference.accuracy, reference.cost)
+        candidates.append((key, thresholds, result, key[0]))
+    # max() keeps the first of equal keys: the defaults, then lower thresholds (fewer votes).
+    _, thresholds, result, met = max(candidates, key=lambda c: c[0])
+    return Tuning(thresholds, result, reference, met, len(candidates))
+
+
+
+@dataclass
+class Plan:
+    """Everything calibration decided, and the evidence for it."""
+
+    table: StatsTable
+    choice: Choice
+    thresholds: dict[str, float]
+    unit: str  # of every cost figure in the plan
+    result: SimResult | None  # the cascade replayed on the records; None without votes
+    reference: SimResult | None  # every record on the strongest model
+    budget_met: bool | None  # by `result`, per `tune_thresholds`; None when not replayed
+    # Answered examples (`cre fit --shots`, `choose_shots`): cluster -> [[prompt, answer]],
+    # and cluster -> model -> how many of them it is shown.
+    exemplars: dict[int, list[list[str]]] = field(default_factory=dict)
+    shots: dict[int, dict[str, int]] = field(default_factory=dict)
+
+
+
+def plan(
+    records: Sequence["Record"],
+    clusters: Mapping[str, int],
+    outcomes: Mapping[OutcomeKey, Outcome],
+    settings: "ModelConfig",
+    budget: Budget,
+    quality: "QualityCheck",
+) -> Plan:
+    """Choose each cluster's model for `budget`, then tune the thresholds on the same records.
+
+    `clusters` maps each record id to its cluster. Costs are in price units when every
+    ladder model has a price, else measured seconds (see `CostModel`). Threshold tuning
+    replays recorded votes, so when any outcome is a label only, the default thresholds
+    are kept and nothing is replayed.
+    """
+    ladder = list(settings.ladder)
+    costs = CostModel.build(outcomes.values(), settings.ladder_specs())
+    labels = [int(clusters[r.id]) for r in records]
+    table = cluster_stats(labels, records, outcomes, ladder, costs)
+    choice = choose_models(table, budget)
+    if any(o.source == "label" for o in outcomes.values()):
+        console.warn(
+            "some outcomes are correctness labels without recorded votes, so the quality-check "
+            f"thresholds keep their defaults ({DEFAULT_THRESHOLD} below the top rung) instead of being tuned"
+        )
+        return Plan(table, choice, default_thresholds(ladder), costs.unit, None, None, None)
+    replay = Replay.build(outcomes, records, ladder, costs)
+    tuning = tune_thresholds(replay, assignments_for(records, labels, choice), quality, budget)
+    return Plan(table, choice, tuning.thresholds, costs.unit, tuning.result, tuning.reference, tuning.met)

@@ -2,7 +2,8 @@
 
 Two parts, in this order below: `OutcomeStore`, the resumable SQLite store of
 (query, model) -> votes, tokens and seconds; and the runner, `collect`, which has the
-models answer whatever the store lacks. Pricing the recorded votes is `costs.CostModel`'s job.
+models answer whatever the store lacks. An `Outcome` is a plain record: grading it is
+`graded`, pricing its votes `costs.CostModel`'s job.
 
 `collect` answers every labelled query with every ladder model, k votes each (vote 0
 greedy, votes 1..k-1 sampled with seeds `quality.vote_seed(prompt, i)`: the parameters of
@@ -37,8 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 from crecli import console, grading, paths
-from crecli.errors import ConfigError, CreError
-from crecli.costs import UNITS, token_cost
+from crecli.errors import CreError
 from crecli.models.pull import model_identity
 from crecli.models import registry
 from crecli.models.registry import backend_for
@@ -81,59 +81,19 @@ class Outcome:
     label: bool | None = None
     # With answered examples (`shots`): the prompt tokens they add, which every prompt of the
     # cluster shares and llama.cpp reuses, and what identifies that shared prefix
-    # (`calibrate.resolve_shots` sets both). Costs count the prefix once per batch
-    # (`costs.CostModel.prefix`), not in every vote.
+    # (`shots.resolve_shots` sets both). Costs count the prefix once per run of answers
+    # (`costs.share_prefixes`), not in every vote.
     prefix_tokens: int = 0
     prefix_key: str = ""
 
-    def correct(self, record: "Record") -> list[bool]:
-        """Correctness of each vote against the record's reference (a label is one vote)."""
-        if self.source == "label":
-            return [bool(self.label)]
-        if record.reference is None:
-            raise CreError(f"query {record.id!r} has no reference answer, so its votes cannot be graded")
-        return [grading.grade(v.text, record.reference, record.match) for v in self.votes]
 
-    def vote_costs(
-        self,
-        unit: str = "seconds",
-        price_per_1k_tokens: float | None = None,
-        speed: tuple[float, float] | None = None,
-        cached_prompt_tokens: int = 0,
-    ) -> list[float] | None:
-        """Measured cost of each vote in order; None for label-only outcomes.
-
-        "seconds": the model-seconds each vote took on this machine. "bench-seconds": tokens
-        at the benchmarked (prompt, generation) tokens/s in `speed`. "price": tokens times
-        the model's price. Vote 0 pays prompt and output tokens, less `cached_prompt_tokens`
-        (see `costs.Pricing.cached`) and the shared examples' `prefix_tokens`, later votes
-        only their output tokens, because the prompt is cached after the first vote.
-        """
-        if self.source == "label":
-            return None
-        if unit == "seconds":
-            return [v.seconds for v in self.votes]
-        if unit not in UNITS:
-            raise ValueError(f"unknown cost unit {unit!r}; use one of {', '.join(UNITS)}")
-        if unit == "price" and price_per_1k_tokens is None:
-            raise ConfigError(f"model {self.model!r} has no price_per_1k_tokens in models.toml")
-        if unit == "bench-seconds" and speed is None:
-            raise ConfigError(f"model {self.model!r} has no benchmark; run `cre models bench {self.model}`")
-        prompt = max(0, self.prompt_tokens - cached_prompt_tokens - self.prefix_tokens)
-        costs = [
-            token_cost(unit, prompt if i == 0 else 0, v.output_tokens, price_per_1k_tokens, speed)
-            for i, v in enumerate(self.votes)
-        ]
-        assert None not in costs  # the checks above leave no vote without a figure
-        return costs  # type: ignore[return-value]
-
-    def cost(self, used_votes: int = 1, unit: str = "seconds", price_per_1k_tokens: float | None = None) -> float | None:
-        """Measured cost of the first `used_votes` votes (see `vote_costs`); None for labels."""
-        costs = self.vote_costs(unit, price_per_1k_tokens)
-        return None if costs is None else sum(costs[:used_votes])
-
-
-# ---------------------------------------------------------------- the store: SQLite, one row per (prompt, model, file, settings)
+def graded(outcome: Outcome, record: "Record") -> list[bool]:
+    """Correctness of each of `outcome`'s votes against `record`'s reference (a label is one vote)."""
+    if outcome.source == "label":
+        return [bool(outcome.label)]
+    if record.reference is None:
+        raise CreError(f"query {record.id!r} has no reference answer, so its votes cannot be graded")
+    return [grading.grade(v.text, record.reference, record.match) for v in outcome.votes]
 
 
 def prompt_sha256(prompt: str, shots: Sequence[tuple[str, str]] = ()) -> str:

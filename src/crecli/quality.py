@@ -78,6 +78,26 @@ class QualityCheck:
         return asdict(self)
 
 
+# The agreement check's thresholds: its default and the grid calibration sweeps.
+# Agreement needed below the top rung: 3 of 5 votes.
+DEFAULT_THRESHOLD = 0.6
+
+
+def default_thresholds(ladder: Sequence[str]) -> dict[str, float]:
+    """0.6 (3 of 5 votes agree) below the top; 0 on the top rung.
+
+    The top rung's answer is final whatever its agreement, so its threshold only sets how
+    many votes it draws for its majority; 0 means its greedy answer alone, the cheapest.
+    """
+    return {name: (0.0 if i == len(ladder) - 1 else DEFAULT_THRESHOLD) for i, name in enumerate(ladder)}
+
+
+
+def threshold_grid(k: int) -> list[float]:
+    """Thresholds j/k, j = 0..k: one per distinct number of agreeing votes required."""
+    return [j / k for j in range(k + 1)]
+
+
 @dataclass(frozen=True)
 class Decision:
     answer: str  # the normalised majority answer

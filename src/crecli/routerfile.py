@@ -54,7 +54,7 @@ from crecli.querylog import FORMATS, FieldMap, LogOptions
 if TYPE_CHECKING:
     import numpy as np
 
-    from crecli.calibrate import Plan
+    from crecli.fit import Plan
     from crecli.costs import Budget
     from crecli.cluster import Assigner
     from crecli.config import ModelConfig
@@ -85,7 +85,7 @@ _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 EXAMPLES_PER_CLUSTER = 3
 EXAMPLE_CHARS = 200
 # Answered examples (`cre fit --shots`): a cluster carries at most this many, and a model
-# is shown one of SHOT_COUNTS of them. Longer exemplars are never chosen (`calibrate.pick_exemplars`).
+# is shown one of SHOT_COUNTS of them. Longer exemplars are never chosen (`shots.pick_exemplars`).
 SHOT_COUNTS = (0, 1, 3)
 MAX_SHOTS = max(SHOT_COUNTS)
 SHOT_PROMPT_CHARS = 1000
@@ -159,7 +159,7 @@ class FitRecord:
     cluster_params: dict[str, Any] = field(default_factory=dict)
     truth: dict[str, float] | None = None  # NMI/ARI against --truth-field
     expected: Expected | None = None
-    simulated: dict[str, Any] | None = None  # calibrate.SimResult.summary() of the chosen setting
+    simulated: dict[str, Any] | None = None  # replay.SimResult.summary() of the chosen setting
     simulated_reference: dict[str, Any] | None = None
     budget_met: bool | None = None
     calibration: dict[str, Any] | None = None  # the last `cre calibrate`: budget, held-out figures

@@ -107,6 +107,12 @@ class Backend(abc.ABC):
         `complete` would count them; None where the runtime cannot tell without running."""
         return None
 
+    def count_text_tokens(self, text: str) -> int | None:
+        """Tokens `text` takes as plain text in this model's vocabulary (an answer, say);
+        None where `count_tokens` cannot tell."""
+        whole, empty = self.count_tokens(Rendered(text, ())), self.count_tokens(Rendered("", ()))
+        return None if whole is None or empty is None else max(0, whole - empty)
+
     def shot_tokens(self, prompt: str, params: GenParams, prompt_tokens: int) -> int:
         """Of `prompt_tokens`, the prompt tokens a generation of `prompt` with `params.shots`
         reported, the answered examples' share: those less the tokens without them; 0

@@ -59,6 +59,10 @@ class FakeBackend(Backend):
     def count_tokens(self, rendered: Rendered) -> int:
         return max(1, len(rendered.text.split()))
 
+    def count_text_tokens(self, text: str) -> int:
+        # As `complete` counts an answer's output tokens (before its `max_tokens` cap).
+        return max(1, len(text.split()))
+
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         out = []
         for t in texts:

@@ -59,6 +59,7 @@ class LlamaBackend(Backend):
         self.n_gpu_layers = spec.n_gpu_layers if n_gpu_layers is None else n_gpu_layers
         self.n_ctx = n_ctx or spec.context
         self._llm: Any = None
+        self._vocab: Any = None  # a vocabulary-only Llama, to count tokens without the weights
         self._embedder: Any = None
         self._parallel: ParallelGreedy | None = None
         self._votes: ParallelVotes | None = None
@@ -125,7 +126,19 @@ class LlamaBackend(Backend):
         return min(wanted, room)
 
     def count_tokens(self, rendered: Rendered) -> int:
-        return len(prompt_tokens(self.llm, rendered))
+        return len(prompt_tokens(self._tokenizer(), rendered))
+
+    def _tokenizer(self) -> Any:
+        """The loaded model, else the model's vocabulary alone (`vocab_only`: no weights, a
+        fraction of a second), so counting tokens never loads a model just to count."""
+        if self._llm is not None:
+            return self._llm
+        if self._vocab is None:
+            from llama_cpp import Llama
+
+            with quiet_stderr():
+                self._vocab = Llama(model_path=str(require_file(self.spec)), vocab_only=True, verbose=False)
+        return self._vocab
 
     def shot_prefix(self, shots: tuple[tuple[str, str], ...]) -> list[int]:
         """The tokens every prompt shown `shots` starts with: the head, the examples and the
@@ -298,7 +311,7 @@ class LlamaBackend(Backend):
         self._close_parallel()
         self._close_votes()
         self._prefixes.clear()
-        for attr in ("_llm", "_embedder"):
+        for attr in ("_llm", "_embedder", "_vocab"):
             llm = getattr(self, attr)
             if llm is not None:
                 try:

@@ -94,6 +94,10 @@ class ModelPool:
         self._costs[spec.name] = cost
         return backend
 
+    def loaded(self, name: str) -> Backend | None:
+        """The backend of model `name` when the pool holds it; loads nothing."""
+        return self._loaded.get(name)
+
     def close(self) -> None:
         while self._loaded:
             name, backend = self._loaded.popitem()

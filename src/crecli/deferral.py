@@ -1,0 +1,167 @@
+"""Fitting the deferral check: one logistic P(correct) model per rung, and how well it ranks answers.
+
+`train_deferral` fits a rung's model on recorded greedy answers (their signals, the
+cluster prior and, with more votes, their agreement: `quality.deferral_features`);
+`deferral_p` applies a router's models to recorded answers, as the live check does, for
+the replay; `signal_report` scores every signal held out (AUROC). The rule that uses a
+model's P(correct) is `quality.accept_deferral`, shared with the live cascade.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+from crecli.choice import StatsTable, cluster_prior, shrink
+from crecli.quality import Deferral, feature_names, greedy_agreement
+
+if TYPE_CHECKING:
+    from crecli.outcomes import OutcomeKey
+    from crecli.replay import Data
+
+
+# Ridge penalty on the standardised weights: with a few hundred labelled answers per rung
+# it barely moves a weight the data supports, and keeps a feature that is constant in the
+# training folds (the margin on a log without choice queries) at zero.
+L2 = 1.0
+
+
+def fit_logistic(x: Any, y: Any, l2: float = L2, iterations: int = 50) -> tuple[Any, float]:
+    """Ridge logistic regression by Newton's method; weights and bias on the raw features.
+
+    Features are standardised for the fit (so one penalty suits every scale) and the
+    weights mapped back, so the stored model is a plain dot product. The bias gets a
+    token penalty, which keeps it finite when every training answer was right (or wrong).
+    """
+    import numpy as np
+
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n, d = x.shape
+    mu = x.mean(axis=0) if n else np.zeros(d)
+    sd = x.std(axis=0) if n else np.ones(d)
+    sd[sd < 1e-9] = 1.0
+    a = np.hstack([(x - mu) / sd, np.ones((n, 1))])
+    reg = np.full(d + 1, l2)
+    reg[-1] = 1e-3
+    beta = np.zeros(d + 1)
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-np.clip(a @ beta, -30, 30)))
+        grad = a.T @ (p - y) + reg * beta
+        hess = a.T @ (a * (p * (1 - p))[:, None]) + np.diag(reg)
+        step = np.linalg.solve(hess, grad)
+        beta -= step
+        if np.max(np.abs(step)) < 1e-8:
+            break
+    weights = beta[:d] / sd
+    return weights, float(beta[d] - np.sum(beta[:d] * mu / sd))
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """Area under the ROC curve of `scores` for predicting `labels` (ties count half);
+    None when either class is absent."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return None
+    ranked = sorted((s, y) for s, y in zip(scores, labels))
+    # Mann-Whitney U from average ranks.
+    rank_sum, i = 0.0, 0
+    while i < len(ranked):
+        j = i
+        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
+            j += 1
+        mean_rank = (i + j + 1) / 2
+        rank_sum += mean_rank * sum(1 for _, y in ranked[i:j] if y)
+        i = j
+    return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+
+
+def _table_prior(data: Data, table: StatsTable) -> Callable[[int, str], float]:
+    """`deferral_p`'s prior for calibration: record i's cluster prior for a model in `table`."""
+    return lambda i, model: cluster_prior(table, data.clusters[i], model)
+
+
+def _loo_prior(table: StatsTable, cid: int, model: str, correct: bool) -> float:
+    # A training answer's own label must not feed its prior, or the fitted model would
+    # trust the prior more than it deserves on prompts it has not seen.
+    info = table.clusters.get(cid) if cid >= 0 else None
+    if info is None:
+        return table.overall.models[model].accuracy
+    st = info.models[model]
+    return shrink(st.correct - correct, st.n - 1, table.overall.models[model].accuracy, table.prior_strength)
+
+
+def train_deferral(data: Data, idx: Sequence[int], table: StatsTable, model: str, votes: int) -> Deferral:
+    """`model`'s deferral model, fitted on the recorded answers of the records `idx`."""
+    rows: list[list[float | None]] = []
+    ys: list[bool] = []
+    for i in idx:
+        entry = data.replay.entries.get((data.records[i].id, model))
+        if entry is None or not entry.answers:
+            continue
+        y = entry.correct[0]
+        rows.append(entry.features(votes, _loo_prior(table, data.clusters[i], model, y)))
+        ys.append(y)
+    names = feature_names(votes)
+    fill = []
+    for j in range(len(names)):
+        seen = [r[j] for r in rows if r[j] is not None]
+        fill.append(sum(seen) / len(seen) if seen else 0.0)  # type: ignore[arg-type]
+    filled = [[f if v is None else v for v, f in zip(r, fill)] for r in rows]
+    weights, bias = fit_logistic(filled, ys) if rows else ([0.0] * len(names), 0.0)
+    return Deferral(names, tuple(float(w) for w in weights), bias, tuple(fill), table.overall.models[model].accuracy)
+
+
+def deferral_p(
+    data: Data, idx: Sequence[int], rules: Mapping[str, Deferral], prior_of: Callable[[int, str], float], votes: int
+) -> dict[OutcomeKey, float]:
+    """Each (record, model)'s P(correct) under `rules`, as the live check computes it;
+    `prior_of(i, model)` is record i's prior for `model`."""
+    out: dict[OutcomeKey, float] = {}
+    for i in idx:
+        rid = data.records[i].id
+        for model, rule in rules.items():
+            entry = data.replay.entries.get((rid, model))
+            if entry is not None and entry.answers:
+                out[(rid, model)] = rule.p_correct(entry.features(votes, prior_of(i, model)))
+    return out
+
+
+def signal_report(data: Data, p_held_out: Mapping[OutcomeKey, float], ladder: Sequence[str], votes: int) -> dict[str, dict[str, Any]]:
+    """Per model: held-out AUROC, for predicting that the greedy answer is right, of the
+    deferral model's P(correct) and of each raw signal, beside vote agreement."""
+    report: dict[str, dict[str, Any]] = {}
+    for model in ladder:
+        cols: dict[str, tuple[list[float], list[bool]]] = {}
+
+        def add(name: str, value: float | None, y: bool) -> None:
+            if value is not None:
+                col = cols.setdefault(name, ([], []))
+                col[0].append(value)
+                col[1].append(y)
+
+        for record in data.records:
+            entry = data.replay.entries.get((record.id, model))
+            if entry is None or not entry.answers:
+                continue
+            y = entry.correct[0]
+            add("p_correct", p_held_out.get((record.id, model)), y)
+            if entry.signals is not None:
+                add("min_logprob", entry.signals.min_logprob, y)
+                add("mean_logprob", entry.signals.mean_logprob, y)
+                add("margin", entry.signals.margin, y)
+            if len(entry.answers) > 1:
+                add(f"agreement of {len(entry.answers)} votes", greedy_agreement(entry.answers), y)
+        report[model] = {name: {"auroc": auroc(*col), "n": len(col[0])} for name, col in cols.items()}
+        if "p_correct" in cols:
+            # What acting on this rung's doubt could buy: how many answers fall below
+            # P(correct) 0.5, and how often those are right, against the rest.
+            ps, ys = cols["p_correct"]
+            low = [y for p, y in zip(ps, ys) if p < 0.5]
+            high = [y for p, y in zip(ps, ys) if p >= 0.5]
+            report[model]["p_correct"].update(
+                doubtful_share=len(low) / len(ps),
+                doubtful_accuracy=sum(low) / len(low) if low else None,
+                confident_accuracy=sum(high) / len(high) if high else None,
+            )
+    return report

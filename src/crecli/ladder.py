@@ -1,0 +1,179 @@
+"""The ladder engine: a query's walk up the ladder, one rung at a time, live or replayed.
+
+A query starts on the rung its route chose. On each rung the rung's check draws votes from
+a source and decides by the shared rules of `quality`: keep the answer, or move up; the top
+rung's answer is final. Two sources drive the same engine:
+
+- the live cascade (`escalate.Cascade`) draws votes from a model backend (`escalate.LiveVotes`);
+- the replay (`replay.Replay`, for `cre calibrate`, `cre eval` and the benches) draws the
+  votes the outcome store recorded (`replay.RecordedVotes`).
+
+So whatever rule a rung follows, the top rung included, the replay and the live path cannot
+disagree: `judge` is the one decision and `walk` the one loop (`cre batch` steps through the
+same `step` rung by rung across many prompts). Each rung's policy (`Rung`: model, check,
+threshold, votes, deferral model, prior) is resolved once per query (`Policy.rungs`), and a
+trace is priced once at the end (`costs`).
+
+The checks:
+- "agreement": self-consistency. Vote 0 is greedy; sampled votes come in waves
+  (`quality.wave`, exactly the votes drawing one at a time would draw) until
+  `quality.done`; `quality.decide` keeps the majority when its share reaches the threshold.
+- "deferral": `votes` votes (the greedy one first); the greedy answer is kept when the
+  rung's P(correct) reaches the threshold and the answer is not empty
+  (`quality.accept_deferral`).
+- "greedy": the greedy answer, kept: the top rung of a router with the deferral check.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence
+
+from crecli.quality import accept_deferral, decide, done, greedy_agreement, wave
+
+if TYPE_CHECKING:
+    from crecli.quality import Deferral, QualityCheck
+
+AGREEMENT, DEFERRAL, GREEDY = "agreement", "deferral", "greedy"
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One rung's policy for one query."""
+
+    model: str
+    check: str  # AGREEMENT, DEFERRAL or GREEDY
+    threshold: float
+    top: bool
+    k: int = 1  # agreement: votes at most
+    early_stop: bool = True  # agreement: stop once more votes cannot change the decision
+    votes: int = 1  # deferral: votes drawn (1: the greedy answer alone)
+    deferral: "Deferral | None" = None  # deferral: the rung's P(correct) model
+    prior: float = 0.5  # deferral: the query's cluster prior for this model
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a rung's check decided."""
+
+    used: int  # votes drawn
+    agreement: float  # majority share (agreement); share agreeing with the greedy answer (deferral)
+    accept: bool  # the rung keeps the answer (always true on the top rung: its answer is final)
+    index: int  # the vote whose text is the answer
+    answer: str  # the normalised answer
+    p_correct: float | None = None  # deferral only
+    kept: bool = False  # the check itself passed (`accept` also holds on the top rung when it did not)
+
+
+class Votes(Protocol):
+    """A rung's votes for one query, drawn on demand (greedy first)."""
+
+    def more(self, count: int) -> Sequence[str]:
+        """The next `count` votes, normalised."""
+
+    def p_correct(self, rung: Rung, answers: Sequence[str]) -> float:
+        """The rung's P(correct) for its greedy answer, given the votes drawn."""
+
+
+def judge(rung: Rung, votes: Votes) -> Verdict:
+    """Run `rung`'s check on `votes`: the one decision of the live cascade and the replay."""
+    if math.isnan(rung.threshold):
+        raise KeyError(f"no threshold for {rung.model!r}")
+    answers = list(votes.more(1))
+    if rung.check == GREEDY:
+        return Verdict(1, 1.0, True, 0, answers[0], kept=True)
+    if rung.check == DEFERRAL:
+        if rung.votes > 1:
+            answers += votes.more(rung.votes - 1)
+        p = votes.p_correct(rung, answers)
+        kept = accept_deferral(p, rung.threshold, answers[0])
+        return Verdict(len(answers), greedy_agreement(answers), kept or rung.top, 0, answers[0], p, kept)
+    while not done(answers, rung.k, rung.threshold, rung.early_stop):
+        answers += votes.more(wave(answers, rung.k, rung.threshold, rung.early_stop))
+    d = decide(answers, rung.k, rung.threshold, rung.early_stop)
+    return Verdict(d.used, d.agreement, d.accept or rung.top, d.index, d.answer, None, d.accept)
+
+
+@dataclass
+class Climb:
+    """A query partway up the ladder: its rungs' policies, where it stands, what each rung decided."""
+
+    rungs: list[Rung]
+    rung: int  # the index of the current rung in `rungs`
+    verdicts: list[tuple[Rung, Verdict]] = field(default_factory=list)
+    done: bool = False
+
+    @property
+    def current(self) -> Rung:
+        return self.rungs[self.rung]
+
+
+def step(climb: Climb, votes: Votes) -> bool:
+    """Judge the current rung on `votes`, then stop there or move up; True once final."""
+    rung = climb.current
+    verdict = judge(rung, votes)
+    climb.verdicts.append((rung, verdict))
+    if verdict.accept:
+        climb.done = True
+    else:
+        climb.rung += 1
+    return climb.done
+
+
+def walk(
+    climb: Climb,
+    votes_for: Callable[[Rung], Votes],
+    after: Callable[[Rung, Verdict, Votes], None] | None = None,
+) -> Climb:
+    """`step` until the answer is final, drawing each rung's votes from `votes_for(rung)`;
+    `after(rung, verdict, votes)` sees each rung once it is judged."""
+    while not climb.done:
+        rung = climb.current
+        votes = votes_for(rung)
+        step(climb, votes)
+        if after is not None:
+            after(rung, climb.verdicts[-1][1], votes)
+    return climb
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a router's rungs check their answers, before any query: the ladder, thresholds
+    per model, the self-consistency settings, and the deferral check when calibrated.
+
+    `deferral_votes` None: every rung runs the agreement check. Otherwise the rungs below
+    the top run the deferral check with that many votes (`deferral_models` are their
+    P(correct) models; a replay that looks P(correct) up instead may leave them out), and
+    the top rung answers greedily: its answer is final, so drawing more would buy nothing.
+    """
+
+    ladder: tuple[str, ...]
+    thresholds: Mapping[str, float]
+    quality: "QualityCheck"
+    deferral_votes: int | None = None
+    deferral_models: Mapping[str, "Deferral"] = field(default_factory=dict)
+
+    def rungs(
+        self,
+        overrides: Mapping[str, float] | None = None,
+        prior: Callable[[str], float] | None = None,
+    ) -> list[Rung]:
+        """Every rung's policy for one query: `overrides` are its cluster's own thresholds,
+        `prior(model)` its cluster prior for the deferral check."""
+        last = len(self.ladder) - 1
+        out = []
+        for i, model in enumerate(self.ladder):
+            # A rung below every start may have no threshold (a replay that starts all on the
+            # top rung); judging one without a threshold is an error (`judge`).
+            threshold = overrides.get(model, self.thresholds.get(model, math.nan)) if overrides else \
+                self.thresholds.get(model, math.nan)
+            if self.deferral_votes is None:
+                out.append(Rung(model, AGREEMENT, threshold, i == last, self.quality.k, self.quality.early_stop))
+            elif i == last:
+                out.append(Rung(model, GREEDY, threshold, True))
+            else:
+                out.append(Rung(model, DEFERRAL, threshold, False, votes=self.deferral_votes,
+                                deferral=self.deferral_models.get(model),
+                                prior=prior(model) if prior is not None else 0.5))
+        return out

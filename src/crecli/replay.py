@@ -1,0 +1,388 @@
+"""The replay: the ladder engine (`ladder`) driven by recorded votes instead of models.
+
+`cre calibrate`, `cre eval` and the benches compare thousands of settings on the same
+recorded outcomes. A `Replay` holds every (query, model)'s recorded votes, normalised,
+graded and priced once (`costs.CostModel`); `Replay.simulate` walks each query up the ladder
+with `ladder.walk`, the same walk and the same decision (`ladder.judge`) `cre ask` runs, its
+votes drawn from the record (`RecordedVotes`) instead of a model. `Data` is a labelled log
+prepared for it (`prepare`): its records, routes as `cre ask` routes them, and outcomes.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+from crecli import console, grading
+from crecli.costs import CostModel, share_prefixes
+from crecli.errors import CreError
+from crecli.ladder import Climb, Policy, Rung, Verdict, walk
+from crecli.outcomes import graded
+from crecli.quality import deferral_features, needed
+from crecli.shots import resolve_shots
+
+if TYPE_CHECKING:
+    from crecli.config import ModelConfig
+    from crecli.models.backend import Signals
+    from crecli.outcomes import Outcome, OutcomeKey
+    from crecli.quality import QualityCheck
+    from crecli.querylog import LogOptions, Record
+    from crecli.route import RouteDecision
+    from crecli.routerfile import RouterFile
+
+
+@dataclass(frozen=True)
+class SimStep:
+    model: str
+    agreement: float
+    used: int  # votes drawn
+    accept: bool
+    cost: float
+
+
+@dataclass
+class QueryTrace:
+    query_id: str
+    start: str
+    steps: list[SimStep]
+    answer: str  # normalised majority answer of the final step ("" for a label-only outcome)
+    correct: bool
+    cost: float
+
+    @property
+    def model(self) -> str:
+        return self.steps[-1].model
+
+    @property
+    def escalated(self) -> bool:
+        return len(self.steps) > 1
+
+
+@dataclass
+class SimResult:
+    traces: list[QueryTrace]
+    unit: str
+    accuracy: float = 0.0
+    cost: float = 0.0  # total over all queries
+    mean_cost: float = 0.0
+    escalation_rate: float = 0.0
+    answered_by: dict[str, int] = field(default_factory=dict)  # model -> final answers
+
+    def __post_init__(self) -> None:
+        n = len(self.traces)
+        if n:
+            self.accuracy = sum(t.correct for t in self.traces) / n
+            self.cost = sum(t.cost for t in self.traces)
+            self.mean_cost = self.cost / n
+            self.escalation_rate = sum(t.escalated for t in self.traces) / n
+        self.answered_by = dict(Counter(t.model for t in self.traces))
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "n": len(self.traces),
+            "accuracy": self.accuracy,
+            "cost": self.cost,
+            "mean_cost": self.mean_cost,
+            "unit": self.unit,
+            "escalation_rate": self.escalation_rate,
+            "answered_by": self.answered_by,
+        }
+
+
+@dataclass(frozen=True)
+class _Entry:
+    answers: tuple[str, ...]  # normalised votes; () for a label-only outcome
+    correct: tuple[bool, ...]  # per vote (one entry for a label)
+    cumcost: tuple[float, ...]  # cumcost[i]: cost of votes 0..i
+    signals: "Signals | None" = None  # of the greedy vote
+    cut: bool = False  # the greedy vote stopped at the token cap
+    prefix_key: str = ""  # the shared answered examples, whose cost `cumcost` leaves out
+    prefix_cost: float = 0.0  # processing them once (`CostModel.prefix`)
+
+    def features(self, votes: int, prior: float) -> list[float | None]:
+        """The deferral model's inputs for this recorded answer, as the live check builds them."""
+        return deferral_features(self.signals, self.answers[:votes], self.cut, prior)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _normalize(text: str, match: str | None) -> str:
+    return grading.normalize(text, match)
+
+
+class Replay:
+    """Recorded votes, normalised, graded and costed once, for fast repeated `simulate` calls."""
+
+    def __init__(self, entries: dict[OutcomeKey, _Entry], records: Sequence["Record"], ladder: Sequence[str], unit: str) -> None:
+        self.entries = entries
+        self.records = list(records)
+        self.ladder = list(ladder)
+        self.unit = unit
+
+    @classmethod
+    def build(
+        cls,
+        outcomes: Mapping[OutcomeKey, Outcome],
+        records: Sequence["Record"],
+        ladder: Sequence[str],
+        costs: CostModel | None = None,
+    ) -> "Replay":
+        costs = costs or CostModel.build(outcomes.values())
+        entries: dict[OutcomeKey, _Entry] = {}
+        for record in records:
+            for model in ladder:
+                outcome = outcomes.get((record.id, model))
+                if outcome is None:
+                    continue
+                per = costs.votes(outcome)
+                cum = tuple(itertools.accumulate(per))
+                answers = tuple(_normalize(v.text, record.match) for v in outcome.votes)
+                first = outcome.votes[0] if outcome.votes else None
+                entries[(record.id, model)] = _Entry(
+                    answers, tuple(graded(outcome, record)), cum,
+                    first.signals if first is not None else None,
+                    first is not None and first.output_tokens >= grading.max_tokens_for(record.match),
+                    outcome.prefix_key, costs.prefix_of(outcome),
+                )
+        return cls(entries, records, ladder, costs.unit)
+
+    def simulate(
+        self,
+        assignments: Mapping[str, str],
+        thresholds: Mapping[str, float],
+        quality: "QualityCheck",
+        overrides: Mapping[str, Mapping[str, float]] | None = None,
+        p_correct: Mapping[OutcomeKey, float] | None = None,
+        votes: int = 1,
+    ) -> SimResult:
+        """Walk every record up the ladder on its recorded votes (`ladder.walk`): see the
+        module function `simulate`.
+
+        With `p_correct` (each (query, model)'s deferral estimate, `deferral.deferral_p`),
+        the rungs below the top run the deferral check on `votes` votes and the top rung
+        answers greedily, as a router calibrated with it does.
+        """
+        policy = Policy(tuple(self.ladder), thresholds, quality, deferral_votes=votes if p_correct is not None else None)
+        shared = policy.rungs()
+        traces = []
+        visited: list[_Entry] = []  # the entry of every step, in order, for the examples' shares
+        for record in self.records:
+            start = assignments.get(record.id)
+            if start is None:
+                raise CreError(f"query {record.id!r} has no starting model in the assignments")
+            try:
+                rung = self.ladder.index(start)
+            except ValueError:
+                raise CreError(f"query {record.id!r} starts on {start!r}, which is not on the ladder") from None
+            local = overrides.get(record.id) if overrides else None
+            climb = Climb(policy.rungs(local) if local else shared, rung)
+            steps: list[SimStep] = []
+            drawn: list[RecordedVotes] = []
+
+            def votes_for(r: Rung, qid: str = record.id) -> RecordedVotes:
+                drawn.append(RecordedVotes(self._entry(qid, r.model), qid, r, p_correct))
+                return drawn[-1]
+
+            def after(r: Rung, v: Verdict, recorded: Any, steps: list[SimStep] = steps) -> None:
+                steps.append(SimStep(r.model, v.agreement, v.used, v.kept, recorded.entry.cumcost[v.used - 1]))
+                visited.append(recorded.entry)
+
+            walk(climb, votes_for, after)
+            rung_, verdict = climb.verdicts[-1]
+            entry = drawn[-1].entry
+            answer = "" if verdict.answer == LABEL else verdict.answer
+            traces.append(QueryTrace(record.id, start, steps, answer, entry.correct[verdict.index], sum(s.cost for s in steps)))
+        return SimResult(_with_prefixes(traces, visited), self.unit)
+
+    def _entry(self, qid: str, model: str) -> "_Entry":
+        entry = self.entries.get((qid, model))
+        if entry is None:
+            raise CreError(
+                f"no recorded outcome for query {qid!r} on {model!r}: collect outcomes "
+                "for every ladder model first (`cre fit` does)"
+            )
+        return entry
+
+
+# What a label-only outcome (a correctness label, no recorded answer) offers the engine as its
+# one vote: an answer of known correctness that no model wrote, so never empty.
+LABEL = "\x00label"
+
+
+class RecordedVotes:
+    """A rung's recorded votes for one query, drawn as the live check draws them (`ladder.Votes`)."""
+
+    __slots__ = ("entry", "qid", "rung", "p_table", "drawn")
+
+    def __init__(self, entry: "_Entry", qid: str, rung: Rung, p_table: Mapping[OutcomeKey, float] | None) -> None:
+        self.entry, self.qid, self.rung, self.p_table = entry, qid, rung, p_table
+        self.drawn = 0
+
+    def more(self, count: int) -> Sequence[str]:
+        entry, rung = self.entry, self.rung
+        deferral = self.p_table is not None
+        if not entry.answers:
+            if deferral:
+                raise CreError(
+                    f"query {self.qid!r} has only a correctness label for {rung.model!r}, no recorded "
+                    "greedy answer, so the deferral check cannot be replayed on it"
+                )
+            if self.drawn or needed(rung.threshold, rung.k) > 1:
+                raise CreError(
+                    f"query {self.qid!r} has only a correctness label for {rung.model!r}, no recorded "
+                    f"votes, so its quality check at threshold {rung.threshold} cannot be replayed. "
+                    "Collect votes for it (drop the label) or use threshold 0 for that model."
+                )
+            # A label is one known vote; it decides only when one vote is enough.
+            self.drawn = 1
+            return (LABEL,)
+        out = entry.answers[self.drawn : self.drawn + count]
+        if not out and not deferral:
+            raise CreError(
+                f"query {self.qid!r} has {len(entry.answers)} recorded votes on {rung.model!r}, "
+                f"fewer than the k={rung.k} this replay may need: collect outcomes with the "
+                "same quality settings"
+            )
+        self.drawn += len(out)
+        return out
+
+    def p_correct(self, rung: Rung, answers: Sequence[str]) -> float:
+        assert self.p_table is not None
+        return self.p_table[(self.qid, rung.model)]
+
+
+def _with_prefixes(traces: list[QueryTrace], visited: Sequence[_Entry]) -> list[QueryTrace]:
+    """`traces` with each step's share of its shared examples' cost added (`costs.share_prefixes`)."""
+    shares = share_prefixes([(e.prefix_key, e.prefix_cost) for e in visited])
+    if not any(shares):
+        return traces
+    it = iter(shares)
+    out = []
+    for t in traces:
+        added = [next(it) for _ in t.steps]
+        steps = [replace(step, cost=step.cost + extra) for step, extra in zip(t.steps, added)]
+        out.append(replace(t, steps=steps, cost=t.cost + sum(added)))
+    return out
+
+
+def simulate(
+    assignments: Mapping[str, str],
+    outcomes: Mapping[OutcomeKey, Outcome],
+    records: Sequence["Record"],
+    ladder: Sequence[str],
+    thresholds: Mapping[str, float],
+    quality: "QualityCheck",
+    costs: CostModel | None = None,
+    overrides: Mapping[str, Mapping[str, float]] | None = None,
+) -> SimResult:
+    """Replay the cascade on recorded votes, exactly as `cre ask --router` would run it.
+
+    Each record starts on `assignments[record.id]`. On each rung its recorded votes are
+    normalised with `grading.normalize(text, record.match)` and decided by
+    `quality.decide(votes, k, threshold, early_stop)`: accept, or escalate to the next
+    larger rung; the top rung's decision is final. The threshold is
+    `overrides[query_id][model]` when given, else `thresholds[model]`. A query's cost is the
+    sum of the costs of the votes actually drawn on every rung it visited (vote 0 carries
+    prompt processing). `costs` defaults to measured seconds. For many threshold settings
+    on the same outcomes, build a `Replay` once and call its `simulate`.
+    """
+    return Replay.build(outcomes, records, ladder, costs).simulate(assignments, thresholds, quality, overrides)
+
+
+@dataclass
+class Data:
+    """A labelled log prepared for replay: records, their clusters, and outcomes."""
+
+    records: list["Record"]
+    routes: list["RouteDecision"]  # each record's cluster and starting model, as `cre ask` routes it
+    outcomes: dict["OutcomeKey", "Outcome"]
+    costs: CostModel
+    replay: Replay
+    log_sha256: str = ""
+
+    @functools.cached_property
+    def clusters(self) -> list[int]:
+        # Cached: a calibration sweep reads it once per replayed query, thousands of times,
+        # and rebuilding it each time was two thirds of `cre calibrate`'s run time.
+        return [r.cluster for r in self.routes]
+
+
+def prepare(
+    router: "RouterFile",
+    settings: "ModelConfig",
+    log: Path,
+    store: Path | None = None,
+    reader: "LogOptions | None" = None,
+    unit: str | None = None,
+) -> Data:
+    """Read `log` with `reader` (default: as the router's fit read its log), route every
+    labelled query as `cre ask` would, and collect the missing outcomes.
+
+    Costs are priced afresh (today's `cre models bench` speeds or prices), never taken from
+    the router's stored statistics, in `unit` when given (else the ladder's default unit,
+    see `costs`).
+    """
+    from crecli import outcomes as outcomes_mod
+    from crecli.costs import UNITS
+
+    if unit is not None and unit not in UNITS:
+        raise CreError(f"--cost-unit {unit!r}: use one of {', '.join(UNITS)}")
+
+    reader = reader or router.fit.reader
+    read = reader.read(log)
+    if read.bad:
+        console.status(f"Skipped {len(read.bad)} bad line(s), first: {read.bad[0].source}: {read.bad[0].reason}")
+    records = [r for r in read.records if r.reference is not None or r.labels]
+    if not records:
+        raise CreError(f"{log}: no labelled queries (a `reference` or `labels` field) to evaluate on")
+    ladder = router.ladder_names
+    missing = [m for m in ladder if m not in settings.models]
+    if missing:
+        raise CreError(f"the router's ladder has {', '.join(missing)}, which your models.toml lacks")
+    routes = assign(router, [r.prompt for r in records])
+    shown_prompts = {q for c in router.clusters for q, _ in c.exemplars}
+    if shown_prompts:
+        keep = [i for i, r in enumerate(records) if r.prompt.strip() not in shown_prompts]
+        if len(keep) < len(records):
+            console.status(f"Left out {len(records) - len(keep)} queries that the router shows as answered "
+                           "examples: they would be answered after their own answer")
+        if not keep:
+            raise CreError(f"{log}: every labelled query is one of the router's answered examples")
+        records, routes = [records[i] for i in keep], [routes[i] for i in keep]
+    every = {(r.id, m): router.shots(d.cluster, m) for r, d in zip(records, routes) for m in ladder}
+    shots = {key: examples for key, examples in every.items() if examples}
+    path = store or outcomes_mod.default_store_path()
+    with outcomes_mod.OutcomeStore(path) as st:
+        found = outcomes_mod.collect(records, settings, st, router.quality, models=ladder)
+        if shots:
+            ids = {rid for rid, _ in shots}
+            shown = outcomes_mod.collect([r for r in records if r.id in ids], settings, st, router.quality,
+                                         models=ladder, shots=shots)
+            found = resolve_shots(found, shown, shots)
+    costs = CostModel.build(found.values(), [settings.get(m) for m in ladder], unit)
+    replay = Replay.build(found, records, ladder, costs)
+    return Data(records, routes, found, costs, replay, read.sha256)
+
+
+def assign(router: "RouterFile", prompts: Sequence[str]) -> list["RouteDecision"]:
+    """Routes exactly as `cre ask` decides them (embedded in batches, with a progress bar)."""
+    from crecli.embed import embed_texts
+    from crecli.route import route_vectors
+
+    return route_vectors(router, embed_texts(router.embedder, list(prompts)))
+
+
+def greedy(data: Data, idx: Sequence[int], model_of: Callable[[int], str]) -> tuple[float, float]:
+    """Accuracy and mean cost of the greedy answer of model `model_of(i)` for each query i in `idx`."""
+    entries = [data.replay.entries[(data.records[i].id, model_of(i))] for i in idx]
+    n = len(entries) or 1
+    cost = sum(e.cumcost[0] for e in entries) + sum(share_prefixes([(e.prefix_key, e.prefix_cost) for e in entries]))
+    return sum(e.correct[0] for e in entries) / n, cost / n
+
+
+def reference(data: Data, idx: Sequence[int], ladder: list[str]) -> tuple[float, float]:
+    """Accuracy and mean cost of always using the strongest model (its greedy answer)."""
+    return greedy(data, idx, lambda i: ladder[-1])

@@ -1,0 +1,162 @@
+"""One ladder engine: the live cascade and the replay walk the same rungs with the same rule.
+
+The live path draws votes from models (`escalate.LiveVotes`), the replay draws the votes the
+outcome store recorded (`replay.RecordedVotes`); both go through `ladder.walk` and
+`ladder.judge`. Here the same fake models answer both ways, and every step of every query
+is compared field by field, for the agreement check and for the deferral check, whose top
+rung used to take a majority live and the greedy answer in replay.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from crecli import config, grading
+from crecli.costs import CostModel
+from crecli.escalate import Cascade
+from crecli.ladder import AGREEMENT, DEFERRAL, GREEDY, Climb, Policy, Rung, judge, walk
+from crecli.models.backend import GenParams, Signals
+from crecli.outcomes import OutcomeStore, collect
+from crecli.quality import Deferral, DeferralCheck, QualityCheck, feature_names
+from crecli.querylog import Record
+from crecli.replay import Replay
+from crecli.route import RouteDecision
+from crecli.routerfile import RouterFile, SCHEMA_VERSION, FitRecord, LadderEntry
+
+LADDER = ["small", "medium", "large"]
+PROMPTS = [f"What is {a} plus {b}?" for a, b in [(1, 2), (3, 4), (5, 5), (7, 1), (2, 9), (6, 6), (8, 3), (4, 4), (9, 9), (0, 5)]]
+STARTS = ["small", "small", "medium", "small", "large", "small", "medium", "small", "small", "medium"]
+
+
+def _answer(model: str) -> Callable[[str, GenParams], str]:
+    """Right on some prompts, noisy on others; sampled votes vary with their seed."""
+    def answer(text: str, params: GenParams) -> str:
+        prompt = next(p for p in PROMPTS if p in text)
+        a, b = (int(w) for w in prompt.removeprefix("What is ").removesuffix("?").split(" plus "))
+        right = (a + b) % {"small": 3, "medium": 2, "large": 1}[model] != 1 or model == "large"
+        if params.temperature == 0.0:
+            return str(a + b) if right else ("" if (a * b) % 4 == 0 else str(a + b + 1))
+        return str(a + b + random.Random(f"{model}|{prompt}|{params.seed}").choice([0, 0, 1]))
+    return answer
+
+
+def _signals(text: str, params: GenParams, answer: str) -> Signals:
+    return Signals(-0.1 - 0.3 * len(answer), -0.05 * len(answer), None)
+
+
+@pytest.fixture
+def both(tiny_models_toml: Path, fake_backends: Callable[..., Any], tmp_path: Path) -> tuple[Any, ...]:
+    fake_backends({m: _answer(m) for m in LADDER}, signals=_signals)
+    settings = config.load(tiny_models_toml)
+    records = [Record(id=f"q{i}", prompt=p, reference=[str(eval(p[8:-1].replace("plus", "+")))], match="numeric")
+               for i, p in enumerate(PROMPTS)]
+    quality = QualityCheck(k=5)
+    with OutcomeStore(tmp_path / "store.sqlite") as store:
+        found = collect(records, settings, store, quality)
+    return settings, records, quality, found
+
+
+def _router(quality: QualityCheck, thresholds: dict[str, float], deferral: DeferralCheck | None) -> RouterFile:
+    return RouterFile(
+        schema_version=SCHEMA_VERSION, ladder=[LadderEntry(m, None, None) for m in LADDER], embedder=None,  # type: ignore[arg-type]
+        assigner=None, clusters=[], fallback_model="large", budget={"kind": "retain", "value": 0.98},  # type: ignore[arg-type]
+        quality=quality, thresholds=thresholds, fit=FitRecord(), deferral=deferral,
+    )
+
+
+def _live(router: RouterFile, settings: config.ModelConfig, records: list[Record]) -> list[Any]:
+    traces = []
+    with Cascade(router, settings) as cascade:
+        for record, start in zip(records, STARTS):
+            decision = RouteDecision(-1, start, 0.0, "test", 0.0)
+            pending = cascade.begin(record.prompt, record.match, record.reference, id=record.id, decision=decision)
+            while not cascade.advance(pending):
+                pass
+            traces.append(pending.trace)
+    return traces
+
+
+@pytest.mark.parametrize("check", ["agreement", "deferral"])
+def test_live_and_replay_take_the_same_steps(both: tuple[Any, ...], check: str) -> None:
+    settings, records, quality, found = both
+    # A top threshold above 0: a deferral router's top rung then decided by majority live
+    # and by its greedy answer in replay; the engine gives it one rule.
+    thresholds = {"small": 0.6, "medium": 0.6, "large": 0.8}
+    deferral = None
+    if check == "deferral":
+        names = feature_names(1)
+        rule = Deferral(names, (2.0, 3.0, 0.0, -4.0, 1.0), 0.5, (0.0,) * len(names), 0.6)
+        deferral = DeferralCheck(1, {"small": rule, "medium": rule})
+        thresholds = {"small": 0.55, "medium": 0.45, "large": 0.8}
+    router = _router(quality, thresholds, deferral)
+    live = _live(router, settings, records)
+
+    costs = CostModel.build(found.values(), settings.ladder_specs())
+    replay = Replay.build(found, records, LADDER, costs)
+    p_table = None
+    if deferral is not None:
+        p_table = {}
+        for record in records:
+            for model, rule in deferral.models.items():
+                entry = replay.entries[(record.id, model)]
+                p_table[(record.id, model)] = rule.p_correct(entry.features(1, router.prior(-1, model)))
+    replayed = replay.simulate({r.id: s for r, s in zip(records, STARTS)}, thresholds, quality,
+                               p_correct=p_table, votes=1).traces
+
+    assert any(len(t.steps) > 1 for t in live), "some query must escalate for the test to mean anything"
+    for trace, sim in zip(live, replayed):
+        assert [s.model for s in trace.steps] == [s.model for s in sim.steps], trace.id
+        for step, s in zip(trace.steps, sim.steps):
+            assert (step.used, step.accepted, step.agreement) == (s.used, s.accept, s.agreement), (trace.id, step.model)
+        assert grading.normalize(trace.answer, "numeric") == sim.answer
+        assert trace.correct == sim.correct
+    if deferral is not None:
+        # The top rung answers greedily with one vote, whatever its threshold.
+        tops = [t.steps[-1] for t in live if t.steps[-1].model == "large"]
+        assert tops and all(s.used == 1 and s.accepted and s.why == "greedy answer of the top rung" for s in tops)
+
+
+class _Scripted:
+    """Votes from a list; records how many were drawn."""
+
+    def __init__(self, votes: list[str], p: float = 0.5) -> None:
+        self.votes, self.drawn, self.p = votes, 0, p
+
+    def more(self, count: int) -> list[str]:
+        out = self.votes[self.drawn : self.drawn + count]
+        self.drawn += len(out)
+        return out
+
+    def p_correct(self, rung: Rung, answers: Any) -> float:
+        return self.p
+
+
+def test_judge_draws_only_the_votes_the_decision_needs() -> None:
+    agree = Rung("m", AGREEMENT, 0.6, False, k=5)
+    votes = _Scripted(["4", "4", "4", "5", "5"])
+    v = judge(agree, votes)
+    assert (v.accept, v.kept, v.used, votes.drawn, v.answer) == (True, True, 3, 3, "4")
+    split = _Scripted(["4", "5", "6", "7", "4"])
+    v = judge(agree, split)
+    assert (v.accept, v.kept, split.drawn) == (False, False, 4)  # after 4, no answer can reach 3 of 5
+    top = Rung("m", AGREEMENT, 0.6, True, k=5)
+    v = judge(top, _Scripted(["4", "5", "6", "4", "5"]))
+    assert v.accept and not v.kept  # the top rung's answer is final even when unsure
+    defer = Rung("m", DEFERRAL, 0.5, False, votes=1)
+    assert judge(defer, _Scripted(["4"], p=0.7)).kept and not judge(defer, _Scripted([""], p=0.9)).kept
+    greedy = judge(Rung("m", GREEDY, 0.9, True), _Scripted(["", "4"]))
+    assert greedy.accept and greedy.used == 1 and greedy.answer == ""
+
+
+def test_walk_climbs_until_a_rung_keeps_its_answer() -> None:
+    policy = Policy(tuple(LADDER), {"small": 0.6, "medium": 0.6, "large": 0.0}, QualityCheck(k=5))
+    climb = Climb(policy.rungs(), 0)
+    scripts = {"small": ["1", "2", "3", "4", "5"], "medium": ["7", "7", "7"], "large": ["9"]}
+    seen: list[str] = []
+    walk(climb, lambda rung: _Scripted(scripts[rung.model]), lambda rung, verdict, votes: seen.append(rung.model))
+    assert seen == ["small", "medium"] and climb.done and climb.rung == 1
+    assert [v.answer for _, v in climb.verdicts] == ["1", "7"]
