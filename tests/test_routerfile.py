@@ -14,7 +14,7 @@ import pytest
 
 from crecli import config, routerfile
 from crecli.calibrate import PRIOR_STRENGTH, Budget, Choice, ClusterStats, ModelStats, Plan, StatsTable, default_thresholds
-from crecli.cluster import Assigner
+from crecli.assign import Assigner
 from crecli.embed import TfidfEmbedder
 from crecli.errors import RouterFileError
 from crecli.quality import QualityCheck

@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
     from crecli.calibrate import Plan
     from crecli.costs import Budget
-    from crecli.cluster import Assigner
+    from crecli.assign import Assigner
     from crecli.config import ModelConfig
     from crecli.embed import Embedder
     from crecli.querylog import Record
@@ -750,7 +750,7 @@ def _decode_npy(path: Path, member: str, data: bytes, entry: dict[str, Any]) -> 
 
 
 def _assemble(path: Path, body: "_Body", members: dict[str, "np.ndarray"], settings: "ModelConfig", force: bool) -> RouterFile:
-    from crecli import cluster, embed
+    from crecli import assign, embed
 
     _check_ladder(path, body.ladder, settings, force)
     names = [e.name for e in body.ladder]
@@ -760,7 +760,7 @@ def _assemble(path: Path, body: "_Body", members: dict[str, "np.ndarray"], setti
 
     try:
         emb = embed.embedder_from_state(dict(body.embedder_params), arrays("embedder"), settings)
-        assigner = cluster.Assigner.from_state(dict(body.assigner_params), arrays("assigner"))
+        assigner = assign.Assigner.from_state(dict(body.assigner_params), arrays("assigner"))
     except RouterFileError as exc:
         # Their messages quote array contents, which come from the file.
         raise RouterFileError(f"{path}: {_clean(str(exc), 400)}") from None
@@ -1119,7 +1119,7 @@ def _embedder_params(f: _Field, kind: str) -> dict[str, Any]:
 
 
 def _assigner_params(f: _Field) -> dict[str, Any]:
-    from crecli.cluster import ASSIGN_METHODS
+    from crecli.assign import ASSIGN_METHODS
 
     f.as_object(keys=("method", "k", "max_distance", "k_", "threshold_"))
     return {
