@@ -12,9 +12,9 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from crecli import config, routerfile
-from crecli.calibrate import PRIOR_STRENGTH, Budget, Choice, ClusterStats, ModelStats, Plan, StatsTable, default_thresholds
+from crecli import config, fit, routerfile
 from crecli.assign import Assigner
+from crecli.calibrate import PRIOR_STRENGTH, Budget, Choice, ClusterStats, ModelStats, Plan, StatsTable, default_thresholds
 from crecli.embed import TfidfEmbedder
 from crecli.errors import RouterFileError
 from crecli.quality import QualityCheck
@@ -47,8 +47,8 @@ def make_router(settings: config.ModelConfig) -> routerfile.RouterFile:
                        list(settings.ladder), PRIOR_STRENGTH)
     choice = Choice({0: "small", 1: "medium"}, "large", 0.5, 1.0, 0.5, 1.0)
     plan = Plan(table, choice, default_thresholds(settings.ladder), "seconds", None, None, None)
-    router = routerfile.build(settings, embedder, assigner, records, labels, plan, Budget("retain", 0.9),
-                              QualityCheck(k=3), routerfile.FitRecord(log_sha256="ab" * 32, n_queries=12, seed=0))
+    router = fit.build(settings, embedder, assigner, records, labels, plan, Budget("retain", 0.9),
+                       QualityCheck(k=3), routerfile.FitRecord(log_sha256="ab" * 32, n_queries=12, seed=0))
     router.clusters[1].thresholds["medium"] = 0.9
     return router
 

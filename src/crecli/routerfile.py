@@ -37,7 +37,7 @@ import time
 import zipfile
 import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, NoReturn, Sequence, TypeVar
 
@@ -54,12 +54,9 @@ from crecli.querylog import FORMATS, FieldMap, LogOptions
 if TYPE_CHECKING:
     import numpy as np
 
-    from crecli.calibrate import Plan
-    from crecli.costs import Budget
     from crecli.assign import Assigner
     from crecli.config import ModelConfig
     from crecli.embed import Embedder
-    from crecli.querylog import Record
 
 SCHEMA_VERSION = 1
 FORMAT = "crecli-router"
@@ -221,70 +218,6 @@ class RouterFile:
         """The answered examples `model` is shown before a prompt of cluster `cid` (none when unclustered)."""
         info = self.cluster(cid) if cid >= 0 else None
         return shots_of(info.exemplars, info.shots.get(model, 0)) if info is not None else ()
-
-
-def build(
-    settings: "ModelConfig",
-    embedder: "Embedder",
-    assigner: "Assigner",
-    records: Sequence["Record"],
-    labels: Sequence[int],
-    plan: "Plan",
-    budget: "Budget",
-    quality: QualityCheck,
-    fit: FitRecord,
-) -> RouterFile:
-    """A router from a fitted embedder and assigner and a calibration plan.
-
-    `labels[i]` is the cluster of `records[i]` (every record of the log, measured or not).
-    A cluster the plan has no model for (none of its records was labelled, as in a
-    plain-text log) is kept, with no statistics, and starts on the fallback model: the
-    router still shows the log's clusters, and a later fit with labels can fill them in.
-    """
-    members: dict[int, list["Record"]] = {}
-    for record, label in zip(records, labels):
-        members.setdefault(int(label), []).append(record)
-    clusters = []
-    for cid in sorted(set(plan.choice.models) | {c for c in members if c >= 0}):
-        model = plan.choice.models.get(cid, plan.choice.fallback)
-        group = members.get(cid, [])
-        types = Counter(r.match for r in group if r.match is not None)
-        clusters.append(ClusterInfo(
-            id=cid,
-            size=len(group),
-            model=model,
-            answer_type=types.most_common(1)[0][0] if types else None,
-            examples=[r.prompt[:EXAMPLE_CHARS] for r in group[:EXAMPLES_PER_CLUSTER]],
-            stats=(
-                {m: s.to_dict() for m, s in plan.table.clusters[cid].models.items()}
-                if cid in plan.table.clusters else {}
-            ),
-            exemplars=[list(pair) for pair in plan.exemplars.get(cid, [])],
-            shots=dict(plan.shots.get(cid, {})),
-        ))
-    choice = plan.choice
-    fit = replace(
-        fit,
-        crecli_version=__version__,
-        cost_unit=plan.unit,
-        expected=Expected(choice.expected_accuracy, choice.expected_cost, choice.reference_accuracy, choice.reference_cost),
-        simulated=plan.result.summary() if plan.result is not None else None,
-        simulated_reference=plan.reference.summary() if plan.reference is not None else None,
-        budget_met=plan.budget_met,
-    )
-    ladder = [LadderEntry(spec.name, model_identity(spec), spec.size) for spec in settings.ladder_specs()]
-    return RouterFile(
-        schema_version=SCHEMA_VERSION,
-        ladder=ladder,
-        embedder=embedder,
-        assigner=assigner,
-        clusters=clusters,
-        fallback_model=plan.choice.fallback,
-        budget=budget.to_dict(),
-        quality=quality,
-        thresholds=dict(plan.thresholds),
-        fit=fit,
-    )
 
 
 def _canonical(body: dict[str, Any]) -> bytes:
