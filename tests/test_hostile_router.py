@@ -31,7 +31,7 @@ import pytest
 from numpy.lib import format as npy_format
 from typer.testing import CliRunner
 
-from crecli import config, console, render, routerfile
+from crecli import config, console, paths, render, routerfile
 from crecli.cli import app
 from crecli.errors import CreError, RouterFileError
 from test_routerfile import SHAS, edit_manifest, make_router, members, rewrite, saved, settings  # noqa: F401 - fixtures
@@ -568,7 +568,7 @@ def test_a_save_removes_orphans_of_killed_saves(settings: config.ModelConfig, sa
     other = folder / f".other.cre.{dead_pid()}.0123abcd.tmp"
     for p in (orphan, old_style, fresh_old_style, live, other):
         p.write_bytes(b"partial")
-    hour_ago = time.time() - routerfile.STALE_TEMP_SECONDS - 60
+    hour_ago = time.time() - paths.STALE_TEMP_SECONDS - 60
     os.utime(old_style, (hour_ago, hour_ago))
     routerfile.save(make_router(settings), saved)
     assert temps(folder) == sorted([fresh_old_style.name, live.name, other.name])
@@ -583,7 +583,7 @@ def test_a_failed_save_leaves_no_temp_file_and_the_old_router(
     def full(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(routerfile.os, "fsync", full)
+    monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(RouterFileError, match="cannot write .*No space left on device"):
         routerfile.save(make_router(settings), saved)
     monkeypatch.undo()

@@ -28,12 +28,8 @@ import hashlib
 import io
 import json
 import math
-import os
 import re
-import secrets
-import stat
 import struct
-import time
 import zipfile
 import zlib
 from collections import Counter
@@ -41,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, NoReturn, Sequence, TypeVar
 
-from crecli import __version__, console
+from crecli import __version__, console, paths
 from crecli.costs import UNITS, CostUnit
 from crecli.errors import RouterFileError
 from crecli.models.prompting import shots_of
@@ -254,7 +250,8 @@ def _pack(owner: str, arrays: dict[str, "np.ndarray"], blobs: dict[str, bytes]) 
 
 
 def save(router: RouterFile, path: Path) -> None:
-    """Write the router file atomically: a temp file in the same folder, fsynced, then a rename.
+    """Write the router file atomically (`paths.atomic_write`): a temp file in the same
+    folder, fsynced, then a rename.
 
     The temp file (`.NAME.PID.RANDOM.tmp`) is removed on any failure, and orphans that a
     killed save left are removed by the next save to the same path.
@@ -292,103 +289,22 @@ def save(router: RouterFile, path: Path) -> None:
         "body_sha256": hashlib.sha256(canonical).hexdigest(),
         "body": json.loads(canonical),
     }
+    entries = {MANIFEST: json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False).encode(), **blobs}
+
+    def write_zip(fh: BinaryIO) -> None:
+        with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for name, data in entries.items():
+                info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.external_attr = 0o644 << 16
+                zf.writestr(info, data)
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(path)
+        # Router files are shared: the umask decides their mode, as for any file a user makes.
+        paths.atomic_write(path, write_zip, clean_stale=True)
     except OSError as exc:
         raise RouterFileError(f"cannot write {path}: {exc.strerror or exc}") from None
-    # The pid in the name lets a later save tell an orphan (its writer was killed) from a
-    # save still in progress; the random part keeps two saves in one process apart.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    created = False
-    try:
-        # O_EXCL never writes through a file or link planted under that name; the mode is
-        # filtered by the umask, as for any file a user creates to share.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        created = True
-        with os.fdopen(fd, "wb") as fh:
-            with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-                entries = {MANIFEST: json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False).encode(), **blobs}
-                for name, data in entries.items():
-                    info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
-                    info.compress_type = zipfile.ZIP_DEFLATED
-                    info.external_attr = 0o644 << 16
-                    zf.writestr(info, data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        created = False
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        raise RouterFileError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        if created:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-
-
-# An orphan older than this is removed even when its pid is alive again (pids are reused).
-STALE_TEMP_SECONDS = 3600.0
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Delete temp files that interrupted saves of this router left behind (kill -9, power loss).
-
-    Matches `.NAME.PID.RANDOM.tmp` (and the pid-less `.NAME.RANDOM.tmp` older crecli
-    versions wrote): removed when the pid is not running, or when older than an hour.
-    """
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:(\d{{1,10}})\.)?[A-Za-z0-9_]{{6,32}}\.tmp$")
-    try:
-        entries = list(path.parent.iterdir())
-    except OSError:
-        return
-    now = time.time()
-    for entry in entries:
-        match = pattern.match(entry.name)
-        if match is None:
-            continue
-        try:
-            st = entry.lstat()
-        except OSError:
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            continue  # a link or folder under that name is not ours to delete
-        pid = match.group(1)
-        if now - st.st_mtime > STALE_TEMP_SECONDS or (pid is not None and not _running(int(pid))):
-            try:
-                entry.unlink()
-            except OSError:
-                pass
-
-
-def _running(pid: int) -> bool:
-    """Whether `pid` may still be writing; when unsure, yes (the age rule cleans up later)."""
-    # os.kill(pid, 0) terminates the process on Windows, and pid 0 means our own group.
-    if pid == os.getpid() or pid <= 0 or os.name == "nt":
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):
-        return True  # PermissionError: alive, another user's
-    return True
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not every platform lets a folder be opened or synced.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load(path: Path, settings: "ModelConfig | None" = None, force: bool = False) -> RouterFile:
