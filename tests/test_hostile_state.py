@@ -613,13 +613,13 @@ def test_a_manifest_over_8_mib_is_refused_before_it_is_parsed(tmp_path: Path) ->
 def test_a_real_manifest_is_far_under_the_cap(tmp_path: Path) -> None:
     import zipfile
 
-    from crecli import routerfile
+    from crecli import archive, routerfile
     from test_escalate import make_router
 
     path = tmp_path / "r.cre"
     routerfile.save(make_router(), path)
     with zipfile.ZipFile(path) as zf:
-        assert zf.getinfo("manifest.json").file_size * 50 < routerfile.MAX_MANIFEST_BYTES
+        assert zf.getinfo("manifest.json").file_size * 50 < archive.MAX_MANIFEST_BYTES
 
 
 def test_inspect_shows_a_bounded_table_of_a_router_with_thousands_of_clusters(capsys) -> None:

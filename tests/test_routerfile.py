@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from crecli import config, fit, routerfile
+from crecli import archive, config, fit, routerfile
 from crecli.assign import Assigner
 from crecli.calibrate import PRIOR_STRENGTH, Budget, Choice, ClusterStats, ModelStats, Plan, StatsTable, default_thresholds
 from crecli.embed import TfidfEmbedder
@@ -76,7 +76,7 @@ def edit_manifest(path: Path, change: Callable[[dict[str, Any]], None], rehash: 
     manifest = json.loads(entries["manifest.json"])
     change(manifest)
     if rehash:
-        manifest["body_sha256"] = hashlib.sha256(routerfile._canonical(manifest["body"])).hexdigest()
+        manifest["body_sha256"] = hashlib.sha256(archive.canonical(manifest["body"])).hexdigest()
     entries["manifest.json"] = json.dumps(manifest).encode()
     rewrite(path, entries)
 

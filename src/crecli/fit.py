@@ -289,9 +289,9 @@ def build(
     router still shows the log's clusters, and a later fit with labels can fill them in.
     """
     from crecli.models.pull import model_identity
-    from crecli.routerfile import (
-        EXAMPLE_CHARS, EXAMPLES_PER_CLUSTER, SCHEMA_VERSION, ClusterInfo, Expected, LadderEntry, RouterFile,
-    )
+    from crecli.archive import SCHEMA_VERSION
+    from crecli.routerfile import ClusterInfo, Expected, LadderEntry, RouterFile
+    from crecli.schema import EXAMPLE_CHARS, EXAMPLES_PER_CLUSTER
 
     members: dict[int, list["Record"]] = {}
     for record, label in zip(records, labels):
