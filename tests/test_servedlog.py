@@ -345,7 +345,7 @@ class KMeansClusterer:
         import numpy as np
         from sklearn.cluster import KMeans
 
-        from crecli.cluster import Assigner
+        from crecli.assign import Assigner
 
         KMeansClusterer.rows.append(len(X))
         labels = KMeans(n_clusters=2, n_init=10, random_state=0).fit_predict(X)

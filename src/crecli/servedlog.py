@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 
 from crecli import paths
 from crecli.errors import ConfigError, InputError
@@ -379,18 +379,18 @@ def export(entries: list[dict[str, Any]], out: Path, sources: list[Path]) -> Pat
     """Write `entries` as JSONL to `out` (replacing it), in the log's own format, so
     `cre fit --served-log` reads it; `out` may not be one of the log's own files."""
     paths.check_output(out, "-o", [("the served-query log", p) for p in sources], example="served-export.jsonl")
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+
+    def write(fh: BinaryIO) -> None:
+        for entry in entries:
+            fh.write(_line(entry))
+
     try:
-        with tmp.open("wb") as fh:
-            for entry in entries:
-                fh.write(_line(entry))
-        os.replace(tmp, out)
+        # The umask decides the export's mode: it is made to be copied to another machine.
+        paths.atomic_write(out, write)
     except OSError as exc:
         raise InputError(f"-o {out}: cannot write it ({exc.strerror or exc})") from None
     except (TypeError, ValueError) as exc:  # a value JSON cannot hold; `read` gives none, callers might
         raise InputError(f"-o {out}: an entry cannot be written as JSON ({exc}); nothing was written") from None
-    finally:
-        tmp.unlink(missing_ok=True)  # gone after the replace; left by any failure or Ctrl-C before it
     return out
 
 
