@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from crecli.errors import CreError, InputError, PromptTooLong
-from crecli.querylog import MAX_LINE_BYTES, _Bad, _loads, json_type
+from crecli.querylog import MAX_LINE_BYTES
+from crecli.safejson import JsonError, json_type, loads
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -214,9 +215,9 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ApiError(400, f"the request body is not UTF-8 text (byte {exc.start})") from None
     try:
-        # The query log's reader: refuses deep nesting, huge integers and lone surrogates.
-        value = _loads(text, "the request body is not valid JSON")
-    except _Bad as exc:
+        # Refuses deep nesting, huge integers and lone surrogates, as every reader of outside JSON does.
+        value = loads(text, "the request body is not valid JSON")
+    except JsonError as exc:
         raise ApiError(400, str(exc)) from None
     if not isinstance(value, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {json_type(value)}")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 from collections import deque
 from contextlib import contextmanager
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from crecli import paths
 from crecli.errors import ConfigError, InputError
+from crecli.safejson import has_surrogate, replace_surrogates
 
 if TYPE_CHECKING:
     from crecli.escalate import Cascade, Trace
@@ -55,9 +55,6 @@ MAX_ENTRY_BYTES = 4 << 20
 SETTING = "log_queries"  # in settings.toml; false turns the log off
 COMMANDS = ("ask", "batch", "serve")
 DEFAULT_LAST = 20
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
 
 log_path = paths.served_log_file
 generation_path = paths.served_generation
@@ -100,7 +97,7 @@ def _line(entry: dict[str, Any]) -> bytes:
     and would come back as prompts the query log refuses, so they become U+FFFD.
     """
     text = json.dumps(entry, ensure_ascii=False, allow_nan=False, default=str)
-    return (_SURROGATE.sub("\ufffd", text) + "\n").encode("utf-8")
+    return (replace_surrogates(text) + "\n").encode("utf-8")
 
 
 @contextmanager
@@ -282,7 +279,7 @@ def _valid(entry: Any) -> bool:
         and entry.get("schema") == SCHEMA
         and isinstance(entry.get("prompt"), str)
         and bool(entry["prompt"].strip())
-        and not _SURROGATE.search(entry["prompt"])  # only a hand-edited file has one; no UTF-8 output can hold it
+        and not has_surrogate(entry["prompt"])  # only a hand-edited file has one; no UTF-8 output can hold it
         and _entry_time(entry) is not None
     )
 
