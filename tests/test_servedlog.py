@@ -230,7 +230,7 @@ def test_cre_serve_logs_cascade_answers_only(
 ) -> None:
     from starlette.testclient import TestClient
 
-    from crecli.serve import create_app
+    from crecli.serve_app import create_app
 
     install(fake_backends, TABLE)
     log = ServedLog(tmp_path / "served.jsonl", "serve")
