@@ -1,8 +1,9 @@
 """The model work of `cre serve`: what a request's job computes, and the worker that runs it.
 
-A job answers one checked `Query` off the event loop and returns its priced `Answer`:
-`cascade_job` walks the router's ladder and records the answer it will send, `model_job`
-asks one ladder model by name. `sampling` says which of a request's fields reach a model.
+A job answers one checked `Query` off the event loop and returns its `Answer`, priced once
+(the response and the served-query log carry the same figure): `cascade_job` walks the
+router's ladder and records the answer it will send, `model_job` asks one ladder model by
+name. `sampling` says which of a request's fields reach a model.
 
 Every job runs on one `Worker` thread, in arrival order: llama.cpp's threads spin, so two
 computations at once on a CPU slow both down more than they gain. At most `max_queue` jobs
@@ -159,10 +160,12 @@ def cascade_job(cascade: "Cascade", query: Query, ticket: Ticket, served: "Serve
     if not ticket.claim():
         raise _Abandoned
     trace = pending.trace
+    # Priced once, for the response and the log entry alike.
+    cost = cascade.cost_of(trace)
     if served is not None:
         # On the worker thread, so the event loop never waits on the disk.
-        served.record(query.prompt, trace, cascade)
-    return cascade_answer(trace, cascade.cost_of(trace), cascade.pricing.unit, query.stop)
+        served.record(query.prompt, trace, cascade, cost=cost)
+    return cascade_answer(trace, cost, cascade.pricing.unit, query.stop)
 
 
 def model_job(cascade: "Cascade", query: Query) -> Answer:

@@ -139,19 +139,27 @@ class ServedLog:
     failed: bool = False  # a write failed (and was warned about); later failures stay quiet
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def record(self, prompt: str, trace: "Trace", cascade: "Cascade | None" = None) -> None:
-        """Append the entry for one answered prompt; never raises."""
+    def record(
+        self, prompt: str, trace: "Trace", cascade: "Cascade | None" = None, cost: float | None = None
+    ) -> None:
+        """Append the entry for one answered prompt; never raises. `cost`: see `entry`."""
         if not self.enabled:
             return
         try:
-            entry = self.entry(prompt, trace, cascade)
+            entry = self.entry(prompt, trace, cascade, cost)
         except Exception as exc:  # noqa: BLE001 - a log entry must never cost the answer
             self._warn(f"could not build the served-query log entry ({type(exc).__name__}: {exc})")
             return
         self.append(entry)
 
-    def entry(self, prompt: str, trace: "Trace", cascade: "Cascade | None" = None) -> dict[str, Any]:
-        cost = cascade.cost_of(trace) if cascade is not None else None
+    def entry(
+        self, prompt: str, trace: "Trace", cascade: "Cascade | None" = None, cost: float | None = None
+    ) -> dict[str, Any]:
+        """The log entry for one answered prompt. `cost` is the trace's price when the caller has
+        it already (`cre serve` prices each answer once, for its response and this entry);
+        otherwise the cascade prices the trace here."""
+        if cost is None and cascade is not None:
+            cost = cascade.cost_of(trace)
         unit = cascade.pricing.unit if cascade is not None else None
         return {
             "schema": SCHEMA,
