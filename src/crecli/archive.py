@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, NoReturn
 from crecli import paths
 from crecli.errors import RouterFileError
 from crecli.fields import clean, show
+from crecli.safejson import has_surrogate
 
 if TYPE_CHECKING:
     import numpy as np
@@ -256,7 +257,6 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _tree_problem(value: Any, limit: int) -> str | None:
@@ -269,7 +269,7 @@ def _tree_problem(value: Any, limit: int) -> str | None:
     while stack:
         item, depth = stack.pop()
         if isinstance(item, str):
-            if _SURROGATE.search(item):
+            if has_surrogate(item):
                 return "holds text that is not valid Unicode (a lone surrogate)"
             continue
         if isinstance(item, dict):
