@@ -53,18 +53,18 @@ def fitted(prompts: list[str], labels: Any, compact: bool) -> tuple[Any, Any]:
     """(embedder, assigner) as `cre fit` makes them, or with float32 arrays (`compact` False)."""
     import numpy as np
 
-    from crecli import cluster, embed
+    from crecli import assign, embed
 
-    saved = embed.quantize, embed.dequantize, cluster.stored_rows
+    saved = embed.quantize, embed.dequantize, assign.stored_rows
     if not compact:
         embed.quantize = lambda rows: (np.asarray(rows, dtype=np.float32), np.ones(len(rows), dtype=np.float32))  # type: ignore[assignment]
         embed.dequantize = lambda codes, scale: np.asarray(codes, dtype=np.float32)  # type: ignore[assignment]
-        cluster.stored_rows = lambda X: np.asarray(X, dtype=np.float32)  # type: ignore[assignment]
+        assign.stored_rows = lambda X: np.asarray(X, dtype=np.float32)  # type: ignore[assignment]
     try:
         emb = embed.TfidfEmbedder().fit(prompts)
-        assigner = cluster.Assigner().fit(emb.transform(prompts), labels)
+        assigner = assign.Assigner().fit(emb.transform(prompts), labels)
     finally:
-        embed.quantize, embed.dequantize, cluster.stored_rows = saved
+        embed.quantize, embed.dequantize, assign.stored_rows = saved
     return emb, assigner
 
 

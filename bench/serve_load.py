@@ -90,7 +90,7 @@ def fake_server(max_queue: int, vote_ms: float) -> tuple[str, Any]:
     from conftest import TINY_TOML  # type: ignore[import-not-found]
     from test_escalate import make_router  # type: ignore[import-not-found]
 
-    from crecli import config, serve
+    from crecli import config, serve, serve_app
     from crecli.escalate import Cascade
     from crecli.models import registry
     from crecli.models.fake import FakeBackend
@@ -111,7 +111,7 @@ def fake_server(max_queue: int, vote_ms: float) -> tuple[str, Any]:
     cascade = Cascade(make_router(), config.load(toml))
     options = serve.ServeOptions(max_queue=max_queue, timeout=120)
     sock = serve.listen("127.0.0.1", 0)
-    server = serve.make_server(serve.create_app(cascade, options), options, log_level="warning")
+    server = serve.make_server(serve_app.create_app(cascade, options), options, log_level="warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:

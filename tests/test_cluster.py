@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crecli import cluster
-from crecli.cluster import Assigner, QueryClusterer, agreement
+from crecli import assign, cluster
+from crecli.assign import Assigner
+from crecli.cluster import QueryClusterer, agreement
 from crecli.errors import CreError, RouterFileError
 from crecli.reduce import Reducer, default_n_neighbors
 
@@ -176,11 +177,11 @@ def test_assigner_state_roundtrip_without_pickle() -> None:
 def test_a_clusters_reach_is_its_farthest_members_leave_one_out_distance(method: str) -> None:
     X, y = blobs()
     a = Assigner(method=method, k=3).fit(X, y)
-    _, loo = cluster._leave_one_out(a, a.exemplars_, a.exemplar_labels_)
+    _, loo = assign.leave_one_out(a, a.exemplars_, a.exemplar_labels_)
     for c in a.classes_:
         mine = loo[a.exemplar_labels_ == c]
         assert a.reach(int(c)) == pytest.approx(mine.max())
-        assert a.radius(int(c)) == pytest.approx(np.quantile(mine, cluster.RADIUS_QUANTILE))
+        assert a.radius(int(c)) == pytest.approx(np.quantile(mine, assign.RADIUS_QUANTILE))
         assert a.radius(int(c)) <= a.reach(int(c))  # type: ignore[operator]
     assert a.reach(-1) is None and a.reach(99) is None
 

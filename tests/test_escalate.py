@@ -59,7 +59,7 @@ def make_router(thresholds: dict[str, float] | None = None, starts: tuple[str, s
     """Clusters 0 (addition, numeric), 1 (capitals, exact) and 2 (choice); fallback: large."""
     import numpy as np
 
-    from crecli.cluster import Assigner
+    from crecli.assign import Assigner
     from crecli.embed import TfidfEmbedder
 
     prompts = ADD + CAPITALS + CHOICE
@@ -398,7 +398,7 @@ def test_the_answering_path_loads_no_fit_time_code(settings: config.ModelConfig,
         f"cascade = crecli.escalate.Cascade(router, config.load(Path({str(tiny_models_toml)!r})))\n"
         "cascade.route('What is 7 plus 5?')\n"
         "print(' '.join(m for m in ('crecli.outcomes', 'crecli.fit', 'crecli.calibrate', 'crecli.evaluate',"
-        " 'crecli.reduce', 'umap', 'hdbscan') if m in sys.modules))\n"
+        " 'crecli.cluster', 'crecli.reduce', 'umap', 'hdbscan') if m in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

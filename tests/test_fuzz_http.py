@@ -32,7 +32,8 @@ from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from crecli import config  # noqa: E402
 from crecli.escalate import Cascade  # noqa: E402
 from crecli.models.fake import FakeBackend  # noqa: E402
-from crecli.serve import APPLIED, METADATA, UNSUPPORTED, ServeOptions, create_app  # noqa: E402
+from crecli.openai_wire import APPLIED, METADATA, UNSUPPORTED  # noqa: E402
+from crecli.serve_app import ServeOptions, create_app  # noqa: E402
 from test_escalate import install, make_router  # noqa: E402
 from test_serve import ready_ladder, serving  # noqa: E402
 

@@ -549,7 +549,7 @@ def serve_client(request: pytest.FixtureRequest, fake_backends: Callable[..., di
                  cascade: Cascade) -> Any:
     from starlette.testclient import TestClient
 
-    from crecli.serve import ServeOptions, create_app
+    from crecli.serve_app import ServeOptions, create_app
 
     install(fake_backends, TABLE)
     with TestClient(create_app(cascade, ServeOptions(api_key=request.param))) as client:

@@ -31,7 +31,7 @@ import pytest
 from numpy.lib import format as npy_format
 from typer.testing import CliRunner
 
-from crecli import config, console, render, routerfile
+from crecli import archive, config, console, paths, render, routerfile, schema
 from crecli.cli import app
 from crecli.errors import CreError, RouterFileError
 from test_routerfile import SHAS, edit_manifest, make_router, members, rewrite, saved, settings  # noqa: F401 - fixtures
@@ -106,7 +106,7 @@ def replace_array(path: Path, owner: str, name: str, data: bytes, dtype: str, sh
     manifest["body"][owner]["arrays"][name].update(
         size=len(data), sha256=hashlib.sha256(data).hexdigest(), dtype=dtype, shape=shape
     )
-    manifest["body_sha256"] = hashlib.sha256(routerfile._canonical(manifest["body"])).hexdigest()
+    manifest["body_sha256"] = hashlib.sha256(archive.canonical(manifest["body"])).hexdigest()
     entries["manifest.json"] = json.dumps(manifest).encode()
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for member, blob in entries.items():
@@ -150,7 +150,7 @@ def test_a_zip_bomb_array_is_refused_before_inflating(
     bomb = npy_bytes(np.zeros(8 << 20, dtype=np.float32))
     replace_array(saved, "assigner", "exemplars", bomb, "<f4", [8 << 20])
     assert saved.stat().st_size < 1 << 20
-    monkeypatch.setattr(routerfile, "MAX_MEMBER_BYTES", 1 << 20)
+    monkeypatch.setattr(archive, "MAX_MEMBER_BYTES", 1 << 20)
     tracemalloc.start()
     try:
         refused(saved, settings, r"assigner/exemplars\.npy\" would inflate to \d+ bytes, over the limit of 1 MiB")
@@ -162,14 +162,14 @@ def test_a_zip_bomb_array_is_refused_before_inflating(
 
 def test_the_manifest_cannot_raise_the_member_cap(settings: config.ModelConfig, saved: Path) -> None:
     def huge(manifest: dict[str, Any]) -> None:
-        manifest["body"]["assigner"]["arrays"]["exemplars"]["size"] = routerfile.MAX_MEMBER_BYTES + 1
+        manifest["body"]["assigner"]["arrays"]["exemplars"]["size"] = archive.MAX_MEMBER_BYTES + 1
 
     edit_manifest(saved, huge)
     refused(saved, settings, r"array assigner/exemplars\.npy has the wrong size")
 
 
 def test_arrays_are_capped_in_total(settings: config.ModelConfig, saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(routerfile, "MAX_ARRAY_BYTES", 1000)
+    monkeypatch.setattr(archive, "MAX_ARRAY_BYTES", 1000)
     refused(saved, settings, r"the router's arrays would inflate to \d+ bytes, over the limit of 0 MiB in all")
 
 
@@ -183,7 +183,7 @@ def test_a_member_that_inflates_past_its_recorded_size_is_refused(settings: conf
 
 def test_too_many_members_are_refused(settings: config.ModelConfig, saved: Path) -> None:
     entries = members(saved)
-    entries.update({f"assigner/pad{i}.npy": b"" for i in range(routerfile.MAX_MEMBERS)})
+    entries.update({f"assigner/pad{i}.npy": b"" for i in range(archive.MAX_MEMBERS)})
     rewrite(saved, entries)
     refused(saved, settings, "more than the 64 crecli ever writes")
 
@@ -272,7 +272,7 @@ def test_a_router_without_cluster_radii_trusts_every_cluster(settings: config.Mo
     for name in ("radius", "reach"):
         del manifest["body"]["assigner"]["arrays"][name]
         del entries[f"assigner/{name}.npy"]
-    manifest["body_sha256"] = hashlib.sha256(routerfile._canonical(manifest["body"])).hexdigest()
+    manifest["body_sha256"] = hashlib.sha256(archive.canonical(manifest["body"])).hexdigest()
     entries["manifest.json"] = json.dumps(manifest).encode()
     rewrite(saved, entries)
     router = routerfile.load(saved, settings)
@@ -423,7 +423,7 @@ FIELD_CASES: list[tuple[Callable[[dict[str, Any]], None], str]] = [
     (at("clusters", 0, "stats", "small", "accuracy", value=2), 'clusters[0].stats["small"].accuracy must be a number >= 0 and <= 1, got 2'),
     (at("clusters", 0, "stats", "small", "mean_cost", value=-1), 'clusters[0].stats["small"].mean_cost must be a finite number >= 0, got -1'),
     (at("clusters", 0, "stats", "small", "mean_cost", value=DELETE), "field 'clusters[0].stats[\"small\"].mean_cost' is missing"),
-    (at("clusters", 0, "stats", "tiny", value=dict.fromkeys(routerfile._STAT_KEYS, 1)), "models tiny are not on its ladder"),
+    (at("clusters", 0, "stats", "tiny", value=dict.fromkeys(schema._STAT_KEYS, 1)), "models tiny are not on its ladder"),
     (at("clusters", 1, "thresholds", "medium", value=-0.1), 'clusters[1].thresholds["medium"] must be a number >= 0 and <= 1, got -0.1'),
     (at("clusters", 0, "exemplars", value="What is 1 plus 1?"), "clusters[0].exemplars must be a list of 0 to 3 entries"),
     (at("clusters", 0, "exemplars", value=[["q"]]), "clusters[0].exemplars[0] must be a list of 2 to 2 entries"),
@@ -568,7 +568,7 @@ def test_a_save_removes_orphans_of_killed_saves(settings: config.ModelConfig, sa
     other = folder / f".other.cre.{dead_pid()}.0123abcd.tmp"
     for p in (orphan, old_style, fresh_old_style, live, other):
         p.write_bytes(b"partial")
-    hour_ago = time.time() - routerfile.STALE_TEMP_SECONDS - 60
+    hour_ago = time.time() - paths.STALE_TEMP_SECONDS - 60
     os.utime(old_style, (hour_ago, hour_ago))
     routerfile.save(make_router(settings), saved)
     assert temps(folder) == sorted([fresh_old_style.name, live.name, other.name])
@@ -583,7 +583,7 @@ def test_a_failed_save_leaves_no_temp_file_and_the_old_router(
     def full(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(routerfile.os, "fsync", full)
+    monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(RouterFileError, match="cannot write .*No space left on device"):
         routerfile.save(make_router(settings), saved)
     monkeypatch.undo()
@@ -684,7 +684,7 @@ def test_checksummed_manifest_mutations_only_ever_give_router_file_errors(
 
 def _canonical_ok(body: Any) -> bool:
     try:
-        routerfile._canonical(body)
+        archive.canonical(body)
     except (ValueError, TypeError, AttributeError):
         return False
     return True

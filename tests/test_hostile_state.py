@@ -429,6 +429,85 @@ def test_a_failed_export_leaves_no_temp_file(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+# ---------------------------------------------------------------- 10b. files replaced whole (`paths.atomic_write`)
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "state.json"
+    target.write_text("old")
+
+    def half(fh) -> None:  # noqa: ANN001
+        fh.write(b"new, but not all of it")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        paths.atomic_write(target, half)
+
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        paths.atomic_write(target, "new")
+    monkeypatch.undo()
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["state.json"]
+    paths.atomic_write(target, "néw")
+    assert target.read_bytes() == "néw".encode() and [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_an_atomic_write_gives_the_mode_asked_for_under_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        paths.atomic_write(tmp_path / "shared", b"x")
+        paths.atomic_write(tmp_path / "private", b"x", mode=0o600)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private").stat().st_mode & 0o777 == 0o600
+
+
+def test_state_writers_never_write_through_a_link_at_a_temp_name(tmp_path: Path) -> None:
+    """settings.toml, bench.json and `cre log -o` used fixed temp names (`.NAME.tmpPID`,
+    `NAME.PID.tmp`): a link planted there made the write land in the link's target."""
+    from crecli.models import bench
+
+    export = tmp_path / "export.jsonl"
+    settings, speeds = paths.user_settings_file(), paths.bench_file()
+    planted = {
+        settings.parent / f".{settings.name}.tmp{os.getpid()}": lambda: paths.write_user_settings({"a": 1}),
+        speeds.with_suffix(f".{os.getpid()}.tmp"): lambda: bench.save(bench.Speed(
+            "m", None, 1, pp_tokens_per_s=1.0, tg_tokens_per_s=1.0, load_seconds=1.0, pp_tokens=1, tg_tokens=1,
+            measured_at="now")),
+        export.parent / f".{export.name}.tmp{os.getpid()}": lambda: servedlog.export([{"schema": 1}], export, []),
+    }
+    for n, (link, write) in enumerate(planted.items()):
+        victim = tmp_path / f"victim{n}"
+        victim.write_text("keep")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(victim)
+        write()
+        assert victim.read_text() == "keep", link
+    for written in (settings, speeds, export):
+        assert written.is_file() and not written.is_symlink(), written
+
+
+def test_an_atomic_write_may_remove_orphans_of_killed_writes(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    target = tmp_path / "model.gguf"
+    orphan = tmp_path / f".model.gguf.{dead.pid}.0123abcd.tmp"
+    live = tmp_path / f".model.gguf.{os.getpid()}.feedf00d.tmp"
+    for p in (orphan, live):
+        p.write_bytes(b"partial")
+    paths.atomic_write(target, b"x")
+    assert orphan.exists()  # only when asked
+    paths.atomic_write(target, b"x", clean_stale=True)
+    assert not orphan.exists() and live.exists()
+
+
 # ---------------------------------------------------------------- 11a. the router that answered gets the credit
 
 
@@ -534,13 +613,13 @@ def test_a_manifest_over_8_mib_is_refused_before_it_is_parsed(tmp_path: Path) ->
 def test_a_real_manifest_is_far_under_the_cap(tmp_path: Path) -> None:
     import zipfile
 
-    from crecli import routerfile
+    from crecli import archive, routerfile
     from test_escalate import make_router
 
     path = tmp_path / "r.cre"
     routerfile.save(make_router(), path)
     with zipfile.ZipFile(path) as zf:
-        assert zf.getinfo("manifest.json").file_size * 50 < routerfile.MAX_MANIFEST_BYTES
+        assert zf.getinfo("manifest.json").file_size * 50 < archive.MAX_MANIFEST_BYTES
 
 
 def test_inspect_shows_a_bounded_table_of_a_router_with_thousands_of_clusters(capsys) -> None:

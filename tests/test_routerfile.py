@@ -12,12 +12,12 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from crecli import config, routerfile
+from crecli import archive, config, fit, routerfile
+from crecli.assign import Assigner
 from crecli.choice import PRIOR_STRENGTH, Choice, ClusterStats, ModelStats, StatsTable
 from crecli.costs import Budget
 from crecli.fit import Plan
 from crecli.quality import default_thresholds
-from crecli.cluster import Assigner
 from crecli.embed import TfidfEmbedder
 from crecli.errors import RouterFileError
 from crecli.quality import QualityCheck
@@ -50,8 +50,8 @@ def make_router(settings: config.ModelConfig) -> routerfile.RouterFile:
                        list(settings.ladder), PRIOR_STRENGTH)
     choice = Choice({0: "small", 1: "medium"}, "large", 0.5, 1.0, 0.5, 1.0)
     plan = Plan(table, choice, default_thresholds(settings.ladder), "seconds", None, None, None)
-    router = routerfile.build(settings, embedder, assigner, records, labels, plan, Budget("retain", 0.9),
-                              QualityCheck(k=3), routerfile.FitRecord(log_sha256="ab" * 32, n_queries=12, seed=0))
+    router = fit.build(settings, embedder, assigner, records, labels, plan, Budget("retain", 0.9),
+                       QualityCheck(k=3), routerfile.FitRecord(log_sha256="ab" * 32, n_queries=12, seed=0))
     router.clusters[1].thresholds["medium"] = 0.9
     return router
 
@@ -79,7 +79,7 @@ def edit_manifest(path: Path, change: Callable[[dict[str, Any]], None], rehash: 
     manifest = json.loads(entries["manifest.json"])
     change(manifest)
     if rehash:
-        manifest["body_sha256"] = hashlib.sha256(routerfile._canonical(manifest["body"])).hexdigest()
+        manifest["body_sha256"] = hashlib.sha256(archive.canonical(manifest["body"])).hexdigest()
     entries["manifest.json"] = json.dumps(manifest).encode()
     rewrite(path, entries)
 

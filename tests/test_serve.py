@@ -29,7 +29,10 @@ from crecli.errors import BackendError, PromptTooLong
 from crecli.escalate import Cascade
 from crecli.models.backend import GenParams
 from crecli.models.fake import FakeBackend
-from crecli.serve import ApiError, Limits, ServeOptions, Worker, create_app, listen, make_server
+from crecli.openai_wire import ApiError
+from crecli.serve import listen, make_server
+from crecli.serve_app import Limits, ServeOptions, create_app
+from crecli.serve_worker import Worker
 from conftest import TINY_TOML
 from test_escalate import install, make_router
 
@@ -572,6 +575,31 @@ def test_requests_past_their_body_over_the_limit_get_503() -> None:
     assert refused.value.headers["Connection"] == "close" and int(refused.value.headers["Retry-After"]) >= 1
 
 
+
+WIRE_ONLY = """
+import sys
+from crecli import openai_wire as wire
+from crecli.models.backend import Generation
+
+raw = (b'{"model": "small", "messages": [{"role": "user", "content": "hi"}], "stop": "!", "stream": true, '
+       b'"stream_options": {"include_usage": true}}')
+query = wire.parse_chat(wire.parse_json(raw))
+answer = wire.direct_answer("small", Generation("yes! no", 3, 2, 0.5, "length"), 0.25, "seconds", query.stop)
+body = wire.response_body(query, answer, "chatcmpl-1", 7)
+events = list(wire.stream_events(query, answer, "chatcmpl-1", 7))
+assert body["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": "yes"}, "logprobs": None,
+                              "finish_reason": "stop"}, body
+assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5} and body["cre"]["cost"] == 0.25
+assert len(events) == 4 and events[-1] == "data: [DONE]\\n\\n", events
+loaded = {"starlette", "uvicorn", "crecli.serve_app", "crecli.serve_worker", "crecli.escalate"} & set(sys.modules)
+assert not loaded, loaded
+"""
+
+
+def test_the_wire_protocol_works_without_a_server_or_a_cascade() -> None:
+    """Issue 23: reading requests and shaping responses are pure functions, apart from the app,
+    so they can be tested (and reused) with no server, no Starlette and no cascade loaded."""
+    subprocess.run([sys.executable, "-c", WIRE_ONLY], check=True, timeout=60)
 CHILD = """
 import sys, time
 sys.path.insert(0, sys.argv[2])

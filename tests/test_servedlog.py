@@ -230,7 +230,7 @@ def test_cre_serve_logs_cascade_answers_only(
 ) -> None:
     from starlette.testclient import TestClient
 
-    from crecli.serve import create_app
+    from crecli.serve_app import create_app
 
     install(fake_backends, TABLE)
     log = ServedLog(tmp_path / "served.jsonl", "serve")
@@ -245,6 +245,34 @@ def test_cre_serve_logs_cascade_answers_only(
     # The ladder model asked by name skipped the router: not logged.
     assert [(e["command"], e["prompt"], e["answer"]) for e in entries] == [("serve", ADD, "12"), ("serve", PERU, "Lima")]
     assert entries[0]["cost"] == routed.json()["cre"]["cost"]
+
+
+def test_cre_serve_prices_each_answer_once_for_its_response_and_its_log_entry(
+    fake_backends: Callable[..., dict[str, FakeBackend]], tiny_models_toml: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 23: the response and the served-query log each priced the trace (two calls, two
+    homes for one figure); the job prices it once and hands the cost to both."""
+    from starlette.testclient import TestClient
+
+    from crecli.serve_app import create_app
+
+    install(fake_backends, TABLE)
+    priced: list[Trace] = []
+    cost_of = Cascade.cost_of
+
+    def counted(self: Cascade, trace: Trace, paid: Any = None) -> float | None:
+        priced.append(trace)
+        return cost_of(self, trace, paid)
+
+    monkeypatch.setattr(Cascade, "cost_of", counted)
+    log = ServedLog(tmp_path / "served.jsonl", "serve")
+    cascade = Cascade(make_router(), config.load(tiny_models_toml))
+    with TestClient(create_app(cascade, served=log)) as client:
+        response = client.post("/v1/completions", json={"model": "cre", "prompt": ADD})
+    assert response.status_code == 200
+    [entry] = servedlog.read([log.path]).entries
+    assert len(priced) == 1 and entry["cost"] == response.json()["cre"]["cost"] is not None
 
 
 def test_serve_run_honours_no_log(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -345,7 +373,7 @@ class KMeansClusterer:
         import numpy as np
         from sklearn.cluster import KMeans
 
-        from crecli.cluster import Assigner
+        from crecli.assign import Assigner
 
         KMeansClusterer.rows.append(len(X))
         labels = KMeans(n_clusters=2, n_init=10, random_state=0).fit_predict(X)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Iterator, TextIO
 from crecli.console import progress
 from crecli.errors import CreError, InputError, ModelNotAvailable
 from crecli.querylog import FieldMap, LongLine, Record, parse_batch_line, read_lines
+from crecli.safejson import has_surrogate, replace_surrogates
 
 if TYPE_CHECKING:
     from crecli.escalate import Cascade, Pending, Trace
@@ -78,7 +78,6 @@ class BatchSummary:
         return data
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "M": 1024**2, "MB": 1024**2, "G": 1024**3, "GB": 1024**3}
 
 
@@ -139,7 +138,7 @@ def _id_of(raw: "bytes | LongLine", fields: FieldMap) -> str | None:
         return None
     text = str(value)
     # A lone surrogate in the id is what made the line bad; it cannot go into the output either.
-    return None if _SURROGATE.search(text) else text
+    return None if has_surrogate(text) else text
 
 
 def result_record(line: int, trace: "Trace") -> dict[str, Any]:
@@ -196,7 +195,7 @@ def _json_line(record: dict[str, Any]) -> str:
     literals the JSON text is ASCII, so replacing surrogates keeps it valid.
     """
     text = json.dumps(record, ensure_ascii=False)
-    return _SURROGATE.sub("\ufffd", text) + "\n"
+    return replace_surrogates(text) + "\n"
 
 
 def _chunks(lines: Iterable["bytes | LongLine"], size: int) -> Iterator[list[tuple[int, "bytes | LongLine"]]]:

@@ -298,7 +298,7 @@ def fit(
 
 
 def _shot_counts(text: str) -> tuple[int, ...]:
-    from crecli.routerfile import SHOT_COUNTS
+    from crecli.schema import SHOT_COUNTS
 
     try:
         counts = sorted({int(part) for part in text.split(",") if part.strip()})

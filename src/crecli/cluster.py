@@ -1,46 +1,27 @@
-"""Clustering the query log (UMAP + HDBSCAN) and assigning new prompts to its clusters.
+"""Clustering the query log at fit time: UMAP + HDBSCAN, then noise handling.
 
-Two estimators:
+`QueryClusterer` finds the log's clusters: UMAP (`crecli.reduce.Reducer`) to a few
+dimensions, then HDBSCAN, then the noise handling described in its docstring, and fits
+the `crecli.assign.Assigner` that puts new prompts into those clusters at route time.
+`agreement()` measures, leave-one-out, how often the assigner reproduces HDBSCAN's own
+labels on the training prompts.
 
-- `QueryClusterer` finds the log's clusters: UMAP (`crecli.reduce.Reducer`) to a few
-  dimensions, then HDBSCAN, then the noise handling described in its docstring.
-- `Assigner` puts a new prompt into one of those clusters at route time, in embedding
-  space (k nearest exemplars, or nearest centroid), so routing needs no UMAP and nothing in
-  the router file but plain arrays. `agreement()` measures, leave-one-out, how often it
-  reproduces HDBSCAN's own labels on the training prompts.
-
-All vectors are expected L2-normalised (`crecli.embed` returns them so); both estimators
-normalise again defensively, so cosine distance is `1 - dot`.
+Nothing here runs when a prompt is answered: the answering path loads `crecli.assign`
+only, never this module, UMAP or HDBSCAN.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING
 
-from crecli.embed import normalize_rows
-from crecli.errors import CreError, RouterFileError
+from crecli.assign import Assigner, as_matrix, leave_one_out
+from crecli.errors import CreError
 
 if TYPE_CHECKING:
     import numpy as np
 
-ASSIGN_METHODS = ("knn", "centroid")
-# The auto far-threshold is this quantile of the training members' leave-one-out distances
-# (see Assigner). 0.99 rather than the max so that one stray member does not widen it.
-THRESHOLD_QUANTILE = 0.99
-# A cluster's radius is this quantile of its own members' leave-one-out distances: how far
-# a new prompt may sit from its nearest exemplar before it looks unlike the cluster's
-# queries, so that the cluster's record speaks for it less (`quality.trust`).
-RADIUS_QUANTILE = 0.9
-# A cluster's reach is the farthest any of its members sits from its nearest other exemplar.
-# A prompt beyond it is unlike every labelled query of the cluster, so their record cannot
-# vouch for a cheap model there and the prompt starts on the fallback (`route`). Leave-tasks-out
-# on the 1,400-query log showed why: held-out valid_parentheses prompts sat 0.30 from the
-# sports_understanding cluster (reach 0.19, within the far threshold 0.50) and took its
-# gemma, costing 6 points of accuracy on that fold.
-REACH_QUANTILE = 1.0
 MIN_ROWS = 10
-_CHUNK = 1024  # query rows per similarity block: bounds memory at _CHUNK x n_exemplars floats
 
 
 def default_min_cluster_size(n: int) -> int:
@@ -66,278 +47,6 @@ def default_min_samples(min_cluster_size: int) -> int:
     return max(2, round(min_cluster_size / 3))
 
 
-def _as_matrix(X: Any, what: str) -> "np.ndarray":
-    import numpy as np
-
-    X = np.asarray(X, dtype=np.float32)
-    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
-        raise CreError(f"{what}: expected a non-empty 2-D array of embeddings, got shape {X.shape}")
-    if not np.isfinite(X).all():
-        raise CreError(f"{what}: embeddings contain NaN or infinite values; re-embed the prompts")
-    return normalize_rows(X)
-
-
-def stored_rows(X: "np.ndarray") -> "np.ndarray":
-    """Exemplar rows as a router file stores them: float16 (`Assigner._set_exemplars`)."""
-    import numpy as np
-
-    return np.asarray(X).astype(np.float16)
-
-
-def _chunks(n: int) -> Iterator[slice]:
-    for start in range(0, n, _CHUNK):
-        yield slice(start, min(n, start + _CHUNK))
-
-
-class Assigner:
-    """Route-time cluster assignment in embedding space.
-
-    `method="knn"`: majority vote of the `k` nearest exemplars (the training prompts HDBSCAN
-    put in a cluster), ties going to the cluster whose voters are nearer. `method="centroid"`:
-    the nearest cluster centroid. Noise rows (label -1) are never exemplars.
-
-    A prompt whose distance (cosine, to the nearest exemplar for knn or nearest centroid
-    for centroid) exceeds `threshold_` is "far from every cluster" and gets -1. The auto
-    threshold is the 0.99 quantile of the training members' leave-one-out distances: a
-    query farther than that from everything known would be an outlier even among the
-    clusters' own members, so no cluster's statistics describe it. `max_distance` fixes it
-    instead.
-
-    Learned: `exemplars_` (float32, from float16: `_set_exemplars`), `exemplar_labels_`, `classes_`, `centroids_` (one per
-    class, normalised, in `classes_` order), `threshold_`, `k_` (k capped by the exemplar count),
-    `radius_` and `reach_` (per class, in `classes_` order, RADIUS_QUANTILE and
-    REACH_QUANTILE of its members' leave-one-out distances; None in routers written before
-    they were kept).
-    """
-
-    def __init__(self, method: str = "knn", k: int = 5, max_distance: float | None = None) -> None:
-        self.method = method
-        self.k = k
-        self.max_distance = max_distance
-
-    def _check_params(self) -> None:
-        if self.method not in ASSIGN_METHODS:
-            raise CreError(f"assign method {self.method!r} is not known; use one of {', '.join(ASSIGN_METHODS)}")
-        if not isinstance(self.k, int) or self.k < 1:
-            raise CreError(f"assigner k must be a positive integer, not {self.k!r}")
-        if self.max_distance is not None and not 0 <= self.max_distance <= 2:
-            raise CreError(f"max_distance is a cosine distance in [0, 2], not {self.max_distance!r}")
-
-    def fit(self, X: "np.ndarray", labels: "np.ndarray") -> "Assigner":
-        import numpy as np
-
-        self._check_params()
-        X = _as_matrix(X, "Assigner.fit")
-        labels = np.asarray(labels, dtype=np.int64)
-        if labels.shape != (X.shape[0],):
-            raise CreError(f"Assigner.fit: {len(labels)} labels for {X.shape[0]} rows")
-        keep = labels >= 0
-        if not keep.any():
-            raise CreError("Assigner.fit: every row is noise (-1); there is no cluster to assign to")
-        self._set_exemplars(stored_rows(X[keep]))
-        self.exemplar_labels_ = labels[keep]
-        self.classes_ = np.unique(self.exemplar_labels_)
-        self.centroids_ = self._centroids(self.exemplars_, self.exemplar_labels_, self.classes_)
-        self.k_ = min(self.k, len(self.exemplars_))
-        self.radius_: "np.ndarray | None" = None
-        self.reach_: "np.ndarray | None" = None
-        dist = None
-        if len(self.exemplars_) >= 2:
-            _, dist = _leave_one_out(self, self.exemplars_, self.exemplar_labels_)
-            self.radius_, self.reach_ = (self._per_class(dist, q) for q in (RADIUS_QUANTILE, REACH_QUANTILE))
-        if self.max_distance is not None:
-            self.threshold_ = float(self.max_distance)
-        elif dist is not None:
-            self.threshold_ = float(np.quantile(dist, THRESHOLD_QUANTILE))
-        else:
-            raise CreError("leave-one-out assignment needs at least 2 clustered rows")
-        return self
-
-    def _set_exemplars(self, stored: "np.ndarray") -> None:
-        """Exemplars from the float16 rows a router file stores, renormalised (rounding moves
-        a unit vector's norm by up to 1e-3, which would make near distances negative).
-        `fit` goes through here too, so the fitted distances, radii and threshold are the
-        ones a loaded router computes."""
-        import numpy as np
-
-        self._stored_exemplars = stored
-        self.exemplars_ = normalize_rows(stored.astype(np.float32)) if stored.dtype == np.float16 else stored
-
-    def _per_class(self, dist: "np.ndarray", quantile: float) -> "np.ndarray":
-        """The `quantile` of each class's leave-one-out distances, in `classes_` order.
-
-        A one-member cluster under the centroid method has no leave-one-out distance (NaN):
-        its figure is unknown, so its record is always trusted (2 is the widest)."""
-        import numpy as np
-
-        values = np.array([np.quantile(dist[self.exemplar_labels_ == c], quantile) for c in self.classes_],
-                          dtype=np.float64)
-        return np.where(np.isfinite(values), np.clip(values, 0.0, 2.0), 2.0)
-
-    def _of_class(self, values: "np.ndarray | None", label: int) -> float | None:
-        import numpy as np
-
-        if label < 0 or values is None:
-            return None
-        at = int(np.searchsorted(self.classes_, label))
-        if at >= len(self.classes_) or self.classes_[at] != label:
-            return None
-        return float(values[at])
-
-    def radius(self, label: int) -> float | None:
-        """Cluster `label`'s radius (see `radius_`); None when unknown."""
-        return self._of_class(getattr(self, "radius_", None), label)
-
-    def reach(self, label: int) -> float | None:
-        """Cluster `label`'s reach (see `reach_`, REACH_QUANTILE); None when unknown."""
-        return self._of_class(getattr(self, "reach_", None), label)
-
-    @staticmethod
-    def _centroids(X: "np.ndarray", labels: "np.ndarray", classes: "np.ndarray") -> "np.ndarray":
-        import numpy as np
-
-        sums = np.zeros((len(classes), X.shape[1]), dtype=np.float64)
-        np.add.at(sums, np.searchsorted(classes, labels), X)
-        return normalize_rows(sums)
-
-    def _require_fitted(self) -> None:
-        if not hasattr(self, "exemplars_"):
-            raise CreError("the assigner is not fitted: call fit() with embeddings and cluster labels first")
-
-    def _vote(self, sims: "np.ndarray", ex_labels: "np.ndarray", k: int) -> tuple["np.ndarray", "np.ndarray"]:
-        """knn labels and nearest distances from a (queries, exemplars) similarity block."""
-        import numpy as np
-
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
-        top = np.take_along_axis(top, order, axis=1)
-        cls = np.searchsorted(self.classes_, ex_labels[top])
-        # One vote each, minus a hair per rank, so a tie in votes goes to the nearer voters.
-        weights = 1.0 - 1e-6 * np.arange(k)
-        scores = np.zeros((sims.shape[0], len(self.classes_)))
-        np.add.at(scores, (np.arange(sims.shape[0])[:, None], cls), weights)
-        nearest = 1.0 - sims[np.arange(sims.shape[0]), top[:, 0]]
-        return self.classes_[scores.argmax(axis=1)], nearest
-
-    def predict(self, X: "np.ndarray") -> tuple["np.ndarray", "np.ndarray"]:
-        """(labels, distances): -1 where the distance exceeds `threshold_`."""
-        import numpy as np
-
-        self._require_fitted()
-        X = _as_matrix(X, "Assigner.predict")
-        if X.shape[1] != self.exemplars_.shape[1]:
-            raise CreError(
-                f"Assigner.predict: embeddings have {X.shape[1]} dimensions, the clusters {self.exemplars_.shape[1]}; "
-                "embed with the router's own embedder"
-            )
-        labels = np.empty(X.shape[0], dtype=np.int64)
-        dist = np.empty(X.shape[0], dtype=np.float64)
-        for rows in _chunks(X.shape[0]):
-            if self.method == "knn":
-                labels[rows], dist[rows] = self._vote(X[rows] @ self.exemplars_.T, self.exemplar_labels_, self.k_)
-            else:
-                sims = X[rows] @ self.centroids_.T
-                best = sims.argmax(axis=1)
-                labels[rows], dist[rows] = self.classes_[best], 1.0 - sims[np.arange(len(best)), best]
-        labels[dist > self.threshold_] = -1
-        return labels, dist
-
-    def state(self) -> tuple[dict[str, Any], dict[str, "np.ndarray"]]:
-        self._require_fitted()
-        params = {"method": self.method, "k": self.k, "max_distance": self.max_distance,
-                  "k_": self.k_, "threshold_": self.threshold_}
-        # float16 exemplars: half the bytes of the largest array after the embedder's, and
-        # unit vectors need no more precision to rank neighbours (`_set_exemplars`).
-        stored = getattr(self, "_stored_exemplars", None)
-        arrays = {"exemplars": stored if stored is not None else self.exemplars_, "exemplar_labels": self.exemplar_labels_,
-                  "classes": self.classes_, "centroids": self.centroids_}
-        for name in ("radius", "reach"):
-            if getattr(self, f"{name}_", None) is not None:
-                arrays[name] = getattr(self, f"{name}_")
-        return params, arrays
-
-    @classmethod
-    def from_state(cls, params: dict[str, Any], arrays: dict[str, "np.ndarray"]) -> "Assigner":
-        import numpy as np
-
-        try:
-            assigner = cls(method=str(params["method"]), k=int(params["k"]),
-                           max_distance=None if params["max_distance"] is None else float(params["max_distance"]))
-            assigner.k_ = int(params["k_"])
-            assigner.threshold_ = float(params["threshold_"])
-            stored = np.asarray(arrays["exemplars"])
-            # float16 since int8 components; older routers stored float32, used as they are.
-            assigner._set_exemplars(stored if stored.dtype == np.float16 else stored.astype(np.float32))
-            assigner.exemplar_labels_ = np.asarray(arrays["exemplar_labels"], dtype=np.int64)
-            assigner.classes_ = np.asarray(arrays["classes"], dtype=np.int64)
-            assigner.centroids_ = np.asarray(arrays["centroids"], dtype=np.float32)
-            for name in ("radius", "reach"):  # optional: routers written before them lack them
-                values = arrays.get(name)
-                setattr(assigner, f"{name}_", None if values is None else np.asarray(values, dtype=np.float64))
-        except KeyError as exc:
-            raise RouterFileError(f"assigner state lacks {exc.args[0]!r}; the router file is incomplete, refit it") from None
-        except (TypeError, ValueError) as exc:
-            raise RouterFileError(f"assigner state is unreadable ({exc}); the router file is damaged, refit it") from None
-        ex, lab, cls_, cen = (assigner.exemplars_, assigner.exemplar_labels_, assigner.classes_, assigner.centroids_)
-
-        def per_class_ok(values: "np.ndarray | None") -> bool:
-            # Cosine distances, one per class.
-            return values is None or (values.shape == cls_.shape and bool(np.all((values >= 0) & (values <= 2))))
-
-        consistent = (
-            ex.ndim == 2 and len(ex) > 0 and lab.shape == (len(ex),)
-            and np.array_equal(np.unique(lab), cls_) and cen.shape == (len(cls_), ex.shape[1])
-            and 1 <= assigner.k_ <= len(ex)
-            and per_class_ok(assigner.radius_) and per_class_ok(assigner.reach_)
-        )
-        if not consistent:
-            shape = {name: None if v is None else v.shape for name, v in (("radius", assigner.radius_), ("reach", assigner.reach_))}
-            raise RouterFileError(
-                f"assigner state is inconsistent (exemplars {ex.shape}, labels {lab.shape}, "
-                f"classes {cls_.shape}, centroids {cen.shape}, radius {shape['radius']}, reach {shape['reach']}); "
-                "the router file is damaged, refit it"
-            )
-        try:
-            assigner._check_params()
-        except CreError as exc:
-            raise RouterFileError(f"assigner state: {exc}") from None
-        return assigner
-
-
-def _leave_one_out(assigner: Assigner, X: "np.ndarray", labels: "np.ndarray") -> tuple["np.ndarray", "np.ndarray"]:
-    """Each labelled row's prediction (before the far threshold) with itself left out.
-
-    X, labels: non-noise rows only. For knn a row is masked from its own neighbours; for
-    centroid it is subtracted from its own cluster's centroid.
-    """
-    import numpy as np
-
-    n = X.shape[0]
-    pred = np.empty(n, dtype=np.int64)
-    dist = np.empty(n, dtype=np.float64)
-    if assigner.method == "knn":
-        if n < 2:
-            raise CreError("leave-one-out assignment needs at least 2 clustered rows")
-        for rows in _chunks(n):
-            sims = X[rows] @ X.T
-            sims[np.arange(rows.stop - rows.start), np.arange(rows.start, rows.stop)] = -np.inf
-            # At most n - 1 voters, so a row's own (masked) entry never gets a vote.
-            pred[rows], dist[rows] = assigner._vote(sims, labels, min(assigner.k_, n - 1))
-        return pred, dist
-    classes = assigner.classes_
-    sums = np.zeros((len(classes), X.shape[1]), dtype=np.float64)
-    idx = np.searchsorted(classes, labels)
-    np.add.at(sums, idx, X)
-    unit = normalize_rows(sums)
-    for rows in _chunks(n):
-        sims = X[rows] @ unit.T
-        own = normalize_rows(sums[idx[rows]] - X[rows])
-        sims[np.arange(rows.stop - rows.start), idx[rows]] = np.einsum("ij,ij->i", X[rows], own)
-        best = sims.argmax(axis=1)
-        pred[rows], dist[rows] = classes[best], 1.0 - sims[np.arange(len(best)), best]
-    return pred, dist
-
-
 def agreement(assigner: Assigner, X: "np.ndarray", labels: "np.ndarray") -> float:
     """Share of non-noise rows whose leave-one-out assignment equals their label.
 
@@ -348,12 +57,12 @@ def agreement(assigner: Assigner, X: "np.ndarray", labels: "np.ndarray") -> floa
     import numpy as np
 
     assigner._require_fitted()
-    X = _as_matrix(X, "agreement")
+    X = as_matrix(X, "agreement")
     labels = np.asarray(labels, dtype=np.int64)
     keep = labels >= 0
     if not keep.any():
         raise CreError("agreement: every row is noise (-1); there is nothing to compare")
-    pred, dist = _leave_one_out(assigner, X[keep], labels[keep])
+    pred, dist = leave_one_out(assigner, X[keep], labels[keep])
     pred[dist > assigner.threshold_] = -1
     return float((pred == labels[keep]).mean())
 
@@ -398,7 +107,7 @@ class QueryClusterer:
 
         from crecli.reduce import Reducer
 
-        X = _as_matrix(X, "QueryClusterer.fit")
+        X = as_matrix(X, "QueryClusterer.fit")
         n = X.shape[0]
         if n < MIN_ROWS:
             raise CreError(f"clustering needs at least {MIN_ROWS} prompts, got {n}; add more queries to the log")

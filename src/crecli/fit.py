@@ -1,7 +1,8 @@
 """`cre fit`: the whole offline pipeline, from a labelled query log to a router file.
 
 log -> embed -> reduce + cluster -> outcomes (run and grade every model) -> calibrate
-(each cluster's cheapest adequate model, quality-check thresholds) -> router file.
+(each cluster's cheapest adequate model, quality-check thresholds) -> router file
+(`build` assembles it from the fitted pieces; `routerfile.save` writes it).
 
 Running the models is the expensive step, and it is the one that resumes: outcomes are
 stored by (prompt, model sha256, settings) in a SQLite store that commits after every
@@ -15,11 +16,12 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from crecli import console, paths
+from crecli import __version__, console, paths
 from crecli.choice import Choice, StatsTable, assignments_for, choose_models, cluster_stats
 from crecli.console import status
 from crecli.costs import BUDGET_EPS, Budget, CostModel
@@ -27,9 +29,12 @@ from crecli.quality import DEFAULT_FIT_VOTES, DEFAULT_THRESHOLD, QualityCheck, d
 from crecli.replay import Replay, SimResult
 
 if TYPE_CHECKING:
+    from crecli.assign import Assigner
     from crecli.config import ModelConfig
+    from crecli.embed import Embedder
     from crecli.outcomes import Outcome, OutcomeKey
     from crecli.querylog import FieldMap, LogOptions, Record
+    from crecli.routerfile import FitRecord, RouterFile
 
 
 @dataclass
@@ -211,7 +216,7 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
             status(f"cluster {cid}: " + ", ".join(f"{m} shown {n}" for m, n in counts.items()) + " answered example(s)")
     seconds["calibrate"] = time.perf_counter() - t0
 
-    router = routerfile.build(
+    router = build(
         settings=settings,
         embedder=embedder,
         assigner=clusterer.assigner_,
@@ -265,6 +270,75 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
             str(cid): {m: {str(n): list(t) for n, t in per.items()} for m, per in models.items()}
             for cid, models in shot_plan.accuracy.items()
         },
+    )
+
+
+def build(
+    settings: "ModelConfig",
+    embedder: "Embedder",
+    assigner: "Assigner",
+    records: Sequence["Record"],
+    labels: Sequence[int],
+    plan: "Plan",
+    budget: "Budget",
+    quality: QualityCheck,
+    fit: "FitRecord",
+) -> "RouterFile":
+    """The router `cre fit` writes: a fitted embedder and assigner and a calibration plan, assembled.
+
+    `labels[i]` is the cluster of `records[i]` (every record of the log, measured or not).
+    A cluster the plan has no model for (none of its records was labelled, as in a
+    plain-text log) is kept, with no statistics, and starts on the fallback model: the
+    router still shows the log's clusters, and a later fit with labels can fill them in.
+    """
+    from crecli.models.pull import model_identity
+    from crecli.archive import SCHEMA_VERSION
+    from crecli.routerfile import ClusterInfo, Expected, LadderEntry, RouterFile
+    from crecli.schema import EXAMPLE_CHARS, EXAMPLES_PER_CLUSTER
+
+    members: dict[int, list["Record"]] = {}
+    for record, label in zip(records, labels):
+        members.setdefault(int(label), []).append(record)
+    clusters = []
+    for cid in sorted(set(plan.choice.models) | {c for c in members if c >= 0}):
+        model = plan.choice.models.get(cid, plan.choice.fallback)
+        group = members.get(cid, [])
+        types = Counter(r.match for r in group if r.match is not None)
+        clusters.append(ClusterInfo(
+            id=cid,
+            size=len(group),
+            model=model,
+            answer_type=types.most_common(1)[0][0] if types else None,
+            examples=[r.prompt[:EXAMPLE_CHARS] for r in group[:EXAMPLES_PER_CLUSTER]],
+            stats=(
+                {m: s.to_dict() for m, s in plan.table.clusters[cid].models.items()}
+                if cid in plan.table.clusters else {}
+            ),
+            exemplars=[list(pair) for pair in plan.exemplars.get(cid, [])],
+            shots=dict(plan.shots.get(cid, {})),
+        ))
+    choice = plan.choice
+    fit = replace(
+        fit,
+        crecli_version=__version__,
+        cost_unit=plan.unit,
+        expected=Expected(choice.expected_accuracy, choice.expected_cost, choice.reference_accuracy, choice.reference_cost),
+        simulated=plan.result.summary() if plan.result is not None else None,
+        simulated_reference=plan.reference.summary() if plan.reference is not None else None,
+        budget_met=plan.budget_met,
+    )
+    ladder = [LadderEntry(spec.name, model_identity(spec), spec.size) for spec in settings.ladder_specs()]
+    return RouterFile(
+        schema_version=SCHEMA_VERSION,
+        ladder=ladder,
+        embedder=embedder,
+        assigner=assigner,
+        clusters=clusters,
+        fallback_model=plan.choice.fallback,
+        budget=budget.to_dict(),
+        quality=quality,
+        thresholds=dict(plan.thresholds),
+        fit=fit,
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Callable, Iterable
 
 APP = "crecli"
 
@@ -116,6 +116,117 @@ def writable_dir(path: Path) -> Path:
     except OSError as exc:
         raise CreError(f"cannot write in {path} ({exc.strerror or exc}){_home_hint()}") from None
     return path
+
+
+# An orphan older than this is removed even when its pid is alive again (pids are reused).
+STALE_TEMP_SECONDS = 3600.0
+
+
+def atomic_write(path: Path, data: bytes | str | Callable[[BinaryIO], None], *, mode: int = 0o666,
+                 clean_stale: bool = False) -> None:
+    """Replace `path` with `data`, so that a reader finds the old file or the new one, never a part.
+
+    `data` is bytes, text (written as UTF-8), or a function that writes to the open binary
+    file; an exception it raises abandons the write. The bytes go to a temp file in the same
+    folder, `.NAME.PID.RANDOM.tmp`, created with O_EXCL (so a file or link planted under that
+    name is never written through) and `mode`, which the umask filters: the default 0o666
+    gives what any file the user creates gets, 0o600 keeps a private file private. The temp
+    file is fsynced, renamed over `path`, and the folder fsynced, so the rename survives a
+    power cut. On any failure (Ctrl-C included) the temp file is removed and `path` is as it
+    was; an OSError is raised as it came, for the caller to phrase. The folder must exist.
+
+    `clean_stale` first removes the temp files that earlier writes of `path` left when they
+    were killed (`remove_stale_temps`), for files rewritten often in shared folders.
+    """
+    import secrets
+
+    path = Path(path)
+    if clean_stale:
+        remove_stale_temps(path)
+    # The pid in the name lets a later write tell an orphan (its writer was killed) from a
+    # write still in progress; the random part keeps two writes in one process apart.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if callable(data):
+                data(fh)
+            else:
+                fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete temp files that interrupted `atomic_write`s of `path` left behind (kill -9, power loss).
+
+    Matches `.NAME.PID.RANDOM.tmp` (and the pid-less `.NAME.RANDOM.tmp` that crecli's router
+    saves wrote before pids were in the name): removed when the pid is not running, or when
+    older than STALE_TEMP_SECONDS. Only regular files: a link or folder under such a name is
+    not ours to delete.
+    """
+    import re
+    import stat
+    import time
+
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:(\d{{1,10}})\.)?[A-Za-z0-9_]{{6,32}}\.tmp$")
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match is None:
+            continue
+        try:
+            st = entry.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        pid = match.group(1)
+        if now - st.st_mtime > STALE_TEMP_SECONDS or (pid is not None and not _running(int(pid))):
+            try:
+                entry.unlink()
+            except OSError:
+                pass
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` may still be writing; when unsure, yes (the age rule cleans up later)."""
+    # os.kill(pid, 0) terminates the process on Windows, and pid 0 means our own group.
+    if pid == os.getpid() or pid <= 0 or os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):
+        return True  # PermissionError: alive, another user's
+    return True
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; not every platform lets a folder be opened or synced.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def outcome_store_file() -> Path:
@@ -360,13 +471,10 @@ def _replace_settings_text(text: str) -> Path:
     from crecli.errors import ConfigError
 
     file = user_settings_file()
-    folder = writable_dir(file.parent)
-    tmp = folder / f".{file.name}.tmp{os.getpid()}"
+    writable_dir(file.parent)
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, file)
+        atomic_write(file, text)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise ConfigError(f"{file}: cannot write it ({exc.strerror or exc}){_home_hint()}") from None
     return file
 

@@ -21,8 +21,8 @@ Hostile input stays a bad line: a line over `FieldMap.max_line_bytes` (1 MiB by 
 read in chunks and dropped, never held whole, because parsing and embedding one huge prompt
 costs hundreds of times its size in memory; JSON nested too deeply for Python's parser,
 integers longer than Python converts, and lone surrogates (a `\\ud800` escape, which no
-UTF-8 output can hold) are reported at their line like any other bad JSON. A UTF-8 byte
-order mark at the start of a file is ignored.
+UTF-8 output can hold) are reported at their line like any other bad JSON (`safejson`
+reads every JSON value here). A UTF-8 byte order mark at the start of a file is ignored.
 """
 
 from __future__ import annotations
@@ -30,15 +30,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import re
-import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
-from crecli import grading
+from crecli import grading, safejson
 from crecli.errors import InputError
+from crecli.safejson import json_type
 
 FORMATS = ("jsonl", "csv", "text")
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
@@ -48,7 +47,6 @@ _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": 
 MAX_LINE_BYTES = 1 << 20
 _BOM = b"\xef\xbb\xbf"
 _CHUNK = 1 << 16  # how much of an over-cap line is in memory at once while it is skipped
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -333,41 +331,11 @@ def _parse_object(text: str) -> dict[str, Any]:
 
 
 def _loads(text: str, what: str) -> Any:
-    """json.loads whose every failure is a _Bad, and whose strings are all valid Unicode."""
+    """`safejson.loads`, its every failure a bad line."""
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _Bad(f"{what} ({exc.msg} at column {exc.colno})") from None
-    except RecursionError:
-        raise _Bad(f"{what} (nested too deeply to read); flatten it") from None
-    except ValueError:
-        # Python refuses to convert longer integers (CVE-2020-10735); no real id or answer is one.
-        raise _Bad(
-            f"{what} (a number longer than {sys.get_int_max_str_digits():,} digits); quote it as a string"
-        ) from None
-    _check_unicode(value)
-    return value
-
-
-def _check_unicode(value: Any) -> None:
-    """Refuse lone surrogates: JSON's `\\ud800` escape decodes to one, and writing it anywhere
-    as UTF-8 (a result line, the router file, the outcome store) fails later."""
-    # A loop, not recursion: anything json.loads returned must be checkable.
-    stack: list[tuple[Any, Any]] = [(value, None)]
-    while stack:
-        item, top = stack.pop()
-        if isinstance(item, dict):
-            for key, inner in item.items():
-                stack.append((key, key if top is None else top))
-                stack.append((inner, key if top is None else top))
-        elif isinstance(item, list):
-            stack.extend((inner, top) for inner in item)
-        elif isinstance(item, str) and (found := _SURROGATE.search(item)):
-            where = "" if top is None else f" in {top!r}"
-            raise _Bad(
-                f"lone surrogate \\u{ord(found.group()):04x}{where} is not valid Unicode; "
-                "pair it or remove it"
-            )
+        return safejson.loads(text, what)
+    except safejson.JsonError as exc:
+        raise _Bad(str(exc)) from None
 
 
 def _record_from_object(obj: dict[str, Any], fields: FieldMap, default_id: str, source: str) -> Record:
@@ -454,19 +422,6 @@ def _labels(value: Any, name: str) -> dict[str, bool]:
     return dict(value)
 
 
-def json_type(value: Any) -> str:
-    """A JSON value's type in words, for error messages about logs and request bodies."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
 
 
 def _csv_rows(lines: _Lines, path: Path, fields: FieldMap) -> Iterator[_Row]:

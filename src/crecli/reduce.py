@@ -3,7 +3,7 @@
 Density-based clustering degrades in hundreds of dimensions, where all distances look
 alike; UMAP with `min_dist=0` packs each neighbourhood tightly, which is what HDBSCAN
 needs. Only fitting uses UMAP: routing assigns new prompts in embedding space
-(`crecli.cluster.Assigner`), so no UMAP model has to travel in the router file.
+(`crecli.assign.Assigner`), so no UMAP model has to travel in the router file.
 """
 
 from __future__ import annotations

@@ -28,17 +28,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 
 from crecli import paths
 from crecli.errors import ConfigError, InputError
+from crecli.safejson import has_surrogate, replace_surrogates
 
 if TYPE_CHECKING:
     from crecli.escalate import Cascade, Trace
@@ -55,9 +55,6 @@ MAX_ENTRY_BYTES = 4 << 20
 SETTING = "log_queries"  # in settings.toml; false turns the log off
 COMMANDS = ("ask", "batch", "serve")
 DEFAULT_LAST = 20
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
 
 log_path = paths.served_log_file
 generation_path = paths.served_generation
@@ -100,7 +97,7 @@ def _line(entry: dict[str, Any]) -> bytes:
     and would come back as prompts the query log refuses, so they become U+FFFD.
     """
     text = json.dumps(entry, ensure_ascii=False, allow_nan=False, default=str)
-    return (_SURROGATE.sub("\ufffd", text) + "\n").encode("utf-8")
+    return (replace_surrogates(text) + "\n").encode("utf-8")
 
 
 @contextmanager
@@ -142,19 +139,27 @@ class ServedLog:
     failed: bool = False  # a write failed (and was warned about); later failures stay quiet
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def record(self, prompt: str, trace: "Trace", cascade: "Cascade | None" = None) -> None:
-        """Append the entry for one answered prompt; never raises."""
+    def record(
+        self, prompt: str, trace: "Trace", cascade: "Cascade | None" = None, cost: float | None = None
+    ) -> None:
+        """Append the entry for one answered prompt; never raises. `cost`: see `entry`."""
         if not self.enabled:
             return
         try:
-            entry = self.entry(prompt, trace, cascade)
+            entry = self.entry(prompt, trace, cascade, cost)
         except Exception as exc:  # noqa: BLE001 - a log entry must never cost the answer
             self._warn(f"could not build the served-query log entry ({type(exc).__name__}: {exc})")
             return
         self.append(entry)
 
-    def entry(self, prompt: str, trace: "Trace", cascade: "Cascade | None" = None) -> dict[str, Any]:
-        cost = cascade.cost_of(trace) if cascade is not None else None
+    def entry(
+        self, prompt: str, trace: "Trace", cascade: "Cascade | None" = None, cost: float | None = None
+    ) -> dict[str, Any]:
+        """The log entry for one answered prompt. `cost` is the trace's price when the caller has
+        it already (`cre serve` prices each answer once, for its response and this entry);
+        otherwise the cascade prices the trace here."""
+        if cost is None and cascade is not None:
+            cost = cascade.cost_of(trace)
         unit = cascade.pricing.unit if cascade is not None else None
         return {
             "schema": SCHEMA,
@@ -282,7 +287,7 @@ def _valid(entry: Any) -> bool:
         and entry.get("schema") == SCHEMA
         and isinstance(entry.get("prompt"), str)
         and bool(entry["prompt"].strip())
-        and not _SURROGATE.search(entry["prompt"])  # only a hand-edited file has one; no UTF-8 output can hold it
+        and not has_surrogate(entry["prompt"])  # only a hand-edited file has one; no UTF-8 output can hold it
         and _entry_time(entry) is not None
     )
 
@@ -379,18 +384,18 @@ def export(entries: list[dict[str, Any]], out: Path, sources: list[Path]) -> Pat
     """Write `entries` as JSONL to `out` (replacing it), in the log's own format, so
     `cre fit --served-log` reads it; `out` may not be one of the log's own files."""
     paths.check_output(out, "-o", [("the served-query log", p) for p in sources], example="served-export.jsonl")
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+
+    def write(fh: BinaryIO) -> None:
+        for entry in entries:
+            fh.write(_line(entry))
+
     try:
-        with tmp.open("wb") as fh:
-            for entry in entries:
-                fh.write(_line(entry))
-        os.replace(tmp, out)
+        # The umask decides the export's mode: it is made to be copied to another machine.
+        paths.atomic_write(out, write)
     except OSError as exc:
         raise InputError(f"-o {out}: cannot write it ({exc.strerror or exc})") from None
     except (TypeError, ValueError) as exc:  # a value JSON cannot hold; `read` gives none, callers might
         raise InputError(f"-o {out}: an entry cannot be written as JSON ({exc}); nothing was written") from None
-    finally:
-        tmp.unlink(missing_ok=True)  # gone after the replace; left by any failure or Ctrl-C before it
     return out
 
 

@@ -47,7 +47,7 @@ def pick_exemplars(records: Sequence["Record"], n: int) -> list["Record"]:
     examples do not teach one answer; prompts or answers over the router file's caps are
     never chosen.
     """
-    from crecli.routerfile import SHOT_ANSWER_CHARS, SHOT_PROMPT_CHARS
+    from crecli.schema import SHOT_ANSWER_CHARS, SHOT_PROMPT_CHARS
 
     usable = []
     for r in records:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -305,9 +304,7 @@ def save(speed: Speed, fresh: bool = False) -> Speed:
     data[key] = asdict(pooled)
     path = paths.bench_file()
     paths.ensure(path.parent)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    paths.atomic_write(path, json.dumps(data, indent=2))
     return pooled
 
 

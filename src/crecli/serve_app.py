@@ -1,0 +1,446 @@
+"""The app of `cre serve`: an ASGI app (Starlette) whose handlers answer OpenAI's API through a cascade.
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
+each a method of `App`. Model "cre" (or the router file's stem) answers through the
+cascade; a ladder model's name answers with that model alone (greedily unless the request
+sets a temperature).
+
+The event loop only reads, parses, checks and queues; every model computation is a job on
+`serve_worker`'s worker. A request beyond `max_queue` waiting ones is refused with 429 at
+once rather than left to wait for a timeout, and a request beyond `max_requests` past its
+body (parsing, queued or running) with 503, both in OpenAI's error shape (`Limits`). Each
+request's timeout counts from its arrival, queue time included; on expiry (or when its
+client leaves) a queued job is dropped and a running cascade stops at its next rung. A body
+still arriving takes no place among the requests in flight, and has its own deadline
+(`--body-timeout`); /health runs on the event loop alone.
+
+Bodies are parsed and answers shaped by `openai_wire`; the socket, the HTTP protocol and
+the signals are `serve`'s. Starlette is imported inside functions only, so that importing
+this module needs no `serve` extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from crecli.errors import CreError, PromptTooLong
+from crecli.openai_wire import (
+    MAX_PROMPT_BYTES, Answer, ApiError, Query, parse_chat, parse_completion, parse_json, response_body, stream_events,
+)
+from crecli.serve_worker import Ticket, Worker, cascade_job, model_job
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    from crecli.config import ModelSpec
+    from crecli.escalate import Cascade
+    from crecli.servedlog import ServedLog
+
+CASCADE_MODEL = "cre"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_MAX_QUEUE = 16
+DEFAULT_TIMEOUT = 300.0
+# A client's request line and headers, then its body, get their own short deadlines, so that
+# a slow or stalled client holds a connection for seconds, not for the answer's --timeout.
+DEFAULT_HEADER_TIMEOUT = 10.0
+DEFAULT_BODY_TIMEOUT = 30.0
+# The body carries the conversation before the prompt and JSON escaping too, hence the headroom.
+DEFAULT_MAX_BODY = 4 * MAX_PROMPT_BYTES
+# Parsing a large body holds the event loop; past this size it runs on a thread, so that
+# /health and other clients are answered meanwhile.
+THREAD_PARSE_BYTES = 64 << 10
+
+log = logging.getLogger("uvicorn.error")  # uvicorn's own log: stderr, with its format
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How `cre serve` listens, admits and times requests (its command-line options)."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    max_queue: int = DEFAULT_MAX_QUEUE  # requests waiting behind the running one
+    timeout: float = DEFAULT_TIMEOUT  # seconds from arrival to answer, queue time included
+    max_body: int = DEFAULT_MAX_BODY  # bytes
+    api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer <key>`
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT  # seconds for a request line and its headers
+    body_timeout: float = DEFAULT_BODY_TIMEOUT  # seconds for a body, once its headers are in
+
+    @property
+    def max_requests(self) -> int:
+        """Requests past their body (parsing, queued, running) at once; more get 503.
+
+        Well above the queue's own limit (max_queue + 1 admitted), so that a full queue
+        answers 429. A request still sending its body does not count: slow uploads must not
+        lock out the clients that have sent theirs (`body_budget` bounds them instead).
+        """
+        return max(64, 4 * (self.max_queue + 1))
+
+    @property
+    def body_budget(self) -> int:
+        """Bytes of request bodies being received at once; a body that would go past it gets 503.
+
+        As many whole bodies as requests may be in flight: memory stays bounded however many
+        clients upload at once, while a thousand slow uploads, holding little each, do not
+        keep anyone else out.
+        """
+        return self.max_requests * self.max_body
+
+
+# ---------------------------------------------------------------- health
+
+
+def rung_state(spec: "ModelSpec") -> str:
+    """Whether a rung can answer, by cheap checks only (a stat and 4 bytes; no model runs):
+    "remote" (a configured server), "ready" (a GGUF file of the pinned size), or what is wrong.
+
+    No path is named: /health answers anyone who can connect.
+    """
+    import stat
+
+    from crecli.models.pull import is_gguf
+
+    if spec.url:
+        return "remote"
+    path = spec.file
+    assert path is not None
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            return "missing"
+        if spec.size is not None and info.st_size != spec.size:
+            return "wrong size"
+        return "ready" if is_gguf(path) else "not a GGUF file"
+    except FileNotFoundError:
+        return "missing"
+    except OSError:
+        return "unreadable"
+
+
+USABLE = ("ready", "remote")
+
+
+def health_report(states: dict[str, str]) -> tuple[int, str]:
+    """The HTTP status and word for /health: 200 "ok" when every rung can answer, 200
+    "degraded" when some can, 503 "unavailable" when none can (a load balancer's signal)."""
+    usable = sum(state in USABLE for state in states.values())
+    if usable == len(states):
+        return 200, "ok"
+    return (200, "degraded") if usable else (503, "unavailable")
+
+
+# ---------------------------------------------------------------- the app
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+class _ClientGone(ApiError):
+    """The client closed its connection; the response is never sent (uvicorn drops it)."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "the client closed the connection", code="client_closed")
+
+
+class Limits:
+    """What the app holds at once. Requests past their body (parsing, queued, running) are
+    counted against `max_requests`; bodies still arriving, against `body_budget` bytes.
+
+    Only the event loop's thread touches it, so there is no lock.
+    """
+
+    def __init__(self, options: ServeOptions, worker: Worker) -> None:
+        self.max_requests, self.budget, self.worker = options.max_requests, options.body_budget, worker
+        self.active = 0
+        self.buffered = 0
+
+    def overloaded(self, why: str) -> ApiError:
+        # Closing the connection, unread body and all, frees it for a client that can be served.
+        return ApiError(503, f"the server is overloaded: {why}; retry later", type="server_error", code="overloaded",
+                        headers={"Retry-After": self.worker.retry_after(), "Connection": "close"})
+
+    def take_bytes(self, n: int) -> None:
+        if self.buffered + n > self.budget:
+            raise self.overloaded(f"{self.buffered:,} bytes of request bodies are arriving, the most it holds")
+        self.buffered += n
+
+    def give_bytes(self, n: int) -> None:
+        self.buffered -= n
+
+    @contextmanager
+    def admitted(self) -> Iterator[None]:
+        if self.active >= self.max_requests:
+            raise self.overloaded(f"{self.active} requests are in flight, the most it takes at once")
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+
+async def _disconnected(receive: Callable[[], Any]) -> None:
+    """Returns when the client has gone; only called once the request's body is all read."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def client_address(client: Any) -> str:
+    """A client's (host, port) as the log shows it."""
+    return "%s:%d" % tuple(client) if client else "a client"
+
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is over the server's limit of {limit:,} bytes (--max-body)",
+                    code="request_too_large")
+
+
+class App:
+    """`cre serve`'s handlers over one cascade: a method an endpoint, and one an error kind.
+
+    `name` (the router's stem) also means the cascade. Cascade answers are recorded in
+    `served` (the served-query log) when given; answers of a ladder model asked by name skip
+    the router and are not. The caller owns `cascade` and closes it; the app's shutdown
+    stops its worker, after uvicorn has drained the requests in flight.
+    """
+
+    def __init__(
+        self, cascade: "Cascade", options: ServeOptions = ServeOptions(), name: str | None = None,
+        served: "ServedLog | None" = None,
+    ) -> None:
+        self.cascade, self.options, self.served = cascade, options, served
+        self.worker = Worker(options.max_queue)
+        self.limits = Limits(options, self.worker)
+        self.ladder = list(cascade.ladder)
+        self.cascade_names = [CASCADE_MODEL] + (
+            [name] if name and name != CASCADE_MODEL and name not in self.ladder else [])
+        # Bytes, compared with the header's bytes: a key in UTF-8 (or any bytes the environment
+        # held) authenticates as sent.
+        self._key = options.api_key.encode("utf-8", "surrogateescape") if options.api_key else None
+
+    def asgi(self) -> "Starlette":
+        """The Starlette app routing to this object's handlers."""
+        from starlette.applications import Starlette
+        from starlette.exceptions import HTTPException
+        from starlette.routing import Route
+
+        app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+                Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/models", self.models, methods=["GET"]),
+                Route("/health", self.health, methods=["GET"]),
+            ],
+            exception_handlers={ApiError: self.on_api_error, HTTPException: self.on_http_error,
+                                Exception: self.on_crash},
+            lifespan=self.lifespan,
+        )
+        app.state.worker = self.worker
+        app.state.limits = self.limits
+        return app
+
+    # ------------------------------------------------------------ endpoints
+
+    async def chat_completions(self, request: "Request") -> "Response":
+        return await self.complete(request, parse_chat)
+
+    async def completions(self, request: "Request") -> "Response":
+        return await self.complete(request, parse_completion)
+
+    async def models(self, request: "Request") -> "Response":
+        from starlette.responses import JSONResponse
+
+        self.check_key(request)
+        data = [{"id": n, "object": "model", "created": 0, "owned_by": "cre", "cre": {"kind": "cascade"}}
+                for n in self.cascade_names]
+        data += [{"id": n, "object": "model", "created": 0, "owned_by": "cre", "cre": {"kind": "model", "rung": i}}
+                 for i, n in enumerate(self.ladder)]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def health(self, request: "Request") -> "Response":
+        from starlette.responses import JSONResponse
+
+        # Unauthenticated, for load balancers, and on the event loop alone: it never waits
+        # behind model work. Which models are which only with the key, when one is set.
+        states = {n: rung_state(self.cascade.specs[n]) for n in self.ladder}
+        status, word = health_report(states)
+        body: dict[str, Any] = {"status": word, "running": self.worker.running, "queued": self.worker.queued,
+                                "max_queue": self.options.max_queue}
+        if self.key_ok(request):
+            body["models"] = states
+        return JSONResponse(body, status_code=status)
+
+    # ------------------------------------------------------------ answering
+
+    async def complete(self, request: "Request", parse: Callable[[dict[str, Any]], Query]) -> "Response":
+        """A completion endpoint: the key, the body, the checked query, its answer, the response."""
+        from starlette.responses import JSONResponse, StreamingResponse
+
+        # The timeout runs from arrival: a body that trickles in slowly spends it too.
+        deadline = time.monotonic() + self.options.timeout
+        self.check_key(request)
+        wait = min(self.options.body_timeout, self.options.timeout)
+        try:
+            raw = await asyncio.wait_for(self.read_body(request), wait)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {wait:g} s (--body-timeout)",
+                           code="request_timeout", headers={"Connection": "close"}) from None
+        # Counted from here, with its body read: a slow upload holds no place another client needs.
+        with self.limits.admitted():
+            if len(raw) > THREAD_PARSE_BYTES:
+                body = await asyncio.get_running_loop().run_in_executor(None, parse_json, raw)
+            else:
+                body = parse_json(raw)
+            query = parse(body)
+            result = await self.answer(request, query, deadline)
+        rid = ("chatcmpl-" if query.kind == "chat" else "cmpl-") + secrets.token_hex(12)
+        created = int(time.time())
+        if query.stream:
+            return StreamingResponse(stream_events(query, result, rid, created), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return JSONResponse(response_body(query, result, rid, created))
+
+    def job(self, query: Query, ticket: Ticket) -> Callable[[], Answer]:
+        """What answering `query` computes off the event loop; a 404 for a model not served here."""
+        if query.model in self.cascade_names:
+            return partial(cascade_job, self.cascade, query, ticket, self.served)
+        if query.model in self.ladder:
+            return partial(model_job, self.cascade, query)
+        raise ApiError(404, f"the model {query.model!r} does not exist here; GET /v1/models lists "
+                       f"{', '.join(self.cascade_names + self.ladder)}", param="model", code="model_not_found")
+
+    async def answer(self, request: "Request", query: Query, deadline: float) -> Answer:
+        """`query`'s answer from the worker, by `deadline`, unless its client leaves first."""
+        ticket = Ticket()
+        future = asyncio.wrap_future(self.worker.submit(self.job(query, ticket), ticket))
+        gone = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            done, _ = await asyncio.wait({future, gone}, timeout=max(0.0, deadline - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        # Unless the job has claimed its answer (it is being recorded, and will be sent), a
+        # request that gives up drops its job: queued, it never runs; running, a cascade
+        # stops at its next rung.
+        if future not in done and ticket.cancel():
+            future.cancel()
+            if gone in done:
+                log.info("%s closed the connection before its answer; its job is dropped",
+                         client_address(request.client))
+                raise _ClientGone
+            raise ApiError(504, f"no answer within the server's timeout of {self.options.timeout:g} s; "
+                           "the server is busy or the prompt is slow to answer", type="timeout_error",
+                           code="timeout")
+        try:
+            return await future
+        except PromptTooLong as exc:
+            # The client's to fix (a shorter prompt), unlike the model errors below.
+            raise ApiError(400, str(exc), param="messages" if query.kind == "chat" else "prompt",
+                           code="context_length_exceeded") from None
+        except CreError as exc:
+            # The details (file paths, `cre models pull`) are for the server's operator.
+            rid = new_request_id()
+            log.error("%s: %s could not answer: %s", rid, query.model, exc)
+            raise ApiError(500, f"the model could not answer; the server's log has the details (request id {rid})",
+                           type="server_error", code="model_error", headers={"X-Request-Id": rid}) from None
+
+    # ------------------------------------------------------------ the request
+
+    def key_ok(self, request: "Request") -> bool:
+        if self._key is None:
+            return True
+        # Starlette decodes header values as Latin-1, so encoding them back gives the bytes sent.
+        given = request.headers.get("authorization", "").encode("latin-1")
+        scheme, _, token = given.partition(b" ")
+        # Constant time, so a wrong key's timing says nothing about the right one.
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key)
+
+    def check_key(self, request: "Request") -> None:
+        if not self.key_ok(request):
+            raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    async def read_body(self, request: "Request") -> bytes:
+        """The whole body, within `--max-body`, its bytes counted against the limits as they arrive."""
+        from starlette.requests import ClientDisconnect
+
+        max_body = self.options.max_body
+        length = request.headers.get("content-length")
+        declared = "unknown"
+        if length is not None:
+            if not (length.isascii() and length.isdigit()):
+                raise ApiError(400, "the Content-Length header is not a number")
+            # Compared without int() first: Python refuses to convert over 4,300 digits.
+            digits = length.lstrip("0")
+            if len(digits) > len(str(max_body)) or int(digits or "0") > max_body:
+                raise _too_large(max_body)
+            declared = f"{int(digits or '0'):,}"
+        # Counted as it arrives too: a chunked body has no Content-Length to check first.
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body:
+                    raise _too_large(max_body)
+                self.limits.take_bytes(len(chunk))
+                chunks.append(chunk)
+        except ClientDisconnect:
+            # A client that gives up mid-upload is routine, not a server error: one line.
+            log.info("%s closed the connection after %s of its request body's %s bytes; nothing to answer",
+                     client_address(request.client), f"{size:,}", declared)
+            raise _ClientGone from None
+        finally:
+            self.limits.give_bytes(sum(map(len, chunks)))
+        return b"".join(chunks)
+
+    # ------------------------------------------------------------ errors and shutdown
+
+    @staticmethod
+    def error(exc: ApiError) -> "Response":
+        from starlette.responses import JSONResponse
+
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    async def on_api_error(self, request: "Request", exc: Exception) -> "Response":
+        assert isinstance(exc, ApiError)
+        return self.error(exc)
+
+    async def on_http_error(self, request: "Request", exc: Exception) -> "Response":
+        from starlette.exceptions import HTTPException
+
+        assert isinstance(exc, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return self.error(ApiError(exc.status_code, f"{request.method} {request.url.path[:200]}: {exc.detail}",
+                                   code=code, headers=dict(exc.headers or {})))
+
+    async def on_crash(self, request: "Request", exc: Exception) -> "Response":
+        # A bug, not the client's fault: say so in OpenAI's shape; uvicorn logs the traceback.
+        rid = new_request_id()
+        log.error("%s: internal error (%s: %s); the traceback follows", rid, type(exc).__name__, exc)
+        return self.error(ApiError(500, f"internal error; the server's log has the details (request id {rid})",
+                                   type="server_error", headers={"X-Request-Id": rid}))
+
+    @asynccontextmanager
+    async def lifespan(self, app: Any) -> Any:
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, self.worker.close)
+
+
+def create_app(
+    cascade: "Cascade", options: ServeOptions = ServeOptions(), name: str | None = None, served: "ServedLog | None" = None
+) -> "Starlette":
+    """The ASGI app answering through `cascade` (see `App`); tests use it through a client."""
+    return App(cascade, options, name=name, served=served).asgi()

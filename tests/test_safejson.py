@@ -1,0 +1,44 @@
+"""The one safe JSON reader: every failure a message, every string valid Unicode."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from crecli import safejson
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[1 2]", "bad (Expecting ',' delimiter at column 4)"),
+    ("[" * 100_000 + "]" * 100_000, "bad (nested too deeply to read); flatten it"),
+    ("1" * 5000, f"bad (a number longer than {sys.get_int_max_str_digits():,} digits); quote it as a string"),
+    ('"\\ud800"', "lone surrogate \\ud800 is not valid Unicode; pair it or remove it"),
+    ('{"meta": {"a": ["\\udc00"]}}', "lone surrogate \\udc00 in 'meta' is not valid Unicode; pair it or remove it"),
+    ('{"\\ud800": 1}', "lone surrogate \\ud800 in '\\ud800' is not valid Unicode; pair it or remove it"),
+])
+def test_loads_turns_every_failure_into_a_message(text: str, message: str) -> None:
+    with pytest.raises(safejson.JsonError) as refused:
+        safejson.loads(text, "bad")
+    assert str(refused.value) == message
+    assert isinstance(refused.value, ValueError)
+
+
+def test_loads_reads_valid_json_and_paired_surrogates() -> None:
+    assert safejson.loads('{"a": ["\\ud83d\\ude00", 1, null]}', "bad") == {"a": ["\U0001f600", 1, None]}
+
+
+def test_surrogates_are_found_and_mended_into_valid_utf8_json() -> None:
+    text = json.dumps({"answer": "bad \ud800 answer", "ok": "\U0001f600"}, ensure_ascii=False)
+    assert safejson.has_surrogate(text) and not safejson.has_surrogate("\U0001f600")
+    mended = safejson.replace_surrogates(text)
+    assert json.loads(mended.encode("utf-8")) == {"answer": "bad \ufffd answer", "ok": "\U0001f600"}
+
+
+@pytest.mark.parametrize(("value", "word"), [
+    (None, "null"), (True, "a boolean"), (1, "a number"), (1.5, "a number"), ("", "a string"), ([], "an array"),
+    ({}, "an object"),
+])
+def test_json_type_names_a_value_for_messages(value: object, word: str) -> None:
+    assert safejson.json_type(value) == word
