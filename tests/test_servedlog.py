@@ -261,9 +261,9 @@ def test_cre_serve_prices_each_answer_once_for_its_response_and_its_log_entry(
     priced: list[Trace] = []
     cost_of = Cascade.cost_of
 
-    def counted(self: Cascade, trace: Trace, paid: Any = None) -> float | None:
+    def counted(self: Cascade, trace: Trace) -> float | None:
         priced.append(trace)
-        return cost_of(self, trace, paid)
+        return cost_of(self, trace)
 
     monkeypatch.setattr(Cascade, "cost_of", counted)
     log = ServedLog(tmp_path / "served.jsonl", "serve")

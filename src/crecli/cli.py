@@ -1,4 +1,7 @@
-"""The `cre` command line: options in, one core call, output rendered.
+"""The `cre` command line: options in, calls into the modules that do the work, output rendered.
+
+Commands stay thin: each parses its options, calls the module that owns the work (`fit`,
+`calibrate`, `escalate`, `batch`, `serve`, ...) and hands the result to `render`.
 
 Only typer is imported at module level: shell completion imports this module on every Tab
 press, so numpy, umap, hdbscan and llama_cpp are imported inside the commands that use them.
@@ -521,9 +524,9 @@ def batch(
     result says whether the answer is correct). A bad line gets {"line", "id", "error"}
     in its place, so N lines in give N lines out. Prompts are grouped by model behind the
     scenes so each model stays loaded, and the greedy answers of up to --parallel prompts on
-    one model are decoded at once (the quality check's sampled votes are drawn one by one,
-    as with --parallel 1); a summary (accuracy, cost against always using the strongest
-    model, escalation rate) goes to stderr at the end.
+    one model are decoded at once (the quality check's sampled votes are decoded together
+    as parallel sequences, with or without --parallel); a summary (accuracy, cost against
+    always using the strongest model, escalation rate) goes to stderr at the end.
 
     To finish an interrupted batch, append the remaining answers to the same file:
 

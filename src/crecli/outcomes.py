@@ -1,14 +1,16 @@
 """Recorded outcomes: what every ladder model answered to every labelled query.
 
-Two parts, in this order below: `OutcomeStore`, the resumable SQLite store of
-(query, model) -> votes, tokens and seconds; and the runner, `collect`, which has the
-models answer whatever the store lacks. An `Outcome` is a plain record: grading it is
-`graded`, pricing its votes `costs.CostModel`'s job.
+Three parts, in this order below: what is recorded (`Vote`, `Outcome`: plain records;
+grading one is `graded`, pricing its votes `costs.CostModel`'s job); `OutcomeStore`, the
+resumable SQLite store of (query, model) -> votes, tokens and seconds; and the runner,
+`collect`, which has the models answer whatever the store lacks.
 
 `collect` answers every labelled query with every ladder model, k votes each (vote 0
 greedy, votes 1..k-1 sampled with seeds `quality.vote_seed(prompt, i)`: the parameters of
-`quality.vote_params`, exactly as the cascade draws them), and records each vote's text, output tokens and seconds. Calibration and evaluation then
-replay the cascade on these recordings instead of running models again.
+`quality.vote_params`, exactly as the cascade draws them; `cre fit` records k = 1 by
+default), and records each vote's text, output tokens and seconds, and the greedy vote's
+signals. Calibration and evaluation then replay the cascade on these recordings
+(`replay`) instead of running models again.
 
 The store is a SQLite file keyed by (prompt sha256, model, model sha256, settings key), so:
 - a query is committed as soon as its k votes are in: Ctrl-C loses at most the query in

@@ -28,7 +28,7 @@ from crecli.querylog import FORMATS, FieldMap, LogOptions
 EXAMPLES_PER_CLUSTER = 3
 EXAMPLE_CHARS = 200
 # Answered examples (`cre fit --shots`): a cluster carries at most this many, and a model
-# is shown one of SHOT_COUNTS of them. Longer exemplars are never chosen (`calibrate.pick_exemplars`).
+# is shown one of SHOT_COUNTS of them. Longer exemplars are never chosen (`shots.pick_exemplars`).
 SHOT_COUNTS = (0, 1, 3)
 MAX_SHOTS = max(SHOT_COUNTS)
 SHOT_PROMPT_CHARS = 1000

@@ -176,6 +176,7 @@ def model_job(cascade: "Cascade", query: Query) -> Answer:
 
 
 def generation_cost(cascade: "Cascade", name: str, gen: "Generation") -> float | None:
-    """What one generation of ladder model `name` cost, in the cascade's pricing unit."""
-    pricing = cascade.pricing
-    return pricing.tokens(name, gen.prompt_tokens, gen.output_tokens) if pricing.by_tokens else gen.seconds
+    """What one generation of ladder model `name` cost, in the cascade's pricing unit (one vote,
+    priced by `costs.Pricing.price_votes`)."""
+    votes = cascade.pricing.price_votes(name, gen.prompt_tokens, [gen.output_tokens], [gen.seconds])
+    return None if votes is None else sum(votes)
