@@ -19,7 +19,11 @@ import typer
 from crecli import __version__
 from crecli.errors import CreError
 from crecli.models.bench import PP_TOKENS, REPEATS, TG_TOKENS
+from crecli.costs import DEFAULT_RETAIN
 from crecli.quality import DEFAULT_CHECK, DEFAULT_FIT_VOTES, MAX_TEMPERATURE, MAX_VOTES
+from crecli.serve_options import (
+    DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_MAX_QUEUE, DEFAULT_PORT, DEFAULT_TIMEOUT,
+)
 
 EXIT_CODES = """Exit codes: 0 success; 1 error (the message says what to do); 2 bad usage;
 3 `cre batch` finished but some lines got error records; 130 interrupted (Ctrl-C)."""
@@ -229,7 +233,7 @@ def fit(
     log: Annotated[Path, typer.Argument(help="Query log: JSONL, CSV, or plain text (one prompt per line).", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Router file to write.")] = Path("router.cre"),
     models: ModelsOpt = None,
-    retain: Annotated[Optional[float], typer.Option(help="Budget: keep at least this share of the strongest model's accuracy in every cluster, at the least cost. Default 0.98.", show_default=False)] = None,
+    retain: Annotated[Optional[float], typer.Option(help=f"Budget: keep at least this share of the strongest model's accuracy in every cluster, at the least cost. Default {DEFAULT_RETAIN}.", show_default=False)] = None,
     max_cost: Annotated[Optional[float], typer.Option(help="Budget instead: spend at most this share of always using the strongest model, at the best accuracy.", show_default=False)] = None,
     seed: Annotated[int, typer.Option(min=0, help="Seed for UMAP, sampling and splits: the same seed gives the same router.")] = 0,
     min_cluster_size: Annotated[Optional[int], typer.Option(min=2, help="HDBSCAN min_cluster_size (default scales with the log size).", show_default=False)] = None,
@@ -344,7 +348,7 @@ def inspect(
 def calibrate(
     router: Annotated[Path, typer.Argument(help="A router file written by `cre fit`.", show_default=False)],
     log: Annotated[Optional[Path], typer.Option(help="Labelled log to tune on (default: the log the router was fitted on).", show_default=False)] = None,
-    retain: Annotated[Optional[float], typer.Option(help="Target: accuracy at least this share of always using the strongest model, at the least cost. Default 0.98.", show_default=False)] = None,
+    retain: Annotated[Optional[float], typer.Option(help=f"Target: accuracy at least this share of always using the strongest model, at the least cost. Default {DEFAULT_RETAIN}.", show_default=False)] = None,
     max_cost: Annotated[Optional[float], typer.Option(help="Target instead: cost at most this share of always using the strongest model, at the best accuracy.", show_default=False)] = None,
     folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds for the held-out figures.")] = 5,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the fold split.")] = 0,
@@ -429,14 +433,10 @@ def _budget(retain: float | None, max_cost: float | None):  # -> costs.Budget
 
     if retain is not None and max_cost is not None:
         raise CreError("give one budget: --retain or --max-cost, not both")
+    # Budget checks its own range, the one the router-file loader checks too.
     if max_cost is not None:
-        if not 0 < max_cost <= 1:
-            raise CreError("--max-cost is a share of always using the strongest model: between 0 and 1")
         return Budget("max_cost", max_cost)
-    value = 0.98 if retain is None else retain
-    if not 0 < value <= 1.5:
-        raise CreError("--retain is a share of the strongest model's accuracy, e.g. 0.98")
-    return Budget("retain", value)
+    return Budget("retain", DEFAULT_RETAIN if retain is None else retain)
 
 
 # ---------------------------------------------------------------- ask
@@ -586,15 +586,15 @@ def batch(
 @app.command()
 def serve(
     router: RouterOpt = None,
-    host: Annotated[str, typer.Option(help="Address to listen on. Anything but loopback lets other machines connect: give it a key.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to listen on. Anything but loopback lets other machines connect: give it a key.")] = DEFAULT_HOST,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = DEFAULT_PORT,
     models: ModelsOpt = None,
     memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Keep models loaded within this much memory, e.g. 4GB, counting each model's file and its snapshots of answered examples (default: no limit).", show_default=False)] = None,
-    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait behind the one being answered; more get 429 with Retry-After.")] = 16,
-    timeout: Annotated[float, typer.Option("--timeout", min=0.001, callback=_finite, help="Seconds from a request's arrival (queue time included) to its answer; then 504.")] = 300.0,
-    max_body: Annotated[int, typer.Option("--max-body", min=1024, help="Largest request body in bytes; a larger one gets 413 before it is read.")] = 4 << 20,
-    header_timeout: Annotated[float, typer.Option("--header-timeout", min=0.001, callback=_finite, help="Seconds a client has to send a request's line and headers; then 408 and the connection closes.")] = 10.0,
-    body_timeout: Annotated[float, typer.Option("--body-timeout", min=0.001, callback=_finite, help="Seconds a client has to send a request's body once its headers are in; then 408 and the connection closes.")] = 30.0,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait behind the one being answered; more get 429 with Retry-After.")] = DEFAULT_MAX_QUEUE,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.001, callback=_finite, help="Seconds from a request's arrival (queue time included) to its answer; then 504.")] = DEFAULT_TIMEOUT,
+    max_body: Annotated[int, typer.Option("--max-body", min=1024, help="Largest request body in bytes; a larger one gets 413 before it is read.")] = DEFAULT_MAX_BODY,
+    header_timeout: Annotated[float, typer.Option("--header-timeout", min=0.001, callback=_finite, help="Seconds a client has to send a request's line and headers; then 408 and the connection closes.")] = DEFAULT_HEADER_TIMEOUT,
+    body_timeout: Annotated[float, typer.Option("--body-timeout", min=0.001, callback=_finite, help="Seconds a client has to send a request's body once its headers are in; then 408 and the connection closes.")] = DEFAULT_BODY_TIMEOUT,
     api_key_env: Annotated[Optional[str], typer.Option("--api-key-env", help="Environment variable holding an API key; then /v1/* needs `Authorization: Bearer <key>`.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Use the router even if the model files differ from the ones it was fitted with.")] = False,
     no_log: NoLogOpt = False,

@@ -335,8 +335,9 @@ class Budget:
 
         if self.kind not in BUDGET_KINDS:
             raise CreError(f"unknown budget kind {self.kind!r}; use one of {', '.join(BUDGET_KINDS)}")
+        option = "--retain" if self.kind == "retain" else "--max-cost"
         if isinstance(self.value, bool) or not isinstance(self.value, (int, float)) or not math.isfinite(self.value):
-            raise CreError(f"budget value must be a finite number, got {self.value!r}")
+            raise CreError(f"{option} {self.value!r}: give a finite number")
         high = MAX_RETAIN if self.kind == "retain" else 1.0
         if not 0 < self.value <= high:
             if self.kind == "retain":

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from crecli.archive import MAX_MEMBERS, SCHEMA_VERSION
-from crecli.costs import UNITS
+from crecli.costs import MAX_RETAIN, UNITS
 from crecli.fields import Field, FieldError
 from crecli.quality import MAX_TEMPERATURE, MAX_VOTES, Deferral, DeferralCheck, QualityCheck, feature_names
 from crecli.querylog import FORMATS, FieldMap, LogOptions
@@ -112,9 +112,9 @@ def check_body(body: dict[str, Any]) -> Body:
     budget = root["budget"]
     budget.as_object(keys=("kind", "value"))
     budget_kind = budget["kind"].as_str(choices=BUDGET_KINDS)
-    # The CLI's own ranges: retain is a share of the strongest model's accuracy (a little
-    # over 1 asks for better than it), max_cost a share of its cost.
-    budget_value = budget["value"].as_float(0, 2.0 if budget_kind == "retain" else 1.0, above=True)
+    # `Budget`'s own ranges, the CLI's too: retain is a share of the strongest model's accuracy
+    # (up to MAX_RETAIN: a little over 1 asks for better than it), max_cost a share of its cost.
+    budget_value = budget["value"].as_float(0, MAX_RETAIN if budget_kind == "retain" else 1.0, above=True)
     q = root["quality"]
     q.as_object(keys=("k", "temperature", "top_p", "top_k", "early_stop"))
     quality = QualityCheck(
@@ -189,10 +189,10 @@ def _embedder_params(f: Field, kind: str) -> dict[str, Any]:
         f.as_object(keys=("kind", "model", "sha256"))
         return {"kind": f["kind"].as_str(choices=(kind,)), "model": f["model"].as_str(),
                 "sha256": f["sha256"].or_none(_sha256)}
-    from crecli.embed import TFIDF_ANALYZERS
+    from crecli.embed import MAX_TFIDF_DIMS, TFIDF_ANALYZERS
 
     f.as_object(keys=("kind", "dims", "analyzer", "min_df", "mask_digits", "seed", "dims_"))
-    dims = f["dims"].as_int(2, 1 << 16)
+    dims = f["dims"].as_int(2, MAX_TFIDF_DIMS)
     return {
         "kind": f["kind"].as_str(choices=(kind,)),
         "dims": dims,

@@ -27,14 +27,14 @@ import logging
 import secrets
 import time
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from crecli.errors import CreError, PromptTooLong
 from crecli.openai_wire import (
-    MAX_PROMPT_BYTES, Answer, ApiError, Query, parse_chat, parse_completion, parse_json, response_body, stream_events,
+    Answer, ApiError, Query, parse_chat, parse_completion, parse_json, response_body, stream_events,
 )
+from crecli.serve_options import ServeOptions  # noqa: F401 (re-exported)
 from crecli.serve_worker import Ticket, Worker, cascade_job, model_job
 
 if TYPE_CHECKING:
@@ -47,16 +47,6 @@ if TYPE_CHECKING:
     from crecli.servedlog import ServedLog
 
 CASCADE_MODEL = "cre"
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
-DEFAULT_MAX_QUEUE = 16
-DEFAULT_TIMEOUT = 300.0
-# A client's request line and headers, then its body, get their own short deadlines, so that
-# a slow or stalled client holds a connection for seconds, not for the answer's --timeout.
-DEFAULT_HEADER_TIMEOUT = 10.0
-DEFAULT_BODY_TIMEOUT = 30.0
-# The body carries the conversation before the prompt and JSON escaping too, hence the headroom.
-DEFAULT_MAX_BODY = 4 * MAX_PROMPT_BYTES
 # Parsing a large body holds the event loop; past this size it runs on a thread, so that
 # /health and other clients are answered meanwhile.
 THREAD_PARSE_BYTES = 64 << 10
@@ -64,38 +54,6 @@ THREAD_PARSE_BYTES = 64 << 10
 log = logging.getLogger("uvicorn.error")  # uvicorn's own log: stderr, with its format
 
 
-@dataclass(frozen=True)
-class ServeOptions:
-    """How `cre serve` listens, admits and times requests (its command-line options)."""
-
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    max_queue: int = DEFAULT_MAX_QUEUE  # requests waiting behind the running one
-    timeout: float = DEFAULT_TIMEOUT  # seconds from arrival to answer, queue time included
-    max_body: int = DEFAULT_MAX_BODY  # bytes
-    api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer <key>`
-    header_timeout: float = DEFAULT_HEADER_TIMEOUT  # seconds for a request line and its headers
-    body_timeout: float = DEFAULT_BODY_TIMEOUT  # seconds for a body, once its headers are in
-
-    @property
-    def max_requests(self) -> int:
-        """Requests past their body (parsing, queued, running) at once; more get 503.
-
-        Well above the queue's own limit (max_queue + 1 admitted), so that a full queue
-        answers 429. A request still sending its body does not count: slow uploads must not
-        lock out the clients that have sent theirs (`body_budget` bounds them instead).
-        """
-        return max(64, 4 * (self.max_queue + 1))
-
-    @property
-    def body_budget(self) -> int:
-        """Bytes of request bodies being received at once; a body that would go past it gets 503.
-
-        As many whole bodies as requests may be in flight: memory stays bounded however many
-        clients upload at once, while a thousand slow uploads, holding little each, do not
-        keep anyone else out.
-        """
-        return self.max_requests * self.max_body
 
 
 # ---------------------------------------------------------------- health
