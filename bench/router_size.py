@@ -1,7 +1,7 @@
 """A router file's size and load time, and what storing its arrays compactly changes.
 
 A router file stores the TF-IDF SVD's components as int8 with a scale per component
-(`embed.quantize`) and the assigner's exemplars as float16. This bench fits the embedder
+(`tfidf.quantize`) and the assigner's exemplars as float16. This bench fits the embedder
 and clusters on a log twice, side by side in one run: once as `cre fit` does, once with
 float32 components and exemplars (the format before), and prints:
 
@@ -53,18 +53,18 @@ def fitted(prompts: list[str], labels: Any, compact: bool) -> tuple[Any, Any]:
     """(embedder, assigner) as `cre fit` makes them, or with float32 arrays (`compact` False)."""
     import numpy as np
 
-    from crecli import assign, embed
+    from crecli import assign, tfidf
 
-    saved = embed.quantize, embed.dequantize, assign.stored_rows
+    saved = tfidf.quantize, tfidf.dequantize, assign.stored_rows
     if not compact:
-        embed.quantize = lambda rows: (np.asarray(rows, dtype=np.float32), np.ones(len(rows), dtype=np.float32))  # type: ignore[assignment]
-        embed.dequantize = lambda codes, scale: np.asarray(codes, dtype=np.float32)  # type: ignore[assignment]
+        tfidf.quantize = lambda rows: (np.asarray(rows, dtype=np.float32), np.ones(len(rows), dtype=np.float32))  # type: ignore[assignment]
+        tfidf.dequantize = lambda codes, scale: np.asarray(codes, dtype=np.float32)  # type: ignore[assignment]
         assign.stored_rows = lambda X: np.asarray(X, dtype=np.float32)  # type: ignore[assignment]
     try:
-        emb = embed.TfidfEmbedder().fit(prompts)
+        emb = tfidf.TfidfEmbedder().fit(prompts)
         assigner = assign.Assigner().fit(emb.transform(prompts), labels)
     finally:
-        embed.quantize, embed.dequantize, assign.stored_rows = saved
+        tfidf.quantize, tfidf.dequantize, assign.stored_rows = saved
     return emb, assigner
 
 

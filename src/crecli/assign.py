@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator
 
-from crecli.embed import normalize_rows
+from crecli.vectors import normalize_rows
 from crecli.errors import CreError, RouterFileError
 
 if TYPE_CHECKING:

@@ -31,7 +31,7 @@ from crecli.replay import Replay, SimResult
 if TYPE_CHECKING:
     from crecli.assign import Assigner
     from crecli.config import ModelConfig
-    from crecli.embed import Embedder
+    from crecli.vectors import Embedder
     from crecli.outcomes import Outcome, OutcomeKey
     from crecli.querylog import FieldMap, LogOptions, Record
     from crecli.routerfile import FitRecord, RouterFile

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from crecli.assign import Assigner
     from crecli.config import ModelConfig
-    from crecli.embed import Embedder
+    from crecli.vectors import Embedder
 
 
 @dataclass

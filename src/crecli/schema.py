@@ -189,7 +189,7 @@ def _embedder_params(f: Field, kind: str) -> dict[str, Any]:
         f.as_object(keys=("kind", "model", "sha256"))
         return {"kind": f["kind"].as_str(choices=(kind,)), "model": f["model"].as_str(),
                 "sha256": f["sha256"].or_none(_sha256)}
-    from crecli.embed import MAX_TFIDF_DIMS, TFIDF_ANALYZERS
+    from crecli.tfidf import MAX_TFIDF_DIMS, TFIDF_ANALYZERS
 
     f.as_object(keys=("kind", "dims", "analyzer", "min_df", "mask_digits", "seed", "dims_"))
     dims = f["dims"].as_int(2, MAX_TFIDF_DIMS)
