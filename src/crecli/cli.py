@@ -17,8 +17,9 @@ from typing import Annotated, Optional
 import typer
 
 from crecli import __version__
+from crecli.cli_models import models_app
+from crecli.cli_options import CostUnitOpt, JsonOpt, ModelsOpt, NoLogOpt, RouterOpt, finite, load_models, resolve_router
 from crecli.errors import CreError
-from crecli.models.bench import PP_TOKENS, REPEATS, TG_TOKENS
 from crecli.costs import DEFAULT_RETAIN
 from crecli.quality import DEFAULT_CHECK, DEFAULT_FIT_VOTES, MAX_TEMPERATURE, MAX_VOTES
 from crecli.serve_options import (
@@ -46,53 +47,7 @@ app = typer.Typer(
     rich_markup_mode=None,
     add_completion=True,
 )
-models_app = typer.Typer(
-    help="Manage the model ladder: pull, verify, list and benchmark GGUF models.",
-    context_settings={"help_option_names": ["-h", "--help"]},
-    no_args_is_help=True,
-    rich_markup_mode=None,
-)
 app.add_typer(models_app, name="models")
-
-ModelsOpt = Annotated[
-    Optional[Path],
-    typer.Option(
-        "--models",
-        help="An extra models.toml, applied over the shipped and user files (also: CRE_MODELS).",
-        show_default=False,
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout for scripts.")]
-RouterOpt = Annotated[
-    Optional[Path],
-    typer.Option(
-        "--router", "-r",
-        help="Router file from `cre fit` (default: yours, set by `cre fit --set-default`; else the one crecli ships, "
-        "fitted on 1,400 BIG-bench queries).",
-        show_default=False,
-    ),
-]
-CostUnitOpt = Annotated[
-    Optional[str],
-    typer.Option("--cost-unit", help="Price costs in 'bench-seconds', 'seconds' (as recorded) or 'price' instead of the ladder's default (price if every model has one, else bench-seconds once benchmarked, else seconds).", show_default=False),
-]
-NoLogOpt = Annotated[
-    bool,
-    typer.Option(
-        "--no-log",
-        help="Keep answered prompts out of the served-query log (see `cre log`); "
-        "`log_queries = false` in settings.toml turns the log off for good.",
-    ),
-]
-
-
-def _finite(value: float) -> float:
-    """Option callback: click's ranges let nan and inf through."""
-    import math
-
-    if not math.isfinite(value):
-        raise typer.BadParameter(f"{value} is not a finite number.")
-    return value
 
 
 def _version(value: bool) -> None:
@@ -109,120 +64,6 @@ def _root(
     ] = False,
 ) -> None:
     """Cluster, Route, Escalate."""
-
-
-def _model_config(models: Path | None):  # -> config.ModelConfig
-    from crecli import config
-
-    return config.load(models)
-
-
-# ---------------------------------------------------------------- models
-
-
-@models_app.command("list")
-def models_list(
-    models: ModelsOpt = None,
-    verify: Annotated[bool, typer.Option("--verify", help="Re-hash every file instead of trusting the stamp.")] = False,
-    json_: JsonOpt = False,
-) -> None:
-    """List the models: ladder rung, size, whether the file is present and verified, speed.
-
-    Examples:
-
-      cre models list
-
-      cre models list --json | jq '.[] | select(.verified | not) | .name'
-    """
-    from crecli.models import catalog
-
-    rows = catalog.rows(_model_config(models), deep=verify)
-    if json_:
-        from crecli.console import print_json
-
-        print_json(rows)
-        return
-    from crecli import render
-
-    render.models_table(rows)
-
-
-@models_app.command("pull")
-def models_pull(
-    names: Annotated[Optional[list[str]], typer.Argument(help="Models to pull (default: the whole ladder).", show_default=False)] = None,
-    models: ModelsOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Rebuild even if a verified file exists.")] = False,
-) -> None:
-    """Download, assemble and verify model files into the user cache dir.
-
-    A verified file is left alone, so a second run does nothing; a corrupt or partial file
-    is rebuilt.
-
-    Examples:
-
-      cre models pull
-
-      cre models pull gemma-3-270m
-    """
-    from crecli import render
-    from crecli.models.pull import pull_many
-
-    settings = _model_config(models)
-    render.pulled(pull_many([settings.get(n) for n in names or settings.ladder], force=force))
-
-
-@models_app.command("bench")
-def models_bench(
-    names: Annotated[Optional[list[str]], typer.Argument(help="Models to measure (default: the ladder).", show_default=False)] = None,
-    models: ModelsOpt = None,
-    pp_tokens: Annotated[int, typer.Option(min=1, help="Prompt tokens to process after the cached head (a short query's).")] = PP_TOKENS,
-    tg_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = TG_TOKENS,
-    repeats: Annotated[int, typer.Option(min=1, max=20, help="Rounds per model in this run; their median is this run's figure and their spread is reported.")] = REPEATS,
-    fresh: Annotated[bool, typer.Option("--fresh", help="Forget earlier runs of these models: price them by this run alone (after a hardware or build change).")] = False,
-    json_: JsonOpt = False,
-) -> None:
-    """Measure prompt-processing and generation tokens/s of each model on this machine.
-
-    Each model is first loaded and run in a child process, so a llama.cpp crash (for
-    example on some AMX Xeons) is reported with its cause and fix. Then every model is
-    measured in `--repeats` interleaved rounds, one model at a time, so a slow minute of a
-    shared machine slows them alike; prompts are timed as short queries after the cached
-    chat head. Rounds that disagree, or a busy machine, give a warning. Figures are stored
-    in the user data dir per file sha256 and thread count, and used as each model's cost:
-    the median of this run and the last few measured the same way, because a shared
-    machine's speed ratios drift from hour to hour (`--fresh` keeps only this run).
-
-    Examples:
-
-      cre models bench
-
-      cre models bench qwen2.5-coder-0.5b-instruct --json
-
-      cre models bench --fresh
-    """
-    from crecli import render
-    from crecli.models import bench
-
-    settings = _model_config(models)
-    speeds = bench.run(settings, names or settings.ladder, pp_tokens, tg_tokens, repeats, fresh)
-    if json_:
-        from dataclasses import asdict
-
-        from crecli.console import print_json
-
-        print_json([asdict(s) for s in speeds])
-    else:
-        render.bench_table(speeds)
-
-
-@models_app.command("path")
-def models_path() -> None:
-    """Print where crecli reads models.toml from and where model files go."""
-    from crecli import config, paths
-
-    typer.echo(f"shipped models.toml: {config.default_toml()}")
-    typer.echo(f"user models.toml:    {paths.user_models_toml()}")
-    typer.echo(f"model files:         {paths.models_dir()}")
 
 
 # ---------------------------------------------------------------- fit, inspect
@@ -243,7 +84,7 @@ def fit(
     max_fit_rows: Annotated[int, typer.Option(min=10, help="Larger logs are clustered on a sample of this many rows; the rest are assigned afterwards.")] = 20000,
     sample_per_cluster: Annotated[Optional[int], typer.Option(min=1, help="Run the models on at most N labelled queries per cluster (caps calibration cost).", show_default=False)] = None,
     k: Annotated[int, typer.Option("--k", min=1, max=MAX_VOTES, help="Votes recorded per model and query (1 greedy + k-1 samples). 1 is all the default deferral check needs; the agreement check (`cre calibrate --check agreement`) needs more, e.g. 5, at k times the model time.")] = DEFAULT_FIT_VOTES,
-    temperature: Annotated[float, typer.Option(min=0.0, max=MAX_TEMPERATURE, callback=_finite, help="Sampling temperature of votes 2..k.")] = 0.7,
+    temperature: Annotated[float, typer.Option(min=0.0, max=MAX_TEMPERATURE, callback=finite, help="Sampling temperature of votes 2..k.")] = 0.7,
     fmt: Annotated[Optional[str], typer.Option("--format", help="jsonl, csv or text (default: by file extension).", show_default=False)] = None,
     prompt_field: Annotated[str, typer.Option(help="Field holding the prompt.")] = "prompt",
     reference_field: Annotated[str, typer.Option(help="Field holding the reference answer(s).")] = "reference",
@@ -300,7 +141,7 @@ def fit(
         skip_bad=skip_bad, store=store, truth_field=truth_field, set_default=set_default,
         served=served, served_logs=list(served_log or []), shots=_shot_counts(shots),
     )
-    report = run_fit(log, output, _model_config(models), _budget(retain, max_cost), options)
+    report = run_fit(log, output, load_models(models), _budget(retain, max_cost), options)
     render.fit_report(report, json_)
 
 
@@ -340,7 +181,7 @@ def inspect(
     """
     from crecli import render, routerfile
 
-    loaded = routerfile.load(_router_path(router), _model_config(models), force=force)
+    loaded = routerfile.load(resolve_router(router), load_models(models), force=force)
     render.inspect_router(loaded, json_)
 
 
@@ -381,7 +222,7 @@ def calibrate(
     """
     from crecli import calibrate as calibration, render
 
-    settings, budget = _model_config(models), _budget(retain, max_cost)
+    settings, budget = load_models(models), _budget(retain, max_cost)
     cal, target = calibration.run(
         router, settings, budget, log=log, output=output, store=store, max_line_bytes=max_prompt_bytes,
         n_folds=folds, seed=seed, force=force, check=check, votes=votes, unit=cost_unit,
@@ -420,7 +261,7 @@ def eval_(
     from crecli import evaluate, render
 
     report = evaluate.run(
-        log, _router_path(router), _model_config(models), store=store, plot=plot, run_live=live,
+        log, resolve_router(router), load_models(models), store=store, plot=plot, run_live=live,
         skip_bad=skip_bad, max_line_bytes=max_prompt_bytes, force=force, unit=cost_unit,
     )
     if plot:
@@ -452,7 +293,7 @@ def ask(
     explain: Annotated[bool, typer.Option("--explain", help="Write the trace to stderr: cluster, models tried, agreement, tokens, seconds, why it escalated.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Use the router even if the model files differ from the ones it was fitted with.")] = False,
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate (with --model).")] = 64,
-    temperature: Annotated[float, typer.Option(min=0.0, callback=_finite, help="Sampling temperature, 0 is greedy (with --model).")] = 0.0,
+    temperature: Annotated[float, typer.Option(min=0.0, callback=finite, help="Sampling temperature, 0 is greedy (with --model).")] = 0.0,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON on stdout for scripts: the whole trace when routed.")] = False,
     no_log: NoLogOpt = False,
 ) -> None:
@@ -482,7 +323,7 @@ def ask(
         from crecli.models.backend import GenParams
         from crecli.models.registry import generate_once
 
-        gen = generate_once(_model_config(models).get(model), text, GenParams(max_tokens=max_tokens, temperature=temperature))
+        gen = generate_once(load_models(models).get(model), text, GenParams(max_tokens=max_tokens, temperature=temperature))
         render.answer(model, gen, json_)
         return
     from crecli import paths, servedlog
@@ -561,7 +402,7 @@ def batch(
     )
     done = read_done_ids(resume) if resume is not None else set()
     budget = parse_size(memory_budget) if memory_budget is not None else None
-    router_path = _router_path(router)
+    router_path = resolve_router(router)
     served = servedlog.for_command("batch", no_log, router_path)
     with Cascade.from_file(router_path, models, force=force, memory_budget_bytes=budget, parallel=parallel) as cascade:
         if file is None:
@@ -591,10 +432,10 @@ def serve(
     models: ModelsOpt = None,
     memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Keep models loaded within this much memory, e.g. 4GB, counting each model's file and its snapshots of answered examples (default: no limit).", show_default=False)] = None,
     max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait behind the one being answered; more get 429 with Retry-After.")] = DEFAULT_MAX_QUEUE,
-    timeout: Annotated[float, typer.Option("--timeout", min=0.001, callback=_finite, help="Seconds from a request's arrival (queue time included) to its answer; then 504.")] = DEFAULT_TIMEOUT,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.001, callback=finite, help="Seconds from a request's arrival (queue time included) to its answer; then 504.")] = DEFAULT_TIMEOUT,
     max_body: Annotated[int, typer.Option("--max-body", min=1024, help="Largest request body in bytes; a larger one gets 413 before it is read.")] = DEFAULT_MAX_BODY,
-    header_timeout: Annotated[float, typer.Option("--header-timeout", min=0.001, callback=_finite, help="Seconds a client has to send a request's line and headers; then 408 and the connection closes.")] = DEFAULT_HEADER_TIMEOUT,
-    body_timeout: Annotated[float, typer.Option("--body-timeout", min=0.001, callback=_finite, help="Seconds a client has to send a request's body once its headers are in; then 408 and the connection closes.")] = DEFAULT_BODY_TIMEOUT,
+    header_timeout: Annotated[float, typer.Option("--header-timeout", min=0.001, callback=finite, help="Seconds a client has to send a request's line and headers; then 408 and the connection closes.")] = DEFAULT_HEADER_TIMEOUT,
+    body_timeout: Annotated[float, typer.Option("--body-timeout", min=0.001, callback=finite, help="Seconds a client has to send a request's body once its headers are in; then 408 and the connection closes.")] = DEFAULT_BODY_TIMEOUT,
     api_key_env: Annotated[Optional[str], typer.Option("--api-key-env", help="Environment variable holding an API key; then /v1/* needs `Authorization: Bearer <key>`.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Use the router even if the model files differ from the ones it was fitted with.")] = False,
     no_log: NoLogOpt = False,
@@ -627,7 +468,7 @@ def serve(
                                    header_timeout=header_timeout, body_timeout=body_timeout)
     budget = parse_size(memory_budget) if memory_budget is not None else None
     serving.run(
-        _router_path(router), models, options, force=force, memory_budget_bytes=budget, api_key_env=api_key_env,
+        resolve_router(router), models, options, force=force, memory_budget_bytes=budget, api_key_env=api_key_env,
         no_log=no_log,
     )
 
@@ -669,13 +510,6 @@ def log_(
     if output is not None and json_:
         raise CreError("give --json (entries on stdout) or -o FILE (entries in a file), not both")
     render.served_log(servedlog.query(last=last, since=since, output=output), json_)
-
-
-def _router_path(router: Path | None) -> Path:
-    """--router, else the user's default router, else the one crecli ships (`paths.router_in_use`)."""
-    from crecli import paths
-
-    return paths.router_in_use(router)[0]
 
 
 def _read_prompt(prompt: str) -> str:

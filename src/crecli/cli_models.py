@@ -1,0 +1,122 @@
+"""`cre models`: pull, verify, list and benchmark the ladder's GGUF models."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from crecli.cli_options import JsonOpt, ModelsOpt, load_models
+from crecli.models.bench import PP_TOKENS, REPEATS, TG_TOKENS
+
+models_app = typer.Typer(
+    help="Manage the model ladder: pull, verify, list and benchmark GGUF models.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+
+@models_app.command("list")
+def models_list(
+    models: ModelsOpt = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Re-hash every file instead of trusting the stamp.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """List the models: ladder rung, size, whether the file is present and verified, speed.
+
+    Examples:
+
+      cre models list
+
+      cre models list --json | jq '.[] | select(.verified | not) | .name'
+    """
+    from crecli.models import catalog
+
+    rows = catalog.rows(load_models(models), deep=verify)
+    if json_:
+        from crecli.console import print_json
+
+        print_json(rows)
+        return
+    from crecli import render
+
+    render.models_table(rows)
+
+
+@models_app.command("pull")
+def models_pull(
+    names: Annotated[Optional[list[str]], typer.Argument(help="Models to pull (default: the whole ladder).", show_default=False)] = None,
+    models: ModelsOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if a verified file exists.")] = False,
+) -> None:
+    """Download, assemble and verify model files into the user cache dir.
+
+    A verified file is left alone, so a second run does nothing; a corrupt or partial file
+    is rebuilt.
+
+    Examples:
+
+      cre models pull
+
+      cre models pull gemma-3-270m
+    """
+    from crecli import render
+    from crecli.models.pull import pull_many
+
+    settings = load_models(models)
+    render.pulled(pull_many([settings.get(n) for n in names or settings.ladder], force=force))
+
+
+@models_app.command("bench")
+def models_bench(
+    names: Annotated[Optional[list[str]], typer.Argument(help="Models to measure (default: the ladder).", show_default=False)] = None,
+    models: ModelsOpt = None,
+    pp_tokens: Annotated[int, typer.Option(min=1, help="Prompt tokens to process after the cached head (a short query's).")] = PP_TOKENS,
+    tg_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = TG_TOKENS,
+    repeats: Annotated[int, typer.Option(min=1, max=20, help="Rounds per model in this run; their median is this run's figure and their spread is reported.")] = REPEATS,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Forget earlier runs of these models: price them by this run alone (after a hardware or build change).")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Measure prompt-processing and generation tokens/s of each model on this machine.
+
+    Each model is first loaded and run in a child process, so a llama.cpp crash (for
+    example on some AMX Xeons) is reported with its cause and fix. Then every model is
+    measured in `--repeats` interleaved rounds, one model at a time, so a slow minute of a
+    shared machine slows them alike; prompts are timed as short queries after the cached
+    chat head. Rounds that disagree, or a busy machine, give a warning. Figures are stored
+    in the user data dir per file sha256 and thread count, and used as each model's cost:
+    the median of this run and the last few measured the same way, because a shared
+    machine's speed ratios drift from hour to hour (`--fresh` keeps only this run).
+
+    Examples:
+
+      cre models bench
+
+      cre models bench qwen2.5-coder-0.5b-instruct --json
+
+      cre models bench --fresh
+    """
+    from crecli import render
+    from crecli.models import bench
+
+    settings = load_models(models)
+    speeds = bench.run(settings, names or settings.ladder, pp_tokens, tg_tokens, repeats, fresh)
+    if json_:
+        from dataclasses import asdict
+
+        from crecli.console import print_json
+
+        print_json([asdict(s) for s in speeds])
+    else:
+        render.bench_table(speeds)
+
+
+@models_app.command("path")
+def models_path() -> None:
+    """Print where crecli reads models.toml from and where model files go."""
+    from crecli import config, paths
+
+    typer.echo(f"shipped models.toml: {config.default_toml()}")
+    typer.echo(f"user models.toml:    {paths.user_models_toml()}")
+    typer.echo(f"model files:         {paths.models_dir()}")
