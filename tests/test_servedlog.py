@@ -257,15 +257,17 @@ def test_cre_serve_prices_each_answer_once_for_its_response_and_its_log_entry(
 
     from crecli.serve_app import create_app
 
+    from crecli import live
+
     install(fake_backends, TABLE)
-    priced: list[Trace] = []
-    cost_of = Cascade.cost_of
+    priced: list[Any] = []
+    price_steps = live.price_steps
 
-    def counted(self: Cascade, trace: Trace) -> float | None:
-        priced.append(trace)
-        return cost_of(self, trace)
+    def counted(pricing: Any, runs: Any) -> list[float | None]:
+        priced.append(runs)
+        return price_steps(pricing, runs)
 
-    monkeypatch.setattr(Cascade, "cost_of", counted)
+    monkeypatch.setattr(live, "price_steps", counted)
     log = ServedLog(tmp_path / "served.jsonl", "serve")
     cascade = Cascade(make_router(), config.load(tiny_models_toml))
     with TestClient(create_app(cascade, served=log)) as client:

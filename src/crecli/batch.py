@@ -32,7 +32,9 @@ from crecli.querylog import FieldMap, LongLine, Record, parse_batch_line, read_l
 from crecli.safejson import has_surrogate, replace_surrogates
 
 if TYPE_CHECKING:
-    from crecli.escalate import Cascade, Pending, Trace
+    from crecli.escalate import Cascade
+    from crecli.live import Pending
+    from crecli.trace import Trace
     from crecli.servedlog import ServedLog
 
 

@@ -23,198 +23,27 @@ come from `costs` (`Cascade.cost_of`, `cost_of_run`, `strongest_cost_of_run`).
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from crecli import grading
 from crecli.costs import Pricing, estimate_strongest, prefix_key, price_steps, share_prefixes
 from crecli.errors import CreError, RouterFileError
-from crecli.ladder import AGREEMENT, DEFERRAL, GREEDY, Climb, Policy, Rung, Verdict, judge, step, walk
+from crecli.ladder import Climb, Policy, step, walk
+# Re-exported: the live trace records and the one-rung check, where callers have long found them.
+from crecli.live import LiveSource, LiveVotes, Pending, check  # noqa: F401
+from crecli.trace import Step, Trace  # noqa: F401
 from crecli.models.backend import GenParams
 from crecli.models.prompting import render
 from crecli.models.registry import ModelPool
-from crecli.quality import deferral_features, vote_params
+from crecli.quality import vote_params
 from crecli.route import RouteDecision, route, route_many
 
 if TYPE_CHECKING:
     from crecli.config import ModelConfig
-    from crecli.models.backend import Backend, Generation, Signals
-    from crecli.quality import Deferral, QualityCheck
+    from crecli.models.backend import Backend
+    from crecli.quality import QualityCheck
     from crecli.routerfile import RouterFile
-
-
-@dataclass
-class Step:
-    """One rung's quality check."""
-
-    model: str
-    votes: list[str]  # raw texts, in the order drawn (greedy first)
-    normalized: list[str]  # what was voted on
-    agreement: float  # majority share among the votes drawn
-    used: int  # votes drawn before the decision was fixed
-    threshold: float
-    accepted: bool  # the majority reached the threshold
-    answer: str  # raw text (stripped) of the first vote that gave the majority
-    prompt_tokens: int  # the prompt is processed once per model, so counted once
-    output_tokens: int  # of every vote drawn
-    greedy_output_tokens: int  # of the greedy vote alone: an answer without the check
-    seconds: float
-    why: str  # why the cascade stopped here or moved on
-    p_correct: float | None = None  # the deferral model's estimate (routers calibrated with it)
-    # Of prompt_tokens, the cluster's answered examples (`Backend.shot_tokens`): every prompt
-    # of the cluster on this model shares them, so a batch processes them once.
-    prefix_tokens: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class LiveVotes:
-    """A rung's votes for one prompt, generated on demand by a model backend (`ladder.Votes`).
-
-    Vote 0 is the greedy answer (or `greedy`, already decoded ahead by `Cascade.decode_greedy`
-    with the same parameters); later votes are sampled, a wave at a time in one
-    `Backend.sample_many` call, which the llama.cpp backend decodes as parallel sequences.
-    It keeps what a `Step` reports: the raw texts, tokens, seconds and the greedy signals.
-    """
-
-    def __init__(self, backend: "Backend", prompt: str, quality: "QualityCheck", max_tokens: int,
-                 answer_type: str | None, shots: Sequence[tuple[str, str]] = (), greedy: "Generation | None" = None) -> None:
-        self.backend, self.prompt, self.quality = backend, prompt, quality
-        self.max_tokens, self.answer_type, self.shots = max_tokens, answer_type, tuple(shots)
-        self.greedy = greedy
-        self.texts: list[str] = []
-        self.normalized: list[str] = []
-        self.prompt_tokens = self.output_tokens = self.greedy_output_tokens = 0
-        self.seconds = 0.0
-        self.signals: "Signals | None" = None
-        self.cut = False
-
-    def _params(self, index: int) -> "GenParams":
-        return vote_params(self.quality, index, self.max_tokens, self.prompt, self.shots)
-
-    def more(self, count: int) -> list[str]:
-        start = len(self.texts)
-        if start == 0:
-            gens = [self.greedy if self.greedy is not None else self.backend.generate(self.prompt, self._params(0))]
-            gens += self.backend.sample_many(self.prompt, [self._params(i) for i in range(1, count)]) if count > 1 else []
-        else:
-            gens = self.backend.sample_many(self.prompt, [self._params(start + j) for j in range(count)])
-        for gen in gens:
-            self.texts.append(gen.text)
-            self.normalized.append(grading.normalize(gen.text, self.answer_type))
-            if len(self.texts) == 1:
-                self.prompt_tokens, self.greedy_output_tokens = gen.prompt_tokens, gen.output_tokens
-                # As the replay judges recorded votes, which keep token counts, not finish reasons.
-                self.signals, self.cut = gen.signals, gen.output_tokens >= self.max_tokens
-            self.output_tokens += gen.output_tokens
-            self.seconds += gen.seconds
-        return self.normalized[start:]
-
-    def p_correct(self, rung: Rung, answers: Sequence[str]) -> float:
-        assert rung.deferral is not None, "a deferral rung carries its P(correct) model"
-        return rung.deferral.p_correct(deferral_features(self.signals, answers, self.cut, rung.prior))
-
-    def step(self, rung: Rung, verdict: Verdict) -> "Step":
-        """What the rung did, for the trace; `why` says why it kept the answer or not."""
-        if rung.check == GREEDY:
-            why = "greedy answer of the top rung"
-        elif rung.check == DEFERRAL:
-            p = verdict.p_correct if verdict.p_correct is not None else 0.0
-            why = (f"P(correct) {p:.2f} {'>=' if p >= rung.threshold else '<'} threshold {rung.threshold:.2f}"
-                   + ("" if verdict.answer else "; the answer is empty"))
-        else:
-            majority = Counter(self.normalized[: verdict.used])[verdict.answer]
-            share = f"agreement {verdict.agreement:.2f} ({majority}/{verdict.used})"
-            why = f"{share} >= threshold {rung.threshold:.2f}" if verdict.kept else f"{share} < threshold {rung.threshold:.2f}"
-        params = self._params(0)
-        prefix = self.backend.shot_tokens(self.prompt, params, self.prompt_tokens) if self.shots else 0
-        return Step(
-            model=self.backend.spec.name, votes=self.texts, normalized=self.normalized, agreement=verdict.agreement,
-            used=verdict.used, threshold=rung.threshold, accepted=verdict.kept, answer=self.texts[verdict.index].strip(),
-            prompt_tokens=self.prompt_tokens, output_tokens=self.output_tokens,
-            greedy_output_tokens=self.greedy_output_tokens, seconds=self.seconds, why=why, p_correct=verdict.p_correct,
-            prefix_tokens=prefix,
-        )
-
-
-def check(
-    backend: "Backend",
-    prompt: str,
-    settings: "QualityCheck",
-    threshold: float,
-    max_tokens: int,
-    answer_type: str | None,
-    greedy: "Generation | None" = None,
-    deferral: "Deferral | None" = None,
-    votes_wanted: int = 1,
-    prior: float = 0.5,
-    shots: Sequence[tuple[str, str]] = (),
-) -> Step:
-    """One rung's check of `prompt` on `backend`, as the cascade runs it below the top
-    (`ladder.judge` on `LiveVotes`): self-consistency, or with `deferral` the P(correct)
-    check on `votes_wanted` votes and the cluster `prior`. For the benches and tests."""
-    if deferral is not None:
-        rung = Rung(backend.spec.name, DEFERRAL, threshold, False, votes=max(1, votes_wanted), deferral=deferral, prior=prior)
-    else:
-        rung = Rung(backend.spec.name, AGREEMENT, threshold, False, settings.k, settings.early_stop)
-    votes = LiveVotes(backend, prompt, settings, max_tokens, answer_type, shots, greedy)
-    return votes.step(rung, judge(rung, votes))
-
-
-@dataclass
-class Trace:
-    """Everything the cascade did for one prompt; `to_dict()` is JSON-ready."""
-
-    id: str | None
-    cluster: int
-    distance: float
-    route_reason: str
-    route_seconds: float
-    answer_type: str | None
-    start_model: str
-    familiar: bool = True  # `RouteDecision.familiar`: the router's log had queries like this prompt
-    steps: list[Step] = field(default_factory=list)
-    answer: str = ""
-    model: str = ""
-    agreement: float = 0.0
-    p_correct: float | None = None  # of the answering rung, when the router has a deferral model
-    escalations: int = 0
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    seconds: float = 0.0  # routing plus generation; model loading is not counted
-    correct: bool | None = None  # only when a reference was given
-
-    @property
-    def fallback(self) -> bool:
-        return self.cluster < 0
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["fallback"] = self.fallback
-        return data
-
-
-@dataclass
-class Pending:
-    """A prompt partway up the ladder; `Cascade.advance` moves it one rung."""
-
-    prompt: str
-    match: str | None
-    reference: list[str] | None
-    climb: Climb  # where the ladder engine stands, each rung's policy resolved once
-    trace: Trace
-    greedy: "Generation | None" = None  # vote 0 on the current rung, decoded ahead (`decode_greedy`)
-
-    @property
-    def rung(self) -> int:
-        return self.climb.rung
-
-    @property
-    def done(self) -> bool:
-        return self.climb.done
 
 
 class Cascade:
@@ -362,8 +191,8 @@ class Cascade:
         rung's policy for it (its cluster's thresholds and priors) is resolved here, once."""
         if decision is None:
             decision = self.route(prompt)
-        info = self.router.cluster(decision.cluster) if decision.cluster >= 0 else None
-        answer_type = match or (info.answer_type if info is not None else None)
+        settings = self.router.settings_for(decision.cluster, decision.distance)
+        answer_type = match or settings.answer_type
         if isinstance(reference, str):
             reference = [reference]
         trace = Trace(
@@ -376,10 +205,8 @@ class Cascade:
             start_model=decision.model,
             familiar=decision.familiar,
         )
-        rungs = self.policy.rungs(
-            info.thresholds if info is not None else None,
-            lambda model: self.router.prior(decision.cluster, model, decision.distance),
-        )
+        rungs = self.policy.rungs(settings.thresholds, settings.priors, settings.shots,
+                                  grading.max_tokens_for(answer_type))
         return Pending(
             prompt=prompt,
             match=match,
@@ -411,9 +238,9 @@ class Cascade:
             members: list[Pending] = []
             params = []
             for p in group:
+                current = p.climb.current
                 try:
-                    params.append(vote_params(self.quality, 0, grading.max_tokens_for(p.trace.answer_type), p.prompt,
-                                              self.router.shots(p.trace.cluster, self.ladder[rung])))
+                    params.append(vote_params(self.quality, 0, current.max_tokens, p.prompt, current.shots))
                 except CreError:
                     continue
                 members.append(p)
@@ -428,46 +255,18 @@ class Cascade:
                 if not isinstance(gen, CreError):
                     p.greedy = gen
 
-    def _votes(self, pending: Pending) -> LiveVotes:
-        """The current rung's votes for `pending`, drawn from the rung's model."""
-        trace = pending.trace
-        name = pending.climb.current.model
-        greedy, pending.greedy = pending.greedy, None
-        return LiveVotes(self.pool.get(self.specs[name]), pending.prompt, self.quality,
-                         grading.max_tokens_for(trace.answer_type), trace.answer_type,
-                         self.router.shots(trace.cluster, name), greedy)
+    def _source(self, pending: Pending) -> LiveSource:
+        return LiveSource(pending, self.pool, self.specs, self.quality, self.pricing)
 
     def advance(self, pending: Pending) -> bool:
         """Run the check on the pending prompt's current rung (`ladder.step`); True once its
-        answer is final."""
-        votes = self._votes(pending)
+        answer is final. `cre batch` steps many prompts this way, rung by rung."""
+        source = self._source(pending)
         rung = pending.climb.current
+        votes = source.votes_for(rung)
         final = step(pending.climb, votes)
-        self._record(pending, rung, pending.climb.verdicts[-1][1], votes)
+        source.after(rung, pending.climb.verdicts[-1][1], votes)
         return final
-
-    def _record(self, pending: Pending, rung: Rung, verdict: Verdict, votes: LiveVotes) -> None:
-        s = votes.step(rung, verdict)
-        if not verdict.kept:
-            s.why += "; top rung, so its answer is final" if rung.top else f": escalate to {self.ladder[pending.rung]}"
-        pending.trace.steps.append(s)
-        if pending.done:
-            self._finish(pending, s)
-
-    def _finish(self, pending: Pending, step: Step) -> None:
-        trace = pending.trace
-        trace.answer = step.answer
-        trace.model = step.model
-        trace.agreement = step.agreement
-        trace.p_correct = step.p_correct
-        trace.escalations = len(trace.steps) - 1
-        trace.prompt_tokens = sum(s.prompt_tokens for s in trace.steps)
-        trace.output_tokens = sum(s.output_tokens for s in trace.steps)
-        trace.seconds = trace.route_seconds + sum(s.seconds for s in trace.steps)
-        if pending.reference is not None:
-            # Like the query log, a reference without a match type is compared as exact text.
-            match = pending.match or trace.answer_type or "exact"
-            trace.correct = grading.grade(trace.answer, pending.reference, match)
 
     def ask(
         self,
@@ -479,8 +278,8 @@ class Cascade:
     ) -> Trace:
         """Answer one prompt through the cascade (`ladder.walk`) and return the trace of every step."""
         pending = self.begin(prompt, match, reference, id=id)
-        walk(pending.climb, lambda rung: self._votes(pending),
-             lambda rung, verdict, votes: self._record(pending, rung, verdict, votes))  # type: ignore[arg-type]
+        source = self._source(pending)
+        walk(pending.climb, source.votes_for, source.after)
         return pending.trace
 
     def close(self) -> None:

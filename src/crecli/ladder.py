@@ -51,6 +51,10 @@ class Rung:
     votes: int = 1  # deferral: votes drawn (1: the greedy answer alone)
     deferral: "Deferral | None" = None  # deferral: the rung's P(correct) model
     prior: float = 0.5  # deferral: the query's cluster prior for this model
+    # What the rung's model is shown and may write: its cluster's answered examples and the
+    # answer type's token cap. A live source uses them; recorded votes already reflect them.
+    shots: tuple[tuple[str, str], ...] = ()
+    max_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -157,10 +161,13 @@ class Policy:
     def rungs(
         self,
         overrides: Mapping[str, float] | None = None,
-        prior: Callable[[str], float] | None = None,
+        priors: Mapping[str, float] | None = None,
+        shots: Mapping[str, tuple[tuple[str, str], ...]] | None = None,
+        max_tokens: int = 0,
     ) -> list[Rung]:
-        """Every rung's policy for one query: `overrides` are its cluster's own thresholds,
-        `prior(model)` its cluster prior for the deferral check."""
+        """Every rung's policy for one query, resolved once: `overrides` are its cluster's own
+        thresholds, `priors` its cluster priors per model for the deferral check, `shots` the
+        answered examples each model is shown, `max_tokens` its answer type's cap."""
         last = len(self.ladder) - 1
         out = []
         for i, model in enumerate(self.ladder):
@@ -168,12 +175,14 @@ class Policy:
             # top rung); judging one without a threshold is an error (`judge`).
             threshold = overrides.get(model, self.thresholds.get(model, math.nan)) if overrides else \
                 self.thresholds.get(model, math.nan)
+            shown = shots.get(model, ()) if shots else ()
             if self.deferral_votes is None:
-                out.append(Rung(model, AGREEMENT, threshold, i == last, self.quality.k, self.quality.early_stop))
+                out.append(Rung(model, AGREEMENT, threshold, i == last, self.quality.k, self.quality.early_stop,
+                                shots=shown, max_tokens=max_tokens))
             elif i == last:
-                out.append(Rung(model, GREEDY, threshold, True))
+                out.append(Rung(model, GREEDY, threshold, True, shots=shown, max_tokens=max_tokens))
             else:
                 out.append(Rung(model, DEFERRAL, threshold, False, votes=self.deferral_votes,
                                 deferral=self.deferral_models.get(model),
-                                prior=prior(model) if prior is not None else 0.5))
+                                prior=priors.get(model, 0.5) if priors else 0.5, shots=shown, max_tokens=max_tokens))
         return out

@@ -26,7 +26,7 @@ from crecli.querylog import MAX_LINE_BYTES
 from crecli.safejson import JsonError, json_type, loads
 
 if TYPE_CHECKING:
-    from crecli.escalate import Trace
+    from crecli.trace import Trace
     from crecli.models.backend import Generation
 
 # A prompt may be as long as a query-log line (one cap for both).

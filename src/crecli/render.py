@@ -108,7 +108,7 @@ def answer(model: str, gen: "Generation", as_json: bool) -> None:
 
 if TYPE_CHECKING:
     from crecli.batch import BatchSummary
-    from crecli.escalate import Trace
+    from crecli.trace import Trace
 
 
 def _clip(text: str, width: int = 24) -> str:

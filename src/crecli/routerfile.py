@@ -110,6 +110,16 @@ class FitRecord:
         return {**self.extra, **data}
 
 
+@dataclass(frozen=True)
+class QuerySettings:
+    """What a router says about one query, per model (`RouterFile.settings_for`)."""
+
+    thresholds: dict[str, float]  # the cluster's own, over the router's
+    priors: dict[str, float]  # the deferral check's prior per model (empty without one)
+    shots: dict[str, tuple[tuple[str, str], ...]]  # answered examples shown, per model (none: absent)
+    answer_type: str | None  # the cluster's
+
+
 @dataclass
 class RouterFile:
     schema_version: int
@@ -154,6 +164,19 @@ class RouterFile:
             return overall
         weight = trust(distance, self.assigner.radius(cid), self.assigner.threshold_)
         return blend_prior(info.stats[model]["shrunk_accuracy"], overall, weight)
+
+    def settings_for(self, cid: int, distance: float | None = None) -> "QuerySettings":
+        """Everything the router says about a query of cluster `cid` at `distance`, per model,
+        in one call: the cluster's own thresholds, its deferral priors (`prior`), the answered
+        examples each model is shown (`shots`) and the cluster's answer type."""
+        info = self.cluster(cid) if cid >= 0 else None
+        names = self.ladder_names
+        return QuerySettings(
+            thresholds=dict(info.thresholds) if info is not None else {},
+            priors={m: self.prior(cid, m, distance) for m in names} if self.deferral is not None else {},
+            shots={m: shown for m in names if (shown := self.shots(cid, m))},
+            answer_type=info.answer_type if info is not None else None,
+        )
 
     def shots(self, cid: int, model: str) -> tuple[tuple[str, str], ...]:
         """The answered examples `model` is shown before a prompt of cluster `cid` (none when unclustered)."""

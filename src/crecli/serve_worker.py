@@ -160,12 +160,11 @@ def cascade_job(cascade: "Cascade", query: Query, ticket: Ticket, served: "Serve
     if not ticket.claim():
         raise _Abandoned
     trace = pending.trace
-    # Priced once, for the response and the log entry alike.
-    cost = cascade.cost_of(trace)
     if served is not None:
         # On the worker thread, so the event loop never waits on the disk.
-        served.record(query.prompt, trace, cascade, cost=cost)
-    return cascade_answer(trace, cost, cascade.pricing.unit, query.stop)
+        served.record(query.prompt, trace, cascade)
+    # Priced once when the answer was final (`live.Trace.cost`), for the response and the log alike.
+    return cascade_answer(trace, trace.cost, trace.cost_unit, query.stop)
 
 
 def model_job(cascade: "Cascade", query: Query) -> Answer:

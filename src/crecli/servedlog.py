@@ -41,7 +41,8 @@ from crecli.errors import ConfigError, InputError
 from crecli.safejson import has_surrogate, replace_surrogates
 
 if TYPE_CHECKING:
-    from crecli.escalate import Cascade, Trace
+    from crecli.escalate import Cascade
+    from crecli.trace import Trace
 
 SCHEMA = 1
 # Where the log lives is `paths`' to say (it lists every file crecli keeps).
@@ -139,28 +140,20 @@ class ServedLog:
     failed: bool = False  # a write failed (and was warned about); later failures stay quiet
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def record(
-        self, prompt: str, trace: "Trace", cascade: "Cascade | None" = None, cost: float | None = None
-    ) -> None:
-        """Append the entry for one answered prompt; never raises. `cost`: see `entry`."""
+    def record(self, prompt: str, trace: "Trace", cascade: "Cascade | None" = None) -> None:
+        """Append the entry for one answered prompt; never raises."""
         if not self.enabled:
             return
         try:
-            entry = self.entry(prompt, trace, cascade, cost)
+            entry = self.entry(prompt, trace, cascade)
         except Exception as exc:  # noqa: BLE001 - a log entry must never cost the answer
             self._warn(f"could not build the served-query log entry ({type(exc).__name__}: {exc})")
             return
         self.append(entry)
 
-    def entry(
-        self, prompt: str, trace: "Trace", cascade: "Cascade | None" = None, cost: float | None = None
-    ) -> dict[str, Any]:
-        """The log entry for one answered prompt. `cost` is the trace's price when the caller has
-        it already (`cre serve` prices each answer once, for its response and this entry);
-        otherwise the cascade prices the trace here."""
-        if cost is None and cascade is not None:
-            cost = cascade.cost_of(trace)
-        unit = cascade.pricing.unit if cascade is not None else None
+    def entry(self, prompt: str, trace: "Trace", cascade: "Cascade | None" = None) -> dict[str, Any]:
+        """The log entry for one answered prompt. Its cost is the trace's own, priced once when
+        its answer was final (`live.Trace.cost`), the figure `cre serve` also answers with."""
         return {
             "schema": SCHEMA,
             "time": _now(),
@@ -171,8 +164,8 @@ class ServedLog:
             "cluster": trace.cluster,
             "escalations": trace.escalations,
             "agreement": trace.agreement,
-            "cost": cost,
-            "cost_unit": unit,
+            "cost": trace.cost,
+            "cost_unit": trace.cost_unit or None,
             "router": str(self.router.resolve()) if self.router is not None else None,
             # The digest of the bytes the cascade loaded at startup, not of whatever the path
             # holds now: a router replaced while `cre serve` runs must not get the credit.

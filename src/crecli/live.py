@@ -1,0 +1,190 @@
+"""The live side of the ladder engine: votes drawn from models, and the trace they leave.
+
+`LiveVotes` draws a rung's votes from its model for `ladder.judge`: vote 0 is the greedy
+answer (or one decoded ahead, `escalate.Cascade.decode_greedy`), later votes are sampled a
+wave at a time (`quality.wave`) in one `Backend.sample_many` call, which the llama.cpp
+backend decodes as parallel sequences over the prompt's KV cells. `LiveSource` is what the
+engine walks a pending prompt with (`votes_for`, `after`): it records each rung's `Step` in
+the prompt's `Trace`, and once the answer is final, its totals and its cost, priced once
+(`costs.price_steps`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from crecli import grading
+from crecli.costs import Pricing, price_steps
+from crecli.ladder import AGREEMENT, DEFERRAL, GREEDY, Climb, Rung, Verdict, judge
+from crecli.quality import deferral_features, vote_params
+from crecli.trace import Step, Trace
+
+if TYPE_CHECKING:
+    from crecli.config import ModelSpec
+    from crecli.models.backend import Backend, Generation, GenParams, Signals
+    from crecli.models.registry import ModelPool
+    from crecli.quality import Deferral, QualityCheck
+
+
+class LiveVotes:
+    """A rung's votes for one prompt, generated on demand by a model backend (`ladder.Votes`).
+
+    Vote 0 is the greedy answer (or `greedy`, already decoded ahead by `Cascade.decode_greedy`
+    with the same parameters); later votes are sampled, a wave at a time in one
+    `Backend.sample_many` call, which the llama.cpp backend decodes as parallel sequences.
+    It keeps what a `Step` reports: the raw texts, tokens, seconds and the greedy signals.
+    """
+
+    def __init__(self, backend: "Backend", prompt: str, quality: "QualityCheck", rung: Rung,
+                 answer_type: str | None, greedy: "Generation | None" = None) -> None:
+        self.backend, self.prompt, self.quality = backend, prompt, quality
+        self.max_tokens, self.answer_type, self.shots = rung.max_tokens, answer_type, rung.shots
+        self.greedy = greedy
+        self._greedy_params = vote_params(quality, 0, rung.max_tokens, prompt, rung.shots)
+        self.texts: list[str] = []
+        self.normalized: list[str] = []
+        self.prompt_tokens = self.output_tokens = self.greedy_output_tokens = 0
+        self.seconds = 0.0
+        self.signals: "Signals | None" = None
+        self.cut = False
+
+    def _params(self, index: int) -> "GenParams":
+        if index == 0:
+            return self._greedy_params
+        return vote_params(self.quality, index, self.max_tokens, self.prompt, self.shots)
+
+    def more(self, count: int) -> list[str]:
+        start = len(self.texts)
+        if start == 0:
+            gens = [self.greedy if self.greedy is not None else self.backend.generate(self.prompt, self._params(0))]
+            gens += self.backend.sample_many(self.prompt, [self._params(i) for i in range(1, count)]) if count > 1 else []
+        else:
+            gens = self.backend.sample_many(self.prompt, [self._params(start + j) for j in range(count)])
+        for gen in gens:
+            self.texts.append(gen.text)
+            self.normalized.append(grading.normalize(gen.text, self.answer_type))
+            if len(self.texts) == 1:
+                self.prompt_tokens, self.greedy_output_tokens = gen.prompt_tokens, gen.output_tokens
+                # As the replay judges recorded votes, which keep token counts, not finish reasons.
+                self.signals, self.cut = gen.signals, gen.output_tokens >= self.max_tokens
+            self.output_tokens += gen.output_tokens
+            self.seconds += gen.seconds
+        return self.normalized[start:]
+
+    def p_correct(self, rung: Rung, answers: Sequence[str]) -> float:
+        assert rung.deferral is not None, "a deferral rung carries its P(correct) model"
+        return rung.deferral.p_correct(deferral_features(self.signals, answers, self.cut, rung.prior))
+
+    def step(self, rung: Rung, verdict: Verdict) -> "Step":
+        """What the rung did, for the trace; `why` says why it kept the answer or not."""
+        if rung.check == GREEDY:
+            why = "greedy answer of the top rung"
+        elif rung.check == DEFERRAL:
+            p = verdict.p_correct if verdict.p_correct is not None else 0.0
+            why = (f"P(correct) {p:.2f} {'>=' if p >= rung.threshold else '<'} threshold {rung.threshold:.2f}"
+                   + ("" if verdict.answer else "; the answer is empty"))
+        else:
+            majority = Counter(self.normalized[: verdict.used])[verdict.answer]
+            share = f"agreement {verdict.agreement:.2f} ({majority}/{verdict.used})"
+            why = f"{share} >= threshold {rung.threshold:.2f}" if verdict.kept else f"{share} < threshold {rung.threshold:.2f}"
+        params = self._params(0)
+        prefix = self.backend.shot_tokens(self.prompt, params, self.prompt_tokens) if self.shots else 0
+        return Step(
+            model=self.backend.spec.name, votes=self.texts, normalized=self.normalized, agreement=verdict.agreement,
+            used=verdict.used, threshold=rung.threshold, accepted=verdict.kept, answer=self.texts[verdict.index].strip(),
+            prompt_tokens=self.prompt_tokens, output_tokens=self.output_tokens,
+            greedy_output_tokens=self.greedy_output_tokens, seconds=self.seconds, why=why, p_correct=verdict.p_correct,
+            prefix_tokens=prefix,
+        )
+
+
+def check(
+    backend: "Backend",
+    prompt: str,
+    settings: "QualityCheck",
+    threshold: float,
+    max_tokens: int,
+    answer_type: str | None,
+    greedy: "Generation | None" = None,
+    deferral: "Deferral | None" = None,
+    votes_wanted: int = 1,
+    prior: float = 0.5,
+    shots: Sequence[tuple[str, str]] = (),
+) -> Step:
+    """One rung's check of `prompt` on `backend`, as the cascade runs it below the top
+    (`ladder.judge` on `LiveVotes`): self-consistency, or with `deferral` the P(correct)
+    check on `votes_wanted` votes and the cluster `prior`. For the benches and tests."""
+    shown = tuple((str(q), str(a)) for q, a in shots)
+    if deferral is not None:
+        rung = Rung(backend.spec.name, DEFERRAL, threshold, False, votes=max(1, votes_wanted), deferral=deferral,
+                    prior=prior, shots=shown, max_tokens=max_tokens)
+    else:
+        rung = Rung(backend.spec.name, AGREEMENT, threshold, False, settings.k, settings.early_stop,
+                    shots=shown, max_tokens=max_tokens)
+    votes = LiveVotes(backend, prompt, settings, rung, answer_type, greedy)
+    return votes.step(rung, judge(rung, votes))
+
+
+@dataclass
+class Pending:
+    """A prompt partway up the ladder; `Cascade.advance` moves it one rung."""
+
+    prompt: str
+    match: str | None
+    reference: list[str] | None
+    climb: Climb  # where the ladder engine stands, each rung's policy resolved once
+    trace: Trace
+    greedy: "Generation | None" = None  # vote 0 on the current rung, decoded ahead (`decode_greedy`)
+
+    @property
+    def rung(self) -> int:
+        return self.climb.rung
+
+    @property
+    def done(self) -> bool:
+        return self.climb.done
+
+
+class LiveSource:
+    """What the ladder engine walks one pending prompt with, live: each rung's votes drawn
+    from its model (`votes_for`), each judged rung recorded as a `Step` (`after`), and once
+    the answer is final the trace's totals, its grade and its cost (priced once)."""
+
+    def __init__(self, pending: Pending, pool: "ModelPool", specs: Mapping[str, "ModelSpec"], quality: "QualityCheck",
+                 pricing: Pricing) -> None:
+        self.pending, self.pool, self.specs, self.quality, self.pricing = pending, pool, specs, quality, pricing
+
+    def votes_for(self, rung: Rung) -> LiveVotes:
+        pending = self.pending
+        greedy, pending.greedy = pending.greedy, None
+        return LiveVotes(self.pool.get(self.specs[rung.model]), pending.prompt, self.quality, rung,
+                         pending.trace.answer_type, greedy)
+
+    def after(self, rung: Rung, verdict: Verdict, votes: Any) -> None:
+        pending = self.pending
+        step = votes.step(rung, verdict)
+        if not verdict.kept:
+            climb = pending.climb
+            step.why += "; top rung, so its answer is final" if rung.top else f": escalate to {climb.current.model}"
+        pending.trace.steps.append(step)
+        if pending.done:
+            self._finish(step)
+
+    def _finish(self, step: Step) -> None:
+        pending, trace = self.pending, self.pending.trace
+        trace.answer = step.answer
+        trace.model = step.model
+        trace.agreement = step.agreement
+        trace.p_correct = step.p_correct
+        trace.escalations = len(trace.steps) - 1
+        trace.prompt_tokens = sum(s.prompt_tokens for s in trace.steps)
+        trace.output_tokens = sum(s.output_tokens for s in trace.steps)
+        trace.seconds = trace.route_seconds + sum(s.seconds for s in trace.steps)
+        trace.cost = price_steps(self.pricing, [(trace.cluster, trace.steps)])[0]
+        trace.cost_unit = self.pricing.unit
+        if pending.reference is not None:
+            # Like the query log, a reference without a match type is compared as exact text.
+            match = pending.match or trace.answer_type or "exact"
+            trace.correct = grading.grade(trace.answer, pending.reference, match)
