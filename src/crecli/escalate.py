@@ -122,7 +122,7 @@ class Cascade:
         examples among them, output). Its own counts where it ran; otherwise counted with its
         own tokenizer and prompt format (a base model's few-shot preamble is far longer than a
         chat template, so the answering model's counts would mislead), the output as the
-        final answer's text in its tokens. A runtime that cannot count without running (a
+        final answer written bare (`grading.bare_answer`) in its tokens. A runtime that cannot count without running (a
         remote server) gives the answering model's counts, its prompt scaled by how much longer
         the strongest model's prompt format renders it; prompt None when nothing ran."""
         top = self.strongest
@@ -136,13 +136,16 @@ class Cascade:
         shots = self.router.shots(trace.cluster, top)
         rendered = backend.prepare(prompt, GenParams(shots=shots))[0]
         counted = backend.count_tokens(rendered)
-        answer = backend.count_text_tokens(trace.answer)
+        # The final answer as the strongest model, told to reply with the bare answer, would
+        # write it ("(B)", the number, the text), not as a rambling base model did.
+        bare = grading.bare_answer(trace.answer, trace.answer_type) or trace.answer
+        answer = backend.count_text_tokens(bare)
         if counted is None or answer is None:
             theirs = len(render(self.specs[last.model].prompt_format, prompt).text)
             ours = len(render(self.specs[top].prompt_format, prompt).text)
             return round((last.prompt_tokens - last.prefix_tokens) * ours / max(1, theirs)), 0, last.greedy_output_tokens
-        bare = backend.count_tokens(backend.prepare(prompt, GenParams())[0]) if shots else counted
-        return counted, max(0, counted - (bare or counted)), answer
+        plain = backend.count_tokens(backend.prepare(prompt, GenParams())[0]) if shots else counted
+        return counted, max(0, counted - (plain or counted)), answer
 
     def _strongest_counter(self) -> "Backend":
         """A backend of the strongest model for counting tokens: the pool's where it is loaded,

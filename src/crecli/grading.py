@@ -119,6 +119,21 @@ def max_tokens_for(match: str | None) -> int:
     return _MAX_TOKENS[match]
 
 
+def bare_answer(text: str, match: str | None) -> str | None:
+    """`text` as the system prompt asks an answer to be written: "(B)" for an option letter,
+    a plain number, else the text stripped; None when it holds no answer of that type (or
+    the type, a regex, says nothing of the form). The one rule for the answered examples a
+    router shows and for what the strongest model's answer is estimated to take."""
+    if match == "regex":
+        return None
+    if match == "choice":
+        letter = normalize(text, "choice")
+        return f"({letter})" if letter else None
+    if match == "numeric":
+        return normalize(text, "numeric") or None
+    return text.strip() or None
+
+
 def normalize(text: str, match: str | None = None) -> str:
     """Canonical answer for grading and voting; the rules are in the module docstring."""
     if match is not None and match not in MATCH_TYPES:

@@ -29,15 +29,9 @@ Shots = tuple[tuple[str, str], ...]
 def exemplar_answer(record: "Record") -> str | None:
     """The answer an exemplar shows: its reference in the form the system prompt asks for
     ("(B)", a plain number, the text); None when it cannot be one (a regex, no reference)."""
-    if not record.reference or record.match in (None, "regex"):
+    if not record.reference or record.match is None:
         return None
-    ref = record.reference[0]
-    if record.match == "choice":
-        letter = grading.normalize(ref, "choice")
-        return f"({letter})" if letter else None
-    if record.match == "numeric":
-        return grading.normalize(ref, "numeric") or None
-    return ref.strip() or None
+    return grading.bare_answer(record.reference[0], record.match)
 
 
 def pick_exemplars(records: Sequence["Record"], n: int) -> list["Record"]:

@@ -1,0 +1,68 @@
+"""What always using the strongest model would have cost, as `cre batch`'s summary reports it.
+
+Issue 24: for a prompt the strongest model never saw, the estimate priced its answer with
+the answering model's counts (a base model's long few-shot prompt, scaled by text length,
+and its output tokens), and told a user they saved 44% where the clock said 23%. The
+strongest model's own tokenizer and prompt format count its prompt now, and the final
+answer in its tokens its output.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from crecli import config
+from crecli.costs import Pricing
+from crecli.escalate import Cascade
+from crecli.models.prompting import render
+from crecli.route import RouteDecision
+from crecli.routerfile import SCHEMA_VERSION, FitRecord, LadderEntry, RouterFile
+from crecli.quality import QualityCheck
+
+LADDER = ["small", "medium", "large"]
+PROMPT = "Which of these is a fruit? (A) stone (B) apple (C) chair"
+
+
+def _router() -> RouterFile:
+    return RouterFile(
+        schema_version=SCHEMA_VERSION, ladder=[LadderEntry(m, None, None) for m in LADDER], embedder=None,  # type: ignore[arg-type]
+        assigner=None, clusters=[], fallback_model="large", budget={"kind": "retain", "value": 0.98},  # type: ignore[arg-type]
+        quality=QualityCheck(k=1), thresholds={"small": 0.0, "medium": 0.6, "large": 0.0}, fit=FitRecord(),
+    )
+
+
+def test_the_estimate_counts_the_strongest_models_own_tokens(
+    tiny_models_toml: Path, fake_backends: Callable[..., Any], bench_speeds: Callable[..., None]
+) -> None:
+    # small is a base model ("completion": a long few-shot preamble) that rambles; large is
+    # a chat model. The fakes count a rendered prompt's words as its tokens.
+    fakes = fake_backends({"small": lambda text, p: "(B) because an apple is a fruit you can eat",
+                           "large": lambda text, p: "(B)"})
+    bench_speeds({"small": (400.0, 40.0), "medium": (100.0, 20.0), "large": (50.0, 10.0)})
+    with Cascade(_router(), config.load(tiny_models_toml)) as cascade:
+        assert cascade.pricing.unit == "bench-seconds"
+        pending = cascade.begin(PROMPT, "choice", decision=RouteDecision(-1, "small", 0.0, "test", 0.0))
+        while not cascade.advance(pending):
+            pass
+        trace = pending.trace
+        assert [s.model for s in trace.steps] == ["small"]
+        [estimate] = cascade.strongest_cost_of_run([trace], [PROMPT])
+        large = fakes["large"]
+        prompt_tokens = large.count_tokens(render("chatml", PROMPT))
+        answer_tokens = large.count_text_tokens("(B)")  # the answer written bare
+        want = Pricing.for_models(config.load(tiny_models_toml).ladder_specs()).tokens("large", prompt_tokens, answer_tokens)
+        assert estimate == want
+        # Not the answering model's counts: its preamble and its rambling are not the strongest's.
+        small_step = trace.steps[0]
+        assert prompt_tokens < small_step.prompt_tokens and answer_tokens < small_step.output_tokens
+
+        # Where the strongest model ran, its own counts price it.
+        ran = cascade.begin(PROMPT, "choice", decision=RouteDecision(-1, "large", 0.0, "test", 0.0))
+        while not cascade.advance(ran):
+            pass
+        [own] = cascade.strongest_cost_of_run([ran.trace], [PROMPT])
+        top = ran.trace.steps[0]
+        assert own == cascade.pricing.tokens("large", top.prompt_tokens, top.greedy_output_tokens)
+        # The cascade's own cost of that answer is the same figure: it is that answer.
+        assert cascade.cost_of(ran.trace) == own == ran.trace.cost
