@@ -1,0 +1,122 @@
+"""Does the saving `cre` reports match the clock?
+
+Issue 24's goal 3: take the same prompts answered by a router and by a router whose ladder is
+the strongest model alone; the ratio of their wall times, `cre batch`'s reported cost ratio
+and `cre eval`'s cost share should agree within 3 points. This prints all three from one run:
+
+1. splits a labelled log with a seed: `--test` queries to answer, the rest to fit on;
+2. fits and calibrates a router on the rest (`cre fit`, `cre calibrate`: the defaults), and
+   a router whose ladder is the strongest model alone (a models.toml with that ladder);
+3. answers the test queries with `cre batch` through each, interleaved (cascade, strongest,
+   cascade, strongest, ...: `--rounds`), timing each whole command;
+4. replays the cascade on the same queries with `cre eval` for its cost share.
+
+The wall times include loading the models and routing, as a user's batch does. Outcomes
+the store lacks for the fit part are collected first (that runs models, once).
+Run it alone (it runs real models):
+
+    flock /tmp/cre-cpu.lock .venv/bin/python bench/cost_vs_clock.py [--log examples/querylog-large.jsonl]
+        [--test 200] [--rounds 2] [--seed 0] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cre(*args: str, stdin: Path | None = None, stdout: Path | None = None) -> tuple[float, str, str]:
+    """Run `cre ARGS`; (wall seconds, stdout, stderr). Exits with the command's message on failure."""
+    cmd = [sys.executable, "-m", "crecli", *args]
+    print("$ cre " + " ".join(args), file=sys.stderr)
+    start = time.perf_counter()
+    with open(stdin, "rb") if stdin else open("/dev/null", "rb") as fin, \
+            (open(stdout, "w") if stdout else tempfile.TemporaryFile("w+")) as fout:
+        proc = subprocess.run(cmd, stdin=fin, stdout=fout, stderr=subprocess.PIPE, text=True)
+        took = time.perf_counter() - start
+        out = ""
+        if stdout is None:
+            fout.seek(0)
+            out = fout.read()
+    if proc.returncode not in (0, 3):
+        sys.exit(f"cre {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return took, out, proc.stderr
+
+
+def batch_summary(stderr: str) -> dict[str, Any]:
+    """The JSON summary `cre batch --json-summary` writes as its last stderr line."""
+    for line in reversed(stderr.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise SystemExit("cre batch wrote no JSON summary")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--log", type=Path, default=ROOT / "examples" / "querylog-large.jsonl")
+    parser.add_argument("--test", type=int, default=200, help="queries to answer (the rest are fitted on)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of both batches")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    from crecli import config
+
+    lines = [line for line in args.log.read_text().splitlines() if line.strip()]
+    order = list(range(len(lines)))
+    random.Random(args.seed).shuffle(order)
+    test_idx = set(order[: args.test])
+    settings = config.load()
+    strongest = settings.ladder[-1]
+    with tempfile.TemporaryDirectory(prefix="cre-clock-") as tmp:
+        work = Path(tmp)
+        fit_log, test_log = work / "fit.jsonl", work / "test.jsonl"
+        fit_log.write_text("\n".join(l for i, l in enumerate(lines) if i not in test_idx) + "\n")
+        test_log.write_text("\n".join(l for i, l in enumerate(lines) if i in test_idx) + "\n")
+        top_toml = work / "top.toml"
+        top_toml.write_text(f'ladder = ["{strongest}"]\n')
+        router, top = work / "router.cre", work / "top.cre"
+        cre("fit", str(fit_log), "-o", str(router), "--seed", str(args.seed))
+        cre("calibrate", str(router), "--seed", str(args.seed))
+        cre("fit", str(fit_log), "-o", str(top), "--seed", str(args.seed), "--models", str(top_toml))
+        runs: dict[str, list[dict[str, Any]]] = {"cascade": [], "strongest": []}
+        for _ in range(args.rounds):
+            for name, path, extra in (("cascade", router, []), ("strongest", top, ["--models", str(top_toml)])):
+                seconds, _, err = cre("batch", str(test_log), "--router", str(path), "--no-log", "--json-summary", *extra,
+                                      stdout=work / f"{name}.jsonl")
+                runs[name].append({**batch_summary(err), "wall_seconds": seconds})
+        _, out, _ = cre("eval", str(test_log), "--router", str(router), "--json")
+        report = json.loads(out)
+    wall = {name: statistics.median(r["wall_seconds"] for r in rs) for name, rs in runs.items()}
+    reported = statistics.median(r["cost_ratio"] for r in runs["cascade"])
+    result = {
+        "log": str(args.log), "test_queries": args.test, "rounds": args.rounds, "seed": args.seed,
+        "wall_seconds": wall, "wall_ratio": wall["cascade"] / wall["strongest"],
+        "batch_reported_ratio": reported, "eval_cost_share": report["cost_share"],
+        "accuracy": {name: rs[0]["accuracy"] for name, rs in runs.items()},
+        "runs": runs,
+    }
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    print(f"{args.test} held-out queries of {args.log.name}, {args.rounds} interleaved rounds")
+    print(f"  wall time: cascade {wall['cascade']:.1f} s, {strongest} alone {wall['strongest']:.1f} s: "
+          f"ratio {result['wall_ratio']:.3f}")
+    print(f"  cre batch's reported cost ratio {reported:.3f}; cre eval's cost share {report['cost_share']:.3f}")
+    print(f"  accuracy: cascade {result['accuracy']['cascade']:.3f}, strongest alone {result['accuracy']['strongest']:.3f}")
+    spread = max(result["wall_ratio"], reported, report["cost_share"]) - min(result["wall_ratio"], reported, report["cost_share"])
+    print(f"  the three agree within {100 * spread:.1f} points (goal: 3)")
+
+
+if __name__ == "__main__":
+    main()
