@@ -175,15 +175,29 @@ def test_assigner_state_roundtrip_without_pickle() -> None:
 
 @pytest.mark.parametrize("method", ["knn", "centroid"])
 def test_a_clusters_reach_is_its_farthest_members_leave_one_out_distance(method: str) -> None:
+    # ...but never below the median cluster's: a templated cluster's members sit 0 apart.
     X, y = blobs()
     a = Assigner(method=method, k=3).fit(X, y)
     _, loo = assign.leave_one_out(a, a.exemplars_, a.exemplar_labels_)
+    floor = np.median([loo[a.exemplar_labels_ == c].max() for c in a.classes_])
     for c in a.classes_:
         mine = loo[a.exemplar_labels_ == c]
-        assert a.reach(int(c)) == pytest.approx(mine.max())
+        assert a.reach(int(c)) == pytest.approx(max(mine.max(), floor))
         assert a.radius(int(c)) == pytest.approx(np.quantile(mine, assign.RADIUS_QUANTILE))
         assert a.radius(int(c)) <= a.reach(int(c))  # type: ignore[operator]
     assert a.reach(-1) is None and a.reach(99) is None
+
+
+def test_a_templated_clusters_reach_is_the_median_clusters() -> None:
+    # Members that are copies of one template (0 apart) do not make a reach of 0.
+    rng = np.random.default_rng(1)
+    same = np.tile(rng.normal(size=(1, 8)), (6, 1))
+    spread = [c + 0.3 * rng.normal(size=(6, 8)) for c in rng.normal(size=(2, 8))]
+    X = np.vstack([same, *spread])
+    y = np.repeat([0, 1, 2], 6)
+    a = Assigner(k=3).fit(X, y)
+    assert a.reach(0) == pytest.approx(float(np.median([a.reach(1), a.reach(2), a.reach(0)])))
+    assert a.reach(0) > 0.01 and a.radius(0) < 0.01
 
 
 def test_assigner_errors() -> None:
