@@ -9,30 +9,42 @@ Real models: only the `real_models` fixture points crecli at the user's pulled m
 
 from __future__ import annotations
 
-import json
 import os
-import random
-import sys
-from pathlib import Path
-from typing import Callable
+import shutil
+import tempfile
 
-import pytest
+# numba reads NUMBA_CACHE_DIR once, when it is first imported, so this comes before anything
+# that could import it (umap, through crecli). The cache belongs to this test session, not
+# to the user's cache folder, and is shared by every test of the session: numba compiles
+# UMAP's kernels once per cache dir (tens of seconds), not once per test's CRE_HOME.
+NUMBA_CACHE_DIR = tempfile.mkdtemp(prefix="cre-tests-numba-")
+os.environ["NUMBA_CACHE_DIR"] = NUMBA_CACHE_DIR
 
-from crecli import config, paths, routerfile
-from crecli.config import ModelSpec
-from crecli.escalate import Cascade
-from crecli.models.backend import Backend, GenParams
-from crecli.models.fake import FakeBackend
-from support.hostile import Run
-from support.ladder import TINY_TOML
-from support.logs import small_log_answers
-from support.routers import SHAS, built_router, make_router
+import json  # noqa: E402
+import random  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import pytest  # noqa: E402
+
+from crecli import config, paths, routerfile  # noqa: E402
+from crecli.config import ModelSpec  # noqa: E402
+from crecli.escalate import Cascade  # noqa: E402
+from crecli.models.backend import Backend, GenParams  # noqa: E402
+from crecli.models.fake import FakeBackend  # noqa: E402
+from support.hostile import Run  # noqa: E402
+from support.ladder import TINY_TOML  # noqa: E402
+from support.logs import small_log_answers  # noqa: E402
+from support.routers import SHAS, built_router, make_router  # noqa: E402
 
 # Where the user's real, pulled models are, read before any test redirects CRE_HOME.
 REAL_MODELS_DIR = paths.models_dir()
-# numba compiles UMAP's kernels once per cache dir (tens of seconds): keep one cache for the
-# whole run rather than one per test's CRE_HOME.
-os.environ.setdefault("NUMBA_CACHE_DIR", str(paths.cache_dir() / "numba"))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The session's numba cache goes with the session."""
+    shutil.rmtree(NUMBA_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
