@@ -4,7 +4,8 @@ Plain helpers and constants the test modules share are in the `support` package;
 modules never import each other.
 
 Real models: only the `real_models` fixture points crecli at the user's pulled models
-(otherwise the models folder is inside the test's CRE_HOME, where there are none).
+(otherwise the models folder is inside the test's CRE_HOME, where there are none), and a
+test that uses it must be marked `real`, so that `pytest -m "not real"` runs without them.
 """
 
 from __future__ import annotations
@@ -228,8 +229,12 @@ def four_fakes(fake_backends: Callable[..., dict[str, FakeBackend]]) -> dict[str
 
 
 @pytest.fixture
-def real_models(monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point crecli at the user's pulled models (tests marked `real` use them)."""
+def real_models(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point crecli at the user's pulled models. Only tests marked `real` may use it."""
+    if request.node.get_closest_marker("real") is None:
+        pytest.fail(f"{request.node.nodeid} uses the user's real models but is not marked `real`: "
+                    "add @pytest.mark.real (or `pytestmark = pytest.mark.real`), so that "
+                    "`pytest -m \"not real\"` leaves it out", pytrace=False)
     monkeypatch.setenv("CRE_MODELS_DIR", str(REAL_MODELS_DIR))
     return REAL_MODELS_DIR
 
