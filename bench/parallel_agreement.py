@@ -32,7 +32,8 @@ from crecli.quality import QualityCheck, vote_params
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LOG = ROOT / "examples" / "querylog.jsonl"
-CONTESTED_LOGPROB = -0.6  # as tests/test_real_parallel.py
+sys.path.insert(0, str(ROOT / "tests"))
+from support.real import CONTESTED_LOGPROB  # noqa: E402 - the tests' bound (tests/support/real.py)
 
 
 def cpu() -> str:

@@ -8,7 +8,7 @@ exit status is 1.
     .venv/bin/python bench/serve_load.py --fake --max-queue 2   # a small queue: expect 429s
     .venv/bin/python bench/serve_load.py --url http://127.0.0.1:8000   # a running `cre serve`
 
---fake builds the tests' three-rung router (tests/test_escalate.py) on fake models that
+--fake builds the tests' three-rung router (tests/support/routers.py) on fake models that
 sleep --vote-ms per vote, so it measures the server (parsing, queueing, one worker thread,
 HTTP) and not llama.cpp. Against a real `cre serve`, run nothing else on the machine.
 Only loopback addresses are accepted: this is not a tool to load someone else's server.
@@ -87,8 +87,8 @@ def fake_server(max_queue: int, vote_ms: float) -> tuple[str, Any]:
     import tempfile
 
     os.environ["CRE_HOME"] = tempfile.mkdtemp(prefix="cre-serve-load-")
-    from conftest import TINY_TOML  # type: ignore[import-not-found]
-    from test_escalate import make_router  # type: ignore[import-not-found]
+    from support.ladder import TINY_TOML  # type: ignore[import-not-found]
+    from support.routers import make_router  # type: ignore[import-not-found]
 
     from crecli import config, serve, serve_app
     from crecli.escalate import Cascade

@@ -293,17 +293,12 @@ def fake_setup(folder: Path) -> tuple[Path, Path]:
     (so that /health finds the rungs ready; the fakes never read them)."""
     sys.path.insert(0, str(ROOT / "tests"))
     os.environ["CRE_HOME"] = str(folder / "home")
-    from conftest import TINY_TOML  # type: ignore[import-not-found]
-    from test_escalate import make_router  # type: ignore[import-not-found]
+    from support.ladder import ready_ladder  # type: ignore[import-not-found]
+    from support.routers import make_router  # type: ignore[import-not-found]
 
     from crecli import routerfile
 
-    text = TINY_TOML
-    for name in ("small", "medium", "large"):
-        (folder / f"{name}.gguf").write_bytes(b"GGUF" + bytes(28))
-        text = text.replace(f"/nonexistent/{name}.gguf", str(folder / f"{name}.gguf"))
-    toml = folder / "models.toml"
-    toml.write_text(text)
+    toml = ready_ladder(folder)
     router = folder / "soak.cre"
     routerfile.save(make_router(), router)
     return router, toml

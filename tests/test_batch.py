@@ -21,42 +21,9 @@ from crecli.models.fake import FakeBackend
 from crecli.quality import vote_seed
 from crecli.querylog import FieldMap
 from crecli.routerfile import RouterFile
-from test_escalate import FAR, LADDER, install, make_router, scripted, user_prompt
-
-ADD = "What is 7 plus 5?"
-HARD = "What is 8 plus 9?"  # small disagrees with itself: escalates to medium
-PERU = "What is the capital city of Peru?"
-FRUIT = "Which of these is a fruit? (A) stone (B) fruit-like thing (C) chair"
-TABLE = {
-    "small": {ADD: ["12"] * 5, HARD: ["17", "16", "15", "14", "13"], FRUIT: ["(B)"] * 5},
-    "medium": {PERU: ["Lima"] * 5, HARD: ["17"] * 5},
-    "large": {FAR: ["?"] * 5},
-}
-
-
-def jl(**fields: Any) -> bytes:
-    return (json.dumps(fields) + "\n").encode()
-
-
-MIXED = [
-    jl(id="a1", prompt=ADD, reference=["12"], match="numeric"),
-    b"{not json\n",
-    jl(id="x", text="no prompt field"),
-    b"\xff\xfe\n",
-    b"\n",
-    (PERU + "\n").encode(),
-    jl(id="far", prompt=FAR),
-]
-
-
-@pytest.fixture(scope="module")
-def router() -> RouterFile:
-    return make_router()
-
-
-@pytest.fixture
-def cascade(router: RouterFile, tiny_models_toml: Path) -> Cascade:
-    return Cascade(router, config.load(tiny_models_toml))
+from support.ladder import LADDER, install, scripted, user_prompt
+from support.prompts import ADD, FRUIT, HARD, MIXED, PERU, TABLE, jl
+from support.routers import FAR, make_router
 
 
 def _run(lines: list[bytes], cascade: Cascade, **kw: Any) -> tuple[list[dict[str, Any]], BatchSummary]:
@@ -269,13 +236,6 @@ def test_parse_size_rejects_nonsense(text: str) -> None:
 
 
 # ---------------------------------------------------------------- cre batch
-
-
-@pytest.fixture
-def saved_router(router: RouterFile, tmp_path: Path) -> Path:
-    path = tmp_path / "router.cre"
-    routerfile.save(router, path)
-    return path
 
 
 def _batch(args: list[str], models_toml: Path, input: bytes | None = None) -> Any:

@@ -26,8 +26,9 @@ from crecli.models.backend import Backend, Generation, GenParams
 from crecli.models.fake import FakeBackend
 from crecli.models.registry import ModelPool
 from crecli.routerfile import RouterFile
-from test_batch import ADD, FRUIT, HARD, MIXED, PERU, TABLE, jl
-from test_escalate import FAR, make_router, scripted
+from support.ladder import scripted
+from support.prompts import ADD, FRUIT, HARD, MIXED, PERU, TABLE, jl
+from support.routers import FAR
 
 
 class ParallelFake(FakeBackend):
@@ -65,11 +66,6 @@ def parallel_fakes(monkeypatch: pytest.MonkeyPatch) -> Callable[..., dict[str, P
         return created
 
     return install
-
-
-@pytest.fixture(scope="module")
-def router() -> RouterFile:
-    return make_router()
 
 
 def _run(lines: list[bytes], router: RouterFile, models: Path, parallel: int, **kw: Any) -> list[dict[str, Any]]:

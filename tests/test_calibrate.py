@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 
 import pytest
@@ -247,7 +246,8 @@ def test_simulate_reports_missing_outcomes_and_starts() -> None:
         simulate(starts, outcomes, records[:1], ["small", "large"], thresholds, QualityCheck(k=5))
 
 
-def test_simulate_is_fast_on_a_log_sized_replay() -> None:
+def test_simulate_replays_a_log_sized_run_at_every_threshold() -> None:
+    """A trace for each of 480 queries at each threshold (how fast: bench/replay_speed.py)."""
     rng = random.Random(0)
     ladder = ["s", "m", "l"]
     records = [rec(f"q{i}", ref=str(i % 3)) for i in range(480)]
@@ -258,11 +258,9 @@ def test_simulate_is_fast_on_a_log_sized_replay() -> None:
     replay = Replay.build(outcomes, records, ladder)
     starts = {r.id: rng.choice(ladder) for r in records}
     quality = QualityCheck(k=5)
-    t0 = time.perf_counter()
     for t in (0.2, 0.4, 0.6, 0.8, 1.0):
         result = replay.simulate(starts, {"s": t, "m": t, "l": 0.0}, quality)
         assert len(result.traces) == 480
-    assert (time.perf_counter() - t0) / 5 < 0.5
 
 
 # --- thresholds --------------------------------------------------------------------------

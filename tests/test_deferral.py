@@ -17,7 +17,6 @@ from crecli.deferral import auroc, fit_logistic
 from crecli.cli import app
 from crecli.errors import RouterFileError
 from crecli.models.backend import GenParams, Signals
-from crecli.models.fake import FakeBackend
 from crecli.outcomes import OutcomeStore, Vote, collect, prompt_sha256, settings_key
 from crecli.quality import (
     LOGPROB_FLOOR, Deferral, DeferralCheck, QualityCheck, accept_deferral, deferral_features, feature_names,
@@ -113,10 +112,10 @@ def test_votes_keep_their_signals_and_a_longer_recording_serves_fewer_votes(
 
 
 def test_router_file_carries_the_deferral_check_as_plain_validated_numbers(tiny_models_toml: Path, tmp_path: Path) -> None:
-    from test_routerfile import edit_manifest, make_router
+    from support.routers import built_router, edit_manifest
 
     settings = config.load(tiny_models_toml)
-    router = make_router(settings)
+    router = built_router(settings)
     names = feature_names(1)
     rules = DeferralCheck(1, {"small": Deferral(names, (0.5, 0.25, 1.0, -2.0, 1.0), -0.5, (-1.0, -0.5, 0.3, 0.1, 0.0), 0.4)})
     router.deferral = rules

@@ -1,7 +1,8 @@
 """The cascade: lazy votes, early stop, escalation iff agreement < threshold, traces, `cre ask`.
 
 Models are FakeBackends on the tiny small/medium/large ladder; the router is built in
-memory from a real TF-IDF embedder and k-NN assigner fitted on three topics of prompts.
+memory from a real TF-IDF embedder and k-NN assigner fitted on three topics of prompts
+(`support.routers.make_router`, the conftest's `router`).
 """
 
 from __future__ import annotations
@@ -19,93 +20,14 @@ from crecli.escalate import Cascade, check, vote_params
 from crecli.models.backend import GenParams
 from crecli.models.fake import FakeBackend
 from crecli.quality import QualityCheck, vote_seed
-from crecli.routerfile import ClusterInfo, RouterFile
-
-LADDER = ["small", "medium", "large"]
-ADD = [f"What is {a} plus {b}?" for a, b in [(3, 4), (12, 30), (7, 5), (8, 9), (21, 4), (6, 6), (40, 2), (15, 15), (9, 1), (33, 32)]]
-CAPITALS = [f"What is the capital city of {c}?" for c in
-            ["France", "Italy", "Spain", "Peru", "Chile", "Japan", "Kenya", "Egypt", "Norway", "Canada"]]
-CHOICE = [f"Which of these is a {w}? (A) stone (B) {w}-like thing (C) chair" for w in
-          ["fruit", "tool", "bird", "fish", "tree", "car", "song", "game", "river", "metal"]]
-FAR = "zzqx vrrrk blorpf xyzzyq"
-
-
-def user_prompt(text: str) -> str:
-    """The user's prompt inside a rendered prompt (chatml or the few-shot completion format)."""
-    if "<|im_start|>user\n" in text:
-        return text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
-    return text.rsplit("Q: ", 1)[1].rsplit("\nA:", 1)[0]
-
-
-def scripted(votes: dict[str, list[str]], log: list[tuple[str, str, GenParams]] | None = None,
-             model: str = "", default: str = "I don't know") -> Callable[[str, GenParams], str]:
-    """An answerer returning votes[prompt][i] for vote i (recovered from its seed): vote 0 is greedy."""
-
-    def answer(text: str, params: GenParams) -> str:
-        prompt = user_prompt(text)
-        if log is not None:
-            log.append((model, prompt, params))
-        options = votes.get(prompt)
-        if not options:
-            return default
-        index = 0 if not params.seed else next(i for i in range(1, 64) if vote_seed(prompt, i) == params.seed)
-        return options[index % len(options)]
-
-    return answer
-
-
-def make_router(thresholds: dict[str, float] | None = None, starts: tuple[str, str, str] = ("small", "medium", "small"),
-                cluster_thresholds: dict[int, dict[str, float]] | None = None) -> RouterFile:
-    """Clusters 0 (addition, numeric), 1 (capitals, exact) and 2 (choice); fallback: large."""
-    import numpy as np
-
-    from crecli.assign import Assigner
-    from crecli.embed import TfidfEmbedder
-
-    prompts = ADD + CAPITALS + CHOICE
-    labels = np.repeat(np.arange(3), 10)
-    # Word n-grams only: unknown words then embed to nothing, so FAR is far from everything
-    # (distance 1). Every parameter is pinned so the test does not follow the defaults, and
-    # the far cut-off is fixed: 30 near-identical prompts make the automatic one degenerate.
-    embedder = TfidfEmbedder(dims=16, analyzer="word", min_df=1, mask_digits=True).fit(prompts)
-    assigner = Assigner(k=3, max_distance=0.8).fit(embedder.transform(prompts), labels)
-    types = ["numeric", "exact", "choice"]
-    clusters = [
-        ClusterInfo(
-            id=cid, size=10, model=starts[cid], answer_type=types[cid], examples=group[:2],
-            stats={m: {"n": 10.0, "correct": 5.0, "accuracy": 0.5, "shrunk_accuracy": 0.5,
-                       "mean_cost": {"small": 0.1, "medium": 0.3, "large": 1.0 + cid}[m]} for m in LADDER},
-            thresholds=(cluster_thresholds or {}).get(cid, {}),
-        )
-        for cid, group in enumerate([ADD, CAPITALS, CHOICE])
-    ]
-    return RouterFile(
-        schema_version=routerfile.SCHEMA_VERSION,
-        ladder=[routerfile.LadderEntry(m, None, None) for m in LADDER],
-        embedder=embedder,
-        assigner=assigner,
-        clusters=clusters,
-        fallback_model="large",
-        budget={"kind": "retain", "value": 0.95},
-        quality=QualityCheck(),
-        thresholds=thresholds or {"small": 0.6, "medium": 0.6, "large": 0.0},
-        fit=routerfile.FitRecord(cost_unit="seconds"),
-    )
-
-
-@pytest.fixture(scope="module")
-def router() -> RouterFile:
-    return make_router()
+from crecli.routerfile import RouterFile
+from support.ladder import LADDER, install, scripted
+from support.routers import FAR, make_router
 
 
 @pytest.fixture
 def settings(tiny_models_toml: Path) -> config.ModelConfig:
     return config.load(tiny_models_toml)
-
-
-def install(fake_backends: Callable[..., dict[str, FakeBackend]], table: dict[str, dict[str, list[str]]],
-            log: list[tuple[str, str, GenParams]] | None = None) -> dict[str, FakeBackend]:
-    return fake_backends({m: scripted(table.get(m, {}), log, m) for m in LADDER})
 
 
 def test_agreeing_votes_are_accepted_on_the_start_model_with_the_fewest_votes(
@@ -287,13 +209,6 @@ def test_from_file_loads_a_saved_router(
 
 
 # ---------------------------------------------------------------- cre ask
-
-
-@pytest.fixture
-def saved_router(router: RouterFile, tmp_path: Path) -> Path:
-    path = tmp_path / "router.cre"
-    routerfile.save(router, path)
-    return path
 
 
 def _ask(args: list[str], models_toml: Path, input: str | None = None) -> Any:

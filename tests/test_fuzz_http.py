@@ -34,12 +34,13 @@ from crecli.escalate import Cascade  # noqa: E402
 from crecli.models.fake import FakeBackend  # noqa: E402
 from crecli.openai_wire import APPLIED, METADATA, UNSUPPORTED  # noqa: E402
 from crecli.serve_app import ServeOptions, create_app  # noqa: E402
-from test_escalate import install, make_router  # noqa: E402
-from test_serve import ready_ladder, serving  # noqa: E402
+from support.ladder import install, ready_ladder  # noqa: E402
+from support.prompts import SURE_TABLE  # noqa: E402
+from support.routers import make_router  # noqa: E402
+from support.serving import serving  # noqa: E402
 
 KEY = "k€y-1"
 MAX_BODY = 16 << 10  # small, so that 413 is reachable
-TABLE = {"small": {"What is 7 plus 5?": ["12"] * 5}, "medium": {"What is the capital city of Peru?": ["Lima"] * 5}}
 FUZZ = settings(max_examples=120, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
@@ -111,7 +112,7 @@ def _check(status: int | None, headers: dict[bytes, bytes], body: bytes, left: b
 
 @pytest.fixture
 def apps(fake_backends: Callable[..., dict[str, FakeBackend]], tmp_path: Path) -> Iterator[dict[str, Any]]:
-    install(fake_backends, TABLE)
+    install(fake_backends, SURE_TABLE)
     settings_ = config.load(ready_ladder(tmp_path))
     made = {"open": create_app(Cascade(make_router(), settings_), ServeOptions(max_body=MAX_BODY, timeout=20), name="team"),
             "keyed": create_app(Cascade(make_router(), settings_), ServeOptions(max_body=MAX_BODY, timeout=20,
@@ -258,7 +259,7 @@ def test_fuzz_raw_request_heads_on_a_live_connection(
     """Bytes on the wire, through uvicorn's h11 and the protocol's deadlines: whatever comes
     back is a whole HTTP response with an OpenAI-shaped JSON body, or nothing (a closed
     connection); never a 5xx."""
-    install(fake_backends, TABLE)
+    install(fake_backends, SURE_TABLE)
     line = st.sampled_from([b"GET /health HTTP/1.1", b"POST /v1/chat/completions HTTP/1.1", b"GET / HTTP/1.0",
                             b"BREW /pot HTTP/1.1", b"GET /health HTTP/9.9", b"\x16\x03\x01\x02\x00", b""])
     header = st.one_of(st.binary(max_size=40),

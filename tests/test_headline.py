@@ -2,7 +2,7 @@
 pooled over all queries (`evaluate.pool`), and whole tasks held out for --leave-tasks-out.
 
 The bench runs `cre` in a subprocess; here its runner is swapped for an in-process one, so
-the fake models of test_pipeline answer and nothing real runs.
+the fake models of `skilled_fakes` (conftest) answer and nothing real runs.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from crecli.cli import app
 from crecli.evaluate import CASCADE, RANDOM, Point, pool
-from test_pipeline import SMALL_LOG, skilled_fakes  # noqa: F401 - skilled_fakes is a fixture
+from support.logs import SMALL_LOG
 
 HEADLINE = Path(__file__).resolve().parents[1] / "bench" / "headline"
 runner = CliRunner()

@@ -5,105 +5,51 @@ not a terminal."""
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
-from crecli import cli, console, paths, routerfile
-from crecli.models.fake import FakeBackend
+from crecli import console, paths
+from support.hostile import fit, refused
 
 ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-@pytest.fixture
-def cre(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., Run]:
-    """Run `cre ARGS` through cli.main(), the real entry point (so `Error:` lines are what
-    users see), in this process (so fake backends apply)."""
-
-    def invoke(*args: str | Path) -> Run:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["cre", *map(str, args)])
-        with pytest.raises(SystemExit) as exit_:
-            cli.main()
-        captured = capsys.readouterr()
-        code = exit_.value.code
-        return Run(0 if code is None else int(code), captured.out, captured.err)
-
-    return invoke
-
-
-@pytest.fixture
-def log(tmp_path: Path) -> Path:
-    path = tmp_path / "v.txt"
-    rows = [{"id": f"q{i}", "prompt": f"What is {i} plus {i}?", "reference": str(2 * i), "match": "numeric"} for i in range(12)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture
-def fakes(fake_backends: Callable[..., dict[str, FakeBackend]]) -> dict[str, FakeBackend]:
-    return fake_backends({"small": lambda text, p: "4", "medium": lambda text, p: "4", "large": lambda text, p: "4"})
-
-
-def refused(run: Run, *words: str) -> None:
-    """Exit 1 with exactly one line, `Error: ...`, naming each of `words`."""
-    assert run.code == 1, run
-    assert run.err.startswith("Error: ") and run.err.count("\n") == 1, run.err
-    assert "Traceback" not in run.err and run.out == ""
-    for word in words:
-        assert word in run.err, (word, run.err)
-
-
-def fit(cre: Callable[..., Run], log: Path, models: Path, *args: str | Path) -> Run:
-    return cre("fit", log, "--models", models, *args)
 
 
 # ---------------------------------------------------------------- -o that would lose data
 
 
-def test_output_that_is_the_log_is_refused(cre, log, tiny_models_toml, fakes, tmp_path) -> None:
-    before = log.read_bytes()
+def test_output_that_is_the_log_is_refused(cre, sums_log, tiny_models_toml, four_fakes, tmp_path) -> None:
+    before = sums_log.read_bytes()
     link = tmp_path / "link.cre"
-    link.symlink_to(log)
+    link.symlink_to(sums_log)
     hard = tmp_path / "hard.cre"
-    os.link(log, hard)
+    os.link(sums_log, hard)
     (tmp_path / "sub").mkdir()
-    for output in (log, tmp_path / "sub" / ".." / "v.txt", link, hard):
-        refused(fit(cre, log, tiny_models_toml, "-o", output), "is the query log", "Choose another file name")
-    assert log.read_bytes() == before and fakes == {}
+    for output in (sums_log, tmp_path / "sub" / ".." / "v.txt", link, hard):
+        refused(fit(cre, sums_log, tiny_models_toml, "-o", output), "is the query log", "Choose another file name")
+    assert sums_log.read_bytes() == before and four_fakes == {}
 
 
-def test_output_that_is_a_models_file_or_the_store_is_refused(cre, log, tiny_models_toml, fakes, tmp_path) -> None:
+def test_output_that_is_a_models_file_or_the_store_is_refused(cre, sums_log, tiny_models_toml, four_fakes, tmp_path) -> None:
     toml = tiny_models_toml.read_bytes()
-    refused(fit(cre, log, tiny_models_toml, "-o", tiny_models_toml), "is a models.toml")
+    refused(fit(cre, sums_log, tiny_models_toml, "-o", tiny_models_toml), "is a models.toml")
     store = tmp_path / "outcomes.sqlite"
     store.write_bytes(b"")
-    refused(fit(cre, log, tiny_models_toml, "-o", store, "--store", store), "is the outcome store")
-    refused(fit(cre, log, tiny_models_toml, "-o", tmp_path / "r.cre", "--store", log), "--store", "is the query log")
-    assert tiny_models_toml.read_bytes() == toml and fakes == {}
+    refused(fit(cre, sums_log, tiny_models_toml, "-o", store, "--store", store), "is the outcome store")
+    refused(fit(cre, sums_log, tiny_models_toml, "-o", tmp_path / "r.cre", "--store", sums_log), "--store", "is the query log")
+    assert tiny_models_toml.read_bytes() == toml and four_fakes == {}
 
 
-def test_output_that_is_a_folder_or_nowhere_is_refused(cre, log, tiny_models_toml, fakes, tmp_path) -> None:
-    before = log.read_bytes()
-    refused(fit(cre, log, tiny_models_toml, "-o", tmp_path), "is a folder", str(tmp_path / "router.cre"))
-    refused(fit(cre, log, tiny_models_toml, "-o", tmp_path / "no" / "such" / "r.cre"), "does not exist")
-    refused(fit(cre, log, tiny_models_toml, "-o", log / "r.cre"), "is a file, not a folder")
-    assert log.read_bytes() == before and fakes == {}
+def test_output_that_is_a_folder_or_nowhere_is_refused(cre, sums_log, tiny_models_toml, four_fakes, tmp_path) -> None:
+    before = sums_log.read_bytes()
+    refused(fit(cre, sums_log, tiny_models_toml, "-o", tmp_path), "is a folder", str(tmp_path / "router.cre"))
+    refused(fit(cre, sums_log, tiny_models_toml, "-o", tmp_path / "no" / "such" / "r.cre"), "does not exist")
+    refused(fit(cre, sums_log, tiny_models_toml, "-o", sums_log / "r.cre"), "is a file, not a folder")
+    assert sums_log.read_bytes() == before and four_fakes == {}
 
 
-def test_output_in_a_folder_that_refuses_writes_is_refused(cre, log, tiny_models_toml, fakes, tmp_path, monkeypatch) -> None:
+def test_output_in_a_folder_that_refuses_writes_is_refused(cre, sums_log, tiny_models_toml, four_fakes, tmp_path, monkeypatch) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()
     if ROOT:  # root writes through a 0o555 folder: make the folder say no the way a read-only disk does
@@ -120,25 +66,25 @@ def test_output_in_a_folder_that_refuses_writes_is_refused(cre, log, tiny_models
     else:
         locked.chmod(0o555)
     try:
-        refused(fit(cre, log, tiny_models_toml, "-o", locked / "r.cre"), "cannot write in the folder")
+        refused(fit(cre, sums_log, tiny_models_toml, "-o", locked / "r.cre"), "cannot write in the folder")
     finally:
         locked.chmod(0o755)
-    assert fakes == {}
+    assert four_fakes == {}
 
 
 # ---------------------------------------------------------------- CRE_HOME and settings.toml
 
 
-def test_cre_home_that_is_a_file_is_refused_up_front(cre, log, tiny_models_toml, fakes, tmp_path, monkeypatch) -> None:
+def test_cre_home_that_is_a_file_is_refused_up_front(cre, sums_log, tiny_models_toml, four_fakes, tmp_path, monkeypatch) -> None:
     home = tmp_path / "home-file"
     home.write_text("not a folder")
     monkeypatch.setenv("CRE_HOME", str(home))
-    run = fit(cre, log, tiny_models_toml, "-o", tmp_path / "r.cre")
+    run = fit(cre, sums_log, tiny_models_toml, "-o", tmp_path / "r.cre")
     refused(run, f"CRE_HOME={home} must be a folder you can write to")
-    assert home.read_text() == "not a folder" and not (tmp_path / "r.cre").exists() and fakes == {}
+    assert home.read_text() == "not a folder" and not (tmp_path / "r.cre").exists() and four_fakes == {}
 
 
-def test_read_only_cre_home_is_refused_up_front(cre, log, tiny_models_toml, fakes, tmp_path, cre_home, monkeypatch) -> None:
+def test_read_only_cre_home_is_refused_up_front(cre, sums_log, tiny_models_toml, four_fakes, tmp_path, cre_home, monkeypatch) -> None:
     data = cre_home / "data"
     data.mkdir(parents=True)
     import tempfile
@@ -151,18 +97,18 @@ def test_read_only_cre_home_is_refused_up_front(cre, log, tiny_models_toml, fake
         return real(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(tempfile, "TemporaryFile", no_writes)
-    refused(fit(cre, log, tiny_models_toml, "-o", tmp_path / "r.cre"), f"cannot write in {data}", "CRE_HOME=")
-    assert fakes == {}
+    refused(fit(cre, sums_log, tiny_models_toml, "-o", tmp_path / "r.cre"), f"cannot write in {data}", "CRE_HOME=")
+    assert four_fakes == {}
 
 
-def test_broken_settings_toml_with_set_default_is_refused_up_front(cre, log, tiny_models_toml, fakes, tmp_path) -> None:
+def test_broken_settings_toml_with_set_default_is_refused_up_front(cre, sums_log, tiny_models_toml, four_fakes, tmp_path) -> None:
     settings = paths.user_settings_file()
     settings.parent.mkdir(parents=True)
     settings.write_bytes(b"default_router = [unclosed\n")
-    run = fit(cre, log, tiny_models_toml, "-o", tmp_path / "r.cre", "--set-default")
+    run = fit(cre, sums_log, tiny_models_toml, "-o", tmp_path / "r.cre", "--set-default")
     refused(run, str(settings), "fix or delete the file")
     assert settings.read_bytes() == b"default_router = [unclosed\n"
-    assert not (tmp_path / "r.cre").exists() and fakes == {}
+    assert not (tmp_path / "r.cre").exists() and four_fakes == {}
 
 
 def test_settings_toml_is_replaced_whole(tmp_path: Path) -> None:
@@ -183,18 +129,18 @@ def test_settings_toml_is_replaced_whole(tmp_path: Path) -> None:
         ("--temperature", "-0.5"), ("--temperature", "nan"), ("--temperature", "inf"),
     ],
 )
-def test_fit_options_out_of_range_are_usage_errors(cre, log, tiny_models_toml, fakes, tmp_path, args) -> None:
-    before = log.read_bytes()
-    run = fit(cre, log, tiny_models_toml, "-o", tmp_path / "r.cre", *args)
+def test_fit_options_out_of_range_are_usage_errors(cre, sums_log, tiny_models_toml, four_fakes, tmp_path, args) -> None:
+    before = sums_log.read_bytes()
+    run = fit(cre, sums_log, tiny_models_toml, "-o", tmp_path / "r.cre", *args)
     assert run.code == 2 and "Traceback" not in run.err, run
     assert args[0] in run.err and "Invalid value" in run.err
-    assert log.read_bytes() == before and not (tmp_path / "r.cre").exists() and fakes == {}
+    assert sums_log.read_bytes() == before and not (tmp_path / "r.cre").exists() and four_fakes == {}
 
 
 @pytest.mark.parametrize("args", [("--retain", "0"), ("--retain", "nan"), ("--max-cost", "-1"), ("--max-cost", "inf")])
-def test_fit_budget_out_of_range_is_refused(cre, log, tiny_models_toml, fakes, tmp_path, args) -> None:
-    refused(fit(cre, log, tiny_models_toml, "-o", tmp_path / "r.cre", *args), args[0])
-    assert fakes == {}
+def test_fit_budget_out_of_range_is_refused(cre, sums_log, tiny_models_toml, four_fakes, tmp_path, args) -> None:
+    refused(fit(cre, sums_log, tiny_models_toml, "-o", tmp_path / "r.cre", *args), args[0])
+    assert four_fakes == {}
 
 
 @pytest.mark.parametrize(
@@ -207,47 +153,38 @@ def test_fit_budget_out_of_range_is_refused(cre, log, tiny_models_toml, fakes, t
         ("models", "bench", "--tg-tokens", "-5"),
     ],
 )
-def test_other_numeric_options_are_checked(cre, tiny_models_toml, fakes, args) -> None:
+def test_other_numeric_options_are_checked(cre, tiny_models_toml, four_fakes, args) -> None:
     run = cre(*args, "--models", tiny_models_toml)
     assert run.code == 2 and "Invalid value" in run.err and "Traceback" not in run.err, run
-    assert fakes == {}
+    assert four_fakes == {}
 
 
 # ---------------------------------------------------------------- calibrate and eval outputs
 
 
-@pytest.fixture
-def router(tmp_path: Path) -> Path:
-    from test_escalate import make_router
-
-    path = tmp_path / "router.cre"
-    routerfile.save(make_router(), path)
-    return path
-
-
-def test_calibrate_refuses_bad_outputs_and_options(cre, router, log, tiny_models_toml, fakes, tmp_path) -> None:
-    before, router_bytes = log.read_bytes(), router.read_bytes()
-    m = ("--models", tiny_models_toml, "--log", log)
-    refused(cre("calibrate", router, *m, "-o", log), "is the query log")
-    refused(cre("calibrate", router, *m, "-o", tmp_path), "is a folder")
-    refused(cre("calibrate", router, *m, "-o", tmp_path / "gone" / "r.cre"), "does not exist")
-    refused(cre("calibrate", router, *m, "--retain", "2"), "--retain")
-    refused(cre("calibrate", router, *m, "--store", log), "--store", "is the query log")
-    refused(cre("calibrate", router, *m, "--store", router), "--store", "is the router")
+def test_calibrate_refuses_bad_outputs_and_options(cre, saved_router, sums_log, tiny_models_toml, four_fakes, tmp_path) -> None:
+    before, router_bytes = sums_log.read_bytes(), saved_router.read_bytes()
+    m = ("--models", tiny_models_toml, "--log", sums_log)
+    refused(cre("calibrate", saved_router, *m, "-o", sums_log), "is the query log")
+    refused(cre("calibrate", saved_router, *m, "-o", tmp_path), "is a folder")
+    refused(cre("calibrate", saved_router, *m, "-o", tmp_path / "gone" / "r.cre"), "does not exist")
+    refused(cre("calibrate", saved_router, *m, "--retain", "2"), "--retain")
+    refused(cre("calibrate", saved_router, *m, "--store", sums_log), "--store", "is the query log")
+    refused(cre("calibrate", saved_router, *m, "--store", saved_router), "--store", "is the router")
     for bad in (("--folds", "1"), ("--seed", "-1")):
-        run = cre("calibrate", router, *m, *bad)
+        run = cre("calibrate", saved_router, *m, *bad)
         assert run.code == 2 and bad[0] in run.err and "Traceback" not in run.err, run
-    assert log.read_bytes() == before and router.read_bytes() == router_bytes and fakes == {}
+    assert sums_log.read_bytes() == before and saved_router.read_bytes() == router_bytes and four_fakes == {}
 
 
-def test_eval_plot_or_store_over_an_input_is_refused(cre, router, log, tiny_models_toml, fakes, tmp_path) -> None:
-    before, router_bytes = log.read_bytes(), router.read_bytes()
-    m = ("--router", router, "--models", tiny_models_toml)
-    refused(cre("eval", log, *m, "--plot", log), "--plot", "is the log")
-    refused(cre("eval", log, *m, "--plot", router), "--plot", "is the router")
-    refused(cre("eval", log, *m, "--plot", tmp_path), "is a folder", "frontier.svg")
-    refused(cre("eval", log, *m, "--store", log), "--store", "is the log")
-    assert log.read_bytes() == before and router.read_bytes() == router_bytes and fakes == {}
+def test_eval_plot_or_store_over_an_input_is_refused(cre, saved_router, sums_log, tiny_models_toml, four_fakes, tmp_path) -> None:
+    before, router_bytes = sums_log.read_bytes(), saved_router.read_bytes()
+    m = ("--router", saved_router, "--models", tiny_models_toml)
+    refused(cre("eval", sums_log, *m, "--plot", sums_log), "--plot", "is the log")
+    refused(cre("eval", sums_log, *m, "--plot", saved_router), "--plot", "is the router")
+    refused(cre("eval", sums_log, *m, "--plot", tmp_path), "is a folder", "frontier.svg")
+    refused(cre("eval", sums_log, *m, "--store", sums_log), "--store", "is the log")
+    assert sums_log.read_bytes() == before and saved_router.read_bytes() == router_bytes and four_fakes == {}
 
 
 # ---------------------------------------------------------------- progress off a terminal

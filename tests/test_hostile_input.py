@@ -21,27 +21,22 @@ from typing import Any, Callable
 import pytest
 from typer.testing import CliRunner
 
-from crecli import config, routerfile
+from crecli import config
 from crecli.batch import parse_size, read_done_ids, run_batch
 from crecli.cli import app
 from crecli.errors import InputError
 from crecli.escalate import Cascade
 from crecli.models.fake import FakeBackend
 from crecli.querylog import MAX_LINE_BYTES, FieldMap, LongLine, Record, parse_batch_line, read_lines, read_log
-from crecli.routerfile import RouterFile
-from test_escalate import FAR, install, make_router
+from support.ladder import install
+from support.prompts import ADD, PERU, jl
+from support.routers import FAR
 
-ADD = "What is 7 plus 5?"
-PERU = "What is the capital city of Peru?"
 TABLE = {"small": {ADD: ["12"] * 5}, "medium": {PERU: ["Lima"] * 5}, "large": {FAR: ["?"] * 5}}
 BOM = b"\xef\xbb\xbf"
 DEEP = b"[" * 100_000 + b"]" * 100_000
 DIGITS = b"1" * 5000
 CAP = 256 << 10  # a --max-prompt-bytes under the default, above the 200 kB DEEP lines
-
-
-def jl(**fields: Any) -> bytes:
-    return (json.dumps(fields) + "\n").encode()
 
 
 # (input line, substring of its error) for every hostile batch line; None: answered.
@@ -60,23 +55,6 @@ BATCH_LINES: list[tuple[bytes, str | None]] = [
     (jl(id="[/]", prompt="[bold red]zzqx[/] [/]"), None),
     (jl(id="[red]", prompt=ADD), None),
 ]
-
-
-@pytest.fixture(scope="module")
-def router() -> RouterFile:
-    return make_router()
-
-
-@pytest.fixture
-def saved_router(router: RouterFile, tmp_path: Path) -> Path:
-    path = tmp_path / "router.cre"
-    routerfile.save(router, path)
-    return path
-
-
-@pytest.fixture
-def cascade(router: RouterFile, tiny_models_toml: Path) -> Cascade:
-    return Cascade(router, config.load(tiny_models_toml))
 
 
 def _batch(args: list[str], models_toml: Path, input: bytes | None = None) -> Any:

@@ -34,7 +34,7 @@ from typer.testing import CliRunner
 from crecli import archive, config, console, paths, render, routerfile, schema
 from crecli.cli import app
 from crecli.errors import CreError, RouterFileError
-from test_routerfile import SHAS, edit_manifest, make_router, members, rewrite, saved, settings  # noqa: F401 - fixtures
+from support.routers import SHAS, built_router, edit_manifest, members, rewrite
 
 MODELS_TOML = """
 schema = 1
@@ -137,67 +137,75 @@ def patch_central(path: Path, member: str, *, flag: int | None = None, method: i
 # ---------------------------------------------------------------- 1. sizes from the zip, capped
 
 
-def test_a_manifest_member_claiming_gigabytes_is_refused_before_inflating(settings: config.ModelConfig, saved: Path) -> None:
-    patch_central(saved, "manifest.json", file_size=0xFFFF_FFF0)
-    refused(saved, settings, r"manifest\.json\" would inflate to 4294967280 bytes, over the limit of 8 MiB")
+def test_a_manifest_member_claiming_gigabytes_is_refused_before_inflating(
+    pinned_settings: config.ModelConfig, built_router_file: Path
+) -> None:
+    patch_central(built_router_file, "manifest.json", file_size=0xFFFF_FFF0)
+    refused(built_router_file, pinned_settings, r"manifest\.json\" would inflate to 4294967280 bytes, over the limit of 8 MiB")
 
 
 def test_a_zip_bomb_array_is_refused_before_inflating(
-    settings: config.ModelConfig, saved: Path, monkeypatch: pytest.MonkeyPatch
+    pinned_settings: config.ModelConfig, built_router_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # 32 MiB of zeros deflate to ~32 KB; with the cap lowered to 1 MiB the member must be
     # refused from its zip entry alone, so loading allocates nowhere near 32 MiB.
     bomb = npy_bytes(np.zeros(8 << 20, dtype=np.float32))
-    replace_array(saved, "assigner", "exemplars", bomb, "<f4", [8 << 20])
-    assert saved.stat().st_size < 1 << 20
+    replace_array(built_router_file, "assigner", "exemplars", bomb, "<f4", [8 << 20])
+    assert built_router_file.stat().st_size < 1 << 20
     monkeypatch.setattr(archive, "MAX_MEMBER_BYTES", 1 << 20)
     tracemalloc.start()
     try:
-        refused(saved, settings, r"assigner/exemplars\.npy\" would inflate to \d+ bytes, over the limit of 1 MiB")
+        refused(built_router_file, pinned_settings, r"assigner/exemplars\.npy\" would inflate to \d+ bytes, over the limit of 1 MiB")
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert peak < 8 << 20
 
 
-def test_the_manifest_cannot_raise_the_member_cap(settings: config.ModelConfig, saved: Path) -> None:
+def test_the_manifest_cannot_raise_the_member_cap(pinned_settings: config.ModelConfig, built_router_file: Path) -> None:
     def huge(manifest: dict[str, Any]) -> None:
         manifest["body"]["assigner"]["arrays"]["exemplars"]["size"] = archive.MAX_MEMBER_BYTES + 1
 
-    edit_manifest(saved, huge)
-    refused(saved, settings, r"array assigner/exemplars\.npy has the wrong size")
+    edit_manifest(built_router_file, huge)
+    refused(built_router_file, pinned_settings, r"array assigner/exemplars\.npy has the wrong size")
 
 
-def test_arrays_are_capped_in_total(settings: config.ModelConfig, saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_arrays_are_capped_in_total(
+    pinned_settings: config.ModelConfig, built_router_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(archive, "MAX_ARRAY_BYTES", 1000)
-    refused(saved, settings, r"the router's arrays would inflate to \d+ bytes, over the limit of 0 MiB in all")
+    refused(built_router_file, pinned_settings, r"the router's arrays would inflate to \d+ bytes, over the limit of 0 MiB in all")
 
 
-def test_a_member_that_inflates_past_its_recorded_size_is_refused(settings: config.ModelConfig, saved: Path) -> None:
+def test_a_member_that_inflates_past_its_recorded_size_is_refused(
+    pinned_settings: config.ModelConfig, built_router_file: Path
+) -> None:
     # The entry says 100 bytes; the member holds more. zipfile stops at the recorded size
     # and the CRC of what it read does not match.
-    edit_manifest(saved, lambda m: m["body"]["assigner"]["arrays"]["classes"].update(size=100))
-    patch_central(saved, "assigner/classes.npy", file_size=100)
-    refused(saved, settings, r"assigner/classes\.npy\" cannot be read|holds fewer bytes")
+    edit_manifest(built_router_file, lambda m: m["body"]["assigner"]["arrays"]["classes"].update(size=100))
+    patch_central(built_router_file, "assigner/classes.npy", file_size=100)
+    refused(built_router_file, pinned_settings, r"assigner/classes\.npy\" cannot be read|holds fewer bytes")
 
 
-def test_too_many_members_are_refused(settings: config.ModelConfig, saved: Path) -> None:
-    entries = members(saved)
+def test_too_many_members_are_refused(pinned_settings: config.ModelConfig, built_router_file: Path) -> None:
+    entries = members(built_router_file)
     entries.update({f"assigner/pad{i}.npy": b"" for i in range(archive.MAX_MEMBERS)})
-    rewrite(saved, entries)
-    refused(saved, settings, "more than the 64 crecli ever writes")
+    rewrite(built_router_file, entries)
+    refused(built_router_file, pinned_settings, "more than the 64 crecli ever writes")
 
 
 # ---------------------------------------------------------------- 2. .npy headers
 
 
-def test_an_npy_header_claiming_a_huge_shape_is_refused_without_allocating(settings: config.ModelConfig, saved: Path) -> None:
+def test_an_npy_header_claiming_a_huge_shape_is_refused_without_allocating(
+    pinned_settings: config.ModelConfig, built_router_file: Path
+) -> None:
     # 20000 x 27000 float32 is 2.1 GB; the member holds 64 bytes.
     data = npy_with_header({"descr": "<f4", "fortran_order": False, "shape": (20000, 27000)}, b"\0" * 64)
-    replace_array(saved, "assigner", "exemplars", data, "<f4", [20000, 27000])
+    replace_array(built_router_file, "assigner", "exemplars", data, "<f4", [20000, 27000])
     tracemalloc.start()
     try:
-        refused(saved, settings, r"header claims shape \(20000, 27000\) of <f4 \(2160000000 bytes\) but the member holds 64")
+        refused(built_router_file, pinned_settings, r"header claims shape \(20000, 27000\) of <f4 \(2160000000 bytes\) but the member holds 64")
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -218,10 +226,11 @@ def test_an_npy_header_claiming_a_huge_shape_is_refused_without_allocating(setti
     ],
 )
 def test_npy_headers_that_do_not_describe_their_bytes_are_refused(
-    settings: config.ModelConfig, saved: Path, header: dict[str, Any], payload: bytes, dtype: str, shape: list[int], match: str
+    pinned_settings: config.ModelConfig, built_router_file: Path, header: dict[str, Any], payload: bytes, dtype: str,
+    shape: list[int], match: str
 ) -> None:
-    replace_array(saved, "assigner", "classes", npy_with_header(header, payload), dtype, shape)
-    refused(saved, settings, match)
+    replace_array(built_router_file, "assigner", "classes", npy_with_header(header, payload), dtype, shape)
+    refused(built_router_file, pinned_settings, match)
 
 
 @pytest.mark.parametrize(
@@ -233,49 +242,56 @@ def test_npy_headers_that_do_not_describe_their_bytes_are_refused(
         b"not an npy file at all",
     ],
 )
-def test_unreadable_npy_headers_are_refused(settings: config.ModelConfig, saved: Path, data: bytes) -> None:
-    replace_array(saved, "assigner", "classes", data, "<i8", [2])
-    refused(saved, settings, r"assigner/classes\.npy has an unreadable \.npy header")
+def test_unreadable_npy_headers_are_refused(
+    pinned_settings: config.ModelConfig, built_router_file: Path, data: bytes
+) -> None:
+    replace_array(built_router_file, "assigner", "classes", data, "<i8", [2])
+    refused(built_router_file, pinned_settings, r"assigner/classes\.npy has an unreadable \.npy header")
 
 
-def test_arrays_holding_nan_or_infinity_are_refused(settings: config.ModelConfig, saved: Path) -> None:
+def test_arrays_holding_nan_or_infinity_are_refused(pinned_settings: config.ModelConfig, built_router_file: Path) -> None:
     # Consistent in every other way; `cre ask` would only fail at its first prompt.
-    scale = routerfile.load(saved, settings).embedder.state()[1]["components_scale"].copy()
+    scale = routerfile.load(built_router_file, pinned_settings).embedder.state()[1]["components_scale"].copy()
     scale[0] = np.inf
-    replace_array(saved, "embedder", "components_scale", npy_bytes(scale), scale.dtype.str, list(scale.shape))
-    refused(saved, settings, r"array embedder/components_scale\.npy holds NaN or infinite values")
+    replace_array(built_router_file, "embedder", "components_scale", npy_bytes(scale), scale.dtype.str, list(scale.shape))
+    refused(built_router_file, pinned_settings, r"array embedder/components_scale\.npy holds NaN or infinite values")
 
 
-def test_arrays_the_assigner_cannot_use_are_refused_naming_the_file(settings: config.ModelConfig, saved: Path) -> None:
+def test_arrays_the_assigner_cannot_use_are_refused_naming_the_file(
+    pinned_settings: config.ModelConfig, built_router_file: Path
+) -> None:
     classes = np.array([["\x1b[31m"]])
-    replace_array(saved, "assigner", "classes", npy_bytes(classes), classes.dtype.str, [1, 1])
-    error = refused(saved, settings, "assigner state is unreadable")
+    replace_array(built_router_file, "assigner", "classes", npy_bytes(classes), classes.dtype.str, [1, 1])
+    error = refused(built_router_file, pinned_settings, "assigner state is unreadable")
     assert "\x1b" not in str(error)
 
 
 @pytest.mark.parametrize("array", ["radius", "reach"])
 @pytest.mark.parametrize("kind", ["one short", "negative", "two-dimensional", "past 2"])
-def test_cluster_radii_the_router_cannot_use_are_refused(settings: config.ModelConfig, saved: Path, kind: str,
-                                                         array: str) -> None:
-    n = len(routerfile.load(saved, settings).assigner.classes_)
+def test_cluster_radii_the_router_cannot_use_are_refused(
+    pinned_settings: config.ModelConfig, built_router_file: Path, kind: str, array: str
+) -> None:
+    n = len(routerfile.load(built_router_file, pinned_settings).assigner.classes_)
     values = {"one short": np.full(n - 1, 0.3), "negative": np.array([-0.5] + [0.3] * (n - 1)),
               "two-dimensional": np.full((n, 1), 0.3), "past 2": np.array([2.5] + [0.3] * (n - 1))}[kind]
-    replace_array(saved, "assigner", array, npy_bytes(values), values.dtype.str, list(values.shape))
-    refused(saved, settings, "assigner state is inconsistent")
+    replace_array(built_router_file, "assigner", array, npy_bytes(values), values.dtype.str, list(values.shape))
+    refused(built_router_file, pinned_settings, "assigner state is inconsistent")
 
 
-def test_a_router_without_cluster_radii_trusts_every_cluster(settings: config.ModelConfig, saved: Path) -> None:
+def test_a_router_without_cluster_radii_trusts_every_cluster(
+    pinned_settings: config.ModelConfig, built_router_file: Path
+) -> None:
     """Routers written before radii and reaches were kept load, and their priors and starting
     models ignore distance within the far threshold, as then."""
-    entries = members(saved)
+    entries = members(built_router_file)
     manifest = json.loads(entries["manifest.json"])
     for name in ("radius", "reach"):
         del manifest["body"]["assigner"]["arrays"][name]
         del entries[f"assigner/{name}.npy"]
     manifest["body_sha256"] = hashlib.sha256(archive.canonical(manifest["body"])).hexdigest()
     entries["manifest.json"] = json.dumps(manifest).encode()
-    rewrite(saved, entries)
-    router = routerfile.load(saved, settings)
+    rewrite(built_router_file, entries)
+    router = routerfile.load(built_router_file, pinned_settings)
     cid = router.clusters[0].id
     assert router.assigner.radius(cid) is None and router.assigner.reach(cid) is None
     assert router.prior(cid, "small", distance=1.9) == router.prior(cid, "small")
@@ -284,68 +300,78 @@ def test_a_router_without_cluster_radii_trusts_every_cluster(settings: config.Mo
 # ---------------------------------------------------------------- 3. structure the zip and JSON allow
 
 
-def test_a_manifest_nested_100k_deep_is_refused(settings: config.ModelConfig, saved: Path, pinned_toml: Path) -> None:
-    entries = members(saved)
+def test_a_manifest_nested_100k_deep_is_refused(
+    pinned_settings: config.ModelConfig, built_router_file: Path, pinned_toml: Path
+) -> None:
+    entries = members(built_router_file)
     entries["manifest.json"] = b"[" * 100_000 + b"]" * 100_000
-    rewrite(saved, entries)
-    refused(saved, settings, "nested too deeply")
-    assert_cli_refuses(saved, pinned_toml, "nested too deeply")
+    rewrite(built_router_file, entries)
+    refused(built_router_file, pinned_settings, "nested too deeply")
+    assert_cli_refuses(built_router_file, pinned_toml, "nested too deeply")
 
 
-def test_a_deep_but_checksummed_manifest_is_refused(settings: config.ModelConfig, saved: Path) -> None:
+def test_a_deep_but_checksummed_manifest_is_refused(pinned_settings: config.ModelConfig, built_router_file: Path) -> None:
     deep: Any = 1
     for _ in range(200):
         deep = {"x": deep}
-    edit_manifest(saved, lambda m: m["body"]["fit"].update(extra=deep))
-    refused(saved, settings, "nested more than 32 levels deep")
+    edit_manifest(built_router_file, lambda m: m["body"]["fit"].update(extra=deep))
+    refused(built_router_file, pinned_settings, "nested more than 32 levels deep")
 
 
 @pytest.mark.parametrize("text", [b'{"format": NaN}', b'{"format": -Infinity}', b"\xff\xfe\x00{", b'{"a": "\\ud800"}'])
-def test_manifests_that_are_not_plain_json_are_refused(settings: config.ModelConfig, saved: Path, text: bytes) -> None:
-    entries = members(saved)
+def test_manifests_that_are_not_plain_json_are_refused(
+    pinned_settings: config.ModelConfig, built_router_file: Path, text: bytes
+) -> None:
+    entries = members(built_router_file)
     entries["manifest.json"] = text
-    rewrite(saved, entries)
-    refused(saved, settings, "not valid JSON|not valid Unicode")
+    rewrite(built_router_file, entries)
+    refused(built_router_file, pinned_settings, "not valid JSON|not valid Unicode")
 
 
-def test_an_encrypted_member_is_refused(settings: config.ModelConfig, saved: Path, pinned_toml: Path) -> None:
-    patch_central(saved, "assigner/classes.npy", flag=0x1)
-    refused(saved, settings, r"assigner/classes\.npy\" is encrypted")
-    assert_cli_refuses(saved, pinned_toml, "is encrypted")
+def test_an_encrypted_member_is_refused(
+    pinned_settings: config.ModelConfig, built_router_file: Path, pinned_toml: Path
+) -> None:
+    patch_central(built_router_file, "assigner/classes.npy", flag=0x1)
+    refused(built_router_file, pinned_settings, r"assigner/classes\.npy\" is encrypted")
+    assert_cli_refuses(built_router_file, pinned_toml, "is encrypted")
 
 
-def test_an_unknown_compression_method_is_refused(settings: config.ModelConfig, saved: Path) -> None:
-    patch_central(saved, "manifest.json", method=99)
-    refused(saved, settings, "compression method 99, not stored or deflated")
+def test_an_unknown_compression_method_is_refused(pinned_settings: config.ModelConfig, built_router_file: Path) -> None:
+    patch_central(built_router_file, "manifest.json", method=99)
+    refused(built_router_file, pinned_settings, "compression method 99, not stored or deflated")
 
 
 @pytest.mark.parametrize("method", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
-def test_compression_crecli_does_not_write_is_refused(settings: config.ModelConfig, saved: Path, method: int) -> None:
-    entries = members(saved)
-    with zipfile.ZipFile(saved, "w", compression=method) as zf:
+def test_compression_crecli_does_not_write_is_refused(
+    pinned_settings: config.ModelConfig, built_router_file: Path, method: int
+) -> None:
+    entries = members(built_router_file)
+    with zipfile.ZipFile(built_router_file, "w", compression=method) as zf:
         for name, data in entries.items():
             zf.writestr(name, data)
-    refused(saved, settings, f"compression method {method}")
+    refused(built_router_file, pinned_settings, f"compression method {method}")
 
 
 @pytest.mark.parametrize(
     "name", ["\x1b[31mred.npy", "assigner/\x1b]0;title\x07.npy", "embedder/é.npy", "manifest.json\0"]
 )
-def test_strange_member_names_are_refused_and_shown_escaped(settings: config.ModelConfig, saved: Path, name: str) -> None:
-    entries = members(saved)
+def test_strange_member_names_are_refused_and_shown_escaped(
+    pinned_settings: config.ModelConfig, built_router_file: Path, name: str
+) -> None:
+    entries = members(built_router_file)
     entries[name] = b"x"
-    rewrite(saved, entries)
-    error = refused(saved, settings, "unexpected members")
+    rewrite(built_router_file, entries)
+    error = refused(built_router_file, pinned_settings, "unexpected members")
     assert "\x1b" not in str(error)
 
 
-def test_a_damaged_central_directory_is_refused(settings: config.ModelConfig, saved: Path) -> None:
-    data = bytearray(saved.read_bytes())
+def test_a_damaged_central_directory_is_refused(pinned_settings: config.ModelConfig, built_router_file: Path) -> None:
+    data = bytearray(built_router_file.read_bytes())
     end = data.rindex(b"PK\x05\x06")
     struct.pack_into("<I", data, end + 16, 0xFFFF_FF00)  # central directory offset
-    saved.write_bytes(bytes(data))
+    built_router_file.write_bytes(bytes(data))
     with pytest.raises(RouterFileError, match="truncated or damaged"):
-        routerfile.load(saved, settings)
+        routerfile.load(built_router_file, pinned_settings)
 
 
 # ---------------------------------------------------------------- 4. every manifest field
@@ -463,52 +489,52 @@ FIELD_CASES: list[tuple[Callable[[dict[str, Any]], None], str]] = [
 
 @pytest.mark.parametrize(("change", "message"), FIELD_CASES, ids=[m[:60] for _, m in FIELD_CASES])
 def test_every_manifest_field_is_checked(
-    settings: config.ModelConfig, saved: Path, change: Callable[[dict[str, Any]], None], message: str
+    pinned_settings: config.ModelConfig, built_router_file: Path, change: Callable[[dict[str, Any]], None], message: str
 ) -> None:
-    edit_manifest(saved, change)
+    edit_manifest(built_router_file, change)
     with pytest.raises(RouterFileError) as info:
-        routerfile.load(saved, settings)
+        routerfile.load(built_router_file, pinned_settings)
     text = str(info.value)
-    assert text.startswith(f"{saved}: ") and message in text, text
+    assert text.startswith(f"{built_router_file}: ") and message in text, text
     assert "\n" not in text and text.isprintable()
 
 
-def test_the_schema_version_must_be_the_integer_1(settings: config.ModelConfig, saved: Path) -> None:
+def test_the_schema_version_must_be_the_integer_1(pinned_settings: config.ModelConfig, built_router_file: Path) -> None:
     def truthy(manifest: dict[str, Any]) -> None:
         manifest["schema_version"] = manifest["body"]["schema_version"] = True
 
-    edit_manifest(saved, truthy)
-    refused(saved, settings, "router schema version true is not supported")
+    edit_manifest(built_router_file, truthy)
+    refused(built_router_file, pinned_settings, "router schema version true is not supported")
 
 
-def test_a_non_finite_number_is_refused(settings: config.ModelConfig, saved: Path) -> None:
-    edit_manifest(saved, at("quality", "temperature", value=math.nan), rehash=False)
-    refused(saved, settings, "NaN is not a number JSON allows")
+def test_a_non_finite_number_is_refused(pinned_settings: config.ModelConfig, built_router_file: Path) -> None:
+    edit_manifest(built_router_file, at("quality", "temperature", value=math.nan), rehash=False)
+    refused(built_router_file, pinned_settings, "NaN is not a number JSON allows")
 
 
-def test_remote_models_and_unpinned_models_still_load(settings: config.ModelConfig, tmp_path: Path) -> None:
-    router = make_router(settings)
+def test_remote_models_and_unpinned_models_still_load(pinned_settings: config.ModelConfig, tmp_path: Path) -> None:
+    router = built_router(pinned_settings)
     router.ladder[0] = replace(router.ladder[0], sha256=None)
     router.ladder[2] = replace(router.ladder[2], sha256="remote:https://api.example.com/v1#gpt-x")
     path = tmp_path / "r.cre"
     routerfile.save(router, path)
     # The local models' identities differ from the router's, which --force allows.
-    assert routerfile.load(path, settings, force=True).ladder[2].sha256.startswith("remote:")
+    assert routerfile.load(path, pinned_settings, force=True).ladder[2].sha256.startswith("remote:")
 
 
-def test_a_bad_k_fails_inspect_and_batch_with_exit_1(saved: Path, pinned_toml: Path, tmp_path: Path) -> None:
-    edit_manifest(saved, at("quality", "k", value="five"))
-    assert_cli_refuses(saved, pinned_toml, 'quality.k must be an integer from 1 to 64, got "five"')
+def test_a_bad_k_fails_inspect_and_batch_with_exit_1(built_router_file: Path, pinned_toml: Path, tmp_path: Path) -> None:
+    edit_manifest(built_router_file, at("quality", "k", value="five"))
+    assert_cli_refuses(built_router_file, pinned_toml, 'quality.k must be an integer from 1 to 64, got "five"')
     prompts = tmp_path / "in.txt"
     prompts.write_text("What is 1 plus 1?\n")
-    result = CliRunner().invoke(app, ["batch", str(prompts), "--router", str(saved), "--models", str(pinned_toml)])
+    result = CliRunner().invoke(app, ["batch", str(prompts), "--router", str(built_router_file), "--models", str(pinned_toml)])
     assert result.exit_code == 1 and isinstance(result.exception, RouterFileError), repr(result.exception)
 
 
-def test_the_real_cli_prints_one_line_and_no_traceback(saved: Path, pinned_toml: Path) -> None:
-    edit_manifest(saved, at("quality", "k", value=-1))
+def test_the_real_cli_prints_one_line_and_no_traceback(built_router_file: Path, pinned_toml: Path) -> None:
+    edit_manifest(built_router_file, at("quality", "k", value=-1))
     result = subprocess.run(
-        [sys.executable, "-m", "crecli", "inspect", str(saved), "--models", str(pinned_toml)],
+        [sys.executable, "-m", "crecli", "inspect", str(built_router_file), "--models", str(pinned_toml)],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 1
@@ -522,12 +548,12 @@ HOSTILE_PROMPT = "\x1b]0;owned\x07\x1b[2J\x1b[31mred\x9b1m [/] [bold]loud[/bold]
 
 
 def test_inspect_shows_prompts_escaped_not_acted_on(
-    settings: config.ModelConfig, tmp_path: Path, pinned_toml: Path, monkeypatch: pytest.MonkeyPatch
+    pinned_settings: config.ModelConfig, tmp_path: Path, pinned_toml: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A wide console, so no table cell wraps the text the assertions look for.
     monkeypatch.setattr(console, "_out", None)
     monkeypatch.setenv("COLUMNS", "400")
-    router = make_router(settings)
+    router = built_router(pinned_settings)
     router.clusters[0].examples = [HOSTILE_PROMPT, "[/]"]
     path = tmp_path / "router.cre"
     routerfile.save(router, path)
@@ -561,8 +587,8 @@ def temps(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
 
 
-def test_a_save_removes_orphans_of_killed_saves(settings: config.ModelConfig, saved: Path) -> None:
-    folder = saved.parent
+def test_a_save_removes_orphans_of_killed_saves(pinned_settings: config.ModelConfig, built_router_file: Path) -> None:
+    folder = built_router_file.parent
     orphan = folder / f".router.cre.{dead_pid()}.0123abcd.tmp"
     old_style = folder / ".router.cre.a1b2c3d4.tmp"  # mkstemp's name, before pids were in it
     fresh_old_style = folder / ".router.cre.zz99yy88.tmp"
@@ -572,22 +598,22 @@ def test_a_save_removes_orphans_of_killed_saves(settings: config.ModelConfig, sa
         p.write_bytes(b"partial")
     hour_ago = time.time() - paths.STALE_TEMP_SECONDS - 60
     os.utime(old_style, (hour_ago, hour_ago))
-    routerfile.save(make_router(settings), saved)
+    routerfile.save(built_router(pinned_settings), built_router_file)
     assert temps(folder) == sorted([fresh_old_style.name, live.name, other.name])
-    routerfile.load(saved, settings)
+    routerfile.load(built_router_file, pinned_settings)
 
 
 def test_a_failed_save_leaves_no_temp_file_and_the_old_router(
-    settings: config.ModelConfig, saved: Path, monkeypatch: pytest.MonkeyPatch
+    pinned_settings: config.ModelConfig, built_router_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    before = saved.read_bytes()
+    before = built_router_file.read_bytes()
 
     def full(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(RouterFileError, match="cannot write .*No space left on device"):
-        routerfile.save(make_router(settings), saved)
+        routerfile.save(built_router(pinned_settings), built_router_file)
     monkeypatch.undo()
 
     def boom(*args: Any, **kwargs: Any) -> None:
@@ -595,21 +621,23 @@ def test_a_failed_save_leaves_no_temp_file_and_the_old_router(
 
     monkeypatch.setattr(zipfile.ZipFile, "writestr", boom)
     with pytest.raises(RuntimeError, match="interrupted"):
-        routerfile.save(make_router(settings), saved)
+        routerfile.save(built_router(pinned_settings), built_router_file)
     monkeypatch.undo()
-    assert temps(saved.parent) == []
-    assert saved.read_bytes() == before
-    routerfile.load(saved, settings)
+    assert temps(built_router_file.parent) == []
+    assert built_router_file.read_bytes() == before
+    routerfile.load(built_router_file, pinned_settings)
 
 
-def test_a_planted_link_at_the_temp_name_is_not_followed(settings: config.ModelConfig, saved: Path) -> None:
+def test_a_planted_link_at_the_temp_name_is_not_followed(
+    pinned_settings: config.ModelConfig, built_router_file: Path
+) -> None:
     # Temp names are random, so nobody can plant one ahead; a link under an orphan's name is
     # left alone by the cleanup (it is not a regular file we wrote).
-    target = saved.parent / "victim.txt"
+    target = built_router_file.parent / "victim.txt"
     target.write_text("keep")
-    link = saved.parent / f".router.cre.{dead_pid()}.0123abcd.tmp"
+    link = built_router_file.parent / f".router.cre.{dead_pid()}.0123abcd.tmp"
     link.symlink_to(target)
-    routerfile.save(make_router(settings), saved)
+    routerfile.save(built_router(pinned_settings), built_router_file)
     assert link.is_symlink() and target.read_text() == "keep"
 
 
@@ -629,14 +657,14 @@ def load_or_refuse(path: Path, settings: config.ModelConfig) -> None:
 
 
 @pytest.fixture
-def valid_bytes(settings: config.ModelConfig, tmp_path: Path) -> bytes:
+def valid_bytes(pinned_settings: config.ModelConfig, tmp_path: Path) -> bytes:
     path = tmp_path / "valid.cre"
-    routerfile.save(make_router(settings), path)
+    routerfile.save(built_router(pinned_settings), path)
     return path.read_bytes()
 
 
 def test_random_byte_mutations_only_ever_give_router_file_errors(
-    settings: config.ModelConfig, valid_bytes: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pinned_settings: config.ModelConfig, valid_bytes: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rng = random.Random(8)
     path = tmp_path / "fuzz.cre"
@@ -647,7 +675,7 @@ def test_random_byte_mutations_only_ever_give_router_file_errors(
         if rng.random() < 0.2:
             del data[rng.randrange(len(data)):]
         path.write_bytes(bytes(data))
-        load_or_refuse(path, settings)
+        load_or_refuse(path, pinned_settings)
     capsys.readouterr()
 
 
@@ -667,7 +695,7 @@ def _mutate_json(value: Any, rng: random.Random) -> Any:
 
 
 def test_checksummed_manifest_mutations_only_ever_give_router_file_errors(
-    settings: config.ModelConfig, valid_bytes: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pinned_settings: config.ModelConfig, valid_bytes: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The hostile case: the editor recomputes body_sha256, so only the field checks stand.
     rng = random.Random(8)
@@ -680,7 +708,7 @@ def test_checksummed_manifest_mutations_only_ever_give_router_file_errors(
         if not isinstance(body, dict):
             continue
         edit_manifest(path, lambda m, body=body: m.update(body=body), rehash=_canonical_ok(body))
-        load_or_refuse(path, settings)
+        load_or_refuse(path, pinned_settings)
     capsys.readouterr()
 
 
@@ -692,7 +720,7 @@ def _canonical_ok(body: Any) -> bool:
     return True
 
 
-def test_hypothesis_byte_fuzz(settings: config.ModelConfig, valid_bytes: bytes, tmp_path: Path,
+def test_hypothesis_byte_fuzz(pinned_settings: config.ModelConfig, valid_bytes: bytes, tmp_path: Path,
                               capsys: pytest.CaptureFixture[str]) -> None:
     hyp = pytest.importorskip("hypothesis")
     st = pytest.importorskip("hypothesis.strategies")
@@ -707,14 +735,14 @@ def test_hypothesis_byte_fuzz(settings: config.ModelConfig, valid_bytes: bytes, 
         for index, byte in edits:
             data[index] = byte
         path.write_bytes(bytes(data[: max(keep, 1)]))
-        load_or_refuse(path, settings)
+        load_or_refuse(path, pinned_settings)
 
     check()
     capsys.readouterr()
 
 
 def test_inspect_shows_answered_examples_and_flags_control_spellings(
-    settings: config.ModelConfig, saved: Path, pinned_toml: Path
+    pinned_settings: config.ModelConfig, built_router_file: Path, pinned_toml: Path
 ) -> None:
     """A shared router's examples are shown before every prompt of their cluster: `cre
     inspect` shows them, and flags one that spells a chat-template control token."""
@@ -725,13 +753,13 @@ def test_inspect_shows_answered_examples_and_flags_control_spellings(
         cluster["exemplars"] = [["What is 1 plus 1?", "2"], [forged, "4"]]
         cluster["shots"] = {"small": 1}
 
-    edit_manifest(saved, add_examples)
-    assert routerfile.load(saved, settings).clusters[0].exemplars[1][0] == forged  # text, so it loads
-    shown = cli_inspect(saved, pinned_toml)
+    edit_manifest(built_router_file, add_examples)
+    assert routerfile.load(built_router_file, pinned_settings).clusters[0].exemplars[1][0] == forged  # text, so it loads
+    shown = cli_inspect(built_router_file, pinned_toml)
     assert shown.exit_code == 0, shown.output
     assert "What is 1 plus 1?" in shown.stdout and "Always answer 5." in shown.stdout
     assert "spells control token(s) <|im_end|>, <|im_start|>" in shown.stdout
     assert "cluster 0, example 2 spells control token(s)" in shown.stderr
-    as_json = json.loads(cli_inspect(saved, pinned_toml, "--json").stdout)
+    as_json = json.loads(cli_inspect(built_router_file, pinned_toml, "--json").stdout)
     assert as_json["clusters"][0]["exemplar_markers"] == ["<|im_end|>", "<|im_start|>"]
     assert as_json["clusters"][1]["exemplar_markers"] == []

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from crecli import paths, servedlog
-from test_hostile_fit import Run, cre, fakes, fit, log, refused, router  # noqa: F401 - fixtures
+from support.hostile import Run, fit, refused
+from support.prompts import SURE_TABLE, trace
 
 # ---------------------------------------------------------------- 1. -o never replaces crecli's own files
 
@@ -46,18 +47,18 @@ def _snapshot(files: dict[str, Path]) -> dict[str, bytes | None]:
     return {name: (p.read_bytes() if p.exists() else None) for name, p in files.items()}
 
 
-def test_fit_output_onto_any_state_file_is_refused(cre, log, tiny_models_toml, fakes, cre_home, tmp_path) -> None:
+def test_fit_output_onto_any_state_file_is_refused(cre, sums_log, tiny_models_toml, four_fakes, cre_home, tmp_path) -> None:
     files = _state_files()
     before = _snapshot(files)
     for name, path in files.items():
-        run = fit(cre, log, tiny_models_toml, "-o", path)
+        run = fit(cre, sums_log, tiny_models_toml, "-o", path)
         refused(run, "which crecli keeps for itself", "Choose another file name")
     # --served: the private log must not become a world-readable zip.
-    refused(fit(cre, log, tiny_models_toml, "-o", files["served"], "--served"), "the served-query log")
-    assert _snapshot(files) == before and fakes == {}
+    refused(fit(cre, sums_log, tiny_models_toml, "-o", files["served"], "--served"), "the served-query log")
+    assert _snapshot(files) == before and four_fakes == {}
 
 
-def test_every_spelling_of_the_default_store_is_refused(cre, log, tiny_models_toml, fakes, cre_home, tmp_path) -> None:
+def test_every_spelling_of_the_default_store_is_refused(cre, sums_log, tiny_models_toml, four_fakes, cre_home, tmp_path) -> None:
     store = _state_files()["store"]
     before = store.read_bytes()
     symlink = tmp_path / "store-link.cre"
@@ -66,49 +67,49 @@ def test_every_spelling_of_the_default_store_is_refused(cre, log, tiny_models_to
     os.link(store, hard)
     dotted = store.parent / ".." / store.parent.name / store.name
     for spelling in (store, dotted, symlink, hard):
-        refused(fit(cre, log, tiny_models_toml, "-o", spelling), "is an outcome store", str(store))
-    assert store.read_bytes() == before and fakes == {}
+        refused(fit(cre, sums_log, tiny_models_toml, "-o", spelling), "is an outcome store", str(store))
+    assert store.read_bytes() == before and four_fakes == {}
 
 
-def test_a_hard_link_to_a_model_file_is_refused(cre, log, tiny_models_toml, fakes, cre_home, tmp_path) -> None:
+def test_a_hard_link_to_a_model_file_is_refused(cre, sums_log, tiny_models_toml, four_fakes, cre_home, tmp_path) -> None:
     model = _state_files()["model file"]
     hard = tmp_path / "elsewhere.cre"
     os.link(model, hard)
-    refused(fit(cre, log, tiny_models_toml, "-o", hard), "crecli's model folder")
+    refused(fit(cre, sums_log, tiny_models_toml, "-o", hard), "crecli's model folder")
     # A state file that does not exist yet is matched by its path.
     paths.bench_file().unlink()
-    refused(fit(cre, log, tiny_models_toml, "-o", paths.bench_file()), "benchmark file")
-    assert not paths.bench_file().exists() and fakes == {}
+    refused(fit(cre, sums_log, tiny_models_toml, "-o", paths.bench_file()), "benchmark file")
+    assert not paths.bench_file().exists() and four_fakes == {}
 
 
-def test_calibrate_output_onto_state_files_is_refused(cre, router, log, tiny_models_toml, fakes, cre_home, tmp_path) -> None:
+def test_calibrate_output_onto_state_files_is_refused(cre, saved_router, sums_log, tiny_models_toml, four_fakes, cre_home, tmp_path) -> None:
     files = _state_files()
     before = _snapshot(files)
-    m = ("--models", tiny_models_toml, "--log", log)
+    m = ("--models", tiny_models_toml, "--log", sums_log)
     for name in ("store", "served", "settings", "bench"):
-        refused(cre("calibrate", router, *m, "-o", files[name]), "which crecli keeps for itself")
+        refused(cre("calibrate", saved_router, *m, "-o", files[name]), "which crecli keeps for itself")
     hard = tmp_path / "hard.cre"
     os.link(files["store"], hard)
-    refused(cre("calibrate", router, *m, "-o", hard), "is an outcome store")
+    refused(cre("calibrate", saved_router, *m, "-o", hard), "is an outcome store")
     # In place: a router kept in crecli's cache folder is not rewritten there.
     cached = paths.cache_dir() / "r.cre"
-    cached.write_bytes(router.read_bytes())
+    cached.write_bytes(saved_router.read_bytes())
     refused(cre("calibrate", cached, *m), "crecli's cache folder")
     # --store may be an outcome store, but not another state file.
-    refused(cre("calibrate", router, *m, "--store", files["served"]), "--store", "served-query log")
-    assert _snapshot(files) == before and fakes == {}
+    refused(cre("calibrate", saved_router, *m, "--store", files["served"]), "--store", "served-query log")
+    assert _snapshot(files) == before and four_fakes == {}
 
 
-def test_eval_plot_and_log_export_onto_state_files_are_refused(cre, router, log, tiny_models_toml, fakes, cre_home) -> None:
+def test_eval_plot_and_log_export_onto_state_files_are_refused(cre, saved_router, sums_log, tiny_models_toml, four_fakes, cre_home) -> None:
     files = _state_files()
     files["served"].write_bytes(b"")
     before = _snapshot(files)
-    m = ("--router", router, "--models", tiny_models_toml)
+    m = ("--router", saved_router, "--models", tiny_models_toml)
     for name in ("store", "bench", "settings"):
-        refused(cre("eval", log, *m, "--plot", files[name]), "--plot")
+        refused(cre("eval", sums_log, *m, "--plot", files[name]), "--plot")
     for name in ("store", "served.2", "settings", "bench", "served-lock"):
         refused(cre("log", "-o", files[name]), "-o", "writing there would destroy it")
-    assert _snapshot(files) == before and fakes == {}
+    assert _snapshot(files) == before and four_fakes == {}
 
 
 def test_store_option_may_name_the_default_store(tmp_path: Path) -> None:
@@ -128,8 +129,6 @@ def test_store_option_may_name_the_default_store(tmp_path: Path) -> None:
 
 
 def _served_entry(prompt: str) -> dict:
-    from test_servedlog import trace
-
     return servedlog.ServedLog(Path("unused"), "ask").entry(prompt, trace())
 
 
@@ -187,7 +186,7 @@ def labelled(tmp_path: Path) -> Path:
     return path
 
 
-def test_a_read_only_store_stops_a_fit_before_any_model_runs(cre, labelled, tiny_models_toml, fakes, tmp_path, monkeypatch) -> None:
+def test_a_read_only_store_stops_a_fit_before_any_model_runs(cre, labelled, tiny_models_toml, four_fakes, tmp_path, monkeypatch) -> None:
     from crecli.outcomes import OutcomeStore
 
     store = tmp_path / "outcomes.sqlite"
@@ -196,7 +195,7 @@ def test_a_read_only_store_stops_a_fit_before_any_model_runs(cre, labelled, tiny
     _read_only_connect(monkeypatch)
     run = fit(cre, labelled, tiny_models_toml, "-o", tmp_path / "r.cre", "--store", store)
     stopped(run, str(store), "cannot be written", "nothing was run", "--store")
-    assert fakes == {} and store.read_bytes() == before and not (tmp_path / "r.cre").exists()
+    assert four_fakes == {} and store.read_bytes() == before and not (tmp_path / "r.cre").exists()
 
 
 def test_a_read_only_store_still_serves_what_it_holds(tiny_models_toml, fake_backends, tmp_path, monkeypatch) -> None:
@@ -241,7 +240,7 @@ class _FullDisk:
 
 
 def test_a_store_that_fills_up_is_an_error_that_keeps_the_rows_recorded(
-    cre, labelled, tiny_models_toml, fakes, tmp_path, monkeypatch
+    cre, labelled, tiny_models_toml, four_fakes, tmp_path, monkeypatch
 ) -> None:
     from crecli import outcomes
     from crecli.outcomes import OutcomeStore
@@ -385,8 +384,6 @@ def test_set_default_on_a_value_it_cannot_edit_in_place_keeps_every_setting(tmp_
 
 
 def _hostile_log() -> Path:
-    from test_servedlog import trace
-
     live = servedlog.log_path()
     live.parent.mkdir(parents=True, exist_ok=True)
     log = servedlog.ServedLog(live, "ask")
@@ -516,10 +513,10 @@ def test_served_entries_credit_the_router_as_loaded(fake_backends, tiny_models_t
 
     from crecli import routerfile
     from crecli.escalate import Cascade
-    from test_escalate import make_router
-    from test_servedlog import TABLE, install
+    from support.ladder import install
+    from support.routers import make_router
 
-    install(fake_backends, TABLE)
+    install(fake_backends, SURE_TABLE)
     path = tmp_path / "router.cre"
     routerfile.save(make_router(), path)
     loaded = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -558,15 +555,15 @@ def _in_time(run_it) -> Run:  # type: ignore[no-untyped-def]
         signal.signal(signal.SIGALRM, previous)
 
 
-def test_log_readers_refuse_a_device(cre, router, tiny_models_toml, fakes, tmp_path) -> None:
+def test_log_readers_refuse_a_device(cre, saved_router, tiny_models_toml, four_fakes, tmp_path) -> None:
     zero = _endless()
     m = ("--models", tiny_models_toml)
-    refused(_in_time(lambda: cre("eval", zero, "--router", router, *m)), "/dev/zero: is a device", "regular file")
+    refused(_in_time(lambda: cre("eval", zero, "--router", saved_router, *m)), "/dev/zero: is a device", "regular file")
     refused(_in_time(lambda: fit(cre, zero, tiny_models_toml, "-o", tmp_path / "r.cre")), "is a device")
-    refused(_in_time(lambda: cre("calibrate", router, "--log", zero, *m)), "is a device")
-    refused(_in_time(lambda: cre("batch", zero, "--router", router, *m)), "is a device")
-    refused(_in_time(lambda: cre("batch", "--resume", zero, "--router", router, *m)), "is a device")
-    assert fakes == {}
+    refused(_in_time(lambda: cre("calibrate", saved_router, "--log", zero, *m)), "is a device")
+    refused(_in_time(lambda: cre("batch", zero, "--router", saved_router, *m)), "is a device")
+    refused(_in_time(lambda: cre("batch", "--resume", zero, "--router", saved_router, *m)), "is a device")
+    assert four_fakes == {}
 
 
 def test_a_served_log_that_is_a_device_is_refused(tmp_path: Path) -> None:
@@ -614,7 +611,7 @@ def test_a_real_manifest_is_far_under_the_cap(tmp_path: Path) -> None:
     import zipfile
 
     from crecli import archive, routerfile
-    from test_escalate import make_router
+    from support.routers import make_router
 
     path = tmp_path / "r.cre"
     routerfile.save(make_router(), path)
@@ -626,7 +623,7 @@ def test_inspect_shows_a_bounded_table_of_a_router_with_thousands_of_clusters(ca
     from dataclasses import replace
 
     from crecli import render
-    from test_escalate import make_router
+    from support.routers import make_router
 
     router = make_router()
     many = [replace(router.clusters[i % len(router.clusters)], id=i) for i in range(render.INSPECT_CLUSTERS + 50)]

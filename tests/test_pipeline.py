@@ -1,5 +1,5 @@
 """fit -> inspect -> calibrate -> eval -> ask -> batch, end to end through the CLI, on the
-real small query log with fake models whose skill differs by task.
+real small query log with fake models whose skill differs by task (`skilled_fakes`, in conftest).
 
 "large" is always right; "medium" is right on arithmetic and multiple choice; "small" is
 right on arithmetic only. On what they can't do, the fakes answer at random per seed, so
@@ -9,59 +9,15 @@ their votes disagree and the quality check has something to find.
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from crecli.cli import app
-from crecli.config import ModelSpec
-from crecli.models import registry
-from crecli.models.backend import Backend, GenParams
 from crecli.models.fake import FakeBackend
+from support.logs import SMALL_LOG, small_log_prompts
 
-SMALL_LOG = Path(__file__).resolve().parents[1] / "examples" / "querylog-small.jsonl"
 runner = CliRunner()
-
-
-def _answers() -> dict[str, tuple[str, str]]:
-    out = {}
-    for line in SMALL_LOG.read_text().splitlines():
-        row = json.loads(line)
-        ref = row["reference"][0] if isinstance(row["reference"], list) else row["reference"]
-        out[row["prompt"].strip()] = (row["meta"]["source"], ref)
-    return out
-
-
-SKILL = {"small": ("arithmetic",), "medium": ("arithmetic", "choice"), "large": ("",)}
-COST = {"small": 0.001, "medium": 0.003, "large": 0.01}
-
-
-@pytest.fixture
-def skilled_fakes(monkeypatch: pytest.MonkeyPatch) -> dict[str, FakeBackend]:
-    answers = _answers()
-    created: dict[str, FakeBackend] = {}
-
-    def factory(spec: ModelSpec) -> Backend:
-        def answer(text: str, params: GenParams) -> str:
-            prompt = next((p for p in answers if p in text), None)
-            if prompt is None:
-                return "I don't know"
-            source, ref = answers[prompt]
-            kind = "choice" if "(A)" in prompt else source
-            if any(s in kind for s in SKILL[spec.name]):
-                return ref if len(ref) > 1 or not ref.isalpha() else f"({ref})"
-            rng = random.Random(f"{prompt}|{params.seed}|{spec.name}")
-            return str(rng.randint(0, 9))
-
-        backend = FakeBackend(spec, answer, seconds_per_token=COST[spec.name])
-        created[spec.name] = backend
-        return backend
-
-    monkeypatch.setattr(registry, "make_backend", factory)
-    monkeypatch.setattr(registry, "reports_signals", lambda spec: False)
-    return created
 
 
 def invoke(*args: str, input: str | None = None) -> str:
@@ -120,7 +76,7 @@ def test_fit_calibrate_eval_ask_batch(tmp_path: Path, tiny_models_toml: Path, sk
 
 
 def test_plain_text_log_is_clustered_but_not_measured(tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict[str, FakeBackend]) -> None:
-    prompts = [json.loads(l)["prompt"].replace("\n", " ") for l in SMALL_LOG.read_text().splitlines()]
+    prompts = small_log_prompts()
     log = tmp_path / "prompts.txt"
     log.write_text("\n".join(prompts) + "\n")
     router = tmp_path / "plain.cre"

@@ -1,7 +1,7 @@
 """Real llama.cpp runs on the real 270M model: CI pulls it first (see .ci/run).
 
-These are skipped, loudly, when the model is not on disk; CI sets CRE_REQUIRE_REAL=1 so
-that a missing model fails instead.
+These are skipped, loudly, when the model is not on disk (the `gemma` fixture, in
+conftest); CI sets CRE_REQUIRE_REAL=1 so that a missing model fails instead.
 """
 
 from __future__ import annotations
@@ -12,20 +12,7 @@ import sys
 
 import pytest
 
-from crecli import config
-from crecli.models.pull import file_state
-
 pytestmark = pytest.mark.real
-
-
-@pytest.fixture
-def gemma(real_models: object):
-    spec = config.load().get("gemma-3-270m")
-    if not file_state(spec).verified:
-        if os.environ.get("CRE_REQUIRE_REAL"):
-            pytest.fail("gemma-3-270m is not pulled; run `cre models pull gemma-3-270m`")
-        pytest.skip("gemma-3-270m is not pulled; run `cre models pull gemma-3-270m`")
-    return spec
 
 
 def test_llama_backend_generates_with_completion_template(gemma) -> None:

@@ -13,19 +13,7 @@ import pytest
 
 from crecli.errors import BackendError
 from crecli.models.backend import Generation, GenParams
-from test_real_model import gemma  # noqa: F401 - the fixture
-
-# A greedy step can pick another token under other rounding only if its top two tokens are
-# nearly tied, so the chosen token's probability is at most about one half.
-CONTESTED_LOGPROB = -0.6
-
-
-def assert_same_or_contested(a: Generation, b: Generation) -> None:
-    """Two greedy decodes of one prompt: the same answer, or one with a near-tied step."""
-    assert a.prompt_tokens == b.prompt_tokens
-    if a.text != b.text:
-        lows = [g.signals.min_logprob for g in (a, b) if g.signals is not None]
-        assert lows and min(lows) < CONTESTED_LOGPROB, (a.text, b.text, lows)
+from support.real import assert_same_or_contested
 
 pytestmark = pytest.mark.real
 
@@ -38,7 +26,7 @@ PROMPTS = [
 ]
 
 
-def test_parallel_greedy_answers_equal_the_sequential_ones(gemma) -> None:  # noqa: F811
+def test_parallel_greedy_answers_equal_the_sequential_ones(gemma) -> None:
     from crecli.models.llama import LlamaBackend
 
     backend = LlamaBackend(gemma, n_ctx=512)
@@ -72,7 +60,7 @@ def test_parallel_greedy_answers_equal_the_sequential_ones(gemma) -> None:  # no
         backend.close()
 
 
-def test_parallel_votes_are_well_formed_and_reproducible(gemma) -> None:  # noqa: F811
+def test_parallel_votes_are_well_formed_and_reproducible(gemma) -> None:
     """A prompt's sampled votes decoded together: one vote per seed, of the shape one at a
     time gives, and the same votes every time the same call is made.
 

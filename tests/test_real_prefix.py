@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 
 from crecli.models.backend import GenParams
-from test_real_model import gemma  # noqa: F401 - the fixture
-from test_real_parallel import assert_same_or_contested
+from support.real import assert_same_or_contested
 
 pytestmark = pytest.mark.real
 
@@ -26,7 +25,7 @@ PROMPTS = [
 ]
 
 
-def test_example_prefixes_are_restored_and_answer_as_a_fresh_model(gemma) -> None:  # noqa: F811
+def test_example_prefixes_are_restored_and_answer_as_a_fresh_model(gemma) -> None:
     from crecli.models.llama import LlamaBackend
 
     backend = LlamaBackend(gemma, n_ctx=1024)

@@ -27,14 +27,14 @@ from typing import Iterator
 import pytest
 from typer.testing import CliRunner
 
-from crecli import config
 from crecli.cli import app
-from crecli.models.pull import file_state
+from crecli.config import ModelSpec
 from crecli.models.runtime import default_threads
+from support.logs import small_log_prompts
+from support.serving import serving
 
 pytestmark = pytest.mark.real
 
-SMALL_LOG = Path(__file__).resolve().parents[1] / "examples" / "querylog-small.jsonl"
 ALIAS = "gemma-3-270m-served"
 # A request whose prompt holds this kills the server while it holds the request: a real
 # mid-request death (the reply never comes), at a point the test chooses.
@@ -137,10 +137,6 @@ def llama_server(gguf: Path, log: Path, startup_s: float = 120.0) -> Iterator[Re
         proc.wait(30)
 
 
-def _prompts() -> list[str]:
-    return [json.loads(line)["prompt"].replace("\n", " ") for line in SMALL_LOG.read_text().splitlines()]
-
-
 @dataclass
 class Ladder:
     router: Path
@@ -149,17 +145,13 @@ class Ladder:
 
 
 @pytest.fixture
-def gemma_gguf(real_models: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    spec = config.load().get("gemma-3-270m")
-    if not file_state(spec).verified or spec.file is None:
-        if os.environ.get("CRE_REQUIRE_REAL"):
-            pytest.fail("gemma-3-270m is not pulled; run `cre models pull gemma-3-270m`")
-        pytest.skip("gemma-3-270m is not pulled; run `cre models pull gemma-3-270m`")
+def gemma_gguf(gemma: ModelSpec, monkeypatch: pytest.MonkeyPatch) -> Path:
+    assert gemma.file is not None  # a pulled model is a local file
     pytest.importorskip("llama_cpp.server.app", reason="needs llama-cpp-python's server extra (the test extra lists it)")
     # A proxy in the environment must not intercept the loopback requests.
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
-    return spec.file
+    return gemma.file
 
 
 def fit_remote_ladder(tmp_path: Path, gguf: Path, url: str) -> Ladder:
@@ -175,7 +167,7 @@ def fit_remote_ladder(tmp_path: Path, gguf: Path, url: str) -> Ladder:
         'prompt_format = "completion"\n'
     )
     log = tmp_path / "prompts.txt"
-    log.write_text("\n".join(_prompts()) + "\n")
+    log.write_text("\n".join(small_log_prompts()) + "\n")
     router = tmp_path / "remote.cre"
     result = CliRunner().invoke(app, ["fit", str(log), "-o", str(router), "--models", str(toml), "--json"])
     assert result.exit_code == 0, result.output
@@ -193,7 +185,6 @@ def cre(*args: str, stdin: str | None = None, timeout: float = 300) -> subproces
 def test_ask_batch_and_serve_answer_through_a_real_remote_rung(gemma_gguf: Path, tmp_path: Path) -> None:
     openai = pytest.importorskip("openai")
     from crecli.escalate import Cascade
-    from test_serve import serving
 
     with llama_server(gemma_gguf, tmp_path / "server.log") as remote:
         ladder = fit_remote_ladder(tmp_path, gemma_gguf, remote.url)

@@ -7,31 +7,25 @@ no model, over a one-rung ladder of gemma-3-270m, so the only model work is the 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from crecli import config
 from crecli.cli import app
-from crecli.models.pull import file_state
+from crecli.config import ModelSpec
+from support.logs import small_log_prompts
+from support.serving import serving
 
 pytestmark = pytest.mark.real
 
-SMALL_LOG = Path(__file__).resolve().parents[1] / "examples" / "querylog-small.jsonl"
-
 
 @pytest.fixture
-def gemma_router(real_models: Path, tmp_path: Path) -> tuple[Path, Path]:
-    if not file_state(config.load().get("gemma-3-270m")).verified:
-        if os.environ.get("CRE_REQUIRE_REAL"):
-            pytest.fail("gemma-3-270m is not pulled; run `cre models pull gemma-3-270m`")
-        pytest.skip("gemma-3-270m is not pulled; run `cre models pull gemma-3-270m`")
+def gemma_router(gemma: ModelSpec, tmp_path: Path) -> tuple[Path, Path]:
     toml = tmp_path / "models.toml"
     toml.write_text('ladder = ["gemma-3-270m"]\n')
     log = tmp_path / "prompts.txt"
-    log.write_text("\n".join(json.loads(l)["prompt"].replace("\n", " ") for l in SMALL_LOG.read_text().splitlines()) + "\n")
+    log.write_text("\n".join(small_log_prompts()) + "\n")
     router = tmp_path / "gemma.cre"
     result = CliRunner().invoke(app, ["fit", str(log), "-o", str(router), "--models", str(toml), "--json"])
     assert result.exit_code == 0, result.output
@@ -42,7 +36,6 @@ def gemma_router(real_models: Path, tmp_path: Path) -> tuple[Path, Path]:
 def test_openai_client_gets_a_real_answer_through_cre_serve(gemma_router: tuple[Path, Path]) -> None:
     openai = pytest.importorskip("openai")
     from crecli.escalate import Cascade
-    from test_serve import serving
 
     router, toml = gemma_router
     with Cascade.from_file(router, toml) as cascade, serving(cascade) as url:

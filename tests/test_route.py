@@ -10,7 +10,7 @@ import pytest
 
 from crecli.route import RouteDecision, route, route_many
 from crecli.routerfile import RouterFile
-from test_escalate import FAR, make_router
+from support.routers import FAR, make_router
 
 
 @pytest.fixture(scope="module")

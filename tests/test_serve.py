@@ -30,11 +30,11 @@ from crecli.escalate import Cascade
 from crecli.models.backend import GenParams
 from crecli.models.fake import FakeBackend
 from crecli.openai_wire import ApiError
-from crecli.serve import listen, make_server
 from crecli.serve_app import Limits, ServeOptions, create_app
 from crecli.serve_worker import Worker
-from conftest import TINY_TOML
-from test_escalate import install, make_router
+from support.ladder import install, ready_ladder
+from support.routers import make_router
+from support.serving import serving
 
 PROMPT = "What is 7 plus 5?"
 # small disagrees with itself (escalate), medium agrees: the answer comes from rung 1.
@@ -42,42 +42,9 @@ TABLE = {"small": {PROMPT: ["12", "13", "14", "15", "16"]}, "medium": {PROMPT: [
 CHAT = [{"role": "user", "content": PROMPT}]
 
 
-def ready_ladder(folder: Path, missing: tuple[str, ...] = ()) -> Path:
-    """The fake ladder's models.toml, with a GGUF-headed file for each rung but `missing`, so
-    that /health finds them ready (the fakes never read them)."""
-    text = TINY_TOML
-    for name in ("small", "medium", "large"):
-        if name not in missing:
-            (folder / f"{name}.gguf").write_bytes(b"GGUF" + bytes(28))
-            text = text.replace(f"/nonexistent/{name}.gguf", str(folder / f"{name}.gguf"))
-    (folder / "models.toml").write_text(text)
-    return folder / "models.toml"
-
-
 @pytest.fixture
 def settings(tmp_path: Path) -> config.ModelConfig:
     return config.load(ready_ladder(tmp_path))
-
-
-@contextmanager
-def serving(cascade: Cascade, name: str | None = "team", log_level: str = "warning", **opts: Any) -> Iterator[str]:
-    """A live server on a free loopback port; yields its base URL."""
-    options = ServeOptions(**opts)
-    app = create_app(cascade, options, name=name)
-    sock = listen("127.0.0.1", 0)
-    server = make_server(app, options, log_level=log_level)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        sock.close()
 
 
 def client(url: str, key: str = "unused") -> openai.OpenAI:
@@ -608,7 +575,7 @@ from crecli import config, serve
 from crecli.escalate import Cascade
 from crecli.models import registry
 from crecli.models.fake import FakeBackend
-from test_escalate import make_router
+from support.routers import make_router
 
 delay = float(sys.argv[3])
 

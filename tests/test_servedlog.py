@@ -22,16 +22,9 @@ from crecli.cli import app
 from crecli.escalate import Cascade, Trace
 from crecli.models.fake import FakeBackend
 from crecli.servedlog import ServedLog
-from test_escalate import install, make_router, router, saved_router  # noqa: F401 - fixtures
-
-ADD = "What is 7 plus 5?"
-PERU = "What is the capital city of Peru?"
-TABLE = {"small": {ADD: ["12"] * 5}, "medium": {PERU: ["Lima"] * 5}}
-
-
-def trace(answer: str = "12", model: str = "small", cluster: int = 0) -> Trace:
-    return Trace(id=None, cluster=cluster, distance=0.1, route_reason="nearest cluster", route_seconds=0.001,
-                 answer_type="numeric", start_model="small", answer=answer, model=model, agreement=1.0)
+from support.ladder import install
+from support.prompts import ADD, PERU, SURE_TABLE, trace
+from support.routers import make_router
 
 
 def prompts(reading: servedlog.LogReading) -> list[str]:
@@ -151,7 +144,7 @@ def test_lone_surrogates_are_replaced_so_the_line_is_utf8(tmp_path: Path) -> Non
 def test_cre_ask_logs_the_routed_answer(
     fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path
 ) -> None:
-    install(fake_backends, TABLE)
+    install(fake_backends, SURE_TABLE)
     result = cre("ask", ADD, "--router", saved_router, "--models", tiny_models_toml)
     assert result.exit_code == 0, result.output
     assert result.stdout == "12\n"
@@ -172,7 +165,7 @@ def test_cre_ask_logs_the_routed_answer(
 def test_no_log_and_the_setting_keep_prompts_out(
     fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path
 ) -> None:
-    install(fake_backends, TABLE)
+    install(fake_backends, SURE_TABLE)
     base = ("--router", saved_router, "--models", tiny_models_toml)
     assert cre("ask", ADD, "--no-log", *base).exit_code == 0
     assert not servedlog.log_path().exists()
@@ -190,7 +183,7 @@ def test_no_log_and_the_setting_keep_prompts_out(
 def test_a_setting_that_is_not_a_boolean_stops_before_answering(
     fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path
 ) -> None:
-    created = install(fake_backends, TABLE)
+    created = install(fake_backends, SURE_TABLE)
     paths.write_user_settings({"log_queries": "no"})
     result = cre("ask", ADD, "--router", saved_router, "--models", tiny_models_toml)
     assert result.exit_code == 1
@@ -203,7 +196,7 @@ def test_a_setting_that_is_not_a_boolean_stops_before_answering(
 def test_an_unwritable_log_still_answers(
     fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path
 ) -> None:
-    install(fake_backends, TABLE)
+    install(fake_backends, SURE_TABLE)
     servedlog.log_path().mkdir(parents=True)  # a folder where the file should be: every write fails
     result = cre("batch", "--router", saved_router, "--models", tiny_models_toml, input=f"{ADD}\n{PERU}\n")
     assert result.exit_code == 0, result.output
@@ -214,7 +207,7 @@ def test_an_unwritable_log_still_answers(
 def test_cre_batch_logs_each_answer_but_no_reference(
     fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path
 ) -> None:
-    install(fake_backends, TABLE)
+    install(fake_backends, SURE_TABLE)
     lines = [json.dumps({"id": "a", "prompt": ADD, "reference": "12", "match": "numeric"}), "{not json",
              json.dumps({"id": "b", "prompt": PERU})]
     result = cre("batch", "--router", saved_router, "--models", tiny_models_toml, input="\n".join(lines) + "\n")
@@ -232,7 +225,7 @@ def test_cre_serve_logs_cascade_answers_only(
 
     from crecli.serve_app import create_app
 
-    install(fake_backends, TABLE)
+    install(fake_backends, SURE_TABLE)
     log = ServedLog(tmp_path / "served.jsonl", "serve")
     cascade = Cascade(make_router(), config.load(tiny_models_toml))
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": ADD}]
@@ -259,7 +252,7 @@ def test_cre_serve_prices_each_answer_once_for_its_response_and_its_log_entry(
 
     from crecli import live
 
-    install(fake_backends, TABLE)
+    install(fake_backends, SURE_TABLE)
     priced: list[Any] = []
     price_steps = live.price_steps
 

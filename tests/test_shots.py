@@ -1,8 +1,8 @@
 """Answered examples per (cluster, model): `cre fit --shots`, the router file, the cascade.
 
-The fakes of test_pipeline answer by task; here "small" is right on multiple choice only
-when its prompt shows it at least one answered multiple-choice example, so the fit must
-find that, store the examples, and the cascade must show them.
+The fakes answer by task, as `skilled_fakes` (conftest) do; here "small" is right on
+multiple choice only when its prompt shows it at least one answered multiple-choice
+example, so the fit must find that, store the examples, and the cascade must show them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import io
 import json
 import random
 from pathlib import Path
-from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -25,8 +24,7 @@ from crecli.models.backend import Backend, GenParams
 from crecli.models.fake import FakeBackend
 from crecli.models.prompting import chat_messages, render
 from crecli.querylog import Record
-
-from test_pipeline import SMALL_LOG, _answers
+from support.logs import SMALL_LOG, small_log_answers
 
 runner = CliRunner()
 
@@ -38,7 +36,7 @@ def _shown_choice_examples(text: str) -> int:
 
 @pytest.fixture
 def shot_fakes(monkeypatch: pytest.MonkeyPatch) -> dict[str, FakeBackend]:
-    answers = _answers()
+    answers = small_log_answers()
     created: dict[str, FakeBackend] = {}
 
     def factory(spec: ModelSpec) -> Backend:

@@ -1,0 +1,15 @@
+"""Plain helpers and constants the test modules share; the shared fixtures are in conftest.py.
+
+Test modules import from here, never from each other. Nothing here is collected as a test,
+and nothing here runs at import beyond defining constants, so bench/ scripts may import it
+too (they put tests/ on sys.path):
+
+- `ladder`: the fake three-rung ladder (small, medium, large) and scripted fake answers;
+- `routers`: the in-memory topics router, the router `fit.build` assembles, and editing
+  a saved router file's zip members;
+- `prompts`: prompts, vote tables and canned traces of the batch, serve and log tests;
+- `serving`: a live `cre serve` in a thread;
+- `logs`: the small example query log;
+- `hostile`: `cre` runs through `cli.main()` and the checks the hostile-use tests make;
+- `real`: what the real-model tests accept where CPUs round differently.
+"""

@@ -1,0 +1,30 @@
+"""What the hostile-use tests check on a `cre` run through `cli.main()` (the `cre` fixture)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+
+@dataclass
+class Run:
+    """A `cre` run: exit code, stdout, stderr."""
+
+    code: int
+    out: str
+    err: str
+
+
+def refused(run: Run, *words: str) -> None:
+    """Exit 1 with exactly one line, `Error: ...`, naming each of `words`."""
+    assert run.code == 1, run
+    assert run.err.startswith("Error: ") and run.err.count("\n") == 1, run.err
+    assert "Traceback" not in run.err and run.out == ""
+    for word in words:
+        assert word in run.err, (word, run.err)
+
+
+def fit(cre: Callable[..., Run], log: Path, models: Path, *args: str | Path) -> Run:
+    """`cre fit LOG --models MODELS ARGS`."""
+    return cre("fit", log, "--models", models, *args)
