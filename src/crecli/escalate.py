@@ -271,14 +271,8 @@ class Cascade:
         source.after(rung, pending.climb.verdicts[-1][1], votes)
         return final
 
-    def ask(
-        self,
-        prompt: str,
-        match: str | None = None,
-        reference: Sequence[str] | str | None = None,
-        *,
-        id: str | None = None,
-    ) -> Trace:
+    def ask(self, prompt: str, match: str | None = None, reference: Sequence[str] | str | None = None, *,
+            id: str | None = None) -> Trace:
         """Answer one prompt through the cascade (`ladder.walk`) and return the trace of every step."""
         pending = self.begin(prompt, match, reference, id=id)
         source = self._source(pending)

@@ -19,31 +19,26 @@ def _home_override() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-def config_dir() -> Path:
+def _user_dir(kind: str) -> Path:
+    """`CRE_HOME/<kind>`, else platformdirs' per-user folder of that kind."""
     home = _home_override()
     if home is not None:
-        return home / "config"
+        return home / kind
     import platformdirs
 
-    return Path(platformdirs.user_config_dir(APP))
+    return Path(getattr(platformdirs, f"user_{kind}_dir")(APP))
+
+
+def config_dir() -> Path:
+    return _user_dir("config")
 
 
 def cache_dir() -> Path:
-    home = _home_override()
-    if home is not None:
-        return home / "cache"
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir(APP))
+    return _user_dir("cache")
 
 
 def data_dir() -> Path:
-    home = _home_override()
-    if home is not None:
-        return home / "data"
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir(APP))
+    return _user_dir("data")
 
 
 def models_dir() -> Path:

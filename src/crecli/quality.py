@@ -31,7 +31,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Sequence
 
-from crecli.models.backend import GenParams
+from crecli.models.backend import DEFAULT_TOP_K, DEFAULT_TOP_P, GenParams
 
 if TYPE_CHECKING:
     from crecli.models.backend import Signals
@@ -64,8 +64,8 @@ class QualityCheck:
 
     k: int = 5
     temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 40
+    top_p: float = DEFAULT_TOP_P
+    top_k: int = DEFAULT_TOP_K
     early_stop: bool = True
 
     def key(self) -> str:

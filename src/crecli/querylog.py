@@ -296,7 +296,10 @@ def _decode(raw: bytes) -> str:
         ) from None
 
 
-def _text_rows(lines: _Lines, path: Path, fields: FieldMap) -> Iterator[_Row]:
+def _line_rows(lines: _Lines, path: Path, fields: FieldMap,
+               parse: Callable[[bytes, str, str], Record]) -> Iterator[_Row]:
+    """A row per non-blank line, built by `parse(raw, record id, source)`; a line over the
+    cap is a bad line, never read whole."""
     for line_no, raw in lines:
         if isinstance(raw, bytes) and not raw.strip():
             continue
@@ -304,23 +307,19 @@ def _text_rows(lines: _Lines, path: Path, fields: FieldMap) -> Iterator[_Row]:
         def build(source: str, raw: bytes | LongLine = raw, line_no: int = line_no) -> Record:
             if isinstance(raw, LongLine):
                 raise _Bad(_too_long(raw.size, fields.max_line_bytes))
-            return Record(id=f"{path.stem}:{line_no}", prompt=_decode(raw).strip(), source=source)
+            return parse(raw, f"{path.stem}:{line_no}", source)
 
         yield line_no, build
+
+
+def _text_rows(lines: _Lines, path: Path, fields: FieldMap) -> Iterator[_Row]:
+    return _line_rows(lines, path, fields,
+                      lambda raw, rid, source: Record(id=rid, prompt=_decode(raw).strip(), source=source))
 
 
 def _jsonl_rows(lines: _Lines, path: Path, fields: FieldMap) -> Iterator[_Row]:
-    for line_no, raw in lines:
-        if isinstance(raw, bytes) and not raw.strip():
-            continue
-
-        def build(source: str, raw: bytes | LongLine = raw, line_no: int = line_no) -> Record:
-            if isinstance(raw, LongLine):
-                raise _Bad(_too_long(raw.size, fields.max_line_bytes))
-            obj = _parse_object(_decode(raw.rstrip(b"\r\n")))
-            return _record_from_object(obj, fields, f"{path.stem}:{line_no}", source)
-
-        yield line_no, build
+    return _line_rows(lines, path, fields, lambda raw, rid, source: _record_from_object(
+        _parse_object(_decode(raw.rstrip(b"\r\n"))), fields, rid, source))
 
 
 def _parse_object(text: str) -> dict[str, Any]:

@@ -28,12 +28,20 @@ if TYPE_CHECKING:
     from crecli.config import ModelSpec
 
 
+# llama.cpp's own sampling defaults, which the quality check's sampled votes keep too.
+DEFAULT_TOP_P = 0.95
+DEFAULT_TOP_K = 40
+
+
 @dataclass(frozen=True)
 class GenParams:
+    """How one generation is drawn: its token cap, sampling (temperature 0 is greedy), seed,
+    stop strings and the answered examples shown before the prompt."""
+
     max_tokens: int = 48
     temperature: float = 0.0
-    top_p: float = 0.95
-    top_k: int = 40
+    top_p: float = DEFAULT_TOP_P
+    top_k: int = DEFAULT_TOP_K
     seed: int | None = None
     stop: tuple[str, ...] = ()
     # Answered examples rendered before the prompt (`prompting.render`). They ride with the
