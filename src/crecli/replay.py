@@ -326,10 +326,10 @@ def prepare(
     see `costs`).
     """
     from crecli import outcomes as outcomes_mod
-    from crecli.costs import UNITS
+    from crecli.costs import check_unit
 
-    if unit is not None and unit not in UNITS:
-        raise CreError(f"--cost-unit {unit!r}: use one of {', '.join(UNITS)}")
+    if unit is not None:
+        check_unit(unit, "--cost-unit")
 
     reader = reader or router.fit.reader
     read = reader.read(log)
