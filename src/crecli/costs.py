@@ -220,15 +220,16 @@ def price_steps(pricing: Pricing, runs: Sequence[tuple[int, Sequence[PricedStep]
 def estimate_strongest(
     pricing: Pricing, model: str, prompt_tokens: int | None, output_tokens: int, prefix_tokens: int = 0
 ) -> float | None:
-    """What the strongest `model`'s greedy answer to a prompt costs, examples included in
-    full (`prefix_tokens`); None in "seconds" (a model that did not run took no time to
-    measure) or when its prompt's tokens are unknown. The caller counts the tokens with the
-    strongest model's own tokenizer and prompt format (`escalate.Cascade.strongest_tokens`),
-    or takes them from its own step where it ran."""
+    """What the strongest `model`'s greedy answer to a prompt costs, its answered examples
+    (`prefix_tokens` of the prompt) left out for the caller to share by `share_prefixes`;
+    None in "seconds" (a model that did not run took no time to measure) or when its
+    prompt's tokens are unknown. The caller counts the tokens with the strongest model's own
+    tokenizer and prompt format (`escalate.Cascade.strongest_tokens`), or takes them from its
+    own step where it ran."""
     if prompt_tokens is None or not pricing.by_tokens:
         return None
     votes = pricing.price_votes(model, prompt_tokens, [output_tokens], [0.0], prefix_tokens)
-    return None if votes is None else sum(votes) + pricing.prefix(model, prefix_tokens)
+    return None if votes is None else sum(votes)
 
 
 class CostModel(Pricing):

@@ -132,14 +132,16 @@ class Cascade:
         if not trace.steps:
             return None, 0, 0
         last = trace.steps[-1]
-        backend = self._strongest_counter()
         shots = self.router.shots(trace.cluster, top)
-        rendered = backend.prepare(prompt, GenParams(shots=shots))[0]
-        counted = backend.count_tokens(rendered)
-        # The final answer as the strongest model, told to reply with the bare answer, would
-        # write it ("(B)", the number, the text), not as a rambling base model did.
-        bare = grading.bare_answer(trace.answer, trace.answer_type) or trace.answer
-        answer = backend.count_text_tokens(bare)
+        counted = answer = None
+        try:
+            backend = self._strongest_counter()
+            counted = backend.count_tokens(backend.prepare(prompt, GenParams(shots=shots))[0])
+            # The final answer as the strongest model, told to reply with the bare answer, would
+            # write it ("(B)", the number, the text), not as a rambling base model did.
+            answer = backend.count_text_tokens(grading.bare_answer(trace.answer, trace.answer_type) or trace.answer)
+        except CreError:
+            pass  # its file is not here to count with (an estimate must not end a finished batch)
         if counted is None or answer is None:
             theirs = len(render(self.specs[last.model].prompt_format, prompt).text)
             ours = len(render(self.specs[top].prompt_format, prompt).text)
@@ -169,8 +171,7 @@ class Cascade:
         own: list[float | None] = []
         for trace, prompt in zip(traces, prompts):
             tokens, prefix, output = self.strongest_tokens(trace, prompt)
-            cost = estimate_strongest(self.pricing, top, tokens, output, prefix)
-            own.append(None if cost is None else cost - self.pricing.prefix(top, prefix))
+            own.append(estimate_strongest(self.pricing, top, tokens, output, prefix))
             visits.append((prefix_key(top, trace.cluster), self.pricing.prefix(top, prefix)) if prefix else ("", 0.0))
         return [None if cost is None else cost + share for cost, share in zip(own, share_prefixes(visits))]
 
