@@ -198,7 +198,7 @@ def calibrate(
     store: Annotated[Optional[Path], typer.Option(help="Outcome store (default: the one `cre fit` uses).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Warn instead of failing when local model files differ from the router's.")] = False,
     max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, help="Longest log line (and so prompt) to read, in bytes (default: what `cre fit` was given).", show_default=False)] = None,
-    check: Annotated[str, typer.Option(help="Quality check: 'deferral' (a logistic P(correct) model per rung on the greedy answer's own signals) or 'agreement' (self-consistency votes; needs a fit with --k above 1).")] = DEFAULT_CHECK,
+    check: Annotated[str, typer.Option(help="Quality check: 'deferral' (a logistic P(correct) model per rung on the greedy answer's own signals; a rung without log-probabilities gets the agreement check, with a warning) or 'agreement' (self-consistency votes; needs a fit with --k above 1).")] = DEFAULT_CHECK,
     votes: Annotated[int, typer.Option(min=1, help="With --check deferral: votes a rung draws (1: the greedy answer alone; more adds their agreement as a signal).")] = 1,
     cost_unit: CostUnitOpt = None,
     json_: JsonOpt = False,

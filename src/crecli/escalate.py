@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Sequence
 from crecli import grading
 from crecli.costs import Pricing, estimate_strongest, prefix_key, price_steps, share_prefixes
 from crecli.errors import CreError, RouterFileError
-from crecli.ladder import Climb, Policy, step, walk
+from crecli.ladder import Climb, step, walk
 # Re-exported: the live trace records and the one-rung check, where callers have long found them.
 from crecli.live import LiveSource, LiveVotes, Pending, check  # noqa: F401
 from crecli.trace import Step, Trace  # noqa: F401
@@ -76,12 +76,7 @@ class Cascade:
                 f"the router starts prompts on {', '.join(off)}, which is not on its ladder "
                 f"({', '.join(self.ladder)}); refit it with `cre fit`"
             )
-        rules = router.deferral
-        self.policy = Policy(
-            tuple(self.ladder), router.thresholds, self.quality,
-            deferral_votes=rules.votes if rules is not None else None,
-            deferral_models=rules.models if rules is not None else {},
-        )
+        self.policy = router.policy(self.quality)
         self._counter: "Backend | None" = None  # the strongest model's tokenizer, for estimates
 
     @classmethod

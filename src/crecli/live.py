@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from crecli import grading
 from crecli.costs import Pricing, price_steps
 from crecli.ladder import AGREEMENT, DEFERRAL, GREEDY, Climb, Rung, Verdict, judge
-from crecli.quality import deferral_features, vote_params
+from crecli.quality import judge_deferral, vote_params
 from crecli.trace import Step, Trace
 
 if TYPE_CHECKING:
@@ -73,27 +73,32 @@ class LiveVotes:
             self.seconds += gen.seconds
         return self.normalized[start:]
 
-    def p_correct(self, rung: Rung, answers: Sequence[str]) -> float:
+    def p_correct(self, rung: Rung, answers: Sequence[str]) -> float | None:
         assert rung.deferral is not None, "a deferral rung carries its P(correct) model"
-        return rung.deferral.p_correct(deferral_features(self.signals, answers, self.cut, rung.prior))
+        return judge_deferral(rung.deferral, self.signals, answers, self.cut, rung.prior)
 
     def step(self, rung: Rung, verdict: Verdict) -> "Step":
         """What the rung did, for the trace; `why` says why it kept the answer or not."""
         if rung.check == GREEDY:
             why = "greedy answer of the top rung"
-        elif rung.check == DEFERRAL:
+        elif verdict.check == DEFERRAL:
             p = verdict.p_correct if verdict.p_correct is not None else 0.0
             why = (f"P(correct) {p:.2f} {'>=' if p >= rung.threshold else '<'} threshold {rung.threshold:.2f}"
                    + ("" if verdict.answer else "; the answer is empty"))
         else:
+            # A deferral rung whose answer came without log-probabilities runs the agreement check.
+            threshold = rung.fallback if rung.check == DEFERRAL else rung.threshold
             majority = Counter(self.normalized[: verdict.used])[verdict.answer]
             share = f"agreement {verdict.agreement:.2f} ({majority}/{verdict.used})"
-            why = f"{share} >= threshold {rung.threshold:.2f}" if verdict.kept else f"{share} < threshold {rung.threshold:.2f}"
+            why = f"{share} >= threshold {threshold:.2f}" if verdict.kept else f"{share} < threshold {threshold:.2f}"
+            if rung.check == DEFERRAL:
+                why = f"no log-probabilities from {rung.model}, so the agreement check: {why}"
         params = self._params(0)
         prefix = self.backend.shot_tokens(self.prompt, params, self.prompt_tokens) if self.shots else 0
         return Step(
             model=self.backend.spec.name, votes=self.texts, normalized=self.normalized, agreement=verdict.agreement,
-            used=verdict.used, threshold=rung.threshold, accepted=verdict.kept, answer=self.texts[verdict.index].strip(),
+            used=verdict.used, threshold=rung.fallback if verdict.check == AGREEMENT and rung.check == DEFERRAL
+            else rung.threshold, accepted=verdict.kept, answer=self.texts[verdict.index].strip(),
             prompt_tokens=self.prompt_tokens, output_tokens=self.output_tokens,
             greedy_output_tokens=self.greedy_output_tokens, seconds=self.seconds, why=why, p_correct=verdict.p_correct,
             prefix_tokens=prefix,

@@ -28,13 +28,24 @@ def _default_factory(spec: "ModelSpec") -> Backend:
 make_backend: Callable[["ModelSpec"], Backend] = _default_factory
 
 
+def signal_support(spec: "ModelSpec") -> str:
+    """Whether `spec`'s greedy answers carry `Signals`, as `cre models list` shows it:
+    "logprobs" (llama.cpp reads them from its logits; a remote rung's server returns
+    log-probabilities), "none" (its server returns none) or "unknown (why)" (it could not be
+    asked). A remote rung's server is asked once per process (`OpenAIBackend.signal_support`)."""
+    if spec.backend != "openai":
+        return "logprobs"
+    from crecli.models.openai import OpenAIBackend
+
+    return OpenAIBackend(spec).signal_support().label
+
+
 def _default_reports_signals(spec: "ModelSpec") -> bool:
-    # Only llama.cpp hands its logits to Python; an HTTP rung returns text.
-    return spec.backend != "openai"
+    return signal_support(spec) == "logprobs"
 
 
-# Whether `make_backend(spec)` gives greedy `Signals`, answered without building a backend;
-# tests that replace `make_backend` replace this with it.
+# Whether `make_backend(spec)` gives greedy `Signals`, answered without running a model (a
+# remote rung's server may be asked once); tests that replace `make_backend` replace this with it.
 reports_signals: Callable[["ModelSpec"], bool] = _default_reports_signals
 
 
