@@ -33,10 +33,11 @@ agreement rungs from the start (`Policy.agreement_rungs`, `cre calibrate` says w
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, ContextManager, Mapping, Protocol, Sequence
 
-from crecli.quality import DEFAULT_THRESHOLD, accept_deferral, decide, done, greedy_agreement, wave
+from crecli.quality import DEFAULT_THRESHOLD, accept_deferral, decide, done, greedy_agreement, needed, wave
 
 if TYPE_CHECKING:
     from crecli.quality import Deferral, QualityCheck
@@ -111,6 +112,14 @@ def judge(rung: Rung, votes: Votes) -> Verdict:
     return _agree(rung, votes, answers, rung.threshold)
 
 
+def streams_final(rung: Rung) -> bool:
+    """Whether the rung's greedy answer is the final answer while it is being generated, so
+    it may be streamed: the top rung answering greedily (a deferral router's top, or an
+    agreement top rung whose threshold one vote meets). An empty greedy answer may still be
+    outvoted there; it streams nothing, so nothing sent is ever taken back."""
+    return rung.top and (rung.check == GREEDY or (rung.check == AGREEMENT and needed(rung.threshold, rung.k) <= 1))
+
+
 def _agree(rung: Rung, votes: Votes, answers: list[str], threshold: float) -> Verdict:
     """The agreement check at `threshold` on up to `rung.k` votes, `answers` already drawn."""
     while not done(answers, rung.k, threshold, rung.early_stop):
@@ -152,15 +161,19 @@ def walk(
     climb: Climb,
     votes_for: Callable[[Rung], Votes],
     after: Callable[[Rung, Verdict, Votes], None] | None = None,
+    hold: Callable[[Rung], ContextManager[object]] | None = None,
 ) -> Climb:
     """`step` until the answer is final, drawing each rung's votes from `votes_for(rung)`;
-    `after(rung, verdict, votes)` sees each rung once it is judged."""
+    `after(rung, verdict, votes)` sees each rung once it is judged. `hold(rung)`, when
+    given, is held while a rung's votes are drawn and judged (the live cascade holds the
+    rung's model there, `registry.ModelPool.lease`)."""
     while not climb.done:
         rung = climb.current
-        votes = votes_for(rung)
-        step(climb, votes)
-        if after is not None:
-            after(rung, climb.verdicts[-1][1], votes)
+        with hold(rung) if hold is not None else nullcontext():
+            votes = votes_for(rung)
+            step(climb, votes)
+            if after is not None:
+                after(rung, climb.verdicts[-1][1], votes)
     return climb
 
 

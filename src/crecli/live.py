@@ -11,13 +11,15 @@ the prompt's `Trace`, and once the answer is final, its totals and its cost, pri
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from crecli import grading
 from crecli.costs import Pricing, price_steps
-from crecli.ladder import AGREEMENT, DEFERRAL, GREEDY, Climb, Rung, Verdict, judge
+from crecli.ladder import AGREEMENT, DEFERRAL, GREEDY, Climb, Rung, Verdict, judge, streams_final
 from crecli.quality import judge_deferral, vote_params
 from crecli.trace import Step, Trace
 
@@ -38,8 +40,10 @@ class LiveVotes:
     """
 
     def __init__(self, backend: "Backend", prompt: str, quality: "QualityCheck", rung: Rung,
-                 answer_type: str | None, greedy: "Generation | None" = None) -> None:
+                 answer_type: str | None, greedy: "Generation | None" = None,
+                 emit: "Callable[[str], None] | None" = None) -> None:
         self.backend, self.prompt, self.quality = backend, prompt, quality
+        self.emit = emit  # the greedy answer's text as it is generated (`Backend.generate_streaming`)
         self.max_tokens, self.answer_type, self.shots = rung.max_tokens, answer_type, rung.shots
         self.greedy = greedy
         self._greedy_params = vote_params(quality, 0, rung.max_tokens, prompt, rung.shots)
@@ -58,7 +62,12 @@ class LiveVotes:
     def more(self, count: int) -> list[str]:
         start = len(self.texts)
         if start == 0:
-            gens = [self.greedy if self.greedy is not None else self.backend.generate(self.prompt, self._params(0))]
+            if self.greedy is not None:
+                gens = [self.greedy]
+            elif self.emit is not None:
+                gens = [self.backend.generate_streaming(self.prompt, self._params(0), self.emit)]
+            else:
+                gens = [self.backend.generate(self.prompt, self._params(0))]
             gens += self.backend.sample_many(self.prompt, [self._params(i) for i in range(1, count)]) if count > 1 else []
         else:
             gens = self.backend.sample_many(self.prompt, [self._params(start + j) for j in range(count)])
@@ -142,6 +151,9 @@ class Pending:
     climb: Climb  # where the ladder engine stands, each rung's policy resolved once
     trace: Trace
     greedy: "Generation | None" = None  # vote 0 on the current rung, decoded ahead (`decode_greedy`)
+    # Takes the final answer's text as it is generated, once the ladder stands on a rung whose
+    # greedy answer is final (`ladder.streams_final`); `cre serve` streams it to the client.
+    stream: "Callable[[str], None] | None" = None
 
     @property
     def rung(self) -> int:
@@ -160,12 +172,45 @@ class LiveSource:
     def __init__(self, pending: Pending, pool: "ModelPool", specs: Mapping[str, "ModelSpec"], quality: "QualityCheck",
                  pricing: Pricing) -> None:
         self.pending, self.pool, self.specs, self.quality, self.pricing = pending, pool, specs, quality, pricing
+        self._held: "Backend | None" = None
+
+    @contextmanager
+    def hold(self, rung: Rung) -> Iterator[None]:
+        """Hold the rung's model while its votes are drawn and judged (`ModelPool.lease`):
+        callers on other threads wait for a model in use, not for the whole pool.
+
+        A remote rung below the top whose every server failed (`RungUnavailable`) is passed
+        over: the step records why, and the prompt moves up to the next rung, whose answer
+        is at least as good. On the top rung the failure stands: nothing is above it."""
+        from crecli.models.openai import RungUnavailable
+
+        start = time.perf_counter()
+        try:
+            with self.pool.lease(self.specs[rung.model]) as backend:
+                self._held = backend
+                try:
+                    yield
+                finally:
+                    self._held = None
+        except RungUnavailable as exc:
+            climb = self.pending.climb
+            if rung.top or climb.done or climb.current is not rung:
+                raise
+            climb.rung += 1
+            self.pending.greedy = None
+            self.pending.trace.steps.append(Step(
+                model=rung.model, votes=[], normalized=[], agreement=0.0, used=0, threshold=rung.threshold,
+                accepted=False, answer="", prompt_tokens=0, output_tokens=0, greedy_output_tokens=0,
+                seconds=time.perf_counter() - start,
+                why=f"unavailable ({exc.public}): escalate to {climb.current.model}",
+            ))
 
     def votes_for(self, rung: Rung) -> LiveVotes:
         pending = self.pending
         greedy, pending.greedy = pending.greedy, None
-        return LiveVotes(self.pool.get(self.specs[rung.model]), pending.prompt, self.quality, rung,
-                         pending.trace.answer_type, greedy)
+        backend = self._held if self._held is not None else self.pool.get(self.specs[rung.model])
+        emit = pending.stream if pending.stream is not None and streams_final(rung) else None
+        return LiveVotes(backend, pending.prompt, self.quality, rung, pending.trace.answer_type, greedy, emit)
 
     def after(self, rung: Rung, verdict: Verdict, votes: Any) -> None:
         pending = self.pending
