@@ -359,3 +359,23 @@ def test_a_router_file_names_its_agreement_rungs_and_refuses_a_rung_with_both(tm
     assert "agreement" not in rules.to_dict()  # nothing written when there is none
     with pytest.raises(FieldError, match="also has a deferral model"):
         _deferral(Field({**rules.to_dict(), "agreement": ["small"]}, "deferral"))
+
+
+def test_only_a_deferral_rung_asks_its_server_for_log_probabilities(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: FakeOpenAI
+) -> None:
+    """Signals cost the server a sort of its vocabulary a token; a rung whose check reads
+    none (agreement, the top rung's greedy answer) does not ask for them."""
+    from crecli.escalate import Cascade
+    from crecli.models.fake import FakeBackend
+    from test_escalate import FAR, make_router
+
+    toml = tmp_path / "models.toml"
+    toml.write_text('ladder = ["small", "medium", "large"]\n[embedder]\nkind = "tfidf"\ndims = 16\n'
+                    '[models.small]\npath = "/x/s.gguf"\n[models.medium]\npath = "/x/m.gguf"\n'
+                    f'[models.large]\nurl = "{server.url}"\napi_model = "served"\nprompt_format = "chat"\n')
+    monkeypatch.setattr(registry, "make_backend", lambda spec: OpenAIBackend(spec) if spec.url else FakeBackend(spec))
+    with Cascade(make_router(), config.load(toml)) as cascade:
+        trace = cascade.ask(FAR)  # far from every cluster: the top rung, greedy, answers
+    assert trace.model == "large" and server.requests
+    assert all("logprobs" not in r["body"] for r in server.requests)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from crecli import grading
@@ -46,7 +46,9 @@ class LiveVotes:
         self.emit = emit  # the greedy answer's text as it is generated (`Backend.generate_streaming`)
         self.max_tokens, self.answer_type, self.shots = rung.max_tokens, answer_type, rung.shots
         self.greedy = greedy
-        self._greedy_params = vote_params(quality, 0, rung.max_tokens, prompt, rung.shots)
+        # Only the deferral check reads the greedy pass's signals; other rungs do not ask for them.
+        self._greedy_params = replace(vote_params(quality, 0, rung.max_tokens, prompt, rung.shots),
+                                      signals=rung.check == DEFERRAL)
         self.texts: list[str] = []
         self.normalized: list[str] = []
         self.prompt_tokens = self.output_tokens = self.greedy_output_tokens = 0

@@ -58,8 +58,9 @@ def sampling(query: Query) -> "GenParams":
 
     from crecli.models.backend import GenParams
 
+    # No signals: nothing reads them for an answer that is already final.
     params = GenParams(max_tokens=query.max_tokens or DEFAULT_MAX_TOKENS, temperature=query.temperature or 0.0,
-                       seed=query.seed, stop=query.stop)
+                       seed=query.seed, stop=query.stop, signals=False)
     return params if query.top_p is None else replace(params, top_p=query.top_p)
 
 

@@ -18,7 +18,7 @@ messages.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from crecli.errors import BackendError, CreError
@@ -48,6 +48,11 @@ class GenParams:
     # parameters so that every path to a model (votes, parallel waves, remote servers)
     # renders a prompt the same way.
     shots: tuple[Shot, ...] = ()
+    # Whether a greedy pass should report `Signals`: off where nothing reads them (a rung
+    # whose check is not the deferral one), so a remote rung's server is not asked for
+    # log-probabilities it would compute for nothing. It changes no token of the answer,
+    # so it is not part of what makes two votes' parameters the same.
+    signals: bool = field(default=True, compare=False)
 
 
 @dataclass(frozen=True)

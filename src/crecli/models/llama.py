@@ -200,7 +200,7 @@ class LlamaBackend(Backend):
             handoff.restore(llm)
         elif params.shots:
             self._warm_prefix(params.shots)
-        meter = SignalMeter(self.letters) if params.temperature == 0.0 and self.read_signals else None
+        meter = SignalMeter(self.letters) if params.temperature == 0.0 and params.signals and self.read_signals else None
         processors = None
         if meter is not None or emit is not None:
             from llama_cpp import LogitsProcessorList

@@ -375,7 +375,7 @@ class OpenAIBackend(Backend):
     def complete(self, rendered: Rendered, params: GenParams) -> Generation:
         # The server parses special tokens in the text it is sent, so user text goes with its
         # control-token spellings defused (`Rendered.escaped`).
-        greedy = params.temperature == 0.0
+        greedy = params.temperature == 0.0 and params.signals
         data, seconds = self._ask("completions", {**self._body(params), "prompt": rendered.escaped()}, greedy)
         return self._generation(data, str(data["choices"][0].get("text") or ""), seconds, greedy)
 
@@ -383,10 +383,10 @@ class OpenAIBackend(Backend):
         if self.spec.prompt_format != "chat":
             return super().generate(prompt, params)
         messages = chat_messages(prompt, shots=params.shots)
-        data, seconds = self._ask("chat/completions", {**self._body(params), "messages": messages},
-                                  params.temperature == 0.0)
+        greedy = params.temperature == 0.0 and params.signals
+        data, seconds = self._ask("chat/completions", {**self._body(params), "messages": messages}, greedy)
         message = data["choices"][0].get("message") or {}
-        return self._generation(data, str(message.get("content") or ""), seconds, params.temperature == 0.0)
+        return self._generation(data, str(message.get("content") or ""), seconds, greedy)
 
 
     def generate_streaming(self, prompt: str, params: GenParams, emit: Callable[[str], None]) -> Generation:
