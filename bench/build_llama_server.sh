@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build llama.cpp's own `llama-server` from the same llama.cpp sources as the installed
 # llama-cpp-python (its sdist vendors them), for bench/serve_load.py --engine and the tests
-# marked `real` in tests/test_real_scale.py (tests/real_engines.py finds it).
+# marked `real` in tests/test_real_scale.py (tests/support/engines.py finds it).
 #
 #   bench/build_llama_server.sh                 # into ~/.cache/crecli-llama-server
 #   bench/build_llama_server.sh /opt/llama      # into another folder (outside the repo)

@@ -198,9 +198,9 @@ def cre_serve(router: Path, models: Path | None, home: Path, log: Path, force: b
     """`cre serve` in a child process on a free port (its own CRE_HOME, the pulled models)."""
     from crecli import paths
 
-    from real_engines import _free_port  # type: ignore[import-not-found]
+    from support.engines import free_port  # type: ignore[import-not-found]
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "CRE_HOME": str(home), "CRE_MODELS_DIR": str(paths.models_dir())}
     cmd = [sys.executable, "-m", "crecli", "serve", "--router", str(router), "--port", str(port),
            "--max-queue", str(max_queue), "--timeout", "1200"]
@@ -286,7 +286,7 @@ def direct_requests(top: str, prompts: list[str], n: int) -> list[Request]:
 def engine_run(args: argparse.Namespace) -> int:
     from crecli import config, paths
 
-    from real_engines import engine  # type: ignore[import-not-found]
+    from support.engines import engine  # type: ignore[import-not-found]
 
     settings = config.load()
     ladder = settings.ladder

@@ -1,5 +1,5 @@
 """Issue 25 on a real engine: gemma-3-270m served by llama.cpp's llama-server (or
-llama-cpp-python's server when no llama-server is built; `tests/real_engines.py`).
+llama-cpp-python's server when no llama-server is built; `tests/support/engines.py`).
 
 - Signal parity: the remote rung's deferral features and P(correct) against the in-process
   backend's on the same GGUF, on 50 prompts of examples/querylog.jsonl. The measured
@@ -31,12 +31,13 @@ from crecli.escalate import Cascade
 from crecli.models import replicas
 from crecli.models.backend import GenParams
 from crecli.models.llama import LlamaBackend
-from crecli.models.openai import OpenAIBackend, forget_signal_support
-from crecli.models.pull import file_state
+from crecli.models.openai import OpenAIBackend
 from crecli.quality import DeferralCheck, QualityCheck, deferral_features, judge_deferral, vote_params
 from crecli.route import RouteDecision, route
 from crecli.routerfile import FitRecord, LadderEntry, RouterFile
-from real_engines import ALIAS, engine
+from support.engines import ALIAS, engine
+from support.scale import fresh_remote
+from support.serving import serving
 
 pytestmark = pytest.mark.real
 
@@ -55,18 +56,10 @@ LOGPROB_TOLERANCE = 0.5
 SAME_TEXT_AT_LEAST = 45  # of 50
 
 
-@pytest.fixture
-def gemma(real_models: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModelSpec]:
-    spec = config.load().get(MODEL)
-    if not file_state(spec).verified or spec.file is None:
-        if os.environ.get("CRE_REQUIRE_REAL"):
-            pytest.fail(f"{MODEL} is not pulled; run `cre models pull {MODEL}`")
-        pytest.skip(f"{MODEL} is not pulled; run `cre models pull {MODEL}`")
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    forget_signal_support()
-    replicas.forget()
-    yield spec
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    fresh_remote(monkeypatch)
+    yield
     replicas.forget()
 
 
@@ -181,21 +174,30 @@ def test_a_server_without_log_probabilities_is_shown_and_gets_the_agreement_chec
     assert step.threshold == 0.6 and 1 <= step.used <= 3  # the agreement check's fallback, on up to k=3 votes
 
 
-def test_a_replica_killed_mid_load_loses_no_request(gemma: ModelSpec, tmp_path: Path) -> None:
-    from test_real_remote import fit_remote_ladder
-    from test_serve_scale import serving
+def replicated_ladder(folder: Path, urls: list[str], prompts: list[str]) -> tuple[Path, Path]:
+    """A ladder of gemma in process and a remote top rung on `urls`, and a router fitted on
+    `prompts` as plain text (no model runs: every cluster starts on the strongest rung)."""
+    toml = folder / "models.toml"
+    toml.write_text(f'ladder = ["{MODEL}", "remote"]\n[models.remote]\nurl = {json.dumps(urls)}\napi_model = "{ALIAS}"\n'
+                    'prompt_format = "completion"\nmax_in_flight = 2\n')
+    log = folder / "prompts.txt"
+    log.write_text("\n".join(p.replace("\n", " ") for p in prompts) + "\n")
+    router = folder / "remote.cre"
+    fitted = CliRunner().invoke(app, ["fit", str(log), "-o", str(router), "--models", str(toml), "--json"])
+    assert fitted.exit_code == 0, fitted.output
+    return router, toml
 
+
+def test_a_replica_killed_mid_load_loses_no_request(gemma: ModelSpec, tmp_path: Path) -> None:
     with engine(gemma.file, tmp_path / "a.log", parallel=2) as first, \
             engine(gemma.file, tmp_path / "b.log", parallel=2) as second:  # type: ignore[arg-type]
-        ladder = fit_remote_ladder(tmp_path, gemma.file, first.url)  # type: ignore[arg-type]
-        text = ladder.toml.read_text().replace(f'url = "{first.url}"', f'url = ["{first.url}", "{second.url}"]\nmax_in_flight = 2')
-        text = text.replace('api_model = "gemma-3-270m-served"', f'api_model = "{ALIAS}"')
-        ladder.toml.write_text(text)
-        prompts = [r["prompt"] for r in fifty()[:24]]
+        prompts = [r["prompt"] for r in fifty()]
+        router, toml = replicated_ladder(tmp_path, [first.url, second.url], prompts)
+        prompts = prompts[:24]
         results: list[int] = []
         lock = threading.Lock()
         answered = threading.Event()
-        with serving(Cascade.from_file(ladder.router, ladder.toml, force=True)) as url:
+        with Cascade.from_file(router, toml) as cascade, serving(cascade) as url:
             def client(mine: list[str]) -> None:
                 for prompt in mine:
                     code = httpx.post(f"{url}/v1/chat/completions", timeout=600,

@@ -24,7 +24,6 @@ from crecli import config, grading
 from crecli.cli import app
 from crecli.config import ModelSpec
 from crecli.costs import CostModel
-from crecli.deferral import deferral_p
 from crecli.ladder import AGREEMENT, DEFERRAL
 from crecli.models import logprobs as lp
 from crecli.models import registry
@@ -34,17 +33,18 @@ from crecli.models.tokens import SignalMeter, letter_index
 from crecli.outcomes import OutcomeStore, collect
 from crecli.quality import Deferral, DeferralCheck, QualityCheck, feature_names, judge_deferral
 from crecli.replay import Replay
-from fake_openai import FakeOpenAI, Tok
-from test_ladder import LADDER, PROMPTS, STARTS, _answer, _live, _router
+from crecli.route import RouteDecision
+from crecli.routerfile import SCHEMA_VERSION, FitRecord, LadderEntry, RouterFile
+from support.fake_openai import FakeOpenAI, Tok
+from support.ladder import LADDER
+from support.scale import fresh_remote
 
 runner = CliRunner()
 
 
 @pytest.fixture(autouse=True)
 def fresh(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    forget_signal_support()
+    fresh_remote(monkeypatch)
     yield
     forget_signal_support()
 
@@ -231,6 +231,45 @@ def test_models_list_shows_each_rungs_signal_support(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- a rung without signals is never judged blind
 
+# Sums, right on some prompts and wrong (or empty) on others; sampled votes vary with their seed.
+PROMPTS = [f"What is {a} plus {b}?" for a, b in [(1, 2), (3, 4), (5, 5), (7, 1), (2, 9), (6, 6), (8, 3), (4, 4), (9, 9), (0, 5)]]
+STARTS = ["small", "small", "medium", "small", "large", "small", "medium", "small", "small", "medium"]
+
+
+def _answer(model: str) -> Callable[[str, GenParams], str]:
+    def answer(text: str, params: GenParams) -> str:
+        prompt = next(p for p in PROMPTS if p in text)
+        a, b = (int(w) for w in prompt.removeprefix("What is ").removesuffix("?").split(" plus "))
+        right = (a + b) % {"small": 3, "medium": 2, "large": 1}[model] != 1 or model == "large"
+        if params.temperature == 0.0:
+            return str(a + b) if right else ("" if (a * b) % 4 == 0 else str(a + b + 1))
+        return str(a + b + random.Random(f"{model}|{prompt}|{params.seed}").choice([0, 0, 1]))
+    return answer
+
+
+def _router(quality: QualityCheck, thresholds: dict[str, float], deferral: DeferralCheck | None) -> RouterFile:
+    return RouterFile(
+        schema_version=SCHEMA_VERSION, ladder=[LadderEntry(m, None, None) for m in LADDER], embedder=None,  # type: ignore[arg-type]
+        assigner=None, clusters=[], fallback_model="large", budget={"kind": "retain", "value": 0.98},  # type: ignore[arg-type]
+        quality=quality, thresholds=thresholds, fit=FitRecord(), deferral=deferral,
+    )
+
+
+def _live(router: RouterFile, settings: config.ModelConfig, records: list[Any]) -> list[Any]:
+    """Each record walked up the ladder live from its start in STARTS."""
+    from crecli.escalate import Cascade
+
+    traces = []
+    with Cascade(router, settings) as cascade:
+        for record, start in zip(records, STARTS):
+            pending = cascade.begin(record.prompt, record.match, record.reference, id=record.id,
+                                    decision=RouteDecision(-1, start, 0.0, "test", 0.0))
+            while not cascade.advance(pending):
+                pass
+            traces.append(pending.trace)
+    return traces
+
+
 def _needs_signals() -> DeferralCheck:
     names = feature_names(1)
     rule = Deferral(names, (2.0, 3.0, 0.0, -4.0, 1.0), 0.5, (0.0,) * len(names), 0.6)
@@ -368,7 +407,7 @@ def test_only_a_deferral_rung_asks_its_server_for_log_probabilities(
     none (agreement, the top rung's greedy answer) does not ask for them."""
     from crecli.escalate import Cascade
     from crecli.models.fake import FakeBackend
-    from test_escalate import FAR, make_router
+    from support.routers import FAR, make_router
 
     toml = tmp_path / "models.toml"
     toml.write_text('ladder = ["small", "medium", "large"]\n[embedder]\nkind = "tfidf"\ndims = 16\n'

@@ -9,9 +9,9 @@ OpenAI's shape, naming the rung and why. Real HTTP servers in threads stand in f
 
 from __future__ import annotations
 
-import json
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,30 +24,26 @@ from crecli.cli import app
 from crecli.config import ModelSpec
 from crecli.errors import ConfigError
 from crecli.escalate import Cascade
-from crecli.models import replicas
 from crecli.models.backend import GenParams
-from crecli.models.openai import OpenAIBackend, RungUnavailable, forget_signal_support
+from crecli.models.openai import OpenAIBackend, RungUnavailable
 from crecli.models.replicas import ReplicaSet
-from fake_openai import FakeOpenAI
-from test_escalate import ADD, FAR, make_router
-from test_serve_scale import at_once, ladder_toml, post, serving, use_models
+from support.fake_openai import FakeOpenAI
+from support.routers import ADDITIONS, FAR, make_router
+from support.scale import at_once, dead_url, fresh_remote, ladder_toml, post, use_models
+from support.serving import serving as serving_
 
 runner = CliRunner()
 
 
 @pytest.fixture(autouse=True)
-def fresh(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    forget_signal_support()
-    replicas.forget()
-    yield
-    replicas.forget()
+def fresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    fresh_remote(monkeypatch)
 
 
-def _dead_url() -> str:
-    with FakeOpenAI() as gone:
-        return gone.url  # closed on exit: connecting is refused
+@contextmanager
+def serving(cascade: Cascade, **opts: Any) -> Iterator[str]:
+    with cascade, serving_(cascade, **opts) as url:
+        yield url
 
 
 # ---------------------------------------------------------------- models.toml
@@ -133,7 +129,7 @@ def _spec(urls: list[str], **kw: Any) -> ModelSpec:
 
 def test_a_refusing_replica_is_skipped_and_the_request_answered_by_another() -> None:
     with FakeOpenAI() as alive:
-        backend = OpenAIBackend(_spec([_dead_url(), alive.url]))
+        backend = OpenAIBackend(_spec([dead_url(), alive.url]))
         for _ in range(3):
             assert backend.generate("hi", GenParams(max_tokens=4, temperature=0.5)).text == "42"
         states = backend.replicas.states()
@@ -172,7 +168,7 @@ def test_503_with_retry_after_is_honoured() -> None:
 
 
 def test_when_every_replica_fails_the_error_names_the_rung_and_each_server() -> None:
-    dead = _dead_url()
+    dead = dead_url()
     with FakeOpenAI() as failing:
         failing.status = 502
         backend = OpenAIBackend(_spec([dead, failing.url]))
@@ -190,7 +186,7 @@ def test_cre_ask_uses_the_replicas_too(tmp_path: Path) -> None:
     with FakeOpenAI() as alive:
         alive.answer = lambda prompt, body: "Paris"
         toml = tmp_path / "models.toml"
-        toml.write_text(f'ladder = ["big"]\n[models.big]\nurl = ["{_dead_url()}", "{alive.url}"]\n'
+        toml.write_text(f'ladder = ["big"]\n[models.big]\nurl = ["{dead_url()}", "{alive.url}"]\n'
                         'api_model = "served"\nprompt_format = "chat"\n')
         result = runner.invoke(app, ["ask", "Capital of France?", "--model", "big", "--models", str(toml)])
     assert result.exit_code == 0, result.output
@@ -234,10 +230,10 @@ def test_a_rung_whose_servers_all_fail_is_passed_over_and_the_trace_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     use_models(monkeypatch, {"large": lambda text, p: "7"})
-    settings = config.load(ladder_toml(tmp_path, {"medium": [_dead_url(), _dead_url()]}))
+    settings = config.load(ladder_toml(tmp_path, {"medium": [dead_url(), dead_url()]}))
     router = make_router(starts=("medium", "medium", "medium"))
     with serving(Cascade(router, settings)) as url:
-        reply = post(url, "cre", ADD[0])
+        reply = post(url, "cre", ADDITIONS[0])
         health = httpx.get(f"{url}/health").json()
     assert reply.status_code == 200, reply.text
     steps = reply.json()["cre"]["steps"]
@@ -252,7 +248,7 @@ def test_when_nothing_is_left_the_client_gets_an_openai_error_naming_the_rung(
     use_models(monkeypatch, {})
     with FakeOpenAI() as failing:
         failing.status = 503  # no Retry-After
-        settings = config.load(ladder_toml(tmp_path, {"large": [_dead_url(), failing.url]}))
+        settings = config.load(ladder_toml(tmp_path, {"large": [dead_url(), failing.url]}))
         with serving(Cascade(make_router(), settings)) as url:
             reply = post(url, "cre", FAR)
             by_name = post(url, "large")

@@ -6,7 +6,7 @@ are called through one pooled async client, at most `max_in_flight` requests a s
 a request that gives up stops its job (its remote call abandoned); the timeout covers the
 whole ladder; and a streamed answer's tokens go out as they are generated, when the rung
 generating them is final. The servers here are real HTTP servers in threads
-(`fake_openai.FakeOpenAI`) and the in-process models are fakes.
+(`support.fake_openai.FakeOpenAI`) and the in-process models are fakes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import httpx
 import pytest
@@ -26,138 +26,27 @@ from crecli.cancel import Cancelled, Gate, Token, scope
 from crecli.config import ModelSpec
 from crecli.escalate import Cascade
 from crecli.models import registry, replicas
-from crecli.models.backend import Backend, Generation, GenParams, StopSafeEmitter, cut_at_stop, held_back
+from crecli.models.backend import held_back
 from crecli.models.fake import FakeBackend
-from crecli.models.openai import OpenAIBackend, forget_signal_support
 from crecli.openai_wire import StreamText
-from crecli.serve import listen, make_server
-from crecli.serve_app import ServeOptions, create_app
-from fake_openai import FakeOpenAI
-from test_escalate import ADD, FAR, make_router
+from support.fake_openai import FakeOpenAI
+from support.routers import ADDITIONS, FAR, make_router
+from support.scale import at_once, fresh_remote, ladder_toml, post, slow, use_models
+from support.serving import serving as serving_
 
 CHAT = [{"role": "user", "content": "What is 3 plus 4?"}]
 
 
 @pytest.fixture(autouse=True)
-def fresh(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    forget_signal_support()
-    replicas.forget()
-    yield
-    replicas.forget()
+def fresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    fresh_remote(monkeypatch)
 
 
 @contextmanager
 def serving(cascade: Cascade, **opts: Any) -> Iterator[str]:
-    """`cre serve` on a free loopback port, in a thread; yields its base URL."""
-    options = ServeOptions(**opts)
-    sock = listen("127.0.0.1", 0)
-    server = make_server(create_app(cascade, options, name="team"), options, log_level="warning")
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        sock.close()
-        cascade.close()
-
-
-def ladder_toml(folder: Path, remote: dict[str, str | list[str]] | None = None, max_in_flight: int | None = None) -> Path:
-    """The tests' small/medium/large ladder, with the rungs in `remote` served by the URLs given."""
-    text = 'ladder = ["small", "medium", "large"]\n[embedder]\nkind = "tfidf"\ndims = 16\n'
-    for name in ("small", "medium", "large"):
-        where = (remote or {}).get(name)
-        if where is None:
-            (folder / f"{name}.gguf").write_bytes(b"GGUF" + bytes(28))
-            text += f'[models.{name}]\npath = "{folder / (name + ".gguf")}"\n'
-        else:
-            text += f"[models.{name}]\nurl = {json.dumps(where)}\napi_model = \"served\"\nprompt_format = \"chat\"\n"
-            if max_in_flight is not None:
-                text += f"max_in_flight = {max_in_flight}\n"
-    (folder / "models.toml").write_text(text)
-    return folder / "models.toml"
-
-
-def use_models(monkeypatch: pytest.MonkeyPatch, answers: dict[str, Callable[[str, GenParams], str]],
-               streaming: dict[str, float] | None = None) -> None:
-    """In-process rungs are fakes answering with `answers`; remote rungs the real backend.
-    A rung in `streaming` hands its words over one by one, that many seconds apart."""
-    def make(spec: ModelSpec) -> Backend:
-        if spec.url:
-            return OpenAIBackend(spec)
-        if streaming and spec.name in streaming:
-            return WordByWord(spec, answers.get(spec.name), streaming[spec.name])
-        return FakeBackend(spec, answers.get(spec.name))
-
-    monkeypatch.setattr(registry, "make_backend", make)
-    monkeypatch.setattr(registry, "reports_signals", lambda spec: False)
-
-
-class WordByWord(FakeBackend):
-    """A fake that generates its answer a word at a time, as llama.cpp streams tokens."""
-
-    def __init__(self, spec: ModelSpec, answers: Any, pause: float) -> None:
-        super().__init__(spec, answers)
-        self.pause = pause
-
-    def complete(self, rendered: Any, params: GenParams) -> Generation:
-        gen = super().complete(rendered, params)
-        self.raw = gen.text
-        gen.text = cut_at_stop(gen.text, params.stop)[0]  # as a real runtime stops there
-        return gen
-
-    def generate_streaming(self, prompt: str, params: GenParams, emit: Callable[[str], None]) -> Generation:
-        gen = self.generate(prompt, params)
-        streamed = StopSafeEmitter(self.prepare(prompt, params)[1].stop, emit)
-        words = self.raw.split(" ")
-        for i in range(len(words)):
-            time.sleep(self.pause)
-            streamed.update(" ".join(words[: i + 1]))
-        streamed.finish(gen.text)
-        return gen
-
-
-def slow(answer: str, seconds: float, log: dict[str, list[float]] | None = None, name: str = "") -> Callable[..., str]:
-    lock = threading.Lock()
-    running = [0]
-
-    def answerer(text: str, params: GenParams) -> str:
-        with lock:
-            running[0] += 1
-            if log is not None:
-                log.setdefault(name, []).append(running[0])
-        time.sleep(seconds)
-        with lock:
-            running[0] -= 1
-        return answer
-
-    return answerer
-
-
-def post(url: str, model: str, content: str = "What is 3 plus 4?", **extra: Any) -> httpx.Response:
-    return httpx.post(f"{url}/v1/chat/completions", timeout=60,
-                      json={"model": model, "messages": [{"role": "user", "content": content}], **extra})
-
-
-def at_once(*calls: Callable[[], Any]) -> list[Any]:
-    results: list[Any] = [None] * len(calls)
-
-    def run(i: int) -> None:
-        results[i] = calls[i]()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return results
+    """`cre serve` on `cascade` (`support.serving`), which is closed after."""
+    with cascade, serving_(cascade, **opts) as url:
+        yield url
 
 
 # ---------------------------------------------------------------- in-process models
@@ -284,7 +173,7 @@ def test_the_timeout_covers_the_whole_ladder(tmp_path: Path, monkeypatch: pytest
         router = make_router(starts=("medium", "medium", "medium"))
         with serving(Cascade(router, settings), timeout=0.7) as url:
             start = time.monotonic()
-            reply = post(url, "cre", ADD[0])
+            reply = post(url, "cre", ADDITIONS[0])
             took = time.monotonic() - start
             time.sleep(0.3)
             health = httpx.get(f"{url}/health").json()
@@ -360,7 +249,7 @@ def test_an_in_process_top_rung_streams_its_words_and_lower_rungs_never_do(
     settings = config.load(ladder_toml(tmp_path))
     with serving(Cascade(make_router(), settings)) as url:
         streamed, took = _stream(url, "cre", FAR)  # the top rung answers: it streams
-        climbed, _ = _stream(url, "cre", ADD[0])  # small doubts, then large: only large's words go out
+        climbed, _ = _stream(url, "cre", ADDITIONS[0])  # small doubts, then large: only large's words go out
     assert _text(streamed) == "seven is the sum"  # the format's stop string held back, never sent
     contents = [t for t, e in streamed if e.get("choices") and e["choices"][0]["delta"].get("content")]
     assert len(contents) >= 3 and contents[0] < took - 0.3

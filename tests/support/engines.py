@@ -1,4 +1,4 @@
-"""Real serving engines for the tests marked `real` and `bench/serve_load.py --engine`.
+"""Real serving engines for the tests marked `real` (test_real_scale.py) and `bench/serve_load.py --engine`.
 
 `engine(...)` starts one OpenAI-compatible server on a GGUF, on a free loopback port, and
 stops it on exit:
@@ -83,7 +83,7 @@ class Engine:
         self.proc.wait(30)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.create_server(("127.0.0.1", 0)) as sock:
         return sock.getsockname()[1]
 
@@ -97,7 +97,7 @@ def engine(gguf: Path, log: Path, parallel: int = 4, context: int = 2048, thread
     if kind == "llama-server" and binary is None:
         raise RuntimeError("no llama-server: run bench/build_llama_server.sh or set CRE_LLAMA_SERVER")
     if binary is not None and logprobs:
-        port = _free_port()
+        port = free_port()
         cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-a", ALIAS,
                "-np", str(parallel), "-c", str(context * parallel), "-t", str(threads), "-tb", str(threads),
                "-ngl", "0", "--no-webui"]
