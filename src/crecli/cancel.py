@@ -11,7 +11,6 @@ Outside `cre serve` no scope is open, and nothing is ever cancelled.
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -29,12 +28,14 @@ class Cancelled(CreError):
 
 class Token:
     """A request's cancellation: `cancel()` sets it and runs the callbacks work registered
-    (`on_cancel`: close a connection, drop a queued call) once."""
+    (`on_cancel`: close a connection, drop a queued call) once. `deadline` (time.monotonic())
+    is when the request gives up, where it has one: a remote call gets only the time left."""
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float | None = None) -> None:
         self._lock = threading.Lock()
         self._set = False
         self._callbacks: list[Callable[[], object]] = []
+        self.deadline = deadline
 
     def cancel(self) -> None:
         with self._lock:
@@ -138,8 +139,3 @@ class Gate:
             yield
         finally:
             self.release()
-
-
-def remaining(deadline: float | None) -> float | None:
-    """Seconds left until `deadline` (time.monotonic), at least 0; None without one."""
-    return None if deadline is None else max(0.0, deadline - time.monotonic())

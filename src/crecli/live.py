@@ -4,9 +4,12 @@
 answer (or one decoded ahead, `escalate.Cascade.decode_greedy`), later votes are sampled a
 wave at a time (`quality.wave`) in one `Backend.sample_many` call, which the llama.cpp
 backend decodes as parallel sequences over the prompt's KV cells. `LiveSource` is what the
-engine walks a pending prompt with (`votes_for`, `after`): it records each rung's `Step` in
-the prompt's `Trace`, and once the answer is final, its totals and its cost, priced once
-(`costs.price_steps`).
+engine walks a pending prompt with (`hold`, `votes_for`, `after`): it holds the rung's model
+while the rung is judged (`ModelPool.lease`), passes over a remote rung below the top whose
+every server failed, records each rung's `Step` in the prompt's `Trace`, and once the answer
+is final, its totals and its cost, priced once (`costs.price_steps`). On the rung whose
+answer is final as it is generated (`ladder.streams_final`), the greedy answer's text goes
+to `Pending.stream` as it comes.
 """
 
 from __future__ import annotations

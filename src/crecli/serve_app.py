@@ -319,7 +319,10 @@ class App:
         ticket = Ticket(deadline)
 
         def emit(text: str) -> None:  # on the job's thread, or the loop's for a remote stream
-            loop.call_soon_threadsafe(pieces.put_nowait, text)
+            try:
+                loop.call_soon_threadsafe(pieces.put_nowait, text)
+            except RuntimeError:  # the loop has closed (shutdown): nobody is listening
+                pass
 
         future = asyncio.wrap_future(self.worker.submit(self.job(query, ticket, emit), ticket))
         first = asyncio.ensure_future(pieces.get())
@@ -351,6 +354,8 @@ class App:
                     yield stream_chunk(query, model, rid, created, getter.result())
                     continue
                 getter.cancel()
+                if getter.done() and not getter.cancelled():  # it took a piece as the job ended
+                    yield stream_chunk(query, model, rid, created, getter.result())
                 if future in done:
                     break
                 if ticket.cancel():

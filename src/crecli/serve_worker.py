@@ -78,8 +78,7 @@ class Ticket:
     def __init__(self, deadline: float | None = None) -> None:
         self._lock = threading.Lock()
         self._state = "open"
-        self.token = cancel.Token()
-        self.token.deadline = deadline  # type: ignore[attr-defined]
+        self.token = cancel.Token(deadline)
 
     def cancel(self) -> bool:
         with self._lock:

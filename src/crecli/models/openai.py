@@ -295,7 +295,7 @@ class OpenAIBackend(Backend):
         """Seconds this request may still spend: its request's deadline where `cre serve` set
         one, else the rung's timeout from the first try."""
         token = cancel.current()
-        deadline = getattr(token, "deadline", None)
+        deadline = token.deadline if token is not None else None
         if deadline is not None:
             return max(0.0, deadline - time.monotonic())
         return max(0.0, timeout - (time.perf_counter() - start))
