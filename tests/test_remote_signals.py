@@ -344,13 +344,23 @@ def _small(text: str, params: GenParams) -> str:
     return str(total) if numbers and numbers[-2] < 15 else "0"
 
 
+def _two_of_three(text: str, params: GenParams) -> str:
+    """Right on the greedy vote and vote 1, wrong on vote 2: three votes agree 2 to 1."""
+    from crecli.quality import vote_seed
+    from support.ladder import user_prompt
+
+    right = _small(text, GenParams())
+    prompt = user_prompt(text)
+    return right if not params.seed or params.seed == vote_seed(prompt, 1) else right + "1"
+
+
 def test_calibrate_gives_a_rung_without_signals_the_agreement_check_and_says_so(
     fake_backends: Callable[..., Any], tiny_models_toml: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def confidence(text: str, params: GenParams, answer: str) -> Signals:
         return Signals(-0.05 if answer != "0" else -3.0, -0.02 if answer != "0" else -1.5, None)
 
-    fake_backends({"small": _small, "medium": _small, "large": _small}, signals=confidence)
+    fake_backends({"small": _small, "medium": _two_of_three, "large": _small}, signals=confidence)
     # medium is served by an engine that returns no log-probabilities.
     monkeypatch.setattr(registry, "reports_signals", lambda spec: spec.name != "medium")
     log = tmp_path / "log.jsonl"
@@ -380,11 +390,20 @@ def test_calibrate_gives_a_rung_without_signals_the_agreement_check_and_says_so(
     # Live and replay agree on the mixed ladder.
     report = json.loads(runner.invoke(app, ["eval", str(log), "--router", str(router), *m, "--live", "--json"]).stdout)
     assert report["live"]["agreement"] == 1.0
-    ask = json.loads(runner.invoke(app, ["ask", "What is 30 plus 31?", "--router", str(router), *m, "--json",
+
+    # Every query through medium, whose 3 votes agree 2 to 1, at its threshold 1.0: it keeps
+    # nothing, live and in `cre eval`'s replay (not the 0.6 of a deferral rung's fallback).
+    from dataclasses import replace
+
+    strict = tmp_path / "strict.cre"
+    routerfile.save(replace(saved, thresholds={**saved.thresholds, "small": 1.0, "medium": 1.0}, fallback_model="small",
+                            clusters=[replace(c, model="small", thresholds={}) for c in saved.clusters]), strict)
+    report = json.loads(runner.invoke(app, ["eval", str(log), "--router", str(strict), *m, "--live", "--json"]).stdout)
+    assert report["live"]["agreement"] == 1.0 and report["cascade"]["answered_by"].get("medium", 0) == 0
+    ask = json.loads(runner.invoke(app, ["ask", "What is 30 plus 31?", "--router", str(strict), *m, "--json",
                                          "--no-log"]).stdout)
-    checks = {s["model"]: s for s in ask["steps"]}
-    if "medium" in checks:
-        assert checks["medium"]["p_correct"] is None and "agreement" in checks["medium"]["why"]
+    medium = next(s for s in ask["steps"] if s["model"] == "medium")
+    assert medium["p_correct"] is None and medium["why"].startswith("agreement 0.67 (2/3) < threshold 1.00")
 
 
 def test_a_router_file_names_its_agreement_rungs_and_refuses_a_rung_with_both(tmp_path: Path) -> None:
