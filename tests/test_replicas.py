@@ -104,7 +104,12 @@ def test_the_least_busy_healthy_replica_takes_a_request() -> None:
     d = rs.acquire()
     assert d is not None and d.url in ("http://a/v1", "http://c/v1")  # b is out for its back-off
     assert rs.states()["http://b/v1"].startswith("out: connection refused")
-    assert rs.acquire(frozenset({"http://a/v1", "http://c/v1"})) is None  # the rest is out or excluded
+    # Nothing else left: the one out for a back-off is tried rather than none at all.
+    e = rs.acquire(frozenset({"http://a/v1", "http://c/v1"}))
+    assert e is not None and e.url == "http://b/v1"
+    rs.release(e, "HTTP 503", out_for=30)  # its server asks for 30 s
+    assert rs.acquire(frozenset({"http://a/v1", "http://c/v1"}), wait_until=time.monotonic() + 5) is None
+    assert rs.acquire(frozenset({"http://a/v1", "http://b/v1", "http://c/v1"})) is None
 
 
 def test_a_full_replica_set_makes_a_request_wait_for_a_slot() -> None:

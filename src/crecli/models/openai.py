@@ -328,6 +328,12 @@ class OpenAIBackend(Backend):
         """The error of a request no replica answered: the one failure where the rung has one
         server (its status kept), else every server's, under the rung's name."""
         n = len(self.replicas.replicas)
+        if not failed and last is None and not short:
+            # Nothing was tried: every server asked for a wait (Retry-After) longer than the request has.
+            states = "; ".join(f"{u}: {state}" for u, state in self.replicas.states().items())
+            return RungUnavailable(f"model {self.spec.name!r}: every server asked to wait longer than the request "
+                                   f"can ({states}); try again later",
+                                   public=f"rung {self.spec.name!r} could not answer: its servers asked to wait (Retry-After)")
         public = (f"rung {self.spec.name!r} could not answer: "
                   + (f"its server failed ({short[-1]})" if n == 1 and short else
                      f"every one of its {n} servers failed or is out of rotation"

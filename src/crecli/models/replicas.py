@@ -9,8 +9,10 @@ health it keeps are the process's:
   `max_in_flight` requests, so no server is flooded;
 - a replica that refuses the connection, times out, breaks a reply off or answers 5xx is
   taken out for a back-off (1 s, doubling with each failure in a row, at most 30 s), and
-  the request is tried on another; 429 and 503 take it out for their Retry-After, and the
-  request may wait for it when every replica is out and the request's time allows;
+  the request is tried on another; 429 and 503 take it out for their Retry-After;
+- when every replica is out, a request waits for one whose server asked it to (Retry-After)
+  if its time allows, and otherwise tries the one due back first: no request fails
+  without a try, and a server that is back is found at once;
 - a replica whose back-off has passed is tried again by the next request (its success puts
   it back for good).
 """
@@ -42,6 +44,7 @@ class Replica:
     failures: int = 0  # in a row, for the back-off
     last_error: str = ""
     served: int = 0
+    asked: bool = False  # out because its server asked (Retry-After), not for a back-off
 
     def state(self, now: float) -> str:
         """What /health shows: "up", or "out: why (back in N s)"."""
@@ -66,28 +69,32 @@ class ReplicaSet:
 
     def acquire(self, exclude: frozenset[str] = frozenset(), wait_until: float | None = None) -> Replica | None:
         """The least busy healthy replica not in `exclude`, its slot taken; None when none is
-        left to try. Waits while every usable replica is full, and for a replica out for its
-        Retry-After when all are out, if that ends before `wait_until` (time.monotonic())."""
+        left to try. Waits while every usable replica is full. When all are out: waits for
+        the first due back if its server asked for the wait (Retry-After) and it ends before
+        `wait_until` (time.monotonic()), else None; a replica out for a back-off is tried now."""
         with self._cond:
             while True:
                 now = time.monotonic()
                 usable = [r for r in self.replicas if r.url not in exclude]
-                up = [r for r in usable if r.out_until <= now]
-                if up:
-                    free = [r for r in up if r.in_flight < self.max_in_flight]
-                    if free:
-                        best = min(free, key=lambda r: r.in_flight)  # min keeps the first of equals
-                        best.in_flight += 1
-                        return best
-                    self._cond.wait(cancel.POLL_SECONDS)  # a release wakes it at once
-                    cancel.check()
-                    continue
                 if not usable:
                     return None
-                back = min(r.out_until for r in usable)
-                if wait_until is None or back > wait_until or back - now > MAX_RETRY_WAIT:
-                    return None
-                self._cond.wait(min(cancel.POLL_SECONDS, max(0.0, back - now)))
+                up = [r for r in usable if r.out_until <= now]
+                if not up:
+                    soonest = min(usable, key=lambda r: r.out_until)
+                    if not soonest.asked:
+                        up = [soonest]  # every one out for a back-off: try the first due back
+                    elif wait_until is None or soonest.out_until > wait_until or soonest.out_until - now > MAX_RETRY_WAIT:
+                        return None
+                    else:
+                        self._cond.wait(min(cancel.POLL_SECONDS, max(0.0, soonest.out_until - now)))
+                        cancel.check()
+                        continue
+                free = [r for r in up if r.in_flight < self.max_in_flight]
+                if free:
+                    best = min(free, key=lambda r: r.in_flight)  # min keeps the first of equals
+                    best.in_flight += 1
+                    return best
+                self._cond.wait(cancel.POLL_SECONDS)  # a release wakes it at once
                 cancel.check()
 
     def release(self, replica: Replica, failure: str | None = None, out_for: float | None = None) -> None:
@@ -104,6 +111,7 @@ class ReplicaSet:
                 replica.last_error = failure
                 wait = out_for if out_for is not None else min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (replica.failures - 1))
                 replica.out_until = max(replica.out_until, time.monotonic() + wait)
+                replica.asked = out_for is not None
             self._cond.notify_all()
 
     def states(self) -> dict[str, str]:
