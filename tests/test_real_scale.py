@@ -222,3 +222,30 @@ def test_a_replica_killed_mid_load_loses_no_request(gemma: ModelSpec, tmp_path: 
     assert results == [200] * len(prompts), (results, second.tail())
     # Out for a back-off after it failed; by now it may be due for another try.
     assert health["models"]["remote"] in ("remote, 1 of 2 servers out", "remote")
+
+
+def test_llama_cpp_streams_the_top_rungs_tokens_as_it_generates_them(gemma: ModelSpec, tmp_path: Path) -> None:
+    """The in-process backend hands on each token one step late (its logits processor sees
+    a token when the next is computed): several content events, joined into the same
+    answer as the one sent whole."""
+    toml = tmp_path / "models.toml"
+    toml.write_text(f'ladder = ["{MODEL}"]\n')
+    log = tmp_path / "prompts.txt"
+    log.write_text("\n".join(r["prompt"].replace("\n", " ") for r in fifty()) + "\n")
+    router = tmp_path / "gemma.cre"
+    fitted = CliRunner().invoke(app, ["fit", str(log), "-o", str(router), "--models", str(toml), "--json"])
+    assert fitted.exit_code == 0, fitted.output
+    question = "Name three primary colours."
+    with Cascade.from_file(router, toml) as cascade, serving(cascade) as url:
+        whole = httpx.post(f"{url}/v1/chat/completions", timeout=300,
+                           json={"model": "cre", "messages": [{"role": "user", "content": question}]}).json()
+        pieces = []
+        with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=300,
+                          json={"model": "cre", "stream": True, "messages": [{"role": "user", "content": question}]}) as reply:
+            for line in reply.iter_lines():
+                if line.startswith("data: {"):
+                    event = json.loads(line[6:])
+                    if event.get("choices") and event["choices"][0]["delta"].get("content"):
+                        pieces.append(event["choices"][0]["delta"]["content"])
+    assert "".join(pieces) == whole["choices"][0]["message"]["content"]
+    assert len(pieces) >= 2, pieces
