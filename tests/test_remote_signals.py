@@ -437,3 +437,45 @@ def test_only_a_deferral_rung_asks_its_server_for_log_probabilities(
         trace = cascade.ask(FAR)  # far from every cluster: the top rung, greedy, answers
     assert trace.model == "large" and server.requests
     assert all("logprobs" not in r["body"] for r in server.requests)
+
+
+def test_calibrate_finds_out_from_the_server_itself_that_a_rung_has_no_signals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: FakeOpenAI
+) -> None:
+    """The whole path with a real HTTP server in the middle rung that drops log-probabilities,
+    as Ollama's OpenAI endpoint does: `cre calibrate` asks it and gives it the agreement check."""
+    import re
+
+    from crecli.models.fake import FakeBackend
+
+    def sums(prompt: str, body: dict[str, Any]) -> str:
+        numbers = [int(n) for n in re.findall(r"\d+", prompt)]
+        return str(sum(numbers[:2])) if numbers else "(A)"  # the probe asks a lettered question
+
+    server.answer = sums
+    server.logprobs = "drop"
+
+    def confidence(text: str, params: GenParams, answer: str) -> Signals:
+        return Signals(-0.05 if answer != "0" else -3.0, -0.02 if answer != "0" else -1.5, None)
+
+    monkeypatch.setattr(registry, "make_backend", lambda spec: OpenAIBackend(spec) if spec.url else
+                        FakeBackend(spec, _small, signals=confidence))
+    toml = tmp_path / "models.toml"
+    toml.write_text('ladder = ["small", "medium", "large"]\n[embedder]\nkind = "tfidf"\ndims = 16\n'
+                    '[models.small]\npath = "/x/s.gguf"\nprompt_format = "completion"\n[models.large]\npath = "/x/l.gguf"\n'
+                    f'[models.medium]\nurl = "{server.url}"\napi_model = "served"\nprompt_format = "chat"\n')
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(
+        json.dumps({"id": f"q{i}", "prompt": f"What is {i} plus {i + 1}?", "reference": str(2 * i + 1), "match": "numeric"}) + "\n"
+        for i in range(24)))
+    router = tmp_path / "router.cre"
+    m = ("--models", str(toml))
+    fitted = runner.invoke(app, ["fit", str(log), "-o", str(router), *m])
+    assert fitted.exit_code == 0, fitted.output
+    result = runner.invoke(app, ["calibrate", str(router), *m, "--folds", "2", "--check", "deferral", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "rung 'medium' gives no log-probabilities (its server returns none)" in " ".join(result.stderr.split())
+    assert json.loads(result.stdout)["deferral"]["agreement"] == ["medium"]
+    listed = json.loads(runner.invoke(app, ["models", "list", *m, "--json"]).stdout)
+    assert {r["name"]: r["signals"] for r in listed if r["on_ladder"]} == {"small": "logprobs", "medium": "none",
+                                                                            "large": "logprobs"}

@@ -467,8 +467,10 @@ def run(
         for name in router.ladder_names[:-1]:
             spec = settings.get(name)
             if not registry.reports_signals(spec):
-                no_signals[name] = f"its server returns none: {registry.signal_support(spec)}" \
-                    if spec.backend == "openai" else "its runtime reports none"
+                label = registry.signal_support(spec) if spec.backend == "openai" else "none"
+                no_signals[name] = ("its runtime reports none" if spec.backend != "openai" else
+                                    f"its server could not be asked: {label}; calibrate again when it answers"
+                                    if label.startswith("unknown") else "its server returns none")
     cal = recalibrate(router, data, budget, n_folds=n_folds, seed=seed, check=check, votes=votes, no_signals=no_signals)
     routerfile.save(apply(router, cal), target)
     return cal, target
