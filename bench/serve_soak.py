@@ -65,7 +65,7 @@ from serve_load import PROMPTS, percentile  # noqa: E402
 
 HOST = "127.0.0.1"
 try:
-    from crecli.serve_app import DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT
+    from crecli.serve_options import DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT
 except ImportError:  # a server from before the deadlines: it has none to keep
     DEFAULT_HEADER_TIMEOUT = DEFAULT_BODY_TIMEOUT = float("inf")
 HEALTH_GOAL = 0.100  # seconds: /health must answer faster than this throughout

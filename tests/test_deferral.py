@@ -227,7 +227,8 @@ def _fitted(tmp_path: Path, models_toml: Path, *fit_args: str) -> tuple[Path, Pa
 def test_calibrate_refuses_more_deferral_votes_than_recorded(
     fake_backends: Callable[..., Any], tiny_models_toml: Path, tmp_path: Path
 ) -> None:
-    fake_backends({"small": _sum, "medium": _sum, "large": _sum})
+    # With signals: a rung without them runs the agreement check, with no deferral model.
+    fake_backends({"small": _sum, "medium": _sum, "large": _sum}, signals=_confidence)
     _, router, m = _fitted(tmp_path, tiny_models_toml, "--k", "3")
     bad = runner.invoke(app, ["calibrate", str(router), *m, "--folds", "2", "--check", "deferral", "--votes", "4"])
     assert bad.exit_code == 1 and "--votes 4" in str(bad.exception)

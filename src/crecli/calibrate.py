@@ -94,10 +94,11 @@ def _simulate(
     quality: "QualityCheck",
     p_correct: Mapping[OutcomeKey, float] | None = None,
     votes: int = 1,
+    agreement: Sequence[str] = (),
 ) -> SimResult:
     sub = Replay(data.replay.entries, [data.records[i] for i in idx], data.replay.ladder, data.replay.unit)
     starts = {data.records[i].id: choice.models.get(data.clusters[i], choice.fallback) for i in idx}
-    return sub.simulate(starts, thresholds, quality, p_correct=p_correct, votes=votes)
+    return sub.simulate(starts, thresholds, quality, p_correct=p_correct, votes=votes, agreement=agreement)
 
 
 def sweep(data: Data, fit_idx: Sequence[int], eval_idx: Sequence[int], ladder: list[str], quality: "QualityCheck") -> list[tuple[Setting, SimResult]]:
@@ -112,11 +113,11 @@ def _agreement_combos(ladder: Sequence[str], k: int) -> list[dict[str, float]]:
             for combo in itertools.product(threshold_grid(k), repeat=len(ladder) - 1) for top in (0.0, 0.6)]
 
 
-def _deferral_combos(ladder: Sequence[str]) -> list[dict[str, float]]:
+def _deferral_combos(ladder: Sequence[str], agreement: Sequence[str] = (), k: int = 1) -> list[dict[str, float]]:
     """The deferral check's threshold settings: `DEFERRAL_GRID` for each rung below the top,
-    whose greedy answer is final."""
-    return [{**dict(zip(ladder[:-1], combo)), ladder[-1]: 0.0}
-            for combo in itertools.product(DEFERRAL_GRID, repeat=len(ladder) - 1)]
+    whose greedy answer is final; `threshold_grid(k)` for the `agreement` rungs among them."""
+    grids = [threshold_grid(k) if m in agreement else DEFERRAL_GRID for m in ladder[:-1]]
+    return [{**dict(zip(ladder[:-1], combo)), ladder[-1]: 0.0} for combo in itertools.product(*grids)]
 
 
 def _replay_grid(
@@ -127,6 +128,7 @@ def _replay_grid(
     quality: "QualityCheck",
     p_correct: Mapping[OutcomeKey, float] | None = None,
     votes: int = 1,
+    agreement: Sequence[str] = (),
 ) -> list[tuple[Setting, SimResult]]:
     """Every `WEIGHT_GRID` price x every thresholds in `combos`, cluster models chosen on
     `table` and the cascade replayed on `eval_idx`. Neighbouring prices often choose the
@@ -138,7 +140,8 @@ def _replay_grid(
         key = (tuple(sorted(choice.models.items())), choice.fallback)
         results = done.get(key)
         if results is None:
-            results = done[key] = [_simulate(data, eval_idx, choice, t, quality, p_correct, votes) for t in combos]
+            results = done[key] = [_simulate(data, eval_idx, choice, t, quality, p_correct, votes, agreement)
+                                   for t in combos]
         out.extend((Setting(weight, tuple(t.items())), r) for t, r in zip(combos, results))
     return out
 
@@ -214,16 +217,34 @@ DEFERRAL_GRID = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 def sweep_deferral(
-    data: Data, fit_idx: Sequence[int], eval_idx: Sequence[int], ladder: list[str], quality: "QualityCheck", votes: int
+    data: Data, fit_idx: Sequence[int], eval_idx: Sequence[int], ladder: list[str], quality: "QualityCheck", votes: int,
+    agreement: Sequence[str] = (),
 ) -> tuple[list[tuple[Setting, SimResult]], dict[OutcomeKey, float]]:
     """Every (weight, P(correct) thresholds) setting of the deferral check, fitted on
-    `fit_idx` and replayed on `eval_idx`; also the held-out P(correct) of `eval_idx`."""
+    `fit_idx` and replayed on `eval_idx`; also the held-out P(correct) of `eval_idx`.
+    The `agreement` rungs sweep agreement thresholds instead (`without_signals`)."""
     table = _table(data, fit_idx, ladder)
     # The top rung gets a model too, for the signal report only: its answer is final, but
     # its doubt is what a larger rung above it (a remote server) would act on.
     rules = {m: train_deferral(data, fit_idx, table, m, votes) for m in ladder}
     p = deferral_p(data, eval_idx, rules, _table_prior(data, table), votes)
-    return _replay_grid(data, table, eval_idx, _deferral_combos(ladder), quality, p, votes), p
+    combos = _deferral_combos(ladder, agreement, quality.k)
+    return _replay_grid(data, table, eval_idx, combos, quality, p, votes, agreement), p
+
+
+def without_signals(data: Data, ladder: Sequence[str], runtime: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The rungs below the top that a deferral router runs with the agreement check, and why:
+    their runtime gives no log-probabilities (`runtime`: model -> why, from
+    `registry.reports_signals`), or none of their recorded greedy answers carries any. A
+    deferral model for them would read the prior alone and judge every answer alike."""
+    out = dict((runtime or {}).items())
+    for model in ladder[:-1]:
+        if model in out:
+            continue
+        recorded = [e for (_, m), e in data.replay.entries.items() if m == model and e.answers]
+        if recorded and all(e.signals is None for e in recorded):
+            out[model] = "none of its recorded answers has log-probabilities"
+    return {m: out[m] for m in ladder[:-1] if m in out}
 
 
 @dataclass
@@ -258,6 +279,7 @@ def recalibrate(
     seed: int = 0,
     check: str = DEFAULT_CHECK,
     votes: int = 1,
+    no_signals: Mapping[str, str] | None = None,
 ) -> Calibration:
     """Choose per-cluster models and the quality check's thresholds for `budget`, by cross-validation.
 
@@ -272,7 +294,9 @@ def recalibrate(
     `check` "agreement" tunes self-consistency thresholds (votes needed). "deferral" fits
     one logistic deferral model per rung below the top on the other folds (greedy signals,
     the cluster prior and, with `votes` > 1, agreement), and tunes P(correct) thresholds;
-    the final models are refitted on all queries.
+    the final models are refitted on all queries. A rung without log-probabilities
+    (`no_signals`: model -> why, its runtime gives none; or its recorded answers have none)
+    gets the agreement check and agreement thresholds instead, with a warning naming it.
     """
     if check not in CHECKS:
         raise CreError(f"unknown quality check {check!r}; use one of {', '.join(CHECKS)}")
@@ -287,12 +311,22 @@ def recalibrate(
     n = len(data.records)
     if n < 2 * n_folds:
         raise CreError(f"only {n} labelled queries: too few for {n_folds}-fold cross-validation (use --folds 2 or a larger log)")
+    agreement: list[str] = []
+    if check == "deferral":
+        for model, why in without_signals(data, ladder, no_signals).items():
+            agreement.append(model)
+            console.warn(
+                f"rung {model!r} gives no log-probabilities ({why}), so it runs the agreement check on "
+                f"{quality.k} vote(s) instead of a deferral model"
+                + ("; with one vote that check can only escalate empty answers: refit with --k 5 to give it votes"
+                   if quality.k == 1 else "")
+            )
     totals: dict[Setting, list[float]] = {}
     held_p: dict[OutcomeKey, float] = {}
     for fold in folds(n, n_folds, seed):
         train = sorted(set(range(n)) - set(fold))
         if check == "deferral":
-            swept, p = sweep_deferral(data, train, fold, ladder, quality, votes)
+            swept, p = sweep_deferral(data, train, fold, ladder, quality, votes, agreement)
             held_p.update(p)
         else:
             swept = sweep(data, train, fold, ladder, quality)
@@ -309,9 +343,11 @@ def recalibrate(
     table = _table(data, everything, ladder)
     rules = None
     if check == "deferral":
-        rules = DeferralCheck(votes, {m: train_deferral(data, everything, table, m, votes) for m in ladder[:-1]})
+        rules = DeferralCheck(votes, {m: train_deferral(data, everything, table, m, votes)
+                                      for m in ladder[:-1] if m not in agreement}, tuple(agreement))
         p_all = deferral_p(data, everything, rules.models, _table_prior(data, table), votes)
-        inside = dict(_replay_grid(data, table, everything, _deferral_combos(ladder), quality, p_all, votes))
+        inside = dict(_replay_grid(data, table, everything, _deferral_combos(ladder, agreement, quality.k), quality,
+                                   p_all, votes, agreement))
     else:
         inside = dict(_replay_grid(data, table, everything, _agreement_combos(ladder, quality.k), quality))
     estimates = [(setting, estimate(figures, inside[setting])) for setting, figures in held]
@@ -424,6 +460,17 @@ def run(
         reader = replace(reader, fields=replace(reader.fields, max_line_bytes=max_line_bytes))
     data = prepare(router, settings, log, store, reader, unit)
     check_log(router, log, data)
-    cal = recalibrate(router, data, budget, n_folds=n_folds, seed=seed, check=check, votes=votes)
+    no_signals = {}
+    if check == "deferral":
+        from crecli.models import registry
+
+        for name in router.ladder_names[:-1]:
+            spec = settings.get(name)
+            if not registry.reports_signals(spec):
+                label = registry.signal_support(spec) if spec.backend == "openai" else "none"
+                no_signals[name] = ("its runtime reports none" if spec.backend != "openai" else
+                                    f"its server could not be asked: {label}; calibrate again when it answers"
+                                    if label.startswith("unknown") else "its server returns none")
+    cal = recalibrate(router, data, budget, n_folds=n_folds, seed=seed, check=check, votes=votes, no_signals=no_signals)
     routerfile.save(apply(router, cal), target)
     return cal, target

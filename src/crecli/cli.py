@@ -198,7 +198,7 @@ def calibrate(
     store: Annotated[Optional[Path], typer.Option(help="Outcome store (default: the one `cre fit` uses).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Warn instead of failing when local model files differ from the router's.")] = False,
     max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, help="Longest log line (and so prompt) to read, in bytes (default: what `cre fit` was given).", show_default=False)] = None,
-    check: Annotated[str, typer.Option(help="Quality check: 'deferral' (a logistic P(correct) model per rung on the greedy answer's own signals) or 'agreement' (self-consistency votes; needs a fit with --k above 1).")] = DEFAULT_CHECK,
+    check: Annotated[str, typer.Option(help="Quality check: 'deferral' (a logistic P(correct) model per rung on the greedy answer's own signals; a rung without log-probabilities gets the agreement check, with a warning) or 'agreement' (self-consistency votes; needs a fit with --k above 1).")] = DEFAULT_CHECK,
     votes: Annotated[int, typer.Option(min=1, help="With --check deferral: votes a rung draws (1: the greedy answer alone; more adds their agreement as a signal).")] = 1,
     cost_unit: CostUnitOpt = None,
     json_: JsonOpt = False,
@@ -431,8 +431,8 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = DEFAULT_PORT,
     models: ModelsOpt = None,
     memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Keep models loaded within this much memory, e.g. 4GB, counting each model's file and its snapshots of answered examples (default: no limit).", show_default=False)] = None,
-    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait behind the one being answered; more get 429 with Retry-After.")] = DEFAULT_MAX_QUEUE,
-    timeout: Annotated[float, typer.Option("--timeout", min=0.001, callback=finite, help="Seconds from a request's arrival (queue time included) to its answer; then 504.")] = DEFAULT_TIMEOUT,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests admitted beyond what the ladder computes at once (one per loaded model, max_in_flight per remote server); more get 429 with Retry-After.")] = DEFAULT_MAX_QUEUE,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.001, callback=finite, help="Seconds from a request's arrival to its answer, for the whole ladder (waits included; a remote call gets the time left); then 504.")] = DEFAULT_TIMEOUT,
     max_body: Annotated[int, typer.Option("--max-body", min=1024, help="Largest request body in bytes; a larger one gets 413 before it is read.")] = DEFAULT_MAX_BODY,
     header_timeout: Annotated[float, typer.Option("--header-timeout", min=0.001, callback=finite, help="Seconds a client has to send a request's line and headers; then 408 and the connection closes.")] = DEFAULT_HEADER_TIMEOUT,
     body_timeout: Annotated[float, typer.Option("--body-timeout", min=0.001, callback=finite, help="Seconds a client has to send a request's body once its headers are in; then 408 and the connection closes.")] = DEFAULT_BODY_TIMEOUT,
@@ -445,13 +445,19 @@ def serve(
     Endpoints: POST /v1/chat/completions and /v1/completions, GET /v1/models, GET /health.
     Model "cre" (or the router file's name without .cre) answers through the cascade; a
     ladder model's name answers with that model alone. Responses carry `usage` and a `cre`
-    object with the trace. Models stay loaded; one request computes at a time. A field cre
-    cannot honour (tools, response_format, logprobs, ...) or of the wrong type is a 400 that
-    names it. A client gets --header-timeout for its headers and --body-timeout for its body,
-    then 408. /health says whether each model can answer (503 when none can) and never waits
-    behind model work. Model errors reach the client as a 500 with a request id; the details
-    go to stderr. Requests answered through the cascade go to the served-query log (`cre
-    log`) unless --no-log is given. Needs the serve extra: pip install 'crecli[serve]'.
+    object with the trace. Requests are answered at once: models stay loaded and each
+    computes for one request at a time, remote rungs take max_in_flight requests per server
+    (models.toml) through one connection pool, a failing server is skipped for its replicas,
+    and a request that times out or whose client leaves stops its work. `stream: true` sends
+    the final rung's tokens as they are generated. A field cre cannot honour (tools,
+    response_format, logprobs, ...) or of the wrong type is a 400 that names it. A client gets
+    --header-timeout for its headers and --body-timeout for its body, then 408. /health says
+    whether each model can answer (503 when none can) and never waits behind model work.
+    Model errors reach the client as a 500 with a request id (503 `rung_unavailable` when
+    every server of a remote rung failed); the details go to stderr. Requests answered
+    through the cascade go to the served-query log (`cre log`) unless --no-log is given.
+    Needs the serve extra: pip install 'crecli[serve]'. Running rungs on serving engines:
+    docs/scale.md.
 
     Examples:
 

@@ -35,6 +35,11 @@ MIN_CONTEXT = 16
 # llama.cpp keeps n_ctx and n_gpu_layers in 32-bit ints.
 MAX_INT32 = 2**31 - 1
 
+# A rung's replicas and the requests each holds at once (`models/replicas.py`): past these,
+# a models.toml is more likely a mistake than a fleet.
+MAX_REPLICAS = 64
+MAX_IN_FLIGHT = 4096
+
 # Model names become file names (`<name>.gguf` in the models dir) and CLI arguments, so no
 # path separators, no leading dot, nothing a shell would mangle.
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -79,7 +84,9 @@ class ModelSpec:
     n_gpu_layers: int = 0
     chunks: tuple[Chunk, ...] = ()
     path: str | None = None
-    url: str | None = None
+    url: str | None = None  # the first server; `urls` holds them all
+    urls: tuple[str, ...] = ()  # a remote rung's replicas, from `url` (a string or an array)
+    max_in_flight: int | None = None  # a remote rung's requests each server holds at once
     api_model: str | None = None
     api_key_env: str | None = None
     price_per_1k_tokens: float | None = None
@@ -226,6 +233,20 @@ def _url(where: Path | str, key: str, value: Any) -> str:
     return text
 
 
+def _urls(where: Path | str, key: str, value: Any) -> tuple[str, ...]:
+    """`url`: one server's API root, or an array of the API roots of replicas serving the same model."""
+    if not isinstance(value, list):
+        return (_url(where, key, value),)
+    if not 1 <= len(value) <= MAX_REPLICAS:
+        raise _fail(where, key, f"a URL or an array of 1 to {MAX_REPLICAS} URLs (replicas of one model)", value)
+    urls = tuple(_url(where, f"{key}[{i}]", v) for i, v in enumerate(value))
+    seen = [u.rstrip("/") for u in urls]
+    twice = sorted({u for u in seen if seen.count(u) > 1})
+    if twice:
+        raise ConfigError(f"{where}: {key} lists {twice[0]} more than once; each replica once")
+    return urls
+
+
 def _path(where: Path | str, key: str, value: Any) -> str:
     text = _str(where, key, value, rule="a non-empty string, the path of a GGUF file")
     try:
@@ -256,7 +277,7 @@ def _chunks(where: Path | str, key: str, value: Any) -> tuple[Chunk, ...]:
 
 def _model_fields(name: str, fields: dict[str, Any], where: Path | str) -> dict[str, Any]:
     """One file's [models.NAME] table, every field checked and normalised."""
-    known = set(ModelSpec.__dataclass_fields__) - {"name", "defined_in"}
+    known = set(ModelSpec.__dataclass_fields__) - {"name", "defined_in", "urls"}
     unknown = set(fields) - known
     if unknown:
         raise ConfigError(
@@ -293,7 +314,10 @@ def _model_fields(name: str, fields: dict[str, Any], where: Path | str) -> dict[
         elif f == "path":
             out[f] = _path(where, key, value)
         elif f == "url":
-            out[f] = _url(where, key, value)
+            out["urls"] = _urls(where, key, value)
+            out[f] = out["urls"][0]
+        elif f == "max_in_flight":
+            out[f] = _int(where, key, value, 1, MAX_IN_FLIGHT, " (requests each of the rung's servers holds at once)")
         elif f == "api_key_env":
             out[f] = _str(where, key, value, _ENV_NAME, "an environment variable's name, such as OPENAI_API_KEY")
         elif f == "price_per_1k_tokens":
@@ -359,6 +383,11 @@ def _spec(name: str, fields: dict[str, Any], where: str) -> ModelSpec:
     spec = ModelSpec(name=name, defined_in=where, **fields)
     if not (spec.chunks or spec.path or spec.url):
         raise ConfigError(f"{where}: model {name!r} needs one of `chunks`, `path` or `url`")
+    if spec.max_in_flight is not None and not spec.url:
+        raise ConfigError(
+            f"{where}: model {name!r} sets `max_in_flight`, which bounds a remote rung's requests; it runs "
+            "in this process, one request at a time: remove `max_in_flight` or give it a `url`"
+        )
     return spec
 
 
@@ -387,7 +416,7 @@ def load(models_file: Path | None = None) -> ModelConfig:
             # the sources are alternatives, not fields to merge.
             base = raw_models.get(name, {})
             if set(SOURCES) & set(fields):
-                base = {k: v for k, v in base.items() if k not in (*SOURCES, "sha256", "size")}
+                base = {k: v for k, v in base.items() if k not in (*SOURCES, "urls", "sha256", "size")}
             raw_models[name] = {**base, **fields}
             where[name] = str(path)
         if "ladder" in data:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from crecli.choice import StatsTable, cluster_prior, shrink
-from crecli.quality import Deferral, feature_names, greedy_agreement
+from crecli.quality import Deferral, feature_names, greedy_agreement, judge_deferral
 
 if TYPE_CHECKING:
     from crecli.outcomes import OutcomeKey
@@ -92,13 +92,16 @@ def _loo_prior(table: StatsTable, cid: int, model: str, correct: bool) -> float:
 
 
 def train_deferral(data: Data, idx: Sequence[int], table: StatsTable, model: str, votes: int) -> Deferral:
-    """`model`'s deferral model, fitted on the recorded answers of the records `idx`."""
+    """`model`'s deferral model, fitted on the recorded answers of the records `idx`.
+
+    Where some answers carry log-probabilities, only those train it: the others will be
+    judged by the agreement check, never by this model (`quality.judge_deferral`)."""
     rows: list[list[float | None]] = []
     ys: list[bool] = []
-    for i in idx:
-        entry = data.replay.entries.get((data.records[i].id, model))
-        if entry is None or not entry.answers:
-            continue
+    entries = [(i, e) for i in idx if (e := data.replay.entries.get((data.records[i].id, model))) is not None and e.answers]
+    if any(e.signals is not None for _, e in entries):
+        entries = [(i, e) for i, e in entries if e.signals is not None]
+    for i, entry in entries:
         y = entry.correct[0]
         rows.append(entry.features(votes, _loo_prior(table, data.clusters[i], model, y)))
         ys.append(y)
@@ -115,15 +118,19 @@ def train_deferral(data: Data, idx: Sequence[int], table: StatsTable, model: str
 def deferral_p(
     data: Data, idx: Sequence[int], rules: Mapping[str, Deferral], prior_of: Callable[[int, str], float], votes: int
 ) -> dict[OutcomeKey, float]:
-    """Each (record, model)'s P(correct) under `rules`, as the live check computes it;
-    `prior_of(i, model)` is record i's prior for `model`."""
+    """Each (record, model)'s P(correct) under `rules`, as the live check computes it
+    (`quality.judge_deferral`); `prior_of(i, model)` is record i's prior for `model`. An
+    answer its rule cannot judge (recorded without the log-probabilities it reads) has none:
+    the replay runs the agreement check on it, as the live check would."""
     out: dict[OutcomeKey, float] = {}
     for i in idx:
         rid = data.records[i].id
         for model, rule in rules.items():
             entry = data.replay.entries.get((rid, model))
             if entry is not None and entry.answers:
-                out[(rid, model)] = rule.p_correct(entry.features(votes, prior_of(i, model)))
+                p = judge_deferral(rule, entry.signals, entry.answers[:votes], entry.cut, prior_of(i, model))
+                if p is not None:
+                    out[(rid, model)] = p
     return out
 
 

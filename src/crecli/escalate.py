@@ -23,13 +23,15 @@ come from `costs` (`Cascade.cost_of`, `cost_of_run`, `strongest_cost_of_run`).
 
 from __future__ import annotations
 
+import threading
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from crecli import grading
 from crecli.costs import Pricing, estimate_strongest, prefix_key, price_steps, share_prefixes
 from crecli.errors import CreError, RouterFileError
-from crecli.ladder import Climb, Policy, step, walk
+from crecli.ladder import Climb, step, walk
 # Re-exported: the live trace records and the one-rung check, where callers have long found them.
 from crecli.live import LiveSource, LiveVotes, Pending, check  # noqa: F401
 from crecli.trace import Step, Trace  # noqa: F401
@@ -47,7 +49,11 @@ if TYPE_CHECKING:
 
 
 class Cascade:
-    """Route, check, escalate. Model calls are strictly sequential; models stay in `pool`.
+    """Route, check, escalate; models stay in `pool`.
+
+    One cascade may answer on many threads at once (`cre serve`): each prompt's walk holds
+    only the rung it is on (`ModelPool.lease`), so prompts on different models compute at
+    once and a loaded model computes for one prompt at a time.
 
     `parallel` is how many greedy answers `decode_greedy` may decode at once on one model
     (`cre batch --parallel`); 1 decodes them one by one. It is the pool's setting, so the
@@ -76,13 +82,9 @@ class Cascade:
                 f"the router starts prompts on {', '.join(off)}, which is not on its ladder "
                 f"({', '.join(self.ladder)}); refit it with `cre fit`"
             )
-        rules = router.deferral
-        self.policy = Policy(
-            tuple(self.ladder), router.thresholds, self.quality,
-            deferral_votes=rules.votes if rules is not None else None,
-            deferral_models=rules.models if rules is not None else {},
-        )
+        self.policy = router.policy(self.quality)
         self._counter: "Backend | None" = None  # the strongest model's tokenizer, for estimates
+        self._route_lock = threading.Lock()
 
     @classmethod
     def from_file(
@@ -176,11 +178,18 @@ class Cascade:
         return [None if cost is None else cost + share for cost, share in zip(own, share_prefixes(visits))]
 
     def route(self, prompt: str) -> RouteDecision:
-        return route(self.router, prompt)
+        with self._routing():
+            return route(self.router, prompt)
 
     def route_many(self, prompts: Sequence[str]) -> list[RouteDecision]:
         """`route` for many prompts in one embedder call (see `route.route_many`)."""
-        return route_many(self.router, prompts)
+        with self._routing():
+            return route_many(self.router, prompts)
+
+    def _routing(self) -> "threading.Lock | nullcontext[None]":
+        # The TF-IDF embedder is plain arithmetic, safe on many threads (`cre serve` routes on
+        # each request's own); a llama.cpp embedder is a model, which computes for one at a time.
+        return nullcontext() if getattr(self.router.embedder, "kind", None) == "tfidf" else self._route_lock
 
     def begin(
         self,
@@ -267,17 +276,18 @@ class Cascade:
         answer is final. `cre batch` steps many prompts this way, rung by rung."""
         source = self._source(pending)
         rung = pending.climb.current
-        votes = source.votes_for(rung)
-        final = step(pending.climb, votes)
-        source.after(rung, pending.climb.verdicts[-1][1], votes)
-        return final
+        with source.hold(rung):  # a remote rung whose servers all failed is passed over here
+            votes = source.votes_for(rung)
+            step(pending.climb, votes)
+            source.after(rung, pending.climb.verdicts[-1][1], votes)
+        return pending.done
 
     def ask(self, prompt: str, match: str | None = None, reference: Sequence[str] | str | None = None, *,
             id: str | None = None) -> Trace:
         """Answer one prompt through the cascade (`ladder.walk`) and return the trace of every step."""
         pending = self.begin(prompt, match, reference, id=id)
         source = self._source(pending)
-        walk(pending.climb, source.votes_for, source.after)
+        walk(pending.climb, source.votes_for, source.after, source.hold)
         return pending.trace
 
     def close(self) -> None:

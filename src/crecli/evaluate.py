@@ -155,7 +155,8 @@ def _replay(router: "RouterFile", data: Data, starts: Mapping[str, str],
     routes = data.routes
     p = deferral_p(data, range(len(data.records)), rules.models,
                    lambda i, m: router.prior(routes[i].cluster, m, routes[i].distance), rules.votes)
-    return data.replay.simulate(starts, router.thresholds, router.quality, overrides, p_correct=p, votes=rules.votes)
+    return data.replay.simulate(starts, router.thresholds, router.quality, overrides, p_correct=p, votes=rules.votes,
+                                agreement=rules.agreement)
 
 
 def evaluate(router: "RouterFile", data: Data) -> EvalReport:

@@ -20,17 +20,24 @@ The checks:
   `quality.done`; `quality.decide` keeps the majority when its share reaches the threshold.
 - "deferral": `votes` votes (the greedy one first); the greedy answer is kept when the
   rung's P(correct) reaches the threshold and the answer is not empty
-  (`quality.accept_deferral`).
+  (`quality.accept_deferral`). When the rung's deferral model weighs log-probabilities and
+  the answer came without them (`quality.judge_deferral` gives None: a server that returns
+  none), the rung runs the agreement check instead, on k votes at `Rung.fallback`, and its
+  verdict says so (`Verdict.check`): never a P(correct) made up from training means.
 - "greedy": the greedy answer, kept: the top rung of a router with the deferral check.
+
+A deferral router's rungs whose runtime gives no log-probabilities at all are calibrated as
+agreement rungs from the start (`Policy.agreement_rungs`, `cre calibrate` says which).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, ContextManager, Mapping, Protocol, Sequence
 
-from crecli.quality import accept_deferral, decide, done, greedy_agreement, wave
+from crecli.quality import DEFAULT_THRESHOLD, accept_deferral, decide, done, greedy_agreement, needed, wave
 
 if TYPE_CHECKING:
     from crecli.quality import Deferral, QualityCheck
@@ -51,6 +58,8 @@ class Rung:
     votes: int = 1  # deferral: votes drawn (1: the greedy answer alone)
     deferral: "Deferral | None" = None  # deferral: the rung's P(correct) model
     prior: float = 0.5  # deferral: the query's cluster prior for this model
+    # deferral: the agreement threshold (on k votes) for an answer its model cannot judge
+    fallback: float = DEFAULT_THRESHOLD
     # What the rung's model is shown and may write: its cluster's answered examples and the
     # answer type's token cap. A live source uses them; recorded votes already reflect them.
     shots: tuple[tuple[str, str], ...] = ()
@@ -68,6 +77,9 @@ class Verdict:
     answer: str  # the normalised answer
     p_correct: float | None = None  # deferral only
     kept: bool = False  # the check itself passed (`accept` also holds on the top rung when it did not)
+    # The check that decided: the rung's own, or AGREEMENT for a deferral rung whose answer
+    # came without the log-probabilities its model reads.
+    check: str = ""
 
 
 class Votes(Protocol):
@@ -76,8 +88,9 @@ class Votes(Protocol):
     def more(self, count: int) -> Sequence[str]:
         """The next `count` votes, normalised."""
 
-    def p_correct(self, rung: Rung, answers: Sequence[str]) -> float:
-        """The rung's P(correct) for its greedy answer, given the votes drawn."""
+    def p_correct(self, rung: Rung, answers: Sequence[str]) -> float | None:
+        """The rung's P(correct) for its greedy answer, given the votes drawn; None when its
+        deferral model cannot judge it (`quality.judge_deferral`)."""
 
 
 def judge(rung: Rung, votes: Votes) -> Verdict:
@@ -86,17 +99,36 @@ def judge(rung: Rung, votes: Votes) -> Verdict:
         raise KeyError(f"no threshold for {rung.model!r}")
     answers = list(votes.more(1))
     if rung.check == GREEDY:
-        return Verdict(1, 1.0, True, 0, answers[0], kept=True)
+        return Verdict(1, 1.0, True, 0, answers[0], kept=True, check=GREEDY)
     if rung.check == DEFERRAL:
         if rung.votes > 1:
             answers += votes.more(rung.votes - 1)
         p = votes.p_correct(rung, answers)
+        if p is None:
+            # No log-probabilities where the model reads them: self-consistency decides instead.
+            return _agree(rung, votes, answers, rung.fallback)
         kept = accept_deferral(p, rung.threshold, answers[0])
-        return Verdict(len(answers), greedy_agreement(answers), kept or rung.top, 0, answers[0], p, kept)
-    while not done(answers, rung.k, rung.threshold, rung.early_stop):
-        answers += votes.more(wave(answers, rung.k, rung.threshold, rung.early_stop))
-    d = decide(answers, rung.k, rung.threshold, rung.early_stop)
-    return Verdict(d.used, d.agreement, d.accept or rung.top, d.index, d.answer, None, d.accept)
+        return Verdict(len(answers), greedy_agreement(answers), kept or rung.top, 0, answers[0], p, kept, DEFERRAL)
+    return _agree(rung, votes, answers, rung.threshold)
+
+
+def streams_final(rung: Rung) -> bool:
+    """Whether the rung's greedy answer is the final answer while it is being generated, so
+    it may be streamed: the top rung answering greedily (a deferral router's top, or an
+    agreement top rung whose threshold one vote meets). An empty greedy answer may still be
+    outvoted there; it streams nothing, so nothing sent is ever taken back."""
+    return rung.top and (rung.check == GREEDY or (rung.check == AGREEMENT and needed(rung.threshold, rung.k) <= 1))
+
+
+def _agree(rung: Rung, votes: Votes, answers: list[str], threshold: float) -> Verdict:
+    """The agreement check at `threshold` on up to `rung.k` votes, `answers` already drawn."""
+    while not done(answers, rung.k, threshold, rung.early_stop):
+        more = votes.more(wave(answers, rung.k, threshold, rung.early_stop))
+        if not more:  # a record with fewer votes than k: decide on those there are
+            break
+        answers += more
+    d = decide(answers, rung.k, threshold, rung.early_stop)
+    return Verdict(d.used, d.agreement, d.accept or rung.top, d.index, d.answer, None, d.accept, AGREEMENT)
 
 
 @dataclass
@@ -129,15 +161,19 @@ def walk(
     climb: Climb,
     votes_for: Callable[[Rung], Votes],
     after: Callable[[Rung, Verdict, Votes], None] | None = None,
+    hold: Callable[[Rung], ContextManager[object]] | None = None,
 ) -> Climb:
     """`step` until the answer is final, drawing each rung's votes from `votes_for(rung)`;
-    `after(rung, verdict, votes)` sees each rung once it is judged."""
+    `after(rung, verdict, votes)` sees each rung once it is judged. `hold(rung)`, when
+    given, is held while a rung's votes are drawn and judged (the live cascade holds the
+    rung's model there, `registry.ModelPool.lease`)."""
     while not climb.done:
         rung = climb.current
-        votes = votes_for(rung)
-        step(climb, votes)
-        if after is not None:
-            after(rung, climb.verdicts[-1][1], votes)
+        with hold(rung) if hold is not None else nullcontext():
+            votes = votes_for(rung)
+            step(climb, votes)
+            if after is not None:
+                after(rung, climb.verdicts[-1][1], votes)
     return climb
 
 
@@ -150,6 +186,8 @@ class Policy:
     the top run the deferral check with that many votes (`deferral_models` are their
     P(correct) models; a replay that looks P(correct) up instead may leave them out), and
     the top rung answers greedily: its answer is final, so drawing more would buy nothing.
+    `agreement_rungs` of a deferral router run the agreement check (their runtime gives no
+    log-probabilities; `quality.DeferralCheck.agreement`).
     """
 
     ladder: tuple[str, ...]
@@ -157,6 +195,7 @@ class Policy:
     quality: "QualityCheck"
     deferral_votes: int | None = None
     deferral_models: Mapping[str, "Deferral"] = field(default_factory=dict)
+    agreement_rungs: frozenset[str] = frozenset()
 
     def rungs(
         self,
@@ -176,13 +215,13 @@ class Policy:
             threshold = overrides.get(model, self.thresholds.get(model, math.nan)) if overrides else \
                 self.thresholds.get(model, math.nan)
             shown = shots.get(model, ()) if shots else ()
-            if self.deferral_votes is None:
+            if self.deferral_votes is None or (i < last and model in self.agreement_rungs):
                 out.append(Rung(model, AGREEMENT, threshold, i == last, self.quality.k, self.quality.early_stop,
                                 shots=shown, max_tokens=max_tokens))
             elif i == last:
                 out.append(Rung(model, GREEDY, threshold, True, shots=shown, max_tokens=max_tokens))
             else:
-                out.append(Rung(model, DEFERRAL, threshold, False, votes=self.deferral_votes,
-                                deferral=self.deferral_models.get(model),
+                out.append(Rung(model, DEFERRAL, threshold, False, self.quality.k, self.quality.early_stop,
+                                votes=self.deferral_votes, deferral=self.deferral_models.get(model),
                                 prior=priors.get(model, 0.5) if priors else 0.5, shots=shown, max_tokens=max_tokens))
         return out

@@ -4,21 +4,26 @@
 answer (or one decoded ahead, `escalate.Cascade.decode_greedy`), later votes are sampled a
 wave at a time (`quality.wave`) in one `Backend.sample_many` call, which the llama.cpp
 backend decodes as parallel sequences over the prompt's KV cells. `LiveSource` is what the
-engine walks a pending prompt with (`votes_for`, `after`): it records each rung's `Step` in
-the prompt's `Trace`, and once the answer is final, its totals and its cost, priced once
-(`costs.price_steps`).
+engine walks a pending prompt with (`hold`, `votes_for`, `after`): it holds the rung's model
+while the rung is judged (`ModelPool.lease`), passes over a remote rung below the top whose
+every server failed, records each rung's `Step` in the prompt's `Trace`, and once the answer
+is final, its totals and its cost, priced once (`costs.price_steps`). On the rung whose
+answer is final as it is generated (`ladder.streams_final`), the greedy answer's text goes
+to `Pending.stream` as it comes.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from crecli import grading
 from crecli.costs import Pricing, price_steps
-from crecli.ladder import AGREEMENT, DEFERRAL, GREEDY, Climb, Rung, Verdict, judge
-from crecli.quality import deferral_features, vote_params
+from crecli.ladder import AGREEMENT, DEFERRAL, GREEDY, Climb, Rung, Verdict, judge, streams_final
+from crecli.quality import judge_deferral, vote_params
 from crecli.trace import Step, Trace
 
 if TYPE_CHECKING:
@@ -38,11 +43,15 @@ class LiveVotes:
     """
 
     def __init__(self, backend: "Backend", prompt: str, quality: "QualityCheck", rung: Rung,
-                 answer_type: str | None, greedy: "Generation | None" = None) -> None:
+                 answer_type: str | None, greedy: "Generation | None" = None,
+                 emit: "Callable[[str], None] | None" = None) -> None:
         self.backend, self.prompt, self.quality = backend, prompt, quality
+        self.emit = emit  # the greedy answer's text as it is generated (`Backend.generate_streaming`)
         self.max_tokens, self.answer_type, self.shots = rung.max_tokens, answer_type, rung.shots
         self.greedy = greedy
-        self._greedy_params = vote_params(quality, 0, rung.max_tokens, prompt, rung.shots)
+        # Only the deferral check reads the greedy pass's signals; other rungs do not ask for them.
+        self._greedy_params = replace(vote_params(quality, 0, rung.max_tokens, prompt, rung.shots),
+                                      signals=rung.check == DEFERRAL)
         self.texts: list[str] = []
         self.normalized: list[str] = []
         self.prompt_tokens = self.output_tokens = self.greedy_output_tokens = 0
@@ -58,7 +67,12 @@ class LiveVotes:
     def more(self, count: int) -> list[str]:
         start = len(self.texts)
         if start == 0:
-            gens = [self.greedy if self.greedy is not None else self.backend.generate(self.prompt, self._params(0))]
+            if self.greedy is not None:
+                gens = [self.greedy]
+            elif self.emit is not None:
+                gens = [self.backend.generate_streaming(self.prompt, self._params(0), self.emit)]
+            else:
+                gens = [self.backend.generate(self.prompt, self._params(0))]
             gens += self.backend.sample_many(self.prompt, [self._params(i) for i in range(1, count)]) if count > 1 else []
         else:
             gens = self.backend.sample_many(self.prompt, [self._params(start + j) for j in range(count)])
@@ -73,27 +87,32 @@ class LiveVotes:
             self.seconds += gen.seconds
         return self.normalized[start:]
 
-    def p_correct(self, rung: Rung, answers: Sequence[str]) -> float:
+    def p_correct(self, rung: Rung, answers: Sequence[str]) -> float | None:
         assert rung.deferral is not None, "a deferral rung carries its P(correct) model"
-        return rung.deferral.p_correct(deferral_features(self.signals, answers, self.cut, rung.prior))
+        return judge_deferral(rung.deferral, self.signals, answers, self.cut, rung.prior)
 
     def step(self, rung: Rung, verdict: Verdict) -> "Step":
         """What the rung did, for the trace; `why` says why it kept the answer or not."""
         if rung.check == GREEDY:
             why = "greedy answer of the top rung"
-        elif rung.check == DEFERRAL:
+        elif verdict.check == DEFERRAL:
             p = verdict.p_correct if verdict.p_correct is not None else 0.0
             why = (f"P(correct) {p:.2f} {'>=' if p >= rung.threshold else '<'} threshold {rung.threshold:.2f}"
                    + ("" if verdict.answer else "; the answer is empty"))
         else:
+            # A deferral rung whose answer came without log-probabilities runs the agreement check.
+            threshold = rung.fallback if rung.check == DEFERRAL else rung.threshold
             majority = Counter(self.normalized[: verdict.used])[verdict.answer]
             share = f"agreement {verdict.agreement:.2f} ({majority}/{verdict.used})"
-            why = f"{share} >= threshold {rung.threshold:.2f}" if verdict.kept else f"{share} < threshold {rung.threshold:.2f}"
+            why = f"{share} >= threshold {threshold:.2f}" if verdict.kept else f"{share} < threshold {threshold:.2f}"
+            if rung.check == DEFERRAL:
+                why = f"no log-probabilities from {rung.model}, so the agreement check: {why}"
         params = self._params(0)
         prefix = self.backend.shot_tokens(self.prompt, params, self.prompt_tokens) if self.shots else 0
         return Step(
             model=self.backend.spec.name, votes=self.texts, normalized=self.normalized, agreement=verdict.agreement,
-            used=verdict.used, threshold=rung.threshold, accepted=verdict.kept, answer=self.texts[verdict.index].strip(),
+            used=verdict.used, threshold=rung.fallback if verdict.check == AGREEMENT and rung.check == DEFERRAL
+            else rung.threshold, accepted=verdict.kept, answer=self.texts[verdict.index].strip(),
             prompt_tokens=self.prompt_tokens, output_tokens=self.output_tokens,
             greedy_output_tokens=self.greedy_output_tokens, seconds=self.seconds, why=why, p_correct=verdict.p_correct,
             prefix_tokens=prefix,
@@ -137,6 +156,9 @@ class Pending:
     climb: Climb  # where the ladder engine stands, each rung's policy resolved once
     trace: Trace
     greedy: "Generation | None" = None  # vote 0 on the current rung, decoded ahead (`decode_greedy`)
+    # Takes the final answer's text as it is generated, once the ladder stands on a rung whose
+    # greedy answer is final (`ladder.streams_final`); `cre serve` streams it to the client.
+    stream: "Callable[[str], None] | None" = None
 
     @property
     def rung(self) -> int:
@@ -155,12 +177,45 @@ class LiveSource:
     def __init__(self, pending: Pending, pool: "ModelPool", specs: Mapping[str, "ModelSpec"], quality: "QualityCheck",
                  pricing: Pricing) -> None:
         self.pending, self.pool, self.specs, self.quality, self.pricing = pending, pool, specs, quality, pricing
+        self._held: "Backend | None" = None
+
+    @contextmanager
+    def hold(self, rung: Rung) -> Iterator[None]:
+        """Hold the rung's model while its votes are drawn and judged (`ModelPool.lease`):
+        callers on other threads wait for a model in use, not for the whole pool.
+
+        A remote rung below the top whose every server failed (`RungUnavailable`) is passed
+        over: the step records why, and the prompt moves up to the next rung, whose answer
+        is at least as good. On the top rung the failure stands: nothing is above it."""
+        from crecli.models.openai import RungUnavailable
+
+        start = time.perf_counter()
+        try:
+            with self.pool.lease(self.specs[rung.model]) as backend:
+                self._held = backend
+                try:
+                    yield
+                finally:
+                    self._held = None
+        except RungUnavailable as exc:
+            climb = self.pending.climb
+            if rung.top or climb.done or climb.current is not rung:
+                raise
+            climb.rung += 1
+            self.pending.greedy = None
+            self.pending.trace.steps.append(Step(
+                model=rung.model, votes=[], normalized=[], agreement=0.0, used=0, threshold=rung.threshold,
+                accepted=False, answer="", prompt_tokens=0, output_tokens=0, greedy_output_tokens=0,
+                seconds=time.perf_counter() - start,
+                why=f"unavailable ({exc.public}): escalate to {climb.current.model}",
+            ))
 
     def votes_for(self, rung: Rung) -> LiveVotes:
         pending = self.pending
         greedy, pending.greedy = pending.greedy, None
-        return LiveVotes(self.pool.get(self.specs[rung.model]), pending.prompt, self.quality, rung,
-                         pending.trace.answer_type, greedy)
+        backend = self._held if self._held is not None else self.pool.get(self.specs[rung.model])
+        emit = pending.stream if pending.stream is not None and streams_final(rung) else None
+        return LiveVotes(backend, pending.prompt, self.quality, rung, pending.trace.answer_type, greedy, emit)
 
     def after(self, rung: Rung, verdict: Verdict, votes: Any) -> None:
         pending = self.pending

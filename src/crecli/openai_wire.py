@@ -22,6 +22,10 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+# `cut_at_stop` is the one rule for `stop` on every answer: a ladder model also stops
+# generating there, and a cascade's answer, decided by its check on whole answers, is cut
+# after the fact (re-exported here, where callers have long found it).
+from crecli.models.backend import cut_at_stop, held_back  # noqa: F401
 from crecli.querylog import MAX_LINE_BYTES
 from crecli.safejson import JsonError, json_type, loads
 
@@ -281,14 +285,35 @@ def parse_completion(body: dict[str, Any]) -> Query:
     return _common(body, "completion", prompt)
 
 
-def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
-    """`text` up to the first place any stop string starts, and whether it was cut.
-
-    The one rule for `stop` on every answer: a ladder model also stops generating there, and
-    a cascade's answer, decided by its check on whole answers, is cut after the fact.
+class StreamText:
+    """An answer's text as it is generated, turned into what the response will say: cut at
+    the first `stop` string, leading whitespace dropped, trailing whitespace and the start of
+    a possible stop string held back until more text shows what they are. The same rules
+    `cut_at_stop` and `strip` apply to a whole answer, applied to its pieces, so what `emit`
+    gets is always a prefix of the final text; `finish` sends the rest of it.
     """
-    ends = [i for s in stop if (i := text.find(s)) >= 0]
-    return (text[: min(ends)], True) if ends else (text, False)
+
+    def __init__(self, stop: tuple[str, ...], emit: Callable[[str], None]) -> None:
+        self.stop, self.emit = stop, emit
+        self.raw = ""  # every piece fed
+        self.sent = ""  # what `emit` got
+        self.cut = False
+
+    def feed(self, piece: str) -> None:
+        if self.cut or not piece:
+            return
+        self.raw += piece
+        safe, self.cut = held_back(self.raw, self.stop)
+        self._send(safe.strip())
+
+    def finish(self, final: str) -> None:
+        """Send whatever of `final`, the answer's whole text, is not sent yet."""
+        self._send(final)
+
+    def _send(self, safe: str) -> None:
+        if len(safe) > len(self.sent) and safe.startswith(self.sent):
+            piece, self.sent = safe[len(self.sent):], safe
+            self.emit(piece)
 
 
 # ---------------------------------------------------------------- answers
@@ -359,27 +384,42 @@ def response_body(query: Query, answer: Answer, rid: str, created: int) -> dict[
 
 
 def stream_events(query: Query, answer: Answer, rid: str, created: int) -> Iterator[str]:
-    """Server-sent events in OpenAI's chunk format, for an answer already complete.
+    """Server-sent events in OpenAI's chunk format, for an answer already complete: the whole
+    text in one content chunk, then `stream_end` (the cascade knew its answer only once a
+    rung kept it, and that rung could not stream)."""
+    yield stream_chunk(query, answer.model, rid, created, answer.text, role=True)
+    yield from stream_end(query, answer, rid, created)
 
-    The cascade knows its answer only once a rung accepts it, so the whole text comes in one
-    content chunk, then a chunk with the finish reason (and the `cre` trace), then `[DONE]`.
-    """
-    chat = query.kind == "chat"
-    obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        data = {"id": rid, "object": obj, "created": created, "model": answer.model, "choices": choices, **extra}
-        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+def stream_chunk(query: Query, model: str, rid: str, created: int, text: str, role: bool = False) -> str:
+    """One content chunk of a stream (the first carries the assistant role, in chat)."""
+    if query.kind == "chat":
+        delta: dict[str, Any] = {"role": "assistant", "content": text} if role else {"content": text}
+        return _event(query, rid, created, model, [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+    return _event(query, rid, created, model, [{"index": 0, "text": text, "logprobs": None, "finish_reason": None}])
 
-    if chat:
-        yield chunk([{"index": 0, "delta": {"role": "assistant", "content": answer.text}, "logprobs": None,
-                      "finish_reason": None}])
-        yield chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": answer.finish_reason}], cre=answer.cre)
-    else:
-        yield chunk([{"index": 0, "text": answer.text, "logprobs": None, "finish_reason": None}])
-        yield chunk([{"index": 0, "text": "", "logprobs": None, "finish_reason": answer.finish_reason}], cre=answer.cre)
+
+def stream_end(query: Query, answer: Answer, rid: str, created: int) -> Iterator[str]:
+    """A stream's last events: the finish reason with the `cre` trace, the usage when asked
+    for (`stream_options.include_usage`), then `[DONE]`."""
+    empty: dict[str, Any] = {"delta": {}} if query.kind == "chat" else {"text": ""}
+    yield _event(query, rid, created, answer.model,
+                 [{"index": 0, **empty, "logprobs": None, "finish_reason": answer.finish_reason}], cre=answer.cre)
     if query.include_usage:
-        yield chunk([], usage=usage(answer))
+        yield _event(query, rid, created, answer.model, [], usage=usage(answer))
     yield "data: [DONE]\n\n"
+
+
+def stream_error(error: ApiError) -> Iterator[str]:
+    """How a stream that has started ends when its answer fails: OpenAI's error object as an
+    event, then `[DONE]` (the status line went out with the first token)."""
+    yield f"data: {json.dumps(error.body(), ensure_ascii=False)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _event(query: Query, rid: str, created: int, model: str, choices: list[dict[str, Any]], **extra: Any) -> str:
+    obj = "chat.completion.chunk" if query.kind == "chat" else "text_completion"
+    data = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices, **extra}
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 

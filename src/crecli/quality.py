@@ -215,6 +215,9 @@ def wave(votes: Sequence[str], k: int, threshold: float, early_stop: bool = True
 # shrunk accuracy for this model (its prior). "agreement", the share of the rung's votes
 # that agree with the greedy answer, is added only when the router draws votes.
 SIGNAL_FEATURES = ("min_logprob", "mean_logprob", "margin", "empty_or_cut", "prior")
+# Of those, the ones read from the greedy pass's log-probabilities (`Signals`), which a
+# runtime may not give (a server that returns no log-probabilities).
+LOGPROB_FEATURES = ("min_logprob", "mean_logprob", "margin")
 VOTE_FEATURE = "agreement"
 # Log-probabilities below this carry no more information and would let one odd token
 # dominate a linear model; priors are kept off 0 and 1 for the same reason.
@@ -273,6 +276,13 @@ class Deferral:
     fill: tuple[float, ...]
     prior: float
 
+    @property
+    def uses_signals(self) -> bool:
+        """Whether the model weighs the greedy pass's log-probabilities (`LOGPROB_FEATURES`):
+        an answer that came without them cannot be judged by it (`judge_deferral`). A model
+        fitted on answers that never had them weighs them 0."""
+        return any(w != 0.0 for name, w in zip(self.features, self.weights) if name in LOGPROB_FEATURES)
+
     def p_correct(self, values: Sequence[float | None]) -> float:
         if len(values) != len(self.weights):
             raise ValueError(f"the deferral model takes {len(self.weights)} features, got {len(values)}")
@@ -283,6 +293,21 @@ class Deferral:
     def to_dict(self) -> dict[str, object]:
         return {"features": list(self.features), "weights": list(self.weights), "bias": self.bias,
                 "fill": list(self.fill), "prior": self.prior}
+
+
+def judge_deferral(
+    rule: Deferral, signals: "Signals | None", answers: Sequence[str], cut: bool, prior: float
+) -> float | None:
+    """A rung's P(correct) for its greedy answer under `rule`, or None when `rule` weighs
+    log-probabilities and the answer came without any (a server that returns none).
+
+    None sends the rung to the agreement check (`ladder.judge`): filling the missing signals
+    with their training means would judge every such answer alike, a blind check. The one
+    definition for the live check (`live.LiveVotes`) and calibration's replay (`deferral.deferral_p`).
+    """
+    if signals is None and rule.uses_signals:
+        return None
+    return rule.p_correct(deferral_features(signals, answers, cut, prior))
 
 
 def trust(distance: float | None, radius: float | None, far: float) -> float:
@@ -319,10 +344,17 @@ def accept_deferral(p_correct: float, threshold: float, greedy: str) -> bool:
 @dataclass(frozen=True)
 class DeferralCheck:
     """A router's calibrated check: `votes` votes a rung (1: the greedy answer alone) and
-    one `Deferral` per ladder model below the top, whose answer is always final."""
+    one `Deferral` per ladder model below the top, whose answer is always final.
+
+    `agreement` names the rungs below the top that run the agreement check instead (k votes,
+    the router's agreement threshold for them): their runtime gives no log-probabilities (a
+    server that returns none), so a deferral model would have nothing to read but the prior."""
 
     votes: int
     models: dict[str, Deferral]
+    agreement: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
-        return {"votes": self.votes, "models": {m: d.to_dict() for m, d in self.models.items()}}
+        # Written only when there is one, so routers without such rungs keep their bytes.
+        return {"votes": self.votes, "models": {m: d.to_dict() for m, d in self.models.items()},
+                **({"agreement": list(self.agreement)} if self.agreement else {})}

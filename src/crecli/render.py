@@ -30,7 +30,7 @@ def models_table(rows: list[dict[str, Any]]) -> None:
     table = Table(title="Model ladder (smallest first)", title_justify="left")
     # Names and states must survive a narrow or piped console whole: other columns shrink.
     widest = max((len(r["name"]) for r in rows), default=4)
-    for col in ("rung", "name", "arch", "params", "quant", "size", "file", "runs on", "pp tok/s", "tg tok/s"):
+    for col in ("rung", "name", "arch", "params", "quant", "size", "file", "runs on", "signals", "pp tok/s", "tg tok/s"):
         table.add_column(
             col,
             justify="right" if col in ("rung", "size", "pp tok/s", "tg tok/s") else "left",
@@ -55,6 +55,7 @@ def models_table(rows: list[dict[str, Any]]) -> None:
             human_bytes(r["size"]),
             file_state,
             r["runs_on"],
+            r["signals"],
             f"{r['pp_tokens_per_s']:.0f}" if r["pp_tokens_per_s"] else "-",
             f"{r['tg_tokens_per_s']:.1f}" if r["tg_tokens_per_s"] else "-",
         )
@@ -63,6 +64,9 @@ def models_table(rows: list[dict[str, Any]]) -> None:
         status("Fetch missing models with `cre models pull`.")
     if any(r["tg_tokens_per_s"] is None and r["backend"] == "llama" for r in rows):
         status("Measure speeds with `cre models bench`.")
+    if any(r["signals"] != "logprobs" and r["on_ladder"] for r in rows):
+        status("A rung without signals (no log-probabilities from its server) gets the agreement check "
+               "from `cre calibrate`; docs/scale.md says which server flags give them.")
 
 
 def pulled(results: Sequence[tuple[str, Any, bool]]) -> None:
@@ -294,6 +298,7 @@ def router_dict(router: Any) -> dict[str, Any]:
         "quality": router.quality.to_dict(),
         "thresholds": router.thresholds,
         "deferral": router.deferral.to_dict() if router.deferral is not None else None,
+        "checks": rung_checks(router),
         "fit": router.fit.to_dict(),
         "clusters": [
             {
@@ -354,6 +359,27 @@ def terminal_safe(text: str) -> str:
 INSPECT_CLUSTERS = 200
 
 
+def rung_checks(router: Any) -> dict[str, str]:
+    """Each ladder model's check, as the cascade runs it (`ladder.Policy.rungs`): "agreement",
+    "deferral" or "greedy" (the top rung of a deferral router)."""
+    return {rung.model: rung.check for rung in router.policy().rungs()}
+
+
+def quality_check_line(router: Any) -> str:
+    """How each rung of `router` checks its answers, in one line for `cre inspect`: a deferral
+    router's rungs without log-probabilities are shown apart, as agreement-only."""
+    if router.deferral is None:
+        return (f"quality check k={router.quality.k}, T={router.quality.temperature}; thresholds "
+                + ", ".join(f"{m} {t:.2f}" for m, t in router.thresholds.items()))
+    agreement = set(router.deferral.agreement)
+    line = (f"quality check: calibrated deferral, {router.deferral.votes} vote(s) a rung; P(correct) thresholds "
+            + ", ".join(f"{m} {t:.2f}" for m, t in router.thresholds.items() if m not in agreement))
+    if agreement:
+        line += (f"; agreement-only (no log-probabilities; k={router.quality.k}, T={router.quality.temperature}): "
+                 + ", ".join(f"{m} {t:.2f}" for m, t in router.thresholds.items() if m in agreement))
+    return line
+
+
 def inspect_router(router: Any, as_json: bool) -> None:
     from rich.table import Table
     from rich.text import Text
@@ -369,10 +395,7 @@ def inspect_router(router: Any, as_json: bool) -> None:
             f"Router schema {router.schema_version}: {len(router.clusters)} clusters from {fit.n_queries} queries "
             f"({fit.log}, fitted {fit.date}); budget {router.budget['kind']} {router.budget['value']}; "
             f"fallback {router.fallback_model}; "
-            + (f"quality check: calibrated deferral, {router.deferral.votes} vote(s) a rung; P(correct) thresholds "
-               if router.deferral is not None
-               else f"quality check k={router.quality.k}, T={router.quality.temperature}; thresholds ")
-            + ", ".join(f"{m} {t:.2f}" for m, t in router.thresholds.items())
+            + quality_check_line(router)
         ),
         highlight=False,
         markup=False,

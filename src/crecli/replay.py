@@ -157,15 +157,19 @@ class Replay:
         overrides: Mapping[str, Mapping[str, float]] | None = None,
         p_correct: Mapping[OutcomeKey, float] | None = None,
         votes: int = 1,
+        agreement: Sequence[str] = (),
     ) -> SimResult:
         """Walk every record up the ladder on its recorded votes (`ladder.walk`): see the
         module function `simulate`.
 
         With `p_correct` (each (query, model)'s deferral estimate, `deferral.deferral_p`),
         the rungs below the top run the deferral check on `votes` votes and the top rung
-        answers greedily, as a router calibrated with it does.
+        answers greedily, as a router calibrated with it does; `agreement` rungs run the
+        agreement check (`ladder.Policy.agreement_rungs`), and so does a deferral rung on an
+        answer `p_correct` has no estimate for (recorded without log-probabilities).
         """
-        policy = Policy(tuple(self.ladder), thresholds, quality, deferral_votes=votes if p_correct is not None else None)
+        policy = Policy(tuple(self.ladder), thresholds, quality, deferral_votes=votes if p_correct is not None else None,
+                        agreement_rungs=frozenset(agreement))
         shared = policy.rungs()
         traces = []
         visited: list[_Entry] = []  # the entry of every step, in order, for the examples' shares
@@ -249,9 +253,10 @@ class RecordedVotes:
         self.drawn += len(out)
         return out
 
-    def p_correct(self, rung: Rung, answers: Sequence[str]) -> float:
+    def p_correct(self, rung: Rung, answers: Sequence[str]) -> float | None:
         assert self.p_table is not None
-        return self.p_table[(self.qid, rung.model)]
+        # Absent where the rung's model could not judge the answer (`quality.judge_deferral`).
+        return self.p_table.get((self.qid, rung.model))
 
 
 def _with_prefixes(traces: list[QueryTrace], visited: Sequence[_Entry]) -> list[QueryTrace]:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from crecli.assign import Assigner
     from crecli.config import ModelConfig
+    from crecli.ladder import Policy
     from crecli.vectors import Embedder
 
 
@@ -178,6 +179,19 @@ class RouterFile:
             answer_type=info.answer_type if info is not None else None,
         )
 
+    def policy(self, quality: QualityCheck | None = None) -> "Policy":
+        """How this router's rungs check their answers (`ladder.Policy`), with `quality`'s
+        self-consistency settings (default: the router's own)."""
+        from crecli.ladder import Policy
+
+        rules = self.deferral
+        return Policy(
+            tuple(self.ladder_names), self.thresholds, quality or self.quality,
+            deferral_votes=rules.votes if rules is not None else None,
+            deferral_models=rules.models if rules is not None else {},
+            agreement_rungs=frozenset(rules.agreement) if rules is not None else frozenset(),
+        )
+
     def shots(self, cid: int, model: str) -> tuple[tuple[str, str], ...]:
         """The answered examples `model` is shown before a prompt of cluster `cid` (none when unclustered)."""
         info = self.cluster(cid) if cid >= 0 else None
@@ -283,6 +297,7 @@ def _assemble(path: Path, body: Body, members: dict[str, "np.ndarray"], settings
         console.warn(f"{problem}; using it anyway (--force), so prompts may land in other clusters.")
     used = {
         body.fallback_model, *body.thresholds, *(body.deferral.models if body.deferral is not None else ()),
+        *(body.deferral.agreement if body.deferral is not None else ()),
         *(m for c in clusters for m in (c.model, *c.thresholds, *c.stats, *c.shots)),
     }
     off = sorted(used - set(names))

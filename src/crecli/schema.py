@@ -145,7 +145,7 @@ _MAX_WEIGHT = 1e4
 
 
 def _deferral(f: Field) -> DeferralCheck:
-    f.as_object(keys=("votes", "models"))
+    f.as_object(keys=("votes", "models", "agreement"), optional=("agreement",))
     votes = f["votes"].as_int(1, MAX_VOTES)
     names = feature_names(votes)
     models = {}
@@ -161,7 +161,11 @@ def _deferral(f: Field) -> DeferralCheck:
             fill=tuple(v.as_float(-_MAX_WEIGHT, _MAX_WEIGHT) for v in m["fill"].as_list(len(names), len(names))),
             prior=m["prior"].as_float(0, 1),
         )
-    return DeferralCheck(votes, models)
+    agreement = tuple(x.as_str() for x in f["agreement"].as_list(MAX_LADDER)) if f.has("agreement") else ()
+    both = sorted(set(agreement) & set(models))
+    if both:
+        raise FieldError(f"manifest field {f.where}.agreement names {both[0]!r}, which also has a deferral model")
+    return DeferralCheck(votes, models, agreement)
 
 
 def _ladder_entry(f: Field) -> dict[str, Any]:

@@ -5,13 +5,18 @@ each a method of `App`. Model "cre" (or the router file's stem) answers through 
 cascade; a ladder model's name answers with that model alone (greedily unless the request
 sets a temperature).
 
-The event loop only reads, parses, checks and queues; every model computation is a job on
-`serve_worker`'s worker. A request beyond `max_queue` waiting ones is refused with 429 at
-once rather than left to wait for a timeout, and a request beyond `max_requests` past its
-body (parsing, queued or running) with 503, both in OpenAI's error shape (`Limits`). Each
-request's timeout counts from its arrival, queue time included; on expiry (or when its
-client leaves) a queued job is dropped and a running cascade stops at its next rung. A body
-still arriving takes no place among the requests in flight, and has its own deadline
+The event loop only reads, parses, checks and hands over; each request's answer is a job on
+a thread of `serve_worker`'s worker (routing included), and jobs run at once, waiting only
+for the model or server they need. Remote rungs are called through one pooled async HTTP
+client on this event loop (`models.http.LoopTransport`, installed at startup). A request
+beyond what the ladder computes at once plus `max_queue` waiting is refused with 429 at once
+rather than left to wait for a timeout, and a request beyond `max_requests` past its body
+(parsing, queued or running) with 503, both in OpenAI's error shape (`Limits`). Each
+request's timeout counts from its arrival and covers the whole ladder; on expiry (or when
+its client leaves) its job stops where it stands: a wait ends, a remote call is abandoned,
+no later rung starts. A streamed request gets the final rung's tokens as they are generated
+(`serve_worker.cascade_job`); the response starts with the first of them. A body still
+arriving takes no place among the requests in flight, and has its own deadline
 (`--body-timeout`); /health runs on the event loop alone.
 
 Bodies are parsed and answers shaped by `openai_wire`; the socket, the HTTP protocol and
@@ -32,7 +37,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from crecli.errors import CreError, PromptTooLong
 from crecli.openai_wire import (
-    Answer, ApiError, Query, parse_chat, parse_completion, parse_json, response_body, stream_events,
+    Answer, ApiError, Query, parse_chat, parse_completion, parse_json, response_body, stream_chunk, stream_end,
+    stream_error, stream_events,
 )
 from crecli.serve_options import ServeOptions  # noqa: F401 (re-exported)
 from crecli.serve_worker import Ticket, Worker, cascade_job, model_job
@@ -60,17 +66,25 @@ log = logging.getLogger("uvicorn.error")  # uvicorn's own log: stderr, with its 
 
 
 def rung_state(spec: "ModelSpec") -> str:
-    """Whether a rung can answer, by cheap checks only (a stat and 4 bytes; no model runs):
-    "remote" (a configured server), "ready" (a GGUF file of the pinned size), or what is wrong.
+    """Whether a rung can answer, by cheap checks only (a stat and 4 bytes; no model runs, no
+    server is called): "ready" (a GGUF file of the pinned size); "remote" (every server of a
+    remote rung in rotation), "remote, 1 of 2 servers out" or "remote, every server out" (from
+    what its requests found, `replicas`); or what is wrong.
 
-    No path is named: /health answers anyone who can connect.
+    No path or address is named: /health answers anyone who can connect.
     """
     import stat
 
     from crecli.models.pull import is_gguf
 
     if spec.url:
-        return "remote"
+        from crecli.models.replicas import replica_set
+
+        servers = replica_set(spec)
+        up, n = servers.up(), len(servers.replicas)
+        if up == n:
+            return "remote"
+        return "remote, every server out" if up == 0 else f"remote, {n - up} of {n} servers out"
     path = spec.file
     assert path is not None
     try:
@@ -86,16 +100,18 @@ def rung_state(spec: "ModelSpec") -> str:
         return "unreadable"
 
 
-USABLE = ("ready", "remote")
+def usable(state: str) -> bool:
+    """Whether a rung in `state` (`rung_state`) can answer now."""
+    return state == "ready" or (state.startswith("remote") and state != "remote, every server out")
 
 
 def health_report(states: dict[str, str]) -> tuple[int, str]:
     """The HTTP status and word for /health: 200 "ok" when every rung can answer, 200
     "degraded" when some can, 503 "unavailable" when none can (a load balancer's signal)."""
-    usable = sum(state in USABLE for state in states.values())
-    if usable == len(states):
+    usable_ = sum(usable(state) for state in states.values())
+    if usable_ == len(states):
         return 200, "ok"
-    return (200, "degraded") if usable else (503, "unavailable")
+    return (200, "degraded") if usable_ else (503, "unavailable")
 
 
 # ---------------------------------------------------------------- the app
@@ -165,6 +181,14 @@ def _too_large(limit: int) -> ApiError:
                     code="request_too_large")
 
 
+def capacity(cascade: "Cascade") -> int:
+    """How many answers the ladder computes at once: one a loaded model (a model computes for
+    one request at a time), and a remote rung's `max_in_flight` for each of its servers."""
+    from crecli.models.replicas import replica_set
+
+    return sum(replica_set(spec).capacity if spec.url else 1 for spec in cascade.specs.values())
+
+
 class App:
     """`cre serve`'s handlers over one cascade: a method an endpoint, and one an error kind.
 
@@ -179,7 +203,7 @@ class App:
         served: "ServedLog | None" = None,
     ) -> None:
         self.cascade, self.options, self.served = cascade, options, served
-        self.worker = Worker(options.max_queue)
+        self.worker = Worker(options.max_queue, capacity(cascade))
         self.limits = Limits(options, self.worker)
         self.ladder = list(cascade.ladder)
         self.cascade_names = [CASCADE_MODEL] + (
@@ -262,51 +286,141 @@ class App:
             else:
                 body = parse_json(raw)
             query = parse(body)
+            rid = ("chatcmpl-" if query.kind == "chat" else "cmpl-") + secrets.token_hex(12)
+            created = int(time.time())
+            if query.stream:
+                events = await self.stream(request, query, deadline, rid, created)
+                return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             result = await self.answer(request, query, deadline)
-        rid = ("chatcmpl-" if query.kind == "chat" else "cmpl-") + secrets.token_hex(12)
-        created = int(time.time())
-        if query.stream:
-            return StreamingResponse(stream_events(query, result, rid, created), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
         return JSONResponse(response_body(query, result, rid, created))
 
-    def job(self, query: Query, ticket: Ticket) -> Callable[[], Answer]:
+    def job(self, query: Query, ticket: Ticket, emit: Callable[[str], None] | None = None) -> Callable[[], Answer]:
         """What answering `query` computes off the event loop; a 404 for a model not served here."""
         if query.model in self.cascade_names:
-            return partial(cascade_job, self.cascade, query, ticket, self.served)
+            return partial(cascade_job, self.cascade, query, ticket, self.served, emit)
         if query.model in self.ladder:
-            return partial(model_job, self.cascade, query)
+            return partial(model_job, self.cascade, query, emit)
         raise ApiError(404, f"the model {query.model!r} does not exist here; GET /v1/models lists "
                        f"{', '.join(self.cascade_names + self.ladder)}", param="model", code="model_not_found")
 
     async def answer(self, request: "Request", query: Query, deadline: float) -> Answer:
         """`query`'s answer from the worker, by `deadline`, unless its client leaves first."""
-        ticket = Ticket()
+        ticket = Ticket(deadline)
         future = asyncio.wrap_future(self.worker.submit(self.job(query, ticket), ticket))
-        gone = asyncio.ensure_future(_disconnected(request.receive))
+        await self.settle(request, query, ticket, future, deadline)
+        return await self.result(query, future)
+
+    async def stream(self, request: "Request", query: Query, deadline: float, rid: str, created: int) -> Any:
+        """The events of a streamed answer: its final rung's text as it is generated (the
+        response starts with the first piece), or the whole answer at once where no rung
+        could stream it. Errors before the first piece are plain error responses."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str] = asyncio.Queue()
+        ticket = Ticket(deadline)
+
+        def emit(text: str) -> None:  # on the job's thread, or the loop's for a remote stream
+            try:
+                loop.call_soon_threadsafe(pieces.put_nowait, text)
+            except RuntimeError:  # the loop has closed (shutdown): nobody is listening
+                pass
+
+        future = asyncio.wrap_future(self.worker.submit(self.job(query, ticket, emit), ticket))
+        first = asyncio.ensure_future(pieces.get())
         try:
-            done, _ = await asyncio.wait({future, gone}, timeout=max(0.0, deadline - time.monotonic()),
+            await self.settle(request, query, ticket, future, deadline, first)
+        except BaseException:
+            first.cancel()
+            raise
+        if not first.done():
+            first.cancel()
+            answer = await self.result(query, future)
+            return stream_events(query, answer, rid, created)
+        model = self.cascade.strongest if query.model in self.cascade_names else query.model
+        return self.stream_on(query, ticket, future, pieces, first.result(), deadline, rid, created, model)
+
+    async def stream_on(self, query: Query, ticket: Ticket, future: "asyncio.Future[Answer]",
+                        pieces: "asyncio.Queue[str]", head: str, deadline: float, rid: str, created: int,
+                        model: str) -> Any:
+        """The events after the first piece: each piece as it comes, then the end (or an error
+        event). A client that leaves cancels this generator (Starlette), which gives the
+        request up: its job stops."""
+        try:
+            yield stream_chunk(query, model, rid, created, head, role=True)
+            while True:
+                getter = asyncio.ensure_future(pieces.get())
+                done, _ = await asyncio.wait({getter, future}, timeout=max(0.0, deadline - time.monotonic()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield stream_chunk(query, model, rid, created, getter.result())
+                    continue
+                getter.cancel()
+                if getter.done() and not getter.cancelled():  # it took a piece as the job ended
+                    yield stream_chunk(query, model, rid, created, getter.result())
+                if future in done:
+                    break
+                if ticket.cancel():
+                    future.cancel()
+                    for event in stream_error(self.timed_out()):
+                        yield event
+                    return
+            while not pieces.empty():  # pieces the job handed over before it ended
+                yield stream_chunk(query, model, rid, created, pieces.get_nowait())
+            try:
+                answer = await self.result(query, future)
+            except ApiError as exc:
+                for event in stream_error(exc):
+                    yield event
+                return
+            for event in stream_end(query, answer, rid, created):
+                yield event
+        finally:
+            if not future.done() and ticket.cancel():
+                future.cancel()
+
+    async def settle(self, request: "Request", query: Query, ticket: Ticket, future: "asyncio.Future[Answer]",
+                     deadline: float, first: "asyncio.Future[str] | None" = None) -> None:
+        """Wait for the job's answer (or, streaming, its first piece) until `deadline`; a
+        request that gives up first (a timeout, its client gone) cancels its job."""
+        gone = asyncio.ensure_future(_disconnected(request.receive))
+        waiting = {future, gone} | ({first} if first is not None else set())
+        try:
+            done, _ = await asyncio.wait(waiting, timeout=max(0.0, deadline - time.monotonic()),
                                          return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
+        if first is not None and first in done:
+            return
         # Unless the job has claimed its answer (it is being recorded, and will be sent), a
-        # request that gives up drops its job: queued, it never runs; running, a cascade
-        # stops at its next rung.
+        # request that gives up cancels its job: queued, it never runs; running, it stops
+        # where it stands.
         if future not in done and ticket.cancel():
             future.cancel()
             if gone in done:
                 log.info("%s closed the connection before its answer; its job is dropped",
                          client_address(request.client))
                 raise _ClientGone
-            raise ApiError(504, f"no answer within the server's timeout of {self.options.timeout:g} s; "
-                           "the server is busy or the prompt is slow to answer", type="timeout_error",
-                           code="timeout")
+            raise self.timed_out()
+
+    def timed_out(self) -> ApiError:
+        return ApiError(504, f"no answer within the server's timeout of {self.options.timeout:g} s; "
+                        "the server is busy or the prompt is slow to answer", type="timeout_error", code="timeout")
+
+    async def result(self, query: Query, future: "asyncio.Future[Answer]") -> Answer:
+        """The job's answer, or its error in OpenAI's shape."""
+        from crecli.models.openai import RungUnavailable
+
         try:
             return await future
         except PromptTooLong as exc:
             # The client's to fix (a shorter prompt), unlike the model errors below.
             raise ApiError(400, str(exc), param="messages" if query.kind == "chat" else "prompt",
                            code="context_length_exceeded") from None
+        except RungUnavailable as exc:
+            # Every server of every rung the request could use failed: say which and why.
+            rid = new_request_id()
+            log.error("%s: %s could not answer: %s", rid, query.model, exc)
+            raise ApiError(503, f"{exc.public}; retry later (request id {rid})", type="server_error",
+                           code="rung_unavailable", headers={"X-Request-Id": rid, "Retry-After": "1"}) from None
         except CreError as exc:
             # The details (file paths, `cre models pull`) are for the server's operator.
             rid = new_request_id()
@@ -393,8 +507,17 @@ class App:
 
     @asynccontextmanager
     async def lifespan(self, app: Any) -> Any:
-        yield
-        await asyncio.get_running_loop().run_in_executor(None, self.worker.close)
+        from crecli.models import http
+
+        # Remote rungs' requests go through one pooled async client on this loop.
+        pooled = http.LoopTransport(asyncio.get_running_loop(), max_connections=max(64, self.worker.limit))
+        previous = http.use(pooled)
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, self.worker.close)
+            http.use(previous)
+            await pooled.aclose()
 
 
 def create_app(

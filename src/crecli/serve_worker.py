@@ -1,19 +1,26 @@
 """The model work of `cre serve`: what a request's job computes, and the worker that runs it.
 
-A job answers one checked `Query` off the event loop and returns its `Answer`, priced once
-(the response and the served-query log carry the same figure): `cascade_job` walks the
-router's ladder and records the answer it will send, `model_job` asks one ladder model by
-name. `sampling` says which of a request's fields reach a model.
+A job answers one checked `Query` on a thread of its own and returns its `Answer`, priced
+once (the response and the served-query log carry the same figure): `cascade_job` routes
+the prompt and walks the router's ladder, and records the answer it will send; `model_job`
+asks one ladder model by name. `sampling` says which of a request's fields reach a model.
 
-Every job runs on one `Worker` thread, in arrival order: llama.cpp's threads spin, so two
-computations at once on a CPU slow both down more than they gain. At most `max_queue` jobs
-wait behind the running one; one more is a 429. A `Ticket` settles who has the last word on
-a job: its request giving up (a timeout, a client gone) or the job delivering its answer.
+Jobs run at once, each on its own thread, and wait only where they must: a loaded model
+computes for one job at a time (`registry.ModelPool.lease`, first come first served), and a
+remote rung's servers each hold at most its `max_in_flight` requests (`replicas`), so a
+270M's answer never waits behind a 1.5B's and remote rungs answer many requests at once.
+The `Worker` admits as many jobs as the ladder can compute at once (its `capacity`: one a
+loaded model, `max_in_flight` a remote server) plus `max_queue` waiting; one more is a 429.
 
-The app knows a job only as a callable that returns an Answer, and the worker only by
-`submit`, `running`, `queued`, `retry_after` and `close`, so that other ways of running
-jobs (a worker per loaded model, calls to remote rungs) can come in here without the
-request handlers changing.
+A `Ticket` settles who has the last word on a job: its request giving up (a timeout, a client
+gone) or the job delivering its answer. Its `cancel.Token` is the job thread's cancel scope,
+so a request that gives up stops its job where it stands: a wait for a model ends, a remote
+call in flight is abandoned (its connection closed), and no later rung starts.
+
+A streamed request's job hands the answer's text to `emit` as it is generated, once the
+ladder stands on a rung whose answer will be final (`ladder.streams_final`): the top rung
+answering greedily, or a ladder model asked by name; `StreamText` applies `stop` and the
+whitespace rules of the whole answer to the pieces.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable
 
-from crecli.openai_wire import Answer, ApiError, Query, cascade_answer, direct_answer
+from crecli import cancel
+from crecli.openai_wire import Answer, ApiError, Query, StreamText, cascade_answer, direct_answer
 
 if TYPE_CHECKING:
     from crecli.escalate import Cascade
@@ -35,7 +43,7 @@ DEFAULT_MAX_TOKENS = 256  # a ladder model asked directly, when the request name
 
 
 class _Abandoned(Exception):
-    """The request timed out while its job waited or ran; the worker drops the job."""
+    """The request gave up while its job waited or ran; the job stops."""
 
 
 def sampling(query: Query) -> "GenParams":
@@ -50,8 +58,9 @@ def sampling(query: Query) -> "GenParams":
 
     from crecli.models.backend import GenParams
 
+    # No signals: nothing reads them for an answer that is already final.
     params = GenParams(max_tokens=query.max_tokens or DEFAULT_MAX_TOKENS, temperature=query.temperature or 0.0,
-                       seed=query.seed, stop=query.stop)
+                       seed=query.seed, stop=query.stop, signals=False)
     return params if query.top_p is None else replace(params, top_p=query.top_p)
 
 
@@ -60,19 +69,25 @@ class Ticket:
 
     Whichever comes first wins, under a lock, so that an answer the client never gets is never
     recorded as served, and one that is recorded is always sent. `cancel` (the request timed
-    out or its client left) is False when the job has already claimed its answer; `claim`
-    (the job is about to record it) is False when the request has given up.
+    out or its client left) is False when the job has already claimed its answer, and else
+    cancels `token`, the job's cancel scope; `claim` (the job is about to record it) is False
+    when the request has given up. `deadline` (time.monotonic()) bounds the whole ladder:
+    remote calls get only the time left.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float | None = None) -> None:
         self._lock = threading.Lock()
         self._state = "open"
+        self.token = cancel.Token(deadline)
 
     def cancel(self) -> bool:
         with self._lock:
             if self._state == "open":
                 self._state = "cancelled"
-            return self._state == "cancelled"
+            cancelled = self._state == "cancelled"
+        if cancelled:
+            self.token.cancel()
+        return cancelled
 
     def claim(self) -> bool:
         with self._lock:
@@ -81,26 +96,40 @@ class Ticket:
             return self._state == "claimed"
 
     def is_set(self) -> bool:
-        """The request gave up: a job not started is dropped, a running cascade stops at its next rung."""
+        """The request gave up: a job not started is dropped, a running one stops where it stands."""
         with self._lock:
             return self._state == "cancelled"
 
 
 class Worker:
-    """One thread for every model computation; at most `max_queue` requests wait behind it."""
+    """Runs jobs at once on threads: up to `capacity` computing plus `max_queue` waiting.
 
-    def __init__(self, max_queue: int) -> None:
-        self.limit = max_queue + 1  # waiting plus the one running
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cre-model")
+    `capacity` is what the ladder computes at once (one job a loaded model, `max_in_flight`
+    a remote server); jobs past it wait at the model or server they need. At most
+    `capacity + max_queue` are admitted; one more is a 429 with a Retry-After.
+    """
+
+    def __init__(self, max_queue: int, capacity: int = 1) -> None:
+        self.capacity = max(1, capacity)
+        self.limit = self.capacity + max_queue  # computing plus waiting
+        # A thread for every admitted job: a job waits for its model on its own thread, so a
+        # job for a free model is never stuck behind one waiting for a busy model.
+        self._executor = ThreadPoolExecutor(max_workers=self.limit, thread_name_prefix="cre-job")
         self._lock = threading.Lock()
         self._admitted = 0
-        self.running = 0
         self._mean_seconds = 1.0  # of recent jobs, for Retry-After
 
     @property
-    def queued(self) -> int:
+    def running(self) -> int:
+        """Jobs the ladder computes now, as far as its capacity goes."""
         with self._lock:
-            return self._admitted - self.running
+            return min(self._admitted, self.capacity)
+
+    @property
+    def queued(self) -> int:
+        """Jobs admitted past the ladder's capacity: waiting for a model or a server."""
+        with self._lock:
+            return max(0, self._admitted - self.capacity)
 
     def retry_after(self) -> str:
         """Seconds until the admitted jobs are likely done, for a refusal's Retry-After."""
@@ -108,33 +137,34 @@ class Worker:
             return self._retry_after()
 
     def _retry_after(self) -> str:  # with the lock held
-        return str(max(1, math.ceil(self._mean_seconds * self._admitted)))
+        return str(max(1, math.ceil(self._mean_seconds * math.ceil(self._admitted / self.capacity))))
 
     def submit(self, job: Callable[[], Any], ticket: Ticket) -> "Future[Any]":
         with self._lock:
             if self._admitted >= self.limit:
                 raise ApiError(
-                    429, f"the server is busy: {self._admitted - 1} requests are waiting, the most it queues; retry later",
-                    type="rate_limit_error", code="queue_full", headers={"Retry-After": self._retry_after()},
+                    429, f"the server is busy: {self._admitted - self.capacity} requests are waiting, the most it "
+                    "queues; retry later", type="rate_limit_error", code="queue_full",
+                    headers={"Retry-After": self._retry_after()},
                 )
             self._admitted += 1
 
         def run() -> Any:
             if ticket.is_set():
                 raise _Abandoned
-            with self._lock:
-                self.running += 1
             start = time.monotonic()
             try:
-                return job()
+                with cancel.scope(ticket.token):
+                    return job()
+            except cancel.Cancelled:
+                raise _Abandoned from None
             finally:
                 with self._lock:
-                    self.running -= 1
                     self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.monotonic() - start)
 
         future = self._executor.submit(run)
         # The slot frees when the job really ends (or is dropped unstarted), not when its
-        # request gives up: a timed-out job still holds the thread until its rung finishes.
+        # request gives up: a cancelled job still holds its place until it has stopped.
         future.add_done_callback(self._release)
         return future
 
@@ -149,9 +179,17 @@ class Worker:
 # ---------------------------------------------------------------- jobs
 
 
-def cascade_job(cascade: "Cascade", query: Query, ticket: Ticket, served: "ServedLog | None" = None) -> Answer:
-    """The cascade's answer to `query`, recorded in `served` when its request will send it."""
+def cascade_job(cascade: "Cascade", query: Query, ticket: Ticket, served: "ServedLog | None" = None,
+                emit: Callable[[str], None] | None = None) -> Answer:
+    """The cascade's answer to `query`, recorded in `served` when its request will send it.
+
+    With `emit`, the final rung's text goes to it as it is generated (`StreamText`), when the
+    ladder stands on a rung whose answer will be final; the rest of the answer, if any, at
+    the end. Routing runs here, on the job's thread."""
+    text = StreamText(query.stop, emit) if emit is not None else None
     pending = cascade.begin(query.prompt)
+    if text is not None:
+        pending.stream = text.feed
     while not cascade.advance(pending):
         if ticket.is_set():
             raise _Abandoned
@@ -161,17 +199,30 @@ def cascade_job(cascade: "Cascade", query: Query, ticket: Ticket, served: "Serve
         raise _Abandoned
     trace = pending.trace
     if served is not None:
-        # On the worker thread, so the event loop never waits on the disk.
+        # On the job's thread, so the event loop never waits on the disk.
         served.record(query.prompt, trace, cascade)
     # Priced once when the answer was final (`live.Trace.cost`), for the response and the log alike.
-    return cascade_answer(trace, trace.cost, trace.cost_unit, query.stop)
+    answer = cascade_answer(trace, trace.cost, trace.cost_unit, query.stop)
+    if text is not None:
+        text.finish(answer.text)
+    return answer
 
 
-def model_job(cascade: "Cascade", query: Query) -> Answer:
-    """Ladder model `query.model`'s own answer to `query` (the router is skipped; nothing is logged)."""
-    gen = cascade.pool.get(cascade.specs[query.model]).generate(query.prompt, sampling(query))
-    return direct_answer(query.model, gen, generation_cost(cascade, query.model, gen), cascade.pricing.unit,
-                         query.stop)
+def model_job(cascade: "Cascade", query: Query, emit: Callable[[str], None] | None = None) -> Answer:
+    """Ladder model `query.model`'s own answer to `query` (the router is skipped; nothing is
+    logged), its text handed to `emit` as it is generated when given."""
+    spec = cascade.specs[query.model]
+    text = StreamText(query.stop, emit) if emit is not None else None
+    with cascade.pool.lease(spec) as backend:
+        if text is not None:
+            gen = backend.generate_streaming(query.prompt, sampling(query), text.feed)
+        else:
+            gen = backend.generate(query.prompt, sampling(query))
+    answer = direct_answer(query.model, gen, generation_cost(cascade, query.model, gen), cascade.pricing.unit,
+                           query.stop)
+    if text is not None:
+        text.finish(answer.text)
+    return answer
 
 
 def generation_cost(cascade: "Cascade", name: str, gen: "Generation") -> float | None:

@@ -11,5 +11,11 @@ too (they put tests/ on sys.path):
 - `serving`: a live `cre serve` in a thread;
 - `logs`: the small example query log;
 - `hostile`: `cre` runs through `cli.main()` and the checks the hostile-use tests make;
-- `real`: what the real-model tests accept where CPUs round differently.
+- `real`: what the real-model tests accept where CPUs round differently;
+- `fake_openai`: a real OpenAI-compatible HTTP server in a thread: canned answers with
+  log-probabilities in each server's shape, streams, and the faults engines show;
+- `engines`: real serving engines (llama-server, llama-cpp-python's server) for the tests
+  marked `real` and bench/serve_load.py --engine;
+- `scale`: the fake ladder with rungs on such servers, slow and streaming fakes, clients
+  sending at once.
 """

@@ -18,8 +18,8 @@ messages.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from crecli.errors import BackendError, CreError
 from crecli.models.prompting import Rendered, Shot, render
@@ -48,6 +48,11 @@ class GenParams:
     # parameters so that every path to a model (votes, parallel waves, remote servers)
     # renders a prompt the same way.
     shots: tuple[Shot, ...] = ()
+    # Whether a greedy pass should report `Signals`: off where nothing reads them (a rung
+    # whose check is not the deferral one), so a remote rung's server is not asked for
+    # log-probabilities it would compute for nothing. It changes no token of the answer,
+    # so it is not part of what makes two votes' parameters the same.
+    signals: bool = field(default=True, compare=False)
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,50 @@ class Signals:
         return cls(float(lo), float(mean), None if margin is None else float(margin))
 
 
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """`text` up to the first place any stop string starts, and whether it was cut."""
+    ends = [i for s in stop if (i := text.find(s)) >= 0]
+    return (text[: min(ends)], True) if ends else (text, False)
+
+
+def held_back(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """What of `text`, generated so far, is sure to stay in the answer: cut at the first stop
+    string (True when cut), and without a tail that may be the start of one."""
+    cut, stopped = cut_at_stop(text, stops)
+    if stopped:
+        return cut, True
+    held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[: len(text) - held], False
+
+
+class StopSafeEmitter:
+    """Hands `emit` the text generated so far, as it grows, never past what `stops` may yet
+    cut (`held_back`): what a runtime streams is then always a prefix of the answer."""
+
+    def __init__(self, stops: Sequence[str], emit: Callable[[str], None]) -> None:
+        self.stops, self.emit = tuple(stops), emit
+        self.sent = ""
+        self.done = False
+
+    def update(self, text: str) -> None:
+        """`text`: everything generated so far."""
+        if self.done:
+            return
+        safe, self.done = held_back(text, self.stops)
+        self._send(safe)
+
+    def finish(self, final: str) -> None:
+        """`final`: the answer's whole text, as the runtime returned it (cut at `stops` here
+        too, for a runtime that did not)."""
+        self._send(cut_at_stop(final, self.stops)[0])
+        self.done = True
+
+    def _send(self, safe: str) -> None:
+        if len(safe) > len(self.sent) and safe.startswith(self.sent):
+            piece, self.sent = safe[len(self.sent):], safe
+            self.emit(piece)
+
+
 @dataclass
 class Generation:
     text: str
@@ -109,6 +158,15 @@ class Backend(abc.ABC):
 
     def generate(self, prompt: str, params: GenParams = GenParams()) -> Generation:
         return self.complete(*self.prepare(prompt, params))
+
+    def generate_streaming(self, prompt: str, params: GenParams, emit: Callable[[str], None]) -> Generation:
+        """`generate`, handing the answer's text to `emit` as it is generated: pieces that join
+        into `Generation.text`. This default hands it over whole at the end; a remote rung
+        passes its server's stream through."""
+        gen = self.generate(prompt, params)
+        if gen.text:
+            emit(gen.text)
+        return gen
 
     def count_tokens(self, rendered: Rendered) -> int | None:
         """Prompt tokens that `rendered` (a prompt in the model's prompt format) takes, as

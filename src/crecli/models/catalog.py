@@ -1,11 +1,15 @@
-"""What `cre models list` reports: one row per model, from config, disk and bench figures."""
+"""What `cre models list` reports: one row per model, from config, disk and bench figures.
+
+`signals` says whether a model's greedy answers carry confidence signals
+(`registry.signal_support`): "logprobs" for llama.cpp, and for a remote rung whatever a
+one-token probe of its server found ("logprobs", "none", or "unknown (not reached)")."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from crecli.config import ModelConfig
-from crecli.models import bench
+from crecli.models import bench, registry
 from crecli.models.pull import file_state
 
 
@@ -39,6 +43,7 @@ def rows(settings: ModelConfig, deep: bool = False) -> list[dict[str, Any]]:
                 "context": spec.context,
                 "n_gpu_layers": spec.n_gpu_layers,
                 "runs_on": "remote" if spec.backend == "openai" else _placement(spec),
+                "signals": registry.signal_support(spec),
                 "pp_tokens_per_s": speed["pp_tokens_per_s"] if speed else None,
                 "tg_tokens_per_s": speed["tg_tokens_per_s"] if speed else None,
             }

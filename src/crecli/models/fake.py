@@ -53,7 +53,8 @@ class FakeBackend(Backend):
             prompt_tokens=prompt_tokens,
             output_tokens=output_tokens,
             seconds=(prompt_tokens + output_tokens) * self.seconds_per_token,
-            signals=self.signals(text, params, answer) if self.signals and params.temperature == 0.0 else None,
+            signals=self.signals(text, params, answer) if self.signals and params.temperature == 0.0 and params.signals
+            else None,
         )
 
     def count_tokens(self, rendered: Rendered) -> int:

@@ -25,10 +25,10 @@ import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from crecli.errors import BackendError, CreError, PromptTooLong
-from crecli.models.backend import Backend, Generation, GenParams
+from crecli.models.backend import Backend, Generation, GenParams, StopSafeEmitter
 from crecli.models.gguf import kv_bytes_per_token
 from crecli.models.parallel import VOTE_SEQUENCES, Handoff, ParallelGreedy, ParallelVotes
 from crecli.models.prompting import Rendered
@@ -184,7 +184,13 @@ class LlamaBackend(Backend):
         while len(self._prefixes) > PREFIX_SNAPSHOTS:
             self._prefixes.popitem(last=False)
 
-    def complete(self, rendered: Rendered, params: GenParams) -> Generation:
+    def generate_streaming(self, prompt: str, params: GenParams, emit: Callable[[str], None]) -> Generation:
+        """`generate`, handing the answer's text to `emit` as tokens are generated (each one a
+        step late: the logits processor sees a token when the next is computed); the same
+        decode as `generate`, so the same answer, tokens and signals."""
+        return self.complete(*self.prepare(prompt, params), emit=emit)
+
+    def complete(self, rendered: Rendered, params: GenParams, emit: Callable[[str], None] | None = None) -> Generation:
         llm = self.llm
         tokens = prompt_tokens(llm, rendered)
         n_prompt = len(tokens)
@@ -194,13 +200,19 @@ class LlamaBackend(Backend):
             handoff.restore(llm)
         elif params.shots:
             self._warm_prefix(params.shots)
-        meter = SignalMeter(self.letters) if params.temperature == 0.0 and self.read_signals else None
+        meter = SignalMeter(self.letters) if params.temperature == 0.0 and params.signals and self.read_signals else None
         processors = None
-        if meter is not None:
+        if meter is not None or emit is not None:
             from llama_cpp import LogitsProcessorList
 
-            def observe(_ids: Any, scores: Any) -> Any:
-                meter.observe(scores)
+            streamed = StopSafeEmitter(params.stop, emit) if emit is not None else None
+
+            def observe(ids: Any, scores: Any) -> Any:
+                if meter is not None:
+                    meter.observe(scores)
+                if streamed is not None and len(ids) > n_prompt:
+                    # The tokens generated so far, as text; only whole characters are handed on.
+                    streamed.update(llm.detokenize(list(ids[n_prompt:]), prev_tokens=tokens).decode("utf-8", "ignore"))
                 return scores
 
             processors = LogitsProcessorList([observe])
@@ -221,6 +233,8 @@ class LlamaBackend(Backend):
         seconds = time.perf_counter() - start
         choice = out["choices"][0]
         usage = out.get("usage", {})
+        if processors is not None and streamed is not None:
+            streamed.finish(choice["text"])  # the last token, which no later step showed
         return Generation(
             text=choice["text"],
             prompt_tokens=int(usage.get("prompt_tokens", n_prompt)),

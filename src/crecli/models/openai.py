@@ -1,29 +1,42 @@
-"""A remote rung: any OpenAI-compatible server (llama.cpp server, vLLM, Ollama).
+"""A remote rung: any OpenAI-compatible server (llama.cpp's llama-server, vLLM, SGLang, Ollama).
 
-models.toml names the server with `url` (the API root, e.g. http://127.0.0.1:8080/v1),
-the model with `api_model`, and optionally `api_key_env`, the environment variable that
-holds the API key (the key itself never goes into a file). Completion-style formats post
-the rendered prompt to `{url}/completions`, so every sample of one prompt sends identical
-text and the server's prompt cache can serve samples 2..k; prompt_format "chat" posts
-messages to `{url}/chat/completions` and lets the server apply its own template.
+models.toml names the server with `url` (the API root, e.g. http://127.0.0.1:8080/v1; an
+array of them for replicas of the same model), the model with `api_model`, optionally
+`api_key_env`, the environment variable that holds the API key (the key itself never goes
+into a file), and `max_in_flight`, the requests each server holds at once. Completion-style
+formats post the rendered prompt to `{url}/completions`, so every sample of one prompt sends
+identical text and the server's prompt cache can serve samples 2..k; prompt_format "chat"
+posts messages to `{url}/chat/completions` and lets the server apply its own template.
 
-Only the standard library talks HTTP, so a remote rung adds no dependency.
+Greedy requests ask for log-probabilities (`logprobs.py` reads the same `Signals` from them
+that the llama.cpp backend reads from its logits) when the rung's server returns usable ones.
+Whether it does is found out once per (url, model) and process (`signal_support`), which
+`cre models list` shows; a server that returns none (Ollama's OpenAI endpoint) is not asked
+again, and its rung's answers carry no signals.
+
+Each request goes to the least busy healthy replica and is tried on another when one fails
+(`replicas.ReplicaSet`); the rung fails (`RungUnavailable`) only when every replica has.
+Requests travel by the process's transport (`http`): the standard library's, or the pooled
+async client `cre serve` installs, which also passes a server's token stream through.
 """
 
 from __future__ import annotations
 
-import http.client
+import http as _http
 import json
 import os
-import socket
+import threading
 import time
-import urllib.error
-import urllib.request
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
+from crecli import cancel
 from crecli.errors import BackendError, ConfigError
-from crecli.models.backend import Backend, Generation, GenParams
+from crecli.models import http as transport
+from crecli.models import logprobs as lp
+from crecli.models.backend import Backend, Generation, GenParams, StopSafeEmitter, held_back
 from crecli.models.prompting import Rendered, chat_messages
+from crecli.models.replicas import replica_set
 
 if TYPE_CHECKING:
     from crecli.config import ModelSpec
@@ -33,19 +46,69 @@ DEFAULT_TIMEOUT = 120.0
 
 # A completion is a few KB; a reply far larger than any answer is a broken or hostile server.
 MAX_REPLY_BYTES = 16 * 2**20
+# A request tried on this many replicas (a Retry-After wait counts as a try) is given up.
+MAX_TRIES = 8
+# What a failed try is called where addresses must not show (`cre serve`'s errors, /health).
+SHORT = {"connect": "connection refused", "timeout": "timed out", "broken": "connection broke",
+         "too_large": "reply too large"}
+
+# The probe's prompt: one token of an answer to a lettered question, so a server that returns
+# log-probabilities shows its top list where it matters most (the option-letter margin).
+PROBE_QUESTION = "Which is a colour? (A) red (B) seven. Answer with the letter."
+PROBE_TIMEOUT = 10.0
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Refuse redirects: urllib would follow one to another host (or to ftp://) and send the
-    Authorization header there, so a `url` rung answers only from the address it names."""
+@dataclass(frozen=True)
+class SignalSupport:
+    """Whether a rung's server returns usable log-probabilities (`signal_support`).
 
-    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
-        raise urllib.error.HTTPError(
-            req.full_url, code, f"redirect to {newurl[:200]} refused; set `url` to the final address", headers, fp
-        )
+    `kind` is "logprobs" (it does; `top` alternatives a token are asked for), "none" (it
+    answers without them, or refuses to give them) or "unknown" (it could not be asked:
+    `detail` says why; asked again next time)."""
+
+    kind: str
+    top: int = 0
+    detail: str = ""
+
+    @property
+    def label(self) -> str:
+        """What `cre models list` shows: "logprobs", "none" or "unknown (why)"."""
+        return self.kind if self.kind != "unknown" else f"unknown ({self.detail or 'not reached'})"
 
 
-_OPENER = urllib.request.build_opener(_NoRedirect)
+# The statuses of a server refusing a request for log-probabilities rather than failing.
+REFUSALS = (400, 422, 500)
+
+
+class RemoteError(BackendError):
+    """A remote rung's server did not answer: `status` is its HTTP status (None when no reply
+    came: refused connection, timeout, broken reply), `retry_after` its Retry-After in seconds."""
+
+    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status, self.retry_after = status, retry_after
+
+
+class RungUnavailable(RemoteError):
+    """Every replica of a remote rung failed this request (refused, timed out, broke off,
+    5xx, or busy past the time left): the cascade moves on to the next rung
+    (`escalate.Cascade`). The message names the rung, each server and why; `public` says
+    the same without addresses, for a client of `cre serve`."""
+
+    def __init__(self, message: str, status: int | None = None, public: str = "") -> None:
+        super().__init__(message, status)
+        self.public = public or message
+
+
+# (url, api model) -> what its server was found to do, for this process.
+_SUPPORT: dict[tuple[str, str], SignalSupport] = {}
+_SUPPORT_LOCK = threading.Lock()
+
+
+def forget_signal_support() -> None:
+    """Forget every rung's probed support (tests; a long-running process after a redeploy)."""
+    with _SUPPORT_LOCK:
+        _SUPPORT.clear()
 
 
 class OpenAIBackend(Backend):
@@ -55,6 +118,82 @@ class OpenAIBackend(Backend):
             raise ConfigError(f"{spec.defined_in}: model {spec.name!r} has no `url` for its server")
         self.url = spec.url.rstrip("/")
         self.timeout = timeout
+        self.replicas = replica_set(spec)
+        # Greedy answers carry `Signals` where the server gives log-probabilities; off only
+        # to measure what asking for them costs.
+        self.read_signals = True
+
+    @property
+    def _support_key(self) -> tuple[str, str]:
+        return (self.url, self.spec.api_model or self.spec.name)
+
+    def signal_support(self, probe: bool = True) -> SignalSupport:
+        """Whether this rung's server returns usable log-probabilities, found out once per
+        process: by the replies to greedy requests, or by a probe (`probe` False: only what
+        is known, "unknown" if nothing is). A failed probe is not remembered."""
+        with _SUPPORT_LOCK:
+            known = _SUPPORT.get(self._support_key)
+        if known is not None or not probe:
+            return known or SignalSupport("unknown", detail="not asked yet")
+        chat = self.spec.prompt_format == "chat"
+        body: dict[str, Any] = {"model": self.spec.api_model or self.spec.name, "max_tokens": 1, "temperature": 0.0}
+        if chat:
+            body["messages"] = [{"role": "user", "content": PROBE_QUESTION}]
+        else:
+            body["prompt"] = f"Q: {PROBE_QUESTION}\nA: ("
+        try:
+            self._ask("chat/completions" if chat else "completions", body, greedy=True, timeout=PROBE_TIMEOUT)
+        except RemoteError as exc:
+            return SignalSupport("unknown", detail="not reached" if exc.status is None else f"HTTP {exc.status}")
+        except BackendError:  # no API key in the environment
+            return SignalSupport("unknown", detail="no API key")
+        with _SUPPORT_LOCK:
+            # The probe's one token was generated, so a reply without log-probabilities is proof.
+            return _SUPPORT.setdefault(self._support_key, SignalSupport("none", detail="answers without log-probabilities"))
+
+    def _learn(self, support: SignalSupport) -> None:
+        with _SUPPORT_LOCK:
+            _SUPPORT[self._support_key] = support
+
+    def _logprob_fields(self, top: int) -> dict[str, Any]:
+        """The request fields that ask for `top` alternatives a token (none for 0)."""
+        if top <= 0:
+            return {}
+        if self.spec.prompt_format == "chat":
+            return {"logprobs": True, "top_logprobs": top}
+        return {"logprobs": top}
+
+    def _ask(self, endpoint: str, body: dict[str, Any], greedy: bool,
+             timeout: float | None = None) -> tuple[dict[str, Any], float]:
+        """POST `body`, asking a greedy request for log-probabilities unless the server is known
+        to give none, and learn from the reply what it gives (`signal_support`).
+
+        A server that refuses the request for them (400, 422 or 500: some cap `top_logprobs`,
+        llama-cpp-python without `logits_all` fails) is asked again with fewer alternatives,
+        then without any; answering that one means it serves the rung but gives no signals.
+        A reply without them is not taken as proof: an answer cut to nothing has none either.
+        """
+        known = self.signal_support(probe=False)
+        if not greedy or not self.read_signals or known.kind == "none":
+            return self._post(endpoint, body, timeout)
+        tops = (known.top,) if known.kind == "logprobs" else (lp.TOP_LOGPROBS, lp.FEWER_LOGPROBS)
+        refused: RemoteError | None = None
+        for top in tops:
+            try:
+                data, seconds = self._post(endpoint, {**body, **self._logprob_fields(top)}, timeout,
+                                           refusals=known.kind != "logprobs")
+            except RemoteError as exc:
+                if exc.status not in REFUSALS or isinstance(exc, RungUnavailable):
+                    raise
+                refused = exc
+                continue
+            if known.kind != "logprobs" and lp.usable(lp.steps(data["choices"][0].get("logprobs"))):
+                self._learn(SignalSupport("logprobs", top=top))
+            return data, seconds
+        data, seconds = self._post(endpoint, body, timeout)
+        # It answers without them: it refused log-probabilities, not the request.
+        self._learn(SignalSupport("none", detail=f"refuses log-probabilities (HTTP {refused.status if refused else '?'})"))
+        return data, seconds
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -69,55 +208,149 @@ class OpenAIBackend(Backend):
             headers["Authorization"] = f"Bearer {key}"
         return headers
 
-    def _post(self, endpoint: str, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
-        """POST JSON to the server; redirects are refused (see _NoRedirect)."""
-        url = f"{self.url}/{endpoint}"
-        request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=self._headers(), method="POST")
-        where = f"model {self.spec.name!r} at {url}"
+    def _post(self, endpoint: str, body: dict[str, Any], timeout: float | None = None,
+              refusals: bool = False, on_line: Callable[[str], None] | None = None) -> tuple[dict[str, Any], float]:
+        """POST JSON to the rung: to its least busy healthy replica, and on to another while one
+        fails (`replicas`). Redirects are refused. With `refusals`, a 400, 422 or 500 is the
+        request's fault (a server refusing log-probabilities), not the replica's: it is raised
+        at once, the replica left in rotation. With `on_line`, the reply is a server-sent event
+        stream whose lines go to `on_line` as they come (`stream` transports only); the dict
+        returned is then empty."""
+        timeout = self.timeout if timeout is None else timeout
+        payload = json.dumps(body).encode()
+        headers = self._headers()
+        failed: dict[str, str] = {}  # replica -> why it failed this request
+        short: list[str] = []  # the same, without addresses
+        last: RemoteError | None = None  # the last HTTP error, for its status
+        waited = False
+        streamed = [False]  # a line of a stream reached `on_line`
+
+        def tracked(line: str) -> None:
+            streamed[0] = True
+            on_line(line)  # type: ignore[misc]
+
+        tracked_or_none = tracked if on_line is not None else None
         start = time.perf_counter()
-        try:
-            with _OPENER.open(request, timeout=self.timeout) as response:
-                raw = response.read(MAX_REPLY_BYTES + 1)
-                # read(n) returns a body cut short by a closed connection without complaint;
-                # the bytes its Content-Length still promised tell that the server went away.
-                missing = response.length if len(raw) <= MAX_REPLY_BYTES else None
-            if len(raw) > MAX_REPLY_BYTES:
-                raise BackendError(f"{where}: the reply is over {MAX_REPLY_BYTES // 2**20} MiB; refusing it")
-            if missing:
-                raise http.client.IncompleteRead(raw, missing)
-        except urllib.error.HTTPError as exc:
-            detail = exc.read(500).decode("utf-8", "replace").strip()
-            raise BackendError(f"{where}: HTTP {exc.code} {exc.reason}: {detail or 'no details'}; {_advice(exc.code, self.spec)}") from None
-        except (TimeoutError, socket.timeout):
-            raise BackendError(
-                f"{where}: no answer within {self.timeout:.0f} s; check that the server is not overloaded"
-            ) from None
-        except urllib.error.URLError as exc:
-            if isinstance(exc.reason, (TimeoutError, socket.timeout)):
-                raise BackendError(
-                    f"{where}: no answer within {self.timeout:.0f} s; check that the server is not overloaded"
+        for _ in range(MAX_TRIES):
+            cancel.check()
+            left = self._time_left(timeout, start)
+            replica = self.replicas.acquire(frozenset(failed), wait_until=time.monotonic() + left)
+            if replica is None:
+                break
+            url = f"{replica.url}/{endpoint}"
+            where = f"model {self.spec.name!r} at {url}"
+            try:
+                reply = self._send(url, payload, headers, min(timeout, max(0.1, left)), tracked_or_none)
+            except transport.TransportError as exc:
+                why = self._transport_failure(exc, where, min(timeout, max(0.1, left)))
+                self.replicas.release(replica, SHORT[exc.kind])
+                if streamed[0]:
+                    # Text already went to the client: another replica would send it again.
+                    raise RemoteError(why) from None
+                failed[replica.url] = why
+                short.append(SHORT[exc.kind])
+                continue
+            except BaseException:
+                self.replicas.release(replica)  # cancelled: not the replica's fault
+                raise
+            status = reply.status
+            if status in (429, 503) or status >= 500:
+                retry_after = _retry_after(reply) if status in (429, 503) else None
+                error = self._status_error(reply, where)
+                if refusals and status in REFUSALS:
+                    self.replicas.release(replica)
+                    raise error
+                self.replicas.release(replica, f"HTTP {status}", retry_after)
+                if retry_after is None or waited:
+                    failed[replica.url] = str(error)
+                short.append(f"HTTP {status}")
+                waited = waited or retry_after is not None
+                last = error
+                continue
+            self.replicas.release(replica)
+            if status >= 300:
+                raise self._status_error(reply, where)
+            seconds = time.perf_counter() - start
+            if on_line is not None:
+                return {}, seconds
+            try:
+                data = json.loads(reply.body)
+                data["choices"][0]
+            except (ValueError, KeyError, IndexError, TypeError):
+                raise RemoteError(
+                    f"{where}: the reply is not an OpenAI-style completion ({reply.body[:200]!r}); "
+                    "check that `url` points at the API root (usually ending in /v1)"
                 ) from None
-            raise BackendError(
-                f"{where}: cannot connect ({exc.reason}); start the server or fix `url` in {self.spec.defined_in}"
-            ) from None
-        except (OSError, http.client.HTTPException) as exc:
-            # urllib wraps only a failed connect in URLError: a server that dies after taking
-            # the request (a crash, an OOM kill, a restart) surfaces as a raw reset or a
-            # truncated reply, which would otherwise end `cre` with a traceback.
-            raise BackendError(
-                f"{where}: the connection broke before the reply was complete ({type(exc).__name__}: {exc}); "
-                "the server may have crashed or restarted, check its log"
-            ) from None
-        seconds = time.perf_counter() - start
+            return data, seconds
+        raise self._unavailable(failed, last, short)
+
+    def _send(self, url: str, payload: bytes, headers: dict[str, str], timeout: float,
+              on_line: Callable[[str], None] | None) -> "transport.Reply":
+        current = transport.current()
+        if on_line is not None:
+            return current.stream(url, payload, headers, timeout, MAX_REPLY_BYTES, on_line)  # type: ignore[attr-defined]
+        return current.post(url, payload, headers, timeout, MAX_REPLY_BYTES)
+
+    def _time_left(self, timeout: float, start: float) -> float:
+        """Seconds this request may still spend: its request's deadline where `cre serve` set
+        one, else the rung's timeout from the first try."""
+        token = cancel.current()
+        deadline = token.deadline if token is not None else None
+        if deadline is not None:
+            return max(0.0, deadline - time.monotonic())
+        return max(0.0, timeout - (time.perf_counter() - start))
+
+    def _transport_failure(self, exc: "transport.TransportError", where: str, timeout: float) -> str:
+        if exc.kind == "timeout":
+            return f"{where}: no answer within {timeout:.0f} s; check that the server is not overloaded"
+        if exc.kind == "connect":
+            return f"{where}: cannot connect ({exc.detail}); start the server or fix `url` in {self.spec.defined_in}"
+        if exc.kind == "too_large":
+            return f"{where}: the reply is over {MAX_REPLY_BYTES // 2**20} MiB; refusing it"
+        return (f"{where}: the connection broke before the reply was complete ({exc.detail}); "
+                "the server may have crashed or restarted, check its log")
+
+    def _status_error(self, reply: "transport.Reply", where: str) -> RemoteError:
+        status = reply.status
         try:
-            data = json.loads(raw)
-            data["choices"][0]
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise BackendError(
-                f"{where}: the reply is not an OpenAI-style completion ({raw[:200]!r}); "
-                "check that `url` points at the API root (usually ending in /v1)"
-            ) from None
-        return data, seconds
+            phrase = _http.HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        if 300 <= status < 400:
+            location = (reply.header("location") or "elsewhere")[:200]
+            return RemoteError(f"{where}: HTTP {status} {phrase}: redirect to {location} refused; "
+                               "set `url` to the final address", status)
+        detail = reply.body[:500].decode("utf-8", "replace").strip()
+        return RemoteError(f"{where}: HTTP {status} {phrase}: {detail or 'no details'}; {_advice(status, self.spec)}",
+                           status, _retry_after(reply))
+
+    def _unavailable(self, failed: dict[str, str], last: RemoteError | None, short: list[str]) -> RemoteError:
+        """The error of a request no replica answered: the one failure where the rung has one
+        server (its status kept), else every server's, under the rung's name."""
+        n = len(self.replicas.replicas)
+        if not failed and last is None and not short:
+            # Nothing was tried: every server asked for a wait (Retry-After) longer than the request has.
+            states = "; ".join(f"{u}: {state}" for u, state in self.replicas.states().items())
+            return RungUnavailable(f"model {self.spec.name!r}: every server asked to wait longer than the request "
+                                   f"can ({states}); try again later",
+                                   public=f"rung {self.spec.name!r} could not answer: its servers asked to wait (Retry-After)")
+        public = (f"rung {self.spec.name!r} could not answer: "
+                  + (f"its server failed ({short[-1]})" if n == 1 and short else
+                     f"every one of its {n} servers failed or is out of rotation"
+                     + (f" ({'; '.join(dict.fromkeys(short))})" if short else "")))
+        if len(failed) <= 1 and n == 1:
+            why = next(iter(failed.values()), str(last) if last is not None else "")
+            status = last.status if last is not None and why == str(last) else None
+            return RungUnavailable(why or f"model {self.spec.name!r}: no server answered", status, public)
+        shown = "; ".join(failed.values()) or (str(last) if last is not None else "")
+        states = self.replicas.states()
+        out = [u for u, state in states.items() if state != "up" and u not in failed]
+        return RungUnavailable(
+            f"model {self.spec.name!r}: every server failed or is out"
+            + (f": {shown}" if shown else "")
+            + (f"; out of rotation: {', '.join(out)}" if out else ""),
+            public=public,
+        )
 
     def _body(self, params: GenParams) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -133,29 +366,90 @@ class OpenAIBackend(Backend):
         return body
 
     @staticmethod
-    def _generation(data: dict[str, Any], text: str, seconds: float) -> Generation:
+    def _generation(data: dict[str, Any], text: str, seconds: float, greedy: bool) -> Generation:
         usage = data.get("usage") or {}
+        choice = data["choices"][0]
         return Generation(
             text=text,
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             output_tokens=int(usage.get("completion_tokens") or 0),
             seconds=seconds,
-            finish_reason=str(data["choices"][0].get("finish_reason") or "stop"),
+            finish_reason=str(choice.get("finish_reason") or "stop"),
+            signals=lp.signals(lp.steps(choice.get("logprobs"))) if greedy else None,
         )
 
     def complete(self, rendered: Rendered, params: GenParams) -> Generation:
         # The server parses special tokens in the text it is sent, so user text goes with its
         # control-token spellings defused (`Rendered.escaped`).
-        data, seconds = self._post("completions", {**self._body(params), "prompt": rendered.escaped()})
-        return self._generation(data, str(data["choices"][0].get("text") or ""), seconds)
+        greedy = params.temperature == 0.0 and params.signals
+        data, seconds = self._ask("completions", {**self._body(params), "prompt": rendered.escaped()}, greedy)
+        return self._generation(data, str(data["choices"][0].get("text") or ""), seconds, greedy)
 
     def generate(self, prompt: str, params: GenParams = GenParams()) -> Generation:
         if self.spec.prompt_format != "chat":
             return super().generate(prompt, params)
         messages = chat_messages(prompt, shots=params.shots)
-        data, seconds = self._post("chat/completions", {**self._body(params), "messages": messages})
+        greedy = params.temperature == 0.0 and params.signals
+        data, seconds = self._ask("chat/completions", {**self._body(params), "messages": messages}, greedy)
         message = data["choices"][0].get("message") or {}
-        return self._generation(data, str(message.get("content") or ""), seconds)
+        return self._generation(data, str(message.get("content") or ""), seconds, greedy)
+
+
+    def generate_streaming(self, prompt: str, params: GenParams, emit: Callable[[str], None]) -> Generation:
+        """`generate` with the server's own token stream passed through to `emit` (`stream:
+        true`, usage asked for in the last event), where the transport streams (`cre
+        serve`'s); else the whole answer at once. A streamed answer carries no signals: only
+        a rung whose answer is already final streams, and nothing reads them there."""
+        if not hasattr(transport.current(), "stream"):
+            return super().generate_streaming(prompt, params, emit)
+        chat = self.spec.prompt_format == "chat"
+        if chat:
+            endpoint, body = "chat/completions", {**self._body(params), "messages": chat_messages(prompt, shots=params.shots)}
+        else:
+            rendered, params = self.prepare(prompt, params)
+            endpoint, body = "completions", {**self._body(params), "prompt": rendered.escaped()}
+        body.update(stream=True, stream_options={"include_usage": True})
+        # The server applies `stop` itself; held back here too, for one that streams a stop's start.
+        streamed = StopSafeEmitter(params.stop, emit)
+        pieces: list[str] = []
+        usage: dict[str, Any] = {}
+        finish = ["stop"]
+
+        def on_line(line: str) -> None:
+            if not line.startswith("data:"):
+                return
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            try:
+                event = json.loads(data)
+            except ValueError:
+                return
+            if not isinstance(event, dict):
+                return
+            if isinstance(event.get("usage"), dict):
+                usage.update(event["usage"])
+            for choice in event.get("choices") or []:
+                if not isinstance(choice, dict):
+                    continue
+                text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                if isinstance(text, str) and text:
+                    pieces.append(text)
+                    streamed.update("".join(pieces))
+                if choice.get("finish_reason"):
+                    finish[0] = str(choice["finish_reason"])
+
+        _, seconds = self._post(endpoint, body, on_line=on_line)
+        text = held_back("".join(pieces), params.stop)[0] if params.stop else "".join(pieces)
+        streamed.finish(text)
+        return Generation(
+            text=text,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            # A server that sends no usage: one event a token, as engines stream them.
+            output_tokens=int(usage.get("completion_tokens") or len(pieces)),
+            seconds=seconds,
+            finish_reason=finish[0],
+        )
 
 
 def _advice(code: int, spec: "ModelSpec") -> str:
@@ -166,3 +460,13 @@ def _advice(code: int, spec: "ModelSpec") -> str:
     if code == 429 or code >= 500:
         return "the server is busy or failing; try again later"
     return f"check the model's settings in {spec.defined_in}"
+
+
+def _retry_after(reply: "transport.Reply") -> float | None:
+    """A reply's Retry-After in seconds (the delay form; an HTTP date counts as unknown)."""
+    value = reply.header("retry-after")
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 <= seconds < 86400 else None

@@ -5,9 +5,12 @@ Tests replace `make_backend` (see tests/conftest.py) so that no real model is to
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import TYPE_CHECKING, Callable
+import threading
+from collections import Counter, OrderedDict
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Callable, Iterator
 
+from crecli.cancel import POLL_SECONDS, Gate, check
 from crecli.models.backend import Backend
 
 if TYPE_CHECKING:
@@ -28,13 +31,24 @@ def _default_factory(spec: "ModelSpec") -> Backend:
 make_backend: Callable[["ModelSpec"], Backend] = _default_factory
 
 
+def signal_support(spec: "ModelSpec") -> str:
+    """Whether `spec`'s greedy answers carry `Signals`, as `cre models list` shows it:
+    "logprobs" (llama.cpp reads them from its logits; a remote rung's server returns
+    log-probabilities), "none" (its server returns none) or "unknown (why)" (it could not be
+    asked). A remote rung's server is asked once per process (`OpenAIBackend.signal_support`)."""
+    if spec.backend != "openai":
+        return "logprobs"
+    from crecli.models.openai import OpenAIBackend
+
+    return OpenAIBackend(spec).signal_support().label
+
+
 def _default_reports_signals(spec: "ModelSpec") -> bool:
-    # Only llama.cpp hands its logits to Python; an HTTP rung returns text.
-    return spec.backend != "openai"
+    return signal_support(spec) == "logprobs"
 
 
-# Whether `make_backend(spec)` gives greedy `Signals`, answered without building a backend;
-# tests that replace `make_backend` replace this with it.
+# Whether `make_backend(spec)` gives greedy `Signals`, answered without running a model (a
+# remote rung's server may be asked once); tests that replace `make_backend` replace this with it.
 reports_signals: Callable[["ModelSpec"], bool] = _default_reports_signals
 
 
@@ -59,10 +73,16 @@ class ModelPool:
     when `parallel` > 1, the KV cache of each model's parallel context
     (`Backend.parallel_memory`), plus the caches the loaded models hold at that moment
     (`Backend.cache_memory`: snapshots of answered examples). When a new model would
-    exceed it, the least recently used models are closed first. A model's caches grow while
-    it answers, so the budget is checked each time a model is asked for, not held at every
-    instant. Only one model computes at a time: callers are sequential, by
-    design (llama.cpp threads spin).
+    exceed it, the least recently used idle models are closed first. A model's caches grow
+    while it answers, so the budget is checked each time a model is asked for, not held at
+    every instant.
+
+    `get` is for sequential callers (`cre ask`, `cre batch`). `lease` is for callers on
+    several threads (`cre serve`): a loaded model computes for one caller at a time (its
+    `Gate`, first come, first served), while different models compute at once, so a small
+    model's answer never waits behind a large one's. A model in use is never closed to make
+    room: a caller that needs the room waits for it to be free. A remote rung has no gate:
+    its server takes many requests, bounded by the rung's own `max_in_flight`.
     """
 
     def __init__(self, memory_budget_bytes: int | None = None, parallel: int = 1) -> None:
@@ -70,12 +90,48 @@ class ModelPool:
         self.parallel = max(1, parallel)
         self._loaded: OrderedDict[str, Backend] = OrderedDict()
         self._costs: dict[str, int] = {}
+        self._cond = threading.Condition()
+        self._gates: dict[str, Gate] = {}
+        self._busy: Counter[str] = Counter()  # leases held, per model
 
     def cost(self, backend: Backend) -> int:
         """Bytes `backend` is counted for against the budget."""
         return (backend.spec.size or 0) + backend.parallel_memory(self.parallel)
 
     def get(self, spec: "ModelSpec") -> Backend:
+        with self._cond:
+            return self._load(spec)
+
+    def gate(self, spec: "ModelSpec") -> Gate | None:
+        """The gate a caller of `lease` passes to compute on `spec`'s model; None for a remote rung."""
+        if spec.backend == "openai":
+            return None
+        with self._cond:
+            return self._gates.setdefault(spec.name, Gate(1))
+
+    @contextmanager
+    def lease(self, spec: "ModelSpec") -> Iterator[Backend]:
+        """`spec`'s backend, loaded within the budget and held by this caller alone (a remote
+        rung's is shared) until the block ends. A wait ends early when the caller's request
+        gives up (`cancel.Cancelled`)."""
+        gate = self.gate(spec)
+        if gate is not None:
+            gate.acquire()
+        try:
+            with self._cond:
+                backend = self._load(spec, wait=True)
+                self._busy[spec.name] += 1
+            try:
+                yield backend
+            finally:
+                with self._cond:
+                    self._busy[spec.name] -= 1
+                    self._cond.notify_all()
+        finally:
+            if gate is not None:
+                gate.release()
+
+    def _load(self, spec: "ModelSpec", wait: bool = False) -> Backend:  # with the lock held
         if spec.name in self._loaded:
             self._loaded.move_to_end(spec.name)
             return self._loaded[spec.name]
@@ -83,26 +139,35 @@ class ModelPool:
         # be known before older models make room for it.
         backend = backend_for(spec)
         cost = self.cost(backend) if self.budget is not None else 0
-        if self.budget is not None:
+        while self.budget is not None:
             # Caches that grew while the loaded models answered count as they stand now.
             used = sum(self._costs.values()) + sum(b.cache_memory() for b in self._loaded.values())
-            while self._loaded and used + cost > self.budget:
-                name, old = self._loaded.popitem(last=False)
+            idle = [name for name in self._loaded if not self._busy[name]]
+            while idle and used + cost > self.budget:
+                name = idle.pop(0)
+                old = self._loaded.pop(name)
                 used -= self._costs.pop(name) + old.cache_memory()
                 old.close()
+            if used + cost <= self.budget or not wait or not any(self._busy.values()):
+                break  # it fits, or nothing will free more (a model over the budget alone loads anyway)
+            # Models in use will be free soon: wait for one rather than go over the budget.
+            self._cond.wait(POLL_SECONDS)
+            check()
         self._loaded[spec.name] = backend
         self._costs[spec.name] = cost
         return backend
 
     def loaded(self, name: str) -> Backend | None:
         """The backend of model `name` when the pool holds it; loads nothing."""
-        return self._loaded.get(name)
+        with self._cond:
+            return self._loaded.get(name)
 
     def close(self) -> None:
-        while self._loaded:
-            name, backend = self._loaded.popitem()
-            self._costs.pop(name, None)
-            backend.close()
+        with self._cond:
+            while self._loaded:
+                name, backend = self._loaded.popitem()
+                self._costs.pop(name, None)
+                backend.close()
 
     def __enter__(self) -> "ModelPool":
         return self

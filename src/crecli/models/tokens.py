@@ -68,16 +68,49 @@ def prompt_tokens(llm: Any, rendered: Rendered) -> list[int]:
 # ---------------------------------------------------------------- confidence from the greedy pass
 
 
+# How an option letter may be spelled as one token: "A", " A", "(A" and " (A". The margin
+# is read at the first step whose most likely token is one of these (`SignalMeter`, and a
+# remote rung's log-probabilities, `models/logprobs.py`).
+LETTER_FORMS = ("{}", " {}", "({}", " ({}")
+# How tokenizers show a leading space in a token's text: SentencePiece's "▁" and byte-level
+# BPE's "Ġ". Servers usually send the decoded piece, but not all of them.
+_SPACE_MARKS = str.maketrans({"\u2581": " ", "\u0120": " "})
+
+
 def letter_tokens(llm: Any) -> dict[int, int]:
-    """Token id -> letter index (A=0 .. Z=25) for the single-token forms "A", " A", "(A" and " (A"."""
+    """Token id -> letter index (A=0 .. Z=25) for the single-token forms of `LETTER_FORMS`."""
     ids: dict[int, int] = {}
     for i in range(26):
         letter = chr(ord("A") + i)
-        for form in (letter, " " + letter, "(" + letter, " (" + letter):
-            tokens = llm.tokenize(form.encode(), add_bos=False, special=False)
+        for form in LETTER_FORMS:
+            tokens = llm.tokenize(form.format(letter).encode(), add_bos=False, special=False)
             if len(tokens) == 1:
                 ids.setdefault(int(tokens[0]), i)
     return ids
+
+
+_LETTER_TEXTS = {form.format(chr(ord("A") + i)): i for i in range(26) for form in LETTER_FORMS}
+
+
+def letter_index(piece: str) -> int | None:
+    """The option letter (A=0 .. Z=25) a token's text spells in one of `LETTER_FORMS`; None otherwise.
+
+    For runtimes that report tokens as text (a server's log-probabilities), not ids."""
+    return _LETTER_TEXTS.get(piece.translate(_SPACE_MARKS))
+
+
+def letter_margin(probs: Sequence[float]) -> float:
+    """The option-letter margin from each letter's probability (26 values, A first): the top
+    letter's minus the runner-up's, renormalised over the letters. The one rule for every runtime."""
+    first, second = sorted(probs, reverse=True)[:2]
+    return float((first - second) / max(sum(probs), 1e-30))
+
+
+def summarize(logprobs: Sequence[float], margin: float | None) -> Signals | None:
+    """`Signals` from the chosen tokens' log-probabilities and the margin; None without a token."""
+    if not logprobs:
+        return None
+    return Signals(min(logprobs), sum(logprobs) / len(logprobs), margin)
 
 
 class SignalMeter:
@@ -108,10 +141,7 @@ class SignalMeter:
                 self._ids = np.fromiter(self.letters, dtype=np.int64)
             probs = np.zeros(26)
             np.add.at(probs, [self.letters[int(t)] for t in self._ids], np.exp(values[self._ids].astype(np.float64) - lse))
-            first, second = np.sort(probs)[::-1][:2]
-            self.margin = float((first - second) / max(probs.sum(), 1e-30))
+            self.margin = letter_margin(probs.tolist())
 
     def signals(self) -> Signals | None:
-        if not self.logprobs:
-            return None
-        return Signals(min(self.logprobs), sum(self.logprobs) / len(self.logprobs), self.margin)
+        return summarize(self.logprobs, self.margin)

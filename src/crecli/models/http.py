@@ -1,0 +1,204 @@
+"""How a remote rung's requests travel: the process's HTTP transport.
+
+Two transports, one contract (`post` a JSON body, get a `Reply` back, or a `TransportError`
+saying whether no connection was made, no answer came in time, or the reply broke off):
+
+- `UrllibTransport`, the default: the standard library, one connection per request, no
+  redirects followed. `cre ask` and `cre batch` send one request at a time, so a pool
+  would buy nothing there, and crecli's core needs no HTTP package.
+- `LoopTransport`, which `cre serve` installs (`use`): httpx's async client on the
+  server's event loop, one connection pool for every rung, called from the request threads.
+  A call belongs to its request: when the request gives up (`cancel.Token`), the call is
+  cancelled and its connection closed, so the engine stops generating for nobody. It can
+  also stream a reply's server-sent events as they come (a remote rung's stream passed
+  through to the client).
+
+Status codes are the caller's to judge (`OpenAIBackend`): a 3xx comes back as a reply, never
+followed, so an API key is never sent to an address the `url` did not name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import http.client
+import socket
+import threading
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from crecli import cancel
+
+if TYPE_CHECKING:
+    import httpx
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)  # names lower-cased
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+
+class TransportError(Exception):
+    """No usable reply: `kind` is "connect" (no connection), "timeout" (no answer in time),
+    "broken" (the connection broke before the reply was complete) or "too_large"."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(detail or kind)
+        self.kind, self.detail = kind, detail
+
+
+class Transport(Protocol):
+    def post(self, url: str, body: bytes, headers: dict[str, str], timeout: float, max_bytes: int) -> Reply: ...
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Refuse redirects: urllib would follow one to another host (or to ftp://) and send the
+    Authorization header there."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        raise urllib.error.HTTPError(req.full_url, code, msg, headers, fp)
+
+
+class UrllibTransport:
+    """The standard library's HTTP client: one connection per request."""
+
+    def __init__(self) -> None:
+        self._opener = urllib.request.build_opener(_NoRedirect)
+
+    def post(self, url: str, body: bytes, headers: dict[str, str], timeout: float, max_bytes: int) -> Reply:
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        try:
+            with self._opener.open(request, timeout=timeout) as response:
+                raw = response.read(max_bytes + 1)
+                # read(n) returns a body cut short by a closed connection without complaint;
+                # the bytes its Content-Length still promised tell that the server went away.
+                missing = response.length if len(raw) <= max_bytes else None
+                status, got = response.status, dict(response.headers.items())
+            if len(raw) > max_bytes:
+                raise TransportError("too_large")
+            if missing:
+                raise http.client.IncompleteRead(raw, missing)
+        except urllib.error.HTTPError as exc:
+            return Reply(exc.code, exc.read(500) if exc.fp is not None else b"", _lower(exc.headers))
+        except (TimeoutError, socket.timeout):
+            raise TransportError("timeout") from None
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, (TimeoutError, socket.timeout)):
+                raise TransportError("timeout") from None
+            raise TransportError("connect", str(exc.reason)) from None
+        except (OSError, http.client.HTTPException) as exc:
+            # urllib wraps only a failed connect in URLError: a server that dies after taking
+            # the request (a crash, an OOM kill, a restart) surfaces as a raw reset or a
+            # truncated reply.
+            raise TransportError("broken", f"{type(exc).__name__}: {exc}") from None
+        return Reply(status, raw, _lower(got))
+
+
+def _lower(headers: Any) -> dict[str, str]:
+    return {str(k).lower(): str(v) for k, v in (headers.items() if headers is not None else ())}
+
+
+class LoopTransport:
+    """httpx's async client on a running event loop (`cre serve`'s), called from other threads.
+
+    One pool of keep-alive connections serves every rung; each rung bounds its own requests
+    in flight (`replicas.ReplicaSet`). A call made inside a `cancel.scope` is cancelled with
+    its request, closing its connection.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_connections: int = 256) -> None:
+        import httpx
+
+        self.loop = loop
+        # No redirects, no environment proxies for loopback engines is the caller's choice of
+        # `url`; trust_env keeps HTTP(S)_PROXY working as urllib honours it.
+        self.client: "httpx.AsyncClient" = httpx.AsyncClient(
+            follow_redirects=False,
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+
+    def post(self, url: str, body: bytes, headers: dict[str, str], timeout: float, max_bytes: int) -> Reply:
+        return self._run(self._post(url, body, headers, timeout, max_bytes, None), timeout)
+
+    def stream(self, url: str, body: bytes, headers: dict[str, str], timeout: float, max_bytes: int,
+               on_line: Callable[[str], None]) -> Reply:
+        """POST, handing each line of a 2xx reply's body to `on_line` as it arrives (on the
+        loop's thread: keep it quick). The reply's body is left empty then; an error reply's
+        body is read whole."""
+        return self._run(self._post(url, body, headers, timeout, max_bytes, on_line), timeout)
+
+    def _run(self, coro: Any, timeout: float) -> Reply:
+        if getattr(self.loop, "_thread_id", None) == threading.get_ident():  # pragma: no cover - misuse
+            raise RuntimeError("LoopTransport is for threads other than its loop's")
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        token = cancel.current()
+        remove = token.on_cancel(future.cancel) if token is not None else (lambda: None)
+        try:
+            # The coroutine bounds itself by `timeout`; the margin only guards a loop that stopped.
+            return future.result(timeout + 30)
+        except concurrent.futures.CancelledError:
+            raise cancel.Cancelled("the request gave up while its remote call was in flight") from None
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TransportError("timeout") from None
+        finally:
+            remove()
+
+    async def _post(self, url: str, body: bytes, headers: dict[str, str], timeout: float, max_bytes: int,
+                    on_line: Callable[[str], None] | None) -> Reply:
+        import httpx
+
+        try:
+            async with self.client.stream("POST", url, content=body, headers=headers, timeout=timeout) as response:
+                got = _lower(response.headers)
+                if on_line is not None and response.status_code < 300:
+                    size = 0
+                    async for line in response.aiter_lines():
+                        size += len(line)
+                        if size > max_bytes:
+                            raise TransportError("too_large")
+                        on_line(line)
+                    return Reply(response.status_code, b"", got)
+                chunks, size = [], 0
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise TransportError("too_large")
+                    chunks.append(chunk)
+                return Reply(response.status_code, b"".join(chunks), got)
+        except httpx.ConnectTimeout:
+            raise TransportError("connect", "timed out connecting") from None
+        except httpx.TimeoutException:
+            raise TransportError("timeout") from None
+        except httpx.ConnectError as exc:
+            raise TransportError("connect", str(exc) or "refused") from None
+        except (httpx.TransportError, httpx.DecodingError) as exc:
+            raise TransportError("broken", f"{type(exc).__name__}: {exc}") from None
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+_DEFAULT = UrllibTransport()
+_current: Transport = _DEFAULT
+_lock = threading.Lock()
+
+
+def current() -> Transport:
+    """The transport remote rungs use now: urllib, unless `cre serve` installed its pool."""
+    return _current
+
+
+def use(transport: Transport | None) -> Transport:
+    """Make `transport` (None: the default) the process's; returns the one it replaces."""
+    global _current
+    with _lock:
+        previous, _current = _current, transport or _DEFAULT
+    return previous

@@ -1,0 +1,107 @@
+"""A remote rung's confidence signals, read from the log-probabilities its server returns.
+
+The llama.cpp backend reads `Signals` from each greedy step's logits (`tokens.SignalMeter`):
+the log-probability of the step's most likely token, and the option-letter margin at the
+first step whose most likely token is a letter. An OpenAI-compatible server asked for
+log-probabilities (`logprobs: true, top_logprobs: N` on chat completions, `logprobs: N` on
+completions) returns, per generated token, the chosen token's log-probability and the N most
+likely tokens'. Greedy decoding chooses the most likely token, so the same two signals come
+from the top list: its best entry is the step's argmax, and the letters among its entries
+give the margin (`tokens.letter_margin`, renormalised over the letters the server listed:
+a letter outside the top N weighs almost nothing).
+
+Three reply shapes are read:
+- chat, and llama.cpp's server on both endpoints: `{"content": [{"token", "logprob",
+  "top_logprobs": [{"token", "logprob"}, ...]}, ...]}`;
+- completions, OpenAI's and vLLM's: `{"tokens": [...], "token_logprobs": [...],
+  "top_logprobs": [{token: logprob, ...}, ...]}`.
+A reply without them (Ollama's OpenAI endpoint drops them), or with values that are not
+finite numbers, gives None: no signals, never made-up ones.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from crecli.models.backend import Signals
+from crecli.models.tokens import letter_index, letter_margin, summarize
+
+# Alternatives asked for per token: vLLM's default --max-logprobs and OpenAI's chat maximum.
+TOP_LOGPROBS = 20
+# Some servers cap the top list lower (OpenAI's legacy completions: 5); the probe retries with this.
+FEWER_LOGPROBS = 5
+
+Step = tuple[str, float, list[tuple[str, float]]]  # (chosen token, its log-prob, the top list)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    # -inf is a real log-probability (a token the sampler ruled out); NaN and +inf are not.
+    return value if not math.isnan(value) and value != math.inf else None
+
+
+def steps(logprobs: Any) -> list[Step] | None:
+    """The generated tokens of a reply's `logprobs` object, or None where it has none usable."""
+    if not isinstance(logprobs, dict):
+        return None
+    out: list[Step] = []
+    content = logprobs.get("content")
+    if isinstance(content, list):
+        for item in content:
+            if not isinstance(item, dict) or not isinstance(item.get("token"), str):
+                return None
+            chosen = _number(item.get("logprob"))
+            if chosen is None:
+                return None
+            top = []
+            for alt in item.get("top_logprobs") or []:
+                if isinstance(alt, dict) and isinstance(alt.get("token"), str) and (lp := _number(alt.get("logprob"))) is not None:
+                    top.append((alt["token"], lp))
+            out.append((item["token"], chosen, top))
+        return out
+    tokens, chosen_lps, tops = logprobs.get("tokens"), logprobs.get("token_logprobs"), logprobs.get("top_logprobs")
+    if not isinstance(tokens, list) or not isinstance(chosen_lps, list) or len(tokens) != len(chosen_lps):
+        return None
+    tops = tops if isinstance(tops, list) and len(tops) == len(tokens) else [None] * len(tokens)
+    for token, lp, alts in zip(tokens, chosen_lps, tops):
+        chosen = _number(lp)
+        if not isinstance(token, str) or chosen is None:
+            return None
+        top = [(t, v) for t, raw in (alts or {}).items() if isinstance(t, str) and (v := _number(raw)) is not None] \
+            if isinstance(alts, dict) else []
+        out.append((token, chosen, top))
+    return out
+
+
+def usable(parsed: Sequence[Step] | None) -> bool:
+    """Whether log-probabilities can give every signal: a chosen token's log-prob and a top
+    list of at least two tokens (the margin compares two) at the first step."""
+    return bool(parsed) and len(parsed[0][2]) >= 2  # type: ignore[index]
+
+
+def signals(parsed: Sequence[Step] | None) -> Signals | None:
+    """The greedy pass's `Signals` from its parsed steps, by `SignalMeter`'s rules; None without them."""
+    if not parsed:
+        return None
+    chosen: list[float] = []
+    margin: float | None = None
+    for token, logprob, top in parsed:
+        # The step's most likely token: what greedy decoding chose, and what SignalMeter reads.
+        best_token, best = max(top, key=lambda t: t[1]) if top else (token, logprob)
+        if logprob > best:
+            best_token, best = token, logprob
+        chosen.append(best)
+        if margin is None and letter_index(best_token) is not None:
+            probs = [0.0] * 26
+            seen = set()
+            for piece, lp in [*top, (token, logprob)]:
+                i = letter_index(piece)
+                # A token listed twice (the chosen one is usually in the top list too) counts once.
+                if i is not None and piece not in seen:
+                    seen.add(piece)
+                    probs[i] += math.exp(lp)
+            margin = letter_margin(probs)
+    return summarize(chosen, margin)

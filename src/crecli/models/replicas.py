@@ -1,0 +1,147 @@
+"""A remote rung's servers: which one takes a request, how many it holds, and which are out.
+
+A rung names one server (`url`) or several serving the same model (`urls`). Every backend
+of the rung in this process shares one `ReplicaSet` (`replica_set`), so the bounds and the
+health it keeps are the process's:
+
+- a request goes to the least busy healthy replica (fewest requests in flight; ties to the
+  one listed first), and waits, first come first served, while every healthy replica holds
+  `max_in_flight` requests, so no server is flooded;
+- a replica that refuses the connection, times out, breaks a reply off or answers 5xx is
+  taken out for a back-off (1 s, doubling with each failure in a row, at most 30 s), and
+  the request is tried on another; 429 and 503 take it out for their Retry-After;
+- when every replica is out, a request waits for one whose server asked it to (Retry-After)
+  if its time allows, and otherwise tries the one due back first: no request fails
+  without a try, and a server that is back is found at once;
+- a replica whose back-off has passed is tried again by the next request (its success puts
+  it back for good).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+from crecli import cancel
+
+if TYPE_CHECKING:
+    from crecli.config import ModelSpec
+
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 30.0
+# The longest Retry-After honoured by waiting (a server asking for more is treated as out).
+MAX_RETRY_WAIT = 60.0
+DEFAULT_MAX_IN_FLIGHT = 16
+
+
+@dataclass
+class Replica:
+    url: str  # the API root, without a trailing slash
+    in_flight: int = 0
+    out_until: float = 0.0  # time.monotonic(); out of rotation until then
+    failures: int = 0  # in a row, for the back-off
+    last_error: str = ""
+    served: int = 0
+    asked: bool = False  # out because its server asked (Retry-After), not for a back-off
+
+    def state(self, now: float) -> str:
+        """What /health shows: "up", or "out: why (back in N s)"."""
+        if self.out_until <= now:
+            return "up"
+        return f"out: {self.last_error} (back in {self.out_until - now:.0f} s)"
+
+
+class ReplicaSet:
+    """The replicas of one rung, with `max_in_flight` requests each at most."""
+
+    def __init__(self, name: str, urls: Sequence[str], max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
+        self.name = name
+        self.replicas = [Replica(u.rstrip("/")) for u in urls]
+        self.max_in_flight = max(1, max_in_flight)
+        self._cond = threading.Condition()
+
+    @property
+    def capacity(self) -> int:
+        """Requests the rung takes at once when every replica is up."""
+        return self.max_in_flight * len(self.replicas)
+
+    def acquire(self, exclude: frozenset[str] = frozenset(), wait_until: float | None = None) -> Replica | None:
+        """The least busy healthy replica not in `exclude`, its slot taken; None when none is
+        left to try. Waits while every usable replica is full. When all are out: waits for
+        the first due back if its server asked for the wait (Retry-After) and it ends before
+        `wait_until` (time.monotonic()), else None; a replica out for a back-off is tried now."""
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                usable = [r for r in self.replicas if r.url not in exclude]
+                if not usable:
+                    return None
+                up = [r for r in usable if r.out_until <= now]
+                if not up:
+                    soonest = min(usable, key=lambda r: r.out_until)
+                    if not soonest.asked:
+                        up = [soonest]  # every one out for a back-off: try the first due back
+                    elif wait_until is None or soonest.out_until > wait_until or soonest.out_until - now > MAX_RETRY_WAIT:
+                        return None
+                    else:
+                        self._cond.wait(min(cancel.POLL_SECONDS, max(0.0, soonest.out_until - now)))
+                        cancel.check()
+                        continue
+                free = [r for r in up if r.in_flight < self.max_in_flight]
+                if free:
+                    best = min(free, key=lambda r: r.in_flight)  # min keeps the first of equals
+                    best.in_flight += 1
+                    return best
+                self._cond.wait(cancel.POLL_SECONDS)  # a release wakes it at once
+                cancel.check()
+
+    def release(self, replica: Replica, failure: str | None = None, out_for: float | None = None) -> None:
+        """Give back `replica`'s slot: it answered (`failure` None), or it failed and is out for
+        `out_for` seconds (its Retry-After) or its back-off."""
+        with self._cond:
+            replica.in_flight -= 1
+            if failure is None:
+                replica.failures, replica.served = 0, replica.served + 1
+                if replica.out_until > time.monotonic():
+                    replica.out_until = 0.0  # an answer is better news than an old failure
+            else:
+                replica.failures += 1
+                replica.last_error = failure
+                wait = out_for if out_for is not None else min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (replica.failures - 1))
+                replica.out_until = max(replica.out_until, time.monotonic() + wait)
+                replica.asked = out_for is not None
+            self._cond.notify_all()
+
+    def states(self) -> dict[str, str]:
+        now = time.monotonic()
+        with self._cond:
+            return {r.url: r.state(now) for r in self.replicas}
+
+    def up(self) -> int:
+        now = time.monotonic()
+        with self._cond:
+            return sum(r.out_until <= now for r in self.replicas)
+
+
+# id(spec) -> (spec, its set): one set per loaded spec, the spec kept so its id is not reused.
+_SETS: dict[int, tuple[object, ReplicaSet]] = {}
+_SETS_LOCK = threading.Lock()
+
+
+def replica_set(spec: "ModelSpec") -> ReplicaSet:
+    """The one `ReplicaSet` of a remote rung's spec (as models.toml was loaded), shared by
+    every backend built from it: `cre serve`'s pool and the probes alike."""
+    with _SETS_LOCK:
+        found = _SETS.get(id(spec))
+        if found is None or found[0] is not spec:
+            urls = spec.urls or ((spec.url,) if spec.url else ())
+            found = _SETS[id(spec)] = (spec, ReplicaSet(spec.name, urls, spec.max_in_flight or DEFAULT_MAX_IN_FLIGHT))
+        return found[1]
+
+
+def forget() -> None:
+    """Forget every rung's health and counts (tests)."""
+    with _SETS_LOCK:
+        _SETS.clear()

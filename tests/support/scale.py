@@ -1,0 +1,135 @@
+"""What the scale-out tests share (test_remote_signals, test_serve_scale, test_replicas,
+test_real_scale): the fake ladder with some rungs on real HTTP servers (`ladder_toml`,
+`use_models`), fakes that take time or stream, and clients that send at once."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import pytest
+
+from crecli.config import ModelSpec
+from crecli.models import registry, replicas
+from crecli.models.backend import Backend, Generation, GenParams, StopSafeEmitter, cut_at_stop
+from crecli.models.fake import FakeBackend
+from crecli.models.openai import OpenAIBackend, forget_signal_support
+
+PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+
+
+def fresh_remote(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No proxy between the tests and their loopback servers, and no server's support or
+    health remembered from another test (a port may be reused)."""
+    for var in PROXY_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    forget_signal_support()
+    replicas.forget()
+
+
+def ladder_toml(folder: Path, remote: dict[str, str | list[str]] | None = None, max_in_flight: int | None = None) -> Path:
+    """The fake small/medium/large ladder, with the rungs in `remote` served by the URLs given
+    (chat format) and the others GGUF-headed files /health finds ready."""
+    text = 'ladder = ["small", "medium", "large"]\n[embedder]\nkind = "tfidf"\ndims = 16\n'
+    for name in ("small", "medium", "large"):
+        where = (remote or {}).get(name)
+        if where is None:
+            (folder / f"{name}.gguf").write_bytes(b"GGUF" + bytes(28))
+            text += f'[models.{name}]\npath = "{folder / (name + ".gguf")}"\n'
+        else:
+            text += f"[models.{name}]\nurl = {json.dumps(where)}\napi_model = \"served\"\nprompt_format = \"chat\"\n"
+            if max_in_flight is not None:
+                text += f"max_in_flight = {max_in_flight}\n"
+    (folder / "models.toml").write_text(text)
+    return folder / "models.toml"
+
+
+class WordByWord(FakeBackend):
+    """A fake that generates its answer a word at a time, `pause` seconds apart, as llama.cpp
+    streams tokens; it stops at its format's stop strings, as a real runtime does."""
+
+    def __init__(self, spec: ModelSpec, answers: Any, pause: float) -> None:
+        super().__init__(spec, answers)
+        self.pause = pause
+        self.raw = ""
+
+    def complete(self, rendered: Any, params: GenParams) -> Generation:
+        gen = super().complete(rendered, params)
+        self.raw = gen.text
+        gen.text = cut_at_stop(gen.text, params.stop)[0]
+        return gen
+
+    def generate_streaming(self, prompt: str, params: GenParams, emit: Callable[[str], None]) -> Generation:
+        gen = self.generate(prompt, params)
+        streamed = StopSafeEmitter(self.prepare(prompt, params)[1].stop, emit)
+        words = self.raw.split(" ")
+        for i in range(len(words)):
+            time.sleep(self.pause)
+            streamed.update(" ".join(words[: i + 1]))
+        streamed.finish(gen.text)
+        return gen
+
+
+def use_models(monkeypatch: pytest.MonkeyPatch, answers: dict[str, Callable[[str, GenParams], str]],
+               streaming: dict[str, float] | None = None) -> None:
+    """In-process rungs are fakes answering with `answers`; remote rungs the real backend. A
+    rung in `streaming` hands its words over one by one, that many seconds apart."""
+    def make(spec: ModelSpec) -> Backend:
+        if spec.url:
+            return OpenAIBackend(spec)
+        if streaming and spec.name in streaming:
+            return WordByWord(spec, answers.get(spec.name), streaming[spec.name])
+        return FakeBackend(spec, answers.get(spec.name))
+
+    monkeypatch.setattr(registry, "make_backend", make)
+    monkeypatch.setattr(registry, "reports_signals", lambda spec: False)
+
+
+def slow(answer: str, seconds: float, log: dict[str, list[int]] | None = None, name: str = "") -> Callable[..., str]:
+    """An answerer that takes `seconds` a vote, recording in `log[name]` how many ran at once."""
+    lock = threading.Lock()
+    running = [0]
+
+    def answerer(text: str, params: GenParams) -> str:
+        with lock:
+            running[0] += 1
+            if log is not None:
+                log.setdefault(name, []).append(running[0])
+        time.sleep(seconds)
+        with lock:
+            running[0] -= 1
+        return answer
+
+    return answerer
+
+
+def post(url: str, model: str, content: str = "What is 3 plus 4?", **extra: Any) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                      json={"model": model, "messages": [{"role": "user", "content": content}], **extra})
+
+
+def at_once(*calls: Callable[[], Any]) -> list[Any]:
+    """Each call on its own thread, all started together; their results in order."""
+    results: list[Any] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        results[i] = calls[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def dead_url() -> str:
+    """The API root of a server that is gone: connecting is refused."""
+    from support.fake_openai import FakeOpenAI
+
+    with FakeOpenAI() as gone:
+        return gone.url

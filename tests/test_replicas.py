@@ -1,0 +1,265 @@
+"""Issue 25, part 3: a remote rung with several servers (replicas), and what faults do.
+
+Requests go to the least busy healthy replica; a replica that refuses, times out, dies
+holding a request or answers 5xx is taken out for a back-off and the request is tried on
+another; 429/503 with Retry-After are honoured; a rung whose every server failed is passed
+over for the next rung, and only when nothing is left does the client get an error, in
+OpenAI's shape, naming the rung and why. Real HTTP servers in threads stand in for engines.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from crecli import config
+from crecli.cli import app
+from crecli.config import ModelSpec
+from crecli.errors import ConfigError
+from crecli.escalate import Cascade
+from crecli.models.backend import GenParams
+from crecli.models.openai import OpenAIBackend, RungUnavailable
+from crecli.models.replicas import ReplicaSet
+from support.fake_openai import FakeOpenAI
+from support.routers import ADDITIONS, FAR, make_router
+from support.scale import at_once, dead_url, fresh_remote, ladder_toml, post, use_models
+from support.serving import serving as serving_
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    fresh_remote(monkeypatch)
+
+
+@contextmanager
+def serving(cascade: Cascade, **opts: Any) -> Iterator[str]:
+    with cascade, serving_(cascade, **opts) as url:
+        yield url
+
+
+# ---------------------------------------------------------------- models.toml
+
+def _load(tmp_path: Path, body: str) -> config.ModelConfig:
+    toml = tmp_path / "models.toml"
+    toml.write_text('ladder = ["big"]\n[models.big]\napi_model = "m"\n' + body)
+    return config.load(toml)
+
+
+def test_url_takes_one_server_or_an_array_of_replicas_and_max_in_flight_is_checked(tmp_path: Path) -> None:
+    one = _load(tmp_path, 'url = "http://a:1/v1"\n').get("big")
+    assert (one.url, one.urls, one.max_in_flight) == ("http://a:1/v1", ("http://a:1/v1",), None)
+    many = _load(tmp_path, 'url = ["http://a:1/v1", "http://b:2/v1/"]\nmax_in_flight = 4\n').get("big")
+    assert (many.url, many.urls, many.max_in_flight) == ("http://a:1/v1", ("http://a:1/v1", "http://b:2/v1/"), 4)
+    for body, words in [
+        ('url = []\n', "array of 1 to 64 URLs"),
+        ('url = ["http://a:1/v1", 5]\n', "models.big.url[1] must be an http:// or https:// URL"),
+        ('url = ["http://a:1/v1", "ftp://b/v1"]\n', "url[1] must be an http"),
+        ('url = ["http://a:1/v1", "http://a:1/v1/"]\n', "more than once"),
+        ('url = "http://a:1/v1"\nmax_in_flight = 0\n', "max_in_flight must be an integer >= 1"),
+        ('url = "http://a:1/v1"\nmax_in_flight = true\n', "max_in_flight must be an integer"),
+        ('url = "http://a:1/v1"\nmax_in_flight = 5000\n', "<= 4096"),
+        ('path = "/x.gguf"\nmax_in_flight = 2\n', "sets `max_in_flight`, which bounds a remote rung"),
+        ('url = "http://a:1/v1"\nurls = ["http://b/v1"]\n', "unknown field(s): urls"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            _load(tmp_path, body)
+        assert words in str(info.value), (body, str(info.value))
+
+
+def test_a_later_file_replaces_the_replicas_not_merges_them(tmp_path: Path) -> None:
+    first = tmp_path / "a.toml"
+    first.write_text('ladder = ["big"]\n[models.big]\nurl = ["http://a:1/v1", "http://b:1/v1"]\n')
+    import os
+
+    user = Path(os.environ["CRE_HOME"])
+    user.mkdir(parents=True, exist_ok=True)
+    from crecli import paths
+
+    paths.user_models_toml().parent.mkdir(parents=True, exist_ok=True)
+    paths.user_models_toml().write_text(first.read_text())
+    second = tmp_path / "b.toml"
+    second.write_text('[models.big]\nurl = "http://c:1/v1"\n')
+    spec = config.load(second).get("big")
+    assert spec.urls == ("http://c:1/v1",)
+
+
+# ---------------------------------------------------------------- the replica set
+
+def test_the_least_busy_healthy_replica_takes_a_request() -> None:
+    rs = ReplicaSet("big", ["http://a/v1", "http://b/v1", "http://c/v1"], max_in_flight=2)
+    a = rs.acquire()
+    b = rs.acquire()
+    c = rs.acquire()
+    assert [r.url for r in (a, b, c)] == ["http://a/v1", "http://b/v1", "http://c/v1"]  # type: ignore[union-attr]
+    rs.release(b, "connection refused")  # type: ignore[arg-type]
+    d = rs.acquire()
+    assert d is not None and d.url in ("http://a/v1", "http://c/v1")  # b is out for its back-off
+    assert rs.states()["http://b/v1"].startswith("out: connection refused")
+    # Nothing else left: the one out for a back-off is tried rather than none at all.
+    e = rs.acquire(frozenset({"http://a/v1", "http://c/v1"}))
+    assert e is not None and e.url == "http://b/v1"
+    rs.release(e, "HTTP 503", out_for=30)  # its server asks for 30 s
+    assert rs.acquire(frozenset({"http://a/v1", "http://c/v1"}), wait_until=time.monotonic() + 5) is None
+    assert rs.acquire(frozenset({"http://a/v1", "http://b/v1", "http://c/v1"})) is None
+
+
+def test_a_full_replica_set_makes_a_request_wait_for_a_slot() -> None:
+    rs = ReplicaSet("big", ["http://a/v1"], max_in_flight=1)
+    held = rs.acquire()
+    got: list[float] = []
+    start = time.monotonic()
+    t = threading.Thread(target=lambda: got.append(rs.acquire() is not None and time.monotonic() - start))
+    t.start()
+    time.sleep(0.3)
+    rs.release(held)  # type: ignore[arg-type]
+    t.join(2)
+    assert got and got[0] >= 0.3
+
+
+# ---------------------------------------------------------------- one backend, several servers
+
+def _spec(urls: list[str], **kw: Any) -> ModelSpec:
+    return ModelSpec(name="big", url=urls[0], urls=tuple(urls), api_model="served", prompt_format="chat",
+                     defined_in="test.toml", **kw)
+
+
+def test_a_refusing_replica_is_skipped_and_the_request_answered_by_another() -> None:
+    with FakeOpenAI() as alive:
+        backend = OpenAIBackend(_spec([dead_url(), alive.url]))
+        for _ in range(3):
+            assert backend.generate("hi", GenParams(max_tokens=4, temperature=0.5)).text == "42"
+        states = backend.replicas.states()
+    assert len(alive.requests) == 3  # the dead one was tried once, then left out for its back-off
+    assert list(states.values())[0].startswith("out: connection refused") and list(states.values())[1] == "up"
+
+
+def test_5xx_and_a_server_dying_holding_the_request_move_it_to_another_replica() -> None:
+    with FakeOpenAI() as failing, FakeOpenAI() as dying, FakeOpenAI() as alive:
+        failing.status = 500
+        dying.die = True
+        backend = OpenAIBackend(_spec([failing.url, dying.url, alive.url]))
+        gen = backend.generate("hi", GenParams(max_tokens=4, temperature=0.5))
+        assert gen.text == "42" and len(failing.requests) == len(dying.requests) == len(alive.requests) == 1
+        states = list(backend.replicas.states().values())
+    assert states[0].startswith("out: HTTP 500") and states[1].startswith("out: connection broke") and states[2] == "up"
+
+
+def test_503_with_retry_after_is_honoured() -> None:
+    with FakeOpenAI() as busy, FakeOpenAI() as other:
+        busy.status, busy.retry_after = 503, "30"
+        backend = OpenAIBackend(_spec([busy.url, other.url]))
+        for _ in range(3):
+            backend.generate("hi", GenParams(max_tokens=4, temperature=0.5))
+        assert len(busy.requests) == 1 and len(other.requests) == 3  # not asked again for 30 s
+        assert "back in 30 s" in backend.replicas.states()[busy.url.rstrip("/")] or \
+            "back in 29 s" in backend.replicas.states()[busy.url.rstrip("/")]
+    # A lone server that says "retry after 1 s": the request waits for it, then is answered.
+    with FakeOpenAI() as lone:
+        lone.status, lone.retry_after = 503, "1"
+        backend = OpenAIBackend(_spec([lone.url]))
+        threading.Timer(0.3, lambda: setattr(lone, "status", None)).start()
+        start = time.monotonic()
+        assert backend.generate("hi", GenParams(max_tokens=4, temperature=0.5)).text == "42"
+        assert time.monotonic() - start >= 0.95 and len(lone.requests) == 2
+
+
+def test_when_every_replica_fails_the_error_names_the_rung_and_each_server() -> None:
+    dead = dead_url()
+    with FakeOpenAI() as failing:
+        failing.status = 502
+        backend = OpenAIBackend(_spec([dead, failing.url]))
+        with pytest.raises(RungUnavailable) as info:
+            backend.generate("hi", GenParams(max_tokens=4, temperature=0.5))
+    message = str(info.value)
+    assert "model 'big': every server failed" in message and dead in message and failing.url in message
+    assert "cannot connect" in message and "HTTP 502" in message
+    assert info.value.public == ("rung 'big' could not answer: every one of its 2 servers failed or is out of "
+                                 "rotation (connection refused; HTTP 502)")
+    assert "127.0.0.1" not in info.value.public
+
+
+def test_cre_ask_uses_the_replicas_too(tmp_path: Path) -> None:
+    with FakeOpenAI() as alive:
+        alive.answer = lambda prompt, body: "Paris"
+        toml = tmp_path / "models.toml"
+        toml.write_text(f'ladder = ["big"]\n[models.big]\nurl = ["{dead_url()}", "{alive.url}"]\n'
+                        'api_model = "served"\nprompt_format = "chat"\n')
+        result = runner.invoke(app, ["ask", "Capital of France?", "--model", "big", "--models", str(toml)])
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.stdout
+
+
+# ---------------------------------------------------------------- through cre serve
+
+def test_a_replica_killed_under_load_loses_no_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    use_models(monkeypatch, {})
+    with FakeOpenAI() as first, FakeOpenAI() as second:
+        first.delay = second.delay = 0.05
+        settings = config.load(ladder_toml(tmp_path, {"large": [first.url, second.url]}, max_in_flight=4))
+        with serving(Cascade(make_router(), settings)) as url:
+            def kill_when_busy() -> None:
+                deadline = time.monotonic() + 20
+                while len(first.requests) < 5 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                first.die = True  # the requests it holds now get no reply
+                time.sleep(0.1)
+                first.close()  # and new connections are refused
+
+            threading.Thread(target=kill_when_busy, daemon=True).start()
+            results: list[int] = []
+            lock = threading.Lock()
+
+            def client() -> None:
+                for _ in range(10):
+                    code = post(url, "cre", FAR).status_code
+                    with lock:
+                        results.append(code)
+
+            at_once(*[client] * 8)
+            health = httpx.get(f"{url}/health").json()
+    assert results == [200] * 80
+    assert len(second.requests) > len(first.requests) >= 5
+    assert health["models"]["large"] == "remote, 1 of 2 servers out"
+
+
+def test_a_rung_whose_servers_all_fail_is_passed_over_and_the_trace_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_models(monkeypatch, {"large": lambda text, p: "7"})
+    settings = config.load(ladder_toml(tmp_path, {"medium": [dead_url(), dead_url()]}))
+    router = make_router(starts=("medium", "medium", "medium"))
+    with serving(Cascade(router, settings)) as url:
+        reply = post(url, "cre", ADDITIONS[0])
+        health = httpx.get(f"{url}/health").json()
+    assert reply.status_code == 200, reply.text
+    steps = reply.json()["cre"]["steps"]
+    assert [s["model"] for s in steps] == ["medium", "large"] and reply.json()["choices"][0]["message"]["content"] == "7"
+    assert steps[0]["why"].startswith("unavailable (rung 'medium' could not answer") and "escalate to large" in steps[0]["why"]
+    assert health["models"]["medium"] == "remote, every server out" and health["status"] == "degraded"
+
+
+def test_when_nothing_is_left_the_client_gets_an_openai_error_naming_the_rung(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_models(monkeypatch, {})
+    with FakeOpenAI() as failing:
+        failing.status = 503  # no Retry-After
+        settings = config.load(ladder_toml(tmp_path, {"large": [dead_url(), failing.url]}))
+        with serving(Cascade(make_router(), settings)) as url:
+            reply = post(url, "cre", FAR)
+            by_name = post(url, "large")
+    for r in (reply, by_name):
+        assert r.status_code == 503, r.text
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["code"] == "rung_unavailable"
+        assert error["message"].startswith("rung 'large' could not answer") and "127.0.0.1" not in error["message"]
+        assert r.headers["Retry-After"] and r.headers["X-Request-Id"] in error["message"]
