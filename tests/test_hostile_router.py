@@ -31,7 +31,7 @@ import pytest
 from numpy.lib import format as npy_format
 from typer.testing import CliRunner
 
-from crecli import archive, config, console, paths, render, routerfile, schema
+from crecli import archive, config, console, paths, render, reports, routerfile, schema
 from crecli.cli import app
 from crecli.errors import CreError, RouterFileError
 from support.routers import SHAS, built_router, edit_manifest, members, rewrite
@@ -653,7 +653,7 @@ def load_or_refuse(path: Path, settings: config.ModelConfig) -> None:
         return
     except CreError as exc:  # pragma: no cover - a failure worth seeing
         pytest.fail(f"{type(exc).__name__} instead of RouterFileError: {exc}")
-    render.inspect_router(loaded, as_json=False)
+    reports.inspect_router(loaded, as_json=False)
 
 
 @pytest.fixture

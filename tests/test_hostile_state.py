@@ -623,14 +623,14 @@ def test_a_real_manifest_is_far_under_the_cap(tmp_path: Path) -> None:
 def test_inspect_shows_a_bounded_table_of_a_router_with_thousands_of_clusters(capsys) -> None:
     from dataclasses import replace
 
-    from crecli import render
+    from crecli import reports
     from support.routers import make_router
 
     router = make_router()
-    many = [replace(router.clusters[i % len(router.clusters)], id=i) for i in range(render.INSPECT_CLUSTERS + 50)]
-    render.inspect_router(replace(router, clusters=many), as_json=False)
+    many = [replace(router.clusters[i % len(router.clusters)], id=i) for i in range(reports.INSPECT_CLUSTERS + 50)]
+    reports.inspect_router(replace(router, clusters=many), as_json=False)
     captured = capsys.readouterr()
-    assert f"Showing the first {render.INSPECT_CLUSTERS} of {len(many)} clusters" in captured.err
+    assert f"Showing the first {reports.INSPECT_CLUSTERS} of {len(many)} clusters" in captured.err
     assert "`cre inspect --json` lists them all" in captured.err
-    render.inspect_router(replace(router, clusters=many), as_json=True)
+    reports.inspect_router(replace(router, clusters=many), as_json=True)
     assert len(json.loads(capsys.readouterr().out)["clusters"]) == len(many)

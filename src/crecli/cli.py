@@ -125,7 +125,7 @@ def fit(
 
       cre fit querylog.jsonl -o router.cre --k 5   # votes for `cre calibrate --check agreement`
     """
-    from crecli import render
+    from crecli import reports
     from crecli.fit import FitOptions, fit as run_fit
     from crecli.quality import QualityCheck
     from crecli.querylog import MAX_LINE_BYTES, FieldMap
@@ -142,7 +142,7 @@ def fit(
         served=served, served_logs=list(served_log or []), shots=_shot_counts(shots),
     )
     report = run_fit(log, output, load_models(models), _budget(retain, max_cost), options)
-    render.fit_report(report, json_)
+    reports.fit_report(report, json_)
 
 
 def _shot_counts(text: str) -> tuple[int, ...]:
@@ -179,10 +179,10 @@ def inspect(
 
       cre inspect router.cre --json | jq '.clusters[] | {id, model}'
     """
-    from crecli import render, routerfile
+    from crecli import reports, routerfile
 
     loaded = routerfile.load(resolve_router(router), load_models(models), force=force)
-    render.inspect_router(loaded, json_)
+    reports.inspect_router(loaded, json_)
 
 
 @app.command()
@@ -220,14 +220,14 @@ def calibrate(
 
       cre calibrate router.cre --check agreement   # needs a fit with --k 5
     """
-    from crecli import calibrate as calibration, render
+    from crecli import calibrate as calibration, reports
 
     settings, budget = load_models(models), _budget(retain, max_cost)
     cal, target = calibration.run(
         router, settings, budget, log=log, output=output, store=store, max_line_bytes=max_prompt_bytes,
         n_folds=folds, seed=seed, force=force, check=check, votes=votes, unit=cost_unit,
     )
-    render.calibration(cal, target, json_)
+    reports.calibration(cal, target, json_)
 
 
 @app.command("eval")
@@ -258,15 +258,15 @@ def eval_(
 
       cre eval test.jsonl --router router.cre --plot frontier.svg --json
     """
-    from crecli import evaluate, render
+    from crecli import evaluate, reports
 
     report = evaluate.run(
         log, resolve_router(router), load_models(models), store=store, plot=plot, run_live=live,
         skip_bad=skip_bad, max_line_bytes=max_prompt_bytes, force=force, unit=cost_unit,
     )
     if plot:
-        render.plot(report, plot)
-    render.eval_report(report, json_)
+        reports.plot(report, plot)
+    reports.eval_report(report, json_)
 
 
 def _budget(retain: float | None, max_cost: float | None):  # -> costs.Budget

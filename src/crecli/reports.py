@@ -1,0 +1,422 @@
+"""Reports: what `cre fit`, `cre inspect`, `cre calibrate` and `cre eval` print, and the
+frontier plot. Answers, traces, batch summaries and tables are `render`'s. Status goes to
+stderr, data to stdout."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from crecli.console import out, print_json, status, warn
+from crecli.models.prompting import control_markers
+from crecli.render import terminal_safe
+
+
+def fit_report(report: Any, as_json: bool) -> None:
+    """Summary of `cre fit`: data on stdout as JSON, or a short human summary on stderr."""
+    from dataclasses import asdict
+
+    data = asdict(report)
+    data["router_path"] = str(report.router_path)
+    if as_json:
+        print_json(data)
+        return
+    total = sum(report.seconds.values())
+    status(
+        f"Wrote {report.router_path}: {report.n_clusters} clusters from {report.n_records} queries "
+        f"({report.n_labelled} labelled, "
+        + (f"{report.n_served} served, " if report.n_served else "")
+        + f"{report.n_unclustered} unclustered"
+        + (f", {report.n_bad} bad lines skipped" if report.n_bad else "")
+        + ")."
+    )
+    status(
+        f"Outcomes: {report.outcomes_run} model runs now, {report.outcomes_reused} reused from the store; "
+        f"{report.model_seconds:.0f} model-seconds recorded in all."
+    )
+    status("Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items()) + f" (total {total:.1f} s)")
+    if report.truth:
+        status(f"Clusters against the truth field: NMI {report.truth['nmi']:.3f}, ARI {report.truth['ari']:.3f}")
+    status(f"Inspect it with `cre inspect {report.router_path}`.")
+
+
+def router_dict(router: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {
+        "schema_version": router.schema_version,
+        "ladder": [asdict(entry) for entry in router.ladder],
+        "embedder": {"kind": router.embedder.kind, "identity": router.embedder.identity},
+        "fallback_model": router.fallback_model,
+        "budget": router.budget,
+        "quality": router.quality.to_dict(),
+        "thresholds": router.thresholds,
+        "deferral": router.deferral.to_dict() if router.deferral is not None else None,
+        "checks": rung_checks(router),
+        "fit": router.fit.to_dict(),
+        "clusters": [
+            {
+                "id": c.id,
+                "size": c.size,
+                "model": c.model,
+                "answer_type": c.answer_type,
+                "examples": c.examples,
+                "stats": c.stats,
+                "thresholds": c.thresholds,
+                "exemplars": c.exemplars,
+                "shots": c.shots,
+                # Control-token spellings in the examples: fed to models as plain text, but
+                # no honest fit writes them, so a reader should look (`exemplar_warnings`).
+                "exemplar_markers": sorted({m for pair in c.exemplars for text in pair for m in control_markers(text)}),
+            }
+            for c in router.clusters
+        ],
+    }
+
+
+def exemplar_warnings(router: Any) -> list[str]:
+    """One line per answered example of a router that spells a chat-template control token.
+
+    crecli tokenizes examples as text, so such a spelling cannot open a chat turn; but a
+    shared router file whose examples hold `<|im_start|>system` was edited to try, and its
+    examples deserve a reader's eyes.
+    """
+    lines = []
+    for c in router.clusters:
+        for i, pair in enumerate(c.exemplars):
+            found = sorted({m for text in pair for m in control_markers(text)})
+            if found:
+                lines.append(f"cluster {c.id}, example {i + 1} spells control token(s) {', '.join(found)}: "
+                             "models read it as plain text, but check where this router file came from")
+    return lines
+
+
+# Rows of the `cre inspect` table: a router fitted on 1,400 queries has about 20-40 clusters,
+# and Rich takes seconds per thousand rows, so a router file with thousands (hand-made, or
+# fitted with --min-cluster-size 2 on a huge log) is shown in part; --json has them all.
+INSPECT_CLUSTERS = 200
+
+
+def rung_checks(router: Any) -> dict[str, str]:
+    """Each ladder model's check, as the cascade runs it (`ladder.Policy.rungs`): "agreement",
+    "deferral" or "greedy" (the top rung of a deferral router)."""
+    return {rung.model: rung.check for rung in router.policy().rungs()}
+
+
+def quality_check_line(router: Any) -> str:
+    """How each rung of `router` checks its answers, in one line for `cre inspect`: a deferral
+    router's rungs without log-probabilities are shown apart, as agreement-only."""
+    if router.deferral is None:
+        return (f"quality check k={router.quality.k}, T={router.quality.temperature}; thresholds "
+                + ", ".join(f"{m} {t:.2f}" for m, t in router.thresholds.items()))
+    agreement = set(router.deferral.agreement)
+    line = (f"quality check: calibrated deferral, {router.deferral.votes} vote(s) a rung; P(correct) thresholds "
+            + ", ".join(f"{m} {t:.2f}" for m, t in router.thresholds.items() if m not in agreement))
+    if agreement:
+        line += (f"; agreement-only (no log-probabilities; k={router.quality.k}, T={router.quality.temperature}): "
+                 + ", ".join(f"{m} {t:.2f}" for m, t in router.thresholds.items() if m in agreement))
+    return line
+
+
+def inspect_router(router: Any, as_json: bool) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    if as_json:
+        print_json(router_dict(router))
+        return
+    ladder = router.ladder_names
+    cost_label = "$" if router.fit.cost_unit == "price" else "s"
+    fit = router.fit
+    out().print(
+        terminal_safe(
+            f"Router schema {router.schema_version}: {len(router.clusters)} clusters from {fit.n_queries} queries "
+            f"({fit.log}, fitted {fit.date}); budget {router.budget['kind']} {router.budget['value']}; "
+            f"fallback {router.fallback_model}; "
+            + quality_check_line(router)
+        ),
+        highlight=False,
+        markup=False,
+    )
+    table = Table(show_lines=True)
+    table.add_column("cluster", justify="right")
+    table.add_column("size", justify="right")
+    table.add_column("examples", ratio=3)
+    # Text, not str, wherever the router's own words go: Rich would read [brackets] as markup.
+    for name in ladder:
+        table.add_column(Text(f"{terminal_safe(name)}\nacc (n) / cost {cost_label}"), justify="right")
+    table.add_column("chosen")
+    for c in router.clusters[:INSPECT_CLUSTERS]:
+        cells = []
+        for name in ladder:
+            st = c.stats.get(name)
+            if not st or not st.get("n"):
+                cells.append("-")
+                continue
+            mark = "*" if name == c.model else ""
+            shots = c.shots.get(name, 0)
+            cells.append(
+                f"{mark}{st['accuracy']:.2f} ({int(st['n'])})\n{st['mean_cost']:.2f}"
+                + (f"\n{shots} example{'s' if shots > 1 else ''}" if shots else "")
+            )
+        examples = "\n".join("- " + terminal_safe(e.replace("\n", " ")[:90]) for e in c.examples)
+        table.add_row(str(c.id), str(c.size), Text(examples), *cells, Text(terminal_safe(c.model)))
+    out().print(table)
+    if len(router.clusters) > INSPECT_CLUSTERS:
+        status(f"Showing the first {INSPECT_CLUSTERS} of {len(router.clusters):,} clusters; "
+               "`cre inspect --json` lists them all.")
+    _answered_examples(router)
+
+
+# How much of an answered example `cre inspect` shows: enough to read what a model is told.
+EXEMPLAR_SHOWN_CHARS = 300
+
+
+def _answered_examples(router: Any) -> None:
+    """The answered examples each model is shown before a cluster's prompts, in full enough to
+    audit (they come from the router file, so from whoever wrote it), flagged where they spell
+    a control token."""
+    from rich.text import Text
+
+    shown = [c for c in router.clusters[:INSPECT_CLUSTERS] if c.exemplars and any(c.shots.values())]
+    if not shown:
+        return
+    out().print(Text("\nAnswered examples shown before prompts (from the router file):", style="bold"))
+    for c in shown:
+        who = ", ".join(f"{terminal_safe(m)} first {n}" for m, n in c.shots.items() if n)
+        out().print(Text(f"cluster {c.id} ({who}):"))
+        for i, (q, a) in enumerate(c.exemplars, start=1):
+            flag = sorted({m for text in (q, a) for m in control_markers(text)})
+            text = Text(f"  {i}. Q: {terminal_safe(q[:EXEMPLAR_SHOWN_CHARS])}\n     A: {terminal_safe(a[:EXEMPLAR_SHOWN_CHARS])}")
+            if flag:
+                text.append(f"\n     ! spells control token(s) {terminal_safe(', '.join(flag))} (read as plain text)", style="bold red")
+            out().print(text)
+    for line in exemplar_warnings(router):
+        warn(line)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def calibration(cal: Any, path: Any, as_json: bool) -> None:
+    from rich.table import Table
+
+    ref = cal.reference
+    if as_json:
+        data = {
+            "router": str(path),
+            "budget": cal.budget.to_dict(),
+            "budget_met": cal.budget_met,
+            "setting": cal.setting.label(),
+            "thresholds": cal.thresholds,
+            "cluster_models": {str(k): v for k, v in cal.choice.models.items()},
+            "held_out": cal.held_out,
+            "estimate": cal.estimate,
+            "in_sample": cal.in_sample,
+            "reference": ref,
+            "frontier": cal.frontier,
+            "n": cal.n,
+            "folds": cal.folds,
+            "seconds": cal.seconds,
+            "check": cal.check,
+            "deferral": cal.deferral.to_dict() if cal.deferral is not None else None,
+            "signals": cal.signals,
+        }
+        print_json(data)
+        return
+    table = Table(title="Accuracy-cost frontier, held out by cross-validation (* = chosen)", title_justify="left")
+    for col in ("", "setting", "accuracy", "vs strongest", "cost/query", "vs strongest", "escalated"):
+        table.add_column(col, justify="left" if col in ("", "setting") else "right")
+    for p in cal.frontier:
+        table.add_row(
+            "*" if p["chosen"] else "",
+            p["setting"],
+            f"{p['accuracy']:.3f}",
+            _pct(p["accuracy"] / ref["accuracy"]) if ref["accuracy"] else "-",
+            f"{p['mean_cost']:.3f}",
+            _pct(p["mean_cost"] / ref["mean_cost"]) if ref["mean_cost"] else "-",
+            _pct(p["escalation_rate"]),
+        )
+    out().print(table)
+    held = cal.held_out
+    out().print(
+        f"Chosen for {cal.budget.kind} {cal.budget.value}: {cal.setting.label()}"
+        + ("" if cal.budget_met else " (budget NOT met by any setting's estimate; the closest setting was chosen)"),
+        highlight=False,
+    )
+    guess = cal.estimate
+    out().print(
+        f"Chosen on its estimate (the mean of held-out and in-sample figures): accuracy {guess['accuracy']:.3f} "
+        f"at {_pct(guess['mean_cost'] / ref['mean_cost']) if ref['mean_cost'] else '-'} of the strongest model's cost.",
+        highlight=False,
+    )
+    out().print(
+        f"Held out ({cal.folds}-fold cross-validation, {cal.n} queries): accuracy {held['accuracy']:.3f} "
+        f"= {_pct(held['accuracy'] / ref['accuracy']) if ref['accuracy'] else '-'} of the strongest model's "
+        f"{ref['accuracy']:.3f}, at {_pct(held['mean_cost'] / ref['mean_cost']) if ref['mean_cost'] else '-'} of its cost; "
+        f"{_pct(held['escalation_rate'])} escalated.",
+        highlight=False,
+    )
+    if cal.signals:
+        signals = Table(title="How well each signal predicts a right greedy answer (held-out AUROC; 0.5 is chance)",
+                        title_justify="left")
+        names = sorted({name for per in cal.signals.values() for name in per})
+        signals.add_column("model")
+        for name in names:
+            signals.add_column(name, justify="right")
+        for model, per in cal.signals.items():
+            signals.add_row(model, *(
+                "-" if name not in per or per[name]["auroc"] is None else f"{per[name]['auroc']:.2f}" for name in names))
+        out().print(signals)
+    status(f"Wrote {path} ({cal.seconds:.1f} s).")
+
+
+def eval_report(report: Any, as_json: bool) -> None:
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    if as_json:
+        data = asdict(report)
+        print_json(data)
+        return
+    ref = report.reference
+    table = Table(title=f"cre eval: {report.n} labelled queries (cost in {report.unit} per query)", title_justify="left")
+    for col in ("system", "accuracy", "vs strongest", "cost/query", "vs strongest", "escalated", "note"):
+        table.add_column(col, justify="left" if col in ("system", "note") else "right")
+    for p in report.points:
+        table.add_row(
+            p.name,
+            f"{p.accuracy:.3f}",
+            _pct(p.accuracy / ref["accuracy"]) if ref["accuracy"] else "-",
+            f"{p.mean_cost:.3f}",
+            _pct(p.mean_cost / ref["mean_cost"]) if ref["mean_cost"] else "-",
+            _pct(p.escalation_rate) if p.escalation_rate is not None else "",
+            p.note,
+        )
+    out().print(table)
+    out().print(
+        f"Cascade keeps {_pct(report.retained)} of the strongest model's accuracy at {_pct(report.cost_share)} "
+        f"of its cost; the oracle is {100 * report.oracle_gap:.1f} points higher. "
+        f"{report.tokens['output_tokens']:.0f} output tokens, "
+        f"{report.tokens['seconds_per_output_token'] * 1000:.0f} ms of model time per output token.",
+        highlight=False,
+    )
+    clusters = Table(title="Per cluster", title_justify="left")
+    for col in ("cluster", "n", "starts on", "accuracy", "cost/query", "escalated", "answered by"):
+        clusters.add_column(col, justify="left" if col in ("starts on", "answered by") else "right")
+    for c in report.per_cluster:
+        clusters.add_row(
+            str(c["cluster"]) if c["cluster"] >= 0 else "unclustered",
+            str(c["n"]),
+            c["start_model"],
+            f"{c['accuracy']:.2f}",
+            f"{c['mean_cost']:.2f}",
+            _pct(c["escalation_rate"]),
+            ", ".join(f"{m} {n}" for m, n in c["answered_by"].items() if n),
+        )
+    out().print(clusters)
+    out().print(_ascii_scatter(report.points, ref))
+    if report.live:
+        live = report.live
+        out().print(
+            f"Live cascade on {live['n']} queries: accuracy {live['accuracy']:.3f} "
+            f"(replay {live['replay']['accuracy']:.3f}; {_pct(live['agreement'])} of queries graded alike), "
+            f"{live['model_seconds']:.1f} model-seconds, {live['wall_seconds']:.1f} s wall.",
+            highlight=False,
+        )
+
+
+def _ascii_scatter(points: list[Any], ref: dict[str, float], width: int = 60, height: int = 14) -> str:
+    """A compact accuracy-against-cost view for the terminal; letters key the systems."""
+    xs = [p.mean_cost for p in points]
+    ys = [p.accuracy for p in points]
+    x0, x1 = 0.0, max(xs) * 1.05 or 1.0
+    y0, y1 = max(0.0, min(ys) - 0.05), min(1.0, max(ys) + 0.05)
+    grid = [[" "] * width for _ in range(height)]
+    keys = []
+    for i, p in enumerate(points):
+        ch = chr(ord("A") + i)
+        col = int((p.mean_cost - x0) / (x1 - x0) * (width - 1))
+        row = height - 1 - int((p.accuracy - y0) / ((y1 - y0) or 1) * (height - 1))
+        grid[row][col] = ch
+        keys.append(f"{ch} {p.name}")
+    lines = [f"accuracy {y1:.2f}"] + ["  |" + "".join(r) for r in grid] + [
+        "  +" + "-" * width,
+        f"   {x0:.2f}{' ' * (width - 12)}{x1:.2f}  cost/query",
+    ]
+    return "\n".join(lines + ["   " + "; ".join(keys)])
+
+
+def plot(report: Any, path: Any) -> None:
+    """Accuracy against cost for the cascade and every baseline: SVG by hand, PNG via matplotlib."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.suffix.lower() == ".png":
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            from crecli.errors import CreError
+
+            raise CreError("PNG plots need matplotlib (`pip install matplotlib`); or write .svg, which needs nothing") from None
+        fig, ax = plt.subplots(figsize=(7, 5))
+        for p in report.points:
+            ax.scatter([p.mean_cost], [p.accuracy], s=60 if p.name.startswith("cascade (") else 30)
+            ax.annotate(p.name, (p.mean_cost, p.accuracy), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.set_xlabel(f"mean cost per query ({report.unit})")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"cre eval: {report.n} queries")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    elif path.suffix.lower() == ".svg":
+        path.write_text(_svg(report))
+    else:
+        from crecli.errors import CreError
+
+        raise CreError(f"{path}: plots are .svg or .png")
+    status(f"Wrote {path}")
+
+
+def _svg(report: Any, w: int = 720, h: int = 480, pad: int = 60) -> str:
+    from html import escape
+
+    xs = [p.mean_cost for p in report.points]
+    ys = [p.accuracy for p in report.points]
+    x1 = max(xs) * 1.1 or 1.0
+    y0, y1 = max(0.0, min(ys) - 0.05), min(1.0, max(ys) + 0.05)
+
+    def sx(x: float) -> float:
+        return pad + x / x1 * (w - 2 * pad)
+
+    def sy(y: float) -> float:
+        return h - pad - (y - y0) / ((y1 - y0) or 1) * (h - 2 * pad)
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
+        f'<rect width="{w}" height="{h}" fill="white"/>',
+        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
+        f'<text x="{w / 2}" y="{h - 15}" text-anchor="middle">mean cost per query ({escape(report.unit)})</text>',
+        f'<text x="15" y="{h / 2}" transform="rotate(-90 15 {h / 2})" text-anchor="middle">accuracy</text>',
+        f'<text x="{w / 2}" y="25" text-anchor="middle" font-size="14">cre eval: {report.n} queries</text>',
+    ]
+    for i in range(5):
+        yv = y0 + (y1 - y0) * i / 4
+        xv = x1 * i / 4
+        parts.append(f'<text x="{pad - 5}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.2f}</text>')
+        parts.append(f'<text x="{sx(xv):.1f}" y="{h - pad + 15}" text-anchor="middle">{xv:.2f}</text>')
+    for p in report.points:
+        main = p.name.startswith("cascade (")
+        parts.append(
+            f'<circle cx="{sx(p.mean_cost):.1f}" cy="{sy(p.accuracy):.1f}" r="{6 if main else 4}" '
+            f'fill="{"crimson" if main else "steelblue"}"/>'
+        )
+        parts.append(f'<text x="{sx(p.mean_cost) + 7:.1f}" y="{sy(p.accuracy) - 5:.1f}">{escape(p.name)}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
