@@ -134,7 +134,7 @@ class Pricing:
                           self.prices.get(model), self.speeds.get(model))
 
     def price_votes(
-        self, model: str, prompt_tokens: int, outputs: Sequence[int], seconds: Sequence[float], prefix_tokens: int = 0
+        self, model: str, prompt_tokens: int, outputs: Sequence[float], seconds: Sequence[float], prefix_tokens: int = 0
     ) -> list[float] | None:
         """The cost of each of a rung's votes, in order; None when `model` has no figure in
         this unit.
@@ -218,7 +218,7 @@ def price_steps(pricing: Pricing, runs: Sequence[tuple[int, Sequence[PricedStep]
 
 
 def estimate_strongest(
-    pricing: Pricing, model: str, prompt_tokens: int | None, output_tokens: int, prefix_tokens: int = 0
+    pricing: Pricing, model: str, prompt_tokens: int | None, output_tokens: float, prefix_tokens: int = 0
 ) -> float | None:
     """What the strongest `model`'s greedy answer to a prompt costs, its answered examples
     (`prefix_tokens` of the prompt) left out for the caller to share by `share_prefixes`;
