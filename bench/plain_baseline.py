@@ -6,7 +6,7 @@ system turn and no answered examples from `cre`, greedily, each answer capped at
 type's tokens (`grading.max_tokens_for`, as `cre` caps its own). Each answer is graded as
 `cre` grades (`grading.grade`) and priced in bench-seconds at this machine's `cre models
 bench` speeds, leaving out the tokens every prompt shares (the template's head), as `cre`'s
-own costs do. Per query and in all, as JSON: `bench/headline --plain FILE` reports the
+own costs do. Per query and in all, as JSON: `bench/against_plain.py` reports the
 cascade against it.
 
 Run it alone (it loads a real model; about an hour for the 1,400-query log on 2 cores):
