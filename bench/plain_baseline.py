@@ -9,10 +9,14 @@ bench` speeds, leaving out the tokens every prompt shares (the template's head),
 own costs do. Per query and in all, as JSON: `bench/against_plain.py` reports the
 cascade against it.
 
-Run it alone (it loads a real model; about an hour for the 1,400-query log on 2 cores):
+Run it alone (it loads a real model; about 20 minutes for the 1,400-query log on 2 cores):
 
     flock /tmp/cre-cpu.lock .venv/bin/python bench/plain_baseline.py --log examples/querylog-large.jsonl \\
-        --out bench/results/plain-1400.json
+        --out bench/results/plain-1400.json [--speeds bench/results/speeds.json]
+
+Costs compare only at the same speeds: --speeds prices with a kept bench.json (the one that
+priced the headline) instead of this machine's current one. --reprice OLD.json re-prices an
+earlier run's token counts at those speeds and runs no model.
 """
 
 from __future__ import annotations
@@ -45,13 +49,16 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="default: the ladder's strongest model")
     parser.add_argument("--limit", type=int, help="only the first N queries")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--speeds", type=Path, help="a bench.json to price with (default: this machine's)")
+    parser.add_argument("--reprice", type=Path, help="an earlier --out to re-price at --speeds; runs no model")
     args = parser.parse_args()
+    if args.reprice:
+        reprice(args)
+        return
 
     from llama_cpp import Llama
 
     from crecli import config, grading, querylog
-    from crecli.costs import token_cost
-    from crecli.models import bench
     from crecli.models.pull import require_file
     from crecli.models.runtime import default_threads, model_params, quiet_stderr, use_extra_bufts
     from crecli.models.tokens import shared_prefix
@@ -59,9 +66,7 @@ def main() -> None:
     settings = config.load()
     name = args.model or settings.ladder[-1]
     spec = settings.get(name)
-    speed = bench.speeds([spec]).get(name)
-    if speed is None:
-        sys.exit(f"no speed for {name}: run `cre models bench {name}` first")
+    speed = model_speed(spec, args.speeds)
     records = [r for r in querylog.LogOptions().read(args.log).records if r.reference is not None]
     if args.limit:
         records = records[: args.limit]
@@ -81,7 +86,7 @@ def main() -> None:
         text = out["choices"][0]["message"]["content"] or ""
         usage = out.get("usage", {})
         pt, ot = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
-        cost = token_cost("bench-seconds", max(0, pt - head), ot, None, speed)
+        cost = price(pt, ot, head, speed)
         rows.append({"id": r.id, "answer": text, "correct": grading.grade(text, r.reference, r.match or "exact"),
                      "prompt_tokens": pt, "output_tokens": ot, "seconds": seconds, "cost": cost})
         if i % 50 == 0:
@@ -90,12 +95,48 @@ def main() -> None:
     n = len(rows)
     summary = {
         "model": name, "log": str(args.log), "n": n, "unit": "bench-seconds", "speed": list(speed), "head_tokens": head,
-        "accuracy": sum(x["correct"] for x in rows) / n, "mean_cost": sum(x["cost"] for x in rows) / n,
-        "mean_output_tokens": sum(x["output_tokens"] for x in rows) / n, "seconds": time.perf_counter() - start,
+        "seconds": time.perf_counter() - start,
         "threads": default_threads(), "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
     }
-    args.out.write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    write(args.out, summary, rows)
+
+
+def model_speed(spec: Any, file: Path | None) -> tuple[float, float]:
+    from crecli.models import bench
+
+    speed = bench.speeds([spec], file).get(spec.name)
+    if speed is None:
+        where = file or "this machine's bench.json"
+        sys.exit(f"no speed for {spec.name} in {where}: run `cre models bench {spec.name}` first")
+    return speed
+
+
+def price(prompt_tokens: int, output_tokens: int, head: int, speed: tuple[float, float]) -> float:
+    """One answer in bench-seconds, the template's shared head left out (as cre's own costs)."""
+    from crecli.costs import token_cost
+
+    return token_cost("bench-seconds", max(0, prompt_tokens - head), output_tokens, None, speed)
+
+
+def write(out: Path, summary: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """The per-query rows and the summary (accuracy, mean cost and output) computed from them."""
+    n = len(rows)
+    summary = {**summary, "accuracy": sum(x["correct"] for x in rows) / n, "mean_cost": sum(x["cost"] for x in rows) / n,
+               "mean_output_tokens": sum(x["output_tokens"] for x in rows) / n}
+    out.write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
     print(json.dumps(summary, indent=1))
+
+
+def reprice(args: argparse.Namespace) -> None:
+    """An earlier run's answers, priced again from their token counts at --speeds."""
+    from crecli import config
+
+    old = json.loads(args.reprice.read_text())
+    summary = old["summary"]
+    spec = config.load().get(summary["model"])
+    speed = model_speed(spec, args.speeds)
+    rows = [{**r, "cost": price(r["prompt_tokens"], r["output_tokens"], summary["head_tokens"], speed)} for r in old["rows"]]
+    write(args.out, {**summary, "speed": list(speed), "speeds_file": str(args.speeds) if args.speeds else None}, rows)
 
 
 if __name__ == "__main__":

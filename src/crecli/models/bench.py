@@ -22,6 +22,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from crecli import paths
@@ -249,9 +250,11 @@ def _key(sha256: str | None, name: str, threads: int) -> str:
     return f"{sha256 or name}@{threads}"
 
 
-def load_all() -> dict[str, dict[str, Any]]:
+def load_all(file: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Every stored speed, keyed by model file and thread count: this machine's bench.json,
+    or `file` (a copy kept beside measurements priced with it, bench/results/speeds.json)."""
     try:
-        data = json.loads(paths.bench_file().read_text())
+        data = json.loads((file or paths.bench_file()).read_text())
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -308,7 +311,7 @@ def save(speed: Speed, fresh: bool = False) -> Speed:
     return pooled
 
 
-def stored(spec: ModelSpec, threads: int | None = None) -> dict[str, Any] | None:
+def stored(spec: ModelSpec, threads: int | None = None, file: Path | None = None) -> dict[str, Any] | None:
     """The stored figures for this exact file and thread count, or None.
 
     A re-pulled or changed model, or another `CRE_THREADS`, is re-measured rather than
@@ -316,7 +319,7 @@ def stored(spec: ModelSpec, threads: int | None = None) -> dict[str, Any] | None
     """
     from crecli.models.runtime import default_threads
 
-    entry = load_all().get(_key(spec.sha256, spec.name, threads or default_threads()))
+    entry = load_all(file).get(_key(spec.sha256, spec.name, threads or default_threads()))
     if not isinstance(entry, dict):
         return None
     if _rate(entry.get("pp_tokens_per_s")) is not None and _rate(entry.get("tg_tokens_per_s")) is not None:
@@ -324,11 +327,12 @@ def stored(spec: ModelSpec, threads: int | None = None) -> dict[str, Any] | None
     return None
 
 
-def speeds(specs: Sequence[ModelSpec]) -> dict[str, tuple[float, float]]:
-    """(prompt, generation) tokens/s of each model that `cre models bench` measured."""
+def speeds(specs: Sequence[ModelSpec], file: Path | None = None) -> dict[str, tuple[float, float]]:
+    """(prompt, generation) tokens/s of each model that `cre models bench` measured (in
+    `file` when given, see `load_all`)."""
     out = {}
     for spec in specs:
-        entry = stored(spec)
+        entry = stored(spec, file=file)
         if entry:
             out[spec.name] = (float(entry["pp_tokens_per_s"]), float(entry["tg_tokens_per_s"]))
     return out
