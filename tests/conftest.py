@@ -21,7 +21,6 @@ import tempfile
 NUMBA_CACHE_DIR = tempfile.mkdtemp(prefix="cre-tests-numba-")
 os.environ["NUMBA_CACHE_DIR"] = NUMBA_CACHE_DIR
 
-import json  # noqa: E402
 import random  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -36,7 +35,7 @@ from crecli.models.backend import Backend, GenParams  # noqa: E402
 from crecli.models.fake import FakeBackend  # noqa: E402
 from support.hostile import Run  # noqa: E402
 from support.ladder import TINY_TOML  # noqa: E402
-from support.logs import small_log_answers  # noqa: E402
+from support.logs import small_log_answers, write_sums_log  # noqa: E402
 from support.routers import SHAS, built_router, make_router  # noqa: E402
 
 # Where the user's real, pulled models are, read before any test redirects CRE_HOME.
@@ -213,10 +212,7 @@ def cre(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> 
 @pytest.fixture
 def sums_log(tmp_path: Path) -> Path:
     """A labelled log of 12 sums, "What is i plus i?", as tmp_path/v.txt."""
-    path = tmp_path / "v.txt"
-    rows = [{"id": f"q{i}", "prompt": f"What is {i} plus {i}?", "reference": str(2 * i), "match": "numeric"} for i in range(12)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_sums_log(tmp_path / "v.txt", 12)
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from crecli.quality import (
     LOGPROB_FLOOR, Deferral, DeferralCheck, QualityCheck, accept_deferral, deferral_features, feature_names,
 )
 from crecli.querylog import Record
+from support.logs import write_sums_log
 
 runner = CliRunner()
 
@@ -175,10 +176,7 @@ def test_calibrated_deferral_live_matches_its_replay(
     # the check sends on exactly the answers that are wrong.
     fake_backends({"small": _small, "medium": _small, "large": _sum}, signals=_confidence,
                   seconds_per_token={"small": 0.0002, "medium": 0.0005, "large": 0.001})
-    log = tmp_path / "log.jsonl"
-    log.write_text("".join(
-        json.dumps({"id": f"q{i}", "prompt": f"What is {i} plus {i + 1}?", "reference": str(2 * i + 1), "match": "numeric"}) + "\n"
-        for i in range(30)))
+    log = write_sums_log(tmp_path / "log.jsonl", 30, offset=1)
     router = tmp_path / "router.cre"
     m = ("--models", str(tiny_models_toml))
     assert runner.invoke(app, ["fit", str(log), "-o", str(router), *m]).exit_code == 0

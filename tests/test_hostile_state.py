@@ -16,6 +16,7 @@ import pytest
 
 from crecli import paths, servedlog
 from support.hostile import Run, fit, refused
+from support.logs import write_sums_log
 from support.prompts import SURE_TABLE, trace
 
 # ---------------------------------------------------------------- 1. -o never replaces crecli's own files
@@ -177,13 +178,12 @@ def _read_only_connect(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(outcomes.sqlite3, "connect", lambda path, *a, **k: real(f"file:{path}?mode=ro", uri=True))
 
 
+# Not conftest's `sums_log`, the same 12 sums: that one is named v.txt, which cre reads as a
+# plain-text log, and a fit on a plain-text log runs no model.
 @pytest.fixture
 def labelled(tmp_path: Path) -> Path:
-    """A labelled JSONL log: a fit runs every model on it."""
-    path = tmp_path / "labelled.jsonl"
-    rows = [{"id": f"q{i}", "prompt": f"What is {i} plus {i}?", "reference": str(2 * i), "match": "numeric"} for i in range(12)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    """A labelled JSONL log of 12 sums: a fit runs every model on it."""
+    return write_sums_log(tmp_path / "labelled.jsonl", 12)
 
 
 def test_a_read_only_store_stops_a_fit_before_any_model_runs(cre, labelled, tiny_models_toml, four_fakes, tmp_path, monkeypatch) -> None:

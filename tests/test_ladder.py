@@ -9,7 +9,6 @@ rung used to take a majority live and the greedy answer in replay.
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,67 +16,22 @@ import pytest
 
 from crecli import config, grading
 from crecli.costs import CostModel
-from crecli.escalate import Cascade
 from crecli.ladder import AGREEMENT, DEFERRAL, GREEDY, Climb, Policy, Rung, judge, walk
-from crecli.models.backend import GenParams, Signals
 from crecli.outcomes import OutcomeStore, collect
 from crecli.quality import Deferral, DeferralCheck, QualityCheck, feature_names
-from crecli.querylog import Record
 from crecli.replay import Replay
-from crecli.route import RouteDecision
-from crecli.routerfile import RouterFile, SCHEMA_VERSION, FitRecord, LadderEntry
-
-LADDER = ["small", "medium", "large"]
-PROMPTS = [f"What is {a} plus {b}?" for a, b in [(1, 2), (3, 4), (5, 5), (7, 1), (2, 9), (6, 6), (8, 3), (4, 4), (9, 9), (0, 5)]]
-STARTS = ["small", "small", "medium", "small", "large", "small", "medium", "small", "small", "medium"]
-
-
-def _answer(model: str) -> Callable[[str, GenParams], str]:
-    """Right on some prompts, noisy on others; sampled votes vary with their seed."""
-    def answer(text: str, params: GenParams) -> str:
-        prompt = next(p for p in PROMPTS if p in text)
-        a, b = (int(w) for w in prompt.removeprefix("What is ").removesuffix("?").split(" plus "))
-        right = (a + b) % {"small": 3, "medium": 2, "large": 1}[model] != 1 or model == "large"
-        if params.temperature == 0.0:
-            return str(a + b) if right else ("" if (a * b) % 4 == 0 else str(a + b + 1))
-        return str(a + b + random.Random(f"{model}|{prompt}|{params.seed}").choice([0, 0, 1]))
-    return answer
-
-
-def _signals(text: str, params: GenParams, answer: str) -> Signals:
-    return Signals(-0.1 - 0.3 * len(answer), -0.05 * len(answer), None)
+from support.ladder import LADDER, STARTS, bare_router, sum_answer, sum_records, sum_signals, walk_live
 
 
 @pytest.fixture
 def both(tiny_models_toml: Path, fake_backends: Callable[..., Any], tmp_path: Path) -> tuple[Any, ...]:
-    fake_backends({m: _answer(m) for m in LADDER}, signals=_signals)
+    fake_backends({m: sum_answer(m) for m in LADDER}, signals=sum_signals)
     settings = config.load(tiny_models_toml)
-    records = [Record(id=f"q{i}", prompt=p, reference=[str(eval(p[8:-1].replace("plus", "+")))], match="numeric")
-               for i, p in enumerate(PROMPTS)]
+    records = sum_records()
     quality = QualityCheck(k=5)
     with OutcomeStore(tmp_path / "store.sqlite") as store:
         found = collect(records, settings, store, quality)
     return settings, records, quality, found
-
-
-def _router(quality: QualityCheck, thresholds: dict[str, float], deferral: DeferralCheck | None) -> RouterFile:
-    return RouterFile(
-        schema_version=SCHEMA_VERSION, ladder=[LadderEntry(m, None, None) for m in LADDER], embedder=None,  # type: ignore[arg-type]
-        assigner=None, clusters=[], fallback_model="large", budget={"kind": "retain", "value": 0.98},  # type: ignore[arg-type]
-        quality=quality, thresholds=thresholds, fit=FitRecord(), deferral=deferral,
-    )
-
-
-def _live(router: RouterFile, settings: config.ModelConfig, records: list[Record]) -> list[Any]:
-    traces = []
-    with Cascade(router, settings) as cascade:
-        for record, start in zip(records, STARTS):
-            decision = RouteDecision(-1, start, 0.0, "test", 0.0)
-            pending = cascade.begin(record.prompt, record.match, record.reference, id=record.id, decision=decision)
-            while not cascade.advance(pending):
-                pass
-            traces.append(pending.trace)
-    return traces
 
 
 @pytest.mark.parametrize("check", ["agreement", "deferral"])
@@ -92,8 +46,8 @@ def test_live_and_replay_take_the_same_steps(both: tuple[Any, ...], check: str) 
         rule = Deferral(names, (2.0, 3.0, 0.0, -4.0, 1.0), 0.5, (0.0,) * len(names), 0.6)
         deferral = DeferralCheck(1, {"small": rule, "medium": rule})
         thresholds = {"small": 0.55, "medium": 0.45, "large": 0.8}
-    router = _router(quality, thresholds, deferral)
-    live = _live(router, settings, records)
+    router = bare_router(quality, thresholds, deferral)
+    live = walk_live(router, settings, records)
 
     costs = CostModel.build(found.values(), settings.ladder_specs())
     replay = Replay.build(found, records, LADDER, costs)

@@ -33,10 +33,9 @@ from crecli.models.tokens import SignalMeter, letter_index
 from crecli.outcomes import OutcomeStore, collect
 from crecli.quality import Deferral, DeferralCheck, QualityCheck, feature_names, judge_deferral
 from crecli.replay import Replay
-from crecli.route import RouteDecision
-from crecli.routerfile import SCHEMA_VERSION, FitRecord, LadderEntry, RouterFile
 from support.fake_openai import FakeOpenAI, Tok
-from support.ladder import LADDER
+from support.ladder import LADDER, STARTS, bare_router, sum_answer, sum_records, sum_signals, walk_live
+from support.logs import write_sums_log
 from support.scale import fresh_remote
 
 runner = CliRunner()
@@ -231,45 +230,6 @@ def test_models_list_shows_each_rungs_signal_support(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- a rung without signals is never judged blind
 
-# Sums, right on some prompts and wrong (or empty) on others; sampled votes vary with their seed.
-PROMPTS = [f"What is {a} plus {b}?" for a, b in [(1, 2), (3, 4), (5, 5), (7, 1), (2, 9), (6, 6), (8, 3), (4, 4), (9, 9), (0, 5)]]
-STARTS = ["small", "small", "medium", "small", "large", "small", "medium", "small", "small", "medium"]
-
-
-def _answer(model: str) -> Callable[[str, GenParams], str]:
-    def answer(text: str, params: GenParams) -> str:
-        prompt = next(p for p in PROMPTS if p in text)
-        a, b = (int(w) for w in prompt.removeprefix("What is ").removesuffix("?").split(" plus "))
-        right = (a + b) % {"small": 3, "medium": 2, "large": 1}[model] != 1 or model == "large"
-        if params.temperature == 0.0:
-            return str(a + b) if right else ("" if (a * b) % 4 == 0 else str(a + b + 1))
-        return str(a + b + random.Random(f"{model}|{prompt}|{params.seed}").choice([0, 0, 1]))
-    return answer
-
-
-def _router(quality: QualityCheck, thresholds: dict[str, float], deferral: DeferralCheck | None) -> RouterFile:
-    return RouterFile(
-        schema_version=SCHEMA_VERSION, ladder=[LadderEntry(m, None, None) for m in LADDER], embedder=None,  # type: ignore[arg-type]
-        assigner=None, clusters=[], fallback_model="large", budget={"kind": "retain", "value": 0.98},  # type: ignore[arg-type]
-        quality=quality, thresholds=thresholds, fit=FitRecord(), deferral=deferral,
-    )
-
-
-def _live(router: RouterFile, settings: config.ModelConfig, records: list[Any]) -> list[Any]:
-    """Each record walked up the ladder live from its start in STARTS."""
-    from crecli.escalate import Cascade
-
-    traces = []
-    with Cascade(router, settings) as cascade:
-        for record, start in zip(records, STARTS):
-            pending = cascade.begin(record.prompt, record.match, record.reference, id=record.id,
-                                    decision=RouteDecision(-1, start, 0.0, "test", 0.0))
-            while not cascade.advance(pending):
-                pass
-            traces.append(pending.trace)
-    return traces
-
-
 def _needs_signals() -> DeferralCheck:
     names = feature_names(1)
     rule = Deferral(names, (2.0, 3.0, 0.0, -4.0, 1.0), 0.5, (0.0,) * len(names), 0.6)
@@ -290,24 +250,19 @@ def test_a_deferral_rung_whose_answers_lack_signals_falls_back_to_agreement_live
     tiny_models_toml: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from crecli.models.fake import FakeBackend
-    from crecli.querylog import Record
-
-    def signals(text: str, params: GenParams, answer: str) -> Signals:
-        return Signals(-0.1 - 0.3 * len(answer), -0.05 * len(answer), None)
 
     # small's server returns no log-probabilities; medium's and large's do.
     monkeypatch.setattr(registry, "make_backend", lambda spec: FakeBackend(
-        spec, _answer(spec.name), signals=None if spec.name == "small" else signals))
+        spec, sum_answer(spec.name), signals=None if spec.name == "small" else sum_signals))
     settings = config.load(tiny_models_toml)
-    records = [Record(id=f"q{i}", prompt=p, reference=[str(eval(p[8:-1].replace("plus", "+")))], match="numeric")
-               for i, p in enumerate(PROMPTS)]
+    records = sum_records()
     quality = QualityCheck(k=5)
     with OutcomeStore(tmp_path / "store.sqlite") as store:
         found = collect(records, settings, store, quality)
     deferral = _needs_signals()
     thresholds = {"small": 0.55, "medium": 0.45, "large": 0.8}
-    router = _router(quality, thresholds, deferral)
-    live = _live(router, settings, records)
+    router = bare_router(quality, thresholds, deferral)
+    live = walk_live(router, settings, records)
 
     costs = CostModel.build(found.values(), settings.ladder_specs())
     replay = Replay.build(found, records, LADDER, costs)
@@ -363,10 +318,7 @@ def test_calibrate_gives_a_rung_without_signals_the_agreement_check_and_says_so(
     fake_backends({"small": _small, "medium": _two_of_three, "large": _small}, signals=confidence)
     # medium is served by an engine that returns no log-probabilities.
     monkeypatch.setattr(registry, "reports_signals", lambda spec: spec.name != "medium")
-    log = tmp_path / "log.jsonl"
-    log.write_text("".join(
-        json.dumps({"id": f"q{i}", "prompt": f"What is {i} plus {i + 1}?", "reference": str(2 * i + 1), "match": "numeric"}) + "\n"
-        for i in range(30)))
+    log = write_sums_log(tmp_path / "log.jsonl", 30, offset=1)
     router = tmp_path / "router.cre"
     m = ("--models", str(tiny_models_toml))
     assert runner.invoke(app, ["fit", str(log), "-o", str(router), *m, "--k", "3"]).exit_code == 0
@@ -464,10 +416,7 @@ def test_calibrate_finds_out_from_the_server_itself_that_a_rung_has_no_signals(
     toml.write_text('ladder = ["small", "medium", "large"]\n[embedder]\nkind = "tfidf"\ndims = 16\n'
                     '[models.small]\npath = "/x/s.gguf"\nprompt_format = "completion"\n[models.large]\npath = "/x/l.gguf"\n'
                     f'[models.medium]\nurl = "{server.url}"\napi_model = "served"\nprompt_format = "chat"\n')
-    log = tmp_path / "log.jsonl"
-    log.write_text("".join(
-        json.dumps({"id": f"q{i}", "prompt": f"What is {i} plus {i + 1}?", "reference": str(2 * i + 1), "match": "numeric"}) + "\n"
-        for i in range(24)))
+    log = write_sums_log(tmp_path / "log.jsonl", 24, offset=1)
     router = tmp_path / "router.cre"
     m = ("--models", str(toml))
     fitted = runner.invoke(app, ["fit", str(log), "-o", str(router), *m])

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -30,7 +29,7 @@ from crecli.models.replicas import ReplicaSet
 from support.fake_openai import FakeOpenAI
 from support.routers import ADDITIONS, FAR, make_router
 from support.scale import at_once, dead_url, fresh_remote, ladder_toml, post, use_models
-from support.serving import serving as serving_
+from support.serving import serving_cascade
 
 runner = CliRunner()
 
@@ -38,12 +37,6 @@ runner = CliRunner()
 @pytest.fixture(autouse=True)
 def fresh(monkeypatch: pytest.MonkeyPatch) -> None:
     fresh_remote(monkeypatch)
-
-
-@contextmanager
-def serving(cascade: Cascade, **opts: Any) -> Iterator[str]:
-    with cascade, serving_(cascade, **opts) as url:
-        yield url
 
 
 # ---------------------------------------------------------------- models.toml
@@ -205,7 +198,7 @@ def test_a_replica_killed_under_load_loses_no_request(tmp_path: Path, monkeypatc
     with FakeOpenAI() as first, FakeOpenAI() as second:
         first.delay = second.delay = 0.05
         settings = config.load(ladder_toml(tmp_path, {"large": [first.url, second.url]}, max_in_flight=4))
-        with serving(Cascade(make_router(), settings)) as url:
+        with serving_cascade(Cascade(make_router(), settings)) as url:
             def kill_when_busy() -> None:
                 deadline = time.monotonic() + 20
                 while len(first.requests) < 5 and time.monotonic() < deadline:
@@ -237,7 +230,7 @@ def test_a_rung_whose_servers_all_fail_is_passed_over_and_the_trace_says_why(
     use_models(monkeypatch, {"large": lambda text, p: "7"})
     settings = config.load(ladder_toml(tmp_path, {"medium": [dead_url(), dead_url()]}))
     router = make_router(starts=("medium", "medium", "medium"))
-    with serving(Cascade(router, settings)) as url:
+    with serving_cascade(Cascade(router, settings)) as url:
         reply = post(url, "cre", ADDITIONS[0])
         health = httpx.get(f"{url}/health").json()
     assert reply.status_code == 200, reply.text
@@ -254,7 +247,7 @@ def test_when_nothing_is_left_the_client_gets_an_openai_error_naming_the_rung(
     with FakeOpenAI() as failing:
         failing.status = 503  # no Retry-After
         settings = config.load(ladder_toml(tmp_path, {"large": [dead_url(), failing.url]}))
-        with serving(Cascade(make_router(), settings)) as url:
+        with serving_cascade(Cascade(make_router(), settings)) as url:
             reply = post(url, "cre", FAR)
             by_name = post(url, "large")
     for r in (reply, by_name):

@@ -14,9 +14,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -32,7 +31,7 @@ from crecli.openai_wire import StreamText
 from support.fake_openai import FakeOpenAI
 from support.routers import ADDITIONS, FAR, make_router
 from support.scale import at_once, fresh_remote, ladder_toml, post, slow, use_models
-from support.serving import serving as serving_
+from support.serving import serving_cascade
 
 CHAT = [{"role": "user", "content": "What is 3 plus 4?"}]
 
@@ -42,20 +41,13 @@ def fresh(monkeypatch: pytest.MonkeyPatch) -> None:
     fresh_remote(monkeypatch)
 
 
-@contextmanager
-def serving(cascade: Cascade, **opts: Any) -> Iterator[str]:
-    """`cre serve` on `cascade` (`support.serving`), which is closed after."""
-    with cascade, serving_(cascade, **opts) as url:
-        yield url
-
-
 # ---------------------------------------------------------------- in-process models
 
 def test_a_small_models_answer_does_not_wait_behind_a_large_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     active: dict[str, list[float]] = {}
     use_models(monkeypatch, {"small": slow("7", 0.05, active, "small"), "large": slow("7", 1.0, active, "large")})
     settings = config.load(ladder_toml(tmp_path))
-    with serving(Cascade(make_router(), settings)) as url:
+    with serving_cascade(Cascade(make_router(), settings)) as url:
         done: dict[str, float] = {}
         start = time.monotonic()
 
@@ -138,7 +130,7 @@ def test_remote_rung_requests_run_at_once_within_max_in_flight(tmp_path: Path, m
             folder.mkdir()
             replicas.forget()
             settings = config.load(ladder_toml(folder, {"large": engine.url}, max_in_flight=bound))
-            with serving(Cascade(make_router(), settings)) as url:
+            with serving_cascade(Cascade(make_router(), settings)) as url:
                 start = time.monotonic()
                 codes = [r.status_code for r in at_once(*[lambda: post(url, "large")] * 6)]
                 took = time.monotonic() - start
@@ -152,7 +144,7 @@ def test_a_client_that_leaves_cancels_its_remote_call(tmp_path: Path, monkeypatc
     with FakeOpenAI() as engine:
         engine.delay = 3.0
         settings = config.load(ladder_toml(tmp_path, {"large": engine.url}))
-        with serving(Cascade(make_router(), settings)) as url:
+        with serving_cascade(Cascade(make_router(), settings)) as url:
             with pytest.raises(httpx.ReadTimeout):
                 httpx.post(f"{url}/v1/chat/completions", json={"model": "large", "messages": CHAT}, timeout=0.5)
             start = time.monotonic()
@@ -171,7 +163,7 @@ def test_the_timeout_covers_the_whole_ladder(tmp_path: Path, monkeypatch: pytest
         medium.answer = lambda prompt, body: str(next(votes))  # every vote differs: medium escalates
         settings = config.load(ladder_toml(tmp_path, {"medium": medium.url, "large": large.url}))
         router = make_router(starts=("medium", "medium", "medium"))
-        with serving(Cascade(router, settings), timeout=0.7) as url:
+        with serving_cascade(Cascade(router, settings), timeout=0.7) as url:
             start = time.monotonic()
             reply = post(url, "cre", ADDITIONS[0])
             took = time.monotonic() - start
@@ -187,7 +179,7 @@ def test_health_answers_at_once_while_every_slot_is_busy(tmp_path: Path, monkeyp
     with FakeOpenAI() as engine:
         engine.delay = 1.0
         settings = config.load(ladder_toml(tmp_path, {"large": engine.url}, max_in_flight=1))
-        with serving(Cascade(make_router(), settings), max_queue=2) as url:
+        with serving_cascade(Cascade(make_router(), settings), max_queue=2) as url:
             threads = [threading.Thread(target=post, args=(url, "large")) for _ in range(3)]
             for t in threads:
                 t.start()
@@ -229,7 +221,7 @@ def test_a_remote_top_rungs_stream_is_passed_through(tmp_path: Path, monkeypatch
         engine.answer = lambda prompt, body: "The answer is forty two"
         engine.token_delay = 0.25
         settings = config.load(ladder_toml(tmp_path, {"large": engine.url}))
-        with serving(Cascade(make_router(), settings)) as url:
+        with serving_cascade(Cascade(make_router(), settings)) as url:
             events, took = _stream(url, "cre", FAR)  # far from every cluster: the top rung answers
             plain = post(url, "cre", FAR).json()
     contents = [(t, e) for t, e in events if e.get("choices") and e["choices"][0]["delta"].get("content")]
@@ -247,7 +239,7 @@ def test_an_in_process_top_rung_streams_its_words_and_lower_rungs_never_do(
     answers = {"small": lambda text, p: f"guess {p.seed}", "large": lambda text, p: "seven is the sum<|im_end|> next"}
     use_models(monkeypatch, answers, streaming={"small": 0.2, "large": 0.2})
     settings = config.load(ladder_toml(tmp_path))
-    with serving(Cascade(make_router(), settings)) as url:
+    with serving_cascade(Cascade(make_router(), settings)) as url:
         streamed, took = _stream(url, "cre", FAR)  # the top rung answers: it streams
         climbed, _ = _stream(url, "cre", ADDITIONS[0])  # small doubts, then large: only large's words go out
     assert _text(streamed) == "seven is the sum"  # the format's stop string held back, never sent

@@ -1,13 +1,20 @@
-"""The fake three-rung ladder (small, medium, large) and fake answers scripted per prompt."""
+"""The fake three-rung ladder (small, medium, large), fake answers scripted per prompt, and
+the sums ladder: ten sums the fakes answer, walked live for comparing with their replay."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from crecli.models.backend import GenParams
+from crecli import config
+from crecli.escalate import Cascade
+from crecli.models.backend import GenParams, Signals
 from crecli.models.fake import FakeBackend
-from crecli.quality import vote_seed
+from crecli.quality import DeferralCheck, QualityCheck, vote_seed
+from crecli.querylog import Record
+from crecli.route import RouteDecision
+from crecli.routerfile import SCHEMA_VERSION, FitRecord, LadderEntry, RouterFile
 
 LADDER = ["small", "medium", "large"]
 
@@ -71,3 +78,56 @@ def install(fake_backends: Callable[..., dict[str, FakeBackend]], table: dict[st
             log: list[tuple[str, str, GenParams]] | None = None) -> dict[str, FakeBackend]:
     """Script every rung through the `fake_backends` fixture: table[model][prompt] are its votes."""
     return fake_backends({m: scripted(table.get(m, {}), log, m) for m in LADDER})
+
+
+# ---------------------------------------------------------------- the sums ladder
+# Ten sums that the fake rungs get right on some prompts and wrong (or empty) on others, each
+# walked from a fixed start, for the tests that compare a live walk with its replay.
+
+SUMS = [f"What is {a} plus {b}?" for a, b in [(1, 2), (3, 4), (5, 5), (7, 1), (2, 9), (6, 6), (8, 3), (4, 4), (9, 9), (0, 5)]]
+STARTS = ["small", "small", "medium", "small", "large", "small", "medium", "small", "small", "medium"]
+
+
+def sum_answer(model: str) -> Callable[[str, GenParams], str]:
+    """`model`'s fake answerer for SUMS: right on some, noisy on others; sampled votes vary with their seed."""
+    def answer(text: str, params: GenParams) -> str:
+        prompt = next(p for p in SUMS if p in text)
+        a, b = (int(w) for w in prompt.removeprefix("What is ").removesuffix("?").split(" plus "))
+        right = (a + b) % {"small": 3, "medium": 2, "large": 1}[model] != 1 or model == "large"
+        if params.temperature == 0.0:
+            return str(a + b) if right else ("" if (a * b) % 4 == 0 else str(a + b + 1))
+        return str(a + b + random.Random(f"{model}|{prompt}|{params.seed}").choice([0, 0, 1]))
+    return answer
+
+
+def sum_signals(text: str, params: GenParams, answer: str) -> Signals:
+    """The fake log-probabilities of a sum's answer: the longer the answer, the less sure."""
+    return Signals(-0.1 - 0.3 * len(answer), -0.05 * len(answer), None)
+
+
+def sum_records() -> list[Record]:
+    """SUMS as labelled records q0..q9, each with its right total."""
+    return [Record(id=f"q{i}", prompt=p, reference=[str(eval(p[8:-1].replace("plus", "+")))], match="numeric")
+            for i, p in enumerate(SUMS)]
+
+
+def bare_router(quality: QualityCheck, thresholds: dict[str, float], deferral: DeferralCheck | None) -> RouterFile:
+    """A router of LADDER with no embedder and no clusters: only its checks and thresholds matter."""
+    return RouterFile(
+        schema_version=SCHEMA_VERSION, ladder=[LadderEntry(m, None, None) for m in LADDER], embedder=None,  # type: ignore[arg-type]
+        assigner=None, clusters=[], fallback_model="large", budget={"kind": "retain", "value": 0.98},  # type: ignore[arg-type]
+        quality=quality, thresholds=thresholds, fit=FitRecord(), deferral=deferral,
+    )
+
+
+def walk_live(router: RouterFile, settings: config.ModelConfig, records: list[Record]) -> list[Any]:
+    """Each record walked up the ladder live from its start in STARTS; their traces."""
+    traces = []
+    with Cascade(router, settings) as cascade:
+        for record, start in zip(records, STARTS):
+            decision = RouteDecision(-1, start, 0.0, "test", 0.0)
+            pending = cascade.begin(record.prompt, record.match, record.reference, id=record.id, decision=decision)
+            while not cascade.advance(pending):
+                pass
+            traces.append(pending.trace)
+    return traces

@@ -32,3 +32,10 @@ def serving(cascade: Cascade, name: str | None = "team", log_level: str = "warni
         server.should_exit = True
         thread.join(20)
         sock.close()
+
+
+@contextmanager
+def serving_cascade(cascade: Cascade, **opts: Any) -> Iterator[str]:
+    """`serving` on `cascade`, which is closed after the server stops; yields its base URL."""
+    with cascade, serving(cascade, **opts) as url:
+        yield url
