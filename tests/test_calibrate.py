@@ -82,6 +82,23 @@ def test_cluster_stats_without_outcomes_falls_back_to_global_figures() -> None:
     assert t.clusters[0].models["large"].mean_cost == 3.0
 
 
+def test_cluster_stats_keep_each_models_output_length_per_cluster() -> None:
+    # How long a model's answers run depends on the task: the batch summary prices the
+    # strongest model's answer to an unseen prompt at its cluster's mean.
+    ladder = ["small", "large"]
+    records = [rec(f"q{i}") for i in range(4)]
+    outcomes = {}
+    for r, tokens in zip(records, [2, 4, 9, 11]):
+        outcomes[(r.id, "large")] = Outcome(r.id, "sha", "large", "m", "key", "run", 10, [Vote("1", tokens, 1.0)])
+        outcomes[(r.id, "small")] = label(r.id, "small", True)  # a label has no tokens
+    t = cluster_stats([0, 0, 1, 1], records, outcomes, ladder, CostModel("seconds", {}, {"small": 1.0}))
+    assert t.clusters[0].models["large"].mean_output_tokens == 3.0
+    assert t.clusters[1].models["large"].mean_output_tokens == 10.0
+    assert t.overall.models["large"].mean_output_tokens == 6.5
+    assert t.clusters[0].models["small"].mean_output_tokens == 0.0  # labels only: nothing measured
+    assert t.clusters[1].models["large"].to_dict()["mean_output_tokens"] == 10.0
+
+
 # --- choose_models -----------------------------------------------------------------------
 
 LADDER = ["s", "m", "l"]

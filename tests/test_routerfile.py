@@ -200,3 +200,23 @@ def test_refuses_a_malformed_manifest(pinned_settings: config.ModelConfig, built
     edit_manifest(built_router_file, lambda m: m["body"].pop("clusters"))
     with pytest.raises(RouterFileError, match="malformed.*'clusters'"):
         routerfile.load(built_router_file, pinned_settings)
+
+
+def test_each_models_output_length_is_optional_and_checked(pinned_settings: config.ModelConfig, built_router_file: Path) -> None:
+    loaded = routerfile.load(built_router_file, pinned_settings)
+    assert loaded.clusters[0].stats["large"]["mean_output_tokens"] == 0.0
+
+    def strip(m: dict[str, Any]) -> None:
+        for cluster in m["body"]["clusters"]:
+            for stats in cluster["stats"].values():
+                del stats["mean_output_tokens"]
+
+    # A router written before the figure was recorded loads; the batch summary then
+    # estimates the strongest model's output from the answer.
+    edit_manifest(built_router_file, strip)
+    old = routerfile.load(built_router_file, pinned_settings)
+    assert "mean_output_tokens" not in old.clusters[0].stats["large"] and old.typical_output(0, "large") is None
+
+    edit_manifest(built_router_file, lambda m: m["body"]["clusters"][0]["stats"]["large"].update(mean_output_tokens=-1.0))
+    with pytest.raises(RouterFileError, match="mean_output_tokens"):
+        routerfile.load(built_router_file, pinned_settings)

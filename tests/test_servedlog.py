@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from crecli import config, paths, routerfile, servedlog
 from crecli.cli import app
-from crecli.escalate import Cascade, Trace
+from crecli.escalate import Cascade
 from crecli.models.fake import FakeBackend
 from crecli.servedlog import ServedLog
 from support.ladder import install

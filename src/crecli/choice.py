@@ -36,6 +36,11 @@ class ModelStats:
     accuracy: float  # correct / n; the model's log-wide accuracy when n == 0
     shrunk_accuracy: float  # (correct + m * global) / (n + m)
     mean_cost: float  # of one greedy answer; the model's log-wide mean when n == 0
+    # Tokens the model wrote in one greedy answer, over the outcomes with votes (a label
+    # has none); the log-wide mean where none. What `cre batch` prices the strongest model's
+    # answer at on a prompt it never saw: how long a model's answers run depends on the
+    # task (a product of two 3-digit numbers against a yes/no), so it is kept per cluster.
+    mean_output_tokens: float = 0.0
 
     def to_dict(self) -> dict[str, float]:
         return {
@@ -44,6 +49,7 @@ class ModelStats:
             "accuracy": self.accuracy,
             "shrunk_accuracy": self.shrunk_accuracy,
             "mean_cost": self.mean_cost,
+            "mean_output_tokens": self.mean_output_tokens,
         }
 
 
@@ -79,14 +85,14 @@ def cluster_stats(
     """
     if len(labels) != len(records):
         raise ValueError(f"{len(records)} records but {len(labels)} cluster labels")
-    # (cluster -> model -> [n, correct, cost sum])
+    # (cluster -> model -> [n, correct, cost sum, answers with votes, their output tokens])
     sums: dict[int, dict[str, list[float]]] = {}
-    total: dict[str, list[float]] = {m: [0, 0, 0.0] for m in ladder}
+    total: dict[str, list[float]] = {m: [0, 0, 0.0, 0, 0.0] for m in ladder}
     sizes: Counter[int] = Counter()
     for record, label in zip(records, labels):
         cid = int(label)
         sizes[cid] += 1
-        per = sums.setdefault(cid, {m: [0, 0, 0.0] for m in ladder})
+        per = sums.setdefault(cid, {m: [0, 0, 0.0, 0, 0.0] for m in ladder})
         for model in ladder:
             outcome = outcomes.get((record.id, model))
             if outcome is None:
@@ -97,16 +103,20 @@ def cluster_stats(
                 acc[0] += 1
                 acc[1] += ok
                 acc[2] += cost
+                if outcome.votes:
+                    acc[3] += 1
+                    acc[4] += outcome.votes[0].output_tokens
     glob = {m: _raw(total[m], None, None) for m in ladder}
+    glob_out = {m: _output(total[m], 0.0) for m in ladder}
 
     def stats(row: dict[str, list[float]]) -> dict[str, ModelStats]:
         out = {}
         for model in ladder:
             g_acc, g_cost = glob[model]
-            n, correct, _ = row[model]
+            n, correct = row[model][:2]
             acc, mean_cost = _raw(row[model], g_acc, g_cost)
             shrunk = shrink(correct, n, g_acc, prior_strength)
-            out[model] = ModelStats(int(n), int(correct), acc, shrunk, mean_cost)
+            out[model] = ModelStats(int(n), int(correct), acc, shrunk, mean_cost, _output(row[model], glob_out[model]))
         return out
 
     clusters = {cid: ClusterStats(cid, sizes[cid], stats(sums[cid])) for cid in sorted(sums)}
@@ -119,8 +129,13 @@ def shrink(correct: float, n: float, glob: float, strength: float) -> float:
     return (correct + strength * glob) / (n + strength) if n + strength > 0 else glob
 
 
+def _output(row: list[float], default: float) -> float:
+    """Mean greedy output tokens of a stats row's outcomes with votes, else `default`."""
+    return row[4] / row[3] if row[3] else default
+
+
 def _raw(row: list[float], acc_default: float | None, cost_default: float | None) -> tuple[float, float]:
-    n, correct, cost = row
+    n, correct, cost = row[:3]
     if n:
         return correct / n, cost / n
     return acc_default or 0.0, cost_default or 0.0

@@ -119,16 +119,17 @@ class Cascade:
         the one rule of `costs.share_prefixes`."""
         return price_steps(self.pricing, [(t.cluster, t.steps) for t in traces])
 
-    def strongest_tokens(self, trace: Trace, prompt: str, typical_output: float | None = None) -> tuple[int | None, int, float]:
+    def strongest_tokens(self, trace: Trace, prompt: str) -> tuple[int | None, int, float]:
         """The strongest model's greedy answer to `prompt` in tokens: (prompt, answered
         examples among them, output). Its own counts where it ran; otherwise its prompt
         counted with its own tokenizer and prompt format (a base model's few-shot preamble is
         far longer than a chat template, so the answering model's counts would mislead), and
-        its output `typical_output` when given (what it wrote, on average, where it ran in the
-        same run for the same answer type), else the final answer written bare
-        (`grading.bare_answer`) in its tokens. A runtime that cannot count without running (a
-        remote server) gives the answering model's counts, its prompt scaled by how much longer
-        the strongest model's prompt format renders it; prompt None when nothing ran."""
+        its output what it wrote, on average, on the fit log's queries of the prompt's cluster
+        (`RouterFile.typical_output`), else, for a router that did not record it, the final
+        answer written bare (`grading.bare_answer`) in its tokens. A runtime that cannot count
+        without running (a remote server) gives the answering model's counts, its prompt
+        scaled by how much longer the strongest model's prompt format renders it; prompt None
+        when nothing ran."""
         top = self.strongest
         ran = next((step for step in trace.steps if step.model == top), None)
         if ran is not None:
@@ -151,7 +152,8 @@ class Cascade:
             ours = len(render(self.specs[top].prompt_format, prompt).text)
             return round((last.prompt_tokens - last.prefix_tokens) * ours / max(1, theirs)), 0, last.greedy_output_tokens
         plain = backend.count_tokens(backend.prepare(prompt, GenParams())[0]) if shots else counted
-        return counted, max(0, counted - (plain or counted)), typical_output if typical_output is not None else answer
+        typical = self.router.typical_output(trace.cluster, top)
+        return counted, max(0, counted - (plain or counted)), typical if typical is not None else answer
 
     def _strongest_counter(self) -> "Backend":
         """A backend of the strongest model for counting tokens: the pool's where it is loaded,
@@ -171,19 +173,10 @@ class Cascade:
         per trace of a run, priced as `cost_of_run` prices the cascade (`costs.estimate_strongest`,
         its examples shared by `costs.share_prefixes`); None in "seconds"."""
         top = self.strongest
-        # What the strongest model wrote where it did run, per answer type: its output on the
-        # prompts it never saw is estimated from its own habits (it may explain past the bare
-        # answer), measured on this run (cost_vs_clock: the bare answer alone read 6% low).
-        written: dict[str | None, list[int]] = {}
-        for trace in traces:
-            for step in trace.steps:
-                if step.model == top:
-                    written.setdefault(trace.answer_type, []).append(step.greedy_output_tokens)
-        typical = {kind: sum(n) / len(n) for kind, n in written.items()}
         visits: list[tuple[str, float]] = []
         own: list[float | None] = []
         for trace, prompt in zip(traces, prompts):
-            tokens, prefix, output = self.strongest_tokens(trace, prompt, typical.get(trace.answer_type))
+            tokens, prefix, output = self.strongest_tokens(trace, prompt)
             own.append(estimate_strongest(self.pricing, top, tokens, output, prefix))
             visits.append((prefix_key(top, trace.cluster), self.pricing.prefix(top, prefix)) if prefix else ("", 0.0))
         return [None if cost is None else cost + share for cost, share in zip(own, share_prefixes(visits))]

@@ -166,6 +166,17 @@ class RouterFile:
         weight = trust(distance, self.assigner.radius(cid), self.assigner.threshold_)
         return blend_prior(info.stats[model]["shrunk_accuracy"], overall, weight)
 
+    def typical_output(self, cid: int, model: str) -> float | None:
+        """Tokens `model` wrote, on average, in one greedy answer to cluster `cid`'s fit
+        queries (`choice.ModelStats.mean_output_tokens`); for an unclustered prompt, the
+        size-weighted mean over the clusters. None for a router that did not record it."""
+        infos = [self.cluster(cid)] if cid >= 0 else list(self.clusters)
+        found = [(info.size, info.stats[model]["mean_output_tokens"]) for info in infos
+                 if info is not None and "mean_output_tokens" in info.stats.get(model, {})]
+        if not found or not sum(size for size, _ in found):
+            return None
+        return sum(size * tokens for size, tokens in found) / sum(size for size, _ in found)
+
     def settings_for(self, cid: int, distance: float | None = None) -> "QuerySettings":
         """Everything the router says about a query of cluster `cid` at `distance`, per model,
         in one call: the cluster's own thresholds, its deferral priors (`prior`), the answered

@@ -42,7 +42,7 @@ FIT_FIELDS = ("log", "log_sha256", "reader", "date", "crecli_version", "cost_uni
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _IDENTITY = re.compile(r"^(?:[0-9a-fA-F]{64}|remote:.+)$")
 _ARRAY_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
-_STAT_KEYS = ("n", "correct", "accuracy", "shrunk_accuracy", "mean_cost")
+_STAT_KEYS = ("n", "correct", "accuracy", "shrunk_accuracy", "mean_cost", "mean_output_tokens")
 MAX_TEXT_CHARS = 4096
 MAX_LADDER = 64
 MAX_CLUSTERS = 100_000
@@ -254,14 +254,19 @@ def _cluster(f: Field) -> dict[str, Any]:
 
 
 def _stats(f: Field) -> dict[str, float]:
-    f.as_object(keys=_STAT_KEYS)
-    return {
+    # mean_output_tokens is optional: routers written before it was recorded still load
+    # (the batch summary then estimates the strongest model's output from the answer).
+    f.as_object(keys=_STAT_KEYS, optional=("mean_output_tokens",))
+    stats = {
         "n": f["n"].as_float(0),
         "correct": f["correct"].as_float(0),
         "accuracy": f["accuracy"].as_float(0, 1),
         "shrunk_accuracy": f["shrunk_accuracy"].as_float(0, 1),
         "mean_cost": f["mean_cost"].as_float(0),
     }
+    if f.has("mean_output_tokens"):
+        stats["mean_output_tokens"] = f["mean_output_tokens"].as_float(0, 1_000_000)
+    return stats
 
 
 def _fit(f: Field) -> dict[str, Any]:
