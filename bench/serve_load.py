@@ -242,7 +242,9 @@ def remote_toml(path: Path, urls: dict[str, str | list[str]], ladder: list[str],
     for name, where in urls.items():
         spec = settings.get(name)
         text += (f'[models."{name}"]\nurl = {json.dumps(where)}\napi_model = "served"\n'
-                 f'prompt_format = "{spec.prompt_format}"\ncontext = {spec.context}\nmax_in_flight = {max_in_flight}\n')
+                 f'prompt_format = "{spec.prompt_format}"\ncontext = {spec.context}\nmax_in_flight = {max_in_flight}\n'
+                 # Greedy as in process: llama-cpp-python's server penalises repeats unless told.
+                 'repeat_penalty = 1.0\n')
     path.write_text(text)
     return path
 

@@ -165,6 +165,8 @@ def fit_remote_ladder(tmp_path: Path, gguf: Path, url: str) -> Ladder:
         # cre renders gemma's few-shot prompt itself and posts it to /v1/completions, so the
         # remote rung sees exactly the text the local rung would.
         'prompt_format = "completion"\n'
+        # llama-cpp-python's server penalises repeated tokens unless told; in process, none.
+        "repeat_penalty = 1.0\n"
     )
     log = tmp_path / "prompts.txt"
     log.write_text("\n".join(small_log_prompts()) + "\n")

@@ -79,8 +79,10 @@ def test_a_remote_rungs_signals_match_the_in_process_backends_on_50_prompts(gemm
     rows = []
     try:
         with engine(gemma.file, tmp_path / "engine.log", parallel=1, context=gemma.context) as eng:  # type: ignore[arg-type]
+            # repeat_penalty 1.0: llama-cpp-python's server (the fallback engine) penalises
+            # repeats unless told, and its greedy answers then differ from in-process ones.
             remote = OpenAIBackend(ModelSpec(name="remote", url=eng.url, api_model=ALIAS, prompt_format=gemma.prompt_format,
-                                             context=gemma.context, defined_in="test"), timeout=600)
+                                             context=gemma.context, repeat_penalty=1.0, defined_in="test"), timeout=600)
             assert remote.signal_support().kind == "logprobs", eng.tail()
             for record in fifty():
                 match = record.get("match")
@@ -179,7 +181,7 @@ def replicated_ladder(folder: Path, urls: list[str], prompts: list[str]) -> tupl
     `prompts` as plain text (no model runs: every cluster starts on the strongest rung)."""
     toml = folder / "models.toml"
     toml.write_text(f'ladder = ["{MODEL}", "remote"]\n[models.remote]\nurl = {json.dumps(urls)}\napi_model = "{ALIAS}"\n'
-                    'prompt_format = "completion"\nmax_in_flight = 2\n')
+                    'prompt_format = "completion"\nmax_in_flight = 2\nrepeat_penalty = 1.0\n')
     log = folder / "prompts.txt"
     log.write_text("\n".join(p.replace("\n", " ") for p in prompts) + "\n")
     router = folder / "remote.cre"

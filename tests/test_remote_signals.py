@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from crecli import config, grading
 from crecli.cli import app
 from crecli.config import ModelSpec
+from crecli.errors import ConfigError
 from crecli.costs import CostModel
 from crecli.ladder import AGREEMENT, DEFERRAL
 from crecli.models import logprobs as lp
@@ -157,6 +158,29 @@ def test_greedy_answers_ask_for_log_probabilities_and_carry_signals(server: Fake
         assert {k: greedy_body[k] for k in wanted} == wanted
         assert "logprobs" not in sampled_body and "top_logprobs" not in sampled_body
         assert backend.signal_support(probe=False).label == "logprobs"
+
+
+def test_repeat_penalty_is_sent_only_when_models_toml_sets_it(server: FakeOpenAI, tmp_path: Path) -> None:
+    # llama-cpp-python's server and Ollama penalise repeats (1.1) unless told: their greedy
+    # answers then differ from in-process ones. OpenAI's API refuses the field: never by default.
+    OpenAIBackend(_spec(server.url)).generate("hi", GenParams(max_tokens=4))
+    assert "repeat_penalty" not in server.requests[-1]["body"]
+    toml = tmp_path / "models.toml"
+    toml.write_text(f'ladder = ["remote"]\n[models.remote]\nurl = "{server.url}"\napi_model = "m"\nrepeat_penalty = 1.0\n')
+    spec = config.load(toml).get("remote")
+    assert spec.repeat_penalty == 1.0
+    OpenAIBackend(spec).generate("hi", GenParams(max_tokens=4))
+    OpenAIBackend(spec).generate("hi", GenParams(max_tokens=4, temperature=0.7, seed=1))
+    assert [r["body"]["repeat_penalty"] for r in server.requests[-2:]] == [1.0, 1.0]
+    for body, words in [
+        (f'url = "{server.url}"\nrepeat_penalty = 0\n', "above 0 and at most 10"),
+        (f'url = "{server.url}"\nrepeat_penalty = "1"\n', "repeat_penalty must be a finite number"),
+        ('path = "/x.gguf"\nrepeat_penalty = 1.0\n', "sets `repeat_penalty`, which is sent to a remote rung"),
+    ]:
+        toml.write_text('ladder = ["remote"]\n[models.remote]\n' + body)
+        with pytest.raises(ConfigError) as info:
+            config.load(toml)
+        assert words in str(info.value), (body, str(info.value))
 
 
 def test_a_server_that_drops_log_probabilities_is_found_out_once_and_shown(server: FakeOpenAI, tmp_path: Path) -> None:

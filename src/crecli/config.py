@@ -87,6 +87,11 @@ class ModelSpec:
     url: str | None = None  # the first server; `urls` holds them all
     urls: tuple[str, ...] = ()  # a remote rung's replicas, from `url` (a string or an array)
     max_in_flight: int | None = None  # a remote rung's requests each server holds at once
+    # Sent with every request to a remote rung's servers when set. llama-cpp-python's server
+    # and Ollama penalise repeated tokens (1.1) unless told otherwise, which changes greedy
+    # answers against the in-process runtime (none); OpenAI's own API refuses the field, so
+    # it is sent only when models.toml asks for it.
+    repeat_penalty: float | None = None
     api_model: str | None = None
     api_key_env: str | None = None
     price_per_1k_tokens: float | None = None
@@ -318,6 +323,10 @@ def _model_fields(name: str, fields: dict[str, Any], where: Path | str) -> dict[
             out[f] = out["urls"][0]
         elif f == "max_in_flight":
             out[f] = _int(where, key, value, 1, MAX_IN_FLIGHT, " (requests each of the rung's servers holds at once)")
+        elif f == "repeat_penalty":
+            out[f] = _float(where, key, value, 0.0)
+            if not 0.0 < out[f] <= 10.0:
+                raise ConfigError(f"{where}: {key} must be a number above 0 and at most 10 (1.0: no penalty), got {_show(value)}")
         elif f == "api_key_env":
             out[f] = _str(where, key, value, _ENV_NAME, "an environment variable's name, such as OPENAI_API_KEY")
         elif f == "price_per_1k_tokens":
@@ -387,6 +396,11 @@ def _spec(name: str, fields: dict[str, Any], where: str) -> ModelSpec:
         raise ConfigError(
             f"{where}: model {name!r} sets `max_in_flight`, which bounds a remote rung's requests; it runs "
             "in this process, one request at a time: remove `max_in_flight` or give it a `url`"
+        )
+    if spec.repeat_penalty is not None and not spec.url:
+        raise ConfigError(
+            f"{where}: model {name!r} sets `repeat_penalty`, which is sent to a remote rung's servers; "
+            "in this process no penalty applies: remove it or give the model a `url`"
         )
     return spec
 

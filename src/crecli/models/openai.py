@@ -363,6 +363,8 @@ class OpenAIBackend(Backend):
             body["seed"] = params.seed
         if params.stop:
             body["stop"] = list(params.stop)
+        if self.spec.repeat_penalty is not None:
+            body["repeat_penalty"] = self.spec.repeat_penalty
         return body
 
     @staticmethod
