@@ -2,7 +2,8 @@
 llama-cpp-python's server when no llama-server is built; `tests/support/engines.py`).
 
 - Signal parity: the remote rung's deferral features and P(correct) against the in-process
-  backend's on the same GGUF, on 50 prompts of examples/querylog.jsonl. The measured
+  backend's on the same GGUF, on 50 prompts of examples/querylog.jsonl, through
+  llama-cpp-python's server (see the test for why not llama-server). The measured
   differences are printed (run with -s) and written to $CRE_PARITY_OUT when it is set.
 - A server without log-probabilities (llama-cpp-python's server without `logits_all`): the
   rung shows "none" and a deferral rung on it runs the agreement check.
@@ -81,7 +82,11 @@ def test_a_remote_rungs_signals_match_the_in_process_backends_on_50_prompts(gemm
     local = LlamaBackend(gemma)
     rows = []
     try:
-        with engine(gemma.file, tmp_path / "engine.log", parallel=1, context=gemma.context) as eng:  # type: ignore[arg-type]
+        # llama-cpp-python's server, even where llama-server is built: llama-server's
+        # log-probabilities differ from the in-process ones by more than cre's reading of
+        # them can explain (docs/scale.md: measured, cause not found), so the bounds below
+        # would test the engine, not cre.
+        with engine(gemma.file, tmp_path / "engine.log", kind="python", parallel=1, context=gemma.context) as eng:  # type: ignore[arg-type]
             # repeat_penalty 1.0: llama-cpp-python's server (the fallback engine) penalises
             # repeats unless told, and its greedy answers then differ from in-process ones.
             remote = OpenAIBackend(ModelSpec(name="remote", url=eng.url, api_model=ALIAS, prompt_format=gemma.prompt_format,

@@ -100,7 +100,10 @@ def engine(gguf: Path, log: Path, parallel: int = 4, context: int = 2048, thread
         port = free_port()
         cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-a", ALIAS,
                "-np", str(parallel), "-c", str(context * parallel), "-t", str(threads), "-tb", str(threads),
-               "-ngl", "0", "--no-webui"]
+               "-ngl", "0", "--no-webui",
+               # Flash attention as the in-process runtime has it (off): with llama-server's
+               # "auto", 41 of 50 greedy answers matched in-process ones; with it off, 45.
+               "-fa", "off"]
         if not use_extra_bufts():
             cmd.append("--no-repack")
         with log.open("wb") as out:
