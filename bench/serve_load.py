@@ -281,7 +281,7 @@ def direct_requests(top: str, prompts: list[str], n: int) -> list[Request]:
         rendered = render(spec.prompt_format, prompts[i % len(prompts)])
         out.append(("/v1/completions", {"model": "served", "prompt": rendered.escaped(), "temperature": 0.0,
                                         "max_tokens": grading.max_tokens_for(None), "top_p": 0.95, "seed": 0,
-                                        "stop": list(rendered.stop)}))
+                                        "stop": list(rendered.stop), "repeat_penalty": 1.0}))
     return out
 
 
@@ -319,7 +319,8 @@ def engine_run(args: argparse.Namespace) -> int:
     top_file = settings.get(top).file
     with engine(top_file, work / "engine-top.log", parallel=args.parallel, kind=args.engine_kind) as eng:
         kinds.add(eng.kind)
-        sweep("direct", eng.url, direct_requests(top, prompts, n))
+        # The engine's URL is its API root (".../v1"); the requests carry their whole path.
+        sweep("direct", eng.url.removesuffix("/v1"), direct_requests(top, prompts, n))
         router, toml = fit_all_on(top, eng.url, prompts, work)
         with cre_serve(router, toml, work / "home-b0", work / "serve-b0.log", force=True) as url:
             sweep("cre->engine", url, chat_requests("cre", prompts, n))
