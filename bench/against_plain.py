@@ -26,7 +26,7 @@ CASCADE = "cascade (this router)"
 
 def spread(values: Sequence[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
-            "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0}  # as bench/headline reports it
 
 
 def compare(headline: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
