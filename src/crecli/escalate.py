@@ -138,22 +138,23 @@ class Cascade:
             return None, 0, 0
         last = trace.steps[-1]
         shots = self.router.shots(trace.cluster, top)
-        counted = answer = None
+        output = self.router.typical_output(trace.cluster, top)
+        counted = None
         try:
             backend = self._strongest_counter()
             counted = backend.count_tokens(backend.prepare(prompt, GenParams(shots=shots))[0])
-            # The final answer as the strongest model, told to reply with the bare answer, would
-            # write it ("(B)", the number, the text), not as a rambling base model did.
-            answer = backend.count_text_tokens(grading.bare_answer(trace.answer, trace.answer_type) or trace.answer)
+            if output is None:
+                # The final answer as the strongest model, told to reply with the bare answer,
+                # would write it ("(B)", the number, the text), not as a rambling base model did.
+                output = backend.count_text_tokens(grading.bare_answer(trace.answer, trace.answer_type) or trace.answer)
         except CreError:
             pass  # its file is not here to count with (an estimate must not end a finished batch)
-        if counted is None or answer is None:
+        if counted is None or output is None:
             theirs = len(render(self.specs[last.model].prompt_format, prompt).text)
             ours = len(render(self.specs[top].prompt_format, prompt).text)
             return round((last.prompt_tokens - last.prefix_tokens) * ours / max(1, theirs)), 0, last.greedy_output_tokens
         plain = backend.count_tokens(backend.prepare(prompt, GenParams())[0]) if shots else counted
-        typical = self.router.typical_output(trace.cluster, top)
-        return counted, max(0, counted - (plain or counted)), typical if typical is not None else answer
+        return counted, max(0, counted - (plain or counted)), output
 
     def _strongest_counter(self) -> "Backend":
         """A backend of the strongest model for counting tokens: the pool's where it is loaded,
