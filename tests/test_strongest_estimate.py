@@ -18,6 +18,7 @@ from typing import Any, Callable
 from crecli import config
 from crecli.costs import Pricing
 from crecli.escalate import Cascade
+from crecli.trace import Trace
 from crecli.models.prompting import render
 from crecli.route import RouteDecision
 from crecli.routerfile import SCHEMA_VERSION, ClusterInfo, FitRecord, LadderEntry, RouterFile
@@ -35,20 +36,31 @@ def _router(clusters: list[ClusterInfo] | None = None) -> RouterFile:
     )
 
 
-def test_the_estimate_counts_the_strongest_models_own_tokens(
-    tiny_models_toml: Path, fake_backends: Callable[..., Any], bench_speeds: Callable[..., None]
-) -> None:
-    # small is a base model ("completion": a long few-shot preamble) that rambles; large is
-    # a chat model. The fakes count a rendered prompt's words as its tokens.
+def _rambler_and_chat(fake_backends: Callable[..., Any], bench_speeds: Callable[..., None]) -> dict[str, Any]:
+    """small, a base model that rambles, and large, a chat model that answers bare, at
+    measured speeds (bench-seconds); the fakes count a rendered prompt's words as its tokens."""
     fakes = fake_backends({"small": lambda text, p: "(B) because an apple is a fruit you can eat",
                            "large": lambda text, p: "(B)"})
     bench_speeds({"small": (400.0, 40.0), "medium": (100.0, 20.0), "large": (50.0, 10.0)})
+    return fakes
+
+
+def _walk(cascade: Cascade, start: str) -> Trace:
+    """PROMPT walked up the ladder from `start`."""
+    pending = cascade.begin(PROMPT, "choice", decision=RouteDecision(-1, start, 0.0, "test", 0.0))
+    while not cascade.advance(pending):
+        pass
+    return pending.trace
+
+
+def test_the_estimate_counts_the_strongest_models_own_tokens(
+    tiny_models_toml: Path, fake_backends: Callable[..., Any], bench_speeds: Callable[..., None]
+) -> None:
+    # small is a base model ("completion": a long few-shot preamble) that rambles.
+    fakes = _rambler_and_chat(fake_backends, bench_speeds)
     with Cascade(_router(), config.load(tiny_models_toml)) as cascade:
         assert cascade.pricing.unit == "bench-seconds"
-        pending = cascade.begin(PROMPT, "choice", decision=RouteDecision(-1, "small", 0.0, "test", 0.0))
-        while not cascade.advance(pending):
-            pass
-        trace = pending.trace
+        trace = _walk(cascade, "small")
         assert [s.model for s in trace.steps] == ["small"]
         [estimate] = cascade.strongest_cost_of_run([trace], [PROMPT])
         large = fakes["large"]
@@ -61,14 +73,12 @@ def test_the_estimate_counts_the_strongest_models_own_tokens(
         assert prompt_tokens < small_step.prompt_tokens and answer_tokens < small_step.output_tokens
 
         # Where the strongest model ran, its own counts price it.
-        ran = cascade.begin(PROMPT, "choice", decision=RouteDecision(-1, "large", 0.0, "test", 0.0))
-        while not cascade.advance(ran):
-            pass
-        [own] = cascade.strongest_cost_of_run([ran.trace], [PROMPT])
-        top = ran.trace.steps[0]
+        ran = _walk(cascade, "large")
+        [own] = cascade.strongest_cost_of_run([ran], [PROMPT])
+        top = ran.steps[0]
         assert own == cascade.pricing.tokens("large", top.prompt_tokens, top.greedy_output_tokens)
         # The cascade's own cost of that answer is the same figure: it is that answer.
-        assert cascade.cost_of(ran.trace) == own == ran.trace.cost
+        assert cascade.cost_of(ran) == own == ran.cost
 
 
 def _cluster(cid: int, size: int, large_output: float | None) -> ClusterInfo:
@@ -81,18 +91,13 @@ def _cluster(cid: int, size: int, large_output: float | None) -> ClusterInfo:
 def test_the_strongest_models_output_is_what_it_wrote_on_the_prompts_cluster(
     tiny_models_toml: Path, fake_backends: Callable[..., Any], bench_speeds: Callable[..., None]
 ) -> None:
-    fakes = fake_backends({"small": lambda text, p: "(B) because an apple is a fruit you can eat",
-                           "large": lambda text, p: "(B)"})
-    bench_speeds({"small": (400.0, 40.0), "medium": (100.0, 20.0), "large": (50.0, 10.0)})
+    fakes = _rambler_and_chat(fake_backends, bench_speeds)
     router = _router([_cluster(0, 10, 2.0), _cluster(1, 30, 10.0)])
     assert router.typical_output(0, "large") == 2.0 and router.typical_output(1, "large") == 10.0
     assert router.typical_output(-1, "large") == 8.0  # unclustered: the clusters' size-weighted mean
     assert router.typical_output(0, "small") is None
     with Cascade(router, config.load(tiny_models_toml)) as cascade:
-        pending = cascade.begin(PROMPT, "choice", decision=RouteDecision(-1, "small", 0.0, "test", 0.0))
-        while not cascade.advance(pending):
-            pass
-        [estimate] = cascade.strongest_cost_of_run([pending.trace], [PROMPT])
+        [estimate] = cascade.strongest_cost_of_run([_walk(cascade, "small")], [PROMPT])
         prompt_tokens = fakes["large"].count_tokens(render("chatml", PROMPT))
         assert estimate == cascade.pricing.tokens("large", prompt_tokens, 8.0)
         # Not the bare answer's tokens (what a router without the figure falls back to).
