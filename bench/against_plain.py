@@ -15,18 +15,30 @@ model's, and cre's own strongest-only arm beside it (what `cre`'s prompt alone c
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
+import importlib.util
 import json
-import statistics
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 CASCADE = "cascade (this router)"
 
 
-def spread(values: Sequence[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0}  # as bench/headline reports it
+
+
+def _headline() -> Any:
+    """bench/headline, a script without a .py suffix, loaded as a module."""
+    loader = importlib.machinery.SourceFileLoader("headline", str(Path(__file__).with_name("headline")))
+    spec = importlib.util.spec_from_loader("headline", loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+# Mean [min-max] +-std across seeds, as bench/headline reports its own runs.
+spread = _headline().spread
 
 
 def compare(headline: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
@@ -59,19 +71,6 @@ def compare(headline: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def reference_point(run: dict[str, Any]) -> dict[str, Any] | None:
-    """The strongest-only arm over the whole log: the mean of its per-fold points, which each
-    score an equal share of the log (the cross-fit's folds)."""
-    folds = [next((p for p in f["points"] if p["name"] == run["reference"]), None) for f in run.get("folds", [])]
-    if not folds or any(p is None for p in folds):
-        return None
-    sizes = [f["n_eval"] for f in run["folds"]]
-    total = sum(sizes)
-    return {"name": run["reference"],
-            "accuracy": sum(p["accuracy"] * n for p, n in zip(folds, sizes)) / total,
-            "mean_cost": sum(p["mean_cost"] * n for p, n in zip(folds, sizes)) / total}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--headline", type=Path, required=True, help="`bench/headline --json` output")
@@ -80,10 +79,6 @@ def main() -> None:
     args = parser.parse_args()
     headline = json.loads(args.headline.read_text())
     plain = json.loads(args.plain.read_text())
-    for run in headline["runs"]:
-        point = reference_point(run)
-        if point is not None and all(p["name"] != point["name"] for p in run["points"]):
-            run["points"].append(point)
     result = compare(headline, plain)
     if args.json:
         print(json.dumps(result, indent=1))

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBES = ("What is 2 plus 2?", "(A) yes (B) no")  # as `models.prompting.HEAD_PROBES`
 
 
 def chat_tokens(llm: Any, prompt: str) -> list[int]:
@@ -62,6 +61,7 @@ def main() -> None:
     from crecli.models.pull import require_file
     from crecli.models.runtime import default_threads, model_params, quiet_stderr, use_extra_bufts
     from crecli.models.tokens import shared_prefix
+    from crecli.models.prompting import HEAD_PROBES
 
     settings = config.load()
     name = args.model or settings.ladder[-1]
@@ -73,7 +73,7 @@ def main() -> None:
     with quiet_stderr(), model_params(use_extra_bufts()):
         llm = Llama(model_path=str(require_file(spec)), n_ctx=spec.context, n_threads=default_threads(),
                     n_threads_batch=default_threads(), verbose=False)
-    head = len(shared_prefix([chat_tokens(llm, p) for p in PROBES]))
+    head = len(shared_prefix([chat_tokens(llm, p) for p in HEAD_PROBES]))
     rows = []
     start = time.perf_counter()
     for i, r in enumerate(records, start=1):
