@@ -31,10 +31,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from crecli import config, grading, querylog
-from crecli.escalate import check, vote_params
+from crecli.escalate import check
 from crecli.models.backend import Backend
 from crecli.models.llama import LlamaBackend
-from crecli.quality import Deferral, QualityCheck, feature_names
+from crecli.quality import Deferral, QualityCheck, feature_names, vote_params
 
 # examples/ in the repository.
 DEFAULT_LOG = Path(__file__).resolve().parents[1] / "examples" / "querylog.jsonl"

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from crecli import config, grading, routerfile
 from crecli.cli import app
-from crecli.escalate import Cascade, check, vote_params
+from crecli.escalate import Cascade, check
+from crecli.quality import vote_params
 from crecli.models.backend import GenParams
 from crecli.models.fake import FakeBackend
 from crecli.quality import QualityCheck, vote_seed

@@ -33,12 +33,11 @@ from crecli.costs import Pricing, estimate_strongest, prefix_key, price_steps, s
 from crecli.errors import CreError, RouterFileError
 from crecli.ladder import Climb, step, walk
 # Re-exported: the live trace records and the one-rung check, where callers have long found them.
-from crecli.live import LiveSource, LiveVotes, Pending, check  # noqa: F401
+from crecli.live import LiveSource, LiveVotes, Pending, check, greedy_params  # noqa: F401
 from crecli.trace import Step, Trace  # noqa: F401
 from crecli.models.backend import GenParams
 from crecli.models.prompting import render
 from crecli.models.registry import ModelPool
-from crecli.quality import vote_params
 from crecli.route import RouteDecision, route, route_many
 
 if TYPE_CHECKING:
@@ -258,7 +257,7 @@ class Cascade:
             for p in group:
                 current = p.climb.current
                 try:
-                    params.append(vote_params(self.quality, 0, current.max_tokens, p.prompt, current.shots))
+                    params.append(greedy_params(self.quality, current, p.prompt))
                 except CreError:
                     continue
                 members.append(p)

@@ -33,6 +33,13 @@ if TYPE_CHECKING:
     from crecli.quality import Deferral, QualityCheck
 
 
+def greedy_params(quality: "QualityCheck", rung: Rung, prompt: str) -> "GenParams":
+    """The parameters of `rung`'s greedy vote on `prompt`, drawn here or decoded ahead for a
+    batch (`Cascade.decode_greedy`). Only the deferral check reads the greedy pass's signals;
+    other rungs do not ask for them."""
+    return replace(vote_params(quality, 0, rung.max_tokens, prompt, rung.shots), signals=rung.check == DEFERRAL)
+
+
 class LiveVotes:
     """A rung's votes for one prompt, generated on demand by a model backend (`ladder.Votes`).
 
@@ -49,9 +56,7 @@ class LiveVotes:
         self.emit = emit  # the greedy answer's text as it is generated (`Backend.generate_streaming`)
         self.max_tokens, self.answer_type, self.shots = rung.max_tokens, answer_type, rung.shots
         self.greedy = greedy
-        # Only the deferral check reads the greedy pass's signals; other rungs do not ask for them.
-        self._greedy_params = replace(vote_params(quality, 0, rung.max_tokens, prompt, rung.shots),
-                                      signals=rung.check == DEFERRAL)
+        self._greedy_params = greedy_params(quality, rung, prompt)
         self.texts: list[str] = []
         self.normalized: list[str] = []
         self.prompt_tokens = self.output_tokens = self.greedy_output_tokens = 0
@@ -93,6 +98,8 @@ class LiveVotes:
 
     def step(self, rung: Rung, verdict: Verdict) -> "Step":
         """What the rung did, for the trace; `why` says why it kept the answer or not."""
+        # A deferral rung whose answer came without log-probabilities runs the agreement check.
+        threshold = rung.fallback if verdict.check == AGREEMENT and rung.check == DEFERRAL else rung.threshold
         if rung.check == GREEDY:
             why = "greedy answer of the top rung"
         elif verdict.check == DEFERRAL:
@@ -100,8 +107,6 @@ class LiveVotes:
             why = (f"P(correct) {p:.2f} {'>=' if p >= rung.threshold else '<'} threshold {rung.threshold:.2f}"
                    + ("" if verdict.answer else "; the answer is empty"))
         else:
-            # A deferral rung whose answer came without log-probabilities runs the agreement check.
-            threshold = rung.fallback if rung.check == DEFERRAL else rung.threshold
             majority = Counter(self.normalized[: verdict.used])[verdict.answer]
             share = f"agreement {verdict.agreement:.2f} ({majority}/{verdict.used})"
             why = f"{share} >= threshold {threshold:.2f}" if verdict.kept else f"{share} < threshold {threshold:.2f}"
@@ -111,8 +116,7 @@ class LiveVotes:
         prefix = self.backend.shot_tokens(self.prompt, params, self.prompt_tokens) if self.shots else 0
         return Step(
             model=self.backend.spec.name, votes=self.texts, normalized=self.normalized, agreement=verdict.agreement,
-            used=verdict.used, threshold=rung.fallback if verdict.check == AGREEMENT and rung.check == DEFERRAL
-            else rung.threshold, accepted=verdict.kept, answer=self.texts[verdict.index].strip(),
+            used=verdict.used, threshold=threshold, accepted=verdict.kept, answer=self.texts[verdict.index].strip(),
             prompt_tokens=self.prompt_tokens, output_tokens=self.output_tokens,
             greedy_output_tokens=self.greedy_output_tokens, seconds=self.seconds, why=why, p_correct=verdict.p_correct,
             prefix_tokens=prefix,

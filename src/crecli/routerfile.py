@@ -173,9 +173,8 @@ class RouterFile:
         infos = [self.cluster(cid)] if cid >= 0 else list(self.clusters)
         found = [(info.size, info.stats[model]["mean_output_tokens"]) for info in infos
                  if info is not None and "mean_output_tokens" in info.stats.get(model, {})]
-        if not found or not sum(size for size, _ in found):
-            return None
-        return sum(size * tokens for size, tokens in found) / sum(size for size, _ in found)
+        total = sum(size for size, _ in found)
+        return sum(size * tokens for size, tokens in found) / total if total else None
 
     def settings_for(self, cid: int, distance: float | None = None) -> "QuerySettings":
         """Everything the router says about a query of cluster `cid` at `distance`, per model,

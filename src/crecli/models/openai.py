@@ -255,8 +255,8 @@ class OpenAIBackend(Backend):
                 raise
             status = reply.status
             if status in (429, 503) or status >= 500:
-                retry_after = _retry_after(reply) if status in (429, 503) else None
                 error = self._status_error(reply, where)
+                retry_after = error.retry_after if status in (429, 503) else None
                 if refusals and status in REFUSALS:
                     self.replicas.release(replica)
                     raise error
