@@ -274,13 +274,17 @@ def direct_requests(top: str, prompts: list[str], n: int) -> list[Request]:
     (here the largest, as no cluster says otherwise)."""
     from crecli import config, grading
     from crecli.models.prompting import render
+    from crecli.quality import QualityCheck, vote_params
 
     spec = config.load().get(top)
     out = []
     for i in range(n):
-        rendered = render(spec.prompt_format, prompts[i % len(prompts)])
-        out.append(("/v1/completions", {"model": "served", "prompt": rendered.escaped(), "temperature": 0.0,
-                                        "max_tokens": grading.max_tokens_for(None), "top_p": 0.95, "seed": 0,
+        prompt = prompts[i % len(prompts)]
+        rendered = render(spec.prompt_format, prompt)
+        # The greedy vote's sampling settings, from the rule cre's own requests follow.
+        params = vote_params(QualityCheck(), 0, grading.max_tokens_for(None), prompt)
+        out.append(("/v1/completions", {"model": "served", "prompt": rendered.escaped(), "temperature": params.temperature,
+                                        "max_tokens": params.max_tokens, "top_p": params.top_p, "seed": params.seed,
                                         "stop": list(rendered.stop), "repeat_penalty": 1.0}))
     return out
 
