@@ -16,7 +16,7 @@ import pytest
 
 from crecli import config, grading
 from crecli.costs import CostModel
-from crecli.ladder import AGREEMENT, DEFERRAL, GREEDY, Climb, Policy, Rung, judge, walk
+from crecli.ladder import AGREEMENT, DEFERRAL, GREEDY, Climb, Draw, Policy, Rung, Score, checking, judge, walk
 from crecli.outcomes import OutcomeStore, collect
 from crecli.quality import Deferral, DeferralCheck, QualityCheck, feature_names
 from crecli.replay import Replay
@@ -104,6 +104,55 @@ def test_judge_draws_only_the_votes_the_decision_needs() -> None:
     assert judge(defer, _Scripted(["4"], p=0.7)).kept and not judge(defer, _Scripted([""], p=0.9)).kept
     greedy = judge(Rung("m", GREEDY, 0.9, True), _Scripted(["", "4"]))
     assert greedy.accept and greedy.used == 1 and greedy.answer == ""
+
+
+def _converse(rung: Rung, script: list[str], p: float | None = 0.5) -> tuple[list[object], object]:
+    """Drive `rung`'s check by hand: what it asked for, in order, and its verdict."""
+    check, asked, drawn = checking(rung), [], 0
+    need = next(check)
+    try:
+        while True:
+            asked.append(need)
+            if isinstance(need, Draw):
+                got: object = script[drawn : drawn + need.count]
+                drawn += need.count
+            else:
+                got = p
+            need = check.send(got)
+    except StopIteration as finished:
+        return asked, finished.value
+
+
+def test_a_check_asks_for_votes_and_draws_none_itself() -> None:
+    # The decision is a conversation: it asks for waves of votes and for P(correct), and
+    # decides on what it is sent, so `walk` is the one place votes are drawn.
+    agree = Rung("m", AGREEMENT, 0.6, False, k=5)
+    script = ["4", "4", "4", "5", "5"]
+    asked, verdict = _converse(agree, script)
+    assert all(isinstance(a, Draw) for a in asked) and asked[0] == Draw(1)
+    assert sum(a.count for a in asked) == verdict.used == 3  # type: ignore[attr-defined]
+    assert verdict == judge(agree, _Scripted(script))
+    defer = Rung("m", DEFERRAL, 0.5, False, votes=2, deferral=None)
+    asked, verdict = _converse(defer, ["4", "4"], p=0.7)
+    assert asked == [Draw(1), Draw(1), Score(("4", "4"))] and verdict.kept and verdict.p_correct == 0.7
+    # No P(correct) for the answer: the agreement check decides, asking for more votes.
+    asked, verdict = _converse(defer, ["4", "4", "4", "4", "4"], p=None)
+    assert asked[:3] == [Draw(1), Draw(1), Score(("4", "4"))] and verdict.check == AGREEMENT
+    with pytest.raises(KeyError):
+        next(checking(Rung("m", AGREEMENT, float("nan"), False)))
+
+
+def test_walk_stops_before_a_rung_when_told() -> None:
+    policy = Policy(tuple(LADDER), {"small": 0.6, "medium": 0.6, "large": 0.0}, QualityCheck(k=5))
+    scripts = {"small": ["1", "2", "3", "4", "5"], "medium": ["7", "7", "7"], "large": ["9"]}
+    climb = walk(Climb(policy.rungs(), 0), lambda rung: _Scripted(scripts[rung.model]), stop=lambda: True)
+    assert climb.verdicts == [] and not climb.done
+    judged: list[str] = []
+    climb = walk(Climb(policy.rungs(), 0), lambda rung: _Scripted(scripts[rung.model]),
+                 lambda rung, verdict, votes: judged.append(rung.model), stop=lambda: len(judged) >= 1)
+    assert judged == ["small"] and climb.rung == 1 and not climb.done
+    walk(climb, lambda rung: _Scripted(scripts[rung.model]), steps=1)
+    assert climb.done and [v.answer for _, v in climb.verdicts] == ["1", "7"]
 
 
 def test_walk_climbs_until_a_rung_keeps_its_answer() -> None:

@@ -67,6 +67,9 @@ class _FixedAssigner:
     def predict(self, X: Sequence[Sequence[float]]) -> tuple[list[int], list[float]]:
         return [self.label] * len(X), [0.1] * len(X)
 
+    def reach(self, label: int) -> float | None:
+        return None  # as `Assigner.reach` for a cluster it does not know
+
 
 def test_a_cluster_the_router_does_not_know_goes_to_the_fallback(router: RouterFile) -> None:
     decision = route(replace(router, assigner=_FixedAssigner(7)), "What is 1 plus 1?")

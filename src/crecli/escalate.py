@@ -1,7 +1,7 @@
 """The cascade: route a prompt, answer on its cluster's model, escalate while unsure.
 
 The walk up the ladder is the ladder engine's (`ladder`): each rung's policy is resolved
-once when a prompt is placed (`Cascade.begin`), `ladder.judge` decides each rung on votes
+once when a prompt is placed (`Cascade.begin`), `ladder.checking` decides each rung on votes
 that `LiveVotes` draws from the rung's model, and the top rung's answer is final. The
 replay that calibration and evaluation run drives the same engine on recorded votes
 (`replay`), so the two cannot decide differently.
@@ -26,12 +26,12 @@ from __future__ import annotations
 import threading
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from crecli import grading
 from crecli.costs import Pricing, estimate_strongest, prefix_key, price_steps, share_prefixes
 from crecli.errors import CreError, RouterFileError
-from crecli.ladder import Climb, step, walk
+from crecli.ladder import Climb, walk
 # Re-exported: the live trace records and the one-rung check, where callers have long found them.
 from crecli.live import LiveSource, LiveVotes, Pending, check, greedy_params  # noqa: F401
 from crecli.trace import Step, Trace  # noqa: F401
@@ -275,23 +275,21 @@ class Cascade:
     def _source(self, pending: Pending) -> LiveSource:
         return LiveSource(pending, self.pool, self.specs, self.quality, self.pricing)
 
-    def advance(self, pending: Pending) -> bool:
-        """Run the check on the pending prompt's current rung (`ladder.step`); True once its
-        answer is final. `cre batch` steps many prompts this way, rung by rung."""
+    def advance(self, pending: Pending, rungs: int | None = 1, stop: Callable[[], bool] | None = None) -> bool:
+        """Walk the pending prompt up the ladder (`ladder.walk`) for at most `rungs` rungs
+        (None: until its answer is final), stopping before a rung once `stop()` holds; True
+        once its answer is final. `cre batch` moves many prompts a rung at a time; `cre
+        serve` walks a request's prompt whole, stopping when the request gives up. A remote
+        rung whose servers all failed is passed over (`LiveSource.hold`)."""
         source = self._source(pending)
-        rung = pending.climb.current
-        with source.hold(rung):  # a remote rung whose servers all failed is passed over here
-            votes = source.votes_for(rung)
-            step(pending.climb, votes)
-            source.after(rung, pending.climb.verdicts[-1][1], votes)
-        return pending.done
+        walk(pending.climb, source.votes_for, source.after, source.hold, steps=rungs, stop=stop)
+        return pending.climb.done
 
     def ask(self, prompt: str, match: str | None = None, reference: Sequence[str] | str | None = None, *,
             id: str | None = None) -> Trace:
         """Answer one prompt through the cascade (`ladder.walk`) and return the trace of every step."""
         pending = self.begin(prompt, match, reference, id=id)
-        source = self._source(pending)
-        walk(pending.climb, source.votes_for, source.after, source.hold)
+        self.advance(pending, rungs=None)
         return pending.trace
 
     def close(self) -> None:

@@ -9,8 +9,8 @@ rung's answer is final. Two sources drive the same engine:
   votes the outcome store recorded (`replay.RecordedVotes`).
 
 So whatever rule a rung follows, the top rung included, the replay and the live path cannot
-disagree: `judge` is the one decision and `walk` the one loop (`cre batch` steps through the
-same `step` rung by rung across many prompts). Each rung's policy (`Rung`: model, check,
+disagree: `checking` is the one decision and `walk` the one loop, and the one place a check's
+votes are drawn (`cre batch` walks many prompts one rung at a time). Each rung's policy (`Rung`: model, check,
 threshold, votes, deferral model, prior) is resolved once per query (`Policy.rungs`), and a
 trace is priced once at the end (`costs`).
 
@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, ContextManager, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Generator, Mapping, Protocol, Sequence
 
 from crecli.quality import DEFAULT_THRESHOLD, accept_deferral, decide, done, greedy_agreement, needed, wave
 
@@ -93,23 +93,61 @@ class Votes(Protocol):
         deferral model cannot judge it (`quality.judge_deferral`)."""
 
 
-def judge(rung: Rung, votes: Votes) -> Verdict:
-    """Run `rung`'s check on `votes`: the one decision of the live cascade and the replay."""
+@dataclass(frozen=True)
+class Draw:
+    """What a check asks its source for next: `count` more votes."""
+
+    count: int
+
+
+@dataclass(frozen=True)
+class Score:
+    """What a check asks its source for next: the rung's P(correct) for the greedy answer,
+    given the votes drawn so far (`Votes.p_correct`)."""
+
+    answers: tuple[str, ...]
+
+
+# A check's conversation with its source: it yields what it needs (`Draw`, `Score`), is sent
+# the answer (the new votes; the P(correct) or None), and returns its `Verdict`.
+Checking = Generator["Draw | Score", Any, Verdict]
+
+
+def checking(rung: Rung) -> Checking:
+    """`rung`'s check, the one decision of the live cascade and the replay, as a conversation
+    with its votes' source (`walk` holds the other end).
+
+    It draws no vote itself: it asks for each wave it needs and decides on what it is sent,
+    so the decision stays a pure function of the votes while the source decides how they
+    come (a model, a server, a record), and `walk` is the one place that draws them."""
     if math.isnan(rung.threshold):
         raise KeyError(f"no threshold for {rung.model!r}")
-    answers = list(votes.more(1))
+    answers = list((yield Draw(1)))
     if rung.check == GREEDY:
         return Verdict(1, 1.0, True, 0, answers[0], kept=True, check=GREEDY)
+    threshold = rung.threshold
     if rung.check == DEFERRAL:
         if rung.votes > 1:
-            answers += votes.more(rung.votes - 1)
-        p = votes.p_correct(rung, answers)
-        if p is None:
-            # No log-probabilities where the model reads them: self-consistency decides instead.
-            return _agree(rung, votes, answers, rung.fallback)
-        kept = accept_deferral(p, rung.threshold, answers[0])
-        return Verdict(len(answers), greedy_agreement(answers), kept or rung.top, 0, answers[0], p, kept, DEFERRAL)
-    return _agree(rung, votes, answers, rung.threshold)
+            answers += yield Draw(rung.votes - 1)
+        p = yield Score(tuple(answers))
+        if p is not None:
+            kept = accept_deferral(p, rung.threshold, answers[0])
+            return Verdict(len(answers), greedy_agreement(answers), kept or rung.top, 0, answers[0], p, kept, DEFERRAL)
+        # No log-probabilities where the model reads them: self-consistency decides instead.
+        threshold = rung.fallback
+    # The agreement check at `threshold` on up to `rung.k` votes, waves drawn as needed.
+    while not done(answers, rung.k, threshold, rung.early_stop):
+        more = yield Draw(wave(answers, rung.k, threshold, rung.early_stop))
+        if not more:  # a record with fewer votes than k: decide on those there are
+            break
+        answers += more
+    d = decide(answers, rung.k, threshold, rung.early_stop)
+    return Verdict(d.used, d.agreement, d.accept or rung.top, d.index, d.answer, None, d.accept, AGREEMENT)
+
+
+def judge(rung: Rung, votes: Votes) -> Verdict:
+    """Run `rung`'s check on `votes` alone (a one-rung `walk`): for tests and one-rung benches."""
+    return walk(Climb([rung], 0), lambda _: votes, steps=1).verdicts[0][1]
 
 
 def streams_final(rung: Rung) -> bool:
@@ -118,17 +156,6 @@ def streams_final(rung: Rung) -> bool:
     agreement top rung whose threshold one vote meets). An empty greedy answer may still be
     outvoted there; it streams nothing, so nothing sent is ever taken back."""
     return rung.top and (rung.check == GREEDY or (rung.check == AGREEMENT and needed(rung.threshold, rung.k) <= 1))
-
-
-def _agree(rung: Rung, votes: Votes, answers: list[str], threshold: float) -> Verdict:
-    """The agreement check at `threshold` on up to `rung.k` votes, `answers` already drawn."""
-    while not done(answers, rung.k, threshold, rung.early_stop):
-        more = votes.more(wave(answers, rung.k, threshold, rung.early_stop))
-        if not more:  # a record with fewer votes than k: decide on those there are
-            break
-        answers += more
-    d = decide(answers, rung.k, threshold, rung.early_stop)
-    return Verdict(d.used, d.agreement, d.accept or rung.top, d.index, d.answer, None, d.accept, AGREEMENT)
 
 
 @dataclass
@@ -144,17 +171,13 @@ class Climb:
     def current(self) -> Rung:
         return self.rungs[self.rung]
 
-
-def step(climb: Climb, votes: Votes) -> bool:
-    """Judge the current rung on `votes`, then stop there or move up; True once final."""
-    rung = climb.current
-    verdict = judge(rung, votes)
-    climb.verdicts.append((rung, verdict))
-    if verdict.accept:
-        climb.done = True
-    else:
-        climb.rung += 1
-    return climb.done
+    def settle(self, rung: Rung, verdict: Verdict) -> None:
+        """Record the current rung's verdict, then stop there or move up."""
+        self.verdicts.append((rung, verdict))
+        if verdict.accept:
+            self.done = True
+        else:
+            self.rung += 1
 
 
 def walk(
@@ -162,18 +185,34 @@ def walk(
     votes_for: Callable[[Rung], Votes],
     after: Callable[[Rung, Verdict, Votes], None] | None = None,
     hold: Callable[[Rung], ContextManager[object]] | None = None,
+    steps: int | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> Climb:
-    """`step` until the answer is final, drawing each rung's votes from `votes_for(rung)`;
-    `after(rung, verdict, votes)` sees each rung once it is judged. `hold(rung)`, when
-    given, is held while a rung's votes are drawn and judged (the live cascade holds the
-    rung's model there, `registry.ModelPool.lease`)."""
-    while not climb.done:
+    """Judge rung after rung (`checking`) until the answer is final, for at most `steps`
+    rungs (`cre batch` moves many prompts one rung at a time), or until `stop()` holds before
+    a rung (`cre serve`: the request gave up). Each rung's votes come from `votes_for(rung)`;
+    `after(rung, verdict, votes)` sees each rung once it is judged. `hold(rung)`, when given,
+    is held while a rung's votes are drawn and judged (the live cascade holds the rung's
+    model there, `registry.ModelPool.lease`).
+
+    This is the one loop of the ladder, and the one place a check's votes are drawn."""
+    taken = 0
+    while not climb.done and (steps is None or taken < steps) and not (stop is not None and stop()):
+        taken += 1
         rung = climb.current
         with hold(rung) if hold is not None else nullcontext():
             votes = votes_for(rung)
-            step(climb, votes)
+            check = checking(rung)
+            try:
+                need = next(check)
+                while True:
+                    got = votes.more(need.count) if isinstance(need, Draw) else votes.p_correct(rung, need.answers)
+                    need = check.send(got)
+            except StopIteration as finished:
+                verdict: Verdict = finished.value
+            climb.settle(rung, verdict)
             if after is not None:
-                after(rung, climb.verdicts[-1][1], votes)
+                after(rung, verdict, votes)
     return climb
 
 
@@ -211,7 +250,7 @@ class Policy:
         out = []
         for i, model in enumerate(self.ladder):
             # A rung below every start may have no threshold (a replay that starts all on the
-            # top rung); judging one without a threshold is an error (`judge`).
+            # top rung); judging one without a threshold is an error (`checking`).
             threshold = overrides.get(model, self.thresholds.get(model, math.nan)) if overrides else \
                 self.thresholds.get(model, math.nan)
             shown = shots.get(model, ()) if shots else ()

@@ -1,6 +1,6 @@
 """The live side of the ladder engine: votes drawn from models, and the trace they leave.
 
-`LiveVotes` draws a rung's votes from its model for `ladder.judge`: vote 0 is the greedy
+`LiveVotes` draws a rung's votes from its model for `ladder.walk`: vote 0 is the greedy
 answer (or one decoded ahead, `escalate.Cascade.decode_greedy`), later votes are sampled a
 wave at a time (`quality.wave`) in one `Backend.sample_many` call, which the llama.cpp
 backend decodes as parallel sequences over the prompt's KV cells. `LiveSource` is what the
@@ -137,7 +137,7 @@ def check(
     shots: Sequence[tuple[str, str]] = (),
 ) -> Step:
     """One rung's check of `prompt` on `backend`, as the cascade runs it below the top
-    (`ladder.judge` on `LiveVotes`): self-consistency, or with `deferral` the P(correct)
+    (`ladder.judge` on `LiveVotes`, a one-rung walk): self-consistency, or with `deferral` the P(correct)
     check on `votes_wanted` votes and the cluster `prior`. For the benches and tests."""
     shown = tuple((str(q), str(a)) for q, a in shots)
     if deferral is not None:
@@ -217,7 +217,9 @@ class LiveSource:
     def votes_for(self, rung: Rung) -> LiveVotes:
         pending = self.pending
         greedy, pending.greedy = pending.greedy, None
-        backend = self._held if self._held is not None else self.pool.get(self.specs[rung.model])
+        backend = self._held
+        if backend is None:  # the engine draws votes only inside `hold` (`ladder.walk`)
+            raise RuntimeError(f"votes for {rung.model} asked for outside `LiveSource.hold`")
         emit = pending.stream if pending.stream is not None and streams_final(rung) else None
         return LiveVotes(backend, pending.prompt, self.quality, rung, pending.trace.answer_type, greedy, emit)
 
@@ -226,7 +228,8 @@ class LiveSource:
         step = votes.step(rung, verdict)
         if not verdict.kept:
             climb = pending.climb
-            step.why += "; top rung, so its answer is final" if rung.top else f": escalate to {climb.current.model}"
+            above = climb.rungs[climb.rung].model if not rung.top else ""
+            step.why += "; top rung, so its answer is final" if rung.top else f": escalate to {above}"
         pending.trace.steps.append(step)
         if pending.done:
             self._finish(step)

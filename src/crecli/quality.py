@@ -29,7 +29,7 @@ import json
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from crecli.models.backend import DEFAULT_TOP_K, DEFAULT_TOP_P, GenParams
 
@@ -301,7 +301,7 @@ def judge_deferral(
     """A rung's P(correct) for its greedy answer under `rule`, or None when `rule` weighs
     log-probabilities and the answer came without any (a server that returns none).
 
-    None sends the rung to the agreement check (`ladder.judge`): filling the missing signals
+    None sends the rung to the agreement check (`ladder.checking`): filling the missing signals
     with their training means would judge every such answer alike, a blind check. The one
     definition for the live check (`live.LiveVotes`) and calibration's replay (`deferral.deferral_p`).
     """
@@ -328,6 +328,16 @@ def trust(distance: float | None, radius: float | None, far: float) -> float:
 def blend_prior(cluster: float, overall: float, weight: float) -> float:
     """The deferral prior: the cluster's shrunk accuracy, trusted by `weight` (`trust`), else the log-wide one."""
     return weight * cluster + (1.0 - weight) * overall
+
+
+def blend_priors(cluster: Mapping[str, float], overall: Mapping[str, float], distance: float | None,
+                 radius: float | None, far: float) -> dict[str, float]:
+    """Each model's deferral prior for one prompt `distance` from its cluster's nearest
+    exemplar: its `cluster` accuracy blended with its `overall` one (`blend_prior`) by how far
+    the cluster's record speaks for the prompt (`trust`); `overall` alone for a model the
+    cluster has no record of."""
+    weight = trust(distance, radius, far)
+    return {m: blend_prior(cluster[m], o, weight) if m in cluster else o for m, o in overall.items()}
 
 
 def accept_deferral(p_correct: float, threshold: float, greedy: str) -> bool:

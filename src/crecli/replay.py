@@ -3,7 +3,7 @@
 `cre calibrate`, `cre eval` and the benches compare thousands of settings on the same
 recorded outcomes. A `Replay` holds every (query, model)'s recorded votes, normalised,
 graded and priced once (`costs.CostModel`); `Replay.simulate` walks each query up the ladder
-with `ladder.walk`, the same walk and the same decision (`ladder.judge`) `cre ask` runs, its
+with `ladder.walk`, the same walk and the same decision (`ladder.checking`) `cre ask` runs, its
 votes drawn from the record (`RecordedVotes`) instead of a model. `Data` is a labelled log
 prepared for it (`prepare`): its records, routes as `cre ask` routes them, and outcomes.
 """

@@ -66,13 +66,18 @@ def route_vectors(router: "RouterFile", vectors: Any, start: float | None = None
     counted in each decision's `seconds`; by default only the assignment is.
     """
     start = time.perf_counter() if start is None else start
-    labels, distances = router.assigner.predict(vectors)
-    decided = [_decide(router, int(cid), float(distance)) for cid, distance in zip(labels, distances)]
+    assigner = router.assigner
+    labels, distances = assigner.predict(vectors)
+    decided = []
+    for cid, distance in zip(labels, distances):
+        decided.append(_decide(router, int(cid), float(distance), assigner.reach(int(cid)) if cid >= 0 else None))
     share = (time.perf_counter() - start) / max(1, len(decided))
     return [RouteDecision(cluster=c, model=m, distance=d, reason=r, seconds=share, familiar=f) for c, m, d, r, f in decided]
 
 
-def _decide(router: "RouterFile", cid: int, distance: float) -> tuple[int, str, float, str, bool]:
+def _decide(router: "RouterFile", cid: int, distance: float, reach: float | None) -> tuple[int, str, float, str, bool]:
+    """The decision for a prompt the assigner put in cluster `cid` (-1: none), `distance`
+    from its exemplars; `reach` is the cluster's (`Assigner.reach`), None where it has none."""
     info = router.cluster(cid) if cid >= 0 else None
     if info is None:
         why = (
@@ -82,7 +87,6 @@ def _decide(router: "RouterFile", cid: int, distance: float) -> tuple[int, str, 
         )
         return -1, router.fallback_model, distance, f"{why}: fallback to {router.fallback_model}", False
     examples = f", e.g. {info.examples[0][:60]!r}" if info.examples else ""
-    reach = router.assigner.reach(cid)
     beyond = reach is not None and distance > reach
     if beyond and info.model != router.fallback_model:
         return cid, router.fallback_model, distance, (

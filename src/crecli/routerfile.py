@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from crecli import __version__, archive, console
 from crecli.archive import SCHEMA_VERSION
@@ -24,7 +24,7 @@ from crecli.errors import RouterFileError
 from crecli.fields import FieldError, clean
 from crecli.models.prompting import shots_of
 from crecli.models.pull import model_identity
-from crecli.quality import DeferralCheck, QualityCheck, blend_prior, trust
+from crecli.quality import DeferralCheck, QualityCheck, blend_priors
 from crecli.querylog import LogOptions
 from crecli.schema import FIT_FIELDS, Body, check_body
 
@@ -152,19 +152,27 @@ class RouterFile:
         return self.thresholds[model]
 
     def prior(self, cid: int, model: str, distance: float | None = None) -> float:
-        """The deferral model's prior for `model` in cluster `cid`: the cluster's shrunk
-        accuracy, else the model's accuracy over the log (0.5 without a deferral model).
+        """The deferral model's prior for `model` in cluster `cid` (`priors`)."""
+        return self.priors(cid, distance, (model,))[model]
+
+    def priors(self, cid: int, distance: float | None = None, models: Sequence[str] | None = None) -> dict[str, float]:
+        """The deferral model's prior for each of `models` (default: the ladder's) in cluster
+        `cid`: the cluster's shrunk accuracy, else the model's accuracy over the log (0.5
+        without a deferral model).
 
         With the prompt's `distance` to its nearest exemplar, a prompt beyond the cluster's
-        radius gets a blend of the two (`quality.trust`, `quality.blend_prior`).
+        radius gets a blend of the two (`quality.blend_priors`).
         """
-        rules = self.deferral.models.get(model) if self.deferral is not None else None
-        overall = rules.prior if rules is not None else 0.5
+        models = self.ladder_names if models is None else models
+        overall: dict[str, float] = {}
+        for model in models:
+            rules = self.deferral.models.get(model) if self.deferral is not None else None
+            overall[model] = rules.prior if rules is not None else 0.5
         info = self.cluster(cid) if cid >= 0 else None
-        if info is None or model not in info.stats:
+        if info is None:
             return overall
-        weight = trust(distance, self.assigner.radius(cid), self.assigner.threshold_)
-        return blend_prior(info.stats[model]["shrunk_accuracy"], overall, weight)
+        own = {model: float(info.stats[model]["shrunk_accuracy"]) for model in models if model in info.stats}
+        return blend_priors(own, overall, distance, self.assigner.radius(cid), self.assigner.threshold_)
 
     def typical_output(self, cid: int, model: str) -> float | None:
         """Tokens `model` wrote, on average, in one greedy answer to cluster `cid`'s fit
@@ -181,11 +189,17 @@ class RouterFile:
         in one call: the cluster's own thresholds, its deferral priors (`prior`), the answered
         examples each model is shown (`shots`) and the cluster's answer type."""
         info = self.cluster(cid) if cid >= 0 else None
-        names = self.ladder_names
+        shots: dict[str, tuple[tuple[str, str], ...]] = {}
+        if info is not None and any(info.shots.values()):
+            # Each model is shown the first n of the same exemplars: rendered once, sliced per model.
+            every = shots_of(info.exemplars, max(info.shots.values()))
+            for m in self.ladder_names:
+                if every[: info.shots.get(m, 0)]:
+                    shots[m] = every[: info.shots[m]]
         return QuerySettings(
             thresholds=dict(info.thresholds) if info is not None else {},
-            priors={m: self.prior(cid, m, distance) for m in names} if self.deferral is not None else {},
-            shots={m: shown for m in names if (shown := self.shots(cid, m))},
+            priors=self.priors(cid, distance) if self.deferral is not None else {},
+            shots=shots,
             answer_type=info.answer_type if info is not None else None,
         )
 

@@ -13,8 +13,8 @@ The `Worker` admits as many jobs as the ladder can compute at once (its `capacit
 loaded model, `max_in_flight` a remote server) plus `max_queue` waiting; one more is a 429.
 
 A `Ticket` settles who has the last word on a job: its request giving up (a timeout, a client
-gone) or the job delivering its answer. Its `cancel.Token` is the job thread's cancel scope,
-so a request that gives up stops its job where it stands: a wait for a model ends, a remote
+gone) or the job delivering its answer. While the job runs, the ticket's `cancel.Token` is
+its thread's cancel scope, so a request that gives up stops its job where it stands: a wait for a model ends, a remote
 call in flight is abandoned (its connection closed), and no later rung starts.
 
 A streamed request's job hands the answer's text to `emit` as it is generated, once the
@@ -29,7 +29,8 @@ import math
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from crecli import cancel
 from crecli.openai_wire import Answer, ApiError, Query, StreamText, cascade_answer, direct_answer
@@ -70,23 +71,28 @@ class Ticket:
     Whichever comes first wins, under a lock, so that an answer the client never gets is never
     recorded as served, and one that is recorded is always sent. `cancel` (the request timed
     out or its client left) is False when the job has already claimed its answer, and else
-    cancels `token`, the job's cancel scope; `claim` (the job is about to record it) is False
+    cancels the running job's `cancel.Token`; `claim` (the job is about to record it) is False
     when the request has given up. `deadline` (time.monotonic()) bounds the whole ladder:
     remote calls get only the time left.
+
+    The ticket's state is the one record of who won; the token exists only while the job
+    runs (`running`), as its thread's cancel scope, and is cancelled when the ticket is.
     """
 
     def __init__(self, deadline: float | None = None) -> None:
         self._lock = threading.Lock()
         self._state = "open"
-        self.token = cancel.Token(deadline)
+        self.deadline = deadline
+        self._token: cancel.Token | None = None
 
     def cancel(self) -> bool:
         with self._lock:
             if self._state == "open":
                 self._state = "cancelled"
             cancelled = self._state == "cancelled"
-        if cancelled:
-            self.token.cancel()
+            token = self._token
+        if cancelled and token is not None:
+            token.cancel()  # outside the lock: its callbacks close connections
         return cancelled
 
     def claim(self) -> bool:
@@ -99,6 +105,18 @@ class Ticket:
         """The request gave up: a job not started is dropped, a running one stops where it stands."""
         with self._lock:
             return self._state == "cancelled"
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Run the job's block in a cancel scope (`cancel.scope`) that this ticket cancels when
+        its request gives up; `_Abandoned` at once when it already has."""
+        token = cancel.Token(self.deadline)
+        with self._lock:
+            if self._state == "cancelled":
+                raise _Abandoned
+            self._token = token
+        with cancel.scope(token):
+            yield
 
 
 class Worker:
@@ -151,10 +169,10 @@ class Worker:
 
         def run() -> Any:
             if ticket.is_set():
-                raise _Abandoned
+                raise _Abandoned  # dropped unstarted: no time to count
             start = time.monotonic()
             try:
-                with cancel.scope(ticket.token):
+                with ticket.running():
                     return job()
             except cancel.Cancelled:
                 raise _Abandoned from None
@@ -190,9 +208,9 @@ def cascade_job(cascade: "Cascade", query: Query, ticket: Ticket, served: "Serve
     pending = cascade.begin(query.prompt)
     if text is not None:
         pending.stream = text.feed
-    while not cascade.advance(pending):
-        if ticket.is_set():
-            raise _Abandoned
+    # The whole climb, stopping before a rung once the request has given up.
+    if not cascade.advance(pending, rungs=None, stop=ticket.is_set):
+        raise _Abandoned
     # Only an answer its request will send is served: one that came after the request gave
     # up (a 504, a client gone) is dropped here, unrecorded.
     if not ticket.claim():
