@@ -29,6 +29,9 @@ examples/querylog.jsonl:
 Then the goals: cre->engine adds at most 10 ms at p50 over direct; its throughput at 16
 clients is at least 90% of direct's; the replica kill loses no request. Run nothing else
 on the machine; 2 cores bound the absolute figures, the ratios are what count.
+--overhead isolates what cre adds: a fake engine (no model, a fixed --engine-ms an answer)
+serves the top rung, called directly and through `cre serve`, alternating, 5 rounds at 1 and
+4 clients; it prints the median p50 difference.
 --fake builds the tests' three-rung router (tests/support/routers.py) on fake models that
 sleep --vote-ms per vote, so it measures the server and not llama.cpp. Only loopback
 addresses are accepted: this is not a tool to load someone else's server.
@@ -388,12 +391,61 @@ def engine_run(args: argparse.Namespace) -> int:
     return 0 if all(ok(r) for _, r in rows) and all(verdicts) else 1
 
 
+def overhead_run(args: argparse.Namespace) -> int:
+    """What `cre serve` adds to a remote rung's answer, with the engine's own time held fixed.
+
+    The engine is the tests' fake OpenAI server (tests/support/fake_openai.py): it answers
+    every request after `--engine-ms`, using no CPU meanwhile, so the difference between
+    calling it through `cre serve` and calling it directly is cre's own work (the request
+    read and checked, routing, the ladder walk, the call to the engine, pricing, the log,
+    the response) and not a model's. Runs alternate direct / through cre `--rounds` times at
+    each client count, so drift hits both alike; the p50 difference is the median over rounds.
+    """
+    from support.fake_openai import FakeOpenAI  # type: ignore[import-not-found]
+
+    prompts = log_prompts(max(50, args.requests))
+    work = Path(tempfile.mkdtemp(prefix="cre-serve-overhead-"))
+    from crecli import config
+
+    top = args.engine_model or config.load().ladder[-1]
+    rows: list[tuple[str, dict[str, Any]]] = []
+    added: dict[int, list[float]] = {}
+    with FakeOpenAI() as fake:
+        fake.delay = args.engine_ms / 1000
+        router, toml = fit_all_on(top, fake.url, prompts, work)
+        with cre_serve(router, toml, work / "home", work / "serve.log", force=True) as url:
+            direct = direct_requests(top, prompts, args.requests)
+            through = chat_requests("cre", prompts, args.requests)
+            load(url, through[:4], 1)  # warm: the first request loads what cre loads once
+            for clients in (1, 4):
+                for _ in range(args.rounds):
+                    d = load(fake.url.removesuffix("/v1"), direct, clients)
+                    c = load(url, through, clients)
+                    rows += [("direct (fake engine)", d), ("cre->fake engine", c)]
+                    if d["p50_ms"] is not None and c["p50_ms"] is not None:
+                        added.setdefault(clients, []).append(c["p50_ms"] - d["p50_ms"])
+                    print(table(rows[-2:]).splitlines()[-1], file=sys.stderr, flush=True)
+    print(f"cre serve against a fake engine answering in {args.engine_ms:g} ms; {args.requests} requests a run, "
+          f"{args.rounds} rounds")
+    print(table(rows))
+    summary = {c: statistics.median(v) for c, v in added.items()}
+    for clients, ms in summary.items():
+        print(f"cre adds {ms:.1f} ms at p50 with {clients} client(s) (median of {len(added[clients])} rounds; "
+              f"rounds: {', '.join(f'{x:.1f}' for x in added[clients])})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"engine_ms": args.engine_ms, "rows": [r for _, r in rows],
+                                               "added_p50_ms": summary, "added_by_round": added}, indent=2))
+    return 0 if all(ok(r) for _, r in rows) else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--fake", action="store_true", help="start an in-process server on fake models")
     where.add_argument("--url", help="a running `cre serve` on loopback, e.g. http://127.0.0.1:8000")
     where.add_argument("--engine", action="store_true", help="the real-engine comparison (see above)")
+    where.add_argument("--overhead", action="store_true",
+                       help="what cre serve adds, against a fake engine of fixed answer time (see above)")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--sweep", action="store_true", help="run at 1, 4, 16 and 64 clients instead of --clients")
     parser.add_argument("--requests", type=int, default=64, help="requests a run (--engine: 48 is the issue's)")
@@ -406,12 +458,16 @@ def main() -> int:
                         help="--engine: llama-server, or llama-cpp-python's server (auto: llama-server when built)")
     parser.add_argument("--parallel", type=int, default=4, help="--engine: the engines' parallel slots (-np)")
     parser.add_argument("--max-clients", type=int, default=64, help="--engine/--sweep: the largest client count run")
+    parser.add_argument("--engine-ms", type=float, default=200.0, help="--overhead: the fake engine's answer time")
+    parser.add_argument("--rounds", type=int, default=5, help="--overhead: direct/cre pairs at each client count")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     if not (1 <= args.clients <= 64 and 1 <= args.requests <= 1024):
         parser.error("keep it bounded: 1-64 clients, 1-1024 requests")
     if args.engine:
         return engine_run(args)
+    if args.overhead:
+        return overhead_run(args)
 
     stop = None
     if args.fake:

@@ -118,6 +118,36 @@ def test_a_full_replica_set_makes_a_request_wait_for_a_slot() -> None:
     assert got and got[0] >= 0.3
 
 
+def test_requests_waiting_for_a_slot_get_it_first_come_first_served() -> None:
+    rs = ReplicaSet("big", ["http://a/v1", "http://b/v1"], max_in_flight=1)
+    held = [rs.acquire(), rs.acquire()]
+    order: list[str] = []
+
+    def wait(name: str, exclude: frozenset[str] = frozenset()) -> None:
+        replica = rs.acquire(exclude)
+        order.append(name)
+        time.sleep(0.05)
+        rs.release(replica)  # type: ignore[arg-type]
+
+    threads = []
+    # "skip-a" may not use a; it came first, but must not hold up those behind it when a frees.
+    for name, exclude in (("skip-a", frozenset({"http://a/v1"})), ("first", frozenset()), ("second", frozenset()),
+                          ("third", frozenset())):
+        threads.append(threading.Thread(target=wait, args=(name, exclude), daemon=True))
+        threads[-1].start()
+        deadline = time.monotonic() + 2
+        while rs.waiting < len(threads) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rs.waiting == len(threads)  # each is queued before the next arrives
+    rs.release(held[0])  # type: ignore[arg-type]  # a frees: "skip-a" cannot use it, "first" takes it
+    time.sleep(0.3)
+    rs.release(held[1])  # type: ignore[arg-type]
+    for t in threads:
+        t.join(5)
+    assert order[0] == "first" and order.index("second") < order.index("third")
+    assert sorted(order) == ["first", "second", "skip-a", "third"] and rs.waiting == 0
+
+
 # ---------------------------------------------------------------- one backend, several servers
 
 def _spec(urls: list[str], **kw: Any) -> ModelSpec:

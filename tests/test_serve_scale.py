@@ -95,6 +95,31 @@ def test_a_loaded_model_in_use_is_never_closed_to_make_room() -> None:
         registry.make_backend = original  # type: ignore[assignment]
 
 
+def test_a_model_waits_for_room_only_on_models_that_hold_memory() -> None:
+    from crecli.models.registry import ModelPool
+
+    local = ModelSpec(name="big", path="/x/big.gguf", size=150)  # over the budget alone
+    remote = ModelSpec(name="far", url="http://far/v1", api_model="served", prompt_format="chat")
+    original = registry.make_backend
+    registry.make_backend = lambda spec: FakeBackend(spec)  # type: ignore[assignment]
+    try:
+        pool = ModelPool(memory_budget_bytes=100)
+        loaded: list[float] = []
+        with pool.lease(remote):
+            def other() -> None:
+                start = time.monotonic()
+                with pool.lease(local):
+                    loaded.append(time.monotonic() - start)
+
+            t = threading.Thread(target=other, daemon=True)
+            t.start()
+            t.join(2)
+            # The busy remote rung will free no memory, so the local model does not wait for it.
+            assert loaded and loaded[0] < 1.0
+    finally:
+        registry.make_backend = original  # type: ignore[assignment]
+
+
 def test_a_gate_admits_in_order_and_a_cancelled_waiter_leaves() -> None:
     gate = Gate(1)
     gate.acquire()

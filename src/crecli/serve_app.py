@@ -33,7 +33,7 @@ import secrets
 import time
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple
 
 from crecli.errors import CreError, PromptTooLong
 from crecli.openai_wire import (
@@ -65,7 +65,14 @@ log = logging.getLogger("uvicorn.error")  # uvicorn's own log: stderr, with its 
 # ---------------------------------------------------------------- health
 
 
-def rung_state(spec: "ModelSpec") -> str:
+class RungState(NamedTuple):
+    """What /health says of a rung (`word`), and whether it can answer now."""
+
+    word: str
+    usable: bool
+
+
+def rung_state(spec: "ModelSpec") -> RungState:
     """Whether a rung can answer, by cheap checks only (a stat and 4 bytes; no model runs, no
     server is called): "ready" (a GGUF file of the pinned size); "remote" (every server of a
     remote rung in rotation), "remote, 1 of 2 servers out" or "remote, every server out" (from
@@ -83,35 +90,31 @@ def rung_state(spec: "ModelSpec") -> str:
         servers = replica_set(spec)
         up, n = servers.up(), len(servers.replicas)
         if up == n:
-            return "remote"
-        return "remote, every server out" if up == 0 else f"remote, {n - up} of {n} servers out"
+            return RungState("remote", True)
+        return RungState("remote, every server out", False) if up == 0 else \
+            RungState(f"remote, {n - up} of {n} servers out", True)
     path = spec.file
     assert path is not None
     try:
         info = path.stat()
         if not stat.S_ISREG(info.st_mode):
-            return "missing"
+            return RungState("missing", False)
         if spec.size is not None and info.st_size != spec.size:
-            return "wrong size"
-        return "ready" if is_gguf(path) else "not a GGUF file"
+            return RungState("wrong size", False)
+        return RungState("ready", True) if is_gguf(path) else RungState("not a GGUF file", False)
     except FileNotFoundError:
-        return "missing"
+        return RungState("missing", False)
     except OSError:
-        return "unreadable"
+        return RungState("unreadable", False)
 
 
-def usable(state: str) -> bool:
-    """Whether a rung in `state` (`rung_state`) can answer now."""
-    return state == "ready" or (state.startswith("remote") and state != "remote, every server out")
-
-
-def health_report(states: dict[str, str]) -> tuple[int, str]:
+def health_report(states: Mapping[str, RungState]) -> tuple[int, str]:
     """The HTTP status and word for /health: 200 "ok" when every rung can answer, 200
     "degraded" when some can, 503 "unavailable" when none can (a load balancer's signal)."""
-    usable_ = sum(usable(state) for state in states.values())
-    if usable_ == len(states):
+    usable = sum(state.usable for state in states.values())
+    if usable == len(states):
         return 200, "ok"
-    return (200, "degraded") if usable_ else (503, "unavailable")
+    return (200, "degraded") if usable else (503, "unavailable")
 
 
 # ---------------------------------------------------------------- the app
@@ -261,7 +264,7 @@ class App:
         body: dict[str, Any] = {"status": word, "running": self.worker.running, "queued": self.worker.queued,
                                 "max_queue": self.options.max_queue}
         if self.key_ok(request):
-            body["models"] = states
+            body["models"] = {n: state.word for n, state in states.items()}
         return JSONResponse(body, status_code=status)
 
     # ------------------------------------------------------------ answering

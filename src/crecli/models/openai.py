@@ -119,9 +119,6 @@ class OpenAIBackend(Backend):
         self.url = spec.url.rstrip("/")
         self.timeout = timeout
         self.replicas = replica_set(spec)
-        # Greedy answers carry `Signals` where the server gives log-probabilities; off only
-        # to measure what asking for them costs.
-        self.read_signals = True
 
     @property
     def _support_key(self) -> tuple[str, str]:
@@ -174,7 +171,7 @@ class OpenAIBackend(Backend):
         A reply without them is not taken as proof: an answer cut to nothing has none either.
         """
         known = self.signal_support(probe=False)
-        if not greedy or not self.read_signals or known.kind == "none":
+        if not greedy or known.kind == "none":
             return self._post(endpoint, body, timeout)
         tops = (known.top,) if known.kind == "logprobs" else (lp.TOP_LOGPROBS, lp.FEWER_LOGPROBS)
         refused: RemoteError | None = None

@@ -107,7 +107,10 @@ class ModelPool:
         if spec.backend == "openai":
             return None
         with self._cond:
-            return self._gates.setdefault(spec.name, Gate(1))
+            gate = self._gates.get(spec.name)
+            if gate is None:  # made once per model, not on every lease
+                gate = self._gates[spec.name] = Gate(1)
+            return gate
 
     @contextmanager
     def lease(self, spec: "ModelSpec") -> Iterator[Backend]:
@@ -148,7 +151,9 @@ class ModelPool:
                 old = self._loaded.pop(name)
                 used -= self._costs.pop(name) + old.cache_memory()
                 old.close()
-            if used + cost <= self.budget or not wait or not any(self._busy.values()):
+            # Only models in use that hold memory free any when done: a busy remote rung holds none.
+            holding = any(n and self._costs.get(name, 0) for name, n in self._busy.items())
+            if used + cost <= self.budget or not wait or not holding:
                 break  # it fits, or nothing will free more (a model over the budget alone loads anyway)
             # Models in use will be free soon: wait for one rather than go over the budget.
             self._cond.wait(POLL_SECONDS)

@@ -5,8 +5,8 @@ of the rung in this process shares one `ReplicaSet` (`replica_set`), so the boun
 health it keeps are the process's:
 
 - a request goes to the least busy healthy replica (fewest requests in flight; ties to the
-  one listed first), and waits, first come first served, while every healthy replica holds
-  `max_in_flight` requests, so no server is flooded;
+  one listed first), and waits, first come first served (`acquire`), while every healthy
+  replica holds `max_in_flight` requests, so no server is flooded;
 - a replica that refuses the connection, times out, breaks a reply off or answers 5xx is
   taken out for a back-off (1 s, doubling with each failure in a row, at most 30 s), and
   the request is tried on another; 429 and 503 take it out for their Retry-After;
@@ -61,6 +61,8 @@ class ReplicaSet:
         self.replicas = [Replica(u.rstrip("/")) for u in urls]
         self.max_in_flight = max(1, max_in_flight)
         self._cond = threading.Condition()
+        # Requests waiting for a slot, in arrival order, each with the replicas it may not use.
+        self._waiting: list[tuple[object, frozenset[str]]] = []
 
     @property
     def capacity(self) -> int:
@@ -69,33 +71,58 @@ class ReplicaSet:
 
     def acquire(self, exclude: frozenset[str] = frozenset(), wait_until: float | None = None) -> Replica | None:
         """The least busy healthy replica not in `exclude`, its slot taken; None when none is
-        left to try. Waits while every usable replica is full. When all are out: waits for
-        the first due back if its server asked for the wait (Retry-After) and it ends before
-        `wait_until` (time.monotonic()), else None; a replica out for a back-off is tried now."""
+        left to try. Waits while every usable replica is full, first come first served: a
+        free slot goes to the earliest waiter that may use it (one that excludes it does not
+        hold up those behind). When all are out: waits for the first due back if its server
+        asked for the wait (Retry-After) and it ends before `wait_until` (time.monotonic()),
+        else None; a replica out for a back-off is tried now."""
+        me = object()
         with self._cond:
-            while True:
-                now = time.monotonic()
-                usable = [r for r in self.replicas if r.url not in exclude]
-                if not usable:
-                    return None
-                up = [r for r in usable if r.out_until <= now]
-                if not up:
-                    soonest = min(usable, key=lambda r: r.out_until)
-                    if not soonest.asked:
-                        up = [soonest]  # every one out for a back-off: try the first due back
-                    elif wait_until is None or soonest.out_until > wait_until or soonest.out_until - now > MAX_RETRY_WAIT:
+            try:
+                while True:
+                    now = time.monotonic()
+                    usable = [r for r in self.replicas if r.url not in exclude]
+                    if not usable:
                         return None
-                    else:
-                        self._cond.wait(min(cancel.POLL_SECONDS, max(0.0, soonest.out_until - now)))
-                        cancel.check()
-                        continue
-                free = [r for r in up if r.in_flight < self.max_in_flight]
-                if free:
-                    best = min(free, key=lambda r: r.in_flight)  # min keeps the first of equals
-                    best.in_flight += 1
-                    return best
-                self._cond.wait(cancel.POLL_SECONDS)  # a release wakes it at once
-                cancel.check()
+                    up = [r for r in usable if r.out_until <= now]
+                    if not up:
+                        soonest = min(usable, key=lambda r: r.out_until)
+                        if not soonest.asked:
+                            up = [soonest]  # every one out for a back-off: try the first due back
+                        elif wait_until is None or soonest.out_until > wait_until or soonest.out_until - now > MAX_RETRY_WAIT:
+                            return None
+                        else:
+                            self._cond.wait(min(cancel.POLL_SECONDS, max(0.0, soonest.out_until - now)))
+                            cancel.check()
+                            continue
+                    free = [r for r in up if r.in_flight < self.max_in_flight]
+                    if free and not self._ahead_of(me, free):
+                        best = min(free, key=lambda r: r.in_flight)  # min keeps the first of equals
+                        best.in_flight += 1
+                        return best
+                    if all(waiter is not me for waiter, _ in self._waiting):
+                        self._waiting.append((me, exclude))
+                    self._cond.wait(cancel.POLL_SECONDS)  # a release wakes it at once
+                    cancel.check()
+            finally:
+                if any(waiter is me for waiter, _ in self._waiting):
+                    self._waiting = [w for w in self._waiting if w[0] is not me]
+                    self._cond.notify_all()  # the next in line may take a slot now
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a slot now."""
+        with self._cond:
+            return len(self._waiting)
+
+    def _ahead_of(self, me: object, free: Sequence[Replica]) -> bool:
+        """Whether a request that began waiting before `me` may use one of the `free` replicas."""
+        for waiter, excluded in self._waiting:
+            if waiter is me:
+                return False
+            if any(r.url not in excluded for r in free):
+                return True
+        return False
 
     def release(self, replica: Replica, failure: str | None = None, out_for: float | None = None) -> None:
         """Give back `replica`'s slot: it answered (`failure` None), or it failed and is out for
