@@ -102,11 +102,10 @@ class LlamaBackend(Backend):
                 )
         except Exception as exc:  # llama.cpp reports load failures as bare ValueErrors
             raise BackendError(f"llama.cpp could not load {self.spec.name!r} from {path}: {exc}") from exc
-        if not embedding:
-            # One tiny decode allocates llama.cpp's compute buffers now, so the first real
-            # query is not charged for it (costs are measured per query).
-            llm.eval(llm.tokenize(b" ", add_bos=True))
-            llm.reset()
+        # No warm-up decode: llama.cpp reserves its compute buffers when the context is made,
+        # and a one-token decode right after loading took as long as a second one (0.095 s on
+        # the 1.5B) while the first real answer took no longer without it; it cost every
+        # `cre ask` a token's compute for nothing.
         self.load_seconds += time.perf_counter() - start
         return llm
 
