@@ -137,8 +137,9 @@ def check(
     shots: Sequence[tuple[str, str]] = (),
 ) -> Step:
     """One rung's check of `prompt` on `backend`, as the cascade runs it below the top
-    (`ladder.judge` on `LiveVotes`, a one-rung walk): self-consistency, or with `deferral` the P(correct)
-    check on `votes_wanted` votes and the cluster `prior`. For the benches and tests."""
+    (`ladder.judge` on `LiveVotes`, a one-rung walk): self-consistency, or with `deferral`
+    the P(correct) check on `votes_wanted` votes and the cluster `prior`. For the benches
+    and tests."""
     shown = tuple((str(q), str(a)) for q, a in shots)
     if deferral is not None:
         rung = Rung(backend.spec.name, DEFERRAL, threshold, False, votes=max(1, votes_wanted), deferral=deferral,

@@ -14,8 +14,9 @@ loaded model, `max_in_flight` a remote server) plus `max_queue` waiting; one mor
 
 A `Ticket` settles who has the last word on a job: its request giving up (a timeout, a client
 gone) or the job delivering its answer. While the job runs, the ticket's `cancel.Token` is
-its thread's cancel scope, so a request that gives up stops its job where it stands: a wait for a model ends, a remote
-call in flight is abandoned (its connection closed), and no later rung starts.
+its thread's cancel scope, so a request that gives up stops its job where it stands: a wait
+for a model ends, a remote call in flight is abandoned (its connection closed), and no later
+rung starts.
 
 A streamed request's job hands the answer's text to `emit` as it is generated, once the
 ladder stands on a rung whose answer will be final (`ladder.streams_final`): the top rung
