@@ -31,7 +31,8 @@ clients is at least 90% of direct's; the replica kill loses no request. Run noth
 on the machine; 2 cores bound the absolute figures, the ratios are what count.
 --overhead isolates what cre adds: a fake engine (no model, a fixed --engine-ms an answer)
 serves the top rung, called directly and through `cre serve`, alternating, 5 rounds at 1 and
-4 clients; it prints the median p50 difference.
+4 clients; it prints the median p50 difference and each arm's mean token counts. With
+--overhead-engine llama-server the same alternation runs against the real engine.
 --fake builds the tests' three-rung router (tests/support/routers.py) on fake models that
 sleep --vote-ms per vote, so it measures the server and not llama.cpp. Only loopback
 addresses are accepted: this is not a tool to load someone else's server.
@@ -76,9 +77,10 @@ Request = tuple[str, dict[str, Any]]  # (path, JSON body)
 
 
 def load(url: str, requests: list[Request], clients: int, key: str | None = None,
-         during: Callable[[int], None] | None = None) -> dict[str, Any]:
+         during: Callable[[int], None] | None = None, usage: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Send `requests` from `clients` threads, each sending its next when the last returns;
-    `during(n)` is called after each reply with the number returned so far."""
+    `during(n)` is called after each reply with the number returned so far; `usage`, when
+    given, gets each answer's `usage` (its token counts)."""
     next_index, lock = [0], threading.Lock()
     results: list[tuple[int | str, float]] = []
     headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -93,7 +95,11 @@ def load(url: str, requests: list[Request], clients: int, key: str | None = None
                     next_index[0] += 1
                 start = time.perf_counter()
                 try:
-                    status: int | str = http.post(path, json=body).status_code
+                    reply = http.post(path, json=body)
+                    status: int | str = reply.status_code
+                    if usage is not None and status == 200:
+                        with lock:
+                            usage.append(reply.json().get("usage") or {})
                 except httpx.HTTPError as exc:
                     status = type(exc).__name__
                 with lock:
@@ -401,40 +407,58 @@ def overhead_run(args: argparse.Namespace) -> int:
     the response) and not a model's. Runs alternate direct / through cre `--rounds` times at
     each client count, so drift hits both alike; the p50 difference is the median over rounds.
     """
+    from support.engines import engine  # type: ignore[import-not-found]
     from support.fake_openai import FakeOpenAI  # type: ignore[import-not-found]
 
     prompts = log_prompts(max(50, args.requests))
     work = Path(tempfile.mkdtemp(prefix="cre-serve-overhead-"))
     from crecli import config
 
-    top = args.engine_model or config.load().ladder[-1]
+    settings = config.load()
+    top = args.engine_model or settings.ladder[-1]
     rows: list[tuple[str, dict[str, Any]]] = []
     added: dict[int, list[float]] = {}
-    with FakeOpenAI() as fake:
-        fake.delay = args.engine_ms / 1000
-        router, toml = fit_all_on(top, fake.url, prompts, work)
-        with cre_serve(router, toml, work / "home", work / "serve.log", force=True) as url:
-            direct = direct_requests(top, prompts, args.requests)
-            through = chat_requests("cre", prompts, args.requests)
-            load(url, through[:4], 1)  # warm: the first request loads what cre loads once
-            for clients in (1, 4):
-                for _ in range(args.rounds):
-                    d = load(fake.url.removesuffix("/v1"), direct, clients)
-                    c = load(url, through, clients)
-                    rows += [("direct (fake engine)", d), ("cre->fake engine", c)]
-                    if d["p50_ms"] is not None and c["p50_ms"] is not None:
-                        added.setdefault(clients, []).append(c["p50_ms"] - d["p50_ms"])
-                    print(table(rows[-2:]).splitlines()[-1], file=sys.stderr, flush=True)
-    print(f"cre serve against a fake engine answering in {args.engine_ms:g} ms; {args.requests} requests a run, "
-          f"{args.rounds} rounds")
+    tokens: dict[str, list[dict[str, Any]]] = {"direct": [], "cre": []}
+    real = args.overhead_engine is not None
+    kind = "fake engine" if not real else "engine"
+    with ExitStack() as stack:
+        if real:
+            served = stack.enter_context(engine(settings.get(top).file, work / "engine.log", parallel=args.parallel,
+                                                kind=args.overhead_engine))
+            kind = served.kind
+            engine_url = served.url
+        else:
+            fake = stack.enter_context(FakeOpenAI())
+            fake.delay = args.engine_ms / 1000
+            engine_url = fake.url
+        router, toml = fit_all_on(top, engine_url, prompts, work)
+        url = stack.enter_context(cre_serve(router, toml, work / "home", work / "serve.log", force=True))
+        direct = direct_requests(top, prompts, args.requests)
+        through = chat_requests("cre", prompts, args.requests)
+        load(url, through[:4], 1)  # warm: the first request loads what cre loads once
+        for clients in args.overhead_clients:
+            for _ in range(args.rounds):
+                d = load(engine_url.removesuffix("/v1"), direct, clients, usage=tokens["direct"])
+                c = load(url, through, clients, usage=tokens["cre"])
+                rows += [(f"direct ({kind})", d), (f"cre->{kind}", c)]
+                if d["p50_ms"] is not None and c["p50_ms"] is not None:
+                    added.setdefault(clients, []).append(c["p50_ms"] - d["p50_ms"])
+                print(table(rows[-2:]).splitlines()[-1], file=sys.stderr, flush=True)
+    what = f"a fake engine answering in {args.engine_ms:g} ms" if not real else f"{kind} serving {top}"
+    print(f"cre serve against {what}; {args.requests} requests a run, {args.rounds} rounds")
     print(table(rows))
     summary = {c: statistics.median(v) for c, v in added.items()}
+    means = {arm: {k: statistics.fmean(u.get(k, 0) for u in got) for k in ("prompt_tokens", "completion_tokens")}
+             for arm, got in tokens.items() if got}
+    for arm, m in means.items():
+        print(f"{arm}: mean prompt tokens {m['prompt_tokens']:.1f}, completion tokens {m['completion_tokens']:.1f}")
     for clients, ms in summary.items():
         print(f"cre adds {ms:.1f} ms at p50 with {clients} client(s) (median of {len(added[clients])} rounds; "
               f"rounds: {', '.join(f'{x:.1f}' for x in added[clients])})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"engine_ms": args.engine_ms, "rows": [r for _, r in rows],
-                                               "added_p50_ms": summary, "added_by_round": added}, indent=2))
+        Path(args.json).write_text(json.dumps({"engine": what, "engine_ms": None if real else args.engine_ms,
+                                               "rows": [r for _, r in rows], "added_p50_ms": summary,
+                                               "added_by_round": added, "mean_usage": means}, indent=2))
     return 0 if all(ok(r) for _, r in rows) else 1
 
 
@@ -460,6 +484,9 @@ def main() -> int:
     parser.add_argument("--max-clients", type=int, default=64, help="--engine/--sweep: the largest client count run")
     parser.add_argument("--engine-ms", type=float, default=200.0, help="--overhead: the fake engine's answer time")
     parser.add_argument("--rounds", type=int, default=5, help="--overhead: direct/cre pairs at each client count")
+    parser.add_argument("--overhead-engine", default=None, choices=("llama-server", "python"),
+                        help="--overhead: serve the top rung with this real engine instead of the fake")
+    parser.add_argument("--overhead-clients", type=int, nargs="+", default=[1, 4], help="--overhead: client counts")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     if not (1 <= args.clients <= 64 and 1 <= args.requests <= 1024):
