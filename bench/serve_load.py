@@ -404,8 +404,10 @@ def overhead_run(args: argparse.Namespace) -> int:
     every request after `--engine-ms`, using no CPU meanwhile, so the difference between
     calling it through `cre serve` and calling it directly is cre's own work (the request
     read and checked, routing, the ladder walk, the call to the engine, pricing, the log,
-    the response) and not a model's. Runs alternate direct / through cre `--rounds` times at
-    each client count, so drift hits both alike; the p50 difference is the median over rounds.
+    the response) and not a model's. With `--overhead-engine` a real engine serves the rung
+    instead, and each arm's mean token counts show that both sent it the same work. Runs
+    alternate direct / through cre `--rounds` times at each client count, so drift hits both
+    alike; the p50 difference is the median over rounds.
     """
     from support.engines import engine  # type: ignore[import-not-found]
     from support.fake_openai import FakeOpenAI  # type: ignore[import-not-found]

@@ -9,10 +9,10 @@ rung's answer is final. Two sources drive the same engine:
   votes the outcome store recorded (`replay.RecordedVotes`).
 
 So whatever rule a rung follows, the top rung included, the replay and the live path cannot
-disagree: `checking` is the one decision and `walk` the one loop, and the one place a check's
-votes are drawn (`cre batch` walks many prompts one rung at a time). Each rung's policy (`Rung`: model, check,
-threshold, votes, deferral model, prior) is resolved once per query (`Policy.rungs`), and a
-trace is priced once at the end (`costs`).
+disagree: `checking` is the one decision and `walk` the one loop, and the one place a
+check's votes are drawn (`cre batch` walks many prompts one rung at a time). Each rung's
+policy (`Rung`: model, check, threshold, votes, deferral model, prior) is resolved once per
+query (`Policy.rungs`), and a trace is priced once at the end (`costs`).
 
 The checks:
 - "agreement": self-consistency. Vote 0 is greedy; sampled votes come in waves

@@ -228,9 +228,7 @@ class LiveSource:
         pending = self.pending
         step = votes.step(rung, verdict)
         if not verdict.kept:
-            climb = pending.climb
-            above = climb.rungs[climb.rung].model if not rung.top else ""
-            step.why += "; top rung, so its answer is final" if rung.top else f": escalate to {above}"
+            step.why += "; top rung, so its answer is final" if rung.top else f": escalate to {pending.climb.current.model}"
         pending.trace.steps.append(step)
         if pending.done:
             self._finish(step)

@@ -194,8 +194,9 @@ class RouterFile:
             # Each model is shown the first n of the same exemplars: rendered once, sliced per model.
             every = shots_of(info.exemplars, max(info.shots.values()))
             for m in self.ladder_names:
-                if every[: info.shots.get(m, 0)]:
-                    shots[m] = every[: info.shots[m]]
+                shown = every[: info.shots.get(m, 0)]
+                if shown:
+                    shots[m] = shown
         return QuerySettings(
             thresholds=dict(info.thresholds) if info is not None else {},
             priors=self.priors(cid, distance) if self.deferral is not None else {},

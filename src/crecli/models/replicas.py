@@ -76,7 +76,7 @@ class ReplicaSet:
         hold up those behind). When all are out: waits for the first due back if its server
         asked for the wait (Retry-After) and it ends before `wait_until` (time.monotonic()),
         else None; a replica out for a back-off is tried now."""
-        me = object()
+        me, queued = object(), False
         with self._cond:
             try:
                 while True:
@@ -100,12 +100,13 @@ class ReplicaSet:
                         best = min(free, key=lambda r: r.in_flight)  # min keeps the first of equals
                         best.in_flight += 1
                         return best
-                    if all(waiter is not me for waiter, _ in self._waiting):
+                    if not queued:
                         self._waiting.append((me, exclude))
+                        queued = True
                     self._cond.wait(cancel.POLL_SECONDS)  # a release wakes it at once
                     cancel.check()
             finally:
-                if any(waiter is me for waiter, _ in self._waiting):
+                if queued:
                     self._waiting = [w for w in self._waiting if w[0] is not me]
                     self._cond.notify_all()  # the next in line may take a slot now
 
