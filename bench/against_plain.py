@@ -22,10 +22,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-CASCADE = "cascade (this router)"
-
-
-
 
 def _headline() -> Any:
     """bench/headline, a script without a .py suffix, loaded as a module."""
@@ -37,8 +33,10 @@ def _headline() -> Any:
     return module
 
 
-# Mean [min-max] +-std across seeds, as bench/headline reports its own runs.
-spread = _headline().spread
+# Mean [min-max] +-std across seeds, as bench/headline reports its own runs; its deferral
+# cascade, and the same cascade at each further --retain of its frontier.
+_HEADLINE = _headline()
+spread, DEFERRAL, frontier_name = _HEADLINE.spread, _HEADLINE.DEFERRAL, _HEADLINE.frontier_name
 
 
 def compare(headline: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
@@ -56,7 +54,8 @@ def compare(headline: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
     rows: dict[str, list[dict[str, float]]] = {}
     for run in runs:
         points = {p["name"]: p for p in run["points"]}
-        for name in (CASCADE, run["reference"]):
+        frontier = [frontier_name(r) for r in headline.get("frontier", [])]
+        for name in (DEFERRAL, *frontier, run["reference"]):
             if name not in points:
                 continue
             p = points[name]
@@ -65,6 +64,7 @@ def compare(headline: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
                 "accuracy_share": p["accuracy"] / base["accuracy"], "cost_share": p["mean_cost"] / base["mean_cost"],
             })
     return {
+        "retain": [headline["retain"], *headline.get("frontier", [])],
         "plain": {k: base[k] for k in ("model", "n", "unit", "accuracy", "mean_cost", "mean_output_tokens")},
         "arms": {name: {"per_seed": per, **{key: spread([r[key] for r in per]) for key in ("accuracy_share", "cost_share")}}
                  for name, per in rows.items()},

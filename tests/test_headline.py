@@ -112,6 +112,38 @@ def test_cross_fitted_headline_holds_every_query_out_once_and_pools_over_all(
     assert summary[CASCADE]["accuracy"]["mean"] == cascade["accuracy"] and summary[CASCADE]["accuracy"]["std"] == 0.0
 
 
+def test_further_budgets_recalibrate_each_folds_router_and_pool_as_a_frontier(
+    tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    bench = _bench()
+    monkeypatch.setattr(bench, "FRONTIER", [0.5])
+    run = _in_process(tiny_models_toml)
+    lines = [l for l in SMALL_LOG.read_text().splitlines() if l.strip()]
+    result = bench.headline(run, lines, tmp_path, seeds=[0], n_folds=2, retain=0.98)
+
+    assert result["retain"] == 0.98 and result["frontier"] == [0.5]
+    [seed] = result["runs"]
+    pooled = {p["name"]: p for p in seed["points"]}
+    lower, top = pooled[bench.frontier_name(0.5)], pooled[bench.DEFERRAL]
+    held: list[tuple[int, list[Point]]] = []
+    for f, fold in enumerate(seed["folds"]):
+        reports = json.loads((tmp_path / "seed0" / f"fold{f}" / "reports.json").read_text())
+        # The same fitted router, calibrated again for the further budget with the deferral check.
+        cal = reports["calibrate-deferral-0.5"]
+        assert cal["budget"] == {"kind": "retain", "value": 0.5} and reports["calibrate-deferral"]["budget"]["value"] == 0.98
+        assert [r["retain"] for r in fold["frontier"]] == [0.5]
+        assert fold["frontier"][0]["cost_share"] == reports["eval-deferral-0.5"]["cost_share"]
+        ev = reports["eval-deferral-0.5"]
+        held.append((ev["n"], [Point(**p) for p in ev["points"] if p["name"] == CASCADE]))
+    [again] = pool(held)
+    assert lower["accuracy"] == pytest.approx(again.accuracy) and lower["mean_cost"] == pytest.approx(again.mean_cost)
+    # Half the strongest model's accuracy is cheaper to keep than 98% of it on these fakes.
+    assert lower["mean_cost"] < top["mean_cost"]
+    rnd = pooled[f"random routing at {bench.frontier_name(0.5)}'s cost"]
+    assert rnd["mean_cost"] == pytest.approx(lower["mean_cost"])
+    assert {p["name"] for p in result["summary"]} >= {bench.frontier_name(0.5), bench.DEFERRAL}
+
+
 def test_leave_tasks_out_evaluates_on_tasks_the_router_never_saw(
     tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict  # noqa: F811
 ) -> None:
