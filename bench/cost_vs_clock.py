@@ -9,7 +9,11 @@ and `cre eval`'s cost share should agree within 3 points. This prints all three 
    a router whose ladder is the strongest model alone (a models.toml with that ladder);
 3. answers the test queries with `cre batch` through each, interleaved (cascade, strongest,
    cascade, strongest, ...: `--rounds`), timing each whole command;
-4. replays the cascade on the same queries with `cre eval` for its cost share.
+4. replays the cascade on the same queries with `cre eval` for its cost share;
+5. splits each batch's time by model from its output lines (`trace.steps`): the seconds each
+   model's steps took against their bench-seconds price, and the wall time outside every
+   step (loading models, routing, start-up). Where the first ratio differs between models,
+   the stored speeds misprice one model against another; the rest is the clock's drift.
 
 The wall times include loading the models and routing, as a user's batch does. Outcomes
 the store lacks for the fit part are collected first (that runs models, once).
@@ -61,6 +65,21 @@ def batch_summary(stderr: str) -> dict[str, Any]:
     raise SystemExit("cre batch wrote no JSON summary")
 
 
+def by_model(outputs: Path, pricing: Any) -> dict[str, dict[str, float]]:
+    """Per model, over every step of `cre batch`'s output lines: steps, the seconds they took
+    and their price (`Pricing.tokens`, the rule `cre batch` prices with)."""
+    out: dict[str, dict[str, float]] = {}
+    for line in outputs.read_text().splitlines():
+        for step in json.loads(line).get("trace", {}).get("steps", []):
+            row = out.setdefault(step["model"], {"steps": 0, "seconds": 0.0, "priced": 0.0})
+            row["steps"] += 1
+            row["seconds"] += step["seconds"]
+            row["priced"] += pricing.tokens(step["model"], step["prompt_tokens"], step["output_tokens"]) or 0.0
+    for row in out.values():
+        row["seconds_per_priced"] = row["seconds"] / row["priced"] if row["priced"] else float("nan")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--log", type=Path, default=ROOT / "examples" / "querylog-large.jsonl")
@@ -71,6 +90,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from crecli import config
+    from crecli.costs import Pricing
 
     lines = [line for line in args.log.read_text().splitlines() if line.strip()]
     order = list(range(len(lines)))
@@ -78,6 +98,7 @@ def main() -> None:
     test_idx = set(order[: args.test])
     settings = config.load()
     strongest = settings.ladder[-1]
+    pricing = Pricing.for_models(settings.ladder_specs(), "bench-seconds")
     with tempfile.TemporaryDirectory(prefix="cre-clock-") as tmp:
         work = Path(tmp)
         fit_log, test_log = work / "fit.jsonl", work / "test.jsonl"
@@ -94,7 +115,10 @@ def main() -> None:
             for name, path, extra in (("cascade", router, []), ("strongest", top, ["--models", str(top_toml)])):
                 seconds, _, err = cre("batch", str(test_log), "--router", str(path), "--no-log", "--json-summary", *extra,
                                       stdout=work / f"{name}.jsonl")
-                runs[name].append({**batch_summary(err), "wall_seconds": seconds})
+                models = by_model(work / f"{name}.jsonl", pricing)
+                in_steps = sum(row["seconds"] for row in models.values())
+                runs[name].append({**batch_summary(err), "wall_seconds": seconds, "by_model": models,
+                                   "outside_steps_seconds": seconds - in_steps})
         _, out, _ = cre("eval", str(test_log), "--router", str(router), "--json")
         report = json.loads(out)
     wall = {name: statistics.median(r["wall_seconds"] for r in rs) for name, rs in runs.items()}
@@ -114,6 +138,11 @@ def main() -> None:
           f"ratio {result['wall_ratio']:.3f}")
     print(f"  cre batch's reported cost ratio {reported:.3f}; cre eval's cost share {report['cost_share']:.3f}")
     print(f"  accuracy: cascade {result['accuracy']['cascade']:.3f}, strongest alone {result['accuracy']['strongest']:.3f}")
+    for name, rs in runs.items():
+        for i, r in enumerate(rs):
+            parts = ", ".join(f"{m} {row['seconds']:.1f} s for {row['priced']:.1f} priced ({row['seconds_per_priced']:.2f})"
+                              for m, row in r["by_model"].items())
+            print(f"  {name} round {i + 1}: {parts}; {r['outside_steps_seconds']:.1f} s outside the steps")
     spread = max(result["wall_ratio"], reported, report["cost_share"]) - min(result["wall_ratio"], reported, report["cost_share"])
     print(f"  the three agree within {100 * spread:.1f} points (goal: 3)")
 
