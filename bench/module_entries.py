@@ -113,12 +113,12 @@ def fake_models() -> None:
 def climbing_prompt() -> str:
     """A query of the shipped log that the shipped router starts on the ladder's first rung."""
     from crecli import config, paths, routerfile
+    from crecli.querylog import read_log
     from crecli.route import route_many
 
     settings = config.load()
     router = routerfile.load(paths.shipped_router(), settings)
-    lines = (Path(__file__).resolve().parents[1] / "examples" / "querylog.jsonl").read_text().splitlines()
-    prompts = [json.loads(line)["prompt"] for line in lines if line.strip()]
+    prompts = [r.prompt for r in read_log(Path(__file__).resolve().parents[1] / "examples" / "querylog.jsonl").records]
     for prompt, decision in zip(prompts, route_many(router, prompts)):
         if decision.model == settings.ladder[0] and decision.familiar:
             return prompt

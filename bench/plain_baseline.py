@@ -112,10 +112,13 @@ def model_speed(spec: Any, file: Path | None) -> tuple[float, float]:
 
 
 def price(prompt_tokens: int, output_tokens: int, head: int, speed: tuple[float, float]) -> float:
-    """One answer in bench-seconds, the template's shared head left out (as cre's own costs)."""
-    from crecli.costs import token_cost
+    """One answer in bench-seconds, the template's shared head left out: `Pricing.tokens`,
+    the rule cre prices its own answers with, given this template's head."""
+    from crecli.costs import Pricing
 
-    return token_cost("bench-seconds", max(0, prompt_tokens - head), output_tokens, None, speed)
+    cost = Pricing("bench-seconds", {}, {"plain": speed}, {"plain": head}).tokens("plain", prompt_tokens, output_tokens)
+    assert cost is not None  # a bench-seconds Pricing with the model's speed always prices it
+    return cost
 
 
 def write(out: Path, summary: dict[str, Any], rows: list[dict[str, Any]]) -> None:

@@ -196,9 +196,11 @@ def fake_server(max_queue: int, vote_ms: float) -> tuple[str, Any]:
 
 def log_prompts(n: int) -> list[str]:
     """`n` prompts spread over examples/querylog.jsonl's tasks."""
-    lines = [json.loads(line) for line in (ROOT / "examples" / "querylog.jsonl").read_text().splitlines() if line.strip()]
-    step = max(1, len(lines) // n)
-    return [r["prompt"] for r in lines[::step][:n]]
+    from crecli.querylog import read_log  # the one reader of query logs, as `cre fit` reads them
+
+    prompts = [r.prompt for r in read_log(ROOT / "examples" / "querylog.jsonl").records]
+    step = max(1, len(prompts) // n)
+    return prompts[::step][:n]
 
 
 @contextmanager
