@@ -1,0 +1,67 @@
+"""Analysis scripts in bench/ that read files and run nothing: their arithmetic, on made-up
+inputs whose answers are worked out by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import pytest
+
+from crecli.costs import Pricing
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cluster(cid: int, size: int, start: str, stats: dict[str, tuple[float, float]]) -> SimpleNamespace:
+    return SimpleNamespace(id=cid, size=size, model=start,
+                           stats={m: {"accuracy": a, "mean_cost": c} for m, (a, c) in stats.items()})
+
+
+def test_break_even_is_the_cost_share_and_a_perfect_check_pays_only_above_it() -> None:
+    be = _script("break_even")
+    router = SimpleNamespace(ladder_names=["s", "t"], clusters=[
+        # On t: s right 60% at 40% of t's cost. A perfect check costs 0.4 + 0.4 = 0.8 of t.
+        _cluster(0, 10, "t", {"s": (0.6, 0.4), "t": (0.9, 1.0)}),
+        # On t: s right 30% at 40%: below break-even, 0.4 + 0.7 = 1.1 of t, never pays.
+        _cluster(1, 30, "t", {"s": (0.3, 0.4), "t": (0.8, 1.0)}),
+        # Already starts on s.
+        _cluster(2, 60, "s", {"s": (0.9, 0.5), "t": (0.9, 2.0)}),
+    ])
+    rows = be.clusters(router)
+    first = rows[0]["rungs"]["s"]
+    assert first["break_even"] == pytest.approx(0.4) and first["margin"] == pytest.approx(0.2)
+    assert first["perfect_check_cost"] == pytest.approx(0.8)
+    assert rows[1]["rungs"]["s"]["perfect_check_cost"] == pytest.approx(1.1)
+    s = be.summary(rows, "t")
+    assert s["start_on_strongest"] == 40 and s["clusters_on_strongest"] == 2
+    assert s["perfect_check_pays"]["clusters"] == 1 and s["perfect_check_pays"]["queries"] == 10
+    # Starts cost 10 x 1 + 30 x 1 + 60 x 0.5 = 70; a perfect check saves 10 x 1 x 0.2 = 2.
+    assert s["perfect_check_pays"]["saved_share_of_start_cost"] == pytest.approx(2 / 70)
+
+
+def test_cost_vs_clock_splits_a_batch_by_model_at_the_price_batch_uses(tmp_path: Path) -> None:
+    cvc = _script("cost_vs_clock")
+    pricing = Pricing("bench-seconds", {}, {"s": (100.0, 10.0), "t": (50.0, 5.0)}, {"s": 10, "t": 10})
+    step = lambda model, pt, ot, sec: {"model": model, "prompt_tokens": pt, "output_tokens": ot, "seconds": sec}
+    out = tmp_path / "batch.jsonl"
+    out.write_text("\n".join(json.dumps({"trace": {"steps": steps}}) for steps in (
+        [step("s", 110, 5, 2.0), step("t", 60, 5, 3.0)],  # escalated: both rungs' steps count
+        [step("t", 110, 0, 1.0)],
+    )) + "\n")
+    by = cvc.by_model(out, pricing)
+    # s: 100 tokens after its head at 100/s plus 5 at 10/s = 1.5. t: 50/50 + 5/5 = 2, and 100/50 = 2.
+    assert by["s"] == pytest.approx({"steps": 1, "seconds": 2.0, "priced": 1.5, "seconds_per_priced": 2.0 / 1.5})
+    assert by["t"] == pytest.approx({"steps": 2, "seconds": 4.0, "priced": 4.0, "seconds_per_priced": 1.0})
