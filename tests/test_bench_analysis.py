@@ -65,3 +65,22 @@ def test_cost_vs_clock_splits_a_batch_by_model_at_the_price_batch_uses(tmp_path:
     # s: 100 tokens after its head at 100/s plus 5 at 10/s = 1.5. t: 50/50 + 5/5 = 2, and 100/50 = 2.
     assert by["s"] == pytest.approx({"steps": 1, "seconds": 2.0, "priced": 1.5, "seconds_per_priced": 2.0 / 1.5})
     assert by["t"] == pytest.approx({"steps": 2, "seconds": 4.0, "priced": 4.0, "seconds_per_priced": 1.0})
+
+
+def test_against_plain_reports_every_budget_of_the_frontier_as_shares_of_the_plain_model() -> None:
+    ap = _script("against_plain")
+    ref = "t only"
+    points = [{"name": ap.DEFERRAL, "accuracy": 0.5, "mean_cost": 0.6},
+              {"name": ap.frontier_name(0.9), "accuracy": 0.45, "mean_cost": 0.4},
+              {"name": ref, "accuracy": 0.55, "mean_cost": 0.8}]
+    headline = {"mode": "cross-fitted", "retain": 0.98, "frontier": [0.9],
+                "runs": [{"seed": 0, "n": 10, "unit": "bench-seconds", "reference": ref, "points": points}]}
+    plain = {"summary": {"model": "t", "n": 10, "unit": "bench-seconds", "accuracy": 0.4, "mean_cost": 1.0,
+                         "mean_output_tokens": 3.0}}
+    result = ap.compare(headline, plain)
+    assert result["retain"] == [0.98, 0.9]
+    lower = result["arms"][ap.frontier_name(0.9)]
+    assert lower["accuracy_share"]["mean"] == pytest.approx(0.45 / 0.4) and lower["cost_share"]["mean"] == pytest.approx(0.4)
+    assert result["arms"][ap.DEFERRAL]["cost_share"]["mean"] == pytest.approx(0.6)
+    with pytest.raises(SystemExit):  # another log
+        ap.compare(headline, {"summary": {**plain["summary"], "n": 11}})
