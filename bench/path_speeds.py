@@ -57,6 +57,19 @@ def fit_speeds(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
     return 1.0 / per_prompt, 1.0 / per_output
 
 
+def fit_with_constant(rows: list[tuple[float, float, float]]) -> dict[str, float]:
+    """The same fit with a per-answer constant (seconds = c + prompt / pp + output / tg): a
+    cost every answer pays whatever its length, such as the decode that yields the stop
+    token, which no output count includes. Reported beside the two-speed fit, not stored."""
+    import numpy as np
+
+    a = np.array([[1.0, p, o] for p, o, _ in rows], dtype=float)
+    y = np.array([s for _, _, s in rows], dtype=float)
+    (c, per_prompt, per_output), *_ = np.linalg.lstsq(a, y, rcond=None)
+    return {"per_answer_seconds": float(c), "pp_tokens_per_s": float(1 / per_prompt) if per_prompt > 0 else float("inf"),
+            "tg_tokens_per_s": float(1 / per_output) if per_output > 0 else float("inf")}
+
+
 def sample(lines: list[str], n: int) -> list[str]:
     """`n` lines spread over the log, kept in its order (a batch sorted by cluster reads like it)."""
     step = max(1, len(lines) // n)
@@ -102,6 +115,9 @@ def main() -> None:
         result: dict[str, Any] = {
             "log": str(args.log), "n": args.n, "rounds": args.rounds,
             "models": {name: {"answers": len(rows[name]), "stored": stored.get(name), "path": measured[name],
+                              "with_constant": fit_with_constant(rows[name]),
+                              "mean_prompt_tokens": sum(p for p, _, _ in rows[name]) / len(rows[name]),
+                              "mean_output_tokens": sum(o for _, o, _ in rows[name]) / len(rows[name]),
                               "seconds": sum(s for _, _, s in rows[name]),
                               "stored_price": sum(p / stored[name][0] + o / stored[name][1] for p, o, _ in rows[name])
                               if name in stored else None}
