@@ -19,7 +19,7 @@ The wall times include loading the models and routing, as a user's batch does. O
 the store lacks for the fit part are collected first (that runs models, once).
 Run it alone (it runs real models):
 
-    flock /tmp/cre-cpu.lock .venv/bin/python bench/cost_vs_clock.py [--log examples/querylog-large.jsonl]
+    flock /tmp/cre-cpu.lock .venv/bin/python bench/cost_vs_clock.py [--log examples/querylog-large.jsonl] [--fresh-bench]
         [--test 200] [--rounds 2] [--seed 0] [--json]
 """
 
@@ -39,6 +39,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# The environment every `cre` runs with: os.environ, or with --fresh-bench a copy of CRE_HOME
+# whose speeds were measured at the start of this run.
+ENV: dict[str, str] | None = None
+
+
 def cre(*args: str, stdin: Path | None = None, stdout: Path | None = None) -> tuple[float, str, str]:
     """Run `cre ARGS`; (wall seconds, stdout, stderr). Exits with the command's message on failure."""
     cmd = [sys.executable, "-m", "crecli", *args]
@@ -46,7 +51,7 @@ def cre(*args: str, stdin: Path | None = None, stdout: Path | None = None) -> tu
     start = time.perf_counter()
     with open(stdin, "rb") if stdin else open("/dev/null", "rb") as fin, \
             (open(stdout, "w") if stdout else tempfile.TemporaryFile("w+")) as fout:
-        proc = subprocess.run(cmd, stdin=fin, stdout=fout, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.run(cmd, stdin=fin, stdout=fout, stderr=subprocess.PIPE, text=True, env=ENV)
         took = time.perf_counter() - start
         out = ""
         if stdout is None:
@@ -86,6 +91,9 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=200, help="queries to answer (the rest are fitted on)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of both batches")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fresh-bench", action="store_true",
+                        help="price at speeds measured now: `cre models bench --fresh` first, in a copy of CRE_HOME "
+                             "(the outcome store and bench.json copied; yours are left as they are)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -99,8 +107,26 @@ def main() -> None:
     settings = config.load()
     strongest = settings.ladder[-1]
     pricing = Pricing.for_models(settings.ladder_specs(), "bench-seconds")
+    global ENV
     with tempfile.TemporaryDirectory(prefix="cre-clock-") as tmp:
         work = Path(tmp)
+        speeds: Any = None
+        if args.fresh_bench:
+            import os
+            import shutil
+
+            from crecli import paths
+
+            home = work / "home"
+            (home / "data").mkdir(parents=True)
+            for name in ("outcomes.sqlite", "bench.json"):
+                if (paths.data_dir() / name).exists():
+                    shutil.copy(paths.data_dir() / name, home / "data" / name)
+            ENV = {**os.environ, "CRE_HOME": str(home), "CRE_MODELS_DIR": str(paths.models_dir())}
+            _, out, _ = cre("models", "bench", "--fresh", "--json")
+            speeds = json.loads(out)
+            os.environ.update(ENV)  # this process prices the batches' steps at the same speeds
+            pricing = Pricing.for_models(settings.ladder_specs(), "bench-seconds")
         fit_log, test_log = work / "fit.jsonl", work / "test.jsonl"
         fit_log.write_text("\n".join(l for i, l in enumerate(lines) if i not in test_idx) + "\n")
         test_log.write_text("\n".join(l for i, l in enumerate(lines) if i in test_idx) + "\n")
@@ -127,6 +153,7 @@ def main() -> None:
         "log": str(args.log), "test_queries": args.test, "rounds": args.rounds, "seed": args.seed,
         "wall_seconds": wall, "wall_ratio": wall["cascade"] / wall["strongest"],
         "batch_reported_ratio": reported, "eval_cost_share": report["cost_share"],
+        "fresh_bench": speeds,
         "accuracy": {name: rs[0]["accuracy"] for name, rs in runs.items()},
         "runs": runs,
     }
