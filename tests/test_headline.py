@@ -139,7 +139,7 @@ def test_further_budgets_recalibrate_each_folds_router_and_pool_as_a_frontier(
     assert lower["accuracy"] == pytest.approx(again.accuracy) and lower["mean_cost"] == pytest.approx(again.mean_cost)
     # Half the strongest model's accuracy is cheaper to keep than 98% of it on these fakes.
     assert lower["mean_cost"] < top["mean_cost"]
-    rnd = pooled[f"random routing at {bench.frontier_name(0.5)}'s cost"]
+    rnd = pooled[bench.random_name(0.5)]
     assert rnd["mean_cost"] == pytest.approx(lower["mean_cost"])
     assert {p["name"] for p in result["summary"]} >= {bench.frontier_name(0.5), bench.DEFERRAL}
 
