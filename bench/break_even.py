@@ -54,6 +54,7 @@ def clusters(router: Any) -> list[dict[str, Any]]:
             rungs[model] = {"accuracy": m["accuracy"], "cost_share": share, "break_even": share,
                             "margin": m["accuracy"] - share, "perfect_check_cost": perfect_cost}
         out.append({"cluster": info.id, "size": info.size, "start": info.model,
+                    "start_cost": info.stats[info.model]["mean_cost"] if info.model in info.stats else t["mean_cost"],
                     "strongest_accuracy": t["accuracy"], "strongest_cost": t["mean_cost"], "rungs": rungs})
     return out
 
@@ -64,8 +65,7 @@ def summary(rows: list[dict[str, Any]], top: str) -> dict[str, Any]:
     what the router's starts cost on the whole log (each start's mean cost, size-weighted)."""
     n = sum(r["size"] for r in rows)
     on_top = [r for r in rows if r["start"] == top]
-    start_cost = sum(r["size"] * (r["strongest_cost"] * (r["rungs"][r["start"]]["cost_share"]
-                                                         if r["start"] in r["rungs"] else 1.0)) for r in rows)
+    start_cost = sum(r["size"] * r["start_cost"] for r in rows)
     paying, saved = [], 0.0
     for r in on_top:
         best = min(r["rungs"].values(), key=lambda x: x["perfect_check_cost"], default=None)

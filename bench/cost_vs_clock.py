@@ -44,14 +44,33 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV: dict[str, str] | None = None
 
 
-def cre(*args: str, stdin: Path | None = None, stdout: Path | None = None) -> tuple[float, str, str]:
-    """Run `cre ARGS`; (wall seconds, stdout, stderr). Exits with the command's message on failure."""
+def home_copy(work: Path) -> dict[str, str]:
+    """A copy of this CRE_HOME's outcome store and bench.json under `work`, and the
+    environment that points `cre` at it (the models stay where they are): a run can measure
+    and price speeds there without touching the user's."""
+    import os
+    import shutil
+
+    from crecli import paths
+
+    home = work / "home"
+    (home / "data").mkdir(parents=True)
+    for name in ("outcomes.sqlite", "bench.json"):
+        if (paths.data_dir() / name).exists():
+            shutil.copy(paths.data_dir() / name, home / "data" / name)
+    return {**os.environ, "CRE_HOME": str(home), "CRE_MODELS_DIR": str(paths.models_dir())}
+
+
+def cre(*args: str, stdin: Path | None = None, stdout: Path | None = None,
+        env: dict[str, str] | None = None) -> tuple[float, str, str]:
+    """Run `cre ARGS` (in `env`, else ENV); (wall seconds, stdout, stderr). Exits with the
+    command's message on failure."""
     cmd = [sys.executable, "-m", "crecli", *args]
     print("$ cre " + " ".join(args), file=sys.stderr)
     start = time.perf_counter()
     with open(stdin, "rb") if stdin else open("/dev/null", "rb") as fin, \
             (open(stdout, "w") if stdout else tempfile.TemporaryFile("w+")) as fout:
-        proc = subprocess.run(cmd, stdin=fin, stdout=fout, stderr=subprocess.PIPE, text=True, env=ENV)
+        proc = subprocess.run(cmd, stdin=fin, stdout=fout, stderr=subprocess.PIPE, text=True, env=env or ENV)
         took = time.perf_counter() - start
         out = ""
         if stdout is None:
@@ -113,16 +132,8 @@ def main() -> None:
         speeds: Any = None
         if args.fresh_bench:
             import os
-            import shutil
 
-            from crecli import paths
-
-            home = work / "home"
-            (home / "data").mkdir(parents=True)
-            for name in ("outcomes.sqlite", "bench.json"):
-                if (paths.data_dir() / name).exists():
-                    shutil.copy(paths.data_dir() / name, home / "data" / name)
-            ENV = {**os.environ, "CRE_HOME": str(home), "CRE_MODELS_DIR": str(paths.models_dir())}
+            ENV = home_copy(work)
             _, out, _ = cre("models", "bench", "--fresh", "--json")
             speeds = json.loads(out)
             os.environ.update(ENV)  # this process prices the batches' steps at the same speeds

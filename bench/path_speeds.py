@@ -20,28 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from cost_vs_clock import cre, home_copy  # bench/ is on the path when a script there runs
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cre(*args: str, env: dict[str, str] | None = None, stdout: Path | None = None) -> str:
-    print("$ cre " + " ".join(args), file=sys.stderr, flush=True)
-    with open(stdout, "w") if stdout else tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.run([sys.executable, "-m", "crecli", *args], stdout=out, stderr=subprocess.PIPE,
-                              text=True, env=env)
-        if proc.returncode not in (0, 3):
-            sys.exit(f"cre {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-        if stdout:
-            return ""
-        out.seek(0)
-        return out.read()
 
 
 def fit_speeds(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
@@ -86,13 +72,14 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    from crecli import config, paths
+    from crecli import config
+    from crecli.costs import Pricing
     from crecli.models import bench
 
     settings = config.load()
     specs = settings.ladder_specs()
-    heads = bench.cached_heads(specs)
     stored = bench.speeds(specs)
+    pricing = Pricing.for_models(specs, "bench-seconds")  # the stored speeds, as cre prices with them
     lines = [line for line in args.log.read_text().splitlines() if line.strip()]
     rows: dict[str, list[tuple[float, float, float]]] = {s.name: [] for s in specs}
     with tempfile.TemporaryDirectory(prefix="cre-path-") as tmp:
@@ -109,7 +96,7 @@ def main() -> None:
                     "--models", str(work / f"{spec.name}.toml"), stdout=out)
                 for line in out.read_text().splitlines():
                     for step in json.loads(line).get("trace", {}).get("steps", []):
-                        rows[spec.name].append((max(0, step["prompt_tokens"] - heads.get(spec.name, 0)),
+                        rows[spec.name].append((max(0, step["prompt_tokens"] - pricing.cached(spec.name)),
                                                 step["output_tokens"], step["seconds"]))
         measured = {name: fit_speeds(r) for name, r in rows.items()}
         result: dict[str, Any] = {
@@ -119,26 +106,23 @@ def main() -> None:
                               "mean_prompt_tokens": sum(p for p, _, _ in rows[name]) / len(rows[name]),
                               "mean_output_tokens": sum(o for _, o, _ in rows[name]) / len(rows[name]),
                               "seconds": sum(s for _, _, s in rows[name]),
-                              "stored_price": sum(p / stored[name][0] + o / stored[name][1] for p, o, _ in rows[name])
-                              if name in stored else None}
+                              # rows hold the tokens after the cached head, which tokens() takes off again
+                              "stored_price": sum(pricing.tokens(name, p + pricing.cached(name), o) or 0.0
+                                                  for p, o, _ in rows[name]) if name in stored else None}
                        for name in rows},
         }
         if args.eval_log and args.router:
-            home = work / "home"
-            (home / "data").mkdir(parents=True)
-            for name in ("outcomes.sqlite", "bench.json"):
-                if (paths.data_dir() / name).exists():
-                    shutil.copy(paths.data_dir() / name, home / "data" / name)
-            data = json.loads((home / "data" / "bench.json").read_text())
+            env = home_copy(work)
+            copied = Path(env["CRE_HOME"]) / "data" / "bench.json"
+            data = json.loads(copied.read_text())
             for spec in specs:
                 entry = bench.stored(spec)
                 key = next(k for k, v in data.items() if v == entry)
                 pp, tg = measured[spec.name]
                 data[key] = {**entry, "pp_tokens_per_s": pp, "tg_tokens_per_s": tg, "runs": []}
-            (home / "data" / "bench.json").write_text(json.dumps(data))
-            before = json.loads(cre("eval", str(args.eval_log), "--router", str(args.router), "--json"))
-            after = json.loads(cre("eval", str(args.eval_log), "--router", str(args.router), "--json",
-                                   env={**os.environ, "CRE_HOME": str(home), "CRE_MODELS_DIR": str(paths.models_dir())}))
+            copied.write_text(json.dumps(data))
+            before = json.loads(cre("eval", str(args.eval_log), "--router", str(args.router), "--json")[1])
+            after = json.loads(cre("eval", str(args.eval_log), "--router", str(args.router), "--json", env=env)[1])
             result["eval"] = {"stored_speeds": before["cost_share"], "path_speeds": after["cost_share"]}
     if args.json:
         print(json.dumps(result, indent=1))
