@@ -13,7 +13,11 @@ and `cre eval`'s cost share should agree within 3 points. This prints all three 
 5. splits each batch's time by model from its output lines (`trace.steps`): the seconds each
    model's steps took against their bench-seconds price, and the wall time outside every
    step (loading models, routing, start-up). Where the first ratio differs between models,
-   the stored speeds misprice one model against another; the rest is the clock's drift.
+   the stored speeds misprice one model against another; the rest is the clock's drift;
+6. measures that drift on identical work: the strongest model answers the same prompts
+   (same token counts) in both batches of a round, so the ratio of those steps' seconds is
+   how much slower the machine ran the cascade's batch than the other (`same_work`). Each
+   round's wall ratio divided by it is the wall ratio at one machine speed ("drift-corrected").
 
 The wall times include loading the models and routing, as a user's batch does. Outcomes
 the store lacks for the fit part are collected first (that runs models, once).
@@ -104,6 +108,28 @@ def by_model(outputs: Path, pricing: Any) -> dict[str, dict[str, float]]:
     return out
 
 
+def steps_by_id(outputs: Path, model: str) -> dict[str, dict[str, Any]]:
+    """`model`'s step of each answered line of `cre batch`'s output, by the line's id."""
+    out: dict[str, dict[str, Any]] = {}
+    for line in outputs.read_text().splitlines():
+        record = json.loads(line)
+        for step in record.get("trace", {}).get("steps", []):
+            if step["model"] == model:
+                out[record["id"]] = step
+    return out
+
+
+def same_work(cascade: dict[str, dict[str, Any]], strongest: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The machine's drift between two batches, on identical work: the seconds the strongest
+    model's steps took in the cascade's batch over those it took in the other, summed over
+    the prompts it answered in both with the same token counts (the same computation)."""
+    same = [i for i, step in cascade.items() if i in strongest
+            and (step["prompt_tokens"], step["output_tokens"]) == (strongest[i]["prompt_tokens"], strongest[i]["output_tokens"])]
+    ours, theirs = sum(cascade[i]["seconds"] for i in same), sum(strongest[i]["seconds"] for i in same)
+    return {"prompts": len(same), "cascade_seconds": ours, "strongest_seconds": theirs,
+            "ratio": ours / theirs if theirs else float("nan")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--log", type=Path, default=ROOT / "examples" / "querylog-large.jsonl")
@@ -148,6 +174,7 @@ def main() -> None:
         cre("calibrate", str(router), "--seed", str(args.seed))
         cre("fit", str(fit_log), "-o", str(top), "--seed", str(args.seed), "--models", str(top_toml))
         runs: dict[str, list[dict[str, Any]]] = {"cascade": [], "strongest": []}
+        drift: list[dict[str, float]] = []
         for _ in range(args.rounds):
             for name, path, extra in (("cascade", router, []), ("strongest", top, ["--models", str(top_toml)])):
                 seconds, _, err = cre("batch", str(test_log), "--router", str(path), "--no-log", "--json-summary", *extra,
@@ -156,6 +183,9 @@ def main() -> None:
                 in_steps = sum(row["seconds"] for row in models.values())
                 runs[name].append({**batch_summary(err), "wall_seconds": seconds, "by_model": models,
                                    "outside_steps_seconds": seconds - in_steps})
+            same = same_work(steps_by_id(work / "cascade.jsonl", strongest), steps_by_id(work / "strongest.jsonl", strongest))
+            wall_round = runs["cascade"][-1]["wall_seconds"] / runs["strongest"][-1]["wall_seconds"]
+            drift.append({**same, "wall_ratio": wall_round, "corrected_wall_ratio": wall_round / same["ratio"]})
         _, out, _ = cre("eval", str(test_log), "--router", str(router), "--json")
         report = json.loads(out)
     wall = {name: statistics.median(r["wall_seconds"] for r in rs) for name, rs in runs.items()}
@@ -165,6 +195,8 @@ def main() -> None:
         "wall_seconds": wall, "wall_ratio": wall["cascade"] / wall["strongest"],
         "batch_reported_ratio": reported, "eval_cost_share": report["cost_share"],
         "fresh_bench": speeds,
+        "rounds_by_drift": drift,
+        "corrected_wall_ratio": statistics.median(d["corrected_wall_ratio"] for d in drift),
         "accuracy": {name: rs[0]["accuracy"] for name, rs in runs.items()},
         "runs": runs,
     }
@@ -183,6 +215,12 @@ def main() -> None:
             print(f"  {name} round {i + 1}: {parts}; {r['outside_steps_seconds']:.1f} s outside the steps")
     spread = max(result["wall_ratio"], reported, report["cost_share"]) - min(result["wall_ratio"], reported, report["cost_share"])
     print(f"  the three agree within {100 * spread:.1f} points (goal: 3)")
+    for i, d in enumerate(drift):
+        print(f"  round {i + 1}: {strongest} took {d['ratio']:.3f}x as long on the same {d['prompts']} prompts in the "
+              f"cascade's batch; wall ratio {d['wall_ratio']:.3f}, corrected {d['corrected_wall_ratio']:.3f}")
+    corrected = result["corrected_wall_ratio"]
+    spread = max(corrected, reported, report["cost_share"]) - min(corrected, reported, report["cost_share"])
+    print(f"  drift-corrected wall ratio (median of rounds) {corrected:.3f}: the three agree within {100 * spread:.1f} points")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,24 @@ def test_cost_vs_clock_splits_a_batch_by_model_at_the_price_batch_uses(tmp_path:
     assert by["t"] == pytest.approx({"steps": 2, "seconds": 4.0, "priced": 4.0, "seconds_per_priced": 1.0})
 
 
+def test_cost_vs_clock_measures_drift_on_the_prompts_both_batches_gave_the_strongest_model(tmp_path: Path) -> None:
+    cvc = _script("cost_vs_clock")
+    step = lambda model, pt, ot, sec: {"model": model, "prompt_tokens": pt, "output_tokens": ot, "seconds": sec}
+    cascade, alone = tmp_path / "c.jsonl", tmp_path / "a.jsonl"
+    cascade.write_text("\n".join(json.dumps({"id": i, "trace": {"steps": steps}}) for i, steps in (
+        ("a", [step("s", 50, 2, 0.5)]),  # answered lower: not work both batches did
+        ("b", [step("s", 50, 2, 0.5), step("t", 60, 4, 3.0)]),  # escalated to t
+        ("c", [step("t", 70, 3, 2.5)]),
+        ("d", [step("t", 70, 9, 9.0)]),  # t wrote another answer here: not the same work
+    )) + "\n")
+    alone.write_text("\n".join(json.dumps({"id": i, "trace": {"steps": [step("t", pt, ot, sec)]}}) for i, pt, ot, sec in (
+        ("a", 40, 2, 1.0), ("b", 60, 4, 2.0), ("c", 70, 3, 2.0), ("d", 70, 3, 2.0),
+    )) + "\n")
+    got = cvc.same_work(cvc.steps_by_id(cascade, "t"), cvc.steps_by_id(alone, "t"))
+    # Only b and c: 3.0 + 2.5 in the cascade's batch against 2.0 + 2.0 alone.
+    assert got == pytest.approx({"prompts": 2, "cascade_seconds": 5.5, "strongest_seconds": 4.0, "ratio": 5.5 / 4.0})
+
+
 def test_against_plain_reports_every_budget_of_the_frontier_as_shares_of_the_plain_model() -> None:
     ap = _script("against_plain")
     ref = "t only"

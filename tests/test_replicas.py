@@ -68,6 +68,16 @@ def test_url_takes_one_server_or_an_array_of_replicas_and_max_in_flight_is_check
         assert words in str(info.value), (body, str(info.value))
 
 
+def test_url_and_urls_stay_one_fact_however_a_spec_is_built() -> None:
+    # Code (tests, the library API) builds specs with either field; `url` is always the first replica.
+    by_url = config.ModelSpec(name="r", url="http://a:1/v1")
+    by_urls = config.ModelSpec(name="r", urls=("http://a:1/v1", "http://b:1/v1"))
+    assert by_url.urls == ("http://a:1/v1",) and by_urls.url == "http://a:1/v1"
+    assert config.ModelSpec(name="local").urls == () and config.ModelSpec(name="local").url is None
+    with pytest.raises(ValueError, match="not the first of its urls"):
+        config.ModelSpec(name="r", url="http://b:1/v1", urls=("http://a:1/v1",))
+
+
 def test_a_later_file_replaces_the_replicas_not_merges_them(tmp_path: Path) -> None:
     first = tmp_path / "a.toml"
     first.write_text('ladder = ["big"]\n[models.big]\nurl = ["http://a:1/v1", "http://b:1/v1"]\n')

@@ -131,7 +131,7 @@ def test_fit_finds_the_examples_a_model_needs_and_the_cascade_shows_them(
         first = traces[0].steps[0]
         plain = shot_fakes["small"].count_tokens(render("completion", same[0]["prompt"]))
         assert first.prompt_tokens - plain == prefix[0]
-        full = sum(cascade.cost_of(t) for t in traces)
+        full = sum(t.cost for t in traces)
         summary = run_batch([json.dumps({"id": r["id"], "prompt": r["prompt"]}).encode() for r in same],
                             io.StringIO(), cascade)
     assert summary.answered == len(same)

@@ -78,7 +78,7 @@ def test_the_estimate_counts_the_strongest_models_own_tokens(
         top = ran.steps[0]
         assert own == cascade.pricing.tokens("large", top.prompt_tokens, top.greedy_output_tokens)
         # The cascade's own cost of that answer is the same figure: it is that answer.
-        assert cascade.cost_of(ran) == own == ran.cost
+        assert cascade.cost_of_run([ran]) == [own] and ran.cost == own
 
 
 def _cluster(cid: int, size: int, large_output: float | None) -> ClusterInfo:

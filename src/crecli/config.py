@@ -84,8 +84,10 @@ class ModelSpec:
     n_gpu_layers: int = 0
     chunks: tuple[Chunk, ...] = ()
     path: str | None = None
-    url: str | None = None  # the first server; `urls` holds them all
-    urls: tuple[str, ...] = ()  # a remote rung's replicas, from `url` (a string or an array)
+    # A remote rung's servers: `urls` holds them all (models.toml's `url`, a string or an
+    # array), `url` the first. Either may be given; `__post_init__` keeps them one fact.
+    url: str | None = None
+    urls: tuple[str, ...] = ()
     max_in_flight: int | None = None  # a remote rung's requests each server holds at once
     # Sent with every request to a remote rung's servers when set. llama-cpp-python's server
     # and Ollama penalise repeated tokens (1.1) unless told otherwise, which changes greedy
@@ -96,6 +98,14 @@ class ModelSpec:
     api_key_env: str | None = None
     price_per_1k_tokens: float | None = None
     defined_in: str = ""
+
+    def __post_init__(self) -> None:
+        if self.url and not self.urls:
+            object.__setattr__(self, "urls", (self.url,))
+        elif self.urls and self.url != self.urls[0]:
+            if self.url:
+                raise ValueError(f"model {self.name!r}: url {self.url!r} is not the first of its urls")
+            object.__setattr__(self, "url", self.urls[0])
 
     @property
     def backend(self) -> str:
@@ -319,8 +329,7 @@ def _model_fields(name: str, fields: dict[str, Any], where: Path | str) -> dict[
         elif f == "path":
             out[f] = _path(where, key, value)
         elif f == "url":
-            out["urls"] = _urls(where, key, value)
-            out[f] = out["urls"][0]
+            out["urls"] = _urls(where, key, value)  # `url` follows (`ModelSpec.__post_init__`)
         elif f == "max_in_flight":
             out[f] = _int(where, key, value, 1, MAX_IN_FLIGHT, " (requests each of the rung's servers holds at once)")
         elif f == "repeat_penalty":

@@ -13,7 +13,8 @@ KV cells; the greedy vote leaves the prompt cached, so only it pays for prompt p
 
 `Cascade.decode_greedy` lets a batch decode the greedy votes of many prompts on one rung
 together (`cre batch --parallel`); each check then starts from its prompt's vote. Costs
-come from `costs` (`Cascade.cost_of`, `cost_of_run`, `strongest_cost_of_run`).
+come from `costs`: a finished answer carries its own (`Trace.cost`, priced alone when
+it finishes); `cost_of_run` and `strongest_cost_of_run` price a run of answers.
 
 `Cascade` is also the library API:
 
@@ -107,15 +108,10 @@ class Cascade:
     def strongest(self) -> str:
         return self.ladder[-1]
 
-    def cost_of(self, trace: Trace) -> float | None:
-        """What answering `trace` alone cost, in `self.pricing.unit` (`costs.price_steps`:
-        each rung's votes, and its cluster's answered examples in full); None when a model
-        has no figure in the unit. `cost_of_run` prices many answers that shared examples."""
-        return price_steps(self.pricing, [(trace.cluster, trace.steps)])[0]
-
     def cost_of_run(self, traces: Sequence[Trace]) -> list[float | None]:
         """Each trace's cost in a run of answers (a batch), its answered examples shared by
-        the one rule of `costs.share_prefixes`."""
+        the one rule of `costs.share_prefixes`. Alone, a trace pays its examples in full:
+        that is its own `Trace.cost`, set when it finished (`live`)."""
         return price_steps(self.pricing, [(t.cluster, t.steps) for t in traces])
 
     def strongest_tokens(self, trace: Trace, prompt: str) -> tuple[int | None, int, float]:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 # `cut_at_stop` is the one rule for `stop` on every answer: a ladder model also stops
 # generating there, and a cascade's answer, decided by its check on whole answers, is cut
 # after the fact (re-exported here, where callers have long found it).
-from crecli.models.backend import cut_at_stop, held_back  # noqa: F401
+from crecli.models.backend import StopSafeEmitter, cut_at_stop, held_back  # noqa: F401
 from crecli.querylog import MAX_LINE_BYTES
 from crecli.safejson import JsonError, json_type, loads
 
@@ -285,35 +285,30 @@ def parse_completion(body: dict[str, Any]) -> Query:
     return _common(body, "completion", prompt)
 
 
-class StreamText:
+class StreamText(StopSafeEmitter):
     """An answer's text as it is generated, turned into what the response will say: cut at
     the first `stop` string, leading whitespace dropped, trailing whitespace and the start of
     a possible stop string held back until more text shows what they are. The same rules
     `cut_at_stop` and `strip` apply to a whole answer, applied to its pieces, so what `emit`
-    gets is always a prefix of the final text; `finish` sends the rest of it.
+    gets is always a prefix of the final text (`StopSafeEmitter`, which this only feeds
+    piece by piece and strips); `finish` sends the rest of it.
     """
 
     def __init__(self, stop: tuple[str, ...], emit: Callable[[str], None]) -> None:
-        self.stop, self.emit = stop, emit
+        super().__init__(stop, emit)
         self.raw = ""  # every piece fed
-        self.sent = ""  # what `emit` got
-        self.cut = False
 
     def feed(self, piece: str) -> None:
-        if self.cut or not piece:
+        if self.done or not piece:
             return
         self.raw += piece
-        safe, self.cut = held_back(self.raw, self.stop)
+        safe, self.done = held_back(self.raw, self.stops)
         self._send(safe.strip())
 
     def finish(self, final: str) -> None:
-        """Send whatever of `final`, the answer's whole text, is not sent yet."""
+        """Send whatever of `final`, the answer's whole text (already cut and stripped), is
+        not sent yet."""
         self._send(final)
-
-    def _send(self, safe: str) -> None:
-        if len(safe) > len(self.sent) and safe.startswith(self.sent):
-            piece, self.sent = safe[len(self.sent):], safe
-            self.emit(piece)
 
 
 # ---------------------------------------------------------------- answers

@@ -377,22 +377,27 @@ class OpenAIBackend(Backend):
             signals=lp.signals(lp.steps(choice.get("logprobs"))) if greedy else None,
         )
 
-    def complete(self, rendered: Rendered, params: GenParams) -> Generation:
+    def _completion_body(self, rendered: Rendered, params: GenParams) -> dict[str, Any]:
         # The server parses special tokens in the text it is sent, so user text goes with its
         # control-token spellings defused (`Rendered.escaped`).
+        return {**self._body(params), "prompt": rendered.escaped()}
+
+    def _chat_body(self, prompt: str, params: GenParams) -> dict[str, Any]:
+        # A "chat" rung's server applies its own template to the turns (examples as turns).
+        return {**self._body(params), "messages": chat_messages(prompt, shots=params.shots)}
+
+    def complete(self, rendered: Rendered, params: GenParams) -> Generation:
         greedy = params.temperature == 0.0 and params.signals
-        data, seconds = self._ask("completions", {**self._body(params), "prompt": rendered.escaped()}, greedy)
+        data, seconds = self._ask("completions", self._completion_body(rendered, params), greedy)
         return self._generation(data, str(data["choices"][0].get("text") or ""), seconds, greedy)
 
     def generate(self, prompt: str, params: GenParams = GenParams()) -> Generation:
         if self.spec.prompt_format != "chat":
             return super().generate(prompt, params)
-        messages = chat_messages(prompt, shots=params.shots)
         greedy = params.temperature == 0.0 and params.signals
-        data, seconds = self._ask("chat/completions", {**self._body(params), "messages": messages}, greedy)
+        data, seconds = self._ask("chat/completions", self._chat_body(prompt, params), greedy)
         message = data["choices"][0].get("message") or {}
         return self._generation(data, str(message.get("content") or ""), seconds, greedy)
-
 
     def generate_streaming(self, prompt: str, params: GenParams, emit: Callable[[str], None]) -> Generation:
         """`generate` with the server's own token stream passed through to `emit` (`stream:
@@ -403,10 +408,10 @@ class OpenAIBackend(Backend):
             return super().generate_streaming(prompt, params, emit)
         chat = self.spec.prompt_format == "chat"
         if chat:
-            endpoint, body = "chat/completions", {**self._body(params), "messages": chat_messages(prompt, shots=params.shots)}
+            endpoint, body = "chat/completions", self._chat_body(prompt, params)
         else:
             rendered, params = self.prepare(prompt, params)
-            endpoint, body = "completions", {**self._body(params), "prompt": rendered.escaped()}
+            endpoint, body = "completions", self._completion_body(rendered, params)
         body.update(stream=True, stream_options={"include_usage": True})
         # The server applies `stop` itself; held back here too, for one that streams a stop's start.
         streamed = StopSafeEmitter(params.stop, emit)

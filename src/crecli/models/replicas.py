@@ -164,8 +164,7 @@ def replica_set(spec: "ModelSpec") -> ReplicaSet:
     with _SETS_LOCK:
         found = _SETS.get(id(spec))
         if found is None or found[0] is not spec:
-            urls = spec.urls or ((spec.url,) if spec.url else ())
-            found = _SETS[id(spec)] = (spec, ReplicaSet(spec.name, urls, spec.max_in_flight or DEFAULT_MAX_IN_FLIGHT))
+            found = _SETS[id(spec)] = (spec, ReplicaSet(spec.name, spec.urls, spec.max_in_flight or DEFAULT_MAX_IN_FLIGHT))
         return found[1]
 
 
