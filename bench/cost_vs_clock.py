@@ -24,7 +24,7 @@ the store lacks for the fit part are collected first (that runs models, once).
 Run it alone (it runs real models):
 
     flock /tmp/cre-cpu.lock .venv/bin/python bench/cost_vs_clock.py [--log examples/querylog-large.jsonl] [--fresh-bench]
-        [--test 200] [--rounds 2] [--seed 0] [--json]
+        [--test 200] [--rounds 3] [--seed 0] [--json]
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--log", type=Path, default=ROOT / "examples" / "querylog-large.jsonl")
     parser.add_argument("--test", type=int, default=200, help="queries to answer (the rest are fitted on)")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of both batches")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of both batches")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fresh-bench", action="store_true",
                         help="price at speeds measured now: `cre models bench --fresh` first, in a copy of CRE_HOME "

@@ -259,6 +259,28 @@ def test_cli_batch_reads_a_file_and_exits_3_on_error_lines(
     assert "accuracy 100.0% (1/1" in result.stderr and "vs always large" in result.stderr
 
 
+def test_batch_summary_says_when_the_speeds_that_price_it_are_hours_old(
+    fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path, tmp_path: Path,
+    bench_speeds,
+) -> None:
+    import time
+
+    install(fake_backends, TABLE)
+    infile = tmp_path / "in.jsonl"
+    infile.write_bytes(MIXED[0])
+    ago = lambda hours: time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - hours * 3600))
+    bench_speeds(SPEEDS, measured_at=ago(10))
+    old = _batch([str(infile), "--router", str(saved_router)], tiny_models_toml)
+    assert old.exit_code == 0, old.output
+    assert "vs always large" in old.stderr and "measured 10 h ago" in old.stderr and "cre models bench --fresh" in old.stderr
+    summary = json.loads(_batch([str(infile), "--router", str(saved_router), "--json-summary"],
+                                tiny_models_toml).stderr.strip().splitlines()[-1])
+    assert summary["unit"] == "bench-seconds" and 9.9 < summary["speeds_age_hours"] < 10.5
+    bench_speeds(SPEEDS, measured_at=ago(1))
+    recent = _batch([str(infile), "--router", str(saved_router)], tiny_models_toml)
+    assert "vs always large" in recent.stderr and "h ago" not in recent.stderr
+
+
 def test_cli_batch_stdin_resume_and_json_summary(
     fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path, tmp_path: Path
 ) -> None:

@@ -85,6 +85,17 @@ def test_cost_vs_clock_measures_drift_on_the_prompts_both_batches_gave_the_stron
     assert got == pytest.approx({"prompts": 2, "cascade_seconds": 5.5, "strongest_seconds": 4.0, "ratio": 5.5 / 4.0})
 
 
+def test_batch_reuse_rebuilds_the_order_a_model_saw_and_counts_what_reuse_leaves() -> None:
+    br = _script("batch_reuse")
+    row = lambda i, cluster, *models: {"id": i, "trace": {"cluster": cluster, "steps": [{"model": m} for m in models]}}
+    rows = [row("a", 2, "t"), row("b", 1, "s"), row("c", 1, "s", "t"), row("d", 2, "t"), row("e", 0, "t")]
+    # Chunks of 3 lines: a, b, c (t: a in cluster 2, c in 1, so c first), then d, e (e's cluster 0 first).
+    assert [r["id"] for r in br.model_order(rows, "t", 3)] == ["c", "a", "e", "d"]
+    # Each prompt evaluates what it does not share with the one before; the first, everything.
+    got = br.evaluated([("c", [1, 2, 3, 4]), ("a", [1, 2, 9]), ("e", [1, 2, 9, 7, 7]), ("d", [5])])
+    assert got == {"c": 4, "a": 1, "e": 2, "d": 1}
+
+
 def test_against_plain_reports_every_budget_of_the_frontier_as_shares_of_the_plain_model() -> None:
     ap = _script("against_plain")
     ref = "t only"

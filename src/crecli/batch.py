@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -36,6 +37,11 @@ if TYPE_CHECKING:
     from crecli.live import Pending
     from crecli.trace import Trace
     from crecli.servedlog import ServedLog
+
+
+# Lines taken and reordered together (see the module docstring); bench/batch_reuse.py
+# rebuilds the order models saw prompts in from it.
+CHUNK_LINES = 64
 
 
 @dataclass
@@ -60,6 +66,9 @@ class BatchSummary:
     cascade_cost: float = 0.0  # what the cascade spent on those same answers, same unit
     estimated: int = 0
     models: dict[str, int] = field(default_factory=dict)  # answers per final model
+    # In "bench-seconds": hours since the stalest of the ladder's speeds was measured. Speeds
+    # drift, and the comparison with the clock drifts with them (`bench.STALE_HOURS`).
+    speeds_age_hours: float | None = None
 
     @property
     def accuracy(self) -> float | None:
@@ -212,7 +221,7 @@ def run_batch(
     cascade: "Cascade",
     resume_ids: set[str] | frozenset[str] = frozenset(),
     source: str = "<stdin>",
-    chunk_size: int = 64,
+    chunk_size: int = CHUNK_LINES,
     fields: FieldMap = FieldMap(),
     served: "ServedLog | None" = None,
 ) -> BatchSummary:
@@ -226,7 +235,9 @@ def run_batch(
     """
     if hasattr(lines, "readline"):
         lines = read_lines(lines, fields.max_line_bytes)  # type: ignore[arg-type]
-    summary = BatchSummary(unit=cascade.pricing.unit, strongest_model=cascade.strongest)
+    measured = cascade.pricing.measured
+    summary = BatchSummary(unit=cascade.pricing.unit, strongest_model=cascade.strongest,
+                           speeds_age_hours=None if measured is None else max(0.0, time.time() - measured) / 3600)
     writer = _OrderedWriter(out, first=1)
     # Every answer of the run, for the summary's costs: the batch is one run of answers, whose
     # answered examples are priced by the one rule of `costs.share_prefixes`.

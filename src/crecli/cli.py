@@ -367,7 +367,8 @@ def batch(
     scenes so each model stays loaded, and the greedy answers of up to --parallel prompts on
     one model are decoded at once (the quality check's sampled votes are decoded together
     as parallel sequences, with or without --parallel); a summary (accuracy, cost against
-    always using the strongest model, escalation rate) goes to stderr at the end.
+    always using the strongest model, escalation rate) goes to stderr at the end. The cost
+    is priced at `cre models bench` speeds; the summary says when they are over 6 hours old.
 
     To finish an interrupted batch, append the remaining answers to the same file:
 

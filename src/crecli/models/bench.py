@@ -327,6 +327,27 @@ def stored(spec: ModelSpec, threads: int | None = None, file: Path | None = None
     return None
 
 
+# Past this age a batch's summary says how old the speeds are. Why hours: on this project's
+# shared 2-core VM the 1.5B's generation fell from 11.4 to 8.4 tokens/s within a working
+# day, and the cost share it prices moved 6 points against the clock (docs/results.md).
+STALE_HOURS = 6.0
+
+
+def last_measured(specs: Sequence[ModelSpec]) -> float | None:
+    """When the stalest of `specs`' stored figures was last measured (seconds since the
+    epoch); None where a model has none, or no readable time."""
+    from datetime import datetime
+
+    times = []
+    for spec in specs:
+        entry = stored(spec)
+        try:
+            times.append(datetime.strptime(str((entry or {})["measured_at"]), "%Y-%m-%dT%H:%M:%S%z").timestamp())
+        except (KeyError, ValueError):
+            return None
+    return min(times) if times else None
+
+
 def speeds(specs: Sequence[ModelSpec], file: Path | None = None) -> dict[str, tuple[float, float]]:
     """(prompt, generation) tokens/s of each model that `cre models bench` measured (in
     `file` when given, see `load_all`)."""
