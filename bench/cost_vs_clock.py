@@ -7,8 +7,10 @@ and `cre eval`'s cost share should agree within 3 points. This prints all three 
 1. splits a labelled log with a seed: `--test` queries to answer, the rest to fit on;
 2. fits and calibrates a router on the rest (`cre fit`, `cre calibrate`: the defaults), and
    a router whose ladder is the strongest model alone (a models.toml with that ladder);
-3. answers the test queries with `cre batch` through each, interleaved (cascade, strongest,
-   cascade, strongest, ...: `--rounds`), timing each whole command;
+3. answers the test queries with `cre batch` through each, interleaved, the order turned
+   round every other round (cascade, strongest; strongest, cascade; ...: `--rounds`), so a
+   machine that slows or speeds up steadily through the run favours neither; timing each
+   whole command;
 4. replays the cascade on the same queries with `cre eval` for its cost share;
 5. splits each batch's time by model from its output lines (`trace.steps`): the seconds each
    model's steps took against their bench-seconds price, and the wall time outside every
@@ -24,7 +26,7 @@ the store lacks for the fit part are collected first (that runs models, once).
 Run it alone (it runs real models):
 
     flock /tmp/cre-cpu.lock .venv/bin/python bench/cost_vs_clock.py [--log examples/querylog-large.jsonl] [--fresh-bench]
-        [--test 200] [--rounds 3] [--seed 0] [--json]
+        [--test 200] [--rounds 4] [--seed 0] [--json]
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--log", type=Path, default=ROOT / "examples" / "querylog-large.jsonl")
     parser.add_argument("--test", type=int, default=200, help="queries to answer (the rest are fitted on)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of both batches")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds of both batches (even: each order as often)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fresh-bench", action="store_true",
                         help="price at speeds measured now: `cre models bench --fresh` first, in a copy of CRE_HOME "
@@ -175,8 +177,9 @@ def main() -> None:
         cre("fit", str(fit_log), "-o", str(top), "--seed", str(args.seed), "--models", str(top_toml))
         runs: dict[str, list[dict[str, Any]]] = {"cascade": [], "strongest": []}
         drift: list[dict[str, float]] = []
-        for _ in range(args.rounds):
-            for name, path, extra in (("cascade", router, []), ("strongest", top, ["--models", str(top_toml)])):
+        arms = [("cascade", router, []), ("strongest", top, ["--models", str(top_toml)])]
+        for i in range(args.rounds):
+            for name, path, extra in (arms if i % 2 == 0 else arms[::-1]):
                 seconds, _, err = cre("batch", str(test_log), "--router", str(path), "--no-log", "--json-summary", *extra,
                                       stdout=work / f"{name}.jsonl")
                 models = by_model(work / f"{name}.jsonl", pricing)
@@ -185,7 +188,8 @@ def main() -> None:
                                    "outside_steps_seconds": seconds - in_steps})
             same = same_work(steps_by_id(work / "cascade.jsonl", strongest), steps_by_id(work / "strongest.jsonl", strongest))
             wall_round = runs["cascade"][-1]["wall_seconds"] / runs["strongest"][-1]["wall_seconds"]
-            drift.append({**same, "wall_ratio": wall_round, "corrected_wall_ratio": wall_round / same["ratio"]})
+            drift.append({**same, "cascade_first": i % 2 == 0, "wall_ratio": wall_round,
+                          "corrected_wall_ratio": wall_round / same["ratio"]})
         _, out, _ = cre("eval", str(test_log), "--router", str(router), "--json")
         report = json.loads(out)
     wall = {name: statistics.median(r["wall_seconds"] for r in rs) for name, rs in runs.items()}
