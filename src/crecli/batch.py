@@ -235,9 +235,8 @@ def run_batch(
     """
     if hasattr(lines, "readline"):
         lines = read_lines(lines, fields.max_line_bytes)  # type: ignore[arg-type]
-    measured = cascade.pricing.measured
     summary = BatchSummary(unit=cascade.pricing.unit, strongest_model=cascade.strongest,
-                           speeds_age_hours=None if measured is None else max(0.0, time.time() - measured) / 3600)
+                           speeds_age_hours=_speeds_age_hours(cascade))
     writer = _OrderedWriter(out, first=1)
     # Every answer of the run, for the summary's costs: the batch is one run of answers, whose
     # answered examples are priced by the one rule of `costs.share_prefixes`.
@@ -320,6 +319,17 @@ def run_batch(
                 pending = still
     _price(summary, cascade, answered)
     return summary
+
+
+def _speeds_age_hours(cascade: "Cascade") -> float | None:
+    """Hours since the stalest of the speeds pricing the batch was measured ("bench-seconds"
+    only). Read here, once a batch, rather than by every `Pricing`: nothing else needs it."""
+    if cascade.pricing.unit != "bench-seconds":
+        return None
+    from crecli.models.bench import last_measured
+
+    measured = last_measured(list(cascade.specs.values()))
+    return None if measured is None else max(0.0, time.time() - measured) / 3600
 
 
 def _price(summary: BatchSummary, cascade: "Cascade", answered: list[tuple["Trace", str]]) -> None:

@@ -96,14 +96,11 @@ class Pricing:
         prices: dict[str, float],
         speeds: dict[str, tuple[float, float]] | None = None,
         heads: dict[str, int] | None = None,
-        measured: float | None = None,
     ) -> None:
         self.unit = check_unit(unit)
         self.prices = prices
         self.speeds = speeds or {}
         self.heads = heads or {}
-        # When the stalest speed was measured (`bench.last_measured`), in "bench-seconds".
-        self.measured = measured if self.unit == "bench-seconds" else None
 
     def cached(self, model: str) -> int:
         """Prompt tokens of `model` that cost nothing in this unit (its cached head)."""
@@ -122,7 +119,7 @@ class Pricing:
                 unit = "bench-seconds"
             else:
                 unit = "seconds"
-        return cls(unit, prices, speeds, heads, bench.last_measured(specs) if unit == "bench-seconds" else None)
+        return cls(unit, prices, speeds, heads)
 
     @property
     def by_tokens(self) -> bool:
