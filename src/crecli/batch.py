@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -322,14 +321,11 @@ def run_batch(
 
 
 def _speeds_age_hours(cascade: "Cascade") -> float | None:
-    """Hours since the stalest of the speeds pricing the batch was measured ("bench-seconds"
-    only). Read here, once a batch, rather than by every `Pricing`: nothing else needs it."""
-    if cascade.pricing.unit != "bench-seconds":
-        return None
-    from crecli.models.bench import last_measured
+    """How old the speeds pricing the batch are. Read here, once a batch, rather than by
+    every `Pricing`: only the summary needs it."""
+    from crecli.models.bench import speeds_age_hours
 
-    measured = last_measured(list(cascade.specs.values()))
-    return None if measured is None else max(0.0, time.time() - measured) / 3600
+    return speeds_age_hours(list(cascade.specs.values()), cascade.pricing.unit)
 
 
 def _price(summary: BatchSummary, cascade: "Cascade", answered: list[tuple["Trace", str]]) -> None:

@@ -250,7 +250,9 @@ def eval_(
 
     The log is read as `cre fit` read its log (format, field names, line cap). The cascade
     is replayed on recorded, seeded votes (missing ones are collected first); --live runs it
-    for real as well and reports the replay's accuracy beside it.
+    for real as well and reports the replay's accuracy beside it. Costs in bench-seconds are
+    priced at this machine's `cre models bench` speeds; when those are over 6 hours old it
+    says so, as `cre batch` does.
 
     Examples:
 

@@ -59,6 +59,8 @@ class EvalReport:
     tokens: dict[str, float]
     live: dict[str, Any] | None = None
     points: list[Point] = field(default_factory=list)
+    # Hours since the speeds pricing bench-seconds were measured (`bench.speeds_age_hours`).
+    speeds_age_hours: float | None = None
 
 
 def _greedy_point(data: Data, name: str, starts: Mapping[str, str]) -> Point:
@@ -294,6 +296,9 @@ def run(
         reader = replace(reader, fields=replace(reader.fields, max_line_bytes=max_line_bytes))
     data = replay.prepare(router, settings, log, store, reader, unit)
     report = evaluate(router, data)
+    from crecli.models.bench import speeds_age_hours
+
+    report.speeds_age_hours = speeds_age_hours([settings.get(m) for m in router.ladder_names], data.replay.unit)
     if run_live:
         report.live = live(router, settings, data)
     return report

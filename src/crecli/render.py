@@ -200,12 +200,11 @@ def batch_summary(summary: "BatchSummary", as_json: bool) -> None:
             f"{summary.strongest_cost:.3g} {unit} ({summary.cost_ratio:.0%}) on {summary.estimated} answers; "
             f"both priced from the answers' tokens, the estimate as {summary.strongest_model}'s greedy answer"
         )
-        from crecli.models.bench import STALE_HOURS
+        from crecli.models.bench import stale_speeds_note
 
-        age = summary.speeds_age_hours
-        if age is not None and age > STALE_HOURS:
-            lines.append(f"the speeds that price it were measured {age:.0f} h ago; if this machine's load has "
-                         "changed since, run `cre models bench --fresh` for a saving that follows the clock")
+        stale = stale_speeds_note(summary.speeds_age_hours)
+        if stale:
+            lines.append(stale)
     elif summary.answered and summary.unit == "seconds":
         lines.append(
             f"no comparison with always using {summary.strongest_model}: run `cre models bench` "

@@ -302,6 +302,11 @@ def eval_report(report: Any, as_json: bool) -> None:
         f"{report.tokens['seconds_per_output_token'] * 1000:.0f} ms of model time per output token.",
         highlight=False,
     )
+    from crecli.models.bench import stale_speeds_note
+
+    stale = stale_speeds_note(report.speeds_age_hours)
+    if stale:
+        status(stale[0].upper() + stale[1:] + ".")
     clusters = Table(title="Per cluster", title_justify="left")
     for col in ("cluster", "n", "starts on", "accuracy", "cost/query", "escalated", "answered by"):
         clusters.add_column(col, justify="left" if col in ("starts on", "answered by") else "right")

@@ -327,7 +327,7 @@ def stored(spec: ModelSpec, threads: int | None = None, file: Path | None = None
     return None
 
 
-# Past this age a batch's summary says how old the speeds are. Why hours: on this project's
+# Past this age a batch's summary and `cre eval` say how old the speeds are. Why hours: on this project's
 # shared 2-core VM the 1.5B's generation fell from 11.4 to 8.4 tokens/s within a working
 # day, and the cost share it prices moved 6 points against the clock (docs/results.md).
 STALE_HOURS = 6.0
@@ -346,6 +346,26 @@ def last_measured(specs: Sequence[ModelSpec]) -> float | None:
         except (KeyError, ValueError):
             return None
     return min(times) if times else None
+
+
+def speeds_age_hours(specs: Sequence[ModelSpec], unit: str) -> float | None:
+    """Hours since the stalest of the speeds that price `unit` were measured: only
+    "bench-seconds" are priced by them; None for other units or a model with no time.
+    `cre batch` and `cre eval` both report it (`stale_speeds_note`)."""
+    import time
+
+    if unit != "bench-seconds":
+        return None
+    measured = last_measured(specs)
+    return None if measured is None else max(0.0, time.time() - measured) / 3600
+
+
+def stale_speeds_note(age_hours: float | None) -> str | None:
+    """The line a cost comparison adds once its speeds are over STALE_HOURS old, else None."""
+    if age_hours is None or age_hours <= STALE_HOURS:
+        return None
+    return (f"the speeds that price it were measured {age_hours:.0f} h ago; if this machine's load has "
+            "changed since, run `cre models bench --fresh` for a saving that follows the clock")
 
 
 def speeds(specs: Sequence[ModelSpec], file: Path | None = None) -> dict[str, tuple[float, float]]:
