@@ -10,6 +10,16 @@ model's, and cre's own strongest-only arm beside it (what `cre`'s prompt alone c
 
     python bench/against_plain.py --headline bench/results/headline-1400.json \\
         --plain bench/results/plain-1400.json [--json]
+
+A held-out run with answered examples (`bench/headline --test-log T --test-fit-every N
+--shots ...`) scores only part of the log; give the same --log, --test-log and
+--test-fit-every and the plain model is scored on those queries alone (`split_lines`, the
+headline's own split). Its arm without examples (the same split fitted without --shots) is
+reported beside the arm with them, both against the same plain model:
+
+    python bench/against_plain.py --headline bench/results/headline-shots.json \\
+        --plain bench/results/plain-1400.json --log examples/querylog.jsonl \\
+        --test-log examples/querylog-large.jsonl --test-fit-every 2
 """
 
 from __future__ import annotations
@@ -37,14 +47,42 @@ def _headline() -> Any:
 # cascade, and the same cascade at each further --retain of its frontier.
 _HEADLINE = _headline()
 spread, DEFERRAL, frontier_name = _HEADLINE.spread, _HEADLINE.DEFERRAL, _HEADLINE.frontier_name
+WITHOUT = "without examples: "  # the held-out split's arm fitted without --shots
 
 
-def compare(headline: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
-    """Each seed's cascade and strongest-only arm as shares of the plain model's accuracy and
-    mean cost. Refuses files that do not describe the same queries in the same unit."""
+def scored_ids(log: Path, test_log: Path, fit_every: int) -> list[str]:
+    """The ids a held-out `bench/headline --test-log` run scored: its own split rule, rerun."""
+    read = lambda path: [line for line in path.read_text().splitlines() if line.strip()]
+    lines, held = _HEADLINE.split_lines(read(log), read(test_log), fit_every)
+    return [json.loads(lines[i])["id"] for i in held]
+
+
+def plain_on(plain: dict[str, Any], ids: list[str] | None) -> dict[str, Any]:
+    """The plain model's summary, or, given the ids a held-out run scored, its accuracy and
+    mean cost on those queries alone (the same unit and speeds)."""
     base = plain["summary"]
-    if headline.get("mode") != "cross-fitted":
+    if ids is None:
+        return base
+    rows = {row["id"]: row for row in plain["rows"]}
+    missing = [i for i in ids if i not in rows]
+    if missing:
+        raise SystemExit(f"--plain has no answer for {len(missing)} scored queries (first: {missing[0]}): not the same log")
+    chosen = [rows[i] for i in ids]
+    return {**base, "n": len(chosen), "accuracy": sum(bool(r["correct"]) for r in chosen) / len(chosen),
+            "mean_cost": sum(r["cost"] for r in chosen) / len(chosen),
+            "mean_output_tokens": sum(r["output_tokens"] for r in chosen) / len(chosen)}
+
+
+def compare(headline: dict[str, Any], plain: dict[str, Any], ids: list[str] | None = None) -> dict[str, Any]:
+    """Each seed's cascade and strongest-only arm as shares of the plain model's accuracy and
+    mean cost; for a held-out split (`ids`, the queries it scored) its arm without examples
+    too. Refuses files that do not describe the same queries in the same unit."""
+    mode = headline.get("mode")
+    if mode == "split" and ids is None:
+        raise SystemExit("--headline scored a held-out split: give its --log, --test-log and --test-fit-every")
+    if mode not in ("cross-fitted", "split"):
         raise SystemExit("--headline: a leave-tasks-out run holds out tasks, not every query; use the cross-fitted run")
+    base = plain_on(plain, ids if mode == "split" else None)
     runs = headline["runs"]
     for run in runs:
         if run["n"] != base["n"]:
@@ -52,22 +90,27 @@ def compare(headline: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
         if run["unit"] != base["unit"]:
             raise SystemExit(f"--headline priced in {run['unit']}, --plain in {base['unit']}")
     rows: dict[str, list[dict[str, float]]] = {}
+    frontier = [frontier_name(r) for r in headline.get("frontier", [])]
     for run in runs:
-        points = {p["name"]: p for p in run["points"]}
-        frontier = [frontier_name(r) for r in headline.get("frontier", [])]
-        for name in (DEFERRAL, *frontier, run["reference"]):
-            if name not in points:
-                continue
-            p = points[name]
-            rows.setdefault(name, []).append({
-                "seed": run["seed"], "accuracy": p["accuracy"], "mean_cost": p["mean_cost"],
-                "accuracy_share": p["accuracy"] / base["accuracy"], "cost_share": p["mean_cost"] / base["mean_cost"],
-            })
+        arms = [("", run)] + ([(WITHOUT, run["plain"])] if "plain" in run else [])
+        for prefix, arm in arms:
+            points = {p["name"]: p for p in arm["points"]}
+            for name in (DEFERRAL, *frontier, arm["reference"]):
+                if name in points:
+                    rows.setdefault(prefix + name, []).append(_share(run["seed"], points[name], base))
     return {
         "retain": [headline["retain"], *headline.get("frontier", [])],
+        "shots": headline.get("shots", ["0"]),
         "plain": {k: base[k] for k in ("model", "n", "unit", "accuracy", "mean_cost", "mean_output_tokens")},
         "arms": {name: {"per_seed": per, **{key: spread([r[key] for r in per]) for key in ("accuracy_share", "cost_share")}}
                  for name, per in rows.items()},
+    }
+
+
+def _share(seed: int, p: dict[str, Any], base: dict[str, Any]) -> dict[str, float]:
+    return {
+        "seed": seed, "accuracy": p["accuracy"], "mean_cost": p["mean_cost"],
+        "accuracy_share": p["accuracy"] / base["accuracy"], "cost_share": p["mean_cost"] / base["mean_cost"],
     }
 
 
@@ -75,11 +118,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--headline", type=Path, required=True, help="`bench/headline --json` output")
     parser.add_argument("--plain", type=Path, required=True, help="`bench/plain_baseline.py --out` output")
+    parser.add_argument("--log", type=Path, help="a held-out split's --log, as given to bench/headline")
+    parser.add_argument("--test-log", type=Path, help="a held-out split's --test-log")
+    parser.add_argument("--test-fit-every", type=int, default=0, metavar="N", help="a held-out split's --test-fit-every")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     headline = json.loads(args.headline.read_text())
     plain = json.loads(args.plain.read_text())
-    result = compare(headline, plain)
+    if (args.log is None) != (args.test_log is None):
+        parser.error("--log and --test-log go together")
+    ids = scored_ids(args.log, args.test_log, args.test_fit_every) if args.test_log else None
+    result = compare(headline, plain, ids)
     if args.json:
         print(json.dumps(result, indent=1))
         return

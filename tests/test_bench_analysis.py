@@ -113,3 +113,39 @@ def test_against_plain_reports_every_budget_of_the_frontier_as_shares_of_the_pla
     assert result["arms"][ap.DEFERRAL]["cost_share"]["mean"] == pytest.approx(0.6)
     with pytest.raises(SystemExit):  # another log
         ap.compare(headline, {"summary": {**plain["summary"], "n": 11}})
+
+
+def test_against_plain_scores_the_plain_model_on_the_queries_a_held_out_split_scored(tmp_path: Path) -> None:
+    ap = _script("against_plain")
+    line = lambda i, task: json.dumps({"id": i, "prompt": "p", "meta": {"source": task}})
+    log, test_log = tmp_path / "log.jsonl", tmp_path / "large.jsonl"
+    log.write_text(line("a", "t") + "\n")
+    # Beyond the log: b, c, d of task t and e, f of u; with --test-fit-every 2 the first, third...
+    # of each task join the fit part (b, d, e), the others are scored.
+    test_log.write_text("\n".join([line("a", "t"), line("b", "t"), line("c", "t"), line("d", "t"), line("e", "u"),
+                                   line("f", "u")]) + "\n")
+    ids = ap.scored_ids(log, test_log, 2)
+    assert ids == ["c", "f"]
+    rows = [{"id": i, "correct": ok, "cost": cost, "output_tokens": 2}
+            for i, ok, cost in [("a", True, 9.0), ("b", True, 9.0), ("c", True, 1.0), ("d", False, 9.0),
+                                ("e", True, 9.0), ("f", False, 3.0)]]
+    plain = {"summary": {"model": "t", "n": 6, "unit": "bench-seconds", "accuracy": 0.67, "mean_cost": 6.7,
+                         "mean_output_tokens": 2.0}, "rows": rows}
+    ref = "t only"
+    with_ex = [{"name": ap.DEFERRAL, "accuracy": 0.5, "mean_cost": 1.5}, {"name": ref, "accuracy": 1.0, "mean_cost": 4.0}]
+    without = [{"name": ap.DEFERRAL, "accuracy": 0.5, "mean_cost": 1.0}, {"name": ref, "accuracy": 0.5, "mean_cost": 2.0}]
+    headline = {"mode": "split", "retain": 0.98, "frontier": [], "shots": ["0,1,3"],
+                "runs": [{"seed": 0, "n": 2, "unit": "bench-seconds", "reference": ref, "points": with_ex,
+                          "plain": {"reference": ref, "points": without}}]}
+    result = ap.compare(headline, plain, ids)
+    # The plain model on c and f alone: one right of two, mean cost (1 + 3) / 2 = 2.
+    assert result["plain"]["accuracy"] == pytest.approx(0.5) and result["plain"]["mean_cost"] == pytest.approx(2.0)
+    arms = result["arms"]
+    assert arms[ap.DEFERRAL]["accuracy_share"]["mean"] == pytest.approx(1.0)
+    assert arms[ap.DEFERRAL]["cost_share"]["mean"] == pytest.approx(0.75)
+    assert arms[ref]["accuracy_share"]["mean"] == pytest.approx(2.0)
+    assert arms[ap.WITHOUT + ap.DEFERRAL]["cost_share"]["mean"] == pytest.approx(0.5)
+    with pytest.raises(SystemExit):  # a split needs the ids it scored
+        ap.compare(headline, plain)
+    with pytest.raises(SystemExit):  # the plain run lacks a scored query
+        ap.compare(headline, {**plain, "rows": rows[:2]}, ids)
