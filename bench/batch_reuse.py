@@ -25,11 +25,13 @@ from typing import Any, Sequence
 
 def model_order(rows: Sequence[dict[str, Any]], model: str, chunk: int) -> list[dict[str, Any]]:
     """The output lines whose trace has a step on `model`, in the order `cre batch` ran them:
-    chunk by chunk, each chunk's by cluster (a stable sort: input order within a cluster)."""
+    chunk by chunk, each chunk's by cluster (`batch.by_cluster`, the batch's own rule)."""
+    from crecli.batch import by_cluster
+
     out: list[dict[str, Any]] = []
     for start in range(0, len(rows), chunk):
         here = [r for r in rows[start:start + chunk] if any(s["model"] == model for s in r.get("trace", {}).get("steps", []))]
-        out += sorted(here, key=lambda r: r["trace"]["cluster"])
+        out += by_cluster(here, lambda r: r["trace"]["cluster"])
     return out
 
 

@@ -30,14 +30,21 @@ from cost_vs_clock import cre, home_copy  # bench/ is on the path when a script 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _least_squares(rows: list[tuple[float, float, float]], constant: bool) -> list[float]:
+    """Seconds per prompt token and per output token (after seconds per answer, with
+    `constant`) fitted to (prompt tokens, output tokens, seconds) rows: the one matrix both
+    fits below solve."""
+    import numpy as np
+
+    a = np.array([([1.0] if constant else []) + [p, o] for p, o, _ in rows], dtype=float)
+    y = np.array([s for _, _, s in rows], dtype=float)
+    return [float(x) for x in np.linalg.lstsq(a, y, rcond=None)[0]]
+
+
 def fit_speeds(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
     """(prompt, output) tokens/s from (prompt tokens, output tokens, seconds) rows:
     least squares of seconds = prompt / pp + output / tg."""
-    import numpy as np
-
-    a = np.array([[p, o] for p, o, _ in rows], dtype=float)
-    y = np.array([s for _, _, s in rows], dtype=float)
-    (per_prompt, per_output), *_ = np.linalg.lstsq(a, y, rcond=None)
+    per_prompt, per_output = _least_squares(rows, constant=False)
     if per_prompt <= 0 or per_output <= 0:
         sys.exit(f"the fit gave a non-positive cost per token ({per_prompt}, {per_output}); use more prompts")
     return 1.0 / per_prompt, 1.0 / per_output
@@ -47,13 +54,9 @@ def fit_with_constant(rows: list[tuple[float, float, float]]) -> dict[str, float
     """The same fit with a per-answer constant (seconds = c + prompt / pp + output / tg): a
     cost every answer pays whatever its length, such as the decode that yields the stop
     token, which no output count includes. Reported beside the two-speed fit, not stored."""
-    import numpy as np
-
-    a = np.array([[1.0, p, o] for p, o, _ in rows], dtype=float)
-    y = np.array([s for _, _, s in rows], dtype=float)
-    (c, per_prompt, per_output), *_ = np.linalg.lstsq(a, y, rcond=None)
-    return {"per_answer_seconds": float(c), "pp_tokens_per_s": float(1 / per_prompt) if per_prompt > 0 else float("inf"),
-            "tg_tokens_per_s": float(1 / per_output) if per_output > 0 else float("inf")}
+    c, per_prompt, per_output = _least_squares(rows, constant=True)
+    return {"per_answer_seconds": c, "pp_tokens_per_s": 1 / per_prompt if per_prompt > 0 else float("inf"),
+            "tg_tokens_per_s": 1 / per_output if per_output > 0 else float("inf")}
 
 
 def sample(lines: list[str], n: int) -> list[str]:

@@ -149,3 +149,19 @@ def test_against_plain_scores_the_plain_model_on_the_queries_a_held_out_split_sc
         ap.compare(headline, plain)
     with pytest.raises(SystemExit):  # the plain run lacks a scored query
         ap.compare(headline, {**plain, "rows": rows[:2]}, ids)
+
+
+def test_path_speeds_recovers_the_speeds_and_the_per_answer_constant_that_made_the_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))  # path_speeds imports its sibling cost_vs_clock
+    ps = _script("path_speeds")
+    shapes = [(10, 1), (50, 3), (80, 9), (30, 2)]
+    # 100 prompt tokens/s and 10 output tokens/s, then the same with 0.5 s on every answer.
+    pp, tg = ps.fit_speeds([(p, o, p / 100 + o / 10) for p, o in shapes])
+    assert (pp, tg) == (pytest.approx(100.0), pytest.approx(10.0))
+    fit = ps.fit_with_constant([(p, o, 0.5 + p / 100 + o / 10) for p, o in shapes])
+    assert fit["per_answer_seconds"] == pytest.approx(0.5)
+    assert (fit["pp_tokens_per_s"], fit["tg_tokens_per_s"]) == (pytest.approx(100.0), pytest.approx(10.0))
+    with pytest.raises(SystemExit):  # rows no positive speeds explain
+        ps.fit_speeds([(p, o, 1.0 - p / 100) for p, o in shapes])

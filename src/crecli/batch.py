@@ -24,7 +24,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Iterator, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, TextIO, TypeVar
 
 from crecli.console import progress
 from crecli.errors import CreError, InputError, ModelNotAvailable
@@ -39,8 +39,18 @@ if TYPE_CHECKING:
 
 
 # Lines taken and reordered together (see the module docstring); bench/batch_reuse.py
-# rebuilds the order models saw prompts in from it.
+# rebuilds the order models saw prompts in from it and `by_cluster`.
 CHUNK_LINES = 64
+
+T = TypeVar("T")
+
+
+def by_cluster(items: Iterable[T], cluster: Callable[[T], int]) -> list[T]:
+    """A chunk's prompts in the order a rung answers them: cluster by cluster, input order
+    within one (a stable sort). A cluster's prompts then come one after another and share
+    the rendered head and the cluster's answered examples, which llama.cpp reuses from its
+    KV cache."""
+    return sorted(items, key=cluster)
 
 
 @dataclass
@@ -296,9 +306,7 @@ def run_batch(
                 rung = min(p.rung for _, p in pending)
                 cascade.decode_greedy([p for _, p in pending if p.rung == rung])
                 still: list[tuple[int, "Pending"]] = []
-                # A cluster's prompts one after another: they share the rendered head and the
-                # cluster's answered examples, which llama.cpp then reuses from its KV cache.
-                for line, p in sorted(pending, key=lambda item: item[1].trace.cluster):
+                for line, p in by_cluster(pending, lambda item: item[1].trace.cluster):
                     if p.rung != rung:
                         still.append((line, p))
                         continue
