@@ -1,25 +1,26 @@
-"""The cross-fitted cascade against what a user runs without `cre` (issue 24's first reference).
+"""The cascade against what a user runs without `cre` (issue 24's first reference).
 
 Reads two files this folder's scripts wrote and runs nothing: `bench/headline --json` (a
-cross-fitted run, every query of the log held out once per seed) and `bench/plain_baseline.py`
-(the strongest model on every query of the same log with its own chat template, nothing of
-`cre`'s). Both price in bench-seconds at this machine's `cre models bench` speeds, leaving out
-the tokens every prompt shares, so their mean costs compare directly. Prints, per seed and as
-mean [min-max] ± std across seeds, the cascade's accuracy and cost as shares of the plain
-model's, and cre's own strongest-only arm beside it (what `cre`'s prompt alone changes):
+cross-fitted run, every query of the log held out once per seed, or a held-out split) and
+`bench/plain_baseline.py` (the strongest model on every query of the same log with its own
+chat template, nothing of `cre`'s). Both price in bench-seconds at this machine's `cre
+models bench` speeds, leaving out the tokens every prompt shares, so their mean costs
+compare directly. Prints, per seed and as mean [min-max] ± std across seeds, the cascade's
+accuracy and cost as shares of the plain model's, and cre's own strongest-only arm beside
+it (what `cre`'s prompt alone changes):
 
     python bench/against_plain.py --headline bench/results/headline-1400.json \\
         --plain bench/results/plain-1400.json [--json]
 
-A held-out run with answered examples (`bench/headline --test-log T --test-fit-every N
---shots ...`) scores only part of the log; give the same --log, --test-log and
---test-fit-every and the plain model is scored on those queries alone (`split_lines`, the
-headline's own split). Its arm without examples (the same split fitted without --shots) is
-reported beside the arm with them, both against the same plain model:
+A held-out split with answered examples (`bench/headline --test-log T --test-fit-every N
+--shots ...`) scores only part of the log: the plain model is then scored on those queries
+alone, redone with the headline's own rule (`split_lines`) from the logs and N the headline
+recorded (or, for a file written before it recorded them, from --log, --test-log and
+--test-fit-every given here). That split's arm fitted without examples is reported beside
+the arm with them, both against the same plain model:
 
     python bench/against_plain.py --headline bench/results/headline-shots.json \\
-        --plain bench/results/plain-1400.json --log examples/querylog.jsonl \\
-        --test-log examples/querylog-large.jsonl --test-fit-every 2
+        --plain bench/results/plain-1400.json
 """
 
 from __future__ import annotations
@@ -54,7 +55,30 @@ def scored_ids(log: Path, test_log: Path, fit_every: int) -> list[str]:
     """The ids a held-out `bench/headline --test-log` run scored: its own split rule, rerun."""
     read = lambda path: [line for line in path.read_text().splitlines() if line.strip()]
     lines, held = _HEADLINE.split_lines(read(log), read(test_log), fit_every)
-    return [json.loads(lines[i])["id"] for i in held]
+    ids = [json.loads(lines[i]).get("id") for i in held]
+    if None in ids:
+        raise SystemExit(f"{test_log}: a held-out line has no id, so the plain model's answer to it cannot be found")
+    return ids
+
+
+def split_of(headline: dict[str, Any], log: Path | None, test_log: Path | None, fit_every: int | None) -> list[str] | None:
+    """The ids a held-out split scored, from the split the headline recorded or, for an older
+    file, the one given here; None for a cross-fitted run, where any split given is refused."""
+    if headline.get("mode") != "split":
+        if log or test_log or fit_every is not None:
+            raise SystemExit("--log, --test-log and --test-fit-every describe a held-out split; "
+                             f"--headline is a {headline.get('mode')} run")
+        return None
+    recorded = headline.get("split") or {}
+    given = {"log": log, "test_log": test_log, "test_fit_every": fit_every}
+    for key, value in given.items():
+        if value is not None and key in recorded and str(value) != str(recorded[key]):
+            raise SystemExit(f"--{key.replace('_', '-')} {value}: the headline's split used {recorded[key]}")
+    merged = {key: recorded.get(key) if value is None else value for key, value in given.items()}
+    if merged["log"] is None or merged["test_log"] is None:
+        raise SystemExit("--headline scored a held-out split it did not record: give its --log, --test-log and "
+                         "--test-fit-every")
+    return scored_ids(Path(merged["log"]), Path(merged["test_log"]), int(merged["test_fit_every"] or 0))
 
 
 def plain_on(plain: dict[str, Any], ids: list[str] | None) -> dict[str, Any]:
@@ -81,12 +105,14 @@ def compare(headline: dict[str, Any], plain: dict[str, Any], ids: list[str] | No
     if mode == "split" and ids is None:
         raise SystemExit("--headline scored a held-out split: give its --log, --test-log and --test-fit-every")
     if mode not in ("cross-fitted", "split"):
-        raise SystemExit("--headline: a leave-tasks-out run holds out tasks, not every query; use the cross-fitted run")
+        raise SystemExit("--headline: a leave-tasks-out run holds out tasks, not every query; use the cross-fitted "
+                         "run or a held-out split (--test-log)")
     base = plain_on(plain, ids if mode == "split" else None)
     runs = headline["runs"]
     for run in runs:
         if run["n"] != base["n"]:
-            raise SystemExit(f"--headline scored {run['n']} queries, --plain {base['n']}: not the same log")
+            raise SystemExit(f"--headline scored {run['n']} queries, --plain {base['n']}: not the same log"
+                             + (" or not the same split (--test-fit-every?)" if ids is not None else ""))
         if run["unit"] != base["unit"]:
             raise SystemExit(f"--headline priced in {run['unit']}, --plain in {base['unit']}")
     rows: dict[str, list[dict[str, float]]] = {}
@@ -118,17 +144,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--headline", type=Path, required=True, help="`bench/headline --json` output")
     parser.add_argument("--plain", type=Path, required=True, help="`bench/plain_baseline.py --out` output")
-    parser.add_argument("--log", type=Path, help="a held-out split's --log, as given to bench/headline")
-    parser.add_argument("--test-log", type=Path, help="a held-out split's --test-log")
-    parser.add_argument("--test-fit-every", type=int, default=0, metavar="N", help="a held-out split's --test-fit-every")
+    parser.add_argument("--log", type=Path, help="a held-out split's --log (default: what the headline recorded)")
+    parser.add_argument("--test-log", type=Path, help="a held-out split's --test-log (default: as recorded)")
+    parser.add_argument("--test-fit-every", type=int, metavar="N", help="a held-out split's --test-fit-every (default: as recorded)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     headline = json.loads(args.headline.read_text())
     plain = json.loads(args.plain.read_text())
-    if (args.log is None) != (args.test_log is None):
-        parser.error("--log and --test-log go together")
-    ids = scored_ids(args.log, args.test_log, args.test_fit_every) if args.test_log else None
-    result = compare(headline, plain, ids)
+    result = compare(headline, plain, split_of(headline, args.log, args.test_log, args.test_fit_every))
     if args.json:
         print(json.dumps(result, indent=1))
         return

@@ -80,7 +80,8 @@ def main() -> int:
     per_run = []
     for path in args.runs:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        order = model_order([r for r in rows if "trace" in r], model, CHUNK_LINES)
+        # Every output line, error lines too: they took their place in cre batch's chunks.
+        order = model_order(rows, model, CHUNK_LINES)
         per_run.append((path, evaluated([(r["id"], tokens(r)) for r in order])))
     common = set.intersection(*(set(ev) for _, ev in per_run))
     result = {"model": model, "common_prompts": len(common), "runs": [

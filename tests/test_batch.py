@@ -263,20 +263,17 @@ def test_batch_summary_says_when_the_speeds_that_price_it_are_hours_old(
     fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path, tmp_path: Path,
     bench_speeds,
 ) -> None:
-    import time
-
     install(fake_backends, TABLE)
     infile = tmp_path / "in.jsonl"
     infile.write_bytes(MIXED[0])
-    ago = lambda hours: time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - hours * 3600))
-    bench_speeds(SPEEDS, measured_at=ago(10))
+    bench_speeds(SPEEDS, hours_ago=10)
     old = _batch([str(infile), "--router", str(saved_router)], tiny_models_toml)
     assert old.exit_code == 0, old.output
     assert "vs always large" in old.stderr and "measured 10 h ago" in old.stderr and "cre models bench --fresh" in old.stderr
     summary = json.loads(_batch([str(infile), "--router", str(saved_router), "--json-summary"],
                                 tiny_models_toml).stderr.strip().splitlines()[-1])
     assert summary["unit"] == "bench-seconds" and 9.9 < summary["speeds_age_hours"] < 10.5
-    bench_speeds(SPEEDS, measured_at=ago(1))
+    bench_speeds(SPEEDS, hours_ago=1)
     recent = _batch([str(infile), "--router", str(saved_router)], tiny_models_toml)
     assert "vs always large" in recent.stderr and "h ago" not in recent.stderr
 

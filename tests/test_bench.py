@@ -49,6 +49,24 @@ def test_stored_speed_is_the_median_of_the_runs_measured_the_same_way(monkeypatc
     assert (fresh.pp_tokens_per_s, fresh.pooled) == (70.0, 1)
 
 
+def test_the_speeds_age_is_the_oldest_pooled_run_until_a_fresh_bench(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    monkeypatch.setenv("CRE_THREADS", "2")
+    spec = ModelSpec(name="m", sha256="a" * 64)
+    ago = lambda hours: time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - hours * 3600))
+    bench.save(_speed(measured_at=ago(10)))
+    bench.save(_speed(measured_at=ago(1)))
+    # The stored median still pools the run of 10 h ago: the speeds are that old.
+    assert 9.9 < bench.speeds_age_hours([spec], "bench-seconds") < 10.1
+    assert bench.speeds_age_hours([spec], "seconds") is None  # nothing measured prices seconds
+    bench.save(_speed(measured_at=ago(1)), fresh=True)
+    assert 0.9 < bench.speeds_age_hours([spec], "bench-seconds") < 1.1
+    bench.save(_speed(measured_at="now"))  # a time bench never writes: no age rather than a wrong one
+    assert bench.speeds_age_hours([spec], "bench-seconds") is None
+    assert bench.speeds_age_hours([ModelSpec(name="n", sha256="b" * 64)], "bench-seconds") is None  # never measured
+
+
 def test_a_bench_file_from_before_pooling_counts_as_one_run_and_bad_runs_are_dropped(cre_home: Path) -> None:
     import json
 

@@ -149,6 +149,15 @@ def test_against_plain_scores_the_plain_model_on_the_queries_a_held_out_split_sc
         ap.compare(headline, plain)
     with pytest.raises(SystemExit):  # the plain run lacks a scored query
         ap.compare(headline, {**plain, "rows": rows[:2]}, ids)
+    # The split the headline recorded is redone without being told; one given that differs
+    # from it is refused, and a split given for a cross-fitted run too.
+    recorded = {**headline, "split": {"log": str(log), "test_log": str(test_log), "test_fit_every": 2}}
+    assert ap.split_of(recorded, None, None, None) == ["c", "f"]
+    assert ap.split_of(headline, log, test_log, 2) == ["c", "f"]  # a file from before splits were recorded
+    for bad in [lambda: ap.split_of(recorded, None, None, 3), lambda: ap.split_of(headline, None, None, None),
+                lambda: ap.split_of({"mode": "cross-fitted"}, log, test_log, None)]:
+        with pytest.raises(SystemExit):
+            bad()
 
 
 def test_path_speeds_recovers_the_speeds_and_the_per_answer_constant_that_made_the_rows(

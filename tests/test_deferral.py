@@ -251,16 +251,12 @@ def test_calibrate_and_eval_price_in_the_cost_unit_asked_for(
     assert bad.exit_code == 1 and "dollars" in str(bad.exception)
 
 
-
 def test_eval_says_when_the_speeds_that_price_its_cost_share_are_hours_old(
     fake_backends: Callable[..., Any], tiny_models_toml: Path, tmp_path: Path, bench_speeds: Callable[..., None]
 ) -> None:
-    import time
-
     fake_backends({"small": _small, "medium": _small, "large": _sum})
-    ago = lambda hours: time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - hours * 3600))
     speeds = {"small": (400.0, 40.0), "medium": (200.0, 20.0), "large": (100.0, 10.0)}
-    bench_speeds(speeds, measured_at=ago(10))
+    bench_speeds(speeds, hours_ago=10)
     log, router, m = _fitted(tmp_path, tiny_models_toml)
     old = runner.invoke(app, ["eval", str(log), "--router", str(router), *m])
     assert old.exit_code == 0, old.output
@@ -271,7 +267,7 @@ def test_eval_says_when_the_speeds_that_price_its_cost_share_are_hours_old(
     seconds = json.loads(runner.invoke(app, ["eval", str(log), "--router", str(router), *m, "--cost-unit", "seconds",
                                              "--json"]).stdout)
     assert seconds["speeds_age_hours"] is None
-    bench_speeds(speeds, measured_at=ago(1))
+    bench_speeds(speeds, hours_ago=1)
     recent = runner.invoke(app, ["eval", str(log), "--router", str(router), *m])
     assert recent.exit_code == 0 and "h ago" not in recent.stderr
 

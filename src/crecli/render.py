@@ -12,6 +12,17 @@ if TYPE_CHECKING:
     from crecli.models.bench import Speed
 
 
+
+def stale_speeds_note(age_hours: float | None) -> str | None:
+    """The line `cre batch`'s summary and `cre eval` add once the speeds pricing their
+    costs are over `bench.STALE_HOURS` old (`bench.speeds_age_hours`), else None."""
+    from crecli.models.bench import STALE_HOURS
+
+    if age_hours is None or age_hours <= STALE_HOURS:
+        return None
+    return (f"the speeds that price these costs were measured {age_hours:.0f} h ago; if this machine's load "
+            "has changed since, run `cre models bench --fresh` for a saving that follows the clock")
+
 def human_bytes(n: int | None) -> str:
     if n is None:
         return "-"
@@ -200,8 +211,6 @@ def batch_summary(summary: "BatchSummary", as_json: bool) -> None:
             f"{summary.strongest_cost:.3g} {unit} ({summary.cost_ratio:.0%}) on {summary.estimated} answers; "
             f"both priced from the answers' tokens, the estimate as {summary.strongest_model}'s greedy answer"
         )
-        from crecli.models.bench import stale_speeds_note
-
         stale = stale_speeds_note(summary.speeds_age_hours)
         if stale:
             lines.append(stale)

@@ -8,7 +8,7 @@ from typing import Any
 
 from crecli.console import out, print_json, status, warn
 from crecli.models.prompting import control_markers
-from crecli.render import terminal_safe
+from crecli.render import stale_speeds_note, terminal_safe
 
 
 def fit_report(report: Any, as_json: bool) -> None:
@@ -302,8 +302,6 @@ def eval_report(report: Any, as_json: bool) -> None:
         f"{report.tokens['seconds_per_output_token'] * 1000:.0f} ms of model time per output token.",
         highlight=False,
     )
-    from crecli.models.bench import stale_speeds_note
-
     stale = stale_speeds_note(report.speeds_age_hours)
     if stale:
         status(stale[0].upper() + stale[1:] + ".")

@@ -334,38 +334,32 @@ STALE_HOURS = 6.0
 
 
 def last_measured(specs: Sequence[ModelSpec]) -> float | None:
-    """When the stalest of `specs`' stored figures was last measured (seconds since the
-    epoch); None where a model has none, or no readable time."""
+    """When the oldest run behind `specs`' stored speeds was measured (seconds since the
+    epoch): each stored speed is the median of up to POOLED_RUNS runs, and the oldest of
+    them still weighs in until `cre models bench --fresh` starts the pool again. None where
+    a model has no figures, or no readable time."""
     from datetime import datetime
 
     times = []
     for spec in specs:
-        entry = stored(spec)
-        try:
-            times.append(datetime.strptime(str((entry or {})["measured_at"]), "%Y-%m-%dT%H:%M:%S%z").timestamp())
-        except (KeyError, ValueError):
-            return None
+        entry = stored(spec) or {}
+        runs = entry.get("runs")
+        for run in runs if isinstance(runs, list) and runs else [entry]:
+            try:
+                times.append(datetime.strptime(str(run["measured_at"]), "%Y-%m-%dT%H:%M:%S%z").timestamp())
+            except (KeyError, TypeError, ValueError):
+                return None
     return min(times) if times else None
 
 
 def speeds_age_hours(specs: Sequence[ModelSpec], unit: str) -> float | None:
-    """Hours since the stalest of the speeds that price `unit` were measured: only
-    "bench-seconds" are priced by them; None for other units or a model with no time.
-    `cre batch` and `cre eval` both report it (`stale_speeds_note`)."""
-    import time
-
+    """Hours since the oldest run behind the speeds that price `unit` (`last_measured`):
+    only "bench-seconds" are priced by them; None for other units or a model with no time.
+    `cre batch` and `cre eval` both report it (`render.stale_speeds_note`)."""
     if unit != "bench-seconds":
         return None
     measured = last_measured(specs)
     return None if measured is None else max(0.0, time.time() - measured) / 3600
-
-
-def stale_speeds_note(age_hours: float | None) -> str | None:
-    """The line a cost comparison adds once its speeds are over STALE_HOURS old, else None."""
-    if age_hours is None or age_hours <= STALE_HOURS:
-        return None
-    return (f"the speeds that price it were measured {age_hours:.0f} h ago; if this machine's load has "
-            "changed since, run `cre models bench --fresh` for a saving that follows the clock")
 
 
 def speeds(specs: Sequence[ModelSpec], file: Path | None = None) -> dict[str, tuple[float, float]]:
