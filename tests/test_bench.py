@@ -54,7 +54,7 @@ def test_the_speeds_age_is_the_oldest_pooled_run_until_a_fresh_bench(monkeypatch
 
     monkeypatch.setenv("CRE_THREADS", "2")
     spec = ModelSpec(name="m", sha256="a" * 64)
-    ago = lambda hours: time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - hours * 3600))
+    ago = lambda hours: time.strftime(bench.MEASURED_AT, time.localtime(time.time() - hours * 3600))
     bench.save(_speed(measured_at=ago(10)))
     bench.save(_speed(measured_at=ago(1)))
     # The stored median still pools the run of 10 h ago: the speeds are that old.

@@ -75,8 +75,9 @@ class BatchSummary:
     cascade_cost: float = 0.0  # what the cascade spent on those same answers, same unit
     estimated: int = 0
     models: dict[str, int] = field(default_factory=dict)  # answers per final model
-    # In "bench-seconds": hours since the stalest of the ladder's speeds was measured. Speeds
-    # drift, and the comparison with the clock drifts with them (`bench.STALE_HOURS`).
+    # In "bench-seconds": hours since the oldest run behind the ladder's speeds
+    # (`bench.speeds_age_hours`). Speeds drift, and the comparison with the clock drifts
+    # with them (`bench.STALE_HOURS`).
     speeds_age_hours: float | None = None
 
     @property

@@ -12,7 +12,6 @@ if TYPE_CHECKING:
     from crecli.models.bench import Speed
 
 
-
 def stale_speeds_note(age_hours: float | None) -> str | None:
     """The line `cre batch`'s summary and `cre eval` add once the speeds pricing their
     costs are over `bench.STALE_HOURS` old (`bench.speeds_age_hours`), else None."""
@@ -22,6 +21,7 @@ def stale_speeds_note(age_hours: float | None) -> str | None:
         return None
     return (f"the speeds that price these costs were measured {age_hours:.0f} h ago; if this machine's load "
             "has changed since, run `cre models bench --fresh` for a saving that follows the clock")
+
 
 def human_bytes(n: int | None) -> str:
     if n is None:

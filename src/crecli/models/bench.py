@@ -51,6 +51,9 @@ REPEATS = 3
 # 1,400-query headline's cost share by 2.6 points; a median of several runs moves less.
 POOLED_RUNS = 5
 
+# How a run's "measured_at" is written, and read back for its age (`last_measured`).
+MEASURED_AT = "%Y-%m-%dT%H:%M:%S%z"
+
 
 @dataclass
 class Speed:
@@ -207,7 +210,7 @@ def measure_all(
             load_seconds=_median([x.load_seconds for x in done]),
             pp_tokens=done[0].pp_tokens,
             tg_tokens=tg_tokens,
-            measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            measured_at=time.strftime(MEASURED_AT),
             pp_spread=spread(pp_rates),
             tg_spread=spread(tg_rates),
             repeats=len(done),
@@ -327,9 +330,10 @@ def stored(spec: ModelSpec, threads: int | None = None, file: Path | None = None
     return None
 
 
-# Past this age a batch's summary and `cre eval` say how old the speeds are. Why hours: on this project's
-# shared 2-core VM the 1.5B's generation fell from 11.4 to 8.4 tokens/s within a working
-# day, and the cost share it prices moved 6 points against the clock (docs/results.md).
+# Past this age a batch's summary and `cre eval` say how old the speeds are. Why hours: on
+# this project's shared 2-core VM the 1.5B's generation fell from 11.4 to 8.4 tokens/s
+# within a working day, and the cost share it prices moved 6 points against the clock
+# (docs/results.md).
 STALE_HOURS = 6.0
 
 
@@ -346,7 +350,7 @@ def last_measured(specs: Sequence[ModelSpec]) -> float | None:
         runs = entry.get("runs")
         for run in runs if isinstance(runs, list) and runs else [entry]:
             try:
-                times.append(datetime.strptime(str(run["measured_at"]), "%Y-%m-%dT%H:%M:%S%z").timestamp())
+                times.append(datetime.strptime(str(run["measured_at"]), MEASURED_AT).timestamp())
             except (KeyError, TypeError, ValueError):
                 return None
     return min(times) if times else None
