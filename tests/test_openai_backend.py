@@ -209,6 +209,41 @@ def test_missing_usage_counts_zero_tokens(server: _Server) -> None:
     assert (gen.text, gen.prompt_tokens, gen.output_tokens, gen.finish_reason) == ("x", 0, 0, "stop")
 
 
+@pytest.mark.parametrize(
+    "reply",
+    [{"choices": ["x"]}, {"choices": [{"text": "x"}], "usage": "many"}, [1, 2], {"choices": []}],
+    ids=["choice-not-object", "usage-not-object", "not-object", "no-choices"],
+)
+def test_a_reply_of_the_wrong_shape_is_a_remote_error_not_a_crash(server: _Server, reply: Any) -> None:
+    from crecli.models.openai import RemoteError
+
+    server.reply = lambda path, body: (200, reply)
+    with pytest.raises(RemoteError, match="not an OpenAI-style completion"):
+        OpenAIBackend(_spec(server.url)).generate("hi")
+
+
+def test_odd_counts_and_content_read_as_unknown_not_as_text(server: _Server) -> None:
+    server.reply = lambda path, body: (200, {"choices": [{"message": {"content": [{"type": "text"}]}}],
+                                             "usage": {"prompt_tokens": "7", "completion_tokens": True}})
+    gen = OpenAIBackend(_spec(server.url, prompt_format="chat")).generate("hi")
+    assert (gen.text, gen.prompt_tokens, gen.output_tokens) == ("", 0, 0)
+
+
+@pytest.mark.parametrize("message", [
+    "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens",  # vLLM
+    "the request exceeds the available context size, try increasing it",  # llama.cpp's server
+])
+def test_a_prompt_too_long_for_a_remote_rung_is_the_callers_to_fix(server: _Server, message: str) -> None:
+    from crecli.errors import PromptTooLong
+
+    server.reply = lambda path, body: (400, {"error": {"message": message, "type": "invalid_request_error"}})
+    backend = OpenAIBackend(_spec(server.url))
+    with pytest.raises(PromptTooLong, match="does not fit the model's context"):
+        backend.generate("hi", GenParams(max_tokens=4, temperature=0.0))  # greedy: asks for logprobs
+    # Said once: not taken for a refusal of log-probabilities and asked twice more.
+    assert len(server.requests) == 1
+
+
 def test_registry_builds_it_for_a_spec_with_a_url(server: _Server) -> None:
     from crecli.models.registry import backend_for
 
@@ -259,3 +294,32 @@ def test_user_text_sent_to_a_server_cannot_spell_a_control_token(server: _Server
     messages = server.requests[-1]["body"]["messages"]
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
     assert not any("<|im_" in m["content"] or "<end_of_turn>" in m["content"] for m in messages)
+
+
+def test_a_streamed_answer_keeps_a_tail_that_only_starts_a_stop_string(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A finished stream dropped "<", the start of chatml's "<|im_end|>"; the answer unstreamed kept it.
+    import asyncio
+
+    from crecli.models import http as transport
+    from support.fake_openai import FakeOpenAI
+    from support.scale import fresh_remote
+
+    fresh_remote(monkeypatch)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    pool = transport.LoopTransport(loop)
+    previous = transport.use(pool)
+    got: list[str] = []
+    try:
+        with FakeOpenAI() as engine:
+            engine.answer = lambda prompt, body: "4 <"
+            backend = OpenAIBackend(_spec(engine.url, prompt_format="chatml"))
+            gen = backend.generate_streaming("What is 2 plus 2?", GenParams(max_tokens=8), got.append)
+            whole = backend.generate("What is 2 plus 2?", GenParams(max_tokens=8))
+    finally:
+        transport.use(previous)
+        asyncio.run_coroutine_threadsafe(pool.aclose(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+    assert gen.text == whole.text == "4 <" and "".join(got) == "4 <"

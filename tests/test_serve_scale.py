@@ -15,7 +15,7 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 import pytest
@@ -25,7 +25,7 @@ from crecli.cancel import Cancelled, Gate, Token, scope
 from crecli.config import ModelSpec
 from crecli.escalate import Cascade
 from crecli.models import registry, replicas
-from crecli.models.backend import held_back
+from crecli.models.backend import Generation, GenParams, held_back
 from crecli.models.fake import FakeBackend
 from crecli.openai_wire import StreamText
 from support.fake_openai import FakeOpenAI
@@ -274,6 +274,52 @@ def test_an_in_process_top_rung_streams_its_words_and_lower_rungs_never_do(
     # medium's "I don't know" has no number (a numeric cluster): empty, so it escalates too.
     assert [s["model"] for s in final["cre"]["steps"]] == ["small", "medium", "large"]
     assert _text(climbed) == "seven is the sum" and "guess" not in json.dumps([e for _, e in climbed][:-2])
+
+
+@pytest.mark.parametrize("fault", ["error event", "no [DONE]"])
+def test_a_remote_stream_that_fails_midway_ends_in_an_error_not_an_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    # Both were read as a complete answer (an empty one where no token had come).
+    use_models(monkeypatch, {})
+    with FakeOpenAI() as engine:
+        engine.answer = lambda prompt, body: "The answer is"
+        if fault == "error event":
+            engine.stream_error = "CUDA out of memory"
+        else:
+            engine.stream_done = False
+        settings = config.load(ladder_toml(tmp_path, {"large": engine.url}))
+        with serving_cascade(Cascade(make_router(), settings)) as url:
+            with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
+                              json={"model": "cre", "stream": True, "messages": [{"role": "user", "content": FAR}]}) as reply:
+                lines = [line for line in reply.iter_lines() if line.startswith("data: ")]
+    events = [json.loads(line[6:]) for line in lines if line != "data: [DONE]"]
+    assert lines[-1] == "data: [DONE]" and "error" in events[-1], events[-1]
+    assert not any(e.get("choices") and e["choices"][0].get("finish_reason") == "stop" for e in events)
+
+
+def test_a_crash_after_the_first_streamed_word_ends_the_stream_with_an_error_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only CreErrors were turned into an error event; anything else dropped the connection.
+    from support.scale import WordByWord
+
+    class Crashes(WordByWord):
+        def generate_streaming(self, prompt: str, params: GenParams, emit: Callable[[str], None]) -> Generation:
+            emit("seven is")
+            raise RuntimeError("a bug in native code")
+
+    use_models(monkeypatch, {"large": lambda text, p: "seven"})
+    made = registry.make_backend
+    monkeypatch.setattr(registry, "make_backend",
+                        lambda spec: Crashes(spec, None, 0.0) if spec.name == "large" else made(spec))
+    settings = config.load(ladder_toml(tmp_path))
+    with serving_cascade(Cascade(make_router(), settings)) as url:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
+                          json={"model": "cre", "stream": True, "messages": [{"role": "user", "content": FAR}]}) as reply:
+            lines = [line for line in reply.iter_lines() if line.startswith("data: ")]
+    assert _text([(0.0, json.loads(line[6:])) for line in lines[:-2]]) == "seven is"
+    assert json.loads(lines[-2][6:])["error"]["message"].startswith("internal error") and lines[-1] == "data: [DONE]"
 
 
 def test_stream_text_applies_stop_and_whitespace_as_the_whole_answer_gets_them() -> None:

@@ -430,6 +430,13 @@ class App:
             log.error("%s: %s could not answer: %s", rid, query.model, exc)
             raise ApiError(500, f"the model could not answer; the server's log has the details (request id {rid})",
                            type="server_error", code="model_error", headers={"X-Request-Id": rid}) from None
+        except Exception as exc:
+            # A bug, as `on_crash` answers one, but here also for a stream under way: it ends
+            # with an error event and [DONE] instead of a dropped connection.
+            rid = new_request_id()
+            log.exception("%s: internal error (%s: %s)", rid, type(exc).__name__, exc)
+            raise ApiError(500, f"internal error; the server's log has the details (request id {rid})",
+                           type="server_error", headers={"X-Request-Id": rid}) from None
 
     # ------------------------------------------------------------ the request
 

@@ -36,7 +36,9 @@ class FakeOpenAI:
       "reject" (a 400 for any request asking for them);
     - `status` / `retry_after`: answer every request with this HTTP error (503, 500, 429...);
     - `die`: close the connection holding the request, with no reply (a crashed server);
-    - `delay`: seconds before answering (a slow or hung server); `token_delay` between streamed tokens.
+    - `delay`: seconds before answering (a slow or hung server); `token_delay` between streamed tokens;
+    - `stream_error`: a stream sends this error event after its tokens (an engine failing
+      mid-answer); `stream_done` False: a stream ends without `data: [DONE]` (cut short).
     """
 
     def __init__(self, answer: Answer | None = None, model: str = "served") -> None:
@@ -48,6 +50,8 @@ class FakeOpenAI:
         self.die = False
         self.delay = 0.0
         self.token_delay = 0.0
+        self.stream_error: str | None = None
+        self.stream_done = True
         self.requests: list[dict[str, Any]] = []
         self.in_flight = 0
         self.most_in_flight = 0
@@ -171,11 +175,15 @@ class FakeOpenAI:
                     time.sleep(self.token_delay)
                 delta = {"delta": {"content": t}} if chat else {"text": t}
                 event({"id": "s", "object": obj, "choices": [{"index": 0, "finish_reason": None, **delta}]})
-            last = {"delta": {}} if chat else {"text": ""}
-            event({"id": "s", "object": obj, "choices": [{"index": 0, "finish_reason": "stop", **last}]})
-            if include_usage:
-                event({"id": "s", "object": obj, "choices": [], "usage": usage})
-            event("[DONE]")
+            if self.stream_error is not None:
+                event({"error": {"message": self.stream_error, "type": "server_error"}})
+            elif self.stream_done:
+                last = {"delta": {}} if chat else {"text": ""}
+                event({"id": "s", "object": obj, "choices": [{"index": 0, "finish_reason": "stop", **last}]})
+                if include_usage:
+                    event({"id": "s", "object": obj, "choices": [], "usage": usage})
+            if self.stream_done:
+                event("[DONE]")
             h.wfile.write(b"0\r\n\r\n")
         except OSError:
             pass

@@ -24,6 +24,7 @@ import concurrent.futures
 import http.client
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -101,6 +102,13 @@ class UrllibTransport:
         return Reply(status, raw, _lower(got))
 
 
+def _lines(raw: bytes, on_line: Callable[[str], None]) -> None:
+    """The lines of `raw` (which held no newline) to `on_line`: an event stream may end its
+    lines with CR alone, and CRLF leaves a CR at the end."""
+    for line in raw.decode("utf-8", "replace").split("\r"):
+        on_line(line)
+
+
 def _lower(headers: Any) -> dict[str, str]:
     return {str(k).lower(): str(v) for k, v in (headers.items() if headers is not None else ())}
 
@@ -131,18 +139,24 @@ class LoopTransport:
                on_line: Callable[[str], None]) -> Reply:
         """POST, handing each line of a 2xx reply's body to `on_line` as it arrives (on the
         loop's thread: keep it quick). The reply's body is left empty then; an error reply's
-        body is read whole."""
-        return self._run(self._post(url, body, headers, timeout, max_bytes, on_line), timeout)
+        body is read whole. `timeout` bounds each read, not the whole stream: a server that
+        keeps sending tokens goes on until the request's deadline cancels it, if it has one."""
+        return self._run(self._post(url, body, headers, timeout, max_bytes, on_line), timeout, whole=False)
 
-    def _run(self, coro: Any, timeout: float) -> Reply:
+    def _run(self, coro: Any, timeout: float, whole: bool = True) -> Reply:
         if getattr(self.loop, "_thread_id", None) == threading.get_ident():  # pragma: no cover - misuse
             raise RuntimeError("LoopTransport is for threads other than its loop's")
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         token = cancel.current()
         remove = token.on_cancel(future.cancel) if token is not None else (lambda: None)
-        try:
+        deadline = token.deadline if token is not None else None
+        if whole or deadline is None:
             # The coroutine bounds itself by `timeout`; the margin only guards a loop that stopped.
-            return future.result(timeout + 30)
+            wait = timeout + 30
+        else:
+            wait = max(0.0, deadline - time.monotonic()) + 30  # the token cancels it at the deadline
+        try:
+            return future.result(wait)
         except concurrent.futures.CancelledError:
             raise cancel.Cancelled("the request gave up while its remote call was in flight") from None
         except concurrent.futures.TimeoutError:
@@ -159,12 +173,21 @@ class LoopTransport:
             async with self.client.stream("POST", url, content=body, headers=headers, timeout=timeout) as response:
                 got = _lower(response.headers)
                 if on_line is not None and response.status_code < 300:
-                    size = 0
-                    async for line in response.aiter_lines():
-                        size += len(line)
+                    # Lines split here, from bytes counted as they come: httpx's aiter_lines
+                    # would hold a reply with no newline whole, past `max_bytes`.
+                    size, buf = 0, bytearray()
+                    async for chunk in response.aiter_bytes():
+                        size += len(chunk)
                         if size > max_bytes:
                             raise TransportError("too_large")
-                        on_line(line)
+                        scan = len(buf)  # only the new bytes can hold the next newline
+                        buf += chunk
+                        while (end := buf.find(b"\n", scan)) >= 0:
+                            _lines(bytes(buf[:end]), on_line)
+                            del buf[: end + 1]
+                            scan = 0
+                    if buf:
+                        _lines(bytes(buf), on_line)
                     return Reply(response.status_code, b"", got)
                 chunks, size = [], 0
                 async for chunk in response.aiter_bytes():

@@ -25,16 +25,17 @@ from __future__ import annotations
 import http as _http
 import json
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from crecli import cancel
-from crecli.errors import BackendError, ConfigError
+from crecli.errors import BackendError, ConfigError, PromptTooLong
 from crecli.models import http as transport
 from crecli.models import logprobs as lp
-from crecli.models.backend import Backend, Generation, GenParams, StopSafeEmitter, held_back
+from crecli.models.backend import Backend, Generation, GenParams, StopSafeEmitter, cut_at_stop
 from crecli.models.prompting import Rendered, chat_messages
 from crecli.models.replicas import replica_set
 
@@ -78,6 +79,35 @@ class SignalSupport:
 
 # The statuses of a server refusing a request for log-probabilities rather than failing.
 REFUSALS = (400, 422, 500)
+
+# How serving engines word a prompt longer than the model's context in a 400 (or 413):
+# vLLM "This model's maximum context length is 4096 tokens", llama.cpp's server
+# "exceed_context_size_error", OpenAI's code "context_length_exceeded". The client's to fix,
+# like a local rung's `PromptTooLong`, not the server's failure or a refusal of logprobs.
+_TOO_LONG = re.compile(rb"context[ _-]?(length|size|window)|maximum context|exceeds? (the )?(available )?context",
+                       re.IGNORECASE)
+
+
+def _count(value: Any) -> int:
+    """A token count from a server's `usage`: a non-negative whole number, else 0 (unknown)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value == value:
+        return 0
+    return max(0, int(min(value, 2**31)))
+
+
+def _completion_shape(data: Any, chat: bool) -> str | None:
+    """What makes `data` no OpenAI-style completion (None when it is one): its first choice,
+    and the usage and message read from it, must be objects where present."""
+    if not isinstance(data, dict):
+        return "the reply is not a JSON object"
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return "the reply has no `choices` list of objects"
+    if data.get("usage") is not None and not isinstance(data["usage"], dict):
+        return "its `usage` is not an object"
+    if chat and choices[0].get("message") is not None and not isinstance(choices[0]["message"], dict):
+        return "its `message` is not an object"
+    return None
 
 
 class RemoteError(BackendError):
@@ -236,10 +266,18 @@ class OpenAIBackend(Backend):
                 break
             url = f"{replica.url}/{endpoint}"
             where = f"model {self.spec.name!r} at {url}"
+            # The rung's timeout, or less where the request has less left: a server that hangs
+            # past it is taken out and the request tried elsewhere while time remains.
+            try_for = min(timeout, max(0.1, left))
             try:
-                reply = self._send(url, payload, headers, min(timeout, max(0.1, left)), tracked_or_none)
+                reply = self._send(url, payload, headers, try_for, tracked_or_none)
             except transport.TransportError as exc:
-                why = self._transport_failure(exc, where, min(timeout, max(0.1, left)))
+                why = self._transport_failure(exc, where, try_for)
+                deadline = _deadline()
+                if exc.kind == "timeout" and deadline is not None and deadline - time.monotonic() <= 0.1:
+                    # `cre serve`'s request ran out of time, not the server: it stays in rotation.
+                    self.replicas.release(replica)
+                    raise RemoteError(why) from None
                 self.replicas.release(replica, SHORT[exc.kind])
                 if streamed[0]:
                     # Text already went to the client: another replica would send it again.
@@ -251,6 +289,10 @@ class OpenAIBackend(Backend):
                 self.replicas.release(replica)  # cancelled: not the replica's fault
                 raise
             status = reply.status
+            if status in (400, 413) and _TOO_LONG.search(reply.body[:2000]):
+                self.replicas.release(replica)
+                detail = reply.body[:300].decode("utf-8", "replace").strip()
+                raise PromptTooLong(f"{where}: the prompt does not fit the model's context (HTTP {status}: {detail})")
             if status in (429, 503) or status >= 500:
                 error = self._status_error(reply, where)
                 retry_after = error.retry_after if status in (429, 503) else None
@@ -272,12 +314,14 @@ class OpenAIBackend(Backend):
                 return {}, seconds
             try:
                 data = json.loads(reply.body)
-                data["choices"][0]
-            except (ValueError, KeyError, IndexError, TypeError):
+            except ValueError:
+                data = None
+            wrong = _completion_shape(data, chat=endpoint.startswith("chat"))
+            if wrong is not None:
                 raise RemoteError(
-                    f"{where}: the reply is not an OpenAI-style completion ({reply.body[:200]!r}); "
+                    f"{where}: the reply is not an OpenAI-style completion ({wrong}: {reply.body[:200]!r}); "
                     "check that `url` points at the API root (usually ending in /v1)"
-                ) from None
+                )
             return data, seconds
         raise self._unavailable(failed, last, short)
 
@@ -291,8 +335,7 @@ class OpenAIBackend(Backend):
     def _time_left(self, timeout: float, start: float) -> float:
         """Seconds this request may still spend: its request's deadline where `cre serve` set
         one, else the rung's timeout from the first try."""
-        token = cancel.current()
-        deadline = token.deadline if token is not None else None
+        deadline = _deadline()
         if deadline is not None:
             return max(0.0, deadline - time.monotonic())
         return max(0.0, timeout - (time.perf_counter() - start))
@@ -370,8 +413,8 @@ class OpenAIBackend(Backend):
         choice = data["choices"][0]
         return Generation(
             text=text,
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            output_tokens=int(usage.get("completion_tokens") or 0),
+            prompt_tokens=_count(usage.get("prompt_tokens")),
+            output_tokens=_count(usage.get("completion_tokens")),
             seconds=seconds,
             finish_reason=str(choice.get("finish_reason") or "stop"),
             signals=lp.signals(lp.steps(choice.get("logprobs"))) if greedy else None,
@@ -389,7 +432,7 @@ class OpenAIBackend(Backend):
     def complete(self, rendered: Rendered, params: GenParams) -> Generation:
         greedy = params.temperature == 0.0 and params.signals
         data, seconds = self._ask("completions", self._completion_body(rendered, params), greedy)
-        return self._generation(data, str(data["choices"][0].get("text") or ""), seconds, greedy)
+        return self._generation(data, _text(data["choices"][0].get("text")), seconds, greedy)
 
     def generate(self, prompt: str, params: GenParams = GenParams()) -> Generation:
         if self.spec.prompt_format != "chat":
@@ -397,7 +440,7 @@ class OpenAIBackend(Backend):
         greedy = params.temperature == 0.0 and params.signals
         data, seconds = self._ask("chat/completions", self._chat_body(prompt, params), greedy)
         message = data["choices"][0].get("message") or {}
-        return self._generation(data, str(message.get("content") or ""), seconds, greedy)
+        return self._generation(data, _text(message.get("content")), seconds, greedy)
 
     def generate_streaming(self, prompt: str, params: GenParams, emit: Callable[[str], None]) -> Generation:
         """`generate` with the server's own token stream passed through to `emit` (`stream:
@@ -418,12 +461,14 @@ class OpenAIBackend(Backend):
         pieces: list[str] = []
         usage: dict[str, Any] = {}
         finish = ["stop"]
+        ended: list[str] = []  # "[DONE]", or the error an event reported
 
         def on_line(line: str) -> None:
             if not line.startswith("data:"):
                 return
             data = line[5:].strip()
             if data == "[DONE]":
+                ended.append(data)
                 return
             try:
                 event = json.loads(data)
@@ -431,12 +476,19 @@ class OpenAIBackend(Backend):
                 return
             if not isinstance(event, dict):
                 return
+            if event.get("error") is not None and not event.get("choices"):
+                # An engine that fails mid-stream says so in an event (vLLM, llama.cpp's server).
+                error = event["error"]
+                message = error.get("message") if isinstance(error, dict) else error
+                ended.append(f"the server reported an error mid-stream: {str(message)[:300]}")
+                return
             if isinstance(event.get("usage"), dict):
                 usage.update(event["usage"])
             for choice in event.get("choices") or []:
                 if not isinstance(choice, dict):
                     continue
-                text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                delta = choice.get("delta")
+                text = (delta.get("content") if isinstance(delta, dict) else None) if chat else choice.get("text")
                 if isinstance(text, str) and text:
                     pieces.append(text)
                     streamed.update("".join(pieces))
@@ -444,16 +496,34 @@ class OpenAIBackend(Backend):
                     finish[0] = str(choice["finish_reason"])
 
         _, seconds = self._post(endpoint, body, on_line=on_line)
-        text = held_back("".join(pieces), params.stop)[0] if params.stop else "".join(pieces)
+        if not ended or ended[0] != "[DONE]":
+            # Without [DONE] the answer may be cut short, or the reply was no event stream at
+            # all (a proxy that ignores `stream`): not an empty answer to keep.
+            why = ended[0] if ended else "the reply ended without `data: [DONE]` (not a complete event stream)"
+            raise RemoteError(f"model {self.spec.name!r}: {why}")
+        # Cut at a whole stop string; a tail that only starts one stays (the answer is complete).
+        text = cut_at_stop("".join(pieces), params.stop)[0]
         streamed.finish(text)
         return Generation(
             text=text,
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            prompt_tokens=_count(usage.get("prompt_tokens")),
             # A server that sends no usage: one event a token, as engines stream them.
-            output_tokens=int(usage.get("completion_tokens") or len(pieces)),
+            output_tokens=_count(usage.get("completion_tokens")) or len(pieces),
             seconds=seconds,
             finish_reason=finish[0],
         )
+
+
+def _deadline() -> float | None:
+    """The running request's deadline (`time.monotonic`), where `cre serve` set one."""
+    token = cancel.current()
+    return token.deadline if token is not None else None
+
+
+def _text(value: Any) -> str:
+    """An answer's text from a reply: a string, else nothing (a list of content parts or an
+    object would otherwise become its Python spelling)."""
+    return value if isinstance(value, str) else ""
 
 
 def _advice(code: int, spec: "ModelSpec") -> str:
