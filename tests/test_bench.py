@@ -3,12 +3,13 @@ flagged and re-measured, and the crash probe run before any measurement. No mode
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from crecli import config
+from crecli import config, paths
 from crecli.config import ModelSpec
 from crecli.models import bench, llama, runtime, tokens
 
@@ -54,7 +55,7 @@ def test_the_speeds_age_is_the_oldest_pooled_run_until_a_fresh_bench(monkeypatch
 
     monkeypatch.setenv("CRE_THREADS", "2")
     spec = ModelSpec(name="m", sha256="a" * 64)
-    ago = lambda hours: time.strftime(bench.MEASURED_AT, time.localtime(time.time() - hours * 3600))
+    ago = lambda hours: paths.stamp(time.time() - hours * 3600)
     bench.save(_speed(measured_at=ago(10)))
     bench.save(_speed(measured_at=ago(1)))
     # The stored median still pools the run of 10 h ago: the speeds are that old.
@@ -91,6 +92,19 @@ def test_a_broken_bench_file_reads_as_nothing_measured(cre_home: Path) -> None:
     for text in ("[1, 2]", "{not json", '{"m@2": {"pp_tokens_per_s": "fast"}}'):
         paths.bench_file().write_text(text)
         assert bench.stored(ModelSpec(name="m"), threads=2) is None
+
+
+def test_a_run_saved_over_a_broken_bench_file_keeps_the_broken_one_aside(
+    cre_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Rewriting it with only the model just measured would drop every other model's speeds.
+    paths.ensure(paths.bench_file().parent)
+    broken = '{"other@2": {"pp_tokens_per_s": 50.0, "tg_tokens_per_s": 5.0},}'  # a hand edit's trailing comma
+    paths.bench_file().write_text(broken)
+    bench.save(_speed())
+    [aside] = paths.bench_file().parent.glob("bench.json.*.unreadable")
+    assert aside.read_text() == broken and aside.name in capsys.readouterr().err
+    assert list(json.loads(paths.bench_file().read_text())) == [f"{'a' * 64}@2"]
 
 
 def test_check_flags_disagreeing_runs_and_a_busy_machine() -> None:

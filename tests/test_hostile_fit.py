@@ -169,6 +169,8 @@ def test_calibrate_refuses_bad_outputs_and_options(cre, saved_router, sums_log, 
     refused(cre("calibrate", saved_router, *m, "-o", tmp_path), "is a folder")
     refused(cre("calibrate", saved_router, *m, "-o", tmp_path / "gone" / "r.cre"), "does not exist")
     refused(cre("calibrate", saved_router, *m, "--retain", "2"), "--retain")
+    # Refused before the log is read and its missing answers run, not after.
+    refused(cre("calibrate", saved_router, *m, "--check", "agreemnt"), "unknown quality check")
     refused(cre("calibrate", saved_router, *m, "--store", sums_log), "--store", "is the query log")
     refused(cre("calibrate", saved_router, *m, "--store", saved_router), "--store", "is the router")
     for bad in (("--folds", "1"), ("--seed", "-1")):
@@ -183,6 +185,9 @@ def test_eval_plot_or_store_over_an_input_is_refused(cre, saved_router, sums_log
     refused(cre("eval", sums_log, *m, "--plot", sums_log), "--plot", "is the log")
     refused(cre("eval", sums_log, *m, "--plot", saved_router), "--plot", "is the router")
     refused(cre("eval", sums_log, *m, "--plot", tmp_path), "is a folder", "frontier.svg")
+    # A plot it cannot draw is refused before the replay, not after it (--live answers first).
+    refused(cre("eval", sums_log, *m, "--live", "--plot", tmp_path / "frontier.pdf"), "--plot", ".svg or .png")
+    assert not (tmp_path / "frontier.pdf").exists()
     refused(cre("eval", sums_log, *m, "--store", sums_log), "--store", "is the log")
     assert sums_log.read_bytes() == before and saved_router.read_bytes() == router_bytes and four_fakes == {}
 

@@ -634,3 +634,18 @@ def test_inspect_shows_a_bounded_table_of_a_router_with_thousands_of_clusters(ca
     assert "`cre inspect --json` lists them all" in captured.err
     reports.inspect_router(replace(router, clusters=many), as_json=True)
     assert len(json.loads(capsys.readouterr().out)["clusters"]) == len(many)
+
+
+def test_paths_that_cannot_be_looked_at_are_errors_not_tracebacks(cre, saved_router, sums_log, tiny_models_toml, four_fakes, tmp_path) -> None:
+    # Path.is_file and is_dir raise, rather than answer False, for a name too long or a
+    # folder the user may not enter (EACCES, which root in CI cannot meet): the same path.
+    long = tmp_path / ("x" * 300 + ".jsonl")
+    m = ("--models", tiny_models_toml)
+    refused(cre("fit", long, *m), str(long)[:40], "too long")
+    refused(cre("inspect", tmp_path / ("r" * 300 + ".cre"), *m), "cannot be looked at", "too long")
+    refused(cre("fit", sums_log, *m, "-o", long.with_suffix(".cre")), "-o", "cannot")
+    refused(cre("fit", sums_log, *m, "-o", long / "r.cre"), "-o", "cannot be looked at", "too long")
+    refused(cre("eval", sums_log, "--router", saved_router, *m, "--plot", long / "p.svg"), "--plot", "cannot be looked at")
+    assert four_fakes == {}
+    assert paths.not_a_file(sums_log) is None and paths.not_a_file(tmp_path) == "is a folder"
+    assert paths.not_a_file(tmp_path / "none") == "not found" and paths.not_a_file(Path("/dev/null")) == "is not a regular file"

@@ -135,3 +135,20 @@ def test_stamp_avoids_rehash_until_file_changes(downloads: tuple[ModelSpec, list
     monkeypatch.setattr(pull, "sha256_file", lambda p, progress=None: hashed.append(p) or real(p))
     assert pull.file_state(spec).verified and hashed == []
     assert pull.file_state(spec, deep=True).verified and len(hashed) == 1
+
+
+def test_a_disk_that_fills_mid_pull_is_an_error_that_says_where_and_leaves_no_part(
+    downloads: tuple[ModelSpec, list[int]],
+) -> None:
+    import errno
+
+    spec, _ = downloads
+    assert spec.file is not None
+
+    def disk_full(n: int) -> None:  # called after each block is written, as a full disk fails a write
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(ModelNotAvailable, match=r"No space left on device.*CRE_MODELS_DIR") as caught:
+        pull.pull(spec, progress=disk_full)
+    assert str(spec.file) in str(caught.value) and "'tiny'" in str(caught.value)
+    assert list(spec.file.parent.iterdir()) == []  # the part was removed, nothing took the target's place

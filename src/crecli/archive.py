@@ -175,8 +175,11 @@ def read(path: Path) -> Iterator[Archive]:
     file serves the hash and the zip, so `Archive.sha256` is that of the bytes loaded even
     if the path is replaced meanwhile (served-log entries credit it).
     """
-    if not path.is_file():
+    what = paths.not_a_file(path)
+    if what == "not found":
         raise RouterFileError(f"{path}: no such router file; check the path, or make one with `cre fit`")
+    if what is not None:
+        raise RouterFileError(f"{path}: {what}; pass a router file written by `cre fit`")
     try:
         fh = path.open("rb")
     except OSError as exc:
@@ -410,4 +413,9 @@ def _decode_npy(path: Path, member: str, data: bytes, entry: dict[str, Any]) -> 
     # No fitted state holds NaN or infinity; one that does would fail at the first prompt.
     if array.dtype.kind in "fc" and not np.isfinite(array).all():
         raise RouterFileError(f"{path}: array {member} holds NaN or infinite values; refusing to load it")
+    # Nor values past float32's range: the answering path computes in float32, where 1e300
+    # turns infinite, then NaN, and a NaN centroid takes every prompt.
+    big = float(np.finfo(np.float32).max)
+    if array.dtype.kind == "f" and array.dtype.itemsize > 4 and array.size and (array.max() > big or array.min() < -big):
+        raise RouterFileError(f"{path}: array {member} holds values beyond float32's range; refusing to load it")
     return array

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from crecli import console
+from crecli import console, paths
 from crecli.choice import Choice, StatsTable, choose_by_weight, cluster_stats
 from crecli.costs import Budget
 from crecli.deferral import _table_prior, deferral_p, signal_report, train_deferral
@@ -64,9 +64,11 @@ def fitted_log(router: "RouterFile", log: Path | None = None) -> Path:
     if not recorded:
         raise CreError("the router does not record the log it was fitted on; pass --log FILE")
     path = Path(recorded)
-    if not path.is_file():
+    what = paths.not_a_file(path)
+    if what is not None:
+        why = "is not there any more (moved or deleted)" if what == "not found" else what
         raise CreError(
-            f"the router was fitted on {recorded}, which is not there any more (moved or deleted); "
+            f"the router was fitted on {recorded}, which {why}; "
             "pass --log FILE to calibrate on it where it is now"
         )
     return path
@@ -298,13 +300,10 @@ def recalibrate(
     (`no_signals`: model -> why, its runtime gives none; or its recorded answers have none)
     gets the agreement check and agreement thresholds instead, with a warning naming it.
     """
-    if check not in CHECKS:
-        raise CreError(f"unknown quality check {check!r}; use one of {', '.join(CHECKS)}")
+    check_settings(router, check, votes)
     start = time.perf_counter()
     ladder = router.ladder_names
     quality = router.quality
-    if check == "deferral" and not 1 <= votes <= quality.k:
-        raise CreError(f"--votes {votes}: the router records {quality.k} vote(s) a query; use 1 to {quality.k}")
     if check == "agreement" and quality.k == 1:
         console.warn("the router was fitted with one vote a query (--k 1), so the agreement check can only "
                      "escalate empty answers; use the default --check deferral, or refit with --k 5 to tune agreement")
@@ -418,11 +417,20 @@ def apply(router: "RouterFile", cal: Calibration) -> "RouterFile":
             "budget": cal.budget.to_dict(), "held_out": cal.held_out, "estimate": cal.estimate, "in_sample": cal.in_sample,
             "reference": cal.reference, "folds": cal.folds, "n": cal.n, "setting": cal.setting.label(),
             "check": cal.check, **({"votes": cal.deferral.votes} if cal.deferral is not None else {}),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "date": paths.stamp(),
         },
     )
     return replace(router, clusters=clusters, thresholds=dict(cal.thresholds), budget=cal.budget.to_dict(), fit=fit,
                    deferral=cal.deferral)
+
+
+def check_settings(router: "RouterFile", check: str, votes: int) -> None:
+    """Refuse a quality check, or a vote count, that `router` cannot be calibrated with."""
+    if check not in CHECKS:
+        raise CreError(f"unknown quality check {check!r}; use one of {', '.join(CHECKS)}")
+    k = router.quality.k
+    if check == "deferral" and not 1 <= votes <= k:
+        raise CreError(f"--votes {votes}: the router records {k} vote(s) a query; use 1 to {k}")
 
 
 def run(
@@ -445,9 +453,10 @@ def run(
 
     Outputs are checked before any work. Returns the calibration and where the router went.
     """
-    from crecli import paths, routerfile
+    from crecli import routerfile
 
     router = routerfile.load(router_path, settings, force=force)
+    check_settings(router, check, votes)  # before `prepare`, which may run every model on a new log
     log = fitted_log(router, log)
     target = output or router_path
     if store is not None:

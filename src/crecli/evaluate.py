@@ -288,6 +288,9 @@ def run(
         keep = [("the log", log), ("the router", router_path), (paths.KEEP_STORE, store),
                 *[("a models.toml", Path(f)) for f in settings.sources]]
         paths.check_output(plot, "--plot", keep, example="frontier.svg")
+        from crecli.reports import check_plot
+
+        check_plot(plot)  # before the replay (and --live's answers), not after
     router = routerfile.load(router_path, settings, force=force)
     reader = router.fit.reader
     if skip_bad:

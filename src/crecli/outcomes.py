@@ -32,7 +32,6 @@ import json
 import os
 import random
 import sqlite3
-import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -166,7 +165,7 @@ class OutcomeStore:
         complaint and says so only at the first write.
         """
         try:
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('opened', ?)", (time.strftime("%Y-%m-%dT%H:%M:%S%z"),))
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('opened', ?)", (paths.stamp(),))
             self._db.commit()
         except sqlite3.Error as exc:
             self._rollback()
@@ -242,7 +241,7 @@ class OutcomeStore:
         try:
             self._db.execute(
                 "INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (prompt_sha, model, model_sha, key, prompt_tokens, payload, time.strftime("%Y-%m-%dT%H:%M:%S%z")),
+                (prompt_sha, model, model_sha, key, prompt_tokens, payload, paths.stamp()),
             )
             self._db.commit()
         except sqlite3.Error as exc:

@@ -13,6 +13,25 @@ from typing import BinaryIO, Callable, Iterable
 
 APP = "crecli"
 
+# How every file crecli writes spells a moment (routers' fit and calibration dates, the
+# outcome store's rows, bench's runs): local time with its UTC offset, so a reader can
+# compare moments written on machines in other time zones.
+STAMP = "%Y-%m-%dT%H:%M:%S%z"
+
+
+def stamp(when: float | None = None) -> str:
+    """`when` (seconds since the epoch; now if None) as crecli's files spell it."""
+    import time
+
+    return time.strftime(STAMP, time.localtime(when))
+
+
+def stamp_seconds(text: str) -> float:
+    """Seconds since the epoch of a moment spelled as `stamp` spells it; ValueError if not."""
+    from datetime import datetime
+
+    return datetime.strptime(text, STAMP).timestamp()
+
 
 def _home_override() -> Path | None:
     value = os.environ.get("CRE_HOME")
@@ -279,6 +298,24 @@ def owned_files(stores: Iterable[Path | None] = ()) -> list[Owned]:
     return owned
 
 
+def not_a_file(path: Path) -> str | None:
+    """None where `path` is a regular file; else what it is instead, phrased for an error
+    ("not found", "is a folder", "is not a regular file", "cannot be looked at (Permission
+    denied)"). `Path.is_file` raises on a folder the user may not enter, or a name too long,
+    where a user should read a sentence, not a traceback."""
+    import stat
+
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL in the name
+        return "not found"
+    except OSError as exc:
+        return f"cannot be looked at ({exc.strerror or exc})"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder"
+    return None if stat.S_ISREG(st.st_mode) else "is not a regular file"
+
+
 def _stat(path: Path) -> os.stat_result | None:
     try:
         return path.stat()  # follows symlinks, as a write would
@@ -374,11 +411,16 @@ def check_output(
             f"{option} {path} {where}, which crecli keeps for itself; writing there would destroy it. "
             "Choose another file name"
         )
-    if path.is_dir():
+    path_is = not_a_file(path)
+    if path_is == "is a folder":
         raise CreError(f"{option} {path} is a folder; give a file name in it, e.g. {path / example}")
+    if path_is is not None and path_is.startswith("cannot"):  # the write would fail too, after the work
+        raise CreError(f"{option} {path} {path_is}; choose another path")
     folder = path.absolute().parent
-    if not folder.is_dir():
-        problem = "is a file, not a folder" if folder.exists() else "does not exist"
+    folder_is = not_a_file(folder)
+    if folder_is != "is a folder":
+        problem = {None: "is a file, not a folder", "not found": "does not exist",
+                   "is not a regular file": "is not a folder"}.get(folder_is, folder_is)
         raise CreError(f"{option} {path}: the folder {folder} {problem}; create it first or choose another path")
     try:
         writable_dir(folder)

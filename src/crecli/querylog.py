@@ -140,12 +140,12 @@ def read_log(
     fmt = fmt or _EXTENSIONS.get(path.suffix.lower(), "text")
     if fmt not in FORMATS:
         raise InputError(f"unknown log format {fmt!r}; use one of {', '.join(FORMATS)}")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory; pass a query log file (.jsonl, .csv or .txt)")
     try:
         handle = open_input(path, "a query log file (.jsonl, .csv or .txt)")
     except FileNotFoundError:
         raise InputError(f"{path}: no such file; check the path") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory; pass a query log file (.jsonl, .csv or .txt)") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot be read ({exc.strerror}); check its permissions") from None
 

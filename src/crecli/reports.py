@@ -4,6 +4,7 @@ stderr, data to stdout."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from crecli.console import out, print_json, status, warn
@@ -351,39 +352,63 @@ def _ascii_scatter(points: list[Any], ref: dict[str, float], width: int = 60, he
     return "\n".join(lines + ["   " + "; ".join(keys)])
 
 
-def plot(report: Any, path: Any) -> None:
-    """Accuracy against cost for the cascade and every baseline: SVG by hand, PNG via matplotlib."""
-    from pathlib import Path
+def check_plot(path: Path) -> None:
+    """Refuse a plot `plot` could not write, before the work whose result it would draw
+    (`cre eval` checks it first: `--live` answers every query before the plot)."""
+    import importlib.util
 
-    path = Path(path)
-    if path.suffix.lower() == ".png":
-        try:
-            import matplotlib
+    from crecli.errors import CreError
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            from crecli.errors import CreError
+    suffix = path.suffix.lower()
+    if suffix not in (".svg", ".png"):
+        raise CreError(f"--plot {path}: plots are .svg or .png")
+    if suffix == ".png" and importlib.util.find_spec("matplotlib") is None:
+        raise CreError("PNG plots need matplotlib (`pip install matplotlib`); or write .svg, which needs nothing")
 
-            raise CreError("PNG plots need matplotlib (`pip install matplotlib`); or write .svg, which needs nothing") from None
-        fig, ax = plt.subplots(figsize=(7, 5))
-        for p in report.points:
-            ax.scatter([p.mean_cost], [p.accuracy], s=60 if p.name.startswith("cascade (") else 30)
-            ax.annotate(p.name, (p.mean_cost, p.accuracy), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        ax.set_xlabel(f"mean cost per query ({report.unit})")
-        ax.set_ylabel("accuracy")
-        ax.set_title(f"cre eval: {report.n} queries")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    elif path.suffix.lower() == ".svg":
-        path.write_text(_svg(report))
-    else:
-        from crecli.errors import CreError
 
-        raise CreError(f"{path}: plots are .svg or .png")
+def plot(report: Any, path: Path) -> None:
+    """Accuracy against cost for the cascade and every baseline, written whole or not at all
+    (`paths.atomic_write`): SVG by hand, PNG via matplotlib."""
+    from crecli import paths
+    from crecli.errors import CreError
+
+    check_plot(path)
+    try:
+        if path.suffix.lower() == ".png":
+            paths.atomic_write(path, _png(report))
+        else:
+            paths.atomic_write(path, _svg(report))
+    except OSError as exc:
+        raise CreError(f"could not write --plot {path} ({exc.strerror or exc}); the report above is complete") from exc
     status(f"Wrote {path}")
+
+
+def _png(report: Any) -> bytes:
+    import io
+
+    from crecli.errors import CreError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # installed (`check_plot` found it) but broken
+        raise CreError(f"PNG plots need a working matplotlib ({exc}); or write .svg, which needs nothing") from None
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for p in report.points:
+        ax.scatter([p.mean_cost], [p.accuracy], s=60 if p.name.startswith("cascade (") else 30)
+        ax.annotate(p.name, (p.mean_cost, p.accuracy), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel(f"mean cost per query ({report.unit})")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"cre eval: {report.n} queries")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def _svg(report: Any, w: int = 720, h: int = 480, pad: int = 60) -> str:

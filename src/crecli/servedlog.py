@@ -367,8 +367,8 @@ def fit_files(own: bool, named: list[Path]) -> list[Path]:
     """The files `cre fit` reads served prompts from: this user's log (`--served`) and any
     `--served-log FILE`; a named file that does not exist is an error, not an empty log."""
     for path in named:
-        if not path.is_file():
-            what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "not found"
+        what = paths.not_a_file(path)
+        if what is not None:
             raise InputError(f"--served-log {path}: {what}; give a file written by `cre log -o FILE`")
     return (log_files() if own else []) + list(named)
 

