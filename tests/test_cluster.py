@@ -254,3 +254,20 @@ def test_route_time_assignment_agrees_with_hdbscan_on_the_real_log() -> None:
     qc = QueryClusterer(seed=0).fit(X)
     assert qc.n_clusters_ >= 8  # 16 tasks; a degenerate clustering would make the agreement trivial
     assert agreement(qc.assigner_, X[qc.fit_index_], qc.raw_labels_) >= 0.90
+
+
+def test_a_fit_with_more_clustered_rows_than_a_router_holds_stops_before_writing_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(assign, "MAX_EXEMPLARS", 3)
+    X = np.eye(4, dtype=np.float32)
+    with pytest.raises(CreError, match="more than a router holds"):
+        Assigner().fit(X, np.array([0, 0, 1, 1]))
+    Assigner().fit(X, np.array([0, 0, 1, -1]))  # noise rows are not kept
+
+
+def test_similarity_blocks_are_thinner_the_more_exemplars_there_are() -> None:
+    rows = list(assign._chunks(5000, 1 << 22))
+    assert len(rows) == 5000 // 16 + (5000 % 16 > 0) and rows[0] == slice(0, 16)  # 16 x 4M floats: 256 MiB
+    assert list(assign._chunks(5000, 10)) == [slice(0, 1024), slice(1024, 2048), slice(2048, 3072),
+                                              slice(3072, 4096), slice(4096, 5000)]

@@ -278,6 +278,39 @@ def test_cluster_radii_the_router_cannot_use_are_refused(
     refused(built_router_file, pinned_settings, "assigner state is inconsistent")
 
 
+def test_an_idf_that_is_not_flat_is_refused(pinned_settings: config.ModelConfig, built_router_file: Path) -> None:
+    # Shape (n, 1) passed a length check and crashed every prompt with a traceback.
+    idf = routerfile.load(built_router_file, pinned_settings).embedder.state()[1]["word_idf"].reshape(-1, 1)
+    replace_array(built_router_file, "embedder", "word_idf", npy_bytes(idf), idf.dtype.str, list(idf.shape))
+    refused(built_router_file, pinned_settings, "must be flat")
+
+
+@pytest.mark.parametrize(("dtype", "value", "reason"), [
+    (np.float64, 1e300, r"array assigner/centroids\.npy holds values beyond float32's range"),
+    (np.float32, 3e38, "assigner state is inconsistent"),  # finite, but the similarity overflows
+])
+def test_centroids_that_overflow_the_answering_path_are_refused(
+    pinned_settings: config.ModelConfig, built_router_file: Path, dtype: Any, value: float, reason: str
+) -> None:
+    # Infinite once the answering path computes with them, then a NaN that takes every prompt.
+    centroids = routerfile.load(built_router_file, pinned_settings).assigner.centroids_.astype(dtype)
+    centroids[0, 0] = value
+    replace_array(built_router_file, "assigner", "centroids", npy_bytes(centroids), centroids.dtype.str, list(centroids.shape))
+    refused(built_router_file, pinned_settings, reason)
+
+
+def test_more_exemplars_than_a_fit_writes_are_refused(
+    pinned_settings: config.ModelConfig, built_router_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A few MB deflated can declare hundreds of millions of rows; the cap is lowered here
+    # to the test router's size rather than building such a file.
+    from crecli import assign
+
+    n = len(routerfile.load(built_router_file, pinned_settings).assigner.exemplars_)
+    monkeypatch.setattr(assign, "MAX_EXEMPLARS", n - 1)
+    refused(built_router_file, pinned_settings, "past what a fit writes")
+
+
 def test_a_router_without_cluster_radii_trusts_every_cluster(
     pinned_settings: config.ModelConfig, built_router_file: Path
 ) -> None:

@@ -43,7 +43,15 @@ REACH_QUANTILE = 1.0
 # 30?" sat 0.14 from the two-digit additions (reach 0.000; the median reach, 0.20). The
 # held-out tasks the reach rule exists for sat farther (0.30 above).
 REACH_FLOOR_QUANTILE = 0.5
-_CHUNK = 1024  # query rows per similarity block: bounds memory at _CHUNK x n_exemplars floats
+_CHUNK = 1024  # query rows per similarity block, at most
+# Floats in one similarity block (query rows x exemplars, 256 MiB of float32), so a router
+# with many exemplars routes a batch in thinner blocks rather than in one that fills memory.
+_BLOCK_FLOATS = 1 << 26
+# What a router file may hold: fit keeps one exemplar per clustered query and votes among
+# k=5. A file past these (a few MB deflated can declare hundreds of millions of rows) would
+# make every prompt cost gigabytes of temporaries.
+MAX_EXEMPLARS = 1 << 22
+MAX_K = 256
 
 
 def as_matrix(X: Any, what: str) -> "np.ndarray":
@@ -65,9 +73,11 @@ def stored_rows(X: "np.ndarray") -> "np.ndarray":
     return np.asarray(X).astype(np.float16)
 
 
-def _chunks(n: int) -> Iterator[slice]:
-    for start in range(0, n, _CHUNK):
-        yield slice(start, min(n, start + _CHUNK))
+def _chunks(n: int, width: int = 1) -> Iterator[slice]:
+    """Row blocks of `n` query rows, each compared with `width` exemplars or centroids."""
+    step = max(1, min(_CHUNK, _BLOCK_FLOATS // max(1, width)))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
 
 
 class Assigner:
@@ -100,8 +110,8 @@ class Assigner:
     def _check_params(self) -> None:
         if self.method not in ASSIGN_METHODS:
             raise CreError(f"assign method {self.method!r} is not known; use one of {', '.join(ASSIGN_METHODS)}")
-        if not isinstance(self.k, int) or self.k < 1:
-            raise CreError(f"assigner k must be a positive integer, not {self.k!r}")
+        if not isinstance(self.k, int) or not 1 <= self.k <= MAX_K:
+            raise CreError(f"assigner k must be an integer from 1 to {MAX_K}, not {self.k!r}")
         if self.max_distance is not None and not 0 <= self.max_distance <= 2:
             raise CreError(f"max_distance is a cosine distance in [0, 2], not {self.max_distance!r}")
 
@@ -116,6 +126,9 @@ class Assigner:
         keep = labels >= 0
         if not keep.any():
             raise CreError("Assigner.fit: every row is noise (-1); there is no cluster to assign to")
+        if keep.sum() > MAX_EXEMPLARS:  # a router file past it would not load
+            raise CreError(f"Assigner.fit: {int(keep.sum()):,} clustered rows, more than a router holds "
+                           f"({MAX_EXEMPLARS:,}); fit on a sample of the log")
         self._set_exemplars(stored_rows(X[keep]))
         self.exemplar_labels_ = labels[keep]
         self.classes_ = np.unique(self.exemplar_labels_)
@@ -215,7 +228,8 @@ class Assigner:
             )
         labels = np.empty(X.shape[0], dtype=np.int64)
         dist = np.empty(X.shape[0], dtype=np.float64)
-        for rows in _chunks(X.shape[0]):
+        width = len(self.exemplars_) if self.method == "knn" else len(self.centroids_)
+        for rows in _chunks(X.shape[0], width):
             if self.method == "knn":
                 labels[rows], dist[rows] = self._vote(X[rows] @ self.exemplars_.T, self.exemplar_labels_, self.k_)
             else:
@@ -249,6 +263,10 @@ class Assigner:
             assigner.k_ = int(params["k_"])
             assigner.threshold_ = float(params["threshold_"])
             stored = np.asarray(arrays["exemplars"])
+            if stored.ndim != 2 or len(stored) > MAX_EXEMPLARS or not 1 <= int(params["k_"]) <= MAX_K:
+                raise RouterFileError(
+                    f"assigner state holds {stored.shape} exemplars voting {params['k_']} at a time, past what a "
+                    f"fit writes (at most {MAX_EXEMPLARS:,} rows, k up to {MAX_K}); the router file is damaged, refit it")
             # float16 since int8 components; older routers stored float32, used as they are.
             assigner._set_exemplars(stored if stored.dtype == np.float16 else stored.astype(np.float32))
             assigner.exemplar_labels_ = np.asarray(arrays["exemplar_labels"], dtype=np.int64)
@@ -270,6 +288,8 @@ class Assigner:
         consistent = (
             ex.ndim == 2 and len(ex) > 0 and lab.shape == (len(ex),)
             and np.array_equal(np.unique(lab), cls_) and cen.shape == (len(cls_), ex.shape[1])
+            # Unit rows, as fit writes them: a finite 3e38 would overflow the similarity to inf.
+            and bool(np.all(np.abs(cen) <= 1.0 + 1e-3))
             and 1 <= assigner.k_ <= len(ex)
             and per_class_ok(assigner.radius_) and per_class_ok(assigner.reach_)
         )
@@ -301,7 +321,7 @@ def leave_one_out(assigner: Assigner, X: "np.ndarray", labels: "np.ndarray") -> 
     if assigner.method == "knn":
         if n < 2:
             raise CreError("leave-one-out assignment needs at least 2 clustered rows")
-        for rows in _chunks(n):
+        for rows in _chunks(n, n):
             sims = X[rows] @ X.T
             sims[np.arange(rows.stop - rows.start), np.arange(rows.start, rows.stop)] = -np.inf
             # At most n - 1 voters, so a row's own (masked) entry never gets a vote.

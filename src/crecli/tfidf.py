@@ -329,6 +329,11 @@ class TfidfEmbedder(Embedder):
         n_features = len(emb.word_vocab_) + len(emb.char_vocab_)
         if emb.word_vocab_.dtype.kind != "U" or emb.char_vocab_.dtype.kind != "U":
             raise RouterFileError("tfidf embedder state: vocabularies must be unicode arrays; refit the router")
+        flat = (emb.word_vocab_, emb.char_vocab_, emb.word_idf_, emb.char_idf_)
+        # idf = log((1 + n) / (1 + df)) + 1 >= 1: a 2-D or non-positive one is no fit's.
+        if any(a.ndim != 1 for a in flat) or not all(np.all(a > 0) for a in (emb.word_idf_, emb.char_idf_)):
+            raise RouterFileError("tfidf embedder state: vocabularies and idf weights must be flat, "
+                                  "the weights positive; the router file is damaged, refit it")
         if emb.components_.shape != (emb.dims_, n_features) or len(emb.word_idf_) != len(emb.word_vocab_) \
                 or len(emb.char_idf_) != len(emb.char_vocab_):
             raise RouterFileError(

@@ -90,12 +90,15 @@ class Rendered:
 
 
 # Strings that chat templates use as control tokens: ChatML and Qwen's `<|...|>`, Llama 3's
-# `<|start_header_id|>`, Gemma's `<start_of_turn>`/`<end_of_turn>`, and the usual BOS/EOS
-# spellings. A remote server tokenizes what it is sent with special tokens parsed, so these
-# are defused in user text sent to one (`Rendered.escaped`, `chat_messages`), and `cre
-# inspect` flags router-file examples that contain them.
+# `<|start_header_id|>`, DeepSeek's full-width `<｜User｜>` and `<｜end▁of▁sentence｜>`,
+# Gemma's `<start_of_turn>`/`<end_of_turn>`, Mistral's `[INST]`, `[SYSTEM_PROMPT]` and
+# tool markers, and the usual BOS/EOS spellings. A remote server tokenizes what it is sent
+# with special tokens parsed, so these are defused in user text sent to one
+# (`Rendered.escaped`, `chat_messages`), and `cre inspect` flags router-file examples that
+# contain them.
 CONTROL_MARKER = re.compile(
-    r"<\|[^<>|\s]{1,64}\|>|<(?:start_of_turn|end_of_turn|bos|eos|pad|unk|s|/s)>|\[/?INST\]",
+    r"<\|[^<>|\s]{1,64}\|>|<\uff5c[^<>\uff5c\s]{1,64}\uff5c>|<(?:start_of_turn|end_of_turn|bos|eos|pad|unk|s|/s)>"
+    r"|\[/?(?:INST|SYSTEM_PROMPT|TOOL_CALLS|AVAILABLE_TOOLS|TOOL_RESULTS|TOOL_CONTENT)\]",
     re.IGNORECASE,
 )
 # Inserted after a marker's first character: it splits the marker into ordinary tokens, and
