@@ -221,6 +221,37 @@ def test_a_missing_model_stops_the_batch_after_the_complete_prefix(
     assert [json.loads(line)["answer"] for line in out.getvalue().splitlines()] == ["12"]
 
 
+def test_ctrl_c_keeps_every_finished_answer_and_says_it_was_interrupted(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade
+) -> None:
+    # Line 2 is answered on the small rung while line 1 waits for the medium one, where
+    # Ctrl-C comes: line 2's answer was held back for the order, then lost with the run.
+    def interrupted(text: str, params: GenParams) -> str:
+        raise KeyboardInterrupt
+
+    fake_backends({"small": scripted(TABLE["small"]), "medium": interrupted})
+    rows, summary = _run([jl(id="p", prompt=PERU), jl(id="a", prompt=ADD)], cascade)
+    assert [(r["id"], r["answer"]) for r in rows] == [("a", "12")]
+    assert summary.interrupted and (summary.answered, summary.errors) == (1, 0)
+
+
+def test_resume_appending_to_a_cut_file_starts_on_a_line_of_its_own(tmp_path: Path) -> None:
+    from crecli.batch import mend_cut_line
+
+    out = tmp_path / "answers.jsonl"
+    out.write_text('{"id": "a", "answer": "12"}\n{"id": "b", "ans')  # cut by a crash
+    with out.open("a") as fh:
+        mend_cut_line(out, fh)
+        fh.write('{"id": "b", "answer": "Lima"}\n')
+    assert out.read_text().splitlines()[-1] == '{"id": "b", "answer": "Lima"}'
+    with out.open("a") as fh:  # whole now: nothing added
+        mend_cut_line(out, fh)
+    other = tmp_path / "other.jsonl"
+    with other.open("w") as fh:  # output to another file: left alone
+        mend_cut_line(tmp_path / "answers.jsonl", fh)
+    assert other.read_text() == "" and out.read_text().count("\n") == 3
+
+
 @pytest.mark.parametrize(
     ("text", "size"),
     [("4GB", 4 << 30), ("512MB", 512 << 20), ("1.5G", 3 << 29), ("2GiB", 2 << 30), ("1000", 1000), ("64 kb", 64 << 10)],

@@ -60,10 +60,17 @@ def test_ask_direct_with_fake_model(tiny_models_toml: Path, fake_backends: Calla
     created = fake_backends({"medium": {"capital of France": "Paris"}})
     result = runner.invoke(app, ["ask", "What is the capital of France?", "--model", "medium", "--models", str(tiny_models_toml)])
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip().splitlines()[0] == "Paris"
+    assert result.stdout == "Paris\n"
     # the prompt went through the chatml template, the answer type's stop strings with it
     text, params = created["medium"].calls[0]
     assert text.startswith("<|im_start|>system") and "<|im_end|>" in params.stop
+
+
+def test_ask_direct_prints_the_answer_as_the_model_wrote_it(tiny_models_toml: Path, fake_backends: Callable[..., dict]) -> None:
+    fake_backends({"medium": {"slice": "xs[1:100:2]\t:x:"}})
+    result = runner.invoke(app, ["ask", "Write a slice.", "--model", "medium", "--models", str(tiny_models_toml)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "xs[1:100:2]\t:x:\n"
 
 
 def test_ask_reads_stdin_and_prints_json(tiny_models_toml: Path, fake_backends: Callable[..., dict]) -> None:

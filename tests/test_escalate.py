@@ -226,6 +226,30 @@ def test_cli_ask_routes_an_argument(
     assert "small" in result.stderr
 
 
+def test_cli_ask_prints_the_answer_as_the_model_wrote_it(
+    fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path
+) -> None:
+    # Rich, even with markup off, printed `:100:` as an emoji and a tab as spaces.
+    install(fake_backends, {"small": {"What is 6 plus 6?": ["a[1:100:2]\tb :x:"] * 5}})
+    result = _ask(["What is 6 plus 6?", "--router", str(saved_router)], tiny_models_toml)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "a[1:100:2]\tb :x:\n"
+
+
+def test_an_answer_on_a_terminal_shows_control_characters_as_escapes(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from crecli import render
+
+    render.answer_text("red\x1b[31m\tok\ud800")
+    assert capsys.readouterr().out == "red\x1b[31m\tok?\n"  # piped: as written, bar what cannot be encoded
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    render.answer_text("red\x1b[31m\tok")
+    assert capsys.readouterr().out == "red\\x1b[31m\tok\n"
+
+
 def test_cli_ask_reads_stdin_and_explains_on_stderr(
     fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path
 ) -> None:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from typer.testing import CliRunner
 
@@ -87,3 +90,28 @@ def test_plain_text_log_is_clustered_but_not_measured(tmp_path: Path, tiny_model
     info = json.loads(invoke("inspect", str(router), *m, "--json"))
     assert len(info["clusters"]) == report["n_clusters"] > 1
     assert {c["model"] for c in info["clusters"]} == {"large"} and all(c["stats"] == {} for c in info["clusters"])
+
+
+def test_fit_frees_its_embedder_before_any_ladder_model_runs(
+    tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict[str, FakeBackend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A llama.cpp embedding model stayed loaded beside every ladder model; `cre fit` loads one at a time.
+    from crecli import embed
+    from crecli.tfidf import TfidfEmbedder
+
+    events: list[str] = []
+
+    class Spy(TfidfEmbedder):
+        def close(self) -> None:
+            events.append(f"embedder closed after {sum(len(b.calls) for b in skilled_fakes.values())} model calls")
+
+    made = embed.make_embedder
+
+    def spied(*args: Any, **kwargs: Any) -> TfidfEmbedder:
+        embedder = made(*args, **kwargs)
+        embedder.__class__ = Spy
+        return embedder
+
+    monkeypatch.setattr(embed, "make_embedder", spied)
+    invoke("fit", str(SMALL_LOG), "-o", str(tmp_path / "r.cre"), "--models", str(tiny_models_toml))
+    assert events == ["embedder closed after 0 model calls"] and sum(len(b.calls) for b in skilled_fakes.values()) > 0

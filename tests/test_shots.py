@@ -75,6 +75,11 @@ def test_fit_finds_the_examples_a_model_needs_and_the_cascade_shows_them(
     m = ("--models", str(tiny_models_toml))
     report = json.loads(invoke("fit", str(SMALL_LOG), "-o", str(router), *m, "--k", "1", "--shots", "0,1,3",
                                "--retain", "0.5", "--json"))
+    # Every answer with examples ran now: none of them counted as reused (it went negative).
+    assert report["outcomes_run"] > 240 and report["outcomes_reused"] == 0
+    again = json.loads(invoke("fit", str(SMALL_LOG), "-o", str(router), *m, "--k", "1", "--shots", "0,1,3",
+                              "--retain", "0.5", "--json"))
+    assert again["outcomes_run"] == 0 and again["outcomes_reused"] == report["outcomes_run"]
     info = json.loads(invoke("inspect", str(router), *m, "--json"))
     choice = [c for c in info["clusters"] if c["answer_type"] == "choice" and c.get("shots")]
     assert choice, info["clusters"]

@@ -79,6 +79,7 @@ class BatchSummary:
     # (`bench.speeds_age_hours`). Speeds drift, and the comparison with the clock drifts
     # with them (`bench.STALE_HOURS`).
     speeds_age_hours: float | None = None
+    interrupted: bool = False  # Ctrl-C: the lines not yet answered are for `--resume`
 
     @property
     def accuracy(self) -> float | None:
@@ -145,6 +146,29 @@ def read_done_ids(path: Path) -> set[str]:
     return done
 
 
+def mend_cut_line(resume: Path, out: TextIO) -> None:
+    """Start `out` on a line of its own when it appends to `resume` (`cre batch --resume
+    answers.jsonl >> answers.jsonl`) and a crash cut that file's last line: the first new
+    answer would otherwise be glued onto the cut one, and both lost to a JSON reader."""
+    import os
+
+    try:
+        same = os.path.samestat(os.fstat(out.fileno()), os.stat(resume))
+        if not same:
+            return
+        with open(resume, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell() == 0:
+                return
+            fh.seek(-1, os.SEEK_END)
+            cut = fh.read(1) != b"\n"
+    except (OSError, ValueError, AttributeError):  # no file behind `out` (a pipe, a test's buffer)
+        return
+    if cut:
+        out.write("\n")
+        out.flush()
+
+
 def _id_of(raw: "bytes | LongLine", fields: FieldMap) -> str | None:
     """The id of a line that failed to parse, when it is JSON with a usable one (for the error record)."""
     # Never parse a line the cap refused (the slack is a byte order mark and "\r\n").
@@ -206,6 +230,15 @@ class _OrderedWriter:
             self.next += 1
         if wrote:
             self.out.flush()
+
+    def flush_ready(self) -> None:
+        """Write every finished record still waiting for an earlier line (on Ctrl-C: that
+        line will not come in this run, and `--resume` finds these by id)."""
+        for line in sorted(self.ready):
+            rec = self.ready.pop(line)
+            if rec is not None:
+                self.out.write(_json_line(rec))
+        self.out.flush()
 
 
 def _json_line(record: dict[str, Any]) -> str:
@@ -270,6 +303,30 @@ def run_batch(
         summary.errors += 1
         writer.put(line, error_record(line, id, message))
 
+    try:
+        _answer_all(lines, cascade, resume_ids, source, chunk_size, fields, summary, writer, finish, fail)
+    except KeyboardInterrupt:
+        # What is answered is kept and counted, as a resumed run expects; no line is half-written.
+        summary.interrupted = True
+        writer.flush_ready()
+    _price(summary, cascade, answered)
+    return summary
+
+
+def _answer_all(
+    lines: "Iterable[bytes | LongLine]",
+    cascade: "Cascade",
+    resume_ids: set[str] | frozenset[str],
+    source: str,
+    chunk_size: int,
+    fields: FieldMap,
+    summary: BatchSummary,
+    writer: _OrderedWriter,
+    finish: Callable[[int, "Trace", str], None],
+    fail: Callable[[int, "str | None", str], None],
+) -> None:
+    """`run_batch`'s loop: each chunk of lines parsed, routed in one call, and answered a
+    rung at a time; every line ends in `finish`, `fail` or a skip."""
     with progress() as bar:
         task = bar.add_task("Answering", total=None)
         for chunk in _chunks(lines, chunk_size):
@@ -325,8 +382,6 @@ def run_batch(
                     else:
                         still.append((line, p))
                 pending = still
-    _price(summary, cascade, answered)
-    return summary
 
 
 def _speeds_age_hours(cascade: "Cascade") -> float | None:

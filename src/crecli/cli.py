@@ -266,9 +266,9 @@ def eval_(
         log, resolve_router(router), load_models(models), store=store, plot=plot, run_live=live,
         skip_bad=skip_bad, max_line_bytes=max_prompt_bytes, force=force, unit=cost_unit,
     )
+    reports.eval_report(report, json_)
     if plot:
         reports.plot(report, plot)
-    reports.eval_report(report, json_)
 
 
 def _budget(retain: float | None, max_cost: float | None):  # -> costs.Budget
@@ -391,10 +391,12 @@ def batch(
       cre batch test.jsonl --no-log > answers.jsonl           # an evaluation, not traffic
 
     Exit codes: 0 every line answered; 1 error (nothing or only part was written; the
-    message says what to do); 2 bad usage; 3 finished, but some lines got error records.
+    message says what to do); 2 bad usage; 3 finished, but some lines got error records;
+    130 interrupted (Ctrl-C): every answer finished by then is written, the summary says
+    how many, and `--resume` answers the rest.
     """
     from crecli import render, servedlog
-    from crecli.batch import parse_size, read_done_ids, run_batch
+    from crecli.batch import mend_cut_line, parse_size, read_done_ids, run_batch
     from crecli.escalate import Cascade
 
     from crecli.querylog import MAX_LINE_BYTES, FieldMap
@@ -404,6 +406,8 @@ def batch(
         max_line_bytes=max_prompt_bytes if max_prompt_bytes is not None else MAX_LINE_BYTES,
     )
     done = read_done_ids(resume) if resume is not None else set()
+    if resume is not None:
+        mend_cut_line(resume, sys.stdout)
     budget = parse_size(memory_budget) if memory_budget is not None else None
     router_path = resolve_router(router)
     served = servedlog.for_command("batch", no_log, router_path)
@@ -420,6 +424,8 @@ def batch(
             with fh:
                 summary = run_batch(fh, sys.stdout, cascade, done, source=str(file), fields=fields, served=served)
     render.batch_summary(summary, as_json=json_summary)
+    if summary.interrupted:
+        raise typer.Exit(130)
     if summary.errors:
         raise typer.Exit(3)
 

@@ -144,6 +144,9 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
     status(f"Embedding {len(prompts)} prompts ({settings.embedder.get('kind', 'tfidf')})...")
     embedder = embed.make_embedder(settings.embedder, settings, seed=options.seed).fit(prompts)
     X = embed.embed_texts(embedder, prompts)
+    # A llama.cpp embedding model would otherwise stay loaded while every ladder model runs:
+    # `cre fit` loads one model at a time.
+    embedder.close()
     seconds["embed"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -191,8 +194,12 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
     with outcomes.OutcomeStore(store_path) as store:
         before = store.count()
         results = outcomes.collect(measured, settings, store, options.quality)
+        # Every outcome the fit looked up, the answers after examples included (`apply`
+        # then keeps one a query and model, so `results` alone would undercount them).
+        needed = len(results)
         if len(options.shots) > 1 and measured:
             shot_plan = shots.choose_shots(measured, cluster_of, settings, store, options.quality, results, options.shots)
+            needed = sum(len(found) for found in shot_plan.answered.values())
             measured, results = shot_plan.apply(measured, cluster_of, settings.ladder)
         ran = store.count() - before
     seconds["outcomes"] = time.perf_counter() - t0
@@ -231,7 +238,7 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
             log=str(Path(log_path).resolve()),
             log_sha256=log.sha256,
             reader=options.reader,
-            date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            date=paths.stamp(),
             n_queries=len(records),
             n_labelled=len(labelled),
             n_measured=len(measured),
@@ -262,7 +269,8 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
         seconds=seconds,
         model_seconds=model_seconds,
         outcomes_run=ran,
-        outcomes_reused=len(results) - ran,
+        # A row another fit adds to a shared store meanwhile counts as run here: never below 0.
+        outcomes_reused=max(0, needed - ran),
         truth=truth,
         clusters=[c.__dict__ for c in router.clusters],
         n_served=len(served),

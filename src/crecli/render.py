@@ -113,7 +113,7 @@ def answer(model: str, gen: "Generation", as_json: bool) -> None:
             }
         )
     else:
-        out().print(gen.text.strip(), markup=False, highlight=False)
+        answer_text(gen.text.strip())
         err().print(
             f"[dim]{model}: {gen.prompt_tokens}+{gen.output_tokens} tokens, {gen.seconds:.2f} s[/dim]",
             highlight=False,
@@ -172,7 +172,7 @@ def routed_answer(trace: "Trace", as_json: bool, explain: bool, router_name: str
     if as_json:
         print_json(trace.to_dict())
         return
-    out().print(trace.answer, markup=False, highlight=False)
+    answer_text(trace.answer)
     if not explain:
         err().print(
             f"[dim]{trace.model} ({trace.escalations} escalation(s), "
@@ -193,7 +193,8 @@ def batch_summary(summary: "BatchSummary", as_json: bool) -> None:
         e.file.flush()
         return
     lines = [
-        f"{summary.lines} lines: {summary.answered} answered, {summary.errors} errors"
+        ("Interrupted: the lines not answered yet are left for `--resume`. " if summary.interrupted else "")
+        + f"{summary.lines} lines: {summary.answered} answered, {summary.errors} errors"
         + (f", {summary.skipped} skipped (already in --resume file)" if summary.skipped else ""),
     ]
     if summary.accuracy is not None:
@@ -285,5 +286,22 @@ _TERMINAL_ESCAPES = {
 def terminal_safe(text: str) -> str:
     """`text` with terminal control characters shown as escapes (`\\x1b`), not acted on."""
     return text.translate(_TERMINAL_ESCAPES)
+
+
+def answer_text(text: str) -> None:
+    """An answer on stdout, one line after it, as the model wrote it.
+
+    Not through Rich: even with markup off it turns `:100:` into an emoji (so `a[1:100:2]`
+    lost its slice) and tabs into spaces, and an answer is data a script reads.
+    On a terminal its control characters are shown as escapes (`terminal_safe`): a model,
+    or a remote rung, must not recolour or rewrite the reader's screen. Piped, the text goes
+    out as it is, but for lone surrogates (a remote rung's JSON can hold them), which no
+    encoding can write.
+    """
+    import sys
+
+    shown = terminal_safe(text) if sys.stdout.isatty() else text.encode("utf-8", "replace").decode("utf-8")
+    sys.stdout.write(shown + "\n")
+    sys.stdout.flush()
 
 
