@@ -262,6 +262,20 @@ def live(router: "RouterFile", settings: "ModelConfig", data: Data, limit: int |
     }
 
 
+def check_plot(path: Path) -> None:
+    """Refuse a plot `reports.plot` could not write, before the work whose result it would
+    draw (`run` checks it first: `--live` answers every query before the plot)."""
+    import importlib.util
+
+    from crecli.errors import CreError
+
+    suffix = path.suffix.lower()
+    if suffix not in (".svg", ".png"):
+        raise CreError(f"--plot {path}: plots are .svg or .png")
+    if suffix == ".png" and importlib.util.find_spec("matplotlib") is None:
+        raise CreError("PNG plots need matplotlib (`pip install matplotlib`); or write .svg, which needs nothing")
+
+
 def run(
     log: Path,
     router_path: Path,
@@ -288,8 +302,6 @@ def run(
         keep = [("the log", log), ("the router", router_path), (paths.KEEP_STORE, store),
                 *[("a models.toml", Path(f)) for f in settings.sources]]
         paths.check_output(plot, "--plot", keep, example="frontier.svg")
-        from crecli.reports import check_plot
-
         check_plot(plot)  # before the replay (and --live's answers), not after
     router = routerfile.load(router_path, settings, force=force)
     reader = router.fit.reader

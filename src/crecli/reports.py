@@ -352,25 +352,12 @@ def _ascii_scatter(points: list[Any], ref: dict[str, float], width: int = 60, he
     return "\n".join(lines + ["   " + "; ".join(keys)])
 
 
-def check_plot(path: Path) -> None:
-    """Refuse a plot `plot` could not write, before the work whose result it would draw
-    (`cre eval` checks it first: `--live` answers every query before the plot)."""
-    import importlib.util
-
-    from crecli.errors import CreError
-
-    suffix = path.suffix.lower()
-    if suffix not in (".svg", ".png"):
-        raise CreError(f"--plot {path}: plots are .svg or .png")
-    if suffix == ".png" and importlib.util.find_spec("matplotlib") is None:
-        raise CreError("PNG plots need matplotlib (`pip install matplotlib`); or write .svg, which needs nothing")
-
-
 def plot(report: Any, path: Path) -> None:
     """Accuracy against cost for the cascade and every baseline, written whole or not at all
     (`paths.atomic_write`): SVG by hand, PNG via matplotlib."""
     from crecli import paths
     from crecli.errors import CreError
+    from crecli.evaluate import check_plot
 
     check_plot(path)
     try:
