@@ -55,8 +55,11 @@ class Setting:
 def fitted_log(router: "RouterFile", log: Path | None = None) -> Path:
     """`log` when given, else the log the router was fitted on, where the fit found it.
 
-    The fit records the log's absolute path and sha256; a log that is no longer there is an
-    error that says so (pass --log), and `check_log` warns when it changed since.
+    The fit records the log's absolute path and sha256. Without --log the recorded path is
+    read only if it still holds those bytes: a router file may come from someone else, and
+    must not choose which of this machine's files every model runs over. A log no longer
+    there, or changed since (appended to), is an error that says to pass --log; with --log
+    naming it, `check_log` warns instead.
     """
     if log is not None:
         return log
@@ -71,7 +74,27 @@ def fitted_log(router: "RouterFile", log: Path | None = None) -> Path:
             f"the router was fitted on {recorded}, which {why}; "
             "pass --log FILE to calibrate on it where it is now"
         )
+    if router.fit.log_sha256:
+        now = _file_sha256(path)
+        if now != router.fit.log_sha256:
+            raise CreError(
+                f"{recorded} has changed since the router was fitted on it (sha256 {router.fit.log_sha256[:12]}… "
+                f"then, {now[:12]}… now); pass --log {recorded} to calibrate on it as it is now"
+            )
     return path
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise CreError(f"{path}: cannot be read ({exc.strerror or exc}); pass --log FILE") from None
+    return digest.hexdigest()
 
 
 def check_log(router: "RouterFile", log: Path, data: Data) -> None:

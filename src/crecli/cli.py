@@ -188,7 +188,7 @@ def inspect(
 @app.command()
 def calibrate(
     router: Annotated[Path, typer.Argument(help="A router file written by `cre fit`.", show_default=False)],
-    log: Annotated[Optional[Path], typer.Option(help="Labelled log to tune on (default: the log the router was fitted on).", show_default=False)] = None,
+    log: Annotated[Optional[Path], typer.Option(help="Labelled log to tune on (default: the log the router was fitted on, if it still holds the same bytes).", show_default=False)] = None,
     retain: Annotated[Optional[float], typer.Option(help=f"Target: accuracy at least this share of always using the strongest model, at the least cost. Default {DEFAULT_RETAIN}.", show_default=False)] = None,
     max_cost: Annotated[Optional[float], typer.Option(help="Target instead: cost at most this share of always using the strongest model, at the best accuracy.", show_default=False)] = None,
     folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds for the held-out figures.")] = 5,
