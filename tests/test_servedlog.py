@@ -68,6 +68,36 @@ def test_the_log_rotates_by_size_and_keeps_three_old_generations(tmp_path: Path)
     assert prompts(servedlog.read(servedlog.log_files(live))) == [f"prompt {n}" for n in range(3, 7)]
 
 
+def test_reading_your_log_opens_every_generation_under_the_writers_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Listed, then opened one by one without it, a rotation in between read a file twice
+    # and skipped another. The open files stay the generations they were once listed.
+    import fcntl
+    import os
+
+    live = servedlog.log_path()
+    log = ServedLog(live, "ask", max_bytes=1)
+    for n in range(1, 4):
+        log.record(f"prompt {n}", trace())
+    lock = live.with_name(servedlog.LOCK_NAME)
+    held: list[bool] = []
+    real_open = servedlog._open
+
+    def opening(path: Path) -> Any:
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except BlockingIOError:
+            held.append(True)
+        finally:
+            os.close(fd)
+        return real_open(path)
+
+    monkeypatch.setattr(servedlog, "_open", opening)
+    assert prompts(servedlog.read()) == ["prompt 1", "prompt 2", "prompt 3"]
+    assert held == [True, True, True]
+
+
 def test_a_file_under_the_cap_is_not_rotated(tmp_path: Path) -> None:
     log = ServedLog(tmp_path / "served.jsonl", "ask", max_bytes=1 << 20)
     for n in range(5):

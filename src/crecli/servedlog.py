@@ -30,7 +30,7 @@ import json
 import os
 import threading
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -285,16 +285,37 @@ def _valid(entry: Any) -> bool:
     )
 
 
-def _read_file(path: Path) -> Iterator[dict[str, Any] | None]:
-    """Each line's entry, or None for a line that is not one (cut short, corrupt, too long)."""
-    from crecli.querylog import LongLine, open_input, read_lines
+def _open(path: Path) -> "BinaryIO | None":
+    """`path` open for reading; None where it has gone (rotated away since it was listed)."""
+    from crecli.querylog import open_input
 
     try:
-        fh = open_input(path, "a file written by `cre log -o`")
+        return open_input(path, "a file written by `cre log -o`")
     except FileNotFoundError:
-        return  # rotated away between listing and opening
+        return None
     except OSError as exc:
         raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def _open_generations() -> list[tuple[Path, "BinaryIO | None"]]:
+    """This user's log files, oldest first, all opened under the writers' lock: a rotation
+    between listing and opening would otherwise have one file read twice and another
+    never. Read after the lock is released, the open files stay the generations they were."""
+    live = log_path()
+    try:
+        guard = _exclusive(live.with_name(LOCK_NAME)) if live.parent.is_dir() else nullcontext()
+        with guard:
+            return [(path, _open(path)) for path in log_files(live)]
+    except OSError:  # a log folder this user may read but not lock (read-only): as before, unlocked
+        return [(path, _open(path)) for path in log_files(live)]
+
+
+def _read_file(fh: "BinaryIO | None") -> Iterator[dict[str, Any] | None]:
+    """Each line's entry, or None for a line that is not one (cut short, corrupt, too long)."""
+    from crecli.querylog import LongLine, read_lines
+
+    if fh is None:
+        return
     with fh:
         for raw in read_lines(fh, MAX_ENTRY_BYTES):
             if isinstance(raw, LongLine):
@@ -345,11 +366,12 @@ def read(
     `since` keeps entries at or after it; `last` keeps the newest `last` of those. Lines
     that are not valid entries are skipped and counted in `bad`.
     """
-    files = log_files() if files is None else files
+    opened = _open_generations() if files is None else [(path, _open(path)) for path in files]
+    files = [path for path, _ in opened]
     kept: deque[dict[str, Any]] = deque(maxlen=last)
     bad = total = matched = 0
-    for path in files:
-        for entry in _read_file(path):
+    for _, fh in opened:
+        for entry in _read_file(fh):
             if entry is None:
                 bad += 1
                 continue
