@@ -109,6 +109,19 @@ def test_resume_skips_ids_already_answered(
     assert (summary.lines, summary.skipped, summary.answered, summary.errors) == (7, 1, 2, 4)
 
 
+def test_a_repeated_id_is_counted_and_said_since_resume_matches_by_id(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from crecli import render
+
+    install(fake_backends, TABLE)
+    # Line 2 has no id, so its id is its line number, "2", as line 1's explicit one; line 3 repeats it.
+    rows, summary = _run([jl(id="2", prompt=ADD), jl(prompt=PERU), jl(id="2", prompt=PERU)], cascade)
+    assert [r["id"] for r in rows] == ["2", "2", "2"] and summary.repeated_ids == 2
+    render.batch_summary(summary, as_json=False)
+    assert "2 line(s) had the id of an earlier line" in capsys.readouterr().err
+
+
 def test_read_done_ids_needs_the_file() -> None:
     with pytest.raises(InputError, match="drop --resume"):
         read_done_ids(Path("/nonexistent/out.jsonl"))

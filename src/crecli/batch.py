@@ -80,6 +80,10 @@ class BatchSummary:
     # with them (`bench.STALE_HOURS`).
     speeds_age_hours: float | None = None
     interrupted: bool = False  # Ctrl-C: the lines not yet answered are for `--resume`
+    # Lines whose id an earlier line of the input already had (a line without an id gets its
+    # line number, which an explicit id may equal): `--resume` matches by id, so it would
+    # skip every line of an id once one of them is answered.
+    repeated_ids: int = 0
 
     @property
     def accuracy(self) -> float | None:
@@ -327,6 +331,7 @@ def _answer_all(
 ) -> None:
     """`run_batch`'s loop: each chunk of lines parsed, routed in one call, and answered a
     rung at a time; every line ends in `finish`, `fail` or a skip."""
+    seen: set[str] = set()
     with progress() as bar:
         task = bar.add_task("Answering", total=None)
         for chunk in _chunks(lines, chunk_size):
@@ -339,6 +344,9 @@ def _answer_all(
                     fail(line, _id_of(raw, fields), str(exc))
                     bar.advance(task)
                     continue
+                if record.id in seen:
+                    summary.repeated_ids += 1
+                seen.add(record.id)
                 if record.id in resume_ids:
                     summary.skipped += 1
                     writer.put(line, None)
