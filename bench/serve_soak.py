@@ -30,7 +30,7 @@ closed on time, no traceback, a clean SIGTERM exit), else 1.
     # fitted as tests/test_real_serve.py does (a text log of prompts runs no model)
     printf 'ladder = ["gemma-3-270m"]\n' > /tmp/gemma-models.toml
     .venv/bin/python -c 'import json, sys; [print(json.loads(l)["prompt"].replace("\n", " ")) for l in open(sys.argv[1])]' \
-        ../shared/data/querylog-small.jsonl > /tmp/soak-prompts.txt
+        examples/querylog-small.jsonl > /tmp/soak-prompts.txt
     .venv/bin/cre fit /tmp/soak-prompts.txt -o /tmp/gemma.cre --models /tmp/gemma-models.toml
     .venv/bin/python bench/serve_soak.py --router /tmp/gemma.cre --models /tmp/gemma-models.toml
 
