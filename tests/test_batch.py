@@ -122,6 +122,21 @@ def test_a_repeated_id_is_counted_and_said_since_resume_matches_by_id(
     assert "2 line(s) had the id of an earlier line" in capsys.readouterr().err
 
 
+def test_each_answer_is_counted_for_the_summary_as_it_finishes_not_kept_to_the_end(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The batch kept every prompt (up to a megabyte each) to tokenize them all after the
+    # progress bar; now the strongest model's counts are taken as each answer finishes.
+    install(fake_backends, TABLE)
+    events: list[str] = []
+    counted = cascade.strongest_tokens
+    monkeypatch.setattr(cascade, "strongest_tokens", lambda trace, prompt: (events.append(f"count {trace.id}"), counted(trace, prompt))[1])
+    answer = cascade.decode_greedy
+    monkeypatch.setattr(cascade, "decode_greedy", lambda pending: (events.append("decode"), answer(pending))[1])
+    _run([jl(id="a", prompt=ADD), jl(id="b", prompt=ADD)], cascade, chunk_size=1)
+    assert events.index("count a") < len(events) - 1 - events[::-1].index("decode")  # before line b's decode
+
+
 def test_read_done_ids_needs_the_file() -> None:
     with pytest.raises(InputError, match="drop --resume"):
         read_done_ids(Path("/nonexistent/out.jsonl"))

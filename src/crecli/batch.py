@@ -286,8 +286,10 @@ def run_batch(
                            speeds_age_hours=_speeds_age_hours(cascade))
     writer = _OrderedWriter(out, first=1)
     # Every answer of the run, for the summary's costs: the batch is one run of answers, whose
-    # answered examples are priced by the one rule of `costs.share_prefixes`.
-    answered: list[tuple["Trace", str]] = []
+    # answered examples are priced by the one rule of `costs.share_prefixes`. With each, the
+    # strongest model's token counts for it, taken as it finishes (not its prompt, which may
+    # be a megabyte, and not all at the end, after the progress bar).
+    answered: list[tuple["Trace", tuple[int | None, int, float]]] = []
 
     def finish(line: int, trace: "Trace", prompt: str) -> None:
         summary.answered += 1
@@ -298,7 +300,7 @@ def run_batch(
         if trace.correct is not None:
             summary.graded += 1
             summary.correct += int(trace.correct)
-        answered.append((trace, prompt))
+        answered.append((trace, cascade.strongest_tokens(trace, prompt)))
         writer.put(line, result_record(line, trace))
         if served is not None:
             served.record(prompt, trace, cascade)
@@ -400,12 +402,14 @@ def _speeds_age_hours(cascade: "Cascade") -> float | None:
     return speeds_age_hours(list(cascade.specs.values()), cascade.pricing.unit)
 
 
-def _price(summary: BatchSummary, cascade: "Cascade", answered: list[tuple["Trace", str]]) -> None:
+def _price(
+    summary: BatchSummary, cascade: "Cascade", answered: list[tuple["Trace", tuple[int | None, int, float]]]
+) -> None:
     """The summary's cost comparison: what the cascade spent and what always using the
     strongest model would have, over the answers both can price, as one run."""
     traces = [t for t, _ in answered]
     spent = cascade.cost_of_run(traces)
-    estimate = cascade.strongest_cost_of_run(traces, [p for _, p in answered])
+    estimate = cascade.strongest_cost_of_counts(traces, [c for _, c in answered])
     for ours, theirs in zip(spent, estimate):
         if ours is not None and theirs is not None:
             summary.estimated += 1

@@ -168,11 +168,17 @@ class Cascade:
         """What always answering with the strongest model's greedy answer would have cost,
         per trace of a run, priced as `cost_of_run` prices the cascade (`costs.estimate_strongest`,
         its examples shared by `costs.share_prefixes`); None in "seconds"."""
+        return self.strongest_cost_of_counts(traces, [self.strongest_tokens(t, p) for t, p in zip(traces, prompts)])
+
+    def strongest_cost_of_counts(
+        self, traces: Sequence[Trace], counts: Sequence[tuple[int | None, int, float]]
+    ) -> list[float | None]:
+        """`strongest_cost_of_run` from each trace's `strongest_tokens`, counted already (`cre
+        batch` counts each answer as it finishes, so it keeps no prompt for the summary)."""
         top = self.strongest
         visits: list[tuple[str, float]] = []
         own: list[float | None] = []
-        for trace, prompt in zip(traces, prompts):
-            tokens, prefix, output = self.strongest_tokens(trace, prompt)
+        for trace, (tokens, prefix, output) in zip(traces, counts):
             own.append(estimate_strongest(self.pricing, top, tokens, output, prefix))
             visits.append((prefix_key(top, trace.cluster), self.pricing.prefix(top, prefix)) if prefix else ("", 0.0))
         return [None if cost is None else cost + share for cost, share in zip(own, share_prefixes(visits))]
