@@ -65,6 +65,8 @@ def test_remote_rung_needs_no_file(tmp_path: Path) -> None:
         ('[models.x]\nprompt_format = "chatml"', "needs one of `chunks`, `path` or `url`"),
         ('[models.x]\npath = "a"\nprompt_format = "alpaca"', "prompt_format must be one of"),
         ('[models.x]\npath = "a"\ncolour = "red"', "unknown field(s): colour"),
+        # "chat" leaves the template to a remote server; in this process there is none.
+        ('[models.x]\npath = "a"\nprompt_format = "chat"', 'prompt_format "chat"'),
     ],
 )
 def test_bad_files_name_the_file_and_problem(tmp_path: Path, text: str, message: str) -> None:
@@ -74,6 +76,30 @@ def test_bad_files_name_the_file_and_problem(tmp_path: Path, text: str, message:
         config.load(f)
     assert message in str(info.value)
     assert str(f) in str(info.value) or "ladder names" in message
+
+
+def test_a_llama_embedder_in_your_file_does_not_inherit_the_shipped_tfidf_settings(tmp_path: Path) -> None:
+    # The shipped table's dims, analyzer... were merged in, and a llama embedder refused them.
+    from crecli.embed import make_embedder
+
+    f = tmp_path / "m.toml"
+    f.write_text('[embedder]\nkind = "llama"\nmodel = "gemma-3-270m"\n')
+    settings = config.load(f)
+    assert settings.embedder == {"kind": "llama", "model": "gemma-3-270m"}
+    assert make_embedder(settings.embedder, settings).kind == "llama"
+    f.write_text('[embedder]\ndims = 64\n')  # the same kind: a field at a time, as before
+    assert config.load(f).embedder["dims"] == 64 and config.load(f).embedder["kind"] == "tfidf"
+
+
+def test_cre_threads_that_is_not_a_count_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from crecli.models.runtime import default_threads
+
+    for value in ("abc", "0", "-2", "1.5"):
+        monkeypatch.setenv("CRE_THREADS", value)
+        with pytest.raises(ConfigError, match="CRE_THREADS"):
+            default_threads()
+    monkeypatch.setenv("CRE_THREADS", " 3 ")
+    assert default_threads() == 3
 
 
 def test_unknown_model_lists_known_ones() -> None:

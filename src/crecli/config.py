@@ -406,6 +406,12 @@ def _spec(name: str, fields: dict[str, Any], where: str) -> ModelSpec:
             f"{where}: model {name!r} sets `max_in_flight`, which bounds a remote rung's requests; it runs "
             "in this process, one request at a time: remove `max_in_flight` or give it a `url`"
         )
+    if spec.prompt_format == "chat" and not spec.url:
+        raise ConfigError(
+            f"{where}: model {name!r} has prompt_format \"chat\", which leaves the chat template to a "
+            "remote rung's server; in this process a model needs its template: use \"chatml\" or "
+            "\"completion\", or give it a `url`"
+        )
     if spec.repeat_penalty is not None and not spec.url:
         raise ConfigError(
             f"{where}: model {name!r} sets `repeat_penalty`, which is sent to a remote rung's servers; "
@@ -444,7 +450,12 @@ def load(models_file: Path | None = None) -> ModelConfig:
             where[name] = str(path)
         if "ladder" in data:
             ladder = list(data["ladder"])
-        embedder.update(data.get("embedder", {}))
+        table = data.get("embedder", {})
+        if "kind" in table and table["kind"] != embedder.get("kind", "tfidf"):
+            # Another kind takes none of the earlier kind's settings: the shipped tfidf
+            # `dims`, `analyzer`... are unknown to a llama embedder, and TOML cannot unset them.
+            embedder = {}
+        embedder.update(table)
 
     models = {name: _spec(name, fields, where[name]) for name, fields in raw_models.items()}
     for name in ladder:

@@ -19,9 +19,17 @@ from typing import Any, Iterator
 
 
 def default_threads() -> int:
-    value = os.environ.get("CRE_THREADS")
+    value = os.environ.get("CRE_THREADS", "").strip()
     if value:
-        return max(1, int(value))
+        try:
+            threads = int(value)
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            from crecli.errors import ConfigError
+
+            raise ConfigError(f"CRE_THREADS={value!r}: give a whole number of threads, 1 or more (or unset it)")
+        return threads
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - macOS
