@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import pytest
+
 from typer.testing import CliRunner
 
 from crecli import __version__
@@ -71,6 +73,17 @@ def test_ask_direct_prints_the_answer_as_the_model_wrote_it(tiny_models_toml: Pa
     result = runner.invoke(app, ["ask", "Write a slice.", "--model", "medium", "--models", str(tiny_models_toml)])
     assert result.exit_code == 0, result.output
     assert result.stdout == "xs[1:100:2]\t:x:\n"
+
+
+@pytest.mark.parametrize("args", [
+    ("--model", "small", "--explain"), ("--model", "small", "--match", "numeric"), ("--model", "small", "--force"),
+    ("--max-tokens", "5",), ("--temperature", "0.5",),
+])
+def test_ask_refuses_options_it_would_drop(tiny_models_toml: Path, fake_backends: Callable[..., dict], args: tuple[str, ...]) -> None:
+    # --explain with --model, or --max-tokens on a routed answer, was silently ignored.
+    created = fake_backends({"small": {"x": "y"}})
+    result = runner.invoke(app, ["ask", "What is 1 plus 1?", *args, "--models", str(tiny_models_toml)])
+    assert result.exit_code == 1 and "apply" in str(result.exception) and created == {}, result.output
 
 
 def test_ask_reads_stdin_and_prints_json(tiny_models_toml: Path, fake_backends: Callable[..., dict]) -> None:

@@ -152,3 +152,12 @@ def test_a_disk_that_fills_mid_pull_is_an_error_that_says_where_and_leaves_no_pa
         pull.pull(spec, progress=disk_full)
     assert str(spec.file) in str(caught.value) and "'tiny'" in str(caught.value)
     assert list(spec.file.parent.iterdir()) == []  # the part was removed, nothing took the target's place
+
+
+def test_pulling_a_remote_rung_names_its_url_as_written(capsys: pytest.CaptureFixture[str]) -> None:
+    from crecli import render
+
+    spec = ModelSpec(name="big", url="http://gpu-box:8000/v1")
+    assert pull.pull(spec) == ("http://gpu-box:8000/v1", False)  # a Path made it http:/gpu-box
+    render.pulled([("big", *pull.pull(spec))])
+    assert "big: served at http://gpu-box:8000/v1; nothing to pull" in capsys.readouterr().err

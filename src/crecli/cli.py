@@ -294,8 +294,8 @@ def ask(
     match: Annotated[Optional[str], typer.Option("--match", help="Answer type (choice, numeric, exact): caps the answer's length and how votes are compared. Default: the prompt's cluster's type.", show_default=False)] = None,
     explain: Annotated[bool, typer.Option("--explain", help="Write the trace to stderr: cluster, models tried, agreement, tokens, seconds, why it escalated.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Use the router even if the model files differ from the ones it was fitted with.")] = False,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate (with --model).")] = 64,
-    temperature: Annotated[float, typer.Option(min=0.0, callback=finite, help="Sampling temperature, 0 is greedy (with --model).")] = 0.0,
+    max_tokens: Annotated[Optional[int], typer.Option(min=1, help="Most tokens to generate (with --model; default 64).", show_default=False)] = None,
+    temperature: Annotated[Optional[float], typer.Option(min=0.0, callback=finite, help="Sampling temperature, 0 is greedy (with --model; default 0).", show_default=False)] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON on stdout for scripts: the whole trace when routed.")] = False,
     no_log: NoLogOpt = False,
 ) -> None:
@@ -320,14 +320,23 @@ def ask(
 
     text = _read_prompt(prompt)
     if model is not None:
-        if router is not None:
-            raise CreError("use either --model (one model, no routing) or --router, not both")
+        # Options of the routed answer would be dropped without a word: refuse them.
+        routed_only = [name for name, given in (("--router", router is not None), ("--match", match is not None),
+                                                ("--explain", explain), ("--force", force)) if given]
+        if routed_only:
+            raise CreError(f"{', '.join(routed_only)} apply to a routed answer and --model asks one model "
+                           "directly: use one or the other, not both")
         from crecli.models.backend import GenParams
         from crecli.models.registry import generate_once
 
-        gen = generate_once(load_models(models).get(model), text, GenParams(max_tokens=max_tokens, temperature=temperature))
+        params = GenParams(max_tokens=64 if max_tokens is None else max_tokens,
+                           temperature=0.0 if temperature is None else temperature)
+        gen = generate_once(load_models(models).get(model), text, params)
         render.answer(model, gen, json_)
         return
+    if max_tokens is not None or temperature is not None:
+        raise CreError("--max-tokens and --temperature apply with --model; a routed answer takes its cap and "
+                       "sampling from the router (its cluster's answer type)")
     from crecli import paths, servedlog
     from crecli.escalate import Cascade
 

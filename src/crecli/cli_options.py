@@ -43,11 +43,11 @@ NoLogOpt = Annotated[
 ]
 
 
-def finite(value: float) -> float:
+def finite(value: float | None) -> float | None:
     """Option callback: click's ranges let nan and inf through."""
     import math
 
-    if not math.isfinite(value):
+    if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"{value} is not a finite number.")
     return value
 

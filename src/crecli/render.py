@@ -82,6 +82,9 @@ def models_table(rows: list[dict[str, Any]]) -> None:
 def pulled(results: Sequence[tuple[str, Any, bool]]) -> None:
     """One line per model from `models.pull.pull_many`: assembled now, or already there."""
     for name, path, did in results:
+        if isinstance(path, str):  # a remote rung's URL
+            status(f"{name}: served at {path}; nothing to pull")
+            continue
         status(f"{name}: {'assembled and verified' if did else 'already verified'} at {path}")
 
 

