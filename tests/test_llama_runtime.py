@@ -114,3 +114,36 @@ def test_cli_enables_faulthandler(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ}, check=True)
     assert out.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_stderr_silenced_by_two_threads_that_finish_out_of_order_is_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each saved and restored fd 2 on its own: the second saved /dev/null, finished last and
+    # left it there, and cre serve's log went silent for good.
+    import os
+    import threading
+
+    from crecli.models.runtime import quiet_stderr
+
+    monkeypatch.delenv("CRE_DEBUG", raising=False)
+    before = os.fstat(2)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first() -> None:
+        with quiet_stderr():
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def second() -> None:
+        a_in.wait(5)
+        with quiet_stderr():
+            b_in.set()
+            a_out.wait(5)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)

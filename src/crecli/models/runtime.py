@@ -36,25 +36,42 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# fd 2 is one per process: threads that silence it at once (`cre serve` loading two models)
+# share one redirect, made by the first and undone by the last. Each saving and restoring
+# its own would leave fd 2 on /dev/null when they finish out of order, and the server's
+# log silent for good.
+_QUIET_LOCK = threading.Lock()
+_quiet_depth = 0
+_quiet_saved = -1
+
+
 @contextmanager
 def quiet_stderr() -> Iterator[None]:
     """Silence llama.cpp's C-level logging (it writes to fd 2 even with verbose=False).
 
     Set CRE_DEBUG=1 to see it.
     """
+    global _quiet_depth, _quiet_saved
     if os.environ.get("CRE_DEBUG"):
         yield
         return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
+    with _QUIET_LOCK:
+        if _quiet_depth == 0:
+            sys.stderr.flush()
+            _quiet_saved = os.dup(2)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+        _quiet_depth += 1
     try:
-        os.dup2(devnull, 2)
         yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+        with _QUIET_LOCK:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                os.dup2(_quiet_saved, 2)
+                os.close(_quiet_saved)
+                _quiet_saved = -1
 
 
 # What a user is told when llama.cpp dies in native code: the process is gone, so this is
