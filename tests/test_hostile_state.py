@@ -326,6 +326,13 @@ def test_settings_that_are_not_utf8_are_a_config_error(cre, command, tiny_models
     refused(run, str(settings), "fix or delete the file")
 
 
+def test_a_misspelt_setting_is_a_config_error(cre, tiny_models_toml) -> None:
+    # `log_query = false` left every prompt logged without a word.
+    paths.ensure(paths.config_dir())
+    paths.user_settings_file().write_text('log_query = false\n[team]\nname = "ops"\n')
+    refused(cre("ask", "hi", "--models", tiny_models_toml), "unknown setting(s) 'log_query'", "log_queries")
+
+
 def test_a_default_router_that_is_not_a_path_is_a_config_error(cre, tiny_models_toml) -> None:
     paths.ensure(paths.config_dir())
     paths.user_settings_file().write_text("default_router = 3\n")

@@ -437,14 +437,23 @@ def read_user_settings() -> dict:
 
     file = user_settings_file()
     try:
-        return tomllib.loads(file.read_text(encoding="utf-8"))
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{file}: cannot read it ({exc}); fix or delete the file") from None
+    # A misspelt `log_queries = false` would leave every prompt logged without a word. Tables
+    # are your own (crecli reads only the top level, and `--set-default` keeps them).
+    unknown = sorted(k for k, v in data.items() if k not in SETTINGS and not isinstance(v, dict))
+    if unknown:
+        raise ConfigError(f"{file}: unknown setting(s) {', '.join(map(repr, unknown))}; crecli reads "
+                          f"{' and '.join(SETTINGS)}; fix or delete the line(s)")
+    return data
 
 
 DEFAULT_ROUTER = "default_router"  # the settings.toml key `cre fit --set-default` writes
+LOG_QUERIES = "log_queries"  # false turns the served-query log off (`servedlog.enabled`)
+SETTINGS = (DEFAULT_ROUTER, LOG_QUERIES)
 
 
 def default_router() -> Path | None:

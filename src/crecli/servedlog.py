@@ -53,7 +53,7 @@ MAX_BYTES = 16 << 20
 # One entry is never more than this: a longer line is not written, and is skipped when read,
 # so a corrupt file can't make the reader hold a huge line.
 MAX_ENTRY_BYTES = 4 << 20
-SETTING = "log_queries"  # in settings.toml; false turns the log off
+SETTING = paths.LOG_QUERIES  # in settings.toml; false turns the log off
 COMMANDS = ("ask", "batch", "serve")
 DEFAULT_LAST = 20
 
