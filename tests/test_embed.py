@@ -288,6 +288,20 @@ def test_an_unusable_cache_warns_and_embeds_anyway(pinned: Callable, capsys: pyt
     assert "embedding cache" in capsys.readouterr().err
 
 
+def test_a_damaged_cache_row_warns_and_embeds_anyway(pinned: Callable, capsys: pytest.CaptureFixture[str]) -> None:
+    # A blob of the wrong length raised from numpy, out of `cre ask`, with a traceback.
+    import sqlite3
+
+    emb, _ = pinned()
+    embed_texts(emb, ["a", "b"])
+    with sqlite3.connect(embed.cache_path()) as conn:
+        conn.execute("UPDATE vectors SET vector = ?", (b"\x00\x01\x02",))
+    emb2, backend2 = pinned()
+    X = embed_texts(emb2, ["a", "b"])
+    assert X.shape == (2, 8) and backend2.embedded == ["a", "b"]
+    assert "could not be read" in capsys.readouterr().err
+
+
 def test_a_cache_that_refuses_writes_warns_once(pinned: Callable, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     import sqlite3
 

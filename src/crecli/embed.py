@@ -216,16 +216,24 @@ def embed_texts(embedder: Embedder, texts: Sequence[str], batch_size: int = 32, 
         warn(f"the embedding cache at {cache_path()} is unusable ({exc}); embedding without it")
         return _compute(embedder, texts, batch_size)
     with closing(conn):
-        for chunk in _batches(unique, 500):
-            rows = conn.execute(
-                "SELECT text_sha256, dims, vector FROM vectors WHERE identity = ? AND text_sha256 IN "
-                f"({','.join('?' * len(chunk))})",
-                (identity, *chunk),
-            ).fetchall()
-            for key, dims, blob in rows:
-                vec = np.frombuffer(blob, dtype="<f4")
-                if vec.shape == (dims,):
-                    found[key] = vec
+        try:
+            for chunk in _batches(unique, 500):
+                rows = conn.execute(
+                    "SELECT text_sha256, dims, vector FROM vectors WHERE identity = ? AND text_sha256 IN "
+                    f"({','.join('?' * len(chunk))})",
+                    (identity, *chunk),
+                ).fetchall()
+                for key, dims, blob in rows:
+                    vec = np.frombuffer(blob, dtype="<f4")
+                    if vec.shape == (dims,):
+                        found[key] = vec
+        except (sqlite3.Error, ValueError, TypeError) as exc:
+            # Locked past its timeout, or damaged (a blob of the wrong length): as unusable as
+            # one that cannot be opened, and as little reason to stop an answer.
+            from crecli.console import warn
+
+            warn(f"the embedding cache at {cache_path()} could not be read ({exc}); embedding without it")
+            found.clear()
         missing = [k for k in unique if k not in found]
         if missing:
 
