@@ -112,8 +112,8 @@ def test_broken_settings_toml_with_set_default_is_refused_up_front(cre, sums_log
 
 
 def test_settings_toml_is_replaced_whole(tmp_path: Path) -> None:
-    paths.write_user_settings({"default_router": "/a.cre", "other": 1})
-    assert paths.read_user_settings() == {"default_router": "/a.cre", "other": 1}
+    paths.write_user_settings({"default_router": "/a.cre", "log_queries": False, "team": {"other": 1}})
+    assert paths.read_user_settings() == {"default_router": "/a.cre", "log_queries": False, "team": {"other": 1}}
     assert [p.name for p in paths.user_settings_file().parent.iterdir()] == ["settings.toml"]  # no temp file left
 
 
