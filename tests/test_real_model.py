@@ -82,3 +82,14 @@ def test_bench_times_short_prompts_after_the_cached_head(gemma) -> None:
     assert speed.head_tokens is not None and speed.head_tokens > 10
     assert speed.pp_tokens == 16 and speed.tg_tokens == 4 and speed.repeats == 2
     assert speed.pp_tokens_per_s > 0 and speed.tg_tokens_per_s > 0
+
+
+def test_bench_past_a_small_context_says_so_before_measuring(gemma) -> None:
+    # llama.cpp's decode stopped it with a bare RuntimeError, a traceback out of `cre models bench`.
+    from dataclasses import replace
+
+    from crecli.errors import CreError
+    from crecli.models import bench
+
+    with pytest.raises(CreError, match=r"needs a context of \d+, and its `context` is 64; lower --pp-tokens"):
+        bench.measure(replace(gemma, context=64), pp_tokens=48, tg_tokens=64, repeats=1)

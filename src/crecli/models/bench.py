@@ -152,6 +152,16 @@ def _run_once(spec: "ModelSpec", pp_tokens: int, tg_tokens: int) -> _Run:
         llm = backend.llm
         first = prompt_head(llm, spec.prompt_format)
         tokens = llm.tokenize((_PROMPT * 64).encode(), add_bos=not first)[:pp_tokens]
+        need = len(first) + len(tokens) + tg_tokens
+        if need > backend.n_ctx:
+            # llama.cpp would stop mid-measurement with a bare RuntimeError from its decode.
+            from crecli.errors import CreError
+
+            raise CreError(
+                f"{spec.name}: measuring {len(tokens)} prompt and {tg_tokens} generated tokens after its "
+                f"{len(first)}-token head needs a context of {need}, and its `context` is {backend.n_ctx}; lower "
+                f"--pp-tokens or --tg-tokens, or raise `context` in {spec.defined_in or 'models.toml'}"
+            )
         llm.reset()
         if first:
             llm.eval(first)
