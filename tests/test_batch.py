@@ -123,11 +123,15 @@ def test_a_repeated_id_is_counted_and_said_since_resume_matches_by_id(
 
 
 def test_each_answer_is_counted_for_the_summary_as_it_finishes_not_kept_to_the_end(
-    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade, monkeypatch: pytest.MonkeyPatch
+    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, tiny_models_toml: Path,
+    bench_speeds, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The batch kept every prompt (up to a megabyte each) to tokenize them all after the
-    # progress bar; now the strongest model's counts are taken as each answer finishes.
+    # progress bar; now the strongest model's counts are taken as each answer finishes (in
+    # bench-seconds: in measured seconds nothing compares with the strongest model).
+    bench_speeds(SPEEDS)
     install(fake_backends, TABLE)
+    cascade = Cascade(router, config.load(tiny_models_toml))
     events: list[str] = []
     counted = cascade.strongest_tokens
     monkeypatch.setattr(cascade, "strongest_tokens", lambda trace, prompt: (events.append(f"count {trace.id}"), counted(trace, prompt))[1])
@@ -191,11 +195,14 @@ def test_a_batch_answered_by_the_strongest_model_alone_costs_100_percent_of_it(
 
 
 def test_in_measured_seconds_no_saving_is_claimed(
-    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     install(fake_backends, TABLE)
+    counted: list[str] = []
+    monkeypatch.setattr(cascade, "strongest_tokens", lambda trace, prompt: counted.append(prompt))
     rows, summary = _run([jl(prompt=p) for p in (ADD, HARD)], cascade)
     assert summary.unit == "seconds" and summary.estimated == 0 and summary.cost_ratio is None
+    assert counted == []  # nothing to compare, so no prompt is tokenized for it
 
 
 def test_price_units_cost_tokens_times_price(

@@ -300,7 +300,10 @@ def run_batch(
         if trace.correct is not None:
             summary.graded += 1
             summary.correct += int(trace.correct)
-        answered.append((trace, cascade.strongest_tokens(trace, prompt)))
+        # Only a unit priced by tokens compares with the strongest model ("seconds" cannot):
+        # otherwise counting would tokenize every prompt for nothing.
+        counts = cascade.strongest_tokens(trace, prompt) if cascade.pricing.by_tokens else (None, 0, 0.0)
+        answered.append((trace, counts))
         writer.put(line, result_record(line, trace))
         if served is not None:
             served.record(prompt, trace, cascade)

@@ -75,26 +75,18 @@ def fitted_log(router: "RouterFile", log: Path | None = None) -> Path:
             "pass --log FILE to calibrate on it where it is now"
         )
     if router.fit.log_sha256:
-        now = _file_sha256(path)
+        from crecli.models.pull import sha256_file
+
+        try:
+            now = sha256_file(path)
+        except OSError as exc:
+            raise CreError(f"{path}: cannot be read ({exc.strerror or exc}); pass --log FILE") from None
         if now != router.fit.log_sha256:
             raise CreError(
                 f"{recorded} has changed since the router was fitted on it (sha256 {router.fit.log_sha256[:12]}… "
                 f"then, {now[:12]}… now); pass --log {recorded} to calibrate on it as it is now"
             )
     return path
-
-
-def _file_sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    try:
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    except OSError as exc:
-        raise CreError(f"{path}: cannot be read ({exc.strerror or exc}); pass --log FILE") from None
-    return digest.hexdigest()
 
 
 def check_log(router: "RouterFile", log: Path, data: Data) -> None:

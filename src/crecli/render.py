@@ -309,5 +309,3 @@ def answer_text(text: str) -> None:
     shown = terminal_safe(text) if sys.stdout.isatty() else text.encode("utf-8", "replace").decode("utf-8")
     sys.stdout.write(shown + "\n")
     sys.stdout.flush()
-
-
