@@ -84,6 +84,12 @@ def current() -> Token | None:
     return getattr(_local, "token", None)
 
 
+def deadline() -> float | None:
+    """The deadline (`time.monotonic`) of the work this thread runs, where `cre serve` set one."""
+    token = current()
+    return token.deadline if token is not None else None
+
+
 def check() -> None:
     """Raise `Cancelled` when this thread's work has been given up."""
     token = current()

@@ -149,7 +149,7 @@ class LoopTransport:
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         token = cancel.current()
         remove = token.on_cancel(future.cancel) if token is not None else (lambda: None)
-        deadline = token.deadline if token is not None else None
+        deadline = cancel.deadline()
         if whole or deadline is None:
             # The coroutine bounds itself by `timeout`; the margin only guards a loop that stopped.
             wait = timeout + 30

@@ -273,7 +273,7 @@ class OpenAIBackend(Backend):
                 reply = self._send(url, payload, headers, try_for, tracked_or_none)
             except transport.TransportError as exc:
                 why = self._transport_failure(exc, where, try_for)
-                deadline = _deadline()
+                deadline = cancel.deadline()
                 if exc.kind == "timeout" and deadline is not None and deadline - time.monotonic() <= 0.1:
                     # `cre serve`'s request ran out of time, not the server: it stays in rotation.
                     self.replicas.release(replica)
@@ -335,7 +335,7 @@ class OpenAIBackend(Backend):
     def _time_left(self, timeout: float, start: float) -> float:
         """Seconds this request may still spend: its request's deadline where `cre serve` set
         one, else the rung's timeout from the first try."""
-        deadline = _deadline()
+        deadline = cancel.deadline()
         if deadline is not None:
             return max(0.0, deadline - time.monotonic())
         return max(0.0, timeout - (time.perf_counter() - start))
@@ -512,12 +512,6 @@ class OpenAIBackend(Backend):
             seconds=seconds,
             finish_reason=finish[0],
         )
-
-
-def _deadline() -> float | None:
-    """The running request's deadline (`time.monotonic`), where `cre serve` set one."""
-    token = cancel.current()
-    return token.deadline if token is not None else None
 
 
 def _text(value: Any) -> str:
