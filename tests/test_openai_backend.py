@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -201,6 +202,31 @@ def test_timeout_is_reported(server: _Server) -> None:
     server.reply = lambda path, body: (200, _completion("late"))
     with pytest.raises(BackendError, match="no answer within"):
         OpenAIBackend(_spec(server.url), timeout=0.1).generate("hi")
+
+
+def test_models_toml_sets_a_remote_rungs_timeout(server: _Server, tmp_path: Path) -> None:
+    # A rung whose answers take longer than the default 120 s a try would fail over every
+    # time; models.toml's `timeout` gives it longer (here: shorter, to see it act).
+    from crecli import config
+    from crecli.errors import ConfigError
+
+    toml = tmp_path / "models.toml"
+    toml.write_text(f'ladder = ["remote"]\n[models.remote]\nurl = "{server.url}"\ntimeout = 1\n')
+    spec = config.load(toml).get("remote")
+    assert spec.timeout == 1.0 and OpenAIBackend(_spec(server.url)).timeout == 120.0
+    server.delay = 1.6
+    server.reply = lambda path, body: (200, _completion("late"))
+    with pytest.raises(BackendError, match="no answer within 1 s"):
+        OpenAIBackend(spec).generate("hi", GenParams(max_tokens=4))
+    for body, words in [
+        (f'url = "{server.url}"\ntimeout = 0.5\n', "timeout must be a finite number >= 1"),
+        (f'url = "{server.url}"\ntimeout = 90000\n', "at most 86400 seconds"),
+        ('path = "/x.gguf"\ntimeout = 10\n', "sets `timeout`, how long a remote rung's server has"),
+    ]:
+        toml.write_text('ladder = ["remote"]\n[models.remote]\n' + body)
+        with pytest.raises(ConfigError) as info:
+            config.load(toml)
+        assert words in str(info.value), (body, str(info.value))
 
 
 def test_missing_usage_counts_zero_tokens(server: _Server) -> None:

@@ -39,6 +39,7 @@ MAX_INT32 = 2**31 - 1
 # a models.toml is more likely a mistake than a fleet.
 MAX_REPLICAS = 64
 MAX_IN_FLIGHT = 4096
+MAX_TIMEOUT = 86400
 
 # Model names become file names (`<name>.gguf` in the models dir) and CLI arguments, so no
 # path separators, no leading dot, nothing a shell would mangle.
@@ -94,6 +95,10 @@ class ModelSpec:
     # answers against the in-process runtime (none); OpenAI's own API refuses the field, so
     # it is sent only when models.toml asks for it.
     repeat_penalty: float | None = None
+    # Seconds a remote rung's server has for one try of a request (a read, for a streamed
+    # one); unset, `models.openai.DEFAULT_TIMEOUT`. A request past it fails over to another
+    # replica or the next rung, so a rung that generates long answers slowly needs more.
+    timeout: float | None = None
     api_model: str | None = None
     api_key_env: str | None = None
     price_per_1k_tokens: float | None = None
@@ -336,6 +341,10 @@ def _model_fields(name: str, fields: dict[str, Any], where: Path | str) -> dict[
             out[f] = _float(where, key, value, 0.0)
             if not 0.0 < out[f] <= 10.0:
                 raise ConfigError(f"{where}: {key} must be a number above 0 and at most 10 (1.0: no penalty), got {_show(value)}")
+        elif f == "timeout":
+            out[f] = _float(where, key, value, 1.0)
+            if out[f] > MAX_TIMEOUT:
+                raise ConfigError(f"{where}: {key} must be at most {MAX_TIMEOUT} seconds (a day), got {_show(value)}")
         elif f == "api_key_env":
             out[f] = _str(where, key, value, _ENV_NAME, "an environment variable's name, such as OPENAI_API_KEY")
         elif f == "price_per_1k_tokens":
@@ -411,6 +420,11 @@ def _spec(name: str, fields: dict[str, Any], where: str) -> ModelSpec:
             f"{where}: model {name!r} has prompt_format \"chat\", which leaves the chat template to a "
             "remote rung's server; in this process a model needs its template: use \"chatml\" or "
             "\"completion\", or give it a `url`"
+        )
+    if spec.timeout is not None and not spec.url:
+        raise ConfigError(
+            f"{where}: model {name!r} sets `timeout`, how long a remote rung's server has for a "
+            "try; in this process a model runs until it is done: remove it or give the model a `url`"
         )
     if spec.repeat_penalty is not None and not spec.url:
         raise ConfigError(

@@ -142,12 +142,13 @@ def forget_signal_support() -> None:
 
 
 class OpenAIBackend(Backend):
-    def __init__(self, spec: "ModelSpec", timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, spec: "ModelSpec", timeout: float | None = None) -> None:
         super().__init__(spec)
         if not spec.url:
             raise ConfigError(f"{spec.defined_in}: model {spec.name!r} has no `url` for its server")
         self.url = spec.url.rstrip("/")
-        self.timeout = timeout
+        # Per try: the argument (tests), else models.toml's `timeout`, else the default.
+        self.timeout = timeout if timeout is not None else (spec.timeout or DEFAULT_TIMEOUT)
         self.replicas = replica_set(spec)
 
     @property
