@@ -104,3 +104,35 @@ def test_the_strongest_models_output_is_what_it_wrote_on_the_prompts_cluster(
         assert estimate != cascade.pricing.tokens("large", prompt_tokens, fakes["large"].count_text_tokens("(B)"))
     # A router written before the figure was recorded still estimates, from the bare answer.
     assert _router([_cluster(0, 10, None)]).typical_output(-1, "large") is None
+
+
+def test_a_run_summed_as_it_finishes_equals_the_run_priced_whole() -> None:
+    # `cre batch` sums its answers' costs as each finishes (`RunTotal`) instead of keeping
+    # every trace; it must reach what `price_parts` gives the whole run, counting only the
+    # answers both sides priced, while the others still share their examples' cost.
+    import random
+
+    import pytest
+
+    from crecli.costs import RunTotal, price_parts
+
+    rng = random.Random(7)
+    for _ in range(50):
+        parts = []
+        for _ in range(rng.randint(1, 30)):
+            own = None if rng.random() < 0.2 else rng.uniform(0.1, 5.0)
+            visits = [(rng.choice(["", "a@1", "b@1", "a@2"]), 0.0) for _ in range(rng.randint(1, 3))]
+            # One key, one cost: the examples a model was shown for a cluster cost the same.
+            parts.append((own, [(k, {"": 0.0, "a@1": 3.0, "b@1": 1.5, "a@2": 7.0}[k]) for k, _ in visits]))
+        counted = [own is not None and rng.random() < 0.8 for own, _ in parts]
+        whole = price_parts(parts)
+        total = RunTotal()
+        for (own, visits), keep in zip(parts, counted):
+            total.add(own, visits, counted=keep)
+        expected = sum(cost for cost, keep in zip(whole, counted) if keep)
+        assert total.total == pytest.approx(expected)
+    # An answer left out still took its share: alone, the counted answer pays half.
+    alone = RunTotal()
+    alone.add(1.0, [("a@1", 4.0)])
+    alone.add(None, [("a@1", 4.0)], counted=False)
+    assert alone.total == pytest.approx(3.0)

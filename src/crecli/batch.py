@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, TextIO, TypeVar
 
 from crecli.console import progress
+from crecli.costs import RunTotal
 from crecli.errors import CreError, InputError, ModelNotAvailable
 from crecli.querylog import FieldMap, LongLine, Record, parse_batch_line, read_lines
 from crecli.safejson import has_surrogate, replace_surrogates
@@ -65,8 +66,8 @@ class BatchSummary:
     seconds: float = 0.0  # model-seconds: generation time of every vote drawn
     route_seconds: float = 0.0
     # Both sides of the comparison with always using the strongest model are priced by the
-    # cascade's one `Pricing` on the same answers, as one run (`Cascade.cost_of_run`,
-    # `strongest_cost_of_run`): the strongest model's greedy answer is priced from its own
+    # cascade's one `Pricing` on the same answers, as one run (`Cascade.cost_parts` and
+    # `strongest_parts`, summed by `costs.RunTotal`): the strongest model's greedy answer is priced from its own
     # token counts, so it needs a token-priced unit ("bench-seconds" or "price"); in
     # "seconds" nothing is estimated.
     unit: str = "seconds"
@@ -285,11 +286,11 @@ def run_batch(
     summary = BatchSummary(unit=cascade.pricing.unit, strongest_model=cascade.strongest,
                            speeds_age_hours=_speeds_age_hours(cascade))
     writer = _OrderedWriter(out, first=1)
-    # Every answer of the run, for the summary's costs: the batch is one run of answers, whose
-    # answered examples are priced by the one rule of `costs.share_prefixes`. With each, the
-    # strongest model's token counts for it, taken as it finishes (not its prompt, which may
-    # be a megabyte, and not all at the end, after the progress bar).
-    answered: list[tuple["Trace", tuple[int | None, int, float]]] = []
+    # The summary's costs: the batch is one run of answers, whose answered examples are
+    # priced by the one rule of `costs.share_prefixes`. Each answer is priced as it finishes,
+    # with the strongest model's token counts for it (not kept: a prompt may be a megabyte
+    # and a stream endless; and not counted at the end, after the progress bar).
+    spent, strongest = RunTotal(), RunTotal()
 
     def finish(line: int, trace: "Trace", prompt: str) -> None:
         summary.answered += 1
@@ -303,7 +304,12 @@ def run_batch(
         # Only a unit priced by tokens compares with the strongest model ("seconds" cannot):
         # otherwise counting would tokenize every prompt for nothing.
         counts = cascade.strongest_tokens(trace, prompt) if cascade.pricing.by_tokens else (None, 0, 0.0)
-        answered.append((trace, counts))
+        ours, theirs = cascade.cost_parts(trace), cascade.strongest_parts(trace, counts)
+        # Only answers both sides can price are compared; the others still share examples.
+        counted = ours[0] is not None and theirs[0] is not None
+        summary.estimated += int(counted)
+        spent.add(*ours, counted=counted)
+        strongest.add(*theirs, counted=counted)
         writer.put(line, result_record(line, trace))
         if served is not None:
             served.record(prompt, trace, cascade)
@@ -318,7 +324,7 @@ def run_batch(
         # What is answered is kept and counted, as a resumed run expects; no line is half-written.
         summary.interrupted = True
         writer.flush_ready()
-    _price(summary, cascade, answered)
+    summary.cascade_cost, summary.strongest_cost = spent.total, strongest.total
     return summary
 
 
@@ -404,17 +410,3 @@ def _speeds_age_hours(cascade: "Cascade") -> float | None:
 
     return speeds_age_hours(list(cascade.specs.values()), cascade.pricing.unit)
 
-
-def _price(
-    summary: BatchSummary, cascade: "Cascade", answered: list[tuple["Trace", tuple[int | None, int, float]]]
-) -> None:
-    """The summary's cost comparison: what the cascade spent and what always using the
-    strongest model would have, over the answers both can price, as one run."""
-    traces = [t for t, _ in answered]
-    spent = cascade.cost_of_run(traces)
-    estimate = cascade.strongest_cost_of_counts(traces, [c for _, c in answered])
-    for ours, theirs in zip(spent, estimate):
-        if ours is not None and theirs is not None:
-            summary.estimated += 1
-            summary.cascade_cost += ours
-            summary.strongest_cost += theirs

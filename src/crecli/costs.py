@@ -189,32 +189,72 @@ def prefix_key(model: str, cluster: int) -> str:
     return f"{model}@{cluster}"
 
 
+# A step's visit to a cluster's answered examples: (prefix key, what processing them costs);
+# ("", 0.0) for a step shown none. `share_prefixes` splits each key's cost over its visits.
+Visit = tuple[str, float]
+
+
+def step_parts(pricing: Pricing, cluster: int, steps: Sequence[PricedStep]) -> tuple[float | None, list[Visit]]:
+    """One answer's own cost (every step's votes, `Pricing.price_votes`; a step's output
+    tokens are a sum, and token costs are linear, so one figure prices them all; None where a
+    model has no figure in the unit) and each step's visit to its examples, which the run
+    the answer belongs to shares (`share_prefixes`)."""
+    total: float | None = 0.0
+    visits: list[Visit] = []
+    for step in steps:
+        votes = pricing.price_votes(step.model, step.prompt_tokens, [step.output_tokens], [step.seconds], step.prefix_tokens)
+        total = None if votes is None or total is None else total + sum(votes)
+        if step.prefix_tokens and pricing.by_tokens:
+            visits.append((prefix_key(step.model, cluster), pricing.prefix(step.model, step.prefix_tokens)))
+        else:
+            visits.append(("", 0.0))
+    return total, visits
+
+
+def price_parts(parts: Sequence[tuple[float | None, Sequence[Visit]]]) -> list[float | None]:
+    """Each answer's cost in a run, from its (own cost, visits) (`step_parts`): its own cost
+    and its visits' shares of their examples, `share_prefixes` over the whole run."""
+    shares = iter(share_prefixes([visit for _, visits in parts for visit in visits]))
+    out: list[float | None] = []
+    for own, visits in parts:
+        extra = sum(next(shares) for _ in visits)  # taken even for an unpriced answer: in step
+        out.append(None if own is None else own + extra)
+    return out
+
+
 def price_steps(pricing: Pricing, runs: Sequence[tuple[int, Sequence[PricedStep]]]) -> list[float | None]:
     """Each trace's cost in a run of traces, given as (cluster, steps); None where a model
-    has no figure in the unit.
+    has no figure in the unit (`step_parts`, then `price_parts`)."""
+    return price_parts([step_parts(pricing, cluster, steps) for cluster, steps in runs])
 
-    Each step pays its votes (`Pricing.price_votes`; a step's output tokens are a sum, and token
-    costs are linear, so one figure prices them all) and its share of its examples
-    (`share_prefixes` over the whole run).
-    """
-    visits: list[tuple[str, float]] = []
-    own: list[float | None] = []
-    for cluster, steps in runs:
-        total: float | None = 0.0
-        for step in steps:
-            votes = pricing.price_votes(step.model, step.prompt_tokens, [step.output_tokens], [step.seconds], step.prefix_tokens)
-            total = None if votes is None or total is None else total + sum(votes)
-            if step.prefix_tokens and pricing.by_tokens:
-                visits.append((prefix_key(step.model, cluster), pricing.prefix(step.model, step.prefix_tokens)))
-            else:
-                visits.append(("", 0.0))
-        own.append(total)
-    shares = iter(share_prefixes(visits))
-    out: list[float | None] = []
-    for (cluster, steps), total in zip(runs, own):
-        extra = sum(next(shares) for _ in steps)
-        out.append(None if total is None else total + extra)
-    return out
+
+class RunTotal:
+    """What `price_parts` sums to over a run's counted answers, added as each answer
+    finishes, in memory that grows with the (model, cluster) keys, not with the answers: `cre
+    batch` reads a stream of any length and keeps no answer for its summary.
+
+    `share_prefixes`' rule, summed: a key's cost is split evenly over every visit to it in
+    the run, so the counted visits pay (their costs) / (the key's visits). An answer left
+    out of the sum (`counted` False: the other side of a comparison could not price it)
+    still visited its examples, so it still takes its share of them."""
+
+    def __init__(self) -> None:
+        self.own = 0.0
+        self._visits: Counter[str] = Counter()
+        self._counted: dict[str, float] = {}
+
+    def add(self, own: float | None, visits: Sequence[Visit], counted: bool = True) -> None:
+        for key, cost in visits:
+            if key:
+                self._visits[key] += 1
+                if counted:
+                    self._counted[key] = self._counted.get(key, 0.0) + cost
+        if counted and own is not None:
+            self.own += own
+
+    @property
+    def total(self) -> float:
+        return self.own + sum(cost / self._visits[key] for key, cost in self._counted.items())
 
 
 def estimate_strongest(

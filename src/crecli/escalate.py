@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from crecli import grading
-from crecli.costs import Pricing, estimate_strongest, prefix_key, price_steps, share_prefixes
+from crecli.costs import Pricing, Visit, estimate_strongest, prefix_key, price_parts, price_steps, step_parts
 from crecli.errors import CreError, RouterFileError
 from crecli.ladder import Climb, walk
 # Re-exported: the live trace records and the one-rung check, where callers have long found them.
@@ -170,18 +170,24 @@ class Cascade:
         its examples shared by `costs.share_prefixes`); None in "seconds"."""
         return self.strongest_cost_of_counts(traces, [self.strongest_tokens(t, p) for t, p in zip(traces, prompts)])
 
+    def cost_parts(self, trace: Trace) -> tuple[float | None, list[Visit]]:
+        """`trace`'s own cost and its visits to answered examples (`costs.step_parts`), for a
+        run priced as its answers finish (`costs.RunTotal`)."""
+        return step_parts(self.pricing, trace.cluster, trace.steps)
+
+    def strongest_parts(self, trace: Trace, counts: tuple[int | None, int, float]) -> tuple[float | None, list[Visit]]:
+        """`cost_parts` for the strongest model's greedy answer to `trace`'s prompt, from its
+        `strongest_tokens` (`costs.estimate_strongest`; None in "seconds")."""
+        top = self.strongest
+        tokens, prefix, output = counts
+        own = estimate_strongest(self.pricing, top, tokens, output, prefix)
+        return own, [(prefix_key(top, trace.cluster), self.pricing.prefix(top, prefix)) if prefix else ("", 0.0)]
+
     def strongest_cost_of_counts(
         self, traces: Sequence[Trace], counts: Sequence[tuple[int | None, int, float]]
     ) -> list[float | None]:
-        """`strongest_cost_of_run` from each trace's `strongest_tokens`, counted already (`cre
-        batch` counts each answer as it finishes, so it keeps no prompt for the summary)."""
-        top = self.strongest
-        visits: list[tuple[str, float]] = []
-        own: list[float | None] = []
-        for trace, (tokens, prefix, output) in zip(traces, counts):
-            own.append(estimate_strongest(self.pricing, top, tokens, output, prefix))
-            visits.append((prefix_key(top, trace.cluster), self.pricing.prefix(top, prefix)) if prefix else ("", 0.0))
-        return [None if cost is None else cost + share for cost, share in zip(own, share_prefixes(visits))]
+        """`strongest_cost_of_run` from each trace's `strongest_tokens`, counted already."""
+        return price_parts([self.strongest_parts(t, c) for t, c in zip(traces, counts)])
 
     def route(self, prompt: str) -> RouteDecision:
         with self._routing():
