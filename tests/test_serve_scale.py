@@ -258,6 +258,35 @@ def test_a_remote_top_rungs_stream_is_passed_through(tmp_path: Path, monkeypatch
     assert events[-1][1]["usage"]["completion_tokens"] == 5
 
 
+def test_a_streamed_request_holds_its_place_until_its_answer_is_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stream computes for as long as it runs; its place among the requests in flight was
+    # given back when its response started, so any number of streams got past the 503 bound.
+    from crecli.serve_options import ServeOptions
+
+    monkeypatch.setattr(ServeOptions, "max_requests", property(lambda self: 1))
+    use_models(monkeypatch, {})
+    with FakeOpenAI() as engine:
+        engine.answer = lambda prompt, body: "The answer is forty two"
+        engine.token_delay = 0.3
+        settings = config.load(ladder_toml(tmp_path, {"large": engine.url}))
+        with serving_cascade(Cascade(make_router(), settings)) as url:
+            body = {"model": "cre", "stream": True, "messages": [{"role": "user", "content": FAR}]}
+            with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60, json=body) as reply:
+                lines = reply.iter_lines()
+                assert reply.status_code == 200
+                assert next(line for line in lines if line.startswith("data: "))  # streaming now
+                during = post(url, "cre", FAR)
+                rest = list(lines)
+            assert "data: [DONE]" in rest
+            deadline = time.monotonic() + 10
+            while (after := post(url, "cre", FAR)).status_code == 503 and time.monotonic() < deadline:
+                time.sleep(0.05)  # the place comes back as the job ends, on the event loop
+    assert (during.status_code, during.json()["error"]["code"]) == (503, "overloaded")
+    assert after.status_code == 200, after.text
+
+
 def test_an_in_process_top_rung_streams_its_words_and_lower_rungs_never_do(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,7 +11,7 @@ for the model or server they need. Remote rungs are called through one pooled as
 client on this event loop (`models.http.LoopTransport`, installed at startup). A request
 beyond what the ladder computes at once plus `max_queue` waiting is refused with 429 at once
 rather than left to wait for a timeout, and a request beyond `max_requests` past its body
-(parsing, queued or running) with 503, both in OpenAI's error shape (`Limits`). Each
+(parsing, queued, running or streaming) with 503, both in OpenAI's error shape (`Limits`). Each
 request's timeout counts from its arrival and covers the whole ladder; on expiry (or when
 its client leaves) its job stops where it stands: a wait ends, a remote call is abandoned,
 no later rung starts. A streamed request gets the final rung's tokens as they are generated
@@ -31,9 +31,9 @@ import hmac
 import logging
 import secrets
 import time
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
 from crecli.errors import CreError, PromptTooLong
 from crecli.openai_wire import (
@@ -156,15 +156,22 @@ class Limits:
     def give_bytes(self, n: int) -> None:
         self.buffered -= n
 
-    @contextmanager
-    def admitted(self) -> Iterator[None]:
+    def admit(self) -> Callable[[], None]:
+        """Counts a request in, until the call it returns (later calls do nothing). A streamed
+        request gives its place back when its job ends, not when its response starts: it
+        computes for as long as it streams."""
         if self.active >= self.max_requests:
             raise self.overloaded(f"{self.active} requests are in flight, the most it takes at once")
         self.active += 1
-        try:
-            yield
-        finally:
-            self.active -= 1
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self.active -= 1
+
+        return release
 
 
 async def _disconnected(receive: Callable[[], Any]) -> None:
@@ -283,7 +290,8 @@ class App:
             raise ApiError(408, f"the request body did not arrive within {wait:g} s (--body-timeout)",
                            code="request_timeout", headers={"Connection": "close"}) from None
         # Counted from here, with its body read: a slow upload holds no place another client needs.
-        with self.limits.admitted():
+        release = self.limits.admit()
+        try:
             if len(raw) > THREAD_PARSE_BYTES:
                 body = await asyncio.get_running_loop().run_in_executor(None, parse_json, raw)
             else:
@@ -292,9 +300,16 @@ class App:
             rid = ("chatcmpl-" if query.kind == "chat" else "cmpl-") + secrets.token_hex(12)
             created = int(time.time())
             if query.stream:
-                events = await self.stream(request, query, deadline, rid, created)
+                events, job = await self.stream(request, query, deadline, rid, created)
+                # Held until the job ends (done, failed or cancelled: a client that leaves
+                # cancels it), which happens whether or not the response is ever iterated.
+                job.add_done_callback(lambda _: release())
                 return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             result = await self.answer(request, query, deadline)
+        except BaseException:
+            release()
+            raise
+        release()
         return JSONResponse(response_body(query, result, rid, created))
 
     def job(self, query: Query, ticket: Ticket, emit: Callable[[str], None] | None = None) -> Callable[[], Answer]:
@@ -313,10 +328,11 @@ class App:
         await self.settle(request, query, ticket, future, deadline)
         return await self.result(query, future)
 
-    async def stream(self, request: "Request", query: Query, deadline: float, rid: str, created: int) -> Any:
+    async def stream(self, request: "Request", query: Query, deadline: float, rid: str,
+                     created: int) -> tuple[Any, "asyncio.Future[Answer]"]:
         """The events of a streamed answer: its final rung's text as it is generated (the
         response starts with the first piece), or the whole answer at once where no rung
-        could stream it. Errors before the first piece are plain error responses."""
+        could stream it; and its job. Errors before the first piece are plain error responses."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
         ticket = Ticket(deadline)
@@ -337,9 +353,9 @@ class App:
         if not first.done():
             first.cancel()
             answer = await self.result(query, future)
-            return stream_events(query, answer, rid, created)
+            return stream_events(query, answer, rid, created), future
         model = self.cascade.strongest if query.model in self.cascade_names else query.model
-        return self.stream_on(query, ticket, future, pieces, first.result(), deadline, rid, created, model)
+        return self.stream_on(query, ticket, future, pieces, first.result(), deadline, rid, created, model), future
 
     async def stream_on(self, query: Query, ticket: Ticket, future: "asyncio.Future[Answer]",
                         pieces: "asyncio.Queue[str]", head: str, deadline: float, rid: str, created: int,
