@@ -385,3 +385,48 @@ def test_the_price_grid_is_fine_where_the_prices_that_keep_98_percent_fell() -> 
     assert grid == sorted(set(grid)) and grid[0] == 0.0 and grid[-1] >= 1e6
     steps = [b - a for a, b in zip(grid, grid[1:]) if a < 12]
     assert max(steps) <= 0.25 and {3.0, 4.0, 6.0, 10.0} <= set(grid)
+
+
+def test_calibration_starts_a_prompt_beyond_its_clusters_reach_where_cre_ask_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `cre ask` starts a prompt farther from its cluster than the cluster's reach on the
+    # fallback (`route.decide`); calibration replayed it from the cluster's model, so it
+    # tuned thresholds and reported figures for starts that never happen (a new --log).
+    from types import SimpleNamespace
+
+    from crecli import calibrate
+    from crecli.route import RouteDecision
+
+    seen: dict[str, str] = {}
+
+    class Capture:
+        def __init__(self, *args: object) -> None:
+            pass
+
+        def simulate(self, starts: dict[str, str], *args: object, **kw: object) -> None:
+            seen.update(starts)
+
+    monkeypatch.setattr(calibrate, "Replay", Capture)
+    records = [rec("near"), rec("far"), rec("none")]
+    routes = [RouteDecision(0, "small", 0.1, "", 0.0, True), RouteDecision(0, "large", 0.9, "", 0.0, False),
+              RouteDecision(-1, "large", 2.0, "", 0.0, False)]
+    data = SimpleNamespace(records=records, routes=routes, clusters=[0, 0, -1],
+                           replay=SimpleNamespace(entries={}, ladder=["small", "large"], unit="seconds"))
+    choice = Choice({0: "small"}, "large", 0.0, 0.0, 0.0, 0.0)
+    calibrate._simulate(data, [0, 1, 2], choice, {"small": 0.0, "large": 0.0}, K3)  # type: ignore[arg-type]
+    assert seen == {"near": "small", "far": "large", "none": "large"}
+
+
+def test_calibrations_deferral_prior_blends_by_distance_as_the_live_one_does() -> None:
+    # Live, a prompt beyond its cluster's radius gets a blend of the cluster's accuracy and
+    # the model's log-wide one (`RouterFile.priors`); calibration gave it the cluster's alone,
+    # so P(correct) near a threshold differed from what `cre ask` computes.
+    from types import SimpleNamespace
+
+    from crecli.deferral import _table_prior
+    from crecli.quality import blend_prior
+
+    stats = table(["small", "large"], {0: (10, {"small": (0.9, 1.0), "large": (0.9, 2.0)})})
+    stats.overall.models["small"] = ModelStats(40, 24, 0.6, 0.6, 1.0)
+    data = SimpleNamespace(clusters=[0, 0, 0], trust=[1.0, 0.25, 0.0])
+    prior = _table_prior(data, stats)  # type: ignore[arg-type]
+    assert [prior(i, "small") for i in range(3)] == pytest.approx([0.9, blend_prior(0.9, 0.6, 0.25), 0.6])

@@ -114,7 +114,10 @@ def _simulate(
     agreement: Sequence[str] = (),
 ) -> SimResult:
     sub = Replay(data.replay.entries, [data.records[i] for i in idx], data.replay.ladder, data.replay.unit)
-    starts = {data.records[i].id: choice.models.get(data.clusters[i], choice.fallback) for i in idx}
+    # Where `cre ask` would start each: a prompt beyond its cluster's reach (or in none) starts
+    # on the fallback, whatever model the cluster gets (`route.decide`).
+    starts = {data.records[i].id: choice.models.get(data.clusters[i], choice.fallback) if data.routes[i].familiar
+              else choice.fallback for i in idx}
     return sub.simulate(starts, thresholds, quality, p_correct=p_correct, votes=votes, agreement=agreement)
 
 

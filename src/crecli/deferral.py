@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from crecli.choice import StatsTable, cluster_prior, shrink
-from crecli.quality import Deferral, feature_names, greedy_agreement, judge_deferral
+from crecli.quality import Deferral, blend_prior, feature_names, greedy_agreement, judge_deferral
 
 if TYPE_CHECKING:
     from crecli.outcomes import OutcomeKey
@@ -77,8 +77,14 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
 
 
 def _table_prior(data: Data, table: StatsTable) -> Callable[[int, str], float]:
-    """`deferral_p`'s prior for calibration: record i's cluster prior for a model in `table`."""
-    return lambda i, model: cluster_prior(table, data.clusters[i], model)
+    """`deferral_p`'s prior for calibration: record i's cluster prior for a model in `table`,
+    blended with the model's log-wide accuracy by how far its cluster's record speaks for it
+    (`Data.trust`), as the router's `priors` blend them live."""
+    def prior(i: int, model: str) -> float:
+        weight = data.trust[i] if data.trust else 1.0
+        return blend_prior(cluster_prior(table, data.clusters[i], model), table.overall.models[model].accuracy, weight)
+
+    return prior
 
 
 def _loo_prior(table: StatsTable, cid: int, model: str, correct: bool) -> float:

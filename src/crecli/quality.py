@@ -330,13 +330,10 @@ def blend_prior(cluster: float, overall: float, weight: float) -> float:
     return weight * cluster + (1.0 - weight) * overall
 
 
-def blend_priors(cluster: Mapping[str, float], overall: Mapping[str, float], distance: float | None,
-                 radius: float | None, far: float) -> dict[str, float]:
-    """Each model's deferral prior for one prompt `distance` from its cluster's nearest
-    exemplar: its `cluster` accuracy blended with its `overall` one (`blend_prior`) by how far
-    the cluster's record speaks for the prompt (`trust`); `overall` alone for a model the
-    cluster has no record of."""
-    weight = trust(distance, radius, far)
+def blend_priors(cluster: Mapping[str, float], overall: Mapping[str, float], weight: float) -> dict[str, float]:
+    """Each model's deferral prior for one prompt: its `cluster` accuracy blended with its
+    `overall` one (`blend_prior`) by `weight`, how far the cluster's record speaks for the
+    prompt (`trust`); `overall` alone for a model the cluster has no record of."""
     return {m: blend_prior(cluster[m], o, weight) if m in cluster else o for m, o in overall.items()}
 
 

@@ -307,6 +307,9 @@ class Data:
     costs: CostModel
     replay: Replay
     log_sha256: str = ""
+    # Per record, how much its cluster's record speaks for it (`RouterFile.cluster_trust`):
+    # calibration blends its deferral priors by it, as the live check does. Empty: full trust.
+    trust: list[float] = field(default_factory=list)
 
     @functools.cached_property
     def clusters(self) -> list[int]:
@@ -369,7 +372,8 @@ def prepare(
             found = resolve_shots(found, shown, shots)
     costs = CostModel.build(found.values(), [settings.get(m) for m in ladder], unit)
     replay = Replay.build(found, records, ladder, costs)
-    return Data(records, routes, found, costs, replay, read.sha256)
+    trust = [router.cluster_trust(d.cluster, d.distance) for d in routes]
+    return Data(records, routes, found, costs, replay, read.sha256, trust)
 
 
 def assign(router: "RouterFile", prompts: Sequence[str]) -> list["RouteDecision"]:

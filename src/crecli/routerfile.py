@@ -24,7 +24,7 @@ from crecli.errors import RouterFileError
 from crecli.fields import FieldError, clean
 from crecli.models.prompting import shots_of
 from crecli.models.pull import model_identity
-from crecli.quality import DeferralCheck, QualityCheck, blend_priors
+from crecli.quality import DeferralCheck, QualityCheck, blend_priors, trust
 from crecli.querylog import LogOptions
 from crecli.schema import FIT_FIELDS, Body, check_body
 
@@ -172,7 +172,15 @@ class RouterFile:
         if info is None:
             return overall
         own = {model: float(info.stats[model]["shrunk_accuracy"]) for model in models if model in info.stats}
-        return blend_priors(own, overall, distance, self.assigner.radius(cid), self.assigner.threshold_)
+        return blend_priors(own, overall, self.cluster_trust(cid, distance))
+
+    def cluster_trust(self, cid: int, distance: float | None) -> float:
+        """How much cluster `cid`'s record speaks for a prompt `distance` from its nearest
+        exemplar (`quality.trust`, by the cluster's radius); the live priors and calibration's
+        replay of them (`replay.Data.trust`) both weigh by it."""
+        if cid < 0:
+            return 0.0
+        return trust(distance, self.assigner.radius(cid), self.assigner.threshold_)
 
     def typical_output(self, cid: int, model: str) -> float | None:
         """Tokens `model` wrote, on average, in one greedy answer to cluster `cid`'s fit
