@@ -157,7 +157,9 @@ GRADE = [
     ("New York City", "new york", "contains", True),
     ("concatenate", "cat", "contains", False),
     ("York", "new york", "contains", False),
-    # regex on the raw answer
+    # regex on the answer stripped of surrounding whitespace (as live keeps it; the replay
+    # grades raw recorded votes, which must grade alike)
+    (" 42\n", r"^42$", "regex", True),
     ("Foo 123", r"\d+", "regex", True),
     ("FOO", r"^foo$", "regex", True),
     ("foo bar", r"^bar", "regex", False),

@@ -163,7 +163,7 @@ def grade(answer: str, reference: str | Sequence[str], match: str) -> bool:
     exact: equal normalised text. numeric: equal numbers within NUMERIC_TOLERANCE. choice:
     equal option letters. contains: the normalised reference occurs in the normalised
     answer on word boundaries ("cat" is not in "concatenate"). regex: `re.search` of the
-    reference on the raw answer, ignoring case. An answer with no letter, number or text
+    reference on the answer stripped of surrounding whitespace, ignoring case. An answer with no letter, number or text
     is never right. A reference that cannot match anything raises InputError.
     """
     if match not in MATCH_TYPES:
@@ -174,7 +174,9 @@ def grade(answer: str, reference: str | Sequence[str], match: str) -> bool:
         if problem:
             raise InputError(f"{problem}; fix the reference in the query log")
     if match == "regex":
-        return any(_compile(ref).search(answer) for ref in references)
+        # On the stripped answer, as the live cascade keeps it (`Step.answer`): a recorded
+        # vote is raw text, and `^42$` must grade " 42\n" alike in the replay and live.
+        return any(_compile(ref).search(answer.strip()) for ref in references)
     if match == "numeric":
         got = _pick_number(_segment(answer))
         if got is None:
