@@ -118,7 +118,8 @@ def test_router_file_carries_the_deferral_check_as_plain_validated_numbers(tiny_
     settings = config.load(tiny_models_toml)
     router = built_router(settings)
     names = feature_names(1)
-    rules = DeferralCheck(1, {"small": Deferral(names, (0.5, 0.25, 1.0, -2.0, 1.0), -0.5, (-1.0, -0.5, 0.3, 0.1, 0.0), 0.4)})
+    rules = DeferralCheck(1, {"small": Deferral(names, (0.5, 0.25, 1.0, -2.0, 1.0), -0.5, (-1.0, -0.5, 0.3, 0.1, 0.0), 0.4),
+                              "medium": Deferral(names, (0.0,) * 5, 0.0, (0.0,) * 5, 0.6)})
     router.deferral = rules
     path = tmp_path / "router.cre"
     routerfile.save(router, path)
@@ -126,7 +127,7 @@ def test_router_file_carries_the_deferral_check_as_plain_validated_numbers(tiny_
     assert again.deferral == rules
     assert again.prior(0, "small") == 0.5  # the cluster's shrunk accuracy
     assert again.prior(-1, "small") == 0.4  # outside every cluster: the model's log-wide accuracy
-    assert again.prior(-1, "medium") == 0.5  # no deferral model for it
+    assert again.prior(-1, "large") == 0.5  # no deferral model for it
     # A prompt far from its cluster's own queries (a task the log never had) gets the model's
     # log-wide prior; one inside the cluster's radius gets the cluster's.
     radius = again.assigner.radius(0)
@@ -148,6 +149,13 @@ def test_router_file_carries_the_deferral_check_as_plain_validated_numbers(tiny_
     assert "prior" in refused(lambda d: d["models"]["small"].__setitem__("prior", 1.5))
     assert "unexpected" in refused(lambda d: d["models"]["small"].__setitem__("code", "import os"))
     assert "not on its ladder" in refused(lambda d: d["models"].__setitem__("ghost", d["models"]["small"]))
+    # A rung below the top with neither a P(correct) model nor the agreement check stopped
+    # `cre ask` on an assertion; the replay ran the agreement check instead.
+    assert "medium below the top rung has no P(correct) model" in refused(lambda d: d["models"].pop("medium"))
+    routerfile.save(router, path)
+    edit_manifest(path, lambda m: (m["body"]["deferral"]["models"].pop("medium"),
+                                   m["body"]["deferral"].__setitem__("agreement", ["medium"])))
+    assert routerfile.load(path, settings).deferral.agreement == ("medium",)  # type: ignore[union-attr]
 
 
 # ---------------------------------------------------------------- end to end: fit, calibrate, eval --live
@@ -320,3 +328,22 @@ def test_the_replayed_deferral_check_never_keeps_an_empty_answer_below_the_top()
     by = {t.query_id: t for t in result.traces}
     assert [s.model for s in by["q0"].steps] == ["small", "big"] and by["q0"].correct
     assert by["q1"].model == "big" and not by["q1"].correct
+
+
+def test_a_router_drawing_more_deferral_votes_than_its_fit_recorded_is_refused(tiny_models_toml: Path, tmp_path: Path) -> None:
+    # The replay has k recorded votes a query; a router asking for more could not be
+    # calibrated (`cre calibrate` refuses it), so one that does is damaged or forged.
+    from dataclasses import replace
+
+    from support.routers import built_router
+
+    settings = config.load(tiny_models_toml)
+    router = built_router(settings)
+    names = feature_names(3)
+    rule = Deferral(names, (0.0,) * len(names), 0.0, (0.0,) * len(names), 0.5)
+    router.deferral = DeferralCheck(3, {"small": rule, "medium": rule})
+    router.quality = replace(router.quality, k=1)
+    path = tmp_path / "router.cre"
+    routerfile.save(router, path)
+    with pytest.raises(RouterFileError, match="draws 3 votes where the fit recorded 1"):
+        routerfile.load(path, settings)

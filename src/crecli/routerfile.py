@@ -342,6 +342,20 @@ def _assemble(path: Path, body: Body, members: dict[str, "np.ndarray"], settings
             + (f"no threshold for {', '.join(lacking)}; " if lacking else "")
             + "refit it with `cre fit`"
         )
+    if body.deferral is not None:
+        # Every rung below the top is judged by its P(correct) model or the agreement check;
+        # one with neither stopped the live cascade mid-answer, and the replay quietly ran
+        # the agreement check instead. More votes than the fit recorded (k) cannot be replayed.
+        bare = [n for n in names[:-1] if n not in body.deferral.models and n not in body.deferral.agreement]
+        if bare or body.deferral.votes > body.quality.k:
+            raise RouterFileError(
+                f"{path}: the router's deferral check is incomplete: "
+                + (f"{', '.join(bare)} below the top rung {'has' if len(bare) == 1 else 'have'} no P(correct) "
+                   "model and no agreement check; " if bare else "")
+                + (f"it draws {body.deferral.votes} votes where the fit recorded {body.quality.k} (k); "
+                   if body.deferral.votes > body.quality.k else "")
+                + "recalibrate it with `cre calibrate`"
+            )
     return RouterFile(
         schema_version=SCHEMA_VERSION,
         ladder=ladder,
