@@ -37,7 +37,7 @@ def test_example_prefixes_are_restored_and_answer_as_a_fresh_model(gemma) -> Non
         assert len(backend.shot_prefix(SUMS)) > len(backend.shot_prefix(()))
         # Two snapshots held, which `--memory-budget` counts (`ModelPool`).
         held = backend.cache_memory()
-        assert len(backend._prefixes) == 2 and held > 0
+        assert len(backend._prefixes) == 2 and held == sum(len(h.data) for h in backend._prefixes.values()) > 0
         print(f"two example snapshots hold {held} bytes")
     finally:
         backend.close()

@@ -68,6 +68,10 @@ class LlamaBackend(Backend):
         # (`_warm_prefix`), most recently used last; and those tokens, per set of examples.
         self._prefixes: OrderedDict[tuple[tuple[str, str], ...], Handoff] = OrderedDict()
         self._prefix_tokens: dict[tuple[tuple[str, str], ...], list[int]] = {}
+        # The snapshots' bytes, kept as they change: `cache_memory` is read by the model pool
+        # from another request's thread, and iterating `_prefixes` while this model's request
+        # reorders it raised "OrderedDict mutated during iteration".
+        self._prefix_bytes = 0
         self.prefix_restores = 0  # prompts whose examples came from a snapshot
         self._letters: dict[int, int] | None = None
         # Greedy answers carry `Signals`; off only to measure what reading them costs.
@@ -169,7 +173,7 @@ class LlamaBackend(Backend):
                 self._prefixes.move_to_end(shots)
                 self.prefix_restores += 1
                 return
-            del self._prefixes[shots]
+            self._prefix_bytes -= len(self._prefixes.pop(shots).data)
         # Decode the prefix after what the cache already shares with it (usually the head).
         common = len(shared_prefix([list(llm.input_ids[: llm.n_tokens]), prefix]))
         memory = llama_cpp.llama_get_memory(llm._ctx.ctx)
@@ -179,9 +183,10 @@ class LlamaBackend(Backend):
             common = 0
         llm.n_tokens = common
         llm.eval(prefix[common:])
-        self._prefixes[shots] = Handoff.save(llm._ctx.ctx, 0, prefix)
+        saved = self._prefixes[shots] = Handoff.save(llm._ctx.ctx, 0, prefix)
+        self._prefix_bytes += len(saved.data)
         while len(self._prefixes) > PREFIX_SNAPSHOTS:
-            self._prefixes.popitem(last=False)
+            self._prefix_bytes -= len(self._prefixes.popitem(last=False)[1].data)
 
     def generate_streaming(self, prompt: str, params: GenParams, emit: Callable[[str], None]) -> Generation:
         """`generate`, handing the answer's text to `emit` as tokens are generated (each one a
@@ -289,7 +294,7 @@ class LlamaBackend(Backend):
 
     def cache_memory(self) -> int:
         """The snapshots of answered examples' KV cells kept for reuse (`_warm_prefix`)."""
-        return sum(len(h.data) for h in self._prefixes.values())
+        return self._prefix_bytes
 
     def parallel_memory(self, parallel: int) -> int:
         """The KV cache of the parallel context: `parallel` sequences of `n_ctx` tokens.
@@ -324,6 +329,7 @@ class LlamaBackend(Backend):
         self._close_parallel()
         self._close_votes()
         self._prefixes.clear()
+        self._prefix_bytes = 0
         for attr in ("_llm", "_embedder", "_vocab"):
             llm = getattr(self, attr)
             if llm is not None:
