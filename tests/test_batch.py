@@ -270,6 +270,23 @@ def test_ctrl_c_keeps_every_finished_answer_and_says_it_was_interrupted(
     assert summary.interrupted and (summary.answered, summary.errors) == (1, 0)
 
 
+def test_ctrl_c_during_an_answers_bookkeeping_keeps_that_answer(
+    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, tiny_models_toml: Path, bench_speeds,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The answer was written only after pricing it, whose first count of the strongest
+    # model's tokens loads its vocabulary (seconds): a Ctrl-C there lost a finished answer.
+    def interrupt(trace: object, prompt: str) -> None:
+        raise KeyboardInterrupt
+
+    bench_speeds(SPEEDS)  # priced by tokens, so the summary counts the strongest model's
+    install(fake_backends, TABLE)
+    cascade = Cascade(router, config.load(tiny_models_toml))
+    monkeypatch.setattr(cascade, "strongest_tokens", interrupt)
+    rows, summary = _run([jl(id="a", prompt=ADD)], cascade)
+    assert [(r["id"], r["answer"]) for r in rows] == [("a", "12")] and summary.interrupted
+
+
 def test_resume_appending_to_a_cut_file_starts_on_a_line_of_its_own(tmp_path: Path) -> None:
     from crecli.batch import mend_cut_line
 

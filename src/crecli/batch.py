@@ -228,10 +228,13 @@ class _OrderedWriter:
         self.ready[line] = record
         wrote = False
         while self.next in self.ready:
-            rec = self.ready.pop(self.next)
+            rec = self.ready[self.next]
             if rec is not None:
-                self.out.write(_json_line(rec))
+                text = _json_line(rec)
+                self.out.write(text)
                 wrote = True
+            # Dropped only once written: a Ctrl-C before this leaves it for `flush_ready`.
+            del self.ready[self.next]
             self.next += 1
         if wrote:
             self.out.flush()
@@ -240,9 +243,11 @@ class _OrderedWriter:
         """Write every finished record still waiting for an earlier line (on Ctrl-C: that
         line will not come in this run, and `--resume` finds these by id)."""
         for line in sorted(self.ready):
-            rec = self.ready.pop(line)
+            rec = self.ready[line]
             if rec is not None:
-                self.out.write(_json_line(rec))
+                text = _json_line(rec)
+                self.out.write(text)
+            del self.ready[line]
         self.out.flush()
 
 
@@ -293,6 +298,11 @@ def run_batch(
     spent, strongest = RunTotal(), RunTotal()
 
     def finish(line: int, trace: "Trace", prompt: str) -> None:
+        # The answer is written first: a Ctrl-C during the slower bookkeeping below (the
+        # first count of the strongest model's tokens loads its vocabulary) must not lose it.
+        writer.put(line, result_record(line, trace))
+        if served is not None:
+            served.record(prompt, trace, cascade)
         summary.answered += 1
         summary.escalated += int(trace.escalations > 0)
         summary.seconds += sum(s.seconds for s in trace.steps)
@@ -310,9 +320,6 @@ def run_batch(
         summary.estimated += int(counted)
         spent.add(*ours, counted=counted)
         strongest.add(*theirs, counted=counted)
-        writer.put(line, result_record(line, trace))
-        if served is not None:
-            served.record(prompt, trace, cascade)
 
     def fail(line: int, id: str | None, message: str) -> None:
         summary.errors += 1
