@@ -1,13 +1,15 @@
-"""`cre ask` of two checkouts, alternating run by run: the wall time less the model's time.
+"""`cre ask` of two checkouts, interleaved run by run: the wall time less the model's time.
 
 Each arm is a PYTHONPATH (a checkout's src/, optionally with another typer first on the
-path); runs alternate so that the machine's drift hits both alike. Used for issue 21's
+path). Each of --runs rounds runs the before arm, then the after arm, always in that order,
+so a slow drift of the machine hits both alike (an effect of going first is not balanced).
+Each arm's overhead is the median of its runs' wall less model time. Used for issue 21's
 before/after of the typer cap and the dropped warm-up decode:
 
     git worktree add /tmp/before 61a8716
     pip install --target /tmp/typer29 --no-deps typer==0.29.2
     flock /tmp/cre-cpu.lock .venv/bin/python bench/ask_before_after.py \
-        --before /tmp/typer29:/tmp/before/src --after src --runs 11 --json
+        --before /tmp/typer29:/tmp/before/src --after src --runs 11 --json > bench/results/ask-before-after.json
 """
 
 from __future__ import annotations

@@ -5,13 +5,15 @@ Each figure is the median of --repeats runs, measured side by side in one run:
 
   interpreter     `python -c pass`
   cli import      `python -c "import crecli.cli"` (what shell completion pays on every Tab)
-  answer imports  a fresh process importing what the answering path imports (escalate,
-                  routerfile, numpy, llama_cpp), over the interpreter
+  answer imports  `python -c "import numpy, llama_cpp, crecli.escalate, crecli.routerfile,
+                  crecli.config"`: a fresh process's whole wall time, the interpreter's
+                  start included
   router load     `routerfile.load` of the router, in a warm process
   routing         `route` of the prompt, first call in a process (embedder warm-up included)
   model load      `LlamaBackend.llm` of each model the prompt's trace used, in a warm process
   whole ask       `cre ask PROMPT --router R --json --no-log` wall time, and the model time
-                  its trace reports (sum of the steps' seconds): the overhead is the difference
+                  its trace reports (sum of the steps' seconds): the overhead is the median
+                  of each run's difference, not the difference of the two medians
 
 Run it alone (it loads real models):
 

@@ -30,9 +30,10 @@ Then the goals: cre->engine adds at most 10 ms at p50 over direct; its throughpu
 clients is at least 90% of direct's; the replica kill loses no request. Run nothing else
 on the machine; 2 cores bound the absolute figures, the ratios are what count.
 --overhead isolates what cre adds: a fake engine (no model, a fixed --engine-ms an answer)
-serves the top rung, called directly and through `cre serve`, alternating, 5 rounds at 1 and
-4 clients; it prints the median p50 difference and each arm's mean token counts. With
---overhead-engine llama-server the same alternation runs against the real engine.
+serves the top rung, called directly and through `cre serve`, interleaved (each round calls
+it directly first, then through cre), 5 rounds at 1 and 4 clients; it prints the median p50
+difference and each arm's mean token counts. With --overhead-engine llama-server the same
+interleaving runs against the real engine.
 --fake builds the tests' three-rung router (tests/support/routers.py) on fake models that
 sleep --vote-ms per vote, so it measures the server and not llama.cpp. Only loopback
 addresses are accepted: this is not a tool to load someone else's server.
@@ -407,9 +408,10 @@ def overhead_run(args: argparse.Namespace) -> int:
     calling it through `cre serve` and calling it directly is cre's own work (the request
     read and checked, routing, the ladder walk, the call to the engine, pricing, the log,
     the response) and not a model's. With `--overhead-engine` a real engine serves the rung
-    instead, and each arm's mean token counts show that both sent it the same work. Runs
-    alternate direct / through cre `--rounds` times at each client count, so drift hits both
-    alike; the p50 difference is the median over rounds.
+    instead, and each arm's mean token counts show that both sent it the same work. Each of
+    `--rounds` rounds at each client count runs direct, then through cre, always in that
+    order, so a slow drift hits both alike (an effect of going first is not balanced); the
+    p50 difference is the median over rounds.
     """
     from support.engines import engine  # type: ignore[import-not-found]
     from support.fake_openai import FakeOpenAI  # type: ignore[import-not-found]
