@@ -313,7 +313,8 @@ def judge_deferral(
 def trust(distance: float | None, radius: float | None, far: float) -> float:
     """How much a cluster's record speaks for a prompt `distance` from its nearest exemplar.
 
-    1 within the cluster's `radius` (how far its own members sit from each other), falling
+    1 within the cluster's `radius` (`assign.RADIUS_QUANTILE` of its members' distances to
+    their nearest other exemplar), falling
     linearly to 0 at `far`, the distance past which a prompt joins no cluster. A prompt
     unlike any query of its cluster (a task the log never had) then gets the model's
     log-wide prior instead of the cluster's (`blend_prior`). 1 when either is unknown.
