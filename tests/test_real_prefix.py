@@ -49,3 +49,34 @@ def test_example_prefixes_are_restored_and_answer_as_a_fresh_model(gemma) -> Non
         finally:
             fresh.close()
         assert_same_or_contested(want, got)
+
+
+def test_a_request_that_gives_up_stops_its_decode_and_leaves_the_model_usable(gemma) -> None:
+    # `cre serve` cancels a request whose client left or whose timeout passed; the decode of
+    # an in-process model ran on to max_tokens, holding the model for an answer nobody reads.
+    from crecli import cancel
+    from crecli.models.llama import LlamaBackend
+
+    prompt = "Write a long story about a dragon who learns to count."
+    backend = LlamaBackend(gemma, n_ctx=1024)
+    try:
+        token = cancel.Token()
+        pieces: list[str] = []
+
+        def emit(text: str) -> None:
+            pieces.append(text)
+            token.cancel()  # the client leaves as the first words arrive
+
+        with cancel.scope(token), pytest.raises(cancel.Cancelled):
+            backend.generate_streaming(prompt, GenParams(max_tokens=200), emit)
+        assert 0 < len("".join(pieces).split()) < 20
+        # Stopped between tokens, the model answers the next prompt as a fresh one does.
+        after = backend.generate("What is 2 plus 9?", GenParams(max_tokens=8, shots=SUMS))
+    finally:
+        backend.close()
+    fresh = LlamaBackend(gemma, n_ctx=1024)
+    try:
+        want = fresh.generate("What is 2 plus 9?", GenParams(max_tokens=8, shots=SUMS))
+    finally:
+        fresh.close()
+    assert_same_or_contested(want, after)

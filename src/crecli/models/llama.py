@@ -27,6 +27,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from crecli import cancel
 from crecli.errors import BackendError, CreError, PromptTooLong
 from crecli.models.backend import Backend, Generation, GenParams, StopSafeEmitter
 from crecli.models.gguf import kv_bytes_per_token
@@ -220,6 +221,16 @@ class LlamaBackend(Backend):
                 return scores
 
             processors = LogitsProcessorList([observe])
+        # In `cre serve`, a request that gives up (its client left, its timeout passed) stops
+        # its decode at the next token rather than holding the model to `max_tokens` for an
+        # answer nobody reads. Stopping between tokens leaves the Llama's tokens and its KV
+        # cache in step, so the next prompt reuses them as usual.
+        token = cancel.current()
+        stopping = None
+        if token is not None:
+            from llama_cpp import StoppingCriteriaList
+
+            stopping = StoppingCriteriaList([lambda ids, logits: token.is_set()])
         # Tokens, not text: llama-cpp-python would tokenize a string with special tokens
         # parsed, user text included (`tokenize`).
         out = llm.create_completion(
@@ -233,7 +244,9 @@ class LlamaBackend(Backend):
             seed=params.seed,
             stop=list(params.stop) or None,
             logits_processor=processors,
+            stopping_criteria=stopping,
         )
+        cancel.check()
         seconds = time.perf_counter() - start
         choice = out["choices"][0]
         usage = out.get("usage", {})

@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from crecli import cancel
 from crecli.errors import BackendError, CreError, PromptTooLong
 from crecli.models.backend import Generation, GenParams
 from crecli.models.prompting import Rendered
@@ -427,6 +428,7 @@ class ParallelVotes:
         batch = self.batch
         try:
             while active:
+                cancel.check()  # a request that gave up stops its votes here (`cre serve`)
                 start = time.perf_counter()
                 for n, stream in enumerate(active):
                     _put(batch, n, stream.feed[0], stream.n_past, stream.seq, True)
