@@ -239,3 +239,17 @@ def test_real_references_grade_themselves() -> None:
         assert not grade(_refs(a)[0], b["reference"], match), (a["id"], b["id"])
         compared += 1
     assert compared > 200
+
+
+def test_numbers_past_a_floats_precision_and_pythons_int_text_limit_grade_exactly() -> None:
+    # Compared as floats, 2**53 + 1 equalled 2**53, and two equal 400-digit numbers were both
+    # infinite (their difference NaN: a right answer marked wrong).
+    assert not grade("9007199254740992", "9007199254740993", "numeric")
+    assert grade("9007199254740993", "9007199254740993", "numeric")
+    big = "7" * 400
+    assert grade(big, big, "numeric") and not grade(big[:-1] + "6", big, "numeric")
+    # A reference of 5,000 digits: str(int(...)) refused it with a ValueError traceback.
+    huge = "9" * 5000
+    assert reference_problem(huge, "numeric") is None and normalize(huge, "numeric") == huge
+    assert grade(huge, huge, "numeric")
+    assert normalize("-0", "numeric") == "0" and normalize("1.000", "numeric") == "1"

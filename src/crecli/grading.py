@@ -62,6 +62,7 @@ _MAX_TOKENS: dict[str | None, int] = {
 
 # Absolute tolerance for numeric grading; answers here are integers or short decimals.
 NUMERIC_TOLERANCE = 1e-6
+_TOLERANCE = Decimal(str(NUMERIC_TOLERANCE))
 
 _EMPHASIS = re.compile(r"\*\*|__|`+")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
@@ -181,7 +182,9 @@ def grade(answer: str, reference: str | Sequence[str], match: str) -> bool:
         got = _pick_number(_segment(answer))
         if got is None:
             return False
-        return any(abs(float(got) - float(_reference_number(ref))) <= NUMERIC_TOLERANCE for ref in references)
+        # In Decimal, not float: 9007199254740993 and ...992 are one float, and two equal
+        # 400-digit numbers are both infinite, whose difference is NaN.
+        return any(abs(got - _reference_number(ref)) <= _TOLERANCE for ref in references)
     canonical = normalize(answer, match)
     if not canonical:
         return False
@@ -358,7 +361,9 @@ def _words_value(words: str, whole: bool) -> Decimal | None:
 
 def _canonical(value: Decimal) -> str:
     if value == value.to_integral_value():
-        return str(int(value))
+        # Not str(int(value)): Python refuses to write an int of over 4,300 digits, and a
+        # query log's reference may hold one. "-0" is 0.
+        return "0" if value == 0 else format(value.to_integral_value(), "f")
     return format(value.normalize(), "f")
 
 
