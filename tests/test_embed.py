@@ -102,6 +102,9 @@ def test_tfidf_errors() -> None:
         TfidfEmbedder(analyzer="word", min_df=1).fit(["!!!", "???"])
     with pytest.raises(ConfigError, match="analyzer"):
         TfidfEmbedder(analyzer="bytes").fit(TEXTS)
+    # One term shared by enough prompts: TruncatedSVD's ValueError was a traceback.
+    with pytest.raises(CreError, match="kept 1 term.*lower `min_df`"):
+        TfidfEmbedder(analyzer="word", min_df=2).fit(["apple pie", "apple tart", "apple cake"])
 
 
 def test_damaged_tfidf_state_is_refused() -> None:

@@ -185,6 +185,13 @@ class TfidfEmbedder(Embedder):
         except ValueError as exc:  # sklearn: "empty vocabulary; perhaps the documents only contain stop words"
             raise CreError(f"the tfidf embedder found no words to learn from: {exc}") from None
         X = self._stack(blocks)
+        if X.shape[1] < 2:
+            # TruncatedSVD needs two features; one shared term cannot tell prompts apart anyway.
+            raise CreError(
+                f"the tfidf embedder kept {X.shape[1]} term from {len(texts)} texts (min_df {self.min_df}, "
+                f"analyzer {self.analyzer!r}): too few to tell prompts apart; lower `min_df` or use "
+                "analyzer = \"word+char\" in models.toml's [embedder]"
+            )
         # SVD needs fewer components than both features and samples; beyond the rank, the
         # extra components would be noise.
         self.dims_ = int(max(1, min(self.dims, X.shape[1] - 1, X.shape[0] - 1)))
