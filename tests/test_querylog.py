@@ -277,6 +277,18 @@ def test_text_log(tmp_path: Path) -> None:
     ]
 
 
+def test_a_line_of_unicode_spaces_is_blank_not_an_empty_prompt(tmp_path: Path) -> None:
+    # bytes.strip() keeps a no-break space: the line became a prompt that strips to "".
+    path = write(tmp_path / "prompts.txt", "a\n\u00a0\u3000 \nb\n")
+    assert [(r.id, r.prompt) for r in read_log(path).records] == [("prompts:1", "a"), ("prompts:3", "b")]
+
+
+def test_a_key_given_twice_is_a_bad_line_not_a_lost_answer(tmp_path: Path) -> None:
+    path = write(tmp_path / "log.jsonl", '{"prompt": "q", "reference": "A"}\n{"prompt": "r", "reference": "A", "reference": "B"}\n')
+    with pytest.raises(InputError, match="log.jsonl:2.*'reference' appears twice"):
+        read_log(path)
+
+
 def test_text_log_non_utf8(tmp_path: Path) -> None:
     path = write(tmp_path / "prompts.txt", b"ok\nbad \x80 byte\n")
     with pytest.raises(InputError) as info:

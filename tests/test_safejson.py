@@ -16,6 +16,7 @@ from crecli import safejson
     ("1" * 5000, f"bad (a number longer than {sys.get_int_max_str_digits():,} digits); quote it as a string"),
     ('"\\ud800"', "lone surrogate \\ud800 is not valid Unicode; pair it or remove it"),
     ('{"meta": {"a": ["\\udc00"]}}', "lone surrogate \\udc00 in 'meta' is not valid Unicode; pair it or remove it"),
+    ('{"a": 1, "b": {"a": 2, "a": 3}}', "bad (the key 'a' appears twice in one object; keep one)"),
     ('{"\\ud800": 1}', "lone surrogate \\ud800 in '\\ud800' is not valid Unicode; pair it or remove it"),
 ])
 def test_loads_turns_every_failure_into_a_message(text: str, message: str) -> None:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, NoReturn
 from crecli import paths
 from crecli.errors import RouterFileError
 from crecli.fields import clean, show
-from crecli.safejson import has_surrogate
+from crecli.safejson import has_surrogate, unique_keys
 
 if TYPE_CHECKING:
     import numpy as np
@@ -308,7 +308,7 @@ def _manifest_body(path: Path, zf: zipfile.ZipFile) -> dict[str, Any]:
         raise RouterFileError(f"{path}: the router file has no {MANIFEST}; it is not a crecli router file")
     raw = _member_bytes(path, zf, zf.getinfo(MANIFEST), MAX_MANIFEST_BYTES)
     try:
-        manifest = json.loads(raw, parse_constant=_reject_constant)
+        manifest = json.loads(raw, parse_constant=_reject_constant, object_pairs_hook=unique_keys)
     except RecursionError:
         raise RouterFileError(
             f"{path}: {MANIFEST} is nested too deeply to be a router manifest; refusing to load it"

@@ -296,12 +296,26 @@ def _decode(raw: bytes) -> str:
         ) from None
 
 
+def _blank(raw: bytes) -> bool:
+    """A line of whitespace only, Unicode's included (a no-break space would otherwise be a
+    plain-text prompt that strips to nothing). Decoded only when it starts past ASCII."""
+    text = raw.strip()
+    if not text:
+        return True
+    if text[:1] < b"\x80":
+        return False
+    try:
+        return not text.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return False  # a bad line, reported as one
+
+
 def _line_rows(lines: _Lines, path: Path, fields: FieldMap,
                parse: Callable[[bytes, str, str], Record]) -> Iterator[_Row]:
     """A row per non-blank line, built by `parse(raw, record id, source)`; a line over the
     cap is a bad line, never read whole."""
     for line_no, raw in lines:
-        if isinstance(raw, bytes) and not raw.strip():
+        if isinstance(raw, bytes) and _blank(raw):
             continue
 
         def build(source: str, raw: bytes | LongLine = raw, line_no: int = line_no) -> Record:

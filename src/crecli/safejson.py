@@ -31,11 +31,25 @@ class JsonError(ValueError):
     """JSON text that cannot be read safely; the message says why, the caller says where."""
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's `object_pairs_hook` that refuses a key given twice in one object: `json.loads`
+    keeps the last silently, so `{"reference": "A", "reference": "B"}` lost an answer, and
+    a shared file could show one value to another reader and a different one to cre."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise JsonError(f"the key {key!r} appears twice in one object; keep one")
+        out[key] = value
+    return out
+
+
 def loads(text: str, what: str) -> Any:
-    """`json.loads` whose every failure is a JsonError starting with `what`, and whose strings
-    are all valid Unicode."""
+    """`json.loads` whose every failure is a JsonError starting with `what`, whose objects
+    give each key once (`unique_keys`), and whose strings are all valid Unicode."""
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=unique_keys)
+    except JsonError as exc:
+        raise JsonError(f"{what} ({exc})") from None
     except json.JSONDecodeError as exc:
         raise JsonError(f"{what} ({exc.msg} at column {exc.colno})") from None
     except RecursionError:
