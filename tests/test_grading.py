@@ -253,3 +253,13 @@ def test_numbers_past_a_floats_precision_and_pythons_int_text_limit_grade_exactl
     assert reference_problem(huge, "numeric") is None and normalize(huge, "numeric") == huge
     assert grade(huge, huge, "numeric")
     assert normalize("-0", "numeric") == "0" and normalize("1.000", "numeric") == "1"
+
+
+def test_exact_keeps_a_numbers_sign_and_a_references_whole_text_and_full_width_forms_read() -> None:
+    # Punctuation became spaces, the minus sign included: "-5" matched "5".
+    assert not grade("5", "-5", "exact") and grade("-5", "-5", "exact")
+    assert grade("well-known", "well known", "exact")  # a hyphen between words still separates
+    # A reference is the answer, not a reply: it was cut to its first line like one.
+    assert not grade("apple", "apple\nbanana", "exact")
+    # Full-width forms (common in CJK output) gave no letter, and 1 for "１，０００".
+    assert grade("（Ｂ）", "B", "choice") and grade("１，０００", "1000", "numeric")

@@ -5,7 +5,8 @@ grading (an answer is right when its canonical form matches a reference's) and
 self-consistency voting (two sampled answers vote together when their canonical forms are
 equal). Models rarely answer with the bare answer, so the rule for finding it is explicit.
 
-**The answer segment.** Markdown emphasis (`**`, `__`, backticks) is removed, then the
+**The answer segment.** Full-width forms are read as ASCII (NFKC: "（Ｂ）" is "(B)") and
+Markdown emphasis (`**`, `__`, backticks) is removed, then the
 first rule that applies picks the segment of the text that holds the answer:
   1. the contents of the first LaTeX `\\boxed{...}`;
   2. after the first explicit marker, "answer is", "answer:", "correct option is", ...
@@ -29,9 +30,10 @@ ignored, except by `contains` and `regex`, which look at the whole text.
     number right after the last "=", "is", "are", "equals", "was" or "were" wins ("The
     sum of 33 and 32 is 65."), else the first number in the segment; "" if none.
   - exact, contains, regex: normalised text (see `_text`): NFKC, accents dropped, lower
-    case, a leading "answer:"/"the answer is" dropped, apostrophes deleted, other
-    punctuation turned to spaces, whitespace collapsed. `exact` normalises the segment;
-    `contains` and `regex` the whole text.
+    case, a leading "answer:"/"the answer is" dropped, apostrophes deleted, a minus sign
+    starting a number kept ("-5" is not "5"), other punctuation turned to spaces,
+    whitespace collapsed. `exact` normalises the segment; `contains` and `regex` the whole
+    text. A reference is normalised whole, never cut to a segment: it is the answer.
   - None (unlabelled traffic): within the segment, the option letter if the segment is
     plainly an option (the leading forms above), else the number if the whole segment
     is one number (digits or words, trailing punctuation allowed), else normalised text.
@@ -218,6 +220,10 @@ def reference_problem(reference: str, match: str) -> str | None:
 
 @lru_cache(maxsize=4096)
 def _reference_form(reference: str, match: str) -> str:
+    # A reference is the answer itself, not a reply to pick one from: an exact reference is
+    # its whole text ("apple\nbanana" must not match "apple", its first line).
+    if match == "exact":
+        return _text(_EMPHASIS.sub("", reference))
     return normalize(reference, match)
 
 
@@ -239,7 +245,8 @@ def _unknown_match(match: object) -> str:
 
 
 def _segment(text: str) -> str:
-    text = _EMPHASIS.sub("", text).replace("\u2212", "-")
+    # NFKC: full-width forms ("（Ｂ）", "１，０００") read as their ASCII letters and digits.
+    text = _EMPHASIS.sub("", unicodedata.normalize("NFKC", text)).replace("\u2212", "-")
     boxed = _BOXED.search(text)
     if boxed:
         return boxed.group(1).strip()
@@ -368,12 +375,15 @@ def _canonical(value: Decimal) -> str:
 
 
 def _text(text: str) -> str:
-    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text))
+    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text)).replace("\u2212", "-")
     text = "".join(ch for ch in text if not unicodedata.combining(ch)).casefold()
     text = _LEADING_ANSWER.sub("", _strip_wrapping(text))
     out = []
-    for ch in text:
+    for i, ch in enumerate(text):
         if ch in "'\u2019":
             continue
-        out.append(" " if unicodedata.category(ch).startswith("P") else ch)
+        # A minus sign starting a number is part of it: "-5" is not "5". Other punctuation,
+        # hyphens between words included, separates words.
+        sign = ch == "-" and text[i + 1:i + 2].isdigit() and (i == 0 or text[i - 1].isspace())
+        out.append(" " if unicodedata.category(ch).startswith("P") and not sign else ch)
     return " ".join("".join(out).split())
