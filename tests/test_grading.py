@@ -263,3 +263,21 @@ def test_exact_keeps_a_numbers_sign_and_a_references_whole_text_and_full_width_f
     assert not grade("apple", "apple\nbanana", "exact")
     # Full-width forms (common in CJK output) gave no letter, and 1 for "１，０００".
     assert grade("（Ｂ）", "B", "choice") and grade("１，０００", "1000", "numeric")
+
+
+@pytest.mark.parametrize(("answer", "reference", "match"), [
+    # "answer" inside an explanation marked the rest of the line as the answer.
+    ("(B)\nThis answer is based on the passage.", "B", "choice"),
+    ("42 is the answer", "42", "numeric"),
+    ("I double-checked this answer carefully: 12", "12", "numeric"),
+    # What marks an answer still does.
+    ("Answer B", "B", "choice"),
+    ("Reasoning first. The answer is 12.", "12", "numeric"),
+    ("Final answer: 7", "7", "numeric"),
+    ("Hmm, the correct answer would be (C).", "C", "choice"),
+    ("Answer:\nB", "B", "choice"),
+    ("So my answer is: Paris", "paris", "exact"),
+    ("the final answer\n9", "9", "numeric"),
+])
+def test_the_word_answer_marks_an_answer_only_where_it_is_said_to_be_one(answer: str, reference: str, match: str) -> None:
+    assert grade(answer, reference, match)

@@ -9,9 +9,10 @@ equal). Models rarely answer with the bare answer, so the rule for finding it is
 Markdown emphasis (`**`, `__`, backticks) is removed, then the
 first rule that applies picks the segment of the text that holds the answer:
   1. the contents of the first LaTeX `\\boxed{...}`;
-  2. after the first explicit marker, "answer is", "answer:", "correct option is", ...
-     (see `_MARKER`), to the end of that line, or the next non-empty line when the marker
-     ends its line ("Answer:\\nB");
+  2. after the first explicit marker, "the answer is", "answer:", "correct option is", ...
+     (see `_MARKER`: "answer" in an explanation, "this answer is based on", is no marker),
+     to the end of that line, or the next non-empty line when the marker ends its line
+     ("Answer:\\nB"); a marker with nothing after it ("42 is the answer") falls to rule 3;
   3. otherwise the first non-empty line, or the second when the first only introduces it
      ("Here are the words sorted:"). When that line is a list item ("- x", "1. x"), the
      whole run of list items is the segment, bullets dropped, so a list of sorted words
@@ -68,10 +69,18 @@ _TOLERANCE = Decimal(str(NUMERIC_TOLERANCE))
 
 _EMPHASIS = re.compile(r"\*\*|__|`+")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+_COPULA_WORDS = r"(?:is|would\s+be|should\s+be|will\s+be)\b"
+_QUALIFIER = r"(?:final|correct|right|best)\s+"
+# "answer" marks the answer only where it is said to be one: starting a line ("Answer: B",
+# "Answer B", "Final answer\nB"), before ":" or "=", or after "the"/"my"/a qualifier with
+# "is" ("The answer is 12", "the correct answer would be (B)"). Anywhere else it is a word
+# of the explanation: "This answer is based on the passage" marks nothing.
 _MARKER = re.compile(
-    r"\b(?:(?:final|correct|right)\s+)?answer\b(?:\s+(?:is|would\s+be|should\s+be|will\s+be))?\s*[:=\-]?[ \t]*"
+    rf"^[ \t]*(?:{_QUALIFIER})?answer\b(?:\s+{_COPULA_WORDS})?\s*[:=\-]?[ \t]*"
+    rf"|\b(?:{_QUALIFIER})?answer\s*[:=][ \t]*"
+    rf"|\b(?:(?:the|my|our)\s+(?:{_QUALIFIER})?|{_QUALIFIER})answer(?:\s+{_COPULA_WORDS}\s*[:=\-]?|[ \t]*$)[ \t]*"
     r"|\b(?:correct|right)\s+(?:option|choice|letter)\b(?:\s+is)?\s*[:=\-]?[ \t]*",
-    re.IGNORECASE,
+    re.IGNORECASE | re.MULTILINE,
 )
 _LIST_ITEM = re.compile(r"^\s*(?:[-*\u2022]|\d{1,3}[.)])\s+(.*)$")
 _QUOTES = "\"'\u201c\u201d\u2018\u2019\u00ab\u00bb"
@@ -256,7 +265,8 @@ def _segment(text: str) -> str:
         line, _, after = rest.partition("\n")
         if line.strip():
             return line.strip()
-        return _first_line(after)
+        # Nothing after it ("42 is the answer"): the marker ended the reply, not began it.
+        return _first_line(after) or _first_line(text)
     return _first_line(text)
 
 
