@@ -221,9 +221,13 @@ def reference_problem(reference: str, match: str) -> str | None:
         except re.error as exc:
             return f"reference {reference!r} is not a valid regular expression ({exc})"
         return None
-    if not normalize(reference, match):
+    if not _reference_form(reference, match):
         kind = {"choice": "option letter", "numeric": "number"}.get(match, "text")
         return f"reference {reference!r} holds no {kind} for match {match!r}"
+    if match == "numeric" and len(_numbers(_segment(reference))) > 1:
+        # "3/4" read as 3, and "between 3 and 5" as 3: an answer of 3 was graded right.
+        return (f"reference {reference!r} holds more than one number for match 'numeric'; give the one "
+                "number (a fraction as a decimal, 0.75), or several accepted answers as a list")
     return None
 
 

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
+import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
@@ -402,8 +403,13 @@ def _reference(value: Any, name: str) -> list[str] | None:
     for item in items:
         if isinstance(item, str):
             out.append(item)
-        elif isinstance(item, (int, float)) and not isinstance(item, bool):
-            out.append(json.dumps(item))
+        elif isinstance(item, int) and not isinstance(item, bool):
+            out.append(str(item))
+        elif isinstance(item, float):
+            # Written out, not in Python's exponent form: 0.00001 is "1e-05", which reads as 1.
+            if not math.isfinite(item):
+                raise _Bad(f"{name!r} holds {item!r}, which is no answer; give a finite number")
+            out.append(format(Decimal(repr(item)), "f"))
         else:
             raise _Bad(f"{name!r} must be a string, a number or a list of them; found {json_type(item)}")
     return out
