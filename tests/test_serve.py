@@ -721,3 +721,47 @@ def test_the_soak_bench_runs_cre_serve_through_every_kind_of_client() -> None:
     assert result.returncode == 0 and all(summary["goals"].values()), (summary["goals"], result.stderr[-2000:])
     assert summary["normal"]["answered"] > 0 and summary["slow_headers"]["replies"].get("408", 0) > 0
     assert summary["slow_bodies"]["replies"].get("408", 0) > 0 and summary["health"]["polls"] > 0
+
+
+def test_a_stream_past_its_deadline_waits_for_a_claimed_answer_without_spinning(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Past the deadline, a job that has claimed its answer (it is being recorded, and will be
+    # sent) cannot be cancelled: the stream looped on asyncio.wait(timeout=0), spinning the
+    # event loop that every other request shares until the job was done.
+    import asyncio
+
+    from crecli import openai_wire as wire
+    from crecli.models.backend import Generation
+    from crecli.serve_app import App
+    from crecli.serve_worker import Ticket
+
+    query = wire.parse_chat(wire.parse_json(b'{"model": "small", "messages": [{"role": "user", "content": "hi"}], "stream": true}'))
+    answer = wire.direct_answer("small", Generation("yes", 3, 1, 0.5, "stop"), 0.25, "seconds", query.stop)
+    waits = 0
+    real_wait = asyncio.wait
+
+    async def counted(*args: Any, **kw: Any) -> Any:
+        nonlocal waits
+        waits += 1
+        return await real_wait(*args, **kw)
+
+    monkeypatch.setattr(asyncio, "wait", counted)
+
+    class Host:
+        async def result(self, query: Any, future: Any) -> Any:
+            return await future
+
+        def timed_out(self) -> Exception:
+            raise AssertionError("a claimed answer is sent, not timed out")
+
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        ticket = Ticket(deadline=time.monotonic() - 1)
+        assert ticket.claim()
+        future: asyncio.Future[Any] = loop.create_future()
+        loop.call_later(0.3, future.set_result, answer)
+        pieces: asyncio.Queue[str] = asyncio.Queue()
+        events = App.stream_on(Host(), query, ticket, future, pieces, "ye", ticket.deadline, "id", 7, "small")  # type: ignore[arg-type]
+        return [event async for event in events]
+
+    events = asyncio.run(main())
+    assert events[-1] == "data: [DONE]\n\n" and waits <= 3, waits

@@ -363,12 +363,13 @@ class App:
         """The events after the first piece: each piece as it comes, then the end (or an error
         event). A client that leaves cancels this generator (Starlette), which gives the
         request up: its job stops."""
+        claimed = False
         try:
             yield stream_chunk(query, model, rid, created, head, role=True)
             while True:
                 getter = asyncio.ensure_future(pieces.get())
-                done, _ = await asyncio.wait({getter, future}, timeout=max(0.0, deadline - time.monotonic()),
-                                             return_when=asyncio.FIRST_COMPLETED)
+                wait = None if claimed else max(0.0, deadline - time.monotonic())
+                done, _ = await asyncio.wait({getter, future}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
                     yield stream_chunk(query, model, rid, created, getter.result())
                     continue
@@ -382,6 +383,9 @@ class App:
                     for event in stream_error(self.timed_out()):
                         yield event
                     return
+                # Past the deadline, but the job has claimed its answer (it is being recorded
+                # and will be sent): wait for it, not on a timeout of 0 that spun the loop.
+                claimed = True
             while not pieces.empty():  # pieces the job handed over before it ended
                 yield stream_chunk(query, model, rid, created, pieces.get_nowait())
             try:
