@@ -765,3 +765,29 @@ def test_a_stream_past_its_deadline_waits_for_a_claimed_answer_without_spinning(
 
     events = asyncio.run(main())
     assert events[-1] == "data: [DONE]\n\n" and waits <= 3, waits
+
+
+def test_stopping_the_worker_gives_up_its_running_jobs_and_waits_for_them() -> None:
+    # A second Ctrl-C skips uvicorn's drain; the models were then closed under jobs still
+    # decoding on them. `serve_forever` stops the worker first: each job is cancelled and
+    # has stopped when `stop` returns.
+    from crecli import cancel
+    from crecli.serve_worker import Ticket
+
+    worker = Worker(max_queue=2, capacity=1)
+    started = threading.Event()
+    ended: list[str] = []
+
+    def job() -> None:
+        started.set()
+        try:
+            while True:
+                cancel.check()
+                time.sleep(0.01)
+        finally:
+            ended.append("stopped")
+
+    future = worker.submit(job, Ticket())
+    assert started.wait(10)
+    worker.stop()
+    assert ended == ["stopped"] and future.done() and worker.running == 0

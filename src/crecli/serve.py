@@ -259,7 +259,8 @@ def serve_forever(
     """
     import signal
 
-    server = make_server(create_app(cascade, options, name=name, served=served), options)
+    app = create_app(cascade, options, name=name, served=served)
+    server = make_server(app, options)
     if threading.current_thread() is not threading.main_thread():
         server.run(sockets=[sock])  # signals reach only the main thread; the caller stops it
         return
@@ -270,3 +271,6 @@ def serve_forever(
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+        # A second Ctrl-C skips uvicorn's drain and the app's shutdown: jobs may still be
+        # computing, and the caller closes the models next. Stop them first.
+        app.state.worker.stop()

@@ -136,6 +136,7 @@ class Worker:
         self._executor = ThreadPoolExecutor(max_workers=self.limit, thread_name_prefix="cre-job")
         self._lock = threading.Lock()
         self._admitted = 0
+        self._tickets: set[Ticket] = set()  # of the admitted jobs, for `stop`
         self._mean_seconds = 1.0  # of recent jobs, for Retry-After
 
     @property
@@ -167,6 +168,7 @@ class Worker:
                     headers={"Retry-After": self._retry_after()},
                 )
             self._admitted += 1
+            self._tickets.add(ticket)
 
         def run() -> Any:
             if ticket.is_set():
@@ -184,15 +186,27 @@ class Worker:
         future = self._executor.submit(run)
         # The slot frees when the job really ends (or is dropped unstarted), not when its
         # request gives up: a cancelled job still holds its place until it has stopped.
-        future.add_done_callback(self._release)
+        future.add_done_callback(lambda _: self._release(ticket))
         return future
 
-    def _release(self, _: "Future[Any]") -> None:
+    def _release(self, ticket: Ticket) -> None:
         with self._lock:
             self._admitted -= 1
+            self._tickets.discard(ticket)
 
     def close(self) -> None:
+        """Wait for the jobs admitted (after a drain, none is left)."""
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def stop(self) -> None:
+        """Give up every admitted job and wait for each to stop where it stands: the models
+        they compute on are closed next, and a model freed under a running decode crashes
+        the process (`cre serve` on a second Ctrl-C, which skips the drain)."""
+        with self._lock:
+            tickets = list(self._tickets)
+        for ticket in tickets:
+            ticket.cancel()
+        self.close()
 
 
 # ---------------------------------------------------------------- jobs
