@@ -202,3 +202,23 @@ def test_shared_examples_are_priced_once_per_batch() -> None:
     pricing = costs.CostModel("bench-seconds", {}, {}, {"m": (10.0, 1.0)})
     assert pricing.votes(resolved[("a", "m")]) == [pytest.approx(1.0 + 2.0)]
     assert pricing.prefix_of(resolved[("a", "m")]) == pytest.approx(3.0)
+
+
+def test_a_query_with_an_exemplars_prompt_under_another_id_is_never_scored_on_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Held out by id only, a second line with an exemplar's prompt was scored right after
+    # being shown its own question answered, inflating the count of examples it chose.
+    from types import SimpleNamespace
+
+    from crecli import outcomes
+    from crecli.quality import QualityCheck
+    from crecli.querylog import Record
+    from crecli.shots import choose_shots
+
+    asked: list[str] = []
+    monkeypatch.setattr(outcomes, "collect", lambda scored, *a, **k: asked.extend(r.id for r in scored) or {})
+    records = [Record(id=f"q{i}", prompt=f"What is {i} plus 1?", reference=[str(i + 1)], match="numeric") for i in range(5)]
+    records.append(Record(id="again", prompt="What is 0 plus 1? ", reference=["1"], match="numeric"))
+    settings = SimpleNamespace(ladder=["small"])
+    plan = choose_shots(records, {r.id: 0 for r in records}, settings, None, QualityCheck(k=1), {}, [0, 1])  # type: ignore[arg-type]
+    assert plan.exemplars[0][0][0] == "What is 0 plus 1?"
+    assert "again" in plan.held_out and "again" not in asked and asked

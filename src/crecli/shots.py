@@ -130,8 +130,8 @@ def choose_shots(
     Each cluster's exemplars are `pick_exemplars` of its records. Every other record of the
     cluster is answered with the first n of them for each n in `counts` (the store records
     these, grouped by cluster), and the n with the most right answers wins; ties go to
-    fewer examples, the cheaper prompt. An exemplar query is never scored on its own
-    examples; it is left out of the choice.
+    fewer examples, the cheaper prompt. An exemplar query, or one with an exemplar's prompt
+    under another id, is never scored on its own examples; it is left out of the choice.
     """
     from crecli import outcomes as outcomes_mod
 
@@ -150,6 +150,10 @@ def choose_shots(
             continue
         exemplars[cid] = [[r.prompt.strip(), str(exemplar_answer(r))] for r in chosen]
         held_out.update(r.id for r in chosen)
+    # A query whose prompt is an example's, under another id, would be scored after seeing
+    # its own answer: out too, by the rule `replay.prepare` applies to a router's examples.
+    shown_prompts = {prompt for examples in exemplars.values() for prompt, _ in examples}
+    held_out.update(r.id for r in records if r.prompt.strip() in shown_prompts)
     scored = [r for r in records if clusters[r.id] in exemplars and r.id not in held_out]
     shown: dict[int, Mapping[OutcomeKey, Outcome]] = {0: base}
     for n in sorted(set(counts) - {0}):
