@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from crecli import config, routerfile
 from crecli.deferral import auroc, fit_logistic
 from crecli.cli import app
-from crecli.errors import RouterFileError
+from crecli.errors import CreError, RouterFileError
 from crecli.models.backend import GenParams, Signals
 from crecli.outcomes import OutcomeStore, Vote, collect, prompt_sha256, settings_key
 from crecli.quality import (
@@ -347,3 +347,31 @@ def test_a_router_drawing_more_deferral_votes_than_its_fit_recorded_is_refused(t
     routerfile.save(router, path)
     with pytest.raises(RouterFileError, match="draws 3 votes where the fit recorded 1"):
         routerfile.load(path, settings)
+
+
+def test_a_label_for_the_top_rung_replays_under_the_deferral_check() -> None:
+    """The top rung's answer is final and greedy: a correctness label is its one vote. The
+    replay refused labels on every rung once P(correct) was in play, so a log labelling the
+    strongest model could not be calibrated or evaluated with the default check."""
+    from crecli.replay import Replay, _Entry
+
+    ladder = ["small", "big"]
+    records = [Record(id=f"q{i}", prompt=f"p{i}", reference=["1"], match="numeric") for i in range(2)]
+    entries = {
+        ("q0", "small"): _Entry(("2",), (False,), (1.0,), None, False),
+        ("q0", "big"): _Entry((), (True,), (4.0,), None, False),  # a label: right
+        ("q1", "small"): _Entry(("1",), (True,), (1.0,), None, False),
+        ("q1", "big"): _Entry((), (False,), (4.0,), None, False),
+    }
+    replay = Replay(entries, records, ladder, "bench-seconds")
+    p = {("q0", "small"): 0.1, ("q1", "small"): 0.9}
+    result = replay.simulate({"q0": "small", "q1": "small"}, {"small": 0.5, "big": 0.0}, QualityCheck(k=1),
+                             p_correct=p, votes=1)
+    by = {t.query_id: t for t in result.traces}
+    assert by["q0"].model == "big" and by["q0"].correct and by["q1"].model == "small" and result.accuracy == 1.0
+    # A label below the top, where P(correct) must judge a recorded answer, is still refused.
+    entries[("q1", "small")] = _Entry((), (True,), (1.0,), None, False)
+    with pytest.raises(CreError, match="deferral check cannot be replayed"):
+        Replay(entries, records, ladder, "bench-seconds").simulate(
+            {"q0": "small", "q1": "small"}, {"small": 0.5, "big": 0.0}, QualityCheck(k=1), p_correct=p, votes=1)
+

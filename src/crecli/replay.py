@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 from crecli import console, grading
 from crecli.costs import CostModel, share_prefixes
 from crecli.errors import CreError
-from crecli.ladder import Climb, Policy, Rung, Verdict, walk
+from crecli.ladder import DEFERRAL, Climb, Policy, Rung, Verdict, walk
 from crecli.outcomes import graded
 from crecli.quality import deferral_features, needed
 from crecli.shots import resolve_shots
@@ -227,7 +227,9 @@ class RecordedVotes:
 
     def more(self, count: int) -> Sequence[str]:
         entry, rung = self.entry, self.rung
-        deferral = self.p_table is not None
+        # Only a rung that runs the deferral check reads P(correct): the top rung's greedy
+        # answer and a deferral router's agreement rungs take votes as the agreement check does.
+        deferral = self.p_table is not None and rung.check == DEFERRAL
         if not entry.answers:
             if deferral:
                 raise CreError(
