@@ -142,8 +142,10 @@ def check(
     and tests."""
     shown = tuple((str(q), str(a)) for q, a in shots)
     if deferral is not None:
-        rung = Rung(backend.spec.name, DEFERRAL, threshold, False, votes=max(1, votes_wanted), deferral=deferral,
-                    prior=prior, shots=shown, max_tokens=max_tokens)
+        # k and early stopping as `Policy.rungs` gives them: an answer without log-probabilities
+        # falls back to the agreement check on k votes, as in the cascade.
+        rung = Rung(backend.spec.name, DEFERRAL, threshold, False, settings.k, settings.early_stop,
+                    votes=max(1, votes_wanted), deferral=deferral, prior=prior, shots=shown, max_tokens=max_tokens)
     else:
         rung = Rung(backend.spec.name, AGREEMENT, threshold, False, settings.k, settings.early_stop,
                     shots=shown, max_tokens=max_tokens)
