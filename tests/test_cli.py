@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from crecli import __version__
 from crecli.cli import app
+from support.hostile import Run
 
 runner = CliRunner()
 HEAVY = ("numpy", "umap", "hdbscan", "llama_cpp", "sklearn", "numba")
@@ -118,3 +119,17 @@ def test_models_list_table_goes_to_stdout_hints_to_stderr() -> None:
 
 def test_python_dash_m_works() -> None:
     assert "Usage: cre" in run("--help").stdout or "Usage: python -m crecli" in run("--help").stdout
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_prompt_argument_that_is_not_utf8_is_refused(
+    routed: bool, tiny_models_toml: Path, saved_router: Path, fake_backends: Callable[..., dict], cre: Callable[..., Run]
+) -> None:
+    # `cre ask "$(printf 'caf\xe9?')"`: Python holds the byte as a lone surrogate, which the
+    # tokenizer could not encode (a UnicodeEncodeError traceback); stdin's bytes were checked.
+    created = fake_backends({"small": {"caf": "yes"}, "medium": {"caf": "yes"}, "large": {"caf": "yes"}})
+    how = ["--router", str(saved_router)] if routed else ["--model", "small"]
+    result = cre("ask", "caf\udce9?", *how, "--models", tiny_models_toml)
+    assert result.code == 1 and result.out == "", result.err
+    assert result.err.startswith("Error: the prompt argument is not UTF-8 text (character 4)")
+    assert all(not backend.calls for backend in created.values())

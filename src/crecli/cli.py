@@ -537,12 +537,20 @@ def log_(
 
 
 def _read_prompt(prompt: str) -> str:
+    from crecli.safejson import SURROGATE
+
     if prompt == "-":
         data = sys.stdin.buffer.read()
         try:
             prompt = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise CreError(f"stdin: not UTF-8 text (byte {exc.start}); convert it first, e.g. with iconv") from None
+    elif (bad := SURROGATE.search(prompt)) is not None:
+        # Python holds argument bytes that are not UTF-8 as lone surrogates, which no model's
+        # tokenizer (nor the served-query log) can encode: refuse them as stdin's are refused.
+        raise CreError(
+            f"the prompt argument is not UTF-8 text (character {bad.start() + 1}); convert it first, e.g. with iconv"
+        )
     if not prompt.strip():
         raise CreError("the prompt is empty; pass text or - with text on stdin")
     return prompt
