@@ -133,3 +133,10 @@ def test_prompt_argument_that_is_not_utf8_is_refused(
     assert result.code == 1 and result.out == "", result.err
     assert result.err.startswith("Error: the prompt argument is not UTF-8 text (character 4)")
     assert all(not backend.calls for backend in created.values())
+
+
+def test_fit_seed_beyond_numpy_range_is_bad_usage(tmp_path: Path) -> None:
+    # numpy's RandomState (TruncatedSVD, UMAP) takes seeds below 2**32: a larger one crashed
+    # after the log was read; now Click refuses it before anything runs.
+    result = runner.invoke(app, ["fit", str(tmp_path / "missing.jsonl"), "--seed", str(2**32)])
+    assert result.exit_code == 2 and "4294967296" in result.output and "4294967295" in result.output, result.output
