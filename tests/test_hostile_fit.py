@@ -274,3 +274,28 @@ def test_running_models_reports_progress_in_a_log(tiny_models_toml, fake_backend
     err = capsys.readouterr().err
     assert "small: 3 queries to run" in err
     assert "small: 1/3 queries" in err and "small: 3/3 queries in " in err
+
+
+def test_calibrate_and_eval_skip_bad_lines_or_not_whatever_the_fit_did(
+    cre, router, saved_router, tiny_models_toml, four_fakes, tmp_path
+) -> None:
+    # The error said "pass --skip-bad", which `cre calibrate` lacked, and `cre eval --skip-bad`
+    # could only turn skipping on: a router fitted with --skip-bad could not be made to stop.
+    from dataclasses import replace
+
+    from crecli import routerfile
+    from crecli.querylog import LogOptions
+    from support.logs import write_sums_log
+
+    log = write_sums_log(tmp_path / "bad.jsonl", 12)
+    log.write_text(log.read_text() + "{not json\n")
+    m = ("--models", tiny_models_toml)
+    refused(cre("calibrate", saved_router, *m, "--log", log, "--folds", "2"), "bad.jsonl:13", "--skip-bad")
+    run = cre("calibrate", saved_router, *m, "--log", log, "--folds", "2", "--skip-bad", "-o", tmp_path / "c.cre")
+    assert run.code == 0 and "Skipped 1 bad line" in run.err, run
+    skipping = tmp_path / "skipping.cre"
+    routerfile.save(replace(router, fit=replace(router.fit, reader=LogOptions(skip_bad=True))), skipping)
+    assert cre("eval", log, "--router", skipping, *m).code == 0
+    refused(cre("eval", log, "--router", skipping, *m, "--no-skip-bad"), "bad.jsonl:13", "--skip-bad")
+    run = cre("calibrate", skipping, *m, "--log", log, "--folds", "2", "--no-skip-bad", "-o", tmp_path / "d.cre")
+    refused(run, "bad.jsonl:13")

@@ -456,6 +456,7 @@ def run(
     log: Path | None = None,
     output: Path | None = None,
     store: Path | None = None,
+    skip_bad: bool | None = None,
     max_line_bytes: int | None = None,
     n_folds: int = 5,
     seed: int = 0,
@@ -464,7 +465,8 @@ def run(
     votes: int = 1,
     unit: str | None = None,
 ) -> tuple[Calibration, Path]:
-    """`cre calibrate`: load the router, read its log as the fit did, recalibrate, write it.
+    """`cre calibrate`: load the router, read its log as the fit did (`skip_bad` and
+    `max_line_bytes` override when given), recalibrate, write it.
 
     Outputs are checked before any work. Returns the calibration and where the router went.
     """
@@ -480,6 +482,8 @@ def run(
     keep = [("the query log", log), (paths.KEEP_STORE, store), *[("a models.toml", Path(f)) for f in settings.sources]]
     paths.check_output(target, "-o", keep)
     reader = router.fit.reader
+    if skip_bad is not None:
+        reader = replace(reader, skip_bad=skip_bad)
     if max_line_bytes is not None:
         reader = replace(reader, fields=replace(reader.fields, max_line_bytes=max_line_bytes))
     data = prepare(router, settings, log, store, reader, unit)

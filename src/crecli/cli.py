@@ -18,7 +18,9 @@ import typer
 
 from crecli import __version__
 from crecli.cli_models import models_app
-from crecli.cli_options import CostUnitOpt, JsonOpt, ModelsOpt, NoLogOpt, RouterOpt, finite, load_models, resolve_router
+from crecli.cli_options import (
+    CostUnitOpt, JsonOpt, ModelsOpt, NoLogOpt, RouterOpt, SkipBadOpt, finite, load_models, resolve_router,
+)
 from crecli.errors import CreError
 from crecli.costs import DEFAULT_RETAIN
 from crecli.quality import DEFAULT_CHECK, DEFAULT_FIT_VOTES, MAX_TEMPERATURE, MAX_VOTES
@@ -201,6 +203,7 @@ def calibrate(
     models: ModelsOpt = None,
     store: Annotated[Optional[Path], typer.Option(help="Outcome store (default: the one `cre fit` uses).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Warn instead of failing when local model files differ from the router's.")] = False,
+    skip_bad: SkipBadOpt = None,
     max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, help="Longest log line (and so prompt) to read, in bytes (default: what `cre fit` was given).", show_default=False)] = None,
     check: Annotated[str, typer.Option(help="Quality check: 'deferral' (a logistic P(correct) model per rung on the greedy answer's own signals; a rung without log-probabilities gets the agreement check, with a warning) or 'agreement' (self-consistency votes; needs a fit with --k above 1).")] = DEFAULT_CHECK,
     votes: Annotated[int, typer.Option(min=1, help="With --check deferral: votes a rung draws (1: the greedy answer alone; more adds their agreement as a signal).")] = 1,
@@ -210,7 +213,8 @@ def calibrate(
     """Re-choose each cluster's model and each model's quality-check threshold for a target.
 
     Works from recorded outcomes: no model runs unless an outcome is missing. The log is
-    read as `cre fit` read it (format, field names, --skip-bad, line cap). Each setting is
+    read as `cre fit` read it (format, field names, --skip-bad, line cap; --skip-bad or
+    --no-skip-bad and --max-prompt-bytes override). Each setting is
     scored held out (cross-validation) and in sample (its models chosen on all queries);
     the setting is chosen on the mean of the two. It prints the held-out accuracy-cost
     frontier, marks the chosen point, and prints the estimate it was chosen on. Every cost
@@ -228,7 +232,7 @@ def calibrate(
 
     settings, budget = load_models(models), _budget(retain, max_cost)
     cal, target = calibration.run(
-        router, settings, budget, log=log, output=output, store=store, max_line_bytes=max_prompt_bytes,
+        router, settings, budget, log=log, output=output, store=store, skip_bad=skip_bad, max_line_bytes=max_prompt_bytes,
         n_folds=folds, seed=seed, force=force, check=check, votes=votes, unit=cost_unit,
     )
     reports.calibration(cal, target, json_)
@@ -242,7 +246,7 @@ def eval_(
     store: Annotated[Optional[Path], typer.Option(help="Outcome store (default: the one `cre fit` uses).", show_default=False)] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write an accuracy-against-cost chart (.svg, or .png with matplotlib installed).", show_default=False)] = None,
     live: Annotated[bool, typer.Option("--live", help="Also run the real cascade on every query and compare it with the replay.")] = False,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip bad lines instead of stopping (default: what `cre fit` was given).")] = False,
+    skip_bad: SkipBadOpt = None,
     max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, help="Longest log line (and so prompt) to read, in bytes (default: what `cre fit` was given).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Warn instead of failing when local model files differ from the router's.")] = False,
     cost_unit: CostUnitOpt = None,
@@ -252,7 +256,8 @@ def eval_(
     routing at equal cost, routing without the quality check, the cascade without clusters,
     and the oracle.
 
-    The log is read as `cre fit` read its log (format, field names, line cap). The cascade
+    The log is read as `cre fit` read its log (format, field names, --skip-bad, line cap;
+    --skip-bad or --no-skip-bad and --max-prompt-bytes override). The cascade
     is replayed on recorded, seeded votes (missing ones are collected first); --live runs it
     for real as well and reports the replay's accuracy beside it. Costs in bench-seconds are
     priced at this machine's `cre models bench` speeds; when those are over 6 hours old it
