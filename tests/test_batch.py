@@ -362,6 +362,18 @@ def test_cli_batch_stdin_resume_and_json_summary(
     assert (summary["lines"], summary["skipped"], summary["answered"], summary["errors"]) == (3, 2, 1, 0)
 
 
+def test_cli_batch_dash_reads_stdin(
+    fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `cre batch -` opened a file named "-", though the refusal of a device offers "- for stdin".
+    install(fake_backends, TABLE)
+    monkeypatch.chdir(tmp_path)  # no file named "-" here
+    result = _batch(["-", "--router", str(saved_router)], tiny_models_toml, jl(id="a", prompt=ADD))
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ["a"]
+
+
 def test_field_names_can_be_mapped(fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade) -> None:
     install(fake_backends, TABLE)
     fields = FieldMap(prompt="question", reference="gold", id="key")

@@ -364,7 +364,7 @@ PARALLEL_DEFAULT = 1
 
 @app.command()
 def batch(
-    file: Annotated[Optional[Path], typer.Argument(help="Prompts, one per line: JSONL objects or plain text (default: stdin).", show_default=False)] = None,
+    file: Annotated[Optional[Path], typer.Argument(help="Prompts, one per line: JSONL objects or plain text (default, or -: stdin).", show_default=False)] = None,
     router: RouterOpt = None,
     models: ModelsOpt = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="An earlier output file: skip the ids it already answered.", show_default=False)] = None,
@@ -430,7 +430,9 @@ def batch(
     router_path = resolve_router(router)
     served = servedlog.for_command("batch", no_log, router_path)
     with Cascade.from_file(router_path, models, force=force, memory_budget_bytes=budget, parallel=parallel) as cascade:
-        if file is None:
+        # "-" is stdin, as for `cre ask -` and as the error below offers. (pathlib reads "./-"
+        # as "-" too: a file of that name is given by its absolute path, or on stdin.)
+        if file is None or str(file) == "-":
             summary = run_batch(sys.stdin.buffer, sys.stdout, cascade, done, source="<stdin>", fields=fields, served=served)
         else:
             from crecli.querylog import open_input
