@@ -140,3 +140,13 @@ def test_fit_seed_beyond_numpy_range_is_bad_usage(tmp_path: Path) -> None:
     # after the log was read; now Click refuses it before anything runs.
     result = runner.invoke(app, ["fit", str(tmp_path / "missing.jsonl"), "--seed", str(2**32)])
     assert result.exit_code == 2 and "4294967296" in result.output and "4294967295" in result.output, result.output
+
+
+def test_stdout_that_cannot_be_written_is_one_error_line() -> None:
+    # Typer ends a broken pipe quietly but re-raised other OSErrors: a traceback.
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "crecli", "models", "list", "--json"], stdout=full,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "No space left on device" in result.stderr

@@ -19,6 +19,7 @@ read with `querylog.read_lines`, so an over-cap line is skipped in chunks, never
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -226,24 +227,34 @@ class _OrderedWriter:
     def put(self, line: int, record: dict[str, Any] | None) -> None:
         """`record` None marks a line that produces no output (skipped by --resume)."""
         self.ready[line] = record
-        wrote = False
+        text = []
         while self.next in self.ready:
             rec = self.ready.pop(self.next)
             if rec is not None:
-                self.out.write(_json_line(rec))
-                wrote = True
+                text.append(_json_line(rec))
             self.next += 1
-        if wrote:
-            self.out.flush()
+        if text:
+            self._write("".join(text))
 
     def flush_ready(self) -> None:
         """Write every finished record still waiting for an earlier line (on Ctrl-C: that
         line will not come in this run, and `--resume` finds these by id)."""
-        for line in sorted(self.ready):
-            rec = self.ready.pop(line)
-            if rec is not None:
-                self.out.write(_json_line(rec))
-        self.out.flush()
+        text = [_json_line(rec) for line in sorted(self.ready) if (rec := self.ready[line]) is not None]
+        self.ready.clear()
+        self._write("".join(text))
+
+    def _write(self, text: str) -> None:
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:
+                raise  # the reader left (`cre batch ... | head`): Typer ends the run quietly
+            # The lines written before stay; `--resume` starts a cut last line afresh.
+            raise CreError(
+                f"cannot write the results ({exc.strerror or exc}); once that is fixed, "
+                "`cre batch --resume` with the file they went to answers the lines not written"
+            ) from None
 
 
 def _json_line(record: dict[str, Any]) -> str:

@@ -580,12 +580,48 @@ def main() -> None:
     try:
         app()
     except CreError as exc:
-        from rich.text import Text
-
-        from crecli.console import err
-
-        err().print(Text.assemble(("Error:", "bold red"), " ", str(exc)), soft_wrap=True)
+        _silence_stdout_if_broken()
+        _error(str(exc))
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        # Typer ends a broken pipe itself (exit 1, no message) but re-raises any other
+        # OSError: most often stdout that cannot take the output (a full disk, /dev/full).
+        what = exc.strerror or str(exc)
+        if _silence_stdout_if_broken():
+            _error(f"cannot write the output to stdout ({what})")
+        elif exc.filename:
+            _error(f"{exc.filename}: {what}")
+        else:
+            # A failed write drops what was buffered, so stdout often flushes fine afterwards:
+            # no file is named, but reading or writing one (stdout most likely) failed.
+            _error(f"input or output failed: {what}")
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.stderr.write("Interrupted.\n")
         sys.exit(130)
+
+
+def _error(message: str) -> None:
+    from rich.text import Text
+
+    from crecli.console import err
+
+    err().print(Text.assemble(("Error:", "bold red"), " ", message), soft_wrap=True)
+
+
+def _silence_stdout_if_broken() -> bool:
+    """Whether stdout cannot be written; if so it is pointed at /dev/null, since Python's
+    own flush at exit would fail again and print a second error, with a traceback."""
+    import os
+
+    try:
+        sys.stdout.flush()
+        return False
+    except OSError:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # no file descriptor behind stdout (a test's buffer)
+            pass
+        return True
