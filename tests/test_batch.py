@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from crecli import config, routerfile
 from crecli.batch import BatchSummary, parse_size, read_done_ids, run_batch
 from crecli.cli import app
-from crecli.errors import BackendError, CreError, InputError, ModelNotAvailable
+from crecli.errors import BackendError, CreError, InputError, ModelNotAvailable, UsageError
 from crecli.escalate import Cascade
 from crecli.models.backend import GenParams
 from crecli.models.fake import FakeBackend
@@ -322,7 +322,7 @@ def test_parse_size(text: str, size: int) -> None:
 
 @pytest.mark.parametrize("text", ["lots", "4TB", "-1GB", "0"])
 def test_parse_size_rejects_nonsense(text: str) -> None:
-    with pytest.raises(InputError, match="--memory-budget"):
+    with pytest.raises(UsageError, match="--memory-budget"):
         parse_size(text)
 
 

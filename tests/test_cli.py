@@ -84,7 +84,8 @@ def test_ask_refuses_options_it_would_drop(tiny_models_toml: Path, fake_backends
     # --explain with --model, or --max-tokens on a routed answer, was silently ignored.
     created = fake_backends({"small": {"x": "y"}})
     result = runner.invoke(app, ["ask", "What is 1 plus 1?", *args, "--models", str(tiny_models_toml)])
-    assert result.exit_code == 1 and "apply" in str(result.exception) and created == {}, result.output
+    assert getattr(result.exception, "exit_code", None) == 2 and "apply" in str(result.exception), result.output
+    assert created == {}
 
 
 def test_ask_reads_stdin_and_prints_json(tiny_models_toml: Path, fake_backends: Callable[..., dict]) -> None:
@@ -150,3 +151,29 @@ def test_stdout_that_cannot_be_written_is_one_error_line() -> None:
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
     assert "No space left on device" in result.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ("calibrate", "{router}", "--log", "{log}", "--retain", "0"),
+    ("calibrate", "{router}", "--log", "{log}", "--retain", "0.9", "--max-cost", "0.5"),
+    ("calibrate", "{router}", "--log", "{log}", "--check", "foo"),
+    ("calibrate", "{router}", "--log", "{log}", "--cost-unit", "foo"),
+    ("eval", "{log}", "--router", "{router}", "--cost-unit", "foo"),
+    ("eval", "{log}", "--router", "{router}", "--plot", "frontier.pdf"),
+    ("batch", "--router", "{router}", "--memory-budget", "0"),
+    ("ask", "hi", "--model", "small", "--explain"),
+    ("ask", "hi", "--router", "{router}", "--max-tokens", "5"),
+    ("log", "--since", "last tuesday"),
+    ("log", "--json", "-o", "{tmp}/out.jsonl"),
+])
+def test_bad_option_values_checked_after_click_are_bad_usage_too(
+    args: tuple[str, ...], cre: Callable[..., Run], saved_router: Path, sums_log: Path, tiny_models_toml: Path,
+    four_fakes: dict, tmp_path: Path,
+) -> None:
+    # Click's checks exit 2 and crecli's own checks of option values exited 1: one kind of
+    # mistake, two codes. Now both are "2 bad usage", with crecli's one `Error:` line.
+    filled = [a.format(router=saved_router, log=sums_log, tmp=tmp_path) for a in args]
+    run = cre(*filled, "--models", tiny_models_toml) if args[0] != "log" else cre(*filled)
+    assert run.code == 2 and run.out == "", run
+    assert run.err.startswith("Error: ") and run.err.count("\n") == 1 and "Traceback" not in run.err, run.err
+    assert four_fakes == {}

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, T
 
 from crecli.console import progress
 from crecli.costs import RunTotal
-from crecli.errors import CreError, InputError, ModelNotAvailable
+from crecli.errors import CreError, InputError, ModelNotAvailable, UsageError
 from crecli.querylog import FieldMap, LongLine, Record, parse_batch_line, read_lines
 from crecli.safejson import has_surrogate, replace_surrogates
 
@@ -117,12 +117,12 @@ def parse_size(text: str) -> int:
     try:
         size = float(number) * _UNITS[unit]
     except (ValueError, KeyError):
-        raise InputError(f"--memory-budget {text!r}: give a size such as 4GB, 512MB or 1.5G") from None
+        raise UsageError(f"--memory-budget {text!r}: give a size such as 4GB, 512MB or 1.5G") from None
     # float() also reads "inf", "nan" and "1e999"; none of them is an amount of memory.
     if not math.isfinite(size):
-        raise InputError(f"--memory-budget {text!r}: give a finite size such as 4GB, or leave the option out for no limit")
+        raise UsageError(f"--memory-budget {text!r}: give a finite size such as 4GB, or leave the option out for no limit")
     if size < 1:
-        raise InputError(f"--memory-budget {text!r}: the budget must be positive")
+        raise UsageError(f"--memory-budget {text!r}: the budget must be positive")
     return int(size)
 
 

@@ -22,7 +22,7 @@ from crecli import console, paths
 from crecli.choice import Choice, StatsTable, choose_by_weight, cluster_stats
 from crecli.costs import Budget
 from crecli.deferral import _table_prior, deferral_p, signal_report, train_deferral
-from crecli.errors import CreError
+from crecli.errors import CreError, UsageError
 from crecli.quality import CHECKS, DEFAULT_CHECK, DeferralCheck, threshold_grid
 from crecli.replay import Data, Replay, SimResult, prepare, reference
 
@@ -442,7 +442,7 @@ def apply(router: "RouterFile", cal: Calibration) -> "RouterFile":
 def check_settings(router: "RouterFile", check: str, votes: int) -> None:
     """Refuse a quality check, or a vote count, that `router` cannot be calibrated with."""
     if check not in CHECKS:
-        raise CreError(f"unknown quality check {check!r}; use one of {', '.join(CHECKS)}")
+        raise UsageError(f"--check {check!r}: unknown quality check; use one of {', '.join(CHECKS)}")
     k = router.quality.k
     if check == "deferral" and not 1 <= votes <= k:
         raise CreError(f"--votes {votes}: the router records {k} vote(s) a query; use 1 to {k}")

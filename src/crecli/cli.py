@@ -5,7 +5,7 @@ Commands stay thin: each parses its options, calls the module that owns the work
 
 Only typer is imported at module level: shell completion imports this module on every Tab
 press, so numpy, umap, hdbscan and llama_cpp are imported inside the commands that use them.
-Every CreError becomes `Error: ...` on stderr and exit code 1.
+Every CreError becomes `Error: ...` on stderr and its exit code: 1, or 2 for a UsageError.
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ from crecli.cli_models import models_app
 from crecli.cli_options import (
     CostUnitOpt, JsonOpt, ModelsOpt, NoLogOpt, RouterOpt, SkipBadOpt, finite, load_models, resolve_router,
 )
-from crecli.errors import CreError
+from crecli.errors import CreError, UsageError
 from crecli.costs import DEFAULT_RETAIN
 from crecli.quality import DEFAULT_CHECK, DEFAULT_FIT_VOTES, MAX_TEMPERATURE, MAX_VOTES
 from crecli.serve_options import (
     DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_MAX_QUEUE, DEFAULT_PORT, DEFAULT_TIMEOUT,
 )
 
-EXIT_CODES = """Exit codes: 0 success; 1 error (the message says what to do); 2 bad usage;
-3 `cre batch` finished but some lines got error records; 130 interrupted (Ctrl-C)."""
+EXIT_CODES = """Exit codes: 0 success; 1 error (the message says what to do); 2 bad usage (an
+unknown option, a bad option value, options that conflict); 3 `cre batch` finished but some
+lines got error records; 130 interrupted (Ctrl-C)."""
 
 app = typer.Typer(
     name="cre",
@@ -284,7 +285,7 @@ def _budget(retain: float | None, max_cost: float | None):  # -> costs.Budget
     from crecli.costs import Budget
 
     if retain is not None and max_cost is not None:
-        raise CreError("give one budget: --retain or --max-cost, not both")
+        raise UsageError("give one budget: --retain or --max-cost, not both")
     # Budget checks its own range, the one the router-file loader checks too.
     if max_cost is not None:
         return Budget("max_cost", max_cost)
@@ -333,8 +334,8 @@ def ask(
         routed_only = [name for name, given in (("--router", router is not None), ("--match", match is not None),
                                                 ("--explain", explain), ("--force", force)) if given]
         if routed_only:
-            raise CreError(f"{', '.join(routed_only)} apply to a routed answer and --model asks one model "
-                           "directly: use one or the other, not both")
+            raise UsageError(f"{', '.join(routed_only)} apply to a routed answer and --model asks one model "
+                             "directly: use one or the other, not both")
         from crecli.models.backend import GenParams
         from crecli.models.registry import generate_once
 
@@ -344,8 +345,8 @@ def ask(
         render.answer(model, gen, json_)
         return
     if max_tokens is not None or temperature is not None:
-        raise CreError("--max-tokens and --temperature apply with --model; a routed answer takes its cap and "
-                       "sampling from the router (its cluster's answer type)")
+        raise UsageError("--max-tokens and --temperature apply with --model; a routed answer takes its cap and "
+                         "sampling from the router (its cluster's answer type)")
     from crecli import paths, servedlog
     from crecli.escalate import Cascade
 
@@ -543,7 +544,7 @@ def log_(
         typer.echo(str(servedlog.log_path()))
         return
     if output is not None and json_:
-        raise CreError("give --json (entries on stdout) or -o FILE (entries in a file), not both")
+        raise UsageError("give --json (entries on stdout) or -o FILE (entries in a file), not both")
     render.served_log(servedlog.query(last=last, since=since, output=output), json_)
 
 

@@ -267,11 +267,11 @@ def check_plot(path: Path) -> None:
     draw (`run` checks it first: `--live` answers every query before the plot)."""
     import importlib.util
 
-    from crecli.errors import CreError
+    from crecli.errors import CreError, UsageError
 
     suffix = path.suffix.lower()
     if suffix not in (".svg", ".png"):
-        raise CreError(f"--plot {path}: plots are .svg or .png")
+        raise UsageError(f"--plot {path}: plots are .svg or .png")
     if suffix == ".png" and importlib.util.find_spec("matplotlib") is None:
         raise CreError("PNG plots need matplotlib (`pip install matplotlib`); or write .svg, which needs nothing")
 
