@@ -177,3 +177,18 @@ def test_bad_option_values_checked_after_click_are_bad_usage_too(
     assert run.code == 2 and run.out == "", run
     assert run.err.startswith("Error: ") and run.err.count("\n") == 1 and "Traceback" not in run.err, run.err
     assert four_fakes == {}
+
+
+def test_ask_match_takes_every_answer_type_in_any_case(
+    tiny_models_toml: Path, saved_router: Path, four_fakes: dict, cre: Callable[..., Run]
+) -> None:
+    # `cre batch` lowercases a line's `match`; `cre ask --match Numeric` was an unknown type,
+    # found only after the router loaded. contains and regex were missing from the help.
+    for given, answer_type in (("Numeric", "numeric"), ("contains", "contains"), ("REGEX", "regex")):
+        run = cre("ask", "What is 2 plus 2?", "--router", saved_router, "--models", tiny_models_toml,
+                  "--match", given, "--json", "--no-log")
+        assert run.code == 0, run
+        assert json.loads(run.out)["answer_type"] == answer_type
+    refused_run = cre("ask", "What is 2 plus 2?", "--router", saved_router, "--models", tiny_models_toml, "--match", "sum")
+    assert refused_run.code == 2 and "exact, numeric, choice, contains, regex" in refused_run.err, refused_run
+    assert "contains" in runner.invoke(app, ["ask", "--help"]).output

@@ -301,7 +301,7 @@ def ask(
     router: RouterOpt = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Answer with this model directly, skipping the router.", show_default=False)] = None,
     models: ModelsOpt = None,
-    match: Annotated[Optional[str], typer.Option("--match", help="Answer type (choice, numeric, exact): caps the answer's length and how votes are compared. Default: the prompt's cluster's type.", show_default=False)] = None,
+    match: Annotated[Optional[str], typer.Option("--match", help="Answer type (choice, numeric, exact, contains or regex): caps the answer's length and how votes are compared. Default: the prompt's cluster's type.", show_default=False)] = None,
     explain: Annotated[bool, typer.Option("--explain", help="Write the trace to stderr: cluster, models tried, agreement, tokens, seconds, why it escalated.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Use the router even if the model files differ from the ones it was fitted with.")] = False,
     max_tokens: Annotated[Optional[int], typer.Option(min=1, help="Most tokens to generate (with --model; default 64).", show_default=False)] = None,
@@ -329,6 +329,8 @@ def ask(
     from crecli import render
 
     text = _read_prompt(prompt)
+    if match is not None:
+        match = _match_type(match)
     if model is not None:
         # Options of the routed answer would be dropped without a word: refuse them.
         routed_only = [name for name, given in (("--router", router is not None), ("--match", match is not None),
@@ -546,6 +548,16 @@ def log_(
     if output is not None and json_:
         raise UsageError("give --json (entries on stdout) or -o FILE (entries in a file), not both")
     render.served_log(servedlog.query(last=last, since=since, output=output), json_)
+
+
+def _match_type(text: str) -> str:
+    """--match as a known answer type, in any case: a log's or batch line's `match` is read so."""
+    from crecli.grading import MATCH_TYPES
+
+    match = text.strip().lower()
+    if match not in MATCH_TYPES:
+        raise UsageError(f"--match {text!r}: use one of {', '.join(MATCH_TYPES)}")
+    return match
 
 
 def _read_prompt(prompt: str) -> str:
