@@ -3,8 +3,9 @@
 Commands stay thin: each parses its options, calls the module that owns the work (`fit`,
 `calibrate`, `escalate`, `batch`, `serve`, ...) and hands the result to `render`.
 
-Only typer is imported at module level: shell completion imports this module on every Tab
-press, so numpy, umap, hdbscan and llama_cpp are imported inside the commands that use them.
+Only typer and light crecli modules (option types, errors, defaults) are imported at module
+level: shell completion imports this module on every Tab press, so numpy, umap, hdbscan and
+llama_cpp are imported inside the commands that use them.
 Every CreError becomes `Error: ...` on stderr and its exit code: 1, or 2 for a UsageError.
 """
 
@@ -90,7 +91,7 @@ def fit(
     n_neighbors: Annotated[Optional[int], typer.Option(min=2, help="UMAP n_neighbors (default scales with the log size).", show_default=False)] = None,
     max_fit_rows: Annotated[int, typer.Option(min=10, help="Larger logs are clustered on a sample of this many rows; the rest are assigned afterwards.")] = 20000,
     sample_per_cluster: Annotated[Optional[int], typer.Option(min=1, help="Run the models on at most N labelled queries per cluster (caps calibration cost).", show_default=False)] = None,
-    k: Annotated[int, typer.Option("--k", min=1, max=MAX_VOTES, help="Votes recorded per model and query (1 greedy + k-1 samples). 1 is all the default deferral check needs; the agreement check (`cre calibrate --check agreement`) needs more, e.g. 5, at k times the model time.")] = DEFAULT_FIT_VOTES,
+    k: Annotated[int, typer.Option("--k", min=1, max=MAX_VOTES, help="Votes recorded per model and query (1 greedy + k-1 samples). 1 is all the default deferral check needs; the agreement check (`cre calibrate --check agreement`) needs more, e.g. 5, and `cre calibrate --votes V` at least V, at k times the model time.")] = DEFAULT_FIT_VOTES,
     temperature: Annotated[float, typer.Option(min=0.0, max=MAX_TEMPERATURE, callback=finite, help="Sampling temperature of votes 2..k.")] = 0.7,
     fmt: Annotated[Optional[str], typer.Option("--format", help="jsonl, csv or text (default: by file extension).", show_default=False)] = None,
     prompt_field: Annotated[str, typer.Option(help="Field holding the prompt.")] = "prompt",
@@ -207,7 +208,7 @@ def calibrate(
     skip_bad: SkipBadOpt = None,
     max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, help="Longest log line (and so prompt) to read, in bytes (default: what `cre fit` was given).", show_default=False)] = None,
     check: Annotated[str, typer.Option(help="Quality check: 'deferral' (a logistic P(correct) model per rung on the greedy answer's own signals; a rung without log-probabilities gets the agreement check, with a warning) or 'agreement' (self-consistency votes; needs a fit with --k above 1).")] = DEFAULT_CHECK,
-    votes: Annotated[int, typer.Option(min=1, help="With --check deferral: votes a rung draws (1: the greedy answer alone; more adds their agreement as a signal).")] = 1,
+    votes: Annotated[int, typer.Option(min=1, help="With --check deferral: votes a rung draws (1: the greedy answer alone; more adds their agreement as a signal, and needs a fit with --k at least this).")] = 1,
     cost_unit: CostUnitOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -302,7 +303,7 @@ def ask(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Answer with this model directly, skipping the router.", show_default=False)] = None,
     models: ModelsOpt = None,
     match: Annotated[Optional[str], typer.Option("--match", help="Answer type (choice, numeric, exact, contains or regex): caps the answer's length and how votes are compared. Default: the prompt's cluster's type.", show_default=False)] = None,
-    explain: Annotated[bool, typer.Option("--explain", help="Write the trace to stderr: cluster, models tried, agreement, tokens, seconds, why it escalated.")] = False,
+    explain: Annotated[bool, typer.Option("--explain", help="Write the trace to stderr: cluster, models tried, P(correct) or agreement, tokens, seconds, why it escalated.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Use the router even if the model files differ from the ones it was fitted with.")] = False,
     max_tokens: Annotated[Optional[int], typer.Option(min=1, help="Most tokens to generate (with --model; default 64).", show_default=False)] = None,
     temperature: Annotated[Optional[float], typer.Option(min=0.0, callback=finite, help="Sampling temperature, 0 is greedy (with --model; default 0).", show_default=False)] = None,
@@ -312,9 +313,13 @@ def ask(
     """Answer one prompt: route it to its cluster's model and escalate while the answer is unsure.
 
     The answer goes to stdout. Without --model the prompt goes through a router file: it
-    starts on its cluster's model, and whenever the sampled answers agree less than the
-    router's threshold it moves up the ladder. A routed prompt, its answer and trace are
-    added to the served-query log (`cre log`) unless --no-log is given.
+    starts on its cluster's model and moves up the ladder while the router's quality check
+    finds the answer unsure. The deferral check (what `cre calibrate` sets by default)
+    escalates when the answer's estimated P(correct), from its own signals such as token
+    log-probabilities, is below the rung's threshold; the agreement check (a router straight
+    from `cre fit`, or calibrated with --check agreement) when too few sampled answers agree.
+    A routed prompt, its answer and trace are added to the served-query log (`cre log`)
+    unless --no-log is given.
 
     Examples:
 
