@@ -615,6 +615,9 @@ def main() -> None:
             _error(f"input or output failed: {what}")
         sys.exit(1)
     except KeyboardInterrupt:
+        # Only Ctrl-C outside a command's run gets here: while Typer builds the command or
+        # answers shell completion. During a command Typer itself turns it into exit 130,
+        # without a word (`cre batch` prints its summary saying it was interrupted).
         sys.stderr.write("Interrupted.\n")
         sys.exit(130)
 
