@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -14,7 +16,7 @@ from typer.testing import CliRunner
 from crecli import config, routerfile
 from crecli.batch import BatchSummary, parse_size, read_done_ids, run_batch
 from crecli.cli import app
-from crecli.errors import BackendError, InputError, ModelNotAvailable
+from crecli.errors import BackendError, CreError, InputError, ModelNotAvailable, UsageError
 from crecli.escalate import Cascade
 from crecli.models.backend import GenParams
 from crecli.models.fake import FakeBackend
@@ -26,8 +28,8 @@ from support.prompts import ADD, FRUIT, HARD, MIXED, PERU, TABLE, jl
 from support.routers import FAR, make_router
 
 
-def _run(lines: list[bytes], cascade: Cascade, **kw: Any) -> tuple[list[dict[str, Any]], BatchSummary]:
-    out = io.StringIO()
+def _run(lines: list[bytes], cascade: Cascade, out: io.StringIO | None = None, **kw: Any) -> tuple[list[dict[str, Any]], BatchSummary]:
+    out = io.StringIO() if out is None else out
     summary = run_batch(lines, out, cascade, **kw)
     text = out.getvalue()
     assert text.endswith("\n") or text == ""
@@ -287,6 +289,29 @@ def test_ctrl_c_during_an_answers_bookkeeping_keeps_that_answer(
     assert [(r["id"], r["answer"]) for r in rows] == [("a", "12")] and summary.interrupted
 
 
+class _Full(io.StringIO):
+    """An output whose writes fail with `errno_`, as stdout on a full disk or a closed pipe."""
+
+    def __init__(self, errno_: int) -> None:
+        super().__init__()
+        self.errno_ = errno_
+
+    def write(self, text: str) -> int:
+        raise OSError(self.errno_, os.strerror(self.errno_))
+
+
+def test_results_that_cannot_be_written_stop_the_batch_saying_how_to_resume(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade
+) -> None:
+    # An OSError from stdout other than a broken pipe left the command as a traceback.
+    install(fake_backends, TABLE)
+    with pytest.raises(CreError, match=r"cannot write the results \(No space left on device\).*--resume"):
+        _run([jl(id="a", prompt=ADD)], cascade, out=_Full(errno.ENOSPC))
+    # A reader that left (`| head`) is Typer's to end quietly, as before.
+    with pytest.raises(BrokenPipeError):
+        _run([jl(id="a", prompt=ADD)], cascade, out=_Full(errno.EPIPE))
+
+
 def test_resume_appending_to_a_cut_file_starts_on_a_line_of_its_own(tmp_path: Path) -> None:
     from crecli.batch import mend_cut_line
 
@@ -314,7 +339,7 @@ def test_parse_size(text: str, size: int) -> None:
 
 @pytest.mark.parametrize("text", ["lots", "4TB", "-1GB", "0"])
 def test_parse_size_rejects_nonsense(text: str) -> None:
-    with pytest.raises(InputError, match="--memory-budget"):
+    with pytest.raises(UsageError, match="--memory-budget"):
         parse_size(text)
 
 
@@ -377,6 +402,18 @@ def test_cli_batch_stdin_resume_and_json_summary(
     assert [json.loads(line)["id"] for line in again.stdout.splitlines()] == ["c"]
     summary = json.loads(again.stderr)
     assert (summary["lines"], summary["skipped"], summary["answered"], summary["errors"]) == (3, 2, 1, 0)
+
+
+def test_cli_batch_dash_reads_stdin(
+    fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `cre batch -` opened a file named "-", though the refusal of a device offers "- for stdin".
+    install(fake_backends, TABLE)
+    monkeypatch.chdir(tmp_path)  # no file named "-" here
+    result = _batch(["-", "--router", str(saved_router)], tiny_models_toml, jl(id="a", prompt=ADD))
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ["a"]
 
 
 def test_field_names_can_be_mapped(fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade) -> None:

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from crecli import __version__
 from crecli.cli import app
+from support.hostile import Run
 
 runner = CliRunner()
 HEAVY = ("numpy", "umap", "hdbscan", "llama_cpp", "sklearn", "numba")
@@ -83,7 +84,8 @@ def test_ask_refuses_options_it_would_drop(tiny_models_toml: Path, fake_backends
     # --explain with --model, or --max-tokens on a routed answer, was silently ignored.
     created = fake_backends({"small": {"x": "y"}})
     result = runner.invoke(app, ["ask", "What is 1 plus 1?", *args, "--models", str(tiny_models_toml)])
-    assert result.exit_code == 1 and "apply" in str(result.exception) and created == {}, result.output
+    assert getattr(result.exception, "exit_code", None) == 2 and "apply" in str(result.exception), result.output
+    assert created == {}
 
 
 def test_ask_reads_stdin_and_prints_json(tiny_models_toml: Path, fake_backends: Callable[..., dict]) -> None:
@@ -118,3 +120,75 @@ def test_models_list_table_goes_to_stdout_hints_to_stderr() -> None:
 
 def test_python_dash_m_works() -> None:
     assert "Usage: cre" in run("--help").stdout or "Usage: python -m crecli" in run("--help").stdout
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_prompt_argument_that_is_not_utf8_is_refused(
+    routed: bool, tiny_models_toml: Path, saved_router: Path, fake_backends: Callable[..., dict], cre: Callable[..., Run]
+) -> None:
+    # `cre ask "$(printf 'caf\xe9?')"`: Python holds the byte as a lone surrogate, which the
+    # tokenizer could not encode (a UnicodeEncodeError traceback); stdin's bytes were checked.
+    created = fake_backends({"small": {"caf": "yes"}, "medium": {"caf": "yes"}, "large": {"caf": "yes"}})
+    how = ["--router", str(saved_router)] if routed else ["--model", "small"]
+    result = cre("ask", "caf\udce9?", *how, "--models", tiny_models_toml)
+    assert result.code == 1 and result.out == "", result.err
+    assert result.err.startswith("Error: the prompt argument is not UTF-8 text (character 4)")
+    assert all(not backend.calls for backend in created.values())
+
+
+def test_fit_seed_beyond_numpy_range_is_bad_usage(tmp_path: Path) -> None:
+    # numpy's RandomState (TruncatedSVD, UMAP) takes seeds below 2**32: a larger one crashed
+    # after the log was read; now Click refuses it before anything runs.
+    result = runner.invoke(app, ["fit", str(tmp_path / "missing.jsonl"), "--seed", str(2**32)])
+    assert result.exit_code == 2 and "4294967296" in result.output and "4294967295" in result.output, result.output
+
+
+def test_stdout_that_cannot_be_written_is_one_error_line() -> None:
+    # Typer ends a broken pipe quietly but re-raised other OSErrors: a traceback.
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "crecli", "models", "list", "--json"], stdout=full,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "No space left on device" in result.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ("calibrate", "{router}", "--log", "{log}", "--retain", "0"),
+    ("calibrate", "{router}", "--log", "{log}", "--retain", "0.9", "--max-cost", "0.5"),
+    ("calibrate", "{router}", "--log", "{log}", "--check", "foo"),
+    ("calibrate", "{router}", "--log", "{log}", "--cost-unit", "foo"),
+    ("eval", "{log}", "--router", "{router}", "--cost-unit", "foo"),
+    ("eval", "{log}", "--router", "{router}", "--plot", "frontier.pdf"),
+    ("batch", "--router", "{router}", "--memory-budget", "0"),
+    ("ask", "hi", "--model", "small", "--explain"),
+    ("ask", "hi", "--router", "{router}", "--max-tokens", "5"),
+    ("log", "--since", "last tuesday"),
+    ("log", "--json", "-o", "{tmp}/out.jsonl"),
+])
+def test_bad_option_values_checked_after_click_are_bad_usage_too(
+    args: tuple[str, ...], cre: Callable[..., Run], saved_router: Path, sums_log: Path, tiny_models_toml: Path,
+    four_fakes: dict, tmp_path: Path,
+) -> None:
+    # Click's checks exit 2 and crecli's own checks of option values exited 1: one kind of
+    # mistake, two codes. Now both are "2 bad usage", with crecli's one `Error:` line.
+    filled = [a.format(router=saved_router, log=sums_log, tmp=tmp_path) for a in args]
+    run = cre(*filled, "--models", tiny_models_toml) if args[0] != "log" else cre(*filled)
+    assert run.code == 2 and run.out == "", run
+    assert run.err.startswith("Error: ") and run.err.count("\n") == 1 and "Traceback" not in run.err, run.err
+    assert four_fakes == {}
+
+
+def test_ask_match_takes_every_answer_type_in_any_case(
+    tiny_models_toml: Path, saved_router: Path, four_fakes: dict, cre: Callable[..., Run]
+) -> None:
+    # `cre batch` lowercases a line's `match`; `cre ask --match Numeric` was an unknown type,
+    # found only after the router loaded. contains and regex were missing from the help.
+    for given, answer_type in (("Numeric", "numeric"), ("contains", "contains"), ("REGEX", "regex")):
+        run = cre("ask", "What is 2 plus 2?", "--router", saved_router, "--models", tiny_models_toml,
+                  "--match", given, "--json", "--no-log")
+        assert run.code == 0, run
+        assert json.loads(run.out)["answer_type"] == answer_type
+    refused_run = cre("ask", "What is 2 plus 2?", "--router", saved_router, "--models", tiny_models_toml, "--match", "sum")
+    assert refused_run.code == 2 and "exact, numeric, choice, contains, regex" in refused_run.err, refused_run
+    assert "contains" in runner.invoke(app, ["ask", "--help"]).output

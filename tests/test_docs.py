@@ -36,6 +36,22 @@ def test_man_page_documents_every_command_and_exit_codes() -> None:
     assert ".SH EXIT STATUS" in man and "130 interrupted" in man
 
 
+def test_man_page_documents_every_environment_variable_crecli_reads() -> None:
+    # The man page's ENVIRONMENT is a hand-kept list (docs.ENVIRONMENT): CRE_LLAMA_EXTRA_BUFTS
+    # was read and in the README but missing there. Every "CRE_..." string literal in the
+    # package names a variable it reads.
+    read = {
+        node.value
+        for path in (ROOT / "src" / "crecli").rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"CRE_[A-Z0-9_]+", node.value)
+    }
+    man = (ROOT / "man" / "cre.1").read_text()
+    environment = man[man.index(".SH ENVIRONMENT"):]
+    missing = [name for name in sorted(read) if f".B {name}\n" not in environment]
+    assert read and not missing, f"add {missing} to docs.ENVIRONMENT"
+
+
 # ---------------------------------------------------------------- commands shown in the docs
 
 README = ROOT / "README.md"

@@ -1,5 +1,5 @@
 """Hostile `cre fit` / `calibrate` / `eval` invocations: each is refused before any model
-runs, with one `Error:` line (exit 1) or a usage error (exit 2), never a traceback, and the
+runs, with one `Error:` line (exit 1, or 2 for bad usage) or Click's usage error (exit 2), never a traceback, and the
 input files are left byte for byte as they were. Also: plain progress lines when stderr is
 not a terminal."""
 
@@ -139,7 +139,7 @@ def test_fit_options_out_of_range_are_usage_errors(cre, sums_log, tiny_models_to
 
 @pytest.mark.parametrize("args", [("--retain", "0"), ("--retain", "nan"), ("--max-cost", "-1"), ("--max-cost", "inf")])
 def test_fit_budget_out_of_range_is_refused(cre, sums_log, tiny_models_toml, four_fakes, tmp_path, args) -> None:
-    refused(fit(cre, sums_log, tiny_models_toml, "-o", tmp_path / "r.cre", *args), args[0])
+    refused(fit(cre, sums_log, tiny_models_toml, "-o", tmp_path / "r.cre", *args), args[0], code=2)
     assert four_fakes == {}
 
 
@@ -168,9 +168,9 @@ def test_calibrate_refuses_bad_outputs_and_options(cre, saved_router, sums_log, 
     refused(cre("calibrate", saved_router, *m, "-o", sums_log), "is the query log")
     refused(cre("calibrate", saved_router, *m, "-o", tmp_path), "is a folder")
     refused(cre("calibrate", saved_router, *m, "-o", tmp_path / "gone" / "r.cre"), "does not exist")
-    refused(cre("calibrate", saved_router, *m, "--retain", "2"), "--retain")
+    refused(cre("calibrate", saved_router, *m, "--retain", "2"), "--retain", code=2)
     # Refused before the log is read and its missing answers run, not after.
-    refused(cre("calibrate", saved_router, *m, "--check", "agreemnt"), "unknown quality check")
+    refused(cre("calibrate", saved_router, *m, "--check", "agreemnt"), "unknown quality check", code=2)
     refused(cre("calibrate", saved_router, *m, "--store", sums_log), "--store", "is the query log")
     refused(cre("calibrate", saved_router, *m, "--store", saved_router), "--store", "is the router")
     for bad in (("--folds", "1"), ("--seed", "-1")):
@@ -186,7 +186,7 @@ def test_eval_plot_or_store_over_an_input_is_refused(cre, saved_router, sums_log
     refused(cre("eval", sums_log, *m, "--plot", saved_router), "--plot", "is the router")
     refused(cre("eval", sums_log, *m, "--plot", tmp_path), "is a folder", "frontier.svg")
     # A plot it cannot draw is refused before the replay, not after it (--live answers first).
-    refused(cre("eval", sums_log, *m, "--live", "--plot", tmp_path / "frontier.pdf"), "--plot", ".svg or .png")
+    refused(cre("eval", sums_log, *m, "--live", "--plot", tmp_path / "frontier.pdf"), "--plot", ".svg or .png", code=2)
     assert not (tmp_path / "frontier.pdf").exists()
     refused(cre("eval", sums_log, *m, "--store", sums_log), "--store", "is the log")
     assert sums_log.read_bytes() == before and saved_router.read_bytes() == router_bytes and four_fakes == {}
@@ -274,3 +274,28 @@ def test_running_models_reports_progress_in_a_log(tiny_models_toml, fake_backend
     err = capsys.readouterr().err
     assert "small: 3 queries to run" in err
     assert "small: 1/3 queries" in err and "small: 3/3 queries in " in err
+
+
+def test_calibrate_and_eval_skip_bad_lines_or_not_whatever_the_fit_did(
+    cre, router, saved_router, tiny_models_toml, four_fakes, tmp_path
+) -> None:
+    # The error said "pass --skip-bad", which `cre calibrate` lacked, and `cre eval --skip-bad`
+    # could only turn skipping on: a router fitted with --skip-bad could not be made to stop.
+    from dataclasses import replace
+
+    from crecli import routerfile
+    from crecli.querylog import LogOptions
+    from support.logs import write_sums_log
+
+    log = write_sums_log(tmp_path / "bad.jsonl", 12)
+    log.write_text(log.read_text() + "{not json\n")
+    m = ("--models", tiny_models_toml)
+    refused(cre("calibrate", saved_router, *m, "--log", log, "--folds", "2"), "bad.jsonl:13", "--skip-bad")
+    run = cre("calibrate", saved_router, *m, "--log", log, "--folds", "2", "--skip-bad", "-o", tmp_path / "c.cre")
+    assert run.code == 0 and "Skipped 1 bad line" in run.err, run
+    skipping = tmp_path / "skipping.cre"
+    routerfile.save(replace(router, fit=replace(router.fit, reader=LogOptions(skip_bad=True))), skipping)
+    assert cre("eval", log, "--router", skipping, *m).code == 0
+    refused(cre("eval", log, "--router", skipping, *m, "--no-skip-bad"), "bad.jsonl:13", "--skip-bad")
+    run = cre("calibrate", skipping, *m, "--log", log, "--folds", "2", "--no-skip-bad", "-o", tmp_path / "d.cre")
+    refused(run, "bad.jsonl:13")

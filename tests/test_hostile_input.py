@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from crecli import config
 from crecli.batch import parse_size, read_done_ids, run_batch
 from crecli.cli import app
-from crecli.errors import InputError
+from crecli.errors import InputError, UsageError
 from crecli.escalate import Cascade
 from crecli.models.fake import FakeBackend
 from crecli.querylog import MAX_LINE_BYTES, FieldMap, LongLine, Record, parse_batch_line, read_lines, read_log
@@ -210,17 +210,17 @@ def test_resume_file_with_hostile_lines_is_read(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("text", ["inf", "-inf", "nan", "NaN", "infinity", "1e999", "1e999GB", "-1", "-2GB", "0.5", "0", "", "GB", "lots", "4TB", "1..5G"])
-def test_memory_budget_that_is_not_a_size_is_an_input_error(text: str) -> None:
-    with pytest.raises(InputError, match="^--memory-budget"):
+def test_memory_budget_that_is_not_a_size_is_a_usage_error(text: str) -> None:
+    with pytest.raises(UsageError, match="^--memory-budget"):
         parse_size(text)
 
 
-def test_memory_budget_inf_is_one_error_line_and_exit_1() -> None:
+def test_memory_budget_inf_is_one_error_line_and_exit_2() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "crecli", "batch", "--memory-budget", "inf"],
         capture_output=True, text=True, input="", timeout=120,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.startswith("Error: --memory-budget 'inf': give a finite size")
     assert "Traceback" not in result.stderr and result.stdout == ""
 

@@ -19,6 +19,7 @@ read with `querylog.read_lines`, so an over-cap line is skipped in chunks, never
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, T
 
 from crecli.console import progress
 from crecli.costs import RunTotal
-from crecli.errors import CreError, InputError, ModelNotAvailable
+from crecli.errors import CreError, InputError, ModelNotAvailable, UsageError
 from crecli.querylog import FieldMap, LongLine, Record, parse_batch_line, read_lines
 from crecli.safejson import has_surrogate, replace_surrogates
 
@@ -116,12 +117,12 @@ def parse_size(text: str) -> int:
     try:
         size = float(number) * _UNITS[unit]
     except (ValueError, KeyError):
-        raise InputError(f"--memory-budget {text!r}: give a size such as 4GB, 512MB or 1.5G") from None
+        raise UsageError(f"--memory-budget {text!r}: give a size such as 4GB, 512MB or 1.5G") from None
     # float() also reads "inf", "nan" and "1e999"; none of them is an amount of memory.
     if not math.isfinite(size):
-        raise InputError(f"--memory-budget {text!r}: give a finite size such as 4GB, or leave the option out for no limit")
+        raise UsageError(f"--memory-budget {text!r}: give a finite size such as 4GB, or leave the option out for no limit")
     if size < 1:
-        raise InputError(f"--memory-budget {text!r}: the budget must be positive")
+        raise UsageError(f"--memory-budget {text!r}: the budget must be positive")
     return int(size)
 
 
@@ -226,29 +227,39 @@ class _OrderedWriter:
     def put(self, line: int, record: dict[str, Any] | None) -> None:
         """`record` None marks a line that produces no output (skipped by --resume)."""
         self.ready[line] = record
-        wrote = False
-        while self.next in self.ready:
-            rec = self.ready[self.next]
+        text = []
+        upto = self.next
+        while upto in self.ready:
+            rec = self.ready[upto]
             if rec is not None:
-                text = _json_line(rec)
-                self.out.write(text)
-                wrote = True
-            # Dropped only once written: a Ctrl-C before this leaves it for `flush_ready`.
-            del self.ready[self.next]
-            self.next += 1
-        if wrote:
-            self.out.flush()
+                text.append(_json_line(rec))
+            upto += 1
+        if text:
+            self._write("".join(text))
+        # Dropped only once written: a Ctrl-C before this leaves them for `flush_ready`.
+        for done in range(self.next, upto):
+            del self.ready[done]
+        self.next = upto
 
     def flush_ready(self) -> None:
         """Write every finished record still waiting for an earlier line (on Ctrl-C: that
         line will not come in this run, and `--resume` finds these by id)."""
-        for line in sorted(self.ready):
-            rec = self.ready[line]
-            if rec is not None:
-                text = _json_line(rec)
-                self.out.write(text)
-            del self.ready[line]
-        self.out.flush()
+        text = [_json_line(rec) for line in sorted(self.ready) if (rec := self.ready[line]) is not None]
+        self._write("".join(text))
+        self.ready.clear()
+
+    def _write(self, text: str) -> None:
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:
+                raise  # the reader left (`cre batch ... | head`): Typer ends the run quietly
+            # The lines written before stay; `--resume` starts a cut last line afresh.
+            raise CreError(
+                f"cannot write the results ({exc.strerror or exc}); once that is fixed, "
+                "`cre batch --resume` with the file they went to answers the lines not written"
+            ) from None
 
 
 def _json_line(record: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ from crecli import console, paths
 from crecli.choice import Choice, StatsTable, choose_by_weight, cluster_stats
 from crecli.costs import Budget
 from crecli.deferral import _table_prior, deferral_p, signal_report, train_deferral
-from crecli.errors import CreError
+from crecli.errors import CreError, UsageError
 from crecli.quality import CHECKS, DEFAULT_CHECK, DeferralCheck, threshold_grid
 from crecli.replay import Data, Replay, SimResult, prepare, reference
 
@@ -445,7 +445,7 @@ def apply(router: "RouterFile", cal: Calibration) -> "RouterFile":
 def check_settings(router: "RouterFile", check: str, votes: int) -> None:
     """Refuse a quality check, or a vote count, that `router` cannot be calibrated with."""
     if check not in CHECKS:
-        raise CreError(f"unknown quality check {check!r}; use one of {', '.join(CHECKS)}")
+        raise UsageError(f"--check {check!r}: unknown quality check; use one of {', '.join(CHECKS)}")
     k = router.quality.k
     if check == "deferral" and not 1 <= votes <= k:
         raise CreError(f"--votes {votes}: the router records {k} vote(s) a query; use 1 to {k}")
@@ -459,6 +459,7 @@ def run(
     log: Path | None = None,
     output: Path | None = None,
     store: Path | None = None,
+    skip_bad: bool | None = None,
     max_line_bytes: int | None = None,
     n_folds: int = 5,
     seed: int = 0,
@@ -467,7 +468,8 @@ def run(
     votes: int = 1,
     unit: str | None = None,
 ) -> tuple[Calibration, Path]:
-    """`cre calibrate`: load the router, read its log as the fit did, recalibrate, write it.
+    """`cre calibrate`: load the router, read its log as the fit did (`skip_bad` and
+    `max_line_bytes` override when given), recalibrate, write it.
 
     Outputs are checked before any work. Returns the calibration and where the router went.
     """
@@ -483,6 +485,8 @@ def run(
     keep = [("the query log", log), (paths.KEEP_STORE, store), *[("a models.toml", Path(f)) for f in settings.sources]]
     paths.check_output(target, "-o", keep)
     reader = router.fit.reader
+    if skip_bad is not None:
+        reader = replace(reader, skip_bad=skip_bad)
     if max_line_bytes is not None:
         reader = replace(reader, fields=replace(reader.fields, max_line_bytes=max_line_bytes))
     data = prepare(router, settings, log, store, reader, unit)

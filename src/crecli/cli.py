@@ -3,9 +3,10 @@
 Commands stay thin: each parses its options, calls the module that owns the work (`fit`,
 `calibrate`, `escalate`, `batch`, `serve`, ...) and hands the result to `render`.
 
-Only typer is imported at module level: shell completion imports this module on every Tab
-press, so numpy, umap, hdbscan and llama_cpp are imported inside the commands that use them.
-Every CreError becomes `Error: ...` on stderr and exit code 1.
+Only typer and light crecli modules (option types, errors, defaults) are imported at module
+level: shell completion imports this module on every Tab press, so numpy, umap, hdbscan and
+llama_cpp are imported inside the commands that use them.
+Every CreError becomes `Error: ...` on stderr and its exit code: 1, or 2 for a UsageError.
 """
 
 from __future__ import annotations
@@ -18,16 +19,19 @@ import typer
 
 from crecli import __version__
 from crecli.cli_models import models_app
-from crecli.cli_options import CostUnitOpt, JsonOpt, ModelsOpt, NoLogOpt, RouterOpt, finite, load_models, resolve_router
-from crecli.errors import CreError
+from crecli.cli_options import (
+    CostUnitOpt, JsonOpt, ModelsOpt, NoLogOpt, RouterOpt, SkipBadOpt, finite, load_models, resolve_router,
+)
+from crecli.errors import CreError, UsageError
 from crecli.costs import DEFAULT_RETAIN
 from crecli.quality import DEFAULT_CHECK, DEFAULT_FIT_VOTES, MAX_TEMPERATURE, MAX_VOTES
 from crecli.serve_options import (
     DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_MAX_QUEUE, DEFAULT_PORT, DEFAULT_TIMEOUT,
 )
 
-EXIT_CODES = """Exit codes: 0 success; 1 error (the message says what to do); 2 bad usage;
-3 `cre batch` finished but some lines got error records; 130 interrupted (Ctrl-C)."""
+EXIT_CODES = """Exit codes: 0 success; 1 error (the message says what to do); 2 bad usage (an
+unknown option, a bad option value, options that conflict); 3 `cre batch` finished but some
+lines got error records; 130 interrupted (Ctrl-C)."""
 
 app = typer.Typer(
     name="cre",
@@ -68,6 +72,10 @@ def _root(
 
 # ---------------------------------------------------------------- fit, inspect
 
+# numpy's RandomState, which scikit-learn's TruncatedSVD and UMAP seed from --seed, takes
+# 0 to 2**32 - 1; a larger seed failed only after the log was read.
+MAX_SEED = 2**32 - 1
+
 
 @app.command()
 def fit(
@@ -76,14 +84,14 @@ def fit(
     models: ModelsOpt = None,
     retain: Annotated[Optional[float], typer.Option(help=f"Budget: keep at least this share of the strongest model's accuracy in every cluster, at the least cost. Default {DEFAULT_RETAIN}.", show_default=False)] = None,
     max_cost: Annotated[Optional[float], typer.Option(help="Budget instead: spend at most this share of always using the strongest model, at the best accuracy.", show_default=False)] = None,
-    seed: Annotated[int, typer.Option(min=0, help="Seed for UMAP, sampling and splits: the same seed gives the same router.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed for UMAP, sampling and splits: the same seed gives the same router.")] = 0,
     min_cluster_size: Annotated[Optional[int], typer.Option(min=2, help="HDBSCAN min_cluster_size (default scales with the log size).", show_default=False)] = None,
     min_samples: Annotated[Optional[int], typer.Option(min=1, help="HDBSCAN min_samples (default scales with the log size).", show_default=False)] = None,
     n_components: Annotated[int, typer.Option(min=1, help="UMAP output dimensions.")] = 8,
     n_neighbors: Annotated[Optional[int], typer.Option(min=2, help="UMAP n_neighbors (default scales with the log size).", show_default=False)] = None,
     max_fit_rows: Annotated[int, typer.Option(min=10, help="Larger logs are clustered on a sample of this many rows; the rest are assigned afterwards.")] = 20000,
     sample_per_cluster: Annotated[Optional[int], typer.Option(min=1, help="Run the models on at most N labelled queries per cluster (caps calibration cost).", show_default=False)] = None,
-    k: Annotated[int, typer.Option("--k", min=1, max=MAX_VOTES, help="Votes recorded per model and query (1 greedy + k-1 samples). 1 is all the default deferral check needs; the agreement check (`cre calibrate --check agreement`) needs more, e.g. 5, at k times the model time.")] = DEFAULT_FIT_VOTES,
+    k: Annotated[int, typer.Option("--k", min=1, max=MAX_VOTES, help="Votes recorded per model and query (1 greedy + k-1 samples). 1 is all the default deferral check needs; the agreement check (`cre calibrate --check agreement`) needs more, e.g. 5, and `cre calibrate --votes V` at least V, at k times the model time.")] = DEFAULT_FIT_VOTES,
     temperature: Annotated[float, typer.Option(min=0.0, max=MAX_TEMPERATURE, callback=finite, help="Sampling temperature of votes 2..k.")] = 0.7,
     fmt: Annotated[Optional[str], typer.Option("--format", help="jsonl, csv or text (default: by file extension).", show_default=False)] = None,
     prompt_field: Annotated[str, typer.Option(help="Field holding the prompt.")] = "prompt",
@@ -197,16 +205,18 @@ def calibrate(
     models: ModelsOpt = None,
     store: Annotated[Optional[Path], typer.Option(help="Outcome store (default: the one `cre fit` uses).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Warn instead of failing when local model files differ from the router's.")] = False,
+    skip_bad: SkipBadOpt = None,
     max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, help="Longest log line (and so prompt) to read, in bytes (default: what `cre fit` was given).", show_default=False)] = None,
     check: Annotated[str, typer.Option(help="Quality check: 'deferral' (a logistic P(correct) model per rung on the greedy answer's own signals; a rung without log-probabilities gets the agreement check, with a warning) or 'agreement' (self-consistency votes; needs a fit with --k above 1).")] = DEFAULT_CHECK,
-    votes: Annotated[int, typer.Option(min=1, help="With --check deferral: votes a rung draws (1: the greedy answer alone; more adds their agreement as a signal).")] = 1,
+    votes: Annotated[int, typer.Option(min=1, help="With --check deferral: votes a rung draws (1: the greedy answer alone; more adds their agreement as a signal, and needs a fit with --k at least this).")] = 1,
     cost_unit: CostUnitOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Re-choose each cluster's model and each model's quality-check threshold for a target.
 
     Works from recorded outcomes: no model runs unless an outcome is missing. The log is
-    read as `cre fit` read it (format, field names, --skip-bad, line cap). Each setting is
+    read as `cre fit` read it (format, field names, --skip-bad, line cap; --skip-bad or
+    --no-skip-bad and --max-prompt-bytes override). Each setting is
     scored held out (cross-validation) and in sample (its models chosen on all queries);
     the setting is chosen on the mean of the two. It prints the held-out accuracy-cost
     frontier, marks the chosen point, and prints the estimate it was chosen on. Every cost
@@ -224,7 +234,7 @@ def calibrate(
 
     settings, budget = load_models(models), _budget(retain, max_cost)
     cal, target = calibration.run(
-        router, settings, budget, log=log, output=output, store=store, max_line_bytes=max_prompt_bytes,
+        router, settings, budget, log=log, output=output, store=store, skip_bad=skip_bad, max_line_bytes=max_prompt_bytes,
         n_folds=folds, seed=seed, force=force, check=check, votes=votes, unit=cost_unit,
     )
     reports.calibration(cal, target, json_)
@@ -238,7 +248,7 @@ def eval_(
     store: Annotated[Optional[Path], typer.Option(help="Outcome store (default: the one `cre fit` uses).", show_default=False)] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write an accuracy-against-cost chart (.svg, or .png with matplotlib installed).", show_default=False)] = None,
     live: Annotated[bool, typer.Option("--live", help="Also run the real cascade on every query and compare it with the replay.")] = False,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip bad lines instead of stopping (default: what `cre fit` was given).")] = False,
+    skip_bad: SkipBadOpt = None,
     max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, help="Longest log line (and so prompt) to read, in bytes (default: what `cre fit` was given).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Warn instead of failing when local model files differ from the router's.")] = False,
     cost_unit: CostUnitOpt = None,
@@ -248,7 +258,8 @@ def eval_(
     routing at equal cost, routing without the quality check, the cascade without clusters,
     and the oracle.
 
-    The log is read as `cre fit` read its log (format, field names, line cap). The cascade
+    The log is read as `cre fit` read its log (format, field names, --skip-bad, line cap;
+    --skip-bad or --no-skip-bad and --max-prompt-bytes override). The cascade
     is replayed on recorded, seeded votes (missing ones are collected first); --live runs it
     for real as well and reports the replay's accuracy beside it. Costs in bench-seconds are
     priced at this machine's `cre models bench` speeds; when those are over 6 hours old it
@@ -275,7 +286,7 @@ def _budget(retain: float | None, max_cost: float | None):  # -> costs.Budget
     from crecli.costs import Budget
 
     if retain is not None and max_cost is not None:
-        raise CreError("give one budget: --retain or --max-cost, not both")
+        raise UsageError("give one budget: --retain or --max-cost, not both")
     # Budget checks its own range, the one the router-file loader checks too.
     if max_cost is not None:
         return Budget("max_cost", max_cost)
@@ -291,8 +302,8 @@ def ask(
     router: RouterOpt = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Answer with this model directly, skipping the router.", show_default=False)] = None,
     models: ModelsOpt = None,
-    match: Annotated[Optional[str], typer.Option("--match", help="Answer type (choice, numeric, exact): caps the answer's length and how votes are compared. Default: the prompt's cluster's type.", show_default=False)] = None,
-    explain: Annotated[bool, typer.Option("--explain", help="Write the trace to stderr: cluster, models tried, agreement, tokens, seconds, why it escalated.")] = False,
+    match: Annotated[Optional[str], typer.Option("--match", help="Answer type (choice, numeric, exact, contains or regex): caps the answer's length and how votes are compared. Default: the prompt's cluster's type.", show_default=False)] = None,
+    explain: Annotated[bool, typer.Option("--explain", help="Write the trace to stderr: cluster, models tried, P(correct) or agreement, tokens, seconds, why it escalated.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Use the router even if the model files differ from the ones it was fitted with.")] = False,
     max_tokens: Annotated[Optional[int], typer.Option(min=1, help="Most tokens to generate (with --model; default 64).", show_default=False)] = None,
     temperature: Annotated[Optional[float], typer.Option(min=0.0, callback=finite, help="Sampling temperature, 0 is greedy (with --model; default 0).", show_default=False)] = None,
@@ -302,9 +313,13 @@ def ask(
     """Answer one prompt: route it to its cluster's model and escalate while the answer is unsure.
 
     The answer goes to stdout. Without --model the prompt goes through a router file: it
-    starts on its cluster's model, and whenever the sampled answers agree less than the
-    router's threshold it moves up the ladder. A routed prompt, its answer and trace are
-    added to the served-query log (`cre log`) unless --no-log is given.
+    starts on its cluster's model and moves up the ladder while the router's quality check
+    finds the answer unsure. The deferral check (what `cre calibrate` sets by default)
+    escalates when the answer's estimated P(correct), from its own signals such as token
+    log-probabilities, is below the rung's threshold; the agreement check (a router straight
+    from `cre fit`, or calibrated with --check agreement) when too few sampled answers agree.
+    A routed prompt, its answer and trace are added to the served-query log (`cre log`)
+    unless --no-log is given.
 
     Examples:
 
@@ -319,13 +334,15 @@ def ask(
     from crecli import render
 
     text = _read_prompt(prompt)
+    if match is not None:
+        match = _match_type(match)
     if model is not None:
         # Options of the routed answer would be dropped without a word: refuse them.
         routed_only = [name for name, given in (("--router", router is not None), ("--match", match is not None),
                                                 ("--explain", explain), ("--force", force)) if given]
         if routed_only:
-            raise CreError(f"{', '.join(routed_only)} apply to a routed answer and --model asks one model "
-                           "directly: use one or the other, not both")
+            raise UsageError(f"{', '.join(routed_only)} apply to a routed answer and --model asks one model "
+                             "directly: use one or the other, not both")
         from crecli.models.backend import GenParams
         from crecli.models.registry import generate_once
 
@@ -335,8 +352,8 @@ def ask(
         render.answer(model, gen, json_)
         return
     if max_tokens is not None or temperature is not None:
-        raise CreError("--max-tokens and --temperature apply with --model; a routed answer takes its cap and "
-                       "sampling from the router (its cluster's answer type)")
+        raise UsageError("--max-tokens and --temperature apply with --model; a routed answer takes its cap and "
+                         "sampling from the router (its cluster's answer type)")
     from crecli import paths, servedlog
     from crecli.escalate import Cascade
 
@@ -355,7 +372,7 @@ PARALLEL_DEFAULT = 1
 
 @app.command()
 def batch(
-    file: Annotated[Optional[Path], typer.Argument(help="Prompts, one per line: JSONL objects or plain text (default: stdin).", show_default=False)] = None,
+    file: Annotated[Optional[Path], typer.Argument(help="Prompts, one per line: JSONL objects or plain text (default, or -: stdin).", show_default=False)] = None,
     router: RouterOpt = None,
     models: ModelsOpt = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="An earlier output file: skip the ids it already answered.", show_default=False)] = None,
@@ -421,7 +438,9 @@ def batch(
     router_path = resolve_router(router)
     served = servedlog.for_command("batch", no_log, router_path)
     with Cascade.from_file(router_path, models, force=force, memory_budget_bytes=budget, parallel=parallel) as cascade:
-        if file is None:
+        # "-" is stdin, as for `cre ask -` and as the error below offers. (pathlib reads "./-"
+        # as "-" too: a file of that name is given by its absolute path, or on stdin.)
+        if file is None or str(file) == "-":
             summary = run_batch(sys.stdin.buffer, sys.stdout, cascade, done, source="<stdin>", fields=fields, served=served)
         else:
             from crecli.querylog import open_input
@@ -532,17 +551,35 @@ def log_(
         typer.echo(str(servedlog.log_path()))
         return
     if output is not None and json_:
-        raise CreError("give --json (entries on stdout) or -o FILE (entries in a file), not both")
+        raise UsageError("give --json (entries on stdout) or -o FILE (entries in a file), not both")
     render.served_log(servedlog.query(last=last, since=since, output=output), json_)
 
 
+def _match_type(text: str) -> str:
+    """--match as a known answer type, in any case: a log's or batch line's `match` is read so."""
+    from crecli.grading import MATCH_TYPES
+
+    match = text.strip().lower()
+    if match not in MATCH_TYPES:
+        raise UsageError(f"--match {text!r}: use one of {', '.join(MATCH_TYPES)}")
+    return match
+
+
 def _read_prompt(prompt: str) -> str:
+    from crecli.safejson import SURROGATE
+
     if prompt == "-":
         data = sys.stdin.buffer.read()
         try:
             prompt = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise CreError(f"stdin: not UTF-8 text (byte {exc.start}); convert it first, e.g. with iconv") from None
+    elif (bad := SURROGATE.search(prompt)) is not None:
+        # Python holds argument bytes that are not UTF-8 as lone surrogates, which no model's
+        # tokenizer (nor the served-query log) can encode: refuse them as stdin's are refused.
+        raise CreError(
+            f"the prompt argument is not UTF-8 text (character {bad.start() + 1}); convert it first, e.g. with iconv"
+        )
     if not prompt.strip():
         raise CreError("the prompt is empty; pass text or - with text on stdin")
     return prompt
@@ -561,12 +598,51 @@ def main() -> None:
     try:
         app()
     except CreError as exc:
-        from rich.text import Text
-
-        from crecli.console import err
-
-        err().print(Text.assemble(("Error:", "bold red"), " ", str(exc)), soft_wrap=True)
+        _silence_stdout_if_broken()
+        _error(str(exc))
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        # Typer ends a broken pipe itself (exit 1, no message) but re-raises any other
+        # OSError: most often stdout that cannot take the output (a full disk, /dev/full).
+        what = exc.strerror or str(exc)
+        if _silence_stdout_if_broken():
+            _error(f"cannot write the output to stdout ({what})")
+        elif exc.filename:
+            _error(f"{exc.filename}: {what}")
+        else:
+            # A failed write drops what was buffered, so stdout often flushes fine afterwards:
+            # no file is named, but reading or writing one (stdout most likely) failed.
+            _error(f"input or output failed: {what}")
+        sys.exit(1)
     except KeyboardInterrupt:
+        # Only Ctrl-C outside a command's run gets here: while Typer builds the command or
+        # answers shell completion. During a command Typer itself turns it into exit 130,
+        # without a word (`cre batch` prints its summary saying it was interrupted).
         sys.stderr.write("Interrupted.\n")
         sys.exit(130)
+
+
+def _error(message: str) -> None:
+    from rich.text import Text
+
+    from crecli.console import err
+
+    err().print(Text.assemble(("Error:", "bold red"), " ", message), soft_wrap=True)
+
+
+def _silence_stdout_if_broken() -> bool:
+    """Whether stdout cannot be written; if so it is pointed at /dev/null, since Python's
+    own flush at exit would fail again and print a second error, with a traceback."""
+    import os
+
+    try:
+        sys.stdout.flush()
+        return False
+    except OSError:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # no file descriptor behind stdout (a test's buffer)
+            pass
+        return True

@@ -33,6 +33,15 @@ CostUnitOpt = Annotated[
     Optional[str],
     typer.Option("--cost-unit", help="Price costs in 'bench-seconds', 'seconds' (as recorded) or 'price' instead of the ladder's default (price if every model has one, else bench-seconds once benchmarked, else seconds).", show_default=False),
 ]
+SkipBadOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--skip-bad/--no-skip-bad",
+        help="Skip bad log lines (and report how many) instead of stopping, or stop at the first "
+        "(default: what `cre fit` was given).",
+        show_default=False,
+    ),
+]
 NoLogOpt = Annotated[
     bool,
     typer.Option(

@@ -36,7 +36,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Literal, Protocol, Sequence
 
-from crecli.errors import ConfigError, CreError
+from crecli.errors import ConfigError, CreError, UsageError
 from crecli.models import bench
 
 if TYPE_CHECKING:
@@ -80,10 +80,10 @@ def token_cost(
     return prompt_tokens / pp + output_tokens / tg
 
 
-def check_unit(unit: str, what: str = "cost unit") -> str:
-    """`unit` when it is one of UNITS; the one check of a cost unit's name."""
+def check_unit(unit: str, what: str = "cost unit", error: type[CreError] = CreError) -> str:
+    """`unit` when it is one of UNITS, else `error`; the one check of a cost unit's name."""
     if unit not in UNITS:
-        raise CreError(f"{what} {unit!r}: use one of {', '.join(UNITS)}")
+        raise error(f"{what} {unit!r}: use one of {', '.join(UNITS)}")
     return unit
 
 
@@ -378,14 +378,14 @@ class Budget:
             raise CreError(f"unknown budget kind {self.kind!r}; use one of {', '.join(BUDGET_KINDS)}")
         option = "--retain" if self.kind == "retain" else "--max-cost"
         if isinstance(self.value, bool) or not isinstance(self.value, (int, float)) or not math.isfinite(self.value):
-            raise CreError(f"{option} {self.value!r}: give a finite number")
+            raise UsageError(f"{option} {self.value!r}: give a finite number")
         high = MAX_RETAIN if self.kind == "retain" else 1.0
         if not 0 < self.value <= high:
             if self.kind == "retain":
-                raise CreError(f"--retain {self.value}: a share of the strongest model's accuracy, above 0 and at "
-                               f"most {MAX_RETAIN}, e.g. {DEFAULT_RETAIN}")
-            raise CreError(f"--max-cost {self.value}: a share of always using the strongest model's cost, above 0 "
-                           "and at most 1")
+                raise UsageError(f"--retain {self.value}: a share of the strongest model's accuracy, above 0 and at "
+                                 f"most {MAX_RETAIN}, e.g. {DEFAULT_RETAIN}")
+            raise UsageError(f"--max-cost {self.value}: a share of always using the strongest model's cost, above 0 "
+                             "and at most 1")
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "value": self.value}

@@ -1,4 +1,5 @@
-"""One exception family. The CLI turns any CreError into `Error: ...` and exit code 1.
+"""One exception family. The CLI turns any CreError into `Error: ...` and its class's exit
+code: 1, or 2 for a UsageError (bad usage, as Click's own errors).
 
 Messages say what went wrong and what to do next, because users read them in a terminal
 with no traceback.
@@ -11,6 +12,14 @@ class CreError(Exception):
     """Base of every error crecli reports to a user."""
 
     exit_code: int = 1
+
+
+class UsageError(CreError):
+    """An option value wrong in itself (out of range, an unknown name) or options that
+    conflict, found after Click parsed them: exit 2, as Click's own usage errors. A value
+    that only this router or log cannot take stays a CreError (exit 1)."""
+
+    exit_code = 2
 
 
 class ConfigError(CreError):

@@ -267,11 +267,11 @@ def check_plot(path: Path) -> None:
     draw (`run` checks it first: `--live` answers every query before the plot)."""
     import importlib.util
 
-    from crecli.errors import CreError
+    from crecli.errors import CreError, UsageError
 
     suffix = path.suffix.lower()
     if suffix not in (".svg", ".png"):
-        raise CreError(f"--plot {path}: plots are .svg or .png")
+        raise UsageError(f"--plot {path}: plots are .svg or .png")
     if suffix == ".png" and importlib.util.find_spec("matplotlib") is None:
         raise CreError("PNG plots need matplotlib (`pip install matplotlib`); or write .svg, which needs nothing")
 
@@ -284,14 +284,14 @@ def run(
     store: Path | None = None,
     plot: Path | None = None,
     run_live: bool = False,
-    skip_bad: bool = False,
+    skip_bad: bool | None = None,
     max_line_bytes: int | None = None,
     force: bool = False,
     unit: str | None = None,
 ) -> EvalReport:
     """`cre eval`: outputs checked first, then the router loaded once (with `force`), the log
-    read as the router's fit read its own (field names, format, line cap; --skip-bad and
-    --max-prompt-bytes override), replayed against the baselines, and with `run_live`
+    read as the router's fit read its own (field names, format, skipping bad lines or not,
+    line cap; `skip_bad` and `max_line_bytes` override when given), replayed against the baselines, and with `run_live`
     answered for real by the same loaded router."""
     from crecli import paths, replay, routerfile
 
@@ -305,8 +305,8 @@ def run(
         check_plot(plot)  # before the replay (and --live's answers), not after
     router = routerfile.load(router_path, settings, force=force)
     reader = router.fit.reader
-    if skip_bad:
-        reader = replace(reader, skip_bad=True)
+    if skip_bad is not None:
+        reader = replace(reader, skip_bad=skip_bad)
     if max_line_bytes is not None:
         reader = replace(reader, fields=replace(reader.fields, max_line_bytes=max_line_bytes))
     data = replay.prepare(router, settings, log, store, reader, unit)

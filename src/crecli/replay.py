@@ -337,9 +337,10 @@ def prepare(
     """
     from crecli import outcomes as outcomes_mod
     from crecli.costs import check_unit
+    from crecli.errors import UsageError
 
     if unit is not None:
-        check_unit(unit, "--cost-unit")
+        check_unit(unit, "--cost-unit", UsageError)
 
     reader = reader or router.fit.reader
     read = reader.read(log)

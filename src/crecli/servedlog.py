@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 
 from crecli import paths
-from crecli.errors import ConfigError, InputError
+from crecli.errors import ConfigError, InputError, UsageError
 from crecli.safejson import has_surrogate, replace_surrogates
 
 if TYPE_CHECKING:
@@ -261,7 +261,7 @@ def parse_since(text: str) -> datetime:
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
-        raise InputError(f"--since {text!r}: give a date such as 2025-01-31 or a time such as 2025-01-31T14:00") from None
+        raise UsageError(f"--since {text!r}: give a date such as 2025-01-31 or a time such as 2025-01-31T14:00") from None
     return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
 
 

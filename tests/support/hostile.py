@@ -16,9 +16,9 @@ class Run:
     err: str
 
 
-def refused(run: Run, *words: str) -> None:
-    """Exit 1 with exactly one line, `Error: ...`, naming each of `words`."""
-    assert run.code == 1, run
+def refused(run: Run, *words: str, code: int = 1) -> None:
+    """Exit `code` (1; 2 for a UsageError) with exactly one line, `Error: ...`, naming each of `words`."""
+    assert run.code == code, run
     assert run.err.startswith("Error: ") and run.err.count("\n") == 1, run.err
     assert "Traceback" not in run.err and run.out == ""
     for word in words:
