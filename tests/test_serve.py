@@ -791,3 +791,34 @@ def test_stopping_the_worker_gives_up_its_running_jobs_and_waits_for_them() -> N
     assert started.wait(10)
     worker.stop()
     assert ended == ["stopped"] and future.done() and worker.running == 0
+
+
+def test_a_stream_whose_client_left_before_its_first_event_gives_its_job_up() -> None:
+    # If sending the response's start fails (the client has gone), Starlette never iterates
+    # the events, whose own `finally` is what gave the job up: it ran on, logged as served.
+    import asyncio
+
+    from crecli.serve_app import _job_stream
+
+    started: list[bool] = []
+    given_up: list[bool] = []
+
+    async def events() -> Any:
+        started.append(True)
+        yield "data: x\n\n"
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(10)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        raise OSError("the client has gone")
+
+    async def main() -> None:
+        response = _job_stream(events(), lambda: given_up.append(True))
+        scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
+        with pytest.raises(Exception):
+            await response(scope, receive, send)
+
+    asyncio.run(main())
+    assert given_up == [True] and started == []

@@ -174,6 +174,22 @@ class Limits:
         return release
 
 
+def _job_stream(events: Any, give_up: Callable[[], None]) -> "Response":
+    """A streamed answer's response, which gives its job up once it is over, however it
+    ended: a client gone before the first event was sent never started `events`, whose own
+    `finally` gives the job up, and the job ran on and was logged as served."""
+    from starlette.responses import StreamingResponse
+
+    class JobStream(StreamingResponse):
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                give_up()  # a job that is done, or has claimed its answer, is left alone
+
+    return JobStream(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
 async def _disconnected(receive: Callable[[], Any]) -> None:
     """Returns when the client has gone; only called once the request's body is all read."""
     while (await receive())["type"] != "http.disconnect":
@@ -278,7 +294,7 @@ class App:
 
     async def complete(self, request: "Request", parse: Callable[[dict[str, Any]], Query]) -> "Response":
         """A completion endpoint: the key, the body, the checked query, its answer, the response."""
-        from starlette.responses import JSONResponse, StreamingResponse
+        from starlette.responses import JSONResponse
 
         # The timeout runs from arrival: a body that trickles in slowly spends it too.
         deadline = time.monotonic() + self.options.timeout
@@ -300,11 +316,11 @@ class App:
             rid = ("chatcmpl-" if query.kind == "chat" else "cmpl-") + secrets.token_hex(12)
             created = int(time.time())
             if query.stream:
-                events, job = await self.stream(request, query, deadline, rid, created)
+                events, job, give_up = await self.stream(request, query, deadline, rid, created)
                 # Held until the job ends (done, failed or cancelled: a client that leaves
                 # cancels it), which happens whether or not the response is ever iterated.
                 job.add_done_callback(lambda _: release())
-                return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                return _job_stream(events, give_up)
             result = await self.answer(request, query, deadline)
         except BaseException:
             release()
@@ -329,10 +345,11 @@ class App:
         return await self.result(query, future)
 
     async def stream(self, request: "Request", query: Query, deadline: float, rid: str,
-                     created: int) -> tuple[Any, "asyncio.Future[Answer]"]:
+                     created: int) -> tuple[Any, "asyncio.Future[Answer]", Callable[[], None]]:
         """The events of a streamed answer: its final rung's text as it is generated (the
         response starts with the first piece), or the whole answer at once where no rung
-        could stream it; and its job. Errors before the first piece are plain error responses."""
+        could stream it; its job; and what gives the job up. Errors before the first piece
+        are plain error responses."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
         ticket = Ticket(deadline)
@@ -353,9 +370,15 @@ class App:
         if not first.done():
             first.cancel()
             answer = await self.result(query, future)
-            return stream_events(query, answer, rid, created), future
+            return stream_events(query, answer, rid, created), future, lambda: None
+
+        def give_up() -> None:
+            if not future.done() and ticket.cancel():
+                future.cancel()
+
         model = self.cascade.strongest if query.model in self.cascade_names else query.model
-        return self.stream_on(query, ticket, future, pieces, first.result(), deadline, rid, created, model), future
+        events = self.stream_on(query, ticket, future, pieces, first.result(), deadline, rid, created, model)
+        return events, future, give_up
 
     async def stream_on(self, query: Query, ticket: Ticket, future: "asyncio.Future[Answer]",
                         pieces: "asyncio.Queue[str]", head: str, deadline: float, rid: str, created: int,
