@@ -627,12 +627,16 @@ def test_a_save_removes_orphans_of_killed_saves(pinned_settings: config.ModelCon
     fresh_old_style = folder / ".router.cre.zz99yy88.tmp"
     live = folder / f".router.cre.{os.getpid()}.feedf00d.tmp"
     other = folder / f".other.cre.{dead_pid()}.0123abcd.tmp"
-    for p in (orphan, old_style, fresh_old_style, live, other):
+    # The same dead pid written here is an orphan; written by another host sharing the
+    # folder, it may be a save in progress there: only the age rule removes it.
+    here = folder / f".router.cre.{dead_pid()}@{paths._host_tag()}.0a0b0c0d.tmp"
+    elsewhere = folder / f".router.cre.{dead_pid()}@{'0' * 8 if paths._host_tag() != '0' * 8 else '1' * 8}.0a0b0c0d.tmp"
+    for p in (orphan, old_style, fresh_old_style, live, other, here, elsewhere):
         p.write_bytes(b"partial")
     hour_ago = time.time() - paths.STALE_TEMP_SECONDS - 60
     os.utime(old_style, (hour_ago, hour_ago))
     routerfile.save(built_router(pinned_settings), built_router_file)
-    assert temps(folder) == sorted([fresh_old_style.name, live.name, other.name])
+    assert temps(folder) == sorted([fresh_old_style.name, live.name, other.name, elsewhere.name])
     routerfile.load(built_router_file, pinned_settings)
 
 

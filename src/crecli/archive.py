@@ -103,7 +103,7 @@ def write(path: Path, body: dict[str, Any], blobs: dict[str, bytes]) -> None:
     """Write a router file: `body` in a manifest with the format marker, the schema version
     and the body's sha256, beside the array members `pack` put in `blobs`.
 
-    Atomically (`paths.atomic_write`): a temp file `.NAME.PID.RANDOM.tmp` in the same
+    Atomically (`paths.atomic_write`): a temp file `.NAME.PID@HOST.RANDOM.tmp` in the same
     folder, fsynced, then a rename; the temp file is removed on any failure, and orphans
     that a killed save left are removed by the next save to the same path.
     """

@@ -142,7 +142,7 @@ def atomic_write(path: Path, data: bytes | str | Callable[[BinaryIO], None], *, 
 
     `data` is bytes, text (written as UTF-8), or a function that writes to the open binary
     file; an exception it raises abandons the write. The bytes go to a temp file in the same
-    folder, `.NAME.PID.RANDOM.tmp`, created with O_EXCL (so a file or link planted under that
+    folder, `.NAME.PID@HOST.RANDOM.tmp`, created with O_EXCL (so a file or link planted under that
     name is never written through) and `mode`, which the umask filters: the default 0o666
     gives what any file the user creates gets, 0o600 keeps a private file private. The temp
     file is fsynced, renamed over `path`, and the folder fsynced, so the rename survives a
@@ -158,8 +158,10 @@ def atomic_write(path: Path, data: bytes | str | Callable[[BinaryIO], None], *, 
     if clean_stale:
         remove_stale_temps(path)
     # The pid in the name lets a later write tell an orphan (its writer was killed) from a
-    # write still in progress; the random part keeps two writes in one process apart.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    # write still in progress, on the same host (`_host_tag`: in a folder shared between
+    # machines another host's pid says nothing here); the random part keeps two writes in
+    # one process apart.
+    tmp = path.parent / f".{path.name}.{os.getpid()}@{_host_tag()}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -182,16 +184,18 @@ def atomic_write(path: Path, data: bytes | str | Callable[[BinaryIO], None], *, 
 def remove_stale_temps(path: Path) -> None:
     """Delete temp files that interrupted `atomic_write`s of `path` left behind (kill -9, power loss).
 
-    Matches `.NAME.PID.RANDOM.tmp` (and the pid-less `.NAME.RANDOM.tmp` that crecli's router
-    saves wrote before pids were in the name): removed when the pid is not running, or when
-    older than STALE_TEMP_SECONDS. Only regular files: a link or folder under such a name is
-    not ours to delete.
+    Matches `.NAME.PID@HOST.RANDOM.tmp` (and `.NAME.PID.RANDOM.tmp` and `.NAME.RANDOM.tmp`,
+    which earlier crecli wrote): removed when older than STALE_TEMP_SECONDS, or when written
+    on this host (or before hosts were in the name) by a pid no longer running. A write from
+    another host sharing the folder is left to the age rule: its pid means nothing here. Only
+    regular files: a link or folder under such a name is not ours to delete.
     """
     import re
     import stat
     import time
 
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:(\d{{1,10}})\.)?[A-Za-z0-9_]{{6,32}}\.tmp$")
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:(\d{{1,10}})(?:@([0-9a-f]{{8}}))?\.)?[A-Za-z0-9_]{{6,32}}\.tmp$")
+    here = _host_tag()
     try:
         entries = list(path.parent.iterdir())
     except OSError:
@@ -207,12 +211,21 @@ def remove_stale_temps(path: Path) -> None:
             continue
         if not stat.S_ISREG(st.st_mode):
             continue
-        pid = match.group(1)
-        if now - st.st_mtime > STALE_TEMP_SECONDS or (pid is not None and not _running(int(pid))):
+        pid, host = match.group(1), match.group(2)
+        ours = host is None or host == here
+        if now - st.st_mtime > STALE_TEMP_SECONDS or (pid is not None and ours and not _running(int(pid))):
             try:
                 entry.unlink()
             except OSError:
                 pass
+
+
+def _host_tag() -> str:
+    """This machine in a temp file's name: 8 hex digits of its host name's sha256."""
+    import hashlib
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
 
 
 def _running(pid: int) -> bool:

