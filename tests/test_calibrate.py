@@ -430,3 +430,18 @@ def test_calibrations_deferral_prior_blends_by_distance_as_the_live_one_does() -
     data = SimpleNamespace(clusters=[0, 0, 0], trust=[1.0, 0.25, 0.0])
     prior = _table_prior(data, stats)  # type: ignore[arg-type]
     assert [prior(i, "small") for i in range(3)] == pytest.approx([0.9, blend_prior(0.9, 0.6, 0.25), 0.6])
+
+
+def test_the_replay_pays_every_vote_drawn_as_the_live_step_does() -> None:
+    # A deferral rung draws its votes up front; one without log-probabilities falls back to
+    # the agreement check, which may decide on fewer of them. The live step pays every vote
+    # drawn; the replay paid only those used.
+    from crecli.replay import _Entry
+
+    records = [rec("q0")]
+    entries = {("q0", "small"): _Entry(("1", "1", "2"), (True, True, False), (1.0, 2.0, 3.0)),
+               ("q0", "large"): _Entry(("1",), (True,), (8.0,))}
+    replay = Replay(entries, records, ["small", "large"], "bench-seconds")
+    result = replay.simulate({"q0": "small"}, {"small": 0.6, "large": 0.0}, K3, p_correct={}, votes=3)
+    [step] = result.traces[0].steps
+    assert step.used == 2 and step.cost == 3.0

@@ -191,7 +191,10 @@ class Replay:
                 return drawn[-1]
 
             def after(r: Rung, v: Verdict, recorded: Any, steps: list[SimStep] = steps) -> None:
-                steps.append(SimStep(r.model, v.agreement, v.used, v.kept, recorded.entry.cumcost[v.used - 1]))
+                # Every vote drawn is paid for, as the live step pays them: a wave may draw more
+                # than the decision used (`quality.decide` stops early on the first of them).
+                paid = recorded.entry.cumcost[max(recorded.drawn, v.used) - 1]
+                steps.append(SimStep(r.model, v.agreement, v.used, v.kept, paid))
                 visited.append(recorded.entry)
 
             walk(climb, votes_for, after)
