@@ -281,3 +281,22 @@ def test_exact_keeps_a_numbers_sign_and_a_references_whole_text_and_full_width_f
 ])
 def test_the_word_answer_marks_an_answer_only_where_it_is_said_to_be_one(answer: str, reference: str, match: str) -> None:
     assert grade(answer, reference, match)
+
+
+@pytest.mark.parametrize(("answer", "reference", "match", "expected"), [
+    # A marker's dash separator swallowed the sign: "The answer is -5" read as 5.
+    ("The answer is -5", "-5", "numeric", True),
+    ("The answer is -5", "5", "numeric", False),
+    ("Answer -5", "-5", "exact", True),
+    ("Answer - B", "B", "choice", True),
+    # A sign after punctuation is a sign: "(-5)" is -5.
+    ("(-5)", "-5", "exact", True),
+    ("[-5]", "-5", "exact", True),
+    # A numbered-list reference reads as its items, as an answer's list does.
+    ("1. apple\n2. banana", "1. apple\n2. banana", "exact", True),
+    # A marker ending its line with the answer before it keeps that line.
+    ("42 is the answer\nExplanation: 6*7=42", "42", "numeric", True),
+    ("42 is the answer\nbecause 6 times 7", "6", "numeric", False),
+])
+def test_signs_lists_and_markers_at_the_end_of_a_line(answer: str, reference: str, match: str, expected: bool) -> None:
+    assert grade(answer, reference, match) is expected

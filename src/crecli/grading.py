@@ -71,15 +71,17 @@ _EMPHASIS = re.compile(r"\*\*|__|`+")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _COPULA_WORDS = r"(?:is|would\s+be|should\s+be|will\s+be)\b"
 _QUALIFIER = r"(?:final|correct|right|best)\s+"
+# A marker's separator; a dash is one only when no number follows ("Answer -5" is -5).
+_SEP = r"(?:[:=]|-(?!\s*[\d.]))"
 # "answer" marks the answer only where it is said to be one: starting a line ("Answer: B",
 # "Answer B", "Final answer\nB"), before ":" or "=", or after "the"/"my"/a qualifier with
 # "is" ("The answer is 12", "the correct answer would be (B)"). Anywhere else it is a word
 # of the explanation: "This answer is based on the passage" marks nothing.
 _MARKER = re.compile(
-    rf"^[ \t]*(?:{_QUALIFIER})?answer\b(?:\s+{_COPULA_WORDS})?\s*[:=\-]?[ \t]*"
+    rf"^[ \t]*(?:{_QUALIFIER})?answer\b(?:\s+{_COPULA_WORDS})?\s*{_SEP}?[ \t]*"
     rf"|\b(?:{_QUALIFIER})?answer\s*[:=][ \t]*"
-    rf"|\b(?:(?:the|my|our)\s+(?:{_QUALIFIER})?|{_QUALIFIER})answer(?:\s+{_COPULA_WORDS}\s*[:=\-]?|[ \t]*$)[ \t]*"
-    r"|\b(?:correct|right)\s+(?:option|choice|letter)\b(?:\s+is)?\s*[:=\-]?[ \t]*",
+    rf"|\b(?:(?:the|my|our)\s+(?:{_QUALIFIER})?|{_QUALIFIER})answer(?:\s+{_COPULA_WORDS}\s*{_SEP}?|[ \t]*$)[ \t]*"
+    rf"|\b(?:correct|right)\s+(?:option|choice|letter)\b(?:\s+is)?\s*{_SEP}?[ \t]*",
     re.IGNORECASE | re.MULTILINE,
 )
 _LIST_ITEM = re.compile(r"^\s*(?:[-*\u2022]|\d{1,3}[.)])\s+(.*)$")
@@ -236,7 +238,11 @@ def _reference_form(reference: str, match: str) -> str:
     # A reference is the answer itself, not a reply to pick one from: an exact reference is
     # its whole text ("apple\nbanana" must not match "apple", its first line).
     if match == "exact":
-        return _text(_EMPHASIS.sub("", reference))
+        text = _EMPHASIS.sub("", reference)
+        lines = [line for line in text.splitlines() if line.strip()]
+        items = [m.group(1) for line in lines if (m := _LIST_ITEM.match(line))]
+        # A list reads as its items, bullets dropped, as an answer's list does (`_first_line`).
+        return _text(" ".join(items) if lines and len(items) == len(lines) else text)
     return normalize(reference, match)
 
 
@@ -269,7 +275,11 @@ def _segment(text: str) -> str:
         line, _, after = rest.partition("\n")
         if line.strip():
             return line.strip()
-        # Nothing after it ("42 is the answer"): the marker ended the reply, not began it.
+        # Nothing after it on its line, but something before ("42 is the answer"): the marker
+        # ended that answer, not began the next line's.
+        start = text.rfind("\n", 0, marker.start()) + 1
+        if text[start:marker.start()].strip():
+            return text[start:marker.end()].strip()
         return _first_line(after) or _first_line(text)
     return _first_line(text)
 
@@ -398,6 +408,6 @@ def _text(text: str) -> str:
             continue
         # A minus sign starting a number is part of it: "-5" is not "5". Other punctuation,
         # hyphens between words included, separates words.
-        sign = ch == "-" and text[i + 1:i + 2].isdigit() and (i == 0 or text[i - 1].isspace())
+        sign = ch == "-" and text[i + 1:i + 2].isdigit() and (i == 0 or not text[i - 1].isalnum())
         out.append(" " if unicodedata.category(ch).startswith("P") and not sign else ch)
     return " ".join("".join(out).split())
