@@ -422,3 +422,24 @@ def test_field_names_can_be_mapped(fake_backends: Callable[..., dict[str, FakeBa
     rows, summary = _run([jl(key="k1", question=ADD, gold=["12"], match="numeric"), jl(id="x", prompt=ADD)], cascade, fields=fields)
     assert rows[0]["id"] == "k1" and rows[0]["answer"] == "12" and rows[0]["correct"] is True
     assert "missing 'question' field" in rows[1]["error"]
+
+
+def test_a_ctrl_c_while_the_output_flushes_writes_no_line_twice() -> None:
+    # Records were dropped from the writer only after the flush: a Ctrl-C while it blocked
+    # (a full pipe) left them queued, and `flush_ready` wrote them a second time.
+    from crecli.batch import _OrderedWriter
+
+    class SlowPipe(io.StringIO):
+        flushes = 0
+
+        def flush(self) -> None:
+            SlowPipe.flushes += 1
+            if SlowPipe.flushes == 1:
+                raise KeyboardInterrupt
+
+    out = SlowPipe()
+    writer = _OrderedWriter(out, first=1)
+    with pytest.raises(KeyboardInterrupt):
+        writer.put(1, {"id": "a", "answer": "12"})
+    writer.flush_ready()
+    assert [json.loads(line)["id"] for line in out.getvalue().splitlines()] == ["a"]

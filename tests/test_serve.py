@@ -822,3 +822,27 @@ def test_a_stream_whose_client_left_before_its_first_event_gives_its_job_up() ->
 
     asyncio.run(main())
     assert given_up == [True] and started == []
+
+
+def test_serve_forever_stops_its_jobs_before_returning_however_the_server_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ctrl-C pressed twice ends uvicorn's run with KeyboardInterrupt, its drain and the app's
+    # shutdown skipped: serve_forever must still stop the worker, with Ctrl-C ignored.
+    import signal
+
+    from crecli import serve
+
+    stopped: list[object] = []
+
+    class Server:
+        def run(self, sockets: object) -> None:
+            raise KeyboardInterrupt
+
+    class App:
+        state = type("State", (), {"worker": type("W", (), {"stop": lambda self: stopped.append(signal.getsignal(signal.SIGINT))})()})()
+
+    monkeypatch.setattr(serve, "create_app", lambda *a, **k: App())
+    monkeypatch.setattr(serve, "make_server", lambda app, options: Server())
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        serve.serve_forever(None, serve.ServeOptions(), None)  # type: ignore[arg-type]
+    assert stopped == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) == before

@@ -235,23 +235,27 @@ class _OrderedWriter:
                 text.append(_json_line(rec))
             upto += 1
         if text:
-            self._write("".join(text))
-        # Dropped only once written: a Ctrl-C before this leaves them for `flush_ready`.
+            self._do(self.out.write, "".join(text))
+        # Dropped once written (a Ctrl-C before leaves them for `flush_ready`) and before the
+        # flush (a Ctrl-C while it blocks must not have them written twice).
         for done in range(self.next, upto):
             del self.ready[done]
         self.next = upto
+        if text:
+            self._do(self.out.flush)
 
     def flush_ready(self) -> None:
         """Write every finished record still waiting for an earlier line (on Ctrl-C: that
         line will not come in this run, and `--resume` finds these by id)."""
         text = [_json_line(rec) for line in sorted(self.ready) if (rec := self.ready[line]) is not None]
-        self._write("".join(text))
+        self._do(self.out.write, "".join(text))
         self.ready.clear()
+        self._do(self.out.flush)
 
-    def _write(self, text: str) -> None:
+    def _do(self, call: Callable[..., Any], *args: Any) -> None:
+        """A write or flush of the results, its failure phrased."""
         try:
-            self.out.write(text)
-            self.out.flush()
+            call(*args)
         except OSError as exc:
             if exc.errno == errno.EPIPE:
                 raise  # the reader left (`cre batch ... | head`): Typer ends the run quietly

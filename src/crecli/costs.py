@@ -244,13 +244,14 @@ class RunTotal:
         self._counted: dict[str, float] = {}
 
     def add(self, own: float | None, visits: Sequence[Visit], counted: bool = True) -> None:
+        counted = counted and own is not None  # an answer `price_parts` gives None is not summed
         for key, cost in visits:
             if key:
                 self._visits[key] += 1
                 if counted:
                     self._counted[key] = self._counted.get(key, 0.0) + cost
-        if counted and own is not None:
-            self.own += own
+        if counted:
+            self.own += own  # type: ignore[operator]
 
     @property
     def total(self) -> float:

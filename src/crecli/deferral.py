@@ -109,7 +109,11 @@ def train_deferral(data: Data, idx: Sequence[int], table: StatsTable, model: str
         entries = [(i, e) for i, e in entries if e.signals is not None]
     for i, entry in entries:
         y = entry.correct[0]
-        rows.append(entry.features(votes, _loo_prior(table, data.clusters[i], model, y)))
+        # Blended by distance as `_table_prior` and the live priors are: trained on one prior
+        # and applied with another, its weights would misread prompts beyond the radius.
+        prior = _loo_prior(table, data.clusters[i], model, y)
+        weight = data.trust[i] if data.trust else 1.0
+        rows.append(entry.features(votes, blend_prior(prior, table.overall.models[model].accuracy, weight)))
         ys.append(y)
     names = feature_names(votes)
     fill = []

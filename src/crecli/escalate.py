@@ -14,7 +14,9 @@ KV cells; the greedy vote leaves the prompt cached, so only it pays for prompt p
 `Cascade.decode_greedy` lets a batch decode the greedy votes of many prompts on one rung
 together (`cre batch --parallel`); each check then starts from its prompt's vote. Costs
 come from `costs`: a finished answer carries its own (`Trace.cost`, priced alone when
-it finishes); `cost_of_run` and `strongest_cost_of_run` price a run of answers.
+it finishes); `cost_parts` and `strongest_parts` give each answer's share of a run
+(`cre batch` sums them as they finish, `costs.RunTotal`), and `cost_of_run` and
+`strongest_cost_of_run` price a whole run at once.
 
 `Cascade` is also the library API:
 

@@ -246,7 +246,7 @@ class LiveSource:
         trace.output_tokens = sum(s.output_tokens for s in trace.steps)
         trace.seconds = trace.route_seconds + sum(s.seconds for s in trace.steps)
         # Priced alone: each rung's votes and its cluster's answered examples in full
-        # (`Cascade.cost_of_run` shares the examples over a batch's answers).
+        # (`cre batch` shares the examples over its answers: `costs.RunTotal`).
         trace.cost = price_steps(self.pricing, [(trace.cluster, trace.steps)])[0]
         trace.cost_unit = self.pricing.unit
         if pending.reference is not None:

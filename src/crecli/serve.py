@@ -272,5 +272,10 @@ def serve_forever(
     finally:
         signal.signal(signal.SIGTERM, previous)
         # A second Ctrl-C skips uvicorn's drain and the app's shutdown: jobs may still be
-        # computing, and the caller closes the models next. Stop them first.
-        app.state.worker.stop()
+        # computing, and the caller closes the models next. Stop them first, deaf to a
+        # third Ctrl-C, which would otherwise leave the wait and close the models under them.
+        interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            app.state.worker.stop()
+        finally:
+            signal.signal(signal.SIGINT, interrupt)
