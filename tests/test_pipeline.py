@@ -115,3 +115,21 @@ def test_fit_frees_its_embedder_before_any_ladder_model_runs(
     monkeypatch.setattr(embed, "make_embedder", spied)
     invoke("fit", str(SMALL_LOG), "-o", str(tmp_path / "r.cre"), "--models", str(tiny_models_toml))
     assert events == ["embedder closed after 0 model calls"] and sum(len(b.calls) for b in skilled_fakes.values()) > 0
+
+
+def test_a_router_is_never_written_over_a_file_that_is_not_one(
+    tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict[str, FakeBackend]
+) -> None:
+    # `-o test.jsonl` replaced a held-out log with the router at the end of the fit.
+    held_out = tmp_path / "test.jsonl"
+    held_out.write_bytes(SMALL_LOG.read_bytes())
+    m = ("--models", str(tiny_models_toml))
+    refused = runner.invoke(app, ["fit", str(SMALL_LOG), "-o", str(held_out), *m])
+    assert "exists and is not a router file" in str(refused.exception)
+    assert held_out.read_bytes() == SMALL_LOG.read_bytes() and not any(b.calls for b in skilled_fakes.values())
+    router = tmp_path / "router.cre"
+    invoke("fit", str(SMALL_LOG), "-o", str(router), *m)
+    invoke("fit", str(SMALL_LOG), "-o", str(router), *m)  # a router may be replaced: refitting
+    refused = runner.invoke(app, ["calibrate", str(router), "-o", str(held_out), *m])
+    assert "exists and is not a router file" in str(refused.exception)
+    assert held_out.read_bytes() == SMALL_LOG.read_bytes()

@@ -99,6 +99,28 @@ def pack(owner: str, arrays: dict[str, "np.ndarray"], blobs: dict[str, bytes]) -
     return listed
 
 
+def check_replaceable(path: Path, option: str) -> None:
+    """Refuse, before any work, to write a router over a file that is not one: `-o
+    test.jsonl` at the end of an hour's fit replaced a held-out log (or notes, or a
+    models.toml not in use) with no word. A router file (a zip holding `manifest.json`)
+    may be replaced; that is what refitting is."""
+    from crecli.errors import CreError
+
+    try:
+        if not path.is_file():
+            return  # nothing there (what else is there, `paths.check_output` has judged)
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                if MANIFEST in zf.namelist():
+                    return
+    except (OSError, zipfile.BadZipFile):
+        pass
+    raise CreError(
+        f"{option} {path} exists and is not a router file; writing the router there would destroy it. "
+        "Choose another file name, or delete the file first"
+    )
+
+
 def write(path: Path, body: dict[str, Any], blobs: dict[str, bytes]) -> None:
     """Write a router file: `body` in a manifest with the format marker, the schema version
     and the body's sha256, beside the array members `pack` put in `blobs`.

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from crecli import console, paths
+from crecli import archive, console, paths
 from crecli.choice import Choice, StatsTable, choose_by_weight, cluster_stats
 from crecli.costs import Budget
 from crecli.deferral import _table_prior, deferral_p, signal_report, train_deferral
@@ -484,6 +484,7 @@ def run(
                            allow=paths.OWNED_STORE)
     keep = [("the query log", log), (paths.KEEP_STORE, store), *[("a models.toml", Path(f)) for f in settings.sources]]
     paths.check_output(target, "-o", keep)
+    archive.check_replaceable(target, "-o")
     reader = router.fit.reader
     if skip_bad is not None:
         reader = replace(reader, skip_bad=skip_bad)

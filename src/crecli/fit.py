@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from crecli import __version__, console, paths
+from crecli import __version__, archive, console, paths
 from crecli.choice import Choice, StatsTable, assignments_for, choose_models, cluster_stats
 from crecli.console import status
 from crecli.costs import BUDGET_EPS, Budget, CostModel
@@ -108,6 +108,7 @@ def check_before_fit(log_path: Path, out_path: Path, settings: "ModelConfig", op
     keep += [("a served-query log", p) for p in options.served_logs]
     keep += [("a models.toml", Path(source)) for source in settings.sources]
     paths.check_output(out_path, "-o", keep)
+    archive.check_replaceable(out_path, "-o")
     if options.store is not None:
         paths.check_output(options.store, "--store", [("the query log", log_path), *keep[2:]],
                            example="outcomes.sqlite", allow=paths.OWNED_STORE)
