@@ -133,3 +133,17 @@ def test_a_router_is_never_written_over_a_file_that_is_not_one(
     refused = runner.invoke(app, ["calibrate", str(router), "-o", str(held_out), *m])
     assert "exists and is not a router file" in str(refused.exception)
     assert held_out.read_bytes() == SMALL_LOG.read_bytes()
+
+
+def test_a_row_labelling_models_off_the_ladder_is_named_before_any_model_runs(
+    tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict[str, FakeBackend]
+) -> None:
+    # Its outcomes went missing, and the fit failed after every model ran, telling the user
+    # to run `cre fit` (the command that had just failed).
+    log = tmp_path / "log.jsonl"
+    log.write_text(SMALL_LOG.read_text() + json.dumps({"id": "old", "prompt": "What is 2 plus 2?",
+                                                        "labels": {"qwen-7b": True}}) + "\n")
+    refused = runner.invoke(app, ["fit", str(log), "-o", str(tmp_path / "r.cre"), "--models", str(tiny_models_toml)])
+    message = str(refused.exception)
+    assert "log.jsonl:81: labels qwen-7b but no reference" in message and "not on the ladder" in message, message
+    assert not any(b.calls for b in skilled_fakes.values())
