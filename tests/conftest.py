@@ -217,8 +217,10 @@ def cre(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> 
 
 @pytest.fixture
 def sums_log(tmp_path: Path) -> Path:
-    """A labelled log of 12 sums, "What is i plus i?", as tmp_path/v.txt."""
-    return write_sums_log(tmp_path / "v.txt", 12)
+    """A labelled JSONL log of 12 sums, "What is i plus i?", as tmp_path/sums.jsonl. A fit
+    on it runs every model (a plain-text log would run none), so `four_fakes == {}` after a
+    refusal shows the refusal came before any model ran."""
+    return write_sums_log(tmp_path / "sums.jsonl", 12)
 
 
 @pytest.fixture

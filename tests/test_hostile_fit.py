@@ -19,6 +19,14 @@ ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
 # ---------------------------------------------------------------- -o that would lose data
 
 
+def test_a_fit_on_the_sums_log_runs_the_models(cre, sums_log, tiny_models_toml, four_fakes, tmp_path) -> None:
+    """What makes `four_fakes == {}` below mean "refused before any model ran": on the
+    same log and ladder, a fit that is not refused runs the models."""
+    run = fit(cre, sums_log, tiny_models_toml, "-o", tmp_path / "r.cre")
+    assert run.code == 0 and (tmp_path / "r.cre").exists(), run
+    assert set(four_fakes) == {"small", "medium", "large"}
+
+
 def test_output_that_is_the_log_is_refused(cre, sums_log, tiny_models_toml, four_fakes, tmp_path) -> None:
     before = sums_log.read_bytes()
     link = tmp_path / "link.cre"
@@ -26,7 +34,7 @@ def test_output_that_is_the_log_is_refused(cre, sums_log, tiny_models_toml, four
     hard = tmp_path / "hard.cre"
     os.link(sums_log, hard)
     (tmp_path / "sub").mkdir()
-    for output in (sums_log, tmp_path / "sub" / ".." / "v.txt", link, hard):
+    for output in (sums_log, tmp_path / "sub" / ".." / sums_log.name, link, hard):
         refused(fit(cre, sums_log, tiny_models_toml, "-o", output), "is the query log", "Choose another file name")
     assert sums_log.read_bytes() == before and four_fakes == {}
 

@@ -367,16 +367,25 @@ def test_bom_on_line_1_is_ignored_by_every_reader(tmp_path: Path, name: str, dat
     assert log.sha256 == hashlib.sha256(data).hexdigest()
 
 
-def test_fit_reports_a_skipped_line_holding_markup(tmp_path: Path, tiny_models_toml: Path) -> None:
+def test_fit_reports_a_skipped_line_holding_markup(
+    tmp_path: Path, tiny_models_toml: Path, four_fakes: dict[str, FakeBackend], capsys: pytest.CaptureFixture[str]
+) -> None:
     from crecli.costs import Budget
     from crecli.fit import FitOptions, fit
 
-    path = write(tmp_path / "log.jsonl", GOOD + jl(id="[/]", prompt="hi", match="[/]"))
+    # Line 2 is bad (an unknown match rule) and spells Rich markup; 13 good lines to cluster.
+    sums = b"".join(jl(id=f"q{i}", prompt=f"What is {i} plus {i}?", reference=str(2 * i), match="numeric")
+                    for i in range(12))
+    path = write(tmp_path / "log.jsonl", GOOD + jl(id="[/]", prompt="hi", match="[/]") + sums)
     options = FitOptions(skip_bad=True, store=tmp_path / "outcomes.sqlite")
-    try:
-        fit(path, tmp_path / "router.cre", config.load(tiny_models_toml), Budget("retain", 0.98), options)
-    except InputError as exc:  # too few queries to cluster: the skip message came first
-        assert "usable queries" in str(exc)
+    capsys.readouterr()
+    report = fit(path, tmp_path / "router.cre", config.load(tiny_models_toml), Budget("retain", 0.98), options)
+    err = capsys.readouterr().err
+    skipped = [line for line in err.splitlines() if line.startswith("Skipped ")]
+    # One line, with the file's line number and the markup as it was written, not read as tags.
+    assert skipped == [f"Skipped 1 bad line(s), first: {path}:2: 'match' must be one of exact, numeric, "
+                       "choice, contains, regex; got '[/]'"], err
+    assert report.n_bad == 1 and (tmp_path / "router.cre").exists()
 
 
 def test_fit_option_max_prompt_bytes_reaches_the_reader(tmp_path: Path, tiny_models_toml: Path) -> None:

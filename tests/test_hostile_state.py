@@ -16,7 +16,6 @@ import pytest
 
 from crecli import paths, servedlog
 from support.hostile import Run, fit, refused
-from support.logs import write_sums_log
 from support.prompts import SURE_TABLE, trace
 
 # ---------------------------------------------------------------- 1. -o never replaces crecli's own files
@@ -178,22 +177,14 @@ def _read_only_connect(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(outcomes.sqlite3, "connect", lambda path, *a, **k: real(f"file:{path}?mode=ro", uri=True))
 
 
-# Not conftest's `sums_log`, the same 12 sums: that one is named v.txt, which cre reads as a
-# plain-text log, and a fit on a plain-text log runs no model.
-@pytest.fixture
-def labelled(tmp_path: Path) -> Path:
-    """A labelled JSONL log of 12 sums: a fit runs every model on it."""
-    return write_sums_log(tmp_path / "labelled.jsonl", 12)
-
-
-def test_a_read_only_store_stops_a_fit_before_any_model_runs(cre, labelled, tiny_models_toml, four_fakes, tmp_path, monkeypatch) -> None:
+def test_a_read_only_store_stops_a_fit_before_any_model_runs(cre, sums_log, tiny_models_toml, four_fakes, tmp_path, monkeypatch) -> None:
     from crecli.outcomes import OutcomeStore
 
     store = tmp_path / "outcomes.sqlite"
     OutcomeStore(store).close()
     before = store.read_bytes()
     _read_only_connect(monkeypatch)
-    run = fit(cre, labelled, tiny_models_toml, "-o", tmp_path / "r.cre", "--store", store)
+    run = fit(cre, sums_log, tiny_models_toml, "-o", tmp_path / "r.cre", "--store", store)
     stopped(run, str(store), "cannot be written", "nothing was run", "--store")
     assert four_fakes == {} and store.read_bytes() == before and not (tmp_path / "r.cre").exists()
 
@@ -240,7 +231,7 @@ class _FullDisk:
 
 
 def test_a_store_that_fills_up_is_an_error_that_keeps_the_rows_recorded(
-    cre, labelled, tiny_models_toml, four_fakes, tmp_path, monkeypatch
+    cre, sums_log, tiny_models_toml, four_fakes, tmp_path, monkeypatch
 ) -> None:
     from crecli import outcomes
     from crecli.outcomes import OutcomeStore
@@ -253,7 +244,7 @@ def test_a_store_that_fills_up_is_an_error_that_keeps_the_rows_recorded(
 
     monkeypatch.setattr(OutcomeStore, "__init__", init)
     store = tmp_path / "outcomes.sqlite"
-    run = fit(cre, labelled, tiny_models_toml, "-o", tmp_path / "r.cre", "--store", store, "--k", "1")
+    run = fit(cre, sums_log, tiny_models_toml, "-o", tmp_path / "r.cre", "--store", store, "--k", "1")
     stopped(run, str(store), "database or disk is full", "the 3 recorded before it in this run are kept", "run the command again")
     assert "Traceback" not in run.err and not (tmp_path / "r.cre").exists()
     monkeypatch.setattr(OutcomeStore, "__init__", real_init)

@@ -12,6 +12,7 @@ generating them is final. The servers here are real HTTP servers in threads
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -30,10 +31,41 @@ from crecli.models.fake import FakeBackend
 from crecli.openai_wire import StreamText
 from support.fake_openai import FakeOpenAI
 from support.routers import ADDITIONS, FAR, make_router
-from support.scale import at_once, fresh_remote, ladder_toml, post, slow, use_models
+from support.scale import WordByWord, at_once, fresh_remote, ladder_toml, post, slow, use_models
 from support.serving import serving_cascade
 
 CHAT = [{"role": "user", "content": "What is 3 plus 4?"}]
+
+
+def _until(condition: Callable[[], object], what: str, seconds: float = 30.0) -> None:
+    """Poll `condition` until it holds. The deadline is generous: what is waited for happens
+    at once on the code under test, and never (or only when the test ends) on the wrong code."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def _held(answer: str, release: threading.Event, started: threading.Event | None = None,
+          log: dict[str, list[int]] | None = None, name: str = "") -> Callable[..., str]:
+    """An answer (a fake's or a FakeOpenAI's) that computes until `release` is set (60 s at
+    most): work held there would be held until the test ends. Sets `started` on entry and
+    records in `log[name]` how many ran at once."""
+    lock, running = threading.Lock(), [0]
+
+    def answerer(*_: object) -> str:
+        with lock:
+            running[0] += 1
+            if log is not None:
+                log.setdefault(name, []).append(running[0])
+        if started is not None:
+            started.set()
+        release.wait(60)
+        with lock:
+            running[0] -= 1
+        return answer
+
+    return answerer
 
 
 @pytest.fixture(autouse=True)
@@ -44,23 +76,36 @@ def fresh(monkeypatch: pytest.MonkeyPatch) -> None:
 # ---------------------------------------------------------------- in-process models
 
 def test_a_small_models_answer_does_not_wait_behind_a_large_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    active: dict[str, list[float]] = {}
-    use_models(monkeypatch, {"small": slow("7", 0.05, active, "small"), "large": slow("7", 1.0, active, "large")})
+    active: dict[str, list[int]] = {}
+    release, large_busy = threading.Event(), threading.Event()
+    use_models(monkeypatch, {"small": slow("7", 0.0, active, "small"), "large": _held("7", release, large_busy, active, "large")})
     settings = config.load(ladder_toml(tmp_path))
-    with serving_cascade(Cascade(make_router(), settings)) as url:
-        done: dict[str, float] = {}
-        start = time.monotonic()
+    cascade = Cascade(make_router(), settings)
+    gate = cascade.pool.gate(settings.get("large"))
+    assert gate is not None
+    with serving_cascade(cascade) as url:
+        replies: dict[str, httpx.Response] = {}
 
-        def ask(model: str, delay: float) -> int:
-            time.sleep(delay)
-            reply = post(url, model)
-            done[f"{model}-{delay}"] = time.monotonic() - start
-            return reply.status_code
+        def ask(key: str) -> None:
+            replies[key] = post(url, "large")
 
-        codes = at_once(lambda: ask("large", 0.0), lambda: ask("large", 0.05), lambda: ask("small", 0.2))
-    assert codes == [200, 200, 200]
-    assert done["small-0.2"] < 0.8, done  # not behind the 1.0 s answers of the large model
-    assert done["large-0.05"] >= 1.9, done  # the large model computes for one request at a time
+        threads = [threading.Thread(target=ask, args=(key,)) for key in ("first", "second")]
+        try:
+            threads[0].start()
+            assert large_busy.wait(30), "the large model never started"
+            threads[1].start()
+            # The large model computes for one request at a time: the second waits for it.
+            _until(lambda: gate.waiting == 1, "the second large request did not wait for the large model")
+            # The small model answers while the large one computes, which it does until the test
+            # releases it: a small answer behind the large ones would time out here.
+            small = httpx.post(f"{url}/v1/chat/completions", json={"model": "small", "messages": CHAT}, timeout=30)
+            large_still_busy = not release.is_set() and gate.waiting == 1
+        finally:
+            release.set()
+            for t in threads:
+                t.join(60)
+    assert small.status_code == 200 and large_still_busy
+    assert [replies[key].status_code for key in ("first", "second")] == [200, 200]
     assert max(active["large"]) == 1 and max(active["small"]) == 1
 
 
@@ -104,18 +149,18 @@ def test_a_model_waits_for_room_only_on_models_that_hold_memory() -> None:
     registry.make_backend = lambda spec: FakeBackend(spec)  # type: ignore[assignment]
     try:
         pool = ModelPool(memory_budget_bytes=100)
-        loaded: list[float] = []
+        loaded = threading.Event()
         with pool.lease(remote):
             def other() -> None:
-                start = time.monotonic()
                 with pool.lease(local):
-                    loaded.append(time.monotonic() - start)
+                    loaded.set()
 
             t = threading.Thread(target=other, daemon=True)
             t.start()
-            t.join(2)
-            # The busy remote rung will free no memory, so the local model does not wait for it.
-            assert loaded and loaded[0] < 1.0
+            # The busy remote rung will free no memory, so the local model does not wait for it;
+            # had it waited, it would have until this block ends, after the assertion.
+            assert loaded.wait(30), "the local model waited for a remote rung to free memory"
+        t.join(30)
     finally:
         registry.make_backend = original  # type: ignore[assignment]
 
@@ -123,24 +168,32 @@ def test_a_model_waits_for_room_only_on_models_that_hold_memory() -> None:
 def test_a_gate_admits_in_order_and_a_cancelled_waiter_leaves() -> None:
     gate = Gate(1)
     gate.acquire()
-    token = Token()
-    failed: list[BaseException] = []
+    tokens = [Token() for _ in range(3)]
+    admitted: list[int] = []
+    cancelled: list[int] = []
 
-    def wait() -> None:
-        with scope(token):
+    def wait(i: int) -> None:
+        with scope(tokens[i]):
             try:
                 gate.acquire()
-            except Cancelled as exc:
-                failed.append(exc)
+            except Cancelled:
+                cancelled.append(i)
+                return
+        admitted.append(i)  # holding the only slot: the next is admitted after the release
+        gate.release()
 
-    t = threading.Thread(target=wait)
-    t.start()
-    time.sleep(0.1)
-    assert gate.waiting == 1
-    token.cancel()
-    t.join(2)
-    assert failed and gate.waiting == 0 and gate.held == 1
+    threads = [threading.Thread(target=wait, args=(i,)) for i in range(3)]
+    for i, t in enumerate(threads):  # one at a time, so that the queue's order is 0, 1, 2
+        t.start()
+        _until(lambda n=i + 1: gate.waiting == n, f"waiter {i} did not queue")
+    tokens[1].cancel()
+    threads[1].join(10)
+    assert cancelled == [1] and admitted == [] and gate.waiting == 2 and gate.held == 1
     gate.release()
+    for t in threads:
+        t.join(10)
+    assert admitted == [0, 2] and cancelled == [1]
+    assert gate.waiting == 0 and gate.held == 0
 
 
 # ---------------------------------------------------------------- remote rungs
@@ -148,92 +201,134 @@ def test_a_gate_admits_in_order_and_a_cancelled_waiter_leaves() -> None:
 def test_remote_rung_requests_run_at_once_within_max_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     use_models(monkeypatch, {})
     with FakeOpenAI() as engine:
-        engine.delay = 0.3
-        for bound, waves in ((2, 3), (6, 1)):
+        for bound in (2, 6):
+            # The engine answers a request only once `bound` are in at once (a barrier; one that
+            # waits 30 s breaks, and its requests fail): the six requests go in waves of `bound`,
+            # each wave at once, and never more than `bound` at once (most_in_flight).
+            wave = threading.Barrier(bound, timeout=30)
+
+            def answer(prompt: str, body: dict[str, Any], wave: threading.Barrier = wave) -> str:
+                wave.wait()
+                return "42"
+
+            engine.answer = answer
             engine.most_in_flight = 0
             folder = tmp_path / str(bound)
             folder.mkdir()
             replicas.forget()
             settings = config.load(ladder_toml(folder, {"large": engine.url}, max_in_flight=bound))
             with serving_cascade(Cascade(make_router(), settings)) as url:
-                start = time.monotonic()
                 codes = [r.status_code for r in at_once(*[lambda: post(url, "large")] * 6)]
-                took = time.monotonic() - start
-            assert codes == [200] * 6
+            assert codes == [200] * 6 and not wave.broken, bound
             assert engine.most_in_flight == bound, (bound, engine.most_in_flight)
-            assert waves * 0.3 <= took < waves * 0.3 + 0.8, (bound, took)
 
 
 def test_a_client_that_leaves_cancels_its_remote_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     use_models(monkeypatch, {})
+    release = threading.Event()
     with FakeOpenAI() as engine:
-        engine.delay = 3.0
+        engine.answer = _held("42", release)  # the engine holds the call until the test ends
         settings = config.load(ladder_toml(tmp_path, {"large": engine.url}))
         with serving_cascade(Cascade(make_router(), settings)) as url:
-            with pytest.raises(httpx.ReadTimeout):
-                httpx.post(f"{url}/v1/chat/completions", json={"model": "large", "messages": CHAT}, timeout=0.5)
-            start = time.monotonic()
-            while httpx.get(f"{url}/health").json()["running"]:
-                assert time.monotonic() - start < 1.5, "the job still runs: its remote call was not abandoned"
-                time.sleep(0.05)
+            try:
+                body = json.dumps({"model": "large", "messages": CHAT}).encode()
+                with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10) as conn:
+                    conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                    _until(lambda: engine.in_flight == 1, "the remote call never started")
+                # The client has left while the engine holds its call: the job stops only if the
+                # call is abandoned.
+                _until(lambda: httpx.get(f"{url}/health").json()["running"] == 0,
+                       "the job still runs: its remote call was not abandoned")
+                still_held = not release.is_set()
+            finally:
+                release.set()
+    assert still_held and len(engine.requests) == 1
 
 
 def test_the_timeout_covers_the_whole_ladder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two remote rungs of 0.5 s each and a timeout of 0.7 s: the second rung gets the 0.2 s
-    left, the request a 504 at 0.7 s, and its job stops."""
+    """A timeout of 3 s over two remote rungs: medium's four votes take 1.5 s (they disagree:
+    it escalates), large would hold its call until the test ends. The request gets a 504
+    before the large rung alone has had 3 s (the time medium spent counts), and its job stops."""
     use_models(monkeypatch, {})
+    timeout, release, large_asked = 3.0, threading.Event(), threading.Event()
+    asked_at: list[float] = []
     with FakeOpenAI() as medium, FakeOpenAI() as large:
-        medium.delay = large.delay = 0.5
+        medium.delay = 0.375  # a vote; medium's four run one after another
         votes = iter(range(1000))
         medium.answer = lambda prompt, body: str(next(votes))  # every vote differs: medium escalates
+        hold = _held("7", release, large_asked)
+        large.answer = lambda prompt, body: (asked_at.append(time.monotonic()), hold())[1]
         settings = config.load(ladder_toml(tmp_path, {"medium": medium.url, "large": large.url}))
         router = make_router(starts=("medium", "medium", "medium"))
-        with serving_cascade(Cascade(router, settings), timeout=0.7) as url:
-            start = time.monotonic()
-            reply = post(url, "cre", ADDITIONS[0])
-            took = time.monotonic() - start
-            time.sleep(0.3)
-            health = httpx.get(f"{url}/health").json()
+        with serving_cascade(Cascade(router, settings), timeout=timeout) as url:
+            try:
+                reply = post(url, "cre", ADDITIONS[0])
+                replied_at = time.monotonic()
+                _until(lambda: httpx.get(f"{url}/health").json()["running"] == 0, "the job went on after its 504")
+                still_held = not release.is_set()
+            finally:
+                release.set()
     assert reply.status_code == 504 and reply.json()["error"]["code"] == "timeout"
-    assert 0.65 <= took < 1.1, took
-    assert health["running"] == 0
+    assert asked_at and still_held, "medium's answer did not come within the timeout"
+    # Timestamps compared with each other: a timeout per rung would answer no sooner than
+    # `timeout` after the large rung was asked. The margin the right code has is medium's
+    # 1.5 s (large is asked at least that long after the request) for the 504 to reach us.
+    assert replied_at < asked_at[0] + timeout, (replied_at - asked_at[0])
 
 
 def test_health_answers_at_once_while_every_slot_is_busy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     use_models(monkeypatch, {})
+    release = threading.Event()
     with FakeOpenAI() as engine:
-        engine.delay = 1.0
+        engine.answer = _held("42", release)  # the engine holds every call until the test ends
         settings = config.load(ladder_toml(tmp_path, {"large": engine.url}, max_in_flight=1))
         with serving_cascade(Cascade(make_router(), settings), max_queue=2) as url:
-            threads = [threading.Thread(target=post, args=(url, "large")) for _ in range(3)]
-            for t in threads:
-                t.start()
-            time.sleep(0.2)
-            start = time.monotonic()
-            health = httpx.get(f"{url}/health", timeout=5).json()
-            took = time.monotonic() - start
-            refused = post(url, "large")
-            for t in threads:
-                t.join(10)
-    assert took < 0.3 and health["status"] == "ok"
-    assert (health["running"], health["queued"]) == (3, 0)  # capacity: the 3 in-process models and 1 remote slot
-    assert refused.status_code in (200, 429)
+            replies: list[httpx.Response] = []
+            # Every place: a capacity of 3 (the 2 in-process models and 1 remote slot) and a
+            # queue of 2.
+            threads = [threading.Thread(target=lambda: replies.append(post(url, "large"))) for _ in range(5)]
+            seen: list[dict[str, Any]] = []
+            try:
+                for t in threads:
+                    t.start()
+                # /health answers while they are all held: had it waited behind model work, it
+                # would have until the test ends.
+                def full() -> bool:
+                    seen.append(httpx.get(f"{url}/health", timeout=10).json())
+                    return (seen[-1]["running"], seen[-1]["queued"]) == (3, 2)
+
+                _until(full, "/health never showed every place taken")
+                refused = post(url, "large")
+                still_held = not release.is_set() and not replies
+            finally:
+                release.set()
+                for t in threads:
+                    t.join(60)
+    assert seen[-1]["status"] == "ok" and still_held
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert [r.status_code for r in replies] == [200] * 5
 
 
 # ---------------------------------------------------------------- streaming
 
-def _stream(url: str, model: str, content: str) -> tuple[list[tuple[float, dict[str, Any]]], float]:
-    """The events of a streamed chat answer, each with its arrival time since the request."""
+def _stream(url: str, model: str, content: str,
+            first: threading.Event | None = None) -> list[tuple[float, dict[str, Any]]]:
+    """The events of a streamed chat answer, each with its arrival time (time.monotonic());
+    `first` is set once the first piece of content has arrived."""
     events = []
-    start = time.monotonic()
     with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
                       json={"model": model, "stream": True, "stream_options": {"include_usage": True},
                             "messages": [{"role": "user", "content": content}]}) as reply:
         assert reply.status_code == 200, reply.read()
         for line in reply.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
-                events.append((time.monotonic() - start, json.loads(line[6:])))
-    return events, time.monotonic() - start
+                event = json.loads(line[6:])
+                events.append((time.monotonic(), event))
+                if first is not None and event.get("choices") and event["choices"][0]["delta"].get("content"):
+                    first.set()
+    return events
 
 
 def _text(events: list[tuple[float, dict[str, Any]]]) -> str:
@@ -244,14 +339,20 @@ def test_a_remote_top_rungs_stream_is_passed_through(tmp_path: Path, monkeypatch
     use_models(monkeypatch, {})
     with FakeOpenAI() as engine:
         engine.answer = lambda prompt, body: "The answer is forty two"
-        engine.token_delay = 0.25
+        # The engine sends its last token only once our first has come (or after 30 s).
+        engine.hold_last = first = threading.Event()
         settings = config.load(ladder_toml(tmp_path, {"large": engine.url}))
         with serving_cascade(Cascade(make_router(), settings)) as url:
-            events, took = _stream(url, "cre", FAR)  # far from every cluster: the top rung answers
+            try:
+                events = _stream(url, "cre", FAR, first)  # far from every cluster: the top rung answers
+            finally:
+                first.set()
+            last_sent = engine.token_sent_at[-1]
             plain = post(url, "cre", FAR).json()
     contents = [(t, e) for t, e in events if e.get("choices") and e["choices"][0]["delta"].get("content")]
     assert _text(events) == plain["choices"][0]["message"]["content"] == "The answer is forty two"
-    assert len(contents) >= 4 and contents[0][0] < took - 0.5, (contents[0][0], took)  # tokens as they came
+    # Tokens as they came: the first reached the client before the engine sent its last.
+    assert len(contents) >= 4 and contents[0][0] < last_sent, (contents[0][0], last_sent)
     assert engine.requests[0]["body"]["stream"] is True
     final = [e for _, e in events if e.get("choices") and e["choices"][0]["finish_reason"]][0]
     assert final["cre"]["model"] == "large" and final["cre"]["steps"][0]["model"] == "large"
@@ -269,15 +370,18 @@ def test_a_streamed_request_holds_its_place_until_its_answer_is_done(
     use_models(monkeypatch, {})
     with FakeOpenAI() as engine:
         engine.answer = lambda prompt, body: "The answer is forty two"
-        engine.token_delay = 0.3
+        engine.hold_last = release = threading.Event()  # the stream runs until `during` is answered
         settings = config.load(ladder_toml(tmp_path, {"large": engine.url}))
         with serving_cascade(Cascade(make_router(), settings)) as url:
             body = {"model": "cre", "stream": True, "messages": [{"role": "user", "content": FAR}]}
             with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60, json=body) as reply:
-                lines = reply.iter_lines()
-                assert reply.status_code == 200
-                assert next(line for line in lines if line.startswith("data: "))  # streaming now
-                during = post(url, "cre", FAR)
+                try:
+                    lines = reply.iter_lines()
+                    assert reply.status_code == 200
+                    assert next(line for line in lines if line.startswith("data: "))  # streaming now
+                    during = post(url, "cre", FAR)
+                finally:
+                    release.set()
                 rest = list(lines)
             assert "data: [DONE]" in rest
             deadline = time.monotonic() + 10
@@ -291,14 +395,22 @@ def test_an_in_process_top_rung_streams_its_words_and_lower_rungs_never_do(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     answers = {"small": lambda text, p: f"guess {p.seed}", "large": lambda text, p: "seven is the sum<|im_end|> next"}
-    use_models(monkeypatch, answers, streaming={"small": 0.2, "large": 0.2})
+    first = threading.Event()  # a streaming model generates its last word once our first has come
+    made = use_models(monkeypatch, answers, streaming={"small": 0.05, "large": 0.05}, hold_last=first)
     settings = config.load(ladder_toml(tmp_path))
     with serving_cascade(Cascade(make_router(), settings)) as url:
-        streamed, took = _stream(url, "cre", FAR)  # the top rung answers: it streams
-        climbed, _ = _stream(url, "cre", ADDITIONS[0])  # small doubts, then large: only large's words go out
+        try:
+            streamed = _stream(url, "cre", FAR, first)  # the top rung answers: it streams
+        finally:
+            first.set()
+        large = made["large"]
+        assert isinstance(large, WordByWord)
+        last_generated = large.generated_at[-1]
+        climbed = _stream(url, "cre", ADDITIONS[0])  # small doubts, then large: only large's words go out
     assert _text(streamed) == "seven is the sum"  # the format's stop string held back, never sent
     contents = [t for t, e in streamed if e.get("choices") and e["choices"][0]["delta"].get("content")]
-    assert len(contents) >= 3 and contents[0] < took - 0.3
+    # Words as they came: the first reached the client before the model generated its last.
+    assert len(contents) >= 3 and contents[0] < last_generated, (contents[0], last_generated)
     final = [e for _, e in climbed if e.get("choices") and e["choices"][0]["finish_reason"]][0]
     # medium's "I don't know" has no number (a numeric cluster): empty, so it escalates too.
     assert [s["model"] for s in final["cre"]["steps"]] == ["small", "medium", "large"]
@@ -331,8 +443,6 @@ def test_a_crash_after_the_first_streamed_word_ends_the_stream_with_an_error_eve
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Only CreErrors were turned into an error event; anything else dropped the connection.
-    from support.scale import WordByWord
-
     class Crashes(WordByWord):
         def generate_streaming(self, prompt: str, params: GenParams, emit: Callable[[str], None]) -> Generation:
             emit("seven is")

@@ -38,7 +38,10 @@ class FakeOpenAI:
     - `die`: close the connection holding the request, with no reply (a crashed server);
     - `delay`: seconds before answering (a slow or hung server); `token_delay` between streamed tokens;
     - `stream_error`: a stream sends this error event after its tokens (an engine failing
-      mid-answer); `stream_done` False: a stream ends without `data: [DONE]` (cut short).
+      mid-answer); `stream_done` False: a stream ends without `data: [DONE]` (cut short);
+    - `hold_last`: an Event a stream waits for (up to 30 s) before sending its last token, so
+      a test can see the first token arrive while the rest is still to come;
+    - `token_sent_at`: when (time.monotonic()) each streamed token was sent, in order.
     """
 
     def __init__(self, answer: Answer | None = None, model: str = "served") -> None:
@@ -52,6 +55,8 @@ class FakeOpenAI:
         self.token_delay = 0.0
         self.stream_error: str | None = None
         self.stream_done = True
+        self.hold_last: threading.Event | None = None
+        self.token_sent_at: list[float] = []
         self.requests: list[dict[str, Any]] = []
         self.in_flight = 0
         self.most_in_flight = 0
@@ -170,11 +175,14 @@ class FakeOpenAI:
 
         obj = "chat.completion.chunk" if chat else "text_completion"
         try:
-            for t, _, _ in toks:
+            for i, (t, _, _) in enumerate(toks):
                 if self.token_delay:
                     time.sleep(self.token_delay)
+                if self.hold_last is not None and i == len(toks) - 1:
+                    self.hold_last.wait(30)
                 delta = {"delta": {"content": t}} if chat else {"text": t}
                 event({"id": "s", "object": obj, "choices": [{"index": 0, "finish_reason": None, **delta}]})
+                self.token_sent_at.append(time.monotonic())
             if self.stream_error is not None:
                 event({"error": {"message": self.stream_error, "type": "server_error"}})
             elif self.stream_done:

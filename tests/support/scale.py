@@ -50,12 +50,17 @@ def ladder_toml(folder: Path, remote: dict[str, str | list[str]] | None = None, 
 
 class WordByWord(FakeBackend):
     """A fake that generates its answer a word at a time, `pause` seconds apart, as llama.cpp
-    streams tokens; it stops at its format's stop strings, as a real runtime does."""
+    streams tokens; it stops at its format's stop strings, as a real runtime does.
+
+    `generated_at` holds when (time.monotonic()) each word was generated; with `hold_last`
+    set, a stream waits (up to 30 s) for that Event before generating its last word."""
 
     def __init__(self, spec: ModelSpec, answers: Any, pause: float) -> None:
         super().__init__(spec, answers)
         self.pause = pause
         self.raw = ""
+        self.generated_at: list[float] = []
+        self.hold_last: threading.Event | None = None
 
     def complete(self, rendered: Any, params: GenParams) -> Generation:
         gen = super().complete(rendered, params)
@@ -69,24 +74,38 @@ class WordByWord(FakeBackend):
         words = self.raw.split(" ")
         for i in range(len(words)):
             time.sleep(self.pause)
+            if self.hold_last is not None and i == len(words) - 1:
+                self.hold_last.wait(30)
             streamed.update(" ".join(words[: i + 1]))
+            self.generated_at.append(time.monotonic())
         streamed.finish(gen.text)
         return gen
 
 
 def use_models(monkeypatch: pytest.MonkeyPatch, answers: dict[str, Callable[[str, GenParams], str]],
-               streaming: dict[str, float] | None = None) -> None:
+               streaming: dict[str, float] | None = None, hold_last: threading.Event | None = None
+               ) -> dict[str, Backend]:
     """In-process rungs are fakes answering with `answers`; remote rungs the real backend. A
-    rung in `streaming` hands its words over one by one, that many seconds apart."""
+    rung in `streaming` hands its words over one by one, that many seconds apart, waiting for
+    `hold_last` before its last (`WordByWord`). Returns the backends made, by model name,
+    filled in as models are used."""
+    made: dict[str, Backend] = {}
+
     def make(spec: ModelSpec) -> Backend:
+        backend: Backend
         if spec.url:
-            return OpenAIBackend(spec)
-        if streaming and spec.name in streaming:
-            return WordByWord(spec, answers.get(spec.name), streaming[spec.name])
-        return FakeBackend(spec, answers.get(spec.name))
+            backend = OpenAIBackend(spec)
+        elif streaming and spec.name in streaming:
+            backend = WordByWord(spec, answers.get(spec.name), streaming[spec.name])
+            backend.hold_last = hold_last
+        else:
+            backend = FakeBackend(spec, answers.get(spec.name))
+        made[spec.name] = backend
+        return backend
 
     monkeypatch.setattr(registry, "make_backend", make)
     monkeypatch.setattr(registry, "reports_signals", lambda spec: False)
+    return made
 
 
 def slow(answer: str, seconds: float, log: dict[str, list[int]] | None = None, name: str = "") -> Callable[..., str]:
