@@ -23,7 +23,6 @@ from typer.testing import CliRunner
 from crecli import config, grading
 from crecli.cli import app
 from crecli.config import ModelSpec
-from crecli.errors import ConfigError
 from crecli.costs import CostModel
 from crecli.ladder import AGREEMENT, DEFERRAL
 from crecli.models import logprobs as lp
@@ -35,6 +34,7 @@ from crecli.outcomes import OutcomeStore, collect
 from crecli.quality import Deferral, DeferralCheck, QualityCheck, feature_names, judge_deferral
 from crecli.replay import Replay
 from support.fake_openai import FakeOpenAI, Tok
+from support.hostile import refused_models_tables
 from support.ladder import LADDER, STARTS, bare_router, sum_answer, sum_records, sum_signals, walk_live
 from support.logs import write_sums_log
 from support.scale import fresh_remote
@@ -172,15 +172,11 @@ def test_repeat_penalty_is_sent_only_when_models_toml_sets_it(server: FakeOpenAI
     OpenAIBackend(spec).generate("hi", GenParams(max_tokens=4))
     OpenAIBackend(spec).generate("hi", GenParams(max_tokens=4, temperature=0.7, seed=1))
     assert [r["body"]["repeat_penalty"] for r in server.requests[-2:]] == [1.0, 1.0]
-    for body, words in [
+    refused_models_tables(toml, [
         (f'url = "{server.url}"\nrepeat_penalty = 0\n', "above 0 and at most 10"),
         (f'url = "{server.url}"\nrepeat_penalty = "1"\n', "repeat_penalty must be a finite number"),
         ('path = "/x.gguf"\nrepeat_penalty = 1.0\n', "sets `repeat_penalty`, which is sent to a remote rung"),
-    ]:
-        toml.write_text('ladder = ["remote"]\n[models.remote]\n' + body)
-        with pytest.raises(ConfigError) as info:
-            config.load(toml)
-        assert words in str(info.value), (body, str(info.value))
+    ])
 
 
 def test_a_server_that_drops_log_probabilities_is_found_out_once_and_shown(server: FakeOpenAI, tmp_path: Path) -> None:

@@ -28,3 +28,17 @@ def refused(run: Run, *words: str, code: int = 1) -> None:
 def fit(cre: Callable[..., Run], log: Path, models: Path, *args: str | Path) -> Run:
     """`cre fit LOG --models MODELS ARGS`."""
     return cre("fit", log, "--models", models, *args)
+
+
+def refused_models_tables(toml: Path, cases: list[tuple[str, str]]) -> None:
+    """Each (body of a `[models.remote]` table, words its ConfigError must hold)."""
+    import pytest
+
+    from crecli import config
+    from crecli.errors import ConfigError
+
+    for body, words in cases:
+        toml.write_text('ladder = ["remote"]\n[models.remote]\n' + body)
+        with pytest.raises(ConfigError) as info:
+            config.load(toml)
+        assert words in str(info.value), (body, str(info.value))
