@@ -207,7 +207,9 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
     cluster_of = {r.id: c for r, c in zip(logged, labels)}
     shot_plan = None
     with outcomes.OutcomeStore(store_path) as store:
-        before = store.count()
+        # What this fit ran, from the rows it committed: a row count misses a greedy answer
+        # re-run to record its signals (it replaces its row) and counts a concurrent fit's.
+        before = store.recorded
         results = outcomes.collect(measured, settings, store, options.quality)
         # Every outcome the fit looked up, the answers after examples included (`apply`
         # then keeps one a query and model, so `results` alone would undercount them).
@@ -216,7 +218,7 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
             shot_plan = shots.choose_shots(measured, cluster_of, settings, store, options.quality, results, options.shots)
             needed = sum(len(found) for found in shot_plan.answered.values())
             measured, results = shot_plan.apply(measured, cluster_of, settings.ladder)
-        ran = store.count() - before
+        ran = store.recorded - before
     seconds["outcomes"] = time.perf_counter() - t0
     model_seconds = sum(sum(v.seconds for v in o.votes) for o in results.values())
 
