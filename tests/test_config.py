@@ -112,3 +112,24 @@ def test_cre_models_env_is_the_explicit_file(tmp_path: Path, monkeypatch: pytest
     f.write_text('ladder = ["gemma-3-270m"]\n')
     monkeypatch.setenv("CRE_MODELS", str(f))
     assert config.load().ladder == ["gemma-3-270m"]
+
+
+def test_threads_default_to_a_containers_cpu_quota(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under `docker --cpus=2` the affinity still lists every host core: llama.cpp ran that
+    # many spinning threads on two CPUs' worth of time.
+    from crecli.models import runtime
+
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert runtime.cpu_quota(str(tmp_path)) == 2
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert runtime.cpu_quota(str(tmp_path)) is None
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert runtime.cpu_quota(str(tmp_path)) == 1
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert runtime.cpu_quota(str(tmp_path)) is None
+    monkeypatch.delenv("CRE_THREADS", raising=False)
+    monkeypatch.setattr(runtime, "cpu_quota", lambda: 1)
+    assert runtime.default_threads() == 1

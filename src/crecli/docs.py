@@ -23,7 +23,7 @@ ENVIRONMENT = {
     "CRE_HOME": "Keep all of crecli's config, cache and data under this one folder.",
     "CRE_MODELS": "An extra models.toml, as if given with --models.",
     "CRE_MODELS_DIR": "Where assembled model files live (default: the user cache dir).",
-    "CRE_THREADS": "llama.cpp threads (default: the number of usable cores).",
+    "CRE_THREADS": "llama.cpp threads (default: the number of usable cores, or the cgroup CPU quota where lower).",
     "CRE_LLAMA_EXTRA_BUFTS": "0 or 1: keep llama.cpp's extra (repacked or AMX) CPU buffer types off or on "
     "(default: off on CPUs with AMX, where they crash the first decode; on elsewhere).",
     "CRE_DEBUG": "Show llama.cpp's own log output.",

@@ -31,9 +31,38 @@ def default_threads() -> int:
             raise ConfigError(f"CRE_THREADS={value!r}: give a whole number of threads, 1 or more (or unset it)")
         return threads
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - macOS
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    quota = cpu_quota()
+    # In a container limited to N CPUs (`docker --cpus`) the affinity still shows every host
+    # core; llama.cpp's spinning threads beyond the quota are throttled, and decode slows.
+    return min(cores, quota) if quota is not None else cores
+
+
+def cpu_quota(root: str = "/sys/fs/cgroup") -> int | None:
+    """The CPUs this process's cgroup may use (its CFS quota over its period, rounded up);
+    None when it has no quota or none can be read."""
+    import math
+
+    def read(name: str) -> str | None:
+        try:
+            with open(os.path.join(root, name)) as fh:
+                return fh.read().strip()
+        except OSError:
+            return None
+
+    v2 = read("cpu.max")  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+    if v2 is not None:
+        parts = v2.split()
+        quota, period = (parts + ["", ""])[:2]
+    else:  # cgroup v1
+        quota, period = read("cpu/cpu.cfs_quota_us") or "", read("cpu/cpu.cfs_period_us") or ""
+    try:
+        q, per = int(quota), int(period)
+    except ValueError:
+        return None  # "max", or nothing to read
+    return max(1, math.ceil(q / per)) if q > 0 and per > 0 else None
 
 
 # fd 2 is one per process: threads that silence it at once (`cre serve` loading two models)
