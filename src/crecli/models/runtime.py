@@ -109,9 +109,12 @@ CRASH_HINT = (
     "llama.cpp crashed in native code ({how}) while loading or running {what}. "
     "On Xeons with AMX (lscpu shows amx_int8) a native llama.cpp build crashes at the first "
     "decode when weights go into its AMX buffers (ggml-org/llama.cpp#20824). cre turns those "
-    "buffers off on AMX CPUs; if you forced them on, unset CRE_LLAMA_EXTRA_BUFTS. Otherwise "
-    "rebuild llama-cpp-python without native CPU tuning: CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" "
-    "pip install --force-reinstall --no-cache-dir llama-cpp-python. Run with CRE_DEBUG=1 to "
+    "buffers off on AMX CPUs it can see; if you forced them on, unset CRE_LLAMA_EXTRA_BUFTS, and "
+    "where /proc/cpuinfo hides AMX (some containers) set CRE_LLAMA_EXTRA_BUFTS=0. Otherwise "
+    "rebuild llama-cpp-python without native CPU tuning: CMAKE_ARGS=\"-DGGML_NATIVE=OFF "
+    "-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF "
+    "-DLLAMA_BUILD_SERVER=OFF\" pip install --force-reinstall --no-cache-dir --no-deps llama-cpp-python "
+    "(a wheel from pip's cache may have been built for another CPU). Run with CRE_DEBUG=1 to "
     "see llama.cpp's own log."
 )
 
