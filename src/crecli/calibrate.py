@@ -485,11 +485,7 @@ def run(
     keep = [("the query log", log), (paths.KEEP_STORE, store), *[("a models.toml", Path(f)) for f in settings.sources]]
     paths.check_output(target, "-o", keep)
     archive.check_replaceable(target, "-o")
-    reader = router.fit.reader
-    if skip_bad is not None:
-        reader = replace(reader, skip_bad=skip_bad)
-    if max_line_bytes is not None:
-        reader = replace(reader, fields=replace(reader.fields, max_line_bytes=max_line_bytes))
+    reader = router.fit.reader.overridden(skip_bad, max_line_bytes)
     data = prepare(router, settings, log, store, reader, unit)
     check_log(router, log, data)
     no_signals = {}

@@ -304,11 +304,7 @@ def run(
         paths.check_output(plot, "--plot", keep, example="frontier.svg")
         check_plot(plot)  # before the replay (and --live's answers), not after
     router = routerfile.load(router_path, settings, force=force)
-    reader = router.fit.reader
-    if skip_bad is not None:
-        reader = replace(reader, skip_bad=skip_bad)
-    if max_line_bytes is not None:
-        reader = replace(reader, fields=replace(reader.fields, max_line_bytes=max_line_bytes))
+    reader = router.fit.reader.overridden(skip_bad, max_line_bytes)
     data = replay.prepare(router, settings, log, store, reader, unit)
     report = evaluate(router, data)
     from crecli.models.bench import speeds_age_hours

@@ -94,6 +94,16 @@ class LogOptions:
     def read(self, path: Path) -> "LogRead":
         return read_log(path, fmt=self.fmt, fields=self.fields, skip_bad=self.skip_bad)
 
+    def overridden(self, skip_bad: bool | None = None, max_line_bytes: int | None = None) -> "LogOptions":
+        """These options with what a command was given instead (`cre calibrate` and `cre
+        eval`'s --skip-bad/--no-skip-bad and --max-prompt-bytes); None keeps the fit's."""
+        from dataclasses import replace
+
+        out = self if skip_bad is None else replace(self, skip_bad=skip_bad)
+        if max_line_bytes is not None:
+            out = replace(out, fields=replace(out.fields, max_line_bytes=max_line_bytes))
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.fmt, "skip_bad": self.skip_bad, "fields": asdict(self.fields)}
 
