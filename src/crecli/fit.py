@@ -450,21 +450,28 @@ def tune_thresholds(
     if not grid:
         raise ValueError("tune_thresholds needs a non-empty threshold grid")
     reference = replay.simulate({r.id: top for r in replay.records}, {top: top_threshold}, quality)
-    candidates: list[tuple[tuple[float, ...], dict[str, float], SimResult, bool]] = []
     # Settings closest to the defaults come first, so that where thresholds make no
     # difference on these records (a rung no query visits) the defaults are kept.
     combos = sorted(
         itertools.product(grid, repeat=len(ladder) - 1),
         key=lambda combo: sum(abs(t - DEFAULT_THRESHOLD) > BUDGET_EPS for t in combo),
     )
+    if len(combos) > 1000:
+        status(f"Replaying {len(combos):,} threshold settings ({len(grid)} per rung below the top)...")
+    # Only the best so far is kept: every setting's per-query traces at once would hold
+    # len(grid) ** (rungs - 1) x queries of them (gigabytes at --k 10 on five rungs).
+    best: tuple[tuple[float, ...], dict[str, float], SimResult] | None = None
     for combo in combos:
         thresholds = {**dict(zip(ladder[:-1], combo)), top: top_threshold}
         result = replay.simulate(assignments, thresholds, quality)
         key = budget.rank(result.accuracy, result.cost, reference.accuracy, reference.cost)
-        candidates.append((key, thresholds, result, key[0]))
-    # max() keeps the first of equal keys: the defaults, then lower thresholds (fewer votes).
-    _, thresholds, result, met = max(candidates, key=lambda c: c[0])
-    return Tuning(thresholds, result, reference, met, len(candidates))
+        # Strictly better only: of equal keys the first stays, the defaults, then lower
+        # thresholds (fewer votes).
+        if best is None or key > best[0]:
+            best = (key, thresholds, result)
+    assert best is not None  # the grid is not empty
+    key, thresholds, result = best
+    return Tuning(thresholds, result, reference, key[0], len(combos))
 
 
 
