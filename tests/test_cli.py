@@ -192,3 +192,18 @@ def test_ask_match_takes_every_answer_type_in_any_case(
     refused_run = cre("ask", "What is 2 plus 2?", "--router", saved_router, "--models", tiny_models_toml, "--match", "sum")
     assert refused_run.code == 2 and "exact, numeric, choice, contains, regex" in refused_run.err, refused_run
     assert "contains" in runner.invoke(app, ["ask", "--help"]).output
+
+
+def test_models_path_and_pull_give_json_for_scripts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Scripts had to parse "model files:         ..." and pull's stderr lines.
+    from crecli.models import pull
+
+    where = json.loads(runner.invoke(app, ["models", "path", "--json"]).stdout)
+    assert set(where) == {"shipped_models_toml", "user_models_toml", "model_files"}
+    monkeypatch.setattr(pull, "pull_many", lambda specs, force=False: [
+        ("gemma-3-270m", tmp_path / "gemma.gguf", True), ("big", "http://10.0.0.5:8080/v1", False)])
+    result = runner.invoke(app, ["models", "pull", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == [
+        {"model": "gemma-3-270m", "remote": False, "path": str(tmp_path / "gemma.gguf"), "assembled": True},
+        {"model": "big", "remote": True, "path": "http://10.0.0.5:8080/v1", "assembled": False}]

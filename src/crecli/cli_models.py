@@ -49,23 +49,32 @@ def models_pull(
     names: Annotated[Optional[list[str]], typer.Argument(help="Models to pull (default: the whole ladder).", show_default=False)] = None,
     models: ModelsOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a verified file exists.")] = False,
+    json_: JsonOpt = False,
 ) -> None:
     """Download, assemble and verify model files into the user cache dir.
 
     A verified file is left alone, so a second run does nothing; a corrupt or partial file
-    is rebuilt.
+    is rebuilt. --json prints each model's name, file (or a remote rung's URL) and whether
+    it was assembled now.
 
     Examples:
 
       cre models pull
 
-      cre models pull gemma-3-270m
+      cre models pull gemma-3-270m --json
     """
     from crecli import render
     from crecli.models.pull import pull_many
 
     settings = load_models(models)
-    render.pulled(pull_many([settings.get(n) for n in names or settings.ladder], force=force))
+    results = pull_many([settings.get(n) for n in names or settings.ladder], force=force)
+    if json_:
+        from crecli.console import print_json
+
+        print_json([{"model": name, "remote": isinstance(where, str), "path": str(where), "assembled": did}
+                    for name, where, did in results])
+        return
+    render.pulled(results)
 
 
 @models_app.command("bench")
@@ -113,10 +122,18 @@ def models_bench(
 
 
 @models_app.command("path")
-def models_path() -> None:
-    """Print where crecli reads models.toml from and where model files go."""
+def models_path(json_: JsonOpt = False) -> None:
+    """Print where crecli reads models.toml from and where model files go (--json: an
+    object with `shipped_models_toml`, `user_models_toml` and `model_files`)."""
     from crecli import config, paths
 
-    typer.echo(f"shipped models.toml: {config.default_toml()}")
-    typer.echo(f"user models.toml:    {paths.user_models_toml()}")
-    typer.echo(f"model files:         {paths.models_dir()}")
+    where = {"shipped_models_toml": str(config.default_toml()), "user_models_toml": str(paths.user_models_toml()),
+             "model_files": str(paths.models_dir())}
+    if json_:
+        from crecli.console import print_json
+
+        print_json(where)
+        return
+    typer.echo(f"shipped models.toml: {where['shipped_models_toml']}")
+    typer.echo(f"user models.toml:    {where['user_models_toml']}")
+    typer.echo(f"model files:         {where['model_files']}")
