@@ -86,5 +86,10 @@ def test_parallel_votes_are_well_formed_and_reproducible(gemma) -> None:
         backend.generate(PROMPTS[4], GenParams(max_tokens=4))
         again = backend.sample_many(PROMPTS[0], params)
         assert [g.text for g in again] == [g.text for g in backend.sample_many(PROMPTS[0], params)]
+        # The votes' context counts against --memory-budget once it exists (it did not).
+        from crecli.models.gguf import kv_bytes_per_token
+
+        assert backend.cache_memory() >= 2 * 512 * kv_bytes_per_token(gemma.file) > 0
     finally:
         backend.close()
+    assert backend.cache_memory() == 0

@@ -73,6 +73,7 @@ class LlamaBackend(Backend):
         # from another request's thread, and iterating `_prefixes` while this model's request
         # reorders it raised "OrderedDict mutated during iteration".
         self._prefix_bytes = 0
+        self._votes_bytes = 0  # the votes context's KV cache, while it exists
         self.prefix_restores = 0  # prompts whose examples came from a snapshot
         self._letters: dict[int, int] | None = None
         # Greedy answers carry `Signals`; off only to measure what reading them costs.
@@ -298,16 +299,22 @@ class LlamaBackend(Backend):
         if self._votes is None or self._votes.n_seq < len(params):
             self._close_votes()
             self._votes = ParallelVotes(llm, max(len(params), VOTE_SEQUENCES), self.n_ctx, self.n_threads)
+            # Its KV cache (2 x n_ctx cells, `ParallelVotes`) counts against --memory-budget
+            # from now on (`cache_memory`): `cre serve` loads models at parallel 1, whose cost
+            # leaves it out.
+            self._votes_bytes = 2 * self.n_ctx * kv_bytes_per_token(require_file(self.spec))
         return self._votes.run(tokens, [p for _, p in prepared])
 
     def _close_votes(self) -> None:
         if self._votes is not None:
             self._votes.close()
             self._votes = None
+        self._votes_bytes = 0
 
     def cache_memory(self) -> int:
-        """The snapshots of answered examples' KV cells kept for reuse (`_warm_prefix`)."""
-        return self._prefix_bytes
+        """The snapshots of answered examples' KV cells kept for reuse (`_warm_prefix`), and
+        the sampled votes' context once one exists."""
+        return self._prefix_bytes + self._votes_bytes
 
     def parallel_memory(self, parallel: int) -> int:
         """The KV cache of the parallel context: `parallel` sequences of `n_ctx` tokens.
