@@ -309,3 +309,19 @@ def test_recorded_votes_and_live_votes_get_identical_parameters(settings, store,
     assert recorded == live
     assert [p.seed for p in live] == [0] + [vote_seed(record.prompt, i) for i in (1, 2, 3)]
     assert live[0].temperature == 0.0 and {p.temperature for p in live[1:]} == {0.4}
+
+
+def test_answers_recorded_under_another_prompt_format_are_not_reused(settings, store, fake_backends) -> None:
+    # The rows' key leaves models.toml's prompt_format out: after changing it, a fit reused
+    # every answer of the old rendering and measured a format the router no longer used.
+    from dataclasses import replace
+
+    records = [rec(i) for i in range(2)]
+    fake_backends({})
+    collect(records, settings, store, QualityCheck(k=1))
+    collect(records, settings, store, QualityCheck(k=1))  # the same rendering: reused
+    small = settings.get("small")
+    changed = replace(small, prompt_format="completion" if small.prompt_format != "completion" else "chatml")
+    settings.models["small"] = changed
+    with pytest.raises(CreError, match="holds answers of small rendered as .*Give --store a new file"):
+        collect(records, settings, store, QualityCheck(k=1))

@@ -172,6 +172,32 @@ class OutcomeStore:
             return str(exc)
         return None
 
+    def check_rendering(self, spec: "ModelSpec", identity: str) -> None:
+        """Refuse a model whose prompts are now rendered otherwise than its recorded answers'.
+
+        Rows are keyed by prompt, model file and sampling settings, not by models.toml's
+        `prompt_format` (or a remote rung's `repeat_penalty`): after changing it, a fit reused
+        every answer of the old rendering and described a format the router no longer uses.
+        The first use of a (model, file) records its rendering in `meta`; a store from before
+        this check takes the rendering of that first use."""
+        rendering = f"{spec.prompt_format} repeat_penalty={spec.repeat_penalty}"
+        key = f"rendering {spec.name} {identity}"
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            if self.unwritable is None:
+                try:
+                    self._db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, rendering))
+                    self._db.commit()
+                except sqlite3.Error:
+                    self._rollback()
+            return
+        if row[0] != rendering:
+            raise CreError(
+                f"{self.path}: holds answers of {spec.name} rendered as {row[0]!r}; models.toml now says "
+                f"{rendering!r}, and the recorded answers would stand for it. Give --store a new file to "
+                "measure it afresh, or set it back"
+            )
+
     def _rollback(self) -> None:
         try:
             self._db.rollback()
@@ -306,6 +332,7 @@ def collect(
     for name in names:
         spec = settings.get(name)
         identity = model_identity(spec) or ""
+        store.check_rendering(spec, identity)
         pending: list[_Job] = []
         stale: list[_Job] = []
         for record in records:
