@@ -147,3 +147,21 @@ def test_a_row_labelling_models_off_the_ladder_is_named_before_any_model_runs(
     message = str(refused.exception)
     assert "log.jsonl:81: labels qwen-7b but no reference" in message and "not on the ladder" in message, message
     assert not any(b.calls for b in skilled_fakes.values())
+
+
+def test_a_store_that_is_not_one_is_refused_before_the_log_is_embedded(
+    tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict[str, FakeBackend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The store was first opened after embedding and UMAP: with a llama embedder, minutes of
+    # work before "not a usable outcome store".
+    from crecli import embed
+
+    def no_embedding(*args: Any, **kw: Any) -> None:
+        raise AssertionError("embedded before the store was checked")
+
+    monkeypatch.setattr(embed, "make_embedder", no_embedding)
+    store = tmp_path / "notes.sqlite"
+    store.write_text("my notes, not a database\n" * 100)
+    refused = runner.invoke(app, ["fit", str(SMALL_LOG), "-o", str(tmp_path / "r.cre"), "--store", str(store),
+                                  "--models", str(tiny_models_toml)])
+    assert "not a usable outcome store" in str(refused.exception), refused.exception

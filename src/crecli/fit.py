@@ -126,6 +126,11 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
     from crecli import cluster, embed, outcomes, routerfile, shots
 
     store_path = check_before_fit(log_path, out_path, settings, options)
+    # Opened now, not after embedding and clustering: a file that is no outcome store (or
+    # of another schema) is refused before that work. Whether it can be written is asked
+    # only if a model must run (`OutcomeStore.require_writable`).
+    with outcomes.OutcomeStore(store_path):
+        pass
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     log = options.reader.read(log_path)
