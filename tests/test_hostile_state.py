@@ -209,21 +209,26 @@ def test_a_read_only_store_still_serves_what_it_holds(tiny_models_toml, fake_bac
 
 
 class _FullDisk:
-    """A connection whose commits fail once `room` rows are in, like a disk that fills up."""
+    """A connection whose commits of outcome rows fail once `room` of them are in, like a disk
+    that fills up (the store's small bookkeeping rows in `meta` still go in)."""
 
     def __init__(self, db: sqlite3.Connection, room: int) -> None:
-        self.db, self.room = db, room
+        self.db, self.room, self.row = db, room, False
 
     def execute(self, *args: object) -> sqlite3.Cursor:
+        self.row = self.row or "INTO outcomes" in str(args[0])
         return self.db.execute(*args)
 
     def commit(self) -> None:
-        if self.room <= 0:
-            raise sqlite3.OperationalError("database or disk is full")
-        self.room -= 1
+        if self.row:
+            if self.room <= 0:
+                raise sqlite3.OperationalError("database or disk is full")
+            self.room -= 1
+        self.row = False
         self.db.commit()
 
     def rollback(self) -> None:
+        self.row = False
         self.db.rollback()
 
     def close(self) -> None:
