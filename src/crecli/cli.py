@@ -378,7 +378,7 @@ def batch(
     resume: Annotated[Optional[Path], typer.Option("--resume", help="An earlier output file: skip the ids it already answered.", show_default=False)] = None,
     memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Keep models loaded within this much memory, e.g. 4GB, counting each model's file, the KV cache of --parallel and its snapshots of answered examples (default: no limit).", show_default=False)] = None,
     parallel: Annotated[int, typer.Option("--parallel", min=1, max=64, help="Decode the greedy answers of up to this many prompts on one model at once (1: one at a time).")] = PARALLEL_DEFAULT,
-    json_summary: Annotated[bool, typer.Option("--json-summary", help="Write the summary as JSON (on stderr; stdout carries the results).")] = False,
+    json_summary: Annotated[bool, typer.Option("--json-summary", help="Write the summary as JSON, on stderr's last line (stdout carries the results).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Use the router even if the model files differ from the ones it was fitted with.")] = False,
     prompt_field: Annotated[str, typer.Option(help="Field holding the prompt.")] = "prompt",
     reference_field: Annotated[str, typer.Option(help="Field holding the reference answer(s).")] = "reference",
