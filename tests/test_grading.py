@@ -297,6 +297,11 @@ def test_the_word_answer_marks_an_answer_only_where_it_is_said_to_be_one(answer:
     # A marker ending its line with the answer before it keeps that line.
     ("42 is the answer\nExplanation: 6*7=42", "42", "numeric", True),
     ("42 is the answer\nbecause 6 times 7", "6", "numeric", False),
+    # A segment opening with a number that stands alone states it; "is" later explains it.
+    ("The answer is 12, which is 3 more than 9.", "12", "numeric", True),
+    ("-5, which is below 0", "-5", "numeric", True),
+    ("5 + 7 = 12", "12", "numeric", True),
+    ("The sum of 5 and 7, which is 12.", "12", "numeric", True),
 ])
 def test_signs_lists_and_markers_at_the_end_of_a_line(answer: str, reference: str, match: str, expected: bool) -> None:
     assert grade(answer, reference, match) is expected

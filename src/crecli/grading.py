@@ -27,9 +27,11 @@ ignored, except by `contains` and `regex`, which look at the whole text.
     a word is not read as an option ("A dog", "I think", so also "B because"), since "A"
     and "I" are English words.
   - numeric: the canonical number ("12", "-3", "0.5", "1000"). Digits (with `,` thousand
-    separators) or English number words ("twenty-one", "one hundred and five"). The
-    number right after the last "=", "is", "are", "equals", "was" or "were" wins ("The
-    sum of 33 and 32 is 65."), else the first number in the segment; "" if none.
+    separators) or English number words ("twenty-one", "one hundred and five"). A segment
+    that opens with a number ending at a comma, a full stop or its end states it ("12,
+    which is 3 more than 9."); otherwise the number right after the last "=", "is", "are",
+    "equals", "was" or "were" wins ("The sum of 33 and 32 is 65."), else the first number
+    in the segment; "" if none.
   - exact, contains, regex: normalised text (see `_text`): NFKC, accents dropped, lower
     case, a leading "answer:"/"the answer is" dropped, apostrophes deleted, a minus sign
     starting a number kept ("-5" is not "5"), other punctuation turned to spaces,
@@ -120,6 +122,8 @@ _NUMBER = re.compile(
     rf"|\b(?P<words>(?:(?:minus|negative)\s+)?(?:{_WORD})(?:(?:\s+and\s+|[\s-]+)(?:{_WORD}))*)\b",
     re.IGNORECASE,
 )
+# A number opening a segment and ending at a clause break or the end: "12, which ...", "42."
+_LEAD_NUMBER = re.compile(r"\s*(?P<n>[-+]?[\d.,]*\d)\s*(?:[,;]|\.(?!\d)|$)")
 _COPULA = re.compile(r"(?:=|\bequals?|\bis|\bare|\bwas|\bwere)\s*:?\s*$", re.IGNORECASE)
 _LEADING_ANSWER = re.compile(
     r"^(?:the\s+)?(?:(?:final|correct)\s+)?answer\s*(?:is\b|:)\s*:?\s*", re.IGNORECASE
@@ -337,6 +341,11 @@ def _pick_number(segment: str) -> Decimal | None:
     numbers = _numbers(segment)
     if not numbers:
         return None
+    # A segment that opens with a number standing alone ("12, which is 3 more than 9.")
+    # states it; the "is" rule below is for sentences that arrive at it ("The sum is 65").
+    lead = _LEAD_NUMBER.match(segment)
+    if lead and numbers[0][0] == lead.start("n"):
+        return numbers[0][1]
     after_copula = [value for start, value in numbers if _COPULA.search(segment[:start])]
     return after_copula[-1] if after_copula else numbers[0][1]
 
