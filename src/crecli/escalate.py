@@ -170,7 +170,7 @@ class Cascade:
         """What always answering with the strongest model's greedy answer would have cost,
         per trace of a run, priced as `cost_of_run` prices the cascade (`costs.estimate_strongest`,
         its examples shared by `costs.share_prefixes`); None in "seconds"."""
-        return self.strongest_cost_of_counts(traces, [self.strongest_tokens(t, p) for t, p in zip(traces, prompts)])
+        return price_parts([self.strongest_parts(t, self.strongest_tokens(t, p)) for t, p in zip(traces, prompts)])
 
     def cost_parts(self, trace: Trace) -> tuple[float | None, list[Visit]]:
         """`trace`'s own cost and its visits to answered examples (`costs.step_parts`), for a
@@ -184,12 +184,6 @@ class Cascade:
         tokens, prefix, output = counts
         own = estimate_strongest(self.pricing, top, tokens, output, prefix)
         return own, [(prefix_key(top, trace.cluster), self.pricing.prefix(top, prefix)) if prefix else ("", 0.0)]
-
-    def strongest_cost_of_counts(
-        self, traces: Sequence[Trace], counts: Sequence[tuple[int | None, int, float]]
-    ) -> list[float | None]:
-        """`strongest_cost_of_run` from each trace's `strongest_tokens`, counted already."""
-        return price_parts([self.strongest_parts(t, c) for t, c in zip(traces, counts)])
 
     def route(self, prompt: str) -> RouteDecision:
         with self._routing():
