@@ -190,6 +190,13 @@ def _job_stream(events: Any, give_up: Callable[[], None]) -> "Response":
     return JobStream(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+def _give_up(ticket: Ticket, job: "asyncio.Future[Answer]") -> None:
+    """Cancel a streamed request's job, unless it is done or has claimed its answer (which is
+    being recorded, so it will be sent)."""
+    if not job.done() and ticket.cancel():
+        job.cancel()
+
+
 async def _disconnected(receive: Callable[[], Any]) -> None:
     """Returns when the client has gone; only called once the request's body is all read."""
     while (await receive())["type"] != "http.disconnect":
@@ -372,13 +379,9 @@ class App:
             answer = await self.result(query, future)
             return stream_events(query, answer, rid, created), future, lambda: None
 
-        def give_up() -> None:
-            if not future.done() and ticket.cancel():
-                future.cancel()
-
         model = self.cascade.strongest if query.model in self.cascade_names else query.model
         events = self.stream_on(query, ticket, future, pieces, first.result(), deadline, rid, created, model)
-        return events, future, give_up
+        return events, future, partial(_give_up, ticket, future)
 
     async def stream_on(self, query: Query, ticket: Ticket, future: "asyncio.Future[Answer]",
                         pieces: "asyncio.Queue[str]", head: str, deadline: float, rid: str, created: int,
@@ -420,8 +423,7 @@ class App:
             for event in stream_end(query, answer, rid, created):
                 yield event
         finally:
-            if not future.done() and ticket.cancel():
-                future.cancel()
+            _give_up(ticket, future)
 
     async def settle(self, request: "Request", query: Query, ticket: Ticket, future: "asyncio.Future[Answer]",
                      deadline: float, first: "asyncio.Future[str] | None" = None) -> None:

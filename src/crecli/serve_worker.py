@@ -135,21 +135,22 @@ class Worker:
         # job for a free model is never stuck behind one waiting for a busy model.
         self._executor = ThreadPoolExecutor(max_workers=self.limit, thread_name_prefix="cre-job")
         self._lock = threading.Lock()
-        self._admitted = 0
-        self._tickets: set[Ticket] = set()  # of the admitted jobs, for `stop`
+        # The admitted jobs' tickets (each request makes its own): their count, and what `stop`
+        # cancels.
+        self._tickets: set[Ticket] = set()
         self._mean_seconds = 1.0  # of recent jobs, for Retry-After
 
     @property
     def running(self) -> int:
         """Jobs the ladder computes now, as far as its capacity goes."""
         with self._lock:
-            return min(self._admitted, self.capacity)
+            return min(len(self._tickets), self.capacity)
 
     @property
     def queued(self) -> int:
         """Jobs admitted past the ladder's capacity: waiting for a model or a server."""
         with self._lock:
-            return max(0, self._admitted - self.capacity)
+            return max(0, len(self._tickets) - self.capacity)
 
     def retry_after(self) -> str:
         """Seconds until the admitted jobs are likely done, for a refusal's Retry-After."""
@@ -157,17 +158,16 @@ class Worker:
             return self._retry_after()
 
     def _retry_after(self) -> str:  # with the lock held
-        return str(max(1, math.ceil(self._mean_seconds * math.ceil(self._admitted / self.capacity))))
+        return str(max(1, math.ceil(self._mean_seconds * math.ceil(len(self._tickets) / self.capacity))))
 
     def submit(self, job: Callable[[], Any], ticket: Ticket) -> "Future[Any]":
         with self._lock:
-            if self._admitted >= self.limit:
+            if len(self._tickets) >= self.limit:
                 raise ApiError(
-                    429, f"the server is busy: {self._admitted - self.capacity} requests are waiting, the most it "
+                    429, f"the server is busy: {len(self._tickets) - self.capacity} requests are waiting, the most it "
                     "queues; retry later", type="rate_limit_error", code="queue_full",
                     headers={"Retry-After": self._retry_after()},
                 )
-            self._admitted += 1
             self._tickets.add(ticket)
 
         def run() -> Any:
@@ -191,7 +191,6 @@ class Worker:
 
     def _release(self, ticket: Ticket) -> None:
         with self._lock:
-            self._admitted -= 1
             self._tickets.discard(ticket)
 
     def close(self) -> None:
