@@ -408,6 +408,7 @@ class KMeansClusterer:
         self.n_clusters_ = 2
         self.assigner_ = Assigner(k=3).fit(X, self.labels_)
         self.n_neighbors_, self.min_cluster_size_, self.min_samples_ = 5, 5, 2
+        self.n_components_ = self.n_components
         self.fit_index_ = np.arange(len(X))
         return self
 

@@ -90,7 +90,7 @@ class QueryClusterer:
     Learned: `fit_index_` (rows used to fit, sorted), `raw_labels_` (HDBSCAN's labels of
     X[fit_index_], -1 = noise), `labels_` (one per row of X, after noise handling and
     assignment of unsampled rows), `n_clusters_`, `assigner_`, `reducer_`, and the resolved
-    `n_neighbors_`, `min_cluster_size_`, `min_samples_`.
+    `n_neighbors_`, `n_components_`, `min_cluster_size_`, `min_samples_`.
     """
 
     def __init__(self, n_components: int = 8, n_neighbors: int | None = None, min_cluster_size: int | None = None,
@@ -129,6 +129,7 @@ class QueryClusterer:
         self.reducer_ = Reducer(n_components=self.n_components, n_neighbors=self.n_neighbors, seed=self.seed)
         reduced = self.reducer_.fit_transform(X_fit)
         self.n_neighbors_ = self.reducer_.n_neighbors_
+        self.n_components_ = self.reducer_.n_components_  # capped by the rows and the width
         self.raw_labels_ = self._hdbscan(reduced)
 
         fit_labels = self.raw_labels_.copy()

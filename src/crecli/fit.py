@@ -269,8 +269,7 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
             n_unclustered=labels.count(-1),
             seed=options.seed,
             cluster_params={
-                # As used, capped by the rows and the width (a stand-in clusterer reduces nothing).
-                "n_components": int(getattr(getattr(clusterer, "reducer_", None), "n_components_", clusterer.n_components)),
+                "n_components": int(clusterer.n_components_),  # as used, not as asked for
                 "n_neighbors": int(clusterer.n_neighbors_),
                 "min_cluster_size": int(clusterer.min_cluster_size_),
                 "min_samples": int(clusterer.min_samples_),
