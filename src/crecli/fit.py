@@ -128,9 +128,9 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
     store_path = check_before_fit(log_path, out_path, settings, options)
     # Opened now, not after embedding and clustering: a file that is no outcome store (or
     # of another schema) is refused before that work. Whether it can be written is asked
-    # only if a model must run (`OutcomeStore.require_writable`).
-    with outcomes.OutcomeStore(store_path):
-        pass
+    # only if a model must run (`OutcomeStore.require_writable`). Closed once the models
+    # have run (below), or with this frame on an error before.
+    store = outcomes.OutcomeStore(store_path)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     log = options.reader.read(log_path)
@@ -211,7 +211,7 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
         )
     cluster_of = {r.id: c for r, c in zip(logged, labels)}
     shot_plan = None
-    with outcomes.OutcomeStore(store_path) as store:
+    with store:
         # What this fit ran, from the rows it committed: a row count misses a greedy answer
         # re-run to record its signals (it replaces its row) and counts a concurrent fit's.
         before = store.recorded
