@@ -76,15 +76,19 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
     return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
 
 
-def _table_prior(data: Data, table: StatsTable) -> Callable[[int, str], float]:
-    """`deferral_p`'s prior for calibration: record i's cluster prior for a model in `table`,
-    blended with the model's log-wide accuracy by how far its cluster's record speaks for it
-    (`Data.trust`), as the router's `priors` blend them live."""
-    def prior(i: int, model: str) -> float:
-        weight = data.trust[i] if data.trust else 1.0
-        return blend_prior(cluster_prior(table, data.clusters[i], model), table.overall.models[model].accuracy, weight)
+def _blended(data: Data, table: StatsTable, i: int, model: str, cluster: float) -> float:
+    """Record i's `cluster` prior for `model` blended with the model's log-wide accuracy by
+    how far its cluster's record speaks for it (`Data.trust`), as the router's `priors`
+    blend them live: the P(correct) model is trained (`train_deferral`) and applied
+    (`_table_prior`) on the same prior."""
+    weight = data.trust[i] if data.trust else 1.0
+    return blend_prior(cluster, table.overall.models[model].accuracy, weight)
 
-    return prior
+
+def _table_prior(data: Data, table: StatsTable) -> Callable[[int, str], float]:
+    """`deferral_p`'s prior for calibration: record i's cluster prior for a model in
+    `table`, blended by distance (`_blended`)."""
+    return lambda i, model: _blended(data, table, i, model, cluster_prior(table, data.clusters[i], model))
 
 
 def _loo_prior(table: StatsTable, cid: int, model: str, correct: bool) -> float:
@@ -109,11 +113,8 @@ def train_deferral(data: Data, idx: Sequence[int], table: StatsTable, model: str
         entries = [(i, e) for i, e in entries if e.signals is not None]
     for i, entry in entries:
         y = entry.correct[0]
-        # Blended by distance as `_table_prior` and the live priors are: trained on one prior
-        # and applied with another, its weights would misread prompts beyond the radius.
-        prior = _loo_prior(table, data.clusters[i], model, y)
-        weight = data.trust[i] if data.trust else 1.0
-        rows.append(entry.features(votes, blend_prior(prior, table.overall.models[model].accuracy, weight)))
+        prior = _blended(data, table, i, model, _loo_prior(table, data.clusters[i], model, y))
+        rows.append(entry.features(votes, prior))
         ys.append(y)
     names = feature_names(votes)
     fill = []
