@@ -244,7 +244,7 @@ def _reference_form(reference: str, match: str) -> str:
     if match == "exact":
         text = _EMPHASIS.sub("", reference)
         lines = [line for line in text.splitlines() if line.strip()]
-        items = [m.group(1) for line in lines if (m := _LIST_ITEM.match(line))]
+        items = _list_items(lines)
         # A list reads as its items, bullets dropped, as an answer's list does (`_first_line`).
         return _text(" ".join(items) if lines and len(items) == len(lines) else text)
     return normalize(reference, match)
@@ -294,13 +294,20 @@ def _first_line(text: str) -> str:
         return ""
     if len(lines) > 1 and lines[0].rstrip().endswith(":"):
         lines = lines[1:]
+    items = _list_items(lines)
+    return " ".join(items) if items else lines[0].strip()
+
+
+def _list_items(lines: Sequence[str]) -> list[str]:
+    """The items of the run of list items ("- x", "1. x") that `lines` open with, bullets
+    dropped; [] when the first line is no item."""
     items: list[str] = []
     for line in lines:
         item = _LIST_ITEM.match(line)
         if not item:
             break
         items.append(item.group(1).strip())
-    return " ".join(items) if items else lines[0].strip()
+    return items
 
 
 def _strip_wrapping(text: str) -> str:
