@@ -556,11 +556,11 @@ def log_(
 
 
 def _match_type(text: str) -> str:
-    """--match as a known answer type, in any case: a log's or batch line's `match` is read so."""
-    from crecli.grading import MATCH_TYPES
+    """--match as a known answer type, read as a log's `match` field is (`grading.match_type`)."""
+    from crecli.grading import MATCH_TYPES, match_type
 
-    match = text.strip().lower()
-    if match not in MATCH_TYPES:
+    match = match_type(text)
+    if match is None:
         raise UsageError(f"--match {text!r}: use one of {', '.join(MATCH_TYPES)}")
     return match
 

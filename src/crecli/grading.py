@@ -54,6 +54,13 @@ from crecli.errors import InputError
 
 MATCH_TYPES = ("exact", "numeric", "choice", "contains", "regex")
 
+
+def match_type(value: object) -> str | None:
+    """The answer type `value` names, in any case and spacing ("Numeric "), or None when it
+    names none: how a log's `match` field and `cre ask --match` are read."""
+    match = value.strip().lower() if isinstance(value, str) else None
+    return match if match in MATCH_TYPES else None
+
 # Short caps because answers are short and output tokens are most of the cost. Numbers
 # get room for a sign, separators and a trailing period; text for a short phrase.
 _MAX_TOKENS: dict[str | None, int] = {

@@ -428,10 +428,8 @@ def _reference(value: Any, name: str) -> list[str] | None:
 def _match(value: Any, name: str, reference: list[str] | None) -> str | None:
     if value is None:
         match = "exact" if reference is not None else None
-    elif not isinstance(value, str) or value.strip().lower() not in grading.MATCH_TYPES:
+    elif (match := grading.match_type(value)) is None:
         raise _Bad(f"{name!r} must be one of {', '.join(grading.MATCH_TYPES)}; got {value!r}")
-    else:
-        match = value.strip().lower()
     if reference is not None and match is not None:
         for ref in reference:
             problem = grading.reference_problem(ref, match)
