@@ -406,31 +406,30 @@ def _read(path: Path) -> dict[str, Any]:
     return data
 
 
+# Fields of a remote rung only, and why each means nothing to a model run in this process.
+REMOTE_ONLY = {
+    "max_in_flight": "which bounds a remote rung's requests; in this process a model answers one request at a time",
+    "timeout": "how long a remote rung's server has for a try; in this process a model runs until it is done",
+    "repeat_penalty": "which is sent to a remote rung's servers; in this process no penalty applies",
+}
+
+
 def _spec(name: str, fields: dict[str, Any], where: str) -> ModelSpec:
     spec = ModelSpec(name=name, defined_in=where, **fields)
     if not (spec.chunks or spec.path or spec.url):
         raise ConfigError(f"{where}: model {name!r} needs one of `chunks`, `path` or `url`")
-    if spec.max_in_flight is not None and not spec.url:
-        raise ConfigError(
-            f"{where}: model {name!r} sets `max_in_flight`, which bounds a remote rung's requests; it runs "
-            "in this process, one request at a time: remove `max_in_flight` or give it a `url`"
-        )
     if spec.prompt_format == "chat" and not spec.url:
         raise ConfigError(
             f"{where}: model {name!r} has prompt_format \"chat\", which leaves the chat template to a "
             "remote rung's server; in this process a model needs its template: use \"chatml\" or "
             "\"completion\", or give it a `url`"
         )
-    if spec.timeout is not None and not spec.url:
-        raise ConfigError(
-            f"{where}: model {name!r} sets `timeout`, how long a remote rung's server has for a "
-            "try; in this process a model runs until it is done: remove it or give the model a `url`"
-        )
-    if spec.repeat_penalty is not None and not spec.url:
-        raise ConfigError(
-            f"{where}: model {name!r} sets `repeat_penalty`, which is sent to a remote rung's servers; "
-            "in this process no penalty applies: remove it or give the model a `url`"
-        )
+    if not spec.url:
+        for field, what in REMOTE_ONLY.items():
+            if getattr(spec, field) is not None:
+                raise ConfigError(
+                    f"{where}: model {name!r} sets `{field}`, {what}: remove it or give the model a `url`"
+                )
     return spec
 
 
