@@ -302,7 +302,7 @@ class LlamaBackend(Backend):
             # Its KV cache (2 x n_ctx cells, `ParallelVotes`) counts against --memory-budget
             # from now on (`cache_memory`): `cre serve` loads models at parallel 1, whose cost
             # leaves it out.
-            self._votes_bytes = 2 * self.n_ctx * kv_bytes_per_token(require_file(self.spec))
+            self._votes_bytes = self._kv_bytes(2 * self.n_ctx)
         return self._votes.run(tokens, [p for _, p in prepared])
 
     def _close_votes(self) -> None:
@@ -326,7 +326,11 @@ class LlamaBackend(Backend):
         """
         if parallel <= 1:
             return 0
-        return parallel * self.n_ctx * kv_bytes_per_token(require_file(self.spec))
+        return self._kv_bytes(parallel * self.n_ctx)
+
+    def _kv_bytes(self, cells: int) -> int:
+        """What `cells` KV cells of this model hold, from its GGUF header (`kv_bytes_per_token`)."""
+        return cells * kv_bytes_per_token(require_file(self.spec))
 
     def _close_parallel(self) -> None:
         self._handoff.clear()
