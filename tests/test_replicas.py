@@ -115,6 +115,27 @@ def test_the_least_busy_healthy_replica_takes_a_request() -> None:
     assert rs.acquire(frozenset({"http://a/v1", "http://b/v1", "http://c/v1"})) is None
 
 
+def test_a_replica_past_its_back_off_is_tried_but_reported_out_until_it_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # /health read "up" once the back-off timer ran out, with no news from the server: a dead
+    # replica flickered back into "remote" between requests (and a CI run caught it).
+    from types import SimpleNamespace
+
+    from crecli.models import replicas
+
+    clock = [1000.0]  # a clock of its own: a slow machine cannot move it between two lines
+    monkeypatch.setattr(replicas, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    rs = ReplicaSet("big", ["http://a/v1", "http://b/v1"])
+    b = rs.acquire(frozenset({"http://a/v1"}))
+    rs.release(b, "connection refused")  # type: ignore[arg-type]
+    assert rs.states()["http://b/v1"] == "out: connection refused (back in 1 s)" and rs.up() == 1
+    clock[0] += 1.5
+    assert rs.states()["http://b/v1"] == "out: connection refused (the next request tries it)" and rs.up() == 1
+    again = rs.acquire(frozenset({"http://a/v1"}))  # past its back-off, so a request tries it
+    assert again is b
+    rs.release(again)  # type: ignore[arg-type]  # and it answered
+    assert rs.states()["http://b/v1"] == "up" and rs.up() == 2
+
+
 def test_a_full_replica_set_makes_a_request_wait_for_a_slot() -> None:
     rs = ReplicaSet("big", ["http://a/v1"], max_in_flight=1)
     held = rs.acquire()

@@ -76,7 +76,8 @@ def rung_state(spec: "ModelSpec") -> RungState:
     """Whether a rung can answer, by cheap checks only (a stat and 4 bytes; no model runs, no
     server is called): "ready" (a GGUF file of the pinned size); "remote" (every server of a
     remote rung in rotation), "remote, 1 of 2 servers out" or "remote, every server out" (from
-    what its requests found, `replicas`); or what is wrong.
+    what its requests found, `replicas`: a server whose last request failed is out until one
+    succeeds, though its back-off has passed); or what is wrong.
 
     No path or address is named: /health answers anyone who can connect.
     """

@@ -14,7 +14,8 @@ health it keeps are the process's:
   if its time allows, and otherwise tries the one due back first: no request fails
   without a try, and a server that is back is found at once;
 - a replica whose back-off has passed is tried again by the next request (its success puts
-  it back for good).
+  it back for good). Until one of its requests succeeds it is reported out (`state`, `up`):
+  a passed back-off is no news that its server is back.
 """
 
 from __future__ import annotations
@@ -46,11 +47,21 @@ class Replica:
     served: int = 0
     asked: bool = False  # out because its server asked (Retry-After), not for a back-off
 
+    @property
+    def healthy(self) -> bool:
+        """Whether its last request did not fail (or it has had none). A replica past its
+        back-off is tried again, but is not known to be back until it answers: /health
+        flipping to "up" on a timer would call a dead server healthy."""
+        return self.failures == 0
+
     def state(self, now: float) -> str:
-        """What /health shows: "up", or "out: why (back in N s)"."""
-        if self.out_until <= now:
+        """What /health shows: "up", "out: why (back in N s)" while it is out of rotation, or
+        "out: why (the next request tries it)" once its back-off has passed."""
+        if self.healthy:
             return "up"
-        return f"out: {self.last_error} (back in {self.out_until - now:.0f} s)"
+        if self.out_until > now:
+            return f"out: {self.last_error} (back in {self.out_until - now:.0f} s)"
+        return f"out: {self.last_error} (the next request tries it)"
 
 
 class ReplicaSet:
@@ -148,9 +159,9 @@ class ReplicaSet:
             return {r.url: r.state(now) for r in self.replicas}
 
     def up(self) -> int:
-        now = time.monotonic()
+        """Replicas whose last request did not fail (`Replica.healthy`)."""
         with self._cond:
-            return sum(r.out_until <= now for r in self.replicas)
+            return sum(r.healthy for r in self.replicas)
 
 
 # id(spec) -> (spec, its set): one set per loaded spec, the spec kept so its id is not reused.
