@@ -80,3 +80,46 @@ def test_a_request_that_gives_up_stops_its_decode_and_leaves_the_model_usable(ge
     finally:
         fresh.close()
     assert_same_or_contested(want, after)
+
+
+def test_a_request_that_gives_up_stops_its_prompts_evaluation(gemma) -> None:
+    # The stopping criterion above acts between generated tokens; a long prompt's evaluation
+    # ran on to its end after a cancel (tens of seconds for a long prompt on 2 cores), holding
+    # the model. llama.cpp's abort callback (`runtime.abort_on_cancel`) stops it at its next
+    # graph node. The prompt is 4 batches of 512; the request gives up as the first returns.
+    from crecli import cancel
+    from crecli.models.llama import LlamaBackend
+
+    prompt = "Summarise: " + " ".join(f"word{i}" for i in range(450))
+    backend = LlamaBackend(gemma, n_ctx=2048)
+    try:
+        llm = backend.llm
+        n_prompt = backend.count_tokens(backend.prepare(prompt, GenParams(max_tokens=4))[0])
+        assert n_prompt > 3 * llm.n_batch
+        token = cancel.Token()
+        ctx = llm._ctx
+        decode = ctx.decode
+        batches: list[int] = []
+
+        def decode_then_give_up(batch: object) -> None:
+            decode(batch)
+            batches.append(llm.n_tokens)
+            token.cancel()  # the client leaves while the prompt is being read
+
+        ctx.decode = decode_then_give_up
+        try:
+            with cancel.scope(token), pytest.raises(cancel.Cancelled):
+                backend.generate(prompt, GenParams(max_tokens=4))
+        finally:
+            del ctx.decode
+        # The second batch was aborted: one of four read, and the Llama counts only that one.
+        assert len(batches) == 1 and llm.n_tokens == llm.n_batch < n_prompt
+        after = backend.generate("What is 2 plus 9?", GenParams(max_tokens=8, shots=SUMS))
+    finally:
+        backend.close()
+    fresh = LlamaBackend(gemma, n_ctx=2048)
+    try:
+        want = fresh.generate("What is 2 plus 9?", GenParams(max_tokens=8, shots=SUMS))
+    finally:
+        fresh.close()
+    assert_same_or_contested(want, after)

@@ -14,7 +14,7 @@ rather than left to wait for a timeout, and a request beyond `max_requests` past
 (parsing, queued, running or streaming) with 503, both in OpenAI's error shape (`Limits`). Each
 request's timeout counts from its arrival and covers the whole ladder; on expiry (or when
 its client leaves) its job stops where it stands: a wait ends, a remote call is abandoned,
-an in-process decode stops at its next token, no later rung starts. A streamed request gets the final rung's tokens as they are generated
+an in-process decode stops at its next token (or mid-prompt), no later rung starts. A streamed request gets the final rung's tokens as they are generated
 (`serve_worker.cascade_job`); the response starts with the first of them. A body still
 arriving takes no place among the requests in flight, and has its own deadline
 (`--body-timeout`); /health runs on the event loop alone.

@@ -34,7 +34,7 @@ from crecli.models.gguf import kv_bytes_per_token
 from crecli.models.parallel import VOTE_SEQUENCES, Handoff, ParallelGreedy, ParallelVotes
 from crecli.models.prompting import Rendered
 from crecli.models.pull import require_file
-from crecli.models.runtime import CRASH_HINT, default_threads, model_params, quiet_stderr, use_extra_bufts
+from crecli.models.runtime import CRASH_HINT, abort_on_cancel, default_threads, model_params, quiet_stderr, use_extra_bufts
 from crecli.models.tokens import SignalMeter, letter_tokens, prompt_head, prompt_tokens, shared_prefix
 
 if TYPE_CHECKING:
@@ -197,7 +197,21 @@ class LlamaBackend(Backend):
         return self.complete(*self.prepare(prompt, params), emit=emit)
 
     def complete(self, rendered: Rendered, params: GenParams, emit: Callable[[str], None] | None = None) -> Generation:
+        # In `cre serve`, a request that gives up (its client left, its timeout passed) stops
+        # its decode where it stands: mid-prompt through llama.cpp's abort callback, between
+        # tokens through a stopping criterion; rather than holding the model to the end of a
+        # long prompt or to `max_tokens` for an answer nobody reads.
+        token = cancel.current()
         llm = self.llm
+        try:
+            with abort_on_cancel(llm._ctx.ctx, token):
+                return self._complete(llm, rendered, params, emit, token)
+        except RuntimeError:
+            cancel.check()  # llama_decode returned 2: aborted because the request gave up
+            raise
+
+    def _complete(self, llm: Any, rendered: Rendered, params: GenParams, emit: Callable[[str], None] | None,
+                  token: "cancel.Token | None") -> Generation:
         tokens = prompt_tokens(llm, rendered)
         n_prompt = len(tokens)
         start = time.perf_counter()
@@ -222,11 +236,8 @@ class LlamaBackend(Backend):
                 return scores
 
             processors = LogitsProcessorList([observe])
-        # In `cre serve`, a request that gives up (its client left, its timeout passed) stops
-        # its decode at the next token rather than holding the model to `max_tokens` for an
-        # answer nobody reads. Stopping between tokens leaves the Llama's tokens and its KV
-        # cache in step, so the next prompt reuses them as usual.
-        token = cancel.current()
+        # Stopping between tokens leaves the Llama's tokens and its KV cache in step, so the
+        # next prompt reuses them as usual.
         stopping = None
         if token is not None:
             from llama_cpp import StoppingCriteriaList

@@ -21,7 +21,7 @@ from crecli import cancel
 from crecli.errors import BackendError, CreError, PromptTooLong
 from crecli.models.backend import Generation, GenParams
 from crecli.models.prompting import Rendered
-from crecli.models.runtime import quiet_stderr
+from crecli.models.runtime import abort_on_cancel, quiet_stderr
 from crecli.models.tokens import SignalMeter, prompt_tokens, shared_prefix
 
 
@@ -401,11 +401,17 @@ class ParallelVotes:
             _put(batch, i, token, i, self.root, False)
         batch.n_tokens = n
         if n and llama_cpp.llama_decode(self.ctx, batch) != 0:
+            cancel.check()  # aborted (`abort_on_cancel`): the request gave up
             raise BackendError("llama.cpp could not decode the prompt for its votes")
         self.held = head
         return time.perf_counter() - start
 
     def run(self, tokens: list[int], params: Sequence[GenParams]) -> list[Generation]:
+        """Every vote's answer; a request that gives up (`cre serve`) stops them mid-decode."""
+        with abort_on_cancel(self.ctx, cancel.current()):
+            return self._run(tokens, params)
+
+    def _run(self, tokens: list[int], params: Sequence[GenParams]) -> list[Generation]:
         import llama_cpp
 
         llm = self.llm
@@ -435,6 +441,7 @@ class ParallelVotes:
                 batch.n_tokens = len(active)
                 rc = llama_cpp.llama_decode(self.ctx, batch)
                 if rc != 0:
+                    cancel.check()  # aborted (`abort_on_cancel`): the request gave up
                     raise BackendError(f"llama.cpp could not decode {len(active)} parallel votes (llama_decode returned {rc})")
                 still = []
                 finished: list[tuple[_Stream, bytes, str]] = []

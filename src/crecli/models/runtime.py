@@ -5,7 +5,8 @@ threads spin while they wait, so more threads than cores (or two models computin
 collapses throughput. On AMX CPUs llama.cpp's extra buffer types stay off (`use_extra_bufts`,
 applied by `model_params`), since a native build crashes there at the first decode;
 `CRASH_HINT` is what a user is told when llama.cpp dies in native code all the same.
-Nothing here loads a model: the backend (`models/llama.py`) does.
+`abort_on_cancel` lets a request that gives up stop a decode in the middle (a long prompt's
+evaluation included). Nothing here loads a model: the backend (`models/llama.py`) does.
 """
 
 from __future__ import annotations
@@ -101,6 +102,54 @@ def quiet_stderr() -> Iterator[None]:
                 os.dup2(_quiet_saved, 2)
                 os.close(_quiet_saved)
                 _quiet_saved = -1
+
+
+@lru_cache(maxsize=1)
+def _flag_reader() -> Any:
+    """libc's `strlen` as a llama.cpp abort callback (`bool (*)(void *)`).
+
+    llama.cpp's compute loop calls its abort callback after every graph node (hundreds a
+    decode). A Python callback would take the GIL each time: with another thread of `cre
+    serve` holding it, the computing thread would wait up to a switch interval per node while
+    the other compute threads spin. `strlen` of a one-byte flag ("" or "\x01") answers with
+    no Python at all: 0 (go on) until the flag is set, then 1 (abort)."""
+    import ctypes
+
+    import llama_cpp
+
+    return ctypes.cast(ctypes.CDLL(None).strlen, llama_cpp.ggml_abort_callback)
+
+
+@contextmanager
+def abort_on_cancel(ctx: Any, token: Any) -> Iterator[None]:
+    """While the block runs, `token` (a `cancel.Token`, or None for none) cancelled aborts the
+    llama.cpp context `ctx`'s decode at its next graph node: `llama_decode` returns 2, which
+    llama-cpp-python raises as a RuntimeError; the caller turns it into `cancel.Cancelled`.
+
+    Between tokens a stopping criterion already stops generation; this stops the prompt's
+    evaluation too, which on 2 cores can hold a model for tens of seconds for a long prompt.
+    llama.cpp drops the aborted batch's KV cells, and llama-cpp-python counts only the
+    batches it finished, so the context's cache and tokens stay in step for the next prompt.
+    """
+    if token is None:
+        yield
+        return
+    import ctypes
+
+    import llama_cpp
+
+    flag = ctypes.create_string_buffer(2)  # two NULs: strlen 0
+
+    def stop() -> None:
+        flag[0] = b"\x01"  # one byte: a racing read sees 0 or 1, both valid answers
+
+    remove = token.on_cancel(stop)
+    llama_cpp.llama_set_abort_callback(ctx, _flag_reader(), ctypes.cast(flag, ctypes.c_void_p))
+    try:
+        yield
+    finally:
+        llama_cpp.llama_set_abort_callback(ctx, llama_cpp.ggml_abort_callback(), None)
+        remove()
 
 
 # What a user is told when llama.cpp dies in native code: the process is gone, so this is
