@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,34 +118,96 @@ def test_cli_enables_faulthandler(monkeypatch: pytest.MonkeyPatch) -> None:
     assert out.stdout.strip().splitlines()[-1] == "True"
 
 
-def test_stderr_silenced_by_two_threads_that_finish_out_of_order_is_restored(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Each saved and restored fd 2 on its own: the second saved /dev/null, finished last and
-    # left it there, and cre serve's log went silent for good.
-    import os
-    import threading
+def test_loading_a_model_leaves_stderr_to_the_process_and_llama_cpps_log_to_cre_debug(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Loading silenced fd 2 for the whole process: whatever any thread wrote meanwhile (cre
+    # serve's log, a native crash's last words) went to /dev/null. And llama-cpp-python's own
+    # log callback reads ggml's levels shifted by one: it dropped llama.cpp's errors and
+    # printed its warnings. Now llama.cpp's log goes through cre's callback: nothing without
+    # CRE_DEBUG, everything with it, and fd 2 is never touched.
+    import llama_cpp
 
-    from crecli.models.runtime import quiet_stderr
+    from crecli.config import ModelSpec
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 64)  # a GGUF magic and a broken header: llama.cpp logs an error
+    real_init = llama_cpp.Llama.__init__
+
+    def init(self: object, *args: object, **kwargs: object) -> None:
+        os.write(2, b"written while the model loads\n")  # as another thread's log line would be
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(llama_cpp.Llama, "__init__", init)
+
+    def load() -> str:
+        with pytest.raises(BackendError):
+            llama.LlamaBackend(ModelSpec(name="bad", path=bad)).llm
+        return capfd.readouterr().err
 
     monkeypatch.delenv("CRE_DEBUG", raising=False)
-    before = os.fstat(2)
-    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    assert load() == "written while the model loads\n"
+    monkeypatch.setenv("CRE_DEBUG", "1")
+    shown = load()
+    assert shown.startswith("written while the model loads\n") and "llama_model_load" in shown
 
-    def first() -> None:
-        with quiet_stderr():
-            a_in.set()
-            b_in.wait(5)
-        a_out.set()
 
-    def second() -> None:
-        a_in.wait(5)
-        with quiet_stderr():
-            b_in.set()
-            a_out.wait(5)
+def test_two_models_loading_at_once_leave_stdout_and_stderr_where_they_were(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # llama-cpp-python points fd 1 and 2 at /dev/null while it reads a model file, saving
+    # and restoring them. A second load starting meanwhile (cre serve, two models at once)
+    # saved the /dev/null and restored it last: the server's output was gone for good.
+    import threading
 
-    threads = [threading.Thread(target=first), threading.Thread(target=second)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    after = os.fstat(2)
-    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+    import llama_cpp.llama_cpp as low
+
+    from crecli.config import ModelSpec
+
+    monkeypatch.delenv("CRE_DEBUG", raising=False)
+    # As on a CPU without AMX, where no lock of `model_params` happens to serialise loads.
+    monkeypatch.setenv("CRE_LLAMA_EXTRA_BUFTS", "1")
+    go, go_second = threading.Event(), threading.Event()
+    entered: list[str] = []
+
+    def load_from_file(path: bytes, params: object) -> None:
+        entered.append(path.decode())
+        # The first load holds /dev/null on fd 1 and 2 until the second has started, and
+        # finishes first; the second, which saved that /dev/null, restores last.
+        (go if len(entered) == 1 else go_second).wait(30)
+        return None  # no model: llama-cpp-python raises, cre says it could not load
+
+    monkeypatch.setattr(low, "llama_model_load_from_file", load_from_file)
+    files = []
+    for name in ("a", "b"):
+        files.append(tmp_path / f"{name}.gguf")
+        files[-1].write_bytes(b"GGUF")
+    before = [os.fstat(fd) for fd in (1, 2)]
+    streams = (sys.stdout, sys.stderr)
+    errors: list[BaseException] = []
+
+    def load(path: Path) -> None:
+        try:
+            llama.LlamaBackend(ModelSpec(name=path.stem, path=path)).llm
+        except BaseException as exc:  # noqa: BLE001 - collected, asserted below
+            errors.append(exc)
+
+    one = threading.Thread(target=load, args=(files[0],))
+    one.start()
+    deadline = time.monotonic() + 30
+    while not entered and time.monotonic() < deadline:
+        time.sleep(0.01)
+    two = threading.Thread(target=load, args=(files[1],))
+    two.start()
+    # Unserialised, the second load reaches the file read at once; serialised, it waits.
+    deadline = time.monotonic() + 1.0
+    while len(entered) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.set()
+    one.join(30)
+    go_second.set()
+    two.join(30)
+    after = [os.fstat(fd) for fd in (1, 2)]
+    assert [(s.st_dev, s.st_ino) for s in after] == [(s.st_dev, s.st_ino) for s in before]
+    assert sys.stdout is streams[0] and sys.stderr is streams[1]
+    assert len(errors) == 2 and all(isinstance(e, BackendError) for e in errors), errors

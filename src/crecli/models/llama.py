@@ -34,7 +34,7 @@ from crecli.models.gguf import kv_bytes_per_token
 from crecli.models.parallel import VOTE_SEQUENCES, Handoff, ParallelGreedy, ParallelVotes
 from crecli.models.prompting import Rendered
 from crecli.models.pull import require_file
-from crecli.models.runtime import CRASH_HINT, abort_on_cancel, default_threads, model_params, quiet_stderr, use_extra_bufts
+from crecli.models.runtime import CRASH_HINT, abort_on_cancel, default_threads, loading, model_params, use_extra_bufts
 from crecli.models.tokens import SignalMeter, letter_tokens, prompt_head, prompt_tokens, shared_prefix
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ class LlamaBackend(Backend):
             raise BackendError(f"llama-cpp-python is not importable ({exc}); reinstall crecli") from exc
         start = time.perf_counter()
         try:
-            with quiet_stderr(), model_params(use_extra_bufts()):
+            with loading() as verbose, model_params(use_extra_bufts()):
                 llm = Llama(
                     model_path=str(path),
                     n_ctx=self.n_ctx,
@@ -104,7 +104,7 @@ class LlamaBackend(Backend):
                     embedding=embedding,
                     # Mean pooling: decoder models have no CLS token worth reading.
                     **({"pooling_type": 1} if embedding else {}),
-                    verbose=False,
+                    verbose=verbose,
                 )
         except Exception as exc:  # llama.cpp reports load failures as bare ValueErrors
             raise BackendError(f"llama.cpp could not load {self.spec.name!r} from {path}: {exc}") from exc
@@ -141,8 +141,8 @@ class LlamaBackend(Backend):
         if self._vocab is None:
             from llama_cpp import Llama
 
-            with quiet_stderr():
-                self._vocab = Llama(model_path=str(require_file(self.spec)), vocab_only=True, verbose=False)
+            with loading() as verbose:
+                self._vocab = Llama(model_path=str(require_file(self.spec)), vocab_only=True, verbose=verbose)
         return self._vocab
 
     def shot_prefix(self, shots: tuple[tuple[str, str], ...]) -> list[int]:

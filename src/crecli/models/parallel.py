@@ -21,7 +21,7 @@ from crecli import cancel
 from crecli.errors import BackendError, CreError, PromptTooLong
 from crecli.models.backend import Generation, GenParams
 from crecli.models.prompting import Rendered
-from crecli.models.runtime import abort_on_cancel, quiet_stderr
+from crecli.models.runtime import abort_on_cancel
 from crecli.models.tokens import SignalMeter, prompt_tokens, shared_prefix
 
 
@@ -145,8 +145,8 @@ def _sequences_context(llm: Any, n_seq: int, n_ctx: int, n_batch: int, n_threads
     params.n_seq_max = n_seq + 1
     params.kv_unified = True
     params.n_threads = params.n_threads_batch = n_threads
-    with quiet_stderr():
-        ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+    # llama.cpp's log goes where the `Llama`'s load sent it (`runtime.route_llama_log`).
+    ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
     if not ctx:
         raise BackendError(f"llama.cpp could not create a context for {what}")
     return ctx

@@ -66,42 +66,58 @@ def cpu_quota(root: str = "/sys/fs/cgroup") -> int | None:
     return max(1, math.ceil(q / per)) if q > 0 and per > 0 else None
 
 
-# fd 2 is one per process: threads that silence it at once (`cre serve` loading two models)
-# share one redirect, made by the first and undone by the last. Each saving and restoring
-# its own would leave fd 2 on /dev/null when they finish out of order, and the server's
-# log silent for good.
-_QUIET_LOCK = threading.Lock()
-_quiet_depth = 0
-_quiet_saved = -1
+_LOG_LOCK = threading.Lock()
+_log_callback: Any = None  # held here: llama.cpp keeps only a pointer to it
+# llama-cpp-python (verbose=False) points fd 1 and 2 at /dev/null while it reads a model
+# file, saving and restoring them; two loads at once would each restore the other's
+# /dev/null, and `cre serve`'s output would stay silent for good.
+_LOAD_LOCK = threading.Lock()
+
+
+def route_llama_log() -> None:
+    """Send llama.cpp's C-level log (model loading, context warnings) through cre: dropped,
+    or on stderr with CRE_DEBUG=1. Once per process, after llama_cpp is imported (its import
+    installs llama-cpp-python's own callback, which this replaces).
+
+    Why not llama-cpp-python's callback: it reads ggml's log levels shifted by one (this
+    llama.cpp numbers DEBUG 1 to ERROR 4; it takes 3, WARN, for ERROR), so with verbose=False
+    it prints warnings ("decode: removing memory module entries" after an aborted decode) and
+    drops the errors. Why not point fd 2 at /dev/null around a load and a context's creation,
+    as cre did: fd 2 is the process's, so every other thread's stderr (`cre serve`'s log) was
+    lost meanwhile. With this callback nothing of llama.cpp's reaches fd 2 (checked on the
+    three default models: loading, vocab-only, embedding, decoding).
+    """
+    global _log_callback
+    with _LOG_LOCK:
+        if _log_callback is not None:
+            return
+        import ctypes
+
+        import llama_cpp
+
+        @llama_cpp.llama_log_callback
+        def log(level: int, text: bytes, data: Any) -> None:
+            if os.environ.get("CRE_DEBUG"):
+                sys.stderr.write(text.decode("utf-8", "replace"))
+                sys.stderr.flush()
+
+        llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+        _log_callback = log
 
 
 @contextmanager
-def quiet_stderr() -> Iterator[None]:
-    """Silence llama.cpp's C-level logging (it writes to fd 2 even with verbose=False).
+def loading() -> Iterator[bool]:
+    """Around constructing a `Llama`: one load at a time, llama.cpp's log routed
+    (`route_llama_log`); yields the `verbose` to construct it with.
 
-    Set CRE_DEBUG=1 to see it.
+    verbose=False (the default) keeps llama-cpp-python's own prints off stderr, at the cost
+    of its silencing fd 1 and 2 for the model file's read (a fraction of a second with mmap;
+    `_LOAD_LOCK` says why one at a time). CRE_DEBUG=1 shows everything instead: verbose=True,
+    no silencing, llama.cpp's log on stderr.
     """
-    global _quiet_depth, _quiet_saved
-    if os.environ.get("CRE_DEBUG"):
-        yield
-        return
-    with _QUIET_LOCK:
-        if _quiet_depth == 0:
-            sys.stderr.flush()
-            _quiet_saved = os.dup(2)
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 2)
-            os.close(devnull)
-        _quiet_depth += 1
-    try:
-        yield
-    finally:
-        with _QUIET_LOCK:
-            _quiet_depth -= 1
-            if _quiet_depth == 0:
-                os.dup2(_quiet_saved, 2)
-                os.close(_quiet_saved)
-                _quiet_saved = -1
+    route_llama_log()
+    with _LOAD_LOCK:
+        yield bool(os.environ.get("CRE_DEBUG"))
 
 
 @lru_cache(maxsize=1)
