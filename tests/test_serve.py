@@ -35,6 +35,7 @@ from crecli.serve_worker import Worker
 from support.ladder import install, ready_ladder
 from support.routers import make_router
 from support.serving import serving
+from support.waiting import until
 
 PROMPT = "What is 7 plus 5?"
 # small disagrees with itself (escalate), medium agrees: the answer comes from rung 1.
@@ -84,6 +85,18 @@ def held(answer: str, release: threading.Event, active: list[int]) -> Callable[[
         return answer
 
     return answerer
+
+
+def idle_health(url: str) -> dict[str, Any]:
+    """/health once no job runs or waits, or after 20 s: an abandoned job ends in its own time
+    (its rung's vote runs to its end), which a loaded machine may stretch. Its caller asserts
+    the counts, so a job that never ends still fails the test."""
+    deadline = time.monotonic() + 20
+    while True:
+        health: dict[str, Any] = httpx.get(f"{url}/health", timeout=10).json()
+        if (health["running"], health["queued"]) == (0, 0) or time.monotonic() > deadline:
+            return health
+        time.sleep(0.05)
 
 
 def test_openai_client_gets_the_cascade_answer_usage_and_trace(
@@ -269,8 +282,7 @@ def test_a_slow_request_gets_504_and_the_server_goes_on(
     with serving(Cascade(make_router(), settings), timeout=0.2) as url:
         with pytest.raises(openai.APIStatusError) as timed_out:
             client(url).chat.completions.create(model="cre", messages=CHAT)  # type: ignore[arg-type]
-        time.sleep(1.0)  # the abandoned job finishes its rung and frees the worker
-        health = httpx.get(f"{url}/health").json()
+        health = idle_health(url)  # the abandoned job finishes its rung and frees the worker
         # A body that never comes spends the same timeout: 408, and the connection is not held.
         port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=10) as trickle:
@@ -340,7 +352,10 @@ def test_slow_uploads_neither_lock_out_other_clients_nor_health(
     requests in flight, and gets 408 after --body-timeout."""
     install(fake_backends, TABLE)
     slow_ones = ServeOptions(max_queue=0).max_requests + 6
-    with serving(Cascade(make_router(), settings), max_queue=0, timeout=60, body_timeout=4) as url:
+    # A --body-timeout of 12 s: every upload must still be held while the test opens them all,
+    # asks /health and has one request answered, which a slow, loaded machine may take seconds
+    # to do (4 s was too short on CI).
+    with serving(Cascade(make_router(), settings), max_queue=0, timeout=60, body_timeout=12) as url:
         port = int(url.rsplit(":", 1)[1])
         uploads = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(slow_ones)]
         for conn in uploads:
@@ -372,11 +387,22 @@ def test_an_aborted_upload_is_one_log_line_not_a_traceback(
             with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
                 conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"mo")
                 time.sleep(0.1)
-        time.sleep(0.3)
+
+        def closed_lines() -> list[str]:
+            return [line for line in err.splitlines() if "closed the connection" in line]
+
+        # The server logs each abort when it notices it, which a loaded machine may delay: read
+        # the log as it grows (each read takes what came since the last) until all three are
+        # there, or 20 s. A fourth line, or a traceback, would still be there to fail the test.
+        err = ""
+        deadline = time.monotonic() + 20
+        while len(closed_lines()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            err += capfd.readouterr().err
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
-    err = capfd.readouterr().err
+    err += capfd.readouterr().err
     assert "Traceback" not in err and "ClientDisconnect" not in err, err
-    lines = [line for line in err.splitlines() if "closed the connection" in line]
+    lines = closed_lines()
     assert len(lines) == 3 and "after 4 of its request body's 100 bytes" in lines[0], err
 
 
@@ -384,30 +410,45 @@ def test_a_client_that_leaves_before_its_answer_drops_its_queued_job(
     fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig
 ) -> None:
     calls: list[str] = []
+    release, started = threading.Event(), threading.Event()
 
     def answerer(text: str, params: GenParams) -> str:
         calls.append(text)
-        time.sleep(0.5)
+        started.set()
+        # The first job holds the small model until the test lets it go, not for a fixed time:
+        # on a slow machine the second client's leaving could land after a fixed time ran out,
+        # and its job, still waiting, would take the model and run. 60 s at most, past the
+        # test's 30 s waits, so that a job that never leaves the queue fails them, not this.
+        release.wait(60)
         return "12"
 
     fake_backends({m: answerer for m in ("small", "medium", "large")})
-    with serving(Cascade(make_router(), settings), max_queue=4) as url:
+    cascade = Cascade(make_router(), settings)
+    # Each admitted request runs on a thread of its own: one for a busy model waits at that
+    # model's gate (not in /health's queued count), which is where the test watches it.
+    gate = cascade.pool.gate(settings.get("small"))
+    assert gate is not None
+    with serving(cascade, max_queue=4) as url:
         port = int(url.rsplit(":", 1)[1])
         body = json.dumps({"model": "small", "prompt": "first"}).encode()
-        running = threading.Thread(target=lambda: httpx.post(f"{url}/v1/completions", content=body, timeout=30))
-        running.start()
-        deadline = time.monotonic() + 20
-        while httpx.get(f"{url}/health", timeout=10).json()["running"] == 0:
-            assert time.monotonic() < deadline, "the first request never started"
-            time.sleep(0.01)
-        gone = json.dumps({"model": "small", "prompt": "never asked"}).encode()
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-            conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(gone), gone))
-            time.sleep(0.1)  # queued behind the first
-        running.join(30)
-        time.sleep(0.5)
-        health = httpx.get(f"{url}/health", timeout=10).json()
-    assert not any("never asked" in c for c in calls)
+        running = threading.Thread(target=lambda: httpx.post(f"{url}/v1/completions", content=body, timeout=60))
+        try:
+            running.start()
+            assert started.wait(30), "the first request never started"
+            gone = json.dumps({"model": "small", "prompt": "never asked"}).encode()
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(gone), gone))
+                until(lambda: gate.waiting == 1, "the second request did not wait for the busy small model")
+            # The client has left while its job waits for the model: the job must leave the
+            # queue now, while the first still holds the model, not when the model comes free.
+            until(lambda: gate.waiting == 0, "the job of a client that left still waits for the model")
+            still_held = not release.is_set()
+        finally:
+            release.set()
+            running.join(30)
+        health = idle_health(url)
+    assert still_held and not any("never asked" in c for c in calls)
     assert (health["running"], health["queued"]) == (0, 0)
 
 
@@ -745,8 +786,10 @@ def test_the_soak_bench_runs_cre_serve_through_every_kind_of_client() -> None:
     """bench/serve_soak.py --fake, briefly: the real `cre serve` command line (fake models in its
     process) with slow headers, slow bodies, leavers and a flood, and every goal holds."""
     bench = Path(__file__).resolve().parents[1] / "bench" / "serve_soak.py"
+    # 8 s, not 4: each kind of client must have had time to see its answer (a slow body's 408
+    # is due 1.5 s after it opens), which a stalled CI machine may push past a short run's end.
     result = subprocess.run(
-        [sys.executable, str(bench), "--fake", "--seconds", "4", "--clients", "2", "--slow-headers", "3",
+        [sys.executable, str(bench), "--fake", "--seconds", "8", "--clients", "2", "--slow-headers", "3",
          "--slow-bodies", "3", "--leavers", "1", "--flood-burst", "10", "--flood-every", "2",
          "--header-timeout", "1", "--body-timeout", "1.5", "--json"],
         capture_output=True, text=True, timeout=120,

@@ -17,5 +17,6 @@ too (they put tests/ on sys.path):
 - `engines`: real serving engines (llama-server, llama-cpp-python's server) for the tests
   marked `real` and bench/serve_load.py --engine;
 - `scale`: the fake ladder with rungs on such servers, slow and streaming fakes, clients
-  sending at once.
+  sending at once;
+- `waiting`: polling for a condition with a generous deadline, in place of a fixed sleep.
 """

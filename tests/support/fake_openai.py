@@ -35,6 +35,8 @@ class FakeOpenAI:
       and llama.cpp's server on both endpoints), "drop" (none, as Ollama's OpenAI endpoint),
       "reject" (a 400 for any request asking for them);
     - `status` / `retry_after`: answer every request with this HTTP error (503, 500, 429...);
+      with `status_once`, only the next request: `status` clears as that request reads it,
+      before its reply, so the client's next request is answered (no timer to race it);
     - `die`: close the connection holding the request, with no reply (a crashed server);
     - `delay`: seconds before answering (a slow or hung server); `token_delay` between streamed tokens;
     - `stream_error`: a stream sends this error event after its tokens (an engine failing
@@ -50,6 +52,7 @@ class FakeOpenAI:
         self.logprobs = "legacy"
         self.status: int | None = None
         self.retry_after: str | None = None
+        self.status_once = False
         self.die = False
         self.delay = 0.0
         self.token_delay = 0.0
@@ -119,8 +122,11 @@ class FakeOpenAI:
                 pass
             return
         if self.status is not None:
+            status = self.status
+            if self.status_once:
+                self.status = None  # before the reply: the request it prompts is answered
             headers = {"Retry-After": self.retry_after} if self.retry_after is not None else {}
-            h._send(self.status, {"error": {"message": f"fake status {self.status}", "type": "server_error"}}, headers)
+            h._send(status, {"error": {"message": f"fake status {status}", "type": "server_error"}}, headers)
             return
         chat = h.path.endswith("/chat/completions")
         wants = body.get("logprobs") not in (None, False, 0)

@@ -148,7 +148,16 @@ def at_once(*calls: Callable[[], Any]) -> list[Any]:
 
 def dead_url() -> str:
     """The API root of a server that is gone: connecting is refused."""
+    return dead_urls(1)[0]
+
+
+def dead_urls(n: int) -> list[str]:
+    """The API roots of `n` different servers that are gone: connecting to each is refused.
+    All `n` are started before any is closed, so that no two share a port: two calls of
+    `dead_url` could both get the port the first one let go."""
+    from contextlib import ExitStack
+
     from support.fake_openai import FakeOpenAI
 
-    with FakeOpenAI() as gone:
-        return gone.url
+    with ExitStack() as servers:
+        return [servers.enter_context(FakeOpenAI()).url for _ in range(n)]
