@@ -490,3 +490,29 @@ def test_fit_without_served_ignores_the_log(
     result = cre("fit", log_path, "-o", tmp_path / "r.cre", "--models", tiny_models_toml, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["n_served"] == 0 and KMeansClusterer.rows == [12]
+
+
+def test_a_lock_held_by_a_stopped_process_costs_one_entry_not_the_answer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # A `cre batch` stopped with Ctrl-Z while it held the log's lock made every later writer
+    # wait on flock for good: a `cre serve` request that had its answer hung, past its timeout.
+    import fcntl
+    import os
+
+    monkeypatch.setattr(servedlog, "LOCK_WAIT_SECONDS", 0.3, raising=False)
+    log = ServedLog(tmp_path / "served.jsonl", "serve")
+    lock = os.open(tmp_path / servedlog.LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another open file: flock holds it against this process too
+    wrote: list[bool] = []
+    writer = threading.Thread(target=lambda: wrote.append(log.append({"prompt": "held"})), daemon=True)
+    try:
+        writer.start()
+        writer.join(15)
+        assert not writer.is_alive(), "the writer still waits for the lock"
+    finally:
+        os.close(lock)  # lets a writer that waited go on
+        writer.join(15)
+    assert wrote == [False]
+    assert "was held by another process for over 0 s (a stopped cre?)" in capsys.readouterr().err
+    assert log.append({"prompt": "free"}) is True
+    assert [json.loads(line)["prompt"] for line in (tmp_path / "served.jsonl").read_text().splitlines()] == ["free"]

@@ -53,6 +53,9 @@ MAX_BYTES = 16 << 20
 # One entry is never more than this: a longer line is not written, and is skipped when read,
 # so a corrupt file can't make the reader hold a huge line.
 MAX_ENTRY_BYTES = 4 << 20
+# How long a writer waits for the lock: a `cre` holding it writes one line, so a longer hold
+# is a stopped process (Ctrl-Z), and an answer must not wait on it; its entry goes unlogged.
+LOCK_WAIT_SECONDS = 10.0
 SETTING = paths.LOG_QUERIES  # in settings.toml; false turns the log off
 COMMANDS = ("ask", "batch", "serve")
 DEFAULT_LAST = 20
@@ -103,15 +106,28 @@ def _line(entry: dict[str, Any]) -> bytes:
 
 @contextmanager
 def _exclusive(lock_file: Path) -> Iterator[None]:
-    """An exclusive lock between `cre` processes, where the platform has flock."""
+    """An exclusive lock between `cre` processes, where the platform has flock; TimeoutError
+    (an OSError) after `LOCK_WAIT_SECONDS`."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows: rotation races are then possible but rare
         yield
         return
+    import errno
+    import time
+
     fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(errno.ETIMEDOUT, f"its lock {lock_file} was held by another process for "
+                                       f"over {LOCK_WAIT_SECONDS:.0f} s (a stopped cre?)") from None
+                time.sleep(0.05)
         yield
     finally:
         os.close(fd)  # closing releases the lock
