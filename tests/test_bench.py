@@ -188,3 +188,16 @@ def test_bench_seconds_leave_out_the_cached_head_and_other_units_do_not(monkeypa
     assert seconds.cached("m") == 0 and seconds.votes(outcome) == [9.0, 1.0]
     bench.save(_speed())  # measured before heads were: nothing left out
     assert bench.cached_heads([spec]) == {"m": 0} and Pricing.for_models([spec]).tokens("m", 100, 10) == pytest.approx(2.0)
+
+
+def test_an_unpinned_models_speeds_follow_its_file_not_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Keyed by name, a file replaced under an unpinned name was priced with the old file's speeds.
+    monkeypatch.setenv("CRE_THREADS", "2")
+    gguf = tmp_path / "mine.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 60)
+    spec = ModelSpec(name="mine", path=gguf)
+    bench.save(_speed("mine", bench.file_digest(spec)))
+    assert bench.file_digest(spec) is not None and bench.stored(spec)["tg_tokens_per_s"] == 10.0  # type: ignore[index]
+    gguf.write_bytes(b"GGUF" + b"\1" * 80)  # another model under the same name
+    assert bench.stored(spec) is None and bench.speeds([spec]) == {}
+    assert bench.file_digest(ModelSpec(name="gone", path=tmp_path / "missing.gguf")) is None

@@ -8,8 +8,9 @@ once per round, in a fresh load); the median is stored and the spread (slowest a
 fastest run) is reported, because a run beside another busy process can be several times
 slower and would make that model look dear.
 
-Figures are stored per model sha256 and thread count: a re-pulled file or another
-`CRE_THREADS` is measured again rather than priced with stale speeds. Each command's run
+Figures are stored per model sha256 (an unpinned model's file's own, `file_digest`) and
+thread count: a re-pulled or replaced file or another `CRE_THREADS` is measured again
+rather than priced with stale speeds. Each command's run
 is kept beside the earlier ones measured the same way (up to POOLED_RUNS), and the stored
 speed, which prices every answer, is their median: on a shared VM the speed ratios drift
 from one hour to the next by more than one run's spread, so one run's minute should not
@@ -210,7 +211,7 @@ def measure_all(
         pp_rates, tg_rates = [x.pp for x in done], [x.tg for x in done]
         speed = Speed(
             model=spec.name,
-            sha256=spec.sha256,
+            sha256=file_digest(spec),
             threads=done[0].threads,
             pp_tokens_per_s=_median(pp_rates),
             tg_tokens_per_s=_median(tg_rates),
@@ -258,6 +259,18 @@ def check(speed: Speed) -> list[str]:
 
 def _key(sha256: str | None, name: str, threads: int) -> str:
     return f"{sha256 or name}@{threads}"
+
+
+def file_digest(spec: "ModelSpec") -> str | None:
+    """The sha256 a model's speeds are stored under: the pinned one, else its file's own
+    (hashed once, then read from the stamp while size and mtime hold), so a file replaced
+    under an unpinned name is measured again instead of priced with the old file's speeds.
+    None for a model with no file here (its name keys it)."""
+    if spec.sha256 or spec.file is None:
+        return spec.sha256
+    from crecli.models.pull import file_state
+
+    return file_state(spec).sha256
 
 
 def load_all(file: Path | None = None) -> dict[str, dict[str, Any]]:
@@ -369,7 +382,7 @@ def stored(spec: ModelSpec, threads: int | None = None, file: Path | None = None
     """
     from crecli.models.runtime import default_threads
 
-    entry = load_all(file).get(_key(spec.sha256, spec.name, threads or default_threads()))
+    entry = load_all(file).get(_key(file_digest(spec), spec.name, threads or default_threads()))
     if not isinstance(entry, dict):
         return None
     if _rate(entry.get("pp_tokens_per_s")) is not None and _rate(entry.get("tg_tokens_per_s")) is not None:
