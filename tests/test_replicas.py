@@ -138,6 +138,33 @@ def test_a_replica_past_its_back_off_is_tried_but_reported_out_until_it_answers(
     assert rs.states()["http://b/v1"] == "up" and rs.up() == 2
 
 
+def test_a_try_that_gave_up_says_nothing_of_the_server_and_health_recovers_on_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A try cut short by its request (cancelled, out of time, refused by policy) counted as
+    # an answer: a server that never answered was put back "up". And once every server had
+    # failed, /health stayed 503 until one answered, which a load balancer that stopped
+    # sending on the 503 would never let happen.
+    from types import SimpleNamespace
+
+    from crecli.models import replicas
+    from crecli.serve_app import rung_state
+
+    clock = [1000.0]
+    monkeypatch.setattr(replicas, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    spec = ModelSpec(name="big", urls=("http://a/v1", "http://b/v1"), api_model="m")
+    rs = replicas.replica_set(spec)
+    for url in ("http://a/v1", "http://b/v1"):
+        r = rs.acquire(frozenset({"http://a/v1", "http://b/v1"} - {url}))
+        rs.release(r, "connection refused")  # type: ignore[arg-type]
+    assert rung_state(spec) == ("remote, every server out", False)
+    clock[0] += 1.5  # both back-offs passed: the next request tries them
+    assert rung_state(spec) == ("remote, every server out, retrying", True)
+    r = rs.acquire()
+    assert r is not None
+    rs.abandon(r)  # its request gave up before the server said anything
+    assert not r.healthy and r.failures == 1 and r.served == 0
+    assert rs.states()[r.url] == "out: connection refused (the next request tries it)"
+
+
 def test_a_full_replica_set_makes_a_request_wait_for_a_slot() -> None:
     rs = ReplicaSet("big", ["http://a/v1"], max_in_flight=1)
     held = rs.acquire()

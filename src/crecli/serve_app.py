@@ -77,7 +77,8 @@ def rung_state(spec: "ModelSpec") -> RungState:
     server is called): "ready" (a GGUF file of the pinned size); "remote" (every server of a
     remote rung in rotation), "remote, 1 of 2 servers out" or "remote, every server out" (from
     what its requests found, `replicas`: a server whose last request failed is out until one
-    succeeds, though its back-off has passed); or what is wrong.
+    succeeds), with ", retrying" once a back-off has passed, when the rung counts as usable
+    again; or what is wrong.
 
     No path or address is named: /health answers anyone who can connect.
     """
@@ -92,8 +93,11 @@ def rung_state(spec: "ModelSpec") -> RungState:
         up, n = servers.up(), len(servers.replicas)
         if up == n:
             return RungState("remote", True)
-        return RungState("remote, every server out", False) if up == 0 else \
-            RungState(f"remote, {n - up} of {n} servers out", True)
+        if up:
+            return RungState(f"remote, {n - up} of {n} servers out", True)
+        # Usable again once a back-off has passed: the next request tries that server.
+        return RungState("remote, every server out, retrying", True) if servers.in_rotation() else \
+            RungState("remote, every server out", False)
     path = spec.file
     assert path is not None
     try:

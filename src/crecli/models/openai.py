@@ -277,7 +277,7 @@ class OpenAIBackend(Backend):
                 deadline = cancel.deadline()
                 if exc.kind == "timeout" and deadline is not None and deadline - time.monotonic() <= 0.1:
                     # `cre serve`'s request ran out of time, not the server: it stays in rotation.
-                    self.replicas.release(replica)
+                    self.replicas.abandon(replica)
                     raise RemoteError(why) from None
                 self.replicas.release(replica, SHORT[exc.kind])
                 if streamed[0]:
@@ -287,7 +287,7 @@ class OpenAIBackend(Backend):
                 short.append(SHORT[exc.kind])
                 continue
             except BaseException:
-                self.replicas.release(replica)  # cancelled: not the replica's fault
+                self.replicas.abandon(replica)  # cancelled: not the replica's fault
                 raise
             status = reply.status
             if status in (400, 413) and _TOO_LONG.search(reply.body[:2000]):
@@ -298,7 +298,7 @@ class OpenAIBackend(Backend):
                 error = self._status_error(reply, where)
                 retry_after = error.retry_after if status in (429, 503) else None
                 if refusals and status in REFUSALS:
-                    self.replicas.release(replica)
+                    self.replicas.abandon(replica)
                     raise error
                 self.replicas.release(replica, f"HTTP {status}", retry_after)
                 if retry_after is None or waited:

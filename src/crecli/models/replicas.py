@@ -153,6 +153,15 @@ class ReplicaSet:
                 replica.asked = out_for is not None
             self._cond.notify_all()
 
+    def abandon(self, replica: Replica) -> None:
+        """Give back `replica`'s slot after a try that says nothing of its server: the request
+        gave up (cancelled, or out of its own time) or was refused by policy. Neither an
+        answer (which would put a replica that never answered back in rotation) nor a
+        failure."""
+        with self._cond:
+            replica.in_flight -= 1
+            self._cond.notify_all()
+
     def states(self) -> dict[str, str]:
         now = time.monotonic()
         with self._cond:
@@ -162,6 +171,15 @@ class ReplicaSet:
         """Replicas whose last request did not fail (`Replica.healthy`)."""
         with self._cond:
             return sum(r.healthy for r in self.replicas)
+
+    def in_rotation(self) -> int:
+        """Replicas the next request may try: up, or past their back-off. /health's status
+        counts these, so a rung whose servers all failed once is not reported unusable for
+        good: a load balancer that stopped sending on a 503 would bring no request to try
+        them again."""
+        now = time.monotonic()
+        with self._cond:
+            return sum(r.out_until <= now for r in self.replicas)
 
 
 # id(spec) -> (spec, its set): one set per loaded spec, the spec kept so its id is not reused.
