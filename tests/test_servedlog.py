@@ -513,6 +513,20 @@ def test_a_lock_held_by_a_stopped_process_costs_one_entry_not_the_answer(monkeyp
         os.close(lock)  # lets a writer that waited go on
         writer.join(15)
     assert wrote == [False]
-    assert "was held by another process for over 0 s (a stopped cre?)" in capsys.readouterr().err
+    assert "is held by another process (waited 0 s; a stopped cre?)" in capsys.readouterr().err
+    # Still held: the next entries try once and are skipped at once, not after another wait.
+    monkeypatch.setattr(servedlog, "LOCK_WAIT_SECONDS", 30.0)
+    lock = os.open(tmp_path / servedlog.LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        writer = threading.Thread(target=lambda: wrote.append(log.append({"prompt": "held too"})), daemon=True)
+        writer.start()
+        writer.join(15)
+        assert not writer.is_alive(), "a second entry waited for the lock again"
+    finally:
+        os.close(lock)
+        writer.join(35)
+    assert wrote == [False, False]
+    log._lock_busy_until = 0.0  # as LOCK_RETRY_SECONDS later
     assert log.append({"prompt": "free"}) is True
     assert [json.loads(line)["prompt"] for line in (tmp_path / "served.jsonl").read_text().splitlines()] == ["free"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections import deque
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -55,7 +56,10 @@ MAX_BYTES = 16 << 20
 MAX_ENTRY_BYTES = 4 << 20
 # How long a writer waits for the lock: a `cre` holding it writes one line, so a longer hold
 # is a stopped process (Ctrl-Z), and an answer must not wait on it; its entry goes unlogged.
+# After such a wait, for LOCK_RETRY_SECONDS the lock is tried once without waiting, so a
+# stopped holder costs one answer 10 s, not every answer (`cre serve` writes one at a time).
 LOCK_WAIT_SECONDS = 10.0
+LOCK_RETRY_SECONDS = 60.0
 SETTING = paths.LOG_QUERIES  # in settings.toml; false turns the log off
 COMMANDS = ("ask", "batch", "serve")
 DEFAULT_LAST = 20
@@ -105,28 +109,28 @@ def _line(entry: dict[str, Any]) -> bytes:
 
 
 @contextmanager
-def _exclusive(lock_file: Path) -> Iterator[None]:
+def _exclusive(lock_file: Path, wait: float | None = None) -> Iterator[None]:
     """An exclusive lock between `cre` processes, where the platform has flock; TimeoutError
-    (an OSError) after `LOCK_WAIT_SECONDS`."""
+    (an OSError) after `wait` seconds (`LOCK_WAIT_SECONDS` by default; 0 tries once)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows: rotation races are then possible but rare
         yield
         return
     import errno
-    import time
 
     fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        wait = LOCK_WAIT_SECONDS if wait is None else wait
+        deadline = time.monotonic() + wait
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise TimeoutError(errno.ETIMEDOUT, f"its lock {lock_file} was held by another process for "
-                                       f"over {LOCK_WAIT_SECONDS:.0f} s (a stopped cre?)") from None
+                    raise TimeoutError(errno.ETIMEDOUT, f"its lock {lock_file} is held by another process "
+                                       f"(waited {wait:.0f} s; a stopped cre?)") from None
                 time.sleep(0.05)
         yield
     finally:
@@ -155,6 +159,7 @@ class ServedLog:
     written: int = 0
     failed: bool = False  # a write failed (and was warned about); later failures stay quiet
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _lock_busy_until: float = field(default=0.0, repr=False)  # time.monotonic(): try the lock once until then
 
     def record(self, prompt: str, trace: "Trace", cascade: "Cascade | None" = None) -> None:
         """Append the entry for one answered prompt; never raises."""
@@ -207,7 +212,8 @@ class ServedLog:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 # One lock between `cre` processes for rotating and appending: the check for a
                 # cut last line and the write after it must see the same end of file.
-                with _exclusive(self.path.with_name(LOCK_NAME)):
+                wait = 0.0 if time.monotonic() < self._lock_busy_until else None
+                with _exclusive(self.path.with_name(LOCK_NAME), wait):
                     self._rotate_if_full()
                     fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
                     try:
@@ -221,6 +227,8 @@ class ServedLog:
                     finally:
                         os.close(fd)
             except OSError as exc:
+                if isinstance(exc, TimeoutError):
+                    self._lock_busy_until = time.monotonic() + LOCK_RETRY_SECONDS
                 self._warn(f"cannot write the served-query log {self.path} ({exc.strerror or exc}); "
                            "answering goes on without it (turn it off with --no-log)")
                 return False
