@@ -125,7 +125,8 @@ def test_loading_a_model_leaves_stderr_to_the_process_and_llama_cpps_log_to_cre_
     # serve's log, a native crash's last words) went to /dev/null. And llama-cpp-python's own
     # log callback reads ggml's levels shifted by one: it dropped llama.cpp's errors and
     # printed its warnings. Now llama.cpp's log goes through cre's callback: nothing without
-    # CRE_DEBUG, everything with it, and fd 2 is never touched.
+    # CRE_DEBUG, everything with it, and cre points fd 2 nowhere (llama-cpp-python still
+    # does, for the model file's read alone; test_real_prefix checks a warning stays off).
     import llama_cpp
 
     from crecli.config import ModelSpec

@@ -467,4 +467,8 @@ class ParallelVotes:
         finally:
             for chain in chains:
                 llama_cpp.llama_sampler_free(chain)
+            # Votes cut short (a cancel, an abort) keep their cells otherwise; a later run of
+            # fewer votes would not clear them, and the cache would fill.
+            for stream in active:
+                llama_cpp.llama_memory_seq_rm(memory, stream.seq, -1, -1)
         return [r for r in results if r is not None]

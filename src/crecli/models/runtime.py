@@ -85,7 +85,8 @@ def route_llama_log() -> None:
     drops the errors. Why not point fd 2 at /dev/null around a load and a context's creation,
     as cre did: fd 2 is the process's, so every other thread's stderr (`cre serve`'s log) was
     lost meanwhile. With this callback nothing of llama.cpp's reaches fd 2 (checked on the
-    three default models: loading, vocab-only, embedding, decoding).
+    three default models: loading, vocab-only, embedding, decoding); what still silences fd 1
+    and 2, for a model file's read only, is llama-cpp-python itself (`loading`).
     """
     global _log_callback
     with _LOG_LOCK:
@@ -133,7 +134,11 @@ def _flag_reader() -> Any:
 
     import llama_cpp
 
-    return ctypes.cast(ctypes.CDLL(None).strlen, llama_cpp.ggml_abort_callback)
+    try:
+        strlen = ctypes.CDLL(None).strlen
+    except (TypeError, OSError, AttributeError):  # pragma: no cover - Windows: no dlopen(NULL)
+        strlen = ctypes.cdll.msvcrt.strlen
+    return ctypes.cast(strlen, llama_cpp.ggml_abort_callback)
 
 
 @contextmanager
