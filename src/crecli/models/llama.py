@@ -3,7 +3,7 @@
 The model loads on first use, not at construction, so building a ladder is free and only
 the rungs a query reaches cost memory. `n_threads` defaults to the core count
 (`runtime.default_threads`): llama.cpp's threads spin while they wait, so more threads
-than cores (or two models computing at once) collapses throughput.
+than cores (or another process computing beside) collapses throughput.
 
 A single answer goes through llama-cpp-python's single-sequence `Llama`, which keeps what
 the previous prompt shares with the next; a cluster's answered examples are restored from

@@ -1,8 +1,9 @@
 """llama.cpp's runtime in this process: its threads, its C-level log, AMX CPUs, the crash hint.
 
 `default_threads` is the usable core count (`CRE_THREADS` overrides it): llama.cpp's
-threads spin while they wait, so more threads than cores (or two models computing at once)
-collapses throughput. On AMX CPUs llama.cpp's extra buffer types stay off (`use_extra_bufts`,
+threads spin while they wait, so more threads than cores (or another process computing
+beside) collapses throughput; two models of one process computing at once do not
+(bench/models_at_once.py). On AMX CPUs llama.cpp's extra buffer types stay off (`use_extra_bufts`,
 applied by `model_params`), since a native build crashes there at the first decode;
 `CRASH_HINT` is what a user is told when llama.cpp dies in native code all the same.
 `abort_on_cancel` lets a request that gives up stop a decode in the middle (a long prompt's
