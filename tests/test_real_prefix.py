@@ -25,6 +25,21 @@ PROMPTS = [
 ]
 
 
+AFTER = "What is 2 plus 9?"  # asked after a cancel, to see the model left usable
+
+
+def assert_answers_as_fresh(gemma, got, n_ctx: int) -> None:
+    """`got` (the answer to AFTER, shown SUMS) is a freshly loaded model's answer."""
+    from crecli.models.llama import LlamaBackend
+
+    fresh = LlamaBackend(gemma, n_ctx=n_ctx)
+    try:
+        want = fresh.generate(AFTER, GenParams(max_tokens=8, shots=SUMS))
+    finally:
+        fresh.close()
+    assert_same_or_contested(want, got)
+
+
 def test_example_prefixes_are_restored_and_answer_as_a_fresh_model(gemma) -> None:
     from crecli.models.llama import LlamaBackend
 
@@ -71,15 +86,10 @@ def test_a_request_that_gives_up_stops_its_decode_and_leaves_the_model_usable(ge
             backend.generate_streaming(prompt, GenParams(max_tokens=200), emit)
         assert 0 < len("".join(pieces).split()) < 20
         # Stopped between tokens, the model answers the next prompt as a fresh one does.
-        after = backend.generate("What is 2 plus 9?", GenParams(max_tokens=8, shots=SUMS))
+        after = backend.generate(AFTER, GenParams(max_tokens=8, shots=SUMS))
     finally:
         backend.close()
-    fresh = LlamaBackend(gemma, n_ctx=1024)
-    try:
-        want = fresh.generate("What is 2 plus 9?", GenParams(max_tokens=8, shots=SUMS))
-    finally:
-        fresh.close()
-    assert_same_or_contested(want, after)
+    assert_answers_as_fresh(gemma, after, 1024)
 
 
 def test_a_request_that_gives_up_stops_its_prompts_evaluation(gemma, monkeypatch: pytest.MonkeyPatch,
@@ -119,12 +129,7 @@ def test_a_request_that_gives_up_stops_its_prompts_evaluation(gemma, monkeypatch
         # llama.cpp's warning about the aborted batch ("decode: removing memory module
         # entries"), which llama-cpp-python's callback printed, stays off stderr.
         assert "removing memory" not in capfd.readouterr().err
-        after = backend.generate("What is 2 plus 9?", GenParams(max_tokens=8, shots=SUMS))
+        after = backend.generate(AFTER, GenParams(max_tokens=8, shots=SUMS))
     finally:
         backend.close()
-    fresh = LlamaBackend(gemma, n_ctx=2048)
-    try:
-        want = fresh.generate("What is 2 plus 9?", GenParams(max_tokens=8, shots=SUMS))
-    finally:
-        fresh.close()
-    assert_same_or_contested(want, after)
+    assert_answers_as_fresh(gemma, after, 2048)
