@@ -515,6 +515,9 @@ SERVE_FIELDS: list[tuple[str, Any, str]] = [
     ("stop", ["a", "b", "c", "d", "e"], "'stop' must be a non-empty string or an array of 1 to 4"),
     ("stop", [""], "'stop' must be a non-empty string"),
     ("stop", [1], "'stop' must be a non-empty string"),
+    # Streaming checks each token against every prefix of each stop: a megabyte of stop held
+    # the model for minutes a token.
+    ("stop", ["x" * 257], "'stop' strings must be at most 256 characters each"),
     ("user", 5, "'user' must be a string"),
     ("metadata", "x", "'metadata' must be an object"),
     ("stream_options", [], "'stream_options' must be an object"),

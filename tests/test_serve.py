@@ -605,6 +605,21 @@ def test_uploads_past_the_body_budget_get_503_in_openai_shape_not_uvicorns_plain
     assert health.status_code == 200
 
 
+def test_the_request_bound_grows_with_what_the_ladder_computes_at_once() -> None:
+    # A remote rung taking 128 at once: the worker admits 144 at a queue of 16, and the fixed
+    # bound of 64 answered the 65th with 503 while the engine had room.
+    big = Worker(16, capacity=128)
+    try:
+        limits = Limits(ServeOptions(max_queue=16), big)
+        held = [limits.admit() for _ in range(big.limit)]  # every request the worker would admit
+        assert limits.max_requests >= 2 * big.limit
+        for release in held:
+            release()
+    finally:
+        big.close()
+    assert Limits(ServeOptions(max_queue=0), Worker(0)).max_requests == ServeOptions(max_queue=0).max_requests
+
+
 def test_requests_past_their_body_over_the_limit_get_503() -> None:
     limits = Limits(ServeOptions(max_queue=0), Worker(0))
     held = [limits.admit() for _ in range(limits.max_requests)]

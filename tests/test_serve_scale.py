@@ -360,9 +360,9 @@ def test_a_streamed_request_holds_its_place_until_its_answer_is_done(
 ) -> None:
     # A stream computes for as long as it runs; its place among the requests in flight was
     # given back when its response started, so any number of streams got past the 503 bound.
-    from crecli.serve_options import ServeOptions
+    from crecli import serve_app
 
-    monkeypatch.setattr(ServeOptions, "max_requests", property(lambda self: 1))
+    monkeypatch.setattr(serve_app, "request_bound", lambda options, worker: 1)
     use_models(monkeypatch, {})
     with FakeOpenAI() as engine:
         engine.answer = lambda prompt, body: "The answer is forty two"

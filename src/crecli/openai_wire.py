@@ -38,6 +38,10 @@ MAX_PROMPT_BYTES = MAX_LINE_BYTES
 MAX_TOKENS_LIMIT = 8192
 MAX_SEED = 2**31 - 1  # what every runtime takes (llama.cpp's is 32-bit; its all-ones seed means "random")
 MAX_STOP = 4  # stop strings, as OpenAI allows
+# Characters in one stop string. Streaming checks every token's text against each stop's
+# prefixes (`held_back`), which costs its length squared: a megabyte of stop held a model
+# for minutes a token. Stops in use are a few characters ("\n\n", "</answer>").
+MAX_STOP_CHARS = 256
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
@@ -178,6 +182,9 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     stops = [value] if isinstance(value, str) else value
     if len(stops) > MAX_STOP or not all(isinstance(s, str) and s for s in stops):
         raise ApiError(400, f"'stop' must be a non-empty string or an array of 1 to {MAX_STOP} non-empty strings",
+                       param="stop", code="invalid_value")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"'stop' strings must be at most {MAX_STOP_CHARS} characters each",
                        param="stop", code="invalid_value")
     return tuple(stops)
 

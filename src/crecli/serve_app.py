@@ -136,6 +136,15 @@ class _ClientGone(ApiError):
         super().__init__(499, "the client closed the connection", code="client_closed")
 
 
+def request_bound(options: ServeOptions, worker: Worker) -> int:
+    """Requests past their body at once (`Limits.max_requests`): the options' bound, raised to
+    twice what the worker admits (`Worker.limit`: the ladder's capacity plus the queue), so
+    that a full worker answers 429 before this bound answers 503. A remote rung with
+    `max_in_flight = 128` admits 144 at the default queue; the options' 64 alone refused the
+    69th with 503 and left the engine's capacity unused."""
+    return max(options.max_requests, 2 * worker.limit)
+
+
 class Limits:
     """What the app holds at once. Requests past their body (parsing, queued, running) are
     counted against `max_requests`; bodies still arriving, against `body_budget` bytes.
@@ -144,7 +153,7 @@ class Limits:
     """
 
     def __init__(self, options: ServeOptions, worker: Worker) -> None:
-        self.max_requests, self.budget, self.worker = options.max_requests, options.body_budget, worker
+        self.max_requests, self.budget, self.worker = request_bound(options, worker), options.body_budget, worker
         self.active = 0
         self.buffered = 0
 

@@ -98,7 +98,8 @@ def held_back(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     cut, stopped = cut_at_stop(text, stops)
     if stopped:
         return cut, True
-    held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    # No tail longer than the text: a stop's prefix longer than what was generated cannot end it.
+    held = max((k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])), default=0)
     return text[: len(text) - held], False
 
 
