@@ -260,10 +260,14 @@ def test_a_prompt_too_long_for_a_remote_rung_is_the_callers_to_fix(server: _Serv
 
     server.reply = lambda path, body: (400, {"error": {"message": message, "type": "invalid_request_error"}})
     backend = OpenAIBackend(_spec(server.url))
-    with pytest.raises(PromptTooLong, match="does not fit the model's context"):
+    with pytest.raises(PromptTooLong, match="does not fit the model's context") as raised:
         backend.generate("hi", GenParams(max_tokens=4, temperature=0.0))  # greedy: asks for logprobs
     # Said once: not taken for a refusal of log-probabilities and asked twice more.
     assert len(server.requests) == 1
+    # What cre serve's client is told names the rung, not its server's address or reply
+    # (which the full message keeps for the server's log).
+    assert server.url.split("//")[1].split("/")[0] in str(raised.value)
+    assert raised.value.public == "the prompt does not fit model 'remote''s context; shorten it"
 
 
 def test_registry_builds_it_for_a_spec_with_a_url(server: _Server) -> None:

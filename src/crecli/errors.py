@@ -43,4 +43,11 @@ class BackendError(CreError):
 
 
 class PromptTooLong(BackendError):
-    """The prompt does not fit the model's context: the caller's to shorten, so `cre serve` answers 400."""
+    """The prompt does not fit the model's context: the caller's to shorten, so `cre serve` answers 400.
+
+    `public` is what a `cre serve` client is told, where the message names what only the
+    server's operator should see (a remote rung's address, its server's reply)."""
+
+    def __init__(self, message: str, public: str = "") -> None:
+        super().__init__(message)
+        self.public = public or message

@@ -474,8 +474,10 @@ class App:
         try:
             return await future
         except PromptTooLong as exc:
-            # The client's to fix (a shorter prompt), unlike the model errors below.
-            raise ApiError(400, str(exc), param="messages" if query.kind == "chat" else "prompt",
+            # The client's to fix (a shorter prompt), unlike the model errors below; the full
+            # message (a remote rung's address and reply) goes to the server's log only.
+            log.info("%s: %s", query.model, exc)
+            raise ApiError(400, exc.public, param="messages" if query.kind == "chat" else "prompt",
                            code="context_length_exceeded") from None
         except RungUnavailable as exc:
             # Every server of every rung the request could use failed: say which and why.

@@ -293,7 +293,8 @@ class OpenAIBackend(Backend):
             if status in (400, 413) and _TOO_LONG.search(reply.body[:2000]):
                 self.replicas.release(replica)
                 detail = reply.body[:300].decode("utf-8", "replace").strip()
-                raise PromptTooLong(f"{where}: the prompt does not fit the model's context (HTTP {status}: {detail})")
+                raise PromptTooLong(f"{where}: the prompt does not fit the model's context (HTTP {status}: {detail})",
+                                    public=f"the prompt does not fit model {self.spec.name!r}'s context; shorten it")
             if status in (429, 503) or status >= 500:
                 error = self._status_error(reply, where)
                 retry_after = error.retry_after if status in (429, 503) else None
