@@ -681,6 +681,8 @@ def answer(text, params):
 registry.make_backend = lambda spec: FakeBackend(spec, answer)
 registry.reports_signals = lambda spec: False
 options = serve.ServeOptions(timeout=30)
+import signal
+signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal, though the tests may run under nohup
 sock = serve.listen("127.0.0.1", 0)
 print(sock.getsockname()[1], flush=True)
 with Cascade(make_router(), config.load(Path(sys.argv[1]))) as cascade:
@@ -717,7 +719,9 @@ def test_a_second_process_on_the_same_router_gives_the_same_answer(tiny_models_t
     assert any(step["agreement"] < 1 for step in seen[0][3]), seen[0]  # the votes differed: seeds mattered
 
 
-def test_sigterm_drains_the_request_in_flight_then_exits(tiny_models_toml: Path) -> None:
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
+def test_sigterm_drains_the_request_in_flight_then_exits(tiny_models_toml: Path, stop: str) -> None:
+    # SIGHUP (a closed terminal or ssh session) killed the server with its requests in flight.
     with child_server(tiny_models_toml, 0.4) as (proc, url):
         result: list[httpx.Response] = []
         sender = threading.Thread(target=lambda: result.append(
@@ -727,7 +731,7 @@ def test_sigterm_drains_the_request_in_flight_then_exits(tiny_models_toml: Path)
         while httpx.get(f"{url}/health", timeout=5).json()["running"] == 0:
             assert time.monotonic() < deadline, "the request never started"
             time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(getattr(signal, stop))
         sender.join(30)
         assert proc.wait(timeout=30) == 0
         assert proc.stdout is not None

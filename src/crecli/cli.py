@@ -477,7 +477,7 @@ def serve(
     force: Annotated[bool, typer.Option("--force", help="Use the router even if the model files differ from the ones it was fitted with.")] = False,
     no_log: NoLogOpt = False,
 ) -> None:
-    """Serve the router behind an OpenAI-compatible HTTP API until SIGTERM or Ctrl-C.
+    """Serve the router behind an OpenAI-compatible HTTP API until SIGTERM, SIGHUP or Ctrl-C.
 
     Endpoints: POST /v1/chat/completions and /v1/completions, GET /v1/models, GET /health.
     Model "cre" (or the router file's name without .cre) answers through the cascade; a

@@ -247,11 +247,19 @@ def _terminated(signum: int, frame: Any) -> None:
     raise _Terminated
 
 
+def _hung_up(signum: int, frame: Any) -> None:
+    """SIGHUP (the terminal or ssh session closed) drains as SIGTERM does: uvicorn handles
+    only SIGINT and SIGTERM, and SIGHUP's default killed the process with requests in flight."""
+    import signal
+
+    signal.raise_signal(signal.SIGTERM)
+
+
 def serve_forever(
     cascade: "Cascade", options: ServeOptions, sock: socket.socket, name: str | None = None,
     served: "ServedLog | None" = None,
 ) -> None:
-    """Answer on `sock` until SIGTERM (drain the requests in flight, then return) or Ctrl-C.
+    """Answer on `sock` until SIGTERM or SIGHUP (drain the requests in flight, then return) or Ctrl-C.
 
     uvicorn drains on SIGTERM and then raises the signal again, which by default kills the
     process before the cascade's models are closed; our handler turns it into a return,
@@ -265,12 +273,18 @@ def serve_forever(
         server.run(sockets=[sock])  # signals reach only the main thread; the caller stops it
         return
     previous = signal.signal(signal.SIGTERM, _terminated)
+    # Only where SIGHUP would kill: under nohup it is ignored, and stays so.
+    hup = signal.getsignal(signal.SIGHUP) if hasattr(signal, "SIGHUP") else None
+    if hup == signal.SIG_DFL:
+        signal.signal(signal.SIGHUP, _hung_up)
     try:
         server.run(sockets=[sock])
     except _Terminated:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if hup == signal.SIG_DFL:
+            signal.signal(signal.SIGHUP, hup)
         # A second Ctrl-C skips uvicorn's drain and the app's shutdown: jobs may still be
         # computing, and the caller closes the models next. Stop them first, deaf to a
         # third Ctrl-C, which would otherwise leave the wait and close the models under them.
