@@ -201,3 +201,14 @@ def test_an_unpinned_models_speeds_follow_its_file_not_its_name(tmp_path: Path, 
     gguf.write_bytes(b"GGUF" + b"\1" * 80)  # another model under the same name
     assert bench.stored(spec) is None and bench.speeds([spec]) == {}
     assert bench.file_digest(ModelSpec(name="gone", path=tmp_path / "missing.gguf")) is None
+
+
+def test_a_remote_rung_is_never_priced_with_this_cpus_speeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pinning a local file's sha256 on a rung moved to a server (how a router accepts it)
+    # made the server's answers priced at this CPU's measured speed of that file.
+    monkeypatch.setenv("CRE_THREADS", "2")
+    bench.save(_speed("m", "a" * 64))
+    local = ModelSpec(name="m", sha256="a" * 64)
+    assert bench.stored(local) is not None
+    remote = ModelSpec(name="m", sha256="a" * 64, url="http://10.0.0.2:8000/v1", api_model="m")
+    assert bench.stored(remote) is None and bench.speeds([remote]) == {}

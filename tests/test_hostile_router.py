@@ -532,6 +532,20 @@ def test_every_manifest_field_is_checked(
     assert "\n" not in text and text.isprintable()
 
 
+def test_a_field_this_crecli_does_not_know_asks_for_an_upgrade_not_a_refit(
+    pinned_settings: config.ModelConfig, built_router_file: Path
+) -> None:
+    # A newer crecli adds fields; a teammate sent its router has no log to refit from, and was
+    # told only to refit. A wrong value still says refit.
+    edit_manifest(built_router_file, at("quality", "new_knob", value=1))
+    refused(built_router_file, pinned_settings, "if a newer crecli wrote it, upgrade this one")
+    edit_manifest(built_router_file, at("quality", "new_knob", value=DELETE))
+    edit_manifest(built_router_file, at("quality", "temperature", value="hot"))
+    with pytest.raises(RouterFileError) as info:
+        routerfile.load(built_router_file, pinned_settings)
+    assert "refit it with `cre fit`" in str(info.value) and "upgrade" not in str(info.value)
+
+
 def test_the_schema_version_must_be_the_integer_1(pinned_settings: config.ModelConfig, built_router_file: Path) -> None:
     def truthy(manifest: dict[str, Any]) -> None:
         manifest["schema_version"] = manifest["body"]["schema_version"] = True

@@ -157,6 +157,26 @@ def test_a_model_with_another_sha256_is_refused_unless_forced(
     assert "Warning" in capsys.readouterr().err
 
 
+def test_a_rung_moved_to_a_server_is_told_which_sha256_to_pin_and_remote_identities_show_whole(
+    pinned_settings: config.ModelConfig, built_router_file: Path
+) -> None:
+    # A teammate serving the fitted file from a server got "pins sha256 f1e2...": nothing
+    # said pinning it on the remote rung is how to vouch for it; and two remote identities
+    # were cut to 12 characters, "remote:http:…" against "remote:http:…".
+    from crecli.models.pull import model_identity
+
+    wanted = pinned_settings.models["medium"].sha256
+    pinned_settings.models["medium"] = replace(pinned_settings.models["medium"], sha256=None, size=None,
+                                               url="http://10.0.0.2:8000/v1", api_model="qwen")
+    with pytest.raises(RouterFileError) as info:
+        routerfile.load(built_router_file, pinned_settings)
+    assert f'pin sha256 = "{wanted}" on [models.medium]' in str(info.value)
+    assert "the local one is remote:http://10.0.0.2:8000/v1#qwen" in str(info.value)
+    pinned_settings.models["medium"] = replace(pinned_settings.models["medium"], sha256=wanted)
+    assert routerfile.load(built_router_file, pinned_settings).ladder[1].name == "medium"  # pinned: vouched for
+    assert model_identity(pinned_settings.models["medium"]) == wanted
+
+
 def test_a_model_missing_from_models_toml_is_refused(pinned_settings: config.ModelConfig, built_router_file: Path) -> None:
     renamed = replace(pinned_settings.models.pop("medium"), name="qwen-local")
     with pytest.raises(RouterFileError, match="needs model 'medium'.*no models.toml defines"):

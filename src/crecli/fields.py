@@ -26,7 +26,12 @@ _T = TypeVar("_T")
 
 
 class FieldError(CreError):
-    """A field of the wrong type or range; the caller names the file."""
+    """A field of the wrong type or range; the caller names the file. `unknown`: a field this
+    crecli does not know, which a newer crecli may have written."""
+
+    def __init__(self, message: str, unknown: bool = False) -> None:
+        super().__init__(message)
+        self.unknown = unknown
 
 
 def clean(text: str, limit: int = 200) -> str:
@@ -137,7 +142,7 @@ class Field:
             if unknown:
                 raise FieldError(
                     f"{self.document} field {self.where or self.root} has an unexpected field {show(unknown[0])}, "
-                    "so this crecli did not write it"
+                    "so this crecli did not write it", unknown=True
                 )
         return self.value
 

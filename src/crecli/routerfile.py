@@ -282,7 +282,11 @@ def load(path: Path, settings: "ModelConfig | None" = None, force: bool = False)
         router.file_sha256 = digest
         return router
     except FieldError as exc:
-        raise RouterFileError(f"{path}: {exc}; refusing to load it (refit it with `cre fit`)") from None
+        # A field this crecli does not know is most likely a newer crecli's: a teammate who
+        # was sent the file has no log to refit from.
+        fix = (f"if a newer crecli wrote it, upgrade this one ({__version__}); else refit it with `cre fit`"
+               if exc.unknown else "refit it with `cre fit`")
+        raise RouterFileError(f"{path}: {exc}; refusing to load it ({fix})") from None
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, RecursionError) as exc:
         # A safety net: the field checks should leave nothing for the rebuild to trip on.
         raise RouterFileError(
@@ -371,6 +375,12 @@ def _assemble(path: Path, body: Body, members: dict[str, "np.ndarray"], settings
     )
 
 
+def _shown(identity: str) -> str:
+    """A model identity in a message: a sha256 by its first 12 digits; a remote rung's
+    (`remote:URL#model`) whole, since two of them differ anywhere."""
+    return identity if identity.startswith("remote:") else f"sha256 {identity[:12]}…"
+
+
 def _check_ladder(path: Path, ladder: list[LadderEntry], settings: "ModelConfig", force: bool) -> None:
     for entry in ladder:
         name, wanted = entry.name, entry.sha256
@@ -390,13 +400,18 @@ def _check_ladder(path: Path, ladder: list[LadderEntry], settings: "ModelConfig"
         if local != wanted:
             problem = (
                 f"{path}: model {name!r} is not the file the router was fitted with: the router "
-                f"pins sha256 {wanted[:12]}…, the local one is "
-                + (f"{local[:12]}…" if local else "unknown (no sha256 pinned and no file on disk)")
+                f"pins {_shown(wanted)}, the local one is "
+                + (_shown(local) if local else "unknown (no sha256 pinned and no file on disk)")
                 + f" ({spec.defined_in or 'models.toml'})"
             )
             if not force:
+                # A remote rung carries no file to hash: whoever knows it serves the same
+                # weights says so by pinning the router's sha256 on it.
+                remote = (f"; if {name!r}'s server serves that same model file, pin sha256 = \"{wanted}\" on "
+                          f"[models.{name}]" if spec.url and not wanted.startswith("remote:") else "")
                 raise RouterFileError(
-                    f"{problem}. Use the same model file, refit the router on yours, or pass --force to use it anyway."
+                    f"{problem}{remote}. Use the same model file, refit the router on yours, or pass --force "
+                    "to use it anyway."
                 )
             console.warn(f"{problem}; using it anyway (--force), so the router's choices may not hold.")
 

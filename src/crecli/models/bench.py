@@ -382,6 +382,10 @@ def stored(spec: ModelSpec, threads: int | None = None, file: Path | None = None
     """
     from crecli.models.runtime import default_threads
 
+    if spec.url:
+        # Served elsewhere, priced by its price or its clock: never by this CPU's speeds of a
+        # local file that its pinned sha256 may name.
+        return None
     entry = load_all(file).get(_key(file_digest(spec), spec.name, threads or default_threads()))
     if not isinstance(entry, dict):
         return None
