@@ -129,6 +129,25 @@ def test_eval_force_live_answers_with_the_router_as_loaded(fakes, tiny_models_to
     assert live["replay"]["accuracy"] == report["cascade"]["accuracy"] and live["agreement"] == 1.0
 
 
+def test_calibrate_force_on_other_model_files_records_the_files_it_calibrated_on(
+    fakes, tiny_models_toml: Path, tmp_path: Path
+) -> None:
+    # `cre calibrate --force` on a teammate's other model file kept the fitted file's sha256
+    # in the ladder: the router claimed files it was not calibrated on, and needed --force
+    # for good on the machine that calibrated it.
+    log = write(tmp_path / "log.jsonl", rows())
+    router = tmp_path / "router.cre"
+    ok("fit", log, "-o", router, "--models", tiny_models_toml)
+    settings = config.load(tiny_models_toml)
+    loaded = routerfile.load(router, settings)
+    local = loaded.ladder[0].sha256
+    loaded.ladder[0] = replace(loaded.ladder[0], sha256="ab" * 32)  # fitted on another small file
+    routerfile.save(loaded, router)
+    assert cre("calibrate", router, "--models", tiny_models_toml, "--folds", "2").exit_code == 1
+    ok("calibrate", router, "--models", tiny_models_toml, "--folds", "2", "--force")
+    assert routerfile.load(router, settings).ladder[0].sha256 == local  # no --force needed now
+
+
 def test_calibrate_prices_every_stored_cost_afresh(fakes, tiny_models_toml: Path, tmp_path: Path, bench_speeds) -> None:
     bench_speeds(SPEEDS)
     log = write(tmp_path / "log.jsonl", rows())

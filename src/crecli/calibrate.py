@@ -402,16 +402,20 @@ def recalibrate(
     )
 
 
-def apply(router: "RouterFile", cal: Calibration) -> "RouterFile":
+def apply(router: "RouterFile", cal: Calibration, settings: "ModelConfig | None" = None) -> "RouterFile":
     """The router with the calibrated cluster models, thresholds and budget, and every cost
     it stores priced afresh: each cluster's statistics, the cost unit and the expected and
     simulated figures all come from this calibration's costs, not from the fit's.
+
+    With `settings`, the ladder's entries name the model files this calibration measured
+    (`LadderEntry.of`): after `--force` on other files, the router no longer claims the ones
+    it was fitted with, which it was not calibrated on.
 
     A cluster with no labelled query in the calibration log keeps its model, but its
     statistics are dropped: they cannot be re-priced, and stale costs must not stand
     beside fresh ones.
     """
-    from crecli.routerfile import Expected
+    from crecli.routerfile import Expected, LadderEntry
 
     assert cal.table is not None and cal.result is not None and cal.reference_result is not None
     clusters = []
@@ -438,8 +442,9 @@ def apply(router: "RouterFile", cal: Calibration) -> "RouterFile":
             "date": paths.stamp(),
         },
     )
+    ladder = [LadderEntry.of(settings.get(e.name)) for e in router.ladder] if settings is not None else router.ladder
     return replace(router, clusters=clusters, thresholds=dict(cal.thresholds), budget=cal.budget.to_dict(), fit=fit,
-                   deferral=cal.deferral)
+                   deferral=cal.deferral, ladder=ladder)
 
 
 def check_settings(router: "RouterFile", check: str, votes: int) -> None:
@@ -500,5 +505,5 @@ def run(
                                     f"its server could not be asked: {label}; calibrate again when it answers"
                                     if label.startswith("unknown") else "its server returns none")
     cal = recalibrate(router, data, budget, n_folds=n_folds, seed=seed, check=check, votes=votes, no_signals=no_signals)
-    routerfile.save(apply(router, cal), target)
+    routerfile.save(apply(router, cal, settings), target)
     return cal, target

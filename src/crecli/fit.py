@@ -321,7 +321,6 @@ def build(
     plain-text log) is kept, with no statistics, and starts on the fallback model: the
     router still shows the log's clusters, and a later fit with labels can fill them in.
     """
-    from crecli.models.pull import model_identity
     from crecli.archive import SCHEMA_VERSION
     from crecli.routerfile import ClusterInfo, Expected, LadderEntry, RouterFile
     from crecli.schema import EXAMPLE_CHARS, EXAMPLES_PER_CLUSTER
@@ -357,7 +356,7 @@ def build(
         simulated_reference=plan.reference.summary() if plan.reference is not None else None,
         budget_met=plan.budget_met,
     )
-    ladder = [LadderEntry(spec.name, model_identity(spec), spec.size) for spec in settings.ladder_specs()]
+    ladder = [LadderEntry.of(spec) for spec in settings.ladder_specs()]
     return RouterFile(
         schema_version=SCHEMA_VERSION,
         ladder=ladder,

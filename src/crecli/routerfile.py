@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from crecli.assign import Assigner
-    from crecli.config import ModelConfig
+    from crecli.config import ModelConfig, ModelSpec
     from crecli.ladder import Policy
     from crecli.vectors import Embedder
 
@@ -66,6 +66,12 @@ class LadderEntry:
     name: str
     sha256: str | None  # `models.pull.model_identity`: None when nothing identified the file
     size: int | None
+
+    @classmethod
+    def of(cls, spec: "ModelSpec") -> "LadderEntry":
+        """The entry of the model `spec` is here: what `cre fit` and `cre calibrate` record as
+        the file their figures were measured on."""
+        return cls(spec.name, model_identity(spec), spec.size)
 
 
 @dataclass(frozen=True)
