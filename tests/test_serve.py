@@ -799,6 +799,8 @@ def test_cre_serve_end_to_end_from_the_command_line(tmp_path: Path, tiny_models_
     assert failed.value.response.headers["x-request-id"] == rid
     assert f"{rid}: team could not answer: model 'small' is not on disk (/nonexistent/small.gguf)" in err
     assert out == "" and "Finished server process" in err  # stdout stays clean; logs go to stderr
+    # Said once at start, as /health would: a missing model showed only as 500s.
+    assert "model 'small' cannot answer (missing)" in err
 
 
 def test_the_soak_bench_runs_cre_serve_through_every_kind_of_client() -> None:

@@ -234,6 +234,15 @@ def run(
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         status(f"cre serve: {router} on http://{shown}:{port}/v1 (models: {CASCADE_MODEL}, {', '.join(cascade.ladder)})")
+        # What /health would say, said once at start: a missing model otherwise shows only as
+        # a 500 on every request that reaches it.
+        from crecli.serve_app import rung_state
+
+        for name in cascade.ladder:
+            state = rung_state(cascade.specs[name])
+            if not state.usable:
+                warn(f"model {name!r} cannot answer ({state.word}): requests that reach it will fail until it can; "
+                     "`cre models list` says why, and `cre models pull` fetches the default models")
         if served.enabled:
             status(f"cre serve: logging answered prompts to {served.path} (--no-log to stop)")
         serve_forever(cascade, options, sock, name=router.stem, served=served)
