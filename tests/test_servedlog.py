@@ -315,6 +315,7 @@ def test_serve_run_honours_no_log(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
 
     class FakeCascade:
         ladder = ["small"]
+        specs = {"small": config.ModelSpec(name="small", url="http://127.0.0.1:9/v1")}  # usable: no warning
 
         def __enter__(self) -> "FakeCascade":
             return self
@@ -527,6 +528,9 @@ def test_a_lock_held_by_a_stopped_process_costs_one_entry_not_the_answer(monkeyp
         os.close(lock)
         writer.join(35)
     assert wrote == [False, False]
+    assert capsys.readouterr().err == ""  # said once for the whole wait, not for each skipped entry
     log._lock_busy_until = 0.0  # as LOCK_RETRY_SECONDS later
     assert log.append({"prompt": "free"}) is True
+    # A lock that was held is not a lasting failure: a later one (a full disk) is still said.
+    assert not log.failed
     assert [json.loads(line)["prompt"] for line in (tmp_path / "served.jsonl").read_text().splitlines()] == ["free"]

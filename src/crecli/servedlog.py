@@ -212,8 +212,8 @@ class ServedLog:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 # One lock between `cre` processes for rotating and appending: the check for a
                 # cut last line and the write after it must see the same end of file.
-                wait = 0.0 if time.monotonic() < self._lock_busy_until else None
-                with _exclusive(self.path.with_name(LOCK_NAME), wait):
+                busy = time.monotonic() < self._lock_busy_until
+                with _exclusive(self.path.with_name(LOCK_NAME), 0.0 if busy else None):
                     self._rotate_if_full()
                     fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
                     try:
@@ -226,9 +226,18 @@ class ServedLog:
                             raise OSError(f"only {wrote} of {len(data)} bytes written")
                     finally:
                         os.close(fd)
+            except TimeoutError as exc:
+                # A lock held by a stopped process passes: said each time a whole wait ran out
+                # (at most once a LOCK_RETRY_SECONDS), and not latched as a lasting failure
+                # (`failed`), which would silence a full disk later.
+                self._lock_busy_until = time.monotonic() + LOCK_RETRY_SECONDS
+                if not busy:
+                    from crecli.console import warn
+
+                    warn(f"the served-query log {self.path} was not written: {exc.strerror or exc}; entries are "
+                         f"skipped while it is held (tried again each time, waited for in {LOCK_RETRY_SECONDS:.0f} s)")
+                return False
             except OSError as exc:
-                if isinstance(exc, TimeoutError):
-                    self._lock_busy_until = time.monotonic() + LOCK_RETRY_SECONDS
                 self._warn(f"cannot write the served-query log {self.path} ({exc.strerror or exc}); "
                            "answering goes on without it (turn it off with --no-log)")
                 return False
