@@ -448,3 +448,25 @@ def test_calibrate_finds_out_from_the_server_itself_that_a_rung_has_no_signals(
     listed = json.loads(runner.invoke(app, ["models", "list", *m, "--json"]).stdout)
     assert {r["name"]: r["signals"] for r in listed if r["on_ladder"]} == {"small": "logprobs", "medium": "none",
                                                                             "large": "logprobs"}
+
+
+def test_a_deferral_rung_left_unchecked_by_a_server_without_logprobs_is_said_once(
+    tiny_models_toml: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # With a router fitted at --k 1 (the default), a rung moved to a server that gives no
+    # log-probabilities falls back to agreement on one vote, which always agrees: every answer
+    # was kept, and only --explain's `why` said so.
+    from crecli import live as live_module
+    from crecli.models.fake import FakeBackend
+
+    monkeypatch.setattr(live_module, "_UNCHECKED", set())
+    monkeypatch.setattr(registry, "make_backend", lambda spec: FakeBackend(
+        spec, sum_answer(spec.name), signals=None if spec.name == "small" else sum_signals))
+    settings = config.load(tiny_models_toml)
+    records = sum_records()
+    router = bare_router(QualityCheck(k=1), {"small": 0.55, "medium": 0.45, "large": 0.8}, _needs_signals())
+    traces = walk_live(router, settings, records)
+    assert any(s.model == "small" and s.accepted and s.p_correct is None for t in traces for s in t.steps)
+    err = capsys.readouterr().err
+    assert err.count("small gave no log-probabilities") == 1 and "on 1 vote accepts every answer" in err
+    assert "medium gave no" not in err

@@ -14,6 +14,7 @@ to `Pending.stream` as it comes.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -38,6 +39,26 @@ def greedy_params(quality: "QualityCheck", rung: Rung, prompt: str) -> "GenParam
     batch (`Cascade.decode_greedy`). Only the deferral check reads the greedy pass's signals;
     other rungs do not ask for them."""
     return replace(vote_params(quality, 0, rung.max_tokens, prompt, rung.shots), signals=rung.check == DEFERRAL)
+
+
+_UNCHECKED: set[str] = set()
+_UNCHECKED_LOCK = threading.Lock()
+
+
+def _say_unchecked(model: str, k: int) -> None:
+    """Warn once per process that `model`'s answers go unchecked: a deferral rung that gets
+    no log-probabilities (a server that gives none, such as Ollama's) falls back to the
+    agreement check, and with one vote an answer always agrees with itself. The trace's
+    `why` says it too, but only `--explain` shows it."""
+    with _UNCHECKED_LOCK:
+        if model in _UNCHECKED:
+            return
+        _UNCHECKED.add(model)
+    from crecli.console import warn
+
+    warn(f"{model} gave no log-probabilities, so its deferral check fell back to self-consistency, which on "
+         f"{k} vote accepts every answer: its answers are not escalated. Run `cre calibrate` with this setup, "
+         "or serve the model where it returns log-probabilities")
 
 
 class LiveVotes:
@@ -94,7 +115,10 @@ class LiveVotes:
 
     def p_correct(self, rung: Rung, answers: Sequence[str]) -> float | None:
         assert rung.deferral is not None, "a deferral rung carries its P(correct) model"
-        return judge_deferral(rung.deferral, self.signals, answers, self.cut, rung.prior)
+        p = judge_deferral(rung.deferral, self.signals, answers, self.cut, rung.prior)
+        if p is None and self.signals is None and rung.k <= 1:
+            _say_unchecked(rung.model, rung.k)
+        return p
 
     def step(self, rung: Rung, verdict: Verdict) -> "Step":
         """What the rung did, for the trace; `why` says why it kept the answer or not."""
