@@ -949,3 +949,22 @@ def test_serve_forever_stops_its_jobs_before_returning_however_the_server_ends(m
     with pytest.raises(KeyboardInterrupt):
         serve.serve_forever(None, serve.ServeOptions(), None)  # type: ignore[arg-type]
     assert stopped == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) == before
+
+
+def test_keep_alive_is_an_option_for_servers_behind_a_load_balancer(monkeypatch: pytest.MonkeyPatch) -> None:
+    # uvicorn's 5 s was fixed: a balancer keeping idle connections 60 s (AWS ALB) reused ones
+    # the server was closing, and its clients got 502s.
+    from typer.testing import CliRunner
+
+    from crecli import cli, serve
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:  # never called
+        raise AssertionError
+
+    assert serve.make_server(app, ServeOptions(keep_alive=75)).config.timeout_keep_alive == 75
+    assert serve.make_server(app, ServeOptions()).config.timeout_keep_alive == 5  # uvicorn's, as before
+    seen: list[ServeOptions] = []
+    monkeypatch.setattr(serve, "run", lambda router, models, options, **kw: seen.append(options))
+    result = CliRunner().invoke(cli.app, ["serve", "--router", "r.cre", "--keep-alive", "75"])
+    assert result.exit_code == 0, result.output
+    assert seen and seen[0].keep_alive == 75.0

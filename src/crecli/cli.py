@@ -26,7 +26,7 @@ from crecli.errors import CreError, UsageError
 from crecli.costs import DEFAULT_RETAIN
 from crecli.quality import DEFAULT_CHECK, DEFAULT_FIT_VOTES, MAX_TEMPERATURE, MAX_VOTES
 from crecli.serve_options import (
-    DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_MAX_QUEUE, DEFAULT_PORT, DEFAULT_TIMEOUT,
+    DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_HOST, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_BODY, DEFAULT_MAX_QUEUE, DEFAULT_PORT, DEFAULT_TIMEOUT,
 )
 
 EXIT_CODES = """Exit codes: 0 success; 1 error (the message says what to do); 2 bad usage (an
@@ -473,6 +473,7 @@ def serve(
     max_body: Annotated[int, typer.Option("--max-body", min=1024, help="Largest request body in bytes; a larger one gets 413 before it is read.")] = DEFAULT_MAX_BODY,
     header_timeout: Annotated[float, typer.Option("--header-timeout", min=0.001, callback=finite, help="Seconds a client has to send a request's line and headers; then 408 and the connection closes.")] = DEFAULT_HEADER_TIMEOUT,
     body_timeout: Annotated[float, typer.Option("--body-timeout", min=0.001, callback=finite, help="Seconds a client has to send a request's body once its headers are in; then 408 and the connection closes.")] = DEFAULT_BODY_TIMEOUT,
+    keep_alive: Annotated[float, typer.Option("--keep-alive", min=0.001, callback=finite, help="Seconds an idle keep-alive connection stays open. Behind a load balancer, set it above the balancer's idle timeout (AWS ALB: 60), or it reuses connections being closed and clients get 502s.")] = DEFAULT_KEEP_ALIVE,
     api_key_env: Annotated[Optional[str], typer.Option("--api-key-env", help="Environment variable holding an API key; then /v1/* needs `Authorization: Bearer <key>`.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Use the router even if the model files differ from the ones it was fitted with.")] = False,
     no_log: NoLogOpt = False,
@@ -508,7 +509,7 @@ def serve(
     from crecli.batch import parse_size
 
     options = serving.ServeOptions(host=host, port=port, max_queue=max_queue, timeout=timeout, max_body=max_body,
-                                   header_timeout=header_timeout, body_timeout=body_timeout)
+                                   header_timeout=header_timeout, body_timeout=body_timeout, keep_alive=keep_alive)
     budget = parse_size(memory_budget) if memory_budget is not None else None
     serving.run(
         resolve_router(router), models, options, force=force, memory_budget_bytes=budget, api_key_env=api_key_env,

@@ -183,10 +183,10 @@ def make_server(app: "Starlette", options: ServeOptions, log_level: str = "info"
         # On SIGTERM uvicorn stops accepting, finishes the requests in flight, then exits;
         # none can outlive its own timeout, so that bounds the drain.
         timeout_graceful_shutdown=math.ceil(options.timeout) + 5,
-        # Idle keep-alive connections are closed soon. No `limit_concurrency`: the app
+        # Idle keep-alive connections close after --keep-alive. No `limit_concurrency`: the app
         # refuses requests beyond `options.max_requests` itself, in OpenAI's shape
         # (`serve_app.Limits`); uvicorn's limit would answer plain text first, and count slow clients.
-        timeout_keep_alive=5,
+        timeout_keep_alive=options.keep_alive,  # type: ignore[arg-type]  # uvicorn's hint says int; call_later takes any
         # h11 (pure Python, always installed) with deadlines for headers and bodies.
         http=guarded_protocol(options.header_timeout, options.body_timeout),
     )

@@ -18,6 +18,10 @@ DEFAULT_TIMEOUT = 300.0
 # a slow or stalled client holds a connection for seconds, not for the answer's --timeout.
 DEFAULT_HEADER_TIMEOUT = 10.0
 DEFAULT_BODY_TIMEOUT = 30.0
+# Seconds an idle keep-alive connection stays open (uvicorn's default). Behind a load
+# balancer it must outlast the balancer's own idle timeout (AWS ALB: 60 s), or the balancer
+# reuses a connection the server is closing and its client gets a 502.
+DEFAULT_KEEP_ALIVE = 5.0
 # The body carries the conversation before the prompt and JSON escaping too, hence the headroom.
 DEFAULT_MAX_BODY = 4 * MAX_PROMPT_BYTES
 
@@ -34,6 +38,7 @@ class ServeOptions:
     api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer <key>`
     header_timeout: float = DEFAULT_HEADER_TIMEOUT  # seconds for a request line and its headers
     body_timeout: float = DEFAULT_BODY_TIMEOUT  # seconds for a body, once its headers are in
+    keep_alive: float = DEFAULT_KEEP_ALIVE  # seconds an idle keep-alive connection stays open
 
     @property
     def max_requests(self) -> int:
