@@ -521,6 +521,8 @@ SERVE_FIELDS: list[tuple[str, Any, str]] = [
     ("user", 5, "'user' must be a string"),
     ("metadata", "x", "'metadata' must be an object"),
     ("stream_options", [], "'stream_options' must be an object"),
+    ("stream_options", {"include_usage": 1}, "'stream_options.include_usage' must be true or false"),
+    ("max_tokens", 0, "'max_tokens' must be from 1"),
     ("made_up_field", 1, "'made_up_field' is not a field cre serve knows"),
     ("prompt", "hi", "'prompt' is not a field cre serve knows"),  # a completion's field in a chat
 ]
@@ -557,6 +559,7 @@ def test_serve_refuses_a_field_it_cannot_honour_or_a_wrong_type_naming_it(
     error = response.json()["error"]
     assert response.status_code == 400 and words in error["message"], error
     assert error["param"] == name and set(error) == {"message", "type", "param", "code"}
+    assert error["code"], error  # clients branch on it: max_tokens, n and include_usage had none
 
 
 def test_serve_accepts_the_values_that_ask_for_nothing(serve_client: Any) -> None:

@@ -216,17 +216,19 @@ def _common(body: dict[str, Any], kind: str, prompt: str) -> Query:
     options = _expect(body, "stream_options", (dict,), "an object") or {}
     include_usage = options.get("include_usage", False)
     if not isinstance(include_usage, bool):
-        raise ApiError(400, "'stream_options.include_usage' must be true or false", param="stream_options")
+        raise ApiError(400, "'stream_options.include_usage' must be true or false", param="stream_options",
+                       code="invalid_type")
     max_tokens = None
     for name in ("max_completion_tokens", "max_tokens"):
         value = _expect(body, name, (int,), f"an integer from 1 to {MAX_TOKENS_LIMIT}")
         if value is not None:
             if not 1 <= value <= MAX_TOKENS_LIMIT:
-                raise ApiError(400, f"'{name}' must be from 1 to {MAX_TOKENS_LIMIT}, got {value}", param=name)
+                raise ApiError(400, f"'{name}' must be from 1 to {MAX_TOKENS_LIMIT}, got {value}", param=name,
+                               code="invalid_value")
             max_tokens = value
     n = _expect(body, "n", (int,), "1")
     if n not in (None, 1):
-        raise ApiError(400, "'n' must be 1: cre returns one answer per request", param="n")
+        raise ApiError(400, "'n' must be 1: cre returns one answer per request", param="n", code="invalid_value")
     seed = _expect(body, "seed", (int,), f"an integer from 0 to {MAX_SEED}")
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise ApiError(400, f"'seed' must be from 0 to {MAX_SEED}, got {seed}", param="seed", code="invalid_value")
