@@ -562,6 +562,23 @@ def test_serve_refuses_a_field_it_cannot_honour_or_a_wrong_type_naming_it(
     assert error["code"], error  # clients branch on it: max_tokens, n and include_usage had none
 
 
+def test_serve_every_refused_message_or_prompt_has_a_code(serve_client: Any) -> None:
+    # Only the field table's refusals were checked for a code; the messages' and the prompt's
+    # own 400s had none.
+    for path, body in [
+        ("/v1/chat/completions", {"model": "cre", "messages": []}),
+        ("/v1/chat/completions", {"model": "cre", "messages": ["hi"]}),
+        ("/v1/chat/completions", {"model": "cre", "messages": [{"role": "wizard", "content": "hi"}]}),
+        ("/v1/chat/completions", {"model": "cre", "messages": [{"role": "system", "content": "hi"}]}),
+        ("/v1/chat/completions", {"model": "cre", "messages": [{"role": "user", "content": 5}]}),
+        ("/v1/completions", {"model": "cre", "prompt": ["a", "b"]}),
+        ("/v1/completions", {"model": "cre", "prompt": ""}),
+    ]:
+        response = serve_client.post(path, json=body)
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] and error["code"], (body, error)
+
+
 def test_serve_accepts_the_values_that_ask_for_nothing(serve_client: Any) -> None:
     response = serve_client.post("/v1/chat/completions", json={**CHAT_BODY, **SERVE_NEUTRAL})
     assert response.status_code == 200, response.text

@@ -135,17 +135,23 @@ def test_calibrate_force_on_other_model_files_records_the_files_it_calibrated_on
     # `cre calibrate --force` on a teammate's other model file kept the fitted file's sha256
     # in the ladder: the router claimed files it was not calibrated on, and needed --force
     # for good on the machine that calibrated it.
+    mine = "cd" * 32
+    pinned = tmp_path / "pinned.toml"
+    pinned.write_text(tiny_models_toml.read_text().replace("[models.small]\n", f'[models.small]\nsha256 = "{mine}"\n'))
     log = write(tmp_path / "log.jsonl", rows())
     router = tmp_path / "router.cre"
-    ok("fit", log, "-o", router, "--models", tiny_models_toml)
-    settings = config.load(tiny_models_toml)
-    loaded = routerfile.load(router, settings)
-    local = loaded.ladder[0].sha256
+    ok("fit", log, "-o", router, "--models", pinned)
+    loaded = routerfile.load(router, config.load(pinned))
+    assert loaded.ladder[0].sha256 == mine
     loaded.ladder[0] = replace(loaded.ladder[0], sha256="ab" * 32)  # fitted on another small file
     routerfile.save(loaded, router)
-    assert cre("calibrate", router, "--models", tiny_models_toml, "--folds", "2").exit_code == 1
+    assert cre("calibrate", router, "--models", pinned, "--folds", "2").exit_code == 1
+    ok("calibrate", router, "--models", pinned, "--folds", "2", "--force")
+    assert routerfile.load(router, config.load(pinned)).ladder[0].sha256 == mine  # no --force needed now
+    # Where nothing identifies the local file (unpinned, not on disk), the router's pin stays:
+    # a None would let any file pass for that rung from then on.
     ok("calibrate", router, "--models", tiny_models_toml, "--folds", "2", "--force")
-    assert routerfile.load(router, settings).ladder[0].sha256 == local  # no --force needed now
+    assert routerfile.load(router, config.load(pinned)).ladder[0].sha256 == mine
 
 
 def test_calibrate_prices_every_stored_cost_afresh(fakes, tiny_models_toml: Path, tmp_path: Path, bench_speeds) -> None:

@@ -48,7 +48,8 @@ _UNCHECKED_LOCK = threading.Lock()
 def _say_unchecked(model: str, k: int) -> None:
     """Warn once per process that `model`'s answers go unchecked: a deferral rung that gets
     no log-probabilities (a server that gives none, such as Ollama's) falls back to the
-    agreement check, and with one vote an answer always agrees with itself. The trace's
+    agreement check, and with one vote an answer always agrees with itself (only an empty one
+    escalates). The trace's
     `why` says it too, but only `--explain` shows it."""
     with _UNCHECKED_LOCK:
         if model in _UNCHECKED:
@@ -57,8 +58,8 @@ def _say_unchecked(model: str, k: int) -> None:
     from crecli.console import warn
 
     warn(f"{model} gave no log-probabilities, so its deferral check fell back to self-consistency, which on "
-         f"{k} vote accepts every answer: its answers are not escalated. Run `cre calibrate` with this setup, "
-         "or serve the model where it returns log-probabilities")
+         f"{k} vote accepts every non-empty answer: its answers are not escalated. Run `cre calibrate` with this "
+         "setup, or serve the model where it returns log-probabilities")
 
 
 class LiveVotes:

@@ -58,6 +58,8 @@ class ApiError(Exception):
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        if code is None and status == 400 and param is not None:
+            code = "invalid_value"  # a refused field always has a code, which clients branch on
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
         self.headers = headers or {}
 

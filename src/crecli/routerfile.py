@@ -396,7 +396,7 @@ def _check_ladder(path: Path, ladder: list[LadderEntry], settings: "ModelConfig"
             hint = f"; your model {same[0]!r} has that sha256, so rename it to {name!r}" if same else ""
             raise RouterFileError(
                 f"{path}: the router's ladder needs model {name!r}"
-                + (f" (sha256 {wanted[:12]}…)" if wanted else "")
+                + (f" ({_shown(wanted)})" if wanted else "")
                 + f", which no models.toml defines{hint}. Add it to your models.toml "
                 "(`cre models path` shows where)."
             )

@@ -184,7 +184,7 @@ def make_server(app: "Starlette", options: ServeOptions, log_level: str = "info"
         # none can outlive its own timeout, so that bounds the drain.
         timeout_graceful_shutdown=math.ceil(options.timeout) + 5,
         # Idle keep-alive connections close after --keep-alive. No `limit_concurrency`: the app
-        # refuses requests beyond `options.max_requests` itself, in OpenAI's shape
+        # refuses requests beyond its bound itself (`serve_app.request_bound`), in OpenAI's shape
         # (`serve_app.Limits`); uvicorn's limit would answer plain text first, and count slow clients.
         timeout_keep_alive=options.keep_alive,  # type: ignore[arg-type]  # uvicorn's hint says int; call_later takes any
         # h11 (pure Python, always installed) with deadlines for headers and bodies.
@@ -212,7 +212,7 @@ def run(
     api_key_env: str | None = None,
     no_log: bool = False,
 ) -> None:
-    """`cre serve`: load the router, bind, and answer until SIGTERM or Ctrl-C."""
+    """`cre serve`: load the router, bind, and answer until SIGTERM, SIGHUP or Ctrl-C."""
     try:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
@@ -291,9 +291,9 @@ def serve_forever(
     except _Terminated:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
         if hup == signal.SIG_DFL:
-            signal.signal(signal.SIGHUP, hup)
+            signal.signal(signal.SIGHUP, hup)  # first: no SIGHUP may become a default SIGTERM
+        signal.signal(signal.SIGTERM, previous)
         # A second Ctrl-C skips uvicorn's drain and the app's shutdown: jobs may still be
         # computing, and the caller closes the models next. Stop them first, deaf to a
         # third Ctrl-C, which would otherwise leave the wait and close the models under them.

@@ -141,7 +141,7 @@ def request_bound(options: ServeOptions, worker: Worker) -> int:
     twice what the worker admits (`Worker.limit`: the ladder's capacity plus the queue), so
     that a full worker answers 429 before this bound answers 503. A remote rung with
     `max_in_flight = 128` admits 144 at the default queue; the options' 64 alone refused the
-    69th with 503 and left the engine's capacity unused."""
+    65th with 503 and left the engine's capacity unused."""
     return max(options.max_requests, 2 * worker.limit)
 
 

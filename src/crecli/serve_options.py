@@ -42,7 +42,8 @@ class ServeOptions:
 
     @property
     def max_requests(self) -> int:
-        """Requests past their body (parsing, queued, running) at once; more get 503.
+        """Requests past their body (parsing, queued, running) at once, at least; more get 503.
+        `serve_app.request_bound` raises it to twice what the ladder admits at once.
 
         Well above the queue's own limit (max_queue + 1 admitted), so that a full queue
         answers 429. A request still sending its body does not count: slow uploads must not
@@ -54,8 +55,8 @@ class ServeOptions:
     def body_budget(self) -> int:
         """Bytes of request bodies being received at once; a body that would go past it gets 503.
 
-        As many whole bodies as requests may be in flight: memory stays bounded however many
-        clients upload at once, while a thousand slow uploads, holding little each, do not
-        keep anyone else out.
+        As many whole bodies as `max_requests` (not the raised bound of a large ladder, which
+        would grow it with remote capacity): memory stays bounded however many clients upload
+        at once, while a thousand slow uploads, holding little each, do not keep anyone else out.
         """
         return self.max_requests * self.max_body

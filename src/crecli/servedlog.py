@@ -108,9 +108,14 @@ def _line(entry: dict[str, Any]) -> bytes:
     return (replace_surrogates(text) + "\n").encode("utf-8")
 
 
+class _LockBusy(TimeoutError):
+    """The log's lock stayed held past the wait (`_exclusive`); not any other ETIMEDOUT (an
+    NFS write), which is a failure like the rest."""
+
+
 @contextmanager
 def _exclusive(lock_file: Path, wait: float | None = None) -> Iterator[None]:
-    """An exclusive lock between `cre` processes, where the platform has flock; TimeoutError
+    """An exclusive lock between `cre` processes, where the platform has flock; `_LockBusy`
     (an OSError) after `wait` seconds (`LOCK_WAIT_SECONDS` by default; 0 tries once)."""
     try:
         import fcntl
@@ -129,8 +134,8 @@ def _exclusive(lock_file: Path, wait: float | None = None) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise TimeoutError(errno.ETIMEDOUT, f"its lock {lock_file} is held by another process "
-                                       f"(waited {wait:.0f} s; a stopped cre?)") from None
+                    raise _LockBusy(errno.ETIMEDOUT, f"its lock {lock_file} is held by another process "
+                                    f"(waited {wait:.0f} s; a stopped cre?)") from None
                 time.sleep(0.05)
         yield
     finally:
@@ -226,7 +231,7 @@ class ServedLog:
                             raise OSError(f"only {wrote} of {len(data)} bytes written")
                     finally:
                         os.close(fd)
-            except TimeoutError as exc:
+            except _LockBusy as exc:
                 # A lock held by a stopped process passes: said each time a whole wait ran out
                 # (at most once a LOCK_RETRY_SECONDS), and not latched as a lasting failure
                 # (`failed`), which would silence a full disk later.
