@@ -473,6 +473,7 @@ FIELD_CASES: list[tuple[Callable[[dict[str, Any]], None], str]] = [
     (at("ladder", 0, "size", value=-5), "ladder[0].size must be an integer >= 0, got -5"),
     (at("ladder", 1, "name", value="small"), "manifest field ladder names model 'small' twice"),
     (at("ladder", 0, "path", value="/etc/passwd"), 'manifest field ladder[0] has an unexpected field "path"'),
+    (at("ladder", 0, "prompt_format", value="raw"), 'manifest field ladder[0].prompt_format must be one of "completion"'),
     (at("clusters", 0, "id", value="0"), 'clusters[0].id must be an integer from -1 to 2147483647, got "0"'),
     (at("clusters", 1, "id", value=0), "manifest field clusters lists cluster 0 twice"),
     (at("clusters", 0, "size", value=True), "clusters[0].size must be an integer >= 0, got true"),

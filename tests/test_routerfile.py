@@ -19,7 +19,9 @@ from support.routers import BUILT_PROMPTS, SHAS, built_router, edit_manifest, me
 def test_round_trip(pinned_settings: config.ModelConfig, built_router_file: Path) -> None:
     original = built_router(pinned_settings)
     loaded = routerfile.load(built_router_file, pinned_settings)
-    assert loaded.ladder == [routerfile.LadderEntry(n, SHAS[n], 1000) for n in ("small", "medium", "large")]
+    assert loaded.ladder == [routerfile.LadderEntry(n, SHAS[n], 1000, pinned_settings.get(n).prompt_format)
+                             for n in ("small", "medium", "large")]
+    assert [e.prompt_format for e in loaded.ladder] == ["completion", "chatml", "chatml"]
     assert loaded.ladder_names == ["small", "medium", "large"]
     assert loaded.clusters == original.clusters
     assert [c.answer_type for c in loaded.clusters] == ["numeric", "choice"]
@@ -175,6 +177,33 @@ def test_a_rung_moved_to_a_server_is_told_which_sha256_to_pin_and_remote_identit
     pinned_settings.models["medium"] = replace(pinned_settings.models["medium"], sha256=wanted)
     assert routerfile.load(built_router_file, pinned_settings).ladder[1].name == "medium"  # pinned: vouched for
     assert model_identity(pinned_settings.models["medium"]) == wanted
+
+
+def test_a_rung_whose_prompts_render_otherwise_here_is_warned_about(
+    pinned_settings: config.ModelConfig, built_router_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A teammate serving the same weights behind a chat server (prompt_format "chat": the
+    # server's template) got the router's thresholds, tuned on other prompts, with no word.
+    routerfile.load(built_router_file, pinned_settings)
+    assert capsys.readouterr().err == ""
+    pinned_settings.models["medium"] = replace(pinned_settings.models["medium"], prompt_format="chat")
+    routerfile.load(built_router_file, pinned_settings)
+    err = capsys.readouterr().err
+    assert "model 'medium' was fitted with prompt_format 'chatml', and renders 'chat' here" in err
+    assert "cre calibrate" in err and "'small'" not in err
+
+
+def test_a_router_from_before_the_prompt_format_was_recorded_loads_without_a_word(
+    pinned_settings: config.ModelConfig, built_router_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def older(manifest: dict[str, Any]) -> None:
+        for entry in manifest["body"]["ladder"]:
+            del entry["prompt_format"]
+
+    edit_manifest(built_router_file, older)
+    pinned_settings.models["medium"] = replace(pinned_settings.models["medium"], prompt_format="chat")
+    assert [e.prompt_format for e in routerfile.load(built_router_file, pinned_settings).ladder] == [None] * 3
+    assert capsys.readouterr().err == ""
 
 
 def test_a_model_missing_from_models_toml_is_refused(pinned_settings: config.ModelConfig, built_router_file: Path) -> None:

@@ -66,12 +66,14 @@ class LadderEntry:
     name: str
     sha256: str | None  # `models.pull.model_identity`: None when nothing identified the file
     size: int | None
+    # How prompts were rendered for it (`config.PROMPT_FORMATS`); None in routers from before.
+    prompt_format: str | None = None
 
     @classmethod
     def of(cls, spec: "ModelSpec") -> "LadderEntry":
         """The entry of the model `spec` is here: what `cre fit` and `cre calibrate` record as
-        the file their figures were measured on."""
-        return cls(spec.name, model_identity(spec), spec.size)
+        the file their figures were measured on, and how its prompts were rendered."""
+        return cls(spec.name, model_identity(spec), spec.size, spec.prompt_format)
 
 
 @dataclass(frozen=True)
@@ -399,6 +401,14 @@ def _check_ladder(path: Path, ladder: list[LadderEntry], settings: "ModelConfig"
                 + (f" ({_shown(wanted)})" if wanted else "")
                 + f", which no models.toml defines{hint}. Add it to your models.toml "
                 "(`cre models path` shows where)."
+            )
+        if entry.prompt_format is not None and spec.prompt_format != entry.prompt_format:
+            # Same weights, other prompts (a rung moved to a chat server that applies its own
+            # template): the answers the thresholds were tuned on are not the ones it gives.
+            console.warn(
+                f"{path}: model {name!r} was fitted with prompt_format {entry.prompt_format!r}, and renders "
+                f"{spec.prompt_format!r} here ({spec.defined_in or 'models.toml'}): its answers, and the checks tuned "
+                "on them, may differ; recalibrate with `cre calibrate` on this setup"
             )
         if wanted is None:
             continue

@@ -1,6 +1,6 @@
 """The router manifest's body: what it holds, each field checked for type and range.
 
-The body carries the ladder (name, sha256, size; smallest first), the embedder (kind,
+The body carries the ladder (name, sha256, size, prompt_format; smallest first), the embedder (kind,
 identity, params) and assigner params, every array member's listing (`archive`), the
 clusters (starting model, per-model stats, examples, answered examples and how many each
 model is shown, answer type), the fallback model, the budget, the quality settings and
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from crecli.archive import MAX_MEMBERS, SCHEMA_VERSION
+from crecli.config import PROMPT_FORMATS
 from crecli.costs import MAX_RETAIN, UNITS
 from crecli.fields import Field, FieldError
 from crecli.quality import MAX_TEMPERATURE, MAX_VOTES, Deferral, DeferralCheck, QualityCheck, feature_names
@@ -169,9 +170,12 @@ def _deferral(f: Field) -> DeferralCheck:
 
 
 def _ladder_entry(f: Field) -> dict[str, Any]:
-    f.as_object(keys=("name", "sha256", "size"))
+    # prompt_format: how the fit rendered the model's prompts (optional: routers before it lack it).
+    f.as_object(keys=("name", "sha256", "size", "prompt_format"), optional=("prompt_format",))
     return {"name": f["name"].as_str(), "sha256": f["sha256"].or_none(_model_identity),
-            "size": f["size"].or_none(lambda g: g.as_int(0))}
+            "size": f["size"].or_none(lambda g: g.as_int(0)),
+            "prompt_format": f["prompt_format"].or_none(lambda g: g.as_str(choices=PROMPT_FORMATS))
+            if f.has("prompt_format") else None}
 
 
 def _array_entries(f: Field, owner: str) -> dict[str, dict[str, Any]]:
