@@ -292,6 +292,9 @@ def test_a_slow_request_gets_504_and_the_server_goes_on(
                 reply += chunk
     assert timed_out.value.status_code == 504
     assert isinstance(timed_out.value.body, dict) and timed_out.value.body["type"] == "timeout_error"
+    # An id to find it by in the server's log, which has a line for it (no 504 had either).
+    rid = timed_out.value.response.headers["x-request-id"]
+    assert rid.startswith("req_") and f"(request id {rid})" in timed_out.value.body["message"]
     assert (health["running"], health["queued"]) == (0, 0)
     assert reply.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in reply
 
@@ -453,7 +456,8 @@ def test_a_client_that_leaves_before_its_answer_drops_its_queued_job(
 
 
 def test_a_504_is_not_logged_as_served(
-    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig, tmp_path: Path
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Issue 22: the cascade finished its rung after the request's 504 and logged the answer
     no client got. Only answers that are sent are served."""
@@ -474,6 +478,9 @@ def test_a_504_is_not_logged_as_served(
             time.sleep(0.05)
     assert timed_out.status_code == 504
     assert servedlog.read([log.path]).entries == []
+    # Not served, but in the server's log under the id the client was given.
+    rid = timed_out.headers["x-request-id"]
+    assert any(r.getMessage().startswith(f"{rid}: no answer for model cre within 0.2 s") for r in caplog.records)
 
 
 def test_health_tells_which_rungs_can_answer_and_is_503_when_none_can(

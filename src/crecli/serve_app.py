@@ -420,7 +420,7 @@ class App:
                     break
                 if ticket.cancel():
                     future.cancel()
-                    for event in stream_error(self.timed_out()):
+                    for event in stream_error(self.timed_out(query)):
                         yield event
                     return
                 # Past the deadline, but the job has claimed its answer (it is being recorded
@@ -461,11 +461,18 @@ class App:
                 log.info("%s closed the connection before its answer; its job is dropped",
                          client_address(request.client))
                 raise _ClientGone
-            raise self.timed_out()
+            raise self.timed_out(query)
 
-    def timed_out(self) -> ApiError:
+    def timed_out(self, query: Query) -> ApiError:
+        """The 504 of a request that ran out of time, with a request id, and a line in the
+        server's log with the same id: an operator told of a 504 can find it (the access line
+        alone says neither which model nor how busy the server was)."""
+        rid = new_request_id()
+        log.warning("%s: no answer for model %s within %g s (running %d, queued %d)", rid, query.model,
+                    self.options.timeout, self.worker.running, self.worker.queued)
         return ApiError(504, f"no answer within the server's timeout of {self.options.timeout:g} s; "
-                        "the server is busy or the prompt is slow to answer", type="timeout_error", code="timeout")
+                        f"the server is busy or the prompt is slow to answer (request id {rid})",
+                        type="timeout_error", code="timeout", headers={"X-Request-Id": rid})
 
     async def result(self, query: Query, future: "asyncio.Future[Answer]") -> Answer:
         """The job's answer, or its error in OpenAI's shape."""
