@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from crecli import config, embed
+from crecli import config, embed, routerfile
 from crecli.embed import LlamaEmbedder, normalize_rows, TfidfEmbedder, embed_texts, embedder_from_state, make_embedder
 from crecli.errors import ConfigError, CreError, RouterFileError
 from crecli.models.fake import FakeBackend
@@ -195,6 +195,34 @@ def test_llama_embedder_state_refuses_another_model_file(tmp_path: Path) -> None
     assert params["sha256"] == "ab" * 32
     with pytest.raises(RouterFileError, match="pins"):
         LlamaEmbedder.from_state({**params, "sha256": "cd" * 32}, arrays, settings)
+
+
+def test_a_llama_embedders_model_missing_here_is_named_as_the_routers(tiny_models_toml: Path) -> None:
+    # It said "unknown model 'x'. Known models: ...", naming neither the router nor its embedder.
+    settings = config.load(tiny_models_toml)
+    with pytest.raises(RouterFileError, match="the router embeds prompts with model 'bge' \\(sha256 ab"):
+        LlamaEmbedder.from_state({"kind": "llama", "model": "bge", "sha256": "ab" * 32}, {}, settings)
+
+
+def test_a_router_embedding_with_another_model_file_blames_the_file_not_crecli(
+    tiny_models_toml: Path, tmp_path: Path
+) -> None:
+    # An unpinned embedder model not on disk was "not the one the router was fitted with ...
+    # refit the router with this crecli": the cause is the model file.
+    from dataclasses import replace as dc_replace
+
+    from support.routers import make_router
+
+    pinned = tmp_path / "pinned.toml"
+    pinned.write_text(PINNED_TOML.format(sha="ab" * 32))
+    fitted = dc_replace(make_router(), embedder=LlamaEmbedder("small", config.load(pinned)))
+    path = tmp_path / "router.cre"
+    routerfile.save(fitted, path)
+    with pytest.raises(RouterFileError) as info:
+        routerfile.load(path, config.load(tiny_models_toml))
+    text = str(info.value)
+    assert f"the router embeds prompts with llama:small:{'ab' * 32}, and this machine's llama:small:unpinned" in text
+    assert "pin its sha256" in text and "this crecli" not in text
 
 
 def test_llama_embedder_normalises_backend_vectors(tiny_models_toml: Path, fake_backends: Callable) -> None:

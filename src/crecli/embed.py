@@ -102,7 +102,14 @@ class LlamaEmbedder(Embedder):
             raise RouterFileError("llama embedder state lacks 'model'; the router file is incomplete, refit it") from None
         emb = cls(model, settings)
         recorded = params.get("sha256")
-        spec = settings.get(model)
+        try:
+            spec = settings.get(model)
+        except ConfigError:
+            raise RouterFileError(
+                f"the router embeds prompts with model {model!r}"
+                + (f" (sha256 {recorded})" if isinstance(recorded, str) else "")
+                + ", which no models.toml defines; add it to your models.toml (`cre models path` shows where)"
+            ) from None
         if recorded and spec.sha256 and recorded != spec.sha256:
             raise RouterFileError(
                 f"the router embeds with {model!r} sha256 {recorded[:12]}…, but models.toml pins "

@@ -333,12 +333,18 @@ def _assemble(path: Path, body: Body, members: dict[str, "np.ndarray"], settings
             f"({type(exc).__name__}: {clean(str(exc))}); refit it with `cre fit`"
         ) from None
     if emb.identity != body.embedder_identity:
-        problem = (
-            f"{path}: the rebuilt embedder is not the one the router was fitted with "
-            f"({emb.identity} != {body.embedder_identity})"
-        )
+        if emb.kind == "llama":
+            # A model embeds: what differs is the model file here, not crecli.
+            problem = (f"{path}: the router embeds prompts with {body.embedder_identity}, and this machine's "
+                       f"{emb.identity}")
+            fix = ("use the model file the router was fitted with (pin its sha256 in models.toml if it is "
+                   "unpinned here), or refit the router")
+        else:
+            problem = (f"{path}: the rebuilt embedder is not the one the router was fitted with "
+                       f"({emb.identity} != {body.embedder_identity})")
+            fix = "refit the router with this crecli"
         if not force:
-            raise RouterFileError(f"{problem}; refit the router with this crecli, or pass --force to use it anyway")
+            raise RouterFileError(f"{problem}; {fix}, or pass --force to use it anyway")
         console.warn(f"{problem}; using it anyway (--force), so prompts may land in other clusters.")
     used = {
         body.fallback_model, *body.thresholds, *(body.deferral.models if body.deferral is not None else ()),
