@@ -269,3 +269,30 @@ def test_each_models_output_length_is_optional_and_checked(pinned_settings: conf
     edit_manifest(built_router_file, lambda m: m["body"]["clusters"][0]["stats"]["large"].update(mean_output_tokens=-1.0))
     with pytest.raises(RouterFileError, match="mean_output_tokens"):
         routerfile.load(built_router_file, pinned_settings)
+
+
+def test_inspect_shows_what_a_router_needs_instead_of_refusing_it(
+    pinned_settings: config.ModelConfig, built_router_file: Path, tiny_models_toml: Path
+) -> None:
+    # A teammate sent a router could not inspect it while a model was missing or another file
+    # (even with --force), and the table showed no sha256 to pin or pull.
+    import json
+
+    from typer.testing import CliRunner
+
+    from crecli.cli import app
+
+    toml = tiny_models_toml.read_text()
+    for name in ("small", "large"):  # small: the router's file; medium: another; large: none here
+        sha = SHAS[name] if name == "small" else "9" * 64
+        toml = toml.replace(f"[models.{name}]\n", f'[models.{name}]\nsha256 = "{sha}"\n')
+    mine = built_router_file.parent / "mine.toml"
+    mine.write_text(toml.replace("[models.medium]\n", "[models.medium_other]\n").replace('"medium"', '"medium_other"'))
+    result = CliRunner().invoke(app, ["inspect", str(built_router_file), "--models", str(mine), "--json"])
+    assert result.exit_code == 0, result.output
+    here = json.loads(result.stdout)["here"]
+    assert here["small"] == "this file, not on disk yet: cre models pull"
+    assert here["medium"] == "not in models.toml: add it"
+    assert here["large"].startswith("another file here (sha256 999999999999…)")
+    table = CliRunner().invoke(app, ["inspect", str(built_router_file), "--models", str(mine)]).stdout
+    assert SHAS["medium"] in table  # the whole sha256, to pin or to find the file by

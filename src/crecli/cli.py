@@ -171,13 +171,17 @@ def _shot_counts(text: str) -> tuple[int, ...]:
 def inspect(
     router: Annotated[Optional[Path], typer.Argument(help="A router file written by `cre fit` (default: the router `cre ask` would use).", show_default=False)] = None,
     models: ModelsOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Warn instead of failing when local model files differ from the router's.")] = False,
+    force: Annotated[bool, typer.Option("--force", hidden=True, help="No effect: inspect shows each model's state here instead of failing.")] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Show a router's clusters: size, example prompts, each model's accuracy and cost, the chosen model.
+    """Show a router's models and clusters: what each model file must be (full sha256) and
+    whether this machine has it; per cluster, size, example prompts, each model's accuracy and
+    cost, the chosen model.
 
-    The table shows the first 200 clusters; --json lists them all. Without ROUTER, the one
-    `cre ask` would use: yours (`cre fit --set-default`), else the one crecli ships.
+    A router whose models are missing or differ here is shown, not refused: a teammate sent
+    one sees what it needs. The table shows the first 200 clusters; --json lists them all.
+    Without ROUTER, the one `cre ask` would use: yours (`cre fit --set-default`), else the
+    one crecli ships.
 
     Examples:
 
@@ -189,8 +193,10 @@ def inspect(
     """
     from crecli import reports, routerfile
 
-    loaded = routerfile.load(resolve_router(router), load_models(models), force=force)
-    reports.inspect_router(loaded, json_)
+    settings = load_models(models)
+    loaded = routerfile.load(resolve_router(router), settings, check_ladder=False)
+    here = {entry.name: routerfile.local_state(entry, settings) for entry in loaded.ladder}
+    reports.inspect_router(loaded, json_, here)
 
 
 @app.command()

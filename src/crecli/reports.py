@@ -118,12 +118,14 @@ def quality_check_line(router: Any) -> str:
     return line
 
 
-def inspect_router(router: Any, as_json: bool) -> None:
+def inspect_router(router: Any, as_json: bool, here: dict[str, str] | None = None) -> None:
+    """`cre inspect`: the router's models (each one's file and, with `here`, its state on
+    this machine, `routerfile.local_state`), then its clusters."""
     from rich.table import Table
     from rich.text import Text
 
     if as_json:
-        print_json(router_dict(router))
+        print_json({**router_dict(router), **({"here": here} if here is not None else {})})
         return
     ladder = router.ladder_names
     cost_label = "$" if router.fit.cost_unit == "price" else "s"
@@ -138,6 +140,15 @@ def inspect_router(router: Any, as_json: bool) -> None:
         highlight=False,
         markup=False,
     )
+    # A line a model, soft-wrapped: a table column would break the sha256 a teammate copies.
+    out().print("Models, smallest first:", highlight=False, markup=False)
+    for entry in router.ladder:
+        size = f"{entry.size:,} bytes" if entry.size is not None else "size not pinned"
+        line = (f"  {terminal_safe(entry.name)}: sha256 {entry.sha256 or '(not pinned)'}, {size}, "
+                f"prompts {entry.prompt_format or '(not recorded)'}")
+        if here is not None:
+            line += f"; here: {terminal_safe(here.get(entry.name, ''))}"
+        out().print(line, highlight=False, markup=False, soft_wrap=True)
     table = Table(show_lines=True)
     table.add_column("cluster", justify="right")
     table.add_column("size", justify="right")

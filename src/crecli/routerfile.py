@@ -268,7 +268,7 @@ def save(router: RouterFile, path: Path) -> None:
     archive.write(path, body, blobs)
 
 
-def load(path: Path, settings: "ModelConfig | None" = None, force: bool = False) -> RouterFile:
+def load(path: Path, settings: "ModelConfig | None" = None, force: bool = False, check_ladder: bool = True) -> RouterFile:
     """Read and verify a router file; never executes anything from it.
 
     Checks, in order: a zip archive of at most MAX_MEMBERS plain (stored or deflated,
@@ -277,7 +277,8 @@ def load(path: Path, settings: "ModelConfig | None" = None, force: bool = False)
     field (`schema.check_body`), every array's size (under the fixed caps), sha256 and .npy
     header (plain dtype, shape that fits the member's bytes; `archive.Archive.arrays`);
     then that each ladder model is in the local models.toml with the same sha256. A sha256 mismatch is an error unless `force`, which turns it into a
-    warning. Every failure is a RouterFileError.
+    warning. Every failure is a RouterFileError. `check_ladder` False skips that last check
+    (`cre inspect`, which shows each model's state here instead: `local_state`).
     """
     path = Path(path)
     if settings is None:
@@ -286,7 +287,7 @@ def load(path: Path, settings: "ModelConfig | None" = None, force: bool = False)
         settings = config.load()
     try:
         body, arrays, digest = _read(path)
-        router = _assemble(path, body, arrays, settings, force)
+        router = _assemble(path, body, arrays, settings, force, check_ladder)
         router.file_sha256 = digest
         return router
     except FieldError as exc:
@@ -310,12 +311,14 @@ def _read(path: Path) -> tuple[Body, dict[str, "np.ndarray"], str]:
         return body, box.arrays(body.listed()), box.sha256
 
 
-def _assemble(path: Path, body: Body, members: dict[str, "np.ndarray"], settings: "ModelConfig", force: bool) -> RouterFile:
+def _assemble(path: Path, body: Body, members: dict[str, "np.ndarray"], settings: "ModelConfig", force: bool,
+              check_ladder: bool = True) -> RouterFile:
     from crecli import assign, embed
 
     ladder = [LadderEntry(**entry) for entry in body.ladder]
     clusters = [ClusterInfo(**info) for info in body.clusters]
-    _check_ladder(path, ladder, settings, force)
+    if check_ladder:
+        _check_ladder(path, ladder, settings, force)
     names = [e.name for e in ladder]
 
     def arrays(owner: str) -> dict[str, "np.ndarray"]:
@@ -387,6 +390,26 @@ def _assemble(path: Path, body: Body, members: dict[str, "np.ndarray"], settings
         fit=_fit_record(body.fit),
         deferral=body.deferral,
     )
+
+
+def local_state(entry: LadderEntry, settings: "ModelConfig") -> str:
+    """How this machine meets a ladder entry, in words (`cre inspect`): what a teammate sent
+    the router needs to do before using it. The rule `_check_ladder` enforces, described."""
+    spec = settings.models.get(entry.name)
+    if spec is None:
+        return "not in models.toml: add it"
+    if entry.sha256 is None:
+        return "any file (the router pins none)"
+    local = model_identity(spec)
+    if local is None:
+        return "unknown here (no sha256 pinned, no file on disk)"
+    if local != entry.sha256:
+        return f"another file here ({_shown(local)}): the router is refused without --force"
+    if spec.url:
+        return "served remotely, pinned to this file"
+    if spec.file is not None and not spec.file.is_file():
+        return "this file, not on disk yet: cre models pull"
+    return "this file"
 
 
 def _shown(identity: str) -> str:
