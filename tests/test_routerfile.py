@@ -283,7 +283,7 @@ def test_inspect_shows_what_a_router_needs_instead_of_refusing_it(
     from crecli.cli import app
 
     toml = tiny_models_toml.read_text()
-    for name in ("small", "large"):  # small: the router's file; medium: another; large: none here
+    for name in ("small", "large"):  # small: the router's file (not on disk); large: another; medium: none
         sha = SHAS[name] if name == "small" else "9" * 64
         toml = toml.replace(f"[models.{name}]\n", f'[models.{name}]\nsha256 = "{sha}"\n')
     mine = built_router_file.parent / "mine.toml"
@@ -291,8 +291,8 @@ def test_inspect_shows_what_a_router_needs_instead_of_refusing_it(
     result = CliRunner().invoke(app, ["inspect", str(built_router_file), "--models", str(mine), "--json"])
     assert result.exit_code == 0, result.output
     here = json.loads(result.stdout)["here"]
-    assert here["small"] == "this file, not on disk yet: cre models pull"
-    assert here["medium"] == "not in models.toml: add it"
-    assert here["large"].startswith("another file here (sha256 999999999999…)")
+    assert here["small"] == {"state": "missing", "detail": "not on disk yet: cre models pull (or fix its path)"}
+    assert here["medium"] == {"state": "absent", "detail": "not in models.toml: add it"}
+    assert here["large"]["state"] == "other" and here["large"]["detail"].startswith("another file here (sha256 999999999999…)")
     table = CliRunner().invoke(app, ["inspect", str(built_router_file), "--models", str(mine)]).stdout
     assert SHAS["medium"] in table  # the whole sha256, to pin or to find the file by

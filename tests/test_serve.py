@@ -457,13 +457,20 @@ def test_a_client_that_leaves_before_its_answer_drops_its_queued_job(
 
 def test_a_504_is_not_logged_as_served(
     fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig, tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest,
 ) -> None:
     """Issue 22: the cascade finished its rung after the request's 504 and logged the answer
     no client got. Only answers that are sent are served."""
     from crecli import servedlog
 
     fake_backends({m: slow("12", 0.3) for m in ("small", "medium", "large")})
+    # uvicorn's logging config, applied by servers earlier tests started, stops its loggers
+    # propagating to the root logger where caplog listens: listen on the server's logger itself.
+    import logging
+
+    server_log = logging.getLogger("uvicorn.error")
+    server_log.addHandler(caplog.handler)
+    request.addfinalizer(lambda: server_log.removeHandler(caplog.handler))
     log = servedlog.ServedLog(tmp_path / "served.jsonl", "serve")
     cascade = Cascade(make_router(), settings)
     options = ServeOptions(timeout=0.2)

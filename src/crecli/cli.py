@@ -171,7 +171,7 @@ def _shot_counts(text: str) -> tuple[int, ...]:
 def inspect(
     router: Annotated[Optional[Path], typer.Argument(help="A router file written by `cre fit` (default: the router `cre ask` would use).", show_default=False)] = None,
     models: ModelsOpt = None,
-    force: Annotated[bool, typer.Option("--force", hidden=True, help="No effect: inspect shows each model's state here instead of failing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Warn instead of failing when the router's embedder model differs here (ladder models are shown, never refused).")] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Show a router's models and clusters: what each model file must be (full sha256) and
@@ -194,7 +194,7 @@ def inspect(
     from crecli import reports, routerfile
 
     settings = load_models(models)
-    loaded = routerfile.load(resolve_router(router), settings, check_ladder=False)
+    loaded = routerfile.load(resolve_router(router), settings, force=force, check_ladder=False)
     here = {entry.name: routerfile.local_state(entry, settings) for entry in loaded.ladder}
     reports.inspect_router(loaded, json_, here)
 

@@ -118,14 +118,15 @@ def quality_check_line(router: Any) -> str:
     return line
 
 
-def inspect_router(router: Any, as_json: bool, here: dict[str, str] | None = None) -> None:
+def inspect_router(router: Any, as_json: bool, here: dict[str, tuple[str, str]] | None = None) -> None:
     """`cre inspect`: the router's models (each one's file and, with `here`, its state on
     this machine, `routerfile.local_state`), then its clusters."""
     from rich.table import Table
     from rich.text import Text
 
     if as_json:
-        print_json({**router_dict(router), **({"here": here} if here is not None else {})})
+        shown = {name: {"state": code, "detail": words} for name, (code, words) in (here or {}).items()}
+        print_json({**router_dict(router), **({"here": shown} if here is not None else {})})
         return
     ladder = router.ladder_names
     cost_label = "$" if router.fit.cost_unit == "price" else "s"
@@ -147,7 +148,7 @@ def inspect_router(router: Any, as_json: bool, here: dict[str, str] | None = Non
         line = (f"  {terminal_safe(entry.name)}: sha256 {entry.sha256 or '(not pinned)'}, {size}, "
                 f"prompts {entry.prompt_format or '(not recorded)'}")
         if here is not None:
-            line += f"; here: {terminal_safe(here.get(entry.name, ''))}"
+            line += f"; here: {terminal_safe(here.get(entry.name, ('', ''))[1])}"
         out().print(line, highlight=False, markup=False, soft_wrap=True)
     table = Table(show_lines=True)
     table.add_column("cluster", justify="right")

@@ -392,24 +392,35 @@ def _assemble(path: Path, body: Body, members: dict[str, "np.ndarray"], settings
     )
 
 
-def local_state(entry: LadderEntry, settings: "ModelConfig") -> str:
-    """How this machine meets a ladder entry, in words (`cre inspect`): what a teammate sent
-    the router needs to do before using it. The rule `_check_ladder` enforces, described."""
+def local_state(entry: LadderEntry, settings: "ModelConfig") -> tuple[str, str]:
+    """How this machine meets a ladder entry (`cre inspect`): a stable code for scripts and
+    what it means in words, what a teammate sent the router needs to do before using it.
+    Codes: "ok", "remote", "any" (the router pins no file), "missing" (not on disk yet),
+    "unverified", "other" (another file: refused without --force), "unknown" (nothing
+    identifies it here), "absent" (no models.toml defines it). `_check_ladder` enforces the
+    sha256 part of this rule when a router is used."""
+    from crecli.models.pull import file_state
+
     spec = settings.models.get(entry.name)
     if spec is None:
-        return "not in models.toml: add it"
-    if entry.sha256 is None:
-        return "any file (the router pins none)"
+        return "absent", "not in models.toml: add it"
+    prompts = (f"; renders {spec.prompt_format!r} prompts here, not {entry.prompt_format!r}: recalibrate"
+               if entry.prompt_format is not None and spec.prompt_format != entry.prompt_format else "")
     local = model_identity(spec)
-    if local is None:
-        return "unknown here (no sha256 pinned, no file on disk)"
-    if local != entry.sha256:
-        return f"another file here ({_shown(local)}): the router is refused without --force"
+    if entry.sha256 is not None and local is None:
+        return "unknown", "unknown here (no sha256 pinned, no file on disk)" + prompts
+    if entry.sha256 is not None and local != entry.sha256:
+        return "other", f"another file here ({_shown(local or '')}): the router is refused without --force" + prompts
     if spec.url:
-        return "served remotely, pinned to this file"
-    if spec.file is not None and not spec.file.is_file():
-        return "this file, not on disk yet: cre models pull"
-    return "this file"
+        return "remote", ("served remotely, pinned to this file" if entry.sha256 else "served remotely") + prompts
+    state = file_state(spec)
+    if not state.present:
+        return "missing", "not on disk yet: cre models pull (or fix its path)" + prompts
+    if not state.verified:
+        return "unverified", f"on disk, but {state.reason}" + prompts
+    if entry.sha256 is None:
+        return "any", "any file (the router pins none)" + prompts
+    return "ok", "this file" + prompts
 
 
 def _shown(identity: str) -> str:
