@@ -369,3 +369,35 @@ def test_sampled_votes_come_in_waves_of_votes_the_check_surely_needs(answers: li
     step = check(backend, "What is 2 plus 2?", QualityCheck(k=5), 0.6, 16, "numeric")
     assert backend.waves == waves and step.used == used
     assert step.votes == answers[:used]
+
+
+@pytest.mark.parametrize("failure", ["missing", "unloadable"])
+def test_serve_passes_over_an_in_process_rung_it_cannot_load_and_ask_does_not(
+    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, settings: config.ModelConfig,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, failure: str,
+) -> None:
+    # A small model missing on disk (or refused by llama.cpp) made every request routed to it
+    # a 500 on a team's server, while remote rungs whose servers failed were passed over.
+    from crecli import live
+    from crecli.errors import ModelLoadError, ModelNotAvailable
+
+    monkeypatch.setattr(live, "_SAID", set())
+    error = (ModelNotAvailable("model 'small' is not on disk (/models/small.gguf): run `cre models pull`")
+             if failure == "missing" else ModelLoadError("llama.cpp could not load 'small' from /models/small.gguf"))
+
+    def broken(text: str, params: GenParams) -> str:
+        raise error
+
+    fake_backends({"small": broken, "medium": lambda text, params: "12", "large": lambda text, params: "12"})
+    prompt = "What is 7 plus 5?"
+    with pytest.raises(type(error)):
+        Cascade(router, settings).ask(prompt)  # cre ask and cre batch: theirs to fix, so it stops
+    serving = Cascade(router, settings)
+    serving.pass_over_unloadable = True  # what cre serve sets
+    traces = [serving.ask(prompt), serving.ask(prompt)]
+    for trace in traces:
+        assert (trace.start_model, trace.model, trace.answer) == ("small", "medium", "12")
+        assert trace.steps[0].why == "unavailable (its model could not be loaded): escalate to medium"
+        assert "/models" not in json.dumps(trace.to_dict())  # the client sees the trace: no path
+    err = capsys.readouterr().err
+    assert err.count("prompts pass over small to the next rung") == 1 and "/models/small.gguf" in err

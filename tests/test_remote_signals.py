@@ -459,7 +459,7 @@ def test_a_deferral_rung_left_unchecked_by_a_server_without_logprobs_is_said_onc
     from crecli import live as live_module
     from crecli.models.fake import FakeBackend
 
-    monkeypatch.setattr(live_module, "_UNCHECKED", set())
+    monkeypatch.setattr(live_module, "_SAID", set())
     monkeypatch.setattr(registry, "make_backend", lambda spec: FakeBackend(
         spec, sum_answer(spec.name), signals=None if spec.name == "small" else sum_signals))
     settings = config.load(tiny_models_toml)

@@ -780,8 +780,9 @@ def test_cli_refuses_an_unset_key_variable() -> None:
 
 
 def test_cre_serve_end_to_end_from_the_command_line(tmp_path: Path, tiny_models_toml: Path) -> None:
-    """The real CLI on a saved router: it lists its models, a model missing on disk is a 500
-    whose details (`cre ask`'s message) go to the server's log, and SIGTERM ends it with exit 0. (Models load on first use, so
+    """The real CLI on a saved router: it lists its models, rungs below the top whose model is
+    missing are passed over, the top's missing model is a 500 whose details (`cre ask`'s
+    message) go to the server's log, and SIGTERM ends it with exit 0. (Models load on first use, so
     the fake ladder's missing files matter only to the request that needs one.)"""
     from crecli import routerfile
 
@@ -811,10 +812,14 @@ def test_cre_serve_end_to_end_from_the_command_line(tmp_path: Path, tiny_models_
     assert isinstance(body, dict) and body["code"] == "model_error" and "/nonexistent" not in body["message"]
     rid = body["message"].rsplit("request id ", 1)[1].rstrip(")")
     assert failed.value.response.headers["x-request-id"] == rid
-    assert f"{rid}: team could not answer: model 'small' is not on disk (/nonexistent/small.gguf)" in err
+    # Rungs below the top whose model cannot be loaded are passed over (each said once); the
+    # top rung's failure stands.
+    assert f"{rid}: team could not answer: model 'large' is not on disk (/nonexistent/large.gguf)" in err
+    assert "model 'small' is not on disk" in err and "prompts pass over small to the next rung" in err
     assert out == "" and "Finished server process" in err  # stdout stays clean; logs go to stderr
     # Said once at start, as /health would: a missing model showed only as 500s.
-    assert "model 'small' cannot answer (missing)" in err
+    assert "model 'small' cannot answer (missing): prompts pass over it to the next rung" in err
+    assert "model 'large' cannot answer (missing): requests that reach it fail" in err
 
 
 def test_the_soak_bench_runs_cre_serve_through_every_kind_of_client() -> None:

@@ -42,6 +42,11 @@ class BackendError(CreError):
     """A backend (llama.cpp or a remote server) failed to answer."""
 
 
+class ModelLoadError(BackendError):
+    """llama.cpp could not load a model file that is there (corrupt, an architecture this build
+    does not know, no memory): like a missing file, the rung cannot answer at all."""
+
+
 class PromptTooLong(BackendError):
     """The prompt does not fit the model's context: the caller's to shorten, so `cre serve` answers 400.
 

@@ -85,6 +85,11 @@ class Cascade:
                 f"({', '.join(self.ladder)}); refit it with `cre fit`"
             )
         self.policy = router.policy(self.quality)
+        # `cre serve` sets it: an in-process rung below the top whose model cannot be loaded
+        # (missing, failing verification, refused by llama.cpp) is passed over as a remote
+        # rung whose servers all failed is, so a server keeps answering from the rungs it
+        # has. `cre ask` and `cre batch` stop instead: a missing model is theirs to fix.
+        self.pass_over_unloadable = False
         self._counter: "Backend | None" = None  # the strongest model's tokenizer, for estimates
         self._route_lock = threading.Lock()
 
@@ -277,7 +282,7 @@ class Cascade:
                     p.greedy = gen
 
     def _source(self, pending: Pending) -> LiveSource:
-        return LiveSource(pending, self.pool, self.specs, self.quality, self.pricing)
+        return LiveSource(pending, self.pool, self.specs, self.quality, self.pricing, self.pass_over_unloadable)
 
     def advance(self, pending: Pending, rungs: int | None = 1, stop: Callable[[], bool] | None = None) -> bool:
         """Walk the pending prompt up the ladder (`ladder.walk`) for at most `rungs` rungs

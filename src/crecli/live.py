@@ -41,25 +41,31 @@ def greedy_params(quality: "QualityCheck", rung: Rung, prompt: str) -> "GenParam
     return replace(vote_params(quality, 0, rung.max_tokens, prompt, rung.shots), signals=rung.check == DEFERRAL)
 
 
-_UNCHECKED: set[str] = set()
-_UNCHECKED_LOCK = threading.Lock()
+_SAID: set[tuple[str, str]] = set()
+_SAID_LOCK = threading.Lock()
+
+
+def _say_once(key: tuple[str, str], message: str) -> None:
+    """Warn `message` once per process per `key` (what, which model): a condition every
+    answer would otherwise repeat on stderr."""
+    with _SAID_LOCK:
+        if key in _SAID:
+            return
+        _SAID.add(key)
+    from crecli.console import warn
+
+    warn(message)
 
 
 def _say_unchecked(model: str, k: int) -> None:
     """Warn once per process that `model`'s answers go unchecked: a deferral rung that gets
     no log-probabilities (a server that gives none, such as Ollama's) falls back to the
     agreement check, and with one vote an answer always agrees with itself (only an empty one
-    escalates). The trace's
-    `why` says it too, but only `--explain` shows it."""
-    with _UNCHECKED_LOCK:
-        if model in _UNCHECKED:
-            return
-        _UNCHECKED.add(model)
-    from crecli.console import warn
-
-    warn(f"{model} gave no log-probabilities, so its deferral check fell back to self-consistency, which on "
-         f"{k} vote accepts every non-empty answer: its answers are not escalated. Run `cre calibrate` with this "
-         "setup, or serve the model where it returns log-probabilities")
+    escalates). The trace's `why` says it too, but only `--explain` shows it."""
+    _say_once(("unchecked", model),
+              f"{model} gave no log-probabilities, so its deferral check fell back to self-consistency, which on "
+              f"{k} vote accepts every non-empty answer: its answers are not escalated. Run `cre calibrate` with "
+              "this setup, or serve the model where it returns log-probabilities")
 
 
 class LiveVotes:
@@ -207,8 +213,9 @@ class LiveSource:
     the answer is final the trace's totals, its grade and its cost (priced once)."""
 
     def __init__(self, pending: Pending, pool: "ModelPool", specs: Mapping[str, "ModelSpec"], quality: "QualityCheck",
-                 pricing: Pricing) -> None:
+                 pricing: Pricing, pass_over_unloadable: bool = False) -> None:
         self.pending, self.pool, self.specs, self.quality, self.pricing = pending, pool, specs, quality, pricing
+        self.pass_over_unloadable = pass_over_unloadable
         self._held: "Backend | None" = None
 
     @contextmanager
@@ -218,10 +225,14 @@ class LiveSource:
 
         A remote rung below the top whose every server failed (`RungUnavailable`) is passed
         over: the step records why, and the prompt moves up to the next rung, whose answer
-        is at least as good. On the top rung the failure stands: nothing is above it."""
+        is at least as good. So is an in-process rung whose model cannot be loaded, where
+        `pass_over_unloadable` (`cre serve`); its details go to stderr once, not to the
+        client. On the top rung the failure stands: nothing is above it."""
+        from crecli.errors import ModelLoadError, ModelNotAvailable
         from crecli.models.openai import RungUnavailable
 
         start = time.perf_counter()
+        passed = (RungUnavailable, ModelNotAvailable, ModelLoadError) if self.pass_over_unloadable else (RungUnavailable,)
         try:
             with self.pool.lease(self.specs[rung.model]) as backend:
                 self._held = backend
@@ -229,17 +240,23 @@ class LiveSource:
                     yield
                 finally:
                     self._held = None
-        except RungUnavailable as exc:
+        except passed as exc:
             climb = self.pending.climb
             if rung.top or climb.done or climb.current is not rung:
                 raise
+            if isinstance(exc, RungUnavailable):
+                public = exc.public
+            else:
+                public = "its model could not be loaded"
+                _say_once(("unloadable", rung.model),
+                          f"{exc}; prompts pass over {rung.model} to the next rung until it can be loaded")
             climb.rung += 1
             self.pending.greedy = None
             self.pending.trace.steps.append(Step(
                 model=rung.model, votes=[], normalized=[], agreement=0.0, used=0, threshold=rung.threshold,
                 accepted=False, answer="", prompt_tokens=0, output_tokens=0, greedy_output_tokens=0,
                 seconds=time.perf_counter() - start,
-                why=f"unavailable ({exc.public}): escalate to {climb.current.model}",
+                why=f"unavailable ({public}): escalate to {climb.current.model}",
             ))
 
     def votes_for(self, rung: Rung) -> LiveVotes:

@@ -231,6 +231,7 @@ def run(
              "connect can use your models; pass --api-key-env NAME")
     sock = listen(options.host, options.port)
     with sock, Cascade.from_file(router, models_file, force=force, memory_budget_bytes=memory_budget_bytes) as cascade:
+        cascade.pass_over_unloadable = True  # a server answers from the rungs it has (`LiveSource.hold`)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         status(f"cre serve: {router} on http://{shown}:{port}/v1 (models: {CASCADE_MODEL}, {', '.join(cascade.ladder)})")
@@ -241,7 +242,9 @@ def run(
         for name in cascade.ladder:
             state = rung_state(cascade.specs[name])
             if not state.usable:
-                warn(f"model {name!r} cannot answer ({state.word}): requests that reach it will fail until it can; "
+                then = ("requests that reach it fail" if name == cascade.ladder[-1] else
+                        "prompts pass over it to the next rung")
+                warn(f"model {name!r} cannot answer ({state.word}): {then} until it can; "
                      "`cre models list` says why, and `cre models pull` fetches the default models")
         if served.enabled:
             status(f"cre serve: logging answered prompts to {served.path} (--no-log to stop)")

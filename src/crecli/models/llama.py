@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from crecli import cancel
-from crecli.errors import BackendError, CreError, PromptTooLong
+from crecli.errors import BackendError, CreError, ModelLoadError, PromptTooLong
 from crecli.models.backend import Backend, Generation, GenParams, StopSafeEmitter
 from crecli.models.gguf import kv_bytes_per_token
 from crecli.models.parallel import VOTE_SEQUENCES, Handoff, ParallelGreedy, ParallelVotes
@@ -107,7 +107,7 @@ class LlamaBackend(Backend):
                     verbose=verbose,
                 )
         except Exception as exc:  # llama.cpp reports load failures as bare ValueErrors
-            raise BackendError(f"llama.cpp could not load {self.spec.name!r} from {path}: {exc}") from exc
+            raise ModelLoadError(f"llama.cpp could not load {self.spec.name!r} from {path}: {exc}") from exc
         # No warm-up decode: llama.cpp reserves its compute buffers when the context is made,
         # and a one-token decode right after loading took as long as a second one (0.095 s on
         # the 1.5B) while the first real answer took no longer without it; it cost every
