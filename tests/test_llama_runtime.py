@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from crecli import errors
 from crecli.errors import BackendError
 from crecli.models import llama, runtime
 
@@ -212,3 +213,37 @@ def test_two_models_loading_at_once_leave_stdout_and_stderr_where_they_were(
     assert [(s.st_dev, s.st_ino) for s in after] == [(s.st_dev, s.st_ino) for s in before]
     assert sys.stdout is streams[0] and sys.stderr is streams[1]
     assert len(errors) == 2 and all(isinstance(e, BackendError) for e in errors), errors
+
+
+def test_a_file_llama_cpp_refused_is_not_loaded_again_until_it_changes_or_a_minute_passes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # cre serve passes over a rung whose model cannot be loaded, but each request that reached
+    # it paid another failed load: seconds each for a large corrupt file.
+    import llama_cpp
+
+    from crecli.config import ModelSpec
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 64)
+    tries: list[str] = []
+    real_init = llama_cpp.Llama.__init__
+
+    def init(self: object, *args: object, **kwargs: object) -> None:
+        tries.append("load")
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(llama_cpp.Llama, "__init__", init)
+    backend = llama.LlamaBackend(ModelSpec(name="bad", path=bad))
+    for _ in range(3):
+        with pytest.raises(errors.ModelLoadError, match="llama.cpp could not load 'bad'"):
+            backend.llm
+    assert tries == ["load"]
+    bad.write_bytes(b"GGUF" + b"\xfe" * 80)  # replaced: tried at once
+    with pytest.raises(errors.ModelLoadError):
+        backend.llm
+    assert len(tries) == 2
+    monkeypatch.setattr(llama, "REFUSED_RETRY_SECONDS", 0.0)  # as a minute later
+    with pytest.raises(errors.ModelLoadError):
+        backend.llm
+    assert len(tries) == 3

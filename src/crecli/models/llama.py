@@ -47,6 +47,10 @@ if TYPE_CHECKING:
 PREFIX_SNAPSHOTS = 16
 
 
+# Seconds a model file llama.cpp refused to load is not tried again, unless it changes.
+REFUSED_RETRY_SECONDS = 60.0
+
+
 class LlamaBackend(Backend):
     def __init__(
         self,
@@ -79,6 +83,8 @@ class LlamaBackend(Backend):
         # Greedy answers carry `Signals`; off only to measure what reading them costs.
         self.read_signals = True
         self.load_seconds = 0.0
+        # The last load llama.cpp refused: ((size, mtime_ns, embedding), when, its message).
+        self._refused: tuple[tuple[int, int, bool], float, str] | None = None
 
     @property
     def letters(self) -> dict[int, int]:
@@ -92,6 +98,14 @@ class LlamaBackend(Backend):
             from llama_cpp import Llama
         except ImportError as exc:  # pragma: no cover - install problem
             raise BackendError(f"llama-cpp-python is not importable ({exc}); reinstall crecli") from exc
+        # A file llama.cpp refused is not tried again for REFUSED_RETRY_SECONDS unless it
+        # changes: `cre serve` passes over such a rung, and each request that reached it paid
+        # a failed load (seconds for a large corrupt file). Out of memory may pass, so not for good.
+        info = path.stat()
+        key = (info.st_size, info.st_mtime_ns, embedding)
+        refused = self._refused
+        if refused is not None and refused[0] == key and time.monotonic() - refused[1] < REFUSED_RETRY_SECONDS:
+            raise ModelLoadError(refused[2])
         start = time.perf_counter()
         try:
             with loading() as verbose, model_params(use_extra_bufts()):
@@ -107,7 +121,9 @@ class LlamaBackend(Backend):
                     verbose=verbose,
                 )
         except Exception as exc:  # llama.cpp reports load failures as bare ValueErrors
-            raise ModelLoadError(f"llama.cpp could not load {self.spec.name!r} from {path}: {exc}") from exc
+            message = f"llama.cpp could not load {self.spec.name!r} from {path}: {exc}"
+            self._refused = (key, time.monotonic(), message)
+            raise ModelLoadError(message) from exc
         # No warm-up decode: llama.cpp reserves its compute buffers when the context is made,
         # and a one-token decode right after loading took as long as a second one (0.095 s on
         # the 1.5B) while the first real answer took no longer without it; it cost every
