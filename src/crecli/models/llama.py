@@ -219,12 +219,8 @@ class LlamaBackend(Backend):
         # long prompt or to `max_tokens` for an answer nobody reads.
         token = cancel.current()
         llm = self.llm
-        try:
-            with abort_on_cancel(llm._ctx.ctx, token):
-                return self._complete(llm, rendered, params, emit, token)
-        except RuntimeError:
-            cancel.check()  # llama_decode returned 2: aborted because the request gave up
-            raise
+        with abort_on_cancel(llm._ctx.ctx, token):
+            return self._complete(llm, rendered, params, emit, token)
 
     def _complete(self, llm: Any, rendered: Rendered, params: GenParams, emit: Callable[[str], None] | None,
                   token: "cancel.Token | None") -> Generation:

@@ -401,7 +401,6 @@ class ParallelVotes:
             _put(batch, i, token, i, self.root, False)
         batch.n_tokens = n
         if n and llama_cpp.llama_decode(self.ctx, batch) != 0:
-            cancel.check()  # aborted (`abort_on_cancel`): the request gave up
             raise BackendError("llama.cpp could not decode the prompt for its votes")
         self.held = head
         return time.perf_counter() - start
@@ -441,8 +440,7 @@ class ParallelVotes:
                 batch.n_tokens = len(active)
                 rc = llama_cpp.llama_decode(self.ctx, batch)
                 if rc != 0:
-                    cancel.check()  # aborted (`abort_on_cancel`): the request gave up
-                    raise BackendError(f"llama.cpp could not decode {len(active)} parallel votes (llama_decode returned {rc})")
+                            raise BackendError(f"llama.cpp could not decode {len(active)} parallel votes (llama_decode returned {rc})")
                 still = []
                 finished: list[tuple[_Stream, bytes, str]] = []
                 for row, stream in enumerate(active):

@@ -146,7 +146,8 @@ def _flag_reader() -> Any:
 def abort_on_cancel(ctx: Any, token: Any) -> Iterator[None]:
     """While the block runs, `token` (a `cancel.Token`, or None for none) cancelled aborts the
     llama.cpp context `ctx`'s decode at its next graph node: `llama_decode` returns 2, which
-    llama-cpp-python raises as a RuntimeError; the caller turns it into `cancel.Cancelled`.
+    llama-cpp-python raises as a RuntimeError and cre's own decodes as a BackendError; either,
+    once the token is set, leaves the block as `cancel.Cancelled`.
 
     Between tokens a stopping criterion already stops generation; this stops the prompt's
     evaluation too, which on 2 cores can hold a model for tens of seconds for a long prompt.
@@ -165,10 +166,17 @@ def abort_on_cancel(ctx: Any, token: Any) -> Iterator[None]:
     def stop() -> None:
         flag[0] = b"\x01"  # one byte: a racing read sees 0 or 1, both valid answers
 
+    from crecli.cancel import Cancelled
+    from crecli.errors import BackendError
+
     remove = token.on_cancel(stop)
     llama_cpp.llama_set_abort_callback(ctx, _flag_reader(), ctypes.cast(flag, ctypes.c_void_p))
     try:
         yield
+    except (RuntimeError, BackendError):
+        if token.is_set():
+            raise Cancelled("the request gave up") from None
+        raise
     finally:
         llama_cpp.llama_set_abort_callback(ctx, llama_cpp.ggml_abort_callback(), None)
         remove()
