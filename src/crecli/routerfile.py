@@ -75,6 +75,12 @@ class LadderEntry:
         the file their figures were measured on, and how its prompts were rendered."""
         return cls(spec.name, model_identity(spec), spec.size, spec.prompt_format)
 
+    def renders_otherwise(self, spec: "ModelSpec") -> bool:
+        """Whether `spec` renders prompts in another format than the fit did (unknown in
+        routers from before it was recorded): same weights, other prompts, so the answers
+        the checks were tuned on are not the ones it gives."""
+        return self.prompt_format is not None and spec.prompt_format != self.prompt_format
+
 
 @dataclass(frozen=True)
 class Expected:
@@ -405,7 +411,7 @@ def local_state(entry: LadderEntry, settings: "ModelConfig") -> tuple[str, str]:
     if spec is None:
         return "absent", "not in models.toml: add it"
     prompts = (f"; renders {spec.prompt_format!r} prompts here, not {entry.prompt_format!r}: recalibrate"
-               if entry.prompt_format is not None and spec.prompt_format != entry.prompt_format else "")
+               if entry.renders_otherwise(spec) else "")
     local = model_identity(spec)
     if entry.sha256 is not None and local is None:
         return "unknown", "unknown here (no sha256 pinned, no file on disk)" + prompts
@@ -442,9 +448,7 @@ def _check_ladder(path: Path, ladder: list[LadderEntry], settings: "ModelConfig"
                 + f", which no models.toml defines{hint}. Add it to your models.toml "
                 "(`cre models path` shows where)."
             )
-        if entry.prompt_format is not None and spec.prompt_format != entry.prompt_format:
-            # Same weights, other prompts (a rung moved to a chat server that applies its own
-            # template): the answers the thresholds were tuned on are not the ones it gives.
+        if entry.renders_otherwise(spec):  # e.g. a rung moved to a chat server with its own template
             console.warn(
                 f"{path}: model {name!r} was fitted with prompt_format {entry.prompt_format!r}, and renders "
                 f"{spec.prompt_format!r} here ({spec.defined_in or 'models.toml'}): its answers, and the checks tuned "
