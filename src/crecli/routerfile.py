@@ -398,25 +398,45 @@ def _assemble(path: Path, body: Body, members: dict[str, "np.ndarray"], settings
     )
 
 
+@dataclass(frozen=True)
+class Match:
+    """How this machine's models.toml meets a ladder entry (`match`)."""
+
+    spec: "ModelSpec | None"  # the model of the entry's name here; None: no models.toml defines it
+    identity: str | None  # its file here (`model_identity`), looked up only when the entry pins one
+    other_file: bool  # the entry pins a file and this is not it (None here: nothing identifies it)
+
+
+def match(entry: LadderEntry, settings: "ModelConfig") -> Match:
+    """The one rule of what counts as the entry's model here: the model of the same name in
+    models.toml, holding the file the entry pins (any file when it pins none). `load`
+    (`_check_ladder`) enforces it; `cre inspect` (`local_state`) shows it."""
+    spec = settings.models.get(entry.name)
+    if spec is None or entry.sha256 is None:
+        return Match(spec, None, False)
+    local = model_identity(spec)
+    return Match(spec, local, local != entry.sha256)
+
+
 def local_state(entry: LadderEntry, settings: "ModelConfig") -> tuple[str, str]:
     """How this machine meets a ladder entry (`cre inspect`): a stable code for scripts and
     what it means in words, what a teammate sent the router needs to do before using it.
     Codes: "ok", "remote", "any" (the router pins no file), "missing" (not on disk yet),
     "unverified", "other" (another file: refused without --force), "unknown" (nothing
-    identifies it here), "absent" (no models.toml defines it). `_check_ladder` enforces the
-    sha256 part of this rule when a router is used."""
+    identifies it here), "absent" (no models.toml defines it). Which model is the entry's
+    is `match`'s rule, which `_check_ladder` enforces when a router is used."""
     from crecli.models.pull import file_state
 
-    spec = settings.models.get(entry.name)
+    found = match(entry, settings)
+    spec = found.spec
     if spec is None:
         return "absent", "not in models.toml: add it"
     prompts = (f"; renders {spec.prompt_format!r} prompts here, not {entry.prompt_format!r}: recalibrate"
                if entry.renders_otherwise(spec) else "")
-    local = model_identity(spec)
-    if entry.sha256 is not None and local is None:
+    if found.other_file and found.identity is None:
         return "unknown", "unknown here (no sha256 pinned, no file on disk)" + prompts
-    if entry.sha256 is not None and local != entry.sha256:
-        return "other", f"another file here ({_shown(local or '')}): the router is refused without --force" + prompts
+    if found.other_file:
+        return "other", f"another file here ({_shown(found.identity or '')}): the router is refused without --force" + prompts
     if spec.url:
         return "remote", ("served remotely, pinned to this file" if entry.sha256 else "served remotely") + prompts
     state = file_state(spec)
@@ -436,9 +456,11 @@ def _shown(identity: str) -> str:
 
 
 def _check_ladder(path: Path, ladder: list[LadderEntry], settings: "ModelConfig", force: bool) -> None:
+    """Refuse a ladder entry whose model is not here (`match`), or, unless `force`, is another file."""
     for entry in ladder:
         name, wanted = entry.name, entry.sha256
-        spec = settings.models.get(name)
+        found = match(entry, settings)
+        spec = found.spec
         if spec is None:
             same = [s.name for s in settings.models.values() if wanted and s.sha256 == wanted]
             hint = f"; your model {same[0]!r} has that sha256, so rename it to {name!r}" if same else ""
@@ -454,10 +476,9 @@ def _check_ladder(path: Path, ladder: list[LadderEntry], settings: "ModelConfig"
                 f"{spec.prompt_format!r} here ({spec.defined_in or 'models.toml'}): its answers, and the checks tuned "
                 "on them, may differ; recalibrate with `cre calibrate` on this setup"
             )
-        if wanted is None:
-            continue
-        local = model_identity(spec)
-        if local != wanted:
+        if found.other_file:
+            assert wanted is not None  # only a pinned entry is another file
+            local = found.identity
             problem = (
                 f"{path}: model {name!r} is not the file the router was fitted with: the router "
                 f"pins {_shown(wanted)}, the local one is "
