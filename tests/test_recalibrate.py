@@ -154,6 +154,27 @@ def test_calibrate_force_on_other_model_files_records_the_files_it_calibrated_on
     assert routerfile.load(router, config.load(pinned)).ladder[0].sha256 == mine
 
 
+def test_calibrate_records_the_settings_each_rung_answered_with_here(
+    fakes, tiny_models_toml: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The warning for a rung that answers with other settings here says to recalibrate: the
+    # calibrated router records this setup's settings (`LadderEntry.of`), so it stops, also
+    # for a rung nothing identifies here, whose pin the router keeps.
+    log = write(tmp_path / "log.jsonl", rows())
+    router = tmp_path / "router.cre"
+    ok("fit", log, "-o", router, "--models", tiny_models_toml)
+    assert [e.context for e in routerfile.load(router, config.load(tiny_models_toml)).ladder] == [2048] * 3
+    mine = tmp_path / "mine.toml"
+    mine.write_text(tiny_models_toml.read_text().replace("[models.small]\n", "[models.small]\ncontext = 512\n"))
+    capsys.readouterr()
+    routerfile.load(router, config.load(mine))
+    assert "model 'small' was fitted with context 2048, and has context 512 here" in capsys.readouterr().err
+    ok("calibrate", router, "--models", mine, "--folds", "2")
+    loaded = routerfile.load(router, config.load(mine))
+    assert [e.context for e in loaded.ladder] == [512, 2048, 2048] and loaded.ladder[0].sha256 is None
+    assert "fitted with" not in capsys.readouterr().err
+
+
 def test_calibrate_prices_every_stored_cost_afresh(fakes, tiny_models_toml: Path, tmp_path: Path, bench_speeds) -> None:
     bench_speeds(SPEEDS)
     log = write(tmp_path / "log.jsonl", rows())

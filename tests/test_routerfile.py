@@ -19,7 +19,7 @@ from support.routers import BUILT_PROMPTS, SHAS, built_router, edit_manifest, me
 def test_round_trip(pinned_settings: config.ModelConfig, built_router_file: Path) -> None:
     original = built_router(pinned_settings)
     loaded = routerfile.load(built_router_file, pinned_settings)
-    assert loaded.ladder == [routerfile.LadderEntry(n, SHAS[n], 1000, pinned_settings.get(n).prompt_format)
+    assert loaded.ladder == [routerfile.LadderEntry(n, SHAS[n], 1000, pinned_settings.get(n).prompt_format, 2048, 1.0)
                              for n in ("small", "medium", "large")]
     assert [e.prompt_format for e in loaded.ladder] == ["completion", "chatml", "chatml"]
     assert loaded.ladder_names == ["small", "medium", "large"]
@@ -189,20 +189,50 @@ def test_a_rung_whose_prompts_render_otherwise_here_is_warned_about(
     pinned_settings.models["medium"] = replace(pinned_settings.models["medium"], prompt_format="chat")
     routerfile.load(built_router_file, pinned_settings)
     err = capsys.readouterr().err
-    assert "model 'medium' was fitted with prompt_format 'chatml', and renders 'chat' here" in err
+    assert "model 'medium' was fitted with prompt_format 'chatml', and has prompt_format 'chat' here" in err
     assert "cre calibrate" in err and "'small'" not in err
 
 
-def test_a_router_from_before_the_prompt_format_was_recorded_loads_without_a_word(
+def test_a_rung_that_answers_with_other_settings_here_is_warned_about_by_name(
+    pinned_settings: config.ModelConfig, built_router_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Only the prompt format was compared: a teammate whose models.toml gives a rung another
+    # context (which caps an answer at what the prompt leaves of it), or serves it from a
+    # server with its own repetition penalty, got thresholds tuned on other answers with no word.
+    pinned_settings.models["small"] = replace(pinned_settings.models["small"], context=512)
+    medium = pinned_settings.models["medium"]
+    pinned_settings.models["medium"] = replace(medium, url="http://10.0.0.2:8000/v1", repeat_penalty=1.1)
+    routerfile.load(built_router_file, pinned_settings)
+    err = " ".join(capsys.readouterr().err.split())  # unwrapped
+    assert "model 'small' was fitted with context 2048, and has context 512 here" in err
+    assert ("model 'medium' was fitted with context 2048, repeat_penalty 1.0, and has its server's own context, "
+            "repeat_penalty 1.1 here") in err
+    assert "'large'" not in err and err.count("cre calibrate") == 2
+    here = routerfile.local_state(routerfile.load(built_router_file, pinned_settings).ladder[0], pinned_settings)
+    assert here[1].endswith("; fitted with context 2048, and has context 512 here: recalibrate")  # cre inspect
+
+
+def test_a_router_from_before_the_settings_were_recorded_loads_without_a_word(
     pinned_settings: config.ModelConfig, built_router_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     def older(manifest: dict[str, Any]) -> None:
         for entry in manifest["body"]["ladder"]:
-            del entry["prompt_format"]
+            del entry["prompt_format"], entry["context"], entry["repeat_penalty"]
 
+    medium = pinned_settings.models["medium"]
     edit_manifest(built_router_file, older)
-    pinned_settings.models["medium"] = replace(pinned_settings.models["medium"], prompt_format="chat")
-    assert [e.prompt_format for e in routerfile.load(built_router_file, pinned_settings).ladder] == [None] * 3
+    pinned_settings.models["medium"] = replace(medium, prompt_format="chat", context=512)
+    loaded = routerfile.load(built_router_file, pinned_settings)
+    assert [(e.prompt_format, e.context, e.repeat_penalty) for e in loaded.ladder] == [(None, None, None)] * 3
+    assert capsys.readouterr().err == ""
+    assert routerfile.local_state(loaded.ladder[1], pinned_settings)[1] == "not on disk yet: cre models pull (or fix its path)"
+
+    # One that recorded the prompt format only is compared on it alone.
+    pinned_settings.models["medium"] = medium
+    routerfile.save(built_router(pinned_settings), built_router_file)
+    edit_manifest(built_router_file, lambda m: [(e.pop("context"), e.pop("repeat_penalty")) for e in m["body"]["ladder"]])
+    pinned_settings.models["medium"] = replace(medium, context=4096)
+    routerfile.load(built_router_file, pinned_settings)
     assert capsys.readouterr().err == ""
 
 

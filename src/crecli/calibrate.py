@@ -446,9 +446,9 @@ def apply(router: "RouterFile", cal: Calibration, settings: "ModelConfig | None"
     if settings is not None:
         # An entry nothing identifies here (an unpinned file not on disk, calibrated from
         # labels) keeps the router's pin: a None would let any file pass for it later.
-        # Its prompt format is the one calibrated here all the same.
+        # The settings it answers with are the ones calibrated here all the same.
         ladder = [new if (new := LadderEntry.of(settings.get(e.name))).sha256 is not None
-                  else replace(e, prompt_format=new.prompt_format) for e in router.ladder]
+                  else replace(new, sha256=e.sha256, size=e.size) for e in router.ladder]
     return replace(router, clusters=clusters, thresholds=dict(cal.thresholds), budget=cal.budget.to_dict(), fit=fit,
                    deferral=cal.deferral, ladder=ladder)
 

@@ -32,6 +32,14 @@ SOURCES = ("chunks", "path", "url")
 # A models.toml is a few kilobytes; the cap keeps `--models /dev/zero` from eating memory.
 MAX_FILE_BYTES = 1 << 20
 MIN_CONTEXT = 16
+# Past this a repetition penalty is no setting anyone means (1.0: no penalty).
+MAX_REPEAT_PENALTY = 10.0
+# In this process llama.cpp samples with no repetition penalty (`models.llama`); a remote
+# rung's server applies its own default unless models.toml sets `repeat_penalty`.
+IN_PROCESS_REPEAT_PENALTY = 1.0
+# The fields of a model's spec that change its answers, as a router records them per rung
+# (`ModelSpec.answer_settings`, `routerfile.LadderEntry`).
+ANSWER_SETTINGS = ("prompt_format", "context", "repeat_penalty")
 # llama.cpp keeps n_ctx and n_gpu_layers in 32-bit ints.
 MAX_INT32 = 2**31 - 1
 
@@ -128,6 +136,20 @@ class ModelSpec:
     @property
     def pullable(self) -> bool:
         return bool(self.chunks)
+
+    def answer_settings(self) -> dict[str, Any]:
+        """The settings (`ANSWER_SETTINGS`) this model answers with, as they take effect: how
+        its prompts are rendered; its context, which caps an answer at what is left of it
+        after the prompt (in process; None for a remote rung: its server's own); and its
+        repetition penalty (none in process; None for a remote rung that sets none: its
+        server's default). Sampling (temperature, votes) and answer lengths are the
+        router's, the same for every rung. A router records these per rung when it is
+        fitted or calibrated, and warns where a rung has others here."""
+        return {
+            "prompt_format": self.prompt_format,
+            "context": None if self.url else self.context,
+            "repeat_penalty": self.repeat_penalty if self.url else IN_PROCESS_REPEAT_PENALTY,
+        }
 
 
 @dataclass
@@ -339,8 +361,9 @@ def _model_fields(name: str, fields: dict[str, Any], where: Path | str) -> dict[
             out[f] = _int(where, key, value, 1, MAX_IN_FLIGHT, " (requests each of the rung's servers holds at once)")
         elif f == "repeat_penalty":
             out[f] = _float(where, key, value, 0.0)
-            if not 0.0 < out[f] <= 10.0:
-                raise ConfigError(f"{where}: {key} must be a number above 0 and at most 10 (1.0: no penalty), got {_show(value)}")
+            if not 0.0 < out[f] <= MAX_REPEAT_PENALTY:
+                raise ConfigError(f"{where}: {key} must be a number above 0 and at most {MAX_REPEAT_PENALTY:g} "
+                                  f"(1.0: no penalty), got {_show(value)}")
         elif f == "timeout":
             out[f] = _float(where, key, value, 1.0)
             if out[f] > MAX_TIMEOUT:

@@ -145,8 +145,12 @@ def inspect_router(router: Any, as_json: bool, here: dict[str, tuple[str, str]] 
     out().print("Models, smallest first:", highlight=False, markup=False)
     for entry in router.ladder:
         size = f"{entry.size:,} bytes" if entry.size is not None else "size not pinned"
+        # Context and repetition penalty as recorded (`LadderEntry`): absent in older routers
+        # and for a remote rung left to its server.
         line = (f"  {terminal_safe(entry.name)}: sha256 {entry.sha256 or '(not pinned)'}, {size}, "
-                f"prompts {entry.prompt_format or '(not recorded)'}")
+                f"prompts {entry.prompt_format or '(not recorded)'}"
+                + (f", context {entry.context}" if entry.context is not None else "")
+                + (f", repeat_penalty {entry.repeat_penalty:g}" if entry.repeat_penalty is not None else ""))
         if here is not None:
             line += f"; here: {terminal_safe(here.get(entry.name, ('', ''))[1])}"
         out().print(line, highlight=False, markup=False, soft_wrap=True)

@@ -66,20 +66,43 @@ class LadderEntry:
     name: str
     sha256: str | None  # `models.pull.model_identity`: None when nothing identified the file
     size: int | None
-    # How prompts were rendered for it (`config.PROMPT_FORMATS`); None in routers from before.
+    # The settings it answered with (`config.ANSWER_SETTINGS`, `ModelSpec.answer_settings`):
+    # None where a router from before did not record them, and for a remote rung's context
+    # and unset repeat_penalty, its server's own (unknown, so never compared).
     prompt_format: str | None = None
+    context: int | None = None
+    repeat_penalty: float | None = None
 
     @classmethod
     def of(cls, spec: "ModelSpec") -> "LadderEntry":
         """The entry of the model `spec` is here: what `cre fit` and `cre calibrate` record as
-        the file their figures were measured on, and how its prompts were rendered."""
-        return cls(spec.name, model_identity(spec), spec.size, spec.prompt_format)
+        the file their figures were measured on, and the settings it answered with."""
+        return cls(spec.name, model_identity(spec), spec.size, **spec.answer_settings())
 
-    def renders_otherwise(self, spec: "ModelSpec") -> bool:
-        """Whether `spec` renders prompts in another format than the fit did (unknown in
-        routers from before it was recorded): same weights, other prompts, so the answers
-        the checks were tuned on are not the ones it gives."""
-        return self.prompt_format is not None and spec.prompt_format != self.prompt_format
+    def otherwise_here(self, spec: "ModelSpec") -> list[tuple[str, Any, Any]]:
+        """Each recorded setting that `spec` answers with otherwise (`ModelSpec.answer_settings`),
+        as (setting, fitted value, value here): same weights, other answers, so the checks
+        tuned on the fitted ones may not hold. Empty for routers from before they were
+        recorded, which are taken as they are."""
+        from crecli.config import ANSWER_SETTINGS
+
+        here = spec.answer_settings()
+        return [(key, getattr(self, key), here[key]) for key in ANSWER_SETTINGS
+                if getattr(self, key) is not None and here[key] != getattr(self, key)]
+
+
+def _setting(key: str, value: Any) -> str:
+    """A recorded answer setting in a message; None is a remote rung's server's own."""
+    if value is None:
+        return "its server's own " + key
+    return f"{key} {value!r}"
+
+
+def settings_phrase(changes: list[tuple[str, Any, Any]]) -> str:
+    """`LadderEntry.otherwise_here`'s changes in words: what the fit had, and what is here."""
+    fitted = ", ".join(_setting(key, old) for key, old, _ in changes)
+    here = ", ".join(_setting(key, new) for key, _, new in changes)
+    return f"fitted with {fitted}, and has {here} here"
 
 
 @dataclass(frozen=True)
@@ -424,29 +447,31 @@ def local_state(entry: LadderEntry, settings: "ModelConfig") -> tuple[str, str]:
     Codes: "ok", "remote", "any" (the router pins no file), "missing" (not on disk yet),
     "unverified", "other" (another file: refused without --force), "unknown" (nothing
     identifies it here), "absent" (no models.toml defines it). Which model is the entry's
-    is `match`'s rule, which `_check_ladder` enforces when a router is used."""
+    is `match`'s rule, which `_check_ladder` enforces when a router is used; a rung that
+    answers with other settings here (`LadderEntry.otherwise_here`) says which, as loading
+    warns."""
     from crecli.models.pull import file_state
 
     found = match(entry, settings)
     spec = found.spec
     if spec is None:
         return "absent", "not in models.toml: add it"
-    prompts = (f"; renders {spec.prompt_format!r} prompts here, not {entry.prompt_format!r}: recalibrate"
-               if entry.renders_otherwise(spec) else "")
+    changes = entry.otherwise_here(spec)
+    otherwise = f"; {settings_phrase(changes)}: recalibrate" if changes else ""
     if found.other_file and found.identity is None:
-        return "unknown", "unknown here (no sha256 pinned, no file on disk)" + prompts
+        return "unknown", "unknown here (no sha256 pinned, no file on disk)" + otherwise
     if found.other_file:
-        return "other", f"another file here ({_shown(found.identity or '')}): the router is refused without --force" + prompts
+        return "other", f"another file here ({_shown(found.identity or '')}): the router is refused without --force" + otherwise
     if spec.url:
-        return "remote", ("served remotely, pinned to this file" if entry.sha256 else "served remotely") + prompts
+        return "remote", ("served remotely, pinned to this file" if entry.sha256 else "served remotely") + otherwise
     state = file_state(spec)
     if not state.present:
-        return "missing", "not on disk yet: cre models pull (or fix its path)" + prompts
+        return "missing", "not on disk yet: cre models pull (or fix its path)" + otherwise
     if not state.verified:
-        return "unverified", f"on disk, but {state.reason}" + prompts
+        return "unverified", f"on disk, but {state.reason}" + otherwise
     if entry.sha256 is None:
-        return "any", "any file (the router pins none)" + prompts
-    return "ok", "this file" + prompts
+        return "any", "any file (the router pins none)" + otherwise
+    return "ok", "this file" + otherwise
 
 
 def _shown(identity: str) -> str:
@@ -470,11 +495,13 @@ def _check_ladder(path: Path, ladder: list[LadderEntry], settings: "ModelConfig"
                 + f", which no models.toml defines{hint}. Add it to your models.toml "
                 "(`cre models path` shows where)."
             )
-        if entry.renders_otherwise(spec):  # e.g. a rung moved to a chat server with its own template
+        # E.g. a rung moved to a chat server with its own template, or given another context.
+        changes = entry.otherwise_here(spec)
+        if changes:
             console.warn(
-                f"{path}: model {name!r} was fitted with prompt_format {entry.prompt_format!r}, and renders "
-                f"{spec.prompt_format!r} here ({spec.defined_in or 'models.toml'}): its answers, and the checks tuned "
-                "on them, may differ; recalibrate with `cre calibrate` on this setup"
+                f"{path}: model {name!r} was {settings_phrase(changes)} "
+                f"({spec.defined_in or 'models.toml'}): its answers, and the checks tuned on them, may differ; "
+                "recalibrate with `cre calibrate` on this setup"
             )
         if found.other_file:
             assert wanted is not None  # only a pinned entry is another file

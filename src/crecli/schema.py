@@ -1,6 +1,7 @@
 """The router manifest's body: what it holds, each field checked for type and range.
 
-The body carries the ladder (name, sha256, size, prompt_format; smallest first), the embedder (kind,
+The body carries the ladder (name, sha256, size and the settings each answered with:
+prompt_format, context, repeat_penalty; smallest first), the embedder (kind,
 identity, params) and assigner params, every array member's listing (`archive`), the
 clusters (starting model, per-model stats, examples, answered examples and how many each
 model is shown, answer type), the fallback model, the budget, the quality settings and
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from crecli.archive import MAX_MEMBERS, SCHEMA_VERSION
-from crecli.config import PROMPT_FORMATS
+from crecli.config import ANSWER_SETTINGS, MAX_INT32, MAX_REPEAT_PENALTY, MIN_CONTEXT, PROMPT_FORMATS
 from crecli.costs import MAX_RETAIN, UNITS
 from crecli.fields import Field, FieldError
 from crecli.quality import MAX_TEMPERATURE, MAX_VOTES, Deferral, DeferralCheck, QualityCheck, feature_names
@@ -170,12 +171,18 @@ def _deferral(f: Field) -> DeferralCheck:
 
 
 def _ladder_entry(f: Field) -> dict[str, Any]:
-    # prompt_format: how the fit rendered the model's prompts (optional: routers before it lack it).
-    f.as_object(keys=("name", "sha256", "size", "prompt_format"), optional=("prompt_format",))
+    # The settings the rung answered with (`config.ModelSpec.answer_settings`) are optional:
+    # routers before them lack them (prompt_format came first). null: not recorded, or a
+    # remote rung's server's own.
+    f.as_object(keys=("name", "sha256", "size", *ANSWER_SETTINGS), optional=ANSWER_SETTINGS)
+    checks = {
+        "prompt_format": lambda g: g.as_str(choices=PROMPT_FORMATS),
+        "context": lambda g: g.as_int(MIN_CONTEXT, MAX_INT32),
+        "repeat_penalty": lambda g: g.as_float(0, MAX_REPEAT_PENALTY, above=True),
+    }
     return {"name": f["name"].as_str(), "sha256": f["sha256"].or_none(_model_identity),
             "size": f["size"].or_none(lambda g: g.as_int(0)),
-            "prompt_format": f["prompt_format"].or_none(lambda g: g.as_str(choices=PROMPT_FORMATS))
-            if f.has("prompt_format") else None}
+            **{key: f[key].or_none(checks[key]) if f.has(key) else None for key in ANSWER_SETTINGS}}
 
 
 def _array_entries(f: Field, owner: str) -> dict[str, dict[str, Any]]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from crecli import cancel
+from crecli.config import IN_PROCESS_REPEAT_PENALTY
 from crecli.errors import BackendError, CreError, ModelLoadError, PromptTooLong
 from crecli.models.backend import Backend, Generation, GenParams, StopSafeEmitter
 from crecli.models.gguf import kv_bytes_per_token
@@ -264,7 +265,7 @@ class LlamaBackend(Backend):
             top_p=params.top_p,
             top_k=params.top_k,
             min_p=0.0,
-            repeat_penalty=1.0,
+            repeat_penalty=IN_PROCESS_REPEAT_PENALTY,
             seed=params.seed,
             stop=list(params.stop) or None,
             logits_processor=processors,
