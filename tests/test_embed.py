@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -282,6 +283,24 @@ def test_embed_texts_caches_on_disk_and_embeds_nothing_twice(pinned: Callable, c
     assert backend2.embedded == ["six"]
     np.testing.assert_array_equal(again[:6], first)
     np.testing.assert_array_equal(again, emb2.transform(texts + ["six"]))
+
+
+def test_cached_vectors_are_keyed_by_the_tokens_of_a_text_the_model_embeds(
+    pinned: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # llama.cpp embeds a text's first min(context, 512) tokens (`embed_truncation`): the same
+    # model file with context 128 and with 256 shared cached vectors of texts cut at other
+    # lengths. Contexts of 512 and more cut alike, so they share them.
+    texts = ["one", "two"]
+    cases = ((128, 128, True), (256, 256, True), (512, 512, True), (4096, 512, False))
+    for context, _, again in cases:
+        emb, backend = pinned()
+        emb.settings.models["small"] = replace(emb.spec, context=context)
+        embed_texts(emb, texts)
+        assert backend.embedded == (texts if again else []), context
+    for context, cut, _ in cases:  # the identity a router records and checks stays as it was
+        emb.settings.models["small"] = replace(emb.spec, context=context)
+        assert emb.identity == f"llama:small:{'ab' * 32}" and emb.cache_key == f"{emb.identity}:truncate={cut}"
 
 
 def test_embed_texts_resumes_after_a_crash(pinned: Callable) -> None:

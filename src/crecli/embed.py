@@ -10,7 +10,8 @@ Two embedders share one interface (`vectors.Embedder`):
 `make_embedder` builds one from models.toml's `[embedder]`, `embedder_from_state` from a
 router file. `embed_texts` batches and shows progress on stderr. For a `LlamaEmbedder` it
 also caches vectors on disk in SQLite (raw float32 bytes, no pickle), keyed by (embedder
-identity, sha256 of the text), so a re-run embeds nothing twice. TF-IDF skips the cache
+identity and the tokens of a text it embeds, `Embedder.cache_key`; sha256 of the text), so a
+re-run embeds nothing twice. TF-IDF skips the cache
 (see `TfidfEmbedder.cacheable`): it is refitted on every `cre fit`, and computing its
 vectors is cheaper than reading them back.
 """
@@ -76,6 +77,15 @@ class LlamaEmbedder(Embedder):
     @property
     def identity(self) -> str:
         return f"llama:{self.model}:{self.sha256 or 'unpinned'}"
+
+    @property
+    def cache_key(self) -> str:
+        # A text is embedded by its first `embed_truncation` tokens, which follow the model's
+        # `context` here: two contexts under EMBED_BATCH shared cached vectors of longer texts
+        # cut at other lengths. Not in the identity, which a router records and checks.
+        from crecli.models.llama import embed_truncation
+
+        return f"{self.identity}:truncate={embed_truncation(self.spec.context)}"
 
     def transform(self, texts: Sequence[str]) -> "np.ndarray":
         import numpy as np
@@ -212,7 +222,7 @@ def embed_texts(embedder: Embedder, texts: Sequence[str], batch_size: int = 32, 
     keys = [_text_key(t) for t in texts]
     text_of = dict(zip(keys, texts))
     unique = list(text_of)
-    identity = embedder.identity
+    identity = embedder.cache_key
     found: dict[str, "np.ndarray"] = {}
     try:
         conn = _open_cache()

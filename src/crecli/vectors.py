@@ -53,6 +53,12 @@ class Embedder(abc.ABC):
     def identity(self) -> str:
         """A stable id of the embedder and its fitted state: equal ids give equal vectors."""
 
+    @property
+    def cache_key(self) -> str:
+        """What `embed.embed_texts` keys this embedder's cached vectors by: its identity, and
+        whatever else changes its vectors on this machine but not what a router records."""
+        return self.identity
+
     def fit(self, texts: Sequence[str]) -> "Embedder":
         """Learn from the log's texts; pretrained embedders ignore them."""
         return self

@@ -52,6 +52,18 @@ PREFIX_SNAPSHOTS = 16
 REFUSED_RETRY_SECONDS = 60.0
 
 
+# llama-cpp-python's `embed(truncate=True)` cuts a text to the context's batch, which it
+# keeps at most the context: a text is embedded by its first min(context, EMBED_BATCH)
+# tokens. Passed as `n_batch` when loading to embed (llama-cpp-python's own default, made
+# explicit here so that it has one home): cached vectors are keyed by it (`embed_truncation`).
+EMBED_BATCH = 512
+
+
+def embed_truncation(context: int) -> int:
+    """How many tokens of a text a model loaded with `context` embeds; the rest is cut off."""
+    return min(context, EMBED_BATCH)
+
+
 class LlamaBackend(Backend):
     def __init__(
         self,
@@ -117,8 +129,9 @@ class LlamaBackend(Backend):
                     n_threads_batch=self.n_threads,
                     n_gpu_layers=self.n_gpu_layers,
                     embedding=embedding,
-                    # Mean pooling: decoder models have no CLS token worth reading.
-                    **({"pooling_type": 1} if embedding else {}),
+                    # Mean pooling: decoder models have no CLS token worth reading. The batch
+                    # decides how much of a text is embedded (`embed_truncation`).
+                    **({"pooling_type": 1, "n_batch": EMBED_BATCH} if embedding else {}),
                     verbose=verbose,
                 )
         except Exception as exc:  # llama.cpp reports load failures as bare ValueErrors
