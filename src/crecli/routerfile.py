@@ -82,19 +82,20 @@ class LadderEntry:
     def otherwise_here(self, spec: "ModelSpec") -> list[tuple[str, Any, Any]]:
         """Each recorded setting that `spec` answers with otherwise (`ModelSpec.answer_settings`),
         as (setting, fitted value, value here): same weights, other answers, so the checks
-        tuned on the fitted ones may not hold. Empty for routers from before they were
-        recorded, which are taken as they are."""
+        tuned on the fitted ones may not hold. Only settings known on both sides are
+        compared: routers from before they were recorded are taken as they are, and so is a
+        remote rung's server's own context or repetition penalty (unknown here; a rung moved
+        behind a server, as docs/scale.md describes, is not warned about on every load for
+        what nobody can tell)."""
         from crecli.config import ANSWER_SETTINGS
 
         here = spec.answer_settings()
         return [(key, getattr(self, key), here[key]) for key in ANSWER_SETTINGS
-                if getattr(self, key) is not None and here[key] != getattr(self, key)]
+                if getattr(self, key) is not None and here[key] is not None and here[key] != getattr(self, key)]
 
 
 def _setting(key: str, value: Any) -> str:
-    """A recorded answer setting in a message; None is a remote rung's server's own."""
-    if value is None:
-        return "its server's own " + key
+    """A recorded answer setting in a message."""
     return f"{key} {value!r}"
 
 
