@@ -991,3 +991,46 @@ def test_keep_alive_is_an_option_for_servers_behind_a_load_balancer(monkeypatch:
     result = CliRunner().invoke(cli.app, ["serve", "--router", "r.cre", "--keep-alive", "75"])
     assert result.exit_code == 0, result.output
     assert seen and seen[0].keep_alive == 75.0
+
+
+def test_every_response_carries_a_request_id_the_clients_own_when_it_is_safe(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Only 504s and 5xx carried an X-Request-Id, each minted where the error was made: a
+    # client could not tie a success, a stream or a 4xx to the server's log, nor pass its own id.
+    from starlette.testclient import TestClient
+
+    from crecli import serve_app
+
+    def answerer(text: str, params: GenParams) -> str:
+        if "broken" in text:
+            raise BackendError("llama.cpp could not decode the prompt")
+        return "12"
+
+    fake_backends({m: answerer for m in ("small", "medium", "large")})
+    chat = {"model": "cre", "messages": CHAT}
+    with TestClient(create_app(Cascade(make_router(), settings)), raise_server_exceptions=False) as test_client:
+        minted = [
+            test_client.get("/health"),
+            test_client.post("/v1/chat/completions", json=chat),
+            test_client.post("/v1/chat/completions", json={**chat, "stream": True}),
+            test_client.post("/v1/chat/completions", content=b"{"),  # 400
+            test_client.get("/nowhere"),  # 404
+        ]
+        unsafe = [test_client.get("/health", headers={"X-Request-Id": sent}).headers["x-request-id"]
+                  for sent in ("has space", "x" * 129, "tab\there", "")]
+        echoed = test_client.post("/v1/chat/completions", json=chat, headers={"X-Request-Id": "trace-42/a:b"})
+        failed = test_client.post("/v1/completions", json={"model": "small", "prompt": "a broken prompt"},
+                                  headers={"X-Request-Id": "mine-1"})
+        monkeypatch.setattr(serve_app, "health_report", lambda states: 1 / 0)  # a bug: on_crash's 500
+        crashed = test_client.get("/health", headers={"X-Request-Id": "mine-2"})
+    assert [r.status_code for r in minted] == [200, 200, 200, 400, 404]
+    ids = [r.headers["x-request-id"] for r in minted] + unsafe
+    assert all(i.startswith("req_") for i in ids) and len(set(ids)) == len(ids), ids
+    assert echoed.status_code == 200 and echoed.headers["x-request-id"] == "trace-42/a:b"
+    # A message that quotes an id quotes the one in the header.
+    assert (failed.status_code, failed.headers["x-request-id"]) == (500, "mine-1")
+    assert failed.json()["error"]["message"].endswith("(request id mine-1)")
+    assert (crashed.status_code, crashed.headers["x-request-id"]) == (500, "mine-2")
+    assert crashed.json()["error"]["message"].endswith("(request id mine-2)")

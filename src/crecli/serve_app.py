@@ -17,7 +17,8 @@ its client leaves) its job stops where it stands: a wait ends, a remote call is 
 an in-process decode stops at its next token (or mid-prompt), no later rung starts. A streamed request gets the final rung's tokens as they are generated
 (`serve_worker.cascade_job`); the response starts with the first of them. A body still
 arriving takes no place among the requests in flight, and has its own deadline
-(`--body-timeout`); /health runs on the event loop alone.
+(`--body-timeout`); /health runs on the event loop alone. Every response carries an
+X-Request-Id (`request_ids`), the one its error message and log lines quote.
 
 Bodies are parsed and answers shaped by `openai_wire`; the socket, the HTTP protocol and
 the signals are `serve`'s. Starlette is imported inside functions only, so that importing
@@ -29,9 +30,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import secrets
 import time
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
@@ -125,8 +128,48 @@ def health_report(states: Mapping[str, RungState]) -> tuple[int, str]:
 # ---------------------------------------------------------------- the app
 
 
+# The id of the request being answered, set where it enters the app (`request_ids`) and read
+# wherever a message quotes it, so that the message and the X-Request-Id header always agree.
+# A context variable reaches the handler, its exception handlers and its stream's task alike.
+_request_id: "ContextVar[str]" = ContextVar("cre_request_id")
+# An id a client sent is echoed (and logged) only when it is short and printable: no spaces,
+# no control characters, nothing a log line or a response header could be forged with.
+_CLIENT_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+
+
 def new_request_id() -> str:
     return "req_" + secrets.token_hex(12)
+
+
+def request_id() -> str:
+    """The id of the request being answered (the X-Request-Id header its response carries)."""
+    return _request_id.get()
+
+
+def request_ids(app: Any) -> Any:
+    """`app` (ASGI) with an X-Request-Id on every response: the client's own when it sent a
+    safe one (`_CLIENT_ID`), else a new one; `request_id()` says which while it is answered.
+
+    Outside every Starlette middleware, so that the 500 of a crash carries it too."""
+
+    async def with_id(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        sent = next((value for name, value in scope["headers"] if name == b"x-request-id"), b"")
+        rid = sent.decode("ascii") if _CLIENT_ID.fullmatch(sent) else new_request_id()
+
+        async def send_with_id(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        token = _request_id.set(rid)
+        try:
+            await app(scope, receive, send_with_id)
+        finally:
+            _request_id.reset(token)
+
+    return with_id
 
 
 class _ClientGone(ApiError):
@@ -265,7 +308,11 @@ class App:
         from starlette.exceptions import HTTPException
         from starlette.routing import Route
 
-        app = Starlette(
+        class Served(Starlette):
+            def build_middleware_stack(self) -> Any:
+                return request_ids(super().build_middleware_stack())
+
+        app = Served(
             routes=[
                 Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
                 Route("/v1/completions", self.completions, methods=["POST"]),
@@ -467,12 +514,12 @@ class App:
         """The 504 of a request that ran out of time, with a request id, and a line in the
         server's log with the same id: an operator told of a 504 can find it (the access line
         alone says neither which model nor how busy the server was)."""
-        rid = new_request_id()
+        rid = request_id()
         log.warning("%s: no answer for model %s within %g s (running %d, queued %d)", rid, query.model,
                     self.options.timeout, self.worker.running, self.worker.queued)
         return ApiError(504, f"no answer within the server's timeout of {self.options.timeout:g} s; "
                         f"the server is busy or the prompt is slow to answer (request id {rid})",
-                        type="timeout_error", code="timeout", headers={"X-Request-Id": rid})
+                        type="timeout_error", code="timeout")
 
     async def result(self, query: Query, future: "asyncio.Future[Answer]") -> Answer:
         """The job's answer, or its error in OpenAI's shape."""
@@ -488,23 +535,23 @@ class App:
                            code="context_length_exceeded") from None
         except RungUnavailable as exc:
             # Every server of every rung the request could use failed: say which and why.
-            rid = new_request_id()
+            rid = request_id()
             log.error("%s: %s could not answer: %s", rid, query.model, exc)
             raise ApiError(503, f"{exc.public}; retry later (request id {rid})", type="server_error",
-                           code="rung_unavailable", headers={"X-Request-Id": rid, "Retry-After": "1"}) from None
+                           code="rung_unavailable", headers={"Retry-After": "1"}) from None
         except CreError as exc:
             # The details (file paths, `cre models pull`) are for the server's operator.
-            rid = new_request_id()
+            rid = request_id()
             log.error("%s: %s could not answer: %s", rid, query.model, exc)
             raise ApiError(500, f"the model could not answer; the server's log has the details (request id {rid})",
-                           type="server_error", code="model_error", headers={"X-Request-Id": rid}) from None
+                           type="server_error", code="model_error") from None
         except Exception as exc:
             # A bug, as `on_crash` answers one, but here also for a stream under way: it ends
             # with an error event and [DONE] instead of a dropped connection.
-            rid = new_request_id()
+            rid = request_id()
             log.exception("%s: internal error (%s: %s)", rid, type(exc).__name__, exc)
             raise ApiError(500, f"internal error; the server's log has the details (request id {rid})",
-                           type="server_error", headers={"X-Request-Id": rid}) from None
+                           type="server_error") from None
 
     # ------------------------------------------------------------ the request
 
@@ -578,10 +625,10 @@ class App:
 
     async def on_crash(self, request: "Request", exc: Exception) -> "Response":
         # A bug, not the client's fault: say so in OpenAI's shape; uvicorn logs the traceback.
-        rid = new_request_id()
+        rid = request_id()
         log.error("%s: internal error (%s: %s); the traceback follows", rid, type(exc).__name__, exc)
         return self.error(ApiError(500, f"internal error; the server's log has the details (request id {rid})",
-                                   type="server_error", headers={"X-Request-Id": rid}))
+                                   type="server_error"))
 
     @asynccontextmanager
     async def lifespan(self, app: Any) -> Any:
