@@ -238,13 +238,31 @@ def test_api_key_is_required_when_set(
     assert response.choices[0].message.content == "12"
 
 
+def server_log_lines(request: pytest.FixtureRequest) -> list[str]:
+    """The lines the server logs from now on (`uvicorn.error`), until the test ends."""
+    import logging
+
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler, server_log = Collect(), logging.getLogger("uvicorn.error")
+    server_log.addHandler(handler)
+    request.addfinalizer(lambda: server_log.removeHandler(handler))
+    return lines
+
+
 def test_a_full_queue_gets_429_with_retry_after_and_computation_is_serialised(
-    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig,
+    request: pytest.FixtureRequest,
 ) -> None:
     active: list[int] = []
     release = threading.Event()  # the models compute until every request is answered or refused
     fake_backends({m: held("12", release, active) for m in ("small", "medium", "large")})
     with serving(Cascade(make_router(), settings), max_queue=1) as url:
+        lines = server_log_lines(request)  # once uvicorn has configured its loggers
         results: list[httpx.Response] = []
 
         def send() -> None:
@@ -271,6 +289,9 @@ def test_a_full_queue_gets_429_with_retry_after_and_computation_is_serialised(
     refused = next(r for r in results if r.status_code == 429)
     assert int(refused.headers["Retry-After"]) >= 1 and refused.json()["error"]["code"] == "queue_full"
     assert max(active) == 1  # never two model computations at once
+    # In the server's log under its request id (at least the first; others may be folded in).
+    refusals = [line for line in lines if " with 429 queue_full: " in line]
+    assert refusals and {line.split(":")[0] for line in refusals} <= {r.headers["x-request-id"] for r in results}
     assert health == {"status": "ok", "running": 0, "queued": 0, "max_queue": 1,
                       "models": {"small": "ready", "medium": "ready", "large": "ready"}}
 
@@ -1034,3 +1055,31 @@ def test_every_response_carries_a_request_id_the_clients_own_when_it_is_safe(
     assert failed.json()["error"]["message"].endswith("(request id mine-1)")
     assert (crashed.status_code, crashed.headers["x-request-id"]) == (500, "mine-2")
     assert crashed.json()["error"]["message"].endswith("(request id mine-2)")
+
+
+def test_refusals_are_logged_at_most_once_a_second_per_kind_with_the_rest_counted(
+    request: pytest.FixtureRequest,
+) -> None:
+    # 429s and 503s of a full server left no line in the server's log (only the access log's
+    # status); one a refusal would let a storm of them flood it.
+    from crecli.serve_app import RefusalLog
+
+    lines = server_log_lines(request)
+    now = [0.0]
+    refusals = RefusalLog(period=1.0, clock=lambda: now[0])
+    full = ApiError(429, "the server is busy", code="queue_full")
+    overloaded = ApiError(503, "the server is overloaded", code="overloaded")
+    for i, (at, exc) in enumerate([(0.0, full), (0.1, full), (0.2, overloaded), (0.5, full), (0.99, overloaded),
+                                   (1.2, full), (1.3, full), (1.4, ApiError(400, "bad", param="n"))]):
+        now[0] = at
+        refusals.note(f"req_{i}", "10.0.0.1:5000", exc)
+    refusals.flush()
+    refusals.flush()  # nothing left to say
+    assert lines == [
+        "req_0: refused 10.0.0.1:5000 with 429 queue_full: the server is busy",
+        "req_2: refused 10.0.0.1:5000 with 503 overloaded: the server is overloaded",
+        "req_5: refused 10.0.0.1:5000 with 429 queue_full: the server is busy "
+        "(and 2 more queue_full refusals since the last such line)",
+        "1 more overloaded refusals since the last such line",
+        "1 more queue_full refusals since the last such line",
+    ], lines

@@ -11,7 +11,8 @@ for the model or server they need. Remote rungs are called through one pooled as
 client on this event loop (`models.http.LoopTransport`, installed at startup). A request
 beyond what the ladder computes at once plus `max_queue` waiting is refused with 429 at once
 rather than left to wait for a timeout, and a request beyond `max_requests` past its body
-(parsing, queued, running or streaming) with 503, both in OpenAI's error shape (`Limits`). Each
+(parsing, queued, running or streaming) with 503, both in OpenAI's error shape (`Limits`), and
+in the server's log at most once a second of each kind (`RefusalLog`). Each
 request's timeout counts from its arrival and covers the whole ladder; on expiry (or when
 its client leaves) its job stops where it stands: a wait ends, a remote call is abandoned,
 an in-process decode stops at its next token (or mid-prompt), no later rung starts. A streamed request gets the final rung's tokens as they are generated
@@ -231,6 +232,41 @@ class Limits:
         return release
 
 
+class RefusalLog:
+    """A line in the server's log for each refusal of a request to a full server (429
+    `queue_full`, 503 `overloaded`), with its request id, client and reason; but at most one
+    a `period` per kind, so that a storm of refusals cannot flood the log: those folded in
+    between are counted in the kind's next line, or at shutdown (`flush`). `clock` is
+    injectable for tests. Only the event loop's thread uses it, so there is no lock."""
+
+    KINDS = ("queue_full", "overloaded")
+
+    def __init__(self, period: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.period, self.clock = period, clock
+        self._last: dict[str, float] = {}
+        self._folded: dict[str, int] = {}
+
+    def note(self, rid: str, client: str, exc: ApiError) -> None:
+        """Log the refusal `exc` of request `rid`, or count it in the next line; other errors pass."""
+        kind = exc.code
+        if kind not in self.KINDS:
+            return
+        now = self.clock()
+        if kind in self._last and now - self._last[kind] < self.period:
+            self._folded[kind] = self._folded.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        folded = self._folded.pop(kind, 0)
+        log.warning("%s: refused %s with %d %s: %s%s", rid, client, exc.status, kind, exc.message,
+                    f" (and {folded} more {kind} refusals since the last such line)" if folded else "")
+
+    def flush(self) -> None:
+        """Log the refusals folded since each kind's last line."""
+        for kind, folded in self._folded.items():
+            log.warning("%d more %s refusals since the last such line", folded, kind)
+        self._folded.clear()
+
+
 def _job_stream(events: Any, give_up: Callable[[], None]) -> "Response":
     """A streamed answer's response, which gives its job up once it is over, however it
     ended: a client gone before the first event was sent never started `events`, whose own
@@ -295,6 +331,7 @@ class App:
         self.cascade, self.options, self.served = cascade, options, served
         self.worker = Worker(options.max_queue, capacity(cascade))
         self.limits = Limits(options, self.worker)
+        self.refusals = RefusalLog()
         self.ladder = list(cascade.ladder)
         self.cascade_names = [CASCADE_MODEL] + (
             [name] if name and name != CASCADE_MODEL and name not in self.ladder else [])
@@ -613,6 +650,8 @@ class App:
 
     async def on_api_error(self, request: "Request", exc: Exception) -> "Response":
         assert isinstance(exc, ApiError)
+        # Every refusal of a full server comes through here: the one place that logs them.
+        self.refusals.note(request_id(), client_address(request.client), exc)
         return self.error(exc)
 
     async def on_http_error(self, request: "Request", exc: Exception) -> "Response":
@@ -643,6 +682,7 @@ class App:
             await asyncio.get_running_loop().run_in_executor(None, self.worker.close)
             http.use(previous)
             await pooled.aclose()
+            self.refusals.flush()
 
 
 def create_app(
