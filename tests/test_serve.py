@@ -1083,3 +1083,34 @@ def test_refusals_are_logged_at_most_once_a_second_per_kind_with_the_rest_counte
         "1 more overloaded refusals since the last such line",
         "1 more queue_full refusals since the last such line",
     ], lines
+
+
+def test_health_says_a_rung_whose_model_llama_cpp_refused_cannot_answer_while_the_refusal_stands(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # /health said "ready" for a rung whose file llama.cpp had refused to load (a stat of the
+    # file is all it did) while every prompt passed over that rung: "ok" for a degraded server.
+    from starlette.testclient import TestClient
+
+    from crecli.models import llama, registry
+
+    install(fake_backends, TABLE)
+    fakes = registry.make_backend
+    # small's file starts like a GGUF and is not one: llama.cpp refuses it (a header, no model).
+    monkeypatch.setattr(registry, "make_backend",
+                        lambda spec: llama.LlamaBackend(spec) if spec.name == "small" else fakes(spec))
+    cascade = Cascade(make_router(), settings)
+    cascade.pass_over_unloadable = True  # as `cre serve` runs it
+    with TestClient(create_app(cascade)) as test_client:
+        before = test_client.get("/health").json()
+        answered = test_client.post("/v1/chat/completions", json={"model": "cre", "messages": CHAT})
+        refused = test_client.get("/health")
+        monkeypatch.setattr(llama, "REFUSED_RETRY_SECONDS", 0.0)  # as a minute later: tried again
+        later = test_client.get("/health").json()
+    assert before["status"] == "ok" and before["models"]["small"] == "ready"
+    assert answered.status_code == 200 and answered.json()["cre"]["steps"][0]["why"].startswith("unavailable")
+    assert (refused.status_code, refused.json()["status"]) == (200, "degraded")
+    assert refused.json()["models"] == {"small": "refused by llama.cpp", "medium": "ready", "large": "ready"}
+    assert "/" not in refused.text  # no path, though the refusal's message names one
+    assert later["status"] == "ok" and later["models"]["small"] == "ready"

@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
     from crecli.config import ModelSpec
     from crecli.escalate import Cascade
+    from crecli.models.backend import Backend
     from crecli.servedlog import ServedLog
 
 CASCADE_MODEL = "cre"
@@ -76,9 +77,11 @@ class RungState(NamedTuple):
     usable: bool
 
 
-def rung_state(spec: "ModelSpec") -> RungState:
+def rung_state(spec: "ModelSpec", backend: "Backend | None" = None) -> RungState:
     """Whether a rung can answer, by cheap checks only (a stat and 4 bytes; no model runs, no
-    server is called): "ready" (a GGUF file of the pinned size); "remote" (every server of a
+    server is called): "ready" (a GGUF file of the pinned size, which its `backend`, where
+    the pool holds one, has no standing refusal to load: else "refused by llama.cpp", until
+    it is tried again, `Backend.refusal`); "remote" (every server of a
     remote rung in rotation), "remote, 1 of 2 servers out" or "remote, every server out" (from
     what its requests found, `replicas`: a server whose last request failed is out until one
     succeeds), with ", retrying" once a back-off has passed, when the rung counts as usable
@@ -110,7 +113,11 @@ def rung_state(spec: "ModelSpec") -> RungState:
             return RungState("missing", False)
         if spec.size is not None and info.st_size != spec.size:
             return RungState("wrong size", False)
-        return RungState("ready", True) if is_gguf(path) else RungState("not a GGUF file", False)
+        if not is_gguf(path):
+            return RungState("not a GGUF file", False)
+        if backend is not None and backend.refusal() is not None:
+            return RungState("refused by llama.cpp", False)
+        return RungState("ready", True)
     except FileNotFoundError:
         return RungState("missing", False)
     except OSError:
@@ -387,7 +394,8 @@ class App:
 
         # Unauthenticated, for load balancers, and on the event loop alone: it never waits
         # behind model work. Which models are which only with the key, when one is set.
-        states = {n: rung_state(self.cascade.specs[n]) for n in self.ladder}
+        # The pool's backend, where it holds one, remembers a load its runtime refused.
+        states = {n: rung_state(self.cascade.specs[n], self.cascade.pool.loaded(n)) for n in self.ladder}
         status, word = health_report(states)
         body: dict[str, Any] = {"status": word, "running": self.worker.running, "queued": self.worker.queued,
                                 "max_queue": self.options.max_queue}
