@@ -470,7 +470,7 @@ def batch(
 @app.command()
 def serve(
     router: RouterOpt = None,
-    host: Annotated[str, typer.Option(help="Address to listen on. Anything but loopback lets other machines connect: give it a key.")] = DEFAULT_HOST,
+    host: Annotated[str, typer.Option(help="Address to listen on (a name binds only the first address it resolves to). Anything but loopback lets other machines connect: give it a key.")] = DEFAULT_HOST,
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = DEFAULT_PORT,
     models: ModelsOpt = None,
     memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Keep models loaded within this much memory, e.g. 4GB, counting each model's file and its snapshots of answered examples (default: no limit).", show_default=False)] = None,
