@@ -522,6 +522,8 @@ SERVE_FIELDS: list[tuple[str, Any, str]] = [
     ("metadata", "x", "'metadata' must be an object"),
     ("stream_options", [], "'stream_options' must be an object"),
     ("stream_options", {"include_usage": 1}, "'stream_options.include_usage' must be true or false"),
+    # Without `stream: true` (here, none): OpenAI and vLLM refuse it; it was silently ignored.
+    ("stream_options", {"include_usage": True}, "'stream_options' is only allowed when 'stream' is true"),
     ("max_tokens", 0, "'max_tokens' must be from 1"),
     ("made_up_field", 1, "'made_up_field' is not a field cre serve knows"),
     ("prompt", "hi", "'prompt' is not a field cre serve knows"),  # a completion's field in a chat
@@ -533,6 +535,7 @@ SERVE_NEUTRAL: dict[str, Any] = {
     "top_logprobs": 0, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "n": 1,
     "parallel_tool_calls": True, "user": "u-1", "metadata": {"team": "a"}, "seed": 0, "top_p": 1,
     "temperature": 0.7, "stop": ["\n\n"], "functions": None, "audio": None, "stream": False,
+    "stream_options": {},  # without a stream, as vLLM takes it
 }
 
 

@@ -235,15 +235,20 @@ def test_a_file_llama_cpp_refused_is_not_loaded_again_until_it_changes_or_a_minu
 
     monkeypatch.setattr(llama_cpp.Llama, "__init__", init)
     backend = llama.LlamaBackend(ModelSpec(name="bad", path=bad))
+    assert backend.refusal() is None  # not tried yet
     for _ in range(3):
         with pytest.raises(errors.ModelLoadError, match="llama.cpp could not load 'bad'"):
             backend.llm
     assert tries == ["load"]
+    # What /health reads (`refusal`) follows the rule the loads follow.
+    assert (backend.refusal() or "").startswith("llama.cpp could not load 'bad'")
     bad.write_bytes(b"GGUF" + b"\xfe" * 80)  # replaced: tried at once
+    assert backend.refusal() is None
     with pytest.raises(errors.ModelLoadError):
         backend.llm
-    assert len(tries) == 2
+    assert len(tries) == 2 and backend.refusal() is not None
     monkeypatch.setattr(llama, "REFUSED_RETRY_SECONDS", 0.0)  # as a minute later
+    assert backend.refusal() is None
     with pytest.raises(errors.ModelLoadError):
         backend.llm
     assert len(tries) == 3

@@ -238,13 +238,31 @@ def test_api_key_is_required_when_set(
     assert response.choices[0].message.content == "12"
 
 
+def server_log_lines(request: pytest.FixtureRequest) -> list[str]:
+    """The lines the server logs from now on (`uvicorn.error`), until the test ends."""
+    import logging
+
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler, server_log = Collect(), logging.getLogger("uvicorn.error")
+    server_log.addHandler(handler)
+    request.addfinalizer(lambda: server_log.removeHandler(handler))
+    return lines
+
+
 def test_a_full_queue_gets_429_with_retry_after_and_computation_is_serialised(
-    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig,
+    request: pytest.FixtureRequest,
 ) -> None:
     active: list[int] = []
     release = threading.Event()  # the models compute until every request is answered or refused
     fake_backends({m: held("12", release, active) for m in ("small", "medium", "large")})
     with serving(Cascade(make_router(), settings), max_queue=1) as url:
+        lines = server_log_lines(request)  # once uvicorn has configured its loggers
         results: list[httpx.Response] = []
 
         def send() -> None:
@@ -271,6 +289,9 @@ def test_a_full_queue_gets_429_with_retry_after_and_computation_is_serialised(
     refused = next(r for r in results if r.status_code == 429)
     assert int(refused.headers["Retry-After"]) >= 1 and refused.json()["error"]["code"] == "queue_full"
     assert max(active) == 1  # never two model computations at once
+    # In the server's log under its request id (at least the first; others may be folded in).
+    refusals = [line for line in lines if " with 429 queue_full: " in line]
+    assert refusals and {line.split(":")[0] for line in refusals} <= {r.headers["x-request-id"] for r in results}
     assert health == {"status": "ok", "running": 0, "queued": 0, "max_queue": 1,
                       "models": {"small": "ready", "medium": "ready", "large": "ready"}}
 
@@ -991,3 +1012,105 @@ def test_keep_alive_is_an_option_for_servers_behind_a_load_balancer(monkeypatch:
     result = CliRunner().invoke(cli.app, ["serve", "--router", "r.cre", "--keep-alive", "75"])
     assert result.exit_code == 0, result.output
     assert seen and seen[0].keep_alive == 75.0
+
+
+def test_every_response_carries_a_request_id_the_clients_own_when_it_is_safe(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Only 504s and 5xx carried an X-Request-Id, each minted where the error was made: a
+    # client could not tie a success, a stream or a 4xx to the server's log, nor pass its own id.
+    from starlette.testclient import TestClient
+
+    from crecli import serve_app
+
+    def answerer(text: str, params: GenParams) -> str:
+        if "broken" in text:
+            raise BackendError("llama.cpp could not decode the prompt")
+        return "12"
+
+    fake_backends({m: answerer for m in ("small", "medium", "large")})
+    chat = {"model": "cre", "messages": CHAT}
+    with TestClient(create_app(Cascade(make_router(), settings)), raise_server_exceptions=False) as test_client:
+        minted = [
+            test_client.get("/health"),
+            test_client.post("/v1/chat/completions", json=chat),
+            test_client.post("/v1/chat/completions", json={**chat, "stream": True}),
+            test_client.post("/v1/chat/completions", content=b"{"),  # 400
+            test_client.get("/nowhere"),  # 404
+        ]
+        unsafe = [test_client.get("/health", headers={"X-Request-Id": sent}).headers["x-request-id"]
+                  for sent in ("has space", "x" * 129, "tab\there", "")]
+        echoed = test_client.post("/v1/chat/completions", json=chat, headers={"X-Request-Id": "trace-42/a:b"})
+        failed = test_client.post("/v1/completions", json={"model": "small", "prompt": "a broken prompt"},
+                                  headers={"X-Request-Id": "mine-1"})
+        monkeypatch.setattr(serve_app, "health_report", lambda states: 1 / 0)  # a bug: on_crash's 500
+        crashed = test_client.get("/health", headers={"X-Request-Id": "mine-2"})
+    assert [r.status_code for r in minted] == [200, 200, 200, 400, 404]
+    ids = [r.headers["x-request-id"] for r in minted] + unsafe
+    assert all(i.startswith("req_") for i in ids) and len(set(ids)) == len(ids), ids
+    assert echoed.status_code == 200 and echoed.headers["x-request-id"] == "trace-42/a:b"
+    # A message that quotes an id quotes the one in the header.
+    assert (failed.status_code, failed.headers["x-request-id"]) == (500, "mine-1")
+    assert failed.json()["error"]["message"].endswith("(request id mine-1)")
+    assert (crashed.status_code, crashed.headers["x-request-id"]) == (500, "mine-2")
+    assert crashed.json()["error"]["message"].endswith("(request id mine-2)")
+
+
+def test_refusals_are_logged_at_most_once_a_second_per_kind_with_the_rest_counted(
+    request: pytest.FixtureRequest,
+) -> None:
+    # 429s and 503s of a full server left no line in the server's log (only the access log's
+    # status); one a refusal would let a storm of them flood it.
+    from crecli.serve_app import RefusalLog
+
+    lines = server_log_lines(request)
+    now = [0.0]
+    refusals = RefusalLog(period=1.0, clock=lambda: now[0])
+    full = ApiError(429, "the server is busy", code="queue_full")
+    overloaded = ApiError(503, "the server is overloaded", code="overloaded")
+    for i, (at, exc) in enumerate([(0.0, full), (0.1, full), (0.2, overloaded), (0.5, full), (0.99, overloaded),
+                                   (1.2, full), (1.3, full), (1.4, ApiError(400, "bad", param="n"))]):
+        now[0] = at
+        refusals.note(f"req_{i}", "10.0.0.1:5000", exc)
+    refusals.flush()
+    refusals.flush()  # nothing left to say
+    assert lines == [
+        "req_0: refused 10.0.0.1:5000 with 429 queue_full: the server is busy",
+        "req_2: refused 10.0.0.1:5000 with 503 overloaded: the server is overloaded",
+        "req_5: refused 10.0.0.1:5000 with 429 queue_full: the server is busy "
+        "(and 2 more queue_full refusals since the last such line)",
+        "1 more overloaded refusals since the last such line",
+        "1 more queue_full refusals since the last such line",
+    ], lines
+
+
+def test_health_says_a_rung_whose_model_llama_cpp_refused_cannot_answer_while_the_refusal_stands(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # /health said "ready" for a rung whose file llama.cpp had refused to load (a stat of the
+    # file is all it did) while every prompt passed over that rung: "ok" for a degraded server.
+    from starlette.testclient import TestClient
+
+    from crecli.models import llama, registry
+
+    install(fake_backends, TABLE)
+    fakes = registry.make_backend
+    # small's file starts like a GGUF and is not one: llama.cpp refuses it (a header, no model).
+    monkeypatch.setattr(registry, "make_backend",
+                        lambda spec: llama.LlamaBackend(spec) if spec.name == "small" else fakes(spec))
+    cascade = Cascade(make_router(), settings)
+    cascade.pass_over_unloadable = True  # as `cre serve` runs it
+    with TestClient(create_app(cascade)) as test_client:
+        before = test_client.get("/health").json()
+        answered = test_client.post("/v1/chat/completions", json={"model": "cre", "messages": CHAT})
+        refused = test_client.get("/health")
+        monkeypatch.setattr(llama, "REFUSED_RETRY_SECONDS", 0.0)  # as a minute later: tried again
+        later = test_client.get("/health").json()
+    assert before["status"] == "ok" and before["models"]["small"] == "ready"
+    assert answered.status_code == 200 and answered.json()["cre"]["steps"][0]["why"].startswith("unavailable")
+    assert (refused.status_code, refused.json()["status"]) == (200, "degraded")
+    assert refused.json()["models"] == {"small": "refused by llama.cpp", "medium": "ready", "large": "ready"}
+    assert "/" not in refused.text  # no path, though the refusal's message names one
+    assert later["status"] == "ok" and later["models"]["small"] == "ready"

@@ -470,7 +470,7 @@ def batch(
 @app.command()
 def serve(
     router: RouterOpt = None,
-    host: Annotated[str, typer.Option(help="Address to listen on. Anything but loopback lets other machines connect: give it a key.")] = DEFAULT_HOST,
+    host: Annotated[str, typer.Option(help="Address to listen on (a name binds only the first address it resolves to). Anything but loopback lets other machines connect: give it a key.")] = DEFAULT_HOST,
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = DEFAULT_PORT,
     models: ModelsOpt = None,
     memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Keep models loaded within this much memory, e.g. 4GB, counting each model's file and its snapshots of answered examples (default: no limit).", show_default=False)] = None,
@@ -497,8 +497,9 @@ def serve(
     response_format, logprobs, ...) or of the wrong type is a 400 that names it. A client gets
     --header-timeout for its headers and --body-timeout for its body, then 408. /health says
     whether each model can answer (503 when none can) and never waits behind model work.
-    Model errors reach the client as a 500 with a request id (503 `rung_unavailable` when
-    every server of a remote rung failed); the details go to stderr. Requests answered
+    Every response carries an X-Request-Id (the client's own when it sent a safe one).
+    Model errors reach the client as a 500 quoting it (503 `rung_unavailable` when every
+    server of a remote rung failed); the details go to stderr under that id. Requests answered
     through the cascade go to the served-query log (`cre log`) unless --no-log is given.
     Needs the serve extra: pip install 'crecli[serve]'. Running rungs on serving engines:
     docs/scale.md.

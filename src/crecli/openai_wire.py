@@ -220,6 +220,11 @@ def _common(body: dict[str, Any], kind: str, prompt: str) -> Query:
     if not isinstance(include_usage, bool):
         raise ApiError(400, "'stream_options.include_usage' must be true or false", param="stream_options",
                        code="invalid_type")
+    # OpenAI and vLLM refuse it: a client that sent it expects a stream. An empty object asks
+    # for nothing and passes, as vLLM lets it (and as `UNSUPPORTED` lets such values).
+    if options and not stream:
+        raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options",
+                       code="invalid_value")
     max_tokens = None
     for name in ("max_completion_tokens", "max_tokens"):
         value = _expect(body, name, (int,), f"an integer from 1 to {MAX_TOKENS_LIMIT}")

@@ -148,7 +148,12 @@ def is_loopback(host: str) -> bool:
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A listening socket, so that a port in use is a CreError rather than uvicorn's exit."""
+    """A listening socket, so that a port in use is a CreError rather than uvicorn's exit.
+
+    One socket, on the first address `host` resolves to: `localhost` may give ::1 before
+    127.0.0.1. Documented (docs/reference.md, --host) rather than bound on every address,
+    which would need one port for all (when --port is 0) and a rule for an address that
+    cannot be bound; `run` prints the address bound."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except (socket.gaierror, UnicodeError) as exc:

@@ -11,13 +11,15 @@ for the model or server they need. Remote rungs are called through one pooled as
 client on this event loop (`models.http.LoopTransport`, installed at startup). A request
 beyond what the ladder computes at once plus `max_queue` waiting is refused with 429 at once
 rather than left to wait for a timeout, and a request beyond `max_requests` past its body
-(parsing, queued, running or streaming) with 503, both in OpenAI's error shape (`Limits`). Each
+(parsing, queued, running or streaming) with 503, both in OpenAI's error shape (`Limits`), and
+in the server's log at most once a second of each kind (`RefusalLog`). Each
 request's timeout counts from its arrival and covers the whole ladder; on expiry (or when
 its client leaves) its job stops where it stands: a wait ends, a remote call is abandoned,
 an in-process decode stops at its next token (or mid-prompt), no later rung starts. A streamed request gets the final rung's tokens as they are generated
 (`serve_worker.cascade_job`); the response starts with the first of them. A body still
 arriving takes no place among the requests in flight, and has its own deadline
-(`--body-timeout`); /health runs on the event loop alone.
+(`--body-timeout`); /health runs on the event loop alone. Every response carries an
+X-Request-Id (`request_ids`), the one its error message and log lines quote.
 
 Bodies are parsed and answers shaped by `openai_wire`; the socket, the HTTP protocol and
 the signals are `serve`'s. Starlette is imported inside functions only, so that importing
@@ -29,9 +31,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import secrets
 import time
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
@@ -50,6 +54,7 @@ if TYPE_CHECKING:
 
     from crecli.config import ModelSpec
     from crecli.escalate import Cascade
+    from crecli.models.backend import Backend
     from crecli.servedlog import ServedLog
 
 CASCADE_MODEL = "cre"
@@ -72,9 +77,11 @@ class RungState(NamedTuple):
     usable: bool
 
 
-def rung_state(spec: "ModelSpec") -> RungState:
+def rung_state(spec: "ModelSpec", backend: "Backend | None" = None) -> RungState:
     """Whether a rung can answer, by cheap checks only (a stat and 4 bytes; no model runs, no
-    server is called): "ready" (a GGUF file of the pinned size); "remote" (every server of a
+    server is called): "ready" (a GGUF file of the pinned size, which its `backend`, where
+    the pool holds one, has no standing refusal to load: else "refused by llama.cpp", until
+    it is tried again, `Backend.refusal`); "remote" (every server of a
     remote rung in rotation), "remote, 1 of 2 servers out" or "remote, every server out" (from
     what its requests found, `replicas`: a server whose last request failed is out until one
     succeeds), with ", retrying" once a back-off has passed, when the rung counts as usable
@@ -106,7 +113,11 @@ def rung_state(spec: "ModelSpec") -> RungState:
             return RungState("missing", False)
         if spec.size is not None and info.st_size != spec.size:
             return RungState("wrong size", False)
-        return RungState("ready", True) if is_gguf(path) else RungState("not a GGUF file", False)
+        if not is_gguf(path):
+            return RungState("not a GGUF file", False)
+        if backend is not None and backend.refusal() is not None:
+            return RungState("refused by llama.cpp", False)
+        return RungState("ready", True)
     except FileNotFoundError:
         return RungState("missing", False)
     except OSError:
@@ -125,8 +136,48 @@ def health_report(states: Mapping[str, RungState]) -> tuple[int, str]:
 # ---------------------------------------------------------------- the app
 
 
+# The id of the request being answered, set where it enters the app (`request_ids`) and read
+# wherever a message quotes it, so that the message and the X-Request-Id header always agree.
+# A context variable reaches the handler, its exception handlers and its stream's task alike.
+_request_id: "ContextVar[str]" = ContextVar("cre_request_id")
+# An id a client sent is echoed (and logged) only when it is short and printable: no spaces,
+# no control characters, nothing a log line or a response header could be forged with.
+_CLIENT_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+
+
 def new_request_id() -> str:
     return "req_" + secrets.token_hex(12)
+
+
+def request_id() -> str:
+    """The id of the request being answered (the X-Request-Id header its response carries)."""
+    return _request_id.get()
+
+
+def request_ids(app: Any) -> Any:
+    """`app` (ASGI) with an X-Request-Id on every response: the client's own when it sent a
+    safe one (`_CLIENT_ID`), else a new one; `request_id()` says which while it is answered.
+
+    Outside every Starlette middleware, so that the 500 of a crash carries it too."""
+
+    async def with_id(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        sent = next((value for name, value in scope["headers"] if name == b"x-request-id"), b"")
+        rid = sent.decode("ascii") if _CLIENT_ID.fullmatch(sent) else new_request_id()
+
+        async def send_with_id(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        token = _request_id.set(rid)
+        try:
+            await app(scope, receive, send_with_id)
+        finally:
+            _request_id.reset(token)
+
+    return with_id
 
 
 class _ClientGone(ApiError):
@@ -186,6 +237,41 @@ class Limits:
                 self.active -= 1
 
         return release
+
+
+class RefusalLog:
+    """A line in the server's log for each refusal of a request to a full server (429
+    `queue_full`, 503 `overloaded`), with its request id, client and reason; but at most one
+    a `period` per kind, so that a storm of refusals cannot flood the log: those folded in
+    between are counted in the kind's next line, or at shutdown (`flush`). `clock` is
+    injectable for tests. Only the event loop's thread uses it, so there is no lock."""
+
+    KINDS = ("queue_full", "overloaded")
+
+    def __init__(self, period: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.period, self.clock = period, clock
+        self._last: dict[str, float] = {}
+        self._folded: dict[str, int] = {}
+
+    def note(self, rid: str, client: str, exc: ApiError) -> None:
+        """Log the refusal `exc` of request `rid`, or count it in the next line; other errors pass."""
+        kind = exc.code
+        if kind not in self.KINDS:
+            return
+        now = self.clock()
+        if kind in self._last and now - self._last[kind] < self.period:
+            self._folded[kind] = self._folded.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        folded = self._folded.pop(kind, 0)
+        log.warning("%s: refused %s with %d %s: %s%s", rid, client, exc.status, kind, exc.message,
+                    f" (and {folded} more {kind} refusals since the last such line)" if folded else "")
+
+    def flush(self) -> None:
+        """Log the refusals folded since each kind's last line."""
+        for kind, folded in self._folded.items():
+            log.warning("%d more %s refusals since the last such line", folded, kind)
+        self._folded.clear()
 
 
 def _job_stream(events: Any, give_up: Callable[[], None]) -> "Response":
@@ -252,6 +338,7 @@ class App:
         self.cascade, self.options, self.served = cascade, options, served
         self.worker = Worker(options.max_queue, capacity(cascade))
         self.limits = Limits(options, self.worker)
+        self.refusals = RefusalLog()
         self.ladder = list(cascade.ladder)
         self.cascade_names = [CASCADE_MODEL] + (
             [name] if name and name != CASCADE_MODEL and name not in self.ladder else [])
@@ -265,7 +352,11 @@ class App:
         from starlette.exceptions import HTTPException
         from starlette.routing import Route
 
-        app = Starlette(
+        class Served(Starlette):
+            def build_middleware_stack(self) -> Any:
+                return request_ids(super().build_middleware_stack())
+
+        app = Served(
             routes=[
                 Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
                 Route("/v1/completions", self.completions, methods=["POST"]),
@@ -303,7 +394,8 @@ class App:
 
         # Unauthenticated, for load balancers, and on the event loop alone: it never waits
         # behind model work. Which models are which only with the key, when one is set.
-        states = {n: rung_state(self.cascade.specs[n]) for n in self.ladder}
+        # The pool's backend, where it holds one, remembers a load its runtime refused.
+        states = {n: rung_state(self.cascade.specs[n], self.cascade.pool.loaded(n)) for n in self.ladder}
         status, word = health_report(states)
         body: dict[str, Any] = {"status": word, "running": self.worker.running, "queued": self.worker.queued,
                                 "max_queue": self.options.max_queue}
@@ -467,12 +559,12 @@ class App:
         """The 504 of a request that ran out of time, with a request id, and a line in the
         server's log with the same id: an operator told of a 504 can find it (the access line
         alone says neither which model nor how busy the server was)."""
-        rid = new_request_id()
+        rid = request_id()
         log.warning("%s: no answer for model %s within %g s (running %d, queued %d)", rid, query.model,
                     self.options.timeout, self.worker.running, self.worker.queued)
         return ApiError(504, f"no answer within the server's timeout of {self.options.timeout:g} s; "
                         f"the server is busy or the prompt is slow to answer (request id {rid})",
-                        type="timeout_error", code="timeout", headers={"X-Request-Id": rid})
+                        type="timeout_error", code="timeout")
 
     async def result(self, query: Query, future: "asyncio.Future[Answer]") -> Answer:
         """The job's answer, or its error in OpenAI's shape."""
@@ -488,23 +580,23 @@ class App:
                            code="context_length_exceeded") from None
         except RungUnavailable as exc:
             # Every server of every rung the request could use failed: say which and why.
-            rid = new_request_id()
+            rid = request_id()
             log.error("%s: %s could not answer: %s", rid, query.model, exc)
             raise ApiError(503, f"{exc.public}; retry later (request id {rid})", type="server_error",
-                           code="rung_unavailable", headers={"X-Request-Id": rid, "Retry-After": "1"}) from None
+                           code="rung_unavailable", headers={"Retry-After": "1"}) from None
         except CreError as exc:
             # The details (file paths, `cre models pull`) are for the server's operator.
-            rid = new_request_id()
+            rid = request_id()
             log.error("%s: %s could not answer: %s", rid, query.model, exc)
             raise ApiError(500, f"the model could not answer; the server's log has the details (request id {rid})",
-                           type="server_error", code="model_error", headers={"X-Request-Id": rid}) from None
+                           type="server_error", code="model_error") from None
         except Exception as exc:
             # A bug, as `on_crash` answers one, but here also for a stream under way: it ends
             # with an error event and [DONE] instead of a dropped connection.
-            rid = new_request_id()
+            rid = request_id()
             log.exception("%s: internal error (%s: %s)", rid, type(exc).__name__, exc)
             raise ApiError(500, f"internal error; the server's log has the details (request id {rid})",
-                           type="server_error", headers={"X-Request-Id": rid}) from None
+                           type="server_error") from None
 
     # ------------------------------------------------------------ the request
 
@@ -566,6 +658,8 @@ class App:
 
     async def on_api_error(self, request: "Request", exc: Exception) -> "Response":
         assert isinstance(exc, ApiError)
+        # Every refusal of a full server comes through here: the one place that logs them.
+        self.refusals.note(request_id(), client_address(request.client), exc)
         return self.error(exc)
 
     async def on_http_error(self, request: "Request", exc: Exception) -> "Response":
@@ -578,10 +672,10 @@ class App:
 
     async def on_crash(self, request: "Request", exc: Exception) -> "Response":
         # A bug, not the client's fault: say so in OpenAI's shape; uvicorn logs the traceback.
-        rid = new_request_id()
+        rid = request_id()
         log.error("%s: internal error (%s: %s); the traceback follows", rid, type(exc).__name__, exc)
         return self.error(ApiError(500, f"internal error; the server's log has the details (request id {rid})",
-                                   type="server_error", headers={"X-Request-Id": rid}))
+                                   type="server_error"))
 
     @asynccontextmanager
     async def lifespan(self, app: Any) -> Any:
@@ -596,6 +690,7 @@ class App:
             await asyncio.get_running_loop().run_in_executor(None, self.worker.close)
             http.use(previous)
             await pooled.aclose()
+            self.refusals.flush()
 
 
 def create_app(

@@ -228,6 +228,11 @@ class Backend(abc.ABC):
         """
         return [self.generate(prompt, p) for p in params]
 
+    def refusal(self) -> str | None:
+        """Why this backend's model will not be loaded now, known without trying (a load its
+        runtime refused, not tried again yet); None when nothing stands against it."""
+        return None
+
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         raise BackendError(f"model {self.spec.name!r} ({self.spec.backend} backend) cannot embed")
 

@@ -114,11 +114,10 @@ class LlamaBackend(Backend):
         # A file llama.cpp refused is not tried again for REFUSED_RETRY_SECONDS unless it
         # changes: `cre serve` passes over such a rung, and each request that reached it paid
         # a failed load (seconds for a large corrupt file). Out of memory may pass, so not for good.
-        info = path.stat()
-        key = (info.st_size, info.st_mtime_ns, embedding)
-        refused = self._refused
-        if refused is not None and refused[0] == key and time.monotonic() - refused[1] < REFUSED_RETRY_SECONDS:
-            raise ModelLoadError(refused[2])
+        key = self._file_key(path, embedding)
+        standing = self._standing_refusal(key)
+        if standing is not None:
+            raise ModelLoadError(standing)
         start = time.perf_counter()
         try:
             with loading() as verbose, model_params(use_extra_bufts()):
@@ -144,6 +143,30 @@ class LlamaBackend(Backend):
         # `cre ask` a token's compute for nothing.
         self.load_seconds += time.perf_counter() - start
         return llm
+
+    @staticmethod
+    def _file_key(path: Path, embedding: bool) -> tuple[int, int, bool]:
+        """What a refusal is remembered with: the file's size and mtime, and which load it was."""
+        info = path.stat()
+        return (info.st_size, info.st_mtime_ns, embedding)
+
+    def _standing_refusal(self, key: tuple[int, int, bool]) -> str | None:
+        """The message of the load llama.cpp refused of the file `key` names, while it stands
+        (REFUSED_RETRY_SECONDS); None otherwise. The one rule `_load` and `refusal` share."""
+        refused = self._refused
+        if refused is not None and refused[0] == key and time.monotonic() - refused[1] < REFUSED_RETRY_SECONDS:
+            return refused[2]
+        return None
+
+    def refusal(self) -> str | None:
+        """The refused load of this model's file that stands now (`cre serve`'s /health: the
+        rung cannot answer until it is tried again); None when none does."""
+        if self._refused is None or self.spec.file is None:
+            return None
+        try:
+            return self._standing_refusal(self._file_key(self.spec.file, False))
+        except OSError:  # gone or unreadable: /health says so from the file itself
+            return None
 
     @property
     def llm(self) -> Any:
