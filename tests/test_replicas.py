@@ -29,7 +29,7 @@ from crecli.models.openai import OpenAIBackend, RungUnavailable
 from crecli.models.replicas import ReplicaSet
 from support.fake_openai import FakeOpenAI
 from support.routers import ADDITIONS, FAR, make_router
-from support.scale import at_once, dead_url, dead_urls, fresh_remote, ladder_toml, post, use_models
+from support.scale import at_once, dead_url, dead_urls, fresh_remote, ladder_toml, post, server_log_lines, use_models
 from support.serving import serving_cascade
 from support.waiting import until
 
@@ -338,15 +338,23 @@ def test_a_rung_whose_servers_all_fail_is_passed_over_and_the_trace_says_why(
 
 
 def test_when_nothing_is_left_the_client_gets_an_openai_error_naming_the_rung(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
+    from crecli.serve_app import RefusalLog
+
     use_models(monkeypatch, {})
+    # An outage's 503s each wrote their detailed line: one a period now, the rest counted.
+    monkeypatch.setattr(RefusalLog, "PERIOD", 3600.0)
     with FakeOpenAI() as failing:
         failing.status = 503  # no Retry-After
         settings = config.load(ladder_toml(tmp_path, {"large": [dead_url(), failing.url]}))
         with serving_cascade(Cascade(make_router(), settings)) as url:
+            lines = server_log_lines(request)  # once uvicorn has configured its loggers
             reply = post(url, "cre", FAR)
             by_name = post(url, "large")
+    outage = [line for line in lines if "could not answer" in line]
+    assert len(outage) == 1 and outage[0].startswith(reply.headers["X-Request-Id"] + ": cre could not answer: "), lines
+    assert "127.0.0.1" in outage[0]  # the operator's line has the servers the client is not shown
     for r in (reply, by_name):
         assert r.status_code == 503, r.text
         error = r.json()["error"]

@@ -207,9 +207,19 @@ def test_a_rung_that_answers_with_other_settings_here_is_warned_about_by_name(
     assert "model 'small' was fitted with context 2048, and has context 512 here" in err
     # Its server's own context is unknown, so only the penalty it was given is compared.
     assert "model 'medium' was fitted with repeat_penalty 1.0, and has repeat_penalty 1.1 here" in err
-    assert "'large'" not in err and err.count("cre calibrate") == 2
+    # A smaller context is mended in models.toml: calibrate would reuse the answers recorded
+    # at the fitted context (the outcome store does not key them by it).
+    assert "give it context = 2048 or more in models.toml" in err
+    assert "'large'" not in err and err.count("cre calibrate") == 1
     here = routerfile.local_state(routerfile.load(built_router_file, pinned_settings).ladder[0], pinned_settings)
-    assert here[1].endswith("; fitted with context 2048, and has context 512 here: recalibrate")  # cre inspect
+    assert here[1].endswith("; fitted with context 2048, and has context 512 here: give it context = 2048 or more "
+                            "in models.toml (a prompt and answer that fit 2048 tokens may be cut or refused here)")
+    capsys.readouterr()
+    # A larger context changes no answer: nothing to say.
+    pinned_settings.models["small"] = replace(pinned_settings.models["small"], context=8192)
+    pinned_settings.models["medium"] = medium
+    routerfile.load(built_router_file, pinned_settings)
+    assert capsys.readouterr().err == ""
 
 
 def test_a_rung_moved_behind_a_server_is_not_warned_about_for_its_unknown_context(

@@ -35,6 +35,7 @@ from crecli.serve_worker import Worker
 from support.ladder import install, ready_ladder
 from support.routers import make_router
 from support.serving import serving
+from support.scale import server_log_lines
 from support.waiting import until
 
 PROMPT = "What is 7 plus 5?"
@@ -236,22 +237,6 @@ def test_api_key_is_required_when_set(
         assert httpx.get(f"{url}/health").json()["status"] == "ok"  # open, for load balancers
         response = client(url, "s3cret-key").chat.completions.create(model="cre", messages=CHAT)  # type: ignore[arg-type]
     assert response.choices[0].message.content == "12"
-
-
-def server_log_lines(request: pytest.FixtureRequest) -> list[str]:
-    """The lines the server logs from now on (`uvicorn.error`), until the test ends."""
-    import logging
-
-    lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
-
-    handler, server_log = Collect(), logging.getLogger("uvicorn.error")
-    server_log.addHandler(handler)
-    request.addfinalizer(lambda: server_log.removeHandler(handler))
-    return lines
 
 
 def test_a_full_queue_gets_429_with_retry_after_and_computation_is_serialised(
@@ -1073,6 +1058,11 @@ def test_refusals_are_logged_at_most_once_a_second_per_kind_with_the_rest_counte
                                    (1.2, full), (1.3, full), (1.4, ApiError(400, "bad", param="n"))]):
         now[0] = at
         refusals.note(f"req_{i}", "10.0.0.1:5000", exc)
+    # A remote rung's outage answers each request with a 503 rung_unavailable: its detailed
+    # line (the servers and their errors) went to the log once per request.
+    assert [refusals.admit("rung_unavailable") for _ in range(3)] == ["", None, None]
+    now[0] = 2.5
+    assert refusals.admit("rung_unavailable") == " (and 2 more rung_unavailable refusals since the last such line)"
     refusals.flush()
     refusals.flush()  # nothing left to say
     assert lines == [

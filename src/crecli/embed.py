@@ -83,9 +83,12 @@ class LlamaEmbedder(Embedder):
         # A text is embedded by its first `embed_truncation` tokens, which follow the model's
         # `context` here: two contexts under EMBED_BATCH shared cached vectors of longer texts
         # cut at other lengths. Not in the identity, which a router records and checks.
-        from crecli.models.llama import embed_truncation
+        from crecli.models.llama import EMBED_BATCH, embed_truncation
 
-        return f"{self.identity}:truncate={embed_truncation(self.spec.context)}"
+        cut = embed_truncation(self.spec.context)
+        # At the usual cut, the key is the identity alone, as before it was keyed by the cut:
+        # the vectors already cached stay usable.
+        return self.identity if cut == EMBED_BATCH else f"{self.identity}:truncate={cut}"
 
     def transform(self, texts: Sequence[str]) -> "np.ndarray":
         import numpy as np

@@ -86,12 +86,18 @@ class LadderEntry:
         compared: routers from before they were recorded are taken as they are, and so is a
         remote rung's server's own context or repetition penalty (unknown here; a rung moved
         behind a server, as docs/scale.md describes, is not warned about on every load for
-        what nobody can tell)."""
+        what nobody can tell). A larger context than the fit's changes no answer (it only
+        leaves room for longer prompts), so only a smaller one counts."""
         from crecli.config import ANSWER_SETTINGS
 
         here = spec.answer_settings()
-        return [(key, getattr(self, key), here[key]) for key in ANSWER_SETTINGS
-                if getattr(self, key) is not None and here[key] is not None and here[key] != getattr(self, key)]
+        changes = []
+        for key in ANSWER_SETTINGS:
+            fitted, local = getattr(self, key), here[key]
+            if fitted is None or local is None or local == fitted or (key == "context" and local > fitted):
+                continue
+            changes.append((key, fitted, local))
+        return changes
 
 
 def _setting(key: str, value: Any) -> str:
@@ -104,6 +110,18 @@ def settings_phrase(changes: list[tuple[str, Any, Any]]) -> str:
     fitted = ", ".join(_setting(key, old) for key, old, _ in changes)
     here = ", ".join(_setting(key, new) for key, _, new in changes)
     return f"fitted with {fitted}, and has {here} here"
+
+
+def settings_advice(changes: list[tuple[str, Any, Any]]) -> str:
+    """What to do about `LadderEntry.otherwise_here`'s changes. A smaller context is mended
+    in models.toml, not by recalibrating: the outcome store keys answers by prompt format and
+    penalty, not context, so `cre calibrate` would reuse the answers of the fitted context."""
+    todo = []
+    if any(key != "context" for key, _, _ in changes):
+        todo.append("recalibrate with `cre calibrate` on this setup")
+    todo += [f"give it context = {fitted} or more in models.toml (a prompt and answer that fit {fitted} "
+             "tokens may be cut or refused here)" for key, fitted, _ in changes if key == "context"]
+    return "; and ".join(todo)
 
 
 @dataclass(frozen=True)
@@ -458,7 +476,7 @@ def local_state(entry: LadderEntry, settings: "ModelConfig") -> tuple[str, str]:
     if spec is None:
         return "absent", "not in models.toml: add it"
     changes = entry.otherwise_here(spec)
-    otherwise = f"; {settings_phrase(changes)}: recalibrate" if changes else ""
+    otherwise = f"; {settings_phrase(changes)}: {settings_advice(changes)}" if changes else ""
     if found.other_file and found.identity is None:
         return "unknown", "unknown here (no sha256 pinned, no file on disk)" + otherwise
     if found.other_file:
@@ -502,7 +520,7 @@ def _check_ladder(path: Path, ladder: list[LadderEntry], settings: "ModelConfig"
             console.warn(
                 f"{path}: model {name!r} was {settings_phrase(changes)} "
                 f"({spec.defined_in or 'models.toml'}): its answers, and the checks tuned on them, may differ; "
-                "recalibrate with `cre calibrate` on this setup"
+                + settings_advice(changes)
             )
         if found.other_file:
             assert wanted is not None  # only a pinned entry is another file

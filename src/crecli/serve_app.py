@@ -241,31 +241,40 @@ class Limits:
 
 class RefusalLog:
     """A line in the server's log for each refusal of a request to a full server (429
-    `queue_full`, 503 `overloaded`), with its request id, client and reason; but at most one
-    a `period` per kind, so that a storm of refusals cannot flood the log: those folded in
-    between are counted in the kind's next line, or at shutdown (`flush`). `clock` is
-    injectable for tests. Only the event loop's thread uses it, so there is no lock."""
+    `queue_full`, 503 `overloaded`), with its request id, client and reason, and for each 503
+    of a rung none of whose servers could answer (`rung_unavailable`, with the details); but
+    at most one a `period` per kind, so that a storm of refusals (or an outage of a remote
+    rung) cannot flood the log: those folded in between are counted in the kind's next line,
+    or at shutdown (`flush`). `clock` is injectable for tests. Only the event loop's thread
+    uses it, so there is no lock."""
 
     KINDS = ("queue_full", "overloaded")
+    PERIOD = 1.0  # seconds between two lines of a kind
 
-    def __init__(self, period: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.period, self.clock = period, clock
+    def __init__(self, period: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.period, self.clock = self.PERIOD if period is None else period, clock
         self._last: dict[str, float] = {}
         self._folded: dict[str, int] = {}
+
+    def admit(self, kind: str) -> str | None:
+        """None when a line of `kind` was written less than a `period` ago (this one is
+        counted in the next); else what the line to write now adds about those folded in."""
+        now = self.clock()
+        if kind in self._last and now - self._last[kind] < self.period:
+            self._folded[kind] = self._folded.get(kind, 0) + 1
+            return None
+        self._last[kind] = now
+        folded = self._folded.pop(kind, 0)
+        return f" (and {folded} more {kind} refusals since the last such line)" if folded else ""
 
     def note(self, rid: str, client: str, exc: ApiError) -> None:
         """Log the refusal `exc` of request `rid`, or count it in the next line; other errors pass."""
         kind = exc.code
         if kind not in self.KINDS:
             return
-        now = self.clock()
-        if kind in self._last and now - self._last[kind] < self.period:
-            self._folded[kind] = self._folded.get(kind, 0) + 1
-            return
-        self._last[kind] = now
-        folded = self._folded.pop(kind, 0)
-        log.warning("%s: refused %s with %d %s: %s%s", rid, client, exc.status, kind, exc.message,
-                    f" (and {folded} more {kind} refusals since the last such line)" if folded else "")
+        folded = self.admit(kind)
+        if folded is not None:
+            log.warning("%s: refused %s with %d %s: %s%s", rid, client, exc.status, kind, exc.message, folded)
 
     def flush(self) -> None:
         """Log the refusals folded since each kind's last line."""
@@ -581,7 +590,9 @@ class App:
         except RungUnavailable as exc:
             # Every server of every rung the request could use failed: say which and why.
             rid = request_id()
-            log.error("%s: %s could not answer: %s", rid, query.model, exc)
+            folded = self.refusals.admit("rung_unavailable")
+            if folded is not None:
+                log.error("%s: %s could not answer: %s%s", rid, query.model, exc, folded)
             raise ApiError(503, f"{exc.public}; retry later (request id {rid})", type="server_error",
                            code="rung_unavailable", headers={"Retry-After": "1"}) from None
         except CreError as exc:
@@ -687,10 +698,10 @@ class App:
         try:
             yield
         finally:
+            self.refusals.flush()  # first: a failure closing what follows must not lose the counts
             await asyncio.get_running_loop().run_in_executor(None, self.worker.close)
             http.use(previous)
             await pooled.aclose()
-            self.refusals.flush()
 
 
 def create_app(

@@ -161,3 +161,19 @@ def dead_urls(n: int) -> list[str]:
 
     with ExitStack() as servers:
         return [servers.enter_context(FakeOpenAI()).url for _ in range(n)]
+
+
+def server_log_lines(request: pytest.FixtureRequest) -> list[str]:
+    """The lines the server logs from now on (`uvicorn.error`), until the test ends."""
+    import logging
+
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler, server_log = Collect(), logging.getLogger("uvicorn.error")
+    server_log.addHandler(handler)
+    request.addfinalizer(lambda: server_log.removeHandler(handler))
+    return lines

@@ -163,9 +163,10 @@ class ModelPool:
         return backend
 
     def loaded(self, name: str) -> Backend | None:
-        """The backend of model `name` when the pool holds it; loads nothing."""
-        with self._cond:
-            return self._loaded.get(name)
+        """The backend of model `name` when the pool holds it; loads nothing, and takes no
+        lock: /health calls it on the event loop, which must never wait behind a load or the
+        teardown of an evicted model, both done under the lock (one dict read is atomic)."""
+        return self._loaded.get(name)
 
     def close(self) -> None:
         with self._cond:
