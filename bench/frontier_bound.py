@@ -30,6 +30,14 @@ ceilings for held-out results, never results themselves:
    neighbours' mean correctness (the router's own embedder, fitted on the log) for each
    model. 0.5 means the prompt's wording says nothing about which queries of a task a model
    gets right, beyond what the task (cluster) already says; only running a rung can tell.
+   In sample (leave-one-out) this reads below 0.5 even on data with no signal, so it is
+   also given held out (`held_out_auroc`: estimated from four folds, ranked within each task
+   and fold) for the neighbours and for a logistic model on the prompt's own features
+   (`prompt_features`: length, digits, answer options, lines).
+5. **Routing per query, cross-fitted** (held out, with 3.): each query's model chosen by one
+   price of accuracy from its estimated accuracy per model, by its neighbours or by its
+   features (`cross_fit_per_query`), the price chosen on four folds as in 3. Whether
+   routing finer than a task could pay on this log, before a rung is built for it.
 
 It also prints, per model, the mean cost per answer as a share of the strongest model's,
 and the share of that cost spent on prompt processing.
@@ -150,18 +158,106 @@ def perfect_cascade(C: np.ndarray, K: np.ndarray, path: Sequence[int]) -> tuple[
 
 
 def within_task_knn(X: np.ndarray, C: np.ndarray, tasks: np.ndarray, k: int) -> list[float | None]:
-    """Per model: pair-weighted mean over tasks of the AUROC of the k nearest neighbours'
-    (leave-one-out, any task) mean correctness for predicting each query's correctness."""
+    """Per model: `within_task_auroc` of the k nearest neighbours' (leave-one-out, any task)
+    mean correctness, in sample: biased below 0.5 on data with no signal (`held_out_auroc`)."""
     sims = X @ X.T
     np.fill_diagonal(sims, -np.inf)
     nearest = np.argsort(-sims, axis=1)[:, :k]
+    return within_task_auroc(C[nearest].mean(axis=1), C, tasks)
+
+def knn_estimates(sims: np.ndarray, C: np.ndarray, K: np.ndarray, prior_acc: np.ndarray, k: int,
+                  strength: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query accuracy and cost of each model from the `k` most similar labelled queries
+    (columns of `sims`): their mean correctness shrunk toward `prior_acc` (per row: the
+    query's task's accuracy, with `strength` queries' weight), and their mean cost."""
+    nearest = np.argsort(-sims, axis=1)[:, :k]
+    return (C[nearest].sum(axis=1) + strength * prior_acc) / (k + strength), K[nearest].mean(axis=1)
+
+
+def prompt_features(prompts: Sequence[str]) -> np.ndarray:
+    """What a prompt's text says of its difficulty before any model reads it: its length,
+    its digits (long numbers are harder arithmetic), its answer options and its lines."""
+    import re
+
+    rows = [[np.log1p(len(p)), np.log1p(sum(c.isdigit() for c in p)), len(re.findall(r"\([A-Z]\)", p)),
+             np.log1p(p.count("\n"))] for p in prompts]
+    return np.array(rows, dtype=float)
+
+
+def _task_means(values: np.ndarray, tasks: np.ndarray, tr: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Per row of `idx`, the mean of `values` over the labelled rows `tr` of its task (all of
+    `tr` for a task they lack)."""
+    means = {t: values[tr][tasks[tr] == t].mean(axis=0) for t in np.unique(tasks[tr])}
+    every = values[tr].mean(axis=0)
+    return np.array([means.get(t, every) for t in tasks[idx]])
+
+
+def per_query_estimates(how: str, X: np.ndarray, F: np.ndarray, C: np.ndarray, K: np.ndarray, tasks: np.ndarray,
+                        tr: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Estimated accuracy and cost of each model for the rows `idx`, learned from the labelled
+    rows `tr` only (a row of `idx` that is in `tr` is left out of its own estimate for
+    "neighbours"): "neighbours" (`knn_estimates` in the embedder's space) or "features" (a
+    ridge logistic regression per model on `prompt_features` and the logit of the task's
+    accuracy; cost: the task's mean)."""
+    prior = _task_means(C, tasks, tr, idx)
+    if how == "neighbours":
+        sims = X[idx] @ X[tr].T
+        sims[idx[:, None] == tr[None, :]] = -np.inf
+        return knn_estimates(sims, C[tr], K[tr], prior, k)
+    acc = np.empty((len(idx), C.shape[1]))
+    train_prior = _task_means(C, tasks, tr, tr)
+    for j in range(C.shape[1]):
+        def design(rows: np.ndarray, p: np.ndarray) -> np.ndarray:
+            q = np.clip(p[:, j], 0.02, 0.98)
+            return np.c_[F[rows], np.log(q / (1 - q))]
+        w, b = deferral.fit_logistic(design(tr, train_prior), C[tr, j])
+        acc[:, j] = 1.0 / (1.0 + np.exp(-(design(idx, prior) @ w + b)))
+    return acc, _task_means(K, tasks, tr, idx)
+
+
+PER_QUERY = ("neighbours", "features")
+
+
+def cross_fit_per_query(how: str, X: np.ndarray, F: np.ndarray, C: np.ndarray, K: np.ndarray, tasks: np.ndarray,
+                        retain: float, seeds: Sequence[int], k: int = 10, n_folds: int = 5) -> list[tuple[float, float]]:
+    """Held-out (accuracy share, cost share) per seed of choosing a model per query, not per
+    task: the one minimising its estimated cost - price x estimated accuracy
+    (`per_query_estimates`), the price the cheapest that keeps `retain` of the strongest
+    model's accuracy on the four labelled folds (their queries estimated from those folds),
+    scored on the fifth. The same folds as `cross_fit_rules`; ties go to the cheaper model."""
+    top = C.shape[1] - 1
+    out = []
+    for seed in seeds:
+        fold = np.random.default_rng(seed).permutation(len(C)) % n_folds
+        correct = cost = 0.0
+        for f in range(n_folds):
+            tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+            acc_tr, cost_tr = per_query_estimates(how, X, F, C, K, tasks, tr, tr, k)
+            acc_te, cost_te = per_query_estimates(how, X, F, C, K, tasks, tr, te, k)
+            unit_a, unit_c = C[tr, top].mean() or 1.0, K[tr, top].mean() or 1.0
+            best = None
+            for lam in LAMBDAS:
+                pick = np.argmax(lam * acc_tr / unit_a - cost_tr / unit_c, axis=1)
+                a, c = C[tr, pick].sum(), K[tr, pick].sum()
+                if a >= retain * C[tr, top].sum() - 1e-9 and (best is None or c < best[0]):
+                    best = (c, lam)
+            lam = best[1] if best else LAMBDAS[-1]
+            pick = np.argmax(lam * acc_te / unit_a - cost_te / unit_c, axis=1)
+            correct += C[te, pick].sum()
+            cost += K[te, pick].sum()
+        out.append((round(float(correct / C[:, top].sum()), 4), round(float(cost / K[:, top].sum()), 4)))
+    return out
+
+
+def within_task_auroc(score: np.ndarray, C: np.ndarray, tasks: np.ndarray) -> list[float | None]:
+    """Per model: pair-weighted mean over tasks of the AUROC of `score[:, j]` for predicting
+    whether model j answered right."""
     out: list[float | None] = []
     for j in range(C.shape[1]):
-        prior = C[nearest, j].mean(axis=1)
         num = den = 0.0
         for task in np.unique(tasks):
             sel = tasks == task
-            a = deferral.auroc(prior[sel].tolist(), C[sel, j].astype(bool).tolist())
+            a = deferral.auroc(score[sel, j].tolist(), C[sel, j].astype(bool).tolist())
             if a is None:
                 continue
             y = C[sel, j].astype(bool)
@@ -171,6 +267,20 @@ def within_task_knn(X: np.ndarray, C: np.ndarray, tasks: np.ndarray, k: int) -> 
         out.append(num / den if den else None)
     return out
 
+
+def held_out_auroc(how: str, X: np.ndarray, F: np.ndarray, C: np.ndarray, K: np.ndarray, tasks: np.ndarray,
+                   seed: int, k: int = 10, n_folds: int = 5) -> list[float | None]:
+    """`within_task_auroc` of each query's estimated accuracy per model from the other folds
+    only (`per_query_estimates`), within each (task, fold): there the task's prior is one
+    number, so only what the estimate says of the query itself ranks. (Across a task's folds
+    the prior moves against the fold's own answers, and a leave-one-out neighbours' mean
+    against the query's: both push a task-wide AUROC below 0.5 on data with no signal.)"""
+    fold = np.random.default_rng(seed).permutation(len(C)) % n_folds
+    scores = np.empty(C.shape)
+    for f in range(n_folds):
+        tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+        scores[te] = per_query_estimates(how, X, F, C, K, tasks, tr, te, k)[0]
+    return within_task_auroc(scores, C, np.char.add(tasks.astype(str), fold.astype(str)))
 
 RATIOS = np.linspace(0.5, 1.2, 71)
 
@@ -334,6 +444,13 @@ def main() -> None:
     X = embedder.transform([r.prompt for r in records])
     knn = {k: within_task_knn(X, C, tasks, k) for k in args.k}
     crossed = cross_fit_rules(records, found, model, ladder, C, K, tasks, args.retain, args.seeds)
+    F = prompt_features([r.prompt for r in records])
+    for k in args.k:
+        crossed[f"one price of accuracy, per query from its {k} nearest labelled queries"] = cross_fit_per_query(
+            "neighbours", X, F, C, K, tasks, args.retain, args.seeds, k)
+    crossed["one price of accuracy, per query from its prompt's features"] = cross_fit_per_query(
+        "features", X, F, C, K, tasks, args.retain, args.seeds)
+    held_auroc = {how: held_out_auroc(how, X, F, C, K, tasks, args.seeds[0]) for how in PER_QUERY}
 
     figures = {
         "log": str(args.log), "queries": n, "tasks": int(len(np.unique(tasks))), "unit": model.unit,
@@ -350,6 +467,7 @@ def main() -> None:
                            "perfect_check_cascade": cost_at(perfect_curve, args.retain)},
         "cross_fitted_one_model_per_task": crossed,
         "within_task_knn_auroc": {str(k): dict(zip(ladder, v)) for k, v in knn.items()},
+        "within_task_auroc_held_out": {how: dict(zip(ladder, v)) for how, v in held_auroc.items()},
     }
     if args.plot:
         points = held_out_points(args.headline) if args.headline else []
@@ -377,6 +495,9 @@ def main() -> None:
     print("\nper-query prior before any model runs: within-task AUROC of the k nearest neighbours' correctness")
     for k, values in knn.items():
         print(f"  k={k}: " + ", ".join(f"{m} {v:.3f}" if v is not None else f"{m} -" for m, v in zip(ladder, values)))
+    print("  held out (estimated from the other 4 folds, AUROC within each task and fold, seed %d):" % args.seeds[0])
+    for how, values in held_auroc.items():
+        print(f"  {how}: " + ", ".join(f"{m} {v:.3f}" if v is not None else f"{m} -" for m, v in zip(ladder, values)))
 
 
 if __name__ == "__main__":
