@@ -192,14 +192,18 @@ def _task_means(values: np.ndarray, tasks: np.ndarray, tr: np.ndarray, idx: np.n
     return np.array([means.get(t, every) for t in tasks[idx]])
 
 
-def per_query_estimates(how: str, X: np.ndarray, F: np.ndarray, C: np.ndarray, K: np.ndarray, tasks: np.ndarray,
+def per_query_estimates(how: str, X: np.ndarray, F: np.ndarray, P: np.ndarray, C: np.ndarray, K: np.ndarray, tasks: np.ndarray,
                         tr: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Estimated accuracy and cost of each model for the rows `idx`, learned from the labelled
     rows `tr` only (a row of `idx` that is in `tr` is left out of its own estimate for
-    "neighbours"): "neighbours" (`knn_estimates` in the embedder's space) or "features" (a
+    "neighbours"): "neighbours" (`knn_estimates` in the embedder's space), "features" (a
     ridge logistic regression per model on `prompt_features` and the logit of the task's
-    accuracy; cost: the task's mean)."""
+    accuracy; cost: the task's mean) or "prompt cost" (the task's accuracy, and what the
+    query's own prompt costs each model, `P`, which its token count gives before any model
+    runs, plus the task's mean cost of an answer beyond it)."""
     prior = _task_means(C, tasks, tr, idx)
+    if how == "prompt cost":
+        return prior, P[idx] + _task_means(K - P, tasks, tr, idx)
     if how == "neighbours":
         sims = X[idx] @ X[tr].T
         sims[idx[:, None] == tr[None, :]] = -np.inf
@@ -215,16 +219,16 @@ def per_query_estimates(how: str, X: np.ndarray, F: np.ndarray, C: np.ndarray, K
     return acc, _task_means(K, tasks, tr, idx)
 
 
-PER_QUERY = ("neighbours", "features")
+PER_QUERY = ("neighbours", "features", "prompt cost")
 
 
-def cross_fit_per_query(how: str, X: np.ndarray, F: np.ndarray, C: np.ndarray, K: np.ndarray, tasks: np.ndarray,
+def cross_fit_per_query(how: str, X: np.ndarray, F: np.ndarray, P: np.ndarray, C: np.ndarray, K: np.ndarray, tasks: np.ndarray,
                         retain: float, seeds: Sequence[int], k: int = 10, n_folds: int = 5) -> list[tuple[float, float]]:
     """Held-out (accuracy share, cost share) per seed of choosing a model per query, not per
     task: the one minimising its estimated cost - price x estimated accuracy
     (`per_query_estimates`), the price the cheapest that keeps `retain` of the strongest
-    model's accuracy on the four labelled folds (their queries estimated from those folds),
-    scored on the fifth. The same folds as `cross_fit_rules`; ties go to the cheaper model."""
+    model's accuracy on the four labelled folds (each of their queries estimated from the
+    other three), scored on the fifth. The same folds as `cross_fit_rules`; ties go to the cheaper model."""
     top = C.shape[1] - 1
     out = []
     for seed in seeds:
@@ -232,8 +236,15 @@ def cross_fit_per_query(how: str, X: np.ndarray, F: np.ndarray, C: np.ndarray, K
         correct = cost = 0.0
         for f in range(n_folds):
             tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-            acc_tr, cost_tr = per_query_estimates(how, X, F, C, K, tasks, tr, tr, k)
-            acc_te, cost_te = per_query_estimates(how, X, F, C, K, tasks, tr, te, k)
+            # The price is chosen on estimates as honest as the scored fold's: each labelled
+            # query estimated from the other labelled folds only (in sample, a logistic
+            # model's or a task mean's own rows look better than new ones do).
+            acc_tr, cost_tr = np.empty((len(tr), C.shape[1])), np.empty((len(tr), C.shape[1]))
+            inner = fold[tr]
+            for g in np.unique(inner):
+                acc_tr[inner == g], cost_tr[inner == g] = per_query_estimates(
+                    how, X, F, P, C, K, tasks, tr[inner != g], tr[inner == g], k)
+            acc_te, cost_te = per_query_estimates(how, X, F, P, C, K, tasks, tr, te, k)
             unit_a, unit_c = C[tr, top].mean() or 1.0, K[tr, top].mean() or 1.0
             best = None
             for lam in LAMBDAS:
@@ -241,11 +252,59 @@ def cross_fit_per_query(how: str, X: np.ndarray, F: np.ndarray, C: np.ndarray, K
                 a, c = C[tr, pick].sum(), K[tr, pick].sum()
                 if a >= retain * C[tr, top].sum() - 1e-9 and (best is None or c < best[0]):
                     best = (c, lam)
-            lam = best[1] if best else LAMBDAS[-1]
-            pick = np.argmax(lam * acc_te / unit_a - cost_te / unit_c, axis=1)
+            # As `cross_fit_rules`: no price keeps `retain` there, so the strongest answers all.
+            pick = (np.argmax(best[1] * acc_te / unit_a - cost_te / unit_c, axis=1) if best
+                    else np.full(len(te), top))
             correct += C[te, pick].sum()
             cost += K[te, pick].sum()
         out.append((round(float(correct / C[:, top].sum()), 4), round(float(cost / K[:, top].sum()), 4)))
+    return out
+
+
+def upper_hull(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(accuracy, cost) points kept when nothing cheaper is as accurate, cheapest first."""
+    kept: list[tuple[float, float]] = []
+    for acc, cost in sorted(points, key=lambda p: (p[1], -p[0])):
+        if not kept or acc > kept[-1][0]:
+            kept.append((acc, cost))
+    return kept
+
+
+def held_out_frontiers(records: Sequence[querylog.Record], found: dict, model: costs.CostModel, ladder: Sequence[str],
+                       X: np.ndarray, F: np.ndarray, P: np.ndarray, C: np.ndarray, K: np.ndarray, tasks: np.ndarray,
+                       seeds: Sequence[int], k: int = 10, n_folds: int = 5) -> dict[str, list[list[tuple[float, float]]]]:
+    """Per rule and seed, the held-out (accuracy share, cost share) curve swept over the one
+    price of accuracy: every fold's choice made from the other four at that price and the
+    scored folds pooled. Routing per task (calibrate's `choose_by_weight` on the tasks, its
+    accuracies shrunk by the fixed or the empirical prior strength, `choice.empirical_strength`)
+    and per query (`per_query_estimates`) compared at equal accuracy, free of how a price is
+    picked (which `cross_fit_rules` and `cross_fit_per_query` add, each its own way)."""
+    top = C.shape[1] - 1
+    names = sorted(set(tasks))
+    labels = np.array([names.index(t) for t in tasks])
+    strengths = {"per task": choice.PRIOR_STRENGTH, "per task, empirical prior strength": choice.EMPIRICAL}
+    rules = (*strengths, *(f"per query, {how}" for how in PER_QUERY))
+    out: dict[str, list[list[tuple[float, float]]]] = {r: [] for r in rules}
+    for seed in seeds:
+        fold = np.random.default_rng(seed).permutation(len(C)) % n_folds
+        picks: dict[str, np.ndarray] = {r: np.zeros((len(LAMBDAS), len(C)), dtype=int) for r in rules}
+        for f in range(n_folds):
+            tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+            tables = {r: choice.cluster_stats(labels[tr].tolist(), [records[i] for i in tr], found, ladder, model,
+                                              prior_strength=s) for r, s in strengths.items()}
+            est = {how: per_query_estimates(how, X, F, P, C, K, tasks, tr, te, k) for how in PER_QUERY}
+            unit_a, unit_c = C[tr, top].mean() or 1.0, K[tr, top].mean() or 1.0
+            for li, lam in enumerate(LAMBDAS):
+                for r, table in tables.items():
+                    models = choice.choose_by_weight(table, float(lam)).models
+                    picks[r][li, te] = [ladder.index(models.get(c, ladder[top])) for c in labels[te]]
+                for how, (acc, cost) in est.items():
+                    picks[f"per query, {how}"][li, te] = np.argmax(lam * acc / unit_a - cost / unit_c, axis=1)
+        rows = np.arange(len(C))
+        for r in rules:
+            curve = [(float(C[rows, p].sum() / C[:, top].sum()), float(K[rows, p].sum() / K[:, top].sum()))
+                     for p in picks[r]]
+            out[r].append([(round(a, 4), round(c, 4)) for a, c in upper_hull(curve)])
     return out
 
 
@@ -268,7 +327,7 @@ def within_task_auroc(score: np.ndarray, C: np.ndarray, tasks: np.ndarray) -> li
     return out
 
 
-def held_out_auroc(how: str, X: np.ndarray, F: np.ndarray, C: np.ndarray, K: np.ndarray, tasks: np.ndarray,
+def held_out_auroc(how: str, X: np.ndarray, F: np.ndarray, P: np.ndarray, C: np.ndarray, K: np.ndarray, tasks: np.ndarray,
                    seed: int, k: int = 10, n_folds: int = 5) -> list[float | None]:
     """`within_task_auroc` of each query's estimated accuracy per model from the other folds
     only (`per_query_estimates`), within each (task, fold): there the task's prior is one
@@ -279,7 +338,7 @@ def held_out_auroc(how: str, X: np.ndarray, F: np.ndarray, C: np.ndarray, K: np.
     scores = np.empty(C.shape)
     for f in range(n_folds):
         tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-        scores[te] = per_query_estimates(how, X, F, C, K, tasks, tr, te, k)[0]
+        scores[te] = per_query_estimates(how, X, F, P, C, K, tasks, tr, te, k)[0]
     return within_task_auroc(scores, C, np.char.add(tasks.astype(str), fold.astype(str)))
 
 RATIOS = np.linspace(0.5, 1.2, 71)
@@ -444,13 +503,15 @@ def main() -> None:
     X = embedder.transform([r.prompt for r in records])
     knn = {k: within_task_knn(X, C, tasks, k) for k in args.k}
     crossed = cross_fit_rules(records, found, model, ladder, C, K, tasks, args.retain, args.seeds)
-    F = prompt_features([r.prompt for r in records])
+    F, P = prompt_features([r.prompt for r in records]), share
     for k in args.k:
         crossed[f"one price of accuracy, per query from its {k} nearest labelled queries"] = cross_fit_per_query(
-            "neighbours", X, F, C, K, tasks, args.retain, args.seeds, k)
+            "neighbours", X, F, P, C, K, tasks, args.retain, args.seeds, k)
     crossed["one price of accuracy, per query from its prompt's features"] = cross_fit_per_query(
-        "features", X, F, C, K, tasks, args.retain, args.seeds)
-    held_auroc = {how: held_out_auroc(how, X, F, C, K, tasks, args.seeds[0]) for how in PER_QUERY}
+        "features", X, F, P, C, K, tasks, args.retain, args.seeds)
+    held_auroc = {how: held_out_auroc(how, X, F, P, C, K, tasks, args.seeds[0]) for how in PER_QUERY}
+    curves = held_out_frontiers(records, found, model, ladder, X, F, P, C, K, tasks, args.seeds)
+    held_at = {r: {str(t): [cost_at(c, t) for c in per_seed] for t in (0.95, args.retain)} for r, per_seed in curves.items()}
 
     figures = {
         "log": str(args.log), "queries": n, "tasks": int(len(np.unique(tasks))), "unit": model.unit,
@@ -468,6 +529,8 @@ def main() -> None:
         "cross_fitted_one_model_per_task": crossed,
         "within_task_knn_auroc": {str(k): dict(zip(ladder, v)) for k, v in knn.items()},
         "within_task_auroc_held_out": {how: dict(zip(ladder, v)) for how, v in held_auroc.items()},
+        "held_out_frontiers": curves,
+        "held_out_cost_at": held_at,
     }
     if args.plot:
         points = held_out_points(args.headline) if args.headline else []
@@ -492,10 +555,14 @@ def main() -> None:
           "scored on the fifth (accuracy share @ cost share, per seed):")
     for name, values in crossed.items():
         print(f"  {name}: " + ", ".join(f"{a:.3f}@{c:.3f}" for a, c in values))
+    print("\nheld out, swept over the price: cost share at an accuracy share, per seed (per task / per query)")
+    for r, by in held_at.items():
+        print(f"  {r}: " + "; ".join(f"{t}: " + ", ".join("-" if c is None else f"{c:.3f}" for c in v) for t, v in by.items()))
     print("\nper-query prior before any model runs: within-task AUROC of the k nearest neighbours' correctness")
     for k, values in knn.items():
         print(f"  k={k}: " + ", ".join(f"{m} {v:.3f}" if v is not None else f"{m} -" for m, v in zip(ladder, values)))
-    print("  held out (estimated from the other 4 folds, AUROC within each task and fold, seed %d):" % args.seeds[0])
+    print("  held out (estimated from the other 4 folds, AUROC within each task and fold, 10 neighbours, "
+          "seed %d):" % args.seeds[0])
     for how, values in held_auroc.items():
         print(f"  {how}: " + ", ".join(f"{m} {v:.3f}" if v is not None else f"{m} -" for m, v in zip(ladder, values)))
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from crecli import config
@@ -66,6 +67,47 @@ def test_cluster_stats_shrinks_toward_the_global_accuracy() -> None:
     assert t.clusters[0].size == 3 and t.overall.size == 6
     assert t.overall.models["small"].accuracy == g
     assert s0.to_dict()["shrunk_accuracy"] == s0.shrunk_accuracy
+
+
+def test_empirical_strength_is_the_method_of_moments_within_its_bounds() -> None:
+    from crecli.choice import STRENGTH_BOUNDS, empirical_strength
+
+    lo, hi = STRENGTH_BOUNDS
+    # Two 30-answer clusters at 0.3 and 0.7 around 0.5: spread 2.4, of which one cluster's
+    # worth of sampling (0.25), over 60 - 1800/60 - 2 + 1 = 29 answers' room.
+    tau2 = (2.4 - 0.25) / 29
+    assert empirical_strength([(30, 9), (30, 21)]) == pytest.approx(0.25 / tau2 - 1)
+    # Simulated: 400 clusters of 10 from a Beta prior worth 5 answers come out near 5.
+    rng = np.random.default_rng(0)
+    rates = rng.beta(0.4 * 5, 0.6 * 5, size=400)
+    assert 4.0 < empirical_strength([(10, int(rng.binomial(10, r))) for r in rates]) < 6.0
+    # Clusters no more spread than sampling gives: the log-wide figure speaks for them all.
+    assert empirical_strength([(30, 15), (30, 15), (30, 16)]) == hi
+    # A model right in one task and wrong in another: the record is trusted, within the bound.
+    assert empirical_strength([(100, 0), (100, 100)]) == lo
+    # Nothing to estimate from: the fixed strength.
+    assert empirical_strength([(30, 3)]) == PRIOR_STRENGTH
+    assert empirical_strength([(30, 0), (30, 0)]) == PRIOR_STRENGTH
+
+
+def test_cluster_stats_can_shrink_each_model_by_its_own_empirical_strength() -> None:
+    from crecli.choice import EMPIRICAL, empirical_strength
+
+    ladder = ["small", "large"]
+    records = [rec(f"q{i}") for i in range(40)]
+    labels = [i // 10 for i in range(40)]  # four clusters of ten
+    outcomes = {}
+    for i, r in enumerate(records):
+        small_ok = labels[i] in (0, 1) and i % 10 < 9  # 9 of 10 in two clusters, none in the others
+        large_ok = i % 10 < 6  # 6 of 10 everywhere
+        outcomes[(r.id, "small")] = run(r.id, "small", ["1" if small_ok else "2"], [0.5])
+        outcomes[(r.id, "large")] = run(r.id, "large", ["1" if large_ok else "2"], [2.0])
+    t = cluster_stats(labels, records, outcomes, ladder, CostModel.build(outcomes.values()), prior_strength=EMPIRICAL)
+    m_small = empirical_strength([(10, 9), (10, 9), (10, 0), (10, 0)])
+    assert t.strength("small") == pytest.approx(m_small) and t.strength("large") == 50.0
+    assert t.clusters[2].models["small"].shrunk_accuracy == pytest.approx((0 + m_small * 18 / 40) / (10 + m_small))
+    # Less pull toward 0.45 than the fixed strength gives a cluster the small model never gets right.
+    assert t.clusters[2].models["small"].shrunk_accuracy < (0 + PRIOR_STRENGTH * 18 / 40) / (10 + PRIOR_STRENGTH)
 
 
 def test_cluster_stats_without_outcomes_falls_back_to_global_figures() -> None:

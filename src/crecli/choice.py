@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 # log-wide figure: enough to stop a 2-for-2 cluster from looking perfect, little enough
 # that a 30-query cluster speaks for itself.
 PRIOR_STRENGTH = 5.0
+# `cluster_stats(prior_strength=EMPIRICAL)` estimates each model's from the log instead
+# (`empirical_strength`), within these bounds.
+EMPIRICAL = "empirical"
+STRENGTH_BOUNDS = (0.5, 50.0)
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,38 @@ class StatsTable:
     clusters: dict[int, ClusterStats]  # includes -1 (unclustered) when any record is
     overall: ClusterStats  # all records together; cluster id -1 is not special here
     ladder: list[str]
-    prior_strength: float
+    # How many answers' worth the log-wide accuracy carries in a cluster: one for every
+    # model, or each model's own (`empirical_strength`).
+    prior_strength: "float | dict[str, float]"
+
+    def strength(self, model: str) -> float:
+        s = self.prior_strength
+        return s[model] if isinstance(s, dict) else s
+
+
+def empirical_strength(rows: Sequence[tuple[float, float]]) -> float:
+    """A model's prior strength from its record across clusters, by the method of moments.
+
+    A Beta prior worth m answers spreads the clusters' true accuracies with variance
+    tau2 = mu(1 - mu)/(m + 1), so m = mu(1 - mu)/tau2 - 1. With S the size-weighted spread
+    of the observed accuracies around their mean y (N answers in K clusters),
+    E[S] = tau2 (N - sum n^2/N - K + 1) + (K - 1) mu(1 - mu), which gives tau2. Tasks
+    differ a lot (one a model never gets right beside one it always does), and a fixed
+    strength shrinks a 30-query cluster's 0 of 30 toward the model's log-wide accuracy as if
+    they did not; the bounds keep one noisy log from trusting a cluster's record wholly or
+    not at all. `rows` are (answers, right answers) per cluster."""
+    lo, hi = STRENGTH_BOUNDS
+    sized = [(n, c) for n, c in rows if n > 0]
+    total = sum(n for n, _ in sized)
+    mean = sum(c for _, c in sized) / total if total else 0.0
+    if len(sized) < 2 or not 0.0 < mean < 1.0:
+        return PRIOR_STRENGTH
+    spread = sum(n * (c / n - mean) ** 2 for n, c in sized)
+    room = total - sum(n * n for n, _ in sized) / total - len(sized) + 1
+    tau2 = (spread - (len(sized) - 1) * mean * (1 - mean)) / room if room > 0 else 0.0
+    if tau2 <= 0:
+        return hi
+    return min(hi, max(lo, mean * (1 - mean) / tau2 - 1))
 
 
 def cluster_stats(
@@ -74,13 +109,14 @@ def cluster_stats(
     outcomes: Mapping[OutcomeKey, Outcome],
     ladder: Sequence[str],
     costs: CostModel,
-    prior_strength: float = PRIOR_STRENGTH,
+    prior_strength: float | str = PRIOR_STRENGTH,
 ) -> StatsTable:
     """Greedy-answer accuracy and cost per cluster and model.
 
     `labels[i]` is the cluster of `records[i]`. Shrunk accuracy is
     (correct + m * global) / (n + m), where global is the model's accuracy over all records
-    and m = `prior_strength`. Mean cost is that of one greedy answer, the cost of routing
+    and m = `prior_strength` (`EMPIRICAL`: each model's own, `empirical_strength`, from the
+    clusters of these records other than -1). Mean cost is that of one greedy answer, the cost of routing
     without a quality check; `simulate` prices the cascade's extra votes.
     """
     if len(labels) != len(records):
@@ -108,6 +144,10 @@ def cluster_stats(
                     acc[4] += outcome.votes[0].output_tokens
     glob = {m: _raw(total[m], None, None) for m in ladder}
     glob_out = {m: _output(total[m], 0.0) for m in ladder}
+    strengths: float | dict[str, float] = (
+        {m: empirical_strength([(row[m][0], row[m][1]) for cid, row in sums.items() if cid >= 0]) for m in ladder}
+        if prior_strength == EMPIRICAL else float(prior_strength))
+    of = strengths.get if isinstance(strengths, dict) else (lambda _m: strengths)
 
     def stats(row: dict[str, list[float]]) -> dict[str, ModelStats]:
         out = {}
@@ -115,13 +155,13 @@ def cluster_stats(
             g_acc, g_cost = glob[model]
             n, correct = row[model][:2]
             acc, mean_cost = _raw(row[model], g_acc, g_cost)
-            shrunk = shrink(correct, n, g_acc, prior_strength)
+            shrunk = shrink(correct, n, g_acc, of(model))
             out[model] = ModelStats(int(n), int(correct), acc, shrunk, mean_cost, _output(row[model], glob_out[model]))
         return out
 
     clusters = {cid: ClusterStats(cid, sizes[cid], stats(sums[cid])) for cid in sorted(sums)}
     overall = ClusterStats(-1, len(records), stats(total))
-    return StatsTable(clusters, overall, list(ladder), prior_strength)
+    return StatsTable(clusters, overall, list(ladder), strengths)
 
 
 def shrink(correct: float, n: float, glob: float, strength: float) -> float:

@@ -98,7 +98,7 @@ def _loo_prior(table: StatsTable, cid: int, model: str, correct: bool) -> float:
     if info is None:
         return table.overall.models[model].accuracy
     st = info.models[model]
-    return shrink(st.correct - correct, st.n - 1, table.overall.models[model].accuracy, table.prior_strength)
+    return shrink(st.correct - correct, st.n - 1, table.overall.models[model].accuracy, table.strength(model))
 
 
 def train_deferral(data: Data, idx: Sequence[int], table: StatsTable, model: str, votes: int) -> Deferral:
