@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -241,8 +242,13 @@ def test_api_key_is_required_when_set(
 
 def test_a_full_queue_gets_429_with_retry_after_and_computation_is_serialised(
     fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig,
-    request: pytest.FixtureRequest,
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from crecli.serve_app import RefusalLog
+
+    # Two refusals at once share one line; the other is counted a period later, while the
+    # server runs (it waited for the next refusal, or shutdown).
+    monkeypatch.setattr(RefusalLog, "PERIOD", 0.5)
     active: list[int] = []
     release = threading.Event()  # the models compute until every request is answered or refused
     fake_backends({m: held("12", release, active) for m in ("small", "medium", "large")})
@@ -269,6 +275,13 @@ def test_a_full_queue_gets_429_with_retry_after_and_computation_is_serialised(
             for t in threads:
                 t.join(60)
         health = httpx.get(f"{url}/health").json()
+
+        def told() -> int:  # each refusal's own line, plus the counts of those folded in
+            return sum(1 + sum(int(n) for n in re.findall(r"(\d+) more queue_full refusals", line))
+                       if " with 429 queue_full: " in line else
+                       sum(int(n) for n in re.findall(r"^(\d+) more queue_full refusals", line)) for line in lines)
+
+        until(lambda: told() == 2, "both 429s told in the server's log while it runs")
     codes = sorted(r.status_code for r in results)
     assert early == [429, 429] and codes == [200] * 4 + [429] * 2, (early, codes)
     refused = next(r for r in results if r.status_code == 429)
@@ -1073,6 +1086,33 @@ def test_refusals_are_logged_at_most_once_a_second_per_kind_with_the_rest_counte
         "1 more overloaded refusals since the last such line",
         "1 more queue_full refusals since the last such line",
     ], lines
+
+
+def test_a_storms_folded_refusals_are_told_once_it_ends_not_at_the_next_refusal(
+    request: pytest.FixtureRequest,
+) -> None:
+    # The count of refusals folded into a storm's one line waited for the next refusal of
+    # that kind (maybe days later) or for shutdown; the server now tells it once a period
+    # has passed since the kind's last line (`App.lifespan` calls flush(due_only=True)).
+    from crecli.serve_app import RefusalLog
+
+    lines = server_log_lines(request)
+    now = [0.0]
+    refusals = RefusalLog(period=1.0, clock=lambda: now[0])
+    full = ApiError(429, "the server is busy", code="queue_full")
+    for i, at in enumerate([0.0, 0.2, 0.4, 0.6]):
+        now[0] = at
+        refusals.note(f"req_{i}", "10.0.0.1:5000", full)
+    now[0] = 0.9
+    refusals.flush(due_only=True)  # the storm's line is not a period old yet
+    assert len(lines) == 1
+    now[0] = 1.05
+    refusals.flush(due_only=True)
+    refusals.flush(due_only=True)  # told once
+    assert lines[1:] == ["3 more queue_full refusals since the last such line"]
+    now[0] = 1.5  # a refusal just after the count was told is folded anew, not logged at once
+    refusals.note("req_9", "10.0.0.1:5000", full)
+    assert len(lines) == 2
 
 
 def test_health_says_a_rung_whose_model_llama_cpp_refused_cannot_answer_while_the_refusal_stands(

@@ -245,7 +245,8 @@ class RefusalLog:
     of a rung none of whose servers could answer (`rung_unavailable`, with the details); but
     at most one a `period` per kind, so that a storm of refusals (or an outage of a remote
     rung) cannot flood the log: those folded in between are counted in the kind's next line,
-    or at shutdown (`flush`). `clock` is injectable for tests. Only the event loop's thread
+    or in a line of their own once a `period` has passed since its last (`flush(due_only=True)`,
+    once a period from `App.lifespan`) or at shutdown. `clock` is injectable for tests. Only the event loop's thread
     uses it, so there is no lock."""
 
     KINDS = ("queue_full", "overloaded")
@@ -276,11 +277,16 @@ class RefusalLog:
         if folded is not None:
             log.warning("%s: refused %s with %d %s: %s%s", rid, client, exc.status, kind, exc.message, folded)
 
-    def flush(self) -> None:
-        """Log the refusals folded since each kind's last line."""
-        for kind, folded in self._folded.items():
-            log.warning("%d more %s refusals since the last such line", folded, kind)
-        self._folded.clear()
+    def flush(self, due_only: bool = False) -> None:
+        """Log the refusals folded since each kind's last line; with `due_only`, only the
+        kinds whose last line is a `period` old (what `App.lifespan` calls once a period, so
+        that a storm's count is told once it ends, not at the next refusal, maybe days on)."""
+        now = self.clock()
+        for kind in list(self._folded):
+            if due_only and now - self._last.get(kind, now) < self.period:
+                continue
+            log.warning("%d more %s refusals since the last such line", self._folded.pop(kind), kind)
+            self._last[kind] = now
 
 
 def _job_stream(events: Any, give_up: Callable[[], None]) -> "Response":
@@ -695,9 +701,17 @@ class App:
         # Remote rungs' requests go through one pooled async client on this loop.
         pooled = http.LoopTransport(asyncio.get_running_loop(), max_connections=max(64, self.worker.limit))
         previous = http.use(pooled)
+
+        async def tell_folded_refusals() -> None:
+            while True:
+                await asyncio.sleep(self.refusals.period)
+                self.refusals.flush(due_only=True)
+
+        teller = asyncio.create_task(tell_folded_refusals())
         try:
             yield
         finally:
+            teller.cancel()
             self.refusals.flush()  # first: a failure closing what follows must not lose the counts
             await asyncio.get_running_loop().run_in_executor(None, self.worker.close)
             http.use(previous)
