@@ -1055,22 +1055,34 @@ def test_every_response_carries_a_request_id_the_clients_own_when_it_is_safe(
     assert crashed.json()["error"]["message"].endswith("(request id mine-2)")
 
 
+QUEUE_FULL = ApiError(429, "the server is busy", code="queue_full")
+
+
+def refusing(request: pytest.FixtureRequest) -> tuple[list[str], list[float], Callable[..., None], Any]:
+    """The server log's lines from now on, a settable clock, a function that refuses with
+    each (time, error) given in turn, and the `RefusalLog` on that clock (period 1 s)."""
+    from crecli.serve_app import RefusalLog
+
+    lines, now = server_log_lines(request), [0.0]
+    refusals = RefusalLog(period=1.0, clock=lambda: now[0])
+
+    def refuse(*schedule: tuple[float, ApiError], first: int = 0) -> None:
+        for i, (at, exc) in enumerate(schedule, first):
+            now[0] = at
+            refusals.note(f"req_{i}", "10.0.0.1:5000", exc)
+
+    return lines, now, refuse, refusals
+
+
 def test_refusals_are_logged_at_most_once_a_second_per_kind_with_the_rest_counted(
     request: pytest.FixtureRequest,
 ) -> None:
     # 429s and 503s of a full server left no line in the server's log (only the access log's
     # status); one a refusal would let a storm of them flood it.
-    from crecli.serve_app import RefusalLog
-
-    lines = server_log_lines(request)
-    now = [0.0]
-    refusals = RefusalLog(period=1.0, clock=lambda: now[0])
-    full = ApiError(429, "the server is busy", code="queue_full")
-    overloaded = ApiError(503, "the server is overloaded", code="overloaded")
-    for i, (at, exc) in enumerate([(0.0, full), (0.1, full), (0.2, overloaded), (0.5, full), (0.99, overloaded),
-                                   (1.2, full), (1.3, full), (1.4, ApiError(400, "bad", param="n"))]):
-        now[0] = at
-        refusals.note(f"req_{i}", "10.0.0.1:5000", exc)
+    lines, now, refuse, refusals = refusing(request)
+    full, overloaded = QUEUE_FULL, ApiError(503, "the server is overloaded", code="overloaded")
+    refuse((0.0, full), (0.1, full), (0.2, overloaded), (0.5, full), (0.99, overloaded),
+           (1.2, full), (1.3, full), (1.4, ApiError(400, "bad", param="n")))
     # A remote rung's outage answers each request with a 503 rung_unavailable: its detailed
     # line (the servers and their errors) went to the log once per request.
     assert [refusals.admit("rung_unavailable") for _ in range(3)] == ["", None, None]
@@ -1094,15 +1106,8 @@ def test_a_storms_folded_refusals_are_told_once_it_ends_not_at_the_next_refusal(
     # The count of refusals folded into a storm's one line waited for the next refusal of
     # that kind (maybe days later) or for shutdown; the server now tells it once a period
     # has passed since the kind's last line (`App.lifespan` calls flush(due_only=True)).
-    from crecli.serve_app import RefusalLog
-
-    lines = server_log_lines(request)
-    now = [0.0]
-    refusals = RefusalLog(period=1.0, clock=lambda: now[0])
-    full = ApiError(429, "the server is busy", code="queue_full")
-    for i, at in enumerate([0.0, 0.2, 0.4, 0.6]):
-        now[0] = at
-        refusals.note(f"req_{i}", "10.0.0.1:5000", full)
+    lines, now, refuse, refusals = refusing(request)
+    refuse(*((at, QUEUE_FULL) for at in (0.0, 0.2, 0.4, 0.6)))
     now[0] = 0.9
     refusals.flush(due_only=True)  # the storm's line is not a period old yet
     assert len(lines) == 1
@@ -1110,8 +1115,7 @@ def test_a_storms_folded_refusals_are_told_once_it_ends_not_at_the_next_refusal(
     refusals.flush(due_only=True)
     refusals.flush(due_only=True)  # told once
     assert lines[1:] == ["3 more queue_full refusals since the last such line"]
-    now[0] = 1.5  # a refusal just after the count was told is folded anew, not logged at once
-    refusals.note("req_9", "10.0.0.1:5000", full)
+    refuse((1.5, QUEUE_FULL), first=9)  # just after the count was told: folded anew, not logged at once
     assert len(lines) == 2
 
 
