@@ -246,8 +246,8 @@ class RefusalLog:
     at most one a `period` per kind, so that a storm of refusals (or an outage of a remote
     rung) cannot flood the log: those folded in between are counted in the kind's next line,
     or in a line of their own once a `period` has passed since its last (`flush(due_only=True)`,
-    once a period from `App.lifespan`) or at shutdown. `clock` is injectable for tests. Only the event loop's thread
-    uses it, so there is no lock."""
+    once a period from `App.lifespan`) or at shutdown. `clock` is injectable for tests. Only
+    the event loop's thread uses it, so there is no lock."""
 
     KINDS = ("queue_full", "overloaded")
     PERIOD = 1.0  # seconds between two lines of a kind
@@ -266,7 +266,12 @@ class RefusalLog:
             return None
         self._last[kind] = now
         folded = self._folded.pop(kind, 0)
-        return f" (and {folded} more {kind} refusals since the last such line)" if folded else ""
+        return f" (and {self._more(folded, kind)})" if folded else ""
+
+    @staticmethod
+    def _more(folded: int, kind: str) -> str:
+        """The words for refusals of `kind` folded since its last line, in it or in their own."""
+        return f"{folded} more {kind} refusals since the last such line"
 
     def note(self, rid: str, client: str, exc: ApiError) -> None:
         """Log the refusal `exc` of request `rid`, or count it in the next line; other errors pass."""
@@ -285,7 +290,7 @@ class RefusalLog:
         for kind in list(self._folded):
             if due_only and now - self._last.get(kind, now) < self.period:
                 continue
-            log.warning("%d more %s refusals since the last such line", self._folded.pop(kind), kind)
+            log.warning("%s", self._more(self._folded.pop(kind), kind))
             self._last[kind] = now
 
 

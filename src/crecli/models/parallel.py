@@ -440,7 +440,7 @@ class ParallelVotes:
                 batch.n_tokens = len(active)
                 rc = llama_cpp.llama_decode(self.ctx, batch)
                 if rc != 0:
-                            raise BackendError(f"llama.cpp could not decode {len(active)} parallel votes (llama_decode returned {rc})")
+                    raise BackendError(f"llama.cpp could not decode {len(active)} parallel votes (llama_decode returned {rc})")
                 still = []
                 finished: list[tuple[_Stream, bytes, str]] = []
                 for row, stream in enumerate(active):
