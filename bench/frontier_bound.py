@@ -222,6 +222,16 @@ def per_query_estimates(how: str, X: np.ndarray, F: np.ndarray, P: np.ndarray, C
 PER_QUERY = ("neighbours", "features", "prompt cost")
 
 
+def per_query_pick(price: float, acc: np.ndarray, cost: np.ndarray, C: np.ndarray, K: np.ndarray,
+                   tr: np.ndarray) -> np.ndarray:
+    """Each query's model at one price of accuracy: the highest `choice.weighted_value` of
+    its estimated accuracy and cost per model (calibrate's per-cluster rule, per query), in
+    units of the strongest model's figures on the labelled rows `tr`; ties go to the cheaper."""
+    top = C.shape[1] - 1
+    # argmax keeps the first of equals, and the ladder is smallest first.
+    return np.argmax(choice.weighted_value(price, acc, cost, C[tr, top].mean() or 1.0, K[tr, top].mean() or 1.0), axis=1)
+
+
 def cross_fit_per_query(how: str, X: np.ndarray, F: np.ndarray, P: np.ndarray, C: np.ndarray, K: np.ndarray, tasks: np.ndarray,
                         retain: float, seeds: Sequence[int], k: int = 10, n_folds: int = 5) -> list[tuple[float, float]]:
     """Held-out (accuracy share, cost share) per seed of choosing a model per query, not per
@@ -245,16 +255,14 @@ def cross_fit_per_query(how: str, X: np.ndarray, F: np.ndarray, P: np.ndarray, C
                 acc_tr[inner == g], cost_tr[inner == g] = per_query_estimates(
                     how, X, F, P, C, K, tasks, tr[inner != g], tr[inner == g], k)
             acc_te, cost_te = per_query_estimates(how, X, F, P, C, K, tasks, tr, te, k)
-            unit_a, unit_c = C[tr, top].mean() or 1.0, K[tr, top].mean() or 1.0
             best = None
             for lam in LAMBDAS:
-                pick = np.argmax(lam * acc_tr / unit_a - cost_tr / unit_c, axis=1)
+                pick = per_query_pick(lam, acc_tr, cost_tr, C, K, tr)
                 a, c = C[tr, pick].sum(), K[tr, pick].sum()
                 if a >= retain * C[tr, top].sum() - 1e-9 and (best is None or c < best[0]):
                     best = (c, lam)
             # As `cross_fit_rules`: no price keeps `retain` there, so the strongest answers all.
-            pick = (np.argmax(best[1] * acc_te / unit_a - cost_te / unit_c, axis=1) if best
-                    else np.full(len(te), top))
+            pick = per_query_pick(best[1], acc_te, cost_te, C, K, tr) if best else np.full(len(te), top)
             correct += C[te, pick].sum()
             cost += K[te, pick].sum()
         out.append((round(float(correct / C[:, top].sum()), 4), round(float(cost / K[:, top].sum()), 4)))
@@ -293,13 +301,12 @@ def held_out_frontiers(records: Sequence[querylog.Record], found: dict, model: c
             tables = {r: choice.cluster_stats(labels[tr].tolist(), [records[i] for i in tr], found, ladder, model,
                                               prior_strength=s) for r, s in strengths.items()}
             est = {how: per_query_estimates(how, X, F, P, C, K, tasks, tr, te, k) for how in PER_QUERY}
-            unit_a, unit_c = C[tr, top].mean() or 1.0, K[tr, top].mean() or 1.0
             for li, lam in enumerate(LAMBDAS):
                 for r, table in tables.items():
                     models = choice.choose_by_weight(table, float(lam)).models
                     picks[r][li, te] = [ladder.index(models.get(c, ladder[top])) for c in labels[te]]
                 for how, (acc, cost) in est.items():
-                    picks[f"per query, {how}"][li, te] = np.argmax(lam * acc / unit_a - cost / unit_c, axis=1)
+                    picks[f"per query, {how}"][li, te] = per_query_pick(lam, acc, cost, C, K, tr)
         rows = np.arange(len(C))
         for r in rules:
             curve = [(float(C[rows, p].sum() / C[:, top].sum()), float(K[rows, p].sum() / K[:, top].sum()))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from crecli.costs import BUDGET_EPS as _EPS, Budget, CostModel
 from crecli.outcomes import graded
@@ -74,8 +74,12 @@ class StatsTable:
     prior_strength: "float | dict[str, float]"
 
     def strength(self, model: str) -> float:
-        s = self.prior_strength
-        return s[model] if isinstance(s, dict) else s
+        return strength_of(self.prior_strength, model)
+
+
+def strength_of(strengths: "float | dict[str, float]", model: str) -> float:
+    """`model`'s prior strength in `StatsTable.prior_strength`'s form: one for all, or each model's."""
+    return strengths[model] if isinstance(strengths, dict) else strengths
 
 
 def empirical_strength(rows: Sequence[tuple[float, float]]) -> float:
@@ -147,7 +151,6 @@ def cluster_stats(
     strengths: float | dict[str, float] = (
         {m: empirical_strength([(row[m][0], row[m][1]) for cid, row in sums.items() if cid >= 0]) for m in ladder}
         if prior_strength == EMPIRICAL else float(prior_strength))
-    of = strengths.get if isinstance(strengths, dict) else (lambda _m: strengths)
 
     def stats(row: dict[str, list[float]]) -> dict[str, ModelStats]:
         out = {}
@@ -155,7 +158,7 @@ def cluster_stats(
             g_acc, g_cost = glob[model]
             n, correct = row[model][:2]
             acc, mean_cost = _raw(row[model], g_acc, g_cost)
-            shrunk = shrink(correct, n, g_acc, of(model))
+            shrunk = shrink(correct, n, g_acc, strength_of(strengths, model))
             out[model] = ModelStats(int(n), int(correct), acc, shrunk, mean_cost, _output(row[model], glob_out[model]))
         return out
 
@@ -207,6 +210,14 @@ def choose_models(table: StatsTable, budget: Budget) -> Choice:
     return _choice_of(table, models)
 
 
+def weighted_value(weight: float, accuracy: Any, cost: Any, acc_unit: float, cost_unit: float) -> Any:
+    """What a model's answer is worth at one price of accuracy: `weight` x its accuracy, in
+    units of the strongest model's, less its cost, in units of the strongest model's. The
+    rule `choose_by_weight` maximises per cluster; numbers or numpy arrays alike, so that
+    bench/frontier_bound.py applies the same rule per query."""
+    return weight * accuracy / acc_unit - cost / cost_unit
+
+
 def choose_by_weight(table: StatsTable, weight: float) -> Choice:
     """Each cluster's starting model for one price of accuracy: the model with the highest
     `weight` x (its shrunk accuracy there / the strongest model's log-wide accuracy) -
@@ -229,7 +240,7 @@ def choose_by_weight(table: StatsTable, weight: float) -> Choice:
 
     def score(stats: ClusterStats, model: str) -> float:
         m = stats.models[model]
-        return weight * m.shrunk_accuracy / acc_unit - m.mean_cost / cost_unit
+        return weighted_value(weight, m.shrunk_accuracy, m.mean_cost, acc_unit, cost_unit)
 
     models = {}
     for cid, stats in table.clusters.items():
