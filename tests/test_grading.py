@@ -305,3 +305,42 @@ def test_the_word_answer_marks_an_answer_only_where_it_is_said_to_be_one(answer:
 ])
 def test_signs_lists_and_markers_at_the_end_of_a_line(answer: str, reference: str, match: str, expected: bool) -> None:
     assert grade(answer, reference, match) is expected
+
+
+@pytest.mark.parametrize(("answer", "reference", "match", "expected"), [
+    # A numbered list begins at 1: a sentence that opens with its answer is no list, and its
+    # answer was dropped for the next number ("42. She had 40" read as 40).
+    ("42. She had 40 and got 2 more.", "42", "numeric", True),
+    ("7) 3 red plus 4 blue", "7", "numeric", True),
+    ("18. \n\nExplanation: 9*2", "18", "numeric", True),
+    ("1. 65", "65", "numeric", True),
+    ("1. 65", "1", "numeric", False),
+    # Two letters offered together name no one answer: "(A) or (B)" was right for (A).
+    ("(A) or (B)", "A", "choice", False),
+    ("Both (A) and (B)", "A", "choice", False),
+    ("(A)/(B)", "A", "choice", False),
+    ("(A), (C)", "A", "choice", False),
+    ("I think (B), not (A)", "B", "choice", True),
+    ("(B) or (B)", "B", "choice", True),
+    # A sign before a currency symbol, or in words before digits, is the number's sign.
+    ("-$5", "5", "numeric", False),
+    ("-$5", "-5", "numeric", True),
+    ("The result is negative 5", "5", "numeric", False),
+    ("The result is minus 5", "-5", "numeric", True),
+    # A fraction is one number, and so are digits with a scale word.
+    ("3/4", "3", "numeric", False),
+    ("3/4", "0.75", "numeric", True),
+    ("1 million", "1", "numeric", False),
+    ("2.5 million", "2500000", "numeric", True),
+    ("1/0", "1", "numeric", False),
+])
+def test_numbered_sentences_hedged_letters_signs_and_fractions(answer: str, reference: str, match: str, expected: bool) -> None:
+    assert grade(answer, reference, match) is expected
+
+
+def test_hedged_letters_vote_as_text_and_a_hedged_reference_is_refused() -> None:
+    # Unlabelled votes: a hedge is no option letter, so it does not vote with a plain (A).
+    assert normalize("(A) or (B)") != normalize("(A)")
+    problem = reference_problem("(A) or (B)", "choice")
+    assert problem is not None and "more than one option letter" in problem
+    assert reference_problem("3/4", "numeric") is None

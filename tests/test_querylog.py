@@ -417,11 +417,14 @@ def test_batch_line_that_is_not_an_object_is_a_prompt() -> None:
 
 
 def test_numeric_references_are_read_as_written_and_one_number_each(tmp_path: Path) -> None:
-    # A JSON number 0.00001 became "1e-05" (Python's form), which grades as 1; "3/4" read as 3.
+    # A JSON number 0.00001 became "1e-05" (Python's form), which grades as 1; "between 3
+    # and 5" read as 3. A fraction is one number: "3/4" is 0.75.
     path = write(tmp_path / "log.jsonl", '{"prompt": "q", "reference": 0.00001, "match": "numeric"}\n'
                                          '{"prompt": "r", "reference": 12, "match": "numeric"}\n')
     assert [r.reference for r in read_log(path).records] == [["0.00001"], ["12"]]
-    for bad, words in [('"3/4"', "more than one number"), ("NaN", "finite number")]:
+    write(path, '{"prompt": "q", "reference": "3/4", "match": "numeric"}\n')
+    assert [r.reference for r in read_log(path).records] == [["3/4"]]
+    for bad, words in [('"between 3 and 5"', "more than one number"), ("NaN", "finite number")]:
         write(path, f'{{"prompt": "q", "reference": {bad}, "match": "numeric"}}\n')
         with pytest.raises(InputError, match=words):
             read_log(path)

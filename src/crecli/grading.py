@@ -16,7 +16,7 @@ first rule that applies picks the segment of the text that holds the answer:
   3. otherwise the first non-empty line, or the second when the first only introduces it
      ("Here are the words sorted:"). When that line is a list item ("- x", "1. x"), the
      whole run of list items is the segment, bullets dropped, so a list of sorted words
-     reads as one answer.
+     reads as one answer. A numbered list begins at 1: "42. She had 40." is no list.
 Everything after the segment (explanations, a next question a base model invents) is
 ignored, except by `contains` and `regex`, which look at the whole text.
 
@@ -25,9 +25,12 @@ ignored, except by `contains` and `regex`, which look at the whole text.
     "B" alone, "Option B" or lower-case "(b)"/"b)"; else the first parenthesised letter
     "(B)" anywhere in the segment; else "" (no letter found). A bare letter followed by
     a word is not read as an option ("A dog", "I think", so also "B because"), since "A"
-    and "I" are English words.
+    and "I" are English words. Two letters offered together ("(A) or (B)", "(A), (B)",
+    "both (A) and (B)") are a hedge: "" (no one letter).
   - numeric: the canonical number ("12", "-3", "0.5", "1000"). Digits (with `,` thousand
-    separators) or English number words ("twenty-one", "one hundred and five"). A segment
+    separators, a sign before a currency symbol, "-$5", or a word, "minus 5"; "3/4" is
+    0.75 and "2 million" 2000000) or English number words ("twenty-one", "one hundred and
+    five"). A segment
     that opens with a number ending at a comma, a full stop or its end states it ("12,
     which is 3 more than 9."); otherwise the number right after the last "=", "is", "are",
     "equals", "was" or "were" wins ("The sum of 33 and 32 is 65."), else the first number
@@ -38,7 +41,7 @@ ignored, except by `contains` and `regex`, which look at the whole text.
     whitespace collapsed. `exact` normalises the segment; `contains` and `regex` the whole
     text. A reference is normalised whole, never cut to a segment: it is the answer.
   - None (unlabelled traffic): within the segment, the option letter if the segment is
-    plainly an option (the leading forms above), else the number if the whole segment
+    plainly an option (the leading forms above, and no hedge), else the number if the whole segment
     is one number (digits or words, trailing punctuation allowed), else normalised text.
 """
 
@@ -93,7 +96,7 @@ _MARKER = re.compile(
     rf"|\b(?:correct|right)\s+(?:option|choice|letter)\b(?:\s+is)?\s*{_SEP}?[ \t]*",
     re.IGNORECASE | re.MULTILINE,
 )
-_LIST_ITEM = re.compile(r"^\s*(?:[-*\u2022]|\d{1,3}[.)])\s+(.*)$")
+_LIST_ITEM = re.compile(r"^\s*(?:[-*\u2022]|(?P<number>\d{1,3})[.)])\s+(?P<item>.*)$")
 _QUOTES = "\"'\u201c\u201d\u2018\u2019\u00ab\u00bb"
 
 # Option letters. An optional "Option"/"choice"/"letter" word may precede the letter.
@@ -108,6 +111,10 @@ _LEADING_LETTER = [
     re.compile(r"^([a-z])(?=\)|\.?\s*$)"),
 ]
 _PAREN_LETTER = re.compile(r"\(([A-Za-z])\)")
+# Two option letters offered together, "(A) or (B)", "(A)/(B)", "both (A) and (B)": a hedge
+# names no one answer. Read as its first letter, it was graded right for (A), which lifted a
+# small model that hedged.
+_HEDGE = re.compile(r"[(\[]([A-Za-z])[)\]]\s*(?:,|/|\bor\b|\band\b)\s*[(\[]([A-Za-z])[)\]]", re.IGNORECASE)
 
 # Number words. Values for units, teens and tens; scales multiply.
 _SMALL = {
@@ -124,11 +131,17 @@ _SCALES = {"thousand": 1_000, "million": 1_000_000, "billion": 1_000_000_000}
 _WORD = "|".join(sorted([*_SMALL, *_TENS, "hundred", *_SCALES], key=len, reverse=True))
 _NUMBER = re.compile(
     # Digits: grouped thousands first so "1,000" is one number; no sign after a word
-    # character, so "12-15" does not read as -15.
-    rf"(?<![\w.])(?P<digits>[-+]?(?:\d{{1,3}}(?:,\d{{3}})+|\d+)(?:\.\d+)?|[-+]?\.\d+)(?![\d])"
+    # character, so "12-15" does not read as -15. A sign may stand before a currency symbol
+    # ("-$5") or be a word ("minus 5", "negative 5"); "3/4" is one number, 0.75, and so is
+    # "2 million", 2000000: each was read as its first digits, so a wrong answer ("-$5",
+    # "3/4", "1 million") graded right against 5, 3 or 1.
+    rf"(?:(?P<neg>\b(?:minus|negative)\s+)|(?<![\w.]))"
+    rf"(?P<digits>[-+]?[$\u20ac\u00a3]?(?:\d{{1,3}}(?:,\d{{3}})+|\d+)(?:\.\d+)?|[-+]?\.\d+)(?![\d])"
+    rf"(?:/(?P<den>\d+)(?![\d.]))?(?:\s+(?P<scale>thousand|million|billion)\b)?"
     rf"|\b(?P<words>(?:(?:minus|negative)\s+)?(?:{_WORD})(?:(?:\s+and\s+|[\s-]+)(?:{_WORD}))*)\b",
     re.IGNORECASE,
 )
+_NOT_DIGITS = re.compile("[,$\u20ac\u00a3]")
 # A number opening a segment and ending at a clause break or the end: "12, which ...", "42."
 _LEAD_NUMBER = re.compile(r"\s*(?P<n>[-+]?[\d.,]*\d)\s*(?:[,;]|\.(?!\d)|$)")
 _COPULA = re.compile(r"(?:=|\bequals?|\bis|\bare|\bwas|\bwere)\s*:?\s*$", re.IGNORECASE)
@@ -167,13 +180,13 @@ def normalize(text: str, match: str | None = None) -> str:
         return _text(_EMPHASIS.sub("", text))
     segment = _segment(text)
     if match == "choice":
-        return _leading_letter(segment) or _paren_letter(segment)
+        return "" if _hedged(segment) else _leading_letter(segment) or _paren_letter(segment)
     if match == "numeric":
         value = _pick_number(segment)
         return "" if value is None else _canonical(value)
     if match == "exact":
         return _text(segment)
-    letter = _leading_letter(segment)
+    letter = "" if _hedged(segment) else _leading_letter(segment)
     if letter:
         return letter
     whole = _whole_number(segment)
@@ -234,13 +247,16 @@ def reference_problem(reference: str, match: str) -> str | None:
         except re.error as exc:
             return f"reference {reference!r} is not a valid regular expression ({exc})"
         return None
+    if match == "choice" and _hedged(_segment(reference)):
+        return (f"reference {reference!r} offers more than one option letter for match 'choice'; give "
+                "several accepted answers as a list")
     if not _reference_form(reference, match):
         kind = {"choice": "option letter", "numeric": "number"}.get(match, "text")
         return f"reference {reference!r} holds no {kind} for match {match!r}"
     if match == "numeric" and len(_numbers(_segment(reference))) > 1:
-        # "3/4" read as 3, and "between 3 and 5" as 3: an answer of 3 was graded right.
+        # "between 3 and 5" read as 3: an answer of 3 was graded right.
         return (f"reference {reference!r} holds more than one number for match 'numeric'; give the one "
-                "number (a fraction as a decimal, 0.75), or several accepted answers as a list")
+                "number, or several accepted answers as a list")
     return None
 
 
@@ -313,7 +329,11 @@ def _list_items(lines: Sequence[str]) -> list[str]:
         item = _LIST_ITEM.match(line)
         if not item:
             break
-        items.append(item.group(1).strip())
+        if not items and item.group("number") not in (None, "1"):
+            # A numbered list begins at 1. "42. She had 40 and got 2 more." is a sentence
+            # that opens with its answer; read as a list, its 42 was dropped for the 40.
+            return []
+        items.append(item.group("item").strip())
     return items
 
 
@@ -328,6 +348,11 @@ def _leading_letter(segment: str) -> str:
         if found:
             return found.group(1).upper()
     return ""
+
+
+def _hedged(segment: str) -> bool:
+    """Whether `segment` offers two different option letters together (`_HEDGE`)."""
+    return any(a.upper() != b.upper() for a, b in _HEDGE.findall(segment))
 
 
 def _paren_letter(segment: str) -> str:
@@ -347,7 +372,14 @@ def _numbers(text: str) -> list[tuple[int, Decimal]]:
 
 def _match_value(m: re.Match[str], whole: bool) -> Decimal | None:
     if m.group("digits"):
-        return Decimal(m.group("digits").replace(",", ""))
+        value = Decimal(_NOT_DIGITS.sub("", m.group("digits")))
+        if m.group("den"):
+            if not int(m.group("den")):
+                return None  # "1/0" is no number
+            value /= Decimal(m.group("den"))
+        if m.group("scale"):
+            value *= _SCALES[m.group("scale").lower()]
+        return -value if m.group("neg") else value
     return _words_value(m.group("words"), whole)
 
 
