@@ -104,11 +104,37 @@ def test_resume_skips_ids_already_answered(
         + '{"line": 7, "id": "far", "answ'  # cut short by a crash: ignored
     )
     done = read_done_ids(earlier)
-    assert done == {"a1"}
+    assert done == {"a1": rows[0]["prompt_sha256"]}
 
     rows, summary = _run(MIXED, cascade, resume_ids=done)
     assert [r["line"] for r in rows] == [2, 3, 4, 5, 6, 7]
     assert (summary.lines, summary.skipped, summary.answered, summary.errors) == (7, 1, 2, 4)
+
+
+def test_resume_never_lets_an_answer_stand_for_another_prompt_that_took_its_id(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade, tmp_path: Path
+) -> None:
+    # Plain-text lines are known by their number: a line added at the top gave line 1's
+    # stored answer (to "7 plus 5") to the new first question, and answered Peru twice.
+    install(fake_backends, TABLE)
+    first, _ = _run([ADD.encode(), PERU.encode()], cascade)
+    earlier = tmp_path / "out.jsonl"
+    earlier.write_text("".join(json.dumps(r) + "\n" for r in first))
+    done = read_done_ids(earlier)
+    rows, summary = _run([b"What is 7 times 6?", ADD.encode(), PERU.encode()], cascade, resume_ids=done,
+                         source="in.txt", resume_name=str(earlier))
+    errors = [r for r in rows if "error" in r]
+    assert [r["line"] for r in errors] == [1, 2] and summary.skipped == 0
+    assert errors[0]["error"].startswith(f"in.txt:1: id '1' was answered in {earlier} for another prompt")
+    assert "new output file" in errors[0]["error"]
+    assert [r["line"] for r in rows if "answer" in r] == [3]
+    # The same prompts again: every line is skipped, as before.
+    rows, summary = _run([ADD.encode(), PERU.encode()], cascade, resume_ids=done)
+    assert rows == [] and summary.skipped == 2
+    # An answer written before records kept the prompt's digest is matched by id alone.
+    legacy = {k: None for k in done}
+    rows, summary = _run([b"What is 7 times 6?"], cascade, resume_ids=legacy)
+    assert rows == [] and summary.skipped == 1
 
 
 def test_a_repeated_id_is_counted_and_said_since_resume_matches_by_id(
@@ -443,3 +469,19 @@ def test_a_ctrl_c_while_the_output_flushes_writes_no_line_twice() -> None:
         writer.put(1, {"id": "a", "answer": "12"})
     writer.flush_ready()
     assert [json.loads(line)["id"] for line in out.getvalue().splitlines()] == ["a"]
+
+
+def test_a_resume_file_emptied_by_the_shell_is_told_apart_from_one_appended_to(tmp_path: Path) -> None:
+    # `cre batch --resume out.jsonl > out.jsonl`: the shell empties the file before cre runs,
+    # and every line was answered again without a word.
+    from crecli.batch import emptied_by_redirect
+
+    resume = tmp_path / "out.jsonl"
+    resume.write_text("")
+    with open(resume, "w") as out:
+        assert emptied_by_redirect(resume, out)
+    with open(resume, "a") as out:
+        assert not emptied_by_redirect(resume, out)
+    with open(tmp_path / "other.jsonl", "w") as out:
+        assert not emptied_by_redirect(resume, out)
+    assert not emptied_by_redirect(resume, io.StringIO())

@@ -25,7 +25,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, TextIO, TypeVar
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Mapping, TextIO, TypeVar
 
 from crecli.console import progress
 from crecli.costs import RunTotal
@@ -126,8 +127,18 @@ def parse_size(text: str) -> int:
     return int(size)
 
 
-def read_done_ids(path: Path) -> set[str]:
-    """Ids that already have an answer in an earlier output file.
+def prompt_digest(prompt: str) -> str:
+    """The sha256 of a prompt as it was read: what an output record keeps of it
+    (`prompt_sha256`), so `--resume` can tell an answer to this prompt from an answer to
+    another one that took its id."""
+    import hashlib
+
+    return hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def read_done_ids(path: Path) -> dict[str, str | None]:
+    """Ids that already have an answer in an earlier output file, each with the digest of
+    the prompt it answered (`prompt_digest`; None in a file written before records kept it).
 
     Error records are not counted as done, so their lines are tried again; unreadable lines
     (such as a last line cut short by a crash) are ignored.
@@ -141,15 +152,23 @@ def read_done_ids(path: Path) -> set[str]:
         raise InputError(f"{path}: --resume file not found; drop --resume for a first run") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read the --resume file: {exc.strerror}") from None
-    done: set[str] = set()
+    done: dict[str, str | None] = {}
     for line in raw.splitlines():
         try:
             row = json.loads(line)
         except (ValueError, RecursionError):
             continue
         if isinstance(row, dict) and "answer" in row and "error" not in row and row.get("id") is not None:
-            done.add(str(row["id"]))
+            digest = row.get("prompt_sha256")
+            done[str(row["id"])] = digest if isinstance(digest, str) else None
     return done
+
+
+def changed_since(resume: str, id: str) -> str:
+    """The error of a line whose id the --resume file answered for another prompt."""
+    return (f"id {id!r} was answered in {resume} for another prompt: the input changed since that run (a line "
+            "edited, added or removed; a line without an id is known by its number). Answer this input into a "
+            "new output file, without --resume, or give the line an id of its own")
 
 
 def mend_cut_line(resume: Path, out: TextIO) -> None:
@@ -175,6 +194,21 @@ def mend_cut_line(resume: Path, out: TextIO) -> None:
         out.flush()
 
 
+def emptied_by_redirect(resume: Path, out: TextIO) -> bool:
+    """Whether `out` is the --resume file itself, opened without appending: `> out.jsonl`
+    where `>> out.jsonl` was meant. The shell emptied the file before `cre` ran, so it holds
+    no answers and every line is answered again; only a warning can say why."""
+    import os
+
+    try:
+        import fcntl
+
+        return os.path.samestat(os.fstat(out.fileno()), os.stat(resume)) and not (
+            fcntl.fcntl(out.fileno(), fcntl.F_GETFL) & os.O_APPEND)
+    except (OSError, ValueError, AttributeError, ImportError):  # a pipe, a test's buffer, no fcntl
+        return False
+
+
 def _id_of(raw: "bytes | LongLine", fields: FieldMap) -> str | None:
     """The id of a line that failed to parse, when it is JSON with a usable one (for the error record)."""
     # Never parse a line the cap refused (the slack is a byte order mark and "\r\n").
@@ -192,10 +226,11 @@ def _id_of(raw: "bytes | LongLine", fields: FieldMap) -> str | None:
     return None if has_surrogate(text) else text
 
 
-def result_record(line: int, trace: "Trace") -> dict[str, Any]:
+def result_record(line: int, trace: "Trace", prompt: str) -> dict[str, Any]:
     record: dict[str, Any] = {
         "id": trace.id,
         "line": line,
+        "prompt_sha256": prompt_digest(prompt),
         "answer": trace.answer,
         "model": trace.model,
         "cluster": trace.cluster,
@@ -287,8 +322,9 @@ def run_batch(
     lines: "Iterable[bytes | LongLine] | BinaryIO",
     out: TextIO,
     cascade: "Cascade",
-    resume_ids: set[str] | frozenset[str] = frozenset(),
+    resume_ids: "Mapping[str, str | None]" = MappingProxyType({}),
     source: str = "<stdin>",
+    resume_name: str = "the --resume file",
     chunk_size: int = CHUNK_LINES,
     fields: FieldMap = FieldMap(),
     served: "ServedLog | None" = None,
@@ -296,8 +332,9 @@ def run_batch(
     """Answer every line of `lines` (JSONL objects or plain-text prompts) into `out`.
 
     `lines` is a binary stream (read a line at a time, capped at `fields.max_line_bytes`)
-    or the lines themselves. Lines whose id is in `resume_ids` are skipped and write
-    nothing. A missing or corrupt model file stops the batch (every later line would fail
+    or the lines themselves. Lines whose id is in `resume_ids` (`read_done_ids`, from
+    `resume_name`) are skipped and write nothing, unless the answer there was to another
+    prompt: that line gets an error record (`changed_since`), never the other prompt's answer. A missing or corrupt model file stops the batch (every later line would fail
     the same way); any other problem with one line becomes that line's error record.
     Each answer is also recorded in `served` (the served-query log) when given.
     """
@@ -315,7 +352,7 @@ def run_batch(
     def finish(line: int, trace: "Trace", prompt: str) -> None:
         # The answer is written first: a Ctrl-C during the slower bookkeeping below (the
         # first count of the strongest model's tokens loads its vocabulary) must not lose it.
-        writer.put(line, result_record(line, trace))
+        writer.put(line, result_record(line, trace, prompt))
         if served is not None:
             served.record(prompt, trace, cascade)
         summary.answered += 1
@@ -341,7 +378,7 @@ def run_batch(
         writer.put(line, error_record(line, id, message))
 
     try:
-        _answer_all(lines, cascade, resume_ids, source, chunk_size, fields, summary, writer, finish, fail)
+        _answer_all(lines, cascade, resume_ids, resume_name, source, chunk_size, fields, summary, writer, finish, fail)
     except KeyboardInterrupt:
         # What is answered is kept and counted, as a resumed run expects; no line is half-written.
         summary.interrupted = True
@@ -353,7 +390,8 @@ def run_batch(
 def _answer_all(
     lines: "Iterable[bytes | LongLine]",
     cascade: "Cascade",
-    resume_ids: set[str] | frozenset[str],
+    resume_ids: "Mapping[str, str | None]",
+    resume_name: str,
     source: str,
     chunk_size: int,
     fields: FieldMap,
@@ -381,6 +419,11 @@ def _answer_all(
                     summary.repeated_ids += 1
                 seen.add(record.id)
                 if record.id in resume_ids:
+                    answered = resume_ids[record.id]
+                    if answered is not None and answered != prompt_digest(record.prompt):
+                        fail(line, record.id, f"{source}:{line}: {changed_since(resume_name, record.id)}")
+                        bar.advance(task)
+                        continue
                     summary.skipped += 1
                     writer.put(line, None)
                     bar.advance(task)

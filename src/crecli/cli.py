@@ -381,7 +381,7 @@ def batch(
     file: Annotated[Optional[Path], typer.Argument(help="Prompts, one per line: JSONL objects or plain text (default, or -: stdin).", show_default=False)] = None,
     router: RouterOpt = None,
     models: ModelsOpt = None,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="An earlier output file: skip the ids it already answered.", show_default=False)] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="An earlier output file: skip the ids it already answered for the same prompt.", show_default=False)] = None,
     memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Keep models loaded within this much memory, e.g. 4GB, counting each model's file, the KV cache of --parallel and its snapshots of answered examples (default: no limit).", show_default=False)] = None,
     parallel: Annotated[int, typer.Option("--parallel", min=1, max=64, help="Decode the greedy answers of up to this many prompts on one model at once (1: one at a time).")] = PARALLEL_DEFAULT,
     json_summary: Annotated[bool, typer.Option("--json-summary", help="Write the summary as JSON, on stderr's last line (stdout carries the results).")] = False,
@@ -409,6 +409,8 @@ def batch(
       cre batch --resume out.jsonl < in.jsonl >> out.jsonl
 
     Lines already answered in out.jsonl are skipped; lines that got an error are tried again.
+    A line whose id out.jsonl answered for another prompt (the input changed since) gets an
+    error record instead: answer such an input into a new file.
     Each answered prompt, its answer and trace are added to the served-query log (`cre log`;
     references and labels are not), unless --no-log is given.
 
@@ -427,8 +429,8 @@ def batch(
     130 interrupted (Ctrl-C): every answer finished by then is written, the summary says
     how many, and `--resume` answers the rest.
     """
-    from crecli import render, servedlog
-    from crecli.batch import mend_cut_line, parse_size, read_done_ids, run_batch
+    from crecli import console, render, servedlog
+    from crecli.batch import emptied_by_redirect, mend_cut_line, parse_size, read_done_ids, run_batch
     from crecli.escalate import Cascade
 
     from crecli.querylog import MAX_LINE_BYTES, FieldMap
@@ -437,8 +439,11 @@ def batch(
         prompt=prompt_field, reference=reference_field, match=match_field, id=id_field,
         max_line_bytes=max_prompt_bytes if max_prompt_bytes is not None else MAX_LINE_BYTES,
     )
-    done = read_done_ids(resume) if resume is not None else set()
+    done = read_done_ids(resume) if resume is not None else {}
     if resume is not None:
+        if emptied_by_redirect(resume, sys.stdout):
+            console.warn(f"{resume} is this run's output opened with '>', which emptied it before cre ran: its answers "
+                         "are gone and every line is answered again. Append with '>>' to resume.")
         mend_cut_line(resume, sys.stdout)
     budget = parse_size(memory_budget) if memory_budget is not None else None
     router_path = resolve_router(router)
@@ -447,7 +452,7 @@ def batch(
         # "-" is stdin, as for `cre ask -` and as the error below offers. (pathlib reads "./-"
         # as "-" too: a file of that name is given by its absolute path, or on stdin.)
         if file is None or str(file) == "-":
-            summary = run_batch(sys.stdin.buffer, sys.stdout, cascade, done, source="<stdin>", fields=fields, served=served)
+            summary = run_batch(sys.stdin.buffer, sys.stdout, cascade, done, source="<stdin>", resume_name=str(resume), fields=fields, served=served)
         else:
             from crecli.querylog import open_input
 
@@ -456,7 +461,7 @@ def batch(
             except OSError as exc:
                 raise CreError(f"{file}: cannot read it ({exc.strerror})") from None
             with fh:
-                summary = run_batch(fh, sys.stdout, cascade, done, source=str(file), fields=fields, served=served)
+                summary = run_batch(fh, sys.stdout, cascade, done, source=str(file), resume_name=str(resume), fields=fields, served=served)
     render.batch_summary(summary, as_json=json_summary)
     if summary.interrupted:
         raise typer.Exit(130)
