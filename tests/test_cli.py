@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 
 from crecli import __version__
 from crecli.cli import app
+from crecli.models.fake import FakeBackend
 from support.hostile import Run
 
 runner = CliRunner()
@@ -207,3 +209,41 @@ def test_models_path_and_pull_give_json_for_scripts(tmp_path: Path, monkeypatch:
     assert json.loads(result.stdout) == [
         {"model": "gemma-3-270m", "remote": False, "path": str(tmp_path / "gemma.gguf"), "assembled": True},
         {"model": "big", "remote": True, "path": "http://10.0.0.5:8080/v1", "assembled": False}]
+
+
+def test_fit_unknown_format_is_bad_usage(cre: Callable[..., Run], tmp_path: Path) -> None:
+    # It exited 1, as a bad log does; an option value wrong in itself is bad usage (2).
+    result = cre("fit", tmp_path / "log.jsonl", "--format", "xml")
+    assert result.code == 2 and "--format 'xml': use one of jsonl, csv, text" in result.err, result.err
+
+
+def test_batch_says_a_missing_input_file_first_and_in_fits_words(
+    cre: Callable[..., Run], tmp_path: Path, tiny_models_toml: Path
+) -> None:
+    # The router loaded first, so a router's or a model's error hid the wrong path, which
+    # then read "cannot read it (No such file or directory)" with no next step.
+    result = cre("batch", tmp_path / "missing.jsonl", "--router", tmp_path / "no-router.cre", "--models", tiny_models_toml)
+    assert result.code == 1 and result.err.startswith(f"Error: {tmp_path / 'missing.jsonl'}: no such file; check the path")
+    result = cre("batch", tmp_path, "--router", tmp_path / "no-router.cre", "--models", tiny_models_toml)
+    assert result.code == 1 and "is a directory" in result.err
+
+
+def test_batch_with_no_input_lines_warns_and_a_terminal_stdin_is_refused(
+    cre: Callable[..., Run], saved_router: Path, tiny_models_toml: Path, tmp_path: Path,
+    fake_backends: Callable[..., dict[str, FakeBackend]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `cat missing.txt | cre batch > answers.jsonl` exited 0 with only cat's error on screen;
+    # with stdin a terminal it waited under a spinner for prompts nobody typed.
+    fake_backends({"small": {}, "medium": {}, "large": {}})
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = cre("batch", empty, "--router", saved_router, "--models", tiny_models_toml, "--no-log")
+    assert result.code == 0 and result.out == "" and f"{empty} held no lines: nothing was answered" in result.err
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    result = cre("batch", "--router", saved_router, "--models", tiny_models_toml, "--no-log")
+    assert result.code == 2 and "stdin is a terminal" in result.err and "cat questions.txt | cre batch" in result.err

@@ -165,3 +165,17 @@ def test_a_store_that_is_not_one_is_refused_before_the_log_is_embedded(
     refused = runner.invoke(app, ["fit", str(SMALL_LOG), "-o", str(tmp_path / "r.cre"), "--store", str(store),
                                   "--models", str(tiny_models_toml)])
     assert "not a usable outcome store" in str(refused.exception), refused.exception
+
+
+def test_a_log_whose_answers_sit_under_another_name_is_warned_about_with_the_option_to_name_it(
+    tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict[str, FakeBackend]
+) -> None:
+    # "answer" for "reference": the fit wrote a router that sends everything to the top
+    # rung, with one status line that never named --reference-field.
+    log = tmp_path / "log.jsonl"
+    rows = [json.loads(line) for line in SMALL_LOG.read_text().splitlines()]
+    log.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["reference"]}) + "\n" for r in rows))
+    done = runner.invoke(app, ["fit", str(log), "-o", str(tmp_path / "r.cre"), "--models", str(tiny_models_toml)])
+    assert done.exit_code == 0, done.output
+    assert "Warning:" in done.stderr and "field 'reference'" in done.stderr and "--reference-field" in done.stderr
+    assert not any(b.calls for b in skilled_fakes.values())

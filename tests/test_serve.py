@@ -1148,3 +1148,24 @@ def test_health_says_a_rung_whose_model_llama_cpp_refused_cannot_answer_while_th
     assert refused.json()["models"] == {"small": "refused by llama.cpp", "medium": "ready", "large": "ready"}
     assert "/" not in refused.text  # no path, though the refusal's message names one
     assert later["status"] == "ok" and later["models"]["small"] == "ready"
+
+
+def test_without_the_serve_extra_the_error_says_how_to_install_it_from_the_clone(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # It said pip install 'crecli[serve]', which asks an index for a package of that name.
+    import builtins
+
+    from crecli import serve
+    from crecli.errors import CreError
+
+    real_import = builtins.__import__
+
+    def no_uvicorn(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "uvicorn":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_uvicorn)
+    with pytest.raises(CreError, match=r"pip install -e '\.\[serve\]'"):
+        serve.run(tmp_path / "router.cre")

@@ -136,8 +136,11 @@ def fit(
     from crecli import reports
     from crecli.fit import FitOptions, fit as run_fit
     from crecli.quality import QualityCheck
-    from crecli.querylog import MAX_LINE_BYTES, FieldMap
+    from crecli.querylog import FORMATS, MAX_LINE_BYTES, FieldMap
 
+    if fmt is not None and fmt not in FORMATS:
+        # An option value wrong in itself is bad usage (exit 2), as for --match or --shots.
+        raise UsageError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
     options = FitOptions(
         seed=seed, n_components=n_components, n_neighbors=n_neighbors,
         min_cluster_size=min_cluster_size, min_samples=min_samples, max_fit_rows=max_fit_rows,
@@ -429,6 +432,8 @@ def batch(
     130 interrupted (Ctrl-C): every answer finished by then is written, the summary says
     how many, and `--resume` answers the rest.
     """
+    import contextlib
+
     from crecli import console, render, servedlog
     from crecli.batch import emptied_by_redirect, mend_cut_line, parse_size, read_done_ids, run_batch
     from crecli.escalate import Cascade
@@ -446,22 +451,37 @@ def batch(
                          "are gone and every line is answered again. Append with '>>' to resume.")
         mend_cut_line(resume, sys.stdout)
     budget = parse_size(memory_budget) if memory_budget is not None else None
+    # The input is opened before the router and its models load, so a wrong path is said
+    # first, and in the words `cre fit` uses.
+    # "-" is stdin, as for `cre ask -` and as the error below offers. (pathlib reads "./-"
+    # as "-" too: a file of that name is given by its absolute path, or on stdin.)
+    if file is None or str(file) == "-":
+        if sys.stdin.isatty():
+            raise UsageError("cre batch reads prompts from FILE or stdin, and stdin is a terminal: give a file, "
+                             "or pipe prompts in (cat questions.txt | cre batch > answers.jsonl)")
+        source, stream = "<stdin>", contextlib.nullcontext(sys.stdin.buffer)
+    else:
+        from crecli.errors import InputError
+        from crecli.querylog import open_input
+
+        try:
+            stream = open_input(file, "a file of prompts, or - for stdin", pipes=True)
+        except FileNotFoundError:
+            raise InputError(f"{file}: no such file; check the path") from None
+        except IsADirectoryError:
+            raise InputError(f"{file}: is a directory; pass a file of prompts (.jsonl or plain text), or - for stdin") from None
+        except OSError as exc:
+            raise CreError(f"{file}: cannot read it ({exc.strerror})") from None
+        source = str(file)
     router_path = resolve_router(router)
     served = servedlog.for_command("batch", no_log, router_path)
-    with Cascade.from_file(router_path, models, force=force, memory_budget_bytes=budget, parallel=parallel) as cascade:
-        # "-" is stdin, as for `cre ask -` and as the error below offers. (pathlib reads "./-"
-        # as "-" too: a file of that name is given by its absolute path, or on stdin.)
-        if file is None or str(file) == "-":
-            summary = run_batch(sys.stdin.buffer, sys.stdout, cascade, done, source="<stdin>", resume_name=str(resume), fields=fields, served=served)
-        else:
-            from crecli.querylog import open_input
-
-            try:
-                fh = open_input(file, "a file of prompts, or - for stdin", pipes=True)
-            except OSError as exc:
-                raise CreError(f"{file}: cannot read it ({exc.strerror})") from None
-            with fh:
-                summary = run_batch(fh, sys.stdout, cascade, done, source=str(file), resume_name=str(resume), fields=fields, served=served)
+    with stream as lines, Cascade.from_file(router_path, models, force=force, memory_budget_bytes=budget,
+                                             parallel=parallel) as cascade:
+        summary = run_batch(lines, sys.stdout, cascade, done, source=source, resume_name=str(resume), fields=fields,
+                            served=served)
+    if not summary.lines and not summary.interrupted:
+        # `cat missing.txt | cre batch > answers.jsonl`: only cat's error was on screen.
+        console.warn(f"{source} held no lines: nothing was answered")
     render.batch_summary(summary, as_json=json_summary)
     if summary.interrupted:
         raise typer.Exit(130)
@@ -506,7 +526,7 @@ def serve(
     Model errors reach the client as a 500 quoting it (503 `rung_unavailable` when every
     server of a remote rung failed); the details go to stderr under that id. Requests answered
     through the cascade go to the served-query log (`cre log`) unless --no-log is given.
-    Needs the serve extra: pip install 'crecli[serve]'. Running rungs on serving engines:
+    Needs the serve extra: pip install -e '.[serve]' in your clone of crecli. Running rungs on serving engines:
     docs/scale.md.
 
     Examples:

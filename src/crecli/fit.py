@@ -186,10 +186,14 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
     # Only the log's rows can be labelled; zip stops before the served prompts.
     labelled = [(r, c) for r, c in zip(logged, labels) if r.labelled]
     if not labelled:
-        status(
-            "No query has a reference or labels, so no model is measured: every cluster starts "
-            f"on the fallback model ({settings.ladder[-1]}). Add `reference` (and `match`) or "
-            "`labels` to the log to route by cluster."
+        # A warning, not a status line: the router written is one that sends everything to
+        # the top rung, and the usual cause is a log whose answers sit under another name.
+        fields = options.reader.fields
+        console.warn(
+            f"no query has a reference (field {fields.reference!r}) or labels (field {fields.labels!r}), so no "
+            f"model is measured: every cluster starts on the fallback model ({settings.ladder[-1]}). If the log "
+            "names them otherwise, say so with --reference-field and --labels-field; else add `reference` (and "
+            "`match`) or `labels` to route by cluster."
         )
     measured = [r for r, _ in labelled]
     if options.sample_per_cluster:

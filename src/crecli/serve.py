@@ -222,7 +222,9 @@ def run(
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
-        raise CreError("`cre serve` needs the serve extra: pip install 'crecli[serve]'") from None
+        # crecli is installed from a clone (README), not from an index, where a package of that
+        # name could be someone else's: the extra is installed from the clone too.
+        raise CreError("`cre serve` needs the serve extra: in your clone of crecli, run pip install -e '.[serve]'") from None
     from dataclasses import replace
 
     from crecli import servedlog
