@@ -226,6 +226,33 @@ def test_a_router_embedding_with_another_model_file_blames_the_file_not_crecli(
     assert "pin its sha256" in text and "this crecli" not in text
 
 
+def test_a_router_whose_embedder_cut_prompts_shorter_is_refused_where_the_cut_differs(
+    tiny_models_toml: Path, tmp_path: Path
+) -> None:
+    # Fitted where the embedding model had context 256 (prompts embedded by their first 256
+    # tokens), the router loaded where it has 2048 (512) and embedded long prompts otherwise,
+    # so they landed in other clusters, without a word.
+    from dataclasses import replace as dc_replace
+
+    from support.routers import make_router
+
+    def models(context: int) -> Path:
+        toml = tmp_path / f"models-{context}.toml"
+        toml.write_text(tiny_models_toml.read_text() + f'[models.emb]\npath = "/nonexistent/emb.gguf"\n'
+                        f'sha256 = "{"ab" * 32}"\ncontext = {context}\n')
+        return toml
+
+    fitted = dc_replace(make_router(), embedder=LlamaEmbedder("emb", config.load(models(256))))
+    assert fitted.embedder.identity == f"llama:emb:{'ab' * 32}:truncate=256"
+    path = tmp_path / "router.cre"
+    routerfile.save(fitted, path)
+    assert routerfile.load(path, config.load(models(256))).embedder.identity == fitted.embedder.identity
+    with pytest.raises(RouterFileError) as info:
+        routerfile.load(path, config.load(models(2048)))
+    assert f"llama:emb:{'ab' * 32}:truncate=256, and this machine's llama:emb:{'ab' * 32}" in str(info.value)
+    assert "the `context` it had" in str(info.value)
+
+
 def test_llama_embedder_normalises_backend_vectors(tiny_models_toml: Path, fake_backends: Callable) -> None:
     backends = fake_backends()
     emb = LlamaEmbedder("small", config.load(tiny_models_toml))
@@ -298,11 +325,11 @@ def test_cached_vectors_are_keyed_by_the_tokens_of_a_text_the_model_embeds(
         emb.settings.models["small"] = replace(emb.spec, context=context)
         embed_texts(emb, texts)
         assert backend.embedded == (texts if again else []), context
-    for context, cut, _ in cases:  # the identity a router records and checks stays as it was
+    for context, cut, _ in cases:  # the identity a router records and checks holds the cut too
         emb.settings.models["small"] = replace(emb.spec, context=context)
-        # ... and at the usual cut of 512 it is the whole key, as before the cut was in it.
-        key = emb.identity if cut == 512 else f"{emb.identity}:truncate={cut}"
-        assert emb.identity == f"llama:small:{'ab' * 32}" and emb.cache_key == key
+        # ... and at the usual cut of 512 it is as it was before the cut was in it.
+        base = f"llama:small:{'ab' * 32}"
+        assert emb.identity == (base if cut == 512 else f"{base}:truncate={cut}") and emb.cache_key == emb.identity
 
 
 def test_embed_texts_resumes_after_a_crash(pinned: Callable) -> None:

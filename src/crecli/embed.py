@@ -76,19 +76,17 @@ class LlamaEmbedder(Embedder):
 
     @property
     def identity(self) -> str:
-        return f"llama:{self.model}:{self.sha256 or 'unpinned'}"
-
-    @property
-    def cache_key(self) -> str:
         # A text is embedded by its first `embed_truncation` tokens, which follow the model's
-        # `context` here: two contexts under EMBED_BATCH shared cached vectors of longer texts
-        # cut at other lengths. Not in the identity, which a router records and checks.
+        # `context` here. Two contexts under EMBED_BATCH cut long prompts at other lengths,
+        # so they embed (and route) them differently: the cut is part of what a router
+        # records and checks, as of what the vector cache is keyed by. At the usual cut the
+        # identity is as it was before it held the cut, so routers and cached vectors made
+        # then still match.
         from crecli.models.llama import EMBED_BATCH, embed_truncation
 
+        base = f"llama:{self.model}:{self.sha256 or 'unpinned'}"
         cut = embed_truncation(self.spec.context)
-        # At the usual cut, the key is the identity alone, as before it was keyed by the cut:
-        # the vectors already cached stay usable.
-        return self.identity if cut == EMBED_BATCH else f"{self.identity}:truncate={cut}"
+        return base if cut == EMBED_BATCH else f"{base}:truncate={cut}"
 
     def transform(self, texts: Sequence[str]) -> "np.ndarray":
         import numpy as np
