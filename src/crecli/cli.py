@@ -84,7 +84,7 @@ def fit(
     models: ModelsOpt = None,
     retain: Annotated[Optional[float], typer.Option(help=f"Budget: keep at least this share of the strongest model's accuracy in every cluster, at the least cost. Default {DEFAULT_RETAIN}.", show_default=False)] = None,
     max_cost: Annotated[Optional[float], typer.Option(help="Budget instead: spend at most this share of always using the strongest model, at the best accuracy.", show_default=False)] = None,
-    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed for UMAP, sampling and splits: the same seed gives the same router.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed for UMAP, sampling and splits: the same seed and log, its lines in the same order, give the same router.")] = 0,
     min_cluster_size: Annotated[Optional[int], typer.Option(min=2, help="HDBSCAN min_cluster_size (default scales with the log size).", show_default=False)] = None,
     min_samples: Annotated[Optional[int], typer.Option(min=1, help="HDBSCAN min_samples (default scales with the log size).", show_default=False)] = None,
     n_components: Annotated[int, typer.Option(min=1, help="UMAP output dimensions.")] = 8,
