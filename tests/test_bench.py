@@ -107,6 +107,16 @@ def test_a_run_saved_over_a_broken_bench_file_keeps_the_broken_one_aside(
     assert list(json.loads(paths.bench_file().read_text())) == [f"{'a' * 64}@2"]
 
 
+def test_a_run_saved_over_a_bench_file_that_is_not_utf8_keeps_it_aside(cre_home: Path) -> None:
+    # It raised at save time, after every model was measured, and the figures were lost.
+    paths.ensure(paths.bench_file().parent)
+    paths.bench_file().write_bytes(b'{"caf\xe9@2": {}}')
+    bench.save(_speed())
+    [aside] = paths.bench_file().parent.glob("bench.json.*.unreadable")
+    assert aside.read_bytes() == b'{"caf\xe9@2": {}}'
+    assert list(json.loads(paths.bench_file().read_text())) == [f"{'a' * 64}@2"]
+
+
 def test_check_flags_disagreeing_runs_and_a_busy_machine() -> None:
     assert bench.check(_speed(repeats=3, pp_spread=0.05, tg_spread=0.1, busy_share=0.05)) == []
     [spread] = bench.check(_speed(repeats=3, tg_spread=0.6))

