@@ -375,3 +375,27 @@ def test_a_label_for_the_top_rung_replays_under_the_deferral_check() -> None:
         Replay(entries, records, ladder, "bench-seconds").simulate(
             {"q0": "small", "q1": "small"}, {"small": 0.5, "big": 0.0}, QualityCheck(k=1), p_correct=p, votes=1)
 
+
+
+def test_eval_of_a_log_of_labels_skips_the_top_models_vote_majority_instead_of_failing() -> None:
+    # The k-vote baseline replays the top rung at threshold 1.0, which labels cannot be, and
+    # the whole `cre eval` failed blaming the thresholds, though the cascade replays fine.
+    from crecli import evaluate
+    from crecli.costs import CostModel
+    from crecli.outcomes import Outcome
+    from crecli.replay import Data, Replay, assign
+    from support.routers import ADDITIONS, CAPITALS, make_router
+
+    router = make_router(thresholds={"small": 0.0, "medium": 0.0, "large": 0.0})
+    assert router.quality.k > 1
+    ladder = router.ladder_names
+    records = [Record(id=f"q{i}", prompt=p, labels={m: True for m in ladder})
+               for i, p in enumerate(ADDITIONS[:3] + CAPITALS[:3])]
+    outcomes = {(r.id, m): Outcome(r.id, "sha", m, "m", "label", "label", 0, [], True) for r in records for m in ladder}
+    costs = CostModel("price", {"small": 0.1, "medium": 0.3, "large": 1.0}, dict(zip(ladder, (0.1, 0.3, 1.0))))
+    data = Data(records, assign(router, [r.prompt for r in records]), outcomes, costs,
+                Replay.build(outcomes, records, ladder, costs), "", [1.0] * len(records))
+    report = evaluate.evaluate(router, data)
+    names = [p.name for p in report.points]
+    assert report.cascade["accuracy"] == 1.0 and not any("vote majority" in n for n in names)
+    assert any(n.startswith("oracle") for n in names)

@@ -68,6 +68,14 @@ def test_fit_calibrate_eval_ask_batch(tmp_path: Path, tiny_models_toml: Path, sk
     assert ev["cost_share"] < 1.0 and ev["retained"] >= 0.9
     assert (tmp_path / "p.svg").read_text().startswith("<svg")
     assert sum(len(b.calls) for b in skilled_fakes.values()) == calls  # eval replays, runs nothing
+    # Scored on its own fit log: said, on stderr and in the JSON (nothing said so before).
+    assert ev["in_sample"] is True
+    assert all(sum(c["started_on"].values()) == c["n"] for c in ev["per_cluster"])
+    shown = runner.invoke(app, ["eval", str(SMALL_LOG), "--router", str(router), *m])
+    assert "Warning: this log is the one the router was fitted on" in shown.stderr
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(SMALL_LOG.read_text().splitlines(keepends=True)[:40]))
+    assert json.loads(invoke("eval", str(other), "--router", str(router), *m, "--json"))["in_sample"] is False
 
     # The default router set by --set-default serves ask and batch.
     assert invoke("ask", "What is 5 plus 4?\nGive only the final answer, with no explanation.", *m).strip() == "9"
@@ -179,3 +187,22 @@ def test_a_log_whose_answers_sit_under_another_name_is_warned_about_with_the_opt
     assert done.exit_code == 0, done.output
     assert "Warning:" in done.stderr and "field 'reference'" in done.stderr and "--reference-field" in done.stderr
     assert not any(b.calls for b in skilled_fakes.values())
+
+
+def test_eval_json_is_strict_json_when_costs_are_not_seconds(
+    tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict[str, FakeBackend], bench_speeds: Any
+) -> None:
+    # Priced in bench-seconds, the model time per output token was NaN: printed "nan ms",
+    # and written by --json as a bare NaN, which strict parsers (jq) refuse.
+    bench_speeds({"small": (400.0, 40.0), "medium": (200.0, 20.0), "large": (100.0, 10.0)})
+    router = tmp_path / "router.cre"
+    m = ("--models", str(tiny_models_toml))
+    invoke("fit", str(SMALL_LOG), "-o", str(router), *m)
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    ev = json.loads(invoke("eval", str(SMALL_LOG), "--router", str(router), *m, "--json"), parse_constant=refuse)
+    assert ev["unit"] == "bench-seconds" and ev["tokens"]["seconds_per_output_token"] is None
+    text = invoke("eval", str(SMALL_LOG), "--router", str(router), *m)
+    assert "nan" not in text and "output tokens." in text

@@ -272,7 +272,8 @@ def eval_(
     is replayed on recorded, seeded votes (missing ones are collected first); --live runs it
     for real as well and reports the replay's accuracy beside it. Costs in bench-seconds are
     priced at this machine's `cre models bench` speeds; when those are over 6 hours old it
-    says so, as `cre batch` does.
+    says so, as `cre batch` does. Give it queries the router was not fitted on: given the fit's
+    own log, it warns that the figures are in sample.
 
     Examples:
 

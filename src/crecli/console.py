@@ -61,10 +61,23 @@ def print_json(data: Any) -> None:
     """Machine-readable output: plain JSON on stdout, no colour, no wrapping.
 
     ASCII-only: text from router files and logs may hold C1 controls or bidi overrides,
-    which JSON leaves raw otherwise and a terminal would act on.
+    which JSON leaves raw otherwise and a terminal would act on. A figure that cannot be
+    computed is null, never NaN or Infinity, which are not JSON and which strict parsers
+    (jq among them) refuse.
     """
-    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=True, default=str) + "\n")
+    sys.stdout.write(json.dumps(_finite(data), indent=2, ensure_ascii=True, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def _finite(data: Any) -> Any:
+    """`data` with every float that is not finite replaced by None."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _finite(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(value) for value in data]
+    return data
 
 
 def progress_interval() -> float:

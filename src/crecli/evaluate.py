@@ -3,7 +3,8 @@
 The cascade is replayed on recorded votes (`replay.Replay`), which walks the same ladder
 engine as `cre ask` on the same seeded votes; outcomes missing from the store are
 collected first (that does run models, once). The baselines are replayed on the same votes:
-each model alone, the strongest model with a k-vote majority, random routing at equal cost,
+each model alone, the strongest model with a k-vote majority (when its votes are recorded, not
+only labels), random routing at equal cost,
 cluster routing without the quality check, the cascade without clusters, and the oracle.
 `--live` also runs the real cascade (`live`), to check the replay against it. `pool` pools
 reports on disjoint held-out sets into figures over all their queries (`bench/headline`
@@ -51,16 +52,19 @@ class EvalReport:
     unit: str
     cascade: dict[str, Any]
     reference: dict[str, float]
-    retained: float  # cascade accuracy / strongest model's accuracy
-    cost_share: float  # cascade cost / strongest model's cost
+    retained: float | None  # cascade accuracy / strongest model's accuracy; None when that is 0
+    cost_share: float | None  # cascade cost / strongest model's cost; None when that is 0
     oracle_gap: float  # oracle accuracy - cascade accuracy
     baselines: list[Point]
     per_cluster: list[dict[str, Any]]
-    tokens: dict[str, float]
+    # Output tokens, and model seconds per output token (None unless costs are in seconds).
+    tokens: dict[str, float | None]
     live: dict[str, Any] | None = None
     points: list[Point] = field(default_factory=list)
     # Hours since the speeds pricing bench-seconds were measured (`bench.speeds_age_hours`).
     speeds_age_hours: float | None = None
+    # The log is the one the router was fitted on (same sha256): its figures are in sample.
+    in_sample: bool = False
 
 
 def _greedy_point(data: Data, name: str, starts: Mapping[str, str]) -> Point:
@@ -169,14 +173,18 @@ def evaluate(router: "RouterFile", data: Data) -> EvalReport:
     cascade = replay_cascade(router, data)
 
     singles = [_greedy_point(data, f"{m}{SINGLE_SUFFIX}", {r.id: m for r in records}) for m in ladder]
-    top_vote = data.replay.simulate({r.id: ladder[-1] for r in records}, {ladder[-1]: 1.0},
-                                    replace(quality, early_stop=False))
+    # The top model's k-vote majority needs its votes: a log of correctness labels has none
+    # to replay, and the whole eval failed on this one baseline (the cascade replays fine).
+    labels_only = any(data.outcomes[(r.id, ladder[-1])].source == "label" for r in records)
+    top_vote = None if labels_only else data.replay.simulate(
+        {r.id: ladder[-1] for r in records}, {ladder[-1]: 1.0}, replace(quality, early_stop=False))
     no_qc = _greedy_point(data, "cluster routing, no quality check", starts)
     no_clusters = _replay(router, data, {r.id: ladder[0] for r in records})
     oracle = _oracle(data, ladder)
     baselines = [
         *singles,
-        Point(f"{ladder[-1]} with {quality.k}-vote majority", top_vote.accuracy, top_vote.mean_cost),
+        *([Point(f"{ladder[-1]} with {quality.k}-vote majority", top_vote.accuracy, top_vote.mean_cost)]
+          if top_vote is not None else []),
         random_at_cost(singles, cascade.mean_cost),
         no_qc,
         Point("cascade without clusters (start at the smallest)", no_clusters.accuracy, no_clusters.mean_cost,
@@ -186,8 +194,13 @@ def evaluate(router: "RouterFile", data: Data) -> EvalReport:
     ref = singles[-1]
 
     per: dict[int, list[Any]] = {}
-    for trace, c in zip(cascade.traces, data.clusters):
+    started: dict[int, dict[str, int]] = {}
+    for trace, c, r in zip(cascade.traces, data.clusters, records):
         per.setdefault(c, []).append(trace)
+        # Where each query started: a prompt beyond its cluster's reach starts on the
+        # fallback model, not the cluster's (the column showed the cluster's for all).
+        counts = started.setdefault(c, {})
+        counts[starts[r.id]] = counts.get(starts[r.id], 0) + 1
     per_cluster = []
     for cid in sorted(per):
         traces = per[cid]
@@ -196,6 +209,7 @@ def evaluate(router: "RouterFile", data: Data) -> EvalReport:
             "cluster": cid,
             "n": len(traces),
             "start_model": info.model if info else router.fallback_model,
+            "started_on": {m: started[cid].get(m, 0) for m in ladder if started[cid].get(m)},
             "accuracy": sum(t.correct for t in traces) / len(traces),
             "mean_cost": sum(t.cost for t in traces) / len(traces),
             "escalation_rate": sum(t.escalated for t in traces) / len(traces),
@@ -209,7 +223,9 @@ def evaluate(router: "RouterFile", data: Data) -> EvalReport:
             out_tokens += sum(v.output_tokens for v in votes[: step.used])
     tokens = {
         "output_tokens": float(out_tokens),
-        "seconds_per_output_token": (cascade.cost / out_tokens) if out_tokens and data.replay.unit == "seconds" else float("nan"),
+        # Only measured seconds divide into seconds per token; it was NaN otherwise, which
+        # the report printed as "nan ms" and --json wrote as a bare NaN.
+        "seconds_per_output_token": (cascade.cost / out_tokens) if out_tokens and data.replay.unit == "seconds" else None,
     }
     point = Point(CASCADE, cascade.accuracy, cascade.mean_cost, cascade.escalation_rate)
     return EvalReport(
@@ -217,8 +233,8 @@ def evaluate(router: "RouterFile", data: Data) -> EvalReport:
         unit=data.replay.unit,
         cascade=cascade.summary(),
         reference={"accuracy": ref.accuracy, "mean_cost": ref.mean_cost},
-        retained=cascade.accuracy / ref.accuracy if ref.accuracy else float("nan"),
-        cost_share=cascade.mean_cost / ref.mean_cost if ref.mean_cost else float("nan"),
+        retained=cascade.accuracy / ref.accuracy if ref.accuracy else None,
+        cost_share=cascade.mean_cost / ref.mean_cost if ref.mean_cost else None,
         oracle_gap=oracle.accuracy - cascade.accuracy,
         baselines=baselines,
         per_cluster=per_cluster,
@@ -307,6 +323,9 @@ def run(
     reader = router.fit.reader.overridden(skip_bad, max_line_bytes)
     data = replay.prepare(router, settings, log, store, reader, unit)
     report = evaluate(router, data)
+    # Nothing said so before: an eval of the fit log printed in-sample figures that read as
+    # a test. Only the whole file is compared: a router keeps no list of its fit's prompts.
+    report.in_sample = bool(data.log_sha256) and data.log_sha256 == router.fit.log_sha256
     from crecli.models.bench import speeds_age_hours
 
     report.speeds_age_hours = speeds_age_hours([settings.get(m) for m in router.ladder_names], data.replay.unit)

@@ -211,8 +211,8 @@ def _answered_examples(router: Any) -> None:
         warn(line)
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 def calibration(cal: Any, path: Any, as_json: bool) -> None:
@@ -293,6 +293,9 @@ def eval_report(report: Any, as_json: bool) -> None:
 
     from rich.table import Table
 
+    if report.in_sample:
+        warn("this log is the one the router was fitted on, so these figures are in sample, not held out: "
+             "evaluate on queries the fit never saw (cre calibrate's held-out figures are cross-validated)")
     if as_json:
         data = asdict(report)
         print_json(data)
@@ -312,11 +315,12 @@ def eval_report(report: Any, as_json: bool) -> None:
             p.note,
         )
     out().print(table)
+    per_token = report.tokens["seconds_per_output_token"]
     out().print(
         f"Cascade keeps {_pct(report.retained)} of the strongest model's accuracy at {_pct(report.cost_share)} "
         f"of its cost; the oracle is {100 * report.oracle_gap:.1f} points higher. "
-        f"{report.tokens['output_tokens']:.0f} output tokens, "
-        f"{report.tokens['seconds_per_output_token'] * 1000:.0f} ms of model time per output token.",
+        f"{report.tokens['output_tokens']:.0f} output tokens"
+        + (f", {per_token * 1000:.0f} ms of model time per output token." if per_token is not None else "."),
         highlight=False,
     )
     stale = stale_speeds_note(report.speeds_age_hours)
@@ -329,7 +333,8 @@ def eval_report(report: Any, as_json: bool) -> None:
         clusters.add_row(
             str(c["cluster"]) if c["cluster"] >= 0 else "unclustered",
             str(c["n"]),
-            c["start_model"],
+            ", ".join(f"{m} {n}" for m, n in c["started_on"].items())
+            if len(c.get("started_on", {})) > 1 else c["start_model"],
             f"{c['accuracy']:.2f}",
             f"{c['mean_cost']:.2f}",
             _pct(c["escalation_rate"]),
