@@ -65,6 +65,23 @@ def test_pool_weights_by_queries_and_reprices_random_routing_at_the_pooled_cost(
         pool([(10, first), (10, first[:-1])])
 
 
+def test_random_routing_at_a_cost_is_the_best_mixture_not_the_neighbours_in_cost() -> None:
+    # The default ladder's shares: the 0.5B lies under the line from gemma to the 1.5B, so
+    # mixing the two neighbours in cost (0.5B and 1.5B) read 0.8 points under the best
+    # random mixture at the cascade's cost (gemma and the 1.5B).
+    from crecli.evaluate import random_at_cost
+
+    singles = [Point("gemma only", 0.332, 0.411), Point("0.5b only", 0.554, 0.620), Point("1.5b only", 1.0, 1.0)]
+    best = random_at_cost(singles, 0.786)
+    assert best.accuracy == pytest.approx(0.332 + (0.786 - 0.411) / (1.0 - 0.411) * (1.0 - 0.332))
+    assert best.mean_cost == pytest.approx(0.786) and best.note.endswith("gemma, 64% 1.5b")
+    assert best.accuracy > 0.554 + (0.786 - 0.620) / (1.0 - 0.620) * (1.0 - 0.554)  # the neighbours' mixture
+    # A dearer, worse model is never mixed in: small 1.0 at 1.5, medium 0.0 at 4.5, large 1.0 at 15.
+    ladder = [Point("small only", 1.0, 1.5), Point("medium only", 0.0, 4.5), Point("large only", 1.0, 15.0)]
+    assert random_at_cost(ladder, 4.7).accuracy == pytest.approx(1.0)
+    assert random_at_cost(ladder, 1.0).accuracy == 1.0 and random_at_cost(ladder, 20.0).mean_cost == 1.5
+
+
 def test_leave_tasks_out_folds_hold_whole_tasks() -> None:
     bench = _bench()
     lines = [json.dumps({"prompt": f"q{i}", "meta": {"source": f"task{i % 6}"}}) for i in range(30)]
