@@ -206,3 +206,19 @@ def test_eval_json_is_strict_json_when_costs_are_not_seconds(
     assert ev["unit"] == "bench-seconds" and ev["tokens"]["seconds_per_output_token"] is None
     text = invoke("eval", str(SMALL_LOG), "--router", str(router), *m)
     assert "nan" not in text and "output tokens." in text
+
+
+def test_eval_live_grades_a_query_known_only_by_labels_by_its_label(
+    tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict[str, FakeBackend], bench_speeds: Any
+) -> None:
+    # With no reference, the live answer had no verdict and was counted wrong: live accuracy
+    # 0 beside a replayed 1.0, and an agreement of 0.
+    bench_speeds({"small": (400.0, 40.0), "medium": (200.0, 20.0), "large": (100.0, 10.0)})  # labels carry no cost
+    router = tmp_path / "router.cre"
+    m = ("--models", str(tiny_models_toml))
+    invoke("fit", str(SMALL_LOG), "-o", str(router), *m)
+    labelled = tmp_path / "labels.jsonl"
+    labelled.write_text("".join(json.dumps({"id": f"l{i}", "prompt": p, "labels": {"small": True, "medium": True, "large": True}}) + "\n"
+                                for i, p in enumerate(small_log_prompts()[:6])))
+    ev = json.loads(invoke("eval", str(labelled), "--router", str(router), *m, "--live", "--json"))
+    assert ev["live"]["replay"]["accuracy"] == 1.0 and ev["live"]["accuracy"] == 1.0 and ev["live"]["agreement"] == 1.0

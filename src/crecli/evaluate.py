@@ -267,8 +267,12 @@ def live(router: "RouterFile", settings: "ModelConfig", data: Data, limit: int |
             task = bar.add_task("live cascade", total=len(records))
             for r in records:
                 trace = cascade.ask(r.prompt, match=r.match, reference=r.reference)
-                correct += bool(trace.correct)
-                same += bool(trace.correct) == replayed_correct[r.id]
+                # A query known only by correctness labels has no reference to grade by: its
+                # label for the model that answered is the verdict, as in the replay (it was
+                # counted wrong, understating live accuracy and agreement).
+                right = bool(trace.correct if trace.correct is not None else (r.labels or {}).get(trace.model))
+                correct += right
+                same += right == replayed_correct[r.id]
                 seconds += trace.seconds
                 bar.advance(task)
     n = len(records)
