@@ -319,7 +319,7 @@ def test_signs_lists_and_markers_at_the_end_of_a_line(answer: str, reference: st
     ("(A) or (B)", "A", "choice", False),
     ("Both (A) and (B)", "A", "choice", False),
     ("(A)/(B)", "A", "choice", False),
-    ("(A), (C)", "A", "choice", False),
+    ("(A) and (C)", "A", "choice", False),
     ("I think (B), not (A)", "B", "choice", True),
     ("(B) or (B)", "B", "choice", True),
     # A sign before a currency symbol, or in words before digits, is the number's sign.
@@ -344,3 +344,24 @@ def test_hedged_letters_vote_as_text_and_a_hedged_reference_is_refused() -> None
     problem = reference_problem("(A) or (B)", "choice")
     assert problem is not None and "more than one option letter" in problem
     assert reference_problem("3/4", "numeric") is None
+
+
+@pytest.mark.parametrize(("answer", "reference", "match", "expected"), [
+    # A hedge is two letters offered together where the letter read opens them; a later
+    # mention of others, or a comma, leaves the answer standing (a review found these lost).
+    ("Answer: (B), (A) is wrong", "B", "choice", True),
+    ("(B) is correct; (A) and (C) are not.", "B", "choice", True),
+    ("The correct answer is (B). (A) and (C) are wrong.", "B", "choice", True),
+    ("B) apple, since (A) and (C) are fruits too", "B", "choice", True),
+    ("Option (A) or (B)", "A", "choice", False),
+    ("Either (A) or (B)", "A", "choice", False),
+    ("I would say (A) or (B)", "A", "choice", False),
+    # Dates are no fractions, and a scale word opening a compound is no scale.
+    ("12/25/2024", "12", "numeric", True),
+    ("3/4/5", "3", "numeric", True),
+    ("5 thousand-year-old trees", "5", "numeric", True),
+])
+def test_hedges_only_where_the_letter_read_opens_them_and_dates_are_no_fractions(
+    answer: str, reference: str, match: str, expected: bool
+) -> None:
+    assert grade(answer, reference, match) is expected

@@ -25,11 +25,12 @@ ignored, except by `contains` and `regex`, which look at the whole text.
     "B" alone, "Option B" or lower-case "(b)"/"b)"; else the first parenthesised letter
     "(B)" anywhere in the segment; else "" (no letter found). A bare letter followed by
     a word is not read as an option ("A dog", "I think", so also "B because"), since "A"
-    and "I" are English words. Two letters offered together ("(A) or (B)", "(A), (B)",
-    "both (A) and (B)") are a hedge: "" (no one letter).
+    and "I" are English words. Two letters offered together where the letter read stands
+    ("(A) or (B)", "(A)/(B)", "both (A) and (B)") are a hedge: "" (no one letter); a later
+    mention of other letters ("(B) is right; (A) and (C) are not") is not.
   - numeric: the canonical number ("12", "-3", "0.5", "1000"). Digits (with `,` thousand
     separators, a sign before a currency symbol, "-$5", or a word, "minus 5"; "3/4" is
-    0.75 and "2 million" 2000000) or English number words ("twenty-one", "one hundred and
+    0.75, but a date "12/25/2024" is 12, and "2 million" is 2000000) or English number words ("twenty-one", "one hundred and
     five"). A segment
     that opens with a number ending at a comma, a full stop or its end states it ("12,
     which is 3 more than 9."); otherwise the number right after the last "=", "is", "are",
@@ -113,8 +114,11 @@ _LEADING_LETTER = [
 _PAREN_LETTER = re.compile(r"\(([A-Za-z])\)")
 # Two option letters offered together, "(A) or (B)", "(A)/(B)", "both (A) and (B)": a hedge
 # names no one answer. Read as its first letter, it was graded right for (A), which lifted a
-# small model that hedged.
-_HEDGE = re.compile(r"[(\[]([A-Za-z])[)\]]\s*(?:,|/|\bor\b|\band\b)\s*[(\[]([A-Za-z])[)\]]", re.IGNORECASE)
+# small model that hedged. Only where the letter read opens it (`_hedged`): "(B) is right;
+# (A) and (C) are not" answers (B). A comma is no hedge: "(B), (A) is wrong" answers (B).
+_HEDGE_PAIR = r"[(\[]([A-Za-z])[)\]]\s*(?:/|\bor\b|\band\b)\s*[(\[]([A-Za-z])[)\]]"
+_HEDGE = re.compile(_HEDGE_PAIR, re.IGNORECASE)
+_LEADING_HEDGE = re.compile(rf"^(?:both\s+|either\s+)?{_OPTION_PREFIX}{_HEDGE_PAIR}", re.IGNORECASE)
 
 # Number words. Values for units, teens and tens; scales multiply.
 _SMALL = {
@@ -134,10 +138,11 @@ _NUMBER = re.compile(
     # character, so "12-15" does not read as -15. A sign may stand before a currency symbol
     # ("-$5") or be a word ("minus 5", "negative 5"); "3/4" is one number, 0.75, and so is
     # "2 million", 2000000: each was read as its first digits, so a wrong answer ("-$5",
-    # "3/4", "1 million") graded right against 5, 3 or 1.
-    rf"(?:(?P<neg>\b(?:minus|negative)\s+)|(?<![\w.]))"
+    # "3/4", "1 million") graded right against 5, 3 or 1. A date is no fraction: digits
+    # next to a second "/" ("12/25/2024") read as its first number, 12, as before.
+    rf"(?:(?P<neg>\b(?:minus|negative)\s+)|(?<![\w./]))"
     rf"(?P<digits>[-+]?[$\u20ac\u00a3]?(?:\d{{1,3}}(?:,\d{{3}})+|\d+)(?:\.\d+)?|[-+]?\.\d+)(?![\d])"
-    rf"(?:/(?P<den>\d+)(?![\d.]))?(?:\s+(?P<scale>thousand|million|billion)\b)?"
+    rf"(?:/(?P<den>\d+)(?![\d./]))?(?:\s+(?P<scale>thousand|million|billion)\b(?!-))?"
     rf"|\b(?P<words>(?:(?:minus|negative)\s+)?(?:{_WORD})(?:(?:\s+and\s+|[\s-]+)(?:{_WORD}))*)\b",
     re.IGNORECASE,
 )
@@ -351,8 +356,15 @@ def _leading_letter(segment: str) -> str:
 
 
 def _hedged(segment: str) -> bool:
-    """Whether `segment` offers two different option letters together (`_HEDGE`)."""
-    return any(a.upper() != b.upper() for a, b in _HEDGE.findall(segment))
+    """Whether the letter `segment` is read by (`_leading_letter`, else `_paren_letter`) is
+    the first of two different letters offered together (`_HEDGE`)."""
+    stripped = _strip_wrapping(segment)
+    if _leading_letter(segment):
+        found = _LEADING_HEDGE.match(stripped)
+    else:
+        first = _PAREN_LETTER.search(segment)
+        found = _HEDGE.match(segment, first.start()) if first else None
+    return bool(found) and found.group(1).upper() != found.group(2).upper()
 
 
 def _paren_letter(segment: str) -> str:
