@@ -104,7 +104,7 @@ def test_resume_skips_ids_already_answered(
         + '{"line": 7, "id": "far", "answ'  # cut short by a crash: ignored
     )
     done = read_done_ids(earlier)
-    assert done == {"a1": rows[0]["prompt_sha256"]}
+    assert done == {"a1": {rows[0]["prompt_sha256"]}}
 
     rows, summary = _run(MIXED, cascade, resume_ids=done)
     assert [r["line"] for r in rows] == [2, 3, 4, 5, 6, 7]
@@ -132,9 +132,23 @@ def test_resume_never_lets_an_answer_stand_for_another_prompt_that_took_its_id(
     rows, summary = _run([ADD.encode(), PERU.encode()], cascade, resume_ids=done)
     assert rows == [] and summary.skipped == 2
     # An answer written before records kept the prompt's digest is matched by id alone.
-    legacy = {k: None for k in done}
+    legacy = {k: {None} for k in done}
     rows, summary = _run([b"What is 7 times 6?"], cascade, resume_ids=legacy)
     assert rows == [] and summary.skipped == 1
+
+
+def test_resume_of_an_unchanged_input_that_repeats_an_id_skips_every_line(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade, tmp_path: Path
+) -> None:
+    # Only the last answer's digest was kept per id, so the first of two lines sharing an id
+    # got "the input changed" on a rerun of the very same input.
+    install(fake_backends, TABLE)
+    lines = [jl(id="a", prompt=ADD), jl(id="a", prompt=PERU)]
+    first, _ = _run(lines, cascade)
+    earlier = tmp_path / "out.jsonl"
+    earlier.write_text("".join(json.dumps(r) + "\n" for r in first))
+    rows, summary = _run(lines, cascade, resume_ids=read_done_ids(earlier))
+    assert rows == [] and summary.skipped == 2
 
 
 def test_a_repeated_id_is_counted_and_said_since_resume_matches_by_id(
@@ -485,3 +499,14 @@ def test_a_resume_file_emptied_by_the_shell_is_told_apart_from_one_appended_to(t
     with open(tmp_path / "other.jsonl", "w") as out:
         assert not emptied_by_redirect(resume, out)
     assert not emptied_by_redirect(resume, io.StringIO())
+
+
+def test_the_json_summary_is_strict_json(capsys: pytest.CaptureFixture[str]) -> None:
+    # As every JSON crecli writes: a figure that cannot be computed is null, never a bare NaN.
+    from crecli import render
+
+    summary = BatchSummary(unit="bench-seconds", strongest_model="large")
+    summary.cascade_cost = float("nan")
+    render.batch_summary(summary, as_json=True)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert json.loads(line, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))["cascade_cost"] is None

@@ -214,7 +214,7 @@ def test_models_path_and_pull_give_json_for_scripts(tmp_path: Path, monkeypatch:
 def test_fit_unknown_format_is_bad_usage(cre: Callable[..., Run], tmp_path: Path) -> None:
     # It exited 1, as a bad log does; an option value wrong in itself is bad usage (2).
     result = cre("fit", tmp_path / "log.jsonl", "--format", "xml")
-    assert result.code == 2 and "--format 'xml': use one of jsonl, csv, text" in result.err, result.err
+    assert result.code == 2 and "--format: unknown log format 'xml'; use one of jsonl, csv, text" in result.err, result.err
 
 
 def test_batch_says_a_missing_input_file_first_and_in_fits_words(
@@ -247,6 +247,9 @@ def test_batch_with_no_input_lines_warns_and_a_terminal_stdin_is_refused(
     monkeypatch.setattr(sys, "stdin", Terminal())
     result = cre("batch", "--router", saved_router, "--models", tiny_models_toml, "--no-log")
     assert result.code == 2 and "stdin is a terminal" in result.err and "cat questions.txt | cre batch" in result.err
+    monkeypatch.setattr(sys, "stdin", None)  # `cre batch <&-`: was an AttributeError traceback
+    result = cre("batch", "-", "--router", saved_router, "--models", tiny_models_toml, "--no-log")
+    assert result.code == 2 and "stdin is closed" in result.err
 
 
 def test_models_list_shows_an_unpinned_file_as_unpinned_not_verified(tmp_path: Path) -> None:

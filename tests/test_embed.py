@@ -250,7 +250,7 @@ def test_a_router_whose_embedder_cut_prompts_shorter_is_refused_where_the_cut_di
     with pytest.raises(RouterFileError) as info:
         routerfile.load(path, config.load(models(2048)))
     assert f"llama:emb:{'ab' * 32}:truncate=256, and this machine's llama:emb:{'ab' * 32}" in str(info.value)
-    assert "the `context` it had" in str(info.value)
+    assert "the `context` it was fitted with: the router's `truncate=N` means N" in str(info.value)
 
 
 def test_llama_embedder_normalises_backend_vectors(tiny_models_toml: Path, fake_backends: Callable) -> None:

@@ -80,6 +80,9 @@ def test_random_routing_at_a_cost_is_the_best_mixture_not_the_neighbours_in_cost
     ladder = [Point("small only", 1.0, 1.5), Point("medium only", 0.0, 4.5), Point("large only", 1.0, 15.0)]
     assert random_at_cost(ladder, 4.7).accuracy == pytest.approx(1.0)
     assert random_at_cost(ladder, 1.0).accuracy == 1.0 and random_at_cost(ladder, 20.0).mean_cost == 1.5
+    # At most the target, below every model's cost as above it: no jump at the dearest model.
+    steps = [Point("a only", 0.9, 1.0), Point("b only", 0.5, 2.0), Point("c only", 0.6, 3.0)]
+    assert [random_at_cost(steps, c).accuracy for c in (2.99, 3.0, 3.5)] == [0.9, 0.9, 0.9]
 
 
 def test_leave_tasks_out_folds_hold_whole_tasks() -> None:

@@ -136,9 +136,10 @@ def prompt_digest(prompt: str) -> str:
     return hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def read_done_ids(path: Path) -> dict[str, str | None]:
-    """Ids that already have an answer in an earlier output file, each with the digest of
-    the prompt it answered (`prompt_digest`; None in a file written before records kept it).
+def read_done_ids(path: Path) -> dict[str, set[str | None]]:
+    """Ids that already have an answer in an earlier output file, each with the digests of
+    the prompts answered under it (`prompt_digest`; None for an answer written before records
+    kept it). A set: an input may repeat an id, and each of its lines was answered.
 
     Error records are not counted as done, so their lines are tried again; unreadable lines
     (such as a last line cut short by a crash) are ignored.
@@ -152,7 +153,7 @@ def read_done_ids(path: Path) -> dict[str, str | None]:
         raise InputError(f"{path}: --resume file not found; drop --resume for a first run") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read the --resume file: {exc.strerror}") from None
-    done: dict[str, str | None] = {}
+    done: dict[str, set[str | None]] = {}
     for line in raw.splitlines():
         try:
             row = json.loads(line)
@@ -160,7 +161,7 @@ def read_done_ids(path: Path) -> dict[str, str | None]:
             continue
         if isinstance(row, dict) and "answer" in row and "error" not in row and row.get("id") is not None:
             digest = row.get("prompt_sha256")
-            done[str(row["id"])] = digest if isinstance(digest, str) else None
+            done.setdefault(str(row["id"]), set()).add(digest if isinstance(digest, str) else None)
     return done
 
 
@@ -322,7 +323,7 @@ def run_batch(
     lines: "Iterable[bytes | LongLine] | BinaryIO",
     out: TextIO,
     cascade: "Cascade",
-    resume_ids: "Mapping[str, str | None]" = MappingProxyType({}),
+    resume_ids: "Mapping[str, set[str | None]]" = MappingProxyType({}),
     source: str = "<stdin>",
     resume_name: str = "the --resume file",
     chunk_size: int = CHUNK_LINES,
@@ -390,7 +391,7 @@ def run_batch(
 def _answer_all(
     lines: "Iterable[bytes | LongLine]",
     cascade: "Cascade",
-    resume_ids: "Mapping[str, str | None]",
+    resume_ids: "Mapping[str, set[str | None]]",
     resume_name: str,
     source: str,
     chunk_size: int,
@@ -420,7 +421,8 @@ def _answer_all(
                 seen.add(record.id)
                 if record.id in resume_ids:
                     answered = resume_ids[record.id]
-                    if answered is not None and answered != prompt_digest(record.prompt):
+                    # Answers kept no digest before: those match by id alone, as they did.
+                    if None not in answered and prompt_digest(record.prompt) not in answered:
                         fail(line, record.id, f"{source}:{line}: {changed_since(resume_name, record.id)}")
                         bar.advance(task)
                         continue

