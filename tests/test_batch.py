@@ -285,6 +285,23 @@ def test_a_backend_failure_is_that_lines_error(
     assert rows[1]["answer"] == "Lima" and summary.errors == 1
 
 
+def test_a_model_file_llama_cpp_refuses_stops_the_batch_as_a_missing_one_does(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade
+) -> None:
+    # It gave every line that reached the rung an error record and went on (exit 3), though
+    # the docs said a corrupt file stops the batch, as a missing one does.
+    from crecli.errors import ModelLoadError
+
+    def refused(text: str, params: GenParams) -> str:
+        raise ModelLoadError("llama.cpp could not load 'medium' from /models/medium.gguf: bad magic")
+
+    fake_backends({"small": scripted(TABLE["small"]), "medium": refused})
+    out = io.StringIO()
+    with pytest.raises(ModelLoadError):
+        run_batch([jl(prompt=ADD), jl(prompt=PERU)], out, cascade, chunk_size=1)
+    assert [json.loads(line)["answer"] for line in out.getvalue().splitlines()] == ["12"]
+
+
 def test_a_missing_model_stops_the_batch_after_the_complete_prefix(
     fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade
 ) -> None:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, M
 
 from crecli.console import progress
 from crecli.costs import RunTotal
-from crecli.errors import CreError, InputError, ModelNotAvailable, UsageError
+from crecli.errors import CreError, InputError, ModelLoadError, ModelNotAvailable, UsageError
 from crecli.querylog import FieldMap, LongLine, Record, parse_batch_line, read_lines
 from crecli.safejson import has_surrogate, replace_surrogates
 
@@ -456,7 +456,9 @@ def _answer_all(
                         continue
                     try:
                         final = cascade.advance(p)
-                    except ModelNotAvailable:
+                    except (ModelNotAvailable, ModelLoadError):
+                        # A file missing, or one llama.cpp refuses: every later line would
+                        # fail alike, so the batch stops (it gave each line an error record).
                         raise
                     except CreError as exc:
                         fail(line, p.trace.id, f"{source}:{line}: {exc}")
