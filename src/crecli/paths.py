@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable
+
+if TYPE_CHECKING:
+    import re
 
 APP = "crecli"
 
@@ -192,15 +195,29 @@ def remove_stale_temps(path: Path) -> None:
     """
     import re
     import stat
-    import time
 
     pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:(\d{{1,10}})(?:@([0-9a-f]{{8}}))?\.)?[A-Za-z0-9_]{{6,32}}\.tmp$")
-    here = host_tag()
+    # A pid without a host was written here, before hosts were in the name.
+    for entry in orphans(path.parent, pattern, stat.S_ISREG, STALE_TEMP_SECONDS, unnamed_host=host_tag()):
+        try:
+            entry.unlink()
+        except OSError:
+            pass
+
+
+def orphans(folder: Path, pattern: "re.Pattern[str]", kind: Callable[[int], bool], max_age: float,
+            unnamed_host: str | None = None) -> list[Path]:
+    """The entries of `folder` whose names match `pattern` (groups: pid, host, either absent),
+    of `kind` (`stat.S_ISREG`, `stat.S_ISDIR`: a link is never one), left by a process that
+    is gone (`orphaned`); a name with a pid but no host counts as `unnamed_host`'s."""
+    import time
+
     try:
-        entries = list(path.parent.iterdir())
+        entries = list(folder.iterdir())
     except OSError:
-        return
+        return []
     now = time.time()
+    found = []
     for entry in entries:
         match = pattern.match(entry.name)
         if match is None:
@@ -209,14 +226,10 @@ def remove_stale_temps(path: Path) -> None:
             st = entry.lstat()
         except OSError:
             continue
-        if not stat.S_ISREG(st.st_mode):
-            continue
         pid, host = match.group(1), match.group(2)
-        if orphaned(int(pid) if pid else None, host or here, now - st.st_mtime, STALE_TEMP_SECONDS):
-            try:
-                entry.unlink()
-            except OSError:
-                pass
+        if kind(st.st_mode) and orphaned(int(pid) if pid else None, host or unnamed_host, now - st.st_mtime, max_age):
+            found.append(entry)
+    return found
 
 
 def orphaned(pid: int | None, host: str | None, age: float, max_age: float) -> bool:

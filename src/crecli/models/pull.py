@@ -282,26 +282,10 @@ def _remove_stale_downloads(cache: Path) -> None:
     """Delete the wheel folders of pulls that were killed (kill -9, power loss): Ctrl-C
     removes its own, but these stayed, each the size of a model (`paths.orphaned` decides)."""
     import shutil
-    import time
 
     pattern = re.compile(r"^cre-pull-(?:(\d{1,10})@([0-9a-f]{8})-)?[A-Za-z0-9_]+$")
-    try:
-        entries = list(cache.iterdir())
-    except OSError:
-        return
-    for entry in entries:
-        match = pattern.match(entry.name)
-        if match is None:
-            continue
-        try:
-            st = entry.lstat()
-        except OSError:
-            continue
-        if not stat.S_ISDIR(st.st_mode):
-            continue
-        pid, host = match.group(1), match.group(2)
-        if paths.orphaned(int(pid) if pid else None, host, time.time() - st.st_mtime, STALE_DOWNLOAD_SECONDS):
-            shutil.rmtree(entry, ignore_errors=True)
+    for folder in paths.orphans(cache, pattern, stat.S_ISDIR, STALE_DOWNLOAD_SECONDS):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def pull(spec: ModelSpec, progress: Progress | None = None, force: bool = False) -> tuple[Path | str, bool]:
