@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from crecli import config, routerfile
 from crecli.batch import BatchSummary, parse_size, read_done_ids, run_batch
 from crecli.cli import app
-from crecli.errors import BackendError, CreError, InputError, ModelNotAvailable, UsageError
+from crecli.errors import BackendError, CreError, InputError, ModelLoadError, ModelNotAvailable, UsageError
 from crecli.escalate import Cascade
 from crecli.models.backend import GenParams
 from crecli.models.fake import FakeBackend
@@ -285,32 +285,21 @@ def test_a_backend_failure_is_that_lines_error(
     assert rows[1]["answer"] == "Lima" and summary.errors == 1
 
 
-def test_a_model_file_llama_cpp_refuses_stops_the_batch_as_a_missing_one_does(
-    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade
+@pytest.mark.parametrize("error", [
+    ModelNotAvailable("model 'medium' is not on disk: run `cre models pull medium`"),
+    # A file llama.cpp refuses gave every line that reached the rung an error record and
+    # the batch went on (exit 3), though the docs said a corrupt file stops it.
+    ModelLoadError("llama.cpp could not load 'medium' from /models/medium.gguf: bad magic"),
+], ids=["missing", "refused by llama.cpp"])
+def test_a_model_that_cannot_answer_at_all_stops_the_batch_after_the_complete_prefix(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade, error: CreError
 ) -> None:
-    # It gave every line that reached the rung an error record and went on (exit 3), though
-    # the docs said a corrupt file stops the batch, as a missing one does.
-    from crecli.errors import ModelLoadError
+    def cannot(text: str, params: GenParams) -> str:
+        raise error
 
-    def refused(text: str, params: GenParams) -> str:
-        raise ModelLoadError("llama.cpp could not load 'medium' from /models/medium.gguf: bad magic")
-
-    fake_backends({"small": scripted(TABLE["small"]), "medium": refused})
+    fake_backends({"small": scripted(TABLE["small"]), "medium": cannot})
     out = io.StringIO()
-    with pytest.raises(ModelLoadError):
-        run_batch([jl(prompt=ADD), jl(prompt=PERU)], out, cascade, chunk_size=1)
-    assert [json.loads(line)["answer"] for line in out.getvalue().splitlines()] == ["12"]
-
-
-def test_a_missing_model_stops_the_batch_after_the_complete_prefix(
-    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade
-) -> None:
-    def missing(text: str, params: GenParams) -> str:
-        raise ModelNotAvailable("model 'medium' is not on disk: run `cre models pull medium`")
-
-    fake_backends({"small": scripted(TABLE["small"]), "medium": missing})
-    out = io.StringIO()
-    with pytest.raises(ModelNotAvailable):
+    with pytest.raises(type(error)):
         run_batch([jl(prompt=ADD), jl(prompt=PERU)], out, cascade, chunk_size=1)
     assert [json.loads(line)["answer"] for line in out.getvalue().splitlines()] == ["12"]
 
