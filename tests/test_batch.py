@@ -516,3 +516,30 @@ def test_the_json_summary_is_strict_json(capsys: pytest.CaptureFixture[str]) -> 
     render.batch_summary(summary, as_json=True)
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert json.loads(line, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))["cascade_cost"] is None
+
+
+def test_a_second_batch_writing_to_the_same_file_is_refused(tmp_path: Path) -> None:
+    # Two `--resume out.jsonl >> out.jsonl` runs at once read the same answered ids, answered
+    # the same lines twice and could interleave their records.
+    import subprocess
+    import sys
+
+    from crecli.batch import lock_output
+
+    out = tmp_path / "out.jsonl"
+    out.write_text("")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"f = open({str(out)!r}, 'a'); fcntl.flock(f.fileno(), fcntl.LOCK_EX); print('locked', flush=True); time.sleep(30)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with open(out, "a") as mine:
+            with pytest.raises(CreError, match="another cre batch is writing to .*out.jsonl"):
+                lock_output(mine)
+    finally:
+        holder.kill()
+        holder.wait()
+    with open(out, "a") as mine:
+        lock_output(mine)  # free again
+    lock_output(io.StringIO())  # no file behind it: nothing to lock

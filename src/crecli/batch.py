@@ -210,6 +210,35 @@ def emptied_by_redirect(resume: Path, out: TextIO) -> bool:
         return False
 
 
+def lock_output(out: TextIO) -> None:
+    """Hold an exclusive lock on the file `out` writes to, until this process exits, or
+    refuse (CreError) when another `cre batch` holds it: two runs appending to one file
+    (`--resume out.jsonl >> out.jsonl` twice) read the same answered ids, answered the same
+    lines twice, and a record longer than a write could land inside the other's. Nothing is
+    locked where `out` is no regular file (a pipe, a terminal, a test's buffer)."""
+    import os
+    import stat
+
+    try:
+        import fcntl
+
+        fd = out.fileno()
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        name = str(getattr(out, "name", ""))
+        if name.startswith("<"):  # stdout: the file the shell opened for it, where /proc says
+            try:
+                name = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                name = "stdout's file"
+        raise CreError(f"another cre batch is writing to {name} (it holds its lock): let it finish, or "
+                       "write this run elsewhere; two runs would answer the same lines and mix their records") from None
+    except (OSError, ValueError, AttributeError, ImportError):  # no fd, no flock: nothing to lock
+        return
+
+
 def _id_of(raw: "bytes | LongLine", fields: FieldMap) -> str | None:
     """The id of a line that failed to parse, when it is JSON with a usable one (for the error record)."""
     # Never parse a line the cap refused (the slack is a byte order mark and "\r\n").
