@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, BinaryIO, Mapping, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -28,10 +28,6 @@ from crecli.quality import DEFAULT_CHECK, DEFAULT_FIT_VOTES, MAX_TEMPERATURE, MA
 from crecli.serve_options import (
     DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_HOST, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_BODY, DEFAULT_MAX_QUEUE, DEFAULT_PORT, DEFAULT_TIMEOUT,
 )
-
-if TYPE_CHECKING:
-    from crecli.batch import BatchSummary
-    from crecli.querylog import FieldMap
 
 EXIT_CODES = """Exit codes: 0 success; 1 error (the message says what to do); 2 bad usage (an
 unknown option, a bad option value, options that conflict); 3 `cre batch` finished but some
@@ -440,8 +436,9 @@ def batch(
     """
     import contextlib
 
-    from crecli import console, render
-    from crecli.batch import emptied_by_redirect, lock_output, mend_cut_line, parse_size, read_done_ids
+    from crecli import console, render, servedlog
+    from crecli.batch import emptied_by_redirect, lock_output, mend_cut_line, parse_size, read_done_ids, run_batch
+    from crecli.escalate import Cascade
 
     from crecli.querylog import MAX_LINE_BYTES, FieldMap
 
@@ -475,7 +472,11 @@ def batch(
                              "answers are gone and every line is answered again. Append with '>>' to resume.")
             mend_cut_line(resume, sys.stdout)
         budget = parse_size(memory_budget) if memory_budget is not None else None
-        summary = _answer_batch(lines, source, router, models, force, budget, parallel, no_log, done, resume, fields)
+        router_path = resolve_router(router)
+        served = servedlog.for_command("batch", no_log, router_path)
+        with Cascade.from_file(router_path, models, force=force, memory_budget_bytes=budget, parallel=parallel) as cascade:
+            summary = run_batch(lines, sys.stdout, cascade, done, source=source, resume_name=str(resume), fields=fields,
+                                served=served)
     if not summary.lines and not summary.interrupted:
         # `cat missing.txt | cre batch > answers.jsonl`: only cat's error was on screen.
         console.warn(f"{source} held no lines: nothing was answered")
@@ -484,21 +485,6 @@ def batch(
         raise typer.Exit(130)
     if summary.errors:
         raise typer.Exit(3)
-
-
-def _answer_batch(lines: "BinaryIO", source: str, router: Optional[Path], models: Optional[Path], force: bool,
-                  budget: Optional[int], parallel: int, no_log: bool, done: "Mapping[str, set[str | None]]",
-                  resume: Optional[Path], fields: "FieldMap") -> "BatchSummary":
-    """`cre batch` once its input is open: the router and its models loaded, every line answered."""
-    from crecli import servedlog
-    from crecli.batch import run_batch
-    from crecli.escalate import Cascade
-
-    router_path = resolve_router(router)
-    served = servedlog.for_command("batch", no_log, router_path)
-    with Cascade.from_file(router_path, models, force=force, memory_budget_bytes=budget, parallel=parallel) as cascade:
-        return run_batch(lines, sys.stdout, cascade, done, source=source, resume_name=str(resume), fields=fields,
-                         served=served)
 
 
 # ---------------------------------------------------------------- serve
