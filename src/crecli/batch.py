@@ -172,23 +172,33 @@ def changed_since(resume: str, id: str) -> str:
             "new output file, without --resume, or give the line an id of its own")
 
 
+def _writes_to(out: TextIO, resume: Path) -> bool:
+    """Whether `out` is the --resume file itself (False where no file is behind `out`: a
+    pipe, a test's buffer)."""
+    import os
+
+    try:
+        return os.path.samestat(os.fstat(out.fileno()), os.stat(resume))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def mend_cut_line(resume: Path, out: TextIO) -> None:
     """Start `out` on a line of its own when it appends to `resume` (`cre batch --resume
     answers.jsonl >> answers.jsonl`) and a crash cut that file's last line: the first new
     answer would otherwise be glued onto the cut one, and both lost to a JSON reader."""
     import os
 
+    if not _writes_to(out, resume):
+        return
     try:
-        same = os.path.samestat(os.fstat(out.fileno()), os.stat(resume))
-        if not same:
-            return
         with open(resume, "rb") as fh:
             fh.seek(0, os.SEEK_END)
             if fh.tell() == 0:
                 return
             fh.seek(-1, os.SEEK_END)
             cut = fh.read(1) != b"\n"
-    except (OSError, ValueError, AttributeError):  # no file behind `out` (a pipe, a test's buffer)
+    except OSError:
         return
     if cut:
         out.write("\n")
@@ -201,12 +211,13 @@ def emptied_by_redirect(resume: Path, out: TextIO) -> bool:
     no answers and every line is answered again; only a warning can say why."""
     import os
 
+    if not _writes_to(out, resume):
+        return False
     try:
         import fcntl
 
-        return os.path.samestat(os.fstat(out.fileno()), os.stat(resume)) and not (
-            fcntl.fcntl(out.fileno(), fcntl.F_GETFL) & os.O_APPEND)
-    except (OSError, ValueError, AttributeError, ImportError):  # a pipe, a test's buffer, no fcntl
+        return not fcntl.fcntl(out.fileno(), fcntl.F_GETFL) & os.O_APPEND
+    except (OSError, ImportError):  # no fcntl
         return False
 
 
@@ -364,8 +375,10 @@ def run_batch(
     `lines` is a binary stream (read a line at a time, capped at `fields.max_line_bytes`)
     or the lines themselves. Lines whose id is in `resume_ids` (`read_done_ids`, from
     `resume_name`) are skipped and write nothing, unless the answer there was to another
-    prompt: that line gets an error record (`changed_since`), never the other prompt's answer. A missing or corrupt model file stops the batch (every later line would fail
-    the same way); any other problem with one line becomes that line's error record.
+    prompt: that line gets an error record (`changed_since`), never the other prompt's
+    answer. A model file missing, failing verification or refused by llama.cpp stops the
+    batch (every later line would fail the same way); any other problem with one line
+    becomes that line's error record.
     Each answer is also recorded in `served` (the served-query log) when given.
     """
     if hasattr(lines, "readline"):
