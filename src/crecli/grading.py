@@ -30,20 +30,20 @@ ignored, except by `contains` and `regex`, which look at the whole text.
     mention of other letters ("(B) is right; (A) and (C) are not") is not.
   - numeric: the canonical number ("12", "-3", "0.5", "1000"). Digits (with `,` thousand
     separators, a sign before a currency symbol, "-$5", or a word, "minus 5"; "3/4" is
-    0.75, but a date "12/25/2024" is 12, and "2 million" is 2000000) or English number words ("twenty-one", "one hundred and
-    five"). A segment
-    that opens with a number ending at a comma, a full stop or its end states it ("12,
-    which is 3 more than 9."); otherwise the number right after the last "=", "is", "are",
-    "equals", "was" or "were" wins ("The sum of 33 and 32 is 65."), else the first number
-    in the segment; "" if none.
+    0.75, but a date "12/25/2024" is 12, and "2 million" is 2000000) or English number
+    words ("twenty-one", "one hundred and five"). A segment that opens with a number
+    ending at a comma, a full stop or its end states it ("12, which is 3 more than 9.");
+    otherwise the number right after the last "=", "is", "are", "equals", "was" or "were"
+    wins ("The sum of 33 and 32 is 65."), else the first number in the segment; "" if none.
   - exact, contains, regex: normalised text (see `_text`): NFKC, accents dropped, lower
     case, a leading "answer:"/"the answer is" dropped, apostrophes deleted, a minus sign
     starting a number kept ("-5" is not "5"), other punctuation turned to spaces,
     whitespace collapsed. `exact` normalises the segment; `contains` and `regex` the whole
     text. A reference is normalised whole, never cut to a segment: it is the answer.
   - None (unlabelled traffic): within the segment, the option letter if the segment is
-    plainly an option (the leading forms above, and no hedge), else the number if the whole segment
-    is one number (digits or words, trailing punctuation allowed), else normalised text.
+    plainly an option (the leading forms above, and no hedge), else the number if the whole
+    segment is one number (digits or words, trailing punctuation allowed), else normalised
+    text.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ _LEADING_LETTER = [
 _PAREN_LETTER = re.compile(r"\(([A-Za-z])\)")
 # Two option letters offered together, "(A) or (B)", "(A)/(B)", "both (A) and (B)": a hedge
 # names no one answer. Read as its first letter, it was graded right for (A), which lifted a
-# small model that hedged. Only where the letter read opens it (`_hedged`): "(B) is right;
+# small model that hedged. Only where the letter read opens it (`_read_letter`): "(B) is right;
 # (A) and (C) are not" answers (B). A comma is no hedge: "(B), (A) is wrong" answers (B).
 _HEDGE_PAIR = r"[(\[]([A-Za-z])[)\]]\s*(?:/|\bor\b|\band\b)\s*[(\[]([A-Za-z])[)\]]"
 _HEDGE = re.compile(_HEDGE_PAIR, re.IGNORECASE)
@@ -185,14 +185,15 @@ def normalize(text: str, match: str | None = None) -> str:
         return _text(_EMPHASIS.sub("", text))
     segment = _segment(text)
     if match == "choice":
-        return "" if _hedged(segment) else _leading_letter(segment) or _paren_letter(segment)
+        letter, hedged = _read_letter(segment, anywhere=True)
+        return "" if hedged else letter
     if match == "numeric":
         value = _pick_number(segment)
         return "" if value is None else _canonical(value)
     if match == "exact":
         return _text(segment)
-    letter = "" if _hedged(segment) else _leading_letter(segment)
-    if letter:
+    letter, hedged = _read_letter(segment, anywhere=False)
+    if letter and not hedged:
         return letter
     whole = _whole_number(segment)
     if whole is not None:
@@ -252,7 +253,7 @@ def reference_problem(reference: str, match: str) -> str | None:
         except re.error as exc:
             return f"reference {reference!r} is not a valid regular expression ({exc})"
         return None
-    if match == "choice" and _hedged(_segment(reference)):
+    if match == "choice" and _read_letter(_segment(reference), anywhere=True)[1]:
         return (f"reference {reference!r} offers more than one option letter for match 'choice'; give "
                 "several accepted answers as a list")
     if not _reference_form(reference, match):
@@ -355,21 +356,19 @@ def _leading_letter(segment: str) -> str:
     return ""
 
 
-def _hedged(segment: str) -> bool:
-    """Whether the letter `segment` is read by (`_leading_letter`, else `_paren_letter`) is
-    the first of two different letters offered together (`_HEDGE`)."""
-    stripped = _strip_wrapping(segment)
-    if _leading_letter(segment):
-        found = _LEADING_HEDGE.match(stripped)
+def _read_letter(segment: str, anywhere: bool) -> tuple[str, bool]:
+    """The option letter `segment` is read by, a leading one (`_leading_letter`) or, with
+    `anywhere`, else its first parenthesised one; and whether that letter is the first of two
+    different letters offered together (`_HEDGE`), which name no one answer."""
+    letter = _leading_letter(segment)
+    if letter:
+        found = _LEADING_HEDGE.match(_strip_wrapping(segment))
     else:
-        first = _PAREN_LETTER.search(segment)
-        found = _HEDGE.match(segment, first.start()) if first else None
-    return bool(found) and found.group(1).upper() != found.group(2).upper()
-
-
-def _paren_letter(segment: str) -> str:
-    found = _PAREN_LETTER.search(segment)
-    return found.group(1).upper() if found else ""
+        first = _PAREN_LETTER.search(segment) if anywhere else None
+        if first is None:
+            return "", False
+        letter, found = first.group(1).upper(), _HEDGE.match(segment, first.start())
+    return letter, bool(found) and found.group(1).upper() != found.group(2).upper()
 
 
 def _numbers(text: str) -> list[tuple[int, Decimal]]:
