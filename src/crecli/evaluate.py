@@ -14,6 +14,7 @@ cross-fits with it).
 from __future__ import annotations
 
 import time
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -99,17 +100,15 @@ def random_at_cost(singles: Sequence[Point], target_cost: float, name: str = RAN
     by_cost = sorted(singles, key=lambda p: p.mean_cost)
     if target_cost < by_cost[0].mean_cost:
         return replace(by_cost[0], name=name, note="cascade is cheaper than every model")
-    options = [(p.accuracy, replace(p, name=name, note=f"all {p.name.split(' ')[0]}"))
-               for p in by_cost if p.mean_cost <= target_cost]
+    options = [replace(p, name=name, note=f"all {p.name.split(' ')[0]}") for p in by_cost if p.mean_cost <= target_cost]
     for lo in by_cost:
         for hi in by_cost:
             if lo.mean_cost <= target_cost <= hi.mean_cost and lo.mean_cost < hi.mean_cost:
                 share = (target_cost - lo.mean_cost) / (hi.mean_cost - lo.mean_cost)
-                accuracy = (1 - share) * lo.accuracy + share * hi.accuracy
                 note = f"{1 - share:.0%} {lo.name.split(' ')[0]}, {share:.0%} {hi.name.split(' ')[0]}"
-                options.append((accuracy, Point(name, accuracy, target_cost, note=note)))
+                options.append(Point(name, (1 - share) * lo.accuracy + share * hi.accuracy, target_cost, note=note))
     # The first best: a single model at the target's cost is listed before its mixtures.
-    return max(options, key=lambda option: option[0])[1]
+    return max(options, key=lambda option: option.accuracy)
 
 
 def pool(held_out: Sequence[tuple[int, Sequence[Point]]]) -> list[Point]:
@@ -198,13 +197,12 @@ def evaluate(router: "RouterFile", data: Data) -> EvalReport:
     ref = singles[-1]
 
     per: dict[int, list[Any]] = {}
-    started: dict[int, dict[str, int]] = {}
+    # Where each query started: a prompt beyond its cluster's reach starts on the fallback
+    # model, not the cluster's (the column showed the cluster's for all).
+    started: dict[int, Counter[str]] = defaultdict(Counter)
     for trace, c, r in zip(cascade.traces, data.clusters, records):
         per.setdefault(c, []).append(trace)
-        # Where each query started: a prompt beyond its cluster's reach starts on the
-        # fallback model, not the cluster's (the column showed the cluster's for all).
-        counts = started.setdefault(c, {})
-        counts[starts[r.id]] = counts.get(starts[r.id], 0) + 1
+        started[c][starts[r.id]] += 1
     per_cluster = []
     for cid in sorted(per):
         traces = per[cid]
@@ -213,7 +211,7 @@ def evaluate(router: "RouterFile", data: Data) -> EvalReport:
             "cluster": cid,
             "n": len(traces),
             "start_model": info.model if info else router.fallback_model,
-            "started_on": {m: started[cid].get(m, 0) for m in ladder if started[cid].get(m)},
+            "started_on": {m: started[cid][m] for m in ladder if started[cid][m]},
             "accuracy": sum(t.correct for t in traces) / len(traces),
             "mean_cost": sum(t.cost for t in traces) / len(traces),
             "escalation_rate": sum(t.escalated for t in traces) / len(traces),

@@ -12,8 +12,8 @@ Verification is remembered in a small stamp file (size, mtime, inode, change tim
 in crecli's own cache dir, named by a hash of the GGUF's resolved path, so `models list` and
 every model load need not re-hash a gigabyte each time; any change to those forces a full
 re-hash (so does a stamp written before it held the inode and change time: once, after an
-upgrade; and a chmod or a new hard link, which change the change time). Stamps never go beside the GGUF: a `path` may point into a folder that is not
-crecli's to write in.
+upgrade; and a chmod or a new hard link, which change the change time). Stamps never go
+beside the GGUF: a `path` may point into a folder that is not crecli's to write in.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from typing import BinaryIO, Callable, Sequence
 from crecli import paths
 from crecli.config import ModelSpec, check_package
 from crecli.errors import ModelNotAvailable
-
 
 BLOCK = 1 << 20
 GGUF_MAGIC = b"GGUF"
