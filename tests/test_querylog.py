@@ -277,6 +277,20 @@ def test_text_log(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize("name, data", [
+    ("prompts.txt", b"What is 2+2?\rCapital of France?\r"),
+    ("log.jsonl", b'{"prompt": "a"}\r{"prompt": "b"}\r'),
+])
+def test_old_mac_line_endings_are_refused_not_read_as_one_prompt(tmp_path: Path, name: str, data: bytes) -> None:
+    # A lone "\r" is no line break to readline: the whole file was one line, and a text log
+    # made one prompt of every question in it.
+    path = write(tmp_path / name, data)
+    with pytest.raises(InputError, match=rf"{name}:1: a carriage return inside the line.*tr '\\r' '\\n'"):
+        read_log(path)
+    with pytest.raises(InputError, match=r"in:1: a carriage return inside the line"):
+        parse_batch_line(data, 1, "in")
+
+
 def test_a_line_of_unicode_spaces_is_blank_not_an_empty_prompt(tmp_path: Path) -> None:
     # bytes.strip() keeps a no-break space: the line became a prompt that strips to "".
     path = write(tmp_path / "prompts.txt", "a\n\u00a0\u3000 \nb\n")

@@ -245,7 +245,7 @@ def parse_batch_line(
             body = body[len(_BOM):]
         if len(body) > fields.max_line_bytes:
             raise _Bad(_too_long(len(body), fields.max_line_bytes))
-        text = _decode(body)
+        text = _line_text(body)
         if not text.strip():
             raise _Bad("empty line; every input line needs a prompt")
         if text.lstrip().startswith("{"):
@@ -308,6 +308,18 @@ def _size_text(n: int) -> str:
     return f"{n:,}-byte"
 
 
+def _line_text(body: bytes) -> str:
+    """A line's text, its ending already cut. A carriage return left inside is refused: it
+    is what a file with old Mac line endings (a lone "\\r" between lines) looks like, read
+    as one line, and as a prompt it would run every question of the file together."""
+    if b"\r" in body:
+        raise _Bad(
+            "a carriage return inside the line: a lone \"\\r\" is not a line break here "
+            "(old Mac line endings?); convert the file with: tr '\\r' '\\n' < FILE > NEW"
+        )
+    return _decode(body)
+
+
 def _decode(raw: bytes) -> str:
     try:
         return raw.decode("utf-8")
@@ -350,12 +362,12 @@ def _line_rows(lines: _Lines, path: Path, fields: FieldMap,
 
 def _text_rows(lines: _Lines, path: Path, fields: FieldMap) -> Iterator[_Row]:
     return _line_rows(lines, path, fields,
-                      lambda raw, rid, source: Record(id=rid, prompt=_decode(raw).strip(), source=source))
+                      lambda raw, rid, source: Record(id=rid, prompt=_line_text(raw.rstrip(b"\r\n")).strip(), source=source))
 
 
 def _jsonl_rows(lines: _Lines, path: Path, fields: FieldMap) -> Iterator[_Row]:
     return _line_rows(lines, path, fields, lambda raw, rid, source: _record_from_object(
-        _parse_object(_decode(raw.rstrip(b"\r\n"))), fields, rid, source))
+        _parse_object(_line_text(raw.rstrip(b"\r\n"))), fields, rid, source))
 
 
 def _parse_object(text: str) -> dict[str, Any]:
