@@ -32,6 +32,40 @@ def test_speeds_are_stored_per_file_and_thread_count(monkeypatch: pytest.MonkeyP
     assert bench.stored(replace(spec, sha256="b" * 64)) is None  # another file: measure again
 
 
+def test_two_benches_saving_at_once_keep_both_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each save read bench.json, added its run and wrote the file back: a second save that
+    # read before the first wrote put back a file without the first one's run.
+    import threading
+    import time
+
+    read = bench._stored_for_update
+    other: list[threading.Thread] = []
+
+    def slow_read(path: Path) -> dict:
+        data = read(path)
+        if not other:  # the first save: another starts while this one holds what it read
+            other.append(threading.Thread(target=bench.save, args=(_speed("n", "b" * 64),)))
+            other[0].start()
+            time.sleep(0.3)
+        return data
+
+    monkeypatch.setattr(bench, "_stored_for_update", slow_read)
+    bench.save(_speed("m"))
+    other[0].join(10)
+    assert sorted(v["model"] for v in json.loads(paths.bench_file().read_text()).values()) == ["m", "n"]
+
+
+def test_a_save_that_waits_too_long_for_the_lock_says_what_it_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    from crecli.errors import CreError
+
+    monkeypatch.setattr(bench, "LOCK_WAIT_SECONDS", 0.0)
+    paths.ensure(paths.bench_file().parent)
+    with paths.exclusive(paths.bench_lock_file(), 0):
+        with pytest.raises(CreError, match=r"held by another process.*m measured 100.0 prompt and 10.0 generated"):
+            bench.save(_speed("m"))
+    assert not paths.bench_file().exists()
+
+
 def test_stored_speed_is_the_median_of_the_runs_measured_the_same_way(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CRE_THREADS", "2")
     spec = ModelSpec(name="m", sha256="a" * 64)

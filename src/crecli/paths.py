@@ -7,9 +7,10 @@ them with one folder, which tests and CI use to stay away from the real user's f
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator
 
 if TYPE_CHECKING:
     import re
@@ -94,6 +95,11 @@ def served_generation(live: Path, n: int) -> Path:
 
 def bench_file() -> Path:
     return data_dir() / "bench.json"
+
+
+def bench_lock_file() -> Path:
+    """Held while a bench adds its run to bench.json (`models.bench.save`)."""
+    return bench_file().with_name("bench.lock")
 
 
 def user_settings_file() -> Path:
@@ -327,6 +333,7 @@ def owned_files(stores: Iterable[Path | None] = ()) -> list[Owned]:
     owned += [
         Owned("crecli's settings.toml", user_settings_file()),
         Owned("crecli's benchmark file", bench_file()),
+        Owned("crecli's benchmark file's lock file", bench_lock_file()),
         Owned("the user models.toml", user_models_toml()),
         Owned("crecli's model folder", models_dir(), tree=True),
         Owned("crecli's cache folder", cache_dir(), tree=True),
@@ -626,3 +633,38 @@ def set_default_router(router: Path) -> Path:
     stay as the user wrote them.
     """
     return update_user_setting(DEFAULT_ROUTER, str(router.resolve()))
+
+
+class LockBusy(TimeoutError):
+    """A lock stayed held past the wait (`exclusive`); not any other ETIMEDOUT (an NFS
+    write), which is a failure like the rest."""
+
+
+@contextmanager
+def exclusive(lock_file: Path, wait: float) -> Iterator[None]:
+    """An exclusive lock between `cre` processes on `lock_file`, where the platform has
+    flock; `LockBusy` (an OSError) after `wait` seconds (0 tries once). The system releases
+    it when the holder exits, killed or not, so a stopped `cre` never leaves it stuck."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: the races it prevents are then possible but rare
+        yield
+        return
+    import errno
+    import time
+
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LockBusy(errno.ETIMEDOUT, f"its lock {lock_file} is held by another process "
+                                   f"(waited {wait:.0f} s; a stopped cre?)") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -31,7 +31,7 @@ import os
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -106,40 +106,6 @@ def _line(entry: dict[str, Any]) -> bytes:
     """
     text = json.dumps(entry, ensure_ascii=False, allow_nan=False, default=str)
     return (replace_surrogates(text) + "\n").encode("utf-8")
-
-
-class _LockBusy(TimeoutError):
-    """The log's lock stayed held past the wait (`_exclusive`); not any other ETIMEDOUT (an
-    NFS write), which is a failure like the rest."""
-
-
-@contextmanager
-def _exclusive(lock_file: Path, wait: float | None = None) -> Iterator[None]:
-    """An exclusive lock between `cre` processes, where the platform has flock; `_LockBusy`
-    (an OSError) after `wait` seconds (`LOCK_WAIT_SECONDS` by default; 0 tries once)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: rotation races are then possible but rare
-        yield
-        return
-    import errno
-
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        wait = LOCK_WAIT_SECONDS if wait is None else wait
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise _LockBusy(errno.ETIMEDOUT, f"its lock {lock_file} is held by another process "
-                                    f"(waited {wait:.0f} s; a stopped cre?)") from None
-                time.sleep(0.05)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 def _ends_a_line(fd: int) -> bool:
@@ -218,7 +184,7 @@ class ServedLog:
                 # One lock between `cre` processes for rotating and appending: the check for a
                 # cut last line and the write after it must see the same end of file.
                 busy = time.monotonic() < self._lock_busy_until
-                with _exclusive(self.path.with_name(LOCK_NAME), 0.0 if busy else None):
+                with paths.exclusive(self.path.with_name(LOCK_NAME), 0.0 if busy else LOCK_WAIT_SECONDS):
                     self._rotate_if_full()
                     fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
                     try:
@@ -231,7 +197,7 @@ class ServedLog:
                             raise OSError(f"only {wrote} of {len(data)} bytes written")
                     finally:
                         os.close(fd)
-            except _LockBusy as exc:
+            except paths.LockBusy as exc:
                 # A lock held by a stopped process passes: said each time a whole wait ran out
                 # (at most once a LOCK_RETRY_SECONDS), and not latched as a lasting failure
                 # (`failed`), which would silence a full disk later.
@@ -341,7 +307,7 @@ def _open_generations() -> list[tuple[Path, "BinaryIO | None"]]:
     never. Read after the lock is released, the open files stay the generations they were."""
     live = log_path()
     try:
-        guard = _exclusive(live.with_name(LOCK_NAME)) if live.parent.is_dir() else nullcontext()
+        guard = paths.exclusive(live.with_name(LOCK_NAME), LOCK_WAIT_SECONDS) if live.parent.is_dir() else nullcontext()
         with guard:
             return [(path, _open(path)) for path in log_files(live)]
     except OSError:  # a log folder this user may read but not lock (read-only): as before, unlocked

@@ -51,6 +51,9 @@ REPEATS = 3
 # morning priced the 0.5B at 0.52, 0.62 and 0.74 of the 1.5B per answer, which moved the
 # 1,400-query headline's cost share by 2.6 points; a median of several runs moves less.
 POOLED_RUNS = 5
+# How long a save waits for another bench's save (a read and a write: milliseconds) before
+# giving up with the figures it measured in the error.
+LOCK_WAIT_SECONDS = 30.0
 
 
 @dataclass
@@ -356,17 +359,20 @@ def save(speed: Speed, fresh: bool = False) -> Speed:
     from crecli.errors import CreError
 
     path = paths.bench_file()
-    data = _stored_for_update(path)
-    key = _key(speed.sha256, speed.model, speed.threads)
-    runs = [] if fresh else _earlier_runs(data.get(key), speed)
-    runs = [*runs, _run_record(speed.pp_tokens_per_s, speed.tg_tokens_per_s, speed.measured_at)][-POOLED_RUNS:]
-    pooled = replace(speed, runs=runs,
-                     pp_tokens_per_s=_median([r["pp_tokens_per_s"] for r in runs]),
-                     tg_tokens_per_s=_median([r["tg_tokens_per_s"] for r in runs]))
-    data[key] = asdict(pooled)
     paths.ensure(path.parent)
     try:
-        paths.atomic_write(path, json.dumps(data, indent=2))
+        # Read, add and write under one lock: two benches saving at once each rewrote the
+        # file from what they had read, and the one that wrote first lost its run.
+        with paths.exclusive(paths.bench_lock_file(), LOCK_WAIT_SECONDS):
+            data = _stored_for_update(path)
+            key = _key(speed.sha256, speed.model, speed.threads)
+            runs = [] if fresh else _earlier_runs(data.get(key), speed)
+            runs = [*runs, _run_record(speed.pp_tokens_per_s, speed.tg_tokens_per_s, speed.measured_at)][-POOLED_RUNS:]
+            pooled = replace(speed, runs=runs,
+                             pp_tokens_per_s=_median([r["pp_tokens_per_s"] for r in runs]),
+                             tg_tokens_per_s=_median([r["tg_tokens_per_s"] for r in runs]))
+            data[key] = asdict(pooled)
+            paths.atomic_write(path, json.dumps(data, indent=2))
     except OSError as exc:
         raise CreError(
             f"could not write {path} ({exc.strerror or exc}); {speed.model} measured "
