@@ -113,8 +113,17 @@ def control_markers(text: str) -> list[str]:
 
 def defuse(text: str) -> str:
     """`text` with every control-token spelling broken by a zero-width space after its first
-    character, so no tokenizer that parses special tokens can read it as one."""
-    return CONTROL_MARKER.sub(lambda m: m.group(0)[0] + _DEFUSER + m.group(0)[1:], text)
+    character, so no tokenizer that parses special tokens can read it as one.
+
+    Until nothing is left to break: one pass breaks only the outermost spelling of a nested
+    one, and `<|[INST]|>` left `[INST]` whole inside `<\u200b|[INST]|>`. Each pass breaks
+    what it matched without making a new marker, and a marker holds at most one other (a
+    `<|...|>` cannot hold `<` or `|`), so this ends after two or three passes."""
+    while True:
+        broken = CONTROL_MARKER.sub(lambda m: m.group(0)[0] + _DEFUSER + m.group(0)[1:], text)
+        if broken == text:
+            return text
+        text = broken
 
 
 def render(prompt_format: str, prompt: str, system: str = SYSTEM, shots: Sequence[Shot] = ()) -> Rendered:
