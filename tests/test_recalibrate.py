@@ -104,12 +104,37 @@ def test_calibrate_finds_the_log_from_another_folder_and_says_when_it_moved_or_c
     result = cre("calibrate", router, "--models", tiny_models_toml, "--folds", "2", "--log", log)
     assert result.exit_code == 0, result.output
     assert f"{log} has changed since the router was fitted on it" in result.stderr
+    # Named relatively, from its folder: the same file, so the same warning (it compared
+    # the recorded absolute path with the path as typed).
+    monkeypatch.chdir(work)
+    result = cre("calibrate", router, "--models", tiny_models_toml, "--folds", "2", "--log", "log.jsonl")
+    assert result.exit_code == 0, result.output
+    assert "log.jsonl has changed since the router was fitted on it" in result.stderr
+    monkeypatch.chdir(elsewhere)
 
     log.rename(work / "moved.jsonl")
     result = cre("calibrate", router, "--models", tiny_models_toml, "--folds", "2")
     assert result.exit_code == 1
     assert f"fitted on {log.resolve()}, which is not there any more" in str(result.exception) + result.output
     ok("calibrate", router, "--models", tiny_models_toml, "--folds", "2", "--log", work / "moved.jsonl")
+
+
+def test_calibrate_does_not_read_a_recorded_log_the_router_records_no_sha256_of(
+    fakes, tiny_models_toml: Path, tmp_path: Path
+) -> None:
+    # A router file from someone else naming a local file without its digest chose which of
+    # this machine's files every model ran over (the sha256 check was skipped when null).
+    log = write(tmp_path / "log.jsonl", rows())
+    router = tmp_path / "router.cre"
+    ok("fit", log, "-o", router, "--models", tiny_models_toml)
+    loaded = routerfile.load(router, config.load(tiny_models_toml))
+    loaded.fit = replace(loaded.fit, log_sha256=None)
+    routerfile.save(loaded, router)
+    result = cre("calibrate", router, "--models", tiny_models_toml, "--folds", "2")
+    assert result.exit_code == 1
+    assert f"records no sha256 of it" in str(result.exception) + result.output
+    assert f"pass --log {log.resolve()}" in str(result.exception) + result.output
+    ok("calibrate", router, "--models", tiny_models_toml, "--folds", "2", "--log", log)
 
 
 def test_eval_force_live_answers_with_the_router_as_loaded(fakes, tiny_models_toml: Path, tmp_path: Path) -> None:

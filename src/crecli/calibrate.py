@@ -56,7 +56,7 @@ def fitted_log(router: "RouterFile", log: Path | None = None) -> Path:
     """`log` when given, else the log the router was fitted on, where the fit found it.
 
     The fit records the log's absolute path and sha256. Without --log the recorded path is
-    read only if it still holds those bytes: a router file may come from someone else, and
+    read only if it still holds those bytes (a router that records no sha256 is refused): a router file may come from someone else, and
     must not choose which of this machine's files every model runs over. A log no longer
     there, or changed since (appended to), is an error that says to pass --log; with --log
     naming it, `check_log` warns instead.
@@ -74,25 +74,32 @@ def fitted_log(router: "RouterFile", log: Path | None = None) -> Path:
             f"the router was fitted on {recorded}, which {why}; "
             "pass --log FILE to calibrate on it where it is now"
         )
-    if router.fit.log_sha256:
-        from crecli.models.pull import sha256_file
+    if not router.fit.log_sha256:
+        # Without the bytes to check, the file's name alone would pick what runs: refused.
+        raise CreError(
+            f"the router names {recorded} as its fit log but records no sha256 of it, so it is not "
+            f"read unasked; pass --log {recorded} if that is the log to calibrate on"
+        )
+    from crecli.models.pull import sha256_file
 
-        try:
-            now = sha256_file(path)
-        except OSError as exc:
-            raise CreError(f"{path}: cannot be read ({exc.strerror or exc}); pass --log FILE") from None
-        if now != router.fit.log_sha256:
-            raise CreError(
-                f"{recorded} has changed since the router was fitted on it (sha256 {router.fit.log_sha256[:12]}… "
-                f"then, {now[:12]}… now); pass --log {recorded} to calibrate on it as it is now"
-            )
+    try:
+        now = sha256_file(path)
+    except OSError as exc:
+        raise CreError(f"{path}: cannot be read ({exc.strerror or exc}); pass --log FILE") from None
+    if now != router.fit.log_sha256:
+        raise CreError(
+            f"{recorded} has changed since the router was fitted on it (sha256 {router.fit.log_sha256[:12]}… "
+            f"then, {now[:12]}… now); pass --log {recorded} to calibrate on it as it is now"
+        )
     return path
 
 
 def check_log(router: "RouterFile", log: Path, data: Data) -> None:
     """Warn when the router's own log changed since the fit (its sha256 differs)."""
     fit = router.fit
-    if fit.log_sha256 and data.log_sha256 and data.log_sha256 != fit.log_sha256 and Path(fit.log or "") == log:
+    # Resolved: the fit records an absolute path, and --log may name the same file relatively.
+    if fit.log_sha256 and data.log_sha256 and data.log_sha256 != fit.log_sha256 and fit.log \
+            and Path(fit.log).resolve() == log.resolve():
         console.warn(
             f"{log} has changed since the router was fitted on it (sha256 {fit.log_sha256[:12]}… then, "
             f"{data.log_sha256[:12]}… now); calibrating on it as it is now"
