@@ -311,6 +311,52 @@ def test_more_exemplars_than_a_fit_writes_are_refused(
     refused(built_router_file, pinned_settings, "past what a fit writes")
 
 
+def test_clusters_narrower_than_the_embedder_are_refused_at_load(
+    pinned_settings: config.ModelConfig, built_router_file: Path
+) -> None:
+    # Loaded and inspected fine, then failed at the first prompt routed, naming no file.
+    assigner = routerfile.load(built_router_file, pinned_settings).assigner
+    half = assigner.exemplars_.shape[1] // 2
+    for name, rows in (("exemplars", assigner.exemplars_), ("centroids", assigner.centroids_)):
+        cut = np.ascontiguousarray(rows[:, :half], dtype=np.float16 if name == "exemplars" else np.float32)
+        replace_array(built_router_file, "assigner", name, npy_bytes(cut), cut.dtype.str, list(cut.shape))
+    refused(built_router_file, pinned_settings, rf"embedder gives {2 * half}-dimensional vectors and its clusters hold {half}-dimensional")
+
+
+def test_float32_exemplars_past_unit_length_are_refused(pinned_settings: config.ModelConfig, built_router_file: Path) -> None:
+    # Older routers' float32 exemplars are used as stored: at 3e38 every prompt sat at
+    # distance -inf from them, so every prompt, gibberish included, looked familiar.
+    ex = routerfile.load(built_router_file, pinned_settings).assigner.exemplars_.astype(np.float32)
+    ex[0, 0] = 3e38
+    replace_array(built_router_file, "assigner", "exemplars", npy_bytes(ex), ex.dtype.str, list(ex.shape))
+    refused(built_router_file, pinned_settings, "assigner state is inconsistent")
+
+
+def test_a_component_scale_that_overflows_is_refused(pinned_settings: config.ModelConfig, built_router_file: Path) -> None:
+    # Finite, so the archive passes it; times an int8 code it overflowed to inf at load (with
+    # numpy warnings), and every prompt then embedded as NaN.
+    scale = routerfile.load(built_router_file, pinned_settings).embedder.state()[1]["components_scale"].copy()
+    scale[0] = np.float32(3e38)
+    replace_array(built_router_file, "embedder", "components_scale", npy_bytes(scale), scale.dtype.str, list(scale.shape))
+    refused(built_router_file, pinned_settings, "do not fit together")
+
+
+def test_a_vocabulary_holding_a_term_twice_or_too_many_terms_is_refused(
+    pinned_settings: config.ModelConfig, built_router_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A small file of one term repeated millions of times built a lookup of hundreds of MB.
+    from crecli import tfidf
+
+    vocab = routerfile.load(built_router_file, pinned_settings).embedder.state()[1]["word_vocab"]
+    monkeypatch.setattr(tfidf, "MAX_TFIDF_TERMS", len(vocab) - 1)
+    refused(built_router_file, pinned_settings, "past what a fit keeps")
+    monkeypatch.undo()
+    twice = vocab.copy()
+    twice[1] = twice[0]
+    replace_array(built_router_file, "embedder", "word_vocab", npy_bytes(twice), twice.dtype.str, list(twice.shape))
+    refused(built_router_file, pinned_settings, "each once")
+
+
 def test_a_router_without_cluster_radii_trusts_every_cluster(
     pinned_settings: config.ModelConfig, built_router_file: Path
 ) -> None:

@@ -132,7 +132,7 @@ def test_calibrate_does_not_read_a_recorded_log_the_router_records_no_sha256_of(
     routerfile.save(loaded, router)
     result = cre("calibrate", router, "--models", tiny_models_toml, "--folds", "2")
     assert result.exit_code == 1
-    assert f"records no sha256 of it" in str(result.exception) + result.output
+    assert "records no sha256 of it" in str(result.exception) + result.output
     assert f"pass --log {log.resolve()}" in str(result.exception) + result.output
     ok("calibrate", router, "--models", tiny_models_toml, "--folds", "2", "--log", log)
 

@@ -289,7 +289,9 @@ class Assigner:
             ex.ndim == 2 and len(ex) > 0 and lab.shape == (len(ex),)
             and np.array_equal(np.unique(lab), cls_) and cen.shape == (len(cls_), ex.shape[1])
             # Unit rows, as fit writes them: a finite 3e38 would overflow the similarity to inf.
-            and bool(np.all(np.abs(cen) <= 1.0 + 1e-3))
+            # Exemplars too (float16 ones are renormalised, but an inf or NaN stays one; older
+            # float32 ones are used as stored): at -inf every prompt looked familiar.
+            and bool(np.all(np.abs(cen) <= 1.0 + 1e-3)) and bool(np.all(np.abs(ex) <= 1.0 + 1e-3))
             and 1 <= assigner.k_ <= len(ex)
             and per_class_ok(assigner.radius_) and per_class_ok(assigner.reach_)
         )

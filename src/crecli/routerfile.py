@@ -383,6 +383,13 @@ def _assemble(path: Path, body: Body, members: dict[str, "np.ndarray"], settings
             f"{path}: the router's fitted embedder or assigner cannot be rebuilt from its arrays "
             f"({type(exc).__name__}: {clean(str(exc))}); refit it with `cre fit`"
         ) from None
+    width = emb.output_dims
+    if width is not None and assigner.exemplars_.shape[1] != width:
+        # Caught here, not at the first prompt routed, where the message named no file.
+        raise RouterFileError(
+            f"{path}: the router's embedder gives {width}-dimensional vectors and its clusters hold "
+            f"{assigner.exemplars_.shape[1]}-dimensional ones; the router file is damaged, refit it with `cre fit`"
+        )
     if emb.identity != body.embedder_identity:
         if emb.kind == "llama":
             # A model embeds: what differs is the model file here, not crecli.

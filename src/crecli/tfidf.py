@@ -32,6 +32,11 @@ _DIGIT = re.compile(r"\d")
 # The SVD's width: past a few thousand dimensions the router file grows and routing slows
 # for no gain (256 is the measured default).
 MAX_TFIDF_DIMS = 4096
+# Terms per vocabulary block (words; character n-grams). The 1,400-query log keeps 2,257
+# words and 7,085 n-grams; a fit keeps at most this many of each (the most frequent), and a
+# router file holding more, or a term twice, is refused: its lookup table is built in
+# memory at load, and a small file of repeated terms asked for hundreds of MB.
+MAX_TFIDF_TERMS = 1 << 20
 
 
 # scikit-learn's analyzers, as TfidfVectorizer runs them with our preprocessor: the word
@@ -163,7 +168,7 @@ class TfidfEmbedder(Embedder):
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         # float64, as `transform` computes the rows from the stored float64 idf.
-        common = {"sublinear_tf": True, "min_df": min_df, "dtype": np.float64,
+        common = {"sublinear_tf": True, "min_df": min_df, "dtype": np.float64, "max_features": MAX_TFIDF_TERMS,
                   "preprocessor": _mask_digits if self.mask_digits else _lower}
         vecs = [TfidfVectorizer(analyzer="word", ngram_range=WORD_NGRAMS, token_pattern=_TOKEN.pattern, **common)]
         if self.analyzer == "word+char":
@@ -247,6 +252,11 @@ class TfidfEmbedder(Embedder):
     def fitted(self) -> bool:
         return hasattr(self, "components_")
 
+    @property
+    def output_dims(self) -> int:
+        self._require_fitted()
+        return int(self.components_.shape[0])
+
     def _require_fitted(self) -> None:
         if not self.fitted:
             raise CreError("the tfidf embedder is not fitted: call fit() on the log's prompts first")
@@ -326,7 +336,9 @@ class TfidfEmbedder(Embedder):
             else:
                 codes, scale = np.asarray(arrays["components_q8"]), np.asarray(arrays["components_scale"])
                 if codes.dtype != np.int8 or scale.dtype.kind != "f" or scale.shape != (codes.shape[0],) \
-                        or codes.ndim != 2 or not np.all(scale >= 0):
+                        or codes.ndim != 2 or not np.all((scale >= 0) & (scale <= 1.0)):
+                    # An SVD component is a unit row, so its scale (largest entry / 127) is
+                    # under 1/127: a larger one is no fit's, and near float32's top it overflows.
                     raise RouterFileError(
                         f"tfidf embedder state: components_q8 {codes.dtype} {codes.shape} and components_scale "
                         f"{scale.dtype} {scale.shape} do not fit together; the router file is damaged, refit it")
@@ -337,10 +349,22 @@ class TfidfEmbedder(Embedder):
         if emb.word_vocab_.dtype.kind != "U" or emb.char_vocab_.dtype.kind != "U":
             raise RouterFileError("tfidf embedder state: vocabularies must be unicode arrays; refit the router")
         flat = (emb.word_vocab_, emb.char_vocab_, emb.word_idf_, emb.char_idf_)
-        # idf = log((1 + n) / (1 + df)) + 1 >= 1: a 2-D or non-positive one is no fit's.
-        if any(a.ndim != 1 for a in flat) or not all(np.all(a > 0) for a in (emb.word_idf_, emb.char_idf_)):
+        # idf = log((1 + n) / (1 + df)) + 1 >= 1: a 2-D, non-positive or infinite one is no fit's.
+        if any(a.ndim != 1 for a in flat) \
+                or not all(np.all((a > 0) & np.isfinite(a)) for a in (emb.word_idf_, emb.char_idf_)):
             raise RouterFileError("tfidf embedder state: vocabularies and idf weights must be flat, "
-                                  "the weights positive; the router file is damaged, refit it")
+                                  "the weights positive and finite; the router file is damaged, refit it")
+        # Checked before the lookups are built (a dict of every term) and before np.unique sorts them.
+        if max(len(emb.word_vocab_), len(emb.char_vocab_)) > MAX_TFIDF_TERMS \
+                or any(len(np.unique(v)) != len(v) for v in (emb.word_vocab_, emb.char_vocab_)):
+            raise RouterFileError(
+                f"tfidf embedder state: {len(emb.word_vocab_):,} words and {len(emb.char_vocab_):,} n-grams, "
+                f"past what a fit keeps ({MAX_TFIDF_TERMS:,} of each, each once); the router file is damaged, refit it")
+        # Int8 codes times a per-row scale: a scale near float32's top overflows to inf, and
+        # every prompt then embeds as NaN.
+        if not np.all(np.isfinite(emb.components_)):
+            raise RouterFileError("tfidf embedder state: the SVD components are not all finite; "
+                                  "the router file is damaged, refit it")
         if emb.components_.shape != (emb.dims_, n_features) or len(emb.word_idf_) != len(emb.word_vocab_) \
                 or len(emb.char_idf_) != len(emb.char_vocab_):
             raise RouterFileError(

@@ -59,6 +59,12 @@ class Embedder(abc.ABC):
         whatever else changes its vectors on this machine but not what a router records."""
         return self.identity
 
+    @property
+    def output_dims(self) -> int | None:
+        """The width of the rows `transform` returns, where known without loading a model
+        (None: a pretrained model's, known once it loads)."""
+        return None
+
     def fit(self, texts: Sequence[str]) -> "Embedder":
         """Learn from the log's texts; pretrained embedders ignore them."""
         return self
