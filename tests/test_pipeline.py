@@ -175,6 +175,21 @@ def test_a_store_that_is_not_one_is_refused_before_the_log_is_embedded(
     assert "not a usable outcome store" in str(refused.exception), refused.exception
 
 
+def test_a_bad_embedder_table_is_said_before_the_log_is_read_naming_its_file(
+    tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict[str, FakeBackend]
+) -> None:
+    # It was said after the log was read ("Embedding 80 prompts..."), naming neither
+    # models.toml nor [embedder].
+    toml = tmp_path / "bad-embedder.toml"
+    toml.write_text(tiny_models_toml.read_text().replace("dims = 16", "dims = 99999"))
+    assert "dims = 99999" in toml.read_text()
+    missing = tmp_path / "not-read.jsonl"  # never opened: the embedder is checked first
+    missing.write_text("{not json\n")
+    result = runner.invoke(app, ["fit", str(missing), "-o", str(tmp_path / "r.cre"), "--models", str(toml)])
+    assert result.exit_code == 1
+    assert f"{toml}: [embedder] tfidf dims must be an integer from 2 to 4096, not 99999" in str(result.exception)
+
+
 def test_a_log_whose_answers_sit_under_another_name_is_warned_about_with_the_option_to_name_it(
     tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict[str, FakeBackend]
 ) -> None:

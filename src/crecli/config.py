@@ -162,6 +162,8 @@ class ModelConfig:
     models: dict[str, ModelSpec]
     ladder: list[str]
     embedder: dict[str, Any] = field(default_factory=dict)
+    # The files whose [embedder] tables made `embedder`, for its errors (`embed.make_embedder`).
+    embedder_sources: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
 
     def get(self, name: str) -> ModelSpec:
@@ -473,6 +475,7 @@ def load(models_file: Path | None = None) -> ModelConfig:
     where: dict[str, str] = {}
     ladder: list[str] = []
     embedder: dict[str, Any] = {}
+    embedder_sources: list[str] = []
     for path in files:
         data = _read(path)
         for name, fields in data.get("models", {}).items():
@@ -495,7 +498,9 @@ def load(models_file: Path | None = None) -> ModelConfig:
         if "kind" in table and table["kind"] != embedder.get("kind", "tfidf"):
             # Another kind takes none of the earlier kind's settings: the shipped tfidf
             # `dims`, `analyzer`... are unknown to a llama embedder, and TOML cannot unset them.
-            embedder = {}
+            embedder, embedder_sources = {}, []
+        if table:
+            embedder_sources.append(str(path))
         embedder.update(table)
 
     models = {name: _spec(name, fields, where[name]) for name, fields in raw_models.items()}
@@ -504,4 +509,5 @@ def load(models_file: Path | None = None) -> ModelConfig:
             raise ConfigError(f"ladder names {name!r}, which no models.toml defines ({', '.join(map(str, files))})")
     if not ladder:
         raise ConfigError("no `ladder` is set in any models.toml")
-    return ModelConfig(models=models, ladder=ladder, embedder=embedder, sources=[str(f) for f in files])
+    return ModelConfig(models=models, ladder=ladder, embedder=embedder, sources=[str(f) for f in files],
+                       embedder_sources=embedder_sources)

@@ -142,8 +142,17 @@ def make_embedder(config: dict[str, Any], settings: "ModelConfig", seed: int = 0
 
     kind = "tfidf" (default) takes `dims` (256), `analyzer` ("word+char"), `min_df` (2) and
     `mask_digits` (true); kind = "llama" takes `model`, a model name from models.toml.
+    A ConfigError names the models.toml files that set the table.
     """
-    config = dict(config)
+    try:
+        return _make_embedder(dict(config), settings, seed)
+    except ConfigError as exc:
+        where = ", ".join(settings.embedder_sources) or "models.toml"
+        text = str(exc) if str(exc).startswith("[embedder]") else f"[embedder] {exc}"
+        raise ConfigError(f"{where}: {text}") from None
+
+
+def _make_embedder(config: dict[str, Any], settings: "ModelConfig", seed: int) -> Embedder:
     kind = config.pop("kind", "tfidf")
     if kind == "tfidf":
         allowed = {"dims", "analyzer", "min_df", "mask_digits"}

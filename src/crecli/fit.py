@@ -131,6 +131,8 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
     # only if a model must run (`OutcomeStore.require_writable`). Closed once the models
     # have run (below), or with this frame on an error before.
     store = outcomes.OutcomeStore(store_path)
+    # Built now, so a bad [embedder] table is said before the log is read, not after.
+    embedder = embed.make_embedder(settings.embedder, settings, seed=options.seed)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     log = options.reader.read(log_path)
@@ -149,7 +151,7 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
 
     t0 = time.perf_counter()
     status(f"Embedding {len(prompts)} prompts ({settings.embedder.get('kind', 'tfidf')})...")
-    embedder = embed.make_embedder(settings.embedder, settings, seed=options.seed).fit(prompts)
+    embedder = embedder.fit(prompts)
     X = embed.embed_texts(embedder, prompts)
     # A llama.cpp embedding model would otherwise stay loaded while every ladder model runs:
     # `cre fit` loads one model at a time.
