@@ -237,6 +237,38 @@ def test_5xx_and_a_server_dying_holding_the_request_move_it_to_another_replica()
     assert states[0].startswith("out: HTTP 500") and states[1].startswith("out: connection broke") and states[2] == "up"
 
 
+@pytest.mark.parametrize("fault", [401, 403, 404, 405, 302, "page"])
+def test_a_replica_that_does_not_serve_the_rung_fails_over_and_is_taken_out(fault: int | str) -> None:
+    """A wrong key, path or model on one server, or a page that is no completion, is that
+    server's failure: the request goes to another replica, and where every one fails the
+    rung is unavailable (a rung below the top is passed over), not answered by an error."""
+    with FakeOpenAI() as wrong, FakeOpenAI() as alive:
+        if fault == "page":
+            wrong.page = b"<html>502 bad gateway</html>"
+        else:
+            wrong.status = int(fault)
+        backend = OpenAIBackend(_spec([wrong.url, alive.url]))
+        for _ in range(3):
+            assert backend.generate("hi", GenParams(max_tokens=4, temperature=0.5)).text == "42"
+        assert len(wrong.requests) == 1 and len(alive.requests) == 3  # out for its back-off since
+        assert backend.replicas.states()[wrong.url].startswith("out: ")
+        with pytest.raises(RungUnavailable) as info:
+            OpenAIBackend(_spec([wrong.url])).generate("hi", GenParams(max_tokens=4, temperature=0.5))
+    assert (str(fault) if fault != "page" else "not an OpenAI-style completion") in str(info.value)
+
+
+def test_a_400_is_the_requests_fault_and_leaves_the_replica_in_rotation() -> None:
+    from crecli.models.openai import RemoteError
+
+    with FakeOpenAI() as strict, FakeOpenAI() as other:
+        strict.status = 400
+        backend = OpenAIBackend(_spec([strict.url, other.url]))
+        with pytest.raises(RemoteError, match="HTTP 400") as info:
+            backend.generate("hi", GenParams(max_tokens=4, temperature=0.5))
+        assert not isinstance(info.value, RungUnavailable) and other.requests == []
+        assert backend.replicas.states()[strict.url] == "up"
+
+
 def test_503_with_retry_after_is_honoured() -> None:
     with FakeOpenAI() as busy, FakeOpenAI() as other:
         busy.status, busy.retry_after = 503, "30"

@@ -37,6 +37,8 @@ class FakeOpenAI:
     - `status` / `retry_after`: answer every request with this HTTP error (503, 500, 429...);
       with `status_once`, only the next request: `status` clears as that request reads it,
       before its reply, so the client's next request is answered (no timer to race it);
+    - `page`: answer every request 200 with these bytes as text/html (a proxy's or another
+      service's page where the API should be: no completion);
     - `die`: close the connection holding the request, with no reply (a crashed server);
     - `delay`: seconds before answering (a slow or hung server); `token_delay` between streamed tokens;
     - `stream_error`: a stream sends this error event after its tokens (an engine failing
@@ -53,6 +55,7 @@ class FakeOpenAI:
         self.status: int | None = None
         self.retry_after: str | None = None
         self.status_once = False
+        self.page: bytes | None = None
         self.die = False
         self.delay = 0.0
         self.token_delay = 0.0
@@ -127,6 +130,13 @@ class FakeOpenAI:
                 self.status = None  # before the reply: the request it prompts is answered
             headers = {"Retry-After": self.retry_after} if self.retry_after is not None else {}
             h._send(status, {"error": {"message": f"fake status {status}", "type": "server_error"}}, headers)
+            return
+        if self.page is not None:
+            h.send_response(200)
+            h.send_header("Content-Type", "text/html")
+            h.send_header("Content-Length", str(len(self.page)))
+            h.end_headers()
+            h.wfile.write(self.page)
             return
         chat = h.path.endswith("/chat/completions")
         wants = body.get("logprobs") not in (None, False, 0)

@@ -79,6 +79,12 @@ class SignalSupport:
 
 # The statuses of a server refusing a request for log-probabilities rather than failing.
 REFUSALS = (400, 422, 500)
+# The statuses (with every redirect, which is refused) of a server that does not serve the rung
+# as models.toml describes it, whatever the request: it wants another key (401, 403), has no
+# such endpoint or model (404, 405). That server's failure, so the request is tried on another
+# replica, unlike 400, 413 or 422, which say the request itself is bad and would be refused
+# by every replica alike.
+MISDIRECTED = (401, 403, 404, 405)
 
 # How serving engines word a prompt longer than the model's context in a 400 (or 413):
 # vLLM "This model's maximum context length is 4096 tokens", llama.cpp's server
@@ -121,7 +127,8 @@ class RemoteError(BackendError):
 
 class RungUnavailable(RemoteError):
     """Every replica of a remote rung failed this request (refused, timed out, broke off,
-    5xx, or busy past the time left): the cascade moves on to the next rung
+    5xx, busy past the time left, or does not serve the rung: a redirect, 401, 403, 404, 405,
+    a reply that is no completion): the cascade moves on to the next rung
     (`escalate.Cascade`). The message names the rung, each server and why; `public` says
     the same without addresses, for a client of `cre serve`."""
 
@@ -239,11 +246,12 @@ class OpenAIBackend(Backend):
     def _post(self, endpoint: str, body: dict[str, Any], timeout: float | None = None,
               refusals: bool = False, on_line: Callable[[str], None] | None = None) -> tuple[dict[str, Any], float]:
         """POST JSON to the rung: to its least busy healthy replica, and on to another while one
-        fails (`replicas`). Redirects are refused. With `refusals`, a 400, 422 or 500 is the
-        request's fault (a server refusing log-probabilities), not the replica's: it is raised
-        at once, the replica left in rotation. With `on_line`, the reply is a server-sent event
-        stream whose lines go to `on_line` as they come (`stream` transports only); the dict
-        returned is then empty."""
+        fails (`replicas`): by its connection or a 5xx, or by not serving the rung (a redirect,
+        which is refused, a `MISDIRECTED` status, a reply that is no completion). With
+        `refusals`, a 400, 422 or 500 is the request's fault (a server refusing
+        log-probabilities), not the replica's: it is raised at once, the replica left in
+        rotation. With `on_line`, the reply is a server-sent event stream whose lines go to
+        `on_line` as they come (`stream` transports only); the dict returned is then empty."""
         timeout = self.timeout if timeout is None else timeout
         payload = json.dumps(body).encode()
         headers = self._headers()
@@ -308,23 +316,39 @@ class OpenAIBackend(Backend):
                 waited = waited or retry_after is not None
                 last = error
                 continue
-            self.replicas.release(replica)
-            if status >= 300:
+            if status >= 400 and status not in MISDIRECTED:
+                # The request's own fault (400, 413, 422...): every replica would refuse it
+                # alike, and this one answered, so it stays in rotation.
+                self.replicas.release(replica)
                 raise self._status_error(reply, where)
-            seconds = time.perf_counter() - start
-            if on_line is not None:
-                return {}, seconds
-            try:
-                data = json.loads(reply.body)
-            except ValueError:
-                data = None
-            wrong = _completion_shape(data, chat=endpoint.startswith("chat"))
-            if wrong is not None:
-                raise RemoteError(
+            if status < 300:
+                seconds = time.perf_counter() - start
+                if on_line is not None:
+                    self.replicas.release(replica)
+                    return {}, seconds
+                try:
+                    data = json.loads(reply.body)
+                except ValueError:
+                    data = None
+                wrong = _completion_shape(data, chat=endpoint.startswith("chat"))
+                if wrong is None:
+                    self.replicas.release(replica)
+                    return data, seconds
+                # A 200 that is no completion (a proxy's or another service's page): this
+                # address serves something else, whatever was asked.
+                error = RemoteError(
                     f"{where}: the reply is not an OpenAI-style completion ({wrong}: {reply.body[:200]!r}); "
                     "check that `url` points at the API root (usually ending in /v1)"
                 )
-            return data, seconds
+                why = "reply not a completion"
+            else:
+                error, why = self._status_error(reply, where), f"HTTP {status}"
+            # This server does not serve the rung as models.toml describes it: its failure, out
+            # for a back-off like a dead one, and the request tried on another replica.
+            self.replicas.release(replica, why)
+            failed[replica.url] = str(error)
+            short.append(why)
+            last = error
         raise self._unavailable(failed, last, short)
 
     def _send(self, url: str, payload: bytes, headers: dict[str, str], timeout: float,
