@@ -204,6 +204,48 @@ def test_a_server_that_refuses_log_probabilities_still_answers(server: FakeOpenA
     assert backend.signal_support().kind == "none"
 
 
+def test_a_500_is_a_refusal_of_log_probabilities_only_when_the_same_server_repeats_it(server: FakeOpenAI) -> None:
+    # llama-cpp-python's server without `logits_all` fails every request that asks (500).
+    server.logprobs = "fail"
+    backend = OpenAIBackend(_spec(server.url))
+    for _ in range(3):
+        assert backend.generate("hi", GenParams(max_tokens=4)).text == "42"
+    asked = [r["body"].get("logprobs") for r in server.requests]
+    # Once could be a passing fault: asked again on the next request, then known.
+    assert asked == [lp.TOP_LOGPROBS, lp.FEWER_LOGPROBS, None] * 2 + [None]
+    assert backend.signal_support(probe=False).detail == "refuses log-probabilities (HTTP 500)"
+
+
+def test_a_passing_500_is_not_taken_for_a_refusal_of_log_probabilities(server: FakeOpenAI) -> None:
+    base, failures = server._handle, [2]
+
+    def restarting(h: Any, body: dict[str, Any]) -> None:
+        if failures[0]:  # an engine's passing fault (out of memory, a restart) on two requests
+            failures[0] -= 1
+            return h._send(500, {"error": {"message": "transient", "type": "server_error"}})
+        return base(h, body)
+
+    server._handle = restarting  # type: ignore[method-assign]
+    backend = OpenAIBackend(_spec(server.url))
+    assert backend.generate("hi", GenParams(max_tokens=4)).signals is None
+    assert backend.signal_support(probe=False).kind == "unknown"
+    assert backend.generate("hi", GenParams(max_tokens=4)).signals is not None
+    assert backend.signal_support(probe=False).kind == "logprobs"
+
+
+def test_another_replicas_answer_says_nothing_of_log_probabilities_refused_by_a_failing_one() -> None:
+    with FakeOpenAI() as failing, FakeOpenAI() as other:
+        failing.status = 500  # on everything: a failing server, not a refusal of log-probabilities
+        spec = ModelSpec(name="remote", url=failing.url, urls=(failing.url, other.url), api_model="served",
+                         prompt_format="completion", defined_in="test.toml")
+        backend = OpenAIBackend(spec)
+        assert backend.generate("hi", GenParams(max_tokens=4)).text == "42"
+        assert backend.signal_support(probe=False).kind == "unknown"
+        failing.status = None
+        assert backend.generate("hi", GenParams(max_tokens=4)).signals is not None
+        assert backend.signal_support(probe=False).kind == "logprobs"
+
+
 def test_a_server_capped_at_five_alternatives_is_asked_for_five(server: FakeOpenAI) -> None:
     base = server._handle
 

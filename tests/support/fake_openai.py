@@ -33,7 +33,8 @@ class FakeOpenAI:
     - `answer(prompt, body)`: the reply's text, or its tokens with log-probabilities;
     - `logprobs`: "legacy" (completions as OpenAI and vLLM send them), "content" (as chat,
       and llama.cpp's server on both endpoints), "drop" (none, as Ollama's OpenAI endpoint),
-      "reject" (a 400 for any request asking for them);
+      "reject" (a 400 for any request asking for them), "fail" (a 500 for any request asking
+      for them, as llama-cpp-python's server without `logits_all`);
     - `status` / `retry_after`: answer every request with this HTTP error (503, 500, 429...);
       with `status_once`, only the next request: `status` clears as that request reads it,
       before its reply, so the client's next request is answered (no timer to race it);
@@ -142,6 +143,9 @@ class FakeOpenAI:
         wants = body.get("logprobs") not in (None, False, 0)
         if wants and self.logprobs == "reject":
             h._send(400, {"error": {"message": "logprobs are not supported", "type": "invalid_request_error"}})
+            return
+        if wants and self.logprobs == "fail":
+            h._send(500, {"error": {"message": "logits_all is off", "type": "server_error"}})
             return
         prompt = body["messages"][-1]["content"] if chat else body.get("prompt", "")
         got = self.answer(prompt, body)

@@ -77,7 +77,9 @@ class SignalSupport:
         return self.kind if self.kind != "unknown" else f"unknown ({self.detail or 'not reached'})"
 
 
-# The statuses of a server refusing a request for log-probabilities rather than failing.
+# The statuses of a server refusing a request for log-probabilities rather than failing. A
+# 500 (llama-cpp-python without `logits_all`) may also be a passing fault (out of memory, a
+# restart): it is taken for a refusal only when the same server gives it again (`_refuses`).
 REFUSALS = (400, 422, 500)
 # The statuses (with every redirect, which is refused) of a server that does not serve the rung
 # as models.toml describes it, whatever the request: it wants another key (401, 403), has no
@@ -120,9 +122,11 @@ class RemoteError(BackendError):
     """A remote rung's server did not answer: `status` is its HTTP status (None when no reply
     came: refused connection, timeout, broken reply), `retry_after` its Retry-After in seconds."""
 
-    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None,
+                 server: str = "") -> None:
         super().__init__(message)
-        self.status, self.retry_after = status, retry_after
+        # `server`: the replica that answered so, for an HTTP error (`_ask` learns from it).
+        self.status, self.retry_after, self.server = status, retry_after, server
 
 
 class RungUnavailable(RemoteError):
@@ -139,6 +143,9 @@ class RungUnavailable(RemoteError):
 
 # (url, api model) -> what its server was found to do, for this process.
 _SUPPORT: dict[tuple[str, str], SignalSupport] = {}
+# (url, api model, replica): replicas that once failed a request for log-probabilities with a
+# 500 and answered it without them, for `_refuses`.
+_FAILED_ONCE: set[tuple[str, str, str]] = set()
 _SUPPORT_LOCK = threading.Lock()
 
 
@@ -146,6 +153,7 @@ def forget_signal_support() -> None:
     """Forget every rung's probed support (tests; a long-running process after a redeploy)."""
     with _SUPPORT_LOCK:
         _SUPPORT.clear()
+        _FAILED_ONCE.clear()
 
 
 class OpenAIBackend(Backend):
@@ -205,30 +213,47 @@ class OpenAIBackend(Backend):
 
         A server that refuses the request for them (400, 422 or 500: some cap `top_logprobs`,
         llama-cpp-python without `logits_all` fails) is asked again with fewer alternatives,
-        then without any; answering that one means it serves the rung but gives no signals.
-        A reply without them is not taken as proof: an answer cut to nothing has none either.
+        then without any; the same server answering that one means it serves the rung but
+        gives no signals (`_refuses`). A reply without them is not taken as proof: an answer
+        cut to nothing has none either.
         """
         known = self.signal_support(probe=False)
         if not greedy or known.kind == "none":
-            return self._post(endpoint, body, timeout)
+            return self._post(endpoint, body, timeout)[:2]
         tops = (known.top,) if known.kind == "logprobs" else (lp.TOP_LOGPROBS, lp.FEWER_LOGPROBS)
-        refused: RemoteError | None = None
+        refused: dict[str, int] = {}  # replica -> the status it refused them with
         for top in tops:
             try:
-                data, seconds = self._post(endpoint, {**body, **self._logprob_fields(top)}, timeout,
-                                           refusals=known.kind != "logprobs")
+                data, seconds, _ = self._post(endpoint, {**body, **self._logprob_fields(top)}, timeout,
+                                              refusals=known.kind != "logprobs")
             except RemoteError as exc:
                 if exc.status not in REFUSALS or isinstance(exc, RungUnavailable):
                     raise
-                refused = exc
+                refused[exc.server] = exc.status
                 continue
             if known.kind != "logprobs" and lp.usable(lp.steps(data["choices"][0].get("logprobs"))):
                 self._learn(SignalSupport("logprobs", top=top))
             return data, seconds
-        data, seconds = self._post(endpoint, body, timeout)
-        # It answers without them: it refused log-probabilities, not the request.
-        self._learn(SignalSupport("none", detail=f"refuses log-probabilities (HTTP {refused.status if refused else '?'})"))
+        data, seconds, server = self._post(endpoint, body, timeout)
+        if server in refused and self._refuses(server, refused[server]):
+            # It answers without them: it refused log-probabilities, not the request.
+            self._learn(SignalSupport("none", detail=f"refuses log-probabilities (HTTP {refused[server]})"))
         return data, seconds
+
+    def _refuses(self, server: str, status: int) -> bool:
+        """Whether replica `server`, which refused a request for log-probabilities with
+        `status` and then answered it without them, refuses them for good. A 400 or 422 says
+        so; a 500 may have been a passing fault, so only the second one counts (the first
+        leaves support unknown, and the next greedy request asks again). Another replica's
+        answer proves nothing of the one that refused."""
+        if status != 500:
+            return True
+        key = (*self._support_key, server)
+        with _SUPPORT_LOCK:
+            if key in _FAILED_ONCE:
+                return True
+            _FAILED_ONCE.add(key)
+            return False
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -244,14 +269,16 @@ class OpenAIBackend(Backend):
         return headers
 
     def _post(self, endpoint: str, body: dict[str, Any], timeout: float | None = None,
-              refusals: bool = False, on_line: Callable[[str], None] | None = None) -> tuple[dict[str, Any], float]:
+              refusals: bool = False, on_line: Callable[[str], None] | None = None) -> tuple[dict[str, Any], float, str]:
         """POST JSON to the rung: to its least busy healthy replica, and on to another while one
         fails (`replicas`): by its connection or a 5xx, or by not serving the rung (a redirect,
         which is refused, a `MISDIRECTED` status, a reply that is no completion). With
         `refusals`, a 400, 422 or 500 is the request's fault (a server refusing
-        log-probabilities), not the replica's: it is raised at once, the replica left in
-        rotation. With `on_line`, the reply is a server-sent event stream whose lines go to
-        `on_line` as they come (`stream` transports only); the dict returned is then empty."""
+        log-probabilities), not the replica's: it is raised at once naming the replica
+        (`RemoteError.server`), which stays in rotation. Returns the reply, its seconds and the
+        replica that answered. With `on_line`, the reply is a server-sent event stream whose
+        lines go to `on_line` as they come (`stream` transports only); the dict returned is
+        then empty."""
         timeout = self.timeout if timeout is None else timeout
         payload = json.dumps(body).encode()
         headers = self._headers()
@@ -304,7 +331,7 @@ class OpenAIBackend(Backend):
                 raise PromptTooLong(f"{where}: the prompt does not fit the model's context (HTTP {status}: {detail})",
                                     public=f"the prompt does not fit model {self.spec.name!r}'s context; shorten it")
             if status in (429, 503) or status >= 500:
-                error = self._status_error(reply, where)
+                error = self._status_error(reply, where, replica.url)
                 retry_after = error.retry_after if status in (429, 503) else None
                 if refusals and status in REFUSALS:
                     self.replicas.abandon(replica)
@@ -320,12 +347,12 @@ class OpenAIBackend(Backend):
                 # The request's own fault (400, 413, 422...): every replica would refuse it
                 # alike, and this one answered, so it stays in rotation.
                 self.replicas.release(replica)
-                raise self._status_error(reply, where)
+                raise self._status_error(reply, where, replica.url)
             if status < 300:
                 seconds = time.perf_counter() - start
                 if on_line is not None:
                     self.replicas.release(replica)
-                    return {}, seconds
+                    return {}, seconds, replica.url
                 try:
                     data = json.loads(reply.body)
                 except ValueError:
@@ -333,7 +360,7 @@ class OpenAIBackend(Backend):
                 wrong = _completion_shape(data, chat=endpoint.startswith("chat"))
                 if wrong is None:
                     self.replicas.release(replica)
-                    return data, seconds
+                    return data, seconds, replica.url
                 # A 200 that is no completion (a proxy's or another service's page): this
                 # address serves something else, whatever was asked.
                 error = RemoteError(
@@ -342,7 +369,7 @@ class OpenAIBackend(Backend):
                 )
                 why = "reply not a completion"
             else:
-                error, why = self._status_error(reply, where), f"HTTP {status}"
+                error, why = self._status_error(reply, where, replica.url), f"HTTP {status}"
             # This server does not serve the rung as models.toml describes it: its failure, out
             # for a back-off like a dead one, and the request tried on another replica.
             self.replicas.release(replica, why)
@@ -376,7 +403,7 @@ class OpenAIBackend(Backend):
         return (f"{where}: the connection broke before the reply was complete ({exc.detail}); "
                 "the server may have crashed or restarted, check its log")
 
-    def _status_error(self, reply: "transport.Reply", where: str) -> RemoteError:
+    def _status_error(self, reply: "transport.Reply", where: str, server: str) -> RemoteError:
         status = reply.status
         try:
             phrase = _http.HTTPStatus(status).phrase
@@ -385,10 +412,10 @@ class OpenAIBackend(Backend):
         if 300 <= status < 400:
             location = (reply.header("location") or "elsewhere")[:200]
             return RemoteError(f"{where}: HTTP {status} {phrase}: redirect to {location} refused; "
-                               "set `url` to the final address", status)
+                               "set `url` to the final address", status, server=server)
         detail = reply.body[:500].decode("utf-8", "replace").strip()
         return RemoteError(f"{where}: HTTP {status} {phrase}: {detail or 'no details'}; {_advice(status, self.spec)}",
-                           status, _retry_after(reply))
+                           status, _retry_after(reply), server)
 
     def _unavailable(self, failed: dict[str, str], last: RemoteError | None, short: list[str]) -> RemoteError:
         """The error of a request no replica answered: the one failure where the rung has one
@@ -521,7 +548,7 @@ class OpenAIBackend(Backend):
                 if choice.get("finish_reason"):
                     finish[0] = str(choice["finish_reason"])
 
-        _, seconds = self._post(endpoint, body, on_line=on_line)
+        _, seconds, _ = self._post(endpoint, body, on_line=on_line)
         if not ended or ended[0] != "[DONE]":
             # Without [DONE] the answer may be cut short, or the reply was no event stream at
             # all (a proxy that ignores `stream`): not an empty answer to keep.
