@@ -141,6 +141,8 @@ def test_streaming_through_the_client_and_the_router_name(
     assert chunks[1].model_extra and chunks[1].model_extra["cre"]["model"] == "medium"
     assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     assert "".join(c.choices[0].text for c in text_chunks) == "12"
+    # medium answered, not the top rung: every chunk says so, as the whole response would.
+    assert {c.model for c in chunks + text_chunks} == {"medium"}
 
 
 def test_a_ladder_model_answers_alone_and_models_are_listed(

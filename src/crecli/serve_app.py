@@ -505,6 +505,8 @@ class App:
             answer = await self.result(query, future)
             return stream_events(query, answer, rid, created), future, lambda: None
 
+        # Pieces come only from the rung whose answer is final as it is generated: the top
+        # rung (`ladder.streams_final`), or the ladder model asked by name.
         model = self.cascade.strongest if query.model in self.cascade_names else query.model
         events = self.stream_on(query, ticket, future, pieces, first.result(), deadline, rid, created, model)
         return events, future, partial(_give_up, ticket, future)

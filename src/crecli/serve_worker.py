@@ -235,7 +235,10 @@ def cascade_job(cascade: "Cascade", query: Query, ticket: Ticket, served: "Serve
         served.record(query.prompt, trace, cascade)
     # Priced once when the answer was final (`live.Trace.cost`), for the response and the log alike.
     answer = cascade_answer(trace, trace.cost, trace.cost_unit, query.stop)
-    if text is not None:
+    if text is not None and text.sent:
+        # Only the rung that streamed it finishes a stream. Any other answer goes out whole
+        # with its job's result (`stream_events`), under the model that gave it: as pieces it
+        # would be sent under the top rung's name, the only one that streams.
         text.finish(answer.text)
     return answer
 
