@@ -413,7 +413,7 @@ def test_an_in_process_top_rung_streams_its_words_and_lower_rungs_never_do(
     assert _text(climbed) == "seven is the sum" and "guess" not in json.dumps([e for _, e in climbed][:-2])
 
 
-@pytest.mark.parametrize("fault", ["error event", "no [DONE]"])
+@pytest.mark.parametrize("fault", ["error event", "no [DONE]", "choices not a list"])
 def test_a_remote_stream_that_fails_midway_ends_in_an_error_not_an_answer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
 ) -> None:
@@ -423,8 +423,10 @@ def test_a_remote_stream_that_fails_midway_ends_in_an_error_not_an_answer(
         engine.answer = lambda prompt, body: "The answer is"
         if fault == "error event":
             engine.stream_error = "CUDA out of memory"
-        else:
+        elif fault == "no [DONE]":
             engine.stream_done = False
+        else:
+            engine.stream_event = {"choices": 5}
         settings = config.load(ladder_toml(tmp_path, {"large": engine.url}))
         with serving_cascade(Cascade(make_router(), settings)) as url:
             with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
@@ -432,6 +434,7 @@ def test_a_remote_stream_that_fails_midway_ends_in_an_error_not_an_answer(
                 lines = [line for line in reply.iter_lines() if line.startswith("data: ")]
     events = [json.loads(line[6:]) for line in lines if line != "data: [DONE]"]
     assert lines[-1] == "data: [DONE]" and "error" in events[-1], events[-1]
+    assert events[-1]["error"]["code"] == "model_error"  # the server's fault, not a crash of cre's
     assert not any(e.get("choices") and e["choices"][0].get("finish_reason") == "stop" for e in events)
 
 

@@ -44,6 +44,7 @@ class FakeOpenAI:
     - `delay`: seconds before answering (a slow or hung server); `token_delay` between streamed tokens;
     - `stream_error`: a stream sends this error event after its tokens (an engine failing
       mid-answer); `stream_done` False: a stream ends without `data: [DONE]` (cut short);
+    - `stream_event`: a stream sends this event, as it is, after its tokens (a malformed one);
     - `hold_last`: an Event a stream waits for (up to 30 s) before sending its last token, so
       a test can see the first token arrive while the rest is still to come;
     - `token_sent_at`: when (time.monotonic()) each streamed token was sent, in order.
@@ -62,6 +63,7 @@ class FakeOpenAI:
         self.token_delay = 0.0
         self.stream_error: str | None = None
         self.stream_done = True
+        self.stream_event: Any = None
         self.hold_last: threading.Event | None = None
         self.token_sent_at: list[float] = []
         self.requests: list[dict[str, Any]] = []
@@ -203,6 +205,8 @@ class FakeOpenAI:
                 delta = {"delta": {"content": t}} if chat else {"text": t}
                 event({"id": "s", "object": obj, "choices": [{"index": 0, "finish_reason": None, **delta}]})
                 self.token_sent_at.append(time.monotonic())
+            if self.stream_event is not None:
+                event(self.stream_event)
             if self.stream_error is not None:
                 event({"error": {"message": self.stream_error, "type": "server_error"}})
             elif self.stream_done:

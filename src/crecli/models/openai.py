@@ -537,7 +537,11 @@ class OpenAIBackend(Backend):
                 return
             if isinstance(event.get("usage"), dict):
                 usage.update(event["usage"])
-            for choice in event.get("choices") or []:
+            choices = event.get("choices") or []
+            if not isinstance(choices, list):
+                ended.append("an event's `choices` is not a list (not an OpenAI-style stream)")
+                return
+            for choice in choices:
                 if not isinstance(choice, dict):
                     continue
                 delta = choice.get("delta")
