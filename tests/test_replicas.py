@@ -393,3 +393,19 @@ def test_when_nothing_is_left_the_client_gets_an_openai_error_naming_the_rung(
         assert set(error) == {"message", "type", "param", "code"} and error["code"] == "rung_unavailable"
         assert error["message"].startswith("rung 'large' could not answer") and "127.0.0.1" not in error["message"]
         assert r.headers["Retry-After"] and r.headers["X-Request-Id"] in error["message"]
+
+
+def test_the_clients_retry_after_is_when_the_first_server_is_due_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It was always 1 s, while cre itself refused the rung for the 120 s its server asked.
+    use_models(monkeypatch, {})
+    with FakeOpenAI() as busy:
+        busy.status, busy.retry_after = 503, "120"
+        settings = config.load(ladder_toml(tmp_path, {"large": busy.url}))
+        with serving_cascade(Cascade(make_router(), settings)) as url:
+            replies = [post(url, "large"), post(url, "cre", FAR)]  # asked, then refused by cre alone
+    assert len(busy.requests) == 1
+    for reply in replies:
+        assert reply.status_code == 503 and reply.json()["error"]["code"] == "rung_unavailable", reply.text
+        assert 100 <= int(reply.headers["Retry-After"]) <= 120, reply.headers["Retry-After"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import re
 import secrets
 import time
@@ -606,8 +607,10 @@ class App:
             folded = self.refusals.admit("rung_unavailable")
             if folded is not None:
                 log.error("%s: %s could not answer: %s%s", rid, query.model, exc, folded)
+            # Retry-After: until its first server is due back, when cre itself would try again.
+            retry = max(1, math.ceil(exc.retry_after or 0))
             raise ApiError(503, f"{exc.public}; retry later (request id {rid})", type="server_error",
-                           code="rung_unavailable", headers={"Retry-After": "1"}) from None
+                           code="rung_unavailable", headers={"Retry-After": str(retry)}) from None
         except CreError as exc:
             # The details (file paths, `cre models pull`) are for the server's operator.
             rid = request_id()

@@ -134,10 +134,12 @@ class RungUnavailable(RemoteError):
     5xx, busy past the time left, or does not serve the rung: a redirect, 401, 403, 404, 405,
     a reply that is no completion): the cascade moves on to the next rung
     (`escalate.Cascade`). The message names the rung, each server and why; `public` says
-    the same without addresses, for a client of `cre serve`."""
+    the same without addresses, for a client of `cre serve`; `retry_after` is the seconds
+    until its first server is due back in rotation (`ReplicaSet.back_in`)."""
 
-    def __init__(self, message: str, status: int | None = None, public: str = "") -> None:
-        super().__init__(message, status)
+    def __init__(self, message: str, status: int | None = None, public: str = "",
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, status, retry_after)
         self.public = public or message
 
 
@@ -419,14 +421,17 @@ class OpenAIBackend(Backend):
 
     def _unavailable(self, failed: dict[str, str], last: RemoteError | None, short: list[str]) -> RemoteError:
         """The error of a request no replica answered: the one failure where the rung has one
-        server (its status kept), else every server's, under the rung's name."""
+        server (its status kept), else every server's, under the rung's name, with when the
+        first server is due back."""
         n = len(self.replicas.replicas)
+        back_in = self.replicas.back_in()
         if not failed and last is None and not short:
             # Nothing was tried: every server asked for a wait (Retry-After) longer than the request has.
             states = "; ".join(f"{u}: {state}" for u, state in self.replicas.states().items())
             return RungUnavailable(f"model {self.spec.name!r}: every server asked to wait longer than the request "
                                    f"can ({states}); try again later",
-                                   public=f"rung {self.spec.name!r} could not answer: its servers asked to wait (Retry-After)")
+                                   public=f"rung {self.spec.name!r} could not answer: its servers asked to wait (Retry-After)",
+                                   retry_after=back_in)
         public = (f"rung {self.spec.name!r} could not answer: "
                   + (f"its server failed ({short[-1]})" if n == 1 and short else
                      f"every one of its {n} servers failed or is out of rotation"
@@ -434,7 +439,7 @@ class OpenAIBackend(Backend):
         if len(failed) <= 1 and n == 1:
             why = next(iter(failed.values()), str(last) if last is not None else "")
             status = last.status if last is not None and why == str(last) else None
-            return RungUnavailable(why or f"model {self.spec.name!r}: no server answered", status, public)
+            return RungUnavailable(why or f"model {self.spec.name!r}: no server answered", status, public, back_in)
         shown = "; ".join(failed.values()) or (str(last) if last is not None else "")
         states = self.replicas.states()
         out = [u for u, state in states.items() if state != "up" and u not in failed]
@@ -442,7 +447,7 @@ class OpenAIBackend(Backend):
             f"model {self.spec.name!r}: every server failed or is out"
             + (f": {shown}" if shown else "")
             + (f"; out of rotation: {', '.join(out)}" if out else ""),
-            public=public,
+            public=public, retry_after=back_in,
         )
 
     def _body(self, params: GenParams) -> dict[str, Any]:

@@ -173,6 +173,13 @@ class ReplicaSet:
         with self._cond:
             return sum(r.healthy for r in self.replicas)
 
+    def back_in(self) -> float:
+        """Seconds until the first replica is back in rotation (0 when one is now): when a
+        request that every replica failed is worth sending again."""
+        now = time.monotonic()
+        with self._cond:
+            return max(0.0, min(r.out_until for r in self.replicas) - now)
+
     def in_rotation(self) -> int:
         """Replicas the next request may try: up, or past their back-off. /health's status
         counts these, so a rung whose servers all failed once is not reported unusable for
