@@ -112,6 +112,18 @@ def test_eval_plot_and_log_export_onto_state_files_are_refused(cre, saved_router
     assert _snapshot(files) == before and four_fakes == {}
 
 
+def test_an_output_that_is_a_fifo_is_refused_not_replaced(cre, saved_router, sums_log, tiny_models_toml, four_fakes,
+                                                        tmp_path) -> None:
+    # The write renames a temp file over the name: the FIFO became a regular file.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    words = ("is not a regular file", "Choose another file name")
+    refused(cre("log", "-o", fifo), "-o", *words)
+    refused(fit(cre, sums_log, tiny_models_toml, "-o", fifo), "-o", *words)
+    refused(cre("calibrate", saved_router, "--models", tiny_models_toml, "--log", sums_log, "-o", fifo), "-o", *words)
+    assert fifo.is_fifo() and four_fakes == {}
+
+
 def test_store_option_may_name_the_default_store(tmp_path: Path) -> None:
     store = paths.outcome_store_file()
     paths.ensure(store.parent)

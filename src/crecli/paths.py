@@ -435,6 +435,7 @@ def check_output(
     file the user names calls this first. `option` names the flag in messages ("-o");
     `keep` pairs a description ("the query log") with each file the command reads, which
     the output must not be; `example` is a file name to suggest when `path` is a folder.
+    A path that exists and is not a regular file (a folder, a FIFO, a device) is refused.
     Every file in `owned_files` (the outcome stores, including any in `keep`, the
     served-query log, settings, benchmarks, models and caches) is refused too, however
     the path reaches it; `allow` exempts one kind (`--store` may be an OWNED_STORE). The
@@ -457,6 +458,11 @@ def check_output(
     path_is = not_a_file(path)
     if path_is == "is a folder":
         raise CreError(f"{option} {path} is a folder; give a file name in it, e.g. {path / example}")
+    if path_is == "is not a regular file":
+        # `atomic_write` renames its temp file over the name: a FIFO or device node there
+        # would be swapped for a regular file, never written through.
+        raise CreError(f"{option} {path} is not a regular file (a pipe, socket or device); writing there would "
+                       "replace it. Choose another file name")
     if path_is is not None and path_is.startswith("cannot"):  # the write would fail too, after the work
         raise CreError(f"{option} {path} {path_is}; choose another path")
     folder = path.absolute().parent
