@@ -377,6 +377,32 @@ def test_cre_log_exports_a_slice_that_fit_can_read(tmp_path: Path) -> None:
     assert cre("log", "-o", out, "--json").exit_code == 1
 
 
+def test_cre_log_export_replaces_only_an_earlier_export(tmp_path: Path) -> None:
+    # `-o queries.jsonl` replaced a query log (or notes) with the export, even of 0 entries.
+    fill(3)
+    query_log = tmp_path / "queries.jsonl"
+    query_log.write_text('{"prompt": "What is 2 plus 2?", "reference": "4"}\n')
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me\n")
+    for precious in (query_log, notes):
+        before = precious.read_bytes()
+        refused = cre("log", "-o", precious)
+        assert refused.exit_code == 1 and "line 1 is not a served-log entry" in str(refused.exception)
+        assert "Choose another file name, or delete the file first" in str(refused.exception)
+        assert precious.read_bytes() == before
+    # An earlier export, or an empty file, is replaced.
+    export, empty = tmp_path / "export.jsonl", tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    for target in (export, export, empty):
+        assert cre("log", "-o", target).exit_code == 0
+        assert len(servedlog.read([target]).entries) == 3
+    # One line that is not an entry, even after good ones, makes it another file.
+    with export.open("a") as fh:
+        fh.write("my notes\n")
+    refused = cre("log", "-o", export)
+    assert refused.exit_code == 1 and "line 4 is not a served-log entry" in str(refused.exception)
+
+
 def test_cre_log_on_an_empty_log_and_with_logging_off() -> None:
     empty = cre("log")
     assert empty.exit_code == 0 and empty.stdout == "" and "Nothing logged yet" in empty.stderr

@@ -399,10 +399,48 @@ def fit_files(own: bool, named: list[Path]) -> list[Path]:
     return (log_files() if own else []) + list(named)
 
 
+def _not_an_export(path: Path) -> str | None:
+    """None where `path` is absent, empty, or an earlier export (every line an entry);
+    else why it is none, for `export` to refuse it."""
+    from crecli.querylog import LongLine, read_lines
+
+    try:
+        fh = _open(path)
+        if fh is None:
+            return None
+        with fh:
+            for number, raw in enumerate(read_lines(fh, MAX_ENTRY_BYTES), 1):
+                if isinstance(raw, LongLine):
+                    return f"line {number} is not a served-log entry"
+                if not raw.strip():
+                    continue
+                try:
+                    entry = json.loads(raw, parse_constant=_no_constant)
+                except (ValueError, RecursionError):
+                    return f"line {number} is not a served-log entry"
+                if not _valid(entry):
+                    return f"line {number} is not a served-log entry"
+    except InputError:  # `_open`'s: unreadable, so what it holds cannot be known
+        return "it cannot be read to tell"
+    except OSError as exc:
+        return f"it cannot be read to tell ({exc.strerror or exc})"
+    return None
+
+
 def export(entries: list[dict[str, Any]], out: Path, sources: list[Path]) -> Path:
-    """Write `entries` as JSONL to `out` (replacing it), in the log's own format, so
-    `cre fit --served-log` reads it; `out` may not be one of the log's own files."""
+    """Write `entries` as JSONL to `out`, in the log's own format, so `cre fit --served-log`
+    reads it; `out` may not be one of the log's own files.
+
+    An existing `out` is replaced only when it is empty or an earlier export: `-o
+    queries.jsonl` replaced a query log (or notes) with no word, as `cre fit -o` once did
+    (`archive.check_replaceable`)."""
     paths.check_output(out, "-o", [("the served-query log", p) for p in sources], example="served-export.jsonl")
+    why = _not_an_export(out)
+    if why is not None:
+        raise InputError(
+            f"-o {out} exists and is not a `cre log` export ({why}); writing the entries there would destroy it. "
+            "Choose another file name, or delete the file first"
+        )
 
     def write(fh: BinaryIO) -> None:
         for entry in entries:
