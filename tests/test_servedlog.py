@@ -377,6 +377,20 @@ def test_cre_log_exports_a_slice_that_fit_can_read(tmp_path: Path) -> None:
     assert cre("log", "-o", out, "--json").exit_code == 1
 
 
+def test_cre_log_exports_to_stdout_with_a_dash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `-o -` wrote a file named "-"; it is stdout, as `cre batch -` reads stdin.
+    fill(3)
+    monkeypatch.chdir(tmp_path)
+    result = cre("log", "-o", "-")
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "-").exists()
+    assert [json.loads(line)["prompt"] for line in result.stdout.splitlines()] == ["question 00", "question 01", "question 02"]
+    assert "Wrote 3 entries to stdout." in result.stderr
+    # The log's own format, so the piped export reads back as one.
+    (tmp_path / "piped.jsonl").write_text(result.stdout)
+    assert prompts(servedlog.read([tmp_path / "piped.jsonl"])) == ["question 00", "question 01", "question 02"]
+
+
 def test_cre_log_export_replaces_only_an_earlier_export(tmp_path: Path) -> None:
     # `-o queries.jsonl` replaced a query log (or notes) with the export, even of 0 entries.
     fill(3)

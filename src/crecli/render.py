@@ -247,7 +247,10 @@ def served_log(reading: Any, as_json: bool) -> None:
     if reading.enabled is False:
         status("Logging is off: settings.toml has log_queries = false.")
     if reading.output is not None:
-        status(terminal_safe(f"Wrote {len(entries)} entries to {reading.output}."))
+        from crecli.servedlog import is_stdout
+
+        where = "stdout" if is_stdout(reading.output) else reading.output
+        status(terminal_safe(f"Wrote {len(entries)} entries to {where}."))
         return
     if as_json:
         print_json(entries)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -427,13 +428,31 @@ def _not_an_export(path: Path) -> str | None:
     return None
 
 
+def is_stdout(out: Path) -> bool:
+    """Whether `-o` names stdout: "-" (pathlib reads "./-" as "-" too; a file of that name
+    is given by its absolute path)."""
+    return str(out) == "-"
+
+
 def export(entries: list[dict[str, Any]], out: Path, sources: list[Path]) -> Path:
     """Write `entries` as JSONL to `out`, in the log's own format, so `cre fit --served-log`
     reads it; `out` may not be one of the log's own files.
 
     An existing `out` is replaced only when it is empty or an earlier export: `-o
     queries.jsonl` replaced a query log (or notes) with no word, as `cre fit -o` once did
-    (`archive.check_replaceable`)."""
+    (`archive.check_replaceable`). `out` "-" is stdout, as `cre batch` reads "-" as stdin."""
+    if is_stdout(out):
+        try:
+            # Every line is encoded before the first is written, so an entry JSON cannot
+            # hold leaves stdout empty, as it leaves a file unwritten.
+            data = b"".join(_line(entry) for entry in entries)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"-o -: an entry cannot be written as JSON ({exc}); nothing was written") from None
+        # A write that fails (a closed pipe, a full disk) is `cli.main`'s to report.
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return out
     paths.check_output(out, "-o", [("the served-query log", p) for p in sources], example="served-export.jsonl")
     why = _not_an_export(out)
     if why is not None:
