@@ -433,6 +433,25 @@ def test_cre_log_json_and_export_hold_no_nan(cre, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".export")) == []
 
 
+def test_cre_log_survives_a_huge_agreement_and_a_deeply_nested_trace(cre) -> None:
+    # A 401-digit agreement overflowed math.isfinite; a trace nested 500 deep overflowed the
+    # stack in `cre log --json`: both were tracebacks.
+    live = servedlog.log_path()
+    live.parent.mkdir(parents=True, exist_ok=True)
+    log = servedlog.ServedLog(live, "ask")
+    huge = json.dumps(log.entry("huge agreement", trace())).replace('"agreement": ', '"agreement": ' + "9" * 400 + ", \"x\": ", 1)
+    deep = log.entry("deep trace", trace())
+    deep_line = json.dumps(deep).replace('"trace": ', '"trace": ' + "[" * 500 + "]" * 500 + ', "was": ', 1)
+    live.write_text(huge + "\n" + deep_line + "\n" + json.dumps(log.entry("a plain one", trace())) + "\n")
+    for args in (("log",), ("log", "--json")):
+        run = cre(*args)
+        assert run.code == 0 and "Traceback" not in run.err, run
+        assert "huge agreement" in run.out and "a plain one" in run.out and "deep trace" not in run.out
+        assert "2 entries, 1 unreadable line(s) skipped" in run.err
+    table = cre("log").out
+    assert "│     - │ huge agreement" in table
+
+
 def test_a_failed_export_leaves_no_temp_file(tmp_path: Path) -> None:
     from crecli.errors import InputError
 

@@ -267,15 +267,25 @@ def served_log(reading: Any, as_json: bool) -> None:
         # Text is never read as Rich markup (`[/]`), and terminal_safe shows escapes.
         return Text(terminal_safe(" ".join(str("" if value is None else value).split())[:width]))
 
+    def fraction(value: Any) -> Text:
+        # The file's value, so any JSON number: an integer too large for a float is not a
+        # fraction of votes either.
+        if type(value) not in (int, float):
+            return Text("-")
+        try:
+            value = float(value)
+        except OverflowError:
+            return Text("-")
+        return Text(f"{value:.2f}" if math.isfinite(value) else "-")
+
     for e in entries:
-        agreement = e.get("agreement")
         table.add_row(
             cell(str(e.get("time", ""))[:19].replace("T", " ")),
             cell(e.get("command")),
             cell(e.get("model")),
             cell(e.get("cluster"), 12),
             cell(e.get("escalations"), 12),
-            Text(f"{agreement:.2f}" if type(agreement) in (int, float) and math.isfinite(agreement) else "-"),
+            fraction(e.get("agreement")),
             cell(e.get("prompt")),
             cell(e.get("answer"), 80),
         )

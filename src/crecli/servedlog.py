@@ -55,6 +55,10 @@ MAX_BYTES = 16 << 20
 # One entry is never more than this: a longer line is not written, and is skipped when read,
 # so a corrupt file can't make the reader hold a huge line.
 MAX_ENTRY_BYTES = 4 << 20
+# An entry crecli writes nests about five levels (entry, trace, steps, a step, its votes);
+# json.loads reads ~1000, deeper than the recursive code that shows entries (`cre log
+# --json`) can walk, so a deeper line is read as not an entry.
+MAX_ENTRY_DEPTH = 32
 # How long a writer waits for the lock: a `cre` holding it writes one line, so a longer hold
 # is a stopped process (Ctrl-Z), and an answer must not wait on it; its entry goes unlogged.
 # After such a wait, for LOCK_RETRY_SECONDS the lock is tried once without waiting, so a
@@ -278,8 +282,27 @@ def _entry_time(entry: dict[str, Any]) -> datetime | None:
     return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
 
 
+def _within_depth(value: Any, limit: int) -> bool:
+    """Whether `value` nests no more than `limit` containers deep; a loop, not recursion, so
+    the check cannot overflow the stack it protects."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return False
+        stack.extend((child, depth + 1) for child in children)
+    return True
+
+
 def _valid(entry: Any) -> bool:
-    """An entry this crecli understands: an object of a known schema with a prompt and a time."""
+    """An entry this crecli understands: an object of a known schema with a prompt and a
+    time, nested no deeper than an entry crecli writes (`MAX_ENTRY_DEPTH`)."""
     return (
         isinstance(entry, dict)
         and entry.get("schema") == SCHEMA
@@ -287,6 +310,7 @@ def _valid(entry: Any) -> bool:
         and bool(entry["prompt"].strip())
         and not has_surrogate(entry["prompt"])  # only a hand-edited file has one; no UTF-8 output can hold it
         and _entry_time(entry) is not None
+        and _within_depth(entry, MAX_ENTRY_DEPTH)
     )
 
 
