@@ -350,6 +350,19 @@ def test_a_default_router_that_is_not_a_path_is_a_config_error(cre, tiny_models_
     refused(cre("ask", "hi", "--models", tiny_models_toml), "cre models pull")
 
 
+def test_a_default_router_that_is_gone_names_the_setting(cre, tiny_models_toml, tmp_path) -> None:
+    # It said "/x/gone.cre: no such router file", a path the user never typed, and not where it came from.
+    paths.ensure(paths.config_dir())
+    gone = tmp_path / "gone.cre"
+    paths.user_settings_file().write_text(f'default_router = "{gone}"\n')
+    for command in (("ask", "hi"), ("inspect",)):
+        refused(cre(*command, "--models", tiny_models_toml), str(paths.user_settings_file()), "default_router", str(gone),
+                "does not exist", "--set-default", "delete the default_router line")
+    tmp_path.joinpath("folder.cre").mkdir()
+    paths.user_settings_file().write_text(f'default_router = "{tmp_path / "folder.cre"}"\n')
+    refused(cre("ask", "hi", "--models", tiny_models_toml), "default_router", "is a folder")
+
+
 # ---------------------------------------------------------------- 12. --set-default keeps the rest of settings.toml
 
 

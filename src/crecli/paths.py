@@ -541,6 +541,18 @@ def router_in_use(router: Path | None) -> tuple[Path, str]:
         return router, str(router)
     default = default_router()
     if default is not None:
+        what = not_a_file(default)
+        if what is not None:
+            # Said here, not by the router loader: its "no such router file" named a path
+            # the user never typed, and not the setting to change.
+            from crecli.errors import ConfigError
+
+            what = "does not exist" if what == "not found" else what
+            raise ConfigError(
+                f"{user_settings_file()}: {DEFAULT_ROUTER} = {str(default)!r}, which {what}; pass --router FILE, "
+                f"make another the default with `cre fit LOG -o router.cre --set-default`, or delete the "
+                f"{DEFAULT_ROUTER} line to answer with the router crecli ships"
+            )
         return default, f"your default router {default}"
     shipped = shipped_router()
     if not shipped.is_file():
