@@ -235,9 +235,14 @@ class RecordedVotes:
         deferral = self.p_table is not None and rung.check == DEFERRAL
         if not entry.answers:
             if deferral:
+                # `cre calibrate` (and `cre eval` of a router it calibrated) meets this on a
+                # router fitted from labels alone, so the message says the two ways out.
                 raise CreError(
                     f"query {self.qid!r} has only a correctness label for {rung.model!r}, no recorded "
-                    "greedy answer, so the deferral check cannot be replayed on it"
+                    "greedy answer, so the deferral check (which judges that answer) cannot be replayed on it. "
+                    "Use the agreement check (`cre calibrate ROUTER --check agreement`), or give a log with a "
+                    "reference answer for each query instead of labels, so the models run and their answers "
+                    "are recorded"
                 )
             if self.drawn or needed(rung.threshold, rung.k) > 1:
                 raise CreError(
