@@ -100,6 +100,25 @@ def test_plain_text_log_is_clustered_but_not_measured(tmp_path: Path, tiny_model
     assert {c["model"] for c in info["clusters"]} == {"large"} and all(c["stats"] == {} for c in info["clusters"])
 
 
+def test_fit_counts_correctness_labels_apart_from_outcomes_reused_from_the_store(
+    cre: Any, tmp_path: Path, tiny_models_toml: Path, four_fakes: dict[str, FakeBackend]
+) -> None:
+    # A fresh store said "0 model runs now, 108 reused from the store" of a log of labels.
+    log = tmp_path / "mixed.jsonl"
+    rows = [{"id": f"r{i}", "prompt": f"What is {i} plus {i}?", "reference": str(2 * i), "match": "numeric"} for i in range(6)]
+    rows += [{"id": f"l{i}", "prompt": f"What is {i} times {i}?", "labels": {"small": i % 2 == 0, "medium": True, "large": True}}
+             for i in range(6)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = ("--models", tiny_models_toml)
+    first = cre("fit", log, "-o", tmp_path / "r.cre", *m, "--json")
+    assert first.code == 0, first
+    counts = json.loads(first.out)
+    assert (counts["outcomes_run"], counts["outcomes_reused"], counts["outcomes_labelled"]) == (18, 0, 18)
+    again = cre("fit", log, "-o", tmp_path / "r.cre", *m)
+    assert again.code == 0, again
+    assert "Outcomes: 0 model runs now, 18 reused from the store, 18 correctness labels from the log;" in again.err
+
+
 def test_fit_frees_its_embedder_before_any_ladder_model_runs(
     tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict[str, FakeBackend], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -80,7 +80,8 @@ class FitReport:
     seconds: dict[str, float]
     model_seconds: float  # recorded model time of every outcome used, including reused ones
     outcomes_run: int
-    outcomes_reused: int
+    outcomes_reused: int  # found recorded in the outcome store
+    outcomes_labelled: int  # correctness labels from the log: neither run nor in the store
     truth: dict[str, float] | None
     clusters: list[dict[str, Any]]
     n_served: int = 0  # prompts from the served-query log that joined the clustering
@@ -224,11 +225,15 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
         results = outcomes.collect(measured, settings, store, options.quality)
         # Every outcome the fit looked up, the answers after examples included (`apply`
         # then keeps one a query and model, so `results` alone would undercount them).
-        needed = len(results)
+        looked_up: list[Mapping[Any, Any]] = [results]
         if len(options.shots) > 1 and measured:
             shot_plan = shots.choose_shots(measured, cluster_of, settings, store, options.quality, results, options.shots)
-            needed = sum(len(found) for found in shot_plan.answered.values())
+            looked_up = list(shot_plan.answered.values())
             measured, results = shot_plan.apply(measured, cluster_of, settings.ladder)
+        needed = sum(len(found) for found in looked_up)
+        # A label is taken from the log, not the store: counted as reused, a fresh store
+        # said "0 model runs now, 108 reused from the store".
+        from_labels = sum(o.source == "label" for found in looked_up for o in found.values())
         ran = store.recorded - before
     seconds["outcomes"] = time.perf_counter() - t0
     model_seconds = sum(sum(v.seconds for v in o.votes) for o in results.values())
@@ -298,7 +303,8 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
         model_seconds=model_seconds,
         outcomes_run=ran,
         # A row another fit adds to a shared store meanwhile counts as run here: never below 0.
-        outcomes_reused=max(0, needed - ran),
+        outcomes_reused=max(0, needed - from_labels - ran),
+        outcomes_labelled=from_labels,
         truth=truth,
         clusters=[c.__dict__ for c in router.clusters],
         n_served=len(served),

@@ -31,8 +31,9 @@ def fit_report(report: Any, as_json: bool) -> None:
         + ")."
     )
     status(
-        f"Outcomes: {report.outcomes_run} model runs now, {report.outcomes_reused} reused from the store; "
-        f"{report.model_seconds:.0f} model-seconds recorded in all."
+        f"Outcomes: {report.outcomes_run} model runs now, {report.outcomes_reused} reused from the store"
+        + (f", {report.outcomes_labelled} correctness labels from the log" if report.outcomes_labelled else "")
+        + f"; {report.model_seconds:.0f} model-seconds recorded in all."
     )
     status("Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items()) + f" (total {total:.1f} s)")
     if report.truth:
