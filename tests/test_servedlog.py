@@ -513,6 +513,33 @@ def test_fit_clusters_served_prompts_but_measures_only_labelled_rows(
     assert missing.exit_code == 1 and "--served-log" in str(missing.exception)
 
 
+def test_fit_refuses_a_served_log_that_holds_no_entry_and_warns_of_an_empty_one(
+    fake_backends: Callable[..., dict[str, FakeBackend]], tiny_models_toml: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A query log (or a router) given as --served-log was read as unreadable lines, and the
+    # fit went on: "Adding 0 served prompts ... (12 unreadable line(s) left out)".
+    from crecli import cluster
+
+    monkeypatch.setattr(cluster, "QueryClusterer", KMeansClusterer)
+    created = fake_backends({m: (lambda text, p: "4") for m in ("small", "medium", "large")})
+    log_path = tmp_path / "labelled.jsonl"
+    log_path.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "reference": str(2 * i)}) + "\n"
+                                for i in range(12)))
+    other = tmp_path / "other-queries.jsonl"
+    other.write_text(log_path.read_text())
+    wrong = cre("fit", log_path, "-o", tmp_path / "r.cre", "--models", tiny_models_toml, "--served-log", other)
+    assert wrong.exit_code == 1 and created == {}
+    assert f"--served-log {other}: none of its 12 line(s) is a served-query log entry" in str(wrong.exception)
+    assert "cre log -o FILE" in str(wrong.exception) and not (tmp_path / "r.cre").exists()
+    # An empty export (of an empty log) is no mistake: said, and the fit goes on.
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    result = cre("fit", log_path, "-o", tmp_path / "r.cre", "--models", tiny_models_toml, "--served-log", empty)
+    assert result.exit_code == 0, result.output
+    assert f"--served-log {empty} holds no entries" in result.stderr
+
+
 def test_fit_without_served_ignores_the_log(
     fake_backends: Callable[..., dict[str, FakeBackend]], tiny_models_toml: Path, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,

@@ -396,6 +396,7 @@ def _served_records(options: FitOptions, logged: list[Any]) -> list[Any]:
 
     files = servedlog.fit_files(options.served, options.served_logs)
     reading = servedlog.read(files)
+    servedlog.check_fit_reading(reading, options.served_logs)
     seen = {r.prompt for r in logged}
     taken_ids = {r.id for r in logged}
     cap = options.reader.fields.max_line_bytes

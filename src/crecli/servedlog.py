@@ -257,6 +257,9 @@ class LogReading:
     live: Path = field(default_factory=log_path)
     enabled: bool | None = None  # settings.toml's log_queries; None when it could not be read
     output: Path | None = None  # where `cre log -o` wrote the entries
+    # Per file of `files`: (good entries, unreadable lines), so a reader can tell a file
+    # that holds no entry at all from one whose entries were all filtered out.
+    per_file: list[tuple[int, int]] = field(default_factory=list)
 
 
 def log_files(live: Path | None = None) -> list[Path]:
@@ -399,7 +402,9 @@ def read(
     files = [path for path, _ in opened]
     kept: deque[dict[str, Any]] = deque(maxlen=last)
     bad = total = matched = 0
+    per_file = []
     for _, fh in opened:
+        good_before, bad_before = total, bad
         for entry in _read_file(fh):
             if entry is None:
                 bad += 1
@@ -411,7 +416,8 @@ def read(
                     continue
             matched += 1
             kept.append(entry)
-    return LogReading(entries=list(kept), bad=bad, files=files, total=total, matched=matched)
+        per_file.append((total - good_before, bad - bad_before))
+    return LogReading(entries=list(kept), bad=bad, files=files, total=total, matched=matched, per_file=per_file)
 
 
 def fit_files(own: bool, named: list[Path]) -> list[Path]:
@@ -422,6 +428,28 @@ def fit_files(own: bool, named: list[Path]) -> list[Path]:
         if what is not None:
             raise InputError(f"--served-log {path}: {what}; give a file written by `cre log -o FILE`")
     return (log_files() if own else []) + list(named)
+
+
+def check_fit_reading(reading: LogReading, named: list[Path]) -> None:
+    """After `read(fit_files(...))`: refuse a `--served-log FILE` none of whose lines is an
+    entry, and warn of an empty one.
+
+    A router or a query log given by mistake was read as a log of unreadable lines, and the
+    fit went on with nothing from it, saying only "(92 unreadable line(s) left out)".
+    """
+    from crecli.console import warn
+
+    counts = dict(zip(reading.files, reading.per_file))
+    for path in named:
+        good, bad = counts.get(path, (0, 0))
+        if good:
+            continue
+        if bad:
+            raise InputError(
+                f"--served-log {path}: none of its {bad} line(s) is a served-query log entry; give a file "
+                "written by `cre log -o FILE` (a query log to fit on is the LOG argument)"
+            )
+        warn(f"--served-log {path} holds no entries; nothing from it joins the clustering")
 
 
 def _not_an_export(path: Path) -> str | None:
