@@ -376,10 +376,13 @@ _ENTRY_START = b'{"schema": '
 def _glued_entry(raw: bytes) -> dict[str, Any] | None:
     """The last whole entry inside a line that does not parse, or None."""
     start = raw.rfind(_ENTRY_START)
-    if start <= 0:
-        return None
+    return _entry_of(raw[start:]) if start > 0 else None
+
+
+def _entry_of(raw: bytes) -> dict[str, Any] | None:
+    """The entry one line holds, or None where it holds none (not JSON, not a valid entry)."""
     try:
-        entry = json.loads(raw[start:], parse_constant=_no_constant)
+        entry = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, RecursionError):
         return None
     return entry if _valid(entry) else None
@@ -463,15 +466,7 @@ def _not_an_export(path: Path) -> str | None:
             return None
         with fh:
             for number, raw in enumerate(read_lines(fh, MAX_ENTRY_BYTES), 1):
-                if isinstance(raw, LongLine):
-                    return f"line {number} is not a served-log entry"
-                if not raw.strip():
-                    continue
-                try:
-                    entry = json.loads(raw, parse_constant=_no_constant)
-                except (ValueError, RecursionError):
-                    return f"line {number} is not a served-log entry"
-                if not _valid(entry):
+                if isinstance(raw, LongLine) or (raw.strip() and _entry_of(raw) is None):
                     return f"line {number} is not a served-log entry"
     except InputError:  # `_open`'s: unreadable, so what it holds cannot be known
         return "it cannot be read to tell"
