@@ -543,3 +543,12 @@ def test_a_second_batch_writing_to_the_same_file_is_refused(tmp_path: Path) -> N
     with open(out, "a") as mine:
         lock_output(mine)  # free again
     lock_output(io.StringIO())  # no file behind it: nothing to lock
+
+
+def test_an_output_line_is_strict_json_even_with_a_float_that_is_not_finite() -> None:
+    # A NaN P(correct) was written as a bare NaN, which a strict JSON reader refuses.
+    from crecli import batch
+
+    line = batch._json_line({"id": "1", "p_correct": float("nan"), "trace": [{"seconds": float("inf")}]})
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c}")) == {
+        "id": "1", "p_correct": None, "trace": [{"seconds": None}]}

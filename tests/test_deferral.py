@@ -49,6 +49,16 @@ def test_deferral_features_order_floor_flags_prior_and_agreement() -> None:
     assert len(five) == len(feature_names(5)) == 6 and five[5] == pytest.approx(3 / 5)
 
 
+def test_a_nan_signal_is_a_missing_one_not_a_nan_p_correct() -> None:
+    # A NaN margin made P(correct) NaN, under every threshold, so the answer went to the
+    # top rung; a NaN log-probability read as the floor, the lowest confidence there is.
+    nan = float("nan")
+    assert deferral_features(Signals(nan, nan, nan), ["A"], cut=False, prior=0.5)[:3] == [None, None, None]
+    assert deferral_features(Signals(-math.inf, -0.5, None), ["A"], cut=False, prior=0.5)[:3] == [LOGPROB_FLOOR, -0.5, None]
+    d = Deferral(feature_names(1), (1.0, 0.0, 2.0, -3.0, 1.0), 0.5, (-1.0, 0.0, 0.25, 0.0, 0.0), 0.6)
+    assert d.p_correct(deferral_features(Signals(-1.0, -0.5, nan), ["A"], cut=False, prior=0.5)) == pytest.approx(1 / (1 + math.exp(-0.0)))
+
+
 def test_p_correct_fills_missing_values_and_never_overflows() -> None:
     d = Deferral(feature_names(1), (1.0, 0.0, 2.0, -3.0, 1.0), 0.5, (-1.0, 0.0, 0.25, 0.0, 0.0), 0.6)
     # None takes the fill value: 0.5 + (-1) + 2 * 0.25 = 0.

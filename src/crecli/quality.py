@@ -229,6 +229,13 @@ def feature_names(votes: int) -> tuple[str, ...]:
     return SIGNAL_FEATURES + ((VOTE_FEATURE,) if votes > 1 else ())
 
 
+def _logprob(value: float) -> float | None:
+    """A log-probability as a feature: floored at LOGPROB_FLOOR (-inf, a token the model gave
+    no chance, included), None where it is NaN, which is no reading at all (max(-20, nan)
+    gave -20, the lowest confidence there is)."""
+    return None if math.isnan(value) else max(LOGPROB_FLOOR, value)
+
+
 def greedy_agreement(answers: Sequence[str]) -> float:
     """The share of the normalised votes `answers` (greedy first) that agree with the greedy one."""
     return sum(a == answers[0] for a in answers) / len(answers)
@@ -250,9 +257,9 @@ def deferral_features(
     greedy = answers[0] if answers else ""
     lo = mean = margin = None
     if signals is not None:
-        lo = max(LOGPROB_FLOOR, signals.min_logprob)
-        mean = max(LOGPROB_FLOOR, signals.mean_logprob)
-        margin = signals.margin
+        lo, mean = _logprob(signals.min_logprob), _logprob(signals.mean_logprob)
+        # A NaN margin (NaN logits) made P(correct) NaN, below every threshold: missing instead.
+        margin = signals.margin if signals.margin is not None and math.isfinite(signals.margin) else None
     p = min(1 - PRIOR_CLIP, max(PRIOR_CLIP, prior))
     values: list[float | None] = [lo, mean, margin, 1.0 if (greedy == "" or cut) else 0.0, math.log(p / (1 - p))]
     if len(answers) > 1:
