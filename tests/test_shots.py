@@ -204,6 +204,25 @@ def test_shared_examples_are_priced_once_per_batch() -> None:
     assert pricing.prefix_of(resolved[("a", "m")]) == pytest.approx(3.0)
 
 
+def test_a_remote_rungs_examples_are_charged_in_full_live_and_replayed_alike() -> None:
+    # The live cascade charged a remote rung's examples in full (it cannot count them), and
+    # the replay split them over the run as if a loaded model kept them: cre batch priced
+    # 10 answers 42% above cre eval. A server may not keep them, and bills them if it does
+    # not, so both sides now charge them in full; a local rung still shares them.
+    remote, local = ModelSpec(name="far", url="http://127.0.0.1:9/v1"), ModelSpec(name="near")
+    assert not remote.keeps_examples and local.keeps_examples
+    params = GenParams(max_tokens=8, shots=(("What is 1 plus 1?", "2"),))
+    assert FakeBackend(local).shot_tokens("What is 2 plus 2?", params, 40) > 0
+    assert FakeBackend(remote).shot_tokens("What is 2 plus 2?", params, 40) == 0
+    shots = {("a", "far"): (("q", "1"),), ("a", "near"): (("q", "1"),)}
+    base = {("a", m): _outcome("a", m, 10) for m in ("far", "near")}
+    shown = {("a", m): _outcome("a", m, 40) for m in ("far", "near")}
+    resolved = shot_choice.resolve_shots(base, shown, shots, lambda m: {"far": remote, "near": local}[m].keeps_examples)
+    assert (resolved[("a", "far")].prompt_tokens, resolved[("a", "far")].prefix_tokens) == (40, 0)
+    assert not resolved[("a", "far")].prefix_key
+    assert (resolved[("a", "near")].prompt_tokens, resolved[("a", "near")].prefix_tokens) == (40, 30)
+
+
 def test_a_query_with_an_exemplars_prompt_under_another_id_is_never_scored_on_it(monkeypatch: pytest.MonkeyPatch) -> None:
     # Held out by id only, a second line with an exemplar's prompt was scored right after
     # being shown its own question answered, inflating the count of examples it chose.

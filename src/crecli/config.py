@@ -137,6 +137,15 @@ class ModelSpec:
     def pullable(self) -> bool:
         return bool(self.chunks)
 
+    @property
+    def keeps_examples(self) -> bool:
+        """Whether this model processes a cluster's answered examples once and keeps them
+        between answers (a loaded model's KV snapshot), so their cost is shared over a run
+        (`costs.share_prefixes`). A remote rung's server may or may not cache them, and bills
+        them with every prompt if it does not, so there they are charged in full: by the live
+        cascade (`Backend.shot_tokens`) and the replay (`shots.resolve_shots`) alike."""
+        return not self.url
+
     def answer_settings(self) -> dict[str, Any]:
         """The settings (`ANSWER_SETTINGS`) this model answers with, as they take effect: how
         its prompts are rendered; its context, which caps an answer at what is left of it

@@ -380,7 +380,7 @@ def prepare(
             ids = {rid for rid, _ in shots}
             shown = outcomes_mod.collect([r for r in records if r.id in ids], settings, st, router.quality,
                                          models=ladder, shots=shots)
-            found = resolve_shots(found, shown, shots)
+            found = resolve_shots(found, shown, shots, lambda model: settings.get(model).keeps_examples)
     costs = CostModel.build(found.values(), [settings.get(m) for m in ladder], unit)
     replay = Replay.build(found, records, ladder, costs)
     trust = [router.cluster_trust(d.cluster, d.distance) for d in routes]

@@ -10,7 +10,7 @@ share across the answers shown them (`costs.share_prefixes`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from crecli import console, grading
 from crecli.models.prompting import shots_of
@@ -64,13 +64,15 @@ def resolve_shots(
     base: Mapping[OutcomeKey, Outcome],
     shown: Mapping[OutcomeKey, Outcome],
     shots: Mapping[OutcomeKey, Shots],
+    keeps: Callable[[str], bool] = lambda model: True,
 ) -> dict[OutcomeKey, Outcome]:
     """The outcome each (query, model) answers with: `shown[key]` (recorded after the
     examples `shots[key]`) where it has examples, else `base[key]`.
 
     An outcome with examples carries the tokens they add (its prompt tokens less the plain
     prompt's), and a key naming the model and the examples, so costs count the shared
-    prefix once per batch (`prefix_shares`).
+    prefix once per batch (`prefix_shares`); only for a model that `keeps` them (by name:
+    `ModelSpec.keeps_examples`), else they stay in its prompt tokens, charged in full.
     """
     from crecli.outcomes import prompt_sha256
 
@@ -81,6 +83,9 @@ def resolve_shots(
             out[key] = outcome
             continue
         with_shots = shown[key]
+        if not keeps(key[1]):
+            out[key] = with_shots
+            continue
         out[key] = replace(
             with_shots,
             prefix_tokens=max(0, with_shots.prompt_tokens - outcome.prompt_tokens),
@@ -99,6 +104,8 @@ class ShotPlan:
     accuracy: dict[int, dict[str, dict[int, tuple[int, int]]]]  # cluster -> model -> shots -> (right, n)
     # shots -> the outcomes compared: 0 the plain ones, each other count those after that many examples
     answered: dict[int, Mapping[OutcomeKey, Outcome]] = field(default_factory=dict)
+    # Models that do not keep the examples between answers (`ModelSpec.keeps_examples`).
+    unkept: frozenset[str] = frozenset()
 
     def shots(self, cid: int, model: str) -> Shots:
         return shots_of(self.exemplars.get(cid, []), self.counts.get(cid, {}).get(model, 0))
@@ -113,7 +120,7 @@ class ShotPlan:
         wanted = {key: examples for key, examples in wanted.items() if examples}
         base = {key: o for key, o in self.answered[0].items() if key[0] not in self.held_out}
         shown = {key: o for key, examples in wanted.items() if (o := self.answered[len(examples)].get(key)) is not None}
-        return kept, resolve_shots(base, shown, wanted)
+        return kept, resolve_shots(base, shown, wanted, lambda model: model not in self.unkept)
 
 
 def choose_shots(
@@ -176,4 +183,5 @@ def choose_shots(
             best = max(sorted(tally), key=lambda n: tally[n][0])  # first of equals: fewer examples
             if best:
                 chosen_counts.setdefault(cid, {})[m] = best
-    return ShotPlan(exemplars, chosen_counts, held_out, accuracy, shown)
+    unkept = frozenset(m for m in ladder if not settings.get(m).keeps_examples)
+    return ShotPlan(exemplars, chosen_counts, held_out, accuracy, shown, unkept)

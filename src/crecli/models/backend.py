@@ -183,8 +183,9 @@ class Backend(abc.ABC):
     def shot_tokens(self, prompt: str, params: GenParams, prompt_tokens: int) -> int:
         """Of `prompt_tokens`, the prompt tokens a generation of `prompt` with `params.shots`
         reported, the answered examples' share: those less the tokens without them; 0
-        without examples, or where `count_tokens` cannot tell."""
-        if not params.shots:
+        without examples, for a model that does not keep them (`ModelSpec.keeps_examples`),
+        or where `count_tokens` cannot tell."""
+        if not params.shots or not self.spec.keeps_examples:
             return 0
         without = self.count_tokens(self.prepare(prompt, replace(params, shots=()))[0])
         return 0 if without is None else max(0, prompt_tokens - without)
