@@ -237,7 +237,7 @@ def test_a_query_with_an_exemplars_prompt_under_another_id_is_never_scored_on_it
     monkeypatch.setattr(outcomes, "collect", lambda scored, *a, **k: asked.extend(r.id for r in scored) or {})
     records = [Record(id=f"q{i}", prompt=f"What is {i} plus 1?", reference=[str(i + 1)], match="numeric") for i in range(5)]
     records.append(Record(id="again", prompt="What is 0 plus 1? ", reference=["1"], match="numeric"))
-    settings = SimpleNamespace(ladder=["small"])
+    settings = SimpleNamespace(ladder=["small"], get=lambda name: ModelSpec(name=name))
     plan = choose_shots(records, {r.id: 0 for r in records}, settings, None, QualityCheck(k=1), {}, [0, 1])  # type: ignore[arg-type]
     assert plan.exemplars[0][0][0] == "What is 0 plus 1?"
     assert "again" in plan.held_out and "again" not in asked and asked
