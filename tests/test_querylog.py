@@ -285,10 +285,18 @@ def test_old_mac_line_endings_are_refused_not_read_as_one_prompt(tmp_path: Path,
     # A lone "\r" is no line break to readline: the whole file was one line, and a text log
     # made one prompt of every question in it.
     path = write(tmp_path / name, data)
-    with pytest.raises(InputError, match=rf"{name}:1: a carriage return inside the line.*tr '\\r' '\\n'"):
+    with pytest.raises(InputError, match=rf"{name}:1: .*carriage return.*tr '\\r' '\\n'"):
         read_log(path)
-    with pytest.raises(InputError, match=r"in:1: a carriage return inside the line"):
+    with pytest.raises(InputError, match=r"in:1: .*carriage return"):
         parse_batch_line(data, 1, "in")
+
+
+def test_a_carriage_return_between_json_tokens_is_whitespace(tmp_path: Path) -> None:
+    # JSON's own whitespace: refusing it (with advice that would split the object) broke a
+    # log that had read fine.
+    line = b'{"prompt": "What is 2+2?",\r "reference": "4"}'
+    assert read_log(write(tmp_path / "log.jsonl", line + b"\r\n")).records[0].reference == ["4"]
+    assert parse_batch_line(line, 1, "in").prompt == "What is 2+2?"
 
 
 def test_a_line_of_unicode_spaces_is_blank_not_an_empty_prompt(tmp_path: Path) -> None:

@@ -245,11 +245,11 @@ def parse_batch_line(
             body = body[len(_BOM):]
         if len(body) > fields.max_line_bytes:
             raise _Bad(_too_long(len(body), fields.max_line_bytes))
-        text = _line_text(body)
+        if _decode(body).lstrip().startswith("{"):
+            return _record_from_object(_object_line(body), fields, str(line_no), where)
+        text = _text_line(body)
         if not text.strip():
             raise _Bad("empty line; every input line needs a prompt")
-        if text.lstrip().startswith("{"):
-            return _record_from_object(_parse_object(text), fields, str(line_no), where)
         return Record(id=str(line_no), prompt=text.strip(), source=where)
     except _Bad as exc:
         raise InputError(f"{where}: {exc}") from None
@@ -308,16 +308,29 @@ def _size_text(n: int) -> str:
     return f"{n:,}-byte"
 
 
-def _line_text(body: bytes) -> str:
-    """A line's text, its ending already cut. A carriage return left inside is refused: it
-    is what a file with old Mac line endings (a lone "\\r" between lines) looks like, read
-    as one line, and as a prompt it would run every question of the file together."""
+# A lone carriage return is no line break to readline: a file with old Mac line endings
+# reads as one line, and as a plain-text prompt it would run every question together.
+_LONE_CR = ("a lone \"\\r\" is not a line break here (old Mac line endings?); convert the file with: "
+            "tr '\\r' '\\n' < FILE > NEW")
+
+
+def _text_line(body: bytes) -> str:
+    """A plain-text line's prompt text, its ending already cut; a carriage return left
+    inside is refused (`_LONE_CR`)."""
     if b"\r" in body:
-        raise _Bad(
-            "a carriage return inside the line: a lone \"\\r\" is not a line break here "
-            "(old Mac line endings?); convert the file with: tr '\\r' '\\n' < FILE > NEW"
-        )
+        raise _Bad(f"a carriage return inside the line: {_LONE_CR}")
     return _decode(body)
+
+
+def _object_line(body: bytes) -> dict[str, Any]:
+    """A JSON line's object, its ending already cut. A carriage return between JSON tokens is
+    whitespace, so the parser decides; where it fails, one inside says what it may be."""
+    try:
+        return _parse_object(_decode(body))
+    except _Bad as exc:
+        if b"\r" in body:
+            raise _Bad(f"{exc}; the line holds a carriage return: {_LONE_CR}") from None
+        raise
 
 
 def _decode(raw: bytes) -> str:
@@ -362,12 +375,12 @@ def _line_rows(lines: _Lines, path: Path, fields: FieldMap,
 
 def _text_rows(lines: _Lines, path: Path, fields: FieldMap) -> Iterator[_Row]:
     return _line_rows(lines, path, fields,
-                      lambda raw, rid, source: Record(id=rid, prompt=_line_text(raw.rstrip(b"\r\n")).strip(), source=source))
+                      lambda raw, rid, source: Record(id=rid, prompt=_text_line(raw.rstrip(b"\r\n")).strip(), source=source))
 
 
 def _jsonl_rows(lines: _Lines, path: Path, fields: FieldMap) -> Iterator[_Row]:
     return _line_rows(lines, path, fields, lambda raw, rid, source: _record_from_object(
-        _parse_object(_line_text(raw.rstrip(b"\r\n"))), fields, rid, source))
+        _object_line(raw.rstrip(b"\r\n")), fields, rid, source))
 
 
 def _parse_object(text: str) -> dict[str, Any]:
