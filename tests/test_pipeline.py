@@ -117,6 +117,15 @@ def test_fit_counts_correctness_labels_apart_from_outcomes_reused_from_the_store
     again = cre("fit", log, "-o", tmp_path / "r.cre", *m)
     assert again.code == 0, again
     assert "Outcomes: 0 model runs now, 18 reused from the store, 18 correctness labels from the log;" in again.err
+    # With --shots a label stands in every count of examples compared: it was counted in each.
+    rows = [{"id": f"r{i}", "prompt": f"What is {i} plus {i}?", "reference": str(2 * i), "match": "numeric"} for i in range(12)]
+    rows += [{"id": f"l{i}", "prompt": f"What is {i} times {i}?", "labels": {"small": i % 2 == 0, "medium": True, "large": True}}
+             for i in range(12)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for shots in ("0", "0,1"):
+        done = cre("fit", log, "-o", tmp_path / "s.cre", *m, "--json", "--shots", shots, "--store", tmp_path / f"{shots}.sqlite")
+        assert done.code == 0, done
+        assert json.loads(done.out)["outcomes_labelled"] == 36, shots
 
 
 def test_fit_frees_its_embedder_before_any_ladder_model_runs(

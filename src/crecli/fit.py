@@ -230,10 +230,12 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
             shot_plan = shots.choose_shots(measured, cluster_of, settings, store, options.quality, results, options.shots)
             looked_up = list(shot_plan.answered.values())
             measured, results = shot_plan.apply(measured, cluster_of, settings.ladder)
-        needed = sum(len(found) for found in looked_up)
         # A label is taken from the log, not the store: counted as reused, a fresh store
-        # said "0 model runs now, 108 reused from the store".
-        from_labels = sum(o.source == "label" for found in looked_up for o in found.values())
+        # said "0 model runs now, 108 reused from the store". Looked up once per count of
+        # examples compared (--shots), but one label a (query, model).
+        label_keys = [key for found in looked_up for key, o in found.items() if o.source == "label"]
+        needed = sum(len(found) for found in looked_up) - len(label_keys)
+        from_labels = len(set(label_keys))
         ran = store.recorded - before
     seconds["outcomes"] = time.perf_counter() - t0
     model_seconds = sum(sum(v.seconds for v in o.votes) for o in results.values())
@@ -303,7 +305,7 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
         model_seconds=model_seconds,
         outcomes_run=ran,
         # A row another fit adds to a shared store meanwhile counts as run here: never below 0.
-        outcomes_reused=max(0, needed - from_labels - ran),
+        outcomes_reused=max(0, needed - ran),
         outcomes_labelled=from_labels,
         truth=truth,
         clusters=[c.__dict__ for c in router.clusters],
