@@ -257,6 +257,38 @@ def test_a_replica_that_does_not_serve_the_rung_fails_over_and_is_taken_out(faul
     assert (str(fault) if fault != "page" else "not an OpenAI-style completion") in str(info.value)
 
 
+@pytest.mark.parametrize(("status", "advice"), [(404, "`api_model`"), (401, "api_key_env")])
+def test_a_lower_rung_passed_over_for_a_wrong_model_or_key_says_so_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: int, advice: str
+) -> None:
+    # Passed over without a word, exit 0: every prompt went to the dearer rung above, and the
+    # advice the server's error carried (check api_model, set api_key_env) was never shown.
+    from crecli import live, routerfile
+
+    fresh_remote(monkeypatch)
+    monkeypatch.setattr(live, "_SAID", set())
+    use_models(monkeypatch, {"medium": lambda t, p: "7", "large": lambda t, p: "7"})
+    with FakeOpenAI() as small:
+        small.status = status
+        toml = ladder_toml(tmp_path, {"small": small.url})
+        router = tmp_path / "r.cre"
+        routerfile.save(make_router(starts=("small", "small", "small")), router)
+        first = runner.invoke(app, ["ask", ADDITIONS[0], "--router", str(router), "--models", str(toml), "--no-log"])
+        again = runner.invoke(app, ["ask", ADDITIONS[0], "--router", str(router), "--models", str(toml), "--no-log"])
+    assert first.exit_code == 0 and first.stdout.strip() == "7"
+    assert f"HTTP {status}" in first.stderr and advice in first.stderr
+    assert "prompts pass over small to the next rung" in first.stderr
+    assert "prompts pass over small" not in again.stderr  # once a process
+
+
+def test_every_replica_giving_one_status_keeps_it_for_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two servers refusing the key read as "not reached" in `cre models list`.
+    fresh_remote(monkeypatch)
+    with FakeOpenAI() as a, FakeOpenAI() as b:
+        a.status = b.status = 401
+        assert OpenAIBackend(_spec([a.url, b.url])).signal_support().detail == "HTTP 401"
+
+
 def test_a_400_is_the_requests_fault_and_leaves_the_replica_in_rotation() -> None:
     from crecli.models.openai import RemoteError
 

@@ -224,8 +224,8 @@ class LiveSource:
         callers on other threads wait for a model in use, not for the whole pool.
 
         A remote rung below the top whose every server failed (`RungUnavailable`) is passed
-        over: the step records why, and the prompt moves up to the next rung, whose answer
-        is at least as good. So is an in-process rung whose model cannot be loaded, where
+        over: the step records why, the details go to stderr once, and the prompt moves up to
+        the next rung, whose answer is at least as good. So is an in-process rung whose model cannot be loaded, where
         `pass_over_unloadable` (`cre serve`); its details go to stderr once, not to the
         client. On the top rung the failure stands: nothing is above it."""
         from crecli.errors import ModelLoadError, ModelNotAvailable
@@ -246,6 +246,10 @@ class LiveSource:
                 raise
             if isinstance(exc, RungUnavailable):
                 public = exc.public
+                # Said once, with the servers' own words: a wrong `api_model` or key (404, 401)
+                # on a cheap rung otherwise sent every prompt up without a word, exit 0.
+                _say_once(("unavailable", rung.model),
+                          f"{exc}; prompts pass over {rung.model} to the next rung while it cannot answer")
             else:
                 public = "its model could not be loaded"
                 _say_once(("unloadable", rung.model),

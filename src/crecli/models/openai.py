@@ -443,11 +443,14 @@ class OpenAIBackend(Backend):
         shown = "; ".join(failed.values()) or (str(last) if last is not None else "")
         states = self.replicas.states()
         out = [u for u, state in states.items() if state != "up" and u not in failed]
+        # One status that every server tried gave (all 401, say) is kept, as for one server:
+        # the probe reports it (`signal_support`) instead of "not reached".
+        status = last.status if last is not None and short and set(short) == {f"HTTP {last.status}"} else None
         return RungUnavailable(
             f"model {self.spec.name!r}: every server failed or is out"
             + (f": {shown}" if shown else "")
             + (f"; out of rotation: {', '.join(out)}" if out else ""),
-            public=public, retry_after=back_in,
+            status, public=public, retry_after=back_in,
         )
 
     def _body(self, params: GenParams) -> dict[str, Any]:
