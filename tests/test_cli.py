@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,16 @@ def test_empty_prompt_is_refused() -> None:
     assert result.returncode == 1 and "prompt is empty" in result.stderr
 
 
+def test_ask_from_a_closed_or_endless_stdin_is_refused_in_a_sentence() -> None:
+    # `cre ask - <&-` was an AttributeError traceback; `yes | cre ask -` grew until memory ran out.
+    closed = subprocess.run([sys.executable, "-m", "crecli", "ask", "-", "--model", "gemma-3-270m"],
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120,
+                            preexec_fn=lambda: os.close(0))
+    assert closed.returncode == 2 and "stdin is closed" in closed.stderr and "Traceback" not in closed.stderr
+    big = run("ask", "-", "--model", "gemma-3-270m", input="y\n" * (600 << 10))
+    assert big.returncode == 1 and "the prompt is over 1 MiB" in big.stderr
+
+
 def test_models_list_json_reports_missing_files() -> None:
     result = run("models", "list", "--json")
     assert result.returncode == 0, result.stderr
@@ -201,7 +212,16 @@ def test_models_path_and_pull_give_json_for_scripts(tmp_path: Path, monkeypatch:
     from crecli.models import pull
 
     where = json.loads(runner.invoke(app, ["models", "path", "--json"]).stdout)
-    assert set(where) == {"shipped_models_toml", "user_models_toml", "model_files"}
+    assert set(where) == {"shipped_models_toml", "user_models_toml", "user_models_toml_exists", "cre_models_toml",
+                          "model_files"}
+    assert where["cre_models_toml"] is None and where["user_models_toml_exists"] is False
+    # The file that decides the ladder was left out when CRE_MODELS named it.
+    mine = tmp_path / "mine.toml"
+    mine.write_text("")
+    monkeypatch.setenv("CRE_MODELS", str(mine))
+    assert json.loads(runner.invoke(app, ["models", "path", "--json"]).stdout)["cre_models_toml"] == str(mine)
+    assert f"CRE_MODELS:          {mine}" in runner.invoke(app, ["models", "path"]).stdout
+    monkeypatch.delenv("CRE_MODELS")
     monkeypatch.setattr(pull, "pull_many", lambda specs, force=False: [
         ("gemma-3-270m", tmp_path / "gemma.gguf", True), ("big", "http://10.0.0.5:8080/v1", False)])
     result = runner.invoke(app, ["models", "pull", "--json"])

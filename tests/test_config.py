@@ -151,3 +151,16 @@ def test_threads_default_to_a_containers_cpu_quota(tmp_path: Path, monkeypatch: 
     monkeypatch.delenv("CRE_THREADS", raising=False)
     monkeypatch.setattr(runtime, "cpu_quota", lambda: 1)
     assert runtime.default_threads() == 1
+
+
+def test_a_cre_models_that_names_no_file_says_it_came_from_cre_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # "<path>: file not found" said nothing of a variable set long ago in a shell profile.
+    monkeypatch.setenv("CRE_MODELS", str(tmp_path / "gone.toml"))
+    with pytest.raises(ConfigError, match=r"CRE_MODELS=.*gone\.toml, which does not exist; fix the path, or unset CRE_MODELS"):
+        config.load()
+    monkeypatch.setenv("CRE_MODELS", str(tmp_path))
+    with pytest.raises(ConfigError, match="CRE_MODELS=.*which is a folder"):
+        config.load()
+    with pytest.raises(ConfigError, match=r"gone\.toml: file not found"):  # --models names its own file
+        config.load(tmp_path / "gone.toml")
+

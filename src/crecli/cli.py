@@ -308,7 +308,7 @@ def _budget(retain: float | None, max_cost: float | None):  # -> costs.Budget
 
 @app.command()
 def ask(
-    prompt: Annotated[str, typer.Argument(help="The prompt, or - to read it from stdin.")],
+    prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="The prompt, quoted, or - to read it from stdin. One that starts with - goes after --: cre ask -- '-5 plus 3?'")],
     router: RouterOpt = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Answer with this model directly, skipping the router.", show_default=False)] = None,
     models: ModelsOpt = None,
@@ -600,7 +600,16 @@ def _read_prompt(prompt: str) -> str:
     from crecli.safejson import SURROGATE
 
     if prompt == "-":
-        data = sys.stdin.buffer.read()
+        from crecli.querylog import MAX_LINE_BYTES
+
+        if sys.stdin is None:  # `cre ask - <&-`
+            raise UsageError("cre ask - reads the prompt from stdin, and stdin is closed: pipe it in "
+                             "(echo 'What is 2 plus 2?' | cre ask -), or give it as an argument")
+        # Capped as a batch line is: `yes | cre ask -` grew until memory ran out.
+        data = sys.stdin.buffer.read(MAX_LINE_BYTES + 1)
+        if len(data) > MAX_LINE_BYTES:
+            raise CreError(f"stdin: the prompt is over {MAX_LINE_BYTES >> 20} MiB, more than any model's context "
+                           "holds; shorten it")
         try:
             prompt = data.decode("utf-8")
         except UnicodeDecodeError as exc:

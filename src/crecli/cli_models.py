@@ -123,11 +123,15 @@ def models_bench(
 
 @models_app.command("path")
 def models_path(json_: JsonOpt = False) -> None:
-    """Print where crecli reads models.toml from and where model files go (--json: an
-    object with `shipped_models_toml`, `user_models_toml` and `model_files`)."""
+    """Print where crecli reads models.toml from, in the order they merge, and where model
+    files go (--json: an object with `shipped_models_toml`, `user_models_toml`,
+    `user_models_toml_exists`, `cre_models_toml`, the file CRE_MODELS names or null, and
+    `model_files`)."""
     from crecli import config, paths
 
-    where = {"shipped_models_toml": str(config.default_toml()), "user_models_toml": str(paths.user_models_toml()),
+    user, env = paths.user_models_toml(), config.env_models_toml()
+    where = {"shipped_models_toml": str(config.default_toml()), "user_models_toml": str(user),
+             "user_models_toml_exists": user.is_file(), "cre_models_toml": None if env is None else str(env),
              "model_files": str(paths.models_dir())}
     if json_:
         from crecli.console import print_json
@@ -135,5 +139,7 @@ def models_path(json_: JsonOpt = False) -> None:
         print_json(where)
         return
     typer.echo(f"shipped models.toml: {where['shipped_models_toml']}")
-    typer.echo(f"user models.toml:    {where['user_models_toml']}")
+    typer.echo(f"user models.toml:    {user}" + ("" if user.is_file() else "  (not there: create it to add or change models)"))
+    if env is not None:
+        typer.echo(f"CRE_MODELS:          {env}")
     typer.echo(f"model files:         {where['model_files']}")

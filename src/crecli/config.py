@@ -467,13 +467,23 @@ def _spec(name: str, fields: dict[str, Any], where: str) -> ModelSpec:
     return spec
 
 
+def env_models_toml() -> Path | None:
+    """The explicit models.toml that CRE_MODELS names, where it is set (--models wins)."""
+    value = os.environ.get("CRE_MODELS")
+    return Path(value) if value else None
+
+
 def load(models_file: Path | None = None) -> ModelConfig:
     """Merge the shipped, user and explicit models.toml files in that order."""
     files = [default_toml()]
     user = paths.user_models_toml()
     if user.is_file():
         files.append(user)
-    explicit = models_file or (Path(os.environ["CRE_MODELS"]) if os.environ.get("CRE_MODELS") else None)
+    explicit = models_file or env_models_toml()
+    if models_file is None and explicit is not None and (what := paths.not_a_file(explicit.expanduser())) is not None:
+        # Set long ago, perhaps in a shell profile: "<path>: file not found" said nothing of where it came from.
+        raise ConfigError(f"CRE_MODELS={explicit}, which {'does not exist' if what == 'not found' else what}; "
+                          "fix the path, or unset CRE_MODELS to use the shipped and user models.toml")
     if explicit is not None:
         try:
             files.append(explicit.expanduser())
