@@ -91,6 +91,18 @@ def test_the_top_rung_answer_is_final_even_below_its_threshold(
     assert "top rung" in trace.steps[-1].why
 
 
+def test_an_empty_answer_is_explained_as_empty_not_as_agreement_below_the_threshold(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig
+) -> None:
+    # Every vote agreeing on nothing read "agreement 1.00 (3/3) < threshold 0.60".
+    prompt = "What is 8 plus 9?"
+    install(fake_backends, {"small": {prompt: ["", "", "", "", ""]}, "medium": {prompt: ["17"] * 5}})
+    trace = Cascade(make_router({"small": 0.6, "medium": 0.6, "large": 0.6}), settings).ask(prompt)
+    small = trace.steps[0]
+    assert not small.accepted and small.why.startswith("agreement 1.00 (")
+    assert ", but the answer is empty: escalate to medium" in small.why and "< threshold" not in small.why
+
+
 def test_top_rung_threshold_zero_draws_only_the_greedy_vote(
     fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, settings: config.ModelConfig
 ) -> None:

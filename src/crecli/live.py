@@ -140,7 +140,13 @@ class LiveVotes:
         else:
             majority = Counter(self.normalized[: verdict.used])[verdict.answer]
             share = f"agreement {verdict.agreement:.2f} ({majority}/{verdict.used})"
-            why = f"{share} >= threshold {threshold:.2f}" if verdict.kept else f"{share} < threshold {threshold:.2f}"
+            if verdict.kept:
+                why = f"{share} >= threshold {threshold:.2f}"
+            elif not verdict.answer:
+                # Never kept, however many agree: "1.00 (3/3) < threshold 0.60" read as nonsense.
+                why = f"{share}, but the answer is empty"
+            else:
+                why = f"{share} < threshold {threshold:.2f}"
             if rung.check == DEFERRAL:
                 why = f"no log-probabilities from {rung.model}, so the agreement check: {why}"
         params = self._params(0)
