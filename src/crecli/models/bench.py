@@ -475,13 +475,15 @@ def run(
     from crecli.models.llama import probe
 
     paths.writable_dir(paths.bench_file().parent)  # before minutes of measuring, not after
+    # Every name looked up first, as `pull` does: a typo in the last name was said only after
+    # each earlier model had been loaded in a child process.
+    named = [settings.get(name) for name in names]
     specs = []
-    for name in names:
-        spec = settings.get(name)
+    for spec in named:
         if spec.backend != "llama":
-            warn(f"{name}: remote models are not benchmarked; set price_per_1k_tokens instead")
+            warn(f"{spec.name}: remote models are not benchmarked; set price_per_1k_tokens instead")
             continue
-        status(f"Checking that llama.cpp runs {name}...")
+        status(f"Checking that llama.cpp runs {spec.name}...")
         probe(spec)
         specs.append(spec)
     if not specs:
