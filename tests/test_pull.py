@@ -253,3 +253,13 @@ def test_a_pull_removes_the_wheel_folders_of_killed_pulls_only(
     pull.pull(spec)
     left = sorted(p.name for p in cache.iterdir() if p.name.startswith("cre-pull-"))
     assert left == sorted([running.name, elsewhere.name])
+
+
+def test_pull_does_not_call_an_unpinned_file_verified(capsys: pytest.CaptureFixture[str]) -> None:
+    # "already verified" for a path model with no sha256, which `cre models list` shows as unpinned.
+    from crecli import render
+
+    render.pulled([("mine", Path("/x/mine.gguf"), False), ("pinned", Path("/x/p.gguf"), False)], unpinned={"mine"})
+    err = capsys.readouterr().err
+    assert "mine: already there at /x/mine.gguf (unpinned" in err and "mine: already verified" not in err
+    assert "pinned: already verified at /x/p.gguf" in err

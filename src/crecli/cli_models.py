@@ -74,7 +74,7 @@ def models_pull(
         print_json([{"model": name, "remote": isinstance(where, str), "path": str(where), "assembled": did}
                     for name, where, did in results])
         return
-    render.pulled(results)
+    render.pulled(results, unpinned={n for n in names or settings.ladder if not settings.get(n).sha256})
 
 
 @models_app.command("bench")

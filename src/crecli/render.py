@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Sequence
 
 from crecli.console import err, out, print_json, status, without_nan
 
@@ -81,11 +81,17 @@ def models_table(rows: list[dict[str, Any]]) -> None:
                "from `cre calibrate`; docs/scale.md says which server flags give them.")
 
 
-def pulled(results: Sequence[tuple[str, Any, bool]]) -> None:
-    """One line per model from `models.pull.pull_many`: assembled now, or already there."""
+def pulled(results: Sequence[tuple[str, Any, bool]], unpinned: Collection[str] = ()) -> None:
+    """One line per model from `models.pull.pull_many`: assembled now, or already there;
+    a model in `unpinned` (no sha256 in models.toml) is not called verified, as `cre models
+    list` does not call it so."""
     for name, path, did in results:
         if isinstance(path, str):  # a remote rung's URL
             status(f"{name}: served at {path}; nothing to pull")
+            continue
+        if name in unpinned:
+            status(f"{name}: {'assembled' if did else 'already there'} at {path} (unpinned: no sha256 in "
+                   "models.toml to verify it against)")
             continue
         status(f"{name}: {'assembled and verified' if did else 'already verified'} at {path}")
 
