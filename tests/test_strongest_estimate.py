@@ -136,3 +136,39 @@ def test_a_run_summed_as_it_finishes_equals_the_run_priced_whole() -> None:
     alone.add(1.0, [("a@1", 4.0)])
     alone.add(None, [("a@1", 4.0)], counted=False)
     assert alone.total == pytest.approx(3.0)
+
+
+def test_a_strongest_rung_that_cannot_count_is_estimated_with_its_examples(
+    tiny_models_toml: Path, fake_backends: Callable[..., Any], bench_speeds: Callable[..., None]
+) -> None:
+    # Scaled from the answering rung's prompt without the strongest's own examples, the
+    # estimate of a remote strongest rung left them out, though its live answers and the
+    # replay charge them in full (a server need not keep them).
+    from dataclasses import replace
+
+    from crecli.errors import CreError
+
+    _rambler_and_chat(fake_backends, bench_speeds)
+    exemplars = [["Which is a colour? (A) red (B) dog", "(A)"], ["Which is an animal? (A) cup (B) cat", "(B)"]]
+    cluster = ClusterInfo(0, 10, "small", "choice", [], {}, exemplars=exemplars, shots={"large": 2})
+    settings = config.load(tiny_models_toml)
+    with Cascade(_router([cluster]), settings) as cascade:
+        pending = cascade.begin(PROMPT, "choice", decision=RouteDecision(0, "small", 0.0, "test", 0.0))
+        while not cascade.advance(pending):
+            pass
+        trace = pending.trace
+        assert [s.model for s in trace.steps] == ["small"]
+
+        def cannot_count() -> Any:
+            raise CreError("no file to count with")
+
+        cascade._strongest_counter = cannot_count  # type: ignore[method-assign]
+        small = trace.steps[0]
+        per_char = small.prompt_tokens / len(render("completion", PROMPT).text)
+        with_shots = round(per_char * len(render("chatml", PROMPT, shots=[tuple(e) for e in exemplars]).text))
+        plain = round(per_char * len(render("chatml", PROMPT).text))
+        assert with_shots > plain
+        # In process the examples are apart (shared over a run); remote, in the prompt.
+        assert cascade.strongest_tokens(trace, PROMPT)[:2] == (with_shots, with_shots - plain)
+        cascade.specs["large"] = replace(cascade.specs["large"], url="http://127.0.0.1:9/v1", prompt_format="chatml")
+        assert cascade.strongest_tokens(trace, PROMPT)[:2] == (with_shots, 0)

@@ -130,8 +130,8 @@ class Cascade:
         (`RouterFile.typical_output`), else, for a router that did not record it, the final
         answer written bare (`grading.bare_answer`) in its tokens. A runtime that cannot count
         without running (a remote server) gives the answering model's counts, its prompt
-        scaled by how much longer the strongest model's prompt format renders it; prompt None
-        when nothing ran."""
+        scaled by how much longer the strongest model's prompt format renders it, the
+        strongest's answered examples included; prompt None when nothing ran."""
         top = self.strongest
         ran = next((step for step in trace.steps if step.model == top), None)
         if ran is not None:
@@ -152,9 +152,22 @@ class Cascade:
         except CreError:
             pass  # its file is not here to count with (an estimate must not end a finished batch)
         if counted is None or output is None:
-            theirs = len(render(self.specs[last.model].prompt_format, prompt).text)
-            ours = len(render(self.specs[top].prompt_format, prompt).text)
-            return round((last.prompt_tokens - last.prefix_tokens) * ours / max(1, theirs)), 0, last.greedy_output_tokens
+            def chars(model: str, with_shots: bool) -> int:
+                """How long `model`'s prompt format renders the prompt, its examples in or not
+                (a "chat" rung's server applies its own template: its messages' text)."""
+                fmt, examples = self.specs[model].prompt_format, self.router.shots(trace.cluster, model) if with_shots else ()
+                if fmt == "chat":
+                    return len(prompt) + sum(len(q) + len(a) for q, a in examples)
+                return len(render(fmt, prompt, shots=examples).text)
+
+            # Tokens a character of the answering rung's prompt, as its counts hold it: its
+            # examples are in its prompt tokens where it does not keep them (prefix 0).
+            per_char = (last.prompt_tokens - last.prefix_tokens) / max(1, chars(last.model, not last.prefix_tokens))
+            whole = round(per_char * chars(top, True))
+            # The strongest's own examples: apart where it keeps them, else in its prompt
+            # (`ModelSpec.keeps_examples`), as its live answer and the replay count them.
+            examples = whole - round(per_char * chars(top, False)) if self.specs[top].keeps_examples else 0
+            return whole, max(0, examples), last.greedy_output_tokens
         plain = backend.count_tokens(backend.prepare(prompt, GenParams())[0]) if shots else counted
         return counted, max(0, counted - (plain or counted)), output
 
