@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+
 import pytest
 
 from crecli import config, paths
@@ -163,4 +165,18 @@ def test_a_cre_models_that_names_no_file_says_it_came_from_cre_models(tmp_path: 
         config.load()
     with pytest.raises(ConfigError, match=r"gone\.toml: file not found"):  # --models names its own file
         config.load(tmp_path / "gone.toml")
+    # A home that is not there is said as before (it was a RuntimeError traceback) ...
+    monkeypatch.setenv("CRE_MODELS", "~no_such_user_zz/models.toml")
+    with pytest.raises(ConfigError, match="no such user's home directory"):
+        config.load()
+    # ... and a pipe (CRE_MODELS=<(...)) is read, as --models reads one.
+    fifo = tmp_path / "models.fifo"
+    os.mkfifo(fifo)
+    import threading
+
+    writer = threading.Thread(target=lambda: fifo.write_text('ladder = ["gemma-3-270m"]\n'))
+    writer.start()
+    monkeypatch.setenv("CRE_MODELS", str(fifo))
+    assert config.load().ladder == ["gemma-3-270m"]
+    writer.join(5)
 

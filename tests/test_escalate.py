@@ -100,7 +100,7 @@ def test_an_empty_answer_is_explained_as_empty_not_as_agreement_below_the_thresh
     trace = Cascade(make_router({"small": 0.6, "medium": 0.6, "large": 0.6}), settings).ask(prompt)
     small = trace.steps[0]
     assert not small.accepted and small.why.startswith("agreement 1.00 (")
-    assert ", but the answer is empty: escalate to medium" in small.why and "< threshold" not in small.why
+    assert ", but no answer could be read from it: escalate to medium" in small.why and "< threshold" not in small.why
 
 
 def test_top_rung_threshold_zero_draws_only_the_greedy_vote(

@@ -279,6 +279,12 @@ def test_a_lower_rung_passed_over_for_a_wrong_model_or_key_says_so_once(
     assert f"HTTP {status}" in first.stderr and advice in first.stderr
     assert "prompts pass over small to the next rung" in first.stderr
     assert "prompts pass over small" not in again.stderr  # once a process
+    # ... once a cause: a passing 503 said first does not silence a later wrong key.
+    with FakeOpenAI() as small:
+        small.status = 503 if status != 503 else 401
+        toml = ladder_toml(tmp_path, {"small": small.url})
+        other = runner.invoke(app, ["ask", ADDITIONS[0], "--router", str(router), "--models", str(toml), "--no-log"])
+    assert "prompts pass over small to the next rung" in other.stderr
 
 
 def test_every_replica_giving_one_status_keeps_it_for_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:

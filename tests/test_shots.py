@@ -11,6 +11,7 @@ import io
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -69,7 +70,7 @@ def invoke(*args: str) -> str:
 
 
 def test_fit_finds_the_examples_a_model_needs_and_the_cascade_shows_them(
-    tmp_path: Path, tiny_models_toml: Path, shot_fakes: dict[str, FakeBackend]
+    tmp_path: Path, tiny_models_toml: Path, shot_fakes: dict[str, FakeBackend], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     router = tmp_path / "router.cre"
     m = ("--models", str(tiny_models_toml))
@@ -113,9 +114,16 @@ def test_fit_finds_the_examples_a_model_needs_and_the_cascade_shows_them(
     # eval replays recorded answers with the router's examples: nothing new runs, and the
     # exemplar queries are left out of the scoring.
     calls = sum(len(b.calls) for b in shot_fakes.values())
+    from crecli import replay
+
+    kept_by: list[Any] = []
+    monkeypatch.setattr(replay, "resolve_shots", lambda *a, **k: (kept_by.append(a[3]), shot_choice.resolve_shots(*a, **k))[1])
     ev = json.loads(invoke("eval", str(SMALL_LOG), "--router", str(router), *m, "--json"))
     assert sum(len(b.calls) for b in shot_fakes.values()) == calls
     assert ev["n"] == len(rows) - len(exemplar_prompts)
+    # The replay asks each rung whether it keeps its examples, as the live cascade does.
+    settings = config.load(tiny_models_toml)
+    assert kept_by and all(kept_by[0](name) == settings.get(name).keeps_examples for name in settings.ladder)
 
     # A batch charges the cluster's examples once per chunk and rung: the first answer on
     # "small" pays for them, the others only for their own tokens (llama.cpp keeps them).
@@ -221,6 +229,11 @@ def test_a_remote_rungs_examples_are_charged_in_full_live_and_replayed_alike() -
     assert (resolved[("a", "far")].prompt_tokens, resolved[("a", "far")].prefix_tokens) == (40, 0)
     assert not resolved[("a", "far")].prefix_key
     assert (resolved[("a", "near")].prompt_tokens, resolved[("a", "near")].prefix_tokens) == (40, 30)
+    # The fit's shot plan passes it on: its `unkept` rungs are charged in full.
+    plan = shot_choice.ShotPlan({0: [["q", "1"]]}, {0: {"far": 1, "near": 1}}, set(), {},
+                                {0: base, 1: shown}, frozenset({"far"}))
+    _, applied = plan.apply([Record(id="a", prompt="p")], {"a": 0}, ["far", "near"])
+    assert (applied[("a", "far")].prefix_tokens, applied[("a", "near")].prefix_tokens) == (0, 30)
 
 
 def test_a_query_with_an_exemplars_prompt_under_another_id_is_never_scored_on_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -480,15 +480,18 @@ def load(models_file: Path | None = None) -> ModelConfig:
     if user.is_file():
         files.append(user)
     explicit = models_file or env_models_toml()
-    if models_file is None and explicit is not None and (what := paths.not_a_file(explicit.expanduser())) is not None:
-        # Set long ago, perhaps in a shell profile: "<path>: file not found" said nothing of where it came from.
-        raise ConfigError(f"CRE_MODELS={explicit}, which {'does not exist' if what == 'not found' else what}; "
-                          "fix the path, or unset CRE_MODELS to use the shipped and user models.toml")
     if explicit is not None:
         try:
-            files.append(explicit.expanduser())
+            path = explicit.expanduser()
         except RuntimeError:
             raise ConfigError(f"{explicit}: no such user's home directory on this machine") from None
+        what = paths.not_a_file(path) if models_file is None else None
+        # Set long ago, perhaps in a shell profile: "<path>: file not found" said nothing of
+        # where it came from. A pipe (CRE_MODELS=<(...)) is read as --models reads one.
+        if what is not None and what != "is not a regular file":
+            raise ConfigError(f"CRE_MODELS={explicit}, which {'does not exist' if what == 'not found' else what}; "
+                              "fix the path, or unset CRE_MODELS to use the shipped and user models.toml")
+        files.append(path)
 
     raw_models: dict[str, dict[str, Any]] = {}
     where: dict[str, str] = {}

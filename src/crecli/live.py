@@ -41,11 +41,11 @@ def greedy_params(quality: "QualityCheck", rung: Rung, prompt: str) -> "GenParam
     return replace(vote_params(quality, 0, rung.max_tokens, prompt, rung.shots), signals=rung.check == DEFERRAL)
 
 
-_SAID: set[tuple[str, str]] = set()
+_SAID: set[tuple[str, ...]] = set()
 _SAID_LOCK = threading.Lock()
 
 
-def _say_once(key: tuple[str, str], message: str) -> None:
+def _say_once(key: tuple[str, ...], message: str) -> None:
     """Warn `message` once per process per `key` (what, which model): a condition every
     answer would otherwise repeat on stderr."""
     with _SAID_LOCK:
@@ -143,8 +143,9 @@ class LiveVotes:
             if verdict.kept:
                 why = f"{share} >= threshold {threshold:.2f}"
             elif not verdict.answer:
-                # Never kept, however many agree: "1.00 (3/3) < threshold 0.60" read as nonsense.
-                why = f"{share}, but the answer is empty"
+                # Never kept, however many agree ("I think the sum is" holds no number): "1.00
+                # (3/3) < threshold 0.60" read as nonsense.
+                why = f"{share}, but no answer could be read from it"
             else:
                 why = f"{share} < threshold {threshold:.2f}"
             if rung.check == DEFERRAL:
@@ -254,7 +255,9 @@ class LiveSource:
                 public = exc.public
                 # Said once, with the servers' own words: a wrong `api_model` or key (404, 401)
                 # on a cheap rung otherwise sent every prompt up without a word, exit 0.
-                _say_once(("unavailable", rung.model),
+                # Once per cause (its status; None for connections): a passing 503 said first
+                # must not silence a 401 from a rotated key later in a long `cre serve`.
+                _say_once(("unavailable", rung.model, str(exc.status)),
                           f"{exc}; prompts pass over {rung.model} to the next rung while it cannot answer")
             else:
                 public = "its model could not be loaded"
