@@ -63,6 +63,34 @@ def test_environment_overrides_the_choice(cpuinfo, monkeypatch: pytest.MonkeyPat
     assert runtime.use_extra_bufts() is expected
 
 
+@pytest.mark.parametrize("value", ["2", "maybe"])
+def test_an_override_that_is_not_on_or_off_is_an_error(cpuinfo, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    # Silently ignored, it left a user who meant 0 on a container hiding AMX with the crash.
+    from crecli.errors import ConfigError
+
+    cpuinfo(PLAIN_FLAGS)
+    monkeypatch.setenv("CRE_LLAMA_EXTRA_BUFTS", value)
+    with pytest.raises(ConfigError, match=f"CRE_LLAMA_EXTRA_BUFTS='{value}': use 0"):
+        runtime.use_extra_bufts()
+    monkeypatch.setenv("CRE_LLAMA_EXTRA_BUFTS", " ")  # blank is unset
+    assert runtime.use_extra_bufts() is True
+
+
+def test_a_vocabulary_llama_cpp_cannot_read_is_a_model_load_error(tmp_path: Path) -> None:
+    # A bare ValueError, not a CreError: the batch summary's estimate (which catches only
+    # CreError) ended a finished batch with a traceback.
+    pytest.importorskip("llama_cpp")
+    from crecli.config import ModelSpec
+    from crecli.errors import ModelLoadError
+    from crecli.models.backend import Rendered
+    from crecli.models.llama import LlamaBackend
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(ModelLoadError, match="could not read the vocabulary of 'bad'"):
+        LlamaBackend(ModelSpec(name="bad", path=str(bad))).count_tokens(Rendered("hi", ()))
+
+
 def test_the_choice_reaches_llama_model_params() -> None:
     """What `Llama(...)` builds inside the guard has use_extra_bufts off, and only there."""
     low = pytest.importorskip("llama_cpp.llama_cpp")

@@ -194,8 +194,15 @@ class LlamaBackend(Backend):
         if self._vocab is None:
             from llama_cpp import Llama
 
-            with loading() as verbose:
-                self._vocab = Llama(model_path=str(require_file(self.spec)), vocab_only=True, verbose=verbose)
+            path = require_file(self.spec)
+            try:
+                with loading() as verbose:
+                    self._vocab = Llama(model_path=str(path), vocab_only=True, verbose=verbose)
+            except Exception as exc:  # a bare ValueError, as `_load` meets them
+                # A CreError, which the batch summary's estimate catches: a strongest model
+                # llama.cpp cannot read ended a finished batch with a traceback.
+                raise ModelLoadError(f"llama.cpp could not read the vocabulary of {self.spec.name!r} "
+                                     f"from {path}: {exc}") from exc
         return self._vocab
 
     def shot_prefix(self, shots: tuple[tuple[str, str], ...]) -> list[int]:
@@ -358,11 +365,13 @@ class LlamaBackend(Backend):
         self._fit_max_tokens(len(tokens), 1)  # a prompt that fills the context fails as `complete` fails
         if self._votes is None or self._votes.n_seq < len(params):
             self._close_votes()
-            self._votes = ParallelVotes(llm, max(len(params), VOTE_SEQUENCES), self.n_ctx, self.n_threads)
             # Its KV cache (2 x n_ctx cells, `ParallelVotes`) counts against --memory-budget
             # from now on (`cache_memory`): `cre serve` loads models at parallel 1, whose cost
-            # leaves it out.
-            self._votes_bytes = self._kv_bytes(2 * self.n_ctx)
+            # leaves it out. Sized first: a header it cannot size left a context made and
+            # counted as nothing.
+            size = self._kv_bytes(2 * self.n_ctx)
+            self._votes = ParallelVotes(llm, max(len(params), VOTE_SEQUENCES), self.n_ctx, self.n_threads)
+            self._votes_bytes = size
         return self._votes.run(tokens, [p for _, p in prepared])
 
     def _close_votes(self) -> None:

@@ -227,6 +227,13 @@ def use_extra_bufts() -> bool:
         return False
     if forced in ("1", "true", "yes", "on"):
         return True
+    if forced:
+        # Ignored, it left a user who meant to force the buffers off (on a container that
+        # hides AMX) with the crash they meant to avoid, and no word of why.
+        from crecli.errors import ConfigError
+
+        raise ConfigError(f"CRE_LLAMA_EXTRA_BUFTS={os.environ['CRE_LLAMA_EXTRA_BUFTS']!r}: use 0 (off) or 1 (on), "
+                          "or unset it to let crecli decide")
     return not cpu_has_amx()
 
 
