@@ -96,11 +96,13 @@ def _put(batch: Any, n: int, token: int, pos: int, seq: int, logits: bool) -> No
 class Handoff:
     """One sequence's KV cells, copied out of the parallel context for the `Llama`'s own.
 
-    After a wave, a prompt's sampled votes run on the single-sequence `Llama`, whose cache
-    holds whatever it decoded last; without this, each of them would process its prompt
-    again (measured on qwen-0.5b: the votes' time tripled and the wave was a net loss).
-    Restoring the cells (`llama_state_seq_set_data`) and the token list makes the `Llama`
-    find the prompt cached, as if it had just decoded the greedy answer itself.
+    After a wave, a prompt's sampled votes drawn one at a time run on the single-sequence
+    `Llama`, whose cache holds whatever it decoded last; without this, each of them would
+    process its prompt again (measured on qwen-0.5b: the votes' time tripled and the wave was
+    a net loss). Restoring the cells (`llama_state_seq_set_data`) and the token list makes
+    the `Llama` find the prompt cached, as if it had just decoded the greedy answer itself.
+    A wave of two or more votes runs on `ParallelVotes`, which does not read this yet and
+    decodes the prompt again.
     """
 
     tokens: list[int]  # what the cells hold: the prompt, then the answer tokens decoded
