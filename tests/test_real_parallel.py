@@ -93,3 +93,28 @@ def test_parallel_votes_are_well_formed_and_reproducible(gemma) -> None:
     finally:
         backend.close()
     assert backend.cache_memory() == 0
+
+
+def test_votes_after_a_parallel_wave_load_its_prompt_cells_instead_of_decoding_them(gemma, monkeypatch) -> None:
+    """`cre batch --parallel`: the greedy wave keeps each prompt's cells (`Handoff`), and the
+    votes drawn next load them into their shared sequence; they decoded every prompt again."""
+    import llama_cpp
+
+    from crecli.models.llama import LlamaBackend
+
+    backend = LlamaBackend(gemma, n_ctx=512)
+    try:
+        backend.generate(PROMPTS[4], GenParams(max_tokens=4))  # the Llama holds another prompt
+        backend.generate_many(PROMPTS[:3], [GenParams(max_tokens=8)] * 3, 3)
+        real = llama_cpp.llama_state_seq_set_data
+        restored: list[int] = []
+        monkeypatch.setattr(llama_cpp, "llama_state_seq_set_data",
+                            lambda ctx, data, size, seq: restored.append(seq) or real(ctx, data, size, seq))
+        params = [GenParams(max_tokens=8, temperature=0.7, seed=seed, stop=("\n",)) for seed in (11, 12, 13, 14)]
+        votes = backend.sample_many(PROMPTS[1], params)
+        assert backend._votes is not None and restored == [backend._votes.root]
+        assert len(votes) == 4 and all(0 < g.output_tokens <= 8 and "\n" not in g.text for g in votes)
+        assert all(g.prompt_tokens == votes[0].prompt_tokens > 0 for g in votes)
+    finally:
+        backend.close()
+

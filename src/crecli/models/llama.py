@@ -372,7 +372,7 @@ class LlamaBackend(Backend):
             size = self._kv_bytes(2 * self.n_ctx)
             self._votes = ParallelVotes(llm, max(len(params), VOTE_SEQUENCES), self.n_ctx, self.n_threads)
             self._votes_bytes = size
-        return self._votes.run(tokens, [p for _, p in prepared])
+        return self._votes.run(tokens, [p for _, p in prepared], self._handoff.pop(rendered.text, None))
 
     def _close_votes(self) -> None:
         if self._votes is not None:

@@ -101,8 +101,8 @@ class Handoff:
     process its prompt again (measured on qwen-0.5b: the votes' time tripled and the wave was
     a net loss). Restoring the cells (`llama_state_seq_set_data`) and the token list makes
     the `Llama` find the prompt cached, as if it had just decoded the greedy answer itself.
-    A wave of two or more votes runs on `ParallelVotes`, which does not read this yet and
-    decodes the prompt again.
+    A wave of two or more votes runs on `ParallelVotes`, which loads the same cells into its
+    shared sequence (`ParallelVotes._load_prompt`).
     """
 
     tokens: list[int]  # what the cells hold: the prompt, then the answer tokens decoded
@@ -349,8 +349,9 @@ class ParallelVotes:
     """The sampled votes of one prompt, decoded as parallel sequences over its KV cells.
 
     The prompt's cells come from the `Llama`, which holds them after the greedy vote
-    (`llama_state_seq_get_data`/`set_data` into sequence `root`, the reverse of `Handoff`);
-    only when it does not are they decoded here. Each vote's sequence starts as a copy of
+    (`llama_state_seq_get_data`/`set_data` into sequence `root`, the reverse of `Handoff`),
+    or from the prompt's `Handoff` after a parallel greedy wave; only when neither holds them
+    are they decoded here. Each vote's sequence starts as a copy of
     `root` up to the prompt's last token, which every sequence then decodes for its own
     first logits, in one batch; from there each step decodes one token per live sequence.
     Each sequence samples with its own chain (`sampler_chain`). A step's wall time is split
@@ -378,8 +379,10 @@ class ParallelVotes:
             llama_cpp.llama_free(self.ctx)
             self.ctx = None
 
-    def _load_prompt(self, tokens: list[int]) -> float:
-        """Make `root` hold `tokens[:-1]`; the seconds it took."""
+    def _load_prompt(self, tokens: list[int], handoff: "Handoff | None" = None) -> float:
+        """Make `root` hold `tokens[:-1]`; the seconds it took. The cells come from the
+        `Llama` where it holds the prompt, else from `handoff` (the prompt's cells from a
+        parallel greedy wave, `cre batch --parallel`), else are decoded here."""
         import llama_cpp
 
         head = tokens[:-1]
@@ -391,10 +394,18 @@ class ParallelVotes:
         self.held = []
         llm = self.llm
         n = len(head)
+        cells = None
         if llm.n_tokens >= n and list(llm.input_ids[:n]) == head:
             cells = Handoff.save(llm._ctx.ctx, 0, list(llm.input_ids[: llm.n_tokens]))
-            if llama_cpp.llama_state_seq_set_data(self.ctx, cells.data, len(cells.data), self.root):
-                llama_cpp.llama_memory_seq_rm(memory, self.root, n, -1)
+        elif handoff is not None and handoff.tokens[:n] == head:
+            # After a parallel wave the `Llama` holds none of its prompts: without this, every
+            # prompt's votes decoded it again, the cost the handoff exists to save.
+            cells = handoff
+        if cells is not None:
+            # The answer's cells past the prompt go; a memory that cannot drop a tail
+            # (recurrent models) would leave them for every vote to see, so it is decoded instead.
+            if llama_cpp.llama_state_seq_set_data(self.ctx, cells.data, len(cells.data), self.root) \
+                    and llama_cpp.llama_memory_seq_rm(memory, self.root, n, -1):
                 self.held = head
                 return time.perf_counter() - start
             llama_cpp.llama_memory_clear(memory, True)
@@ -407,17 +418,17 @@ class ParallelVotes:
         self.held = head
         return time.perf_counter() - start
 
-    def run(self, tokens: list[int], params: Sequence[GenParams]) -> list[Generation]:
+    def run(self, tokens: list[int], params: Sequence[GenParams], handoff: "Handoff | None" = None) -> list[Generation]:
         """Every vote's answer; a request that gives up (`cre serve`) stops them mid-decode."""
         with abort_on_cancel(self.ctx, cancel.current()):
-            return self._run(tokens, params)
+            return self._run(tokens, params, handoff)
 
-    def _run(self, tokens: list[int], params: Sequence[GenParams]) -> list[Generation]:
+    def _run(self, tokens: list[int], params: Sequence[GenParams], handoff: "Handoff | None") -> list[Generation]:
         import llama_cpp
 
         llm = self.llm
         memory = llama_cpp.llama_get_memory(self.ctx)
-        share = self._load_prompt(tokens) / len(params)
+        share = self._load_prompt(tokens, handoff) / len(params)
         n_prompt = len(tokens)
         streams: list[_Stream] = []
         chains = []
