@@ -8,8 +8,8 @@ rung, side by side in one run:
                time (`Backend.generate_many`), then each prompt's check with that vote, its
                sampled votes drawn as in the sequential path.
 It prints prompts/s and the speed-up over the sequential path, split into the greedy
-phase and the sampled votes (these re-process the prompt after a parallel wave, since the
-single-sequence cache no longer holds it), the share of greedy answers identical to the
+phase and the sampled votes (a wave of them decoded as parallel sequences; after a parallel
+greedy wave they load the prompt's KV cells it kept), the share of greedy answers identical to the
 sequential path's, the share of checked answers identical to its answers (sampled votes
 after a wave run on KV cells the parallel context computed, so they too can differ where
 floating-point order tips a token), and the accuracy of the greedy and checked answers.
@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Sequence
 
 from crecli import config, grading, querylog
 from crecli.errors import CreError
@@ -53,18 +54,33 @@ class Run:
 
 
 class Timed:
-    """Wraps a backend's `generate` to add each call's seconds to the greedy or the vote total."""
+    """Wraps a backend's `generate` and `sample_many` to add each answer's seconds to the
+    greedy or the vote total; everything else is the backend's."""
 
     def __init__(self, backend: LlamaBackend, run: Run) -> None:
         self.backend, self.run, self.spec = backend, run, backend.spec
 
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+    def _count(self, gens: Sequence[Generation], params: Sequence[GenParams]) -> None:
+        for gen, p in zip(gens, params):
+            if p.temperature == 0.0:
+                self.run.greedy_seconds += gen.seconds
+            else:
+                self.run.vote_seconds += gen.seconds
+
     def generate(self, prompt: str, params: GenParams) -> Generation:
         gen = self.backend.generate(prompt, params)
-        if params.temperature == 0.0:
-            self.run.greedy_seconds += gen.seconds
-        else:
-            self.run.vote_seconds += gen.seconds
+        self._count([gen], [params])
         return gen
+
+    def sample_many(self, prompt: str, params: Sequence[GenParams]) -> list[Generation]:
+        # The sampled votes, a wave at a time (`ParallelVotes`): each answer's seconds hold its
+        # share of the wave's decode steps and of loading the prompt's cells.
+        gens = self.backend.sample_many(prompt, params)
+        self._count(gens, params)
+        return gens
 
 
 def answer(backend: LlamaBackend, records: list[querylog.Record], quality: QualityCheck, threshold: float,
