@@ -28,7 +28,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Mapping, TextIO, TypeVar
 
-from crecli.console import progress, without_nan
+from crecli.console import progress, strict_json
 from crecli.costs import RunTotal
 from crecli.errors import CreError, InputError, ModelLoadError, ModelNotAvailable, UsageError
 from crecli.querylog import FieldMap, LongLine, Record, parse_batch_line, read_lines
@@ -350,7 +350,7 @@ def _json_line(record: dict[str, Any]) -> str:
     literals the JSON text is ASCII, so replacing surrogates keeps it valid.
     """
     # Strict JSON, as every --json: a float that is not finite is null, never a bare NaN.
-    text = json.dumps(without_nan(record), ensure_ascii=False, allow_nan=False)
+    text = strict_json(record, ensure_ascii=False)
     return replace_surrogates(text) + "\n"
 
 

@@ -65,8 +65,14 @@ def print_json(data: Any) -> None:
     computed is null, never NaN or Infinity, which are not JSON and which strict parsers
     (jq among them) refuse.
     """
-    sys.stdout.write(json.dumps(without_nan(data), indent=2, ensure_ascii=True, default=str, allow_nan=False) + "\n")
+    sys.stdout.write(strict_json(data, indent=2, ensure_ascii=True, default=str) + "\n")
     sys.stdout.flush()
+
+
+def strict_json(data: Any, **dumps: Any) -> str:
+    """`data` as the JSON text every crecli output writes (`json.dumps` with `dumps`): a float
+    that is not finite is null (`without_nan`), since NaN and Infinity are not JSON."""
+    return json.dumps(without_nan(data), allow_nan=False, **dumps)
 
 
 def without_nan(data: Any) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Collection, Sequence
 
-from crecli.console import err, out, print_json, status, without_nan
+from crecli.console import err, out, print_json, status, strict_json
 
 if TYPE_CHECKING:
     from crecli.models.backend import Generation
@@ -196,12 +196,10 @@ def routed_answer(trace: "Trace", as_json: bool, explain: bool, router_name: str
 
 def batch_summary(summary: "BatchSummary", as_json: bool) -> None:
     """The end-of-batch summary, on stderr (stdout carries the results)."""
-    import json
-
     if as_json:
         e = err()
         # As every JSON crecli writes: a figure that cannot be computed is null, never NaN.
-        e.file.write(json.dumps(without_nan(summary.to_dict()), ensure_ascii=False, allow_nan=False) + "\n")
+        e.file.write(strict_json(summary.to_dict(), ensure_ascii=False) + "\n")
         e.file.flush()
         return
     lines = [
