@@ -245,9 +245,10 @@ def parse_batch_line(
             body = body[len(_BOM):]
         if len(body) > fields.max_line_bytes:
             raise _Bad(_too_long(len(body), fields.max_line_bytes))
-        if _decode(body).lstrip().startswith("{"):
-            return _record_from_object(_object_line(body), fields, str(line_no), where)
-        text = _text_line(body)
+        text = _decode(body)
+        if text.lstrip().startswith("{"):
+            return _record_from_object(_object_line(text), fields, str(line_no), where)
+        text = _text_line(text)
         if not text.strip():
             raise _Bad("empty line; every input line needs a prompt")
         return Record(id=str(line_no), prompt=text.strip(), source=where)
@@ -314,21 +315,22 @@ _LONE_CR = ("a lone \"\\r\" is not a line break here (old Mac line endings?); co
             "tr '\\r' '\\n' < FILE > NEW")
 
 
-def _text_line(body: bytes) -> str:
-    """A plain-text line's prompt text, its ending already cut; a carriage return left
-    inside is refused (`_LONE_CR`)."""
-    if b"\r" in body:
+def _text_line(text: str) -> str:
+    """A plain-text line's prompt text (decoded, its ending already cut); a carriage return
+    left inside is refused (`_LONE_CR`)."""
+    if "\r" in text:
         raise _Bad(f"a carriage return inside the line: {_LONE_CR}")
-    return _decode(body)
+    return text
 
 
-def _object_line(body: bytes) -> dict[str, Any]:
-    """A JSON line's object, its ending already cut. A carriage return between JSON tokens is
-    whitespace, so the parser decides; where it fails, one inside says what it may be."""
+def _object_line(text: str) -> dict[str, Any]:
+    """A JSON line's object (decoded, its ending already cut). A carriage return between
+    JSON tokens is whitespace, so the parser decides; where it fails, one inside says what
+    it may be."""
     try:
-        return _parse_object(_decode(body))
+        return _parse_object(text)
     except _Bad as exc:
-        if b"\r" in body:
+        if "\r" in text:
             raise _Bad(f"{exc}; the line holds a carriage return: {_LONE_CR}") from None
         raise
 
@@ -375,12 +377,12 @@ def _line_rows(lines: _Lines, path: Path, fields: FieldMap,
 
 def _text_rows(lines: _Lines, path: Path, fields: FieldMap) -> Iterator[_Row]:
     return _line_rows(lines, path, fields,
-                      lambda raw, rid, source: Record(id=rid, prompt=_text_line(raw.rstrip(b"\r\n")).strip(), source=source))
+                      lambda raw, rid, source: Record(id=rid, prompt=_text_line(_decode(raw.rstrip(b"\r\n"))).strip(), source=source))
 
 
 def _jsonl_rows(lines: _Lines, path: Path, fields: FieldMap) -> Iterator[_Row]:
     return _line_rows(lines, path, fields, lambda raw, rid, source: _record_from_object(
-        _object_line(raw.rstrip(b"\r\n")), fields, rid, source))
+        _object_line(_decode(raw.rstrip(b"\r\n"))), fields, rid, source))
 
 
 def _parse_object(text: str) -> dict[str, Any]:
