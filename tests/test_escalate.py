@@ -23,7 +23,7 @@ from crecli.models.fake import FakeBackend
 from crecli.quality import QualityCheck, vote_seed
 from crecli.routerfile import RouterFile
 from support.ladder import LADDER, install, scripted
-from support.routers import FAR, make_router
+from support.routers import ADDITIONS, FAR, make_router
 
 
 @pytest.fixture
@@ -122,6 +122,36 @@ def test_early_stop_draws_the_fewest_votes(
     cascade = Cascade(router, settings, quality=QualityCheck(early_stop=early_stop))
     trace = cascade.ask("What is 9 plus 1?")
     assert len(created["small"].calls) == calls == trace.steps[0].used
+
+
+@pytest.mark.parametrize(
+    ("top", "early_stop", "votes", "streamed"),
+    [
+        # Threshold 0: the greedy answer is final as it comes, so it streams.
+        (0.0, True, ["I don't know", "7", "7", "7", "7"], "I don't know"),
+        # One vote meets 0.2 of 5, but an empty one (no number) does not: vote 1 decides.
+        (0.2, True, ["I don't know", "7", "7", "7", "7"], ""),
+        # Without early stopping every vote is drawn, and the majority outvotes the greedy one.
+        (0.0, False, ["8", "7", "7", "7", "7"], ""),
+    ],
+)
+def test_the_top_rung_streams_only_an_answer_no_later_vote_can_outvote(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig,
+    top: float, early_stop: bool, votes: list[str], streamed: str,
+) -> None:
+    # Streamed text is sent for good (`cre serve`): it once went out as the greedy vote's,
+    # and the answer the later votes chose came after it, the client left with the wrong one.
+    prompt = ADDITIONS[0]  # a numeric cluster, which starts on large here
+    install(fake_backends, {"large": {prompt: votes}})
+    router = make_router({"small": 0.6, "medium": 0.6, "large": top}, starts=("large", "medium", "small"))
+    cascade = Cascade(router, settings, quality=QualityCheck(early_stop=early_stop))
+    pending = cascade.begin(prompt)
+    pieces: list[str] = []
+    pending.stream = pieces.append
+    cascade.advance(pending, rungs=None)
+    assert [s.model for s in pending.trace.steps] == ["large"]
+    assert "".join(pieces) == streamed
+    assert pending.trace.answer == (streamed or "7")
 
 
 def test_check_is_usable_on_its_own() -> None:

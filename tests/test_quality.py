@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
-from crecli.quality import QualityCheck, blend_prior, decide, done, needed, trust
+from crecli.quality import QualityCheck, blend_prior, decide, done, first_vote_decides, needed, threshold_grid, trust
 
 
 @pytest.mark.parametrize(
@@ -39,6 +41,23 @@ def test_done_matches_decide() -> None:
     for n in range(1, 6):
         assert done(votes[:n], 5, 0.6) == (n >= decide(votes, 5, 0.6).used)
     assert not done(["7", "7"], 5, 0.6, early_stop=False)
+
+
+def test_the_first_vote_decides_only_where_no_later_vote_can_change_the_answer() -> None:
+    # What `ladder.streams_final` streams on: a threshold one vote meets (0.2 of 5) is not
+    # enough, as an empty greedy answer is outvoted there; nor is threshold 0 without early
+    # stopping, where all k votes are drawn and the majority wins.
+    assert first_vote_decides(5, 0.0) and first_vote_decides(1, 0.6) and first_vote_decides(1, 0.6, early_stop=False)
+    assert not first_vote_decides(5, 0.2) and not first_vote_decides(5, 0.6)
+    assert not first_vote_decides(5, 0.0, early_stop=False)
+    assert decide(["", "7"], 5, 0.2).answer == "7" and decide(["8", "7", "7"], 3, 0.0, early_stop=False).answer == "7"
+    # Where it says so, `decide` answers with the first vote after it alone, whatever the votes.
+    for k in range(1, 5):
+        for threshold, early in itertools.product([*threshold_grid(k), 0.5 / k], (True, False)):
+            if first_vote_decides(k, threshold, early):
+                for votes in itertools.product(("", "a", "b"), repeat=k):
+                    d = decide(votes, k, threshold, early)
+                    assert (d.used, d.index) == (1, 0), (k, threshold, early, votes)
 
 
 def test_needed_is_robust_to_float_error() -> None:

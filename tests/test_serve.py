@@ -34,7 +34,7 @@ from crecli.openai_wire import ApiError
 from crecli.serve_app import Limits, ServeOptions, create_app
 from crecli.serve_worker import Worker
 from support.ladder import install, ready_ladder
-from support.routers import make_router
+from support.routers import ADDITIONS, make_router
 from support.serving import serving
 from support.scale import server_log_lines
 from support.waiting import until
@@ -143,6 +143,24 @@ def test_streaming_through_the_client_and_the_router_name(
     assert "".join(c.choices[0].text for c in text_chunks) == "12"
     # medium answered, not the top rung: every chunk says so, as the whole response would.
     assert {c.model for c in chunks + text_chunks} == {"medium"}
+
+
+def test_a_top_rung_whose_empty_greedy_answer_can_be_outvoted_streams_only_the_final_answer(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig
+) -> None:
+    # A hand-set top threshold of 0.2 of 5 votes: the greedy "I don't know" holds no number,
+    # so vote 1's "7" decides. The greedy text was streamed first and "7" never followed it.
+    prompt = ADDITIONS[0]
+    install(fake_backends, {"large": {prompt: ["I don't know", "7", "7", "7", "7"]}})
+    router = make_router({"small": 0.6, "medium": 0.6, "large": 0.2}, starts=("large", "medium", "small"))
+    with serving(Cascade(router, settings)) as url:
+        chunks = list(client(url).chat.completions.create(
+            model="cre", messages=[{"role": "user", "content": prompt}], stream=True  # type: ignore[arg-type]
+        ))
+    contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert contents == ["7"]  # whole, in one chunk, once the votes had decided
+    final = chunks[-1].model_extra or {}
+    assert [s["votes"] for s in final["cre"]["steps"]] == [2] and final["cre"]["model"] == "large"
 
 
 def test_a_ladder_model_answers_alone_and_models_are_listed(

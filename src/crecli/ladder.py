@@ -37,7 +37,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Generator, Mapping, Protocol, Sequence
 
-from crecli.quality import DEFAULT_THRESHOLD, accept_deferral, decide, done, greedy_agreement, needed, wave
+from crecli.quality import DEFAULT_THRESHOLD, accept_deferral, decide, done, first_vote_decides, greedy_agreement, wave
 
 if TYPE_CHECKING:
     from crecli.quality import Deferral, QualityCheck
@@ -152,10 +152,13 @@ def judge(rung: Rung, votes: Votes) -> Verdict:
 
 def streams_final(rung: Rung) -> bool:
     """Whether the rung's greedy answer is the final answer while it is being generated, so
-    it may be streamed: the top rung answering greedily (a deferral router's top, or an
-    agreement top rung whose threshold one vote meets). An empty greedy answer may still be
-    outvoted there; it streams nothing, so nothing sent is ever taken back."""
-    return rung.top and (rung.check == GREEDY or (rung.check == AGREEMENT and needed(rung.threshold, rung.k) <= 1))
+    it may be streamed, and nothing sent is ever taken back: the top rung answering greedily
+    (a deferral router's top), or an agreement top rung whose first vote decides whatever it
+    says (`quality.first_vote_decides`: threshold 0 with early stopping, or k = 1). One whose
+    threshold one vote meets (0 < threshold <= 1/k) does not stream: its greedy answer may
+    turn out empty ("I think the sum is", no number) and be outvoted by the votes drawn after it."""
+    return rung.top and (rung.check == GREEDY or (
+        rung.check == AGREEMENT and first_vote_decides(rung.k, rung.threshold, rung.early_stop)))
 
 
 @dataclass

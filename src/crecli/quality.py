@@ -14,6 +14,9 @@ same procedure, so what it measures is what runs.
 
 An empty normalised answer (a model that only started explaining, or gave no option
 letter) is a vote for nothing: k empty answers agree perfectly but are never accepted.
+Nor does it fix a decision that needs one vote (0 < threshold <= 1/k): the votes after it
+decide. So the first vote is the answer whatever it says only where `first_vote_decides`,
+the one rule for streaming a top rung's greedy answer as it is generated.
 
 The calibrated alternative (`Deferral`, a router fitted with `cre calibrate --check
 deferral`): each rung's greedy answer gets P(correct) from a logistic regression on signals
@@ -187,6 +190,19 @@ def done(votes: Sequence[str], k: int, threshold: float, early_stop: bool = True
     if not early_stop or not votes:
         return False
     return _fixed(Counter(votes), needed(threshold, k), k - len(votes))
+
+
+def first_vote_decides(k: int, threshold: float, early_stop: bool = True) -> bool:
+    """Whether `decide`'s answer is the first vote whatever that vote says: `done` after it,
+    empty or not. Only then is the greedy answer known to be final while it is generated
+    (`ladder.streams_final`).
+
+    Not whenever one vote can meet the threshold: at `needed` 1 of k > 1 an empty greedy
+    answer does not, and later votes decide; without early stopping all k are drawn and
+    the majority may outvote it. `_fixed` tells votes apart only by being empty, so "" and
+    one non-empty answer stand for every first vote.
+    """
+    return all(done([vote], k, threshold, early_stop) for vote in ("", "answer"))
 
 
 def wave(votes: Sequence[str], k: int, threshold: float, early_stop: bool = True) -> int:
