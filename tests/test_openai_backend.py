@@ -324,28 +324,34 @@ def test_user_text_sent_to_a_server_cannot_spell_a_control_token(server: _Server
 
 def test_a_streamed_answer_keeps_a_tail_that_only_starts_a_stop_string(monkeypatch: pytest.MonkeyPatch) -> None:
     # A finished stream dropped "<", the start of chatml's "<|im_end|>"; the answer unstreamed kept it.
-    import asyncio
-
-    from crecli.models import http as transport
     from support.fake_openai import FakeOpenAI
-    from support.scale import fresh_remote
+    from support.scale import fresh_remote, pooled_transport
 
     fresh_remote(monkeypatch)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    pool = transport.LoopTransport(loop)
-    previous = transport.use(pool)
     got: list[str] = []
-    try:
-        with FakeOpenAI() as engine:
-            engine.answer = lambda prompt, body: "4 <"
-            backend = OpenAIBackend(_spec(engine.url, prompt_format="chatml"))
-            gen = backend.generate_streaming("What is 2 plus 2?", GenParams(max_tokens=8), got.append)
-            whole = backend.generate("What is 2 plus 2?", GenParams(max_tokens=8))
-    finally:
-        transport.use(previous)
-        asyncio.run_coroutine_threadsafe(pool.aclose(), loop).result(5)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
+    with pooled_transport(), FakeOpenAI() as engine:
+        engine.answer = lambda prompt, body: "4 <"
+        backend = OpenAIBackend(_spec(engine.url, prompt_format="chatml"))
+        gen = backend.generate_streaming("What is 2 plus 2?", GenParams(max_tokens=8), got.append)
+        whole = backend.generate("What is 2 plus 2?", GenParams(max_tokens=8))
     assert gen.text == whole.text == "4 <" and "".join(got) == "4 <"
+
+
+@pytest.mark.parametrize("prompt_format", ["chat", "chatml"])
+def test_a_server_that_ignores_stream_is_answered_from_its_whole_completion(
+    monkeypatch: pytest.MonkeyPatch, prompt_format: str
+) -> None:
+    # A server (or proxy) that sends a whole JSON completion to `stream: true`: the stream
+    # parser found no event in it, and the request ended in an error though the answer was there.
+    from support.fake_openai import FakeOpenAI
+    from support.scale import fresh_remote, pooled_transport
+
+    fresh_remote(monkeypatch)
+    got: list[str] = []
+    with pooled_transport(), FakeOpenAI() as engine:
+        engine.answer, engine.ignore_stream = (lambda prompt, body: "4 apples"), True
+        backend = OpenAIBackend(_spec(engine.url, prompt_format=prompt_format))
+        gen = backend.generate_streaming("What is 2 plus 2?", GenParams(max_tokens=8), got.append)
+        assert engine.requests[-1]["body"]["stream"] is True and len(engine.requests) == 1
+    assert gen.text == "".join(got) == "4 apples"
+    assert gen.output_tokens == 2 and gen.prompt_tokens > 0 and gen.finish_reason == "stop"

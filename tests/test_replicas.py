@@ -29,7 +29,8 @@ from crecli.models.openai import OpenAIBackend, RungUnavailable
 from crecli.models.replicas import ReplicaSet
 from support.fake_openai import FakeOpenAI
 from support.routers import ADDITIONS, FAR, make_router
-from support.scale import at_once, dead_url, dead_urls, fresh_remote, ladder_toml, post, server_log_lines, use_models
+from support.scale import (at_once, dead_url, dead_urls, fresh_remote, ladder_toml, pooled_transport, post,
+                           server_log_lines, use_models)
 from support.serving import serving_cascade
 from support.waiting import until
 
@@ -255,6 +256,44 @@ def test_a_replica_that_does_not_serve_the_rung_fails_over_and_is_taken_out(faul
         with pytest.raises(RungUnavailable) as info:
             OpenAIBackend(_spec([wrong.url])).generate("hi", GenParams(max_tokens=4, temperature=0.5))
     assert (str(fault) if fault != "page" else "not an OpenAI-style completion") in str(info.value)
+
+
+@pytest.mark.parametrize(("page", "page_type"), [
+    (b"<html>captive portal: sign in</html>", "text/html"),  # a proxy's page
+    (b'{"error": {"message": "no such route"}}', "application/json"),  # a plain JSON error
+    (b"<html>502 bad gateway</html>\n", "text/event-stream"),  # an event stream with no event
+    (b": keep-alive\n\n", "text/event-stream; charset=utf-8"),
+    (b"", "text/event-stream"),
+])
+def test_a_streamed_reply_that_is_no_event_stream_fails_over_before_any_word(page: bytes, page_type: str) -> None:
+    """A 200 to a streamed request that is not an event stream, or ends before its first
+    event, is judged whole before a word goes out: no completion, so the replica's failure,
+    as for a request not streamed. It ended the request in an error with the next replica
+    never tried, and a rung below the top was not passed over."""
+    with pooled_transport(), FakeOpenAI() as wrong, FakeOpenAI() as alive:
+        wrong.page, wrong.page_type = page, page_type
+        backend = OpenAIBackend(_spec([wrong.url, alive.url]))
+        got: list[str] = []
+        gen = backend.generate_streaming("hi", GenParams(max_tokens=4), got.append)
+        assert gen.text == "".join(got) == "42" and len(wrong.requests) == len(alive.requests) == 1
+        assert backend.replicas.states()[wrong.url].startswith("out: reply not a completion")
+        assert alive.requests[0]["body"]["stream"] is True
+        got.clear()
+        with pytest.raises(RungUnavailable, match="not an OpenAI-style completion") as info:
+            OpenAIBackend(_spec([wrong.url])).generate_streaming("hi", GenParams(max_tokens=4), got.append)
+    assert got == [] and info.value.public == "rung 'big' could not answer: its server failed (reply not a completion)"
+
+
+def test_a_stream_cut_short_after_its_first_words_is_not_tried_again() -> None:
+    # Words already went to the client: another replica would send them again.
+    from crecli.models.openai import RemoteError
+
+    with pooled_transport(), FakeOpenAI() as cut, FakeOpenAI() as other:
+        cut.answer, cut.stream_done = (lambda prompt, body: "forty two"), False
+        got: list[str] = []
+        with pytest.raises(RemoteError, match=r"without `data: \[DONE\]`") as info:
+            OpenAIBackend(_spec([cut.url, other.url])).generate_streaming("hi", GenParams(max_tokens=4), got.append)
+    assert not isinstance(info.value, RungUnavailable) and got and other.requests == []
 
 
 @pytest.mark.parametrize(("status", "advice"), [(404, "`api_model`"), (401, "api_key_env")])

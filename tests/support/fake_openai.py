@@ -38,8 +38,10 @@ class FakeOpenAI:
     - `status` / `retry_after`: answer every request with this HTTP error (503, 500, 429...);
       with `status_once`, only the next request: `status` clears as that request reads it,
       before its reply, so the client's next request is answered (no timer to race it);
-    - `page`: answer every request 200 with these bytes as text/html (a proxy's or another
-      service's page where the API should be: no completion);
+    - `page`: answer every request 200 with these bytes as `page_type` (text/html: a proxy's
+      or another service's page where the API should be: no completion);
+    - `ignore_stream`: answer a streamed request with a whole JSON completion (a server or
+      proxy that ignores `stream: true`);
     - `die`: close the connection holding the request, with no reply (a crashed server);
     - `delay`: seconds before answering (a slow or hung server); `token_delay` between streamed tokens;
     - `stream_error`: a stream sends this error event after its tokens (an engine failing
@@ -58,6 +60,8 @@ class FakeOpenAI:
         self.retry_after: str | None = None
         self.status_once = False
         self.page: bytes | None = None
+        self.page_type = "text/html"
+        self.ignore_stream = False
         self.die = False
         self.delay = 0.0
         self.token_delay = 0.0
@@ -136,7 +140,7 @@ class FakeOpenAI:
             return
         if self.page is not None:
             h.send_response(200)
-            h.send_header("Content-Type", "text/html")
+            h.send_header("Content-Type", self.page_type)
             h.send_header("Content-Length", str(len(self.page)))
             h.end_headers()
             h.wfile.write(self.page)
@@ -161,7 +165,7 @@ class FakeOpenAI:
         logprobs = self._logprobs(toks, top, chat) if wants and self.logprobs != "drop" else None
         usage = {"prompt_tokens": max(1, len(prompt.split())), "completion_tokens": len(toks),
                  "total_tokens": max(1, len(prompt.split())) + len(toks)}
-        if body.get("stream"):
+        if body.get("stream") and not self.ignore_stream:
             self._stream(h, toks, chat, usage, bool((body.get("stream_options") or {}).get("include_usage")))
             return
         choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": logprobs}

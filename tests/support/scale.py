@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import httpx
 import pytest
@@ -106,6 +107,28 @@ def use_models(monkeypatch: pytest.MonkeyPatch, answers: dict[str, Callable[[str
     monkeypatch.setattr(registry, "make_backend", make)
     monkeypatch.setattr(registry, "reports_signals", lambda spec: False)
     return made
+
+
+@contextmanager
+def pooled_transport() -> Iterator[None]:
+    """`cre serve`'s transport (`http.LoopTransport`, the one that streams) for the block, on
+    an event loop of its own, as the process's; the default one again after."""
+    import asyncio
+
+    from crecli.models import http as transport
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    pool = transport.LoopTransport(loop)
+    previous = transport.use(pool)
+    try:
+        yield
+    finally:
+        transport.use(previous)
+        asyncio.run_coroutine_threadsafe(pool.aclose(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
 
 
 def slow(answer: str, seconds: float, log: dict[str, list[int]] | None = None, name: str = "") -> Callable[..., str]:

@@ -118,6 +118,28 @@ def _completion_shape(data: Any, chat: bool) -> str | None:
     return None
 
 
+def _event(line: str) -> dict[str, Any] | str | None:
+    """What a line of a server-sent event stream carries: "[DONE]", an event's JSON object, or
+    None for any other line (a comment, another field, a blank line, data that is no object)."""
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return data
+    try:
+        event = json.loads(data)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def _answer_text(data: dict[str, Any], chat: bool) -> str:
+    """The answer in a whole completion (`_completion_shape` passed): its first choice's
+    message content (chat) or text."""
+    choice = data["choices"][0]
+    return _text((choice.get("message") or {}).get("content") if chat else choice.get("text"))
+
+
 class RemoteError(BackendError):
     """A remote rung's server did not answer: `status` is its HTTP status (None when no reply
     came: refused connection, timeout, broken reply), `retry_after` its Retry-After in seconds."""
@@ -132,7 +154,8 @@ class RemoteError(BackendError):
 class RungUnavailable(RemoteError):
     """Every replica of a remote rung failed this request (refused, timed out, broke off,
     5xx, busy past the time left, or does not serve the rung: a redirect, 401, 403, 404, 405,
-    a reply that is no completion): the cascade moves on to the next rung
+    a reply that is no completion, or to a streamed request neither an event stream nor a
+    completion): the cascade moves on to the next rung
     (`escalate.Cascade`). The message names the rung, each server and why; `public` says
     the same without addresses, for a client of `cre serve`; `retry_after` is the seconds
     until its first server is due back in rotation (`ReplicaSet.back_in`)."""
@@ -279,8 +302,11 @@ class OpenAIBackend(Backend):
         log-probabilities), not the replica's: it is raised at once naming the replica
         (`RemoteError.server`), which stays in rotation. Returns the reply, its seconds and the
         replica that answered. With `on_line`, the reply is a server-sent event stream whose
-        lines go to `on_line` as they come (`stream` transports only); the dict returned is
-        then empty."""
+        lines go to `on_line` as they come, from its first event on (`stream` transports
+        only); the dict returned is then empty. A 2xx reply that is no event stream, or that
+        ends before its first event, is judged whole as without `on_line`, before anything
+        reached `on_line`: a completion (a server that ignored `stream`) is returned, anything
+        else is the replica's failure."""
         timeout = self.timeout if timeout is None else timeout
         payload = json.dumps(body).encode()
         headers = self._headers()
@@ -288,10 +314,16 @@ class OpenAIBackend(Backend):
         short: list[str] = []  # the same, without addresses
         last: RemoteError | None = None  # the last HTTP error, for its status
         waited = False
-        streamed = [False]  # a line of a stream reached `on_line`
+        streamed = [False]  # an event of a stream reached `on_line`
+        held: list[str] = []  # the lines of this try's stream before its first event
 
         def tracked(line: str) -> None:
-            streamed[0] = True
+            if not streamed[0]:
+                if _event(line) is None:
+                    # Skipped by `on_line` anyway; kept to judge a reply in which no event comes.
+                    held.append(line)
+                    return
+                streamed[0] = True
             on_line(line)  # type: ignore[misc]
 
         tracked_or_none = tracked if on_line is not None else None
@@ -307,6 +339,7 @@ class OpenAIBackend(Backend):
             # The rung's timeout, or less where the request has less left: a server that hangs
             # past it is taken out and the request tried elsewhere while time remains.
             try_for = min(timeout, max(0.1, left))
+            held.clear()
             try:
                 reply = self._send(url, payload, headers, try_for, tracked_or_none)
             except transport.TransportError as exc:
@@ -352,11 +385,14 @@ class OpenAIBackend(Backend):
                 raise self._status_error(reply, where, replica.url)
             if status < 300:
                 seconds = time.perf_counter() - start
-                if on_line is not None:
+                if streamed[0]:
                     self.replicas.release(replica)
                     return {}, seconds, replica.url
+                # A stream's lines, where it was one with no event in it (the transport reads a
+                # 2xx that is no event stream whole, into `body`).
+                raw = reply.body or "\n".join(held).encode()
                 try:
-                    data = json.loads(reply.body)
+                    data = json.loads(raw)
                 except ValueError:
                     data = None
                 wrong = _completion_shape(data, chat=endpoint.startswith("chat"))
@@ -366,7 +402,8 @@ class OpenAIBackend(Backend):
                 # A 200 that is no completion (a proxy's or another service's page): this
                 # address serves something else, whatever was asked.
                 error = RemoteError(
-                    f"{where}: the reply is not an OpenAI-style completion ({wrong}: {reply.body[:200]!r}); "
+                    f"{where}: the reply is not an OpenAI-style completion"
+                    f"{' nor an event stream' if on_line is not None else ''} ({wrong}: {raw[:200]!r}); "
                     "check that `url` points at the API root (usually ending in /v1)"
                 )
                 why = "reply not a completion"
@@ -493,20 +530,20 @@ class OpenAIBackend(Backend):
     def complete(self, rendered: Rendered, params: GenParams) -> Generation:
         greedy = params.temperature == 0.0 and params.signals
         data, seconds = self._ask("completions", self._completion_body(rendered, params), greedy)
-        return self._generation(data, _text(data["choices"][0].get("text")), seconds, greedy)
+        return self._generation(data, _answer_text(data, chat=False), seconds, greedy)
 
     def generate(self, prompt: str, params: GenParams = GenParams()) -> Generation:
         if self.spec.prompt_format != "chat":
             return super().generate(prompt, params)
         greedy = params.temperature == 0.0 and params.signals
         data, seconds = self._ask("chat/completions", self._chat_body(prompt, params), greedy)
-        message = data["choices"][0].get("message") or {}
-        return self._generation(data, _text(message.get("content")), seconds, greedy)
+        return self._generation(data, _answer_text(data, chat=True), seconds, greedy)
 
     def generate_streaming(self, prompt: str, params: GenParams, emit: Callable[[str], None]) -> Generation:
         """`generate` with the server's own token stream passed through to `emit` (`stream:
         true`, usage asked for in the last event), where the transport streams (`cre
-        serve`'s); else the whole answer at once. A streamed answer carries no signals: only
+        serve`'s); else the whole answer at once, as it is where the server answers with a whole
+        completion (one that ignores `stream`). A streamed answer carries no signals: only
         a rung whose answer is already final streams, and nothing reads them there."""
         if not hasattr(transport.current(), "stream"):
             return super().generate_streaming(prompt, params, emit)
@@ -525,17 +562,11 @@ class OpenAIBackend(Backend):
         ended: list[str] = []  # "[DONE]", or the error an event reported
 
         def on_line(line: str) -> None:
-            if not line.startswith("data:"):
+            event = _event(line)
+            if event is None:
                 return
-            data = line[5:].strip()
-            if data == "[DONE]":
-                ended.append(data)
-                return
-            try:
-                event = json.loads(data)
-            except ValueError:
-                return
-            if not isinstance(event, dict):
+            if isinstance(event, str):
+                ended.append(event)  # "[DONE]"
                 return
             if event.get("error") is not None and not event.get("choices"):
                 # An engine that fails mid-stream says so in an event (vLLM, llama.cpp's server).
@@ -560,10 +591,15 @@ class OpenAIBackend(Backend):
                 if choice.get("finish_reason"):
                     finish[0] = str(choice["finish_reason"])
 
-        _, seconds, _ = self._post(endpoint, body, on_line=on_line)
+        whole, seconds, _ = self._post(endpoint, body, on_line=on_line)
+        if whole:
+            # No stream but a whole completion (`_post` judged it): nothing went out yet.
+            gen = self._generation(whole, cut_at_stop(_answer_text(whole, chat), params.stop)[0], seconds, False)
+            streamed.finish(gen.text)
+            return gen
         if not ended or ended[0] != "[DONE]":
-            # Without [DONE] the answer may be cut short, or the reply was no event stream at
-            # all (a proxy that ignores `stream`): not an empty answer to keep.
+            # Without [DONE] the answer may be cut short (a reply with no event at all was
+            # judged by `_post`): not an answer to keep.
             why = ended[0] if ended else "the reply ended without `data: [DONE]` (not a complete event stream)"
             raise RemoteError(f"model {self.spec.name!r}: {why}")
         # Cut at a whole stop string; a tail that only starts one stays (the answer is complete).
