@@ -284,6 +284,16 @@ def test_a_streamed_reply_that_is_no_event_stream_fails_over_before_any_word(pag
     assert got == [] and info.value.public == "rung 'big' could not answer: its server failed (reply not a completion)"
 
 
+def test_an_event_stream_sent_under_another_content_type_still_streams() -> None:
+    # Its lines decide, not its header: a server or proxy that streams events as text/plain
+    # (or none) was read whole and failed over, its words lost, when the header decided.
+    with pooled_transport(), FakeOpenAI() as plain, FakeOpenAI() as other:
+        plain.answer, plain.stream_type = (lambda prompt, body: "forty two"), "text/plain"
+        got: list[str] = []
+        gen = OpenAIBackend(_spec([plain.url, other.url])).generate_streaming("hi", GenParams(max_tokens=4), got.append)
+    assert gen.text == "forty two" and len(got) > 1 and "".join(got) == "forty two" and other.requests == []
+
+
 def test_a_stream_cut_short_after_its_first_words_is_not_tried_again() -> None:
     # Words already went to the client: another replica would send them again.
     from crecli.models.openai import RemoteError

@@ -41,7 +41,7 @@ class FakeOpenAI:
     - `page`: answer every request 200 with these bytes as `page_type` (text/html: a proxy's
       or another service's page where the API should be: no completion);
     - `ignore_stream`: answer a streamed request with a whole JSON completion (a server or
-      proxy that ignores `stream: true`);
+      proxy that ignores `stream: true`); `stream_type`: the Content-Type a stream is sent as;
     - `die`: close the connection holding the request, with no reply (a crashed server);
     - `delay`: seconds before answering (a slow or hung server); `token_delay` between streamed tokens;
     - `stream_error`: a stream sends this error event after its tokens (an engine failing
@@ -62,6 +62,7 @@ class FakeOpenAI:
         self.page: bytes | None = None
         self.page_type = "text/html"
         self.ignore_stream = False
+        self.stream_type = "text/event-stream"
         self.die = False
         self.delay = 0.0
         self.token_delay = 0.0
@@ -190,7 +191,7 @@ class FakeOpenAI:
 
     def _stream(self, h: Any, toks: list[Tok], chat: bool, usage: dict[str, int], include_usage: bool) -> None:
         h.send_response(200)
-        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Content-Type", self.stream_type)
         h.send_header("Transfer-Encoding", "chunked")
         h.end_headers()
 

@@ -109,11 +109,6 @@ def _lines(raw: bytes, on_line: Callable[[str], None]) -> None:
         on_line(line)
 
 
-def _event_stream(headers: dict[str, str]) -> bool:
-    """Whether a reply's headers (names lower-cased) say its body is a server-sent event stream."""
-    return headers.get("content-type", "").split(";")[0].strip().lower() == "text/event-stream"
-
-
 def _lower(headers: Any) -> dict[str, str]:
     return {str(k).lower(): str(v) for k, v in (headers.items() if headers is not None else ())}
 
@@ -142,11 +137,11 @@ class LoopTransport:
 
     def stream(self, url: str, body: bytes, headers: dict[str, str], timeout: float, max_bytes: int,
                on_line: Callable[[str], None]) -> Reply:
-        """POST, handing each line of a 2xx event stream's body (Content-Type
-        text/event-stream) to `on_line` as it arrives (on the loop's thread: keep it quick).
-        The reply's body is left empty then; any other reply's body (an error, or a 2xx that
-        is no event stream: a proxy's page, a whole completion) is read whole, for the caller
-        to judge. `timeout` bounds each read, not the whole stream: a server that
+        """POST, handing each line of a 2xx reply's body to `on_line` as it arrives (on the
+        loop's thread: keep it quick); the reply's body is left empty then, and an error
+        reply's body is read whole. Whatever its Content-Type says: the caller tells an event
+        stream from a page or a whole completion by its lines (`OpenAIBackend._post`), as a
+        server may stream under another type. `timeout` bounds each read, not the whole stream: a server that
         keeps sending tokens goes on until the request's deadline cancels it, if it has one."""
         return self._run(self._post(url, body, headers, timeout, max_bytes, on_line), timeout, whole=False)
 
@@ -179,7 +174,7 @@ class LoopTransport:
         try:
             async with self.client.stream("POST", url, content=body, headers=headers, timeout=timeout) as response:
                 got = _lower(response.headers)
-                if on_line is not None and response.status_code < 300 and _event_stream(got):
+                if on_line is not None and response.status_code < 300:
                     # Lines split here, from bytes counted as they come: httpx's aiter_lines
                     # would hold a reply with no newline whole, past `max_bytes`.
                     size, buf = 0, bytearray()

@@ -303,9 +303,9 @@ class OpenAIBackend(Backend):
         (`RemoteError.server`), which stays in rotation. Returns the reply, its seconds and the
         replica that answered. With `on_line`, the reply is a server-sent event stream whose
         lines go to `on_line` as they come, from its first event on (`stream` transports
-        only); the dict returned is then empty. A 2xx reply that is no event stream, or that
-        ends before its first event, is judged whole as without `on_line`, before anything
-        reached `on_line`: a completion (a server that ignored `stream`) is returned, anything
+        only); the dict returned is then empty. A 2xx reply in which no event comes (a page, a
+        whole completion, an empty stream; whatever its Content-Type says) is judged whole as
+        without `on_line`, before anything reached `on_line`: a completion (a server that ignored `stream`) is returned, anything
         else is the replica's failure."""
         timeout = self.timeout if timeout is None else timeout
         payload = json.dumps(body).encode()
@@ -388,8 +388,7 @@ class OpenAIBackend(Backend):
                 if streamed[0]:
                     self.replicas.release(replica)
                     return {}, seconds, replica.url
-                # A stream's lines, where it was one with no event in it (the transport reads a
-                # 2xx that is no event stream whole, into `body`).
+                # A streamed reply with no event in it: its lines, held back, judged whole.
                 raw = reply.body or "\n".join(held).encode()
                 try:
                     data = json.loads(raw)
