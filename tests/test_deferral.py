@@ -49,6 +49,17 @@ def test_deferral_features_order_floor_flags_prior_and_agreement() -> None:
     assert len(five) == len(feature_names(5)) == 6 and five[5] == pytest.approx(3 / 5)
 
 
+def test_an_answer_is_cut_at_its_token_cap_or_where_it_fills_the_context() -> None:
+    from crecli.quality import was_cut
+
+    assert was_cut(16, 16) and was_cut(17, 16) and not was_cut(15, 16)
+    # 2000 prompt tokens leave 48 of a 2048 context: an answer of 48 stopped there, not done.
+    assert was_cut(48, 64, 2000, 2048) and was_cut(40, 64, 2008, 2048)
+    assert not was_cut(47, 64, 2000, 2048)
+    # A remote rung's window is unknown (None; 0 alike): only its cap tells.
+    assert not was_cut(48, 64, 2000, None) and not was_cut(48, 64, 2000, 0) and was_cut(64, 64, 2000, None)
+
+
 def test_a_nan_signal_is_a_missing_one_not_a_nan_p_correct() -> None:
     # A NaN margin made P(correct) NaN, under every threshold, so the answer went to the
     # top rung; a NaN log-probability read as the floor, the lowest confidence there is.
@@ -227,6 +238,50 @@ def test_calibrated_deferral_live_matches_its_replay(
     batch = runner.invoke(app, ["batch", "--router", str(router), *m, "--no-log"], input="What is 3 plus 4?\n")
     assert batch.exit_code == 0, batch.output
     assert 0.0 <= json.loads(batch.stdout.splitlines()[0])["p_correct"] <= 1.0
+
+
+def _long_winded(text: str, params: GenParams) -> str:
+    # The right sum, then more words than a tight context leaves room for, fewer than the cap.
+    return _sum(text, params) + " is what the two numbers add up to here"
+
+
+def test_an_answer_stopped_by_the_context_window_is_cut_live_and_replayed_alike(
+    fake_backends: Callable[..., Any], tiny_models_toml: Path, tmp_path: Path
+) -> None:
+    """Below its token cap, an answer that filled the rung's context (the runtime stops it
+    there after a long prompt) is as truncated as one at the cap: the deferral check's
+    empty_or_cut feature says so, in the live check and in the replay calibration and
+    evaluation run on its recording."""
+    from crecli import grading, replay
+    from crecli.live import check
+    from crecli.models.fake import FakeBackend
+    from crecli.quality import SIGNAL_FEATURES, judge_deferral, vote_params
+
+    prompt, cap = "What is 3 plus 1?", grading.max_tokens_for("numeric")
+    probe = FakeBackend(config.load(tiny_models_toml).get("small"))
+    n_prompt = probe.count_tokens(probe.prepare(prompt, vote_params(QualityCheck(k=1), 0, cap, prompt))[0])
+    assert len(_long_winded(prompt, GenParams()).split()) < cap
+    # Room for 3 answer tokens after the prompt; every prompt of the log below is as long.
+    tight = tmp_path / "tight.toml"
+    tight.write_text(tiny_models_toml.read_text().replace("[models.small]\n", f"[models.small]\ncontext = {n_prompt + 3}\n"))
+    settings = config.load(tight)
+    # P(correct) reads empty_or_cut alone: high for a whole answer, low for a cut one.
+    rule = Deferral(SIGNAL_FEATURES, (0.0, 0.0, 0.0, -10.0, 0.0), 5.0, (0.0,) * 5, 0.5)
+    uncut = rule.p_correct([None, None, None, 0.0, 0.0])
+
+    live = check(FakeBackend(settings.get("small"), _long_winded), prompt, QualityCheck(k=1), 0.5, cap, "numeric",
+                 deferral=rule)
+    assert live.greedy_output_tokens == 3 < cap and live.answer.startswith("4")
+    assert live.p_correct == pytest.approx(rule.p_correct([None, None, None, 1.0, 0.0])) and live.p_correct < uncut
+    assert not live.accepted
+
+    fake_backends({"small": _long_winded, "medium": _long_winded, "large": _sum})
+    log, router, _ = _fitted(tmp_path, tight)
+    data = replay.prepare(routerfile.load(router, settings), settings, log)
+    record = next(r for r in data.records if r.prompt == prompt)
+    small, medium = data.replay.entries[(record.id, "small")], data.replay.entries[(record.id, "medium")]
+    assert small.cut and not medium.cut  # medium has its whole 2048-token context
+    assert judge_deferral(rule, small.signals, small.answers[:1], small.cut, 0.5) == pytest.approx(live.p_correct)
 
 
 def _fitted(tmp_path: Path, models_toml: Path, *fit_args: str) -> tuple[Path, Path, tuple[str, str]]:

@@ -33,7 +33,7 @@ from crecli.models import replicas
 from crecli.models.backend import GenParams
 from crecli.models.llama import LlamaBackend
 from crecli.models.openai import OpenAIBackend
-from crecli.quality import DeferralCheck, QualityCheck, deferral_features, judge_deferral, vote_params
+from crecli.quality import DeferralCheck, QualityCheck, deferral_features, judge_deferral, vote_params, was_cut
 from crecli.route import RouteDecision, route
 from crecli.routerfile import FitRecord, LadderEntry, RouterFile
 from support.engines import ALIAS, engine
@@ -102,7 +102,7 @@ def test_a_remote_rungs_signals_match_the_in_process_backends_on_50_prompts(gemm
                 for side, backend in (("local", local), ("remote", remote)):
                     gen = backend.generate(record["prompt"], params)
                     answer = grading.normalize(gen.text, match)
-                    cut = gen.output_tokens >= params.max_tokens
+                    cut = was_cut(gen.output_tokens, params.max_tokens, gen.prompt_tokens, backend.spec.context_window)
                     row[side] = {"text": gen.text, "signals": gen.signals.to_list() if gen.signals else None,
                                  "features": deferral_features(gen.signals, [answer], cut, prior),
                                  "p_correct": judge_deferral(rule, gen.signals, [answer], cut, prior)}

@@ -146,6 +146,13 @@ class ModelSpec:
         cascade (`Backend.shot_tokens`) and the replay (`shots.resolve_shots`) alike."""
         return not self.url
 
+    @property
+    def context_window(self) -> int | None:
+        """The context an answer is held to, prompt included: models.toml's `context` in
+        process, where the runtime stops an answer that fills it; None for a remote rung,
+        whose server's own window is unknown here."""
+        return None if self.url else self.context
+
     def answer_settings(self) -> dict[str, Any]:
         """The settings (`ANSWER_SETTINGS`) this model answers with, as they take effect: how
         its prompts are rendered; its context, which caps an answer at what is left of it
@@ -156,7 +163,7 @@ class ModelSpec:
         fitted or calibrated, and warns where a rung has others here."""
         return {
             "prompt_format": self.prompt_format,
-            "context": None if self.url else self.context,
+            "context": self.context_window,
             "repeat_penalty": self.repeat_penalty if self.url else IN_PROCESS_REPEAT_PENALTY,
         }
 

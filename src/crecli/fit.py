@@ -528,7 +528,8 @@ def plan(
     are kept and nothing is replayed.
     """
     ladder = list(settings.ladder)
-    costs = CostModel.build(outcomes.values(), settings.ladder_specs())
+    specs = settings.ladder_specs()
+    costs = CostModel.build(outcomes.values(), specs)
     labels = [int(clusters[r.id]) for r in records]
     table = cluster_stats(labels, records, outcomes, ladder, costs)
     choice = choose_models(table, budget)
@@ -538,6 +539,6 @@ def plan(
             f"thresholds keep their defaults ({DEFAULT_THRESHOLD} below the top rung) instead of being tuned"
         )
         return Plan(table, choice, default_thresholds(ladder), costs.unit, None, None, None)
-    replay = Replay.build(outcomes, records, ladder, costs)
+    replay = Replay.build(outcomes, records, ladder, costs, specs)
     tuning = tune_thresholds(replay, assignments_for(records, labels, choice), quality, budget)
     return Plan(table, choice, tuning.thresholds, costs.unit, tuning.result, tuning.reference, tuning.met)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 from crecli import grading
 from crecli.costs import Pricing, price_steps
 from crecli.ladder import AGREEMENT, DEFERRAL, GREEDY, Climb, Rung, Verdict, judge, streams_final
-from crecli.quality import judge_deferral, vote_params
+from crecli.quality import judge_deferral, vote_params, was_cut
 from crecli.trace import Step, Trace
 
 if TYPE_CHECKING:
@@ -114,8 +114,10 @@ class LiveVotes:
             self.normalized.append(grading.normalize(gen.text, self.answer_type))
             if len(self.texts) == 1:
                 self.prompt_tokens, self.greedy_output_tokens = gen.prompt_tokens, gen.output_tokens
-                # As the replay judges recorded votes, which keep token counts, not finish reasons.
-                self.signals, self.cut = gen.signals, gen.output_tokens >= self.max_tokens
+                # From token counts, as the replay judges recorded votes (`quality.was_cut`).
+                self.signals = gen.signals
+                self.cut = was_cut(gen.output_tokens, self.max_tokens, gen.prompt_tokens,
+                                   self.backend.spec.context_window)
             self.output_tokens += gen.output_tokens
             self.seconds += gen.seconds
         return self.normalized[start:]

@@ -227,7 +227,7 @@ def wave(votes: Sequence[str], k: int, threshold: float, early_stop: bool = True
 
 # Inputs of a rung's deferral model, in order. All come free with the greedy answer:
 # its weakest and mean token log-probability, the option-letter margin (choice answers),
-# whether the answer is empty or was cut at the token cap, and the logit of the cluster's
+# whether the answer is empty or was cut short (`was_cut`), and the logit of the cluster's
 # shrunk accuracy for this model (its prior). "agreement", the share of the rung's votes
 # that agree with the greedy answer, is added only when the router draws votes.
 SIGNAL_FEATURES = ("min_logprob", "mean_logprob", "margin", "empty_or_cut", "prior")
@@ -257,6 +257,22 @@ def greedy_agreement(answers: Sequence[str]) -> float:
     return sum(a == answers[0] for a in answers) / len(answers)
 
 
+def was_cut(output_tokens: int, max_tokens: int, prompt_tokens: int = 0, context: int | None = None) -> bool:
+    """Whether an answer of `output_tokens` stopped because it ran out of room, not because it
+    was done: it reached its token cap `max_tokens`, or with its `prompt_tokens` it filled the
+    model's `context` window (the in-process runtime stops it there, below the cap, after a
+    long prompt: `ModelSpec.context_window`). `context` None or 0 (a remote rung, whose
+    server's window is unknown) leaves the cap alone to tell.
+
+    Token counts, not the runtime's finish reason: recorded votes keep the counts, so the
+    live check (`live.LiveVotes`) and the replay (`replay.Replay.build`) decide alike from
+    the same inputs.
+    """
+    if output_tokens >= max_tokens:
+        return True
+    return context is not None and context > 0 and prompt_tokens + output_tokens >= context
+
+
 def deferral_features(
     signals: "Signals | None",
     answers: Sequence[str],
@@ -266,9 +282,10 @@ def deferral_features(
     """The deferral model's inputs for one rung, in `feature_names(len(answers))` order.
 
     `answers` are the normalised votes drawn, greedy first; `cut` says the greedy answer
-    stopped at the token cap. A missing signal (a runtime that does not report one, or a
-    margin where no option letter was chosen) is None; the model fills it in. The one
-    definition for the live check (`escalate.check`) and calibration's replay.
+    ran out of room (`was_cut`: its token cap or the context window). A missing signal (a
+    runtime that does not report one, or a margin where no option letter was chosen) is
+    None; the model fills it in. The one definition for the live check (`escalate.check`)
+    and calibration's replay.
     """
     greedy = answers[0] if answers else ""
     lo = mean = margin = None

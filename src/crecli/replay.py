@@ -22,11 +22,11 @@ from crecli.costs import CostModel, share_prefixes
 from crecli.errors import CreError
 from crecli.ladder import DEFERRAL, Climb, Policy, Rung, Verdict, walk
 from crecli.outcomes import graded
-from crecli.quality import deferral_features, needed
+from crecli.quality import deferral_features, needed, was_cut
 from crecli.shots import resolve_shots
 
 if TYPE_CHECKING:
-    from crecli.config import ModelConfig
+    from crecli.config import ModelConfig, ModelSpec
     from crecli.models.backend import Signals
     from crecli.outcomes import Outcome, OutcomeKey
     from crecli.quality import QualityCheck
@@ -99,7 +99,7 @@ class _Entry:
     correct: tuple[bool, ...]  # per vote (one entry for a label)
     cumcost: tuple[float, ...]  # cumcost[i]: cost of votes 0..i
     signals: "Signals | None" = None  # of the greedy vote
-    cut: bool = False  # the greedy vote stopped at the token cap
+    cut: bool = False  # the greedy vote ran out of room: its token cap or the context (`quality.was_cut`)
     prefix_key: str = ""  # the shared answered examples, whose cost `cumcost` leaves out
     prefix_cost: float = 0.0  # processing them once (`CostModel.prefix`)
 
@@ -129,8 +129,14 @@ class Replay:
         records: Sequence["Record"],
         ladder: Sequence[str],
         costs: CostModel | None = None,
+        specs: Sequence["ModelSpec"] = (),
     ) -> "Replay":
+        """`specs`, the ladder models' settings, give each one's context window
+        (`ModelSpec.context_window`), which decides with the recorded tokens whether a greedy
+        vote was cut (`quality.was_cut`) as the live check decides it; a model without a
+        spec here is judged by its token cap alone."""
         costs = costs or CostModel.build(outcomes.values())
+        windows = {spec.name: spec.context_window for spec in specs}
         entries: dict[OutcomeKey, _Entry] = {}
         for record in records:
             for model in ladder:
@@ -144,7 +150,8 @@ class Replay:
                 entries[(record.id, model)] = _Entry(
                     answers, tuple(graded(outcome, record)), cum,
                     first.signals if first is not None else None,
-                    first is not None and first.output_tokens >= grading.max_tokens_for(record.match),
+                    first is not None and was_cut(first.output_tokens, grading.max_tokens_for(record.match),
+                                                  outcome.prompt_tokens, windows.get(model)),
                     outcome.prefix_key, costs.prefix_of(outcome),
                 )
         return cls(entries, records, ladder, costs.unit)
@@ -381,8 +388,9 @@ def prepare(
             shown = outcomes_mod.collect([r for r in records if r.id in ids], settings, st, router.quality,
                                          models=ladder, shots=shots)
             found = resolve_shots(found, shown, shots, lambda model: settings.get(model).keeps_examples)
-    costs = CostModel.build(found.values(), [settings.get(m) for m in ladder], unit)
-    replay = Replay.build(found, records, ladder, costs)
+    specs = [settings.get(m) for m in ladder]
+    costs = CostModel.build(found.values(), specs, unit)
+    replay = Replay.build(found, records, ladder, costs, specs)
     trust = [router.cluster_trust(d.cluster, d.distance) for d in routes]
     return Data(records, routes, found, costs, replay, read.sha256, trust)
 

@@ -48,6 +48,11 @@ class FakeBackend(Backend):
             answer = next((a for p, a in self.answers.items() if p in text), "I don't know")
         prompt_tokens = self.count_tokens(rendered)
         output_tokens = min(params.max_tokens, max(1, len(answer.split())))
+        window = self.spec.context_window
+        if window is not None:
+            # As the llama.cpp backend holds an answer to the room the prompt leaves in its
+            # context (`LlamaBackend._fit_max_tokens`), below its cap after a long prompt.
+            output_tokens = min(output_tokens, max(0, window - prompt_tokens))
         return Generation(
             text=answer,
             prompt_tokens=prompt_tokens,
