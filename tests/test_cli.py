@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from crecli import __version__
 from crecli.cli import app
 from crecli.models.fake import FakeBackend
-from support.hostile import Run
+from support.hostile import Run, refused
 
 runner = CliRunner()
 HEAVY = ("numpy", "umap", "hdbscan", "llama_cpp", "sklearn", "numba")
@@ -187,8 +187,7 @@ def test_bad_option_values_checked_after_click_are_bad_usage_too(
     # mistake, two codes. Now both are "2 bad usage", with crecli's one `Error:` line.
     filled = [a.format(router=saved_router, log=sums_log, tmp=tmp_path) for a in args]
     run = cre(*filled, "--models", tiny_models_toml) if args[0] != "log" else cre(*filled)
-    assert run.code == 2 and run.out == "", run
-    assert run.err.startswith("Error: ") and run.err.count("\n") == 1 and "Traceback" not in run.err, run.err
+    refused(run, code=2)
     assert four_fakes == {}
 
 

@@ -5,7 +5,7 @@ import io
 import pickle
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -285,6 +285,50 @@ def test_unpinned_local_models_are_identified_by_their_file(tiny_models_toml: Pa
     (tmp_path / "small.gguf").write_bytes(b"changed!")
     with pytest.raises(RouterFileError, match="model 'small' is not the file"):
         routerfile.load(path, settings)
+
+
+def test_a_local_model_the_router_pins_no_file_for_is_warned_about_once(
+    pinned_settings: config.ModelConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A fit from labels alone, its models neither pinned nor on disk, records no sha256: the
+    # router then ran whatever file a teammate's models.toml named, without a word.
+    router = built_router(pinned_settings)
+    router.ladder[0] = replace(router.ladder[0], sha256=None)
+    path = tmp_path / "unpinned.cre"
+    routerfile.save(router, path)
+    capsys.readouterr()
+    routerfile.load(path, pinned_settings)
+    err = " ".join(capsys.readouterr().err.split())  # unwrapped
+    assert err.count("Warning:") == 1 and "the router pins no sha256 for model 'small'" in err
+    assert "put it at its `path`" in err and "cre fit" in err and "'medium'" not in err  # the fake is no download
+    routerfile.load(path, pinned_settings, force=True)  # once a process: a second load says nothing
+    assert capsys.readouterr().err == ""
+    # A rung served remotely here has no file to pin (as a server's own settings go unwarned).
+    remote = tmp_path / "remote.cre"
+    routerfile.save(router, remote)
+    capsys.readouterr()
+    pinned_settings.models["small"] = replace(pinned_settings.models["small"], url="http://10.0.0.2:8000/v1")
+    routerfile.load(remote, pinned_settings)
+    assert capsys.readouterr().err == ""
+
+
+def test_ask_json_warns_about_an_unpinned_router_on_stderr_only_and_inspect_shows_it(
+    tiny_models_toml: Path, saved_router: Path, four_fakes: dict, cre: Callable[..., Any]
+) -> None:
+    import json
+
+    asked = cre("ask", "What is 2 plus 2?", "--router", saved_router, "--models", tiny_models_toml, "--json", "--no-log")
+    assert asked.code == 0, asked
+    assert json.loads(asked.out)["answer"] == "4"  # stdout stays JSON
+    err = " ".join(asked.err.split())
+    assert err.count("Warning:") == 3 and all(f"pins no sha256 for model '{n}'" in err for n in ("small", "medium", "large"))
+    # `cre inspect` shows the state instead of warning about it.
+    shown = cre("inspect", saved_router, "--models", tiny_models_toml, "--json")
+    assert shown.code == 0 and "Warning" not in shown.err, shown
+    data = json.loads(shown.out)
+    assert [e["sha256"] for e in data["ladder"]] == [None] * 3
+    assert data["here"]["small"] == {"state": "missing", "detail": "not on disk yet: cre models pull (or fix its path)"}
+    assert "sha256 (not pinned)" in cre("inspect", saved_router, "--models", tiny_models_toml).out
 
 
 def test_refuses_an_inconsistent_router(pinned_settings: config.ModelConfig, built_router_file: Path) -> None:

@@ -33,7 +33,7 @@ from crecli.models.fake import FakeBackend
 from crecli.openai_wire import ApiError
 from crecli.serve_app import Limits, ServeOptions, create_app
 from crecli.serve_worker import Worker
-from support.ladder import install, ready_ladder
+from support.ladder import LADDER, install, ready_ladder
 from support.routers import ADDITIONS, make_router
 from support.serving import serving
 from support.scale import server_log_lines
@@ -833,7 +833,10 @@ def test_cre_serve_end_to_end_from_the_command_line(tmp_path: Path, tiny_models_
     )
     try:
         assert proc.stderr is not None
-        line = proc.stderr.readline()
+        # make_router pins no model file: each rung is warned about once, as the router loads.
+        unpinned = []
+        while (line := proc.stderr.readline()) and not line.startswith("cre serve: "):
+            unpinned.append(line)
         assert line.startswith("cre serve: ") and "/v1 (models: cre, small, medium, large)" in line, line
         url = line.split(" on ", 1)[1].split("/v1", 1)[0]
         listed = [m.id for m in client(url).models.list()]
@@ -860,6 +863,8 @@ def test_cre_serve_end_to_end_from_the_command_line(tmp_path: Path, tiny_models_
     assert f"{rid}: team could not answer: model 'large' is not on disk (/nonexistent/large.gguf)" in err
     assert "model 'small' is not on disk" in err and "prompts pass over small to the next rung" in err
     assert out == "" and "Finished server process" in err  # stdout stays clean; logs go to stderr
+    assert [n for n in LADDER if any(f"pins no sha256 for model {n!r}" in w for w in unpinned)] == LADDER
+    assert len(unpinned) == 3 and "pins no sha256" not in err
     # Said once at start, as /health would: a missing model showed only as 500s.
     assert "model 'small' cannot answer (missing): prompts pass over it to the next rung" in err
     assert "model 'large' cannot answer (missing): requests that reach it fail" in err

@@ -231,7 +231,8 @@ def test_an_unwritable_log_still_answers(
     result = cre("batch", "--router", saved_router, "--models", tiny_models_toml, input=f"{ADD}\n{PERU}\n")
     assert result.exit_code == 0, result.output
     assert [json.loads(line)["answer"] for line in result.stdout.splitlines()] == ["12", "Lima"]
-    assert result.stderr.count("Warning:") == 1 and "cannot write the served-query log" in result.stderr
+    # Once for the whole batch (the others say the topics router pins no model file).
+    assert result.stderr.count("cannot write the served-query log") == 1
 
 
 def test_cre_batch_logs_each_answer_but_no_reference(

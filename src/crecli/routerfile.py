@@ -324,9 +324,11 @@ def load(path: Path, settings: "ModelConfig | None" = None, force: bool = False,
     version, the manifest's sha256 (`archive.read`), the type and range of every manifest
     field (`schema.check_body`), every array's size (under the fixed caps), sha256 and .npy
     header (plain dtype, shape that fits the member's bytes; `archive.Archive.arrays`);
-    then that each ladder model is in the local models.toml with the same sha256. A sha256 mismatch is an error unless `force`, which turns it into a
-    warning. Every failure is a RouterFileError. `check_ladder` False skips that last check
-    (`cre inspect`, which shows each model's state here instead: `local_state`).
+    then that each ladder model is in the local models.toml with the same sha256. A sha256
+    mismatch is an error unless `force`, which turns it into a warning; a local model the
+    router pins no sha256 for is warned about, once a process (`_warn_unpinned`). Every
+    failure is a RouterFileError. `check_ladder` False skips that last check (`cre
+    inspect`, which shows each model's state here instead: `local_state`).
     """
     path = Path(path)
     if settings is None:
@@ -508,8 +510,33 @@ def _shown(identity: str) -> str:
     return identity if identity.startswith("remote:") else f"sha256 {identity[:12]}…"
 
 
+# The (router file, model) pairs `_check_ladder` has warned about as unpinned in this
+# process: one warning a model, however often a command loads its router.
+_warned_unpinned: set[tuple[str, str]] = set()
+
+
+def _warn_unpinned(path: Path, entry: LadderEntry, spec: "ModelSpec") -> None:
+    """Warn, once a process, that the router pins no file for a local rung: `cre fit` records
+    none for a model neither pinned in models.toml nor on disk (a fit from labels alone), so
+    whatever file models.toml names runs, maybe not the weights the fit's figures were
+    measured on. A remote rung here is not warned about: no file of its server can be hashed
+    here to pin, as `LadderEntry.otherwise_here` leaves a server's own settings alone."""
+    key = (str(path), entry.name)
+    if entry.sha256 is not None or spec.url or key in _warned_unpinned:
+        return
+    _warned_unpinned.add(key)
+    get = f"`cre models pull {entry.name}`" if spec.pullable else "put it at its `path`"
+    console.warn(
+        f"{path}: the router pins no sha256 for model {entry.name!r} (it was fitted without its file), so it runs "
+        f"whatever file {spec.defined_in or 'models.toml'} names for it here; to pin it, get the file ({get}, "
+        "or pin its sha256 in models.toml) and refit with `cre fit` or recalibrate with `cre calibrate`, which "
+        "record its sha256"
+    )
+
+
 def _check_ladder(path: Path, ladder: list[LadderEntry], settings: "ModelConfig", force: bool) -> None:
-    """Refuse a ladder entry whose model is not here (`match`), or, unless `force`, is another file."""
+    """Refuse a ladder entry whose model is not here (`match`), or, unless `force`, is another
+    file; warn about one the router pins no file for (`_warn_unpinned`)."""
     for entry in ladder:
         name, wanted = entry.name, entry.sha256
         found = match(entry, settings)
@@ -523,6 +550,7 @@ def _check_ladder(path: Path, ladder: list[LadderEntry], settings: "ModelConfig"
                 + f", which no models.toml defines{hint}. Add it to your models.toml "
                 "(`cre models path` shows where)."
             )
+        _warn_unpinned(path, entry, spec)
         # E.g. a rung moved to a chat server with its own template, or given another context.
         changes = entry.otherwise_here(spec)
         if changes:
