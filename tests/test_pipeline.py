@@ -72,10 +72,12 @@ def test_fit_calibrate_eval_ask_batch(tmp_path: Path, tiny_models_toml: Path, sk
     assert ev["in_sample"] is True
     assert all(sum(c["started_on"].values()) == c["n"] for c in ev["per_cluster"])
     shown = runner.invoke(app, ["eval", str(SMALL_LOG), "--router", str(router), *m])
-    assert "Warning: this log is the one the router was fitted on" in shown.stderr
+    assert "Warning: 80 of 80 queries are in the router's fit log, so these figures are in sample" in shown.stderr
+    # Half the fit log is in sample too: only the whole file was told apart before.
     other = tmp_path / "other.jsonl"
     other.write_text("".join(SMALL_LOG.read_text().splitlines(keepends=True)[:40]))
-    assert json.loads(invoke("eval", str(other), "--router", str(router), *m, "--json"))["in_sample"] is False
+    half = json.loads(invoke("eval", str(other), "--router", str(router), *m, "--json"))
+    assert (half["n_in_fit_log"], half["in_sample"]) == (40, True)
 
     # The default router set by --set-default serves ask and batch.
     assert invoke("ask", "What is 5 plus 4?\nGive only the final answer, with no explanation.", *m).strip() == "9"

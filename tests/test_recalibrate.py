@@ -279,3 +279,77 @@ def test_calibrate_replays_each_distinct_choice_once_and_chooses_on_the_estimate
     chosen = [p for p in cal["frontier"] if p["chosen"]]
     assert len(chosen) == 1 and chosen[0]["setting"] == cal["setting"]
     assert chosen[0]["accuracy"] == pytest.approx(cal["held_out"]["accuracy"])
+
+
+def test_eval_counts_the_queries_that_are_in_the_fit_log(fakes, tiny_models_toml: Path, tmp_path: Path) -> None:
+    # Only a log that was the whole fit log was said to be in sample: a part of it, or one
+    # with fit queries mixed in, printed in-sample figures that read as held out. The fit
+    # read other field names, so the fit log is read with the router's recorded reader.
+    names = {"id": "key", "prompt": "question", "reference": "gold"}
+    fit_log = write(tmp_path / "log.jsonl", rows(**names))
+    router = tmp_path / "router.cre"
+    m = ("--models", tiny_models_toml)
+    ok("fit", fit_log, "-o", router, *m, "--prompt-field", "question", "--reference-field", "gold", "--id-field", "key")
+    subset = write(tmp_path / "subset.jsonl", rows(**names)[:12])
+    mixed = write(tmp_path / "mixed.jsonl", rows(40, **names)[20:])  # q20..q29 in the fit log, q30..q39 not
+    disjoint = write(tmp_path / "disjoint.jsonl", rows(40, **names)[30:])
+
+    result = cre("eval", mixed, "--router", router, *m)
+    assert result.exit_code == 0, result.output
+    assert "10 of 20 queries are in the router's fit log: their figures are in sample" in result.stderr
+    assert "10 in the router's fit log, in sample" in result.stdout  # the report says it too
+    report = json.loads(ok("eval", mixed, "--router", router, *m, "--json"))
+    assert (report["n"], report["n_in_fit_log"], report["in_sample"]) == (20, 10, False)
+    whole = cre("eval", fit_log, "--router", router, *m, "--json")
+    assert json.loads(whole.stdout)["n_in_fit_log"] == 30 and json.loads(whole.stdout)["in_sample"] is True
+    assert "30 of 30 queries are in the router's fit log" in whole.stderr
+    result = cre("eval", subset, "--router", router, *m, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["n"], report["n_in_fit_log"], report["in_sample"]) == (12, 12, True)
+    assert "12 of 12 queries are in the router's fit log" in result.stderr
+    # --held-out-only scores the others alone.
+    result = cre("eval", mixed, "--router", router, *m, "--held-out-only", "--json")
+    assert result.exit_code == 0, result.output
+    assert (json.loads(result.stdout)["n"], json.loads(result.stdout)["n_in_fit_log"]) == (10, 0)
+    assert "Left out 10 queries that are in the router's fit log" in result.stderr
+    assert "fit log" in str(cre("eval", subset, "--router", router, *m, "--held-out-only").exception)
+
+    result = cre("eval", disjoint, "--router", router, *m, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["n_in_fit_log"] == 0 and json.loads(result.stdout)["in_sample"] is False
+    assert "fit log" not in result.stderr
+
+
+def test_eval_finds_a_moved_fit_log_only_by_fit_log_with_its_bytes(fakes, tiny_models_toml: Path, tmp_path: Path) -> None:
+    fit_log = write(tmp_path / "log.jsonl", rows())
+    router = tmp_path / "router.cre"
+    m = ("--models", tiny_models_toml)
+    ok("fit", fit_log, "-o", router, *m)
+    subset = write(tmp_path / "subset.jsonl", rows()[:12])
+    moved = fit_log.rename(tmp_path / "moved.jsonl")
+
+    # Not where the fit found it: nothing to tell by, so nothing said (no false warning).
+    result = cre("eval", subset, "--router", router, *m, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["n_in_fit_log"] is None and json.loads(result.stdout)["in_sample"] is False
+    assert "fit log" not in result.stderr
+    result = cre("eval", subset, "--router", router, *m, "--held-out-only")
+    assert result.exit_code == 1 and "--held-out-only needs the router's fit log" in str(result.exception)
+    assert "not there any more" in str(result.exception)
+
+    result = cre("eval", subset, "--router", router, *m, "--fit-log", moved, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["n_in_fit_log"] == 12
+    assert "12 of 12 queries are in the router's fit log" in result.stderr
+    # Other bytes than the fit's: an error that says so, before any model runs (these
+    # queries' answers are not in the store yet).
+    other = write(tmp_path / "other.jsonl", rows(31))
+    new = write(tmp_path / "new.jsonl", rows(40)[30:])
+    calls = sum(len(b.calls) for b in fakes.values())
+    result = cre("eval", new, "--router", router, *m, "--fit-log", other)
+    assert result.exit_code == 1
+    assert f"--fit-log {other} is not the log the router was fitted on" in str(result.exception)
+    assert sum(len(b.calls) for b in fakes.values()) == calls
+    result = cre("eval", subset, "--router", router, *m, "--fit-log", tmp_path / "nowhere.jsonl")
+    assert result.exit_code == 1 and "not found" in str(result.exception)

@@ -52,46 +52,55 @@ class Setting:
         return f"weight {self.weight:g} | thresholds " + "/".join(f"{v:.1f}" for _, v in self.thresholds)
 
 
-def fitted_log(router: "RouterFile", log: Path | None = None) -> Path:
-    """`log` when given, else the log the router was fitted on, where the fit found it.
+def recorded_log(router: "RouterFile") -> tuple[Path | None, str]:
+    """The log the router was fitted on, where the fit found it, if it still holds the bytes
+    the fit recorded; else None and why it is not read.
 
-    The fit records the log's absolute path and sha256. Without --log the recorded path is
-    read only if it still holds those bytes (a router that records no sha256 is refused): a router file may come from someone else, and
-    must not choose which of this machine's files every model runs over. A log no longer
-    there, or changed since (appended to), is an error that says to pass --log; with --log
-    naming it, `check_log` warns instead.
+    The fit records the log's absolute path and sha256. The recorded path is read only if it
+    still holds those bytes (a router that records no sha256 names no file to read): a router
+    file may come from someone else, and must not choose which of this machine's files every
+    model runs over (`cre calibrate`) or which are read (`cre eval`'s in-sample count).
     """
-    if log is not None:
-        return log
     recorded = router.fit.log
     if not recorded:
-        raise CreError("the router does not record the log it was fitted on; pass --log FILE")
+        return None, "the router does not record the log it was fitted on"
     path = Path(recorded)
     what = paths.not_a_file(path)
     if what is not None:
         why = "is not there any more (moved or deleted)" if what == "not found" else what
-        raise CreError(
-            f"the router was fitted on {recorded}, which {why}; "
-            "pass --log FILE to calibrate on it where it is now"
-        )
+        return None, f"the router was fitted on {recorded}, which {why}"
     if not router.fit.log_sha256:
-        # Without the bytes to check, the file's name alone would pick what runs: refused.
-        raise CreError(
-            f"the router names {recorded} as its fit log but records no sha256 of it, so it is not "
-            f"read unasked; pass --log {recorded} if that is the log to calibrate on"
-        )
+        # Without the bytes to check, the file's name alone would pick what is read.
+        return None, f"the router names {recorded} as its fit log but records no sha256 of it, so it is not read unasked"
     from crecli.models.pull import sha256_file
 
     try:
         now = sha256_file(path)
     except OSError as exc:
-        raise CreError(f"{path}: cannot be read ({exc.strerror or exc}); pass --log FILE") from None
+        return None, f"{path}: cannot be read ({exc.strerror or exc})"
     if now != router.fit.log_sha256:
-        raise CreError(
-            f"{recorded} has changed since the router was fitted on it (sha256 {router.fit.log_sha256[:12]}… "
-            f"then, {now[:12]}… now); pass --log {recorded} to calibrate on it as it is now"
-        )
-    return path
+        return None, (f"{recorded} has changed since the router was fitted on it (sha256 "
+                      f"{router.fit.log_sha256[:12]}… then, {now[:12]}… now)")
+    return path, ""
+
+
+def fitted_log(router: "RouterFile", log: Path | None = None) -> Path:
+    """`log` when given, else the log the router was fitted on, where the fit found it, if
+    it still holds the bytes the fit recorded (`recorded_log`).
+
+    A log no longer there, changed since (appended to), or unchecked (no sha256 recorded) is
+    an error that says to pass --log; with --log naming it, `check_log` warns instead.
+    """
+    if log is not None:
+        return log
+    found, why = recorded_log(router)
+    if found is not None:
+        return found
+    recorded = router.fit.log
+    # Where the recorded file is still there (changed, or unchecked), it is what --log would name.
+    if recorded and paths.not_a_file(Path(recorded)) is None:
+        raise CreError(f"{why}; pass --log {recorded} to calibrate on it as it is now")
+    raise CreError(f"{why}; pass --log FILE to calibrate on the log where it is now")
 
 
 def check_log(router: "RouterFile", log: Path, data: Data) -> None:

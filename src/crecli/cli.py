@@ -261,6 +261,8 @@ def eval_(
     max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, help="Longest log line (and so prompt) to read, in bytes (default: what `cre fit` was given).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Warn instead of failing when local model files differ from the router's.")] = False,
     cost_unit: CostUnitOpt = None,
+    fit_log: Annotated[Optional[Path], typer.Option("--fit-log", help="The log the router was fitted on, where the recorded path is not (it must hold the same bytes: sha256).", show_default=False)] = None,
+    held_out_only: Annotated[bool, typer.Option("--held-out-only", help="Score only the queries that are not in the router's fit log.")] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Measure the cascade on a labelled log against baselines: each model alone, random
@@ -272,8 +274,9 @@ def eval_(
     is replayed on recorded, seeded votes (missing ones are collected first); --live runs it
     for real as well and reports the replay's accuracy beside it. Costs in bench-seconds are
     priced at this machine's `cre models bench` speeds; when those are over 6 hours old it
-    says so, as `cre batch` does. Give it queries the router was not fitted on: given the fit's
-    own log, it warns that the figures are in sample.
+    says so, as `cre batch` does. Give it queries the router was not fitted on: it looks each
+    query up in the router's fit log (where the fit found it, if unchanged, or --fit-log) and
+    warns how many are in it, their figures in sample; --held-out-only leaves them out.
 
     Examples:
 
@@ -286,6 +289,7 @@ def eval_(
     report = evaluate.run(
         log, resolve_router(router), load_models(models), store=store, plot=plot, run_live=live,
         skip_bad=skip_bad, max_line_bytes=max_prompt_bytes, force=force, unit=cost_unit,
+        fit_log=fit_log, held_out_only=held_out_only,
     )
     reports.eval_report(report, json_)
     if plot:

@@ -64,7 +64,12 @@ class EvalReport:
     points: list[Point] = field(default_factory=list)
     # Hours since the speeds pricing bench-seconds were measured (`bench.speeds_age_hours`).
     speeds_age_hours: float | None = None
-    # The log is the one the router was fitted on (same sha256): its figures are in sample.
+    # How many of the n queries are in the router's fit log (same `outcomes.prompt_sha256`):
+    # their figures are in sample. None where the fit log could not be read to tell
+    # (`fit_log_prompts`); n where the log is the fit log itself (same sha256).
+    n_in_fit_log: int | None = None
+    # Every query is in the fit log (the log is the fit log, or each of its prompts is in it):
+    # all the figures are in sample.
     in_sample: bool = False
 
 
@@ -298,6 +303,44 @@ def check_plot(path: Path) -> None:
         raise CreError("PNG plots need matplotlib (`pip install matplotlib`); or write .svg, which needs nothing")
 
 
+def fit_log_prompts(router: "RouterFile", given: Path | None = None) -> tuple[set[str] | None, str]:
+    """The prompts of the log the router was fitted on (`outcomes.prompt_sha256` of each), read
+    as the fit read it; else None and why not.
+
+    `given` (--fit-log) must hold the bytes the router records (its sha256): anything else is
+    an error. Without it, the recorded log is read only where `calibrate.recorded_log` finds
+    it unchanged; a router fitted on another machine gets None, and eval says nothing of it.
+    """
+    from crecli.calibrate import recorded_log
+    from crecli.errors import CreError
+    from crecli.models.pull import sha256_file
+    from crecli.outcomes import prompt_sha256
+    from crecli.paths import not_a_file
+
+    if given is None:
+        path, why = recorded_log(router)
+        if path is None:
+            return None, why
+    else:
+        want = router.fit.log_sha256
+        if not want:
+            raise CreError(f"--fit-log {given}: the router records no sha256 of its fit log, so no file can be "
+                           "checked against it; leave --fit-log out")
+        what = not_a_file(given)
+        if what is not None:
+            raise CreError(f"--fit-log {given}: {what}")
+        try:
+            now = sha256_file(given)
+        except OSError as exc:
+            raise CreError(f"--fit-log {given}: cannot be read ({exc.strerror or exc})") from None
+        if now != want:
+            raise CreError(f"--fit-log {given} is not the log the router was fitted on (sha256 {now[:12]}…, the router "
+                           f"records {want[:12]}…); pass the file `cre fit` read, unchanged")
+        path = given
+    # The fit's own reader, not eval's overrides: these are the prompts the fit saw.
+    return {prompt_sha256(r.prompt) for r in router.fit.reader.read(path).records}, ""
+
+
 def run(
     log: Path,
     router_path: Path,
@@ -310,12 +353,19 @@ def run(
     max_line_bytes: int | None = None,
     force: bool = False,
     unit: str | None = None,
+    fit_log: Path | None = None,
+    held_out_only: bool = False,
 ) -> EvalReport:
     """`cre eval`: outputs checked first, then the router loaded once (with `force`), the log
     read as the router's fit read its own (field names, format, skipping bad lines or not,
     line cap; `skip_bad` and `max_line_bytes` override when given), replayed against the baselines, and with `run_live`
-    answered for real by the same loaded router."""
+    answered for real by the same loaded router.
+
+    Its queries are looked up in the router's fit log (`fit_log`, else where the fit found
+    it: `fit_log_prompts`) to count those in sample; `held_out_only` leaves them out."""
     from crecli import paths, replay, routerfile
+    from crecli.errors import CreError
+    from crecli.outcomes import prompt_sha256
 
     if store is not None:
         paths.check_output(store, "--store", [("the log", log), ("the router", router_path)], example="outcomes.sqlite",
@@ -326,12 +376,21 @@ def run(
         paths.check_output(plot, "--plot", keep, example="frontier.svg")
         check_plot(plot)  # before the replay (and --live's answers), not after
     router = routerfile.load(router_path, settings, force=force)
+    # Before `prepare`, which may run every model: a wrong --fit-log fails first.
+    fitted, why = fit_log_prompts(router, fit_log)
+    if held_out_only and fitted is None:
+        raise CreError(f"--held-out-only needs the router's fit log: {why}; pass --fit-log FILE")
     reader = router.fit.reader.overridden(skip_bad, max_line_bytes)
-    data = replay.prepare(router, settings, log, store, reader, unit)
+    data = replay.prepare(router, settings, log, store, reader, unit, leave_out=fitted if held_out_only else None)
     report = evaluate(router, data)
-    # Nothing said so before: an eval of the fit log printed in-sample figures that read as
-    # a test. Only the whole file is compared: a router keeps no list of its fit's prompts.
-    report.in_sample = bool(data.log_sha256) and data.log_sha256 == router.fit.log_sha256
+    # Nothing said so before: an eval of the fit log, or of queries from it, printed in-sample
+    # figures that read as a test. A log with the fit log's bytes is all in sample wherever
+    # the recorded file has gone.
+    if data.log_sha256 and data.log_sha256 == router.fit.log_sha256:
+        report.n_in_fit_log = report.n
+    elif fitted is not None:
+        report.n_in_fit_log = sum(prompt_sha256(r.prompt) in fitted for r in data.records)
+    report.in_sample = report.n_in_fit_log == report.n
     from crecli.models.bench import speeds_age_hours
 
     report.speeds_age_hours = speeds_age_hours([settings.get(m) for m in router.ladder_names], data.replay.unit)

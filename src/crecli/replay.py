@@ -15,7 +15,7 @@ import itertools
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Container, Mapping, Sequence
 
 from crecli import console, grading
 from crecli.costs import CostModel, share_prefixes
@@ -342,9 +342,12 @@ def prepare(
     store: Path | None = None,
     reader: "LogOptions | None" = None,
     unit: str | None = None,
+    leave_out: Container[str] | None = None,
 ) -> Data:
     """Read `log` with `reader` (default: as the router's fit read its log), route every
-    labelled query as `cre ask` would, and collect the missing outcomes.
+    labelled query as `cre ask` would, and collect the missing outcomes. Queries whose
+    `outcomes.prompt_sha256` is in `leave_out` (the fit log's, `cre eval --held-out-only`)
+    are left out.
 
     Costs are priced afresh (today's `cre models bench` speeds or prices), never taken from
     the router's stored statistics, in `unit` when given (else the ladder's default unit,
@@ -364,6 +367,13 @@ def prepare(
     records = [r for r in read.records if r.reference is not None or r.labels]
     if not records:
         raise CreError(f"{log}: no labelled queries (a `reference` or `labels` field) to evaluate on")
+    if leave_out is not None:
+        held_out = [r for r in records if outcomes_mod.prompt_sha256(r.prompt) not in leave_out]
+        if not held_out:
+            raise CreError(f"{log}: every labelled query is in the router's fit log; none is held out")
+        if len(held_out) < len(records):
+            console.status(f"Left out {len(records) - len(held_out)} queries that are in the router's fit log")
+        records = held_out
     ladder = router.ladder_names
     missing = [m for m in ladder if m not in settings.models]
     if missing:
