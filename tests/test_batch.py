@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +24,7 @@ from crecli.models.fake import FakeBackend
 from crecli.quality import vote_seed
 from crecli.querylog import FieldMap
 from crecli.routerfile import RouterFile
+from support.hostile import Run, refused
 from support.ladder import LADDER, install, scripted, user_prompt
 from support.prompts import ADD, FRUIT, HARD, MIXED, PERU, TABLE, jl
 from support.routers import FAR, make_router
@@ -460,6 +462,48 @@ def test_cli_batch_dash_reads_stdin(
     result = _batch(["-", "--router", str(saved_router)], tiny_models_toml, jl(id="a", prompt=ADD))
     assert result.exit_code == 0, result.output
     assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ["a"]
+
+
+def _no_model(text: str, params: GenParams) -> str:
+    pytest.fail("a model ran")
+
+
+@pytest.mark.parametrize("how", ["in >> in", "< in >> in", "in 1<> in", "< in 1<> in"])
+def test_an_input_that_is_also_stdout_is_refused_before_any_model_runs(
+    fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, cre: Callable[..., Run], how: str,
+) -> None:
+    # `cre batch loop.jsonl >> loop.jsonl` read its own answers back as prompts once past the
+    # first chunk: the file grew until the disk was full (70 MB in 10 s).
+    fake_backends({m: _no_model for m in LADDER})
+    loop = tmp_path / "loop.jsonl"
+    loop.write_bytes(jl(id="a", prompt=ADD) * 70)
+    before = loop.read_bytes()
+    named = not how.startswith("<")
+    with loop.open("r") as stdin, loop.open("a" if ">>" in how else "r+") as stdout:
+        if not named:
+            monkeypatch.setattr(sys, "stdin", stdin)
+        monkeypatch.setattr(sys, "stdout", stdout)
+        result = cre("batch", *([loop] if named else []), "--router", saved_router, "--models", tiny_models_toml)
+    refused(result, "is also stdout", "Write the answers to another file", code=2)
+    assert (f"Error: {loop} is also stdout" if named else f"Error: stdin ({loop}) is also stdout") in result.err
+    assert loop.read_bytes() == before
+
+
+def test_a_resume_file_that_is_the_input_is_refused(
+    fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, cre: Callable[..., Run],
+) -> None:
+    # It was read as an output with nothing answered, and every line answered again.
+    fake_backends({m: _no_model for m in LADDER})
+    infile = tmp_path / "in.jsonl"
+    infile.write_bytes(jl(id="a", prompt=ADD))
+    result = cre("batch", infile, "--resume", infile, "--router", saved_router, "--models", tiny_models_toml)
+    refused(result, f"--resume {infile} is the input too", "cre batch --resume answers.jsonl", code=2)
+    with infile.open("r") as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        result = cre("batch", "--resume", infile, "--router", saved_router, "--models", tiny_models_toml)
+    refused(result, f"--resume {infile} is the input too", code=2)
 
 
 def test_field_names_can_be_mapped(fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade) -> None:

@@ -221,6 +221,57 @@ def emptied_by_redirect(resume: Path, out: TextIO) -> bool:
         return False
 
 
+def _file_name(fd: int, name: str) -> str:
+    """`name`, or where it is a stream's ("<stdin>", "<stdout>"), the file the shell opened
+    for it, where /proc says: what a message names."""
+    import os
+
+    if not name.startswith("<"):
+        return name
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"{name.strip('<>')}'s file"
+
+
+def refuse_own_output(input: BinaryIO, out: TextIO, source: str, resume: Path | None) -> None:
+    """Refuse (UsageError) an input that is the file the answers go to (`cre batch in.jsonl
+    >> in.jsonl`, or `< in.jsonl >> in.jsonl`, or `1<> in.jsonl`): each answer would be read
+    back as a line to answer, and the file grow until the disk is full. And a --resume file
+    that is the input: it is the output of an earlier run. Only regular files are compared: a
+    terminal is stdin and stdout at once, rightly."""
+    import os
+    import stat
+
+    try:
+        fd = input.fileno()
+        read = os.fstat(fd)
+    except (OSError, ValueError, AttributeError):  # no file behind the input (a test's lines)
+        return
+    if not stat.S_ISREG(read.st_mode):
+        return
+    path = _file_name(fd, source)
+    try:
+        written = os.fstat(out.fileno())
+    except (OSError, ValueError, AttributeError):
+        written = None
+    if written is not None and os.path.samestat(read, written):
+        what = path if source == path else f"stdin ({path})"
+        emptied = f" ({path} is empty: the shell's '>' emptied it before cre started)" if read.st_size == 0 else ""
+        raise UsageError(f"{what} is also stdout, where the answers go: each answer would be read back as a prompt, "
+                         f"and the file grow until the disk is full{emptied}. Write the answers to another file: "
+                         "cre batch prompts.jsonl > answers.jsonl")
+    if resume is None:
+        return
+    try:
+        kept = os.stat(resume)
+    except OSError:  # `read_done_ids` says what is wrong with it
+        return
+    if os.path.samestat(read, kept):
+        raise UsageError(f"--resume {resume} is the input too; --resume takes the output of the earlier run: "
+                         "cre batch --resume answers.jsonl prompts.jsonl >> answers.jsonl")
+
+
 def lock_output(out: TextIO) -> None:
     """Hold an exclusive lock on the file `out` writes to, until this process exits, or
     refuse (CreError) when another `cre batch` holds it: two runs appending to one file
@@ -238,12 +289,7 @@ def lock_output(out: TextIO) -> None:
             return
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        name = str(getattr(out, "name", ""))
-        if name.startswith("<"):  # stdout: the file the shell opened for it, where /proc says
-            try:
-                name = os.readlink(f"/proc/self/fd/{fd}")
-            except OSError:
-                name = "stdout's file"
+        name = _file_name(fd, str(getattr(out, "name", "<stdout>")))
         raise CreError(f"another cre batch is writing to {name} (it holds its lock): let it finish, or "
                        "write this run elsewhere; two runs would answer the same lines and mix their records") from None
     except (OSError, ValueError, AttributeError, ImportError):  # no fd, no flock: nothing to lock

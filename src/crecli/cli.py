@@ -419,7 +419,8 @@ def batch(
     Lines already answered in out.jsonl are skipped; lines that got an error are tried again.
     A line whose id out.jsonl answered for another prompt (the input changed since) gets an
     error record instead: answer such an input into a new file. A second batch writing to
-    the same file at once is refused.
+    the same file at once is refused, and so is output into the input file itself (the
+    answers would be read back as prompts).
     Each answered prompt, its answer and trace are added to the served-query log (`cre log`;
     references and labels are not), unless --no-log is given.
 
@@ -441,7 +442,7 @@ def batch(
     import contextlib
 
     from crecli import console, render, servedlog
-    from crecli.batch import emptied_by_redirect, lock_output, mend_cut_line, parse_size, read_done_ids, run_batch
+    from crecli.batch import emptied_by_redirect, lock_output, mend_cut_line, parse_size, read_done_ids, refuse_own_output, run_batch
     from crecli.escalate import Cascade
 
     from crecli.querylog import MAX_LINE_BYTES, FieldMap
@@ -468,6 +469,7 @@ def batch(
 
         source, stream = str(file), open_named(file, "a file of prompts (.jsonl or plain text), or - for stdin", pipes=True)
     with stream as lines:
+        refuse_own_output(lines, sys.stdout, source, resume)
         lock_output(sys.stdout)  # before --resume reads what is answered
         done = read_done_ids(resume) if resume is not None else {}
         if resume is not None:
