@@ -506,6 +506,19 @@ def test_a_resume_file_that_is_the_input_is_refused(
     refused(result, f"--resume {infile} is the input too", code=2)
 
 
+def test_a_closed_stdout_is_refused_before_any_model_runs(
+    fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, cre: Callable[..., Run],
+) -> None:
+    # `cre batch in.jsonl >&-` ran the models, then ended in an AttributeError traceback (None.write).
+    fake_backends({m: _no_model for m in LADDER})
+    infile = tmp_path / "in.jsonl"
+    infile.write_bytes(jl(id="a", prompt=ADD))
+    monkeypatch.setattr(sys, "stdout", None)
+    result = cre("batch", infile, "--router", saved_router, "--models", tiny_models_toml)
+    refused(result, "cre batch writes the answers to stdout, and stdout is closed", "> answers.jsonl", code=2)
+
+
 def test_field_names_can_be_mapped(fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade) -> None:
     install(fake_backends, TABLE)
     fields = FieldMap(prompt="question", reference="gold", id="key")

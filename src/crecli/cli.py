@@ -455,10 +455,12 @@ def batch(
     # a word), so a wrong path or a missing stdin is said first, in the words `cre fit` uses.
     # "-" is stdin, as for `cre ask -` and as the error below offers. (pathlib reads "./-"
     # as "-" too: a file of that name is given by its absolute path, or on stdin.)
+    # `cre batch >&-`: refused before any model runs, which it did, to end in a traceback.
+    _refuse_closed(sys.stdout, "stdout", "cre batch writes the answers to stdout",
+                   "redirect it to a file (cre batch prompts.jsonl > answers.jsonl)")
     if file is None or str(file) == "-":
-        if sys.stdin is None:  # `cre batch <&-`
-            raise UsageError("cre batch reads prompts from FILE or stdin, and stdin is closed: give a file, "
-                             "or pipe prompts in (cat questions.txt | cre batch > answers.jsonl)")
+        _refuse_closed(sys.stdin, "stdin", "cre batch reads prompts from FILE or stdin",
+                       "give a file, or pipe prompts in (cat questions.txt | cre batch > answers.jsonl)")
         if file is None and sys.stdin.isatty():
             # Nobody types a batch; one who means to says so with `-` (and ends with Ctrl-D).
             raise UsageError("cre batch reads prompts from FILE or stdin, and stdin is a terminal: give a file, "
@@ -602,15 +604,21 @@ def _match_type(text: str) -> str:
     return match
 
 
+def _refuse_closed(stream: object, name: str, use: str, fix: str) -> None:
+    """Refuse (UsageError) a closed stdin or stdout (`<&-`, `>&-`) that a command `use`s:
+    Python holds it as None, and its first read or write was an AttributeError traceback."""
+    if stream is None:
+        raise UsageError(f"{use}, and {name} is closed: {fix}")
+
+
 def _read_prompt(prompt: str) -> str:
     from crecli.safejson import SURROGATE
 
     if prompt == "-":
         from crecli.querylog import MAX_LINE_BYTES
 
-        if sys.stdin is None:  # `cre ask - <&-`
-            raise UsageError("cre ask - reads the prompt from stdin, and stdin is closed: pipe it in "
-                             "(echo 'What is 2 plus 2?' | cre ask -), or give it as an argument")
+        _refuse_closed(sys.stdin, "stdin", "cre ask - reads the prompt from stdin",
+                       "pipe it in (echo 'What is 2 plus 2?' | cre ask -), or give it as an argument")
         # Capped as a batch line is: `yes | cre ask -` grew until memory ran out.
         data = sys.stdin.buffer.read(MAX_LINE_BYTES + 1)
         if len(data) > MAX_LINE_BYTES:
@@ -681,6 +689,8 @@ def _silence_stdout_if_broken() -> bool:
     own flush at exit would fail again and print a second error, with a traceback."""
     import os
 
+    if sys.stdout is None:  # closed (`>&-`): nothing to flush
+        return False
     try:
         sys.stdout.flush()
         return False
