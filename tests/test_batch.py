@@ -24,6 +24,7 @@ from crecli.models.fake import FakeBackend
 from crecli.quality import vote_seed
 from crecli.querylog import FieldMap
 from crecli.routerfile import RouterFile
+from support.batch_child import batch_child
 from support.hostile import Run, refused
 from support.ladder import LADDER, install, scripted, user_prompt
 from support.prompts import ADD, FRUIT, HARD, MIXED, PERU, TABLE, jl
@@ -320,6 +321,39 @@ def test_ctrl_c_keeps_every_finished_answer_and_says_it_was_interrupted(
     assert summary.interrupted and (summary.answered, summary.errors) == (1, 0)
 
 
+def test_a_batch_stopped_by_a_model_error_keeps_the_answers_its_chunk_finished(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade
+) -> None:
+    # Only Ctrl-C wrote the answers still waiting for an earlier line: a model that cannot
+    # answer at all stopped the batch, and the answers of its chunk (up to 63) were lost.
+    def cannot(text: str, params: GenParams) -> str:
+        raise ModelNotAvailable("model 'medium' is not on disk: run `cre models pull medium`")
+
+    fake_backends({"small": scripted(TABLE["small"]), "medium": cannot})
+    out = io.StringIO()
+    with pytest.raises(ModelNotAvailable):
+        run_batch([jl(id="p", prompt=PERU), jl(id="a", prompt=ADD)], out, cascade)
+    assert [(r["id"], r["answer"]) for r in map(json.loads, out.getvalue().splitlines())] == [("a", "12")]
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_stops_a_batch_as_ctrl_c_does(
+    saved_router: Path, tiny_models_toml: Path, tmp_path: Path, stop: str
+) -> None:
+    # Their default killed the process, with the answers still waiting for an earlier line
+    # unwritten (SIGHUP: the ssh session that ran the batch closed).
+    infile = tmp_path / "in.jsonl"
+    infile.write_bytes(jl(id="p", prompt=PERU) + jl(id="a", prompt=ADD))
+    answers = tmp_path / "answers.jsonl"
+    with answers.open("w") as stdout:
+        result = batch_child(stop, [str(infile), "--router", str(saved_router), "--models", str(tiny_models_toml),
+                                    "--no-log"], stdout=stdout)
+    assert result.returncode == 130, result.stderr
+    assert [(r["id"], r["answer"]) for r in map(json.loads, answers.read_text().splitlines())] == [("a", "12")]
+    assert "Interrupted: the lines not answered yet are left for `--resume`" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_ctrl_c_during_an_answers_bookkeeping_keeps_that_answer(
     fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, tiny_models_toml: Path, bench_speeds,
     monkeypatch: pytest.MonkeyPatch,
@@ -343,8 +377,10 @@ class _Full(io.StringIO):
     def __init__(self, errno_: int) -> None:
         super().__init__()
         self.errno_ = errno_
+        self.writes = 0
 
     def write(self, text: str) -> int:
+        self.writes += 1
         raise OSError(self.errno_, os.strerror(self.errno_))
 
 
@@ -353,8 +389,10 @@ def test_results_that_cannot_be_written_stop_the_batch_saying_how_to_resume(
 ) -> None:
     # An OSError from stdout other than a broken pipe left the command as a traceback.
     install(fake_backends, TABLE)
+    full = _Full(errno.ENOSPC)
     with pytest.raises(CreError, match=r"cannot write the results \(No space left on device\).*--resume"):
-        _run([jl(id="a", prompt=ADD)], cascade, out=_Full(errno.ENOSPC))
+        _run([jl(id="a", prompt=ADD)], cascade, out=full)
+    assert full.writes == 1  # not tried again as the batch stops: it could follow a cut line
     # A reader that left (`| head`) is Typer's to end quietly, as before.
     with pytest.raises(BrokenPipeError):
         _run([jl(id="a", prompt=ADD)], cascade, out=_Full(errno.EPIPE))

@@ -19,6 +19,7 @@ read with `querylog.read_lines`, so an over-cap line is skipped in chunks, never
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -82,7 +83,7 @@ class BatchSummary:
     # (`bench.speeds_age_hours`). Speeds drift, and the comparison with the clock drifts
     # with them (`bench.STALE_HOURS`).
     speeds_age_hours: float | None = None
-    interrupted: bool = False  # Ctrl-C: the lines not yet answered are for `--resume`
+    interrupted: bool = False  # Ctrl-C, SIGTERM, SIGHUP: the lines not yet answered are for `--resume`
     # Lines whose id an earlier line of the input already had (a line without an id gets its
     # line number, which an explicit id may equal): `--resume` matches by id, so it would
     # skip every line of an id once one of them is answered.
@@ -345,6 +346,7 @@ class _OrderedWriter:
         self.out = out
         self.next = first
         self.ready: dict[int, dict[str, Any] | None] = {}
+        self.failed = False  # a write or flush of `out` failed
 
     def put(self, line: int, record: dict[str, Any] | None) -> None:
         """`record` None marks a line that produces no output (skipped by --resume)."""
@@ -367,8 +369,8 @@ class _OrderedWriter:
             self._do(self.out.flush)
 
     def flush_ready(self) -> None:
-        """Write every finished record still waiting for an earlier line (on Ctrl-C: that
-        line will not come in this run, and `--resume` finds these by id)."""
+        """Write every finished record still waiting for an earlier line (when the batch
+        stops: that line will not come in this run, and `--resume` finds these by id)."""
         text = [_json_line(rec) for line in sorted(self.ready) if (rec := self.ready[line]) is not None]
         self._do(self.out.write, "".join(text))
         self.ready.clear()
@@ -379,6 +381,7 @@ class _OrderedWriter:
         try:
             call(*args)
         except OSError as exc:
+            self.failed = True
             if exc.errno == errno.EPIPE:
                 raise  # the reader left (`cre batch ... | head`): Typer ends the run quietly
             # The lines written before stay; `--resume` starts a cut last line afresh.
@@ -425,7 +428,8 @@ def run_batch(
     prompt: that line gets an error record (`changed_since`), never the other prompt's
     answer. A model file missing, failing verification or refused by llama.cpp stops the
     batch (every later line would fail the same way); any other problem with one line
-    becomes that line's error record.
+    becomes that line's error record. However the batch stops, every answer finished by
+    then is written first.
     Each answer is also recorded in `served` (the served-query log) when given.
     """
     if hasattr(lines, "readline"):
@@ -470,11 +474,46 @@ def run_batch(
     try:
         _answer_all(lines, cascade, resume_ids, resume_name, source, chunk_size, fields, summary, writer, finish, fail)
     except KeyboardInterrupt:
-        # What is answered is kept and counted, as a resumed run expects; no line is half-written.
+        # Ctrl-C, or SIGTERM or SIGHUP (`stop_on_signals`). What is answered is kept and
+        # counted, as a resumed run expects; no line is half-written.
         summary.interrupted = True
         writer.flush_ready()
+    except BaseException:
+        # Whatever else ends the batch (a model that cannot answer at all) would otherwise take
+        # with it the answers of the chunk still waiting for an earlier line: up to 63 lost.
+        if not writer.failed:  # after a failed write, another could land after a cut line
+            with contextlib.suppress(CreError, OSError):  # the first error is the one to report
+                writer.flush_ready()
+        raise
     summary.cascade_cost, summary.strongest_cost = spent.total, strongest.total
     return summary
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While open, SIGTERM and SIGHUP (the terminal or ssh session closed) stop the batch as
+    Ctrl-C does (KeyboardInterrupt): every finished answer written, the summary printed, exit
+    130, where their default killed the process with a chunk's finished answers unwritten.
+    As `cre serve` (`serve.serve_forever`): only in the main thread, where Python runs signal
+    handlers, and only a signal that would kill: one ignored (SIGHUP under nohup) stays so."""
+    import signal
+    import threading
+
+    saved: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGTERM", "SIGHUP"):
+            number = getattr(signal, name, None)  # no SIGHUP on Windows
+            if number is not None and signal.getsignal(number) == signal.SIG_DFL:
+                saved[number] = signal.signal(number, _interrupt)
+    try:
+        yield
+    finally:
+        for number, previous in saved.items():
+            signal.signal(number, previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _answer_all(

@@ -31,7 +31,7 @@ from crecli.serve_options import (
 
 EXIT_CODES = """Exit codes: 0 success; 1 error (the message says what to do); 2 bad usage (an
 unknown option, a bad option value, options that conflict); 3 `cre batch` finished but some
-lines got error records; 130 interrupted (Ctrl-C)."""
+lines got error records; 130 interrupted (Ctrl-C; `cre batch` also by SIGTERM or SIGHUP)."""
 
 app = typer.Typer(
     name="cre",
@@ -434,15 +434,19 @@ def batch(
 
       cre batch test.jsonl --no-log > answers.jsonl           # an evaluation, not traffic
 
-    Exit codes: 0 every line answered; 1 error (nothing or only part was written; the
-    message says what to do); 2 bad usage; 3 finished, but some lines got error records;
-    130 interrupted (Ctrl-C): every answer finished by then is written, the summary says
-    how many, and `--resume` answers the rest.
+    Exit codes: 0 every line answered; 1 error (the message says what to do; every answer
+    finished before it is written, and `--resume` answers the rest); 2 bad usage; 3
+    finished, but some lines got error records; 130 interrupted (Ctrl-C, SIGTERM, or SIGHUP
+    where it is not ignored as under nohup): every answer finished by then is written, the
+    summary says how many, and `--resume` answers the rest.
     """
     import contextlib
 
     from crecli import console, render, servedlog
-    from crecli.batch import emptied_by_redirect, lock_output, mend_cut_line, parse_size, read_done_ids, refuse_own_output, run_batch
+    from crecli.batch import (
+        emptied_by_redirect, lock_output, mend_cut_line, parse_size, read_done_ids, refuse_own_output, run_batch,
+        stop_on_signals,
+    )
     from crecli.escalate import Cascade
 
     from crecli.querylog import MAX_LINE_BYTES, FieldMap
@@ -470,7 +474,7 @@ def batch(
         from crecli.querylog import open_named
 
         source, stream = str(file), open_named(file, "a file of prompts (.jsonl or plain text), or - for stdin", pipes=True)
-    with stream as lines:
+    with stream as lines, stop_on_signals():
         refuse_own_output(lines, sys.stdout, source, resume)
         lock_output(sys.stdout)  # before --resume reads what is answered
         done = read_done_ids(resume) if resume is not None else {}

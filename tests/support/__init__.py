@@ -11,6 +11,7 @@ too (they put tests/ on sys.path):
 - `serving`: a live `cre serve` in a thread;
 - `logs`: the small example query log;
 - `hostile`: `cre` runs through `cli.main()` and the checks the hostile-use tests make;
+- `batch_child`: `cre batch` on the fake ladder in a process of its own (signals, a real stdout);
 - `real`: what the real-model tests accept where CPUs round differently;
 - `fake_openai`: a real OpenAI-compatible HTTP server in a thread: canned answers with
   log-probabilities in each server's shape, streams, and the faults engines show;
