@@ -640,6 +640,41 @@ def test_a_second_batch_writing_to_the_same_file_is_refused(tmp_path: Path) -> N
     lock_output(io.StringIO())  # no file behind it: nothing to lock
 
 
+def test_a_second_batch_refused_after_its_redirect_emptied_the_file_says_so_and_resume_reads_what_follows(
+    tmp_path: Path,
+) -> None:
+    # `cre batch ... > held.jsonl` while another run held it: the shell had emptied the file
+    # before cre refused, yet the message said only "let it finish". And the first run, writing
+    # on at its old offset, left NULs before its next answer, which --resume could not read.
+    import subprocess
+
+    from crecli.batch import lock_output
+
+    out = tmp_path / "held.jsonl"
+    def line(id: str) -> str:
+        return json.dumps({"id": id, "answer": "12"}) + "\n"
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys\n"
+        f"f = open({str(out)!r}, 'w'); fcntl.flock(f.fileno(), fcntl.LOCK_EX)\n"
+        f"f.write({line('a')!r}); f.flush(); print('locked', flush=True)\n"
+        f"sys.stdin.readline(); f.write({line('b')!r}); f.flush()")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with open(out, "w") as mine:  # `> held.jsonl`: emptied before lock_output runs
+            with pytest.raises(CreError, match=rf"'>' emptied it before cre could refuse: the answers that run wrote so "
+                                               rf"far are gone.*cre batch --resume {out} prompts.jsonl >> {out}$"):
+                lock_output(mine)
+        holder.communicate("go on\n", timeout=30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert out.read_bytes().startswith(b"\0")
+    assert read_done_ids(out) == {"b": {None}}
+
+
 def test_an_output_line_is_strict_json_even_with_a_float_that_is_not_finite() -> None:
     # A NaN P(correct) was written as a bare NaN, which a strict JSON reader refuses.
     from crecli import batch

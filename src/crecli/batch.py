@@ -143,7 +143,10 @@ def read_done_ids(path: Path) -> dict[str, set[str | None]]:
     kept it). A set: an input may repeat an id, and each of its lines was answered.
 
     Error records are not counted as done, so their lines are tried again; unreadable lines
-    (such as a last line cut short by a crash) are ignored.
+    (such as a last line cut short by a crash) are ignored. NUL bytes that start a line are
+    dropped: a run writing with '>' into a file the shell emptied under it (a second run's
+    `> out.jsonl`) goes on at its old offset, and the gap reads back as NULs before its next
+    answer.
     """
     from crecli.querylog import open_input
 
@@ -157,7 +160,7 @@ def read_done_ids(path: Path) -> dict[str, set[str | None]]:
     done: dict[str, set[str | None]] = {}
     for line in raw.splitlines():
         try:
-            row = json.loads(line)
+            row = json.loads(line.lstrip(b"\0"))
         except (ValueError, RecursionError):
             continue
         if isinstance(row, dict) and "answer" in row and "error" not in row and row.get("id") is not None:
@@ -210,16 +213,20 @@ def emptied_by_redirect(resume: Path, out: TextIO) -> bool:
     """Whether `out` is the --resume file itself, opened without appending: `> out.jsonl`
     where `>> out.jsonl` was meant. The shell emptied the file before `cre` ran, so it holds
     no answers and every line is answered again; only a warning can say why."""
+    return _writes_to(out, resume) and not _appends(out)
+
+
+def _appends(out: TextIO) -> bool:
+    """Whether `out` was opened to append (`>>`) rather than to write from the start (`>`,
+    for which the shell empties the file first); True where that cannot be told."""
     import os
 
-    if not _writes_to(out, resume):
-        return False
     try:
         import fcntl
 
-        return not fcntl.fcntl(out.fileno(), fcntl.F_GETFL) & os.O_APPEND
-    except (OSError, ImportError):  # no fcntl
-        return False
+        return bool(fcntl.fcntl(out.fileno(), fcntl.F_GETFL) & os.O_APPEND)
+    except (OSError, ValueError, AttributeError, ImportError):  # no fd behind `out`, no fcntl
+        return True
 
 
 def _file_name(fd: int, name: str) -> str:
@@ -291,6 +298,12 @@ def lock_output(out: TextIO) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         name = _file_name(fd, str(getattr(out, "name", "<stdout>")))
+        if not _appends(out):
+            # `> out.jsonl`: the shell emptied the file before cre could refuse, so the other
+            # run's answers so far are gone; it writes on, and --resume finds those it writes.
+            raise CreError(f"another cre batch is writing to {name} (it holds its lock), and this run's '>' emptied "
+                           "it before cre could refuse: the answers that run wrote so far are gone. Let it finish, "
+                           f"then answer the lines it lost: cre batch --resume {name} prompts.jsonl >> {name}") from None
         raise CreError(f"another cre batch is writing to {name} (it holds its lock): let it finish, or "
                        "write this run elsewhere; two runs would answer the same lines and mix their records") from None
     except (OSError, ValueError, AttributeError, ImportError):  # no fd, no flock: nothing to lock
