@@ -154,6 +154,21 @@ def test_resume_of_an_unchanged_input_that_repeats_an_id_skips_every_line(
     assert rows == [] and summary.skipped == 2
 
 
+def test_resume_answers_a_line_that_shares_an_answered_id_but_not_its_prompt(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade, tmp_path: Path
+) -> None:
+    # Lines 1 and 2 share id "x"; the batch stopped with only line 1 answered. On resume line 2
+    # got "the input changed" (exit 3), though its prompt was never answered.
+    install(fake_backends, TABLE)
+    lines = [jl(id="x", prompt=ADD), jl(id="x", prompt=PERU)]
+    first, _ = _run(lines[:1], cascade)
+    earlier = tmp_path / "out.jsonl"
+    earlier.write_text(json.dumps(first[0]) + "\n")
+    rows, summary = _run(lines, cascade, resume_ids=read_done_ids(earlier))
+    assert [(r["line"], r["id"], r.get("answer"), r.get("error")) for r in rows] == [(2, "x", "Lima", None)]
+    assert (summary.skipped, summary.answered, summary.errors, summary.repeated_ids) == (1, 1, 0, 1)
+
+
 def test_a_repeated_id_is_counted_and_said_since_resume_matches_by_id(
     fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade, capsys: pytest.CaptureFixture[str]
 ) -> None:

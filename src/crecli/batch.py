@@ -85,8 +85,8 @@ class BatchSummary:
     speeds_age_hours: float | None = None
     interrupted: bool = False  # Ctrl-C, SIGTERM, SIGHUP: the lines not yet answered are for `--resume`
     # Lines whose id an earlier line of the input already had (a line without an id gets its
-    # line number, which an explicit id may equal): `--resume` matches by id, so it would
-    # skip every line of an id once one of them is answered.
+    # line number, which an explicit id may equal): `--resume` can tell such lines apart only
+    # by their prompts (two with the same prompt are one answer; see `_answer_all`).
     repeated_ids: int = 0
 
     @property
@@ -436,10 +436,11 @@ def run_batch(
     """Answer every line of `lines` (JSONL objects or plain-text prompts) into `out`.
 
     `lines` is a binary stream (read a line at a time, capped at `fields.max_line_bytes`)
-    or the lines themselves. Lines whose id is in `resume_ids` (`read_done_ids`, from
-    `resume_name`) are skipped and write nothing, unless the answer there was to another
-    prompt: that line gets an error record (`changed_since`), never the other prompt's
-    answer. A model file missing, failing verification or refused by llama.cpp stops the
+    or the lines themselves. Lines whose id and prompt are in `resume_ids` (`read_done_ids`,
+    from `resume_name`) are skipped and write nothing. A line whose id was answered there
+    only for other prompts gets an error record (`changed_since`), never another prompt's
+    answer, unless an earlier line of the input has its id: lines sharing an id are told
+    apart by their prompts, so it is answered. A model file missing, failing verification or refused by llama.cpp stops the
     batch (every later line would fail the same way); any other problem with one line
     becomes that line's error record. However the batch stops, every answer finished by
     then is written first.
@@ -557,20 +558,24 @@ def _answer_all(
                     fail(line, _id_of(raw, fields), str(exc))
                     bar.advance(task)
                     continue
-                if record.id in seen:
-                    summary.repeated_ids += 1
+                repeated = record.id in seen
+                summary.repeated_ids += int(repeated)
                 seen.add(record.id)
-                if record.id in resume_ids:
-                    answered = resume_ids[record.id]
-                    # Answers kept no digest before: those match by id alone, as they did.
-                    if None not in answered and prompt_digest(record.prompt) not in answered:
-                        fail(line, record.id, f"{source}:{line}: {changed_since(resume_name, record.id)}")
-                        bar.advance(task)
-                        continue
+                answered = resume_ids.get(record.id)
+                # Answers kept no digest before: those match by id alone, as they did.
+                if answered is not None and (None in answered or prompt_digest(record.prompt) in answered):
                     summary.skipped += 1
                     writer.put(line, None)
                     bar.advance(task)
                     continue
+                if answered is not None and not repeated:
+                    # Its id was answered only for another prompt: the input changed since.
+                    fail(line, record.id, f"{source}:{line}: {changed_since(resume_name, record.id)}")
+                    bar.advance(task)
+                    continue
+                # Not answered; or an earlier line has its id, which was answered for that
+                # line's prompt (or another's of that id), never this one: lines sharing an id
+                # are told apart by their prompts, and this one's is answered now.
                 records.append((line, record))
             pending: list[tuple[int, "Pending"]] = []
             try:

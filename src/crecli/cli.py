@@ -417,10 +417,11 @@ def batch(
       cre batch --resume out.jsonl < in.jsonl >> out.jsonl
 
     Lines already answered in out.jsonl are skipped; lines that got an error are tried again.
-    A line whose id out.jsonl answered for another prompt (the input changed since) gets an
-    error record instead: answer such an input into a new file. A second batch writing to
-    the same file at once is refused, and so is output into the input file itself (the
-    answers would be read back as prompts).
+    A line whose id out.jsonl answered only for other prompts (the input changed since) gets
+    an error record instead: answer such an input into a new file. Where an earlier line has
+    the same id, lines are told apart by their prompts, and such a line is answered. A
+    second batch writing to the same file at once is refused, and so is output into the
+    input file itself (the answers would be read back as prompts).
     Each answered prompt, its answer and trace are added to the served-query log (`cre log`;
     references and labels are not), unless --no-log is given.
 

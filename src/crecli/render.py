@@ -208,8 +208,8 @@ def batch_summary(summary: "BatchSummary", as_json: bool) -> None:
         + (f", {summary.skipped} skipped (already in --resume file)" if summary.skipped else ""),
     ]
     if summary.repeated_ids:
-        lines.append(f"{summary.repeated_ids} line(s) had the id of an earlier line: `--resume` skips every line of an "
-                     "id once one is answered, so give each line its own `id` before resuming")
+        lines.append(f"{summary.repeated_ids} line(s) had the id of an earlier line: `--resume` can tell such lines "
+                     "apart only by their prompts, so give each line its own `id` before resuming")
     if summary.accuracy is not None:
         lines.append(f"accuracy {summary.accuracy:.1%} ({summary.correct}/{summary.graded} lines with a reference)")
     if summary.escalation_rate is not None:
