@@ -697,3 +697,24 @@ def test_an_output_line_is_strict_json_even_with_a_float_that_is_not_finite() ->
     line = batch._json_line({"id": "1", "p_correct": float("nan"), "trace": [{"seconds": float("inf")}]})
     assert json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c}")) == {
         "id": "1", "p_correct": None, "trace": [{"seconds": None}]}
+
+
+@pytest.mark.parametrize("text", [
+    '{"id": "q1", "prompt": "What is 12 plus 30?", "reference": "42"}\n',  # the input, given for the output
+    "What is 12 plus 30?\nWhat is 7 plus 5?\n",
+])
+def test_a_resume_file_that_holds_no_batch_records_is_refused(tmp_path: Path, text: str) -> None:
+    # `--resume prompts.jsonl < prompts.jsonl >> answers.jsonl`: read as "nothing answered",
+    # it answered every line again after the first run's answers, exit 0, without a word.
+    given = tmp_path / "prompts.jsonl"
+    given.write_text(text)
+    with pytest.raises(InputError, match="holds no `cre batch` answer or error records"):
+        read_done_ids(given)
+
+
+def test_a_resume_file_with_only_a_cut_line_or_nothing_reads_as_nothing_answered(tmp_path: Path) -> None:
+    # A first run that crashed inside its first record, or wrote none: resumed from the start.
+    for text in ('{"line": 1, "id": "a", "answ', "", "\n"):
+        earlier = tmp_path / "out.jsonl"
+        earlier.write_text(text)
+        assert read_done_ids(earlier) == {}

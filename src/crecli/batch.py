@@ -143,7 +143,8 @@ def read_done_ids(path: Path) -> dict[str, set[str | None]]:
     kept it). A set: an input may repeat an id, and each of its lines was answered.
 
     Error records are not counted as done, so their lines are tried again; unreadable lines
-    (such as a last line cut short by a crash) are ignored. NUL bytes that start a line are
+    (such as a last line cut short by a crash) are ignored. A file whose whole lines hold no
+    record at all (the prompts given for the output) is an InputError. NUL bytes that start a line are
     dropped: a run writing with '>' into a file the shell emptied under it (a second run's
     `> out.jsonl`) goes on at its old offset, and the gap reads back as NULs before its next
     answer.
@@ -158,14 +159,22 @@ def read_done_ids(path: Path) -> dict[str, set[str | None]]:
     except OSError as exc:
         raise InputError(f"{path}: cannot read the --resume file: {exc.strerror}") from None
     done: dict[str, set[str | None]] = {}
+    records = 0  # lines that are a batch's answer or error records
     for line in raw.splitlines():
         try:
             row = json.loads(line.lstrip(b"\0"))
         except (ValueError, RecursionError):
             continue
+        records += isinstance(row, dict) and ("answer" in row or "error" in row)
         if isinstance(row, dict) and "answer" in row and "error" not in row and row.get("id") is not None:
             digest = row.get("prompt_sha256")
             done.setdefault(str(row["id"]), set()).add(digest if isinstance(digest, str) else None)
+    # Whole lines (a last one cut by a crash aside) of which none is a record: the input given
+    # where the earlier output was meant (`--resume prompts.jsonl`), which would answer every
+    # line again after the first run's answers, as if nothing were amiss.
+    if not records and any(line.strip(b"\0 \t\r") for line in raw.split(b"\n")[:-1]):
+        raise InputError(f"{path}: --resume file holds no `cre batch` answer or error records; --resume takes "
+                         "the earlier run's output: cre batch --resume answers.jsonl prompts.jsonl >> answers.jsonl")
     return done
 
 
