@@ -511,6 +511,38 @@ def test_an_atomic_write_gives_the_mode_asked_for_under_the_umask(tmp_path: Path
     assert (tmp_path / "private").stat().st_mode & 0o777 == 0o600
 
 
+def test_an_atomic_write_keeps_the_mode_of_the_file_it_replaces(tmp_path: Path) -> None:
+    """A 0600 file (an export, settings.toml) came back 0644 from a rewrite: the temp file
+    took 0o666 & ~umask and was renamed over it."""
+    private, shared = tmp_path / "private", tmp_path / "shared"
+    for path, mode in ((private, 0o600), (shared, 0o664)):
+        path.write_bytes(b"old")
+        path.chmod(mode)
+    old = os.umask(0o022)
+    try:
+        paths.atomic_write(private, b"new")
+        paths.atomic_write(shared, b"new", mode=0o600)  # the user opened it up: it stays so
+        paths.write_user_settings({"log_queries": True})
+        paths.user_settings_file().chmod(0o600)
+        paths.update_user_setting("log_queries", False)
+    finally:
+        os.umask(old)
+    assert private.stat().st_mode & 0o777 == 0o600 and private.read_bytes() == b"new"
+    assert shared.stat().st_mode & 0o777 == 0o664
+    assert paths.user_settings_file().stat().st_mode & 0o777 == 0o600
+
+
+def test_a_new_log_export_is_private_like_the_log(tmp_path: Path) -> None:
+    """The export holds the log's prompts; the log is 0600, the export was 0644."""
+    out = tmp_path / "export.jsonl"
+    old = os.umask(0o022)
+    try:
+        servedlog.export([], out, [])
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o600
+
+
 def test_state_writers_never_write_through_a_link_at_a_temp_name(tmp_path: Path) -> None:
     """settings.toml, bench.json and `cre log -o` used fixed temp names (`.NAME.tmpPID`,
     `NAME.PID.tmp`): a link planted there made the write land in the link's target."""

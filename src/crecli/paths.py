@@ -153,10 +153,13 @@ def atomic_write(path: Path, data: bytes | str | Callable[[BinaryIO], None], *, 
     file; an exception it raises abandons the write. The bytes go to a temp file in the same
     folder, `.NAME.PID@HOST.RANDOM.tmp`, created with O_EXCL (so a file or link planted under that
     name is never written through) and `mode`, which the umask filters: the default 0o666
-    gives what any file the user creates gets, 0o600 keeps a private file private. The temp
-    file is fsynced, renamed over `path`, and the folder fsynced, so the rename survives a
-    power cut. On any failure (Ctrl-C included) the temp file is removed and `path` is as it
-    was; an OSError is raised as it came, for the caller to phrase. The folder must exist.
+    gives what any file the user creates gets, 0o600 keeps a private file private. A file
+    being replaced keeps its own mode instead, as `cp` onto it would: a 0600 export or
+    settings.toml must not turn 0644 by being rewritten, and one the user opened up stays
+    open. The temp file is fsynced, renamed over `path`, and the folder fsynced, so the
+    rename survives a power cut. On any failure (Ctrl-C included) the temp file is removed
+    and `path` is as it was; an OSError is raised as it came, for the caller to phrase. The
+    folder must exist.
 
     `clean_stale` first removes the temp files that earlier writes of `path` left when they
     were killed (`remove_stale_temps`), for files rewritten often in shared folders.
@@ -174,6 +177,11 @@ def atomic_write(path: Path, data: bytes | str | Callable[[BinaryIO], None], *, 
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
     try:
         with os.fdopen(fd, "wb") as fh:
+            old = _stat(path)
+            if old is not None and hasattr(os, "fchmod"):  # not on Windows, whose modes say little
+                # Permission bits only: a set-id bit kept on new contents is what the
+                # kernel itself clears when such a file is written.
+                os.fchmod(fh.fileno(), old.st_mode & 0o777)
             if callable(data):
                 data(fh)
             else:

@@ -513,8 +513,10 @@ def export(entries: list[dict[str, Any]], out: Path, sources: list[Path]) -> Pat
             fh.write(_line(entry))
 
     try:
-        # The umask decides the export's mode: it is made to be copied to another machine.
-        paths.atomic_write(out, write)
+        # The export holds the same prompts as the log, which is 0600: a new export is too
+        # (whatever the umask), and an earlier one keeps the mode it has (`atomic_write`),
+        # so one the user opened up to share stays shared.
+        paths.atomic_write(out, write, mode=0o600)
     except OSError as exc:
         raise InputError(f"-o {out}: cannot write it ({exc.strerror or exc})") from None
     except (TypeError, ValueError) as exc:  # a value JSON cannot hold; `read` gives none, callers might
