@@ -543,6 +543,31 @@ def test_a_new_log_export_is_private_like_the_log(tmp_path: Path) -> None:
     assert out.stat().st_mode & 0o777 == 0o600
 
 
+def test_an_output_that_is_a_symlink_replaces_its_target(tmp_path: Path) -> None:
+    """`cre log -o link.jsonl` (link -> shared/export.jsonl) swapped the link for a regular
+    file and left the shared export stale; routers and settings.toml the same."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    target = shared / "export.jsonl"
+    servedlog.export([], target, [])
+    target.chmod(0o640)
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(Path("shared") / "export.jsonl")  # relative, as `ln -s` is often used
+    entry = {"schema": servedlog.SCHEMA, "time": "2025-01-01T00:00:00.000Z", "prompt": "What is 2 plus 2?"}
+    servedlog.export([entry], link, [])
+    assert link.is_symlink() and servedlog.read([target]).entries == [entry]
+    assert target.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.jsonl", "shared"]
+    assert [p.name for p in shared.iterdir()] == ["export.jsonl"]  # no temp file left
+    # A dangling link is created at its target; a link to an input is still refused.
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(shared / "new.bin")
+    paths.atomic_write(dangling, b"x")
+    assert dangling.is_symlink() and (shared / "new.bin").read_bytes() == b"x"
+    with pytest.raises(Exception, match="the query log"):
+        paths.check_output(link, "-o", [("the query log", target)])
+
+
 def test_state_writers_never_write_through_a_link_at_a_temp_name(tmp_path: Path) -> None:
     """settings.toml, bench.json and `cre log -o` used fixed temp names (`.NAME.tmpPID`,
     `NAME.PID.tmp`): a link planted there made the write land in the link's target."""

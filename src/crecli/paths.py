@@ -156,17 +156,20 @@ def atomic_write(path: Path, data: bytes | str | Callable[[BinaryIO], None], *, 
     gives what any file the user creates gets, 0o600 keeps a private file private. A file
     being replaced keeps its own mode instead, as `cp` onto it would: a 0600 export or
     settings.toml must not turn 0644 by being rewritten, and one the user opened up stays
-    open. The temp file is fsynced, renamed over `path`, and the folder fsynced, so the
-    rename survives a power cut. On any failure (Ctrl-C included) the temp file is removed
-    and `path` is as it was; an OSError is raised as it came, for the caller to phrase. The
-    folder must exist.
+    open. A `path` that is a symlink is followed to the file it names, which is the one
+    replaced (its temp file sits beside it, in its folder): the link stays a link, and
+    whoever reads the target reads the new file. The temp file is fsynced, renamed over the
+    file, and the folder fsynced, so the rename survives a power cut. On any failure (Ctrl-C
+    included) the temp file is removed and the file is as it was; an OSError is raised as
+    it came, for the caller to phrase. The folder must exist.
 
     `clean_stale` first removes the temp files that earlier writes of `path` left when they
     were killed (`remove_stale_temps`), for files rewritten often in shared folders.
     """
     import secrets
 
-    path = Path(path)
+    # Replacing the link itself would leave its target, say a shared export, stale.
+    path = Path(os.path.realpath(path))
     if clean_stale:
         remove_stale_temps(path)
     # The pid in the name lets a later write tell an orphan (its writer was killed) from a
@@ -444,6 +447,8 @@ def check_output(
     `keep` pairs a description ("the query log") with each file the command reads, which
     the output must not be; `example` is a file name to suggest when `path` is a folder.
     A path that exists and is not a regular file (a folder, a FIFO, a device) is refused.
+    A symlink is judged by the file it names, and the folder that must take a file is
+    that file's, where `atomic_write` writes.
     Every file in `owned_files` (the outcome stores, including any in `keep`, the
     served-query log, settings, benchmarks, models and caches) is refused too, however
     the path reaches it; `allow` exempts one kind (`--store` may be an OWNED_STORE). The
@@ -473,7 +478,7 @@ def check_output(
                        "replace it. Choose another file name")
     if path_is is not None and path_is.startswith("cannot"):  # the write would fail too, after the work
         raise CreError(f"{option} {path} {path_is}; choose another path")
-    folder = path.absolute().parent
+    folder = Path(os.path.realpath(path)).parent  # where `atomic_write` puts its temp file: a link's target's
     folder_is = not_a_file(folder)
     if folder_is != "is a folder":
         problem = {None: "is a file, not a folder", "not found": "does not exist",
