@@ -269,6 +269,36 @@ def test_store_refuses_other_schema_and_garbage(tmp_path) -> None:
         OutcomeStore(path)
 
 
+def test_store_refuses_another_programs_database_and_leaves_it_alone(tmp_path) -> None:
+    """`--store app.db` added meta and outcomes tables and a meta row to any SQLite database,
+    even for `cre eval`, which only reads."""
+    import sqlite3
+
+    app = tmp_path / "app.db"
+    with sqlite3.connect(app) as db:
+        db.execute("CREATE TABLE users (name TEXT)")
+        db.execute("INSERT INTO users VALUES ('ada')")
+    before = app.read_bytes()
+    with pytest.raises(CreError, match=r"app.db: a SQLite database holding other tables \(users\), not an outcome store"
+                       r".*Give --store a new file name.*nothing was changed"):
+        OutcomeStore(app)
+    assert app.read_bytes() == before
+    tagged = tmp_path / "tagged.db"
+    with sqlite3.connect(tagged) as db:
+        db.execute("PRAGMA application_id = 1234")
+    with pytest.raises(CreError, match=r"another program \(application_id 0x4d2\)"):
+        OutcomeStore(tagged)
+    # A new store is marked as ours; one an older crecli made (unmarked) still opens.
+    from crecli.outcomes import APPLICATION_ID
+
+    new = tmp_path / "new.sqlite"
+    OutcomeStore(new).close()
+    with sqlite3.connect(new) as db:
+        assert db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+        db.execute("PRAGMA application_id = 0")
+    OutcomeStore(new).close()
+
+
 def test_store_rows_are_plain_json(store) -> None:
     store.put("p", "small", "m", "k", 7, [Vote("x", 1, 0.5)])
     raw = store._db.execute("SELECT votes FROM outcomes").fetchone()[0]

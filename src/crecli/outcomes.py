@@ -54,6 +54,9 @@ if TYPE_CHECKING:
     from crecli.querylog import Record
 
 STORE_SCHEMA = 1
+# SQLite's header field naming the application a database belongs to ("crec"): set in new
+# stores, so another program's database is told from ours even before its tables are read.
+APPLICATION_ID = 0x63726563
 
 OutcomeKey = tuple[str, str]  # (query id, model name)
 
@@ -131,6 +134,14 @@ class OutcomeStore:
         paths.ensure(self.path.parent)
         try:
             self._db = sqlite3.connect(str(self.path))
+            other = self._other_database()
+            if other is not None:
+                self._db.close()
+                raise CreError(
+                    f"{self.path}: {other}, not an outcome store; crecli would add its own tables to it. "
+                    "Give --store a new file name (or an outcome store crecli wrote), or leave --store out "
+                    "to use the default store; nothing was changed"
+                )
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
             )
@@ -143,12 +154,14 @@ class OutcomeStore:
             )
             row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
             if row is None:
+                self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(STORE_SCHEMA),))
             self._db.commit()
         except sqlite3.DatabaseError as exc:
             raise CreError(
-                f"{self.path}: not a usable outcome store ({exc}). Move it away or delete it; "
-                "the next run records outcomes afresh."
+                f"{self.path}: not a usable outcome store ({exc}). If it is one crecli wrote, move it away or "
+                "delete it, and the next run records outcomes afresh; if it is another file, give --store "
+                "another file name"
             ) from None
         if row is not None and row[0] != str(STORE_SCHEMA):
             self._db.close()
@@ -157,6 +170,28 @@ class OutcomeStore:
                 f"({STORE_SCHEMA}). Move it away or delete it to record outcomes afresh."
             )
         self.unwritable = self._probe_write()
+
+    def _other_database(self) -> str | None:
+        """What the open database is instead of an outcome store, or None where it is one, or
+        new (no tables yet), or one whose first open was cut short (only the store's tables).
+
+        `--store app.db` had the store's tables and a meta row added to another program's
+        database, by `cre eval` too, which only reads."""
+        app = self._db.execute("PRAGMA application_id").fetchone()[0]
+        if app not in (0, APPLICATION_ID):
+            return f"a SQLite database of another program (application_id {app:#x})"
+        tables = sorted(name for (name,) in self._db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite!_%' ESCAPE '!'"))
+        if not tables:
+            return None
+        try:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        except sqlite3.OperationalError:  # no meta table, or another program's of that name
+            row = None
+        if row is not None or set(tables) <= {"meta", "outcomes"}:
+            return None
+        shown = ", ".join(tables[:5]) + (f" and {len(tables) - 5} more" if len(tables) > 5 else "")
+        return f"a SQLite database holding other tables ({shown})"
 
     def _probe_write(self) -> str | None:
         """Why the store cannot take a write (read-only file or folder, full disk), or None.
