@@ -353,3 +353,34 @@ def test_eval_finds_a_moved_fit_log_only_by_fit_log_with_its_bytes(fakes, tiny_m
     assert sum(len(b.calls) for b in fakes.values()) == calls
     result = cre("eval", subset, "--router", router, *m, "--fit-log", tmp_path / "nowhere.jsonl")
     assert result.exit_code == 1 and "not found" in str(result.exception)
+
+
+def test_calibrate_in_place_does_not_overwrite_a_router_written_meanwhile(
+    fakes, tiny_models_toml: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A `cre fit -o ROUTER` that finished during a long calibrate was overwritten by the
+    # calibration of the router it had replaced.
+    from crecli import calibrate
+
+    log = write(tmp_path / "log.jsonl", rows())
+    router = tmp_path / "router.cre"
+    ok("fit", log, "-o", router, "--models", tiny_models_toml)
+    newer = router.read_bytes() + b"\n"  # zip readers ignore a trailing byte: any other router will do
+    real = calibrate.recalibrate
+
+    def meanwhile(*args: Any, **kwargs: Any) -> Any:
+        router.write_bytes(newer)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibrate, "recalibrate", meanwhile)
+    result = cre("calibrate", router, "--models", tiny_models_toml, "--folds", "2")
+    assert result.exit_code == 1
+    message = str(result.exception)
+    assert f"{router} changed while it was being calibrated" in message and "was not saved over it" in message
+    assert f"Run `cre calibrate {router}` again" in message
+    assert router.read_bytes() == newer
+    # Saved elsewhere with -o, it is no matter; unchanged in place, it is saved.
+    ok("calibrate", router, "--models", tiny_models_toml, "--folds", "2", "-o", tmp_path / "other.cre")
+    monkeypatch.setattr(calibrate, "recalibrate", real)
+    ok("calibrate", router, "--models", tiny_models_toml, "--folds", "2")
+    assert router.read_bytes() != newer

@@ -527,5 +527,32 @@ def run(
                                     f"its server could not be asked: {label}; calibrate again when it answers"
                                     if label.startswith("unknown") else "its server returns none")
     cal = recalibrate(router, data, budget, n_folds=n_folds, seed=seed, check=check, votes=votes, no_signals=no_signals)
+    check_unchanged(router_path, router.file_sha256, target)
     routerfile.save(apply(router, cal, settings), target)
     return cal, target
+
+
+def check_unchanged(router_path: Path, loaded_sha256: str | None, target: Path) -> None:
+    """Refuse to save a calibration in place (`target` is `router_path`, or another path to
+    it) over a router file that is no longer the one loaded: a `cre fit -o ROUTER` that
+    finished during a long calibrate was overwritten by the calibration of the router it
+    replaced."""
+    from crecli.models.pull import sha256_file
+
+    if target != router_path:
+        try:
+            if not target.samefile(router_path):
+                return
+        except OSError:  # one of them is not there: -o names another file
+            return
+    try:
+        now = sha256_file(router_path)
+    except OSError:  # gone, or unreadable: not the file loaded either
+        now = None
+    if now is None or now != loaded_sha256:
+        raise CreError(
+            f"{router_path} changed while it was being calibrated (another `cre fit -o` or `cre calibrate` wrote "
+            "it, or it was moved or deleted), so this calibration of the router it held was not saved over it. "
+            f"Run `cre calibrate {router_path}` again to calibrate the router there now: the answers recorded in "
+            "the outcome store are reused, not run again"
+        )
