@@ -200,6 +200,40 @@ def test_eval_plot_or_store_over_an_input_is_refused(cre, saved_router, sums_log
     assert sums_log.read_bytes() == before and saved_router.read_bytes() == router_bytes and four_fakes == {}
 
 
+def test_eval_plot_replaces_only_a_plot_it_wrote(cre, saved_router, sums_log, tiny_models_toml, four_fakes, tmp_path) -> None:
+    """`--plot diagram.svg` replaced any picture with no word."""
+    import struct
+    import zlib
+    from types import SimpleNamespace
+
+    from crecli import reports
+
+    picture = tmp_path / "diagram.svg"
+    picture.write_text('<svg xmlns="http://www.w3.org/2000/svg"><text>my diagram</text></svg>')
+    before = picture.read_bytes()
+    m = ("--router", saved_router, "--models", tiny_models_toml)
+    refused(cre("eval", sums_log, *m, "--plot", picture), "--plot", "exists and it is not a plot cre eval wrote",
+            "Choose another file name, or delete the file first")
+    assert picture.read_bytes() == before and four_fakes == {}
+    # A plot cre eval wrote, or an empty file, may be replaced.
+    from crecli.evaluate import PLOT_SOFTWARE, check_plot, is_plot
+
+    report = SimpleNamespace(n=3, unit="seconds", points=[SimpleNamespace(name="cascade (x)", mean_cost=1.0, accuracy=0.9)])
+    plot = tmp_path / "frontier.svg"
+    reports.plot(report, plot)
+    check_plot(plot)
+    (tmp_path / "empty.svg").write_bytes(b"")
+    check_plot(tmp_path / "empty.svg")
+
+    def png(*text: bytes) -> bytes:
+        chunks = [(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)), *((b"tEXt", t) for t in text), (b"IEND", b"")]
+        return b"\x89PNG\r\n\x1a\n" + b"".join(struct.pack(">I", len(d)) + k + d + struct.pack(">I", zlib.crc32(k + d))
+                                                for k, d in chunks)
+
+    assert is_plot(png(b"Software\x00" + PLOT_SOFTWARE.encode()))
+    assert not is_plot(png(b"Software\x00GIMP 2.10"))
+
+
 # ---------------------------------------------------------------- progress off a terminal
 
 

@@ -173,6 +173,24 @@ def test_a_router_is_never_written_over_a_file_that_is_not_one(
     assert held_out.read_bytes() == SMALL_LOG.read_bytes()
 
 
+def test_a_zip_with_a_manifest_that_is_no_routers_is_not_replaced(tmp_path: Path) -> None:
+    # Any zip holding a manifest.json (a browser extension, an app package) passed for a router.
+    import zipfile
+
+    from crecli import archive
+    from crecli.errors import CreError
+
+    extension = tmp_path / "extension.zip"
+    with zipfile.ZipFile(extension, "w") as zf:
+        zf.writestr("manifest.json", '{"manifest_version": 3, "name": "my extension"}')
+        zf.writestr("background.js", "chrome.runtime.onInstalled.addListener(() => {});")
+    with pytest.raises(CreError, match="exists and is not a router file"):
+        archive.check_replaceable(extension, "-o")
+    router = tmp_path / "router.cre"
+    archive.write(router, {"schema_version": archive.SCHEMA_VERSION}, {})
+    archive.check_replaceable(router, "-o")  # a router is: refitting replaces it
+
+
 def test_a_row_labelling_models_off_the_ladder_is_named_before_any_model_runs(
     tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict[str, FakeBackend]
 ) -> None:

@@ -102,8 +102,9 @@ def pack(owner: str, arrays: dict[str, "np.ndarray"], blobs: dict[str, bytes]) -
 def check_replaceable(path: Path, option: str) -> None:
     """Refuse, before any work, to write a router over a file that is not one: `-o
     test.jsonl` at the end of an hour's fit replaced a held-out log (or notes, or a
-    models.toml not in use) with no word. A router file (a zip holding `manifest.json`)
-    may be replaced; that is what refitting is."""
+    models.toml not in use) with no word. A router file (a zip whose `manifest.json` says
+    `"format": "crecli-router"`) may be replaced; that is what refitting is. Any zip with a
+    manifest.json was, and browser extensions and other packages have one."""
     from crecli.errors import CreError
 
     try:
@@ -111,10 +112,14 @@ def check_replaceable(path: Path, option: str) -> None:
             return  # nothing there (what else is there, `paths.check_output` has judged)
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as zf:
-                if MANIFEST in zf.namelist():
-                    return
-    except (OSError, zipfile.BadZipFile):
-        pass
+                info = zf.getinfo(MANIFEST)
+                if info.file_size <= MAX_MANIFEST_BYTES:
+                    manifest = json.loads(zf.read(info))
+                    if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
+                        return
+    except (OSError, KeyError, ValueError, RecursionError, EOFError, zlib.error, zipfile.BadZipFile,
+            NotImplementedError, RuntimeError):
+        pass  # KeyError: no manifest; ValueError: not JSON; the rest: a member zipfile cannot read
     raise CreError(
         f"{option} {path} exists and is not a router file; writing the router there would destroy it. "
         "Choose another file name, or delete the file first"

@@ -289,11 +289,36 @@ def live(router: "RouterFile", settings: "ModelConfig", data: Data, limit: int |
     }
 
 
+# What marks a plot `reports.plot` wrote, so that a later `--plot` may replace it and no
+# other picture: every SVG plot's title (since the first), and a PNG plot's Software text chunk.
+PLOT_TITLE = "cre eval: "
+PLOT_SOFTWARE = "crecli"
+_SVG_START = b'<svg xmlns="http://www.w3.org/2000/svg"'
+_PNG_START = b"\x89PNG\r\n\x1a\n"
+
+
+def is_plot(data: bytes) -> bool:
+    """Whether `data`, a file's bytes, is a plot `reports.plot` wrote (a PNG matplotlib
+    wrote for an older crecli carries no mark, and is not)."""
+    if data.startswith(_PNG_START):
+        return b"tEXtSoftware\x00" + PLOT_SOFTWARE.encode() in data
+    return data.startswith(_SVG_START) and f">{PLOT_TITLE}".encode() in data
+
+
+# A plot `reports.plot` writes is tens of KB; what is past this is no plot of ours.
+MAX_PLOT_BYTES = 8 << 20
+
+
 def check_plot(path: Path) -> None:
     """Refuse a plot `reports.plot` could not write, before the work whose result it would
-    draw (`run` checks it first: `--live` answers every query before the plot)."""
+    draw (`run` checks it first: `--live` answers every query before the plot).
+
+    An existing file is replaced only when it is empty or a plot `cre eval` wrote
+    (`is_plot`): `--plot diagram.svg` replaced any picture with no word, where
+    `-o` never replaces a file that is not a router or an export."""
     import importlib.util
 
+    from crecli import paths
     from crecli.errors import CreError, UsageError
 
     suffix = path.suffix.lower()
@@ -301,6 +326,17 @@ def check_plot(path: Path) -> None:
         raise UsageError(f"--plot {path}: plots are .svg or .png")
     if suffix == ".png" and importlib.util.find_spec("matplotlib") is None:
         raise CreError("PNG plots need matplotlib (`pip install matplotlib`); or write .svg, which needs nothing")
+    if paths.not_a_file(path) is not None:
+        return  # nothing there (what else is there, `paths.check_output` has judged)
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_PLOT_BYTES)
+        why = None if not data or is_plot(data) else "it is not a plot cre eval wrote"
+    except OSError as exc:
+        why = f"it cannot be read to tell ({exc.strerror or exc})"
+    if why is not None:
+        raise CreError(f"--plot {path} exists and {why}; writing the plot there would destroy it. "
+                       "Choose another file name, or delete the file first")
 
 
 def fit_log_prompts(router: "RouterFile", given: Path | None = None) -> tuple[set[str] | None, str]:

@@ -403,6 +403,7 @@ def _png(report: Any) -> bytes:
     import io
 
     from crecli.errors import CreError
+    from crecli.evaluate import PLOT_SOFTWARE, PLOT_TITLE
 
     try:
         import matplotlib
@@ -418,17 +419,19 @@ def _png(report: Any) -> bytes:
         ax.annotate(p.name, (p.mean_cost, p.accuracy), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.set_xlabel(f"mean cost per query ({report.unit})")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"cre eval: {report.n} queries")
+    ax.set_title(f"{PLOT_TITLE}{report.n} queries")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    fig.savefig(buf, format="png", dpi=120, metadata={"Software": PLOT_SOFTWARE})  # `is_plot`'s mark
     plt.close(fig)
     return buf.getvalue()
 
 
 def _svg(report: Any, w: int = 720, h: int = 480, pad: int = 60) -> str:
     from html import escape
+
+    from crecli.evaluate import PLOT_TITLE
 
     xs = [p.mean_cost for p in report.points]
     ys = [p.accuracy for p in report.points]
@@ -448,7 +451,7 @@ def _svg(report: Any, w: int = 720, h: int = 480, pad: int = 60) -> str:
         f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
         f'<text x="{w / 2}" y="{h - 15}" text-anchor="middle">mean cost per query ({escape(report.unit)})</text>',
         f'<text x="15" y="{h / 2}" transform="rotate(-90 15 {h / 2})" text-anchor="middle">accuracy</text>',
-        f'<text x="{w / 2}" y="25" text-anchor="middle" font-size="14">cre eval: {report.n} queries</text>',
+        f'<text x="{w / 2}" y="25" text-anchor="middle" font-size="14">{PLOT_TITLE}{report.n} queries</text>',
     ]
     for i in range(5):
         yv = y0 + (y1 - y0) * i / 4
