@@ -418,6 +418,33 @@ def test_cre_log_export_replaces_only_an_earlier_export(tmp_path: Path) -> None:
     assert refused.exit_code == 1 and "line 4 is not a served-log entry" in str(refused.exception)
 
 
+def test_cre_log_export_never_drops_entries_of_an_earlier_one_without_force(tmp_path: Path) -> None:
+    # After the log rotated old entries away (past 64 MiB), `cre log -o FILE` replaced the
+    # earlier export, perhaps their only copy, with fewer entries or none, without a word.
+    fill(5)
+    export = tmp_path / "export.jsonl"
+    assert cre("log", "-o", export).exit_code == 0
+    before = export.read_bytes()
+    for live in servedlog.log_files():
+        live.unlink()  # rotated away
+    fill(2, start_day=20)
+    for narrower in (("--since", "2025-01-04"), ("--last", "1"), ()):
+        refused = cre("log", *narrower, "-o", export)
+        assert refused.exit_code == 1, refused.output
+        message = str(refused.exception)
+        assert f"-o {export} is an earlier export, and 5 of its 5 entries are not in this one" in message
+        assert "Write to another file name, or give --force to replace it" in message
+        assert export.read_bytes() == before
+    # An export that keeps every entry of the earlier one replaces it; --force replaces any.
+    fill(5)  # the old entries are back (say, from a backup)
+    assert cre("log", "-o", export).exit_code == 0
+    assert len(servedlog.read([export]).entries) == 7
+    forced = cre("log", "--last", "1", "-o", export, "--force")
+    assert forced.exit_code == 0, forced.output
+    assert len(servedlog.read([export]).entries) == 1
+    assert "--force is for -o FILE" in str(cre("log", "--force").exception)
+
+
 def test_cre_log_on_an_empty_log_and_with_logging_off() -> None:
     empty = cre("log")
     assert empty.exit_code == 0 and empty.stdout == "" and "Nothing logged yet" in empty.stderr

@@ -567,7 +567,8 @@ def serve(
 def log_(
     last: Annotated[Optional[int], typer.Option("--last", "-n", min=1, help="Only the newest N entries (default: 20 when shown; all with --since or -o).", show_default=False)] = None,
     since: Annotated[Optional[str], typer.Option("--since", help="Only entries at or after this date or time, e.g. 2025-01-31 or 2025-01-31T14:00 (UTC unless it says).", show_default=False)] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Export the entries to this JSONL file (the log's own format, for `cre fit --served-log`; - for stdout); it may replace an earlier export, never another file.", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Export the entries to this JSONL file (the log's own format, for `cre fit --served-log`; - for stdout); it may replace an earlier export holding no entry this one lacks, never another file.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="With -o, replace an earlier export even if it holds entries this export lacks (rotated out of the log since).")] = False,
     path: Annotated[bool, typer.Option("--path", help="Print the log file's path and nothing else.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print the entries as a JSON array on stdout for scripts.")] = False,
 ) -> None:
@@ -576,8 +577,10 @@ def log_(
 
     The log is served.jsonl in the user data dir, rotated at 16 MiB into served.1.jsonl ..
     served.3.jsonl. Entries go to stdout (a table, --json, or -o - in the log's own format)
-    or to -o FILE; the log's path and counts go to stderr. Turn logging off with --no-log on
-    a command, or for good with `log_queries = false` in settings.toml.
+    or to -o FILE; the log's path and counts go to stderr. -o replaces an earlier export only
+    if every entry it holds is in the new one (else it stops; --force replaces it). Turn
+    logging off with --no-log on a command, or for good with `log_queries = false` in
+    settings.toml.
 
     Examples:
 
@@ -596,7 +599,9 @@ def log_(
         return
     if output is not None and json_:
         raise UsageError("give --json (entries on stdout) or -o FILE (entries in a file), not both")
-    render.served_log(servedlog.query(last=last, since=since, output=output), json_)
+    if force and output is None:
+        raise UsageError("--force is for -o FILE: it replaces an earlier export that holds entries this one lacks")
+    render.served_log(servedlog.query(last=last, since=since, output=output, force=force), json_)
 
 
 def _match_type(text: str) -> str:

@@ -455,24 +455,38 @@ def check_fit_reading(reading: LogReading, named: list[Path]) -> None:
         warn(f"--served-log {path} holds no entries; nothing from it joins the clustering")
 
 
-def _not_an_export(path: Path) -> str | None:
-    """None where `path` is absent, empty, or an earlier export (every line an entry);
-    else why it is none, for `export` to refuse it."""
+def _entry_key(entry: dict[str, Any]) -> bytes:
+    """What tells one entry from another: there is no id, so the whole entry (its time,
+    prompt, answer and trace), as a digest of its canonical JSON."""
+    import hashlib
+
+    text = json.dumps(entry, sort_keys=True, ensure_ascii=False, allow_nan=False, default=str)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+
+
+def _earlier_export(path: Path) -> tuple[str | None, list[bytes]]:
+    """Why `path` is not an earlier export, for `export` to refuse it: None where it is
+    absent, empty, or one (every line an entry); and the `_entry_key` of each entry it holds."""
     from crecli.querylog import LongLine, read_lines
 
+    keys = []
     try:
         fh = _open(path)
         if fh is None:
-            return None
+            return None, []
         with fh:
             for number, raw in enumerate(read_lines(fh, MAX_ENTRY_BYTES), 1):
-                if isinstance(raw, LongLine) or (raw.strip() and _entry_of(raw) is None):
-                    return f"line {number} is not a served-log entry"
+                if not isinstance(raw, LongLine) and not raw.strip():
+                    continue
+                entry = None if isinstance(raw, LongLine) else _entry_of(raw)
+                if entry is None:
+                    return f"line {number} is not a served-log entry", []
+                keys.append(_entry_key(entry))
     except InputError:  # `_open`'s: unreadable, so what it holds cannot be known
-        return "it cannot be read to tell"
+        return "it cannot be read to tell", []
     except OSError as exc:
-        return f"it cannot be read to tell ({exc.strerror or exc})"
-    return None
+        return f"it cannot be read to tell ({exc.strerror or exc})", []
+    return None, keys
 
 
 def is_stdout(out: Path) -> bool:
@@ -481,13 +495,16 @@ def is_stdout(out: Path) -> bool:
     return str(out) == "-"
 
 
-def export(entries: list[dict[str, Any]], out: Path, sources: list[Path]) -> Path:
+def export(entries: list[dict[str, Any]], out: Path, sources: list[Path], force: bool = False) -> Path:
     """Write `entries` as JSONL to `out`, in the log's own format, so `cre fit --served-log`
     reads it; `out` may not be one of the log's own files.
 
     An existing `out` is replaced only when it is empty or an earlier export: `-o
     queries.jsonl` replaced a query log (or notes) with no word, as `cre fit -o` once did
-    (`archive.check_replaceable`). `out` "-" is stdout, as `cre batch` reads "-" as stdin."""
+    (`archive.check_replaceable`). An earlier export holding entries that `entries` lacks
+    is replaced only with `force`: once the log has rotated them away (past 64 MiB), or
+    with a narrower --since, the old export may be their only copy. `out` "-" is stdout,
+    as `cre batch` reads "-" as stdin."""
     if is_stdout(out):
         try:
             # Every line is encoded before the first is written, so an entry JSON cannot
@@ -501,12 +518,21 @@ def export(entries: list[dict[str, Any]], out: Path, sources: list[Path]) -> Pat
         sys.stdout.buffer.flush()
         return out
     paths.check_output(out, "-o", [("the served-query log", p) for p in sources], example="served-export.jsonl")
-    why = _not_an_export(out)
+    why, held = _earlier_export(out)
     if why is not None:
         raise InputError(
             f"-o {out} exists and is not a `cre log` export ({why}); writing the entries there would destroy it. "
             "Choose another file name, or delete the file first"
         )
+    if held and not force:
+        kept = {_entry_key(entry) for entry in entries}
+        lost = sum(key not in kept for key in held)
+        if lost:
+            raise InputError(
+                f"-o {out} is an earlier export, and {lost} of its {len(held)} entries are not in this one "
+                "(rotated out of the log since, or left out by --since or --last): replacing it would lose them. "
+                "Write to another file name, or give --force to replace it"
+            )
 
     def write(fh: BinaryIO) -> None:
         for entry in entries:
@@ -524,9 +550,11 @@ def export(entries: list[dict[str, Any]], out: Path, sources: list[Path]) -> Pat
     return out
 
 
-def query(last: int | None = None, since: str | None = None, output: Path | None = None) -> LogReading:
+def query(last: int | None = None, since: str | None = None, output: Path | None = None,
+          force: bool = False) -> LogReading:
     """`cre log`: the newest `last` entries (default 20 when shown; every entry with
-    `since` or `output`), at or after `since`, written to `output` when given."""
+    `since` or `output`), at or after `since`, written to `output` when given (`export`,
+    with `force`)."""
     if last is None and since is None and output is None:
         last = DEFAULT_LAST
     reading = read(since=parse_since(since) if since is not None else None, last=last)
@@ -535,6 +563,6 @@ def query(last: int | None = None, since: str | None = None, output: Path | None
     except ConfigError:
         reading.enabled = None  # `cre log` still shows the log; the answering commands will report it
     if output is not None:
-        export(reading.entries, output, reading.files)
+        export(reading.entries, output, reading.files, force=force)
         reading.output = output
     return reading
