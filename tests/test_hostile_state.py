@@ -568,6 +568,24 @@ def test_an_output_that_is_a_symlink_replaces_its_target(tmp_path: Path) -> None
         paths.check_output(link, "-o", [("the query log", target)])
 
 
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="giving a link to another user needs root")
+def test_a_link_another_user_owns_is_not_followed(tmp_path: Path) -> None:
+    # A link planted in a shared folder (/tmp) to name one of this user's files: followed, the
+    # write would replace that file; not followed, it replaces the link (where the folder lets it).
+    mine = tmp_path / "mine.txt"
+    mine.write_text("keep")
+    planted = tmp_path / "export.jsonl"
+    planted.symlink_to(mine)
+    os.lchown(planted, 4242, 4242)
+    assert paths.written_path(planted) == planted.absolute()
+    paths.atomic_write(planted, b"new")
+    assert mine.read_text() == "keep" and not planted.is_symlink() and planted.read_bytes() == b"new"
+    os.lchown(mine, 0, 0)
+    own = tmp_path / "own.jsonl"
+    own.symlink_to(mine)
+    assert paths.written_path(own) == mine.resolve()
+
+
 def test_state_writers_never_write_through_a_link_at_a_temp_name(tmp_path: Path) -> None:
     """settings.toml, bench.json and `cre log -o` used fixed temp names (`.NAME.tmpPID`,
     `NAME.PID.tmp`): a link planted there made the write land in the link's target."""

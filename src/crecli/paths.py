@@ -169,7 +169,7 @@ def atomic_write(path: Path, data: bytes | str | Callable[[BinaryIO], None], *, 
     import secrets
 
     # Replacing the link itself would leave its target, say a shared export, stale.
-    path = Path(os.path.realpath(path))
+    path = written_path(path)
     if clean_stale:
         remove_stale_temps(path)
     # The pid in the name lets a later write tell an orphan (its writer was killed) from a
@@ -370,6 +370,23 @@ def not_a_file(path: Path) -> str | None:
     return None if stat.S_ISREG(st.st_mode) else "is not a regular file"
 
 
+def written_path(path: Path) -> Path:
+    """The file a write of `path` replaces (`atomic_write`): the file a symlink names, so
+    the link stays and its target is updated; `path` itself where it is no link, or a link
+    owned by another user (neither root nor this one). Such a link, planted in a shared
+    folder such as /tmp to name one of this user's files, is not followed: the rename then
+    meets the link, which a sticky folder does not let this user replace."""
+    import stat
+
+    try:
+        link = os.lstat(path)
+    except OSError:
+        return Path(os.path.realpath(path))
+    if stat.S_ISLNK(link.st_mode) and hasattr(os, "getuid") and link.st_uid not in (0, os.getuid()):
+        return Path(path).absolute()
+    return Path(os.path.realpath(path))
+
+
 def _stat(path: Path) -> os.stat_result | None:
     try:
         return path.stat()  # follows symlinks, as a write would
@@ -478,7 +495,7 @@ def check_output(
                        "replace it. Choose another file name")
     if path_is is not None and path_is.startswith("cannot"):  # the write would fail too, after the work
         raise CreError(f"{option} {path} {path_is}; choose another path")
-    folder = Path(os.path.realpath(path)).parent  # where `atomic_write` puts its temp file: a link's target's
+    folder = written_path(path).parent  # where `atomic_write` puts its temp file: a link's target's
     folder_is = not_a_file(folder)
     if folder_is != "is a folder":
         problem = {None: "is a file, not a folder", "not found": "does not exist",
