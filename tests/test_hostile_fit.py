@@ -341,3 +341,31 @@ def test_calibrate_and_eval_skip_bad_lines_or_not_whatever_the_fit_did(
     refused(cre("eval", log, "--router", skipping, *m, "--no-skip-bad"), "bad.jsonl:13", "--skip-bad")
     run = cre("calibrate", skipping, *m, "--log", log, "--folds", "2", "--no-skip-bad", "-o", tmp_path / "d.cre")
     refused(run, "bad.jsonl:13")
+
+
+# ---------------------------------------------------------------- --truth-field
+
+
+def test_truth_field_no_row_has_is_refused_before_any_model_runs(cre, tiny_models_toml, four_fakes, tmp_path) -> None:
+    """A misspelt --truth-field was the text "None" on every row: exit 0, "NMI 0.000, ARI 0.000"."""
+    import json
+
+    log = tmp_path / "sources.jsonl"
+    log.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"What is {i} plus {i}?", "reference": str(2 * i),
+                                       "meta": {"source": "sums"}}) + "\n" for i in range(12)))
+    run = fit(cre, log, tiny_models_toml, "-o", tmp_path / "r.cre", "--truth-field", "meta.sorce")
+    refused(run, "--truth-field meta.sorce", "no row of", "meta.source")
+    assert not (tmp_path / "r.cre").exists() and four_fakes == {}
+
+
+def test_truth_field_only_some_rows_have_is_scored_on_those(cre, tiny_models_toml, four_fakes, tmp_path) -> None:
+    import json
+
+    log = tmp_path / "sources.jsonl"
+    rows = [{"id": f"q{i}", "prompt": f"What is {i} plus {i}?", "reference": str(2 * i), "match": "numeric",
+             **({"meta": {"source": "sums"}} if i < 9 else {})} for i in range(12)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = fit(cre, log, tiny_models_toml, "-o", tmp_path / "r.cre", "--truth-field", "meta.source", "--json")
+    assert run.code == 0, run
+    assert "Warning: --truth-field meta.source: 3 of 12 rows" in run.err and "over the other 9" in run.err
+    assert set(json.loads(run.out)["truth"]) == {"nmi", "ari"}

@@ -102,7 +102,7 @@ def fit(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip bad lines (and report how many) instead of stopping.")] = False,
     max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, help="Longest log line (and so prompt) to read, in bytes; a longer line is a bad line. Default 1 MiB.", show_default=False)] = None,
     store: Annotated[Optional[Path], typer.Option(help="Outcome store (default: in the user data dir, shared by all fits).", show_default=False)] = None,
-    truth_field: Annotated[Optional[str], typer.Option(help="Report NMI/ARI of the clusters against this field, e.g. meta.source. Never used to route.", show_default=False)] = None,
+    truth_field: Annotated[Optional[str], typer.Option(help="Report NMI/ARI of the clusters against this field, e.g. meta.source, over the rows that have it (none having it is an error). Never used to route.", show_default=False)] = None,
     set_default: Annotated[bool, typer.Option("--set-default", help="Make this router the default for `cre ask`, `batch`, `serve`, `eval` and `inspect` (instead of the one crecli ships).")] = False,
     served: Annotated[bool, typer.Option("--served", help="Also cluster the prompts of your served-query log (`cre log`); they carry no labels, so they shape clusters but choose no model.")] = False,
     served_log: Annotated[Optional[list[Path]], typer.Option("--served-log", help="Also cluster the prompts of this file written by `cre log -o` (repeatable); as --served.", show_default=False)] = None,

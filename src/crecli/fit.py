@@ -90,14 +90,41 @@ class FitReport:
     shots: dict[str, dict[str, dict[str, list[int]]]] | None = None
 
 
-def _truth_labels(records: list[Any], dotted: str) -> list[str]:
-    out = []
-    for r in records:
-        value: Any = {"meta": r.meta, **r.meta}
-        for part in dotted.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        out.append(str(value))
-    return out
+def _truth_value(record: Any, dotted: str) -> str | None:
+    """The record's value of --truth-field `dotted` as text ("meta.source" and "source"
+    both name `meta`'s source), or None where the record has none (absent, or null)."""
+    value: Any = {"meta": record.meta, **record.meta}
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return None if value is None else str(value)
+
+
+def truth_labels(records: Sequence[Any], dotted: str, log_path: Path) -> list[str | None]:
+    """Each record's --truth-field value (None where it has none), checked before any work.
+
+    A field no record has is refused: a misspelt field was the text "None" on every row,
+    which scored NMI 0 and ARI 0 as if the clusters were worthless. Rows that lack it are
+    left out of the score, with a warning saying how many (a missing value is no class).
+    """
+    gold = [_truth_value(r, dotted) for r in records]
+    missing = gold.count(None)
+    if missing == len(gold):
+        from crecli.errors import InputError
+
+        # The names rows do have, spelt as the option takes them (`meta.source`), one level deep.
+        have: set[str] = set()
+        for r in records:
+            for key, value in r.meta.items():
+                have.update([f"meta.{key}.{sub}" for sub in value] if isinstance(value, dict) else [f"meta.{key}"])
+        names = sorted(have)
+        fields = (f"fields its rows have: {', '.join(names[:8])}" + (", ..." if len(names) > 8 else "")
+                  if names else "its rows carry no field besides the query's own")
+        raise InputError(f"--truth-field {dotted}: no row of {log_path} has that field ({fields}); "
+                         "check the name, or leave --truth-field out")
+    if missing:
+        console.warn(f"--truth-field {dotted}: {missing} of {len(gold)} rows of {log_path} have no such field; "
+                     f"NMI and ARI are over the other {len(gold) - missing}")
+    return gold
 
 
 def check_before_fit(log_path: Path, out_path: Path, settings: "ModelConfig", options: FitOptions) -> Path:
@@ -147,6 +174,8 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
         from crecli.errors import InputError
 
         raise InputError(f"{log_path}: only {len(records)} usable queries; clustering needs at least 10")
+    # Before embedding and clustering: a misspelt field is said before that work.
+    gold = truth_labels(logged, options.truth_field, log_path) if options.truth_field else None
     prompts = [r.prompt for r in records]
     seconds["read"] = time.perf_counter() - t0
 
@@ -175,14 +204,15 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
     status(f"{n_clusters} clusters; {labels.count(-1)} of {len(labels)} queries unclustered")
 
     truth = None
-    if options.truth_field:
+    if gold is not None:
         from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-        # Over the log's rows only: served prompts have no truth field to compare with.
-        gold = _truth_labels(logged, options.truth_field)
+        # Over the log's rows that have the field only: served prompts have no truth field
+        # to compare with, and zip stops before them.
+        scored = [(g, c) for g, c in zip(gold, labels) if g is not None]
         truth = {
-            "nmi": float(normalized_mutual_info_score(gold, labels[: len(logged)])),
-            "ari": float(adjusted_rand_score(gold, labels[: len(logged)])),
+            "nmi": float(normalized_mutual_info_score([g for g, _ in scored], [c for _, c in scored])),
+            "ari": float(adjusted_rand_score([g for g, _ in scored], [c for _, c in scored])),
         }
 
     t0 = time.perf_counter()
