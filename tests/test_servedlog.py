@@ -364,6 +364,29 @@ def test_cre_log_json_last_and_since() -> None:
     assert "--since" in str(cre("log", "--since", "last tuesday").exception)
 
 
+def test_cre_log_json_says_on_stderr_that_it_shows_only_the_newest_20() -> None:
+    # --json gave the newest 20 of 25 with no word of the other 5.
+    fill(25)
+    result = cre("log", "--json")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)) == 20  # stdout is still one JSON array
+    assert "Showing the newest 20; --last N for more" in result.stderr
+    everything = cre("log", "--json", "--last", "25")
+    assert len(json.loads(everything.stdout)) == 25 and "Showing the newest" not in everything.stderr
+
+
+def test_cre_log_path_with_another_option_is_bad_usage(tmp_path: Path) -> None:
+    # --path printed the path and dropped -o, --json, --last and --since without a word.
+    from crecli.errors import UsageError
+
+    fill(3)
+    for extra in (["-o", str(tmp_path / "x.jsonl")], ["--json"], ["--last", "2"], ["--since", "2025-01-02"]):
+        result = cre("log", "--path", *extra)
+        assert isinstance(result.exception, UsageError) and extra[0] in str(result.exception), (extra, result.output)
+        assert result.stdout == ""
+    assert not (tmp_path / "x.jsonl").exists()
+
+
 def test_cre_log_exports_a_slice_that_fit_can_read(tmp_path: Path) -> None:
     fill(10)
     out = tmp_path / "export.jsonl"

@@ -565,22 +565,23 @@ def serve(
 
 @app.command("log")
 def log_(
-    last: Annotated[Optional[int], typer.Option("--last", "-n", min=1, help="Only the newest N entries (default: 20 when shown; all with --since or -o).", show_default=False)] = None,
+    last: Annotated[Optional[int], typer.Option("--last", "-n", min=1, help="Only the newest N entries (default: 20 in the table and with --json; all with --since or -o).", show_default=False)] = None,
     since: Annotated[Optional[str], typer.Option("--since", help="Only entries at or after this date or time, e.g. 2025-01-31 or 2025-01-31T14:00 (UTC unless it says).", show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Export the entries to this JSONL file (the log's own format, for `cre fit --served-log`; - for stdout); it may replace an earlier export holding no entry this one lacks, never another file.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="With -o, replace an earlier export even if it holds entries this export lacks (rotated out of the log since).")] = False,
-    path: Annotated[bool, typer.Option("--path", help="Print the log file's path and nothing else.")] = False,
-    json_: Annotated[bool, typer.Option("--json", help="Print the entries as a JSON array on stdout for scripts.")] = False,
+    path: Annotated[bool, typer.Option("--path", help="Print the log file's path and nothing else (no other option goes with it).")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print the entries as a JSON array on stdout for scripts (the newest 20 unless --last or --since says otherwise; stderr says when there are more).")] = False,
 ) -> None:
     """Show or export the served-query log: the prompts `cre ask`, `cre batch` and `cre serve`
     answered through a router, with each answer and trace.
 
     The log is served.jsonl in the user data dir, rotated at 16 MiB into served.1.jsonl ..
     served.3.jsonl. Entries go to stdout (a table, --json, or -o - in the log's own format)
-    or to -o FILE; the log's path and counts go to stderr. -o replaces an earlier export only
-    if every entry it holds is in the new one (else it stops; --force replaces it). Turn
-    logging off with --no-log on a command, or for good with `log_queries = false` in
-    settings.toml.
+    or to -o FILE; the log's path and counts go to stderr. The table and --json show the
+    newest 20 unless --last or --since says otherwise (stderr says when more matched); -o
+    exports them all, and replaces an earlier export only if every entry it holds is in the
+    new one (else it stops; --force replaces it). Turn logging off with --no-log on a
+    command, or for good with `log_queries = false` in settings.toml.
 
     Examples:
 
@@ -595,6 +596,12 @@ def log_(
     from crecli import render, servedlog
 
     if path:
+        # Said, not ignored: `cre log --path --json` printed the path, which no JSON reader takes.
+        given = [name for name, value in (("-o", output), ("--json", json_), ("--last", last), ("--since", since),
+                                                   ("--force", force))
+                 if value is not None and value is not False]
+        if given:
+            raise UsageError(f"--path prints the log's path and nothing else; leave out {', '.join(given)}")
         typer.echo(str(servedlog.log_path()))
         return
     if output is not None and json_:

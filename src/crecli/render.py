@@ -258,6 +258,7 @@ def served_log(reading: Any, as_json: bool) -> None:
         return
     if as_json:
         print_json(entries)
+        _more_entries(reading)  # on stderr, so stdout stays one JSON array
         return
     if not entries:
         status("No entries to show." if reading.total else "Nothing logged yet: `cre ask`, `cre batch` and `cre serve` add to it.")
@@ -294,8 +295,13 @@ def served_log(reading: Any, as_json: bool) -> None:
             cell(e.get("answer"), 80),
         )
     out().print(table)
-    if len(entries) < reading.matched:
-        status(f"Showing the newest {len(entries)}; --last N for more, -o FILE to export.")
+    _more_entries(reading)
+
+
+def _more_entries(reading: Any) -> None:
+    """Say that `cre log` shows only the newest entries (20 by default), where more matched."""
+    if len(reading.entries) < reading.matched:
+        status(f"Showing the newest {len(reading.entries)}; --last N for more, -o FILE to export.")
 
 
 # What a terminal acts on: C0 controls but newline and tab, DEL, C1 controls, the line
