@@ -369,3 +369,27 @@ def test_truth_field_only_some_rows_have_is_scored_on_those(cre, tiny_models_tom
     assert run.code == 0, run
     assert "Warning: --truth-field meta.source: 3 of 12 rows" in run.err and "over the other 9" in run.err
     assert set(json.loads(run.out)["truth"]) == {"nmi", "ari"}
+
+
+# ---------------------------------------------------------------- calibrate --votes
+
+
+def test_calibrate_votes_with_the_agreement_check_is_bad_usage(cre, saved_router, tiny_models_toml, four_fakes) -> None:
+    # --votes was dropped without a word: the agreement check counts every vote the fit recorded.
+    run = cre("calibrate", saved_router, "--models", tiny_models_toml, "--check", "agreement", "--votes", "3")
+    refused(run, "--votes is for --check deferral", "(its --k)", code=2)
+    assert four_fakes == {}
+
+
+def test_calibrate_votes_beyond_the_routers_votes_names_what_to_do(cre, router, tiny_models_toml, four_fakes, tmp_path) -> None:
+    # Exit 1 (the count is good in itself; this router records fewer), with the range and the fix.
+    from dataclasses import replace
+
+    from crecli import routerfile
+    from crecli.quality import QualityCheck
+
+    greedy = tmp_path / "greedy.cre"
+    routerfile.save(replace(router, quality=QualityCheck(k=1)), greedy)
+    run = cre("calibrate", greedy, "--models", tiny_models_toml, "--votes", "3")
+    refused(run, "--votes 3: the router records 1 vote(s) a query; use 1, or refit with --k 3 or more")
+    assert four_fakes == {}

@@ -475,7 +475,9 @@ def check_settings(router: "RouterFile", check: str, votes: int) -> None:
         raise UsageError(f"--check {check!r}: unknown quality check; use one of {', '.join(CHECKS)}")
     k = router.quality.k
     if check == "deferral" and not 1 <= votes <= k:
-        raise CreError(f"--votes {votes}: the router records {k} vote(s) a query; use 1 to {k}")
+        # Exit 1, not 2: the count is good in itself, only this router cannot take it (`UsageError`).
+        raise CreError(f"--votes {votes}: the router records {k} vote(s) a query; use "
+                       + (f"1 to {k}" if k > 1 else "1") + f", or refit with --k {votes} or more")
 
 
 def run(

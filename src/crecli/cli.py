@@ -217,7 +217,7 @@ def calibrate(
     skip_bad: SkipBadOpt = None,
     max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, help="Longest log line (and so prompt) to read, in bytes (default: what `cre fit` was given).", show_default=False)] = None,
     check: Annotated[str, typer.Option(help="Quality check: 'deferral' (a logistic P(correct) model per rung on the greedy answer's own signals; a rung without log-probabilities gets the agreement check, with a warning) or 'agreement' (self-consistency votes; needs a fit with --k above 1).")] = DEFAULT_CHECK,
-    votes: Annotated[int, typer.Option(min=1, help="With --check deferral: votes a rung draws (1: the greedy answer alone; more adds their agreement as a signal, and needs a fit with --k at least this).")] = 1,
+    votes: Annotated[Optional[int], typer.Option(min=1, help="With --check deferral only: votes a rung draws (default 1: the greedy answer alone; more adds their agreement as a signal, and needs a fit with --k at least this). The agreement check counts every vote the fit recorded (its --k).", show_default=False)] = None,
     cost_unit: CostUnitOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -241,10 +241,14 @@ def calibrate(
     """
     from crecli import calibrate as calibration, reports
 
+    if votes is not None and check == "agreement":
+        # Said, not ignored: the agreement check has no vote count of its own to set.
+        raise UsageError("--votes is for --check deferral; the agreement check counts every vote the fit "
+                         "recorded (its --k): leave --votes out, or refit with another --k")
     settings, budget = load_models(models), _budget(retain, max_cost)
     cal, target = calibration.run(
         router, settings, budget, log=log, output=output, store=store, skip_bad=skip_bad, max_line_bytes=max_prompt_bytes,
-        n_folds=folds, seed=seed, force=force, check=check, votes=votes, unit=cost_unit,
+        n_folds=folds, seed=seed, force=force, check=check, votes=votes or 1, unit=cost_unit,
     )
     reports.calibration(cal, target, json_)
 
