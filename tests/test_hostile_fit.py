@@ -393,3 +393,16 @@ def test_calibrate_votes_beyond_the_routers_votes_names_what_to_do(cre, router, 
     run = cre("calibrate", greedy, "--models", tiny_models_toml, "--votes", "3")
     refused(run, "--votes 3: the router records 1 vote(s) a query; use 1, or refit with --k 3 or more")
     assert four_fakes == {}
+
+
+def test_eval_and_calibrate_say_a_missing_log_before_loading_the_router(cre, saved_router, tiny_models_toml, four_fakes,
+                                                                        tmp_path) -> None:
+    # The router loaded first and printed its warnings, then the wrong path was said.
+    missing = tmp_path / "missing.jsonl"
+    for run in (cre("eval", missing, "-r", saved_router, "--models", tiny_models_toml),
+                cre("calibrate", saved_router, "--log", missing, "--models", tiny_models_toml)):
+        refused(run, f"{missing}: no such file; check the path")
+        assert run.err.startswith("Error: "), run.err
+    run = cre("eval", tmp_path, "-r", saved_router, "--models", tiny_models_toml)
+    refused(run, f"{tmp_path}: is a directory; pass a query log file")
+    assert run.err.startswith("Error: ") and four_fakes == {}

@@ -503,7 +503,10 @@ def run(
     Outputs are checked before any work. Returns the calibration and where the router went.
     """
     from crecli import routerfile
+    from crecli.querylog import check_log_file
 
+    if log is not None:
+        check_log_file(log)  # a wrong --log is said first, not after the router loads
     router = routerfile.load(router_path, settings, force=force)
     check_settings(router, check, votes)  # before `prepare`, which may run every model on a new log
     log = fitted_log(router, log)

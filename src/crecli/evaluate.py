@@ -402,7 +402,9 @@ def run(
     from crecli import paths, replay, routerfile
     from crecli.errors import CreError
     from crecli.outcomes import prompt_sha256
+    from crecli.querylog import check_log_file
 
+    check_log_file(log)  # a wrong path is said first, not after the router loads
     if store is not None:
         paths.check_output(store, "--store", [("the log", log), ("the router", router_path)], example="outcomes.sqlite",
                            allow=paths.OWNED_STORE)

@@ -151,7 +151,7 @@ def read_log(
     fmt = fmt or _EXTENSIONS.get(path.suffix.lower(), "text")
     if fmt not in FORMATS:
         raise InputError(unknown_format(fmt))
-    handle = open_named(path, "a query log file (.jsonl, .csv or .txt)")
+    handle = open_named(path, LOG_FILE)
 
     digest = hashlib.sha256()
     records: list[Record] = []
@@ -179,6 +179,16 @@ def read_log(
 def unknown_format(fmt: str) -> str:
     """What is said of a log format that is not one of FORMATS (`--format`, or a router's)."""
     return f"unknown log format {fmt!r}; use one of {', '.join(FORMATS)}"
+
+
+LOG_FILE = "a query log file (.jsonl, .csv or .txt)"  # what a log that cannot be opened should be
+
+
+def check_log_file(path: Path) -> None:
+    """Refuse a log `read_log` could not open, in its words, before the work that comes
+    before reading it: `cre eval missing.jsonl` loaded the router, and printed its
+    warnings, before it said the log was not there."""
+    open_named(path, LOG_FILE).close()
 
 
 def open_named(path: Path, want: str, pipes: bool = False) -> BinaryIO:
