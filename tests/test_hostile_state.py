@@ -334,6 +334,19 @@ def test_settings_that_are_not_utf8_are_a_config_error(cre, command, tiny_models
     refused(run, str(settings), "fix or delete the file")
 
 
+@pytest.mark.parametrize("command", [("ask", "What is 1 plus 1?"), ("inspect",), ("eval", "log.jsonl"), ("log",),
+                                     ("models", "list"), ("models", "bench")])
+def test_a_cre_home_that_is_a_file_is_named_by_every_command(cre, command, tiny_models_toml, tmp_path, monkeypatch) -> None:
+    # `cre ask` said "settings.toml: cannot read it (Not a directory)", where `cre fit` named CRE_HOME.
+    home = tmp_path / "home-file"
+    home.write_text("not a folder")
+    for value in (home, home / "sub"):
+        monkeypatch.setenv("CRE_HOME", str(value))
+        models = ("--models", tiny_models_toml) if command[0] != "log" else ()
+        refused(cre(*command, *models), f"CRE_HOME={value} must be a folder you can write to")
+    assert home.read_text() == "not a folder"
+
+
 def test_a_misspelt_setting_is_a_config_error(cre, tiny_models_toml) -> None:
     # `log_query = false` left every prompt logged without a word.
     paths.ensure(paths.config_dir())

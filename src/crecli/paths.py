@@ -46,10 +46,31 @@ def _user_dir(kind: str) -> Path:
     """`CRE_HOME/<kind>`, else platformdirs' per-user folder of that kind."""
     home = _home_override()
     if home is not None:
+        _check_home(home)
         return home / kind
     import platformdirs
 
     return Path(getattr(platformdirs, f"user_{kind}_dir")(APP))
+
+
+def _check_home(home: Path) -> None:
+    """Refuse a CRE_HOME that is there and no folder, for every command alike: under a file,
+    `cre ask` blamed the first file it read there ("settings.toml: cannot read it (Not a
+    directory)") while `cre fit` named CRE_HOME. One that is not there yet is created when
+    written to; one that cannot be looked at is said by what uses it (`ensure`, `_home_hint`)."""
+    import stat
+
+    try:
+        is_dir = stat.S_ISDIR(home.stat().st_mode)
+    except NotADirectoryError:
+        is_dir = False  # a path through a file
+    except (OSError, ValueError):
+        return
+    if not is_dir:
+        from crecli.errors import CreError
+
+        raise CreError(f"CRE_HOME={home} must be a folder you can write to, and it is not one; point CRE_HOME "
+                       "at a folder (it is created if missing), or unset it")
 
 
 def config_dir() -> Path:
