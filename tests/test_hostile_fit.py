@@ -406,3 +406,15 @@ def test_eval_and_calibrate_say_a_missing_log_before_loading_the_router(cre, sav
     run = cre("eval", tmp_path, "-r", saved_router, "--models", tiny_models_toml)
     refused(run, f"{tmp_path}: is a directory; pass a query log file")
     assert run.err.startswith("Error: ") and four_fakes == {}
+
+
+def test_an_unlabelled_log_is_refused_in_words_for_calibrate_and_eval_alike(cre, saved_router, tiny_models_toml,
+                                                                           four_fakes, tmp_path) -> None:
+    # `cre calibrate` said there were no labelled queries "to evaluate on".
+    log = tmp_path / "plain.jsonl"
+    log.write_text("".join(f'{{"prompt": "What is {i} plus {i}?"}}\n' for i in range(12)))
+    for run in (cre("calibrate", saved_router, "--log", log, "--models", tiny_models_toml),
+                cre("eval", log, "-r", saved_router, "--models", tiny_models_toml)):
+        refused(run, f"{log}: no labelled queries (a 'reference' or 'labels' field), so no model can be scored on it")
+        assert "evaluate" not in run.err
+    assert four_fakes == {}

@@ -366,7 +366,9 @@ def prepare(
         console.status(f"Skipped {len(read.bad)} bad line(s), first: {read.bad[0].source}: {read.bad[0].reason}")
     records = [r for r in read.records if r.reference is not None or r.labels]
     if not records:
-        raise CreError(f"{log}: no labelled queries (a `reference` or `labels` field) to evaluate on")
+        # Worded for `cre calibrate` and `cre eval` alike, in the field names the log is read with.
+        raise CreError(f"{log}: no labelled queries (a {reader.fields.reference!r} or {reader.fields.labels!r} field), "
+                       "so no model can be scored on it; give a log with reference answers or labels")
     if leave_out is not None:
         held_out = [r for r in records if outcomes_mod.prompt_sha256(r.prompt) not in leave_out]
         if not held_out:
