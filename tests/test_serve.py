@@ -809,6 +809,24 @@ def test_cli_warns_on_a_public_host_without_a_key_and_reports_a_busy_port() -> N
     assert f"Error: cannot listen on 0.0.0.0:{port}" in result.stderr
 
 
+def test_a_host_that_resolves_nowhere_is_bad_usage_said_before_any_warning(cre, saved_router, monkeypatch) -> None:
+    # It warned that nosuchhost.invalid was reachable by other machines, then exited 1.
+    def no_such(host: str, *args: Any, **kwargs: Any) -> Any:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such)
+    run = cre("serve", "--router", saved_router, "--host", "nosuchhost.invalid")
+    assert run.code == 2 and run.out == "", run
+    assert run.err.startswith("Error: --host 'nosuchhost.invalid': not an address this machine can resolve"), run.err
+
+    def busy(host: str, *args: Any, **kwargs: Any) -> Any:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", busy)  # the name service, not the option: exit 1
+    run = cre("serve", "--router", saved_router, "--host", "db.example.org")
+    assert run.code == 1 and run.err.startswith("Error: --host 'db.example.org': the name service could not resolve it now"), run
+
+
 def test_cli_refuses_an_unset_key_variable() -> None:
     env = {k: v for k, v in os.environ.items() if k != "CRE_TEST_UNSET_KEY"}
     result = subprocess.run(

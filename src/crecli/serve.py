@@ -29,7 +29,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crecli.errors import CreError, InputError
+from crecli.errors import CreError, InputError, UsageError
 from crecli.openai_wire import ApiError
 from crecli.serve_app import CASCADE_MODEL, ServeOptions, client_address, create_app, log
 
@@ -147,17 +147,35 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """A listening socket, so that a port in use is a CreError rather than uvicorn's exit.
+# (family, socket type, protocol, address) of what `resolve` found, as `listen` binds it.
+Resolved = tuple[int, int, int, Any]
 
-    One socket, on the first address `host` resolves to: `localhost` may give ::1 before
-    127.0.0.1. Documented (docs/reference.md, --host) rather than bound on every address,
-    which would need one port for all (when --port is 0) and a rule for an address that
-    cannot be bound; `run` prints the address bound."""
+
+def resolve(host: str, port: int) -> Resolved:
+    """The first address `host` resolves to; one no name service knows is bad usage (exit 2),
+    a name service that could not answer now an error (exit 1). `run` resolves before its
+    other checks and warnings: it warned that nosuchhost.invalid was reachable by other
+    machines, then said it resolved to nothing."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except (socket.gaierror, UnicodeError) as exc:
-        raise InputError(f"--host {host!r}: not an address this machine can resolve ({exc})") from None
+    except socket.gaierror as exc:
+        if exc.errno == socket.EAI_AGAIN:
+            raise CreError(f"--host {host!r}: the name service could not resolve it now ({exc}); try again") from None
+        raise UsageError(f"--host {host!r}: not an address this machine can resolve ({exc}); give an address "
+                         "such as 127.0.0.1 or 0.0.0.0, or a name this machine resolves") from None
+    except UnicodeError as exc:  # a label too long for IDNA, or empty
+        raise UsageError(f"--host {host!r}: not an address this machine can resolve ({exc})") from None
+    return family, kind, proto, address
+
+
+def listen(host: str, port: int, resolved: Resolved | None = None) -> socket.socket:
+    """A listening socket, so that a port in use is a CreError rather than uvicorn's exit.
+
+    One socket, on the first address `host` resolves to (`resolved`, else `resolve`):
+    `localhost` may give ::1 before 127.0.0.1. Documented (docs/reference.md, --host)
+    rather than bound on every address, which would need one port for all (when --port is
+    0) and a rule for an address that cannot be bound; `run` prints the address bound."""
+    family, kind, proto, address = resolved if resolved is not None else resolve(host, port)
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -231,12 +249,13 @@ def run(
     from crecli.console import status, warn
     from crecli.escalate import Cascade
 
+    resolved = resolve(options.host, options.port)
     options = replace(options, api_key=read_api_key(api_key_env))
     served = servedlog.for_command("serve", no_log, router)
     if options.api_key is None and not is_loopback(options.host):
         warn(f"serving on {options.host}, which other machines can reach, with no API key: anyone who can "
              "connect can use your models; pass --api-key-env NAME")
-    sock = listen(options.host, options.port)
+    sock = listen(options.host, options.port, resolved)
     with sock, Cascade.from_file(router, models_file, force=force, memory_budget_bytes=memory_budget_bytes) as cascade:
         cascade.pass_over_unloadable = True  # a server answers from the rungs it has (`LiveSource.hold`)
         host, port = sock.getsockname()[:2]
