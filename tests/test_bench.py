@@ -265,3 +265,19 @@ def test_a_remote_rung_is_never_priced_with_this_cpus_speeds(monkeypatch: pytest
     assert bench.stored(local) is not None
     remote = ModelSpec(name="m", sha256="a" * 64, url="http://10.0.0.2:8000/v1", api_model="m")
     assert bench.stored(remote) is None and bench.speeds([remote]) == {}
+
+
+def test_a_bench_of_remote_models_only_prints_no_table(tmp_path: Path) -> None:
+    # It printed an empty "Measured speed on this machine" table on stdout, exit 0.
+    from typer.testing import CliRunner
+
+    from crecli.cli import app
+
+    toml = tmp_path / "models.toml"
+    toml.write_text('ladder = ["big"]\n[models.big]\nurl = "http://127.0.0.1:9/v1"\napi_model = "qwen"\n')
+    table = CliRunner().invoke(app, ["models", "bench", "--models", str(toml)])
+    assert table.exit_code == 0, table.output
+    assert table.stdout == "" and "Nothing to measure here" in table.stderr
+    assert "big: remote models are not benchmarked" in table.stderr
+    listed = CliRunner().invoke(app, ["models", "bench", "--models", str(toml), "--json"])
+    assert listed.exit_code == 0 and json.loads(listed.stdout) == [] and "Nothing to measure here" in listed.stderr

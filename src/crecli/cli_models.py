@@ -96,7 +96,9 @@ def models_bench(
     chat head. Rounds that disagree, or a busy machine, give a warning. Figures are stored
     in the user data dir per file sha256 and thread count, and used as each model's cost:
     the median of this run and the last few measured the same way, because a shared
-    machine's speed ratios drift from hour to hour (`--fresh` keeps only this run).
+    machine's speed ratios drift from hour to hour (`--fresh` keeps only this run). Remote
+    models are not measured: where every model named is remote, nothing is printed (--json:
+    an empty list) and stderr says so.
 
     Examples:
 
@@ -111,13 +113,18 @@ def models_bench(
 
     settings = load_models(models)
     speeds = bench.run(settings, names or settings.ladder, pp_tokens, tg_tokens, repeats, fresh)
+    if not speeds:
+        from crecli.console import status
+
+        # Every model named is remote (each said so above): an empty table on stdout read as a result.
+        status("Nothing to measure here: remote models are priced by price_per_1k_tokens, not measured.")
     if json_:
         from dataclasses import asdict
 
         from crecli.console import print_json
 
         print_json([asdict(s) for s in speeds])
-    else:
+    elif speeds:
         render.bench_table(speeds)
 
 
