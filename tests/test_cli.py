@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 
@@ -32,6 +32,23 @@ def test_help_has_examples_and_exit_codes() -> None:
         result = runner.invoke(app, [flag])
         assert result.exit_code == 0
         assert "Examples:" in result.output and "Exit codes:" in result.output
+
+
+def test_every_command_help_has_examples() -> None:
+    # `cre models path --help` had none, unlike every other command.
+    import typer.main
+
+    def commands(group: Any, prefix: list[str]) -> list[list[str]]:  # a Typer group
+        out = []
+        for name, command in group.commands.items():
+            out += commands(command, [*prefix, name]) if hasattr(command, "commands") else [[*prefix, name]]
+        return out
+
+    names = commands(typer.main.get_command(app), [])
+    assert ["models", "path"] in names and ["ask"] in names
+    for name in names:
+        result = runner.invoke(app, [*name, "--help"])
+        assert result.exit_code == 0 and "Examples:" in result.output, name
 
 
 def test_version() -> None:

@@ -133,7 +133,14 @@ def models_path(json_: JsonOpt = False) -> None:
     """Print where crecli reads models.toml from, in the order they merge, and where model
     files go (--json: an object with `shipped_models_toml`, `user_models_toml`,
     `user_models_toml_exists`, `cre_models_toml`, the file CRE_MODELS names or null, and
-    `model_files`)."""
+    `model_files`).
+
+    Examples:
+
+      cre models path
+
+      cre models path --json | jq -r .user_models_toml
+    """
     from crecli import config, paths
 
     user, env = paths.user_models_toml(), config.env_models_toml()
