@@ -15,8 +15,9 @@ cd "$(dirname "$0")/.."
 out=src/crecli/routers/default.cre
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+# The log given relatively, so the router records it relative to itself (../../../examples/...):
+# found in any clone, by `cre calibrate` and by `cre eval`'s count of queries it was fitted on.
 cre fit examples/querylog-large.jsonl -o "$work/fitted.cre" --truth-field meta.source --seed 0
-cre calibrate "$work/fitted.cre" -o "$work/default.cre" --seed 0
-mv "$work/default.cre" "$out"
+cre calibrate "$work/fitted.cre" -o "$out" --seed 0   # atomic: a temp file, then a rename
 cre inspect "$out" >&2
 ls -l "$out" >&2

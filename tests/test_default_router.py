@@ -4,6 +4,8 @@ without a refit, or when the file grows past what a mailed router should weigh."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from crecli import config, paths, routerfile
 from crecli.route import route
 
@@ -22,6 +24,12 @@ def test_the_shipped_router_is_there_small_and_of_the_default_ladder() -> None:
     # Fitted and calibrated as README's headline is measured: one vote, the deferral check.
     assert router.quality.k == 1 and router.deferral is not None
     assert router.fit.n_queries == 1400 and router.fit.calibration is not None
+    # Its log by a path relative to it, found in any clone (no workspace's absolute path):
+    # `cre eval` counts the bundled logs' queries as in sample, `cre calibrate` reads it.
+    assert router.fit.log is not None and not Path(router.fit.log).is_absolute()
+    examples = Path(__file__).resolve().parent.parent / "examples" / "querylog-large.jsonl"
+    if path.resolve().is_relative_to(examples.parent.parent):  # an editable install of this clone
+        assert routerfile.fit_log_path(router) == examples
 
 
 def test_the_shipped_router_knows_arithmetic_and_not_gibberish() -> None:

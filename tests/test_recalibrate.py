@@ -94,7 +94,10 @@ def test_calibrate_finds_the_log_from_another_folder_and_says_when_it_moved_or_c
 
     monkeypatch.chdir(elsewhere)
     ok("calibrate", router, "--models", tiny_models_toml, "--folds", "2")
-    assert routerfile.load(router, config.load(tiny_models_toml)).fit.log == str(log.resolve())
+    loaded = routerfile.load(router, config.load(tiny_models_toml))
+    # Given relatively, kept relative to the router file: no home folder's name in a file
+    # meant for teammates, and found from any folder.
+    assert loaded.fit.log == "log.jsonl" and routerfile.fit_log_path(loaded) == log
 
     # Changed since: only with --log naming it. A router file from someone else must not
     # choose which file every model runs over; it can name only the bytes it was fitted on.
@@ -117,6 +120,35 @@ def test_calibrate_finds_the_log_from_another_folder_and_says_when_it_moved_or_c
     assert result.exit_code == 1
     assert f"fitted on {log.resolve()}, which is not there any more" in str(result.exception) + result.output
     ok("calibrate", router, "--models", tiny_models_toml, "--folds", "2", "--log", work / "moved.jsonl")
+
+
+def test_a_fit_log_given_relatively_travels_with_its_router(
+    fakes, tiny_models_toml: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The shipped router recorded /work/main/examples/...: in any other clone its fit log was
+    # "not there", so `cre eval` of a bundled log (all in it) said nothing of in-sample figures.
+    repo = tmp_path / "repo"
+    (repo / "examples").mkdir(parents=True)
+    (repo / "routers").mkdir()
+    log = write(repo / "examples" / "log.jsonl", rows())
+    monkeypatch.chdir(repo)
+    ok("fit", "examples/log.jsonl", "-o", tmp_path / "fitted.cre", "--models", tiny_models_toml)
+    # Written elsewhere by calibrate -o: rebased to where that file is.
+    ok("calibrate", tmp_path / "fitted.cre", "-o", "routers/r.cre", "--models", tiny_models_toml, "--folds", "2")
+    settings = config.load(tiny_models_toml)
+    assert routerfile.load(repo / "routers" / "r.cre", settings).fit.log == "../examples/log.jsonl"
+    clone = tmp_path / "clone"
+    repo.rename(clone)  # another clone, elsewhere
+    monkeypatch.chdir(tmp_path)
+    moved = routerfile.load(clone / "routers" / "r.cre", settings)
+    assert routerfile.fit_log_path(moved) == clone / "examples" / "log.jsonl"
+    part = write(tmp_path / "part.jsonl", rows()[:8])  # not the fit log's bytes: looked up in it
+    report = json.loads(ok("eval", part, "--router", clone / "routers" / "r.cre", "--models", tiny_models_toml, "--json"))
+    assert report["n_in_fit_log"] == report["n"] == 8 and report["in_sample"]
+    # An absolute path given stays absolute.
+    ok("fit", log.parent.parent.parent / "clone" / "examples" / "log.jsonl", "-o", tmp_path / "abs.cre",
+       "--models", tiny_models_toml)
+    assert routerfile.load(tmp_path / "abs.cre", settings).fit.log == str(clone / "examples" / "log.jsonl")
 
 
 def test_calibrate_does_not_read_a_recorded_log_the_router_records_no_sha256_of(

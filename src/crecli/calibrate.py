@@ -56,15 +56,18 @@ def recorded_log(router: "RouterFile") -> tuple[Path | None, str]:
     """The log the router was fitted on, where the fit found it, if it still holds the bytes
     the fit recorded; else None and why it is not read.
 
-    The fit records the log's absolute path and sha256. The recorded path is read only if it
+    The fit records the log's path (absolute, or relative to the router file:
+    `routerfile.fit_log_path`) and sha256. The recorded path is read only if it
     still holds those bytes (a router that records no sha256 names no file to read): a router
     file may come from someone else, and must not choose which of this machine's files every
     model runs over (`cre calibrate`) or which are read (`cre eval`'s in-sample count).
     """
-    recorded = router.fit.log
-    if not recorded:
+    from crecli.routerfile import fit_log_path
+
+    path = fit_log_path(router)
+    if path is None:
         return None, "the router does not record the log it was fitted on"
-    path = Path(recorded)
+    recorded = str(path)
     what = paths.not_a_file(path)
     if what is not None:
         why = "is not there any more (moved or deleted)" if what == "not found" else what
@@ -96,19 +99,23 @@ def fitted_log(router: "RouterFile", log: Path | None = None) -> Path:
     found, why = recorded_log(router)
     if found is not None:
         return found
-    recorded = router.fit.log
+    from crecli.routerfile import fit_log_path
+
+    recorded = fit_log_path(router)
     # Where the recorded file is still there (changed, or unchecked), it is what --log would name.
-    if recorded and paths.not_a_file(Path(recorded)) is None:
+    if recorded is not None and paths.not_a_file(recorded) is None:
         raise CreError(f"{why}; pass --log {recorded} to calibrate on it as it is now")
     raise CreError(f"{why}; pass --log FILE to calibrate on the log where it is now")
 
 
 def check_log(router: "RouterFile", log: Path, data: Data) -> None:
     """Warn when the router's own log changed since the fit (its sha256 differs)."""
-    fit = router.fit
-    # Resolved: the fit records an absolute path, and --log may name the same file relatively.
-    if fit.log_sha256 and data.log_sha256 and data.log_sha256 != fit.log_sha256 and fit.log \
-            and Path(fit.log).resolve() == log.resolve():
+    from crecli.routerfile import fit_log_path
+
+    fit, recorded = router.fit, fit_log_path(router)
+    # Resolved: --log may name the recorded file by another path.
+    if fit.log_sha256 and data.log_sha256 and data.log_sha256 != fit.log_sha256 and recorded is not None \
+            and recorded.resolve() == log.resolve():
         console.warn(
             f"{log} has changed since the router was fitted on it (sha256 {fit.log_sha256[:12]}… then, "
             f"{data.log_sha256[:12]}… now); calibrating on it as it is now"

@@ -298,9 +298,11 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
         budget=budget,
         quality=options.quality,
         fit=routerfile.FitRecord(
-            # Absolute, so `cre calibrate` finds the log from any folder; the sha256 tells
-            # it when the log has changed since.
-            log=str(Path(log_path).resolve()),
+            # As given: an absolute path stays absolute; a relative one is saved relative to
+            # the router file (`routerfile.fit_log_path`), so that a router kept beside its log
+            # (the package's, in any clone) finds it, and no home folder's name is written into
+            # a file meant for teammates. The sha256 tells when the log has changed since.
+            log=str(log_path) if not Path(log_path).is_absolute() else str(Path(log_path).resolve()),
             log_sha256=log.sha256,
             reader=options.reader,
             date=paths.stamp(),

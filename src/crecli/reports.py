@@ -125,6 +125,8 @@ def inspect_router(router: Any, as_json: bool, here: dict[str, tuple[str, str]] 
     from rich.table import Table
     from rich.text import Text
 
+    from crecli.routerfile import fit_log_path
+
     if as_json:
         shown = {name: {"state": code, "detail": words} for name, (code, words) in (here or {}).items()}
         print_json({**router_dict(router), **({"here": shown} if here is not None else {})})
@@ -135,7 +137,7 @@ def inspect_router(router: Any, as_json: bool, here: dict[str, tuple[str, str]] 
     out().print(
         terminal_safe(
             f"Router schema {router.schema_version}: {len(router.clusters)} clusters from {fit.n_queries} queries "
-            f"({fit.log}, fitted {fit.date}); budget {router.budget['kind']} {router.budget['value']}; "
+            f"({fit_log_path(router)}, fitted {fit.date}); budget {router.budget['kind']} {router.budget['value']}; "
             f"fallback {router.fallback_model}; "
             + quality_check_line(router)
         ),

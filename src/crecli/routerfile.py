@@ -13,7 +13,8 @@ another that has the same model files anywhere, under the same names in its mode
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -138,7 +139,8 @@ class Expected:
 class FitRecord:
     """What `cre fit` (and the last `cre calibrate`) recorded about how the router was made."""
 
-    log: str | None = None  # the query log's absolute path when it was fitted
+    # The query log's path: absolute, or relative to the router file's folder (`fit_log_path`).
+    log: str | None = None
     log_sha256: str | None = None
     reader: LogOptions = LogOptions()  # how the log was read, so calibrate and eval read it alike
     date: str | None = None
@@ -193,6 +195,8 @@ class RouterFile:
     # The sha256 of the file `load` read (None for a router built in memory): what served-log
     # entries credit, so a file replaced after loading does not get the credit.
     file_sha256: str | None = field(default=None, compare=False, repr=False)
+    # Where `load` read it (absolute; None in memory): what a relative `fit.log` is relative to.
+    file_path: Path | None = field(default=None, compare=False, repr=False)
 
     @property
     def ladder_names(self) -> list[str]:
@@ -287,9 +291,37 @@ class RouterFile:
         return shots_of(info.exemplars, info.shots.get(model, 0)) if info is not None else ()
 
 
+def fit_log_path(router: RouterFile) -> Path | None:
+    """Where the log the router was fitted on is, by its record (`FitRecord.log`): a relative
+    record is relative to the folder of the router file (`RouterFile.file_path`; the current
+    folder for a router not read from a file), as a symlink's relative target is to its link.
+    So a router shipped beside its log (the package's, fitted on the repository's examples)
+    finds it in any clone. None when it records no log."""
+    if not router.fit.log:
+        return None
+    recorded = Path(router.fit.log)
+    if recorded.is_absolute():
+        return recorded
+    base = router.file_path.parent if router.file_path is not None else Path.cwd()
+    return Path(os.path.normpath(base / recorded))
+
+
+def _fit_record_at(router: RouterFile, path: Path) -> FitRecord:
+    """The fit record as a file at `path` holds it: a relative log path re-expressed from that
+    file's folder, so that it names the same log wherever the router is written."""
+    found = fit_log_path(router)
+    if found is None or Path(router.fit.log or "").is_absolute():
+        return router.fit
+    try:
+        return replace(router.fit, log=os.path.relpath(found, Path(os.path.abspath(path)).parent))
+    except ValueError:  # another drive (Windows): no relative path leads there
+        return replace(router.fit, log=str(found))
+
+
 def save(router: RouterFile, path: Path) -> None:
     """Write the router file atomically (`archive.write`): a temp file in the same folder,
-    fsynced, then a rename. Two saves of the same router are byte-identical."""
+    fsynced, then a rename. Two saves of the same router are byte-identical. A fit log
+    recorded relative to the router is rebased to `path`'s folder (`fit_log_path`)."""
     path = Path(path)
     blobs: dict[str, bytes] = {}
     e_params, e_arrays = router.embedder.state()
@@ -310,7 +342,7 @@ def save(router: RouterFile, path: Path) -> None:
         "budget": router.budget,
         "quality": router.quality.to_dict(),
         "thresholds": router.thresholds,
-        "fit": router.fit.to_dict(),
+        "fit": _fit_record_at(router, path).to_dict(),
         **({"deferral": router.deferral.to_dict()} if router.deferral is not None else {}),
     }
     archive.write(path, body, blobs)
@@ -338,7 +370,7 @@ def load(path: Path, settings: "ModelConfig | None" = None, force: bool = False,
     try:
         body, arrays, digest = _read(path)
         router = _assemble(path, body, arrays, settings, force, check_ladder)
-        router.file_sha256 = digest
+        router.file_sha256, router.file_path = digest, Path(os.path.abspath(path))
         return router
     except FieldError as exc:
         # A field this crecli does not know is most likely a newer crecli's: a teammate who
