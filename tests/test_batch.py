@@ -543,14 +543,20 @@ def test_an_input_that_is_also_stdout_is_refused_before_any_model_runs(
     assert loop.read_bytes() == before
 
 
+def _one_line_no_model_may_run(fake_backends: Callable[..., dict[str, FakeBackend]], tmp_path: Path) -> Path:
+    """An input of one prompt, on a ladder whose every model fails the test if it runs."""
+    fake_backends({m: _no_model for m in LADDER})
+    infile = tmp_path / "in.jsonl"
+    infile.write_bytes(jl(id="a", prompt=ADD))
+    return infile
+
+
 def test_a_resume_file_that_is_the_input_is_refused(
     fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch, cre: Callable[..., Run],
 ) -> None:
     # It was read as an output with nothing answered, and every line answered again.
-    fake_backends({m: _no_model for m in LADDER})
-    infile = tmp_path / "in.jsonl"
-    infile.write_bytes(jl(id="a", prompt=ADD))
+    infile = _one_line_no_model_may_run(fake_backends, tmp_path)
     result = cre("batch", infile, "--resume", infile, "--router", saved_router, "--models", tiny_models_toml)
     refused(result, f"--resume {infile} is the input too", "cre batch --resume answers.jsonl", code=2)
     with infile.open("r") as stdin:
@@ -564,9 +570,7 @@ def test_a_closed_stdout_is_refused_before_any_model_runs(
     monkeypatch: pytest.MonkeyPatch, cre: Callable[..., Run],
 ) -> None:
     # `cre batch in.jsonl >&-` ran the models, then ended in an AttributeError traceback (None.write).
-    fake_backends({m: _no_model for m in LADDER})
-    infile = tmp_path / "in.jsonl"
-    infile.write_bytes(jl(id="a", prompt=ADD))
+    infile = _one_line_no_model_may_run(fake_backends, tmp_path)
     monkeypatch.setattr(sys, "stdout", None)
     result = cre("batch", infile, "--router", saved_router, "--models", tiny_models_toml)
     refused(result, "cre batch writes the answers to stdout, and stdout is closed", "> answers.jsonl", code=2)
