@@ -44,6 +44,32 @@ def test_user_file_overrides_fields_and_explicit_file_wins(tmp_path: Path) -> No
     assert settings.get("mine").path == "/models/mine.gguf"
 
 
+def test_a_relative_path_is_read_from_the_folder_of_the_models_toml_that_says_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `path = "mine.gguf"` beside the user's models.toml was taken from the current folder:
+    # verified when cre ran in the config dir, missing from anywhere else.
+    from crecli.models import catalog, pull
+
+    paths.ensure(paths.config_dir())
+    (paths.config_dir() / "mine.gguf").write_bytes(b"GGUF" + b"a" * 10)
+    paths.user_models_toml().write_text('[models.mine]\npath = "mine.gguf"\n[models.up]\npath = "../up.gguf"\n')
+    explicit = tmp_path / "elsewhere" / "extra.toml"  # sets only a field: the path stays the user file's
+    explicit.parent.mkdir()
+    explicit.write_text('[models.mine]\ncontext = 4096\n[models.near]\npath = "sub/near.gguf"\n')
+    monkeypatch.chdir(tmp_path)
+    settings = config.load(explicit)
+    mine = settings.get("mine")
+    assert mine.file == paths.config_dir() / "mine.gguf" and mine.context == 4096
+    assert pull.file_state(mine).verified
+    assert settings.get("up").file == paths.config_dir() / ".." / "up.gguf"
+    assert settings.get("near").file == explicit.parent / "sub" / "near.gguf"
+    rows = {row["name"]: row for row in catalog.rows(settings)}
+    assert rows["mine"]["path"] == str(paths.config_dir() / "mine.gguf") and rows["mine"]["present"]
+    # A spec built in code, with no models.toml, is taken from the current folder, as before.
+    assert config.ModelSpec(name="x", path="x.gguf").file == Path("x.gguf")
+
+
 def test_path_replaces_shipped_chunks(tmp_path: Path) -> None:
     f = tmp_path / "m.toml"
     f.write_text('[models."gemma-3-270m"]\npath = "/x/gemma.gguf"\n')

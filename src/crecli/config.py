@@ -126,7 +126,10 @@ class ModelSpec:
 
     @property
     def file(self) -> Path | None:
-        """Where the GGUF is (or will be, once pulled). None for remote rungs."""
+        """Where the GGUF is (or will be, once pulled). None for remote rungs. Every reader
+        of `path` goes through here: read from a models.toml, a relative `path` was made
+        absolute from that file's folder (`_path`); in a spec built in code it is taken from
+        the current folder."""
         if self.url:
             return None
         if self.path:
@@ -308,12 +311,21 @@ def _urls(where: Path | str, key: str, value: Any) -> tuple[str, ...]:
 
 
 def _path(where: Path | str, key: str, value: Any) -> str:
+    """A model's `path`, a relative one made absolute from the folder of the models.toml
+    (`where`) that says it, as paths inside config files are read elsewhere: taken from the
+    current folder, `path = "mine.gguf"` beside the file was verified from one folder and
+    missing from another. Resolved here, as each file is read, not from `defined_in`: that
+    is the last file to touch the model, which may have set only its `context`. A models.toml
+    read from a pipe (`--models <(...)`) has no folder of its own: the current one, then."""
     text = _str(where, key, value, rule="a non-empty string, the path of a GGUF file")
     try:
-        Path(text).expanduser()
+        path = Path(text).expanduser()
     except RuntimeError:  # `~someone/...` for a user this machine does not know
         raise _fail(where, key, "a path whose ~user exists on this machine", value) from None
-    return text
+    if path.is_absolute():
+        return text
+    source = Path(where)
+    return str((source.parent if source.is_file() else Path()).absolute() / path)
 
 
 def _chunks(where: Path | str, key: str, value: Any) -> tuple[Chunk, ...]:
