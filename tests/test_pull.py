@@ -4,12 +4,14 @@ import hashlib
 import os
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 from crecli.config import Chunk, ModelSpec
 from crecli.errors import ModelNotAvailable
 from crecli.models import pull
+from support.hostile import Run
 
 PARTS = [b"GGUF" + b"a" * 3000, b"b" * 5000, b"c" * 17]
 
@@ -323,3 +325,33 @@ def test_pull_does_not_call_an_unpinned_file_verified(capsys: pytest.CaptureFixt
     err = capsys.readouterr().err
     assert "mine: already there at /x/mine.gguf (unpinned" in err and "mine: already verified" not in err
     assert "pinned: already verified at /x/p.gguf" in err
+
+
+def test_ask_before_any_pull_names_every_missing_model_of_the_ladder(cre: Callable[..., Run]) -> None:
+    # It named the first model a prompt met ("run `cre models pull qwen2.5-coder-1.5b-instruct`"),
+    # and the next prompt the next one.
+    from crecli import config
+
+    ladder = config.load().ladder
+    result = cre("ask", "What is 2 plus 2?", "--no-log")
+    errors = [line for line in result.err.splitlines() if line.startswith("Error:")]
+    assert result.code == 1 and len(errors) == 1, result.err
+    assert errors[0].endswith(f"run `cre models pull {' '.join(ladder)}`")
+    assert all(f"'{name}'" in errors[0] for name in ladder)
+
+
+def test_a_missing_model_names_only_the_ladder_models_a_pull_would_fetch(tmp_path: Path) -> None:
+    chunk = (Chunk("x==1.0", "x"),)
+    first, second, third = (ModelSpec(name=n, chunks=chunk) for n in ("first", "second", "third"))
+    assert third.file is not None
+    third.file.parent.mkdir(parents=True)
+    third.file.write_bytes(b"there, even if unverified")
+    mine = ModelSpec(name="mine", path=str(tmp_path / "none.gguf"), defined_in="/etc/models.toml")
+    ladder = [first, mine, second, third]
+    error = pull.not_on_disk(second, ladder)
+    assert str(error) == (f"model 'second' is not on disk ({second.file}), nor is 'first': "
+                          "run `cre models pull first second`") and error.missing == "second"
+    assert str(pull.not_on_disk(second)).endswith("run `cre models pull second`")
+    # A `path` model is the user's to fix, not a pull's: its message is as before.
+    assert str(pull.not_on_disk(mine, ladder)) == (f"model 'mine' is not on disk ({tmp_path / 'none.gguf'}): "
+                                                   "check `path` for 'mine' in /etc/models.toml")

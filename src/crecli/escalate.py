@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from crecli import grading
 from crecli.costs import Pricing, Visit, estimate_strongest, prefix_key, price_parts, price_steps, step_parts
-from crecli.errors import CreError, RouterFileError
+from crecli.errors import CreError, ModelNotAvailable, RouterFileError
 from crecli.ladder import Climb, walk
 # Re-exported: the live trace records and the one-rung check, where callers have long found them.
 from crecli.live import LiveSource, LiveVotes, Pending, check, greedy_params  # noqa: F401
@@ -304,7 +304,15 @@ class Cascade:
         serve` walks a request's prompt whole, stopping when the request gives up. A remote
         rung whose servers all failed is passed over (`LiveSource.hold`)."""
         source = self._source(pending)
-        walk(pending.climb, source.votes_for, source.after, source.hold, steps=rungs, stop=stop)
+        try:
+            walk(pending.climb, source.votes_for, source.after, source.hold, steps=rungs, stop=stop)
+        except ModelNotAvailable as exc:
+            if exc.missing not in self.specs:
+                raise
+            from crecli.models.pull import not_on_disk
+
+            # Every model of the ladder that is missing, not the first one this prompt met.
+            raise not_on_disk(self.specs[exc.missing], list(self.specs.values())) from exc
         return pending.climb.done
 
     def ask(self, prompt: str, match: str | None = None, reference: Sequence[str] | str | None = None, *,

@@ -177,14 +177,43 @@ def require_file(spec: ModelSpec, deep: bool = False) -> Path:
     assert path is not None
     if state.verified:
         return path
+    if not state.present:
+        raise not_on_disk(spec)
     fix = (
         f"run `cre models pull {spec.name}`"
         if spec.pullable
         else f"check `path` for {spec.name!r} in {spec.defined_in}"
     )
-    if not state.present:
-        raise ModelNotAvailable(f"model {spec.name!r} is not on disk ({path}): {fix}")
     raise ModelNotAvailable(f"model {spec.name!r} failed verification ({state.reason}) at {path}: {fix}")
+
+
+def _missing(spec: ModelSpec) -> bool:
+    """Whether `spec` is a model a pull fetches whose file is not there: a stat, no hashing."""
+    if not spec.pullable or spec.file is None:
+        return False
+    try:
+        return not spec.file.is_file()
+    except OSError:
+        return False  # there but unreadable: not what a pull mends
+
+
+def not_on_disk(spec: ModelSpec, ladder: Sequence[ModelSpec] = ()) -> ModelNotAvailable:
+    """The error for a model whose file is not on disk, with its fix. Given the `ladder` it
+    is on, one that a pull fetches names every model of it that is missing too, in one
+    command: before a pull, `cre ask` named the first, and the next prompt the next."""
+    if not spec.pullable:
+        return ModelNotAvailable(f"model {spec.name!r} is not on disk ({spec.file}): "
+                                 f"check `path` for {spec.name!r} in {spec.defined_in}")
+    others = [repr(s.name) for s in ladder if s.name != spec.name and _missing(s)]
+    also = ""
+    if others:
+        listed = others[0] if len(others) == 1 else f"{', '.join(others[:-1])} and {others[-1]}"
+        also = f", nor {'is' if len(others) == 1 else 'are'} {listed}"
+    # In ladder order, as `cre models pull` with no name would fetch them.
+    names = [s.name for s in ladder if s.name == spec.name or _missing(s)]
+    names = names if spec.name in names else [spec.name, *names]
+    return ModelNotAvailable(f"model {spec.name!r} is not on disk ({spec.file}){also}: "
+                             f"run `cre models pull {' '.join(names)}`", missing=spec.name)
 
 
 def _download_wheels(spec: ModelSpec, dest: Path) -> list[Path]:
