@@ -615,3 +615,16 @@ def test_serve_a_content_length_of_any_spelling_is_a_clean_answer(
     """Found by tests/test_fuzz_http.py: 5,000 digits made int() raise, a 500."""
     response = serve_client.post("/v1/completions", content=b"{}", headers={"Content-Length": length.encode("latin-1")})
     assert response.status_code == status and words in response.json()["error"]["message"], response.text
+
+
+def test_warnings_status_lines_and_errors_show_control_characters_as_escapes(capsys: pytest.CaptureFixture[str]) -> None:
+    # Messages quote user text: a log's field names (`--truth-field`'s list), another
+    # program's table names, a server's reply. An OSC sequence there retitled the terminal.
+    from crecli import cli, console
+
+    hostile = "meta.\x1b]0;owned\x07\x1b[2J"
+    console.warn(hostile)
+    console.status(hostile)
+    cli._error(hostile)
+    shown = capsys.readouterr().err
+    assert "\x1b" not in shown and "\x07" not in shown and shown.count("meta.\\x1b]0;owned\\x07\\x1b[2J") == 3

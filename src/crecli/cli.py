@@ -700,9 +700,10 @@ def main() -> None:
 def _error(message: str) -> None:
     from rich.text import Text
 
-    from crecli.console import err
+    from crecli.console import err, terminal_safe
 
-    err().print(Text.assemble(("Error:", "bold red"), " ", message), soft_wrap=True)
+    # Messages quote user text (a log's field names, a server's reply): shown, never acted on.
+    err().print(Text.assemble(("Error:", "bold red"), " ", terminal_safe(message)), soft_wrap=True)
 
 
 def _silence_stdout_if_broken() -> bool:

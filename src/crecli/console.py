@@ -42,19 +42,37 @@ def err() -> "Console":
     return _err
 
 
+# What a terminal acts on: C0 controls but newline and tab, DEL, C1 controls, the line
+# separators, the bidi overrides that reorder what is shown, and lone surrogates (which
+# cannot even be encoded). A router file comes from someone else, and messages quote log lines, field
+# names and servers' replies: shown with these escaped, they cannot recolour, retitle or
+# rewrite the reader's terminal (`status`, `warn` and cre's error line all pass through it).
+_TERMINAL_ESCAPES = {
+    c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}")
+    for c in (*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0), 0x2028, 0x2029,
+              *range(0x202A, 0x202F), *range(0x2066, 0x206A), *range(0xD800, 0xE000))
+}
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with terminal control characters shown as escapes (`\\x1b`), not acted on."""
+    return text.translate(_TERMINAL_ESCAPES)
+
+
 def status(message: str) -> None:
     """A line of progress or status, on stderr.
 
     Printed without markup: messages quote user text (log lines, prompts, file names), and
-    `[/]` in a skipped log line must not be read as a Rich tag.
+    `[/]` in a skipped log line must not be read as a Rich tag, nor their control characters
+    act on the terminal (`terminal_safe`).
     """
-    err().print(message, highlight=False, markup=False)
+    err().print(terminal_safe(message), highlight=False, markup=False)
 
 
 def warn(message: str) -> None:
     from rich.text import Text
 
-    err().print(Text.assemble(("Warning:", "yellow"), " ", message), highlight=False)
+    err().print(Text.assemble(("Warning:", "yellow"), " ", terminal_safe(message)), highlight=False)
 
 
 def print_json(data: Any) -> None:

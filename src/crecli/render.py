@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Collection, Sequence
 
-from crecli.console import err, out, print_json, status, strict_json
+from crecli.console import err, out, print_json, status, strict_json, terminal_safe
 
 if TYPE_CHECKING:
     from crecli.models.backend import Generation
@@ -302,22 +302,6 @@ def _more_entries(reading: Any) -> None:
     """Say that `cre log` shows only the newest entries (20 by default), where more matched."""
     if len(reading.entries) < reading.matched:
         status(f"Showing the newest {len(reading.entries)}; --last N for more, -o FILE to export.")
-
-
-# What a terminal acts on: C0 controls but newline and tab, DEL, C1 controls, the line
-# separators, the bidi overrides that reorder what is shown, and lone surrogates (which
-# cannot even be encoded). A router file comes from someone else, so its text is shown
-# with these escaped and cannot recolour, retitle or rewrite the reader's terminal.
-_TERMINAL_ESCAPES = {
-    c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}")
-    for c in (*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0), 0x2028, 0x2029,
-              *range(0x202A, 0x202F), *range(0x2066, 0x206A), *range(0xD800, 0xE000))
-}
-
-
-def terminal_safe(text: str) -> str:
-    """`text` with terminal control characters shown as escapes (`\\x1b`), not acted on."""
-    return text.translate(_TERMINAL_ESCAPES)
 
 
 def answer_text(text: str) -> None:
