@@ -297,6 +297,28 @@ def test_store_refuses_another_programs_database_and_leaves_it_alone(tmp_path) -
         assert db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
         db.execute("PRAGMA application_id = 0")
     OutcomeStore(new).close()
+    # Another program's lone `meta(key, value)` table with a schema row of its own: refused
+    # before anything is created (`outcomes` was added to it, and only then the schema read).
+    lone = tmp_path / "lone.db"
+    with sqlite3.connect(lone) as db:
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.execute("INSERT INTO meta VALUES ('schema', '7.2')")
+    before = lone.read_bytes()
+    with pytest.raises(CreError, match=r"holding other tables \(meta\), not an outcome store"):
+        OutcomeStore(lone)
+    assert lone.read_bytes() == before
+    # A store of another schema (a newer crecli's) is refused as such, and left as it is.
+    newer = tmp_path / "newer.sqlite"
+    OutcomeStore(newer).close()
+    with sqlite3.connect(newer) as db:
+        db.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
+        db.execute("PRAGMA application_id = 0")
+        db.execute("DROP TABLE outcomes")
+        db.execute("CREATE TABLE outcomes (x TEXT)")
+    before = newer.read_bytes()
+    with pytest.raises(CreError, match="outcome store schema 99 is not the one"):
+        OutcomeStore(newer)
+    assert newer.read_bytes() == before
 
 
 def test_store_rows_are_plain_json(store) -> None:

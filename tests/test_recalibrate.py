@@ -401,7 +401,8 @@ def test_calibrate_in_place_does_not_overwrite_a_router_written_meanwhile(
     real = calibrate.recalibrate
 
     def meanwhile(*args: Any, **kwargs: Any) -> Any:
-        router.write_bytes(newer)
+        # Other bytes each time: the -o run below must meet a changed file too.
+        router.write_bytes(router.read_bytes() + b"\n")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(calibrate, "recalibrate", meanwhile)

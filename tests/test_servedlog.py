@@ -466,6 +466,7 @@ def test_cre_log_export_never_drops_entries_of_an_earlier_one_without_force(tmp_
     assert forced.exit_code == 0, forced.output
     assert len(servedlog.read([export]).entries) == 1
     assert "--force is for -o FILE" in str(cre("log", "--force").exception)
+    assert "--force is for -o FILE" in str(cre("log", "-o", "-", "--force").exception)
 
 
 def test_cre_log_on_an_empty_log_and_with_logging_off() -> None:

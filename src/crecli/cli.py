@@ -610,7 +610,7 @@ def log_(
         return
     if output is not None and json_:
         raise UsageError("give --json (entries on stdout) or -o FILE (entries in a file), not both")
-    if force and output is None:
+    if force and (output is None or str(output) == "-"):
         raise UsageError("--force is for -o FILE: it replaces an earlier export that holds entries this one lacks")
     render.served_log(servedlog.query(last=last, since=since, output=output, force=force), json_)
 

@@ -364,7 +364,7 @@ def fit_log_prompts(router: "RouterFile", given: Path | None = None) -> tuple[se
                            "checked against it; leave --fit-log out")
         what = not_a_file(given)
         if what is not None:
-            raise CreError(f"--fit-log {given}: {what}")
+            raise CreError(f"--fit-log {given}: {what}; pass the log `cre fit` read, or leave --fit-log out")
         try:
             now = sha256_file(given)
         except OSError as exc:

@@ -142,6 +142,13 @@ class OutcomeStore:
                     "Give --store a new file name (or an outcome store crecli wrote), or leave --store out "
                     "to use the default store; nothing was changed"
                 )
+            found = self._schema()  # before anything is created: another schema's store is left as it is
+            if found is not None and found != str(STORE_SCHEMA):
+                self._db.close()
+                raise CreError(
+                    f"{self.path}: outcome store schema {found} is not the one this crecli writes "
+                    f"({STORE_SCHEMA}). Move it away or delete it to record outcomes afresh."
+                )
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
             )
@@ -163,12 +170,6 @@ class OutcomeStore:
                 "delete it, and the next run records outcomes afresh; if it is another file, give --store "
                 "another file name"
             ) from None
-        if row is not None and row[0] != str(STORE_SCHEMA):
-            self._db.close()
-            raise CreError(
-                f"{self.path}: outcome store schema {row[0]} is not the one this crecli writes "
-                f"({STORE_SCHEMA}). Move it away or delete it to record outcomes afresh."
-            )
         self.unwritable = self._probe_write()
 
     def _other_database(self) -> str | None:
@@ -182,16 +183,23 @@ class OutcomeStore:
             return f"a SQLite database of another program (application_id {app:#x})"
         tables = sorted(name for (name,) in self._db.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite!_%' ESCAPE '!'"))
-        if not tables:
+        if not tables or app == APPLICATION_ID:
             return None
-        try:
-            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-        except sqlite3.OperationalError:  # no meta table, or another program's of that name
-            row = None
-        if row is not None or set(tables) <= {"meta", "outcomes"}:
+        if set(tables) <= {"meta", "outcomes"} and ("outcomes" in tables or self._schema() in (None, str(STORE_SCHEMA))):
+            # A store (of any schema: said next), or one whose first open stopped after
+            # creating `meta`. Not another program's `meta` table alone that has a schema
+            # row of its own: `outcomes` would be added to it before the schema was read.
             return None
         shown = ", ".join(tables[:5]) + (f" and {len(tables) - 5} more" if len(tables) > 5 else "")
         return f"a SQLite database holding other tables ({shown})"
+
+    def _schema(self) -> str | None:
+        """The store's schema row (`meta`'s 'schema'), or None where there is none."""
+        try:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        except sqlite3.OperationalError:  # no meta table, or another program's of that shape
+            return None
+        return str(row[0]) if row is not None else None
 
     def _probe_write(self) -> str | None:
         """Why the store cannot take a write (read-only file or folder, full disk), or None.

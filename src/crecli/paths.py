@@ -177,9 +177,10 @@ def atomic_write(path: Path, data: bytes | str | Callable[[BinaryIO], None], *, 
     gives what any file the user creates gets, 0o600 keeps a private file private. A file
     being replaced keeps its own mode instead, as `cp` onto it would: a 0600 export or
     settings.toml must not turn 0644 by being rewritten, and one the user opened up stays
-    open. A `path` that is a symlink is followed to the file it names, which is the one
-    replaced (its temp file sits beside it, in its folder): the link stays a link, and
-    whoever reads the target reads the new file. The temp file is fsynced, renamed over the
+    open. A `path` that is a symlink of this user's (or root's) is followed to the file it
+    names, which is the one replaced (its temp file sits beside it, in its folder): the link
+    stays a link, and whoever reads the target reads the new file (`written_path`; another
+    user's link is not followed). The temp file is fsynced, renamed over the
     file, and the folder fsynced, so the rename survives a power cut. On any failure (Ctrl-C
     included) the temp file is removed and the file is as it was; an OSError is raised as
     it came, for the caller to phrase. The folder must exist.

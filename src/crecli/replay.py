@@ -300,7 +300,9 @@ def simulate(
     costs: CostModel | None = None,
     overrides: Mapping[str, Mapping[str, float]] | None = None,
 ) -> SimResult:
-    """Replay the cascade on recorded votes, exactly as `cre ask --router` would run it.
+    """Replay the cascade on recorded votes, as `cre ask --router` would run it (an answer cut
+    by the context window counts as cut only with `Replay.build`'s `specs`, which this leaves out:
+    the agreement check, all it is used for, does not read it).
 
     Each record starts on `assignments[record.id]`. On each rung its recorded votes are
     normalised with `grading.normalize(text, record.match)` and decided by
