@@ -306,6 +306,42 @@ def test_a_stream_cut_short_after_its_first_words_is_not_tried_again() -> None:
     assert not isinstance(info.value, RungUnavailable) and got and other.requests == []
 
 
+def _fail_stream(engine: FakeOpenAI, fault: str) -> None:
+    """Make `engine`'s streams fail by `fault`, after the tokens of its answer."""
+    if fault == "error event":
+        engine.stream_error = "CUDA out of memory"
+    elif fault == "no [DONE]":
+        engine.stream_done = False
+    elif fault == "connection breaks":
+        engine.stream_break = True
+    else:
+        engine.stream_event = {"choices": 5}
+
+
+@pytest.mark.parametrize(("fault", "short"), [("error event", "stream error"), ("no [DONE]", "stream cut short"),
+                                              ("choices not a list", "reply not a completion"),
+                                              ("connection breaks", "connection broke")])
+def test_a_stream_that_fails_before_any_text_fails_over_and_takes_its_server_out(fault: str, short: str) -> None:
+    """An engine opens its stream with a chunk that has no text (the role), then fails: no
+    text went out, so that server failed the try, as one that refused the connection. The
+    first event counted as text sent: the request ended in an error with the next replica
+    never tried, and the server, released as healthy, took the next request too."""
+    with pooled_transport(), FakeOpenAI() as failing, FakeOpenAI() as alive:
+        failing.answer = lambda prompt, body: ""  # one event with no text, as a role-only chunk
+        _fail_stream(failing, fault)
+        backend = OpenAIBackend(_spec([failing.url, alive.url]))
+        got: list[str] = []
+        for _ in range(2):
+            gen = backend.generate_streaming("hi", GenParams(max_tokens=4), got.append)
+            assert gen.text == "42"
+        assert "".join(got) == "4242" and len(failing.requests) == 1 and len(alive.requests) == 2
+        assert backend.replicas.states()[failing.url].startswith(f"out: {short}")
+        got.clear()
+        with pytest.raises(RungUnavailable) as info:  # no replica left: the rung's, not an answer's, failure
+            OpenAIBackend(_spec([failing.url])).generate_streaming("hi", GenParams(max_tokens=4), got.append)
+    assert got == [] and info.value.public == f"rung 'big' could not answer: its server failed ({short})"
+
+
 @pytest.mark.parametrize(("status", "advice"), [(404, "`api_model`"), (401, "api_key_env")])
 def test_a_lower_rung_passed_over_for_a_wrong_model_or_key_says_so_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: int, advice: str
@@ -480,6 +516,22 @@ def test_when_nothing_is_left_the_client_gets_an_openai_error_naming_the_rung(
         assert set(error) == {"message", "type", "param", "code"} and error["code"] == "rung_unavailable"
         assert error["message"].startswith("rung 'large' could not answer") and "127.0.0.1" not in error["message"]
         assert r.headers["Retry-After"] and r.headers["X-Request-Id"] in error["message"]
+
+
+def test_a_streamed_request_no_server_could_start_gets_503_rung_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It was a 500 model_error, as if a word had gone out: nothing had, and the rung could not answer.
+    use_models(monkeypatch, {})
+    with FakeOpenAI() as failing:
+        failing.answer, failing.stream_error = (lambda prompt, body: ""), "CUDA out of memory"
+        settings = config.load(ladder_toml(tmp_path, {"large": failing.url}))
+        with serving_cascade(Cascade(make_router(), settings)) as url:
+            body = {"model": "cre", "stream": True, "messages": [{"role": "user", "content": FAR}]}
+            reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert reply.status_code == 503 and reply.json()["error"]["code"] == "rung_unavailable", reply.text
+    assert reply.json()["error"]["message"].startswith("rung 'large' could not answer: its server failed (stream error)")
+    assert int(reply.headers["Retry-After"]) >= 1
 
 
 def test_the_clients_retry_after_is_when_the_first_server_is_due_back(

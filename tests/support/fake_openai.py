@@ -47,6 +47,7 @@ class FakeOpenAI:
     - `stream_error`: a stream sends this error event after its tokens (an engine failing
       mid-answer); `stream_done` False: a stream ends without `data: [DONE]` (cut short);
     - `stream_event`: a stream sends this event, as it is, after its tokens (a malformed one);
+    - `stream_break`: a stream's connection breaks after its tokens (an engine that crashed);
     - `hold_last`: an Event a stream waits for (up to 30 s) before sending its last token, so
       a test can see the first token arrive while the rest is still to come;
     - `token_sent_at`: when (time.monotonic()) each streamed token was sent, in order.
@@ -69,6 +70,7 @@ class FakeOpenAI:
         self.stream_error: str | None = None
         self.stream_done = True
         self.stream_event: Any = None
+        self.stream_break = False
         self.hold_last: threading.Event | None = None
         self.token_sent_at: list[float] = []
         self.requests: list[dict[str, Any]] = []
@@ -212,6 +214,10 @@ class FakeOpenAI:
                 self.token_sent_at.append(time.monotonic())
             if self.stream_event is not None:
                 event(self.stream_event)
+            if self.stream_break:
+                h.close_connection = True
+                h.connection.shutdown(socket.SHUT_RDWR)
+                return
             if self.stream_error is not None:
                 event({"error": {"message": self.stream_error, "type": "server_error"}})
             elif self.stream_done:

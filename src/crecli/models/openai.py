@@ -140,6 +140,85 @@ def _answer_text(data: dict[str, Any], chat: bool) -> str:
     return _text((choice.get("message") or {}).get("content") if chat else choice.get("text"))
 
 
+class _EventStream:
+    """What a streamed request reads from its server's event stream, one try at a time: the
+    answer's pieces, handed on as they come (through a `StopSafeEmitter`), its usage and
+    finish reason, and how the stream ended. `OpenAIBackend._post` judges a try by
+    `failure` before it gives its replica back, so a stream that fails before any of its
+    text went out (an engine opens with a role-only chunk) is that replica's failure and is
+    tried on another, as a refused connection is; once text went out, it is the request's
+    error (another replica would send the text again)."""
+
+    def __init__(self, chat: bool, stops: tuple[str, ...], emit: Callable[[str], None]) -> None:
+        self.chat, self.stops, self.emit = chat, stops, emit
+        self.retry()
+
+    def retry(self) -> None:
+        """Forget the last try's reading (only while none of its text went out)."""
+        self.out = StopSafeEmitter(self.stops, self.emit)
+        self.pieces: list[str] = []
+        self.usage: dict[str, Any] = {}
+        self.finish = "stop"
+        self.ended: str | None = None  # "[DONE]", or why the stream failed
+        self.short = ""  # the same, without the server's words (`SHORT`)
+        self.began = False  # an event came
+        self.held: list[str] = []  # the lines before the first event, to judge a reply with none
+
+    @property
+    def sent(self) -> bool:
+        """Whether any of the answer's text went out to `emit`."""
+        return bool(self.out.sent)
+
+    def failure(self) -> str | None:
+        """Why the stream read is no complete answer (None when it is one)."""
+        if self.ended == "[DONE]":
+            return None
+        if self.ended is None:
+            self.short = "stream cut short"
+            return "the reply ended without `data: [DONE]` (not a complete event stream)"
+        return self.ended
+
+    def _fail(self, why: str, short: str) -> None:
+        self.ended, self.short = why, short
+
+    def line(self, line: str) -> None:
+        """Read one line of the stream (on the transport's loop: kept quick)."""
+        if self.ended is not None:
+            return  # after [DONE] or a failure, nothing more counts
+        event = _event(line)
+        if event is None:
+            if not self.began:
+                # Skipped anyway; kept to judge a reply in which no event comes.
+                self.held.append(line)
+            return
+        self.began = True
+        if isinstance(event, str):
+            self.ended = event  # "[DONE]"
+            return
+        if event.get("error") is not None and not event.get("choices"):
+            # An engine that fails mid-stream says so in an event (vLLM, llama.cpp's server).
+            error = event["error"]
+            message = error.get("message") if isinstance(error, dict) else error
+            self._fail(f"the server reported an error mid-stream: {str(message)[:300]}", "stream error")
+            return
+        if isinstance(event.get("usage"), dict):
+            self.usage.update(event["usage"])
+        choices = event.get("choices") or []
+        if not isinstance(choices, list):
+            self._fail("an event's `choices` is not a list (not an OpenAI-style stream)", "reply not a completion")
+            return
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
+            text = (delta.get("content") if isinstance(delta, dict) else None) if self.chat else choice.get("text")
+            if isinstance(text, str) and text:
+                self.pieces.append(text)
+                self.out.update("".join(self.pieces))
+            if choice.get("finish_reason"):
+                self.finish = str(choice["finish_reason"])
+
+
 class RemoteError(BackendError):
     """A remote rung's server did not answer: `status` is its HTTP status (None when no reply
     came: refused connection, timeout, broken reply), `retry_after` its Retry-After in seconds."""
@@ -154,11 +233,12 @@ class RemoteError(BackendError):
 class RungUnavailable(RemoteError):
     """Every replica of a remote rung failed this request (refused, timed out, broke off,
     5xx, busy past the time left, or does not serve the rung: a redirect, 401, 403, 404, 405,
-    a reply that is no completion, or to a streamed request neither an event stream nor a
-    completion): the cascade moves on to the next rung
-    (`escalate.Cascade`). The message names the rung, each server and why; `public` says
-    the same without addresses, for a client of `cre serve`; `retry_after` is the seconds
-    until its first server is due back in rotation (`ReplicaSet.back_in`)."""
+    a reply that is no completion, to a streamed request neither an event stream nor a
+    completion, or a stream that failed before any of its text went out): the cascade moves
+    on to the next rung (`escalate.Cascade`). The message names the rung, each server and
+    why; `public` says the same without addresses, for a client of `cre serve`;
+    `retry_after` is the seconds until its first server is due back in rotation
+    (`ReplicaSet.back_in`)."""
 
     def __init__(self, message: str, status: int | None = None, public: str = "",
                  retry_after: float | None = None) -> None:
@@ -294,19 +374,20 @@ class OpenAIBackend(Backend):
         return headers
 
     def _post(self, endpoint: str, body: dict[str, Any], timeout: float | None = None,
-              refusals: bool = False, on_line: Callable[[str], None] | None = None) -> tuple[dict[str, Any], float, str]:
+              refusals: bool = False, stream: _EventStream | None = None) -> tuple[dict[str, Any], float, str]:
         """POST JSON to the rung: to its least busy healthy replica, and on to another while one
         fails (`replicas`): by its connection or a 5xx, or by not serving the rung (a redirect,
         which is refused, a `MISDIRECTED` status, a reply that is no completion). With
         `refusals`, a 400, 422 or 500 is the request's fault (a server refusing
         log-probabilities), not the replica's: it is raised at once naming the replica
         (`RemoteError.server`), which stays in rotation. Returns the reply, its seconds and the
-        replica that answered. With `on_line`, the reply is a server-sent event stream whose
-        lines go to `on_line` as they come, from its first event on (`stream` transports
-        only); the dict returned is then empty. A 2xx reply in which no event comes (a page, a
-        whole completion, an empty stream; whatever its Content-Type says) is judged whole as
-        without `on_line`, before anything reached `on_line`: a completion (a server that ignored `stream`) is returned, anything
-        else is the replica's failure."""
+        replica that answered. With `stream`, the reply is a server-sent event stream, read
+        by `stream` as it comes (`stream` transports only); the dict returned is then empty.
+        A stream that fails (`_EventStream.failure`) is judged in its try: the replica's
+        failure, tried on another while none of its text went out, else raised as it is. A
+        2xx reply in which no event comes (a page, a whole completion, an empty stream;
+        whatever its Content-Type says) is judged whole as without `stream`: a completion (a
+        server that ignored `stream`) is returned, anything else is the replica's failure."""
         timeout = self.timeout if timeout is None else timeout
         payload = json.dumps(body).encode()
         headers = self._headers()
@@ -314,19 +395,6 @@ class OpenAIBackend(Backend):
         short: list[str] = []  # the same, without addresses
         last: RemoteError | None = None  # the last HTTP error, for its status
         waited = False
-        streamed = [False]  # an event of a stream reached `on_line`
-        held: list[str] = []  # the lines of this try's stream before its first event
-
-        def tracked(line: str) -> None:
-            if not streamed[0]:
-                if _event(line) is None:
-                    # Skipped by `on_line` anyway; kept to judge a reply in which no event comes.
-                    held.append(line)
-                    return
-                streamed[0] = True
-            on_line(line)  # type: ignore[misc]
-
-        tracked_or_none = tracked if on_line is not None else None
         start = time.perf_counter()
         for _ in range(MAX_TRIES):
             cancel.check()
@@ -339,9 +407,10 @@ class OpenAIBackend(Backend):
             # The rung's timeout, or less where the request has less left: a server that hangs
             # past it is taken out and the request tried elsewhere while time remains.
             try_for = min(timeout, max(0.1, left))
-            held.clear()
+            if stream is not None:
+                stream.retry()  # nothing of a failed try went out, or it was raised
             try:
-                reply = self._send(url, payload, headers, try_for, tracked_or_none)
+                reply = self._send(url, payload, headers, try_for, stream.line if stream is not None else None)
             except transport.TransportError as exc:
                 why = self._transport_failure(exc, where, try_for)
                 deadline = cancel.deadline()
@@ -350,7 +419,7 @@ class OpenAIBackend(Backend):
                     self.replicas.abandon(replica)
                     raise RemoteError(why) from None
                 self.replicas.release(replica, SHORT[exc.kind])
-                if streamed[0]:
+                if stream is not None and stream.sent:
                     # Text already went to the client: another replica would send it again.
                     raise RemoteError(why) from None
                 failed[replica.url] = why
@@ -385,11 +454,21 @@ class OpenAIBackend(Backend):
                 raise self._status_error(reply, where, replica.url)
             if status < 300:
                 seconds = time.perf_counter() - start
-                if streamed[0]:
-                    self.replicas.release(replica)
-                    return {}, seconds, replica.url
+                if stream is not None and stream.began:
+                    why = stream.failure()
+                    if why is None:
+                        self.replicas.release(replica)
+                        return {}, seconds, replica.url
+                    # An engine failing (out of memory, a crash behind a proxy) may fail every
+                    # stream while it answers: its failure, so it leaves rotation.
+                    self.replicas.release(replica, stream.short)
+                    if stream.sent:
+                        raise RemoteError(f"{where}: {why}")  # as for a connection that broke
+                    failed[replica.url] = f"{where}: {why}"
+                    short.append(stream.short)
+                    continue
                 # A streamed reply with no event in it: its lines, held back, judged whole.
-                raw = reply.body or "\n".join(held).encode()
+                raw = reply.body or "\n".join(stream.held if stream is not None else ()).encode()
                 try:
                     data = json.loads(raw)
                 except ValueError:
@@ -402,7 +481,7 @@ class OpenAIBackend(Backend):
                 # address serves something else, whatever was asked.
                 error = RemoteError(
                     f"{where}: the reply is not an OpenAI-style completion"
-                    f"{' nor an event stream' if on_line is not None else ''} ({wrong}: {raw[:200]!r}); "
+                    f"{' nor an event stream' if stream is not None else ''} ({wrong}: {raw[:200]!r}); "
                     "check that `url` points at the API root (usually ending in /v1)"
                 )
                 why = "reply not a completion"
@@ -554,63 +633,24 @@ class OpenAIBackend(Backend):
             endpoint, body = "completions", self._completion_body(rendered, params)
         body.update(stream=True, stream_options={"include_usage": True})
         # The server applies `stop` itself; held back here too, for one that streams a stop's start.
-        streamed = StopSafeEmitter(params.stop, emit)
-        pieces: list[str] = []
-        usage: dict[str, Any] = {}
-        finish = ["stop"]
-        ended: list[str] = []  # "[DONE]", or the error an event reported
-
-        def on_line(line: str) -> None:
-            event = _event(line)
-            if event is None:
-                return
-            if isinstance(event, str):
-                ended.append(event)  # "[DONE]"
-                return
-            if event.get("error") is not None and not event.get("choices"):
-                # An engine that fails mid-stream says so in an event (vLLM, llama.cpp's server).
-                error = event["error"]
-                message = error.get("message") if isinstance(error, dict) else error
-                ended.append(f"the server reported an error mid-stream: {str(message)[:300]}")
-                return
-            if isinstance(event.get("usage"), dict):
-                usage.update(event["usage"])
-            choices = event.get("choices") or []
-            if not isinstance(choices, list):
-                ended.append("an event's `choices` is not a list (not an OpenAI-style stream)")
-                return
-            for choice in choices:
-                if not isinstance(choice, dict):
-                    continue
-                delta = choice.get("delta")
-                text = (delta.get("content") if isinstance(delta, dict) else None) if chat else choice.get("text")
-                if isinstance(text, str) and text:
-                    pieces.append(text)
-                    streamed.update("".join(pieces))
-                if choice.get("finish_reason"):
-                    finish[0] = str(choice["finish_reason"])
-
-        whole, seconds, _ = self._post(endpoint, body, on_line=on_line)
+        stream = _EventStream(chat, params.stop, emit)
+        whole, seconds, _ = self._post(endpoint, body, stream=stream)
         if whole:
             # No stream but a whole completion (`_post` judged it): nothing went out yet.
             gen = self._generation(whole, cut_at_stop(_answer_text(whole, chat), params.stop)[0], seconds, False)
-            streamed.finish(gen.text)
+            stream.out.finish(gen.text)
             return gen
-        if not ended or ended[0] != "[DONE]":
-            # Without [DONE] the answer may be cut short (a reply with no event at all was
-            # judged by `_post`): not an answer to keep.
-            why = ended[0] if ended else "the reply ended without `data: [DONE]` (not a complete event stream)"
-            raise RemoteError(f"model {self.spec.name!r}: {why}")
-        # Cut at a whole stop string; a tail that only starts one stays (the answer is complete).
-        text = cut_at_stop("".join(pieces), params.stop)[0]
-        streamed.finish(text)
+        # A complete stream (`_post` judged it). Cut at a whole stop string; a tail that only
+        # starts one stays (the answer is complete).
+        text = cut_at_stop("".join(stream.pieces), params.stop)[0]
+        stream.out.finish(text)
         return Generation(
             text=text,
-            prompt_tokens=_count(usage.get("prompt_tokens")),
+            prompt_tokens=_count(stream.usage.get("prompt_tokens")),
             # A server that sends no usage: one event a token, as engines stream them.
-            output_tokens=_count(usage.get("completion_tokens")) or len(pieces),
+            output_tokens=_count(stream.usage.get("completion_tokens")) or len(stream.pieces),
             seconds=seconds,
-            finish_reason=finish[0],
+            finish_reason=stream.finish,
         )
 
 

@@ -7,9 +7,9 @@ health it keeps are the process's:
 - a request goes to the least busy healthy replica (fewest requests in flight; ties to the
   one listed first), and waits, first come first served (`acquire`), while every healthy
   replica holds `max_in_flight` requests, so no server is flooded;
-- a replica that refuses the connection, times out, breaks a reply off, answers 5xx or does
-  not serve the rung (a redirect, 401, 403, 404, 405, a reply that is no completion) is
-  taken out for a back-off (1 s, doubling with each failure in a row, at most 30 s), and
+- a replica that refuses the connection, times out, breaks a reply off, fails a stream,
+  answers 5xx or does not serve the rung (a redirect, 401, 403, 404, 405, a reply that is
+  no completion) is taken out for a back-off (1 s, doubling with each failure in a row, at most 30 s), and
   the request is tried on another; 429 and 503 take it out for their Retry-After;
 - when every replica is out, a request waits for one whose server asked it to (Retry-After)
   if its time allows, and otherwise tries the one due back first: no request fails
