@@ -342,6 +342,43 @@ def test_a_stream_that_fails_before_any_text_fails_over_and_takes_its_server_out
     assert got == [] and info.value.public == f"rung 'big' could not answer: its server failed ({short})"
 
 
+# How servers report a failed stream besides an error event, then still send `data: [DONE]`.
+ERROR_LINES = {
+    "error line": b'error: {"code": 500, "message": "CUDA out of memory", "type": "server_error"}\n\n',
+    "typed event": b'event: error\ndata: {"error": {"message": "CUDA out of memory"}}\n\n',
+}
+
+
+@pytest.mark.parametrize("how", ERROR_LINES)
+def test_an_error_line_or_an_event_typed_error_fails_the_stream_though_done_follows(how: str) -> None:
+    """They were skipped as lines that are no data, and the `data: [DONE]` after them ended
+    the stream as a complete answer: empty, or cut short with finish "stop"."""
+    from crecli.errors import PromptTooLong
+    from crecli.models.openai import RemoteError
+
+    with pooled_transport(), FakeOpenAI() as failing, FakeOpenAI() as alive:
+        failing.answer, failing.stream_raw = (lambda prompt, body: ""), ERROR_LINES[how]
+        backend = OpenAIBackend(_spec([failing.url, alive.url]))
+        got: list[str] = []
+        assert backend.generate_streaming("hi", GenParams(max_tokens=4), got.append).text == "".join(got) == "42"
+        assert len(failing.requests) == len(alive.requests) == 1  # nothing went out: tried on another
+        assert backend.replicas.states()[failing.url].startswith("out: stream error")
+        # After its first words: the request's error, with the server's words, not an answer.
+        failing.answer = lambda prompt, body: "forty two"
+        got.clear()
+        with pytest.raises(RemoteError, match="error mid-stream: CUDA out of memory") as info:
+            OpenAIBackend(_spec([failing.url])).generate_streaming("hi", GenParams(max_tokens=4), got.append)
+        assert not isinstance(info.value, RungUnavailable) and got
+        # An error that says the prompt is too long is the prompt's, as in a 400 that says so.
+        failing.answer = lambda prompt, body: ""
+        failing.stream_raw = ERROR_LINES[how].replace(b"CUDA out of memory", b"the request exceeds the available "
+                                                                             b"context size, try increasing it")
+        backend = OpenAIBackend(_spec([failing.url, alive.url]))
+        with pytest.raises(PromptTooLong):
+            backend.generate_streaming("hi", GenParams(max_tokens=4), got.append)
+        assert len(alive.requests) == 1 and backend.replicas.states()[failing.url] == "up"
+
+
 @pytest.mark.parametrize(("status", "advice"), [(404, "`api_model`"), (401, "api_key_env")])
 def test_a_lower_rung_passed_over_for_a_wrong_model_or_key_says_so_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: int, advice: str

@@ -413,11 +413,11 @@ def test_an_in_process_top_rung_streams_its_words_and_lower_rungs_never_do(
     assert _text(climbed) == "seven is the sum" and "guess" not in json.dumps([e for _, e in climbed][:-2])
 
 
-@pytest.mark.parametrize("fault", ["error event", "no [DONE]", "choices not a list"])
+@pytest.mark.parametrize("fault", ["error event", "no [DONE]", "choices not a list", "error line", "typed event"])
 def test_a_remote_stream_that_fails_midway_ends_in_an_error_not_an_answer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
 ) -> None:
-    # Both were read as a complete answer (an empty one where no token had come).
+    # Each was read as a complete answer (an empty one where no token had come).
     use_models(monkeypatch, {})
     with FakeOpenAI() as engine:
         engine.answer = lambda prompt, body: "The answer is"
@@ -425,6 +425,10 @@ def test_a_remote_stream_that_fails_midway_ends_in_an_error_not_an_answer(
             engine.stream_error = "CUDA out of memory"
         elif fault == "no [DONE]":
             engine.stream_done = False
+        elif fault == "error line":  # some versions of llama.cpp's server, then data: [DONE]
+            engine.stream_raw = b'error: {"code": 500, "message": "CUDA out of memory", "type": "server_error"}\n\n'
+        elif fault == "typed event":
+            engine.stream_raw = b'event: error\ndata: {"message": "CUDA out of memory"}\n\n'
         else:
             engine.stream_event = {"choices": 5}
         settings = config.load(ladder_toml(tmp_path, {"large": engine.url}))

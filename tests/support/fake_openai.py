@@ -48,6 +48,8 @@ class FakeOpenAI:
       mid-answer); `stream_done` False: a stream ends without `data: [DONE]` (cut short);
     - `stream_event`: a stream sends this event, as it is, after its tokens (a malformed one);
     - `stream_break`: a stream's connection breaks after its tokens (an engine that crashed);
+    - `stream_raw`: a stream sends these bytes, as they are, after its tokens (lines that are
+      not `data:`, such as the `error:` line some versions of llama.cpp's server send);
     - `hold_last`: an Event a stream waits for (up to 30 s) before sending its last token, so
       a test can see the first token arrive while the rest is still to come;
     - `token_sent_at`: when (time.monotonic()) each streamed token was sent, in order.
@@ -71,6 +73,7 @@ class FakeOpenAI:
         self.stream_done = True
         self.stream_event: Any = None
         self.stream_break = False
+        self.stream_raw: bytes | None = None
         self.hold_last: threading.Event | None = None
         self.token_sent_at: list[float] = []
         self.requests: list[dict[str, Any]] = []
@@ -214,6 +217,8 @@ class FakeOpenAI:
                 self.token_sent_at.append(time.monotonic())
             if self.stream_event is not None:
                 event(self.stream_event)
+            if self.stream_raw is not None:
+                h.wfile.write(b"%x\r\n%s\r\n" % (len(self.stream_raw), self.stream_raw))
             if self.stream_break:
                 h.close_connection = True
                 h.connection.shutdown(socket.SHUT_RDWR)

@@ -133,6 +133,16 @@ def _event(line: str) -> dict[str, Any] | str | None:
     return event if isinstance(event, dict) else None
 
 
+def _error_message(error: Any) -> str:
+    """What a stream's error says: the `message` of an error object (or of the object under
+    its `error`), else the error itself; at most 300 characters."""
+    if isinstance(error, dict):
+        error = error.get("error", error)
+    if isinstance(error, dict):
+        error = error.get("message", error)
+    return str(error)[:300]
+
+
 def _answer_text(data: dict[str, Any], chat: bool) -> str:
     """The answer in a whole completion (`_completion_shape` passed): its first choice's
     message content (chat) or text."""
@@ -161,6 +171,8 @@ class _EventStream:
         self.finish = "stop"
         self.ended: str | None = None  # "[DONE]", or why the stream failed
         self.short = ""  # the same, without the server's words (`SHORT`)
+        self.too_long = False  # the error says the prompt does not fit the model's context
+        self.typed_error = False  # the event being read is typed `event: error`
         self.began = False  # an event came
         self.held: list[str] = []  # the lines before the first event, to judge a reply with none
 
@@ -181,10 +193,31 @@ class _EventStream:
     def _fail(self, why: str, short: str) -> None:
         self.ended, self.short = why, short
 
+    def _error(self, error: Any) -> None:
+        message = _error_message(error)
+        self.too_long = bool(_TOO_LONG.search(message.encode()))
+        self._fail(f"the server reported an error mid-stream: {message}", "stream error")
+
     def line(self, line: str) -> None:
         """Read one line of the stream (on the transport's loop: kept quick)."""
         if self.ended is not None:
             return  # after [DONE] or a failure, nothing more counts
+        field, _, value = line.partition(":")
+        if not line:
+            self.typed_error = False  # a blank line ends an event, and its type with it
+        elif field == "event":
+            self.typed_error = value.strip() == "error"
+        if field == "error" or (field == "data" and self.typed_error):
+            # Some versions of llama.cpp's server report a failed stream on an `error:` line,
+            # other servers as an event typed `error`, and both may still end with `data:
+            # [DONE]`: a failure all the same, never the end of a (cut short) answer.
+            self.began = True
+            try:
+                error = json.loads(value)
+            except ValueError:
+                error = value.strip() or "no details"
+            self._error(error)
+            return
         event = _event(line)
         if event is None:
             if not self.began:
@@ -197,9 +230,7 @@ class _EventStream:
             return
         if event.get("error") is not None and not event.get("choices"):
             # An engine that fails mid-stream says so in an event (vLLM, llama.cpp's server).
-            error = event["error"]
-            message = error.get("message") if isinstance(error, dict) else error
-            self._fail(f"the server reported an error mid-stream: {str(message)[:300]}", "stream error")
+            self._error(event["error"])
             return
         if isinstance(event.get("usage"), dict):
             self.usage.update(event["usage"])
@@ -431,9 +462,7 @@ class OpenAIBackend(Backend):
             status = reply.status
             if status in (400, 413) and _TOO_LONG.search(reply.body[:2000]):
                 self.replicas.release(replica)
-                detail = reply.body[:300].decode("utf-8", "replace").strip()
-                raise PromptTooLong(f"{where}: the prompt does not fit the model's context (HTTP {status}: {detail})",
-                                    public=f"the prompt does not fit model {self.spec.name!r}'s context; shorten it")
+                raise self._too_long(where, f"HTTP {status}: {reply.body[:300].decode('utf-8', 'replace').strip()}")
             if status in (429, 503) or status >= 500:
                 error = self._status_error(reply, where, replica.url)
                 retry_after = error.retry_after if status in (429, 503) else None
@@ -459,6 +488,10 @@ class OpenAIBackend(Backend):
                     if why is None:
                         self.replicas.release(replica)
                         return {}, seconds, replica.url
+                    if stream.too_long and not stream.sent:
+                        # As a 400 that says so: the prompt's fault, which every replica would find.
+                        self.replicas.release(replica)
+                        raise self._too_long(where, why)
                     # An engine failing (out of memory, a crash behind a proxy) may fail every
                     # stream while it answers: its failure, so it leaves rotation.
                     self.replicas.release(replica, stream.short)
@@ -494,6 +527,11 @@ class OpenAIBackend(Backend):
             short.append(why)
             last = error
         raise self._unavailable(failed, last, short)
+
+    def _too_long(self, where: str, detail: str) -> PromptTooLong:
+        """The error of a prompt that the server says does not fit the model's context."""
+        return PromptTooLong(f"{where}: the prompt does not fit the model's context ({detail})",
+                             public=f"the prompt does not fit model {self.spec.name!r}'s context; shorten it")
 
     def _send(self, url: str, payload: bytes, headers: dict[str, str], timeout: float,
               on_line: Callable[[str], None] | None) -> "transport.Reply":
