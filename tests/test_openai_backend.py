@@ -355,3 +355,59 @@ def test_a_server_that_ignores_stream_is_answered_from_its_whole_completion(
         assert engine.requests[-1]["body"]["stream"] is True and len(engine.requests) == 1
     assert gen.text == "".join(got) == "4 apples"
     assert gen.output_tokens == 2 and gen.prompt_tokens > 0 and gen.finish_reason == "stop"
+
+
+def test_each_streamed_piece_costs_its_own_length_not_the_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every token scanned the whole answer so far for stop strings, twice (the rung's stops,
+    # then the request's with its whitespace), on `cre serve`'s event loop: 40,000 events
+    # held /health for seconds. Only the tail that can hold a stop's start is scanned again.
+    from crecli import openai_wire
+    from crecli.models import backend as backend_module
+    from crecli.openai_wire import StreamText
+    from support.fake_openai import FakeOpenAI
+    from support.scale import fresh_remote, pooled_transport
+
+    fresh_remote(monkeypatch)
+    scanned: list[int] = []
+    real = backend_module.held_back
+
+    def spy(text: str, stops: Any) -> tuple[str, bool]:
+        scanned.append(len(text))
+        return real(text, stops)
+
+    monkeypatch.setattr(backend_module, "held_back", spy)
+    monkeypatch.setattr(openai_wire, "held_back", spy)
+    got: list[str] = []
+    with pooled_transport(), FakeOpenAI() as engine:
+        engine.answer = lambda prompt, body: " ".join(["word"] * 400) + " END and more"
+        text = StreamText(("END",), got.append)
+        gen = OpenAIBackend(_spec(engine.url, prompt_format="chat")).generate_streaming(
+            "hi", GenParams(max_tokens=500, stop=("</a>",)), text.feed)
+    whole = gen.text.split("END")[0].strip()
+    text.finish(whole)
+    assert "".join(got) == whole == " ".join(["word"] * 400) and len(got) > 100
+    # A piece (" word", 5 characters) and a tail shorter than the longest stop ("</a>").
+    assert scanned and max(scanned) <= len(" word") + len("</a>") - 1, max(scanned)
+
+
+def test_a_stream_past_max_tokens_is_read_no_further_and_ends_as_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A server that ignores `max_tokens` streamed on without bound, every piece kept.
+    from support.fake_openai import FakeOpenAI
+    from support.scale import fresh_remote, pooled_transport
+
+    fresh_remote(monkeypatch)
+    got: list[str] = []
+    with pooled_transport(), FakeOpenAI() as engine:
+        engine.answer = lambda prompt, body: " ".join(f"w{i}" for i in range(50))
+        engine.ignore_max_tokens = True
+        # The engine holds its last token until the test ends: an answer back before then was
+        # not read to the stream's end.
+        engine.hold_last = release = threading.Event()
+        try:
+            gen = OpenAIBackend(_spec(engine.url, prompt_format="chat")).generate_streaming(
+                "hi", GenParams(max_tokens=4), got.append)
+            assert engine.in_flight == 1  # still streaming when the answer was done
+        finally:
+            release.set()
+    assert gen.text == "".join(got) == "w0 w1 w2 w3"
+    assert gen.finish_reason == "length" and gen.output_tokens == 4

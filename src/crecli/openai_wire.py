@@ -306,25 +306,31 @@ class StreamText(StopSafeEmitter):
     the first `stop` string, leading whitespace dropped, trailing whitespace and the start of
     a possible stop string held back until more text shows what they are. The same rules
     `cut_at_stop` and `strip` apply to a whole answer, applied to its pieces, so what `emit`
-    gets is always a prefix of the final text (`StopSafeEmitter`, which this only feeds
-    piece by piece and strips); `finish` sends the rest of it.
+    gets is always a prefix of the final text (`StopSafeEmitter`, which this feeds piece
+    by piece and strips, each piece at its own cost); `finish` sends the rest of it.
     """
 
     def __init__(self, stop: tuple[str, ...], emit: Callable[[str], None]) -> None:
         super().__init__(stop, emit)
-        self.raw = ""  # every piece fed
+        self._space: list[str] = []  # trailing whitespace, sent once text follows it
 
     def feed(self, piece: str) -> None:
-        if self.done or not piece:
-            return
-        self.raw += piece
-        safe, self.done = held_back(self.raw, self.stops)
-        self._send(safe.strip())
+        self.add(piece)
+
+    def _out(self, safe: str) -> None:
+        if not self._sent:
+            safe = safe.lstrip()
+        body = safe.rstrip()
+        if body:
+            self._emit("".join(self._space) + body)
+            self._space = []
+        if len(body) < len(safe):
+            self._space.append(safe[len(body):])
 
     def finish(self, final: str) -> None:
         """Send whatever of `final`, the answer's whole text (already cut and stripped), is
         not sent yet."""
-        self._send(final)
+        self._rest(final)
 
 
 # ---------------------------------------------------------------- answers

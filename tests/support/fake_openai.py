@@ -40,6 +40,7 @@ class FakeOpenAI:
       before its reply, so the client's next request is answered (no timer to race it);
     - `page`: answer every request 200 with these bytes as `page_type` (text/html: a proxy's
       or another service's page where the API should be: no completion);
+    - `ignore_max_tokens`: answer with every token, whatever `max_tokens` asks;
     - `ignore_stream`: answer a streamed request with a whole JSON completion (a server or
       proxy that ignores `stream: true`); `stream_type`: the Content-Type a stream is sent as;
     - `die`: close the connection holding the request, with no reply (a crashed server);
@@ -65,6 +66,7 @@ class FakeOpenAI:
         self.page: bytes | None = None
         self.page_type = "text/html"
         self.ignore_stream = False
+        self.ignore_max_tokens = False
         self.stream_type = "text/event-stream"
         self.die = False
         self.delay = 0.0
@@ -162,7 +164,8 @@ class FakeOpenAI:
         prompt = body["messages"][-1]["content"] if chat else body.get("prompt", "")
         got = self.answer(prompt, body)
         toks = tokens_of(got) if isinstance(got, str) else got
-        toks = toks[: int(body.get("max_tokens") or 16)]
+        if not self.ignore_max_tokens:
+            toks = toks[: int(body.get("max_tokens") or 16)]
         text = "".join(t for t, _, _ in toks)
         for stop in body.get("stop") or []:
             if stop in text:

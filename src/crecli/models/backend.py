@@ -104,31 +104,65 @@ def held_back(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 
 
 class StopSafeEmitter:
-    """Hands `emit` the text generated so far, as it grows, never past what `stops` may yet
-    cut (`held_back`): what a runtime streams is then always a prefix of the answer."""
+    """Hands `emit` the text generated, as it grows, never past what `stops` may yet cut
+    (`held_back`): what a runtime streams is then always a prefix of the answer.
+
+    Each piece costs its own length and the stops', not the answer's so far: only the tail
+    held back (shorter than the longest stop) can hold the start of a stop string, so it is
+    all that is scanned again. A stream's every token otherwise cost time in proportion to
+    the whole answer (on `cre serve`'s event loop, for a remote rung)."""
 
     def __init__(self, stops: Sequence[str], emit: Callable[[str], None]) -> None:
         self.stops, self.emit = tuple(stops), emit
-        self.sent = ""
         self.done = False
+        self._held = ""  # generated, not sent: a tail that may be the start of a stop string
+        self._sent: list[str] = []  # the pieces handed to `emit`
+        self._fed = ""  # the text `update` was last given
+
+    @property
+    def sent(self) -> str:
+        """The text handed to `emit` so far."""
+        if len(self._sent) > 1:
+            self._sent = ["".join(self._sent)]
+        return self._sent[0] if self._sent else ""
+
+    def add(self, piece: str) -> None:
+        """`piece`: the text generated since the last call."""
+        if self.done or not piece:
+            return
+        text = self._held + piece
+        safe, self.done = held_back(text, self.stops)
+        self._held = "" if self.done else text[len(safe):]
+        if safe:
+            self._out(safe)
 
     def update(self, text: str) -> None:
-        """`text`: everything generated so far."""
-        if self.done:
-            return
-        safe, self.done = held_back(text, self.stops)
-        self._send(safe)
+        """`text`: everything generated so far (for a runtime that has only that). Text
+        that does not extend what it was given before is not streamed (`finish` sends the
+        answer's rest)."""
+        if text.startswith(self._fed):
+            piece, self._fed = text[len(self._fed):], text
+            self.add(piece)
 
     def finish(self, final: str) -> None:
         """`final`: the answer's whole text, as the runtime returned it (cut at `stops` here
         too, for a runtime that did not)."""
-        self._send(cut_at_stop(final, self.stops)[0])
+        self._rest(cut_at_stop(final, self.stops)[0])
         self.done = True
 
-    def _send(self, safe: str) -> None:
-        if len(safe) > len(self.sent) and safe.startswith(self.sent):
-            piece, self.sent = safe[len(self.sent):], safe
-            self.emit(piece)
+    def _out(self, safe: str) -> None:
+        """Hand on `safe`, text sure to stay in the answer (a subclass may hold some back)."""
+        self._emit(safe)
+
+    def _emit(self, piece: str) -> None:
+        self._sent.append(piece)
+        self.emit(piece)
+
+    def _rest(self, final: str) -> None:
+        """Send what of `final`, the answer's whole text, is not sent yet."""
+        sent = self.sent
+        if len(final) > len(sent) and final.startswith(sent):
+            self._emit(final[len(sent):])
 
 
 @dataclass

@@ -102,11 +102,10 @@ class UrllibTransport:
         return Reply(status, raw, _lower(got))
 
 
-def _lines(raw: bytes, on_line: Callable[[str], None]) -> None:
-    """The lines of `raw` (which held no newline) to `on_line`: an event stream may end its
-    lines with CR alone, and CRLF leaves a CR at the end."""
-    for line in raw.decode("utf-8", "replace").split("\r"):
-        on_line(line)
+def _lines(raw: bytes, on_line: Callable[[str], bool]) -> bool:
+    """The lines of `raw` (which held no newline) to `on_line`, until one returns True (then
+    True): an event stream may end its lines with CR alone, and CRLF leaves a CR at the end."""
+    return any(on_line(line) for line in raw.decode("utf-8", "replace").split("\r"))
 
 
 def _lower(headers: Any) -> dict[str, str]:
@@ -136,10 +135,11 @@ class LoopTransport:
         return self._run(self._post(url, body, headers, timeout, max_bytes, None), timeout)
 
     def stream(self, url: str, body: bytes, headers: dict[str, str], timeout: float, max_bytes: int,
-               on_line: Callable[[str], None]) -> Reply:
+               on_line: Callable[[str], bool]) -> Reply:
         """POST, handing each line of a 2xx reply's body to `on_line` as it arrives (on the
-        loop's thread: keep it quick); the reply's body is left empty then, and an error
-        reply's body is read whole. Whatever its Content-Type says: the caller tells an event
+        loop's thread: keep it quick), until it returns True: then the rest is not read and
+        the connection is closed (the engine stops generating). The reply's body is left
+        empty then, and an error reply's body is read whole. Whatever its Content-Type says: the caller tells an event
         stream from a page or a whole completion by its lines (`OpenAIBackend._post`), as a
         server may stream under another type. `timeout` bounds each read, not the whole stream: a server that
         keeps sending tokens goes on until the request's deadline cancels it, if it has one."""
@@ -168,7 +168,7 @@ class LoopTransport:
             remove()
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str], timeout: float, max_bytes: int,
-                    on_line: Callable[[str], None] | None) -> Reply:
+                    on_line: Callable[[str], bool] | None) -> Reply:
         import httpx
 
         try:
@@ -185,7 +185,8 @@ class LoopTransport:
                         scan = len(buf)  # only the new bytes can hold the next newline
                         buf += chunk
                         while (end := buf.find(b"\n", scan)) >= 0:
-                            _lines(bytes(buf[:end]), on_line)
+                            if _lines(bytes(buf[:end]), on_line):
+                                return Reply(response.status_code, b"", got)  # leaving closes it
                             del buf[: end + 1]
                             scan = 0
                     if buf:

@@ -157,10 +157,15 @@ class _EventStream:
     `failure` before it gives its replica back, so a stream that fails before any of its
     text went out (an engine opens with a role-only chunk) is that replica's failure and is
     tried on another, as a refused connection is; once text went out, it is the request's
-    error (another replica would send the text again)."""
+    error (another replica would send the text again).
 
-    def __init__(self, chat: bool, stops: tuple[str, ...], emit: Callable[[str], None]) -> None:
-        self.chat, self.stops, self.emit = chat, stops, emit
+    Each piece is handed on alone, at its own cost. A server that streams past the
+    request's `max_tokens` (one that ignores it) is read no further: the answer ends there,
+    with finish reason "length", pieces counted as tokens (one event a token, as engines
+    stream them, so an engine that packs several in one event is never cut short)."""
+
+    def __init__(self, chat: bool, stops: tuple[str, ...], max_tokens: int, emit: Callable[[str], None]) -> None:
+        self.chat, self.stops, self.max_tokens, self.emit = chat, stops, max_tokens, emit
         self.retry()
 
     def retry(self) -> None:
@@ -169,7 +174,7 @@ class _EventStream:
         self.pieces: list[str] = []
         self.usage: dict[str, Any] = {}
         self.finish = "stop"
-        self.ended: str | None = None  # "[DONE]", or why the stream failed
+        self.ended: str | None = None  # "[DONE]", "max_tokens", or why the stream failed
         self.short = ""  # the same, without the server's words (`SHORT`)
         self.too_long = False  # the error says the prompt does not fit the model's context
         self.typed_error = False  # the event being read is typed `event: error`
@@ -183,7 +188,7 @@ class _EventStream:
 
     def failure(self) -> str | None:
         """Why the stream read is no complete answer (None when it is one)."""
-        if self.ended == "[DONE]":
+        if self.ended in ("[DONE]", "max_tokens"):
             return None
         if self.ended is None:
             self.short = "stream cut short"
@@ -198,10 +203,11 @@ class _EventStream:
         self.too_long = bool(_TOO_LONG.search(message.encode()))
         self._fail(f"the server reported an error mid-stream: {message}", "stream error")
 
-    def line(self, line: str) -> None:
-        """Read one line of the stream (on the transport's loop: kept quick)."""
+    def line(self, line: str) -> bool:
+        """Read one line of the stream (on the transport's loop: kept quick); True when the
+        rest is not to be read (it failed, or went past `max_tokens`)."""
         if self.ended is not None:
-            return  # after [DONE] or a failure, nothing more counts
+            return self.ended != "[DONE]"  # after [DONE] or a failure, nothing more counts
         field, _, value = line.partition(":")
         if not line:
             self.typed_error = False  # a blank line ends an event, and its type with it
@@ -217,37 +223,41 @@ class _EventStream:
             except ValueError:
                 error = value.strip() or "no details"
             self._error(error)
-            return
+            return True
         event = _event(line)
         if event is None:
             if not self.began:
                 # Skipped anyway; kept to judge a reply in which no event comes.
                 self.held.append(line)
-            return
+            return False
         self.began = True
         if isinstance(event, str):
             self.ended = event  # "[DONE]"
-            return
+            return False
         if event.get("error") is not None and not event.get("choices"):
             # An engine that fails mid-stream says so in an event (vLLM, llama.cpp's server).
             self._error(event["error"])
-            return
+            return True
         if isinstance(event.get("usage"), dict):
             self.usage.update(event["usage"])
         choices = event.get("choices") or []
         if not isinstance(choices, list):
             self._fail("an event's `choices` is not a list (not an OpenAI-style stream)", "reply not a completion")
-            return
+            return True
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
             delta = choice.get("delta")
             text = (delta.get("content") if isinstance(delta, dict) else None) if self.chat else choice.get("text")
             if isinstance(text, str) and text:
+                if len(self.pieces) >= self.max_tokens:
+                    self.ended, self.finish = "max_tokens", "length"
+                    return True
                 self.pieces.append(text)
-                self.out.update("".join(self.pieces))
+                self.out.add(text)
             if choice.get("finish_reason"):
                 self.finish = str(choice["finish_reason"])
+        return False
 
 
 class RemoteError(BackendError):
@@ -534,7 +544,7 @@ class OpenAIBackend(Backend):
                              public=f"the prompt does not fit model {self.spec.name!r}'s context; shorten it")
 
     def _send(self, url: str, payload: bytes, headers: dict[str, str], timeout: float,
-              on_line: Callable[[str], None] | None) -> "transport.Reply":
+              on_line: Callable[[str], bool] | None) -> "transport.Reply":
         current = transport.current()
         if on_line is not None:
             return current.stream(url, payload, headers, timeout, MAX_REPLY_BYTES, on_line)  # type: ignore[attr-defined]
@@ -671,7 +681,7 @@ class OpenAIBackend(Backend):
             endpoint, body = "completions", self._completion_body(rendered, params)
         body.update(stream=True, stream_options={"include_usage": True})
         # The server applies `stop` itself; held back here too, for one that streams a stop's start.
-        stream = _EventStream(chat, params.stop, emit)
+        stream = _EventStream(chat, params.stop, params.max_tokens, emit)
         whole, seconds, _ = self._post(endpoint, body, stream=stream)
         if whole:
             # No stream but a whole completion (`_post` judged it): nothing went out yet.
