@@ -9,11 +9,14 @@ health it keeps are the process's:
   replica holds `max_in_flight` requests, so no server is flooded;
 - a replica that refuses the connection, times out, breaks a reply off, fails a stream,
   answers 5xx or does not serve the rung (a redirect, 401, 403, 404, 405, a reply that is
-  no completion) is taken out for a back-off (1 s, doubling with each failure in a row, at most 30 s), and
-  the request is tried on another; 429 and 503 take it out for their Retry-After;
-- when every replica is out, a request waits for one whose server asked it to (Retry-After)
-  if its time allows, and otherwise tries the one due back first: no request fails
-  without a try, and a server that is back is found at once;
+  no completion) is taken out for a back-off (1 s, doubling with each failure in a row, at
+  most 30 s), and the request is tried on another; 429 and 503 take it out for their
+  Retry-After, at most `MAX_RETRY_WAIT` (a server that asks for a day is not out for a
+  day: /health would call the rung down, and clients be told to come back tomorrow);
+- when every replica is out, a request waits for one whose server asked it to (a
+  Retry-After of at most `MAX_RETRY_WAIT`) if its time allows, and otherwise tries the one
+  due back first: no request fails without a try, and a server that is back is found at
+  once;
 - a replica whose back-off has passed is tried again by the next request (its success puts
   it back for good). Until one of its requests succeeds it is reported out (`state`, `up`):
   a passed back-off is no news that its server is back.
@@ -33,7 +36,8 @@ if TYPE_CHECKING:
 
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 30.0
-# The longest Retry-After honoured by waiting (a server asking for more is treated as out).
+# The longest Retry-After honoured: waited for, and kept out of rotation for. A server that
+# asks for more is out this long, as for a back-off, and not waited for.
 MAX_RETRY_WAIT = 60.0
 DEFAULT_MAX_IN_FLIGHT = 16
 
@@ -46,7 +50,7 @@ class Replica:
     failures: int = 0  # in a row, for the back-off
     last_error: str = ""
     served: int = 0
-    asked: bool = False  # out because its server asked (Retry-After), not for a back-off
+    asked: bool = False  # out because its server asked (a Retry-After honoured), not for a back-off
 
     @property
     def healthy(self) -> bool:
@@ -86,8 +90,7 @@ class ReplicaSet:
         left to try. Waits while every usable replica is full, first come first served: a
         free slot goes to the earliest waiter that may use it (one that excludes it does not
         hold up those behind). When all are out: waits for the first due back if its server
-        asked for the wait (Retry-After) and it ends before `wait_until` (time.monotonic()),
-        else None; a replica out for a back-off is tried now."""
+        asked for the wait (`waits_for` `wait_until`, time.monotonic()), else tries it now."""
         me, queued = object(), False
         with self._cond:
             try:
@@ -99,14 +102,11 @@ class ReplicaSet:
                     up = [r for r in usable if r.out_until <= now]
                     if not up:
                         soonest = min(usable, key=lambda r: r.out_until)
-                        if not soonest.asked:
-                            up = [soonest]  # every one out for a back-off: try the first due back
-                        elif wait_until is None or soonest.out_until > wait_until or soonest.out_until - now > MAX_RETRY_WAIT:
-                            return None
-                        else:
+                        if self._waits_for(soonest, wait_until):
                             self._cond.wait(min(cancel.POLL_SECONDS, max(0.0, soonest.out_until - now)))
                             cancel.check()
                             continue
+                        up = [soonest]  # no wait to honour in time: try the first due back now
                     free = [r for r in up if r.in_flight < self.max_in_flight]
                     if free and not self._ahead_of(me, free):
                         best = min(free, key=lambda r: r.in_flight)  # min keeps the first of equals
@@ -121,6 +121,17 @@ class ReplicaSet:
                 if queued:
                     self._waiting = [w for w in self._waiting if w[0] is not me]
                     self._cond.notify_all()  # the next in line may take a slot now
+
+    def waits_for(self, replica: Replica, wait_until: float | None) -> bool:
+        """Whether a request that may wait until `wait_until` (time.monotonic(); None: not at
+        all) waits for `replica` to be back, rather than trying it (or another) now: its
+        server asked for the wait (a Retry-After honoured), and the wait ends in time."""
+        with self._cond:
+            return self._waits_for(replica, wait_until)
+
+    @staticmethod
+    def _waits_for(replica: Replica, wait_until: float | None) -> bool:
+        return replica.asked and wait_until is not None and replica.out_until <= wait_until
 
     @property
     def waiting(self) -> int:
@@ -139,7 +150,7 @@ class ReplicaSet:
 
     def release(self, replica: Replica, failure: str | None = None, out_for: float | None = None) -> None:
         """Give back `replica`'s slot: it answered (`failure` None), or it failed and is out for
-        `out_for` seconds (its Retry-After) or its back-off."""
+        `out_for` seconds (its Retry-After, at most `MAX_RETRY_WAIT`) or its back-off."""
         with self._cond:
             replica.in_flight -= 1
             if failure is None:
@@ -149,9 +160,12 @@ class ReplicaSet:
             else:
                 replica.failures += 1
                 replica.last_error = failure
-                wait = out_for if out_for is not None else min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (replica.failures - 1))
+                if out_for is not None:
+                    wait = min(out_for, MAX_RETRY_WAIT)
+                else:
+                    wait = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (replica.failures - 1))
                 replica.out_until = max(replica.out_until, time.monotonic() + wait)
-                replica.asked = out_for is not None
+                replica.asked = out_for is not None and out_for <= MAX_RETRY_WAIT
             self._cond.notify_all()
 
     def abandon(self, replica: Replica) -> None:
