@@ -550,6 +550,33 @@ def test_a_rung_whose_servers_all_fail_is_passed_over_and_the_trace_says_why(
     assert health["models"]["medium"] == "remote, every server out" and health["status"] == "degraded"
 
 
+def test_a_prompt_too_long_for_a_lower_rung_passes_it_over_and_stands_only_on_the_top(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small in-process rungs under a rung with a larger context (a remote one): the whole
+    # cascade failed with 400 context_length_exceeded where the top rung could answer.
+    from crecli.errors import PromptTooLong
+
+    def too_long(text: str, params: GenParams) -> str:
+        raise PromptTooLong("prompt is 3000 tokens, which fills the context of 2048",
+                            public="the prompt does not fit model's context; shorten it")
+
+    large_fits = [True]
+    use_models(monkeypatch, {"small": too_long, "medium": too_long,
+                             "large": lambda text, p: "7" if large_fits[0] else too_long(text, p)})
+    settings = config.load(ladder_toml(tmp_path))
+    with serving_cascade(Cascade(make_router(starts=("small", "small", "small")), settings)) as url:
+        reply = post(url, "cre", ADDITIONS[0])
+        large_fits[0] = False
+        top = post(url, "cre", ADDITIONS[0])
+    assert reply.status_code == 200, reply.text
+    steps = reply.json()["cre"]["steps"]
+    assert [s["model"] for s in steps] == ["small", "medium", "large"] and reply.json()["cre"]["model"] == "large"
+    assert steps[0]["why"] == "prompt too long for its context: escalate to medium"
+    assert steps[1]["why"] == "prompt too long for its context: escalate to large"
+    assert top.status_code == 400 and top.json()["error"]["code"] == "context_length_exceeded", top.text
+
+
 def test_when_nothing_is_left_the_client_gets_an_openai_error_naming_the_rung(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:

@@ -234,14 +234,19 @@ class LiveSource:
 
         A remote rung below the top whose every server failed (`RungUnavailable`) is passed
         over: the step records why, the details go to stderr once, and the prompt moves up to
-        the next rung, whose answer is at least as good. So is an in-process rung whose model cannot be loaded, where
-        `pass_over_unloadable` (`cre serve`); its details go to stderr once, not to the
-        client. On the top rung the failure stands: nothing is above it."""
-        from crecli.errors import ModelLoadError, ModelNotAvailable
+        the next rung, whose answer is at least as good. So is a rung whose context the
+        prompt does not fit (`PromptTooLong`: a higher rung, a remote one say, may have a
+        larger context), said in its step only: the prompt's, not the rung's, fault. So is an
+        in-process rung whose model cannot be loaded, where `pass_over_unloadable` (`cre
+        serve`); its details go to stderr once, not to the client. On the top rung the
+        failure stands: nothing is above it."""
+        from crecli.errors import ModelLoadError, ModelNotAvailable, PromptTooLong
         from crecli.models.openai import RungUnavailable
 
         start = time.perf_counter()
-        passed = (RungUnavailable, ModelNotAvailable, ModelLoadError) if self.pass_over_unloadable else (RungUnavailable,)
+        passed: tuple[type[Exception], ...] = (RungUnavailable, PromptTooLong)
+        if self.pass_over_unloadable:
+            passed += (ModelNotAvailable, ModelLoadError)
         try:
             with self.pool.lease(self.specs[rung.model]) as backend:
                 self._held = backend
@@ -253,8 +258,10 @@ class LiveSource:
             climb = self.pending.climb
             if rung.top or climb.done or climb.current is not rung:
                 raise
-            if isinstance(exc, RungUnavailable):
-                public = exc.public
+            if isinstance(exc, PromptTooLong):
+                why = "prompt too long for its context"
+            elif isinstance(exc, RungUnavailable):
+                why = f"unavailable ({exc.public})"
                 # Said once, with the servers' own words: a wrong `api_model` or key (404, 401)
                 # on a cheap rung otherwise sent every prompt up without a word, exit 0.
                 # Once per cause (its status; None for connections): a passing 503 said first
@@ -262,7 +269,7 @@ class LiveSource:
                 _say_once(("unavailable", rung.model, str(exc.status)),
                           f"{exc}; prompts pass over {rung.model} to the next rung while it cannot answer")
             else:
-                public = "its model could not be loaded"
+                why = "unavailable (its model could not be loaded)"
                 _say_once(("unloadable", rung.model),
                           f"{exc}; prompts pass over {rung.model} to the next rung until it can be loaded")
             climb.rung += 1
@@ -271,7 +278,7 @@ class LiveSource:
                 model=rung.model, votes=[], normalized=[], agreement=0.0, used=0, threshold=rung.threshold,
                 accepted=False, answer="", prompt_tokens=0, output_tokens=0, greedy_output_tokens=0,
                 seconds=time.perf_counter() - start,
-                why=f"unavailable ({public}): escalate to {climb.current.model}",
+                why=f"{why}: escalate to {climb.current.model}",
             ))
 
     def votes_for(self, rung: Rung) -> LiveVotes:
