@@ -204,6 +204,59 @@ def test_timeout_is_reported(server: _Server) -> None:
         OpenAIBackend(_spec(server.url), timeout=0.1).generate("hi")
 
 
+@pytest.fixture
+def trickling() -> Iterator[str]:
+    """The API root of a server that answers 200 at once, then sends its body a byte every
+    50 ms (five seconds in all): every read is quick, the whole reply slow."""
+    done = threading.Event()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.recv(65536)
+                    body = json.dumps(_completion("late")).encode().ljust(100)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n" % len(body))
+                    for byte in body:
+                        if done.wait(0.05):
+                            return
+                        conn.sendall(bytes([byte]))
+                except OSError:
+                    pass  # the client gave up
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    finally:
+        done.set()
+        listener.close()
+        thread.join(5)
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_a_reply_that_trickles_in_is_given_up_at_the_tries_timeout(
+    trickling: str, monkeypatch: pytest.MonkeyPatch, pooled: bool
+) -> None:
+    # `timeout` bounded each read only: a byte every 50 ms held a 1 s try for the whole reply.
+    from contextlib import nullcontext
+
+    from support.scale import fresh_remote, pooled_transport
+
+    fresh_remote(monkeypatch)
+    with pooled_transport() if pooled else nullcontext():
+        with pytest.raises(BackendError, match="no answer within 1 s"):
+            OpenAIBackend(_spec(trickling), timeout=1.0).generate("hi", GenParams(max_tokens=4))
+
+
 def test_models_toml_sets_a_remote_rungs_timeout(server: _Server, tmp_path: Path) -> None:
     # A rung whose answers take longer than the default 120 s a try would fail over every
     # time; models.toml's `timeout` gives it longer (here: shorter, to see it act).

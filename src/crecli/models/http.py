@@ -1,7 +1,9 @@
 """How a remote rung's requests travel: the process's HTTP transport.
 
 Two transports, one contract (`post` a JSON body, get a `Reply` back, or a `TransportError`
-saying whether no connection was made, no answer came in time, or the reply broke off):
+saying whether no connection was made, no answer came in time, or the reply broke off).
+A post's `timeout` bounds the whole try, not only each read: a server that trickles its
+reply a byte at a time would otherwise hold a try for as long as it likes.
 
 - `UrllibTransport`, the default: the standard library, one connection per request, no
   redirects followed. `cre ask` and `cre batch` send one request at a time, so a pool
@@ -68,17 +70,20 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 class UrllibTransport:
-    """The standard library's HTTP client: one connection per request."""
+    """The standard library's HTTP client: one connection per request. Its socket timeout
+    bounds each read, so the body is read in pieces against the try's deadline, checked
+    between reads (a read begun before it may still wait its socket timeout)."""
 
     def __init__(self) -> None:
         self._opener = urllib.request.build_opener(_NoRedirect)
 
     def post(self, url: str, body: bytes, headers: dict[str, str], timeout: float, max_bytes: int) -> Reply:
         request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        deadline = time.monotonic() + timeout
         try:
             with self._opener.open(request, timeout=timeout) as response:
-                raw = response.read(max_bytes + 1)
-                # read(n) returns a body cut short by a closed connection without complaint;
+                raw = _read_by(response, max_bytes + 1, deadline)
+                # A read returns a body cut short by a closed connection without complaint;
                 # the bytes its Content-Length still promised tell that the server went away.
                 missing = response.length if len(raw) <= max_bytes else None
                 status, got = response.status, dict(response.headers.items())
@@ -100,6 +105,21 @@ class UrllibTransport:
             # truncated reply.
             raise TransportError("broken", f"{type(exc).__name__}: {exc}") from None
         return Reply(status, raw, _lower(got))
+
+
+def _read_by(response: Any, limit: int, deadline: float) -> bytes:
+    """Up to `limit` bytes of `response`'s body (to its end), given up with a timeout at
+    `deadline` (time.monotonic())."""
+    chunks, size = [], 0
+    while size < limit:
+        if time.monotonic() > deadline:
+            raise TransportError("timeout")
+        chunk = response.read1(min(65536, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _lines(raw: bytes, on_line: Callable[[str], bool]) -> bool:
@@ -132,7 +152,16 @@ class LoopTransport:
         )
 
     def post(self, url: str, body: bytes, headers: dict[str, str], timeout: float, max_bytes: int) -> Reply:
-        return self._run(self._post(url, body, headers, timeout, max_bytes, None), timeout)
+        return self._run(self._within(self._post(url, body, headers, timeout, max_bytes, None), timeout), timeout)
+
+    @staticmethod
+    async def _within(call: Any, timeout: float) -> Reply:
+        """`call` given up after `timeout` seconds in all: httpx's timeout bounds each read."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await call
+        except TimeoutError:
+            raise TransportError("timeout") from None
 
     def stream(self, url: str, body: bytes, headers: dict[str, str], timeout: float, max_bytes: int,
                on_line: Callable[[str], bool]) -> Reply:
@@ -153,7 +182,8 @@ class LoopTransport:
         remove = token.on_cancel(future.cancel) if token is not None else (lambda: None)
         deadline = cancel.deadline()
         if whole or deadline is None:
-            # The coroutine bounds itself by `timeout`; the margin only guards a loop that stopped.
+            # The coroutine bounds itself by `timeout` (a whole reply: in all, `_within`; a
+            # stream: each read); the margin only guards a loop that stopped.
             wait = timeout + 30
         else:
             wait = max(0.0, deadline - time.monotonic()) + 30  # the token cancels it at the deadline
