@@ -487,3 +487,105 @@ def test_the_replay_pays_every_vote_drawn_as_the_live_step_does() -> None:
     result = replay.simulate({"q0": "small"}, {"small": 0.6, "large": 0.0}, K3, p_correct={}, votes=3)
     [step] = result.traces[0].steps
     assert step.used == 2 and step.cost == 3.0
+
+
+# --- copies of a prompt (the same text under other ids) -----------------------------------
+
+def _old_folds(n: int, k: int, seed: int) -> list[list[int]]:
+    """The folds before copies of a prompt were kept together: the t-th row of the shuffle in fold t % k."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [sorted(order[i::k]) for i in range(k)]
+
+
+def test_a_log_without_repeated_prompts_gets_exactly_the_folds_it_always_got() -> None:
+    # Keeping copies together must not move a published figure: same draws, same assignment.
+    from crecli.calibrate import folds
+
+    for n in (10, 11, 37, 200, 1400):
+        for k in (2, 3, 5):
+            for seed in (0, 1, 7):
+                old = _old_folds(n, k, seed)
+                assert folds(n, k, seed) == old
+                assert folds(n, k, seed, [f"prompt {i}" for i in range(n)]) == old
+
+
+def test_every_copy_of_a_prompt_lands_in_one_fold() -> None:
+    from crecli.calibrate import folds
+
+    prompts = [f"p{(i * 7) % 13}" for i in range(40)]
+    split = folds(40, 5, 3, prompts)
+    assert sorted(i for fold in split for i in fold) == list(range(40))
+    for p in set(prompts):
+        assert sum(any(prompts[i] == p for i in fold) for fold in split) == 1
+    # The distinct prompts are dealt out evenly: 13 over 5 folds.
+    assert sorted(len({prompts[i] for i in fold}) for fold in split) == [2, 2, 3, 3, 3]
+
+
+@pytest.mark.parametrize("check", ["agreement", "deferral"])
+def test_calibration_never_holds_out_a_query_whose_copy_chose_its_model(monkeypatch: pytest.MonkeyPatch, check: str) -> None:
+    # The store records one answer per prompt, so a copy in the training folds put the
+    # held-out query's own answer into its cluster's model choice (and its deferral prior):
+    # held-out figures were partly in sample.
+    from types import SimpleNamespace
+
+    from crecli import calibrate
+    from support.replays import synthetic_data
+
+    data = synthetic_data(30, {"s": [0.3, 0.9], "m": [0.6, 0.9], "l": [0.9, 0.9]}, copies=3)
+    splits: list[tuple[list[int], list[int]]] = []
+    for name in ("sweep", "sweep_deferral"):
+        real = getattr(calibrate, name)
+
+        def spy(data: object, fit_idx: list[int], eval_idx: list[int], *args: object, real: object = real, **kw: object) -> object:
+            splits.append((list(fit_idx), list(eval_idx)))
+            return real(data, fit_idx, eval_idx, *args, **kw)  # type: ignore[operator]
+
+        monkeypatch.setattr(calibrate, name, spy)
+    router = SimpleNamespace(ladder_names=["s", "m", "l"], quality=QualityCheck(k=1))
+    calibrate.recalibrate(router, data, Budget("retain", 0.98), check=check)  # type: ignore[arg-type]
+    assert len(splits) == 5
+    for fit_idx, eval_idx in splits:
+        assert not {data.records[i].prompt for i in fit_idx} & {data.records[i].prompt for i in eval_idx}
+
+
+def test_calibration_needs_enough_distinct_prompts_for_its_folds() -> None:
+    from types import SimpleNamespace
+
+    from crecli import calibrate
+    from support.replays import synthetic_data
+
+    data = synthetic_data(6, {"s": [0.5], "l": [0.9]}, copies=4)
+    router = SimpleNamespace(ladder_names=["s", "l"], quality=QualityCheck(k=1))
+    with pytest.raises(CreError, match="only 6 distinct prompts among 24 labelled queries"):
+        calibrate.recalibrate(router, data, Budget(), check="agreement")  # type: ignore[arg-type]
+
+
+def test_a_training_answers_deferral_prior_leaves_out_every_copy_of_its_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only the row's own label was left out; its copies' labels (the same recorded answer)
+    # still fed its prior, so the fitted model trusted the prior more than it deserves.
+    from crecli import deferral
+    from crecli.calibrate import _table
+    from crecli.choice import shrink
+    from support.replays import synthetic_data
+
+    data = synthetic_data(24, {"s": [0.2, 0.5, 0.9], "l": [0.9, 0.9, 0.9]}, copies=3, seed=4)
+    ladder = ["s", "l"]
+    idx = [i for i in range(len(data.records)) if i % 5 != 0]  # some prompts keep fewer copies
+    table = _table(data, idx, ladder)
+    seen: dict[int, float] = {}
+    real = deferral._blended
+
+    def spy(data_: object, table_: object, i: int, model: str, cluster: float) -> float:
+        seen[i] = cluster
+        return real(data_, table_, i, model, cluster)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(deferral, "_blended", spy)
+    deferral.train_deferral(data, idx, table, "s", 1)
+    assert sorted(seen) == idx
+    overall, strength = table.overall.models["s"].accuracy, table.strength("s")
+    for i in idx:
+        # The prior from the other prompts of its cluster alone, shrunk as the table shrinks.
+        others = [j for j in idx if data.clusters[j] == data.clusters[i] and data.records[j].prompt != data.records[i].prompt]
+        right = sum(data.replay.entries[(data.records[j].id, "s")].correct[0] for j in others)
+        assert seen[i] == pytest.approx(shrink(right, len(others), overall, strength))

@@ -249,10 +249,25 @@ def frontier(points: Sequence[tuple[Setting, Any]]) -> list[tuple[Setting, Any]]
     return front
 
 
-def folds(n: int, k: int, seed: int) -> list[list[int]]:
+def folds(n: int, k: int, seed: int, prompts: Sequence[str] | None = None) -> list[list[int]]:
+    """`k` folds of rows 0..n-1, drawn with `seed`: the t-th row of one shuffle goes to fold t % k.
+
+    With `prompts` (each row's prompt identity, `Data.prompt_ids`), every copy of a prompt
+    goes to the fold of its first copy in that shuffle, and the t-th distinct prompt to fold
+    t % k. The outcome store records one answer per prompt, so copies in two folds would put
+    a held-out query's own answer in the folds that choose its cluster's model, and the
+    held-out figures would be partly in sample. A log without repeated prompts gets exactly
+    the folds it got without `prompts`: the same shuffle, the same assignment.
+    """
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    return [sorted(order[i::k]) for i in range(k)]
+    if prompts is None:
+        return [sorted(order[i::k]) for i in range(k)]
+    fold_of: dict[str, int] = {}
+    out: list[list[int]] = [[] for _ in range(k)]
+    for i in order:
+        out[fold_of.setdefault(prompts[i], len(fold_of) % k)].append(i)
+    return [sorted(fold) for fold in out]
 
 
 # P(correct) thresholds swept per rung below the top; 1.0 always escalates.
@@ -351,6 +366,11 @@ def recalibrate(
     n = len(data.records)
     if n < 2 * n_folds:
         raise CreError(f"only {n} labelled queries: too few for {n_folds}-fold cross-validation (use --folds 2 or a larger log)")
+    distinct = len(set(data.prompt_ids))
+    if distinct < 2 * n_folds:
+        # Copies of a prompt share a fold (`folds`), so the distinct prompts are what is split.
+        raise CreError(f"only {distinct} distinct prompts among {n} labelled queries: too few for {n_folds}-fold "
+                       "cross-validation, which keeps every copy of a prompt in one fold (use --folds 2 or a larger log)")
     agreement: list[str] = []
     if check == "deferral":
         for model, why in without_signals(data, ladder, no_signals).items():
@@ -363,7 +383,7 @@ def recalibrate(
             )
     totals: dict[Setting, list[float]] = {}
     held_p: dict[OutcomeKey, float] = {}
-    for fold in folds(n, n_folds, seed):
+    for fold in folds(n, n_folds, seed, data.prompt_ids):
         train = sorted(set(range(n)) - set(fold))
         if check == "deferral":
             swept, p = sweep_deferral(data, train, fold, ladder, quality, votes, agreement)

@@ -91,14 +91,32 @@ def _table_prior(data: Data, table: StatsTable) -> Callable[[int, str], float]:
     return lambda i, model: _blended(data, table, i, model, cluster_prior(table, data.clusters[i], model))
 
 
-def _loo_prior(table: StatsTable, cid: int, model: str, correct: bool) -> float:
-    # A training answer's own label must not feed its prior, or the fitted model would
-    # trust the prior more than it deserves on prompts it has not seen.
+def _loo_prior(table: StatsTable, cid: int, model: str, correct: float, count: int = 1) -> float:
+    """The cluster prior of a training answer with its prompt's `count` answers in the
+    cluster (`correct` of them right) left out.
+
+    A training answer's own label must not feed its prior, or the fitted model would trust
+    the prior more than it deserves on prompts it has not seen; nor may its copies' labels
+    (the same prompt under other ids, answered alike: `_copies`)."""
     info = table.clusters.get(cid) if cid >= 0 else None
     if info is None:
         return table.overall.models[model].accuracy
     st = info.models[model]
-    return shrink(st.correct - correct, st.n - 1, table.overall.models[model].accuracy, table.strength(model))
+    return shrink(st.correct - correct, st.n - count, table.overall.models[model].accuracy, table.strength(model))
+
+
+def _copies(data: Data, idx: Sequence[int], model: str) -> dict[tuple[int, str], tuple[float, int]]:
+    """Per (cluster, prompt identity): how many of the records `idx` have an outcome on
+    `model` there, and how many of those greedy answers are right, as `choice.cluster_stats`
+    counts them into the table `train_deferral` reads its priors from."""
+    out: dict[tuple[int, str], tuple[float, int]] = {}
+    for i in idx:
+        entry = data.replay.entries.get((data.records[i].id, model))
+        if entry is not None:
+            key = (data.clusters[i], data.prompt_ids[i])
+            right, count = out.get(key, (0.0, 0))
+            out[key] = (right + entry.correct[0], count + 1)
+    return out
 
 
 def train_deferral(data: Data, idx: Sequence[int], table: StatsTable, model: str, votes: int) -> Deferral:
@@ -111,9 +129,11 @@ def train_deferral(data: Data, idx: Sequence[int], table: StatsTable, model: str
     entries = [(i, e) for i in idx if (e := data.replay.entries.get((data.records[i].id, model))) is not None and e.answers]
     if any(e.signals is not None for _, e in entries):
         entries = [(i, e) for i, e in entries if e.signals is not None]
+    copies = _copies(data, idx, model)
     for i, entry in entries:
         y = entry.correct[0]
-        prior = _blended(data, table, i, model, _loo_prior(table, data.clusters[i], model, y))
+        prior = _blended(data, table, i, model, _loo_prior(table, data.clusters[i], model,
+                                                            *copies[(data.clusters[i], data.prompt_ids[i])]))
         rows.append(entry.features(votes, prior))
         ys.append(y)
     names = feature_names(votes)

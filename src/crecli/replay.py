@@ -21,7 +21,7 @@ from crecli import console, grading
 from crecli.costs import CostModel, share_prefixes
 from crecli.errors import CreError
 from crecli.ladder import DEFERRAL, Climb, Policy, Rung, Verdict, walk
-from crecli.outcomes import graded
+from crecli.outcomes import graded, prompt_sha256
 from crecli.quality import deferral_features, needed, was_cut
 from crecli.shots import resolve_shots
 
@@ -335,6 +335,12 @@ class Data:
         # Cached: a calibration sweep reads it once per replayed query, thousands of times,
         # and rebuilding it each time was two thirds of `cre calibrate`'s run time.
         return [r.cluster for r in self.routes]
+
+    @functools.cached_property
+    def prompt_ids(self) -> list[str]:
+        """Each record's prompt identity (`outcomes.prompt_sha256`): copies of a prompt (the
+        same text under other ids) share it, and share the answers the store recorded for it."""
+        return [prompt_sha256(r.prompt) for r in self.records]
 
 
 def prepare(

@@ -10,6 +10,7 @@ too (they put tests/ on sys.path):
 - `prompts`: prompts, vote tables and canned traces of the batch, serve and log tests;
 - `serving`: a live `cre serve` in a thread;
 - `logs`: the small example query log;
+- `replays`: labelled logs prepared for replay (`replay.Data`) from synthetic outcomes;
 - `hostile`: `cre` runs through `cli.main()` and the checks the hostile-use tests make;
 - `batch_child`: `cre batch` on the fake ladder in a process of its own (signals, a real stdout);
 - `real`: what the real-model tests accept where CPUs round differently;
