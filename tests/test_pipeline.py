@@ -72,7 +72,7 @@ def test_fit_calibrate_eval_ask_batch(tmp_path: Path, tiny_models_toml: Path, sk
     assert ev["in_sample"] is True
     assert all(sum(c["started_on"].values()) == c["n"] for c in ev["per_cluster"])
     shown = runner.invoke(app, ["eval", str(SMALL_LOG), "--router", str(router), *m])
-    assert "Warning: 80 of 80 queries are in the router's fit log, so these figures are in sample" in shown.stderr
+    assert "Warning: 80 of 80 queries are in the router's fit or calibration log, so these figures are in sample" in shown.stderr
     # Half the fit log is in sample too: only the whole file was told apart before.
     other = tmp_path / "other.jsonl"
     other.write_text("".join(SMALL_LOG.read_text().splitlines(keepends=True)[:40]))

@@ -328,24 +328,24 @@ def test_eval_counts_the_queries_that_are_in_the_fit_log(fakes, tiny_models_toml
 
     result = cre("eval", mixed, "--router", router, *m)
     assert result.exit_code == 0, result.output
-    assert "10 of 20 queries are in the router's fit log: their figures are in sample" in result.stderr
-    assert "10 in the router's fit log, in sample" in result.stdout  # the report says it too
+    assert "10 of 20 queries are in the router's fit or calibration log: their figures are in sample" in result.stderr
+    assert "10 in the router's fit or calibration log, in sample" in result.stdout  # the report says it too
     report = json.loads(ok("eval", mixed, "--router", router, *m, "--json"))
     assert (report["n"], report["n_in_fit_log"], report["in_sample"]) == (20, 10, False)
     whole = cre("eval", fit_log, "--router", router, *m, "--json")
     assert json.loads(whole.stdout)["n_in_fit_log"] == 30 and json.loads(whole.stdout)["in_sample"] is True
-    assert "30 of 30 queries are in the router's fit log" in whole.stderr
+    assert "30 of 30 queries are in the router's fit or calibration log" in whole.stderr
     result = cre("eval", subset, "--router", router, *m, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert (report["n"], report["n_in_fit_log"], report["in_sample"]) == (12, 12, True)
-    assert "12 of 12 queries are in the router's fit log" in result.stderr
+    assert "12 of 12 queries are in the router's fit or calibration log" in result.stderr
     # --held-out-only scores the others alone.
     result = cre("eval", mixed, "--router", router, *m, "--held-out-only", "--json")
     assert result.exit_code == 0, result.output
     assert (json.loads(result.stdout)["n"], json.loads(result.stdout)["n_in_fit_log"]) == (10, 0)
-    assert "Left out 10 queries that are in the router's fit log" in result.stderr
-    assert "fit log" in str(cre("eval", subset, "--router", router, *m, "--held-out-only").exception)
+    assert "Left out 10 queries that are in the router's fit or calibration log" in result.stderr
+    assert "fit or calibration log; none is held out" in str(cre("eval", subset, "--router", router, *m, "--held-out-only").exception)
 
     result = cre("eval", disjoint, "--router", router, *m, "--json")
     assert result.exit_code == 0, result.output
@@ -373,7 +373,7 @@ def test_eval_finds_a_moved_fit_log_only_by_fit_log_with_its_bytes(fakes, tiny_m
     result = cre("eval", subset, "--router", router, *m, "--fit-log", moved, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["n_in_fit_log"] == 12
-    assert "12 of 12 queries are in the router's fit log" in result.stderr
+    assert "12 of 12 queries are in the router's fit or calibration log" in result.stderr
     # Other bytes than the fit's: an error that says so, before any model runs (these
     # queries' answers are not in the store yet).
     other = write(tmp_path / "other.jsonl", rows(31))
@@ -385,6 +385,75 @@ def test_eval_finds_a_moved_fit_log_only_by_fit_log_with_its_bytes(fakes, tiny_m
     assert sum(len(b.calls) for b in fakes.values()) == calls
     result = cre("eval", subset, "--router", router, *m, "--fit-log", tmp_path / "nowhere.jsonl")
     assert result.exit_code == 1 and "not found" in str(result.exception)
+
+
+def test_eval_counts_the_queries_calibrate_tuned_on_as_in_sample(
+    fakes, tiny_models_toml: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `cre calibrate --log dev.jsonl` tuned the router's cluster models and thresholds on
+    # dev's queries, and `cre eval dev.jsonl` then reported them as held out: the router
+    # did not record which log it was calibrated on, and eval looked in the fit log alone.
+    import hashlib
+
+    from support.routers import edit_manifest
+
+    m = ("--models", tiny_models_toml)
+    work = tmp_path / "work"
+    work.mkdir()
+    write(work / "log.jsonl", rows())  # q0..q29
+    dev = write(work / "dev.jsonl", rows(60)[30:])  # q30..q59
+    mixed = write(work / "mixed.jsonl", rows(70)[50:])  # q50..q59 from dev, q60..q69 in neither
+    (work / "sub").mkdir()
+    monkeypatch.chdir(work)
+    ok("fit", "log.jsonl", "-o", "router.cre", *m)
+    # Given relatively, recorded as the fit log is: relative to the router, wherever -o writes it.
+    ok("calibrate", "router.cre", "--log", "dev.jsonl", "-o", "sub/tuned.cre", *m, "--folds", "2")
+    router = work / "sub" / "tuned.cre"
+    loaded = routerfile.load(router, config.load(tiny_models_toml))
+    cal = loaded.fit.calibration
+    assert cal is not None and cal["log"] == "../dev.jsonl" and routerfile.calibration_log_path(loaded) == dev
+    assert cal["log_sha256"] == hashlib.sha256(dev.read_bytes()).hexdigest() and cal["reader"]["skip_bad"] is False
+
+    monkeypatch.chdir(tmp_path)
+    result = cre("eval", dev, "--router", router, *m, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["n"], report["n_in_fit_log"], report["n_in_sample"], report["in_sample"]) == (30, 0, 30, True)
+    assert "30 of 30 queries are in the router's fit or calibration log, so these figures are in sample" in result.stderr
+    result = cre("eval", mixed, "--router", router, *m, "--json")
+    report = json.loads(result.stdout)
+    assert (report["n"], report["n_in_fit_log"], report["n_in_sample"], report["in_sample"]) == (20, 0, 10, False)
+    assert "10 of 20 queries are in the router's fit or calibration log: their figures are in sample" in result.stderr
+    # --held-out-only leaves out the calibration log's queries too.
+    result = cre("eval", mixed, "--router", router, *m, "--held-out-only", "--json")
+    assert result.exit_code == 0, result.output
+    assert (json.loads(result.stdout)["n"], json.loads(result.stdout)["n_in_sample"]) == (10, 0)
+    assert "Left out 10 queries that are in the router's fit or calibration log" in result.stderr
+
+    # Changed since: not read (a router file must not choose which files are read), so its
+    # queries cannot be told apart, and --held-out-only says why it cannot keep its word.
+    write(dev, rows(61)[30:])
+    report = json.loads(ok("eval", mixed, "--router", router, *m, "--json"))
+    assert (report["n_in_fit_log"], report["n_in_sample"]) == (0, 0)
+    result = cre("eval", mixed, "--router", router, *m, "--held-out-only")
+    assert result.exit_code == 1
+    assert "needs the log the router was last calibrated on" in str(result.exception)
+    assert "has changed since the router was calibrated on it" in str(result.exception)
+
+    # A router calibrated before the log was recorded loads, and counts its fit log alone;
+    # the new fields are checked like every other.
+    edit_manifest(router, lambda man: [man["body"]["fit"]["calibration"].pop(k) for k in ("log", "log_sha256", "reader")])
+    report = json.loads(ok("eval", mixed, "--router", router, *m, "--json"))
+    assert (report["n_in_fit_log"], report["n_in_sample"]) == (0, 0)
+    edit_manifest(router, lambda man: man["body"]["fit"]["calibration"].update(log="dev.jsonl", log_sha256="nope"))
+    result = cre("eval", mixed, "--router", router, *m)
+    assert result.exit_code != 0 and "fit.calibration.log_sha256" in str(result.exception) + result.output
+
+    # Calibrated on the fit log itself (no --log): recorded as the fit records it, adding nothing.
+    ok("calibrate", work / "router.cre", *m, "--folds", "2")
+    loaded = routerfile.load(work / "router.cre", config.load(tiny_models_toml))
+    assert loaded.fit.calibration is not None
+    assert (loaded.fit.calibration["log"], loaded.fit.calibration["log_sha256"]) == (loaded.fit.log, loaded.fit.log_sha256)
 
 
 def test_calibrate_in_place_does_not_overwrite_a_router_written_meanwhile(

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from crecli.config import ModelConfig
     from crecli.outcomes import OutcomeKey
     from crecli.quality import QualityCheck
+    from crecli.querylog import LogOptions
     from crecli.routerfile import RouterFile
 
 
@@ -64,26 +65,40 @@ def recorded_log(router: "RouterFile") -> tuple[Path | None, str]:
     """
     from crecli.routerfile import fit_log_path
 
-    path = fit_log_path(router)
+    return _unchanged(fit_log_path(router), router.fit.log_sha256, "fitted", "fit log")
+
+
+def recorded_calibration_log(router: "RouterFile") -> tuple[Path | None, str]:
+    """The log the router was last calibrated on (`routerfile.calibration_log_path`), on the
+    terms `recorded_log` reads the fit log on: only while it holds the bytes recorded."""
+    from crecli.routerfile import calibration_log_path
+
+    return _unchanged(calibration_log_path(router), (router.fit.calibration or {}).get("log_sha256"),
+                      "calibrated", "calibration log")
+
+
+def _unchanged(path: Path | None, sha256: str | None, done: str, what: str) -> tuple[Path | None, str]:
+    """`path`, if it holds the bytes of `sha256`; else None and why not (`done`: what the
+    router was on that log, "fitted"; `what` the log is to it, "fit log")."""
     if path is None:
-        return None, "the router does not record the log it was fitted on"
+        return None, f"the router does not record the log it was {done} on"
     recorded = str(path)
-    what = paths.not_a_file(path)
-    if what is not None:
-        why = "is not there any more (moved or deleted)" if what == "not found" else what
-        return None, f"the router was fitted on {recorded}, which {why}"
-    if not router.fit.log_sha256:
+    why_not = paths.not_a_file(path)
+    if why_not is not None:
+        why = "is not there any more (moved or deleted)" if why_not == "not found" else why_not
+        return None, f"the router was {done} on {recorded}, which {why}"
+    if not sha256:
         # Without the bytes to check, the file's name alone would pick what is read.
-        return None, f"the router names {recorded} as its fit log but records no sha256 of it, so it is not read unasked"
+        return None, f"the router names {recorded} as its {what} but records no sha256 of it, so it is not read unasked"
     from crecli.models.pull import sha256_file
 
     try:
         now = sha256_file(path)
     except OSError as exc:
         return None, f"{path}: cannot be read ({exc.strerror or exc})"
-    if now != router.fit.log_sha256:
-        return None, (f"{recorded} has changed since the router was fitted on it (sha256 "
-                      f"{router.fit.log_sha256[:12]}… then, {now[:12]}… now)")
+    if now != sha256:
+        return None, (f"{recorded} has changed since the router was {done} on it (sha256 "
+                      f"{sha256[:12]}… then, {now[:12]}… now)")
     return path, ""
 
 
@@ -327,6 +342,11 @@ class Calibration:
     deferral: DeferralCheck | None = None  # the fitted deferral check ("deferral" only)
     signals: dict[str, dict[str, Any]] | None = None  # held-out AUROC per model and signal
     check: str = DEFAULT_CHECK
+    # The log calibrated on, as the router records it (`routerfile.log_record`), its sha256 and
+    # how it was read: `cre eval` counts its queries as in sample. Set by `run`.
+    log: str | None = None
+    log_sha256: str | None = None
+    reader: "LogOptions | None" = None
 
 
 def recalibrate(
@@ -456,7 +476,8 @@ def apply(router: "RouterFile", cal: Calibration, settings: "ModelConfig | None"
 
     A cluster with no labelled query in the calibration log keeps its model, but its
     statistics are dropped: they cannot be re-priced, and stale costs must not stand
-    beside fresh ones.
+    beside fresh ones. The calibration record names that log (`Calibration.log`, its sha256
+    and reader, where `run` set them), whose queries `cre eval` counts as in sample.
     """
     from crecli.routerfile import Expected, LadderEntry
 
@@ -483,6 +504,8 @@ def apply(router: "RouterFile", cal: Calibration, settings: "ModelConfig | None"
             "reference": cal.reference, "folds": cal.folds, "n": cal.n, "setting": cal.setting.label(),
             "check": cal.check, **({"votes": cal.deferral.votes} if cal.deferral is not None else {}),
             "date": paths.stamp(),
+            **({"log": cal.log, "log_sha256": cal.log_sha256, "reader": cal.reader.to_dict() if cal.reader else None}
+               if cal.log is not None else {}),
         },
     )
     ladder = router.ladder
@@ -536,6 +559,8 @@ def run(
         check_log_file(log)  # a wrong --log is said first, not after the router loads
     router = routerfile.load(router_path, settings, force=force)
     check_settings(router, check, votes)  # before `prepare`, which may run every model on a new log
+    # The fit log found by its record is recorded as the fit records it; --log as given.
+    recorded = routerfile.log_record(log, router) if log is not None else router.fit.log
     log = fitted_log(router, log)
     target = output or router_path
     if store is not None:
@@ -559,6 +584,7 @@ def run(
                                     f"its server could not be asked: {label}; calibrate again when it answers"
                                     if label.startswith("unknown") else "its server returns none")
     cal = recalibrate(router, data, budget, n_folds=n_folds, seed=seed, check=check, votes=votes, no_signals=no_signals)
+    cal = replace(cal, log=recorded, log_sha256=data.log_sha256 or None, reader=reader)
     check_unchanged(router_path, router.file_sha256, target)
     routerfile.save(apply(router, cal, settings), target)
     return cal, target

@@ -230,6 +230,7 @@ def calibrate(
     the setting is chosen on the mean of the two. It prints the held-out accuracy-cost
     frontier, marks the chosen point, and prints the estimate it was chosen on. Every cost
     stored in the router is priced afresh from today's `cre models bench` speeds (or prices).
+    The router records the log (path and sha256), so `cre eval` counts its queries as in sample.
 
     Examples:
 
@@ -266,7 +267,7 @@ def eval_(
     force: Annotated[bool, typer.Option("--force", help="Warn instead of failing when local model files differ from the router's.")] = False,
     cost_unit: CostUnitOpt = None,
     fit_log: Annotated[Optional[Path], typer.Option("--fit-log", help="The log the router was fitted on, where the recorded path is not (it must hold the same bytes: sha256).", show_default=False)] = None,
-    held_out_only: Annotated[bool, typer.Option("--held-out-only", help="Score only the queries that are not in the router's fit log.")] = False,
+    held_out_only: Annotated[bool, typer.Option("--held-out-only", help="Score only the queries that are in neither the router's fit log nor the log it was last calibrated on.")] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Measure the cascade on a labelled log against baselines: each model alone, random
@@ -278,9 +279,11 @@ def eval_(
     is replayed on recorded, seeded votes (missing ones are collected first); --live runs it
     for real as well and reports the replay's accuracy beside it. Costs in bench-seconds are
     priced at this machine's `cre models bench` speeds; when those are over 6 hours old it
-    says so, as `cre batch` does. Give it queries the router was not fitted on: it looks each
-    query up in the router's fit log (where the fit found it, if unchanged, or --fit-log) and
-    warns how many are in it, their figures in sample; --held-out-only leaves them out.
+    says so, as `cre batch` does. Give it queries the router was neither fitted nor calibrated
+    on: it looks each query up in the router's fit log (where the fit found it, if unchanged,
+    or --fit-log) and the log `cre calibrate` last tuned it on (where that found it, if
+    unchanged), and warns how many are in either, their figures in sample; --held-out-only
+    leaves them out.
 
     Examples:
 

@@ -64,12 +64,15 @@ class EvalReport:
     points: list[Point] = field(default_factory=list)
     # Hours since the speeds pricing bench-seconds were measured (`bench.speeds_age_hours`).
     speeds_age_hours: float | None = None
-    # How many of the n queries are in the router's fit log (same `outcomes.prompt_sha256`):
-    # their figures are in sample. None where the fit log could not be read to tell
-    # (`fit_log_prompts`); n where the log is the fit log itself (same sha256).
+    # How many of the n queries are in the router's fit log (same `outcomes.prompt_sha256`).
+    # None where the fit log could not be read to tell (`fit_log_prompts`); n where the log
+    # is the fit log itself (same sha256).
     n_in_fit_log: int | None = None
-    # Every query is in the fit log (the log is the fit log, or each of its prompts is in it):
-    # all the figures are in sample.
+    # How many are in its fit log or the log it was last calibrated on (which tuned its
+    # cluster models and thresholds: `calibration_log_prompts`): their figures are in sample.
+    # None where neither could be read to tell; n where the log is one of them itself.
+    n_in_sample: int | None = None
+    # Every query is in one of those logs: all the figures are in sample.
     in_sample: bool = False
 
 
@@ -377,6 +380,25 @@ def fit_log_prompts(router: "RouterFile", given: Path | None = None) -> tuple[se
     return {prompt_sha256(r.prompt) for r in router.fit.reader.read(path).records}, ""
 
 
+def calibration_log_prompts(router: "RouterFile") -> tuple[set[str] | None, str]:
+    """The prompts of the log the router was last calibrated on (`outcomes.prompt_sha256` of
+    each), read as the calibration read it, where `calibrate.recorded_calibration_log` finds
+    it unchanged; else None and why not. An empty set where the router records no
+    calibration log, or records its fit log (same sha256): that adds nothing to the fit's."""
+    from crecli.calibrate import recorded_calibration_log
+    from crecli.outcomes import prompt_sha256
+    from crecli.querylog import LogOptions
+
+    cal = router.fit.calibration or {}
+    if not cal.get("log") or (cal.get("log_sha256") is not None and cal.get("log_sha256") == router.fit.log_sha256):
+        return set(), ""
+    path, why = recorded_calibration_log(router)
+    if path is None:
+        return None, why
+    reader = LogOptions.from_dict(cal["reader"]) if cal.get("reader") else router.fit.reader
+    return {prompt_sha256(r.prompt) for r in reader.read(path).records}, ""
+
+
 def run(
     log: Path,
     router_path: Path,
@@ -398,10 +420,10 @@ def run(
     answered for real by the same loaded router.
 
     Its queries are looked up in the router's fit log (`fit_log`, else where the fit found
-    it: `fit_log_prompts`) to count those in sample; `held_out_only` leaves them out."""
+    it: `fit_log_prompts`) and the log it was last calibrated on (`calibration_log_prompts`)
+    to count those in sample; `held_out_only` leaves them out."""
     from crecli import paths, replay, routerfile
     from crecli.errors import CreError
-    from crecli.outcomes import prompt_sha256
     from crecli.querylog import check_log_file
 
     check_log_file(log)  # a wrong path is said first, not after the router loads
@@ -418,17 +440,26 @@ def run(
     fitted, why = fit_log_prompts(router, fit_log)
     if held_out_only and fitted is None:
         raise CreError(f"--held-out-only needs the router's fit log: {why}; pass --fit-log FILE")
+    calibrated, why = calibration_log_prompts(router)
+    if held_out_only and calibrated is None:
+        raise CreError(f"--held-out-only needs the log the router was last calibrated on: {why}; put it back "
+                       "as it was, or calibrate again on the log where it is now (`cre calibrate ROUTER --log FILE`)")
+    seen = None if fitted is None and calibrated is None else (fitted or set()) | (calibrated or set())
     reader = router.fit.reader.overridden(skip_bad, max_line_bytes)
-    data = replay.prepare(router, settings, log, store, reader, unit, leave_out=fitted if held_out_only else None)
+    data = replay.prepare(router, settings, log, store, reader, unit, leave_out=seen if held_out_only else None)
     report = evaluate(router, data)
     # Nothing said so before: an eval of the fit log, or of queries from it, printed in-sample
-    # figures that read as a test. A log with the fit log's bytes is all in sample wherever
-    # the recorded file has gone.
+    # figures that read as a test; so did one of the log `cre calibrate` tuned on. A log with
+    # the bytes of either is all in sample wherever the recorded file has gone.
     if data.log_sha256 and data.log_sha256 == router.fit.log_sha256:
         report.n_in_fit_log = report.n
     elif fitted is not None:
-        report.n_in_fit_log = sum(prompt_sha256(r.prompt) in fitted for r in data.records)
-    report.in_sample = report.n_in_fit_log == report.n
+        report.n_in_fit_log = sum(p in fitted for p in data.prompt_ids)
+    if data.log_sha256 and data.log_sha256 in (router.fit.log_sha256, (router.fit.calibration or {}).get("log_sha256")):
+        report.n_in_sample = report.n
+    elif seen is not None:
+        report.n_in_sample = sum(p in seen for p in data.prompt_ids)
+    report.in_sample = report.n_in_sample == report.n
     from crecli.models.bench import speeds_age_hours
 
     report.speeds_age_hours = speeds_age_hours([settings.get(m) for m in router.ladder_names], data.replay.unit)

@@ -298,11 +298,9 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
         budget=budget,
         quality=options.quality,
         fit=routerfile.FitRecord(
-            # As given: an absolute path stays absolute; a relative one is saved relative to
-            # the router file (`routerfile.fit_log_path`), so that a router kept beside its log
-            # (the package's, in any clone) finds it, and no home folder's name is written into
-            # a file meant for teammates. The sha256 tells when the log has changed since.
-            log=str(log_path) if not Path(log_path).is_absolute() else str(Path(log_path).resolve()),
+            # As given: absolute, or relative to the router file (`routerfile.log_record`). The
+            # sha256 tells when the log has changed since.
+            log=routerfile.log_record(Path(log_path)),
             log_sha256=log.sha256,
             reader=options.reader,
             date=paths.stamp(),

@@ -354,8 +354,8 @@ def prepare(
 ) -> Data:
     """Read `log` with `reader` (default: as the router's fit read its log), route every
     labelled query as `cre ask` would, and collect the missing outcomes. Queries whose
-    `outcomes.prompt_sha256` is in `leave_out` (the fit log's, `cre eval --held-out-only`)
-    are left out.
+    `outcomes.prompt_sha256` is in `leave_out` (the fit and calibration logs', `cre eval
+    --held-out-only`) are left out.
 
     Costs are priced afresh (today's `cre models bench` speeds or prices), never taken from
     the router's stored statistics, in `unit` when given (else the ladder's default unit,
@@ -380,9 +380,9 @@ def prepare(
     if leave_out is not None:
         held_out = [r for r in records if outcomes_mod.prompt_sha256(r.prompt) not in leave_out]
         if not held_out:
-            raise CreError(f"{log}: every labelled query is in the router's fit log; none is held out")
+            raise CreError(f"{log}: every labelled query is in the router's fit or calibration log; none is held out")
         if len(held_out) < len(records):
-            console.status(f"Left out {len(records) - len(held_out)} queries that are in the router's fit log")
+            console.status(f"Left out {len(records) - len(held_out)} queries that are in the router's fit or calibration log")
         records = held_out
     ladder = router.ladder_names
     missing = [m for m in ladder if m not in settings.models]

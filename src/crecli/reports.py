@@ -296,19 +296,20 @@ def eval_report(report: Any, as_json: bool) -> None:
 
     from rich.table import Table
 
-    shared = report.n_in_fit_log
+    shared = report.n_in_sample
     if report.in_sample:
-        warn(f"{shared} of {report.n} queries are in the router's fit log, so these figures are in sample, not held "
-             "out: evaluate on queries the fit never saw (cre calibrate's held-out figures are cross-validated)")
+        warn(f"{shared} of {report.n} queries are in the router's fit or calibration log, so these figures are in "
+             "sample, not held out: evaluate on queries the fit and calibration never saw (cre calibrate's held-out "
+             "figures are cross-validated)")
     elif shared:
-        warn(f"{shared} of {report.n} queries are in the router's fit log: their figures are in sample "
+        warn(f"{shared} of {report.n} queries are in the router's fit or calibration log: their figures are in sample "
              f"(--held-out-only scores the other {report.n - shared} alone)")
     if as_json:
         data = asdict(report)
         print_json(data)
         return
     ref = report.reference
-    in_fit = f"; {shared} in the router's fit log, in sample" if shared else ""
+    in_fit = f"; {shared} in the router's fit or calibration log, in sample" if shared else ""
     table = Table(title=f"cre eval: {report.n} labelled queries (cost in {report.unit} per query{in_fit})",
                   title_justify="left")
     for col in ("system", "accuracy", "vs strongest", "cost/query", "vs strongest", "escalated", "note"):

@@ -139,7 +139,7 @@ class Expected:
 class FitRecord:
     """What `cre fit` (and the last `cre calibrate`) recorded about how the router was made."""
 
-    # The query log's path: absolute, or relative to the router file's folder (`fit_log_path`).
+    # The query log's path: absolute, or relative to the router file's folder (`log_record`).
     log: str | None = None
     log_sha256: str | None = None
     reader: LogOptions = LogOptions()  # how the log was read, so calibrate and eval read it alike
@@ -159,7 +159,9 @@ class FitRecord:
     simulated: dict[str, Any] | None = None  # calibrate.SimResult.summary() of the chosen setting
     simulated_reference: dict[str, Any] | None = None
     budget_met: bool | None = None
-    calibration: dict[str, Any] | None = None  # the last `cre calibrate`: budget, held-out figures
+    # The last `cre calibrate`: budget, held-out figures, date, and the log it read (`log`,
+    # recorded as the fit's is: `calibration_log_path`; `log_sha256`; `reader`, how it read it).
+    calibration: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # fields another crecli wrote, kept as found
 
     def to_dict(self) -> dict[str, Any]:
@@ -297,31 +299,68 @@ def fit_log_path(router: RouterFile) -> Path | None:
     folder for a router not read from a file), as a symlink's relative target is to its link.
     So a router shipped beside its log (the package's, fitted on the repository's examples)
     finds it in any clone. None when it records no log."""
-    if not router.fit.log:
+    return _recorded_path(router, router.fit.log)
+
+
+def calibration_log_path(router: RouterFile) -> Path | None:
+    """Where the log the router was last calibrated on is, by its record (the `log` of
+    `FitRecord.calibration`), found as `fit_log_path` finds the fit log. None when it
+    records none (not calibrated, or calibrated by a crecli that did not record it)."""
+    return _recorded_path(router, (router.fit.calibration or {}).get("log"))
+
+
+def log_record(given: Path, router: RouterFile | None = None) -> str:
+    """How a router records a log read at `given` (a path as typed): an absolute path stays
+    absolute (resolved); a relative one is recorded relative to the router file's folder
+    (the current folder for a router not read from a file, or none), and `save` re-expresses
+    it from the folder it writes the router to. So a router kept beside its log finds it in
+    any clone, and no home folder's name is written into a file meant for teammates."""
+    if given.is_absolute():
+        return str(given.resolve())
+    return os.path.relpath(os.path.abspath(given), _base(router))
+
+
+def _base(router: RouterFile | None) -> Path:
+    """The folder a router's relative log records are relative to."""
+    return router.file_path.parent if router is not None and router.file_path is not None else Path.cwd()
+
+
+def _recorded_path(router: RouterFile, recorded: str | None) -> Path | None:
+    """Where a log path the router records (`log_record`) is; None for none recorded."""
+    if not recorded:
         return None
-    recorded = Path(router.fit.log)
-    if recorded.is_absolute():
-        return recorded
-    base = router.file_path.parent if router.file_path is not None else Path.cwd()
-    return Path(os.path.normpath(base / recorded))
+    path = Path(recorded)
+    if path.is_absolute():
+        return path
+    return Path(os.path.normpath(_base(router) / path))
 
 
 def _fit_record_at(router: RouterFile, path: Path) -> FitRecord:
-    """The fit record as a file at `path` holds it: a relative log path re-expressed from that
-    file's folder, so that it names the same log wherever the router is written."""
-    found = fit_log_path(router)
-    if found is None or Path(router.fit.log or "").is_absolute():
-        return router.fit
+    """The fit record as a file at `path` holds it: a relative log path (the fit log's and the
+    calibration log's) re-expressed from that file's folder, so that it names the same log
+    wherever the router is written."""
+    fit = router.fit
+    log = _rebased(router, fit.log, path)
+    calibration = fit.calibration
+    if calibration is not None and calibration.get("log"):
+        calibration = {**calibration, "log": _rebased(router, calibration["log"], path)}
+    return replace(fit, log=log, calibration=calibration)
+
+
+def _rebased(router: RouterFile, recorded: str | None, path: Path) -> str | None:
+    found = _recorded_path(router, recorded)
+    if found is None or Path(recorded or "").is_absolute():
+        return recorded
     try:
-        return replace(router.fit, log=os.path.relpath(found, Path(os.path.abspath(path)).parent))
+        return os.path.relpath(found, Path(os.path.abspath(path)).parent)
     except ValueError:  # another drive (Windows): no relative path leads there
-        return replace(router.fit, log=str(found))
+        return str(found)
 
 
 def save(router: RouterFile, path: Path) -> None:
     """Write the router file atomically (`archive.write`): a temp file in the same folder,
-    fsynced, then a rename. Two saves of the same router are byte-identical. A fit log
-    recorded relative to the router is rebased to `path`'s folder (`fit_log_path`)."""
+    fsynced, then a rename. Two saves of the same router are byte-identical. A fit or
+    calibration log recorded relative to the router is rebased to `path`'s folder (`log_record`)."""
     path = Path(path)
     blobs: dict[str, bytes] = {}
     e_params, e_arrays = router.embedder.state()

@@ -318,9 +318,23 @@ def _fit(f: Field) -> dict[str, Any]:
         simulated=obj("simulated"),
         simulated_reference=obj("simulated_reference"),
         budget_met=f["budget_met"].or_none(lambda g: g.as_bool()) if "budget_met" in fit else None,
-        calibration=obj("calibration"),
+        calibration=_calibration(f["calibration"]) if fit.get("calibration") is not None else None,
         extra={k: v for k, v in fit.items() if k not in FIT_FIELDS},
     )
+
+
+def _calibration(f: Field) -> dict[str, Any]:
+    """The last calibration's record: the log it read (path, sha256, how it read it: what
+    `cre eval` reads back) typed; the figures it reports are kept as found. Routers
+    calibrated before the log was recorded have none of the three."""
+    cal = dict(f.as_object())
+    if "log" in cal:
+        cal["log"] = f["log"].or_none(lambda h: h.as_str(MAX_TEXT_CHARS))
+    if "log_sha256" in cal:
+        cal["log_sha256"] = f["log_sha256"].or_none(_sha256)
+    if "reader" in cal:
+        cal["reader"] = f["reader"].or_none(lambda h: _reader(h).to_dict())
+    return cal
 
 
 def _reader(f: Field) -> LogOptions:
