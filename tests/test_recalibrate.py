@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from crecli import config, routerfile
 from crecli.cli import app
+from crecli.errors import CreError
 from crecli.models.backend import GenParams
 from crecli.models.fake import FakeBackend
 
@@ -454,6 +455,27 @@ def test_eval_counts_the_queries_calibrate_tuned_on_as_in_sample(
     loaded = routerfile.load(work / "router.cre", config.load(tiny_models_toml))
     assert loaded.fit.calibration is not None
     assert (loaded.fit.calibration["log"], loaded.fit.calibration["log_sha256"]) == (loaded.fit.log, loaded.fit.log_sha256)
+
+
+def test_eval_and_calibrate_refuse_a_row_whose_labels_leave_a_ladder_model_unmeasured(
+    fakes, tiny_models_toml: Path, tmp_path: Path
+) -> None:
+    # A row with labels for some ladder models and no reference has no outcome on the others:
+    # `cre fit` refuses it up front, but `cre eval` and `cre calibrate` kept it and crashed
+    # with a raw KeyError after collecting every other outcome.
+    m = ("--models", tiny_models_toml)
+    router = tmp_path / "router.cre"
+    ok("fit", write(tmp_path / "log.jsonl", rows()), "-o", router, *m)
+    partial = {"id": "odd", "prompt": "What is 5 plus 6 today?", "labels": {"small": True, "medium": True}}
+    log = write(tmp_path / "dev.jsonl", [*rows(40)[30:], partial])
+    calls = sum(len(b.calls) for b in fakes.values())
+    for args in (("eval", log, "--router", router), ("calibrate", router, "--log", log, "--folds", "2")):
+        result = cre(*args, *m)
+        assert result.exit_code == 1, result.output
+        assert isinstance(result.exception, CreError), result.exception
+        assert (f"{log}:11: labels medium, small but no reference, so large cannot be measured on it; "
+                "add a `reference`, or a label for every model of the ladder") in str(result.exception)
+    assert sum(len(b.calls) for b in fakes.values()) == calls  # said before any model ran
 
 
 def test_calibrate_in_place_does_not_overwrite_a_router_written_meanwhile(

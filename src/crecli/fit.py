@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from crecli import __version__, archive, console, paths
 from crecli.choice import Choice, StatsTable, assignments_for, choose_models, cluster_stats
 from crecli.console import status
-from crecli.errors import CreError
 from crecli.costs import BUDGET_EPS, Budget, CostModel
 from crecli.quality import DEFAULT_FIT_VOTES, DEFAULT_THRESHOLD, QualityCheck, default_thresholds, threshold_grid
 from crecli.replay import Replay, SimResult
@@ -233,19 +232,7 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
         measured = outcomes.sample_records(
             measured, [c for _, c in labelled], options.sample_per_cluster, options.seed
         )
-    # A row with labels but no reference is measured only by its labels: one that does not
-    # label every ladder model leaves an outcome missing, which failed after every model ran
-    # with advice to run `cre fit` (labels of an old ladder's models are the usual cause).
-    ladder = list(settings.ladder)
-    short = next((r for r in measured if r.reference is None and not set(ladder) <= set(r.labels)), None)
-    if short is not None:
-        unknown = sorted(set(short.labels) - set(ladder))
-        raise CreError(
-            f"{short.source or short.id}: labels {', '.join(sorted(short.labels))} but no reference, so "
-            f"{', '.join(m for m in ladder if m not in short.labels)} cannot be measured on it"
-            + (f" ({', '.join(unknown)} not on the ladder)" if unknown else "")
-            + "; add a `reference`, or a label for every model of the ladder"
-        )
+    outcomes.check_measurable(measured, settings.ladder)
     cluster_of = {r.id: c for r, c in zip(logged, labels)}
     shot_plan = None
     with store:

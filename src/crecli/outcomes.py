@@ -337,6 +337,23 @@ class OutcomeStore:
         self.close()
 
 
+def check_measurable(records: Sequence["Record"], ladder: Sequence[str]) -> None:
+    """Refuse, before any model runs, a record with labels but no reference that does not
+    label every ladder model: nothing can measure the others on it (`collect` gives it no
+    outcome there). It failed later, after every model ran, with a raw KeyError (`cre eval`,
+    `cre calibrate`) or advice to run `cre fit` (`cre fit`); labels of an old ladder's models
+    are the usual cause."""
+    short = next((r for r in records if r.reference is None and not set(ladder) <= set(r.labels)), None)
+    if short is not None:
+        unknown = sorted(set(short.labels) - set(ladder))
+        raise CreError(
+            f"{short.source or short.id}: labels {', '.join(sorted(short.labels))} but no reference, so "
+            f"{', '.join(m for m in ladder if m not in short.labels)} cannot be measured on it"
+            + (f" ({', '.join(unknown)} not on the ladder)" if unknown else "")
+            + "; add a `reference`, or a label for every model of the ladder"
+        )
+
+
 # ---------------------------------------------------------------- the runner: models answer what the store lacks
 
 

@@ -377,6 +377,7 @@ def prepare(
         # Worded for `cre calibrate` and `cre eval` alike, in the field names the log is read with.
         raise CreError(f"{log}: no labelled queries (a {reader.fields.reference!r} or {reader.fields.labels!r} field), "
                        "so no model can be scored on it; give a log with reference answers or labels")
+    outcomes_mod.check_measurable(records, router.ladder_names)  # as `cre fit` does, before any model runs
     if leave_out is not None:
         held_out = [r for r in records if outcomes_mod.prompt_sha256(r.prompt) not in leave_out]
         if not held_out:
