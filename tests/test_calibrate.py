@@ -589,3 +589,42 @@ def test_a_training_answers_deferral_prior_leaves_out_every_copy_of_its_prompt(m
         others = [j for j in idx if data.clusters[j] == data.clusters[i] and data.records[j].prompt != data.records[i].prompt]
         right = sum(data.replay.entries[(data.records[j].id, "s")].correct[0] for j in others)
         assert seen[i] == pytest.approx(shrink(right, len(others), overall, strength))
+
+
+# --- label-only outcomes at more than one vote ------------------------------------------------
+
+@pytest.mark.parametrize("labelled", [("s",), ("s", "m", "l")])
+def test_agreement_calibration_sweeps_only_thresholds_a_label_can_be_replayed_at(
+    labelled: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A router fitted at --k 5 with any label-only outcome: the sweep included thresholds
+    # needing more than one vote on the labelled models, and `cre calibrate --check
+    # agreement` aborted on the first ("threshold 0.4 cannot be replayed").
+    from types import SimpleNamespace
+
+    from crecli import calibrate
+    from support.replays import synthetic_data
+
+    data = synthetic_data(40, {"s": [0.3, 0.9], "m": [0.6, 0.9], "l": [0.9, 0.9]}, k=5, labelled=labelled)
+    router = SimpleNamespace(ladder_names=["s", "m", "l"], quality=QualityCheck(k=5))
+    cal = calibrate.recalibrate(router, data, Budget("retain", 0.98), check="agreement")  # type: ignore[arg-type]
+    assert all(cal.thresholds[m] <= 0.2 for m in labelled)
+    # The labelled models keep to one vote's thresholds; the others keep the whole grid.
+    combos = calibrate._agreement_combos(["s", "m", "l"], 5, labelled)
+    for m in ("s", "m", "l"):
+        values = {c[m] for c in combos}
+        if m in labelled:
+            assert values <= {0.0, 0.2}
+        else:
+            assert values == ({0.0, 0.6} if m == "l" else set(threshold_grid(5)))
+    err = capsys.readouterr().err
+    assert err.count("left out of the sweep") == 1
+    assert f"{', '.join(labelled)}: some outcomes are correctness labels" in err and "thresholds above 0.2" in err
+
+
+def test_labels_narrow_nothing_at_one_vote_and_only_agreement_rungs_under_deferral() -> None:
+    from crecli import calibrate
+
+    assert calibrate._agreement_combos(["s", "l"], 1, ("s", "l")) == calibrate._agreement_combos(["s", "l"], 1)
+    assert calibrate._deferral_combos(["s", "m", "l"], ("s",), 5, ("s",)) == [
+        {"s": s, "m": m, "l": 0.0} for s in (0.0, 0.2) for m in calibrate.DEFERRAL_GRID]

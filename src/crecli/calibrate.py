@@ -16,14 +16,14 @@ import random
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Container, Mapping, Sequence
 
 from crecli import archive, console, paths
 from crecli.choice import Choice, StatsTable, choose_by_weight, cluster_stats
 from crecli.costs import Budget
 from crecli.deferral import _table_prior, deferral_p, signal_report, train_deferral
 from crecli.errors import CreError, UsageError
-from crecli.quality import CHECKS, DEFAULT_CHECK, DeferralCheck, threshold_grid
+from crecli.quality import CHECKS, DEFAULT_CHECK, DeferralCheck, needed, threshold_grid
 from crecli.replay import Data, Replay, SimResult, prepare, reference
 
 if TYPE_CHECKING:
@@ -159,22 +159,42 @@ def _simulate(
     return sub.simulate(starts, thresholds, quality, p_correct=p_correct, votes=votes, agreement=agreement)
 
 
-def sweep(data: Data, fit_idx: Sequence[int], eval_idx: Sequence[int], ladder: list[str], quality: "QualityCheck") -> list[tuple[Setting, SimResult]]:
+def sweep(data: Data, fit_idx: Sequence[int], eval_idx: Sequence[int], ladder: list[str], quality: "QualityCheck",
+          labelled: Container[str] = ()) -> list[tuple[Setting, SimResult]]:
     """Every (weight, thresholds) setting: cluster models chosen on `fit_idx`, replayed on `eval_idx`."""
-    return _replay_grid(data, _table(data, fit_idx, ladder), eval_idx, _agreement_combos(ladder, quality.k), quality)
+    return _replay_grid(data, _table(data, fit_idx, ladder), eval_idx, _agreement_combos(ladder, quality.k, labelled), quality)
 
 
-def _agreement_combos(ladder: Sequence[str], k: int) -> list[dict[str, float]]:
+def label_only(data: Data, ladder: Sequence[str]) -> list[str]:
+    """The ladder models with a label-only outcome (a correctness label, no recorded votes)
+    for some query of `data`. A label is one vote of known correctness: only an agreement
+    threshold that one vote decides can be replayed on it (`replay.RecordedVotes.more`)."""
+    found = {m for (_, m), e in data.replay.entries.items() if not e.answers}
+    return [m for m in ladder if m in found]
+
+
+def _agreement_grid(grid: Sequence[float], k: int, labelled: bool) -> list[float]:
+    """`grid`'s agreement thresholds a rung can be replayed at: for a model with labels
+    (`label_only`), those one vote decides (`quality.needed` at most 1)."""
+    return [t for t in grid if not labelled or needed(t, k) <= 1]
+
+
+def _agreement_combos(ladder: Sequence[str], k: int, labelled: Container[str] = ()) -> list[dict[str, float]]:
     """The agreement check's threshold settings: `threshold_grid(k)` for each rung below the
-    top; the top rung either answers greedily or takes a 3-of-5 majority."""
-    return [{**dict(zip(ladder[:-1], combo)), ladder[-1]: top}
-            for combo in itertools.product(threshold_grid(k), repeat=len(ladder) - 1) for top in (0.0, 0.6)]
+    top; the top rung either answers greedily or takes a 3-of-5 majority. A `labelled`
+    model keeps to the thresholds a label can be replayed at (`_agreement_grid`)."""
+    grids = [_agreement_grid(threshold_grid(k), k, m in labelled) for m in ladder[:-1]]
+    return [{**dict(zip(ladder[:-1], combo)), ladder[-1]: top} for combo in itertools.product(*grids)
+            for top in _agreement_grid((0.0, 0.6), k, ladder[-1] in labelled)]
 
 
-def _deferral_combos(ladder: Sequence[str], agreement: Sequence[str] = (), k: int = 1) -> list[dict[str, float]]:
+def _deferral_combos(ladder: Sequence[str], agreement: Sequence[str] = (), k: int = 1,
+                     labelled: Container[str] = ()) -> list[dict[str, float]]:
     """The deferral check's threshold settings: `DEFERRAL_GRID` for each rung below the top,
-    whose greedy answer is final; `threshold_grid(k)` for the `agreement` rungs among them."""
-    grids = [threshold_grid(k) if m in agreement else DEFERRAL_GRID for m in ladder[:-1]]
+    whose greedy answer is final; `threshold_grid(k)` for the `agreement` rungs among them
+    (those a `labelled` model can be replayed at, `_agreement_grid`)."""
+    grids = [_agreement_grid(threshold_grid(k), k, m in labelled) if m in agreement else DEFERRAL_GRID
+             for m in ladder[:-1]]
     return [{**dict(zip(ladder[:-1], combo)), ladder[-1]: 0.0} for combo in itertools.product(*grids)]
 
 
@@ -291,7 +311,7 @@ DEFERRAL_GRID = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 def sweep_deferral(
     data: Data, fit_idx: Sequence[int], eval_idx: Sequence[int], ladder: list[str], quality: "QualityCheck", votes: int,
-    agreement: Sequence[str] = (),
+    agreement: Sequence[str] = (), labelled: Container[str] = (),
 ) -> tuple[list[tuple[Setting, SimResult]], dict[OutcomeKey, float]]:
     """Every (weight, P(correct) thresholds) setting of the deferral check, fitted on
     `fit_idx` and replayed on `eval_idx`; also the held-out P(correct) of `eval_idx`.
@@ -301,7 +321,7 @@ def sweep_deferral(
     # its doubt is what a larger rung above it (a remote server) would act on.
     rules = {m: train_deferral(data, fit_idx, table, m, votes) for m in ladder}
     p = deferral_p(data, eval_idx, rules, _table_prior(data, table), votes)
-    combos = _deferral_combos(ladder, agreement, quality.k)
+    combos = _deferral_combos(ladder, agreement, quality.k, labelled)
     return _replay_grid(data, table, eval_idx, combos, quality, p, votes, agreement), p
 
 
@@ -401,15 +421,25 @@ def recalibrate(
                 + ("; with one vote that check can only escalate empty answers: refit with --k 5 to give it votes"
                    if quality.k == 1 else "")
             )
+    labelled = label_only(data, ladder)
+    # With one vote a query every agreement threshold is one vote's; with more, those above
+    # 1/k need more votes than a label is.
+    narrowed = [m for m in labelled if check == "agreement" or m in agreement] if quality.k > 1 else []
+    if narrowed:
+        console.warn(
+            f"{', '.join(narrowed)}: some outcomes are correctness labels without recorded votes, which only "
+            f"a one-vote check can be replayed on, so thresholds above {1 / quality.k:g} are left out of the "
+            "sweep for " + ("that model" if len(narrowed) == 1 else "those models")
+        )
     totals: dict[Setting, list[float]] = {}
     held_p: dict[OutcomeKey, float] = {}
     for fold in folds(n, n_folds, seed, data.prompt_ids):
         train = sorted(set(range(n)) - set(fold))
         if check == "deferral":
-            swept, p = sweep_deferral(data, train, fold, ladder, quality, votes, agreement)
+            swept, p = sweep_deferral(data, train, fold, ladder, quality, votes, agreement, labelled)
             held_p.update(p)
         else:
-            swept = sweep(data, train, fold, ladder, quality)
+            swept = sweep(data, train, fold, ladder, quality, labelled)
         for setting, result in swept:
             t = totals.setdefault(setting, [0.0, 0.0, 0.0])
             t[0] += result.accuracy * len(fold)
@@ -426,10 +456,10 @@ def recalibrate(
         rules = DeferralCheck(votes, {m: train_deferral(data, everything, table, m, votes)
                                       for m in ladder[:-1] if m not in agreement}, tuple(agreement))
         p_all = deferral_p(data, everything, rules.models, _table_prior(data, table), votes)
-        inside = dict(_replay_grid(data, table, everything, _deferral_combos(ladder, agreement, quality.k), quality,
-                                   p_all, votes, agreement))
+        inside = dict(_replay_grid(data, table, everything, _deferral_combos(ladder, agreement, quality.k, labelled),
+                                   quality, p_all, votes, agreement))
     else:
-        inside = dict(_replay_grid(data, table, everything, _agreement_combos(ladder, quality.k), quality))
+        inside = dict(_replay_grid(data, table, everything, _agreement_combos(ladder, quality.k, labelled), quality))
     estimates = [(setting, estimate(figures, inside[setting])) for setting, figures in held]
     setting, guess, met = _pick(estimates, budget, ref)
     figures = dict(held)[setting]

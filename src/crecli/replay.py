@@ -252,10 +252,14 @@ class RecordedVotes:
                     "are recorded"
                 )
             if self.drawn or needed(rung.threshold, rung.k) > 1:
+                # `cre calibrate --check agreement` never sweeps such a threshold for a model
+                # with labels (`calibrate.label_only`), so it is the way to one that replays.
                 raise CreError(
                     f"query {self.qid!r} has only a correctness label for {rung.model!r}, no recorded "
-                    f"votes, so its quality check at threshold {rung.threshold} cannot be replayed. "
-                    "Collect votes for it (drop the label) or use threshold 0 for that model."
+                    f"votes, so its quality check at threshold {rung.threshold} (more than one vote) cannot "
+                    "be replayed. Collect votes for it (drop the label), or calibrate the router with "
+                    "`cre calibrate ROUTER --check agreement`, which tunes that model's threshold among "
+                    "those one vote decides"
                 )
             # A label is one known vote; it decides only when one vote is enough.
             self.drawn = 1

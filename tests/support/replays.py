@@ -20,7 +20,7 @@ def synthetic_data(
     copies: int = 1,
     seed: int = 0,
     k: int = 1,
-    labels: bool = False,
+    labelled: Sequence[str] = (),
 ) -> Data:
     """`n` prompts, prompt j in cluster j % C (C: the length of each model's `accuracy`,
     its chance of being right per cluster), each logged `copies` times under its own id
@@ -28,7 +28,8 @@ def synthetic_data(
     answers, as the outcome store's keying by prompt gives them; its greedy vote carries
     log-probabilities that lean toward its correctness, and its k - 1 sampled votes mostly
     agree with it. The ladder is `accuracy`'s models, cheapest first (greedy answer i costs
-    1 + 2i). With `labels`, every outcome is a correctness label instead (`Record.labels`).
+    1 + 2i). The `labelled` models' outcomes are correctness labels instead (`Record.labels`,
+    beside the reference), which a label costs alike.
     """
     rng = random.Random(seed)
     ladder = list(accuracy)
@@ -46,13 +47,11 @@ def synthetic_data(
     for copy in range(copies):
         for j, (prompt, cluster, right, votes) in enumerate(prompts):
             rid = f"q{copy * n + j}"
-            if labels:
-                records.append(Record(id=rid, prompt=prompt, labels=dict(right)))
-            else:
-                records.append(Record(id=rid, prompt=prompt, reference=["1"], match="numeric"))
+            records.append(Record(id=rid, prompt=prompt, reference=["1"], match="numeric",
+                                  labels={m: right[m] for m in labelled}))
             routes.append(RouteDecision(cluster, ladder[-1], 0.0, "", 0.0, True))
             for m in ladder:
-                outcomes[(rid, m)] = (Outcome(rid, "sha", m, "m", "label", "label", 0, [], right[m]) if labels
+                outcomes[(rid, m)] = (Outcome(rid, "sha", m, "m", "label", "label", 0, [], right[m]) if m in labelled
                                       else Outcome(rid, "sha", m, "m", "key", "run", 10, votes[m]))
-    costs = CostModel("seconds", {}, cost) if labels else CostModel.build(outcomes.values())
+    costs = CostModel("seconds", {}, cost)
     return Data(records, routes, outcomes, costs, Replay.build(outcomes, records, ladder, costs), "", [1.0] * len(records))
