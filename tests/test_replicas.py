@@ -114,8 +114,8 @@ def test_the_least_busy_healthy_replica_takes_a_request() -> None:
     e = rs.acquire(frozenset({"http://a/v1", "http://c/v1"}))
     assert e is not None and e.url == "http://b/v1"
     rs.release(e, "HTTP 503", out_for=30)  # its server asks for 30 s, more than the request has
-    f = rs.acquire(frozenset({"http://a/v1", "http://c/v1"}), wait_until=time.monotonic() + 5)
-    assert f is not None and f.url == "http://b/v1"  # tried now: no request fails without a try
+    # Not sent more before it said (back-pressure): the request fails, its Retry-After passed on.
+    assert rs.acquire(frozenset({"http://a/v1", "http://c/v1"}), wait_until=time.monotonic() + 5) is None
     assert rs.acquire(frozenset({"http://a/v1", "http://b/v1", "http://c/v1"})) is None
 
 
@@ -456,11 +456,11 @@ def test_503_with_retry_after_is_honoured() -> None:
 
 
 @pytest.mark.parametrize("retry_after", ["86000", "30"])
-def test_a_retry_after_the_request_cannot_wait_for_leaves_the_server_tried_by_the_next(retry_after: str) -> None:
-    """A server that asked for a day was out for a day, and one that asked for longer than a
-    request had was refused by every request without a try: /health called the rung down,
-    and clients were told to come back tomorrow. Now it is out for a minute at most, and
-    the next request, every server being out, tries the one due back first."""
+def test_a_retry_after_keeps_a_server_out_a_minute_at_most_and_is_passed_on(retry_after: str) -> None:
+    """A server that asked for a day was out for a day: /health called the rung down, and
+    clients were told to come back tomorrow. It is out for a minute at most; within it, a
+    request that cannot wait that long is refused at once with the wait passed on (the server
+    is not sent more before it said), and once it is due back it is tried again."""
     from crecli.models.replicas import MAX_RETRY_WAIT
 
     with FakeOpenAI() as busy:
@@ -471,6 +471,11 @@ def test_a_retry_after_the_request_cannot_wait_for_leaves_the_server_tried_by_th
         assert len(busy.requests) == 1  # not asked again at once: it would only ask to wait again
         assert info.value.retry_after is not None and 0 < info.value.retry_after <= min(float(retry_after), MAX_RETRY_WAIT)
         assert backend.replicas.back_in() <= MAX_RETRY_WAIT
+        with pytest.raises(RungUnavailable, match="asked to wait"):
+            backend.generate("hi", GenParams(max_tokens=4, temperature=0.5))
+        assert len(busy.requests) == 1
+        for replica in backend.replicas.replicas:  # the minute has passed
+            replica.out_until = time.monotonic()
         assert backend.generate("hi", GenParams(max_tokens=4, temperature=0.5)).text == "42"
         assert len(busy.requests) == 2 and backend.replicas.states()[busy.url] == "up"
 
@@ -623,15 +628,15 @@ def test_the_clients_retry_after_is_when_the_first_server_is_due_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # It was always 1 s, while cre itself refused the rung for the 120 s its server asked.
-    # A wait over a minute is honoured for a minute (`replicas.MAX_RETRY_WAIT`), and every
-    # request tries the server, the only one, though it is out.
+    # A wait over a minute is honoured for a minute (`replicas.MAX_RETRY_WAIT`); within it,
+    # cre refuses the rung itself, passing the wait on, and does not send its server more.
     use_models(monkeypatch, {})
     with FakeOpenAI() as busy:
         busy.status, busy.retry_after = 503, "120"
         settings = config.load(ladder_toml(tmp_path, {"large": busy.url}))
         with serving_cascade(Cascade(make_router(), settings)) as url:
-            replies = [post(url, "large"), post(url, "cre", FAR)]
-    assert len(busy.requests) == 2
+            replies = [post(url, "large"), post(url, "cre", FAR)]  # asked, then refused by cre alone
+    assert len(busy.requests) == 1
     for reply in replies:
         assert reply.status_code == 503 and reply.json()["error"]["code"] == "rung_unavailable", reply.text
         assert 50 <= int(reply.headers["Retry-After"]) <= 60, reply.headers["Retry-After"]

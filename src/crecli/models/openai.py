@@ -481,8 +481,7 @@ class OpenAIBackend(Backend):
                     raise error
                 self.replicas.release(replica, f"HTTP {status}", retry_after)
                 # A server that asked for a wait this request can afford is waited for, once;
-                # else it is done with for this request: tried again at once, it would only
-                # ask again (`acquire` tries the first due back when every server is out).
+                # else it is done with for this request: asked again, it would only ask again.
                 wait = not waited and self.replicas.waits_for(
                     replica, time.monotonic() + self._time_left(timeout, start))
                 if not wait:
@@ -593,7 +592,14 @@ class OpenAIBackend(Backend):
         first server is due back."""
         n = len(self.replicas.replicas)
         back_in = self.replicas.back_in()
-        # Never without a try: `acquire` tries the first due back when every server is out.
+        if not failed and last is None and not short:
+            # Nothing was tried: every server asked for a wait (Retry-After) longer than the
+            # request has, and is not sent more before it (`ReplicaSet.acquire`).
+            states = "; ".join(f"{u}: {state}" for u, state in self.replicas.states().items())
+            return RungUnavailable(f"model {self.spec.name!r}: every server asked to wait longer than the request "
+                                   f"can ({states}); try again later",
+                                   public=f"rung {self.spec.name!r} could not answer: its servers asked to wait (Retry-After)",
+                                   retry_after=back_in)
         public = (f"rung {self.spec.name!r} could not answer: "
                   + (f"its server failed ({short[-1]})" if n == 1 and short else
                      f"every one of its {n} servers failed or is out of rotation"

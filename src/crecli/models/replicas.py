@@ -14,9 +14,10 @@ health it keeps are the process's:
   Retry-After, at most `MAX_RETRY_WAIT` (a server that asks for a day is not out for a
   day: /health would call the rung down, and clients be told to come back tomorrow);
 - when every replica is out, a request waits for one whose server asked it to (a
-  Retry-After of at most `MAX_RETRY_WAIT`) if its time allows, and otherwise tries the one
-  due back first: no request fails without a try, and a server that is back is found at
-  once;
+  Retry-After of at most `MAX_RETRY_WAIT`) if its time allows; where it does not, the
+  request fails at once with that Retry-After passed on: a busy server that asked for
+  quiet is not sent more (back-pressure). When every replica is out for a back-off
+  instead, the one due back first is tried: a server that is back is found at once;
 - a replica whose back-off has passed is tried again by the next request (its success puts
   it back for good). Until one of its requests succeeds it is reported out (`state`, `up`):
   a passed back-off is no news that its server is back.
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 30.0
 # The longest Retry-After honoured: waited for, and kept out of rotation for. A server that
-# asks for more is out this long, as for a back-off, and not waited for.
+# asks for more is out this long (not a day: /health would call the rung down).
 MAX_RETRY_WAIT = 60.0
 DEFAULT_MAX_IN_FLIGHT = 16
 
@@ -50,7 +51,8 @@ class Replica:
     failures: int = 0  # in a row, for the back-off
     last_error: str = ""
     served: int = 0
-    asked: bool = False  # out because its server asked (a Retry-After honoured), not for a back-off
+    asked: bool = False  # out because its server asked (a Retry-After), not for a back-off
+    asked_long: bool = False  # and for longer than `MAX_RETRY_WAIT`: refused, never waited for
 
     @property
     def healthy(self) -> bool:
@@ -90,7 +92,9 @@ class ReplicaSet:
         left to try. Waits while every usable replica is full, first come first served: a
         free slot goes to the earliest waiter that may use it (one that excludes it does not
         hold up those behind). When all are out: waits for the first due back if its server
-        asked for the wait (`waits_for` `wait_until`, time.monotonic()), else tries it now."""
+        asked for the wait and it ends in time (`waits_for` `wait_until`, time.monotonic());
+        None where its server asked for a wait that does not (back-pressure: it is not sent
+        more before it said); the first due back, tried now, where all are out for a back-off."""
         me, queued = object(), False
         with self._cond:
             try:
@@ -106,7 +110,9 @@ class ReplicaSet:
                             self._cond.wait(min(cancel.POLL_SECONDS, max(0.0, soonest.out_until - now)))
                             cancel.check()
                             continue
-                        up = [soonest]  # no wait to honour in time: try the first due back now
+                        if soonest.asked:
+                            return None  # its server asked for quiet longer than this request has
+                        up = [soonest]  # every one out for a back-off: try the first due back
                     free = [r for r in up if r.in_flight < self.max_in_flight]
                     if free and not self._ahead_of(me, free):
                         best = min(free, key=lambda r: r.in_flight)  # min keeps the first of equals
@@ -131,7 +137,8 @@ class ReplicaSet:
 
     @staticmethod
     def _waits_for(replica: Replica, wait_until: float | None) -> bool:
-        return replica.asked and wait_until is not None and replica.out_until <= wait_until
+        return (replica.asked and not replica.asked_long and wait_until is not None
+                and replica.out_until <= wait_until)
 
     @property
     def waiting(self) -> int:
@@ -165,7 +172,8 @@ class ReplicaSet:
                 else:
                     wait = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (replica.failures - 1))
                 replica.out_until = max(replica.out_until, time.monotonic() + wait)
-                replica.asked = out_for is not None and out_for <= MAX_RETRY_WAIT
+                replica.asked = out_for is not None  # its server asked: not sent more before it said
+                replica.asked_long = out_for is not None and out_for > MAX_RETRY_WAIT
             self._cond.notify_all()
 
     def abandon(self, replica: Replica) -> None:
