@@ -453,13 +453,15 @@ def test_a_stream_past_max_tokens_is_read_no_further_and_ends_as_length(monkeypa
     with pooled_transport(), FakeOpenAI() as engine:
         engine.answer = lambda prompt, body: " ".join(f"w{i}" for i in range(50))
         engine.ignore_max_tokens = True
-        # The engine holds its last token until the test ends: an answer back before then was
-        # not read to the stream's end.
+        # The engine holds its last token for 30 s or until the test ends: an answer back well
+        # before then was not read to the stream's end. (Not the engine's in_flight count: the
+        # engine may find the closed connection, and end, before the test looks.)
         engine.hold_last = release = threading.Event()
         try:
+            start = time.monotonic()
             gen = OpenAIBackend(_spec(engine.url, prompt_format="chat")).generate_streaming(
                 "hi", GenParams(max_tokens=4), got.append)
-            assert engine.in_flight == 1  # still streaming when the answer was done
+            assert time.monotonic() - start < 20
         finally:
             release.set()
     assert gen.text == "".join(got) == "w0 w1 w2 w3"
