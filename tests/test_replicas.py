@@ -119,6 +119,24 @@ def test_the_least_busy_healthy_replica_takes_a_request() -> None:
     assert rs.acquire(frozenset({"http://a/v1", "http://b/v1", "http://c/v1"})) is None
 
 
+def test_a_server_asked_for_quiet_is_passed_over_for_one_out_for_a_back_off_and_stays_asked() -> None:
+    # With every server out, the first due back asked for quiet (Retry-After) the request
+    # cannot wait out: the request failed, though another was out only for a back-off. And a
+    # later timeout of a request already in flight turned its asked-for quiet into a back-off.
+    rs = ReplicaSet("big", ["http://a/v1", "http://b/v1"], max_in_flight=4)
+    a, b = rs.acquire(), rs.acquire()
+    assert a is not None and b is not None and {a.url, b.url} == {"http://a/v1", "http://b/v1"}
+    late = rs.acquire()  # a second request in flight to the first
+    assert late is not None and late.url == a.url
+    rs.release(a, "HTTP 503", out_for=20)  # asked for 20 s
+    rs.release(b, "timeout")  # out for a back-off (1 s), due back before a
+    rs.release(late, "timeout")  # the in-flight one times out: a's asked-for 20 s stands
+    assert a.asked and a.out_until - time.monotonic() > 15
+    b.out_until = a.out_until + 5  # now the backed-off one is due back after the asked one
+    got = rs.acquire(wait_until=time.monotonic() + 1)
+    assert got is not None and got.url == b.url  # not refused: the backed-off one is tried
+
+
 def test_a_replica_past_its_back_off_is_tried_but_reported_out_until_it_answers(monkeypatch: pytest.MonkeyPatch) -> None:
     # /health read "up" once the back-off timer ran out, with no news from the server: a dead
     # replica flickered back into "remote" between requests (and a CI run caught it).
@@ -455,7 +473,7 @@ def test_503_with_retry_after_is_honoured() -> None:
         assert time.monotonic() - start >= 0.95 and len(lone.requests) == 2
 
 
-@pytest.mark.parametrize("retry_after", ["86000", "30"])
+@pytest.mark.parametrize("retry_after", ["100000", "86000", "30"])
 def test_a_retry_after_keeps_a_server_out_a_minute_at_most_and_is_passed_on(retry_after: str) -> None:
     """A server that asked for a day was out for a day: /health called the rung down, and
     clients were told to come back tomorrow. It is out for a minute at most; within it, a

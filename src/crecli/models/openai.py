@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import http as _http
 import json
+import math
 import os
 import re
 import threading
@@ -724,10 +725,12 @@ def _advice(code: int, spec: "ModelSpec") -> str:
 
 
 def _retry_after(reply: "transport.Reply") -> float | None:
-    """A reply's Retry-After in seconds (the delay form; an HTTP date counts as unknown)."""
+    """A reply's Retry-After in seconds (the delay form; an HTTP date counts as unknown). Any
+    finite wait, a day or more too: `ReplicaSet.release` caps how long it keeps the server
+    out, and a wait that long is never waited for, only respected (`Replica.asked_long`)."""
     value = reply.header("retry-after")
     try:
         seconds = float(value) if value is not None else None
     except ValueError:
         return None
-    return seconds if seconds is not None and 0 <= seconds < 86400 else None
+    return seconds if seconds is not None and math.isfinite(seconds) and seconds >= 0 else None

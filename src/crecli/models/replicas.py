@@ -14,10 +14,10 @@ health it keeps are the process's:
   Retry-After, at most `MAX_RETRY_WAIT` (a server that asks for a day is not out for a
   day: /health would call the rung down, and clients be told to come back tomorrow);
 - when every replica is out, a request waits for one whose server asked it to (a
-  Retry-After of at most `MAX_RETRY_WAIT`) if its time allows; where it does not, the
-  request fails at once with that Retry-After passed on: a busy server that asked for
-  quiet is not sent more (back-pressure). When every replica is out for a back-off
-  instead, the one due back first is tried: a server that is back is found at once;
+  Retry-After of at most `MAX_RETRY_WAIT`) if its time allows; else it tries the first due
+  back of those out for a back-off (a server that is back is found at once). A server that
+  asked for quiet longer than the request has is not sent more before it said, and when
+  every one asked so the request fails at once, that Retry-After passed on (back-pressure);
 - a replica whose back-off has passed is tried again by the next request (its success puts
   it back for good). Until one of its requests succeeds it is reported out (`state`, `up`):
   a passed back-off is no news that its server is back.
@@ -93,8 +93,9 @@ class ReplicaSet:
         free slot goes to the earliest waiter that may use it (one that excludes it does not
         hold up those behind). When all are out: waits for the first due back if its server
         asked for the wait and it ends in time (`waits_for` `wait_until`, time.monotonic());
-        None where its server asked for a wait that does not (back-pressure: it is not sent
-        more before it said); the first due back, tried now, where all are out for a back-off."""
+        else the first due back of those out for a back-off, tried now; None where every one
+        asked for a wait that does not end in time (back-pressure: none is sent more before
+        it said)."""
         me, queued = object(), False
         with self._cond:
             try:
@@ -110,9 +111,12 @@ class ReplicaSet:
                             self._cond.wait(min(cancel.POLL_SECONDS, max(0.0, soonest.out_until - now)))
                             cancel.check()
                             continue
-                        if soonest.asked:
-                            return None  # its server asked for quiet longer than this request has
-                        up = [soonest]  # every one out for a back-off: try the first due back
+                        # Servers that asked for quiet longer than this request has are not
+                        # sent more; one out for a back-off is tried, the first due back.
+                        backed_off = [r for r in usable if not r.asked]
+                        if not backed_off:
+                            return None
+                        up = [min(backed_off, key=lambda r: r.out_until)]
                     free = [r for r in up if r.in_flight < self.max_in_flight]
                     if free and not self._ahead_of(me, free):
                         best = min(free, key=lambda r: r.in_flight)  # min keeps the first of equals
@@ -171,9 +175,13 @@ class ReplicaSet:
                     wait = min(out_for, MAX_RETRY_WAIT)
                 else:
                     wait = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (replica.failures - 1))
-                replica.out_until = max(replica.out_until, time.monotonic() + wait)
-                replica.asked = out_for is not None  # its server asked: not sent more before it said
-                replica.asked_long = out_for is not None and out_for > MAX_RETRY_WAIT
+                until = time.monotonic() + wait
+                if until >= replica.out_until:  # this failure sets when it is back, and why
+                    replica.out_until = until
+                    replica.asked = out_for is not None  # its server asked: not sent more before it said
+                    replica.asked_long = out_for is not None and out_for > MAX_RETRY_WAIT
+                # Else an earlier, longer wait stands, with its reason: a timeout of a request
+                # already in flight does not turn a server's asked-for quiet into a back-off.
             self._cond.notify_all()
 
     def abandon(self, replica: Replica) -> None:
