@@ -159,8 +159,7 @@ class OutcomeStore:
                 " created TEXT NOT NULL,"
                 " PRIMARY KEY (prompt_sha256, model, model_sha256, settings_key))"
             )
-            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-            if row is None:
+            if found is None:  # a new store (or one whose first open was cut short): mark it ours
                 self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(STORE_SCHEMA),))
             self._db.commit()

@@ -247,14 +247,14 @@ def served_log(reading: Any, as_json: bool) -> None:
     if len(reading.files) > 1:
         where += f" (and {len(reading.files) - 1} rotated file(s))"
     counts = f"{reading.total} entries" + (f", {reading.bad} unreadable line(s) skipped" if reading.bad else "")
-    status(terminal_safe(f"{where}; {counts}."))
+    status(f"{where}; {counts}.")
     if reading.enabled is False:
         status("Logging is off: settings.toml has log_queries = false.")
     if reading.output is not None:
         from crecli.servedlog import is_stdout
 
         where = "stdout" if is_stdout(reading.output) else reading.output
-        status(terminal_safe(f"Wrote {len(entries)} entries to {where}."))
+        status(f"Wrote {len(entries)} entries to {where}.")
         return
     if as_json:
         print_json(entries)

@@ -9,7 +9,8 @@ from typing import Any
 
 from crecli.console import out, print_json, status, warn
 from crecli.models.prompting import control_markers
-from crecli.render import stale_speeds_note, terminal_safe
+from crecli.console import terminal_safe
+from crecli.render import stale_speeds_note
 
 
 def fit_report(report: Any, as_json: bool) -> None:
