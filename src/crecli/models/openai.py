@@ -441,7 +441,8 @@ class OpenAIBackend(Backend):
         for _ in range(MAX_TRIES):
             cancel.check()
             left = self._time_left(timeout, start)
-            replica = self.replicas.acquire(frozenset(failed), wait_until=time.monotonic() + left)
+            wait_until = time.monotonic() + left  # the request's own deadline
+            replica = self.replicas.acquire(frozenset(failed), wait_until=wait_until)
             if replica is None:
                 break
             url = f"{replica.url}/{endpoint}"
@@ -483,8 +484,7 @@ class OpenAIBackend(Backend):
                 self.replicas.release(replica, f"HTTP {status}", retry_after)
                 # A server that asked for a wait this request can afford is waited for, once;
                 # else it is done with for this request: asked again, it would only ask again.
-                wait = not waited and self.replicas.waits_for(
-                    replica, time.monotonic() + self._time_left(timeout, start))
+                wait = not waited and self.replicas.waits_for(replica, wait_until)
                 if not wait:
                     failed[replica.url] = str(error)
                 short.append(f"HTTP {status}")
