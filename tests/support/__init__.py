@@ -16,6 +16,8 @@ too (they put tests/ on sys.path):
 - `real`: what the real-model tests accept where CPUs round differently;
 - `fake_openai`: a real OpenAI-compatible HTTP server in a thread: canned answers with
   log-probabilities in each server's shape, streams, and the faults engines show;
+- `fake_llama`: a llama-cpp-python `Llama` without a model: byte-piece tokens and its
+  completion loop over a scripted answer, for `LlamaBackend`'s answering path;
 - `engines`: real serving engines (llama-server, llama-cpp-python's server) for the tests
   marked `real` and bench/serve_load.py --engine;
 - `scale`: the fake ladder with rungs on such servers, slow and streaming fakes, clients

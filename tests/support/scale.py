@@ -77,7 +77,7 @@ class WordByWord(FakeBackend):
             time.sleep(self.pause)
             if self.hold_last is not None and i == len(words) - 1:
                 self.hold_last.wait(30)
-            streamed.update(" ".join(words[: i + 1]))
+            streamed.add(words[i] if i == 0 else " " + words[i])
             self.generated_at.append(time.monotonic())
         streamed.finish(gen.text)
         return gen

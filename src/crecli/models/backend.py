@@ -117,7 +117,6 @@ class StopSafeEmitter:
         self.done = False
         self._held = ""  # generated, not sent: a tail that may be the start of a stop string
         self._sent: list[str] = []  # the pieces handed to `emit`
-        self._fed = ""  # the text `update` was last given
 
     @property
     def sent(self) -> str:
@@ -135,14 +134,6 @@ class StopSafeEmitter:
         self._held = "" if self.done else text[len(safe):]
         if safe:
             self._out(safe)
-
-    def update(self, text: str) -> None:
-        """`text`: everything generated so far (for a runtime that has only that). Text
-        that does not extend what it was given before is not streamed (`finish` sends the
-        answer's rest)."""
-        if text.startswith(self._fed):
-            piece, self._fed = text[len(self._fed):], text
-            self.add(piece)
 
     def finish(self, final: str) -> None:
         """`final`: the answer's whole text, as the runtime returned it (cut at `stops` here

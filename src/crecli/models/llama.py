@@ -18,6 +18,7 @@ crecli.models.llama`), so that a native crash becomes an error naming its cause 
 
 from __future__ import annotations
 
+import codecs
 import os
 import signal
 import subprocess
@@ -62,6 +63,43 @@ EMBED_BATCH = 512
 def embed_truncation(context: int) -> int:
     """How many tokens of a text a model loaded with `context` embeds; the rest is cut off."""
     return min(context, EMBED_BATCH)
+
+
+class AnswerText:
+    """An answer's text as its tokens come, each token detokenized once.
+
+    `more` returns what `detokenize(answer).decode("utf-8", "ignore")` of the whole answer
+    so far adds to its last result: the bytes of a character split across tokens wait in an
+    incremental decoder for the token that completes it (the whole decode drops them till
+    then), and bytes that never make a character are dropped as that decode drops them.
+    Decoding the whole answer again at every token cost an answer of n tokens n^2/2 token
+    lookups (two million for 2,000 tokens) on top of the decode itself. (llama-cpp-python's
+    own completion loop still detokenizes the whole answer at each token, for its stop
+    checks: its cost, which this path no longer doubles.)
+
+    The `detokenize` of a GGUF vocabulary's tokenizer (llama-cpp-python's `LlamaTokenizer`,
+    which ignores `prev_tokens`) joins its tokens' pieces, but for one rule: a list that
+    starts with BOS loses the space its text starts with. So until the answer's text has a
+    first byte, the answer is detokenized from its start; after that, each new token alone.
+    """
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+        self.n = 0  # answer tokens detokenized
+        self.begun = False  # whether the answer's text has its first byte
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("ignore")
+
+    def more(self, answer: Sequence[int]) -> str:
+        """The text that `answer`, every token generated so far, adds to earlier calls' text."""
+        if len(answer) <= self.n:
+            return ""
+        if self.begun:
+            raw = b"".join(self.llm.detokenize([t]) for t in answer[self.n:])
+        else:
+            raw = self.llm.detokenize(list(answer))
+            self.begun = bool(raw)
+        self.n = len(answer)
+        return self.utf8.decode(raw)
 
 
 class LlamaBackend(Backend):
@@ -282,13 +320,14 @@ class LlamaBackend(Backend):
             from llama_cpp import LogitsProcessorList
 
             streamed = StopSafeEmitter(params.stop, emit) if emit is not None else None
+            answer = AnswerText(llm)
 
             def observe(ids: Any, scores: Any) -> Any:
                 if meter is not None:
                     meter.observe(scores)
                 if streamed is not None and len(ids) > n_prompt:
-                    # The tokens generated so far, as text; only whole characters are handed on.
-                    streamed.update(llm.detokenize(list(ids[n_prompt:]), prev_tokens=tokens).decode("utf-8", "ignore"))
+                    # The text of the tokens generated since the last step: whole characters only.
+                    streamed.add(answer.more(ids[n_prompt:]))
                 return scores
 
             processors = LogitsProcessorList([observe])
