@@ -179,12 +179,14 @@ def require_file(spec: ModelSpec, deep: bool = False) -> Path:
         return path
     if not state.present:
         raise not_on_disk(spec)
-    fix = (
-        f"run `cre models pull {spec.name}`"
-        if spec.pullable
-        else f"check `path` for {spec.name!r} in {spec.defined_in}"
-    )
+    fix = f"run `cre models pull {spec.name}`" if spec.pullable else _check_path(spec)
     raise ModelNotAvailable(f"model {spec.name!r} failed verification ({state.reason}) at {path}: {fix}")
+
+
+def _check_path(spec: ModelSpec) -> str:
+    """The fix for a model a pull does not fetch whose file is missing or fails
+    verification: its `path` is what is wrong, and the models.toml that says it."""
+    return f"check `path` for {spec.name!r} in {spec.defined_in}"
 
 
 def _missing(spec: ModelSpec) -> bool:
@@ -202,8 +204,7 @@ def not_on_disk(spec: ModelSpec, ladder: Sequence[ModelSpec] = ()) -> ModelNotAv
     is on, one that a pull fetches names every model of it that is missing too, in one
     command: before a pull, `cre ask` named the first, and the next prompt the next."""
     if not spec.pullable:
-        return ModelNotAvailable(f"model {spec.name!r} is not on disk ({spec.file}): "
-                                 f"check `path` for {spec.name!r} in {spec.defined_in}")
+        return ModelNotAvailable(f"model {spec.name!r} is not on disk ({spec.file}): {_check_path(spec)}")
     others = [repr(s.name) for s in ladder if s.name != spec.name and _missing(s)]
     also = ""
     if others:
