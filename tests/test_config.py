@@ -70,6 +70,40 @@ def test_a_relative_path_is_read_from_the_folder_of_the_models_toml_that_says_it
     assert config.ModelSpec(name="x", path="x.gguf").file == Path("x.gguf")
 
 
+def test_messages_name_the_file_that_set_the_field_they_are_about(tmp_path: Path) -> None:
+    # "check `path` ... in X" named the last models.toml to touch the model, here one that
+    # set only its context, not the file whose `path` was wrong.
+    from crecli.models import openai, pull
+
+    paths.ensure(paths.config_dir())
+    user = paths.user_models_toml()
+    user.write_text(f'[models.mine]\npath = "{tmp_path / "gone.gguf"}"\n'
+                    '[models.far]\nurl = "http://127.0.0.1:9/v1"\napi_model = "qwen"\n'
+                    '[models."gemma-3-270m"]\nsha256 = "' + "a" * 64 + '"\n')
+    extra = tmp_path / "extra.toml"
+    extra.write_text('[models.mine]\ncontext = 4096\n[models.far]\ntimeout = 30\n'
+                     '[models."gemma-3-270m"]\ncontext = 4096\n')
+    settings = config.load(extra)
+    mine, far, gemma = settings.get("mine"), settings.get("far"), settings.get("gemma-3-270m")
+    assert mine.defined_in == far.defined_in == str(extra)  # the last file to touch them
+    with pytest.raises(pull.ModelNotAvailable, match="check `path` for 'mine' in (.*)$") as caught:
+        pull.require_file(mine)
+    assert caught.value.args[0].endswith(f"in {user}")
+    assert str(pull.not_on_disk(mine)).endswith(f"check `path` for 'mine' in {user}")
+    assert openai._advice(404, far).startswith(f"check `url` and `api_model` of 'far' in {user} ")
+    assert openai._advice(401, far).endswith(f"set `api_key_env` in {user}")  # beside the url it set
+    assert (mine.set_in("context"), far.set_in("timeout")) == (str(extra), str(extra))
+    # Fields set by two files: each named with its own.
+    assert pull._check_pins(gemma, "sha256").startswith(
+        f"check `sha256` of 'gemma-3-270m' in {user}, and its `chunks` in {config.default_toml()};")
+    # A source that replaces another drops its pins, and with them the files that set them.
+    local = tmp_path / "local.toml"
+    local.write_text('[models."gemma-3-270m"]\npath = "/x/gemma.gguf"\n')
+    gemma = config.load(local).get("gemma-3-270m")
+    origins = dict(gemma.origins)
+    assert "sha256" not in origins and "chunks" not in origins and gemma.set_in("sha256", "path") == str(local)
+
+
 def test_path_replaces_shipped_chunks(tmp_path: Path) -> None:
     f = tmp_path / "m.toml"
     f.write_text('[models."gemma-3-270m"]\npath = "/x/gemma.gguf"\n')

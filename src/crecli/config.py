@@ -111,6 +111,10 @@ class ModelSpec:
     api_key_env: str | None = None
     price_per_1k_tokens: float | None = None
     defined_in: str = ""
+    # The models.toml that set each field, by its name there (`url`, not `urls`), for a
+    # message that says which field to fix where (`set_in`): `defined_in` is the last file
+    # to touch the model, which may have set only its `context`. Not part of what the model is.
+    origins: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.url and not self.urls:
@@ -119,6 +123,30 @@ class ModelSpec:
             if self.url:
                 raise ValueError(f"model {self.name!r}: url {self.url!r} is not the first of its urls")
             object.__setattr__(self, "url", self.urls[0])
+
+    def set_in(self, *names: str) -> str:
+        """The models.toml that set the field(s) `names` (models.toml's names: `url`, `path`,
+        `sha256`...), for a message that says which to fix: the file that set the first of
+        them that a file set; else, as for a field left at its default, the last file to
+        touch the model (`defined_in`); "models.toml" for a spec built in code."""
+        origins = dict(self.origins)
+        for name in names:
+            if name in origins:
+                return origins[name]
+        return self.defined_in or "models.toml"
+
+    def where_set(self, *names: str) -> str:
+        """Fields of this model (models.toml's names, the one a message is most about first)
+        with the file(s) that set them, for a message that says what to fix where: "`size`
+        and `chunks` of 'x' in F" when one file set them all, else "`size` of 'x' in F, and
+        its `chunks` in G". A field no file set is looked for beside the first (`set_in`)."""
+        files = [self.set_in(name, names[0]) for name in names]
+        ticked = [f"`{name}`" for name in names]
+        if len(set(files)) == 1:
+            listed = ticked[0] if len(ticked) == 1 else f"{', '.join(ticked[:-1])} and {ticked[-1]}"
+            return f"{listed} of {self.name!r} in {files[0]}"
+        rest = [f"{t} in {f}" for t, f in zip(ticked[1:], files[1:])]
+        return f"{ticked[0]} of {self.name!r} in {files[0]}, and its " + ", ".join(rest)
 
     @property
     def backend(self) -> str:
@@ -315,7 +343,8 @@ def _path(where: Path | str, key: str, value: Any) -> str:
     (`where`) that says it, as paths inside config files are read elsewhere: taken from the
     current folder, `path = "mine.gguf"` beside the file was verified from one folder and
     missing from another. Resolved here, as each file is read, not from `defined_in`: that
-    is the last file to touch the model, which may have set only its `context`. A models.toml
+    is the last file to touch the model, which may have set only its `context` (the file
+    that set `path` is `ModelSpec.set_in("path")`). A models.toml
     read from a pipe (`--models <(...)`) has no folder of its own: the current one, then."""
     text = _str(where, key, value, rule="a non-empty string, the path of a GGUF file")
     try:
@@ -349,7 +378,7 @@ def _chunks(where: Path | str, key: str, value: Any) -> tuple[Chunk, ...]:
 
 def _model_fields(name: str, fields: dict[str, Any], where: Path | str) -> dict[str, Any]:
     """One file's [models.NAME] table, every field checked and normalised."""
-    known = set(ModelSpec.__dataclass_fields__) - {"name", "defined_in", "urls"}
+    known = set(ModelSpec.__dataclass_fields__) - {"name", "defined_in", "urls", "origins"}
     unknown = set(fields) - known
     if unknown:
         raise ConfigError(
@@ -467,13 +496,16 @@ REMOTE_ONLY = {
 }
 
 
-def _spec(name: str, fields: dict[str, Any], where: str) -> ModelSpec:
-    spec = ModelSpec(name=name, defined_in=where, **fields)
+def _spec(name: str, fields: dict[str, Any], where: str, origins: dict[str, str]) -> ModelSpec:
+    """The model from its merged `fields`, `where` the last file to touch it and `origins`
+    the file that set each field (keyed as `fields` is: `urls` for models.toml's `url`)."""
+    named = tuple(sorted(("url" if f == "urls" else f, source) for f, source in origins.items()))
+    spec = ModelSpec(name=name, defined_in=where, origins=named, **fields)
     if not (spec.chunks or spec.path or spec.url):
         raise ConfigError(f"{where}: model {name!r} needs one of `chunks`, `path` or `url`")
     if spec.prompt_format == "chat" and not spec.url:
         raise ConfigError(
-            f"{where}: model {name!r} has prompt_format \"chat\", which leaves the chat template to a "
+            f"{spec.set_in('prompt_format')}: model {name!r} has prompt_format \"chat\", which leaves the chat template to a "
             "remote rung's server; in this process a model needs its template: use \"chatml\" or "
             "\"completion\", or give it a `url`"
         )
@@ -481,7 +513,7 @@ def _spec(name: str, fields: dict[str, Any], where: str) -> ModelSpec:
         for field, what in REMOTE_ONLY.items():
             if getattr(spec, field) is not None:
                 raise ConfigError(
-                    f"{where}: model {name!r} sets `{field}`, {what}: remove it or give the model a `url`"
+                    f"{spec.set_in(field)}: model {name!r} sets `{field}`, {what}: remove it or give the model a `url`"
                 )
     return spec
 
@@ -514,6 +546,7 @@ def load(models_file: Path | None = None) -> ModelConfig:
 
     raw_models: dict[str, dict[str, Any]] = {}
     where: dict[str, str] = {}
+    origins: dict[str, dict[str, str]] = {}  # per model, the file that set each of its fields
     ladder: list[str] = []
     embedder: dict[str, Any] = {}
     embedder_sources: list[str] = []
@@ -533,6 +566,8 @@ def load(models_file: Path | None = None) -> ModelConfig:
                 base = {k: v for k, v in base.items() if k not in (*REMOTE_ONLY, "api_model", "api_key_env")}
             raw_models[name] = {**base, **fields}
             where[name] = str(path)
+            kept = {f: source for f, source in origins.get(name, {}).items() if f in base}
+            origins[name] = {**kept, **dict.fromkeys(fields, str(path))}
         if "ladder" in data:
             ladder = list(data["ladder"])
         table = data.get("embedder", {})
@@ -544,7 +579,7 @@ def load(models_file: Path | None = None) -> ModelConfig:
             embedder_sources.append(str(path))
         embedder.update(table)
 
-    models = {name: _spec(name, fields, where[name]) for name, fields in raw_models.items()}
+    models = {name: _spec(name, fields, where[name], origins[name]) for name, fields in raw_models.items()}
     for name in ladder:
         if name not in models:
             raise ConfigError(f"ladder names {name!r}, which no models.toml defines ({', '.join(map(str, files))})")

@@ -124,7 +124,7 @@ class LlamaEmbedder(Embedder):
         if recorded and spec.sha256 and recorded != spec.sha256:
             raise RouterFileError(
                 f"the router embeds with {model!r} sha256 {recorded[:12]}…, but models.toml pins "
-                f"{spec.sha256[:12]}… ({spec.defined_in}); use the model file the router was fitted with, or refit"
+                f"{spec.sha256[:12]}… ({spec.set_in('sha256')}); use the model file the router was fitted with, or refit"
             )
         return emb
 

@@ -599,7 +599,7 @@ def _warn_unpinned(path: Path, entry: LadderEntry, spec: "ModelSpec") -> None:
     get = f"`cre models pull {entry.name}`" if spec.pullable else "put it at its `path`"
     console.warn(
         f"{path}: the router pins no sha256 for model {entry.name!r} (it was fitted without its file), so it runs "
-        f"whatever file {spec.defined_in or 'models.toml'} names for it here; to pin it, get the file ({get}, "
+        f"whatever file {spec.set_in('path', 'chunks')} names for it here; to pin it, get the file ({get}, "
         "or pin its sha256 in models.toml) and refit with `cre fit` or recalibrate with `cre calibrate`, which "
         "record its sha256"
     )
@@ -625,9 +625,10 @@ def _check_ladder(path: Path, ladder: list[LadderEntry], settings: "ModelConfig"
         # E.g. a rung moved to a chat server with its own template, or given another context.
         changes = entry.otherwise_here(spec)
         if changes:
+            source = spec.set_in(*(key for key, _, _ in changes))  # the file that set the first change
             console.warn(
                 f"{path}: model {name!r} was {settings_phrase(changes)} "
-                f"({spec.defined_in or 'models.toml'}): its answers, and the checks tuned on them, may differ; "
+                f"({source}): its answers, and the checks tuned on them, may differ; "
                 + settings_advice(changes)
             )
         if found.other_file:
@@ -637,7 +638,7 @@ def _check_ladder(path: Path, ladder: list[LadderEntry], settings: "ModelConfig"
                 f"{path}: model {name!r} is not the file the router was fitted with: the router "
                 f"pins {_shown(wanted)}, the local one is "
                 + (_shown(local) if local else "unknown (no sha256 pinned and no file on disk)")
-                + f" ({spec.defined_in or 'models.toml'})"
+                + f" ({spec.set_in('sha256', 'path', 'chunks', 'url')})"
             )
             if not force:
                 # A remote rung carries no file to hash: whoever knows it serves the same

@@ -164,7 +164,7 @@ def _run_once(spec: "ModelSpec", pp_tokens: int, tg_tokens: int) -> _Run:
             raise CreError(
                 f"{spec.name}: measuring {len(tokens)} prompt and {tg_tokens} generated tokens after its "
                 f"{len(first)}-token head needs a context of {need}, and its `context` is {backend.n_ctx}; lower "
-                f"--pp-tokens or --tg-tokens, or raise `context` in {spec.defined_in or 'models.toml'}"
+                f"--pp-tokens or --tg-tokens, or raise `context` in {spec.set_in('context')}"
             )
         llm.reset()
         if first:

