@@ -202,8 +202,6 @@ def test_eval_plot_or_store_over_an_input_is_refused(cre, saved_router, sums_log
 
 def test_eval_plot_replaces_only_a_plot_it_wrote(cre, saved_router, sums_log, tiny_models_toml, four_fakes, tmp_path) -> None:
     """`--plot diagram.svg` replaced any picture with no word."""
-    import struct
-    import zlib
     from types import SimpleNamespace
 
     from crecli import reports
@@ -225,13 +223,47 @@ def test_eval_plot_replaces_only_a_plot_it_wrote(cre, saved_router, sums_log, ti
     (tmp_path / "empty.svg").write_bytes(b"")
     check_plot(tmp_path / "empty.svg")
 
-    def png(*text: bytes) -> bytes:
-        chunks = [(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)), *((b"tEXt", t) for t in text), (b"IEND", b"")]
-        return b"\x89PNG\r\n\x1a\n" + b"".join(struct.pack(">I", len(d)) + k + d + struct.pack(">I", zlib.crc32(k + d))
-                                                for k, d in chunks)
+    assert is_plot(_png(b"Software\x00" + PLOT_SOFTWARE.encode()))
+    assert not is_plot(_png(b"Software\x00GIMP 2.10"))
 
-    assert is_plot(png(b"Software\x00" + PLOT_SOFTWARE.encode()))
-    assert not is_plot(png(b"Software\x00GIMP 2.10"))
+
+def _png(*text: bytes, width: int = 1, height: int = 1) -> bytes:
+    """A PNG's chunks with the tEXt chunks `text` (b"key\\0value"), no pixels."""
+    import struct
+    import zlib
+
+    chunks = [(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)), *((b"tEXt", t) for t in text),
+              (b"IEND", b"")]
+    return b"\x89PNG\r\n\x1a\n" + b"".join(struct.pack(">I", len(d)) + k + d + struct.pack(">I", zlib.crc32(k + d))
+                                            for k, d in chunks)
+
+
+def test_an_unmarked_matplotlib_png_is_refused_with_how_to_proceed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PNG plot of a crecli from before the mark carries only matplotlib's own Software
+    text, as any chart matplotlib saves at 7 x 5 inches and 120 dpi does: it stays refused,
+    and the refusal said only "delete the file first", with no word on why cre's own plot was
+    no plot of cre's. It now says, and gives the command."""
+    import importlib.util
+
+    from crecli import evaluate
+    from crecli.errors import CreError
+
+    find_spec = importlib.util.find_spec  # PNG plots need matplotlib, which the tests lack
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "matplotlib" else find_spec(name, *a))
+    old = tmp_path / "old frontier.png"
+    old.write_bytes(_png(b"Software\x00Matplotlib version3.8.4, https://matplotlib.org/", width=840, height=600))
+    before = old.read_bytes()
+    with pytest.raises(CreError) as caught:
+        evaluate.check_plot(old)
+    message = str(caught.value)
+    assert "matplotlib saved it with no crecli mark, as cre eval did before it marked its PNG plots" in message
+    assert message.endswith(f"delete it (`rm -- '{old}'`) and run again; otherwise choose another file name")
+    assert old.read_bytes() == before
+    # Another PNG keeps the refusal every other file gets.
+    other = tmp_path / "photo.png"
+    other.write_bytes(_png(b"Software\x00GIMP 2.10"))
+    with pytest.raises(CreError, match="it is not a plot cre eval wrote; .*Choose another file name, or delete"):
+        evaluate.check_plot(other)
 
 
 # ---------------------------------------------------------------- progress off a terminal

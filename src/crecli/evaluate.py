@@ -298,11 +298,16 @@ PLOT_TITLE = "cre eval: "
 PLOT_SOFTWARE = "crecli"
 _SVG_START = b'<svg xmlns="http://www.w3.org/2000/svg"'
 _PNG_START = b"\x89PNG\r\n\x1a\n"
+# matplotlib's own Software text ("Matplotlib version3.8.4, https://matplotlib.org/"), all
+# that a PNG plot of a crecli from before the mark carries: its title is pixels, and its size
+# (7 x 5 inches at 120 dpi) is any chart's. It is told, so the refusal can say what to do.
+_MATPLOTLIB_SOFTWARE = b"tEXtSoftware\x00Matplotlib"
 
 
 def is_plot(data: bytes) -> bool:
-    """Whether `data`, a file's bytes, is a plot `reports.plot` wrote (a PNG matplotlib
-    wrote for an older crecli carries no mark, and is not)."""
+    """Whether `data`, a file's bytes, is a plot `reports.plot` wrote. A PNG plot of a
+    crecli from before PNG plots were marked is not: nothing in it tells it from any other
+    chart matplotlib saved (`_MATPLOTLIB_SOFTWARE`), so it is refused, with how to proceed."""
     if data.startswith(_PNG_START):
         return b"tEXtSoftware\x00" + PLOT_SOFTWARE.encode() in data
     return data.startswith(_SVG_START) and f">{PLOT_TITLE}".encode() in data
@@ -318,8 +323,10 @@ def check_plot(path: Path) -> None:
 
     An existing file is replaced only when it is empty or a plot `cre eval` wrote
     (`is_plot`): `--plot diagram.svg` replaced any picture with no word, where
-    `-o` never replaces a file that is not a router or an export."""
+    `-o` never replaces a file that is not a router or an export. An unmarked matplotlib
+    PNG, perhaps an older crecli's plot, is refused with the command that deletes it."""
     import importlib.util
+    import shlex
 
     from crecli import paths
     from crecli.errors import CreError, UsageError
@@ -334,12 +341,21 @@ def check_plot(path: Path) -> None:
     try:
         with path.open("rb") as fh:
             data = fh.read(MAX_PLOT_BYTES)
-        why = None if not data or is_plot(data) else "it is not a plot cre eval wrote"
     except OSError as exc:
         why = f"it cannot be read to tell ({exc.strerror or exc})"
-    if why is not None:
-        raise CreError(f"--plot {path} exists and {why}; writing the plot there would destroy it. "
-                       "Choose another file name, or delete the file first")
+    else:
+        if not data or is_plot(data):
+            return
+        why = "it is not a plot cre eval wrote"
+        if data.startswith(_PNG_START) and _MATPLOTLIB_SOFTWARE in data:
+            raise CreError(
+                f"--plot {path} exists and {why}: matplotlib saved it with no crecli mark, as cre eval did "
+                "before it marked its PNG plots, and as any other matplotlib chart is (nothing tells them "
+                "apart), so writing the plot there would destroy it. If it is an old cre eval plot, delete it "
+                f"(`rm -- {shlex.quote(str(path))}`) and run again; otherwise choose another file name"
+            )
+    raise CreError(f"--plot {path} exists and {why}; writing the plot there would destroy it. "
+                   "Choose another file name, or delete the file first")
 
 
 def fit_log_prompts(router: "RouterFile", given: Path | None = None) -> tuple[set[str] | None, str]:
