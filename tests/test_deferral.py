@@ -466,3 +466,41 @@ def test_eval_of_a_log_of_labels_skips_the_top_models_vote_majority_instead_of_f
     names = [p.name for p in report.points]
     assert report.cascade["accuracy"] == 1.0 and not any("vote majority" in n for n in names)
     assert any(n.startswith("oracle") for n in names)
+
+
+def test_evals_cascade_without_clusters_reads_no_cluster_prior() -> None:
+    # The baseline "cascade without clusters" started every query on the smallest model but
+    # still fed each one's cluster prior to the deferral models, so it used the clusters it
+    # is named without: here cluster 0's prior (0.9) kept its queries on `small`. Now every
+    # query gets the prior of a prompt in no cluster (`Deferral.prior`), wherever it routes.
+    from dataclasses import replace
+
+    from crecli import evaluate
+    from support.replays import synthetic_data
+    from support.routers import make_router
+
+    router = make_router(thresholds={"small": 0.6, "medium": 0.6, "large": 0.0})
+    for c in router.clusters:
+        for m in ("small", "medium"):
+            c.stats[m]["shrunk_accuracy"] = 0.9 if c.id == 0 else 0.1
+    names = feature_names(1)
+    # P(correct) is the prior alone: weight 1 on its logit, none on the signals.
+    rule = Deferral(names, (0.0, 0.0, 0.0, 0.0, 1.0), 0.0, (0.0,) * len(names), 0.5)
+    router.deferral = DeferralCheck(1, {"small": rule, "medium": rule})
+    router.quality = replace(router.quality, k=1)  # the votes the data records
+    data = synthetic_data(30, {m: [0.5, 0.5, 0.5] for m in ("small", "medium", "large")})
+    # Every query routed to start on `small`, as the baseline starts: only priors differ.
+    data = replace(data, routes=[replace(r, model="small") for r in data.routes])
+    assert set(data.clusters) == {0, 1, 2}
+    all_in_0 = replace(data, routes=[replace(r, cluster=0) for r in data.routes])
+
+    def no_clusters(d: Any) -> Any:
+        return next(p for p in evaluate.evaluate(router, d).points if p.name.startswith("cascade without clusters"))
+
+    point = no_clusters(data)
+    assert no_clusters(all_in_0) == point
+    # The overall prior (0.5) is under both thresholds: every query climbs to the top.
+    assert point.escalation_rate == 1.0 and point.mean_cost == pytest.approx(1 + 3 + 5)
+    # The cascade itself still reads its clusters' priors: cluster 0's queries stay on `small`.
+    assert evaluate.evaluate(router, data).cascade["mean_cost"] == pytest.approx((10 * 1 + 20 * 9) / 30)
+    assert evaluate.evaluate(router, all_in_0).cascade["mean_cost"] == pytest.approx(1)

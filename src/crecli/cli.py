@@ -271,8 +271,8 @@ def eval_(
     json_: JsonOpt = False,
 ) -> None:
     """Measure the cascade on a labelled log against baselines: each model alone, random
-    routing at equal cost, routing without the quality check, the cascade without clusters,
-    and the oracle.
+    routing at equal cost, routing without the quality check, the cascade without clusters
+    (every query from the smallest model, its check told nothing of its cluster), and the oracle.
 
     The log is read as `cre fit` read its log (format, field names, --skip-bad, line cap;
     --skip-bad or --no-skip-bad and --max-prompt-bytes override). The cascade

@@ -5,7 +5,8 @@ engine as `cre ask` on the same seeded votes; outcomes missing from the store ar
 collected first (that does run models, once). The baselines are replayed on the same votes:
 each model alone, the strongest model with a k-vote majority (when its votes are recorded, not
 only labels), random routing at equal cost,
-cluster routing without the quality check, the cascade without clusters, and the oracle.
+cluster routing without the quality check, the cascade without clusters (every query from
+the smallest model, a deferral check given the prior of a prompt in no cluster), and the oracle.
 `--live` also runs the real cascade (`live`), to check the replay against it. `pool` pools
 reports on disjoint held-out sets into figures over all their queries (`bench/headline`
 cross-fits with it).
@@ -164,14 +165,19 @@ def replay_cascade(router: "RouterFile", data: Data) -> "SimResult":
 
 
 def _replay(router: "RouterFile", data: Data, starts: Mapping[str, str],
-            overrides: Mapping[str, Mapping[str, float]] | None = None) -> "SimResult":
-    """The router's quality check (self-consistency or its deferral models) from `starts`."""
+            overrides: Mapping[str, Mapping[str, float]] | None = None, clustered: bool = True) -> "SimResult":
+    """The router's quality check (self-consistency or its deferral models) from `starts`.
+
+    Not `clustered`, every query gets the deferral prior the router gives a prompt in no
+    cluster (`RouterFile.priors` of cluster -1: each model's accuracy over the whole fit),
+    so a baseline "without clusters" reads nothing of the query's cluster."""
     rules = router.deferral
     if rules is None:
         return data.replay.simulate(starts, router.thresholds, router.quality, overrides)
     routes = data.routes
     p = deferral_p(data, range(len(data.records)), rules.models,
-                   lambda i, m: router.prior(routes[i].cluster, m, routes[i].distance), rules.votes)
+                   (lambda i, m: router.prior(routes[i].cluster, m, routes[i].distance)) if clustered
+                   else (lambda i, m: router.prior(-1, m)), rules.votes)
     return data.replay.simulate(starts, router.thresholds, router.quality, overrides, p_correct=p, votes=rules.votes,
                                 agreement=rules.agreement)
 
@@ -190,7 +196,7 @@ def evaluate(router: "RouterFile", data: Data) -> EvalReport:
     top_vote = None if labels_only else data.replay.simulate(
         {r.id: ladder[-1] for r in records}, {ladder[-1]: 1.0}, replace(quality, early_stop=False))
     no_qc = _greedy_point(data, "cluster routing, no quality check", starts)
-    no_clusters = _replay(router, data, {r.id: ladder[0] for r in records})
+    no_clusters = _replay(router, data, {r.id: ladder[0] for r in records}, clustered=False)
     oracle = _oracle(data, ladder)
     baselines = [
         *singles,
