@@ -388,6 +388,44 @@ def test_eval_finds_a_moved_fit_log_only_by_fit_log_with_its_bytes(fakes, tiny_m
     assert result.exit_code == 1 and "not found" in str(result.exception)
 
 
+def test_eval_finds_a_moved_calibration_log_by_calibration_log_with_its_bytes(
+    fakes, tiny_models_toml: Path, tmp_path: Path
+) -> None:
+    # A moved fit log could be named with --fit-log, but a moved calibration log could not
+    # be named at all: --held-out-only refused, with nothing to pass but a recalibration.
+    m = ("--models", tiny_models_toml)
+    router = tmp_path / "router.cre"
+    ok("fit", write(tmp_path / "log.jsonl", rows()), "-o", router, *m)  # q0..q29
+    dev = write(tmp_path / "dev.jsonl", rows(60)[30:])  # q30..q59
+    mixed = write(tmp_path / "mixed.jsonl", rows(70)[50:])  # q50..q59 from dev, q60..q69 in neither
+    # Not calibrated yet: the router records no calibration log to check a file against.
+    result = cre("eval", mixed, "--router", router, *m, "--calibration-log", dev)
+    assert result.exit_code == 1
+    assert "records no sha256 of its calibration log" in str(result.exception)
+    ok("calibrate", router, "--log", dev, *m, "--folds", "2")
+    moved = dev.rename(tmp_path / "moved.jsonl")
+
+    result = cre("eval", mixed, "--router", router, *m, "--held-out-only")
+    assert result.exit_code == 1 and "not there any more" in str(result.exception)
+    assert "--calibration-log FILE" in str(result.exception)
+    result = cre("eval", mixed, "--router", router, *m, "--calibration-log", moved, "--held-out-only", "--json")
+    assert result.exit_code == 0, result.output
+    assert (json.loads(result.stdout)["n"], json.loads(result.stdout)["n_in_sample"]) == (10, 0)
+    assert "Left out 10 queries that are in the router's fit or calibration log" in result.stderr
+    report = json.loads(ok("eval", mixed, "--router", router, *m, "--calibration-log", moved, "--json"))
+    assert (report["n"], report["n_in_fit_log"], report["n_in_sample"]) == (20, 0, 10)
+    # Checked by the recorded sha256 as --fit-log is, before any model runs.
+    other = write(tmp_path / "other.jsonl", rows(61)[30:])
+    new = write(tmp_path / "new.jsonl", rows(80)[70:])
+    calls = sum(len(b.calls) for b in fakes.values())
+    result = cre("eval", new, "--router", router, *m, "--calibration-log", other)
+    assert result.exit_code == 1
+    assert f"--calibration-log {other} is not the log the router was last calibrated on" in str(result.exception)
+    assert sum(len(b.calls) for b in fakes.values()) == calls
+    result = cre("eval", mixed, "--router", router, *m, "--calibration-log", tmp_path / "nowhere.jsonl")
+    assert result.exit_code == 1 and "not found" in str(result.exception)
+
+
 def test_eval_counts_the_queries_calibrate_tuned_on_as_in_sample(
     fakes, tiny_models_toml: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -267,6 +267,7 @@ def eval_(
     force: Annotated[bool, typer.Option("--force", help="Warn instead of failing when local model files differ from the router's.")] = False,
     cost_unit: CostUnitOpt = None,
     fit_log: Annotated[Optional[Path], typer.Option("--fit-log", help="The log the router was fitted on, where the recorded path is not (it must hold the same bytes: sha256).", show_default=False)] = None,
+    calibration_log: Annotated[Optional[Path], typer.Option("--calibration-log", help="The log the router was last calibrated on, where the recorded path is not (it must hold the same bytes: sha256).", show_default=False)] = None,
     held_out_only: Annotated[bool, typer.Option("--held-out-only", help="Score only the queries that are in neither the router's fit log nor the log it was last calibrated on.")] = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -282,8 +283,8 @@ def eval_(
     says so, as `cre batch` does. Give it queries the router was neither fitted nor calibrated
     on: it looks each query up in the router's fit log (where the fit found it, if unchanged,
     or --fit-log) and the log `cre calibrate` last tuned it on (where that found it, if
-    unchanged), and warns how many are in either, their figures in sample; --held-out-only
-    leaves them out.
+    unchanged, or --calibration-log), and warns how many are in either, their figures in
+    sample; --held-out-only leaves them out.
 
     Examples:
 
@@ -296,7 +297,7 @@ def eval_(
     report = evaluate.run(
         log, resolve_router(router), load_models(models), store=store, plot=plot, run_live=live,
         skip_bad=skip_bad, max_line_bytes=max_prompt_bytes, force=force, unit=cost_unit,
-        fit_log=fit_log, held_out_only=held_out_only,
+        fit_log=fit_log, calibration_log=calibration_log, held_out_only=held_out_only,
     )
     reports.eval_report(report, json_)
     if plot:

@@ -364,6 +364,31 @@ def check_plot(path: Path) -> None:
                    "Choose another file name, or delete the file first")
 
 
+def given_log(given: Path, sha256: str | None, option: str, done: str, what: str, by: str) -> Path:
+    """`given`, a log named by `option` (--fit-log, --calibration-log) where the router's
+    recorded path is not, if it holds the bytes the router records (`sha256`); else a
+    CreError that says what to do (`done`: what the router was on that log, "fitted"; `what`
+    the log is to it, "fit log"; `by`: the command that read it, "`cre fit`")."""
+    from crecli.errors import CreError
+    from crecli.models.pull import sha256_file
+    from crecli.paths import not_a_file
+
+    if not sha256:
+        raise CreError(f"{option} {given}: the router records no sha256 of its {what}, so no file can be "
+                       f"checked against it; leave {option} out")
+    bad = not_a_file(given)
+    if bad is not None:
+        raise CreError(f"{option} {given}: {bad}; pass the log {by} read, or leave {option} out")
+    try:
+        now = sha256_file(given)
+    except OSError as exc:
+        raise CreError(f"{option} {given}: cannot be read ({exc.strerror or exc})") from None
+    if now != sha256:
+        raise CreError(f"{option} {given} is not the log the router was {done} on (sha256 {now[:12]}…, the router "
+                       f"records {sha256[:12]}…); pass the file {by} read, unchanged")
+    return given
+
+
 def fit_log_prompts(router: "RouterFile", given: Path | None = None) -> tuple[set[str] | None, str]:
     """The prompts of the log the router was fitted on (`outcomes.prompt_sha256` of each), read
     as the fit read it; else None and why not.
@@ -373,50 +398,40 @@ def fit_log_prompts(router: "RouterFile", given: Path | None = None) -> tuple[se
     it unchanged; a router fitted on another machine gets None, and eval says nothing of it.
     """
     from crecli.calibrate import recorded_log
-    from crecli.errors import CreError
-    from crecli.models.pull import sha256_file
     from crecli.outcomes import prompt_sha256
-    from crecli.paths import not_a_file
 
     if given is None:
         path, why = recorded_log(router)
         if path is None:
             return None, why
     else:
-        want = router.fit.log_sha256
-        if not want:
-            raise CreError(f"--fit-log {given}: the router records no sha256 of its fit log, so no file can be "
-                           "checked against it; leave --fit-log out")
-        what = not_a_file(given)
-        if what is not None:
-            raise CreError(f"--fit-log {given}: {what}; pass the log `cre fit` read, or leave --fit-log out")
-        try:
-            now = sha256_file(given)
-        except OSError as exc:
-            raise CreError(f"--fit-log {given}: cannot be read ({exc.strerror or exc})") from None
-        if now != want:
-            raise CreError(f"--fit-log {given} is not the log the router was fitted on (sha256 {now[:12]}…, the router "
-                           f"records {want[:12]}…); pass the file `cre fit` read, unchanged")
-        path = given
+        path = given_log(given, router.fit.log_sha256, "--fit-log", "fitted", "fit log", "`cre fit`")
     # The fit's own reader, not eval's overrides: these are the prompts the fit saw.
     return {prompt_sha256(r.prompt) for r in router.fit.reader.read(path).records}, ""
 
 
-def calibration_log_prompts(router: "RouterFile") -> tuple[set[str] | None, str]:
+def calibration_log_prompts(router: "RouterFile", given: Path | None = None) -> tuple[set[str] | None, str]:
     """The prompts of the log the router was last calibrated on (`outcomes.prompt_sha256` of
     each), read as the calibration read it, where `calibrate.recorded_calibration_log` finds
     it unchanged; else None and why not. An empty set where the router records no
-    calibration log, or records its fit log (same sha256): that adds nothing to the fit's."""
+    calibration log, or records its fit log (same sha256): that adds nothing to the fit's.
+
+    `given` (--calibration-log) is read instead, and must hold the bytes the router records,
+    as --fit-log must (`given_log`)."""
     from crecli.calibrate import recorded_calibration_log
     from crecli.outcomes import prompt_sha256
     from crecli.querylog import LogOptions
 
     cal = router.fit.calibration or {}
+    # Checked even where it would add nothing: a wrong file named is said, not ignored.
+    path = None if given is None else given_log(given, cal.get("log_sha256"), "--calibration-log", "last calibrated",
+                                                "calibration log", "`cre calibrate`")
     if not cal.get("log") or (cal.get("log_sha256") is not None and cal.get("log_sha256") == router.fit.log_sha256):
         return set(), ""
-    path, why = recorded_calibration_log(router)
     if path is None:
-        return None, why
+        path, why = recorded_calibration_log(router)
+        if path is None:
+            return None, why
     reader = LogOptions.from_dict(cal["reader"]) if cal.get("reader") else router.fit.reader
     return {prompt_sha256(r.prompt) for r in reader.read(path).records}, ""
 
@@ -434,6 +449,7 @@ def run(
     force: bool = False,
     unit: str | None = None,
     fit_log: Path | None = None,
+    calibration_log: Path | None = None,
     held_out_only: bool = False,
 ) -> EvalReport:
     """`cre eval`: outputs checked first, then the router loaded once (with `force`), the log
@@ -442,8 +458,9 @@ def run(
     answered for real by the same loaded router.
 
     Its queries are looked up in the router's fit log (`fit_log`, else where the fit found
-    it: `fit_log_prompts`) and the log it was last calibrated on (`calibration_log_prompts`)
-    to count those in sample; `held_out_only` leaves them out."""
+    it: `fit_log_prompts`) and the log it was last calibrated on (`calibration_log`, else
+    where the calibration found it: `calibration_log_prompts`) to count those in sample;
+    `held_out_only` leaves them out."""
     from crecli import paths, replay, routerfile
     from crecli.errors import CreError
     from crecli.querylog import check_log_file
@@ -458,14 +475,15 @@ def run(
         paths.check_output(plot, "--plot", keep, example="frontier.svg")
         check_plot(plot)  # before the replay (and --live's answers), not after
     router = routerfile.load(router_path, settings, force=force)
-    # Before `prepare`, which may run every model: a wrong --fit-log fails first.
+    # Before `prepare`, which may run every model: a wrong --fit-log or --calibration-log fails first.
     fitted, why = fit_log_prompts(router, fit_log)
     if held_out_only and fitted is None:
         raise CreError(f"--held-out-only needs the router's fit log: {why}; pass --fit-log FILE")
-    calibrated, why = calibration_log_prompts(router)
+    calibrated, why = calibration_log_prompts(router, calibration_log)
     if held_out_only and calibrated is None:
-        raise CreError(f"--held-out-only needs the log the router was last calibrated on: {why}; put it back "
-                       "as it was, or calibrate again on the log where it is now (`cre calibrate ROUTER --log FILE`)")
+        raise CreError(f"--held-out-only needs the log the router was last calibrated on: {why}; pass the "
+                       "log as it was with --calibration-log FILE, or calibrate again on the log where it is now "
+                       "(`cre calibrate ROUTER --log FILE`)")
     seen = None if fitted is None and calibrated is None else (fitted or set()) | (calibrated or set())
     reader = router.fit.reader.overridden(skip_bad, max_line_bytes)
     data = replay.prepare(router, settings, log, store, reader, unit, leave_out=seen if held_out_only else None)
