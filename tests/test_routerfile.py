@@ -392,3 +392,42 @@ def test_inspect_shows_what_a_router_needs_instead_of_refusing_it(
     assert here["large"]["state"] == "other" and here["large"]["detail"].startswith("another file here (sha256 999999999999…)")
     table = CliRunner().invoke(app, ["inspect", str(built_router_file), "--models", str(mine)]).stdout
     assert SHAS["medium"] in table  # the whole sha256, to pin or to find the file by
+
+
+def test_inspect_shows_the_logs_the_router_was_fitted_and_calibrated_on(
+    router: routerfile.RouterFile, tiny_models_toml: Path, tmp_path: Path, cre: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `cre inspect` named the fit log alone: the log `cre calibrate --log` tuned the router's
+    # cluster models and thresholds on (which `cre eval` counts as in sample) went unshown.
+    import json
+
+    from crecli.querylog import LogOptions
+
+    calibration = {"date": "2025-02-03 04:05:06", "log": "../dev.jsonl", "log_sha256": "cd" * 32,
+                   "reader": LogOptions().to_dict()}
+    fit = replace(router.fit, log="../log.jsonl", log_sha256="ab" * 32, date="2025-01-02 03:04:05",
+                  calibration=calibration)
+    path = tmp_path / "sub" / "router.cre"
+    path.parent.mkdir()
+    monkeypatch.chdir(path.parent)  # what a router not read from a file records is relative to
+    routerfile.save(replace(router, fit=fit), path)
+    m = ("--models", tiny_models_toml)
+
+    shown = cre("inspect", path, *m)
+    assert shown.code == 0, shown
+    text = " ".join(shown.out.split())
+    # Where each is, by the router's record (relative to its folder), and when.
+    assert f"({tmp_path / 'log.jsonl'}, fitted 2025-01-02 03:04:05; " in text
+    assert f"; {tmp_path / 'dev.jsonl'}, calibrated 2025-02-03 04:05:06)" in text
+    data = json.loads(cre("inspect", path, *m, "--json").out)
+    assert (data["fit"]["log"], data["fit"]["log_sha256"]) == ("../log.jsonl", "ab" * 32)
+    assert {k: data["fit"]["calibration"][k] for k in ("log", "log_sha256", "reader")} == {
+        k: calibration[k] for k in ("log", "log_sha256", "reader")}
+
+    # Calibrated by a crecli that did not record the log: said so; never calibrated: nothing.
+    older = {k: v for k, v in calibration.items() if k not in ("log", "log_sha256", "reader")}
+    routerfile.save(replace(router, fit=replace(fit, calibration=older)), path)
+    assert "; log not recorded, calibrated 2025-02-03 04:05:06)" in " ".join(cre("inspect", path, *m).out.split())
+    routerfile.save(replace(router, fit=replace(fit, calibration=None)), path)
+    assert "calibrated" not in cre("inspect", path, *m).out

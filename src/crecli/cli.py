@@ -177,7 +177,8 @@ def inspect(
     force: Annotated[bool, typer.Option("--force", help="Warn instead of failing when the router's embedder model differs here (ladder models are shown, never refused).")] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Show a router's models and clusters: what each model file must be (full sha256) and
+    """Show a router's logs, models and clusters: the logs it was fitted and last calibrated
+    on (where its records put them, and when); what each model file must be (full sha256) and
     whether this machine has it; per cluster, size, example prompts, each model's accuracy and
     cost, the chosen model.
 

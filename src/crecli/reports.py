@@ -120,13 +120,29 @@ def quality_check_line(router: Any) -> str:
     return line
 
 
+def logs_shown(router: Any) -> str:
+    """The logs `router` was fitted and last calibrated on, where they are by its records
+    (`routerfile.fit_log_path`, `calibration_log_path`), and when, for `cre inspect`'s first
+    line (`--json` has the records themselves: `fit.log`, `fit.calibration.log`)."""
+    from crecli.routerfile import calibration_log_path, fit_log_path
+
+    fit = router.fit
+    shown = f"{fit_log_path(router)}, fitted {fit.date}"
+    cal = fit.calibration
+    if cal is not None:
+        where = calibration_log_path(router)
+        # A router calibrated by a crecli that did not record the log says so, not "None".
+        when = f" {cal['date']}" if cal.get("date") else ""
+        shown += f"; {where if where is not None else 'log not recorded'}, calibrated{when}"
+    return shown
+
+
 def inspect_router(router: Any, as_json: bool, here: dict[str, tuple[str, str]] | None = None) -> None:
-    """`cre inspect`: the router's models (each one's file and, with `here`, its state on
-    this machine, `routerfile.local_state`), then its clusters."""
+    """`cre inspect`: the logs the router was fitted and calibrated on (`logs_shown`), its
+    models (each one's file and, with `here`, its state on this machine,
+    `routerfile.local_state`), then its clusters."""
     from rich.table import Table
     from rich.text import Text
-
-    from crecli.routerfile import fit_log_path
 
     if as_json:
         shown = {name: {"state": code, "detail": words} for name, (code, words) in (here or {}).items()}
@@ -138,7 +154,7 @@ def inspect_router(router: Any, as_json: bool, here: dict[str, tuple[str, str]] 
     out().print(
         terminal_safe(
             f"Router schema {router.schema_version}: {len(router.clusters)} clusters from {fit.n_queries} queries "
-            f"({fit_log_path(router)}, fitted {fit.date}); budget {router.budget['kind']} {router.budget['value']}; "
+            f"({logs_shown(router)}); budget {router.budget['kind']} {router.budget['value']}; "
             f"fallback {router.fallback_model}; "
             + quality_check_line(router)
         ),
