@@ -107,7 +107,7 @@ def test_resume_skips_ids_already_answered(
         + '{"line": 7, "id": "far", "answ'  # cut short by a crash: ignored
     )
     done = read_done_ids(earlier)
-    assert done == {"a1": {rows[0]["prompt_sha256"]}}
+    assert done == {"a1": {rows[0]["prompt_sha256"]: 1}}
 
     rows, summary = _run(MIXED, cascade, resume_ids=done)
     assert [r["line"] for r in rows] == [2, 3, 4, 5, 6, 7]
@@ -135,7 +135,7 @@ def test_resume_never_lets_an_answer_stand_for_another_prompt_that_took_its_id(
     rows, summary = _run([ADD.encode(), PERU.encode()], cascade, resume_ids=done)
     assert rows == [] and summary.skipped == 2
     # An answer written before records kept the prompt's digest is matched by id alone.
-    legacy = {k: {None} for k in done}
+    legacy = {k: {None: 0} for k in done}
     rows, summary = _run([b"What is 7 times 6?"], cascade, resume_ids=legacy)
     assert rows == [] and summary.skipped == 1
 
@@ -167,6 +167,38 @@ def test_resume_answers_a_line_that_shares_an_answered_id_but_not_its_prompt(
     rows, summary = _run(lines, cascade, resume_ids=read_done_ids(earlier))
     assert [(r["line"], r["id"], r.get("answer"), r.get("error")) for r in rows] == [(2, "x", "Lima", None)]
     assert (summary.skipped, summary.answered, summary.errors, summary.repeated_ids) == (1, 1, 0, 1)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 64])
+def test_resume_answers_a_line_whose_id_was_answered_only_at_a_later_line_of_the_input(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade, tmp_path: Path, chunk_size: int
+) -> None:
+    # Lines 1 and 2 share id "x"; the batch stopped with line 2 answered and line 1 not (an
+    # error record, or a stop that wrote the chunk's finished answers). On resume line 1 got
+    # "the input changed", though the input was the same and its prompt never answered.
+    install(fake_backends, TABLE)
+    lines = [jl(id="x", prompt=ADD), jl(id="y", prompt=FRUIT), jl(id="x", prompt=PERU), jl(id="z", prompt=PERU)]
+    first, _ = _run(lines, cascade)
+    earlier = tmp_path / "out.jsonl"
+    earlier.write_text(json.dumps({"line": 1, "id": "x", "error": "backend failed"}) + "\n"
+                       + "".join(json.dumps(r) + "\n" for r in first[1:]))
+    done = read_done_ids(earlier)
+    rows, summary = _run(lines, cascade, resume_ids=done, chunk_size=chunk_size)
+    assert [(r["line"], r["id"], r.get("answer"), r.get("error")) for r in rows] == [(1, "x", "12", None)]
+    assert done["x"] == {first[2]["prompt_sha256"]: 3}
+    assert (summary.skipped, summary.answered, summary.errors, summary.repeated_ids) == (3, 1, 0, 1)
+    # The input changed: no later line has id "x" by line 3, where it was answered (a line
+    # between removed, line 3 edited to another id), or the input ends before it.
+    for changed in ([lines[0], lines[1], jl(id="w", prompt=PERU), jl(id="x", prompt=HARD)], lines[:2], lines[:1]):
+        rows, summary = _run(changed, cascade, resume_ids=done, chunk_size=chunk_size,
+                             source="in.jsonl", resume_name=str(earlier))
+        errors = [r for r in rows if "error" in r]
+        assert [r["line"] for r in rows][:1] == [1] and [r["line"] for r in errors] == [1]
+        assert errors[0]["error"].startswith(f"in.jsonl:1: id 'x' was answered in {earlier} for another prompt")
+    # Answered at line 1 or before, for another prompt: the input changed, whatever follows.
+    rows, summary = _run([jl(id="x", prompt=HARD), *lines[1:]], cascade, chunk_size=chunk_size,
+                         resume_ids={"x": {first[0]["prompt_sha256"]: 1}})
+    assert [(r["line"], "error" in r) for r in rows] == [(1, True), (2, False), (3, False), (4, False)]
 
 
 def test_a_repeated_id_is_counted_and_said_since_resume_matches_by_id(
@@ -691,7 +723,7 @@ def test_a_second_batch_refused_after_its_redirect_emptied_the_file_says_so_and_
             holder.kill()
             holder.wait()
     assert out.read_bytes().startswith(b"\0")
-    assert read_done_ids(out) == {"b": {None}}
+    assert read_done_ids(out) == {"b": {None: 0}}
 
 
 def test_an_output_line_is_strict_json_even_with_a_float_that_is_not_finite() -> None:

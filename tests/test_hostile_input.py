@@ -206,7 +206,7 @@ def test_resume_file_with_hostile_lines_is_read(tmp_path: Path) -> None:
         b'{"id": "ok", "answer": "1"}\n' + b'{"id": "d", "answer": ' + DEEP + b"}\n"
         + b'{"id": ' + DIGITS + b', "answer": "2"}\n'
     )
-    assert read_done_ids(earlier) == {"ok": {None}}
+    assert read_done_ids(earlier) == {"ok": {None: 0}}
 
 
 @pytest.mark.parametrize("text", ["inf", "-inf", "nan", "NaN", "infinity", "1e999", "1e999GB", "-1", "-2GB", "0.5", "0", "", "GB", "lots", "4TB", "1..5G"])

@@ -137,10 +137,12 @@ def prompt_digest(prompt: str) -> str:
     return hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def read_done_ids(path: Path) -> dict[str, set[str | None]]:
+def read_done_ids(path: Path) -> dict[str, dict[str | None, int]]:
     """Ids that already have an answer in an earlier output file, each with the digests of
     the prompts answered under it (`prompt_digest`; None for an answer written before records
-    kept it). A set: an input may repeat an id, and each of its lines was answered.
+    kept it), each with the last input line it was answered at (0 where the record says none).
+    Several digests: an input may repeat an id, and each of its lines was answered; the lines
+    let `_answer_all` tell an id answered at a later line of the input from an input changed.
 
     Error records are not counted as done, so their lines are tried again; unreadable lines
     (such as a last line cut short by a crash) are ignored. A file whose whole lines hold no
@@ -158,7 +160,7 @@ def read_done_ids(path: Path) -> dict[str, set[str | None]]:
         raise InputError(f"{path}: --resume file not found; drop --resume for a first run") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read the --resume file: {exc.strerror}") from None
-    done: dict[str, set[str | None]] = {}
+    done: dict[str, dict[str | None, int]] = {}
     records = 0  # lines that are a batch's answer or error records
     for line in raw.splitlines():
         try:
@@ -168,7 +170,11 @@ def read_done_ids(path: Path) -> dict[str, set[str | None]]:
         records += isinstance(row, dict) and ("answer" in row or "error" in row)
         if isinstance(row, dict) and "answer" in row and "error" not in row and row.get("id") is not None:
             digest = row.get("prompt_sha256")
-            done.setdefault(str(row["id"]), set()).add(digest if isinstance(digest, str) else None)
+            number = row.get("line")
+            at = number if isinstance(number, int) and not isinstance(number, bool) else 0
+            prompts = done.setdefault(str(row["id"]), {})
+            key = digest if isinstance(digest, str) else None
+            prompts[key] = max(prompts.get(key, 0), at)
     # Whole lines (a last one cut by a crash aside) of which none is a record: the input given
     # where the earlier output was meant (`--resume prompts.jsonl`), which would answer every
     # line again after the first run's answers, as if nothing were amiss.
@@ -435,7 +441,7 @@ def run_batch(
     lines: "Iterable[bytes | LongLine] | BinaryIO",
     out: TextIO,
     cascade: "Cascade",
-    resume_ids: "Mapping[str, set[str | None]]" = MappingProxyType({}),
+    resume_ids: "Mapping[str, Mapping[str | None, int]]" = MappingProxyType({}),
     source: str = "<stdin>",
     resume_name: str = "the --resume file",
     chunk_size: int = CHUNK_LINES,
@@ -448,8 +454,9 @@ def run_batch(
     or the lines themselves. Lines whose id and prompt are in `resume_ids` (`read_done_ids`,
     from `resume_name`) are skipped and write nothing. A line whose id was answered there
     only for other prompts gets an error record (`changed_since`), never another prompt's
-    answer, unless an earlier line of the input has its id: lines sharing an id are told
-    apart by their prompts, so it is answered. A model file missing, failing verification or refused by llama.cpp stops the
+    answer, unless another line of the input has its id (an earlier one, or a later one
+    read by the last line the id was answered at): lines sharing an id are told apart by
+    their prompts, so it is answered. A model file missing, failing verification or refused by llama.cpp stops the
     batch (every later line would fail the same way); any other problem with one line
     becomes that line's error record. However the batch stops, every answer finished by
     then is written first.
@@ -542,7 +549,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 def _answer_all(
     lines: "Iterable[bytes | LongLine]",
     cascade: "Cascade",
-    resume_ids: "Mapping[str, set[str | None]]",
+    resume_ids: "Mapping[str, Mapping[str | None, int]]",
     resume_name: str,
     source: str,
     chunk_size: int,
@@ -554,13 +561,33 @@ def _answer_all(
 ) -> None:
     """`run_batch`'s loop: each chunk of lines parsed, routed in one call, and answered a
     rung at a time; every line ends in `finish`, `fail` or a skip."""
+    import heapq
+
     seen: set[str] = set()
+    # The first line of an id the --resume file answered only for other prompts, at later
+    # lines (a batch stopped with a later line of a repeated id answered and this one not):
+    # held until a later line of the input has its id (this one is answered then), or the
+    # input is past the last line the id was answered at without one (the input changed).
+    # Output waits for it, as for any unfinished line; an unchanged input has that later
+    # line exactly there.
+    held: dict[str, tuple[int, Record]] = {}
+    deadlines: list[tuple[int, int, str]] = []  # a heap of (last answered line, line, id)
+
+    def expire(before: float) -> None:
+        """Fail the held lines whose id was last answered at a line before `before`."""
+        while deadlines and deadlines[0][0] < before:
+            _, line, id = heapq.heappop(deadlines)
+            if held.pop(id, None) is not None:
+                fail(line, id, f"{source}:{line}: {changed_since(resume_name, id)}")
+                bar.advance(task)
+
     with progress() as bar:
         task = bar.add_task("Answering", total=None)
         for chunk in _chunks(lines, chunk_size):
             summary.lines += len(chunk)
             records: list[tuple[int, Record]] = []
             for line, raw in chunk:
+                expire(line)
                 try:
                     record = parse_batch_line(raw, line, source, fields)
                 except InputError as exc:
@@ -570,6 +597,8 @@ def _answer_all(
                 repeated = record.id in seen
                 summary.repeated_ids += int(repeated)
                 seen.add(record.id)
+                if (waiting := held.pop(record.id, None)) is not None:
+                    records.append(waiting)  # its id is on this later line too: answered now
                 answered = resume_ids.get(record.id)
                 # Answers kept no digest before: those match by id alone, as they did.
                 if answered is not None and (None in answered or prompt_digest(record.prompt) in answered):
@@ -578,6 +607,11 @@ def _answer_all(
                     bar.advance(task)
                     continue
                 if answered is not None and not repeated:
+                    last = max(answered.values())
+                    if last > line:  # perhaps at a later line of this input: wait for it
+                        held[record.id] = (line, record)
+                        heapq.heappush(deadlines, (last, line, record.id))
+                        continue
                     # Its id was answered only for another prompt: the input changed since.
                     fail(line, record.id, f"{source}:{line}: {changed_since(resume_name, record.id)}")
                     bar.advance(task)
@@ -625,6 +659,7 @@ def _answer_all(
                     else:
                         still.append((line, p))
                 pending = still
+        expire(math.inf)  # the input ended with no later line for them
 
 
 def _speeds_age_hours(cascade: "Cascade") -> float | None:
