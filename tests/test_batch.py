@@ -401,6 +401,95 @@ def test_sigterm_or_sighup_stops_a_batch_as_ctrl_c_does(
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("json_summary", [False, True])
+def test_a_batch_whose_terminal_hung_up_keeps_its_answers_and_exits_130(
+    saved_router: Path, tiny_models_toml: Path, tmp_path: Path, json_summary: bool
+) -> None:
+    # The ssh session closed: SIGHUP, and the terminal that was stderr gone, so the progress
+    # bar's last drawing and the summary failed (EIO) and exit 130 became 1 with a traceback.
+    infile = tmp_path / "in.jsonl"
+    infile.write_bytes(jl(id="p", prompt=PERU) + jl(id="a", prompt=ADD))
+    answers = tmp_path / "answers.jsonl"
+    with answers.open("w") as stdout:
+        result = batch_child("SIGHUP", [str(infile), "--router", str(saved_router), "--models", str(tiny_models_toml),
+                                        "--no-log"] + ["--json-summary"] * json_summary, stdout=stdout, hang_up=True)
+    assert result.returncode == 130
+    assert [(r["id"], r["answer"]) for r in map(json.loads, answers.read_text().splitlines())] == [("a", "12")]
+
+
+def test_a_progress_bar_that_cannot_erase_itself_as_a_stop_unwinds_leaves_it_a_stop(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SIGHUP with the terminal gone: the bar's last drawing failed (EIO) as the stop unwound,
+    # and that OSError, not the stop, ended the batch (exit 1, not 130).
+    import contextlib
+
+    from crecli import batch
+
+    drawn = batch.progress
+
+    @contextlib.contextmanager
+    def on_a_terminal_gone() -> Any:
+        with drawn() as bar:
+            try:
+                yield bar
+            except KeyboardInterrupt:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    def interrupted(text: str, params: GenParams) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "progress", on_a_terminal_gone)
+    fake_backends({"small": scripted(TABLE["small"]), "medium": interrupted})
+    rows, summary = _run([jl(id="p", prompt=PERU), jl(id="a", prompt=ADD)], cascade)
+    assert [(r["id"], r["answer"]) for r in rows] == [("a", "12")] and summary.interrupted
+
+
+class _GoneStderr(io.StringIO):
+    """stderr once the terminal closed (EIO) or its reader left (EPIPE): every write fails."""
+
+    def __init__(self, errno_: int) -> None:
+        super().__init__()
+        self.errno_ = errno_
+
+    def write(self, text: str) -> int:
+        raise OSError(self.errno_, os.strerror(self.errno_))
+
+    def flush(self) -> None:
+        raise OSError(self.errno_, os.strerror(self.errno_))
+
+
+@pytest.mark.parametrize("json_summary", [False, True])
+@pytest.mark.parametrize("errno_", [errno.EIO, errno.EPIPE])
+def test_a_summary_that_stderr_cannot_take_leaves_the_answers_and_exit_130(
+    fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, errno_: int, json_summary: bool
+) -> None:
+    # After SIGHUP the terminal was gone: the summary's write failed (EIO) after the answers
+    # were written, and the run ended in a traceback with exit 1 instead of 130; Rich met a
+    # broken pipe (EPIPE) by pointing stdout at /dev/null and exiting 1.
+    from crecli import render
+
+    def interrupted(text: str, params: GenParams) -> str:
+        raise KeyboardInterrupt
+
+    fake_backends({"small": scripted(TABLE["small"]), "medium": interrupted})
+    summarise = render.batch_summary
+
+    def gone(summary: BatchSummary, as_json: bool) -> None:
+        with monkeypatch.context() as during:  # the test's runner reads stderr afterwards
+            during.setattr(sys, "stderr", _GoneStderr(errno_))
+            summarise(summary, as_json)
+
+    monkeypatch.setattr(render, "batch_summary", gone)
+    infile = tmp_path / "in.jsonl"
+    infile.write_bytes(jl(id="p", prompt=PERU) + jl(id="a", prompt=ADD))
+    result = _batch([str(infile), "--router", str(saved_router), "--no-log"] + ["--json-summary"] * json_summary,
+                    tiny_models_toml)
+    assert result.exit_code == 130 and isinstance(result.exception, SystemExit), result.exception
+    assert [(r["id"], r["answer"]) for r in map(json.loads, result.stdout.splitlines())] == [("a", "12")]
+
+
 def test_ctrl_c_during_an_answers_bookkeeping_keeps_that_answer(
     fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, tiny_models_toml: Path, bench_speeds,
     monkeypatch: pytest.MonkeyPatch,

@@ -503,20 +503,29 @@ def run_batch(
 
     try:
         _answer_all(lines, cascade, resume_ids, resume_name, source, chunk_size, fields, summary, writer, finish, fail)
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        if not _stopped(exc):
+            # Whatever else ends the batch (a model that cannot answer at all) would otherwise
+            # take with it the answers of the chunk still waiting for an earlier line: up to 63 lost.
+            if not writer.failed:  # after a failed write, another could land after a cut line
+                with contextlib.suppress(CreError, OSError):  # the first error is the one to report
+                    writer.flush_ready()
+            raise
         # Ctrl-C, or SIGTERM or SIGHUP (`stop_on_signals`). What is answered is kept and
         # counted, as a resumed run expects; no line is half-written.
         summary.interrupted = True
         writer.flush_ready()
-    except BaseException:
-        # Whatever else ends the batch (a model that cannot answer at all) would otherwise take
-        # with it the answers of the chunk still waiting for an earlier line: up to 63 lost.
-        if not writer.failed:  # after a failed write, another could land after a cut line
-            with contextlib.suppress(CreError, OSError):  # the first error is the one to report
-                writer.flush_ready()
-        raise
     summary.cascade_cost, summary.strongest_cost = spent.total, strongest.total
     return summary
+
+
+def _stopped(exc: BaseException) -> bool:
+    """Whether `exc` is a stop (KeyboardInterrupt: Ctrl-C, SIGTERM, SIGHUP), or an OSError
+    raised while one unwound: after SIGHUP the terminal that was stderr may be gone, and the
+    progress bar erasing itself there fails (EIO). The stop, not that, ended the batch."""
+    while isinstance(exc, OSError) and exc.__context__ is not None:
+        exc = exc.__context__
+    return isinstance(exc, KeyboardInterrupt)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional, TextIO
 
 import typer
 
@@ -448,7 +448,8 @@ def batch(
     finished before it is written, and `--resume` answers the rest); 2 bad usage; 3
     finished, but some lines got error records; 130 interrupted (Ctrl-C, SIGTERM, or SIGHUP
     where it is not ignored as under nohup): every answer finished by then is written, the
-    summary says how many, and `--resume` answers the rest.
+    summary says how many (unless the terminal that was stderr is gone), and `--resume`
+    answers the rest.
     """
     import contextlib
 
@@ -499,10 +500,15 @@ def batch(
         with Cascade.from_file(router_path, models, force=force, memory_budget_bytes=budget, parallel=parallel) as cascade:
             summary = run_batch(lines, sys.stdout, cascade, done, source=source, resume_name=str(resume), fields=fields,
                                 served=served)
-    if not summary.lines and not summary.interrupted:
-        # `cat missing.txt | cre batch > answers.jsonl`: only cat's error was on screen.
-        console.warn(f"{source} held no lines: nothing was answered")
-    render.batch_summary(summary, as_json=json_summary)
+
+    def say() -> None:
+        if not summary.lines and not summary.interrupted:
+            # `cat missing.txt | cre batch > answers.jsonl`: only cat's error was on screen.
+            console.warn(f"{source} held no lines: nothing was answered")
+        render.batch_summary(summary, as_json=json_summary)
+
+    # The answers are written; after SIGHUP the terminal that was stderr may be gone.
+    _unless_stderr_is_gone(say)
     if summary.interrupted:
         raise typer.Exit(130)
     if summary.errors:
@@ -714,18 +720,47 @@ def _error(message: str) -> None:
 def _silence_stdout_if_broken() -> bool:
     """Whether stdout cannot be written; if so it is pointed at /dev/null, since Python's
     own flush at exit would fail again and print a second error, with a traceback."""
-    import os
-
     if sys.stdout is None:  # closed (`>&-`): nothing to flush
         return False
     try:
         sys.stdout.flush()
         return False
     except OSError:
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-        except (OSError, ValueError):  # no file descriptor behind stdout (a test's buffer)
-            pass
+        _to_devnull(sys.stdout)
         return True
+
+
+def _unless_stderr_is_gone(say: Callable[[], None]) -> None:
+    """Call `say`, which writes to stderr, unless stderr cannot take it: after SIGHUP the
+    terminal that was stderr may be gone (EIO), or a reader of stderr may have left (EPIPE).
+    What stdout carries is written by then, and the exit code stays the command's own: not 1
+    with a traceback, nor the 120 of Python's own flush of stderr failing again at exit,
+    which is why stderr is pointed at /dev/null then."""
+    from crecli.console import err
+
+    console = err()
+    # Rich meets a broken pipe by pointing *stdout* at /dev/null and exiting 1
+    # (`Console.on_broken_pipe`, made for a console on stdout): here it is raised as any other.
+    console.on_broken_pipe = _reraise  # type: ignore[method-assign]
+    try:
+        say()
+    except OSError:
+        _to_devnull(sys.stderr)
+    finally:
+        del console.on_broken_pipe
+
+
+def _reraise() -> None:
+    raise  # the exception being handled where this is called (Rich's BrokenPipeError)
+
+
+def _to_devnull(stream: TextIO | None) -> None:
+    """Point `stream`'s file descriptor at /dev/null, where writes and flushes succeed."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())  # type: ignore[union-attr]
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no file descriptor behind it (a test's buffer)
+        pass

@@ -3,27 +3,48 @@ share: a signal that would kill it, or a real stdout.
 
 `batch_child(stop, args, stdout)` runs `cre batch ARGS` through `cli.main()`; the rungs answer
 from `support.prompts.TABLE`, except that the medium rung, where `stop` names a signal
-("SIGTERM"), sends it to its own process instead of answering.
+("SIGTERM"), sends it to its own process instead of answering. With `hang_up`, the child's
+stderr is a terminal (a pty) that closes as the signal is sent, as when the ssh session that
+ran the batch ends: every write to it fails (EIO) from then on.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import IO
 
+# The child's copy of the terminal's master side, which it closes before signalling itself.
+_TERMINAL_FD = "CRE_TEST_BATCH_CHILD_TERMINAL_FD"
+
 
 def batch_child(stop: str | None, args: list[str], stdout: IO[str] | int = subprocess.PIPE,
-                timeout: float = 120) -> "subprocess.CompletedProcess[str]":
+                timeout: float = 120, hang_up: bool = False) -> "subprocess.CompletedProcess[str]":
     """The finished child: its exit code (negative for a signal that killed it), stdout where
-    it was a pipe, and stderr."""
-    return subprocess.run([sys.executable, __file__, stop or "", *args], stdout=stdout, stderr=subprocess.PIPE,
-                          text=True, timeout=timeout)
+    it was a pipe, and stderr ("" with `hang_up`: the terminal took it, and is gone)."""
+    command = [sys.executable, __file__, stop or "", *args]
+    if not hang_up:
+        return subprocess.run(command, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=timeout)
+    master, slave = os.openpty()
+    try:
+        # Only the child holds the master from here, so its close hangs the terminal up.
+        child = subprocess.Popen(command, stdout=stdout, stderr=slave, text=True, pass_fds=(master,),
+                                 env={**os.environ, _TERMINAL_FD: str(master)})
+    finally:
+        os.close(slave)
+        os.close(master)
+    try:
+        child.wait(timeout)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    return subprocess.CompletedProcess(command, child.returncode, None, "")
 
 
 def _main() -> None:
-    import os
     import signal
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for `support`
@@ -38,7 +59,11 @@ def _main() -> None:
     # As in a terminal, though the tests may run under nohup (SIGHUP ignored, and inherited).
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
+    terminal = os.environ.get(_TERMINAL_FD)
+
     def stopped(text: str, params: GenParams) -> str:
+        if terminal:
+            os.close(int(terminal))  # the terminal hangs up
         os.kill(os.getpid(), getattr(signal, stop))
         raise AssertionError(f"{stop} did not stop the batch")
 
