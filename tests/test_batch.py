@@ -742,6 +742,39 @@ def test_a_resume_file_emptied_by_the_shell_is_told_apart_from_one_appended_to(t
     assert not emptied_by_redirect(resume, io.StringIO())
 
 
+def test_a_resume_file_opened_read_write_is_not_called_emptied_but_refused(tmp_path: Path) -> None:
+    # `--resume out.jsonl 1<> out.jsonl`: `1<>` empties nothing, yet the warning said '>' had
+    # emptied it; and the run wrote its answers from the file's start over the ones it held.
+    from crecli.batch import emptied_by_redirect, refuse_own_output
+
+    resume = tmp_path / "out.jsonl"
+    resume.write_text(json.dumps({"line": 1, "id": "a", "answer": "12"}) + "\n")
+    before = resume.read_bytes()
+    with open(resume, "r+") as out:
+        assert not emptied_by_redirect(resume, out)
+        with pytest.raises(UsageError, match=rf"stdout is the --resume file {resume}, opened with '1<>'.*written "
+                                             rf"over the ones it holds.*>> {resume}$"):
+            refuse_own_output(io.BytesIO(jl(id="a", prompt=ADD)), out, "<stdin>", resume)
+    assert resume.read_bytes() == before
+    for mode in ("a", "w"):  # appended to, or emptied already (warned): not refused
+        with open(resume, mode) as out:
+            refuse_own_output(io.BytesIO(jl(id="a", prompt=ADD)), out, "<stdin>", resume)
+
+
+@pytest.mark.parametrize(("mode", "said"), [("w", True), ("r+", False)])
+def test_an_input_that_is_stdout_is_called_emptied_only_when_it_was(tmp_path: Path, mode: str, said: bool) -> None:
+    # `cre batch in.jsonl 1<> in.jsonl` with in.jsonl empty: `1<>` emptied nothing, yet the
+    # refusal said the shell's '>' had.
+    from crecli.batch import refuse_own_output
+
+    loop = tmp_path / "loop.jsonl"
+    loop.write_text("")
+    with loop.open("rb") as stdin, loop.open(mode) as stdout:
+        with pytest.raises(UsageError, match="is also stdout") as refused:
+            refuse_own_output(stdin, stdout, str(loop), None)
+    assert ("the shell's '>' emptied it" in str(refused.value)) is said
+
+
 def test_the_json_summary_is_strict_json(capsys: pytest.CaptureFixture[str]) -> None:
     # As every JSON crecli writes: a figure that cannot be computed is null, never a bare NaN.
     from crecli import render
@@ -813,6 +846,33 @@ def test_a_second_batch_refused_after_its_redirect_emptied_the_file_says_so_and_
             holder.wait()
     assert out.read_bytes().startswith(b"\0")
     assert read_done_ids(out) == {"b": {None: 0}}
+
+
+def test_a_second_batch_refused_through_a_read_write_redirect_does_not_say_it_emptied_the_file(
+    tmp_path: Path,
+) -> None:
+    # `cre batch ... 1<> held.jsonl` while another run held it: `1<>` empties nothing, yet the
+    # refusal said this run's '>' had emptied the file and the other run's answers were gone.
+    import subprocess
+
+    from crecli.batch import lock_output
+
+    out = tmp_path / "held.jsonl"
+    out.write_text(json.dumps({"id": "a", "answer": "12"}) + "\n")
+    before = out.read_bytes()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, time\n"
+        f"f = open({str(out)!r}, 'a'); fcntl.flock(f.fileno(), fcntl.LOCK_EX); print('locked', flush=True); time.sleep(30)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with open(out, "r+") as mine:  # `1<> held.jsonl`
+            with pytest.raises(CreError, match=r"it holds its lock\): let it finish, or write this run elsewhere") as refused:
+                lock_output(mine)
+        assert "emptied" not in str(refused.value) and out.read_bytes() == before
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_an_output_line_is_strict_json_even_with_a_float_that_is_not_finite() -> None:

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Mapping, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Literal, Mapping, TextIO, TypeVar
 
 from crecli.console import progress, strict_json
 from crecli.costs import RunTotal
@@ -225,23 +225,28 @@ def mend_cut_line(resume: Path, out: TextIO) -> None:
 
 
 def emptied_by_redirect(resume: Path, out: TextIO) -> bool:
-    """Whether `out` is the --resume file itself, opened without appending: `> out.jsonl`
+    """Whether `out` is the --resume file itself, emptied as it was opened: `> out.jsonl`
     where `>> out.jsonl` was meant. The shell emptied the file before `cre` ran, so it holds
     no answers and every line is answered again; only a warning can say why."""
-    return _writes_to(out, resume) and not _appends(out)
+    return _writes_to(out, resume) and _opened_as(out) == "emptied"
 
 
-def _appends(out: TextIO) -> bool:
-    """Whether `out` was opened to append (`>>`) rather than to write from the start (`>`,
-    for which the shell empties the file first); True where that cannot be told."""
+def _opened_as(out: TextIO) -> Literal["append", "emptied", "read-write", "unknown"]:
+    """How the file behind `out` was opened: "append" (`>>`); "emptied" (`>`, which the shell
+    opens to write only and empties: the emptying flag is not one the file keeps, so writing
+    only without appending is the sign); "read-write" (`1<>`, which empties nothing and writes
+    from the start); "unknown" where that cannot be told (no file descriptor, no fcntl)."""
     import os
 
     try:
         import fcntl
 
-        return bool(fcntl.fcntl(out.fileno(), fcntl.F_GETFL) & os.O_APPEND)
+        flags = fcntl.fcntl(out.fileno(), fcntl.F_GETFL)
     except (OSError, ValueError, AttributeError, ImportError):  # no fd behind `out`, no fcntl
-        return True
+        return "unknown"
+    if flags & os.O_APPEND:
+        return "append"
+    return "emptied" if flags & os.O_ACCMODE == os.O_WRONLY else "read-write"
 
 
 def _file_name(fd: int, name: str) -> str:
@@ -261,11 +266,17 @@ def refuse_own_output(input: BinaryIO, out: TextIO, source: str, resume: Path | 
     """Refuse (UsageError) an input that is the file the answers go to (`cre batch in.jsonl
     >> in.jsonl`, or `< in.jsonl >> in.jsonl`, or `1<> in.jsonl`): each answer would be read
     back as a line to answer, and the file grow until the disk is full. And a --resume file
-    that is the input: it is the output of an earlier run. Only regular files are compared: a
-    terminal is stdin and stdout at once, rightly."""
+    that is the input: it is the output of an earlier run. And a --resume file that is stdout
+    opened with `1<>`: the answers would be written from its start over those it holds (where
+    `>` emptied it, `emptied_by_redirect` warns instead: nothing is left to lose). Only regular
+    files are compared: a terminal is stdin and stdout at once, rightly."""
     import os
     import stat
 
+    if resume is not None and _writes_to(out, resume) and _opened_as(out) == "read-write":
+        raise UsageError(f"stdout is the --resume file {resume}, opened with '1<>', which writes from its start: "
+                         "this run's answers would be written over the ones it holds. Append to it: "
+                         f"cre batch --resume {resume} prompts.jsonl >> {resume}")
     try:
         fd = input.fileno()
         read = os.fstat(fd)
@@ -280,7 +291,8 @@ def refuse_own_output(input: BinaryIO, out: TextIO, source: str, resume: Path | 
         written = None
     if written is not None and os.path.samestat(read, written):
         what = path if source == path else f"stdin ({path})"
-        emptied = f" ({path} is empty: the shell's '>' emptied it before cre started)" if read.st_size == 0 else ""
+        emptied = (f" ({path} is empty: the shell's '>' emptied it before cre started)"
+                   if read.st_size == 0 and _opened_as(out) == "emptied" else "")
         raise UsageError(f"{what} is also stdout, where the answers go: each answer would be read back as a prompt, "
                          f"and the file grow until the disk is full{emptied}. Write the answers to another file: "
                          "cre batch prompts.jsonl > answers.jsonl")
@@ -313,7 +325,7 @@ def lock_output(out: TextIO) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         name = _file_name(fd, str(getattr(out, "name", "<stdout>")))
-        if not _appends(out):
+        if _opened_as(out) == "emptied":
             # `> out.jsonl`: the shell emptied the file before cre could refuse, so the other
             # run's answers so far are gone; it writes on, and --resume finds those it writes.
             raise CreError(f"another cre batch is writing to {name} (it holds its lock), and this run's '>' emptied "

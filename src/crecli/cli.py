@@ -430,7 +430,8 @@ def batch(
     an error record instead: answer such an input into a new file. Where another line has
     the same id, lines are told apart by their prompts, and such a line is answered. A
     second batch writing to the same file at once is refused, and so is output into the
-    input file itself (the answers would be read back as prompts).
+    input file itself (the answers would be read back as prompts), or into out.jsonl with
+    1<> (they would be written over its answers).
     Each answered prompt, its answer and trace are added to the served-query log (`cre log`;
     references and labels are not), unless --no-log is given.
 
