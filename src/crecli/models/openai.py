@@ -438,7 +438,7 @@ class OpenAIBackend(Backend):
         last: RemoteError | None = None  # the last HTTP error, for its status
         waited = False
         start = time.perf_counter()
-        for _ in range(MAX_TRIES):
+        for attempt in range(MAX_TRIES):
             cancel.check()
             left = self._time_left(timeout, start)
             wait_until = time.monotonic() + left  # the request's own deadline
@@ -450,8 +450,10 @@ class OpenAIBackend(Backend):
             # The rung's timeout, or less where the request has less left: a server that hangs
             # past it is taken out and the request tried elsewhere while time remains.
             try_for = min(timeout, max(0.1, left))
-            if stream is not None:
-                stream.retry()  # nothing of a failed try went out, or it was raised
+            if stream is not None and attempt:
+                # A later try reads afresh (nothing of a failed try went out, or it was
+                # raised); the first reads the stream as it was built.
+                stream.retry()
             try:
                 reply = self._send(url, payload, headers, try_for, stream.line if stream is not None else None)
             except transport.TransportError as exc:
