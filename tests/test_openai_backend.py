@@ -435,7 +435,7 @@ def test_each_streamed_piece_costs_its_own_length_not_the_answers(monkeypatch: p
         engine.answer = lambda prompt, body: " ".join(["word"] * 400) + " END and more"
         text = StreamText(("END",), got.append)
         gen = OpenAIBackend(_spec(engine.url, prompt_format="chat")).generate_streaming(
-            "hi", GenParams(max_tokens=500, stop=("</a>",)), text.feed)
+            "hi", GenParams(max_tokens=500, stop=("</a>",)), text.add)
     whole = gen.text.split("END")[0].strip()
     text.finish(whole)
     assert "".join(got) == whole == " ".join(["word"] * 400) and len(got) > 100

@@ -468,7 +468,7 @@ def test_stream_text_applies_stop_and_whitespace_as_the_whole_answer_gets_them()
     got: list[str] = []
     text = StreamText(("END",), got.append)
     for piece in ["  The ", "answer", " is 4", "  ", "E", "N", "D and more"]:
-        text.feed(piece)
+        text.add(piece)
     text.finish("The answer is 4")
     assert "".join(got) == "The answer is 4" and all(got)
     assert held_back("abc EN", ("END",)) == ("abc ", False) and held_back("abc END x", ("END",)) == ("abc ", True)

@@ -306,16 +306,13 @@ class StreamText(StopSafeEmitter):
     the first `stop` string, leading whitespace dropped, trailing whitespace and the start of
     a possible stop string held back until more text shows what they are. The same rules
     `cut_at_stop` and `strip` apply to a whole answer, applied to its pieces, so what `emit`
-    gets is always a prefix of the final text (`StopSafeEmitter`, which this feeds piece
-    by piece and strips, each piece at its own cost); `finish` sends the rest of it.
+    gets is always a prefix of the final text (`StopSafeEmitter.add` takes each piece, at
+    its own cost; this strips what it lets out); `finish` sends the rest of it.
     """
 
     def __init__(self, stop: tuple[str, ...], emit: Callable[[str], None]) -> None:
         super().__init__(stop, emit)
         self._space: list[str] = []  # trailing whitespace, sent once text follows it
-
-    def feed(self, piece: str) -> None:
-        self.add(piece)
 
     def _out(self, safe: str) -> None:
         if not self._sent:

@@ -221,7 +221,7 @@ def cascade_job(cascade: "Cascade", query: Query, ticket: Ticket, served: "Serve
     text = StreamText(query.stop, emit) if emit is not None else None
     pending = cascade.begin(query.prompt)
     if text is not None:
-        pending.stream = text.feed
+        pending.stream = text.add
     # The whole climb, stopping before a rung once the request has given up.
     if not cascade.advance(pending, rungs=None, stop=ticket.is_set):
         raise _Abandoned
@@ -250,7 +250,7 @@ def model_job(cascade: "Cascade", query: Query, emit: Callable[[str], None] | No
     text = StreamText(query.stop, emit) if emit is not None else None
     with cascade.pool.lease(spec) as backend:
         if text is not None:
-            gen = backend.generate_streaming(query.prompt, sampling(query), text.feed)
+            gen = backend.generate_streaming(query.prompt, sampling(query), text.add)
         else:
             gen = backend.generate(query.prompt, sampling(query))
     answer = direct_answer(query.model, gen, generation_cost(cascade, query.model, gen), cascade.pricing.unit,
