@@ -278,10 +278,13 @@ def test_models_toml_sets_a_remote_rungs_timeout(server: _Server, tmp_path: Path
     ])
 
 
-def test_missing_usage_counts_zero_tokens(server: _Server) -> None:
+def test_missing_usage_is_estimated_from_the_text(server: _Server) -> None:
+    from crecli.models.openai import CHARS_PER_TOKEN
+
     server.reply = lambda path, body: (200, {"choices": [{"text": "x"}]})
     gen = OpenAIBackend(_spec(server.url)).generate("hi")
-    assert (gen.text, gen.prompt_tokens, gen.output_tokens, gen.finish_reason) == ("x", 0, 0, "stop")
+    prompt = -(-len(server.requests[0]["body"]["prompt"]) // CHARS_PER_TOKEN)
+    assert (gen.text, gen.prompt_tokens, gen.output_tokens, gen.finish_reason) == ("x", prompt, 1, "stop")
 
 
 @pytest.mark.parametrize(
@@ -298,10 +301,14 @@ def test_a_reply_of_the_wrong_shape_is_a_remote_error_not_a_crash(server: _Serve
 
 
 def test_odd_counts_and_content_read_as_unknown_not_as_text(server: _Server) -> None:
+    from crecli.models.openai import CHARS_PER_TOKEN
+
     server.reply = lambda path, body: (200, {"choices": [{"message": {"content": [{"type": "text"}]}}],
                                              "usage": {"prompt_tokens": "7", "completion_tokens": True}})
     gen = OpenAIBackend(_spec(server.url, prompt_format="chat")).generate("hi")
-    assert (gen.text, gen.prompt_tokens, gen.output_tokens) == ("", 0, 0)
+    # Unknown counts are estimated from the text (`_tokens`): the messages sent, no answer.
+    sent = "".join(m["content"] for m in server.requests[0]["body"]["messages"])
+    assert (gen.text, gen.prompt_tokens, gen.output_tokens) == ("", -(-len(sent) // CHARS_PER_TOKEN), 0)
 
 
 @pytest.mark.parametrize("message", [
@@ -466,3 +473,44 @@ def test_a_stream_past_max_tokens_is_read_no_further_and_ends_as_length(monkeypa
             release.set()
     assert gen.text == "".join(got) == "w0 w1 w2 w3"
     assert gen.finish_reason == "length" and gen.output_tokens == 4
+
+
+@pytest.mark.parametrize("path", ["completion", "chat", "streamed-whole", "streamed"])
+def test_a_server_without_usage_is_estimated_not_counted_free(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    # A server that sent no `usage` was counted 0 prompt tokens (and, but for an event-by-event
+    # stream, 0 output tokens): its answers were priced as free.
+    from contextlib import nullcontext
+
+    from crecli.costs import Pricing
+    from crecli.models import openai as remote
+    from support.fake_openai import FakeOpenAI
+    from support.scale import fresh_remote, pooled_transport
+
+    fresh_remote(monkeypatch)
+    answer = "The answer is forty-two, as computed above."
+    streamed = path.startswith("streamed")
+    with pooled_transport() if streamed else nullcontext(), FakeOpenAI() as engine:
+        engine.answer = lambda prompt, body: answer
+        engine.usage, engine.ignore_stream = False, path == "streamed-whole"
+        backend = OpenAIBackend(_spec(engine.url, prompt_format="completion" if path == "completion" else "chat"))
+        params = GenParams(max_tokens=64)
+        gen = backend.generate_streaming("What is six times seven?", params, lambda piece: None) if streamed \
+            else backend.generate("What is six times seven?", params)
+        [request] = engine.requests
+    assert gen.text == answer
+    cost = Pricing("price", {"remote": 1.0}).price_votes("remote", gen.prompt_tokens, [gen.output_tokens], [gen.seconds])
+    assert cost is not None and cost[0] > 0 and gen.prompt_tokens > 0 and gen.output_tokens > 0
+    body = request["body"]
+    sent = body.get("prompt") or "".join(m["content"] for m in body["messages"])
+    assert gen.prompt_tokens == -(-len(sent) // remote.CHARS_PER_TOKEN)
+    # Streamed event by event: one event a token (the fake streams a word an event).
+    assert gen.output_tokens == (len(answer.split()) if path == "streamed" else -(-len(answer) // remote.CHARS_PER_TOKEN))
+
+
+@pytest.mark.parametrize(("finish", "tokens"), [("length", 4), ("stop", 3)])
+def test_an_answer_without_usage_is_cut_as_its_finish_reason_says(server: _Server, finish: str, tokens: int) -> None:
+    # Without `usage`, an answer stopped at `max_tokens` counts all of it (`quality.was_cut`
+    # sees it cut); one the server says stopped on its own stays below it, however long.
+    server.reply = lambda path, body: (200, {"choices": [{"text": "a long answer " * 10, "finish_reason": finish}]})
+    gen = OpenAIBackend(_spec(server.url)).generate("hi", GenParams(max_tokens=4))
+    assert (gen.output_tokens, gen.finish_reason) == (tokens, finish) and gen.prompt_tokens > 0

@@ -41,6 +41,8 @@ class FakeOpenAI:
     - `page`: answer every request 200 with these bytes as `page_type` (text/html: a proxy's
       or another service's page where the API should be: no completion);
     - `ignore_max_tokens`: answer with every token, whatever `max_tokens` asks;
+    - `usage` False: no `usage` in a reply, nor in a stream however it is asked for (some
+      proxies and older engines leave it out);
     - `ignore_stream`: answer a streamed request with a whole JSON completion (a server or
       proxy that ignores `stream: true`); `stream_type`: the Content-Type a stream is sent as;
     - `die`: close the connection holding the request, with no reply (a crashed server);
@@ -67,6 +69,7 @@ class FakeOpenAI:
         self.page_type = "text/html"
         self.ignore_stream = False
         self.ignore_max_tokens = False
+        self.usage = True
         self.stream_type = "text/event-stream"
         self.die = False
         self.delay = 0.0
@@ -175,15 +178,16 @@ class FakeOpenAI:
         usage = {"prompt_tokens": max(1, len(prompt.split())), "completion_tokens": len(toks),
                  "total_tokens": max(1, len(prompt.split())) + len(toks)}
         if body.get("stream") and not self.ignore_stream:
-            self._stream(h, toks, chat, usage, bool((body.get("stream_options") or {}).get("include_usage")))
+            self._stream(h, toks, chat, usage, self.usage and bool((body.get("stream_options") or {}).get("include_usage")))
             return
         choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": logprobs}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
-        h._send(200, {"id": "cmpl-fake", "object": "chat.completion" if chat else "text_completion",
-                      "model": body.get("model"), "choices": [choice], "usage": usage})
+        reply = {"id": "cmpl-fake", "object": "chat.completion" if chat else "text_completion",
+                 "model": body.get("model"), "choices": [choice]}
+        h._send(200, {**reply, "usage": usage} if self.usage else reply)
 
     def _logprobs(self, toks: list[Tok], top: int, chat: bool) -> dict[str, Any]:
         def ranked(alts: dict[str, float]) -> list[tuple[str, float]]:

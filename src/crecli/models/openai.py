@@ -14,6 +14,9 @@ Whether it does is found out once per (url, model) and process (`signal_support`
 `cre models list` shows; a server that returns none (Ollama's OpenAI endpoint) is not asked
 again, and its rung's answers carry no signals.
 
+Token counts, which costs price (`costs.Pricing`), are the server's `usage`; a server that
+sends none has them estimated from the text (`_tokens`), so its answers are not priced as free.
+
 Each request goes to the least busy healthy replica and is tried on another when one fails
 (`replicas.ReplicaSet`); the rung fails (`RungUnavailable`) only when every replica has.
 Requests travel by the process's transport (`http`): the standard library's, or the pooled
@@ -102,6 +105,48 @@ def _count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value == value:
         return 0
     return max(0, int(min(value, 2**31)))
+
+
+# A server that sends no `usage` (some proxies and older engines leave it out) still read the
+# prompt and wrote the answer: counted as 0 tokens, its answers would be priced as free
+# (`costs.Pricing` prices token counts). A remote rung has no tokenizer here (cre never loads
+# its server's vocabulary: `count_tokens` is None), so its counts are estimated from the text:
+# about four characters a token, the usual figure for English in the BPE vocabularies engines
+# serve (an estimate: code, digits and other scripts take more tokens a character).
+CHARS_PER_TOKEN = 4
+
+
+def _estimate(text: str) -> int:
+    """Tokens `text` takes by `CHARS_PER_TOKEN`, rounded up: 0 only for no text."""
+    return -(-len(text) // CHARS_PER_TOKEN)
+
+
+def _sent_text(body: dict[str, Any]) -> str:
+    """The text a request sends the model: its prompt, or its messages' contents."""
+    if "messages" in body:
+        return "".join(str(m.get("content") or "") for m in body["messages"])
+    return str(body.get("prompt") or "")
+
+
+def _tokens(usage: dict[str, Any], body: dict[str, Any], text: str, finish: str,
+            events: int | None = None) -> tuple[int, int]:
+    """(prompt, output) tokens of the answer `text` to the request `body`: each the server's
+    `usage` where it gives it, else estimated, never 0 for text read or written. The prompt:
+    the text sent, by `CHARS_PER_TOKEN`. The output: `events` for a stream read event by
+    event (one event a token, as engines stream them); all of `max_tokens` for an answer
+    that stopped there (`finish` "length"); else `text` by `CHARS_PER_TOKEN`, kept below
+    `max_tokens` where that leaves a token (the server says the answer stopped on its own,
+    and one at its cap counts as cut: `quality.was_cut`)."""
+    prompt = _count(usage.get("prompt_tokens")) or _estimate(_sent_text(body))
+    output = _count(usage.get("completion_tokens"))
+    if not output:
+        if events is not None:
+            output = events
+        elif finish == "length":
+            output = int(body["max_tokens"])
+        else:
+            output = min(_estimate(text), max(1, int(body["max_tokens"]) - 1))
+    return prompt, output
 
 
 def _completion_shape(data: Any, chat: bool) -> str | None:
@@ -640,15 +685,17 @@ class OpenAIBackend(Backend):
         return body
 
     @staticmethod
-    def _generation(data: dict[str, Any], text: str, seconds: float, greedy: bool) -> Generation:
-        usage = data.get("usage") or {}
+    def _generation(data: dict[str, Any], body: dict[str, Any], text: str, seconds: float, greedy: bool) -> Generation:
+        """The answer `text` of a whole completion `data` to the request `body`."""
         choice = data["choices"][0]
+        finish = str(choice.get("finish_reason") or "stop")
+        prompt_tokens, output_tokens = _tokens(data.get("usage") or {}, body, text, finish)
         return Generation(
             text=text,
-            prompt_tokens=_count(usage.get("prompt_tokens")),
-            output_tokens=_count(usage.get("completion_tokens")),
+            prompt_tokens=prompt_tokens,
+            output_tokens=output_tokens,
             seconds=seconds,
-            finish_reason=str(choice.get("finish_reason") or "stop"),
+            finish_reason=finish,
             signals=lp.signals(lp.steps(choice.get("logprobs"))) if greedy else None,
         )
 
@@ -663,15 +710,17 @@ class OpenAIBackend(Backend):
 
     def complete(self, rendered: Rendered, params: GenParams) -> Generation:
         greedy = params.temperature == 0.0 and params.signals
-        data, seconds = self._ask("completions", self._completion_body(rendered, params), greedy)
-        return self._generation(data, _answer_text(data, chat=False), seconds, greedy)
+        body = self._completion_body(rendered, params)
+        data, seconds = self._ask("completions", body, greedy)
+        return self._generation(data, body, _answer_text(data, chat=False), seconds, greedy)
 
     def generate(self, prompt: str, params: GenParams = GenParams()) -> Generation:
         if self.spec.prompt_format != "chat":
             return super().generate(prompt, params)
         greedy = params.temperature == 0.0 and params.signals
-        data, seconds = self._ask("chat/completions", self._chat_body(prompt, params), greedy)
-        return self._generation(data, _answer_text(data, chat=True), seconds, greedy)
+        body = self._chat_body(prompt, params)
+        data, seconds = self._ask("chat/completions", body, greedy)
+        return self._generation(data, body, _answer_text(data, chat=True), seconds, greedy)
 
     def generate_streaming(self, prompt: str, params: GenParams, emit: Callable[[str], None]) -> Generation:
         """`generate` with the server's own token stream passed through to `emit` (`stream:
@@ -693,18 +742,18 @@ class OpenAIBackend(Backend):
         whole, seconds, _ = self._post(endpoint, body, stream=stream)
         if whole:
             # No stream but a whole completion (`_post` judged it): nothing went out yet.
-            gen = self._generation(whole, cut_at_stop(_answer_text(whole, chat), params.stop)[0], seconds, False)
+            gen = self._generation(whole, body, cut_at_stop(_answer_text(whole, chat), params.stop)[0], seconds, False)
             stream.out.finish(gen.text)
             return gen
         # A complete stream (`_post` judged it). Cut at a whole stop string; a tail that only
         # starts one stays (the answer is complete).
         text = cut_at_stop("".join(stream.pieces), params.stop)[0]
         stream.out.finish(text)
+        prompt_tokens, output_tokens = _tokens(stream.usage, body, text, stream.finish, events=len(stream.pieces))
         return Generation(
             text=text,
-            prompt_tokens=_count(stream.usage.get("prompt_tokens")),
-            # A server that sends no usage: one event a token, as engines stream them.
-            output_tokens=_count(stream.usage.get("completion_tokens")) or len(stream.pieces),
+            prompt_tokens=prompt_tokens,
+            output_tokens=output_tokens,
             seconds=seconds,
             finish_reason=stream.finish,
         )
