@@ -6,6 +6,7 @@ import json
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -204,10 +205,10 @@ def test_timeout_is_reported(server: _Server) -> None:
         OpenAIBackend(_spec(server.url), timeout=0.1).generate("hi")
 
 
-@pytest.fixture
-def trickling() -> Iterator[str]:
-    """The API root of a server that answers 200 at once, then sends its body a byte every
-    50 ms (five seconds in all): every read is quick, the whole reply slow."""
+@contextmanager
+def _trickling(every: float) -> Iterator[str]:
+    """The API root of a server that answers 200 at once, then sends its 100-byte body a byte
+    every `every` seconds."""
     done = threading.Event()
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -226,7 +227,7 @@ def trickling() -> Iterator[str]:
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                                  b"Content-Length: %d\r\n\r\n" % len(body))
                     for byte in body:
-                        if done.wait(0.05):
+                        if done.wait(every):
                             return
                         conn.sendall(bytes([byte]))
                 except OSError:
@@ -242,6 +243,14 @@ def trickling() -> Iterator[str]:
         thread.join(5)
 
 
+@pytest.fixture
+def trickling() -> Iterator[str]:
+    """A server whose reply trickles in a byte every 50 ms (five seconds in all): every read
+    is quick, the whole reply slow."""
+    with _trickling(0.05) as url:
+        yield url
+
+
 @pytest.mark.parametrize("pooled", [False, True])
 def test_a_reply_that_trickles_in_is_given_up_at_the_tries_timeout(
     trickling: str, monkeypatch: pytest.MonkeyPatch, pooled: bool
@@ -255,6 +264,25 @@ def test_a_reply_that_trickles_in_is_given_up_at_the_tries_timeout(
     with pooled_transport() if pooled else nullcontext():
         with pytest.raises(BackendError, match="no answer within 1 s"):
             OpenAIBackend(_spec(trickling), timeout=1.0).generate("hi", GenParams(max_tokens=4))
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_a_read_waits_no_longer_than_the_tries_time_left(monkeypatch: pytest.MonkeyPatch, pooled: bool) -> None:
+    # urllib checked the try's deadline between reads, but each read waited its own socket
+    # timeout, the whole `timeout`: a byte at 1.5 s into a 2 s try sent the next read waiting
+    # for the byte at 3 s. Each read now waits only for the time left. The slack is generous
+    # (CPU load), and still short of the 1 s the old read overran by.
+    from contextlib import nullcontext
+
+    from support.scale import fresh_remote, pooled_transport
+
+    fresh_remote(monkeypatch)
+    with _trickling(1.5) as url, pooled_transport() if pooled else nullcontext():
+        start = time.monotonic()
+        with pytest.raises(BackendError, match="no answer within 2 s"):
+            OpenAIBackend(_spec(url), timeout=2.0).generate("hi", GenParams(max_tokens=4))
+        took = time.monotonic() - start
+    assert took < 2.0 + 0.6, took
 
 
 def test_models_toml_sets_a_remote_rungs_timeout(server: _Server, tmp_path: Path) -> None:

@@ -71,8 +71,8 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 class UrllibTransport:
     """The standard library's HTTP client: one connection per request. Its socket timeout
-    bounds each read, so the body is read in pieces against the try's deadline, checked
-    between reads (a read begun before it may still wait its socket timeout)."""
+    bounds each read, so the body is read in pieces against the try's deadline: checked
+    between reads, and each read's socket timeout cut to the time left before it (`_read_by`)."""
 
     def __init__(self) -> None:
         self._opener = urllib.request.build_opener(_NoRedirect)
@@ -109,17 +109,33 @@ class UrllibTransport:
 
 def _read_by(response: Any, limit: int, deadline: float) -> bytes:
     """Up to `limit` bytes of `response`'s body (to its end), given up with a timeout at
-    `deadline` (time.monotonic())."""
+    `deadline` (time.monotonic()). Each read waits only for the time left: with the try's
+    whole timeout, a read begun just before the deadline would wait that long again. (A
+    chunked body's size line, which http.client reads in as many reads as it takes, is bounded
+    read by read from the time left before it.)"""
     chunks, size = [], 0
     while size < limit:
-        if time.monotonic() > deadline:
+        left = deadline - time.monotonic()
+        if left <= 0:
             raise TransportError("timeout")
+        sock = _socket(response)
+        if sock is not None:
+            sock.settimeout(left)
         chunk = response.read1(min(65536, limit - size))
         if not chunk:
             break
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)
+
+
+def _socket(response: Any) -> socket.socket | None:
+    """The socket `response` (http.client's) reads its body from, while it has one: under its
+    buffered reader (`fp`), the raw socket reader's (http.client keeps no public handle once
+    urllib has let go of the connection). None once the body is read, or for a response of
+    another shape, which then reads with the socket timeout it was opened with."""
+    sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
 
 
 def _lines(raw: bytes, on_line: Callable[[str], bool]) -> bool:
