@@ -16,11 +16,13 @@ import pytest
 
 from crecli import config, grading
 from crecli.costs import CostModel
+from crecli.errors import PromptTooLong
 from crecli.ladder import AGREEMENT, DEFERRAL, GREEDY, Climb, Draw, Policy, Rung, Score, checking, judge, walk
 from crecli.outcomes import OutcomeStore, collect
 from crecli.quality import Deferral, DeferralCheck, QualityCheck, feature_names
 from crecli.replay import Replay
-from support.ladder import LADDER, STARTS, bare_router, sum_answer, sum_records, sum_signals, walk_live
+from support.ladder import (LADDER, STARTS, SUMS, bare_router, sum_answer, sum_records, sum_signals, too_long_for,
+                            walk_live)
 
 
 @pytest.fixture
@@ -72,6 +74,64 @@ def test_live_and_replay_take_the_same_steps(both: tuple[Any, ...], check: str) 
         # The top rung answers greedily with one vote, whatever its threshold.
         tops = [t.steps[-1] for t in live if t.steps[-1].model == "large"]
         assert tops and all(s.used == 1 and s.accepted and s.why == "greedy answer of the top rung" for s in tops)
+
+
+@pytest.mark.parametrize("check", ["agreement", "deferral"])
+def test_a_rung_whose_context_a_prompt_does_not_fit_is_passed_over_live_and_in_replay(
+    tiny_models_toml: Path, fake_backends: Callable[..., Any], tmp_path: Path, check: str
+) -> None:
+    # q0 does not fit small's context; q3 neither small's nor medium's; q4, which starts on
+    # the top rung, not large's. Collecting stopped at the first with the backend's error.
+    too_long = {"small": {SUMS[0], SUMS[3]}, "medium": {SUMS[3]}, "large": {SUMS[4]}}
+    fake_backends({m: too_long_for(sum_answer(m), too_long[m]) for m in LADDER}, signals=sum_signals)
+    settings = config.load(tiny_models_toml)
+    records = sum_records()
+    quality = QualityCheck(k=5)
+    with OutcomeStore(tmp_path / "store.sqlite") as store:
+        found = collect(records, settings, store, quality)
+        # Not recorded: raising `context` in models.toml must take effect on the next run.
+        assert store.count() == 3 * len(records) - 4
+    assert {key for key, o in found.items() if o.source == "too_long"} == {
+        ("q0", "small"), ("q3", "small"), ("q3", "medium"), ("q4", "large")}
+    assert "shorten it or raise `context` in models.toml" in found[("q0", "small")].reason
+
+    thresholds = {"small": 0.6, "medium": 0.6, "large": 0.8}
+    deferral = None
+    if check == "deferral":
+        names = feature_names(1)
+        rule = Deferral(names, (2.0, 3.0, 0.0, -4.0, 1.0), 0.5, (0.0,) * len(names), 0.6)
+        deferral = DeferralCheck(1, {"small": rule, "medium": rule})
+        thresholds = {"small": 0.55, "medium": 0.45, "large": 0.8}
+    router = bare_router(quality, thresholds, deferral)
+    costs = CostModel.build(found.values(), settings.ladder_specs())
+    replay = Replay.build(found, records, LADDER, costs)
+    p_table = None
+    if deferral is not None:
+        # As `deferral.deferral_p`: only an answer there is can be judged.
+        p_table = {(r.id, m): rule.p_correct(e.features(1, router.prior(-1, m)))
+                   for r in records for m, rule in deferral.models.items()
+                   if (e := replay.entries[(r.id, m)]).answers}
+    replayed = {t.query_id: t for t in replay.simulate({r.id: s for r, s in zip(records, STARTS)}, thresholds, quality,
+                                                       p_correct=p_table, votes=1).traces}
+
+    others = [r for r in records if r.id != "q4"]
+    live = walk_live(router, settings, others, [s for r, s in zip(records, STARTS) if r.id != "q4"])
+    for trace in live:
+        sim = replayed[trace.id]
+        assert [s.model for s in trace.steps] == [s.model for s in sim.steps], trace.id
+        for step, s in zip(trace.steps, sim.steps):
+            assert (step.used, step.accepted, step.agreement) == (s.used, s.accept, s.agreement), (trace.id, step.model)
+        assert grading.normalize(trace.answer, "numeric") == sim.answer
+        assert trace.correct == sim.correct
+    assert [s.model for s in replayed["q0"].steps][:2] == ["small", "medium"]
+    assert [s.model for s in replayed["q3"].steps] == ["small", "medium", "large"]
+    assert [(s.used, s.cost) for s in replayed["q3"].steps[:2]] == [(0, 0.0), (0, 0.0)]  # no vote drawn, none paid
+    assert replayed["q3"].correct  # large answers what the rungs below could not take
+    # On the top rung nothing is above it: `cre ask` fails, and the replay counts it wrong, at no cost.
+    with pytest.raises(PromptTooLong):
+        walk_live(router, settings, [records[4]], ["large"])
+    q4 = replayed["q4"]
+    assert ([s.model for s in q4.steps], q4.correct, q4.cost, q4.answer) == (["large"], False, 0.0, "")
 
 
 class _Scripted:

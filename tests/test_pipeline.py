@@ -9,6 +9,7 @@ their votes disagree and the quality check has something to find.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ from typer.testing import CliRunner
 
 from crecli.cli import app
 from crecli.models.fake import FakeBackend
-from support.logs import SMALL_LOG, small_log_prompts
+from support.ladder import too_long_for
+from support.logs import SMALL_LOG, small_log_prompts, write_sums_log
 
 runner = CliRunner()
 
@@ -285,3 +287,57 @@ def test_eval_live_grades_a_query_known_only_by_labels_by_its_label(
                                 for i, p in enumerate(small_log_prompts()[:6])))
     ev = json.loads(invoke("eval", str(labelled), "--router", str(router), *m, "--live", "--json"))
     assert ev["live"]["replay"]["accuracy"] == 1.0 and ev["live"]["accuracy"] == 1.0 and ev["live"]["agreement"] == 1.0
+
+
+def test_a_query_too_long_for_every_rung_is_left_out_of_fit_calibrate_and_eval_with_a_warning(
+    cre: Any, tmp_path: Path, tiny_models_toml: Path, fake_backends: Any
+) -> None:
+    # One over-long line stopped the fit (and calibrate, eval) with the backend's error, after
+    # every model before it had run. Here no rung fits over 1000 words; small does not fit
+    # "long", and medium and large do not fit "wide" (a lower rung's context may be the larger).
+    log = write_sums_log(tmp_path / "sums.jsonl", 12)
+    pad = " Answer with the number alone."
+    rows = [{"id": "huge", "prompt": "What is 70 plus 7?" + pad * 250, "reference": "77", "match": "numeric"},
+            {"id": "long", "prompt": "What is 80 plus 8?" + pad * 20, "reference": "88", "match": "numeric"},
+            {"id": "wide", "prompt": "What is 90 plus 9?" + pad * 120, "reference": "99", "match": "numeric"}]
+    with log.open("a") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in rows))
+    refused_by = {"small": "80 plus 8", "medium": "90 plus 9", "large": "90 plus 9"}
+
+    def answer(text: str, params: Any) -> str:
+        a, b = re.search(r"What is (\d+) plus (\d+)", text).groups()  # type: ignore[union-attr]
+        # Small answers "wide" with nothing, so it always climbs to the top rung, which it does not fit.
+        return "" if "90 plus 9" in text else str(int(a) + int(b))
+
+    fake_backends({m: too_long_for(answer, lambda prompt, m=m: len(prompt.split()) > 1000 or refused_by[m] in prompt)
+                   for m in refused_by})
+    m = ("--models", tiny_models_toml)
+    router = tmp_path / "r.cre"
+    fit = cre("fit", log, "-o", router, *m, "--json")
+    assert fit.code == 0, fit
+    assert json.loads(fit.out)["n_skipped_too_long"] == 1
+    assert (f"Warning: {log}:13: left out: its prompt is too long for every rung's context; shorten it, or raise "
+            "`context` in models.toml (large: prompt is") in fit.err
+    assert f"{log}:14" not in fit.err and f"{log}:15" not in fit.err  # some rung can answer those
+    assert "too long for every rung's context left out" in cre("fit", log, "-o", router, *m).err  # the summary says it
+
+    cal = cre("calibrate", router, *m, "--folds", "2", "--json")
+    assert cal.code == 0, cal
+    assert (json.loads(cal.out)["n"], json.loads(cal.out)["n_skipped_too_long"]) == (14, 1)
+    assert f"{log}:13: left out" in cal.err
+    ev = cre("eval", log, "--router", router, *m, "--live", "--json")
+    assert ev.code == 0, ev
+    report = json.loads(ev.out)
+    assert (report["n"], report["n_skipped_too_long"]) == (14, 1)
+    # The replay passes a rung a prompt does not fit over, as the live cascade does; and where
+    # that is the top rung, both count the query wrong ("wide": `--live` failed on it).
+    assert report["live"]["agreement"] == 1.0 and report["live"]["accuracy"] == 13 / 14
+
+    # Nothing left to measure: refused, saying why and what to do.
+    every = tmp_path / "every.jsonl"
+    every.write_text("".join(json.dumps({"id": f"h{i}", "prompt": f"What is {i} plus {i}?" + pad * 250,
+                                         "reference": str(2 * i), "match": "numeric"}) + "\n" for i in range(12)))
+    refused = cre("fit", every, "-o", tmp_path / "every.cre", *m)
+    assert refused.code == 1
+    assert f"Error: {every}: every labelled query is too long for every rung's context" in refused.err
+    assert "shorten them, or raise `context` in models.toml" in refused.err

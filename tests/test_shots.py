@@ -254,3 +254,30 @@ def test_a_query_with_an_exemplars_prompt_under_another_id_is_never_scored_on_it
     plan = choose_shots(records, {r.id: 0 for r in records}, settings, None, QualityCheck(k=1), {}, [0, 1])  # type: ignore[arg-type]
     assert plan.exemplars[0][0][0] == "What is 0 plus 1?"
     assert "again" in plan.held_out and "again" not in asked and asked
+
+
+def test_a_prompt_its_examples_make_too_long_for_a_model_counts_as_a_wrong_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A model that cannot take a prompt with its examples (its context) cannot answer it after
+    # them: a wrong answer in the comparison, as the replay grades it, not one left uncounted.
+    from types import SimpleNamespace
+
+    from crecli.outcomes import Outcome, Vote
+    from crecli.quality import QualityCheck
+    from crecli.shots import choose_shots
+
+    records = [Record(id=f"q{i}", prompt=f"What is {i} plus 1?", reference=[str(i + 1)], match="numeric") for i in range(4)]
+
+    def outcome(r: Record, source: str, text: str = "") -> Outcome:
+        return Outcome(r.id, "", "small", "", "", source, 5, [Vote(text, 1, 0.1)] if source == "run" else [])
+
+    base = {(r.id, "small"): outcome(r, "run", "0") for r in records}  # wrong on every one without examples
+
+    def after_examples(scored: list[Record], *a: Any, **k: Any) -> dict[Any, Outcome]:
+        return {(r.id, "small"): outcome(r, "too_long") if r is scored[0] else outcome(r, "run", r.reference[0])  # type: ignore[index]
+                for r in scored}
+
+    monkeypatch.setattr(outcomes, "collect", after_examples)
+    settings = SimpleNamespace(ladder=["small"], get=lambda name: ModelSpec(name=name))
+    plan = choose_shots(records, {r.id: 0 for r in records}, settings, None, QualityCheck(k=1), base, [0, 1])  # type: ignore[arg-type]
+    assert plan.accuracy[0]["small"] == {0: (0, 3), 1: (2, 3)}
+    assert plan.counts == {0: {"small": 1}}

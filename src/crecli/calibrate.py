@@ -169,7 +169,7 @@ def label_only(data: Data, ladder: Sequence[str]) -> list[str]:
     """The ladder models with a label-only outcome (a correctness label, no recorded votes)
     for some query of `data`. A label is one vote of known correctness: only an agreement
     threshold that one vote decides can be replayed on it (`replay.RecordedVotes.more`)."""
-    found = {m for (_, m), e in data.replay.entries.items() if not e.answers}
+    found = {m for (_, m), e in data.replay.entries.items() if not e.answers and not e.too_long}
     return [m for m in ladder if m in found]
 
 
@@ -367,6 +367,7 @@ class Calibration:
     log: str | None = None
     log_sha256: str | None = None
     reader: "LogOptions | None" = None
+    n_skipped_too_long: int = 0  # labelled queries left out: too long for every rung's context
 
 
 def recalibrate(
@@ -614,7 +615,8 @@ def run(
                                     f"its server could not be asked: {label}; calibrate again when it answers"
                                     if label.startswith("unknown") else "its server returns none")
     cal = recalibrate(router, data, budget, n_folds=n_folds, seed=seed, check=check, votes=votes, no_signals=no_signals)
-    cal = replace(cal, log=recorded, log_sha256=data.log_sha256 or None, reader=reader)
+    cal = replace(cal, log=recorded, log_sha256=data.log_sha256 or None, reader=reader,
+                  n_skipped_too_long=data.n_skipped_too_long)
     check_unchanged(router_path, router.file_sha256, target)
     routerfile.save(apply(router, cal, settings), target)
     return cal, target

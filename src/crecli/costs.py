@@ -334,9 +334,12 @@ class CostModel(Pricing):
 
     def votes(self, outcome: "Outcome") -> list[float]:
         """Cost of each recorded vote in order (`Pricing.price_votes`: vote 0 carries the prompt);
-        a label-only outcome's one "vote" costs the model's `label_cost`."""
+        a label-only outcome's one "vote" costs the model's `label_cost`, a too-long one's
+        nothing (the model never ran: `cre ask` passes its rung over before it does)."""
         if outcome.source == "label":
             return [self.label_cost[outcome.model]]
+        if outcome.source == "too_long":
+            return [0.0]
         costs = self.price_votes(outcome.model, outcome.prompt_tokens, [v.output_tokens for v in outcome.votes],
                               [v.seconds for v in outcome.votes], outcome.prefix_tokens)
         if costs is None:

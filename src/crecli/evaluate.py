@@ -75,6 +75,8 @@ class EvalReport:
     n_in_sample: int | None = None
     # Every query is in one of those logs: all the figures are in sample.
     in_sample: bool = False
+    # Labelled queries of the log left out, not among the n: too long for every rung's context.
+    n_skipped_too_long: int = 0
 
 
 def _greedy_point(data: Data, name: str, starts: Mapping[str, str]) -> Point:
@@ -267,6 +269,7 @@ def live(router: "RouterFile", settings: "ModelConfig", data: Data, limit: int |
     "replay", the replayed accuracy on the same queries; "agreement" is the share of
     queries whose live answer is as correct as the replayed one.
     """
+    from crecli.errors import PromptTooLong
     from crecli.escalate import Cascade
 
     records = data.records[:limit] if limit else data.records
@@ -278,14 +281,20 @@ def live(router: "RouterFile", settings: "ModelConfig", data: Data, limit: int |
         with console.progress() as bar:
             task = bar.add_task("live cascade", total=len(records))
             for r in records:
-                trace = cascade.ask(r.prompt, match=r.match, reference=r.reference)
-                # A query known only by correctness labels has no reference to grade by: its
-                # label for the model that answered is the verdict, as in the replay (it was
-                # counted wrong, understating live accuracy and agreement).
-                right = bool(trace.correct if trace.correct is not None else (r.labels or {}).get(trace.model))
+                try:
+                    trace = cascade.ask(r.prompt, match=r.match, reference=r.reference)
+                except PromptTooLong:
+                    # Passed over up to the top rung, whose context it does not fit either: no
+                    # answer, which the replay counts wrong too (`replay.RecordedVotes.more`).
+                    right = False
+                else:
+                    # A query known only by correctness labels has no reference to grade by: its
+                    # label for the model that answered is the verdict, as in the replay (it was
+                    # counted wrong, understating live accuracy and agreement).
+                    right = bool(trace.correct if trace.correct is not None else (r.labels or {}).get(trace.model))
+                    seconds += trace.seconds
                 correct += right
                 same += right == replayed_correct[r.id]
-                seconds += trace.seconds
                 bar.advance(task)
     n = len(records)
     return {
@@ -488,6 +497,7 @@ def run(
     reader = router.fit.reader.overridden(skip_bad, max_line_bytes)
     data = replay.prepare(router, settings, log, store, reader, unit, leave_out=seen if held_out_only else None)
     report = evaluate(router, data)
+    report.n_skipped_too_long = data.n_skipped_too_long
     # Nothing said so before: an eval of the fit log, or of queries from it, printed in-sample
     # figures that read as a test; so did one of the log `cre calibrate` tuned on. A log with
     # the bytes of either is all in sample wherever the recorded file has gone.

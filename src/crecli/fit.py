@@ -87,6 +87,8 @@ class FitReport:
     # With --shots: per cluster, model and number of examples, [right, scored] over the
     # cluster's queries other than its exemplars (what `shots.choose_shots` compared).
     shots: dict[str, dict[str, dict[str, list[int]]]] | None = None
+    # Labelled queries left out of the measuring: too long for every rung's context.
+    n_skipped_too_long: int = 0
 
 
 def _truth_value(record: Any, dotted: str) -> str | None:
@@ -240,6 +242,9 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
         # re-run to record its signals (it replaces its row) and counts a concurrent fit's.
         before = store.recorded
         results = outcomes.collect(measured, settings, store, options.quality)
+        kept = outcomes.leave_out_too_long(measured, results, settings.ladder, log_path)
+        too_long = len(measured) - len(kept)
+        measured = kept
         # Every outcome the fit looked up, the answers after examples included (`apply`
         # then keeps one a query and model, so `results` alone would undercount them).
         looked_up: list[Mapping[Any, Any]] = [results]
@@ -251,7 +256,9 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
         # said "0 model runs now, 108 reused from the store". Looked up once per count of
         # examples compared (--shots), but one label a (query, model).
         label_keys = [key for found in looked_up for key, o in found.items() if o.source == "label"]
-        needed = sum(len(found) for found in looked_up) - len(label_keys)
+        # Nor is a prompt too long for a model: neither run nor recorded (`outcomes.collect`).
+        unanswered = sum(o.source == "too_long" for found in looked_up for o in found.values())
+        needed = sum(len(found) for found in looked_up) - len(label_keys) - unanswered
         from_labels = len(set(label_keys))
         ran = store.recorded - before
     seconds["outcomes"] = time.perf_counter() - t0
@@ -327,6 +334,7 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
         truth=truth,
         clusters=[c.__dict__ for c in router.clusters],
         n_served=len(served),
+        n_skipped_too_long=too_long,
         shots=None if shot_plan is None else {
             str(cid): {m: {str(n): list(t) for n, t in per.items()} for m, per in models.items()}
             for cid, models in shot_plan.accuracy.items()

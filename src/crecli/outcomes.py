@@ -23,6 +23,14 @@ Records that carry a correctness label for a model (`Record.labels`) are not run
 they become label-only outcomes (`source="label"`), which can choose a cluster's model
 but carry no votes for the quality check. Label-only outcomes are never stored; they are
 rebuilt from the log on every call, so the log stays their single source of truth.
+
+A prompt too long for a model's context (`PromptTooLong`) does not stop the run: it
+becomes a too-long outcome (`source="too_long"`) for that model, which no answer can be
+drawn from. The live cascade passes such a rung over (`live.LiveSource.hold`), so the
+replay does too: graded wrong, at no cost, and never accepted, so the query moves up, and
+on the top rung it is a wrong final answer, where `cre ask` fails. Nor are these stored:
+the fix, a larger `context` in models.toml, must take effect on the next run. A query too
+long for every rung is left out of the measuring, with a warning (`leave_out_too_long`).
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 from crecli import console, grading, paths
-from crecli.errors import CreError
+from crecli.errors import CreError, PromptTooLong
 from crecli.models.pull import model_identity
 from crecli.models import registry
 from crecli.models.registry import backend_for
@@ -79,7 +87,9 @@ class Outcome:
     model: str
     model_sha256: str
     settings_key: str
-    source: str  # "run": votes were recorded; "label": only a correctness label is known
+    # "run": votes were recorded; "label": only a correctness label is known; "too_long": the
+    # prompt does not fit the model's context, so it has no answer (`reason` says why)
+    source: str
     prompt_tokens: int
     votes: list[Vote] = field(default_factory=list)
     label: bool | None = None
@@ -89,12 +99,16 @@ class Outcome:
     # (`costs.share_prefixes`), not in every vote.
     prefix_tokens: int = 0
     prefix_key: str = ""
+    reason: str = ""  # "too_long": the backend's own words (the prompt's tokens, the context's)
 
 
 def graded(outcome: Outcome, record: "Record") -> list[bool]:
-    """Correctness of each of `outcome`'s votes against `record`'s reference (a label is one vote)."""
+    """Correctness of each of `outcome`'s votes against `record`'s reference (a label is one
+    vote; a too-long outcome one wrong one: the model cannot answer)."""
     if outcome.source == "label":
         return [bool(outcome.label)]
+    if outcome.source == "too_long":
+        return [False]
     if record.reference is None:
         raise CreError(f"query {record.id!r} has no reference answer, so its votes cannot be graded")
     return [grading.grade(v.text, record.reference, record.match) for v in outcome.votes]
@@ -353,6 +367,46 @@ def check_measurable(records: Sequence["Record"], ladder: Sequence[str]) -> None
         )
 
 
+# Rows left out as too long named one by one, at most; the rest are counted.
+TOO_LONG_SHOWN = 10
+
+
+def leave_out_too_long(
+    records: Sequence["Record"], results: Mapping[OutcomeKey, Outcome], ladder: Sequence[str], log: Path
+) -> list["Record"]:
+    """`records` less those whose prompt is too long for every ladder model's context (each
+    of their outcomes `source="too_long"`), each left out named on stderr with why and what
+    to do; refused when that leaves none.
+
+    One over-long line stopped an hours-long `cre fit` (or `cre eval`, `cre calibrate`) with
+    an error, after every model before it had run. A query too long for some rungs only is
+    kept: those rungs cannot answer it, and the replay passes them over as `cre ask` does."""
+    kept: list["Record"] = []
+    left: list[tuple["Record", str]] = []
+    for record in records:
+        found = [results.get((record.id, model)) for model in ladder]
+        reasons = [o.reason for o in found if o is not None and o.source == "too_long"]
+        if reasons and len(reasons) == len(found):
+            left.append((record, reasons[-1]))  # the top rung's: the largest context, as a rule
+        else:
+            kept.append(record)
+    if not left:
+        return kept
+    fix = "shorten it, or raise `context` in models.toml"
+    if not kept:
+        first, why = left[0]
+        raise CreError(
+            f"{log}: every labelled query is too long for every rung's context, so no model can be measured "
+            f"(first: {first.source or repr(first.id)}: {why}); shorten them, or raise `context` in models.toml"
+        )
+    for record, why in left[:TOO_LONG_SHOWN]:
+        console.warn(f"{record.source or f'{log}: query {record.id!r}'}: left out: its prompt is too long for every "
+                     f"rung's context; {fix} ({ladder[-1]}: {why})")
+    if len(left) > TOO_LONG_SHOWN:
+        console.warn(f"{log}: {len(left) - TOO_LONG_SHOWN} more queries left out, too long for every rung's context")
+    return kept
+
+
 # ---------------------------------------------------------------- the runner: models answer what the store lacks
 
 
@@ -384,7 +438,8 @@ def collect(
     Model-major: each model is loaded once, answers all its pending queries, and is closed
     before the next one loads (with `pool`, the pool decides when to close it instead).
     Records without a reference and without a label for a model get no outcome for it:
-    there would be nothing to grade.
+    there would be nothing to grade. A prompt too long for a model's context gets a
+    too-long outcome there, not stored (see the module's doc), and the run goes on.
     """
     names = list(models) if models is not None else list(settings.ladder)
     results: dict[OutcomeKey, Outcome] = {}
@@ -459,6 +514,13 @@ def _run_outcome(job: _Job, model: str, identity: str, prompt_tokens: int, votes
     )
 
 
+def _too_long_outcome(job: _Job, model: str, identity: str, reason: str) -> Outcome:
+    return Outcome(
+        query_id=job.record.id, prompt_sha256=job.prompt_sha, model=model, model_sha256=identity,
+        settings_key=job.key, source="too_long", prompt_tokens=0, votes=[], reason=reason,
+    )
+
+
 def _run_model(
     spec: "ModelSpec",
     identity: str,
@@ -475,8 +537,8 @@ def _run_model(
     still needs it, so a command that waited loads nothing when all was done for it.
     """
     backend: Backend | None = None
-    # Two log lines with the same prompt and answer cap share one recording.
-    done: dict[tuple[str, str], tuple[int, list[Vote]]] = {}
+    # Two log lines with the same prompt and answer cap share one recording (or one refusal).
+    done: dict[tuple[str, str], tuple[int, list[Vote]] | str] = {}
     try:
         with console.progress() as bar:
             task = bar.add_task(f"{spec.name}", total=len(jobs), unit="queries")
@@ -485,10 +547,17 @@ def _run_model(
                 if cached is None:
                     if backend is None:
                         backend = pool.get(spec) if pool is not None else backend_for(spec)
-                    cached = _votes(backend, job, quality)
-                    store.put(job.prompt_sha, spec.name, identity, job.key, *cached)
+                    try:
+                        cached = _votes(backend, job, quality)
+                    except PromptTooLong as exc:
+                        # The model cannot answer it; the others go on (see the module's doc).
+                        cached = str(exc)
+                    else:
+                        store.put(job.prompt_sha, spec.name, identity, job.key, *cached)
                 done[(job.prompt_sha, job.key)] = cached
-                results[(job.record.id, spec.name)] = _run_outcome(job, spec.name, identity, *cached)
+                results[(job.record.id, spec.name)] = (
+                    _too_long_outcome(job, spec.name, identity, cached) if isinstance(cached, str)
+                    else _run_outcome(job, spec.name, identity, *cached))
                 bar.advance(task)
     finally:
         if pool is None and backend is not None:

@@ -102,6 +102,9 @@ class _Entry:
     cut: bool = False  # the greedy vote ran out of room: its token cap or the context (`quality.was_cut`)
     prefix_key: str = ""  # the shared answered examples, whose cost `cumcost` leaves out
     prefix_cost: float = 0.0  # processing them once (`CostModel.prefix`)
+    # The prompt does not fit the model's context (`outcomes`' "too_long"): no answers, one
+    # wrong one at no cost offered to the engine, which never accepts it (`RecordedVotes.more`).
+    too_long: bool = False
 
     def features(self, votes: int, prior: float) -> list[float | None]:
         """The deferral model's inputs for this recorded answer, as the live check builds them."""
@@ -152,7 +155,7 @@ class Replay:
                     first.signals if first is not None else None,
                     first is not None and was_cut(first.output_tokens, grading.max_tokens_for(record.match),
                                                   outcome.prompt_tokens, windows.get(model)),
-                    outcome.prefix_key, costs.prefix_of(outcome),
+                    outcome.prefix_key, costs.prefix_of(outcome), outcome.source == "too_long",
                 )
         return cls(entries, records, ladder, costs.unit)
 
@@ -201,7 +204,10 @@ class Replay:
                 # Every vote drawn is paid for, as the live step pays them: a wave may draw more
                 # than the decision used (`quality.decide` stops early on the first of them).
                 paid = recorded.entry.cumcost[max(recorded.drawn, v.used) - 1]
-                steps.append(SimStep(r.model, v.agreement, v.used, v.kept, paid))
+                if recorded.entry.too_long:  # passed over: no vote drawn, as the live step of one says
+                    steps.append(SimStep(r.model, 0.0, 0, False, paid))
+                else:
+                    steps.append(SimStep(r.model, v.agreement, v.used, v.kept, paid))
                 visited.append(recorded.entry)
 
             walk(climb, votes_for, after)
@@ -240,6 +246,13 @@ class RecordedVotes:
         # Only a rung that runs the deferral check reads P(correct): the top rung's greedy
         # answer and a deferral router's agreement rungs take votes as the agreement check does.
         deferral = self.p_table is not None and rung.check == DEFERRAL
+        if entry.too_long:
+            # The prompt does not fit this rung's model: `cre ask` passes the rung over (on the
+            # top rung it fails). An empty answer, graded wrong, is one no check keeps, so the
+            # query moves up as it does live, or ends wrong on the top rung; and no more follow.
+            out: Sequence[str] = () if self.drawn else ("",)
+            self.drawn += len(out)
+            return out
         if not entry.answers:
             if deferral:
                 # `cre calibrate` (and `cre eval` of a router it calibrated) meets this on a
@@ -333,6 +346,8 @@ class Data:
     # Per record, how much its cluster's record speaks for it (`RouterFile.cluster_trust`):
     # calibration blends its deferral priors by it, as the live check does. Empty: full trust.
     trust: list[float] = field(default_factory=list)
+    # Labelled queries of the log left out: too long for every rung's context (`outcomes.leave_out_too_long`).
+    n_skipped_too_long: int = 0
 
     @functools.cached_property
     def clusters(self) -> list[int]:
@@ -359,7 +374,8 @@ def prepare(
     """Read `log` with `reader` (default: as the router's fit read its log), route every
     labelled query as `cre ask` would, and collect the missing outcomes. Queries whose
     `outcomes.prompt_sha256` is in `leave_out` (the fit and calibration logs', `cre eval
-    --held-out-only`) are left out.
+    --held-out-only`) are left out, and so, with a warning, are those too long for every
+    rung's context (`outcomes.leave_out_too_long`).
 
     Costs are priced afresh (today's `cre models bench` speeds or prices), never taken from
     the router's stored statistics, in `unit` when given (else the ladder's default unit,
@@ -413,11 +429,16 @@ def prepare(
             shown = outcomes_mod.collect([r for r in records if r.id in ids], settings, st, router.quality,
                                          models=ladder, shots=shots)
             found = resolve_shots(found, shown, shots, lambda model: settings.get(model).keeps_examples)
+    measurable = {r.id for r in outcomes_mod.leave_out_too_long(records, found, ladder, log)}
+    skipped = len(records) - len(measurable)
+    if skipped:
+        keep = [i for i, r in enumerate(records) if r.id in measurable]
+        records, routes = [records[i] for i in keep], [routes[i] for i in keep]
     specs = [settings.get(m) for m in ladder]
     costs = CostModel.build(found.values(), specs, unit)
     replay = Replay.build(found, records, ladder, costs, specs)
     trust = [router.cluster_trust(d.cluster, d.distance) for d in routes]
-    return Data(records, routes, found, costs, replay, read.sha256, trust)
+    return Data(records, routes, found, costs, replay, read.sha256, trust, skipped)
 
 
 def assign(router: "RouterFile", prompts: Sequence[str]) -> list["RouteDecision"]:

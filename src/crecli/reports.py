@@ -29,6 +29,7 @@ def fit_report(report: Any, as_json: bool) -> None:
         + (f"{report.n_served} served, " if report.n_served else "")
         + f"{report.n_unclustered} unclustered"
         + (f", {report.n_bad} bad lines skipped" if report.n_bad else "")
+        + (f", {report.n_skipped_too_long} too long for every rung's context left out" if report.n_skipped_too_long else "")
         + ")."
     )
     status(
@@ -253,6 +254,7 @@ def calibration(cal: Any, path: Any, as_json: bool) -> None:
             "reference": ref,
             "frontier": cal.frontier,
             "n": cal.n,
+            "n_skipped_too_long": cal.n_skipped_too_long,
             "folds": cal.folds,
             "seconds": cal.seconds,
             "check": cal.check,

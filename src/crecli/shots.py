@@ -175,7 +175,8 @@ def choose_shots(
         for m in ladder:
             tally: dict[int, tuple[int, int]] = {}
             for n, found in shown.items():
-                runs = [found[(i, m)] for i in ids if (i, m) in found and found[(i, m)].source == "run"]
+                # A prompt the examples make too long for the model counts as a wrong answer.
+                runs = [found[(i, m)] for i in ids if (i, m) in found and found[(i, m)].source != "label"]
                 tally[n] = (sum(graded(o, by_id[o.query_id])[0] for o in runs), len(runs))
             accuracy.setdefault(cid, {})[m] = tally
             if len({n for _, n in tally.values()}) != 1:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Container
 
 from crecli import config
+from crecli.errors import PromptTooLong
 from crecli.escalate import Cascade
 from crecli.models.backend import GenParams, Signals
 from crecli.models.fake import FakeBackend
@@ -100,6 +101,20 @@ def sum_answer(model: str) -> Callable[[str, GenParams], str]:
     return answer
 
 
+def too_long_for(answer: Callable[[str, GenParams], str], prompts: Container[str] | Callable[[str], bool]
+                 ) -> Callable[[str, GenParams], str]:
+    """`answer`, refusing each prompt of `prompts` (or each one it holds true of) as one that
+    does not fit the model's context, with the error llama.cpp's backend raises then
+    (`LlamaBackend._fit_max_tokens`)."""
+    def refusing(text: str, params: GenParams) -> str:
+        prompt = user_prompt(text)
+        if prompts(prompt) if callable(prompts) else prompt in prompts:
+            raise PromptTooLong(f"prompt is {len(text.split())} tokens, which fills the model's context; "
+                                "shorten it or raise `context` in models.toml")
+        return answer(text, params)
+    return refusing
+
+
 def sum_signals(text: str, params: GenParams, answer: str) -> Signals:
     """The fake log-probabilities of a sum's answer: the longer the answer, the less sure."""
     return Signals(-0.1 - 0.3 * len(answer), -0.05 * len(answer), None)
@@ -120,11 +135,12 @@ def bare_router(quality: QualityCheck, thresholds: dict[str, float], deferral: D
     )
 
 
-def walk_live(router: RouterFile, settings: config.ModelConfig, records: list[Record]) -> list[Any]:
-    """Each record walked up the ladder live from its start in STARTS; their traces."""
+def walk_live(router: RouterFile, settings: config.ModelConfig, records: list[Record],
+              starts: list[str] = STARTS) -> list[Any]:
+    """Each record walked up the ladder live from its start in `starts`; their traces."""
     traces = []
     with Cascade(router, settings) as cascade:
-        for record, start in zip(records, STARTS):
+        for record, start in zip(records, starts):
             decision = RouteDecision(-1, start, 0.0, "test", 0.0)
             pending = cascade.begin(record.prompt, record.match, record.reference, id=record.id, decision=decision)
             while not cascade.advance(pending):
