@@ -12,8 +12,9 @@ knows of a price before the router meets new queries is either
 
 This bench takes the tasks as clusters (no clustering noise, no quality check: routing
 only) and cross-fits each rule: for each of 5 outer folds the price is picked on the other
-four by the rule (inner folds from `calibrate.folds`, as `cre calibrate` draws them), the
-models are chosen there at that price, and the outer fold is scored. Per rule and price
+four by the rule, the models are chosen there at that price, and the outer fold is scored.
+Outer and inner folds come from `calibrate.folds`, as `cre calibrate` draws them: every copy
+of a prompt in one fold, since the copies share one recorded answer. Per rule and price
 grid (`calibrate.WEIGHT_GRID`, and the 15-price grid it replaced) it prints the mean and
 range over the fold seeds of the accuracy and cost shares of the strongest model. It also
 prints, at a few prices, how far each kind of figure sat from what that price's final
@@ -37,6 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from crecli import calibrate, choice, costs
+from crecli.outcomes import prompt_sha256
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from frontier_bound import recorded, task_of  # noqa: E402  (a sibling script, not a package)
@@ -54,6 +56,15 @@ class Harness:
         names = sorted(set(tasks))
         self.labels = np.array([names.index(t) for t in tasks])
         self.top = len(rec.ladder) - 1
+        # Each record's prompt identity (as `replay.Data.prompt_ids`): copies of a prompt share
+        # one recorded answer, so copies dealt into two folds put a held-out query's own answer
+        # among those that chose its task's model.
+        self.prompts = [prompt_sha256(r.prompt) for r in rec.records]
+
+    def folds(self, idx: np.ndarray, seed: int) -> list[np.ndarray]:
+        """5 folds of the records `idx`, drawn by `calibrate.folds` as `cre calibrate` draws
+        them: every copy of a prompt in the fold of its first copy."""
+        return [idx[fold] for fold in calibrate.folds(len(idx), 5, seed, [self.prompts[i] for i in idx])]
 
     def models(self, idx: np.ndarray, grid: Sequence[float]) -> list[np.ndarray]:
         """Each task's ladder index at each price of `grid`, chosen on `idx` by calibrate's own rule."""
@@ -75,8 +86,7 @@ class Harness:
         """Each price's held-out (inner 5-fold) and in-sample figures on `train`, and their
         estimate; `final` are the models chosen on all of `train` at each price of `grid`."""
         held = [[0.0, 0.0] for _ in grid]
-        for inner in calibrate.folds(len(train), 5, seed):
-            test = train[inner]
+        for test in self.folds(train, seed):
             for g, models in enumerate(self.models(np.setdiff1d(train, test), grid)):
                 f = self.score(test, models)
                 held[g][0] += f.accuracy * len(test)
@@ -119,8 +129,7 @@ def main() -> None:
     totals: dict[tuple[int, float, str, str], list[float]] = {}
     for s, seed in enumerate(args.seeds):
         print(f"seed {seed} ({s + 1}/{len(args.seeds)})...", file=sys.stderr)
-        for fold in calibrate.folds(n, 5, seed):
-            test = np.array(fold)
+        for test in h.folds(np.arange(n), seed):
             train = np.setdiff1d(np.arange(n), test)
             ref = (float(rec.C[train, top].mean()), float(rec.K[train, top].mean()))
             for gname, grid in grids.items():

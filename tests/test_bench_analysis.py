@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -174,3 +175,58 @@ def test_path_speeds_recovers_the_speeds_and_the_per_answer_constant_that_made_t
     assert (fit["pp_tokens_per_s"], fit["tg_tokens_per_s"]) == (pytest.approx(100.0), pytest.approx(10.0))
     with pytest.raises(SystemExit):  # rows no positive speeds explain
         ps.fit_speeds([(p, o, 1.0 - p / 100) for p, o in shapes])
+
+
+def test_price_choice_deals_every_copy_of_a_prompt_into_one_fold(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Its folds ignored repeated prompts: copies share one recorded answer, so a copy in
+    # another fold put a held-out query's own answer among those that chose its model.
+    import numpy as np
+
+    from crecli import calibrate, costs
+    from crecli.outcomes import Outcome, Vote, graded, prompt_sha256
+    from crecli.querylog import Record
+
+    pc = _script("price_choice")
+    ladder = ["s", "t"]
+    records = [Record(id=f"q{i}-{copy}", prompt=f"What is {i} plus 1?", reference=[str(i + 1)], match="numeric",
+                      meta={"source": "odd" if i % 2 else "even"}) for i in range(12) for copy in range(3)]
+    found = {(r.id, m): Outcome(r.id, "", m, "", "", "run", 10, [Vote(
+        r.reference[0] if m == "t" or int(r.reference[0]) % 2 else "0", 1, 0.1 if m == "s" else 1.0)])  # type: ignore[index]
+        for r in records for m in ladder}
+    model = costs.CostModel.build(found.values())
+    C = np.array([[graded(found[(r.id, m)], r)[0] for m in ladder] for r in records], dtype=float)
+    K = np.array([[model.of(found[(r.id, m)]) for m in ladder] for r in records], dtype=float)
+    rec = SimpleNamespace(records=records, ladder=ladder, found=found, model=model, C=C, K=K)
+    identity = [prompt_sha256(r.prompt) for r in records]
+
+    def one_home(folds: list[Any], prompts: list[str]) -> None:
+        home: dict[str, int] = {}
+        for f, fold in enumerate(folds):
+            for i in fold:
+                assert home.setdefault(prompts[i], f) == f, f"copies of {prompts[i][:8]} in folds {home[prompts[i]]} and {f}"
+
+    drawn: list[int] = []
+    real = calibrate.folds
+
+    def folds(n: int, k: int, seed: int, prompts: Any = None) -> list[list[int]]:
+        assert prompts is not None, "folds drawn without the prompts: copies of one may land in two folds"
+        out = real(n, k, seed, prompts)
+        one_home(out, prompts)
+        drawn.append(n)
+        return out
+
+    monkeypatch.setattr(calibrate, "folds", folds)
+    monkeypatch.setattr(pc, "recorded", lambda log, unit: rec)
+    monkeypatch.setattr(sys, "argv", ["price_choice.py", "log.jsonl", "--seeds", "5", "--json"])
+    pc.main()
+    assert json.loads(capsys.readouterr().out)["queries"] == 36
+    assert 36 in drawn and any(n < 36 for n in drawn)  # the outer folds and the inner ones
+    # And the folds are of the right records: each outer fold's inner folds split its rest.
+    h = pc.Harness(rec, [r.meta["source"] for r in records])
+    outer = h.folds(np.arange(36), 5)
+    one_home(outer, identity)
+    assert sorted(np.concatenate(outer).tolist()) == list(range(36))
+    train = np.setdiff1d(np.arange(36), outer[0])
+    inner = h.folds(train, 7)
+    one_home(inner, identity)
+    assert sorted(np.concatenate(inner).tolist()) == train.tolist()
