@@ -16,7 +16,7 @@ import random
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Container, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Container, Literal, Mapping, Sequence
 
 from crecli import archive, console, paths
 from crecli.choice import Choice, StatsTable, choose_by_weight, cluster_stats
@@ -77,28 +77,55 @@ def recorded_calibration_log(router: "RouterFile") -> tuple[Path | None, str]:
                       "calibrated", "calibration log")
 
 
+@dataclass(frozen=True)
+class LogCheck:
+    """What `check_log_bytes` found at a path: `problem` None where it holds the bytes asked
+    for; else "gone" (no regular file there: `detail` says what is, `paths.not_a_file`),
+    "unchecked" (a file, but no sha256 to check it by), "unreadable" (`detail`: the
+    system's words) or "changed" (`now`: its sha256 now)."""
+
+    problem: Literal["gone", "unchecked", "unreadable", "changed"] | None = None
+    detail: str = ""
+    now: str = ""
+
+
+def check_log_bytes(path: Path, sha256: str | None) -> LogCheck:
+    """Whether `path` is a file that holds the bytes of `sha256`: the one check of a log a
+    router records (`recorded_log`, `recorded_calibration_log`) and of a log named for it
+    (`cre eval --fit-log`, `--calibration-log`: `evaluate.given_log`), which each word what
+    it found for its own reader."""
+    why_not = paths.not_a_file(path)
+    if why_not is not None:
+        return LogCheck("gone", why_not)
+    if not sha256:
+        # Without the bytes to check, the file's name alone would pick what is read.
+        return LogCheck("unchecked")
+    from crecli.models.pull import sha256_file
+
+    try:
+        now = sha256_file(path)
+    except OSError as exc:
+        return LogCheck("unreadable", str(exc.strerror or exc))
+    return LogCheck("changed", now=now) if now != sha256 else LogCheck()
+
+
 def _unchanged(path: Path | None, sha256: str | None, done: str, what: str) -> tuple[Path | None, str]:
     """`path`, if it holds the bytes of `sha256`; else None and why not (`done`: what the
     router was on that log, "fitted"; `what` the log is to it, "fit log")."""
     if path is None:
         return None, f"the router does not record the log it was {done} on"
     recorded = str(path)
-    why_not = paths.not_a_file(path)
-    if why_not is not None:
-        why = "is not there any more (moved or deleted)" if why_not == "not found" else why_not
+    found = check_log_bytes(path, sha256)
+    if found.problem == "gone":
+        why = "is not there any more (moved or deleted)" if found.detail == "not found" else found.detail
         return None, f"the router was {done} on {recorded}, which {why}"
-    if not sha256:
-        # Without the bytes to check, the file's name alone would pick what is read.
+    if found.problem == "unchecked":
         return None, f"the router names {recorded} as its {what} but records no sha256 of it, so it is not read unasked"
-    from crecli.models.pull import sha256_file
-
-    try:
-        now = sha256_file(path)
-    except OSError as exc:
-        return None, f"{path}: cannot be read ({exc.strerror or exc})"
-    if now != sha256:
+    if found.problem == "unreadable":
+        return None, f"{path}: cannot be read ({found.detail})"
+    if found.problem == "changed":
         return None, (f"{recorded} has changed since the router was {done} on it (sha256 "
-                      f"{sha256[:12]}… then, {now[:12]}… now)")
+                      f"{(sha256 or '')[:12]}… then, {found.now[:12]}… now)")
     return path, ""
 
 

@@ -378,22 +378,20 @@ def given_log(given: Path, sha256: str | None, option: str, done: str, what: str
     recorded path is not, if it holds the bytes the router records (`sha256`); else a
     CreError that says what to do (`done`: what the router was on that log, "fitted"; `what`
     the log is to it, "fit log"; `by`: the command that read it, "`cre fit`")."""
+    from crecli.calibrate import check_log_bytes
     from crecli.errors import CreError
-    from crecli.models.pull import sha256_file
-    from crecli.paths import not_a_file
 
+    # Said first, in the option's words: without a sha256 no file named can be checked.
     if not sha256:
         raise CreError(f"{option} {given}: the router records no sha256 of its {what}, so no file can be "
                        f"checked against it; leave {option} out")
-    bad = not_a_file(given)
-    if bad is not None:
-        raise CreError(f"{option} {given}: {bad}; pass the log {by} read, or leave {option} out")
-    try:
-        now = sha256_file(given)
-    except OSError as exc:
-        raise CreError(f"{option} {given}: cannot be read ({exc.strerror or exc})") from None
-    if now != sha256:
-        raise CreError(f"{option} {given} is not the log the router was {done} on (sha256 {now[:12]}…, the router "
+    found = check_log_bytes(given, sha256)
+    if found.problem == "gone":
+        raise CreError(f"{option} {given}: {found.detail}; pass the log {by} read, or leave {option} out")
+    if found.problem == "unreadable":
+        raise CreError(f"{option} {given}: cannot be read ({found.detail})")
+    if found.problem == "changed":
+        raise CreError(f"{option} {given} is not the log the router was {done} on (sha256 {found.now[:12]}…, the router "
                        f"records {sha256[:12]}…); pass the file {by} read, unchanged")
     return given
 
