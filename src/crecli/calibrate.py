@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from crecli.config import ModelConfig
     from crecli.outcomes import OutcomeKey
     from crecli.quality import QualityCheck
-    from crecli.querylog import LogOptions
+    from crecli.querylog import LogOptions, LogRead
     from crecli.routerfile import RouterFile
 
 
@@ -53,9 +53,10 @@ class Setting:
         return f"weight {self.weight:g} | thresholds " + "/".join(f"{v:.1f}" for _, v in self.thresholds)
 
 
-def recorded_log(router: "RouterFile") -> tuple[Path | None, str]:
-    """The log the router was fitted on, where the fit found it, if it still holds the bytes
-    the fit recorded; else None and why it is not read.
+def recorded_log(router: "RouterFile", reader: "LogOptions | None" = None) -> tuple[LogCheck | None, str]:
+    """The log the router was fitted on, where the fit found it: what `check_log_bytes` found
+    there (with `reader`, its read), and why it is not read where that is not the bytes the
+    fit recorded ("" where it is). None for the check where the router records no log.
 
     The fit records the log's path (absolute, or relative to the router file:
     `routerfile.fit_log_path`) and sha256. The recorded path is read only if it
@@ -65,68 +66,89 @@ def recorded_log(router: "RouterFile") -> tuple[Path | None, str]:
     """
     from crecli.routerfile import fit_log_path
 
-    return _unchanged(fit_log_path(router), router.fit.log_sha256, "fitted", "fit log")
+    return _unchanged(fit_log_path(router), router.fit.log_sha256, "fitted", "fit log", reader)
 
 
-def recorded_calibration_log(router: "RouterFile") -> tuple[Path | None, str]:
+def recorded_calibration_log(router: "RouterFile", reader: "LogOptions | None" = None) -> tuple[LogCheck | None, str]:
     """The log the router was last calibrated on (`routerfile.calibration_log_path`), on the
     terms `recorded_log` reads the fit log on: only while it holds the bytes recorded."""
     from crecli.routerfile import calibration_log_path
 
     return _unchanged(calibration_log_path(router), (router.fit.calibration or {}).get("log_sha256"),
-                      "calibrated", "calibration log")
+                      "calibrated", "calibration log", reader)
 
 
 @dataclass(frozen=True)
 class LogCheck:
-    """What `check_log_bytes` found at a path: `problem` None where it holds the bytes asked
-    for; else "gone" (no regular file there: `detail` says what is, `paths.not_a_file`),
-    "unchecked" (a file, but no sha256 to check it by), "unreadable" (`detail`: the
-    system's words) or "changed" (`now`: its sha256 now)."""
+    """What `check_log_bytes` found at `path`: `problem` None where it holds the bytes asked
+    for (`read`: the file as a reader read it, where one was given); else "gone" (no regular
+    file there: `detail` says what is, `paths.not_a_file`), "unchecked" (a file, but no
+    sha256 to check it by), "unreadable" (`detail`: the system's words) or "changed" (`now`:
+    its sha256 now)."""
 
+    path: Path
     problem: Literal["gone", "unchecked", "unreadable", "changed"] | None = None
     detail: str = ""
     now: str = ""
+    read: "LogRead | None" = None
 
 
-def check_log_bytes(path: Path, sha256: str | None) -> LogCheck:
+def check_log_bytes(path: Path, sha256: str | None, reader: "LogOptions | None" = None) -> LogCheck:
     """Whether `path` is a file that holds the bytes of `sha256`: the one check of a log a
     router records (`recorded_log`, `recorded_calibration_log`) and of a log named for it
     (`cre eval --fit-log`, `--calibration-log`: `evaluate.given_log`), which each word what
-    it found for its own reader."""
+    it found for its own reader.
+
+    With `reader` the file is read with it, and the read's own sha256 (taken as it reads)
+    checked: a log read for its prompts is read once, and is the bytes checked."""
     why_not = paths.not_a_file(path)
     if why_not is not None:
-        return LogCheck("gone", why_not)
+        return LogCheck(path, "gone", why_not)
     if not sha256:
         # Without the bytes to check, the file's name alone would pick what is read.
-        return LogCheck("unchecked")
+        return LogCheck(path, "unchecked")
     from crecli.models.pull import sha256_file
 
+    read = None
     try:
-        now = sha256_file(path)
+        if reader is None:
+            now = sha256_file(path)
+        else:
+            try:
+                read = reader.read(path)
+                now = read.sha256
+            except (CreError, OSError):
+                # A changed log may not read as the recorded one did (a bad line appended): that
+                # it changed is what to say. Only a log that holds the recorded bytes and still
+                # does not read says how it does not.
+                now = sha256_file(path)
+                if now == sha256:
+                    raise
     except OSError as exc:
-        return LogCheck("unreadable", str(exc.strerror or exc))
-    return LogCheck("changed", now=now) if now != sha256 else LogCheck()
+        return LogCheck(path, "unreadable", str(exc.strerror or exc))
+    return LogCheck(path, "changed", now=now) if now != sha256 else LogCheck(path, read=read)
 
 
-def _unchanged(path: Path | None, sha256: str | None, done: str, what: str) -> tuple[Path | None, str]:
-    """`path`, if it holds the bytes of `sha256`; else None and why not (`done`: what the
-    router was on that log, "fitted"; `what` the log is to it, "fit log")."""
+def _unchanged(path: Path | None, sha256: str | None, done: str, what: str,
+               reader: "LogOptions | None" = None) -> tuple[LogCheck | None, str]:
+    """What `check_log_bytes` found at `path` (read with `reader`, where given), and why it
+    is not read where that is not the bytes of `sha256` (`done`: what the router was on that
+    log, "fitted"; `what` the log is to it, "fit log"); None for it where `path` is None."""
     if path is None:
         return None, f"the router does not record the log it was {done} on"
     recorded = str(path)
-    found = check_log_bytes(path, sha256)
+    found = check_log_bytes(path, sha256, reader)
     if found.problem == "gone":
         why = "is not there any more (moved or deleted)" if found.detail == "not found" else found.detail
-        return None, f"the router was {done} on {recorded}, which {why}"
+        return found, f"the router was {done} on {recorded}, which {why}"
     if found.problem == "unchecked":
-        return None, f"the router names {recorded} as its {what} but records no sha256 of it, so it is not read unasked"
+        return found, f"the router names {recorded} as its {what} but records no sha256 of it, so it is not read unasked"
     if found.problem == "unreadable":
-        return None, f"{path}: cannot be read ({found.detail})"
+        return found, f"{path}: cannot be read ({found.detail})"
     if found.problem == "changed":
-        return None, (f"{recorded} has changed since the router was {done} on it (sha256 "
-                      f"{(sha256 or '')[:12]}… then, {found.now[:12]}… now)")
-    return path, ""
+        return found, (f"{recorded} has changed since the router was {done} on it (sha256 "
+                       f"{(sha256 or '')[:12]}… then, {found.now[:12]}… now)")
+    return found, ""
 
 
 def fitted_log(router: "RouterFile", log: Path | None = None) -> Path:
@@ -139,8 +161,8 @@ def fitted_log(router: "RouterFile", log: Path | None = None) -> Path:
     if log is not None:
         return log
     found, why = recorded_log(router)
-    if found is not None:
-        return found
+    if found is not None and not why:
+        return found.path
     from crecli.routerfile import fit_log_path
 
     recorded = fit_log_path(router)

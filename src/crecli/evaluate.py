@@ -26,7 +26,9 @@ from crecli.deferral import deferral_p
 from crecli.replay import Data, SimResult, greedy
 
 if TYPE_CHECKING:
+    from crecli.calibrate import LogCheck
     from crecli.config import ModelConfig
+    from crecli.querylog import LogOptions
     from crecli.routerfile import RouterFile
 
 
@@ -373,11 +375,14 @@ def check_plot(path: Path) -> None:
                    "Choose another file name, or delete the file first")
 
 
-def given_log(given: Path, sha256: str | None, option: str, done: str, what: str, by: str) -> Path:
-    """`given`, a log named by `option` (--fit-log, --calibration-log) where the router's
-    recorded path is not, if it holds the bytes the router records (`sha256`); else a
-    CreError that says what to do (`done`: what the router was on that log, "fitted"; `what`
-    the log is to it, "fit log"; `by`: the command that read it, "`cre fit`")."""
+def given_log(given: Path, sha256: str | None, option: str, done: str, what: str, by: str,
+              reader: "LogOptions | None" = None) -> "LogCheck":
+    """What `calibrate.check_log_bytes` found at `given`, a log named by `option`
+    (--fit-log, --calibration-log) where the router's recorded path is not, if it holds the
+    bytes the router records (`sha256`): with `reader`, its read (read once, its own sha256
+    the one checked). Else a CreError that says what to do (`done`: what the router was on
+    that log, "fitted"; `what` the log is to it, "fit log"; `by`: the command that read it,
+    "`cre fit`")."""
     from crecli.calibrate import check_log_bytes
     from crecli.errors import CreError
 
@@ -385,7 +390,7 @@ def given_log(given: Path, sha256: str | None, option: str, done: str, what: str
     if not sha256:
         raise CreError(f"{option} {given}: the router records no sha256 of its {what}, so no file can be "
                        f"checked against it; leave {option} out")
-    found = check_log_bytes(given, sha256)
+    found = check_log_bytes(given, sha256, reader)
     if found.problem == "gone":
         raise CreError(f"{option} {given}: {found.detail}; pass the log {by} read, or leave {option} out")
     if found.problem == "unreadable":
@@ -393,7 +398,7 @@ def given_log(given: Path, sha256: str | None, option: str, done: str, what: str
     if found.problem == "changed":
         raise CreError(f"{option} {given} is not the log the router was {done} on (sha256 {found.now[:12]}…, the router "
                        f"records {sha256[:12]}…); pass the file {by} read, unchanged")
-    return given
+    return found
 
 
 def fit_log_prompts(router: "RouterFile", given: Path | None = None) -> tuple[set[str] | None, str]:
@@ -403,18 +408,21 @@ def fit_log_prompts(router: "RouterFile", given: Path | None = None) -> tuple[se
     `given` (--fit-log) must hold the bytes the router records (its sha256): anything else is
     an error. Without it, the recorded log is read only where `calibrate.recorded_log` finds
     it unchanged; a router fitted on another machine gets None, and eval says nothing of it.
+    Either is read once, and what was read is what was checked.
     """
     from crecli.calibrate import recorded_log
     from crecli.outcomes import prompt_sha256
 
+    # The fit's own reader, not eval's overrides: these are the prompts the fit saw.
+    reader = router.fit.reader
     if given is None:
-        path, why = recorded_log(router)
-        if path is None:
+        found, why = recorded_log(router, reader)
+        if found is None or why:
             return None, why
     else:
-        path = given_log(given, router.fit.log_sha256, "--fit-log", "fitted", "fit log", "`cre fit`")
-    # The fit's own reader, not eval's overrides: these are the prompts the fit saw.
-    return {prompt_sha256(r.prompt) for r in router.fit.reader.read(path).records}, ""
+        found = given_log(given, router.fit.log_sha256, "--fit-log", "fitted", "fit log", "`cre fit`", reader)
+    assert found.read is not None  # checked with a reader, and unchanged
+    return {prompt_sha256(r.prompt) for r in found.read.records}, ""
 
 
 def calibration_log_prompts(router: "RouterFile", given: Path | None = None) -> tuple[set[str] | None, str]:
@@ -424,23 +432,31 @@ def calibration_log_prompts(router: "RouterFile", given: Path | None = None) -> 
     calibration log, or records its fit log (same sha256): that adds nothing to the fit's.
 
     `given` (--calibration-log) is read instead, and must hold the bytes the router records,
-    as --fit-log must (`given_log`)."""
+    as --fit-log must (`given_log`). Either is read once, and what was read is what was
+    checked."""
     from crecli.calibrate import recorded_calibration_log
     from crecli.outcomes import prompt_sha256
     from crecli.querylog import LogOptions
 
     cal = router.fit.calibration or {}
-    # Checked even where it would add nothing: a wrong file named is said, not ignored.
-    path = None if given is None else given_log(given, cal.get("log_sha256"), "--calibration-log", "last calibrated",
-                                                "calibration log", "`cre calibrate`")
-    if not cal.get("log") or (cal.get("log_sha256") is not None and cal.get("log_sha256") == router.fit.log_sha256):
+    # Read (with the calibration's reader) only where it adds prompts to the fit's.
+    adds = bool(cal.get("log")) and not (cal.get("log_sha256") is not None
+                                         and cal.get("log_sha256") == router.fit.log_sha256)
+    reader = None
+    if adds:
+        reader = LogOptions.from_dict(cal["reader"]) if cal.get("reader") else router.fit.reader
+    # Checked even where it would add nothing: a wrong file named is said, not ignored (only
+    # hashed then, with no reader: its prompts are not wanted).
+    found = None if given is None else given_log(given, cal.get("log_sha256"), "--calibration-log", "last calibrated",
+                                                 "calibration log", "`cre calibrate`", reader)
+    if reader is None:
         return set(), ""
-    if path is None:
-        path, why = recorded_calibration_log(router)
-        if path is None:
+    if found is None:
+        found, why = recorded_calibration_log(router, reader)
+        if found is None or why:
             return None, why
-    reader = LogOptions.from_dict(cal["reader"]) if cal.get("reader") else router.fit.reader
-    return {prompt_sha256(r.prompt) for r in reader.read(path).records}, ""
+    assert found.read is not None  # checked with a reader, and unchanged
+    return {prompt_sha256(r.prompt) for r in found.read.records}, ""
 
 
 def run(
