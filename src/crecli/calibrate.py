@@ -163,12 +163,10 @@ def fitted_log(router: "RouterFile", log: Path | None = None) -> Path:
     found, why = recorded_log(router)
     if found is not None and not why:
         return found.path
-    from crecli.routerfile import fit_log_path
-
-    recorded = fit_log_path(router)
-    # Where the recorded file is still there (changed, or unchecked), it is what --log would name.
-    if recorded is not None and paths.not_a_file(recorded) is None:
-        raise CreError(f"{why}; pass --log {recorded} to calibrate on it as it is now")
+    # Where the recorded file is still there (changed, unchecked or unreadable), it is what
+    # --log would name.
+    if found is not None and found.problem != "gone":
+        raise CreError(f"{why}; pass --log {found.path} to calibrate on it as it is now")
     raise CreError(f"{why}; pass --log FILE to calibrate on the log where it is now")
 
 
