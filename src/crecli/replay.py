@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import InitVar, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Container, Mapping, Sequence
 
@@ -348,6 +348,13 @@ class Data:
     trust: list[float] = field(default_factory=list)
     # Labelled queries of the log left out: too long for every rung's context (`outcomes.leave_out_too_long`).
     n_skipped_too_long: int = 0
+    # Each record's prompt identity where the caller has hashed them already (`prepare`, to
+    # leave some out); None: hashed when `prompt_ids` is first read.
+    known_prompt_ids: InitVar[list[str] | None] = None
+
+    def __post_init__(self, known_prompt_ids: list[str] | None) -> None:
+        if known_prompt_ids is not None:
+            self.prompt_ids = known_prompt_ids  # fills the cached_property: it is not hashed again
 
     @functools.cached_property
     def clusters(self) -> list[int]:
@@ -398,13 +405,15 @@ def prepare(
         raise CreError(f"{log}: no labelled queries (a {reader.fields.reference!r} or {reader.fields.labels!r} field), "
                        "so no model can be scored on it; give a log with reference answers or labels")
     outcomes_mod.check_measurable(records, router.ladder_names)  # as `cre fit` does, before any model runs
+    ids = None  # each record's prompt identity, where hashed here: `Data.prompt_ids` keeps them
     if leave_out is not None:
-        held_out = [r for r in records if outcomes_mod.prompt_sha256(r.prompt) not in leave_out]
+        ids = [prompt_sha256(r.prompt) for r in records]
+        held_out = [i for i, p in enumerate(ids) if p not in leave_out]
         if not held_out:
             raise CreError(f"{log}: every labelled query is in the router's fit or calibration log; none is held out")
         if len(held_out) < len(records):
             console.status(f"Left out {len(records) - len(held_out)} queries that are in the router's fit or calibration log")
-        records = held_out
+        records, ids = [records[i] for i in held_out], [ids[i] for i in held_out]
     ladder = router.ladder_names
     missing = [m for m in ladder if m not in settings.models]
     if missing:
@@ -419,14 +428,15 @@ def prepare(
         if not keep:
             raise CreError(f"{log}: every labelled query is one of the router's answered examples")
         records, routes = [records[i] for i in keep], [routes[i] for i in keep]
+        ids = [ids[i] for i in keep] if ids is not None else None
     every = {(r.id, m): router.shots(d.cluster, m) for r, d in zip(records, routes) for m in ladder}
     shots = {key: examples for key, examples in every.items() if examples}
     path = store or outcomes_mod.default_store_path()
     with outcomes_mod.OutcomeStore(path) as st:
         found = outcomes_mod.collect(records, settings, st, router.quality, models=ladder)
         if shots:
-            ids = {rid for rid, _ in shots}
-            shown = outcomes_mod.collect([r for r in records if r.id in ids], settings, st, router.quality,
+            with_shots = {rid for rid, _ in shots}
+            shown = outcomes_mod.collect([r for r in records if r.id in with_shots], settings, st, router.quality,
                                          models=ladder, shots=shots)
             found = resolve_shots(found, shown, shots, lambda model: settings.get(model).keeps_examples)
     measurable = {r.id for r in outcomes_mod.leave_out_too_long(records, found, ladder, log)}
@@ -434,11 +444,12 @@ def prepare(
     if skipped:
         keep = [i for i, r in enumerate(records) if r.id in measurable]
         records, routes = [records[i] for i in keep], [routes[i] for i in keep]
+        ids = [ids[i] for i in keep] if ids is not None else None
     specs = [settings.get(m) for m in ladder]
     costs = CostModel.build(found.values(), specs, unit)
     replay = Replay.build(found, records, ladder, costs, specs)
     trust = [router.cluster_trust(d.cluster, d.distance) for d in routes]
-    return Data(records, routes, found, costs, replay, read.sha256, trust, skipped)
+    return Data(records, routes, found, costs, replay, read.sha256, trust, skipped, ids)
 
 
 def assign(router: "RouterFile", prompts: Sequence[str]) -> list["RouteDecision"]:
