@@ -53,6 +53,21 @@ class Setting:
         return f"weight {self.weight:g} | thresholds " + "/".join(f"{v:.1f}" for _, v in self.thresholds)
 
 
+@dataclass(frozen=True)
+class LogCheck:
+    """What `check_log_bytes` found at `path`: `problem` None where it holds the bytes asked
+    for (`read`: the file as a reader read it, where one was given); else "gone" (no regular
+    file there: `detail` says what is, `paths.not_a_file`), "unchecked" (a file, but no
+    sha256 to check it by), "unreadable" (`detail`: the system's words) or "changed" (`now`:
+    its sha256 now)."""
+
+    path: Path
+    problem: Literal["gone", "unchecked", "unreadable", "changed"] | None = None
+    detail: str = ""
+    now: str = ""
+    read: "LogRead | None" = None
+
+
 def recorded_log(router: "RouterFile", reader: "LogOptions | None" = None) -> tuple[LogCheck | None, str]:
     """The log the router was fitted on, where the fit found it: what `check_log_bytes` found
     there (with `reader`, its read), and why it is not read where that is not the bytes the
@@ -76,21 +91,6 @@ def recorded_calibration_log(router: "RouterFile", reader: "LogOptions | None" =
 
     return _unchanged(calibration_log_path(router), (router.fit.calibration or {}).get("log_sha256"),
                       "calibrated", "calibration log", reader)
-
-
-@dataclass(frozen=True)
-class LogCheck:
-    """What `check_log_bytes` found at `path`: `problem` None where it holds the bytes asked
-    for (`read`: the file as a reader read it, where one was given); else "gone" (no regular
-    file there: `detail` says what is, `paths.not_a_file`), "unchecked" (a file, but no
-    sha256 to check it by), "unreadable" (`detail`: the system's words) or "changed" (`now`:
-    its sha256 now)."""
-
-    path: Path
-    problem: Literal["gone", "unchecked", "unreadable", "changed"] | None = None
-    detail: str = ""
-    now: str = ""
-    read: "LogRead | None" = None
 
 
 def check_log_bytes(path: Path, sha256: str | None, reader: "LogOptions | None" = None) -> LogCheck:
