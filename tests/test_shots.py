@@ -281,3 +281,24 @@ def test_a_prompt_its_examples_make_too_long_for_a_model_counts_as_a_wrong_answe
     plan = choose_shots(records, {r.id: 0 for r in records}, settings, None, QualityCheck(k=1), base, [0, 1])  # type: ignore[arg-type]
     assert plan.accuracy[0]["small"] == {0: (0, 3), 1: (2, 3)}
     assert plan.counts == {0: {"small": 1}}
+
+
+def test_held_out_scoring_of_a_router_with_examples_keeps_each_records_prompt_identity(
+    tmp_path: Path, tiny_models_toml: Path, shot_fakes: dict[str, FakeBackend]
+) -> None:
+    # `replay.prepare` hashes the prompts once for --held-out-only and hands them to `Data`;
+    # with answered examples it also gathers the records that show them, and the two must not
+    # be mixed up (a set of record ids once took the prompt identities' place).
+    router = tmp_path / "router.cre"
+    m = ("--models", str(tiny_models_toml))
+    invoke("fit", str(SMALL_LOG), "-o", str(router), *m, "--k", "1", "--shots", "0,1", "--retain", "0.5", "--json")
+    from crecli import replay
+
+    settings = config.load(tiny_models_toml)
+    loaded = routerfile.load(router, settings)
+    assert any(c.shots for c in loaded.clusters)
+    rows = [json.loads(line) for line in SMALL_LOG.read_text().splitlines()]
+    left_out = {outcomes.prompt_sha256(r["prompt"]) for r in rows[:5]}
+    data = replay.prepare(loaded, settings, SMALL_LOG, store=tmp_path / "store.sqlite", leave_out=left_out)
+    assert data.prompt_ids == [outcomes.prompt_sha256(r.prompt) for r in data.records]
+    assert not left_out & set(data.prompt_ids) and len(data.records) < len(rows) - 5
