@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from crecli import config, routerfile
-from crecli.batch import BatchSummary, parse_size, read_done_ids, run_batch
+from crecli.batch import Answered, BatchSummary, parse_size, read_done_ids, run_batch
 from crecli.cli import app
 from crecli.errors import BackendError, CreError, InputError, ModelLoadError, ModelNotAvailable, UsageError
 from crecli.escalate import Cascade
@@ -107,7 +107,8 @@ def test_resume_skips_ids_already_answered(
         + '{"line": 7, "id": "far", "answ'  # cut short by a crash: ignored
     )
     done = read_done_ids(earlier)
-    assert done == {"a1": {rows[0]["prompt_sha256"]: 1}}
+    digest = rows[0]["prompt_sha256"]
+    assert done == {"a1": Answered(prompts={digest}, at={1})}  # "6" has no answer: its error is moot
 
     rows, summary = _run(MIXED, cascade, resume_ids=done)
     assert [r["line"] for r in rows] == [2, 3, 4, 5, 6, 7]
@@ -135,7 +136,7 @@ def test_resume_never_lets_an_answer_stand_for_another_prompt_that_took_its_id(
     rows, summary = _run([ADD.encode(), PERU.encode()], cascade, resume_ids=done)
     assert rows == [] and summary.skipped == 2
     # An answer written before records kept the prompt's digest is matched by id alone.
-    legacy = {k: {None: 0} for k in done}
+    legacy = {k: Answered(prompts={None}) for k in done}
     rows, summary = _run([b"What is 7 times 6?"], cascade, resume_ids=legacy)
     assert rows == [] and summary.skipped == 1
 
@@ -173,9 +174,9 @@ def test_resume_answers_a_line_that_shares_an_answered_id_but_not_its_prompt(
 def test_resume_answers_a_line_whose_id_was_answered_only_at_a_later_line_of_the_input(
     fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade, tmp_path: Path, chunk_size: int
 ) -> None:
-    # Lines 1 and 2 share id "x"; the batch stopped with line 2 answered and line 1 not (an
-    # error record, or a stop that wrote the chunk's finished answers). On resume line 1 got
-    # "the input changed", though the input was the same and its prompt never answered.
+    # Lines 1 and 3 share id "x"; the batch answered line 3 and line 1 got an error record. On
+    # resume line 1 got "the input changed", though the input was the same and its prompt
+    # never answered. Its error record says the earlier run tried it there: it is answered.
     install(fake_backends, TABLE)
     lines = [jl(id="x", prompt=ADD), jl(id="y", prompt=FRUIT), jl(id="x", prompt=PERU), jl(id="z", prompt=PERU)]
     first, _ = _run(lines, cascade)
@@ -183,22 +184,98 @@ def test_resume_answers_a_line_whose_id_was_answered_only_at_a_later_line_of_the
     earlier.write_text(json.dumps({"line": 1, "id": "x", "error": "backend failed"}) + "\n"
                        + "".join(json.dumps(r) + "\n" for r in first[1:]))
     done = read_done_ids(earlier)
+    assert done["x"] == Answered(prompts={first[2]["prompt_sha256"]}, at={3}, failed={1})
     rows, summary = _run(lines, cascade, resume_ids=done, chunk_size=chunk_size)
     assert [(r["line"], r["id"], r.get("answer"), r.get("error")) for r in rows] == [(1, "x", "12", None)]
-    assert done["x"] == {first[2]["prompt_sha256"]: 3}
     assert (summary.skipped, summary.answered, summary.errors, summary.repeated_ids) == (3, 1, 0, 1)
-    # The input changed: no later line has id "x" by line 3, where it was answered (a line
-    # between removed, line 3 edited to another id), or the input ends before it.
-    for changed in ([lines[0], lines[1], jl(id="w", prompt=PERU), jl(id="x", prompt=HARD)], lines[:2], lines[:1]):
-        rows, summary = _run(changed, cascade, resume_ids=done, chunk_size=chunk_size,
+    # Line 1 without a record at all: a stop wrote the answers its chunk finished, line 1's
+    # not among them. Only a later line of the same chunk can then hold the id's answer:
+    # line 1 waits for the chunk's later lines, and is answered once line 3 has id "x" again.
+    flushed = {**done, "x": Answered(prompts=done["x"].prompts, at=done["x"].at)}
+    rows, summary = _run(lines, cascade, resume_ids=flushed, chunk_size=64)
+    assert [(r["line"], r.get("answer")) for r in rows] == [(1, "12")]
+    # The input changed: line 3 of the chunk lacks id "x" (edited to another id, though a
+    # line after it has "x"; the input ends before it), or it is in another chunk.
+    cases = [([lines[0], lines[1], jl(id="w", prompt=PERU), jl(id="x", prompt=HARD)], 64), (lines[:2], 64),
+             (lines[:1], 64), (lines, 2)]
+    for changed, size in cases:
+        rows, summary = _run(changed, cascade, resume_ids=flushed, chunk_size=size,
                              source="in.jsonl", resume_name=str(earlier))
         errors = [r for r in rows if "error" in r]
         assert [r["line"] for r in rows][:1] == [1] and [r["line"] for r in errors] == [1]
         assert errors[0]["error"].startswith(f"in.jsonl:1: id 'x' was answered in {earlier} for another prompt")
     # Answered at line 1 or before, for another prompt: the input changed, whatever follows.
     rows, summary = _run([jl(id="x", prompt=HARD), *lines[1:]], cascade, chunk_size=chunk_size,
-                         resume_ids={"x": {first[0]["prompt_sha256"]: 1}})
+                         resume_ids={"x": Answered(prompts={first[0]["prompt_sha256"]}, at={1})})
     assert [(r["line"], "error" in r) for r in rows] == [(1, True), (2, False), (3, False), (4, False)]
+
+
+def test_resume_of_a_run_that_failed_the_first_of_each_repeated_id_writes_as_it_goes(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade, tmp_path: Path
+) -> None:
+    # Every id on two lines, the first half failed (error records) and the second answered:
+    # on resume each first line was held until its partner near the end, so nothing was
+    # written until then (N/2 prompts in memory, all lost to a kill). Each is answered at once.
+    install(fake_backends, TABLE)
+    half = 6
+    lines = [jl(id=f"q{i}", prompt=ADD) for i in range(half)] + [jl(id=f"q{i}", prompt=PERU) for i in range(half)]
+    first, _ = _run(lines, cascade)
+    earlier = tmp_path / "out.jsonl"
+    earlier.write_text("".join(json.dumps({"line": r["line"], "id": r["id"], "error": "backend failed"}) + "\n"
+                               for r in first[:half])
+                       + "".join(json.dumps(r) + "\n" for r in first[half:]))
+    read = 0
+
+    def stream() -> Any:
+        nonlocal read
+        for line in lines:
+            read += 1
+            yield line
+
+    class Out(io.StringIO):
+        read_at_write: list[int]  # lines read from the input by each write
+
+        def write(self, text: str) -> int:
+            self.read_at_write.append(read)
+            return super().write(text)
+
+    out = Out()
+    out.read_at_write = []
+    rows, summary = _run(stream(), cascade, out=out, resume_ids=read_done_ids(earlier), chunk_size=2)  # type: ignore[arg-type]
+    assert [(r["line"], r["id"], r.get("answer")) for r in rows] == [(i + 1, f"q{i}", "12") for i in range(half)]
+    assert (summary.skipped, summary.answered, summary.errors) == (half, half, 0)
+    assert out.read_at_write[0] <= 2  # line 1 written with its own chunk, not after line 7 was read
+
+
+def test_resume_gives_an_edited_line_of_a_repeated_id_an_error_record_and_keeps_that_verdict(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade, tmp_path: Path
+) -> None:
+    # Id "x" was answered for ADD at line 1 and PERU at line 3; line 1 (or 3) edited since.
+    # Line 1 was held, line 3 released it, and it was answered: two answers at line 1 in the
+    # file, where before it got "the input changed". A line with its own answer record, for
+    # another prompt, was edited. And a later --resume gives it that verdict again.
+    install(fake_backends, TABLE)
+    lines = [jl(id="x", prompt=ADD), jl(id="y", prompt=FRUIT), jl(id="x", prompt=PERU)]
+    first, _ = _run(lines, cascade)
+    earlier = tmp_path / "out.jsonl"
+    earlier.write_text("".join(json.dumps(r) + "\n" for r in first))
+    for edited, at in (([jl(id="x", prompt=HARD), *lines[1:]], 1), ([*lines[:2], jl(id="x", prompt=HARD)], 3)):
+        for _ in range(2):  # the resumed run's output appended, then resumed again
+            rows, summary = _run(edited, cascade, resume_ids=read_done_ids(earlier), source="in.jsonl",
+                                 resume_name=str(earlier))
+            assert (summary.skipped, summary.answered, summary.errors) == (2, 0, 1)
+            assert [(r["line"], r.get("input_changed")) for r in rows] == [(at, True)]
+            assert rows[0]["error"].startswith(f"in.jsonl:{at}: id 'x' was answered in {earlier} for another prompt")
+            with open(earlier, "a") as out:
+                out.write("".join(json.dumps(r) + "\n" for r in rows))
+        earlier.write_text("".join(json.dumps(r) + "\n" for r in first))
+    # An error record that says the input changed is a verdict, not a line tried and failed:
+    # a line added before "x" (now at line 2), answered only at line 1, keeps its error record.
+    earlier.write_text(json.dumps(first[0]) + "\n" + json.dumps({"line": 2, "id": "x", "error": "changed",
+                                                                 "input_changed": True}) + "\n")
+    rows, summary = _run([jl(id="new", prompt=FRUIT), jl(id="x", prompt=HARD)], cascade,
+                         resume_ids=read_done_ids(earlier))
+    assert [(r["line"], r.get("input_changed")) for r in rows] == [(1, None), (2, True)]
 
 
 def test_a_repeated_id_is_counted_and_said_since_resume_matches_by_id(
@@ -845,7 +922,7 @@ def test_a_second_batch_refused_after_its_redirect_emptied_the_file_says_so_and_
             holder.kill()
             holder.wait()
     assert out.read_bytes().startswith(b"\0")
-    assert read_done_ids(out) == {"b": {None: 0}}
+    assert read_done_ids(out) == {"b": Answered(prompts={None})}
 
 
 def test_a_second_batch_refused_through_a_read_write_redirect_does_not_say_it_emptied_the_file(

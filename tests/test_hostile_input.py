@@ -22,7 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 from crecli import config
-from crecli.batch import parse_size, read_done_ids, run_batch
+from crecli.batch import Answered, parse_size, read_done_ids, run_batch
 from crecli.cli import app
 from crecli.errors import InputError, UsageError
 from crecli.escalate import Cascade
@@ -206,7 +206,7 @@ def test_resume_file_with_hostile_lines_is_read(tmp_path: Path) -> None:
         b'{"id": "ok", "answer": "1"}\n' + b'{"id": "d", "answer": ' + DEEP + b"}\n"
         + b'{"id": ' + DIGITS + b', "answer": "2"}\n'
     )
-    assert read_done_ids(earlier) == {"ok": {None: 0}}
+    assert read_done_ids(earlier) == {"ok": Answered(prompts={None})}
 
 
 @pytest.mark.parametrize("text", ["inf", "-inf", "nan", "NaN", "infinity", "1e999", "1e999GB", "-1", "-2GB", "0.5", "0", "", "GB", "lots", "4TB", "1..5G"])

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Literal, Mapping, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Literal, Mapping, Protocol, TextIO, TypeVar
 
 from crecli.console import progress, strict_json
 from crecli.costs import RunTotal
@@ -86,7 +86,7 @@ class BatchSummary:
     interrupted: bool = False  # Ctrl-C, SIGTERM, SIGHUP: the lines not yet answered are for `--resume`
     # Lines whose id an earlier line of the input already had (a line without an id gets its
     # line number, which an explicit id may equal): `--resume` can tell such lines apart only
-    # by their prompts (two with the same prompt are one answer; see `_answer_all`).
+    # by their prompts and line numbers (two with the same prompt are one answer; see `_answer_all`).
     repeated_ids: int = 0
 
     @property
@@ -137,12 +137,22 @@ def prompt_digest(prompt: str) -> str:
     return hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def read_done_ids(path: Path) -> dict[str, dict[str | None, int]]:
+@dataclass
+class Answered:
+    """What an earlier output file (`read_done_ids`) says of one id, by input line: records
+    name the line they answer, and an unchanged input has the same lines at the same numbers."""
+
+    prompts: set[str | None] = field(default_factory=set)  # digests answered (None: an answer before `prompt_sha256`)
+    at: set[int] = field(default_factory=set)  # the lines they were answered at
+    failed: set[int] = field(default_factory=set)  # lines whose error record says they were tried and failed
+
+
+def read_done_ids(path: Path) -> dict[str, Answered]:
     """Ids that already have an answer in an earlier output file, each with the digests of
-    the prompts answered under it (`prompt_digest`; None for an answer written before records
-    kept it), each with the last input line it was answered at (0 where the record says none).
-    Several digests: an input may repeat an id, and each of its lines was answered; the lines
-    let `_answer_all` tell an id answered at a later line of the input from an input changed.
+    the prompts answered under it (`prompt_digest`) and the lines they were answered at: an
+    input may repeat an id, and each of its lines was answered. An error record's line is kept
+    too, unless it says the input changed (`input_changed`): that line was tried and is tried
+    again, and `_answer_all` answers it though the id was answered at another line.
 
     Error records are not counted as done, so their lines are tried again; unreadable lines
     (such as a last line cut short by a crash) are ignored. A file whose whole lines hold no
@@ -160,21 +170,34 @@ def read_done_ids(path: Path) -> dict[str, dict[str | None, int]]:
         raise InputError(f"{path}: --resume file not found; drop --resume for a first run") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read the --resume file: {exc.strerror}") from None
-    done: dict[str, dict[str | None, int]] = {}
+    done: dict[str, Answered] = {}
+    failed: dict[str, set[int]] = {}  # an id's errors count only where it has answers too
     records = 0  # lines that are a batch's answer or error records
     for line in raw.splitlines():
         try:
             row = json.loads(line.lstrip(b"\0"))
         except (ValueError, RecursionError):
             continue
-        records += isinstance(row, dict) and ("answer" in row or "error" in row)
-        if isinstance(row, dict) and "answer" in row and "error" not in row and row.get("id") is not None:
-            digest = row.get("prompt_sha256")
-            number = row.get("line")
-            at = number if isinstance(number, int) and not isinstance(number, bool) else 0
-            prompts = done.setdefault(str(row["id"]), {})
-            key = digest if isinstance(digest, str) else None
-            prompts[key] = max(prompts.get(key, 0), at)
+        if not isinstance(row, dict) or ("answer" not in row and "error" not in row):
+            continue
+        records += 1
+        if row.get("id") is None:
+            continue
+        number = row.get("line")
+        at = number if isinstance(number, int) and not isinstance(number, bool) and number > 0 else 0
+        if "error" in row:
+            if at and row.get("input_changed") is not True:
+                failed.setdefault(str(row["id"]), set()).add(at)
+            continue
+        digest = row.get("prompt_sha256")
+        key = digest if isinstance(digest, str) else None
+        answered = done.setdefault(str(row["id"]), Answered())
+        answered.prompts.add(key)
+        if at:
+            answered.at.add(at)
+    for id, lines in failed.items():
+        if id in done:
+            done[id].failed = lines
     # Whole lines (a last one cut by a crash aside) of which none is a record: the input given
     # where the earlier output was meant (`--resume prompts.jsonl`), which would answer every
     # line again after the first run's answers, as if nothing were amiss.
@@ -375,8 +398,19 @@ def result_record(line: int, trace: "Trace", prompt: str) -> dict[str, Any]:
     return record
 
 
-def error_record(line: int, id: str | None, message: str) -> dict[str, Any]:
-    return {"line": line, "id": id, "error": message}
+def error_record(line: int, id: str | None, message: str, input_changed: bool = False) -> dict[str, Any]:
+    record: dict[str, Any] = {"line": line, "id": id, "error": message}
+    if input_changed:
+        # A verdict on the input (`changed_since`), not a line tried and failed: a later
+        # --resume (`read_done_ids`) gives the line the same verdict instead of answering it.
+        record["input_changed"] = True
+    return record
+
+
+class _Fail(Protocol):
+    """`run_batch`'s `fail`: a line's error record, counted."""
+
+    def __call__(self, line: int, id: str | None, message: str, input_changed: bool = False) -> None: ...
 
 
 class _OrderedWriter:
@@ -453,7 +487,7 @@ def run_batch(
     lines: "Iterable[bytes | LongLine] | BinaryIO",
     out: TextIO,
     cascade: "Cascade",
-    resume_ids: "Mapping[str, Mapping[str | None, int]]" = MappingProxyType({}),
+    resume_ids: "Mapping[str, Answered]" = MappingProxyType({}),
     source: str = "<stdin>",
     resume_name: str = "the --resume file",
     chunk_size: int = CHUNK_LINES,
@@ -466,9 +500,8 @@ def run_batch(
     or the lines themselves. Lines whose id and prompt are in `resume_ids` (`read_done_ids`,
     from `resume_name`) are skipped and write nothing. A line whose id was answered there
     only for other prompts gets an error record (`changed_since`), never another prompt's
-    answer, unless another line of the input has its id (an earlier one, or a later one
-    read by the last line the id was answered at): lines sharing an id are told apart by
-    their prompts, so it is answered. A model file missing, failing verification or refused by llama.cpp stops the
+    answer, unless the id is repeated (see `_answer_all`): lines sharing an id are told
+    apart by their prompts, so it is answered. A model file missing, failing verification or refused by llama.cpp stops the
     batch (every later line would fail the same way); any other problem with one line
     becomes that line's error record. However the batch stops, every answer finished by
     then is written first.
@@ -509,9 +542,9 @@ def run_batch(
         spent.add(*ours, counted=counted)
         strongest.add(*theirs, counted=counted)
 
-    def fail(line: int, id: str | None, message: str) -> None:
+    def fail(line: int, id: str | None, message: str, input_changed: bool = False) -> None:
         summary.errors += 1
-        writer.put(line, error_record(line, id, message))
+        writer.put(line, error_record(line, id, message, input_changed))
 
     try:
         _answer_all(lines, cascade, resume_ids, resume_name, source, chunk_size, fields, summary, writer, finish, fail)
@@ -570,7 +603,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 def _answer_all(
     lines: "Iterable[bytes | LongLine]",
     cascade: "Cascade",
-    resume_ids: "Mapping[str, Mapping[str | None, int]]",
+    resume_ids: "Mapping[str, Answered]",
     resume_name: str,
     source: str,
     chunk_size: int,
@@ -578,37 +611,35 @@ def _answer_all(
     summary: BatchSummary,
     writer: _OrderedWriter,
     finish: Callable[[int, "Trace", str], None],
-    fail: Callable[[int, "str | None", str], None],
+    fail: _Fail,
 ) -> None:
     """`run_batch`'s loop: each chunk of lines parsed, routed in one call, and answered a
-    rung at a time; every line ends in `finish`, `fail` or a skip."""
-    import heapq
+    rung at a time; every line ends in `finish`, `fail` or a skip.
 
+    A line whose id `resume_ids` answered only for other prompts is judged by the lines the
+    earlier run answered or tried: answered at this very line (for another prompt), the line
+    was edited (the input changed: an error record). Else it is answered when an earlier line
+    of the input has the id, or the earlier run tried this line and failed (its error record:
+    the id was there, and on another line that was answered). Else only a stop can explain an input
+    unchanged: it writes the answers its chunk finished (`_OrderedWriter.flush_ready`), so a
+    later line of the same chunk may hold the id's answer. The line waits for the chunk's
+    later lines: answered when the id is on a line where it was answered, an error record
+    when it is on none (the input changed). The chunks are the same lines in every run of an
+    input, and nothing waits past its own chunk."""
     seen: set[str] = set()
-    # The first line of an id the --resume file answered only for other prompts, at later
-    # lines (a batch stopped with a later line of a repeated id answered and this one not):
-    # held until a later line of the input has its id (this one is answered then), or the
-    # input is past the last line the id was answered at without one (the input changed).
-    # Output waits for it, as for any unfinished line; an unchanged input has that later
-    # line exactly there.
-    held: dict[str, tuple[int, Record]] = {}
-    deadlines: list[tuple[int, int, str]] = []  # a heap of (last answered line, line, id)
 
-    def expire(before: float) -> None:
-        """Fail the held lines whose id was last answered at a line before `before`."""
-        while deadlines and deadlines[0][0] < before:
-            _, line, id = heapq.heappop(deadlines)
-            if held.pop(id, None) is not None:
-                fail(line, id, f"{source}:{line}: {changed_since(resume_name, id)}")
-                bar.advance(task)
+    def changed(line: int, id: str) -> None:
+        fail(line, id, f"{source}:{line}: {changed_since(resume_name, id)}", input_changed=True)
+        bar.advance(task)
 
     with progress() as bar:
         task = bar.add_task("Answering", total=None)
         for chunk in _chunks(lines, chunk_size):
             summary.lines += len(chunk)
+            last = chunk[-1][0]
             records: list[tuple[int, Record]] = []
+            held: dict[str, tuple[int, Record]] = {}  # waiting for a later line of the chunk with its id
             for line, raw in chunk:
-                expire(line)
                 try:
                     record = parse_batch_line(raw, line, source, fields)
                 except InputError as exc:
@@ -618,29 +649,28 @@ def _answer_all(
                 repeated = record.id in seen
                 summary.repeated_ids += int(repeated)
                 seen.add(record.id)
-                if (waiting := held.pop(record.id, None)) is not None:
-                    records.append(waiting)  # its id is on this later line too: answered now
+                if record.id in held and line in resume_ids[record.id].at:
+                    records.append(held.pop(record.id))  # its id is where it was answered: answered now
                 answered = resume_ids.get(record.id)
-                # Answers kept no digest before: those match by id alone, as they did.
-                if answered is not None and (None in answered or prompt_digest(record.prompt) in answered):
-                    summary.skipped += 1
-                    writer.put(line, None)
-                    bar.advance(task)
-                    continue
-                if answered is not None and not repeated:
-                    last = max(answered.values())
-                    if last > line:  # perhaps at a later line of this input: wait for it
-                        held[record.id] = (line, record)
-                        heapq.heappush(deadlines, (last, line, record.id))
+                if answered is not None:
+                    # Answers kept no digest before: those match by id alone, as they did.
+                    if None in answered.prompts or prompt_digest(record.prompt) in answered.prompts:
+                        summary.skipped += 1
+                        writer.put(line, None)
+                        bar.advance(task)
                         continue
-                    # Its id was answered only for another prompt: the input changed since.
-                    fail(line, record.id, f"{source}:{line}: {changed_since(resume_name, record.id)}")
-                    bar.advance(task)
-                    continue
-                # Not answered; or an earlier line has its id, which was answered for that
-                # line's prompt (or another's of that id), never this one: lines sharing an id
-                # are told apart by their prompts, and this one's is answered now.
+                    # Its id was answered only for other prompts (see the docstring).
+                    if line in answered.at or not (repeated or line in answered.failed):
+                        if line not in answered.at and any(line < at <= last for at in answered.at):
+                            held[record.id] = (line, record)
+                        else:
+                            changed(line, record.id)
+                        continue
+                    # Lines sharing an id are told apart by their prompts: this one is answered.
                 records.append((line, record))
+            for line, record in held.values():  # no later line of the chunk has its id
+                changed(line, record.id)
+            records.sort(key=lambda item: item[0])  # `by_cluster` keeps input order within a cluster
             pending: list[tuple[int, "Pending"]] = []
             try:
                 # One routing call per chunk: per-call overhead dominates single prompts.
@@ -680,7 +710,6 @@ def _answer_all(
                     else:
                         still.append((line, p))
                 pending = still
-        expire(math.inf)  # the input ended with no later line for them
 
 
 def _speeds_age_hours(cascade: "Cascade") -> float | None:

@@ -427,8 +427,8 @@ def batch(
 
     Lines already answered in out.jsonl are skipped; lines that got an error are tried again.
     A line whose id out.jsonl answered only for other prompts (the input changed since) gets
-    an error record instead: answer such an input into a new file. Where another line has
-    the same id, lines are told apart by their prompts, and such a line is answered. A
+    an error record instead: answer such an input into a new file. Lines sharing an id are
+    told apart by their prompts and line numbers (docs/reference.md has the rule). A
     second batch writing to the same file at once is refused, and so is output into the
     input file itself (the answers would be read back as prompts), or into out.jsonl with
     1<> (they would be written over its answers).
