@@ -803,6 +803,32 @@ def test_a_ctrl_c_while_the_output_flushes_writes_no_line_twice() -> None:
     assert [json.loads(line)["id"] for line in out.getvalue().splitlines()] == ["a"]
 
 
+def test_a_stop_raised_as_the_output_takes_the_records_writes_no_line_twice() -> None:
+    # SIGTERM while the write blocked on a slow pipe: the handler's KeyboardInterrupt came
+    # out of the write after it had taken the records, before they were dropped from the
+    # writer, and `flush_ready` wrote them a second time.
+    from crecli.batch import _OrderedWriter
+
+    class SlowPipe(io.StringIO):
+        writes = 0
+
+        def write(self, text: str) -> int:
+            written = super().write(text)
+            SlowPipe.writes += 1
+            if SlowPipe.writes == 1:
+                raise KeyboardInterrupt
+            return written
+
+    out = SlowPipe()
+    writer = _OrderedWriter(out, first=1)
+    writer.put(2, {"id": "b", "answer": "2"})  # waits for line 1
+    writer.put(4, {"id": "d", "answer": "4"})  # waits for line 3, which the stop leaves unanswered
+    with pytest.raises(KeyboardInterrupt):
+        writer.put(1, {"id": "a", "answer": "1"})
+    writer.flush_ready()
+    assert [json.loads(line)["id"] for line in out.getvalue().splitlines()] == ["a", "b", "d"]
+
+
 def test_a_resume_file_emptied_by_the_shell_is_told_apart_from_one_appended_to(tmp_path: Path) -> None:
     # `cre batch --resume out.jsonl > out.jsonl`: the shell empties the file before cre runs,
     # and every line was answered again without a word.

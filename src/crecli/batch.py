@@ -426,43 +426,63 @@ class _OrderedWriter:
         """`record` None marks a line that produces no output (skipped by --resume)."""
         self.ready[line] = record
         text = []
-        upto = self.next
+        first = upto = self.next
         while upto in self.ready:
             rec = self.ready[upto]
             if rec is not None:
                 text.append(_json_line(rec))
             upto += 1
-        if text:
-            self._do(self.out.write, "".join(text))
-        # Dropped once written (a Ctrl-C before leaves them for `flush_ready`) and before the
-        # flush (a Ctrl-C while it blocks must not have them written twice).
-        for done in range(self.next, upto):
+        self._write("".join(text), upto)
+        # Dropped once written (`flush_ready` skips them already: a stop in this loop cannot
+        # have them written twice) and before the flush.
+        for done in range(first, upto):
             del self.ready[done]
-        self.next = upto
         if text:
             self._do(self.out.flush)
 
     def flush_ready(self) -> None:
         """Write every finished record still waiting for an earlier line (when the batch
         stops: that line will not come in this run, and `--resume` finds these by id)."""
-        text = [_json_line(rec) for line in sorted(self.ready) if (rec := self.ready[line]) is not None]
-        self._do(self.out.write, "".join(text))
+        text = [_json_line(rec) for line in sorted(self.ready)
+                if line >= self.next and (rec := self.ready[line]) is not None]
+        self._write("".join(text), self.next)
         self.ready.clear()
         self._do(self.out.flush)
 
+    def _write(self, text: str, upto: int) -> None:
+        """Write `text`, the records of the lines before `upto` not written yet, and count
+        those lines written: however a stop (KeyboardInterrupt, which `stop_on_signals` makes
+        of SIGTERM and SIGHUP) falls, no record is written twice."""
+        try:
+            # Counted before the write, with no call and no loop between the two, where CPython
+            # runs a signal's handler: a stop raised from inside the write (SIGTERM ending one
+            # blocked on a slow pipe) comes once the file object has taken the text, and
+            # `flush_ready` must not write it again; a stop before this leaves it to `flush_ready`.
+            self.next = upto
+            if text:
+                self.out.write(text)
+        except OSError as exc:
+            raise self._failed(exc) from None
+
     def _do(self, call: Callable[..., Any], *args: Any) -> None:
-        """A write or flush of the results, its failure phrased."""
+        """A flush of the results, its failure phrased."""
         try:
             call(*args)
         except OSError as exc:
-            self.failed = True
-            if exc.errno == errno.EPIPE:
-                raise  # the reader left (`cre batch ... | head`): Typer ends the run quietly
-            # The lines written before stay; `--resume` starts a cut last line afresh.
-            raise CreError(
-                f"cannot write the results ({exc.strerror or exc}); once that is fixed, "
-                "`cre batch --resume` with the file they went to answers the lines not written"
-            ) from None
+            raise self._failed(exc) from None
+
+    def _failed(self, exc: OSError) -> BaseException:
+        """What a failed write or flush of the results raises: a broken pipe as it is (the
+        reader left, `cre batch ... | head`: Typer ends the run quietly), any other failure
+        phrased."""
+        self.failed = True
+        if exc.errno == errno.EPIPE:
+            return exc
+        # The lines written before stay; `--resume` starts a cut last line afresh.
+        return CreError(
+            f"cannot write the results ({exc.strerror or exc}); once that is fixed, "
+            "`cre batch --resume` with the file they went to answers the lines not written"
+        )
 
 
 def _json_line(record: dict[str, Any]) -> str:
