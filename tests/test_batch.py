@@ -494,6 +494,29 @@ def test_a_batch_whose_terminal_hung_up_keeps_its_answers_and_exits_130(
     assert [(r["id"], r["answer"]) for r in map(json.loads, answers.read_text().splitlines())] == [("a", "12")]
 
 
+def test_a_stderr_whose_reader_left_mid_batch_is_dropped_and_the_answers_kept(
+    saved_router: Path, tiny_models_toml: Path, tmp_path: Path
+) -> None:
+    # `cre batch in.jsonl > answers.jsonl 2> >(grep -m1 x)`: once stderr's reader left, a
+    # progress line met a broken pipe, which Rich answers by pointing stdout (the answers
+    # file) at /dev/null and exiting 1; the answers finished were flushed into /dev/null.
+    infile = tmp_path / "in.jsonl"
+    infile.write_bytes(jl(id="p", prompt=PERU) + jl(id="a", prompt=ADD) + b"\n")
+    answers = tmp_path / "answers.jsonl"
+    reader, stderr = os.pipe()
+    os.close(reader)  # the reader of stderr left: every write to it fails (EPIPE)
+    try:
+        with answers.open("w") as stdout:
+            result = batch_child(None, [str(infile), "--router", str(saved_router), "--models", str(tiny_models_toml),
+                                        "--no-log"], stdout=stdout, stderr=stderr,
+                                 env={"CRE_PROGRESS_INTERVAL": "0"})  # a progress line for every line answered
+    finally:
+        os.close(stderr)
+    assert result.returncode == 3  # the empty line's error record, as with a stderr to write to
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [(r["id"], r.get("answer")) for r in rows] == [("p", "Lima"), ("a", "12"), (None, None)]
+
+
 def test_a_progress_bar_that_cannot_erase_itself_as_a_stop_unwinds_leaves_it_a_stop(
     fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade, monkeypatch: pytest.MonkeyPatch
 ) -> None:

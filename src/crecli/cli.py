@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Callable, Optional, TextIO
+from typing import Annotated, Callable, Optional
 
 import typer
 
@@ -727,41 +727,22 @@ def _silence_stdout_if_broken() -> bool:
         sys.stdout.flush()
         return False
     except OSError:
-        _to_devnull(sys.stdout)
+        from crecli.console import to_devnull
+
+        to_devnull(sys.stdout)
         return True
 
 
 def _unless_stderr_is_gone(say: Callable[[], None]) -> None:
     """Call `say`, which writes to stderr, unless stderr cannot take it: after SIGHUP the
-    terminal that was stderr may be gone (EIO), or a reader of stderr may have left (EPIPE).
-    What stdout carries is written by then, and the exit code stays the command's own: not 1
-    with a traceback, nor the 120 of Python's own flush of stderr failing again at exit,
-    which is why stderr is pointed at /dev/null then."""
-    from crecli.console import err
+    terminal that was stderr may be gone (EIO), and a reader of stderr that left (EPIPE) is
+    dropped by the console (`console.err`) but not where `say` writes to its file itself (the
+    JSON summary). What stdout carries is written by then, and the exit
+    code stays the command's own: not 1 with a traceback, nor the 120 of Python's own flush
+    of stderr failing again at exit, which is why stderr is pointed at /dev/null then."""
+    from crecli.console import to_devnull
 
-    console = err()
-    # Rich meets a broken pipe by pointing *stdout* at /dev/null and exiting 1
-    # (`Console.on_broken_pipe`, made for a console on stdout): here it is raised as any other.
-    console.on_broken_pipe = _reraise  # type: ignore[method-assign]
     try:
         say()
     except OSError:
-        _to_devnull(sys.stderr)
-    finally:
-        del console.on_broken_pipe
-
-
-def _reraise() -> None:
-    raise  # the exception being handled where this is called (Rich's BrokenPipeError)
-
-
-def _to_devnull(stream: TextIO | None) -> None:
-    """Point `stream`'s file descriptor at /dev/null, where writes and flushes succeed."""
-    import os
-
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, stream.fileno())  # type: ignore[union-attr]
-        os.close(devnull)
-    except (OSError, ValueError, AttributeError):  # no file descriptor behind it (a test's buffer)
-        pass
+        to_devnull(sys.stderr)

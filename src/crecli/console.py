@@ -7,7 +7,7 @@ import math
 import os
 import sys
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TextIO
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -34,12 +34,31 @@ def out() -> "Console":
 
 
 def err() -> "Console":
+    """The console on stderr. A stderr that cannot take a write because its reader left (a
+    broken pipe: `cre batch in.jsonl > answers.jsonl 2> >(grep -m1 x)`) is dropped: pointed
+    at /dev/null, and the command carries on, its stdout and exit code its own."""
     global _err
     if _err is None:
         from rich.console import Console
 
-        _err = Console(stderr=True, soft_wrap=True)
+        class StderrConsole(Console):
+            def on_broken_pipe(self) -> None:
+                # Rich's own, made for a console on stdout, points *stdout* at /dev/null and
+                # exits 1: a batch's progress line sent its answers file there, answers lost.
+                to_devnull(self.file)
+
+        _err = StderrConsole(stderr=True, soft_wrap=True)
     return _err
+
+
+def to_devnull(stream: "TextIO | None") -> None:
+    """Point `stream`'s file descriptor at /dev/null, where writes and flushes succeed."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())  # type: ignore[union-attr]
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no file descriptor behind it (a test's buffer)
+        pass
 
 
 # What a terminal acts on: C0 controls but newline and tab, DEL, C1 controls, the line

@@ -21,12 +21,15 @@ _TERMINAL_FD = "CRE_TEST_BATCH_CHILD_TERMINAL_FD"
 
 
 def batch_child(stop: str | None, args: list[str], stdout: IO[str] | int = subprocess.PIPE,
-                timeout: float = 120, hang_up: bool = False) -> "subprocess.CompletedProcess[str]":
+                timeout: float = 120, hang_up: bool = False, stderr: IO[str] | int = subprocess.PIPE,
+                env: dict[str, str] | None = None) -> "subprocess.CompletedProcess[str]":
     """The finished child: its exit code (negative for a signal that killed it), stdout where
-    it was a pipe, and stderr ("" with `hang_up`: the terminal took it, and is gone)."""
+    it was a pipe, and stderr where it was one ("" with `hang_up`: the terminal took it, and
+    is gone). `env` is added to the test's environment."""
     command = [sys.executable, __file__, stop or "", *args]
     if not hang_up:
-        return subprocess.run(command, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=timeout)
+        return subprocess.run(command, stdout=stdout, stderr=stderr, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})})
     master, slave = os.openpty()
     try:
         # Only the child holds the master from here, so its close hangs the terminal up.
