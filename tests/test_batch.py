@@ -878,13 +878,52 @@ def test_a_resume_file_opened_read_write_is_not_called_emptied_but_refused(tmp_p
     before = resume.read_bytes()
     with open(resume, "r+") as out:
         assert not emptied_by_redirect(resume, out)
-        with pytest.raises(UsageError, match=rf"stdout is the --resume file {resume}, opened with '1<>'.*written "
-                                             rf"over the ones it holds.*>> {resume}$"):
+        with pytest.raises(UsageError, match=rf"stdout is the --resume file {resume}, opened to write before its end "
+                                             rf"without appending \(as '1<>'.*written over the ones it holds.*>> {resume}$"):
             refuse_own_output(io.BytesIO(jl(id="a", prompt=ADD)), out, "<stdin>", resume)
     assert resume.read_bytes() == before
     for mode in ("a", "w"):  # appended to, or emptied already (warned): not refused
         with open(resume, mode) as out:
             refuse_own_output(io.BytesIO(jl(id="a", prompt=ADD)), out, "<stdin>", resume)
+
+
+def test_a_resume_file_opened_to_write_over_its_answers_is_refused_whatever_its_flags(tmp_path: Path) -> None:
+    # systemd's `StandardOutput=file:out.jsonl` (and `exec 3>out.jsonl` once others appended,
+    # or a driver's os.open without O_TRUNC) opens it to write only, from its start, emptying
+    # nothing: the flags of `>`, so the warning said its answers were gone, and the run wrote
+    # over them unrefused.
+    from crecli.batch import emptied_by_redirect, refuse_own_output
+
+    resume = tmp_path / "out.jsonl"
+    resume.write_text(json.dumps({"line": 1, "id": "a", "answer": "12"}) + "\n")
+    before = resume.read_bytes()
+    with open(os.open(resume, os.O_WRONLY), "w") as out:
+        assert not emptied_by_redirect(resume, out)
+        with pytest.raises(UsageError, match=rf"stdout is the --resume file {resume}, opened to write before its end"
+                                             rf".*StandardOutput=file:.*written over the ones it holds.*>> {resume}$"):
+            refuse_own_output(io.BytesIO(jl(id="a", prompt=ADD)), out, "<stdin>", resume)
+    assert resume.read_bytes() == before
+
+
+def test_a_resume_file_opened_read_write_at_its_end_is_neither_refused_nor_called_emptied(tmp_path: Path) -> None:
+    # A driver that opens the output read-write and seeks to its end appends as `>>` does,
+    # yet read-write was refused as `1<>`.
+    from crecli.batch import emptied_by_redirect, mend_cut_line, refuse_own_output
+
+    resume = tmp_path / "out.jsonl"
+    resume.write_text(json.dumps({"line": 1, "id": "a", "answer": "12"}))  # its last line cut
+    with open(resume, "r+") as out:
+        out.seek(0, os.SEEK_END)
+        assert not emptied_by_redirect(resume, out)
+        refuse_own_output(io.BytesIO(jl(id="a", prompt=ADD)), out, "<stdin>", resume)
+        mend_cut_line(resume, out)
+        out.write(json.dumps({"line": 2, "id": "b", "answer": "3"}) + "\n")
+    assert read_done_ids(resume) == {"a": {None: 1}, "b": {None: 2}}
+    # The shell's `>>` leaves the position at the start (Python's "a" seeks to the end): it
+    # is the append flag, not the position, that says where the writes go.
+    with open(os.open(resume, os.O_WRONLY | os.O_APPEND), "w") as out:
+        assert not emptied_by_redirect(resume, out)
+        refuse_own_output(io.BytesIO(jl(id="a", prompt=ADD)), out, "<stdin>", resume)
 
 
 @pytest.mark.parametrize(("mode", "said"), [("w", True), ("r+", False)])

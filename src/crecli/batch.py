@@ -249,27 +249,36 @@ def mend_cut_line(resume: Path, out: TextIO) -> None:
 
 def emptied_by_redirect(resume: Path, out: TextIO) -> bool:
     """Whether `out` is the --resume file itself, emptied as it was opened: `> out.jsonl`
-    where `>> out.jsonl` was meant. The shell emptied the file before `cre` ran, so it holds
-    no answers and every line is answered again; only a warning can say why."""
+    where `>> out.jsonl` was meant, told by an empty file open to write only (`_opened_as`).
+    The shell emptied the file before `cre` ran, so it holds no answers and every line is
+    answered again; only a warning can say why."""
     return _writes_to(out, resume) and _opened_as(out) == "emptied"
 
 
-def _opened_as(out: TextIO) -> Literal["append", "emptied", "read-write", "unknown"]:
-    """How the file behind `out` was opened: "append" (`>>`); "emptied" (`>`, which the shell
-    opens to write only and empties: the emptying flag is not one the file keeps, so writing
-    only without appending is the sign); "read-write" (`1<>`, which empties nothing and writes
-    from the start); "unknown" where that cannot be told (no file descriptor, no fcntl)."""
+def _opened_as(out: TextIO) -> Literal["append", "overwrite", "emptied", "end", "unknown"]:
+    """Where writes to the file behind `out` land, told by its position: no flag says whether
+    opening it emptied it. "append" (`>>`: at its end, wherever that is then); "overwrite"
+    (before its end, over what it holds: `1<>` writes from its start, and so do systemd's
+    `StandardOutput=file:`, which empties nothing, and an `exec 3>out.jsonl` descriptor once
+    others appended); "emptied" (an empty file open to write only, as `>` leaves the file it
+    emptied); "end" (at or past its end otherwise: a file opened read-write and sought to its
+    end); "unknown" where that cannot be told (no file descriptor, no fcntl, a pipe or a
+    terminal, which have no position)."""
     import os
 
     try:
         import fcntl
 
-        flags = fcntl.fcntl(out.fileno(), fcntl.F_GETFL)
-    except (OSError, ValueError, AttributeError, ImportError):  # no fd behind `out`, no fcntl
+        fd = out.fileno()
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        if flags & os.O_APPEND:  # the shell's `>>` leaves the position at 0: it is not where writes go
+            return "append"
+        at, size = os.lseek(fd, 0, os.SEEK_CUR), os.fstat(fd).st_size
+    except (OSError, ValueError, AttributeError, ImportError):  # no fd, no fcntl, no position (ESPIPE)
         return "unknown"
-    if flags & os.O_APPEND:
-        return "append"
-    return "emptied" if flags & os.O_ACCMODE == os.O_WRONLY else "read-write"
+    if at < size:
+        return "overwrite"
+    return "emptied" if size == 0 and flags & os.O_ACCMODE == os.O_WRONLY else "end"
 
 
 def _file_name(fd: int, name: str) -> str:
@@ -290,15 +299,17 @@ def refuse_own_output(input: BinaryIO, out: TextIO, source: str, resume: Path | 
     >> in.jsonl`, or `< in.jsonl >> in.jsonl`, or `1<> in.jsonl`): each answer would be read
     back as a line to answer, and the file grow until the disk is full. And a --resume file
     that is the input: it is the output of an earlier run. And a --resume file that is stdout
-    opened with `1<>`: the answers would be written from its start over those it holds (where
-    `>` emptied it, `emptied_by_redirect` warns instead: nothing is left to lose). Only regular
-    files are compared: a terminal is stdin and stdout at once, rightly."""
+    opened to write before its end (`1<>`, systemd's `StandardOutput=file:`): the answers would
+    be written over those it holds (where `>` emptied it, `emptied_by_redirect` warns instead:
+    nothing is left to lose). Only regular files are compared: a terminal is stdin and stdout
+    at once, rightly."""
     import os
     import stat
 
-    if resume is not None and _writes_to(out, resume) and _opened_as(out) == "read-write":
-        raise UsageError(f"stdout is the --resume file {resume}, opened with '1<>', which writes from its start: "
-                         "this run's answers would be written over the ones it holds. Append to it: "
+    if resume is not None and _writes_to(out, resume) and _opened_as(out) == "overwrite":
+        raise UsageError(f"stdout is the --resume file {resume}, opened to write before its end without appending "
+                         "(as '1<>' and systemd's StandardOutput=file: open it): this run's answers would be written "
+                         "over the ones it holds. Append to it (systemd: StandardOutput=append:): "
                          f"cre batch --resume {resume} prompts.jsonl >> {resume}")
     try:
         fd = input.fileno()
@@ -315,7 +326,7 @@ def refuse_own_output(input: BinaryIO, out: TextIO, source: str, resume: Path | 
     if written is not None and os.path.samestat(read, written):
         what = path if source == path else f"stdin ({path})"
         emptied = (f" ({path} is empty: the shell's '>' emptied it before cre started)"
-                   if read.st_size == 0 and _opened_as(out) == "emptied" else "")
+                   if _opened_as(out) == "emptied" else "")
         raise UsageError(f"{what} is also stdout, where the answers go: each answer would be read back as a prompt, "
                          f"and the file grow until the disk is full{emptied}. Write the answers to another file: "
                          "cre batch prompts.jsonl > answers.jsonl")

@@ -430,8 +430,9 @@ def batch(
     an error record instead: answer such an input into a new file. Lines sharing an id are
     told apart by their prompts and line numbers (docs/reference.md has the rule). A
     second batch writing to the same file at once is refused, and so is output into the
-    input file itself (the answers would be read back as prompts), or into out.jsonl with
-    1<> (they would be written over its answers).
+    input file itself (the answers would be read back as prompts), or into out.jsonl opened
+    to write before its end without appending, as 1<> and systemd's StandardOutput=file: do
+    (they would be written over its answers).
     Each answered prompt, its answer and trace are added to the served-query log (`cre log`;
     references and labels are not), unless --no-log is given.
 
