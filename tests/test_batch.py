@@ -24,7 +24,7 @@ from crecli.models.fake import FakeBackend
 from crecli.quality import vote_seed
 from crecli.querylog import FieldMap
 from crecli.routerfile import RouterFile
-from support.batch_child import batch_child
+from support.batch_child import NOT_LIVE, batch_child
 from support.hostile import Run, refused
 from support.ladder import LADDER, install, scripted, user_prompt
 from support.prompts import ADD, FRUIT, HARD, MIXED, PERU, TABLE, jl
@@ -490,6 +490,7 @@ def test_a_batch_whose_terminal_hung_up_keeps_its_answers_and_exits_130(
     with answers.open("w") as stdout:
         result = batch_child("SIGHUP", [str(infile), "--router", str(saved_router), "--models", str(tiny_models_toml),
                                         "--no-log"] + ["--json-summary"] * json_summary, stdout=stdout, hang_up=True)
+    assert result.returncode != NOT_LIVE, "the child's stderr, a terminal, did not get Rich's live progress bar"
     assert result.returncode == 130
     assert [(r["id"], r["answer"]) for r in map(json.loads, answers.read_text().splitlines())] == [("a", "12")]
 
