@@ -919,7 +919,7 @@ def test_a_resume_file_opened_read_write_at_its_end_is_neither_refused_nor_calle
         refuse_own_output(io.BytesIO(jl(id="a", prompt=ADD)), out, "<stdin>", resume)
         mend_cut_line(resume, out)
         out.write(json.dumps({"line": 2, "id": "b", "answer": "3"}) + "\n")
-    assert read_done_ids(resume) == {"a": {None: 1}, "b": {None: 2}}
+    assert set(read_done_ids(resume)) == {"a", "b"}  # appended after the cut line, mended
     # The shell's `>>` leaves the position at the start (Python's "a" seeks to the end): it
     # is the append flag, not the position, that says where the writes go.
     with open(os.open(resume, os.O_WRONLY | os.O_APPEND), "w") as out:
