@@ -307,7 +307,7 @@ def test_models_toml_sets_a_remote_rungs_timeout(server: _Server, tmp_path: Path
 
 
 def test_missing_usage_is_estimated_from_the_text(server: _Server) -> None:
-    from crecli.models.openai import CHARS_PER_TOKEN
+    from crecli.models.tokens import CHARS_PER_TOKEN
 
     server.reply = lambda path, body: (200, {"choices": [{"text": "x"}]})
     gen = OpenAIBackend(_spec(server.url)).generate("hi")
@@ -329,7 +329,7 @@ def test_a_reply_of_the_wrong_shape_is_a_remote_error_not_a_crash(server: _Serve
 
 
 def test_odd_counts_and_content_read_as_unknown_not_as_text(server: _Server) -> None:
-    from crecli.models.openai import CHARS_PER_TOKEN
+    from crecli.models.tokens import CHARS_PER_TOKEN
 
     server.reply = lambda path, body: (200, {"choices": [{"message": {"content": [{"type": "text"}]}}],
                                              "usage": {"prompt_tokens": "7", "completion_tokens": True}})
@@ -503,14 +503,14 @@ def test_a_stream_past_max_tokens_is_read_no_further_and_ends_as_length(monkeypa
     assert gen.finish_reason == "length" and gen.output_tokens == 4
 
 
-@pytest.mark.parametrize("path", ["completion", "chat", "streamed-whole", "streamed"])
+@pytest.mark.parametrize("path", ["completion", "chat", "completion-no-logprobs", "streamed-whole", "streamed"])
 def test_a_server_without_usage_is_estimated_not_counted_free(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
     # A server that sent no `usage` was counted 0 prompt tokens (and, but for an event-by-event
     # stream, 0 output tokens): its answers were priced as free.
     from contextlib import nullcontext
 
     from crecli.costs import Pricing
-    from crecli.models import openai as remote
+    from crecli.models import tokens as remote
     from support.fake_openai import FakeOpenAI
     from support.scale import fresh_remote, pooled_transport
 
@@ -520,19 +520,61 @@ def test_a_server_without_usage_is_estimated_not_counted_free(monkeypatch: pytes
     with pooled_transport() if streamed else nullcontext(), FakeOpenAI() as engine:
         engine.answer = lambda prompt, body: answer
         engine.usage, engine.ignore_stream = False, path == "streamed-whole"
-        backend = OpenAIBackend(_spec(engine.url, prompt_format="completion" if path == "completion" else "chat"))
+        engine.logprobs = "drop" if path == "completion-no-logprobs" else "legacy"
+        backend = OpenAIBackend(_spec(engine.url, prompt_format="chat" if path != "completion" else "completion"))
         params = GenParams(max_tokens=64)
         gen = backend.generate_streaming("What is six times seven?", params, lambda piece: None) if streamed \
             else backend.generate("What is six times seven?", params)
-        [request] = engine.requests
+        request = engine.requests[-1]
     assert gen.text == answer
     cost = Pricing("price", {"remote": 1.0}).price_votes("remote", gen.prompt_tokens, [gen.output_tokens], [gen.seconds])
     assert cost is not None and cost[0] > 0 and gen.prompt_tokens > 0 and gen.output_tokens > 0
     body = request["body"]
     sent = body.get("prompt") or "".join(m["content"] for m in body["messages"])
     assert gen.prompt_tokens == -(-len(sent) // remote.CHARS_PER_TOKEN)
-    # Streamed event by event: one event a token (the fake streams a word an event).
-    assert gen.output_tokens == (len(answer.split()) if path == "streamed" else -(-len(answer) // remote.CHARS_PER_TOKEN))
+    # Shown token by token, the answer's tokens are counted: a stream's events, a greedy
+    # reply's log-probability steps (the fake sends a word a token); else its text is estimated.
+    by_text = path in ("completion-no-logprobs", "streamed-whole")
+    assert gen.output_tokens == (-(-len(answer) // remote.CHARS_PER_TOKEN) if by_text else len(answer.split()))
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_an_answer_cut_at_max_tokens_counts_all_of_them_streamed_or_not(monkeypatch: pytest.MonkeyPatch,
+                                                                         streamed: bool) -> None:
+    # A stream of 20 events, several tokens each, that the server says stopped at max_tokens
+    # (64) counted its 20 events and was not cut, while the same answer unstreamed counted 64.
+    from contextlib import nullcontext
+
+    from crecli.quality import was_cut
+    from support.fake_openai import FakeOpenAI
+    from support.scale import fresh_remote, pooled_transport
+
+    fresh_remote(monkeypatch)
+    with pooled_transport() if streamed else nullcontext(), FakeOpenAI() as engine:
+        engine.answer = lambda prompt, body: [(f" three token piece{i}", -0.1, {}) for i in range(20)]
+        engine.usage, engine.finish = False, "length"
+        backend = OpenAIBackend(_spec(engine.url, prompt_format="chat"))
+        params = GenParams(max_tokens=64)
+        gen = backend.generate_streaming("hi", params, lambda piece: None) if streamed else backend.generate("hi", params)
+    assert gen.finish_reason == "length" and gen.output_tokens == 64
+    assert was_cut(gen.output_tokens, 64, gen.prompt_tokens, None)
+
+
+@pytest.mark.parametrize(("usage", "counts"), [
+    ({"prompt_tokens": 5, "completion_tokens": 0}, (5, 0)),
+    ({"prompt_tokens": 0, "completion_tokens": 0}, (0, 0)),
+    ({"prompt_tokens": -3, "completion_tokens": None}, (None, 4)),
+], ids=["output-0", "both-0", "invalid"])
+def test_a_count_of_0_the_server_sends_is_kept_only_a_missing_one_estimated(
+        server: _Server, usage: dict[str, Any], counts: tuple[int | None, int]) -> None:
+    # A completion_tokens of 0 read as missing: with finish "length" it was priced as all of
+    # max_tokens, and a prompt_tokens of 0 was estimated from the text.
+    from crecli.models.tokens import CHARS_PER_TOKEN
+
+    server.reply = lambda path, body: (200, {"choices": [{"text": "", "finish_reason": "length"}], "usage": usage})
+    gen = OpenAIBackend(_spec(server.url)).generate("hi", GenParams(max_tokens=4))
+    estimated = -(-len(server.requests[-1]["body"]["prompt"]) // CHARS_PER_TOKEN)
+    assert (gen.prompt_tokens, gen.output_tokens) == (estimated if counts[0] is None else counts[0], counts[1])
 
 
 @pytest.mark.parametrize(("finish", "tokens"), [("length", 4), ("stop", 3)])

@@ -43,6 +43,8 @@ class FakeOpenAI:
     - `ignore_max_tokens`: answer with every token, whatever `max_tokens` asks;
     - `usage` False: no `usage` in a reply, nor in a stream however it is asked for (some
       proxies and older engines leave it out);
+    - `finish`: the finish reason a reply (or a stream's last event) gives ("stop"; "length"
+      for an answer its engine stopped at `max_tokens`);
     - `ignore_stream`: answer a streamed request with a whole JSON completion (a server or
       proxy that ignores `stream: true`); `stream_type`: the Content-Type a stream is sent as;
     - `die`: close the connection holding the request, with no reply (a crashed server);
@@ -70,6 +72,7 @@ class FakeOpenAI:
         self.ignore_stream = False
         self.ignore_max_tokens = False
         self.usage = True
+        self.finish = "stop"
         self.stream_type = "text/event-stream"
         self.die = False
         self.delay = 0.0
@@ -180,7 +183,7 @@ class FakeOpenAI:
         if body.get("stream") and not self.ignore_stream:
             self._stream(h, toks, chat, usage, self.usage and bool((body.get("stream_options") or {}).get("include_usage")))
             return
-        choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": logprobs}
+        choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish, "logprobs": logprobs}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
@@ -234,7 +237,7 @@ class FakeOpenAI:
                 event({"error": {"message": self.stream_error, "type": "server_error"}})
             elif self.stream_done:
                 last = {"delta": {}} if chat else {"text": ""}
-                event({"id": "s", "object": obj, "choices": [{"index": 0, "finish_reason": "stop", **last}]})
+                event({"id": "s", "object": obj, "choices": [{"index": 0, "finish_reason": self.finish, **last}]})
                 if include_usage:
                     event({"id": "s", "object": obj, "choices": [], "usage": usage})
             if self.stream_done:

@@ -15,7 +15,8 @@ Whether it does is found out once per (url, model) and process (`signal_support`
 again, and its rung's answers carry no signals.
 
 Token counts, which costs price (`costs.Pricing`), are the server's `usage`; a server that
-sends none has them estimated from the text (`_tokens`), so its answers are not priced as free.
+sends none has them estimated (`_tokens`, by `tokens.estimate_output`'s rule), so its answers
+are not priced as free.
 
 Each request goes to the least busy healthy replica and is tried on another when one fails
 (`replicas.ReplicaSet`); the rung fails (`RungUnavailable`) only when every replica has.
@@ -42,6 +43,7 @@ from crecli.models import logprobs as lp
 from crecli.models.backend import Backend, Generation, GenParams, StopSafeEmitter, cut_at_stop
 from crecli.models.prompting import Rendered, chat_messages
 from crecli.models.replicas import replica_set
+from crecli.models.tokens import estimate_output, estimate_tokens
 
 if TYPE_CHECKING:
     from crecli.config import ModelSpec
@@ -100,25 +102,12 @@ _TOO_LONG = re.compile(rb"context[ _-]?(length|size|window)|maximum context|exce
                        re.IGNORECASE)
 
 
-def _count(value: Any) -> int:
-    """A token count from a server's `usage`: a non-negative whole number, else 0 (unknown)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value == value:
-        return 0
-    return max(0, int(min(value, 2**31)))
-
-
-# A server that sends no `usage` (some proxies and older engines leave it out) still read the
-# prompt and wrote the answer: counted as 0 tokens, its answers would be priced as free
-# (`costs.Pricing` prices token counts). A remote rung has no tokenizer here (cre never loads
-# its server's vocabulary: `count_tokens` is None), so its counts are estimated from the text:
-# about four characters a token, the usual figure for English in the BPE vocabularies engines
-# serve (an estimate: code, digits and other scripts take more tokens a character).
-CHARS_PER_TOKEN = 4
-
-
-def _estimate(text: str) -> int:
-    """Tokens `text` takes by `CHARS_PER_TOKEN`, rounded up: 0 only for no text."""
-    return -(-len(text) // CHARS_PER_TOKEN)
+def _count(value: Any) -> int | None:
+    """A token count from a server's `usage`: a non-negative whole number, else None (absent
+    or not a count: unknown, to be estimated, unlike a count of 0 the server did send)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value == value or value < 0:
+        return None
+    return int(min(value, 2**31))
 
 
 def _sent_text(body: dict[str, Any]) -> str:
@@ -129,23 +118,18 @@ def _sent_text(body: dict[str, Any]) -> str:
 
 
 def _tokens(usage: dict[str, Any], body: dict[str, Any], text: str, finish: str,
-            events: int | None = None) -> tuple[int, int]:
+            counted: int | None = None) -> tuple[int, int]:
     """(prompt, output) tokens of the answer `text` to the request `body`: each the server's
-    `usage` where it gives it, else estimated, never 0 for text read or written. The prompt:
-    the text sent, by `CHARS_PER_TOKEN`. The output: `events` for a stream read event by
-    event (one event a token, as engines stream them); all of `max_tokens` for an answer
-    that stopped there (`finish` "length"); else `text` by `CHARS_PER_TOKEN`, kept below
-    `max_tokens` where that leaves a token (the server says the answer stopped on its own,
-    and one at its cap counts as cut: `quality.was_cut`)."""
-    prompt = _count(usage.get("prompt_tokens")) or _estimate(_sent_text(body))
-    output = _count(usage.get("completion_tokens"))
-    if not output:
-        if events is not None:
-            output = events
-        elif finish == "length":
-            output = int(body["max_tokens"])
-        else:
-            output = min(_estimate(text), max(1, int(body["max_tokens"]) - 1))
+    `usage` where it gives it, else estimated (a server that sends none still read the
+    prompt and wrote the answer, which are not free): the prompt from the text sent
+    (`tokens.estimate_tokens`), the output by `tokens.estimate_output` from `finish`, the
+    text and `counted`, the tokens the reply showed one by one (a stream's events, a
+    greedy reply's log-probability steps) where it did."""
+    prompt, output = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+    if prompt is None:
+        prompt = estimate_tokens(_sent_text(body))
+    if output is None:
+        output = estimate_output(text, int(body["max_tokens"]), finish, counted)
     return prompt, output
 
 
@@ -689,14 +673,18 @@ class OpenAIBackend(Backend):
         """The answer `text` of a whole completion `data` to the request `body`."""
         choice = data["choices"][0]
         finish = str(choice.get("finish_reason") or "stop")
-        prompt_tokens, output_tokens = _tokens(data.get("usage") or {}, body, text, finish)
+        steps = lp.steps(choice.get("logprobs"))
+        # A reply with log-probabilities lists its tokens: without `usage`, their number is
+        # the exact output count.
+        prompt_tokens, output_tokens = _tokens(data.get("usage") or {}, body, text, finish,
+                                               counted=len(steps) if steps else None)
         return Generation(
             text=text,
             prompt_tokens=prompt_tokens,
             output_tokens=output_tokens,
             seconds=seconds,
             finish_reason=finish,
-            signals=lp.signals(lp.steps(choice.get("logprobs"))) if greedy else None,
+            signals=lp.signals(steps) if greedy else None,
         )
 
     def _completion_body(self, rendered: Rendered, params: GenParams) -> dict[str, Any]:
@@ -749,7 +737,7 @@ class OpenAIBackend(Backend):
         # starts one stays (the answer is complete).
         text = cut_at_stop("".join(stream.pieces), params.stop)[0]
         stream.out.finish(text)
-        prompt_tokens, output_tokens = _tokens(stream.usage, body, text, stream.finish, events=len(stream.pieces))
+        prompt_tokens, output_tokens = _tokens(stream.usage, body, text, stream.finish, counted=len(stream.pieces))
         return Generation(
             text=text,
             prompt_tokens=prompt_tokens,

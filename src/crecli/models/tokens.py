@@ -4,7 +4,9 @@ Every path that decodes a prompt (the `Llama`'s own, parallel greedy sequences, 
 votes) feeds the model `prompt_tokens`, so all of them see the same tokens: a template's
 control parts are tokenized with special tokens parsed, user text without (`tokenize`).
 `prompt_head` is what every prompt of a format shares, which llama.cpp's prefix reuse
-skips. `SignalMeter` reads each greedy step's logits into `Signals`.
+skips. `SignalMeter` reads each greedy step's logits into `Signals`. Where no tokenizer is
+at hand (a remote rung's server that sends no `usage`), `estimate_tokens` and
+`estimate_output` are the one rule for counts estimated from text.
 """
 
 from __future__ import annotations
@@ -63,6 +65,38 @@ def prompt_tokens(llm: Any, rendered: Rendered) -> list[int]:
     if not model.add_eos_token() and sep == -1:
         tail = []
     return head + tokenize(llm, rendered) + tail
+
+
+# ---------------------------------------------------------------- counts estimated from text
+
+
+# A server that sends no `usage` (some proxies and older engines leave it out) still read the
+# prompt and wrote the answer: counted as 0 tokens, its answers would be priced as free
+# (`costs.Pricing` prices token counts). A remote rung has no tokenizer here (cre never loads
+# its server's vocabulary: `count_tokens` is None), so its counts are estimated from the text:
+# about four characters a token, the usual figure for English in the BPE vocabularies engines
+# serve (an estimate: code, digits and other scripts take more tokens a character).
+CHARS_PER_TOKEN = 4
+
+
+def estimate_tokens(text: str) -> int:
+    """Tokens `text` takes by `CHARS_PER_TOKEN`, rounded up: 0 only for no text."""
+    return -(-len(text) // CHARS_PER_TOKEN)
+
+
+def estimate_output(text: str, max_tokens: int, finish: str | None = None, counted: int | None = None) -> int:
+    """The output tokens of an answer `text` to a request for at most `max_tokens`, where
+    its server gave no count: all of `max_tokens` for an answer that stopped there (`finish`
+    "length"), or `counted` where that is more (an engine's events can overshoot); else
+    `counted` where the reply shows its tokens one by one (stream events, log-probability
+    steps); else `text` by `CHARS_PER_TOKEN`, kept below `max_tokens` where that leaves a
+    token: the answer stopped on its own (or, `finish` None, is not known to have stopped
+    at its cap), and one at its cap counts as cut (`quality.was_cut`)."""
+    if finish == "length":
+        return max(counted or 0, max_tokens)
+    if counted is not None:
+        return counted
+    return min(estimate_tokens(text), max(1, max_tokens - 1))
 
 
 # ---------------------------------------------------------------- confidence from the greedy pass
