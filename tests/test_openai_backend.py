@@ -584,3 +584,46 @@ def test_an_answer_without_usage_is_cut_as_its_finish_reason_says(server: _Serve
     server.reply = lambda path, body: (200, {"choices": [{"text": "a long answer " * 10, "finish_reason": finish}]})
     gen = OpenAIBackend(_spec(server.url)).generate("hi", GenParams(max_tokens=4))
     assert (gen.output_tokens, gen.finish_reason) == (tokens, finish) and gen.prompt_tokens > 0
+
+
+@pytest.mark.parametrize("prompt_format", ["completion", "chatml", "chat"])
+def test_a_recording_made_before_counts_were_estimated_is_priced_as_a_live_answer(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, prompt_format: str) -> None:
+    # A remote rung's recordings of a server without `usage` made before its counts were
+    # estimated hold 0 prompt and 0 output tokens, and are reused as they are (their key did
+    # not change): calibration and `cre eval` priced the rung as free, `cre batch` above 0.
+    from dataclasses import replace
+
+    from crecli import config
+    from crecli.costs import CostModel
+    from crecli.outcomes import OutcomeStore, collect
+    from crecli.quality import QualityCheck
+    from crecli.querylog import Record
+    from support.fake_openai import FakeOpenAI
+    from support.scale import fresh_remote
+
+    fresh_remote(monkeypatch)
+    records = [Record(id="q1", prompt="What is six times seven?", reference=["42"], match="numeric")]
+    shots = {("q1", "remote"): [("What is one plus one?", "2")]}
+    quality = QualityCheck(k=3)
+    with FakeOpenAI() as engine:
+        # No log-probabilities either: the live greedy answer is estimated from its text too.
+        engine.usage, engine.logprobs = False, "drop"
+        engine.answer = lambda prompt, body: "42, as computed."
+        toml = tmp_path / "models.toml"
+        toml.write_text(f'ladder = ["remote"]\n[models.remote]\nurl = "{engine.url}"\napi_model = "served"\n'
+                        f'prompt_format = "{prompt_format}"\nprice_per_1k_tokens = 1.0\n')
+        settings = config.load(toml)
+        with OutcomeStore(tmp_path / "live.sqlite") as store:
+            live = collect(records, settings, store, quality, shots=shots)[("q1", "remote")]
+        asked = len(engine.requests)
+        with OutcomeStore(tmp_path / "old.sqlite") as store:
+            store.put(live.prompt_sha256, "remote", live.model_sha256, live.settings_key, 0,
+                      [replace(v, output_tokens=0) for v in live.votes])
+            old = collect(records, settings, store, quality, shots=shots)[("q1", "remote")]
+        # The old recording was reused, not run again (the server's signals may be probed).
+        assert all(r["body"]["max_tokens"] == 1 for r in engine.requests[asked:])
+    assert live.prompt_tokens > 0 and all(v.output_tokens > 0 for v in live.votes)
+    assert (old.prompt_tokens, [v.output_tokens for v in old.votes]) == (live.prompt_tokens, [v.output_tokens for v in live.votes])
+    costs = CostModel.build([live, old], settings.ladder_specs())
+    assert costs.votes(old) == costs.votes(live) and costs.votes(old)[0] > 0

@@ -18,6 +18,9 @@ The store is a SQLite file keyed by (prompt sha256, model, model sha256, setting
 - nothing is computed twice, not even two log lines with the same prompt;
 - adding a model to the ladder runs only that model, and a changed model file (another
   sha256) or other quality settings (another key) are measured afresh.
+A remote rung's recording made before token counts its server left out were estimated (0
+prompt tokens, 0 output tokens for an answer with text) is read with them estimated by the
+live answer's rule (`_estimated`), so it is priced as `cre batch` prices that rung.
 
 Records that carry a correctness label for a model (`Record.labels`) are not run on it:
 they become label-only outcomes (`source="label"`), which can choose a cluster's model
@@ -52,6 +55,7 @@ from crecli.models.pull import model_identity
 from crecli.models import registry
 from crecli.models.registry import backend_for
 from crecli.models.backend import Signals
+from crecli.models.tokens import estimate_output, estimate_tokens, sent_text
 from crecli.quality import MAX_VOTES, vote_params
 
 if TYPE_CHECKING:
@@ -463,7 +467,7 @@ def collect(
                 continue
             max_tokens = grading.max_tokens_for(record.match)
             job = _Job(record, psha, settings_key(quality, max_tokens), max_tokens, shots=examples)
-            found = _recorded(store, psha, name, identity, quality, max_tokens)
+            found = _recorded(store, spec, identity, quality, job)
             if found is None:
                 pending.append(job)
             else:
@@ -492,19 +496,35 @@ def collect(
 
 
 def _recorded(
-    store: OutcomeStore, psha: str, model: str, identity: str, quality: "QualityCheck", max_tokens: int
+    store: OutcomeStore, spec: "ModelSpec", identity: str, quality: "QualityCheck", job: _Job
 ) -> tuple[int, list[Vote]] | None:
-    """The first k votes of a recording of this prompt with k or more votes, else None.
+    """The first k votes of a recording of `job`'s prompt on `spec` with k or more votes,
+    their missing token counts estimated (`_estimated`), else None.
 
     Votes are prefix-stable: vote i's seed depends only on the prompt and i, so the first k
     of a k'-vote recording (same sampling settings) are exactly what a k-vote run draws. A
     greedy-only router (k = 1) thus reuses every recording a 5-vote fit made.
     """
     for more in range(quality.k, MAX_VOTES + 1):
-        found = store.get(psha, model, identity, settings_key(replace(quality, k=more), max_tokens))
+        found = store.get(job.prompt_sha, spec.name, identity, settings_key(replace(quality, k=more), job.max_tokens))
         if found is not None:
-            return found[0], found[1][: quality.k]
+            return _estimated(spec, job, found[0], found[1][: quality.k])
     return None
+
+
+def _estimated(spec: "ModelSpec", job: _Job, prompt_tokens: int, votes: list[Vote]) -> tuple[int, list[Vote]]:
+    """A remote rung's recording with the token counts its server left out estimated, as a
+    live answer's are (`tokens.estimate_tokens`, `tokens.estimate_output`). Recorded before
+    they were, such a recording holds 0 prompt tokens and 0 for each answer with text, and
+    is reused as it is (nothing in its key changed): calibration and `cre eval` priced that
+    rung's answers as free where `cre batch` prices them above 0. A vote's finish reason is
+    not recorded, so it is estimated as an answer that stopped on its own."""
+    if spec.backend != "openai":
+        return prompt_tokens, votes
+    if not prompt_tokens:
+        prompt_tokens = estimate_tokens(sent_text(spec.prompt_format, job.record.prompt, job.shots))
+    return prompt_tokens, [replace(v, output_tokens=estimate_output(v.text, job.max_tokens))
+                           if not v.output_tokens and v.text else v for v in votes]
 
 
 def _run_outcome(job: _Job, model: str, identity: str, prompt_tokens: int, votes: list[Vote]) -> Outcome:
@@ -543,7 +563,7 @@ def _run_model(
         with console.progress() as bar:
             task = bar.add_task(f"{spec.name}", total=len(jobs), unit="queries")
             for job in jobs:
-                cached = done.get((job.prompt_sha, job.key)) or _recorded_since(store, job, spec.name, identity, quality)
+                cached = done.get((job.prompt_sha, job.key)) or _recorded_since(store, job, spec, identity, quality)
                 if cached is None:
                     if backend is None:
                         backend = pool.get(spec) if pool is not None else backend_for(spec)
@@ -565,14 +585,14 @@ def _run_model(
 
 
 def _recorded_since(
-    store: OutcomeStore, job: _Job, model: str, identity: str, quality: "QualityCheck"
+    store: OutcomeStore, job: _Job, spec: "ModelSpec", identity: str, quality: "QualityCheck"
 ) -> tuple[int, list[Vote]] | None:
     """A recording of `job` made since it was found missing (by another command), or None.
 
     A job re-run only for the greedy vote's signals counts as done only by a recording
     that has them.
     """
-    found = _recorded(store, job.prompt_sha, model, identity, quality, job.max_tokens)
+    found = _recorded(store, spec, identity, quality, job)
     if found is None or (job.recorded is not None and (not found[1] or found[1][0].signals is None)):
         return None
     return found

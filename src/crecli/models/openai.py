@@ -111,7 +111,8 @@ def _count(value: Any) -> int | None:
 
 
 def _sent_text(body: dict[str, Any]) -> str:
-    """The text a request sends the model: its prompt, or its messages' contents."""
+    """The text a request sends the model (`tokens.sent_text`, read back from the request):
+    its prompt, or its messages' contents."""
     if "messages" in body:
         return "".join(str(m.get("content") or "") for m in body["messages"])
     return str(body.get("prompt") or "")

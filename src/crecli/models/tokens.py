@@ -15,7 +15,7 @@ import os
 from typing import Any, Sequence
 
 from crecli.models.backend import Signals
-from crecli.models.prompting import HEAD_PROBES, Rendered, render
+from crecli.models.prompting import HEAD_PROBES, Rendered, Shot, chat_messages, render
 
 
 def shared_prefix(sequences: Sequence[Sequence[int]]) -> Sequence[int]:
@@ -82,6 +82,16 @@ CHARS_PER_TOKEN = 4
 def estimate_tokens(text: str) -> int:
     """Tokens `text` takes by `CHARS_PER_TOKEN`, rounded up: 0 only for no text."""
     return -(-len(text) // CHARS_PER_TOKEN)
+
+
+def sent_text(prompt_format: str, prompt: str, shots: Sequence[Shot] = ()) -> str:
+    """The text a remote rung's request for `prompt` sends its model, whose tokens
+    `estimate_tokens` estimates: the "chat" format's messages' contents (`chat_messages`),
+    else the prompt rendered in `prompt_format`, control spellings defused
+    (`Rendered.escaped`), as `OpenAIBackend` posts them."""
+    if prompt_format == "chat":
+        return "".join(m["content"] for m in chat_messages(prompt, shots=shots))
+    return render(prompt_format, prompt, shots=shots).escaped()
 
 
 def estimate_output(text: str, max_tokens: int, finish: str | None = None, counted: int | None = None) -> int:
