@@ -206,9 +206,9 @@ def test_timeout_is_reported(server: _Server) -> None:
 
 
 @contextmanager
-def _trickling(every: float) -> Iterator[str]:
-    """The API root of a server that answers 200 at once, then sends its 100-byte body a byte
-    every `every` seconds."""
+def _trickling(every: float, status: int = 200, after: float = 0.0) -> Iterator[str]:
+    """The API root of a server that answers `status` after `after` seconds, then sends its
+    100-byte body a byte every `every` seconds."""
     done = threading.Event()
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -224,8 +224,10 @@ def _trickling(every: float) -> Iterator[str]:
                 try:
                     conn.recv(65536)
                     body = json.dumps(_completion("late")).encode().ljust(100)
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                                 b"Content-Length: %d\r\n\r\n" % len(body))
+                    if done.wait(after):
+                        return
+                    conn.sendall(b"HTTP/1.1 %d Whatever\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n" % (status, len(body)))
                     for byte in body:
                         if done.wait(every):
                             return
@@ -264,6 +266,24 @@ def test_a_reply_that_trickles_in_is_given_up_at_the_tries_timeout(
     with pooled_transport() if pooled else nullcontext():
         with pytest.raises(BackendError, match="no answer within 1 s"):
             OpenAIBackend(_spec(trickling), timeout=1.0).generate("hi", GenParams(max_tokens=4))
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_an_error_replys_body_is_read_within_the_tries_time(monkeypatch: pytest.MonkeyPatch, pooled: bool) -> None:
+    # urllib read an error reply's body (for its message) with the socket timeout, the try's
+    # whole `timeout`: a proxy sending 502's headers at 1.5 s into a 2 s try, then nothing,
+    # held the try to 3.5 s, and its socket timeout escaped as no TransportError.
+    from contextlib import nullcontext
+
+    from support.scale import fresh_remote, pooled_transport
+
+    fresh_remote(monkeypatch)
+    with _trickling(60.0, status=502, after=1.5) as url, pooled_transport() if pooled else nullcontext():
+        start = time.monotonic()
+        with pytest.raises(BackendError, match="no answer within 2 s"):
+            OpenAIBackend(_spec(url), timeout=2.0).generate("hi", GenParams(max_tokens=4))
+        took = time.monotonic() - start
+    assert took < 3.0, took
 
 
 @pytest.mark.parametrize("pooled", [False, True])

@@ -71,8 +71,9 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 class UrllibTransport:
     """The standard library's HTTP client: one connection per request. Its socket timeout
-    bounds each read, so the body is read in pieces against the try's deadline: checked
-    between reads, and each read's socket timeout cut to the time left before it (`_read_by`)."""
+    bounds each read, so the body (an error reply's too) is read in pieces against the try's
+    deadline: checked between reads, and each read's socket timeout cut to the time left
+    before it (`_read_by`)."""
 
     def __init__(self) -> None:
         self._opener = urllib.request.build_opener(_NoRedirect)
@@ -92,7 +93,7 @@ class UrllibTransport:
             if missing:
                 raise http.client.IncompleteRead(raw, missing)
         except urllib.error.HTTPError as exc:
-            return Reply(exc.code, exc.read(500) if exc.fp is not None else b"", _lower(exc.headers))
+            return Reply(exc.code, _error_body(exc, deadline), _lower(exc.headers))
         except (TimeoutError, socket.timeout):
             raise TransportError("timeout") from None
         except urllib.error.URLError as exc:
@@ -105,6 +106,21 @@ class UrllibTransport:
             # truncated reply.
             raise TransportError("broken", f"{type(exc).__name__}: {exc}") from None
         return Reply(status, raw, _lower(got))
+
+
+def _error_body(exc: urllib.error.HTTPError, deadline: float) -> bytes:
+    """The first 500 bytes of an error reply's body (its message), read by `deadline` as any
+    body is (`_read_by`): a proxy that sends 502's headers and then stalls would otherwise
+    hold the try for another whole timeout. A read that times out or breaks is a
+    `TransportError`, as it is for a 2xx body."""
+    if exc.fp is None:
+        return b""
+    try:
+        return _read_by(exc.fp, 500, deadline)
+    except (TimeoutError, socket.timeout):
+        raise TransportError("timeout") from None
+    except (OSError, http.client.HTTPException) as err:
+        raise TransportError("broken", f"{type(err).__name__}: {err}") from None
 
 
 def _read_by(response: Any, limit: int, deadline: float) -> bytes:
