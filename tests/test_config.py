@@ -104,6 +104,20 @@ def test_messages_name_the_file_that_set_the_field_they_are_about(tmp_path: Path
     assert "sha256" not in origins and "chunks" not in origins and gemma.set_in("sha256", "path") == str(local)
 
 
+def test_the_chat_format_refused_in_process_names_the_file_that_brought_the_model_here(tmp_path: Path) -> None:
+    # A --models file that gives a chat server's rung a `path` drops its `url`: the refusal
+    # named only the user file, which set prompt_format "chat" and was right for its `url`.
+    paths.ensure(paths.config_dir())
+    user = paths.user_models_toml()
+    user.write_text('[models.far]\nurl = "http://127.0.0.1:9/v1"\nprompt_format = "chat"\n')
+    local = tmp_path / "local.toml"
+    local.write_text('[models.far]\npath = "/x/far.gguf"\n')
+    with pytest.raises(ConfigError) as caught:
+        config.load(local)
+    assert str(caught.value).startswith(f"`prompt_format` of 'far' in {user}, and its `path` in {local}: ")
+    assert 'prompt_format "chat"' in str(caught.value) and "give it a `url`" in str(caught.value)
+
+
 def test_path_replaces_shipped_chunks(tmp_path: Path) -> None:
     f = tmp_path / "m.toml"
     f.write_text('[models."gemma-3-270m"]\npath = "/x/gemma.gguf"\n')

@@ -504,10 +504,13 @@ def _spec(name: str, fields: dict[str, Any], where: str, origins: dict[str, str]
     if not (spec.chunks or spec.path or spec.url):
         raise ConfigError(f"{where}: model {name!r} needs one of `chunks`, `path` or `url`")
     if spec.prompt_format == "chat" and not spec.url:
+        # The cause may be a later file's `path` or `chunks`, which dropped the `url` another
+        # file set beside prompt_format: each is named with the file that set it.
+        local = "path" if spec.path else "chunks"
         raise ConfigError(
-            f"{spec.set_in('prompt_format')}: model {name!r} has prompt_format \"chat\", which leaves the chat template to a "
-            "remote rung's server; in this process a model needs its template: use \"chatml\" or "
-            "\"completion\", or give it a `url`"
+            f"{spec.where_set('prompt_format', local)}: model {name!r} has prompt_format \"chat\", which leaves the "
+            f"chat template to a remote rung's server, but its `{local}` runs it in this process, which needs its "
+            "template: use \"chatml\" or \"completion\", or give it a `url`"
         )
     if not spec.url:
         for field, what in REMOTE_ONLY.items():
