@@ -222,6 +222,21 @@ def test_a_rung_that_answers_with_other_settings_here_is_warned_about_by_name(
     assert capsys.readouterr().err == ""
 
 
+def test_settings_changed_by_several_models_toml_files_are_each_named_with_its_file(
+    pinned_settings: config.ModelConfig, built_router_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The warning named the file that set the first changed setting only: a context set in
+    # another file was shown as set in the first.
+    small = pinned_settings.models["small"]
+    other = "chatml" if small.prompt_format == "completion" else "completion"
+    pinned_settings.models["small"] = replace(small, prompt_format=other, context=512,
+                                              origins=(("context", "b.toml"), ("prompt_format", "a.toml")))
+    routerfile.load(built_router_file, pinned_settings)
+    err = " ".join(capsys.readouterr().err.split())  # unwrapped
+    assert f"and has prompt_format {other!r}, context 512 here (`prompt_format` of 'small' in a.toml, and its " \
+           "`context` in b.toml)" in err
+
+
 def test_a_rung_moved_behind_a_server_is_not_warned_about_for_its_unknown_context(
     pinned_settings: config.ModelConfig, built_router_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -625,7 +625,8 @@ def _check_ladder(path: Path, ladder: list[LadderEntry], settings: "ModelConfig"
         # E.g. a rung moved to a chat server with its own template, or given another context.
         changes = entry.otherwise_here(spec)
         if changes:
-            source = spec.set_in(*(key for key, _, _ in changes))  # the file that set the first change
+            # Each changed setting with the file that set it: they may come from several.
+            source = spec.where_set(*(key for key, _, _ in changes))
             console.warn(
                 f"{path}: model {name!r} was {settings_phrase(changes)} "
                 f"({source}): its answers, and the checks tuned on them, may differ; "
