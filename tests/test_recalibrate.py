@@ -426,6 +426,30 @@ def test_eval_finds_a_moved_calibration_log_by_calibration_log_with_its_bytes(
     assert result.exit_code == 1 and "not found" in str(result.exception)
 
 
+def test_eval_reads_a_renamed_log_named_by_fit_log_in_its_recorded_format(
+    fakes, tiny_models_toml: Path, tmp_path: Path
+) -> None:
+    # The router records no format where the fit and calibration took it from the file's
+    # extension: dev.jsonl renamed dev.jsonl.bak was read as plain text, each JSON line a
+    # prompt, so nothing was in sample and --held-out-only kept every in-sample query.
+    m = ("--models", tiny_models_toml)
+    router = tmp_path / "router.cre"
+    fit_log = write(tmp_path / "log.jsonl", rows())  # q0..q29
+    ok("fit", fit_log, "-o", router, *m)
+    dev = write(tmp_path / "dev.jsonl", rows(60)[30:])  # q30..q59
+    ok("calibrate", router, "--log", dev, *m, "--folds", "2")
+    assert routerfile.load(router, config.load(tiny_models_toml)).fit.reader.fmt is None
+    fit_bak = fit_log.rename(tmp_path / "log.jsonl.bak")
+    dev_bak = dev.rename(tmp_path / "dev.jsonl.bak")
+    mixed = write(tmp_path / "mixed.jsonl", [*rows(5), *rows(70)[50:]])  # 5 fitted, 10 calibrated, 10 in neither
+
+    named = ("--fit-log", fit_bak, "--calibration-log", dev_bak)
+    report = json.loads(ok("eval", mixed, "--router", router, *m, *named, "--json"))
+    assert (report["n"], report["n_in_fit_log"], report["n_in_sample"]) == (25, 5, 15)
+    report = json.loads(ok("eval", mixed, "--router", router, *m, *named, "--held-out-only", "--json"))
+    assert (report["n"], report["n_in_sample"]) == (10, 0)
+
+
 def test_eval_counts_the_queries_calibrate_tuned_on_as_in_sample(
     fakes, tiny_models_toml: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

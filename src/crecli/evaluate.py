@@ -403,7 +403,7 @@ def given_log(given: Path, sha256: str | None, option: str, done: str, what: str
 
 def fit_log_prompts(router: "RouterFile", given: Path | None = None) -> tuple[set[str] | None, str]:
     """The prompts of the log the router was fitted on (`outcomes.prompt_sha256` of each), read
-    as the fit read it; else None and why not.
+    as the fit read it (its format too, whatever `given` is named); else None and why not.
 
     `given` (--fit-log) must hold the bytes the router records (its sha256): anything else is
     an error. Without it, the recorded log is read only where `calibrate.recorded_log` finds
@@ -412,9 +412,12 @@ def fit_log_prompts(router: "RouterFile", given: Path | None = None) -> tuple[se
     """
     from crecli.calibrate import recorded_log
     from crecli.outcomes import prompt_sha256
+    from crecli.routerfile import fit_log_path
 
-    # The fit's own reader, not eval's overrides: these are the prompts the fit saw.
-    reader = router.fit.reader
+    # The fit's own reader, not eval's overrides: these are the prompts the fit saw. In the
+    # format the fit read (by the recorded name's extension where it was given none), not
+    # the one `given`'s name would pick: the fit log renamed log.jsonl.bak read as text.
+    reader = router.fit.reader.as_read_at(fit_log_path(router))
     if given is None:
         found, why = recorded_log(router, reader)
         if found is None or why:
@@ -427,9 +430,10 @@ def fit_log_prompts(router: "RouterFile", given: Path | None = None) -> tuple[se
 
 def calibration_log_prompts(router: "RouterFile", given: Path | None = None) -> tuple[set[str] | None, str]:
     """The prompts of the log the router was last calibrated on (`outcomes.prompt_sha256` of
-    each), read as the calibration read it, where `calibrate.recorded_calibration_log` finds
-    it unchanged; else None and why not. An empty set where the router records no
-    calibration log, or records its fit log (same sha256): that adds nothing to the fit's.
+    each), read as the calibration read it (its format too, whatever `given` is named), where
+    `calibrate.recorded_calibration_log` finds it unchanged; else None and why not. An empty
+    set where the router records no calibration log, or records its fit log (same sha256):
+    that adds nothing to the fit's.
 
     `given` (--calibration-log) is read instead, and must hold the bytes the router records,
     as --fit-log must (`given_log`). Either is read once, and what was read is what was
@@ -437,6 +441,7 @@ def calibration_log_prompts(router: "RouterFile", given: Path | None = None) -> 
     from crecli.calibrate import recorded_calibration_log
     from crecli.outcomes import prompt_sha256
     from crecli.querylog import LogOptions
+    from crecli.routerfile import calibration_log_path
 
     cal = router.fit.calibration or {}
     # Read (with the calibration's reader) only where it adds prompts to the fit's.
@@ -444,7 +449,9 @@ def calibration_log_prompts(router: "RouterFile", given: Path | None = None) -> 
                                          and cal.get("log_sha256") == router.fit.log_sha256)
     reader = None
     if adds:
-        reader = LogOptions.from_dict(cal["reader"]) if cal.get("reader") else router.fit.reader
+        # In the format the calibration read, as the fit log's (`fit_log_prompts`).
+        reader = (LogOptions.from_dict(cal["reader"]) if cal.get("reader") else router.fit.reader).as_read_at(
+            calibration_log_path(router))
     # Checked even where it would add nothing: a wrong file named is said, not ignored (only
     # hashed then, with no reader: its prompts are not wanted).
     found = None if given is None else given_log(given, cal.get("log_sha256"), "--calibration-log", "last calibrated",

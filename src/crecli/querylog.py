@@ -94,6 +94,15 @@ class LogOptions:
     def read(self, path: Path) -> "LogRead":
         return read_log(path, fmt=self.fmt, fields=self.fields, skip_bad=self.skip_bad)
 
+    def as_read_at(self, path: Path | None) -> "LogOptions":
+        """These options with the format they picked for a log read at `path` made fixed
+        (None: by `path`'s extension, `format_for`), so a copy of that log under another name
+        (`cre eval --fit-log dev.jsonl.bak`) is read as it was, not as its new name says;
+        unchanged where the format is given, or `path` is None."""
+        from dataclasses import replace
+
+        return self if self.fmt is not None or path is None else replace(self, fmt=format_for(path))
+
     def overridden(self, skip_bad: bool | None = None, max_line_bytes: int | None = None) -> "LogOptions":
         """These options with what a command was given instead (`cre calibrate` and `cre
         eval`'s --skip-bad/--no-skip-bad and --max-prompt-bytes); None keeps the fit's."""
@@ -148,7 +157,7 @@ def read_log(
 ) -> LogRead:
     """Read a query log; `fmt` None picks the format from the file's extension."""
     path = Path(path)
-    fmt = fmt or _EXTENSIONS.get(path.suffix.lower(), "text")
+    fmt = fmt or format_for(path)
     if fmt not in FORMATS:
         raise InputError(unknown_format(fmt))
     handle = open_named(path, LOG_FILE)
@@ -174,6 +183,11 @@ def read_log(
             seen[record.id] = source
             records.append(record)
     return LogRead(path=path, sha256=digest.hexdigest(), records=records, bad=bad)
+
+
+def format_for(path: Path) -> str:
+    """The format of a log at `path` read without one given: by its extension, else text."""
+    return _EXTENSIONS.get(Path(path).suffix.lower(), "text")
 
 
 def unknown_format(fmt: str) -> str:
