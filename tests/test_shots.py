@@ -302,3 +302,47 @@ def test_held_out_scoring_of_a_router_with_examples_keeps_each_records_prompt_id
     data = replay.prepare(loaded, settings, SMALL_LOG, store=tmp_path / "store.sqlite", leave_out=left_out)
     assert data.prompt_ids == [outcomes.prompt_sha256(r.prompt) for r in data.records]
     assert not left_out & set(data.prompt_ids) and len(data.records) < len(rows) - 5
+
+
+def test_eval_leaves_out_as_too_long_only_what_no_rung_takes_without_the_routers_examples(
+    tmp_path: Path, tiny_models_toml: Path, shot_fakes: dict[str, FakeBackend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `cre fit` leaves out a query too long for every rung before it chooses examples, and
+    # scores one the examples alone make too long as a wrong answer. `replay.prepare` decided
+    # after adding the router's examples: a prompt small takes alone but not after its
+    # examples (medium and large take it in no form) was left out of eval, with a warning to
+    # shorten it, though `cre ask` answers it (wrongly, failing on the top rung) as fitted.
+    from crecli import replay
+    from crecli.errors import PromptTooLong
+
+    router = tmp_path / "router.cre"
+    m = ("--models", str(tiny_models_toml))
+    invoke("fit", str(SMALL_LOG), "-o", str(router), *m, "--k", "1", "--shots", "0,1", "--retain", "0.5", "--json")
+    settings = config.load(tiny_models_toml)
+    loaded = routerfile.load(router, settings)
+    shown = {q for c in loaded.clusters for q, _ in c.exemplars}
+    rows = [json.loads(line) for line in SMALL_LOG.read_text().splitlines()]
+    target = next(r["prompt"] for r in rows if r["prompt"].strip() not in shown
+                  and loaded.shots(_cluster_of(loaded, r["prompt"]), "small"))
+    made = registry.make_backend
+
+    def refusing(spec: ModelSpec) -> Backend:
+        backend = made(spec)
+        answer = backend.answers  # type: ignore[attr-defined]
+
+        def limited(text: str, params: GenParams) -> str:
+            if target in text and (spec.name != "small" or any(q in text for q in shown)):
+                raise PromptTooLong("prompt fills the model's context; shorten it or raise `context` in models.toml")
+            return answer(text, params)
+
+        backend.answers = limited  # type: ignore[attr-defined]
+        return backend
+
+    monkeypatch.setattr(registry, "make_backend", refusing)
+    data = replay.prepare(loaded, settings, SMALL_LOG, store=tmp_path / "fresh.sqlite")
+    assert data.n_skipped_too_long == 0
+    (kept,) = [r for r in data.records if r.prompt == target]
+    assert all(data.outcomes[(kept.id, name)].source == "too_long" for name in settings.ladder)
+    sim = data.replay.simulate({r.id: "small" for r in data.records}, {m: 0.5 for m in settings.ladder}, loaded.quality)
+    (trace,) = [t for t in sim.traces if t.query_id == kept.id]
+    assert [s.model for s in trace.steps] == settings.ladder and not trace.correct

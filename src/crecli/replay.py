@@ -382,7 +382,8 @@ def prepare(
     labelled query as `cre ask` would, and collect the missing outcomes. Queries whose
     `outcomes.prompt_sha256` is in `leave_out` (the fit and calibration logs', `cre eval
     --held-out-only`) are left out, and so, with a warning, are those too long for every
-    rung's context (`outcomes.leave_out_too_long`).
+    rung's context without the router's examples (`outcomes.leave_out_too_long`), as `cre
+    fit` leaves them out; one only its examples make too long is scored wrong.
 
     Costs are priced afresh (today's `cre models bench` speeds or prices), never taken from
     the router's stored statistics, in `unit` when given (else the ladder's default unit,
@@ -429,22 +430,25 @@ def prepare(
             raise CreError(f"{log}: every labelled query is one of the router's answered examples")
         records, routes = [records[i] for i in keep], [routes[i] for i in keep]
         ids = [ids[i] for i in keep] if ids is not None else None
-    every = {(r.id, m): router.shots(d.cluster, m) for r, d in zip(records, routes) for m in ladder}
-    shots = {key: examples for key, examples in every.items() if examples}
     path = store or outcomes_mod.default_store_path()
     with outcomes_mod.OutcomeStore(path) as st:
         found = outcomes_mod.collect(records, settings, st, router.quality, models=ladder)
+        # Left out on the prompts alone, as `cre fit` leaves them out before it chooses
+        # examples: one that only the router's examples make too long for every rung is
+        # kept, and scored wrong, as `cre ask` passes each rung over and fails on the top one.
+        measurable = {r.id for r in outcomes_mod.leave_out_too_long(records, found, ladder, log)}
+        skipped = len(records) - len(measurable)
+        if skipped:
+            keep = [i for i, r in enumerate(records) if r.id in measurable]
+            records, routes = [records[i] for i in keep], [routes[i] for i in keep]
+            ids = [ids[i] for i in keep] if ids is not None else None
+        every = {(r.id, m): router.shots(d.cluster, m) for r, d in zip(records, routes) for m in ladder}
+        shots = {key: examples for key, examples in every.items() if examples}
         if shots:
             with_shots = {rid for rid, _ in shots}
             shown = outcomes_mod.collect([r for r in records if r.id in with_shots], settings, st, router.quality,
                                          models=ladder, shots=shots)
             found = resolve_shots(found, shown, shots, lambda model: settings.get(model).keeps_examples)
-    measurable = {r.id for r in outcomes_mod.leave_out_too_long(records, found, ladder, log)}
-    skipped = len(records) - len(measurable)
-    if skipped:
-        keep = [i for i, r in enumerate(records) if r.id in measurable]
-        records, routes = [records[i] for i in keep], [routes[i] for i in keep]
-        ids = [ids[i] for i in keep] if ids is not None else None
     specs = [settings.get(m) for m in ladder]
     costs = CostModel.build(found.values(), specs, unit)
     replay = Replay.build(found, records, ladder, costs, specs)
