@@ -212,6 +212,30 @@ def test_shared_examples_are_priced_once_per_batch() -> None:
     assert pricing.prefix_of(resolved[("a", "m")]) == pytest.approx(3.0)
 
 
+def test_a_prompt_its_examples_make_too_long_shares_no_examples_cost() -> None:
+    # Live, a rung passed over for a prompt too long for its context processed no examples;
+    # the replay counted that visit among those sharing them, so the two answers that ran
+    # paid two thirds of the examples' one processing.
+    from crecli.quality import QualityCheck
+    from crecli.replay import Replay
+
+    examples = (("q", "1"),)
+    shots = {(r, "small"): examples for r in "abc"}
+    base = {(r, "small"): _outcome(r, "small", 10) for r in "abc"}
+    shown = {(r, "small"): _outcome(r, "small", 40) for r in "ab"}
+    shown[("c", "small")] = outcomes.Outcome("c", "sha", "small", "", "k", "too_long", 0, [], reason="too long")
+    resolved = shot_choice.resolve_shots(base, shown, shots)
+    assert resolved[("c", "small")].source == "too_long"
+    assert (resolved[("c", "small")].prefix_key, resolved[("c", "small")].prefix_tokens) == ("", 0)
+
+    pricing = costs.CostModel("bench-seconds", {}, {}, {"small": (10.0, 1.0)})
+    records = [Record(id=r, prompt=f"p{r}", reference=["x"], match="exact") for r in "abc"]
+    replay = Replay.build(resolved, records, ["small"], pricing)
+    sim = replay.simulate({r: "small" for r in "abc"}, {"small": 0.5}, QualityCheck(k=1))
+    ran = sum(pricing.votes(resolved[(r, "small")])[0] for r in "ab")
+    assert sum(t.cost for t in sim.traces) == pytest.approx(ran + pricing.prefix_of(resolved[("a", "small")]))
+
+
 def test_a_remote_rungs_examples_are_charged_in_full_live_and_replayed_alike() -> None:
     # The live cascade charged a remote rung's examples in full (it cannot count them), and
     # the replay split them over the run as if a loaded model kept them: cre batch priced

@@ -72,7 +72,8 @@ def resolve_shots(
     An outcome with examples carries the tokens they add (its prompt tokens less the plain
     prompt's), and a key naming the model and the examples, so costs count the shared
     prefix once per batch (`prefix_shares`); only for a model that `keeps` them (by name:
-    `ModelSpec.keeps_examples`), else they stay in its prompt tokens, charged in full.
+    `ModelSpec.keeps_examples`), else they stay in its prompt tokens, charged in full. A
+    too-long outcome after the examples carries neither: the model never processed them.
     """
     from crecli.outcomes import prompt_sha256
 
@@ -83,7 +84,9 @@ def resolve_shots(
             out[key] = outcome
             continue
         with_shots = shown[key]
-        if not keeps(key[1]):
+        # A prompt the examples make too long for the model: live, the rung is passed over
+        # before it processes them, so it shares no examples' cost (`costs.share_prefixes`).
+        if not keeps(key[1]) or with_shots.source == "too_long":
             out[key] = with_shots
             continue
         out[key] = replace(
