@@ -141,6 +141,39 @@ def test_cluster_stats_keep_each_models_output_length_per_cluster() -> None:
     assert t.clusters[1].models["large"].to_dict()["mean_output_tokens"] == 10.0
 
 
+def too_long(qid: str, model: str) -> Outcome:
+    return Outcome(qid, "sha", model, "m", "key", "too_long", 0, [], reason="prompt fills the context")
+
+
+def test_a_prompt_too_long_for_a_model_is_wrong_but_no_part_of_its_mean_cost() -> None:
+    # A too-long outcome costs nothing (the model never ran); averaged in, it halved small's
+    # mean cost in cluster 0 (the stored mean_cost, what choose_by_weight weighs), its "small
+    # alone" baseline's, and the oracle picked it, free, where no model was right.
+    from types import SimpleNamespace
+
+    from crecli.evaluate import _oracle
+    from crecli.replay import greedy
+
+    ladder = ["small", "large"]
+    records = [rec("a"), rec("b"), rec("c")]
+    outcomes = {("a", "small"): run("a", "small", ["1"], [2.0]), ("b", "small"): too_long("b", "small"),
+                ("c", "small"): run("c", "small", ["1"], [2.0]),
+                **{(r.id, "large"): run(r.id, "large", ["2"], [5.0]) for r in records}}
+    costs = CostModel.build(outcomes.values())
+    t = cluster_stats([0, 0, 1], records, outcomes, ladder, costs, prior_strength=1.0)
+    small = t.clusters[0].models["small"]
+    assert (small.n, small.correct, small.accuracy, small.mean_cost) == (2, 1, 0.5, 2.0)
+    assert t.overall.models["small"].mean_cost == 2.0 and t.overall.models["large"].mean_cost == 5.0
+    only_long = cluster_stats([0, 1, 1], records, outcomes, ladder, costs, prior_strength=1.0)
+    assert only_long.clusters[0].models["small"].mean_cost == 2.0  # none priced there: the model's log-wide mean
+
+    data = SimpleNamespace(records=records, replay=Replay.build(outcomes, records, ladder, costs))
+    assert greedy(data, range(3), lambda i: "small") == (pytest.approx(2 / 3), 2.0)  # type: ignore[arg-type]
+    oracle = _oracle(data, ladder)  # type: ignore[arg-type]
+    # b: no model is right, and small cannot answer it: the cheapest that can, large.
+    assert (oracle.accuracy, oracle.mean_cost) == (pytest.approx(2 / 3), pytest.approx(3.0))
+
+
 # --- choose_models -----------------------------------------------------------------------
 
 LADDER = ["s", "m", "l"]

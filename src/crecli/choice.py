@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from crecli.costs import BUDGET_EPS as _EPS, Budget, CostModel
-from crecli.outcomes import graded
+from crecli.outcomes import graded, mean_answer_cost
 
 if TYPE_CHECKING:
     from crecli.outcomes import Outcome, OutcomeKey
@@ -39,7 +39,7 @@ class ModelStats:
     correct: int  # of which the greedy answer (or the label) is right
     accuracy: float  # correct / n; the model's log-wide accuracy when n == 0
     shrunk_accuracy: float  # (correct + m * global) / (n + m)
-    mean_cost: float  # of one greedy answer; the model's log-wide mean when n == 0
+    mean_cost: float  # of one greedy answer (too-long prompts left out); the model's log-wide mean when none
     # Tokens the model wrote in one greedy answer, over the outcomes with votes (a label
     # has none); the log-wide mean where none. What `cre batch` prices the strongest model's
     # answer at on a prompt it never saw: how long a model's answers run depends on the
@@ -121,49 +121,55 @@ def cluster_stats(
     (correct + m * global) / (n + m), where global is the model's accuracy over all records
     and m = `prior_strength` (`EMPIRICAL`: each model's own, `empirical_strength`, from the
     clusters of these records other than -1). Mean cost is that of one greedy answer, the cost of routing
-    without a quality check; `simulate` prices the cascade's extra votes.
+    without a quality check; `simulate` prices the cascade's extra votes. A prompt too long for
+    a model counts as a wrong answer, and in no mean cost (`outcomes.mean_answer_cost`).
     """
     if len(labels) != len(records):
         raise ValueError(f"{len(records)} records but {len(labels)} cluster labels")
-    # (cluster -> model -> [n, correct, cost sum, answers with votes, their output tokens])
+    # (cluster -> model -> [n, correct, answers with votes, their output tokens])
     sums: dict[int, dict[str, list[float]]] = {}
-    total: dict[str, list[float]] = {m: [0, 0, 0.0, 0, 0.0] for m in ladder}
+    total: dict[str, list[float]] = {m: [0, 0, 0, 0.0] for m in ladder}
+    # (cluster -> model -> each outcome's greedy cost and whether it is too long: `mean_answer_cost`)
+    spent: dict[int, dict[str, list[tuple[float, bool]]]] = {}
+    spent_total: dict[str, list[tuple[float, bool]]] = {m: [] for m in ladder}
     sizes: Counter[int] = Counter()
     for record, label in zip(records, labels):
         cid = int(label)
         sizes[cid] += 1
-        per = sums.setdefault(cid, {m: [0, 0, 0.0, 0, 0.0] for m in ladder})
+        per = sums.setdefault(cid, {m: [0, 0, 0, 0.0] for m in ladder})
+        per_spent = spent.setdefault(cid, {m: [] for m in ladder})
         for model in ladder:
             outcome = outcomes.get((record.id, model))
             if outcome is None:
                 continue
             ok = graded(outcome, record)[0]
-            cost = costs.of(outcome, 1)
+            cost = (costs.of(outcome, 1), outcome.source == "too_long")
             for acc in (per[model], total[model]):
                 acc[0] += 1
                 acc[1] += ok
-                acc[2] += cost
                 if outcome.votes:
-                    acc[3] += 1
-                    acc[4] += outcome.votes[0].output_tokens
-    glob = {m: _raw(total[m], None, None) for m in ladder}
+                    acc[2] += 1
+                    acc[3] += outcome.votes[0].output_tokens
+            per_spent[model].append(cost)
+            spent_total[model].append(cost)
+    glob = {m: _raw(total[m], spent_total[m], None, None) for m in ladder}
     glob_out = {m: _output(total[m], 0.0) for m in ladder}
     strengths: float | dict[str, float] = (
         {m: empirical_strength([(row[m][0], row[m][1]) for cid, row in sums.items() if cid >= 0]) for m in ladder}
         if prior_strength == EMPIRICAL else float(prior_strength))
 
-    def stats(row: dict[str, list[float]]) -> dict[str, ModelStats]:
+    def stats(row: dict[str, list[float]], costs_of: dict[str, list[tuple[float, bool]]]) -> dict[str, ModelStats]:
         out = {}
         for model in ladder:
             g_acc, g_cost = glob[model]
             n, correct = row[model][:2]
-            acc, mean_cost = _raw(row[model], g_acc, g_cost)
+            acc, mean_cost = _raw(row[model], costs_of[model], g_acc, g_cost)
             shrunk = shrink(correct, n, g_acc, strength_of(strengths, model))
             out[model] = ModelStats(int(n), int(correct), acc, shrunk, mean_cost, _output(row[model], glob_out[model]))
         return out
 
-    clusters = {cid: ClusterStats(cid, sizes[cid], stats(sums[cid])) for cid in sorted(sums)}
-    overall = ClusterStats(-1, len(records), stats(total))
+    clusters = {cid: ClusterStats(cid, sizes[cid], stats(sums[cid], spent[cid])) for cid in sorted(sums)}
+    overall = ClusterStats(-1, len(records), stats(total, spent_total))
     return StatsTable(clusters, overall, list(ladder), strengths)
 
 
@@ -174,14 +180,15 @@ def shrink(correct: float, n: float, glob: float, strength: float) -> float:
 
 def _output(row: list[float], default: float) -> float:
     """Mean greedy output tokens of a stats row's outcomes with votes, else `default`."""
-    return row[4] / row[3] if row[3] else default
+    return row[3] / row[2] if row[2] else default
 
 
-def _raw(row: list[float], acc_default: float | None, cost_default: float | None) -> tuple[float, float]:
-    n, correct, cost = row[:3]
-    if n:
-        return correct / n, cost / n
-    return acc_default or 0.0, cost_default or 0.0
+def _raw(row: list[float], spent: list[tuple[float, bool]], acc_default: float | None,
+         cost_default: float | None) -> tuple[float, float]:
+    """A stats row's accuracy and mean greedy cost (`mean_answer_cost` of its outcomes' `spent`:
+    a too-long one is wrong, but no price of an answer), each its default where there is none."""
+    n, correct = row[:2]
+    return correct / n if n else acc_default or 0.0, mean_answer_cost(spent, cost_default or 0.0)
 
 
 @dataclass

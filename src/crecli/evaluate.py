@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from crecli import console
-from crecli.costs import share_prefixes
 from crecli.deferral import deferral_p
-from crecli.replay import Data, SimResult, greedy
+from crecli.replay import Data, SimResult, greedy, greedy_cost
 
 if TYPE_CHECKING:
     from crecli.calibrate import LogCheck
@@ -86,17 +85,19 @@ def _greedy_point(data: Data, name: str, starts: Mapping[str, str]) -> Point:
 
 
 def _oracle(data: Data, ladder: list[str]) -> Point:
-    """The cheapest model whose greedy answer is right; the cheapest model when none is."""
+    """The cheapest model whose greedy answer is right; the cheapest model when none is. A
+    model the prompt is too long for is never picked (its answer costs nothing because there
+    is none) while another can take it (`replay.prepare` leaves out those none can)."""
     n = len(data.records)
     correct = 0.0
     picks = []
     for r in data.records:
-        entries = sorted((data.replay.entries[(r.id, m)] for m in ladder), key=lambda e: e.cumcost[0])
+        every = [data.replay.entries[(r.id, m)] for m in ladder]
+        entries = sorted([e for e in every if not e.too_long] or every, key=lambda e: e.cumcost[0])
         right = [e for e in entries if e.correct[0]]
         picks.append(right[0] if right else entries[0])
         correct += bool(right)
-    cost = sum(e.cumcost[0] for e in picks) + sum(share_prefixes([(e.prefix_key, e.prefix_cost) for e in picks]))
-    return Point("oracle (cheapest correct model)", correct / n, cost / n, note="ceiling; needs the answer key")
+    return Point("oracle (cheapest correct model)", correct / n, greedy_cost(picks), note="ceiling; needs the answer key")
 
 
 def random_at_cost(singles: Sequence[Point], target_cost: float, name: str = RANDOM) -> Point:

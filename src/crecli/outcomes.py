@@ -30,8 +30,9 @@ rebuilt from the log on every call, so the log stays their single source of trut
 A prompt too long for a model's context (`PromptTooLong`) does not stop the run: it
 becomes a too-long outcome (`source="too_long"`) for that model, which no answer can be
 drawn from. The live cascade passes such a rung over (`live.LiveSource.hold`), so the
-replay does too: graded wrong, at no cost, and never accepted, so the query moves up, and
-on the top rung it is a wrong final answer, where `cre ask` fails. Nor are these stored:
+replay does too: graded wrong, at no cost (and in no mean cost: `mean_answer_cost`), and
+never accepted, so the query moves up, and on the top rung it is a wrong final answer,
+where `cre ask` fails. Nor are these stored:
 the fix, a larger `context` in models.toml, must take effect on the next run. A query too
 long for every rung is left out of the measuring, with a warning (`leave_out_too_long`).
 """
@@ -47,7 +48,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 
 from crecli import console, grading, paths
 from crecli.errors import CreError, PromptTooLong
@@ -116,6 +117,18 @@ def graded(outcome: Outcome, record: "Record") -> list[bool]:
     if record.reference is None:
         raise CreError(f"query {record.id!r} has no reference answer, so its votes cannot be graded")
     return [grading.grade(v.text, record.reference, record.match) for v in outcome.votes]
+
+
+def mean_answer_cost(costs: Iterable[tuple[float, bool]], default: float = 0.0) -> float:
+    """The mean of (cost, too long) pairs' costs, too-long ones left out; `default` where none
+    is left. The one rule of every mean cost of answers: a cluster's (`choice.cluster_stats`),
+    a greedy baseline's (`replay.greedy`), the oracle's.
+
+    A too-long outcome is graded wrong at no cost: the model never ran (`cre ask` passes its
+    rung over). That zero is no price of an answer: averaged in, it made a model that cannot
+    take a cluster's long prompts look cheap there. Accuracy still counts it, wrong."""
+    kept = [cost for cost, too_long in costs if not too_long]
+    return sum(kept) / len(kept) if kept else default
 
 
 def prompt_sha256(prompt: str, shots: Sequence[tuple[str, str]] = ()) -> str:

@@ -21,7 +21,7 @@ from crecli import console, grading
 from crecli.costs import CostModel, share_prefixes
 from crecli.errors import CreError
 from crecli.ladder import DEFERRAL, Climb, Policy, Rung, Verdict, walk
-from crecli.outcomes import graded, prompt_sha256
+from crecli.outcomes import graded, mean_answer_cost, prompt_sha256
 from crecli.quality import deferral_features, needed, was_cut
 from crecli.shots import resolve_shots
 
@@ -465,11 +465,18 @@ def assign(router: "RouterFile", prompts: Sequence[str]) -> list["RouteDecision"
 
 
 def greedy(data: Data, idx: Sequence[int], model_of: Callable[[int], str]) -> tuple[float, float]:
-    """Accuracy and mean cost of the greedy answer of model `model_of(i)` for each query i in `idx`."""
+    """Accuracy and mean cost of the greedy answer of model `model_of(i)` for each query i in
+    `idx`: a prompt too long for its model is a wrong answer, and in no mean cost
+    (`outcomes.mean_answer_cost`)."""
     entries = [data.replay.entries[(data.records[i].id, model_of(i))] for i in idx]
-    n = len(entries) or 1
-    cost = sum(e.cumcost[0] for e in entries) + sum(share_prefixes([(e.prefix_key, e.prefix_cost) for e in entries]))
-    return sum(e.correct[0] for e in entries) / n, cost / n
+    return sum(e.correct[0] for e in entries) / (len(entries) or 1), greedy_cost(entries)
+
+
+def greedy_cost(entries: Sequence[_Entry]) -> float:
+    """The mean cost of `entries`' greedy answers, each with its share of the answered
+    examples it shares (`costs.share_prefixes`), too-long ones left out (`outcomes.mean_answer_cost`)."""
+    shares = share_prefixes([(e.prefix_key, e.prefix_cost) for e in entries])
+    return mean_answer_cost((e.cumcost[0] + share, e.too_long) for e, share in zip(entries, shares))
 
 
 def reference(data: Data, idx: Sequence[int], ladder: list[str]) -> tuple[float, float]:
