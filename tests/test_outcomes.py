@@ -178,6 +178,25 @@ def test_other_quality_settings_or_model_file_are_measured_afresh(settings, stor
     assert len(created["small"].calls) == 3
 
 
+def test_a_recording_whose_prompt_no_longer_fits_a_lowered_context_is_too_long(settings, store, fake_backends) -> None:
+    # The store key leaves `context` out: after it was lowered, the recorded answers were
+    # replayed as answers while `cre ask` passes the rung over (the prompt fills its context).
+    from dataclasses import replace
+
+    fake_backends()
+    tokens = collect([rec(1)], settings, store, Q3, models=["small"])[("q1", "small")].prompt_tokens
+    created = fake_backends()
+    created.clear()
+    for context, source in [(tokens + 1, "run"), (tokens, "too_long"), (tokens - 1, "too_long")]:
+        settings.models["small"] = replace(settings.models["small"], context=context)
+        found = collect([rec(1)], settings, store, Q3, models=["small"])[("q1", "small")]
+        assert found.source == source, context
+    assert created == {}  # judged from the recording: no model loaded
+    assert f"prompt is {tokens} tokens, which fills 'small''s context of {tokens - 1}" in found.reason
+    assert (found.votes, graded(found, rec(1))) == ([], [False])
+    assert store.count() == 1  # the recording stays, for a context raised again
+
+
 def test_duplicate_prompts_are_run_once(settings, store, fake_backends) -> None:
     created = fake_backends()
     results = collect([rec(1, prompt="same?"), rec(2, prompt="same?")], settings, store, Q3, models=["small"])

@@ -32,9 +32,11 @@ becomes a too-long outcome (`source="too_long"`) for that model, which no answer
 drawn from. The live cascade passes such a rung over (`live.LiveSource.hold`), so the
 replay does too: graded wrong, at no cost (and in no mean cost: `mean_answer_cost`), and
 never accepted, so the query moves up, and on the top rung it is a wrong final answer,
-where `cre ask` fails. Nor are these stored:
-the fix, a larger `context` in models.toml, must take effect on the next run. A query too
-long for every rung is left out of the measuring, with a warning (`leave_out_too_long`).
+where `cre ask` fails. Nor are these stored: the fix, a larger `context` in models.toml,
+must take effect on the next run. The other way round, a recorded answer whose prompt
+tokens no longer fit a lowered `context` is taken as too long (`_fits`), not replayed. A
+query too long for every rung is left out of the measuring, with a warning
+(`leave_out_too_long`).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from crecli.errors import CreError, PromptTooLong
 from crecli.models.pull import model_identity
 from crecli.models import registry
 from crecli.models.registry import backend_for
-from crecli.models.backend import Signals
+from crecli.models.backend import Signals, context_room
 from crecli.models.tokens import estimate_output, estimate_tokens, sent_text
 from crecli.quality import MAX_VOTES, vote_params
 
@@ -480,9 +482,11 @@ def collect(
                 continue
             max_tokens = grading.max_tokens_for(record.match)
             job = _Job(record, psha, settings_key(quality, max_tokens), max_tokens, shots=examples)
-            found = _recorded(store, spec, identity, quality, job)
+            found = _fits(spec, _recorded(store, spec, identity, quality, job))
             if found is None:
                 pending.append(job)
+            elif isinstance(found, str):
+                results[(record.id, name)] = _too_long_outcome(job, name, identity, found)
             else:
                 results[(record.id, name)] = _run_outcome(job, name, identity, *found)
                 if found[1] and found[1][0].signals is None:
@@ -540,6 +544,23 @@ def _estimated(spec: "ModelSpec", job: _Job, prompt_tokens: int, votes: list[Vot
                            if not v.output_tokens and v.text else v for v in votes]
 
 
+def _fits(spec: "ModelSpec", found: tuple[int, list[Vote]] | None) -> tuple[int, list[Vote]] | str | None:
+    """`found`, a recording of `spec`'s, or why its prompt no longer fits the model's context
+    (`backend.context_room`, the rule the llama.cpp backend refuses a prompt by).
+
+    The store key leaves `context` out, so a recording made before it was lowered was
+    replayed as an answer while `cre ask` passes the rung over; kept in the store, it counts
+    again once `context` is raised. A remote rung's window is unknown here: its server says."""
+    window = spec.context_window
+    if found is None or window is None:
+        return found
+    try:
+        context_room(found[0], window, spec.name)
+    except PromptTooLong as exc:
+        return str(exc)
+    return found
+
+
 def _run_outcome(job: _Job, model: str, identity: str, prompt_tokens: int, votes: list[Vote]) -> Outcome:
     return Outcome(
         query_id=job.record.id, prompt_sha256=job.prompt_sha, model=model, model_sha256=identity,
@@ -576,7 +597,8 @@ def _run_model(
         with console.progress() as bar:
             task = bar.add_task(f"{spec.name}", total=len(jobs), unit="queries")
             for job in jobs:
-                cached = done.get((job.prompt_sha, job.key)) or _recorded_since(store, job, spec, identity, quality)
+                cached = done.get((job.prompt_sha, job.key)) or _fits(
+                    spec, _recorded_since(store, job, spec, identity, quality))
                 if cached is None:
                     if backend is None:
                         backend = pool.get(spec) if pool is not None else backend_for(spec)

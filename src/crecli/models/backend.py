@@ -21,7 +21,7 @@ import abc
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from crecli.errors import BackendError, CreError
+from crecli.errors import BackendError, CreError, PromptTooLong
 from crecli.models.prompting import Rendered, Shot, render
 
 if TYPE_CHECKING:
@@ -154,6 +154,20 @@ class StopSafeEmitter:
         sent = self.sent
         if len(final) > len(sent) and final.startswith(sent):
             self._emit(final[len(sent):])
+
+
+def context_room(n_prompt: int, n_ctx: int, model: str) -> int:
+    """The tokens an answer has left in `model`'s context of `n_ctx` after a prompt of
+    `n_prompt`; PromptTooLong where none is (the prompt fills it). The one rule of whether a
+    prompt fits: the llama.cpp backend's before it answers (`LlamaBackend._fit_max_tokens`),
+    and `outcomes.collect`'s for a recorded answer after `context` was lowered."""
+    room = n_ctx - n_prompt
+    if room <= 0:
+        raise PromptTooLong(
+            f"prompt is {n_prompt} tokens, which fills {model!r}'s context of {n_ctx}; "
+            "shorten it or raise `context` in models.toml"
+        )
+    return room
 
 
 @dataclass

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from crecli import cancel
 from crecli.config import IN_PROCESS_REPEAT_PENALTY
-from crecli.errors import BackendError, CreError, ModelLoadError, PromptTooLong
-from crecli.models.backend import Backend, Generation, GenParams, StopSafeEmitter
+from crecli.errors import BackendError, CreError, ModelLoadError
+from crecli.models.backend import Backend, Generation, GenParams, StopSafeEmitter, context_room
 from crecli.models.gguf import kv_bytes_per_token
 from crecli.models.parallel import VOTE_SEQUENCES, Handoff, ParallelGreedy, ParallelVotes
 from crecli.models.prompting import Rendered
@@ -213,13 +213,7 @@ class LlamaBackend(Backend):
         return self._llm
 
     def _fit_max_tokens(self, n_prompt: int, wanted: int) -> int:
-        room = self.n_ctx - n_prompt
-        if room <= 0:
-            raise PromptTooLong(
-                f"prompt is {n_prompt} tokens, which fills {self.spec.name!r}'s context of {self.n_ctx}; "
-                "shorten it or raise `context` in models.toml"
-            )
-        return min(wanted, room)
+        return min(wanted, context_room(n_prompt, self.n_ctx, self.spec.name))
 
     def count_tokens(self, rendered: Rendered) -> int:
         return len(prompt_tokens(self._tokenizer(), rendered))
