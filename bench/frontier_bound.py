@@ -67,7 +67,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from crecli import choice, config, costs, deferral, embed, querylog
-from crecli.outcomes import OutcomeStore, collect, default_store_path, graded
+from crecli.outcomes import OutcomeStore, collect, default_store_path, graded, leave_out_too_long
 from crecli.quality import QualityCheck
 
 LAMBDAS = np.concatenate([np.linspace(0.0, 0.5, 51), np.linspace(0.5, 5.0, 46), np.linspace(5.0, 40.0, 36)])
@@ -89,12 +89,15 @@ class Recorded:
 
 def recorded(log: Path, unit: str | None) -> Recorded:
     """Read `log`, collect every ladder model's greedy answer (running what is missing, as
-    `cre fit` would) and price them as calibration does."""
+    `cre fit` would) and price them as calibration does. A query too long for every rung's
+    context is left out with a warning, as `cre fit` leaves it out (`leave_out_too_long`); one
+    too long for some is wrong there at no cost."""
     records = [r for r in querylog.read_log(log).records if r.reference is not None]
     settings = config.load()
     ladder = list(settings.ladder)
     with OutcomeStore(default_store_path()) as store:
         found = collect(records, settings, store, QualityCheck(k=1), models=ladder)
+    records = leave_out_too_long(records, found, ladder, log)
     model = costs.CostModel.build(found.values(), [settings.get(m) for m in ladder], unit)
     C = np.array([[graded(found[(r.id, m)], r)[0] for m in ladder] for r in records], dtype=float)
     K = np.array([[model.of(found[(r.id, m)]) for m in ladder] for r in records], dtype=float)

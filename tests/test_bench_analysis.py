@@ -230,3 +230,23 @@ def test_price_choice_deals_every_copy_of_a_prompt_into_one_fold(monkeypatch: py
     inner = h.folds(train, 7)
     one_home(inner, identity)
     assert sorted(np.concatenate(inner).tolist()) == train.tolist()
+
+
+def test_frontier_bound_leaves_out_a_query_too_long_for_every_rung(
+    tmp_path: Path, tiny_models_toml: Path, fake_backends: Any, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `collect` stopped at a prompt too long for a model's context; since it gives a too-long
+    # outcome instead, `recorded` (and price_choice) scored one that no rung can take as a
+    # wrong answer at no cost on every rung, silently, where `cre fit` and `cre eval` leave it out.
+    from support.ladder import too_long_for
+
+    fb = _script("frontier_bound")
+    log = tmp_path / "sums.jsonl"
+    rows = [{"id": f"q{i}", "prompt": f"What is {i} plus {i}?", "reference": str(2 * i), "match": "numeric"} for i in range(4)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fake_backends({m: too_long_for(lambda text, params: "0", {"What is 3 plus 3?"}) for m in ("small", "medium", "large")})
+    monkeypatch.setenv("CRE_MODELS", str(tiny_models_toml))
+    rec = fb.recorded(log, None)
+    assert [r.id for r in rec.records] == ["q0", "q1", "q2"] and rec.C.shape == rec.K.shape == (3, 3)
+    assert f"{log}:4: left out: its prompt is too long for every rung's context" in capsys.readouterr().err
