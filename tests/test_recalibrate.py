@@ -401,7 +401,8 @@ def test_eval_finds_a_moved_calibration_log_by_calibration_log_with_its_bytes(
     # Not calibrated yet: the router records no calibration log to check a file against.
     result = cre("eval", mixed, "--router", router, *m, "--calibration-log", dev)
     assert result.exit_code == 1
-    assert "records no sha256 of its calibration log" in str(result.exception)
+    assert (f"--calibration-log {dev}: the router was never calibrated (`cre calibrate`), so it has no calibration "
+            "log to check a file against; leave --calibration-log out") in str(result.exception)
     ok("calibrate", router, "--log", dev, *m, "--folds", "2")
     moved = dev.rename(tmp_path / "moved.jsonl")
 

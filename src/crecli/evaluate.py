@@ -175,7 +175,9 @@ def _replay(router: "RouterFile", data: Data, starts: Mapping[str, str],
 
     Not `clustered`, every query gets the deferral prior the router gives a prompt in no
     cluster (`RouterFile.priors` of cluster -1: each model's accuracy over the whole fit),
-    so a baseline "without clusters" reads nothing of the query's cluster."""
+    so a baseline "without clusters" reads no prior or threshold of the query's cluster. Its
+    recorded answers are those of `data`, though: with a router that shows answered examples,
+    recorded after the examples of the query's cluster (`replay.prepare`), not without them."""
     rules = router.deferral
     if rules is None:
         return data.replay.simulate(starts, router.thresholds, router.quality, overrides)
@@ -287,8 +289,9 @@ def live(router: "RouterFile", settings: "ModelConfig", data: Data, limit: int |
                 try:
                     trace = cascade.ask(r.prompt, match=r.match, reference=r.reference)
                 except PromptTooLong:
-                    # Passed over up to the top rung, whose context it does not fit either: no
-                    # answer, which the replay counts wrong too (`replay.RecordedVotes.more`).
+                    # The top rung's context does not fit it (the query passed over up to it, or
+                    # started there): no answer, which the replay counts wrong too
+                    # (`replay.RecordedVotes.more`).
                     right = False
                 else:
                     # A query known only by correctness labels has no reference to grade by: its
@@ -437,13 +440,19 @@ def calibration_log_prompts(router: "RouterFile", given: Path | None = None) -> 
     that adds nothing to the fit's.
 
     `given` (--calibration-log) is read instead, and must hold the bytes the router records,
-    as --fit-log must (`given_log`). Either is read once, and what was read is what was
-    checked."""
+    as --fit-log must (`given_log`); for a router never calibrated it is an error that says
+    so. Either is read once, and what was read is what was checked."""
     from crecli.calibrate import recorded_calibration_log
+    from crecli.errors import CreError
     from crecli.outcomes import prompt_sha256
     from crecli.querylog import LogOptions
     from crecli.routerfile import calibration_log_path
 
+    if given is not None and router.fit.calibration is None:
+        # Not "records no sha256 of its calibration log": that read as a router calibrated
+        # by an older crecli, whose recalibration would be the fix.
+        raise CreError(f"--calibration-log {given}: the router was never calibrated (`cre calibrate`), so it has "
+                       "no calibration log to check a file against; leave --calibration-log out")
     cal = router.fit.calibration or {}
     # Read (with the calibration's reader) only where it adds prompts to the fit's.
     adds = bool(cal.get("log")) and not (cal.get("log_sha256") is not None
