@@ -159,8 +159,9 @@ class StopSafeEmitter:
 def context_room(n_prompt: int, n_ctx: int, model: str) -> int:
     """The tokens an answer has left in `model`'s context of `n_ctx` after a prompt of
     `n_prompt`; PromptTooLong where none is (the prompt fills it). The one rule of whether a
-    prompt fits: the llama.cpp backend's before it answers (`LlamaBackend._fit_max_tokens`),
-    and `outcomes.collect`'s for a recorded answer after `context` was lowered."""
+    prompt fits: the llama.cpp backend's before it answers (`LlamaBackend._fit_max_tokens`,
+    and each sequence of `cre batch --parallel`), and `outcomes.collect`'s for a recorded
+    answer after `context` was lowered."""
     room = n_ctx - n_prompt
     if room <= 0:
         raise PromptTooLong(

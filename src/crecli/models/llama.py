@@ -376,7 +376,7 @@ class LlamaBackend(Backend):
         llm = self.llm
         if self._parallel is None or self._parallel.n_seq != parallel:
             self._close_parallel()
-            self._parallel = ParallelGreedy(llm, parallel, self.n_ctx, self.n_threads)
+            self._parallel = ParallelGreedy(llm, parallel, self.n_ctx, self.n_threads, self.spec.name)
         prepared = [self.prepare(prompt, p) for prompt, p in zip(prompts, params, strict=True)]
         # The last wave's leftovers go: votes come right after the wave that decoded their prompt.
         self._handoff.clear()

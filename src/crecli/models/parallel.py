@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from crecli import cancel
 from crecli.errors import BackendError, CreError, PromptTooLong
-from crecli.models.backend import Generation, GenParams
+from crecli.models.backend import Generation, GenParams, context_room
 from crecli.models.prompting import Rendered
 from crecli.models.runtime import abort_on_cancel
 from crecli.models.tokens import SignalMeter, prompt_tokens, shared_prefix
@@ -173,10 +173,11 @@ class ParallelGreedy:
     proportion to the tokens each fed, so a prompt's `seconds` carry its prompt processing.
     """
 
-    def __init__(self, llm: Any, n_seq: int, n_ctx_seq: int, n_threads: int) -> None:
+    def __init__(self, llm: Any, n_seq: int, n_ctx_seq: int, n_threads: int, name: str) -> None:
         import llama_cpp
 
         self.llm = llm
+        self.name = name  # the model's, for a prompt that does not fit its context
         self.n_seq = n_seq
         self.n_ctx_seq = n_ctx_seq
         # A step may hold several whole prompts; llama.cpp splits it into n_ubatch pieces.
@@ -249,12 +250,10 @@ class ParallelGreedy:
         queue: deque[_Stream] = deque()
         for i, (rendered, p) in enumerate(zip(prompts, params)):
             tokens = prompt_tokens(llm, rendered)
-            room = self.n_ctx_seq - len(tokens)
-            if room <= 0:
-                results[i] = PromptTooLong(
-                    f"prompt is {len(tokens)} tokens, which fills {self.n_ctx_seq}-token context; "
-                    "shorten it or raise `context` in models.toml"
-                )
+            try:  # each sequence holds n_ctx_seq cells: the one rule of a prompt that fits
+                room = context_room(len(tokens), self.n_ctx_seq, self.name)
+            except PromptTooLong as exc:
+                results[i] = exc
                 continue
             stops = [s.encode("utf-8") for s in p.stop]
             queue.append(_Stream(i, tokens, min(p.max_tokens, room) if p.max_tokens > 0 else room, stops,
