@@ -39,16 +39,7 @@ def both(tiny_models_toml: Path, fake_backends: Callable[..., Any], tmp_path: Pa
 @pytest.mark.parametrize("check", ["agreement", "deferral"])
 def test_live_and_replay_take_the_same_steps(both: tuple[Any, ...], check: str) -> None:
     settings, records, quality, found = both
-    # A top threshold above 0: a deferral router's top rung then decided by majority live
-    # and by its greedy answer in replay; the engine gives it one rule.
-    thresholds = {"small": 0.6, "medium": 0.6, "large": 0.8}
-    deferral = None
-    if check == "deferral":
-        names = feature_names(1)
-        rule = Deferral(names, (2.0, 3.0, 0.0, -4.0, 1.0), 0.5, (0.0,) * len(names), 0.6)
-        deferral = DeferralCheck(1, {"small": rule, "medium": rule})
-        thresholds = {"small": 0.55, "medium": 0.45, "large": 0.8}
-    router = bare_router(quality, thresholds, deferral)
+    router, thresholds, deferral = _router(check, quality)
     live = walk_live(router, settings, records)
 
     costs = CostModel.build(found.values(), settings.ladder_specs())
@@ -95,14 +86,7 @@ def test_a_rung_whose_context_a_prompt_does_not_fit_is_passed_over_live_and_in_r
         ("q0", "small"), ("q3", "small"), ("q3", "medium"), ("q4", "large")}
     assert "shorten it or raise `context` in models.toml" in found[("q0", "small")].reason
 
-    thresholds = {"small": 0.6, "medium": 0.6, "large": 0.8}
-    deferral = None
-    if check == "deferral":
-        names = feature_names(1)
-        rule = Deferral(names, (2.0, 3.0, 0.0, -4.0, 1.0), 0.5, (0.0,) * len(names), 0.6)
-        deferral = DeferralCheck(1, {"small": rule, "medium": rule})
-        thresholds = {"small": 0.55, "medium": 0.45, "large": 0.8}
-    router = bare_router(quality, thresholds, deferral)
+    router, thresholds, deferral = _router(check, quality)
     costs = CostModel.build(found.values(), settings.ladder_specs())
     replay = Replay.build(found, records, LADDER, costs)
     p_table = None
@@ -223,3 +207,18 @@ def test_walk_climbs_until_a_rung_keeps_its_answer() -> None:
     walk(climb, lambda rung: _Scripted(scripts[rung.model]), lambda rung, verdict, votes: seen.append(rung.model))
     assert seen == ["small", "medium"] and climb.done and climb.rung == 1
     assert [v.answer for _, v in climb.verdicts] == ["1", "7"]
+
+
+def _router(check: str, quality: Any) -> tuple[Any, dict[str, float], DeferralCheck | None]:
+    """A bare router of the three fake rungs for `check`, its thresholds and its deferral
+    check (None for agreement). A top threshold above 0: a
+    deferral router's top rung then decided by majority live and by its greedy answer in
+    replay; the engine gives it one rule."""
+    thresholds = {"small": 0.6, "medium": 0.6, "large": 0.8}
+    deferral = None
+    if check == "deferral":
+        names = feature_names(1)
+        rule = Deferral(names, (2.0, 3.0, 0.0, -4.0, 1.0), 0.5, (0.0,) * len(names), 0.6)
+        deferral = DeferralCheck(1, {"small": rule, "medium": rule})
+        thresholds = {"small": 0.55, "medium": 0.45, "large": 0.8}
+    return bare_router(quality, thresholds, deferral), thresholds, deferral

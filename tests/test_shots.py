@@ -313,15 +313,10 @@ def test_held_out_scoring_of_a_router_with_examples_keeps_each_records_prompt_id
     # `replay.prepare` hashes the prompts once for --held-out-only and hands them to `Data`;
     # with answered examples it also gathers the records that show them, and the two must not
     # be mixed up (a set of record ids once took the prompt identities' place).
-    router = tmp_path / "router.cre"
-    m = ("--models", str(tiny_models_toml))
-    invoke("fit", str(SMALL_LOG), "-o", str(router), *m, "--k", "1", "--shots", "0,1", "--retain", "0.5", "--json")
     from crecli import replay
 
-    settings = config.load(tiny_models_toml)
-    loaded = routerfile.load(router, settings)
+    settings, loaded, rows = _fitted_with_examples(tmp_path, tiny_models_toml)
     assert any(c.shots for c in loaded.clusters)
-    rows = [json.loads(line) for line in SMALL_LOG.read_text().splitlines()]
     left_out = {outcomes.prompt_sha256(r["prompt"]) for r in rows[:5]}
     data = replay.prepare(loaded, settings, SMALL_LOG, store=tmp_path / "store.sqlite", leave_out=left_out)
     assert data.prompt_ids == [outcomes.prompt_sha256(r.prompt) for r in data.records]
@@ -339,13 +334,8 @@ def test_eval_leaves_out_as_too_long_only_what_no_rung_takes_without_the_routers
     from crecli import replay
     from crecli.errors import PromptTooLong
 
-    router = tmp_path / "router.cre"
-    m = ("--models", str(tiny_models_toml))
-    invoke("fit", str(SMALL_LOG), "-o", str(router), *m, "--k", "1", "--shots", "0,1", "--retain", "0.5", "--json")
-    settings = config.load(tiny_models_toml)
-    loaded = routerfile.load(router, settings)
+    settings, loaded, rows = _fitted_with_examples(tmp_path, tiny_models_toml)
     shown = {q for c in loaded.clusters for q, _ in c.exemplars}
-    rows = [json.loads(line) for line in SMALL_LOG.read_text().splitlines()]
     target = next(r["prompt"] for r in rows if r["prompt"].strip() not in shown
                   and loaded.shots(_cluster_of(loaded, r["prompt"]), "small"))
     made = registry.make_backend
@@ -370,3 +360,12 @@ def test_eval_leaves_out_as_too_long_only_what_no_rung_takes_without_the_routers
     sim = data.replay.simulate({r.id: "small" for r in data.records}, {m: 0.5 for m in settings.ladder}, loaded.quality)
     (trace,) = [t for t in sim.traces if t.query_id == kept.id]
     assert [s.model for s in trace.steps] == settings.ladder and not trace.correct
+
+
+def _fitted_with_examples(tmp_path: Path, tiny_models_toml: Path) -> tuple[config.ModelConfig, routerfile.RouterFile, list[dict[str, Any]]]:
+    """A router fitted on SMALL_LOG with up to one answered example, loaded; and the log's rows."""
+    router = tmp_path / "router.cre"
+    invoke("fit", str(SMALL_LOG), "-o", str(router), "--models", str(tiny_models_toml), "--k", "1",
+           "--shots", "0,1", "--retain", "0.5", "--json")
+    settings = config.load(tiny_models_toml)
+    return settings, routerfile.load(router, settings), [json.loads(line) for line in SMALL_LOG.read_text().splitlines()]
