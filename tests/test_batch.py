@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import os
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -1012,6 +1013,48 @@ def test_a_second_batch_refused_after_its_redirect_emptied_the_file_says_so_and_
             holder.wait()
     assert out.read_bytes().startswith(b"\0")
     assert read_done_ids(out) == {"b": Answered(prompts={None})}
+
+
+def test_a_second_batch_whose_redirect_emptied_a_file_the_first_wrote_to_since_is_told_so_with_or_without_resume(
+    saved_router: Path, tiny_models_toml: Path, tmp_path: Path,
+) -> None:
+    # `cre batch [--resume held.jsonl] in.jsonl > held.jsonl` while another run held it, which
+    # wrote at its old offset as this one started: the file no longer empty, the position 0
+    # read as `1<>`'s, so --resume got the "written over" refusal (and the advice to append),
+    # and without it the refusal said only that the file was busy, not that `>` emptied it.
+    import subprocess
+
+    from crecli.batch import lock_output
+
+    out = tmp_path / "held.jsonl"
+    infile = tmp_path / "in.jsonl"
+    infile.write_bytes(jl(id="a", prompt=ADD))
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys\n"
+        f"f = open({str(out)!r}, 'w'); fcntl.flock(f.fileno(), fcntl.LOCK_EX)\n"
+        "f.write('{\"id\": \"a\", \"answer\": \"12\"}\\n'); f.flush(); print('locked', flush=True)\n"
+        "while sys.stdin.readline():\n"
+        "    f.write('{\"id\": \"b\", \"answer\": \"3\"}\\n'); f.flush(); print('wrote', flush=True)\n")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdin is not None and holder.stdout is not None
+    said = rf"'>' emptied it before cre could refuse: the answers that run wrote so far are gone.*--resume {out} "
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for resume in ([], ["--resume", str(out)]):
+            with open(out, "w") as mine:  # `> held.jsonl`, and the first run writes on meanwhile
+                holder.stdin.write("go on\n")
+                holder.stdin.flush()
+                assert holder.stdout.readline().strip() == "wrote"
+                assert out.stat().st_size > 0
+                if not resume:
+                    with pytest.raises(CreError, match=said):
+                        lock_output(mine)
+                result = batch_child(None, [*resume, str(infile), "--router", str(saved_router), "--models",
+                                            str(tiny_models_toml), "--no-log"], stdout=mine)
+            assert result.returncode == 1 and re.search(said, " ".join(result.stderr.split())), result.stderr
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_second_batch_refused_through_a_read_write_redirect_does_not_say_it_emptied_the_file(

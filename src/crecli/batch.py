@@ -255,7 +255,7 @@ def emptied_by_redirect(resume: Path, out: TextIO) -> bool:
     return _writes_to(out, resume) and _opened_as(out) == "emptied"
 
 
-def _opened_as(out: TextIO) -> Literal["append", "overwrite", "emptied", "end", "unknown"]:
+def _opened_as(out: TextIO, busy: bool = False) -> Literal["append", "overwrite", "emptied", "end", "unknown"]:
     """Where writes to the file behind `out` land, told by its position: no flag says whether
     opening it emptied it. "append" (`>>`: at its end, wherever that is then); "overwrite"
     (before its end, over what it holds: `1<>` writes from its start, and so do systemd's
@@ -263,7 +263,12 @@ def _opened_as(out: TextIO) -> Literal["append", "overwrite", "emptied", "end", 
     others appended); "emptied" (an empty file open to write only, as `>` leaves the file it
     emptied); "end" (at or past its end otherwise: a file opened read-write and sought to its
     end); "unknown" where that cannot be told (no file descriptor, no fcntl, a pipe or a
-    terminal, which have no position)."""
+    terminal, which have no position).
+
+    With `busy` (another run holds the file's lock, `lock_output`) its size is no sign: that
+    run writes on at its old offset, so the file `>` emptied as this run started may hold its
+    answers again by now. There, one open to write only, not appending, at its start is
+    "emptied" (systemd's `StandardOutput=file:` is told from `>` by no flag either)."""
     import os
 
     try:
@@ -276,9 +281,9 @@ def _opened_as(out: TextIO) -> Literal["append", "overwrite", "emptied", "end", 
         at, size = os.lseek(fd, 0, os.SEEK_CUR), os.fstat(fd).st_size
     except (OSError, ValueError, AttributeError, ImportError):  # no fd, no fcntl, no position (ESPIPE)
         return "unknown"
-    if at < size:
-        return "overwrite"
-    return "emptied" if size == 0 and flags & os.O_ACCMODE == os.O_WRONLY else "end"
+    if flags & os.O_ACCMODE == os.O_WRONLY and (size == 0 or busy and at == 0):
+        return "emptied"
+    return "overwrite" if at < size else "end"
 
 
 def _file_name(fd: int, name: str) -> str:
@@ -301,8 +306,9 @@ def refuse_own_output(input: BinaryIO, out: TextIO, source: str, resume: Path | 
     that is the input: it is the output of an earlier run. And a --resume file that is stdout
     opened to write before its end (`1<>`, systemd's `StandardOutput=file:`): the answers would
     be written over those it holds (where `>` emptied it, `emptied_by_redirect` warns instead:
-    nothing is left to lose). Only regular files are compared: a terminal is stdin and stdout
-    at once, rightly."""
+    nothing is left to lose; `lock_output`, called first, refuses a file another run writes to,
+    saying whether `>` emptied it). Only regular files are compared: a terminal is stdin and
+    stdout at once, rightly."""
     import os
     import stat
 
@@ -359,7 +365,7 @@ def lock_output(out: TextIO) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         name = _file_name(fd, str(getattr(out, "name", "<stdout>")))
-        if _opened_as(out) == "emptied":
+        if _opened_as(out, busy=True) == "emptied":
             # `> out.jsonl`: the shell emptied the file before cre could refuse, so the other
             # run's answers so far are gone; it writes on, and --resume finds those it writes.
             raise CreError(f"another cre batch is writing to {name} (it holds its lock), and this run's '>' emptied "

@@ -488,8 +488,10 @@ def batch(
 
         source, stream = str(file), open_named(file, "a file of prompts (.jsonl or plain text), or - for stdin", pipes=True)
     with stream as lines, stop_on_signals():
-        refuse_own_output(lines, sys.stdout, source, resume)
+        # The lock first: while another run holds the file, its writes since this run's `>`
+        # emptied it would make the file look written over, not emptied (`_opened_as`).
         lock_output(sys.stdout)  # before --resume reads what is answered
+        refuse_own_output(lines, sys.stdout, source, resume)
         done = read_done_ids(resume) if resume is not None else {}
         if resume is not None:
             if emptied_by_redirect(resume, sys.stdout):
