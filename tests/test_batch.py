@@ -851,7 +851,44 @@ def test_a_stop_raised_as_the_output_takes_the_records_writes_no_line_twice() ->
     with pytest.raises(KeyboardInterrupt):
         writer.put(1, {"id": "a", "answer": "1"})
     writer.flush_ready()
-    assert [json.loads(line)["id"] for line in out.getvalue().splitlines()] == ["a", "b", "d"]
+    # The write may have been cut (see below): the records after it start a line, here blank.
+    assert [json.loads(line)["id"] for line in out.getvalue().splitlines() if line] == ["a", "b", "d"]
+
+
+def test_a_stop_that_cuts_a_write_short_leaves_the_next_record_whole_and_the_cut_line_to_resume(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade, tmp_path: Path
+) -> None:
+    # A second signal while a large write blocked on a slow pipe ended it (EINTR) after part
+    # of the text: the rest was lost, and `flush_ready` wrote the next record onto the cut
+    # line, so --resume lost both.
+    from crecli.batch import _OrderedWriter
+
+    class SlowPipe(io.StringIO):
+        cut = True
+
+        def write(self, text: str) -> int:
+            if SlowPipe.cut:
+                SlowPipe.cut = False
+                super().write(text[:len(text) - 10])  # "a" whole, "b" cut inside its answer
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    install(fake_backends, TABLE)
+    lines = [jl(id="a", prompt=ADD), jl(id="b", prompt=PERU), jl(id="c", prompt=FRUIT), jl(id="d", prompt=ADD)]
+    first, _ = _run(lines, cascade)
+    out = SlowPipe()
+    writer = _OrderedWriter(out, first=1)
+    writer.put(2, first[1])  # waits for line 1
+    writer.put(4, first[3])  # waits for line 3, which the stop leaves unanswered
+    with pytest.raises(KeyboardInterrupt):
+        writer.put(1, first[0])
+    writer.flush_ready()
+    earlier = tmp_path / "out.jsonl"
+    earlier.write_text(out.getvalue())
+    assert [line[:11] for line in out.getvalue().splitlines()] == ['{"id": "a",', '{"id": "b",', '{"id": "d",']
+    rows, summary = _run(lines, cascade, resume_ids=read_done_ids(earlier))
+    assert [(r["id"], r["answer"]) for r in rows] == [("b", "Lima"), ("c", "(B)")]  # the cut line answered again
+    assert summary.skipped == 2
 
 
 def test_a_resume_file_emptied_by_the_shell_is_told_apart_from_one_appended_to(tmp_path: Path) -> None:

@@ -438,6 +438,7 @@ class _OrderedWriter:
         self.next = first
         self.ready: dict[int, dict[str, Any] | None] = {}
         self.failed = False  # a write or flush of `out` failed
+        self.writing = False  # a write of records began and did not return (see `_write`)
 
     def put(self, line: int, record: dict[str, Any] | None) -> None:
         """`record` None marks a line that produces no output (skipped by --resume)."""
@@ -459,9 +460,14 @@ class _OrderedWriter:
 
     def flush_ready(self) -> None:
         """Write every finished record still waiting for an earlier line (when the batch
-        stops: that line will not come in this run, and `--resume` finds these by id)."""
-        text = [_json_line(rec) for line in sorted(self.ready)
-                if line >= self.next and (rec := self.ready[line]) is not None]
+        stops: that line will not come in this run, and `--resume` finds these by id).
+
+        After a write the stop cut short (`_write`) they start on a line of their own: the
+        cut record is a bad line to `--resume`, which answers its line again, and the next
+        one is whole (where the cut write had in fact ended its line, a blank line is all)."""
+        text = ["\n"] if self.writing else []
+        text += [_json_line(rec) for line in sorted(self.ready)
+                 if line >= self.next and (rec := self.ready[line]) is not None]
         self._write("".join(text), self.next)
         self.ready.clear()
         self._do(self.out.flush)
@@ -473,11 +479,15 @@ class _OrderedWriter:
         try:
             # Counted before the write, with no call and no loop between the two, where CPython
             # runs a signal's handler: a stop raised from inside the write (SIGTERM ending one
-            # blocked on a slow pipe) comes once the file object has taken the text, and
-            # `flush_ready` must not write it again; a stop before this leaves it to `flush_ready`.
+            # blocked on a slow pipe) comes after the file took none, some or all of the text,
+            # and `flush_ready` must not write it again; a stop before this leaves it to
+            # `flush_ready`. Where the write took only some, its last record is cut and the rest
+            # of the text is lost: `writing`, still set then, has `flush_ready` start a new line.
             self.next = upto
             if text:
+                self.writing = True
                 self.out.write(text)
+                self.writing = False
         except OSError as exc:
             raise self._failed(exc) from None
 
@@ -594,7 +604,8 @@ def run_batch(
                     writer.flush_ready()
             raise
         # Ctrl-C, or SIGTERM or SIGHUP (`stop_on_signals`). What is answered is kept and
-        # counted, as a resumed run expects; no line is half-written.
+        # counted, as a resumed run expects; a line the stop cut short is left for --resume
+        # to answer again, and nothing is written after it on its line (`flush_ready`).
         summary.interrupted = True
         writer.flush_ready()
     summary.cascade_cost, summary.strongest_cost = spent.total, strongest.total
