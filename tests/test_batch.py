@@ -279,6 +279,26 @@ def test_resume_gives_an_edited_line_of_a_repeated_id_an_error_record_and_keeps_
     assert [(r["line"], r.get("input_changed")) for r in rows] == [(1, None), (2, True)]
 
 
+def test_resume_reads_an_input_changed_record_written_before_the_flag_as_that_verdict(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade, tmp_path: Path
+) -> None:
+    # Output of a cre before "input_changed" was written: the verdict only in its message,
+    # which was read as a line tried and failed, so the edited line was answered.
+    from crecli.batch import changed_since
+
+    install(fake_backends, TABLE)
+    earlier = tmp_path / "out.jsonl"
+    answer = {"line": 1, "id": "x", "prompt_sha256": "0" * 64, "answer": "12"}
+    old = {"line": 2, "id": "x", "error": f"in.jsonl:2: {changed_since(str(earlier), 'x')}"}
+    tried = {"line": 2, "id": "x", "error": "in.jsonl:2: model 'small' failed: timed out"}
+    lines = [jl(id="new", prompt=FRUIT), jl(id="x", prompt=HARD)]
+    for record, answered in ((old, False), (tried, True)):  # a line tried and failed is still answered
+        earlier.write_text(json.dumps(answer) + "\n" + json.dumps(record) + "\n")
+        rows, _ = _run(lines, cascade, resume_ids=read_done_ids(earlier), source="in.jsonl", resume_name=str(earlier))
+        assert [(r["line"], "answer" in r) for r in rows] == [(1, True), (2, answered)]
+        assert answered or rows[1]["input_changed"] is True
+
+
 def test_a_repeated_id_is_counted_and_said_since_resume_matches_by_id(
     fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -151,8 +151,9 @@ def read_done_ids(path: Path) -> dict[str, Answered]:
     """Ids that already have an answer in an earlier output file, each with the digests of
     the prompts answered under it (`prompt_digest`) and the lines they were answered at: an
     input may repeat an id, and each of its lines was answered. An error record's line is kept
-    too, unless it says the input changed (`input_changed`): that line was tried and is tried
-    again, and `_answer_all` answers it though the id was answered at another line.
+    too, unless it says the input changed (`input_changed`, or before that was written, the
+    words of `changed_since`): that line was tried and is tried again, and `_answer_all`
+    answers it though the id was answered at another line.
 
     Error records are not counted as done, so their lines are tried again; unreadable lines
     (such as a last line cut short by a crash) are ignored. A file whose whole lines hold no
@@ -186,7 +187,7 @@ def read_done_ids(path: Path) -> dict[str, Answered]:
         number = row.get("line")
         at = number if isinstance(number, int) and not isinstance(number, bool) and number > 0 else 0
         if "error" in row:
-            if at and row.get("input_changed") is not True:
+            if at and row.get("input_changed") is not True and not _says_changed(row["error"], str(row["id"])):
                 failed.setdefault(str(row["id"]), set()).add(at)
             continue
         digest = row.get("prompt_sha256")
@@ -212,6 +213,14 @@ def changed_since(resume: str, id: str) -> str:
     return (f"id {id!r} was answered in {resume} for another prompt: the input changed since that run (a line "
             "edited, added or removed; a line without an id is known by its number). Answer this input into a "
             "new output file, without --resume, or give the line an id of its own")
+
+
+def _says_changed(message: Any, id: str) -> bool:
+    """Whether an error record's message is `changed_since`'s for `id`: records written
+    before `input_changed` was written give that verdict only in these words, after
+    the "file:line: " of the input, and must not be read as a line tried and failed."""
+    head, tail = changed_since("\0", id).split("\0")
+    return isinstance(message, str) and f": {head}" in message and message.endswith(tail)
 
 
 def _writes_to(out: TextIO, resume: Path) -> bool:
