@@ -555,9 +555,12 @@ def run_batch(
     `lines` is a binary stream (read a line at a time, capped at `fields.max_line_bytes`)
     or the lines themselves. Lines whose id and prompt are in `resume_ids` (`read_done_ids`,
     from `resume_name`) are skipped and write nothing. A line whose id was answered there
-    only for other prompts gets an error record (`changed_since`), never another prompt's
-    answer, unless the id is repeated (see `_answer_all`): lines sharing an id are told
-    apart by their prompts, so it is answered. A model file missing, failing verification or refused by llama.cpp stops the
+    only for other prompts never gets another prompt's answer; it is judged by the lines the
+    earlier run answered or tried (`_answer_all` has the rule): answered at its own line, it
+    was edited (an error record, `changed_since`); else it is answered where an earlier line
+    of the input has the id or the earlier run left an error record at its line, waits for
+    its chunk's later lines where one of them is where the id was answered, and otherwise
+    gets the error record. A model file missing, failing verification or refused by llama.cpp stops the
     batch (every later line would fail the same way); any other problem with one line
     becomes that line's error record. However the batch stops, every answer finished by
     then is written first.
