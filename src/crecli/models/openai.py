@@ -41,9 +41,9 @@ from crecli.errors import BackendError, ConfigError, PromptTooLong
 from crecli.models import http as transport
 from crecli.models import logprobs as lp
 from crecli.models.backend import Backend, Generation, GenParams, StopSafeEmitter, cut_at_stop
-from crecli.models.prompting import Rendered, chat_messages
+from crecli.models.prompting import Rendered, completion_prompt, request_prompt
 from crecli.models.replicas import replica_set
-from crecli.models.tokens import estimate_output, estimate_tokens
+from crecli.models.tokens import estimate_output, estimate_tokens, sent_text_of
 
 if TYPE_CHECKING:
     from crecli.config import ModelSpec
@@ -110,14 +110,6 @@ def _count(value: Any) -> int | None:
     return int(min(value, 2**31))
 
 
-def _sent_text(body: dict[str, Any]) -> str:
-    """The text a request sends the model (`tokens.sent_text`, read back from the request):
-    its prompt, or its messages' contents."""
-    if "messages" in body:
-        return "".join(str(m.get("content") or "") for m in body["messages"])
-    return str(body.get("prompt") or "")
-
-
 def _tokens(usage: dict[str, Any], body: dict[str, Any], text: str, finish: str,
             counted: int | None = None) -> tuple[int, int]:
     """(prompt, output) tokens of the answer `text` to the request `body`: each the server's
@@ -128,7 +120,7 @@ def _tokens(usage: dict[str, Any], body: dict[str, Any], text: str, finish: str,
     greedy reply's log-probability steps) where it did."""
     prompt, output = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
     if prompt is None:
-        prompt = estimate_tokens(_sent_text(body))
+        prompt = estimate_tokens(sent_text_of(body))
     if output is None:
         output = estimate_output(text, int(body["max_tokens"]), finish, counted)
     return prompt, output
@@ -689,13 +681,12 @@ class OpenAIBackend(Backend):
         )
 
     def _completion_body(self, rendered: Rendered, params: GenParams) -> dict[str, Any]:
-        # The server parses special tokens in the text it is sent, so user text goes with its
-        # control-token spellings defused (`Rendered.escaped`).
-        return {**self._body(params), "prompt": rendered.escaped()}
+        # User text goes with its control-token spellings defused (`completion_prompt`).
+        return {**self._body(params), **completion_prompt(rendered)}
 
     def _chat_body(self, prompt: str, params: GenParams) -> dict[str, Any]:
         # A "chat" rung's server applies its own template to the turns (examples as turns).
-        return {**self._body(params), "messages": chat_messages(prompt, shots=params.shots)}
+        return {**self._body(params), **request_prompt("chat", prompt, params.shots)}
 
     def complete(self, rendered: Rendered, params: GenParams) -> Generation:
         greedy = params.temperature == 0.0 and params.signals

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 # An answered example shown before the prompt: (prompt, answer). `cre fit --shots` takes
 # them from a cluster's labelled queries (`RouterFile.shots`).
@@ -163,6 +163,23 @@ def chat_messages(prompt: str, system: str = SYSTEM, shots: Sequence[Shot] = ())
     for q, a in shots:
         messages += [{"role": "user", "content": defuse(q.strip())}, {"role": "assistant", "content": defuse(a.strip())}]
     return messages + [{"role": "user", "content": defuse(prompt.strip())}]
+
+
+def completion_prompt(rendered: Rendered) -> dict[str, Any]:
+    """A completion request's prompt field: `rendered` with the control spellings in its text
+    defused (`Rendered.escaped`), since the server parses special tokens in the text it is sent."""
+    return {"prompt": rendered.escaped()}
+
+
+def request_prompt(prompt_format: str, prompt: str, shots: Sequence[Shot] = ()) -> dict[str, Any]:
+    """The fields of a remote rung's request that carry `prompt` after `shots`: the "chat"
+    format's `messages` (`chat_messages`: the server applies its own template), else the
+    prompt rendered in `prompt_format` (`completion_prompt`). The one home of what
+    `OpenAIBackend` posts and what the outcome store estimates a recording's prompt tokens
+    from (`tokens.sent_text`)."""
+    if prompt_format == "chat":
+        return {"messages": chat_messages(prompt, shots=shots)}
+    return completion_prompt(render(prompt_format, prompt, shots=shots))
 
 
 # Two prompts unlike each other: what their renderings share is the head every prompt in

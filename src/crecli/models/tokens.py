@@ -15,7 +15,7 @@ import os
 from typing import Any, Sequence
 
 from crecli.models.backend import Signals
-from crecli.models.prompting import HEAD_PROBES, Rendered, Shot, chat_messages, render
+from crecli.models.prompting import HEAD_PROBES, Rendered, Shot, render, request_prompt
 
 
 def shared_prefix(sequences: Sequence[Sequence[int]]) -> Sequence[int]:
@@ -84,14 +84,19 @@ def estimate_tokens(text: str) -> int:
     return -(-len(text) // CHARS_PER_TOKEN)
 
 
+def sent_text_of(fields: dict[str, Any]) -> str:
+    """The text a remote rung's request sends its model, whose tokens `estimate_tokens`
+    estimates, from the request's prompt fields (`prompting.request_prompt`, or the whole
+    request): its messages' contents, else its prompt."""
+    if "messages" in fields:
+        return "".join(str(m.get("content") or "") for m in fields["messages"])
+    return str(fields.get("prompt") or "")
+
+
 def sent_text(prompt_format: str, prompt: str, shots: Sequence[Shot] = ()) -> str:
-    """The text a remote rung's request for `prompt` sends its model, whose tokens
-    `estimate_tokens` estimates: the "chat" format's messages' contents (`chat_messages`),
-    else the prompt rendered in `prompt_format`, control spellings defused
-    (`Rendered.escaped`), as `OpenAIBackend` posts them."""
-    if prompt_format == "chat":
-        return "".join(m["content"] for m in chat_messages(prompt, shots=shots))
-    return render(prompt_format, prompt, shots=shots).escaped()
+    """The text a remote rung's request for `prompt` after `shots` sends its model
+    (`sent_text_of` the fields `OpenAIBackend` posts, `prompting.request_prompt`)."""
+    return sent_text_of(request_prompt(prompt_format, prompt, shots))
 
 
 def estimate_output(text: str, max_tokens: int, finish: str | None = None, counted: int | None = None) -> int:
