@@ -583,13 +583,13 @@ def test_an_answer_cut_at_max_tokens_counts_all_of_them_streamed_or_not(monkeypa
 
 @pytest.mark.parametrize(("usage", "counts"), [
     ({"prompt_tokens": 5, "completion_tokens": 0}, (5, 0)),
-    ({"prompt_tokens": 0, "completion_tokens": 0}, (0, 0)),
+    ({"prompt_tokens": 0, "completion_tokens": 0}, (None, 0)),
     ({"prompt_tokens": -3, "completion_tokens": None}, (None, 4)),
 ], ids=["output-0", "both-0", "invalid"])
-def test_a_count_of_0_the_server_sends_is_kept_only_a_missing_one_estimated(
+def test_a_count_of_0_the_server_sends_for_an_empty_answer_is_kept_only_a_missing_one_estimated(
         server: _Server, usage: dict[str, Any], counts: tuple[int | None, int]) -> None:
     # A completion_tokens of 0 read as missing: with finish "length" it was priced as all of
-    # max_tokens, and a prompt_tokens of 0 was estimated from the text.
+    # max_tokens. A prompt_tokens of 0 can't be right for the text sent (`tokens.known`).
     from crecli.models.tokens import CHARS_PER_TOKEN
 
     server.reply = lambda path, body: (200, {"choices": [{"text": "", "finish_reason": "length"}], "usage": usage})
@@ -648,3 +648,35 @@ def test_a_recording_made_before_counts_were_estimated_is_priced_as_a_live_answe
     assert (old.prompt_tokens, [v.output_tokens for v in old.votes]) == (live.prompt_tokens, [v.output_tokens for v in live.votes])
     costs = CostModel.build([live, old], settings.ladder_specs())
     assert costs.votes(old) == costs.votes(live) and costs.votes(old)[0] > 0
+
+
+def test_a_0_for_text_is_estimated_live_as_the_store_reads_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Older Ollama sends a cached prompt's prompt_tokens as 0: the live answer kept it (`cre
+    # batch` priced the prompt free, and the first `collect` recorded 0) while the store's
+    # recording of it was read estimated (a later `cre fit`/`cre eval`); a 0 for a non-empty
+    # answer alike.
+    from crecli import config
+    from crecli.models.tokens import estimate_tokens, sent_text
+    from crecli.outcomes import OutcomeStore, collect
+    from crecli.quality import QualityCheck
+    from crecli.querylog import Record
+    from support.fake_openai import FakeOpenAI
+    from support.scale import fresh_remote
+
+    fresh_remote(monkeypatch)
+    records = [Record(id="q1", prompt="What is six times seven?", reference=["42"], match="numeric")]
+    with FakeOpenAI() as engine:
+        engine.usage, engine.logprobs = {"prompt_tokens": 0, "completion_tokens": 0}, "drop"
+        engine.answer = lambda prompt, body: "42, as computed."
+        toml = tmp_path / "models.toml"
+        toml.write_text(f'ladder = ["remote"]\n[models.remote]\nurl = "{engine.url}"\napi_model = "served"\n'
+                        'prompt_format = "chatml"\nprice_per_1k_tokens = 1.0\n')
+        settings = config.load(toml)
+        gen = OpenAIBackend(settings.get("remote")).generate("What is six times seven?", GenParams(max_tokens=16))
+        with OutcomeStore(tmp_path / "outcomes.sqlite") as store:
+            live = collect(records, settings, store, QualityCheck(k=3))[("q1", "remote")]
+            replayed = collect(records, settings, store, QualityCheck(k=3))[("q1", "remote")]
+    estimated = estimate_tokens(sent_text("chatml", "What is six times seven?"))
+    assert gen.prompt_tokens == live.prompt_tokens == replayed.prompt_tokens == estimated > 0
+    assert gen.output_tokens > 0 and [v.output_tokens for v in live.votes] == [v.output_tokens for v in replayed.votes]
+    assert all(v.output_tokens > 0 for v in live.votes)

@@ -42,7 +42,8 @@ class FakeOpenAI:
       or another service's page where the API should be: no completion);
     - `ignore_max_tokens`: answer with every token, whatever `max_tokens` asks;
     - `usage` False: no `usage` in a reply, nor in a stream however it is asked for (some
-      proxies and older engines leave it out);
+      proxies and older engines leave it out); a dict: these counts in place of the true
+      ones (older Ollama sends a cached prompt's `prompt_tokens` as 0);
     - `finish`: the finish reason a reply (or a stream's last event) gives ("stop"; "length"
       for an answer its engine stopped at `max_tokens`);
     - `ignore_stream`: answer a streamed request with a whole JSON completion (a server or
@@ -180,6 +181,8 @@ class FakeOpenAI:
         logprobs = self._logprobs(toks, top, chat) if wants and self.logprobs != "drop" else None
         usage = {"prompt_tokens": max(1, len(prompt.split())), "completion_tokens": len(toks),
                  "total_tokens": max(1, len(prompt.split())) + len(toks)}
+        if isinstance(self.usage, dict):
+            usage.update(self.usage)
         if body.get("stream") and not self.ignore_stream:
             self._stream(h, toks, chat, usage, self.usage and bool((body.get("stream_options") or {}).get("include_usage")))
             return

@@ -15,8 +15,8 @@ Whether it does is found out once per (url, model) and process (`signal_support`
 again, and its rung's answers carry no signals.
 
 Token counts, which costs price (`costs.Pricing`), are the server's `usage`; a server that
-sends none has them estimated (`_tokens`, by `tokens.estimate_output`'s rule), so its answers
-are not priced as free.
+sends none, or a 0 no text can take (`tokens.known`), has them estimated (`_tokens`, by
+`tokens.estimate_output`'s rule), so its answers are not priced as free.
 
 Each request goes to the least busy healthy replica and is tried on another when one fails
 (`replicas.ReplicaSet`); the rung fails (`RungUnavailable`) only when every replica has.
@@ -43,7 +43,7 @@ from crecli.models import logprobs as lp
 from crecli.models.backend import Backend, Generation, GenParams, StopSafeEmitter, cut_at_stop
 from crecli.models.prompting import Rendered, completion_prompt, request_prompt
 from crecli.models.replicas import replica_set
-from crecli.models.tokens import estimate_output, estimate_tokens, sent_text_of
+from crecli.models.tokens import estimate_output, estimate_tokens, known, sent_text_of
 
 if TYPE_CHECKING:
     from crecli.config import ModelSpec
@@ -102,25 +102,18 @@ _TOO_LONG = re.compile(rb"context[ _-]?(length|size|window)|maximum context|exce
                        re.IGNORECASE)
 
 
-def _count(value: Any) -> int | None:
-    """A token count from a server's `usage`: a non-negative whole number, else None (absent
-    or not a count: unknown, to be estimated, unlike a count of 0 the server did send)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value == value or value < 0:
-        return None
-    return int(min(value, 2**31))
-
-
 def _tokens(usage: dict[str, Any], body: dict[str, Any], text: str, finish: str,
             counted: int | None = None) -> tuple[int, int]:
     """(prompt, output) tokens of the answer `text` to the request `body`: each the server's
-    `usage` where it gives it, else estimated (a server that sends none still read the
-    prompt and wrote the answer, which are not free): the prompt from the text sent
-    (`tokens.estimate_tokens`), the output by `tokens.estimate_output` from `finish`, the
-    text and `counted`, the tokens the reply showed one by one (a stream's events, a
-    greedy reply's log-probability steps) where it did."""
-    prompt, output = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+    `usage` where it can be real (`tokens.known`), else estimated (a server that sends none,
+    or a 0 for text, still read the prompt and wrote the answer, which are not free): the
+    prompt from the text sent (`tokens.estimate_tokens`), the output by
+    `tokens.estimate_output` from `finish`, the text and `counted`, the tokens the reply
+    showed one by one (a stream's events, a greedy reply's log-probability steps) where it did."""
+    sent = sent_text_of(body)
+    prompt, output = known(usage.get("prompt_tokens"), sent), known(usage.get("completion_tokens"), text)
     if prompt is None:
-        prompt = estimate_tokens(sent_text_of(body))
+        prompt = estimate_tokens(sent)
     if output is None:
         output = estimate_output(text, int(body["max_tokens"]), finish, counted)
     return prompt, output

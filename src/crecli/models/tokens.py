@@ -6,7 +6,8 @@ control parts are tokenized with special tokens parsed, user text without (`toke
 `prompt_head` is what every prompt of a format shares, which llama.cpp's prefix reuse
 skips. `SignalMeter` reads each greedy step's logits into `Signals`. Where no tokenizer is
 at hand (a remote rung's server that sends no `usage`), `estimate_tokens` and
-`estimate_output` are the one rule for counts estimated from text.
+`estimate_output` are the one rule for counts estimated from text, and `known` of which
+counts are to be estimated.
 """
 
 from __future__ import annotations
@@ -82,6 +83,19 @@ CHARS_PER_TOKEN = 4
 def estimate_tokens(text: str) -> int:
     """Tokens `text` takes by `CHARS_PER_TOKEN`, rounded up: 0 only for no text."""
     return -(-len(text) // CHARS_PER_TOKEN)
+
+
+def known(count: Any, text: str) -> int | None:
+    """A token count a server sent (`usage`) or a recording holds for `text` (the text sent,
+    or the answer), where it can be real: a whole number from 0 up, but not 0 for text that
+    is not empty (older Ollama sends a cached prompt's `prompt_tokens` as 0, and no text
+    takes no tokens); a real 0 for an empty answer stays 0. None where it is missing, not
+    a count, or 0 for text: to be estimated (`estimate_tokens`, `estimate_output`). The one
+    rule of the live answer (`OpenAIBackend`) and the outcome store's recordings alike."""
+    if isinstance(count, bool) or not isinstance(count, (int, float)) or not count == count or count < 0:
+        return None
+    tokens = int(min(count, 2**31))
+    return None if tokens == 0 and text else tokens
 
 
 def sent_text_of(fields: dict[str, Any]) -> str:
