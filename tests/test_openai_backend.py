@@ -553,10 +553,33 @@ def test_a_server_without_usage_is_estimated_not_counted_free(monkeypatch: pytes
     body = request["body"]
     sent = body.get("prompt") or "".join(m["content"] for m in body["messages"])
     assert gen.prompt_tokens == -(-len(sent) // remote.CHARS_PER_TOKEN)
-    # Shown token by token, the answer's tokens are counted: a stream's events, a greedy
-    # reply's log-probability steps (the fake sends a word a token); else its text is estimated.
-    by_text = path in ("completion-no-logprobs", "streamed-whole")
-    assert gen.output_tokens == (-(-len(answer) // remote.CHARS_PER_TOKEN) if by_text else len(answer.split()))
+    # A greedy reply's log-probability steps are its tokens (the fake sends a word a token);
+    # else its text is estimated, or a stream's events counted where they are more.
+    by_text = -(-len(answer) // remote.CHARS_PER_TOKEN)
+    steps = path in ("completion", "chat")
+    assert gen.output_tokens == (len(answer.split()) if steps else max(by_text, len(answer.split())) if path == "streamed"
+                                 else by_text)
+
+
+@pytest.mark.parametrize("events", [1, 2, 60])
+def test_a_stream_without_usage_counts_its_text_or_its_events_whichever_is_more(
+        monkeypatch: pytest.MonkeyPatch, events: int) -> None:
+    # A proxy that sent a whole answer in one or two events without `usage` was priced 1 or 2
+    # output tokens; an engine's events, a token each, are still counted where they are more.
+    from crecli.models.tokens import estimate_tokens
+    from support.fake_openai import FakeOpenAI
+    from support.scale import fresh_remote, pooled_transport
+
+    fresh_remote(monkeypatch)
+    answer = "The answer is forty-two, as the long computation above shows step by step."
+    pieces = [answer] if events == 1 else [answer[:30], answer[30:]] if events == 2 else [*answer[:59], answer[59:]]
+    with pooled_transport(), FakeOpenAI() as engine:
+        engine.answer = lambda prompt, body: [(p, -0.1, {}) for p in pieces]
+        engine.usage = False
+        gen = OpenAIBackend(_spec(engine.url, prompt_format="chat")).generate_streaming(
+            "hi", GenParams(max_tokens=64), lambda piece: None)
+    assert gen.text == answer and gen.finish_reason == "stop"
+    assert gen.output_tokens == max(len(pieces), estimate_tokens(answer)) == (60 if events == 60 else 19)
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])

@@ -103,19 +103,20 @@ _TOO_LONG = re.compile(rb"context[ _-]?(length|size|window)|maximum context|exce
 
 
 def _tokens(usage: dict[str, Any], body: dict[str, Any], text: str, finish: str,
-            counted: int | None = None) -> tuple[int, int]:
+            counted: int | None = None, exact: bool = False) -> tuple[int, int]:
     """(prompt, output) tokens of the answer `text` to the request `body`: each the server's
     `usage` where it can be real (`tokens.known`), else estimated (a server that sends none,
     or a 0 for text, still read the prompt and wrote the answer, which are not free): the
     prompt from the text sent (`tokens.estimate_tokens`), the output by
-    `tokens.estimate_output` from `finish`, the text and `counted`, the tokens the reply
-    showed one by one (a stream's events, a greedy reply's log-probability steps) where it did."""
+    `tokens.estimate_output` from `finish`, the text and `counted`, the pieces the reply
+    showed it in where it did: a greedy reply's log-probability steps (`exact`, one a
+    token) or a stream's events (at least a token each)."""
     sent = sent_text_of(body)
     prompt, output = known(usage.get("prompt_tokens"), sent), known(usage.get("completion_tokens"), text)
     if prompt is None:
         prompt = estimate_tokens(sent)
     if output is None:
-        output = estimate_output(text, int(body["max_tokens"]), finish, counted)
+        output = estimate_output(text, int(body["max_tokens"]), finish, counted, exact)
     return prompt, output
 
 
@@ -663,7 +664,7 @@ class OpenAIBackend(Backend):
         # A reply with log-probabilities lists its tokens: without `usage`, their number is
         # the exact output count.
         prompt_tokens, output_tokens = _tokens(data.get("usage") or {}, body, text, finish,
-                                               counted=len(steps) if steps else None)
+                                               counted=len(steps) if steps else None, exact=True)
         return Generation(
             text=text,
             prompt_tokens=prompt_tokens,

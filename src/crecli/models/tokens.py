@@ -113,19 +113,22 @@ def sent_text(prompt_format: str, prompt: str, shots: Sequence[Shot] = ()) -> st
     return sent_text_of(request_prompt(prompt_format, prompt, shots))
 
 
-def estimate_output(text: str, max_tokens: int, finish: str | None = None, counted: int | None = None) -> int:
+def estimate_output(text: str, max_tokens: int, finish: str | None = None, counted: int | None = None,
+                    exact: bool = False) -> int:
     """The output tokens of an answer `text` to a request for at most `max_tokens`, where
     its server gave no count: all of `max_tokens` for an answer that stopped there (`finish`
     "length"), or `counted` where that is more (an engine's events can overshoot); else
-    `counted` where the reply shows its tokens one by one (stream events, log-probability
-    steps); else `text` by `CHARS_PER_TOKEN`, kept below `max_tokens` where that leaves a
-    token: the answer stopped on its own (or, `finish` None, is not known to have stopped
-    at its cap), and one at its cap counts as cut (`quality.was_cut`)."""
+    `counted` where it is `exact` (a greedy reply's log-probability steps, one a token);
+    else `text` by `CHARS_PER_TOKEN`, kept below `max_tokens` where that leaves a token (the
+    answer stopped on its own, or, `finish` None, is not known to have stopped at its cap,
+    and one at its cap counts as cut: `quality.was_cut`), or `counted` where that is more:
+    a stream's events (each at least a token, but an engine or proxy may send many in one,
+    or a whole answer in one or two events)."""
     if finish == "length":
         return max(counted or 0, max_tokens)
-    if counted is not None:
+    if exact and counted is not None:
         return counted
-    return min(estimate_tokens(text), max(1, max_tokens - 1))
+    return max(counted or 0, min(estimate_tokens(text), max(1, max_tokens - 1)))
 
 
 # ---------------------------------------------------------------- confidence from the greedy pass
