@@ -184,10 +184,11 @@ def test_a_recording_whose_prompt_no_longer_fits_a_lowered_context_is_too_long(s
     from dataclasses import replace
 
     fake_backends()
-    tokens = collect([rec(1)], settings, store, Q3, models=["small"])[("q1", "small")].prompt_tokens
+    recorded = collect([rec(1)], settings, store, Q3, models=["small"])[("q1", "small")]
+    tokens, longest = recorded.prompt_tokens, max(v.output_tokens for v in recorded.votes)
     created = fake_backends()
     created.clear()
-    for context, source in [(tokens + 1, "run"), (tokens, "too_long"), (tokens - 1, "too_long")]:
+    for context, source in [(tokens + longest, "run"), (tokens, "too_long"), (tokens - 1, "too_long")]:
         settings.models["small"] = replace(settings.models["small"], context=context)
         found = collect([rec(1)], settings, store, Q3, models=["small"])[("q1", "small")]
         assert found.source == source, context
@@ -195,6 +196,36 @@ def test_a_recording_whose_prompt_no_longer_fits_a_lowered_context_is_too_long(s
     assert f"prompt is {tokens} tokens, which fills 'small''s context of {tokens - 1}" in found.reason
     assert (found.votes, graded(found, rec(1))) == ([], [False])
     assert store.count() == 1  # the recording stays, for a context raised again
+
+
+def test_a_recording_whose_answer_overflows_a_lowered_context_is_run_again(settings, store, fake_backends) -> None:
+    # Judged by its prompt alone, a recording whose answer overflows the room its prompt
+    # leaves in a lowered context was replayed in full, while live the model stops the
+    # answer where the context is full (`LlamaBackend._fit_max_tokens`).
+    from dataclasses import replace
+
+    from crecli.quality import was_cut
+
+    answers = {"small": lambda text, p: "one two three four five six"}
+    fake_backends(answers)
+    recorded = collect([rec(1)], settings, store, Q3, models=["small"])[("q1", "small")]
+    tokens = recorded.prompt_tokens
+    assert [v.output_tokens for v in recorded.votes] == [6, 6, 6]
+    created = fake_backends(answers)
+    created.clear()
+    # An answer that fills the room exactly is what this context gives: replayed, not run.
+    settings.models["small"] = replace(settings.models["small"], context=tokens + 6)
+    assert collect([rec(1)], settings, store, Q3, models=["small"])[("q1", "small")] == recorded
+    assert created == {}
+    settings.models["small"] = replace(settings.models["small"], context=tokens + 4)
+    again = collect([rec(1)], settings, store, Q3, models=["small"])[("q1", "small")]
+    assert len(created["small"].calls) == 3 and again.source == "run"
+    assert [v.output_tokens for v in again.votes] == [4, 4, 4]
+    assert was_cut(again.votes[0].output_tokens, grading.max_tokens_for("numeric"), tokens, tokens + 4)
+    created.clear()
+    # Its answers, cut as this context cuts them, replace the recording and are replayed.
+    assert collect([rec(1)], settings, store, Q3, models=["small"])[("q1", "small")] == again
+    assert created == {} and store.count() == 1
 
 
 def test_duplicate_prompts_are_run_once(settings, store, fake_backends) -> None:

@@ -34,7 +34,8 @@ replay does too: graded wrong, at no cost (and in no mean cost: `mean_answer_cos
 never accepted, so the query moves up, and on the top rung it is a wrong final answer,
 where `cre ask` fails. Nor are these stored: the fix, a larger `context` in models.toml,
 must take effect on the next run. The other way round, a recorded answer whose prompt
-tokens no longer fit a lowered `context` is taken as too long (`_fits`), not replayed. A
+tokens no longer fit a lowered `context` is taken as too long (`_fits`), not replayed, and
+one whose answer overflows the room its prompt leaves there is run again. A
 query too long for every rung is left out of the measuring, with a warning
 (`leave_out_too_long`).
 """
@@ -547,20 +548,26 @@ def _estimated(spec: "ModelSpec", job: _Job, prompt_tokens: int, votes: list[Vot
 
 
 def _fits(spec: "ModelSpec", found: tuple[int, list[Vote]] | None) -> tuple[int, list[Vote]] | str | None:
-    """`found`, a recording of `spec`'s, or why its prompt no longer fits the model's context
-    (`backend.context_room`, the rule the llama.cpp backend refuses a prompt by).
+    """`found`, a recording of `spec`'s; why its prompt no longer fits the model's context;
+    or None (to be run again) where a vote's answer overflows the room the prompt leaves
+    there. Both by `backend.context_room`, the rule the llama.cpp backend refuses a prompt
+    and cuts an answer by.
 
     The store key leaves `context` out, so a recording made before it was lowered was
-    replayed as an answer while `cre ask` passes the rung over; kept in the store, it counts
-    again once `context` is raised. A remote rung's window is unknown here: its server says."""
+    replayed as an answer while `cre ask` passes the rung over, or in full while live the
+    answer stops where the context is full; kept in the store, a too-long prompt's recording
+    counts again once `context` is raised (a run again answer replaces its recording). An
+    answer that fills the room exactly is what the model gives with this context (cut at
+    it), so it is replayed, not run again on every run. A remote rung's window is unknown
+    here: its server says."""
     window = spec.context_window
     if found is None or window is None:
         return found
     try:
-        context_room(found[0], window, spec.name)
+        room = context_room(found[0], window, spec.name)
     except PromptTooLong as exc:
         return str(exc)
-    return found
+    return None if any(vote.output_tokens > room for vote in found[1]) else found
 
 
 def _run_outcome(job: _Job, model: str, identity: str, prompt_tokens: int, votes: list[Vote]) -> Outcome:

@@ -161,7 +161,8 @@ def context_room(n_prompt: int, n_ctx: int, model: str) -> int:
     `n_prompt`; PromptTooLong where none is (the prompt fills it). The one rule of whether a
     prompt fits: the llama.cpp backend's before it answers (`LlamaBackend._fit_max_tokens`,
     and each sequence of `cre batch --parallel`), and `outcomes.collect`'s for a recorded
-    answer after `context` was lowered."""
+    answer after `context` was lowered (its prompt too long, or its answer past the room
+    left: run again)."""
     room = n_ctx - n_prompt
     if room <= 0:
         raise PromptTooLong(
