@@ -223,9 +223,44 @@ def test_a_recording_whose_answer_overflows_a_lowered_context_is_run_again(setti
     assert [v.output_tokens for v in again.votes] == [4, 4, 4]
     assert was_cut(again.votes[0].output_tokens, grading.max_tokens_for("numeric"), tokens, tokens + 4)
     created.clear()
-    # Its answers, cut as this context cuts them, replace the recording and are replayed.
+    # Its cut answers are not stored (the full recording stays): run again on every run here.
     assert collect([rec(1)], settings, store, Q3, models=["small"])[("q1", "small")] == again
-    assert created == {} and store.count() == 1
+    assert len(created["small"].calls) == 3 and store.count() == 1
+
+
+def test_an_answer_the_context_cut_is_used_but_does_not_replace_the_full_recording(
+    settings, store, fake_backends
+) -> None:
+    # Stored, the cut re-run replaced the full recording (the key leaves `context` out), and
+    # once `context` was raised again it was replayed as complete: `was_cut` judges it by
+    # the new window, which it no longer fills.
+    from dataclasses import replace
+
+    from crecli.models.pull import model_identity
+    from crecli.quality import was_cut
+
+    answers = {"small": lambda text, p: "one two three four five six"}
+    fake_backends(answers)
+    full = collect([rec(1)], settings, store, Q3, models=["small"])[("q1", "small")]
+    tokens, cap, big = full.prompt_tokens, grading.max_tokens_for("numeric"), settings.models["small"].context
+    assert [v.output_tokens for v in full.votes] == [6, 6, 6]
+    created = fake_backends(answers)
+    settings.models["small"] = replace(settings.models["small"], context=tokens + 4)
+    cut = collect([rec(1)], settings, store, Q3, models=["small"])[("q1", "small")]
+    # This run uses the cut answers, as live the model stops where the context is full...
+    assert cut.source == "run" and [v.output_tokens for v in cut.votes] == [4, 4, 4]
+    assert len(created["small"].calls) == 3
+    assert was_cut(cut.votes[0].output_tokens, cap, tokens, tokens + 4)
+    # ...but the store still holds the full answers.
+    spec = settings.models["small"]
+    stored = store.get(full.prompt_sha256, "small", model_identity(spec) or "", full.settings_key)
+    assert stored is not None and [v.output_tokens for v in stored[1]] == [6, 6, 6] and store.count() == 1
+    # Raised again, the full answers are replayed, not run and not judged cut.
+    created.clear()
+    settings.models["small"] = replace(settings.models["small"], context=big)
+    again = collect([rec(1)], settings, store, Q3, models=["small"])[("q1", "small")]
+    assert created == {} and again == full
+    assert not was_cut(again.votes[0].output_tokens, cap, tokens, big)
 
 
 def test_duplicate_prompts_are_run_once(settings, store, fake_backends) -> None:

@@ -35,7 +35,9 @@ never accepted, so the query moves up, and on the top rung it is a wrong final a
 where `cre ask` fails. Nor are these stored: the fix, a larger `context` in models.toml,
 must take effect on the next run. The other way round, a recorded answer whose prompt
 tokens no longer fit a lowered `context` is taken as too long (`_fits`), not replayed, and
-one whose answer overflows the room its prompt leaves there is run again. A
+one whose answer overflows the room its prompt leaves there is run again; an answer the
+context cut (not its token cap) is used in that run but not stored (`_context_cut`), so
+the full recording is replayed again once `context` is raised. A
 query too long for every rung is left out of the measuring, with a warning
 (`leave_out_too_long`).
 """
@@ -60,7 +62,7 @@ from crecli.models import registry
 from crecli.models.registry import backend_for
 from crecli.models.backend import Signals, context_room
 from crecli.models.tokens import estimate_output, estimate_tokens, known, sent_text
-from crecli.quality import MAX_VOTES, vote_params
+from crecli.quality import MAX_VOTES, vote_params, was_cut
 
 if TYPE_CHECKING:
     from crecli.config import ModelSpec, ModelConfig
@@ -555,8 +557,9 @@ def _fits(spec: "ModelSpec", found: tuple[int, list[Vote]] | None) -> tuple[int,
 
     The store key leaves `context` out, so a recording made before it was lowered was
     replayed as an answer while `cre ask` passes the rung over, or in full while live the
-    answer stops where the context is full; kept in the store, a too-long prompt's recording
-    counts again once `context` is raised (a run again answer replaces its recording). An
+    answer stops where the context is full; kept in the store, the recording counts again
+    once `context` is raised (a run again answer the context cut is not stored:
+    `_context_cut`). An
     answer that fills the room exactly is what the model gives with this context (cut at
     it), so it is replayed, not run again on every run. A remote rung's window is unknown
     here: its server says."""
@@ -568,6 +571,19 @@ def _fits(spec: "ModelSpec", found: tuple[int, list[Vote]] | None) -> tuple[int,
     except PromptTooLong as exc:
         return str(exc)
     return None if any(vote.output_tokens > room for vote in found[1]) else found
+
+
+def _context_cut(spec: "ModelSpec", job: _Job, prompt_tokens: int, votes: list[Vote]) -> bool:
+    """Whether a vote of a fresh run stopped because its prompt and answer filled `spec`'s
+    context, below its token cap (`quality.was_cut` by the window, not by the cap).
+
+    Such a run is used in this one but not stored: the store key leaves `context` out, so
+    stored it replaced the full recording a larger context made, and once `context` was
+    raised again `_fits` passed it and `was_cut` judged it by the new window, so the cut
+    answer was replayed as complete. An answer cut by its cap is the same in every context."""
+    window = spec.context_window
+    return any(was_cut(v.output_tokens, job.max_tokens, prompt_tokens, window)
+               and not was_cut(v.output_tokens, job.max_tokens) for v in votes)
 
 
 def _run_outcome(job: _Job, model: str, identity: str, prompt_tokens: int, votes: list[Vote]) -> Outcome:
@@ -617,7 +633,8 @@ def _run_model(
                         # The model cannot answer it; the others go on (see the module's doc).
                         cached = str(exc)
                     else:
-                        store.put(job.prompt_sha, spec.name, identity, job.key, *cached)
+                        if not _context_cut(spec, job, *cached):
+                            store.put(job.prompt_sha, spec.name, identity, job.key, *cached)
                 done[(job.prompt_sha, job.key)] = cached
                 results[(job.record.id, spec.name)] = (
                     _too_long_outcome(job, spec.name, identity, cached) if isinstance(cached, str)
