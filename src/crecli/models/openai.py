@@ -674,27 +674,32 @@ class OpenAIBackend(Backend):
             signals=lp.signals(steps) if greedy else None,
         )
 
-    def _completion_body(self, rendered: Rendered, params: GenParams) -> dict[str, Any]:
-        # User text goes with its control-token spellings defused (`completion_prompt`).
-        return {**self._body(params), **completion_prompt(rendered)}
-
-    def _chat_body(self, prompt: str, params: GenParams) -> dict[str, Any]:
-        # A "chat" rung's server applies its own template to the turns (examples as turns).
-        return {**self._body(params), **request_prompt("chat", prompt, params.shots)}
+    def _request(self, prompt: str, params: GenParams) -> tuple[str, dict[str, Any], GenParams]:
+        """The endpoint and body of the request for `prompt`, and `params` as it goes (a
+        completion's with its format's stop strings added, `prepare`). The prompt fields are
+        `request_prompt`'s, the one render of what is posted: a "chat" rung's turns (its server
+        applies its own template, examples as turns), else the prompt in the rung's format with
+        its control-token spellings defused."""
+        chat = self.spec.prompt_format == "chat"
+        if not chat:
+            params = self.prepare(prompt, params)[1]
+        fields = request_prompt(self.spec.prompt_format, prompt, params.shots)
+        return ("chat/completions" if chat else "completions"), {**self._body(params), **fields}, params
 
     def complete(self, rendered: Rendered, params: GenParams) -> Generation:
+        """`rendered` posted as given (the `Backend` interface); cre's own requests, `generate`'s,
+        are built by `_request`."""
         greedy = params.temperature == 0.0 and params.signals
-        body = self._completion_body(rendered, params)
+        body = {**self._body(params), **completion_prompt(rendered)}
         data, seconds = self._ask("completions", body, greedy)
         return self._generation(data, body, _answer_text(data, chat=False), seconds, greedy)
 
     def generate(self, prompt: str, params: GenParams = GenParams()) -> Generation:
-        if self.spec.prompt_format != "chat":
-            return super().generate(prompt, params)
         greedy = params.temperature == 0.0 and params.signals
-        body = self._chat_body(prompt, params)
-        data, seconds = self._ask("chat/completions", body, greedy)
-        return self._generation(data, body, _answer_text(data, chat=True), seconds, greedy)
+        endpoint, body, _ = self._request(prompt, params)
+        data, seconds = self._ask(endpoint, body, greedy)
+        chat = endpoint == "chat/completions"
+        return self._generation(data, body, _answer_text(data, chat=chat), seconds, greedy)
 
     def generate_streaming(self, prompt: str, params: GenParams, emit: Callable[[str], None]) -> Generation:
         """`generate` with the server's own token stream passed through to `emit` (`stream:
@@ -704,12 +709,8 @@ class OpenAIBackend(Backend):
         a rung whose answer is already final streams, and nothing reads them there."""
         if not hasattr(transport.current(), "stream"):
             return super().generate_streaming(prompt, params, emit)
-        chat = self.spec.prompt_format == "chat"
-        if chat:
-            endpoint, body = "chat/completions", self._chat_body(prompt, params)
-        else:
-            rendered, params = self.prepare(prompt, params)
-            endpoint, body = "completions", self._completion_body(rendered, params)
+        endpoint, body, params = self._request(prompt, params)
+        chat = endpoint == "chat/completions"
         body.update(stream=True, stream_options={"include_usage": True})
         # The server applies `stop` itself; held back here too, for one that streams a stop's start.
         stream = _EventStream(chat, params.stop, params.max_tokens, emit)

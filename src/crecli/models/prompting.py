@@ -175,7 +175,7 @@ def request_prompt(prompt_format: str, prompt: str, shots: Sequence[Shot] = ()) 
     """The fields of a remote rung's request that carry `prompt` after `shots`: the "chat"
     format's `messages` (`chat_messages`: the server applies its own template), else the
     prompt rendered in `prompt_format` (`completion_prompt`). The one home of what
-    `OpenAIBackend` posts and what the outcome store estimates a recording's prompt tokens
+    `OpenAIBackend` posts for a prompt (`_request`) and what the outcome store estimates a recording's prompt tokens
     from (`tokens.sent_text`)."""
     if prompt_format == "chat":
         return {"messages": chat_messages(prompt, shots=shots)}
