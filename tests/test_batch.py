@@ -299,6 +299,28 @@ def test_resume_reads_an_input_changed_record_written_before_the_flag_as_that_ve
         assert answered or rows[1]["input_changed"] is True
 
 
+def test_resume_reads_the_input_changed_words_only_at_the_records_own_line(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade, tmp_path: Path
+) -> None:
+    # The verdict's words were matched anywhere in the message: an error that only quoted
+    # them (a server's message, another line's head) was read as the verdict, and the line,
+    # tried and failed, was never answered again.
+    from crecli.batch import changed_since
+
+    install(fake_backends, TABLE)
+    earlier = tmp_path / "out.jsonl"
+    answer = {"line": 1, "id": "x", "prompt_sha256": "0" * 64, "answer": "12"}
+    words = changed_since(str(earlier), "x")
+    quoted = {"line": 2, "id": "x", "error": f"in.jsonl:2: model 'small' failed: server said: in.jsonl:2: {words}"}
+    other = {"line": 2, "id": "x", "error": f"in.jsonl:5: {words}"}
+    own = {"line": 2, "id": "x", "error": f"c:/in 2.jsonl:2: {words}"}  # the input's name holds a colon
+    lines = [jl(id="new", prompt=FRUIT), jl(id="x", prompt=HARD)]
+    for record, answered in ((quoted, True), (other, True), (own, False)):
+        earlier.write_text(json.dumps(answer) + "\n" + json.dumps(record) + "\n")
+        rows, _ = _run(lines, cascade, resume_ids=read_done_ids(earlier), source="in.jsonl", resume_name=str(earlier))
+        assert [(r["line"], "answer" in r) for r in rows] == [(1, True), (2, answered)], record
+
+
 def test_a_repeated_id_is_counted_and_said_since_resume_matches_by_id(
     fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -909,6 +931,39 @@ def test_a_stop_that_cuts_a_write_short_leaves_the_next_record_whole_and_the_cut
     rows, summary = _run(lines, cascade, resume_ids=read_done_ids(earlier))
     assert [(r["id"], r["answer"]) for r in rows] == [("b", "Lima"), ("c", "(B)")]  # the cut line answered again
     assert summary.skipped == 2
+
+
+def test_a_stop_whose_write_took_none_or_all_of_the_text_leaves_no_blank_line_in_a_file(tmp_path: Path) -> None:
+    # After a stop inside a write, `flush_ready` began with a newline whenever the write had
+    # not returned, though it usually took none of the text (EINTR before any byte) or all
+    # of it: a blank line in the JSONL file. A regular file is read back instead.
+    from crecli.batch import _OrderedWriter
+
+    class Stopping(io.TextIOWrapper):
+        takes: str  # "none" or "all" of the text, on the first write only
+        writes = 0
+
+        def write(self, text: str) -> int:
+            self.writes += 1
+            if self.writes == 1:
+                if self.takes == "all":
+                    super().write(text)
+                    super().flush()
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    for takes in ("none", "all"):
+        path = tmp_path / f"{takes}.jsonl"
+        with Stopping(open(path, "wb"), encoding="utf-8") as out:
+            out.takes = takes
+            writer = _OrderedWriter(out, first=1)
+            writer.put(2, {"id": "b", "answer": "2"})  # waits for line 1
+            writer.put(4, {"id": "d", "answer": "4"})  # waits for line 3, which the stop leaves unanswered
+            with pytest.raises(KeyboardInterrupt):
+                writer.put(1, {"id": "a", "answer": "1"})
+            writer.flush_ready()
+        ids = [json.loads(line)["id"] for line in path.read_text().split("\n")[:-1]]  # a blank line fails here
+        assert ids == (["a", "b", "d"] if takes == "all" else ["d"]), takes
 
 
 def test_a_resume_file_emptied_by_the_shell_is_told_apart_from_one_appended_to(tmp_path: Path) -> None:

@@ -187,7 +187,7 @@ def read_done_ids(path: Path) -> dict[str, Answered]:
         number = row.get("line")
         at = number if isinstance(number, int) and not isinstance(number, bool) and number > 0 else 0
         if "error" in row:
-            if at and row.get("input_changed") is not True and not _says_changed(row["error"], str(row["id"])):
+            if at and row.get("input_changed") is not True and not _says_changed(row["error"], str(row["id"]), at):
                 failed.setdefault(str(row["id"]), set()).add(at)
             continue
         digest = row.get("prompt_sha256")
@@ -215,12 +215,18 @@ def changed_since(resume: str, id: str) -> str:
             "new output file, without --resume, or give the line an id of its own")
 
 
-def _says_changed(message: Any, id: str) -> bool:
-    """Whether an error record's message is `changed_since`'s for `id`: records written
-    before `input_changed` was written give that verdict only in these words, after
-    the "file:line: " of the input, and must not be read as a line tried and failed."""
+def _says_changed(message: Any, id: str, line: int) -> bool:
+    """Whether an error record's message is `changed_since`'s for `id` at input line `line`:
+    records written before `input_changed` was written give that verdict only in these
+    words, as "<input>:<line>: id ..." (`run_batch`), and must not be read as a line tried
+    and failed. The words must follow the record's own line, the first ":<line>: " in the
+    message (the input's name comes before it): an error that only quotes them (a server's
+    message, another line's) is a line tried and failed."""
     head, tail = changed_since("\0", id).split("\0")
-    return isinstance(message, str) and f": {head}" in message and message.endswith(tail)
+    if not isinstance(message, str) or not message.endswith(tail):
+        return False
+    at = message.find(f":{line}: ")
+    return at > 0 and message.startswith(head, at + len(f":{line}: "))
 
 
 def _writes_to(out: TextIO, resume: Path) -> bool:
@@ -473,13 +479,37 @@ class _OrderedWriter:
 
         After a write the stop cut short (`_write`) they start on a line of their own: the
         cut record is a bad line to `--resume`, which answers its line again, and the next
-        one is whole (where the cut write had in fact ended its line, a blank line is all)."""
-        text = ["\n"] if self.writing else []
+        one is whole. Where `out` is a regular file that already ends a line (the write took
+        none of the text, or all of it) no newline is added; a pipe cannot be read back, so
+        there a write that was not in fact cut leaves a blank line."""
+        text = ["\n"] if self.writing and not self._ends_line() else []
         text += [_json_line(rec) for line in sorted(self.ready)
                  if line >= self.next and (rec := self.ready[line]) is not None]
         self._write("".join(text), self.next)
         self.ready.clear()
         self._do(self.out.flush)
+
+    def _ends_line(self) -> bool:
+        """Whether `out` is a regular file, empty or whose last byte is a newline: read back
+        (as `mend_cut_line` does) through the file's own descriptor, reopened for reading
+        (`/dev/fd`), since `> out.jsonl` opens it write-only. False where that cannot be told:
+        a pipe, a terminal, a system without `/dev/fd`, a test's buffer."""
+        import os
+        import stat
+
+        try:
+            self.out.flush()  # what Python still buffers is part of the file's end
+            fd = self.out.fileno()
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                return False
+            if info.st_size == 0:
+                return True
+            with open(f"/dev/fd/{fd}", "rb") as fh:
+                fh.seek(info.st_size - 1)
+                return fh.read(1) == b"\n"
+        except (OSError, ValueError, AttributeError):
+            return False
 
     def _write(self, text: str, upto: int) -> None:
         """Write `text`, the records of the lines before `upto` not written yet, and count
@@ -491,7 +521,8 @@ class _OrderedWriter:
             # blocked on a slow pipe) comes after the file took none, some or all of the text,
             # and `flush_ready` must not write it again; a stop before this leaves it to
             # `flush_ready`. Where the write took only some, its last record is cut and the rest
-            # of the text is lost: `writing`, still set then, has `flush_ready` start a new line.
+            # of the text is lost: `writing`, still set then, has `flush_ready` start a new line
+            # (`_ends_line`: unless the file is seen to end one).
             self.next = upto
             if text:
                 self.writing = True
