@@ -255,6 +255,8 @@ def test_an_answer_the_context_cut_is_used_but_does_not_replace_the_full_recordi
     spec = settings.models["small"]
     stored = store.get(full.prompt_sha256, "small", model_identity(spec) or "", full.settings_key)
     assert stored is not None and [v.output_tokens for v in stored[1]] == [6, 6, 6] and store.count() == 1
+    # It ran all the same: `cre fit`'s summary counts it as run now, not reused (`store.unstored`).
+    assert (store.recorded, store.unstored) == (1, 1)
     # Raised again, the full answers are replayed, not run and not judged cut.
     created.clear()
     settings.models["small"] = replace(settings.models["small"], context=big)

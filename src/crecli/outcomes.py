@@ -167,6 +167,9 @@ class OutcomeStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.recorded = 0  # rows this process has committed
+        # Fresh runs this process used but did not commit (cut by the context window:
+        # `_context_cut`), so a summary of what ran counts them beside `recorded`.
+        self.unstored = 0
         paths.ensure(self.path.parent)
         try:
             self._db = sqlite3.connect(str(self.path))
@@ -635,6 +638,8 @@ def _run_model(
                     else:
                         if not _context_cut(spec, job, *cached):
                             store.put(job.prompt_sha, spec.name, identity, job.key, *cached)
+                        else:
+                            store.unstored += 1
                 done[(job.prompt_sha, job.key)] = cached
                 results[(job.record.id, spec.name)] = (
                     _too_long_outcome(job, spec.name, identity, cached) if isinstance(cached, str)
