@@ -61,7 +61,7 @@ from crecli.models.pull import model_identity
 from crecli.models import registry
 from crecli.models.registry import backend_for
 from crecli.models.backend import Signals, context_room
-from crecli.models.tokens import estimate_output, estimate_tokens, known, sent_text
+from crecli.models.tokens import output_count, prompt_count, sent_text
 from crecli.quality import MAX_VOTES, vote_params, was_cut
 
 if TYPE_CHECKING:
@@ -537,8 +537,7 @@ def _recorded(
 
 def _estimated(spec: "ModelSpec", job: _Job, prompt_tokens: int, votes: list[Vote]) -> tuple[int, list[Vote]]:
     """A remote rung's recording with the token counts its server left out estimated, as a
-    live answer's are (`tokens.known` says which, `tokens.estimate_tokens` and
-    `tokens.estimate_output` how). Recorded before they were, such a recording holds 0
+    live answer's are (`tokens.prompt_count`, `tokens.output_count`). Recorded before they were, such a recording holds 0
     prompt tokens and 0 for each answer with text, and is reused as it is (nothing in its
     key changed): calibration and `cre eval` priced that rung's answers as free where `cre
     batch` prices them above 0. A vote's finish reason is not recorded, so it is estimated
@@ -546,10 +545,8 @@ def _estimated(spec: "ModelSpec", job: _Job, prompt_tokens: int, votes: list[Vot
     if spec.backend != "openai":
         return prompt_tokens, votes
     sent = sent_text(spec.prompt_format, job.record.prompt, job.shots)
-    prompt = known(prompt_tokens, sent)
-    return (estimate_tokens(sent) if prompt is None else prompt,
-            [replace(v, output_tokens=estimate_output(v.text, job.max_tokens))
-             if known(v.output_tokens, v.text) is None else v for v in votes])
+    return (prompt_count(prompt_tokens, sent),
+            [replace(v, output_tokens=output_count(v.output_tokens, v.text, job.max_tokens)) for v in votes])
 
 
 def _fits(spec: "ModelSpec", found: tuple[int, list[Vote]] | None) -> tuple[int, list[Vote]] | str | None:

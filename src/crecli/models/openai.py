@@ -43,7 +43,7 @@ from crecli.models import logprobs as lp
 from crecli.models.backend import Backend, Generation, GenParams, StopSafeEmitter, cut_at_stop
 from crecli.models.prompting import Rendered, completion_prompt, request_prompt
 from crecli.models.replicas import replica_set
-from crecli.models.tokens import estimate_output, estimate_tokens, known, sent_text_of
+from crecli.models.tokens import output_count, prompt_count, sent_text_of
 
 if TYPE_CHECKING:
     from crecli.config import ModelSpec
@@ -105,19 +105,14 @@ _TOO_LONG = re.compile(rb"context[ _-]?(length|size|window)|maximum context|exce
 def _tokens(usage: dict[str, Any], body: dict[str, Any], text: str, finish: str,
             counted: int | None = None, exact: bool = False) -> tuple[int, int]:
     """(prompt, output) tokens of the answer `text` to the request `body`: each the server's
-    `usage` where it can be real (`tokens.known`), else estimated (a server that sends none,
-    or a 0 for text, still read the prompt and wrote the answer, which are not free): the
-    prompt from the text sent (`tokens.estimate_tokens`), the output by
-    `tokens.estimate_output` from `finish`, the text and `counted`, the pieces the reply
+    `usage` where it can be real, else estimated (a server that sends none, or a 0 for
+    text, still read the prompt and wrote the answer, which are not free): the prompt from
+    the text sent (`tokens.prompt_count`), the output by `tokens.output_count` from
+    `finish`, the text and `counted`, the pieces the reply
     showed it in where it did: a greedy reply's log-probability steps (`exact`, one a
     token) or a stream's events (at least a token each)."""
-    sent = sent_text_of(body)
-    prompt, output = known(usage.get("prompt_tokens"), sent), known(usage.get("completion_tokens"), text)
-    if prompt is None:
-        prompt = estimate_tokens(sent)
-    if output is None:
-        output = estimate_output(text, int(body["max_tokens"]), finish, counted, exact)
-    return prompt, output
+    return (prompt_count(usage.get("prompt_tokens"), sent_text_of(body)),
+            output_count(usage.get("completion_tokens"), text, int(body["max_tokens"]), finish, counted, exact))
 
 
 def _completion_shape(data: Any, chat: bool) -> str | None:

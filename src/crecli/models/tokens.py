@@ -131,6 +131,22 @@ def estimate_output(text: str, max_tokens: int, finish: str | None = None, count
     return max(counted or 0, min(estimate_tokens(text), max(1, max_tokens - 1)))
 
 
+def prompt_count(count: Any, sent: str) -> int:
+    """The prompt tokens of a remote request that sent `sent`: `count` (a server's `usage`,
+    a recording's) where it can be real (`known`), else estimated from the text
+    (`estimate_tokens`). The live answer's rule and the outcome store's alike."""
+    tokens = known(count, sent)
+    return estimate_tokens(sent) if tokens is None else tokens
+
+
+def output_count(count: Any, text: str, max_tokens: int, finish: str | None = None,
+                 counted: int | None = None, exact: bool = False) -> int:
+    """The output tokens of the answer `text`: `count` where it can be real (`known`), else
+    `estimate_output`'s. The live answer's rule and the outcome store's alike."""
+    tokens = known(count, text)
+    return estimate_output(text, max_tokens, finish, counted, exact) if tokens is None else tokens
+
+
 # ---------------------------------------------------------------- confidence from the greedy pass
 
 
