@@ -94,8 +94,6 @@ class UrllibTransport:
                 raise http.client.IncompleteRead(raw, missing)
         except urllib.error.HTTPError as exc:
             return Reply(exc.code, _error_body(exc, deadline), _lower(exc.headers))
-        except (TimeoutError, socket.timeout):
-            raise TransportError("timeout") from None
         except urllib.error.URLError as exc:
             if isinstance(exc.reason, (TimeoutError, socket.timeout)):
                 raise TransportError("timeout") from None
@@ -104,8 +102,16 @@ class UrllibTransport:
             # urllib wraps only a failed connect in URLError: a server that dies after taking
             # the request (a crash, an OOM kill, a restart) surfaces as a raw reset or a
             # truncated reply.
-            raise TransportError("broken", f"{type(exc).__name__}: {exc}") from None
+            raise _read_failure(exc) from None
         return Reply(status, raw, _lower(got))
+
+
+def _read_failure(exc: OSError | http.client.HTTPException) -> TransportError:
+    """A read that failed once the server had the request: a timeout, else a broken reply
+    (the rule for a 2xx body and an error reply's alike)."""
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return TransportError("timeout")
+    return TransportError("broken", f"{type(exc).__name__}: {exc}")
 
 
 def _error_body(exc: urllib.error.HTTPError, deadline: float) -> bytes:
@@ -117,10 +123,8 @@ def _error_body(exc: urllib.error.HTTPError, deadline: float) -> bytes:
         return b""
     try:
         return _read_by(exc.fp, 500, deadline)
-    except (TimeoutError, socket.timeout):
-        raise TransportError("timeout") from None
     except (OSError, http.client.HTTPException) as err:
-        raise TransportError("broken", f"{type(err).__name__}: {err}") from None
+        raise _read_failure(err) from None
 
 
 def _read_by(response: Any, limit: int, deadline: float) -> bytes:
