@@ -675,11 +675,15 @@ class OpenAIBackend(Backend):
         `request_prompt`'s, the one render of what is posted: a "chat" rung's turns (its server
         applies its own template, examples as turns), else the prompt in the rung's format with
         its control-token spellings defused."""
-        chat = self.spec.prompt_format == "chat"
-        if not chat:
+        if not self._chat:
             params = self.prepare(prompt, params)[1]
         fields = request_prompt(self.spec.prompt_format, prompt, params.shots)
-        return ("chat/completions" if chat else "completions"), {**self._body(params), **fields}, params
+        return ("chat/completions" if self._chat else "completions"), {**self._body(params), **fields}, params
+
+    @property
+    def _chat(self) -> bool:
+        """Whether this rung posts chat turns (its server applies its own template)."""
+        return self.spec.prompt_format == "chat"
 
     def complete(self, rendered: Rendered, params: GenParams) -> Generation:
         """`rendered` posted as given (the `Backend` interface); cre's own requests, `generate`'s,
@@ -693,8 +697,7 @@ class OpenAIBackend(Backend):
         greedy = params.temperature == 0.0 and params.signals
         endpoint, body, _ = self._request(prompt, params)
         data, seconds = self._ask(endpoint, body, greedy)
-        chat = endpoint == "chat/completions"
-        return self._generation(data, body, _answer_text(data, chat=chat), seconds, greedy)
+        return self._generation(data, body, _answer_text(data, chat=self._chat), seconds, greedy)
 
     def generate_streaming(self, prompt: str, params: GenParams, emit: Callable[[str], None]) -> Generation:
         """`generate` with the server's own token stream passed through to `emit` (`stream:
@@ -705,14 +708,13 @@ class OpenAIBackend(Backend):
         if not hasattr(transport.current(), "stream"):
             return super().generate_streaming(prompt, params, emit)
         endpoint, body, params = self._request(prompt, params)
-        chat = endpoint == "chat/completions"
         body.update(stream=True, stream_options={"include_usage": True})
         # The server applies `stop` itself; held back here too, for one that streams a stop's start.
-        stream = _EventStream(chat, params.stop, params.max_tokens, emit)
+        stream = _EventStream(self._chat, params.stop, params.max_tokens, emit)
         whole, seconds, _ = self._post(endpoint, body, stream=stream)
         if whole:
             # No stream but a whole completion (`_post` judged it): nothing went out yet.
-            gen = self._generation(whole, body, cut_at_stop(_answer_text(whole, chat), params.stop)[0], seconds, False)
+            gen = self._generation(whole, body, cut_at_stop(_answer_text(whole, self._chat), params.stop)[0], seconds, False)
             stream.out.finish(gen.text)
             return gen
         # A complete stream (`_post` judged it). Cut at a whole stop string; a tail that only
