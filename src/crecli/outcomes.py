@@ -491,13 +491,11 @@ def collect(
             found = _fits(spec, _recorded(store, spec, identity, quality, job))
             if found is None:
                 pending.append(job)
-            elif isinstance(found, str):
-                results[(record.id, name)] = _too_long_outcome(job, name, identity, found)
-            else:
-                results[(record.id, name)] = _run_outcome(job, name, identity, *found)
-                if found[1] and found[1][0].signals is None:
-                    job.recorded = found
-                    stale.append(job)
+                continue
+            results[(record.id, name)] = _outcome(job, name, identity, found)
+            if not isinstance(found, str) and found[1] and found[1][0].signals is None:
+                job.recorded = found
+                stale.append(job)
         rerun = 0
         if stale and registry.reports_signals(spec):
             # Recorded before greedy signals were: the greedy vote alone is run again, and
@@ -586,17 +584,17 @@ def _context_cut(spec: "ModelSpec", job: _Job, prompt_tokens: int, votes: list[V
                and not was_cut(v.output_tokens, job.max_tokens) for v in votes)
 
 
-def _run_outcome(job: _Job, model: str, identity: str, prompt_tokens: int, votes: list[Vote]) -> Outcome:
+def _outcome(job: _Job, model: str, identity: str, found: tuple[int, list[Vote]] | str) -> Outcome:
+    """The outcome of `job` on `model`: its recorded or fresh (prompt tokens, votes), or,
+    where `found` is why its prompt does not fit the model's context, a too-long one."""
+    if isinstance(found, str):
+        return Outcome(
+            query_id=job.record.id, prompt_sha256=job.prompt_sha, model=model, model_sha256=identity,
+            settings_key=job.key, source="too_long", prompt_tokens=0, votes=[], reason=found,
+        )
     return Outcome(
         query_id=job.record.id, prompt_sha256=job.prompt_sha, model=model, model_sha256=identity,
-        settings_key=job.key, source="run", prompt_tokens=prompt_tokens, votes=votes,
-    )
-
-
-def _too_long_outcome(job: _Job, model: str, identity: str, reason: str) -> Outcome:
-    return Outcome(
-        query_id=job.record.id, prompt_sha256=job.prompt_sha, model=model, model_sha256=identity,
-        settings_key=job.key, source="too_long", prompt_tokens=0, votes=[], reason=reason,
+        settings_key=job.key, source="run", prompt_tokens=found[0], votes=found[1],
     )
 
 
@@ -638,9 +636,7 @@ def _run_model(
                         else:
                             store.unstored += 1
                 done[(job.prompt_sha, job.key)] = cached
-                results[(job.record.id, spec.name)] = (
-                    _too_long_outcome(job, spec.name, identity, cached) if isinstance(cached, str)
-                    else _run_outcome(job, spec.name, identity, *cached))
+                results[(job.record.id, spec.name)] = _outcome(job, spec.name, identity, cached)
                 bar.advance(task)
     finally:
         if pool is None and backend is not None:
