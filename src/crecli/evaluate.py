@@ -405,6 +405,16 @@ def given_log(given: Path, sha256: str | None, option: str, done: str, what: str
     return found
 
 
+def _in_logs(data: Data, n: int, shas: Sequence[str | None], prompts: set[str] | None) -> int | None:
+    """How many of `data`'s `n` queries are in the logs of `shas` (their sha256s as the router
+    records them) whose prompts are `prompts`: all of them where `data`'s log has those bytes,
+    wherever the recorded file has gone; else those whose prompt is in `prompts`; None where
+    neither can be told."""
+    if data.log_sha256 and data.log_sha256 in shas:
+        return n
+    return None if prompts is None else sum(p in prompts for p in data.prompt_ids)
+
+
 def fit_log_prompts(router: "RouterFile", given: Path | None = None) -> tuple[set[str] | None, str]:
     """The prompts of the log the router was fitted on (`outcomes.prompt_sha256` of each), read
     as the fit read it (its format too, whatever `given` is named); else None and why not.
@@ -532,14 +542,9 @@ def run(
     # Nothing said so before: an eval of the fit log, or of queries from it, printed in-sample
     # figures that read as a test; so did one of the log `cre calibrate` tuned on. A log with
     # the bytes of either is all in sample wherever the recorded file has gone.
-    if data.log_sha256 and data.log_sha256 == router.fit.log_sha256:
-        report.n_in_fit_log = report.n
-    elif fitted is not None:
-        report.n_in_fit_log = sum(p in fitted for p in data.prompt_ids)
-    if data.log_sha256 and data.log_sha256 in (router.fit.log_sha256, (router.fit.calibration or {}).get("log_sha256")):
-        report.n_in_sample = report.n
-    elif seen is not None:
-        report.n_in_sample = sum(p in seen for p in data.prompt_ids)
+    report.n_in_fit_log = _in_logs(data, report.n, (router.fit.log_sha256,), fitted)
+    report.n_in_sample = _in_logs(data, report.n, (router.fit.log_sha256, (router.fit.calibration or {}).get("log_sha256")),
+                                  seen)
     report.in_sample = report.n_in_sample == report.n
     from crecli.models.bench import speeds_age_hours
 
