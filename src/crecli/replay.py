@@ -406,15 +406,15 @@ def prepare(
         raise CreError(f"{log}: no labelled queries (a {reader.fields.reference!r} or {reader.fields.labels!r} field), "
                        "so no model can be scored on it; give a log with reference answers or labels")
     outcomes_mod.check_measurable(records, router.ladder_names)  # as `cre fit` does, before any model runs
-    ids = None  # each record's prompt identity, where hashed here: `Data.prompt_ids` keeps them
+    sha_of: dict[str, str] | None = None  # each record's prompt identity, where hashed here: `Data.prompt_ids` keeps them
     if leave_out is not None:
-        ids = [prompt_sha256(r.prompt) for r in records]
-        held_out = [i for i, p in enumerate(ids) if p not in leave_out]
+        sha_of = {r.id: prompt_sha256(r.prompt) for r in records}
+        held_out = [r for r in records if sha_of[r.id] not in leave_out]
         if not held_out:
             raise CreError(f"{log}: every labelled query is in the router's fit or calibration log; none is held out")
         if len(held_out) < len(records):
             console.status(f"Left out {len(records) - len(held_out)} queries that are in the router's fit or calibration log")
-        records, ids = [records[i] for i in held_out], [ids[i] for i in held_out]
+        records = held_out
     ladder = router.ladder_names
     missing = [m for m in ladder if m not in settings.models]
     if missing:
@@ -429,7 +429,6 @@ def prepare(
         if not keep:
             raise CreError(f"{log}: every labelled query is one of the router's answered examples")
         records, routes = [records[i] for i in keep], [routes[i] for i in keep]
-        ids = [ids[i] for i in keep] if ids is not None else None
     path = store or outcomes_mod.default_store_path()
     with outcomes_mod.OutcomeStore(path) as st:
         found = outcomes_mod.collect(records, settings, st, router.quality, models=ladder)
@@ -441,7 +440,6 @@ def prepare(
         if skipped:
             keep = [i for i, r in enumerate(records) if r.id in measurable]
             records, routes = [records[i] for i in keep], [routes[i] for i in keep]
-            ids = [ids[i] for i in keep] if ids is not None else None
         every = {(r.id, m): router.shots(d.cluster, m) for r, d in zip(records, routes) for m in ladder}
         shots = {key: examples for key, examples in every.items() if examples}
         if shots:
@@ -453,6 +451,7 @@ def prepare(
     costs = CostModel.build(found.values(), specs, unit)
     replay = Replay.build(found, records, ladder, costs, specs)
     trust = [router.cluster_trust(d.cluster, d.distance) for d in routes]
+    ids = None if sha_of is None else [sha_of[r.id] for r in records]
     return Data(records, routes, found, costs, replay, read.sha256, trust, skipped, ids)
 
 
