@@ -16,7 +16,7 @@ from crecli.quality import Deferral, blend_prior, feature_names, greedy_agreemen
 
 if TYPE_CHECKING:
     from crecli.outcomes import OutcomeKey
-    from crecli.replay import Data
+    from crecli.replay import Data, _Entry
 
 
 # Ridge penalty on the standardised weights: with a few hundred labelled answers per rung
@@ -105,17 +105,16 @@ def _loo_prior(table: StatsTable, cid: int, model: str, correct: float, count: i
     return shrink(st.correct - correct, st.n - count, table.overall.models[model].accuracy, table.strength(model))
 
 
-def _copies(data: Data, idx: Sequence[int], model: str) -> dict[tuple[int, str], tuple[float, int]]:
-    """Per (cluster, prompt identity): how many of the records `idx` have an outcome on
-    `model` there, and how many of those greedy answers are right, as `choice.cluster_stats`
-    counts them into the table `train_deferral` reads its priors from."""
+def _copies(data: Data, found: Sequence[tuple[int, _Entry]]) -> dict[tuple[int, str], tuple[float, int]]:
+    """Per (cluster, prompt identity): how many of the records of `found` (each record's
+    index with its recorded outcome on one model) are there, and how many of those greedy
+    answers are right, as `choice.cluster_stats` counts them into the table
+    `train_deferral` reads its priors from."""
     out: dict[tuple[int, str], tuple[float, int]] = {}
-    for i in idx:
-        entry = data.replay.entries.get((data.records[i].id, model))
-        if entry is not None:
-            key = (data.clusters[i], data.prompt_ids[i])
-            right, count = out.get(key, (0.0, 0))
-            out[key] = (right + entry.correct[0], count + 1)
+    for i, entry in found:
+        key = (data.clusters[i], data.prompt_ids[i])
+        right, count = out.get(key, (0.0, 0))
+        out[key] = (right + entry.correct[0], count + 1)
     return out
 
 
@@ -126,10 +125,11 @@ def train_deferral(data: Data, idx: Sequence[int], table: StatsTable, model: str
     judged by the agreement check, never by this model (`quality.judge_deferral`)."""
     rows: list[list[float | None]] = []
     ys: list[bool] = []
-    entries = [(i, e) for i in idx if (e := data.replay.entries.get((data.records[i].id, model))) is not None and e.answers]
+    found = [(i, e) for i in idx if (e := data.replay.entries.get((data.records[i].id, model))) is not None]
+    entries = [(i, e) for i, e in found if e.answers]
     if any(e.signals is not None for _, e in entries):
         entries = [(i, e) for i, e in entries if e.signals is not None]
-    copies = _copies(data, idx, model)
+    copies = _copies(data, found)
     for i, entry in entries:
         y = entry.correct[0]
         prior = _blended(data, table, i, model, _loo_prior(table, data.clusters[i], model,
