@@ -240,21 +240,27 @@ def _writes_to(out: TextIO, resume: Path) -> bool:
         return False
 
 
+def _file_ends_line(name: str | Path) -> bool:
+    """Whether the file `name` is empty or its last byte is a newline (OSError when it cannot
+    be read): where one more line can be written without gluing it onto a cut one."""
+    import os
+
+    with open(name, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        if fh.tell() == 0:
+            return True
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) == b"\n"
+
+
 def mend_cut_line(resume: Path, out: TextIO) -> None:
     """Start `out` on a line of its own when it appends to `resume` (`cre batch --resume
     answers.jsonl >> answers.jsonl`) and a crash cut that file's last line: the first new
     answer would otherwise be glued onto the cut one, and both lost to a JSON reader."""
-    import os
-
     if not _writes_to(out, resume):
         return
     try:
-        with open(resume, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            if fh.tell() == 0:
-                return
-            fh.seek(-1, os.SEEK_END)
-            cut = fh.read(1) != b"\n"
+        cut = not _file_ends_line(resume)
     except OSError:
         return
     if cut:
@@ -491,9 +497,9 @@ class _OrderedWriter:
 
     def _ends_line(self) -> bool:
         """Whether `out` is a regular file, empty or whose last byte is a newline: read back
-        (as `mend_cut_line` does) through the file's own descriptor, reopened for reading
-        (`/dev/fd`), since `> out.jsonl` opens it write-only. False where that cannot be told:
-        a pipe, a terminal, a system without `/dev/fd`, a test's buffer."""
+        (`_file_ends_line`, as `mend_cut_line` does) through the file's own descriptor,
+        reopened for reading (`/dev/fd`), since `> out.jsonl` opens it write-only. False where
+        that cannot be told: a pipe, a terminal, a system without `/dev/fd`, a test's buffer."""
         import os
         import stat
 
@@ -504,10 +510,8 @@ class _OrderedWriter:
             if not stat.S_ISREG(info.st_mode):
                 return False
             if info.st_size == 0:
-                return True
-            with open(f"/dev/fd/{fd}", "rb") as fh:
-                fh.seek(info.st_size - 1)
-                return fh.read(1) == b"\n"
+                return True  # told without reopening: so even where `/dev/fd` is missing
+            return _file_ends_line(f"/dev/fd/{fd}")
         except (OSError, ValueError, AttributeError):
             return False
 
