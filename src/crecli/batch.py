@@ -477,7 +477,7 @@ class _OrderedWriter:
         for done in range(first, upto):
             del self.ready[done]
         if text:
-            self._do(self.out.flush)
+            self._flush()
 
     def flush_ready(self) -> None:
         """Write every finished record still waiting for an earlier line (when the batch
@@ -493,7 +493,7 @@ class _OrderedWriter:
                  if line >= self.next and (rec := self.ready[line]) is not None]
         self._write("".join(text), self.next)
         self.ready.clear()
-        self._do(self.out.flush)
+        self._flush()
 
     def _ends_line(self) -> bool:
         """Whether `out` is a regular file, empty or whose last byte is a newline: read back
@@ -535,10 +535,10 @@ class _OrderedWriter:
         except OSError as exc:
             raise self._failed(exc) from None
 
-    def _do(self, call: Callable[..., Any], *args: Any) -> None:
+    def _flush(self) -> None:
         """A flush of the results, its failure phrased."""
         try:
-            call(*args)
+            self.out.flush()
         except OSError as exc:
             raise self._failed(exc) from None
 
