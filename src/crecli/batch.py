@@ -744,10 +744,10 @@ def _answer_all(
                 repeated = record.id in seen
                 summary.repeated_ids += int(repeated)
                 seen.add(record.id)
-                if record.id in held and line in resume_ids[record.id].at:
-                    records.append(held.pop(record.id))  # its id is where it was answered: answered now
                 answered = resume_ids.get(record.id)
-                if answered is not None:
+                if answered is not None:  # always so for an id in `held`
+                    if record.id in held and line in answered.at:
+                        records.append(held.pop(record.id))  # its id is where it was answered: answered now
                     # Answers kept no digest before: those match by id alone, as they did.
                     if None in answered.prompts or prompt_digest(record.prompt) in answered.prompts:
                         summary.skipped += 1
@@ -755,11 +755,13 @@ def _answer_all(
                         bar.advance(task)
                         continue
                     # Its id was answered only for other prompts (see the docstring).
-                    if line in answered.at or not (repeated or line in answered.failed):
-                        if line not in answered.at and any(line < at <= last for at in answered.at):
-                            held[record.id] = (line, record)
-                        else:
-                            changed(line, record.id)
+                    here = line in answered.at
+                    apart = repeated or line in answered.failed  # a line of its own that shares the id
+                    if not here and not apart and any(line < at <= last for at in answered.at):
+                        held[record.id] = (line, record)
+                        continue
+                    if here or not apart:
+                        changed(line, record.id)
                         continue
                     # Lines sharing an id are told apart by their prompts: this one is answered.
                 records.append((line, record))
