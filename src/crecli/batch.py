@@ -172,7 +172,6 @@ def read_done_ids(path: Path) -> dict[str, Answered]:
     except OSError as exc:
         raise InputError(f"{path}: cannot read the --resume file: {exc.strerror}") from None
     done: dict[str, Answered] = {}
-    failed: dict[str, set[int]] = {}  # an id's errors count only where it has answers too
     records = 0  # lines that are a batch's answer or error records
     for line in raw.splitlines():
         try:
@@ -184,28 +183,27 @@ def read_done_ids(path: Path) -> dict[str, Answered]:
         records += 1
         if row.get("id") is None:
             continue
+        id = str(row["id"])
         number = row.get("line")
         at = number if isinstance(number, int) and not isinstance(number, bool) and number > 0 else 0
         if "error" in row:
-            if at and row.get("input_changed") is not True and not _says_changed(row["error"], str(row["id"]), at):
-                failed.setdefault(str(row["id"]), set()).add(at)
+            if at and row.get("input_changed") is not True and not _says_changed(row["error"], id, at):
+                done.setdefault(id, Answered()).failed.add(at)
             continue
         digest = row.get("prompt_sha256")
         key = digest if isinstance(digest, str) else None
-        answered = done.setdefault(str(row["id"]), Answered())
-        answered.prompts.add(key)
+        answered = done.setdefault(id, Answered())
+        answered.prompts.add(key)  # every answer adds one: an id with none has only errors
         if at:
             answered.at.add(at)
-    for id, lines in failed.items():
-        if id in done:
-            done[id].failed = lines
     # Whole lines (a last one cut by a crash aside) of which none is a record: the input given
     # where the earlier output was meant (`--resume prompts.jsonl`), which would answer every
     # line again after the first run's answers, as if nothing were amiss.
     if not records and any(line.strip(b"\0 \t\r") for line in raw.split(b"\n")[:-1]):
         raise InputError(f"{path}: --resume file holds no `cre batch` answer or error records; --resume takes "
                          "the earlier run's output: cre batch --resume answers.jsonl prompts.jsonl >> answers.jsonl")
-    return done
+    # An id's errors count only where it has answers too.
+    return {id: answered for id, answered in done.items() if answered.prompts}
 
 
 def changed_since(resume: str, id: str) -> str:
