@@ -279,6 +279,16 @@ def test_resume_gives_an_edited_line_of_a_repeated_id_an_error_record_and_keeps_
     assert [(r["line"], r.get("input_changed")) for r in rows] == [(1, None), (2, True)]
 
 
+def _resumed_after(record: dict[str, Any], earlier: Path, cascade: Cascade) -> list[dict[str, Any]]:
+    """The rows of a run of lines "new" and "x" (line 2) resumed from `earlier`, written to
+    hold an answer to "x" at line 1 for another prompt, then `record`."""
+    answer = {"line": 1, "id": "x", "prompt_sha256": "0" * 64, "answer": "12"}
+    earlier.write_text(json.dumps(answer) + "\n" + json.dumps(record) + "\n")
+    lines = [jl(id="new", prompt=FRUIT), jl(id="x", prompt=HARD)]
+    rows, _ = _run(lines, cascade, resume_ids=read_done_ids(earlier), source="in.jsonl", resume_name=str(earlier))
+    return rows
+
+
 def test_resume_reads_an_input_changed_record_written_before_the_flag_as_that_verdict(
     fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade, tmp_path: Path
 ) -> None:
@@ -288,13 +298,10 @@ def test_resume_reads_an_input_changed_record_written_before_the_flag_as_that_ve
 
     install(fake_backends, TABLE)
     earlier = tmp_path / "out.jsonl"
-    answer = {"line": 1, "id": "x", "prompt_sha256": "0" * 64, "answer": "12"}
     old = {"line": 2, "id": "x", "error": f"in.jsonl:2: {changed_since(str(earlier), 'x')}"}
     tried = {"line": 2, "id": "x", "error": "in.jsonl:2: model 'small' failed: timed out"}
-    lines = [jl(id="new", prompt=FRUIT), jl(id="x", prompt=HARD)]
     for record, answered in ((old, False), (tried, True)):  # a line tried and failed is still answered
-        earlier.write_text(json.dumps(answer) + "\n" + json.dumps(record) + "\n")
-        rows, _ = _run(lines, cascade, resume_ids=read_done_ids(earlier), source="in.jsonl", resume_name=str(earlier))
+        rows = _resumed_after(record, earlier, cascade)
         assert [(r["line"], "answer" in r) for r in rows] == [(1, True), (2, answered)]
         assert answered or rows[1]["input_changed"] is True
 
@@ -309,15 +316,12 @@ def test_resume_reads_the_input_changed_words_only_at_the_records_own_line(
 
     install(fake_backends, TABLE)
     earlier = tmp_path / "out.jsonl"
-    answer = {"line": 1, "id": "x", "prompt_sha256": "0" * 64, "answer": "12"}
     words = changed_since(str(earlier), "x")
     quoted = {"line": 2, "id": "x", "error": f"in.jsonl:2: model 'small' failed: server said: in.jsonl:2: {words}"}
     other = {"line": 2, "id": "x", "error": f"in.jsonl:5: {words}"}
     own = {"line": 2, "id": "x", "error": f"c:/in 2.jsonl:2: {words}"}  # the input's name holds a colon
-    lines = [jl(id="new", prompt=FRUIT), jl(id="x", prompt=HARD)]
     for record, answered in ((quoted, True), (other, True), (own, False)):
-        earlier.write_text(json.dumps(answer) + "\n" + json.dumps(record) + "\n")
-        rows, _ = _run(lines, cascade, resume_ids=read_done_ids(earlier), source="in.jsonl", resume_name=str(earlier))
+        rows = _resumed_after(record, earlier, cascade)
         assert [(r["line"], "answer" in r) for r in rows] == [(1, True), (2, answered)], record
 
 
@@ -870,12 +874,24 @@ def test_a_ctrl_c_while_the_output_flushes_writes_no_line_twice() -> None:
     assert [json.loads(line)["id"] for line in out.getvalue().splitlines()] == ["a"]
 
 
+def _stopped_in_line_1(out: Any, one: dict[str, Any], two: dict[str, Any], four: dict[str, Any]) -> None:
+    """Have an `_OrderedWriter` on `out` take the records of lines 2 and 4, then line 1's,
+    whose write `out` stops (KeyboardInterrupt), then flush what is ready, as the batch's
+    stop does."""
+    from crecli.batch import _OrderedWriter
+
+    writer = _OrderedWriter(out, first=1)
+    writer.put(2, two)  # waits for line 1
+    writer.put(4, four)  # waits for line 3, which the stop leaves unanswered
+    with pytest.raises(KeyboardInterrupt):
+        writer.put(1, one)
+    writer.flush_ready()
+
+
 def test_a_stop_raised_as_the_output_takes_the_records_writes_no_line_twice() -> None:
     # SIGTERM while the write blocked on a slow pipe: the handler's KeyboardInterrupt came
     # out of the write after it had taken the records, before they were dropped from the
     # writer, and `flush_ready` wrote them a second time.
-    from crecli.batch import _OrderedWriter
-
     class SlowPipe(io.StringIO):
         writes = 0
 
@@ -887,12 +903,7 @@ def test_a_stop_raised_as_the_output_takes_the_records_writes_no_line_twice() ->
             return written
 
     out = SlowPipe()
-    writer = _OrderedWriter(out, first=1)
-    writer.put(2, {"id": "b", "answer": "2"})  # waits for line 1
-    writer.put(4, {"id": "d", "answer": "4"})  # waits for line 3, which the stop leaves unanswered
-    with pytest.raises(KeyboardInterrupt):
-        writer.put(1, {"id": "a", "answer": "1"})
-    writer.flush_ready()
+    _stopped_in_line_1(out, {"id": "a", "answer": "1"}, {"id": "b", "answer": "2"}, {"id": "d", "answer": "4"})
     # The write may have been cut (see below): the records after it start a line, here blank.
     assert [json.loads(line)["id"] for line in out.getvalue().splitlines() if line] == ["a", "b", "d"]
 
@@ -903,8 +914,6 @@ def test_a_stop_that_cuts_a_write_short_leaves_the_next_record_whole_and_the_cut
     # A second signal while a large write blocked on a slow pipe ended it (EINTR) after part
     # of the text: the rest was lost, and `flush_ready` wrote the next record onto the cut
     # line, so --resume lost both.
-    from crecli.batch import _OrderedWriter
-
     class SlowPipe(io.StringIO):
         cut = True
 
@@ -919,12 +928,7 @@ def test_a_stop_that_cuts_a_write_short_leaves_the_next_record_whole_and_the_cut
     lines = [jl(id="a", prompt=ADD), jl(id="b", prompt=PERU), jl(id="c", prompt=FRUIT), jl(id="d", prompt=ADD)]
     first, _ = _run(lines, cascade)
     out = SlowPipe()
-    writer = _OrderedWriter(out, first=1)
-    writer.put(2, first[1])  # waits for line 1
-    writer.put(4, first[3])  # waits for line 3, which the stop leaves unanswered
-    with pytest.raises(KeyboardInterrupt):
-        writer.put(1, first[0])
-    writer.flush_ready()
+    _stopped_in_line_1(out, first[0], first[1], first[3])
     earlier = tmp_path / "out.jsonl"
     earlier.write_text(out.getvalue())
     assert [line[:11] for line in out.getvalue().splitlines()] == ['{"id": "a",', '{"id": "b",', '{"id": "d",']
@@ -937,8 +941,6 @@ def test_a_stop_whose_write_took_none_or_all_of_the_text_leaves_no_blank_line_in
     # After a stop inside a write, `flush_ready` began with a newline whenever the write had
     # not returned, though it usually took none of the text (EINTR before any byte) or all
     # of it: a blank line in the JSONL file. A regular file is read back instead.
-    from crecli.batch import _OrderedWriter
-
     class Stopping(io.TextIOWrapper):
         takes: str  # "none" or "all" of the text, on the first write only
         writes = 0
@@ -956,12 +958,7 @@ def test_a_stop_whose_write_took_none_or_all_of_the_text_leaves_no_blank_line_in
         path = tmp_path / f"{takes}.jsonl"
         with Stopping(open(path, "wb"), encoding="utf-8") as out:
             out.takes = takes
-            writer = _OrderedWriter(out, first=1)
-            writer.put(2, {"id": "b", "answer": "2"})  # waits for line 1
-            writer.put(4, {"id": "d", "answer": "4"})  # waits for line 3, which the stop leaves unanswered
-            with pytest.raises(KeyboardInterrupt):
-                writer.put(1, {"id": "a", "answer": "1"})
-            writer.flush_ready()
+            _stopped_in_line_1(out, {"id": "a", "answer": "1"}, {"id": "b", "answer": "2"}, {"id": "d", "answer": "4"})
         ids = [json.loads(line)["id"] for line in path.read_text().split("\n")[:-1]]  # a blank line fails here
         assert ids == (["a", "b", "d"] if takes == "all" else ["d"]), takes
 
