@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 
+from crecli import grading
 from crecli.errors import BackendError
 from crecli.models.backend import Generation, GenParams
 from support.real import assert_same_or_contested
@@ -118,3 +119,28 @@ def test_votes_after_a_parallel_wave_load_its_prompt_cells_instead_of_decoding_t
     finally:
         backend.close()
 
+
+
+def test_a_choice_answer_ends_at_its_option_letter_on_both_paths(gemma) -> None:
+    from crecli.models.llama import LlamaBackend
+
+    prompt = PROMPTS[2]
+    letters = grading.option_letters("choice", prompt)
+    backend = LlamaBackend(gemma, n_ctx=512)
+    try:
+        full = backend.generate(prompt, GenParams(max_tokens=8))
+        backend.llm.reset()  # the same decode from the same state, up to the deciding token
+        ended = backend.generate(prompt, GenParams(max_tokens=8, option_letters=letters))
+        # gemma writes " (B)" here, token by token: ended once "(B" is out, for fewer steps.
+        opening = full.text[: full.text.index(")")]
+        assert ended.text == grading.decided_option(opening, letters), (full.text, ended.text)
+        assert grading.normalize(ended.text, "choice") == grading.normalize(full.text, "choice")
+        assert ended.output_tokens < full.output_tokens and ended.finish_reason == "stop"
+        [together] = backend.generate_many([prompt, PROMPTS[0]], [GenParams(max_tokens=8, option_letters=letters),
+                                                                   GenParams(max_tokens=8)], 2)[:1]
+        assert isinstance(together, Generation)
+        assert_same_or_contested(ended, together)
+        if together.text == ended.text:
+            assert together.output_tokens == ended.output_tokens
+    finally:
+        backend.close()

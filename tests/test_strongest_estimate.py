@@ -39,15 +39,19 @@ def _router(clusters: list[ClusterInfo] | None = None) -> RouterFile:
 def _rambler_and_chat(fake_backends: Callable[..., Any], bench_speeds: Callable[..., None]) -> dict[str, Any]:
     """small, a base model that rambles, and large, a chat model that answers bare, at
     measured speeds (bench-seconds); the fakes count a rendered prompt's words as its tokens."""
-    fakes = fake_backends({"small": lambda text, p: "(B) because an apple is a fruit you can eat",
+    fakes = fake_backends({"small": lambda text, p: "Apple, so (B), because an apple is a fruit you can eat",
                            "large": lambda text, p: "(B)"})
     bench_speeds({"small": (400.0, 40.0), "medium": (100.0, 20.0), "large": (50.0, 10.0)})
     return fakes
 
 
-def _walk(cascade: Cascade, start: str) -> Trace:
-    """PROMPT walked up the ladder from `start`."""
-    pending = cascade.begin(PROMPT, "choice", decision=RouteDecision(-1, start, 0.0, "test", 0.0))
+# The same question with no "(A)"-style options: its answers are not ended at a letter.
+UNLETTERED = "Which of these is a fruit: stone, apple or chair?"
+
+
+def _walk(cascade: Cascade, start: str, prompt: str = PROMPT) -> Trace:
+    """`prompt` walked up the ladder from `start`."""
+    pending = cascade.begin(prompt, "choice", decision=RouteDecision(-1, start, 0.0, "test", 0.0))
     while not cascade.advance(pending):
         pass
     return pending.trace
@@ -65,7 +69,9 @@ def test_the_estimate_counts_the_strongest_models_own_tokens(
         [estimate] = cascade.strongest_cost_of_run([trace], [PROMPT])
         large = fakes["large"]
         prompt_tokens = large.count_tokens(render("chatml", PROMPT))
-        answer_tokens = large.count_text_tokens("(B)")  # the answer written bare
+        # The answer as the strongest model would end it, at its offered option letter: the
+        # decode steps of its opening "(B" less the deciding one (none, a word a token here).
+        answer_tokens = large.count_text_tokens("(B") - 1
         want = Pricing.for_models(config.load(tiny_models_toml).ladder_specs()).tokens("large", prompt_tokens, answer_tokens)
         assert estimate == want
         # Not the answering model's counts: its preamble and its rambling are not the strongest's.
@@ -97,11 +103,16 @@ def test_the_strongest_models_output_is_what_it_wrote_on_the_prompts_cluster(
     assert router.typical_output(-1, "large") == 8.0  # unclustered: the clusters' size-weighted mean
     assert router.typical_output(0, "small") is None
     with Cascade(router, config.load(tiny_models_toml)) as cascade:
-        [estimate] = cascade.strongest_cost_of_run([_walk(cascade, "small")], [PROMPT])
-        prompt_tokens = fakes["large"].count_tokens(render("chatml", PROMPT))
+        [estimate] = cascade.strongest_cost_of_run([_walk(cascade, "small", UNLETTERED)], [UNLETTERED])
+        prompt_tokens = fakes["large"].count_tokens(render("chatml", UNLETTERED))
         assert estimate == cascade.pricing.tokens("large", prompt_tokens, 8.0)
         # Not the bare answer's tokens (what a router without the figure falls back to).
         assert estimate != cascade.pricing.tokens("large", prompt_tokens, fakes["large"].count_text_tokens("(B)"))
+        # An answer the strongest model ends at an offered option letter takes its decode
+        # steps, whatever the fit log's answers took: they may have been written on past it.
+        [ended] = cascade.strongest_cost_of_run([_walk(cascade, "small")], [PROMPT])
+        prompt_tokens = fakes["large"].count_tokens(render("chatml", PROMPT))
+        assert ended == cascade.pricing.tokens("large", prompt_tokens, 0)
     # A router written before the figure was recorded still estimates, from the bare answer.
     assert _router([_cluster(0, 10, None)]).typical_output(-1, "large") is None
 

@@ -131,7 +131,10 @@ class Cascade:
         answer written bare (`grading.bare_answer`) in its tokens. A runtime that cannot count
         without running (a remote server) gives the answering model's counts, its prompt
         scaled by how much longer the strongest model's prompt format renders it, the
-        strongest's answered examples included; prompt None when nothing ran."""
+        strongest's answered examples included; prompt None when nothing ran. An option
+        answer the strongest model would have ended at its letter (`grading.option_letters`)
+        takes the decode steps of its opening "(B" less the deciding one, whatever the fit
+        log's answers took (a router fitted before that rule recorded them written on)."""
         top = self.strongest
         ran = next((step for step in trace.steps if step.model == top), None)
         if ran is not None:
@@ -145,10 +148,13 @@ class Cascade:
         try:
             backend = self._strongest_counter()
             counted = backend.count_tokens(backend.prepare(prompt, GenParams(shots=shots))[0])
-            if output is None:
+            bare = grading.bare_answer(trace.answer, trace.answer_type)
+            if bare is not None and grading.decided_option(bare, grading.option_letters(trace.answer_type, prompt)):
+                output = max(0, backend.count_text_tokens(bare.rstrip(")")) - 1)
+            elif output is None:
                 # The final answer as the strongest model, told to reply with the bare answer,
                 # would write it ("(B)", the number, the text), not as a rambling base model did.
-                output = backend.count_text_tokens(grading.bare_answer(trace.answer, trace.answer_type) or trace.answer)
+                output = backend.count_text_tokens(bare or trace.answer)
         except CreError:
             pass  # its file is not here to count with (an estimate must not end a finished batch)
         if counted is None or output is None:
@@ -245,7 +251,7 @@ class Cascade:
             familiar=decision.familiar,
         )
         rungs = self.policy.rungs(settings.thresholds, settings.priors, settings.shots,
-                                  grading.max_tokens_for(answer_type))
+                                  grading.max_tokens_for(answer_type), grading.option_letters(answer_type, prompt))
         return Pending(
             prompt=prompt,
             match=match,

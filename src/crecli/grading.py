@@ -177,6 +177,36 @@ def bare_answer(text: str, match: str | None) -> str | None:
     return text.strip() or None
 
 
+# A choice answer is decided once its option letter is out: "(B" (or "(B)"), after at most
+# some whitespace. The greedy decode stops there (`GenParams.option_letters`) instead of
+# spending a decode step on ")" and another on the end-of-turn token: on the 1.5B, whose
+# tokenizer writes "(B" as one token, an option answer takes no decode step at all. Only
+# for letters the prompt itself offers as "(B)", so "(Beijing" in a prompt with no "(B)"
+# option, or "(B" in one without options, runs on.
+_OPTION_OPENING = re.compile(r"\s*\(([A-Za-z])\)?")
+
+
+def option_letters(match: str | None, prompt: str) -> str:
+    """The option letters at which a greedy answer to `prompt` ends (`decided_option`): the
+    letters the prompt offers as "(A)", "(B)", ... when its answer type is `choice`, else ""
+    (no early end). The one rule of the live cascade and the recorded votes."""
+    if match != "choice":
+        return ""
+    return "".join(sorted(set(_PAREN_LETTER.findall(prompt))))
+
+
+def decided_option(text: str, letters: str) -> str | None:
+    """`text` ended as a decided option answer, "(B)" with the spacing it was written in,
+    when `text` (an answer being written) is nothing but an opening "(B" or "(B)" of one of
+    `letters`; else None (write on). Decided this way, an answer reads as the letter it
+    opened with, as `normalize` reads "(B) because ..."; only "(B) or (C)", which the whole
+    answer would have hedged, reads otherwise."""
+    found = _OPTION_OPENING.fullmatch(text) if letters else None
+    if found is None or found.group(1) not in letters:
+        return None
+    return text if text.endswith(")") else text + ")"
+
+
 def normalize(text: str, match: str | None = None) -> str:
     """Canonical answer for grading and voting; the rules are in the module docstring."""
     if match is not None and match not in MATCH_TYPES:

@@ -64,6 +64,8 @@ class Rung:
     # answer type's token cap. A live source uses them; recorded votes already reflect them.
     shots: tuple[tuple[str, str], ...] = ()
     max_tokens: int = 0
+    # The option letters at which its greedy answer ends (`grading.option_letters`).
+    option_letters: str = ""
 
 
 @dataclass(frozen=True)
@@ -245,10 +247,12 @@ class Policy:
         priors: Mapping[str, float] | None = None,
         shots: Mapping[str, tuple[tuple[str, str], ...]] | None = None,
         max_tokens: int = 0,
+        option_letters: str = "",
     ) -> list[Rung]:
         """Every rung's policy for one query, resolved once: `overrides` are its cluster's own
         thresholds, `priors` its cluster priors per model for the deferral check, `shots` the
-        answered examples each model is shown, `max_tokens` its answer type's cap."""
+        answered examples each model is shown, `max_tokens` its answer type's cap and
+        `option_letters` the letters its greedy answer ends at."""
         last = len(self.ladder) - 1
         out = []
         for i, model in enumerate(self.ladder):
@@ -259,11 +263,11 @@ class Policy:
             shown = shots.get(model, ()) if shots else ()
             if self.deferral_votes is None or (i < last and model in self.agreement_rungs):
                 out.append(Rung(model, AGREEMENT, threshold, i == last, self.quality.k, self.quality.early_stop,
-                                shots=shown, max_tokens=max_tokens))
+                                shots=shown, max_tokens=max_tokens, option_letters=option_letters))
             elif i == last:
-                out.append(Rung(model, GREEDY, threshold, True, shots=shown, max_tokens=max_tokens))
+                out.append(Rung(model, GREEDY, threshold, True, shots=shown, max_tokens=max_tokens, option_letters=option_letters))
             else:
                 out.append(Rung(model, DEFERRAL, threshold, False, self.quality.k, self.quality.early_stop,
                                 votes=self.deferral_votes, deferral=self.deferral_models.get(model),
-                                prior=priors.get(model, 0.5) if priors else 0.5, shots=shown, max_tokens=max_tokens))
+                                prior=priors.get(model, 0.5) if priors else 0.5, shots=shown, max_tokens=max_tokens, option_letters=option_letters))
         return out

@@ -38,7 +38,8 @@ def greedy_params(quality: "QualityCheck", rung: Rung, prompt: str) -> "GenParam
     """The parameters of `rung`'s greedy vote on `prompt`, drawn here or decoded ahead for a
     batch (`Cascade.decode_greedy`). Only the deferral check reads the greedy pass's signals;
     other rungs do not ask for them."""
-    return replace(vote_params(quality, 0, rung.max_tokens, prompt, rung.shots), signals=rung.check == DEFERRAL)
+    return replace(vote_params(quality, 0, rung.max_tokens, prompt, rung.shots, rung.option_letters),
+                   signals=rung.check == DEFERRAL)
 
 
 _SAID: set[tuple[str, ...]] = set()
@@ -181,14 +182,16 @@ def check(
     the P(correct) check on `votes_wanted` votes and the cluster `prior`. For the benches
     and tests."""
     shown = tuple((str(q), str(a)) for q, a in shots)
+    letters = grading.option_letters(answer_type, prompt)
     if deferral is not None:
         # k and early stopping as `Policy.rungs` gives them: an answer without log-probabilities
         # falls back to the agreement check on k votes, as in the cascade.
         rung = Rung(backend.spec.name, DEFERRAL, threshold, False, settings.k, settings.early_stop,
-                    votes=max(1, votes_wanted), deferral=deferral, prior=prior, shots=shown, max_tokens=max_tokens)
+                    votes=max(1, votes_wanted), deferral=deferral, prior=prior, shots=shown, max_tokens=max_tokens,
+                    option_letters=letters)
     else:
         rung = Rung(backend.spec.name, AGREEMENT, threshold, False, settings.k, settings.early_stop,
-                    shots=shown, max_tokens=max_tokens)
+                    shots=shown, max_tokens=max_tokens, option_letters=letters)
     votes = LiveVotes(backend, prompt, settings, rung, answer_type, greedy)
     return votes.step(rung, judge(rung, votes))
 

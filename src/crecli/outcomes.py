@@ -144,9 +144,11 @@ def prompt_sha256(prompt: str, shots: Sequence[tuple[str, str]] = ()) -> str:
     return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 
-def settings_key(quality: "QualityCheck", max_tokens: int) -> str:
-    """What makes two recordings of a prompt comparable, besides the model file."""
-    return f"{quality.key()}-m{max_tokens}"
+def settings_key(quality: "QualityCheck", max_tokens: int, option_letters: str = "") -> str:
+    """What makes two recordings of a prompt comparable, besides the model file. A greedy
+    vote that ends at its option letter (`option_letters`, which the prompt decides) is
+    marked "-o": recorded before that rule, it ran on past the letter."""
+    return f"{quality.key()}-m{max_tokens}" + ("-o" if option_letters else "")
 
 
 def default_store_path() -> Path:
@@ -443,6 +445,7 @@ class _Job:
     max_tokens: int
     recorded: tuple[int, list[Vote]] | None = None  # votes to keep; only the greedy one is re-run
     shots: tuple[tuple[str, str], ...] = ()
+    option_letters: str = ""  # where its greedy vote ends (`grading.option_letters`)
 
 
 def collect(
@@ -487,9 +490,16 @@ def collect(
             if record.reference is None:
                 continue
             max_tokens = grading.max_tokens_for(record.match)
-            job = _Job(record, psha, settings_key(quality, max_tokens), max_tokens, shots=examples)
+            letters = grading.option_letters(record.match, record.prompt)
+            job = _Job(record, psha, settings_key(quality, max_tokens, letters), max_tokens, shots=examples,
+                       option_letters=letters)
             found = _fits(spec, _recorded(store, spec, identity, quality, job))
             if found is None:
+                if letters and quality.k > 1:
+                    # Recorded before a greedy vote ended at its option letter ("-o"): only
+                    # the greedy vote changes, so the sampled ones are kept, as for signals.
+                    earlier = _fits(spec, _recorded(store, spec, identity, quality, replace(job, option_letters="")))
+                    job.recorded = earlier if isinstance(earlier, tuple) else None
                 pending.append(job)
                 continue
             results[(record.id, name)] = _outcome(job, name, identity, found)
@@ -527,7 +537,8 @@ def _recorded(
     greedy-only router (k = 1) thus reuses every recording a 5-vote fit made.
     """
     for more in range(quality.k, MAX_VOTES + 1):
-        found = store.get(job.prompt_sha, spec.name, identity, settings_key(replace(quality, k=more), job.max_tokens))
+        key = settings_key(replace(quality, k=more), job.max_tokens, job.option_letters)
+        found = store.get(job.prompt_sha, spec.name, identity, key)
         if found is not None:
             return _estimated(spec, job, found[0], found[1][: quality.k])
     return None
@@ -666,7 +677,7 @@ def _votes(backend: "Backend", job: _Job, quality: "QualityCheck") -> tuple[int,
     """
     prompt = job.record.prompt
     count = 1 if job.recorded is not None else quality.k
-    params = [vote_params(quality, i, job.max_tokens, prompt, job.shots) for i in range(count)]
+    params = [vote_params(quality, i, job.max_tokens, prompt, job.shots, job.option_letters) for i in range(count)]
     # The calls the live check makes: the greedy vote, then the sampled ones together.
     gens = [backend.generate(prompt, params[0]), *(backend.sample_many(prompt, params[1:]) if count > 1 else [])]
     votes = [Vote(g.text, g.output_tokens, g.seconds, g.signals) for g in gens]

@@ -124,13 +124,16 @@ def vote_seed(prompt: str, index: int) -> int:
 
 
 def vote_params(
-    quality: QualityCheck, index: int, max_tokens: int, prompt: str, shots: Sequence["Shot"] = ()
+    quality: QualityCheck, index: int, max_tokens: int, prompt: str, shots: Sequence["Shot"] = (),
+    option_letters: str = "",
 ) -> GenParams:
     """Generation parameters of vote `index` of `prompt`: 0 is greedy, the rest sample with `vote_seed`.
 
     `shots` are the answered examples the prompt is shown after (its cluster's, for this
-    model). The one definition for both the live cascade (`escalate.check`) and the recorded
-    votes (`outcomes.collect`): calibration tunes on exactly the votes the cascade draws.
+    model); `option_letters` the letters at which the greedy vote ends
+    (`grading.option_letters`; a sampled vote writes on). The one definition for both the
+    live cascade (`escalate.check`) and the recorded votes (`outcomes.collect`): calibration
+    tunes on exactly the votes the cascade draws.
     """
     return GenParams(
         max_tokens=max_tokens,
@@ -139,6 +142,7 @@ def vote_params(
         top_k=quality.top_k,
         seed=0 if index == 0 else vote_seed(prompt, index),
         shots=tuple((str(q), str(a)) for q, a in shots),
+        option_letters=option_letters if index == 0 else "",
     )
 
 

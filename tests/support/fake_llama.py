@@ -66,12 +66,20 @@ class FakeLlama:
         stops = [s.encode("utf-8") for s in stop or []]
         ids = np.zeros(len(prompt) + len(self.answer) + 1, dtype=np.intc)  # the context's input ids
         ids[: len(prompt)] = prompt
-        n, completion, scores = len(prompt), [], np.zeros(8, dtype=np.single)
+        n, completion = len(prompt), []
         text, finish, fix = b"", "length", 0
+        scores = np.zeros(max(self.pieces) + 1, dtype=np.single)
         for step in range(len(self.answer) + 1):
+            token = self.answer[step] if step < len(self.answer) else EOS
+            scores[:] = 0.0
+            scores[token] = 1.0  # the step's greedy token is the one scripted
             for processor in logits_processor or []:
                 processor(ids[:n], scores)
-            token = self.answer[step] if step < len(self.answer) else EOS
+            # As `Llama.generate` asks its stopping criteria: after sampling, before the
+            # token is fed (so before the end-of-generation check), on the tokens fed so far.
+            if stopping_criteria is not None and any(c(ids[:n], scores) for c in stopping_criteria):
+                text, finish = self._text(completion), "stop"
+                break
             if token == EOS:
                 text, finish = self._text(completion), "stop"
                 break
@@ -93,5 +101,7 @@ class FakeLlama:
             if len(completion) >= max_tokens:
                 text, finish = whole, "length"
                 break
+        if stopping_criteria is not None and any(c(ids[:n], scores) for c in stopping_criteria):
+            text, finish = self._text(completion), "stop"  # asked once more after the loop, as there
         return {"choices": [{"text": text.decode("utf-8", errors="ignore"), "finish_reason": finish}],
                 "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(completion)}}

@@ -48,6 +48,11 @@ class GenParams:
     # parameters so that every path to a model (votes, parallel waves, remote servers)
     # renders a prompt the same way.
     shots: tuple[Shot, ...] = ()
+    # A greedy answer that opens with "(" and one of these letters ends there, written "(B)"
+    # (`grading.decided_option`): its option is decided, and the decode steps for ")" and
+    # the end of the turn would change nothing graded. "" for every other answer. The
+    # llama.cpp backend honours it; a remote server decodes its own way and writes on.
+    option_letters: str = ""
     # Whether a greedy pass should report `Signals`: off where nothing reads them (a rung
     # whose check is not the deferral one), so a remote rung's server is not asked for
     # log-probabilities it would compute for nothing. It changes no token of the answer,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from crecli.grading import decided_option
 from crecli.models.backend import Backend, Generation, GenParams, Signals
 from crecli.models.prompting import Rendered
 
@@ -14,6 +16,8 @@ if TYPE_CHECKING:
 Answerer = Callable[[str, GenParams], str]
 # (rendered text, params, answer) -> what a greedy pass would report about the answer
 SignalMaker = Callable[[str, GenParams, str], "Signals | None"]
+# An answer's opening up to its first letter, for `GenParams.option_letters`.
+_OPENING = re.compile(r"\s*\(?[A-Za-z]?")
 
 
 class FakeBackend(Backend):
@@ -48,6 +52,13 @@ class FakeBackend(Backend):
             answer = next((a for p, a in self.answers.items() if p in text), "I don't know")
         prompt_tokens = self.count_tokens(rendered)
         output_tokens = min(params.max_tokens, max(1, len(answer.split())))
+        if params.option_letters and params.temperature == 0.0:
+            # As the llama.cpp backend ends a greedy answer at its option letter (`OptionEnd`),
+            # the deciding token unfed: a word is a token here, so no decode step at all.
+            opening = _OPENING.match(answer)
+            decided = decided_option(opening.group(0), params.option_letters) if opening else None
+            if decided is not None:
+                answer, output_tokens = decided, 0
         window = self.spec.context_window
         if window is not None:
             # As the llama.cpp backend holds an answer to the room the prompt leaves in its

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from crecli import cancel
+from crecli.grading import decided_option
 from crecli.config import IN_PROCESS_REPEAT_PENALTY
 from crecli.errors import BackendError, CreError, ModelLoadError
 from crecli.models.backend import Backend, Generation, GenParams, StopSafeEmitter, context_room
@@ -100,6 +101,35 @@ class AnswerText:
             self.begun = bool(raw)
         self.n = len(answer)
         return self.utf8.decode(raw)
+
+
+class OptionEnd:
+    """Ends a greedy answer at its option letter (`GenParams.option_letters`), before the token
+    that decides it is decoded.
+
+    llama-cpp-python asks its stopping criteria after sampling a token and before feeding it
+    to the model, but shows them only the tokens fed so far. So `observe` reads each step's
+    greedy token (the argmax of its logits, with no penalty to move it) and the criterion
+    judges the answer with it (`grading.decided_option`). The deciding token is never fed:
+    the answer's output tokens are the decode steps it took, 0 for the 1.5B's "(B".
+    """
+
+    def __init__(self, llm: Any, n_prompt: int, letters: str) -> None:
+        self.llm, self.n_prompt, self.letters = llm, n_prompt, letters
+        self.token: int | None = None  # the greedy token of the step last observed
+        self.text: str | None = None  # the decided answer, once it is
+
+    def observe(self, logits: Any) -> None:
+        import numpy as np
+
+        self.token = int(np.argmax(logits))
+
+    def __call__(self, ids: Any, logits: Any) -> bool:
+        # Asked once more after the loop ends; a decided answer stays decided.
+        if self.text is None and self.token is not None:
+            answer = [*ids[self.n_prompt:], self.token]
+            self.text = decided_option(self.llm.detokenize(answer).decode("utf-8", errors="ignore"), self.letters)
+        return self.text is not None
 
 
 class LlamaBackend(Backend):
@@ -308,9 +338,12 @@ class LlamaBackend(Backend):
             handoff.restore(llm)
         elif params.shots:
             self._warm_prefix(params.shots)
-        meter = SignalMeter(self.letters) if params.temperature == 0.0 and params.signals and self.read_signals else None
+        greedy = params.temperature == 0.0
+        meter = SignalMeter(self.letters) if greedy and params.signals and self.read_signals else None
+        ending = OptionEnd(llm, n_prompt, params.option_letters) if greedy and params.option_letters else None
         processors = None
-        if meter is not None or emit is not None:
+        streamed = None
+        if meter is not None or emit is not None or ending is not None:
             from llama_cpp import LogitsProcessorList
 
             streamed = StopSafeEmitter(params.stop, emit) if emit is not None else None
@@ -319,6 +352,8 @@ class LlamaBackend(Backend):
             def observe(ids: Any, scores: Any) -> Any:
                 if meter is not None:
                     meter.observe(scores)
+                if ending is not None:
+                    ending.observe(scores)
                 if streamed is not None and len(ids) > n_prompt:
                     # The text of the tokens generated since the last step: whole characters only.
                     streamed.add(answer.more(ids[n_prompt:]))
@@ -327,11 +362,16 @@ class LlamaBackend(Backend):
             processors = LogitsProcessorList([observe])
         # Stopping between tokens leaves the Llama's tokens and its KV cache in step, so the
         # next prompt reuses them as usual.
-        stopping = None
+        criteria: list[Callable[[Any, Any], bool]] = []
         if token is not None:
+            criteria.append(lambda ids, logits: token.is_set())
+        if ending is not None:
+            criteria.append(ending)
+        stopping = None
+        if criteria:
             from llama_cpp import StoppingCriteriaList
 
-            stopping = StoppingCriteriaList([lambda ids, logits: token.is_set()])
+            stopping = StoppingCriteriaList(criteria)
         # Tokens, not text: llama-cpp-python would tokenize a string with special tokens
         # parsed, user text included (`tokenize`).
         out = llm.create_completion(
@@ -351,10 +391,12 @@ class LlamaBackend(Backend):
         seconds = time.perf_counter() - start
         choice = out["choices"][0]
         usage = out.get("usage", {})
-        if processors is not None and streamed is not None:
-            streamed.finish(choice["text"])  # the last token, which no later step showed
+        # A decided option answer: what was fed, then the deciding token and its ")".
+        text = ending.text if ending is not None and ending.text is not None else choice["text"]
+        if streamed is not None:
+            streamed.finish(text)  # the last token, which no later step showed
         return Generation(
-            text=choice["text"],
+            text=text,
             prompt_tokens=int(usage.get("prompt_tokens", n_prompt)),
             output_tokens=int(usage.get("completion_tokens", 0)),
             seconds=seconds,

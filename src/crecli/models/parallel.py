@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from crecli import cancel
 from crecli.errors import BackendError, CreError, PromptTooLong
+from crecli.grading import decided_option
 from crecli.models.backend import Generation, GenParams, context_room
 from crecli.models.prompting import Rendered
 from crecli.models.runtime import abort_on_cancel
@@ -40,6 +41,7 @@ class _Stream:
     multibyte_fix: int = 0
     seconds: float = 0.0
     meter: SignalMeter | None = None
+    letters: str = ""  # a greedy answer's option letters (`GenParams.option_letters`)
 
 
 def _advance_stream(llm: Any, vocab: Any, stream: _Stream, token: int) -> tuple[bytes, str] | None:
@@ -48,7 +50,9 @@ def _advance_stream(llm: Any, vocab: Any, stream: _Stream, token: int) -> tuple[
     The same stop rules, in the same order, as llama-cpp-python 0.3's `_create_completion`
     (non-streaming): an end-of-generation token stops without being counted; a stop string
     cuts the text before it; the token cap gives "length"; a token that ends inside a
-    multi-byte character defers the checks, as there.
+    multi-byte character defers the checks, as there. Before them all, as `OptionEnd` stops
+    `create_completion` before its token is fed: a token that decides an option answer ends
+    it, uncounted.
     """
     import llama_cpp
 
@@ -56,6 +60,10 @@ def _advance_stream(llm: Any, vocab: Any, stream: _Stream, token: int) -> tuple[
         return llm.detokenize(stream.out, prev_tokens=stream.prompt), "stop"
     stream.out.append(token)
     text = llm.detokenize(stream.out, prev_tokens=stream.prompt)
+    decided = decided_option(text.decode("utf-8", errors="ignore"), stream.letters) if stream.letters else None
+    if decided is not None:
+        stream.out.pop()  # never fed: the answer took no decode step for it
+        return decided.encode("utf-8"), "stop"
     for k, char in enumerate(text[-3:]):
         k = 3 - k
         for num, pattern in ((2, 192), (3, 224), (4, 240)):
@@ -257,7 +265,8 @@ class ParallelGreedy:
                 continue
             stops = [s.encode("utf-8") for s in p.stop]
             queue.append(_Stream(i, tokens, min(p.max_tokens, room) if p.max_tokens > 0 else room, stops,
-                                 meter=SignalMeter(letters) if letters is not None else None))
+                                 meter=SignalMeter(letters) if letters is not None else None,
+                                 letters=p.option_letters if p.temperature == 0.0 else ""))
         memory = llama_cpp.llama_get_memory(self.ctx)
         llama_cpp.llama_memory_clear(memory, True)
         shared = self._decode_shared_prefix(list(queue), memory)

@@ -1,0 +1,150 @@
+"""A greedy choice answer ends at its option letter (`GenParams.option_letters`).
+
+Issue 24: an answer's decode steps are a third of a rung's cost here, and on a choice
+question the letter decides the grade. The 1.5B writes "(B" as one token, then ")" and the
+end of its turn: two decode steps for nothing graded. It now ends once "(B" is out, before
+that token is fed, where the prompt offers "(B)" as an option. The live cascade, the parallel
+path and the recorded votes follow the same rule (`grading.option_letters`,
+`grading.decided_option`); the real-model check is in test_real_parallel.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+
+from crecli import config, grading
+from crecli.config import ModelSpec
+from crecli.escalate import Cascade, check
+from crecli.models.backend import GenParams
+from crecli.outcomes import OutcomeStore, Vote, collect, prompt_sha256, settings_key
+from crecli.quality import QualityCheck
+from crecli.querylog import Record
+from crecli.route import RouteDecision
+from support.routers import make_router
+
+CHOICE = "Which of these is a fruit?\n(A) stone\n(B) apple\n(C) chair"
+
+
+@pytest.mark.parametrize("match, prompt, letters", [
+    ("choice", CHOICE, "ABC"),
+    ("choice", "Pick one: (b) or (a)?", "ab"),
+    ("choice", "Is a tomato a fruit? Answer yes or no.", ""),  # no options offered: no early end
+    ("numeric", CHOICE, ""),
+    ("exact", CHOICE, ""),
+    (None, CHOICE, ""),
+])
+def test_only_a_choice_prompts_offered_letters_end_an_answer(match: str | None, prompt: str, letters: str) -> None:
+    assert grading.option_letters(match, prompt) == letters
+
+
+@pytest.mark.parametrize("text, decided", [
+    ("(B", "(B)"),
+    ("(B)", "(B)"),
+    (" (B", " (B)"),
+    ("\n(C)", "\n(C)"),
+    ("", None),
+    (" (", None),
+    ("(D", None),  # not an option of the prompt
+    ("(Be", None),
+    ("(B) ", None),  # past the opening: a decode that would have ended sooner
+    ("B", None),  # a bare letter may begin a word ("B because" is no option)
+    ("Answer: (B", None),
+])
+def test_an_answer_is_decided_by_its_opening_option_alone(text: str, decided: str | None) -> None:
+    assert grading.decided_option(text, "ABC") == decided
+    assert grading.decided_option(text, "") is None
+    if decided is not None:
+        # The ended answer grades as the letter it opened with.
+        assert grading.normalize(decided, "choice") == text.strip().strip("()")
+
+
+# ---------------------------------------------------------------- the llama.cpp backend
+
+
+def _generate(answer: Sequence[bytes | int], params: GenParams, stream: bool = False) -> tuple[object, list[str]]:
+    from crecli.models.llama import LlamaBackend
+    from support.fake_llama import FakeLlama
+
+    pytest.importorskip("llama_cpp")
+    backend = LlamaBackend(ModelSpec(name="fake", context=8192))
+    backend._llm = FakeLlama(answer)
+    pieces: list[str] = []
+    if stream:
+        return backend.generate_streaming(CHOICE, params, pieces.append), pieces
+    return backend.generate(CHOICE, params), pieces
+
+
+def test_the_token_that_decides_an_option_is_never_fed() -> None:
+    from support.fake_llama import EOS
+
+    # A chat model's "(B" token: ended before any decode step.
+    gen, _ = _generate([b"(B", b")", EOS], GenParams(max_tokens=8, option_letters="ABC"))
+    assert (gen.text, gen.output_tokens, gen.finish_reason) == ("(B)", 0, "stop")
+    # A base model's " (" then "B": one step, for " (".
+    gen, _ = _generate([b" (", b"B", b")", b"\n", b"Q"], GenParams(max_tokens=8, option_letters="ABC", stop=("\n",)))
+    assert (gen.text, gen.output_tokens) == (" (B)", 1)
+    # Written on as before: without the rule, where the letter is not offered, and for a sampled vote.
+    for params in (GenParams(max_tokens=8), GenParams(max_tokens=8, option_letters="AC"),
+                   GenParams(max_tokens=8, option_letters="ABC", temperature=0.7)):
+        gen, _ = _generate([b"(B", b") because", EOS], params)
+        assert (gen.text, gen.output_tokens) == ("(B) because", 2)
+
+
+def test_a_streamed_ended_answer_hands_on_the_text_it_returns() -> None:
+    from support.fake_llama import EOS
+
+    gen, pieces = _generate([b" (", b"B", b")", EOS], GenParams(max_tokens=8, option_letters="ABC"), stream=True)
+    assert "".join(pieces) == gen.text == " (B)"
+
+
+# ---------------------------------------------------------------- recorded and live votes alike
+
+
+@pytest.fixture
+def settings(tiny_models_toml: Path) -> config.ModelConfig:
+    return config.load(tiny_models_toml)
+
+
+def test_recorded_and_live_greedy_votes_end_at_the_prompts_options(settings, tmp_path, fake_backends) -> None:
+    quality = QualityCheck(k=3)
+    record = Record(id="q1", prompt=CHOICE, reference=["B"], match="choice")
+    created = fake_backends({"small": lambda text, p: "(B) because apples grow on trees"})
+    with OutcomeStore(tmp_path / "outcomes.sqlite") as store:
+        outcome = collect([record], settings, store, quality, models=["small"])[("q1", "small")]
+    assert outcome.settings_key == settings_key(quality, grading.max_tokens_for("choice"), "ABC")
+    assert outcome.settings_key.endswith("-o")
+    recorded = [p for _, p in created["small"].calls]
+    # The greedy vote ends at the letter; the sampled votes write on, as before.
+    assert [p.option_letters for p in recorded] == ["ABC", "", ""]
+    assert [v.text for v in outcome.votes] == ["(B)"] + ["(B) because apples grow on trees"] * 2
+    assert outcome.votes[0].output_tokens == 0
+
+    live = created["small"]
+    live.calls.clear()
+    check(live, CHOICE, quality, 1.0, grading.max_tokens_for("choice"), "choice")
+    assert [p for _, p in live.calls] == recorded
+
+    # The cascade resolves the same letters for the prompt and its answer type.
+    with Cascade(make_router(), settings) as cascade:
+        pending = cascade.begin(CHOICE, "choice", decision=RouteDecision(-1, "small", 0.0, "test", 0.0))
+        assert {r.option_letters for r in pending.climb.rungs} == {"ABC"}
+        assert {r.option_letters for r in cascade.begin(CHOICE, "numeric").climb.rungs} == {""}
+
+
+def test_votes_recorded_before_the_rule_keep_their_sampled_votes(settings, tmp_path, fake_backends) -> None:
+    quality = QualityCheck(k=3)
+    record = Record(id="q1", prompt=CHOICE, reference=["B"], match="choice")
+    created = fake_backends({"small": lambda text, p: "(B) because"})
+    with OutcomeStore(tmp_path / "outcomes.sqlite") as store:
+        # As a fit before the rule recorded it: under the key without "-o", written on.
+        old = settings_key(quality, grading.max_tokens_for("choice"))
+        store.put(prompt_sha256(record.prompt), "small", "", old, 12,
+                  [Vote("(B) because", 2, 0.01, None), Vote("(A) since", 2, 0.01, None), Vote("(B) as", 2, 0.01, None)])
+        outcome = collect([record], settings, store, quality, models=["small"])[("q1", "small")]
+    # Only the greedy vote ran again; the sampled ones were kept.
+    assert [p.temperature for _, p in created["small"].calls] == [0.0]
+    assert [v.text for v in outcome.votes] == ["(B)", "(A) since", "(B) as"]
+
