@@ -92,7 +92,8 @@ def answer(backend: LlamaBackend, records: list[querylog.Record], quality: Quali
     start = time.perf_counter()
     firsts: list[Generation | None] = [None] * len(records)
     if parallel > 1:
-        params = [vote_params(quality, 0, cap, r.prompt) for r, cap in zip(records, caps)]
+        params = [vote_params(quality, 0, cap, r.prompt, option_letters=grading.option_letters(r.match, r.prompt))
+                  for r, cap in zip(records, caps)]
         gens = backend.generate_many([r.prompt for r in records], params, parallel)
         firsts = [None if isinstance(g, CreError) else g for g in gens]
         run.greedy_seconds = time.perf_counter() - start

@@ -50,7 +50,8 @@ def measure(name: str, prompts: list[tuple[str, str | None]], parallel: int, k: 
     quality = QualityCheck(k=k)
     backend = LlamaBackend(settings.get(name))
     try:
-        greedy_params = [vote_params(quality, 0, grading.max_tokens_for(m), p) for p, m in prompts]
+        greedy_params = [vote_params(quality, 0, grading.max_tokens_for(m), p, option_letters=grading.option_letters(m, p))
+                         for p, m in prompts]
         one = [backend.generate(p, g) for (p, _), g in zip(prompts, greedy_params)]
         many = backend.generate_many([p for p, _ in prompts], greedy_params, parallel)
         differ = contested = 0

@@ -47,7 +47,8 @@ def main() -> int:
         tokens = {"prompt": 0, "out": 0}
         for mode in ("cold", "warm"):
             for r in records:
-                params = vote_params(quality, 0, grading.max_tokens_for(r.match), r.prompt)
+                params = vote_params(quality, 0, grading.max_tokens_for(r.match), r.prompt,
+                                     option_letters=grading.option_letters(r.match, r.prompt))
                 if mode == "cold":
                     llm.reset()
                 start = time.perf_counter()

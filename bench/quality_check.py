@@ -82,11 +82,12 @@ def main() -> int:
     same_votes = total_votes = 0
     for n, record in enumerate(records, start=1):
         cap = grading.max_tokens_for(record.match)
+        letters = grading.option_letters(record.match, record.prompt)  # as the check ends its greedy vote
 
         llm.reset()
         backend.read_signals = False
         start = time.perf_counter()
-        greedy = backend.generate(record.prompt, vote_params(quality, 0, cap, record.prompt))
+        greedy = backend.generate(record.prompt, vote_params(quality, 0, cap, record.prompt, option_letters=letters))
         seconds[names[0]] += time.perf_counter() - start
         backend.read_signals = True
         votes[names[0]] += 1
@@ -94,7 +95,7 @@ def main() -> int:
 
         llm.reset()
         start = time.perf_counter()
-        signalled = backend.generate(record.prompt, vote_params(quality, 0, cap, record.prompt))
+        signalled = backend.generate(record.prompt, vote_params(quality, 0, cap, record.prompt, option_letters=letters))
         seconds[names[4]] += time.perf_counter() - start
         votes[names[4]] += 1
         tokens[names[4]] += signalled.output_tokens
@@ -128,7 +129,7 @@ def main() -> int:
         start = time.perf_counter()
         for i in range(args.k):
             llm.reset()
-            gen = backend.generate(record.prompt, vote_params(quality, i, cap, record.prompt))
+            gen = backend.generate(record.prompt, vote_params(quality, i, cap, record.prompt, option_letters=letters))
             tokens[names[3]] += gen.output_tokens
         seconds[names[3]] += time.perf_counter() - start
         votes[names[3]] += args.k

@@ -10,6 +10,7 @@ path and the recorded votes follow the same rule (`grading.option_letters`,
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -148,3 +149,71 @@ def test_votes_recorded_before_the_rule_keep_their_sampled_votes(settings, tmp_p
     assert [p.temperature for _, p in created["small"].calls] == [0.0]
     assert [v.text for v in outcome.votes] == ["(B)", "(A) since", "(B) as"]
 
+
+
+# ---------------------------------------------------------------- remote rungs write on
+
+
+def test_a_remote_rung_is_asked_recorded_and_estimated_without_the_rule(settings, tmp_path, fake_backends) -> None:
+    from dataclasses import replace
+
+    from crecli.models.backend import Backend
+
+    remote = replace(settings.models["small"], url="http://127.0.0.1:9/v1", prompt_format="chatml")
+    settings.models["small"] = remote
+    assert remote.backend == "openai"
+    record = Record(id="q1", prompt=CHOICE, reference=["B"], match="choice")
+    created = fake_backends({"small": lambda text, p: "(B) because"})
+    with OutcomeStore(tmp_path / "outcomes.sqlite") as store:
+        outcome = collect([record], settings, store, QualityCheck(k=1), models=["small"])[("q1", "small")]
+    # Its server decodes its own way: no letters asked, no "-o" key (old recordings still count).
+    assert [p.option_letters for _, p in created["small"].calls] == [""]
+    assert outcome.settings_key == settings_key(QualityCheck(k=1), grading.max_tokens_for("choice"))
+    assert outcome.votes[0].text == "(B) because"
+    with Cascade(make_router(), settings) as cascade:
+        pending = cascade.begin(CHOICE, "choice", decision=RouteDecision(-1, "small", 0.0, "test", 0.0))
+        assert {r.model: r.option_letters for r in pending.climb.rungs} == {"small": "", "medium": "ABC", "large": "ABC"}
+
+        # A remote strongest rung, which cannot count its tokens without running, is estimated
+        # from the answering rung's counts (it crashed `cre batch` here: None - 1).
+        cascade.specs["large"] = replace(settings.models["large"], url="http://127.0.0.1:9/v1", prompt_format="chatml")
+        medium = next(r for r in pending.climb.rungs if r.model == "medium")
+        trace = _answered(cascade, "medium")
+        cascade._strongest_counter = lambda: Backend(cascade.specs["large"])  # type: ignore[method-assign,abstract]
+        prompt, _, output = cascade.strongest_tokens(trace, CHOICE)
+        assert prompt is not None and output == trace.steps[-1].greedy_output_tokens
+        assert medium.option_letters == "ABC"
+
+
+def _answered(cascade: Cascade, start: str):  # type: ignore[no-untyped-def]
+    pending = cascade.begin(CHOICE, "choice", decision=RouteDecision(-1, start, 0.0, "test", 0.0))
+    while not cascade.advance(pending):
+        pass
+    return pending.trace
+
+
+def test_a_recording_made_meanwhile_without_signals_counts_as_done(settings, tmp_path, fake_backends) -> None:
+    # A greedy vote re-run only because it was recorded before the rule is done once any
+    # "-o" recording of it exists, signals or not (a server that gives none, say).
+    quality = QualityCheck(k=3)
+    record = Record(id="q1", prompt=CHOICE, reference=["B"], match="choice")
+    created = fake_backends({"small": lambda text, p: "(B) because"})
+    with OutcomeStore(tmp_path / "outcomes.sqlite") as store:
+        old = settings_key(quality, grading.max_tokens_for("choice"))
+        new = settings_key(quality, grading.max_tokens_for("choice"), "ABC")
+        votes = [Vote("(B) because", 2, 0.01, None)] * 3
+        store.put(prompt_sha256(record.prompt), "small", "", old, 12, votes)
+        meanwhile = [Vote("(B)", 0, 0.01, None)] + votes[1:]
+        running = store.running_models
+
+        @contextmanager
+        def another_command_recorded_it_first():  # type: ignore[no-untyped-def]
+            # Between this command's look at the store and its run, under the store's lock.
+            store.put(prompt_sha256(record.prompt), "small", "", new, 12, meanwhile)
+            with running():
+                yield
+
+        store.running_models = another_command_recorded_it_first  # type: ignore[method-assign]
+        outcome = collect([record], settings, store, quality, models=["small"])[("q1", "small")]
+    assert "small" not in created  # nothing ran: the model was never even loaded
+    assert [v.text for v in outcome.votes] == ["(B)", "(B) because", "(B) because"]

@@ -40,7 +40,7 @@ from crecli.live import LiveSource, LiveVotes, Pending, check, greedy_params  # 
 from crecli.trace import Step, Trace  # noqa: F401
 from crecli.models.backend import GenParams
 from crecli.models.prompting import render
-from crecli.models.registry import ModelPool
+from crecli.models.registry import ModelPool, ends_at_option
 from crecli.route import RouteDecision, route, route_many
 
 if TYPE_CHECKING:
@@ -134,7 +134,8 @@ class Cascade:
         strongest's answered examples included; prompt None when nothing ran. An option
         answer the strongest model would have ended at its letter (`grading.option_letters`)
         takes the decode steps of its opening "(B" less the deciding one, whatever the fit
-        log's answers took (a router fitted before that rule recorded them written on)."""
+        log's answers took (a router fitted before that rule recorded them written on), where
+        that model ends there (`registry.ends_at_option`) and its tokens can be counted."""
         top = self.strongest
         ran = next((step for step in trace.steps if step.model == top), None)
         if ran is not None:
@@ -149,8 +150,13 @@ class Cascade:
             backend = self._strongest_counter()
             counted = backend.count_tokens(backend.prepare(prompt, GenParams(shots=shots))[0])
             bare = grading.bare_answer(trace.answer, trace.answer_type)
-            if bare is not None and grading.decided_option(bare, grading.option_letters(trace.answer_type, prompt)):
-                output = max(0, backend.count_text_tokens(bare.rstrip(")")) - 1)
+            ended = None
+            if bare is not None and ends_at_option(self.specs[top]) and \
+                    grading.decided_option(bare, grading.option_letters(trace.answer_type, prompt)):
+                opening = backend.count_text_tokens(bare.rstrip(")"))
+                ended = None if opening is None else max(0, opening - 1)
+            if ended is not None:
+                output = ended
             elif output is None:
                 # The final answer as the strongest model, told to reply with the bare answer,
                 # would write it ("(B)", the number, the text), not as a rambling base model did.
@@ -250,8 +256,10 @@ class Cascade:
             start_model=decision.model,
             familiar=decision.familiar,
         )
+        letters = grading.option_letters(answer_type, prompt)
         rungs = self.policy.rungs(settings.thresholds, settings.priors, settings.shots,
-                                  grading.max_tokens_for(answer_type), grading.option_letters(answer_type, prompt))
+                                  grading.max_tokens_for(answer_type),
+                                  {m: letters for m in self.ladder if ends_at_option(self.specs[m])})
         return Pending(
             prompt=prompt,
             match=match,

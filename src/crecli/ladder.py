@@ -247,12 +247,12 @@ class Policy:
         priors: Mapping[str, float] | None = None,
         shots: Mapping[str, tuple[tuple[str, str], ...]] | None = None,
         max_tokens: int = 0,
-        option_letters: str = "",
+        option_letters: Mapping[str, str] | None = None,
     ) -> list[Rung]:
         """Every rung's policy for one query, resolved once: `overrides` are its cluster's own
         thresholds, `priors` its cluster priors per model for the deferral check, `shots` the
         answered examples each model is shown, `max_tokens` its answer type's cap and
-        `option_letters` the letters its greedy answer ends at."""
+        `option_letters` the letters each model's greedy answer ends at."""
         last = len(self.ladder) - 1
         out = []
         for i, model in enumerate(self.ladder):
@@ -261,13 +261,14 @@ class Policy:
             threshold = overrides.get(model, self.thresholds.get(model, math.nan)) if overrides else \
                 self.thresholds.get(model, math.nan)
             shown = shots.get(model, ()) if shots else ()
+            letters = option_letters.get(model, "") if option_letters else ""
             if self.deferral_votes is None or (i < last and model in self.agreement_rungs):
                 out.append(Rung(model, AGREEMENT, threshold, i == last, self.quality.k, self.quality.early_stop,
-                                shots=shown, max_tokens=max_tokens, option_letters=option_letters))
+                                shots=shown, max_tokens=max_tokens, option_letters=letters))
             elif i == last:
-                out.append(Rung(model, GREEDY, threshold, True, shots=shown, max_tokens=max_tokens, option_letters=option_letters))
+                out.append(Rung(model, GREEDY, threshold, True, shots=shown, max_tokens=max_tokens, option_letters=letters))
             else:
                 out.append(Rung(model, DEFERRAL, threshold, False, self.quality.k, self.quality.early_stop,
                                 votes=self.deferral_votes, deferral=self.deferral_models.get(model),
-                                prior=priors.get(model, 0.5) if priors else 0.5, shots=shown, max_tokens=max_tokens, option_letters=option_letters))
+                                prior=priors.get(model, 0.5) if priors else 0.5, shots=shown, max_tokens=max_tokens, option_letters=letters))
         return out

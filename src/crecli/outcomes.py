@@ -446,6 +446,9 @@ class _Job:
     recorded: tuple[int, list[Vote]] | None = None  # votes to keep; only the greedy one is re-run
     shots: tuple[tuple[str, str], ...] = ()
     option_letters: str = ""  # where its greedy vote ends (`grading.option_letters`)
+    # Re-run only for the greedy vote's signals (`recorded` lacks them): done only by a
+    # recording that has them. Not so for one recorded before `option_letters` applied.
+    for_signals: bool = False
 
 
 def collect(
@@ -473,6 +476,7 @@ def collect(
     results: dict[OutcomeKey, Outcome] = {}
     for name in names:
         spec = settings.get(name)
+        ends = registry.ends_at_option(spec)
         identity = model_identity(spec) or ""
         store.check_rendering(spec, identity)
         pending: list[_Job] = []
@@ -490,7 +494,7 @@ def collect(
             if record.reference is None:
                 continue
             max_tokens = grading.max_tokens_for(record.match)
-            letters = grading.option_letters(record.match, record.prompt)
+            letters = grading.option_letters(record.match, record.prompt) if ends else ""
             job = _Job(record, psha, settings_key(quality, max_tokens, letters), max_tokens, shots=examples,
                        option_letters=letters)
             found = _fits(spec, _recorded(store, spec, identity, quality, job))
@@ -504,7 +508,7 @@ def collect(
                 continue
             results[(record.id, name)] = _outcome(job, name, identity, found)
             if not isinstance(found, str) and found[1] and found[1][0].signals is None:
-                job.recorded = found
+                job.recorded, job.for_signals = found, True
                 stale.append(job)
         rerun = 0
         if stale and registry.reports_signals(spec):
@@ -659,11 +663,11 @@ def _recorded_since(
 ) -> tuple[int, list[Vote]] | None:
     """A recording of `job` made since it was found missing (by another command), or None.
 
-    A job re-run only for the greedy vote's signals counts as done only by a recording
-    that has them.
+    A job re-run only for the greedy vote's signals (`_Job.for_signals`) counts as done only
+    by a recording that has them.
     """
     found = _recorded(store, spec, identity, quality, job)
-    if found is None or (job.recorded is not None and (not found[1] or found[1][0].signals is None)):
+    if found is None or (job.for_signals and (not found[1] or found[1][0].signals is None)):
         return None
     return found
 

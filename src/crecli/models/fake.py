@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 Answerer = Callable[[str, GenParams], str]
 # (rendered text, params, answer) -> what a greedy pass would report about the answer
 SignalMaker = Callable[[str, GenParams, str], "Signals | None"]
-# An answer's opening up to its first letter, for `GenParams.option_letters`.
-_OPENING = re.compile(r"\s*\(?[A-Za-z]?")
+# An answer's first word (a token here), which alone may decide its option
+# (`GenParams.option_letters`): "(B" or "(B)", not "(Bob".
+_OPENING = re.compile(r"(\s*\S*)")
 
 
 class FakeBackend(Backend):
@@ -56,7 +57,7 @@ class FakeBackend(Backend):
             # As the llama.cpp backend ends a greedy answer at its option letter (`OptionEnd`),
             # the deciding token unfed: a word is a token here, so no decode step at all.
             opening = _OPENING.match(answer)
-            decided = decided_option(opening.group(0), params.option_letters) if opening else None
+            decided = decided_option(opening.group(1), params.option_letters) if opening else None
             if decided is not None:
                 answer, output_tokens = decided, 0
         window = self.spec.context_window

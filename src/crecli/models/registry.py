@@ -43,6 +43,13 @@ def signal_support(spec: "ModelSpec") -> str:
     return OpenAIBackend(spec).signal_support().label
 
 
+def ends_at_option(spec: "ModelSpec") -> bool:
+    """Whether `spec`'s greedy answers end at their option letter (`GenParams.option_letters`):
+    llama.cpp's in-process ones do; a remote rung's server decodes its own way and writes on,
+    so its answers are asked, recorded and priced without the rule."""
+    return spec.backend != "openai"
+
+
 def _default_reports_signals(spec: "ModelSpec") -> bool:
     return signal_support(spec) == "logprobs"
 
