@@ -135,16 +135,23 @@ def test_recorded_and_live_greedy_votes_end_at_the_prompts_options(settings, tmp
         assert {r.option_letters for r in cascade.begin(CHOICE, "numeric").climb.rungs} == {""}
 
 
+CHOSEN = Record(id="q1", prompt=CHOICE, reference=["B"], match="choice")
+K3 = QualityCheck(k=3)
+
+
+def _recorded_before_the_rule(store: OutcomeStore, texts: Sequence[str]) -> list[Vote]:
+    """CHOSEN's k = 3 votes on "small", stored as a fit before the rule stored them: under the
+    key without "-o", the greedy vote written on past its letter."""
+    votes = [Vote(text, 2, 0.01, None) for text in texts]
+    store.put(prompt_sha256(CHOSEN.prompt), "small", "", settings_key(K3, grading.max_tokens_for("choice")), 12, votes)
+    return votes
+
+
 def test_votes_recorded_before_the_rule_keep_their_sampled_votes(settings, tmp_path, fake_backends) -> None:
-    quality = QualityCheck(k=3)
-    record = Record(id="q1", prompt=CHOICE, reference=["B"], match="choice")
     created = fake_backends({"small": lambda text, p: "(B) because"})
     with OutcomeStore(tmp_path / "outcomes.sqlite") as store:
-        # As a fit before the rule recorded it: under the key without "-o", written on.
-        old = settings_key(quality, grading.max_tokens_for("choice"))
-        store.put(prompt_sha256(record.prompt), "small", "", old, 12,
-                  [Vote("(B) because", 2, 0.01, None), Vote("(A) since", 2, 0.01, None), Vote("(B) as", 2, 0.01, None)])
-        outcome = collect([record], settings, store, quality, models=["small"])[("q1", "small")]
+        _recorded_before_the_rule(store, ["(B) because", "(A) since", "(B) as"])
+        outcome = collect([CHOSEN], settings, store, K3, models=["small"])[("q1", "small")]
     # Only the greedy vote ran again; the sampled ones were kept.
     assert [p.temperature for _, p in created["small"].calls] == [0.0]
     assert [v.text for v in outcome.votes] == ["(B)", "(A) since", "(B) as"]
@@ -195,25 +202,21 @@ def _answered(cascade: Cascade, start: str):  # type: ignore[no-untyped-def]
 def test_a_recording_made_meanwhile_without_signals_counts_as_done(settings, tmp_path, fake_backends) -> None:
     # A greedy vote re-run only because it was recorded before the rule is done once any
     # "-o" recording of it exists, signals or not (a server that gives none, say).
-    quality = QualityCheck(k=3)
-    record = Record(id="q1", prompt=CHOICE, reference=["B"], match="choice")
     created = fake_backends({"small": lambda text, p: "(B) because"})
     with OutcomeStore(tmp_path / "outcomes.sqlite") as store:
-        old = settings_key(quality, grading.max_tokens_for("choice"))
-        new = settings_key(quality, grading.max_tokens_for("choice"), "ABC")
-        votes = [Vote("(B) because", 2, 0.01, None)] * 3
-        store.put(prompt_sha256(record.prompt), "small", "", old, 12, votes)
+        votes = _recorded_before_the_rule(store, ["(B) because"] * 3)
+        new = settings_key(K3, grading.max_tokens_for("choice"), "ABC")
         meanwhile = [Vote("(B)", 0, 0.01, None)] + votes[1:]
         running = store.running_models
 
         @contextmanager
         def another_command_recorded_it_first():  # type: ignore[no-untyped-def]
             # Between this command's look at the store and its run, under the store's lock.
-            store.put(prompt_sha256(record.prompt), "small", "", new, 12, meanwhile)
+            store.put(prompt_sha256(CHOSEN.prompt), "small", "", new, 12, meanwhile)
             with running():
                 yield
 
         store.running_models = another_command_recorded_it_first  # type: ignore[method-assign]
-        outcome = collect([record], settings, store, quality, models=["small"])[("q1", "small")]
+        outcome = collect([CHOSEN], settings, store, K3, models=["small"])[("q1", "small")]
     assert "small" not in created  # nothing ran: the model was never even loaded
     assert [v.text for v in outcome.votes] == ["(B)", "(B) because", "(B) because"]
