@@ -12,18 +12,19 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import pytest
 
 from crecli import config, grading
 from crecli.config import ModelSpec
 from crecli.escalate import Cascade, check
-from crecli.models.backend import GenParams
+from crecli.models.backend import Generation, GenParams
 from crecli.outcomes import OutcomeStore, Vote, collect, prompt_sha256, settings_key
 from crecli.quality import QualityCheck
 from crecli.querylog import Record
 from crecli.route import RouteDecision
+from crecli.trace import Trace
 from support.routers import make_router
 
 CHOICE = "Which of these is a fruit?\n(A) stone\n(B) apple\n(C) chair"
@@ -65,7 +66,7 @@ def test_an_answer_is_decided_by_its_opening_option_alone(text: str, decided: st
 # ---------------------------------------------------------------- the llama.cpp backend
 
 
-def _generate(answer: Sequence[bytes | int], params: GenParams, stream: bool = False) -> tuple[object, list[str]]:
+def _generate(answer: Sequence[bytes | int], params: GenParams, stream: bool = False) -> tuple[Generation, list[str]]:
     from crecli.models.llama import LlamaBackend
     from support.fake_llama import FakeLlama
 
@@ -157,7 +158,6 @@ def test_votes_recorded_before_the_rule_keep_their_sampled_votes(settings, tmp_p
     assert [v.text for v in outcome.votes] == ["(B)", "(A) since", "(B) as"]
 
 
-
 # ---------------------------------------------------------------- remote rungs write on
 
 
@@ -170,7 +170,7 @@ def test_a_remote_rung_is_asked_recorded_and_estimated_without_the_rule(settings
     settings.models["small"] = remote
     assert remote.backend == "openai"
     record = Record(id="q1", prompt=CHOICE, reference=["B"], match="choice")
-    created = fake_backends({"small": lambda text, p: "(B) because"})
+    created = fake_backends({"small": lambda text, p: "(B) because", "medium": lambda text, p: "Apple, so (B)"})
     with OutcomeStore(tmp_path / "outcomes.sqlite") as store:
         outcome = collect([record], settings, store, QualityCheck(k=1), models=["small"])[("q1", "small")]
     # Its server decodes its own way: no letters asked, no "-o" key (old recordings still count).
@@ -181,18 +181,24 @@ def test_a_remote_rung_is_asked_recorded_and_estimated_without_the_rule(settings
         pending = cascade.begin(CHOICE, "choice", decision=RouteDecision(-1, "small", 0.0, "test", 0.0))
         assert {r.model: r.option_letters for r in pending.climb.rungs} == {"small": "", "medium": "ABC", "large": "ABC"}
 
-        # A remote strongest rung, which cannot count its tokens without running, is estimated
-        # from the answering rung's counts (it crashed `cre batch` here: None - 1).
-        cascade.specs["large"] = replace(settings.models["large"], url="http://127.0.0.1:9/v1", prompt_format="chatml")
-        medium = next(r for r in pending.climb.rungs if r.model == "medium")
+        # A strongest rung that cannot count its tokens without running is estimated from the
+        # answering rung's counts: in process (a counter that gives None), and remote, where
+        # it writes on (`cre batch` crashed on both: None - 1).
         trace = _answered(cascade, "medium")
-        cascade._strongest_counter = lambda: Backend(cascade.specs["large"])  # type: ignore[method-assign,abstract]
-        prompt, _, output = cascade.strongest_tokens(trace, CHOICE)
-        assert prompt is not None and output == trace.steps[-1].greedy_output_tokens
-        assert medium.option_letters == "ABC"
+        assert trace.answer == "Apple, so (B)"  # an option answer, which the strongest would end
+        class CannotCount(Backend):  # the base class's counts: None, as a runtime that cannot tell
+            def complete(self, rendered: object, params: GenParams) -> Generation:
+                raise AssertionError("an estimate runs no model")
+
+        cascade._strongest_counter = lambda: CannotCount(cascade.specs["large"])  # type: ignore[method-assign]
+        for large in (settings.models["large"],
+                      replace(settings.models["large"], url="http://127.0.0.1:9/v1", prompt_format="chatml")):
+            cascade.specs["large"] = large
+            prompt, _, output = cascade.strongest_tokens(trace, CHOICE)
+            assert prompt is not None and output == trace.steps[-1].greedy_output_tokens
 
 
-def _answered(cascade: Cascade, start: str):  # type: ignore[no-untyped-def]
+def _answered(cascade: Cascade, start: str) -> Trace:
     pending = cascade.begin(CHOICE, "choice", decision=RouteDecision(-1, start, 0.0, "test", 0.0))
     while not cascade.advance(pending):
         pass
@@ -210,7 +216,7 @@ def test_a_recording_made_meanwhile_without_signals_counts_as_done(settings, tmp
         running = store.running_models
 
         @contextmanager
-        def another_command_recorded_it_first():  # type: ignore[no-untyped-def]
+        def another_command_recorded_it_first() -> Iterator[None]:
             # Between this command's look at the store and its run, under the store's lock.
             store.put(prompt_sha256(CHOSEN.prompt), "small", "", new, 12, meanwhile)
             with running():

@@ -120,7 +120,6 @@ def test_votes_after_a_parallel_wave_load_its_prompt_cells_instead_of_decoding_t
         backend.close()
 
 
-
 def test_a_choice_answer_ends_at_its_option_letter_on_both_paths(gemma) -> None:
     from crecli.models.llama import LlamaBackend
 

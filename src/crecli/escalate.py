@@ -40,7 +40,7 @@ from crecli.live import LiveSource, LiveVotes, Pending, check, greedy_params  # 
 from crecli.trace import Step, Trace  # noqa: F401
 from crecli.models.backend import GenParams
 from crecli.models.prompting import render
-from crecli.models.registry import ModelPool, ends_at_option
+from crecli.models.registry import ModelPool, option_letters_for
 from crecli.route import RouteDecision, route, route_many
 
 if TYPE_CHECKING:
@@ -151,8 +151,8 @@ class Cascade:
             counted = backend.count_tokens(backend.prepare(prompt, GenParams(shots=shots))[0])
             bare = grading.bare_answer(trace.answer, trace.answer_type)
             ended = None
-            if bare is not None and ends_at_option(self.specs[top]) and \
-                    grading.decided_option(bare, grading.option_letters(trace.answer_type, prompt)):
+            if bare is not None and \
+                    grading.decided_option(bare, option_letters_for(self.specs[top], trace.answer_type, prompt)):
                 opening = backend.count_text_tokens(bare.rstrip(")"))
                 ended = None if opening is None else max(0, opening - 1)
             if ended is not None:
@@ -239,7 +239,8 @@ class Cascade:
         decision: RouteDecision | None = None,
     ) -> Pending:
         """Place `prompt` on its starting rung, routing it unless `decision` is given; each
-        rung's policy for it (its cluster's thresholds and priors) is resolved here, once."""
+        rung's policy for it (its cluster's thresholds and priors, the option letters its
+        model's greedy answer ends at) is resolved here, once."""
         if decision is None:
             decision = self.route(prompt)
         settings = self.router.settings_for(decision.cluster, decision.distance)
@@ -256,10 +257,9 @@ class Cascade:
             start_model=decision.model,
             familiar=decision.familiar,
         )
-        letters = grading.option_letters(answer_type, prompt)
         rungs = self.policy.rungs(settings.thresholds, settings.priors, settings.shots,
                                   grading.max_tokens_for(answer_type),
-                                  {m: letters for m in self.ladder if ends_at_option(self.specs[m])})
+                                  {m: option_letters_for(self.specs[m], answer_type, prompt) for m in self.ladder})
         return Pending(
             prompt=prompt,
             match=match,

@@ -189,7 +189,7 @@ _OPTION_OPENING = re.compile(r"\s*\(([A-Za-z])\)?")
 def option_letters(match: str | None, prompt: str) -> str:
     """The option letters at which a greedy answer to `prompt` ends (`decided_option`): the
     letters the prompt offers as "(A)", "(B)", ... when its answer type is `choice`, else ""
-    (no early end). The one rule of the live cascade and the recorded votes."""
+    (no early end). Which models end there is `registry.option_letters_for`'s to say."""
     if match != "choice":
         return ""
     return "".join(sorted(set(_PAREN_LETTER.findall(prompt))))

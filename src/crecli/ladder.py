@@ -64,7 +64,8 @@ class Rung:
     # answer type's token cap. A live source uses them; recorded votes already reflect them.
     shots: tuple[tuple[str, str], ...] = ()
     max_tokens: int = 0
-    # The option letters at which its greedy answer ends (`grading.option_letters`).
+    # The option letters at which its greedy answer ends (`registry.option_letters_for`; ""
+    # for a model that writes on, a remote rung's).
     option_letters: str = ""
 
 
@@ -252,7 +253,8 @@ class Policy:
         """Every rung's policy for one query, resolved once: `overrides` are its cluster's own
         thresholds, `priors` its cluster priors per model for the deferral check, `shots` the
         answered examples each model is shown, `max_tokens` its answer type's cap and
-        `option_letters` the letters each model's greedy answer ends at."""
+        `option_letters` the letters each model's greedy answer ends at ("" for a model it
+        does not name)."""
         last = len(self.ladder) - 1
         out = []
         for i, model in enumerate(self.ladder):

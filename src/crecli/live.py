@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 from crecli import grading
 from crecli.costs import Pricing, price_steps
 from crecli.ladder import AGREEMENT, DEFERRAL, GREEDY, Climb, Rung, Verdict, judge, streams_final
-from crecli.models.registry import ends_at_option
+from crecli.models.registry import option_letters_for
 from crecli.quality import judge_deferral, vote_params, was_cut
 from crecli.trace import Step, Trace
 
@@ -183,7 +183,7 @@ def check(
     the P(correct) check on `votes_wanted` votes and the cluster `prior`. For the benches
     and tests."""
     shown = tuple((str(q), str(a)) for q, a in shots)
-    letters = grading.option_letters(answer_type, prompt) if ends_at_option(backend.spec) else ""
+    letters = option_letters_for(backend.spec, answer_type, prompt)
     if deferral is not None:
         # k and early stopping as `Policy.rungs` gives them: an answer without log-probabilities
         # falls back to the agreement check on k votes, as in the cascade.

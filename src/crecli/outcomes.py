@@ -17,7 +17,9 @@ The store is a SQLite file keyed by (prompt sha256, model, model sha256, setting
   flight, and the next run continues where the last one stopped;
 - nothing is computed twice, not even two log lines with the same prompt;
 - adding a model to the ladder runs only that model, and a changed model file (another
-  sha256) or other quality settings (another key) are measured afresh.
+  sha256) or other quality settings (another key) are measured afresh;
+- a greedy vote that ends at its option letter is keyed "-o" (`settings_key`): recorded
+  before that rule, it runs again, and with k > 1 only it, the sampled votes kept.
 A remote rung's recording made before token counts its server left out were estimated (0
 prompt tokens, 0 output tokens for an answer with text) is read with them estimated by the
 live answer's rule (`_estimated`), so it is priced as `cre batch` prices that rung.
@@ -476,7 +478,6 @@ def collect(
     results: dict[OutcomeKey, Outcome] = {}
     for name in names:
         spec = settings.get(name)
-        ends = registry.ends_at_option(spec)
         identity = model_identity(spec) or ""
         store.check_rendering(spec, identity)
         pending: list[_Job] = []
@@ -494,7 +495,7 @@ def collect(
             if record.reference is None:
                 continue
             max_tokens = grading.max_tokens_for(record.match)
-            letters = grading.option_letters(record.match, record.prompt) if ends else ""
+            letters = registry.option_letters_for(spec, record.match, record.prompt)
             job = _Job(record, psha, settings_key(quality, max_tokens, letters), max_tokens, shots=examples,
                        option_letters=letters)
             found = _fits(spec, _recorded(store, spec, identity, quality, job))
@@ -518,9 +519,12 @@ def collect(
             rerun = len(stale)
         if pending:
             reused = sum(1 for key in results if key[1] == name) - rerun
+            # Greedy votes run again only to end at their option letter, sampled votes kept.
+            ending = sum(1 for j in pending if j.recorded is not None and not j.for_signals)
+            at_letter = f", {ending} to end at their option letter" if ending else ""
             console.status(
-                f"{name}: {len(pending) - rerun} queries to run, {rerun} greedy votes to re-run for "
-                f"their signals, {reused} already recorded or labelled"
+                f"{name}: {len(pending) - rerun - ending} queries to run, {rerun} greedy votes to re-run for "
+                f"their signals{at_letter}, {reused} already recorded or labelled"
             )
             store.require_writable(f"{name} on {len(pending)} queries")
             # Stable: within one set of examples, log order.

@@ -5,8 +5,11 @@ string anywhere. `create_completion` plays a scripted answer through llama-cpp-p
 0.3's non-streaming loop (`Llama._create_completion`): the logits processors see the
 prompt and the tokens evaluated so far before each token is sampled, so one step late;
 an end-of-generation token stops uncounted; a token that ends inside a multi-byte
-character defers the stop and length checks; a stop string cuts the text before it. It
-counts what others ask `detokenize` for, which its own loop does not use.
+character defers the stop and length checks; a stop string cuts the text before it. Each
+step's scores put the scripted token first (so it is the step's greedy token), and the
+stopping criteria are asked as `Llama.generate` asks them: after a token is chosen, before it
+is fed, and once more after the loop. It counts what others ask `detokenize` for, which its
+own loop does not use.
 """
 
 from __future__ import annotations

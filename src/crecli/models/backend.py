@@ -59,6 +59,12 @@ class GenParams:
     # so it is not part of what makes two votes' parameters the same.
     signals: bool = field(default=True, compare=False)
 
+    @property
+    def ends_at(self) -> str:
+        """The option letters this generation ends at: `option_letters` on a greedy pass,
+        "" on a sampled one (its token is drawn, not the argmax an ending is judged by)."""
+        return self.option_letters if self.temperature == 0.0 else ""
+
 
 @dataclass(frozen=True)
 class Signals:

@@ -53,11 +53,11 @@ class FakeBackend(Backend):
             answer = next((a for p, a in self.answers.items() if p in text), "I don't know")
         prompt_tokens = self.count_tokens(rendered)
         output_tokens = min(params.max_tokens, max(1, len(answer.split())))
-        if params.option_letters and params.temperature == 0.0:
+        if params.ends_at:
             # As the llama.cpp backend ends a greedy answer at its option letter (`OptionEnd`),
             # the deciding token unfed: a word is a token here, so no decode step at all.
             opening = _OPENING.match(answer)
-            decided = decided_option(opening.group(1), params.option_letters) if opening else None
+            decided = decided_option(opening.group(1), params.ends_at) if opening else None
             if decided is not None:
                 answer, output_tokens = decided, 0
         window = self.spec.context_window

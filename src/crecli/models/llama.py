@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from crecli import cancel
-from crecli.grading import decided_option
 from crecli.config import IN_PROCESS_REPEAT_PENALTY
 from crecli.errors import BackendError, CreError, ModelLoadError
 from crecli.models.backend import Backend, Generation, GenParams, StopSafeEmitter, context_room
@@ -38,7 +37,7 @@ from crecli.models.parallel import VOTE_SEQUENCES, Handoff, ParallelGreedy, Para
 from crecli.models.prompting import Rendered
 from crecli.models.pull import require_file
 from crecli.models.runtime import CRASH_HINT, abort_on_cancel, default_threads, loading, model_params, use_extra_bufts
-from crecli.models.tokens import SignalMeter, letter_tokens, prompt_head, prompt_tokens, shared_prefix
+from crecli.models.tokens import SignalMeter, decided_by, letter_tokens, prompt_head, prompt_tokens, shared_prefix
 
 if TYPE_CHECKING:
     from crecli.config import ModelSpec
@@ -127,8 +126,7 @@ class OptionEnd:
     def __call__(self, ids: Any, logits: Any) -> bool:
         # Asked once more after the loop ends; a decided answer stays decided.
         if self.text is None and self.token is not None:
-            answer = [*ids[self.n_prompt:], self.token]
-            self.text = decided_option(self.llm.detokenize(answer).decode("utf-8", errors="ignore"), self.letters)
+            self.text = decided_by(self.llm, [*ids[self.n_prompt:], self.token], self.letters)
         return self.text is not None
 
 
@@ -338,9 +336,8 @@ class LlamaBackend(Backend):
             handoff.restore(llm)
         elif params.shots:
             self._warm_prefix(params.shots)
-        greedy = params.temperature == 0.0
-        meter = SignalMeter(self.letters) if greedy and params.signals and self.read_signals else None
-        ending = OptionEnd(llm, n_prompt, params.option_letters) if greedy and params.option_letters else None
+        meter = SignalMeter(self.letters) if params.temperature == 0.0 and params.signals and self.read_signals else None
+        ending = OptionEnd(llm, n_prompt, params.ends_at) if params.ends_at else None
         processors = None
         streamed = None
         if meter is not None or emit is not None or ending is not None:

@@ -19,11 +19,10 @@ from typing import Any, Sequence
 
 from crecli import cancel
 from crecli.errors import BackendError, CreError, PromptTooLong
-from crecli.grading import decided_option
 from crecli.models.backend import Generation, GenParams, context_room
 from crecli.models.prompting import Rendered
 from crecli.models.runtime import abort_on_cancel
-from crecli.models.tokens import SignalMeter, prompt_tokens, shared_prefix
+from crecli.models.tokens import SignalMeter, decided_by, prompt_tokens, shared_prefix
 
 
 @dataclass
@@ -50,7 +49,8 @@ def _advance_stream(llm: Any, vocab: Any, stream: _Stream, token: int) -> tuple[
     The same stop rules, in the same order, as llama-cpp-python 0.3's `_create_completion`
     (non-streaming): an end-of-generation token stops without being counted; a stop string
     cuts the text before it; the token cap gives "length"; a token that ends inside a
-    multi-byte character defers the checks, as there. Before them all, as `OptionEnd` stops
+    multi-byte character defers the checks, as there. After the end-of-generation check (which
+    decides nothing: that token shows no text) and before the others, as `OptionEnd` stops
     `create_completion` before its token is fed: a token that decides an option answer ends
     it, uncounted.
     """
@@ -60,7 +60,7 @@ def _advance_stream(llm: Any, vocab: Any, stream: _Stream, token: int) -> tuple[
         return llm.detokenize(stream.out, prev_tokens=stream.prompt), "stop"
     stream.out.append(token)
     text = llm.detokenize(stream.out, prev_tokens=stream.prompt)
-    decided = decided_option(text.decode("utf-8", errors="ignore"), stream.letters) if stream.letters else None
+    decided = decided_by(llm, stream.out, stream.letters) if stream.letters else None
     if decided is not None:
         stream.out.pop()  # never fed: the answer took no decode step for it
         return decided.encode("utf-8"), "stop"
@@ -266,7 +266,7 @@ class ParallelGreedy:
             stops = [s.encode("utf-8") for s in p.stop]
             queue.append(_Stream(i, tokens, min(p.max_tokens, room) if p.max_tokens > 0 else room, stops,
                                  meter=SignalMeter(letters) if letters is not None else None,
-                                 letters=p.option_letters if p.temperature == 0.0 else ""))
+                                 letters=p.ends_at))
         memory = llama_cpp.llama_get_memory(self.ctx)
         llama_cpp.llama_memory_clear(memory, True)
         shared = self._decode_shared_prefix(list(queue), memory)

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from crecli.cancel import POLL_SECONDS, Gate, check
+from crecli.grading import option_letters
 from crecli.models.backend import Backend
 
 if TYPE_CHECKING:
@@ -48,6 +49,14 @@ def ends_at_option(spec: "ModelSpec") -> bool:
     llama.cpp's in-process ones do; a remote rung's server decodes its own way and writes on,
     so its answers are asked, recorded and priced without the rule."""
     return spec.backend != "openai"
+
+
+def option_letters_for(spec: "ModelSpec", match: str | None, prompt: str) -> str:
+    """The letters at which `spec`'s greedy answer to `prompt` ends: the prompt's offered
+    options for a `choice` answer (`grading.option_letters`) on a model that ends there
+    (`ends_at_option`), else "". The one rule of the live cascade, the recorded votes and the
+    strongest model's estimate."""
+    return option_letters(match, prompt) if ends_at_option(spec) else ""
 
 
 def _default_reports_signals(spec: "ModelSpec") -> bool:

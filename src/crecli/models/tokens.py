@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+from crecli.grading import decided_option
 from crecli.models.backend import Signals
 from crecli.models.prompting import HEAD_PROBES, Rendered, Shot, render, request_prompt
 
@@ -193,6 +194,14 @@ def summarize(logprobs: Sequence[float], margin: float | None) -> Signals | None
     if not logprobs:
         return None
     return Signals(min(logprobs), sum(logprobs) / len(logprobs), margin)
+
+
+def decided_by(llm: Any, answer: Sequence[int], letters: str) -> str | None:
+    """The ended option answer (`grading.decided_option`) that the tokens `answer` (those fed,
+    then the candidate) spell, or None to write on: the one judgement of the sequential
+    decode's stopping criterion (`llama.OptionEnd`) and the parallel one's
+    (`parallel._advance_stream`)."""
+    return decided_option(llm.detokenize(list(answer)).decode("utf-8", errors="ignore"), letters)
 
 
 class SignalMeter:
