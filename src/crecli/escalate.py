@@ -135,7 +135,7 @@ class Cascade:
         answer the strongest model would have ended at its letter (`grading.option_letters`)
         takes the decode steps of its opening "(B" less the deciding one, whatever the fit
         log's answers took (a router fitted before that rule recorded them written on), where
-        that model ends there (`registry.ends_at_option`) and its tokens can be counted."""
+        that model ends there (`registry.option_letters_for`) and its tokens can be counted."""
         top = self.strongest
         ran = next((step for step in trace.steps if step.model == top), None)
         if ran is not None:
@@ -150,13 +150,10 @@ class Cascade:
             backend = self._strongest_counter()
             counted = backend.count_tokens(backend.prepare(prompt, GenParams(shots=shots))[0])
             bare = grading.bare_answer(trace.answer, trace.answer_type)
-            ended = None
             if bare is not None and \
-                    grading.decided_option(bare, option_letters_for(self.specs[top], trace.answer_type, prompt)):
-                opening = backend.count_text_tokens(bare.rstrip(")"))
-                ended = None if opening is None else max(0, opening - 1)
-            if ended is not None:
-                output = ended
+                    grading.decided_option(bare, option_letters_for(self.specs[top], trace.answer_type, prompt)) and \
+                    (opening := backend.count_text_tokens(bare.rstrip(")"))) is not None:
+                output = max(0, opening - 1)
             elif output is None:
                 # The final answer as the strongest model, told to reply with the bare answer,
                 # would write it ("(B)", the number, the text), not as a rambling base model did.

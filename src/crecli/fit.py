@@ -239,9 +239,9 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
     shot_plan = None
     with store:
         # What this fit ran, from the rows it committed and the runs it used uncommitted
-        # (`OutcomeStore.unstored`): a row count misses a greedy answer re-run to record its
+        # (`OutcomeStore.ran`): a row count misses a greedy answer re-run to record its
         # signals (it replaces its row) and counts a concurrent fit's.
-        before = store.recorded + store.unstored
+        before = store.ran
         results = outcomes.collect(measured, settings, store, options.quality)
         kept = outcomes.leave_out_too_long(measured, results, settings.ladder, log_path)
         too_long = len(measured) - len(kept)
@@ -261,7 +261,7 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
         unanswered = sum(o.source == "too_long" for found in looked_up for o in found.values())
         needed = sum(len(found) for found in looked_up) - len(label_keys) - unanswered
         from_labels = len(set(label_keys))
-        ran = store.recorded + store.unstored - before
+        ran = store.ran - before
     seconds["outcomes"] = time.perf_counter() - t0
     model_seconds = sum(sum(v.seconds for v in o.votes) for o in results.values())
 

@@ -214,6 +214,11 @@ class OutcomeStore:
             ) from None
         self.unwritable = self._probe_write()
 
+    @property
+    def ran(self) -> int:
+        """Fresh runs this process has used: committed (`recorded`) or not (`unstored`)."""
+        return self.recorded + self.unstored
+
     def _other_database(self) -> str | None:
         """What the open database is instead of an outcome store, or None where it is one, or
         new (no tables yet), or one whose first open was cut short (only the store's tables).

@@ -56,8 +56,7 @@ class FakeBackend(Backend):
         if params.ends_at:
             # As the llama.cpp backend ends a greedy answer at its option letter (`OptionEnd`),
             # the deciding token unfed: a word is a token here, so no decode step at all.
-            opening = _OPENING.match(answer)
-            decided = decided_option(opening.group(1), params.ends_at) if opening else None
+            decided = decided_option(_OPENING.match(answer).group(1), params.ends_at)  # type: ignore[union-attr]
             if decided is not None:
                 answer, output_tokens = decided, 0
         window = self.spec.context_window

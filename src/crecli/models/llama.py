@@ -126,7 +126,7 @@ class OptionEnd:
     def __call__(self, ids: Any, logits: Any) -> bool:
         # Asked once more after the loop ends; a decided answer stays decided.
         if self.text is None and self.token is not None:
-            self.text = decided_by(self.llm, [*ids[self.n_prompt:], self.token], self.letters)
+            self.text = decided_by(self.llm.detokenize([*ids[self.n_prompt:], self.token]), self.letters)
         return self.text is not None
 
 

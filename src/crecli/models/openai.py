@@ -336,7 +336,7 @@ class OpenAIBackend(Backend):
             known = _SUPPORT.get(self._support_key)
         if known is not None or not probe:
             return known or SignalSupport("unknown", detail="not asked yet")
-        chat = self.spec.prompt_format == "chat"
+        chat = self._chat
         body: dict[str, Any] = {"model": self.spec.api_model or self.spec.name, "max_tokens": 1, "temperature": 0.0}
         if chat:
             body["messages"] = [{"role": "user", "content": PROBE_QUESTION}]
@@ -360,7 +360,7 @@ class OpenAIBackend(Backend):
         """The request fields that ask for `top` alternatives a token (none for 0)."""
         if top <= 0:
             return {}
-        if self.spec.prompt_format == "chat":
+        if self._chat:
             return {"logprobs": True, "top_logprobs": top}
         return {"logprobs": top}
 
@@ -688,16 +688,18 @@ class OpenAIBackend(Backend):
     def complete(self, rendered: Rendered, params: GenParams) -> Generation:
         """`rendered` posted as given (the `Backend` interface); cre's own requests, `generate`'s,
         are built by `_request`."""
-        greedy = params.temperature == 0.0 and params.signals
-        body = {**self._body(params), **completion_prompt(rendered)}
-        data, seconds = self._ask("completions", body, greedy)
-        return self._generation(data, body, _answer_text(data, chat=False), seconds, greedy)
+        return self._answer("completions", {**self._body(params), **completion_prompt(rendered)}, params)
 
     def generate(self, prompt: str, params: GenParams = GenParams()) -> Generation:
-        greedy = params.temperature == 0.0 and params.signals
         endpoint, body, _ = self._request(prompt, params)
+        return self._answer(endpoint, body, params)
+
+    def _answer(self, endpoint: str, body: dict[str, Any], params: GenParams) -> Generation:
+        """`body` posted to `endpoint` and its reply read as one answer: the one path of
+        `complete` and `generate`."""
+        greedy = params.temperature == 0.0 and params.signals
         data, seconds = self._ask(endpoint, body, greedy)
-        return self._generation(data, body, _answer_text(data, chat=self._chat), seconds, greedy)
+        return self._generation(data, body, _answer_text(data, chat=endpoint == "chat/completions"), seconds, greedy)
 
     def generate_streaming(self, prompt: str, params: GenParams, emit: Callable[[str], None]) -> Generation:
         """`generate` with the server's own token stream passed through to `emit` (`stream:

@@ -60,7 +60,7 @@ def _advance_stream(llm: Any, vocab: Any, stream: _Stream, token: int) -> tuple[
         return llm.detokenize(stream.out, prev_tokens=stream.prompt), "stop"
     stream.out.append(token)
     text = llm.detokenize(stream.out, prev_tokens=stream.prompt)
-    decided = decided_by(llm, stream.out, stream.letters) if stream.letters else None
+    decided = decided_by(text, stream.letters) if stream.letters else None
     if decided is not None:
         stream.out.pop()  # never fed: the answer took no decode step for it
         return decided.encode("utf-8"), "stop"

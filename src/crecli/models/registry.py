@@ -44,19 +44,13 @@ def signal_support(spec: "ModelSpec") -> str:
     return OpenAIBackend(spec).signal_support().label
 
 
-def ends_at_option(spec: "ModelSpec") -> bool:
-    """Whether `spec`'s greedy answers end at their option letter (`GenParams.option_letters`):
-    llama.cpp's in-process ones do; a remote rung's server decodes its own way and writes on,
-    so its answers are asked, recorded and priced without the rule."""
-    return spec.backend != "openai"
-
-
 def option_letters_for(spec: "ModelSpec", match: str | None, prompt: str) -> str:
-    """The letters at which `spec`'s greedy answer to `prompt` ends: the prompt's offered
-    options for a `choice` answer (`grading.option_letters`) on a model that ends there
-    (`ends_at_option`), else "". The one rule of the live cascade, the recorded votes and the
-    strongest model's estimate."""
-    return option_letters(match, prompt) if ends_at_option(spec) else ""
+    """The letters at which `spec`'s greedy answer to `prompt` ends (`GenParams.option_letters`):
+    the prompt's offered options for a `choice` answer (`grading.option_letters`) where llama.cpp
+    answers in process, else "": a remote rung's server decodes its own way and writes on, so
+    its answers are asked, recorded and priced without the rule. The one rule of the live
+    cascade, the recorded votes and the strongest model's estimate."""
+    return option_letters(match, prompt) if spec.backend != "openai" else ""
 
 
 def _default_reports_signals(spec: "ModelSpec") -> bool:

@@ -196,12 +196,12 @@ def summarize(logprobs: Sequence[float], margin: float | None) -> Signals | None
     return Signals(min(logprobs), sum(logprobs) / len(logprobs), margin)
 
 
-def decided_by(llm: Any, answer: Sequence[int], letters: str) -> str | None:
-    """The ended option answer (`grading.decided_option`) that the tokens `answer` (those fed,
-    then the candidate) spell, or None to write on: the one judgement of the sequential
-    decode's stopping criterion (`llama.OptionEnd`) and the parallel one's
-    (`parallel._advance_stream`)."""
-    return decided_option(llm.detokenize(list(answer)).decode("utf-8", errors="ignore"), letters)
+def decided_by(answer: bytes, letters: str) -> str | None:
+    """The ended option answer (`grading.decided_option`) that `answer`, the detokenized
+    tokens fed and then the candidate, spells, or None to write on: the one judgement of
+    the sequential decode's stopping criterion (`llama.OptionEnd`) and the parallel one's
+    (`parallel._advance_stream`, which has those bytes already)."""
+    return decided_option(answer.decode("utf-8", errors="ignore"), letters)
 
 
 class SignalMeter:
