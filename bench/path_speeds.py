@@ -122,7 +122,8 @@ def main() -> None:
                 entry = bench.stored(spec)
                 key = next(k for k, v in data.items() if v == entry)
                 pp, tg = measured[spec.name]
-                data[key] = {**entry, "pp_tokens_per_s": pp, "tg_tokens_per_s": tg, "runs": []}
+                # The two-speed fit prices with no pass (`bench.Rates`).
+                data[key] = {**entry, "pp_tokens_per_s": pp, "tg_tokens_per_s": tg, "pass_seconds": 0.0, "runs": []}
             copied.write_text(json.dumps(data))
             before = json.loads(cre("eval", str(args.eval_log), "--router", str(args.router), "--json")[1])
             after = json.loads(cre("eval", str(args.eval_log), "--router", str(args.router), "--json", env=env)[1])

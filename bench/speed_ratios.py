@@ -35,7 +35,7 @@ OUTPUT = 3
 
 def shares(speeds: list[bench.Speed]) -> list[float]:
     """Each model's cost of a typical query as a share of the last (top) model's."""
-    cost = [token_cost("bench-seconds", PROMPT, OUTPUT, speed=(s.pp_tokens_per_s, s.tg_tokens_per_s)) or 0.0 for s in speeds]
+    cost = [token_cost("bench-seconds", PROMPT, OUTPUT, speed=s.rates) or 0.0 for s in speeds]
     return [c / cost[-1] for c in cost]
 
 

@@ -25,7 +25,7 @@ def test_speeds_are_stored_per_file_and_thread_count(monkeypatch: pytest.MonkeyP
     bench.save(_speed(threads=2))
     monkeypatch.setenv("CRE_THREADS", "2")
     assert bench.stored(spec)["tg_tokens_per_s"] == 10.0
-    assert bench.speeds([spec]) == {"m": (100.0, 10.0)}
+    assert bench.speeds([spec]) == {"m": (100.0, 10.0, 0.0)}
     monkeypatch.setenv("CRE_THREADS", "3")  # another thread count: measure again
     assert bench.stored(spec) is None and bench.speeds([spec]) == {}
     monkeypatch.setenv("CRE_THREADS", "2")
@@ -72,7 +72,7 @@ def test_stored_speed_is_the_median_of_the_runs_measured_the_same_way(monkeypatc
     for i, (pp, tg) in enumerate([(100.0, 10.0), (300.0, 30.0), (200.0, 5.0)]):
         stored = bench.save(_speed(pp_tokens_per_s=pp, tg_tokens_per_s=tg, measured_at=f"t{i}"))
     assert (stored.pp_tokens_per_s, stored.tg_tokens_per_s, stored.pooled) == (200.0, 10.0, 3)
-    assert bench.speeds([spec]) == {"m": (200.0, 10.0)}
+    assert bench.speeds([spec]) == {"m": (200.0, 10.0, 0.0)}
     assert [r["measured_at"] for r in bench.stored(spec)["runs"]] == ["t0", "t1", "t2"]  # type: ignore[index]
     for i in range(bench.POOLED_RUNS):  # only the newest POOLED_RUNS count
         stored = bench.save(_speed(pp_tokens_per_s=50.0, measured_at=f"u{i}"))
@@ -82,6 +82,77 @@ def test_stored_speed_is_the_median_of_the_runs_measured_the_same_way(monkeypatc
     assert bench.save(_speed(pp_tokens_per_s=90.0, pp_tokens=48)).pp_tokens_per_s == 85.0
     fresh = bench.save(_speed(pp_tokens_per_s=70.0, pp_tokens=48), fresh=True)
     assert (fresh.pp_tokens_per_s, fresh.pooled) == (70.0, 1)
+
+
+def test_a_prompts_pass_is_pooled_and_priced_once_per_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
+    from crecli.costs import Pricing, token_cost
+
+    monkeypatch.setenv("CRE_THREADS", "2")
+    spec = ModelSpec(name="m", sha256="a" * 64)
+    for fixed in (0.10, 0.30, 0.20):
+        stored = bench.save(_speed(pass_seconds=fixed, pp_short_tokens=16))
+    assert stored.pass_seconds == pytest.approx(0.20) and stored.pooled == 3
+    assert bench.speeds([spec]) == {"m": (100.0, 10.0, pytest.approx(0.20))}
+    pricing = Pricing.for_models([spec])
+    # 60 prompt tokens: a pass and 60 tokens at 100/s; 10 output tokens at 10/s.
+    assert pricing.tokens("m", 60, 10) == pytest.approx(0.2 + 0.6 + 1.0)
+    # A later vote reads its prompt from the cache: no pass.
+    assert pricing.price_votes("m", 60, [10, 10], [0.0, 0.0]) == pytest.approx([1.8, 1.0])
+    # Answered examples are a prompt pass of their own (`LlamaBackend._warm_prefix`).
+    assert pricing.prefix("m", 100) == pytest.approx(0.2 + 1.0)
+    # A bare (prompt, generation) pair, as speeds stored before passes were, has none.
+    assert token_cost("bench-seconds", 60, 10, speed=(100.0, 10.0)) == pytest.approx(1.6)
+    # Measured before passes were: not pooled with runs that measured one.
+    assert bench.save(_speed()).pooled == 1 and bench.speeds([spec])["m"].pass_seconds == 0.0
+
+
+def test_split_pass_finds_a_prompts_pass_and_rate_and_holds_the_long_prompts_time() -> None:
+    # 0.15 s a pass and 5 ms a token: 16 tokens take 0.23 s, 48 take 0.39 s.
+    fixed, pp = bench.split_pass(16, 0.23, 48, 0.39)
+    assert fixed == pytest.approx(0.15) and pp == pytest.approx(200.0)
+    # Noise that puts the short prompt above the long one: no pass, the long prompt's rate.
+    assert bench.split_pass(16, 0.40, 48, 0.39) == (0.0, pytest.approx(48 / 0.39))
+    # A pass past the long prompt's time is clamped, and the rest of that time buys the tokens.
+    fixed, pp = bench.split_pass(16, 0.389, 48, 0.39)
+    assert fixed == pytest.approx(0.9 * 0.39) and fixed + 48 / pp == pytest.approx(0.39)
+    assert bench.split_pass(0, 0.0, 48, 0.48) == (0.0, pytest.approx(100.0))  # nothing short timed
+
+
+def test_a_measurement_times_a_short_and_a_long_prompt_and_splits_off_the_pass(
+    tiny_models_toml: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A model whose prompt takes 0.1 s a pass plus 2 ms a token and whose output takes 0.05 s a
+    # token, on a clock that only its evals move.
+    clock = [0.0]
+
+    class FakeLlama:
+        n_tokens = 0
+
+        def tokenize(self, text: bytes, add_bos: bool = True) -> list[int]:
+            return list(range(len(text.split())))
+
+        def reset(self) -> None:
+            self.n_tokens = 0
+
+        def eval(self, toks: list[int]) -> None:
+            clock[0] += 0.05 if len(toks) == 1 else 0.1 + 0.002 * len(toks)
+
+        def sample(self, temp: float) -> int:
+            return 1
+
+    class FakeBackend:
+        def __init__(self, spec: ModelSpec) -> None:
+            self.llm, self.n_ctx, self.load_seconds, self.n_threads = FakeLlama(), 4096, 0.1, 2
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(llama, "LlamaBackend", FakeBackend)
+    monkeypatch.setattr(tokens, "prompt_head", lambda llm, fmt, *a: [7] * 5)
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    run = bench._run_once(config.load(tiny_models_toml).get("small"), 48, 8)
+    assert (run.pp_tokens, run.pp_short, run.head) == (48, 16, 5)
+    assert run.pass_seconds == pytest.approx(0.1) and run.pp == pytest.approx(500.0) and run.tg == pytest.approx(20.0)
 
 
 def test_the_speeds_age_is_the_oldest_pooled_run_until_a_fresh_bench(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -82,6 +82,10 @@ def test_bench_times_short_prompts_after_the_cached_head(gemma) -> None:
     assert speed.head_tokens is not None and speed.head_tokens > 10
     assert speed.pp_tokens == 16 and speed.tg_tokens == 4 and speed.repeats == 2
     assert speed.pp_tokens_per_s > 0 and speed.tg_tokens_per_s > 0
+    # A prompt's pass is split off a short prompt timed beside the long one, and never takes
+    # the long prompt's whole time (`bench.split_pass`).
+    assert speed.pp_short_tokens == 16 // bench.PP_SHORT_SHARE
+    assert 0.0 <= speed.pass_seconds < speed.pass_seconds + speed.pp_tokens / speed.pp_tokens_per_s
 
 
 def test_bench_past_a_small_context_says_so_before_measuring(gemma) -> None:

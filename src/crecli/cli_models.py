@@ -88,13 +88,14 @@ def models_bench(
     fresh: Annotated[bool, typer.Option("--fresh", help="Forget earlier runs of these models: price them by this run alone (after a hardware or build change).")] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Measure prompt-processing and generation tokens/s of each model on this machine.
+    """Measure prompt-processing and generation speeds of each model on this machine.
 
     Each model is first loaded and run in a child process, so a llama.cpp crash (for
     example on some AMX Xeons) is reported with its cause and fix. Then every model is
     measured in `--repeats` interleaved rounds, one model at a time, so a slow minute of a
     shared machine slows them alike; prompts are timed as short queries after the cached
-    chat head. Rounds that disagree, or a busy machine, give a warning. Figures are stored
+    chat head, at `--pp-tokens` and at a third of it, which splits a prompt's time into a
+    pass over the weights (whatever its length) and a rate per token. Rounds that disagree, or a busy machine, give a warning. Figures are stored
     in the user data dir per file sha256 and thread count, and used as each model's cost:
     the median of this run and the last few measured the same way, because a shared
     machine's speed ratios drift from hour to hour (`--fresh` keeps only this run). Remote

@@ -4,11 +4,14 @@ Three units, chosen in this order:
 
 - "price": tokens times each model's `price_per_1k_tokens` from models.toml, when every
   model has one;
-- "bench-seconds": each answer's prompt tokens at the prompt speed and its output tokens at
-  the generation speed that `cre models bench` measured, when every model has been
-  measured. It is this machine's speed, but it does not depend on what else was running
-  while the answers were drawn; raw seconds do, and a busy machine skews one model
-  against another;
+- "bench-seconds": each answer's prompt at the prompt rates and its output tokens at the
+  generation speed that `cre models bench` measured, when every model has been measured.
+  A prompt costs one pass over the model's weights, whatever its length, plus its tokens:
+  on 2 cores the 1.5B's pass is about 0.16 s, a third of a short query's prompt, while the
+  270M's is 0.02 s, so pricing prompts by tokens alone made the 1.5B look cheaper against
+  the small rungs than the clock says (`bench.Rates`). It is this machine's speed, but it
+  does not depend on what else was running while the answers were drawn; raw seconds do,
+  and a busy machine skews one model against another;
 - "seconds": the model-seconds each answer took.
 
 In every unit a model's first vote pays for the prompt and later votes only for their output
@@ -64,20 +67,23 @@ def token_cost(
     prompt_tokens: float,
     output_tokens: float,
     price_per_1k_tokens: float | None = None,
-    speed: tuple[float, float] | None = None,
+    speed: "bench.Rates | tuple[float, float] | None" = None,
 ) -> float | None:
     """Cost of reading `prompt_tokens` and writing `output_tokens`; None if its figure is unknown.
 
-    "price": tokens times the price. Any other unit: seconds at the benchmarked
-    (prompt, generation) tokens/s in `speed`, which is also how a model that never ran is
-    priced in measured seconds.
+    "price": tokens times the price. Any other unit: seconds at the benchmarked rates in
+    `speed` (`bench.Rates`: a prompt's pass, then its tokens at the prompt speed, and the
+    output tokens at the generation speed; a bare (prompt, generation) pair has no pass),
+    which is also how a model that never ran is priced in measured seconds. No prompt
+    tokens, no pass: a later vote reads its prompt from the cache.
     """
     if unit == "price":
         return None if price_per_1k_tokens is None else (prompt_tokens + output_tokens) * price_per_1k_tokens / 1000.0
     if speed is None:
         return None
-    pp, tg = speed
-    return prompt_tokens / pp + output_tokens / tg
+    rates = bench.Rates(*speed)
+    prompt = rates.pass_seconds + prompt_tokens / rates.pp if prompt_tokens > 0 else 0.0
+    return prompt + output_tokens / rates.tg
 
 
 def check_unit(unit: str, what: str = "cost unit", error: type[CreError] = CreError) -> str:
@@ -94,7 +100,7 @@ class Pricing:
         self,
         unit: str,
         prices: dict[str, float],
-        speeds: dict[str, tuple[float, float]] | None = None,
+        speeds: "dict[str, bench.Rates] | None" = None,
         heads: dict[str, int] | None = None,
     ) -> None:
         self.unit = check_unit(unit)
@@ -290,7 +296,7 @@ class CostModel(Pricing):
         unit: str,
         prices: dict[str, float],
         label_cost: dict[str, float],
-        speeds: dict[str, tuple[float, float]] | None = None,
+        speeds: "dict[str, bench.Rates] | None" = None,
         heads: dict[str, int] | None = None,
     ) -> None:
         super().__init__(unit, prices, speeds, heads)

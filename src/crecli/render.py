@@ -100,11 +100,12 @@ def bench_table(speeds: list["Speed"]) -> None:
     from rich.table import Table
 
     table = Table(title="Measured speed on this machine", title_justify="left")
-    for col in ("model", "threads", "load s", "prompt tok/s", "gen tok/s", "runs", "spread", "repacked"):
+    for col in ("model", "threads", "load s", "prompt pass s", "prompt tok/s", "gen tok/s", "runs", "spread", "repacked"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for s in speeds:
         table.add_row(
-            s.model, str(s.threads), f"{s.load_seconds:.1f}", f"{s.pp_tokens_per_s:.0f}", f"{s.tg_tokens_per_s:.1f}",
+            s.model, str(s.threads), f"{s.load_seconds:.1f}", f"{s.pass_seconds:.3f}", f"{s.pp_tokens_per_s:.0f}",
+            f"{s.tg_tokens_per_s:.1f}",
             str(s.pooled), f"{max(s.pp_spread, s.tg_spread):.0%}" + ("" if s.steady else " !"),
             {True: "yes", False: "no (AMX)" if s.extra_bufts is False else "no", None: "-"}[s.extra_bufts],
         )

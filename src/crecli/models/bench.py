@@ -3,7 +3,8 @@
 Prompt processing (pp) and token generation (tg) are timed separately, straight through
 llama.cpp's eval and sample calls, because they differ by an order of magnitude and a
 query's cost is a mix of both. Prompts are timed as they run: a short query's tokens after
-the cached head. Every model is measured `repeats` times in interleaved rounds (each model
+the cached head, at two lengths, because a prompt's time is a pass over the weights,
+whatever its length, plus a time per token (`Rates`). Every model is measured `repeats` times in interleaved rounds (each model
 once per round, in a fresh load); the median is stored and the spread (slowest against
 fastest run) is reported, because a run beside another busy process can be several times
 slower and would make that model look dear.
@@ -24,7 +25,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 from crecli import paths
 
@@ -42,6 +43,9 @@ MAX_BUSY = 0.25
 # relatively faster than at 40 (`bench/cpu_backends.py --lengths`), which priced the
 # small rungs above what their answers take on the clock.
 PP_TOKENS = 48
+# The shorter prompt each round also times, as a share of PP_TOKENS (16 tokens at 48): the
+# two lengths give a prompt's pass and its time per token (`Rates`).
+PP_SHORT_SHARE = 3
 # A short prompt takes a fraction of a second, so each run times this many in a row
 # (with 4, runs of the 0.5B disagreed by up to 52% on a quiet 2-core VM).
 PP_ROUNDS = 8
@@ -54,6 +58,25 @@ POOLED_RUNS = 5
 # How long a save waits for another bench's save (a read and a write: milliseconds) before
 # giving up with the figures it measured in the error.
 LOCK_WAIT_SECONDS = 30.0
+
+
+class Rates(NamedTuple):
+    """What a model's answer costs in seconds on this machine: `pass_seconds` for a prompt
+    pass, whatever its length, plus its tokens at `pp` tokens/s, and each output token at
+    `tg` tokens/s (`costs.token_cost`).
+
+    Why a pass: a short prompt's time is mostly reading the weights once, not its tokens.
+    On a 2-core Xeon the 1.5B took 0.18 s for 4 prompt tokens and 0.48 s for 48 (0.165 s
+    plus 7.0 ms a token, least squares over 4-128 tokens), the 0.5B 0.04 s plus 4.6 ms and
+    gemma 0.02 s plus 1.4 ms. Priced at 48 tokens' average rate instead, a 25-token query
+    cost the 1.5B a quarter less than its clock, and its answers took 1.15 s a priced second
+    in `bench/cost_vs_clock.py` against 0.90-1.05 for the small rungs'. Speeds measured
+    before passes were (`Speed.pp_short_tokens` None) have a pass of 0 and their average rate.
+    """
+
+    pp: float
+    tg: float
+    pass_seconds: float = 0.0
 
 
 @dataclass
@@ -83,6 +106,16 @@ class Speed:
     # "measured_at"}); pp_tokens_per_s and tg_tokens_per_s above are their medians once
     # stored (`save`). Empty for a measurement not stored yet.
     runs: list[dict[str, Any]] = field(default_factory=list)
+    # Seconds a prompt pass costs whatever its length (`Rates`), from timing a prompt of
+    # `pp_short_tokens` beside one of `pp_tokens`; `pp_tokens_per_s` is then the rate of the
+    # tokens after it. 0.0 and None: measured before passes were (the average rate at
+    # `pp_tokens`).
+    pass_seconds: float = 0.0
+    pp_short_tokens: int | None = None
+
+    @property
+    def rates(self) -> Rates:
+        return Rates(self.pp_tokens_per_s, self.tg_tokens_per_s, self.pass_seconds)
 
     @property
     def steady(self) -> bool:
@@ -142,12 +175,30 @@ class _Run:
     pp_tokens: int
     load_seconds: float
     threads: int
+    pass_seconds: float = 0.0
+    pp_short: int = 0
+
+
+def split_pass(n_short: int, short_seconds: float, n_long: int, long_seconds: float) -> tuple[float, float]:
+    """(pass seconds, prompt tokens/s) from a prompt of `n_short` tokens that took
+    `short_seconds` and one of `n_long` that took `long_seconds` (`Rates`).
+
+    The line through the two points, held so that the longer prompt costs what it took: a
+    pass below 0 or above the longer prompt's time (noise, on a busy machine) is clamped,
+    and the rate is what the rest of that time buys. So a measurement that finds no pass
+    prices as before passes were measured.
+    """
+    per_token = (long_seconds - short_seconds) / (n_long - n_short) if n_long > n_short else 0.0
+    fixed = long_seconds - n_long * per_token if per_token > 0 else 0.0
+    fixed = min(max(fixed, 0.0), 0.9 * long_seconds)
+    return fixed, n_long / (long_seconds - fixed)
 
 
 def _run_once(spec: "ModelSpec", pp_tokens: int, tg_tokens: int) -> _Run:
     """Load `spec`, time PP_ROUNDS prompts of `pp_tokens` new tokens after its cached head
-    (the chat template's fixed start, which llama.cpp reuses from the previous prompt), then
-    `tg_tokens` greedy tokens after the last of them, and unload it."""
+    (the chat template's fixed start, which llama.cpp reuses from the previous prompt), each
+    beside one of `pp_tokens // PP_SHORT_SHARE` (`split_pass`), then `tg_tokens` greedy
+    tokens after the last long one, and unload it."""
     from crecli.models.llama import LlamaBackend
     from crecli.models.tokens import prompt_head
 
@@ -170,18 +221,22 @@ def _run_once(spec: "ModelSpec", pp_tokens: int, tg_tokens: int) -> _Run:
         if first:
             llm.eval(first)
         llm.eval(tokens[:8])  # warm-up: first decode allocates buffers
-        elapsed = 0.0
+        short = len(tokens) // PP_SHORT_SHARE
+        elapsed = {short: 0.0, len(tokens): 0.0}
         for _ in range(PP_ROUNDS):
-            llm.n_tokens = len(first)  # as if the previous prompt had shared only the head
-            start = time.perf_counter()
-            llm.eval(tokens)
-            elapsed += time.perf_counter() - start
+            # Short, then long, so the generation below follows a long prompt, as before.
+            for n in (short, len(tokens)) if short else (len(tokens),):
+                llm.n_tokens = len(first)  # as if the previous prompt had shared only the head
+                start = time.perf_counter()
+                llm.eval(tokens[:n])
+                elapsed[n] += time.perf_counter() - start
+        fixed, pp = split_pass(short, elapsed[short] / PP_ROUNDS, len(tokens), elapsed[len(tokens)] / PP_ROUNDS)
         start = time.perf_counter()
         for _ in range(tg_tokens):
             token = llm.sample(temp=0.0)
             llm.eval([token])
         tg = tg_tokens / (time.perf_counter() - start)
-        return _Run(PP_ROUNDS * len(tokens) / elapsed, tg, len(first), len(tokens), backend.load_seconds, backend.n_threads)
+        return _Run(pp, tg, len(first), len(tokens), backend.load_seconds, backend.n_threads, fixed, short)
     finally:
         backend.close()
 
@@ -212,6 +267,7 @@ def measure_all(
     for spec in specs:
         done = runs[spec.name]
         pp_rates, tg_rates = [x.pp for x in done], [x.tg for x in done]
+        passes = [x.pass_seconds for x in done]
         speed = Speed(
             model=spec.name,
             sha256=file_digest(spec),
@@ -222,12 +278,16 @@ def measure_all(
             pp_tokens=done[0].pp_tokens,
             tg_tokens=tg_tokens,
             measured_at=paths.stamp(),
-            pp_spread=spread(pp_rates),
+            # Of the time a prompt of `pp_tokens` takes: the rate after a pass is a difference of
+            # two timings, noisier than what a prompt costs.
+            pp_spread=spread([x.pp_tokens / (x.pass_seconds + x.pp_tokens / x.pp) for x in done]),
             tg_spread=spread(tg_rates),
             repeats=len(done),
             busy_share=busy,
             extra_bufts=use_extra_bufts(),
             head_tokens=done[0].head,
+            pass_seconds=_median(passes),
+            pp_short_tokens=done[0].pp_short,
         )
         speed.warnings = check(speed)
         out.append(speed)
@@ -293,9 +353,16 @@ def _rate(value: Any) -> float | None:
     return float(value) if math.isfinite(value) and value > 0 else None
 
 
-def _run_record(pp: float, tg: float, measured_at: str) -> dict[str, Any]:
+def _seconds(value: Any) -> float | None:
+    """A stored pass time (`Rates.pass_seconds`), or None when it is not a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) and value >= 0 else None
+
+
+def _run_record(pp: float, tg: float, measured_at: str, pass_seconds: float = 0.0) -> dict[str, Any]:
     """One pooled run as `Speed.runs` and bench.json keep it."""
-    return {"pp_tokens_per_s": pp, "tg_tokens_per_s": tg, "measured_at": measured_at}
+    return {"pp_tokens_per_s": pp, "tg_tokens_per_s": tg, "pass_seconds": pass_seconds, "measured_at": measured_at}
 
 
 def _earlier_runs(entry: Any, speed: Speed) -> list[dict[str, Any]]:
@@ -304,7 +371,8 @@ def _earlier_runs(entry: Any, speed: Speed) -> list[dict[str, Any]]:
     written before runs were pooled counts as one run."""
     if not isinstance(entry, dict):
         return []
-    same = all(entry.get(k) == getattr(speed, k) for k in ("pp_tokens", "tg_tokens", "head_tokens", "extra_bufts"))
+    same = all(entry.get(k) == getattr(speed, k)
+               for k in ("pp_tokens", "tg_tokens", "head_tokens", "extra_bufts", "pp_short_tokens"))
     if not same:
         return []
     runs = entry.get("runs")
@@ -315,8 +383,9 @@ def _earlier_runs(entry: Any, speed: Speed) -> list[dict[str, Any]]:
         if not isinstance(run, dict):
             continue
         pp, tg = _rate(run.get("pp_tokens_per_s")), _rate(run.get("tg_tokens_per_s"))
-        if pp is not None and tg is not None:
-            kept.append(_run_record(pp, tg, str(run.get("measured_at", ""))))
+        fixed = _seconds(run.get("pass_seconds", 0.0))
+        if pp is not None and tg is not None and fixed is not None:
+            kept.append(_run_record(pp, tg, str(run.get("measured_at", "")), fixed))
     return kept
 
 
@@ -367,10 +436,12 @@ def save(speed: Speed, fresh: bool = False) -> Speed:
             data = _stored_for_update(path)
             key = _key(speed.sha256, speed.model, speed.threads)
             runs = [] if fresh else _earlier_runs(data.get(key), speed)
-            runs = [*runs, _run_record(speed.pp_tokens_per_s, speed.tg_tokens_per_s, speed.measured_at)][-POOLED_RUNS:]
+            runs = [*runs, _run_record(speed.pp_tokens_per_s, speed.tg_tokens_per_s, speed.measured_at,
+                                       speed.pass_seconds)][-POOLED_RUNS:]
             pooled = replace(speed, runs=runs,
                              pp_tokens_per_s=_median([r["pp_tokens_per_s"] for r in runs]),
-                             tg_tokens_per_s=_median([r["tg_tokens_per_s"] for r in runs]))
+                             tg_tokens_per_s=_median([r["tg_tokens_per_s"] for r in runs]),
+                             pass_seconds=_median([r["pass_seconds"] for r in runs]))
             data[key] = asdict(pooled)
             paths.atomic_write(path, json.dumps(data, indent=2))
     except OSError as exc:
@@ -396,7 +467,8 @@ def stored(spec: ModelSpec, threads: int | None = None, file: Path | None = None
     entry = load_all(file).get(_key(file_digest(spec), spec.name, threads or default_threads()))
     if not isinstance(entry, dict):
         return None
-    if _rate(entry.get("pp_tokens_per_s")) is not None and _rate(entry.get("tg_tokens_per_s")) is not None:
+    if (_rate(entry.get("pp_tokens_per_s")) is not None and _rate(entry.get("tg_tokens_per_s")) is not None
+            and _seconds(entry.get("pass_seconds", 0.0)) is not None):
         return entry
     return None
 
@@ -435,14 +507,15 @@ def speeds_age_hours(specs: Sequence[ModelSpec], unit: str) -> float | None:
     return None if measured is None else max(0.0, time.time() - measured) / 3600
 
 
-def speeds(specs: Sequence[ModelSpec], file: Path | None = None) -> dict[str, tuple[float, float]]:
-    """(prompt, generation) tokens/s of each model that `cre models bench` measured (in
-    `file` when given, see `load_all`)."""
+def speeds(specs: Sequence[ModelSpec], file: Path | None = None) -> dict[str, Rates]:
+    """The rates (`Rates`) of each model that `cre models bench` measured (in `file` when
+    given, see `load_all`); a pass of 0 where they were measured before passes were."""
     out = {}
     for spec in specs:
         entry = stored(spec, file=file)
         if entry:
-            out[spec.name] = (float(entry["pp_tokens_per_s"]), float(entry["tg_tokens_per_s"]))
+            out[spec.name] = Rates(float(entry["pp_tokens_per_s"]), float(entry["tg_tokens_per_s"]),
+                                   float(entry.get("pass_seconds", 0.0)))
     return out
 
 
