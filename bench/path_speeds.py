@@ -1,6 +1,6 @@
 """Each model's speeds measured on the answering path, against `cre models bench`'s.
 
-`cre models bench` times a microbenchmark (48 prompt tokens after the cached head, then 64
+`cre models bench` times a microbenchmark (48 and 16 prompt tokens after the cached head, then 64
 generated tokens, straight through llama.cpp's eval), and every bench-seconds cost is priced
 at its figures. `bench/cost_vs_clock.py` found the rungs mispriced against each other on the
 clock (the 1.5B's answers took 1.19-1.32x their price, gemma's 0.68-0.77x). This measures
@@ -104,7 +104,7 @@ def main() -> None:
         measured = {name: fit_speeds(r) for name, r in rows.items()}
         result: dict[str, Any] = {
             "log": str(args.log), "n": args.n, "rounds": args.rounds,
-            "models": {name: {"answers": len(rows[name]), "stored": stored.get(name), "path": measured[name],
+            "models": {name: {"answers": len(rows[name]), "stored": stored[name]._asdict() if name in stored else None, "path": measured[name],
                               "with_constant": fit_with_constant(rows[name]),
                               "mean_prompt_tokens": sum(p for p, _, _ in rows[name]) / len(rows[name]),
                               "mean_output_tokens": sum(o for _, o, _ in rows[name]) / len(rows[name]),
@@ -123,7 +123,8 @@ def main() -> None:
                 key = next(k for k, v in data.items() if v == entry)
                 pp, tg = measured[spec.name]
                 # The two-speed fit prices with no pass (`bench.Rates`).
-                data[key] = {**entry, "pp_tokens_per_s": pp, "tg_tokens_per_s": tg, "pass_seconds": 0.0, "runs": []}
+                data[key] = {**entry, "pp_tokens_per_s": pp, "tg_tokens_per_s": tg, "pass_seconds": 0.0,
+                             "pp_short_tokens": None, "runs": []}
             copied.write_text(json.dumps(data))
             before = json.loads(cre("eval", str(args.eval_log), "--router", str(args.router), "--json")[1])
             after = json.loads(cre("eval", str(args.eval_log), "--router", str(args.router), "--json", env=env)[1])
@@ -134,7 +135,8 @@ def main() -> None:
     for name, m in result["models"].items():
         s = m["stored"]
         print(f"{name}: answering path pp {m['path'][0]:.0f} tg {m['path'][1]:.1f} tokens/s over {m['answers']} answers; "
-              f"stored {s[0]:.0f} / {s[1]:.1f}; took {m['seconds']:.1f} s for {m['stored_price']:.1f} priced" if s else "")
+              f"(with a constant: {m['with_constant']['per_answer_seconds']:.3f} s an answer); stored pass "
+              f"{s['pass_seconds']:.3f} s, {s['pp']:.0f} / {s['tg']:.1f}; took {m['seconds']:.1f} s for {m['stored_price']:.1f} priced" if s else "")
     if "eval" in result:
         print(f"cre eval cost share: {result['eval']['stored_speeds']:.3f} at the stored speeds, "
               f"{result['eval']['path_speeds']:.3f} at the answering path's")

@@ -27,7 +27,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from crecli.models.bench import Rates
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +104,7 @@ def main() -> None:
     write(args.out, summary, rows)
 
 
-def model_speed(spec: Any, file: Path | None) -> tuple[float, float]:
+def model_speed(spec: Any, file: Path | None) -> "Rates":
     from crecli.models import bench
 
     speed = bench.speeds([spec], file).get(spec.name)
@@ -111,7 +114,7 @@ def model_speed(spec: Any, file: Path | None) -> tuple[float, float]:
     return speed
 
 
-def price(prompt_tokens: int, output_tokens: int, head: int, speed: tuple[float, float]) -> float:
+def price(prompt_tokens: int, output_tokens: int, head: int, speed: "Rates") -> float:
     """One answer in bench-seconds, the template's shared head left out: `Pricing.tokens`,
     the rule cre prices its own answers with, given this template's head."""
     from crecli.costs import Pricing

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from crecli import config, grading, querylog
+from crecli.costs import token_cost
 from crecli.models import bench
 from crecli.models.llama import LlamaBackend
 from crecli.quality import QualityCheck, vote_params
@@ -44,7 +45,7 @@ def main() -> int:
         head = bench.cached_head_tokens(llm, spec.prompt_format)
         speed = bench.speeds([spec]).get(name)
         times = {"cold": 0.0, "warm": 0.0}
-        tokens = {"prompt": 0, "out": 0}
+        sizes: list[tuple[int, int]] = []  # each cold answer's (prompt, output) tokens
         for mode in ("cold", "warm"):
             for r in records:
                 params = vote_params(quality, 0, grading.max_tokens_for(r.match), r.prompt,
@@ -55,17 +56,17 @@ def main() -> int:
                 gen = backend.generate(r.prompt, params)
                 times[mode] += time.perf_counter() - start
                 if mode == "cold":
-                    tokens["prompt"] += gen.prompt_tokens
-                    tokens["out"] += gen.output_tokens
+                    sizes.append((gen.prompt_tokens, gen.output_tokens))
         backend.close()
         predicted = "-"
         if speed is not None:
-            pp, tg = speed
-            full = tokens["prompt"] / pp + tokens["out"] / tg
-            warm = max(0, tokens["prompt"] - head * len(records)) / pp + tokens["out"] / tg
+            # Each prompt priced by the one rule (`costs.token_cost`): a pass and its tokens,
+            # all of them cold, after the head warm.
+            full = sum(token_cost("bench-seconds", p, o, speed=speed) or 0.0 for p, o in sizes)
+            warm = sum(token_cost("bench-seconds", max(0, p - head), o, speed=speed) or 0.0 for p, o in sizes)
             predicted = f"{warm / full:.2f}"
         n = len(records)
-        print(f"{name:32} {head:5d} {tokens['prompt'] / n:7.1f} {times['cold']:8.2f} {times['warm']:8.2f} "
+        print(f"{name:32} {head:5d} {sum(p for p, _ in sizes) / n:7.1f} {times['cold']:8.2f} {times['warm']:8.2f} "
               f"{times['warm'] / times['cold']:10.2f} {predicted:>10}")
     return 0
 

@@ -69,8 +69,9 @@ def tiny_models_toml(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def bench_speeds() -> Callable[..., None]:
-    """Store (prompt, generation) tokens/s per model name as `cre models bench --fresh`
-    would, so costs are in bench-seconds; a later call replaces, never pools, them.
+    """Store (prompt, generation) tokens/s per model name, or (prompt, generation, pass
+    seconds), as `cre models bench --fresh` would, so costs are in bench-seconds; a later
+    call replaces, never pools, them.
     `measured_at` as bench writes it (`paths.stamp`), or `hours_ago` to write that
     time; "now" is no readable time."""
     import time
@@ -78,12 +79,14 @@ def bench_speeds() -> Callable[..., None]:
     from crecli.models import bench
     from crecli.models.runtime import default_threads
 
-    def store(speeds: dict[str, tuple[float, float]], measured_at: str = "now", hours_ago: float | None = None) -> None:
+    def store(speeds: dict[str, tuple[float, ...]], measured_at: str = "now", hours_ago: float | None = None) -> None:
         if hours_ago is not None:
             measured_at = paths.stamp(time.time() - hours_ago * 3600)
-        for name, (pp, tg) in speeds.items():
-            bench.save(bench.Speed(name, None, default_threads(), pp_tokens_per_s=pp, tg_tokens_per_s=tg,
-                                   load_seconds=1.0, pp_tokens=256, tg_tokens=64, measured_at=measured_at), fresh=True)
+        for name, figures in speeds.items():
+            rates = bench.Rates(*figures)
+            bench.save(bench.Speed(name, None, default_threads(), pp_tokens_per_s=rates.pp, tg_tokens_per_s=rates.tg,
+                                   load_seconds=1.0, pp_tokens=256, tg_tokens=64, measured_at=measured_at,
+                                   pass_seconds=rates.pass_seconds), fresh=True)
 
     return store
 

@@ -61,7 +61,7 @@ def test_a_save_that_waits_too_long_for_the_lock_says_what_it_measured(monkeypat
     monkeypatch.setattr(bench, "LOCK_WAIT_SECONDS", 0.0)
     paths.ensure(paths.bench_file().parent)
     with paths.exclusive(paths.bench_lock_file(), 0):
-        with pytest.raises(CreError, match=r"held by another process.*m measured 100.0 prompt and 10.0 generated"):
+        with pytest.raises(CreError, match=r"held by another process.*m measured a 0.000 s prompt pass, 100.0 prompt and 10.0 generated"):
             bench.save(_speed("m"))
     assert not paths.bench_file().exists()
 
@@ -84,26 +84,60 @@ def test_stored_speed_is_the_median_of_the_runs_measured_the_same_way(monkeypatc
     assert (fresh.pp_tokens_per_s, fresh.pooled) == (70.0, 1)
 
 
-def test_a_prompts_pass_is_pooled_and_priced_once_per_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
+def _timed(short: float, long: float, **kw: object) -> bench.Speed:
+    """A measurement whose 16- and 48-token prompts took `short` and `long` seconds."""
+    fixed, pp = bench.split_pass(16, short, 48, long)
+    return _speed(pp_tokens=48, pp_short_tokens=16, short_seconds=short, long_seconds=long, pass_seconds=fixed,
+                  pp_tokens_per_s=pp, **kw)
+
+
+def test_a_prompts_pass_is_pooled_from_the_runs_timings_and_priced_once_per_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
     from crecli.costs import Pricing, token_cost
 
     monkeypatch.setenv("CRE_THREADS", "2")
     spec = ModelSpec(name="m", sha256="a" * 64)
-    for fixed in (0.10, 0.30, 0.20):
-        stored = bench.save(_speed(pass_seconds=fixed, pp_short_tokens=16))
-    assert stored.pass_seconds == pytest.approx(0.20) and stored.pooled == 3
-    assert bench.speeds([spec]) == {"m": (100.0, 10.0, pytest.approx(0.20))}
+    # Noise moves a run's pass and rate together: (0 s, 100/s) and (0.36 s, 400/s) both took
+    # 0.48 s for 48 tokens. Pooled from the timings, 48 tokens still cost 0.48 s; separate
+    # medians of pass and rate (0.18 s, 250/s) would have priced them 22% lower.
+    bench.save(_timed(0.16, 0.48))
+    stored = bench.save(_timed(0.40, 0.48))
+    assert stored.pooled == 2 and stored.pass_seconds + 48 / stored.pp_tokens_per_s == pytest.approx(0.48)
+    for short, long in ((0.23, 0.39), (0.23, 0.39), (0.23, 0.39)):
+        stored = bench.save(_timed(short, long))
+    # The median timings of the last five runs (0.23 and 0.39 s): a 0.15 s pass and 200/s.
+    assert stored.pass_seconds == pytest.approx(0.15) and stored.pp_tokens_per_s == pytest.approx(200.0)
+    bench.save(_timed(0.25, 0.45), fresh=True)  # 6.25 ms a token after a 0.15 s pass
+    assert bench.speeds([spec]) == {"m": (pytest.approx(160.0), 10.0, pytest.approx(0.15))}
     pricing = Pricing.for_models([spec])
-    # 60 prompt tokens: a pass and 60 tokens at 100/s; 10 output tokens at 10/s.
-    assert pricing.tokens("m", 60, 10) == pytest.approx(0.2 + 0.6 + 1.0)
+    # 60 prompt tokens: a pass and 60 tokens at 160/s; 10 output tokens at 10/s.
+    assert pricing.tokens("m", 60, 10) == pytest.approx(0.15 + 60 / 160 + 1.0)
     # A later vote reads its prompt from the cache: no pass.
-    assert pricing.price_votes("m", 60, [10, 10], [0.0, 0.0]) == pytest.approx([1.8, 1.0])
+    assert pricing.price_votes("m", 60, [10, 10], [0.0, 0.0]) == pytest.approx([1.525, 1.0])
     # Answered examples are a prompt pass of their own (`LlamaBackend._warm_prefix`).
-    assert pricing.prefix("m", 100) == pytest.approx(0.2 + 1.0)
-    # A bare (prompt, generation) pair, as speeds stored before passes were, has none.
-    assert token_cost("bench-seconds", 60, 10, speed=(100.0, 10.0)) == pytest.approx(1.6)
+    assert pricing.prefix("m", 100) == pytest.approx(0.15 + 100 / 160)
+    # Rates with no pass, as speeds stored before passes were.
+    assert token_cost("bench-seconds", 60, 10, speed=bench.Rates(100.0, 10.0)) == pytest.approx(1.6)
     # Measured before passes were: not pooled with runs that measured one.
     assert bench.save(_speed()).pooled == 1 and bench.speeds([spec])["m"].pass_seconds == 0.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, True, "0.1", None])
+def test_a_stored_pass_that_is_not_a_time_is_never_priced(monkeypatch: pytest.MonkeyPatch, bad: object) -> None:
+    monkeypatch.setenv("CRE_THREADS", "2")
+    spec = ModelSpec(name="m", sha256="a" * 64)
+    bench.save(_timed(0.23, 0.39))
+    data = json.loads(paths.bench_file().read_text())
+    [entry] = data.values()
+    entry["runs"][0]["pass_seconds"] = bad
+    paths.bench_file().write_text(json.dumps(data))
+    # A run with one is dropped from the pool; the next run pools alone.
+    assert bench.save(_timed(0.23, 0.39)).pooled == 1
+    data = json.loads(paths.bench_file().read_text())
+    [entry] = data.values()
+    entry["pass_seconds"] = bad
+    paths.bench_file().write_text(json.dumps(data))
+    # The entry's own: the model counts as not measured, rather than priced with it.
+    assert bench.stored(spec) is None and bench.speeds([spec]) == {}
 
 
 def test_split_pass_finds_a_prompts_pass_and_rate_and_holds_the_long_prompts_time() -> None:
@@ -152,7 +186,8 @@ def test_a_measurement_times_a_short_and_a_long_prompt_and_splits_off_the_pass(
     monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
     run = bench._run_once(config.load(tiny_models_toml).get("small"), 48, 8)
     assert (run.pp_tokens, run.pp_short, run.head) == (48, 16, 5)
-    assert run.pass_seconds == pytest.approx(0.1) and run.pp == pytest.approx(500.0) and run.tg == pytest.approx(20.0)
+    assert (run.short_seconds, run.long_seconds, run.tg) == (pytest.approx(0.132), pytest.approx(0.196), pytest.approx(20.0))
+    assert bench.split_pass(16, run.short_seconds, 48, run.long_seconds) == (pytest.approx(0.1), pytest.approx(500.0))
 
 
 def test_the_speeds_age_is_the_oldest_pooled_run_until_a_fresh_bench(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -241,7 +276,8 @@ def test_run_probes_first_then_measures_in_interleaved_rounds_and_again_when_uns
 
     def fake_run(spec: ModelSpec, pp_tokens: int, tg_tokens: int) -> bench._Run:
         calls.append(spec.name)
-        return bench._Run(next(rates[spec.name]), 10.0, 5, pp_tokens, 0.1, 2)
+        # No short prompt timed: the long one's rate, no pass.
+        return bench._Run(10.0, 5, pp_tokens, 0.1, 2, 0, 0.0, pp_tokens / next(rates[spec.name]))
 
     monkeypatch.setattr(llama, "probe", lambda spec: calls.append(f"probe {spec.name}"))
     monkeypatch.setattr(bench, "_run_once", fake_run)
@@ -249,8 +285,8 @@ def test_run_probes_first_then_measures_in_interleaved_rounds_and_again_when_uns
     speeds = bench.run(settings, ["small", "medium"], repeats=3)
     assert calls == ["probe small", "probe medium"] + ["small", "medium"] * 6
     assert [s.model for s in speeds] == ["small", "medium"] and all(s.steady for s in speeds)
-    assert speeds[0].pp_tokens_per_s == 200.0 and speeds[0].repeats == 3 and speeds[0].head_tokens == 5
-    assert bench.stored(settings.get("small"), threads=2)["pp_tokens_per_s"] == 200.0  # type: ignore[index]
+    assert speeds[0].pp_tokens_per_s == pytest.approx(200.0) and speeds[0].repeats == 3 and speeds[0].head_tokens == 5
+    assert bench.stored(settings.get("small"), threads=2)["pp_tokens_per_s"] == pytest.approx(200.0)  # type: ignore[index]
 
 
 def test_run_stops_at_a_crashing_probe(tiny_models_toml: Path, monkeypatch: pytest.MonkeyPatch) -> None:

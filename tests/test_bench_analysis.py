@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from crecli.costs import Pricing
+from crecli.models import bench
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -55,7 +56,7 @@ def test_break_even_is_the_cost_share_and_a_perfect_check_pays_only_above_it() -
 
 def test_cost_vs_clock_splits_a_batch_by_model_at_the_price_batch_uses(tmp_path: Path) -> None:
     cvc = _script("cost_vs_clock")
-    pricing = Pricing("bench-seconds", {}, {"s": (100.0, 10.0), "t": (50.0, 5.0)}, {"s": 10, "t": 10})
+    pricing = Pricing("bench-seconds", {}, {"s": bench.Rates(100.0, 10.0), "t": bench.Rates(50.0, 5.0)}, {"s": 10, "t": 10})
     step = lambda model, pt, ot, sec: {"model": model, "prompt_tokens": pt, "output_tokens": ot, "seconds": sec}
     out = tmp_path / "batch.jsonl"
     out.write_text("\n".join(json.dumps({"trace": {"steps": steps}}) for steps in (

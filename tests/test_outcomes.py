@@ -7,6 +7,7 @@ import pytest
 
 from crecli import config, grading
 from crecli.errors import ConfigError, CreError
+from crecli.models import bench
 from crecli.models.backend import GenParams
 from crecli.costs import CostModel
 from crecli.outcomes import (
@@ -427,7 +428,7 @@ def test_cost_in_bench_seconds_when_every_model_is_benchmarked(settings, bench_s
     # The measured 9 and 7 seconds (a busy machine) play no part.
     assert costs.votes(o) == [pytest.approx(0.5 + 0.2), pytest.approx(0.1)]
     with pytest.raises(ConfigError, match="cre models bench medium"):
-        CostModel("bench-seconds", {}, {}, {"small": (1.0, 1.0)}).votes(o)
+        CostModel("bench-seconds", {}, {}, {"small": bench.Rates(1.0, 1.0)}).votes(o)
 
 
 def test_recorded_votes_and_live_votes_get_identical_parameters(settings, store, fake_backends) -> None:

@@ -85,7 +85,9 @@ def test_bench_times_short_prompts_after_the_cached_head(gemma) -> None:
     # A prompt's pass is split off a short prompt timed beside the long one, and never takes
     # the long prompt's whole time (`bench.split_pass`).
     assert speed.pp_short_tokens == 16 // bench.PP_SHORT_SHARE
-    assert 0.0 <= speed.pass_seconds < speed.pass_seconds + speed.pp_tokens / speed.pp_tokens_per_s
+    prompt = speed.pass_seconds + speed.pp_tokens / speed.pp_tokens_per_s
+    assert 0.0 <= speed.pass_seconds <= bench.MAX_PASS_SHARE * prompt + 1e-9
+    assert prompt == pytest.approx(speed.long_seconds)  # the long prompt costs what it took
 
 
 def test_bench_past_a_small_context_says_so_before_measuring(gemma) -> None:

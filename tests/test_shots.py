@@ -20,7 +20,7 @@ from crecli import config, costs, outcomes, routerfile
 from crecli import shots as shot_choice
 from crecli.cli import app
 from crecli.config import ModelSpec
-from crecli.models import registry
+from crecli.models import bench, registry
 from crecli.models.backend import Backend, GenParams
 from crecli.models.fake import FakeBackend
 from crecli.models.prompting import chat_messages, render
@@ -207,7 +207,7 @@ def test_shared_examples_are_priced_once_per_batch() -> None:
     shares = costs.share_prefixes([("p", 3.0), ("p", 3.0), ("", 0.0), ("p", 3.0)])
     assert shares == [1.0, 1.0, 0.0, 1.0]
     # In "bench-seconds" a vote no longer pays the shared tokens in its own prompt.
-    pricing = costs.CostModel("bench-seconds", {}, {}, {"m": (10.0, 1.0)})
+    pricing = costs.CostModel("bench-seconds", {}, {}, {"m": bench.Rates(10.0, 1.0)})
     assert pricing.votes(resolved[("a", "m")]) == [pytest.approx(1.0 + 2.0)]
     assert pricing.prefix_of(resolved[("a", "m")]) == pytest.approx(3.0)
 
@@ -228,7 +228,7 @@ def test_a_prompt_its_examples_make_too_long_shares_no_examples_cost() -> None:
     assert resolved[("c", "small")].source == "too_long"
     assert (resolved[("c", "small")].prefix_key, resolved[("c", "small")].prefix_tokens) == ("", 0)
 
-    pricing = costs.CostModel("bench-seconds", {}, {}, {"small": (10.0, 1.0)})
+    pricing = costs.CostModel("bench-seconds", {}, {}, {"small": bench.Rates(10.0, 1.0)})
     records = [Record(id=r, prompt=f"p{r}", reference=["x"], match="exact") for r in "abc"]
     replay = Replay.build(resolved, records, ["small"], pricing)
     sim = replay.simulate({r: "small" for r in "abc"}, {"small": 0.5}, QualityCheck(k=1))

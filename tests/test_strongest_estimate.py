@@ -15,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+import pytest
+
 from crecli import config
 from crecli.costs import Pricing
 from crecli.escalate import Cascade
@@ -183,3 +185,27 @@ def test_a_strongest_rung_that_cannot_count_is_estimated_with_its_examples(
         assert cascade.strongest_tokens(trace, PROMPT)[:2] == (with_shots, with_shots - plain)
         cascade.specs["large"] = replace(cascade.specs["large"], url="http://127.0.0.1:9/v1", prompt_format="chatml")
         assert cascade.strongest_tokens(trace, PROMPT)[:2] == (with_shots, 0)
+
+
+def test_each_step_pays_its_models_prompt_pass_once_and_the_estimate_one(
+    tiny_models_toml: Path, fake_backends: Callable[..., Any], bench_speeds: Callable[..., None]
+) -> None:
+    from types import SimpleNamespace
+
+    from crecli.costs import price_steps
+
+    fake_backends({"small": lambda text, p: "(B)", "large": lambda text, p: "(B)"})
+    bench_speeds({"small": (400.0, 40.0, 0.01), "medium": (100.0, 20.0, 0.05), "large": (50.0, 10.0, 0.2)})
+    with Cascade(_router(), config.load(tiny_models_toml)) as cascade:
+        ran = _walk(cascade, "large", UNLETTERED)
+        [step] = ran.steps
+        # Nothing is cached here (no head measured): a pass, the prompt, the answer.
+        assert ran.cost == cascade.pricing.tokens("large", step.prompt_tokens, step.greedy_output_tokens) == \
+            pytest.approx(0.2 + step.prompt_tokens / 50.0 + step.greedy_output_tokens / 10.0)
+        [estimate] = cascade.strongest_cost_of_run([_walk(cascade, "small", UNLETTERED)], [UNLETTERED])
+        assert estimate == pytest.approx(0.2 + step.prompt_tokens / 50.0 + step.greedy_output_tokens / 10.0)
+    # An escalated answer read its prompt on both rungs: two passes, each its model's.
+    steps = [SimpleNamespace(model="small", prompt_tokens=40, output_tokens=4, seconds=0.0, prefix_tokens=0),
+             SimpleNamespace(model="large", prompt_tokens=30, output_tokens=2, seconds=0.0, prefix_tokens=0)]
+    pricing = Pricing.for_models(config.load(tiny_models_toml).ladder_specs())
+    assert price_steps(pricing, [(0, steps)]) == [pytest.approx(0.01 + 40 / 400 + 4 / 40 + 0.2 + 30 / 50 + 2 / 10)]

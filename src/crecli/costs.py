@@ -67,23 +67,22 @@ def token_cost(
     prompt_tokens: float,
     output_tokens: float,
     price_per_1k_tokens: float | None = None,
-    speed: "bench.Rates | tuple[float, float] | None" = None,
+    speed: "bench.Rates | None" = None,
 ) -> float | None:
     """Cost of reading `prompt_tokens` and writing `output_tokens`; None if its figure is unknown.
 
     "price": tokens times the price. Any other unit: seconds at the benchmarked rates in
     `speed` (`bench.Rates`: a prompt's pass, then its tokens at the prompt speed, and the
-    output tokens at the generation speed; a bare (prompt, generation) pair has no pass),
-    which is also how a model that never ran is priced in measured seconds. No prompt
-    tokens, no pass: a later vote reads its prompt from the cache.
+    output tokens at the generation speed), which is also how a model that never ran is
+    priced in measured seconds. No prompt tokens, no pass: a later vote reads its prompt
+    from the cache.
     """
     if unit == "price":
         return None if price_per_1k_tokens is None else (prompt_tokens + output_tokens) * price_per_1k_tokens / 1000.0
     if speed is None:
         return None
-    rates = bench.Rates(*speed)
-    prompt = rates.pass_seconds + prompt_tokens / rates.pp if prompt_tokens > 0 else 0.0
-    return prompt + output_tokens / rates.tg
+    prompt = speed.pass_seconds + prompt_tokens / speed.pp if prompt_tokens > 0 else 0.0
+    return prompt + output_tokens / speed.tg
 
 
 def check_unit(unit: str, what: str = "cost unit", error: type[CreError] = CreError) -> str:
@@ -202,7 +201,8 @@ Visit = tuple[str, float]
 
 def step_parts(pricing: Pricing, cluster: int, steps: Sequence[PricedStep]) -> tuple[float | None, list[Visit]]:
     """One answer's own cost (every step's votes, `Pricing.price_votes`; a step's output
-    tokens are a sum, and token costs are linear, so one figure prices them all; None where a
+    tokens are a sum, each output token costs the same and a step reads its prompt once, so
+    one figure prices them all; None where a
     model has no figure in the unit) and each step's visit to its examples, which the run
     the answer belongs to shares (`share_prefixes`)."""
     total: float | None = 0.0
@@ -284,7 +284,8 @@ class CostModel(Pricing):
 
     Label-only outcomes have no measured cost. They are charged the model's mean measured
     cost of a greedy answer over its recorded outcomes; a model with none is costed from its
-    `cre models bench` speeds (prompt and generation tokens per second) at typical token
+    `cre models bench` rates (`bench.Rates`: a prompt pass, prompt and generation tokens per
+    second) at typical token
     counts: the mean over all recorded outcomes of any model, or TYPICAL_PROMPT_TOKENS and
     TYPICAL_OUTPUT_TOKENS when nothing has been recorded. Price units use the same token
     counts times the price. Only the greedy vote of a label-only outcome can be costed: it

@@ -46,6 +46,9 @@ PP_TOKENS = 48
 # The shorter prompt each round also times, as a share of PP_TOKENS (16 tokens at 48): the
 # two lengths give a prompt's pass and its time per token (`Rates`).
 PP_SHORT_SHARE = 3
+# The most of the long prompt's time a pass may take, so its tokens keep a finite rate
+# (`split_pass`); the 1.5B's measured pass is about a third of a 48-token prompt's time.
+MAX_PASS_SHARE = 0.9
 # A short prompt takes a fraction of a second, so each run times this many in a row
 # (with 4, runs of the 0.5B disagreed by up to 52% on a quiet 2-core VM).
 PP_ROUNDS = 8
@@ -66,12 +69,15 @@ class Rates(NamedTuple):
     `tg` tokens/s (`costs.token_cost`).
 
     Why a pass: a short prompt's time is mostly reading the weights once, not its tokens.
-    On a 2-core Xeon the 1.5B took 0.18 s for 4 prompt tokens and 0.48 s for 48 (0.165 s
-    plus 7.0 ms a token, least squares over 4-128 tokens), the 0.5B 0.04 s plus 4.6 ms and
-    gemma 0.02 s plus 1.4 ms. Priced at 48 tokens' average rate instead, a 25-token query
-    cost the 1.5B a quarter less than its clock, and its answers took 1.15 s a priced second
-    in `bench/cost_vs_clock.py` against 0.90-1.05 for the small rungs'. Speeds measured
-    before passes were (`Speed.pp_short_tokens` None) have a pass of 0 and their average rate.
+    On a 2-core Xeon the 1.5B took 0.17 s for 4 prompt tokens and 0.46 s for 48 (0.165 s
+    plus 6.5 ms a token, least squares over 4-128 tokens), the 0.5B 0.04 s plus 4.6 ms and
+    gemma 0.02 s plus 1.5 ms (`bench/prompt_pass.py`, bench/results/prompt-pass.json). Priced at 48 tokens' average rate
+    instead, a 25-token query cost the 1.5B a quarter less than its clock, and its answers
+    took 1.11-1.27 s a priced second in `bench/cost_vs_clock.py` against 0.90-1.14 for the
+    small rungs' (bench/results/cost-vs-clock-fresh-seed0-letters.json, `by_model`). Speeds
+    measured before passes were (`Speed.pp_short_tokens` None) have a pass of 0 and their
+    average rate: re-measure every model of a ladder together, or its rungs are priced two
+    ways.
     """
 
     pp: float
@@ -102,9 +108,10 @@ class Speed:
     # keeps cached between prompts; None when measured before this was recorded.
     head_tokens: int | None = None
     warnings: list[str] = field(default_factory=list)
-    # Each pooled run's own figures, oldest first ({"pp_tokens_per_s", "tg_tokens_per_s",
-    # "measured_at"}); pp_tokens_per_s and tg_tokens_per_s above are their medians once
-    # stored (`save`). Empty for a measurement not stored yet.
+    # Each pooled run's own figures, oldest first (`_run_record`: {"pp_tokens_per_s",
+    # "tg_tokens_per_s", "pass_seconds", "short_seconds", "long_seconds", "measured_at"});
+    # the figures above are pooled from them once stored (`save`). Empty for a measurement
+    # not stored yet.
     runs: list[dict[str, Any]] = field(default_factory=list)
     # Seconds a prompt pass costs whatever its length (`Rates`), from timing a prompt of
     # `pp_short_tokens` beside one of `pp_tokens`; `pp_tokens_per_s` is then the rate of the
@@ -112,10 +119,20 @@ class Speed:
     # `pp_tokens`).
     pass_seconds: float = 0.0
     pp_short_tokens: int | None = None
+    # The median seconds the short and the long prompt took, which the pass and the rate
+    # are split from (`split_pass`), and runs pool by; None before passes were measured.
+    short_seconds: float | None = None
+    long_seconds: float | None = None
 
     @property
     def rates(self) -> Rates:
         return Rates(self.pp_tokens_per_s, self.tg_tokens_per_s, self.pass_seconds)
+
+    @property
+    def mean_pp(self) -> float:
+        """Tokens/s over a whole prompt of `pp_tokens`, its pass included: what compares with
+        a measurement that split off no pass."""
+        return self.pp_tokens / (self.pass_seconds + self.pp_tokens / self.pp_tokens_per_s)
 
     @property
     def steady(self) -> bool:
@@ -169,14 +186,15 @@ def _busy_share(seconds: float = 0.5) -> float | None:
 class _Run:
     """One load of one model: its prompt and generation rates, and what the load showed."""
 
-    pp: float
     tg: float
     head: int
     pp_tokens: int
     load_seconds: float
     threads: int
-    pass_seconds: float = 0.0
-    pp_short: int = 0
+    pp_short: int
+    # Mean seconds a prompt of `pp_short` and of `pp_tokens` new tokens took.
+    short_seconds: float
+    long_seconds: float
 
 
 def split_pass(n_short: int, short_seconds: float, n_long: int, long_seconds: float) -> tuple[float, float]:
@@ -184,13 +202,15 @@ def split_pass(n_short: int, short_seconds: float, n_long: int, long_seconds: fl
     `short_seconds` and one of `n_long` that took `long_seconds` (`Rates`).
 
     The line through the two points, held so that the longer prompt costs what it took: a
-    pass below 0 or above the longer prompt's time (noise, on a busy machine) is clamped,
-    and the rate is what the rest of that time buys. So a measurement that finds no pass
-    prices as before passes were measured.
+    pass below 0, or above MAX_PASS_SHARE of the longer prompt's time (noise, on a busy
+    machine), is clamped, and the rate is what the rest of that time buys. So a measurement
+    that finds no pass prices as before passes were measured. The one place a pass is
+    split off: a run's rounds and pooled runs are split from their median timings, since
+    separate medians of a pass and a rate, which noise moves together, match no timing.
     """
     per_token = (long_seconds - short_seconds) / (n_long - n_short) if n_long > n_short else 0.0
     fixed = long_seconds - n_long * per_token if per_token > 0 else 0.0
-    fixed = min(max(fixed, 0.0), 0.9 * long_seconds)
+    fixed = min(max(fixed, 0.0), MAX_PASS_SHARE * long_seconds)
     return fixed, n_long / (long_seconds - fixed)
 
 
@@ -230,13 +250,13 @@ def _run_once(spec: "ModelSpec", pp_tokens: int, tg_tokens: int) -> _Run:
                 start = time.perf_counter()
                 llm.eval(tokens[:n])
                 elapsed[n] += time.perf_counter() - start
-        fixed, pp = split_pass(short, elapsed[short] / PP_ROUNDS, len(tokens), elapsed[len(tokens)] / PP_ROUNDS)
         start = time.perf_counter()
         for _ in range(tg_tokens):
             token = llm.sample(temp=0.0)
             llm.eval([token])
         tg = tg_tokens / (time.perf_counter() - start)
-        return _Run(pp, tg, len(first), len(tokens), backend.load_seconds, backend.n_threads, fixed, short)
+        return _Run(tg, len(first), len(tokens), backend.load_seconds, backend.n_threads, short,
+                    elapsed[short] / PP_ROUNDS, elapsed[len(tokens)] / PP_ROUNDS)
     finally:
         backend.close()
 
@@ -260,34 +280,37 @@ def measure_all(
     for r in range(max(1, repeats)):
         for spec in specs:
             if progress is not None:
-                progress(f"Round {r + 1}/{max(1, repeats)}: {spec.name} ({pp_tokens} prompt tokens after its cached head, "
-                         f"{tg_tokens} generated)...")
+                progress(f"Round {r + 1}/{max(1, repeats)}: {spec.name} ({pp_tokens} and {pp_tokens // PP_SHORT_SHARE} "
+                         f"prompt tokens after its cached head, {tg_tokens} generated)...")
             runs[spec.name].append(_run_once(spec, pp_tokens, tg_tokens))
     out = []
     for spec in specs:
         done = runs[spec.name]
-        pp_rates, tg_rates = [x.pp for x in done], [x.tg for x in done]
-        passes = [x.pass_seconds for x in done]
+        tg_rates = [x.tg for x in done]
+        short_s, long_s = _median([x.short_seconds for x in done]), _median([x.long_seconds for x in done])
+        fixed, pp = split_pass(done[0].pp_short, short_s, done[0].pp_tokens, long_s)
         speed = Speed(
             model=spec.name,
             sha256=file_digest(spec),
             threads=done[0].threads,
-            pp_tokens_per_s=_median(pp_rates),
+            pp_tokens_per_s=pp,
             tg_tokens_per_s=_median(tg_rates),
             load_seconds=_median([x.load_seconds for x in done]),
             pp_tokens=done[0].pp_tokens,
             tg_tokens=tg_tokens,
             measured_at=paths.stamp(),
-            # Of the time a prompt of `pp_tokens` takes: the rate after a pass is a difference of
-            # two timings, noisier than what a prompt costs.
-            pp_spread=spread([x.pp_tokens / (x.pass_seconds + x.pp_tokens / x.pp) for x in done]),
+            # Of both prompts' rates: the short one's alone decides how much of a prompt is pass.
+            pp_spread=max(spread([x.pp_tokens / x.long_seconds for x in done]),
+                          spread([x.pp_short / x.short_seconds for x in done]) if done[0].pp_short else 0.0),
             tg_spread=spread(tg_rates),
             repeats=len(done),
             busy_share=busy,
             extra_bufts=use_extra_bufts(),
             head_tokens=done[0].head,
-            pass_seconds=_median(passes),
+            pass_seconds=fixed,
             pp_short_tokens=done[0].pp_short,
+            short_seconds=short_s,
+            long_seconds=long_s,
         )
         speed.warnings = check(speed)
         out.append(speed)
@@ -354,20 +377,29 @@ def _rate(value: Any) -> float | None:
 
 
 def _seconds(value: Any) -> float | None:
-    """A stored pass time (`Rates.pass_seconds`), or None when it is not a finite number >= 0."""
+    """A stored time in seconds, or None when it is not a finite number >= 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) and value >= 0 else None
 
 
-def _run_record(pp: float, tg: float, measured_at: str, pass_seconds: float = 0.0) -> dict[str, Any]:
+def pass_of(entry: dict[str, Any]) -> float | None:
+    """A stored entry's or run's prompt pass (`Rates.pass_seconds`): 0 where it was measured
+    before passes were, None where the stored value is not a time."""
+    return _seconds(entry.get("pass_seconds", 0.0))
+
+
+def _run_record(pp: float, tg: float, measured_at: str, pass_seconds: float = 0.0,
+                short_seconds: float | None = None, long_seconds: float | None = None) -> dict[str, Any]:
     """One pooled run as `Speed.runs` and bench.json keep it."""
-    return {"pp_tokens_per_s": pp, "tg_tokens_per_s": tg, "pass_seconds": pass_seconds, "measured_at": measured_at}
+    return {"pp_tokens_per_s": pp, "tg_tokens_per_s": tg, "pass_seconds": pass_seconds,
+            "short_seconds": short_seconds, "long_seconds": long_seconds, "measured_at": measured_at}
 
 
 def _earlier_runs(entry: Any, speed: Speed) -> list[dict[str, Any]]:
     """The runs stored for this file and thread count that can pool with `speed`: measured
-    the same way (prompt and generation tokens, cached head, weight repacking). A file
+    the same way (prompt and generation tokens, the short prompt's length, cached head,
+    weight repacking), with both prompts' timings where `speed` split off a pass. A file
     written before runs were pooled counts as one run."""
     if not isinstance(entry, dict):
         return []
@@ -382,11 +414,26 @@ def _earlier_runs(entry: Any, speed: Speed) -> list[dict[str, Any]]:
     for run in runs:
         if not isinstance(run, dict):
             continue
-        pp, tg = _rate(run.get("pp_tokens_per_s")), _rate(run.get("tg_tokens_per_s"))
-        fixed = _seconds(run.get("pass_seconds", 0.0))
-        if pp is not None and tg is not None and fixed is not None:
-            kept.append(_run_record(pp, tg, str(run.get("measured_at", "")), fixed))
+        pp, tg, fixed = _rate(run.get("pp_tokens_per_s")), _rate(run.get("tg_tokens_per_s")), pass_of(run)
+        short, long = _rate(run.get("short_seconds")), _rate(run.get("long_seconds"))
+        if pp is None or tg is None or fixed is None or (speed.pp_short_tokens and (short is None or long is None)):
+            continue
+        kept.append(_run_record(pp, tg, str(run.get("measured_at", "")), fixed, short, long))
     return kept
+
+
+def _pooled(speed: Speed, runs: list[dict[str, Any]]) -> Speed:
+    """`speed` with the figures of `runs` (`_run_record`s, its own last): the median
+    generation rate, and the pass and prompt rate split from the median timings of both
+    prompts (`split_pass`); runs measured before passes were, each figure's median."""
+    tg = _median([r["tg_tokens_per_s"] for r in runs])
+    if speed.pp_short_tokens:
+        short, long = _median([r["short_seconds"] for r in runs]), _median([r["long_seconds"] for r in runs])
+        fixed, pp = split_pass(speed.pp_short_tokens, short, speed.pp_tokens, long)
+        return replace(speed, runs=runs, pp_tokens_per_s=pp, tg_tokens_per_s=tg, pass_seconds=fixed,
+                       short_seconds=short, long_seconds=long)
+    return replace(speed, runs=runs, pp_tokens_per_s=_median([r["pp_tokens_per_s"] for r in runs]),
+                   tg_tokens_per_s=tg, pass_seconds=_median([r["pass_seconds"] for r in runs]))
 
 
 def _stored_for_update(path: Path) -> dict[str, Any]:
@@ -437,17 +484,14 @@ def save(speed: Speed, fresh: bool = False) -> Speed:
             key = _key(speed.sha256, speed.model, speed.threads)
             runs = [] if fresh else _earlier_runs(data.get(key), speed)
             runs = [*runs, _run_record(speed.pp_tokens_per_s, speed.tg_tokens_per_s, speed.measured_at,
-                                       speed.pass_seconds)][-POOLED_RUNS:]
-            pooled = replace(speed, runs=runs,
-                             pp_tokens_per_s=_median([r["pp_tokens_per_s"] for r in runs]),
-                             tg_tokens_per_s=_median([r["tg_tokens_per_s"] for r in runs]),
-                             pass_seconds=_median([r["pass_seconds"] for r in runs]))
+                                       speed.pass_seconds, speed.short_seconds, speed.long_seconds)][-POOLED_RUNS:]
+            pooled = _pooled(speed, runs)
             data[key] = asdict(pooled)
             paths.atomic_write(path, json.dumps(data, indent=2))
     except OSError as exc:
         raise CreError(
-            f"could not write {path} ({exc.strerror or exc}); {speed.model} measured "
-            f"{speed.pp_tokens_per_s:.1f} prompt and {speed.tg_tokens_per_s:.1f} generated tokens/s"
+            f"could not write {path} ({exc.strerror or exc}); {speed.model} measured a {speed.pass_seconds:.3f} s "
+            f"prompt pass, {speed.pp_tokens_per_s:.1f} prompt and {speed.tg_tokens_per_s:.1f} generated tokens/s"
         ) from None
     return pooled
 
@@ -468,7 +512,7 @@ def stored(spec: ModelSpec, threads: int | None = None, file: Path | None = None
     if not isinstance(entry, dict):
         return None
     if (_rate(entry.get("pp_tokens_per_s")) is not None and _rate(entry.get("tg_tokens_per_s")) is not None
-            and _seconds(entry.get("pass_seconds", 0.0)) is not None):
+            and pass_of(entry) is not None):
         return entry
     return None
 
@@ -510,12 +554,11 @@ def speeds_age_hours(specs: Sequence[ModelSpec], unit: str) -> float | None:
 def speeds(specs: Sequence[ModelSpec], file: Path | None = None) -> dict[str, Rates]:
     """The rates (`Rates`) of each model that `cre models bench` measured (in `file` when
     given, see `load_all`); a pass of 0 where they were measured before passes were."""
-    out = {}
+    out: dict[str, Rates] = {}
     for spec in specs:
         entry = stored(spec, file=file)
         if entry:
-            out[spec.name] = Rates(float(entry["pp_tokens_per_s"]), float(entry["tg_tokens_per_s"]),
-                                   float(entry.get("pass_seconds", 0.0)))
+            out[spec.name] = Rates(float(entry["pp_tokens_per_s"]), float(entry["tg_tokens_per_s"]), pass_of(entry) or 0.0)
     return out
 
 

@@ -49,7 +49,7 @@ def rows(settings: ModelConfig, deep: bool = False) -> list[dict[str, Any]]:
                 "signals": registry.signal_support(spec),
                 "pp_tokens_per_s": speed["pp_tokens_per_s"] if speed else None,
                 "tg_tokens_per_s": speed["tg_tokens_per_s"] if speed else None,
-                "pass_seconds": speed.get("pass_seconds", 0.0) if speed else None,
+                "pass_seconds": bench.pass_of(speed) if speed else None,
             }
         )
     out.sort(key=lambda r: (r["rung"] is None, r["rung"] if r["rung"] is not None else 0, r["name"]))
