@@ -70,8 +70,9 @@ def tiny_models_toml(tmp_path: Path) -> Path:
 @pytest.fixture
 def bench_speeds() -> Callable[..., None]:
     """Store (prompt, generation) tokens/s per model name, or (prompt, generation, pass
-    seconds), as `cre models bench --fresh` would, so costs are in bench-seconds; a later
-    call replaces, never pools, them.
+    seconds), as a `cre models bench --fresh` that measured them would (its timings left out:
+    only the rates price), so costs are in bench-seconds; a later call replaces, never pools,
+    them.
     `measured_at` as bench writes it (`paths.stamp`), or `hours_ago` to write that
     time; "now" is no readable time."""
     import time

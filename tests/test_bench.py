@@ -118,7 +118,46 @@ def test_a_prompts_pass_is_pooled_from_the_runs_timings_and_priced_once_per_prom
     # Rates with no pass, as speeds stored before passes were.
     assert token_cost("bench-seconds", 60, 10, speed=bench.Rates(100.0, 10.0)) == pytest.approx(1.6)
     # Measured before passes were: not pooled with runs that measured one.
-    assert bench.save(_speed()).pooled == 1 and bench.speeds([spec])["m"].pass_seconds == 0.0
+    before_passes = bench.save(_speed(pp_tokens=48))  # differs from the entry in pp_short_tokens alone
+    assert before_passes.pooled == 1 and bench.speeds([spec])["m"].pass_seconds == 0.0
+
+
+def test_runs_stored_without_both_timings_never_pool_with_a_split_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 86f4fdf stored pp_short_tokens with no timings: such runs are dropped, not pooled (the
+    # split needs both timings of every run).
+    monkeypatch.setenv("CRE_THREADS", "2")
+    bench.save(_timed(0.23, 0.39))
+    data = json.loads(paths.bench_file().read_text())
+    [entry] = data.values()
+    entry["runs"][0]["short_seconds"] = None
+    paths.bench_file().write_text(json.dumps(data))
+    stored = bench.save(_timed(0.25, 0.45))
+    assert stored.pooled == 1 and stored.pass_seconds == pytest.approx(0.15)
+    # A speed carrying a short length but no timings (not one `measure_all` makes) pools as
+    # before passes were, each figure's median, rather than failing on the missing timings.
+    odd = bench.save(_speed(pp_tokens=48, pp_short_tokens=16, pass_seconds=0.1))
+    assert odd.pooled == 2 and odd.pass_seconds == pytest.approx((0.15 + 0.1) / 2)
+
+
+def test_a_measurement_splits_the_pass_from_the_median_timings_and_flags_a_noisy_short_prompt(
+    tiny_models_toml: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = config.load(tiny_models_toml)
+    # The long prompt takes 0.39 s every round; the short one 0.23 s, once 0.40 s (noise).
+    shorts = iter([0.23, 0.40, 0.23] * 2)
+
+    def fake_run(spec: ModelSpec, pp_tokens: int, tg_tokens: int) -> bench._Run:
+        return bench._Run(10.0, 5, pp_tokens, 0.1, 2, pp_tokens // bench.PP_SHORT_SHARE, next(shorts), 0.39)
+
+    monkeypatch.setattr(llama, "probe", lambda spec: None)
+    monkeypatch.setattr(bench, "_run_once", fake_run)
+    monkeypatch.setattr(bench, "_busy_share", lambda: 0.0)
+    [speed] = bench.run(settings, ["small"], repeats=3)
+    # The medians (0.23 and 0.39 s) split: a 0.15 s pass, then 200 tokens/s.
+    assert speed.pass_seconds == pytest.approx(0.15) and speed.pp_tokens_per_s == pytest.approx(200.0)
+    # The long prompt never varied; the short one's 74% spread alone makes the run unsteady.
+    assert speed.pp_spread == pytest.approx(bench.spread([16 / 0.23, 16 / 0.40, 16 / 0.23]))
+    assert not speed.steady and "disagree" in speed.warnings[0]
 
 
 @pytest.mark.parametrize("bad", [float("nan"), -1.0, True, "0.1", None])

@@ -95,9 +95,10 @@ def models_bench(
     measured in `--repeats` interleaved rounds, one model at a time, so a slow minute of a
     shared machine slows them alike; prompts are timed as short queries after the cached
     chat head, at `--pp-tokens` and at a third of it, which splits a prompt's time into a
-    pass over the weights (whatever its length) and a rate per token. Rounds that disagree, or a busy machine, give a warning. Figures are stored
-    in the user data dir per file sha256 and thread count, and used as each model's cost:
-    the median of this run and the last few measured the same way, because a shared
+    pass over the weights (whatever its length) and a rate per token. Rounds that disagree,
+    or a busy machine, give a warning. Figures are stored in the user data dir per file
+    sha256 and thread count, and used as each model's cost: pooled from this run and the last
+    few measured the same way (the medians of their timings), because a shared
     machine's speed ratios drift from hour to hour (`--fresh` keeps only this run). Remote
     models are not measured: where every model named is remote, nothing is printed (--json:
     an empty list) and stderr says so.

@@ -4,16 +4,17 @@ Prompt processing (pp) and token generation (tg) are timed separately, straight 
 llama.cpp's eval and sample calls, because they differ by an order of magnitude and a
 query's cost is a mix of both. Prompts are timed as they run: a short query's tokens after
 the cached head, at two lengths, because a prompt's time is a pass over the weights,
-whatever its length, plus a time per token (`Rates`). Every model is measured `repeats` times in interleaved rounds (each model
-once per round, in a fresh load); the median is stored and the spread (slowest against
-fastest run) is reported, because a run beside another busy process can be several times
-slower and would make that model look dear.
+whatever its length, plus a time per token (`Rates`). Every model is measured `repeats`
+times in interleaved rounds (each model once per round, in a fresh load); the medians are
+stored (the pass and the prompt rate split from the median timings of both prompts,
+`split_pass`) and the spread (slowest against fastest run) is reported, because a run beside
+another busy process can be several times slower and would make that model look dear.
 
 Figures are stored per model sha256 (an unpinned model's file's own, `file_digest`) and
 thread count: a re-pulled or replaced file or another `CRE_THREADS` is measured again
 rather than priced with stale speeds. Each command's run
 is kept beside the earlier ones measured the same way (up to POOLED_RUNS), and the stored
-speed, which prices every answer, is their median: on a shared VM the speed ratios drift
+speed, which prices every answer, is pooled from them the same way (`_pooled`): on a shared VM the speed ratios drift
 from one hour to the next by more than one run's spread, so one run's minute should not
 decide a router's costs. `cre models bench --fresh` starts the pool again.
 """
@@ -96,7 +97,8 @@ class Speed:
     pp_tokens: int
     tg_tokens: int
     measured_at: str
-    # Relative spread of the repeated runs: (fastest - slowest) / median, per phase.
+    # Relative spread of the repeated runs: (fastest - slowest) / median, per phase; the
+    # prompt's is the larger of the long and the short prompt's.
     pp_spread: float = 0.0
     tg_spread: float = 0.0
     repeats: int = 1
@@ -115,8 +117,8 @@ class Speed:
     runs: list[dict[str, Any]] = field(default_factory=list)
     # Seconds a prompt pass costs whatever its length (`Rates`), from timing a prompt of
     # `pp_short_tokens` beside one of `pp_tokens`; `pp_tokens_per_s` is then the rate of the
-    # tokens after it. 0.0 and None: measured before passes were (the average rate at
-    # `pp_tokens`).
+    # tokens after it. 0.0 and None: measured before passes were, or with a `pp_tokens` too
+    # short to time a third of it (the average rate at `pp_tokens`).
     pass_seconds: float = 0.0
     pp_short_tokens: int | None = None
     # The median seconds the short and the long prompt took, which the pass and the rate
@@ -184,7 +186,7 @@ def _busy_share(seconds: float = 0.5) -> float | None:
 
 @dataclass
 class _Run:
-    """One load of one model: its prompt and generation rates, and what the load showed."""
+    """One load of one model: its prompt timings, its generation rate, and what the load showed."""
 
     tg: float
     head: int
@@ -280,8 +282,9 @@ def measure_all(
     for r in range(max(1, repeats)):
         for spec in specs:
             if progress is not None:
-                progress(f"Round {r + 1}/{max(1, repeats)}: {spec.name} ({pp_tokens} and {pp_tokens // PP_SHORT_SHARE} "
-                         f"prompt tokens after its cached head, {tg_tokens} generated)...")
+                short = f" and {pp_tokens // PP_SHORT_SHARE}" if pp_tokens // PP_SHORT_SHARE else ""
+                progress(f"Round {r + 1}/{max(1, repeats)}: {spec.name} ({pp_tokens}{short} prompt tokens after its "
+                         f"cached head, {tg_tokens} generated)...")
             runs[spec.name].append(_run_once(spec, pp_tokens, tg_tokens))
     out = []
     for spec in specs:
@@ -308,9 +311,10 @@ def measure_all(
             extra_bufts=use_extra_bufts(),
             head_tokens=done[0].head,
             pass_seconds=fixed,
-            pp_short_tokens=done[0].pp_short,
-            short_seconds=short_s,
-            long_seconds=long_s,
+            # No short prompt timed (`pp_tokens` under PP_SHORT_SHARE): priced as before passes were.
+            pp_short_tokens=done[0].pp_short or None,
+            short_seconds=short_s if done[0].pp_short else None,
+            long_seconds=long_s if done[0].pp_short else None,
         )
         speed.warnings = check(speed)
         out.append(speed)
@@ -427,7 +431,9 @@ def _pooled(speed: Speed, runs: list[dict[str, Any]]) -> Speed:
     generation rate, and the pass and prompt rate split from the median timings of both
     prompts (`split_pass`); runs measured before passes were, each figure's median."""
     tg = _median([r["tg_tokens_per_s"] for r in runs])
-    if speed.pp_short_tokens:
+    # `_earlier_runs` keeps only runs with both timings; a speed built without them (not by
+    # `measure_all`) pools as before passes were.
+    if speed.pp_short_tokens and all(r["short_seconds"] and r["long_seconds"] for r in runs):
         short, long = _median([r["short_seconds"] for r in runs]), _median([r["long_seconds"] for r in runs])
         fixed, pp = split_pass(speed.pp_short_tokens, short, speed.pp_tokens, long)
         return replace(speed, runs=runs, pp_tokens_per_s=pp, tg_tokens_per_s=tg, pass_seconds=fixed,
@@ -470,8 +476,8 @@ def _stored_for_update(path: Path) -> dict[str, Any]:
 
 
 def save(speed: Speed, fresh: bool = False) -> Speed:
-    """Store `speed` as the newest run of its model and return what is stored: the median
-    of the last POOLED_RUNS runs measured the same way (only this one when `fresh`)."""
+    """Store `speed` as the newest run of its model and return what is stored: the last
+    POOLED_RUNS runs measured the same way pooled (`_pooled`; only this one when `fresh`)."""
     from crecli.errors import CreError
 
     path = paths.bench_file()
@@ -579,7 +585,7 @@ def run(
 ) -> list[Speed]:
     """Probe each named local model, measure them all in interleaved rounds
     (`measure_all`), store the figures as each model's newest run, and return what is
-    stored: the median of its pooled runs (`save`; only this run when `fresh`).
+    stored: its pooled runs (`save`; only this run when `fresh`).
 
     The probe runs first in a child process, so a llama.cpp crash in native code becomes
     an error that names the cause and the fix instead of killing `cre`. If any model's
