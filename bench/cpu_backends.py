@@ -48,7 +48,7 @@ if len(sys.argv) > 5:  # another file for this model (a re-quantized copy): noth
     spec = dataclasses.replace(spec, path=sys.argv[5], chunks=(), sha256=None, size=None)
 speed = bench.measure(spec, pp_tokens=int(sys.argv[2]), tg_tokens=int(sys.argv[3]), repeats=int(sys.argv[4]))
 info = llama_cpp.llama_print_system_info().decode(errors="replace")
-print(json.dumps({"pp": speed.mean_pp, "pass_seconds": speed.pass_seconds, "tg": speed.tg_tokens_per_s,
+print(json.dumps({"mean_pp": speed.mean_pp, "pass_seconds": speed.pass_seconds, "tg": speed.tg_tokens_per_s,
                   "pp_spread": speed.pp_spread, "tg_spread": speed.tg_spread,
                   "amx_build": "AMX_INT8 = 1" in info, "llama_cpp": llama_cpp.__file__}))
 """

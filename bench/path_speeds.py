@@ -139,7 +139,7 @@ def main() -> None:
               f"{s['pass_seconds']:.3f} s, {s['pp']:.0f} / {s['tg']:.1f}; took {m['seconds']:.1f} s for {m['stored_price']:.1f} priced" if s else "")
     if "eval" in result:
         print(f"cre eval cost share: {result['eval']['stored_speeds']:.3f} at the stored speeds, "
-              f"{result['eval']['path_speeds']:.3f} at the answering path's")
+              f"{result['eval']['path_speeds']:.3f} at the answering path's (its two-speed fit, priced with no pass)")
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def main() -> None:
     llm.close()
     n = len(rows)
     summary = {
-        "model": name, "log": str(args.log), "n": n, "unit": "bench-seconds", "speed": list(speed), "head_tokens": head,
+        "model": name, "log": str(args.log), "n": n, "unit": "bench-seconds", "speed": speed._asdict(), "head_tokens": head,
         "seconds": time.perf_counter() - start,
         "threads": default_threads(), "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
     }
@@ -142,7 +142,7 @@ def reprice(args: argparse.Namespace) -> None:
     spec = config.load().get(summary["model"])
     speed = model_speed(spec, args.speeds)
     rows = [{**r, "cost": price(r["prompt_tokens"], r["output_tokens"], summary["head_tokens"], speed)} for r in old["rows"]]
-    write(args.out, {**summary, "speed": list(speed), "speeds_file": str(args.speeds) if args.speeds else None}, rows)
+    write(args.out, {**summary, "speed": speed._asdict(), "speeds_file": str(args.speeds) if args.speeds else None}, rows)
 
 
 if __name__ == "__main__":

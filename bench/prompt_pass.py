@@ -22,9 +22,7 @@ import statistics
 import time
 from typing import Any
 
-LENGTHS = (4, 8, 16, 24, 32, 48, 64, 96, 128)
-TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
-        "How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow. ") * 40
+LENGTHS = (4, 8, 16, 24, 32, 48, 64, 96, 128)  # PP_TOKENS (48) among them
 
 
 def fit(lengths: list[int], seconds: list[float]) -> tuple[float, float]:
@@ -41,6 +39,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from crecli import config
+    from crecli.models.bench import _PROMPT, PP_TOKENS
     from crecli.models.llama import LlamaBackend
     from crecli.models.tokens import prompt_head
 
@@ -52,7 +51,7 @@ def main() -> None:
         for spec, backend in zip(specs, backends):
             llm = backend.llm
             head = prompt_head(llm, spec.prompt_format)
-            tokens = llm.tokenize(TEXT.encode(), add_bos=not head)
+            tokens = llm.tokenize((_PROMPT * 40).encode(), add_bos=not head)
             llm.reset()
             llm.eval(head)
             llm.eval(tokens[:8])  # warm-up: the first decode allocates buffers
@@ -77,14 +76,15 @@ def main() -> None:
             "pass_seconds": fixed, "pp_tokens_per_s": pp,
             "tg_seconds_per_token": statistics.median(times[spec.name]["tg"]),
             "median_seconds": {str(n): median[n] for n in LENGTHS},
-            "mean_rate_at_48": 48 / median[48],
+            f"mean_rate_at_{PP_TOKENS}": PP_TOKENS / median[PP_TOKENS],
         }
     if args.json:
         print(json.dumps(result, indent=1))
         return
     for name, m in result["models"].items():
         print(f"{name}: pass {m['pass_seconds'] * 1000:.0f} ms + {1000 / m['pp_tokens_per_s']:.2f} ms a token; "
-              f"a generated token {m['tg_seconds_per_token'] * 1000:.0f} ms; 48 tokens at {m['mean_rate_at_48']:.0f}/s")
+              f"a generated token {m['tg_seconds_per_token'] * 1000:.0f} ms; {PP_TOKENS} tokens at "
+              f"{m[f'mean_rate_at_{PP_TOKENS}']:.0f}/s")
         print("   ms by length: " + ", ".join(f"{n}: {s * 1000:.0f}" for n, s in m["median_seconds"].items()))
 
 

@@ -427,3 +427,20 @@ def test_a_bench_of_remote_models_only_prints_no_table(tmp_path: Path) -> None:
     assert "big: remote models are not benchmarked" in table.stderr
     listed = CliRunner().invoke(app, ["models", "bench", "--models", str(toml), "--json"])
     assert listed.exit_code == 0 and json.loads(listed.stdout) == [] and "Nothing to measure here" in listed.stderr
+
+
+def test_a_bench_that_leaves_a_rung_priced_without_a_pass_says_which(
+    tiny_models_toml: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = config.load(tiny_models_toml)
+    monkeypatch.setenv("CRE_THREADS", "2")
+    monkeypatch.setattr(llama, "probe", lambda spec: None)
+    monkeypatch.setattr(bench, "_run_once", lambda spec, pp, tg: bench._Run(10.0, 5, pp, 0.1, 2, pp // 3, 0.23, 0.39))
+    monkeypatch.setattr(bench, "_busy_share", lambda: 0.0)
+    medium = settings.get("medium")
+    bench.save(replace(_speed("medium", medium.sha256, threads=2), pp_tokens=48))  # measured by an older cre
+    bench.run(settings, ["small"], repeats=1)
+    err = capsys.readouterr().err
+    assert "medium still priced without a prompt pass" in err and "cre models bench medium" in err
+    bench.run(settings, ["small", "medium"], repeats=1)  # every rung measured alike: nothing to say
+    assert "without a prompt pass" not in capsys.readouterr().err

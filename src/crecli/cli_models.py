@@ -82,7 +82,7 @@ def models_pull(
 def models_bench(
     names: Annotated[Optional[list[str]], typer.Argument(help="Models to measure (default: the ladder).", show_default=False)] = None,
     models: ModelsOpt = None,
-    pp_tokens: Annotated[int, typer.Option(min=1, help="Prompt tokens to process after the cached head (a short query's); a prompt of a third of it is timed too, to split off the pass over the weights.")] = PP_TOKENS,
+    pp_tokens: Annotated[int, typer.Option(min=1, help="Prompt tokens to process after the cached head (a short query's); a prompt of a third of it is timed too, to split off the pass over the weights (under 3, none is, and no pass is).")] = PP_TOKENS,
     tg_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = TG_TOKENS,
     repeats: Annotated[int, typer.Option(min=1, max=20, help="Rounds per model in this run; their median is this run's figure and their spread is reported.")] = REPEATS,
     fresh: Annotated[bool, typer.Option("--fresh", help="Forget earlier runs of these models: price them by this run alone (after a hardware or build change).")] = False,

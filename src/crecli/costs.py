@@ -81,8 +81,7 @@ def token_cost(
         return None if price_per_1k_tokens is None else (prompt_tokens + output_tokens) * price_per_1k_tokens / 1000.0
     if speed is None:
         return None
-    prompt = speed.pass_seconds + prompt_tokens / speed.pp if prompt_tokens > 0 else 0.0
-    return prompt + output_tokens / speed.tg
+    return speed.prompt_seconds(prompt_tokens) + output_tokens / speed.tg
 
 
 def check_unit(unit: str, what: str = "cost unit", error: type[CreError] = CreError) -> str:

@@ -85,6 +85,11 @@ class Rates(NamedTuple):
     tg: float
     pass_seconds: float = 0.0
 
+    def prompt_seconds(self, tokens: float) -> float:
+        """What a prompt of `tokens` new tokens costs: a pass, then its tokens; none, no pass
+        (a later vote reads its prompt from the cache). The one formula of a prompt's price."""
+        return self.pass_seconds + tokens / self.pp if tokens > 0 else 0.0
+
 
 @dataclass
 class Speed:
@@ -134,7 +139,7 @@ class Speed:
     def mean_pp(self) -> float:
         """Tokens/s over a whole prompt of `pp_tokens`, its pass included: what compares with
         a measurement that split off no pass."""
-        return self.pp_tokens / (self.pass_seconds + self.pp_tokens / self.pp_tokens_per_s)
+        return self.pp_tokens / self.rates.prompt_seconds(self.pp_tokens)
 
     @property
     def steady(self) -> bool:
@@ -142,7 +147,7 @@ class Speed:
 
     @property
     def pooled(self) -> int:
-        """How many runs the figures are the median of."""
+        """How many runs the figures are pooled from (`_pooled`)."""
         return max(1, len(self.runs))
 
 
@@ -210,6 +215,8 @@ def split_pass(n_short: int, short_seconds: float, n_long: int, long_seconds: fl
     split off: a run's rounds and pooled runs are split from their median timings, since
     separate medians of a pass and a rate, which noise moves together, match no timing.
     """
+    if n_short <= 0 or short_seconds <= 0:  # no short prompt timed: no pass, exactly
+        return 0.0, n_long / long_seconds
     per_token = (long_seconds - short_seconds) / (n_long - n_short) if n_long > n_short else 0.0
     fixed = long_seconds - n_long * per_token if per_token > 0 else 0.0
     fixed = min(max(fixed, 0.0), MAX_PASS_SHARE * long_seconds)
@@ -532,7 +539,7 @@ STALE_HOURS = 6.0
 
 def last_measured(specs: Sequence[ModelSpec]) -> float | None:
     """When the oldest run behind `specs`' stored speeds was measured (seconds since the
-    epoch): each stored speed is the median of up to POOLED_RUNS runs, and the oldest of
+    epoch): each stored speed is pooled from up to POOLED_RUNS runs, and the oldest of
     them still weighs in until `cre models bench --fresh` starts the pool again. None where
     a model has no figures, or no readable time."""
     times = []
@@ -619,4 +626,15 @@ def run(
         for problem in speed.warnings:
             warn(f"{problem}. Stored anyway: re-run `cre models bench {speed.model}` on a quiet machine, "
                  "since costs are computed from these speeds")
-    return [save(speed, fresh) for speed in speeds]
+    stored_now = [save(speed, fresh) for speed in speeds]
+    # Rungs measured before passes were price by tokens alone beside these: the ladder's
+    # costs would compare two rules, silently.
+    older = []
+    for spec in settings.ladder_specs():
+        entry = stored(spec) if spec.name not in names else None
+        if entry is not None and entry.get("pp_short_tokens") is None:
+            older.append(spec.name)
+    if older and any(s.pp_short_tokens for s in stored_now):
+        warn(f"{', '.join(older)} still priced without a prompt pass (measured by an older cre); run "
+             f"`cre models bench {' '.join(older)}` so every rung is priced the same way")
+    return stored_now
