@@ -64,6 +64,11 @@ POOLED_RUNS = 5
 LOCK_WAIT_SECONDS = 30.0
 
 
+def short_tokens(pp_tokens: int) -> int:
+    """The short prompt's length beside one of `pp_tokens` (0: too short to time one)."""
+    return pp_tokens // PP_SHORT_SHARE
+
+
 class Rates(NamedTuple):
     """What a model's answer costs in seconds on this machine: `pass_seconds` for a prompt
     pass, whatever its length, plus its tokens at `pp` tokens/s, and each output token at
@@ -250,7 +255,7 @@ def _run_once(spec: "ModelSpec", pp_tokens: int, tg_tokens: int) -> _Run:
         if first:
             llm.eval(first)
         llm.eval(tokens[:8])  # warm-up: first decode allocates buffers
-        short = len(tokens) // PP_SHORT_SHARE
+        short = short_tokens(len(tokens))
         elapsed = {short: 0.0, len(tokens): 0.0}
         for _ in range(PP_ROUNDS):
             # Short, then long, so the generation below follows a long prompt, as before.
@@ -289,7 +294,7 @@ def measure_all(
     for r in range(max(1, repeats)):
         for spec in specs:
             if progress is not None:
-                short = f" and {pp_tokens // PP_SHORT_SHARE}" if pp_tokens // PP_SHORT_SHARE else ""
+                short = f" and {short_tokens(pp_tokens)}" if short_tokens(pp_tokens) else ""
                 progress(f"Round {r + 1}/{max(1, repeats)}: {spec.name} ({pp_tokens}{short} prompt tokens after its "
                          f"cached head, {tg_tokens} generated)...")
             runs[spec.name].append(_run_once(spec, pp_tokens, tg_tokens))
