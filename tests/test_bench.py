@@ -160,7 +160,8 @@ def test_a_measurement_splits_the_pass_from_the_median_timings_and_flags_a_noisy
     assert not speed.steady and "disagree" in speed.warnings[0]
 
 
-@pytest.mark.parametrize("bad", [float("nan"), -1.0, True, "0.1", None])
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, True, "0.1", None,
+                                 pytest.param(10**400, id="10**400")])
 def test_a_stored_pass_that_is_not_a_time_is_never_priced(monkeypatch: pytest.MonkeyPatch, bad: object) -> None:
     monkeypatch.setenv("CRE_THREADS", "2")
     spec = ModelSpec(name="m", sha256="a" * 64)

@@ -153,6 +153,19 @@ def test_routers_with_float32_components_still_load() -> None:
         TfidfEmbedder.from_state(params, {k: v for k, v in arrays.items() if k != "word_idf"})
 
 
+@pytest.mark.parametrize("entry", [3e38, 1.5, np.nan, -np.inf])
+def test_float32_components_past_a_unit_row_are_refused_at_load(entry: float) -> None:
+    """A legacy float32 component of 3e38 loaded (it is finite), then overflowed in every
+    projection: each prompt embedded as NaN and failed at routing, naming no file."""
+    emb = TfidfEmbedder(dims=4, min_df=1).fit(TEXTS)
+    params, arrays = emb.state()
+    old = {k: v for k, v in arrays.items() if not k.startswith("components")}
+    old["components"] = emb.components_.copy()
+    old["components"][1, 2] = entry
+    with pytest.raises(RouterFileError, match="not unit rows"):
+        TfidfEmbedder.from_state(params, old)
+
+
 def test_make_embedder_from_config(tiny_models_toml: Path) -> None:
     settings = config.load(tiny_models_toml)
     emb = make_embedder(settings.embedder, settings, seed=7)

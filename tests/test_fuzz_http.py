@@ -136,7 +136,8 @@ def _odd_text() -> Any:
     return st.one_of(st.text(max_size=40), st.sampled_from(["", " ", "\n", "cre", "small", "What is 7 plus 5?"]), huge)
 
 
-JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
+# Integers past float's range too: `math.isfinite(10**400)` raises OverflowError.
+JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.sampled_from([10**400, -(10**400)]),
                       st.floats(allow_nan=False, allow_infinity=False), _odd_text())
 JSON = st.recursive(JSON_LEAF, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                         st.dictionaries(st.text(max_size=12), inner, max_size=4)),

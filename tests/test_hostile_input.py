@@ -511,6 +511,9 @@ SERVE_FIELDS: list[tuple[str, Any, str]] = [
     ("seed", -1, "'seed' must be from 0"),
     ("seed", True, "'seed' must be an integer"),
     ("temperature", "hot", "'temperature' must be a number"),
+    # Past float's range: `math.isfinite` raised OverflowError, a 500 and a traceback.
+    ("temperature", 10**400, "'temperature' must be from 0 to 2, got a number past any float"),
+    ("top_p", -(10**400), "'top_p' must be from 0 to 1, got a number past any float"),
     ("stop", 5, "'stop' must be a string or an array"),
     ("stop", ["a", "b", "c", "d", "e"], "'stop' must be a non-empty string or an array of 1 to 4"),
     ("stop", [""], "'stop' must be a non-empty string"),
@@ -554,7 +557,7 @@ def serve_client(request: pytest.FixtureRequest, fake_backends: Callable[..., di
 KEY = {"Authorization": "Bearer clé-🔑".encode()}  # the UTF-8 bytes, as a client sends them
 
 
-@pytest.mark.parametrize(("name", "value", "words"), SERVE_FIELDS)
+@pytest.mark.parametrize(("name", "value", "words"), SERVE_FIELDS, ids=[f"{n}-{str(v)[:24]}" for n, v, _ in SERVE_FIELDS])
 def test_serve_refuses_a_field_it_cannot_honour_or_a_wrong_type_naming_it(
     serve_client: Any, name: str, value: Any, words: str
 ) -> None:
@@ -563,6 +566,17 @@ def test_serve_refuses_a_field_it_cannot_honour_or_a_wrong_type_naming_it(
     assert response.status_code == 400 and words in error["message"], error
     assert error["param"] == name and set(error) == {"message", "type", "param", "code"}
     assert error["code"], error  # clients branch on it: max_tokens, n and include_usage had none
+
+
+def test_max_completion_tokens_wins_over_max_tokens_as_in_vllm() -> None:
+    # Both given: the loop kept the last one read, the deprecated `max_tokens`.
+    from crecli import openai_wire as wire
+
+    both = {**CHAT_BODY, "max_tokens": 5, "max_completion_tokens": 10}
+    assert wire.parse_chat(both).max_tokens == 10
+    assert wire.parse_chat({**CHAT_BODY, "max_tokens": 5}).max_tokens == 5
+    with pytest.raises(wire.ApiError, match="'max_tokens' must be from 1"):
+        wire.parse_chat({**both, "max_tokens": 0})  # the one not applied is still checked
 
 
 def test_serve_every_refused_message_or_prompt_has_a_code(serve_client: Any) -> None:

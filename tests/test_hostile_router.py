@@ -494,6 +494,9 @@ FIELD_CASES: list[tuple[Callable[[dict[str, Any]], None], str]] = [
     (at("quality", "temperature", value="hot"), 'quality.temperature must be a number >= 0 and <= 5.0, got "hot"'),
     (at("quality", "temperature", value=-0.5), "quality.temperature must be a number >= 0 and <= 5.0, got -0.5"),
     (at("quality", "temperature", value=1e308), "quality.temperature must be a number >= 0 and <= 5.0"),
+    # Past float's range: math.isfinite raised OverflowError, and the file's error named no field.
+    (at("quality", "temperature", value=10**400), "quality.temperature must be a number >= 0 and <= 5.0"),
+    (at("thresholds", "small", value=-(10**400)), 'thresholds["small"] must be a number >= 0 and <= 1'),
     (at("quality", "top_p", value=1.5), "quality.top_p must be a number >= 0 and <= 1"),
     (at("quality", "top_k", value=-3), "quality.top_k must be an integer from 0 to 1048576, got -3"),
     (at("quality", "early_stop", value=1), "quality.early_stop must be true or false, got 1"),

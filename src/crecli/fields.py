@@ -18,6 +18,7 @@ import re
 from typing import Any, Callable, NoReturn, Sequence, TypeVar
 
 from crecli.errors import CreError
+from crecli.safejson import finite
 
 MISSING: Any = object()  # the value of a field the document lacks
 BIG = 2**53  # the largest integer every JSON reader keeps exact; no count comes near it
@@ -96,13 +97,12 @@ class Field:
         return self.value
 
     def as_float(self, lo: float, hi: float = math.inf, *, above: bool = False) -> float:
-        value = self.value
-        ok = type(value) in (int, float) and math.isfinite(value) and (value > lo if above else value >= lo) and value <= hi
-        if not ok:
+        value = finite(self.value)
+        if value is None or not (value > lo if above else value >= lo) or value > hi:
             if hi == math.inf:
                 self.fail(f"a finite number {'>' if above else '>='} {lo}")
             self.fail(f"a number {'>' if above else '>='} {lo} and <= {hi}")
-        return float(value)
+        return value
 
     def as_bool(self) -> bool:
         if type(self.value) is not bool:

@@ -18,7 +18,6 @@ and served (`serve`) is theirs: nothing here knows of a cascade object, a thread
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 # after the fact (re-exported here, where callers have long found it).
 from crecli.models.backend import StopSafeEmitter, cut_at_stop, held_back  # noqa: F401
 from crecli.querylog import MAX_LINE_BYTES
-from crecli.safejson import JsonError, json_type, loads
+from crecli.safejson import JsonError, finite, json_type, loads
 
 if TYPE_CHECKING:
     from crecli.trace import Trace
@@ -172,9 +171,14 @@ def _expect(body: dict[str, Any], name: str, kinds: tuple[type, ...], what: str,
 
 def _number(body: dict[str, Any], name: str, low: float, high: float) -> float | None:
     value = _expect(body, name, (int, float), f"a number from {low:g} to {high:g}")
-    if value is not None and not (math.isfinite(value) and low <= value <= high):
-        raise ApiError(400, f"'{name}' must be from {low:g} to {high:g}, got {value}", param=name, code="invalid_value")
-    return None if value is None else float(value)
+    if value is None:
+        return None
+    number = finite(value)
+    if number is None or not low <= number <= high:
+        # A 4,000-digit integer is not quoted back whole.
+        shown = value if number is not None else "a number past any float"
+        raise ApiError(400, f"'{name}' must be from {low:g} to {high:g}, got {shown}", param=name, code="invalid_value")
+    return number
 
 
 def _stop(body: dict[str, Any]) -> tuple[str, ...]:
@@ -226,7 +230,9 @@ def _common(body: dict[str, Any], kind: str, prompt: str) -> Query:
         raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options",
                        code="invalid_value")
     max_tokens = None
-    for name in ("max_completion_tokens", "max_tokens"):
+    # Both are checked; where both are given, `max_completion_tokens` (OpenAI's current name,
+    # `max_tokens` being deprecated for chat) is the one applied, as vLLM applies it.
+    for name in ("max_tokens", "max_completion_tokens"):
         value = _expect(body, name, (int,), f"an integer from 1 to {MAX_TOKENS_LIMIT}")
         if value is not None:
             if not 1 <= value <= MAX_TOKENS_LIMIT:

@@ -11,6 +11,8 @@ input, request bodies of `cre serve`, the served-query log):
 - `has_surrogate` and `replace_surrogates` test and mend text that came from elsewhere (a
   model's answer, a file name with undecodable bytes) before it is written as UTF-8.
 - `json_type` names a JSON value's type in error messages.
+- `finite` reads a JSON number as a float, where `math.isfinite` would raise on an
+  integer past float's range (JSON has no limit, and Python reads up to 4,300 digits).
 
 Only the standard library is imported here: `cre ask` reaches this module on every call.
 """
@@ -18,6 +20,7 @@ Only the standard library is imported here: `cre ask` reaches this module on eve
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from typing import Any
@@ -96,6 +99,19 @@ def replace_surrogates(text: str) -> str:
     ASCII, so the result is still valid JSON.
     """
     return SURROGATE.sub("\ufffd", text)
+
+
+def finite(value: Any) -> float | None:
+    """`value` as a float where it is a finite JSON number; else None: a boolean, a string,
+    NaN, infinity, or an integer too large for a float (`math.isfinite(10**400)` raises
+    OverflowError, which a reader of a stranger's JSON must not let out)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def json_type(value: Any) -> str:

@@ -37,6 +37,9 @@ MAX_TFIDF_DIMS = 4096
 # router file holding more, or a term twice, is refused: its lookup table is built in
 # memory at load, and a small file of repeated terms asked for hundreds of MB.
 MAX_TFIDF_TERMS = 1 << 20
+# How far past 1 a stored SVD component's entry may be: the int8 round trip's float32
+# rounding, no more.
+COMPONENT_SLACK = 1e-3
 
 
 # scikit-learn's analyzers, as TfidfVectorizer runs them with our preprocessor: the word
@@ -360,11 +363,13 @@ class TfidfEmbedder(Embedder):
             raise RouterFileError(
                 f"tfidf embedder state: {len(emb.word_vocab_):,} words and {len(emb.char_vocab_):,} n-grams, "
                 f"past what a fit keeps ({MAX_TFIDF_TERMS:,} of each, each once); the router file is damaged, refit it")
-        # Int8 codes times a per-row scale: a scale near float32's top overflows to inf, and
-        # every prompt then embeds as NaN.
-        if not np.all(np.isfinite(emb.components_)):
-            raise RouterFileError("tfidf embedder state: the SVD components are not all finite; "
-                                  "the router file is damaged, refit it")
+        # An SVD component is a unit row, so no entry is past 1 (int8 rounding aside). A larger
+        # one is no fit's, and near float32's top it overflows: every prompt would then embed
+        # as NaN and fail at routing, far from the file. Both stored forms are held to it:
+        # int8 codes times a scale, and the float32 rows of routers written before them.
+        if not np.all(np.abs(emb.components_) <= 1.0 + COMPONENT_SLACK):
+            raise RouterFileError("tfidf embedder state: the SVD components are not unit rows (an entry is past 1 "
+                                  "or not a number); the router file is damaged, refit it")
         if emb.components_.shape != (emb.dims_, n_features) or len(emb.word_idf_) != len(emb.word_vocab_) \
                 or len(emb.char_idf_) != len(emb.char_vocab_):
             raise RouterFileError(

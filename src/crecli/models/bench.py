@@ -22,13 +22,13 @@ decide a router's costs. `cre models bench --fresh` starts the pool again.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 from crecli import paths
+from crecli.safejson import finite
 
 if TYPE_CHECKING:
     from crecli.config import ModelConfig, ModelSpec
@@ -387,16 +387,14 @@ def load_all(file: Path | None = None) -> dict[str, dict[str, Any]]:
 
 def _rate(value: Any) -> float | None:
     """A stored tokens/s figure, or None when it is not a positive finite number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) and value > 0 else None
+    number = finite(value)
+    return number if number is not None and number > 0 else None
 
 
 def _seconds(value: Any) -> float | None:
     """A stored time in seconds, or None when it is not a finite number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) and value >= 0 else None
+    number = finite(value)
+    return number if number is not None and number >= 0 else None
 
 
 def pass_of(entry: dict[str, Any]) -> float | None:
