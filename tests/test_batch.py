@@ -845,6 +845,21 @@ def test_a_closed_stdout_is_refused_before_any_model_runs(
     refused(result, "cre batch writes the answers to stdout, and stdout is closed", "> answers.jsonl", code=2)
 
 
+def test_a_reference_without_match_leaves_the_answer_type_to_the_cluster(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade
+) -> None:
+    # It defaulted to exact, as a query log's row does: the line was answered with exact's
+    # output cap (and a choice prompt lost its stop at the option letter), and "12" against
+    # "12.0" was wrong, where the same line without a reference ran as its cluster's numeric.
+    install(fake_backends, TABLE)
+    rows, _ = _run([jl(prompt=ADD, reference="12.0"), jl(prompt=ADD), jl(prompt=ADD, reference="12.0", match="exact")],
+                   cascade)
+    graded, bare, exact = rows
+    assert graded["trace"]["answer_type"] == bare["trace"]["answer_type"] == "numeric"
+    assert graded["answer"] == bare["answer"] == "12" and graded["correct"] is True
+    assert exact["trace"]["answer_type"] == "exact" and exact["correct"] is False  # a match given is kept
+
+
 def test_field_names_can_be_mapped(fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade) -> None:
     install(fake_backends, TABLE)
     fields = FieldMap(prompt="question", reference="gold", id="key")

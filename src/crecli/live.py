@@ -318,6 +318,7 @@ class LiveSource:
         trace.cost = price_steps(self.pricing, [(trace.cluster, trace.steps)])[0]
         trace.cost_unit = self.pricing.unit
         if pending.reference is not None:
-            # Like the query log, a reference without a match type is compared as exact text.
+            # A reference without a match type is graded as the prompt was answered: by its
+            # cluster's answer type (a query log's rows get exact text when they are read).
             match = pending.match or trace.answer_type or "exact"
             trace.correct = grading.grade(trace.answer, pending.reference, match)

@@ -271,7 +271,9 @@ def parse_batch_line(
             raise _Bad(_too_long(len(body), fields.max_line_bytes))
         text = _decode(body)
         if text.lstrip().startswith("{"):
-            return _record_from_object(_object_line(text), fields, str(line_no), where)
+            # No `match` of its own: the prompt's cluster decides how it is answered and graded,
+            # so a line answers the same with a reference as without one.
+            return _record_from_object(_object_line(text), fields, str(line_no), where, default_match=None)
         text = _text_line(text)
         if not text.strip():
             raise _Bad("empty line; every input line needs a prompt")
@@ -424,7 +426,10 @@ def _loads(text: str, what: str) -> Any:
         raise _Bad(str(exc)) from None
 
 
-def _record_from_object(obj: dict[str, Any], fields: FieldMap, default_id: str, source: str) -> Record:
+def _record_from_object(obj: dict[str, Any], fields: FieldMap, default_id: str, source: str,
+                        default_match: str | None = "exact") -> Record:
+    """A record from a JSON object; a reference without a `match` gets `default_match` (a
+    query log's rule is exact text; `cre batch` leaves it to the prompt's cluster)."""
     meta: dict[str, Any] = {k: v for k, v in obj.items() if k not in fields.names() and k != "meta"}
     if "meta" in obj and "meta" not in fields.names():
         inner = obj["meta"]
@@ -437,7 +442,7 @@ def _record_from_object(obj: dict[str, Any], fields: FieldMap, default_id: str, 
         id=_id(obj.get(fields.id), fields.id, default_id),
         prompt=_prompt(obj.get(fields.prompt), fields.prompt),
         reference=reference,
-        match=_match(obj.get(fields.match), fields.match, reference),
+        match=_match(obj.get(fields.match), fields.match, reference, default_match),
         labels=_labels(obj.get(fields.labels), fields.labels),
         meta=meta,
         source=source,
@@ -487,9 +492,9 @@ def _reference(value: Any, name: str) -> list[str] | None:
     return out
 
 
-def _match(value: Any, name: str, reference: list[str] | None) -> str | None:
+def _match(value: Any, name: str, reference: list[str] | None, default: str | None = "exact") -> str | None:
     if value is None:
-        match = "exact" if reference is not None else None
+        match = default if reference is not None else None
     elif (match := grading.match_type(value)) is None:
         raise _Bad(f"{name!r} must be one of {', '.join(grading.MATCH_TYPES)}; got {value!r}")
     if reference is not None and match is not None:
