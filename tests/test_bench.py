@@ -157,7 +157,7 @@ def test_a_measurement_splits_the_pass_from_the_median_timings_and_flags_a_noisy
     assert speed.pass_seconds == pytest.approx(0.15) and speed.pp_tokens_per_s == pytest.approx(200.0)
     # The long prompt never varied; the short one's 74% spread alone makes the run unsteady.
     assert speed.pp_spread == pytest.approx(bench.spread([16 / 0.23, 16 / 0.40, 16 / 0.23]))
-    assert not speed.steady and "disagree" in speed.warnings[0]
+    assert not speed.steady and "prompt timings disagree" in speed.warnings[0]
 
 
 @pytest.mark.parametrize("bad", [float("nan"), -1.0, True, "0.1", None,

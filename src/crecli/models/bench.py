@@ -350,9 +350,13 @@ def check(speed: Speed) -> list[str]:
     """Reasons to distrust a measurement (empty when it looks steady)."""
     problems = []
     if speed.repeats > 1 and max(speed.pp_spread, speed.tg_spread) > MAX_SPREAD:
+        # Which timings: a prompt's (either length) or generation's, to tell noise on short
+        # prompts apart from a machine that slowed throughout.
+        which = "prompt" if speed.pp_spread >= speed.tg_spread else "generation"
         problems.append(
-            f"{speed.model}: the {speed.repeats} runs disagree by {max(speed.pp_spread, speed.tg_spread):.0%} "
-            f"(more than {MAX_SPREAD:.0%}); something else is probably using the CPU"
+            f"{speed.model}: the {speed.repeats} runs' {which} timings disagree by "
+            f"{max(speed.pp_spread, speed.tg_spread):.0%} (more than {MAX_SPREAD:.0%}); something else is probably "
+            "using the CPU"
         )
     if speed.busy_share is not None and speed.busy_share > MAX_BUSY:
         problems.append(f"{speed.model}: other work used {speed.busy_share:.0%} of the CPUs just before the run")
