@@ -174,6 +174,26 @@ def test_memory_budget_counts_the_parallel_kv_cache(
     assert list(pool._loaded) == ["medium"] and pool.cost(pool._loaded["medium"]) == 1400
 
 
+def test_memory_budget_counts_a_model_given_by_path_alone_by_its_file_on_disk(
+    parallel_fakes: Callable[..., dict[str, ParallelFake]], tiny_models_toml: Path, tmp_path: Path
+) -> None:
+    # No `size` in models.toml: the file's bytes on disk are counted, not nothing.
+    parallel_fakes({})
+    big = tmp_path / "big.gguf"
+    big.write_bytes(b"GGUF" + bytes(4996))
+    settings = config.load(tiny_models_toml)
+    from dataclasses import replace
+
+    small = replace(settings.get("small"), path=str(big))
+    assert small.size is None
+    assert ModelPool(1024).cost(ModelPool(1024).get(small)) == 5000
+    pool = ModelPool(6000)
+    pool.get(small), pool.get(replace(settings.get("medium"), path=str(big)))
+    assert list(pool._loaded) == ["medium"]  # two files of 5000 do not fit in 6000
+    # A file that is not there (not pulled yet) is counted as before, as nothing.
+    assert ModelPool(1024).cost(ModelPool(1024).get(settings.get("large"))) == 0
+
+
 def test_cli_parallel_option(tiny_models_toml: Path) -> None:
     runner = CliRunner()
     result = runner.invoke(app, ["batch", "--models", str(tiny_models_toml), "--parallel", "0"])

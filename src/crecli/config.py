@@ -165,6 +165,21 @@ class ModelSpec:
         return paths.models_dir() / f"{self.name}.gguf"
 
     @property
+    def file_bytes(self) -> int | None:
+        """The bytes of the model's file: its pinned `size`, else what the file (`file`) takes
+        on disk, so that a model given by `path` alone is not counted as nothing. None for a
+        remote rung, or a file not there (not pulled yet) or that cannot be looked at."""
+        if self.size is not None:
+            return self.size
+        path = self.file
+        if path is None:
+            return None
+        try:
+            return path.stat().st_size
+        except (OSError, ValueError):  # ValueError: a NUL in the path
+            return None
+
+    @property
     def pullable(self) -> bool:
         return bool(self.chunks)
 

@@ -79,13 +79,13 @@ def generate_once(spec: "ModelSpec", prompt: str, params: "GenParams") -> "Gener
 class ModelPool:
     """Loaded backends, most recently used last, within a memory budget.
 
-    The budget counts GGUF file sizes, a fair proxy for resident memory with mmap, plus,
-    when `parallel` > 1, the KV cache of each model's parallel context
-    (`Backend.parallel_memory`), plus the caches the loaded models hold at that moment
-    (`Backend.cache_memory`: snapshots of answered examples). When a new model would
-    exceed it, the least recently used idle models are closed first. A model's caches grow
-    while it answers, so the budget is checked each time a model is asked for, not held at
-    every instant.
+    The budget counts GGUF file sizes (pinned in models.toml, else read from the disk), a
+    fair proxy for resident memory with mmap, plus, when `parallel` > 1, the KV cache of
+    each model's parallel context (`Backend.parallel_memory`), plus the caches the loaded
+    models hold at that moment (`Backend.cache_memory`: snapshots of answered examples).
+    When a new model would exceed it, the least recently used idle models are closed first.
+    A model's caches grow while it answers, so the budget is checked each time a model is
+    asked for, not held at every instant.
 
     `get` is for sequential callers (`cre ask`, `cre batch`). `lease` is for callers on
     several threads (`cre serve`): a loaded model computes for one caller at a time (its
@@ -105,8 +105,9 @@ class ModelPool:
         self._busy: Counter[str] = Counter()  # leases held, per model
 
     def cost(self, backend: Backend) -> int:
-        """Bytes `backend` is counted for against the budget."""
-        return (backend.spec.size or 0) + backend.parallel_memory(self.parallel)
+        """Bytes `backend` is counted for against the budget: its file (`ModelSpec.file_bytes`;
+        0 where that is unknown, as for a file not pulled yet) and its parallel KV cache."""
+        return (backend.spec.file_bytes or 0) + backend.parallel_memory(self.parallel)
 
     def get(self, spec: "ModelSpec") -> Backend:
         with self._cond:
