@@ -7,6 +7,7 @@ process, since only a main thread gets signals.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -807,6 +808,49 @@ def test_cli_warns_on_a_public_host_without_a_key_and_reports_a_busy_port() -> N
     assert result.returncode == 1 and result.stdout == ""
     assert "Warning:" in result.stderr and "no API key" in result.stderr
     assert f"Error: cannot listen on 0.0.0.0:{port}" in result.stderr
+
+
+@pytest.mark.parametrize(("code", "host", "port", "advice", "not_advised"), [
+    (errno.EADDRINUSE, "127.0.0.1", 8000, "pick another --port, or stop what holds it", "--host"),
+    (errno.EACCES, "127.0.0.1", 80, "ports below 1024 need privileges: pick another --port (1024 or above)", "--host"),
+    # `--host 8.8.8.8` was told to pick another --port.
+    (errno.EADDRNOTAVAIL, "8.8.8.8", 8000, "8.8.8.8 is not an address of this machine: give one of its "
+     "addresses with --host (e.g. 127.0.0.1 or 0.0.0.0)", "--port"),
+    (errno.EACCES, "127.0.0.1", 8000, "check --host (an address of this machine) and --port", "pick another"),
+    (errno.EINVAL, "127.0.0.1", 8000, "check --host (an address of this machine) and --port", "pick another"),
+])
+def test_a_socket_that_cannot_bind_names_the_option_its_errno_points_at(
+    cre, saved_router, monkeypatch, code: int, host: str, port: int, advice: str, not_advised: str
+) -> None:
+    closed: list[bool] = []
+
+    class Unbindable(socket.socket):
+        def bind(self, address: Any) -> None:
+            raise OSError(code, os.strerror(code))
+
+        def close(self) -> None:
+            closed.append(True)
+            super().close()
+
+    monkeypatch.setattr(socket, "socket", Unbindable)
+    run = cre("serve", "--router", saved_router, "--host", host, "--port", str(port))
+    assert run.code == 1 and run.out == "", run
+    line = run.err.strip().splitlines()[-1]
+    assert line == f"Error: cannot listen on {host}:{port} ({os.strerror(code)}); {advice}", run.err
+    assert not_advised not in line and closed == [True]
+
+
+def test_a_socket_that_cannot_be_made_is_a_neutral_error(monkeypatch) -> None:
+    from crecli import serve
+    from crecli.errors import CreError
+
+    def no_family(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
+
+    monkeypatch.setattr(socket, "socket", no_family)
+    with pytest.raises(CreError, match=r"^cannot listen on ::1:8000 \(.+\); check --host \(an address of this machine\) "
+                       "and --port$"):
+        serve.listen("::1", 8000, (socket.AF_INET6, socket.SOCK_STREAM, 0, ("::1", 8000, 0, 0)))
 
 
 def test_a_host_that_resolves_nowhere_is_bad_usage_said_before_any_warning(cre, saved_router, monkeypatch) -> None:

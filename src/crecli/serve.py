@@ -3,8 +3,8 @@
 `run` is the command: it loads the router, binds the socket and answers until SIGTERM or
 Ctrl-C (`serve_forever`). Here is what stands between the app and the network:
 
-- `listen` binds early, so that a port in use is a CreError and early clients wait in the
-  backlog while the models load;
+- `listen` binds early, so that a port in use or a host not this machine's is a CreError
+  naming the option to change, and early clients wait in the backlog while the models load;
 - `make_server` is uvicorn with its logs on stderr (stdout stays for data), a drain bound
   for SIGTERM, and `guarded_protocol`: h11 with deadlines for a request's headers and body
   (`--header-timeout`, `--body-timeout`), so that slow clients cannot hold the server;
@@ -20,6 +20,7 @@ inside functions only, so `cre --help` stays fast and the rest of crecli runs wi
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import json
 import math
@@ -169,14 +170,19 @@ def resolve(host: str, port: int) -> Resolved:
 
 
 def listen(host: str, port: int, resolved: Resolved | None = None) -> socket.socket:
-    """A listening socket, so that a port in use is a CreError rather than uvicorn's exit.
+    """A listening socket, so that a port in use or a host that is not this machine's is a
+    CreError (`cannot_listen`) rather than uvicorn's exit.
 
     One socket, on the first address `host` resolves to (`resolved`, else `resolve`):
     `localhost` may give ::1 before 127.0.0.1. Documented (docs/reference.md, --host)
     rather than bound on every address, which would need one port for all (when --port is
     0) and a rule for an address that cannot be bound; `run` prints the address bound."""
     family, kind, proto, address = resolved if resolved is not None else resolve(host, port)
-    sock = socket.socket(family, kind, proto)
+    try:
+        # An address family this machine lacks (IPv6 turned off) fails here, not at bind.
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise CreError(cannot_listen(host, port, exc)) from None
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
@@ -185,8 +191,22 @@ def listen(host: str, port: int, resolved: Resolved | None = None) -> socket.soc
         sock.listen(2048)
     except OSError as exc:
         sock.close()
-        raise CreError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port") from None
+        raise CreError(cannot_listen(host, port, exc)) from None
     return sock
+
+
+def cannot_listen(host: str, port: int, exc: OSError) -> str:
+    """Why `host`:`port` could not be bound, with the option to change that its errno points
+    at: `--host 8.8.8.8` was told to pick another --port, which could never help."""
+    head = f"cannot listen on {host}:{port} ({exc.strerror or exc})"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{head}; pick another --port, or stop what holds it"
+    if exc.errno == errno.EACCES and 0 < port < 1024:
+        return f"{head}; ports below 1024 need privileges: pick another --port (1024 or above)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"{head}; {host} is not an address of this machine: give one of its addresses with --host "
+                "(e.g. 127.0.0.1 or 0.0.0.0)")
+    return f"{head}; check --host (an address of this machine) and --port"
 
 
 def make_server(app: "Starlette", options: ServeOptions, log_level: str = "info") -> Any:  # -> uvicorn.Server
