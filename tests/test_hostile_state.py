@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
@@ -700,6 +701,44 @@ def test_log_readers_refuse_a_device(cre, saved_router, tiny_models_toml, four_f
     refused(_in_time(lambda: cre("batch", zero, "--router", saved_router, *m)), "is a device")
     refused(_in_time(lambda: cre("batch", "--resume", zero, "--router", saved_router, *m)), "is a device")
     assert four_fakes == {}
+
+
+@pytest.mark.parametrize("args", [("-",), ()])
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom"])
+def test_batch_refuses_a_device_on_stdin_as_it_does_for_file(
+    cre, saved_router, tiny_models_toml, four_fakes, monkeypatch, args, device
+) -> None:
+    # `cre batch - < /dev/zero` read until killed, where `cre batch /dev/zero` was refused.
+    if not Path(device).exists():  # pragma: no cover - not POSIX
+        pytest.skip(f"no {device}")
+    with open(device) as stdin:  # text, as sys.stdin is
+        monkeypatch.setattr(sys, "stdin", stdin)
+        run = _in_time(lambda: cre("batch", *args, "--router", saved_router, "--models", tiny_models_toml))
+    refused(run, "stdin: is a device, not a regular file", "pass a file of prompts as FILE, or pipe them in")
+    assert four_fakes == {}
+
+
+@pytest.mark.parametrize("kind", ["pipe", "terminal"])
+def test_batch_still_reads_stdin_from_a_pipe_or_a_terminal(
+    cre, saved_router, tiny_models_toml, four_fakes, monkeypatch, kind
+) -> None:
+    if kind == "pipe":
+        reader, writer = os.pipe()
+        os.write(writer, b"What is 2 plus 2?\n")
+        os.close(writer)
+    else:  # typed lines, ended with Ctrl-D
+        import pty
+
+        writer, reader = pty.openpty()
+        os.write(writer, b"What is 2 plus 2?\n\x04")
+    with open(reader) as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert sys.stdin.isatty() == (kind == "terminal")
+        run = _in_time(lambda: cre("batch", "-", "--router", saved_router, "--models", tiny_models_toml))
+    if kind == "terminal":
+        os.close(writer)
+    assert run.code == 0, run
+    assert [json.loads(line)["answer"] for line in run.out.splitlines()] == ["4"]
 
 
 def test_a_served_log_that_is_a_device_is_refused(tmp_path: Path) -> None:

@@ -482,6 +482,9 @@ def batch(
             # Nobody types a batch; one who means to says so with `-` (and ends with Ctrl-D).
             raise UsageError("cre batch reads prompts from FILE or stdin, and stdin is a terminal: give a file, "
                              "or pipe prompts in (cat questions.txt | cre batch > answers.jsonl); - reads typed lines")
+        if not sys.stdin.isatty():  # a terminal ends with Ctrl-D: `cre batch -` reads typed lines
+            _refuse_endless_stdin("a file of prompts as FILE, or pipe them in "
+                                  "(cat questions.txt | cre batch > answers.jsonl)")
         source, stream = "<stdin>", contextlib.nullcontext(sys.stdin.buffer)
     else:
         from crecli.querylog import open_named
@@ -645,6 +648,18 @@ def _refuse_closed(stream: object, name: str, use: str, fix: str) -> None:
     Python holds it as None, and its first read or write was an AttributeError traceback."""
     if stream is None:
         raise UsageError(f"{use}, and {name} is closed: {fix}")
+
+
+def _refuse_endless_stdin(want: str) -> None:
+    """Refuse stdin where a FILE of the same kind would be (`querylog.refuse_endless`): a
+    device such as /dev/zero never ends. A stream with no descriptor (one in memory) ends."""
+    from crecli.querylog import refuse_endless
+
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return
+    refuse_endless(fd, "stdin", want, pipes=True)
 
 
 def _read_prompt(prompt: str) -> str:

@@ -228,17 +228,29 @@ def open_input(path: Path, want: str, pipes: bool = False) -> BinaryIO:
     file; `cre batch` input may come through a pipe (`<(zcat prompts.gz)`). The check is
     made on the opened file, so the path cannot be swapped between check and read.
     """
+    handle = Path(path).open("rb")
+    try:
+        refuse_endless(handle.fileno(), str(path), want, pipes)
+    except InputError:
+        handle.close()
+        raise
+    return handle
+
+
+def refuse_endless(fd: int, name: str, want: str, pipes: bool = False) -> None:
+    """Refuse (InputError, naming the input `name`) reading `fd` unless it is a regular file,
+    or with `pipes` also a pipe or a socket, which end when their writer closes them: the
+    rule of `open_input`, and of `cre batch -` for stdin (`cre batch - < /dev/zero` read
+    until killed). A path cannot be opened as a socket, so that counts for stdin only."""
     import os
     import stat
 
-    handle = Path(path).open("rb")
-    mode = os.fstat(handle.fileno()).st_mode
-    if stat.S_ISREG(mode) or (pipes and stat.S_ISFIFO(mode)):
-        return handle
-    handle.close()
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode) or (pipes and (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode))):
+        return
     kind = "a pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
     fix = "save it to a file first" if stat.S_ISFIFO(mode) else f"pass {want}"
-    raise InputError(f"{path}: is {kind}, not a regular file, so reading it might never end; {fix}")
+    raise InputError(f"{name}: is {kind}, not a regular file, so reading it might never end; {fix}")
 
 
 @contextmanager
