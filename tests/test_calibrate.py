@@ -594,6 +594,31 @@ def test_calibration_needs_enough_distinct_prompts_for_its_folds() -> None:
         calibrate.recalibrate(router, data, Budget(), check="agreement")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(("distinct", "copies", "n_folds", "advice"), [
+    # It advised "--folds 2" whatever --folds was, 2 included: the most the log allows.
+    (2, 1, 2, "give a log of at least 4 labelled queries"),
+    (3, 1, 2, "give a log of at least 4 labelled queries"),
+    (5, 1, 3, "use --folds 2 or a larger log"),
+    (6, 4, 5, "use --folds 3 or a larger log"),
+    (3, 4, 2, "give a log of at least 4 distinct labelled prompts"),
+])
+def test_too_small_a_log_for_its_folds_is_advised_the_most_folds_it_allows(
+        distinct: int, copies: int, n_folds: int, advice: str) -> None:
+    from types import SimpleNamespace
+
+    from crecli import calibrate
+    from support.replays import synthetic_data
+
+    data = synthetic_data(distinct, {"s": [0.5], "l": [0.9]}, copies=copies)
+    router = SimpleNamespace(ladder_names=["s", "l"], quality=QualityCheck(k=1))
+    with pytest.raises(CreError) as raised:
+        calibrate.recalibrate(router, data, Budget(), n_folds=n_folds, check="agreement")  # type: ignore[arg-type]
+    assert str(raised.value).endswith(advice), raised.value
+    # 2 distinct prompts a fold are enough.
+    data = synthetic_data(2 * n_folds, {"s": [0.5], "l": [0.9]})
+    calibrate.recalibrate(router, data, Budget(), n_folds=n_folds, check="agreement")  # type: ignore[arg-type]
+
+
 def test_a_training_answers_deferral_prior_leaves_out_every_copy_of_its_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
     # Only the row's own label was left out; its copies' labels (the same recorded answer)
     # still fed its prior, so the fitted model trusted the prior more than it deserves.

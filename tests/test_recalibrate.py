@@ -541,6 +541,27 @@ def test_eval_and_calibrate_refuse_a_row_whose_labels_leave_a_ladder_model_unmea
     assert sum(len(b.calls) for b in fakes.values()) == calls  # said before any model ran
 
 
+def test_calibrate_says_a_log_is_too_small_for_its_folds_before_any_model_runs(
+    fakes, tiny_models_toml: Path, tmp_path: Path
+) -> None:
+    # A 2-query log with --folds 2 first ran every model on it (a fresh store: "1 queries to
+    # run"), then advised "use --folds 2", the value given.
+    m = ("--models", tiny_models_toml)
+    router = tmp_path / "router.cre"
+    ok("fit", write(tmp_path / "log.jsonl", rows()), "-o", router, *m)
+    calls = sum(len(b.calls) for b in fakes.values())
+    small = write(tmp_path / "lab.jsonl", rows(32)[30:])
+    result = cre("calibrate", router, "--log", small, "--folds", "2", *m)
+    assert result.exit_code == 1, result.output
+    assert sum(len(b.calls) for b in fakes.values()) == calls  # said before any model ran
+    assert isinstance(result.exception, CreError), result.exception
+    assert str(result.exception) == ("only 2 labelled queries: too few for 2-fold cross-validation, which needs at "
+                                     "least 2 a fold (4); give a log of at least 4 labelled queries")
+    result = cre("calibrate", router, "--log", write(tmp_path / "five.jsonl", rows(35)[30:]), "--folds", "3", *m)
+    assert result.exit_code == 1 and str(result.exception).endswith("use --folds 2 or a larger log")
+    assert sum(len(b.calls) for b in fakes.values()) == calls
+
+
 def test_calibrate_in_place_does_not_overwrite_a_router_written_meanwhile(
     fakes, tiny_models_toml: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -352,6 +352,30 @@ def folds(n: int, k: int, seed: int, prompts: Sequence[str] | None = None) -> li
     return [sorted(fold) for fold in out]
 
 
+# The fewest queries a cross-validation fold may hold (`check_folds`).
+MIN_PER_FOLD = 2
+
+
+def check_folds(n: int, distinct: int, n_folds: int) -> None:
+    """Refuse `n_folds`-fold cross-validation of `n` labelled queries with `distinct`
+    distinct prompts unless each fold gets at least `MIN_PER_FOLD`; the advice is the most
+    folds the log allows (at least 2), else the size of log it takes. `run` checks the log's
+    labelled queries before any model runs, `recalibrate` the ones left to score (fewer,
+    where some were left out)."""
+    need = MIN_PER_FOLD * n_folds
+    # Copies of a prompt share a fold (`folds`), so the distinct prompts are what is split.
+    split, what = (n, f"{n} labelled queries") if n < need else (distinct, f"{distinct} distinct prompts among {n} "
+                                                                             "labelled queries")
+    if split >= need:
+        return
+    most = split // MIN_PER_FOLD
+    fix = (f"use --folds {most} or a larger log" if most >= 2 else
+           f"give a log of at least {2 * MIN_PER_FOLD} " + ("labelled queries" if n < need else "distinct labelled prompts"))
+    raise CreError(f"only {what}: too few for {n_folds}-fold cross-validation, which "
+                   + ("" if n < need else "keeps every copy of a prompt in one fold and ")
+                   + f"needs at least {MIN_PER_FOLD} a fold ({need}); {fix}")
+
+
 # P(correct) thresholds swept per rung below the top; 1.0 always escalates.
 DEFERRAL_GRID = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -452,13 +476,7 @@ def recalibrate(
         console.warn("the router was fitted with one vote a query (--k 1), so the agreement check can only "
                      "escalate empty answers; use the default --check deferral, or refit with --k 5 to tune agreement")
     n = len(data.records)
-    if n < 2 * n_folds:
-        raise CreError(f"only {n} labelled queries: too few for {n_folds}-fold cross-validation (use --folds 2 or a larger log)")
-    distinct = len(set(data.prompt_ids))
-    if distinct < 2 * n_folds:
-        # Copies of a prompt share a fold (`folds`), so the distinct prompts are what is split.
-        raise CreError(f"only {distinct} distinct prompts among {n} labelled queries: too few for {n_folds}-fold "
-                       "cross-validation, which keeps every copy of a prompt in one fold (use --folds 2 or a larger log)")
+    check_folds(n, len(set(data.prompt_ids)), n_folds)
     agreement: list[str] = []
     if check == "deferral":
         for model, why in without_signals(data, ladder, no_signals).items():
@@ -648,7 +666,9 @@ def run(
     paths.check_output(target, "-o", keep)
     archive.check_replaceable(target, "-o")
     reader = router.fit.reader.overridden(skip_bad, max_line_bytes)
-    data = prepare(router, settings, log, store, reader, unit)
+    # The log's labelled queries are counted before `prepare` runs any model on them.
+    data = prepare(router, settings, log, store, reader, unit,
+                   check=lambda records: check_folds(len(records), len({r.prompt for r in records}), n_folds))
     check_log(router, log, data)
     no_signals = {}
     if check == "deferral":

@@ -377,13 +377,16 @@ def prepare(
     reader: "LogOptions | None" = None,
     unit: str | None = None,
     leave_out: Container[str] | None = None,
+    check: Callable[[Sequence[Record]], None] | None = None,
 ) -> Data:
     """Read `log` with `reader` (default: as the router's fit read its log), route every
     labelled query as `cre ask` would, and collect the missing outcomes. Queries whose
     `outcomes.prompt_sha256` is in `leave_out` (the fit and calibration logs', `cre eval
     --held-out-only`) are left out, and so, with a warning, are those too long for every
     rung's context without the router's examples (`outcomes.leave_out_too_long`), as `cre
-    fit` leaves them out; one only its examples make too long is scored wrong.
+    fit` leaves them out; one only its examples make too long is scored wrong. `check`, when
+    given, is called with the labelled queries left to score before any model runs (it
+    raises to refuse them: `cre calibrate`'s too few for its folds).
 
     Costs are priced afresh (today's `cre models bench` speeds or prices), never taken from
     the router's stored statistics, in `unit` when given (else the ladder's default unit,
@@ -415,6 +418,8 @@ def prepare(
         if len(held_out) < len(records):
             console.status(f"Left out {len(records) - len(held_out)} queries that are in the router's fit or calibration log")
         records = held_out
+    if check is not None:
+        check(records)
     ladder = router.ladder_names
     missing = [m for m in ladder if m not in settings.models]
     if missing:
