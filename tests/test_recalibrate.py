@@ -562,6 +562,28 @@ def test_calibrate_says_a_log_is_too_small_for_its_folds_before_any_model_runs(
     assert sum(len(b.calls) for b in fakes.values()) == calls
 
 
+def test_eval_and_calibrate_say_which_rows_they_leave_out_unlabelled(
+    fakes, tiny_models_toml: Path, tmp_path: Path
+) -> None:
+    # A row with neither a reference nor labels is scored by no command (`cre fit` clusters
+    # it); `cre eval` left it out unsaid, reporting "1 labelled queries" of a 2-row log.
+    m = ("--models", tiny_models_toml)
+    router = tmp_path / "router.cre"
+    ok("fit", write(tmp_path / "log.jsonl", rows()), "-o", router, *m)
+    labelled = rows(34)[30:]
+    bare = [{"id": f"bare{i}", "prompt": f"What is {i} plus 9, roughly?"} for i in range(2)]
+    log = write(tmp_path / "dev.jsonl", [labelled[0], bare[0], *labelled[1:], bare[1]])
+    said = (f"{log}: 2 rows have neither a 'reference' nor a 'labels' field, so no model is scored on them: "
+            "left out (lines 2, 6); add a reference, or a label for every model of the ladder, to score them")
+    result = cre("eval", log, "--router", router, *m, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["n"] == 4
+    assert said in " ".join(result.stderr.split())
+    result = cre("calibrate", router, "--log", log, "--folds", "2", *m, "-o", tmp_path / "cal.cre")
+    assert result.exit_code == 0, result.output
+    assert said in " ".join(result.stderr.split())
+
+
 def test_calibrate_in_place_does_not_overwrite_a_router_written_meanwhile(
     fakes, tiny_models_toml: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -369,6 +369,10 @@ class Data:
         return [prompt_sha256(r.prompt) for r in self.records]
 
 
+# Rows with neither a reference nor labels named by line number, at most; the rest are counted.
+UNLABELLED_SHOWN = 5
+
+
 def prepare(
     router: "RouterFile",
     settings: "ModelConfig",
@@ -380,7 +384,8 @@ def prepare(
     check: Callable[[Sequence[Record]], None] | None = None,
 ) -> Data:
     """Read `log` with `reader` (default: as the router's fit read its log), route every
-    labelled query as `cre ask` would, and collect the missing outcomes. Queries whose
+    labelled query as `cre ask` would, and collect the missing outcomes. Rows with neither
+    a reference nor labels are left out with a warning naming their lines. Queries whose
     `outcomes.prompt_sha256` is in `leave_out` (the fit and calibration logs', `cre eval
     --held-out-only`) are left out, and so, with a warning, are those too long for every
     rung's context without the router's examples (`outcomes.leave_out_too_long`), as `cre
@@ -403,11 +408,23 @@ def prepare(
     read = reader.read(log)
     if read.bad:
         console.status(f"Skipped {len(read.bad)} bad line(s), first: {read.bad[0].source}: {read.bad[0].reason}")
-    records = [r for r in read.records if r.reference is not None or r.labels]
+    records = [r for r in read.records if r.labelled]
     if not records:
         # Worded for `cre calibrate` and `cre eval` alike, in the field names the log is read with.
         raise CreError(f"{log}: no labelled queries (a {reader.fields.reference!r} or {reader.fields.labels!r} field), "
                        "so no model can be scored on it; give a log with reference answers or labels")
+    unlabelled = [r for r in read.records if not r.labelled]
+    if unlabelled:
+        # Left out as `cre fit` leaves them unmeasured (it clusters them only), but said:
+        # `cre eval` reported the labelled rows' count alone, as if the log held no others.
+        many = len(unlabelled) > 1
+        them = "them" if many else "it"
+        lines = ", ".join(r.source.rsplit(":", 1)[-1] if r.source else repr(r.id) for r in unlabelled[:UNLABELLED_SHOWN])
+        more = ", …" if len(unlabelled) > UNLABELLED_SHOWN else ""
+        console.warn(f"{log}: {len(unlabelled)} {'rows have' if many else 'row has'} neither a "
+                     f"{reader.fields.reference!r} nor a {reader.fields.labels!r} field, so no model is scored on "
+                     f"{them}: left out ({'lines' if many else 'line'} {lines}{more}); add a reference, or a label "
+                     f"for every model of the ladder, to score {them}")
     outcomes_mod.check_measurable(records, router.ladder_names)  # as `cre fit` does, before any model runs
     sha_of: dict[str, str] | None = None  # each record's prompt identity, where hashed here: `Data.prompt_ids` keeps them
     if leave_out is not None:
