@@ -51,6 +51,15 @@ def test_every_command_help_has_examples() -> None:
         assert result.exit_code == 0 and "Examples:" in result.output, name
 
 
+def test_calibrate_and_eval_store_help_says_the_fit_store_is_not_recorded() -> None:
+    # "(default: the one `cre fit` uses)" read as if they found the store the fit was given;
+    # a router records none, so after `cre fit --store X` they re-ran every model.
+    for command in ("calibrate", "eval"):
+        text = " ".join(runner.invoke(app, [command, "--help"], terminal_width=400).output.split())
+        assert "the one `cre fit` uses" not in text, command
+        assert "pass the same --store FILE" in text, command
+
+
 def test_version() -> None:
     result = run("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"cre {__version__}"

@@ -20,7 +20,7 @@ import typer
 from crecli import __version__
 from crecli.cli_models import models_app
 from crecli.cli_options import (
-    CostUnitOpt, JsonOpt, ModelsOpt, NoLogOpt, RouterOpt, SkipBadOpt, finite, load_models, resolve_router,
+    CostUnitOpt, JsonOpt, ModelsOpt, NoLogOpt, RouterOpt, SkipBadOpt, StoreOpt, finite, load_models, resolve_router,
 )
 from crecli.errors import CreError, UsageError
 from crecli.costs import DEFAULT_RETAIN
@@ -213,7 +213,7 @@ def calibrate(
     seed: Annotated[int, typer.Option(min=0, help="Seed of the fold split.")] = 0,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the tuned router here (default: update ROUTER in place).", show_default=False)] = None,
     models: ModelsOpt = None,
-    store: Annotated[Optional[Path], typer.Option(help="Outcome store (default: the one `cre fit` uses).", show_default=False)] = None,
+    store: StoreOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Warn instead of failing when local model files differ from the router's.")] = False,
     skip_bad: SkipBadOpt = None,
     max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, help="Longest log line (and so prompt) to read, in bytes (default: what `cre fit` was given).", show_default=False)] = None,
@@ -260,7 +260,7 @@ def eval_(
     log: Annotated[Path, typer.Argument(help="Labelled log (JSONL or CSV with references).", show_default=False)],
     router: RouterOpt = None,
     models: ModelsOpt = None,
-    store: Annotated[Optional[Path], typer.Option(help="Outcome store (default: the one `cre fit` uses).", show_default=False)] = None,
+    store: StoreOpt = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write an accuracy-against-cost chart (.svg, or .png with matplotlib installed).", show_default=False)] = None,
     live: Annotated[bool, typer.Option("--live", help="Also run the real cascade on every query and compare it with the replay.")] = False,
     skip_bad: SkipBadOpt = None,

@@ -42,6 +42,18 @@ SkipBadOpt = Annotated[
         show_default=False,
     ),
 ]
+# `cre calibrate` and `cre eval`: a router records no store, so without --store they read
+# the default one, whatever store its fit was given.
+StoreOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--store",
+        help="Outcome store of recorded answers (default: the one in the user data dir, which `cre fit` uses too "
+        "when given no --store). A router does not record the store its fit used: after `cre fit --store FILE`, "
+        "pass the same --store FILE, or every model runs again on the queries the default store lacks.",
+        show_default=False,
+    ),
+]
 NoLogOpt = Annotated[
     bool,
     typer.Option(
