@@ -168,8 +168,12 @@ def test_a_router_is_never_written_over_a_file_that_is_not_one(
     assert "exists and is not a router file" in str(refused.exception)
     assert held_out.read_bytes() == SMALL_LOG.read_bytes() and not any(b.calls for b in skilled_fakes.values())
     router = tmp_path / "router.cre"
-    invoke("fit", str(SMALL_LOG), "-o", str(router), *m)
-    invoke("fit", str(SMALL_LOG), "-o", str(router), *m)  # a router may be replaced: refitting
+    first = runner.invoke(app, ["fit", str(SMALL_LOG), "-o", str(router), *m])
+    again = runner.invoke(app, ["fit", str(SMALL_LOG), "-o", str(router), *m])  # a router may be replaced: refitting
+    assert first.exit_code == again.exit_code == 0, (again.output, again.exception)
+    # ... and is said to be, before the work, not silently at its end (`-o` defaults to router.cre).
+    assert "a router file is there" not in first.stderr
+    assert "a router file is there; this fit replaces it" in again.stderr.split("Embedding")[0]
     refused = runner.invoke(app, ["calibrate", str(router), "-o", str(held_out), *m])
     assert "exists and is not a router file" in str(refused.exception)
     assert held_out.read_bytes() == SMALL_LOG.read_bytes()
@@ -190,7 +194,8 @@ def test_a_zip_with_a_manifest_that_is_no_routers_is_not_replaced(tmp_path: Path
         archive.check_replaceable(extension, "-o")
     router = tmp_path / "router.cre"
     archive.write(router, {"schema_version": archive.SCHEMA_VERSION}, {})
-    archive.check_replaceable(router, "-o")  # a router is: refitting replaces it
+    assert archive.check_replaceable(router, "-o")  # a router is: refitting replaces it
+    assert not archive.check_replaceable(tmp_path / "new.cre", "-o")
 
 
 def test_a_row_labelling_models_off_the_ladder_is_named_before_any_model_runs(

@@ -99,24 +99,25 @@ def pack(owner: str, arrays: dict[str, "np.ndarray"], blobs: dict[str, bytes]) -
     return listed
 
 
-def check_replaceable(path: Path, option: str) -> None:
+def check_replaceable(path: Path, option: str) -> bool:
     """Refuse, before any work, to write a router over a file that is not one: `-o
     test.jsonl` at the end of an hour's fit replaced a held-out log (or notes, or a
     models.toml not in use) with no word. A router file (a zip whose `manifest.json` says
     `"format": "crecli-router"`) may be replaced; that is what refitting is. Any zip with a
-    manifest.json was, and browser extensions and other packages have one."""
+    manifest.json was, and browser extensions and other packages have one. True where a
+    router file is there, to be replaced."""
     from crecli.errors import CreError
 
     try:
         if not path.is_file():
-            return  # nothing there (what else is there, `paths.check_output` has judged)
+            return False  # nothing there (what else is there, `paths.check_output` has judged)
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as zf:
                 info = zf.getinfo(MANIFEST)
                 if info.file_size <= MAX_MANIFEST_BYTES:
                     manifest = json.loads(zf.read(info))
                     if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
-                        return
+                        return True
     except (OSError, KeyError, ValueError, RecursionError, EOFError, zlib.error, zipfile.BadZipFile,
             NotImplementedError, RuntimeError):
         pass  # KeyError: no manifest; ValueError: not JSON; the rest: a member zipfile cannot read

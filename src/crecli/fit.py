@@ -138,7 +138,11 @@ def check_before_fit(log_path: Path, out_path: Path, settings: "ModelConfig", op
     keep += [("a served-query log", p) for p in options.served_logs]
     keep += [("a models.toml", Path(source)) for source in settings.sources]
     paths.check_output(out_path, "-o", keep)
-    archive.check_replaceable(out_path, "-o")
+    if archive.check_replaceable(out_path, "-o"):
+        # Said before the work, not after: `-o` defaults to router.cre, so a refit in the
+        # folder of a calibrated router replaced it with no word at the end of the run.
+        console.warn(f"-o {out_path}: a router file is there; this fit replaces it when it ends "
+                     "(stop now, or pass -o another.cre, to keep it)")
     if options.store is not None:
         paths.check_output(options.store, "--store", [("the query log", log_path), *keep[2:]],
                            example="outcomes.sqlite", allow=paths.OWNED_STORE)
