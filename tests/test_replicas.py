@@ -398,6 +398,62 @@ def test_an_error_line_or_an_event_typed_error_fails_the_stream_though_done_foll
         assert len(alive.requests) == 1 and backend.replicas.states()[failing.url] == "up"
 
 
+# Deeper than Python's parser goes: `json.loads` raises RecursionError, not a ValueError.
+DEEP = b"[" * 200_000
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_a_reply_nested_too_deeply_to_read_is_no_completion_and_gives_its_slot_back(pooled: bool) -> None:
+    """`[[[...` raised a RecursionError that no branch expected: it came out as a traceback,
+    and the replica's slot was never given back, so with `max_in_flight = 1` the rung's next
+    request waited for good while /health said the server was up."""
+    from contextlib import nullcontext
+
+    with pooled_transport() if pooled else nullcontext(), FakeOpenAI() as deep, FakeOpenAI() as alive:
+        deep.page, deep.page_type = DEEP, "application/json"
+        backend = OpenAIBackend(_spec([deep.url, alive.url], max_in_flight=1))
+        assert backend.generate("hi", GenParams(max_tokens=4, temperature=0.5)).text == "42"
+        assert len(deep.requests) == len(alive.requests) == 1
+        assert [r.in_flight for r in backend.replicas.replicas] == [0, 0]
+        assert backend.replicas.states()[deep.url].startswith("out: reply not a completion")
+
+
+@pytest.mark.parametrize("field", [b"data", b"error"])
+def test_a_stream_line_nested_too_deeply_is_read_as_any_unreadable_line(field: bytes) -> None:
+    """An event (or an `error:` line) nested too deeply raised RecursionError on the
+    transport's loop, out of `generate_streaming` raw. Now it is read as any line whose JSON
+    is unreadable: a data line is skipped, an error line fails the stream with its text."""
+    from crecli.models.openai import RemoteError
+
+    with pooled_transport(), FakeOpenAI() as engine:
+        engine.stream_raw = field + b": " + DEEP[:100_000] + b"\n\n"
+        backend = OpenAIBackend(_spec([engine.url], max_in_flight=1))
+        got: list[str] = []
+        if field == b"data":
+            assert backend.generate_streaming("hi", GenParams(max_tokens=4), got.append).text == "42"
+        else:
+            with pytest.raises(RemoteError, match=r"error mid-stream: \[\[\["):
+                backend.generate_streaming("hi", GenParams(max_tokens=4), got.append)
+        assert "".join(got) == "42" and [r.in_flight for r in backend.replicas.replicas] == [0]
+
+
+def test_a_try_that_ends_in_an_exception_no_branch_expected_gives_its_slot_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever ends a try (here a bug in reading the reply), its replica's slot goes back,
+    as a try that says nothing of the server: held, it blocked the server for good."""
+    from crecli.models import openai
+
+    def broken(data: Any, chat: bool) -> str | None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(openai, "_completion_shape", broken)
+    with FakeOpenAI() as engine:
+        backend = OpenAIBackend(_spec([engine.url], max_in_flight=1))
+        with pytest.raises(RuntimeError, match="a bug"):
+            backend.generate("hi", GenParams(max_tokens=4))
+        assert [r.in_flight for r in backend.replicas.replicas] == [0]
+        assert backend.replicas.states()[engine.url] == "up"
+
+
 @pytest.mark.parametrize(("status", "advice"), [(404, "`api_model`"), (401, "api_key_env")])
 def test_a_lower_rung_passed_over_for_a_wrong_model_or_key_says_so_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: int, advice: str

@@ -18,8 +18,10 @@ from crecli import safejson
     ('{"meta": {"a": ["\\udc00"]}}', "lone surrogate \\udc00 in 'meta' is not valid Unicode; pair it or remove it"),
     ('{"a": 1, "b": {"a": 2, "a": 3}}', "bad (the key 'a' appears twice in one object; keep one)"),
     ('{"\\ud800": 1}', "lone surrogate \\ud800 in '\\ud800' is not valid Unicode; pair it or remove it"),
+    # A server's reply, read as bytes: a byte that is no UTF-8 was called a number too long.
+    (b'["\xc3("]', "bad (not valid utf-8 text at byte 3)"),
 ])
-def test_loads_turns_every_failure_into_a_message(text: str, message: str) -> None:
+def test_loads_turns_every_failure_into_a_message(text: str | bytes, message: str) -> None:
     with pytest.raises(safejson.JsonError) as refused:
         safejson.loads(text, "bad")
     assert str(refused.value) == message
@@ -28,6 +30,7 @@ def test_loads_turns_every_failure_into_a_message(text: str, message: str) -> No
 
 def test_loads_reads_valid_json_and_paired_surrogates() -> None:
     assert safejson.loads('{"a": ["\\ud83d\\ude00", 1, null]}', "bad") == {"a": ["\U0001f600", 1, None]}
+    assert safejson.loads('{"a": "\u00e9"}'.encode("utf-16"), "bad") == {"a": "\u00e9"}
 
 
 def test_surrogates_are_found_and_mended_into_valid_utf8_json() -> None:

@@ -46,9 +46,10 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def loads(text: str, what: str) -> Any:
+def loads(text: str | bytes, what: str) -> Any:
     """`json.loads` whose every failure is a JsonError starting with `what`, whose objects
-    give each key once (`unique_keys`), and whose strings are all valid Unicode."""
+    give each key once (`unique_keys`), and whose strings are all valid Unicode. Bytes are
+    decoded as `json.loads` decodes them (UTF-8, -16 or -32)."""
     try:
         value = json.loads(text, object_pairs_hook=unique_keys)
     except JsonError as exc:
@@ -57,6 +58,8 @@ def loads(text: str, what: str) -> Any:
         raise JsonError(f"{what} ({exc.msg} at column {exc.colno})") from None
     except RecursionError:
         raise JsonError(f"{what} (nested too deeply to read); flatten it") from None
+    except UnicodeDecodeError as exc:  # bytes only
+        raise JsonError(f"{what} (not valid {exc.encoding} text at byte {exc.start + 1})") from None
     except ValueError:
         # Python refuses to convert longer integers (CVE-2020-10735); no real id or answer is one.
         raise JsonError(

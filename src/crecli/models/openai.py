@@ -36,13 +36,13 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from crecli import cancel
+from crecli import cancel, safejson
 from crecli.errors import BackendError, ConfigError, PromptTooLong
 from crecli.models import http as transport
 from crecli.models import logprobs as lp
 from crecli.models.backend import Backend, Generation, GenParams, StopSafeEmitter, cut_at_stop
 from crecli.models.prompting import Rendered, completion_prompt, request_prompt
-from crecli.models.replicas import replica_set
+from crecli.models.replicas import Replica, ReplicaSet, replica_set
 from crecli.models.tokens import output_count, prompt_count, sent_text_of
 
 if TYPE_CHECKING:
@@ -132,14 +132,15 @@ def _completion_shape(data: Any, chat: bool) -> str | None:
 
 def _event(line: str) -> dict[str, Any] | str | None:
     """What a line of a server-sent event stream carries: "[DONE]", an event's JSON object, or
-    None for any other line (a comment, another field, a blank line, data that is no object)."""
+    None for any other line (a comment, another field, a blank line, data that is no object
+    or that `safejson.loads` cannot read)."""
     if not line.startswith("data:"):
         return None
     data = line[5:].strip()
     if data == "[DONE]":
         return data
     try:
-        event = json.loads(data)
+        event = safejson.loads(data, "an event")  # nested too deeply is unreadable too, not a crash
     except ValueError:
         return None
     return event if isinstance(event, dict) else None
@@ -231,7 +232,7 @@ class _EventStream:
             # [DONE]`: a failure all the same, never the end of a (cut short) answer.
             self.began = True
             try:
-                error = json.loads(value)
+                error = safejson.loads(value, "an error")
             except ValueError:
                 error = value.strip() or "no details"
             self._error(error)
@@ -312,6 +313,37 @@ def forget_signal_support() -> None:
     with _SUPPORT_LOCK:
         _SUPPORT.clear()
         _FAILED_ONCE.clear()
+
+
+class _Slot:
+    """The slot a request holds on a replica (`ReplicaSet.acquire`), given back once: by
+    `release` or `abandon` as its try ends, else by `close`, which abandons it (the try
+    ended in an exception no branch expected: a cancellation, a bug). A slot never given
+    back holds the replica at `max_in_flight` for good, while /health still says it is up."""
+
+    def __init__(self, replicas: ReplicaSet) -> None:
+        self.replicas = replicas
+        self.replica: Replica | None = None  # the replica whose slot is held, None when none is
+
+    def hold(self, replica: Replica) -> None:
+        self.replica = replica
+
+    def _give(self) -> Replica:
+        replica, self.replica = self.replica, None
+        assert replica is not None, "no slot is held"
+        return replica
+
+    def release(self, failure: str | None = None, out_for: float | None = None) -> None:
+        """`ReplicaSet.release`: the replica answered, or failed (`failure`)."""
+        self.replicas.release(self._give(), failure, out_for)
+
+    def abandon(self) -> None:
+        """`ReplicaSet.abandon`: the try says nothing of the replica's server."""
+        self.replicas.abandon(self._give())
+
+    def close(self) -> None:
+        if self.replica is not None:
+            self.abandon()
 
 
 class OpenAIBackend(Backend):
@@ -440,7 +472,18 @@ class OpenAIBackend(Backend):
         failure, tried on another while none of its text went out, else raised as it is. A
         2xx reply in which no event comes (a page, a whole completion, an empty stream;
         whatever its Content-Type says) is judged whole as without `stream`: a completion (a
-        server that ignored `stream`) is returned, anything else is the replica's failure."""
+        server that ignored `stream`) is returned, anything else is the replica's failure.
+        A try that ends in an exception no branch expected (a bug, a cancellation) gives its
+        replica's slot back all the same (`_Slot`), as one that says nothing of the server."""
+        slot = _Slot(self.replicas)
+        try:
+            return self._tries(endpoint, body, timeout, refusals, stream, slot)
+        finally:
+            slot.close()
+
+    def _tries(self, endpoint: str, body: dict[str, Any], timeout: float | None, refusals: bool,
+               stream: _EventStream | None, slot: _Slot) -> tuple[dict[str, Any], float, str]:
+        """`_post`'s tries, each holding its replica's slot in `slot` until it gives it back."""
         timeout = self.timeout if timeout is None else timeout
         payload = json.dumps(body).encode()
         headers = self._headers()
@@ -456,6 +499,7 @@ class OpenAIBackend(Backend):
             replica = self.replicas.acquire(frozenset(failed), wait_until=wait_until)
             if replica is None:
                 break
+            slot.hold(replica)
             url = f"{replica.url}/{endpoint}"
             where = f"model {self.spec.name!r} at {url}"
             # The rung's timeout, or less where the request has less left: a server that hangs
@@ -472,29 +516,26 @@ class OpenAIBackend(Backend):
                 deadline = cancel.deadline()
                 if exc.kind == "timeout" and deadline is not None and deadline - time.monotonic() <= 0.1:
                     # `cre serve`'s request ran out of time, not the server: it stays in rotation.
-                    self.replicas.abandon(replica)
+                    slot.abandon()
                     raise RemoteError(why) from None
-                self.replicas.release(replica, SHORT[exc.kind])
+                slot.release(SHORT[exc.kind])
                 if stream is not None and stream.sent:
                     # Text already went to the client: another replica would send it again.
                     raise RemoteError(why) from None
                 failed[replica.url] = why
                 short.append(SHORT[exc.kind])
                 continue
-            except BaseException:
-                self.replicas.abandon(replica)  # cancelled: not the replica's fault
-                raise
             status = reply.status
             if status in (400, 413) and _TOO_LONG.search(reply.body[:2000]):
-                self.replicas.release(replica)
+                slot.release()
                 raise self._too_long(where, f"HTTP {status}: {reply.body[:300].decode('utf-8', 'replace').strip()}")
             if status in (429, 503) or status >= 500:
                 error = self._status_error(reply, where, replica.url)
                 retry_after = error.retry_after if status in (429, 503) else None
                 if refusals and status in REFUSALS:
-                    self.replicas.abandon(replica)
+                    slot.abandon()
                     raise error
-                self.replicas.release(replica, f"HTTP {status}", retry_after)
+                slot.release(f"HTTP {status}", retry_after)
                 # A server that asked for a wait this request can afford is waited for, once;
                 # else it is done with for this request: asked again, it would only ask again.
                 wait = not waited and self.replicas.waits_for(replica, wait_until)
@@ -507,22 +548,22 @@ class OpenAIBackend(Backend):
             if status >= 400 and status not in MISDIRECTED:
                 # The request's own fault (400, 413, 422...): every replica would refuse it
                 # alike, and this one answered, so it stays in rotation.
-                self.replicas.release(replica)
+                slot.release()
                 raise self._status_error(reply, where, replica.url)
             if status < 300:
                 seconds = time.perf_counter() - start
                 if stream is not None and stream.began:
                     why = stream.failure()
                     if why is None:
-                        self.replicas.release(replica)
+                        slot.release()
                         return {}, seconds, replica.url
                     if stream.too_long and not stream.sent:
                         # As a 400 that says so: the prompt's fault, which every replica would find.
-                        self.replicas.release(replica)
+                        slot.release()
                         raise self._too_long(where, why)
                     # An engine failing (out of memory, a crash behind a proxy) may fail every
                     # stream while it answers: its failure, so it leaves rotation.
-                    self.replicas.release(replica, stream.short)
+                    slot.release(stream.short)
                     if stream.sent:
                         raise RemoteError(f"{where}: {why}")  # as for a connection that broke
                     failed[replica.url] = f"{where}: {why}"
@@ -531,12 +572,12 @@ class OpenAIBackend(Backend):
                 # A streamed reply with no event in it: its lines, held back, judged whole.
                 raw = reply.body or "\n".join(stream.held if stream is not None else ()).encode()
                 try:
-                    data = json.loads(raw)
+                    data = safejson.loads(raw, "the reply")  # nested too deeply, a number too long: no completion
                 except ValueError:
                     data = None
                 wrong = _completion_shape(data, chat=endpoint.startswith("chat"))
                 if wrong is None:
-                    self.replicas.release(replica)
+                    slot.release()
                     return data, seconds, replica.url
                 # A 200 that is no completion (a proxy's or another service's page): this
                 # address serves something else, whatever was asked.
@@ -550,7 +591,7 @@ class OpenAIBackend(Backend):
                 error, why = self._status_error(reply, where, replica.url), f"HTTP {status}"
             # This server does not serve the rung as models.toml describes it: its failure, out
             # for a back-off like a dead one, and the request tried on another replica.
-            self.replicas.release(replica, why)
+            slot.release(why)
             failed[replica.url] = str(error)
             short.append(why)
             last = error
