@@ -138,6 +138,63 @@ def test_api_key_comes_from_the_named_environment_variable(server: _Server, monk
     assert server.requests[0]["headers"]["Authorization"] == "Bearer sekrit"
 
 
+@pytest.mark.parametrize("pooled", [False, True])
+def test_an_api_key_read_from_a_file_is_sent_without_its_newline(monkeypatch: pytest.MonkeyPatch, pooled: bool) -> None:
+    """A key mounted from a file ends in a newline: urllib refused the header, quoting the key
+    in its traceback, and the pooled transport's refusal took the healthy server out."""
+    from contextlib import nullcontext
+
+    from support.fake_openai import FakeOpenAI
+    from support.scale import fresh_remote, pooled_transport
+
+    fresh_remote(monkeypatch)
+    monkeypatch.setenv("CRE_TEST_KEY", " sk-SECRET123\r\n")
+    with pooled_transport() if pooled else nullcontext(), FakeOpenAI() as engine:
+        backend = OpenAIBackend(_spec(engine.url, api_key_env="CRE_TEST_KEY"))
+        assert backend.generate("hi", GenParams(max_tokens=4)).text == "42"
+        assert engine.requests[-1]["headers"]["Authorization"] == "Bearer sk-SECRET123"
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+@pytest.mark.parametrize(("key", "fault"), [("sk-SEC\nRET123", "a control character"),
+                                            ("sk-SECRÉT123", "a character outside ASCII")])
+def test_an_api_key_no_header_can_carry_is_refused_naming_its_variable_never_the_key(
+    monkeypatch: pytest.MonkeyPatch, pooled: bool, key: str, fault: str
+) -> None:
+    from contextlib import nullcontext
+
+    from crecli.errors import ConfigError
+    from support.fake_openai import FakeOpenAI
+    from support.scale import fresh_remote, pooled_transport
+
+    fresh_remote(monkeypatch)
+    monkeypatch.setenv("CRE_TEST_KEY", key)
+    with pooled_transport() if pooled else nullcontext(), FakeOpenAI() as engine:
+        backend = OpenAIBackend(_spec(engine.url, api_key_env="CRE_TEST_KEY"))
+        with pytest.raises(ConfigError, match=rf"API key in \$CRE_TEST_KEY holds {fault}") as info:
+            backend.generate("hi", GenParams(max_tokens=4))
+        assert "SEC" not in str(info.value) and engine.requests == []
+        assert backend.replicas.states()[engine.url] == "up"
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_a_header_no_transport_can_send_is_refused_without_its_value(monkeypatch: pytest.MonkeyPatch, pooled: bool) -> None:
+    """Whoever builds the headers, no error quotes one: urllib's ValueError and httpx's
+    LocalProtocolError (in a TransportError) both held `Bearer <the key>`."""
+    from contextlib import nullcontext
+
+    from crecli.models import http as transport
+    from support.fake_openai import FakeOpenAI
+    from support.scale import fresh_remote, pooled_transport
+
+    fresh_remote(monkeypatch)
+    with pooled_transport() if pooled else nullcontext(), FakeOpenAI() as engine:
+        with pytest.raises(Exception) as info:
+            transport.current().post(engine.url + "/completions", b"{}", {"Authorization": "Bearer sk-SEC\nRET123"},
+                                     5.0, 1000)
+        assert "SEC" not in str(info.value) and "Authorization" in str(info.value) and engine.requests == []
+
+
 @pytest.mark.parametrize(
     ("status", "advice"),
     [(401, "API key"), (404, "/v1"), (500, "try again later"), (400, "models.toml|test.toml")],

@@ -16,7 +16,9 @@ reply a byte at a time would otherwise hold a try for as long as it likes.
   through to the client).
 
 Status codes are the caller's to judge (`OpenAIBackend`): a 3xx comes back as a reply, never
-followed, so an API key is never sent to an address the `url` did not name.
+followed, so an API key is never sent to an address the `url` did not name. Nor is a header
+ever quoted in an error: a header value neither transport can send as it is (`header_fault`)
+is refused before sending, naming the header, not its value (an API key).
 """
 
 from __future__ import annotations
@@ -61,6 +63,25 @@ class Transport(Protocol):
     def post(self, url: str, body: bytes, headers: dict[str, str], timeout: float, max_bytes: int) -> Reply: ...
 
 
+def header_fault(value: str) -> str | None:
+    """What makes `value` no header value that both transports send as it is (None when it is
+    one), said without the value, which may be an API key: urllib refuses a line break and
+    sends Latin-1, httpx sends ASCII, so printable ASCII only."""
+    for char in value:
+        if char < " " or char == "\x7f":
+            return "a control character (such as a line break)"
+        if char > "~":
+            return "a character outside ASCII"
+    return None
+
+
+def _check_headers(headers: dict[str, str]) -> None:
+    """Refuse `headers` if one cannot be sent as it is: the libraries' own errors quote it."""
+    for name, value in headers.items():
+        if (fault := header_fault(value)) is not None:
+            raise ValueError(f"the {name} header holds {fault}; not sent (its value is not shown)")
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     """Refuse redirects: urllib would follow one to another host (or to ftp://) and send the
     Authorization header there."""
@@ -79,6 +100,7 @@ class UrllibTransport:
         self._opener = urllib.request.build_opener(_NoRedirect)
 
     def post(self, url: str, body: bytes, headers: dict[str, str], timeout: float, max_bytes: int) -> Reply:
+        _check_headers(headers)
         request = urllib.request.Request(url, data=body, headers=headers, method="POST")
         deadline = time.monotonic() + timeout
         try:
@@ -237,6 +259,7 @@ class LoopTransport:
                     on_line: Callable[[str], bool] | None) -> Reply:
         import httpx
 
+        _check_headers(headers)
         try:
             async with self.client.stream("POST", url, content=body, headers=headers, timeout=timeout) as response:
                 got = _lower(response.headers)
@@ -271,6 +294,9 @@ class LoopTransport:
             raise TransportError("timeout") from None
         except httpx.ConnectError as exc:
             raise TransportError("connect", str(exc) or "refused") from None
+        except httpx.LocalProtocolError as exc:
+            # What this side sent was refused; its message may quote a header (the API key's).
+            raise TransportError("broken", type(exc).__name__) from None
         except (httpx.TransportError, httpx.DecodingError) as exc:
             raise TransportError("broken", f"{type(exc).__name__}: {exc}") from None
 

@@ -3,7 +3,9 @@
 models.toml names the server with `url` (the API root, e.g. http://127.0.0.1:8080/v1; an
 array of them for replicas of the same model), the model with `api_model`, optionally
 `api_key_env`, the environment variable that holds the API key (the key itself never goes
-into a file), and `max_in_flight`, the requests each server holds at once. Completion-style
+into a file; whitespace around it, such as a file's last newline, is dropped, and a key
+holding what no HTTP header carries is refused, never shown), and `max_in_flight`, the
+requests each server holds at once. Completion-style
 formats post the rendered prompt to `{url}/completions`, so every sample of one prompt sends
 identical text and the server's prompt cache can serve samples 2..k; prompt_format "chat"
 posts messages to `{url}/chat/completions` and lets the server apply its own template.
@@ -449,12 +451,17 @@ class OpenAIBackend(Backend):
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         env = self.spec.api_key_env
         if env:
-            key = os.environ.get(env)
+            # The one read of the key. A key mounted from a file ends in a newline, never part of it.
+            key = os.environ.get(env, "").strip()
             if not key:
                 raise BackendError(
-                    f"model {self.spec.name!r} needs an API key in ${env}, which is not set; "
+                    f"model {self.spec.name!r} needs an API key in ${env}, which is not set (or empty); "
                     f"export {env}=... (or remove `api_key_env` from {self.spec.set_in('api_key_env')})"
                 )
+            if (fault := transport.header_fault(key)) is not None:
+                # Named, never shown: an error message ends up in logs.
+                raise ConfigError(f"model {self.spec.name!r}: its API key in ${env} holds {fault}, which no "
+                                  f"HTTP header carries; set {env} to the key alone")
             headers["Authorization"] = f"Bearer {key}"
         return headers
 
