@@ -140,6 +140,59 @@ def test_no_letter_means_no_margin_and_no_tokens_mean_no_signals() -> None:
     assert letter_index("\u2581(C") == 2 and letter_index("\u0120B") == 1 and letter_index("AB") is None
 
 
+def _content(logprob: Any, top: Any) -> dict[str, Any]:
+    return {"content": [{"token": "A", "logprob": logprob, "top_logprobs": top}]}
+
+
+@pytest.mark.parametrize("logprobs", [
+    _content(-0.1, 5),  # top_logprobs not a list: a TypeError
+    _content(800.0, [{"token": "A", "logprob": 800.0}, {"token": "B", "logprob": -1.0}]),  # exp: an OverflowError
+    _content(-0.1, [{"token": "A", "logprob": 0.5}, {"token": "B", "logprob": -1.0}]),  # above 0: no probability
+    _content(10**400, []),  # past a float's range
+    _content(-0.1, ["A", "B"]),
+    _content(-0.1, [{"token": 7, "logprob": -1.0}]),
+    _content(-0.1, [{"token": "A", "logprob": "-1"}]),
+    _content(-0.1, {"A": -0.1}),
+    {"content": ["A"]},
+    {"tokens": ["A"], "token_logprobs": [-0.1], "top_logprobs": 5},
+    {"tokens": ["A"], "token_logprobs": [-0.1], "top_logprobs": [["A"]]},
+    {"tokens": ["A"], "token_logprobs": [-0.1], "top_logprobs": [{"A": 900.0, "B": -1.0}]},
+    {"tokens": ["A"], "token_logprobs": [-0.1], "top_logprobs": [{"A": -0.1}, {"B": -1.0}]},  # one list too many
+    {"tokens": ["A"], "token_logprobs": [3.0]},
+    {"tokens": ["A"], "token_logprobs": [float("-inf")]},
+], ids=["top-int", "above-0-overflows", "alt-above-0", "past-float", "alts-not-objects", "alt-token-not-str",
+        "alt-logprob-str", "alts-an-object", "item-not-object", "legacy-top-int", "legacy-alts-a-list",
+        "legacy-alt-above-0", "legacy-tops-too-many", "legacy-above-0", "legacy-minus-inf"])
+def test_malformed_log_probabilities_give_no_signals_never_an_error(logprobs: Any) -> None:
+    """Wrong types crashed the answer (`cre ask`, the probe in `cre models list`) and a value
+    above 0 overflowed or made up a probability above 1: a reply's log-probabilities are
+    read whole, each a finite number at most 0, or not at all."""
+    assert lp.steps(logprobs) is None and lp.signals(lp.steps(logprobs)) is None
+
+
+def test_log_probabilities_a_hair_above_0_are_a_servers_rounding_and_read_as_0() -> None:
+    got = lp.steps(_content(4e-7, [{"token": "A", "logprob": 4e-7}, {"token": "B", "logprob": -16.0}]))
+    assert got == [("A", 0.0, [("A", 0.0), ("B", -16.0)])]
+    # Left out where a server has none to give: vLLM's null entries, a null top list.
+    assert lp.steps({"tokens": ["A"], "token_logprobs": [-0.1], "top_logprobs": [None]}) == [("A", -0.1, [])]
+    assert lp.steps(_content(-0.1, None)) == [("A", -0.1, [])]
+
+
+def test_a_reply_with_malformed_log_probabilities_is_answered_without_signals(tmp_path: Path) -> None:
+    reply = {"choices": [{"message": {"content": "Paris"}, "finish_reason": "stop",
+                          "logprobs": {"content": [{"token": "Paris", "logprob": -0.1, "top_logprobs": 5}]}}]}
+    with FakeOpenAI() as server:
+        server.page, server.page_type = json.dumps(reply).encode(), "application/json"
+        gen = OpenAIBackend(_spec(server.url, "chat")).generate("Capital of France?", GenParams(max_tokens=8))
+        assert gen.text == "Paris" and gen.signals is None
+        forget_signal_support()
+        toml = tmp_path / "models.toml"
+        toml.write_text(f'[models.big]\nurl = "{server.url}"\napi_model = "served"\nprompt_format = "chat"\n')
+        listed = runner.invoke(app, ["models", "list", "--models", str(toml), "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert {r["name"]: r["signals"] for r in json.loads(listed.stdout)}["big"] == "none"
+
+
 # ---------------------------------------------------------------- asking a server
 
 def test_greedy_answers_ask_for_log_probabilities_and_carry_signals(server: FakeOpenAI) -> None:

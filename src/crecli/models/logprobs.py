@@ -15,8 +15,11 @@ Three reply shapes are read:
   "top_logprobs": [{"token", "logprob"}, ...]}, ...]}`;
 - completions, OpenAI's and vLLM's: `{"tokens": [...], "token_logprobs": [...],
   "top_logprobs": [{token: logprob, ...}, ...]}`.
-A reply without them (Ollama's OpenAI endpoint drops them), or with values that are not
-finite numbers, gives None: no signals, never made-up ones.
+A reply without them (Ollama's OpenAI endpoint drops them), or with any value that is not a
+finite number at most 0 (a log-probability above 0 is a probability above 1; a server's
+rounding, `ROUNDING` above it, reads as 0), or of the wrong type anywhere in these shapes,
+gives None: no signals, never made-up ones, and never an error. Only a top list left out
+(`null`, as vLLM sends for a token it has none for) reads as empty.
 """
 
 from __future__ import annotations
@@ -26,52 +29,75 @@ from typing import Any, Sequence
 
 from crecli.models.backend import Signals
 from crecli.models.tokens import letter_index, letter_margin, summarize
+from crecli.safejson import finite
 
 # Alternatives asked for per token: vLLM's default --max-logprobs and OpenAI's chat maximum.
 TOP_LOGPROBS = 20
 # Some servers cap the top list lower (OpenAI's legacy completions: 5); the probe retries with this.
 FEWER_LOGPROBS = 5
 
+# How far above 0 a server's rounding may put a log-probability (of a token it is all but
+# certain of); anything above is no log-probability.
+ROUNDING = 1e-6
+
 Step = tuple[str, float, list[tuple[str, float]]]  # (chosen token, its log-prob, the top list)
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def _logprob(value: Any) -> float | None:
+    """`value` as a log-probability: a finite JSON number at most 0 (at most `ROUNDING` above
+    it reads as 0), else None."""
+    number = finite(value)
+    return None if number is None or number > ROUNDING else min(number, 0.0)
+
+
+def _top(alts: Any, listed: bool) -> list[tuple[str, float]] | None:
+    """A token's top list: `listed`, a list of {"token", "logprob"} objects (the "content"
+    shape), else a {token: logprob} object (legacy completions'); empty where it is left out
+    (null), None where any part of it is malformed."""
+    if alts is None:
+        return []
+    if listed and isinstance(alts, list) and all(isinstance(alt, dict) for alt in alts):
+        pairs = [(alt.get("token"), alt.get("logprob")) for alt in alts]
+    elif not listed and isinstance(alts, dict):
+        pairs = list(alts.items())
+    else:
         return None
-    value = float(value)
-    # -inf is a real log-probability (a token the sampler ruled out); NaN and +inf are not.
-    return value if not math.isnan(value) and value != math.inf else None
+    top: list[tuple[str, float]] = []
+    for token, raw in pairs:
+        value = _logprob(raw)
+        if not isinstance(token, str) or value is None:
+            return None
+        top.append((token, value))
+    return top
 
 
 def steps(logprobs: Any) -> list[Step] | None:
-    """The generated tokens of a reply's `logprobs` object, or None where it has none usable."""
+    """The generated tokens of a reply's `logprobs` object, or None where it has none usable
+    (none at all, or any part malformed: read whole or not at all)."""
     if not isinstance(logprobs, dict):
         return None
     out: list[Step] = []
     content = logprobs.get("content")
     if isinstance(content, list):
         for item in content:
-            if not isinstance(item, dict) or not isinstance(item.get("token"), str):
+            if not isinstance(item, dict):
                 return None
-            chosen = _number(item.get("logprob"))
-            if chosen is None:
+            token, chosen, top = item.get("token"), _logprob(item.get("logprob")), _top(item.get("top_logprobs"), True)
+            if not isinstance(token, str) or chosen is None or top is None:
                 return None
-            top = []
-            for alt in item.get("top_logprobs") or []:
-                if isinstance(alt, dict) and isinstance(alt.get("token"), str) and (lp := _number(alt.get("logprob"))) is not None:
-                    top.append((alt["token"], lp))
-            out.append((item["token"], chosen, top))
+            out.append((token, chosen, top))
         return out
     tokens, chosen_lps, tops = logprobs.get("tokens"), logprobs.get("token_logprobs"), logprobs.get("top_logprobs")
     if not isinstance(tokens, list) or not isinstance(chosen_lps, list) or len(tokens) != len(chosen_lps):
         return None
-    tops = tops if isinstance(tops, list) and len(tops) == len(tokens) else [None] * len(tokens)
-    for token, lp, alts in zip(tokens, chosen_lps, tops):
-        chosen = _number(lp)
-        if not isinstance(token, str) or chosen is None:
+    if tops is None:
+        tops = [None] * len(tokens)
+    elif not isinstance(tops, list) or len(tops) != len(tokens):
+        return None
+    for token, raw, alts in zip(tokens, chosen_lps, tops):
+        chosen, top = _logprob(raw), _top(alts, False)
+        if not isinstance(token, str) or chosen is None or top is None:
             return None
-        top = [(t, v) for t, raw in (alts or {}).items() if isinstance(t, str) and (v := _number(raw)) is not None] \
-            if isinstance(alts, dict) else []
         out.append((token, chosen, top))
     return out
 
