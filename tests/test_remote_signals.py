@@ -28,7 +28,7 @@ from crecli.ladder import AGREEMENT, DEFERRAL
 from crecli.models import logprobs as lp
 from crecli.models import registry
 from crecli.models.backend import GenParams, Signals
-from crecli.models.openai import OpenAIBackend, forget_signal_support
+from crecli.models.openai import OpenAIBackend, RungUnavailable, forget_signal_support
 from crecli.models.tokens import SignalMeter, letter_index
 from crecli.outcomes import OutcomeStore, collect
 from crecli.quality import Deferral, DeferralCheck, QualityCheck, feature_names, judge_deferral
@@ -269,33 +269,46 @@ def test_a_500_is_a_refusal_of_log_probabilities_only_when_the_same_server_repea
     assert backend.signal_support(probe=False).detail == "refuses log-probabilities (HTTP 500)"
 
 
-def test_a_passing_500_is_not_taken_for_a_refusal_of_log_probabilities(server: FakeOpenAI) -> None:
-    base, failures = server._handle, [2]
+def test_a_500_that_does_not_name_log_probabilities_is_the_servers_failure_not_a_refusal(server: FakeOpenAI) -> None:
+    # A passing fault (out of memory, a restart) was asked again for 5 alternatives, then
+    # for none, on the same failing server, and not counted as its failure until the third.
+    base, failures = server._handle, [1]
 
     def restarting(h: Any, body: dict[str, Any]) -> None:
-        if failures[0]:  # an engine's passing fault (out of memory, a restart) on two requests
+        if failures[0]:
             failures[0] -= 1
             return h._send(500, {"error": {"message": "transient", "type": "server_error"}})
         return base(h, body)
 
     server._handle = restarting  # type: ignore[method-assign]
     backend = OpenAIBackend(_spec(server.url))
-    assert backend.generate("hi", GenParams(max_tokens=4)).signals is None
+    with pytest.raises(RungUnavailable, match="HTTP 500"):
+        backend.generate("hi", GenParams(max_tokens=4))
+    assert [r["body"].get("logprobs") for r in server.requests] == [lp.TOP_LOGPROBS]
     assert backend.signal_support(probe=False).kind == "unknown"
-    assert backend.generate("hi", GenParams(max_tokens=4)).signals is not None
+    assert backend.replicas.states()[server.url].startswith("out: HTTP 500")
+    assert backend.generate("hi", GenParams(max_tokens=4)).signals is not None  # its back-off is tried
     assert backend.signal_support(probe=False).kind == "logprobs"
 
 
-def test_another_replicas_answer_says_nothing_of_log_probabilities_refused_by_a_failing_one() -> None:
+def test_a_failing_server_sends_the_same_request_for_log_probabilities_on_to_another() -> None:
+    # A server failing every request with 500 was taken for one refusing log-probabilities:
+    # each greedy request tried it three times (20 alternatives, 5, then none; the first two
+    # not counted as its failures) before a healthy replica got it, asked for none, so every
+    # answer came back without signals.
     with FakeOpenAI() as failing, FakeOpenAI() as other:
-        failing.status = 500  # on everything: a failing server, not a refusal of log-probabilities
+        def out_of_memory(h: Any, body: dict[str, Any]) -> None:
+            h._send(500, {"error": {"message": "CUDA error: out of memory", "type": "server_error"}})
+
+        failing._handle = out_of_memory  # type: ignore[method-assign]
         spec = ModelSpec(name="remote", url=failing.url, urls=(failing.url, other.url), api_model="served",
                          prompt_format="completion", defined_in="test.toml")
         backend = OpenAIBackend(spec)
-        assert backend.generate("hi", GenParams(max_tokens=4)).text == "42"
-        assert backend.signal_support(probe=False).kind == "unknown"
-        failing.status = None
-        assert backend.generate("hi", GenParams(max_tokens=4)).signals is not None
+        gen = backend.generate("hi", GenParams(max_tokens=4))
+        assert gen.text == "42" and gen.signals is not None
+        assert len(failing.requests) == 1 and failing.requests[0]["body"]["logprobs"] == lp.TOP_LOGPROBS
+        assert [r["body"].get("logprobs") for r in other.requests] == [lp.TOP_LOGPROBS]  # the same request
+        assert backend.replicas.states()[failing.url].startswith("out: HTTP 500")
         assert backend.signal_support(probe=False).kind == "logprobs"
 
 

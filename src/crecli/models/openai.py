@@ -85,10 +85,14 @@ class SignalSupport:
         return self.kind if self.kind != "unknown" else f"unknown ({self.detail or 'not reached'})"
 
 
-# The statuses of a server refusing a request for log-probabilities rather than failing. A
-# 500 (llama-cpp-python without `logits_all`) may also be a passing fault (out of memory, a
-# restart): it is taken for a refusal only when the same server gives it again (`_refuses`).
+# The statuses of a server refusing a request for log-probabilities rather than failing: 400
+# or 422, and a 500 whose message names them (`_NAMES_LOGPROBS`: llama-cpp-python without
+# `logits_all` says "logprobs is not supported ..."). Any other 5xx ("CUDA error: out of
+# memory"), like a 429 or a timeout, is the server failing, and the same request goes to
+# another replica. A 500 that names them may still be a passing fault: it is taken for a
+# refusal only when the same server gives it again (`_refuses`).
 REFUSALS = (400, 422, 500)
+_NAMES_LOGPROBS = re.compile(rb"logprob|logits_all", re.IGNORECASE)
 # The statuses (with every redirect, which is refused) of a server that does not serve the rung
 # as models.toml describes it, whatever the request: it wants another key (401, 403), has no
 # such endpoint or model (404, 405). That server's failure, so the request is tried on another
@@ -403,11 +407,13 @@ class OpenAIBackend(Backend):
         """POST `body`, asking a greedy request for log-probabilities unless the server is known
         to give none, and learn from the reply what it gives (`signal_support`).
 
-        A server that refuses the request for them (400, 422 or 500: some cap `top_logprobs`,
-        llama-cpp-python without `logits_all` fails) is asked again with fewer alternatives,
-        then without any; the same server answering that one means it serves the rung but
-        gives no signals (`_refuses`). A reply without them is not taken as proof: an answer
-        cut to nothing has none either.
+        A server that refuses the request for them (`REFUSALS`: a 400 or 422, some cap
+        `top_logprobs`; a 500 that names them, llama-cpp-python without `logits_all`) is asked
+        again with fewer alternatives, then without any; the same server answering that one
+        means it serves the rung but gives no signals (`_refuses`). A server that fails
+        otherwise (another 5xx, 429, a timeout) fails as for any request: the same request,
+        log-probabilities and all, goes to another replica (`_post`). A reply without them is
+        not taken as proof: an answer cut to nothing has none either.
         """
         known = self.signal_support(probe=False)
         if not greedy or known.kind == "none":
@@ -470,8 +476,8 @@ class OpenAIBackend(Backend):
         """POST JSON to the rung: to its least busy healthy replica, and on to another while one
         fails (`replicas`): by its connection or a 5xx, or by not serving the rung (a redirect,
         which is refused, a `MISDIRECTED` status, a reply that is no completion). With
-        `refusals`, a 400, 422 or 500 is the request's fault (a server refusing
-        log-probabilities), not the replica's: it is raised at once naming the replica
+        `refusals`, a 500 whose message names log-probabilities (a server refusing them,
+        `REFUSALS`) is the request's fault, not the replica's: it is raised at once naming the replica
         (`RemoteError.server`), which stays in rotation. Returns the reply, its seconds and the
         replica that answered. With `stream`, the reply is a server-sent event stream, read
         by `stream` as it comes (`stream` transports only); the dict returned is then empty.
@@ -539,7 +545,7 @@ class OpenAIBackend(Backend):
             if status in (429, 503) or status >= 500:
                 error = self._status_error(reply, where, replica.url)
                 retry_after = error.retry_after if status in (429, 503) else None
-                if refusals and status in REFUSALS:
+                if refusals and status in REFUSALS and _NAMES_LOGPROBS.search(reply.body[:2000]):
                     slot.abandon()
                     raise error
                 slot.release(f"HTTP {status}", retry_after)
