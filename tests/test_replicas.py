@@ -19,13 +19,13 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from crecli import config
+from crecli import cancel, config
 from crecli.cli import app
 from crecli.config import ModelSpec
 from crecli.errors import ConfigError
 from crecli.escalate import Cascade
 from crecli.models.backend import GenParams
-from crecli.models.openai import OpenAIBackend, RungUnavailable
+from crecli.models.openai import OpenAIBackend, RemoteError, RungUnavailable
 from crecli.models.replicas import ReplicaSet
 from support.fake_openai import FakeOpenAI
 from support.routers import ADDITIONS, FAR, make_router
@@ -255,6 +255,24 @@ def test_5xx_and_a_server_dying_holding_the_request_move_it_to_another_replica()
         assert gen.text == "42" and len(failing.requests) == len(dying.requests) == len(alive.requests) == 1
         states = list(backend.replicas.states().values())
     assert states[0].startswith("out: HTTP 500") and states[1].startswith("out: connection broke") and states[2] == "up"
+
+
+def test_the_try_after_a_server_that_hung_has_the_whole_timeout() -> None:
+    # The rung's timeout was spent as the request's: after a 1 s try on a hung server, the
+    # healthy one (0.3 s to answer) got 0.1 s, and was taken out too. `cre ask` and `cre
+    # batch` give a request no time of its own: each try has the whole timeout.
+    with FakeOpenAI() as hung, FakeOpenAI() as slow:
+        hung.delay, slow.delay = 3.0, 0.3
+        backend = OpenAIBackend(_spec([hung.url, slow.url]), timeout=1.0)
+        assert backend.generate("hi", GenParams(max_tokens=4, temperature=0.5)).text == "42"
+        states = backend.replicas.states()
+        assert states[hung.url].startswith("out: timed out") and states[slow.url] == "up"
+        # A try cut short by the request's own time (`cre serve`'s deadline) says nothing of
+        # its server, which stays in rotation.
+        backend = OpenAIBackend(_spec([slow.url]), timeout=1.0)
+        with cancel.scope(cancel.Token(deadline=time.monotonic() + 0.15)), pytest.raises(RemoteError):
+            backend.generate("hi", GenParams(max_tokens=4, temperature=0.5))
+        assert backend.replicas.states()[slow.url] == "up"
 
 
 @pytest.mark.parametrize("fault", [401, 403, 404, 405, 302, "page"])

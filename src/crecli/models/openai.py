@@ -507,17 +507,16 @@ class OpenAIBackend(Backend):
         start = time.perf_counter()
         for attempt in range(MAX_TRIES):
             cancel.check()
-            left = self._time_left(timeout, start)
-            wait_until = time.monotonic() + left  # the request's own deadline
+            wait_until = time.monotonic() + self._time_left(timeout, start)  # for an asked wait
             replica = self.replicas.acquire(frozenset(failed), wait_until=wait_until)
             if replica is None:
                 break
             slot.hold(replica)
             url = f"{replica.url}/{endpoint}"
             where = f"model {self.spec.name!r} at {url}"
-            # The rung's timeout, or less where the request has less left: a server that hangs
-            # past it is taken out and the request tried elsewhere while time remains.
-            try_for = min(timeout, max(0.1, left))
+            # A server that hangs past its try's time is taken out and the request tried
+            # elsewhere, unless the request's own time cut the try short (`cut`).
+            try_for, cut = self._try_limit(timeout)
             if stream is not None and attempt:
                 # A later try reads afresh (nothing of a failed try went out, or it was
                 # raised); the first reads the stream as it was built.
@@ -526,9 +525,8 @@ class OpenAIBackend(Backend):
                 reply = self._send(url, payload, headers, try_for, stream.line if stream is not None else None)
             except transport.TransportError as exc:
                 why = self._transport_failure(exc, where, try_for)
-                deadline = cancel.deadline()
-                if exc.kind == "timeout" and deadline is not None and deadline - time.monotonic() <= 0.1:
-                    # `cre serve`'s request ran out of time, not the server: it stays in rotation.
+                if exc.kind == "timeout" and cut:
+                    # The request ran out of time, not the server: it stays in rotation.
                     slot.abandon()
                     raise RemoteError(why) from None
                 slot.release(SHORT[exc.kind])
@@ -623,12 +621,26 @@ class OpenAIBackend(Backend):
         return current.post(url, payload, headers, timeout, MAX_REPLY_BYTES)
 
     def _time_left(self, timeout: float, start: float) -> float:
-        """Seconds this request may still spend: its request's deadline where `cre serve` set
-        one, else the rung's timeout from the first try."""
+        """Seconds this request may still wait for a server that asked for a wait (Retry-After):
+        to its request's deadline where `cre serve` set one, else to the rung's timeout from
+        the first try. (A try's own time is `_try_limit`'s.)"""
         deadline = cancel.deadline()
         if deadline is not None:
             return max(0.0, deadline - time.monotonic())
         return max(0.0, timeout - (time.perf_counter() - start))
+
+    @staticmethod
+    def _try_limit(timeout: float) -> tuple[float, bool]:
+        """The seconds the next try may take, and whether the request's own time set them (a
+        try that runs out of them says nothing of its server): the rung's `timeout`, or the
+        time left before the request's deadline where `cre serve` set one and it is sooner (at
+        least 0.1 s). With no deadline (`cre ask`, `cre batch`), every try has the whole
+        timeout, the one after a server that hung too."""
+        deadline = cancel.deadline()
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is None or left >= timeout:
+            return timeout, False
+        return max(0.1, left), True
 
     def _transport_failure(self, exc: "transport.TransportError", where: str, timeout: float) -> str:
         if exc.kind == "timeout":
