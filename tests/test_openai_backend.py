@@ -263,9 +263,10 @@ def test_timeout_is_reported(server: _Server) -> None:
 
 
 @contextmanager
-def _trickling(every: float, status: int = 200, after: float = 0.0) -> Iterator[str]:
+def _trickling(every: float, status: int = 200, after: float = 0.0, headers: bool = False) -> Iterator[str]:
     """The API root of a server that answers `status` after `after` seconds, then sends its
-    100-byte body a byte every `every` seconds."""
+    100-byte body a byte every `every` seconds; with `headers`, its last header instead (an
+    `X-Pad` of 100 bytes), then the body at once."""
     done = threading.Event()
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -284,11 +285,13 @@ def _trickling(every: float, status: int = 200, after: float = 0.0) -> Iterator[
                     if done.wait(after):
                         return
                     conn.sendall(b"HTTP/1.1 %d Whatever\r\nContent-Type: application/json\r\n"
-                                 b"Content-Length: %d\r\n\r\n" % (status, len(body)))
-                    for byte in body:
+                                 b"Content-Length: %d\r\n%s" % (status, len(body), b"X-Pad: " if headers else b"\r\n"))
+                    for byte in b"a" * 100 if headers else body:
                         if done.wait(every):
                             return
                         conn.sendall(bytes([byte]))
+                    if headers:
+                        conn.sendall(b"\r\n\r\n" + body)
                 except OSError:
                     pass  # the client gave up
 
@@ -323,6 +326,27 @@ def test_a_reply_that_trickles_in_is_given_up_at_the_tries_timeout(
     with pooled_transport() if pooled else nullcontext():
         with pytest.raises(BackendError, match="no answer within 1 s"):
             OpenAIBackend(_spec(trickling), timeout=1.0).generate("hi", GenParams(max_tokens=4))
+
+
+@pytest.mark.parametrize("how", ["urllib", "pooled", "streamed"])
+def test_headers_that_trickle_in_are_given_up_at_the_tries_timeout(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    # Only the body was read against the try's deadline: headers sent a byte every 50 ms held
+    # a 1 s try for their whole 5 s, on urllib and on a stream of the pooled transport.
+    from contextlib import nullcontext
+
+    from support.scale import fresh_remote, pooled_transport
+
+    fresh_remote(monkeypatch)
+    with _trickling(0.05, headers=True) as url, pooled_transport() if how != "urllib" else nullcontext():
+        backend = OpenAIBackend(_spec(url), timeout=1.0)
+        start = time.monotonic()
+        with pytest.raises(BackendError, match="no answer within 1 s"):
+            if how == "streamed":
+                backend.generate_streaming("hi", GenParams(max_tokens=4), lambda piece: None)
+            else:
+                backend.generate("hi", GenParams(max_tokens=4))
+        took = time.monotonic() - start
+    assert took < 3.0, took
 
 
 @pytest.mark.parametrize("pooled", [False, True])

@@ -2,8 +2,9 @@
 
 Two transports, one contract (`post` a JSON body, get a `Reply` back, or a `TransportError`
 saying whether no connection was made, no answer came in time, or the reply broke off).
-A post's `timeout` bounds the whole try, not only each read: a server that trickles its
-reply a byte at a time would otherwise hold a try for as long as it likes.
+A post's `timeout` bounds the whole try, its reply's status line and headers as well as its
+body, not only each read: a server that trickles its reply a byte at a time would otherwise
+hold a try for as long as it likes.
 
 - `UrllibTransport`, the default: the standard library, one connection per request, no
   redirects followed. `cre ask` and `cre batch` send one request at a time, so a pool
@@ -25,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import http.client
+import io
 import socket
 import threading
 import time
@@ -90,22 +93,95 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         raise urllib.error.HTTPError(req.full_url, code, msg, headers, fp)
 
 
+class _Request(urllib.request.Request):
+    """A POST whose reply is to be read by `deadline` (time.monotonic(), `_ByDeadline`)."""
+
+    def __init__(self, url: str, body: bytes, headers: dict[str, str], deadline: float) -> None:
+        super().__init__(url, data=body, headers=headers, method="POST")
+        self.deadline = deadline
+
+
+class _TimedReads(io.RawIOBase):
+    """`sock` read by `deadline` (time.monotonic()): each read waits only for the time left
+    before it, and none begins after it. A socket timeout alone bounds each read, and with the
+    try's whole timeout, a read begun just before the deadline would wait that long again; a
+    reply's status line and headers (read line by line, in as many reads as the server takes
+    to send them) and a chunked body's size lines would wait that long for every byte."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock, self._raw, self._deadline = sock, sock.makefile("rb", buffering=0), deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        self._sock.settimeout(left)
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _TimedSocket:
+    """What an `http.client.HTTPResponse` is made from (it only calls `makefile`): `sock`,
+    read by `deadline` (`_TimedReads`)."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock, self.deadline = sock, deadline
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(_TimedReads(self.sock, self.deadline))
+
+
+class _TimedResponse(http.client.HTTPResponse):
+    def __init__(self, sock: socket.socket, *args: Any, deadline: float, **kwargs: Any) -> None:
+        super().__init__(_TimedSocket(sock, deadline), *args, **kwargs)  # type: ignore[arg-type]
+
+
+class _ByDeadline(urllib.request.AbstractHTTPHandler):
+    """An HTTP(S) handler whose connections read a `_Request`'s reply, headers and all, by its
+    deadline (`_TimedResponse`)."""
+
+    def do_open(self, http_class: Any, req: Any, **http_conn_args: Any) -> Any:
+        if isinstance(req, _Request):
+            http_class = functools.partial(_timed_connection, http_class, req.deadline)
+        return super().do_open(http_class, req, **http_conn_args)
+
+
+def _timed_connection(http_class: Any, deadline: float, host: str, **kwargs: Any) -> http.client.HTTPConnection:
+    """A connection of `http_class` (HTTP or HTTPS) whose reply is read by `deadline`."""
+    connection: http.client.HTTPConnection = http_class(host, **kwargs)
+    connection.response_class = functools.partial(_TimedResponse, deadline=deadline)  # type: ignore[assignment]
+    return connection
+
+
+class _HTTPHandler(_ByDeadline, urllib.request.HTTPHandler):
+    pass
+
+
+class _HTTPSHandler(_ByDeadline, urllib.request.HTTPSHandler):
+    pass
+
+
 class UrllibTransport:
     """The standard library's HTTP client: one connection per request. Its socket timeout
-    bounds each read, so the body (an error reply's too) is read in pieces against the try's
-    deadline: checked between reads, and each read's socket timeout cut to the time left
-    before it (`_read_by`)."""
+    bounds each read, so the reply (an error reply's too), from its status line on, is read
+    against the try's deadline, each read's socket timeout cut to the time left before it
+    (`_TimedReads`)."""
 
     def __init__(self) -> None:
-        self._opener = urllib.request.build_opener(_NoRedirect)
+        self._opener = urllib.request.build_opener(_NoRedirect, _HTTPHandler, _HTTPSHandler)
 
     def post(self, url: str, body: bytes, headers: dict[str, str], timeout: float, max_bytes: int) -> Reply:
         _check_headers(headers)
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-        deadline = time.monotonic() + timeout
+        request = _Request(url, body, headers, time.monotonic() + timeout)
         try:
             with self._opener.open(request, timeout=timeout) as response:
-                raw = _read_by(response, max_bytes + 1, deadline)
+                raw = _read_by(response, max_bytes + 1)
                 # A read returns a body cut short by a closed connection without complaint;
                 # the bytes its Content-Length still promised tell that the server went away.
                 missing = response.length if len(raw) <= max_bytes else None
@@ -115,7 +191,7 @@ class UrllibTransport:
             if missing:
                 raise http.client.IncompleteRead(raw, missing)
         except urllib.error.HTTPError as exc:
-            return Reply(exc.code, _error_body(exc, deadline), _lower(exc.headers))
+            return Reply(exc.code, _error_body(exc), _lower(exc.headers))
         except urllib.error.URLError as exc:
             if isinstance(exc.reason, (TimeoutError, socket.timeout)):
                 raise TransportError("timeout") from None
@@ -136,48 +212,30 @@ def _read_failure(exc: OSError | http.client.HTTPException) -> TransportError:
     return TransportError("broken", f"{type(exc).__name__}: {exc}")
 
 
-def _error_body(exc: urllib.error.HTTPError, deadline: float) -> bytes:
-    """The first 500 bytes of an error reply's body (its message), read by `deadline` as any
-    body is (`_read_by`): a proxy that sends 502's headers and then stalls would otherwise
-    hold the try for another whole timeout. A read that times out or breaks is a
+def _error_body(exc: urllib.error.HTTPError) -> bytes:
+    """The first 500 bytes of an error reply's body (its message), read by the try's deadline
+    as any body is (`_TimedReads`): a proxy that sends 502's headers and then stalls would
+    otherwise hold the try for another whole timeout. A read that times out or breaks is a
     `TransportError`, as it is for a 2xx body."""
     if exc.fp is None:
         return b""
     try:
-        return _read_by(exc.fp, 500, deadline)
+        return _read_by(exc.fp, 500)
     except (OSError, http.client.HTTPException) as err:
         raise _read_failure(err) from None
 
 
-def _read_by(response: Any, limit: int, deadline: float) -> bytes:
-    """Up to `limit` bytes of `response`'s body (to its end), given up with a timeout at
-    `deadline` (time.monotonic()). Each read waits only for the time left: with the try's
-    whole timeout, a read begun just before the deadline would wait that long again. (A
-    chunked body's size line, which http.client reads in as many reads as it takes, is bounded
-    read by read from the time left before it.)"""
+def _read_by(response: Any, limit: int) -> bytes:
+    """Up to `limit` bytes of `response`'s body (to its end), each read bounded by the try's
+    deadline (`_TimedReads`), which gives up with a timeout."""
     chunks, size = [], 0
     while size < limit:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TransportError("timeout")
-        sock = _socket(response)
-        if sock is not None:
-            sock.settimeout(left)
         chunk = response.read1(min(65536, limit - size))
         if not chunk:
             break
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)
-
-
-def _socket(response: Any) -> socket.socket | None:
-    """The socket `response` (http.client's) reads its body from, while it has one: under its
-    buffered reader (`fp`), the raw socket reader's (http.client keeps no public handle once
-    urllib has let go of the connection). None once the body is read, or for a response of
-    another shape, which then reads with the socket timeout it was opened with."""
-    sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
-    return sock if isinstance(sock, socket.socket) else None
 
 
 def _lines(raw: bytes, on_line: Callable[[str], bool]) -> bool:
@@ -228,7 +286,8 @@ class LoopTransport:
         the connection is closed (the engine stops generating). The reply's body is left
         empty then, and an error reply's body is read whole. Whatever its Content-Type says: the caller tells an event
         stream from a page or a whole completion by its lines (`OpenAIBackend._post`), as a
-        server may stream under another type. `timeout` bounds each read, not the whole stream: a server that
+        server may stream under another type. `timeout` bounds the wait for the reply's status line and
+        headers in all, then each read, not the whole stream: a server that
         keeps sending tokens goes on until the request's deadline cancels it, if it has one."""
         return self._run(self._post(url, body, headers, timeout, max_bytes, on_line), timeout, whole=False)
 
@@ -261,7 +320,12 @@ class LoopTransport:
 
         _check_headers(headers)
         try:
-            async with self.client.stream("POST", url, content=body, headers=headers, timeout=timeout) as response:
+            # httpx's timeout bounds each read, and a server may send its headers a byte at a
+            # time: they come within `timeout` in all (then a whole reply stays bounded by
+            # `_within`, a stream's body read by read).
+            async with asyncio.timeout(timeout) as headers_by, \
+                    self.client.stream("POST", url, content=body, headers=headers, timeout=timeout) as response:
+                headers_by.reschedule(None)
                 got = _lower(response.headers)
                 if on_line is not None and response.status_code < 300:
                     # Lines split here, from bytes counted as they come: httpx's aiter_lines
@@ -290,7 +354,7 @@ class LoopTransport:
                 return Reply(response.status_code, b"".join(chunks), got)
         except httpx.ConnectTimeout:
             raise TransportError("connect", "timed out connecting") from None
-        except httpx.TimeoutException:
+        except (httpx.TimeoutException, TimeoutError):
             raise TransportError("timeout") from None
         except httpx.ConnectError as exc:
             raise TransportError("connect", str(exc) or "refused") from None
