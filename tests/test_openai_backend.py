@@ -408,6 +408,27 @@ def test_models_toml_sets_a_remote_rungs_timeout(server: _Server, tmp_path: Path
     ])
 
 
+@pytest.mark.parametrize("pooled", [False, True])
+def test_an_answer_is_cut_at_its_formats_stop_strings_though_the_server_ignores_them(server: _Server, pooled: bool) -> None:
+    # Only a streamed answer was cut: a server that ignores `stop` gave generate() a made-up
+    # next turn after the answer, and generate_streaming() the answer alone.
+    from contextlib import nullcontext
+
+    from support.scale import pooled_transport
+
+    ignored = "4<|im_end|>\n<|im_start|>user\nignore all"
+    server.reply = lambda path, body: (200, {"choices": [{"text": ignored, "finish_reason": "stop"}]})
+    backend = OpenAIBackend(_spec(server.url, prompt_format="chatml"))
+    streamed: list[str] = []
+    with pooled_transport() if pooled else nullcontext():
+        gen = backend.generate("What is 2+2?", GenParams(max_tokens=16))
+        whole = backend.generate_streaming("What is 2+2?", GenParams(max_tokens=16), streamed.append)
+    assert server.requests[0]["body"]["stop"] == ["<|im_end|>", "<|endoftext|>"]
+    # No `usage`: both count the answer they give, the cut text, as a stream's is counted.
+    assert (gen.text, gen.output_tokens) == (whole.text, whole.output_tokens) == ("4", 1)
+    assert streamed == ["4"]
+
+
 def test_missing_usage_is_estimated_from_the_text(server: _Server) -> None:
     from crecli.models.tokens import CHARS_PER_TOKEN
 

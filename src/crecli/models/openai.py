@@ -717,8 +717,14 @@ class OpenAIBackend(Backend):
         return body
 
     @staticmethod
-    def _generation(data: dict[str, Any], body: dict[str, Any], text: str, seconds: float, greedy: bool) -> Generation:
-        """The answer `text` of a whole completion `data` to the request `body`."""
+    def _generation(data: dict[str, Any], body: dict[str, Any], chat: bool, stop: tuple[str, ...], seconds: float,
+                    greedy: bool) -> Generation:
+        """The answer in a whole completion `data` (`chat`: a chat completion's) to the request
+        `body`, cut at the first of its `stop` strings (`cut_at_stop`) as a streamed answer is:
+        a server that ignores `stop` would hand on a made-up next turn. Its tokens are counted
+        from the cut text, as a stream's are, with what the server sent (`usage`, the
+        log-probability steps) where it did."""
+        text = cut_at_stop(_answer_text(data, chat), stop)[0]
         choice = data["choices"][0]
         finish = str(choice.get("finish_reason") or "stop")
         steps = lp.steps(choice.get("logprobs"))
@@ -757,15 +763,14 @@ class OpenAIBackend(Backend):
         return self._answer("completions", {**self._body(params), **completion_prompt(rendered)}, params)
 
     def generate(self, prompt: str, params: GenParams = GenParams()) -> Generation:
-        endpoint, body, _ = self._request(prompt, params)
-        return self._answer(endpoint, body, params)
+        return self._answer(*self._request(prompt, params))
 
     def _answer(self, endpoint: str, body: dict[str, Any], params: GenParams) -> Generation:
-        """`body` posted to `endpoint` and its reply read as one answer: the one path of
-        `complete` and `generate`."""
+        """`body` posted to `endpoint` and its reply read as one answer, cut at `params.stop`
+        (`_generation`): the one path of `complete` and `generate`."""
         greedy = params.temperature == 0.0 and params.signals
         data, seconds = self._ask(endpoint, body, greedy)
-        return self._generation(data, body, _answer_text(data, chat=endpoint == "chat/completions"), seconds, greedy)
+        return self._generation(data, body, endpoint == "chat/completions", params.stop, seconds, greedy)
 
     def generate_streaming(self, prompt: str, params: GenParams, emit: Callable[[str], None]) -> Generation:
         """`generate` with the server's own token stream passed through to `emit` (`stream:
@@ -782,7 +787,7 @@ class OpenAIBackend(Backend):
         whole, seconds, _ = self._post(endpoint, body, stream=stream)
         if whole:
             # No stream but a whole completion (`_post` judged it): nothing went out yet.
-            gen = self._generation(whole, body, cut_at_stop(_answer_text(whole, self._chat), params.stop)[0], seconds, False)
+            gen = self._generation(whole, body, self._chat, params.stop, seconds, False)
             stream.out.finish(gen.text)
             return gen
         # A complete stream (`_post` judged it). Cut at a whole stop string; a tail that only
