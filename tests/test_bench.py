@@ -445,3 +445,36 @@ def test_a_bench_that_leaves_a_rung_priced_without_a_pass_says_which(
     assert "medium still priced without a prompt pass" in err and "cre models bench medium" in err
     bench.run(settings, ["small", "medium"], repeats=1)  # every rung measured alike: nothing to say
     assert "without a prompt pass" not in capsys.readouterr().err
+
+
+def test_a_model_named_twice_is_measured_and_stored_once(
+    tiny_models_toml: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `cre models bench small small` measured small twice and stored the one run as two of
+    # the runs its speed pools.
+    settings = config.load(tiny_models_toml)
+    calls: list[str] = []
+    monkeypatch.setenv("CRE_THREADS", "2")
+    monkeypatch.setattr(llama, "probe", lambda spec: calls.append(f"probe {spec.name}"))
+    monkeypatch.setattr(bench, "_run_once", lambda spec, pp, tg: calls.append(spec.name) or bench._Run(
+        10.0, 5, pp, 0.1, 2, pp // 3, 0.23, 0.39))
+    monkeypatch.setattr(bench, "_busy_share", lambda: 0.0)
+    speeds = bench.run(settings, ["small", "medium", "small"], repeats=1)
+    assert calls == ["probe small", "probe medium", "small", "medium"]
+    assert [s.model for s in speeds] == ["small", "medium"] and len(speeds[0].runs) == 1
+    assert len(bench.stored(settings.get("small"), threads=2)["runs"]) == 1  # type: ignore[index]
+
+
+def test_models_pull_names_each_model_once(tmp_path: Path) -> None:
+    # `cre models pull` shares the lookup (`ModelConfig.named`): a name given twice was pulled twice.
+    from typer.testing import CliRunner
+
+    from crecli.cli import app
+
+    toml = tmp_path / "models.toml"
+    toml.write_text('ladder = ["big"]\n[models.big]\nurl = "http://127.0.0.1:9/v1"\napi_model = "qwen"\n')
+    result = CliRunner().invoke(app, ["models", "pull", "big", "big", "--models", str(toml), "--json"])
+    assert result.exit_code == 0, result.output
+    assert [r["model"] for r in json.loads(result.stdout)] == ["big"]
+    assert config.load(toml).named(["big", "big"]) == [config.load(toml).get("big")]
+    assert [s.name for s in config.load(toml).named()] == ["big"]  # no names: the ladder

@@ -68,14 +68,15 @@ def models_pull(
     from crecli.models.pull import pull_many
 
     settings = load_models(models)
-    results = pull_many([settings.get(n) for n in names or settings.ladder], force=force)
+    specs = settings.named(names)
+    results = pull_many(specs, force=force)
     if json_:
         from crecli.console import print_json
 
         print_json([{"model": name, "remote": isinstance(where, str), "path": str(where), "assembled": did}
                     for name, where, did in results])
         return
-    render.pulled(results, unpinned={n for n in names or settings.ladder if not settings.get(n).sha256})
+    render.pulled(results, unpinned={s.name for s in specs if not s.sha256})
 
 
 @models_app.command("bench")

@@ -20,7 +20,7 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from crecli import paths
 from crecli.errors import ConfigError
@@ -240,6 +240,13 @@ class ModelConfig:
 
     def ladder_specs(self) -> list[ModelSpec]:
         return [self.get(name) for name in self.ladder]
+
+    def named(self, names: Sequence[str] | None = None) -> list[ModelSpec]:
+        """The models a command is given by name (none: the ladder), each once, in the order
+        first named: `cre models bench a a` measured `a` twice and stored the one run as two
+        of the runs its speed pools, and `cre models pull a a` hashed it twice. Every name is
+        looked up before any model is used, so a typo in the last is said first."""
+        return [self.get(name) for name in dict.fromkeys(names or self.ladder)]
 
 
 def default_toml() -> Path:

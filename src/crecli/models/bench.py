@@ -597,9 +597,9 @@ def run(
     settings: "ModelConfig", names: Sequence[str], pp_tokens: int = PP_TOKENS, tg_tokens: int = TG_TOKENS,
     repeats: int = REPEATS, fresh: bool = False,
 ) -> list[Speed]:
-    """Probe each named local model, measure them all in interleaved rounds
-    (`measure_all`), store the figures as each model's newest run, and return what is
-    stored: its pooled runs (`save`; only this run when `fresh`).
+    """Probe each named local model (once, however often it is named), measure them all in
+    interleaved rounds (`measure_all`), store the figures as each model's newest run, and
+    return what is stored: its pooled runs (`save`; only this run when `fresh`).
 
     The probe runs first in a child process, so a llama.cpp crash in native code becomes
     an error that names the cause and the fix instead of killing `cre`. If any model's
@@ -612,8 +612,9 @@ def run(
 
     paths.writable_dir(paths.bench_file().parent)  # before minutes of measuring, not after
     # Every name looked up first, as `pull` does: a typo in the last name was said only after
-    # each earlier model had been loaded in a child process.
-    named = [settings.get(name) for name in names]
+    # each earlier model had been loaded in a child process. Each once (`named`): a model
+    # named twice was measured twice and stored as two of the runs its speed pools.
+    named = settings.named(names)
     specs = []
     for spec in named:
         if spec.backend != "llama":
