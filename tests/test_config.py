@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import os
 
@@ -254,3 +255,56 @@ def test_a_cre_models_that_names_no_file_says_it_came_from_cre_models(tmp_path: 
     assert config.load().ladder == ["gemma-3-270m"]
     writer.join(5)
 
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('kind = "tfidf"\ndimz = 5', "[embedder] kind = 'tfidf' has unknown field(s): dimz"),
+        ('kind = "bert"', "[embedder] kind 'bert' is not known; use one of tfidf, llama"),
+        ('kind = "llama"', '[embedder] kind = "llama" needs `model = "<name>"`'),
+        ('kind = "llama"\nmodel = "nosuch"', "[embedder] unknown model 'nosuch'. Known models: gemma-3-270m"),
+        ("dims = 1", "[embedder] tfidf dims must be an integer from 2 to 4096, not 1"),
+        ("min_df = true", "[embedder] tfidf min_df must be an integer >= 1, not True"),
+        ("kind = [1]", "[embedder] kind [1] is not known"),
+    ],
+)
+def test_the_embedder_table_is_checked_when_models_toml_is_read(
+    tmp_path: Path, table: str, message: str, cre: Callable[..., Any]
+) -> None:
+    # It passed `cre models list` and failed first at `cre fit`, blaming the shipped file too.
+    f = tmp_path / "emb.toml"
+    f.write_text(f"[embedder]\n{table}\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(f)
+    assert str(info.value).startswith(f"{f}: {message}"), str(info.value)
+    assert str(config.default_toml()) not in str(info.value)
+    listed = cre("models", "list", "--models", f)
+    assert listed.code == 1 and f"Error: {f}: {message}" in listed.err
+
+
+def test_an_embedder_error_names_the_file_that_set_the_field_at_fault(tmp_path: Path) -> None:
+    paths.ensure(paths.config_dir())
+    paths.user_models_toml().write_text('[embedder]\nkind = "llama"\n')
+    explicit = tmp_path / "m.toml"
+    explicit.write_text('[embedder]\nmodel = "nosuch"\n')
+    with pytest.raises(ConfigError, match=f"^{explicit}: \\[embedder\\] unknown model 'nosuch'"):
+        config.load(explicit)
+    explicit.write_text('[embedder]\nmodel = "gemma-3-270m"\n')  # the user file's kind, this file's model
+    assert config.load(explicit).embedder == {"kind": "llama", "model": "gemma-3-270m"}
+    paths.user_models_toml().write_text('[embedder]\ndims = 1\n')
+    with pytest.raises(ConfigError, match=f"^{paths.user_models_toml()}: \\[embedder\\] tfidf dims"):
+        config.load()
+
+
+def test_reading_models_toml_imports_nothing_heavy(tmp_path: Path) -> None:
+    # The embedder check runs as models.toml is read, by `cre ask` too: no numpy, no llama.cpp.
+    import subprocess
+    import sys
+
+    f = tmp_path / "m.toml"
+    f.write_text('[embedder]\nkind = "llama"\nmodel = "gemma-3-270m"\n')
+    code = (f"import sys; from crecli import config; config.load(__import__('pathlib').Path({str(f)!r})); "
+            "print([m for m in ('numpy', 'llama_cpp', 'sklearn') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

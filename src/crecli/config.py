@@ -20,7 +20,7 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 from crecli import paths
 from crecli.errors import ConfigError
@@ -224,8 +224,8 @@ class ModelConfig:
     models: dict[str, ModelSpec]
     ladder: list[str]
     embedder: dict[str, Any] = field(default_factory=dict)
-    # The files whose [embedder] tables made `embedder`, for its errors (`embed.make_embedder`).
-    embedder_sources: list[str] = field(default_factory=list)
+    # The file that set each field of `embedder`, for its errors (`check_embedder`).
+    embedder_origins: dict[str, str] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
 
     def get(self, name: str) -> ModelSpec:
@@ -458,6 +458,76 @@ def _model_fields(name: str, fields: dict[str, Any], where: Path | str) -> dict[
     return out
 
 
+# --- the [embedder] table ------------------------------------------------------------
+# Its rules live here, with every other models.toml check, so the table is checked as the
+# files are read with nothing heavy imported; `embed.make_embedder` builds by them and
+# `tfidf.TfidfEmbedder` checks its settings by them.
+
+EMBEDDER_KINDS = ("tfidf", "llama")
+TFIDF_ANALYZERS = ("word", "word+char")
+# The SVD's width: past a few thousand dimensions the router file grows and routing slows
+# for no gain (256 is the measured default).
+MAX_TFIDF_DIMS = 4096
+# The settings a tfidf embedder takes, in the order they are checked.
+TFIDF_FIELDS = ("min_df", "mask_digits", "analyzer", "dims")
+# The fields each kind of `[embedder]` takes besides `kind`.
+EMBEDDER_FIELDS: dict[str, tuple[str, ...]] = {"tfidf": TFIDF_FIELDS, "llama": ("model",)}
+
+
+def check_tfidf_field(name: str, value: Any) -> None:
+    """The rule for one tfidf setting (`TFIDF_FIELDS`), a ConfigError where `value` breaks
+    it: what `[embedder]` is checked by as models.toml is read (`check_embedder`) and what a
+    `TfidfEmbedder` checks when it is fitted or loaded from a router file."""
+    # bool is an int to Python; `min_df = true` in TOML is a typo, not 1.
+    number = isinstance(value, int) and not isinstance(value, bool)
+    if name == "min_df" and (not number or value < 1):
+        raise ConfigError(f"tfidf min_df must be an integer >= 1, not {value!r}")
+    if name == "mask_digits" and not isinstance(value, bool):
+        raise ConfigError(f"tfidf mask_digits must be true or false, not {value!r}")
+    if name == "analyzer" and value not in TFIDF_ANALYZERS:
+        raise ConfigError(f"tfidf analyzer {value!r} is not known; use one of {', '.join(TFIDF_ANALYZERS)}")
+    if name == "dims" and (not number or not 2 <= value <= MAX_TFIDF_DIMS):
+        raise ConfigError(f"tfidf dims must be an integer from 2 to {MAX_TFIDF_DIMS}, not {value!r}")
+
+
+def check_embedder(config: Mapping[str, Any], models: Collection[str], origins: Mapping[str, str] | None = None) -> None:
+    """Check a models.toml `[embedder]` table: its kind, that kind's fields and their values
+    (`check_tfidf_field`), and that a llama embedder's `model` is one of `models`.
+
+    Nothing is built, so `load` checks the merged table as the files are read, with no
+    numpy or llama.cpp imported, and `embed.make_embedder` checks it by the same rules. A
+    ConfigError names the file that set the field at fault (`origins`, by field;
+    "models.toml" for a field no file is known to have set).
+    """
+    def fail(field: str, text: str) -> ConfigError:
+        where = (origins or {}).get(field, "models.toml")
+        return ConfigError(f"{where}: " + (text if text.startswith("[embedder]") else f"[embedder] {text}"))
+
+    kind = config.get("kind", "tfidf")
+    if kind not in EMBEDDER_KINDS:  # a tuple: `in` compares, so a table or an array is no TypeError
+        raise fail("kind", f"kind {kind!r} is not known; use one of {', '.join(EMBEDDER_KINDS)}")
+    allowed = EMBEDDER_FIELDS[kind]
+    unknown = sorted(set(config) - {"kind", *allowed})
+    if unknown:
+        raise fail(unknown[0], f"kind = {kind!r} has unknown field(s): {', '.join(unknown)} "
+                               f"(known: kind, {', '.join(sorted(allowed))})")
+    if kind == "tfidf":
+        for name in allowed:
+            if name in config:
+                try:
+                    check_tfidf_field(name, config[name])
+                except ConfigError as exc:
+                    raise fail(name, str(exc)) from None
+        return
+    if "model" not in config:
+        raise fail("kind", 'kind = "llama" needs `model = "<name>"`, a model from models.toml')
+    model = config["model"]
+    if not isinstance(model, str) or model not in models:
+        known = ", ".join(models) or "none"
+        raise fail("model", f"unknown model {model!r}. Known models: {known}. "
+                            "Add it to a models.toml (see `cre models path`).")
+
+
 def _read(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
@@ -574,7 +644,7 @@ def load(models_file: Path | None = None) -> ModelConfig:
     origins: dict[str, dict[str, str]] = {}  # per model, the file that set each of its fields
     ladder: list[str] = []
     embedder: dict[str, Any] = {}
-    embedder_sources: list[str] = []
+    embedder_origins: dict[str, str] = {}  # the file that set each of its fields
     for path in files:
         data = _read(path)
         for name, fields in data.get("models", {}).items():
@@ -599,16 +669,17 @@ def load(models_file: Path | None = None) -> ModelConfig:
         if "kind" in table and table["kind"] != embedder.get("kind", "tfidf"):
             # Another kind takes none of the earlier kind's settings: the shipped tfidf
             # `dims`, `analyzer`... are unknown to a llama embedder, and TOML cannot unset them.
-            embedder, embedder_sources = {}, []
-        if table:
-            embedder_sources.append(str(path))
+            embedder, embedder_origins = {}, {}
         embedder.update(table)
+        embedder_origins.update(dict.fromkeys(table, str(path)))
 
     models = {name: _spec(name, fields, where[name], origins[name]) for name, fields in raw_models.items()}
+    # Checked as it is read, as every other field is, not first at `cre fit`.
+    check_embedder(embedder, models, embedder_origins)
     for name in ladder:
         if name not in models:
             raise ConfigError(f"ladder names {name!r}, which no models.toml defines ({', '.join(map(str, files))})")
     if not ladder:
         raise ConfigError("no `ladder` is set in any models.toml")
     return ModelConfig(models=models, ladder=ladder, embedder=embedder, sources=[str(f) for f in files],
-                       embedder_sources=embedder_sources)
+                       embedder_origins=embedder_origins)

@@ -7,9 +7,10 @@ Two embedders share one interface (`vectors.Embedder`):
 - `LlamaEmbedder` (here): llama.cpp's embedding mode (mean pooling) on one of the GGUF
   models. Pretrained, so `fit` does nothing; its identity pins the model's sha256.
 
-`make_embedder` builds one from models.toml's `[embedder]`, `embedder_from_state` from a
-router file. `embed_texts` batches and shows progress on stderr. For a `LlamaEmbedder` it
-also caches vectors on disk in SQLite (raw float32 bytes, no pickle), keyed by (embedder
+`make_embedder` builds one from models.toml's `[embedder]` (checked by
+`config.check_embedder`, as models.toml is read too), `embedder_from_state` from a router
+file. `embed_texts` batches and shows progress on stderr. For a `LlamaEmbedder` it also
+caches vectors on disk in SQLite (raw float32 bytes, no pickle), keyed by (embedder
 identity and the tokens of a text it embeds, `Embedder.cache_key`; sha256 of the text), so a
 re-run embeds nothing twice. TF-IDF skips the cache
 (see `TfidfEmbedder.cacheable`): it is refitted on every `cre fit`, and computing its
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from crecli import console, paths
+from crecli.config import EMBEDDER_KINDS, check_embedder  # noqa: F401
 from crecli.errors import ConfigError, CreError, RouterFileError
 # Re-exported: the embedder interface and the TF-IDF embedder, where callers have long found them.
 from crecli.tfidf import (  # noqa: F401
@@ -37,9 +39,6 @@ if TYPE_CHECKING:
 
     from crecli.config import ModelConfig
     from crecli.models.backend import Backend
-
-EMBEDDER_KINDS = ("tfidf", "llama")
-
 
 class LlamaEmbedder(Embedder):
     """llama.cpp's embedding mode on a model from models.toml (mean pooling, normalised).
@@ -138,44 +137,17 @@ class LlamaEmbedder(Embedder):
 
 
 def make_embedder(config: dict[str, Any], settings: "ModelConfig", seed: int = 0) -> Embedder:
-    """An unfitted embedder from a models.toml `[embedder]` table.
+    """An unfitted embedder from a models.toml `[embedder]` table, checked first
+    (`config.check_embedder`; a ConfigError names the models.toml that set the field at fault).
 
     kind = "tfidf" (default) takes `dims` (256), `analyzer` ("word+char"), `min_df` (2) and
     `mask_digits` (true); kind = "llama" takes `model`, a model name from models.toml.
-    A ConfigError names the models.toml files that set the table.
     """
-    try:
-        return _make_embedder(dict(config), settings, seed)
-    except ConfigError as exc:
-        where = ", ".join(settings.embedder_sources) or "models.toml"
-        text = str(exc) if str(exc).startswith("[embedder]") else f"[embedder] {exc}"
-        raise ConfigError(f"{where}: {text}") from None
-
-
-def _make_embedder(config: dict[str, Any], settings: "ModelConfig", seed: int) -> Embedder:
-    kind = config.pop("kind", "tfidf")
-    if kind == "tfidf":
-        allowed = {"dims", "analyzer", "min_df", "mask_digits"}
-        _reject_unknown(kind, config, allowed)
-        emb: Embedder = TfidfEmbedder(seed=seed, **config)
-        emb._check_params()  # type: ignore[attr-defined]
-        return emb
-    if kind == "llama":
-        _reject_unknown(kind, config, {"model"})
-        if "model" not in config:
-            raise ConfigError('[embedder] kind = "llama" needs `model = "<name>"`, a model from models.toml')
-        settings.get(str(config["model"]))  # fail now, with the known names, not at first use
-        return LlamaEmbedder(str(config["model"]), settings)
-    raise ConfigError(f"[embedder] kind {kind!r} is not known; use one of {', '.join(EMBEDDER_KINDS)}")
-
-
-def _reject_unknown(kind: str, config: dict[str, Any], allowed: set[str]) -> None:
-    unknown = set(config) - allowed
-    if unknown:
-        raise ConfigError(
-            f"[embedder] kind = {kind!r} has unknown field(s): {', '.join(sorted(unknown))} "
-            f"(known: kind, {', '.join(sorted(allowed))})"
-        )
+    check_embedder(config, settings.models, settings.embedder_origins)
+    fields = dict(config)
+    if fields.pop("kind", "tfidf") == "llama":
+        return LlamaEmbedder(str(fields["model"]), settings)
+    return TfidfEmbedder(seed=seed, **fields)
 
 
 def embedder_from_state(params: dict[str, Any], arrays: dict[str, "np.ndarray"], settings: "ModelConfig") -> Embedder:

@@ -14,8 +14,10 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+# The settings' rules live with models.toml's other checks (`config.check_tfidf_field`).
+from crecli.config import MAX_TFIDF_DIMS, TFIDF_ANALYZERS, TFIDF_FIELDS, check_tfidf_field  # noqa: F401
 from crecli.errors import ConfigError, CreError, RouterFileError
-from crecli.vectors import Embedder, _digest, _is_int, normalize_rows
+from crecli.vectors import Embedder, _digest, normalize_rows
 
 if TYPE_CHECKING:
     import numpy as np
@@ -23,15 +25,9 @@ if TYPE_CHECKING:
     from crecli.config import ModelConfig
 
 
-TFIDF_ANALYZERS = ("word", "word+char")
-
-
 _DIGIT = re.compile(r"\d")
 
 
-# The SVD's width: past a few thousand dimensions the router file grows and routing slows
-# for no gain (256 is the measured default).
-MAX_TFIDF_DIMS = 4096
 # Terms per vocabulary block (words; character n-grams). The 1,400-query log keeps 2,257
 # words and 7,085 n-grams; a fit keeps at most this many of each (the most frequent), and a
 # router file holding more, or a term twice, is refused: its lookup table is built in
@@ -154,17 +150,8 @@ class TfidfEmbedder(Embedder):
                 "mask_digits": self.mask_digits, "seed": self.seed}
 
     def _check_params(self) -> None:
-        # bool is an int to Python; `min_df = true` in TOML is a typo, not 1.
-        if not _is_int(self.min_df) or self.min_df < 1:
-            raise ConfigError(f"tfidf min_df must be an integer >= 1, not {self.min_df!r}")
-        if not isinstance(self.mask_digits, bool):
-            raise ConfigError(f"tfidf mask_digits must be true or false, not {self.mask_digits!r}")
-        if self.analyzer not in TFIDF_ANALYZERS:
-            raise ConfigError(
-                f"tfidf analyzer {self.analyzer!r} is not known; use one of {', '.join(TFIDF_ANALYZERS)}"
-            )
-        if not _is_int(self.dims) or not 2 <= self.dims <= MAX_TFIDF_DIMS:
-            raise ConfigError(f"tfidf dims must be an integer from 2 to {MAX_TFIDF_DIMS}, not {self.dims!r}")
+        for name in TFIDF_FIELDS:
+            check_tfidf_field(name, getattr(self, name))
 
     def _vectorizers(self, min_df: int = 1) -> list[Any]:
         import numpy as np
