@@ -297,6 +297,23 @@ def test_batch_with_no_input_lines_warns_and_a_terminal_stdin_is_refused(
     assert result.code == 2 and "stdin is closed" in result.err
 
 
+def test_models_list_says_to_pull_only_what_a_pull_fetches(tmp_path: Path) -> None:
+    # A missing `path` model was told "Fetch missing models with `cre models pull`", which
+    # answers "check `path` for 'mine'".
+    toml = tmp_path / "models.toml"
+    toml.write_text('ladder = ["gemma-3-270m", "mine"]\n[models.mine]\npath = "none.gguf"\n')
+    table = runner.invoke(app, ["models", "list", "--models", str(toml)])
+    assert table.exit_code == 0, table.output
+    assert "Fetch missing or bad models with `cre models pull gemma-3-270m qwen2.5-coder-0.5b-instruct " \
+           "qwen2.5-coder-1.5b-instruct`." in table.stderr
+    assert f"mine: missing; check `path` for 'mine' in {toml}." in table.stderr
+    rows = {r["name"]: r for r in json.loads(runner.invoke(app, ["models", "list", "--models", str(toml), "--json"]).stdout)}
+    assert (rows["mine"]["pullable"], rows["mine"]["fix"]) == (False, f"check `path` for 'mine' in {toml}")
+    assert rows["gemma-3-270m"]["fix"] == "run `cre models pull gemma-3-270m`"
+    fetch = next(line for line in table.stderr.splitlines() if "cre models pull" in line)
+    assert "mine" not in fetch
+
+
 def test_models_list_shows_an_unpinned_file_as_unpinned_not_verified(tmp_path: Path) -> None:
     # A file with no sha256 pinned was shown as a green "verified", though only its GGUF
     # magic was checked.

@@ -25,6 +25,10 @@ def models_list(
 ) -> None:
     """List the models: ladder rung, size, whether the file is present and verified, speed.
 
+    Below the table, stderr says what to do about each model that is not verified: the
+    `cre models pull` that fetches those a pull can, and for a model given by `path`, the
+    models.toml that sets it (--json: each row's `pullable` and `fix`).
+
     Examples:
 
       cre models list

@@ -74,8 +74,14 @@ def models_table(rows: list[dict[str, Any]]) -> None:
             f"{r['tg_tokens_per_s']:.1f}" if r["tg_tokens_per_s"] else "-",
         )
     out().print(table)
-    if any(not r["verified"] for r in rows):
-        status("Fetch missing models with `cre models pull`.")
+    # Only a model a pull fetches is told to pull, by name (a model off the ladder is not
+    # fetched by a bare `cre models pull`); a `path` model is told where its path is set.
+    fetch = [r["name"] for r in rows if not r["verified"] and r["pullable"]]
+    if fetch:
+        status(f"Fetch missing or bad models with `cre models pull {' '.join(fetch)}`.")
+    for r in rows:
+        if not r["verified"] and not r["pullable"]:
+            status(f"{r['name']}: {'missing' if not r['present'] else 'not verified'}; {r['fix']}.")
     if any(r["tg_tokens_per_s"] is None and r["backend"] == "llama" for r in rows):
         status("Measure speeds with `cre models bench`.")
     if any(r["signals"] != "logprobs" and r["on_ladder"] for r in rows):

@@ -10,7 +10,7 @@ from typing import Any
 
 from crecli.config import ModelConfig
 from crecli.models import bench, registry
-from crecli.models.pull import file_state
+from crecli.models.pull import file_state, fix_for
 
 
 def _placement(spec: Any) -> str:
@@ -38,6 +38,10 @@ def rows(settings: ModelConfig, deep: bool = False) -> list[dict[str, Any]]:
                 "present": state.present,
                 "verified": state.verified,
                 "problem": "" if state.verified else state.reason,
+                # Whether `cre models pull` fetches it, and what to do while it is not verified:
+                # a `path` model is the user's file, which a pull cannot fetch.
+                "pullable": spec.pullable,
+                "fix": "" if state.verified else fix_for(spec),
                 "sha256": spec.sha256,
                 # A file with no sha256 pinned is "verified" as a GGUF file only: shown as
                 # unpinned, not as a checked file (`render.models_table`).

@@ -179,8 +179,13 @@ def require_file(spec: ModelSpec, deep: bool = False) -> Path:
         return path
     if not state.present:
         raise not_on_disk(spec)
-    fix = f"run `cre models pull {spec.name}`" if spec.pullable else _check_path(spec)
-    raise ModelNotAvailable(f"model {spec.name!r} failed verification ({state.reason}) at {path}: {fix}")
+    raise ModelNotAvailable(f"model {spec.name!r} failed verification ({state.reason}) at {path}: {fix_for(spec)}")
+
+
+def fix_for(spec: ModelSpec) -> str:
+    """What to do about a model whose file is missing or fails verification: a pull, for a
+    model a pull fetches; else its `path` is what is wrong (`_check_path`)."""
+    return f"run `cre models pull {spec.name}`" if spec.pullable else _check_path(spec)
 
 
 def _check_path(spec: ModelSpec) -> str:
