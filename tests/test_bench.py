@@ -478,3 +478,20 @@ def test_models_pull_names_each_model_once(tmp_path: Path) -> None:
     assert [r["model"] for r in json.loads(result.stdout)] == ["big"]
     assert config.load(toml).named(["big", "big"]) == [config.load(toml).get("big")]
     assert [s.name for s in config.load(toml).named()] == ["big"]  # no names: the ladder
+
+
+def test_a_bench_that_meets_a_model_a_pull_would_mend_names_every_such_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    # It named the first model whose file was missing, and the next bench stopped at the next.
+    from crecli.errors import ModelNotAvailable
+    from crecli.models import pull
+
+    settings = config.load()
+    gemma, small, large = settings.ladder_specs()
+    assert gemma.file is not None
+    gemma.file.parent.mkdir(parents=True, exist_ok=True)
+    gemma.file.write_bytes(b"junk")  # the 0.5B and 1.5B not there
+    monkeypatch.setattr(llama, "probe", lambda spec: pull.require_file(spec) and None)
+    with pytest.raises(ModelNotAvailable) as caught:
+        bench.run(settings, [gemma.name, large.name])
+    assert str(caught.value).startswith(f"model {gemma.name!r} failed verification (size 4 != expected")
+    assert str(caught.value).endswith(f", nor is {large.name!r}: run `cre models pull {gemma.name} {large.name}`")

@@ -90,7 +90,7 @@ def test_messages_name_the_file_that_set_the_field_they_are_about(tmp_path: Path
     with pytest.raises(pull.ModelNotAvailable, match="check `path` for 'mine' in (.*)$") as caught:
         pull.require_file(mine)
     assert caught.value.args[0].endswith(f"in {user}")
-    assert str(pull.not_on_disk(mine)).endswith(f"check `path` for 'mine' in {user}")
+    assert str(pull.unavailable(mine)).endswith(f"check `path` for 'mine' in {user}")
     assert openai._advice(404, far).startswith(f"check `url` and `api_model` of 'far' in {user} ")
     assert openai._advice(401, far).endswith(f"set `api_key_env` in {user}")  # beside the url it set
     assert (mine.set_in("context"), far.set_in("timeout")) == (str(extra), str(extra))

@@ -345,13 +345,58 @@ def test_a_missing_model_names_only_the_ladder_models_a_pull_would_fetch(tmp_pat
     first, second, third = (ModelSpec(name=n, chunks=chunk) for n in ("first", "second", "third"))
     assert third.file is not None
     third.file.parent.mkdir(parents=True)
-    third.file.write_bytes(b"there, even if unverified")
+    # There, with no size pinned and no stamp: only hashing it would tell, and advice hashes nothing.
+    third.file.write_bytes(b"there, unknown unless hashed")
     mine = ModelSpec(name="mine", path=str(tmp_path / "none.gguf"), defined_in="/etc/models.toml")
     ladder = [first, mine, second, third]
-    error = pull.not_on_disk(second, ladder)
+    error = pull.unavailable(second, ladder)
     assert str(error) == (f"model 'second' is not on disk ({second.file}), nor is 'first': "
                           "run `cre models pull first second`") and error.missing == "second"
-    assert str(pull.not_on_disk(second)).endswith("run `cre models pull second`")
+    assert str(pull.unavailable(second)).endswith("run `cre models pull second`")
     # A `path` model is the user's to fix, not a pull's: its message is as before.
-    assert str(pull.not_on_disk(mine, ladder)) == (f"model 'mine' is not on disk ({tmp_path / 'none.gguf'}): "
+    assert str(pull.unavailable(mine, ladder)) == (f"model 'mine' is not on disk ({tmp_path / 'none.gguf'}): "
                                                    "check `path` for 'mine' in /etc/models.toml")
+
+
+def test_a_missing_model_names_the_ladder_models_that_fail_verification_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With gemma and the 0.5B junk and the 1.5B absent, `cre ask` said only "run `cre models
+    # pull <1.5B>`", and the run after that pull failed on gemma.
+    chunk = (Chunk("x==1.0", "x"),)
+    junk, stamped, absent, unknown = (ModelSpec(name=n, chunks=chunk, size=4096, sha256="a" * 64)
+                                      for n in ("junk", "stamped", "absent", "unknown"))
+    for spec, data in ((junk, b"12345678"), (stamped, b"GGUF" + b"\0" * 4092), (unknown, b"GGUF" + b"\1" * 4092)):
+        assert spec.file is not None
+        spec.file.parent.mkdir(parents=True, exist_ok=True)
+        spec.file.write_bytes(data)
+    assert not pull.file_state(stamped).verified  # hashed once (a load did): its stamp says so from now on
+    hashed: list[Path] = []
+    real_hash = pull.sha256_file
+    monkeypatch.setattr(pull, "sha256_file", lambda path, progress=None: hashed.append(path) or real_hash(path))
+    ladder = [junk, stamped, absent, unknown]
+    error = pull.unavailable(absent, ladder)
+    assert str(error) == (f"model 'absent' is not on disk ({absent.file}), and 'junk' and 'stamped' fail "
+                          "verification: run `cre models pull junk stamped absent`") and error.missing == "absent"
+    assert hashed == []  # `unknown` would need a hash to judge, so it is left out
+    with pytest.raises(ModelNotAvailable) as caught:  # a bad file met first: named for the ladder too
+        pull.require_file(junk)
+    assert caught.value.missing == "junk"
+    assert str(pull.unavailable(junk, ladder)) == (
+        f"model 'junk' failed verification (size 8 != expected 4096) at {junk.file}, nor is 'absent', and "
+        "'stamped' fails verification: run `cre models pull junk stamped absent`")
+
+
+def test_ask_names_every_ladder_model_a_pull_would_mend(cre: Callable[..., Run]) -> None:
+    from crecli import config
+
+    ladder = config.load().ladder_specs()
+    for spec in ladder[:2]:  # junk where the two smaller models go; the largest not there
+        assert spec.file is not None
+        spec.file.parent.mkdir(parents=True, exist_ok=True)
+        spec.file.write_bytes(b"not GGUF")
+    result = cre("ask", "What is 2 plus 2?", "--no-log")
+    errors = [line for line in result.err.splitlines() if line.startswith("Error:")]
+    assert result.code == 1 and len(errors) == 1, result.err
+    assert errors[0].endswith(f"run `cre models pull {' '.join(s.name for s in ladder)}`")
+    assert f"'{ladder[0].name}' and '{ladder[1].name}' fail verification" in errors[0]

@@ -28,8 +28,8 @@ class ConfigError(CreError):
 
 class ModelNotAvailable(CreError):
     """A model file is missing or failed verification. `missing` names the model when the
-    fix is `cre models pull` of a file not on disk, so a caller that knows the ladder can
-    name every model missing from it at once (`models.pull.not_on_disk`)."""
+    fix is `cre models pull`, so a caller that knows the ladder can name every model of it
+    that a pull would mend at once (`models.pull.unavailable`)."""
 
     def __init__(self, message: str, missing: str = "") -> None:
         super().__init__(message)

@@ -320,10 +320,10 @@ class Cascade:
         except ModelNotAvailable as exc:
             if exc.missing not in self.specs:
                 raise
-            from crecli.models.pull import not_on_disk
+            from crecli.models.pull import unavailable
 
-            # Every model of the ladder that is missing, not the first one this prompt met.
-            raise not_on_disk(self.specs[exc.missing], list(self.specs.values())) from exc
+            # Every model of the ladder that a pull would mend, not the first one this prompt met.
+            raise unavailable(self.specs[exc.missing], list(self.specs.values())) from exc
         return pending.climb.done
 
     def ask(self, prompt: str, match: str | None = None, reference: Sequence[str] | str | None = None, *,

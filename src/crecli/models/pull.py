@@ -123,12 +123,17 @@ def file_state(spec: ModelSpec, deep: bool = False, progress: Progress | None = 
     if path is None:
         return FileState(present=True, verified=True, size=None, sha256=None, reason="remote")
     try:
-        return _local_state(spec, path, deep, progress)
+        state = _local_state(spec, path, deep, progress)
     except OSError as exc:  # unreadable, a name too long, a folder without search permission
         return FileState(True, False, None, None, f"cannot read it ({exc.strerror or exc})")
+    assert state is not None  # it hashes where the stamp does not tell
+    return state
 
 
-def _local_state(spec: ModelSpec, path: Path, deep: bool, progress: Progress | None) -> FileState:
+def _local_state(spec: ModelSpec, path: Path, deep: bool, progress: Progress | None,
+                 hashing: bool = True) -> FileState | None:
+    """The state of a local model's file (`file_state`); without `hashing`, as far as a stat,
+    its pinned size and its stamp tell, and None where only hashing the file would."""
     try:
         st = path.stat()
     except (FileNotFoundError, NotADirectoryError):
@@ -141,6 +146,8 @@ def _local_state(spec: ModelSpec, path: Path, deep: bool, progress: Progress | N
     stamp = _read_stamp(path)
     if not deep and stamp and all(stamp.get(k) == v for k, v in _file_key(st).items()):
         digest = str(stamp.get("sha256"))
+    elif not hashing:
+        return None
     else:
         digest = sha256_file(path, progress)
         _write_stamp(path, digest, st)
@@ -177,9 +184,7 @@ def require_file(spec: ModelSpec, deep: bool = False) -> Path:
     assert path is not None
     if state.verified:
         return path
-    if not state.present:
-        raise not_on_disk(spec)
-    raise ModelNotAvailable(f"model {spec.name!r} failed verification ({state.reason}) at {path}: {fix_for(spec)}")
+    raise unavailable(spec, state=state)
 
 
 def fix_for(spec: ModelSpec) -> str:
@@ -194,32 +199,54 @@ def _check_path(spec: ModelSpec) -> str:
     return f"check `path` for {spec.name!r} in {spec.set_in('path')}"
 
 
-def _missing(spec: ModelSpec) -> bool:
-    """Whether `spec` is a model a pull fetches whose file is not there: a stat, no hashing."""
-    if not spec.pullable or spec.file is None:
-        return False
+def _known_state(spec: ModelSpec) -> FileState | None:
+    """A local model's `file_state` as far as it is known without hashing (a stat, its
+    pinned size, its stamp): None where only a hash would tell, or for a remote rung. An
+    error's advice must not hash the gigabytes of every other rung first."""
+    if spec.file is None:
+        return None
     try:
-        return not spec.file.is_file()
+        return _local_state(spec, spec.file, deep=False, progress=None, hashing=False)
     except OSError:
-        return False  # there but unreadable: not what a pull mends
+        return None  # there but unreadable: not what a pull mends
 
 
-def not_on_disk(spec: ModelSpec, ladder: Sequence[ModelSpec] = ()) -> ModelNotAvailable:
-    """The error for a model whose file is not on disk, with its fix. Given the `ladder` it
-    is on, one that a pull fetches names every model of it that is missing too, in one
-    command: before a pull, `cre ask` named the first, and the next prompt the next."""
+def _listed(names: Sequence[str]) -> str:
+    quoted = [repr(n) for n in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} and {quoted[-1]}"
+
+
+def unavailable(spec: ModelSpec, ladder: Sequence[ModelSpec] = (), state: FileState | None = None) -> ModelNotAvailable:
+    """The error for a model whose file is missing or fails verification (`state`, its
+    `file_state`; else what is known without hashing), with its fix. Given the `ladder` it
+    is on, one that a pull fetches names every model of it that a pull would mend too, in
+    one command: each missing, or failing verification as far as a stat, its pinned size
+    and its stamp tell (`_known_state`: no file is hashed for this). Before, `cre ask` named
+    the first model a prompt met, and the next prompt the next; then only missing files,
+    so a junk file beside them failed the run after the pull."""
+    state = state or _known_state(spec)
+    if state is None or state.present:
+        why = f" ({state.reason})" if state is not None and state.reason else ""
+        head = f"model {spec.name!r} failed verification{why} at {spec.file}"
+    else:
+        head = f"model {spec.name!r} is not on disk ({spec.file})"
     if not spec.pullable:
-        return ModelNotAvailable(f"model {spec.name!r} is not on disk ({spec.file}): {_check_path(spec)}")
-    others = [repr(s.name) for s in ladder if s.name != spec.name and _missing(s)]
+        return ModelNotAvailable(f"{head}: {_check_path(spec)}")
+    missing: list[str] = []
+    bad: list[str] = []
+    for other in ladder:
+        known = _known_state(other) if other.pullable and other.name != spec.name else None
+        if known is not None and not known.verified:
+            (bad if known.present else missing).append(other.name)
     also = ""
-    if others:
-        listed = others[0] if len(others) == 1 else f"{', '.join(others[:-1])} and {others[-1]}"
-        also = f", nor {'is' if len(others) == 1 else 'are'} {listed}"
+    if missing:
+        also += f", nor {'is' if len(missing) == 1 else 'are'} {_listed(missing)}"
+    if bad:
+        also += f", and {_listed(bad)} {'fails' if len(bad) == 1 else 'fail'} verification"
     # In ladder order, as `cre models pull` with no name would fetch them.
-    names = [s.name for s in ladder if s.name == spec.name or _missing(s)]
+    names = [s.name for s in ladder if s.name == spec.name or s.name in missing or s.name in bad]
     names = names if spec.name in names else [spec.name, *names]
-    return ModelNotAvailable(f"model {spec.name!r} is not on disk ({spec.file}){also}: "
-                             f"run `cre models pull {' '.join(names)}`", missing=spec.name)
+    return ModelNotAvailable(f"{head}{also}: run `cre models pull {' '.join(names)}`", missing=spec.name)
 
 
 def _download_wheels(spec: ModelSpec, dest: Path) -> list[Path]:
