@@ -308,3 +308,14 @@ def test_reading_models_toml_imports_nothing_heavy(tmp_path: Path) -> None:
             "print([m for m in ('numpy', 'llama_cpp', 'sklearn') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_an_undefined_ladder_name_is_blamed_on_the_file_that_set_the_ladder(tmp_path: Path) -> None:
+    paths.ensure(paths.config_dir())
+    paths.user_models_toml().write_text('ladder = ["gemma-3-270m", "big"]\n')
+    extra = tmp_path / "extra.toml"
+    extra.write_text('[models.other]\npath = "o.gguf"\n')  # read last, but it set no ladder
+    with pytest.raises(ConfigError) as info:
+        config.load(extra)
+    assert str(info.value).startswith(f"{paths.user_models_toml()}: ladder names 'big', which no models.toml defines")
+    assert str(extra) not in str(info.value) and str(config.default_toml()) not in str(info.value)

@@ -49,7 +49,15 @@ BAD_FILES = [
     ('[models."gemma-3-270m"]\nprice_per_1k_tokens = -1', "must be a finite number >= 0, got -1"),
     ('[models."gemma-3-270m"]\nprice_per_1k_tokens = false', "must be a finite number >= 0, got false"),
     ('[models."gemma-3-270m"]\nsize = "big"', 'models.gemma-3-270m.size must be an integer >= 1, got "big"'),
-    ('[models."gemma-3-270m"]\nsha256 = "' + "z" * 64 + '"', "models.gemma-3-270m.sha256 must be 64 hex digits"),
+    ('[models."gemma-3-270m"]\nsha256 = "' + "z" * 64 + '"',
+     'models.gemma-3-270m.sha256 must be 64 hex digits, got "z" at character 1'),
+    # Echoed, cut to 57 characters, a digit too many or too few could not be seen.
+    ('[models."gemma-3-270m"]\nsha256 = "' + "a" * 63 + '"', "models.gemma-3-270m.sha256 must be 64 hex digits, got 63 characters"),
+    ('[models."gemma-3-270m"]\nsha256 = "' + "a" * 65 + '"', "models.gemma-3-270m.sha256 must be 64 hex digits, got 65 characters"),
+    # It named every file read, the shipped one too, and said nothing of what to do.
+    ('ladder = ["gemma-3-270m", "qwen-big"]', "ladder names 'qwen-big', which no models.toml defines: "
+     "define [models.qwen-big] in a models.toml, or fix the name in `ladder`"),
+    ('ladder = ["qwen2.5-big"]', 'define [models."qwen2.5-big"] in a models.toml'),
     ('[models."gemma-3-270m"]\narch = 3', "models.gemma-3-270m.arch must be a non-empty string, got 3"),
     ('[models."gemma-3-270m"]\nprompt_format = 1', "prompt_format must be one of completion, chatml, chat, got 1"),
     ('[models."gemma-3-270m"]\nchunks = 5', "models.gemma-3-270m.chunks must be a non-empty array"),

