@@ -326,3 +326,16 @@ def test_models_list_shows_an_unpinned_file_as_unpinned_not_verified(tmp_path: P
     assert "unpinned" in line and "verified" not in line, table.stdout
     rows = json.loads(runner.invoke(app, ["models", "list", "--models", str(toml), "--json"]).stdout)
     assert [(r["name"], r["verified"], r["pinned"]) for r in rows if r["name"] == "mine"] == [("mine", True, False)]
+
+
+def test_sizes_are_labelled_in_the_binary_units_they_are_counted_in() -> None:
+    # 253,113,024 bytes, divided by 1024 twice, were labelled "241.4 MB" (it is 253.1 MB).
+    from crecli.render import human_bytes
+
+    assert [human_bytes(n) for n in (None, 512, 2048, 253_113_024, 1_114_000_000, 5 << 40)] == [
+        "-", "512 B", "2 KiB", "241.4 MiB", "1.0 GiB", "5120.0 GiB"]
+    table = runner.invoke(app, ["models", "list"])
+    assert "241.4 MiB" in table.stdout and " MB " not in table.stdout, table.stdout
+    # --memory-budget reads GB as GiB: its help says so.
+    for command in ("batch", "serve"):
+        assert "2^30 bytes" in runner.invoke(app, [command, "--help"]).stdout.replace("\n", " ")

@@ -112,7 +112,9 @@ _UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "M": 1024**2, "MB": 1024**2, "G"
 
 
 def parse_size(text: str) -> int:
-    """'4GB', '512MB', '1.5G' or a byte count, in binary units (1GB = 1024**3 bytes)."""
+    """'4GB', '512MB', '1.5G', '2GiB' or a byte count, in binary units: 1GB, 1G and 1GiB are
+    all 1024**3 bytes, as `--memory-budget`'s help says (and as `cre models list` labels
+    sizes: MiB, GiB)."""
     value = text.strip().upper().replace(" ", "").removesuffix("IB").removesuffix("I")
     number = value.rstrip("KMGB")
     unit = value[len(number):]

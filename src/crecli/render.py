@@ -24,12 +24,14 @@ def stale_speeds_note(age_hours: float | None) -> str | None:
 
 
 def human_bytes(n: int | None) -> str:
+    """A byte count in binary units, labelled as such: divided by 1024, 253,113,024 bytes
+    were shown as "241.4 MB", which is 241.4 MiB (253.1 MB)."""
     if n is None:
         return "-"
     size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit in ("B", "KB") else f"{size:.1f} {unit}"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit in ("B", "KiB") else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"  # pragma: no cover
 
