@@ -57,6 +57,13 @@ def ok(*args: str | Path) -> str:
     return result.stdout
 
 
+def fitted(tmp_path: Path, m: tuple[str, Path]) -> Path:
+    """A router fitted on `rows()` (q0..q29) at tmp_path/router.cre."""
+    router = tmp_path / "router.cre"
+    ok("fit", write(tmp_path / "log.jsonl", rows()), "-o", router, *m)
+    return router
+
+
 SPEEDS = {"small": (400.0, 40.0), "medium": (200.0, 20.0), "large": (100.0, 10.0)}
 
 
@@ -527,8 +534,7 @@ def test_eval_and_calibrate_refuse_a_row_whose_labels_leave_a_ladder_model_unmea
     # `cre fit` refuses it up front, but `cre eval` and `cre calibrate` kept it and crashed
     # with a raw KeyError after collecting every other outcome.
     m = ("--models", tiny_models_toml)
-    router = tmp_path / "router.cre"
-    ok("fit", write(tmp_path / "log.jsonl", rows()), "-o", router, *m)
+    router = fitted(tmp_path, m)
     partial = {"id": "odd", "prompt": "What is 5 plus 6 today?", "labels": {"small": True, "medium": True}}
     log = write(tmp_path / "dev.jsonl", [*rows(40)[30:], partial])
     calls = sum(len(b.calls) for b in fakes.values())
@@ -547,8 +553,7 @@ def test_calibrate_says_a_log_is_too_small_for_its_folds_before_any_model_runs(
     # A 2-query log with --folds 2 first ran every model on it (a fresh store: "1 queries to
     # run"), then advised "use --folds 2", the value given.
     m = ("--models", tiny_models_toml)
-    router = tmp_path / "router.cre"
-    ok("fit", write(tmp_path / "log.jsonl", rows()), "-o", router, *m)
+    router = fitted(tmp_path, m)
     calls = sum(len(b.calls) for b in fakes.values())
     small = write(tmp_path / "lab.jsonl", rows(32)[30:])
     result = cre("calibrate", router, "--log", small, "--folds", "2", *m)
@@ -568,8 +573,7 @@ def test_eval_and_calibrate_say_which_rows_they_leave_out_unlabelled(
     # A row with neither a reference nor labels is scored by no command (`cre fit` clusters
     # it); `cre eval` left it out unsaid, reporting "1 labelled queries" of a 2-row log.
     m = ("--models", tiny_models_toml)
-    router = tmp_path / "router.cre"
-    ok("fit", write(tmp_path / "log.jsonl", rows()), "-o", router, *m)
+    router = fitted(tmp_path, m)
     labelled = rows(34)[30:]
     bare = [{"id": f"bare{i}", "prompt": f"What is {i} plus 9, roughly?"} for i in range(2)]
     log = write(tmp_path / "dev.jsonl", [labelled[0], bare[0], *labelled[1:], bare[1]])
