@@ -68,6 +68,44 @@ def test_the_log_rotates_by_size_and_keeps_three_old_generations(tmp_path: Path)
     assert prompts(servedlog.read(servedlog.log_files(live))) == [f"prompt {n}" for n in range(3, 7)]
 
 
+@pytest.mark.parametrize("fault", [OSError, KeyboardInterrupt])
+@pytest.mark.parametrize("step", [1, 2, 3])
+def test_a_rotation_cut_off_at_any_rename_loses_no_generation_but_the_oldest(
+    monkeypatch: pytest.MonkeyPatch, step: int, fault: type[BaseException]
+) -> None:
+    # Cut off before its last rename (live -> .1), a rotation left `.1` empty; the next one
+    # shifted every file there was, so the old `.2` went too: 16 MiB of prompts that were
+    # not the oldest. The next rotation fills the gap instead, and reading keeps the order.
+    import os
+
+    live = servedlog.log_path()
+    log = ServedLog(live, "ask", max_bytes=1)  # every append finds the file full
+    for name in "ABCD":
+        log.record(name, trace())  # .3 A, .2 B, .1 C, live D
+    real_replace = os.replace
+    calls: list[int] = []
+
+    def replace(src: Any, dst: Any) -> None:
+        calls.append(1)
+        if len(calls) == step:
+            raise fault("cut off")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    try:
+        log.record("E", trace())
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert len(calls) == step  # the fault was injected, and E was not written
+    # Only the oldest, due to go, may be gone; `cre log`'s reading is still oldest first.
+    assert prompts(servedlog.read()) == (["A", "B", "C", "D"] if step == 1 else ["B", "C", "D"])
+    log.record("F", trace())
+    assert prompts(servedlog.read()) == ["B", "C", "D", "F"]
+    held = {p.name: json.loads(p.read_text())["prompt"] for p in servedlog.log_files(live)}
+    assert held == {"served.3.jsonl": "B", "served.2.jsonl": "C", "served.1.jsonl": "D", "served.jsonl": "F"}
+
+
 def test_reading_your_log_opens_every_generation_under_the_writers_lock(monkeypatch: pytest.MonkeyPatch) -> None:
     # Listed, then opened one by one without it, a rotation in between read a file twice
     # and skipped another. The open files stay the generations they were once listed.

@@ -18,8 +18,9 @@ full disk, a killed process) is ended by the next append before it writes, so th
 entry starts a line of its own; the reader skips and counts the cut line, never fatal, and
 reads an entry that an older crecli glued onto one. Past `MAX_BYTES` the file
 becomes `served.1.jsonl` (and `.1` becomes `.2`, up to `GENERATIONS`; the oldest goes)
-before the next append. Logging never fails an answer: a write that fails warns once on
-stderr and the command goes on.
+before the next append; a generation missing (a rotation cut off between its renames) is
+filled first, and then nothing goes. Logging never fails an answer: a write that fails
+warns once on stderr and the command goes on.
 
 Only the standard library is imported here: `cre ask` loads this module on every call.
 """
@@ -222,16 +223,23 @@ class ServedLog:
 
     def _rotate_if_full(self) -> None:
         """Rotate a full live file; called under the lock, so two processes that both saw a
-        full file rotate it once, not twice (which would push a generation out early)."""
+        full file rotate it once, not twice (which would push a generation out early).
+
+        Only the run of files from the live one up to the first missing generation moves
+        up one place, into that gap; the oldest is replaced only when no place is free. A
+        rotation cut off between its renames (Ctrl-C, a kill, a failing rename) leaves such
+        a gap below the generations it already moved, and shifting every file that exists
+        would then delete one that was not the oldest. Each rename keeps the order (a
+        higher number is older), which is all `log_files` reads by, gap or none."""
         try:
             if self.path.stat().st_size < self.max_bytes:
                 return
         except FileNotFoundError:
             return
-        for n in range(self.generations, 0, -1):
-            older = generation_path(self.path, n - 1)
-            if n - 1 == 0 or older.exists():
-                os.replace(older, generation_path(self.path, n))
+        gap = next((n for n in range(1, self.generations + 1) if not generation_path(self.path, n).exists()),
+                   self.generations)
+        for n in range(gap, 0, -1):
+            os.replace(generation_path(self.path, n - 1), generation_path(self.path, n))
 
     def _warn(self, message: str) -> None:
         if self.failed:
@@ -263,7 +271,8 @@ class LogReading:
 
 
 def log_files(live: Path | None = None) -> list[Path]:
-    """The log's files that exist, oldest generation first."""
+    """The log's files that exist, oldest generation first (a higher number is older; a
+    generation missing after a cut-off rotation is skipped, the order holds)."""
     live = live or log_path()
     return [p for p in (generation_path(live, n) for n in range(GENERATIONS, -1, -1)) if p.is_file()]
 
