@@ -409,6 +409,38 @@ def test_store_refuses_another_programs_database_and_leaves_it_alone(tmp_path) -
     assert newer.read_bytes() == before
 
 
+def test_store_refuses_a_database_whose_tables_have_the_stores_names_but_other_columns(tmp_path) -> None:
+    """Another program's `outcomes(trial, result)` was taken for a store: marked with crecli's
+    application_id, given `meta` and a schema row, then the first lookup failed with a
+    traceback. Refused now by its columns, before anything is written."""
+    import sqlite3
+
+    for name, tables in (
+        ("results.db", ["CREATE TABLE outcomes (trial INTEGER, result TEXT)", "INSERT INTO outcomes VALUES (1, 'win')"]),
+        ("meta.db", ["CREATE TABLE meta (name TEXT, size INTEGER)"]),
+        ("both.db", ["CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+                     "CREATE TABLE outcomes (trial INTEGER, result TEXT)"]),
+    ):
+        path = tmp_path / name
+        with sqlite3.connect(path) as db:
+            for sql in tables:
+                db.execute(sql)
+        before = path.read_bytes()
+        with pytest.raises(CreError, match=rf"{name}: a SQLite database whose (meta|outcomes) table has other columns"
+                           r" \(.*\), not an outcome store.*Give --store a new file name.*nothing was changed"):
+            OutcomeStore(path)
+        assert path.read_bytes() == before, name
+    # A store whose first open stopped after creating its tables (no schema row, not yet
+    # marked) still opens: its columns are the store's.
+    cut = tmp_path / "cut.sqlite"
+    OutcomeStore(cut).close()
+    with sqlite3.connect(cut) as db:
+        db.execute("DELETE FROM meta")
+        db.execute("PRAGMA application_id = 0")
+    with OutcomeStore(cut) as again:
+        assert again.count() == 0
+
+
 def test_store_rows_are_plain_json(store) -> None:
     store.put("p", "small", "m", "k", 7, [Vote("x", 1, 0.5)])
     raw = store._db.execute("SELECT votes FROM outcomes").fetchone()[0]

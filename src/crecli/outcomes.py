@@ -46,6 +46,7 @@ query too long for every rung is left out of the measuring, with a warning
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -79,6 +80,18 @@ STORE_SCHEMA = 1
 APPLICATION_ID = 0x63726563
 
 OutcomeKey = tuple[str, str]  # (query id, model name)
+
+# The store's tables, as a store is created; `_store_columns` reads their columns from here.
+_TABLES = {
+    "meta": "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "outcomes": (
+        "CREATE TABLE IF NOT EXISTS outcomes ("
+        " prompt_sha256 TEXT NOT NULL, model TEXT NOT NULL, model_sha256 TEXT NOT NULL,"
+        " settings_key TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, votes TEXT NOT NULL,"
+        " created TEXT NOT NULL,"
+        " PRIMARY KEY (prompt_sha256, model, model_sha256, settings_key))"
+    ),
+}
 
 
 # ---------------------------------------------------------------- what is recorded
@@ -157,6 +170,24 @@ def default_store_path() -> Path:
     return paths.outcome_store_file()
 
 
+def _columns(db: sqlite3.Connection, table: str) -> tuple[str, ...]:
+    """The column names of `table` (one of `_TABLES`), in order."""
+    return tuple(str(row[1]) for row in db.execute(f"PRAGMA table_info({table})"))
+
+
+@functools.cache
+def _store_columns() -> dict[str, tuple[str, ...]]:
+    """Each store table's columns as crecli creates them: read from `_TABLES` made in memory,
+    so what a store is recognised by cannot drift from what a store is made with."""
+    db = sqlite3.connect(":memory:")
+    try:
+        for table in _TABLES.values():
+            db.execute(table)
+        return {name: _columns(db, name) for name in _TABLES}
+    finally:
+        db.close()
+
+
 WAITING = "another cre command (fit, calibrate or eval) is running models on this store; waiting"
 
 
@@ -181,7 +212,7 @@ class OutcomeStore:
             if other is not None:
                 self._db.close()
                 raise CreError(
-                    f"{self.path}: {other}, not an outcome store; crecli would add its own tables to it. "
+                    f"{self.path}: {other}, not an outcome store; crecli would write its own tables into it. "
                     "Give --store a new file name (or an outcome store crecli wrote), or leave --store out "
                     "to use the default store; nothing was changed"
                 )
@@ -192,16 +223,8 @@ class OutcomeStore:
                     f"{self.path}: outcome store schema {found} is not the one this crecli writes "
                     f"({STORE_SCHEMA}). Move it away or delete it to record outcomes afresh."
                 )
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
-            )
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS outcomes ("
-                " prompt_sha256 TEXT NOT NULL, model TEXT NOT NULL, model_sha256 TEXT NOT NULL,"
-                " settings_key TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, votes TEXT NOT NULL,"
-                " created TEXT NOT NULL,"
-                " PRIMARY KEY (prompt_sha256, model, model_sha256, settings_key))"
-            )
+            for table in _TABLES.values():
+                self._db.execute(table)
             if found is None:  # a new store (or one whose first open was cut short): mark it ours
                 self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(STORE_SCHEMA),))
@@ -222,9 +245,14 @@ class OutcomeStore:
     def _other_database(self) -> str | None:
         """What the open database is instead of an outcome store, or None where it is one, or
         new (no tables yet), or one whose first open was cut short (only the store's tables).
+        Reads only: nothing is written to a file refused here.
 
-        `--store app.db` had the store's tables and a meta row added to another program's
-        database, by `cre eval` too, which only reads."""
+        A file without crecli's `application_id` (new, or made before stores were marked)
+        is taken as a store only where its tables are the store's, with the store's columns
+        (`_store_columns`). `--store app.db` had the store's tables and a meta row added to
+        another program's database, by `cre eval` too, which only reads; and one whose only
+        table was named `outcomes` (`trial, result`) was marked as a store, given `meta`,
+        and then failed at the first lookup with a traceback."""
         app = self._db.execute("PRAGMA application_id").fetchone()[0]
         if app not in (0, APPLICATION_ID):
             return f"a SQLite database of another program (application_id {app:#x})"
@@ -232,20 +260,29 @@ class OutcomeStore:
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite!_%' ESCAPE '!'"))
         if not tables or app == APPLICATION_ID:
             return None
-        if set(tables) <= {"meta", "outcomes"} and ("outcomes" in tables or self._schema() in (None, str(STORE_SCHEMA))):
-            # A store (of any schema: said next), or one whose first open stopped after
-            # creating `meta`. Not another program's `meta` table alone that has a schema
-            # row of its own: `outcomes` would be added to it before the schema was read.
-            return None
         shown = ", ".join(tables[:5]) + (f" and {len(tables) - 5} more" if len(tables) > 5 else "")
-        return f"a SQLite database holding other tables ({shown})"
+        if not set(tables) <= set(_TABLES):
+            return f"a SQLite database holding other tables ({shown})"
+        columns = {table: _columns(self._db, table) for table in tables}
+        if "meta" in columns and columns["meta"] != _store_columns()["meta"]:
+            return f"a SQLite database whose meta table has other columns ({', '.join(columns['meta'])})"
+        if self._schema() not in (None, str(STORE_SCHEMA)):
+            # A store of another schema (said next; its `outcomes` may differ), but not
+            # another program's `meta` table alone with a schema row of its own:
+            # `outcomes` would be added to it before the schema was read.
+            return None if "outcomes" in tables else f"a SQLite database holding other tables ({shown})"
+        if "outcomes" in columns and columns["outcomes"] != _store_columns()["outcomes"]:
+            return f"a SQLite database whose outcomes table has other columns ({', '.join(columns['outcomes'])})"
+        return None  # a store, or one whose first open stopped after creating its first tables
 
     def _schema(self) -> str | None:
         """The store's schema row (`meta`'s 'schema'), or None where there is none."""
         try:
             row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-        except sqlite3.OperationalError:  # no meta table, or another program's of that shape
-            return None
+        except sqlite3.OperationalError as exc:
+            if not str(exc).startswith("no such"):  # a lock or a disk error is no missing table
+                raise
+            return None  # no meta table, or another program's of another shape
         return str(row[0]) if row is not None else None
 
     def _probe_write(self) -> str | None:
