@@ -270,6 +270,84 @@ def test_a_store_that_fills_up_is_an_error_that_keeps_the_rows_recorded(
         assert again.count() == 3
 
 
+def _damage_outcomes(store: Path) -> None:
+    """Overwrite the first page of the store's `outcomes` table, as a failing disk might."""
+    with sqlite3.connect(store) as db:
+        root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'outcomes'").fetchone()[0]
+        size = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    with open(store, "r+b") as f:
+        f.seek((root - 1) * size)
+        f.write(bytes(range(256)) * (size // 256))
+
+
+def test_a_damaged_store_stops_a_fit_before_clustering_with_what_to_do(
+    cre, sums_log, tiny_models_toml, four_fakes, tmp_path
+) -> None:
+    """A damaged page gave a raw `sqlite3.DatabaseError: database disk image is malformed`
+    traceback at the first lookup, after embedding and clustering had run."""
+    from crecli.outcomes import OutcomeStore, Vote
+
+    store = tmp_path / "outcomes.sqlite"
+    with OutcomeStore(store) as s:
+        for i in range(300):
+            s.put(f"{i:064x}", "small", "", "k", 5, [Vote("an answer " * 20, 40, 0.5)])
+    _damage_outcomes(store)
+    run = fit(cre, sums_log, tiny_models_toml, "-o", tmp_path / "r.cre", "--store", store, "--k", "1")
+    stopped(run, str(store), "cannot open the outcome store: the store is damaged", "malformed",
+            f"sqlite3 {store} .recover", "the next run records outcomes afresh")
+    assert "Clustering" not in run.err and four_fakes == {} and not (tmp_path / "r.cre").exists()
+
+
+class _Broken:
+    """A connection to a store whose reads and writes fail with `error`, as a store damaged
+    after it was opened does."""
+
+    def __init__(self, db: sqlite3.Connection, error: sqlite3.DatabaseError) -> None:
+        self.db, self.error = db, error
+
+    def execute(self, *args: object) -> sqlite3.Cursor:
+        raise self.error
+
+    def commit(self) -> None:
+        raise self.error
+
+    def rollback(self) -> None:
+        self.db.rollback()
+
+    def close(self) -> None:
+        self.db.close()
+
+
+@pytest.mark.parametrize("call", ["get", "put", "count", "check_rendering"])
+def test_every_store_operation_names_the_cause_of_a_sqlite_error(call, tiny_models_toml, tmp_path) -> None:
+    """Each read and write of a store that fails is a StoreError with the fix for its cause:
+    a damaged store is moved away (a write to one advised freeing disk space), a full disk
+    is freed; never a raw sqlite3 error."""
+    from crecli import config
+    from crecli.errors import CreError
+    from crecli.outcomes import OutcomeStore, Vote
+
+    spec = config.load(tiny_models_toml).get("small")
+    calls = {"get": lambda s: s.get("a" * 64, "small", "", "k"), "count": lambda s: s.count(),
+             "put": lambda s: s.put("a" * 64, "small", "", "k", 5, [Vote("4", 1, 0.5)]),
+             "check_rendering": lambda s: s.check_rendering(spec, "")}
+    path = tmp_path / "s.sqlite"
+    for error, words, not_words in (
+        (sqlite3.DatabaseError("database disk image is malformed"),
+         ["the store is damaged", f"sqlite3 {path} .recover", "the next run records outcomes afresh"], ["disk space"]),
+        (sqlite3.OperationalError("database or disk is full"), ["the disk is full", "Free disk space"], ["damaged"]),
+    ):
+        with OutcomeStore(path) as store:
+            store._db = _Broken(store._db, error)
+            with pytest.raises(CreError) as info:
+                calls[call](store)
+        message = str(info.value)
+        assert type(info.value).__name__ == "StoreError", message
+        assert message.startswith(f"{path}: ") and str(error) in message, message
+        assert all(w in message for w in words) and not any(w in message for w in not_words), message
+
+
 # ---------------------------------------------------------------- 4. two commands on one store
 
 

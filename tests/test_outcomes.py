@@ -345,7 +345,8 @@ def test_cost_model_prices_when_every_model_has_one(settings) -> None:
 def test_store_refuses_other_schema_and_garbage(tmp_path) -> None:
     bad = tmp_path / "garbage.sqlite"
     bad.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(CreError, match="not a usable outcome store"):
+    with pytest.raises(CreError, match="garbage.sqlite: cannot open the outcome store: it is no SQLite database.*"
+                       "if it is another file, give --store another file name"):
         OutcomeStore(bad)
     path = tmp_path / "old.sqlite"
     OutcomeStore(path).close()

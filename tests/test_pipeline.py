@@ -216,7 +216,7 @@ def test_a_store_that_is_not_one_is_refused_before_the_log_is_embedded(
     tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict[str, FakeBackend], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The store was first opened after embedding and UMAP: with a llama embedder, minutes of
-    # work before "not a usable outcome store".
+    # work before the store was refused.
     from crecli import embed
 
     def no_embedding(*args: Any, **kw: Any) -> None:
@@ -227,7 +227,7 @@ def test_a_store_that_is_not_one_is_refused_before_the_log_is_embedded(
     store.write_text("my notes, not a database\n" * 100)
     refused = runner.invoke(app, ["fit", str(SMALL_LOG), "-o", str(tmp_path / "r.cre"), "--store", str(store),
                                   "--models", str(tiny_models_toml)])
-    assert "not a usable outcome store" in str(refused.exception), refused.exception
+    assert "cannot open the outcome store: it is no SQLite database" in str(refused.exception), refused.exception
 
 
 def test_a_bad_embedder_table_is_said_before_the_log_is_read_naming_its_file(

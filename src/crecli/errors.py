@@ -36,6 +36,11 @@ class ModelNotAvailable(CreError):
         self.missing = missing
 
 
+class StoreError(CreError):
+    """An outcome store could not be opened, read or written: `outcomes.store_error` names the
+    cause (damage, the disk, ...) and the fix for it."""
+
+
 class InputError(CreError):
     """Bad user input, usually with a `file:line:` prefix."""
 

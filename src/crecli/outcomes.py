@@ -51,6 +51,7 @@ import hashlib
 import json
 import os
 import random
+import shlex
 import sqlite3
 from collections import defaultdict
 from contextlib import contextmanager
@@ -59,7 +60,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 
 from crecli import console, grading, paths
-from crecli.errors import CreError, PromptTooLong
+from crecli.errors import CreError, PromptTooLong, StoreError
 from crecli.models.pull import model_identity
 from crecli.models import registry
 from crecli.models.registry import backend_for
@@ -190,13 +191,47 @@ def _store_columns() -> dict[str, tuple[str, ...]]:
 
 WAITING = "another cre command (fit, calibrate or eval) is running models on this store; waiting"
 
+# SQLite's primary result codes that `store_error` tells apart.
+_SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 11, 13, 26
+
+
+def store_error(path: Path, exc: sqlite3.Error, doing: str) -> StoreError:
+    """The one reading of a failed SQLite call on the store at `path`, at open, read or write:
+    `doing` (what failed), the cause in the user's terms, SQLite's own words, and the fix
+    for that cause.
+
+    A damaged page made `cre fit` end in a raw traceback once clustering was done, and a
+    write to it advised freeing disk space. The cause is read from SQLite's result code,
+    or from its words where an error carries none (one raised by hand)."""
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF  # the primary code of an extended one
+    words = str(exc).lower()
+
+    def caused(codes: set[int], *phrases: str) -> bool:
+        return code in codes or any(phrase in words for phrase in phrases)
+
+    keep = f"keep it: `sqlite3 {shlex.quote(str(path))} .recover` may save its rows"
+    if caused({_SQLITE_CORRUPT}, "malformed"):
+        cause, fix = "the store is damaged", f"Move it away ({keep}); the next run records outcomes afresh"
+    elif caused({_SQLITE_NOTADB}, "not a database"):
+        cause = "it is no SQLite database, or one damaged at its start"
+        fix = (f"If crecli wrote it, move it away ({keep}) and the next run records outcomes afresh; "
+               "if it is another file, give --store another file name")
+    elif caused({_SQLITE_FULL}, "disk is full"):
+        cause, fix = "the disk is full", "Free disk space, then run the command again"
+    else:
+        cause, fix = "SQLite could not use it", "Check the file and the disk it is on, or give --store another file name"
+    return StoreError(f"{path}: {doing}: {cause} ({exc}). {fix}")
+
 
 class OutcomeStore:
     """SQLite file of recorded votes; one row per (prompt, model, model file, settings).
 
     Opening probes whether the store takes a write (`writable`), so a read-only file or a
     full disk is reported before any model runs (`require_writable`), not after an hour
-    of answers that could not be recorded; a store only read from may be read-only.
+    of answers that could not be recorded; a store only read from may be read-only. It
+    also checks the file's structure (`_check_intact`), so a damaged store is reported
+    before clustering and model runs, not at the lookup that reaches its bad page. Every
+    SQLite error of the store's, at open, read or write, is a `StoreError` (`store_error`).
     """
 
     def __init__(self, path: Path) -> None:
@@ -223,6 +258,7 @@ class OutcomeStore:
                     f"{self.path}: outcome store schema {found} is not the one this crecli writes "
                     f"({STORE_SCHEMA}). Move it away or delete it to record outcomes afresh."
                 )
+            self._check_intact()  # before anything is written to it
             for table in _TABLES.values():
                 self._db.execute(table)
             if found is None:  # a new store (or one whose first open was cut short): mark it ours
@@ -230,11 +266,8 @@ class OutcomeStore:
                 self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(STORE_SCHEMA),))
             self._db.commit()
         except sqlite3.DatabaseError as exc:
-            raise CreError(
-                f"{self.path}: not a usable outcome store ({exc}). If it is one crecli wrote, move it away or "
-                "delete it, and the next run records outcomes afresh; if it is another file, give --store "
-                "another file name"
-            ) from None
+            self._close_quietly()
+            raise store_error(self.path, exc, "cannot open the outcome store") from None
         self.unwritable = self._probe_write()
 
     @property
@@ -285,7 +318,20 @@ class OutcomeStore:
             return None  # no meta table, or another program's of another shape
         return str(row[0]) if row is not None else None
 
-    def _probe_write(self) -> str | None:
+    def _check_intact(self) -> None:
+        """Raise SQLite's corruption error where `PRAGMA quick_check` finds the file damaged.
+
+        It reads every page once: about 12 ms for 20,000 recordings (14 MiB) in the page
+        cache, 0.2 s from disk; 1.3 s from disk for 81 MiB. Without it, a damaged page
+        stopped a fit at the first lookup that reached it, after clustering, or for a
+        later model, after the models before it had run."""
+        found = [str(row[0]) for row in self._db.execute("PRAGMA quick_check(1)")]
+        if found != ["ok"]:
+            # Its first line names the database ("*** in database main ***"); the next, the damage.
+            lines = [line for text in found for line in text.splitlines() if not line.startswith("***")]
+            raise sqlite3.DatabaseError(f"database disk image is malformed: {lines[0] if lines else found[0]}")
+
+    def _probe_write(self) -> sqlite3.DatabaseError | None:
         """Why the store cannot take a write (read-only file or folder, full disk), or None.
 
         A real write of one meta row, committed: SQLite opens a read-only file without
@@ -294,10 +340,19 @@ class OutcomeStore:
         try:
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('opened', ?)", (paths.stamp(),))
             self._db.commit()
-        except sqlite3.Error as exc:
+        except sqlite3.DatabaseError as exc:
             self._rollback()
-            return str(exc)
+            return exc
         return None
+
+    @contextmanager
+    def _failing(self, doing: str) -> Iterator[None]:
+        """A SQLite error inside, rolled back, becomes the store's error (`store_error`)."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            self._rollback()
+            raise store_error(self.path, exc, doing) from None
 
     def check_rendering(self, spec: "ModelSpec", identity: str) -> None:
         """Refuse a model whose prompts are now rendered otherwise than its recorded answers'.
@@ -309,7 +364,8 @@ class OutcomeStore:
         this check takes the rendering of that first use."""
         rendering = f"{spec.prompt_format} repeat_penalty={spec.repeat_penalty}"
         key = f"rendering {spec.name} {identity}"
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        with self._failing("cannot read the outcome store"):
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         if row is None:
             if self.unwritable is None:
                 try:
@@ -331,14 +387,20 @@ class OutcomeStore:
         except sqlite3.Error:
             pass
 
+    def _close_quietly(self) -> None:
+        db = getattr(self, "_db", None)  # none where connecting itself failed
+        if db is not None:
+            try:
+                db.close()
+            except sqlite3.Error:
+                pass
+
     def require_writable(self, what: str) -> None:
         """Stop, before `what` runs, when its answers could not be recorded."""
         if self.unwritable is not None:
-            raise CreError(
-                f"{self.path}: the outcome store cannot be written ({self.unwritable}), so {what} would run "
-                "for nothing. Make the file and its folder writable or free disk space, or give --store a "
-                "file you can write; nothing was run"
-            )
+            raise store_error(
+                self.path, self.unwritable, f"the outcome store cannot be written, so {what} would run for nothing "
+                "(nothing was run)")
 
     @contextmanager
     def running_models(self) -> Iterator[None]:
@@ -370,11 +432,12 @@ class OutcomeStore:
             os.close(fd)  # closing releases the lock
 
     def get(self, prompt_sha: str, model: str, model_sha: str, key: str) -> tuple[int, list[Vote]] | None:
-        row = self._db.execute(
-            "SELECT prompt_tokens, votes FROM outcomes"
-            " WHERE prompt_sha256 = ? AND model = ? AND model_sha256 = ? AND settings_key = ?",
-            (prompt_sha, model, model_sha, key),
-        ).fetchone()
+        with self._failing("cannot read the outcome store"):
+            row = self._db.execute(
+                "SELECT prompt_tokens, votes FROM outcomes"
+                " WHERE prompt_sha256 = ? AND model = ? AND model_sha256 = ? AND settings_key = ?",
+                (prompt_sha, model, model_sha, key),
+            ).fetchone()
         if row is None:
             return None
         votes = []
@@ -391,25 +454,20 @@ class OutcomeStore:
             [[v.text, v.output_tokens, v.seconds, *([v.signals.to_list()] if v.signals else [])] for v in votes],
             ensure_ascii=False,
         )
-        try:
+        # Rows committed before stay: each query is its own transaction, and a run again
+        # continues from them.
+        with self._failing(f"cannot record an outcome (the {self.recorded} recorded before it in this run are kept)"):
             self._db.execute(
                 "INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (prompt_sha, model, model_sha, key, prompt_tokens, payload, paths.stamp()),
             )
             self._db.commit()
-        except sqlite3.Error as exc:
-            # Rows committed before stay: each query is its own transaction.
-            self._rollback()
-            raise CreError(
-                f"{self.path}: cannot record an outcome ({exc}); the {self.recorded} recorded before it in this "
-                "run are kept. Free disk space or make the store writable, then run the command again: it "
-                "continues where it stopped"
-            ) from None
         self.recorded += 1
 
     def count(self) -> int:
         """Recorded (prompt, model, model file, settings) rows."""
-        return int(self._db.execute("SELECT COUNT(*) FROM outcomes").fetchone()[0])
+        with self._failing("cannot read the outcome store"):
+            return int(self._db.execute("SELECT COUNT(*) FROM outcomes").fetchone()[0])
 
     def close(self) -> None:
         self._db.close()
