@@ -198,7 +198,7 @@ def test_a_read_only_store_stops_a_fit_before_any_model_runs(cre, sums_log, tiny
     before = store.read_bytes()
     _read_only_connect(monkeypatch)
     run = fit(cre, sums_log, tiny_models_toml, "-o", tmp_path / "r.cre", "--store", store)
-    stopped(run, str(store), "cannot be written", "nothing was run", "--store")
+    stopped(run, str(store), "cannot be written", "nothing was run", "these permissions", f"chmod u+rw {store}", "--store")
     assert four_fakes == {} and store.read_bytes() == before and not (tmp_path / "r.cre").exists()
 
 
@@ -346,6 +346,66 @@ def test_every_store_operation_names_the_cause_of_a_sqlite_error(call, tiny_mode
         assert type(info.value).__name__ == "StoreError", message
         assert message.startswith(f"{path}: ") and str(error) in message, message
         assert all(w in message for w in words) and not any(w in message for w in not_words), message
+
+
+def test_a_store_another_program_holds_is_waited_for_then_named_never_to_be_deleted(tmp_path, monkeypatch) -> None:
+    """A store held by another connection (a sqlite3 shell's BEGIN EXCLUSIVE) was "not a
+    usable outcome store" to "move away or delete"; one held for writing (BEGIN IMMEDIATE)
+    made `require_writable` advise making the file writable or freeing disk space."""
+    from crecli import outcomes
+    from crecli.errors import CreError
+    from crecli.outcomes import OutcomeStore
+
+    monkeypatch.setattr(outcomes, "BUSY_WAIT", 0.2, raising=False)
+    path = tmp_path / "outcomes.sqlite"
+    OutcomeStore(path).close()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(CreError) as info:
+        OutcomeStore(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: cannot open the outcome store: another program holds it"), message
+    assert "(database is locked)" in message and "try again when that program is done" in message, message
+    assert not any(w in message for w in ("delete", "move it away", "not a usable", "damaged")), message
+    other.execute("ROLLBACK")
+    other.execute("BEGIN IMMEDIATE")  # a writer mid-transaction: reading goes on, writing waits
+    with OutcomeStore(path) as store:
+        assert store.count() == 0
+        with pytest.raises(CreError) as info:
+            store.require_writable("small on 4 queries")
+        message = str(info.value)
+        assert "cannot be written, so small on 4 queries would run for nothing" in message, message
+        assert "another program holds it" in message and "try again" in message, message
+        assert not any(w in message for w in ("delete", "disk space", "writable")), message
+        other.execute("ROLLBACK")  # done: the store is probed again, and takes the run
+        store.require_writable("small on 4 queries")
+    other.close()
+
+
+def test_a_store_these_permissions_do_not_open_is_named_with_the_chmod_that_opens_it(tmp_path, monkeypatch) -> None:
+    """A store the user may not open (mode 000 for another user) was "not a usable outcome
+    store" to "move away or delete"."""
+    from crecli import outcomes
+    from crecli.errors import CreError
+    from crecli.outcomes import OutcomeStore
+
+    path = tmp_path / "outcomes.sqlite"
+    OutcomeStore(path).close()
+    real = sqlite3.connect
+    if os.geteuid() == 0:  # root opens any file: open it as SQLite opens one it may not read
+        monkeypatch.setattr(outcomes.sqlite3, "connect",
+                            lambda p, *a, **k: real(f"file:{p}-gone?mode=ro", uri=True))
+    else:
+        path.chmod(0)
+    try:
+        with pytest.raises(CreError) as info:
+            OutcomeStore(path)
+    finally:
+        path.chmod(0o600)
+    message = str(info.value)
+    assert message.startswith(f"{path}: cannot open the outcome store: these permissions do not let"), message
+    assert "(unable to open database file)" in message and f"chmod u+rw {path}" in message, message
+    assert not any(w in message for w in ("delete", "move it away", "not a usable", "damaged")), message
 
 
 # ---------------------------------------------------------------- 4. two commands on one store

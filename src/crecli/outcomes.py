@@ -192,7 +192,11 @@ def _store_columns() -> dict[str, tuple[str, ...]]:
 WAITING = "another cre command (fit, calibrate or eval) is running models on this store; waiting"
 
 # SQLite's primary result codes that `store_error` tells apart.
-_SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 11, 13, 26
+_SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
+_SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_AUTH, _SQLITE_NOTADB = 11, 13, 14, 23, 26
+# How long a store another connection holds is waited for, at open and at each write,
+# before that is reported (`store_error`): SQLite's busy timeout, in seconds.
+BUSY_WAIT = 5.0
 
 
 def store_error(path: Path, exc: sqlite3.Error, doing: str) -> StoreError:
@@ -201,7 +205,9 @@ def store_error(path: Path, exc: sqlite3.Error, doing: str) -> StoreError:
     for that cause.
 
     A damaged page made `cre fit` end in a raw traceback once clustering was done, and a
-    write to it advised freeing disk space. The cause is read from SQLite's result code,
+    write to it advised freeing disk space; a store another program held, or one these
+    permissions do not open, was called unusable, to be deleted. A lock or a permission
+    is never a reason to move a store away. The cause is read from SQLite's result code,
     or from its words where an error carries none (one raised by hand)."""
     code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF  # the primary code of an extended one
     words = str(exc).lower()
@@ -216,6 +222,17 @@ def store_error(path: Path, exc: sqlite3.Error, doing: str) -> StoreError:
         cause = "it is no SQLite database, or one damaged at its start"
         fix = (f"If crecli wrote it, move it away ({keep}) and the next run records outcomes afresh; "
                "if it is another file, give --store another file name")
+    elif caused({_SQLITE_BUSY, _SQLITE_LOCKED}, "locked", "busy"):
+        cause = "another program holds it"
+        fix = "It may be a sqlite3 shell, a database browser or another cre: try again when that program is done with it"
+    elif path.is_dir():
+        cause, fix = "it is a folder", "Give --store a file name"
+    elif caused({_SQLITE_PERM, _SQLITE_READONLY, _SQLITE_CANTOPEN, _SQLITE_AUTH}, "readonly", "unable to open",
+                "permission"):
+        cause = "these permissions do not let this user read and write it"
+        fix = ("Make the file readable and writable for you and its folder writable (SQLite writes a journal "
+               f"beside it): `chmod u+rw {shlex.quote(str(path))}` and `chmod u+rwx {shlex.quote(str(path.parent))}`"
+               " (as its owner), then run the command again; or give --store a file you can write")
     elif caused({_SQLITE_FULL}, "disk is full"):
         cause, fix = "the disk is full", "Free disk space, then run the command again"
     else:
@@ -242,7 +259,7 @@ class OutcomeStore:
         self.unstored = 0
         paths.ensure(self.path.parent)
         try:
-            self._db = sqlite3.connect(str(self.path))
+            self._db = sqlite3.connect(str(self.path), timeout=BUSY_WAIT)
             other = self._other_database()
             if other is not None:
                 self._db.close()
@@ -396,7 +413,12 @@ class OutcomeStore:
                 pass
 
     def require_writable(self, what: str) -> None:
-        """Stop, before `what` runs, when its answers could not be recorded."""
+        """Stop, before `what` runs, when its answers could not be recorded.
+
+        A store found unwritable at open is probed again first: the program that held it
+        then may be done by now, after the log was embedded and clustered."""
+        if self.unwritable is not None:
+            self.unwritable = self._probe_write()
         if self.unwritable is not None:
             raise store_error(
                 self.path, self.unwritable, f"the outcome store cannot be written, so {what} would run for nothing "
