@@ -461,6 +461,37 @@ def test_a_second_command_waits_for_the_first_and_reuses_its_work(
     assert all(o.votes[0].seconds == 0.5 for o in results.values())
 
 
+def test_a_store_reached_through_a_symlink_shares_the_stores_run_lock(tmp_path) -> None:
+    """The run lock was named after the path as spelt: while one command held it on
+    outcomes.sqlite, the same store opened through a symlink entered at once, with a lock
+    file of its own, and both ran the same models."""
+    import threading
+
+    from crecli.outcomes import OutcomeStore
+
+    real = tmp_path / "data" / "outcomes.sqlite"
+    OutcomeStore(real).close()
+    (tmp_path / "mine").mkdir()
+    link = tmp_path / "mine" / "store.sqlite"
+    link.symlink_to(real)
+    (tmp_path / "data-link").symlink_to(tmp_path / "data")
+    for other in (link, tmp_path / "data-link" / "outcomes.sqlite", tmp_path / "mine" / ".." / "data" / "outcomes.sqlite"):
+        entered = threading.Event()
+        with OutcomeStore(real) as first, first.running_models(), OutcomeStore(other) as second:
+
+            def run() -> None:
+                with second.running_models():
+                    entered.set()
+
+            thread = threading.Thread(target=run, daemon=True)
+            thread.start()
+            assert not entered.wait(0.5), f"{other} ran models while {real} held the lock"
+        thread.join(10)
+        assert entered.is_set() and not thread.is_alive()
+        assert paths.store_lock_file(other) == real.with_name("outcomes.sqlite.lock")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["store.sqlite"]
+
+
 # ---------------------------------------------------------------- 9. settings.toml that is not UTF-8
 
 

@@ -328,8 +328,15 @@ STORE_SIDECARS = ("-journal", "-wal", "-shm")
 
 
 def store_lock_file(store: Path) -> Path:
-    """The lock file a command holds while it runs models into `store` (`OutcomeStore.running_models`)."""
-    return store.with_name(store.name + ".lock")
+    """The lock file a command holds while it runs models into `store` (`OutcomeStore.running_models`):
+    beside the file `store` leads to, through any symlinks (as SQLite names its journal).
+
+    Named after the path as spelt, a store opened through a symlink took a lock of its own
+    while another command held the store's, and both ran the same models. A hard link is
+    not covered: its name is another file name with a lock of its own (SQLite's journal
+    too, which is why SQLite warns against hard-linked databases)."""
+    real = _resolved(Path(store))
+    return real.with_name(real.name + ".lock")
 
 
 # What an outcome store is called in `Owned.what` (and so in `check_output(allow=...)`), and
