@@ -852,12 +852,15 @@ def test_a_reference_without_match_leaves_the_answer_type_to_the_cluster(
     # output cap (and a choice prompt lost its stop at the option letter), and "12" against
     # "12.0" was wrong, where the same line without a reference ran as its cluster's numeric.
     install(fake_backends, TABLE)
-    rows, _ = _run([jl(prompt=ADD, reference="12.0"), jl(prompt=ADD), jl(prompt=ADD, reference="12.0", match="exact")],
-                   cascade)
-    graded, bare, exact = rows
+    rows, _ = _run([jl(prompt=ADD, reference="12.0"), jl(prompt=ADD), jl(prompt=ADD, reference="12.0", match="exact"),
+                    jl(prompt=ADD, reference="Paris")], cascade)
+    graded, bare, exact, unreadable = rows
     assert graded["trace"]["answer_type"] == bare["trace"]["answer_type"] == "numeric"
     assert graded["answer"] == bare["answer"] == "12" and graded["correct"] is True
     assert exact["trace"]["answer_type"] == "exact" and exact["correct"] is False  # a match given is kept
+    # A reference the cluster's type cannot read is compared as text, not an error record
+    # that throws the answer away.
+    assert "error" not in unreadable and unreadable["answer"] == "12" and unreadable["correct"] is False
 
 
 def test_field_names_can_be_mapped(fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade) -> None:

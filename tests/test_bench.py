@@ -494,4 +494,4 @@ def test_a_bench_that_meets_a_model_a_pull_would_mend_names_every_such_model(mon
     with pytest.raises(ModelNotAvailable) as caught:
         bench.run(settings, [gemma.name, large.name])
     assert str(caught.value).startswith(f"model {gemma.name!r} failed verification (size 4 != expected")
-    assert str(caught.value).endswith(f", nor is {large.name!r}: run `cre models pull {gemma.name} {large.name}`")
+    assert str(caught.value).endswith(f", and {large.name!r} is not on disk: run `cre models pull {gemma.name} {large.name}`")

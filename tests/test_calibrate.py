@@ -601,6 +601,10 @@ def test_calibration_needs_enough_distinct_prompts_for_its_folds() -> None:
     (5, 1, 3, "use --folds 2 or a larger log"),
     (6, 4, 5, "use --folds 3 or a larger log"),
     (3, 4, 2, "give a log of at least 4 distinct labelled prompts"),
+    # Too few queries and copies among them: the advice was from the queries (4 // 2), and
+    # --folds 2 then refused the 2 distinct prompts.
+    (2, 2, 3, "give a log of at least 4 distinct labelled prompts"),
+    (4, 2, 5, "use --folds 2 or a larger log"),
 ])
 def test_too_small_a_log_for_its_folds_is_advised_the_most_folds_it_allows(
         distinct: int, copies: int, n_folds: int, advice: str) -> None:

@@ -348,6 +348,26 @@ def test_every_store_operation_names_the_cause_of_a_sqlite_error(call, tiny_mode
         assert all(w in message for w in words) and not any(w in message for w in not_words), message
 
 
+def test_a_store_in_a_folder_that_cannot_be_searched_gets_the_permission_advice(tmp_path, monkeypatch) -> None:
+    # `Path.is_dir` raises PermissionError where the folder cannot be searched (Python only
+    # swallows a missing path), which escaped `store_error` and lost the chmod advice.
+    from pathlib import Path
+
+    from crecli.outcomes import store_error
+
+    path = tmp_path / "locked" / "outcomes.sqlite"
+    real_stat = Path.stat
+
+    def stat(self: Path, *args: object, **kwargs: object) -> object:
+        if self == path:
+            raise PermissionError(13, "Permission denied")
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    error = store_error(path, sqlite3.OperationalError("unable to open database file"), "cannot open it")
+    assert "these permissions do not let this user read and write it" in str(error) and "chmod u+rwx" in str(error)
+
+
 def test_a_store_another_program_holds_is_waited_for_then_named_never_to_be_deleted(tmp_path, monkeypatch) -> None:
     """A store held by another connection (a sqlite3 shell's BEGIN EXCLUSIVE) was "not a
     usable outcome store" to "move away or delete"; one held for writing (BEGIN IMMEDIATE)
@@ -908,6 +928,21 @@ def test_batch_still_reads_stdin_from_a_pipe_or_a_terminal(
         os.close(writer)
     assert run.code == 0, run
     assert [json.loads(line)["answer"] for line in run.out.splitlines()] == ["4"]
+
+
+@pytest.mark.parametrize("args", [(), ("-",), ("/dev/null",)], ids=["stdin", "dash", "file"])
+def test_batch_reads_dev_null_as_an_empty_input(
+    cre, saved_router, tiny_models_toml, four_fakes, monkeypatch, args
+) -> None:
+    # `cre batch < /dev/null` (cron, systemd) was refused as a device once stdin was checked:
+    # /dev/null ends at once, so it is an empty input, warned about as one.
+    if not Path("/dev/null").exists():  # pragma: no cover - not POSIX
+        pytest.skip("no /dev/null")
+    with open("/dev/null") as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        run = _in_time(lambda: cre("batch", *args, "--router", saved_router, "--models", tiny_models_toml))
+    assert run.code == 0 and run.out == "", run
+    assert four_fakes == {}
 
 
 def test_a_served_log_that_is_a_device_is_refused(tmp_path: Path) -> None:

@@ -383,8 +383,8 @@ def test_a_missing_model_names_the_ladder_models_that_fail_verification_too(
         pull.require_file(junk)
     assert caught.value.missing == "junk"
     assert str(pull.unavailable(junk, ladder)) == (
-        f"model 'junk' failed verification (size 8 != expected 4096) at {junk.file}, nor is 'absent', and "
-        "'stamped' fails verification: run `cre models pull junk stamped absent`")
+        f"model 'junk' failed verification (size 8 != expected 4096) at {junk.file}, and 'absent' is not "
+        "on disk, and 'stamped' fails verification: run `cre models pull junk stamped absent`")
 
 
 def test_ask_names_every_ladder_model_a_pull_would_mend(cre: Callable[..., Run]) -> None:

@@ -368,9 +368,12 @@ def check_folds(n: int, distinct: int, n_folds: int) -> None:
                                                                              "labelled queries")
     if split >= need:
         return
-    most = split // MIN_PER_FOLD
+    # Of the distinct prompts either way (never more than `n`): the folds split those, so
+    # advice from `n` could name a count the distinct prompts then refuse.
+    most = distinct // MIN_PER_FOLD
     fix = (f"use --folds {most} or a larger log" if most >= 2 else
-           f"give a log of at least {2 * MIN_PER_FOLD} " + ("labelled queries" if n < need else "distinct labelled prompts"))
+           f"give a log of at least {2 * MIN_PER_FOLD} "
+           + ("labelled queries" if n < 2 * MIN_PER_FOLD else "distinct labelled prompts"))
     raise CreError(f"only {what}: too few for {n_folds}-fold cross-validation, which "
                    + ("" if n < need else "keeps every copy of a prompt in one fold and ")
                    + f"needs at least {MIN_PER_FOLD} a fold ({need}); {fix}")

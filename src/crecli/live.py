@@ -318,7 +318,19 @@ class LiveSource:
         trace.cost = price_steps(self.pricing, [(trace.cluster, trace.steps)])[0]
         trace.cost_unit = self.pricing.unit
         if pending.reference is not None:
-            # A reference without a match type is graded as the prompt was answered: by its
-            # cluster's answer type (a query log's rows get exact text when they are read).
-            match = pending.match or trace.answer_type or "exact"
-            trace.correct = grading.grade(trace.answer, pending.reference, match)
+            trace.correct = grading.grade(trace.answer, pending.reference, grading_match(pending, trace))
+
+
+def grading_match(pending: "Pending", trace: Trace) -> str:
+    """How a live answer's reference is graded: by the line's own `match`; without one, as
+    the prompt was answered, by its cluster's answer type (a query log's rows get exact text
+    when they are read). A reference that type cannot read ("Paris" for a numeric cluster)
+    is compared as exact text, so it grades the answer rather than throw it away as an
+    error record."""
+    if pending.match:
+        return pending.match
+    answered = trace.answer_type or "exact"
+    references = [pending.reference] if isinstance(pending.reference, str) else list(pending.reference or ())
+    if any(grading.reference_problem(ref, answered) for ref in references):
+        return "exact"
+    return answered

@@ -225,7 +225,7 @@ def store_error(path: Path, exc: sqlite3.Error, doing: str) -> StoreError:
     elif caused({_SQLITE_BUSY, _SQLITE_LOCKED}, "locked", "busy"):
         cause = "another program holds it"
         fix = "It may be a sqlite3 shell, a database browser or another cre: try again when that program is done with it"
-    elif path.is_dir():
+    elif paths.not_a_file(path) == "is a folder":  # not `is_dir`: it raises where the folder cannot be searched
         cause, fix = "it is a folder", "Give --store a file name"
     elif caused({_SQLITE_PERM, _SQLITE_READONLY, _SQLITE_CANTOPEN, _SQLITE_AUTH}, "readonly", "unable to open",
                 "permission"):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
@@ -241,16 +242,29 @@ def refuse_endless(fd: int, name: str, want: str, pipes: bool = False) -> None:
     """Refuse (InputError, naming the input `name`) reading `fd` unless it is a regular file,
     or with `pipes` also a pipe or a socket, which end when their writer closes them: the
     rule of `open_input`, and of `cre batch -` for stdin (`cre batch - < /dev/zero` read
-    until killed). A path cannot be opened as a socket, so that counts for stdin only."""
-    import os
+    until killed). A path cannot be opened as a socket, so that counts for stdin only.
+    /dev/null is let through: it ends at once (`cre batch < /dev/null` from cron or
+    systemd is an empty input, warned about as one)."""
     import stat
 
-    mode = os.fstat(fd).st_mode
+    st = os.fstat(fd)
+    mode = st.st_mode
     if stat.S_ISREG(mode) or (pipes and (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode))):
+        return
+    if stat.S_ISCHR(mode) and _is_devnull(st):
         return
     kind = "a pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
     fix = "save it to a file first" if stat.S_ISFIFO(mode) else f"pass {want}"
     raise InputError(f"{name}: is {kind}, not a regular file, so reading it might never end; {fix}")
+
+
+def _is_devnull(st: os.stat_result) -> bool:
+    """Whether `st` is the null device's (the same device number as `os.devnull`)."""
+    try:
+        null = os.stat(os.devnull)
+    except OSError:
+        return False
+    return st.st_rdev == null.st_rdev
 
 
 @contextmanager

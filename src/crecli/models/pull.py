@@ -240,7 +240,10 @@ def unavailable(spec: ModelSpec, ladder: Sequence[ModelSpec] = (), state: FileSt
             (bad if known.present else missing).append(other.name)
     also = ""
     if missing:
-        also += f", nor {'is' if len(missing) == 1 else 'are'} {_listed(missing)}"
+        # "nor" only after "is not on disk": after "failed verification" it said nothing.
+        are = "is" if len(missing) == 1 else "are"
+        also += (f", and {_listed(missing)} {are} not on disk" if state is None or state.present
+                 else f", nor {are} {_listed(missing)}")
     if bad:
         also += f", and {_listed(bad)} {'fails' if len(bad) == 1 else 'fail'} verification"
     # In ladder order, as `cre models pull` with no name would fetch them.
