@@ -400,3 +400,19 @@ def test_ask_names_every_ladder_model_a_pull_would_mend(cre: Callable[..., Run])
     assert result.code == 1 and len(errors) == 1, result.err
     assert errors[0].endswith(f"run `cre models pull {' '.join(s.name for s in ladder)}`")
     assert f"'{ladder[0].name}' and '{ladder[1].name}' fail verification" in errors[0]
+
+
+def test_a_reason_only_a_hash_found_is_kept_when_the_ladder_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `cre ask` and `cre models bench` name the ladder again (`unavailable`) from what is
+    # known without hashing; where that was nothing (no stamp: a cache folder not writable),
+    # the sha256 mismatch the load had found was dropped from the message.
+    spec = ModelSpec(name="bad", chunks=(Chunk("x==1.0", "x"),), size=4096, sha256="a" * 64)
+    assert spec.file is not None
+    spec.file.parent.mkdir(parents=True, exist_ok=True)
+    spec.file.write_bytes(b"GGUF" + b"\2" * 4092)
+    with pytest.raises(ModelNotAvailable) as caught:
+        pull.require_file(spec)
+    assert caught.value.reason == "sha256 mismatch"
+    monkeypatch.setattr(pull, "_known_state", lambda s: None)
+    again = pull.unavailable(spec, [spec], reason=caught.value.reason)
+    assert "failed verification (sha256 mismatch)" in str(again) and again.reason == "sha256 mismatch"

@@ -29,11 +29,14 @@ class ConfigError(CreError):
 class ModelNotAvailable(CreError):
     """A model file is missing or failed verification. `missing` names the model when the
     fix is `cre models pull`, so a caller that knows the ladder can name every model of it
-    that a pull would mend at once (`models.pull.unavailable`)."""
+    that a pull would mend at once (`models.pull.unavailable`); `reason` keeps why its file
+    failed verification ("sha256 mismatch"), which only a hash may have found, for that
+    message."""
 
-    def __init__(self, message: str, missing: str = "") -> None:
+    def __init__(self, message: str, missing: str = "", reason: str = "") -> None:
         super().__init__(message)
         self.missing = missing
+        self.reason = reason
 
 
 class StoreError(CreError):
