@@ -992,11 +992,59 @@ def test_a_stream_past_its_deadline_waits_for_a_claimed_answer_without_spinning(
         future: asyncio.Future[Any] = loop.create_future()
         loop.call_later(0.3, future.set_result, answer)
         pieces: asyncio.Queue[str] = asyncio.Queue()
-        events = App.stream_on(Host(), query, ticket, future, pieces, "ye", ticket.deadline, "id", 7, "small")  # type: ignore[arg-type]
+        events = App.stream_on(Host(), query, ticket, future, pieces, "ye", "id", 7, "small")  # type: ignore[arg-type]
         return [event async for event in events]
 
     events = asyncio.run(main())
     assert events[-1] == "data: [DONE]\n\n" and waits <= 3, waits
+
+
+def test_a_streams_backlog_holds_its_job_back_until_its_client_reads_or_its_request_gives_up() -> None:
+    # A job ran as far ahead of its client as it liked: a client that stopped reading let it
+    # run to its end holding its model, its pieces piling up in memory.
+    import asyncio
+
+    from crecli.serve_app import Backlog
+    from crecli.serve_worker import Ticket
+
+    piece = "x" * 1000
+    fits = Backlog.LIMIT // (len(piece) + Backlog.PIECE)
+
+    async def run(ticket: Ticket, end: str) -> None:
+        backlog = Backlog(asyncio.get_running_loop(), ticket)
+        put: list[int] = []
+
+        def job() -> None:  # 3 x the limit, on a thread as a job runs
+            for i in range(3 * fits):
+                backlog.put(piece)
+                put.append(i)
+
+        thread = threading.Thread(target=job, daemon=True)
+        thread.start()
+        if end == "claimed, past its deadline":  # its rest goes in: it will be sent
+            await asyncio.to_thread(thread.join, 10)
+            assert len(put) == 3 * fits
+            return
+        await asyncio.to_thread(until, lambda: len(put) == fits, "the backlog did not fill")
+        await asyncio.sleep(0.2)
+        assert len(put) == fits and thread.is_alive()  # held back
+        for _ in range(5):  # the client reads five: the job makes five more
+            assert await backlog.get() == piece
+        await asyncio.to_thread(until, lambda: len(put) == fits + 5, "the job was not let on")
+        await asyncio.sleep(0.2)
+        assert len(put) == fits + 5
+        if end == "given up":
+            ticket.cancel()  # its deadline or its client gone: the job is not held back
+        else:
+            backlog.close()  # the response has ended
+        await asyncio.to_thread(thread.join, 10)
+        assert not thread.is_alive()
+
+    asyncio.run(run(Ticket(time.monotonic() + 60), "given up"))
+    asyncio.run(run(Ticket(time.monotonic() + 60), "response ended"))
+    claimed = Ticket(time.monotonic() - 1)
+    assert claimed.claim()
+    asyncio.run(run(claimed, "claimed, past its deadline"))
 
 
 def test_stopping_the_worker_gives_up_its_running_jobs_and_waits_for_them() -> None:

@@ -464,6 +464,55 @@ def test_a_crash_after_the_first_streamed_word_ends_the_stream_with_an_error_eve
     assert json.loads(lines[-2][6:])["error"]["message"].startswith("internal error") and lines[-1] == "data: [DONE]"
 
 
+class Chatty(FakeBackend):
+    """Streams 4,000 pieces of 2,000 characters, 2 ms apart (8 s and more), stopping before
+    its next piece once its request gives up, as llama.cpp stops at its next token. Records
+    when (time.monotonic()) a stream ended."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec, lambda text, params: "4")
+        self.ended: list[float] = []
+
+    def generate_streaming(self, prompt: str, params: GenParams, emit: Callable[[str], None]) -> Generation:
+        from crecli import cancel
+
+        try:
+            for i in range(4000):
+                cancel.check()
+                time.sleep(0.002)
+                emit(f"w{i} ".ljust(2000, "x") + " ")
+        finally:
+            self.ended.append(time.monotonic())
+        return Generation("done", 5, 4000, 8.0)
+
+
+def test_a_stream_whose_client_stops_reading_stops_at_its_deadline_and_frees_its_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The job pushed its pieces into an unbounded queue, and the deadline was looked at only
+    # while the events waited for a piece: a client that stopped reading held them at a send,
+    # and the job ran to its natural end holding the model, so the next request got a 504.
+    made: list[Chatty] = []
+    monkeypatch.setattr(registry, "make_backend", lambda spec: made.append(Chatty(spec)) or made[-1])
+    monkeypatch.setattr(registry, "reports_signals", lambda spec: False)
+    settings = config.load(ladder_toml(tmp_path))
+    timeout = 3.0
+    with serving_cascade(Cascade(make_router(), settings), timeout=timeout) as url:
+        body = json.dumps({"model": "large", "prompt": "hi", "stream": True, "max_tokens": 8192}).encode()
+        with socket.socket() as stalled:
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never read
+            stalled.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+            stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                            % (len(body), body))
+            sent = time.monotonic()
+            time.sleep(1.5)
+            # Its deadline comes 1.5 s after the stalled one's: it waits for the model meanwhile.
+            second = post(url, "large", "hi", max_tokens=5)
+            assert second.status_code == 200, second.text
+            large = next(backend for backend in made if backend.spec.name == "large")
+            assert large.ended and large.ended[0] - sent < timeout + 1.0, large.ended[0] - sent
+
+
 def test_stream_text_applies_stop_and_whitespace_as_the_whole_answer_gets_them() -> None:
     got: list[str] = []
     text = StreamText(("END",), got.append)

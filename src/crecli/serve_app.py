@@ -16,7 +16,8 @@ in the server's log at most once a second of each kind (`RefusalLog`). Each
 request's timeout counts from its arrival and covers the whole ladder; on expiry (or when
 its client leaves) its job stops where it stands: a wait ends, a remote call is abandoned,
 an in-process decode stops at its next token (or mid-prompt), no later rung starts. A streamed request gets the final rung's tokens as they are generated
-(`serve_worker.cascade_job`); the response starts with the first of them. A body still
+(`serve_worker.cascade_job`); the response starts with the first of them, and the job runs
+no more than `Backlog.LIMIT` ahead of a client that reads slowly or not at all. A body still
 arriving takes no place among the requests in flight, and has its own deadline
 (`--body-timeout`); /health runs on the event loop alone. Every response carries an
 X-Request-Id (`request_ids`), the one its error message and log lines quote.
@@ -34,12 +35,14 @@ import logging
 import math
 import re
 import secrets
+import threading
 import time
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
+from crecli.cancel import POLL_SECONDS
 from crecli.errors import CreError, PromptTooLong
 from crecli.openai_wire import (
     Answer, ApiError, Query, parse_chat, parse_completion, parse_json, response_body, stream_chunk, stream_end,
@@ -311,6 +314,77 @@ def _job_stream(events: Any, give_up: Callable[[], None]) -> "Response":
     return JobStream(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+class Backlog:
+    """The pieces of a streamed answer that its job has generated and its response has not
+    yet taken: how far the job may run ahead of its client. A client that reads slower than
+    the model generates, or stops reading, no longer lets the job run on to its natural end
+    holding the model, its pieces piling up in memory: past `LIMIT`, the job waits (`put`)
+    until the response takes a piece, its request gives up (its deadline, `App.stream`'s
+    timer, or its client gone: the piece is dropped, and the job stops at its next token),
+    the response has ended (`close`), or its deadline has passed with the answer claimed
+    (it is being recorded and will be sent: its rest goes in, whatever the client reads).
+
+    `LIMIT` is small (64 KiB: a few thousand tokens) because the socket's buffers already
+    hold more in front of it, so a client that reads never makes the model wait; each piece
+    is counted with `PIECE` more for what holding it costs, so that tokens of a character or
+    two stay bounded too. A remote rung's pieces come on the event loop's thread, which must
+    not wait: they are counted but never held back, bounded by the reply's own cap
+    (`models.openai.MAX_REPLY_BYTES`) and the request's deadline.
+    """
+
+    LIMIT = 64 << 10  # characters
+    PIECE = 64
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, ticket: Ticket) -> None:
+        self.loop, self.ticket = loop, ticket
+        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self._loop_thread = threading.get_ident()  # made on the loop's thread
+        self._room = threading.Condition()
+        self._held = 0
+        self._closed = False
+
+    def put(self, text: str) -> None:
+        """Hand `text` to the response, on the job's thread (or the loop's, for a remote stream)."""
+        cost = len(text) + self.PIECE
+        with self._room:
+            if threading.get_ident() != self._loop_thread:
+                # A piece always goes in when nothing is held: one over the limit goes alone.
+                while self._held and self._held + cost > self.LIMIT:
+                    if self._closed or self.ticket.is_set():
+                        return  # nobody will send it; the job stops at its next token
+                    left = None if self.ticket.deadline is None else self.ticket.deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        break  # a claimed answer's rest: it will be sent
+                    # Polled: the ticket has no way to wake this wait when its request gives up.
+                    self._room.wait(POLL_SECONDS if left is None else min(POLL_SECONDS, left))
+            self._held += cost
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, text)
+        except RuntimeError:  # the loop has closed (shutdown): nobody is listening
+            pass
+
+    def _taken(self, text: str) -> str:
+        with self._room:
+            self._held -= len(text) + self.PIECE
+            self._room.notify_all()
+        return text
+
+    async def get(self) -> str:
+        return self._taken(await self.queue.get())
+
+    def get_nowait(self) -> str:
+        return self._taken(self.queue.get_nowait())
+
+    def empty(self) -> bool:
+        return self.queue.empty()
+
+    def close(self) -> None:
+        """The response has ended: a job waiting for room stops waiting, and nothing more is held."""
+        with self._room:
+            self._closed = True
+            self._room.notify_all()
+
+
 def _give_up(ticket: Ticket, job: "asyncio.Future[Answer]") -> None:
     """Cancel a streamed request's job, unless it is done or has claimed its answer (which is
     being recorded, so it will be sent)."""
@@ -485,62 +559,61 @@ class App:
         could stream it; its job; and what gives the job up. Errors before the first piece
         are plain error responses."""
         loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[str] = asyncio.Queue()
         ticket = Ticket(deadline)
-
-        def emit(text: str) -> None:  # on the job's thread, or the loop's for a remote stream
-            try:
-                loop.call_soon_threadsafe(pieces.put_nowait, text)
-            except RuntimeError:  # the loop has closed (shutdown): nobody is listening
-                pass
-
-        future = asyncio.wrap_future(self.worker.submit(self.job(query, ticket, emit), ticket))
+        pieces = Backlog(loop, ticket)
+        future = asyncio.wrap_future(self.worker.submit(self.job(query, ticket, pieces.put), ticket))
         first = asyncio.ensure_future(pieces.get())
         try:
             await self.settle(request, query, ticket, future, deadline, first)
         except BaseException:
             first.cancel()
+            pieces.close()
             raise
         if not first.done():
             first.cancel()
+            pieces.close()
             answer = await self.result(query, future)
             return stream_events(query, answer, rid, created), future, lambda: None
+
+        # The deadline, from here on, by a timer rather than by the events' own wait: a client
+        # that stops reading holds them at a `yield` (a send that waits for room), and the job
+        # (waiting for room in `pieces`, or generating) ran on past it, holding its model.
+        expiry = loop.call_later(max(0.0, deadline - time.monotonic()), _give_up, ticket, future)
+        future.add_done_callback(lambda _: expiry.cancel())
+
+        def give_up() -> None:
+            _give_up(ticket, future)
+            pieces.close()
 
         # Pieces come only from the rung whose answer is final as it is generated: the top
         # rung (`ladder.streams_final`), or the ladder model asked by name.
         model = self.cascade.strongest if query.model in self.cascade_names else query.model
-        events = self.stream_on(query, ticket, future, pieces, first.result(), deadline, rid, created, model)
-        return events, future, partial(_give_up, ticket, future)
+        events = self.stream_on(query, ticket, future, pieces, first.result(), rid, created, model)
+        return events, future, give_up
 
     async def stream_on(self, query: Query, ticket: Ticket, future: "asyncio.Future[Answer]",
-                        pieces: "asyncio.Queue[str]", head: str, deadline: float, rid: str, created: int,
-                        model: str) -> Any:
+                        pieces: "Backlog", head: str, rid: str, created: int, model: str) -> Any:
         """The events after the first piece: each piece as it comes, then the end (or an error
         event). A client that leaves cancels this generator (Starlette), which gives the
-        request up: its job stops."""
-        claimed = False
+        request up: its job stops. At its deadline `stream`'s timer gives it up, unless the job
+        has claimed its answer (it is being recorded and will be sent): the job is cancelled,
+        and the events end with the 504's error."""
         try:
             yield stream_chunk(query, model, rid, created, head, role=True)
             while True:
                 getter = asyncio.ensure_future(pieces.get())
-                wait = None if claimed else max(0.0, deadline - time.monotonic())
-                done, _ = await asyncio.wait({getter, future}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
                     yield stream_chunk(query, model, rid, created, getter.result())
                     continue
                 getter.cancel()
                 if getter.done() and not getter.cancelled():  # it took a piece as the job ended
                     yield stream_chunk(query, model, rid, created, getter.result())
-                if future in done:
-                    break
-                if ticket.cancel():
-                    future.cancel()
-                    for event in stream_error(self.timed_out(query)):
-                        yield event
-                    return
-                # Past the deadline, but the job has claimed its answer (it is being recorded
-                # and will be sent): wait for it, not on a timeout of 0 that spun the loop.
-                claimed = True
+                break
+            if future.cancelled():  # only the deadline cancels the job of events still running
+                for event in stream_error(self.timed_out(query)):
+                    yield event
+                return
             while not pieces.empty():  # pieces the job handed over before it ended
                 yield stream_chunk(query, model, rid, created, pieces.get_nowait())
             try:
