@@ -871,6 +871,14 @@ def test_a_host_that_resolves_nowhere_is_bad_usage_said_before_any_warning(cre, 
     assert run.code == 1 and run.err.startswith("Error: --host 'db.example.org': the name service could not resolve it now"), run
 
 
+@pytest.mark.parametrize("option", ["--timeout", "--header-timeout", "--body-timeout", "--keep-alive"])
+def test_serve_time_options_are_at_most_a_day(cre, option: str) -> None:
+    # A --timeout past threading.TIMEOUT_MAX (about 9.2e9 s) made every remote rung's
+    # streamed answer a 500 with a traceback; no time limit is any use past a day.
+    run = cre("serve", "--router", "nowhere.cre", option, "86401")
+    assert run.code == 2 and option in run.err and "86400" in run.err, run
+
+
 def test_cli_refuses_an_unset_key_variable() -> None:
     env = {k: v for k, v in os.environ.items() if k != "CRE_TEST_UNSET_KEY"}
     result = subprocess.run(

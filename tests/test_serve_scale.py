@@ -355,6 +355,19 @@ def test_a_remote_top_rungs_stream_is_passed_through(tmp_path: Path, monkeypatch
     assert events[-1][1]["usage"]["completion_tokens"] == 5
 
 
+def test_a_remote_stream_under_a_deadline_centuries_away_is_answered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Waiting for the stream until the deadline (plus a margin) overflowed threading's
+    # longest wait: every streamed answer of a remote rung was a 500 with a traceback. The
+    # command line bounds --timeout; the transport clamps its waits for any other caller.
+    use_models(monkeypatch, {})
+    with FakeOpenAI() as engine:
+        engine.answer = lambda prompt, body: "one two three"
+        settings = config.load(ladder_toml(tmp_path, {"large": engine.url}))
+        with serving_cascade(Cascade(make_router(), settings), timeout=1e10) as url:
+            events = _stream(url, "cre", FAR)
+    assert _text(events) == "one two three"
+
+
 def test_a_streamed_request_holds_its_place_until_its_answer_is_done(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

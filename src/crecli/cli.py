@@ -27,6 +27,7 @@ from crecli.costs import DEFAULT_RETAIN
 from crecli.quality import DEFAULT_CHECK, DEFAULT_FIT_VOTES, MAX_TEMPERATURE, MAX_VOTES
 from crecli.serve_options import (
     DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_HOST, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_BODY, DEFAULT_MAX_QUEUE, DEFAULT_PORT, DEFAULT_TIMEOUT,
+    MAX_SECONDS,
 )
 
 EXIT_CODES = """Exit codes: 0 success; 1 error (the message says what to do); 2 bad usage (an
@@ -533,11 +534,11 @@ def serve(
     models: ModelsOpt = None,
     memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Keep models loaded within this much memory, e.g. 4GB (binary units: GB, G and GiB all mean 2^30 bytes), counting each model's file and its snapshots of answered examples (default: no limit).", show_default=False)] = None,
     max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests admitted beyond what the ladder computes at once (one per loaded model, max_in_flight per remote server); more get 429 with Retry-After.")] = DEFAULT_MAX_QUEUE,
-    timeout: Annotated[float, typer.Option("--timeout", min=0.001, callback=finite, help="Seconds from a request's arrival to its answer, for the whole ladder (waits included; a remote call gets the time left); then 504.")] = DEFAULT_TIMEOUT,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.001, max=MAX_SECONDS, callback=finite, help="Seconds from a request's arrival to its answer, for the whole ladder (waits included; a remote call gets the time left); then 504.")] = DEFAULT_TIMEOUT,
     max_body: Annotated[int, typer.Option("--max-body", min=1024, help="Largest request body in bytes; a larger one gets 413 before it is read.")] = DEFAULT_MAX_BODY,
-    header_timeout: Annotated[float, typer.Option("--header-timeout", min=0.001, callback=finite, help="Seconds a client has to send a request's line and headers; then 408 and the connection closes.")] = DEFAULT_HEADER_TIMEOUT,
-    body_timeout: Annotated[float, typer.Option("--body-timeout", min=0.001, callback=finite, help="Seconds a client has to send a request's body once its headers are in; then 408 and the connection closes.")] = DEFAULT_BODY_TIMEOUT,
-    keep_alive: Annotated[float, typer.Option("--keep-alive", min=0.001, callback=finite, help="Seconds an idle keep-alive connection stays open. Behind a load balancer, set it above the balancer's idle timeout (AWS ALB: 60), or it reuses connections being closed and clients get 502s.")] = DEFAULT_KEEP_ALIVE,
+    header_timeout: Annotated[float, typer.Option("--header-timeout", min=0.001, max=MAX_SECONDS, callback=finite, help="Seconds a client has to send a request's line and headers; then 408 and the connection closes.")] = DEFAULT_HEADER_TIMEOUT,
+    body_timeout: Annotated[float, typer.Option("--body-timeout", min=0.001, max=MAX_SECONDS, callback=finite, help="Seconds a client has to send a request's body once its headers are in; then 408 and the connection closes.")] = DEFAULT_BODY_TIMEOUT,
+    keep_alive: Annotated[float, typer.Option("--keep-alive", min=0.001, max=MAX_SECONDS, callback=finite, help="Seconds an idle keep-alive connection stays open. Behind a load balancer, set it above the balancer's idle timeout (AWS ALB: 60), or it reuses connections being closed and clients get 502s.")] = DEFAULT_KEEP_ALIVE,
     api_key_env: Annotated[Optional[str], typer.Option("--api-key-env", help="Environment variable holding an API key; then /v1/* needs `Authorization: Bearer <key>`.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Use the router even if the model files differ from the ones it was fitted with.")] = False,
     no_log: NoLogOpt = False,

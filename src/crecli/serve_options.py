@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from crecli.config import MAX_TIMEOUT
 from crecli.querylog import MAX_LINE_BYTES as MAX_PROMPT_BYTES
 
 DEFAULT_HOST = "127.0.0.1"
@@ -22,6 +23,10 @@ DEFAULT_BODY_TIMEOUT = 30.0
 # balancer it must outlast the balancer's own idle timeout (AWS ALB: 60 s), or the balancer
 # reuses a connection the server is closing and its client gets a 502.
 DEFAULT_KEEP_ALIVE = 5.0
+# The most seconds any of the time options may be: a day, as a remote rung's `timeout` in
+# models.toml. Longer is no use to an HTTP client, and --timeout past threading.TIMEOUT_MAX
+# (2^63 ns, about 292 years) turned every remote rung's streamed answer into a 500.
+MAX_SECONDS = MAX_TIMEOUT
 # The body carries the conversation before the prompt and JSON escaping too, hence the headroom.
 DEFAULT_MAX_BODY = 4 * MAX_PROMPT_BYTES
 

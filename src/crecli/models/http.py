@@ -85,6 +85,13 @@ def _check_headers(headers: dict[str, str]) -> None:
             raise ValueError(f"the {name} header holds {fault}; not sent (its value is not shown)")
 
 
+def _waitable(seconds: float) -> float:
+    """`seconds` as a thread or a socket can wait it: at most `threading.TIMEOUT_MAX` (about
+    292 years), past which a wait raises OverflowError (a `cre serve` whose requests had a
+    deadline that far off answered every remote rung's stream with a 500)."""
+    return min(seconds, threading.TIMEOUT_MAX)
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     """Refuse redirects: urllib would follow one to another host (or to ftp://) and send the
     Authorization header there."""
@@ -118,7 +125,7 @@ class _TimedReads(io.RawIOBase):
         left = self._deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("timed out")
-        self._sock.settimeout(left)
+        self._sock.settimeout(_waitable(left))
         return self._raw.readinto(buffer)
 
     def close(self) -> None:
@@ -180,7 +187,7 @@ class UrllibTransport:
         _check_headers(headers)
         request = _Request(url, body, headers, time.monotonic() + timeout)
         try:
-            with self._opener.open(request, timeout=timeout) as response:
+            with self._opener.open(request, timeout=_waitable(timeout)) as response:
                 raw = _read_by(response, max_bytes + 1)
                 # A read returns a body cut short by a closed connection without complaint;
                 # the bytes its Content-Length still promised tell that the server went away.
@@ -305,7 +312,7 @@ class LoopTransport:
         else:
             wait = max(0.0, deadline - time.monotonic()) + 30  # the token cancels it at the deadline
         try:
-            return future.result(wait)
+            return future.result(_waitable(wait))
         except concurrent.futures.CancelledError:
             raise cancel.Cancelled("the request gave up while its remote call was in flight") from None
         except concurrent.futures.TimeoutError:
