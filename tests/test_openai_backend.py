@@ -138,6 +138,23 @@ def test_api_key_comes_from_the_named_environment_variable(server: _Server, monk
     assert server.requests[0]["headers"]["Authorization"] == "Bearer sekrit"
 
 
+def test_a_refusal_of_the_request_keeps_the_servers_words_for_a_client_without_the_key_or_the_address(
+    server: _Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from crecli.models.openai import RequestRefused
+
+    monkeypatch.setenv("CRE_TEST_KEY", "sk-SECRET123")
+    said = f"bad top_p\n\tfrom Bearer sk-SECRET123 at {server.url}/chat/completions"
+    server.reply = lambda path, body: (422, {"error": {"message": said, "type": "invalid_request_error"}})
+    backend = OpenAIBackend(_spec(server.url, api_key_env="CRE_TEST_KEY"))
+    with pytest.raises(RequestRefused) as info:
+        backend.generate("hi", GenParams(max_tokens=4, temperature=0.5))
+    public = info.value.public
+    assert public.startswith("model 'remote' refused the request: HTTP 422: bad top_p from Bearer ... at .../chat")
+    assert "SECRET" not in public and server.url not in public
+    assert server.url in str(info.value) and info.value.status == 422  # the operator's log says where
+
+
 @pytest.mark.parametrize("pooled", [False, True])
 def test_an_api_key_read_from_a_file_is_sent_without_its_newline(monkeypatch: pytest.MonkeyPatch, pooled: bool) -> None:
     """A key mounted from a file ends in a newline: urllib refused the header, quoting the key

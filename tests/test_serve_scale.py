@@ -238,6 +238,28 @@ def test_a_client_that_leaves_cancels_its_remote_call(tmp_path: Path, monkeypatc
     assert still_held and len(engine.requests) == 1
 
 
+def test_a_ladder_model_asked_by_name_passes_its_servers_refusal_on_as_a_400(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every refusal not about the context was a 500 model_error, though the fields the
+    # server refused (top_p here) were the client's own. Through the cascade the request is
+    # cre's own: its refusal stays the model's error.
+    use_models(monkeypatch, {})
+    with FakeOpenAI() as engine:
+        engine.status = 400
+        engine.status_message = f"top_p must be in (0, 1],\n got 0 ({engine.url}/chat/completions)"
+        settings = config.load(ladder_toml(tmp_path, {"large": engine.url}))
+        with serving_cascade(Cascade(make_router(), settings)) as url:
+            by_name = post(url, "large", "hi", top_p=0)
+            through = post(url, "cre", FAR, top_p=0)
+            health = httpx.get(f"{url}/health").json()
+    error = by_name.json()["error"]
+    assert by_name.status_code == 400 and (error["type"], error["code"]) == ("invalid_request_error", "request_refused")
+    assert error["message"] == "model 'large' refused the request: HTTP 400: top_p must be in (0, 1], got 0 (.../chat/completions)"
+    assert through.status_code == 500 and through.json()["error"]["code"] == "model_error"
+    assert health["status"] == "ok"  # the server answered: it stays in rotation
+
+
 def test_the_timeout_covers_the_whole_ladder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A timeout of 6 s over two remote rungs: medium's four votes take 3 s (they disagree:
     it escalates), large would hold its call until the test ends. The request gets a 504

@@ -558,7 +558,8 @@ def serve(
     whether each model can answer (503 when none can) and never waits behind model work.
     Every response carries an X-Request-Id (the client's own when it sent a safe one).
     Model errors reach the client as a 500 quoting it (503 `rung_unavailable` when every
-    server of a remote rung failed); the details go to stderr under that id. Requests answered
+    server of a remote rung failed; 400 when a ladder model asked by name has its server
+    refuse the request); the details go to stderr under that id. Requests answered
     through the cascade go to the served-query log (`cre log`) unless --no-log is given.
     Needs the serve extra: pip install -e '.[serve]' in your clone of crecli. Running rungs on serving engines:
     docs/scale.md.

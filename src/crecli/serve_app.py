@@ -664,7 +664,7 @@ class App:
 
     async def result(self, query: Query, future: "asyncio.Future[Answer]") -> Answer:
         """The job's answer, or its error in OpenAI's shape."""
-        from crecli.models.openai import RungUnavailable
+        from crecli.models.openai import RequestRefused, RungUnavailable
 
         try:
             return await future
@@ -684,12 +684,16 @@ class App:
             retry = max(1, math.ceil(exc.retry_after or 0))
             raise ApiError(503, f"{exc.public}; retry later (request id {rid})", type="server_error",
                            code="rung_unavailable", headers={"Retry-After": str(retry)}) from None
+        except RequestRefused as exc:
+            if query.model not in self.ladder:
+                # cre's own request, not the client's: the model failed (as below).
+                raise self.model_error(query, exc) from None
+            # A model asked by name got the client's own fields (`serve_worker.sampling`), so
+            # its server's refusal is the client's to fix, as that server says it.
+            log.info("%s: %s", query.model, exc)
+            raise ApiError(400, exc.public, code="request_refused") from None
         except CreError as exc:
-            # The details (file paths, `cre models pull`) are for the server's operator.
-            rid = request_id()
-            log.error("%s: %s could not answer: %s", rid, query.model, exc)
-            raise ApiError(500, f"the model could not answer; the server's log has the details (request id {rid})",
-                           type="server_error", code="model_error") from None
+            raise self.model_error(query, exc) from None
         except Exception as exc:
             # A bug, as `on_crash` answers one, but here also for a stream under way: it ends
             # with an error event and [DONE] instead of a dropped connection.
@@ -697,6 +701,14 @@ class App:
             log.exception("%s: internal error (%s: %s)", rid, type(exc).__name__, exc)
             raise ApiError(500, f"internal error; the server's log has the details (request id {rid})",
                            type="server_error") from None
+
+    def model_error(self, query: Query, exc: CreError) -> ApiError:
+        """The 500 of a model that could not answer; the details (file paths, `cre models
+        pull`, a remote server's address and reply) are for the server's operator, in its log."""
+        rid = request_id()
+        log.error("%s: %s could not answer: %s", rid, query.model, exc)
+        return ApiError(500, f"the model could not answer; the server's log has the details (request id {rid})",
+                        type="server_error", code="model_error")
 
     # ------------------------------------------------------------ the request
 

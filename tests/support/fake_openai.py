@@ -38,6 +38,7 @@ class FakeOpenAI:
     - `status` / `retry_after`: answer every request with this HTTP error (503, 500, 429...);
       with `status_once`, only the next request: `status` clears as that request reads it,
       before its reply, so the client's next request is answered (no timer to race it);
+      `status_message`: what that error's message says (else "fake status N");
     - `page`: answer every request 200 with these bytes as `page_type` (text/html: a proxy's
       or another service's page where the API should be: no completion);
     - `ignore_max_tokens`: answer with every token, whatever `max_tokens` asks;
@@ -68,6 +69,7 @@ class FakeOpenAI:
         self.status: int | None = None
         self.retry_after: str | None = None
         self.status_once = False
+        self.status_message: str | None = None
         self.page: bytes | None = None
         self.page_type = "text/html"
         self.ignore_stream = False
@@ -151,7 +153,8 @@ class FakeOpenAI:
             if self.status_once:
                 self.status = None  # before the reply: the request it prompts is answered
             headers = {"Retry-After": self.retry_after} if self.retry_after is not None else {}
-            h._send(status, {"error": {"message": f"fake status {status}", "type": "server_error"}}, headers)
+            message = self.status_message or f"fake status {status}"
+            h._send(status, {"error": {"message": message, "type": "server_error"}}, headers)
             return
         if self.page is not None:
             h.send_response(200)

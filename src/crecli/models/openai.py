@@ -306,6 +306,18 @@ class RungUnavailable(RemoteError):
         self.public = public or message
 
 
+class RequestRefused(RemoteError):
+    """A remote rung's server refused the request itself (a 4xx that is neither a wait, 429,
+    nor a server that does not serve the rung, `MISDIRECTED`): every replica would refuse it
+    alike. `public` says so with the server's own message, shortened, without its address or
+    the API key: `cre serve` answers a client that asked the model by name (its fields went
+    to the server, and may be what was refused) with a 400 quoting it."""
+
+    def __init__(self, message: str, status: int, server: str, public: str) -> None:
+        super().__init__(message, status, server=server)
+        self.public = public
+
+
 # (url, api model) -> what its server was found to do, for this process.
 _SUPPORT: dict[tuple[str, str], SignalSupport] = {}
 # (url, api model, replica): replicas that once failed a request for log-probabilities with a
@@ -560,7 +572,7 @@ class OpenAIBackend(Backend):
                 # The request's own fault (400, 413, 422...): every replica would refuse it
                 # alike, and this one answered, so it stays in rotation.
                 slot.release()
-                raise self._status_error(reply, where, replica.url)
+                raise self._refused(reply, where, replica.url, headers)
             if status < 300:
                 seconds = time.perf_counter() - start
                 if stream is not None and stream.began:
@@ -665,6 +677,26 @@ class OpenAIBackend(Backend):
         detail = reply.body[:500].decode("utf-8", "replace").strip()
         return RemoteError(f"{where}: HTTP {status} {phrase}: {detail or 'no details'}; {_advice(status, self.spec)}",
                            status, _retry_after(reply), server)
+
+    def _refused(self, reply: "transport.Reply", where: str, server: str, headers: dict[str, str]) -> RequestRefused:
+        """The error of a request the server refused as bad (`RequestRefused`)."""
+        # Its message may quote what it was sent: never the key, nor where the server is.
+        # Taken out of the whole reply before it is read (or cut), and out of what it says.
+        secrets = [secret for secret in (headers.get("Authorization", "").partition(" ")[2], server) if secret]
+
+        def hidden(text: str) -> str:
+            for secret in secrets:
+                text = text.replace(secret, "...")
+            return text
+
+        body = hidden(reply.body.decode("utf-8", "replace"))
+        try:
+            said: Any = safejson.loads(body, "an error reply")
+        except ValueError:  # not JSON, or cut short (the standard library's client reads 500 bytes of it)
+            said = body
+        said = hidden(" ".join(_error_message(said).split()))
+        return RequestRefused(str(self._status_error(reply, where, server)), reply.status, server,
+                              f"model {self.spec.name!r} refused the request: HTTP {reply.status}: {said or 'no details'}")
 
     def _unavailable(self, failed: dict[str, str], last: RemoteError | None, short: list[str]) -> RemoteError:
         """The error of a request no replica answered: the one failure where the rung has one
