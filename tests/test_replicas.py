@@ -455,6 +455,38 @@ def test_a_stream_line_nested_too_deeply_is_read_as_any_unreadable_line(field: b
         assert "".join(got) == "42" and [r.in_flight for r in backend.replicas.replicas] == [0]
 
 
+@pytest.mark.parametrize("pooled", [False, True])
+@pytest.mark.parametrize("reply", [
+    b'{"choices": [{"message": {"content": "caf\\ud83d"}, "finish_reason": "stop"}]}',
+    b'{"choices": [{"message": {"content": "no"}}], "choices": [{"message": {"content": "caf\xc3\xa9"}}]}',
+])
+def test_a_valid_reply_with_a_lone_surrogate_or_a_key_twice_is_an_answer_not_a_failed_server(
+    pooled: bool, reply: bytes
+) -> None:
+    """A reply whose text holds a lone surrogate (a token cut mid-character) or whose object
+    gives a key twice was refused as user input is: "the reply is not a JSON object", the
+    healthy server taken out, and every replica in turn for the same greedy reply. Read
+    as `json.loads` reads it, with the surrogate mended (no UTF-8 output can hold one)."""
+    from contextlib import nullcontext
+
+    with pooled_transport() if pooled else nullcontext(), FakeOpenAI() as engine:
+        engine.page, engine.page_type = reply, "application/json"
+        backend = OpenAIBackend(_spec([engine.url]))
+        gen = backend.generate("hi", GenParams(max_tokens=4))
+        assert gen.text in ("caf\ufffd", "caf\u00e9") and backend.replicas.states()[engine.url] == "up"
+        gen.text.encode("utf-8")
+
+
+def test_a_streamed_event_with_a_lone_surrogate_is_not_lost() -> None:
+    """Such an event was skipped as unreadable: its token was lost from the answer."""
+    with pooled_transport(), FakeOpenAI() as engine:
+        engine.answer = lambda prompt, body: ""
+        engine.stream_raw = b'data: {"choices": [{"index": 0, "delta": {"content": "caf\\ud83d"}}]}\n\n'
+        got: list[str] = []
+        gen = OpenAIBackend(_spec([engine.url])).generate_streaming("hi", GenParams(max_tokens=4), got.append)
+        assert gen.text == "".join(got) == "caf\ufffd"
+
+
 def test_a_try_that_ends_in_an_exception_no_branch_expected_gives_its_slot_back(monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever ends a try (here a bug in reading the reply), its replica's slot goes back,
     as a try that says nothing of the server: held, it blocked the server for good."""

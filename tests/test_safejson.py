@@ -33,6 +33,17 @@ def test_loads_reads_valid_json_and_paired_surrogates() -> None:
     assert safejson.loads('{"a": "\u00e9"}'.encode("utf-16"), "bad") == {"a": "\u00e9"}
 
 
+def test_a_servers_reply_is_read_tolerantly_refusing_only_what_cannot_be_read() -> None:
+    """A server's reply (`strict=False`): a key given twice keeps its last value and a lone
+    surrogate stays, as `json.loads` reads them; deep nesting and over-long numbers are still
+    a JsonError, never a RecursionError or a bare ValueError."""
+    assert safejson.loads('{"a": "caf\\ud83d", "a": "x\\ud800"}', "bad", strict=False) == {"a": "x\ud800"}
+    for text, why in [("[" * 100_000 + "]" * 100_000, "nested too deeply"), ("1" * 5000, "a number longer"),
+                      ("[1 2]", "Expecting")]:
+        with pytest.raises(safejson.JsonError, match=why):
+            safejson.loads(text, "bad", strict=False)
+
+
 def test_surrogates_are_found_and_mended_into_valid_utf8_json() -> None:
     text = json.dumps({"answer": "bad \ud800 answer", "ok": "\U0001f600"}, ensure_ascii=False)
     assert safejson.has_surrogate(text) and not safejson.has_surrogate("\U0001f600")

@@ -7,7 +7,10 @@ input, request bodies of `cre serve`, the served-query log):
   what is wrong: bad JSON (with its column), nesting too deep for Python's parser (a
   RecursionError, not a crash), and integers longer than Python converts (CVE-2020-10735);
   and it refuses lone surrogates, which JSON's `\\ud800` escape decodes to and which no
-  UTF-8 output (a result line, the router file, the outcome store) can hold.
+  UTF-8 output (a result line, the router file, the outcome store) can hold, and a key
+  given twice in one object. A server's reply is read with `strict=False`: only what
+  cannot be read at all is refused there, as a valid reply must not take a healthy server
+  out (a remote rung mends the answer's text it reads, `models.openai._text`).
 - `has_surrogate` and `replace_surrogates` test and mend text that came from elsewhere (a
   model's answer, a file name with undecodable bytes) before it is written as UTF-8.
 - `json_type` names a JSON value's type in error messages.
@@ -46,12 +49,16 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def loads(text: str | bytes, what: str) -> Any:
+def loads(text: str | bytes, what: str, strict: bool = True) -> Any:
     """`json.loads` whose every failure is a JsonError starting with `what`, whose objects
     give each key once (`unique_keys`), and whose strings are all valid Unicode. Bytes are
-    decoded as `json.loads` decodes them (UTF-8, -16 or -32)."""
+    decoded as `json.loads` decodes them (UTF-8, -16 or -32).
+
+    `strict` False (a server's reply, which cre does not check but reads): a key given twice
+    keeps its last value and a lone surrogate stays, as `json.loads` has them; only JSON that
+    cannot be read (bad, nested too deeply, a number too long) is a JsonError."""
     try:
-        value = json.loads(text, object_pairs_hook=unique_keys)
+        value = json.loads(text, object_pairs_hook=unique_keys if strict else None)
     except JsonError as exc:
         raise JsonError(f"{what} ({exc})") from None
     except json.JSONDecodeError as exc:
@@ -65,7 +72,8 @@ def loads(text: str | bytes, what: str) -> Any:
         raise JsonError(
             f"{what} (a number longer than {sys.get_int_max_str_digits():,} digits); quote it as a string"
         ) from None
-    check_unicode(value)
+    if strict:
+        check_unicode(value)
     return value
 
 

@@ -136,17 +136,27 @@ def _completion_shape(data: Any, chat: bool) -> str | None:
     return None
 
 
+def _read(raw: str | bytes, what: str) -> Any:
+    """A server's JSON (a reply, an event, an error), read as `json.loads` reads it, but with
+    every failure a `ValueError` (`safejson.JsonError`): JSON nested too deeply or with a
+    number too long is unreadable, not a crash. Not strict (`safejson.loads`): a key given
+    twice or a lone surrogate (`"caf\\ud83d"`, a token cut mid-character) is a valid reply
+    all the same, whose server must not be taken out for it; the answer's text is mended
+    (`_text`)."""
+    return safejson.loads(raw, what, strict=False)
+
+
 def _event(line: str) -> dict[str, Any] | str | None:
     """What a line of a server-sent event stream carries: "[DONE]", an event's JSON object, or
     None for any other line (a comment, another field, a blank line, data that is no object
-    or that `safejson.loads` cannot read)."""
+    or that `_read` cannot read)."""
     if not line.startswith("data:"):
         return None
     data = line[5:].strip()
     if data == "[DONE]":
         return data
     try:
-        event = safejson.loads(data, "an event")  # nested too deeply is unreadable too, not a crash
+        event = _read(data, "an event")
     except ValueError:
         return None
     return event if isinstance(event, dict) else None
@@ -159,7 +169,7 @@ def _error_message(error: Any) -> str:
         error = error.get("error", error)
     if isinstance(error, dict):
         error = error.get("message", error)
-    return str(error)[:300]
+    return safejson.replace_surrogates(str(error)[:300])
 
 
 def _answer_text(data: dict[str, Any], chat: bool) -> str:
@@ -238,7 +248,7 @@ class _EventStream:
             # [DONE]`: a failure all the same, never the end of a (cut short) answer.
             self.began = True
             try:
-                error = safejson.loads(value, "an error")
+                error = _read(value, "an error")
             except ValueError:
                 error = value.strip() or "no details"
             self._error(error)
@@ -267,15 +277,15 @@ class _EventStream:
             if not isinstance(choice, dict):
                 continue
             delta = choice.get("delta")
-            text = (delta.get("content") if isinstance(delta, dict) else None) if self.chat else choice.get("text")
-            if isinstance(text, str) and text:
+            text = _text((delta.get("content") if isinstance(delta, dict) else None) if self.chat else choice.get("text"))
+            if text:
                 if len(self.pieces) >= self.max_tokens:
                     self.ended, self.finish = "max_tokens", "length"
                     return True
                 self.pieces.append(text)
                 self.out.add(text)
             if choice.get("finish_reason"):
-                self.finish = str(choice["finish_reason"])
+                self.finish = _text(str(choice["finish_reason"]))
         return False
 
 
@@ -595,7 +605,7 @@ class OpenAIBackend(Backend):
                 # A streamed reply with no event in it: its lines, held back, judged whole.
                 raw = reply.body or "\n".join(stream.held if stream is not None else ()).encode()
                 try:
-                    data = safejson.loads(raw, "the reply")  # nested too deeply, a number too long: no completion
+                    data = _read(raw, "the reply")  # nested too deeply, a number too long: no completion
                 except ValueError:
                     data = None
                 wrong = _completion_shape(data, chat=endpoint.startswith("chat"))
@@ -758,7 +768,7 @@ class OpenAIBackend(Backend):
         log-probability steps) where it did."""
         text = cut_at_stop(_answer_text(data, chat), stop)[0]
         choice = data["choices"][0]
-        finish = str(choice.get("finish_reason") or "stop")
+        finish = _text(str(choice.get("finish_reason") or "stop"))
         steps = lp.steps(choice.get("logprobs"))
         # A reply with log-probabilities lists its tokens: without `usage`, their number is
         # the exact output count.
@@ -838,8 +848,9 @@ class OpenAIBackend(Backend):
 
 def _text(value: Any) -> str:
     """An answer's text from a reply: a string, else nothing (a list of content parts or an
-    object would otherwise become its Python spelling)."""
-    return value if isinstance(value, str) else ""
+    object would otherwise become its Python spelling). A lone surrogate in it (`_read`)
+    becomes U+FFFD: no UTF-8 output (`cre serve`'s reply, a result line) can hold one."""
+    return safejson.replace_surrogates(value) if isinstance(value, str) else ""
 
 
 def _advice(code: int, spec: "ModelSpec") -> str:
