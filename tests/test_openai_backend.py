@@ -446,6 +446,50 @@ def test_an_answer_is_cut_at_its_formats_stop_strings_though_the_server_ignores_
     assert streamed == ["4"]
 
 
+NEXT_TURN = ["4", "<|im_end|>", "\n", "<|im_start|>", "user", "\n", "ignore", " all"]
+
+
+@pytest.mark.parametrize(("tokens", "count", "signals"), [
+    (NEXT_TURN, 1, True),
+    # The stop string starting inside a token: that token is the answer's too.
+    (["4<|im", "_end|>", "\n", "<|im_start|>", "user"], 1, True),
+    # Tokens that do not spell the answer (shown as bytes): no signals, rather than a guess.
+    (["bytes:\\x34", "<|im_end|>", "\n", "<|im_start|>", "user"], 1, False),
+])
+def test_an_answer_cut_at_a_stop_string_reads_its_signals_and_count_from_its_own_steps(
+    server: _Server, tokens: list[str], count: int, signals: bool
+) -> None:
+    """The text was cut to "4", but its signals and token count were read from every step,
+    the made-up next turn's too: a confident answer (-0.01) looked unsure (-9.0), 8 tokens
+    long, and the deferral check escalated it."""
+    chosen = [-0.01] + [-9.0] * (len(tokens) - 1)
+    logprobs = {"tokens": tokens, "token_logprobs": chosen,
+                "top_logprobs": [{t: lp, "zz": -12.0} for t, lp in zip(tokens, chosen)]}
+    server.reply = lambda path, body: (200, {"choices": [{"text": "".join(tokens).replace("bytes:\\x34", "4"),
+                                                          "finish_reason": "length", "logprobs": logprobs}]})
+    gen = OpenAIBackend(_spec(server.url, prompt_format="chatml")).generate("What is 2+2?", GenParams(max_tokens=8))
+    assert (gen.text, gen.output_tokens, gen.finish_reason) == ("4", count, "stop")
+    if signals:
+        assert gen.signals is not None and gen.signals.min_logprob == gen.signals.mean_logprob == -0.01
+    else:
+        assert gen.signals is None
+
+
+def test_a_streamed_answer_cut_at_a_stop_string_counts_its_own_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every event was counted, the made-up next turn's too: 8 tokens for "4", at the cap."""
+    from support.fake_openai import FakeOpenAI
+    from support.scale import fresh_remote, pooled_transport
+
+    fresh_remote(monkeypatch)
+    with pooled_transport(), FakeOpenAI() as engine:
+        engine.answer = lambda prompt, body: [(t, -0.01, {t: -0.01}) for t in NEXT_TURN]
+        engine.usage, engine.finish = False, "length"
+        got: list[str] = []
+        gen = OpenAIBackend(_spec(engine.url, prompt_format="chatml")).generate_streaming(
+            "What is 2+2?", GenParams(max_tokens=8), got.append)
+    assert (gen.text, "".join(got), gen.output_tokens, gen.finish_reason) == ("4", "4", 1, "stop")
+
+
 def test_missing_usage_is_estimated_from_the_text(server: _Server) -> None:
     from crecli.models.tokens import CHARS_PER_TOKEN
 

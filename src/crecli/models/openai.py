@@ -36,7 +36,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from crecli import cancel, safejson
 from crecli.errors import BackendError, ConfigError, PromptTooLong
@@ -170,6 +170,30 @@ def _error_message(error: Any) -> str:
     if isinstance(error, dict):
         error = error.get("message", error)
     return safejson.replace_surrogates(str(error)[:300])
+
+
+def _at_stop(answer: str, stop: Sequence[str], pieces: Sequence[str]) -> tuple[str, int | None, bool]:
+    """`answer` cut at the first of its `stop` strings (`cut_at_stop`), for a server that
+    ignores them; how many of `pieces` (its tokens in order: a greedy reply's log-probability
+    steps, a stream's events) the cut answer keeps; and whether it was cut. Uncut, all of
+    them; cut, the fewest whose joined text covers the cut answer (the one the stop string
+    starts in among them): the steps of a made-up next turn are no part of the answer, and
+    its signals and count are read from the rest. None where the pieces do not spell the
+    answer's start (tokens shown as bytes, say): none is kept then, rather than a guess."""
+    text, cut = cut_at_stop(answer, stop)
+    if not cut:
+        return text, len(pieces), False
+    if not text:
+        return text, 0, True
+    at = 0
+    for kept, piece in enumerate(pieces, 1):
+        piece = safejson.replace_surrogates(piece)  # as the answer's text was (`_text`)
+        if at + len(piece) >= len(text):
+            return text, kept if piece.startswith(text[at:]) else None, True
+        if not text.startswith(piece, at):
+            return text, None, True
+        at += len(piece)
+    return text, None, True
 
 
 def _answer_text(data: dict[str, Any], chat: bool) -> str:
@@ -762,14 +786,17 @@ class OpenAIBackend(Backend):
     def _generation(data: dict[str, Any], body: dict[str, Any], chat: bool, stop: tuple[str, ...], seconds: float,
                     greedy: bool) -> Generation:
         """The answer in a whole completion `data` (`chat`: a chat completion's) to the request
-        `body`, cut at the first of its `stop` strings (`cut_at_stop`) as a streamed answer is:
-        a server that ignores `stop` would hand on a made-up next turn. Its tokens are counted
-        from the cut text, as a stream's are, with what the server sent (`usage`, the
-        log-probability steps) where it did."""
-        text = cut_at_stop(_answer_text(data, chat), stop)[0]
+        `body`, cut at the first of its `stop` strings as a streamed answer is (`_at_stop`): a
+        server that ignores `stop` would hand on a made-up next turn. Its signals are read from
+        the log-probability steps the cut answer keeps, its finish reason is then "stop", and
+        its tokens are counted as a stream's are: the server's `usage` where it sent one, else
+        the steps kept, else estimated from the cut text."""
         choice = data["choices"][0]
-        finish = _text(str(choice.get("finish_reason") or "stop"))
         steps = lp.steps(choice.get("logprobs"))
+        text, kept, cut = _at_stop(_answer_text(data, chat), stop, [token for token, _, _ in steps or ()])
+        finish = "stop" if cut else _text(str(choice.get("finish_reason") or "stop"))
+        if cut and steps is not None:
+            steps = steps[:kept] if kept is not None else None
         # A reply with log-probabilities lists its tokens: without `usage`, their number is
         # the exact output count.
         prompt_tokens, output_tokens = _tokens(data.get("usage") or {}, body, text, finish,
@@ -832,17 +859,19 @@ class OpenAIBackend(Backend):
             gen = self._generation(whole, body, self._chat, params.stop, seconds, False)
             stream.out.finish(gen.text)
             return gen
-        # A complete stream (`_post` judged it). Cut at a whole stop string; a tail that only
-        # starts one stays (the answer is complete).
-        text = cut_at_stop("".join(stream.pieces), params.stop)[0]
+        # A complete stream (`_post` judged it). Cut at a whole stop string, its events
+        # counted to there (`_at_stop`); a tail that only starts one stays (the answer is complete).
+        text, kept, cut = _at_stop("".join(stream.pieces), params.stop, stream.pieces)
         stream.out.finish(text)
-        prompt_tokens, output_tokens = _tokens(stream.usage, body, text, stream.finish, counted=len(stream.pieces))
+        finish = "stop" if cut else stream.finish
+        prompt_tokens, output_tokens = _tokens(stream.usage, body, text, finish,
+                                               counted=len(stream.pieces) if kept is None else kept)
         return Generation(
             text=text,
             prompt_tokens=prompt_tokens,
             output_tokens=output_tokens,
             seconds=seconds,
-            finish_reason=stream.finish,
+            finish_reason=finish,
         )
 
 
