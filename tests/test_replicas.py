@@ -12,8 +12,9 @@ from __future__ import annotations
 import re
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import httpx
 import pytest
@@ -270,9 +271,46 @@ def test_the_try_after_a_server_that_hung_has_the_whole_timeout() -> None:
         # A try cut short by the request's own time (`cre serve`'s deadline) says nothing of
         # its server, which stays in rotation.
         backend = OpenAIBackend(_spec([slow.url]), timeout=1.0)
-        with cancel.scope(cancel.Token(deadline=time.monotonic() + 0.15)), pytest.raises(RemoteError):
+        # Its error says so: "no answer within 0 s; check that the server is not overloaded" misled.
+        with cancel.scope(cancel.Token(deadline=time.monotonic() + 0.15)), \
+                pytest.raises(RemoteError, match=r"the request's own time ran out \(0\.1 s were left for this try\)$"):
             backend.generate("hi", GenParams(max_tokens=4, temperature=0.5))
         assert backend.replicas.states()[slow.url] == "up"
+
+
+@contextmanager
+def _pool_failing_with(error: type[Exception]) -> Iterator[None]:
+    """`cre serve`'s transport whose every request fails in httpx with `error` (as a connect
+    that times out, or a request this side refuses to send) before it reaches a server."""
+    import asyncio
+
+    from crecli.models import http as transport
+
+    def fail(request: httpx.Request) -> httpx.Response:
+        raise error("as the test says", request=request)
+
+    with pooled_transport():
+        pool = transport.current()
+        assert isinstance(pool, transport.LoopTransport)
+        real, pool.client = pool.client, httpx.AsyncClient(transport=httpx.MockTransport(fail))
+        asyncio.run_coroutine_threadsafe(real.aclose(), pool.loop).result(5)
+        yield
+
+
+def test_a_connect_cut_short_by_the_requests_own_time_keeps_its_server() -> None:
+    """httpx's ConnectTimeout read as a refused connection: a try that the request's own
+    deadline cut short while connecting took its server out, as no slow answer did."""
+    url = "http://127.0.0.1:9/v1"
+    with _pool_failing_with(httpx.ConnectTimeout):
+        backend = OpenAIBackend(_spec([url]), timeout=1.0)
+        with cancel.scope(cancel.Token(deadline=time.monotonic() + 0.3)), \
+                pytest.raises(RemoteError, match="own time ran out .* while connecting") as info:
+            backend.generate("hi", GenParams(max_tokens=4, temperature=0.5))
+        assert not isinstance(info.value, RungUnavailable) and backend.replicas.states()[url] == "up"
+        # With the whole timeout, a connect that times out is the server's failure.
+        with pytest.raises(RungUnavailable, match="cannot connect \\(timed out connecting\\)"):
+            backend.generate("hi", GenParams(max_tokens=4, temperature=0.5))
+        assert backend.replicas.states()[url].startswith("out: timed out connecting")
 
 
 @pytest.mark.parametrize("fault", [401, 403, 404, 405, 302, "page"])

@@ -54,8 +54,9 @@ class Reply:
 
 
 class TransportError(Exception):
-    """No usable reply: `kind` is "connect" (no connection), "timeout" (no answer in time),
-    "broken" (the connection broke before the reply was complete) or "too_large"."""
+    """No usable reply: `kind` is "connect" (no connection: refused, no route),
+    "connect_timeout" (no connection made within the try's time), "timeout" (no answer in
+    time), "broken" (the connection broke before the reply was complete) or "too_large"."""
 
     def __init__(self, kind: str, detail: str = "") -> None:
         super().__init__(detail or kind)
@@ -360,7 +361,9 @@ class LoopTransport:
                     chunks.append(chunk)
                 return Reply(response.status_code, b"".join(chunks), got)
         except httpx.ConnectTimeout:
-            raise TransportError("connect", "timed out connecting") from None
+            # Told apart from a refused connection: a try whose time ran out says nothing of its
+            # server when the request's own deadline set that time (`OpenAIBackend._try_limit`).
+            raise TransportError("connect_timeout", "timed out connecting") from None
         except (httpx.TimeoutException, TimeoutError):
             raise TransportError("timeout") from None
         except httpx.ConnectError as exc:

@@ -58,8 +58,11 @@ MAX_REPLY_BYTES = 16 * 2**20
 # A request tried on this many replicas (a Retry-After wait counts as a try) is given up.
 MAX_TRIES = 8
 # What a failed try is called where addresses must not show (`cre serve`'s errors, /health).
-SHORT = {"connect": "connection refused", "timeout": "timed out", "broken": "connection broke",
-         "too_large": "reply too large"}
+SHORT = {"connect": "connection refused", "connect_timeout": "timed out connecting", "timeout": "timed out",
+         "broken": "connection broke", "too_large": "reply too large"}
+# The failed tries (`http.TransportError.kind`) whose time ran out, connecting or waiting for
+# the answer: where the request's own time set it (`cut`), they say nothing of the server.
+TIMED_OUT = ("timeout", "connect_timeout")
 
 # The probe's prompt: one token of an answer to a lettered question, so a server that returns
 # log-probabilities shows its top list where it matters most (the option-letter margin).
@@ -570,8 +573,8 @@ class OpenAIBackend(Backend):
             try:
                 reply = self._send(url, payload, headers, try_for, stream.line if stream is not None else None)
             except transport.TransportError as exc:
-                why = self._transport_failure(exc, where, try_for)
-                if exc.kind == "timeout" and cut:
+                why = self._transport_failure(exc, where, try_for, cut)
+                if exc.kind in TIMED_OUT and cut:
                     # The request ran out of time, not the server: it stays in rotation.
                     slot.abandon()
                     raise RemoteError(why) from None
@@ -688,10 +691,16 @@ class OpenAIBackend(Backend):
             return timeout, False
         return max(0.1, left), True
 
-    def _transport_failure(self, exc: "transport.TransportError", where: str, timeout: float) -> str:
+    def _transport_failure(self, exc: "transport.TransportError", where: str, timeout: float, cut: bool) -> str:
+        """What a try that failed so says, where `timeout` was its time (`cut`: the request's
+        own time left, `_try_limit`)."""
+        if exc.kind in TIMED_OUT and cut:
+            # Not the server's fault: "no answer within 0 s; check the server" misled.
+            return (f"{where}: the request's own time ran out ({timeout:.1f} s were left for this try)"
+                    f"{' while connecting' if exc.kind == 'connect_timeout' else ''}")
         if exc.kind == "timeout":
             return f"{where}: no answer within {timeout:.0f} s; check that the server is not overloaded"
-        if exc.kind == "connect":
+        if exc.kind in ("connect", "connect_timeout"):
             return f"{where}: cannot connect ({exc.detail}); start the server or fix `url` in {self.spec.set_in('url')}"
         if exc.kind == "too_large":
             return f"{where}: the reply is over {MAX_REPLY_BYTES // 2**20} MiB; refusing it"
