@@ -278,6 +278,36 @@ def test_the_try_after_a_server_that_hung_has_the_whole_timeout() -> None:
         assert backend.replicas.states()[slow.url] == "up"
 
 
+@pytest.mark.parametrize("pooled", [False, True])
+def test_a_hung_replica_is_taken_out_though_the_requests_time_is_below_the_rungs_timeout(pooled: bool) -> None:
+    """`cre serve --timeout` at or below a rung's `timeout` (60 s against 120) cut every try
+    short, and a cut try says nothing of its server: a hung replica stayed in rotation for
+    good, and about 1 in n requests waited for it until their 504. A try that had at least
+    half the rung's timeout counts (`FAIR_SHARE`), whether its own timeout or the request's
+    deadline (which fall together) ends it; a client that leaves before the deadline does not."""
+    from contextlib import nullcontext
+
+    def ask(backend: OpenAIBackend, deadline: float, gives_up: float) -> None:
+        token = cancel.Token(deadline=time.monotonic() + deadline)
+        timer = threading.Timer(gives_up, token.cancel)  # as `cre serve` gives a request up
+        timer.start()
+        try:
+            with cancel.scope(token), pytest.raises((RemoteError, cancel.Cancelled)):
+                backend.generate("hi", GenParams(max_tokens=4, temperature=0.5))
+        finally:
+            timer.cancel()
+
+    with pooled_transport() if pooled else nullcontext(), FakeOpenAI() as hung, FakeOpenAI() as left:
+        hung.delay = left.delay = 3.0
+        backend = OpenAIBackend(_spec([hung.url]), timeout=1.0)
+        ask(backend, 0.7, 0.7)
+        assert backend.replicas.states()[hung.url].startswith("out: timed out")
+        if pooled:  # urllib's call is not cancelled: it runs to its own time
+            backend = OpenAIBackend(_spec([left.url]), timeout=1.0)
+            ask(backend, 0.7, 0.2)
+            assert backend.replicas.states()[left.url] == "up"
+
+
 @contextmanager
 def _pool_failing_with(error: type[Exception]) -> Iterator[None]:
     """`cre serve`'s transport whose every request fails in httpx with `error` (as a connect

@@ -60,6 +60,13 @@ MAX_TRIES = 8
 # What a failed try is called where addresses must not show (`cre serve`'s errors, /health).
 SHORT = {"connect": "connection refused", "connect_timeout": "timed out connecting", "timeout": "timed out",
          "broken": "connection broke", "too_large": "reply too large"}
+# A try that the request's own time (`cre serve --timeout`) cut below the rung's `timeout`
+# still counts against its server when it had at least this share of that timeout: a server
+# that gives nothing in half the time models.toml allows it is hung or far overloaded, not
+# slow. Without it, a `--timeout` at or below the rung's (60 s against the default 120) cut
+# every try, so a hung replica was never taken out and held about 1 in n requests until their
+# 504. Under it, the request's time, not the server, may be why the try ran out (`_try_limit`).
+FAIR_SHARE = 0.5
 # The failed tries (`http.TransportError.kind`) whose time ran out, connecting or waiting for
 # the answer: where the request's own time set it (`cut`), they say nothing of the server.
 TIMED_OUT = ("timeout", "connect_timeout")
@@ -564,7 +571,7 @@ class OpenAIBackend(Backend):
             url = f"{replica.url}/{endpoint}"
             where = f"model {self.spec.name!r} at {url}"
             # A server that hangs past its try's time is taken out and the request tried
-            # elsewhere, unless the request's own time cut the try short (`cut`).
+            # elsewhere, unless the request's own time cut the try short (`cut`, `FAIR_SHARE`).
             try_for, cut = self._try_limit(timeout)
             if stream is not None and attempt:
                 # A later try reads afresh (nothing of a failed try went out, or it was
@@ -572,6 +579,12 @@ class OpenAIBackend(Backend):
                 stream.retry()
             try:
                 reply = self._send(url, payload, headers, try_for, stream.line if stream is not None else None)
+            except cancel.Cancelled:
+                if not cut and self._hung_to_deadline(stream):
+                    # The request's deadline, which this try's time ran to, ended it as the
+                    # try's own timeout would have (whichever came first): its server hung.
+                    slot.release(SHORT["timeout"])
+                raise
             except transport.TransportError as exc:
                 why = self._transport_failure(exc, where, try_for, cut)
                 if exc.kind in TIMED_OUT and cut:
@@ -680,16 +693,25 @@ class OpenAIBackend(Backend):
 
     @staticmethod
     def _try_limit(timeout: float) -> tuple[float, bool]:
-        """The seconds the next try may take, and whether the request's own time set them (a
-        try that runs out of them says nothing of its server): the rung's `timeout`, or the
-        time left before the request's deadline where `cre serve` set one and it is sooner (at
-        least 0.1 s). With no deadline (`cre ask`, `cre batch`), every try has the whole
-        timeout, the one after a server that hung too."""
+        """The seconds the next try may take, and whether the request's own time cut them short
+        (`cut`: a try that runs out of them says nothing of its server): the rung's `timeout`,
+        or the time left before the request's deadline where `cre serve` set one and it is
+        sooner (at least 0.1 s), which cuts the try only below `FAIR_SHARE` of the timeout.
+        With no deadline (`cre ask`, `cre batch`), every try has the whole timeout, the one
+        after a server that hung too."""
         deadline = cancel.deadline()
         left = None if deadline is None else deadline - time.monotonic()
         if left is None or left >= timeout:
             return timeout, False
-        return max(0.1, left), True
+        return max(0.1, left), left < timeout * FAIR_SHARE
+
+    @staticmethod
+    def _hung_to_deadline(stream: _EventStream | None) -> bool:
+        """Whether a try that the request's cancellation ended was waiting for its server when
+        the request's deadline passed (not a client that left before it), with no event of a
+        stream come: the try's time ran to that deadline (`_try_limit`)."""
+        deadline = cancel.deadline()
+        return deadline is not None and time.monotonic() >= deadline and (stream is None or not stream.began)
 
     def _transport_failure(self, exc: "transport.TransportError", where: str, timeout: float, cut: bool) -> str:
         """What a try that failed so says, where `timeout` was its time (`cut`: the request's
