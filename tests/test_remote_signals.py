@@ -356,6 +356,27 @@ def test_models_list_shows_each_rungs_signal_support(tmp_path: Path) -> None:
     assert "signals" in table.stdout and "unknown (not" in table.stdout
 
 
+def test_one_rungs_unusable_api_key_does_not_stop_models_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key holding a line break raised ConfigError, which the probe let out (it caught the
+    unset key's BackendError only): `cre models list` exited 1 with no table. It shows the
+    rung as unknown, as an unset key; asking it still names the variable."""
+    monkeypatch.setenv("CRE_TEST_KEY", "sk-SEC\nRET")
+    with FakeOpenAI() as good:
+        toml = tmp_path / "models.toml"
+        toml.write_text(
+            'ladder = ["good", "keyed"]\n'
+            f'[models.good]\nurl = "{good.url}"\napi_model = "served"\n'
+            f'[models.keyed]\nurl = "{good.url}"\napi_model = "other"\napi_key_env = "CRE_TEST_KEY"\n'
+        )
+        listed = runner.invoke(app, ["models", "list", "--models", str(toml), "--json"])
+        asked = runner.invoke(app, ["ask", "hi", "--models", str(toml), "--model", "keyed"])
+    assert listed.exit_code == 0, listed.output
+    shown = {r["name"]: r["signals"] for r in json.loads(listed.stdout) if r["on_ladder"]}
+    assert shown == {"good": "logprobs", "keyed": "unknown (unusable API key)"}
+    assert asked.exit_code != 0 and "$CRE_TEST_KEY holds a control character" in str(asked.exception)
+    assert "SEC" not in listed.output + str(asked.exception)
+
+
 # ---------------------------------------------------------------- a rung without signals is never judged blind
 
 def _needs_signals() -> DeferralCheck:

@@ -83,7 +83,8 @@ class SignalSupport:
 
     `kind` is "logprobs" (it does; `top` alternatives a token are asked for), "none" (it
     answers without them, or refuses to give them) or "unknown" (it could not be asked:
-    `detail` says why; asked again next time)."""
+    `detail` says why, such as "not reached", "no API key" or "unusable API key"; asked
+    again next time)."""
 
     kind: str
     top: int = 0
@@ -442,6 +443,10 @@ class OpenAIBackend(Backend):
             return SignalSupport("unknown", detail="not reached" if exc.status is None else f"HTTP {exc.status}")
         except BackendError:  # no API key in the environment
             return SignalSupport("unknown", detail="no API key")
+        except ConfigError:
+            # A key no HTTP header carries (`_headers`): one rung's, which must not stop a
+            # listing of every rung (`cre models list`); asking or batching names it.
+            return SignalSupport("unknown", detail="unusable API key")
         with _SUPPORT_LOCK:
             # The probe's one token was generated, so a reply without log-probabilities is proof.
             return _SUPPORT.setdefault(self._support_key, SignalSupport("none", detail="answers without log-probabilities"))
