@@ -312,6 +312,36 @@ def test_a_failing_server_sends_the_same_request_for_log_probabilities_on_to_ano
         assert backend.signal_support(probe=False).kind == "logprobs"
 
 
+ASKS = "Why are logprobs not supported by my server? Answer in one word."
+
+
+@pytest.mark.parametrize("echo", [
+    {"error": {"message": "CUDA error: out of memory", "type": "server_error"}, "request": {"prompt": ASKS}},
+    {"detail": [{"msg": "internal error", "input": {"prompt": ASKS}}]},
+    f"Internal Server Error while answering {ASKS!r}",
+], ids=["beside-message", "pydantic-input", "plain-text"])
+def test_a_prompt_about_log_probabilities_echoed_in_a_500_is_no_refusal(echo: Any) -> None:
+    """The whole body of a 500 was searched for "logprob", and a body may echo the request:
+    a prompt that named them made a failing server's 500 a refusal of log-probabilities (no
+    failover, and later the rung shown as giving none). Only the error's message counts."""
+    with FakeOpenAI() as failing, FakeOpenAI() as other:
+        def echoing(h: Any, body: dict[str, Any]) -> None:
+            data = echo.encode() if isinstance(echo, str) else json.dumps(echo).encode()
+            h.send_response(500)
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            h.wfile.write(data)
+
+        failing._handle = echoing  # type: ignore[method-assign]
+        spec = ModelSpec(name="remote", url=failing.url, urls=(failing.url, other.url), api_model="served",
+                         prompt_format="completion", defined_in="test.toml")
+        backend = OpenAIBackend(spec)
+        gen = backend.generate(ASKS, GenParams(max_tokens=4))
+        assert gen.signals is not None and len(failing.requests) == 1
+        assert [r["body"].get("logprobs") for r in other.requests] == [lp.TOP_LOGPROBS]
+        assert backend.replicas.states()[failing.url].startswith("out: HTTP 500")
+
+
 def test_a_server_capped_at_five_alternatives_is_asked_for_five(server: FakeOpenAI) -> None:
     base = server._handle
 

@@ -169,7 +169,8 @@ class FakeOpenAI:
             h._send(400, {"error": {"message": "logprobs are not supported", "type": "invalid_request_error"}})
             return
         if wants and self.logprobs == "fail":
-            h._send(500, {"error": {"message": "logits_all is off", "type": "server_error"}})
+            h._send(500, {"error": {"message": "logprobs is not supported for models created with logits_all=False",
+                                    "type": "internal_server_error", "param": None, "code": None}})
             return
         prompt = body["messages"][-1]["content"] if chat else body.get("prompt", "")
         got = self.answer(prompt, body)

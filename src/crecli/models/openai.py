@@ -97,13 +97,18 @@ class SignalSupport:
 
 
 # The statuses of a server refusing a request for log-probabilities rather than failing: 400
-# or 422, and a 500 whose message names them (`_NAMES_LOGPROBS`: llama-cpp-python without
-# `logits_all` says "logprobs is not supported ..."). Any other 5xx ("CUDA error: out of
-# memory"), like a 429 or a timeout, is the server failing, and the same request goes to
-# another replica. A 500 that names them may still be a passing fault: it is taken for a
-# refusal only when the same server gives it again (`_refuses`).
+# or 422, and a 500 whose error message says they are not supported (`_REFUSES_LOGPROBS`:
+# llama-cpp-python without `logits_all` says "logprobs is not supported for models created
+# with logits_all=False"). Any other 5xx ("CUDA error: out of memory"), like a 429 or a
+# timeout, is the server failing, and the same request goes to another replica. A 500 that
+# says so may still be a passing fault: it is taken for a refusal only when the same server
+# gives it again (`_refuses`).
 REFUSALS = (400, 422, 500)
-_NAMES_LOGPROBS = re.compile(rb"logprob|logits_all", re.IGNORECASE)
+# Searched for in the error's message alone (`_error_text`), never the whole body, which
+# may echo the request: a prompt that mentions log-probabilities must not turn a failing
+# server's 500 into a refusal (no failover, and the rung marked as giving no signals).
+_REFUSES_LOGPROBS = re.compile(r"\b(top_)?log-?probs?\b[^.\n]{0,40}\bnot supported|"
+                               r"\bnot supported\b[^.\n]{0,40}\b(top_)?log-?probs?\b", re.IGNORECASE)
 # The statuses (with every redirect, which is refused) of a server that does not serve the rung
 # as models.toml describes it, whatever the request: it wants another key (401, 403), has no
 # such endpoint or model (404, 405). That server's failure, so the request is tried on another
@@ -171,6 +176,29 @@ def _event(line: str) -> dict[str, Any] | str | None:
     except ValueError:
         return None
     return event if isinstance(event, dict) else None
+
+
+def _error_text(body: bytes) -> str:
+    """What an error reply's body says in its own words: OpenAI's `error.message` (or an
+    `error` string), else FastAPI's `detail` (a string, or its entries' `msg`), else a
+    top-level `message`; "" for anything else. Never another field (pydantic's `input`, a
+    request echoed back), which may hold the prompt."""
+    try:
+        data = _read(body, "an error reply")
+    except ValueError:
+        return ""
+    if not isinstance(data, dict):
+        return ""
+    error = data.get("error")
+    if isinstance(error, dict):
+        error = error.get("message")
+    detail = data.get("detail")
+    if isinstance(detail, list):
+        detail = " ".join(d["msg"] for d in detail if isinstance(d, dict) and isinstance(d.get("msg"), str))
+    for said in (error, detail, data.get("message")):
+        if isinstance(said, str) and said:
+            return said
+    return ""
 
 
 def _error_message(error: Any) -> str:
@@ -469,12 +497,13 @@ class OpenAIBackend(Backend):
         to give none, and learn from the reply what it gives (`signal_support`).
 
         A server that refuses the request for them (`REFUSALS`: a 400 or 422, some cap
-        `top_logprobs`; a 500 that names them, llama-cpp-python without `logits_all`) is asked
-        again with fewer alternatives, then without any; the same server answering that one
-        means it serves the rung but gives no signals (`_refuses`). A server that fails
-        otherwise (another 5xx, 429, a timeout) fails as for any request: the same request,
-        log-probabilities and all, goes to another replica (`_post`). A reply without them is
-        not taken as proof: an answer cut to nothing has none either.
+        `top_logprobs`; a 500 whose error message says they are not supported, llama-cpp-python
+        without `logits_all`) is asked again with fewer alternatives, then without any; the
+        same server answering that one means it serves the rung but gives no signals
+        (`_refuses`). A server that fails otherwise (another 5xx, 429, a timeout) fails as for
+        any request: the same request, log-probabilities and all, goes to another replica
+        (`_post`). A reply without them is not taken as proof: an answer cut to nothing has
+        none either.
         """
         known = self.signal_support(probe=False)
         if not greedy or known.kind == "none":
@@ -537,7 +566,7 @@ class OpenAIBackend(Backend):
         """POST JSON to the rung: to its least busy healthy replica, and on to another while one
         fails (`replicas`): by its connection or a 5xx, or by not serving the rung (a redirect,
         which is refused, a `MISDIRECTED` status, a reply that is no completion). With
-        `refusals`, a 500 whose message names log-probabilities (a server refusing them,
+        `refusals`, a 500 whose error message says log-probabilities are not supported (a server refusing them,
         `REFUSALS`) is the request's fault, not the replica's: it is raised at once naming the replica
         (`RemoteError.server`), which stays in rotation. Returns the reply, its seconds and the
         replica that answered. With `stream`, the reply is a server-sent event stream, read
@@ -610,7 +639,7 @@ class OpenAIBackend(Backend):
             if status in (429, 503) or status >= 500:
                 error = self._status_error(reply, where, replica.url)
                 retry_after = error.retry_after if status in (429, 503) else None
-                if refusals and status in REFUSALS and _NAMES_LOGPROBS.search(reply.body[:2000]):
+                if refusals and status in REFUSALS and _REFUSES_LOGPROBS.search(_error_text(reply.body)):
                     slot.abandon()
                     raise error
                 slot.release(f"HTTP {status}", retry_after)
