@@ -102,9 +102,12 @@ class ModelSpec:
     # answers against the in-process runtime (none); OpenAI's own API refuses the field, so
     # it is sent only when models.toml asks for it.
     repeat_penalty: float | None = None
-    # Seconds a remote rung's server has for one try of a request (a read, for a streamed
-    # one); unset, `models.openai.DEFAULT_TIMEOUT`. A request past it fails over to another
-    # replica or the next rung, so a rung that generates long answers slowly needs more.
+    # Seconds a remote rung's server has for one try of a request, its whole reply, headers
+    # and all (a streamed try: its headers within it in all, then each read); every try has
+    # all of it, unless `cre serve`'s deadline for the request is sooner
+    # (`models.openai.OpenAIBackend._try_limit`). Unset, `models.openai.DEFAULT_TIMEOUT`. A
+    # try past it fails over to another replica or the next rung, so a rung that generates
+    # long answers slowly needs more.
     timeout: float | None = None
     api_model: str | None = None
     api_key_env: str | None = None
