@@ -327,6 +327,19 @@ def _pool_failing_with(error: type[Exception]) -> Iterator[None]:
         yield
 
 
+def test_a_request_the_http_client_refuses_to_send_is_no_fault_of_the_server() -> None:
+    """httpx's LocalProtocolError (a fault on this side, before the server had the request)
+    was read as a connection that broke: the server was taken out, every replica in turn."""
+    urls = ["http://127.0.0.1:9/v1", "http://127.0.0.1:11/v1"]
+    with _pool_failing_with(httpx.LocalProtocolError):
+        backend = OpenAIBackend(_spec(urls))
+        with pytest.raises(RemoteError, match="not sent: the HTTP client refused it .LocalProtocolError.") as info:
+            backend.generate("hi", GenParams(max_tokens=4, temperature=0.5))
+        assert not isinstance(info.value, RungUnavailable) and "as the test says" not in str(info.value)
+        assert set(backend.replicas.states().values()) == {"up"}
+        assert [r.in_flight for r in backend.replicas.replicas] == [0, 0]
+
+
 def test_a_connect_cut_short_by_the_requests_own_time_keeps_its_server() -> None:
     """httpx's ConnectTimeout read as a refused connection: a try that the request's own
     deadline cut short while connecting took its server out, as no slow answer did."""

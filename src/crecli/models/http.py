@@ -56,7 +56,8 @@ class Reply:
 class TransportError(Exception):
     """No usable reply: `kind` is "connect" (no connection: refused, no route),
     "connect_timeout" (no connection made within the try's time), "timeout" (no answer in
-    time), "broken" (the connection broke before the reply was complete) or "too_large"."""
+    time), "broken" (the connection broke before the reply was complete), "too_large", or
+    "local" (this side refused to send the request: no fault of the server's)."""
 
     def __init__(self, kind: str, detail: str = "") -> None:
         super().__init__(detail or kind)
@@ -369,8 +370,9 @@ class LoopTransport:
         except httpx.ConnectError as exc:
             raise TransportError("connect", str(exc) or "refused") from None
         except httpx.LocalProtocolError as exc:
-            # What this side sent was refused; its message may quote a header (the API key's).
-            raise TransportError("broken", type(exc).__name__) from None
+            # What this side sent was refused before the server had it; its message may quote a
+            # header (the API key's), so only its type is kept.
+            raise TransportError("local", type(exc).__name__) from None
         except (httpx.TransportError, httpx.DecodingError) as exc:
             raise TransportError("broken", f"{type(exc).__name__}: {exc}") from None
 

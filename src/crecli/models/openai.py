@@ -621,8 +621,9 @@ class OpenAIBackend(Backend):
                 raise
             except transport.TransportError as exc:
                 why = self._transport_failure(exc, where, try_for, cut)
-                if exc.kind in TIMED_OUT and cut:
-                    # The request ran out of time, not the server: it stays in rotation.
+                if exc.kind == "local" or (exc.kind in TIMED_OUT and cut):
+                    # The request ran out of time, or this side would not send it: not the
+                    # server's failure, and it stays in rotation.
                     slot.abandon()
                     raise RemoteError(why) from None
                 slot.release(SHORT[exc.kind])
@@ -760,6 +761,9 @@ class OpenAIBackend(Backend):
             return f"{where}: cannot connect ({exc.detail}); start the server or fix `url` in {self.spec.set_in('url')}"
         if exc.kind == "too_large":
             return f"{where}: the reply is over {MAX_REPLY_BYTES // 2**20} MiB; refusing it"
+        if exc.kind == "local":
+            return (f"{where}: the request was not sent: the HTTP client refused it ({exc.detail}), a fault "
+                    "on this side, not the server's; please report it")
         return (f"{where}: the connection broke before the reply was complete ({exc.detail}); "
                 "the server may have crashed or restarted, check its log")
 
