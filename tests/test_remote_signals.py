@@ -160,9 +160,12 @@ def _content(logprob: Any, top: Any) -> dict[str, Any]:
     {"tokens": ["A"], "token_logprobs": [-0.1], "top_logprobs": [{"A": -0.1}, {"B": -1.0}]},  # one list too many
     {"tokens": ["A"], "token_logprobs": [3.0]},
     {"tokens": ["A"], "token_logprobs": [float("-inf")]},
+    _content(-0.1, [{"token": "A", "logprob": -0.1}, {"token": "B", "logprob": float("nan")}]),
+    {"tokens": ["A"], "token_logprobs": [-0.1], "top_logprobs": [{"A": -0.1, "B": float("inf")}]},
 ], ids=["top-int", "above-0-overflows", "alt-above-0", "past-float", "alts-not-objects", "alt-token-not-str",
         "alt-logprob-str", "alts-an-object", "item-not-object", "legacy-top-int", "legacy-alts-a-list",
-        "legacy-alt-above-0", "legacy-tops-too-many", "legacy-above-0", "legacy-minus-inf"])
+        "legacy-alt-above-0", "legacy-tops-too-many", "legacy-above-0", "legacy-minus-inf", "alt-nan",
+        "legacy-alt-plus-inf"])
 def test_malformed_log_probabilities_give_no_signals_never_an_error(logprobs: Any) -> None:
     """Wrong types crashed the answer (`cre ask`, the probe in `cre models list`) and a value
     above 0 overflowed or made up a probability above 1: a reply's log-probabilities are
@@ -176,6 +179,22 @@ def test_log_probabilities_a_hair_above_0_are_a_servers_rounding_and_read_as_0()
     # Left out where a server has none to give: vLLM's null entries, a null top list.
     assert lp.steps({"tokens": ["A"], "token_logprobs": [-0.1], "top_logprobs": [None]}) == [("A", -0.1, [])]
     assert lp.steps(_content(-0.1, None)) == [("A", -0.1, [])]
+
+
+def test_an_alternative_at_minus_infinity_is_left_out_not_the_whole_replys_signals() -> None:
+    """One alternative a server sent as -Infinity (a token its sampler ruled out) threw away
+    every signal of the reply; it is a probability of 0, left out of its top list."""
+    ruled_out = [{"token": "A", "logprob": -0.1}, {"token": "B", "logprob": -2.5}, {"token": "C", "logprob": -math.inf}]
+    assert lp.steps(_content(-0.1, ruled_out)) == [("A", -0.1, [("A", -0.1), ("B", -2.5)])]
+    legacy = {"tokens": ["A"], "token_logprobs": [-0.1], "top_logprobs": [{"A": -0.1, "B": -2.5, "C": -math.inf}]}
+    assert lp.steps(legacy) == [("A", -0.1, [("A", -0.1), ("B", -2.5)])]
+    # As a server sends it: JSON's -Infinity, which the reply's reader accepts.
+    reply = {"choices": [{"message": {"content": "A"}, "finish_reason": "stop", "logprobs": _content(-0.1, ruled_out)}]}
+    with FakeOpenAI() as server:
+        server.page, server.page_type = json.dumps(reply).encode(), "application/json"
+        assert b"-Infinity" in server.page
+        gen = OpenAIBackend(_spec(server.url, "chat")).generate("Which? (A) x (B) y", GenParams(max_tokens=8))
+    assert gen.signals is not None and gen.signals.min_logprob == -0.1 and gen.signals.margin is not None
 
 
 def test_a_reply_with_malformed_log_probabilities_is_answered_without_signals(tmp_path: Path) -> None:

@@ -19,7 +19,9 @@ A reply without them (Ollama's OpenAI endpoint drops them), or with any value th
 finite number at most 0 (a log-probability above 0 is a probability above 1; a server's
 rounding, `ROUNDING` above it, reads as 0), or of the wrong type anywhere in these shapes,
 gives None: no signals, never made-up ones, and never an error. Only a top list left out
-(`null`, as vLLM sends for a token it has none for) reads as empty.
+(`null`, as vLLM sends for a token it has none for) reads as empty, and only an alternative
+at -Infinity (a token the sampler ruled out, which Python servers whose JSON allows it send)
+is left out of its top list: a probability of 0 says something, not that the reply is bad.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def _logprob(value: Any) -> float | None:
 def _top(alts: Any, listed: bool) -> list[tuple[str, float]] | None:
     """A token's top list: `listed`, a list of {"token", "logprob"} objects (the "content"
     shape), else a {token: logprob} object (legacy completions'); empty where it is left out
-    (null), None where any part of it is malformed."""
+    (null), without an alternative at -Infinity (ruled out), None where any part of it is
+    malformed (NaN, above 0, no number)."""
     if alts is None:
         return []
     if listed and isinstance(alts, list) and all(isinstance(alt, dict) for alt in alts):
@@ -64,6 +67,8 @@ def _top(alts: Any, listed: bool) -> list[tuple[str, float]] | None:
         return None
     top: list[tuple[str, float]] = []
     for token, raw in pairs:
+        if isinstance(token, str) and raw == -math.inf:
+            continue  # ruled out: no alternative at all, and no reason to doubt the rest
         value = _logprob(raw)
         if not isinstance(token, str) or value is None:
             return None
