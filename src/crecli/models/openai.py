@@ -566,9 +566,9 @@ class OpenAIBackend(Backend):
         """POST JSON to the rung: to its least busy healthy replica, and on to another while one
         fails (`replicas`): by its connection or a 5xx, or by not serving the rung (a redirect,
         which is refused, a `MISDIRECTED` status, a reply that is no completion). With
-        `refusals`, a 500 whose error message says log-probabilities are not supported (a server refusing them,
-        `REFUSALS`) is the request's fault, not the replica's: it is raised at once naming the replica
-        (`RemoteError.server`), which stays in rotation. Returns the reply, its seconds and the
+        `refusals`, a 500 whose error message says log-probabilities are not supported (a
+        server refusing them, `REFUSALS`) is the request's fault, not the replica's: it is
+        raised at once naming the replica (`RemoteError.server`), which stays in rotation. Returns the reply, its seconds and the
         replica that answered. With `stream`, the reply is a server-sent event stream, read
         by `stream` as it comes (`stream` transports only); the dict returned is then empty.
         A stream that fails (`_EventStream.failure`) is judged in its try: the replica's
