@@ -542,6 +542,19 @@ def test_a_prompt_too_long_for_a_remote_rung_is_the_callers_to_fix(server: _Serv
     assert raised.value.public == "the prompt does not fit model 'remote''s context; shorten it"
 
 
+def test_a_400_that_only_echoes_a_prompt_about_context_is_no_prompt_too_long(server: _Server) -> None:
+    # The whole body was searched: a prompt about "the maximum context length", echoed back in
+    # a validation error's `input`, made an unrelated 400 a prompt too long for the rung.
+    from crecli.errors import PromptTooLong
+
+    prompt = "What is the maximum context length of a small model?"
+    server.reply = lambda path, body: (400, {"detail": [{"msg": "top_p must be above 0", "input": prompt}]})
+    with pytest.raises(Exception) as raised:
+        OpenAIBackend(_spec(server.url)).generate(prompt, GenParams(max_tokens=4))
+    assert not isinstance(raised.value, PromptTooLong), raised.value
+    assert "top_p must be above 0" in str(raised.value)
+
+
 def test_registry_builds_it_for_a_spec_with_a_url(server: _Server) -> None:
     from crecli.models.registry import backend_for
 

@@ -498,3 +498,27 @@ def test_answers_recorded_under_another_prompt_format_are_not_reused(settings, s
     settings.models["small"] = changed
     with pytest.raises(CreError, match="holds answers of small rendered as .*Give --store a new file"):
         collect(records, settings, store, QualityCheck(k=1))
+
+
+@pytest.mark.parametrize("votes", ['[["4", 1, 0.5]', '[["4", "one", 0.5]]', '[["4"]]', "{}x", '[["4", 1]]', '[5]'])
+def test_a_row_damaged_inside_is_run_again_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            votes: str) -> None:
+    # Damage in a row's bytes passes `quick_check` (the file's pages are whole); `get` ended
+    # the run in a raw json.loads or int() error. The row reads as never recorded: its model
+    # runs again and the new row replaces it.
+    import sqlite3
+
+    path = tmp_path / "s.sqlite"
+    with OutcomeStore(path) as store:
+        store.put("a" * 64, "small", "", "k", 5, [Vote("4", 1, 0.5)])
+        store.put("b" * 64, "small", "", "k", 5, [Vote("5", 1, 0.5)])
+    db = sqlite3.connect(path)
+    db.execute("UPDATE outcomes SET votes = ? WHERE prompt_sha256 = ?", (votes, "a" * 64))
+    db.commit()
+    db.close()
+    with OutcomeStore(path) as store:
+        assert store.get("a" * 64, "small", "", "k") is None and store.unreadable == 1
+        assert store.get("b" * 64, "small", "", "k") == (5, [Vote("5", 1, 0.5)])  # the others stay
+        store.put("a" * 64, "small", "", "k", 5, [Vote("4", 1, 0.5)])
+        assert store.get("a" * 64, "small", "", "k") == (5, [Vote("4", 1, 0.5)])
+    assert "a recorded outcome could not be read (a damaged row)" in capsys.readouterr().err

@@ -254,6 +254,7 @@ class OutcomeStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.recorded = 0  # rows this process has committed
+        self.unreadable = 0  # rows `get` could not read, and so ran again
         # Fresh runs this process used but did not commit (cut by the context window:
         # `_context_cut`), so a summary of what ran counts them beside `recorded`.
         self.unstored = 0
@@ -462,13 +463,23 @@ class OutcomeStore:
             ).fetchone()
         if row is None:
             return None
-        votes = []
-        for item in json.loads(row[1]):
-            # Rows written before greedy signals were recorded hold three fields.
-            text, tokens, seconds = item[:3]
-            signals = Signals.from_list(item[3]) if len(item) > 3 else None
-            votes.append(Vote(str(text), int(tokens), float(seconds), signals))
-        return int(row[0]), votes
+        try:
+            votes = []
+            for item in json.loads(row[1]):
+                # Rows written before greedy signals were recorded hold three fields.
+                text, tokens, seconds = item[:3]
+                signals = Signals.from_list(item[3]) if len(item) > 3 else None
+                votes.append(Vote(str(text), int(tokens), float(seconds), signals))
+            return int(row[0]), votes
+        except (ValueError, TypeError, IndexError, KeyError, RecursionError):
+            # Damage inside a row that `quick_check` cannot see (its bytes, not the file's
+            # pages): the row is as good as never recorded, so its model runs again and the
+            # new row replaces it, rather than a raw traceback ending the run.
+            if not self.unreadable:
+                console.warn(f"{self.path}: a recorded outcome could not be read (a damaged row); its model runs "
+                             "again for it, as for any other such row, and the new answer replaces it")
+            self.unreadable += 1
+            return None
 
     def put(self, prompt_sha: str, model: str, model_sha: str, key: str, prompt_tokens: int, votes: Sequence[Vote]) -> None:
         """Record one query's votes and commit at once (the unit of resumption)."""

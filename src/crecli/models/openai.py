@@ -201,6 +201,18 @@ def _error_text(body: bytes) -> str:
     return ""
 
 
+def _said(body: bytes) -> str:
+    """What an error reply says, to be searched for a cause: its own words (`_error_text`)
+    where it is JSON, never an echoed field (a prompt about "the maximum context" made a
+    server's unrelated 400 a prompt too long); a body that is no JSON, as a proxy's page,
+    is read as it is."""
+    try:
+        _read(body, "an error reply")
+    except ValueError:
+        return body[:2000].decode("utf-8", "replace")
+    return _error_text(body)
+
+
 def _error_message(error: Any) -> str:
     """What a stream's error says: the `message` of an error object (or of the object under
     its `error`), else the error itself; at most 300 characters."""
@@ -634,7 +646,7 @@ class OpenAIBackend(Backend):
                 short.append(SHORT[exc.kind])
                 continue
             status = reply.status
-            if status in (400, 413) and _TOO_LONG.search(reply.body[:2000]):
+            if status in (400, 413) and _TOO_LONG.search(_said(reply.body).encode()):
                 slot.release()
                 raise self._too_long(where, f"HTTP {status}: {reply.body[:300].decode('utf-8', 'replace').strip()}")
             if status in (429, 503) or status >= 500:
