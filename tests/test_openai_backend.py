@@ -155,6 +155,22 @@ def test_a_refusal_of_the_request_keeps_the_servers_words_for_a_client_without_t
     assert server.url in str(info.value) and info.value.status == 422  # the operator's log says where
 
 
+def test_a_refusal_says_only_its_own_words_and_a_lone_surrogate_in_them_is_no_crash(server: _Server) -> None:
+    # A pydantic 422 came to the client as the dict's repr, the echoed prompt in its `input`;
+    # and a 400 whose message held a lone surrogate crashed the prompt-too-long check.
+    from crecli.models.openai import RequestRefused
+
+    prompt = "my secret plan"
+    server.reply = lambda path, body: (422, {"detail": [{"msg": "top_p must be above 0", "input": prompt}]})
+    with pytest.raises(RequestRefused) as info:
+        OpenAIBackend(_spec(server.url)).generate(prompt, GenParams(max_tokens=4, temperature=0.5))
+    assert info.value.public == "model 'remote' refused the request: HTTP 422: top_p must be above 0"
+    server.reply = lambda path, body: (400, {"error": {"message": "bad \ud83d token"}})
+    with pytest.raises(RequestRefused) as info:
+        OpenAIBackend(_spec(server.url)).generate("hi", GenParams(max_tokens=4, temperature=0.5))
+    assert info.value.public == "model 'remote' refused the request: HTTP 400: bad \ufffd token"
+
+
 @pytest.mark.parametrize("pooled", [False, True])
 def test_an_api_key_read_from_a_file_is_sent_without_its_newline(monkeypatch: pytest.MonkeyPatch, pooled: bool) -> None:
     """A key mounted from a file ends in a newline: urllib refused the header, quoting the key

@@ -500,7 +500,8 @@ def test_answers_recorded_under_another_prompt_format_are_not_reused(settings, s
         collect(records, settings, store, QualityCheck(k=1))
 
 
-@pytest.mark.parametrize("votes", ['[["4", 1, 0.5]', '[["4", "one", 0.5]]', '[["4"]]', "{}x", '[["4", 1]]', '[5]'])
+@pytest.mark.parametrize("votes", ['[["4", 1, 0.5]', '[["4", "one", 0.5]]', '[["4"]]', "{}x", '[["4", 1]]', '[5]',
+                                   '[["4", Infinity, 0.5]]', '[["4", 1, 1' + '0' * 400 + ']]'])
 def test_a_row_damaged_inside_is_run_again_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                             votes: str) -> None:
     # Damage in a row's bytes passes `quick_check` (the file's pages are whole); `get` ended

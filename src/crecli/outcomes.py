@@ -471,7 +471,7 @@ class OutcomeStore:
                 signals = Signals.from_list(item[3]) if len(item) > 3 else None
                 votes.append(Vote(str(text), int(tokens), float(seconds), signals))
             return int(row[0]), votes
-        except (ValueError, TypeError, IndexError, KeyError, RecursionError):
+        except (ValueError, TypeError, IndexError, KeyError, RecursionError, OverflowError):
             # Damage inside a row that `quick_check` cannot see (its bytes, not the file's
             # pages): the row is as good as never recorded, so its model runs again and the
             # new row replaces it, rather than a raw traceback ending the run.

@@ -685,7 +685,7 @@ class App:
             raise ApiError(503, f"{exc.public}; retry later (request id {rid})", type="server_error",
                            code="rung_unavailable", headers={"Retry-After": str(retry)}) from None
         except RequestRefused as exc:
-            if query.model not in self.ladder:
+            if query.model in self.cascade_names:  # as `job` decides: a ladder model may be named "cre"
                 # cre's own request, not the client's: the model failed (as below).
                 raise self.model_error(query, exc) from None
             # A model asked by name got the client's own fields (`serve_worker.sampling`), so

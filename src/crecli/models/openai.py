@@ -116,10 +116,11 @@ _REFUSES_LOGPROBS = re.compile(r"\b(top_)?log-?probs?\b[^.\n]{0,40}\bnot support
 # by every replica alike.
 MISDIRECTED = (401, 403, 404, 405)
 
-# How serving engines word a prompt longer than the model's context in a 400 (or 413):
-# vLLM "This model's maximum context length is 4096 tokens", llama.cpp's server
-# "exceed_context_size_error", OpenAI's code "context_length_exceeded". The client's to fix,
-# like a local rung's `PromptTooLong`, not the server's failure or a refusal of logprobs.
+# How serving engines word a prompt longer than the model's context in a 400 (or 413)'s
+# message (`_said`: its own words, not its `type` or `code` fields): vLLM "This model's
+# maximum context length is 4096 tokens", llama.cpp's server "the request exceeds the
+# available context size". The client's to fix, like a local rung's `PromptTooLong`, not the
+# server's failure or a refusal of logprobs.
 _TOO_LONG = re.compile(rb"context[ _-]?(length|size|window)|maximum context|exceeds? (the )?(available )?context",
                        re.IGNORECASE)
 
@@ -210,7 +211,8 @@ def _said(body: bytes) -> str:
         _read(body, "an error reply")
     except ValueError:
         return body[:2000].decode("utf-8", "replace")
-    return _error_text(body)
+    # Mended: a tolerant read keeps a lone surrogate, which no UTF-8 encoding of it holds.
+    return safejson.replace_surrogates(_error_text(body))
 
 
 def _error_message(error: Any) -> str:
@@ -804,12 +806,11 @@ class OpenAIBackend(Backend):
                 text = text.replace(secret, "...")
             return text
 
-        body = hidden(reply.body.decode("utf-8", "replace"))
-        try:
-            said: Any = safejson.loads(body, "an error reply")
-        except ValueError:  # not JSON, or cut short (the standard library's client reads 500 bytes of it)
-            said = body
-        said = hidden(" ".join(_error_message(said).split()))
+        # Its own words only (`_said`: never an echoed field such as pydantic's `input`), read as
+        # any reply is, hidden where they quote a secret, then cut: cut first, a secret at
+        # the cut could show in part.
+        said = hidden(" ".join(_said(reply.body).split()))
+        said = said if len(said) <= 300 else said[:299] + "…"
         return RequestRefused(str(self._status_error(reply, where, server)), reply.status, server,
                               f"model {self.spec.name!r} refused the request: HTTP {reply.status}: {said or 'no details'}")
 
