@@ -258,6 +258,18 @@ def test_5xx_and_a_server_dying_holding_the_request_move_it_to_another_replica()
     assert states[0].startswith("out: HTTP 500") and states[1].startswith("out: connection broke") and states[2] == "up"
 
 
+@pytest.mark.parametrize("status", [408, 425])
+def test_a_request_at_a_bad_moment_moves_to_another_replica(status: int) -> None:
+    # A proxy's 408 (it timed out waiting for the request) reached the client as its own
+    # 400 `request_refused`; another replica may well take the request now.
+    with FakeOpenAI() as busy, FakeOpenAI() as alive:
+        busy.status = status
+        backend = OpenAIBackend(_spec([busy.url, alive.url]))
+        assert backend.generate("hi", GenParams(max_tokens=4, temperature=0.5)).text == "42"
+        states = backend.replicas.states()
+    assert states[busy.url].startswith(f"out: HTTP {status}") and states[alive.url] == "up"
+
+
 def test_the_try_after_a_server_that_hung_has_the_whole_timeout() -> None:
     # The rung's timeout was spent as the request's: after a 1 s try on a hung server, the
     # healthy one (0.3 s to answer) got 0.1 s, and was taken out too. `cre ask` and `cre

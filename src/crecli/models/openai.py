@@ -115,6 +115,10 @@ _REFUSES_LOGPROBS = re.compile(r"\b(top_)?log-?probs?\b[^.\n]{0,40}\bnot support
 # replica, unlike 400, 413 or 422, which say the request itself is bad and would be refused
 # by every replica alike.
 MISDIRECTED = (401, 403, 404, 405)
+# 4xx statuses that say the request came at a bad moment, not that it is bad: a proxy or
+# server that timed out waiting for it (408), or would not take it yet (425). Another replica
+# may take it now, so they fail over as a 5xx does, rather than reach a client as its fault.
+TRANSIENT = (408, 425)
 
 # How serving engines word a prompt longer than the model's context in a 400 (or 413)'s
 # message (`_said`: its own words, not its `type` or `code` fields): vLLM "This model's
@@ -651,7 +655,7 @@ class OpenAIBackend(Backend):
             if status in (400, 413) and _TOO_LONG.search(_said(reply.body).encode()):
                 slot.release()
                 raise self._too_long(where, f"HTTP {status}: {reply.body[:300].decode('utf-8', 'replace').strip()}")
-            if status in (429, 503) or status >= 500:
+            if status in (429, 503) or status in TRANSIENT or status >= 500:
                 error = self._status_error(reply, where, replica.url)
                 retry_after = error.retry_after if status in (429, 503) else None
                 if refusals and status in REFUSALS and _REFUSES_LOGPROBS.search(_error_text(reply.body)):
