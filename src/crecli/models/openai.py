@@ -189,9 +189,13 @@ def _error_text(body: bytes) -> str:
     top-level `message`; "" for anything else. Never another field (pydantic's `input`, a
     request echoed back), which may hold the prompt."""
     try:
-        data = _read(body, "an error reply")
+        return _own_words(_read(body, "an error reply"))
     except ValueError:
         return ""
+
+
+def _own_words(data: Any) -> str:
+    """`_error_text` of a reply already read."""
     if not isinstance(data, dict):
         return ""
     error = data.get("error")
@@ -212,11 +216,11 @@ def _said(body: bytes) -> str:
     server's unrelated 400 a prompt too long); a body that is no JSON, as a proxy's page,
     is read as it is."""
     try:
-        _read(body, "an error reply")
+        data = _read(body, "an error reply")
     except ValueError:
         return body[:2000].decode("utf-8", "replace")
     # Mended: a tolerant read keeps a lone surrogate, which no UTF-8 encoding of it holds.
-    return safejson.replace_surrogates(_error_text(body))
+    return safejson.replace_surrogates(_own_words(data))
 
 
 def _error_message(error: Any) -> str:
@@ -652,7 +656,9 @@ class OpenAIBackend(Backend):
                 short.append(SHORT[exc.kind])
                 continue
             status = reply.status
-            if status in (400, 413) and _TOO_LONG.search(_said(reply.body).encode()):
+            # Read once: what a 4xx says decides both a prompt too long and a refusal's words.
+            said = _said(reply.body) if 400 <= status < 500 else ""
+            if status in (400, 413) and _TOO_LONG.search(said.encode()):
                 slot.release()
                 raise self._too_long(where, f"HTTP {status}: {reply.body[:300].decode('utf-8', 'replace').strip()}")
             if status in (429, 503) or status in TRANSIENT or status >= 500:
@@ -675,7 +681,7 @@ class OpenAIBackend(Backend):
                 # The request's own fault (400, 413, 422...): every replica would refuse it
                 # alike, and this one answered, so it stays in rotation.
                 slot.release()
-                raise self._refused(reply, where, replica.url, headers)
+                raise self._refused(reply, said, where, replica.url, headers)
             if status < 300:
                 seconds = time.perf_counter() - start
                 if stream is not None and stream.began:
@@ -799,10 +805,11 @@ class OpenAIBackend(Backend):
         return RemoteError(f"{where}: HTTP {status} {phrase}: {detail or 'no details'}; {_advice(status, self.spec)}",
                            status, _retry_after(reply), server)
 
-    def _refused(self, reply: "transport.Reply", where: str, server: str, headers: dict[str, str]) -> RequestRefused:
-        """The error of a request the server refused as bad (`RequestRefused`)."""
+    def _refused(self, reply: "transport.Reply", said: str, where: str, server: str,
+                 headers: dict[str, str]) -> RequestRefused:
+        """The error of a request the server refused as bad (`RequestRefused`), which `said`
+        (`_said` of its reply)."""
         # Its message may quote what it was sent: never the key, nor where the server is.
-        # Taken out of the whole reply before it is read (or cut), and out of what it says.
         secrets = [secret for secret in (headers.get("Authorization", "").partition(" ")[2], server) if secret]
 
         def hidden(text: str) -> str:
@@ -813,7 +820,7 @@ class OpenAIBackend(Backend):
         # Its own words only (`_said`: never an echoed field such as pydantic's `input`), read as
         # any reply is, hidden where they quote a secret, then cut: cut first, a secret at
         # the cut could show in part.
-        said = hidden(" ".join(_said(reply.body).split()))
+        said = hidden(" ".join(said.split()))
         said = said if len(said) <= 300 else said[:299] + "…"
         return RequestRefused(str(self._status_error(reply, where, server)), reply.status, server,
                               f"model {self.spec.name!r} refused the request: HTTP {reply.status}: {said or 'no details'}")
