@@ -851,7 +851,7 @@ def test_a_reference_without_match_leaves_the_answer_type_to_the_cluster(
     # It defaulted to exact, as a query log's row does: the line was answered with exact's
     # output cap (and a choice prompt lost its stop at the option letter), and "12" against
     # "12.0" was wrong, where the same line without a reference ran as its cluster's numeric.
-    install(fake_backends, TABLE)
+    created = install(fake_backends, TABLE)
     rows, _ = _run([jl(prompt=ADD, reference="12.0"), jl(prompt=ADD), jl(prompt=ADD, reference="12.0", match="exact"),
                     jl(prompt=ADD, reference="Paris")], cascade)
     graded, bare, exact, unreadable = rows
@@ -861,6 +861,11 @@ def test_a_reference_without_match_leaves_the_answer_type_to_the_cluster(
     # A reference the cluster's type cannot read is compared as text, not an error record
     # that throws the answer away.
     assert "error" not in unreadable and unreadable["answer"] == "12" and unreadable["correct"] is False
+    # A reference that no answer type can match is still a bad line, refused before any model runs.
+    calls = sum(len(b.calls) for b in created.values())
+    [blank], _ = _run([jl(prompt=ADD, reference="  ")], cascade)
+    assert "error" in blank and "answer" not in blank
+    assert sum(len(b.calls) for b in created.values()) == calls
 
 
 def test_field_names_can_be_mapped(fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade) -> None:

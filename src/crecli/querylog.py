@@ -523,9 +523,12 @@ def _match(value: Any, name: str, reference: list[str] | None, default: str | No
         match = default if reference is not None else None
     elif (match := grading.match_type(value)) is None:
         raise _Bad(f"{name!r} must be one of {', '.join(grading.MATCH_TYPES)}; got {value!r}")
-    if reference is not None and match is not None:
+    if reference is not None:
+        # A reference left to the cluster's answer type (`default` None) is still checked
+        # here, as exact text, the type it falls back to (`live.grading_match`): a reference
+        # nothing can match is a bad line before any model runs, as it was.
         for ref in reference:
-            problem = grading.reference_problem(ref, match)
+            problem = grading.reference_problem(ref, match or "exact")
             if problem:
                 raise _Bad(problem)
     return match
