@@ -412,7 +412,7 @@ def test_a_reason_only_a_hash_found_is_kept_when_the_ladder_is_named(monkeypatch
     spec.file.write_bytes(b"GGUF" + b"\2" * 4092)
     with pytest.raises(ModelNotAvailable) as caught:
         pull.require_file(spec)
-    assert caught.value.reason == "sha256 mismatch"
+    assert caught.value.state.reason == "sha256 mismatch"
     monkeypatch.setattr(pull, "_known_state", lambda s: None)
-    again = pull.unavailable(spec, [spec], reason=caught.value.reason)
-    assert "failed verification (sha256 mismatch)" in str(again) and again.reason == "sha256 mismatch"
+    again = pull.unavailable(spec, [spec], state=caught.value.state)
+    assert "failed verification (sha256 mismatch)" in str(again) and again.state.reason == "sha256 mismatch"

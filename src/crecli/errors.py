@@ -7,6 +7,8 @@ with no traceback.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class CreError(Exception):
     """Base of every error crecli reports to a user."""
@@ -29,14 +31,14 @@ class ConfigError(CreError):
 class ModelNotAvailable(CreError):
     """A model file is missing or failed verification. `missing` names the model when the
     fix is `cre models pull`, so a caller that knows the ladder can name every model of it
-    that a pull would mend at once (`models.pull.unavailable`); `reason` keeps why its file
-    failed verification ("sha256 mismatch"), which only a hash may have found, for that
-    message."""
+    that a pull would mend at once (`models.pull.unavailable`); `state` keeps what was found
+    of its file (a `models.pull.FileState`: "sha256 mismatch", which only a hash may have
+    found), for that message."""
 
-    def __init__(self, message: str, missing: str = "", reason: str = "") -> None:
+    def __init__(self, message: str, missing: str = "", state: Any = None) -> None:
         super().__init__(message)
         self.missing = missing
-        self.reason = reason
+        self.state = state
 
 
 class StoreError(CreError):

@@ -323,7 +323,7 @@ class Cascade:
             from crecli.models.pull import unavailable
 
             # Every model of the ladder that a pull would mend, not the first one this prompt met.
-            raise unavailable(self.specs[exc.missing], list(self.specs.values()), reason=exc.reason) from exc
+            raise unavailable(self.specs[exc.missing], list(self.specs.values()), state=exc.state) from exc
         return pending.climb.done
 
     def ask(self, prompt: str, match: str | None = None, reference: Sequence[str] | str | None = None, *,

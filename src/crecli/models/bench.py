@@ -630,7 +630,7 @@ def run(
                 raise
             # Every model named that a pull would mend, not only the first: the next bench
             # stopped at the next one.
-            raise unavailable(spec, named, reason=exc.reason) from exc
+            raise unavailable(spec, named, state=exc.state) from exc
         specs.append(spec)
     if not specs:
         return []

@@ -216,21 +216,19 @@ def _listed(names: Sequence[str]) -> str:
     return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} and {quoted[-1]}"
 
 
-def unavailable(spec: ModelSpec, ladder: Sequence[ModelSpec] = (), state: FileState | None = None,
-                reason: str = "") -> ModelNotAvailable:
+def unavailable(spec: ModelSpec, ladder: Sequence[ModelSpec] = (), state: FileState | None = None) -> ModelNotAvailable:
     """The error for a model whose file is missing or fails verification (`state`, its
     `file_state`; else what is known without hashing), with its fix. Given the `ladder` it
     is on, one that a pull fetches names every model of it that a pull would mend too, in
     one command: each missing, or failing verification as far as a stat, its pinned size
     and its stamp tell (`_known_state`: no file is hashed for this). Before, `cre ask` named
     the first model a prompt met, and the next prompt the next; then only missing files,
-    so a junk file beside them failed the run after the pull."""
+    so a junk file beside them failed the run after the pull. A caller widening a model's
+    own error to the ladder passes the state that error carries (`ModelNotAvailable.state`):
+    what a hash found is not known without one."""
     state = state or _known_state(spec)
     if state is None or state.present:
-        # `reason`: what an earlier check found (`ModelNotAvailable.reason`), where what is
-        # known without hashing cannot say.
-        why = state.reason if state is not None and state.reason else reason
-        why = f" ({why})" if why else ""
+        why = f" ({state.reason})" if state is not None and state.reason else ""
         head = f"model {spec.name!r} failed verification{why} at {spec.file}"
     else:
         head = f"model {spec.name!r} is not on disk ({spec.file})"
@@ -254,7 +252,7 @@ def unavailable(spec: ModelSpec, ladder: Sequence[ModelSpec] = (), state: FileSt
     names = [s.name for s in ladder if s.name == spec.name or s.name in missing or s.name in bad]
     names = names if spec.name in names else [spec.name, *names]
     return ModelNotAvailable(f"{head}{also}: run `cre models pull {' '.join(names)}`", missing=spec.name,
-                             reason=state.reason if state is not None else reason)
+                             state=state)
 
 
 def _download_wheels(spec: ModelSpec, dest: Path) -> list[Path]:
