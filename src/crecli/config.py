@@ -516,7 +516,7 @@ def check_embedder(config: Mapping[str, Any], models: Collection[str], origins: 
     """
     def fail(field: str, text: str) -> ConfigError:
         where = (origins or {}).get(field, "models.toml")
-        return ConfigError(f"{where}: " + (text if text.startswith("[embedder]") else f"[embedder] {text}"))
+        return ConfigError(f"{where}: [embedder] {text}")
 
     kind = config.get("kind", "tfidf")
     if kind not in EMBEDDER_KINDS:  # a tuple: `in` compares, so a table or an array is no TypeError

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from crecli import console, paths
-from crecli.config import EMBEDDER_KINDS, check_embedder  # noqa: F401
+from crecli.config import check_embedder
 from crecli.errors import ConfigError, CreError, RouterFileError
 # Re-exported: the embedder interface and the TF-IDF embedder, where callers have long found them.
 from crecli.tfidf import (  # noqa: F401

@@ -19,10 +19,6 @@ if TYPE_CHECKING:
     from crecli.config import ModelConfig
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def normalize_rows(X: "np.ndarray") -> "np.ndarray":
     """float32 rows scaled to unit L2 norm; all-zero rows (no known token) stay zero."""
     import numpy as np

@@ -407,8 +407,8 @@ def pass_of(entry: dict[str, Any]) -> float | None:
     return _seconds(entry.get("pass_seconds", 0.0))
 
 
-def _run_record(pp: float, tg: float, measured_at: str, pass_seconds: float = 0.0,
-                short_seconds: float | None = None, long_seconds: float | None = None) -> dict[str, Any]:
+def _run_record(pp: float, tg: float, measured_at: str, pass_seconds: float,
+                short_seconds: float | None, long_seconds: float | None) -> dict[str, Any]:
     """One pooled run as `Speed.runs` and bench.json keep it."""
     return {"pp_tokens_per_s": pp, "tg_tokens_per_s": tg, "pass_seconds": pass_seconds,
             "short_seconds": short_seconds, "long_seconds": long_seconds, "measured_at": measured_at}
