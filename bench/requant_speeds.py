@@ -7,14 +7,14 @@ speed is well under three times the 1.5B's, though it has a third of the paramet
 Q4_K_M file is mostly Q5_0, llama.cpp's fallback where a row (896 wide) does not divide into
 Q4_K's 256-value blocks, so its kernels may be what is slow.
 
-This bench requantizes each named model's pinned file (llama.cpp's own
-`llama_model_quantize`, requantizing from the shipped file, the only weights here) to each
-type asked for, into a temporary folder, then times the originals and the new files in
+This bench requantizes each named model's pinned file (`models.pull.requantize`, which
+`requantize_from` models are made by: llama.cpp's own quantizer, from the shipped file, the
+only weights here) to each type asked for, into a temporary folder, then times the originals and the new files in
 interleaved rounds (`bench.measure_all`, one model loaded at a time) and prints each file's
 prompt and generation speed, its ratio to the original's, and the cost of a typical query
 (`speed_ratios.shares`: the log's mean new prompt and output tokens) as a share of the top
-rung's original. Accuracy is not measured: a requantized file answers differently, and
-using one would mean recording every answer again. Nothing else may run meanwhile.
+rung's original. Accuracy is not measured here: a requantized file answers differently, and
+its answers are recorded by a fit (docs/results.md, "A requantized small rung"). Nothing else may run meanwhile.
 
     .venv/bin/python bench/requant_speeds.py                           # the 0.5B: q8_0, q4_0
     .venv/bin/python bench/requant_speeds.py --models gemma-3-270m qwen2.5-coder-0.5b-instruct --types q8_0 --json
@@ -23,7 +23,6 @@ using one would mean recording every answer again. Nothing else may run meanwhil
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import json
 import sys
@@ -35,27 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_ratios import shares  # noqa: E402
 
 from crecli import config  # noqa: E402
-from crecli.models import bench  # noqa: E402
-
-TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
-         "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
-
-
-def requantize(source: Path, target: Path, kind: str) -> None:
-    """Write `source` requantized to `kind` at `target`, with llama.cpp's own quantizer."""
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, TYPES[kind])
-    params.allow_requantize = True  # the shipped files are already quantized
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
-        raise SystemExit(f"llama.cpp could not requantize {source} to {kind}")
-
+from crecli.config import REQUANT_TYPES  # noqa: E402
+from crecli.models import bench, pull  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["qwen2.5-coder-0.5b-instruct"], help="ladder models to requantize")
-    ap.add_argument("--types", nargs="+", default=["q8_0", "q4_0"], choices=sorted(TYPES))
+    ap.add_argument("--types", nargs="+", default=["q8_0", "q4_0"], choices=sorted(t.lower() for t in REQUANT_TYPES))
     ap.add_argument("--repeats", type=int, default=bench.REPEATS, help="interleaved rounds")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -75,7 +60,7 @@ def main() -> None:
             for kind in args.types:
                 target = Path(tmp) / f"{name}-{kind}.gguf"
                 print(f"requantizing {name} to {kind}...", file=sys.stderr, flush=True)
-                requantize(spec.file, target, kind)
+                pull.requantize(spec.file, target, kind.upper())
                 variants.append((name, kind, dataclasses.replace(
                     spec, name=f"{name}-{kind}", quant=kind.upper(), path=str(target), chunks=(), sha256=None, size=None)))
         specs = [v[2] for v in variants]

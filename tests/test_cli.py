@@ -12,7 +12,7 @@ import pytest
 
 from typer.testing import CliRunner
 
-from crecli import __version__
+from crecli import __version__, paths
 from crecli.cli import app
 from crecli.models.fake import FakeBackend
 from support.hostile import Run, refused
@@ -147,9 +147,13 @@ def test_models_list_json_reports_missing_files() -> None:
     result = run("models", "list", "--json")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
-    assert [r["name"] for r in rows] == ["gemma-3-270m", "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"]
+    # The ladder first, then the shipped model that is not on it, which a pull makes.
+    assert [r["name"] for r in rows] == ["gemma-3-270m", "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct",
+                                         "qwen2.5-coder-0.5b-instruct-q4_0"]
     assert all(r["present"] is False and r["verified"] is False for r in rows)  # CRE_HOME is empty
     assert rows[0]["size"] == 253113024
+    assert [(r["rung"], r["pullable"], r["requantize_from"]) for r in rows[2:]] == [
+        (2, True, None), (None, True, "qwen2.5-coder-0.5b-instruct")]
 
 
 def test_models_list_table_goes_to_stdout_hints_to_stderr() -> None:
@@ -304,8 +308,8 @@ def test_models_list_says_to_pull_only_what_a_pull_fetches(tmp_path: Path) -> No
     toml.write_text('ladder = ["gemma-3-270m", "mine"]\n[models.mine]\npath = "none.gguf"\n')
     table = runner.invoke(app, ["models", "list", "--models", str(toml)])
     assert table.exit_code == 0, table.output
-    assert "Fetch missing or bad models with `cre models pull gemma-3-270m qwen2.5-coder-0.5b-instruct " \
-           "qwen2.5-coder-1.5b-instruct`." in table.stderr
+    # The shipped Qwens are off this ladder, and not pulled: options, not named.
+    assert "Fetch missing or bad models with `cre models pull gemma-3-270m`." in table.stderr
     assert f"mine: missing; check `path` for 'mine' in {toml}." in table.stderr
     rows = {r["name"]: r for r in json.loads(runner.invoke(app, ["models", "list", "--models", str(toml), "--json"]).stdout)}
     assert (rows["mine"]["pullable"], rows["mine"]["fix"]) == (False, f"check `path` for 'mine' in {toml}")
@@ -339,3 +343,13 @@ def test_sizes_are_labelled_in_the_binary_units_they_are_counted_in() -> None:
     # --memory-budget reads GB as GiB: its help says so.
     for command in ("batch", "serve"):
         assert "2^30 bytes" in runner.invoke(app, [command, "--help"]).stdout.replace("\n", " ")
+
+
+def test_models_list_asks_to_pull_a_model_off_the_ladder_only_once_it_is_there_and_bad() -> None:
+    # The shipped off-ladder Q4_0 rung is an option: a fresh machine was told to fetch it.
+    assert "0.5b-instruct-q4_0" not in run("models", "list").stderr
+    made = paths.models_dir() / "qwen2.5-coder-0.5b-instruct-q4_0.gguf"
+    paths.ensure(made.parent)
+    made.write_bytes(b"GGUF not the pinned bytes")
+    assert "cre models pull gemma-3-270m qwen2.5-coder-0.5b-instruct qwen2.5-coder-1.5b-instruct " \
+           "qwen2.5-coder-0.5b-instruct-q4_0`" in run("models", "list").stderr

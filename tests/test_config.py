@@ -157,7 +157,7 @@ def test_remote_rung_needs_no_file(tmp_path: Path) -> None:
         ("ladder = [", "not valid TOML"),
         ("schema = 7", "schema 7 is not supported"),
         ('ladder = ["nope"]', "ladder names 'nope'"),
-        ('[models.x]\nprompt_format = "chatml"', "needs one of `chunks`, `path` or `url`"),
+        ('[models.x]\nprompt_format = "chatml"', "needs one of `chunks`, `path`, `url` or `requantize_from`"),
         ('[models.x]\npath = "a"\nprompt_format = "alpaca"', "prompt_format must be one of"),
         ('[models.x]\npath = "a"\ncolour = "red"', "unknown field(s): colour"),
         # "chat" leaves the template to a remote server; in this process there is none.
@@ -319,3 +319,41 @@ def test_an_undefined_ladder_name_is_blamed_on_the_file_that_set_the_ladder(tmp_
         config.load(extra)
     assert str(info.value).startswith(f"{paths.user_models_toml()}: ladder names 'big', which no models.toml defines")
     assert str(extra) not in str(info.value) and str(config.default_toml()) not in str(info.value)
+
+
+def test_a_requantized_model_knows_its_source_and_is_pulled(tmp_path: Path) -> None:
+    extra = tmp_path / "q.toml"
+    extra.write_text('[models.small-q]\nrequantize_from = "qwen2.5-coder-0.5b-instruct"\nquant = "Q4_0"\n'
+                     'prompt_format = "chatml"\n')
+    settings = config.load(extra)
+    derived = settings.get("small-q")
+    assert derived.source == settings.get("qwen2.5-coder-0.5b-instruct")
+    assert derived.pullable and derived.file == paths.models_dir() / "small-q.gguf"
+    # A later file's `path` takes its place, as one source replaces another.
+    mine = tmp_path / "mine.toml"
+    mine.write_text(f'[models.small-q]\npath = "{tmp_path / "q.gguf"}"\n')
+    monkey = config.load  # the user file is read first, the explicit one last
+    paths.ensure(paths.config_dir())
+    paths.user_models_toml().write_text(extra.read_text())
+    moved = monkey(mine).get("small-q")
+    assert moved.source is None and not moved.pullable and moved.requantize_from is None
+
+
+@pytest.mark.parametrize("text, message", [
+    ('requantize_from = "nosuch"\nquant = "Q4_0"', r"`requantize_from` of 'q' in .*q.toml names 'nosuch', which no "
+                                                  r"models.toml defines"),
+    ('requantize_from = "q"\nquant = "Q4_0"', "names 'q', itself"),
+    ('requantize_from = "far"\nquant = "Q4_0"', "names 'far', a remote rung"),
+    ('requantize_from = "gemma-3-270m"\nquant = "Q4_K_M"', r"`quant` and `requantize_from` of 'q' in .*q.toml: model 'q' is requantized "
+                                                         r"from 'gemma-3-270m', so `quant` is the type it is made in: "
+                                                         r"one of Q4_0, Q8_0, got \"Q4_K_M\""),
+    ('requantize_from = "gemma-3-270m"', "one of Q4_0, Q8_0, got \"\\?\""),
+    ('requantize_from = "gemma-3-270m"\nquant = "Q4_0"\npath = "/x.gguf"', "keep only one of `chunks`, `path`, `url` "
+                                                                          "or `requantize_from`"),
+    ('requantize_from = "../etc"\nquant = "Q4_0"', "requantize_from must be the name of another model"),
+])
+def test_a_requantized_model_is_checked_when_models_toml_is_read(tmp_path: Path, text: str, message: str) -> None:
+    extra = tmp_path / "q.toml"
+    extra.write_text(f'[models.far]\nurl = "http://127.0.0.1:9/v1"\napi_model = "m"\n[models.q]\n{text}\n')
+    with pytest.raises(ConfigError, match=message):
+        config.load(extra)

