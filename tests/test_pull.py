@@ -473,3 +473,23 @@ def test_a_requantized_model_of_a_path_model_checks_that_file_and_pulls_nothing(
     with pytest.raises(ModelNotAvailable, match="model 'mine' failed verification"):
         pull.pull(_derived(source, MADE))
     assert quantizer == []
+
+
+def test_cre_models_pull_says_a_requantized_model_was_requantized(
+    tmp_path: Path, quantizer: list[tuple[bytes, str]]
+) -> None:
+    from typer.testing import CliRunner
+
+    from crecli.cli import app
+
+    mine = tmp_path / "mine.gguf"
+    mine.write_bytes(b"GGUF mine")
+    toml = tmp_path / "models.toml"
+    toml.write_text(f'ladder = ["mine"]\n[models.mine]\npath = "{mine}"\nprompt_format = "chatml"\n'
+                    f'[models.mine-q]\nrequantize_from = "mine"\nquant = "Q8_0"\nprompt_format = "chatml"\n'
+                    f'sha256 = "{hashlib.sha256(MADE).hexdigest()}"\n')
+    result = CliRunner().invoke(app, ["models", "pull", "mine-q", "--models", str(toml)])
+    assert result.exit_code == 0, result.output
+    assert "mine-q: requantized and verified at" in result.stderr and quantizer == [(b"GGUF mine", "Q8_0")]
+    again = CliRunner().invoke(app, ["models", "pull", "mine-q", "--models", str(toml)])
+    assert "mine-q: already verified at" in again.stderr

@@ -83,7 +83,8 @@ def models_pull(
         print_json([{"model": name, "remote": isinstance(where, str), "path": str(where), "assembled": did}
                     for name, where, did in results])
         return
-    render.pulled(results, unpinned={s.name for s in specs if not s.sha256})
+    render.pulled(results, unpinned={s.name for s in specs if not s.sha256},
+                  requantized={s.name for s in specs if s.requantize_from})
 
 
 @models_app.command("bench")

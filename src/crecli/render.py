@@ -92,19 +92,21 @@ def models_table(rows: list[dict[str, Any]]) -> None:
                "from `cre calibrate`; docs/scale.md says which server flags give them.")
 
 
-def pulled(results: Sequence[tuple[str, Any, bool]], unpinned: Collection[str] = ()) -> None:
-    """One line per model from `models.pull.pull_many`: assembled now, or already there;
-    a model in `unpinned` (no sha256 in models.toml) is not called verified, as `cre models
-    list` does not call it so."""
+def pulled(results: Sequence[tuple[str, Any, bool]], unpinned: Collection[str] = (),
+           requantized: Collection[str] = ()) -> None:
+    """One line per model from `models.pull.pull_many`: made now (assembled, or for a model
+    in `requantized`, requantized from its source), or already there; a model in `unpinned`
+    (no sha256 in models.toml) is not called verified, as `cre models list` does not call it so."""
     for name, path, did in results:
         if isinstance(path, str):  # a remote rung's URL
             status(f"{name}: served at {path}; nothing to pull")
             continue
+        made = "requantized" if name in requantized else "assembled"
         if name in unpinned:
-            status(f"{name}: {'assembled' if did else 'already there'} at {path} (unpinned: no sha256 in "
+            status(f"{name}: {made if did else 'already there'} at {path} (unpinned: no sha256 in "
                    "models.toml to verify it against)")
             continue
-        status(f"{name}: {'assembled and verified' if did else 'already verified'} at {path}")
+        status(f"{name}: {made + ' and verified' if did else 'already verified'} at {path}")
 
 
 def bench_table(speeds: list["Speed"]) -> None:
