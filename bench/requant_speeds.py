@@ -37,6 +37,7 @@ from crecli import config  # noqa: E402
 from crecli.config import REQUANT_TYPES  # noqa: E402
 from crecli.models import bench, pull  # noqa: E402
 
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["qwen2.5-coder-0.5b-instruct"], help="ladder models to requantize")

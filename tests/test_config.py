@@ -354,6 +354,54 @@ def test_a_requantized_model_knows_its_source_and_is_pulled(tmp_path: Path) -> N
 ])
 def test_a_requantized_model_is_checked_when_models_toml_is_read(tmp_path: Path, text: str, message: str) -> None:
     extra = tmp_path / "q.toml"
-    extra.write_text(f'[models.far]\nurl = "http://127.0.0.1:9/v1"\napi_model = "m"\n[models.q]\n{text}\n')
+    # On the ladder: off it, a source no file is made from stops only its pull (next test).
+    extra.write_text(f'ladder = ["gemma-3-270m", "q"]\n[models.far]\nurl = "http://127.0.0.1:9/v1"\napi_model = "m"\n'
+                     f'[models.q]\n{text}\n')
     with pytest.raises(ConfigError, match=message):
         config.load(extra)
+
+
+def test_a_remote_source_stops_only_a_pull_of_the_model_requantized_from_it(tmp_path: Path) -> None:
+    # Serving the 0.5B from a server was refused by every command once the shipped models.toml
+    # defined its Q4_0, off the ladder, as requantized from it.
+    from crecli.models import pull
+
+    remote = tmp_path / "remote.toml"
+    remote.write_text('[models."qwen2.5-coder-0.5b-instruct"]\nurl = "http://127.0.0.1:9/v1"\napi_model = "q"\n'
+                      'prompt_format = "chat"\n')
+    derived = config.load(remote).get("qwen2.5-coder-0.5b-instruct-q4_0")
+    assert derived.source is None
+    with pytest.raises(ConfigError, match="names 'qwen2.5-coder-0.5b-instruct', which is no model given by"):
+        pull.pull(derived)
+    # On the ladder it is refused as the file is read, as any other bad field.
+    remote.write_text('ladder = ["gemma-3-270m", "qwen2.5-coder-0.5b-instruct-q4_0"]\n' + remote.read_text())
+    with pytest.raises(ConfigError, match="names 'qwen2.5-coder-0.5b-instruct', a remote rung"):
+        config.load(remote)
+
+
+def test_a_requantized_model_takes_what_no_file_set_for_it_from_its_source(tmp_path: Path) -> None:
+    extra = tmp_path / "q.toml"
+    extra.write_text('[models.gemma-q]\nrequantize_from = "gemma-3-270m"\nquant = "Q8_0"\ncontext = 4096\n')
+    derived, gemma = config.load(extra).get("gemma-q"), config.load().get("gemma-3-270m")
+    # A base model's requantized file given the ChatML template answered as if it were chat.
+    assert (derived.prompt_format, derived.arch, derived.params, derived.n_gpu_layers) == (
+        "completion", "gemma3", "270M", gemma.n_gpu_layers)
+    assert derived.context == 4096 and derived.set_in("prompt_format") == str(config.default_toml())
+
+
+@pytest.mark.parametrize("text, pinned", [
+    ('[models."qwen2.5-coder-0.5b-instruct-q4_0"]\ncontext = 4096\n', True),
+    ('[models."qwen2.5-coder-0.5b-instruct-q4_0"]\nquant = "Q8_0"\n', False),
+    ('[models."qwen2.5-coder-0.5b-instruct"]\npath = "/models/mine.gguf"\n', False),
+    ('[models."qwen2.5-coder-0.5b-instruct"]\nsha256 = "' + "ab" * 32 + '"\n', False),
+    ('[models."qwen2.5-coder-0.5b-instruct-q4_0"]\nquant = "Q8_0"\nsha256 = "' + "cd" * 32 + '"\n', True),
+])
+def test_a_later_file_that_changes_what_a_requantized_model_is_made_from_drops_its_pins(
+    tmp_path: Path, text: str, pinned: bool
+) -> None:
+    # The shipped pins are of the Q4_0 of the shipped 0.5B: kept, every pull of a Q8_0 or of
+    # another 0.5B missed them and blamed llama.cpp.
+    extra = tmp_path / "mine.toml"
+    extra.write_text(text)
+    derived = config.load(extra).get("qwen2.5-coder-0.5b-instruct-q4_0")
+    assert (derived.sha256 is not None) is pinned and (derived.size is not None) is (pinned and "sha256 =" not in text)

@@ -493,3 +493,27 @@ def test_cre_models_pull_says_a_requantized_model_was_requantized(
     assert "mine-q: requantized and verified at" in result.stderr and quantizer == [(b"GGUF mine", "Q8_0")]
     again = CliRunner().invoke(app, ["models", "pull", "mine-q", "--models", str(toml)])
     assert "mine-q: already verified at" in again.stderr
+
+
+def test_a_requantizing_that_fails_on_a_full_disk_says_to_free_space(
+    downloads: tuple[ModelSpec, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # llama.cpp catches its own write errors and returns 1: the advice for a full disk was lost.
+    import shutil
+    from collections import namedtuple
+
+    def fails(source: Path, target: Path, quant: str) -> None:
+        raise ModelNotAvailable("llama.cpp could not requantize it (status 1)")
+
+    monkeypatch.setattr(pull, "requantize", fails)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("U", "total used free")(1, 1, 0))
+    source, _ = downloads
+    with pytest.raises(ModelNotAvailable, match=r"pulling 'tiny-q4_0' failed at .* free space in"):
+        pull.pull(_derived(source, MADE))
+
+
+def test_a_requantized_model_built_in_code_without_its_source_is_refused_in_a_sentence() -> None:
+    from crecli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="names 'tiny', which is no model given by `chunks` or `path`"):
+        pull.pull(ModelSpec(name="x", quant="Q4_0", requantize_from="tiny"))

@@ -32,6 +32,8 @@ SOURCES = ("chunks", "path", "url", "requantize_from")
 # The types `requantize_from` makes (models.toml's `quant`), each llama.cpp's file type:
 # those whose weights llama.cpp repacks into its faster CPU kernels where a row allows
 # (docs/results.md, "A requantized small rung"), and Q8_0.
+# "`chunks`, `path`, `url` or `requantize_from`", for the messages about a model's source.
+SOURCES_TEXT = ", ".join(f"`{f}`" for f in SOURCES[:-1]) + f" or `{SOURCES[-1]}`"
 REQUANT_TYPES = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
 # A models.toml is a few kilobytes; the cap keeps `--models /dev/zero` from eating memory.
 MAX_FILE_BYTES = 1 << 20
@@ -437,8 +439,7 @@ def _model_fields(name: str, fields: dict[str, Any], where: Path | str) -> dict[
     set_sources = [s for s in SOURCES if s in fields]
     if len(set_sources) > 1:
         raise ConfigError(
-            f"{where}: model {name!r} sets {' and '.join(set_sources)}; keep only one of `chunks`, `path`, `url` "
-            "or `requantize_from`"
+            f"{where}: model {name!r} sets {' and '.join(set_sources)}; keep only one of {SOURCES_TEXT}"
         )
     out: dict[str, Any] = {}
     for f, value in fields.items():
@@ -624,7 +625,7 @@ def _spec(name: str, fields: dict[str, Any], where: str, origins: dict[str, str]
     named = tuple(sorted(("url" if f == "urls" else f, source) for f, source in origins.items()))
     spec = ModelSpec(name=name, defined_in=where, origins=named, **fields)
     if not (spec.chunks or spec.path or spec.url or spec.requantize_from):
-        raise ConfigError(f"{where}: model {name!r} needs one of `chunks`, `path`, `url` or `requantize_from`")
+        raise ConfigError(f"{where}: model {name!r} needs one of {SOURCES_TEXT}")
     if spec.requantize_from and spec.quant not in REQUANT_TYPES:
         raise ConfigError(
             f"{spec.where_set('quant', 'requantize_from')}: model {name!r} is requantized from "
@@ -649,21 +650,53 @@ def _spec(name: str, fields: dict[str, Any], where: str, origins: dict[str, str]
     return spec
 
 
-def _with_source(spec: ModelSpec, models: Mapping[str, ModelSpec]) -> ModelSpec:
-    """`spec` with the model its `requantize_from` names (`ModelSpec.source`): one whose file
-    is on disk or pulled, in this process, not itself made by requantizing."""
-    if not spec.requantize_from:
-        return spec
-    where = spec.where_set("requantize_from")
-    source = models.get(spec.requantize_from)
+# What a requantized model answers with, and is, unless a models.toml says otherwise: its
+# source's (a 270M base model's Q4_0 given the ChatML template would answer nonsense).
+INHERITED_FROM_SOURCE = ("arch", "params", "prompt_format", "context", "n_gpu_layers")
+# A requantized model's file depends on these; a pin set before a later file changed one is
+# a pin of other bytes.
+_MADE_FROM = (("quant", "requantize_from"), ("chunks", "path", "sha256"))
+
+
+def _source_problem(spec: ModelSpec, models: Mapping[str, ModelSpec]) -> str | None:
+    """Why `spec.requantize_from` names no model a file can be made from, or None."""
+    source = models.get(spec.requantize_from or "")
     if source is None:
-        raise ConfigError(f"{where} names {spec.requantize_from!r}, which no models.toml defines: "
-                          f"define [{_key('models', spec.requantize_from)}] or fix the name")
+        return (f"{spec.where_set('requantize_from')} names {spec.requantize_from!r}, which no models.toml "
+                f"defines: define [{_key('models', spec.requantize_from or '')}] or fix the name")
     if source.name == spec.name or source.url or source.requantize_from:
         what = ("itself" if source.name == spec.name else "a remote rung, which has no file here" if source.url
                 else "another requantized model")
-        raise ConfigError(f"{where} names {source.name!r}, {what}: name a model given by `chunks` or `path`")
-    return replace(spec, source=source)
+        return f"{spec.where_set('requantize_from')} names {source.name!r}, {what}: name a model given by `chunks` or `path`"
+    return None
+
+
+def _with_source(spec: ModelSpec, models: Mapping[str, ModelSpec], ladder: Collection[str],
+                 order: Mapping[str, int]) -> ModelSpec:
+    """`spec` with the model its `requantize_from` names (`ModelSpec.source`), from which it
+    takes the fields no file set for it (`INHERITED_FROM_SOURCE`). Its `sha256` and `size`
+    are dropped where a file read after the one that pinned them changed what the bytes are
+    made from (`_MADE_FROM`: its `quant`, or its source's file): unpinned, not a pin that
+    every pull would miss. A source no file can be made from is an error here for a model on
+    the `ladder`; off it (the shipped 0.5B's Q4_0, say, once a user serves the 0.5B from a
+    `url`) it only stops a pull of that model (`models.pull.pull`), not every command."""
+    if not spec.requantize_from:
+        return spec
+    problem = _source_problem(spec, models)
+    if problem is not None:
+        if spec.name in ladder:
+            raise ConfigError(problem)
+        return spec
+    source = models[spec.requantize_from]
+    set_here = dict(spec.origins)
+    inherited = {f: getattr(source, f) for f in INHERITED_FROM_SOURCE if f not in set_here}
+    origins = {**set_here, **{f: source.set_in(f) for f in inherited}}
+    own, source_fields = _MADE_FROM
+    changed = max([order.get(set_here[f], 0) for f in own if f in set_here]
+                  + [order.get(source.set_in(f), 0) for f in source_fields if getattr(source, f)], default=0)
+    # Each pin on its own: a file that changes `quant` and pins the new sha256 leaves a stale `size`.
+    pins = {f: None for f in ("sha256", "size") if f in set_here and order.get(set_here[f], 0) < changed}
+    return replace(spec, source=source, origins=tuple(sorted(origins.items())), **inherited, **pins)
 
 
 def env_models_toml() -> Path | None:
@@ -728,7 +761,6 @@ def load(models_file: Path | None = None) -> ModelConfig:
         embedder_origins.update(dict.fromkeys(table, str(path)))
 
     models = {name: _spec(name, fields, where[name], origins[name]) for name, fields in raw_models.items()}
-    models = {name: _with_source(spec, models) for name, spec in models.items()}
     # Checked as it is read, as every other field is, not first at `cre fit`.
     check_embedder(embedder, models, embedder_origins)
     for name in ladder:
@@ -737,5 +769,7 @@ def load(models_file: Path | None = None) -> ModelConfig:
                               f"[{_key('models', name)}] in a models.toml, or fix the name in `ladder`")
     if not ladder:
         raise ConfigError("no `ladder` is set in any models.toml")
+    order = {str(f): i for i, f in enumerate(files)}
+    models = {name: _with_source(spec, models, ladder, order) for name, spec in models.items()}
     return ModelConfig(models=models, ladder=ladder, embedder=embedder, sources=[str(f) for f in files],
                        embedder_origins=embedder_origins)

@@ -599,7 +599,7 @@ def _warn_unpinned(path: Path, entry: LadderEntry, spec: "ModelSpec") -> None:
     get = f"`cre models pull {entry.name}`" if spec.pullable else "put it at its `path`"
     console.warn(
         f"{path}: the router pins no sha256 for model {entry.name!r} (it was fitted without its file), so it runs "
-        f"whatever file {spec.set_in('path', 'chunks')} names for it here; to pin it, get the file ({get}, "
+        f"whatever file {spec.set_in('path', 'chunks', 'requantize_from')} names for it here; to pin it, get the file ({get}, "
         "or pin its sha256 in models.toml) and refit with `cre fit` or recalibrate with `cre calibrate`, which "
         "record its sha256"
     )
@@ -639,7 +639,7 @@ def _check_ladder(path: Path, ladder: list[LadderEntry], settings: "ModelConfig"
                 f"{path}: model {name!r} is not the file the router was fitted with: the router "
                 f"pins {_shown(wanted)}, the local one is "
                 + (_shown(local) if local else "unknown (no sha256 pinned and no file on disk)")
-                + f" ({spec.set_in('sha256', 'path', 'chunks', 'url')})"
+                + f" ({spec.set_in('sha256', 'path', 'chunks', 'url', 'requantize_from')})"
             )
             if not force:
                 # A remote rung carries no file to hash: whoever knows it serves the same

@@ -18,6 +18,7 @@ beside the GGUF: a `path` may point into a folder that is not crecli's to write 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ from typing import BinaryIO, Callable, Iterator, Sequence
 
 from crecli import paths
 from crecli.config import ModelSpec, check_package
-from crecli.errors import ModelNotAvailable
+from crecli.errors import ConfigError, ModelNotAvailable
 
 BLOCK = 1 << 20
 GGUF_MAGIC = b"GGUF"
@@ -398,7 +399,9 @@ def _requantized(spec: ModelSpec, scratch: Path, target: Path, progress: Progres
     """Make `spec`'s file by requantizing its source's (pulled first where a pull fetches
     it) into `scratch`, then copying it to `target`, checked against the pins."""
     source = spec.source
-    assert source is not None
+    if source is None:  # a source no file is made from, off the ladder (`config._with_source`)
+        raise ConfigError(f"{spec.where_set('requantize_from')} names {spec.requantize_from!r}, which is no model "
+                          "given by `chunks` or `path` in these models.toml files: name one")
     if source.pullable:
         print(f"{spec.name}: pulling {source.name!r}, its source", file=sys.stderr, flush=True)
         source_file, _ = pull(source)
@@ -406,7 +409,17 @@ def _requantized(spec: ModelSpec, scratch: Path, target: Path, progress: Progres
     else:
         source_file = require_file(source, deep=True)
     print(f"{spec.name}: requantizing {source.name!r} to {spec.quant}", file=sys.stderr, flush=True)
-    requantize(source_file, scratch, spec.quant)
+    try:
+        requantize(source_file, scratch, spec.quant)
+    except ModelNotAvailable as exc:
+        # llama.cpp says nothing of why (a full disk included: it catches the write's error),
+        # so the likeliest cause the folder shows is said: room for about the source again.
+        import shutil
+
+        need = source_file.stat().st_size
+        if shutil.disk_usage(scratch.parent).free < need:
+            raise _cannot_write(spec, scratch.parent, target.parent, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from exc
+        raise
 
     def file_blocks() -> Iterator[bytes]:
         with scratch.open("rb") as fh:
@@ -418,8 +431,8 @@ def _requantized(spec: ModelSpec, scratch: Path, target: Path, progress: Progres
         # may make other bytes from the same source: said, not hidden, since a router pins them.
         return (f"this llama.cpp made other bytes from {source.name!r} than the ones pinned by "
                 f"{spec.where_set(pin, 'requantize_from')} (another llama.cpp version, or a compiler that "
-                "rounds otherwise). Use the pinned file's model, or pin these bytes' sha256 and size there: "
-                "routers fitted with the pinned file will not load with them")
+                f"rounds otherwise). Use {source.name!r} itself, or pin these bytes' sha256 and size for {spec.name!r} "
+                "in your own models.toml (`cre models path`): routers fitted with the pinned file will not load with them")
 
     _write_checked(spec, file_blocks(), target, progress, f"requantized {spec.name!r}", pins_fix,
                    f"check `requantize_from` of {spec.name!r} in {spec.set_in('requantize_from')}")
@@ -445,10 +458,9 @@ def _remove_stale_downloads(folders: Sequence[Path]) -> None:
 
 def _cannot_write(spec: ModelSpec, where: Path | str, folder: Path, exc: OSError) -> ModelNotAvailable:
     """A pull that could not write in the models folder, said with the fix that fits."""
-    import errno
-
     if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        fix = (f"free space in {folder} (a pull needs about twice the model's size there while it runs), "
+        fix = (f"free space in {folder} (a pull needs about twice the model's size there while it runs; a "
+               "requantized model, its source's size too), "
                "or set CRE_MODELS_DIR to a folder on another disk")
     else:
         fix = f"make {folder} writable, or set CRE_MODELS_DIR to a folder you can write"
@@ -487,7 +499,7 @@ def pull(spec: ModelSpec, progress: Progress | None = None, force: bool = False)
         for stale in folder.glob(target.name + ".*.part"):  # what crecli wrote before `atomic_write`
             stale.unlink(missing_ok=True)
         _remove_stale_downloads([folder, paths.cache_dir()])
-        if spec.source is not None:
+        if spec.requantize_from:
             _requantized(spec, downloads / target.name, target, progress)
         else:
             assemble(spec, _download_wheels(spec, downloads), target, progress)
