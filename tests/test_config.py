@@ -351,6 +351,8 @@ def test_a_requantized_model_knows_its_source_and_is_pulled(tmp_path: Path) -> N
     ('requantize_from = "gemma-3-270m"\nquant = "Q4_0"\npath = "/x.gguf"', "keep only one of `chunks`, `path`, `url` "
                                                                           "or `requantize_from`"),
     ('requantize_from = "../etc"\nquant = "Q4_0"', "requantize_from must be the name of another model"),
+    # It blamed the model's `chunks`, which it has none of.
+    ('requantize_from = "gemma-3-270m"\nquant = "Q4_0"\nprompt_format = "chat"', "but its `requantize_from` runs it"),
 ])
 def test_a_requantized_model_is_checked_when_models_toml_is_read(tmp_path: Path, text: str, message: str) -> None:
     extra = tmp_path / "q.toml"
@@ -371,7 +373,7 @@ def test_a_remote_source_stops_only_a_pull_of_the_model_requantized_from_it(tmp_
                       'prompt_format = "chat"\n')
     derived = config.load(remote).get("qwen2.5-coder-0.5b-instruct-q4_0")
     assert derived.source is None
-    with pytest.raises(ConfigError, match="names 'qwen2.5-coder-0.5b-instruct', which is no model given by"):
+    with pytest.raises(ConfigError, match="names 'qwen2.5-coder-0.5b-instruct', a remote rung, which has no file"):
         pull.pull(derived)
     # On the ladder it is refused as the file is read, as any other bad field.
     remote.write_text('ladder = ["gemma-3-270m", "qwen2.5-coder-0.5b-instruct-q4_0"]\n' + remote.read_text())

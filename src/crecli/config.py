@@ -29,11 +29,11 @@ SCHEMA = 1
 PROMPT_FORMATS = ("completion", "chatml", "chat")
 TOP_LEVEL_KEYS = ("schema", "ladder", "embedder", "models")
 SOURCES = ("chunks", "path", "url", "requantize_from")
-# The types `requantize_from` makes (models.toml's `quant`), each llama.cpp's file type:
-# those whose weights llama.cpp repacks into its faster CPU kernels where a row allows
-# (docs/results.md, "A requantized small rung"), and Q8_0.
 # "`chunks`, `path`, `url` or `requantize_from`", for the messages about a model's source.
 SOURCES_TEXT = ", ".join(f"`{f}`" for f in SOURCES[:-1]) + f" or `{SOURCES[-1]}`"
+# The types `requantize_from` makes (models.toml's `quant`), each llama.cpp's file type:
+# Q4_0, whose weights llama.cpp repacks into its faster CPU kernels where a row allows
+# (docs/results.md, "A requantized small rung"), and Q8_0.
 REQUANT_TYPES = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
 # A models.toml is a few kilobytes; the cap keeps `--models /dev/zero` from eating memory.
 MAX_FILE_BYTES = 1 << 20
@@ -129,6 +129,9 @@ class ModelSpec:
     # The spec `requantize_from` names, resolved when the files are merged (`load`), so a
     # pull needs nothing but this spec. Not part of what the model is: its pin is.
     source: ModelSpec | None = field(default=None, compare=False, repr=False)
+    # Why `requantize_from` names no model a file is made from, for a model off the ladder,
+    # said when it is pulled (`config._with_source`); None otherwise.
+    source_problem: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.url and not self.urls:
@@ -429,7 +432,7 @@ def _chunks(where: Path | str, key: str, value: Any) -> tuple[Chunk, ...]:
 
 def _model_fields(name: str, fields: dict[str, Any], where: Path | str) -> dict[str, Any]:
     """One file's [models.NAME] table, every field checked and normalised."""
-    known = set(ModelSpec.__dataclass_fields__) - {"name", "defined_in", "urls", "origins", "source"}
+    known = set(ModelSpec.__dataclass_fields__) - {"name", "defined_in", "urls", "origins", "source", "source_problem"}
     unknown = set(fields) - known
     if unknown:
         raise ConfigError(
@@ -635,7 +638,7 @@ def _spec(name: str, fields: dict[str, Any], where: str, origins: dict[str, str]
     if spec.prompt_format == "chat" and not spec.url:
         # The cause may be a later file's `path` or `chunks`, which dropped the `url` another
         # file set beside prompt_format: each is named with the file that set it.
-        local = "path" if spec.path else "chunks"
+        local = next(f for f in ("path", "chunks", "requantize_from") if getattr(spec, f))
         raise ConfigError(
             f"{spec.where_set('prompt_format', local)}: model {name!r} has prompt_format \"chat\", which leaves the "
             f"chat template to a remote rung's server, but its `{local}` runs it in this process, which needs its "
@@ -653,9 +656,10 @@ def _spec(name: str, fields: dict[str, Any], where: str, origins: dict[str, str]
 # What a requantized model answers with, and is, unless a models.toml says otherwise: its
 # source's (a 270M base model's Q4_0 given the ChatML template would answer nonsense).
 INHERITED_FROM_SOURCE = ("arch", "params", "prompt_format", "context", "n_gpu_layers")
-# A requantized model's file depends on these; a pin set before a later file changed one is
-# a pin of other bytes.
-_MADE_FROM = (("quant", "requantize_from"), ("chunks", "path", "sha256"))
+# A requantized model's file depends on its `quant` and on these fields of its source; a pin
+# set before a later file changed one is a pin of other bytes. (A file that sets
+# `requantize_from` drops the earlier pins as it is read, as any source does.)
+_SOURCE_MADE_FROM = ("chunks", "path", "sha256")
 
 
 def _source_problem(spec: ModelSpec, models: Mapping[str, ModelSpec]) -> str | None:
@@ -676,7 +680,7 @@ def _with_source(spec: ModelSpec, models: Mapping[str, ModelSpec], ladder: Colle
     """`spec` with the model its `requantize_from` names (`ModelSpec.source`), from which it
     takes the fields no file set for it (`INHERITED_FROM_SOURCE`). Its `sha256` and `size`
     are dropped where a file read after the one that pinned them changed what the bytes are
-    made from (`_MADE_FROM`: its `quant`, or its source's file): unpinned, not a pin that
+    made from (its `quant`, or its source's file: `_SOURCE_MADE_FROM`): unpinned, not a pin that
     every pull would miss. A source no file can be made from is an error here for a model on
     the `ladder`; off it (the shipped 0.5B's Q4_0, say, once a user serves the 0.5B from a
     `url`) it only stops a pull of that model (`models.pull.pull`), not every command."""
@@ -686,14 +690,13 @@ def _with_source(spec: ModelSpec, models: Mapping[str, ModelSpec], ladder: Colle
     if problem is not None:
         if spec.name in ladder:
             raise ConfigError(problem)
-        return spec
+        return replace(spec, source_problem=problem)
     source = models[spec.requantize_from]
     set_here = dict(spec.origins)
     inherited = {f: getattr(source, f) for f in INHERITED_FROM_SOURCE if f not in set_here}
     origins = {**set_here, **{f: source.set_in(f) for f in inherited}}
-    own, source_fields = _MADE_FROM
-    changed = max([order.get(set_here[f], 0) for f in own if f in set_here]
-                  + [order.get(source.set_in(f), 0) for f in source_fields if getattr(source, f)], default=0)
+    made_from = [order.get(source.set_in(f), 0) for f in _SOURCE_MADE_FROM if getattr(source, f)]
+    changed = max([*made_from, order.get(set_here["quant"], 0) if "quant" in set_here else 0])
     # Each pin on its own: a file that changes `quant` and pins the new sha256 leaves a stale `size`.
     pins = {f: None for f in ("sha256", "size") if f in set_here and order.get(set_here[f], 0) < changed}
     return replace(spec, source=source, origins=tuple(sorted(origins.items())), **inherited, **pins)
@@ -741,7 +744,7 @@ def load(models_file: Path | None = None) -> ModelConfig:
             base = raw_models.get(name, {})
             if set(SOURCES) & set(fields):
                 base = {k: v for k, v in base.items() if k not in (*SOURCES, "urls", "sha256", "size")}
-            if {"chunks", "path", "requantize_from"} & set(fields):
+            if (set(SOURCES) - {"url"}) & set(fields):
                 # A rung brought into this process drops what only its server took (TOML
                 # cannot unset a field): an inherited max_in_flight was refused as if this
                 # file had set it.

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Sequence
 
 from crecli import paths
-from crecli.config import ModelSpec, check_package
+from crecli.config import REQUANT_TYPES, ModelSpec, check_package
 from crecli.errors import ConfigError, ModelNotAvailable
 
 BLOCK = 1 << 20
@@ -381,7 +381,6 @@ def requantize(source: Path, target: Path, quant: str) -> None:
 
     import llama_cpp
 
-    from crecli.config import REQUANT_TYPES
     from crecli.models.runtime import default_threads, loading
 
     params = llama_cpp.llama_model_quantize_default_params()
@@ -400,25 +399,22 @@ def _requantized(spec: ModelSpec, scratch: Path, target: Path, progress: Progres
     it) into `scratch`, then copying it to `target`, checked against the pins."""
     source = spec.source
     if source is None:  # a source no file is made from, off the ladder (`config._with_source`)
-        raise ConfigError(f"{spec.where_set('requantize_from')} names {spec.requantize_from!r}, which is no model "
-                          "given by `chunks` or `path` in these models.toml files: name one")
+        raise ConfigError(spec.source_problem or f"{spec.where_set('requantize_from')} names "
+                          f"{spec.requantize_from!r}, which is no model given by `chunks` or `path`: name one")
     if source.pullable:
         print(f"{spec.name}: pulling {source.name!r}, its source", file=sys.stderr, flush=True)
-        source_file, _ = pull(source)
-        assert isinstance(source_file, Path)
-    else:
-        source_file = require_file(source, deep=True)
+    source_file, _ = pull(source)  # a `path` source is hashed again, as a pull of it is
+    assert isinstance(source_file, Path)
     print(f"{spec.name}: requantizing {source.name!r} to {spec.quant}", file=sys.stderr, flush=True)
     try:
         requantize(source_file, scratch, spec.quant)
     except ModelNotAvailable as exc:
         # llama.cpp says nothing of why (a full disk included: it catches the write's error),
-        # so the likeliest cause the folder shows is said: room for about the source again.
+        # so the likeliest cause the folder shows is said, by `pull`: no room for the file.
         import shutil
 
-        need = source_file.stat().st_size
-        if shutil.disk_usage(scratch.parent).free < need:
-            raise _cannot_write(spec, scratch.parent, target.parent, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from exc
+        if shutil.disk_usage(scratch.parent).free < (spec.size or source_file.stat().st_size):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(scratch.parent)) from exc
         raise
 
     def file_blocks() -> Iterator[bytes]:
@@ -460,7 +456,7 @@ def _cannot_write(spec: ModelSpec, where: Path | str, folder: Path, exc: OSError
     """A pull that could not write in the models folder, said with the fix that fits."""
     if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         fix = (f"free space in {folder} (a pull needs about twice the model's size there while it runs; a "
-               "requantized model, its source's size too), "
+               "requantized model, besides its source's file), "
                "or set CRE_MODELS_DIR to a folder on another disk")
     else:
         fix = f"make {folder} writable, or set CRE_MODELS_DIR to a folder you can write"
