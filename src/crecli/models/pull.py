@@ -51,13 +51,19 @@ class FileState:
     reason: str = ""
 
 
-def sha256_file(path: Path, progress: Progress | None = None) -> str:
-    digest = hashlib.sha256()
+def _file_blocks(path: Path) -> Iterator[bytes]:
+    """The bytes of the file at `path`, a block at a time."""
     with path.open("rb") as fh:
         while block := fh.read(BLOCK):
-            digest.update(block)
-            if progress:
-                progress(len(block))
+            yield block
+
+
+def sha256_file(path: Path, progress: Progress | None = None) -> str:
+    digest = hashlib.sha256()
+    for block in _file_blocks(path):
+        digest.update(block)
+        if progress:
+            progress(len(block))
     return digest.hexdigest()
 
 
@@ -417,11 +423,6 @@ def _requantized(spec: ModelSpec, scratch: Path, target: Path, progress: Progres
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(scratch.parent)) from exc
         raise
 
-    def file_blocks() -> Iterator[bytes]:
-        with scratch.open("rb") as fh:
-            while block := fh.read(BLOCK):
-                yield block
-
     def pins_fix(pin: str) -> str:
         # Another llama.cpp, or a compiler that rounds the quantizer's arithmetic otherwise,
         # may make other bytes from the same source: said, not hidden, since a router pins them.
@@ -430,7 +431,7 @@ def _requantized(spec: ModelSpec, scratch: Path, target: Path, progress: Progres
                 f"rounds otherwise). Use {source.name!r} itself, or pin these bytes' sha256 and size for {spec.name!r} "
                 "in your own models.toml (`cre models path`): routers fitted with the pinned file will not load with them")
 
-    _write_checked(spec, file_blocks(), target, progress, f"requantized {spec.name!r}", pins_fix,
+    _write_checked(spec, _file_blocks(scratch), target, progress, f"requantized {spec.name!r}", pins_fix,
                    f"check `requantize_from` of {spec.name!r} in {spec.set_in('requantize_from')}")
 
 
