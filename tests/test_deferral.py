@@ -240,6 +240,79 @@ def test_calibrated_deferral_live_matches_its_replay(
     assert 0.0 <= json.loads(batch.stdout.splitlines()[0])["p_correct"] <= 1.0
 
 
+def _user(text: str) -> str:
+    return text.split("<|im_start|>user")[-1]
+
+
+def _two_kinds(text: str, params: GenParams) -> str:
+    # Right on half the sums (the even first terms) and on three products in five, as a weak rung is.
+    numbers = [int(n) for n in re.findall(r"\d+", _user(text))]
+    if len(numbers) < 2:
+        return "?"
+    a, b = numbers[-2:]
+    if "plus" in _user(text):
+        return str(a + b) if a % 2 == 0 else "0"
+    return str(a * b) if a % 5 > 1 else "0"
+
+
+def _sure_of_sums(text: str, params: GenParams, answer: str) -> Signals:
+    # Sure exactly where it is right on a sum; on a product its log-probs say nothing.
+    if "plus" in _user(text):
+        return Signals(-0.05 if answer != "0" else -3.0, -0.02 if answer != "0" else -1.5, None)
+    return Signals(-0.5, -0.3, None)
+
+
+def _strong(text: str, params: GenParams) -> str:
+    numbers = [int(n) for n in re.findall(r"\d+", _user(text))]
+    a, b = numbers[-2:]
+    return str(a + b) if "plus" in _user(text) else str(a * b)
+
+
+def test_calibration_gives_a_cluster_a_cascade_of_its_own_and_ask_runs_it_as_replayed(
+    fake_backends: Callable[..., Any], tiny_models_toml: Path, tmp_path: Path
+) -> None:
+    """The small rungs are right on half the sums, and sure of exactly those, and on three
+    products in five with log-probs that say nothing. Started on the small rung alone, either
+    cluster loses too much; the router's thresholds for all clusters would send every product
+    up the whole ladder. A cascade of the sums' own pays: calibration gives it them, the
+    router file keeps its thresholds, and `cre eval --live` answers as the replay did."""
+    fake_backends({"small": _two_kinds, "medium": _two_kinds, "large": _strong}, signals=_sure_of_sums,
+                  seconds_per_token={"small": 0.0001, "medium": 0.0002, "large": 0.001})
+    log = tmp_path / "log.jsonl"
+    rows = [{"id": f"s{i}", "prompt": f"What is {i} plus {i + 1}?", "reference": str(2 * i + 1), "match": "numeric"}
+            for i in range(10, 50)]
+    rows += [{"id": f"p{i}", "prompt": f"Multiply {i} by {i + 2}, giving the product.", "reference": str(i * (i + 2)),
+              "match": "numeric"} for i in range(10, 50)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    router = tmp_path / "router.cre"
+    m = ("--models", str(tiny_models_toml))
+    assert runner.invoke(app, ["fit", str(log), "-o", str(router), *m]).exit_code == 0
+    result = runner.invoke(app, ["calibrate", str(router), *m, "--folds", "2", "--retain", "0.98", "--json"])
+    assert result.exit_code == 0, result.output
+    cal = json.loads(result.stdout)
+    assert cal["setting"].endswith("| cluster cascades")
+    assert cal["held_out"]["accuracy"] == cal["reference"]["accuracy"] == 1.0
+    assert cal["held_out"]["mean_cost"] < 0.95 * cal["reference"]["mean_cost"]
+
+    loaded = routerfile.load(router, config.load(tiny_models_toml))
+    sums = {c.id for c in loaded.clusters if any("plus" in e for e in c.examples)}
+    own = {c.id: c.thresholds for c in loaded.clusters if c.thresholds}
+    assert own and set(own) <= sums and all(c.model == "large" for c in loaded.clusters if c.id not in sums)
+    assert all(loaded.thresholds[m] == 0.0 for m in loaded.ladder_names)  # the router's own stay at 0
+    shown = json.loads(runner.invoke(app, ["inspect", str(router), *m, "--json"]).stdout)
+    assert {c["id"]: c["thresholds"] for c in shown["clusters"] if c["thresholds"]} == own
+    assert "own P(correct)" in runner.invoke(app, ["inspect", str(router), *m]).stdout
+
+    report = json.loads(runner.invoke(app, ["eval", str(log), "--router", str(router), *m, "--live", "--json"]).stdout)
+    assert report["live"]["agreement"] == 1.0 and report["cascade"]["accuracy"] == 1.0
+    assert report["cascade"]["escalation_rate"] > 0  # the wrong half of the sums went up
+    # An odd sum: the cascade's start is wrong, unsure of it, and sends it on to the top.
+    [start] = {c.model for c in loaded.clusters if c.id in own}
+    ask = json.loads(runner.invoke(app, ["ask", "What is 21 plus 22?", "--router", str(router), *m, "--json",
+                                         "--no-log"]).stdout)
+    assert ask["answer"] == "43" and ask["steps"][0]["model"] == start != "large" and ask["steps"][-1]["model"] == "large"
+
+
 def _long_winded(text: str, params: GenParams) -> str:
     # The right sum, then more words than a tight context leaves room for, fewer than the cap.
     return _sum(text, params) + " is what the two numbers add up to here"
