@@ -346,10 +346,15 @@ def test_sizes_are_labelled_in_the_binary_units_they_are_counted_in() -> None:
 
 
 def test_models_list_asks_to_pull_a_model_off_the_ladder_only_once_it_is_there_and_bad() -> None:
-    # The shipped off-ladder Q4_0 rung is an option: a fresh machine was told to fetch it.
+    # The shipped off-ladder Q4_0 rung is an option: a fresh machine was told to fetch it,
+    # and --json gave it a `fix` the table did not print.
     assert "0.5b-instruct-q4_0" not in run("models", "list").stderr
+    listed = {r["name"]: r for r in json.loads(run("models", "list", "--json").stdout)}
+    assert listed["qwen2.5-coder-0.5b-instruct-q4_0"]["fix"] == "" and listed["gemma-3-270m"]["fix"]
     made = paths.models_dir() / "qwen2.5-coder-0.5b-instruct-q4_0.gguf"
     paths.ensure(made.parent)
     made.write_bytes(b"GGUF not the pinned bytes")
     assert "cre models pull gemma-3-270m qwen2.5-coder-0.5b-instruct qwen2.5-coder-1.5b-instruct " \
            "qwen2.5-coder-0.5b-instruct-q4_0`" in run("models", "list").stderr
+    listed = {r["name"]: r for r in json.loads(run("models", "list", "--json").stdout)}
+    assert "cre models pull" in listed["qwen2.5-coder-0.5b-instruct-q4_0"]["fix"]

@@ -27,7 +27,8 @@ def models_list(
 
     Below the table, stderr says what to do about each model that is not verified: the
     `cre models pull` that fetches those a pull can, and for a model given by `path`, the
-    models.toml that sets it (--json: each row's `pullable` and `fix`).
+    models.toml that sets it (--json: each row's `pullable` and `fix`). A model off the
+    ladder that was never pulled is an option, not a fault: no `fix`.
 
     Examples:
 

@@ -76,14 +76,14 @@ def models_table(rows: list[dict[str, Any]]) -> None:
             f"{r['tg_tokens_per_s']:.1f}" if r["tg_tokens_per_s"] else "-",
         )
     out().print(table)
-    # Only a model a pull fetches is told to pull, by name (a model off the ladder is not
-    # fetched by a bare `cre models pull`); a `path` model is told where its path is set. A
-    # model off the ladder that was never pulled is an option, not a fault: not nagged about.
-    fetch = [r["name"] for r in rows if not r["verified"] and r["pullable"] and (r["on_ladder"] or r["present"])]
+    # Each row that needs doing has a `fix` (`catalog.rows`). Only a model a pull fetches is
+    # told to pull, by name (a model off the ladder is not fetched by a bare `cre models
+    # pull`); a `path` model is told where its path is set.
+    fetch = [r["name"] for r in rows if r["fix"] and r["pullable"]]
     if fetch:
         status(f"Fetch missing or bad models with `cre models pull {' '.join(fetch)}`.")
     for r in rows:
-        if not r["verified"] and not r["pullable"]:
+        if r["fix"] and not r["pullable"]:
             status(f"{r['name']}: {'missing' if not r['present'] else 'not verified'}; {r['fix']}.")
     if any(r["tg_tokens_per_s"] is None and r["backend"] == "llama" for r in rows):
         status("Measure speeds with `cre models bench`.")

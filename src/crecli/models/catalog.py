@@ -24,6 +24,10 @@ def rows(settings: ModelConfig, deep: bool = False) -> list[dict[str, Any]]:
     for name, spec in settings.models.items():
         state = file_state(spec, deep=deep)
         speed = bench.stored(spec)
+        # What needs doing: a ladder model or a file present but not verified, or a `path`
+        # model's missing file. A model off the ladder that a pull fetches and that was
+        # never pulled is an option, not a fault (the shipped 0.5B's Q4_0).
+        needs = not state.verified and (name in settings.ladder or state.present or not spec.pullable)
         out.append(
             {
                 "name": name,
@@ -43,7 +47,7 @@ def rows(settings: ModelConfig, deep: bool = False) -> list[dict[str, Any]]:
                 "pullable": spec.pullable,
                 # The model a pull makes this one from, by llama.cpp's quantizer (`quant`).
                 "requantize_from": spec.requantize_from,
-                "fix": "" if state.verified else fix_for(spec),
+                "fix": fix_for(spec) if needs else "",
                 "sha256": spec.sha256,
                 # A file with no sha256 pinned is "verified" as a GGUF file only: shown as
                 # unpinned, not as a checked file (`render.models_table`).
