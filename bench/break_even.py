@@ -18,17 +18,30 @@ answer on the cluster's labelled queries, in the router's cost unit) and runs no
 
     .venv/bin/python bench/break_even.py [--router src/crecli/routers/default.cre] [--json]
 
+With `--check`, the real deferral check too, on the recorded answers to the router's fit
+log (`--log` to name it; every model's answer must be in the outcome store, or they are
+collected first): each answer's P(correct) comes from deferral models fitted on the other
+four of five folds (calibration's split and fitting), and a start on each smaller rung m of
+each cluster that starts on the strongest model is replayed with the ladder engine at each
+P(correct) threshold t (for m and each rung after it below the top): the share m keeps, how
+often those are right, and the cascade's accuracy and cost as shares of the strongest
+model's there. Per cluster the cheapest such start that keeps 98% of the strongest model's
+accuracy there is reported, if it pays.
+
 The shipped router was fitted on all 1,400 queries of examples/querylog-large.jsonl, so
 these are figures of the log, in-sample: they bound what a check could do; they are not a
-held-out result.
+held-out result. With `--check` the P(correct) are held out, but each cluster's threshold
+is chosen on the queries it is scored on: a bound too, though one a real check could reach
+only with that luck.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,19 +91,115 @@ def summary(rows: list[dict[str, Any]], top: str) -> dict[str, Any]:
                                    "saved_share_of_start_cost": saved / start_cost if start_cost else 0.0}}
 
 
+# P(correct) thresholds a start on a smaller rung is replayed at (calibration's own grid, without
+# 0, the rung alone, and 1, the rung skipped in effect).
+THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# A start pays in a cluster if it keeps this share of the strongest model's accuracy there.
+KEEP = 0.98
+
+
+def held_out_p(data: Any, ladder: list[str], folds: int = 5, seed: int = 0, votes: int = 1) -> dict[Any, float]:
+    """Each recorded answer's P(correct) from deferral models fitted on the other folds, split
+    and fitted as `cre calibrate` does (`calibrate.folds`, `deferral.train_deferral`)."""
+    from crecli import calibrate
+    from crecli.deferral import _table_prior, deferral_p, train_deferral
+
+    n = len(data.records)
+    out: dict[Any, float] = {}
+    for fold in calibrate.folds(n, folds, seed, data.prompt_ids):
+        train = sorted(set(range(n)) - set(fold))
+        table = calibrate._table(data, train, ladder)
+        rules = {m: train_deferral(data, train, table, m, votes) for m in ladder[:-1]}
+        out.update(deferral_p(data, fold, rules, _table_prior(data, table), votes))
+    return out
+
+
+def with_check(data: Any, router: Any, p: Mapping[Any, float]) -> list[dict[str, Any]]:
+    """Per cluster that starts on the strongest model: for each smaller rung m and threshold,
+    the replayed start on m (its answers and each later rung's below the top kept at
+    P(correct) >= t, the rest sent up): m's accepted share and their accuracy, and the
+    cascade's accuracy and cost as shares of the strongest model's on the same queries."""
+    ladder = list(router.ladder_names)
+    top = ladder[-1]
+    zeros = {m: 0.0 for m in ladder}
+    members: dict[int, list[int]] = defaultdict(list)
+    for i, cid in enumerate(data.clusters):
+        if cid >= 0 and (info := router.cluster(cid)) is not None and info.model == top:
+            members[cid].append(i)
+    ids = [r.id for r in data.records]
+    alone = data.replay.simulate({q: top for q in ids}, zeros, router.quality).traces
+    rows: dict[int, dict[str, Any]] = {
+        cid: {"cluster": cid, "size": len(idx), "strongest_accuracy": sum(alone[i].correct for i in idx) / len(idx),
+              "strongest_cost": sum(alone[i].cost for i in idx) / len(idx), "starts": []}
+        for cid, idx in members.items()}
+    for m in ladder[:-1]:
+        for t in THRESHOLDS:
+            own = {x: t for x in ladder[ladder.index(m):-1]}
+            traces = data.replay.simulate({q: m for q in ids}, zeros, router.quality, {q: own for q in ids},
+                                          p_correct=p).traces
+            for cid, idx in members.items():
+                kept = [i for i in idx if len(traces[i].steps) == 1]
+                row = rows[cid]
+                acc = sum(traces[i].correct for i in idx) / len(idx)
+                cost = sum(traces[i].cost for i in idx) / len(idx)
+                row["starts"].append({
+                    "model": m, "threshold": t, "accepted_share": len(kept) / len(idx),
+                    "accepted_accuracy": sum(traces[i].correct for i in kept) / len(kept) if kept else None,
+                    "accuracy_share": acc / row["strongest_accuracy"] if row["strongest_accuracy"] else None,
+                    "cost_share": cost / row["strongest_cost"] if row["strongest_cost"] else None})
+    out = []
+    for row in rows.values():
+        keeps = [s for s in row["starts"] if s["accuracy_share"] is not None and s["accuracy_share"] >= KEEP
+                 and s["cost_share"] is not None]
+        row["best"] = min(keeps, key=lambda s: s["cost_share"], default=None)
+        out.append(row)
+    return sorted(out, key=lambda r: -r["size"])
+
+
+def starts_cost(data: Any, router: Any) -> float:
+    """What the router's starts cost on the clustered queries of `data`, each answered
+    greedily by its cluster's model, priced as `with_check` prices (today's speeds)."""
+    top = router.ladder_names[-1]
+    zeros = {m: 0.0 for m in router.ladder_names}
+    model_of = {c.id: c.model for c in router.clusters}
+    traces = data.replay.simulate({r.id: model_of.get(c, top) for r, c in zip(data.records, data.clusters)}, zeros,
+                                  router.quality).traces
+    return sum(t.cost for t, c in zip(traces, data.clusters) if c in model_of)
+
+
+def check_summary(rows: list[dict[str, Any]], start_cost: float) -> dict[str, Any]:
+    """Clusters where the cheapest start that keeps `KEEP` of the strongest model's accuracy
+    there costs less than the strongest model, and what those starts save as a share of
+    what the router's starts cost on the log (`start_cost`, summed over its clusters)."""
+    paying = [r for r in rows if r["best"] is not None and r["best"]["cost_share"] < 1.0]
+    saved = sum(r["size"] * r["strongest_cost"] * (1.0 - r["best"]["cost_share"]) for r in paying)
+    return {"clusters": len(paying), "queries": sum(r["size"] for r in paying),
+            "saved_share_of_start_cost": saved / start_cost if start_cost else 0.0}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--router", type=Path, default=ROOT / "src" / "crecli" / "routers" / "default.cre")
+    parser.add_argument("--check", action="store_true",
+                        help="also replay the real deferral check on the recorded answers (held-out P(correct))")
+    parser.add_argument("--log", type=Path, help="the labelled log for --check (default: the router's fit log)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    from crecli import config, routerfile
+    from crecli import calibrate, config, replay, routerfile
 
-    router = routerfile.load(args.router, config.load())
+    settings = config.load()
+    router = routerfile.load(args.router, settings)
     rows = clusters(router)
     top = router.ladder_names[-1]
     result = {"router": str(args.router), "unit": router.fit.cost_unit, "strongest": top,
               "summary": summary(rows, top), "clusters": rows}
+    if args.check:
+        data = replay.prepare(router, settings, calibrate.fitted_log(router, args.log))
+        checked = with_check(data, router, held_out_p(data, router.ladder_names))
+        start_cost = starts_cost(data, router)
+        result["with_check"] = {"unit": data.costs.unit, "keep": KEEP, "summary": check_summary(checked, start_cost),
+                                "clusters": checked}
     if args.json:
         print(json.dumps(result, indent=1))
         return
@@ -107,6 +216,21 @@ def main() -> None:
           f"clusters) start on {top}. A perfect check on a smaller rung would pay in {p['clusters']} of those "
           f"clusters ({p['queries']} queries), saving at most {100 * p['saved_share_of_start_cost']:.1f}% of what the "
           f"router's starts cost on the log.")
+    if args.check:
+        w = result["with_check"]
+        print(f"\nWith the deferral check (held-out P(correct)), the cheapest start keeping {KEEP:.0%} of {top}'s "
+              "accuracy in each cluster on it:")
+        for r in w["clusters"]:
+            b = r["best"]
+            print(f"{r['cluster']:>7} {r['size']:>5}  " + (
+                f"{b['model'][:28]} at P >= {b['threshold']:.1f}: keeps {b['accepted_share']:.0%} "
+                f"(right {b['accepted_accuracy'] or 0:.0%}), {b['accuracy_share']:.1%} of the accuracy at "
+                f"{b['cost_share']:.1%} of the cost" if b and b["cost_share"] < 1.0 else
+                f"no start that keeps it pays (the cheapest: {b['cost_share']:.1%} of the cost)" if b else
+                "no start keeps it"))
+        c = w["summary"]
+        print(f"Such a start pays in {c['clusters']} clusters ({c['queries']} queries), saving at most "
+              f"{100 * c['saved_share_of_start_cost']:.1f}% of what the router's starts cost on the log.")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,41 @@ def test_break_even_is_the_cost_share_and_a_perfect_check_pays_only_above_it() -
     assert s["perfect_check_pays"]["saved_share_of_start_cost"] == pytest.approx(2 / 70)
 
 
+def test_break_even_with_the_real_check_replays_each_start_on_its_p_correct() -> None:
+    from crecli.quality import QualityCheck
+    from crecli.querylog import Record
+    from crecli.replay import Replay, _Entry
+
+    be = _script("break_even")
+    # Cluster 0 starts on t (cost 10 an answer); s costs 2 and is right on q0-q5 of 10,
+    # sure (P 0.9) of q0-q4 and of the wrong q9, unsure (0.1) of the rest; t is right on all
+    # but q9. Cluster 1 already starts on s.
+    records = [Record(id=f"q{i}", prompt=f"p{i}", reference=["1"], match="numeric") for i in range(12)]
+    entries, p = {}, {}
+    for i, r in enumerate(records):
+        s_right = i < 6 or i == 10
+        entries[(r.id, "s")] = _Entry(("1" if s_right else "2",), (s_right,), (2.0,))
+        entries[(r.id, "t")] = _Entry(("1" if i != 9 else "2",), (i != 9,), (10.0,))
+        p[(r.id, "s")] = 0.9 if i < 5 or i == 9 else 0.1
+    data = SimpleNamespace(records=records, clusters=[0] * 10 + [1, 1],
+                           replay=Replay(entries, records, ["s", "t"], "seconds"))
+    clusters = {0: SimpleNamespace(id=0, model="t"), 1: SimpleNamespace(id=1, model="s")}
+    router = SimpleNamespace(ladder_names=["s", "t"], quality=QualityCheck(k=1), clusters=list(clusters.values()),
+                             cluster=clusters.get)
+    [row] = be.with_check(data, router, p)  # only the cluster that starts on t
+    assert (row["cluster"], row["size"], row["strongest_accuracy"], row["strongest_cost"]) == (0, 10, 0.9, 10.0)
+    at = {st["threshold"]: st for st in row["starts"]}
+    # At 0.5: s keeps q0-q4 and q9 (5 of 6 right); t answers q5-q8, all right: 9 of 10, as
+    # t alone. Cost 2 + 4 x 10 / 10 = 6 a query: 60% of t's.
+    assert at[0.5]["accepted_share"] == 0.6 and at[0.5]["accepted_accuracy"] == pytest.approx(5 / 6)
+    assert at[0.5]["accuracy_share"] == pytest.approx(1.0) and at[0.5]["cost_share"] == pytest.approx(0.6)
+    assert at[0.9]["cost_share"] == pytest.approx(0.6)  # P 0.9 is still kept at 0.9
+    assert row["best"]["cost_share"] == pytest.approx(0.6)
+    # The router's starts: cluster 0 on t (10 x 10), cluster 1 on s (2 x 2) = 104; the start saves 10 x 10 x 0.4.
+    assert be.starts_cost(data, router) == pytest.approx(104.0)
+    assert be.check_summary([row], 104.0) == {"clusters": 1, "queries": 10, "saved_share_of_start_cost": pytest.approx(40 / 104)}
+
+
 def test_cost_vs_clock_splits_a_batch_by_model_at_the_price_batch_uses(tmp_path: Path) -> None:
     cvc = _script("cost_vs_clock")
     pricing = Pricing("bench-seconds", {}, {"s": bench.Rates(100.0, 10.0), "t": bench.Rates(50.0, 5.0)}, {"s": 10, "t": 10})
