@@ -227,44 +227,6 @@ def test_choose_by_weight_prices_accuracy_alike_in_every_cluster() -> None:
     assert choose_by_weight(tie, 1.0).models == {0: "s"}  # 0.5 - 0.5 == 1.0 - 1.0
 
 
-def test_choose_by_weight_may_give_a_cluster_a_cascade_of_its_own() -> None:
-    # The small rung alone is right half the time in cluster 0; started there and sure of
-    # its right answers, a cascade keeps 95% for 2.5. One price of accuracy values it as it
-    # values a model alone, and the cluster's own thresholds come with it.
-    t = table(["s", "l"], {0: (10, {"s": (0.5, 1.0), "l": (1.0, 4.0)}), 1: (10, {"s": (0.9, 1.0), "l": (1.0, 4.0)})})
-    t.overall = ClusterStats(-1, 20, {"s": ModelStats(20, 0, 0.7, 0.7, 1.0), "l": ModelStats(20, 0, 1.0, 1.0, 4.0)})
-    own = (("s", 0.6),)
-    cascades = {("s", own): {0: ModelStats(10, 0, 0.95, 0.95, 2.5), 1: ModelStats(10, 0, 0.9, 0.9, 2.0),
-                             -1: ModelStats(20, 0, 0.925, 0.925, 2.25)}}
-    # weight x accuracy - cost / 4: at 2, s alone 0.75, l 1.0, the cascade 1.275 in cluster 0;
-    # in cluster 1 s alone (1.55) beats its cascade (1.3), so it keeps the router's thresholds.
-    choice = choose_by_weight(t, 2.0, cascades)
-    assert choice.models == {0: "s", 1: "s"} and choice.thresholds == {0: {"s": 0.6}}
-    assert choice.expected_accuracy == pytest.approx((0.95 + 0.9) / 2)
-    assert choice.expected_cost == pytest.approx((2.5 + 1.0) / 2)
-    assert choose_by_weight(t, 2.0).models == {0: "l", 1: "s"} and choose_by_weight(t, 2.0).thresholds == {}
-    assert choose_by_weight(t, 0.0, cascades).thresholds == {}  # at no price of accuracy the cheapest, alone
-    # A cascade only as good as a model alone is not taken: the model alone wins ties.
-    even = {("s", own): {0: ModelStats(10, 0, 1.0, 1.0, 4.0), -1: ModelStats(10, 0, 1.0, 1.0, 4.0)}}
-    assert choose_by_weight(t, 2.0, even).thresholds == {}
-
-
-def test_a_cascades_accuracy_in_a_cluster_is_its_start_models_shrunk_plus_what_it_gained() -> None:
-    from crecli.choice import cascade_stats
-
-    alone = {0: ModelStats(10, 5, 0.5, 0.45, 1.0), 1: ModelStats(30, 6, 0.2, 0.22, 1.0),
-             2: ModelStats(4, 4, 1.0, 0.9, 1.0), -1: ModelStats(2, 0, 0.0, 0.1, 1.0)}
-    got = cascade_stats({0: (10, 9, 20.0), 1: (30, 6, 30.0), 2: (4, 4, 4.0), -1: (2, 0, 8.0)}, alone)
-    assert (got[-1].n, got[-1].correct, got[-1].accuracy, got[-1].mean_cost) == (46, 19, 19 / 46, 62 / 46)
-    assert (got[0].accuracy, got[0].mean_cost) == (0.9, 2.0)
-    assert got[0].shrunk_accuracy == pytest.approx(0.45 + 0.4)  # 4 more right of 10 than the model alone
-    # Nothing gained, nothing borrowed from clusters where the cascade gains: exactly the
-    # model alone's, which wins the tie in `choose_by_weight`.
-    assert got[1].shrunk_accuracy == pytest.approx(0.22)
-    assert got[2].shrunk_accuracy == pytest.approx(0.9)
-    assert set(got) == {-1, 0, 1, 2}  # the unclustered count in the whole, never as a cluster
-
-
 def test_max_cost_is_a_greedy_knapsack_by_accuracy_per_cost() -> None:
     assert choose_models(table(LADDER, ROWS), Budget("max_cost", 0.5)).models == {0: "m", 1: "m"}
     assert choose_models(table(LADDER, ROWS), Budget("max_cost", 0.75)).models == {0: "m", 1: "l"}
@@ -510,16 +472,13 @@ def test_calibration_starts_a_prompt_beyond_its_clusters_reach_where_cre_ask_doe
     from crecli.route import RouteDecision
 
     seen: dict[str, str] = {}
-    own: dict[str, object] = {}
 
     class Capture:
         def __init__(self, *args: object) -> None:
             pass
 
-        def simulate(self, starts: dict[str, str], thresholds: object, quality: object, overrides: object = None,
-                     **kw: object) -> None:
+        def simulate(self, starts: dict[str, str], *args: object, **kw: object) -> None:
             seen.update(starts)
-            own.update(overrides or {})
 
     monkeypatch.setattr(calibrate, "Replay", Capture)
     records = [rec("near"), rec("far"), rec("none")]
@@ -527,12 +486,9 @@ def test_calibration_starts_a_prompt_beyond_its_clusters_reach_where_cre_ask_doe
               RouteDecision(-1, "large", 2.0, "", 0.0, False)]
     data = SimpleNamespace(records=records, routes=routes, clusters=[0, 0, -1],
                            replay=SimpleNamespace(entries={}, ladder=["small", "large"], unit="seconds"))
-    # Cluster 0 runs a cascade of its own: its thresholds go with its queries, as `cre ask`
-    # reads them (`RouterFile.settings_for`); the far one starts on the top rung all the same.
-    choice = Choice({0: "small"}, "large", 0.0, 0.0, 0.0, 0.0, thresholds={0: {"small": 0.7}})
+    choice = Choice({0: "small"}, "large", 0.0, 0.0, 0.0, 0.0)
     calibrate._simulate(data, [0, 1, 2], choice, {"small": 0.0, "large": 0.0}, K3)  # type: ignore[arg-type]
     assert seen == {"near": "small", "far": "large", "none": "large"}
-    assert own == {"near": {"small": 0.7}, "far": {"small": 0.7}}
 
 
 def test_calibrations_deferral_prior_blends_by_distance_as_the_live_one_does() -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Container, Literal, Mapping, Sequence
 
 from crecli import archive, console, paths
-from crecli.choice import CascadeStart, Choice, ModelStats, StatsTable, cascade_stats, choose_by_weight, cluster_stats
+from crecli.choice import Choice, StatsTable, choose_by_weight, cluster_stats
 from crecli.costs import Budget
 from crecli.deferral import _table_prior, deferral_p, signal_report, train_deferral
 from crecli.errors import CreError, UsageError
@@ -27,7 +27,6 @@ from crecli.quality import CHECKS, DEFAULT_CHECK, DeferralCheck, needed, thresho
 from crecli.replay import Data, Replay, SimResult, prepare, reference
 
 if TYPE_CHECKING:
-    from crecli.choice import Cascades
     from crecli.config import ModelConfig
     from crecli.outcomes import OutcomeKey
     from crecli.quality import QualityCheck
@@ -48,15 +47,10 @@ WEIGHT_GRID = tuple([i / 8 for i in range(16)] + [2 + i / 4 for i in range(41)] 
 class Setting:
     weight: float  # per-cluster model choice: `choose_by_weight(table, weight)`
     thresholds: tuple[tuple[str, float], ...]
-    # Clusters may also start cascades of their own (`choose_by_weight`'s `cascades`,
-    # measured by `cascade_starts`), each with its own thresholds over `thresholds`.
-    cascades: bool = False
 
     def label(self) -> str:
-        """e.g. "weight 1.5 | thresholds 0.8/0.6/0.0" (thresholds smallest rung first), and
-        " | cluster cascades" where clusters may start cascades of their own."""
-        return (f"weight {self.weight:g} | thresholds " + "/".join(f"{v:.1f}" for _, v in self.thresholds)
-                + (" | cluster cascades" if self.cascades else ""))
+        """e.g. "weight 1.5 | thresholds 0.8/0.6/0.0" (thresholds smallest rung first)."""
+        return f"weight {self.weight:g} | thresholds " + "/".join(f"{v:.1f}" for _, v in self.thresholds)
 
 
 @dataclass(frozen=True)
@@ -209,10 +203,7 @@ def _simulate(
     # on the fallback, whatever model the cluster gets (`route.decide`).
     starts = {data.records[i].id: choice.models.get(data.clusters[i], choice.fallback) if data.routes[i].familiar
               else choice.fallback for i in idx}
-    # A cluster's own thresholds apply to its queries, as the live check reads them
-    # (`RouterFile.settings_for`) and `cre eval` replays them.
-    own = {data.records[i].id: choice.thresholds[data.clusters[i]] for i in idx if data.clusters[i] in choice.thresholds}
-    return sub.simulate(starts, thresholds, quality, own or None, p_correct=p_correct, votes=votes, agreement=agreement)
+    return sub.simulate(starts, thresholds, quality, p_correct=p_correct, votes=votes, agreement=agreement)
 
 
 def sweep(data: Data, fit_idx: Sequence[int], eval_idx: Sequence[int], ladder: list[str], quality: "QualityCheck",
@@ -263,23 +254,20 @@ def _replay_grid(
     p_correct: Mapping[OutcomeKey, float] | None = None,
     votes: int = 1,
     agreement: Sequence[str] = (),
-    cascades: "Cascades | None" = None,
 ) -> list[tuple[Setting, SimResult]]:
     """Every `WEIGHT_GRID` price x every thresholds in `combos`, cluster models chosen on
-    `table` (and, with `cascades`, clusters' own cascades: `choose_by_weight`) and the
-    cascade replayed on `eval_idx`. Neighbouring prices often choose the same models; those
-    reuse the first one's replays instead of repeating them."""
+    `table` and the cascade replayed on `eval_idx`. Neighbouring prices often choose the
+    same models; those reuse the first one's replays instead of repeating them."""
     out: list[tuple[Setting, SimResult]] = []
     done: dict[tuple[Any, ...], list[SimResult]] = {}
     for weight in WEIGHT_GRID:
-        choice = choose_by_weight(table, weight, cascades)
-        key = (tuple(sorted(choice.models.items())), choice.fallback,
-               tuple(sorted((cid, tuple(t.items())) for cid, t in choice.thresholds.items())))
+        choice = choose_by_weight(table, weight)
+        key = (tuple(sorted(choice.models.items())), choice.fallback)
         results = done.get(key)
         if results is None:
             results = done[key] = [_simulate(data, eval_idx, choice, t, quality, p_correct, votes, agreement)
                                    for t in combos]
-        out.extend((Setting(weight, tuple(t.items()), cascades is not None), r) for t, r in zip(combos, results))
+        out.extend((Setting(weight, tuple(t.items())), r) for t, r in zip(combos, results))
     return out
 
 
@@ -408,51 +396,7 @@ def sweep_deferral(
     rules = {m: train_deferral(data, fit_idx, table, m, votes) for m in ladder}
     p = deferral_p(data, eval_idx, rules, _table_prior(data, table), votes)
     combos = _deferral_combos(ladder, agreement, quality.k, labelled)
-    cascades = cascade_starts(data, fit_idx, table, deferral_p(data, fit_idx, rules, _table_prior(data, table), votes),
-                              quality, votes, agreement)
-    return (_replay_grid(data, table, eval_idx, combos, quality, p, votes, agreement)
-            + _replay_grid(data, table, eval_idx, [_zeros(ladder)], quality, p, votes, agreement, cascades)), p
-
-
-def _zeros(ladder: Sequence[str]) -> dict[str, float]:
-    """Router-wide thresholds of 0 (every greedy answer kept): what clusters that start
-    cascades of their own (`cascade_starts`) are swept beside."""
-    return {m: 0.0 for m in ladder}
-
-
-def cascade_starts(data: Data, idx: Sequence[int], table: StatsTable, p: Mapping[OutcomeKey, float],
-                   quality: "QualityCheck", votes: int, agreement: Sequence[str] = ()) -> "Cascades":
-    """Every cascade a cluster may start (`choice.CascadeStart`), measured on the records
-    `idx`: each rung below the top that runs the deferral check, at each threshold of
-    `DEFERRAL_GRID` between 0 (the rung alone) and 1 (the rung skipped in effect), with that
-    threshold for it and every deferral rung after it below the top; replayed on every
-    record of `idx` with `p`, their answers' P(correct) from the deferral models fitted on
-    them, as the router fitted on them would judge them.
-
-    The thresholds are the cluster's own, so a cluster that starts on the 1.5B is not made
-    to run a cascade that only pays where a small rung is right on most of its queries."""
-    ladder = table.ladder
-    sub = Replay(data.replay.entries, [data.records[i] for i in idx], data.replay.ladder, data.replay.unit)
-    out: dict[CascadeStart, dict[int, ModelStats]] = {}
-    for start in [m for m in ladder[:-1] if m not in agreement]:
-        rungs = [m for m in ladder[ladder.index(start):-1] if m not in agreement]
-        alone = {cid: stats.models[start] for cid, stats in table.clusters.items()}
-        # Highest first: of cascades that do equally well on these records, `choose_by_weight`
-        # keeps the first, the one that trusts fewest answers, whose P(correct) held the most room.
-        for threshold in sorted((t for t in DEFERRAL_GRID if 0.0 < t < 1.0), reverse=True):
-            local = {m: threshold for m in rungs}
-            result = sub.simulate({data.records[i].id: start for i in idx}, _zeros(ladder), quality,
-                                  {data.records[i].id: local for i in idx}, p_correct=p, votes=votes,
-                                  agreement=agreement)
-            rows: dict[int, list[float]] = {}
-            for i, trace in zip(idx, result.traces):
-                row = rows.setdefault(data.clusters[i], [0, 0, 0.0])
-                row[0] += 1
-                row[1] += trace.correct
-                row[2] += trace.cost
-            out[(start, tuple(local.items()))] = cascade_stats(
-                {cid: (int(n), int(c), k) for cid, (n, c, k) in rows.items()}, alone)
-    return out
+    return _replay_grid(data, table, eval_idx, combos, quality, p, votes, agreement), p
 
 
 def without_signals(data: Data, ladder: Sequence[str], runtime: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -577,28 +521,18 @@ def recalibrate(
     # on those same queries: the in-sample half of each setting's estimate.
     table = _table(data, everything, ladder)
     rules = None
-    cascades = None
     if check == "deferral":
         rules = DeferralCheck(votes, {m: train_deferral(data, everything, table, m, votes)
                                       for m in ladder[:-1] if m not in agreement}, tuple(agreement))
         p_all = deferral_p(data, everything, rules.models, _table_prior(data, table), votes)
-        cascades = cascade_starts(data, everything, table, p_all, quality, votes, agreement)
-        # Scored in sample with the held-out P(correct): a cascade of a cluster's own is chosen
-        # for how its P(correct) sorts the cluster's answers, and judged by the very models it
-        # was chosen with, on their training answers, it flattered itself. Calibrated so on the
-        # whole 1,400-query log (the 0.5B as Q4_0), the chosen one scored 98.7% of the 1.5B's
-        # accuracy in sample, 97.5% held out, and kept 97.5% on queries it never saw
-        # (bench/headline, seed 0): under the 98% it was chosen for.
         inside = dict(_replay_grid(data, table, everything, _deferral_combos(ladder, agreement, quality.k, labelled),
-                                   quality, p_all, votes, agreement)
-                      + _replay_grid(data, table, everything, [_zeros(ladder)], quality, held_p, votes, agreement,
-                                     cascades))
+                                   quality, p_all, votes, agreement))
     else:
         inside = dict(_replay_grid(data, table, everything, _agreement_combos(ladder, quality.k, labelled), quality))
     estimates = [(setting, estimate(figures, inside[setting])) for setting, figures in held]
     setting, guess, met = _pick(estimates, budget, ref)
     figures = dict(held)[setting]
-    choice = choose_by_weight(table, setting.weight, cascades if setting.cascades else None)
+    choice = choose_by_weight(table, setting.weight)
     result = inside[setting]
     top_only = Choice({}, ladder[-1], 0.0, 0.0, 0.0, 0.0)
     reference_result = _simulate(data, everything, top_only, {ladder[-1]: 0.0}, quality)
@@ -653,8 +587,7 @@ def apply(router: "RouterFile", cal: Calibration, settings: "ModelConfig | None"
         fresh = cal.table.clusters.get(c.id)
         stale += fresh is None and bool(c.stats)
         stats = {m: s.to_dict() for m, s in fresh.models.items()} if fresh is not None else {}
-        clusters.append(replace(c, model=cal.choice.models.get(c.id, c.model), thresholds=cal.choice.thresholds.get(c.id, {}),
-                                stats=stats))
+        clusters.append(replace(c, model=cal.choice.models.get(c.id, c.model), thresholds={}, stats=stats))
     if stale:
         console.warn(f"{stale} cluster(s) have no labelled query in this log: their models are kept, their statistics dropped")
     fit = replace(

@@ -11,7 +11,7 @@ no model runs here.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from crecli.costs import BUDGET_EPS as _EPS, Budget, CostModel
@@ -199,9 +199,6 @@ class Choice:
     expected_cost: float  # mean greedy cost per record, by the choice
     reference_accuracy: float  # the same, always using the strongest model
     reference_cost: float
-    # cluster id -> rung -> the P(correct) it needs there, over the router's thresholds: a
-    # cluster that starts a cascade of its own (`choose_by_weight` with `cascades`).
-    thresholds: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 def choose_models(table: StatsTable, budget: Budget) -> Choice:
@@ -228,41 +225,7 @@ def weighted_value(weight: float, accuracy: Any, cost: Any, acc_unit: float, cos
     return weight * accuracy / acc_unit - cost / cost_unit
 
 
-# A start a cluster may be given beside each model alone: (rung, thresholds) -- the rung
-# starts the cluster's queries, and the rungs named accept an answer only at their own
-# threshold or above (the cluster's `Choice.thresholds`, over the router's).
-CascadeStart = tuple[str, tuple[tuple[str, float], ...]]
-# Each such start's figures on the records it was measured on: per cluster, and (-1) over
-# them all, in the form of a model's (`ModelStats`, accuracy shrunk as a model's is).
-Cascades = Mapping[CascadeStart, Mapping[int, ModelStats]]
-
-
-def cascade_stats(rows: Mapping[int, tuple[int, int, float]], alone: Mapping[int, ModelStats]) -> dict[int, ModelStats]:
-    """A cascade start's `ModelStats` per cluster from (queries, right answers, total cost)
-    per cluster, and (key -1) over them all; `alone` is the start model's own per cluster
-    (`StatsTable.clusters[cid].models[start]`).
-
-    A cluster's shrunk accuracy is its start model's, plus what the cascade gained over that
-    model alone on the same queries. Shrunk toward the cascade's log-wide accuracy instead, a
-    small cluster would borrow the accuracy of clusters where the cascade sends nearly every
-    answer up, and a cascade that sends nothing up there would outscore its own model alone.
-    The gain is a paired difference, on the cluster's own queries: far less noisy than either
-    accuracy, so it is taken as measured."""
-    n_all = sum(n for n, _, _ in rows.values())
-    right_all = sum(c for _, c, _ in rows.values())
-    cost_all = sum(k for _, _, k in rows.values())
-    glob = right_all / n_all if n_all else 0.0
-    out = {-1: ModelStats(n_all, right_all, glob, glob, cost_all / n_all if n_all else 0.0)}
-    for cid, (n, correct, cost) in rows.items():
-        own = alone.get(cid)
-        if cid >= 0 and n and own is not None:
-            accuracy = correct / n
-            shrunk = min(1.0, max(0.0, own.shrunk_accuracy + accuracy - own.accuracy))
-            out[cid] = ModelStats(n, correct, accuracy, shrunk, cost / n)
-    return out
-
-
-def choose_by_weight(table: StatsTable, weight: float, cascades: Cascades | None = None) -> Choice:
+def choose_by_weight(table: StatsTable, weight: float) -> Choice:
     """Each cluster's starting model for one price of accuracy: the model with the highest
     `weight` x (its shrunk accuracy there / the strongest model's log-wide accuracy) -
     (its mean cost there / the strongest model's log-wide mean cost); ties go to the cheaper.
@@ -276,61 +239,45 @@ def choose_by_weight(table: StatsTable, weight: float, cascades: Cascades | None
     the fifth, the ratio rule kept 97.9-98.9% of the strongest model's accuracy at 92.4-93.8%
     of its cost, this one 98.6-99.6% at 83.4-84.6% (`bench/frontier_bound.py`, seeds 0-2).
     0 picks each cluster's cheapest model; a very large weight its most accurate one.
-
-    With `cascades`, a cluster may instead start a cascade of its own (`CascadeStart`),
-    valued by the same rule on that cascade's figures there: a small rung that is right,
-    and sure of it, on enough of a cluster's queries pays for the ones it sends up, where
-    the small rung alone would lose too much accuracy. A model alone wins ties.
     """
     ladder = table.ladder
     top = table.overall.models[ladder[-1]]
     acc_unit = top.accuracy if top.accuracy > 0 else 1.0
     cost_unit = top.mean_cost if top.mean_cost > 0 else 1.0
 
-    def value(m: ModelStats) -> float:
+    def score(stats: ClusterStats, model: str) -> float:
+        m = stats.models[model]
         return weighted_value(weight, m.shrunk_accuracy, m.mean_cost, acc_unit, cost_unit)
 
-    models: dict[int, str] = {}
-    thresholds: dict[int, dict[str, float]] = {}
-    picked: dict[int, ModelStats] = {}
+    models = {}
     for cid, stats in table.clusters.items():
         if cid < 0:
             continue
         # max() keeps the first of equals, and _by_cost lists the cheapest first.
-        best = max(_by_cost(stats, ladder), key=lambda m: value(stats.models[m]))
-        models[cid], best_value = best, value(stats.models[best])
-        for (start, own), per in (cascades or {}).items():
-            option = per.get(cid)
-            if option is not None and value(option) > best_value:
-                models[cid], best_value, picked[cid], thresholds[cid] = start, value(option), option, dict(own)
-    return _choice_of(table, models, thresholds, picked)
+        models[cid] = max(_by_cost(stats, ladder), key=lambda m: score(stats, m))
+    return _choice_of(table, models)
 
 
-def _choice_of(table: StatsTable, models: dict[int, str], thresholds: dict[int, dict[str, float]] | None = None,
-               cascade: Mapping[int, ModelStats] | None = None) -> Choice:
+def _choice_of(table: StatsTable, models: dict[int, str]) -> Choice:
     """`models` as a Choice: unclustered prompts start on the strongest model, and the
-    expected figures are the table's, by the choice and by always using the strongest. A
-    cluster in `cascade` (its own `thresholds`) is expected to do as its cascade did there."""
+    expected figures are the table's, by the choice and by always using the strongest."""
     top = table.ladder[-1]
     chosen = dict(models)
     if -1 in table.clusters:
         chosen[-1] = top
     n = sum(table.clusters[cid].size for cid in chosen) or 1
-    cascade = cascade or {}
 
-    def mean(pick: Mapping[int, str], attr: str, own: Mapping[int, ModelStats]) -> float:
-        return sum(getattr(own[cid] if cid in own else table.clusters[cid].models[m], attr) * table.clusters[cid].size
-                   for cid, m in pick.items()) / n
+    def mean(pick: Mapping[int, str], attr: str) -> float:
+        return sum(getattr(table.clusters[cid].models[m], attr) * table.clusters[cid].size for cid, m in pick.items()) / n
 
     always_top = {cid: top for cid in chosen}
     return Choice(
         models=models,
         fallback=top,
-        expected_accuracy=mean(chosen, "shrunk_accuracy", cascade),
-        expected_cost=mean(chosen, "mean_cost", cascade),
-        reference_accuracy=mean(always_top, "shrunk_accuracy", {}),
-        reference_cost=mean(always_top, "mean_cost", {}),
-        thresholds=dict(thresholds or {}),
+        expected_accuracy=mean(chosen, "shrunk_accuracy"),
+        expected_cost=mean(chosen, "mean_cost"),
+        reference_accuracy=mean(always_top, "shrunk_accuracy"),
+        reference_cost=mean(always_top, "mean_cost"),
     )
 
 

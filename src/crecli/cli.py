@@ -227,8 +227,7 @@ def calibrate(
 
     Works from recorded outcomes: no model runs unless an outcome is missing. The log is
     read as `cre fit` read it (format, field names, --skip-bad, line cap; --skip-bad or
-    --no-skip-bad and --max-prompt-bytes override). With the deferral check a cluster may
-    instead start a cascade of its own, with its own P(correct) thresholds. Each setting is
+    --no-skip-bad and --max-prompt-bytes override). Each setting is
     scored held out (cross-validation) and in sample (its models chosen on all queries);
     the setting is chosen on the mean of the two. It prints the held-out accuracy-cost
     frontier, marks the chosen point, and prints the estimate it was chosen on. Every cost

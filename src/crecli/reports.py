@@ -197,11 +197,7 @@ def inspect_router(router: Any, as_json: bool, here: dict[str, tuple[str, str]] 
                 + (f"\n{shots} example{'s' if shots > 1 else ''}" if shots else "")
             )
         examples = "\n".join("- " + terminal_safe(e.replace("\n", " ")[:90]) for e in c.examples)
-        # A cluster that starts a cascade of its own (`cre calibrate`) says how sure each rung must be.
-        own = "".join(f"\n{terminal_safe(m)} own P(correct) {t:.2f}" if router.deferral is not None and
-                      m not in router.deferral.agreement else f"\n{terminal_safe(m)} own threshold {t:.2f}"
-                      for m, t in c.thresholds.items())
-        table.add_row(str(c.id), str(c.size), Text(examples), *cells, Text(terminal_safe(c.model) + own))
+        table.add_row(str(c.id), str(c.size), Text(examples), *cells, Text(terminal_safe(c.model)))
     out().print(table)
     if len(router.clusters) > INSPECT_CLUSTERS:
         status(f"Showing the first {INSPECT_CLUSTERS} of {len(router.clusters):,} clusters; "
