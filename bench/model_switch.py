@@ -35,14 +35,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# The same spread of the log's prompts as the bench beside it.
+from models_at_once import prompts  # noqa: E402
+
 MODES = ("alone", "loaded", "chunked", "interleaved")
-
-
-def prompts(log: Path, n: int) -> list[str]:
-    """`n` prompts spread over the log."""
-    rows = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
-    step = max(1, len(rows) // n)
-    return [str(r["prompt"]) for r in rows[::step][:n]]
 
 
 def child(mode: str, texts: list[str], chunk: int, max_tokens: int) -> dict[str, Any]:
