@@ -62,7 +62,7 @@ def main() -> None:
 
     from crecli import config, grading, querylog
     from crecli.models.pull import require_file
-    from crecli.models.runtime import default_threads, model_params, quiet_stderr, use_extra_bufts
+    from crecli.models.runtime import default_threads, loading, model_params, use_extra_bufts
     from crecli.models.tokens import shared_prefix
     from crecli.models.prompting import HEAD_PROBES
 
@@ -73,9 +73,10 @@ def main() -> None:
     records = [r for r in querylog.LogOptions().read(args.log).records if r.reference is not None]
     if args.limit:
         records = records[: args.limit]
-    with quiet_stderr(), model_params(use_extra_bufts()):
+    # As `cre` loads a model: llama.cpp's log routed, the extra buffer types as `cre` sets them.
+    with loading() as verbose, model_params(use_extra_bufts()):
         llm = Llama(model_path=str(require_file(spec)), n_ctx=spec.context, n_threads=default_threads(),
-                    n_threads_batch=default_threads(), verbose=False)
+                    n_threads_batch=default_threads(), verbose=verbose)
     head = len(shared_prefix([chat_tokens(llm, p) for p in HEAD_PROBES]))
     rows = []
     start = time.perf_counter()
