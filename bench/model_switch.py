@@ -99,12 +99,11 @@ def main() -> None:
     decoded = {run["tokens"] for done in runs.values() for run in done}
     if len(decoded) != 1:  # the arrangements must time the same work
         sys.exit(f"the top model decoded different token counts across arrangements: {sorted(decoded)}")
-    alone = statistics.median(run["seconds"] for run in runs["alone"])
+    medians = {m: statistics.median(run["seconds"] for run in runs[m]) for m in MODES}
     result = {"model": runs["alone"][0]["model"], "others": runs["loaded"][0]["others"], "prompts": args.n,
               "chunk": args.chunk, "rounds": args.rounds,
               "arrangements": {m: {"seconds": [round(run["seconds"], 3) for run in runs[m]],
-                                   "median_seconds": statistics.median(run["seconds"] for run in runs[m]),
-                                   "vs_alone": statistics.median(run["seconds"] for run in runs[m]) / alone}
+                                   "median_seconds": medians[m], "vs_alone": medians[m] / medians["alone"]}
                                for m in MODES}}
     if args.json:
         print(json.dumps(result, indent=1))
