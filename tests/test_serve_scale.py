@@ -260,6 +260,36 @@ def test_a_ladder_model_asked_by_name_passes_its_servers_refusal_on_as_a_400(
     assert health["status"] == "ok"  # the server answered: it stays in rotation
 
 
+def test_a_refusal_through_the_cascade_stays_the_models_error_when_a_ladder_model_is_named_cre(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `result` told a refusal met through the cascade from one of a model asked by name by
+    # `query.model not in self.ladder`: with a ladder model named "cre", a request for "cre"
+    # (the cascade: `job` asks `cascade_names` first) got its rung's refusal as the client's 400.
+    from dataclasses import replace
+
+    use_models(monkeypatch, {})
+    router = make_router()
+    swap = {"large": "cre"}
+    router.ladder = [replace(e, name=swap.get(e.name, e.name)) for e in router.ladder]
+    router.fallback_model = swap.get(router.fallback_model, router.fallback_model)
+    router.thresholds = {swap.get(k, k): v for k, v in router.thresholds.items()}
+    for cluster in router.clusters:
+        cluster.model = swap.get(cluster.model, cluster.model)
+        cluster.stats = {swap.get(k, k): v for k, v in cluster.stats.items()}
+    with FakeOpenAI() as engine:
+        engine.status = 400
+        engine.status_message = "top_p must be in (0, 1]"
+        toml = ladder_toml(tmp_path, {"large": engine.url})
+        toml.write_text(toml.read_text().replace('"large"]', '"cre"]').replace("[models.large]", "[models.cre]"))
+        settings = config.load(toml)
+        assert settings.ladder == ["small", "medium", "cre"]
+        with serving_cascade(Cascade(router, settings)) as url:
+            through = post(url, "cre", FAR, top_p=0)  # far from every cluster: the top rung answers
+    assert len(engine.requests) == 1  # the rung named "cre" was asked, and refused
+    assert through.status_code == 500 and through.json()["error"]["code"] == "model_error"
+
+
 def test_the_timeout_covers_the_whole_ladder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A timeout of 6 s over two remote rungs: medium's four votes take 3 s (they disagree:
     it escalates), large would hold its call until the test ends. The request gets a 504
