@@ -342,11 +342,12 @@ def test_run_stops_at_a_crashing_probe(tiny_models_toml: Path, monkeypatch: pyte
 
 
 def test_run_looks_every_name_up_before_probing_any(tiny_models_toml: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A typo in the last name was said only after each earlier model had been probed.
-    from crecli.errors import ConfigError
+    # A typo in the last name was said only after each earlier model had been probed. A
+    # typed name: bad usage (`ModelConfig.named`).
+    from crecli.errors import UsageError
 
     monkeypatch.setattr(llama, "probe", lambda spec: pytest.fail(f"probed {spec.name} before every name was checked"))
-    with pytest.raises(ConfigError, match="nope"):
+    with pytest.raises(UsageError, match="nope"):
         bench.run(config.load(tiny_models_toml), ["small", "nope"])
 
 

@@ -126,7 +126,7 @@ def test_votes_keep_their_signals_and_a_longer_recording_serves_fewer_votes(
         # The first vote of the 5-vote recording is what a greedy-only (k=1) run would draw.
         one = collect([record], settings, store, QualityCheck(k=1), models=["small"])[("q", "small")]
         assert created["small"].calls == [] and one.votes == first.votes[:1]
-        found = store.get(prompt_sha256(record.prompt), "small", one.model_sha256, settings_key(five, 16))
+        found = store.get(prompt_sha256(record.prompt), "small", one.model_sha256, settings_key(five, 16, text_stops=True))
         assert found is not None and found[1][0] == Vote("4", 1, found[1][0].seconds, Signals(-0.1, -0.05, None))
 
 

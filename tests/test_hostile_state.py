@@ -467,10 +467,12 @@ def test_a_second_command_waits_for_the_first_and_reuses_its_work(
         time.sleep(0.05)
     assert created == {}  # waiting, not running
     # The first command records every outcome, then exits (its lock goes with it).
-    key = settings_key(quality, grading.max_tokens_for("numeric"))
+    from crecli.models.registry import counts_text_stops
+
     with OutcomeStore(path) as first:
         for name in settings.ladder:
             identity = model_identity(settings.get(name)) or ""
+            key = settings_key(quality, grading.max_tokens_for("numeric"), text_stops=counts_text_stops(settings.get(name)))
             for r in records:
                 first.put(prompt_sha256(r.prompt), name, identity, key, 5, [Vote("4", 1, 0.5)])
     os.close(other)

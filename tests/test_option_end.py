@@ -116,8 +116,8 @@ def test_recorded_and_live_greedy_votes_end_at_the_prompts_options(settings, tmp
     created = fake_backends({"small": lambda text, p: "(B) because apples grow on trees"})
     with OutcomeStore(tmp_path / "outcomes.sqlite") as store:
         outcome = collect([record], settings, store, quality, models=["small"])[("q1", "small")]
-    assert outcome.settings_key == settings_key(quality, grading.max_tokens_for("choice"), "ABC")
-    assert outcome.settings_key.endswith("-o")
+    assert outcome.settings_key == settings_key(quality, grading.max_tokens_for("choice"), "ABC", text_stops=True)
+    assert "-o" in outcome.settings_key
     recorded = [p for _, p in created["small"].calls]
     # The greedy vote ends at the letter; the sampled votes write on, as before.
     assert [p.option_letters for p in recorded] == ["ABC", "", ""]
@@ -142,9 +142,11 @@ K3 = QualityCheck(k=3)
 
 def _recorded_before_the_rule(store: OutcomeStore, texts: Sequence[str]) -> list[Vote]:
     """CHOSEN's k = 3 votes on "small", stored as a fit before the rule stored them: under the
-    key without "-o", the greedy vote written on past its letter."""
+    key without "-o", the greedy vote written on past its letter. With small's "-s" (its
+    format's newline stop), so that only this rule tells them from a new recording."""
     votes = [Vote(text, 2, 0.01, None) for text in texts]
-    store.put(prompt_sha256(CHOSEN.prompt), "small", "", settings_key(K3, grading.max_tokens_for("choice")), 12, votes)
+    store.put(prompt_sha256(CHOSEN.prompt), "small", "", settings_key(K3, grading.max_tokens_for("choice"), text_stops=True),
+              12, votes)
     return votes
 
 
@@ -211,7 +213,7 @@ def test_a_recording_made_meanwhile_without_signals_counts_as_done(settings, tmp
     created = fake_backends({"small": lambda text, p: "(B) because"})
     with OutcomeStore(tmp_path / "outcomes.sqlite") as store:
         votes = _recorded_before_the_rule(store, ["(B) because"] * 3)
-        new = settings_key(K3, grading.max_tokens_for("choice"), "ABC")
+        new = settings_key(K3, grading.max_tokens_for("choice"), "ABC", text_stops=True)
         meanwhile = [Vote("(B)", 0, 0.01, None)] + votes[1:]
         running = store.running_models
 

@@ -52,7 +52,8 @@ def test_collect_runs_each_query_and_model_once(settings, store, fake_backends) 
     o = results[("q1", "small")]
     assert o.source == "run" and o.label is None and len(o.votes) == 3
     assert o.prompt_sha256 == prompt_sha256(records[1].prompt)
-    assert o.settings_key == settings_key(Q3, grading.max_tokens_for("numeric"))
+    # "-s": small answers in the "completion" format, whose newline stop ends answers as text
+    assert o.settings_key == settings_key(Q3, grading.max_tokens_for("numeric"), text_stops=True)
     assert o.prompt_tokens > 0 and o.votes[0].text == "4"
     assert graded(o, records[1]) == [False, False, False]  # 1 + 1 is not 4
     assert graded(results[("q2", "small")], records[2]) == [True, True, True]

@@ -418,6 +418,25 @@ def test_a_reason_only_a_hash_found_is_kept_when_the_ladder_is_named(monkeypatch
     assert "failed verification (sha256 mismatch)" in str(again) and again.state.reason == "sha256 mismatch"
 
 
+def test_one_catch_widens_a_missing_models_error_to_the_models_the_caller_uses(tmp_path: Path) -> None:
+    # `Cascade.advance` and `bench.run` each caught a missing model's error and widened it to
+    # their models, in two copies of the catch (`naming_all_missing` is the one now).
+    first, second = (ModelSpec(name=n, chunks=(Chunk("x==1.0", n),), size=4096, sha256="a" * 64)
+                     for n in ("first", "second"))
+    with pytest.raises(ModelNotAvailable) as caught, pull.naming_all_missing([first, second]):
+        pull.require_file(second)
+    assert str(caught.value) == (f"model 'second' is not on disk ({second.file}), nor is 'first': "
+                                 "run `cre models pull first second`")
+    assert caught.value.missing == "second" and isinstance(caught.value.__cause__, ModelNotAvailable)
+    # A model it was not given, or an error a pull does not mend, passes as it was raised.
+    other = ModelNotAvailable("model 'other' is not on disk: run `cre models pull other`", missing="other")
+    by_path = ModelNotAvailable("model 'mine' is not on disk: check `path`")
+    for error in (other, by_path):
+        with pytest.raises(ModelNotAvailable) as caught, pull.naming_all_missing([first, second]):
+            raise error
+        assert caught.value is error
+
+
 def _derived(source: ModelSpec, made: bytes) -> ModelSpec:
     return ModelSpec(name="tiny-q4_0", quant="Q4_0", requantize_from=source.name, source=source,
                      sha256=hashlib.sha256(made).hexdigest(), size=len(made))

@@ -372,7 +372,8 @@ def ask(
 
         params = GenParams(max_tokens=64 if max_tokens is None else max_tokens,
                            temperature=0.0 if temperature is None else temperature)
-        gen = generate_once(load_models(models).get(model), text, params)
+        [spec] = load_models(models).named([model], option="--model")  # unknown: bad usage, exit 2
+        gen = generate_once(spec, text, params)
         render.answer(model, gen, json_)
         return
     if max_tokens is not None or temperature is not None:

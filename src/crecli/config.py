@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Collection, Mapping, Sequence
 
 from crecli import paths
-from crecli.errors import ConfigError
+from crecli.errors import ConfigError, UsageError
 
 SCHEMA = 1
 PROMPT_FORMATS = ("completion", "chatml", "chat")
@@ -248,24 +248,40 @@ class ModelConfig:
     sources: list[str] = field(default_factory=list)
 
     def get(self, name: str) -> ModelSpec:
+        """The model `name` as the settings or a router name it (a ladder, an embedder): one
+        not defined here is a ConfigError (exit 1). A name the user typed is `named`'s."""
         try:
             return self.models[name]
         except KeyError:
-            known = ", ".join(self.models) or "none"
-            raise ConfigError(
-                f"unknown model {name!r}. Known models: {known}. "
-                "Add it to a models.toml (see `cre models path`)."
-            ) from None
+            raise ConfigError(unknown_model(name, self.models)) from None
 
     def ladder_specs(self) -> list[ModelSpec]:
         return [self.get(name) for name in self.ladder]
 
-    def named(self, names: Sequence[str] | None = None) -> list[ModelSpec]:
+    def named(self, names: Sequence[str] | None = None, option: str = "") -> list[ModelSpec]:
         """The models a command is given by name (none: the ladder), each once, in the order
         first named: `cre models bench a a` measured `a` twice and stored the one run as two
         of the runs its speed pools, and `cre models pull a a` hashed it twice. Every name is
-        looked up before any model is used, so a typo in the last is said first."""
-        return [self.get(name) for name in dict.fromkeys(names or self.ladder)]
+        looked up before any model is used, so a typo in the last is said first.
+
+        The one lookup of a model name typed on the command line (`cre ask --model`, `cre
+        models pull` and `bench` NAMES): one not defined here is bad usage (UsageError, exit
+        2), as Click reports any bad option or argument value, not an error of the settings
+        (`get`). `option` names the option it came with ("--model"), as other usage errors do."""
+        wanted = list(dict.fromkeys(names or self.ladder))
+        for name in wanted:
+            if name not in self.models:
+                raise UsageError(f"{option}: {unknown_model(name, self.models)}" if option
+                                 else unknown_model(name, self.models))
+        return [self.models[name] for name in wanted]
+
+
+def unknown_model(name: Any, models: Collection[str]) -> str:
+    """The one wording of a model name that no models.toml defines: the names that are
+    defined, where to see them, and how to add one."""
+    known = ", ".join(models) or "none"
+    return (f"unknown model {name!r}. Known models: {known} (`cre models list` shows them). "
+            "Add it to a models.toml (see `cre models path`).")
 
 
 def default_toml() -> Path:
@@ -557,9 +573,7 @@ def check_embedder(config: Mapping[str, Any], models: Collection[str], origins: 
         raise fail("kind", 'kind = "llama" needs `model = "<name>"`, a model from models.toml')
     model = config["model"]
     if not isinstance(model, str) or model not in models:
-        known = ", ".join(models) or "none"
-        raise fail("model", f"unknown model {model!r}. Known models: {known}. "
-                            "Add it to a models.toml (see `cre models path`).")
+        raise fail("model", unknown_model(model, models))
 
 
 def _read(path: Path) -> dict[str, Any]:

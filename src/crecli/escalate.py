@@ -33,13 +33,14 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from crecli import grading
 from crecli.costs import Pricing, Visit, estimate_strongest, prefix_key, price_parts, price_steps, step_parts
-from crecli.errors import CreError, ModelNotAvailable, RouterFileError
+from crecli.errors import CreError, RouterFileError
 from crecli.ladder import Climb, walk
 # Re-exported: the live trace records and the one-rung check, where callers have long found them.
 from crecli.live import LiveSource, LiveVotes, Pending, check, greedy_params  # noqa: F401
 from crecli.trace import Step, Trace  # noqa: F401
 from crecli.models.backend import GenParams
 from crecli.models.prompting import render
+from crecli.models.pull import naming_all_missing
 from crecli.models.registry import ModelPool, option_letters_for
 from crecli.route import RouteDecision, route, route_many
 
@@ -315,15 +316,9 @@ class Cascade:
         serve` walks a request's prompt whole, stopping when the request gives up. A remote
         rung whose servers all failed is passed over (`LiveSource.hold`)."""
         source = self._source(pending)
-        try:
+        # Every model of the ladder that a pull would mend, not the first one this prompt met.
+        with naming_all_missing(list(self.specs.values())):
             walk(pending.climb, source.votes_for, source.after, source.hold, steps=rungs, stop=stop)
-        except ModelNotAvailable as exc:
-            if exc.missing not in self.specs:
-                raise
-            from crecli.models.pull import unavailable
-
-            # Every model of the ladder that a pull would mend, not the first one this prompt met.
-            raise unavailable(self.specs[exc.missing], list(self.specs.values()), state=exc.state) from exc
         return pending.climb.done
 
     def ask(self, prompt: str, match: str | None = None, reference: Sequence[str] | str | None = None, *,

@@ -19,7 +19,11 @@ The store is a SQLite file keyed by (prompt sha256, model, model sha256, setting
 - adding a model to the ladder runs only that model, and a changed model file (another
   sha256) or other quality settings (another key) are measured afresh;
 - a greedy vote that ends at its option letter is keyed "-o" (`settings_key`): recorded
-  before that rule, it runs again, and with k > 1 only it, the sampled votes kept.
+  before that rule, it runs again, and with k > 1 only it, the sampled votes kept;
+- the votes of an in-process model whose answers end at a stop string written as text (the
+  "completion" format's newline) are keyed "-s": recorded before such an answer was
+  counted by its decode steps (`tokens.decoded_output`), they held one output token more,
+  so they run again rather than be priced otherwise than the live cascade prices them.
 A remote rung's recording made before token counts its server left out were estimated (0
 prompt tokens, 0 output tokens for an answer with text) is read with them estimated by the
 live answer's rule (`_estimated`), so it is priced as `cre batch` prices that rung.
@@ -160,11 +164,15 @@ def prompt_sha256(prompt: str, shots: Sequence[tuple[str, str]] = ()) -> str:
     return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 
-def settings_key(quality: "QualityCheck", max_tokens: int, option_letters: str = "") -> str:
+def settings_key(quality: "QualityCheck", max_tokens: int, option_letters: str = "", text_stops: bool = False) -> str:
     """What makes two recordings of a prompt comparable, besides the model file. A greedy
     vote that ends at its option letter (`option_letters`, which the prompt decides) is
-    marked "-o": recorded before that rule, it ran on past the letter."""
-    return f"{quality.key()}-m{max_tokens}" + ("-o" if option_letters else "")
+    marked "-o": recorded before that rule, it ran on past the letter. The votes of a model
+    whose answers end at a stop string written as text (`text_stops`,
+    `registry.counts_text_stops`) are marked "-s": recorded before such an answer was counted
+    by its decode steps (`tokens.decoded_output`), it held one output token more, which
+    replayed costs would charge and live ones not."""
+    return f"{quality.key()}-m{max_tokens}" + ("-o" if option_letters else "") + ("-s" if text_stops else "")
 
 
 def default_store_path() -> Path:
@@ -581,6 +589,8 @@ class _Job:
     recorded: tuple[int, list[Vote]] | None = None  # votes to keep; only the greedy one is re-run
     shots: tuple[tuple[str, str], ...] = ()
     option_letters: str = ""  # where its greedy vote ends (`grading.option_letters`)
+    text_stops: bool = False  # its model's answers can end at a stop string (`settings_key`, "-s")
+    recount: bool = False  # run again, whole, only because it was recorded before "-s"
     # Re-run only for the greedy vote's signals (`recorded` lacks them): done only by a
     # recording that has them. Not so for one recorded before `option_letters` applied.
     for_signals: bool = False
@@ -613,6 +623,7 @@ def collect(
         spec = settings.get(name)
         identity = model_identity(spec) or ""
         store.check_rendering(spec, identity)
+        text_stops = registry.counts_text_stops(spec)
         pending: list[_Job] = []
         stale: list[_Job] = []
         for record in records:
@@ -629,8 +640,8 @@ def collect(
                 continue
             max_tokens = grading.max_tokens_for(record.match)
             letters = registry.option_letters_for(spec, record.match, record.prompt)
-            job = _Job(record, psha, settings_key(quality, max_tokens, letters), max_tokens, shots=examples,
-                       option_letters=letters)
+            job = _Job(record, psha, settings_key(quality, max_tokens, letters, text_stops), max_tokens, shots=examples,
+                       option_letters=letters, text_stops=text_stops)
             found = _fits(spec, _recorded(store, spec, identity, quality, job))
             if found is None:
                 if letters and quality.k > 1:
@@ -638,6 +649,12 @@ def collect(
                     # the greedy vote changes, so the sampled ones are kept, as for signals.
                     earlier = _fits(spec, _recorded(store, spec, identity, quality, replace(job, option_letters="")))
                     job.recorded = earlier if isinstance(earlier, tuple) else None
+                if text_stops and job.recorded is None:
+                    # Recorded before "-s" (and perhaps "-o"): every vote's count may change,
+                    # so all run again; said apart, since nothing else about them did.
+                    older = replace(job, text_stops=False)
+                    job.recount = any(_recorded(store, spec, identity, quality, j) is not None
+                                      for j in [older] + ([replace(older, option_letters="")] if letters else []))
                 pending.append(job)
                 continue
             results[(record.id, name)] = _outcome(job, name, identity, found)
@@ -655,9 +672,11 @@ def collect(
             # Greedy votes run again only to end at their option letter, sampled votes kept.
             ending = sum(1 for j in pending if j.recorded is not None and not j.for_signals)
             at_letter = f", {ending} to end at their option letter" if ending else ""
+            recount = sum(1 for j in pending if j.recount)
+            recounted = f", {recount} again to count their output tokens by decode steps" if recount else ""
             console.status(
-                f"{name}: {len(pending) - rerun - ending} queries to run, {rerun} greedy votes to re-run for "
-                f"their signals{at_letter}, {reused} already recorded or labelled"
+                f"{name}: {len(pending) - rerun - ending - recount} queries to run, {rerun} greedy votes to re-run for "
+                f"their signals{at_letter}{recounted}, {reused} already recorded or labelled"
             )
             store.require_writable(f"{name} on {len(pending)} queries")
             # Stable: within one set of examples, log order.
@@ -678,7 +697,7 @@ def _recorded(
     greedy-only router (k = 1) thus reuses every recording a 5-vote fit made.
     """
     for more in range(quality.k, MAX_VOTES + 1):
-        key = settings_key(replace(quality, k=more), job.max_tokens, job.option_letters)
+        key = settings_key(replace(quality, k=more), job.max_tokens, job.option_letters, job.text_stops)
         found = store.get(job.prompt_sha, spec.name, identity, key)
         if found is not None:
             return _estimated(spec, job, found[0], found[1][: quality.k])

@@ -9,7 +9,8 @@ character defers the stop and length checks; a stop string cuts the text before 
 step's scores put the scripted token first (so it is the step's greedy token), and the
 stopping criteria are asked as `Llama.generate` asks them: after a token is chosen, before it
 is fed, and once more after the loop. It counts what others ask `detokenize` for, which its
-own loop does not use.
+own loop does not use. `n_tokens` is the context's after the answer, as there: the prompt
+and the answer tokens fed, not a token that ended the answer on a stop string or the cap.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class FakeLlama:
             self.answer.append(ids[piece])
         self.detokenize_calls = 0
         self.detokenized = 0  # tokens others asked `detokenize` to turn into text
+        self.n_tokens = 0  # tokens in the context: the prompt, then each answer token fed
         self._ctx = SimpleNamespace(ctx=None)
         self._model = SimpleNamespace(token_cls=lambda: -1, token_sep=lambda: -1,
                                       add_bos_token=lambda: True, add_eos_token=lambda: False)
@@ -100,10 +102,13 @@ class FakeLlama:
             hits = [s for s in stops if s in whole]
             if hits:
                 text, finish = whole[: whole.index(hits[0])], "stop"
+                n -= 1  # the generator is not resumed: this token is never fed
                 break
             if len(completion) >= max_tokens:
                 text, finish = whole, "length"
+                n -= 1  # nor at the cap
                 break
+        self.n_tokens = n
         if stopping_criteria is not None and any(c(ids[:n], scores) for c in stopping_criteria):
             text, finish = self._text(completion), "stop"  # asked once more after the loop, as there
         return {"choices": [{"text": text.decode("utf-8", errors="ignore"), "finish_reason": finish}],

@@ -608,9 +608,8 @@ def run(
     quiet machine is the only real fix.
     """
     from crecli.console import status, warn
-    from crecli.errors import ModelNotAvailable
     from crecli.models.llama import probe
-    from crecli.models.pull import unavailable
+    from crecli.models.pull import naming_all_missing
 
     paths.writable_dir(paths.bench_file().parent)  # before minutes of measuring, not after
     # Every name looked up first, as `pull` does: a typo in the last name was said only after
@@ -623,14 +622,10 @@ def run(
             warn(f"{spec.name}: remote models are not benchmarked; set price_per_1k_tokens instead")
             continue
         status(f"Checking that llama.cpp runs {spec.name}...")
-        try:
+        # Every model named that a pull would mend, not only the first: the next bench
+        # stopped at the next one.
+        with naming_all_missing(named):
             probe(spec)
-        except ModelNotAvailable as exc:
-            if exc.missing != spec.name:
-                raise
-            # Every model named that a pull would mend, not only the first: the next bench
-            # stopped at the next one.
-            raise unavailable(spec, named, state=exc.state) from exc
         specs.append(spec)
     if not specs:
         return []

@@ -37,7 +37,9 @@ from crecli.models.parallel import VOTE_SEQUENCES, Handoff, ParallelGreedy, Para
 from crecli.models.prompting import Rendered
 from crecli.models.pull import require_file
 from crecli.models.runtime import CRASH_HINT, abort_on_cancel, default_threads, loading, model_params, use_extra_bufts
-from crecli.models.tokens import SignalMeter, decided_by, letter_tokens, prompt_head, prompt_tokens, shared_prefix
+from crecli.models.tokens import (
+    SignalMeter, decided_by, decoded_output, letter_tokens, prompt_head, prompt_tokens, shared_prefix,
+)
 
 if TYPE_CHECKING:
     from crecli.config import ModelSpec
@@ -392,12 +394,15 @@ class LlamaBackend(Backend):
         text = ending.text if ending is not None and ending.text is not None else choice["text"]
         if streamed is not None:
             streamed.finish(text)  # the last token, which no later step showed
+        finish = str(choice.get("finish_reason") or "stop")
         return Generation(
             text=text,
             prompt_tokens=int(usage.get("prompt_tokens", n_prompt)),
-            output_tokens=int(usage.get("completion_tokens", 0)),
+            # The Llama's context holds the prompt and the answer tokens fed after it; usage
+            # counts a token that ended the answer on a stop string too (`decoded_output`).
+            output_tokens=decoded_output(int(usage.get("completion_tokens", 0)), llm.n_tokens - n_prompt, finish),
             seconds=seconds,
-            finish_reason=str(choice.get("finish_reason") or "stop"),
+            finish_reason=finish,
             signals=meter.signals() if meter is not None else None,
         )
 

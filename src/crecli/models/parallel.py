@@ -22,7 +22,7 @@ from crecli.errors import BackendError, CreError, PromptTooLong
 from crecli.models.backend import Generation, GenParams, context_room
 from crecli.models.prompting import Rendered
 from crecli.models.runtime import abort_on_cancel
-from crecli.models.tokens import SignalMeter, decided_by, prompt_tokens, shared_prefix
+from crecli.models.tokens import SignalMeter, decided_by, decoded_output, prompt_tokens, shared_prefix
 
 
 @dataclass
@@ -89,6 +89,12 @@ def _take(llm: Any, vocab: Any, stream: _Stream, token: int, n_ctx: int) -> tupl
     if done is None:
         stream.feed = [token]
     return done
+
+
+def _output_tokens(stream: _Stream, reason: str) -> int:
+    """A finished answer's output tokens (`tokens.decoded_output`): its sequence's cells hold
+    its prompt and the answer tokens fed after it (`n_past`), not the token that ended it."""
+    return decoded_output(len(stream.out), stream.n_past - len(stream.prompt), reason)
 
 
 def _put(batch: Any, n: int, token: int, pos: int, seq: int, logits: bool) -> None:
@@ -321,7 +327,7 @@ class ParallelGreedy:
                 results[stream.index] = Generation(
                     text=text.decode("utf-8", errors="ignore"),
                     prompt_tokens=len(stream.prompt),
-                    output_tokens=len(stream.out),
+                    output_tokens=_output_tokens(stream, reason),
                     seconds=stream.seconds,
                     finish_reason=reason,
                     signals=stream.meter.signals() if stream.meter is not None else None,
@@ -479,7 +485,7 @@ class ParallelVotes:
                 for stream, out, reason in finished:
                     results[stream.index] = Generation(
                         text=out.decode("utf-8", errors="ignore"), prompt_tokens=n_prompt,
-                        output_tokens=len(stream.out), seconds=stream.seconds, finish_reason=reason,
+                        output_tokens=_output_tokens(stream, reason), seconds=stream.seconds, finish_reason=reason,
                     )
                     llama_cpp.llama_memory_seq_rm(memory, stream.seq, -1, -1)
                 active = still

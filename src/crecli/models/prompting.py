@@ -154,6 +154,15 @@ def render(prompt_format: str, prompt: str, system: str = SYSTEM, shots: Sequenc
     raise ValueError(f"unknown prompt format {prompt_format!r}")
 
 
+def stops_in_text(prompt_format: str) -> bool:
+    """Whether an answer in `prompt_format` can end at a stop string the model writes as text
+    (the "completion" format's newline), not only at its template's control tokens (chatml's
+    `<|im_end|>`), which a model of that template samples as its end-of-generation token and
+    which detokenize to no text. Where it can, the answer's last token is sampled but never
+    fed (`tokens.decoded_output`)."""
+    return any(not CONTROL_MARKER.fullmatch(stop) for stop in render(prompt_format, "").stop)
+
+
 def chat_messages(prompt: str, system: str = SYSTEM, shots: Sequence[Shot] = ()) -> list[dict[str, str]]:
     """The "chat" format's messages: the system turn, each shot as a user/assistant pair, the prompt.
 

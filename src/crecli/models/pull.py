@@ -35,6 +35,7 @@ import sys
 import tempfile
 import zipfile
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, Sequence
@@ -314,6 +315,24 @@ def unavailable(spec: ModelSpec, ladder: Sequence[ModelSpec] = (), state: FileSt
     names = names if spec.name in names else [spec.name, *names]
     return ModelNotAvailable(f"{head}{also}: run `cre models pull {' '.join(names)}`", missing=spec.name,
                              state=state)
+
+
+@contextmanager
+def naming_all_missing(models: Sequence[ModelSpec]) -> Iterator[None]:
+    """Widen the error of one model a pull would mend, raised inside (`unavailable` without
+    a ladder, as `require_file` raises it), to name every one of `models` that a pull would
+    mend too (`unavailable` with them as its ladder), keeping the state its own error
+    found: the next run stopped at the next one. The one home of that catch for a caller
+    that knows the models it will use (a cascade's ladder, the models `cre models bench` was
+    given). An error of a model not among them, or one a pull does not mend (no `missing`),
+    passes as it is."""
+    try:
+        yield
+    except ModelNotAvailable as exc:
+        spec = next((s for s in models if exc.missing and s.name == exc.missing), None)
+        if spec is None:
+            raise
+        raise unavailable(spec, models, state=exc.state) from exc
 
 
 def _download_wheels(spec: ModelSpec, dest: Path) -> list[Path]:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from crecli.cancel import POLL_SECONDS, Gate, check
 from crecli.grading import option_letters
 from crecli.models.backend import Backend
+from crecli.models.prompting import stops_in_text
 
 if TYPE_CHECKING:
     from crecli.config import ModelSpec
@@ -51,6 +52,15 @@ def option_letters_for(spec: "ModelSpec", match: str | None, prompt: str) -> str
     its answers are asked, recorded and priced without the rule. The one rule of the live
     cascade, the recorded votes and the strongest model's estimate."""
     return option_letters(match, prompt) if spec.backend != "openai" else ""
+
+
+def counts_text_stops(spec: "ModelSpec") -> bool:
+    """Whether `spec` answers in process in a format whose answers can end at a stop string
+    written as text (`prompting.stops_in_text`): such an answer was counted one output token
+    more than its decode steps until `tokens.decoded_output`, so the outcome store marks its
+    recordings ("-s", `outcomes.settings_key`) and runs those made before again. A remote
+    rung's counts are its server's, which that change left alone."""
+    return spec.backend != "openai" and stops_in_text(spec.prompt_format)
 
 
 def _default_reports_signals(spec: "ModelSpec") -> bool:

@@ -7,7 +7,7 @@ control parts are tokenized with special tokens parsed, user text without (`toke
 skips. `SignalMeter` reads each greedy step's logits into `Signals`. Where no tokenizer is
 at hand (a remote rung's server that sends no `usage`), `estimate_tokens` and
 `estimate_output` are the one rule for counts estimated from text, and `known` of which
-counts are to be estimated.
+counts are to be estimated; `decoded_output` is the one count of an in-process answer's.
 """
 
 from __future__ import annotations
@@ -67,6 +67,28 @@ def prompt_tokens(llm: Any, rendered: Rendered) -> list[int]:
     if not model.add_eos_token() and sep == -1:
         tail = []
     return head + tokenize(llm, rendered) + tail
+
+
+# ---------------------------------------------------------------- the output tokens of an in-process answer
+
+
+def decoded_output(generated: int, fed: int, finish_reason: str) -> int:
+    """The output tokens an in-process answer is counted, and so priced, at: its decode
+    steps, the `fed` tokens that went into the model after its prompt (`bench` times the
+    generation speed per step). The one count of the sequential path (`LlamaBackend`) and the
+    parallel ones (`models/parallel.py`).
+
+    llama.cpp samples each token from the step before and feeds it only if the answer goes
+    on. So the token that ends it is `generated` but never fed: uncounted already where it
+    is an end-of-generation token (llama-cpp-python counts none) or decides an option answer
+    (`OptionEnd`); not so where a stop string ends it (the "completion" format's newline,
+    a `cre serve` client's `stop`), where the `generated` count charged a decode step that
+    never ran. An answer stopped at its token cap or at the end of its context ("length")
+    keeps that last token, sampled and in its text though never fed: its count reaching
+    the cap or the context is how `quality.was_cut` tells a cut answer, live and in every
+    recording, so that one step is still charged there.
+    """
+    return generated if finish_reason == "length" else min(generated, fed)
 
 
 # ---------------------------------------------------------------- counts estimated from text
