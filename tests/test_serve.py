@@ -468,7 +468,7 @@ def test_a_client_that_leaves_before_its_answer_drops_its_queued_job(
     fake_backends({m: answerer for m in ("small", "medium", "large")})
     cascade = Cascade(make_router(), settings)
     # Each admitted request runs on a thread of its own: one for a busy model waits at that
-    # model's gate (not in /health's queued count), which is where the test watches it.
+    # model's gate, which is where the test watches it.
     gate = cascade.pool.gate(settings.get("small"))
     assert gate is not None
     with serving(cascade, max_queue=4) as url:
@@ -492,6 +492,52 @@ def test_a_client_that_leaves_before_its_answer_drops_its_queued_job(
             running.join(30)
         health = idle_health(url)
     assert still_held and not any("never asked" in c for c in calls)
+    assert (health["running"], health["queued"]) == (0, 0)
+
+
+def test_health_counts_jobs_waiting_for_memory_or_a_busy_model_as_queued_not_running(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig
+) -> None:
+    """/health counted min(admitted, capacity) as running, capacity being one job a model: a
+    job waiting for memory within --memory-budget (or for a model another job computes on)
+    was running there while it computed nothing. Each job now says when it waits."""
+    from crecli.models.registry import ModelPool
+
+    release = threading.Event()
+    active: list[int] = []
+    created = fake_backends({"small": held("12", release, active), "medium": lambda text, params: "12"})
+    # Each rung's file takes 32 bytes: a budget of 40 holds one model at a time.
+    cascade = Cascade(make_router(), settings, pool=ModelPool(memory_budget_bytes=40))
+    counts: list[tuple[int, int]] = []
+
+    def health_is(expected: tuple[int, int]) -> bool:
+        body = httpx.get(f"{url}/health", timeout=10).json()
+        counts.append((body["running"], body["queued"]))
+        return counts[-1] == expected
+
+    with serving(cascade, max_queue=4) as url:
+        def ask(model: str) -> threading.Thread:
+            thread = threading.Thread(target=lambda: httpx.post(
+                f"{url}/v1/completions", json={"model": model, "prompt": "hi"}, timeout=60))
+            thread.start()
+            return thread
+
+        threads = [ask("small")]
+        try:
+            until(lambda: active, "the first request never started")
+            until(lambda: health_is((1, 0)), "the computing job was not counted running")
+            threads.append(ask("medium"))  # the budget is held by small, in use: waits for memory
+            until(lambda: "medium" in created, "the second request never asked for its model")
+            until(lambda: health_is((1, 1)), "a job waiting for memory was not counted queued")
+            threads.append(ask("small"))  # small is busy: waits at its gate
+            until(lambda: health_is((1, 2)), "a job waiting for a busy model was not counted queued")
+            waited = not release.is_set()
+        finally:
+            release.set()
+            for thread in threads:
+                thread.join(30)
+        health = idle_health(url)
+    assert waited and max(active) == 1, counts
     assert (health["running"], health["queued"]) == (0, 0)
 
 
@@ -520,7 +566,7 @@ def test_a_504_is_not_logged_as_served(
         timed_out = test_client.post("/v1/chat/completions", json={"model": "cre", "messages": CHAT})
         worker = test_client.app.state.worker  # type: ignore[attr-defined]
         deadline = time.monotonic() + 20
-        while worker.running or worker.queued:  # the abandoned rung runs to its end
+        while any(worker.counts()):  # the abandoned rung runs to its end
             assert time.monotonic() < deadline
             time.sleep(0.05)
     assert timed_out.status_code == 504
@@ -1078,7 +1124,7 @@ def test_stopping_the_worker_gives_up_its_running_jobs_and_waits_for_them() -> N
     future = worker.submit(job, Ticket())
     assert started.wait(10)
     worker.stop()
-    assert ended == ["stopped"] and future.done() and worker.running == 0
+    assert ended == ["stopped"] and future.done() and worker.counts() == (0, 0)
 
 
 def test_a_stream_whose_client_left_before_its_first_event_gives_its_job_up() -> None:

@@ -6,6 +6,9 @@ server slot ends, and a call to a remote rung's server is abandoned (its connect
 the engine stops generating). The cascade code knows nothing of requests: the serve job opens
 a `scope` on its thread with its `Token`, and the places that wait or call out ask `current()`.
 Outside `cre serve` no scope is open, and nothing is ever cancelled.
+
+The places that wait also say so (`waiting`), so that `cre serve`'s /health counts a job that
+waits for a model, for memory or for a server's slot as queued, not as running.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class Token:
     def __init__(self, deadline: float | None = None) -> None:
         self._lock = threading.Lock()
         self._set = False
+        self._waits = 0  # `waiting` blocks open on the work's thread
         self._callbacks: list[Callable[[], object]] = []
         self.deadline = deadline
 
@@ -49,6 +53,15 @@ class Token:
     def is_set(self) -> bool:
         with self._lock:
             return self._set
+
+    def is_waiting(self) -> bool:
+        """The work is waiting for a model, memory or a server's slot (`waiting`), not computing."""
+        with self._lock:
+            return self._waits > 0
+
+    def _count_wait(self, step: int) -> None:
+        with self._lock:
+            self._waits += step
 
     def on_cancel(self, callback: Callable[[], object]) -> Callable[[], None]:
         """Run `callback` when the token is cancelled (now, if it is); returns its remover."""
@@ -90,6 +103,22 @@ def deadline() -> float | None:
     return token.deadline if token is not None else None
 
 
+@contextmanager
+def waiting() -> Iterator[None]:
+    """Count this thread's work as waiting for the block (for a model, for memory within the
+    budget, for a server's slot), not computing: `cre serve`'s /health counts its job as
+    queued meanwhile (`serve_worker.Worker.counts`). Nothing outside a `scope`."""
+    token = current()
+    if token is None:
+        yield
+        return
+    token._count_wait(1)
+    try:
+        yield
+    finally:
+        token._count_wait(-1)
+
+
 def check() -> None:
     """Raise `Cancelled` when this thread's work has been given up."""
     token = current()
@@ -99,7 +128,8 @@ def check() -> None:
 
 class Gate:
     """At most `slots` holders at once, admitted first come, first served; a waiter whose
-    request gives up (`check`) stops waiting. Waiting and holding are counted, for /health."""
+    request gives up (`check`) stops waiting. Waiting and holding are counted; a waiter's job
+    is queued, not running, on /health (`waiting`)."""
 
     def __init__(self, slots: int = 1) -> None:
         self.slots = max(1, slots)
@@ -119,7 +149,7 @@ class Gate:
 
     def acquire(self) -> None:
         me = object()
-        with self._cond:
+        with self._cond, waiting():
             self._queue.append(me)
             try:
                 while self._queue[0] is not me or self._held >= self.slots:

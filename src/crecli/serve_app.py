@@ -492,7 +492,8 @@ class App:
         # The pool's backend, where it holds one, remembers a load its runtime refused.
         states = {n: rung_state(self.cascade.specs[n], self.cascade.pool.loaded(n)) for n in self.ladder}
         status, word = health_report(states)
-        body: dict[str, Any] = {"status": word, "running": self.worker.running, "queued": self.worker.queued,
+        running, queued = self.worker.counts()
+        body: dict[str, Any] = {"status": word, "running": running, "queued": queued,
                                 "max_queue": self.options.max_queue}
         if self.key_ok(request):
             body["models"] = {n: state.word for n, state in states.items()}
@@ -657,7 +658,7 @@ class App:
         alone says neither which model nor how busy the server was)."""
         rid = request_id()
         log.warning("%s: no answer for model %s within %g s (running %d, queued %d)", rid, query.model,
-                    self.options.timeout, self.worker.running, self.worker.queued)
+                    self.options.timeout, *self.worker.counts())
         return ApiError(504, f"no answer within the server's timeout of {self.options.timeout:g} s; "
                         f"the server is busy or the prompt is slow to answer (request id {rid})",
                         type="timeout_error", code="timeout")
