@@ -576,6 +576,61 @@ def test_a_504_is_not_logged_as_served(
     assert any(r.getMessage().startswith(f"{rid}: no answer for model cre within 0.2 s") for r in caplog.records)
 
 
+def test_a_job_is_told_whether_its_deadline_or_its_client_gave_it_up(
+    settings: config.ModelConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A remote rung's try blames its server as hung only when the request's deadline ended
+    it (`OpenAIBackend._hung_to_deadline`). That was told by the clock, so a client that left
+    a moment before its deadline blamed the server; now whoever gives the request up says
+    why (`cancel.Token.expired`): the deadline (settled or streaming: `stream`'s timer), or
+    the client gone (before or during its stream)."""
+    from crecli import cancel
+    from crecli.models import registry
+
+    started: list[bool] = []
+    causes: list[bool] = []
+
+    def until_given_up(text: str, params: GenParams) -> str:
+        token = cancel.current()
+        assert token is not None
+        started.append(True)
+        until(token.is_set, "the job was never given up")
+        causes.append(token.expired())
+        return "12"
+
+    class StartsStreaming(FakeBackend):
+        def generate_streaming(self, prompt: str, params: GenParams, emit: Callable[[str], None]) -> Any:
+            emit("first")  # the response starts: from here its deadline is `stream`'s timer
+            return self.generate(prompt, params)
+
+    monkeypatch.setattr(registry, "make_backend", lambda spec: StartsStreaming(spec, until_given_up))
+    monkeypatch.setattr(registry, "reports_signals", lambda spec: False)
+
+    def raw(port: int, stream: bool) -> socket.socket:
+        conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+        body = json.dumps({"model": "small", "prompt": "hi", "stream": stream}).encode()
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        return conn
+
+    # A deadline far enough that a client leaving is always seen first, on a loaded machine too.
+    with serving(Cascade(make_router(), settings), timeout=1.5) as url:
+        port = int(url.rsplit(":", 1)[1])
+        timed_out = httpx.post(f"{url}/v1/completions", json={"model": "small", "prompt": "hi"}, timeout=30)
+        until(lambda: len(causes) == 1, "the job of a request that timed out was not given up")
+        with httpx.stream("POST", f"{url}/v1/completions", json={"model": "small", "prompt": "hi", "stream": True},
+                          timeout=30) as reply:
+            streamed = list(reply.iter_lines())
+        until(lambda: len(causes) == 2, "the job of a stream that timed out was not given up")
+        with raw(port, stream=False):
+            until(lambda: len(started) == 3, "the third job never started")  # then its client leaves
+        until(lambda: len(causes) == 3, "the job of a client that left was not given up")
+        with raw(port, stream=True) as conn:
+            assert conn.recv(65536).startswith(b"HTTP/1.1 200 ")  # streaming, then it leaves
+        until(lambda: len(causes) == 4, "the job of a client that left its stream was not given up")
+    assert timed_out.status_code == 504 and any('"timeout"' in line for line in streamed)
+    assert causes == [True, True, False, False]
+
+
 def test_health_tells_which_rungs_can_answer_and_is_503_when_none_can(
     fake_backends: Callable[..., dict[str, FakeBackend]], tmp_path: Path
 ) -> None:

@@ -32,20 +32,25 @@ class Cancelled(CreError):
 class Token:
     """A request's cancellation: `cancel()` sets it and runs the callbacks work registered
     (`on_cancel`: close a connection, drop a queued call) once. `deadline` (time.monotonic())
-    is when the request gives up, where it has one: a remote call gets only the time left."""
+    is when the request gives up, where it has one: a remote call gets only the time left.
+    Whoever cancels it says whether the deadline was why (`expired`), since the clock cannot:
+    a client that left a moment before the deadline is handled after it has passed."""
 
     def __init__(self, deadline: float | None = None) -> None:
         self._lock = threading.Lock()
         self._set = False
+        self._expired = False
         self._waits = 0  # `waiting` blocks open on the work's thread
         self._callbacks: list[Callable[[], object]] = []
         self.deadline = deadline
 
-    def cancel(self) -> None:
+    def cancel(self, expired: bool = False) -> None:
+        """Give the work up; `expired`: because its deadline passed (else its client left,
+        or the server is stopping). The first cancellation's cause stands."""
         with self._lock:
             if self._set:
                 return
-            self._set = True
+            self._set, self._expired = True, expired
             callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
             callback()
@@ -53,6 +58,11 @@ class Token:
     def is_set(self) -> bool:
         with self._lock:
             return self._set
+
+    def expired(self) -> bool:
+        """The work was given up because its deadline passed, not for any other cause."""
+        with self._lock:
+            return self._expired
 
     def is_waiting(self) -> bool:
         """The work is waiting for a model, memory or a server's slot (`waiting`), not computing."""

@@ -385,10 +385,11 @@ class Backlog:
             self._room.notify_all()
 
 
-def _give_up(ticket: Ticket, job: "asyncio.Future[Answer]") -> None:
-    """Cancel a streamed request's job, unless it is done or has claimed its answer (which is
-    being recorded, so it will be sent)."""
-    if not job.done() and ticket.cancel():
+def _give_up(ticket: Ticket, job: "asyncio.Future[Answer]", expired: bool = False) -> None:
+    """Cancel a streamed request's job (`expired`: at its deadline; else its response ended
+    or its client left), unless it is done or has claimed its answer (which is being
+    recorded, so it will be sent)."""
+    if not job.done() and ticket.cancel(expired):
         job.cancel()
 
 
@@ -579,7 +580,7 @@ class App:
         # The deadline, from here on, by a timer rather than by the events' own wait: a client
         # that stops reading holds them at a `yield` (a send that waits for room), and the job
         # (waiting for room in `pieces`, or generating) ran on past it, holding its model.
-        expiry = loop.call_later(max(0.0, deadline - time.monotonic()), _give_up, ticket, future)
+        expiry = loop.call_later(max(0.0, deadline - time.monotonic()), _give_up, ticket, future, True)
         future.add_done_callback(lambda _: expiry.cancel())
 
         def give_up() -> None:
@@ -644,7 +645,7 @@ class App:
         # Unless the job has claimed its answer (it is being recorded, and will be sent), a
         # request that gives up cancels its job: queued, it never runs; running, it stops
         # where it stands.
-        if future not in done and ticket.cancel():
+        if future not in done and ticket.cancel(expired=gone not in done):
             future.cancel()
             if gone in done:
                 log.info("%s closed the connection before its answer; its job is dropped",

@@ -86,14 +86,16 @@ class Ticket:
         self.deadline = deadline
         self._token: cancel.Token | None = None
 
-    def cancel(self) -> bool:
+    def cancel(self, expired: bool = False) -> bool:
+        """`expired`: the request's deadline is why (else its client left, or the server is
+        stopping), as its token tells the job's remote calls (`cancel.Token.expired`)."""
         with self._lock:
             if self._state == "open":
                 self._state = "cancelled"
             cancelled = self._state == "cancelled"
             token = self._token
         if cancelled and token is not None:
-            token.cancel()  # outside the lock: its callbacks close connections
+            token.cancel(expired)  # outside the lock: its callbacks close connections
         return cancelled
 
     def claim(self) -> bool:
