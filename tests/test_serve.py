@@ -1064,19 +1064,33 @@ def test_the_soak_bench_runs_cre_serve_through_every_kind_of_client() -> None:
     assert summary["slow_bodies"]["replies"].get("408", 0) > 0 and summary["health"]["polls"] > 0
 
 
-def test_a_stream_past_its_deadline_waits_for_a_claimed_answer_without_spinning(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_stream_past_its_deadline_waits_for_a_claimed_answer_without_spinning(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # Past the deadline, a job that has claimed its answer (it is being recorded, and will be
     # sent) cannot be cancelled: the stream looped on asyncio.wait(timeout=0), spinning the
-    # event loop that every other request shares until the job was done.
+    # event loop that every other request shares until the job was done. Driven through
+    # `App.stream`, whose timer gives the request up at its deadline (and must find the claim),
+    # with the job's first piece out before the deadline and its answer recorded past it.
     import asyncio
 
     from crecli import openai_wire as wire
-    from crecli.models.backend import Generation
+    from crecli import serve_app
     from crecli.serve_app import App
-    from crecli.serve_worker import Ticket
+    from support.routers import FAR
 
-    query = wire.parse_chat(wire.parse_json(b'{"model": "small", "messages": [{"role": "user", "content": "hi"}], "stream": true}'))
-    answer = wire.direct_answer("small", Generation("yes", 3, 1, 0.5, "stop"), 0.25, "seconds", query.stop)
+    class SlowRecord:  # the served-query log, its `record` on the job's thread once it has claimed its answer
+        recorded: list[str] = []
+
+        def record(self, prompt: str, trace: Any, cascade: Any = None) -> None:
+            time.sleep(1.5)  # past the deadline, a second from the request's start
+            self.recorded.append(prompt)
+
+    fake_backends({"large": lambda text, params: "12"})
+    served = SlowRecord()
+    app = App(Cascade(make_router(), settings), ServeOptions(), served=served)  # type: ignore[arg-type]
+    query = wire.parse_completion({"model": "cre", "prompt": FAR, "stream": True})  # the top rung streams
     waits = 0
     real_wait = asyncio.wait
 
@@ -1087,25 +1101,65 @@ def test_a_stream_past_its_deadline_waits_for_a_claimed_answer_without_spinning(
 
     monkeypatch.setattr(asyncio, "wait", counted)
 
-    class Host:
-        async def result(self, query: Any, future: Any) -> Any:
-            return await future
+    class Request:  # a client that stays
+        client = None
 
-        def timed_out(self) -> Exception:
-            raise AssertionError("a claimed answer is sent, not timed out")
+        @staticmethod
+        async def receive() -> dict[str, Any]:
+            await asyncio.sleep(60)
+            return {"type": "http.disconnect"}
 
-    async def main() -> list[str]:
-        loop = asyncio.get_running_loop()
-        ticket = Ticket(deadline=time.monotonic() - 1)
-        assert ticket.claim()
-        future: asyncio.Future[Any] = loop.create_future()
-        loop.call_later(0.3, future.set_result, answer)
-        pieces: asyncio.Queue[str] = asyncio.Queue()
-        events = App.stream_on(Host(), query, ticket, future, pieces, "ye", "id", 7, "small")  # type: ignore[arg-type]
-        return [event async for event in events]
+    async def main() -> tuple[list[str], float]:
+        serve_app._request_id.set("req_test")  # as `request_ids` sets it for a request
+        deadline = time.monotonic() + 1.0  # for the first piece, which a loaded machine may be slow to make
+        events, job, give_up = await app.stream(Request(), query, deadline, "id", 7)  # type: ignore[arg-type]
+        try:
+            return [event async for event in events], time.monotonic() - deadline
+        finally:
+            give_up()
 
-    events = asyncio.run(main())
-    assert events[-1] == "data: [DONE]\n\n" and waits <= 3, waits
+    try:
+        events, past = asyncio.run(main())
+    finally:
+        app.worker.close()
+    assert past > 0 and served.recorded == [FAR]  # the deadline passed while the answer was recorded
+    assert not any('"error"' in event for event in events), events  # sent, not a 504
+    assert "".join(events).count('"text": "12"') == 1 and events[-1] == "data: [DONE]\n\n"
+    # One wait for the first piece (`settle`), and one for each piece after it and the end.
+    assert waits <= 4, waits
+
+
+def test_a_streamed_answer_claimed_before_its_deadline_is_sent_whole_after_it(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig, tmp_path: Path
+) -> None:
+    """The claimed-past-its-deadline path of a live stream: the top rung's first piece has gone
+    out, and its job has claimed the answer and is still recording it in the served-query log
+    when --timeout passes. The deadline's timer must leave it be (an answer recorded is an
+    answer sent): the client gets every piece, the rest held back for a stop string included
+    (put after the deadline), the finish chunk and [DONE], no 504; the log has the answer."""
+    from crecli import servedlog
+    from support.routers import FAR
+
+    class SlowLog(servedlog.ServedLog):
+        def record(self, *args: Any, **kw: Any) -> None:
+            time.sleep(1.5)  # the answer is claimed: the deadline passes meanwhile
+            super().record(*args, **kw)
+
+    timeout = 1.0  # for the first piece, which a loaded machine may be slow to make
+    fake_backends({"large": lambda text, params: "12 EN"})  # "EN" may begin the stop string: held back
+    log = SlowLog(tmp_path / "served.jsonl", "serve")
+    body = {"model": "cre", "prompt": FAR, "stream": True, "stop": ["END"]}  # far: the top rung answers, streaming
+    with serving(Cascade(make_router(), settings), served=log, timeout=timeout) as url:
+        sent = time.monotonic()
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as reply:
+            events = [(time.monotonic() - sent, line) for line in reply.iter_lines() if line.startswith("data: ")]
+    chunks = [json.loads(line[6:]) for _, line in events[:-1]]
+    assert not any("error" in c for c in chunks), chunks  # no 504 at the deadline
+    texts = [(at, c["choices"][0]["text"]) for (at, _), c in zip(events, chunks) if c["choices"][0]["text"]]
+    assert [text for _, text in texts] == ["12", " EN"], chunks
+    assert texts[0][0] < timeout < texts[1][0]  # the first before the deadline, the rest after it
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and events[-1][1] == "data: [DONE]"
+    assert [entry["prompt"] for entry in servedlog.read([log.path]).entries] == [FAR]
 
 
 def test_a_streams_backlog_holds_its_job_back_until_its_client_reads_or_its_request_gives_up() -> None:
