@@ -419,6 +419,79 @@ def test_slow_uploads_neither_lock_out_other_clients_nor_health(
         assert b"--body-timeout" in reply
 
 
+def test_a_client_that_never_reads_its_response_is_reset_after_the_body_timeout(
+    settings: config.ModelConfig, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """uvicorn has no write timeout: a client that never read its response (streamed, or
+    large and whole) and never left kept its connection for ever, the bytes it did not take
+    held in the server's memory (an asyncio transport closes only once they are sent), long
+    after its job, slot and model were freed. A response none of which is taken for
+    --body-timeout now resets its connection; a stream's job stops, as for a client that left.
+    A client that reads slowly keeps its connection: the bytes the kernel still holds for it
+    count (the transport's own held still for seconds of its reads, and it was reset)."""
+    from crecli import cancel
+    from crecli.models import registry
+
+    stopped: list[float] = []
+
+    class Floods(FakeBackend):
+        """Streams 20,000-character pieces until its request gives up (fast: the socket's
+        buffers, megabytes on loopback, fill before the server holds a byte); a whole answer
+        takes 8 MB."""
+
+        def generate_streaming(self, prompt: str, params: GenParams, emit: Callable[[str], None]) -> Any:
+            try:
+                while True:
+                    cancel.check()
+                    emit("x" * 20_000 + " ")
+                    time.sleep(0.001)
+            finally:
+                stopped.append(time.monotonic())
+
+    monkeypatch.setattr(registry, "make_backend", lambda spec: Floods(spec, lambda text, params: "x " * 4_000_000))
+    monkeypatch.setattr(registry, "reports_signals", lambda spec: False)
+
+    def never_reads(port: int, model: str, stream: bool) -> socket.socket:
+        conn = socket.socket()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        conn.connect(("127.0.0.1", port))
+        body = json.dumps({"model": model, "prompt": "hi", "stream": stream, "max_tokens": 8192}).encode()
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        return conn
+
+    def reset(conn: socket.socket) -> bool:
+        """The server has dropped the connection: told without reading what it sent."""
+        poll = select.poll()
+        poll.register(conn, select.POLLHUP | select.POLLERR)
+        return bool(poll.poll(0))
+
+    # --timeout far off: what ends the stream is its client not reading, not its deadline.
+    with serving(Cascade(make_router(), settings), body_timeout=0.5, timeout=60) as url:
+        port = int(url.rsplit(":", 1)[1])
+        start = time.monotonic()
+        with never_reads(port, "small", stream=False) as whole, never_reads(port, "medium", stream=True) as streamed, \
+                never_reads(port, "large", stream=False) as slow:
+            # A slow reader is no stalled client: 16 KB every 0.1 s, for four times --body-timeout.
+            slow.settimeout(30)
+            reply = b""
+            while time.monotonic() - start < 2.0:
+                reply += slow.recv(16384)
+                time.sleep(0.1)
+            kept = not reset(slow)
+            until(lambda: reset(whole) and reset(streamed), "a client that never reads still holds its connection")
+            took = time.monotonic() - start
+            until(lambda: stopped, "the stream's job ran on after its connection was reset")
+            head, _, body = reply.partition(b"\r\n\r\n")
+            length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))  # type: ignore[union-attr]
+            while len(body) < length and (chunk := slow.recv(1 << 20)):
+                body += chunk
+        assert httpx.get(f"{url}/health", timeout=10).json()["running"] == 0
+    assert kept and len(body) == length and json.loads(body)["choices"][0]["text"].startswith("x x")
+    # 0.5 s of no byte taken, a slow machine's margin: not the 60 s --timeout.
+    assert took < 10, took
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_an_aborted_upload_is_one_log_line_not_a_traceback(
     fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig,
     capfd: pytest.CaptureFixture[str],
