@@ -301,7 +301,8 @@ def test_a_hung_replica_is_taken_out_though_the_requests_time_is_below_the_rungs
 
     def ask(backend: OpenAIBackend, deadline: float, gives_up: float) -> None:
         token = cancel.Token(deadline=time.monotonic() + deadline)
-        timer = threading.Timer(gives_up, token.cancel)  # as `cre serve` gives a request up
+        # As `cre serve` gives a request up: at its deadline, or when its client leaves.
+        timer = threading.Timer(gives_up, token.cancel, kwargs={"expired": gives_up >= deadline})
         timer.start()
         try:
             with cancel.scope(token), pytest.raises((RemoteError, cancel.Cancelled)):
@@ -318,6 +319,24 @@ def test_a_hung_replica_is_taken_out_though_the_requests_time_is_below_the_rungs
             backend = OpenAIBackend(_spec([left.url]), timeout=1.0)
             ask(backend, 0.7, 0.2)
             assert backend.replicas.states()[left.url] == "up"
+
+
+def test_a_client_that_left_is_told_from_the_deadline_by_its_cause_not_the_clock() -> None:
+    """A try ended by the request's cancellation blames its server as hung only when the
+    deadline was the cause. It was told by the clock: a client that left a few milliseconds
+    before the deadline was handled once the deadline had passed, and its server was taken
+    out as hung. Here both are handled after the deadline: only the expired one counts."""
+    past = time.monotonic() - 0.01
+    for expired in (False, True):
+        token = cancel.Token(deadline=past)
+        token.cancel(expired=expired)
+        with cancel.scope(token):
+            assert OpenAIBackend._hung_to_deadline(None) is expired
+    # A stream whose first event had come is never a hung server's, whatever the cause.
+    began = type("Stream", (), {"began": True})()
+    with cancel.scope(token):
+        assert OpenAIBackend._hung_to_deadline(began) is False  # type: ignore[arg-type]
+    assert OpenAIBackend._hung_to_deadline(None) is False  # no request (`cre ask`): never
 
 
 @contextmanager

@@ -419,6 +419,79 @@ def test_slow_uploads_neither_lock_out_other_clients_nor_health(
         assert b"--body-timeout" in reply
 
 
+def test_a_client_that_never_reads_its_response_is_reset_after_the_body_timeout(
+    settings: config.ModelConfig, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """uvicorn has no write timeout: a client that never read its response (streamed, or
+    large and whole) and never left kept its connection for ever, the bytes it did not take
+    held in the server's memory (an asyncio transport closes only once they are sent), long
+    after its job, slot and model were freed. A response none of which is taken for
+    --body-timeout now resets its connection; a stream's job stops, as for a client that left.
+    A client that reads slowly keeps its connection: the bytes the kernel still holds for it
+    count (the transport's own held still for seconds of its reads, and it was reset)."""
+    from crecli import cancel
+    from crecli.models import registry
+
+    stopped: list[float] = []
+
+    class Floods(FakeBackend):
+        """Streams 20,000-character pieces until its request gives up (fast: the socket's
+        buffers, megabytes on loopback, fill before the server holds a byte); a whole answer
+        takes 8 MB."""
+
+        def generate_streaming(self, prompt: str, params: GenParams, emit: Callable[[str], None]) -> Any:
+            try:
+                while True:
+                    cancel.check()
+                    emit("x" * 20_000 + " ")
+                    time.sleep(0.001)
+            finally:
+                stopped.append(time.monotonic())
+
+    monkeypatch.setattr(registry, "make_backend", lambda spec: Floods(spec, lambda text, params: "x " * 4_000_000))
+    monkeypatch.setattr(registry, "reports_signals", lambda spec: False)
+
+    def never_reads(port: int, model: str, stream: bool) -> socket.socket:
+        conn = socket.socket()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        conn.connect(("127.0.0.1", port))
+        body = json.dumps({"model": model, "prompt": "hi", "stream": stream, "max_tokens": 8192}).encode()
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        return conn
+
+    def reset(conn: socket.socket) -> bool:
+        """The server has dropped the connection: told without reading what it sent."""
+        poll = select.poll()
+        poll.register(conn, select.POLLHUP | select.POLLERR)
+        return bool(poll.poll(0))
+
+    # --timeout far off: what ends the stream is its client not reading, not its deadline.
+    with serving(Cascade(make_router(), settings), body_timeout=0.5, timeout=60) as url:
+        port = int(url.rsplit(":", 1)[1])
+        start = time.monotonic()
+        with never_reads(port, "small", stream=False) as whole, never_reads(port, "medium", stream=True) as streamed, \
+                never_reads(port, "large", stream=False) as slow:
+            # A slow reader is no stalled client: 16 KB every 0.1 s, for four times --body-timeout.
+            slow.settimeout(30)
+            reply = b""
+            while time.monotonic() - start < 2.0:
+                reply += slow.recv(16384)
+                time.sleep(0.1)
+            kept = not reset(slow)
+            until(lambda: reset(whole) and reset(streamed), "a client that never reads still holds its connection")
+            took = time.monotonic() - start
+            until(lambda: stopped, "the stream's job ran on after its connection was reset")
+            head, _, body = reply.partition(b"\r\n\r\n")
+            length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))  # type: ignore[union-attr]
+            while len(body) < length and (chunk := slow.recv(1 << 20)):
+                body += chunk
+        assert httpx.get(f"{url}/health", timeout=10).json()["running"] == 0
+    assert kept and len(body) == length and json.loads(body)["choices"][0]["text"].startswith("x x")
+    # 0.5 s of no byte taken, a slow machine's margin: not the 60 s --timeout.
+    assert took < 10, took
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_an_aborted_upload_is_one_log_line_not_a_traceback(
     fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig,
     capfd: pytest.CaptureFixture[str],
@@ -468,7 +541,7 @@ def test_a_client_that_leaves_before_its_answer_drops_its_queued_job(
     fake_backends({m: answerer for m in ("small", "medium", "large")})
     cascade = Cascade(make_router(), settings)
     # Each admitted request runs on a thread of its own: one for a busy model waits at that
-    # model's gate (not in /health's queued count), which is where the test watches it.
+    # model's gate, which is where the test watches it.
     gate = cascade.pool.gate(settings.get("small"))
     assert gate is not None
     with serving(cascade, max_queue=4) as url:
@@ -492,6 +565,52 @@ def test_a_client_that_leaves_before_its_answer_drops_its_queued_job(
             running.join(30)
         health = idle_health(url)
     assert still_held and not any("never asked" in c for c in calls)
+    assert (health["running"], health["queued"]) == (0, 0)
+
+
+def test_health_counts_jobs_waiting_for_memory_or_a_busy_model_as_queued_not_running(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig
+) -> None:
+    """/health counted min(admitted, capacity) as running, capacity being one job a model: a
+    job waiting for memory within --memory-budget (or for a model another job computes on)
+    was running there while it computed nothing. Each job now says when it waits."""
+    from crecli.models.registry import ModelPool
+
+    release = threading.Event()
+    active: list[int] = []
+    created = fake_backends({"small": held("12", release, active), "medium": lambda text, params: "12"})
+    # Each rung's file takes 32 bytes: a budget of 40 holds one model at a time.
+    cascade = Cascade(make_router(), settings, pool=ModelPool(memory_budget_bytes=40))
+    counts: list[tuple[int, int]] = []
+
+    def health_is(expected: tuple[int, int]) -> bool:
+        body = httpx.get(f"{url}/health", timeout=10).json()
+        counts.append((body["running"], body["queued"]))
+        return counts[-1] == expected
+
+    with serving(cascade, max_queue=4) as url:
+        def ask(model: str) -> threading.Thread:
+            thread = threading.Thread(target=lambda: httpx.post(
+                f"{url}/v1/completions", json={"model": model, "prompt": "hi"}, timeout=60))
+            thread.start()
+            return thread
+
+        threads = [ask("small")]
+        try:
+            until(lambda: active, "the first request never started")
+            until(lambda: health_is((1, 0)), "the computing job was not counted running")
+            threads.append(ask("medium"))  # the budget is held by small, in use: waits for memory
+            until(lambda: "medium" in created, "the second request never asked for its model")
+            until(lambda: health_is((1, 1)), "a job waiting for memory was not counted queued")
+            threads.append(ask("small"))  # small is busy: waits at its gate
+            until(lambda: health_is((1, 2)), "a job waiting for a busy model was not counted queued")
+            waited = not release.is_set()
+        finally:
+            release.set()
+            for thread in threads:
+                thread.join(30)
+        health = idle_health(url)
+    assert waited and max(active) == 1, counts
     assert (health["running"], health["queued"]) == (0, 0)
 
 
@@ -520,7 +639,7 @@ def test_a_504_is_not_logged_as_served(
         timed_out = test_client.post("/v1/chat/completions", json={"model": "cre", "messages": CHAT})
         worker = test_client.app.state.worker  # type: ignore[attr-defined]
         deadline = time.monotonic() + 20
-        while worker.running or worker.queued:  # the abandoned rung runs to its end
+        while any(worker.counts()):  # the abandoned rung runs to its end
             assert time.monotonic() < deadline
             time.sleep(0.05)
     assert timed_out.status_code == 504
@@ -528,6 +647,61 @@ def test_a_504_is_not_logged_as_served(
     # Not served, but in the server's log under the id the client was given.
     rid = timed_out.headers["x-request-id"]
     assert any(r.getMessage().startswith(f"{rid}: no answer for model cre within 0.2 s") for r in caplog.records)
+
+
+def test_a_job_is_told_whether_its_deadline_or_its_client_gave_it_up(
+    settings: config.ModelConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A remote rung's try blames its server as hung only when the request's deadline ended
+    it (`OpenAIBackend._hung_to_deadline`). That was told by the clock, so a client that left
+    a moment before its deadline blamed the server; now whoever gives the request up says
+    why (`cancel.Token.expired`): the deadline (settled or streaming: `stream`'s timer), or
+    the client gone (before or during its stream)."""
+    from crecli import cancel
+    from crecli.models import registry
+
+    started: list[bool] = []
+    causes: list[bool] = []
+
+    def until_given_up(text: str, params: GenParams) -> str:
+        token = cancel.current()
+        assert token is not None
+        started.append(True)
+        until(token.is_set, "the job was never given up")
+        causes.append(token.expired())
+        return "12"
+
+    class StartsStreaming(FakeBackend):
+        def generate_streaming(self, prompt: str, params: GenParams, emit: Callable[[str], None]) -> Any:
+            emit("first")  # the response starts: from here its deadline is `stream`'s timer
+            return self.generate(prompt, params)
+
+    monkeypatch.setattr(registry, "make_backend", lambda spec: StartsStreaming(spec, until_given_up))
+    monkeypatch.setattr(registry, "reports_signals", lambda spec: False)
+
+    def raw(port: int, stream: bool) -> socket.socket:
+        conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+        body = json.dumps({"model": "small", "prompt": "hi", "stream": stream}).encode()
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        return conn
+
+    # A deadline far enough that a client leaving is always seen first, on a loaded machine too.
+    with serving(Cascade(make_router(), settings), timeout=1.5) as url:
+        port = int(url.rsplit(":", 1)[1])
+        timed_out = httpx.post(f"{url}/v1/completions", json={"model": "small", "prompt": "hi"}, timeout=30)
+        until(lambda: len(causes) == 1, "the job of a request that timed out was not given up")
+        with httpx.stream("POST", f"{url}/v1/completions", json={"model": "small", "prompt": "hi", "stream": True},
+                          timeout=30) as reply:
+            streamed = list(reply.iter_lines())
+        until(lambda: len(causes) == 2, "the job of a stream that timed out was not given up")
+        with raw(port, stream=False):
+            until(lambda: len(started) == 3, "the third job never started")  # then its client leaves
+        until(lambda: len(causes) == 3, "the job of a client that left was not given up")
+        with raw(port, stream=True) as conn:
+            assert conn.recv(65536).startswith(b"HTTP/1.1 200 ")  # streaming, then it leaves
+        until(lambda: len(causes) == 4, "the job of a client that left its stream was not given up")
+    assert timed_out.status_code == 504 and any('"timeout"' in line for line in streamed)
+    assert causes == [True, True, False, False]
 
 
 def test_health_tells_which_rungs_can_answer_and_is_503_when_none_can(
@@ -963,19 +1137,33 @@ def test_the_soak_bench_runs_cre_serve_through_every_kind_of_client() -> None:
     assert summary["slow_bodies"]["replies"].get("408", 0) > 0 and summary["health"]["polls"] > 0
 
 
-def test_a_stream_past_its_deadline_waits_for_a_claimed_answer_without_spinning(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_stream_past_its_deadline_waits_for_a_claimed_answer_without_spinning(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # Past the deadline, a job that has claimed its answer (it is being recorded, and will be
     # sent) cannot be cancelled: the stream looped on asyncio.wait(timeout=0), spinning the
-    # event loop that every other request shares until the job was done.
+    # event loop that every other request shares until the job was done. Driven through
+    # `App.stream`, whose timer gives the request up at its deadline (and must find the claim),
+    # with the job's first piece out before the deadline and its answer recorded past it.
     import asyncio
 
     from crecli import openai_wire as wire
-    from crecli.models.backend import Generation
+    from crecli import serve_app
     from crecli.serve_app import App
-    from crecli.serve_worker import Ticket
+    from support.routers import FAR
 
-    query = wire.parse_chat(wire.parse_json(b'{"model": "small", "messages": [{"role": "user", "content": "hi"}], "stream": true}'))
-    answer = wire.direct_answer("small", Generation("yes", 3, 1, 0.5, "stop"), 0.25, "seconds", query.stop)
+    class SlowRecord:  # the served-query log, its `record` on the job's thread once it has claimed its answer
+        recorded: list[str] = []
+
+        def record(self, prompt: str, trace: Any, cascade: Any = None) -> None:
+            time.sleep(1.5)  # past the deadline, a second from the request's start
+            self.recorded.append(prompt)
+
+    fake_backends({"large": lambda text, params: "12"})
+    served = SlowRecord()
+    app = App(Cascade(make_router(), settings), ServeOptions(), served=served)  # type: ignore[arg-type]
+    query = wire.parse_completion({"model": "cre", "prompt": FAR, "stream": True})  # the top rung streams
     waits = 0
     real_wait = asyncio.wait
 
@@ -986,25 +1174,65 @@ def test_a_stream_past_its_deadline_waits_for_a_claimed_answer_without_spinning(
 
     monkeypatch.setattr(asyncio, "wait", counted)
 
-    class Host:
-        async def result(self, query: Any, future: Any) -> Any:
-            return await future
+    class Request:  # a client that stays
+        client = None
 
-        def timed_out(self) -> Exception:
-            raise AssertionError("a claimed answer is sent, not timed out")
+        @staticmethod
+        async def receive() -> dict[str, Any]:
+            await asyncio.sleep(60)
+            return {"type": "http.disconnect"}
 
-    async def main() -> list[str]:
-        loop = asyncio.get_running_loop()
-        ticket = Ticket(deadline=time.monotonic() - 1)
-        assert ticket.claim()
-        future: asyncio.Future[Any] = loop.create_future()
-        loop.call_later(0.3, future.set_result, answer)
-        pieces: asyncio.Queue[str] = asyncio.Queue()
-        events = App.stream_on(Host(), query, ticket, future, pieces, "ye", "id", 7, "small")  # type: ignore[arg-type]
-        return [event async for event in events]
+    async def main() -> tuple[list[str], float]:
+        serve_app._request_id.set("req_test")  # as `request_ids` sets it for a request
+        deadline = time.monotonic() + 1.0  # for the first piece, which a loaded machine may be slow to make
+        events, job, give_up = await app.stream(Request(), query, deadline, "id", 7)  # type: ignore[arg-type]
+        try:
+            return [event async for event in events], time.monotonic() - deadline
+        finally:
+            give_up()
 
-    events = asyncio.run(main())
-    assert events[-1] == "data: [DONE]\n\n" and waits <= 3, waits
+    try:
+        events, past = asyncio.run(main())
+    finally:
+        app.worker.close()
+    assert past > 0 and served.recorded == [FAR]  # the deadline passed while the answer was recorded
+    assert not any('"error"' in event for event in events), events  # sent, not a 504
+    assert "".join(events).count('"text": "12"') == 1 and events[-1] == "data: [DONE]\n\n"
+    # One wait for the first piece (`settle`), and one for each piece after it and the end.
+    assert waits <= 4, waits
+
+
+def test_a_streamed_answer_claimed_before_its_deadline_is_sent_whole_after_it(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig, tmp_path: Path
+) -> None:
+    """The claimed-past-its-deadline path of a live stream: the top rung's first piece has gone
+    out, and its job has claimed the answer and is still recording it in the served-query log
+    when --timeout passes. The deadline's timer must leave it be (an answer recorded is an
+    answer sent): the client gets every piece, the rest held back for a stop string included
+    (put after the deadline), the finish chunk and [DONE], no 504; the log has the answer."""
+    from crecli import servedlog
+    from support.routers import FAR
+
+    class SlowLog(servedlog.ServedLog):
+        def record(self, *args: Any, **kw: Any) -> None:
+            time.sleep(1.5)  # the answer is claimed: the deadline passes meanwhile
+            super().record(*args, **kw)
+
+    timeout = 1.0  # for the first piece, which a loaded machine may be slow to make
+    fake_backends({"large": lambda text, params: "12 EN"})  # "EN" may begin the stop string: held back
+    log = SlowLog(tmp_path / "served.jsonl", "serve")
+    body = {"model": "cre", "prompt": FAR, "stream": True, "stop": ["END"]}  # far: the top rung answers, streaming
+    with serving(Cascade(make_router(), settings), served=log, timeout=timeout) as url:
+        sent = time.monotonic()
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as reply:
+            events = [(time.monotonic() - sent, line) for line in reply.iter_lines() if line.startswith("data: ")]
+    chunks = [json.loads(line[6:]) for _, line in events[:-1]]
+    assert not any("error" in c for c in chunks), chunks  # no 504 at the deadline
+    texts = [(at, c["choices"][0]["text"]) for (at, _), c in zip(events, chunks) if c["choices"][0]["text"]]
+    assert [text for _, text in texts] == ["12", " EN"], chunks
+    assert texts[0][0] < timeout < texts[1][0]  # the first before the deadline, the rest after it
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and events[-1][1] == "data: [DONE]"
+    assert [entry["prompt"] for entry in servedlog.read([log.path]).entries] == [FAR]
 
 
 def test_a_streams_backlog_holds_its_job_back_until_its_client_reads_or_its_request_gives_up() -> None:
@@ -1078,7 +1306,7 @@ def test_stopping_the_worker_gives_up_its_running_jobs_and_waits_for_them() -> N
     future = worker.submit(job, Ticket())
     assert started.wait(10)
     worker.stop()
-    assert ended == ["stopped"] and future.done() and worker.running == 0
+    assert ended == ["stopped"] and future.done() and worker.counts() == (0, 0)
 
 
 def test_a_stream_whose_client_left_before_its_first_event_gives_its_job_up() -> None:

@@ -334,7 +334,7 @@ def test_health_answers_at_once_while_every_slot_is_busy(tmp_path: Path, monkeyp
         with serving_cascade(Cascade(make_router(), settings), max_queue=2) as url:
             replies: list[httpx.Response] = []
             # Every place: a capacity of 3 (the 2 in-process models and 1 remote slot) and a
-            # queue of 2.
+            # queue of 2. All five want the one remote slot: one computes there, four wait for it.
             threads = [threading.Thread(target=lambda: replies.append(post(url, "large"))) for _ in range(5)]
             seen: list[dict[str, Any]] = []
             try:
@@ -344,7 +344,7 @@ def test_health_answers_at_once_while_every_slot_is_busy(tmp_path: Path, monkeyp
                 # would have until the test ends.
                 def full() -> bool:
                     seen.append(httpx.get(f"{url}/health", timeout=10).json())
-                    return (seen[-1]["running"], seen[-1]["queued"]) == (3, 2)
+                    return (seen[-1]["running"], seen[-1]["queued"]) == (1, 4)
 
                 until(full, "/health never showed every place taken")
                 refused = post(url, "large")

@@ -6,6 +6,9 @@ server slot ends, and a call to a remote rung's server is abandoned (its connect
 the engine stops generating). The cascade code knows nothing of requests: the serve job opens
 a `scope` on its thread with its `Token`, and the places that wait or call out ask `current()`.
 Outside `cre serve` no scope is open, and nothing is ever cancelled.
+
+The places that wait also say so (`waiting`), so that `cre serve`'s /health counts a job that
+waits for a model, for memory or for a server's slot as queued, not as running.
 """
 
 from __future__ import annotations
@@ -29,19 +32,25 @@ class Cancelled(CreError):
 class Token:
     """A request's cancellation: `cancel()` sets it and runs the callbacks work registered
     (`on_cancel`: close a connection, drop a queued call) once. `deadline` (time.monotonic())
-    is when the request gives up, where it has one: a remote call gets only the time left."""
+    is when the request gives up, where it has one: a remote call gets only the time left.
+    Whoever cancels it says whether the deadline was why (`expired`), since the clock cannot:
+    a client that left a moment before the deadline is handled after it has passed."""
 
     def __init__(self, deadline: float | None = None) -> None:
         self._lock = threading.Lock()
         self._set = False
+        self._expired = False
+        self._waits = 0  # `waiting` blocks open on the work's thread
         self._callbacks: list[Callable[[], object]] = []
         self.deadline = deadline
 
-    def cancel(self) -> None:
+    def cancel(self, expired: bool = False) -> None:
+        """Give the work up; `expired`: because its deadline passed (else its client left,
+        or the server is stopping). The first cancellation's cause stands."""
         with self._lock:
             if self._set:
                 return
-            self._set = True
+            self._set, self._expired = True, expired
             callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
             callback()
@@ -49,6 +58,20 @@ class Token:
     def is_set(self) -> bool:
         with self._lock:
             return self._set
+
+    def expired(self) -> bool:
+        """The work was given up because its deadline passed, not for any other cause."""
+        with self._lock:
+            return self._expired
+
+    def is_waiting(self) -> bool:
+        """The work is waiting for a model, memory or a server's slot (`waiting`), not computing."""
+        with self._lock:
+            return self._waits > 0
+
+    def _count_wait(self, step: int) -> None:
+        with self._lock:
+            self._waits += step
 
     def on_cancel(self, callback: Callable[[], object]) -> Callable[[], None]:
         """Run `callback` when the token is cancelled (now, if it is); returns its remover."""
@@ -90,6 +113,22 @@ def deadline() -> float | None:
     return token.deadline if token is not None else None
 
 
+@contextmanager
+def waiting() -> Iterator[None]:
+    """Count this thread's work as waiting for the block (for a model, for memory within the
+    budget, for a server's slot), not computing: `cre serve`'s /health counts its job as
+    queued meanwhile (`serve_worker.Worker.counts`). Nothing outside a `scope`."""
+    token = current()
+    if token is None:
+        yield
+        return
+    token._count_wait(1)
+    try:
+        yield
+    finally:
+        token._count_wait(-1)
+
+
 def check() -> None:
     """Raise `Cancelled` when this thread's work has been given up."""
     token = current()
@@ -99,7 +138,8 @@ def check() -> None:
 
 class Gate:
     """At most `slots` holders at once, admitted first come, first served; a waiter whose
-    request gives up (`check`) stops waiting. Waiting and holding are counted, for /health."""
+    request gives up (`check`) stops waiting. Waiting and holding are counted; a waiter's job
+    is queued, not running, on /health (`waiting`)."""
 
     def __init__(self, slots: int = 1) -> None:
         self.slots = max(1, slots)
@@ -119,7 +159,7 @@ class Gate:
 
     def acquire(self) -> None:
         me = object()
-        with self._cond:
+        with self._cond, waiting():
             self._queue.append(me)
             try:
                 while self._queue[0] is not me or self._held >= self.slots:

@@ -538,7 +538,7 @@ def serve(
     timeout: Annotated[float, typer.Option("--timeout", min=0.001, max=MAX_SECONDS, callback=finite, help="Seconds from a request's arrival to its answer, for the whole ladder (waits included; a remote call gets the time left); then 504.")] = DEFAULT_TIMEOUT,
     max_body: Annotated[int, typer.Option("--max-body", min=1024, help="Largest request body in bytes; a larger one gets 413 before it is read.")] = DEFAULT_MAX_BODY,
     header_timeout: Annotated[float, typer.Option("--header-timeout", min=0.001, max=MAX_SECONDS, callback=finite, help="Seconds a client has to send a request's line and headers; then 408 and the connection closes.")] = DEFAULT_HEADER_TIMEOUT,
-    body_timeout: Annotated[float, typer.Option("--body-timeout", min=0.001, max=MAX_SECONDS, callback=finite, help="Seconds a client has to send a request's body once its headers are in; then 408 and the connection closes.")] = DEFAULT_BODY_TIMEOUT,
+    body_timeout: Annotated[float, typer.Option("--body-timeout", min=0.001, max=MAX_SECONDS, callback=finite, help="Seconds a client has to send a request's body once its headers are in, then 408 and the connection closes; and the most a response waits for a client that takes none of it, then the connection is reset.")] = DEFAULT_BODY_TIMEOUT,
     keep_alive: Annotated[float, typer.Option("--keep-alive", min=0.001, max=MAX_SECONDS, callback=finite, help="Seconds an idle keep-alive connection stays open. Behind a load balancer, set it above the balancer's idle timeout (AWS ALB: 60), or it reuses connections being closed and clients get 502s.")] = DEFAULT_KEEP_ALIVE,
     api_key_env: Annotated[Optional[str], typer.Option("--api-key-env", help="Environment variable holding an API key; then /v1/* needs `Authorization: Bearer <key>`.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Use the router even if the model files differ from the ones it was fitted with.")] = False,
@@ -555,7 +555,8 @@ def serve(
     and a request that times out or whose client leaves stops its work. `stream: true` sends
     the final rung's tokens as they are generated. A field cre cannot honour (tools,
     response_format, logprobs, ...) or of the wrong type is a 400 that names it. A client gets
-    --header-timeout for its headers and --body-timeout for its body, then 408. /health says
+    --header-timeout for its headers and --body-timeout for its body, then 408; one that takes
+    none of its response for --body-timeout is disconnected. /health says
     whether each model can answer (503 when none can) and never waits behind model work.
     Every response carries an X-Request-Id (the client's own when it sent a safe one).
     Model errors reach the client as a 500 quoting it (503 `rung_unavailable` when every

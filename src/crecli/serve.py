@@ -7,7 +7,8 @@ Ctrl-C (`serve_forever`). Here is what stands between the app and the network:
   naming the option to change, and early clients wait in the backlog while the models load;
 - `make_server` is uvicorn with its logs on stderr (stdout stays for data), a drain bound
   for SIGTERM, and `guarded_protocol`: h11 with deadlines for a request's headers and body
-  (`--header-timeout`, `--body-timeout`), so that slow clients cannot hold the server;
+  (`--header-timeout`, `--body-timeout`), and for a client to take its response (none of
+  it taken for `--body-timeout`), so that slow clients cannot hold the server;
 - `serve_forever` turns SIGTERM into a return after the drain, so that the caller closes
   the models and `cre serve` exits 0.
 
@@ -26,6 +27,7 @@ import json
 import math
 import os
 import socket
+import struct
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,14 +58,19 @@ def _raw_error(status: int, message: str, code: str) -> bytes:
 
 
 def guarded_protocol(header_timeout: float, body_timeout: float) -> type:
-    """uvicorn's h11 protocol with deadlines uvicorn lacks, one timer a connection:
+    """uvicorn's h11 protocol with deadlines uvicorn lacks:
 
     - a request line and headers must arrive within `header_timeout` of the connection
       opening or of their first byte (keep-alive idle time is uvicorn's own timer), else 408
       and the connection closes: a client cannot hold a connection by sending headers slowly;
     - a body must arrive within `body_timeout` of its headers. The app answers 408 for bodies
       it reads; this closes connections still sending a body nobody reads, after their
-      answer (a 401, 404 or 413 sent early), a second later.
+      answer (a 401, 404 or 413 sent early), a second later;
+    - a response's bytes waiting for the client (its socket's buffers full) must be taken,
+      some of them, every `body_timeout`, else the connection is reset. uvicorn has no write
+      timeout: a client that never read kept its connection for ever, the bytes it left in
+      this process's memory, since an asyncio transport closes only once its bytes are sent.
+      A stream under way then ends as for a client that left, its job given up.
 
     uvicorn's plain-text 400 for a malformed request is JSON in OpenAI's shape here too.
     """
@@ -75,8 +82,16 @@ def guarded_protocol(header_timeout: float, body_timeout: float) -> type:
         _timer_for: tuple[str, int] | None = None
         _responses = 0  # completed on this connection: which request a deadline is for
 
+        _stall: asyncio.TimerHandle | None = None
+        _stalled_with = 0  # `_untaken()` when `_stall` was armed
+
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            # Writing pauses once any byte waits here for the client's socket (its buffers
+            # full), not only past asyncio's 64 KiB: a smaller rest left at the close of a
+            # response would wait unwatched. The kernel's buffers still let a reader's
+            # response flow without pausing.
+            transport.set_write_buffer_limits(high=0)
             self._watch()
 
         def data_received(self, data: bytes) -> None:
@@ -90,7 +105,16 @@ def guarded_protocol(header_timeout: float, body_timeout: float) -> type:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            self._unstall()
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            self._stall_from(self._untaken())
+
+        def resume_writing(self) -> None:
+            self._unstall()
+            super().resume_writing()
 
         def send_400_response(self, msg: str) -> None:
             why = f"the request is not valid HTTP/1.1 ({msg.rstrip('.')})"
@@ -121,6 +145,47 @@ def guarded_protocol(header_timeout: float, body_timeout: float) -> type:
             if self._timer is not None:
                 self._timer.cancel()
             self._timer = self._timer_for = None
+
+        def _stall_from(self, untaken: int) -> None:
+            self._unstall()
+            self._stalled_with = untaken
+            self._stall = self.loop.call_later(body_timeout, self._stalled)
+
+        def _unstall(self) -> None:
+            if self._stall is not None:
+                self._stall.cancel()
+            self._stall = None
+
+        def _untaken(self) -> int:
+            """Bytes of the response the client has not taken: those held here, and those in
+            the socket's send queue where the system tells (Linux). The kernel hands the
+            transport room only once a third of its queue, megabytes, has gone, so bytes
+            held here alone would stand still for a slow reader's many seconds of reads."""
+            untaken = self.transport.get_write_buffer_size()
+            sock = self.transport.get_extra_info("socket")
+            try:
+                import fcntl
+                import termios
+
+                queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4))
+                untaken += struct.unpack("i", queued)[0]
+            except (ImportError, AttributeError, OSError):
+                pass  # no such count here: the bytes held here tell, more coarsely
+            return untaken
+
+        def _stalled(self) -> None:
+            self._stall = None
+            untaken = self._untaken()
+            if untaken < self._stalled_with:  # some were taken: a slow reader, not a gone one
+                self._stall_from(untaken)
+                return
+            log.info("%s took none of its response for %g s (--body-timeout); connection reset",
+                     client_address(self.client), body_timeout)
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                # A reset, not a close: the kernel would go on offering the untaken bytes.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
 
         def _expired(self) -> None:
             what, self._timer, self._timer_for = self._timer_for, None, None

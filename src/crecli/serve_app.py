@@ -385,10 +385,11 @@ class Backlog:
             self._room.notify_all()
 
 
-def _give_up(ticket: Ticket, job: "asyncio.Future[Answer]") -> None:
-    """Cancel a streamed request's job, unless it is done or has claimed its answer (which is
-    being recorded, so it will be sent)."""
-    if not job.done() and ticket.cancel():
+def _give_up(ticket: Ticket, job: "asyncio.Future[Answer]", expired: bool = False) -> None:
+    """Cancel a streamed request's job (`expired`: at its deadline; else its response ended
+    or its client left), unless it is done or has claimed its answer (which is being
+    recorded, so it will be sent)."""
+    if not job.done() and ticket.cancel(expired):
         job.cancel()
 
 
@@ -492,7 +493,8 @@ class App:
         # The pool's backend, where it holds one, remembers a load its runtime refused.
         states = {n: rung_state(self.cascade.specs[n], self.cascade.pool.loaded(n)) for n in self.ladder}
         status, word = health_report(states)
-        body: dict[str, Any] = {"status": word, "running": self.worker.running, "queued": self.worker.queued,
+        running, queued = self.worker.counts()
+        body: dict[str, Any] = {"status": word, "running": running, "queued": queued,
                                 "max_queue": self.options.max_queue}
         if self.key_ok(request):
             body["models"] = {n: state.word for n, state in states.items()}
@@ -578,7 +580,7 @@ class App:
         # The deadline, from here on, by a timer rather than by the events' own wait: a client
         # that stops reading holds them at a `yield` (a send that waits for room), and the job
         # (waiting for room in `pieces`, or generating) ran on past it, holding its model.
-        expiry = loop.call_later(max(0.0, deadline - time.monotonic()), _give_up, ticket, future)
+        expiry = loop.call_later(max(0.0, deadline - time.monotonic()), _give_up, ticket, future, True)
         future.add_done_callback(lambda _: expiry.cancel())
 
         def give_up() -> None:
@@ -643,7 +645,7 @@ class App:
         # Unless the job has claimed its answer (it is being recorded, and will be sent), a
         # request that gives up cancels its job: queued, it never runs; running, it stops
         # where it stands.
-        if future not in done and ticket.cancel():
+        if future not in done and ticket.cancel(expired=gone not in done):
             future.cancel()
             if gone in done:
                 log.info("%s closed the connection before its answer; its job is dropped",
@@ -657,7 +659,7 @@ class App:
         alone says neither which model nor how busy the server was)."""
         rid = request_id()
         log.warning("%s: no answer for model %s within %g s (running %d, queued %d)", rid, query.model,
-                    self.options.timeout, self.worker.running, self.worker.queued)
+                    self.options.timeout, *self.worker.counts())
         return ApiError(504, f"no answer within the server's timeout of {self.options.timeout:g} s; "
                         f"the server is busy or the prompt is slow to answer (request id {rid})",
                         type="timeout_error", code="timeout")

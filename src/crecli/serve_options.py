@@ -16,7 +16,8 @@ DEFAULT_PORT = 8000
 DEFAULT_MAX_QUEUE = 16
 DEFAULT_TIMEOUT = 300.0
 # A client's request line and headers, then its body, get their own short deadlines, so that
-# a slow or stalled client holds a connection for seconds, not for the answer's --timeout.
+# a slow or stalled client holds a connection for seconds, not for the answer's --timeout;
+# the body's deadline also bounds how long a response waits for a client taking none of it.
 DEFAULT_HEADER_TIMEOUT = 10.0
 DEFAULT_BODY_TIMEOUT = 30.0
 # Seconds an idle keep-alive connection stays open (uvicorn's default). Behind a load
@@ -42,7 +43,7 @@ class ServeOptions:
     max_body: int = DEFAULT_MAX_BODY  # bytes
     api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer <key>`
     header_timeout: float = DEFAULT_HEADER_TIMEOUT  # seconds for a request line and its headers
-    body_timeout: float = DEFAULT_BODY_TIMEOUT  # seconds for a body, once its headers are in
+    body_timeout: float = DEFAULT_BODY_TIMEOUT  # seconds for a body once its headers are in; for a response untaken
     keep_alive: float = DEFAULT_KEEP_ALIVE  # seconds an idle keep-alive connection stays open
 
     @property

@@ -86,14 +86,16 @@ class Ticket:
         self.deadline = deadline
         self._token: cancel.Token | None = None
 
-    def cancel(self) -> bool:
+    def cancel(self, expired: bool = False) -> bool:
+        """`expired`: the request's deadline is why (else its client left, or the server is
+        stopping), as its token tells the job's remote calls (`cancel.Token.expired`)."""
         with self._lock:
             if self._state == "open":
                 self._state = "cancelled"
             cancelled = self._state == "cancelled"
             token = self._token
         if cancelled and token is not None:
-            token.cancel()  # outside the lock: its callbacks close connections
+            token.cancel(expired)  # outside the lock: its callbacks close connections
         return cancelled
 
     def claim(self) -> bool:
@@ -106,6 +108,12 @@ class Ticket:
         """The request gave up: a job not started is dropped, a running one stops where it stands."""
         with self._lock:
             return self._state == "cancelled"
+
+    def computing(self) -> bool:
+        """The job has started and waits for nothing (a model, memory, a server's slot:
+        `cancel.waiting`), as /health counts it running."""
+        token = self._token  # one read: set once, when the job starts
+        return token is not None and not token.is_waiting()
 
     @contextmanager
     def running(self) -> Iterator[None]:
@@ -140,17 +148,14 @@ class Worker:
         self._tickets: set[Ticket] = set()
         self._mean_seconds = 1.0  # of recent jobs, for Retry-After
 
-    @property
-    def running(self) -> int:
-        """Jobs the ladder computes now, as far as its capacity goes."""
+    def counts(self) -> tuple[int, int]:
+        """The admitted jobs running (computing on a model or with a server) and queued (not
+        started, or waiting for a model, for memory within the budget, or for a server's
+        slot), as /health reports them. Told by each job's own waits, not inferred from the
+        ladder's capacity, which a memory budget or jobs that all need one model leave unused."""
         with self._lock:
-            return min(len(self._tickets), self.capacity)
-
-    @property
-    def queued(self) -> int:
-        """Jobs admitted past the ladder's capacity: waiting for a model or a server."""
-        with self._lock:
-            return max(0, len(self._tickets) - self.capacity)
+            running = sum(ticket.computing() for ticket in self._tickets)
+            return running, len(self._tickets) - running
 
     def retry_after(self) -> str:
         """Seconds until the admitted jobs are likely done, for a refusal's Retry-After."""

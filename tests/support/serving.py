@@ -5,19 +5,24 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from crecli.escalate import Cascade
 
+if TYPE_CHECKING:
+    from crecli.servedlog import ServedLog
+
 
 @contextmanager
-def serving(cascade: Cascade, name: str | None = "team", log_level: str = "warning", **opts: Any) -> Iterator[str]:
-    """A live server on a free loopback port; yields its base URL."""
+def serving(cascade: Cascade, name: str | None = "team", log_level: str = "warning",
+            served: "ServedLog | None" = None, **opts: Any) -> Iterator[str]:
+    """A live server on a free loopback port, logging its cascade answers to `served` when
+    given; yields its base URL."""
     from crecli.serve import listen, make_server
     from crecli.serve_app import ServeOptions, create_app
 
     options = ServeOptions(**opts)
-    app = create_app(cascade, options, name=name)
+    app = create_app(cascade, options, name=name, served=served)
     sock = listen("127.0.0.1", 0)
     server = make_server(app, options, log_level=log_level)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -767,10 +767,12 @@ class OpenAIBackend(Backend):
     @staticmethod
     def _hung_to_deadline(stream: _EventStream | None) -> bool:
         """Whether a try that the request's cancellation ended was waiting for its server when
-        the request's deadline passed (not a client that left before it), with no event of a
-        stream come: the try's time ran to that deadline (`_try_limit`)."""
-        deadline = cancel.deadline()
-        return deadline is not None and time.monotonic() >= deadline and (stream is None or not stream.began)
+        the request gave up for its deadline, with no event of a stream come: the try's time
+        ran to that deadline (`_try_limit`). The cancellation's cause says so
+        (`cancel.Token.expired`), not the clock: a client that left a moment before the
+        deadline is handled here after it has passed, and its server was blamed as hung."""
+        token = cancel.current()
+        return token is not None and token.expired() and (stream is None or not stream.began)
 
     def _transport_failure(self, exc: "transport.TransportError", where: str, timeout: float, cut: bool) -> str:
         """What a try that failed so says, where `timeout` was its time (`cut`: the request's

@@ -10,7 +10,7 @@ from collections import Counter, OrderedDict
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from crecli.cancel import POLL_SECONDS, Gate, check
+from crecli.cancel import POLL_SECONDS, Gate, check, waiting
 from crecli.grading import option_letters
 from crecli.models.backend import Backend
 from crecli.models.prompting import stops_in_text
@@ -142,7 +142,9 @@ class ModelPool:
         if gate is not None:
             gate.acquire()
         try:
-            with self._cond:
+            # A job waiting for the gate (above) or for memory (`_load`) computes nothing:
+            # queued, not running, on /health.
+            with self._cond, waiting():
                 backend = self._load(spec, wait=True)
                 self._busy[spec.name] += 1
             try:

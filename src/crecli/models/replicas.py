@@ -97,7 +97,8 @@ class ReplicaSet:
         asked for a wait that does not end in time (back-pressure: none is sent more before
         it said)."""
         me, queued = object(), False
-        with self._cond:
+        # A job waiting here for a slot or a server computes nothing: queued, not running, on /health.
+        with self._cond, cancel.waiting():
             try:
                 while True:
                     now = time.monotonic()
