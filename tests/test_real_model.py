@@ -26,7 +26,9 @@ def test_llama_backend_generates_with_completion_template(gemma) -> None:
         assert gen.prompt_tokens > 20 and 0 < gen.output_tokens <= 8 and gen.seconds > 0
         # Same prompt again: llama.cpp reuses the KV cache, and sampling with seeds works.
         samples = backend.sample("What is the capital of France?", GenParams(max_tokens=8, temperature=0.7), [1, 2, 3])
-        assert len(samples) == 3 and all(s.output_tokens > 0 for s in samples)
+        # A sampled vote may end on its first token, the stop newline, which is never fed: 0
+        # decode steps (`tokens.decoded_output`). Some vote still writes an answer.
+        assert len(samples) == 3 and any(s.output_tokens > 0 for s in samples)
         vectors = backend.embed(["a cat", "a dog"])
         assert len(vectors) == 2 and len(vectors[0]) > 100
     finally:
