@@ -748,6 +748,39 @@ def test_a_new_log_export_is_private_like_the_log(tmp_path: Path) -> None:
     assert out.stat().st_mode & 0o777 == 0o600
 
 
+@pytest.mark.skipif(os.name == "nt", reason="POSIX modes")
+def test_a_file_written_by_name_can_replace_a_read_only_one(tmp_path: Path) -> None:
+    """`atomic_path` gave its temp file the old file's mode before the writer opened it by
+    name: for a 0444 model a non-root llama.cpp got "permission denied". The owner can write
+    it while the block runs; the old mode is the new file's when it ends."""
+    target = tmp_path / "model.gguf"
+    target.write_bytes(b"old")
+    target.chmod(0o444)
+    with paths.atomic_path(target) as tmp:
+        assert tmp.stat().st_mode & 0o777 == 0o644  # the old mode, and its owner's write bit
+        tmp.write_bytes(b"new")  # by name, as llama.cpp opens it
+    assert target.read_bytes() == b"new" and target.stat().st_mode & 0o777 == 0o444
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX links")
+def test_a_temp_file_swapped_for_a_link_while_written_by_name_is_published_nowhere(tmp_path: Path) -> None:
+    """Between `atomic_path`'s exclusive create and the writer's open by name, a link planted
+    under the temp name (a group-writable folder) takes the writer's bytes elsewhere: what
+    the name holds then is not the file made here, so it is refused, never renamed into place."""
+    target = tmp_path / "model.gguf"
+    target.write_bytes(b"old")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"theirs")
+    with pytest.raises(OSError, match="replaced while it was written"):
+        with paths.atomic_path(target) as tmp:
+            tmp.unlink()
+            tmp.symlink_to(elsewhere)
+            tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"old" and not target.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "model.gguf"]
+
+
 def test_an_output_that_is_a_symlink_replaces_its_target(tmp_path: Path) -> None:
     """`cre log -o link.jsonl` (link -> shared/export.jsonl) swapped the link for a regular
     file and left the shared export stale; routers and settings.toml the same."""

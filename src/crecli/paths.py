@@ -6,6 +6,7 @@ them with one folder, which tests and CI use to stay away from the real user's f
 
 from __future__ import annotations
 
+import errno
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -188,7 +189,7 @@ def atomic_write(path: Path, data: bytes | str | Callable[[BinaryIO], None], *, 
     `clean_stale` first removes the temp files that earlier writes of `path` left when they
     were killed (`remove_stale_temps`), for files rewritten often in shared folders.
     """
-    with _replacing(path, mode, clean_stale) as (_, fh):
+    with _replacing(path, mode, clean_stale, by_name=False) as (_, fh):
         if callable(data):
             data(fh)
         else:
@@ -206,15 +207,20 @@ def atomic_path(path: Path, *, mode: int = 0o666, clean_stale: bool = False) -> 
 
     The writer must write the file it is given in place (truncate and write, as fopen "wb"
     and std::ofstream do), not put another file under its name: the mode is set on, and the
-    fsync made through, the file created here with O_EXCL."""
-    with _replacing(path, mode, clean_stale) as (tmp, _):
+    fsync made through, the file created here with O_EXCL, so one that is not that file when
+    the block ends (a link planted under the temp name, a writer that renamed its own file
+    over it) is refused, an OSError, and published nowhere. While the block runs the file keeps
+    its owner's write bit, which the writer's own open needs (a 0444 file being replaced
+    gave llama.cpp "permission denied"); the replaced file's mode is set when it ends."""
+    with _replacing(path, mode, clean_stale, by_name=True) as (tmp, _):
         yield tmp
 
 
 @contextmanager
-def _replacing(path: Path, mode: int, clean_stale: bool) -> Iterator[tuple[Path, BinaryIO]]:
+def _replacing(path: Path, mode: int, clean_stale: bool, by_name: bool) -> Iterator[tuple[Path, BinaryIO]]:
     """The temp file that takes `path`'s place when the block ends, by its path and open for
-    writing: `atomic_write` says how, for it and `atomic_path` alike."""
+    writing: `atomic_write` says how, for it and `atomic_path` alike. `by_name`: the block
+    writes the file by its name (`atomic_path`), not through the open file."""
     import secrets
 
     # Replacing the link itself would leave its target, say a shared export, stale.
@@ -230,11 +236,17 @@ def _replacing(path: Path, mode: int, clean_stale: bool) -> Iterator[tuple[Path,
     try:
         with os.fdopen(fd, "wb") as fh:
             old = _stat(path)
-            if old is not None and hasattr(os, "fchmod"):  # not on Windows, whose modes say little
-                # Permission bits only: a set-id bit kept on new contents is what the
-                # kernel itself clears when such a file is written.
-                os.fchmod(fh.fileno(), old.st_mode & 0o777)
+            # Permission bits only: a set-id bit kept on new contents is what the kernel itself
+            # clears when such a file is written. Set before any byte is written, so a private
+            # file's new contents are never readable by more than its old ones were.
+            kept = old.st_mode & 0o777 if old is not None and hasattr(os, "fchmod") else None  # not on Windows
+            if kept is not None:
+                os.fchmod(fh.fileno(), kept | (0o200 if by_name else 0))
             yield tmp, fh
+            if by_name and not os.path.samestat(os.fstat(fh.fileno()), os.lstat(tmp)):
+                raise OSError(errno.EEXIST, "the temp file was replaced while it was written", str(tmp))
+            if by_name and kept is not None:
+                os.fchmod(fh.fileno(), kept)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
