@@ -279,6 +279,8 @@ def test_the_embedder_table_is_checked_when_models_toml_is_read(
         config.load(f)
     assert str(info.value).startswith(f"{f}: {message}"), str(info.value)
     assert str(config.default_toml()) not in str(info.value)
+    # Not "`cre models list` shows them": it fails on this same file.
+    assert "cre models list" not in str(info.value)
     listed = cre("models", "list", "--models", f)
     assert listed.code == 1 and f"Error: {f}: {message}" in listed.err
 

@@ -276,11 +276,14 @@ class ModelConfig:
         return [self.models[name] for name in wanted]
 
 
-def unknown_model(name: Any, models: Collection[str]) -> str:
+def unknown_model(name: Any, models: Collection[str], listable: bool = True) -> str:
     """The one wording of a model name that no models.toml defines: the names that are
-    defined, where to see them, and how to add one."""
+    defined, where to see them, and how to add one. `listable` False leaves out `cre models
+    list`, which cannot run while the settings themselves name the model (`[embedder]`:
+    reading models.toml fails with this same message)."""
     known = ", ".join(models) or "none"
-    return (f"unknown model {name!r}. Known models: {known} (`cre models list` shows them). "
+    listed = " (`cre models list` shows them)" if listable else ""
+    return (f"unknown model {name!r}. Known models: {known}{listed}. "
             "Add it to a models.toml (see `cre models path`).")
 
 
@@ -573,7 +576,7 @@ def check_embedder(config: Mapping[str, Any], models: Collection[str], origins: 
         raise fail("kind", 'kind = "llama" needs `model = "<name>"`, a model from models.toml')
     model = config["model"]
     if not isinstance(model, str) or model not in models:
-        raise fail("model", unknown_model(model, models))
+        raise fail("model", unknown_model(model, models, listable=False))
 
 
 def _read(path: Path) -> dict[str, Any]:
