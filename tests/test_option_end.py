@@ -140,24 +140,36 @@ CHOSEN = Record(id="q1", prompt=CHOICE, reference=["B"], match="choice")
 K3 = QualityCheck(k=3)
 
 
-def _recorded_before_the_rule(store: OutcomeStore, texts: Sequence[str]) -> list[Vote]:
-    """CHOSEN's k = 3 votes on "small", stored as a fit before the rule stored them: under the
-    key without "-o", the greedy vote written on past its letter. With small's "-s" (its
-    format's newline stop), so that only this rule tells them from a new recording."""
+def _recorded_before_the_rule(store: OutcomeStore, texts: Sequence[str], model: str = "medium") -> list[Vote]:
+    """CHOSEN's k = 3 votes on `model`, stored as a fit before the rule stored them: under the
+    key without "-o", the greedy vote written on past its letter. "medium" is chatml, whose
+    keys never carry "-s" (it ends at its end-of-generation token), so only this rule tells
+    them from a new recording; a completion rung's ("small") old key lacks "-s" too."""
     votes = [Vote(text, 2, 0.01, None) for text in texts]
-    store.put(prompt_sha256(CHOSEN.prompt), "small", "", settings_key(K3, grading.max_tokens_for("choice"), text_stops=True),
-              12, votes)
+    store.put(prompt_sha256(CHOSEN.prompt), model, "", settings_key(K3, grading.max_tokens_for("choice")), 12, votes)
     return votes
 
 
 def test_votes_recorded_before_the_rule_keep_their_sampled_votes(settings, tmp_path, fake_backends) -> None:
-    created = fake_backends({"small": lambda text, p: "(B) because"})
+    created = fake_backends({"medium": lambda text, p: "(B) because"})
     with OutcomeStore(tmp_path / "outcomes.sqlite") as store:
         _recorded_before_the_rule(store, ["(B) because", "(A) since", "(B) as"])
-        outcome = collect([CHOSEN], settings, store, K3, models=["small"])[("q1", "small")]
+        outcome = collect([CHOSEN], settings, store, K3, models=["medium"])[("q1", "medium")]
     # Only the greedy vote ran again; the sampled ones were kept.
-    assert [p.temperature for _, p in created["small"].calls] == [0.0]
+    assert [p.temperature for _, p in created["medium"].calls] == [0.0]
     assert [v.text for v in outcome.votes] == ["(B)", "(A) since", "(B) as"]
+
+
+def test_a_completion_rungs_votes_recorded_before_both_rules_all_run_again(settings, tmp_path, fake_backends) -> None:
+    # Before "-o" and "-s": each vote that ended on the newline stop counted a token never
+    # fed, sampled ones too, so none is kept (`tokens.decoded_output`).
+    created = fake_backends({"small": lambda text, p: "(B) because"})
+    with OutcomeStore(tmp_path / "outcomes.sqlite") as store:
+        _recorded_before_the_rule(store, ["(B) because", "(A) since", "(B) as"], model="small")
+        outcome = collect([CHOSEN], settings, store, K3, models=["small"])[("q1", "small")]
+    assert [p.temperature > 0 for _, p in created["small"].calls] == [False, True, True]
+    assert outcome.settings_key == settings_key(K3, grading.max_tokens_for("choice"), "ABC", text_stops=True)
+    assert outcome.votes[0].text == "(B)"
 
 
 # ---------------------------------------------------------------- remote rungs write on
@@ -210,21 +222,21 @@ def _answered(cascade: Cascade, start: str) -> Trace:
 def test_a_recording_made_meanwhile_without_signals_counts_as_done(settings, tmp_path, fake_backends) -> None:
     # A greedy vote re-run only because it was recorded before the rule is done once any
     # "-o" recording of it exists, signals or not (a server that gives none, say).
-    created = fake_backends({"small": lambda text, p: "(B) because"})
+    created = fake_backends({"medium": lambda text, p: "(B) because"})
     with OutcomeStore(tmp_path / "outcomes.sqlite") as store:
         votes = _recorded_before_the_rule(store, ["(B) because"] * 3)
-        new = settings_key(K3, grading.max_tokens_for("choice"), "ABC", text_stops=True)
+        new = settings_key(K3, grading.max_tokens_for("choice"), "ABC")
         meanwhile = [Vote("(B)", 0, 0.01, None)] + votes[1:]
         running = store.running_models
 
         @contextmanager
         def another_command_recorded_it_first() -> Iterator[None]:
             # Between this command's look at the store and its run, under the store's lock.
-            store.put(prompt_sha256(CHOSEN.prompt), "small", "", new, 12, meanwhile)
+            store.put(prompt_sha256(CHOSEN.prompt), "medium", "", new, 12, meanwhile)
             with running():
                 yield
 
         store.running_models = another_command_recorded_it_first  # type: ignore[method-assign]
-        outcome = collect([CHOSEN], settings, store, K3, models=["small"])[("q1", "small")]
-    assert "small" not in created  # nothing ran: the model was never even loaded
+        outcome = collect([CHOSEN], settings, store, K3, models=["medium"])[("q1", "medium")]
+    assert "medium" not in created  # nothing ran: the model was never even loaded
     assert [v.text for v in outcome.votes] == ["(B)", "(B) because", "(B) because"]
