@@ -419,6 +419,9 @@ def test_slow_uploads_neither_lock_out_other_clients_nor_health(
         assert b"--body-timeout" in reply
 
 
+# Linux: a slow reader is told from a gone one by the socket's send queue (TIOCOUTQ); elsewhere
+# only the bytes held in the process count, and this test's slow reader could be reset.
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TIOCOUTQ: the socket's send queue")
 def test_a_client_that_never_reads_its_response_is_reset_after_the_body_timeout(
     settings: config.ModelConfig, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:

