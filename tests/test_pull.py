@@ -494,6 +494,17 @@ def test_a_requantized_model_of_a_path_model_checks_that_file_and_pulls_nothing(
     assert quantizer == []
 
 
+def _mine_and_its_q8_0(tmp_path: Path, pin: bytes | None = None) -> Path:
+    """A models.toml of a `path` model "mine" and "mine-q", its Q8_0 (pinned to `pin`'s sha256)."""
+    mine = tmp_path / "mine.gguf"
+    mine.write_bytes(b"GGUF mine")
+    toml = tmp_path / "models.toml"
+    toml.write_text(f'ladder = ["mine"]\n[models.mine]\npath = "{mine}"\nprompt_format = "chatml"\n'
+                    f'[models.mine-q]\nrequantize_from = "mine"\nquant = "Q8_0"\nprompt_format = "chatml"\n'
+                    + (f'sha256 = "{hashlib.sha256(pin).hexdigest()}"\n' if pin is not None else ""))
+    return toml
+
+
 def test_cre_models_pull_says_a_requantized_model_was_requantized(
     tmp_path: Path, quantizer: list[tuple[bytes, str]]
 ) -> None:
@@ -501,12 +512,7 @@ def test_cre_models_pull_says_a_requantized_model_was_requantized(
 
     from crecli.cli import app
 
-    mine = tmp_path / "mine.gguf"
-    mine.write_bytes(b"GGUF mine")
-    toml = tmp_path / "models.toml"
-    toml.write_text(f'ladder = ["mine"]\n[models.mine]\npath = "{mine}"\nprompt_format = "chatml"\n'
-                    f'[models.mine-q]\nrequantize_from = "mine"\nquant = "Q8_0"\nprompt_format = "chatml"\n'
-                    f'sha256 = "{hashlib.sha256(MADE).hexdigest()}"\n')
+    toml = _mine_and_its_q8_0(tmp_path, pin=MADE)
     result = CliRunner().invoke(app, ["models", "pull", "mine-q", "--models", str(toml)])
     assert result.exit_code == 0, result.output
     assert "mine-q: requantized and verified at" in result.stderr and quantizer == [(b"GGUF mine", "Q8_0")]
@@ -724,16 +730,12 @@ def test_cre_models_pull_json_lists_the_source_of_a_requantized_model(
 
     from crecli.cli import app
 
-    mine = tmp_path / "mine.gguf"
-    mine.write_bytes(b"GGUF mine")
-    toml = tmp_path / "models.toml"
-    toml.write_text(f'ladder = ["mine"]\n[models.mine]\npath = "{mine}"\nprompt_format = "chatml"\n'
-                    f'[models.mine-q]\nrequantize_from = "mine"\nquant = "Q8_0"\nprompt_format = "chatml"\n')
+    toml = _mine_and_its_q8_0(tmp_path)
     result = CliRunner().invoke(app, ["models", "pull", "mine-q", "--models", str(toml), "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert [(r["model"], r["assembled"], r["remote"]) for r in rows] == [("mine", False, False), ("mine-q", True, False)]
-    assert rows[0]["path"] == str(mine)
+    assert rows[0]["path"] == str(tmp_path / "mine.gguf")
     text = CliRunner().invoke(app, ["models", "pull", "mine-q", "--models", str(toml)])
     # Each line as `cre models list` would call it: both are unpinned here.
     assert "mine: already there at" in text.stderr and "mine-q: already there at" in text.stderr
