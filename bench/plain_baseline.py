@@ -5,8 +5,10 @@ through llama-cpp-python's `create_chat_completion`, with the model's own chat t
 system turn and no answered examples from `cre`, greedily, each answer capped at its answer
 type's tokens (`grading.max_tokens_for`, as `cre` caps its own). Each answer is graded as
 `cre` grades (`grading.grade`) and priced in bench-seconds at this machine's `cre models
-bench` speeds, leaving out the tokens every prompt shares (the template's head), as `cre`'s
-own costs do. Per query and in all, as JSON: `bench/against_plain.py` reports the
+bench` speeds, leaving out the tokens every prompt shares (the template's head) and the
+start each prompt shares with the one before it in the log (`costs.shared_starts`:
+llama-cpp-python keeps its last prompt, and this loop answers the log in its order), as
+`cre`'s own costs do. Per query and in all, as JSON: `bench/against_plain.py` reports the
 cascade against it.
 
 Run it alone (it loads a real model; about 20 minutes for the 1,400-query log on 2 cores):
@@ -16,7 +18,7 @@ Run it alone (it loads a real model; about 20 minutes for the 1,400-query log on
 
 Costs compare only at the same speeds: --speeds prices with a kept bench.json (the one that
 priced the headline) instead of this machine's current one. --reprice OLD.json re-prices an
-earlier run's token counts at those speeds and runs no model.
+earlier run's token counts at those speeds (with its --log) and runs no model.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def main() -> None:
         llm = Llama(model_path=str(require_file(spec)), n_ctx=spec.context, n_threads=default_threads(),
                     n_threads_batch=default_threads(), verbose=verbose)
     head = len(shared_prefix([chat_tokens(llm, p) for p in HEAD_PROBES]))
+    reused = shared_tokens(spec, records)
     rows = []
     start = time.perf_counter()
     for i, r in enumerate(records, start=1):
@@ -90,9 +93,10 @@ def main() -> None:
         text = out["choices"][0]["message"]["content"] or ""
         usage = out.get("usage", {})
         pt, ot = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
-        cost = price(pt, ot, head, speed)
+        cost = price(pt, ot, head, speed, reused.get(r.id, 0))
         rows.append({"id": r.id, "answer": text, "correct": grading.grade(text, r.reference, r.match or "exact"),
-                     "prompt_tokens": pt, "output_tokens": ot, "seconds": seconds, "cost": cost})
+                     "prompt_tokens": pt, "output_tokens": ot, "reused_tokens": reused.get(r.id, 0),
+                     "seconds": seconds, "cost": cost})
         if i % 50 == 0:
             print(f"{i}/{len(records)} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     llm.close()
@@ -115,14 +119,26 @@ def model_speed(spec: Any, file: Path | None) -> "Rates":
     return speed
 
 
-def price(prompt_tokens: int, output_tokens: int, head: int, speed: "Rates") -> float:
-    """One answer in bench-seconds, the template's shared head left out: `Pricing.tokens`,
-    the rule cre prices its own answers with, given this template's head."""
+def shared_tokens(spec: Any, records: Any) -> dict[str, int]:
+    """Per query id, the tokens of the start its prompt shares with the previous query's in
+    the log (`costs.shared_starts` over the whole log as one run, in the model's tokens)."""
+    from crecli.costs import TokenCounts
+
+    with TokenCounts.for_specs([spec]) as counts:
+        found = counts.of_run([r.id for r in records], [r.prompt for r in records], [0] * len(records), [spec.name],
+                              chunk=max(1, len(records)))
+    return {qid: n for (qid, _), n in found.items()}
+
+
+def price(prompt_tokens: int, output_tokens: int, head: int, speed: "Rates", reused_tokens: int = 0) -> float:
+    """One answer in bench-seconds, the template's shared head and the prompt's shared start
+    left out: `Pricing.price_votes`, the rule cre prices its own answers with."""
     from crecli.costs import Pricing
 
-    cost = Pricing("bench-seconds", {}, {"plain": speed}, {"plain": head}).tokens("plain", prompt_tokens, output_tokens)
-    assert cost is not None  # a bench-seconds Pricing with the model's speed always prices it
-    return cost
+    votes = Pricing("bench-seconds", {}, {"plain": speed}, {"plain": head}).price_votes(
+        "plain", prompt_tokens, [output_tokens], [0.0], 0, reused_tokens)
+    assert votes is not None  # a bench-seconds Pricing with the model's speed always prices it
+    return votes[0]
 
 
 def write(out: Path, summary: dict[str, Any], rows: list[dict[str, Any]]) -> None:
@@ -135,14 +151,21 @@ def write(out: Path, summary: dict[str, Any], rows: list[dict[str, Any]]) -> Non
 
 
 def reprice(args: argparse.Namespace) -> None:
-    """An earlier run's answers, priced again from their token counts at --speeds."""
-    from crecli import config
+    """An earlier run's answers, priced again from their token counts at --speeds, each
+    prompt's shared start (with the previous query's of --log) counted afresh."""
+    from crecli import config, querylog
 
     old = json.loads(args.reprice.read_text())
     summary = old["summary"]
     spec = config.load().get(summary["model"])
     speed = model_speed(spec, args.speeds)
-    rows = [{**r, "cost": price(r["prompt_tokens"], r["output_tokens"], summary["head_tokens"], speed)} for r in old["rows"]]
+    records = [r for r in querylog.LogOptions().read(args.log).records if r.reference is not None]
+    if [r.id for r in records[:len(old["rows"])]] != [r["id"] for r in old["rows"]]:
+        sys.exit(f"{args.reprice}: its queries are not the first of {args.log} in order; give the log it answered")
+    reused = shared_tokens(spec, records[:len(old["rows"])])
+    rows = [{**r, "reused_tokens": reused.get(r["id"], 0),
+             "cost": price(r["prompt_tokens"], r["output_tokens"], summary["head_tokens"], speed, reused.get(r["id"], 0))}
+            for r in old["rows"]]
     write(args.out, {**summary, "speed": speed._asdict(), "speeds_file": str(args.speeds) if args.speeds else None}, rows)
 
 

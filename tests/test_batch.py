@@ -380,6 +380,10 @@ def test_summary_compares_cost_with_always_the_strongest(
     pp, tg = {m: s[0] for m, s in SPEEDS.items()}, {m: s[1] for m, s in SPEEDS.items()}
     cascade_cost = sum(s["prompt_tokens"] / pp[s["model"]] + s["output_tokens"] / tg[s["model"]]
                        for r in rows for s in r["trace"]["steps"])
+    # HARD follows ADD in their cluster and starts as it does, "What is " (two tokens to the
+    # fakes): llama.cpp keeps them, so HARD's steps do not pay for them.
+    assert rows[0]["trace"]["cluster"] == rows[1]["trace"]["cluster"]
+    cascade_cost -= sum(2 / pp[s["model"]] for s in rows[1]["trace"]["steps"])
     assert summary.cascade_cost == pytest.approx(cascade_cost)
     # FAR starts on large, which answers it with one vote: both sides are the same answer.
     far = rows[-1]["trace"]["steps"][0]
@@ -388,6 +392,24 @@ def test_summary_compares_cost_with_always_the_strongest(
     assert summary.models == {"small": 2, "medium": 2, "large": 1}
     data = summary.to_dict()
     assert data["escalation_rate"] == pytest.approx(0.2) and data["accuracy"] is None
+
+
+def test_a_prompt_pays_its_start_in_full_where_its_clusters_previous_prompt_was_in_another_chunk(
+    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, tiny_models_toml: Path, bench_speeds
+) -> None:
+    # llama.cpp keeps only the last prompt: across chunks, a cluster's prompts are apart.
+    bench_speeds(SPEEDS)
+    install(fake_backends, TABLE)
+    pp, tg = {m: s[0] for m, s in SPEEDS.items()}, {m: s[1] for m, s in SPEEDS.items()}
+    lines = [jl(prompt=p) for p in (ADD, HARD)]
+    apart_rows, apart = _run(lines, Cascade(router, config.load(tiny_models_toml)), chunk_size=1)
+    full = sum(s["prompt_tokens"] / pp[s["model"]] + s["output_tokens"] / tg[s["model"]]
+               for r in apart_rows for s in r["trace"]["steps"])
+    assert apart.cascade_cost == pytest.approx(full)
+    rows, together = _run(lines, Cascade(router, config.load(tiny_models_toml)))
+    assert [r["trace"]["steps"] for r in rows] == [r["trace"]["steps"] for r in apart_rows]
+    assert together.cascade_cost == pytest.approx(full - sum(2 / pp[s["model"]] for s in rows[1]["trace"]["steps"]))
+    assert together.strongest_cost == pytest.approx(apart.strongest_cost - 2 / pp["large"])
 
 
 def test_a_batch_answered_by_the_strongest_model_alone_costs_100_percent_of_it(

@@ -204,7 +204,7 @@ def test_a_remote_rung_is_asked_recorded_and_estimated_without_the_rule(settings
             def complete(self, rendered: object, params: GenParams) -> Generation:
                 raise AssertionError("an estimate runs no model")
 
-        cascade._strongest_counter = lambda: CannotCount(cascade.specs["large"])  # type: ignore[method-assign]
+        cascade._counter = lambda model: CannotCount(cascade.specs[model])  # type: ignore[method-assign]
         for large in (settings.models["large"],
                       replace(settings.models["large"], url="http://127.0.0.1:9/v1", prompt_format="chatml")):
             cascade.specs["large"] = large

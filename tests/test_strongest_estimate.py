@@ -172,10 +172,10 @@ def test_a_strongest_rung_that_cannot_count_is_estimated_with_its_examples(
         trace = pending.trace
         assert [s.model for s in trace.steps] == ["small"]
 
-        def cannot_count() -> Any:
+        def cannot_count(model: str) -> Any:
             raise CreError("no file to count with")
 
-        cascade._strongest_counter = cannot_count  # type: ignore[method-assign]
+        cascade._counter = cannot_count  # type: ignore[method-assign]
         small = trace.steps[0]
         per_char = small.prompt_tokens / len(render("completion", PROMPT).text)
         with_shots = round(per_char * len(render("chatml", PROMPT, shots=[tuple(e) for e in exemplars]).text))

@@ -30,7 +30,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Literal, Mapping, Protocol, TextIO, TypeVar
 
 from crecli.console import progress, strict_json
-from crecli.costs import RunTotal
+from crecli.costs import CHUNK_LINES, RunTotal, shared_starts
 from crecli.errors import CreError, InputError, ModelLoadError, ModelNotAvailable, UsageError
 from crecli.querylog import FieldMap, LongLine, Record, parse_batch_line, read_lines
 from crecli.safejson import has_surrogate, replace_surrogates
@@ -42,10 +42,9 @@ if TYPE_CHECKING:
     from crecli.servedlog import ServedLog
 
 
-# Lines taken and reordered together (see the module docstring); bench/batch_reuse.py
-# rebuilds the order models saw prompts in from it and `by_cluster`.
-CHUNK_LINES = 64
-
+# Lines taken and reordered together (see the module docstring) are `costs.CHUNK_LINES`, the
+# chunks its pricing assumes; bench/batch_reuse.py rebuilds the order models saw prompts in
+# from it and `by_cluster`.
 T = TypeVar("T")
 
 
@@ -607,12 +606,14 @@ def run_batch(
                            speeds_age_hours=_speeds_age_hours(cascade))
     writer = _OrderedWriter(out, first=1)
     # The summary's costs: the batch is one run of answers, whose answered examples are
-    # priced by the one rule of `costs.share_prefixes`. Each answer is priced as it finishes,
+    # priced by the one rule of `costs.share_prefixes`, and whose prompts do not pay for the
+    # start they share with the previous prompt of their cluster in their chunk, which
+    # llama.cpp kept (`costs.shared_starts`). Each answer is priced as it finishes,
     # with the strongest model's token counts for it (not kept: a prompt may be a megabyte
     # and a stream endless; and not counted at the end, after the progress bar).
     spent, strongest = RunTotal(), RunTotal()
 
-    def finish(line: int, trace: "Trace", prompt: str) -> None:
+    def finish(line: int, trace: "Trace", prompt: str, start: str = "") -> None:
         # The answer is written first: a Ctrl-C during the slower bookkeeping below (the
         # first count of the strongest model's tokens loads its vocabulary) must not lose it.
         writer.put(line, result_record(line, trace, prompt))
@@ -629,7 +630,8 @@ def run_batch(
         # Only a unit priced by tokens compares with the strongest model ("seconds" cannot):
         # otherwise counting would tokenize every prompt for nothing.
         counts = cascade.strongest_tokens(trace, prompt) if cascade.pricing.by_tokens else (None, 0, 0.0)
-        ours, theirs = cascade.cost_parts(trace), cascade.strongest_parts(trace, counts)
+        reused = cascade.reuse_of(trace, start) if cascade.pricing.unit == "bench-seconds" else {}
+        ours, theirs = cascade.cost_parts(trace, reused), cascade.strongest_parts(trace, counts, reused)
         # Only answers both sides can price are compared; the others still share examples.
         counted = ours[0] is not None and theirs[0] is not None
         summary.estimated += int(counted)
@@ -705,7 +707,7 @@ def _answer_all(
     fields: FieldMap,
     summary: BatchSummary,
     writer: _OrderedWriter,
-    finish: Callable[[int, "Trace", str], None],
+    finish: Callable[[int, "Trace", str, str], None],
     fail: _Fail,
 ) -> None:
     """`run_batch`'s loop: each chunk of lines parsed, routed in one call, and answered a
@@ -777,6 +779,9 @@ def _answer_all(
                     fail(line, record.id, f"{source}:{line}: {exc}")
                     bar.advance(task)
                 decisions = []
+            # What each prompt shares with the one before it of its cluster in this chunk.
+            starts = dict(zip((line for line, _ in records), shared_starts(
+                [record.prompt for _, record in records], [d.cluster for d in decisions], max(1, len(records)))))
             for (line, record), decision in zip(records, decisions):
                 pending.append(
                     (line, cascade.begin(record.prompt, record.match, record.reference, id=record.id, decision=decision))
@@ -802,7 +807,7 @@ def _answer_all(
                         bar.advance(task)
                         continue
                     if final:
-                        finish(line, p.trace, p.prompt)
+                        finish(line, p.trace, p.prompt, starts.get(line, ""))
                         bar.advance(task)
                     else:
                         still.append((line, p))

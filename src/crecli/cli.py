@@ -421,7 +421,8 @@ def batch(
     one model are decoded at once (the quality check's sampled votes are decoded together
     as parallel sequences, with or without --parallel); a summary (accuracy, cost against
     always using the strongest model, escalation rate) goes to stderr at the end. The cost
-    is priced at `cre models bench` speeds; the summary says when they are over 6 hours old.
+    is priced at `cre models bench` speeds (a prompt's start shared with the previous prompt
+    of its cluster is free: llama.cpp keeps it); the summary says when they are over 6 hours old.
 
     To finish an interrupted batch, append the remaining answers to the same file:
 

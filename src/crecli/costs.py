@@ -21,6 +21,18 @@ the start of the user turn, or a base model's few-shot preamble; `cre models ben
 its tokens): llama.cpp reuses it from the model's previous prompt, so in steady use it is
 processed once per load. Measured seconds show the same saving.
 
+Consecutive prompts of a cluster often start alike (a task's template: "Is the following
+sentence plausible?"), and llama-cpp-python keeps its last prompt in the KV cache and
+evaluates only what a new prompt does not share with it. `cre batch` answers a chunk's
+prompts cluster by cluster (`CHUNK_LINES`), so in bench-seconds a prompt does not pay for
+the start it shares with the previous prompt of its cluster in its chunk (`shared_starts`,
+counted in each model's tokens by `TokenCounts`). On the 1,400-query log, recorded seconds
+per priced second ranged 0.68-0.94 over the 0.5B's tasks when every prompt paid in full and
+0.88-0.96 with this rule (bench/results/reuse-by-task.txt): templated tasks looked dearer than
+they run, and the cascade, which keeps many of them off the 1.5B, reported a larger saving
+than the clock (docs/results.md, "Reported cost against the clock"). A single answer (`cre
+ask`, `cre serve`) is priced alone, in full.
+
 Every cost crecli reports comes from here: `Pricing.price_votes` prices a rung's votes (for the
 live cascade's steps, `price_trace`, and for recorded outcomes, `CostModel.votes`, which
 calibration, evaluation and the benches replay), `Pricing.prefix` a cluster's answered
@@ -37,13 +49,14 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping, Protocol, Sequence
 
 from crecli.errors import ConfigError, CreError, UsageError
 from crecli.models import bench
 
 if TYPE_CHECKING:
     from crecli.config import ModelSpec
+    from crecli.models.backend import Backend
     from crecli.outcomes import Outcome
 
 CostUnit = Literal["bench-seconds", "seconds", "price"]
@@ -60,6 +73,10 @@ BUDGET_EPS = 1e-9
 # query yet: a short BIG-bench-style question and a one-word answer.
 TYPICAL_PROMPT_TOKENS = 96
 TYPICAL_OUTPUT_TOKENS = 8
+# Lines `cre batch` takes and reorders together: within a chunk, each rung answers its
+# prompts cluster by cluster (`batch.by_cluster`), so the prompt before one on a model is
+# mostly the previous prompt of its cluster in the chunk (`shared_starts`).
+CHUNK_LINES = 64
 
 
 def token_cost(
@@ -138,15 +155,19 @@ class Pricing:
                           self.prices.get(model), self.speeds.get(model))
 
     def price_votes(
-        self, model: str, prompt_tokens: int, outputs: Sequence[float], seconds: Sequence[float], prefix_tokens: int = 0
+        self, model: str, prompt_tokens: int, outputs: Sequence[float], seconds: Sequence[float], prefix_tokens: int = 0,
+        reused_tokens: int = 0,
     ) -> list[float] | None:
         """The cost of each of a rung's votes, in order; None when `model` has no figure in
         this unit.
 
         "seconds": the model-seconds each vote took. Token units: vote 0 pays the prompt,
-        less the cached head (`cached`) and the shared examples' `prefix_tokens` (priced
-        apart, `prefix`), and its output tokens; later votes only their output tokens,
-        because the prompt stays in the KV cache after the first vote.
+        less the cached head (`cached`), the shared examples' `prefix_tokens` (priced
+        apart, `prefix`) and, in bench-seconds, the `reused_tokens` of its own text that
+        the previous prompt of its cluster left in the cache (`shared_starts`; at least one
+        token is evaluated, as llama-cpp-python does for a prompt it holds whole), and its
+        output tokens; later votes only their output tokens, because the prompt stays in
+        the KV cache after the first vote.
         """
         if not self.by_tokens:
             return list(seconds)
@@ -154,6 +175,8 @@ class Pricing:
         if (self.unit == "price" and price is None) or (self.unit == "bench-seconds" and speed is None):
             return None
         prompt = max(0, prompt_tokens - self.cached(model) - prefix_tokens)
+        if self.unit == "bench-seconds":
+            prompt -= min(max(0, reused_tokens), max(0, prompt - 1))
         return [token_cost(self.unit, prompt if i == 0 else 0, out, price, speed) or 0.0 for i, out in enumerate(outputs)]
 
     def prefix(self, model: str, prefix_tokens: int) -> float:
@@ -178,6 +201,92 @@ def share_prefixes(visits: Sequence[tuple[str, float]]) -> list[float]:
     return [cost / counts[key] if key else 0.0 for key, cost in visits]
 
 
+def shared_starts(prompts: Sequence[str], clusters: Sequence[int], chunk: int = CHUNK_LINES) -> list[str]:
+    """Per prompt of a run, in the order given, the text its start shares with the previous
+    prompt of its cluster in its chunk of `chunk` prompts ("" for the first of a cluster):
+    what llama.cpp still holds from that prompt when `cre batch` answers the chunk cluster
+    by cluster. Cut back to the shared text's last space or newline, so that the token the
+    two prompts first differ in is not counted as shared (`TokenCounts` counts it)."""
+    out: list[str] = []
+    last: dict[int, str] = {}
+    for i, (prompt, cluster) in enumerate(zip(prompts, clusters)):
+        if i % chunk == 0:
+            last = {}
+        before = last.get(cluster)
+        last[cluster] = prompt
+        n = 0
+        if before is not None:
+            limit = min(len(before), len(prompt))
+            while n < limit and before[n] == prompt[n]:
+                n += 1
+        cut = max(prompt.rfind(" ", 0, n), prompt.rfind("\n", 0, n)) + 1
+        out.append(prompt[:cut])
+    return out
+
+
+class TokenCounts:
+    """How many tokens a shared start (`shared_starts`) takes in each model's vocabulary,
+    counted once per (model, text) with the backend `backend_of` gives (a loaded model's, or
+    its vocabulary alone: `LlamaBackend` counts without weights). 0 where the backend cannot
+    count (a remote rung's server: whether it caches is not known, so its prompts pay in
+    full) or its file cannot be read."""
+
+    def __init__(self, backend_of: Callable[[str], "Backend"]) -> None:
+        self.backend_of = backend_of
+        self._counts: dict[tuple[str, str], int] = {}
+        self._own: dict[str, "Backend"] = {}
+
+    @classmethod
+    def for_specs(cls, specs: Sequence["ModelSpec"]) -> "TokenCounts":
+        """Counts with a backend of its own per model (`registry.backend_for`, which loads
+        only the vocabulary to count); `close` them when done."""
+        by_name = {spec.name: spec for spec in specs}
+        counts = cls(lambda model: counts._backend(by_name[model]))
+        return counts
+
+    def _backend(self, spec: "ModelSpec") -> "Backend":
+        if spec.name not in self._own:
+            from crecli.models.registry import backend_for
+
+            self._own[spec.name] = backend_for(spec)
+        return self._own[spec.name]
+
+    def close(self) -> None:
+        for backend in self._own.values():
+            backend.close()
+        self._own.clear()
+
+    def __enter__(self) -> "TokenCounts":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def of_run(self, ids: Sequence[str], prompts: Sequence[str], clusters: Sequence[int],
+               models: Sequence[str], chunk: int = CHUNK_LINES) -> dict[tuple[str, str], int]:
+        """Per (query id, model), the tokens of the query's shared start (`shared_starts`)
+        in a run of these prompts in this order; absent where it shares none."""
+        out: dict[tuple[str, str], int] = {}
+        for qid, start in zip(ids, shared_starts(prompts, clusters, chunk)):
+            for model in models if start else ():
+                n = self(model, start)
+                if n:
+                    out[(qid, model)] = n
+        return out
+
+    def __call__(self, model: str, text: str) -> int:
+        if not text:
+            return 0
+        key = (model, text)
+        if key not in self._counts:
+            try:
+                counted = self.backend_of(model).count_text_tokens(text)
+            except CreError:
+                counted = None  # an estimate must not end a run; that model pays in full
+            self._counts[key] = counted or 0
+        return self._counts[key]
+
+
 class PricedStep(Protocol):
     """What pricing needs of a live cascade step (`escalate.Step`)."""
 
@@ -198,16 +307,20 @@ def prefix_key(model: str, cluster: int) -> str:
 Visit = tuple[str, float]
 
 
-def step_parts(pricing: Pricing, cluster: int, steps: Sequence[PricedStep]) -> tuple[float | None, list[Visit]]:
+def step_parts(
+    pricing: Pricing, cluster: int, steps: Sequence[PricedStep], reused: Mapping[str, int] | None = None
+) -> tuple[float | None, list[Visit]]:
     """One answer's own cost (every step's votes, `Pricing.price_votes`; a step's output
     tokens are a sum, each output token costs the same and a step reads its prompt once, so
     one figure prices them all; None where a
     model has no figure in the unit) and each step's visit to its examples, which the run
-    the answer belongs to shares (`share_prefixes`)."""
+    the answer belongs to shares (`share_prefixes`). `reused`: per model, the tokens of the
+    prompt's shared start (`shared_starts`), none for an answer priced alone."""
     total: float | None = 0.0
     visits: list[Visit] = []
     for step in steps:
-        votes = pricing.price_votes(step.model, step.prompt_tokens, [step.output_tokens], [step.seconds], step.prefix_tokens)
+        votes = pricing.price_votes(step.model, step.prompt_tokens, [step.output_tokens], [step.seconds], step.prefix_tokens,
+                                    (reused or {}).get(step.model, 0))
         total = None if votes is None or total is None else total + sum(votes)
         if step.prefix_tokens and pricing.by_tokens:
             visits.append((prefix_key(step.model, cluster), pricing.prefix(step.model, step.prefix_tokens)))
@@ -227,10 +340,14 @@ def price_parts(parts: Sequence[tuple[float | None, Sequence[Visit]]]) -> list[f
     return out
 
 
-def price_steps(pricing: Pricing, runs: Sequence[tuple[int, Sequence[PricedStep]]]) -> list[float | None]:
-    """Each trace's cost in a run of traces, given as (cluster, steps); None where a model
-    has no figure in the unit (`step_parts`, then `price_parts`)."""
-    return price_parts([step_parts(pricing, cluster, steps) for cluster, steps in runs])
+def price_steps(
+    pricing: Pricing, runs: Sequence[tuple[int, Sequence[PricedStep]]], reused: Sequence[Mapping[str, int]] | None = None
+) -> list[float | None]:
+    """Each trace's cost in a run of traces, given as (cluster, steps), with each one's
+    `reused` tokens per model (`step_parts`, then `price_parts`); None where a model has no
+    figure in the unit."""
+    return price_parts([step_parts(pricing, cluster, steps, reused[i] if reused else None)
+                        for i, (cluster, steps) in enumerate(runs)])
 
 
 class RunTotal:
@@ -264,17 +381,19 @@ class RunTotal:
 
 
 def estimate_strongest(
-    pricing: Pricing, model: str, prompt_tokens: int | None, output_tokens: float, prefix_tokens: int = 0
+    pricing: Pricing, model: str, prompt_tokens: int | None, output_tokens: float, prefix_tokens: int = 0,
+    reused_tokens: int = 0,
 ) -> float | None:
     """What the strongest `model`'s greedy answer to a prompt costs, its answered examples
-    (`prefix_tokens` of the prompt) left out for the caller to share by `share_prefixes`;
+    (`prefix_tokens` of the prompt) left out for the caller to share by `share_prefixes`,
+    and its shared start's `reused_tokens` for free (`Pricing.price_votes`);
     None in "seconds" (a model that did not run took no time to measure) or when its
     prompt's tokens are unknown. The caller counts the tokens with the strongest model's own
     tokenizer and prompt format (`escalate.Cascade.strongest_tokens`), or takes them from its
     own step where it ran."""
     if prompt_tokens is None or not pricing.by_tokens:
         return None
-    votes = pricing.price_votes(model, prompt_tokens, [output_tokens], [0.0], prefix_tokens)
+    votes = pricing.price_votes(model, prompt_tokens, [output_tokens], [0.0], prefix_tokens, reused_tokens)
     return None if votes is None else sum(votes)
 
 
@@ -298,12 +417,18 @@ class CostModel(Pricing):
         label_cost: dict[str, float],
         speeds: "dict[str, bench.Rates] | None" = None,
         heads: dict[str, int] | None = None,
+        reused: Mapping[tuple[str, str], int] | None = None,
     ) -> None:
         super().__init__(unit, prices, speeds, heads)
         self.label_cost = label_cost
+        # Per (query id, model), the tokens of the query's start that the previous prompt of
+        # its cluster left in the cache, in the run the outcomes are replayed as
+        # (`TokenCounts.of_run`); none: every prompt pays in full.
+        self.reused = dict(reused or {})
 
     @classmethod
-    def build(cls, outcomes: Iterable["Outcome"], specs: Sequence["ModelSpec"] = (), unit: str | None = None) -> "CostModel":  # type: ignore[override]
+    def build(cls, outcomes: Iterable["Outcome"], specs: Sequence["ModelSpec"] = (), unit: str | None = None,  # type: ignore[override]
+              reused: Mapping[tuple[str, str], int] | None = None) -> "CostModel":
         outcomes = list(outcomes)
         pricing = Pricing.for_models(specs, unit)
         if pricing.unit == "price":
@@ -313,7 +438,7 @@ class CostModel(Pricing):
                     f"cost unit 'price' needs price_per_1k_tokens for every model; missing for "
                     f"{', '.join(unpriced)}. Add it in models.toml, or use the measured seconds."
                 )
-        model = cls(pricing.unit, pricing.prices, {}, pricing.speeds, pricing.heads)
+        model = cls(pricing.unit, pricing.prices, {}, pricing.speeds, pricing.heads, reused)
         runs = [o for o in outcomes if o.source == "run" and o.votes]
         needs = sorted({o.model for o in outcomes if o.source == "label"})
         if needs:
@@ -347,7 +472,8 @@ class CostModel(Pricing):
         if outcome.source == "too_long":
             return [0.0]
         costs = self.price_votes(outcome.model, outcome.prompt_tokens, [v.output_tokens for v in outcome.votes],
-                              [v.seconds for v in outcome.votes], outcome.prefix_tokens)
+                                 [v.seconds for v in outcome.votes], outcome.prefix_tokens,
+                                 self.reused.get((outcome.query_id, outcome.model), 0))
         if costs is None:
             fix = ("has no price_per_1k_tokens in models.toml" if self.unit == "price"
                    else f"has no benchmark; run `cre models bench {outcome.model}`")

@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from crecli import grading
-from crecli.costs import Pricing, Visit, estimate_strongest, prefix_key, price_parts, price_steps, step_parts
+from crecli.costs import (
+    Pricing, TokenCounts, Visit, estimate_strongest, prefix_key, price_parts, price_steps, shared_starts, step_parts,
+)
 from crecli.errors import CreError, RouterFileError
 from crecli.ladder import Climb, walk
 # Re-exported: the live trace records and the one-rung check, where callers have long found them.
@@ -91,7 +93,9 @@ class Cascade:
         # rung whose servers all failed is, so a server keeps answering from the rungs it
         # has. `cre ask` and `cre batch` stop instead: a missing model is theirs to fix.
         self.pass_over_unloadable = False
-        self._counter: "Backend | None" = None  # the strongest model's tokenizer, for estimates
+        self._counters: dict[str, "Backend"] = {}  # tokenizers of models not loaded, for estimates
+        # The tokens of a prompt's shared start per model (`costs.shared_starts`), for a run's prices.
+        self.counts = TokenCounts(self._counter)
         self._route_lock = threading.Lock()
 
     @classmethod
@@ -116,11 +120,28 @@ class Cascade:
     def strongest(self) -> str:
         return self.ladder[-1]
 
-    def cost_of_run(self, traces: Sequence[Trace]) -> list[float | None]:
+    def cost_of_run(self, traces: Sequence[Trace], prompts: Sequence[str] | None = None) -> list[float | None]:
         """Each trace's cost in a run of answers (a batch), its answered examples shared by
-        the one rule of `costs.share_prefixes`. Alone, a trace pays its examples in full:
-        that is its own `Trace.cost`, set when it finished (`live`)."""
-        return price_steps(self.pricing, [(t.cluster, t.steps) for t in traces])
+        the one rule of `costs.share_prefixes`, and with `prompts` (the traces', in the
+        order the run gave them) the start each shares with the previous prompt of its
+        cluster free (`run_reuse`). Alone, a trace pays in full: that is its own
+        `Trace.cost`, set when it finished (`live`)."""
+        reused = self.run_reuse(traces, prompts) if prompts is not None else None
+        return price_steps(self.pricing, [(t.cluster, t.steps) for t in traces], reused)
+
+    def run_reuse(self, traces: Sequence[Trace], prompts: Sequence[str]) -> list[dict[str, int]]:
+        """Per trace of a run, the tokens of its prompt's shared start (`costs.shared_starts`,
+        the run taken as one chunk) in each model that answered it and the strongest's."""
+        starts = shared_starts(prompts, [t.cluster for t in traces], max(1, len(prompts)))
+        return [self.reuse_of(t, start) for t, start in zip(traces, starts)]
+
+    def reuse_of(self, trace: Trace, start: str) -> dict[str, int]:
+        """The tokens `start`, the text `trace`'s prompt shares with the previous prompt of its
+        cluster in a run (`costs.shared_starts`), takes for each model that answered it and
+        for the strongest (`costs.TokenCounts`)."""
+        if not start:
+            return {}
+        return {model: self.counts(model, start) for model in {*(s.model for s in trace.steps), self.strongest}}
 
     def strongest_tokens(self, trace: Trace, prompt: str) -> tuple[int | None, int, float]:
         """The strongest model's greedy answer to `prompt` in tokens: (prompt, answered
@@ -148,7 +169,7 @@ class Cascade:
         output = self.router.typical_output(trace.cluster, top)
         counted = None
         try:
-            backend = self._strongest_counter()
+            backend = self._counter(top)
             counted = backend.count_tokens(backend.prepare(prompt, GenParams(shots=shots))[0])
             bare = grading.bare_answer(trace.answer, trace.answer_type)
             if bare is not None and \
@@ -181,36 +202,38 @@ class Cascade:
         plain = backend.count_tokens(backend.prepare(prompt, GenParams())[0]) if shots else counted
         return counted, max(0, counted - (plain or counted)), output
 
-    def _strongest_counter(self) -> "Backend":
-        """A backend of the strongest model for counting tokens: the pool's where it is loaded,
-        else one of its own, which loads only the model's vocabulary to count."""
-        top = self.specs[self.strongest]
-        loaded = self.pool.loaded(top.name)
+    def _counter(self, model: str) -> "Backend":
+        """A backend of `model` for counting tokens: the pool's where it is loaded, else one of
+        its own, which loads only the model's vocabulary to count."""
+        loaded = self.pool.loaded(model)
         if loaded is not None:
             return loaded
-        if self._counter is None:
+        if model not in self._counters:
             from crecli.models.registry import backend_for
 
-            self._counter = backend_for(top)
-        return self._counter
+            self._counters[model] = backend_for(self.specs[model])
+        return self._counters[model]
 
     def strongest_cost_of_run(self, traces: Sequence[Trace], prompts: Sequence[str]) -> list[float | None]:
         """What always answering with the strongest model's greedy answer would have cost,
         per trace of a run, priced as `cost_of_run` prices the cascade (`costs.estimate_strongest`,
-        its examples shared by `costs.share_prefixes`); None in "seconds"."""
-        return price_parts([self.strongest_parts(t, self.strongest_tokens(t, p)) for t, p in zip(traces, prompts)])
+        its examples shared by `costs.share_prefixes`, its shared starts free); None in "seconds"."""
+        reused = self.run_reuse(traces, prompts)
+        return price_parts([self.strongest_parts(t, self.strongest_tokens(t, p), r)
+                            for t, p, r in zip(traces, prompts, reused)])
 
-    def cost_parts(self, trace: Trace) -> tuple[float | None, list[Visit]]:
+    def cost_parts(self, trace: Trace, reused: dict[str, int] | None = None) -> tuple[float | None, list[Visit]]:
         """`trace`'s own cost and its visits to answered examples (`costs.step_parts`), for a
-        run priced as its answers finish (`costs.RunTotal`)."""
-        return step_parts(self.pricing, trace.cluster, trace.steps)
+        run priced as its answers finish (`costs.RunTotal`); `reused`: its `reuse_of`."""
+        return step_parts(self.pricing, trace.cluster, trace.steps, reused)
 
-    def strongest_parts(self, trace: Trace, counts: tuple[int | None, int, float]) -> tuple[float | None, list[Visit]]:
+    def strongest_parts(self, trace: Trace, counts: tuple[int | None, int, float],
+                        reused: dict[str, int] | None = None) -> tuple[float | None, list[Visit]]:
         """`cost_parts` for the strongest model's greedy answer to `trace`'s prompt, from its
         `strongest_tokens` (`costs.estimate_strongest`; None in "seconds")."""
         top = self.strongest
         tokens, prefix, output = counts
-        own = estimate_strongest(self.pricing, top, tokens, output, prefix)
+        own = estimate_strongest(self.pricing, top, tokens, output, prefix, (reused or {}).get(top, 0))
         return own, [(prefix_key(top, trace.cluster), self.pricing.prefix(top, prefix)) if prefix else ("", 0.0)]
 
     def route(self, prompt: str) -> RouteDecision:
@@ -329,9 +352,9 @@ class Cascade:
         return pending.trace
 
     def close(self) -> None:
-        if self._counter is not None:
-            self._counter.close()
-            self._counter = None
+        for counter in self._counters.values():
+            counter.close()
+        self._counters.clear()
         if self._owns_pool:
             self.pool.close()
 

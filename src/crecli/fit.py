@@ -26,7 +26,7 @@ from crecli.choice import Choice, StatsTable, assignments_for, choose_models, cl
 from crecli.console import status
 from crecli.costs import BUDGET_EPS, Budget, CostModel
 from crecli.quality import DEFAULT_FIT_VOTES, DEFAULT_THRESHOLD, QualityCheck, default_thresholds, threshold_grid
-from crecli.replay import Replay, SimResult
+from crecli.replay import Replay, SimResult, run_reuse
 
 if TYPE_CHECKING:
     from crecli.assign import Assigner
@@ -559,8 +559,8 @@ def plan(
     """
     ladder = list(settings.ladder)
     specs = settings.ladder_specs()
-    costs = CostModel.build(outcomes.values(), specs)
     labels = [int(clusters[r.id]) for r in records]
+    costs = CostModel.build(outcomes.values(), specs, reused=run_reuse(records, labels, specs))
     table = cluster_stats(labels, records, outcomes, ladder, costs)
     choice = choose_models(table, budget)
     if any(o.source == "label" for o in outcomes.values()):

@@ -470,11 +470,26 @@ def prepare(
                                          models=ladder, shots=shots)
             found = resolve_shots(found, shown, shots, lambda model: settings.get(model).keeps_examples)
     specs = [settings.get(m) for m in ladder]
-    costs = CostModel.build(found.values(), specs, unit)
+    costs = CostModel.build(found.values(), specs, unit,
+                            run_reuse(records, [d.cluster for d in routes], specs, unit))
     replay = Replay.build(found, records, ladder, costs, specs)
     trust = [router.cluster_trust(d.cluster, d.distance) for d in routes]
     ids = None if sha_of is None else [sha_of[r.id] for r in records]
     return Data(records, routes, found, costs, replay, read.sha256, trust, skipped, ids)
+
+
+def run_reuse(records: Sequence["Record"], clusters: Sequence[int], specs: Sequence["ModelSpec"],
+              unit: str | None = None) -> dict[tuple[str, str], int]:
+    """Per (query id, model), the tokens of the query's start shared with the previous query
+    of its cluster, with the log replayed as `cre batch` would answer it in this order
+    (`costs.shared_starts`, `costs.TokenCounts`), for `CostModel.build`; none where the log's
+    unit is not "bench-seconds", the only one they change (`costs.Pricing.price_votes`)."""
+    from crecli.costs import Pricing, TokenCounts
+
+    if (unit or Pricing.for_models(specs).unit) != "bench-seconds":
+        return {}
+    with TokenCounts.for_specs(specs) as counts:
+        return counts.of_run([r.id for r in records], [r.prompt for r in records], clusters, [s.name for s in specs])
 
 
 def assign(router: "RouterFile", prompts: Sequence[str]) -> list["RouteDecision"]:
