@@ -6,8 +6,9 @@ system turn and no answered examples from `cre`, greedily, each answer capped at
 type's tokens (`grading.max_tokens_for`, as `cre` caps its own). Each answer is graded as
 `cre` grades (`grading.grade`) and priced in bench-seconds at this machine's `cre models
 bench` speeds, leaving out the tokens every prompt shares (the template's head) and the
-start each prompt shares with the one before it in the log (`costs.shared_starts`:
-llama-cpp-python keeps its last prompt, and this loop answers the log in its order), as
+tokens each prompt shares at its start with the one before it in the log
+(`costs.TokenCounts`: llama-cpp-python keeps its last prompt, and this loop answers the log
+in its order), as
 `cre`'s own costs do. Per query and in all, as JSON: `bench/against_plain.py` reports the
 cascade against it.
 
@@ -120,8 +121,8 @@ def model_speed(spec: Any, file: Path | None) -> "Rates":
 
 
 def shared_tokens(spec: Any, records: Any) -> dict[str, int]:
-    """Per query id, the tokens of the start its prompt shares with the previous query's in
-    the log (`costs.shared_starts` over the whole log as one run, in the model's tokens)."""
+    """Per query id, the tokens its prompt shares at its start with the previous query's in
+    the log (`costs.TokenCounts.of_run` over the whole log as one run)."""
     from crecli.costs import TokenCounts
 
     with TokenCounts.for_specs([spec]) as counts:

@@ -2,10 +2,9 @@
 
 Reads the outcome store's recorded greedy answers of a log (running nothing that is
 recorded; `collect` runs what is missing) and prices each one in bench-seconds twice: in
-full, and with the start it shares with the previous prompt of the log free
-(`costs.shared_starts` over the log's order as one run, counted in each model's tokens by
-`costs.TokenCounts`), as llama-cpp-python evaluated them when `collect` recorded them one
-after another in that order. Per model and per task (the log's `meta.source`), it prints the
+full, and with the tokens it shares at its start with the previous prompt of the log free
+(`costs.TokenCounts.of_run` over the log's order as one run), as llama-cpp-python evaluated
+them when `collect` recorded them one after another in that order. Per model and per task (the log's `meta.source`), it prints the
 recorded seconds per priced second both ways, and their spread over tasks: a price that
 fits the clock gives every kind of prompt the same ratio. The machine's drift over the
 recording (minutes per model) is in every figure alike within a task, not between tasks.

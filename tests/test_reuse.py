@@ -1,5 +1,5 @@
 """Prompt starts a run's prompts share, which llama.cpp keeps in its cache: the rule
-(`costs.shared_starts`), their price (`Pricing.price_votes`), their counts (`TokenCounts`),
+(`costs.previous_prompts`), their price (`Pricing.price_votes`), their counts (`TokenCounts`),
 and the replay that prices a log as `cre batch` would answer it (`replay.run_reuse`)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any, Callable
 import pytest
 
 from crecli import config
-from crecli.costs import CostModel, Pricing, TokenCounts, shared_starts
+from crecli.costs import CostModel, Pricing, TokenCounts, previous_prompts
 from crecli.errors import CreError
 from crecli.models.bench import Rates
 from crecli.outcomes import Outcome, Vote
@@ -20,21 +20,17 @@ from crecli.replay import run_reuse
 PLAUSIBLE = "Is the following sentence plausible? "
 
 
-def test_a_prompt_shares_its_start_with_the_previous_prompt_of_its_cluster_only() -> None:
+def test_a_prompt_follows_the_previous_prompt_of_its_cluster_only() -> None:
     prompts = [PLAUSIBLE + "Messi kicked a goal.", "What is 7 plus 5?", PLAUSIBLE + "Brady shot a three.",
                "What is 8 plus 9?", PLAUSIBLE + "Messi kicked a goal."]
-    starts = shared_starts(prompts, [1, 2, 1, 2, 1])
-    # The first of each cluster shares nothing; a later one shares, cut back to the last
-    # space, so "Messi"/"Brady" (whose first tokens differ) is not in it.
-    assert starts == ["", "", PLAUSIBLE, "What is ", PLAUSIBLE]
-    # The same prompts in another cluster share nothing with them.
-    assert shared_starts(prompts[:3], [1, 2, 3]) == ["", "", ""]
+    assert previous_prompts(prompts, [1, 2, 1, 2, 1]) == ["", "", prompts[0], prompts[1], prompts[2]]
+    assert previous_prompts(prompts[:3], [1, 2, 3]) == ["", "", ""]
 
 
 def test_each_chunk_starts_afresh_as_cre_batch_takes_its_lines() -> None:
     prompts = [PLAUSIBLE + "A.", PLAUSIBLE + "B.", PLAUSIBLE + "C.", PLAUSIBLE + "D."]
-    assert shared_starts(prompts, [0] * 4, chunk=2) == ["", PLAUSIBLE, "", PLAUSIBLE]
-    assert shared_starts(prompts, [0] * 4, chunk=4) == ["", PLAUSIBLE, PLAUSIBLE, PLAUSIBLE]
+    assert previous_prompts(prompts, [0] * 4, chunk=2) == ["", prompts[0], "", prompts[2]]
+    assert previous_prompts(prompts, [0] * 4, chunk=4) == ["", *prompts[:3]]
 
 
 def test_a_shared_start_is_free_in_bench_seconds_only_and_a_prompt_still_pays_a_pass() -> None:
@@ -50,24 +46,39 @@ def test_a_shared_start_is_free_in_bench_seconds_only_and_a_prompt_still_pays_a_
     assert Pricing("seconds", {}).price_votes("m", 60, [10], [2.5], reused_tokens=20) == [2.5]
 
 
-class Counter:
+class Words:
+    """A backend's tokenizer, a word a token."""
+
     def __init__(self, fail: bool = False) -> None:
         self.fail, self.asked = fail, 0
 
-    def count_text_tokens(self, text: str) -> int | None:
+    def text_tokens(self, text: str) -> list[str] | None:
         self.asked += 1
         if self.fail:
             raise CreError("no vocabulary here")
-        return len(text.split())
+        return text.split()
 
 
-def test_token_counts_count_once_and_a_model_that_cannot_count_pays_in_full() -> None:
-    ok, broken = Counter(), Counter(fail=True)
+def test_prompts_share_the_common_start_of_their_tokens_tokenized_once() -> None:
+    ok, broken = Words(), Words(fail=True)
     counts = TokenCounts(lambda model: ok if model == "ok" else broken)
-    assert counts("ok", PLAUSIBLE) == 5 and counts("ok", PLAUSIBLE) == 5 and ok.asked == 1
-    assert counts("broken", PLAUSIBLE) == 0 and counts("ok", "") == 0
-    ids, prompts = ["a", "b", "c"], [PLAUSIBLE + "A.", PLAUSIBLE + "B.", "Other."]
-    assert counts.of_run(ids, prompts, [0, 0, 0], ["ok", "broken"]) == {("b", "ok"): 5}
+    a, b = PLAUSIBLE + "Messi kicked a goal.", PLAUSIBLE + "Messi shot a three."
+    assert counts.shared("ok", a, b) == 6 and counts.shared("ok", b, a) == 6 and ok.asked == 2
+    # A prompt held whole shares all of it (`Pricing.price_votes` still evaluates one token).
+    assert counts.shared("ok", a, a) == 9
+    assert counts.shared("broken", a, b) == 0 and counts.shared("ok", "", b) == 0
+    ids, prompts = ["a", "b", "c"], [a, b, "Other."]
+    assert counts.of_run(ids, prompts, [0, 0, 0], ["ok", "broken"]) == {("b", "ok"): 6}
+
+
+def test_token_counts_keep_a_bounded_number_of_tokenized_texts(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `cre batch` reads a stream of any length: what it keeps must not grow with it.
+    monkeypatch.setattr(TokenCounts, "TOKENIZED", 4)
+    words = Words()
+    counts = TokenCounts(lambda model: words)
+    for i in range(10):
+        counts.shared("m", f"q {i}", f"q {i + 1}")
+    assert len(counts._tokens) == 4
 
 
 def test_the_replay_prices_a_log_as_cre_batch_answers_it(

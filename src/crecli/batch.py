@@ -30,7 +30,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Literal, Mapping, Protocol, TextIO, TypeVar
 
 from crecli.console import progress, strict_json
-from crecli.costs import CHUNK_LINES, RunTotal, shared_starts
+from crecli.costs import CHUNK_LINES, RunTotal, previous_prompts
 from crecli.errors import CreError, InputError, ModelLoadError, ModelNotAvailable, UsageError
 from crecli.querylog import FieldMap, LongLine, Record, parse_batch_line, read_lines
 from crecli.safejson import has_surrogate, replace_surrogates
@@ -607,13 +607,13 @@ def run_batch(
     writer = _OrderedWriter(out, first=1)
     # The summary's costs: the batch is one run of answers, whose answered examples are
     # priced by the one rule of `costs.share_prefixes`, and whose prompts do not pay for the
-    # start they share with the previous prompt of their cluster in their chunk, which
-    # llama.cpp kept (`costs.shared_starts`). Each answer is priced as it finishes,
+    # tokens they share at their start with the previous prompt of their cluster in their
+    # chunk, which llama.cpp kept (`costs.previous_prompts`). Each answer is priced as it finishes,
     # with the strongest model's token counts for it (not kept: a prompt may be a megabyte
     # and a stream endless; and not counted at the end, after the progress bar).
     spent, strongest = RunTotal(), RunTotal()
 
-    def finish(line: int, trace: "Trace", prompt: str, start: str = "") -> None:
+    def finish(line: int, trace: "Trace", prompt: str, before: str = "") -> None:
         # The answer is written first: a Ctrl-C during the slower bookkeeping below (the
         # first count of the strongest model's tokens loads its vocabulary) must not lose it.
         writer.put(line, result_record(line, trace, prompt))
@@ -630,7 +630,7 @@ def run_batch(
         # Only a unit priced by tokens compares with the strongest model ("seconds" cannot):
         # otherwise counting would tokenize every prompt for nothing.
         counts = cascade.strongest_tokens(trace, prompt) if cascade.pricing.by_tokens else (None, 0, 0.0)
-        reused = cascade.reuse_of(trace, start) if cascade.pricing.unit == "bench-seconds" else {}
+        reused = cascade.reuse_of(trace, before, prompt) if cascade.pricing.unit == "bench-seconds" else {}
         ours, theirs = cascade.cost_parts(trace, reused), cascade.strongest_parts(trace, counts, reused)
         # Only answers both sides can price are compared; the others still share examples.
         counted = ours[0] is not None and theirs[0] is not None
@@ -779,8 +779,8 @@ def _answer_all(
                     fail(line, record.id, f"{source}:{line}: {exc}")
                     bar.advance(task)
                 decisions = []
-            # What each prompt shares with the one before it of its cluster in this chunk.
-            starts = dict(zip((line for line, _ in records), shared_starts(
+            # The prompt before each of its cluster in this chunk, which llama.cpp still holds.
+            before = dict(zip((line for line, _ in records), previous_prompts(
                 [record.prompt for _, record in records], [d.cluster for d in decisions], max(1, len(records)))))
             for (line, record), decision in zip(records, decisions):
                 pending.append(
@@ -807,7 +807,7 @@ def _answer_all(
                         bar.advance(task)
                         continue
                     if final:
-                        finish(line, p.trace, p.prompt, starts.get(line, ""))
+                        finish(line, p.trace, p.prompt, before.get(line, ""))
                         bar.advance(task)
                     else:
                         still.append((line, p))

@@ -25,10 +25,10 @@ Consecutive prompts of a cluster often start alike (a task's template: "Is the f
 sentence plausible?"), and llama-cpp-python keeps its last prompt in the KV cache and
 evaluates only what a new prompt does not share with it. `cre batch` answers a chunk's
 prompts cluster by cluster (`CHUNK_LINES`), so in bench-seconds a prompt does not pay for
-the start it shares with the previous prompt of its cluster in its chunk (`shared_starts`,
-counted in each model's tokens by `TokenCounts`). On the 1,400-query log, recorded seconds
-per priced second ranged 0.68-0.94 over the 0.5B's tasks when every prompt paid in full and
-0.88-0.96 with this rule (bench/results/reuse-by-task.txt): templated tasks looked dearer than
+the tokens it shares at its start with the previous prompt of its cluster in its chunk
+(`previous_prompts`; `TokenCounts` counts them in each model's vocabulary). On the 1,400-query log, recorded seconds
+per priced second ranged 0.66-0.91 over the 0.5B's tasks when every prompt paid in full and
+0.87-0.92 with this rule (bench/results/reuse-by-task.txt): templated tasks looked dearer than
 they run, and the cascade, which keeps many of them off the 1.5B, reported a larger saving
 than the clock (docs/results.md, "Reported cost against the clock"). A single answer (`cre
 ask`, `cre serve`) is priced alone, in full.
@@ -75,7 +75,7 @@ TYPICAL_PROMPT_TOKENS = 96
 TYPICAL_OUTPUT_TOKENS = 8
 # Lines `cre batch` takes and reorders together: within a chunk, each rung answers its
 # prompts cluster by cluster (`batch.by_cluster`), so the prompt before one on a model is
-# mostly the previous prompt of its cluster in the chunk (`shared_starts`).
+# mostly the previous prompt of its cluster in the chunk (`previous_prompts`).
 CHUNK_LINES = 64
 
 
@@ -164,7 +164,7 @@ class Pricing:
         "seconds": the model-seconds each vote took. Token units: vote 0 pays the prompt,
         less the cached head (`cached`), the shared examples' `prefix_tokens` (priced
         apart, `prefix`) and, in bench-seconds, the `reused_tokens` of its own text that
-        the previous prompt of its cluster left in the cache (`shared_starts`; at least one
+        the previous prompt of its cluster left in the cache (`TokenCounts`; at least one
         token is evaluated, as llama-cpp-python does for a prompt it holds whole), and its
         output tokens; later votes only their output tokens, because the prompt stays in
         the KV cache after the first vote.
@@ -201,39 +201,35 @@ def share_prefixes(visits: Sequence[tuple[str, float]]) -> list[float]:
     return [cost / counts[key] if key else 0.0 for key, cost in visits]
 
 
-def shared_starts(prompts: Sequence[str], clusters: Sequence[int], chunk: int = CHUNK_LINES) -> list[str]:
-    """Per prompt of a run, in the order given, the text its start shares with the previous
-    prompt of its cluster in its chunk of `chunk` prompts ("" for the first of a cluster):
-    what llama.cpp still holds from that prompt when `cre batch` answers the chunk cluster
-    by cluster. Cut back to the shared text's last space or newline, so that the token the
-    two prompts first differ in is not counted as shared (`TokenCounts` counts it)."""
+def previous_prompts(prompts: Sequence[str], clusters: Sequence[int], chunk: int = CHUNK_LINES) -> list[str]:
+    """Per prompt of a run, in the order given, the previous prompt of its cluster in its
+    chunk of `chunk` prompts ("" for the first of a cluster): the prompt a model last held
+    before it when `cre batch` answers the chunk cluster by cluster. What the two share at
+    their start (`TokenCounts.shared`) is in llama.cpp's cache."""
     out: list[str] = []
     last: dict[int, str] = {}
     for i, (prompt, cluster) in enumerate(zip(prompts, clusters)):
         if i % chunk == 0:
             last = {}
-        before = last.get(cluster)
+        out.append(last.get(cluster, ""))
         last[cluster] = prompt
-        n = 0
-        if before is not None:
-            limit = min(len(before), len(prompt))
-            while n < limit and before[n] == prompt[n]:
-                n += 1
-        cut = max(prompt.rfind(" ", 0, n), prompt.rfind("\n", 0, n)) + 1
-        out.append(prompt[:cut])
     return out
 
 
 class TokenCounts:
-    """How many tokens a shared start (`shared_starts`) takes in each model's vocabulary,
-    counted once per (model, text) with the backend `backend_of` gives (a loaded model's, or
-    its vocabulary alone: `LlamaBackend` counts without weights). 0 where the backend cannot
-    count (a remote rung's server: whether it caches is not known, so its prompts pay in
-    full) or its file cannot be read."""
+    """How many tokens two prompts share at their start in a model's vocabulary: the length
+    of the common prefix of their tokens (llama.cpp reuses exactly that much), each text
+    tokenized as plain text by the backend `backend_of` gives (a loaded model's, or its
+    vocabulary alone: `LlamaBackend` tokenizes without weights). 0 where the backend cannot
+    tokenize (a remote rung's server: whether it caches is not known, so its prompts pay in
+    full) or its file cannot be read. The last TOKENIZED texts' tokens are kept, so a run
+    tokenizes each prompt once per model and a stream's memory stays bounded."""
+
+    TOKENIZED = 512
 
     def __init__(self, backend_of: Callable[[str], "Backend"]) -> None:
         self.backend_of = backend_of
-        self._counts: dict[tuple[str, str], int] = {}
+        self._tokens: dict[tuple[str, str], tuple[int, ...] | None] = {}
         self._own: dict[str, "Backend"] = {}
 
     @classmethod
@@ -262,29 +258,41 @@ class TokenCounts:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _of(self, model: str, text: str) -> tuple[int, ...] | None:
+        key = (model, text)
+        if key not in self._tokens:
+            try:
+                tokens = self.backend_of(model).text_tokens(text)
+            except CreError:
+                tokens = None  # an estimate must not end a run; that model pays in full
+            if len(self._tokens) >= self.TOKENIZED:
+                del self._tokens[next(iter(self._tokens))]  # the oldest
+            self._tokens[key] = None if tokens is None else tuple(tokens)
+        return self._tokens[key]
+
+    def shared(self, model: str, before: str, prompt: str) -> int:
+        """The tokens `prompt` shares at its start with `before` in `model`'s vocabulary."""
+        if not before or not prompt:
+            return 0
+        a, b = self._of(model, before), self._of(model, prompt)
+        if a is None or b is None:
+            return 0
+        n, limit = 0, min(len(a), len(b))
+        while n < limit and a[n] == b[n]:
+            n += 1
+        return n
+
     def of_run(self, ids: Sequence[str], prompts: Sequence[str], clusters: Sequence[int],
                models: Sequence[str], chunk: int = CHUNK_LINES) -> dict[tuple[str, str], int]:
-        """Per (query id, model), the tokens of the query's shared start (`shared_starts`)
-        in a run of these prompts in this order; absent where it shares none."""
+        """Per (query id, model), the tokens the query shares with the previous prompt of its
+        cluster (`previous_prompts`) in a run of these prompts in this order; absent where none."""
         out: dict[tuple[str, str], int] = {}
-        for qid, start in zip(ids, shared_starts(prompts, clusters, chunk)):
-            for model in models if start else ():
-                n = self(model, start)
+        for qid, prompt, before in zip(ids, prompts, previous_prompts(prompts, clusters, chunk)):
+            for model in models if before else ():
+                n = self.shared(model, before, prompt)
                 if n:
                     out[(qid, model)] = n
         return out
-
-    def __call__(self, model: str, text: str) -> int:
-        if not text:
-            return 0
-        key = (model, text)
-        if key not in self._counts:
-            try:
-                counted = self.backend_of(model).count_text_tokens(text)
-            except CreError:
-                counted = None  # an estimate must not end a run; that model pays in full
-            self._counts[key] = counted or 0
-        return self._counts[key]
 
 
 class PricedStep(Protocol):
@@ -314,8 +322,9 @@ def step_parts(
     tokens are a sum, each output token costs the same and a step reads its prompt once, so
     one figure prices them all; None where a
     model has no figure in the unit) and each step's visit to its examples, which the run
-    the answer belongs to shares (`share_prefixes`). `reused`: per model, the tokens of the
-    prompt's shared start (`shared_starts`), none for an answer priced alone."""
+    the answer belongs to shares (`share_prefixes`). `reused`: per model, the tokens the
+    prompt shares with the previous prompt of its cluster (`TokenCounts`), none for an
+    answer priced alone."""
     total: float | None = 0.0
     visits: list[Visit] = []
     for step in steps:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from crecli import grading
 from crecli.costs import (
-    Pricing, TokenCounts, Visit, estimate_strongest, prefix_key, price_parts, price_steps, shared_starts, step_parts,
+    Pricing, TokenCounts, Visit, estimate_strongest, prefix_key, previous_prompts, price_parts, price_steps, step_parts,
 )
 from crecli.errors import CreError, RouterFileError
 from crecli.ladder import Climb, walk
@@ -94,7 +94,7 @@ class Cascade:
         # has. `cre ask` and `cre batch` stop instead: a missing model is theirs to fix.
         self.pass_over_unloadable = False
         self._counters: dict[str, "Backend"] = {}  # tokenizers of models not loaded, for estimates
-        # The tokens of a prompt's shared start per model (`costs.shared_starts`), for a run's prices.
+        # What a prompt shares with the one before it, per model (`costs.TokenCounts`), for a run's prices.
         self.counts = TokenCounts(self._counter)
         self._route_lock = threading.Lock()
 
@@ -130,18 +130,19 @@ class Cascade:
         return price_steps(self.pricing, [(t.cluster, t.steps) for t in traces], reused)
 
     def run_reuse(self, traces: Sequence[Trace], prompts: Sequence[str]) -> list[dict[str, int]]:
-        """Per trace of a run, the tokens of its prompt's shared start (`costs.shared_starts`,
-        the run taken as one chunk) in each model that answered it and the strongest's."""
-        starts = shared_starts(prompts, [t.cluster for t in traces], max(1, len(prompts)))
-        return [self.reuse_of(t, start) for t, start in zip(traces, starts)]
+        """Per trace of a run, `reuse_of` its prompt after the previous prompt of its cluster
+        (`costs.previous_prompts`, the run taken as one chunk)."""
+        before = previous_prompts(prompts, [t.cluster for t in traces], max(1, len(prompts)))
+        return [self.reuse_of(t, b, p) for t, b, p in zip(traces, before, prompts)]
 
-    def reuse_of(self, trace: Trace, start: str) -> dict[str, int]:
-        """The tokens `start`, the text `trace`'s prompt shares with the previous prompt of its
-        cluster in a run (`costs.shared_starts`), takes for each model that answered it and
-        for the strongest (`costs.TokenCounts`)."""
-        if not start:
+    def reuse_of(self, trace: Trace, before: str, prompt: str) -> dict[str, int]:
+        """The tokens `prompt` (`trace`'s) shares at its start with `before`, the previous
+        prompt of its cluster in a run, for each model that answered it and for the strongest
+        (`costs.TokenCounts`): what llama.cpp does not evaluate again."""
+        if not before:
             return {}
-        return {model: self.counts(model, start) for model in {*(s.model for s in trace.steps), self.strongest}}
+        models = {*(step.model for step in trace.steps), self.strongest}
+        return {model: self.counts.shared(model, before, prompt) for model in models}
 
     def strongest_tokens(self, trace: Trace, prompt: str) -> tuple[int | None, int, float]:
         """The strongest model's greedy answer to `prompt` in tokens: (prompt, answered

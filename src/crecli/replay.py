@@ -480,9 +480,9 @@ def prepare(
 
 def run_reuse(records: Sequence["Record"], clusters: Sequence[int], specs: Sequence["ModelSpec"],
               unit: str | None = None) -> dict[tuple[str, str], int]:
-    """Per (query id, model), the tokens of the query's start shared with the previous query
+    """Per (query id, model), the tokens the query shares at its start with the previous query
     of its cluster, with the log replayed as `cre batch` would answer it in this order
-    (`costs.shared_starts`, `costs.TokenCounts`), for `CostModel.build`; none where the log's
+    (`costs.previous_prompts`, `costs.TokenCounts`), for `CostModel.build`; none where the log's
     unit is not "bench-seconds", the only one they change (`costs.Pricing.price_votes`)."""
     from crecli.costs import Pricing, TokenCounts
 

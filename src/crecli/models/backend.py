@@ -232,6 +232,12 @@ class Backend(abc.ABC):
         whole, empty = self.count_tokens(Rendered(text, ())), self.count_tokens(Rendered("", ()))
         return None if whole is None or empty is None else max(0, whole - empty)
 
+    def text_tokens(self, text: str) -> Sequence[int] | None:
+        """`text`'s tokens as plain text in this model's vocabulary, special tokens as text;
+        None where the runtime cannot tell without running (what two prompts share in it:
+        `costs.TokenCounts`)."""
+        return None
+
     def shot_tokens(self, prompt: str, params: GenParams, prompt_tokens: int) -> int:
         """Of `prompt_tokens`, the prompt tokens a generation of `prompt` with `params.shots`
         reported, the answered examples' share: those less the tokens without them; 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import zlib
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from crecli.grading import decided_option
@@ -79,6 +80,10 @@ class FakeBackend(Backend):
     def count_text_tokens(self, text: str) -> int:
         # As `complete` counts an answer's output tokens (before its `max_tokens` cap).
         return max(1, len(text.split()))
+
+    def text_tokens(self, text: str) -> list[int]:
+        # A word a token, as `count_text_tokens` counts them.
+        return [zlib.crc32(word.encode()) for word in text.split()]
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         out = []

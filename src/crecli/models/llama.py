@@ -248,6 +248,10 @@ class LlamaBackend(Backend):
     def count_tokens(self, rendered: Rendered) -> int:
         return len(prompt_tokens(self._tokenizer(), rendered))
 
+    def text_tokens(self, text: str) -> Sequence[int]:
+        # special=False: user text never becomes control tokens.
+        return self._tokenizer().tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
     def _tokenizer(self) -> Any:
         """The loaded model, else the model's vocabulary alone (`vocab_only`: no weights, a
         fraction of a second), so counting tokens never loads a model just to count."""
