@@ -13,6 +13,11 @@ also prints the reported ratio with the rest priced at the cascade's prompts' ra
 cascade's own cost as reported): what the ratio would read if the price erred alike on both.
 
     .venv/bin/python bench/clock_subsets.py bench/results/cost-vs-clock-*.json [--json]
+
+A file written before shared starts were free (2357e31) priced `by_model` in full, as its
+batches' summaries did; cost-vs-clock-default-amd-seed0.json was written after, but by the
+code before by_model priced them (12b2173, the summary with them, `by_model` without), so
+its "repriced" column mixes the two and reads nothing.
 """
 
 from __future__ import annotations

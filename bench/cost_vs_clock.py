@@ -95,16 +95,26 @@ def batch_summary(stderr: str) -> dict[str, Any]:
     raise SystemExit("cre batch wrote no JSON summary")
 
 
-def by_model(outputs: Path, pricing: Any) -> dict[str, dict[str, float]]:
+def by_model(outputs: Path, pricing: Any, prompts: list[str], counts: Any) -> dict[str, dict[str, float]]:
     """Per model, over every step of `cre batch`'s output lines: steps, the seconds they took
-    and their price (`Pricing.tokens`, the rule `cre batch` prices with)."""
+    and their price as the batch's summary prices them (`Pricing.price_votes`, each prompt's
+    start shared with the previous prompt of its cluster in its chunk free:
+    `costs.previous_prompts`, `costs.TokenCounts` `counts`; `prompts`: the input's lines).
+    The logs here carry no answered examples, so there is no prefix to share."""
+    from crecli.costs import CHUNK_LINES, previous_prompts
+
+    rows = [row for row in map(json.loads, outputs.read_text().splitlines()) if "trace" in row]
+    asked = [prompts[row["line"] - 1] for row in rows]
+    before = previous_prompts(asked, [row["trace"]["cluster"] for row in rows], CHUNK_LINES, [row["line"] for row in rows])
     out: dict[str, dict[str, float]] = {}
-    for line in outputs.read_text().splitlines():
-        for step in json.loads(line).get("trace", {}).get("steps", []):
-            row = out.setdefault(step["model"], {"steps": 0, "seconds": 0.0, "priced": 0.0})
-            row["steps"] += 1
-            row["seconds"] += step["seconds"]
-            row["priced"] += pricing.tokens(step["model"], step["prompt_tokens"], step["output_tokens"]) or 0.0
+    for row, prompt, previous in zip(rows, asked, before):
+        for step in row["trace"]["steps"]:
+            reused = counts.shared(step["model"], previous, prompt) if pricing.reuses else 0
+            priced = pricing.price_votes(step["model"], step["prompt_tokens"], [step["output_tokens"]], [0.0], 0, reused)
+            stats = out.setdefault(step["model"], {"steps": 0, "seconds": 0.0, "priced": 0.0})
+            stats["steps"] += 1
+            stats["seconds"] += step["seconds"]
+            stats["priced"] += priced[0] if priced else 0.0
     for row in out.values():
         row["seconds_per_priced"] = row["seconds"] / row["priced"] if row["priced"] else float("nan")
     return out
@@ -145,7 +155,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from crecli import config
-    from crecli.costs import Pricing
+    from crecli.costs import Pricing, TokenCounts
 
     lines = [line for line in args.log.read_text().splitlines() if line.strip()]
     order = list(range(len(lines)))
@@ -167,6 +177,8 @@ def main() -> None:
             os.environ.update(ENV)  # this process prices the batches' steps at the same speeds
             pricing = Pricing.for_models(settings.ladder_specs(), "bench-seconds")
         fit_log, test_log = work / "fit.jsonl", work / "test.jsonl"
+        test_prompts = [json.loads(l)["prompt"] for i, l in enumerate(lines) if i in test_idx]
+        counts = TokenCounts.for_specs(settings.ladder_specs())
         fit_log.write_text("\n".join(l for i, l in enumerate(lines) if i not in test_idx) + "\n")
         test_log.write_text("\n".join(l for i, l in enumerate(lines) if i in test_idx) + "\n")
         top_toml = work / "top.toml"
@@ -182,7 +194,7 @@ def main() -> None:
             for name, path, extra in (arms if i % 2 == 0 else arms[::-1]):
                 seconds, _, err = cre("batch", str(test_log), "--router", str(path), "--no-log", "--json-summary", *extra,
                                       stdout=work / f"{name}.jsonl")
-                models = by_model(work / f"{name}.jsonl", pricing)
+                models = by_model(work / f"{name}.jsonl", pricing, test_prompts, counts)
                 in_steps = sum(row["seconds"] for row in models.values())
                 runs[name].append({**batch_summary(err), "wall_seconds": seconds, "by_model": models,
                                    "outside_steps_seconds": seconds - in_steps})
@@ -190,6 +202,7 @@ def main() -> None:
             wall_round = runs["cascade"][-1]["wall_seconds"] / runs["strongest"][-1]["wall_seconds"]
             drift.append({**same, "cascade_first": i % 2 == 0, "wall_ratio": wall_round,
                           "corrected_wall_ratio": wall_round / same["ratio"]})
+        counts.close()
         _, out, _ = cre("eval", str(test_log), "--router", str(router), "--json")
         report = json.loads(out)
     wall = {name: statistics.median(r["wall_seconds"] for r in rs) for name, rs in runs.items()}

@@ -69,6 +69,7 @@ import numpy as np
 from crecli import choice, config, costs, deferral, embed, querylog
 from crecli.outcomes import OutcomeStore, collect, default_store_path, graded, leave_out_too_long
 from crecli.quality import QualityCheck
+from crecli.replay import run_reuse
 
 LAMBDAS = np.concatenate([np.linspace(0.0, 0.5, 51), np.linspace(0.5, 5.0, 46), np.linspace(5.0, 40.0, 36)])
 
@@ -98,7 +99,12 @@ def recorded(log: Path, unit: str | None) -> Recorded:
     with OutcomeStore(default_store_path()) as store:
         found = collect(records, settings, store, QualityCheck(k=1), models=ladder)
     records = leave_out_too_long(records, found, ladder, log)
-    model = costs.CostModel.build(found.values(), [settings.get(m) for m in ladder], unit)
+    specs = [settings.get(m) for m in ladder]
+    # Each task as one cluster: what a prompt shares with the previous of its task is free,
+    # as calibration frees what it shares with the previous of its cluster (`replay.run_reuse`).
+    tasks = {t: i for i, t in enumerate(dict.fromkeys(str(r.meta.get("source", "")) for r in records))}
+    reused = run_reuse(records, [tasks[str(r.meta.get("source", ""))] for r in records], specs, unit)
+    model = costs.CostModel.build(found.values(), specs, unit, reused)
     C = np.array([[graded(found[(r.id, m)], r)[0] for m in ladder] for r in records], dtype=float)
     K = np.array([[model.of(found[(r.id, m)]) for m in ladder] for r in records], dtype=float)
     return Recorded(records, settings, ladder, found, model, C, K)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from crecli.costs import Pricing
+from crecli.costs import Pricing, TokenCounts
 from crecli.models import bench
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -94,14 +94,20 @@ def test_cost_vs_clock_splits_a_batch_by_model_at_the_price_batch_uses(tmp_path:
     pricing = Pricing("bench-seconds", {}, {"s": bench.Rates(100.0, 10.0), "t": bench.Rates(50.0, 5.0)}, {"s": 10, "t": 10})
     step = lambda model, pt, ot, sec: {"model": model, "prompt_tokens": pt, "output_tokens": ot, "seconds": sec}
     out = tmp_path / "batch.jsonl"
-    out.write_text("\n".join(json.dumps({"trace": {"steps": steps}}) for steps in (
-        [step("s", 110, 5, 2.0), step("t", 60, 5, 3.0)],  # escalated: both rungs' steps count
-        [step("t", 110, 0, 1.0)],
+    out.write_text("\n".join(json.dumps({"line": line, "trace": {"cluster": 0, "steps": steps}}) for line, steps in (
+        (1, [step("s", 110, 5, 2.0), step("t", 60, 5, 3.0)]),  # escalated: both rungs' steps count
+        (2, [step("t", 110, 0, 1.0)]),
     )) + "\n")
-    by = cvc.by_model(out, pricing)
-    # s: 100 tokens after its head at 100/s plus 5 at 10/s = 1.5. t: 50/50 + 5/5 = 2, and 100/50 = 2.
+    by = cvc.by_model(out, pricing, ["What is 7 plus 5?", "What is 8 plus 9?"], TokenCounts(lambda model: FakeWords()))
+    # s: 100 tokens after its head at 100/s plus 5 at 10/s = 1.5. t: 50/50 + 5/5 = 2, and
+    # line 2, after line 1 of its cluster, shares "What is" (two words): 98/50.
     assert by["s"] == pytest.approx({"steps": 1, "seconds": 2.0, "priced": 1.5, "seconds_per_priced": 2.0 / 1.5})
-    assert by["t"] == pytest.approx({"steps": 2, "seconds": 4.0, "priced": 4.0, "seconds_per_priced": 1.0})
+    assert by["t"] == pytest.approx({"steps": 2, "seconds": 4.0, "priced": 2.0 + 98 / 50, "seconds_per_priced": 4.0 / 3.96})
+
+
+class FakeWords:
+    def text_tokens(self, text: str) -> list[str]:
+        return text.split()
 
 
 def test_cost_vs_clock_measures_drift_on_the_prompts_both_batches_gave_the_strongest_model(tmp_path: Path) -> None:

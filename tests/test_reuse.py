@@ -101,3 +101,78 @@ def test_the_replay_prices_a_log_as_cre_batch_answers_it(
     costs = CostModel.build([outcome("0"), outcome("1")], specs, reused=reused)
     assert costs.votes(outcome("0")) == pytest.approx([7 / 10 + 1.0])
     assert costs.votes(outcome("1")) == pytest.approx([2 / 10 + 1.0])
+
+
+def test_a_prompt_after_answered_examples_pays_neither_them_nor_its_shared_start() -> None:
+    bench = Pricing("bench-seconds", {}, {"m": Rates(100.0, 10.0, 0.5)}, {"m": 10})
+    # 100 prompt tokens: a 10-token head, 40 of examples (priced apart), 30 shared: 20 paid.
+    assert bench.price_votes("m", 100, [0], [0.0], prefix_tokens=40, reused_tokens=30) == pytest.approx([0.5 + 0.2])
+
+
+def test_a_runtime_that_cannot_tokenize_pays_in_full() -> None:
+    from crecli.models.backend import Backend
+
+    class Remote:  # a remote rung's backend: the base class's answer
+        text_tokens = Backend.text_tokens
+
+    counts = TokenCounts(lambda model: Remote())  # type: ignore[arg-type,return-value]
+    assert counts.shared("remote", PLAUSIBLE + "A.", PLAUSIBLE + "B.") == 0
+
+
+def test_chunks_start_where_the_batchs_lines_do_when_rows_were_left_out() -> None:
+    # Lines 1, 2 and 66 are left: 66 is in the second chunk of 64 lines, not after line 2.
+    prompts = [PLAUSIBLE + "A.", PLAUSIBLE + "B.", PLAUSIBLE + "C."]
+    assert previous_prompts(prompts, [0] * 3) == ["", prompts[0], prompts[1]]
+    assert previous_prompts(prompts, [0] * 3, lines=[1, 2, 66]) == ["", prompts[0], ""]
+    records = [Record(id=str(i), prompt=p, source=f"log.jsonl:{line}") for i, (p, line) in enumerate(zip(prompts, [1, 2, 66]))]
+    from crecli.replay import _lines
+
+    assert _lines(records) == [1, 2, 66]
+    assert _lines([Record(id="x", prompt="p")]) is None
+
+
+def test_a_long_prompt_is_compared_on_its_first_characters_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(TokenCounts, "COMPARED", 20)
+    seen: list[str] = []
+
+    class Chars:
+        def text_tokens(self, text: str) -> list[str]:
+            seen.append(text)
+            return list(text)
+
+    counts = TokenCounts(lambda model: Chars())  # type: ignore[arg-type,return-value]
+    long = "x" * 1000
+    # Cut at 20 characters, the 20th may be a longer token's start: 19 are counted.
+    assert counts.shared("m", long, long + "y") == 19
+    assert max(len(text) for text in seen) == 20
+
+
+def test_a_run_priced_at_once_frees_what_it_shares_on_both_sides(
+    tiny_models_toml: Path, fake_backends: Callable[..., Any], bench_speeds: Callable[..., None]
+) -> None:
+    from crecli.escalate import Cascade
+    from crecli.route import RouteDecision
+    from crecli.routerfile import SCHEMA_VERSION, FitRecord, LadderEntry, RouterFile
+    from crecli.quality import QualityCheck
+
+    fake_backends({"large": lambda text, p: "yes"})
+    bench_speeds({"small": (400.0, 40.0), "medium": (100.0, 20.0), "large": (50.0, 10.0)})
+    router = RouterFile(
+        schema_version=SCHEMA_VERSION, ladder=[LadderEntry(m, None, None) for m in ("small", "medium", "large")],
+        embedder=None, assigner=None, clusters=[], fallback_model="large",  # type: ignore[arg-type]
+        budget={"kind": "retain", "value": 0.98}, quality=QualityCheck(k=1),
+        thresholds={"small": 0.0, "medium": 0.6, "large": 0.0}, fit=FitRecord(),
+    )
+    prompts = [PLAUSIBLE + "Messi kicked a goal.", PLAUSIBLE + "Brady shot a three."]
+    with Cascade(router, config.load(tiny_models_toml)) as cascade:
+        traces = []
+        for prompt in prompts:
+            pending = cascade.begin(prompt, None, decision=RouteDecision(-1, "large", 0.0, "test", 0.0))
+            while not cascade.advance(pending):
+                pass
+            traces.append(pending.trace)
+        run = cascade.cost_of_run(traces, prompts)
+        # The strongest answered both: its estimate is its own answers, priced alike.
+        assert cascade.strongest_cost_of_run(traces, prompts) == run
+        alone = cascade.cost_of_run(traces)
+        assert run[0] == alone[0] and run[1] == pytest.approx(alone[1] - 5 / 50.0)  # five words shared

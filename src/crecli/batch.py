@@ -630,7 +630,7 @@ def run_batch(
         # Only a unit priced by tokens compares with the strongest model ("seconds" cannot):
         # otherwise counting would tokenize every prompt for nothing.
         counts = cascade.strongest_tokens(trace, prompt) if cascade.pricing.by_tokens else (None, 0, 0.0)
-        reused = cascade.reuse_of(trace, before, prompt) if cascade.pricing.unit == "bench-seconds" else {}
+        reused = cascade.reuse_of(trace, before, prompt)
         ours, theirs = cascade.cost_parts(trace, reused), cascade.strongest_parts(trace, counts, reused)
         # Only answers both sides can price are compared; the others still share examples.
         counted = ours[0] is not None and theirs[0] is not None

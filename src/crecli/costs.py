@@ -26,12 +26,15 @@ sentence plausible?"), and llama-cpp-python keeps its last prompt in the KV cach
 evaluates only what a new prompt does not share with it. `cre batch` answers a chunk's
 prompts cluster by cluster (`CHUNK_LINES`), so in bench-seconds a prompt does not pay for
 the tokens it shares at its start with the previous prompt of its cluster in its chunk
-(`previous_prompts`; `TokenCounts` counts them in each model's vocabulary). On the 1,400-query log, recorded seconds
-per priced second ranged 0.66-0.91 over the 0.5B's tasks when every prompt paid in full and
-0.87-0.92 with this rule (bench/results/reuse-by-task.txt): templated tasks looked dearer than
-they run, and the cascade, which keeps many of them off the 1.5B, reported a larger saving
-than the clock (docs/results.md, "Reported cost against the clock"). A single answer (`cre
-ask`, `cre serve`) is priced alone, in full.
+(`previous_prompts`; `TokenCounts` counts them in each model's vocabulary). The 0.5B's
+recorded answers to the 1,400-query log (recorded one after another in the log's order)
+took 0.66-0.91 seconds per priced second over its 13 tasks priced in full, and 0.87-0.92
+with what each prompt shares with the one recorded before it free (bench/reuse_by_task.py,
+bench/results/reuse-by-task.txt): templated tasks looked dearer than they run, and the
+cascade, which keeps many of them off the 1.5B, reported a larger saving than the clock
+(docs/results.md, "Reported cost against the clock"). A single answer (`cre ask`, `cre
+serve`) is priced alone, in full. The rule models the batch's order, not each rung's: see
+`previous_prompts`.
 
 Every cost crecli reports comes from here: `Pricing.price_votes` prices a rung's votes (for the
 live cascade's steps, `price_trace`, and for recorded outcomes, `CostModel.votes`, which
@@ -143,6 +146,13 @@ class Pricing:
         return cls(unit, prices, speeds, heads)
 
     @property
+    def reuses(self) -> bool:
+        """Whether a prompt's start shared with the one before it is free in this unit: only in
+        bench-seconds, this machine's time (a provider bills every token it is sent;
+        measured seconds already hold it)."""
+        return self.unit == "bench-seconds"
+
+    @property
     def by_tokens(self) -> bool:
         """Whether this unit prices token counts (so a model that did not run can be priced)."""
         return self.unit != "seconds"
@@ -175,7 +185,7 @@ class Pricing:
         if (self.unit == "price" and price is None) or (self.unit == "bench-seconds" and speed is None):
             return None
         prompt = max(0, prompt_tokens - self.cached(model) - prefix_tokens)
-        if self.unit == "bench-seconds":
+        if self.reuses:
             prompt -= min(max(0, reused_tokens), max(0, prompt - 1))
         return [token_cost(self.unit, prompt if i == 0 else 0, out, price, speed) or 0.0 for i, out in enumerate(outputs)]
 
@@ -201,16 +211,26 @@ def share_prefixes(visits: Sequence[tuple[str, float]]) -> list[float]:
     return [cost / counts[key] if key else 0.0 for key, cost in visits]
 
 
-def previous_prompts(prompts: Sequence[str], clusters: Sequence[int], chunk: int = CHUNK_LINES) -> list[str]:
+def previous_prompts(prompts: Sequence[str], clusters: Sequence[int], chunk: int = CHUNK_LINES,
+                     lines: Sequence[int] | None = None) -> list[str]:
     """Per prompt of a run, in the order given, the previous prompt of its cluster in its
-    chunk of `chunk` prompts ("" for the first of a cluster): the prompt a model last held
-    before it when `cre batch` answers the chunk cluster by cluster. What the two share at
-    their start (`TokenCounts.shared`) is in llama.cpp's cache."""
+    chunk of `chunk` input lines ("" for the first of a cluster): the prompt a model last
+    held before it when `cre batch` answers the chunk cluster by cluster. What the two share
+    at their start (`TokenCounts.shared`) is in llama.cpp's cache. `lines`: each prompt's
+    input line (1-based), where the run's input had lines that are not among `prompts` (a
+    replayed log's unlabelled or left-out rows), so chunks start where the batch's do;
+    else the prompts are the lines.
+
+    A model of the batch, not a record of it: on a rung above the first, the prompt before
+    one is the previous of its cluster that escalated there, and with `--parallel` greedy
+    answers are decoded in waves; both share at most what this counts."""
     out: list[str] = []
     last: dict[int, str] = {}
+    current = -1
     for i, (prompt, cluster) in enumerate(zip(prompts, clusters)):
-        if i % chunk == 0:
-            last = {}
+        at = (lines[i] - 1) // chunk if lines is not None else i // chunk
+        if at != current:
+            last, current = {}, at
         out.append(last.get(cluster, ""))
         last[cluster] = prompt
     return out
@@ -222,10 +242,13 @@ class TokenCounts:
     tokenized as plain text by the backend `backend_of` gives (a loaded model's, or its
     vocabulary alone: `LlamaBackend` tokenizes without weights). 0 where the backend cannot
     tokenize (a remote rung's server: whether it caches is not known, so its prompts pay in
-    full) or its file cannot be read. The last TOKENIZED texts' tokens are kept, so a run
-    tokenizes each prompt once per model and a stream's memory stays bounded."""
+    full) or its file cannot be read. Only a text's first COMPARED characters are tokenized
+    (a template is far shorter; a megabyte prompt must not cost a megabyte's tokens), and
+    the last TOKENIZED texts' tokens are kept, so a run tokenizes each prompt once per model
+    and a stream's memory stays bounded."""
 
     TOKENIZED = 512
+    COMPARED = 4096
 
     def __init__(self, backend_of: Callable[[str], "Backend"]) -> None:
         self.backend_of = backend_of
@@ -259,10 +282,10 @@ class TokenCounts:
         self.close()
 
     def _of(self, model: str, text: str) -> tuple[int, ...] | None:
-        key = (model, text)
+        key = (model, text[:self.COMPARED])
         if key not in self._tokens:
             try:
-                tokens = self.backend_of(model).text_tokens(text)
+                tokens = self.backend_of(model).text_tokens(key[1])
             except CreError:
                 tokens = None  # an estimate must not end a run; that model pays in full
             if len(self._tokens) >= self.TOKENIZED:
@@ -277,22 +300,28 @@ class TokenCounts:
         a, b = self._of(model, before), self._of(model, prompt)
         if a is None or b is None:
             return 0
-        n, limit = 0, min(len(a), len(b))
+        # A text cut at COMPARED characters may end in the start of a longer token: not compared.
+        n, limit = 0, min(len(a) - (len(before) > self.COMPARED), len(b) - (len(prompt) > self.COMPARED))
         while n < limit and a[n] == b[n]:
             n += 1
         return n
 
-    def of_run(self, ids: Sequence[str], prompts: Sequence[str], clusters: Sequence[int],
-               models: Sequence[str], chunk: int = CHUNK_LINES) -> dict[tuple[str, str], int]:
+    def per_model(self, models: Iterable[str], before: str, prompt: str) -> dict[str, int]:
+        """The tokens `prompt` shares at its start with `before` in each of `models`' vocabularies, where any."""
+        out: dict[str, int] = {}
+        for model in models if before else ():
+            n = self.shared(model, before, prompt)
+            if n:
+                out[model] = n
+        return out
+
+    def of_run(self, ids: Sequence[str], prompts: Sequence[str], clusters: Sequence[int], models: Sequence[str],
+               chunk: int = CHUNK_LINES, lines: Sequence[int] | None = None) -> dict[tuple[str, str], int]:
         """Per (query id, model), the tokens the query shares with the previous prompt of its
         cluster (`previous_prompts`) in a run of these prompts in this order; absent where none."""
-        out: dict[tuple[str, str], int] = {}
-        for qid, prompt, before in zip(ids, prompts, previous_prompts(prompts, clusters, chunk)):
-            for model in models if before else ():
-                n = self.shared(model, before, prompt)
-                if n:
-                    out[(qid, model)] = n
-        return out
+        before = previous_prompts(prompts, clusters, chunk, lines)
+        return {(qid, model): n for qid, prompt, b in zip(ids, prompts, before)
+                for model, n in self.per_model(models, b, prompt).items()}
 
 
 class PricedStep(Protocol):

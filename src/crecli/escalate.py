@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from crecli import grading
 from crecli.costs import (
-    Pricing, TokenCounts, Visit, estimate_strongest, prefix_key, previous_prompts, price_parts, price_steps, step_parts,
+    CHUNK_LINES, Pricing, TokenCounts, Visit, estimate_strongest, prefix_key, previous_prompts, price_parts, price_steps,
+    step_parts,
 )
 from crecli.errors import CreError, RouterFileError
 from crecli.ladder import Climb, walk
@@ -95,7 +96,7 @@ class Cascade:
         self.pass_over_unloadable = False
         self._counters: dict[str, "Backend"] = {}  # tokenizers of models not loaded, for estimates
         # What a prompt shares with the one before it, per model (`costs.TokenCounts`), for a run's prices.
-        self.counts = TokenCounts(self._counter)
+        self.counts = TokenCounts(lambda model: self._counter(model))
         self._route_lock = threading.Lock()
 
     @classmethod
@@ -123,26 +124,26 @@ class Cascade:
     def cost_of_run(self, traces: Sequence[Trace], prompts: Sequence[str] | None = None) -> list[float | None]:
         """Each trace's cost in a run of answers (a batch), its answered examples shared by
         the one rule of `costs.share_prefixes`, and with `prompts` (the traces', in the
-        order the run gave them) the start each shares with the previous prompt of its
-        cluster free (`run_reuse`). Alone, a trace pays in full: that is its own
-        `Trace.cost`, set when it finished (`live`)."""
+        order the run gave them, as `strongest_cost_of_run` takes them) what each shares with
+        the previous prompt of its cluster free (`run_reuse`). Alone, or without `prompts`, a
+        trace pays in full: that is its own `Trace.cost`, set when it finished (`live`)."""
         reused = self.run_reuse(traces, prompts) if prompts is not None else None
         return price_steps(self.pricing, [(t.cluster, t.steps) for t in traces], reused)
 
     def run_reuse(self, traces: Sequence[Trace], prompts: Sequence[str]) -> list[dict[str, int]]:
         """Per trace of a run, `reuse_of` its prompt after the previous prompt of its cluster
-        (`costs.previous_prompts`, the run taken as one chunk)."""
-        before = previous_prompts(prompts, [t.cluster for t in traces], max(1, len(prompts)))
+        (`costs.previous_prompts`, in chunks of `cre batch`'s lines)."""
+        before = previous_prompts(prompts, [t.cluster for t in traces], CHUNK_LINES)
         return [self.reuse_of(t, b, p) for t, b, p in zip(traces, before, prompts)]
 
     def reuse_of(self, trace: Trace, before: str, prompt: str) -> dict[str, int]:
         """The tokens `prompt` (`trace`'s) shares at its start with `before`, the previous
         prompt of its cluster in a run, for each model that answered it and for the strongest
-        (`costs.TokenCounts`): what llama.cpp does not evaluate again."""
-        if not before:
+        (`costs.TokenCounts`): what llama.cpp does not evaluate again; none in a unit where
+        that is not free (`Pricing.reuses`)."""
+        if not self.pricing.reuses:
             return {}
-        models = {*(step.model for step in trace.steps), self.strongest}
-        return {model: self.counts.shared(model, before, prompt) for model in models}
+        return self.counts.per_model({*(step.model for step in trace.steps), self.strongest}, before, prompt)
 
     def strongest_tokens(self, trace: Trace, prompt: str) -> tuple[int | None, int, float]:
         """The strongest model's greedy answer to `prompt` in tokens: (prompt, answered

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Container, Mapping, Sequence
 
 from crecli import console, grading
-from crecli.costs import CostModel, share_prefixes
+from crecli.costs import CostModel, Pricing, TokenCounts, share_prefixes
 from crecli.errors import CreError
 from crecli.ladder import DEFERRAL, Climb, Policy, Rung, Verdict, walk
 from crecli.outcomes import graded, mean_answer_cost, prompt_sha256
@@ -481,15 +481,27 @@ def prepare(
 def run_reuse(records: Sequence["Record"], clusters: Sequence[int], specs: Sequence["ModelSpec"],
               unit: str | None = None) -> dict[tuple[str, str], int]:
     """Per (query id, model), the tokens the query shares at its start with the previous query
-    of its cluster, with the log replayed as `cre batch` would answer it in this order
-    (`costs.previous_prompts`, `costs.TokenCounts`), for `CostModel.build`; none where the log's
-    unit is not "bench-seconds", the only one they change (`costs.Pricing.price_votes`)."""
-    from crecli.costs import Pricing, TokenCounts
-
-    if (unit or Pricing.for_models(specs).unit) != "bench-seconds":
+    of its cluster, with the log replayed as `cre batch` would answer it in this order, its
+    chunks where the batch's would be, by each record's line (`costs.previous_prompts`,
+    `costs.TokenCounts`), for `CostModel.build`; none in a unit where that is not free
+    (`costs.Pricing.reuses`)."""
+    if not Pricing.for_models(specs, unit).reuses:
         return {}
     with TokenCounts.for_specs(specs) as counts:
-        return counts.of_run([r.id for r in records], [r.prompt for r in records], clusters, [s.name for s in specs])
+        return counts.of_run([r.id for r in records], [r.prompt for r in records], clusters, [s.name for s in specs],
+                             lines=_lines(records))
+
+
+def _lines(records: Sequence["Record"]) -> list[int] | None:
+    """Each record's line in its log (`Record.source`, "file:line"), increasing; None where a
+    record does not say (the records are then taken as the lines)."""
+    out: list[int] = []
+    for record in records:
+        tail = record.source.rsplit(":", 1)[-1]
+        if not tail.isdigit() or (out and int(tail) <= out[-1]):
+            return None
+        out.append(int(tail))
+    return out
 
 
 def assign(router: "RouterFile", prompts: Sequence[str]) -> list["RouteDecision"]:
