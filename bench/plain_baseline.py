@@ -127,7 +127,7 @@ def shared_tokens(spec: Any, records: Any) -> dict[str, int]:
 
     with TokenCounts.for_specs([spec]) as counts:
         found = counts.of_run([r.id for r in records], [r.prompt for r in records], [0] * len(records), [spec.name],
-                              chunk=max(1, len(records)))
+                              chunk=None)
     return {qid: n for (qid, _), n in found.items()}
 
 

@@ -42,7 +42,7 @@ def main() -> int:
     # The recording's order: each model answered the log's queries one after another.
     with TokenCounts.for_specs(specs) as counts:
         reused = counts.of_run([r.id for r in records], [r.prompt for r in records], [0] * len(records), ladder,
-                               chunk=max(1, len(records)))
+                               chunk=None)
     full = CostModel.build(found.values(), specs, "bench-seconds")
     shared = CostModel.build(found.values(), specs, "bench-seconds", reused)
     out: dict[str, Any] = {"log": str(args.log), "n": len(records), "models": {}}

@@ -31,6 +31,7 @@ def test_each_chunk_starts_afresh_as_cre_batch_takes_its_lines() -> None:
     prompts = [PLAUSIBLE + "A.", PLAUSIBLE + "B.", PLAUSIBLE + "C.", PLAUSIBLE + "D."]
     assert previous_prompts(prompts, [0] * 4, chunk=2) == ["", prompts[0], "", prompts[2]]
     assert previous_prompts(prompts, [0] * 4, chunk=4) == ["", *prompts[:3]]
+    assert previous_prompts(prompts, [0] * 4, chunk=None) == ["", *prompts[:3]]
 
 
 def test_a_shared_start_is_free_in_bench_seconds_only_and_a_prompt_still_pays_a_pass() -> None:

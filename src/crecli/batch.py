@@ -781,7 +781,7 @@ def _answer_all(
                 decisions = []
             # The prompt before each of its cluster in this chunk, which llama.cpp still holds.
             before = dict(zip((line for line, _ in records), previous_prompts(
-                [record.prompt for _, record in records], [d.cluster for d in decisions], max(1, len(records)))))
+                [record.prompt for _, record in records], [d.cluster for d in decisions], chunk=None)))
             for (line, record), decision in zip(records, decisions):
                 pending.append(
                     (line, cascade.begin(record.prompt, record.match, record.reference, id=record.id, decision=decision))

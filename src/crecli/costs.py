@@ -211,12 +211,13 @@ def share_prefixes(visits: Sequence[tuple[str, float]]) -> list[float]:
     return [cost / counts[key] if key else 0.0 for key, cost in visits]
 
 
-def previous_prompts(prompts: Sequence[str], clusters: Sequence[int], chunk: int = CHUNK_LINES,
+def previous_prompts(prompts: Sequence[str], clusters: Sequence[int], chunk: int | None = CHUNK_LINES,
                      lines: Sequence[int] | None = None) -> list[str]:
     """Per prompt of a run, in the order given, the previous prompt of its cluster in its
-    chunk of `chunk` input lines ("" for the first of a cluster): the prompt a model last
-    held before it when `cre batch` answers the chunk cluster by cluster. What the two share
-    at their start (`TokenCounts.shared`) is in llama.cpp's cache. `lines`: each prompt's
+    chunk of `chunk` input lines (None: the run is one chunk; "" for the first of a
+    cluster): the prompt a model last held before it when `cre batch` answers the chunk
+    cluster by cluster. What the two share at their start (`TokenCounts.shared`) is in
+    llama.cpp's cache. `lines`: each prompt's
     input line (1-based), where the run's input had lines that are not among `prompts` (a
     replayed log's unlabelled or left-out rows), so chunks start where the batch's do;
     else the prompts are the lines.
@@ -228,7 +229,8 @@ def previous_prompts(prompts: Sequence[str], clusters: Sequence[int], chunk: int
     last: dict[int, str] = {}
     current = -1
     for i, (prompt, cluster) in enumerate(zip(prompts, clusters)):
-        at = (lines[i] - 1) // chunk if lines is not None else i // chunk
+        position = lines[i] - 1 if lines is not None else i
+        at = position // chunk if chunk is not None else 0
         if at != current:
             last, current = {}, at
         out.append(last.get(cluster, ""))
@@ -316,7 +318,7 @@ class TokenCounts:
         return out
 
     def of_run(self, ids: Sequence[str], prompts: Sequence[str], clusters: Sequence[int], models: Sequence[str],
-               chunk: int = CHUNK_LINES, lines: Sequence[int] | None = None) -> dict[tuple[str, str], int]:
+               chunk: int | None = CHUNK_LINES, lines: Sequence[int] | None = None) -> dict[tuple[str, str], int]:
         """Per (query id, model), the tokens the query shares with the previous prompt of its
         cluster (`previous_prompts`) in a run of these prompts in this order; absent where none."""
         before = previous_prompts(prompts, clusters, chunk, lines)
