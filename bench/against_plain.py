@@ -7,7 +7,9 @@ chat template, nothing of `cre`'s). Both price in bench-seconds at this machine'
 models bench` speeds, leaving out the tokens every prompt shares, so their mean costs
 compare directly. Prints, per seed and as mean [min-max] ± std across seeds, the cascade's
 accuracy and cost as shares of the plain model's, and cre's own strongest-only arm beside
-it (what `cre`'s prompt alone changes):
+it (what `cre`'s prompt alone changes). With `bench/headline --match-plain`, the cascade
+whose budget each fold read off the plain prompt's accuracy on its own fit queries is
+reported too:
 
     python bench/against_plain.py --headline bench/results/headline-1400.json \\
         --plain bench/results/plain-1400.json [--json]
@@ -48,6 +50,7 @@ def _headline() -> Any:
 # cascade, and the same cascade at each further --retain of its frontier.
 _HEADLINE = _headline()
 spread, DEFERRAL, frontier_name = _HEADLINE.spread, _HEADLINE.DEFERRAL, _HEADLINE.frontier_name
+MATCHED = _HEADLINE.MATCHED  # the cascade whose budget each fold set from the plain prompt (--match-plain)
 WITHOUT = "without examples: "  # the held-out split's arm fitted without --shots
 
 
@@ -121,7 +124,7 @@ def compare(headline: dict[str, Any], plain: dict[str, Any], ids: list[str] | No
         arms = [("", run)] + ([(WITHOUT, run["plain"])] if "plain" in run else [])
         for prefix, arm in arms:
             points = {p["name"]: p for p in arm["points"]}
-            for name in (DEFERRAL, *frontier, arm["reference"]):
+            for name in (DEFERRAL, *frontier, MATCHED, arm["reference"]):
                 if name in points:
                     rows.setdefault(prefix + name, []).append(_share(run["seed"], points[name], base))
     return {

@@ -144,6 +144,7 @@ def test_against_plain_reports_every_budget_of_the_frontier_as_shares_of_the_pla
     ref = "t only"
     points = [{"name": ap.DEFERRAL, "accuracy": 0.5, "mean_cost": 0.6},
               {"name": ap.frontier_name(0.9), "accuracy": 0.45, "mean_cost": 0.4},
+              {"name": ap.MATCHED, "accuracy": 0.41, "mean_cost": 0.35},
               {"name": ref, "accuracy": 0.55, "mean_cost": 0.8}]
     headline = {"mode": "cross-fitted", "retain": 0.98, "frontier": [0.9],
                 "runs": [{"seed": 0, "n": 10, "unit": "bench-seconds", "reference": ref, "points": points}]}
@@ -154,6 +155,8 @@ def test_against_plain_reports_every_budget_of_the_frontier_as_shares_of_the_pla
     lower = result["arms"][ap.frontier_name(0.9)]
     assert lower["accuracy_share"]["mean"] == pytest.approx(0.45 / 0.4) and lower["cost_share"]["mean"] == pytest.approx(0.4)
     assert result["arms"][ap.DEFERRAL]["cost_share"]["mean"] == pytest.approx(0.6)
+    matched = result["arms"][ap.MATCHED]  # the budget each fold set from the plain prompt (--match-plain)
+    assert matched["accuracy_share"]["mean"] == pytest.approx(0.41 / 0.4) and matched["cost_share"]["mean"] == pytest.approx(0.35)
     with pytest.raises(SystemExit):  # another log
         ap.compare(headline, {"summary": {**plain["summary"], "n": 11}})
 

@@ -164,6 +164,44 @@ def test_further_budgets_recalibrate_each_folds_router_and_pool_as_a_frontier(
     assert {p["name"] for p in result["summary"]} >= {bench.frontier_name(0.5), bench.DEFERRAL}
 
 
+def test_match_plain_sets_each_folds_budget_from_the_plain_prompt_on_its_fit_queries_alone(
+    tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    bench = _bench()
+    lines = [l for l in SMALL_LOG.read_text().splitlines() if l.strip()]
+    ids = [json.loads(l)["id"] for l in lines]
+    # A plain prompt right on every third query: well under what the fakes' strongest gets.
+    monkeypatch.setattr(bench, "PLAIN", {i: n % 3 == 0 for n, i in enumerate(ids)})
+    result = bench.headline(_in_process(tiny_models_toml), lines, tmp_path, seeds=[0], n_folds=2, retain=0.98)
+
+    assert result["matched"] is True
+    [seed] = result["runs"]
+    retains = []
+    for f, fold in enumerate(seed["folds"]):
+        reports = json.loads((tmp_path / "seed0" / f"fold{f}" / "reports.json").read_text())
+        fit_ids = [json.loads(l)["id"] for l in (tmp_path / "seed0" / f"fold{f}" / "fit.jsonl").read_text().splitlines()]
+        match = reports["match"]
+        # The fold's own fit queries set its budget; the held-out fold never does.
+        assert match["plain_accuracy"] == pytest.approx(sum(bench.PLAIN[i] for i in fit_ids) / len(fit_ids))
+        assert match["reference_accuracy"] == reports["calibrate-deferral"]["reference"]["accuracy"]
+        assert match["retain"] == pytest.approx(match["plain_accuracy"] / match["reference_accuracy"])
+        assert reports["calibrate-deferral-matched"]["budget"] == {"kind": "retain", "value": match["retain"]}
+        assert fold["matched"]["cost_share"] == reports["eval-deferral-matched"]["cost_share"]
+        retains.append(match["retain"])
+    assert retains[0] != retains[1]  # two folds, two fit parts, two budgets
+    pooled = {p["name"]: p for p in seed["points"]}
+    matched, top = pooled[bench.MATCHED], pooled[bench.DEFERRAL]
+    assert matched["mean_cost"] < top["mean_cost"]  # a third right is cheaper to keep than 98% of the strongest
+    assert pooled[bench.RANDOM_MATCHED]["mean_cost"] == pytest.approx(matched["mean_cost"])
+
+
+def test_match_plain_refuses_a_plain_file_of_another_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = _bench()
+    monkeypatch.setattr(bench, "PLAIN", {"someone-else": True})
+    with pytest.raises(SystemExit, match="no answer for 1 fit queries"):
+        bench.matched_retain([json.dumps({"id": "q1"})], 0.5)
+
+
 def test_leave_tasks_out_evaluates_on_tasks_the_router_never_saw(
     tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict  # noqa: F811
 ) -> None:
