@@ -199,7 +199,21 @@ def test_match_plain_refuses_a_plain_file_of_another_log(monkeypatch: pytest.Mon
     bench = _bench()
     monkeypatch.setattr(bench, "PLAIN", {"someone-else": True})
     with pytest.raises(SystemExit, match="no answer for 1 fit queries"):
-        bench.matched_retain([json.dumps({"id": "q1"})], 0.5)
+        bench.matched_retain([json.dumps({"id": "q1"})], 0.5, 1)
+
+
+def test_match_plain_refuses_accuracies_of_different_queries_or_a_budget_calibrate_refuses(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench = _bench()
+    monkeypatch.setattr(bench, "PLAIN", {"q1": True, "q2": False})
+    fit = [json.dumps({"id": "q1"}), json.dumps({"id": "q2"})]
+    assert bench.matched_retain(fit, 0.5, 2)["retain"] == pytest.approx(1.0)
+    with pytest.raises(SystemExit, match="scored 1 of a fold's 2"):  # e.g. one fit query shown as an example
+        bench.matched_retain(fit, 0.5, 1)
+    monkeypatch.setattr(bench, "PLAIN", {"q1": False, "q2": False})
+    with pytest.raises(SystemExit, match="at most"):  # a plain prompt that got none right: --retain 0
+        bench.matched_retain(fit, 0.5, 2)
 
 
 def test_leave_tasks_out_evaluates_on_tasks_the_router_never_saw(
