@@ -165,13 +165,15 @@ def test_further_budgets_recalibrate_each_folds_router_and_pool_as_a_frontier(
 
 
 def test_match_plain_sets_each_folds_budget_from_the_plain_prompt_on_its_fit_queries_alone(
-    tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    tmp_path: Path, tiny_models_toml: Path, skilled_fakes: dict, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    capsys: pytest.CaptureFixture[str]
 ) -> None:
     bench = _bench()
     lines = [l for l in SMALL_LOG.read_text().splitlines() if l.strip()]
     ids = [json.loads(l)["id"] for l in lines]
     # A plain prompt right on every third query: well under what the fakes' strongest gets.
     monkeypatch.setattr(bench, "PLAIN", {i: n % 3 == 0 for n, i in enumerate(ids)})
+    monkeypatch.setattr(bench, "FRONTIER", [0.5])
     result = bench.headline(_in_process(tiny_models_toml), lines, tmp_path, seeds=[0], n_folds=2, retain=0.98)
 
     assert result["matched"] is True
@@ -193,6 +195,13 @@ def test_match_plain_sets_each_folds_budget_from_the_plain_prompt_on_its_fit_que
     matched, top = pooled[bench.MATCHED], pooled[bench.DEFERRAL]
     assert matched["mean_cost"] < top["mean_cost"]  # a third right is cheaper to keep than 98% of the strongest
     assert pooled[bench.RANDOM_MATCHED]["mean_cost"] == pytest.approx(matched["mean_cost"])
+
+    # The tables print every budget, the frontier's and the matched one, with each fold's own --retain.
+    capsys.readouterr()
+    bench.report_cross_fit(SMALL_LOG, result["runs"], result["summary"], 2, 0.98)
+    table = capsys.readouterr().out
+    assert "\n     0.5 " in table and "\n   plain " in table
+    assert f"{min(retains):.3f}-{max(retains):.3f}" in table
 
 
 def test_match_plain_refuses_a_plain_file_of_another_log(monkeypatch: pytest.MonkeyPatch) -> None:
