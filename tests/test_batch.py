@@ -394,6 +394,28 @@ def test_summary_compares_cost_with_always_the_strongest(
     assert data["escalation_rate"] == pytest.approx(0.2) and data["accuracy"] is None
 
 
+def test_summary_says_how_long_loading_the_models_took_which_neither_side_prices(
+    fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, tiny_models_toml: Path, bench_speeds,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A batch of the cascade loads every rung it reaches, always the strongest model one: on
+    # a short batch that is what the clock saves less than the priced ratio says.
+    from crecli import render
+
+    bench_speeds(SPEEDS)
+    install(fake_backends, TABLE)
+    monkeypatch.setattr(FakeBackend, "load_seconds", 0.5)  # each fake "loads" in half a second
+    cascade = Cascade(router, config.load(tiny_models_toml))
+    _, summary = _run([jl(prompt=p) for p in (ADD, HARD, PERU, FRUIT, FAR)], cascade)
+    assert summary.load_seconds == {"small": 0.5, "medium": 0.5, "large": 0.5}
+    _, alone = _run([jl(prompt=FAR)], Cascade(router, config.load(tiny_models_toml)))
+    assert alone.load_seconds == {"large": 0.5}  # FAR starts on large: nothing else loads
+    render.batch_summary(summary, as_json=False)
+    assert "+1.5 s loading 3 models, priced on neither side" in " ".join(capsys.readouterr().err.split())
+    render.batch_summary(summary, as_json=True)
+    assert json.loads(capsys.readouterr().err.splitlines()[-1])["load_seconds"] == {"small": 0.5, "medium": 0.5, "large": 0.5}
+
+
 def test_a_prompt_pays_its_start_in_full_where_its_clusters_previous_prompt_was_in_another_chunk(
     fake_backends: Callable[..., dict[str, FakeBackend]], router: RouterFile, tiny_models_toml: Path, bench_speeds
 ) -> None:

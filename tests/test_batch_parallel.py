@@ -194,6 +194,25 @@ def test_memory_budget_counts_a_model_given_by_path_alone_by_its_file_on_disk(
     assert ModelPool(1024).cost(ModelPool(1024).get(settings.get("large"))) == 0
 
 
+def test_the_pool_counts_every_load_of_a_model_evicted_and_closed_ones_too(
+    parallel_fakes: Callable[..., dict[str, ParallelFake]], tiny_models_toml: Path
+) -> None:
+    parallel_fakes({})
+    settings = config.load(tiny_models_toml)
+    from dataclasses import replace
+
+    small, medium = replace(settings.get("small"), size=1000), replace(settings.get("medium"), size=1000)
+    pool = ModelPool(1500)  # one model at a time
+    pool.get(small).load_seconds = 0.5
+    pool.get(medium).load_seconds = 2.0  # small is evicted for it
+    pool.get(small).load_seconds = 0.25  # and medium for small, loaded again
+    assert list(pool._loaded) == ["small"]
+    assert pool.load_seconds() == {"small": 0.75, "medium": 2.0}
+    pool.close()
+    assert pool.load_seconds() == {"small": 0.75, "medium": 2.0}
+    assert ModelPool().load_seconds() == {}  # nothing loaded, nothing listed
+
+
 def test_cli_parallel_option(tiny_models_toml: Path) -> None:
     runner = CliRunner()
     result = runner.invoke(app, ["batch", "--models", str(tiny_models_toml), "--parallel", "0"])

@@ -67,6 +67,10 @@ class BatchSummary:
     escalated: int = 0  # answers that needed at least one escalation
     seconds: float = 0.0  # model-seconds: generation time of every vote drawn
     route_seconds: float = 0.0
+    # Seconds each model took to load (`ModelPool.load_seconds`), in neither side's cost
+    # below: a batch of the cascade loads every rung it reaches, always the strongest model
+    # one, so on a short batch the clock saves less than the cost ratio says.
+    load_seconds: dict[str, float] = field(default_factory=dict)
     # Both sides of the comparison with always using the strongest model are priced by the
     # cascade's one `Pricing` on the same answers, as one run (`Cascade.cost_parts` and
     # `strongest_parts`, summed by `costs.RunTotal`): the strongest model's greedy answer is priced from its own
@@ -658,6 +662,7 @@ def run_batch(
         summary.interrupted = True
         writer.flush_ready()
     summary.cascade_cost, summary.strongest_cost = spent.total, strongest.total
+    summary.load_seconds = cascade.pool.load_seconds()
     return summary
 
 

@@ -422,7 +422,8 @@ def batch(
     as parallel sequences, with or without --parallel); a summary (accuracy, cost against
     always using the strongest model, escalation rate) goes to stderr at the end. The cost
     is priced at `cre models bench` speeds (a prompt's start shared with the previous prompt
-    of its cluster is free: llama.cpp keeps it); the summary says when they are over 6 hours old.
+    of its cluster is free: llama.cpp keeps it); the summary says when they are over 6 hours
+    old, and how long loading the models took, which neither side's cost counts.
 
     To finish an interrupted batch, append the remaining answers to the same file:
 

@@ -229,8 +229,10 @@ def batch_summary(summary: "BatchSummary", as_json: bool) -> None:
     if summary.escalation_rate is not None:
         mix = ", ".join(f"{name} {count}" for name, count in summary.models.items())
         lines.append(f"escalated {summary.escalation_rate:.1%} of answers; answered by: {mix}")
+    loads = (f", +{sum(summary.load_seconds.values()):.1f} s loading {len(summary.load_seconds)} "
+             f"model{'s' if len(summary.load_seconds) != 1 else ''}, priced on neither side" if summary.load_seconds else "")
     lines.append(
-        f"cost {summary.seconds:.1f} model-seconds (+{summary.route_seconds:.2f} s routing)"
+        f"cost {summary.seconds:.1f} model-seconds (+{summary.route_seconds:.2f} s routing{loads})"
     )
     if summary.cost_ratio is not None:
         unit = {"seconds": "model-seconds", "bench-seconds": "bench-seconds"}.get(summary.unit, "price units")

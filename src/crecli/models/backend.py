@@ -194,6 +194,10 @@ class Generation:
 
 
 class Backend(abc.ABC):
+    # Seconds spent loading the model's weights (a runtime that loads none, as a remote rung,
+    # keeps 0): a cost of the run, not of any answer (`ModelPool.load_seconds`).
+    load_seconds: float = 0.0
+
     def __init__(self, spec: "ModelSpec") -> None:
         self.spec = spec
 

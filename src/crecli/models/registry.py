@@ -113,6 +113,8 @@ class ModelPool:
         self._cond = threading.Condition()
         self._gates: dict[str, Gate] = {}
         self._busy: Counter[str] = Counter()  # leases held, per model
+        # Load seconds of the models closed so far (evicted for room, or at `close`).
+        self._closed_load_seconds: Counter[str] = Counter()
 
     def cost(self, backend: Backend) -> int:
         """Bytes `backend` is counted for against the budget: its file (`ModelSpec.file_bytes`;
@@ -173,6 +175,7 @@ class ModelPool:
                 name = idle.pop(0)
                 old = self._loaded.pop(name)
                 used -= self._costs.pop(name) + old.cache_memory()
+                self._closed_load_seconds[name] += old.load_seconds
                 old.close()
             # Only models in use that hold memory free any when done: a busy remote rung holds none.
             holding = any(n and self._costs.get(name, 0) for name, n in self._busy.items())
@@ -191,11 +194,23 @@ class ModelPool:
         teardown of an evicted model, both done under the lock (one dict read is atomic)."""
         return self._loaded.get(name)
 
+    def load_seconds(self) -> dict[str, float]:
+        """Seconds each model spent loading while in this pool, closed ones included (a model
+        evicted and loaded again counts both loads); models that loaded nothing are left out.
+        No answer's price carries them: a run of the cascade loads each rung it reaches, where
+        always the strongest model would load one (`cre batch`'s summary)."""
+        with self._cond:
+            seconds = Counter(self._closed_load_seconds)
+            for name, backend in self._loaded.items():
+                seconds[name] += backend.load_seconds
+        return {name: value for name, value in seconds.items() if value > 0}
+
     def close(self) -> None:
         with self._cond:
             while self._loaded:
                 name, backend = self._loaded.popitem()
                 self._costs.pop(name, None)
+                self._closed_load_seconds[name] += backend.load_seconds
                 backend.close()
 
     def __enter__(self) -> "ModelPool":
