@@ -19,7 +19,10 @@ and `cre eval`'s cost share should agree within 3 points. This prints all three 
 6. measures that drift on identical work: the strongest model answers the same prompts
    (same token counts) in both batches of a round, so the ratio of those steps' seconds is
    how much slower the machine ran the cascade's batch than the other (`same_work`). Each
-   round's wall ratio divided by it is the wall ratio at one machine speed ("drift-corrected").
+   round's wall ratio divided by it is the wall ratio at one machine speed ("drift-corrected");
+7. splits each round's wall ratio into the ratio of the models' steps and the points the
+   time outside them adds (`split_wall`): a fixed cost per batch, which no per-answer price
+   carries, against a price that runs ahead of or behind the clock.
 
 The wall times include loading the models and routing, as a user's batch does. Outcomes
 the store lacks for the fit part are collected first (that runs models, once).
@@ -142,6 +145,23 @@ def same_work(cascade: dict[str, dict[str, Any]], strongest: dict[str, dict[str,
             "ratio": ours / theirs if theirs else float("nan")}
 
 
+def split_wall(cascade: dict[str, Any], strongest: dict[str, Any]) -> dict[str, float]:
+    """One round's wall ratio in two parts: the ratio of the seconds the models' steps took
+    (what bench-seconds price), and the points the time outside them adds (start-up, the
+    router, loading models: a batch of the cascade loads each rung it uses, the other one
+    model), which a per-answer price leaves out and which shrinks as a batch grows."""
+    steps = {name: sum(row["seconds"] for row in arm["by_model"].values())
+             for name, arm in (("cascade", cascade), ("strongest", strongest))}
+    steps_ratio = steps["cascade"] / steps["strongest"] if steps["strongest"] else float("nan")
+    wall_ratio = cascade["wall_seconds"] / strongest["wall_seconds"]
+    return {"steps_ratio": steps_ratio, "outside_points": 100 * (wall_ratio - steps_ratio),
+            "outside_seconds": {"cascade": cascade["outside_steps_seconds"],
+                                "strongest": strongest["outside_steps_seconds"]},
+            # Of those, loading the models (`cre batch`'s summary; absent before it said).
+            "load_seconds": {"cascade": sum(cascade.get("load_seconds", {}).values()),
+                             "strongest": sum(strongest.get("load_seconds", {}).values())}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--log", type=Path, default=ROOT / "examples" / "querylog-large.jsonl")
@@ -201,7 +221,8 @@ def main() -> None:
             same = same_work(steps_by_id(work / "cascade.jsonl", strongest), steps_by_id(work / "strongest.jsonl", strongest))
             wall_round = runs["cascade"][-1]["wall_seconds"] / runs["strongest"][-1]["wall_seconds"]
             drift.append({**same, "cascade_first": i % 2 == 0, "wall_ratio": wall_round,
-                          "corrected_wall_ratio": wall_round / same["ratio"]})
+                          "corrected_wall_ratio": wall_round / same["ratio"],
+                          **split_wall(runs["cascade"][-1], runs["strongest"][-1])})
         counts.close()
         _, out, _ = cre("eval", str(test_log), "--router", str(router), "--json")
         report = json.loads(out)
@@ -214,6 +235,8 @@ def main() -> None:
         "fresh_bench": speeds,
         "rounds_by_drift": drift,
         "corrected_wall_ratio": statistics.median(d["corrected_wall_ratio"] for d in drift),
+        "steps_ratio": statistics.median(d["steps_ratio"] for d in drift),
+        "outside_points": statistics.median(d["outside_points"] for d in drift),
         "accuracy": {name: rs[0]["accuracy"] for name, rs in runs.items()},
         "runs": runs,
     }
@@ -235,6 +258,12 @@ def main() -> None:
     for i, d in enumerate(drift):
         print(f"  round {i + 1}: {strongest} took {d['ratio']:.3f}x as long on the same {d['prompts']} prompts in the "
               f"cascade's batch; wall ratio {d['wall_ratio']:.3f}, corrected {d['corrected_wall_ratio']:.3f}")
+    print(f"  the models' steps alone: ratio {result['steps_ratio']:.3f} (median of rounds); the time outside them "
+          f"adds {result['outside_points']:.1f} points to the wall ratio")
+    for i, d in enumerate(drift):
+        out, loads = d["outside_seconds"], d["load_seconds"]
+        print(f"  round {i + 1} outside the steps: cascade {out['cascade']:.1f} s ({loads['cascade']:.1f} s loading models), "
+              f"{strongest} alone {out['strongest']:.1f} s ({loads['strongest']:.1f} s loading)")
     corrected = result["corrected_wall_ratio"]
     spread = max(corrected, reported, report["cost_share"]) - min(corrected, reported, report["cost_share"])
     print(f"  drift-corrected wall ratio (median of rounds) {corrected:.3f}: the three agree within {100 * spread:.1f} points")

@@ -128,6 +128,20 @@ def test_cost_vs_clock_measures_drift_on_the_prompts_both_batches_gave_the_stron
     assert got == pytest.approx({"prompts": 2, "cascade_seconds": 5.5, "strongest_seconds": 4.0, "ratio": 5.5 / 4.0})
 
 
+def test_cost_vs_clock_splits_a_round_into_the_steps_and_the_time_outside_them() -> None:
+    cvc = _script("cost_vs_clock")
+    arm = lambda wall, *steps: {"wall_seconds": wall, "outside_steps_seconds": wall - sum(steps),
+                                "by_model": {f"m{i}": {"seconds": sec} for i, sec in enumerate(steps)}}
+    # Cascade: 60 s of steps on two models, 6 s outside; alone: 100 s of steps, 2 s outside.
+    got = cvc.split_wall(arm(66.0, 50.0, 10.0), arm(102.0, 100.0))
+    assert got["steps_ratio"] == pytest.approx(0.6)
+    assert got["outside_points"] == pytest.approx(100 * (66 / 102 - 0.6))  # 4.7 points the steps do not explain
+    assert got["outside_seconds"] == pytest.approx({"cascade": 6.0, "strongest": 2.0})
+    assert got["load_seconds"] == {"cascade": 0, "strongest": 0}  # a summary from before it gave them
+    loaded = cvc.split_wall({**arm(66.0, 60.0), "load_seconds": {"m0": 1.5, "m1": 0.5}}, arm(102.0, 100.0))
+    assert loaded["load_seconds"] == pytest.approx({"cascade": 2.0, "strongest": 0})
+
+
 def test_batch_reuse_rebuilds_the_order_a_model_saw_and_counts_what_reuse_leaves() -> None:
     br = _script("batch_reuse")
     row = lambda i, cluster, *models: {"id": i, "trace": {"cluster": cluster, "steps": [{"model": m} for m in models]}}
