@@ -145,11 +145,11 @@ def same_work(cascade: dict[str, dict[str, Any]], strongest: dict[str, dict[str,
             "ratio": ours / theirs if theirs else float("nan")}
 
 
-def split_wall(cascade: dict[str, Any], strongest: dict[str, Any]) -> dict[str, float]:
+def split_wall(cascade: dict[str, Any], strongest: dict[str, Any]) -> dict[str, Any]:
     """One round's wall ratio in two parts: the ratio of the seconds the models' steps took
     (what bench-seconds price), and the points the time outside them adds (start-up, the
-    router, loading models: a batch of the cascade loads each rung it uses, the other one
-    model), which a per-answer price leaves out and which shrinks as a batch grows."""
+    router, loading models: `ModelPool.load_seconds`), which a per-answer price leaves out
+    and which shrinks as a batch grows."""
     steps = {name: sum(row["seconds"] for row in arm["by_model"].values())
              for name, arm in (("cascade", cascade), ("strongest", strongest))}
     steps_ratio = steps["cascade"] / steps["strongest"] if steps["strongest"] else float("nan")
@@ -208,7 +208,7 @@ def main() -> None:
         cre("calibrate", str(router), "--seed", str(args.seed))
         cre("fit", str(fit_log), "-o", str(top), "--seed", str(args.seed), "--models", str(top_toml))
         runs: dict[str, list[dict[str, Any]]] = {"cascade": [], "strongest": []}
-        drift: list[dict[str, float]] = []
+        drift: list[dict[str, Any]] = []
         arms = [("cascade", router, []), ("strongest", top, ["--models", str(top_toml)])]
         for i in range(args.rounds):
             for name, path, extra in (arms if i % 2 == 0 else arms[::-1]):

@@ -67,9 +67,8 @@ class BatchSummary:
     escalated: int = 0  # answers that needed at least one escalation
     seconds: float = 0.0  # model-seconds: generation time of every vote drawn
     route_seconds: float = 0.0
-    # Seconds each model took to load (`ModelPool.load_seconds`), in neither side's cost
-    # below: a batch of the cascade loads every rung it reaches, always the strongest model
-    # one, so on a short batch the clock saves less than the cost ratio says.
+    # Seconds each model took to load (`ModelPool.load_seconds` says why they matter), in
+    # neither side's cost below.
     load_seconds: dict[str, float] = field(default_factory=dict)
     # Both sides of the comparison with always using the strongest model are priced by the
     # cascade's one `Pricing` on the same answers, as one run (`Cascade.cost_parts` and
