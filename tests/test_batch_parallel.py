@@ -156,15 +156,20 @@ def test_default_generate_many_is_generate_in_a_loop_with_errors_in_place(tiny_m
     assert out[0] == backend.generate("good one", params[0])
 
 
+def _small_and_medium_of_1000_bytes(models_toml: Path) -> tuple[ModelSpec, ModelSpec]:
+    """The fixture ladder's small and medium models, each pinned as a 1000-byte file, so a
+    memory budget says which fit beside which."""
+    from dataclasses import replace
+
+    settings = config.load(models_toml)
+    return replace(settings.get("small"), size=1000), replace(settings.get("medium"), size=1000)
+
+
 def test_memory_budget_counts_the_parallel_kv_cache(
     parallel_fakes: Callable[..., dict[str, ParallelFake]], tiny_models_toml: Path
 ) -> None:
     parallel_fakes({})
-    settings = config.load(tiny_models_toml)
-    small, medium = settings.get("small"), settings.get("medium")
-    from dataclasses import replace
-
-    small, medium = replace(small, size=1000), replace(medium, size=1000)
+    small, medium = _small_and_medium_of_1000_bytes(tiny_models_toml)
     # Two files of 1000 bytes fit in 2400; with --parallel 4 each also needs 400 of KV cache.
     pool = ModelPool(2400, parallel=1)
     pool.get(small), pool.get(medium)
@@ -198,10 +203,7 @@ def test_the_pool_counts_every_load_of_a_model_evicted_and_closed_ones_too(
     parallel_fakes: Callable[..., dict[str, ParallelFake]], tiny_models_toml: Path
 ) -> None:
     parallel_fakes({})
-    settings = config.load(tiny_models_toml)
-    from dataclasses import replace
-
-    small, medium = replace(settings.get("small"), size=1000), replace(settings.get("medium"), size=1000)
+    small, medium = _small_and_medium_of_1000_bytes(tiny_models_toml)
     pool = ModelPool(1500)  # one model at a time
     pool.get(small).load_seconds = 0.5
     pool.get(medium).load_seconds = 2.0  # small is evicted for it
@@ -225,10 +227,7 @@ def test_memory_budget_counts_the_caches_models_hold_when_the_next_is_asked_for(
     parallel_fakes: Callable[..., dict[str, ParallelFake]], tiny_models_toml: Path
 ) -> None:
     parallel_fakes({})
-    settings = config.load(tiny_models_toml)
-    from dataclasses import replace
-
-    small, medium = replace(settings.get("small"), size=1000), replace(settings.get("medium"), size=1000)
+    small, medium = _small_and_medium_of_1000_bytes(tiny_models_toml)
     for held, loaded in ((0, ["small", "medium"]), (500, ["medium"])):
         pool = ModelPool(2400)
         # small's answered-example snapshots hold `held` bytes by the time medium is asked
