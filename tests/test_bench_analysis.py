@@ -309,3 +309,40 @@ def test_frontier_bound_leaves_out_a_query_too_long_for_every_rung(
     rec = fb.recorded(log, None)
     assert [r.id for r in rec.records] == ["q0", "q1", "q2"] and rec.C.shape == rec.K.shape == (3, 3)
     assert f"{log}:4: left out: its prompt is too long for every rung's context" in capsys.readouterr().err
+
+
+def test_check_levers_cluster_correction_learns_a_signal_the_offset_does_not_carry() -> None:
+    import numpy as np
+
+    cl = _script("check_levers")
+    x = np.array([[-2.0], [-1.0], [1.0], [2.0]] * 5)
+    right = (x[:, 0] > 0).astype(float)
+    zero = np.zeros(len(x))
+    # Right exactly where the signal is high: a positive weight; backwards, a negative one.
+    assert cl._offset_logistic(x, right, zero, 1.0)[0] > 1.0
+    assert cl._offset_logistic(x, 1.0 - right, zero, 1.0)[0] < -1.0
+    # An offset that already says it all leaves little to correct, and a heavy ridge keeps
+    # the shipped model (a correction of zero) whatever the data.
+    sure = np.where(right > 0, 6.0, -6.0)
+    assert abs(cl._offset_logistic(x, right, sure, 1.0)[0]) < 0.2
+    assert np.abs(cl._offset_logistic(x, right, zero, 1e9)).max() < 1e-6
+
+
+def test_headline_prints_the_within_cluster_auroc_and_reads_json_written_before_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from importlib.machinery import SourceFileLoader
+
+    # bench/headline has no .py suffix, so its loader is named outright.
+    loader = SourceFileLoader("bench_headline", str(BENCH / "headline"))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    headline = importlib.util.module_from_spec(spec)
+    loader.exec_module(headline)
+    old = {"p_correct": {"auroc": 0.8, "n": 10}}
+    new = {"p_correct": {"auroc": 0.9, "n": 10, "within_cluster": 0.6, "within_cluster_n": 8}}
+    runs = [{"folds": [{"deferral": {"signals": {"s": old}}}, {"deferral": {"signals": {"s": new}}}]}]
+    headline.print_signals(runs)
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("s "))
+    # Over all answers, both folds (0.85); within a cluster, the one fold that has it.
+    assert row.split()[1:] == ["0.850", "/", "0.600"]

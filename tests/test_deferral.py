@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from crecli import config, routerfile
-from crecli.deferral import auroc, fit_logistic
+from crecli.deferral import auroc, fit_logistic, within_auroc
 from crecli.cli import app
 from crecli.errors import CreError, RouterFileError
 from crecli.models.backend import GenParams, Signals
@@ -106,6 +106,18 @@ def test_auroc_known_values() -> None:
     assert auroc([0.5, 0.5, 0.5, 0.5], [False, True, False, True]) == 0.5
     assert auroc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == 0.75
     assert auroc([0.1, 0.2], [True, True]) is None
+
+
+def test_within_auroc_ranks_inside_each_group_and_skips_groups_of_one_class() -> None:
+    # Group "a" ranks its answers right (1.0), "b" backwards (0.0), "c" is all right (left
+    # out). Over all seven the ranking looks good (0.8), mostly from "c" sitting high.
+    scores = [0.9, 0.8, 0.85, 0.1, 0.2, 0.95, 0.96]
+    labels = [True, False, True, True, False, True, True]
+    groups = ["a", "a", "a", "b", "b", "c", "c"]
+    assert auroc(scores, labels) == pytest.approx(0.8)
+    assert within_auroc(scores, labels, groups) == (pytest.approx((1.0 * 3 + 0.0 * 2) / 5), 5)
+    assert within_auroc(scores, labels, ["c"] * 7)[0] == pytest.approx(0.8)
+    assert within_auroc([0.1, 0.2], [True, True], ["a", "b"]) == (None, 0)
 
 
 # ---------------------------------------------------------------- the outcome store
@@ -216,6 +228,9 @@ def test_calibrated_deferral_live_matches_its_replay(
     # The fake's log-probs separate right from wrong answers perfectly, held out too.
     assert cal["signals"]["small"]["min_logprob"]["auroc"] == 1.0
     assert cal["signals"]["small"]["p_correct"]["auroc"] > 0.9
+    # Inside a cluster (and fold) they rank perfectly too, wherever a cluster has both.
+    within = cal["signals"]["small"]["min_logprob"]
+    assert within["within_cluster_n"] > 0 and within["within_cluster"] == 1.0
     loaded = routerfile.load(router, config.load(tiny_models_toml))
     assert loaded.deferral is not None and loaded.deferral.votes == 1
     shown = json.loads(runner.invoke(app, ["inspect", str(router), *m, "--json"]).stdout)

@@ -434,7 +434,8 @@ class Calibration:
     result: SimResult | None = None  # the chosen setting replayed on all queries
     reference_result: SimResult | None = None  # every query on the strongest model
     deferral: DeferralCheck | None = None  # the fitted deferral check ("deferral" only)
-    signals: dict[str, dict[str, Any]] | None = None  # held-out AUROC per model and signal
+    # Held-out AUROC per model and signal, over all answers and within clusters (`deferral.signal_report`).
+    signals: dict[str, dict[str, Any]] | None = None
     check: str = DEFAULT_CHECK
     # The log calibrated on, as the router records it (`routerfile.log_record`), its sha256 and
     # how it was read: `cre eval` counts its queries as in sample. Set by `run`.
@@ -502,7 +503,10 @@ def recalibrate(
         )
     totals: dict[Setting, list[float]] = {}
     held_p: dict[OutcomeKey, float] = {}
-    for fold in folds(n, n_folds, seed, data.prompt_ids):
+    fold_of = [0] * n  # each record's fold, for the signal report's within-cluster AUROC
+    for number, fold in enumerate(folds(n, n_folds, seed, data.prompt_ids)):
+        for i in fold:
+            fold_of[i] = number
         train = sorted(set(range(n)) - set(fold))
         if check == "deferral":
             swept, p = sweep_deferral(data, train, fold, ladder, quality, votes, agreement, labelled)
@@ -560,7 +564,7 @@ def recalibrate(
         reference_result=reference_result,
         deferral=rules,
         check=check,
-        signals=signal_report(data, held_p, ladder, votes) if check == "deferral" else None,
+        signals=signal_report(data, held_p, ladder, votes, fold_of) if check == "deferral" else None,
     )
 
 

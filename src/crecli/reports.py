@@ -297,15 +297,21 @@ def calibration(cal: Any, path: Any, as_json: bool) -> None:
         highlight=False,
     )
     if cal.signals:
-        signals = Table(title="How well each signal predicts a right greedy answer (held-out AUROC; 0.5 is chance)",
-                        title_justify="left")
+        signals = Table(title="How well each signal predicts a right greedy answer (held-out AUROC over all answers / "
+                              "within a cluster, where the check acts; 0.5 is chance)", title_justify="left")
         names = sorted({name for per in cal.signals.values() for name in per})
         signals.add_column("model")
         for name in names:
             signals.add_column(name, justify="right")
+
+        def cell(figures: dict[str, Any] | None) -> str:
+            if figures is None or figures["auroc"] is None:
+                return "-"
+            within = figures.get("within_cluster")
+            return f"{figures['auroc']:.2f} / " + ("-" if within is None else f"{within:.2f}")
+
         for model, per in cal.signals.items():
-            signals.add_row(model, *(
-                "-" if name not in per or per[name]["auroc"] is None else f"{per[name]['auroc']:.2f}" for name in names))
+            signals.add_row(model, *(cell(per.get(name)) for name in names))
         out().print(signals)
     status(f"Wrote {path} ({cal.seconds:.1f} s).")
 

@@ -1,0 +1,257 @@
+"""Would a sharper deferral check come from what the greedy pass already gives? Two variants
+of P(correct) against the shipped one, held out, on recorded answers.
+
+The check acts inside a cluster: a cluster's queries start on one rung, and the check
+decides which of that rung's answers to keep. The shipped model (`deferral.train_deferral`)
+is one logistic regression per rung over every cluster, on the greedy pass's signals and
+the cluster prior. Its AUROC over all answers is high because the prior separates the
+clusters; inside a cluster it ranks answers far less well, and calibration picks
+thresholds of 0. Two ways it could rank better there, each from the answers a fit already
+records and so free at answer time:
+
+- **answer prior**: one more feature, the logit of how often the rung's greedy answer was
+  right when the rung gave that same (normalised) answer to the cluster's training queries,
+  shrunk toward the cluster prior with strength `ANSWER_STRENGTH`. A model that says "A"
+  to most of a two-option task is right on "A" at about the base rate, and may be right
+  more often on "B".
+- **cluster correction**: per (cluster, rung), a ridge logistic regression on the
+  cluster's own standardised signals, offset by the shipped model's logit, so a signal
+  whose meaning differs by cluster (the option margin of a model that is sure and wrong)
+  gets its own weight there; ridge `CORRECTION_L2` pulls it back toward the shipped model.
+
+Each is fitted as calibration fits (`calibrate.folds`: 5 folds, copies of a prompt kept
+together; training answers' priors leave their own prompt out) and scored on the fold left
+out. Printed per seed and variant:
+
+- each rung's AUROC of P(correct) for a right greedy answer, over all answers and within a
+  (cluster, fold) (`deferral.signal_report`: pooled over folds, a held-out prior ranks by
+  an artefact);
+- `bench/break_even.py --check`'s bound on the router's own clusters: the clusters that
+  start on the strongest model where starting on a smaller rung, keeping its answers at
+  P(correct) >= t, keeps 98% of the strongest model's accuracy there for less, and what
+  that saves as a share of the starts' cost (t chosen per cluster on the queries it is
+  scored on: a bound, for every variant alike).
+
+    .venv/bin/python bench/check_levers.py --router ROUTER [--log LOG] [--seeds 0 1 2] [--json]
+
+Every model's greedy answer to every query of the log must be in the outcome store (a
+`cre fit LOG --k 1 -o ROUTER` leaves them there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import break_even  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ANSWER_STRENGTH = 4.0
+CORRECTION_L2 = 3.0
+MIN_CLUSTER_TRAIN = 5
+SIGNALS = ("min_logprob", "mean_logprob", "margin")
+
+# P(correct) of the fold's answers, from a rung's model fitted on the training records.
+Variant = Callable[[Any, Sequence[int], Sequence[int], str, Any], dict[Any, float]]
+
+
+def _entry(data: Any, i: int, model: str) -> Any:
+    e = data.replay.entries.get((data.records[i].id, model))
+    return e if e is not None and e.answers and e.signals is not None else None
+
+
+def _logit(p: float) -> float:
+    from crecli.quality import PRIOR_CLIP
+
+    p = min(1 - PRIOR_CLIP, max(PRIOR_CLIP, p))
+    return math.log(p / (1 - p))
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z))))
+
+
+def _train_prior(data: Any, table: Any, train: Sequence[int], model: str) -> Callable[[int], float]:
+    """A training answer's cluster prior with its own prompt's answers left out, as
+    `deferral.train_deferral` builds it."""
+    from crecli.deferral import _blended, _copies, _loo_prior
+
+    copies = _copies(data, [(i, e) for i in train if (e := data.replay.entries.get((data.records[i].id, model)))])
+    return lambda i: _blended(data, table, i, model, _loo_prior(table, data.clusters[i], model,
+                                                                *copies[(data.clusters[i], data.prompt_ids[i])]))
+
+
+def shipped(data: Any, train: Sequence[int], test: Sequence[int], model: str, table: Any) -> dict[Any, float]:
+    from crecli.deferral import _table_prior, deferral_p, train_deferral
+
+    rule = train_deferral(data, train, table, model, 1)
+    return deferral_p(data, test, {model: rule}, _table_prior(data, table), 1)
+
+
+def answer_prior(data: Any, train: Sequence[int], test: Sequence[int], model: str, table: Any) -> dict[Any, float]:
+    from crecli.deferral import _table_prior, fit_logistic
+
+    by_answer: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
+    by_prompt: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for i in train:
+        if (e := _entry(data, i, model)) is not None:
+            for counts, key in ((by_answer, (data.clusters[i], e.answers[0])), (by_prompt, (data.clusters[i], data.prompt_ids[i]))):
+                counts[key][0] += e.correct[0]
+                counts[key][1] += 1
+
+    def value(i: int, e: Any, prior: float, own: tuple[float, float]) -> float:
+        from crecli.choice import shrink
+
+        if data.clusters[i] < 0:
+            return _logit(prior)
+        right, n = by_answer.get((data.clusters[i], e.answers[0]), (0.0, 0.0))
+        return _logit(shrink(right - own[0], n - own[1], prior, ANSWER_STRENGTH))
+
+    prior_train = _train_prior(data, table, train, model)
+    rows, ys = [], []
+    for i in train:
+        if (e := _entry(data, i, model)) is not None:
+            prior = prior_train(i)
+            own = tuple(by_prompt[(data.clusters[i], data.prompt_ids[i])])
+            rows.append(e.features(1, prior) + [value(i, e, prior, own)])  # type: ignore[arg-type]
+            ys.append(e.correct[0])
+    fill = [statistics.fmean(v) if (v := [r[j] for r in rows if r[j] is not None]) else 0.0 for j in range(len(rows[0]))]
+    w, b = fit_logistic([[f if v is None else v for v, f in zip(r, fill)] for r in rows], ys)
+    prior_test = _table_prior(data, table)
+    out = {}
+    for i in test:
+        if (e := _entry(data, i, model)) is not None:
+            prior = prior_test(i, model)
+            x = e.features(1, prior) + [value(i, e, prior, (0.0, 0.0))]
+            out[(data.records[i].id, model)] = _sigmoid(b + sum(wj * (f if v is None else v) for wj, v, f in zip(w, x, fill)))
+    return out
+
+
+def _offset_logistic(x: np.ndarray, y: np.ndarray, offset: np.ndarray, l2: float, iterations: int = 50) -> np.ndarray:
+    """Ridge logistic regression with a fixed offset per row (the shipped model's logit);
+    the intercept is penalised too, so a cluster with few answers keeps the shipped model."""
+    a = np.hstack([x, np.ones((len(x), 1))])
+    beta = np.zeros(a.shape[1])
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-np.clip(a @ beta + offset, -30, 30)))
+        step = np.linalg.solve(a.T @ (a * (p * (1 - p))[:, None]) + l2 * np.eye(len(beta)), a.T @ (p - y) + l2 * beta)
+        beta -= step
+        if np.max(np.abs(step)) < 1e-8:
+            break
+    return beta
+
+
+def cluster_correction(data: Any, train: Sequence[int], test: Sequence[int], model: str, table: Any) -> dict[Any, float]:
+    from crecli.deferral import _table_prior, train_deferral
+    from crecli.quality import LOGPROB_FLOOR
+
+    rule = train_deferral(data, train, table, model, 1)
+    prior_of = _table_prior(data, table)
+
+    def z(i: int, e: Any) -> float:
+        return _logit(rule.p_correct(e.features(1, prior_of(i, model))))
+
+    def signals(e: Any) -> list[float]:
+        values = [getattr(e.signals, name) for name in SIGNALS]
+        return [0.0 if v is None or not math.isfinite(v) else max(LOGPROB_FLOOR, v) for v in values]
+
+    members: dict[int, list[int]] = defaultdict(list)
+    for i in train:
+        if data.clusters[i] >= 0 and _entry(data, i, model) is not None:
+            members[data.clusters[i]].append(i)
+    fitted: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for cid, idx in members.items():
+        if len(idx) < MIN_CLUSTER_TRAIN:
+            continue
+        entries = [_entry(data, i, model) for i in idx]
+        x = np.array([signals(e) for e in entries])
+        mu, sd = x.mean(axis=0), x.std(axis=0)
+        sd[sd < 1e-9] = 1.0
+        y = np.array([e.correct[0] for e in entries], dtype=float)
+        offset = np.array([z(i, e) for i, e in zip(idx, entries)])
+        fitted[cid] = (mu, sd, _offset_logistic((x - mu) / sd, y, offset, CORRECTION_L2))
+    out = {}
+    for i in test:
+        if (e := _entry(data, i, model)) is not None:
+            logit = z(i, e)
+            if (f := fitted.get(data.clusters[i])) is not None:
+                mu, sd, beta = f
+                logit += float(((np.array(signals(e)) - mu) / sd) @ beta[:-1] + beta[-1])
+            out[(data.records[i].id, model)] = _sigmoid(logit)
+    return out
+
+
+VARIANTS: dict[str, Variant] = {"shipped": shipped, "answer prior": answer_prior, "cluster correction": cluster_correction}
+
+
+def held_out(data: Any, ladder: Sequence[str], seed: int, variant: Variant) -> tuple[dict[Any, float], list[int]]:
+    """Every answer's held-out P(correct) under `variant`, and each record's fold."""
+    from crecli import calibrate
+
+    n = len(data.records)
+    p: dict[Any, float] = {}
+    fold_of = [0] * n
+    for number, fold in enumerate(calibrate.folds(n, 5, seed, data.prompt_ids)):
+        for i in fold:
+            fold_of[i] = number
+        train = sorted(set(range(n)) - set(fold))
+        table = calibrate._table(data, train, list(ladder))
+        for model in ladder[:-1]:
+            p.update(variant(data, train, fold, model, table))
+    return p, fold_of
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--router", type=Path, default=ROOT / "src" / "crecli" / "routers" / "default.cre")
+    parser.add_argument("--log", type=Path, help="its labelled log (default: the router's fit log)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    from crecli import calibrate, config, replay, routerfile
+    from crecli.deferral import signal_report
+
+    settings = config.load()
+    router = routerfile.load(args.router, settings)
+    data = replay.prepare(router, settings, calibrate.fitted_log(router, args.log))
+    ladder = list(router.ladder_names)
+    start_cost = break_even.starts_cost(data, router)
+    runs = []
+    for seed in args.seeds:
+        for name, variant in VARIANTS.items():
+            p, fold_of = held_out(data, ladder, seed, variant)
+            report = signal_report(data, p, ladder[:-1], 1, fold_of)
+            bound = break_even.check_summary(break_even.with_check(data, router, p), start_cost)
+            runs.append({"seed": seed, "variant": name,
+                         "auroc": {m: {"all": r["p_correct"]["auroc"], "within_cluster": r["p_correct"]["within_cluster"]}
+                                   for m, r in report.items() if "p_correct" in r},
+                         "raw_within_cluster": {m: {s: r[s]["within_cluster"] for s in SIGNALS if s in r}
+                                                for m, r in report.items()},
+                         "bound": bound})
+            print(f"seed {seed} {name}: done", file=sys.stderr, flush=True)
+    result = {"router": str(args.router), "queries": len(data.records), "keep": break_even.KEEP,
+              "answer_strength": ANSWER_STRENGTH, "correction_l2": CORRECTION_L2, "runs": runs}
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    small = ladder[:-1]
+    print(f"{'seed':>4} {'variant':20} " + " ".join(f"{m[:24] + ' all/within':>36}" for m in small)
+          + f" {'bound: clusters':>16} {'saved':>7}")
+    for r in runs:
+        cells = " ".join(f"{r['auroc'][m]['all']:>27.3f} / {r['auroc'][m]['within_cluster']:.3f}" for m in small)
+        b = r["bound"]
+        print(f"{r['seed']:>4} {r['variant']:20} {cells} {b['clusters']:>16} {100 * b['saved_share_of_start_cost']:6.1f}%")
+
+
+if __name__ == "__main__":
+    main()
