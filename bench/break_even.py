@@ -41,7 +41,7 @@ import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,9 +98,16 @@ THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 KEEP = 0.98
 
 
-def held_out_p(data: Any, ladder: list[str], folds: int = 5, seed: int = 0, votes: int = 1) -> dict[Any, float]:
+# Another P(correct) model (`bench/check_levers.py`): given the training records, the fold's
+# records, a model and the training records' cluster table, the fold's answers' P(correct).
+Fitter = Callable[[Any, Sequence[int], Sequence[int], str, Any], dict[Any, float]]
+
+
+def held_out_p(data: Any, ladder: list[str], folds: int = 5, seed: int = 0, votes: int = 1,
+               fit: Fitter | None = None) -> dict[Any, float]:
     """Each recorded answer's P(correct) from deferral models fitted on the other folds, split
-    and fitted as `cre calibrate` does (`calibrate.folds`, `deferral.train_deferral`)."""
+    and fitted as `cre calibrate` does (`calibrate.folds`, `deferral.train_deferral`), or by
+    `fit` for each rung below the top."""
     from crecli import calibrate
     from crecli.deferral import _table_prior, deferral_p, train_deferral
 
@@ -109,6 +116,10 @@ def held_out_p(data: Any, ladder: list[str], folds: int = 5, seed: int = 0, vote
     for fold in calibrate.folds(n, folds, seed, data.prompt_ids):
         train = sorted(set(range(n)) - set(fold))
         table = calibrate._table(data, train, ladder)
+        if fit is not None:
+            for m in ladder[:-1]:
+                out.update(fit(data, train, fold, m, table))
+            continue
         rules = {m: train_deferral(data, train, table, m, votes) for m in ladder[:-1]}
         out.update(deferral_p(data, fold, rules, _table_prior(data, table), votes))
     return out

@@ -60,11 +60,10 @@ CORRECTION_L2 = 3.0
 MIN_CLUSTER_TRAIN = 5
 SIGNALS = ("min_logprob", "mean_logprob", "margin")
 
-# P(correct) of the fold's answers, from a rung's model fitted on the training records.
-Variant = Callable[[Any, Sequence[int], Sequence[int], str, Any], dict[Any, float]]
-
 
 def _entry(data: Any, i: int, model: str) -> Any:
+    """Record i's recorded greedy answer on `model` where it has the signals a deferral
+    model reads (`deferral.train_deferral` trains on those alone), else None."""
     e = data.replay.entries.get((data.records[i].id, model))
     return e if e is not None and e.answers and e.signals is not None else None
 
@@ -80,6 +79,12 @@ def _sigmoid(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z))))
 
 
+def _rule_logit(rule: Any, values: Sequence[float | None]) -> float:
+    """A `quality.Deferral`'s log-odds for `values`, unclipped: the offset the cluster
+    correction starts from keeps the shipped model's ranking in the tails."""
+    return rule.bias + sum(w * (f if v is None else v) for w, v, f in zip(rule.weights, values, rule.fill))
+
+
 def _train_prior(data: Any, table: Any, train: Sequence[int], model: str) -> Callable[[int], float]:
     """A training answer's cluster prior with its own prompt's answers left out, as
     `deferral.train_deferral` builds it."""
@@ -90,44 +95,50 @@ def _train_prior(data: Any, table: Any, train: Sequence[int], model: str) -> Cal
                                                                 *copies[(data.clusters[i], data.prompt_ids[i])]))
 
 
-def shipped(data: Any, train: Sequence[int], test: Sequence[int], model: str, table: Any) -> dict[Any, float]:
-    from crecli.deferral import _table_prior, deferral_p, train_deferral
-
-    rule = train_deferral(data, train, table, model, 1)
-    return deferral_p(data, test, {model: rule}, _table_prior(data, table), 1)
-
-
-def answer_prior(data: Any, train: Sequence[int], test: Sequence[int], model: str, table: Any) -> dict[Any, float]:
-    from crecli.deferral import _table_prior, fit_logistic
-
+def answer_counts(data: Any, train: Sequence[int], model: str) -> tuple[dict[tuple[int, str], list[float]],
+                                                                         dict[tuple[int, str], list[float]]]:
+    """[right, count] of `model`'s greedy answers on the training records, per (cluster,
+    normalised answer), and per (cluster, prompt identity): the share of a prompt's copies
+    to leave out of its own answer's count. Copies of a prompt share one recorded answer
+    (the store keeps one per prompt), so they all sit in that answer's count."""
     by_answer: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
     by_prompt: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
     for i in train:
         if (e := _entry(data, i, model)) is not None:
-            for counts, key in ((by_answer, (data.clusters[i], e.answers[0])), (by_prompt, (data.clusters[i], data.prompt_ids[i]))):
+            for counts, key in ((by_answer, (data.clusters[i], e.answers[0])),
+                                (by_prompt, (data.clusters[i], data.prompt_ids[i]))):
                 counts[key][0] += e.correct[0]
                 counts[key][1] += 1
+    return by_answer, by_prompt
 
-    def value(i: int, e: Any, prior: float, own: tuple[float, float]) -> float:
-        from crecli.choice import shrink
 
+def answer_prior(data: Any, train: Sequence[int], test: Sequence[int], model: str, table: Any) -> dict[Any, float]:
+    from crecli.choice import shrink
+    from crecli.deferral import _table_prior, fit_logistic
+
+    by_answer, by_prompt = answer_counts(data, train, model)
+
+    def value(i: int, e: Any, prior: float, own: Sequence[float]) -> float:
         if data.clusters[i] < 0:
             return _logit(prior)
         right, n = by_answer.get((data.clusters[i], e.answers[0]), (0.0, 0.0))
         return _logit(shrink(right - own[0], n - own[1], prior, ANSWER_STRENGTH))
 
     prior_train = _train_prior(data, table, train, model)
-    rows, ys = [], []
+    rows: list[list[float | None]] = []
+    ys: list[bool] = []
     for i in train:
         if (e := _entry(data, i, model)) is not None:
             prior = prior_train(i)
-            own = tuple(by_prompt[(data.clusters[i], data.prompt_ids[i])])
-            rows.append(e.features(1, prior) + [value(i, e, prior, own)])  # type: ignore[arg-type]
+            rows.append(e.features(1, prior) + [value(i, e, prior, by_prompt[(data.clusters[i], data.prompt_ids[i])])])
             ys.append(e.correct[0])
-    fill = [statistics.fmean(v) if (v := [r[j] for r in rows if r[j] is not None]) else 0.0 for j in range(len(rows[0]))]
+    if not rows:
+        return {}
+    fill = [statistics.fmean(v) if (v := [r[j] for r in rows if r[j] is not None]) else 0.0  # type: ignore[misc]
+            for j in range(len(rows[0]))]
     w, b = fit_logistic([[f if v is None else v for v, f in zip(r, fill)] for r in rows], ys)
     prior_test = _table_prior(data, table)
-    out = {}
+    out: dict[Any, float] = {}
     for i in test:
         if (e := _entry(data, i, model)) is not None:
             prior = prior_test(i, model)
@@ -155,10 +166,9 @@ def cluster_correction(data: Any, train: Sequence[int], test: Sequence[int], mod
     from crecli.quality import LOGPROB_FLOOR
 
     rule = train_deferral(data, train, table, model, 1)
-    prior_of = _table_prior(data, table)
-
-    def z(i: int, e: Any) -> float:
-        return _logit(rule.p_correct(e.features(1, prior_of(i, model))))
+    # The offset as the shipped model sees each answer: a training answer's prior leaves its
+    # own prompt out (as the rule was trained), a held-out one's is the training table's.
+    prior_train, prior_test = _train_prior(data, table, train, model), _table_prior(data, table)
 
     def signals(e: Any) -> list[float]:
         values = [getattr(e.signals, name) for name in SIGNALS]
@@ -177,12 +187,12 @@ def cluster_correction(data: Any, train: Sequence[int], test: Sequence[int], mod
         mu, sd = x.mean(axis=0), x.std(axis=0)
         sd[sd < 1e-9] = 1.0
         y = np.array([e.correct[0] for e in entries], dtype=float)
-        offset = np.array([z(i, e) for i, e in zip(idx, entries)])
+        offset = np.array([_rule_logit(rule, e.features(1, prior_train(i))) for i, e in zip(idx, entries)])
         fitted[cid] = (mu, sd, _offset_logistic((x - mu) / sd, y, offset, CORRECTION_L2))
-    out = {}
+    out: dict[Any, float] = {}
     for i in test:
         if (e := _entry(data, i, model)) is not None:
-            logit = z(i, e)
+            logit = _rule_logit(rule, e.features(1, prior_test(i, model)))
             if (f := fitted.get(data.clusters[i])) is not None:
                 mu, sd, beta = f
                 logit += float(((np.array(signals(e)) - mu) / sd) @ beta[:-1] + beta[-1])
@@ -190,24 +200,9 @@ def cluster_correction(data: Any, train: Sequence[int], test: Sequence[int], mod
     return out
 
 
-VARIANTS: dict[str, Variant] = {"shipped": shipped, "answer prior": answer_prior, "cluster correction": cluster_correction}
-
-
-def held_out(data: Any, ladder: Sequence[str], seed: int, variant: Variant) -> tuple[dict[Any, float], list[int]]:
-    """Every answer's held-out P(correct) under `variant`, and each record's fold."""
-    from crecli import calibrate
-
-    n = len(data.records)
-    p: dict[Any, float] = {}
-    fold_of = [0] * n
-    for number, fold in enumerate(calibrate.folds(n, 5, seed, data.prompt_ids)):
-        for i in fold:
-            fold_of[i] = number
-        train = sorted(set(range(n)) - set(fold))
-        table = calibrate._table(data, train, list(ladder))
-        for model in ladder[:-1]:
-            p.update(variant(data, train, fold, model, table))
-    return p, fold_of
+# None: the shipped model, fitted as calibration fits it (`break_even.held_out_p`).
+VARIANTS: dict[str, break_even.Fitter | None] = {
+    "shipped": None, "answer prior": answer_prior, "cluster correction": cluster_correction}
 
 
 def main() -> None:
@@ -228,8 +223,9 @@ def main() -> None:
     start_cost = break_even.starts_cost(data, router)
     runs = []
     for seed in args.seeds:
-        for name, variant in VARIANTS.items():
-            p, fold_of = held_out(data, ladder, seed, variant)
+        fold_of = calibrate.fold_numbers(calibrate.folds(len(data.records), 5, seed, data.prompt_ids), len(data.records))
+        for name, fit in VARIANTS.items():
+            p = break_even.held_out_p(data, ladder, seed=seed, fit=fit)
             report = signal_report(data, p, ladder[:-1], 1, fold_of)
             bound = break_even.check_summary(break_even.with_check(data, router, p), start_cost)
             runs.append({"seed": seed, "variant": name,
@@ -245,13 +241,18 @@ def main() -> None:
         print(json.dumps(result, indent=1))
         return
     small = ladder[:-1]
+
+    def cell(figures: dict[str, float | None] | None) -> str:
+        def f(x: float | None) -> str:
+            return "-" if x is None else f"{x:.3f}"
+        return "-" if figures is None else f"{f(figures['all'])} / {f(figures['within_cluster'])}"
+
     print(f"{'seed':>4} {'variant':20} " + " ".join(f"{m[:24] + ' all/within':>36}" for m in small)
           + f" {'bound: clusters':>16} {'saved':>7}")
     for r in runs:
-        cells = " ".join(f"{r['auroc'][m]['all']:>27.3f} / {r['auroc'][m]['within_cluster']:.3f}" for m in small)
         b = r["bound"]
-        print(f"{r['seed']:>4} {r['variant']:20} {cells} {b['clusters']:>16} {100 * b['saved_share_of_start_cost']:6.1f}%")
-
+        print(f"{r['seed']:>4} {r['variant']:20} " + " ".join(f"{cell(r['auroc'].get(m)):>36}" for m in small)
+              + f" {b['clusters']:>16} {100 * b['saved_share_of_start_cost']:6.1f}%")
 
 if __name__ == "__main__":
     main()

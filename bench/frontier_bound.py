@@ -325,22 +325,10 @@ def held_out_frontiers(records: Sequence[querylog.Record], found: dict, model: c
 
 
 def within_task_auroc(score: np.ndarray, C: np.ndarray, tasks: np.ndarray) -> list[float | None]:
-    """Per model: pair-weighted mean over tasks of the AUROC of `score[:, j]` for predicting
-    whether model j answered right."""
-    out: list[float | None] = []
-    for j in range(C.shape[1]):
-        num = den = 0.0
-        for task in np.unique(tasks):
-            sel = tasks == task
-            a = deferral.auroc(score[sel, j].tolist(), C[sel, j].astype(bool).tolist())
-            if a is None:
-                continue
-            y = C[sel, j].astype(bool)
-            weight = float(y.sum() * (~y).sum())
-            num += a * weight
-            den += weight
-        out.append(num / den if den else None)
-    return out
+    """Per model: the AUROC of `score[:, j]` for predicting whether model j answered right,
+    inside each task, pooled over the tasks' pairs (`deferral.within_auroc`)."""
+    return [deferral.within_auroc(score[:, j].tolist(), C[:, j].astype(bool).tolist(), tasks.tolist())[0]
+            for j in range(C.shape[1])]
 
 
 def held_out_auroc(how: str, X: np.ndarray, F: np.ndarray, P: np.ndarray, C: np.ndarray, K: np.ndarray, tasks: np.ndarray,

@@ -346,3 +346,24 @@ def test_headline_prints_the_within_cluster_auroc_and_reads_json_written_before_
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("s "))
     # Over all answers, both folds (0.85); within a cluster, the one fold that has it.
     assert row.split()[1:] == ["0.850", "/", "0.600"]
+
+
+def test_check_levers_counts_answers_per_cluster_and_the_copies_of_each_prompt() -> None:
+    from crecli.models.backend import Signals
+    from crecli.querylog import Record
+    from crecli.replay import _Entry
+
+    cl = _script("check_levers")
+    # Cluster 0: "A" three times (q0 and its copy q1 right, q2 wrong), "B" once (right);
+    # q5's answer came without signals, so no deferral model reads it; q6 is another cluster's.
+    records = [Record(id=f"q{i}", prompt=f"p{i}", reference=["1"], match="exact") for i in range(7)]
+    answers = ["A", "A", "A", "B", "B", "A", "A"]
+    right = [True, True, False, True, False, True, True]
+    entries = {(r.id, "s"): _Entry((a,), (y,), (1.0,), signals=None if i == 5 else Signals(-1.0, -0.5, None))
+               for i, (r, a, y) in enumerate(zip(records, answers, right))}
+    data = SimpleNamespace(records=records, clusters=[0, 0, 0, 0, 1, 0, 2],
+                           prompt_ids=["x", "x", "y", "z", "w", "v", "u"], replay=SimpleNamespace(entries=entries))
+    by_answer, by_prompt = cl.answer_counts(data, range(6), "s")  # q6 is not a training record
+    assert dict(by_answer) == {(0, "A"): [2.0, 3.0], (0, "B"): [1.0, 1.0], (1, "B"): [0.0, 1.0]}
+    # q0's own answer, less its prompt's copies (q0 and q1): "A" right 0 of 1 among the others.
+    assert by_prompt[(0, "x")] == [2.0, 2.0] and by_prompt[(0, "y")] == [0.0, 1.0]

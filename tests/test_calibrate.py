@@ -544,7 +544,7 @@ def test_a_log_without_repeated_prompts_gets_exactly_the_folds_it_always_got() -
 
 
 def test_every_copy_of_a_prompt_lands_in_one_fold() -> None:
-    from crecli.calibrate import folds
+    from crecli.calibrate import fold_numbers, folds
 
     prompts = [f"p{(i * 7) % 13}" for i in range(40)]
     split = folds(40, 5, 3, prompts)
@@ -553,6 +553,10 @@ def test_every_copy_of_a_prompt_lands_in_one_fold() -> None:
         assert sum(any(prompts[i] == p for i in fold) for fold in split) == 1
     # The distinct prompts are dealt out evenly: 13 over 5 folds.
     assert sorted(len({prompts[i] for i in fold}) for fold in split) == [2, 2, 3, 3, 3]
+    # Each row's fold number names the fold that holds it.
+    number = fold_numbers(split, 40)
+    assert all(i in split[number[i]] for i in range(40))
+    assert fold_numbers([[1, 2], [0]], 3) == [1, 0, 0]
 
 
 @pytest.mark.parametrize("check", ["agreement", "deferral"])

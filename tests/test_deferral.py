@@ -109,15 +109,41 @@ def test_auroc_known_values() -> None:
 
 
 def test_within_auroc_ranks_inside_each_group_and_skips_groups_of_one_class() -> None:
-    # Group "a" ranks its answers right (1.0), "b" backwards (0.0), "c" is all right (left
-    # out). Over all seven the ranking looks good (0.8), mostly from "c" sitting high.
+    # Group "a" ranks its 2 (right, wrong) pairs right (1.0), "b" its 1 pair backwards (0.0),
+    # "c" is all right (no pairs, left out). Over all seven the ranking looks good (0.8),
+    # mostly from "c" sitting high.
     scores = [0.9, 0.8, 0.85, 0.1, 0.2, 0.95, 0.96]
     labels = [True, False, True, True, False, True, True]
     groups = ["a", "a", "a", "b", "b", "c", "c"]
     assert auroc(scores, labels) == pytest.approx(0.8)
-    assert within_auroc(scores, labels, groups) == (pytest.approx((1.0 * 3 + 0.0 * 2) / 5), 5)
+    assert within_auroc(scores, labels, groups) == (pytest.approx((1.0 * 2 + 0.0 * 1) / 3), 5)
     assert within_auroc(scores, labels, ["c"] * 7)[0] == pytest.approx(0.8)
     assert within_auroc([0.1, 0.2], [True, True], ["a", "b"]) == (None, 0)
+
+
+def test_signal_report_ranks_inside_each_cluster_and_fold_and_leaves_unclustered_queries_out() -> None:
+    from types import SimpleNamespace
+
+    from crecli.deferral import signal_report
+    from crecli.replay import _Entry
+
+    # One cluster over two folds: each fold ranks its (right, wrong) pair right, but the
+    # second fold sits higher as a whole (its prior), so pooled over the cluster the pair
+    # across folds is ranked wrong: 3 of 4 pairs. A fifth, unclustered, wrong answer with the
+    # highest P(correct) counts over all answers only.
+    p = [0.3, 0.2, 0.9, 0.8, 0.95]
+    right = [True, False, True, False, False]
+    records = [Record(id=f"q{i}", prompt=f"p{i}", reference=["1"], match="numeric") for i in range(5)]
+    entries = {(r.id, "s"): _Entry(("1",), (y,), (1.0,), signals=Signals(x - 1.0, x - 1.0, None))
+               for r, x, y in zip(records, p, right)}
+    data = SimpleNamespace(records=records, clusters=[0, 0, 0, 0, -1], replay=SimpleNamespace(entries=entries))
+    held = {(r.id, "s"): x for r, x in zip(records, p)}
+    by_fold = signal_report(data, held, ["s"], 1, [0, 0, 1, 1, 0])["s"]
+    assert by_fold["p_correct"]["within_cluster"] == 1.0 and by_fold["p_correct"]["within_cluster_n"] == 4
+    assert by_fold["min_logprob"]["within_cluster"] == 1.0
+    assert by_fold["p_correct"]["auroc"] == pytest.approx(3 / 6) and by_fold["p_correct"]["n"] == 5
+    pooled = signal_report(data, held, ["s"], 1)["s"]
+    assert pooled["p_correct"]["within_cluster"] == pytest.approx(3 / 4)
 
 
 # ---------------------------------------------------------------- the outcome store

@@ -352,6 +352,15 @@ def folds(n: int, k: int, seed: int, prompts: Sequence[str] | None = None) -> li
     return [sorted(fold) for fold in out]
 
 
+def fold_numbers(parts: Sequence[Sequence[int]], n: int) -> list[int]:
+    """Each of rows 0..n-1's fold in `parts` (`folds`' list): which fold held it out."""
+    out = [0] * n
+    for number, fold in enumerate(parts):
+        for i in fold:
+            out[i] = number
+    return out
+
+
 # The fewest queries a cross-validation fold may hold (`check_folds`).
 MIN_PER_FOLD = 2
 
@@ -503,10 +512,9 @@ def recalibrate(
         )
     totals: dict[Setting, list[float]] = {}
     held_p: dict[OutcomeKey, float] = {}
-    fold_of = [0] * n  # each record's fold, for the signal report's within-cluster AUROC
-    for number, fold in enumerate(folds(n, n_folds, seed, data.prompt_ids)):
-        for i in fold:
-            fold_of[i] = number
+    parts = folds(n, n_folds, seed, data.prompt_ids)
+    fold_of = fold_numbers(parts, n)  # for the signal report's within-cluster AUROC
+    for fold in parts:
         train = sorted(set(range(n)) - set(fold))
         if check == "deferral":
             swept, p = sweep_deferral(data, train, fold, ladder, quality, votes, agreement, labelled)

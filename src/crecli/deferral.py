@@ -166,21 +166,26 @@ def deferral_p(
 
 
 def within_auroc(scores: Sequence[float], labels: Sequence[bool], groups: Sequence[Hashable]) -> tuple[float | None, int]:
-    """The AUROC of `scores` inside each group of `groups`, averaged weighted by the group's
-    size over the groups that hold both right and wrong answers; and how many answers
-    those groups hold. (None, 0) when no group has both."""
+    """The AUROC of `scores` inside each group of `groups`, pooled: the share of (right,
+    wrong) pairs of the same group that the scores order right (ties half), so a group
+    weighs by its pairs, and a group of one class (no pairs) not at all. Also how many
+    answers the groups with pairs hold. (None, 0) when no group has both."""
     by: dict[Hashable, tuple[list[float], list[bool]]] = {}
     for s, y, g in zip(scores, labels, groups):
         col = by.setdefault(g, ([], []))
         col[0].append(s)
         col[1].append(y)
-    total, count = 0.0, 0
+    total = pairs = 0.0
+    count = 0
     for col in by.values():
         a = auroc(*col)
         if a is not None:
-            total += a * len(col[0])
+            right = sum(col[1])
+            weight = right * (len(col[1]) - right)
+            total += a * weight
+            pairs += weight
             count += len(col[0])
-    return (total / count if count else None), count
+    return (total / pairs if pairs else None), count
 
 
 def signal_report(
@@ -193,12 +198,15 @@ def signal_report(
     Over all answers, the AUROC mostly says which clusters a model is good at, which the
     router already knows from its cluster statistics. The check acts inside a cluster (it
     judges the answers of the queries a cluster sends to a rung), so each figure comes
-    with `within_cluster`: its AUROC inside each cluster, averaged by size. With `fold_of`
-    (record i's cross-validation fold) the groups are (cluster, fold): a held-out P(correct)
-    carries its fold's cluster prior, which is lower where the fold holds more of the
-    cluster's right answers (the other folds hold fewer), so pooling folds inside a cluster
-    ranks by that artefact, not by the answer (measured: 0.52 pooled against 0.66 by fold,
-    for the 0.5B on examples/querylog.jsonl). Unclustered queries are left out of it."""
+    with `within_cluster` (`within_auroc`: its AUROC inside each cluster, pooled over the
+    clusters' pairs) and `within_cluster_n` (the answers of the clusters that have both
+    right and wrong ones). With `fold_of` (record i's cross-validation fold) the groups are
+    (cluster, fold): a held-out P(correct) carries its fold's cluster prior, which is lower
+    where the fold holds more of the cluster's right answers (the other folds hold fewer),
+    so pooling a cluster's folds ranks by that artefact, not by the answer (seen on the
+    480-query examples/querylog.jsonl: 0.52 pooled against 0.66 by fold, for the 0.5B).
+    The raw signals carry no prior, but are grouped alike so the columns compare.
+    Unclustered queries are left out of the within-cluster figures."""
     report: dict[str, dict[str, Any]] = {}
     for model in ladder:
         cols: dict[str, tuple[list[float], list[bool], list[Hashable]]] = {}
