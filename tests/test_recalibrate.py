@@ -245,6 +245,11 @@ def test_calibrate_prices_every_stored_cost_afresh(fakes, tiny_models_toml: Path
     log = write(tmp_path / "log.jsonl", rows())
     router = tmp_path / "router.cre"
     ok("fit", log, "-o", router, "--models", tiny_models_toml)
+    # Calibrated once at the fit's speeds first: calibration counts each cluster's queries
+    # as the router assigns them (`route.route`), which may differ from the fit's
+    # HDBSCAN labels for a few (seen on an AMX Xeon: a cluster of 10 counted 7), so only
+    # two calibrations are sure to average the same queries.
+    ok("calibrate", router, "--models", tiny_models_toml, "--folds", "2")
     settings = config.load(tiny_models_toml)
     before = routerfile.load(router, settings)
     assert before.fit.cost_unit == "bench-seconds"
