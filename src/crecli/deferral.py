@@ -204,7 +204,7 @@ def signal_report(
     (cluster, fold): a held-out P(correct) carries its fold's cluster prior, which is lower
     where the fold holds more of the cluster's right answers (the other folds hold fewer),
     so pooling a cluster's folds ranks by that artefact, not by the answer (seen on the
-    480-query examples/querylog.jsonl: 0.52 pooled against 0.66 by fold, for the 0.5B).
+    480-query examples/querylog.jsonl, seed 0: 0.53 pooled against 0.67 by fold, for the 0.5B).
     The raw signals carry no prior, but are grouped alike so the columns compare.
     Unclustered queries are left out of the within-cluster figures."""
     report: dict[str, dict[str, Any]] = {}
