@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -68,31 +67,17 @@ def _entry(data: Any, i: int, model: str) -> Any:
     return e if e is not None and e.answers and e.signals is not None else None
 
 
-def _logit(p: float) -> float:
-    from crecli.quality import PRIOR_CLIP
-
-    p = min(1 - PRIOR_CLIP, max(PRIOR_CLIP, p))
-    return math.log(p / (1 - p))
-
-
 def _sigmoid(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z))))
 
 
-def _rule_logit(rule: Any, values: Sequence[float | None]) -> float:
-    """A `quality.Deferral`'s log-odds for `values`, unclipped: the offset the cluster
-    correction starts from keeps the shipped model's ranking in the tails."""
-    return rule.bias + sum(w * (f if v is None else v) for w, v, f in zip(rule.weights, values, rule.fill))
-
-
 def _train_prior(data: Any, table: Any, train: Sequence[int], model: str) -> Callable[[int], float]:
     """A training answer's cluster prior with its own prompt's answers left out, as
-    `deferral.train_deferral` builds it."""
-    from crecli.deferral import _blended, _copies, _loo_prior
+    `deferral.train_deferral` builds it (`deferral.training_prior`)."""
+    from crecli.deferral import training_prior
 
-    copies = _copies(data, [(i, e) for i in train if (e := data.replay.entries.get((data.records[i].id, model)))])
-    return lambda i: _blended(data, table, i, model, _loo_prior(table, data.clusters[i], model,
-                                                                *copies[(data.clusters[i], data.prompt_ids[i])]))
+    found = [(i, e) for i in train if (e := data.replay.entries.get((data.records[i].id, model))) is not None]
+    return training_prior(data, table, found, model)
 
 
 def answer_counts(data: Any, train: Sequence[int], model: str) -> tuple[dict[tuple[int, str], list[float]],
@@ -114,15 +99,16 @@ def answer_counts(data: Any, train: Sequence[int], model: str) -> tuple[dict[tup
 
 def answer_prior(data: Any, train: Sequence[int], test: Sequence[int], model: str, table: Any) -> dict[Any, float]:
     from crecli.choice import shrink
-    from crecli.deferral import _table_prior, fit_logistic
+    from crecli.deferral import _table_prior, fit_filled
+    from crecli.quality import Deferral, feature_names, prior_logit
 
     by_answer, by_prompt = answer_counts(data, train, model)
 
     def value(i: int, e: Any, prior: float, own: Sequence[float]) -> float:
         if data.clusters[i] < 0:
-            return _logit(prior)
+            return prior_logit(prior)
         right, n = by_answer.get((data.clusters[i], e.answers[0]), (0.0, 0.0))
-        return _logit(shrink(right - own[0], n - own[1], prior, ANSWER_STRENGTH))
+        return prior_logit(shrink(right - own[0], n - own[1], prior, ANSWER_STRENGTH))
 
     prior_train = _train_prior(data, table, train, model)
     rows: list[list[float | None]] = []
@@ -134,16 +120,15 @@ def answer_prior(data: Any, train: Sequence[int], test: Sequence[int], model: st
             ys.append(e.correct[0])
     if not rows:
         return {}
-    fill = [statistics.fmean(v) if (v := [r[j] for r in rows if r[j] is not None]) else 0.0  # type: ignore[misc]
-            for j in range(len(rows[0]))]
-    w, b = fit_logistic([[f if v is None else v for v, f in zip(r, fill)] for r in rows], ys)
+    w, b, fill = fit_filled(rows, ys, len(rows[0]))
+    # The shipped model's form with one more feature, so it judges as `Deferral.p_correct` does.
+    rule = Deferral(feature_names(1) + ("answer_prior",), tuple(float(x) for x in w), b, tuple(fill), 0.0)
     prior_test = _table_prior(data, table)
     out: dict[Any, float] = {}
     for i in test:
         if (e := _entry(data, i, model)) is not None:
             prior = prior_test(i, model)
-            x = e.features(1, prior) + [value(i, e, prior, (0.0, 0.0))]
-            out[(data.records[i].id, model)] = _sigmoid(b + sum(wj * (f if v is None else v) for wj, v, f in zip(w, x, fill)))
+            out[(data.records[i].id, model)] = rule.p_correct(e.features(1, prior) + [value(i, e, prior, (0.0, 0.0))])
     return out
 
 
@@ -187,12 +172,13 @@ def cluster_correction(data: Any, train: Sequence[int], test: Sequence[int], mod
         mu, sd = x.mean(axis=0), x.std(axis=0)
         sd[sd < 1e-9] = 1.0
         y = np.array([e.correct[0] for e in entries], dtype=float)
-        offset = np.array([_rule_logit(rule, e.features(1, prior_train(i))) for i, e in zip(idx, entries)])
+        # Unclipped log-odds: the offset keeps the shipped model's ranking in the tails.
+        offset = np.array([rule.logit(e.features(1, prior_train(i))) for i, e in zip(idx, entries)])
         fitted[cid] = (mu, sd, _offset_logistic((x - mu) / sd, y, offset, CORRECTION_L2))
     out: dict[Any, float] = {}
     for i in test:
         if (e := _entry(data, i, model)) is not None:
-            logit = _rule_logit(rule, e.features(1, prior_test(i, model)))
+            logit = rule.logit(e.features(1, prior_test(i, model)))
             if (f := fitted.get(data.clusters[i])) is not None:
                 mu, sd, beta = f
                 logit += float(((np.array(signals(e)) - mu) / sd) @ beta[:-1] + beta[-1])

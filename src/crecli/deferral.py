@@ -129,21 +129,37 @@ def train_deferral(data: Data, idx: Sequence[int], table: StatsTable, model: str
     entries = [(i, e) for i, e in found if e.answers]
     if any(e.signals is not None for _, e in entries):
         entries = [(i, e) for i, e in entries if e.signals is not None]
-    copies = _copies(data, found)
+    prior_of = training_prior(data, table, found, model)
     for i, entry in entries:
-        y = entry.correct[0]
-        prior = _blended(data, table, i, model, _loo_prior(table, data.clusters[i], model,
-                                                            *copies[(data.clusters[i], data.prompt_ids[i])]))
-        rows.append(entry.features(votes, prior))
-        ys.append(y)
+        rows.append(entry.features(votes, prior_of(i)))
+        ys.append(entry.correct[0])
     names = feature_names(votes)
+    weights, bias, fill = fit_filled(rows, ys, len(names))
+    return Deferral(names, tuple(float(w) for w in weights), bias, tuple(fill), table.overall.models[model].accuracy)
+
+
+def training_prior(data: Data, table: StatsTable, found: Sequence[tuple[int, _Entry]], model: str) -> Callable[[int], float]:
+    """The prior of a training answer of `found` (each record's index with its recorded
+    outcome on `model`, all of them, as `table` counts them): its cluster's shrunk accuracy
+    with its own prompt's answers left out (`_loo_prior`, `_copies`), blended by distance
+    (`_blended`)."""
+    copies = _copies(data, found)
+    return lambda i: _blended(data, table, i, model, _loo_prior(table, data.clusters[i], model,
+                                                                *copies[(data.clusters[i], data.prompt_ids[i])]))
+
+
+def fit_filled(rows: Sequence[Sequence[float | None]], ys: Sequence[bool], width: int) -> tuple[Any, float, list[float]]:
+    """`fit_logistic` on `rows` of `width` features whose missing values (None) are filled
+    with their column's mean over the rows that have one (0 where none has); the weights,
+    the bias and those fill values, which the model keeps for answers missing a feature.
+    No rows: zero weights and bias."""
     fill = []
-    for j in range(len(names)):
+    for j in range(width):
         seen = [r[j] for r in rows if r[j] is not None]
         fill.append(sum(seen) / len(seen) if seen else 0.0)  # type: ignore[arg-type]
     filled = [[f if v is None else v for v, f in zip(r, fill)] for r in rows]
-    weights, bias = fit_logistic(filled, ys) if rows else ([0.0] * len(names), 0.0)
-    return Deferral(names, tuple(float(w) for w in weights), bias, tuple(fill), table.overall.models[model].accuracy)
+    weights, bias = fit_logistic(filled, ys) if rows else ([0.0] * width, 0.0)
+    return weights, bias, fill
 
 
 def deferral_p(

@@ -256,6 +256,12 @@ def _logprob(value: float) -> float | None:
     return None if math.isnan(value) else max(LOGPROB_FLOOR, value)
 
 
+def prior_logit(prior: float) -> float:
+    """The deferral model's "prior" feature: the logit of an accuracy kept PRIOR_CLIP off 0 and 1."""
+    p = min(1 - PRIOR_CLIP, max(PRIOR_CLIP, prior))
+    return math.log(p / (1 - p))
+
+
 def greedy_agreement(answers: Sequence[str]) -> float:
     """The share of the normalised votes `answers` (greedy first) that agree with the greedy one."""
     return sum(a == answers[0] for a in answers) / len(answers)
@@ -297,8 +303,7 @@ def deferral_features(
         lo, mean = _logprob(signals.min_logprob), _logprob(signals.mean_logprob)
         # A NaN margin (NaN logits) made P(correct) NaN, below every threshold: missing instead.
         margin = signals.margin if signals.margin is not None and math.isfinite(signals.margin) else None
-    p = min(1 - PRIOR_CLIP, max(PRIOR_CLIP, prior))
-    values: list[float | None] = [lo, mean, margin, 1.0 if (greedy == "" or cut) else 0.0, math.log(p / (1 - p))]
+    values: list[float | None] = [lo, mean, margin, 1.0 if (greedy == "" or cut) else 0.0, prior_logit(prior)]
     if len(answers) > 1:
         values.append(greedy_agreement(answers))
     return values
@@ -327,10 +332,15 @@ class Deferral:
         fitted on answers that never had them weighs them 0."""
         return any(w != 0.0 for name, w in zip(self.features, self.weights) if name in LOGPROB_FEATURES)
 
-    def p_correct(self, values: Sequence[float | None]) -> float:
+    def logit(self, values: Sequence[float | None]) -> float:
+        """The log-odds of a right answer for `values` (`deferral_features`), a missing one
+        (None) read as its training mean."""
         if len(values) != len(self.weights):
             raise ValueError(f"the deferral model takes {len(self.weights)} features, got {len(values)}")
-        z = self.bias + sum(w * (f if v is None else v) for w, v, f in zip(self.weights, values, self.fill))
+        return self.bias + sum(w * (f if v is None else v) for w, v, f in zip(self.weights, values, self.fill))
+
+    def p_correct(self, values: Sequence[float | None]) -> float:
+        z = self.logit(values)
         # A numerically safe logistic: exp of a large positive z would overflow.
         return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
