@@ -1104,6 +1104,71 @@ def test_a_resume_file_opened_read_write_at_its_end_is_neither_refused_nor_calle
         refuse_own_output(io.BytesIO(jl(id="a", prompt=ADD)), out, "<stdin>", resume)
 
 
+@pytest.mark.parametrize("how", ["1<>", "file:"])
+def test_a_first_run_opened_to_write_over_a_file_is_refused(tmp_path: Path, how: str) -> None:
+    # `cre batch new.jsonl 1<> answers.jsonl`, or systemd's `StandardOutput=file:`, without
+    # --resume: the run wrote from the file's start, emptying nothing, and an earlier run's
+    # longer output kept its last records after the new ones, behind a garbage line; a later
+    # --resume read them as answers.
+    from crecli.batch import refuse_own_output
+
+    out = tmp_path / "answers.jsonl"
+    out.write_text(json.dumps({"line": 1, "id": "old", "answer": "12"}) + "\n")
+    before = out.read_bytes()
+    with open(out, "r+") if how == "1<>" else open(os.open(out, os.O_WRONLY), "w") as stdout:
+        with pytest.raises(UsageError, match=rf"stdout \({out}\) is opened to write before its end without appending"
+                                             rf".*those past them would stay, mixed in.*> {out}$"):
+            refuse_own_output(io.BytesIO(jl(id="a", prompt=ADD)), stdout, "<stdin>", None)
+    assert out.read_bytes() == before
+    for mode in ("a", "w"):  # appended to, or emptied by `>`: written as asked
+        with open(out, mode) as stdout:
+            refuse_own_output(io.BytesIO(jl(id="a", prompt=ADD)), stdout, "<stdin>", None)
+    with open(out, "r+") as stdout:  # empty now (`w` above): nothing to write over
+        refuse_own_output(io.BytesIO(jl(id="a", prompt=ADD)), stdout, "<stdin>", None)
+
+
+def test_a_batch_lock_ends_with_its_run_though_a_parent_keeps_the_output_open(tmp_path: Path) -> None:
+    # A driver's `subprocess.run(["cre", "batch", ...], stdout=fh)` twice on one open `fh`
+    # (or a shell's `exec 3>>out.jsonl`): the lock was taken on stdout's open file, which the
+    # parent still held, so it outlived the first run and the second was refused as
+    # "another cre batch is writing".
+    import subprocess
+
+    from crecli.batch import lock_output
+
+    out = tmp_path / "out.jsonl"
+    out.write_text("")
+    child = "import sys\nfrom crecli.batch import lock_output\nheld = lock_output(sys.stdout)\n"  # held until it exits
+    with open(out, "a") as shared:
+        subprocess.run([sys.executable, "-c", child], stdout=shared, check=True)
+        with open(out, "a") as mine:
+            with lock_output(mine):
+                # Held while its context lasts: a second lock on the file, in this process
+                # too, is refused.
+                with open(out, "a") as other, pytest.raises(CreError, match="another cre batch is writing"):
+                    lock_output(other)
+        with open(out, "a") as mine:
+            lock_output(mine).__exit__(None, None, None)  # released as its context ends: free again
+
+
+def test_a_batch_writes_utf8_whatever_the_locale(
+    fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, cre: Callable[..., Run],
+) -> None:
+    # LANG=en_US.ISO-8859-1: stdout was Latin-1, and the first answer outside it ended the
+    # run in a traceback (UnicodeEncodeError), its chunk's answers unwritten.
+    fake_backends({m: (lambda text, p: "12 \u2192 \u65e5\u672c") for m in LADDER})
+    infile = tmp_path / "in.jsonl"
+    infile.write_bytes(jl(id="a", prompt=ADD))
+    out = tmp_path / "out.jsonl"
+    with open(out, "w", encoding="latin-1") as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        result = cre("batch", infile, "--router", saved_router, "--models", tiny_models_toml, "--no-log")
+    assert result.code == 0, result.err
+    record = json.loads(out.read_bytes().decode("utf-8"))
+    assert record["id"] == "a" and "\u65e5\u672c" in json.dumps(record["trace"], ensure_ascii=False)
+
+
 @pytest.mark.parametrize(("mode", "said"), [("w", True), ("r+", False)])
 def test_an_input_that_is_stdout_is_called_emptied_only_when_it_was(tmp_path: Path, mode: str, said: bool) -> None:
     # `cre batch in.jsonl 1<> in.jsonl` with in.jsonl empty: `1<>` emptied nothing, yet the

@@ -211,6 +211,23 @@ def test_utf8_bom_is_ignored(tmp_path: Path) -> None:
     assert read_log(path).records[0].prompt == "a"
 
 
+def test_a_bom_that_starts_a_later_line_is_ignored_too(tmp_path: Path) -> None:
+    # `cat a.jsonl b.jsonl > log.jsonl`, b saved with a BOM: its first line was bad JSON
+    # in a log, and in `cre batch` a plain-text prompt, the JSON text itself, its id lost.
+    path = write(tmp_path / "log.jsonl", b'{"prompt": "a"}\n\xef\xbb\xbf{"prompt": "b"}\n')
+    assert [r.prompt for r in read_log(path).records] == ["a", "b"]
+    record = parse_batch_line(b'\xef\xbb\xbf{"id": "q7", "prompt": "What is 2+2?"}\n', 2, "in")
+    assert (record.id, record.prompt) == ("q7", "What is 2+2?")
+
+
+def test_a_plain_batch_prompt_that_opens_with_a_brace_is_told_how_to_give_it() -> None:
+    # "{2,3} has how many elements?" read as JSON: the error said "invalid JSON" only, to a
+    # user who gave plain text.
+    with pytest.raises(InputError, match=r"^q.txt:5: invalid JSON .*starts with '\{' is read as a JSON object; "
+                                         r"give a prompt that opens with a brace as JSONL: \{\"prompt\""):
+        parse_batch_line(b"{2,3} has how many elements?\n", 5, "q.txt")
+
+
 # --- file-level errors ---------------------------------------------------------------
 
 

@@ -168,46 +168,54 @@ def read_done_ids(path: Path) -> dict[str, Answered]:
     """
     from crecli.querylog import open_input
 
+    done: dict[str, Answered] = {}
+    records = 0  # lines that are a batch's answer or error records
+    whole = False  # whether a whole line (its newline read) holds anything
     try:
         with open_input(path, "an earlier output file of `cre batch`", pipes=True) as fh:
-            raw = fh.read()
+            # A line at a time: a long run's output (each record carries its trace) can be
+            # larger than the memory a resumed run has to spare.
+            for line in fh:
+                whole = whole or (line.endswith(b"\n") and bool(line.strip(b"\0 \t\r\n")))
+                records += _read_done_line(line, done)
     except FileNotFoundError:
         raise InputError(f"{path}: --resume file not found; drop --resume for a first run") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read the --resume file: {exc.strerror}") from None
-    done: dict[str, Answered] = {}
-    records = 0  # lines that are a batch's answer or error records
-    for line in raw.splitlines():
-        try:
-            row = json.loads(line.lstrip(b"\0"))
-        except (ValueError, RecursionError):
-            continue
-        if not isinstance(row, dict) or ("answer" not in row and "error" not in row):
-            continue
-        records += 1
-        if row.get("id") is None:
-            continue
-        id = str(row["id"])
-        number = row.get("line")
-        at = number if isinstance(number, int) and not isinstance(number, bool) and number > 0 else 0
-        if "error" in row:
-            if at and row.get("input_changed") is not True and not _says_changed(row["error"], id, at):
-                done.setdefault(id, Answered()).failed.add(at)
-            continue
-        digest = row.get("prompt_sha256")
-        key = digest if isinstance(digest, str) else None
-        answered = done.setdefault(id, Answered())
-        answered.prompts.add(key)  # every answer adds one: an id with none has only errors
-        if at:
-            answered.at.add(at)
     # Whole lines (a last one cut by a crash aside) of which none is a record: the input given
     # where the earlier output was meant (`--resume prompts.jsonl`), which would answer every
     # line again after the first run's answers, as if nothing were amiss.
-    if not records and any(line.strip(b"\0 \t\r") for line in raw.split(b"\n")[:-1]):
+    if not records and whole:
         raise InputError(f"{path}: --resume file holds no `cre batch` answer or error records; --resume takes "
                          "the earlier run's output: cre batch --resume answers.jsonl prompts.jsonl >> answers.jsonl")
     # An id's errors count only where it has answers too.
     return {id: answered for id, answered in done.items() if answered.prompts}
+
+
+def _read_done_line(line: bytes, done: dict[str, "Answered"]) -> int:
+    """One line of a --resume file into `done`; 1 where it is an answer or error record."""
+    try:
+        row = json.loads(line.lstrip(b"\0"))
+    except (ValueError, RecursionError):
+        return 0
+    if not isinstance(row, dict) or ("answer" not in row and "error" not in row):
+        return 0
+    if row.get("id") is None:
+        return 1
+    id = str(row["id"])
+    number = row.get("line")
+    at = number if isinstance(number, int) and not isinstance(number, bool) and number > 0 else 0
+    if "error" in row:
+        if at and row.get("input_changed") is not True and not _says_changed(row["error"], id, at):
+            done.setdefault(id, Answered()).failed.add(at)
+        return 1
+    digest = row.get("prompt_sha256")
+    key = digest if isinstance(digest, str) else None
+    answered = done.setdefault(id, Answered())
+    answered.prompts.add(key)  # every answer adds one: an id with none has only errors
+    if at:
+        answered.at.add(at)
+    return 1
 
 
 def changed_since(resume: str, id: str) -> str:
@@ -330,16 +338,30 @@ def refuse_own_output(input: BinaryIO, out: TextIO, source: str, resume: Path | 
     opened to write before its end (`1<>`, systemd's `StandardOutput=file:`): the answers would
     be written over those it holds (where `>` emptied it, `emptied_by_redirect` warns instead:
     nothing is left to lose; `lock_output`, called first, refuses a file another run writes to,
-    saying whether `>` emptied it). Only regular files are compared: a terminal is stdin and
-    stdout at once, rightly."""
-    import os
-    import stat
-
+    saying whether `>` emptied it). And, with or without --resume, any stdout so opened over a
+    file that holds something: the old records past this run's would stay, mixed in. Only
+    regular files are compared: a terminal is stdin and stdout at once, rightly."""
     if resume is not None and _writes_to(out, resume) and _opened_as(out) == "overwrite":
         raise UsageError(f"stdout is the --resume file {resume}, opened to write before its end without appending "
                          "(as '1<>' and systemd's StandardOutput=file: open it): this run's answers would be written "
                          "over the ones it holds. Append to it (systemd: StandardOutput=append:): "
                          f"cre batch --resume {resume} prompts.jsonl >> {resume}")
+    _refuse_input_as_output(input, out, source, resume)
+    if _opened_as(out) == "overwrite":
+        # Without --resume too: the records past this run's last would stay, read back by a
+        # later --resume as answers, and the line cut where this run's writes end is garbage.
+        name = _file_name(out.fileno(), "<stdout>")
+        raise UsageError(f"stdout ({name}) is opened to write before its end without appending (as '1<>' and systemd's "
+                         "StandardOutput=file: open a file): this run's answers would be written over the records it "
+                         "holds, and those past them would stay, mixed in. Empty it or append to it (systemd: "
+                         f"StandardOutput=truncate: or append:): cre batch prompts.jsonl > {name}")
+
+
+def _refuse_input_as_output(input: BinaryIO, out: TextIO, source: str, resume: Path | None) -> None:
+    """`refuse_own_output`'s refusals of an input that is stdout's file, or the --resume file."""
+    import os
+    import stat
+
     try:
         fd = input.fileno()
         read = os.fstat(fd)
@@ -370,12 +392,21 @@ def refuse_own_output(input: BinaryIO, out: TextIO, source: str, resume: Path | 
                          "cre batch --resume answers.jsonl prompts.jsonl >> answers.jsonl")
 
 
-def lock_output(out: TextIO) -> None:
-    """Hold an exclusive lock on the file `out` writes to, until this process exits, or
-    refuse (CreError) when another `cre batch` holds it: two runs appending to one file
-    (`--resume out.jsonl >> out.jsonl` twice) read the same answered ids, answered the same
-    lines twice, and a record longer than a write could land inside the other's. Nothing is
-    locked where `out` is no regular file (a pipe, a terminal, a test's buffer)."""
+def lock_output(out: TextIO) -> contextlib.AbstractContextManager[Any]:
+    """Take an exclusive lock on the file `out` writes to, held until the context returned
+    is left (or the process exits), or refuse (CreError) when another `cre batch` holds it:
+    two runs appending to one file (`--resume out.jsonl >> out.jsonl` twice) read the same
+    answered ids, answered the same lines twice, and a record longer than a write could land
+    inside the other's. Nothing is locked where `out` is no regular file (a pipe, a
+    terminal, a test's buffer).
+
+    The lock is taken on a handle of this process's own, opened afresh on the same file: a
+    flock belongs to an open file, not to a process, so one taken on stdout's own descriptor
+    outlived the run wherever a parent kept that open file (a driver's
+    `subprocess.run(..., stdout=fh)` twice on one `fh`, a shell's `exec 3>>out.jsonl`),
+    which refused its next run as "another cre batch", and let two runs sharing it both
+    hold it. Where the file cannot be opened afresh (no read permission), stdout's
+    descriptor is locked as before."""
     import os
     import stat
 
@@ -384,9 +415,18 @@ def lock_output(out: TextIO) -> None:
 
         fd = out.fileno()
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return contextlib.nullcontext()
+    except (OSError, ValueError, AttributeError, ImportError):  # no fd, no flock: nothing to lock
+        return contextlib.nullcontext()
+    try:
+        own: BinaryIO | None = open(f"/proc/self/fd/{fd}", "rb")  # noqa: SIM115 (closed by the context returned)
+    except OSError:
+        own = None
+    try:
+        fcntl.flock(own.fileno() if own is not None else fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        if own is not None:
+            own.close()
         name = _file_name(fd, str(getattr(out, "name", "<stdout>")))
         if _opened_as(out, busy=True) == "emptied":
             # `> out.jsonl`: the shell emptied the file before cre could refuse, so the other
@@ -396,8 +436,11 @@ def lock_output(out: TextIO) -> None:
                            f"then answer the lines it lost: cre batch --resume {name} prompts.jsonl >> {name}") from None
         raise CreError(f"another cre batch is writing to {name} (it holds its lock): let it finish, or "
                        "write this run elsewhere; two runs would answer the same lines and mix their records") from None
-    except (OSError, ValueError, AttributeError, ImportError):  # no fd, no flock: nothing to lock
-        return
+    except OSError:  # a file system without flock: nothing to lock
+        if own is not None:
+            own.close()
+        return contextlib.nullcontext()
+    return contextlib.closing(own) if own is not None else contextlib.nullcontext()
 
 
 def _id_of(raw: "bytes | LongLine", fields: FieldMap) -> str | None:

@@ -434,9 +434,9 @@ def batch(
     an error record instead: answer such an input into a new file. Lines sharing an id are
     told apart by their prompts and line numbers (docs/reference.md has the rule). A
     second batch writing to the same file at once is refused, and so is output into the
-    input file itself (the answers would be read back as prompts), or into out.jsonl opened
-    to write before its end without appending, as 1<> and systemd's StandardOutput=file: do
-    (they would be written over its answers).
+    input file itself (the answers would be read back as prompts), or into a file opened
+    to write before its end without appending, as 1<> and systemd's StandardOutput=file: do,
+    with or without --resume (they would be written over its records, and the rest stay).
     Each answered prompt, its answer and trace are added to the served-query log (`cre log`;
     references and labels are not), unless --no-log is given.
 
@@ -479,6 +479,7 @@ def batch(
     # `cre batch >&-`: refused before any model runs, which it did, to end in a traceback.
     _refuse_closed(sys.stdout, "stdout", "cre batch writes the answers to stdout",
                    "redirect it to a file (cre batch prompts.jsonl > answers.jsonl)")
+    console.utf8_stdout()
     if file is None or str(file) == "-":
         _refuse_closed(sys.stdin, "stdin", "cre batch reads prompts from FILE or stdin",
                        "give a file, or pipe prompts in (cat questions.txt | cre batch > answers.jsonl)")
@@ -494,10 +495,10 @@ def batch(
         from crecli.querylog import open_named
 
         source, stream = str(file), open_named(file, "a file of prompts (.jsonl or plain text), or - for stdin", pipes=True)
-    with stream as lines, stop_on_signals():
-        # The lock first: while another run holds the file, its writes since this run's `>`
-        # emptied it would make the file look written over, not emptied (`_opened_as`).
-        lock_output(sys.stdout)  # before --resume reads what is answered
+    # The lock first (held until the batch ends), before --resume reads what is answered:
+    # while another run holds the file, its writes since this run's `>` emptied it would make
+    # the file look written over, not emptied (`_opened_as`).
+    with stream as lines, stop_on_signals(), lock_output(sys.stdout):
         refuse_own_output(lines, sys.stdout, source, resume)
         done = read_done_ids(resume) if resume is not None else {}
         if resume is not None:

@@ -106,6 +106,17 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
+def utf8_stdout() -> None:
+    """Write stdout as UTF-8 whatever the locale says: JSON text exchanged between systems is
+    UTF-8 (RFC 8259), and `cre batch` writes its records' text as is (`ensure_ascii=False`),
+    so a Latin-1 locale's stdout failed to encode the first answer outside Latin-1 and the
+    run ended in a traceback. A stream that cannot be reconfigured (a test's) is left as it is."""
+    encoding = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+    if encoding != "utf8" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.flush()
+        sys.stdout.reconfigure(encoding="utf-8")
+
+
 def strict_json(data: Any, **dumps: Any) -> str:
     """`data` as the JSON text every crecli output writes (`json.dumps` with `dumps`): a float
     that is not finite is null (`without_nan`), since NaN and Infinity are not JSON."""

@@ -31,6 +31,7 @@ import csv
 import hashlib
 import math
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
@@ -48,6 +49,8 @@ _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": 
 # longest line of the bundled logs is about 530 bytes) and far below what hurts memory.
 MAX_LINE_BYTES = 1 << 20
 _BOM = b"\xef\xbb\xbf"
+# How a line meant as a JSON object starts: a key's quote, or an empty object.
+_MEANT_AS_JSON = re.compile(r'\s*\{\s*["}]')
 _CHUNK = 1 << 16  # how much of an over-cap line is in memory at once while it is skipped
 
 
@@ -291,15 +294,24 @@ def parse_batch_line(
         if isinstance(raw, LongLine):
             raise _Bad(_too_long(raw.size, fields.max_line_bytes))
         body = raw.rstrip(b"\r\n")
-        if line_no == 1 and body.startswith(_BOM):
-            body = body[len(_BOM):]
+        # Any line's, not only the first: `cat a.jsonl b.jsonl | cre batch` keeps b's.
+        body = body.removeprefix(_BOM)
         if len(body) > fields.max_line_bytes:
             raise _Bad(_too_long(len(body), fields.max_line_bytes))
         text = _decode(body)
         if text.lstrip().startswith("{"):
+            try:
+                obj = _object_line(text)
+            except _Bad as exc:
+                if _MEANT_AS_JSON.match(text):
+                    raise
+                # A plain prompt that opens with a brace ("{2,3} has how many elements?"):
+                # say why it was read as JSON, and how to give it.
+                raise _Bad(f"{exc}. A line that starts with '{{' is read as a JSON object; give a prompt "
+                           'that opens with a brace as JSONL: {"prompt": "{x} ..."}') from None
             # No `match` of its own: the prompt's cluster decides how it is answered and graded,
             # so a line answers the same with a reference as without one.
-            return _record_from_object(_object_line(text), fields, str(line_no), where, default_match=None)
+            return _record_from_object(obj, fields, str(line_no), where, default_match=None)
         text = _text_line(text)
         if not text.strip():
             raise _Bad("empty line; every input line needs a prompt")
@@ -310,14 +322,14 @@ def parse_batch_line(
 
 def read_lines(handle: BinaryIO, cap: int = MAX_LINE_BYTES, digest: Any = None) -> Iterator["bytes | LongLine"]:
     """The lines of a binary stream, each with its line ending, or a LongLine for a line over
-    `cap` bytes (not counting the ending, or a byte order mark that starts the stream).
+    `cap` bytes (not counting the ending, or a byte order mark that starts it: a file's first
+    line, and in files joined with `cat`, each file's).
 
     A line is only read whole when it fits: readline(limit) stops at the limit, and the rest
     of a longer line is read a chunk at a time (into `digest`, when given) and dropped, so a
     50 MB line costs a chunk of memory, not 50 MB and the str and JSON built from it.
     """
     limit = cap + len(_BOM) + 2  # room for a BOM and "\r\n" on a line of exactly `cap`
-    first = True
     while True:
         raw = handle.readline(limit)
         if not raw:
@@ -325,11 +337,9 @@ def read_lines(handle: BinaryIO, cap: int = MAX_LINE_BYTES, digest: Any = None) 
         if digest is not None:
             digest.update(raw)
         if raw.endswith(b"\n") or len(raw) < limit:
-            size = len(raw.rstrip(b"\r\n")) - (len(_BOM) if first and raw.startswith(_BOM) else 0)
-            first = False
+            size = len(raw.rstrip(b"\r\n")) - (len(_BOM) if raw.startswith(_BOM) else 0)
             yield raw if size <= cap else LongLine(size)
             continue
-        first = False
         size, tail = len(raw), raw[-2:]
         while not tail.endswith(b"\n"):
             chunk = handle.readline(_CHUNK)
@@ -345,8 +355,8 @@ def read_lines(handle: BinaryIO, cap: int = MAX_LINE_BYTES, digest: Any = None) 
 
 def _hashed_lines(handle: BinaryIO, digest: Any, cap: int) -> _Lines:
     for line_no, raw in enumerate(read_lines(handle, cap, digest), start=1):
-        if line_no == 1 and isinstance(raw, bytes) and raw.startswith(_BOM):
-            raw = raw[len(_BOM):]
+        if isinstance(raw, bytes):
+            raw = raw.removeprefix(_BOM)  # any line's: files joined with `cat` keep theirs
         yield line_no, raw
 
 
