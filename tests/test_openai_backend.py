@@ -548,14 +548,17 @@ def test_a_prompt_too_long_for_a_remote_rung_is_the_callers_to_fix(server: _Serv
 
     server.reply = lambda path, body: (400, {"error": {"message": message, "type": "invalid_request_error"}})
     backend = OpenAIBackend(_spec(server.url))
-    with pytest.raises(PromptTooLong, match="does not fit the model's context") as raised:
+    with pytest.raises(PromptTooLong, match="max_tokens 4 do not fit the model's context") as raised:
         backend.generate("hi", GenParams(max_tokens=4, temperature=0.0))  # greedy: asks for logprobs
     # Said once: not taken for a refusal of log-probabilities and asked twice more.
     assert len(server.requests) == 1
     # What cre serve's client is told names the rung, not its server's address or reply
     # (which the full message keeps for the server's log).
     assert server.url.split("//")[1].split("/")[0] in str(raised.value)
-    assert raised.value.public == "the prompt does not fit model 'remote''s context; shorten it"
+    # The answer's room counts too (vLLM refuses a prompt plus max_tokens over its context):
+    # a short prompt asked for a long answer was told to shorten the prompt.
+    assert raised.value.public == ("the prompt and max_tokens 4 do not fit model 'remote''s context; "
+                                   "shorten the prompt or lower max_tokens")
 
 
 def test_a_400_that_only_echoes_a_prompt_about_context_is_no_prompt_too_long(server: _Server) -> None:

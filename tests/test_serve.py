@@ -127,6 +127,35 @@ def test_openai_client_gets_the_cascade_answer_usage_and_trace(
     assert cre["cost_unit"] == "seconds" and cre["cost"] == pytest.approx(sum(s.seconds for s in expected.steps))
 
 
+def test_a_cascade_answer_cut_at_its_token_cap_finishes_with_length(
+    fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A cascade rung's answer is capped by its answer type (8 to 64 tokens); one cut there
+    # was sent with finish_reason "stop", so a client could not tell it was cut, as it can
+    # for a model asked by name.
+    from dataclasses import replace
+
+    real = FakeBackend.complete
+
+    def capped(self: FakeBackend, rendered: Any, params: GenParams) -> Any:
+        # As llama.cpp does: the text ends at the cap, and says why.
+        gen = real(self, rendered, params)
+        words = gen.text.split()
+        if len(words) > params.max_tokens:
+            return replace(gen, text=" ".join(words[:params.max_tokens]), finish_reason="length")
+        return gen
+
+    monkeypatch.setattr(FakeBackend, "complete", capped)
+    fake_backends({m: (lambda text, p: "word " * 200) for m in LADDER})
+    with serving(Cascade(make_router(), settings)) as url:
+        whole = client(url).chat.completions.create(model="cre", messages=CHAT)  # type: ignore[arg-type]
+        chunks = list(client(url).chat.completions.create(model="cre", messages=CHAT, stream=True))  # type: ignore[arg-type]
+        stopped = client(url).chat.completions.create(model="cre", messages=CHAT, stop=["word word"])  # type: ignore[arg-type]
+    assert whole.choices[0].finish_reason == "length" and whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert stopped.choices[0].finish_reason == "stop"  # a stop string ended it first
+
+
 def test_streaming_through_the_client_and_the_router_name(
     fake_backends: Callable[..., dict[str, FakeBackend]], settings: config.ModelConfig
 ) -> None:
@@ -1341,6 +1370,37 @@ def test_a_stream_whose_client_left_before_its_first_event_gives_its_job_up() ->
 
     asyncio.run(main())
     assert given_up == [True] and started == []
+
+
+def test_a_stream_whose_client_leaves_between_pieces_leaves_no_task_behind() -> None:
+    # The client left while the response waited for the next piece: the wait was cancelled,
+    # not the task getting the piece, which stayed pending until the request was destroyed
+    # ("Task was destroyed but it is pending!" logged for every such client).
+    import asyncio
+    import types
+
+    from crecli import openai_wire as wire
+    from crecli.serve_app import App, Backlog, Ticket
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ticket = Ticket()
+        pieces, future = Backlog(loop, ticket), loop.create_future()
+        query = wire.parse_chat(wire.parse_json(
+            b'{"model": "cre", "messages": [{"role": "user", "content": "hi"}], "stream": true}'))
+        events = App.stream_on(types.SimpleNamespace(), query, ticket, future, pieces,  # type: ignore[arg-type]
+                               "12", "chatcmpl-1", 7, "small")
+        await events.__anext__()  # the first piece's event
+        waiting = asyncio.ensure_future(events.__anext__())  # for the next piece, which never comes
+        await asyncio.sleep(0.05)
+        waiting.cancel()  # the client leaves: Starlette cancels the response
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+
+    asyncio.run(main())
 
 
 def test_serve_forever_stops_its_jobs_before_returning_however_the_server_ends(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -88,6 +88,7 @@ class LiveVotes:
         self.greedy = greedy
         self._greedy_params = greedy_params(quality, rung, prompt)
         self.texts: list[str] = []
+        self.lengths: list[bool] = []  # each vote's finish_reason was "length" (`Step.cut`)
         self.normalized: list[str] = []
         self.prompt_tokens = self.output_tokens = self.greedy_output_tokens = 0
         self.seconds = 0.0
@@ -113,6 +114,7 @@ class LiveVotes:
             gens = self.backend.sample_many(self.prompt, [self._params(start + j) for j in range(count)])
         for gen in gens:
             self.texts.append(gen.text)
+            self.lengths.append(gen.finish_reason == "length")
             self.normalized.append(grading.normalize(gen.text, self.answer_type))
             if len(self.texts) == 1:
                 self.prompt_tokens, self.greedy_output_tokens = gen.prompt_tokens, gen.output_tokens
@@ -161,7 +163,7 @@ class LiveVotes:
             used=verdict.used, threshold=threshold, accepted=verdict.kept, answer=self.texts[verdict.index].strip(),
             prompt_tokens=self.prompt_tokens, output_tokens=self.output_tokens,
             greedy_output_tokens=self.greedy_output_tokens, seconds=self.seconds, why=why, p_correct=verdict.p_correct,
-            prefix_tokens=prefix,
+            prefix_tokens=prefix, cut=self.lengths[verdict.index] if verdict.index < len(self.lengths) else False,
         )
 
 
@@ -307,6 +309,7 @@ class LiveSource:
         pending, trace = self.pending, self.pending.trace
         trace.answer = step.answer
         trace.model = step.model
+        trace.cut = step.cut
         trace.agreement = step.agreement
         trace.p_correct = step.p_correct
         trace.escalations = len(trace.steps) - 1

@@ -350,11 +350,14 @@ def _step_summary(step: Any) -> dict[str, Any]:
 
 def cascade_answer(trace: "Trace", cost: float | None, unit: str, stop: tuple[str, ...] = ()) -> Answer:
     """The cascade's answer, cut at the first `stop` string; usage sums every rung (its prompt
-    once) and every vote drawn. `cost` is the trace's, in `unit`, priced by the caller."""
+    once) and every vote drawn. `cost` is the trace's, in `unit`, priced by the caller. Its
+    finish_reason is "length" where the answering rung ran out of room (`Trace.cut`: a rung's
+    answer-type token cap, or the context) and no stop string cut it first, as `direct_answer`'s."""
+    text, cut = cut_at_stop(trace.answer, stop)
     return Answer(
-        text=cut_at_stop(trace.answer, stop)[0].strip(),
+        text=text.strip(),
         model=trace.model,
-        finish_reason="stop",
+        finish_reason="length" if trace.cut and not cut else "stop",
         prompt_tokens=trace.prompt_tokens,
         completion_tokens=trace.output_tokens,
         cre={

@@ -600,6 +600,7 @@ class App:
         request up: its job stops. At its deadline `stream`'s timer gives it up, unless the job
         has claimed its answer (it is being recorded and will be sent): the job is cancelled,
         and the events end with the 504's error."""
+        getter: "asyncio.Future[str] | None" = None
         try:
             yield stream_chunk(query, model, rid, created, head, role=True)
             while True:
@@ -627,6 +628,11 @@ class App:
             for event in stream_end(query, answer, rid, created):
                 yield event
         finally:
+            # A client that left while this waited cancels the wait, not the piece getter it
+            # waited on: left pending, it was destroyed with the request, and asyncio logged
+            # "Task was destroyed but it is pending!" for every such client.
+            if getter is not None and not getter.done():
+                getter.cancel()
             _give_up(ticket, future)
 
     async def settle(self, request: "Request", query: Query, ticket: Ticket, future: "asyncio.Future[Answer]",

@@ -31,6 +31,9 @@ class Step:
     # Of prompt_tokens, the cluster's answered examples (`Backend.shot_tokens`): every prompt
     # of the cluster on this model shares them, so a batch processes them once.
     prefix_tokens: int = 0
+    # The kept answer's generation stopped at its token cap or the context window
+    # (finish_reason "length"): `cre serve` tells its client so, as OpenAI's API does.
+    cut: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,6 +61,7 @@ class Trace:
     output_tokens: int = 0
     seconds: float = 0.0  # routing plus generation; model loading is not counted
     correct: bool | None = None  # only when a reference was given
+    cut: bool = False  # the answer ran out of room (`Step.cut` of the answering rung)
     # What answering cost, priced once when the answer is final (`costs.price_steps`: every
     # rung's votes, and its examples in full, as an answer alone pays them), in `cost_unit`;
     # None when a model has no figure in the unit.

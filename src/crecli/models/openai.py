@@ -660,7 +660,8 @@ class OpenAIBackend(Backend):
             said = _said(reply.body) if 400 <= status < 500 else ""
             if status in (400, 413) and _TOO_LONG.search(said.encode()):
                 slot.release()
-                raise self._too_long(where, f"HTTP {status}: {reply.body[:300].decode('utf-8', 'replace').strip()}")
+                raise self._too_long(where, f"HTTP {status}: {reply.body[:300].decode('utf-8', 'replace').strip()}",
+                                     body.get("max_tokens"))
             if status in (429, 503) or status in TRANSIENT or status >= 500:
                 error = self._status_error(reply, where, replica.url)
                 retry_after = error.retry_after if status in (429, 503) else None
@@ -692,7 +693,7 @@ class OpenAIBackend(Backend):
                     if stream.too_long and not stream.sent:
                         # As a 400 that says so: the prompt's fault, which every replica would find.
                         slot.release()
-                        raise self._too_long(where, why)
+                        raise self._too_long(where, why, body.get("max_tokens"))
                     # An engine failing (out of memory, a crash behind a proxy) may fail every
                     # stream while it answers: its failure, so it leaves rotation.
                     slot.release(stream.short)
@@ -729,10 +730,17 @@ class OpenAIBackend(Backend):
             last = error
         raise self._unavailable(failed, last, short)
 
-    def _too_long(self, where: str, detail: str) -> PromptTooLong:
-        """The error of a prompt that the server says does not fit the model's context."""
-        return PromptTooLong(f"{where}: the prompt does not fit the model's context ({detail})",
-                             public=f"the prompt does not fit model {self.spec.name!r}'s context; shorten it")
+    def _too_long(self, where: str, detail: str, max_tokens: Any = None) -> PromptTooLong:
+        """The error of a prompt that the server says does not fit the model's context. An
+        engine counts the answer's room in (vLLM refuses a prompt plus `max_tokens` over its
+        context), so where the request set one, the message names it: a short prompt asked
+        for a long answer is not fixed by shortening the prompt."""
+        if isinstance(max_tokens, int) and not isinstance(max_tokens, bool):
+            what, fix = f"the prompt and max_tokens {max_tokens} do", "shorten the prompt or lower max_tokens"
+        else:
+            what, fix = "the prompt does", "shorten it"
+        return PromptTooLong(f"{where}: {what} not fit the model's context ({detail})",
+                             public=f"{what} not fit model {self.spec.name!r}'s context; {fix}")
 
     def _send(self, url: str, payload: bytes, headers: dict[str, str], timeout: float,
               on_line: Callable[[str], bool] | None) -> "transport.Reply":
