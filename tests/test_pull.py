@@ -739,3 +739,137 @@ def test_cre_models_pull_json_lists_the_source_of_a_requantized_model(
     text = CliRunner().invoke(app, ["models", "pull", "mine-q", "--models", str(toml)])
     # Each line as `cre models list` would call it: both are unpinned here.
     assert "mine: already there at" in text.stderr and "mine-q: already there at" in text.stderr
+
+
+# --- an unpinned requantized file is only as right as what it was made from ----------------
+# Nothing but a pin checked a requantized file, and a model with none (a user's own, or the
+# shipped Q4_0 once a later file changes its `quant` or source and so drops its pins) took
+# whatever GGUF was at its path: the bytes of the old quant or source, loaded in silence
+# while `cre models list` showed the new quant.
+
+
+@pytest.fixture
+def quantizes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bytes, str]]:
+    """A fake llama.cpp quantizer whose bytes tell what they were made from (`_made_of`)."""
+    calls: list[tuple[bytes, str]] = []
+
+    def fake(source: Path, target: Path, quant: str) -> None:
+        calls.append((source.read_bytes(), quant))
+        target.write_bytes(_made_of(source.read_bytes(), quant))
+
+    monkeypatch.setattr(pull, "requantize", fake)
+    return calls
+
+
+def _made_of(source: bytes, quant: str) -> bytes:
+    return b"GGUF " + quant.encode() + b" of " + hashlib.sha256(source).hexdigest().encode()
+
+
+def _unpinned(tmp_path: Path, quant: str, source_bytes: bytes = b"GGUF mine") -> ModelSpec:
+    """"mine-q", an unpinned model requantized to `quant` from "mine", a `path` model (unpinned
+    too) whose file holds `source_bytes`."""
+    mine = tmp_path / "mine.gguf"
+    if not mine.exists() or mine.read_bytes() != source_bytes:
+        mine.write_bytes(source_bytes)
+    source = ModelSpec(name="mine", path=str(mine))
+    return ModelSpec(name="mine-q", quant=quant, requantize_from="mine", source=source)
+
+
+def test_a_pull_after_the_quant_changed_makes_the_file_again(
+    tmp_path: Path, quantizes: list[tuple[bytes, str]]
+) -> None:
+    path, did = pull.pull(_unpinned(tmp_path, "Q8_0"))
+    assert did and isinstance(path, Path) and path.read_bytes() == _made_of(b"GGUF mine", "Q8_0")
+    path2, did2 = pull.pull(_unpinned(tmp_path, "Q4_0"))
+    assert path2 == path and did2, "the Q8_0 file was kept for the Q4_0 model"
+    assert path.read_bytes() == _made_of(b"GGUF mine", "Q4_0")
+    assert [q for _, q in quantizes] == ["Q8_0", "Q4_0"]
+    assert pull.file_state(_unpinned(tmp_path, "Q4_0")).verified
+
+
+def test_a_load_after_the_quant_changed_refuses_the_old_file_and_says_to_pull(
+    tmp_path: Path, quantizes: list[tuple[bytes, str]]
+) -> None:
+    pull.pull(_unpinned(tmp_path, "Q8_0"))
+    changed = _unpinned(tmp_path, "Q4_0")
+    said = (r"model 'mine-q' failed verification \(made from another source or quant than it names now; "
+            r"pull it again\) at .*: run `cre models pull mine-q`")
+    with pytest.raises(ModelNotAvailable, match=said):
+        pull.require_file(changed)
+    state = pull.file_state(changed, deep=True)
+    assert changed.file is not None
+    assert state.present and not state.verified
+    assert state.sha256 == hashlib.sha256(changed.file.read_bytes()).hexdigest()
+    # The error's advice, known without hashing, says the same; the model's own quant still loads.
+    assert "made from another source or quant" in str(pull.unavailable(changed))
+    assert pull.require_file(_unpinned(tmp_path, "Q8_0")) == changed.file
+    assert len(quantizes) == 1  # a load never requantizes
+
+
+def test_a_changed_source_makes_the_file_again_and_fails_loads_until_then(
+    tmp_path: Path, quantizes: list[tuple[bytes, str]]
+) -> None:
+    pull.pull(_unpinned(tmp_path, "Q8_0"))
+    spec = _unpinned(tmp_path, "Q8_0", source_bytes=b"GGUF mine, fine-tuned")
+    state = pull.file_state(spec)
+    assert not state.verified and "made from another source or quant" in state.reason
+    path, did = pull.pull(spec)
+    assert did and isinstance(path, Path) and path.read_bytes() == _made_of(b"GGUF mine, fine-tuned", "Q8_0")
+    assert quantizes[-1] == (b"GGUF mine, fine-tuned", "Q8_0") and pull.file_state(spec).verified
+
+
+def test_an_unchanged_model_is_not_made_again_and_loads_without_hashing_its_source(
+    tmp_path: Path, quantizes: list[tuple[bytes, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pull.pull(_unpinned(tmp_path, "Q8_0"))
+    spec = _unpinned(tmp_path, "Q4_0")
+    assert pull.pull(spec)[1]  # made again for the new quant...
+    path, did = pull.pull(spec)
+    assert not did and len(quantizes) == 2  # ...and then left alone: its record names what it is
+    assert isinstance(path, Path)
+    path.chmod(0o644)  # a new change time: hashed and stamped again, its record kept
+    hashed = _hashes(monkeypatch)
+    assert pull.require_file(spec) == path
+    assert pull.file_state(spec).reason == "no sha256 pinned"
+    assert hashed == [path]  # the source is known by its stamp: a load does not hash a gigabyte for it
+    assert not pull.pull(spec)[1] and len(quantizes) == 2
+
+
+def test_a_requantized_file_with_no_record_of_what_it_was_made_from_is_made_again(
+    tmp_path: Path, quantizes: list[tuple[bytes, str]]
+) -> None:
+    # A file an older crecli made (no record) may be just such a stale one, and nothing tells.
+    spec = _unpinned(tmp_path, "Q4_0")
+    path, _ = pull.pull(spec)
+    assert isinstance(path, Path)
+    pull._made_path(path).unlink()
+    state = pull.file_state(spec)
+    assert not state.verified and state.reason.startswith("what it was made from is unknown")
+    with pytest.raises(ModelNotAvailable, match="run `cre models pull mine-q`"):
+        pull.require_file(spec)
+    assert pull.pull(spec)[1] and len(quantizes) == 2 and pull.file_state(spec).verified
+    # Bytes put there by hand are not the ones recorded: unknown too.
+    path.write_bytes(b"GGUF by hand")
+    assert not pull.file_state(spec).verified and pull.pull(spec)[1]
+    assert path.read_bytes() == _made_of(b"GGUF mine", "Q4_0")
+
+
+def test_an_unpinned_requantized_model_whose_record_cannot_be_written_is_not_published(
+    tmp_path: Path, quantizes: list[tuple[bytes, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every load would refuse it, and every pull make it again: said once, with the fix.
+    spec = _unpinned(tmp_path, "Q4_0")
+
+    def cannot(path: Path, digest: str, source: str | None, quant: str) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(pull, "_write_made", cannot)
+    with pytest.raises(ModelNotAvailable, match=r"could not record what 'mine-q' is made from .*Permission denied.* "
+                                                r"writable, or pin the sha256"):
+        pull.pull(spec)
+    assert spec.file is not None and not spec.file.exists()
+    # A pinned one is verified by its pin: the record is a spare, and its pull goes on.
+    made = _made_of(b"GGUF mine", "Q4_0")
+    pinned = ModelSpec(name="mine-q", quant="Q4_0", requantize_from="mine", source=spec.source,
+                       sha256=hashlib.sha256(made).hexdigest(), size=len(made))
+    assert pull.pull(pinned)[1] and pull.file_state(pinned).verified

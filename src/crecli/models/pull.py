@@ -20,6 +20,12 @@ beside the GGUF: a `path` may point into a folder that is not crecli's to write 
 A pull re-hashes whatever its stamp says, but within one `cre models pull` each file is hashed
 once (`Hashed`): the source of a requantized model pulled in the same run is not hashed again
 when the model is made from it, unless it changed on disk in between.
+
+A requantized model with no sha256 pinned has nothing to check its bytes against but what
+they were made from: a record beside its stamp (`_made_path`) holds the digest of the bytes
+made, its source's identity (`model_identity`) and the quant. Such a file is verified only
+while the record is of its bytes and names the source and quant the model names now; else
+a pull makes it again, and a load refuses it (a changed `quant` or source kept the old bytes).
 """
 
 from __future__ import annotations
@@ -144,6 +150,91 @@ def _write_stamp(path: Path, digest: str, st: os.stat_result) -> None:
         pass  # an unwritable cache dir: we simply re-hash next time
 
 
+def _made_path(path: Path) -> Path:
+    """Where the record of what a requantized GGUF at `path` was made from lives: beside its
+    stamp, named as it is, so the two never disagree on which file they are of."""
+    return _stamp_path(path).with_suffix(".made.json")
+
+
+def _read_made(path: Path) -> dict[str, str | None] | None:
+    """The record `_write_made` left for the file at `path`, or None (none, unreadable, of
+    another path, or garbage)."""
+    try:
+        made = json.loads(_made_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    # The path inside guards against a record copied from another cache dir, as a stamp's does.
+    if not isinstance(made, dict) or made.get("path") != str(path.resolve()):
+        return None
+    if not all(isinstance(made.get(k), str) for k in ("sha256", "quant")):
+        return None
+    source = made.get("source")
+    return {"sha256": made["sha256"], "quant": made["quant"], "source": source if isinstance(source, str) else None}
+
+
+def _write_made(path: Path, digest: str, source: str | None, quant: str) -> None:
+    """Record that the bytes with `digest` at `path` were made from the source whose identity
+    is `source` (`model_identity`), requantized to `quant`. Raises OSError where it cannot:
+    an unpinned model's file is verified by nothing else (`_made_state`). Unlike a stamp, it
+    is kept whatever the file's stat: it is of the bytes (`digest`), which a load's stamp or
+    hash gives, so a re-stamp (after a chmod, say) does not lose it."""
+    record = {"path": str(path.resolve()), "sha256": digest, "source": source, "quant": quant}
+    target = _made_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(record))
+
+
+def _source_identity(source: ModelSpec | None, hashing: bool = True,
+                     hashed: Hashed | None = None) -> tuple[bool, str | None]:
+    """(known, identity): `model_identity` of a requantized model's `source`, None where
+    nothing identifies it (no source, its file missing). Its pin, else its file's digest by
+    its stamp (or this run's `hashed`): a load does not hash a gigabyte source, only a file
+    changed since its stamp. Without `hashing`, (False, None) where only a hash would tell
+    (`_known_state`)."""
+    if source is None:
+        return True, None
+    if source.sha256 or source.file is None:
+        return True, model_identity(source)
+    try:
+        state = _local_state(source, source.file, deep=False, progress=None, hashing=hashing, hashed=hashed)
+    except OSError:  # unreadable: nothing identifies it, as for a missing file
+        return True, None
+    if state is None:
+        return False, None
+    return True, state.sha256 if state.present else None
+
+
+def _made_state(spec: ModelSpec, path: Path, size: int, digest: str, hashing: bool,
+                hashed: Hashed | None) -> FileState | None:
+    """The state of the GGUF at `path` (`size` bytes, sha256 `digest`) of a requantized model
+    with no sha256 pinned (`_local_state`): verified only where its record (`_write_made`) is
+    of these bytes and names the source and quant `spec` names now. None where, without
+    `hashing`, only hashing its source would tell.
+
+    A file with no record of its bytes (made by a crecli before records were kept, or
+    replaced since) is not verified either: it may be exactly the stale file this guards
+    against (its `quant` changed since), and nothing tells. One pull makes it, and the record,
+    again; trusting it would keep loading old bytes in silence for every such file."""
+    made = _read_made(path)
+    if made is None or made["sha256"] != digest:
+        why = "what it was made from is unknown (an older crecli made it, or it was replaced)"
+    elif made["quant"] != spec.quant:
+        why = "made from another source or quant than it names now"
+    else:
+        known, source = _source_identity(spec.source, hashing, hashed)
+        if not known:
+            return None
+        if source is None:
+            why = f"its source {spec.requantize_from!r} is not on disk to tell what it was made from"
+        elif source != made["source"]:
+            why = "made from another source or quant than it names now"
+        else:
+            return FileState(True, True, size, digest, "no sha256 pinned")
+    # Every error and `cre models list` adds the command (`unavailable`, `fix_for`); a router's
+    # check shows this reason alone, so it says what to do too.
+    return FileState(True, False, size, digest, f"{why}; pull it again")
+
+
 class Hashed:
     """The sha256 of each file hashed (or written) in one run of pulls (`pull_many`), by its
     resolved path, with its `_file_key` when it was read.
@@ -220,6 +311,8 @@ def _local_state(spec: ModelSpec, path: Path, deep: bool, progress: Progress | N
     if not is_gguf(path):
         return FileState(True, False, size, digest, "not a GGUF file (it does not start with GGUF)")
     if spec.sha256 is None:
+        if spec.requantize_from:  # its bytes are only as right as what they were made from
+            return _made_state(spec, path, size, digest, hashing, hashed)
         return FileState(True, True, size, digest, "no sha256 pinned")
     if digest != spec.sha256:
         return FileState(True, False, size, digest, "sha256 mismatch")
@@ -497,6 +590,9 @@ def _requantized(spec: ModelSpec, target: Path, progress: Progress | None, hashe
     # as a pull of it is, and one a pull fetches is pulled.
     source_file, _ = pull(source, hashed=hashed)
     assert isinstance(source_file, Path)
+    # Of the bytes just verified, before they are requantized: the pin, or the digest the
+    # pull just stamped (or `hashed` holds), so nothing is hashed again for it.
+    _, source_identity = _source_identity(source, hashed=hashed)
     print(f"{spec.name}: requantizing {source.name!r} to {spec.quant}", file=sys.stderr, flush=True)
 
     def pins_fix(pin: str) -> str:
@@ -525,6 +621,18 @@ def _requantized(spec: ModelSpec, target: Path, progress: Progress | None, hashe
         # bytes never reach the target. The bar follows this read.
         digest = _checked(spec, _file_blocks(scratch), progress, f"requantized {spec.name!r}", pins_fix,
                           f"check `requantize_from` of {spec.name!r} in {spec.set_in('requantize_from')}")
+        # Recorded before the file is published: a rename that fails after leaves the old
+        # file beside a record of other bytes, which verifies nothing (`_made_state`).
+        try:
+            _write_made(target, digest, source_identity, spec.quant)
+        except OSError as exc:
+            # A pinned model's file is verified by its pin: the record is only a spare. An
+            # unpinned one's is verified by nothing else, so every load would refuse it.
+            if spec.sha256 is None:
+                raise ModelNotAvailable(
+                    f"could not record what {spec.name!r} is made from at {_made_path(target)} "
+                    f"({exc.strerror or exc}); make {stamps_dir()} writable, or pin the sha256 and size "
+                    f"of {spec.name!r} in your own models.toml (`cre models path`)") from exc
     _remember(target, digest, target.stat(), hashed)  # checked on its way there
 
 
