@@ -267,6 +267,8 @@ def test_a_cre_models_that_names_no_file_says_it_came_from_cre_models(tmp_path: 
         ("dims = 1", "[embedder] tfidf dims must be an integer from 2 to 4096, not 1"),
         ("min_df = true", "[embedder] tfidf min_df must be an integer >= 1, not True"),
         ("kind = [1]", "[embedder] kind [1] is not known"),
+        ('kind = "llama"\nmodel = "far"\n\n[models.far]\nurl = "http://127.0.0.1:9/v1"\nprompt_format = "chat"',
+         "[embedder] model 'far' is a remote rung (it has a url): the embedder runs in-process"),
     ],
 )
 def test_the_embedder_table_is_checked_when_models_toml_is_read(

@@ -577,6 +577,11 @@ def check_embedder(config: Mapping[str, Any], models: Collection[str], origins: 
     model = config["model"]
     if not isinstance(model, str) or model not in models:
         raise fail("model", unknown_model(model, models, listable=False))
+    # A remote rung cannot embed (cre embeds in-process): said as the file is read, not first
+    # by `cre fit`'s embed step, in words that named neither the file nor the fix.
+    if isinstance(models, Mapping) and getattr(models[model], "url", None):
+        raise fail("model", f"model {model!r} is a remote rung (it has a url): the embedder runs in-process; "
+                            "name a model given by chunks, path or requantize_from, or use kind = \"tfidf\"")
 
 
 def _read(path: Path) -> dict[str, Any]:
