@@ -51,6 +51,31 @@ def test_save_is_atomic_and_deterministic(pinned_settings: config.ModelConfig, b
     assert "manifest.json" in names and all(n == "manifest.json" or n.endswith(".npy") for n in names)
 
 
+def test_a_router_that_would_not_load_is_never_written(pinned_settings: config.ModelConfig, built_router_file: Path) -> None:
+    # A cap past what the loader takes (`cre calibrate --max-prompt-bytes 2199023255553`):
+    # the save succeeded, in place over a working router, and every command refused the file.
+    from crecli.querylog import FieldMap, LogOptions
+
+    before = built_router_file.read_bytes()
+    router = built_router(pinned_settings)
+    router.fit = replace(router.fit, reader=LogOptions(fields=FieldMap(max_line_bytes=(1 << 40) + 1)))
+    with pytest.raises(RouterFileError, match=rf"^cannot write {built_router_file}: .*max_line_bytes.*nothing was "
+                                              r"written \(a router already there is kept\)"):
+        routerfile.save(router, built_router_file)
+    assert built_router_file.read_bytes() == before
+    assert [p.name for p in built_router_file.parent.iterdir() if p.name.startswith(".router.cre")] == []
+
+
+def test_a_log_path_with_a_no_break_space_saves_and_loads(pinned_settings: config.ModelConfig, tmp_path: Path) -> None:
+    # A folder named "My\u00a0Logs" (macOS puts U+202F in names): the fit saved a router that
+    # every command then refused ("must be a printable string").
+    router = built_router(pinned_settings)
+    router.fit = replace(router.fit, log=str(tmp_path / "My\u00a0Logs\u202f\tq.jsonl"))
+    path = tmp_path / "r.cre"
+    routerfile.save(router, path)
+    assert routerfile.load(path, pinned_settings).fit.log == str(tmp_path / "My\u00a0Logs\u202f\tq.jsonl")
+
+
 def test_refuses_a_pickle_renamed_to_router_cre(pinned_settings: config.ModelConfig, tmp_path: Path) -> None:
     class Payload:
         def __init__(self, marker: Path) -> None:

@@ -384,7 +384,26 @@ def save(router: RouterFile, path: Path) -> None:
         "fit": _fit_record_at(router, path).to_dict(),
         **({"deferral": router.deferral.to_dict()} if router.deferral is not None else {}),
     }
+    _check_before_write(path, body)
     archive.write(path, body, blobs)
+
+
+def _check_before_write(path: Path, body: dict[str, Any]) -> None:
+    """Refuse (RouterFileError) a body that `load` would refuse, before a byte is written: a
+    router that saves but never loads replaced a working one in place (`cre calibrate`), and
+    a refit wrote the same again. Checked as the loader checks it (`check_body`), on the
+    JSON the file will hold. A value JSON cannot store is left to `archive.write` to say."""
+    import json
+
+    try:
+        text = archive.canonical(body)
+    except (TypeError, ValueError):
+        return
+    try:
+        check_body(json.loads(text))
+    except FieldError as exc:
+        raise RouterFileError(f"cannot write {path}: {exc}, so no crecli could load it; nothing was written "
+                              "(a router already there is kept)") from None
 
 
 def load(path: Path, settings: "ModelConfig | None" = None, force: bool = False, check_ladder: bool = True) -> RouterFile:

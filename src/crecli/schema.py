@@ -303,7 +303,9 @@ def _fit(f: Field) -> dict[str, Any]:
                     "reference_accuracy": e["reference_accuracy"].as_float(0, 1),
                     "reference_cost": e["reference_cost"].as_float(0)}
     return dict(
-        log=f["log"].or_none(lambda h: h.as_str(MAX_TEXT_CHARS)) if "log" in fit else None,
+        # A path is free text (a no-break space in a folder's name, a tab), escaped wherever
+        # it is shown: printable-only refused routers whose fit read such a log.
+        log=f["log"].or_none(lambda h: h.as_str(MAX_TEXT_CHARS, text=True)) if "log" in fit else None,
         log_sha256=f["log_sha256"].or_none(_sha256) if "log_sha256" in fit else None,
         reader=_reader(f["reader"]) if fit.get("reader") is not None else LogOptions(),
         date=f["date"].or_none(lambda h: h.as_str(64)) if "date" in fit else None,
@@ -329,7 +331,7 @@ def _calibration(f: Field) -> dict[str, Any]:
     calibrated before the log was recorded have none of the three."""
     cal = dict(f.as_object())
     if "log" in cal:
-        cal["log"] = f["log"].or_none(lambda h: h.as_str(MAX_TEXT_CHARS))
+        cal["log"] = f["log"].or_none(lambda h: h.as_str(MAX_TEXT_CHARS, text=True))
     if "log_sha256" in cal:
         cal["log_sha256"] = f["log_sha256"].or_none(_sha256)
     if "reader" in cal:
