@@ -27,6 +27,22 @@ def test_a_fit_on_the_sums_log_runs_the_models(cre, sums_log, tiny_models_toml, 
     assert set(four_fakes) == {"small", "medium", "large"}
 
 
+def test_a_jsonl_log_read_as_text_for_its_name_says_to_pass_format_jsonl(
+    cre, sums_log, tiny_models_toml, four_fakes, tmp_path
+) -> None:
+    # `cre fit queries.log` holding JSONL: every JSON line, its reference too, was clustered
+    # as a prompt, no model was measured, and the warning blamed the field names.
+    named = tmp_path / "sums.log"
+    named.write_bytes(sums_log.read_bytes())
+    run = fit(cre, named, tiny_models_toml, "-o", tmp_path / "r.cre")
+    assert run.code == 0 and four_fakes == {}, run
+    said = " ".join(run.err.split())
+    assert f"{named} was read as plain text" in said and "if it is JSONL, say so with --format jsonl" in said
+    assert "--reference-field" not in said
+    run = fit(cre, named, tiny_models_toml, "--format", "jsonl", "-o", tmp_path / "r2.cre")
+    assert run.code == 0 and set(four_fakes) == {"small", "medium", "large"}, run
+
+
 def test_output_that_is_the_log_is_refused(cre, sums_log, tiny_models_toml, four_fakes, tmp_path) -> None:
     before = sums_log.read_bytes()
     link = tmp_path / "link.cre"

@@ -156,7 +156,7 @@ def check_before_fit(log_path: Path, out_path: Path, settings: "ModelConfig", op
 
 
 def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget", options: FitOptions) -> FitReport:
-    from crecli import cluster, embed, outcomes, routerfile, shots
+    from crecli import cluster, embed, outcomes, querylog, routerfile, shots
 
     store_path = check_before_fit(log_path, out_path, settings, options)
     # Opened now, not after embedding and clustering: a file that is no outcome store (or
@@ -227,12 +227,23 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
         # A warning, not a status line: the router written is one that sends everything to
         # the top rung, and the usual cause is a log whose answers sit under another name.
         fields = options.reader.fields
-        console.warn(
-            f"no query has a reference (field {fields.reference!r}) or labels (field {fields.labels!r}), so no "
-            f"model is measured: every cluster starts on the fallback model ({settings.ladder[-1]}). If the log "
-            "names them otherwise, say so with --reference-field and --labels-field; else add `reference` (and "
-            "`match`) or `labels` to route by cluster."
-        )
+        read_as = options.reader.fmt or querylog.format_for(log_path)
+        if read_as == "text" and sum(r.prompt.lstrip().startswith("{") for r in logged) * 2 > len(logged):
+            # `cre fit queries.log` holding JSONL: each JSON line, its reference too, was a
+            # prompt, and the advice below (field names) led nowhere.
+            console.warn(
+                f"{log_path} was read as plain text (its name does not end in .jsonl, .json, .ndjson or .csv), "
+                "so each line is a prompt and none has a reference, yet most lines look like JSON objects: "
+                "if it is JSONL, say so with --format jsonl. Every cluster starts on the fallback model "
+                f"({settings.ladder[-1]})."
+            )
+        else:
+            console.warn(
+                f"no query has a reference (field {fields.reference!r}) or labels (field {fields.labels!r}), so no "
+                f"model is measured: every cluster starts on the fallback model ({settings.ladder[-1]}). If the log "
+                "names them otherwise, say so with --reference-field and --labels-field; else add `reference` (and "
+                "`match`) or `labels` to route by cluster."
+            )
     measured = [r for r, _ in labelled]
     if options.sample_per_cluster:
         measured = outcomes.sample_records(
