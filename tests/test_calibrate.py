@@ -694,3 +694,23 @@ def test_labels_narrow_nothing_at_one_vote_and_only_agreement_rungs_under_deferr
     assert calibrate._agreement_combos(["s", "l"], 1, ("s", "l")) == calibrate._agreement_combos(["s", "l"], 1)
     assert calibrate._deferral_combos(["s", "m", "l"], ("s",), 5, ("s",)) == [
         {"s": s, "m": m, "l": 0.0} for s in (0.0, 0.2) for m in calibrate.DEFERRAL_GRID]
+
+
+def test_calibration_draws_a_sampled_fit_by_the_clusters_the_fit_gave_its_rows() -> None:
+    # `cre calibrate` of a `--sample-per-cluster` fit redraws the fit's sample by its rule,
+    # so it needs each row's label as the fit gave it: the assigner's vote outvotes a row
+    # HDBSCAN placed among another cluster's, and copies of one template may sit in two
+    # clusters. The exemplars, kept in log order, tell them; a noise row keeps its route.
+    from types import SimpleNamespace
+
+    from crecli.assign import Assigner
+    from crecli.replay import fit_clusters
+
+    angles = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 1.5, 1.51, 1.52, 1.53, 1.54, 1.55, 1.45, 0.8, 0.7, 0.7]
+    labels = [0] * 6 + [1] * 6 + [0, -1, 0, 1]
+    X = np.array([[np.cos(a), np.sin(a)] for a in angles], dtype=np.float32)
+    assigner = Assigner().fit(X, np.array(labels))
+    routes = [SimpleNamespace(cluster=int(c)) for c in assigner.predict(X)[0]]
+    fitted = [c if c >= 0 else routes[i].cluster for i, c in enumerate(labels)]
+    assert [r.cluster for r in routes] != fitted  # the vote alone would not do
+    assert fit_clusters(SimpleNamespace(assigner=assigner), X, routes) == fitted

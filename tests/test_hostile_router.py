@@ -566,6 +566,7 @@ FIELD_CASES: list[tuple[Callable[[dict[str, Any]], None], str]] = [
     (at("assigner", "arrays", "../x", value={}), "assigner.arrays key must be letters, digits or _, got \"../x\""),
     (at("fit", "cost_unit", value="bitcoin"), 'fit.cost_unit must be one of "bench-seconds", "seconds", "price", got "bitcoin"'),
     (at("fit", "n_queries", value=-3), "fit.n_queries must be an integer >= 0, got -3"),
+    (at("fit", "sample_per_cluster", value=0), "fit.sample_per_cluster must be an integer >= 1, got 0"),
     (at("fit", "log", value=5), "fit.log must be a string of at most 4096 characters, got 5"),
     (at("fit", "log_sha256", value="zz"), 'fit.log_sha256 must be a sha256 (64 hex digits), got "zz"'),
     (at("fit", value="fitted"), "manifest field fit must be an object"),

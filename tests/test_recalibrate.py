@@ -623,3 +623,56 @@ def test_calibrate_in_place_does_not_overwrite_a_router_written_meanwhile(
     monkeypatch.setattr(calibrate, "recalibrate", real)
     ok("calibrate", router, "--models", tiny_models_toml, "--folds", "2")
     assert router.read_bytes() != newer
+
+
+def test_calibrate_runs_no_model_on_the_queries_a_sampled_fit_skipped(
+    fake_backends: Callable[..., dict[str, FakeBackend]], tiny_models_toml: Path, tmp_path: Path
+) -> None:
+    # `cre fit --sample-per-cluster N` ran the models on N queries per cluster ("caps
+    # calibration cost"), but the router kept no N, and `cre calibrate` then ran every model
+    # on every labelled query of the log: hours on the big logs the option is for.
+    from support.logs import write_sums_log
+    from support.routers import edit_manifest
+
+    asked: list[str] = []
+
+    def answer(text: str, params: GenParams) -> str:
+        asked.append(text)
+        return _sum(text, params)
+
+    fake_backends({m: answer for m in ("small", "medium", "large")})
+    m = ("--models", tiny_models_toml)
+    log = write_sums_log(tmp_path / "sums.jsonl", 40)
+    router = tmp_path / "r.cre"
+    ok("fit", log, "-o", router, *m, "--sample-per-cluster", "5")
+    loaded = routerfile.load(router, config.load(tiny_models_toml))
+    fit = loaded.fit
+    assert fit.sample_per_cluster == 5 and fit.n_labelled == 40
+    assert fit.n_measured <= 5 * (len(loaded.clusters) + 1) < 40 and asked
+    ran = len(asked)
+    result = cre("calibrate", router, *m, "--folds", "2", "--json")
+    assert result.exit_code == 0, result.output
+    assert len(asked) == ran  # the fit's own sample: every answer is in the store already
+    assert json.loads(result.stdout)["n"] == fit.n_measured
+    assert (f"Calibrating on the queries the fit sampled, at most 5 per cluster (--sample-per-cluster 5): "
+            f"{fit.n_measured} of 40 labelled queries") in result.stderr
+    # The calibrated router keeps the fit's sample, and a second calibration runs nothing either.
+    assert routerfile.load(router, config.load(tiny_models_toml)).fit.sample_per_cluster == 5
+    ok("calibrate", router, *m, "--folds", "2")
+    assert len(asked) == ran
+
+    # Another log is capped alike: at most 5 of its labelled queries per cluster.
+    other = write_sums_log(tmp_path / "other.jsonl", 40, offset=1)
+    result = cre("calibrate", router, *m, "--folds", "2", "--log", other, "-o", tmp_path / "other.cre", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["n"] <= 5 * (len(loaded.clusters) + 1) < 40
+    assert "Calibrating on at most 5 labelled queries per cluster, as the fit sampled its log" in result.stderr
+
+    # A router written before the fit recorded its sample loads, and calibrates on every
+    # labelled query (its sample is not known); the field is checked like every other.
+    edit_manifest(router, lambda man: man["body"]["fit"].pop("sample_per_cluster"))
+    assert routerfile.load(router, config.load(tiny_models_toml)).fit.sample_per_cluster is None
+    assert json.loads(ok("calibrate", router, *m, "--folds", "2", "--json"))["n"] == 40
+    edit_manifest(router, lambda man: man["body"]["fit"].update(sample_per_cluster=0))
+    result = cre("calibrate", router, *m, "--folds", "2")
+    assert result.exit_code != 0 and "fit.sample_per_cluster" in str(result.exception) + result.output

@@ -6,7 +6,9 @@ models chosen on the other folds, the cascade replayed on the held-out fold with
 engine, `replay`), and in sample; it chooses on `estimate`, the mean of the two, and
 `apply` writes the result into the router with every cost priced afresh. With the deferral
 check it also fits each rung's P(correct) model (`deferral`). Only outcomes missing from
-the store are collected first (that runs models, once).
+the store are collected first (that runs models, once); for a router fitted with
+`--sample-per-cluster N`, only on at most N queries per cluster, on the fit's own log the
+ones the fit drew (`replay.fit_sample`).
 """
 
 from __future__ import annotations
@@ -681,9 +683,12 @@ def run(
     paths.check_output(target, "-o", keep)
     archive.check_replaceable(target, "-o")
     reader = router.fit.reader.overridden(skip_bad, max_line_bytes)
-    # The log's labelled queries are counted before `prepare` runs any model on them.
+    # The log's labelled queries are counted before `prepare` runs any model on them. A fit
+    # with --sample-per-cluster ran the models on a sample of its log: calibration scores the
+    # same sample (no model runs on what the fit skipped), and caps another log alike.
     data = prepare(router, settings, log, store, reader, unit,
-                   check=lambda records: check_folds(len(records), len({r.prompt for r in records}), n_folds))
+                   check=lambda records: check_folds(len(records), len({r.prompt for r in records}), n_folds),
+                   sample=router.fit.sample_per_cluster, seed=router.fit.seed)
     check_log(router, log, data)
     no_signals = {}
     if check == "deferral":

@@ -317,6 +317,7 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
             n_queries=len(records),
             n_labelled=len(labelled),
             n_measured=len(measured),
+            sample_per_cluster=options.sample_per_cluster or None,
             n_bad_lines=len(log.bad),
             n_clusters=n_clusters,
             n_unclustered=labels.count(-1),

@@ -382,6 +382,8 @@ def prepare(
     unit: str | None = None,
     leave_out: Container[str] | None = None,
     check: Callable[[Sequence[Record]], None] | None = None,
+    sample: int | None = None,
+    seed: int = 0,
 ) -> Data:
     """Read `log` with `reader` (default: as the router's fit read its log), route every
     labelled query as `cre ask` would, and collect the missing outcomes. Rows with neither
@@ -392,6 +394,11 @@ def prepare(
     fit` leaves them out; one only its examples make too long is scored wrong. `check`, when
     given, is called with the labelled queries left to score before any model runs (it
     raises to refuse them: `cre calibrate`'s too few for its folds).
+
+    With `sample` (`cre calibrate` of a router fitted with `--sample-per-cluster`: the fit's
+    N and `seed`), only the labelled queries `fit_sample` draws are scored, and said so on
+    stderr: on the fit's own log, the ones the fit ran the models on, so no model runs on a
+    query the fit skipped; on another log, as many per cluster. `check` then counts those.
 
     Costs are priced afresh (today's `cre models bench` speeds or prices), never taken from
     the router's stored statistics, in `unit` when given (else the ladder's default unit,
@@ -435,13 +442,25 @@ def prepare(
         if len(held_out) < len(records):
             console.status(f"Left out {len(records) - len(held_out)} queries that are in the router's fit or calibration log")
         records = held_out
-    if check is not None:
+    if check is not None and not sample:
         check(records)
     ladder = router.ladder_names
     missing = [m for m in ladder if m not in settings.models]
     if missing:
         raise CreError(f"the router's ladder has {', '.join(missing)}, which your models.toml lacks")
-    routes = assign(router, [r.prompt for r in records])
+    if sample:
+        labelled = len(records)
+        records, routes = fit_sample(router, read.records, records, sample, seed)
+        if read.sha256 == router.fit.log_sha256 and reader == router.fit.reader:
+            console.status(f"Calibrating on the queries the fit sampled, at most {sample} per cluster "
+                           f"(--sample-per-cluster {sample}): {len(records)} of {labelled} labelled queries")
+        else:
+            console.status(f"Calibrating on at most {sample} labelled queries per cluster, as the fit sampled its "
+                           f"log (--sample-per-cluster {sample}): {len(records)} of {labelled}")
+        if check is not None:
+            check(records)
+    else:
+        routes = assign(router, [r.prompt for r in records])
     shown_prompts = {q for c in router.clusters for q, _ in c.exemplars}
     if shown_prompts:
         keep = [i for i, r in enumerate(records) if r.prompt.strip() not in shown_prompts]
@@ -510,6 +529,60 @@ def assign(router: "RouterFile", prompts: Sequence[str]) -> list["RouteDecision"
     from crecli.route import route_vectors
 
     return route_vectors(router, embed_texts(router.embedder, list(prompts)))
+
+
+# A row of a log this near (cosine distance) the exemplar the router keeps of it: the
+# float16 a router file stores exemplars in moves a row by about 1e-7 (`assign.stored_rows`).
+SAME_ROW = 1e-4
+
+
+def fit_sample(router: "RouterFile", rows: Sequence["Record"], records: Sequence["Record"], n: int,
+               seed: int = 0) -> tuple[list["Record"], list["RouteDecision"]]:
+    """Of `records`, labelled rows of `rows` (a log's rows as read, in log order), those that
+    `cre fit --sample-per-cluster n --seed seed` runs the models on: the fit's own rule
+    (`outcomes.sample_records`) on the clusters the fit put them in (`fit_clusters`), each
+    with its route as `cre ask` decides it (`assign`). On the log the router was fitted on,
+    read as the fit read it, that is the fit's sample, so no model runs on a query the fit
+    skipped; on another log, as many per cluster."""
+    from crecli.embed import embed_texts
+    from crecli.outcomes import sample_records
+    from crecli.route import route_vectors
+
+    vectors = embed_texts(router.embedder, [r.prompt for r in rows])
+    routes = route_vectors(router, vectors)
+    clusters = fit_clusters(router, vectors, routes)
+    at = {id(r): i for i, r in enumerate(rows)}
+    where = [at[id(r)] for r in records]
+    drawn = {id(r) for r in sample_records(records, [clusters[i] for i in where], n, seed)}
+    kept = [(r, routes[i]) for r, i in zip(records, where) if id(r) in drawn]
+    return [r for r, _ in kept], [d for _, d in kept]
+
+
+def fit_clusters(router: "RouterFile", vectors: Any, routes: Sequence["RouteDecision"]) -> list[int]:
+    """Each row's cluster as `cre fit` labelled it (`QueryClusterer.labels_`), for `vectors`
+    embedding the rows of a log in order, `routes` their routes.
+
+    The rows the fit's clustering placed are the router's exemplars, kept in log order with
+    their labels: a row that is the next exemplar takes its label, which the assigner's
+    vote among the nearest exemplars (its route) need not give it. Copies of a template
+    share an embedding and may sit in several clusters, so only the order tells which
+    exemplar a row is. The fit gave every other row (noise, or left out of a big log's
+    clustering) the cluster the assigner routes it to. On the fit's log, read as it read
+    it, that is every row's label; on another, mostly its routes. The routes alone would
+    not do: one label off redraws much of `outcomes.sample_records`' sample, which draws
+    the clusters one after another from one seeded generator."""
+    from crecli.assign import as_matrix
+
+    out = [d.cluster for d in routes]
+    exemplars, labels = router.assigner.exemplars_, router.assigner.exemplar_labels_
+    at = 0
+    for i, row in enumerate(as_matrix(vectors, "fit_clusters")):
+        if at == len(exemplars):
+            break
+        if 1.0 - float(row @ exemplars[at]) <= SAME_ROW:
+            out[i] = int(labels[at])
+            at += 1
+    return out
 
 
 def greedy(data: Data, idx: Sequence[int], model_of: Callable[[int], str]) -> tuple[float, float]:

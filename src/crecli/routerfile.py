@@ -150,6 +150,10 @@ class FitRecord:
     n_queries: int = 0
     n_labelled: int = 0
     n_measured: int = 0
+    # `cre fit --sample-per-cluster N`: the models ran on at most N labelled queries per
+    # cluster, drawn with `seed` (`outcomes.sample_records`); `cre calibrate` draws the same
+    # (`replay.fit_sample`). None: on every labelled query (and in routers written before it was kept).
+    sample_per_cluster: int | None = None
     n_bad_lines: int = 0
     n_clusters: int = 0
     n_unclustered: int = 0

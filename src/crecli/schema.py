@@ -37,8 +37,8 @@ SHOT_PROMPT_CHARS = 1000
 SHOT_ANSWER_CHARS = 200
 # Fields of the fit record this crecli reads back (and so types); others are kept as found.
 FIT_FIELDS = ("log", "log_sha256", "reader", "date", "crecli_version", "cost_unit", "seed", "n_queries",
-              "n_labelled", "n_measured", "n_bad_lines", "n_clusters", "n_unclustered", "cluster_params",
-              "truth", "expected", "simulated", "simulated_reference", "budget_met", "calibration")
+              "n_labelled", "n_measured", "sample_per_cluster", "n_bad_lines", "n_clusters", "n_unclustered",
+              "cluster_params", "truth", "expected", "simulated", "simulated_reference", "budget_met", "calibration")
 # Bounds of the fields themselves: far above what any fit writes, low enough that a hostile
 # manifest cannot make checking or showing it expensive.
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -313,6 +313,8 @@ def _fit(f: Field) -> dict[str, Any]:
         cost_unit=f["cost_unit"].as_str(choices=UNITS) if "cost_unit" in fit else "seconds",
         seed=f["seed"].as_int(-(1 << 63), 1 << 64) if "seed" in fit else 0,
         n_queries=count("n_queries"), n_labelled=count("n_labelled"), n_measured=count("n_measured"),
+        # Absent in routers written before it was kept: their fit's sample is not known.
+        sample_per_cluster=f["sample_per_cluster"].or_none(lambda g: g.as_int(1)) if "sample_per_cluster" in fit else None,
         n_bad_lines=count("n_bad_lines"), n_clusters=count("n_clusters"), n_unclustered=count("n_unclustered"),
         cluster_params=obj("cluster_params") or {},
         truth=obj("truth"),
