@@ -44,7 +44,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, Sequence
 
 from crecli import paths
 from crecli.config import REQUANT_TYPES, ModelSpec, check_package
@@ -92,13 +92,20 @@ def _stamp_path(path: Path) -> Path:
     return stamps_dir() / (hashlib.sha256(resolved.encode("utf-8", "surrogateescape")).hexdigest() + ".json")
 
 
-def _read_stamp(path: Path) -> dict[str, object] | None:
+def _read_record(record: Path, path: Path) -> dict[str, Any] | None:
+    """The JSON object in `record` (a stamp, or a requantized file's `_made_path`) if it is of
+    the file at `path`; None where it is missing, unreadable, garbage or of another file."""
     try:
-        stamp = json.loads(_stamp_path(path).read_text())
+        data = json.loads(record.read_text())
     except (OSError, ValueError):
         return None
-    # The path inside guards against a stamp copied between cache dirs of other machines.
-    if not isinstance(stamp, dict) or stamp.get("path") != str(path.resolve()):
+    # The path inside guards against a record copied between cache dirs of other machines.
+    return data if isinstance(data, dict) and data.get("path") == str(path.resolve()) else None
+
+
+def _read_stamp(path: Path) -> dict[str, object] | None:
+    stamp = _read_record(_stamp_path(path), path)
+    if stamp is None:
         return None
     digest = stamp.get("sha256")
     if not isinstance(digest, str) or len(digest) != 64:
@@ -159,14 +166,8 @@ def _made_path(path: Path) -> Path:
 def _read_made(path: Path) -> dict[str, str | None] | None:
     """The record `_write_made` left for the file at `path`, or None (none, unreadable, of
     another path, or garbage)."""
-    try:
-        made = json.loads(_made_path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    # The path inside guards against a record copied from another cache dir, as a stamp's does.
-    if not isinstance(made, dict) or made.get("path") != str(path.resolve()):
-        return None
-    if not all(isinstance(made.get(k), str) for k in ("sha256", "quant")):
+    made = _read_record(_made_path(path), path)
+    if made is None or not all(isinstance(made.get(k), str) for k in ("sha256", "quant")):
         return None
     source = made.get("source")
     return {"sha256": made["sha256"], "quant": made["quant"], "source": source if isinstance(source, str) else None}
