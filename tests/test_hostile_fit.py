@@ -151,6 +151,8 @@ def test_settings_toml_is_replaced_whole(tmp_path: Path) -> None:
         ("--min-cluster-size", "1"), ("--n-neighbors", "1"), ("--n-components", "0"),
         ("--max-fit-rows", "0"), ("--sample-per-cluster", "0"), ("--seed", "-1"),
         ("--temperature", "-0.5"), ("--temperature", "nan"), ("--temperature", "inf"),
+        # Over what a router can record: refused only as the router was saved, after the fit.
+        ("--max-prompt-bytes", "0"), ("--max-prompt-bytes", str((1 << 40) + 1)),
     ],
 )
 def test_fit_options_out_of_range_are_usage_errors(cre, sums_log, tiny_models_toml, four_fakes, tmp_path, args) -> None:

@@ -25,6 +25,7 @@ from crecli.cli_options import (
 from crecli.errors import CreError, UsageError
 from crecli.costs import DEFAULT_RETAIN
 from crecli.quality import DEFAULT_CHECK, DEFAULT_FIT_VOTES, MAX_TEMPERATURE, MAX_VOTES
+from crecli.querylog import MAX_LINE_CAP
 from crecli.serve_options import (
     DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_HOST, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_BODY, DEFAULT_MAX_QUEUE, DEFAULT_PORT, DEFAULT_TIMEOUT,
     MAX_SECONDS,
@@ -101,7 +102,7 @@ def fit(
     id_field: Annotated[str, typer.Option(help="Field holding the query id.")] = "id",
     labels_field: Annotated[str, typer.Option(help="Field holding known correctness labels {model: bool}.")] = "labels",
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip bad lines (and report how many) instead of stopping.")] = False,
-    max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, help="Longest log line (and so prompt) to read, in bytes; a longer line is a bad line. Default 1 MiB.", show_default=False)] = None,
+    max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, max=MAX_LINE_CAP, help="Longest log line (and so prompt) to read, in bytes; a longer line is a bad line. Default 1 MiB.", show_default=False)] = None,
     store: Annotated[Optional[Path], typer.Option(help="Outcome store (default: in the user data dir, shared by all fits).", show_default=False)] = None,
     truth_field: Annotated[Optional[str], typer.Option(help="Report NMI/ARI of the clusters against this field, e.g. meta.source, over the rows that have it (none having it is an error). Never used to route.", show_default=False)] = None,
     set_default: Annotated[bool, typer.Option("--set-default", help="Make this router the default for `cre ask`, `batch`, `serve`, `eval` and `inspect` (instead of the one crecli ships).")] = False,
@@ -217,7 +218,7 @@ def calibrate(
     store: StoreOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Warn instead of failing when local model files differ from the router's.")] = False,
     skip_bad: SkipBadOpt = None,
-    max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, help="Longest log line (and so prompt) to read, in bytes (default: what `cre fit` was given).", show_default=False)] = None,
+    max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, max=MAX_LINE_CAP, help="Longest log line (and so prompt) to read, in bytes (default: what `cre fit` was given).", show_default=False)] = None,
     check: Annotated[str, typer.Option(help="Quality check: 'deferral' (a logistic P(correct) model per rung on the greedy answer's own signals; a rung without log-probabilities gets the agreement check, with a warning) or 'agreement' (self-consistency votes; needs a fit with --k above 1).")] = DEFAULT_CHECK,
     votes: Annotated[Optional[int], typer.Option(min=1, help="With --check deferral only: votes a rung draws (default 1: the greedy answer alone; more adds their agreement as a signal, and needs a fit with --k at least this). The agreement check counts every vote the fit recorded (its --k).", show_default=False)] = None,
     cost_unit: CostUnitOpt = None,
@@ -265,7 +266,7 @@ def eval_(
     plot: Annotated[Optional[Path], typer.Option(help="Write an accuracy-against-cost chart (.svg, or .png with matplotlib installed).", show_default=False)] = None,
     live: Annotated[bool, typer.Option("--live", help="Also run the real cascade on every query and compare it with the replay.")] = False,
     skip_bad: SkipBadOpt = None,
-    max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, help="Longest log line (and so prompt) to read, in bytes (default: what `cre fit` was given).", show_default=False)] = None,
+    max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, max=MAX_LINE_CAP, help="Longest log line (and so prompt) to read, in bytes (default: what `cre fit` was given).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Warn instead of failing when local model files differ from the router's.")] = False,
     cost_unit: CostUnitOpt = None,
     fit_log: Annotated[Optional[Path], typer.Option("--fit-log", help="The log the router was fitted on, where the recorded path is not (it must hold the same bytes: sha256).", show_default=False)] = None,
@@ -409,7 +410,7 @@ def batch(
     reference_field: Annotated[str, typer.Option(help="Field holding the reference answer(s).")] = "reference",
     match_field: Annotated[str, typer.Option(help="Field holding the match rule.")] = "match",
     id_field: Annotated[str, typer.Option(help="Field holding the id.")] = "id",
-    max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, help="Longest input line (and so prompt), in bytes; a longer line gets an error record. Default 1 MiB.", show_default=False)] = None,
+    max_prompt_bytes: Annotated[Optional[int], typer.Option("--max-prompt-bytes", min=1, max=MAX_LINE_CAP, help="Longest input line (and so prompt), in bytes; a longer line gets an error record. Default 1 MiB.", show_default=False)] = None,
     no_log: NoLogOpt = False,
 ) -> None:
     """Answer many prompts: one JSONL result per input line, in input order, on stdout.

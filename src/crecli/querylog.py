@@ -48,6 +48,9 @@ _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": 
 # The default cap on one input line (and so on one prompt): far above any real prompt (the
 # longest line of the bundled logs is about 530 bytes) and far below what hurts memory.
 MAX_LINE_BYTES = 1 << 20
+# The most --max-prompt-bytes may raise it to: a router records the cap (`schema` checks it
+# against this), so a larger one was refused only when the router was saved, after the fit.
+MAX_LINE_CAP = 1 << 40
 _BOM = b"\xef\xbb\xbf"
 # How a line meant as a JSON object starts: a key's quote, or an empty object.
 _MEANT_AS_JSON = re.compile(r'\s*\{\s*["}]')

@@ -25,7 +25,7 @@ from crecli.config import ANSWER_SETTINGS, MAX_INT32, MAX_REPEAT_PENALTY, MIN_CO
 from crecli.costs import MAX_RETAIN, UNITS
 from crecli.fields import Field, FieldError
 from crecli.quality import MAX_TEMPERATURE, MAX_VOTES, Deferral, DeferralCheck, QualityCheck, feature_names
-from crecli.querylog import FORMATS, FieldMap, LogOptions
+from crecli.querylog import FORMATS, MAX_LINE_CAP, FieldMap, LogOptions
 
 EXAMPLES_PER_CLUSTER = 3
 EXAMPLE_CHARS = 200
@@ -350,5 +350,5 @@ def _reader(f: Field) -> LogOptions:
         fmt=f["format"].or_none(lambda g: g.as_str(choices=FORMATS)),
         skip_bad=f["skip_bad"].as_bool(),
         fields=FieldMap(**{n: fields[n].as_str() for n in names},
-                        max_line_bytes=fields["max_line_bytes"].as_int(1, 1 << 40)),
+                        max_line_bytes=fields["max_line_bytes"].as_int(1, MAX_LINE_CAP)),
     )
