@@ -156,7 +156,7 @@ def check_before_fit(log_path: Path, out_path: Path, settings: "ModelConfig", op
 
 
 def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget", options: FitOptions) -> FitReport:
-    from crecli import cluster, embed, outcomes, querylog, routerfile, shots
+    from crecli import cluster, embed, outcomes, routerfile, shots
 
     store_path = check_before_fit(log_path, out_path, settings, options)
     # Opened now, not after embedding and clustering: a file that is no outcome store (or
@@ -227,8 +227,7 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
         # A warning, not a status line: the router written is one that sends everything to
         # the top rung, and the usual cause is a log whose answers sit under another name.
         fields = options.reader.fields
-        read_as = options.reader.fmt or querylog.format_for(log_path)
-        if read_as == "text" and sum(r.prompt.lstrip().startswith("{") for r in logged) * 2 > len(logged):
+        if options.reader.as_read_at(log_path).fmt == "text" and sum(r.prompt.lstrip().startswith("{") for r in logged) * 2 > len(logged):
             # `cre fit queries.log` holding JSONL: each JSON line, its reference too, was a
             # prompt, and the advice below (field names) led nowhere.
             console.warn(

@@ -442,12 +442,7 @@ def prepare(
         if len(held_out) < len(records):
             console.status(f"Left out {len(records) - len(held_out)} queries that are in the router's fit or calibration log")
         records = held_out
-    if check is not None and not sample:
-        check(records)
-    ladder = router.ladder_names
-    missing = [m for m in ladder if m not in settings.models]
-    if missing:
-        raise CreError(f"the router's ladder has {', '.join(missing)}, which your models.toml lacks")
+    routes: "list[RouteDecision] | None" = None  # fit_sample routes the rows it draws
     if sample:
         labelled = len(records)
         records, routes = fit_sample(router, read.records, records, sample, seed)
@@ -457,9 +452,13 @@ def prepare(
         else:
             console.status(f"Calibrating on at most {sample} labelled queries per cluster, as the fit sampled its "
                            f"log (--sample-per-cluster {sample}): {len(records)} of {labelled}")
-        if check is not None:
-            check(records)
-    else:
+    if check is not None:
+        check(records)
+    ladder = router.ladder_names
+    missing = [m for m in ladder if m not in settings.models]
+    if missing:
+        raise CreError(f"the router's ladder has {', '.join(missing)}, which your models.toml lacks")
+    if routes is None:
         routes = assign(router, [r.prompt for r in records])
     shown_prompts = {q for c in router.clusters for q, _ in c.exemplars}
     if shown_prompts:
