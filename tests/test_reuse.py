@@ -47,6 +47,24 @@ def test_a_shared_start_is_free_in_bench_seconds_only_and_a_prompt_still_pays_a_
     assert Pricing("seconds", {}).price_votes("m", 60, [10], [2.5], reused_tokens=20) == [2.5]
 
 
+
+def test_a_remote_rungs_every_vote_pays_its_prompt_a_local_rungs_only_its_first() -> None:
+    """Each vote of a remote rung is a request of its own: a provider bills its prompt each
+    time. Priced once, a k=5 agreement rung on a paid API looked a fifth as dear as it is."""
+    local = config.ModelSpec(name="local", path="m.gguf", price_per_1k_tokens=1000.0)
+    remote = config.ModelSpec(name="remote", url="http://127.0.0.1:9/v1", api_model="m", price_per_1k_tokens=1000.0)
+    pricing = Pricing.for_models([local, remote])
+    assert pricing.unit == "price"
+    assert pricing.price_votes("local", 60, [10, 4, 4], [0.0] * 3) == pytest.approx([70.0, 4.0, 4.0])
+    assert pricing.price_votes("remote", 60, [10, 4, 4], [0.0] * 3) == pytest.approx([70.0, 64.0, 64.0])
+    # The replay's prices (`CostModel`) are the same rule: calibration sees what the bill says.
+    outcome = Outcome(query_id="q", prompt_sha256="p", model="remote", model_sha256="", settings_key="k",
+                      source="run", prompt_tokens=60, votes=[Vote("a", 10, 0.0), Vote("a", 4, 0.0)])
+    assert CostModel.build([outcome], [local, remote]).votes(outcome) == pytest.approx([70.0, 64.0])
+    # Measured seconds are what they are.
+    assert Pricing("seconds", {}, remote=frozenset({"remote"})).price_votes("remote", 60, [10, 4], [2.0, 1.0]) == [2.0, 1.0]
+
+
 class Words:
     """A backend's tokenizer, a word a token."""
 

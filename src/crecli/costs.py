@@ -15,7 +15,10 @@ Three units, chosen in this order:
 - "seconds": the model-seconds each answer took.
 
 In every unit a model's first vote pays for the prompt and later votes only for their output
-tokens, because the prompt stays in llama.cpp's cache between votes. In bench-seconds the
+tokens, because the prompt stays in llama.cpp's cache between votes. A remote rung's every
+vote pays for its prompt: each vote is a request of its own, which a provider bills in full
+and a server that keeps no cache processes in full (as its answered examples are charged in
+full: `ModelSpec.keeps_examples`). In bench-seconds the
 first vote does not pay for the head every prompt of that model shares (the system turn and
 the start of the user turn, or a base model's few-shot preamble; `cre models bench` counts
 its tokens): llama.cpp reuses it from the model's previous prompt, so in steady use it is
@@ -120,11 +123,15 @@ class Pricing:
         prices: dict[str, float],
         speeds: "dict[str, bench.Rates] | None" = None,
         heads: dict[str, int] | None = None,
+        remote: frozenset[str] = frozenset(),
     ) -> None:
         self.unit = check_unit(unit)
         self.prices = prices
         self.speeds = speeds or {}
         self.heads = heads or {}
+        # Remote rungs: each vote is a request of its own (`OpenAIBackend`), which a provider
+        # bills prompt and all; whether the server caches the prompt is not known.
+        self.remote = remote
 
     def cached(self, model: str) -> int:
         """Prompt tokens of `model` that cost nothing in this unit (its cached head)."""
@@ -136,6 +143,7 @@ class Pricing:
         prices = {s.name: float(s.price_per_1k_tokens) for s in specs if s.price_per_1k_tokens is not None}
         speeds = bench.speeds(specs)
         heads = bench.cached_heads(specs)
+        remote = frozenset(s.name for s in specs if s.backend == "openai")
         if unit is None:
             if specs and len(prices) == len(specs):
                 unit = "price"
@@ -143,7 +151,7 @@ class Pricing:
                 unit = "bench-seconds"
             else:
                 unit = "seconds"
-        return cls(unit, prices, speeds, heads)
+        return cls(unit, prices, speeds, heads, remote)
 
     @property
     def reuses(self) -> bool:
@@ -177,7 +185,8 @@ class Pricing:
         the previous prompt of its cluster left in the cache (`TokenCounts`; at least one
         token is evaluated, as llama-cpp-python does for a prompt it holds whole), and its
         output tokens; later votes only their output tokens, because the prompt stays in
-        the KV cache after the first vote.
+        the KV cache after the first vote. A `remote` rung's later votes pay the prompt
+        again: each is a request of its own, billed and perhaps processed in full.
         """
         if not self.by_tokens:
             return list(seconds)
@@ -187,7 +196,9 @@ class Pricing:
         prompt = max(0, prompt_tokens - self.cached(model) - prefix_tokens)
         if self.reuses:
             prompt -= min(max(0, reused_tokens), max(0, prompt - 1))
-        return [token_cost(self.unit, prompt if i == 0 else 0, out, price, speed) or 0.0 for i, out in enumerate(outputs)]
+        each = model in self.remote
+        return [token_cost(self.unit, prompt if i == 0 or each else 0, out, price, speed) or 0.0
+                for i, out in enumerate(outputs)]
 
     def prefix(self, model: str, prefix_tokens: int) -> float:
         """What processing a cluster's answered examples (`prefix_tokens` of `model`'s prompt)
@@ -458,8 +469,9 @@ class CostModel(Pricing):
         speeds: "dict[str, bench.Rates] | None" = None,
         heads: dict[str, int] | None = None,
         reused: Mapping[tuple[str, str], int] | None = None,
+        remote: frozenset[str] = frozenset(),
     ) -> None:
-        super().__init__(unit, prices, speeds, heads)
+        super().__init__(unit, prices, speeds, heads, remote)
         self.label_cost = label_cost
         # Per (query id, model), the tokens of the query's start that the previous prompt of
         # its cluster left in the cache, in the run the outcomes are replayed as
@@ -478,7 +490,7 @@ class CostModel(Pricing):
                     f"cost unit 'price' needs price_per_1k_tokens for every model; missing for "
                     f"{', '.join(unpriced)}. Add it in models.toml, or use the measured seconds."
                 )
-        model = cls(pricing.unit, pricing.prices, {}, pricing.speeds, pricing.heads, reused)
+        model = cls(pricing.unit, pricing.prices, {}, pricing.speeds, pricing.heads, reused, pricing.remote)
         runs = [o for o in outcomes if o.source == "run" and o.votes]
         needs = sorted({o.model for o in outcomes if o.source == "label"})
         if needs:

@@ -106,7 +106,7 @@ _TABLES = {
 class Vote:
     text: str
     output_tokens: int
-    seconds: float  # vote 0 includes prompt processing; later votes reuse the prompt's KV cache
+    seconds: float  # vote 0 includes prompt processing; later votes of an in-process rung reuse its KV cache
     signals: "Signals | None" = None  # the greedy vote's own confidence, where the runtime gives it
 
 
