@@ -104,7 +104,7 @@ def test_missing_prompt_names_the_mapped_field(tmp_path: Path) -> None:
     path = write(tmp_path / "log.jsonl", jsonl({"prompt": "Q?"}))
     with pytest.raises(InputError) as info:
         read_log(path, fields=FieldMap(prompt="question"))
-    assert str(info.value) == f"{path}:1: missing 'question' field (name another field with --prompt-field){SKIP}"
+    assert str(info.value) == f"{path}:1: missing 'question' field (name the prompt field with --prompt-field){SKIP}"
 
 
 BAD_JSONL = [
@@ -112,8 +112,8 @@ BAD_JSONL = [
     ("not json at all", "invalid JSON (Expecting value at column 1)"),
     ('["prompt"]', "expected a JSON object, got an array"),
     ("42", "expected a JSON object, got a number"),
-    ('{"id": "x"}', "missing 'prompt' field (name another field with --prompt-field)"),
-    ('{"prompt": null}', "missing 'prompt' field (name another field with --prompt-field)"),
+    ('{"id": "x"}', "missing 'prompt' field (name the prompt field with --prompt-field)"),
+    ('{"prompt": null}', "missing 'prompt' field (name the prompt field with --prompt-field)"),
     ('{"prompt": "  "}', "empty 'prompt'"),
     ('{"prompt": 12}', "'prompt' must be a string, got a number"),
     ('{"prompt": "a", "id": ""}', "empty 'id'"),
@@ -440,7 +440,7 @@ def test_batch_json_object() -> None:
         (b"", "<stdin>:4: empty line; every input line needs a prompt"),
         (b"   \t", "<stdin>:4: empty line; every input line needs a prompt"),
         (b'{"prompt": "a"', "<stdin>:4: invalid JSON (Expecting ',' delimiter at column 15)"),
-        (b'{"id": 1}', "<stdin>:4: missing 'prompt' field (name another field with --prompt-field)"),
+        (b'{"id": 1}', "<stdin>:4: missing 'prompt' field (name the prompt field with --prompt-field)"),
         (b'{"prompt": ""}', "<stdin>:4: empty 'prompt'"),
         (b"caf\xe9", "<stdin>:4: not valid UTF-8 (byte 0xe9 at column 4); save the file as UTF-8"),
     ],

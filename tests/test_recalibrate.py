@@ -676,3 +676,46 @@ def test_calibrate_runs_no_model_on_the_queries_a_sampled_fit_skipped(
     edit_manifest(router, lambda man: man["body"]["fit"].update(sample_per_cluster=0))
     result = cre("calibrate", router, *m, "--folds", "2")
     assert result.exit_code != 0 and "fit.sample_per_cluster" in str(result.exception) + result.output
+
+
+def test_a_missing_prompt_field_in_eval_or_calibrate_names_the_routers_field_not_an_option_they_lack(
+    fakes, tiny_models_toml: Path, tmp_path: Path
+) -> None:
+    """`cre eval` and `cre calibrate` read a log with the field names the fit was given, and
+    take no --prompt-field: their error told users to pass one."""
+    m = ("--models", tiny_models_toml)
+    router = tmp_path / "router.cre"
+    ok("fit", write(tmp_path / "log.jsonl", rows(prompt="question")), "-o", router, *m, "--prompt-field", "question")
+    plain = write(tmp_path / "plain.jsonl", rows())  # its prompts under "prompt"
+    table = tmp_path / "plain.csv"
+    table.write_text("id,prompt,reference\nq1,What is 1 plus 2?,3\n")
+    for args in (("eval", plain, "--router", router), ("calibrate", router, "--log", plain),
+                 ("eval", table, "--router", router)):
+        result = cre(*args, *m)
+        assert isinstance(result.exception, CreError), result.output
+        said = str(result.exception)
+        assert "'question'" in said and "fitted with" in said, said
+        assert "with --prompt-field" not in said, said
+    # `cre fit` still points at its option.
+    result = cre("fit", write(tmp_path / "q.jsonl", rows(prompt="question")), "-o", tmp_path / "r2.cre", *m)
+    assert isinstance(result.exception, CreError) and "with --prompt-field" in str(result.exception)
+
+
+def test_a_store_path_with_no_store_is_warned_about_before_any_model_runs(
+    fakes, tiny_models_toml: Path, tmp_path: Path
+) -> None:
+    """A router does not record its fit's store: a mistyped --store ran every model again,
+    silently, into a new store."""
+    m = ("--models", tiny_models_toml)
+    store = tmp_path / "outcomes.sqlite"
+    router = tmp_path / "router.cre"
+    log = write(tmp_path / "log.jsonl", rows())
+    ok("fit", log, "-o", router, *m, "--store", store)
+    quiet = cre("eval", log, "--router", router, *m, "--store", store)
+    assert quiet.exit_code == 0 and "no outcome store is there" not in quiet.stderr
+    for args in (("eval", log, "--router", router), ("calibrate", router)):
+        typo = tmp_path / f"outcome.{args[0]}.sqlite"
+        result = cre(*args, *m, "--store", typo)
+        assert result.exit_code == 0, result.output
+        said = " ".join(result.stderr.split())
+        assert f"--store {typo}: no outcome store is there" in said and "every model runs on the 30 queries" in said

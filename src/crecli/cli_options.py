@@ -50,7 +50,8 @@ StoreOpt = Annotated[
         "--store",
         help="Outcome store of recorded answers (default: the one in the user data dir, which `cre fit` uses too "
         "when given no --store). A router does not record the store its fit used: after `cre fit --store FILE`, "
-        "pass the same --store FILE, or every model runs again on the queries the default store lacks.",
+        "pass the same --store FILE, or every model runs again on the queries the default store lacks. A --store "
+        "where no store is yet is warned about, then made.",
         show_default=False,
     ),
 ]

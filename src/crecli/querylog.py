@@ -83,9 +83,23 @@ class FieldMap:
     id: str = "id"
     labels: str = "labels"
     max_line_bytes: int = MAX_LINE_BYTES
+    # True where the names come from a router file (`cre calibrate` and `cre eval` read a
+    # log as its fit read its own), not from this command's options: a missing prompt field
+    # is then no cue for a --prompt-field those commands lack (`rename_hint`). Not part of
+    # how the log is read, nor of the router file.
+    recorded: bool = field(default=False, compare=False, repr=False)
 
     def names(self) -> set[str]:
         return {self.prompt, self.reference, self.match, self.id, self.labels}
+
+    def rename_hint(self, what: str = "field") -> str:
+        """How to make a log whose prompts are not under `prompt` readable: name the right
+        `what` ("field", "column") with the command's --prompt-field, or, where the names
+        are the router's, give the log the name the router's fit was given."""
+        if self.recorded:
+            return (f"this command reads the field names the router was fitted with: name the prompt {what} "
+                    f"{self.prompt!r}, as `cre fit` was told")
+        return f"name the prompt {what} with --prompt-field"
 
 
 @dataclass(frozen=True)
@@ -121,11 +135,14 @@ class LogOptions:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": self.fmt, "skip_bad": self.skip_bad, "fields": asdict(self.fields)}
+        fields = {k: v for k, v in asdict(self.fields).items() if k != "recorded"}
+        return {"format": self.fmt, "skip_bad": self.skip_bad, "fields": fields}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LogOptions":
-        return cls(fmt=data.get("format"), fields=FieldMap(**data.get("fields", {})), skip_bad=bool(data.get("skip_bad")))
+        # Only router files hold these options written out (`cre calibrate`'s record).
+        fields = FieldMap(**data.get("fields", {}), recorded=True)
+        return cls(fmt=data.get("format"), fields=fields, skip_bad=bool(data.get("skip_bad")))
 
 
 @dataclass(frozen=True)
@@ -479,7 +496,7 @@ def _record_from_object(obj: dict[str, Any], fields: FieldMap, default_id: str, 
     reference = _reference(obj.get(fields.reference), fields.reference)
     return Record(
         id=_id(obj.get(fields.id), fields.id, default_id),
-        prompt=_prompt(obj.get(fields.prompt), fields.prompt),
+        prompt=_prompt(obj.get(fields.prompt), fields),
         reference=reference,
         match=_match(obj.get(fields.match), fields.match, reference, default_match),
         labels=_labels(obj.get(fields.labels), fields.labels),
@@ -488,9 +505,10 @@ def _record_from_object(obj: dict[str, Any], fields: FieldMap, default_id: str, 
     )
 
 
-def _prompt(value: Any, name: str) -> str:
+def _prompt(value: Any, fields: FieldMap) -> str:
+    name = fields.prompt
     if value is None:
-        raise _Bad(f"missing {name!r} field (name another field with --prompt-field)")
+        raise _Bad(f"missing {name!r} field ({fields.rename_hint()})")
     if not isinstance(value, str):
         raise _Bad(f"{name!r} must be a string, got {json_type(value)}")
     if not value.strip():
@@ -622,7 +640,7 @@ def _check_header(header: list[str], where: str, fields: FieldMap) -> None:
     if fields.prompt not in header:
         raise InputError(
             f"{where}: no {fields.prompt!r} column in the header (columns: {', '.join(header)}); "
-            "name the prompt column with --prompt-field"
+            f"{fields.rename_hint('column')}"
         )
     duplicates = sorted({name for name in header if header.count(name) > 1})
     if duplicates:
@@ -647,7 +665,7 @@ def _record_from_row(
     return Record(
         # An empty id cell is CSV's way of leaving the id out.
         id=_id(cells.get(fields.id, "").strip() or None, fields.id, default_id),
-        prompt=_prompt(cells[fields.prompt], fields.prompt),
+        prompt=_prompt(cells[fields.prompt], fields),
         reference=reference,
         match=_match(cells.get(fields.match, "").strip() or None, fields.match, reference),
         labels=_labels(_csv_json(labels_cell, fields.labels), fields.labels) if labels_cell else {},

@@ -11,6 +11,7 @@ prepared for it (`prepare`): its records, routes as `cre ask` routes them, and o
 from __future__ import annotations
 
 import functools
+import os
 import itertools
 from collections import Counter
 from dataclasses import InitVar, dataclass, field, replace
@@ -470,6 +471,12 @@ def prepare(
             raise CreError(f"{log}: every labelled query is one of the router's answered examples")
         records, routes = [records[i] for i in keep], [routes[i] for i in keep]
     path = store or outcomes_mod.default_store_path()
+    if store is not None and not os.path.lexists(store):
+        # A router does not record its fit's store, so a mistyped --store read as a new, empty
+        # one and ran every model on every query, hours of runs, without a word.
+        console.warn(f"--store {store}: no outcome store is there, so a new one is made and every model runs on "
+                     f"the {len(records)} queries; to reuse recorded answers, pass the --store `cre fit` was given, "
+                     "or leave --store out for the default store")
     with outcomes_mod.OutcomeStore(path) as st:
         found = outcomes_mod.collect(records, settings, st, router.quality, models=ladder)
         # Left out on the prompts alone, as `cre fit` leaves them out before it chooses

@@ -350,5 +350,5 @@ def _reader(f: Field) -> LogOptions:
         fmt=f["format"].or_none(lambda g: g.as_str(choices=FORMATS)),
         skip_bad=f["skip_bad"].as_bool(),
         fields=FieldMap(**{n: fields[n].as_str() for n in names},
-                        max_line_bytes=fields["max_line_bytes"].as_int(1, MAX_LINE_CAP)),
+                        max_line_bytes=fields["max_line_bytes"].as_int(1, MAX_LINE_CAP), recorded=True),
     )
