@@ -651,6 +651,39 @@ def test_cre_log_json_and_export_hold_no_nan(cre, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".export")) == []
 
 
+def test_a_number_too_large_for_a_float_reads_as_null(cre, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 1e999 was read as inf: a fresh export failed ("cannot be written as JSON"), and one
+    # over an earlier export holding it was a ValueError traceback from `_entry_key`.
+    live = servedlog.log_path()
+    live.parent.mkdir(parents=True, exist_ok=True)
+    log = servedlog.ServedLog(live, "ask")
+    line = json.dumps(log.entry("huge cost", trace())).replace('"cost": ', '"cost": -1e999, "was": ', 1)
+    live.write_text(line + "\n" + json.dumps(log.entry("a plain one", trace())) + "\n")
+    (entry, _) = servedlog.read().entries
+    assert entry["cost"] is None and entry["prompt"] == "huge cost"
+    fresh, earlier = tmp_path / "fresh.jsonl", tmp_path / "earlier.jsonl"
+    earlier.write_bytes(live.read_bytes())  # an earlier export holding the same entries, 1e999 and all
+    for out in (fresh, earlier):
+        run = cre("log", "-o", out)
+        assert run.code == 0 and "Traceback" not in run.err, run
+        assert [json.loads(line)["cost"] for line in out.read_text().splitlines()][0] is None
+    # An entry that reads, yet cannot be compared, names its line rather than raise.
+    def unkeyable(entry: dict) -> bytes:
+        raise ValueError("Out of range float values are not JSON compliant")
+
+    monkeypatch.setattr(servedlog, "_entry_key", unkeyable)
+    refused(cre("log", "-o", earlier), f"-o {earlier}", "line 1 holds a value JSON cannot hold", "delete the file first")
+
+
+@pytest.mark.parametrize("args", [("--json",), ("-o", "-"), (), ("--path",)])
+def test_cre_log_refuses_a_closed_stdout(cre, monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...]) -> None:
+    # `cre log --json >&-` and `cre log -o - >&-` ended in an AttributeError traceback
+    # (None.write); the table and --path printed nothing and exited 0.
+    servedlog.ServedLog(servedlog.log_path(), "ask").record("a plain one", trace())
+    monkeypatch.setattr(sys, "stdout", None)
+    refused(cre("log", *args), "cre log", "stdout is closed", "redirect", code=2)
+
+
 def test_cre_log_survives_a_huge_agreement_and_a_deeply_nested_trace(cre) -> None:
     # A 401-digit agreement overflowed math.isfinite; a trace nested 500 deep overflowed the
     # stack in `cre log --json`: both were tracebacks.

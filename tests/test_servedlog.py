@@ -200,6 +200,22 @@ def test_an_entry_over_the_size_limit_is_not_written(tmp_path: Path, capsys: pyt
     assert "limit" in capsys.readouterr().err
 
 
+def test_a_skipped_entry_does_not_silence_a_later_write_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # One oversize or unencodable entry latched `failed`, so a full disk after it went unsaid.
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    log = ServedLog(blocker / "served.jsonl", "ask")
+    log.record("x" * (servedlog.MAX_ENTRY_BYTES + 1), trace())
+    assert not log.append({"schema": servedlog.SCHEMA, "agreement": float("nan")})
+    log.record("x" * (servedlog.MAX_ENTRY_BYTES + 1), trace())  # each skipped entry is said
+    assert not log.failed
+    log.record("one", trace())
+    log.record("two", trace())  # a write failure is still said once
+    err = capsys.readouterr().err
+    assert err.count("Warning:") == 4 and err.count("limit") == 2 and "could not encode" in err
+    assert err.count("cannot write the served-query log") == 1 and log.failed and log.written == 0
+
+
 def test_lone_surrogates_are_replaced_so_the_line_is_utf8(tmp_path: Path) -> None:
     log = ServedLog(tmp_path / "served.jsonl", "ask")
     log.record("caf\udce9?", trace())
@@ -400,6 +416,17 @@ def test_cre_log_json_last_and_since() -> None:
     since = json.loads(cre("log", "--since", "2025-01-23", "--json").stdout)
     assert [e["prompt"] for e in since] == ["question 22", "question 23", "question 24"]
     assert "--since" in str(cre("log", "--since", "last tuesday").exception)
+
+
+def test_cre_log_last_too_large_for_a_deque_shows_every_entry() -> None:
+    # `--last 99999999999999999999` was an OverflowError traceback from deque(maxlen=...).
+    fill(3)
+    huge = str(10**20)
+    for args in (("--json",), ()):
+        result = cre("log", "--last", huge, *args)
+        assert result.exit_code == 0 and result.exception is None, result.output
+        assert all(f"question {i:02d}" in result.stdout for i in range(3)) and "Showing the newest" not in result.stderr
+    assert len(servedlog.read(last=10**20).entries) == 3
 
 
 def test_cre_log_json_says_on_stderr_that_it_shows_only_the_newest_20() -> None:

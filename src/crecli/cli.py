@@ -632,12 +632,20 @@ def log_(
                  if value is not None and value is not False]
         if given:
             raise UsageError(f"--path prints the log's path and nothing else; leave out {', '.join(given)}")
+        # `cre log --path >&-` printed nothing and succeeded.
+        _refuse_closed(sys.stdout, "stdout", "cre log --path prints the log's path on stdout",
+                       "redirect it to a file (cre log --path > where.txt)")
         typer.echo(str(servedlog.log_path()))
         return
     if output is not None and json_:
         raise UsageError("give --json (entries on stdout) or -o FILE (entries in a file), not both")
     if force and (output is None or str(output) == "-"):
         raise UsageError("--force is for -o FILE: it replaces an earlier export that holds entries this one lacks")
+    if output is None or servedlog.is_stdout(output):
+        # `cre log --json >&-` and `-o - >&-` ended in an AttributeError traceback (None.write),
+        # and the table was dropped without a word.
+        _refuse_closed(sys.stdout, "stdout", "cre log writes the entries to stdout",
+                       "export them with -o FILE, or redirect stdout (cre log --json > entries.json)")
     render.served_log(servedlog.query(last=last, since=since, output=output, force=force), json_)
 
 

@@ -16,11 +16,13 @@ Appending is one `os.write` of one whole line to a file opened with O_APPEND, un
 lock file shared by `cre` processes, so their lines never interleave. A line cut short (a
 full disk, a killed process) is ended by the next append before it writes, so the next
 entry starts a line of its own; the reader skips and counts the cut line, never fatal, and
-reads an entry that an older crecli glued onto one. Past `MAX_BYTES` the file
+reads an entry that an older crecli glued onto one. A number no JSON output may hold (NaN,
+Infinity, or one too large for a float such as 1e999) is read as null. Past `MAX_BYTES` the file
 becomes `served.1.jsonl` (and `.1` becomes `.2`, up to `GENERATIONS`; the oldest goes)
 before the next append; a generation missing (a rotation cut off between its renames) is
 filled first, and then nothing goes. Logging never fails an answer: a write that fails
-warns once on stderr and the command goes on.
+warns once on stderr and the command goes on; an entry that cannot be logged (too large,
+not encodable) is skipped with a warning of its own each time.
 
 Only the standard library is imported here: `cre ask` loads this module on every call.
 """
@@ -28,6 +30,7 @@ Only the standard library is imported here: `cre ask` loads this module on every
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import threading
@@ -134,7 +137,7 @@ class ServedLog:
     max_bytes: int = MAX_BYTES
     generations: int = GENERATIONS
     written: int = 0
-    failed: bool = False  # a write failed (and was warned about); later failures stay quiet
+    failed: bool = False  # a write failed (and was warned about); later write failures stay quiet
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _lock_busy_until: float = field(default=0.0, repr=False)  # time.monotonic(): try the lock once until then
 
@@ -145,7 +148,7 @@ class ServedLog:
         try:
             entry = self.entry(prompt, trace, cascade)
         except Exception as exc:  # noqa: BLE001 - a log entry must never cost the answer
-            self._warn(f"could not build the served-query log entry ({type(exc).__name__}: {exc})")
+            _skipped(f"could not build the served-query log entry ({type(exc).__name__}: {exc}); it was not logged")
             return
         self.append(entry)
 
@@ -172,17 +175,18 @@ class ServedLog:
         }
 
     def append(self, entry: dict[str, Any]) -> bool:
-        """Write one entry as one line; False (after one warning) when it could not be written."""
+        """Write one entry as one line; False (after a warning, once for write failures) when
+        it could not be written."""
         if not self.enabled:
             return False
         try:
             data = _line(entry)
         except (TypeError, ValueError) as exc:
-            self._warn(f"could not encode a served-query log entry ({exc})")
+            _skipped(f"could not encode a served-query log entry ({exc}); it was not logged")
             return False
         if len(data) > MAX_ENTRY_BYTES:
-            self._warn(f"an entry of {len(data):,} bytes is over the served-query log's {MAX_ENTRY_BYTES:,}-byte limit; "
-                       "it was not logged")
+            _skipped(f"an entry of {len(data):,} bytes is over the served-query log's {MAX_ENTRY_BYTES:,}-byte limit; "
+                     "it was not logged")
             return False
         with self._lock:
             try:
@@ -242,12 +246,24 @@ class ServedLog:
             os.replace(generation_path(self.path, n - 1), generation_path(self.path, n))
 
     def _warn(self, message: str) -> None:
+        """Warn of a write that failed, once: the next write most likely fails the same way
+        (a full disk, an unwritable folder), and a warning per answer would bury the answers.
+        Only write failures latch `failed`; an entry skipped for itself (`_skipped`) does not,
+        or a full disk after it would go unsaid."""
         if self.failed:
             return
         self.failed = True
         from crecli.console import warn
 
         warn(message)
+
+
+def _skipped(message: str) -> None:
+    """Warn of one entry not logged for itself (too large, not encodable), each time: the
+    next entry may well be written, so this says nothing of the log as a whole."""
+    from crecli.console import warn
+
+    warn(message)
 
 
 # ---------------------------------------------------------------- reading
@@ -365,7 +381,7 @@ def _read_file(fh: "BinaryIO | None") -> Iterator[dict[str, Any] | None]:
             if not raw.strip():
                 continue
             try:
-                entry = json.loads(raw, parse_constant=_no_constant)
+                entry = _loads(raw)
             except (ValueError, RecursionError):
                 # Only the damaged bytes are lost: an entry glued onto a cut line (written
                 # before appends ended cut lines) still starts with its own `{"schema": `.
@@ -391,15 +407,28 @@ def _glued_entry(raw: bytes) -> dict[str, Any] | None:
 def _entry_of(raw: bytes) -> dict[str, Any] | None:
     """The entry one line holds, or None where it holds none (not JSON, not a valid entry)."""
     try:
-        entry = json.loads(raw, parse_constant=_no_constant)
+        entry = _loads(raw)
     except (ValueError, RecursionError):
         return None
     return entry if _valid(entry) else None
 
 
+def _loads(raw: bytes) -> Any:
+    """One line's JSON, with every number a JSON output may hold: an entry holding another
+    could be neither shown, exported nor compared with an earlier export (`_entry_key`)."""
+    return json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+
+
 def _no_constant(name: str) -> None:
     """NaN and Infinity (which no JSON output may hold) are read as null."""
     return None
+
+
+def _finite_float(text: str) -> float | None:
+    """A number too large for a float (1e999, which float() reads as inf) is read as null,
+    as Infinity is (`_no_constant`)."""
+    value = float(text)
+    return value if math.isfinite(value) else None
 
 
 def read(
@@ -412,7 +441,9 @@ def read(
     """
     opened = _open_generations() if files is None else [(path, _open(path)) for path in files]
     files = [path for path, _ in opened]
-    kept: deque[dict[str, Any]] = deque(maxlen=last)
+    # A deque's maxlen is a C ssize_t: `--last 99999999999999999999` was an OverflowError,
+    # and no log holds sys.maxsize entries, so such a `last` keeps every one.
+    kept: deque[dict[str, Any]] = deque(maxlen=last if last is None or last < sys.maxsize else None)
     bad = total = matched = 0
     per_file = []
     for _, fh in opened:
@@ -490,7 +521,10 @@ def _earlier_export(path: Path) -> tuple[str | None, list[bytes]]:
                 entry = None if isinstance(raw, LongLine) else _entry_of(raw)
                 if entry is None:
                     return f"line {number} is not a served-log entry", []
-                keys.append(_entry_key(entry))
+                try:
+                    keys.append(_entry_key(entry))
+                except (TypeError, ValueError) as exc:  # an entry `_entry_of` let through, yet JSON cannot hold
+                    return f"line {number} holds a value JSON cannot hold ({exc})", []
     except InputError:  # `_open`'s: unreadable, so what it holds cannot be known
         return "it cannot be read to tell", []
     except OSError as exc:
@@ -534,7 +568,10 @@ def export(entries: list[dict[str, Any]], out: Path, sources: list[Path], force:
             "Choose another file name, or delete the file first"
         )
     if held and not force:
-        kept = {_entry_key(entry) for entry in entries}
+        try:
+            kept = {_entry_key(entry) for entry in entries}
+        except (TypeError, ValueError) as exc:  # as the write below would say of it
+            raise InputError(f"-o {out}: an entry cannot be written as JSON ({exc}); nothing was written") from None
         lost = sum(key not in kept for key in held)
         if lost:
             raise InputError(
