@@ -84,6 +84,41 @@ def test_stored_speed_is_the_median_of_the_runs_measured_the_same_way(monkeypatc
     assert (fresh.pp_tokens_per_s, fresh.pooled) == (70.0, 1)
 
 
+def test_runs_with_another_gpu_offload_are_not_pooled(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Runs were pooled whatever `n_gpu_layers` they ran with: a run with every layer on a GPU
+    # and one on the CPU gave a median that was neither machine's speed.
+    monkeypatch.setenv("CRE_THREADS", "2")
+    bench.save(_speed(pp_tokens_per_s=100.0))
+    on_gpu = bench.save(_speed(pp_tokens_per_s=3000.0, n_gpu_layers=-1))
+    assert (on_gpu.pooled, on_gpu.pp_tokens_per_s, on_gpu.n_gpu_layers) == (1, 3000.0, -1)
+    assert bench.save(_speed(pp_tokens_per_s=2000.0, n_gpu_layers=-1)).pooled == 2  # the same offload pools
+    assert json.loads(paths.bench_file().read_text())[f"{'a' * 64}@2"]["n_gpu_layers"] == -1
+    assert bench.save(_speed(pp_tokens_per_s=100.0, n_gpu_layers=10)).pooled == 1  # another layer count
+    # A measurement records the offload its model ran with.
+    monkeypatch.setattr(bench, "_run_once", lambda spec, pp, tg: bench._Run(10.0, 5, pp, 0.1, 2, pp // 3, 0.23, 0.39))
+    monkeypatch.setattr(bench, "_busy_share", lambda: 0.0)
+    [measured] = bench.measure_all([ModelSpec(name="m", sha256="a" * 64, n_gpu_layers=-1)], repeats=1)
+    assert measured.n_gpu_layers == -1
+
+
+def test_a_bench_file_from_before_offload_was_recorded_pools_as_cpu_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # bench.json entries written before `n_gpu_layers` was stored ran with the default, 0.
+    monkeypatch.setenv("CRE_THREADS", "2")
+    spec = ModelSpec(name="m", sha256="a" * 64)
+    for i in range(2):
+        bench.save(_speed(pp_tokens_per_s=100.0 + 100 * i))
+    data = json.loads(paths.bench_file().read_text())
+    del data[f"{'a' * 64}@2"]["n_gpu_layers"]
+    paths.bench_file().write_text(json.dumps(data))
+    assert bench.speeds([spec]) == {"m": (150.0, 10.0, 0.0)}  # still read and priced
+    assert bench.save(_speed(pp_tokens_per_s=300.0)).pooled == 3
+    data[f"{'a' * 64}@2"]["n_gpu_layers"] = True  # a hand edit: no layer count, kept apart
+    paths.bench_file().write_text(json.dumps(data))
+    assert bench.save(_speed(pp_tokens_per_s=300.0, n_gpu_layers=1)).pooled == 1
+    paths.bench_file().write_text(json.dumps({f"{'a' * 64}@2": {**data[f"{'a' * 64}@2"], "n_gpu_layers": 0}}))
+    assert bench.save(_speed(pp_tokens_per_s=300.0, n_gpu_layers=-1)).pooled == 1
+
+
 def _timed(short: float, long: float, **kw: object) -> bench.Speed:
     """A measurement whose 16- and 48-token prompts took `short` and `long` seconds."""
     fixed, pp = bench.split_pass(16, short, 48, long)

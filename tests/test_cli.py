@@ -316,12 +316,49 @@ def test_models_list_says_to_pull_only_what_a_pull_fetches(tmp_path: Path) -> No
     assert table.exit_code == 0, table.output
     # The shipped Qwens are off this ladder, and not pulled: options, not named.
     assert "Fetch missing or bad models with `cre models pull gemma-3-270m`." in table.stderr
-    assert f"mine: missing; check `path` for 'mine' in {toml}." in table.stderr
+    assert f"mine: missing at {tmp_path / 'none.gguf'}; check `path` for 'mine' in {toml}." in table.stderr
     rows = {r["name"]: r for r in json.loads(runner.invoke(app, ["models", "list", "--models", str(toml), "--json"]).stdout)}
     assert (rows["mine"]["pullable"], rows["mine"]["fix"]) == (False, f"check `path` for 'mine' in {toml}")
     assert rows["gemma-3-270m"]["fix"] == "run `cre models pull gemma-3-270m`"
     fetch = next(line for line in table.stderr.splitlines() if "cre models pull" in line)
     assert "mine" not in fetch
+
+
+def test_models_list_names_the_file_a_relative_path_resolves_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The docs said `cre models list` shows the file a relative `path` names; only --json
+    # did, and the hint said "mine: missing" without where crecli had looked.
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    toml = sub / "models.toml"
+    toml.write_text('[models.mine]\npath = "mine.gguf"\n')
+    monkeypatch.chdir(tmp_path)  # read from the models.toml's folder, not the current one
+    table = runner.invoke(app, ["models", "list", "--models", "sub/models.toml"])
+    assert table.exit_code == 0, table.output
+    assert f"mine: missing at {sub / 'mine.gguf'}; check `path` for 'mine' in " in table.stderr
+    (sub / "mine.gguf").write_text("not a GGUF file")
+    table = runner.invoke(app, ["models", "list", "--models", "sub/models.toml"])
+    assert f"mine: not verified at {sub / 'mine.gguf'}; check `path`" in table.stderr
+
+
+def test_models_list_shows_labels_as_written_not_as_markup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from crecli import console
+
+    monkeypatch.setenv("COLUMNS", "400")  # wide enough that no label is cut
+    monkeypatch.setattr(console, "_out", None)  # made again, at that width
+    # Labels reached Rich as markup: "[imatrix]" vanished from `quant`, and `params = "7B [/]"`
+    # was a MarkupError traceback.
+    toml = tmp_path / "models.toml"
+    toml.write_text('[models.mine]\narch = "[bold]llama[/bold]"\nparams = "7B [/]"\nquant = "Q4_K_M [imatrix]"\n'
+                    'path = "mine.gguf"\n'
+                    '[models.esc]\narch = "a\\u001b[31mred"\npath = "esc.gguf"\n')
+    (tmp_path / "mine.gguf").write_text("not a GGUF file")
+    table = runner.invoke(app, ["models", "list", "--models", str(toml)])
+    assert table.exit_code == 0 and table.exception is None, table.output
+    line = next(line for line in table.stdout.splitlines() if " mine " in line)
+    for label in ("[bold]llama[/bold]", "7B [/]", "Q4_K_M [imatrix]", "bad: not a GGUF"):
+        assert label in line, table.stdout
+    # A control character in a label is shown as an escape, never sent to the terminal.
+    assert "a\\x1b[31mred" in table.stdout and "\x1b" not in table.stdout
 
 
 def test_models_list_shows_an_unpinned_file_as_unpinned_not_verified(tmp_path: Path) -> None:

@@ -411,3 +411,19 @@ def test_a_later_file_that_changes_what_a_requantized_model_is_made_from_drops_i
     extra.write_text(text)
     derived = config.load(extra).get("qwen2.5-coder-0.5b-instruct-q4_0")
     assert (derived.sha256 is not None) is pinned and (derived.size is not None) is (pinned and "sha256 =" not in text)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("default_router = " + "[" * 5000 + "]" * 5000, "arrays or tables nested too deeply to read"),
+    ("log_queries = " + "9" * 5000, "an integer with more than 4300 digits"),
+    ("default_router = [", "not valid TOML"),
+])
+def test_settings_toml_that_tomllib_cannot_parse_is_a_config_error(text: str, message: str) -> None:
+    # settings.toml was read as models.toml was: only a TOMLDecodeError was caught, so deep
+    # nesting (RecursionError) or an over-long integer (ValueError) was a traceback.
+    paths.ensure(paths.config_dir())
+    paths.user_settings_file().write_text(text)
+    with pytest.raises(ConfigError) as info:
+        paths.read_user_settings()
+    assert str(info.value).startswith(f"{paths.user_settings_file()}: {message}")
+    assert str(info.value).endswith("; fix or delete the file")

@@ -154,6 +154,24 @@ def test_a_directory_or_a_huge_file_is_refused(tmp_path: Path) -> None:
         config.load(big)
 
 
+# TOML that tomllib fails on with other than TOMLDecodeError: it recurses once per nesting
+# level (RecursionError), and Python refuses to read an integer of more than 4300 digits
+# (ValueError). Both were tracebacks.
+PARSER_BREAKERS = [
+    ("ladder = " + "[" * 5000 + "]" * 5000, "arrays or tables nested too deeply to read"),
+    ("x = " + "{a = " * 3000 + "1" + "}" * 3000, "arrays or tables nested too deeply to read"),
+    ('[models."gemma-3-270m"]\ncontext = ' + "1" * 5000, "an integer with more than 4300 digits"),
+]
+
+
+@pytest.mark.parametrize("text, message", PARSER_BREAKERS)
+def test_toml_too_deep_or_too_long_to_parse_is_a_config_error(tmp_path: Path, text: str, message: str) -> None:
+    f = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        config.load(f)
+    assert str(info.value) == f"{f}: {message}; fix the file"
+
+
 def test_a_bom_is_tolerated(tmp_path: Path) -> None:
     f = tmp_path / "bom.toml"
     f.write_bytes(b"\xef\xbb\xbfladder = [\"gemma-3-270m\"]\n")
@@ -176,6 +194,7 @@ CLI_CASES = [
     ('[models.x]\nurl = "file:///etc/passwd"', URL_RULE),
     ('[models.x]\nchunks = [{ package = "--index-url=http://evil/", member = "m" }]', PACKAGE_RULE),
     ('[models."gemma-3-270m"]\ncontext = -5', "context must be an integer >= 16, got -5"),
+    *PARSER_BREAKERS,
 ]
 
 

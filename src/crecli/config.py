@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -603,10 +602,8 @@ def _read(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"{path}: not UTF-8 text (bad byte at offset {exc.start}); TOML files must be UTF-8"
         ) from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    # Deep nesting and over-long integers too, not only bad syntax: a ConfigError naming the file.
+    data = paths.parse_toml(text, path, "fix the file")
     unknown = set(data) - set(TOP_LEVEL_KEYS)
     if unknown:
         raise ConfigError(

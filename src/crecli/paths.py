@@ -573,19 +573,45 @@ def check_output(
     return path
 
 
-def read_user_settings() -> dict:
-    """settings.toml as a dict ({} when there is none); a broken file is a ConfigError."""
+def parse_toml(text: str, file: Path, fix: str) -> dict:
+    """`text`, read from `file`, parsed as TOML; any TOML it cannot read is a ConfigError that
+    names `file` and ends with `fix`.
+
+    Here, not in `config`, so settings.toml (read here) and models.toml (`config._read`) share
+    it: `config` imports this module. Not only TOMLDecodeError: tomllib recurses once per
+    nesting level, so `x = [[[[...` some thousand deep was a RecursionError traceback, and an
+    integer of more than `sys.get_int_max_str_digits()` digits a ValueError one.
+    """
+    import sys
     import tomllib
 
     from crecli.errors import ConfigError
 
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        problem = f"not valid TOML: {exc}"
+    except RecursionError:
+        problem = "arrays or tables nested too deeply to read"
+    except ValueError as exc:  # TOMLDecodeError is one too, caught above
+        # Python's own words name `sys.set_int_max_str_digits()`, no fix for a file's reader.
+        problem = (f"an integer with more than {sys.get_int_max_str_digits()} digits" if "digits" in str(exc)
+                   else f"cannot read it ({exc})")
+    raise ConfigError(f"{file}: {problem}; {fix}")
+
+
+def read_user_settings() -> dict:
+    """settings.toml as a dict ({} when there is none); a broken file is a ConfigError."""
+    from crecli.errors import ConfigError
+
     file = user_settings_file()
     try:
-        data = tomllib.loads(file.read_text(encoding="utf-8"))
+        text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         return {}
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{file}: cannot read it ({exc}); fix or delete the file") from None
+    data = parse_toml(text, file, "fix or delete the file")
     # A misspelt `log_queries = false` would leave every prompt logged without a word. Tables
     # are your own (crecli reads only the top level, and `--set-default` keeps them).
     unknown = sorted(k for k, v in data.items() if k not in SETTINGS and not isinstance(v, dict))
@@ -727,7 +753,7 @@ def update_user_setting(key: str, value: str | bool | int | float) -> Path:
     edited = _with_key(text, key, tomli_w.dumps({key: value}))
     try:
         same = tomllib.loads(edited) == wanted
-    except tomllib.TOMLDecodeError:
+    except (ValueError, RecursionError):  # any TOML tomllib cannot read (`parse_toml`): rewrite whole
         same = False
     return _replace_settings_text(edited if same else tomli_w.dumps(wanted))
 

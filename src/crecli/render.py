@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Collection, Sequence
 from crecli.console import err, out, print_json, status, strict_json, terminal_safe
 
 if TYPE_CHECKING:
+    from rich.text import Text
+
     from crecli.models.backend import Generation
     from crecli.models.bench import Speed
 
@@ -36,8 +38,29 @@ def human_bytes(n: int | None) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def _label(text: str) -> "Text":
+    """A cell of models.toml's own text (a label, a problem quoting a path or a server's
+    words), shown as written: a Text is never read as Rich markup, so `quant = "Q4_K_M
+    [imatrix]"` keeps its "[imatrix]" and `params = "7B [/]"` is no MarkupError traceback,
+    and terminal_safe shows control characters as escapes."""
+    from rich.text import Text
+
+    return Text(terminal_safe(text))
+
+
+def cost_text(cost: float) -> str:
+    """A cost as every report prints it (`cre eval`, `cre inspect`, `cre calibrate`, `cre
+    batch`'s summary): 3 significant digits, not a fixed count of decimals, which printed a
+    price (about 1e-4 a query at 0.002 per 1k tokens) as 0.000; bench-seconds read as before
+    (0.512). Trailing zeros stay so a column's digits line up."""
+    if abs(cost) >= 100:
+        return f"{cost:,.0f}"  # whole units: "1.23e+03" is no way to print 1234 seconds
+    return f"{cost:#.3g}".rstrip(".")  # "#" keeps "0.500"; 99.96 rounds to "100.", stripped
+
+
 def models_table(rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="Model ladder (smallest first)", title_justify="left")
     # Names and states must survive a narrow or piped console whole: other columns shrink.
@@ -51,25 +74,26 @@ def models_table(rows: list[dict[str, Any]]) -> None:
         )
     for r in rows:
         if r["backend"] == "openai":
-            file_state = "[cyan]remote[/cyan]"
+            file_state = Text("remote", "cyan")
         elif r["verified"] and not r["pinned"]:
-            file_state = "[yellow]unpinned[/yellow]"  # a GGUF file, but nothing says which one
+            file_state = Text("unpinned", "yellow")  # a GGUF file, but nothing says which one
         elif r["verified"]:
-            file_state = "[green]verified[/green]"
+            file_state = Text("verified", "green")
         elif r["present"]:
-            file_state = f"[red]bad: {r['problem']}[/red]"
+            file_state = Text.assemble("bad: ", _label(r["problem"]), style="red")
         else:
-            file_state = "[yellow]missing[/yellow]"
+            file_state = Text("missing", "yellow")
         table.add_row(
             str(r["rung"]) if r["rung"] is not None else "-",
-            r["name"],
-            r["arch"],
-            r["params"],
-            r["quant"],
+            # Every cell below that holds a string from models.toml, or from a server, as a Text.
+            _label(r["name"]),
+            _label(r["arch"]),
+            _label(r["params"]),
+            _label(r["quant"]),
             human_bytes(r["size"]),
             file_state,
-            r["runs_on"],
-            r["signals"],
+            _label(r["runs_on"]),
+            _label(r["signals"]),
             # The prompt rate is after the pass: without it beside, it reads 1.5x too fast.
             f"{r['pass_seconds']:.3f}" if r["pass_seconds"] is not None else "-",
             f"{r['pp_tokens_per_s']:.0f}" if r["pp_tokens_per_s"] else "-",
@@ -84,7 +108,9 @@ def models_table(rows: list[dict[str, Any]]) -> None:
         status(f"Fetch missing or bad models with `cre models pull {' '.join(fetch)}`.")
     for r in rows:
         if r["fix"] and not r["pullable"]:
-            status(f"{r['name']}: {'missing' if not r['present'] else 'not verified'}; {r['fix']}.")
+            # The file a relative `path` was resolved to (from its models.toml's folder), which
+            # only --json showed: "missing" alone did not say where crecli looked.
+            status(f"{r['name']}: {'missing' if not r['present'] else 'not verified'} at {r['path']}; {r['fix']}.")
     if any(r["tg_tokens_per_s"] is None and r["backend"] == "llama" for r in rows):
         status("Measure speeds with `cre models bench`.")
     if any(r["signals"] != "logprobs" and r["on_ladder"] for r in rows):
@@ -237,8 +263,8 @@ def batch_summary(summary: "BatchSummary", as_json: bool) -> None:
     if summary.cost_ratio is not None:
         unit = {"seconds": "model-seconds", "bench-seconds": "bench-seconds"}.get(summary.unit, "price units")
         lines.append(
-            f"vs always {summary.strongest_model}: {summary.cascade_cost:.3g} against an estimated "
-            f"{summary.strongest_cost:.3g} {unit} ({summary.cost_ratio:.0%}) on {summary.estimated} answers; "
+            f"vs always {summary.strongest_model}: {cost_text(summary.cascade_cost)} against an estimated "
+            f"{cost_text(summary.strongest_cost)} {unit} ({summary.cost_ratio:.0%}) on {summary.estimated} answers; "
             f"both priced from the answers' tokens, the estimate as {summary.strongest_model}'s greedy answer"
         )
         stale = stale_speeds_note(summary.speeds_age_hours)

@@ -135,6 +135,10 @@ class Speed:
     # are split from (`split_pass`), and runs pool by; None before passes were measured.
     short_seconds: float | None = None
     long_seconds: float | None = None
+    # The model's `n_gpu_layers` when measured: a run with layers on a GPU is no sample of the
+    # CPU's speed, so runs pool only with the same offload (`_earlier_runs`). A bench.json
+    # written before this was recorded has none: read as 0, the CPU default those runs had.
+    n_gpu_layers: int = 0
 
     @property
     def rates(self) -> Rates:
@@ -327,6 +331,7 @@ def measure_all(
             pp_short_tokens=done[0].pp_short or None,
             short_seconds=short_s if done[0].pp_short else None,
             long_seconds=long_s if done[0].pp_short else None,
+            n_gpu_layers=spec.n_gpu_layers,
         )
         speed.warnings = check(speed)
         out.append(speed)
@@ -417,13 +422,15 @@ def _run_record(pp: float, tg: float, measured_at: str, pass_seconds: float,
 def _earlier_runs(entry: Any, speed: Speed) -> list[dict[str, Any]]:
     """The runs stored for this file and thread count that can pool with `speed`: measured
     the same way (prompt and generation tokens, the short prompt's length, cached head,
-    weight repacking), with both prompts' timings where `speed` split off a pass. A file
-    written before runs were pooled counts as one run."""
+    weight repacking, GPU offload), with both prompts' timings where `speed` split off a
+    pass. A file written before runs were pooled counts as one run."""
     if not isinstance(entry, dict):
         return []
     same = all(entry.get(k) == getattr(speed, k)
                for k in ("pp_tokens", "tg_tokens", "head_tokens", "extra_bufts", "pp_short_tokens"))
-    if not same:
+    # Runs stored before offload was recorded ran with the default, 0: on the CPU.
+    offload = entry.get("n_gpu_layers", 0)
+    if not same or isinstance(offload, bool) or offload != speed.n_gpu_layers:
         return []
     runs = entry.get("runs")
     if not isinstance(runs, list):
