@@ -545,3 +545,104 @@ def test_evals_cascade_without_clusters_reads_no_cluster_prior() -> None:
     # The cascade itself still reads its clusters' priors: cluster 0's queries stay on `small`.
     assert evaluate.evaluate(router, data).cascade["mean_cost"] == pytest.approx((10 * 1 + 20 * 9) / 30)
     assert evaluate.evaluate(router, all_in_0).cascade["mean_cost"] == pytest.approx(1)
+
+
+def test_eval_leaves_out_the_top_models_vote_majority_when_the_fit_recorded_one_vote() -> None:
+    # With the default `cre fit --k 1` the "k-vote majority" was the top model alone under a
+    # majority's name: a baseline that only looked like another system.
+    from dataclasses import replace
+
+    from crecli import evaluate
+    from support.replays import synthetic_data
+    from support.routers import make_router
+
+    accuracy = {m: [0.5, 0.7, 0.9] for m in ("small", "medium", "large")}
+    router = make_router(thresholds={"small": 0.6, "medium": 0.6, "large": 0.0})
+    one = replace(router, quality=replace(router.quality, k=1))
+    names = [p.name for p in evaluate.evaluate(one, synthetic_data(30, accuracy, k=1)).points]
+    assert not any("vote majority" in n for n in names) and "large only" in names
+    # With several votes recorded it is a baseline of its own, and stays.
+    k = router.quality.k
+    assert k > 1
+    names = [p.name for p in evaluate.evaluate(router, synthetic_data(30, accuracy, k=k)).points]
+    assert f"large with {k}-vote majority" in names
+
+
+def _price_report(cost: float) -> Any:
+    """An eval report whose costs are in the price unit: about `cost` a query."""
+    from crecli.evaluate import CASCADE, EvalReport, Point
+
+    points = [Point(CASCADE, 0.8, cost, 0.3), Point("small only", 0.5, cost / 4), Point("large only", 0.85, cost * 3)]
+    return EvalReport(
+        n=10, unit="price", cascade={}, reference={"accuracy": 0.85, "mean_cost": cost * 3}, retained=0.8 / 0.85,
+        cost_share=1 / 3, oracle_gap=0.1, baselines=points[1:],
+        per_cluster=[{"cluster": 0, "n": 10, "start_model": "small", "started_on": {"small": 10}, "accuracy": 0.8,
+                      "mean_cost": cost, "escalation_rate": 0.3, "answered_by": {"small": 7, "large": 3}}],
+        tokens={"output_tokens": 100.0, "seconds_per_output_token": None}, points=points,
+    )
+
+
+def test_reports_print_a_price_per_query_in_significant_digits_not_as_zero(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A price is about 1e-4 a query at 0.002 per 1k tokens: `cre eval`, `cre inspect`,
+    # `cre calibrate` and the plots printed every cost as 0.000 or 0.00.
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from crecli import reports
+    from support.routers import make_router
+
+    screen = Console(file=io.StringIO(), width=250)
+    monkeypatch.setattr(reports, "out", lambda: screen)
+    report = _price_report(1.23e-4)
+    reports.eval_report(report, as_json=False)
+    shown = screen.file.getvalue()
+    table, per_cluster = shown.split("Per cluster")
+    assert "0.000123" in table and "0.000369" in table
+    assert not re.search(r"\b0\.000?\b", shown.split("\naccuracy\n")[0]), shown  # the tables: no cost as 0
+    assert "0.000123" in per_cluster
+    scatter = reports._ascii_scatter(report.points, report.reference)
+    assert re.search(r"0\.00\s+0\.000387  cost/query", scatter), scatter
+    assert ">0.000101</text>" in reports._svg(report)  # a tick at a quarter of 1.1 x the dearest
+    # Bench-seconds read as they did.
+    assert reports.cost_text(0.512) == "0.512" and reports.cost_text(12.345) == "12.3"
+
+    router = make_router()
+    for c in router.clusters:
+        for m, st in c.stats.items():
+            st["mean_cost"] = 2.5e-4
+    screen.file = io.StringIO()
+    reports.inspect_router(router, as_json=False)
+    assert "0.000250" in screen.file.getvalue()
+
+    point = {"chosen": True, "setting": "weight 1 | thresholds 0.6/0.6/0.0", "accuracy": 0.8, "mean_cost": 1.5e-4,
+             "escalation_rate": 0.2}
+    cal = SimpleNamespace(
+        reference={"accuracy": 0.85, "mean_cost": 4e-4}, frontier=[point], held_out=point, estimate=point,
+        budget=SimpleNamespace(kind="retain", value=0.95), budget_met=True,
+        setting=SimpleNamespace(label=lambda: point["setting"]), folds=2, n=10, signals={}, seconds=1.0)
+    screen.file = io.StringIO()
+    reports.calibration(cal, "router.cre", as_json=False)
+    assert "0.000150" in screen.file.getvalue()
+    capsys.readouterr()
+
+
+def test_the_terminal_scatter_shows_the_cascade_and_labels_both_ends_of_its_accuracy_axis() -> None:
+    # Random routing at equal cost shares the cascade's column, and at a like accuracy its
+    # cell: drawn after it, its letter hid the cascade's. Only the top of the accuracy axis
+    # was labelled, though the bottom is 0.05 under the lowest point, not 0.
+    from crecli import reports
+    from crecli.evaluate import CASCADE, RANDOM, Point
+
+    points = [Point(CASCADE, 0.80, 2.0), Point("small only", 0.50, 1.0), Point("large only", 0.85, 5.0),
+              Point(RANDOM, 0.801, 2.0)]
+    lines = reports._ascii_scatter(points, {"accuracy": 0.85, "mean_cost": 5.0}).splitlines()
+    grid = [line for line in lines if "|" in line]
+    assert len(grid) == 14 and sum(line.count("A") for line in grid) == 1
+    assert not any("D" in line for line in grid)
+    assert "D random routing at equal cost (behind A)" in lines[-1]
+    assert grid[0].split("|")[0].strip() == "0.90" and grid[-1].split("|")[0].strip() == "0.45"
+    assert all(not line.split("|")[0].strip() for line in grid[1:-1])

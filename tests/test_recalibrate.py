@@ -400,6 +400,32 @@ def test_eval_finds_a_moved_fit_log_only_by_fit_log_with_its_bytes(fakes, tiny_m
     assert result.exit_code == 1 and "not found" in str(result.exception)
 
 
+def test_eval_says_nothing_is_known_in_sample_when_the_fit_log_moved_and_no_other_log_adds_prompts(
+    fakes, tiny_models_toml: Path, tmp_path: Path
+) -> None:
+    # Never calibrated, or calibrated on the fit log itself, the calibration adds no prompts
+    # (an empty set): beside a fit log that cannot be read, that counted 0 in sample, where
+    # nothing can be told (n_in_fit_log None).
+    m = ("--models", tiny_models_toml)
+    fit_log = write(tmp_path / "log.jsonl", rows())
+    router = tmp_path / "router.cre"
+    ok("fit", fit_log, "-o", router, *m)
+    subset = write(tmp_path / "subset.jsonl", rows()[:12])
+    moved = fit_log.rename(tmp_path / "moved.jsonl")
+    for calibrate in (False, True):
+        if calibrate:
+            moved.rename(fit_log)
+            ok("calibrate", router, *m, "--folds", "2")  # on the fit log: recorded as the fit records it
+            fit_log.rename(moved)
+        result = cre("eval", subset, "--router", router, *m, "--json")
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert (report["n_in_fit_log"], report["n_in_sample"], report["in_sample"]) == (None, None, False), calibrate
+        assert "fit or calibration log" not in result.stderr
+        human = cre("eval", subset, "--router", router, *m)
+        assert human.exit_code == 0 and "in sample" not in human.output
+
+
 def test_eval_finds_a_moved_calibration_log_by_calibration_log_with_its_bytes(
     fakes, tiny_models_toml: Path, tmp_path: Path
 ) -> None:

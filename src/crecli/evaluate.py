@@ -3,8 +3,8 @@
 The cascade is replayed on recorded votes (`replay.Replay`), which walks the same ladder
 engine as `cre ask` on the same seeded votes; outcomes missing from the store are
 collected first (that does run models, once). The baselines are replayed on the same votes:
-each model alone, the strongest model with a k-vote majority (when its votes are recorded, not
-only labels), random routing at equal cost,
+each model alone, the strongest model with a k-vote majority (when the fit recorded k > 1 votes
+and the log holds them, not only labels), random routing at equal cost,
 cluster routing without the quality check, the cascade without clusters (every query from
 the smallest model, a deferral check given the prior of a prompt in no cluster), and the oracle.
 `--live` also runs the real cascade (`live`), to check the replay against it. `pool` pools
@@ -199,8 +199,10 @@ def evaluate(router: "RouterFile", data: Data) -> EvalReport:
     singles = [_greedy_point(data, f"{m}{SINGLE_SUFFIX}", {r.id: m for r in records}) for m in ladder]
     # The top model's k-vote majority needs its votes: a log of correctness labels has none
     # to replay, and the whole eval failed on this one baseline (the cascade replays fine).
+    # With k = 1 it is "<top> only" under a majority's name (its cost differing only where
+    # prompts too long for the top cost nothing), so it is left out too.
     labels_only = any(data.outcomes[(r.id, ladder[-1])].source == "label" for r in records)
-    top_vote = None if labels_only else data.replay.simulate(
+    top_vote = None if labels_only or quality.k < 2 else data.replay.simulate(
         {r.id: ladder[-1] for r in records}, {ladder[-1]: 1.0}, replace(quality, early_stop=False))
     no_qc = _greedy_point(data, "cluster routing, no quality check", starts)
     no_clusters = _replay(router, data, {r.id: ladder[0] for r in records}, clustered=False)
@@ -534,7 +536,9 @@ def run(
         raise CreError(f"--held-out-only needs the log the router was last calibrated on: {why}; pass the "
                        "log as it was with --calibration-log FILE, or calibrate again on the log where it is now "
                        "(`cre calibrate ROUTER --log FILE`)")
-    seen = None if fitted is None and calibrated is None else (fitted or set()) | (calibrated or set())
+    # Unknown (None) unless some log read adds prompts: a calibration on the fit log itself, or
+    # none, reads as the empty set, which beside an unread fit log would count 0 in sample.
+    seen = None if fitted is None and not calibrated else (fitted or set()) | (calibrated or set())
     reader = router.fit.reader.overridden(skip_bad, max_line_bytes)
     data = replay.prepare(router, settings, log, store, reader, unit, leave_out=seen if held_out_only else None)
     report = evaluate(router, data)

@@ -10,7 +10,7 @@ from typing import Any
 from crecli.console import out, print_json, status, warn
 from crecli.models.prompting import control_markers
 from crecli.console import terminal_safe
-from crecli.render import stale_speeds_note
+from crecli.render import cost_text, stale_speeds_note
 
 
 def fit_report(report: Any, as_json: bool) -> None:
@@ -193,7 +193,7 @@ def inspect_router(router: Any, as_json: bool, here: dict[str, tuple[str, str]] 
             mark = "*" if name == c.model else ""
             shots = c.shots.get(name, 0)
             cells.append(
-                f"{mark}{st['accuracy']:.2f} ({int(st['n'])})\n{st['mean_cost']:.2f}"
+                f"{mark}{st['accuracy']:.2f} ({int(st['n'])})\n{cost_text(st['mean_cost'])}"
                 + (f"\n{shots} example{'s' if shots > 1 else ''}" if shots else "")
             )
         examples = "\n".join("- " + terminal_safe(e.replace("\n", " ")[:90]) for e in c.examples)
@@ -272,7 +272,7 @@ def calibration(cal: Any, path: Any, as_json: bool) -> None:
             p["setting"],
             f"{p['accuracy']:.3f}",
             _pct(p["accuracy"] / ref["accuracy"]) if ref["accuracy"] else "-",
-            f"{p['mean_cost']:.3f}",
+            cost_text(p["mean_cost"]),
             _pct(p["mean_cost"] / ref["mean_cost"]) if ref["mean_cost"] else "-",
             _pct(p["escalation_rate"]),
         )
@@ -344,7 +344,7 @@ def eval_report(report: Any, as_json: bool) -> None:
             p.name,
             f"{p.accuracy:.3f}",
             _pct(p.accuracy / ref["accuracy"]) if ref["accuracy"] else "-",
-            f"{p.mean_cost:.3f}",
+            cost_text(p.mean_cost),
             _pct(p.mean_cost / ref["mean_cost"]) if ref["mean_cost"] else "-",
             _pct(p.escalation_rate) if p.escalation_rate is not None else "",
             p.note,
@@ -372,7 +372,7 @@ def eval_report(report: Any, as_json: bool) -> None:
             ", ".join(f"{m} {n}" for m, n in c["started_on"].items())
             if c["started_on"] != {c["start_model"]: c["n"]} else c["start_model"],
             f"{c['accuracy']:.2f}",
-            f"{c['mean_cost']:.2f}",
+            cost_text(c["mean_cost"]),
             _pct(c["escalation_rate"]),
             ", ".join(f"{m} {n}" for m, n in c["answered_by"].items() if n),
         )
@@ -389,24 +389,42 @@ def eval_report(report: Any, as_json: bool) -> None:
 
 
 def _ascii_scatter(points: list[Any], ref: dict[str, float], width: int = 60, height: int = 14) -> str:
-    """A compact accuracy-against-cost view for the terminal; letters key the systems."""
+    """A compact accuracy-against-cost view for the terminal; letters key the systems.
+
+    Points sharing a cell are drawn in order and the cascade last, so its letter is the one
+    seen (random routing at equal cost shares its column, and was drawn over it); a letter
+    drawn over is keyed as behind the one shown. The top and bottom rows are labelled with
+    their accuracy: the bottom is 0.05 under the lowest point, not 0."""
+    from crecli.evaluate import CASCADE
+
     xs = [p.mean_cost for p in points]
     ys = [p.accuracy for p in points]
     x0, x1 = 0.0, max(xs) * 1.05 or 1.0
     y0, y1 = max(0.0, min(ys) - 0.05), min(1.0, max(ys) + 0.05)
     grid = [[" "] * width for _ in range(height)]
-    keys = []
-    for i, p in enumerate(points):
-        ch = chr(ord("A") + i)
+    cells = []
+    for p in points:
         col = int((p.mean_cost - x0) / (x1 - x0) * (width - 1))
         row = height - 1 - int((p.accuracy - y0) / ((y1 - y0) or 1) * (height - 1))
-        grid[row][col] = ch
-        keys.append(f"{ch} {p.name}")
-    lines = [f"accuracy {y1:.2f}"] + ["  |" + "".join(r) for r in grid] + [
-        "  +" + "-" * width,
-        f"   {x0:.2f}{' ' * (width - 12)}{x1:.2f}  cost/query",
+        cells.append((row, col))
+    letters = [chr(ord("A") + i) for i in range(len(points))]
+    for i in sorted(range(len(points)), key=lambda i: points[i].name == CASCADE):
+        row, col = cells[i]
+        grid[row][col] = letters[i]
+    keys = []
+    for ch, p, (row, col) in zip(letters, points, cells):
+        shown = grid[row][col]
+        keys.append(f"{ch} {p.name}" + (f" (behind {shown})" if shown != ch else ""))
+    top, bottom = f"{y1:.2f}", f"{y0:.2f}"
+    margin = max(len(top), len(bottom)) + 1
+    labels = {0: top, height - 1: bottom}
+    lo, hi = cost_text(x0), cost_text(x1)
+    lines = ["accuracy"] + [labels.get(i, "").rjust(margin) + "|" + "".join(r) for i, r in enumerate(grid)] + [
+        " " * margin + "+" + "-" * width,
+        # The right label ends under the last column, which is x1's.
+        " " * (margin + 1) + lo + " " * max(1, width - len(lo) - len(hi)) + hi + "  cost/query",
     ]
-    return "\n".join(lines + ["   " + "; ".join(keys)])
+    return "\n".join(lines + [" " * (margin + 1) + "; ".join(keys)])
 
 
 def plot(report: Any, path: Path) -> None:
@@ -485,7 +503,7 @@ def _svg(report: Any, w: int = 720, h: int = 480, pad: int = 60) -> str:
         yv = y0 + (y1 - y0) * i / 4
         xv = x1 * i / 4
         parts.append(f'<text x="{pad - 5}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.2f}</text>')
-        parts.append(f'<text x="{sx(xv):.1f}" y="{h - pad + 15}" text-anchor="middle">{xv:.2f}</text>')
+        parts.append(f'<text x="{sx(xv):.1f}" y="{h - pad + 15}" text-anchor="middle">{cost_text(xv)}</text>')
     for p in report.points:
         main = p.name.startswith("cascade (")
         parts.append(
