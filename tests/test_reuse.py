@@ -195,3 +195,21 @@ def test_a_run_priced_at_once_frees_what_it_shares_on_both_sides(
         assert cascade.strongest_cost_of_run(traces, prompts) == run
         alone = cascade.cost_of_run(traces)
         assert run[0] == alone[0] and run[1] == pytest.approx(alone[1] - 5 / 50.0)  # five words shared
+
+
+def test_a_live_step_pays_a_remote_rungs_prompt_once_a_vote_as_the_replay_does() -> None:
+    """`cre ask`, `cre batch` and `cre serve` price a step as one figure: a remote rung's
+    three agreement votes were charged its prompt once, where calibration charged it three times."""
+    from crecli.costs import step_parts
+    from crecli.trace import Step
+
+    pricing = Pricing("price", {"remote": 1000.0, "local": 1000.0}, remote=frozenset({"remote"}))
+
+    def step(model: str) -> Step:
+        return Step(model=model, votes=["4"] * 3, normalized=["4"] * 3, agreement=1.0, used=3, threshold=0.6,
+                    accepted=True, answer="4", prompt_tokens=60, output_tokens=3, greedy_output_tokens=1,
+                    seconds=0.3, why="")
+
+    assert step_parts(pricing, 0, [step("remote")])[0] == pytest.approx(sum(pricing.price_votes("remote", 60, [1, 1, 1], [0.1] * 3)))
+    assert step_parts(pricing, 0, [step("remote")])[0] == pytest.approx(3 * 60 + 3)
+    assert step_parts(pricing, 0, [step("local")])[0] == pytest.approx(60 + 3)

@@ -205,7 +205,7 @@ def test_each_step_pays_its_models_prompt_pass_once_and_the_estimate_one(
         [estimate] = cascade.strongest_cost_of_run([_walk(cascade, "small", UNLETTERED)], [UNLETTERED])
         assert estimate == pytest.approx(0.2 + step.prompt_tokens / 50.0 + step.greedy_output_tokens / 10.0)
     # An escalated answer read its prompt on both rungs: two passes, each its model's.
-    steps = [SimpleNamespace(model="small", prompt_tokens=40, output_tokens=4, seconds=0.0, prefix_tokens=0),
-             SimpleNamespace(model="large", prompt_tokens=30, output_tokens=2, seconds=0.0, prefix_tokens=0)]
+    steps = [SimpleNamespace(model="small", prompt_tokens=40, output_tokens=4, seconds=0.0, prefix_tokens=0, votes=["a"]),
+             SimpleNamespace(model="large", prompt_tokens=30, output_tokens=2, seconds=0.0, prefix_tokens=0, votes=["a"])]
     pricing = Pricing.for_models(config.load(tiny_models_toml).ladder_specs())
     assert price_steps(pricing, [(0, steps)]) == [pytest.approx(0.01 + 40 / 400 + 4 / 40 + 0.2 + 30 / 50 + 2 / 10)]

@@ -345,6 +345,7 @@ class PricedStep(Protocol):
     output_tokens: int
     seconds: float
     prefix_tokens: int
+    votes: Sequence[str]  # the votes drawn: each a request of its own on a remote rung
 
 
 def prefix_key(model: str, cluster: int) -> str:
@@ -361,17 +362,20 @@ def step_parts(
     pricing: Pricing, cluster: int, steps: Sequence[PricedStep], reused: Mapping[str, int] | None = None
 ) -> tuple[float | None, list[Visit]]:
     """One answer's own cost (every step's votes, `Pricing.price_votes`; a step's output
-    tokens are a sum, each output token costs the same and a step reads its prompt once, so
-    one figure prices them all; None where a
-    model has no figure in the unit) and each step's visit to its examples, which the run
+    tokens are a sum and each output token costs the same, so one figure prices them all,
+    with the prompt paid once, or once a vote drawn where each vote pays it (a remote rung);
+    None where a model has no figure in the unit) and each step's visit to its examples, which the run
     the answer belongs to shares (`share_prefixes`). `reused`: per model, the tokens the
     prompt shares with the previous prompt of its cluster (`TokenCounts`), none for an
     answer priced alone."""
     total: float | None = 0.0
     visits: list[Visit] = []
     for step in steps:
-        votes = pricing.price_votes(step.model, step.prompt_tokens, [step.output_tokens], [step.seconds], step.prefix_tokens,
-                                    (reused or {}).get(step.model, 0))
+        # The later votes as output-free votes: each pays what a vote pays besides its output
+        # (nothing on a local rung, its prompt again on a remote one), as the replay prices them.
+        later = max(0, len(step.votes) - 1)
+        votes = pricing.price_votes(step.model, step.prompt_tokens, [step.output_tokens, *[0] * later],
+                                    [step.seconds, *[0.0] * later], step.prefix_tokens, (reused or {}).get(step.model, 0))
         total = None if votes is None or total is None else total + sum(votes)
         if step.prefix_tokens and pricing.by_tokens:
             visits.append((prefix_key(step.model, cluster), pricing.prefix(step.model, step.prefix_tokens)))
