@@ -644,3 +644,48 @@ def test_warnings_status_lines_and_errors_show_control_characters_as_escapes(cap
     cli._error(hostile)
     shown = capsys.readouterr().err
     assert "\x1b" not in shown and "\x07" not in shown and shown.count("meta.\\x1b]0;owned\\x07\\x1b[2J") == 3
+
+
+@pytest.mark.parametrize("extra", [(), ("--json",), ("--model", "small")])
+def test_ask_refuses_a_closed_stdout_before_any_model_runs(
+    fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path,
+    monkeypatch: pytest.MonkeyPatch, cre: Callable[..., Any], extra: tuple[str, ...],
+) -> None:
+    # `cre ask ... >&-` ran every model, logged the prompt, then ended in an AttributeError.
+    from support.hostile import refused
+
+    made = fake_backends({m: (lambda text, p: "4") for m in ("small", "medium", "large")})
+    monkeypatch.setattr(sys, "stdout", None)
+    routing = () if "--model" in extra else ("--router", saved_router)
+    refused(cre("ask", ADD, *routing, "--models", tiny_models_toml, "--no-log", *extra), "stdout is closed", code=2)
+    assert all(not backend.calls for backend in made.values())
+
+
+def test_ask_writes_its_answer_as_utf8_whatever_the_locale(
+    fake_backends: Callable[..., dict[str, FakeBackend]], saved_router: Path, tiny_models_toml: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, cre: Callable[..., Any],
+) -> None:
+    # LANG=en_US.ISO-8859-1: the answer failed to encode, a traceback after the models ran.
+    fake_backends({m: (lambda text, p: "12 \u2192 \u65e5\u672c") for m in ("small", "medium", "large")})
+    out = tmp_path / "answer.txt"
+    with open(out, "w", encoding="latin-1") as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        run = cre("ask", ADD, "--router", saved_router, "--models", tiny_models_toml, "--no-log")
+    assert run.code == 0, run.err
+    assert "\u65e5\u672c" in out.read_bytes().decode("utf-8")
+
+
+def test_ask_from_stdin_drops_a_byte_order_mark(monkeypatch: pytest.MonkeyPatch) -> None:
+    from crecli import cli
+    from crecli.errors import CreError
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xef\xbb\xbfWhat is 2 plus 2?\n")))
+    assert cli._read_prompt("-") == "What is 2 plus 2?\n"
+    # A file of a mark and a newline is an empty prompt, not one sent to the models.
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xef\xbb\xbf\n")))
+    with pytest.raises(CreError, match="the prompt is empty"):
+        cli._read_prompt("-")
+    # A bad byte's offset is the file's, mark included.
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xef\xbb\xbfab\xff")))
+    with pytest.raises(CreError, match="byte 5"):
+        cli._read_prompt("-")

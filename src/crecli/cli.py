@@ -358,6 +358,13 @@ def ask(
     """
     from crecli import render
 
+    # `cre ask ... >&-` ran every model, then ended in an AttributeError traceback.
+    _refuse_closed(sys.stdout, "stdout", "cre ask writes the answer to stdout",
+                   "redirect it to a file (cre ask ... > answer.txt)")
+    from crecli import console
+
+    # A Latin-1 locale failed to encode an answer such as "12 → 日本" after the models ran.
+    console.utf8_stdout()
     text = _read_prompt(prompt)
     if match is not None:
         match = _match_type(match)
@@ -691,10 +698,12 @@ def _read_prompt(prompt: str) -> str:
         if len(data) > MAX_LINE_BYTES:
             raise CreError(f"stdin: the prompt is over {MAX_LINE_BYTES >> 20} MiB, more than any model's context "
                            "holds; shorten it")
+        # A byte order mark (Notepad's) is no part of the prompt, as it is none of a batch line.
+        bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
         try:
-            prompt = data.decode("utf-8")
+            prompt = data[bom:].decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise CreError(f"stdin: not UTF-8 text (byte {exc.start}); convert it first, e.g. with iconv") from None
+            raise CreError(f"stdin: not UTF-8 text (byte {exc.start + bom}); convert it first, e.g. with iconv") from None
     elif (bad := SURROGATE.search(prompt)) is not None:
         # Python holds argument bytes that are not UTF-8 as lone surrogates, which no model's
         # tokenizer (nor the served-query log) can encode: refuse them as stdin's are refused.
