@@ -125,11 +125,19 @@ def held_out_p(data: Any, ladder: list[str], folds: int = 5, seed: int = 0, vote
     return out
 
 
-def with_check(data: Any, router: Any, p: Mapping[Any, float]) -> list[dict[str, Any]]:
+def grid(ladder: Sequence[str], m: str) -> list[dict[str, float]]:
+    """A start on `m`'s thresholds: one t in `THRESHOLDS` for m and each later rung below the top."""
+    return [{x: t for x in ladder[ladder.index(m):-1]} for t in THRESHOLDS]
+
+
+def with_check(data: Any, router: Any, p: Mapping[Any, float],
+               grids: Mapping[str, Sequence[Mapping[str, float]]] | None = None) -> list[dict[str, Any]]:
     """Per cluster that starts on the strongest model: for each smaller rung m and threshold,
     the replayed start on m (its answers and each later rung's below the top kept at
     P(correct) >= t, the rest sent up): m's accepted share and their accuracy, and the
-    cascade's accuracy and cost as shares of the strongest model's on the same queries."""
+    cascade's accuracy and cost as shares of the strongest model's on the same queries.
+    `grids` (start model: threshold settings) replaces `grid`'s, and leaves out the starts
+    it does not name."""
     ladder = list(router.ladder_names)
     top = ladder[-1]
     zeros = {m: 0.0 for m in ladder}
@@ -143,9 +151,9 @@ def with_check(data: Any, router: Any, p: Mapping[Any, float]) -> list[dict[str,
         cid: {"cluster": cid, "size": len(idx), "strongest_accuracy": sum(alone[i].correct for i in idx) / len(idx),
               "strongest_cost": sum(alone[i].cost for i in idx) / len(idx), "starts": []}
         for cid, idx in members.items()}
-    for m in ladder[:-1]:
-        for t in THRESHOLDS:
-            own = {x: t for x in ladder[ladder.index(m):-1]}
+    settings = grids if grids is not None else {m: grid(ladder, m) for m in ladder[:-1]}
+    for m, owns in settings.items():
+        for own in owns:
             traces = data.replay.simulate({q: m for q in ids}, zeros, router.quality, {q: own for q in ids},
                                           p_correct=p).traces
             for cid, idx in members.items():
@@ -154,7 +162,7 @@ def with_check(data: Any, router: Any, p: Mapping[Any, float]) -> list[dict[str,
                 acc = sum(traces[i].correct for i in idx) / len(idx)
                 cost = sum(traces[i].cost for i in idx) / len(idx)
                 row["starts"].append({
-                    "model": m, "threshold": t, "accepted_share": len(kept) / len(idx),
+                    "model": m, "threshold": own[m], "thresholds": dict(own), "accepted_share": len(kept) / len(idx),
                     "accepted_accuracy": sum(traces[i].correct for i in kept) / len(kept) if kept else None,
                     "accuracy_share": acc / row["strongest_accuracy"] if row["strongest_accuracy"] else None,
                     "cost_share": cost / row["strongest_cost"] if row["strongest_cost"] else None})

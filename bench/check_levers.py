@@ -1,13 +1,14 @@
-"""Would a sharper deferral check come from what the greedy pass already gives? Two variants
-of P(correct) against the shipped one, held out, on recorded answers.
+"""Would a sharper deferral check come from what the greedy pass already gives, or from the
+rung below's answer? Three variants of P(correct) against the shipped one, held out, on
+recorded answers.
 
 The check acts inside a cluster: a cluster's queries start on one rung, and the check
 decides which of that rung's answers to keep. The shipped model (`deferral.train_deferral`)
 is one logistic regression per rung over every cluster, on the greedy pass's signals and
 the cluster prior. Its AUROC over all answers is high because the prior separates the
 clusters; inside a cluster it ranks answers far less well, and calibration picks
-thresholds of 0. Two ways it could rank better there, each from the answers a fit already
-records and so free at answer time:
+thresholds of 0. Three ways it could rank better there, each from the answers a fit
+already records (the first two free at answer time):
 
 - **answer prior**: one more feature, the logit of how often the rung's greedy answer was
   right when the rung gave that same (normalised) answer to the cluster's training queries,
@@ -18,6 +19,11 @@ records and so free at answer time:
   cluster's own standardised signals, offset by the shipped model's logit, so a signal
   whose meaning differs by cluster (the option margin of a model that is sure and wrong)
   gets its own weight there; ridge `CORRECTION_L2` pulls it back toward the shipped model.
+- **below agreement**: for a rung above the first, one more feature: whether its greedy
+  answer is the rung below's. Not free: it holds only where the rung below answered first,
+  so its bound prices starts on the lowest rung alone (that rung's answers kept at t0, or
+  never, a witness only, and the next rung's at t1), and takes starts on the rungs above
+  from the shipped model.
 
 Each is fitted as calibration fits (`calibrate.folds`: 5 folds, copies of a prompt kept
 together; training answers' priors leave their own prompt out) and scored on the fold left
@@ -186,9 +192,83 @@ def cluster_correction(data: Any, train: Sequence[int], test: Sequence[int], mod
     return out
 
 
+def below_agreement(data: Any, train: Sequence[int], test: Sequence[int], model: str, table: Any) -> dict[Any, float]:
+    """P(correct) with one more feature for a rung above the first: whether its greedy answer
+    is the rung below's (both normalised; missing where the rung below has no answer). The
+    lowest rung keeps the shipped model. Valid only where the rung below ran first: a start
+    on the lower rung, whose cost the cascade pays (`witness_grids`)."""
+    from crecli.deferral import _table_prior, deferral_p, fit_filled, train_deferral
+    from crecli.quality import Deferral, feature_names
+
+    ladder = data.replay.ladder
+    at = ladder.index(model)
+    if at == 0:
+        rule = train_deferral(data, train, table, model, 1)
+        return deferral_p(data, test, {model: rule}, _table_prior(data, table), 1)
+    below = ladder[at - 1]
+
+    def agree(i: int, e: Any) -> float | None:
+        other = data.replay.entries.get((data.records[i].id, below))
+        if other is None or not other.answers:
+            return None
+        return 1.0 if e.answers[0] == other.answers[0] else 0.0
+
+    prior_train = _train_prior(data, table, train, model)
+    rows: list[list[float | None]] = []
+    ys: list[bool] = []
+    for i in train:
+        if (e := _entry(data, i, model)) is not None:
+            rows.append(e.features(1, prior_train(i)) + [agree(i, e)])
+            ys.append(e.correct[0])
+    if not rows:
+        return {}
+    w, b, fill = fit_filled(rows, ys, len(rows[0]))
+    rule = Deferral(feature_names(1) + ("agrees_below",), tuple(float(x) for x in w), b, tuple(fill), 0.0)
+    prior_test = _table_prior(data, table)
+    return {(data.records[i].id, model): rule.p_correct(e.features(1, prior_test(i, model)) + [agree(i, e)])
+            for i in test if (e := _entry(data, i, model)) is not None}
+
+
+# A threshold no P(correct) reaches: the rung answers only as a witness for the one above.
+NEVER = 1.5
+
+
+def witness_grids(ladder: Sequence[str]) -> dict[str, list[dict[str, float]]]:
+    """`below_agreement`'s starts: on the lowest rung, its answers kept at t0 (or never: a
+    witness only) and the next rung's at t1; a start on a rung above the lowest has no rung
+    below that ran, so the variant does not price it (`bound` takes it from the shipped P)."""
+    first, second = ladder[0], ladder[1]
+    rest = ladder[2:-1]
+    return {first: [{first: t0, second: t1, **{x: t1 for x in rest}}
+                    for t0 in (*break_even.THRESHOLDS, NEVER) for t1 in break_even.THRESHOLDS]}
+
+
+def bound(data: Any, router: Any, p: dict[Any, float], shipped: dict[Any, float] | None, start_cost: float,
+          witness: bool) -> dict[str, Any]:
+    """`break_even.check_summary` of the starts a variant may take: every start at its own P,
+    or, for a witness variant, starts on the lowest rung at its P (`witness_grids`) and
+    starts on the others at the shipped P, the cheapest start that keeps `KEEP` per cluster."""
+    if not witness:
+        return break_even.check_summary(break_even.with_check(data, router, p), start_cost)
+    ladder = list(router.ladder_names)
+    low = break_even.with_check(data, router, p, witness_grids(ladder))
+    rest = break_even.with_check(data, router, shipped or {}, {m: break_even.grid(ladder, m) for m in ladder[1:-1]})
+    starts = {r["cluster"]: r for r in rest}
+    for row in low:
+        row["starts"] += starts[row["cluster"]]["starts"]
+        keeps = [s for s in row["starts"] if s["accuracy_share"] is not None and s["accuracy_share"] >= break_even.KEEP
+                 and s["cost_share"] is not None]
+        row["best"] = min(keeps, key=lambda s: s["cost_share"], default=None)
+    return break_even.check_summary(low, start_cost)
+
+
 # None: the shipped model, fitted as calibration fits it (`break_even.held_out_p`).
 VARIANTS: dict[str, break_even.Fitter | None] = {
-    "shipped": None, "answer prior": answer_prior, "cluster correction": cluster_correction}
+    "shipped": None, "answer prior": answer_prior, "cluster correction": cluster_correction,
+    "below agreement": below_agreement}
+# Variants whose P(correct) of a rung reads the answer of the rung below, so holds only on a
+# start below it.
+WITNESS = {"below agreement"}
 
 
 def main() -> None:
@@ -210,16 +290,18 @@ def main() -> None:
     runs = []
     for seed in args.seeds:
         fold_of = calibrate.fold_numbers(calibrate.folds(len(data.records), 5, seed, data.prompt_ids), len(data.records))
+        shipped = None
         for name, fit in VARIANTS.items():
             p = break_even.held_out_p(data, ladder, seed=seed, fit=fit)
+            shipped = p if fit is None else shipped
             report = signal_report(data, p, ladder[:-1], 1, fold_of)
-            bound = break_even.check_summary(break_even.with_check(data, router, p), start_cost)
+            summary = bound(data, router, p, shipped, start_cost, name in WITNESS)
             runs.append({"seed": seed, "variant": name,
                          "auroc": {m: {"all": r["p_correct"]["auroc"], "within_cluster": r["p_correct"]["within_cluster"]}
                                    for m, r in report.items() if "p_correct" in r},
                          "raw_within_cluster": {m: {s: r[s]["within_cluster"] for s in SIGNALS if s in r}
                                                 for m, r in report.items()},
-                         "bound": bound})
+                         "bound": summary})
             print(f"seed {seed} {name}: done", file=sys.stderr, flush=True)
     result = {"router": str(args.router), "queries": len(data.records), "keep": break_even.KEEP,
               "answer_strength": ANSWER_STRENGTH, "correction_l2": CORRECTION_L2, "runs": runs}

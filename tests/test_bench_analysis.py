@@ -367,3 +367,38 @@ def test_check_levers_counts_answers_per_cluster_and_the_copies_of_each_prompt()
     assert dict(by_answer) == {(0, "A"): [2.0, 3.0], (0, "B"): [1.0, 1.0], (1, "B"): [0.0, 1.0]}
     # q0's own answer, less its prompt's copies (q0 and q1): "A" right 0 of 1 among the others.
     assert by_prompt[(0, "x")] == [2.0, 2.0] and by_prompt[(0, "y")] == [0.0, 1.0]
+
+
+def test_check_levers_witness_bound_pays_the_rung_below_and_takes_other_starts_from_the_shipped_check() -> None:
+    from crecli.quality import QualityCheck
+    from crecli.querylog import Record
+    from crecli.replay import Replay, _Entry
+
+    cl = _script("check_levers")
+    # One cluster of 10 that starts on t (cost 10, right on all). w (cost 1) is wrong on all;
+    # s (cost 2) is right on q0-q7. Read with the rung below's answer, s's P(correct) is 0.9
+    # on q0-q7 and 0.1 on q8-q9; the shipped P says 0.5 on every one of s's answers.
+    records = [Record(id=f"q{i}", prompt=f"p{i}", reference=["1"], match="numeric") for i in range(10)]
+    entries: dict[Any, Any] = {}
+    witness, shipped = {}, {}
+    for i, r in enumerate(records):
+        entries[(r.id, "w")] = _Entry(("2",), (False,), (1.0,))
+        entries[(r.id, "s")] = _Entry(("1" if i < 8 else "3",), (i < 8,), (2.0,))
+        entries[(r.id, "t")] = _Entry(("1",), (True,), (10.0,))
+        witness[(r.id, "w")] = shipped[(r.id, "w")] = 0.1
+        witness[(r.id, "s")], shipped[(r.id, "s")] = (0.9 if i < 8 else 0.1), 0.5
+    data = SimpleNamespace(records=records, clusters=[0] * 10, replay=Replay(entries, records, ["w", "s", "t"], "seconds"))
+    info = SimpleNamespace(id=0, model="t")
+    router = SimpleNamespace(ladder_names=["w", "s", "t"], quality=QualityCheck(k=1), clusters=[info],
+                             cluster={0: info}.get)
+    # The shipped P finds no start that keeps t's accuracy for less: kept at 0.5 or below, s's
+    # 2 wrong answers stay (80%); above it, every query pays s and t (120%).
+    assert cl.bound(data, router, shipped, None, 100.0, witness=False)["clusters"] == 0
+    # The witness start pays w and s on every query and t on the 2 sent up: 1 + 2 + 2 = 5 of
+    # t's 10, as right as t. It saves 10 x 10 x 0.5 of the starts' 100.
+    assert cl.bound(data, router, witness, shipped, 100.0, witness=True) == {
+        "clusters": 1, "queries": 10, "saved_share_of_start_cost": pytest.approx(0.5)}
+    # What a start on s alone would give is priced at the shipped P: handing it the witness
+    # P (as if w's answer were there for free) would claim 2 + 2 = 4.
+    rows = cl.break_even.with_check(data, router, witness, {"s": cl.break_even.grid(["w", "s", "t"], "s")})
+    assert min(st["cost_share"] for st in rows[0]["starts"] if st["accuracy_share"] >= 0.98) == pytest.approx(0.4)
