@@ -115,6 +115,34 @@ def test_http_urls_are_accepted(tmp_path: Path, url: str) -> None:
     assert config.load(f).get("x").url == url
 
 
+# (url, what the message must say): a password, a query or a fragment in the API root. Each
+# was accepted: urllib read the password as a port and quoted it ("nonnumeric port:
+# 's3cret@host'"), httpx sent it as Basic auth over the Bearer key, the url showed in errors,
+# `cre models list --json` and the rung's identity in routers and the outcome store, and a
+# query came before the endpoint ("?api-version=1/completions").
+SECRET_URLS = [
+    ("http://alice:s3cret@h:8080/v1", "must not hold a user name or password"),
+    ("https://s3cret@h/v1", "must not hold a user name or password"),
+    ("http://alice:s3cret@h:bad/v1", "must not hold a user name or password"),  # refused before the port rule quotes it
+    ("alice:s3cret@h/v1", "must not hold a user name or password"),  # and before the scheme rule
+    ("http://h/v1?api-version=1&key=s3cret", "must not have a query"),
+    ("http://h/v1?", "must not have a query"),
+    ("http://h/v1#s3cret", "must not have a fragment"),
+]
+
+
+@pytest.mark.parametrize(("url", "message"), SECRET_URLS)
+def test_a_url_with_a_password_query_or_fragment_is_refused_unquoted(tmp_path: Path, url: str, message: str) -> None:
+    f = _write(tmp_path, f'[models.x]\nurl = ["http://ok/v1", "{url}"]\napi_model = "m"\n')
+    with pytest.raises(ConfigError) as info:
+        config.load(f)
+    said = str(info.value)
+    assert said.startswith(f"{f}: models.x.url[1] {message}") and "\n" not in said
+    assert "s3cret" not in said and "api-version" not in said  # what it holds is not shown
+    if "password" in message:
+        assert "api_key_env" in said  # where the key goes instead
+
+
 @pytest.mark.parametrize("package", BAD_PACKAGES)
 def test_chunk_packages_must_be_pinned_names(tmp_path: Path, package: str) -> None:
     # A JSON string is a valid TOML basic string.

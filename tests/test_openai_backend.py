@@ -228,6 +228,35 @@ def test_a_header_no_transport_can_send_is_refused_without_its_value(monkeypatch
         assert "SEC" not in str(info.value) and "Authorization" in str(info.value) and engine.requests == []
 
 
+@pytest.mark.parametrize(("pooled", "url"), [
+    (False, "http://alice:s3cret@127.0.0.1/v1"),  # urllib reads the password as a port
+    (False, "http://127.0.0.1:s3cret/v1"),
+    (True, "http://alice:s3cret@127.0.0.1:bad/v1"),
+    (True, "http://127.0.0.1:s3cret/v1"),
+])
+def test_a_url_the_http_client_cannot_send_to_is_not_quoted_nor_the_servers_fault(
+    monkeypatch: pytest.MonkeyPatch, pooled: bool, url: str
+) -> None:
+    """urllib's InvalidURL ("nonnumeric port: 's3cret@127.0.0.1'") quoted a password in the
+    url, as a broken reply that took the server out; httpx's InvalidURL escaped as it was.
+    models.toml refuses such a `url`; one built in code is refused by this side, unquoted."""
+    from contextlib import nullcontext
+
+    from crecli.models import http as transport
+    from crecli.models.openai import RemoteError
+    from support.scale import fresh_remote, pooled_transport
+
+    fresh_remote(monkeypatch)
+    with pooled_transport() if pooled else nullcontext():
+        with pytest.raises(transport.TransportError) as info:
+            transport.current().post(url + "/completions", b"{}", {}, 5.0, 1000)
+        assert info.value.kind == "local" and "InvalidURL" in str(info.value) and "s3cret" not in str(info.value)
+        backend = OpenAIBackend(_spec(url))
+        with pytest.raises(RemoteError, match="the request was not sent"):
+            backend.generate("hi", GenParams(max_tokens=4))
+        assert backend.replicas.states()[url] == "up"  # this side's fault, not the server's
+
+
 @pytest.mark.parametrize(
     ("status", "advice"),
     [(401, "API key"), (404, "/v1"), (500, "try again later"), (400, "models.toml|test.toml")],

@@ -385,6 +385,43 @@ def test_an_unreachable_server_is_unknown_and_asked_again_later(tmp_path: Path) 
         assert registry.signal_support(spec) == "logprobs"
 
 
+def test_calibrate_and_fit_ask_a_slow_server_with_the_rungs_own_timeout(
+    server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe behind `cre calibrate` and `cre fit` (`registry.reports_signals`) had 10 s,
+    not the rung's `timeout`: a server slower than that was "not reached", its rung
+    calibrated without signals, and the healthy server taken out as hung."""
+    from crecli.models import openai
+
+    monkeypatch.setattr(openai, "PROBE_TIMEOUT", 0.2)
+    server.delay = 0.6  # slower than the probe's short time, well within the rung's 120 s
+    spec = _spec(server.url)
+    assert registry.reports_signals(spec) is True
+    assert OpenAIBackend(spec).replicas.states()[server.url] == "up"
+
+
+def test_a_quick_probe_cut_by_its_own_short_time_leaves_the_server_in_rotation(
+    server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from crecli.models import openai
+
+    monkeypatch.setattr(openai, "PROBE_TIMEOUT", 0.2)
+    server.delay = 0.6
+    backend = OpenAIBackend(_spec(server.url))
+    assert backend.signal_support(timeout=openai.PROBE_TIMEOUT).label == "unknown (not reached)"
+    replica = backend.replicas.replicas[0]
+    assert replica.healthy and replica.in_flight == 0 and backend.replicas.states()[server.url] == "up"
+    server.delay = 0.0
+    assert backend.signal_support(timeout=openai.PROBE_TIMEOUT).kind == "logprobs"  # asked again, and known
+    # A probe that had half the rung's time or more and got nothing counts, as any try does
+    # (`FAIR_SHARE`): that server is hung, not slow.
+    server.delay = 0.6
+    tight = OpenAIBackend(_spec(server.url, name="tight"), timeout=0.3)
+    forget_signal_support()
+    assert tight.signal_support(timeout=openai.PROBE_TIMEOUT).label == "unknown (not reached)"
+    assert tight.replicas.states()[server.url].startswith("out: timed out")
+
+
 def test_models_list_shows_each_rungs_signal_support(tmp_path: Path) -> None:
     with FakeOpenAI() as good, FakeOpenAI() as ollama, FakeOpenAI() as dead:
         ollama.logprobs = "drop"
@@ -648,3 +685,23 @@ def test_a_deferral_rung_left_unchecked_by_a_server_without_logprobs_is_said_onc
     err = capsys.readouterr().err
     assert err.count("small gave no log-probabilities") == 1 and "on 1 vote accepts every non-empty answer" in err
     assert "medium gave no" not in err
+
+
+def test_models_list_probes_quickly_and_calibration_with_the_rungs_own_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cre models list` must not wait a hung server's whole `timeout` (600 s in scale.md's
+    example) per rung; `cre fit` and `cre calibrate` give a slow server all of it."""
+    from crecli.models import catalog, openai, registry
+    from crecli.models.openai import OpenAIBackend, SignalSupport
+
+    asked: list[float | None] = []
+
+    def probe(self: OpenAIBackend, probe: bool = True, timeout: float | None = None) -> SignalSupport:
+        asked.append(timeout)
+        return SignalSupport("unknown", detail="not reached")
+
+    monkeypatch.setattr(OpenAIBackend, "signal_support", probe)
+    spec = ModelSpec(name="remote", url="http://127.0.0.1:9/v1", api_model="m", timeout=600.0, defined_in="t.toml")
+    registry.signal_support(spec)
+    settings = config.ModelConfig(models={"remote": spec}, ladder=["remote"])
+    catalog.rows(settings)
+    assert asked == [None, openai.PROBE_TIMEOUT]

@@ -186,6 +186,64 @@ def test_a_try_that_gave_up_says_nothing_of_the_server_and_health_recovers_on_it
     assert rs.states()[r.url] == "out: connection refused (the next request tries it)"
 
 
+def test_an_answer_to_a_request_sent_before_the_server_asked_for_quiet_does_not_end_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A request already in flight when its server answered another 429 with Retry-After: 20
+    # came back 2xx and put the server back at once: it was sent more before it said.
+    from types import SimpleNamespace
+
+    from crecli.models import replicas
+
+    clock = [1000.0]
+    monkeypatch.setattr(replicas, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    rs = ReplicaSet("big", ["http://a/v1"], max_in_flight=4)
+    first, second = rs.acquire(), rs.acquire()
+    assert first is second is not None
+    rs.release(first, "HTTP 429", out_for=20)  # type: ignore[arg-type]
+    rs.release(second)  # type: ignore[arg-type]  # sent before the 429, answered after it
+    assert second.out_until - clock[0] == pytest.approx(20) and second.asked  # type: ignore[union-attr]
+    assert rs.acquire(wait_until=clock[0] + 1) is None  # not sent more before it said
+    assert rs.states()["http://a/v1"] == "out: HTTP 429 (back in 20 s)" and rs.up() == 0
+    clock[0] += 20  # the wait it asked for is over: tried, and its answer puts it back
+    again = rs.acquire(wait_until=clock[0] + 1)
+    assert again is first
+    rs.release(again)  # type: ignore[arg-type]
+    assert rs.states()["http://a/v1"] == "up" and rs.up() == 1
+
+
+def test_a_replica_past_its_back_off_is_tried_by_one_request_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Past its back-off, a failed replica was free capacity and the least busy: it took every
+    # request that came until one of them ended, each waiting the whole timeout on a hung server.
+    from types import SimpleNamespace
+
+    from crecli.models import replicas
+
+    clock = [1000.0]
+    monkeypatch.setattr(replicas, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    rs = ReplicaSet("big", ["http://a/v1", "http://b/v1"], max_in_flight=8)
+    a = rs.acquire()
+    assert a is not None and a.url == "http://a/v1"
+    rs.release(a, "timed out")  # out for its back-off (1 s)
+    held = [rs.acquire() for _ in range(3)]
+    assert [r.url for r in held] == ["http://b/v1"] * 3  # type: ignore[union-attr]
+    clock[0] += 1.5  # a's back-off has passed
+    trial = rs.acquire()
+    assert trial is a  # the next request tries it
+    later = [rs.acquire() for _ in range(2)]
+    assert [r.url for r in later] == ["http://b/v1"] * 2  # type: ignore[union-attr]  # not while its trial is out
+    more = [rs.acquire() for _ in range(3)]  # b is full now (8)
+    assert [r.url for r in more] == ["http://b/v1"] * 3 and rs.replicas[1].in_flight == 8  # type: ignore[union-attr]
+    extra = rs.acquire()
+    assert extra is a  # no healthy replica has room: a takes more
+    rs.release(extra)  # type: ignore[arg-type]  # and answers: up again, least busy, takes the next
+    rs.release(trial)  # type: ignore[arg-type]
+    for r in more:
+        rs.release(r)  # type: ignore[arg-type]
+    assert rs.states()["http://a/v1"] == "up"  # back for good: the least busy, it takes requests again
+    assert rs.acquire() is a and rs.acquire() is a
+
+
 def test_a_full_replica_set_makes_a_request_wait_for_a_slot() -> None:
     rs = ReplicaSet("big", ["http://a/v1"], max_in_flight=1)
     held = rs.acquire()

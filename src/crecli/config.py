@@ -106,9 +106,9 @@ class ModelSpec:
     urls: tuple[str, ...] = ()
     max_in_flight: int | None = None  # a remote rung's requests each server holds at once
     # Sent with every request to a remote rung's servers when set. llama-cpp-python's server
-    # and Ollama penalise repeated tokens (1.1) unless told otherwise, which changes greedy
-    # answers against the in-process runtime (none); OpenAI's own API refuses the field, so
-    # it is sent only when models.toml asks for it.
+    # penalises repeated tokens (1.1) unless told otherwise, which changes greedy answers
+    # against the in-process runtime (none); OpenAI's own API refuses the field, so it is sent
+    # only when models.toml asks for it. (Ollama's OpenAI endpoint drops it: docs/scale.md.)
     repeat_penalty: float | None = None
     # Seconds a remote rung's server has for one try of a request, its whole reply, headers
     # and all (a streamed try: its headers within it in all, then each read); every try has
@@ -384,6 +384,21 @@ def _url(where: Path | str, key: str, value: Any) -> str:
 
     rule = "an http:// or https:// URL with a host (e.g. http://127.0.0.1:8080/v1)"
     text = _str(where, key, value, rule=rule)
+    # Refused before any rule that quotes the value: what they find may be a password or a
+    # key. A user name and password were sent by httpx as Basic auth in place of the Bearer
+    # key, read by urllib as a port (its error quoting the password), and shown wherever the
+    # url is (errors, `cre models list --json`, the rung's identity in routers and the
+    # outcome store); a query or fragment ended up before the endpoint (`?v=1/completions`).
+    authority = text.partition("://")[2] if "://" in text else text  # `alice:pw@host` too
+    for sep in "/?#":
+        authority = authority.partition(sep)[0]
+    if "@" in authority:
+        raise ConfigError(f"{where}: {key} must not hold a user name or password (the part before @; not shown): "
+                          "give the server's key in an environment variable named by `api_key_env`")
+    for mark, part in (("?", "query"), ("#", "fragment")):
+        if mark in text:
+            raise ConfigError(f"{where}: {key} must not have a {part} ({mark}...; not shown): it is the API root, to "
+                              f"which /completions is added; remove the {mark} and what follows")
     if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in text):
         raise _fail(where, key, rule, value)
     try:

@@ -56,7 +56,7 @@ def rows(settings: ModelConfig, deep: bool = False) -> list[dict[str, Any]]:
                 "context": spec.context,
                 "n_gpu_layers": spec.n_gpu_layers,
                 "runs_on": "remote" if spec.backend == "openai" else _placement(spec),
-                "signals": registry.signal_support(spec),
+                "signals": registry.signal_support(spec, quick=True),
                 "pp_tokens_per_s": speed["pp_tokens_per_s"] if speed else None,
                 "tg_tokens_per_s": speed["tg_tokens_per_s"] if speed else None,
                 "pass_seconds": bench.pass_of(speed) if speed else None,

@@ -19,7 +19,8 @@ hold a try for as long as it likes.
 Status codes are the caller's to judge (`OpenAIBackend`): a 3xx comes back as a reply, never
 followed, so an API key is never sent to an address the `url` did not name. Nor is a header
 ever quoted in an error: a header value neither transport can send as it is (`header_fault`)
-is refused before sending, naming the header, not its value (an API key).
+is refused before sending, naming the header, not its value (an API key). Nor is a URL the
+client cannot send to (`INVALID_URL`): it may hold a password.
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ class TransportError(Exception):
     def __init__(self, kind: str, detail: str = "") -> None:
         super().__init__(detail or kind)
         self.kind, self.detail = kind, detail
+
+
+# What a try to a URL the HTTP client cannot send to says, in place of the client's message,
+# which quotes the URL: urllib reads `http://user:password@host` as a port, "nonnumeric port:
+# 'password@host'". models.toml refuses such a `url` (`config._url`); a spec built in code may not.
+INVALID_URL = "InvalidURL: the HTTP client cannot send to this url (not quoted: it may hold a password)"
 
 
 class Transport(Protocol):
@@ -205,6 +212,8 @@ class UrllibTransport:
             if isinstance(exc.reason, (TimeoutError, socket.timeout)):
                 raise TransportError("timeout") from None
             raise TransportError("connect", str(exc.reason)) from None
+        except http.client.InvalidURL:
+            raise TransportError("local", INVALID_URL) from None
         except (OSError, http.client.HTTPException) as exc:
             # urllib wraps only a failed connect in URLError: a server that dies after taking
             # the request (a crash, an OOM kill, a restart) surfaces as a raw reset or a
@@ -369,6 +378,8 @@ class LoopTransport:
             raise TransportError("timeout") from None
         except httpx.ConnectError as exc:
             raise TransportError("connect", str(exc) or "refused") from None
+        except httpx.InvalidURL:
+            raise TransportError("local", INVALID_URL) from None
         except httpx.LocalProtocolError as exc:
             # What this side sent was refused before the server had it; its message may quote a
             # header (the API key's), so only its type is kept.

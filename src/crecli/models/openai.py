@@ -74,6 +74,11 @@ TIMED_OUT = ("timeout", "connect_timeout")
 # The probe's prompt: one token of an answer to a lettered question, so a server that returns
 # log-probabilities shows its top list where it matters most (the option-letter margin).
 PROBE_QUESTION = "Which is a colour? (A) red (B) seven. Answer with the letter."
+# A quick probe's time (`signal_support(timeout=PROBE_TIMEOUT)`), for a listing that must not
+# wait a rung's whole `timeout` on each hung server. What it decides (`cre calibrate`, `cre
+# fit`) is asked with the rung's own `timeout`: a slow server cut off at 10 s was taken for
+# one not reached, and its rung calibrated without signals. A try cut by the shorter time
+# says nothing of its server (`_try_limit`).
 PROBE_TIMEOUT = 10.0
 
 
@@ -473,10 +478,13 @@ class OpenAIBackend(Backend):
     def _support_key(self) -> tuple[str, str]:
         return (self.url, self.spec.api_model or self.spec.name)
 
-    def signal_support(self, probe: bool = True) -> SignalSupport:
+    def signal_support(self, probe: bool = True, timeout: float | None = None) -> SignalSupport:
         """Whether this rung's server returns usable log-probabilities, found out once per
         process: by the replies to greedy requests, or by a probe (`probe` False: only what
-        is known, "unknown" if nothing is). A failed probe is not remembered."""
+        is known, "unknown" if nothing is). A failed probe is not remembered. The probe has
+        the rung's own `timeout`, as any request, unless `timeout` gives it less
+        (`PROBE_TIMEOUT`, for a quick listing): a try cut by that below `FAIR_SHARE` of the
+        rung's time leaves its server in rotation, and the support unknown."""
         with _SUPPORT_LOCK:
             known = _SUPPORT.get(self._support_key)
         if known is not None or not probe:
@@ -488,7 +496,8 @@ class OpenAIBackend(Backend):
         else:
             body["prompt"] = f"Q: {PROBE_QUESTION}\nA: ("
         try:
-            self._ask("chat/completions" if chat else "completions", body, greedy=True, timeout=PROBE_TIMEOUT)
+            self._ask("chat/completions" if chat else "completions", body, greedy=True,
+                      timeout=None if timeout is None else min(timeout, self.timeout))
         except RemoteError as exc:
             return SignalSupport("unknown", detail="not reached" if exc.status is None else f"HTTP {exc.status}")
         except BackendError:  # no API key in the environment
@@ -627,8 +636,9 @@ class OpenAIBackend(Backend):
             url = f"{replica.url}/{endpoint}"
             where = f"model {self.spec.name!r} at {url}"
             # A server that hangs past its try's time is taken out and the request tried
-            # elsewhere, unless the request's own time cut the try short (`cut`, `FAIR_SHARE`).
-            try_for, cut = self._try_limit(timeout)
+            # elsewhere, unless the request's own time (or a quick probe's) cut the try short
+            # (`cut`, `FAIR_SHARE`).
+            try_for, cut = self._try_limit(timeout, self.timeout)
             if stream is not None and attempt:
                 # A later try reads afresh (nothing of a failed try went out, or it was
                 # raised); the first reads the stream as it was built.
@@ -642,10 +652,10 @@ class OpenAIBackend(Backend):
                     slot.release(SHORT["timeout"])
                 raise
             except transport.TransportError as exc:
-                why = self._transport_failure(exc, where, try_for, cut)
+                why = self._transport_failure(exc, where, try_for, cut, timeout)
                 if exc.kind == "local" or (exc.kind in TIMED_OUT and cut):
-                    # The request ran out of time, or this side would not send it: not the
-                    # server's failure, and it stays in rotation.
+                    # The request (or a quick probe) ran out of its own time, or this side
+                    # would not send it: not the server's failure, and it stays in rotation.
                     slot.abandon()
                     raise RemoteError(why) from None
                 slot.release(SHORT[exc.kind])
@@ -759,18 +769,19 @@ class OpenAIBackend(Backend):
         return max(0.0, timeout - (time.perf_counter() - start))
 
     @staticmethod
-    def _try_limit(timeout: float) -> tuple[float, bool]:
-        """The seconds the next try may take, and whether the request's own time cut them short
-        (`cut`: a try that runs out of them says nothing of its server): the rung's `timeout`,
-        or the time left before the request's deadline where `cre serve` set one and it is
-        sooner (at least 0.1 s), which cuts the try only below `FAIR_SHARE` of the timeout.
-        With no deadline (`cre ask`, `cre batch`), every try has the whole timeout, the one
-        after a server that hung too."""
+    def _try_limit(timeout: float, rung_timeout: float) -> tuple[float, bool]:
+        """The seconds the next try may take, and whether they were cut short (`cut`: a try
+        that runs out of them says nothing of its server): `timeout`, the call's (the rung's
+        `timeout`, or a quick probe's less, `PROBE_TIMEOUT`), or the time left before the
+        request's deadline where `cre serve` set one and it is sooner (at least 0.1 s). Either
+        cuts the try only below `FAIR_SHARE` of `rung_timeout`, the time models.toml allows its
+        server. With no deadline (`cre ask`, `cre batch`), every try has the whole timeout,
+        the one after a server that hung too."""
         deadline = cancel.deadline()
         left = None if deadline is None else deadline - time.monotonic()
         if left is None or left >= timeout:
-            return timeout, False
-        return max(0.1, left), left < timeout * FAIR_SHARE
+            return timeout, timeout < rung_timeout * FAIR_SHARE
+        return max(0.1, left), left < rung_timeout * FAIR_SHARE
 
     @staticmethod
     def _hung_to_deadline(stream: _EventStream | None) -> bool:
@@ -782,13 +793,18 @@ class OpenAIBackend(Backend):
         token = cancel.current()
         return token is not None and token.expired() and (stream is None or not stream.began)
 
-    def _transport_failure(self, exc: "transport.TransportError", where: str, timeout: float, cut: bool) -> str:
-        """What a try that failed so says, where `timeout` was its time (`cut`: the request's
-        own time left, `_try_limit`)."""
+    def _transport_failure(self, exc: "transport.TransportError", where: str, timeout: float, cut: bool,
+                           asked: float) -> str:
+        """What a try that failed so says, where `timeout` was its time (`cut`: short of the
+        rung's, `_try_limit`) and `asked` the call's (the rung's `timeout`, or a probe's less)."""
         if exc.kind in TIMED_OUT and cut:
+            connecting = " while connecting" if exc.kind == "connect_timeout" else ""
+            if timeout >= asked:
+                # The call's own short time (a quick probe's), not the request's deadline.
+                return (f"{where}: no answer within this probe's {timeout:.1f} s{connecting} (the rung's `timeout` "
+                        f"is {self.timeout:.0f} s; the server is not taken out for it)")
             # Not the server's fault: "no answer within 0 s; check the server" misled.
-            return (f"{where}: the request's own time ran out ({timeout:.1f} s were left for this try)"
-                    f"{' while connecting' if exc.kind == 'connect_timeout' else ''}")
+            return f"{where}: the request's own time ran out ({timeout:.1f} s were left for this try){connecting}"
         if exc.kind == "timeout":
             return f"{where}: no answer within {timeout:.0f} s; check that the server is not overloaded"
         if exc.kind in ("connect", "connect_timeout"):

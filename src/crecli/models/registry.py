@@ -33,16 +33,18 @@ def _default_factory(spec: "ModelSpec") -> Backend:
 make_backend: Callable[["ModelSpec"], Backend] = _default_factory
 
 
-def signal_support(spec: "ModelSpec") -> str:
+def signal_support(spec: "ModelSpec", quick: bool = False) -> str:
     """Whether `spec`'s greedy answers carry `Signals`, as `cre models list` shows it:
     "logprobs" (llama.cpp reads them from its logits; a remote rung's server returns
     log-probabilities), "none" (its server returns none) or "unknown (why)" (it could not be
-    asked). A remote rung's server is asked once per process (`OpenAIBackend.signal_support`)."""
+    asked). A remote rung's server is asked once per process (`OpenAIBackend.signal_support`),
+    within the rung's `timeout`, or `openai.PROBE_TIMEOUT` where `quick` (a listing, which a
+    hung server must not hold for the rung's whole timeout)."""
     if spec.backend != "openai":
         return "logprobs"
-    from crecli.models.openai import OpenAIBackend
+    from crecli.models.openai import PROBE_TIMEOUT, OpenAIBackend
 
-    return OpenAIBackend(spec).signal_support().label
+    return OpenAIBackend(spec).signal_support(timeout=PROBE_TIMEOUT if quick else None).label
 
 
 def option_letters_for(spec: "ModelSpec", match: str | None, prompt: str) -> str:

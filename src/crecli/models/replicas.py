@@ -17,10 +17,13 @@ health it keeps are the process's:
   Retry-After of at most `MAX_RETRY_WAIT`) if its time allows; else it tries the first due
   back of those out for a back-off (a server that is back is found at once). A server that
   asked for quiet longer than the request has is not sent more before it said, and when
-  every one asked so the request fails at once, that Retry-After passed on (back-pressure);
+  every one asked so the request fails at once, that Retry-After passed on (back-pressure).
+  An answer to a request sent before the server asked does not end the wait it asked for;
 - a replica whose back-off has passed is tried again by the next request (its success puts
-  it back for good). Until one of its requests succeeds it is reported out (`state`, `up`):
-  a passed back-off is no news that its server is back.
+  it back for good), one request at a time while a healthy replica has room: a server that
+  hangs holds one request for its timeout, not every one that came meanwhile. Until one of
+  its requests succeeds it is reported out (`state`, `up`): a passed back-off is no news
+  that its server is back.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Replica:
     served: int = 0
     asked: bool = False  # out because its server asked (a Retry-After), not for a back-off
     asked_long: bool = False  # and for longer than `MAX_RETRY_WAIT`: refused, never waited for
+    trial: bool = False  # a request tries it again after its back-off (it failed, and has not answered since)
 
     @property
     def healthy(self) -> bool:
@@ -89,13 +93,14 @@ class ReplicaSet:
 
     def acquire(self, exclude: frozenset[str] = frozenset(), wait_until: float | None = None) -> Replica | None:
         """The least busy healthy replica not in `exclude`, its slot taken; None when none is
-        left to try. Waits while every usable replica is full, first come first served: a
-        free slot goes to the earliest waiter that may use it (one that excludes it does not
-        hold up those behind). When all are out: waits for the first due back if its server
-        asked for the wait and it ends in time (`waits_for` `wait_until`, time.monotonic());
-        else the first due back of those out for a back-off, tried now; None where every one
-        asked for a wait that does not end in time (back-pressure: none is sent more before
-        it said)."""
+        left to try. A replica past its back-off counts among them, but takes one request at
+        a time (`Replica.trial`) while a healthy one has a free slot. Waits while every usable
+        replica is full, first come first served: a free slot goes to the earliest waiter
+        that may use it (one that excludes it does not hold up those behind). When all are
+        out: waits for the first due back if its server asked for the wait and it ends in
+        time (`waits_for` `wait_until`, time.monotonic()); else the first due back of those
+        out for a back-off, tried now; None where every one asked for a wait that does not
+        end in time (back-pressure: none is sent more before it said)."""
         me, queued = object(), False
         # A job waiting here for a slot or a server computes nothing: queued, not running, on /health.
         with self._cond, cancel.waiting():
@@ -119,9 +124,15 @@ class ReplicaSet:
                             return None
                         up = [min(backed_off, key=lambda r: r.out_until)]
                     free = [r for r in up if r.in_flight < self.max_in_flight]
+                    if any(r.healthy for r in free):
+                        # A replica on trial takes one request at a time while a healthy one
+                        # has room: being least busy, it took every request that came until
+                        # its trial ended, each waiting the whole timeout on a hung server.
+                        free = [r for r in free if r.healthy or not r.trial]
                     if free and not self._ahead_of(me, free):
                         best = min(free, key=lambda r: r.in_flight)  # min keeps the first of equals
                         best.in_flight += 1
+                        best.trial = not best.healthy
                         return best
                     if not queued:
                         self._waiting.append((me, exclude))
@@ -165,10 +176,19 @@ class ReplicaSet:
         `out_for` seconds (its Retry-After, at most `MAX_RETRY_WAIT`) or its back-off."""
         with self._cond:
             replica.in_flight -= 1
+            # A slot does not say which request held it: any slot given back ends a trial (at
+            # worst, a request sent before the failure lets a second try go out early).
+            replica.trial = False
             if failure is None:
-                replica.failures, replica.served = 0, replica.served + 1
-                if replica.out_until > time.monotonic():
-                    replica.out_until = 0.0  # an answer is better news than an old failure
+                replica.served += 1
+                now = time.monotonic()
+                # While the wait its server asked for lasts, no request is sent to it (`acquire`):
+                # this one was in flight before it asked, and its answer neither ends that wait
+                # (the server said when to send more) nor clears the failure that set it.
+                if not (replica.asked and replica.out_until > now):
+                    replica.failures = 0
+                    if replica.out_until > now:
+                        replica.out_until = 0.0  # an answer is better news than an old failure
             else:
                 replica.failures += 1
                 replica.last_error = failure
@@ -192,6 +212,7 @@ class ReplicaSet:
         failure."""
         with self._cond:
             replica.in_flight -= 1
+            replica.trial = False  # as in `release`
             self._cond.notify_all()
 
     def states(self) -> dict[str, str]:
