@@ -103,18 +103,18 @@ def answer_counts(data: Any, train: Sequence[int], model: str) -> tuple[dict[tup
     return by_answer, by_prompt
 
 
-def answer_prior(data: Any, train: Sequence[int], test: Sequence[int], model: str, table: Any) -> dict[Any, float]:
-    from crecli.choice import shrink
+# A feature one variant adds: of record i's recorded answer `e` with its prior, in training
+# (True: leave the answer's own prompt out of what it reads) or held out.
+Extra = Callable[[int, Any, float, bool], "float | None"]
+
+
+def one_more(data: Any, train: Sequence[int], test: Sequence[int], model: str, table: Any, name: str,
+             extra: Extra) -> dict[Any, float]:
+    """The held-out P(correct) of the shipped model's form with one more feature, `name`
+    (`extra`'s value), fitted on the training records as `deferral.train_deferral` fits
+    (training priors leave their own prompt out), so it judges as `Deferral.p_correct` does."""
     from crecli.deferral import _table_prior, fit_filled
-    from crecli.quality import Deferral, feature_names, prior_logit
-
-    by_answer, by_prompt = answer_counts(data, train, model)
-
-    def value(i: int, e: Any, prior: float, own: Sequence[float]) -> float:
-        if data.clusters[i] < 0:
-            return prior_logit(prior)
-        right, n = by_answer.get((data.clusters[i], e.answers[0]), (0.0, 0.0))
-        return prior_logit(shrink(right - own[0], n - own[1], prior, ANSWER_STRENGTH))
+    from crecli.quality import Deferral, feature_names
 
     prior_train = _train_prior(data, table, train, model)
     rows: list[list[float | None]] = []
@@ -122,20 +122,35 @@ def answer_prior(data: Any, train: Sequence[int], test: Sequence[int], model: st
     for i in train:
         if (e := _entry(data, i, model)) is not None:
             prior = prior_train(i)
-            rows.append(e.features(1, prior) + [value(i, e, prior, by_prompt[(data.clusters[i], data.prompt_ids[i])])])
+            rows.append(e.features(1, prior) + [extra(i, e, prior, True)])
             ys.append(e.correct[0])
     if not rows:
         return {}
     w, b, fill = fit_filled(rows, ys, len(rows[0]))
-    # The shipped model's form with one more feature, so it judges as `Deferral.p_correct` does.
-    rule = Deferral(feature_names(1) + ("answer_prior",), tuple(float(x) for x in w), b, tuple(fill), 0.0)
+    rule = Deferral(feature_names(1) + (name,), tuple(float(x) for x in w), b, tuple(fill), 0.0)
     prior_test = _table_prior(data, table)
     out: dict[Any, float] = {}
     for i in test:
         if (e := _entry(data, i, model)) is not None:
             prior = prior_test(i, model)
-            out[(data.records[i].id, model)] = rule.p_correct(e.features(1, prior) + [value(i, e, prior, (0.0, 0.0))])
+            out[(data.records[i].id, model)] = rule.p_correct(e.features(1, prior) + [extra(i, e, prior, False)])
     return out
+
+
+def answer_prior(data: Any, train: Sequence[int], test: Sequence[int], model: str, table: Any) -> dict[Any, float]:
+    from crecli.choice import shrink
+    from crecli.quality import prior_logit
+
+    by_answer, by_prompt = answer_counts(data, train, model)
+
+    def value(i: int, e: Any, prior: float, training: bool) -> float:
+        if data.clusters[i] < 0:
+            return prior_logit(prior)
+        right, n = by_answer.get((data.clusters[i], e.answers[0]), (0.0, 0.0))
+        own = by_prompt[(data.clusters[i], data.prompt_ids[i])] if training else (0.0, 0.0)
+        return prior_logit(shrink(right - own[0], n - own[1], prior, ANSWER_STRENGTH))
+
+    return one_more(data, train, test, model, table, "answer_prior", value)
 
 
 def _offset_logistic(x: np.ndarray, y: np.ndarray, offset: np.ndarray, l2: float, iterations: int = 50) -> np.ndarray:
@@ -197,8 +212,7 @@ def below_agreement(data: Any, train: Sequence[int], test: Sequence[int], model:
     is the rung below's (both normalised; missing where the rung below has no answer). The
     lowest rung keeps the shipped model. Valid only where the rung below ran first: a start
     on the lower rung, whose cost the cascade pays (`witness_grids`)."""
-    from crecli.deferral import _table_prior, deferral_p, fit_filled, train_deferral
-    from crecli.quality import Deferral, feature_names
+    from crecli.deferral import _table_prior, deferral_p, train_deferral
 
     ladder = data.replay.ladder
     at = ladder.index(model)
@@ -213,20 +227,7 @@ def below_agreement(data: Any, train: Sequence[int], test: Sequence[int], model:
             return None
         return 1.0 if e.answers[0] == other.answers[0] else 0.0
 
-    prior_train = _train_prior(data, table, train, model)
-    rows: list[list[float | None]] = []
-    ys: list[bool] = []
-    for i in train:
-        if (e := _entry(data, i, model)) is not None:
-            rows.append(e.features(1, prior_train(i)) + [agree(i, e)])
-            ys.append(e.correct[0])
-    if not rows:
-        return {}
-    w, b, fill = fit_filled(rows, ys, len(rows[0]))
-    rule = Deferral(feature_names(1) + ("agrees_below",), tuple(float(x) for x in w), b, tuple(fill), 0.0)
-    prior_test = _table_prior(data, table)
-    return {(data.records[i].id, model): rule.p_correct(e.features(1, prior_test(i, model)) + [agree(i, e)])
-            for i in test if (e := _entry(data, i, model)) is not None}
+    return one_more(data, train, test, model, table, "agrees_below", lambda i, e, prior, training: agree(i, e))
 
 
 # A threshold no P(correct) reaches: the rung answers only as a witness for the one above.
