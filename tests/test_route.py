@@ -92,3 +92,25 @@ def test_routing_many_prompts_at_once_decides_as_one_at_a_time(router: RouterFil
     assert [d.distance for d in together] == pytest.approx([d.distance for d in alone], abs=1e-6)
     assert len({d.seconds for d in together}) == 1  # an equal share of one call
     assert route_many(router, []) == []
+
+
+def test_routing_seconds_leave_out_the_embedders_model_load(router: RouterFile) -> None:
+    # A llama.cpp embedder loads its model inside its first transform: `cre ask --explain`
+    # counted the load as routing ("routing 40%").
+    import time
+
+    class LoadsOnFirstUse:
+        kind = "llama"
+
+        def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
+            self.inner, self.load_seconds = inner, 0.0
+
+        def transform(self, texts):  # type: ignore[no-untyped-def]
+            if not self.load_seconds:
+                time.sleep(0.3)
+                self.load_seconds = 0.3
+            return self.inner.transform(texts)
+
+    slow = replace(router, embedder=LoadsOnFirstUse(router.embedder))
+    assert route(slow, "What is 2 plus 2?").seconds < 0.15
+    assert route_many(slow, ["What is 2 plus 2?", "What is 3 plus 4?"])[0].seconds < 0.15

@@ -87,6 +87,11 @@ class LlamaEmbedder(Embedder):
         cut = embed_truncation(self.spec.context)
         return base if cut == EMBED_BATCH else f"{base}:truncate={cut}"
 
+    @property
+    def load_seconds(self) -> float:  # type: ignore[override]
+        # The backend loads its model inside the first `transform`.
+        return float(getattr(self._backend, "load_seconds", 0.0) or 0.0) if self._backend is not None else 0.0
+
     def transform(self, texts: Sequence[str]) -> "np.ndarray":
         import numpy as np
 

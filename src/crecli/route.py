@@ -51,12 +51,17 @@ def route_many(router: "RouterFile", prompts: Sequence[str]) -> list[RouteDecisi
 
     Most of an embedder call is fixed overhead (the vectorisers' setup), so routing a batch
     together costs a fraction of routing its prompts one by one (README "Cluster" has the
-    measured figures). Each decision's `seconds` is an equal share of the whole call.
+    measured figures). Each decision's `seconds` is an equal share of the whole call, less
+    any model load the embedder did in it (a llama.cpp embedder loads its model on first
+    use: `cre ask --explain` read "routing 40%").
     """
     if not prompts:
         return []
+    embedder = router.embedder
+    loaded = embedder.load_seconds
     start = time.perf_counter()
-    return route_vectors(router, router.embedder.transform(list(prompts)), start)
+    vectors = embedder.transform(list(prompts))
+    return route_vectors(router, vectors, start + (embedder.load_seconds - loaded))
 
 
 def route_vectors(router: "RouterFile", vectors: Any, start: float | None = None) -> list[RouteDecision]:

@@ -61,6 +61,13 @@ class Embedder(abc.ABC):
         (None: a pretrained model's, known once it loads)."""
         return None
 
+    @property
+    def load_seconds(self) -> float:
+        """Seconds spent loading a model this embedder runs, so far (0: it runs none). Routing
+        time leaves them out (`route.route_many`), as an answer's time leaves out its models'
+        loads."""
+        return 0.0
+
     def fit(self, texts: Sequence[str]) -> "Embedder":
         """Learn from the log's texts; pretrained embedders ignore them."""
         return self
