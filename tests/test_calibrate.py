@@ -714,3 +714,49 @@ def test_calibration_draws_a_sampled_fit_by_the_clusters_the_fit_gave_its_rows()
     fitted = [c if c >= 0 else routes[i].cluster for i, c in enumerate(labels)]
     assert [r.cluster for r in routes] != fitted  # the vote alone would not do
     assert fit_clusters(SimpleNamespace(assigner=assigner), X, routes) == fitted
+
+
+def test_held_out_cost_pays_answered_examples_once_a_log_as_the_reference_does() -> None:
+    """Each fold is replayed as a run of its own, sharing its examples over its own answers;
+    the reference is one run of the log. Summed as they were, 5 folds paid a key's examples 5
+    times where the reference paid them once, and a model shown examples looked dearer held
+    out than it is."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from crecli import calibrate
+    from crecli.quality import QualityCheck
+    from support.replays import synthetic_data
+
+    data = synthetic_data(40, {"s": [0.0, 0.0], "l": [0.9, 0.9]})
+    for key, entry in list(data.replay.entries.items()):
+        if key[1] == "l":  # l is shown one set of examples, 10 to process once
+            data.replay.entries[key] = replace(entry, prefix_key="l:x", prefix_cost=10.0)
+    router = SimpleNamespace(ladder_names=["s", "l"], quality=QualityCheck(k=1), fallback_model="l")
+    cal = calibrate.recalibrate(router, data, Budget("retain", 0.98), check="agreement")
+    assert set(cal.choice.models.values()) == {"l"}  # s is never right: every query on l
+    assert cal.held_out["mean_cost"] == pytest.approx(cal.reference["mean_cost"])  # was 1 more: 4 x 10 / 40
+
+
+def test_a_clusters_mean_cost_pays_its_share_of_the_examples_as_the_replay_does() -> None:
+    """`cluster_stats` left the examples out of a model's mean cost, which chose cluster
+    models (`choose_by_weight`), while the replay's baselines charged their share."""
+    from crecli import costs, outcomes
+    from crecli.models import bench
+    from crecli.querylog import Record
+    from crecli.replay import Replay, greedy_cost
+    from crecli.shots import resolve_shots
+
+    def made(rid: str, tokens: int) -> outcomes.Outcome:
+        return outcomes.Outcome(rid, "sha", "m", "", "k", "run", tokens, [outcomes.Vote("1", 2, 0.1)])
+
+    found = resolve_shots({(r, "m"): made(r, 10) for r in "ab"}, {(r, "m"): made(r, 40) for r in "ab"},
+                          {(r, "m"): (("q", "1"),) for r in "ab"})
+    model = costs.CostModel("bench-seconds", {}, {}, {"m": bench.Rates(10.0, 1.0)})
+    records = [Record(id=r, prompt=f"p{r}", reference=["1"], match="exact") for r in "ab"]
+    replay = Replay.build(found, records, ["m"], model)
+    table = cluster_stats([0, 0], records, found, ["m"], model)
+    # Each answer: 10 prompt tokens at 10/s and 2 output tokens at 1/s, 3; the examples' 30
+    # tokens, 3, shared by the two: 1.5 each.
+    assert table.clusters[0].models["m"].mean_cost == pytest.approx(4.5)
+    assert table.clusters[0].models["m"].mean_cost == pytest.approx(greedy_cost([replay.entries[(r, "m")] for r in "ab"]))

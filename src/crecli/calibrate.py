@@ -26,7 +26,7 @@ from crecli.costs import Budget
 from crecli.deferral import _table_prior, deferral_p, signal_report, train_deferral
 from crecli.errors import CreError, UsageError
 from crecli.quality import CHECKS, DEFAULT_CHECK, DeferralCheck, needed, threshold_grid
-from crecli.replay import Data, Replay, SimResult, prepare, reference
+from crecli.replay import Data, Replay, SimResult, join_runs, prepare, reference
 
 if TYPE_CHECKING:
     from crecli.config import ModelConfig
@@ -513,6 +513,7 @@ def recalibrate(
             "sweep for " + ("that model" if len(narrowed) == 1 else "those models")
         )
     totals: dict[Setting, list[float]] = {}
+    runs: dict[Setting, list[tuple[float, dict[str, float]]]] = {}  # each fold's cost, joined as one run
     held_p: dict[OutcomeKey, float] = {}
     parts = folds(n, n_folds, seed, data.prompt_ids)
     fold_of = fold_numbers(parts, n)  # for the signal report's within-cluster AUROC
@@ -524,11 +525,12 @@ def recalibrate(
         else:
             swept = sweep(data, train, fold, ladder, quality, labelled)
         for setting, result in swept:
-            t = totals.setdefault(setting, [0.0, 0.0, 0.0])
+            t = totals.setdefault(setting, [0.0, 0.0])
             t[0] += result.accuracy * len(fold)
-            t[1] += result.mean_cost * len(fold)
-            t[2] += result.escalation_rate * len(fold)
-    held = [(setting, Figures(t[0] / n, t[1] / n, t[2] / n)) for setting, t in totals.items()]
+            t[1] += result.escalation_rate * len(fold)
+            runs.setdefault(setting, []).append((result.cost, result.prefixes))
+    # The folds' costs as one run of the log pays them, as the reference below is priced.
+    held = [(setting, Figures(t[0] / n, join_runs(runs[setting]) / n, t[1] / n)) for setting, t in totals.items()]
     everything = list(range(n))
     ref = reference(data, everything, ladder)
     # The router's own cluster statistics and deferral models, from every query, replayed

@@ -15,11 +15,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from crecli.costs import BUDGET_EPS as _EPS, Budget, CostModel
-from crecli.outcomes import graded, mean_answer_cost
+from crecli.outcomes import graded, mean_greedy_cost
 
 if TYPE_CHECKING:
     from crecli.outcomes import Outcome, OutcomeKey
     from crecli.querylog import Record
+
+# One outcome's greedy answer as a mean cost reads it: own cost, too long, examples' key and cost.
+Spent = tuple[float, bool, str, float]
 
 
 # How many queries' worth of belief the model's log-wide accuracy carries in a cluster.
@@ -122,16 +125,18 @@ def cluster_stats(
     and m = `prior_strength` (`EMPIRICAL`: each model's own, `empirical_strength`, from the
     clusters of these records other than -1). Mean cost is that of one greedy answer, the cost of routing
     without a quality check; `simulate` prices the cascade's extra votes. A prompt too long for
-    a model counts as a wrong answer, and in no mean cost (`outcomes.mean_answer_cost`).
+    a model counts as a wrong answer, and in no mean cost; a model shown answered examples
+    pays its share of them (`outcomes.mean_greedy_cost`, as the replay prices them).
     """
     if len(labels) != len(records):
         raise ValueError(f"{len(records)} records but {len(labels)} cluster labels")
     # (cluster -> model -> [n, correct, answers with votes, their output tokens])
     sums: dict[int, dict[str, list[float]]] = {}
     total: dict[str, list[float]] = {m: [0, 0, 0, 0.0] for m in ladder}
-    # (cluster -> model -> each outcome's greedy cost and whether it is too long: `mean_answer_cost`)
-    spent: dict[int, dict[str, list[tuple[float, bool]]]] = {}
-    spent_total: dict[str, list[tuple[float, bool]]] = {m: [] for m in ladder}
+    # (cluster -> model -> each outcome's greedy cost, whether it is too long, and its answered
+    # examples' key and cost: `mean_greedy_cost`)
+    spent: dict[int, dict[str, list[Spent]]] = {}
+    spent_total: dict[str, list[Spent]] = {m: [] for m in ladder}
     sizes: Counter[int] = Counter()
     for record, label in zip(records, labels):
         cid = int(label)
@@ -143,7 +148,7 @@ def cluster_stats(
             if outcome is None:
                 continue
             ok = graded(outcome, record)[0]
-            cost = (costs.of(outcome, 1), outcome.source == "too_long")
+            cost = (costs.of(outcome, 1), outcome.source == "too_long", outcome.prefix_key, costs.prefix_of(outcome))
             for acc in (per[model], total[model]):
                 acc[0] += 1
                 acc[1] += ok
@@ -158,7 +163,7 @@ def cluster_stats(
         {m: empirical_strength([(row[m][0], row[m][1]) for cid, row in sums.items() if cid >= 0]) for m in ladder}
         if prior_strength == EMPIRICAL else float(prior_strength))
 
-    def stats(row: dict[str, list[float]], costs_of: dict[str, list[tuple[float, bool]]]) -> dict[str, ModelStats]:
+    def stats(row: dict[str, list[float]], costs_of: dict[str, list[Spent]]) -> dict[str, ModelStats]:
         out = {}
         for model in ladder:
             g_acc, g_cost = glob[model]
@@ -183,12 +188,13 @@ def _output(row: list[float], default: float) -> float:
     return row[3] / row[2] if row[2] else default
 
 
-def _raw(row: list[float], spent: list[tuple[float, bool]], acc_default: float | None,
+def _raw(row: list[float], spent: list[Spent], acc_default: float | None,
          cost_default: float | None) -> tuple[float, float]:
-    """A stats row's accuracy and mean greedy cost (`mean_answer_cost` of its outcomes' `spent`:
-    a too-long one is wrong, but no price of an answer), each its default where there is none."""
+    """A stats row's accuracy and mean greedy cost (`mean_greedy_cost` of its outcomes' `spent`:
+    a too-long one is wrong, but no price of an answer; answered examples shared as the replay
+    shares them), each its default where there is none."""
     n, correct = row[:2]
-    return correct / n if n else acc_default or 0.0, mean_answer_cost(spent, cost_default or 0.0)
+    return correct / n if n else acc_default or 0.0, mean_greedy_cost(spent, cost_default or 0.0)
 
 
 @dataclass

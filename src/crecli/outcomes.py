@@ -144,6 +144,20 @@ def graded(outcome: Outcome, record: "Record") -> list[bool]:
     return [grading.grade(v.text, record.reference, record.match) for v in outcome.votes]
 
 
+def mean_greedy_cost(answers: Iterable[tuple[float, bool, str, float]], default: float = 0.0) -> float:
+    """The mean cost of greedy answers given as (own cost, too long, examples' key, examples'
+    cost): each with its share of the answered examples it was shown, split over the answers
+    that share them (`costs.share_prefixes`, as a run of answers pays them once), too-long ones
+    left out (`mean_answer_cost`). The one rule of a mean greedy cost: a cluster's statistics
+    (`choice.cluster_stats`) and the replay's baselines (`replay.greedy_cost`) alike, so
+    choosing a cluster's model and scoring the choice price examples the same way."""
+    from crecli.costs import share_prefixes
+
+    answers = list(answers)
+    shares = share_prefixes([(key, cost) for _, _, key, cost in answers])
+    return mean_answer_cost(((own + share, too_long) for (own, too_long, _, _), share in zip(answers, shares)), default)
+
+
 def mean_answer_cost(costs: Iterable[tuple[float, bool]], default: float = 0.0) -> float:
     """The mean of (cost, too long) pairs' costs, too-long ones left out; `default` where none
     is left. The one rule of every mean cost of answers: a cluster's (`choice.cluster_stats`),

@@ -22,7 +22,7 @@ from crecli import console, grading
 from crecli.costs import CostModel, Pricing, TokenCounts, share_prefixes
 from crecli.errors import CreError
 from crecli.ladder import DEFERRAL, Climb, Policy, Rung, Verdict, walk
-from crecli.outcomes import graded, mean_answer_cost, prompt_sha256
+from crecli.outcomes import graded, mean_greedy_cost, prompt_sha256
 from crecli.quality import deferral_features, needed, was_cut
 from crecli.shots import resolve_shots
 
@@ -72,6 +72,10 @@ class SimResult:
     mean_cost: float = 0.0
     escalation_rate: float = 0.0
     answered_by: dict[str, int] = field(default_factory=dict)  # model -> final answers
+    # Each answered-examples key the run visited, with what processing them once costs: the
+    # part of `cost` the run shares (`_with_prefixes`), so runs priced apart can be joined
+    # as one run would pay (`join_runs`).
+    prefixes: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.traces)
@@ -216,7 +220,8 @@ class Replay:
             entry = drawn[-1].entry
             answer = "" if verdict.answer == LABEL else verdict.answer
             traces.append(QueryTrace(record.id, start, steps, answer, entry.correct[verdict.index], sum(s.cost for s in steps)))
-        return SimResult(_with_prefixes(traces, visited), self.unit)
+        return SimResult(_with_prefixes(traces, visited), self.unit,
+                         prefixes={e.prefix_key: e.prefix_cost for e in visited if e.prefix_key})
 
     def _entry(self, qid: str, model: str) -> "_Entry":
         entry = self.entries.get((qid, model))
@@ -292,6 +297,18 @@ class RecordedVotes:
         assert self.p_table is not None
         # Absent where the rung's model could not judge the answer (`quality.judge_deferral`).
         return self.p_table.get((self.qid, rung.model))
+
+
+def join_runs(runs: Sequence[tuple[float, Mapping[str, float]]]) -> float:
+    """The total cost of runs priced apart, each given as (its `SimResult.cost`, its
+    `SimResult.prefixes`), as one run of all their answers would pay it: each answered-examples
+    key once, not once a run (`costs.share_prefixes`). Calibration replays each fold as a run
+    of its own, and the reference it is a share of is one run of the whole log: a router with
+    examples paid them once a fold."""
+    joined: dict[str, float] = {}
+    for _, prefixes in runs:
+        joined.update(prefixes)
+    return sum(cost - sum(prefixes.values()) for cost, prefixes in runs) + sum(joined.values())
 
 
 def _with_prefixes(traces: list[QueryTrace], visited: Sequence[_Entry]) -> list[QueryTrace]:
@@ -601,9 +618,8 @@ def greedy(data: Data, idx: Sequence[int], model_of: Callable[[int], str]) -> tu
 
 def greedy_cost(entries: Sequence[_Entry]) -> float:
     """The mean cost of `entries`' greedy answers, each with its share of the answered
-    examples it shares (`costs.share_prefixes`), too-long ones left out (`outcomes.mean_answer_cost`)."""
-    shares = share_prefixes([(e.prefix_key, e.prefix_cost) for e in entries])
-    return mean_answer_cost((e.cumcost[0] + share, e.too_long) for e, share in zip(entries, shares))
+    examples it shares, too-long ones left out (`outcomes.mean_greedy_cost`)."""
+    return mean_greedy_cost((e.cumcost[0], e.too_long, e.prefix_key, e.prefix_cost) for e in entries)
 
 
 def reference(data: Data, idx: Sequence[int], ladder: list[str]) -> tuple[float, float]:
