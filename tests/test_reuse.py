@@ -213,3 +213,18 @@ def test_a_live_step_pays_a_remote_rungs_prompt_once_a_vote_as_the_replay_does()
     assert step_parts(pricing, 0, [step("remote")])[0] == pytest.approx(sum(pricing.price_votes("remote", 60, [1, 1, 1], [0.1] * 3)))
     assert step_parts(pricing, 0, [step("remote")])[0] == pytest.approx(3 * 60 + 3)
     assert step_parts(pricing, 0, [step("local")])[0] == pytest.approx(60 + 3)
+
+
+def test_a_rung_passed_over_costs_nothing_live_as_in_the_replay() -> None:
+    """A pass-over step (no vote drawn) carried the seconds its model took to load or its lease
+    to come, which the "seconds" unit charged; the replay prices a too-long outcome at 0."""
+    from crecli.costs import step_parts
+    from crecli.trace import Step
+
+    passed = Step(model="small", votes=[], normalized=[], agreement=0.0, used=0, threshold=0.0, accepted=False,
+                  answer="", prompt_tokens=0, output_tokens=0, greedy_output_tokens=0, seconds=2.5, why="too long")
+    answered = Step(model="large", votes=["4"], normalized=["4"], agreement=1.0, used=1, threshold=0.0,
+                    accepted=True, answer="4", prompt_tokens=60, output_tokens=1, greedy_output_tokens=1,
+                    seconds=0.5, why="")
+    assert step_parts(Pricing("seconds", {}), 0, [passed, answered])[0] == pytest.approx(0.5)
+    assert step_parts(Pricing("seconds", {}), 0, [passed, answered])[1] == [("", 0.0), ("", 0.0)]

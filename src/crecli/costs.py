@@ -371,9 +371,15 @@ def step_parts(
     total: float | None = 0.0
     visits: list[Visit] = []
     for step in steps:
+        if not step.votes:
+            # A rung passed over (its prompt too long, its server unavailable, its model not
+            # loadable) drew no vote: it costs nothing, as the replay prices a too-long outcome
+            # (`CostModel.votes`). Its seconds are a load's or a wait's, which "seconds" charged.
+            visits.append(("", 0.0))
+            continue
         # The later votes as output-free votes: each pays what a vote pays besides its output
         # (nothing on a local rung, its prompt again on a remote one), as the replay prices them.
-        later = max(0, len(step.votes) - 1)
+        later = len(step.votes) - 1
         votes = pricing.price_votes(step.model, step.prompt_tokens, [step.output_tokens, *[0] * later],
                                     [step.seconds, *[0.0] * later], step.prefix_tokens, (reused or {}).get(step.model, 0))
         total = None if votes is None or total is None else total + sum(votes)
