@@ -1603,3 +1603,74 @@ def test_without_the_serve_extra_the_error_says_how_to_install_it_from_the_clone
     monkeypatch.setattr(builtins, "__import__", no_uvicorn)
     with pytest.raises(CreError, match=r"pip install -e '\.\[serve\]'"):
         serve.run(tmp_path / "router.cre")
+
+
+def test_a_large_max_tokens_is_taken_and_applied_at_the_cap() -> None:
+    # Clients that send a large default (16384) were refused on every request, the cascade's
+    # too, which does not use it.
+    from crecli.openai_wire import MAX_TOKENS_LIMIT, parse_chat
+    from crecli.serve_worker import sampling
+
+    for name in ("max_tokens", "max_completion_tokens"):
+        query = parse_chat({"model": "cre", "messages": [{"role": "user", "content": "hi"}], name: 16384})
+        assert sampling(query).max_tokens == MAX_TOKENS_LIMIT
+    with pytest.raises(ApiError, match="'max_tokens' must be from 1 to"):
+        parse_chat({"model": "cre", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2**31})
+
+
+def test_stream_chunks_carry_usage_null_when_usage_is_asked_for() -> None:
+    from crecli.openai_wire import Answer, Query, stream_events
+
+    for kind in ("chat", "completion"):
+        query = Query(kind=kind, model="cre", prompt="p", stream=True, include_usage=True)
+        events = [json.loads(e[len("data: "):]) for e in stream_events(query, Answer("12", "m", "stop", 3, 1), "id", 0)
+                  if "[DONE]" not in e]
+        assert all(e["usage"] is None for e in events[:-1]) and events[-1]["usage"]["total_tokens"] == 4
+        plain = replace_query(query, include_usage=False)
+        assert all("usage" not in json.loads(e[len("data: "):])
+                   for e in stream_events(plain, Answer("12", "m", "stop", 3, 1), "id", 0) if "[DONE]" not in e)
+
+
+def replace_query(query: Any, **changes: Any) -> Any:
+    from dataclasses import replace
+
+    return replace(query, **changes)
+
+
+def test_a_404_shows_an_unknown_model_name_cut(fake_backends: Callable[..., dict[str, FakeBackend]],
+                                               settings: config.ModelConfig) -> None:
+    from starlette.testclient import TestClient
+
+    install(fake_backends, TABLE)
+    with TestClient(create_app(Cascade(make_router(), settings), ServeOptions())) as test_client:
+        response = test_client.post("/v1/chat/completions", json={"model": "x" * 100_000,
+                                                                   "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 404 and len(response.content) < 4096
+
+
+def test_a_large_bodys_fields_are_checked_off_the_event_loop(fake_backends: Callable[..., dict[str, FakeBackend]],
+                                                              settings: config.ModelConfig,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only the JSON was parsed on a thread: the check of 262k messages then held the loop.
+    import asyncio
+
+    from starlette.testclient import TestClient
+
+    from crecli import openai_wire, serve_app
+
+    install(fake_backends, TABLE)
+    real, on_loop = openai_wire.parse_chat, []
+
+    def spy(body: dict[str, Any]) -> Any:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return real(body)
+
+    monkeypatch.setattr(serve_app, "parse_chat", spy)
+    messages = [{"role": "tool", "content": "x"}] * 20_000 + [{"role": "user", "content": PROMPT}]
+    with TestClient(create_app(Cascade(make_router(), settings), ServeOptions())) as test_client:
+        assert test_client.post("/v1/chat/completions", json={"model": "cre", "messages": messages}).status_code == 200
+    assert on_loop == [False]

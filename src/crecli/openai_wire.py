@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 # A prompt may be as long as a query-log line (one cap for both).
 MAX_PROMPT_BYTES = MAX_LINE_BYTES
 MAX_TOKENS_LIMIT = 8192
+# The largest max_tokens a request may give (a 32-bit count, as OpenAI's API takes); one
+# over MAX_TOKENS_LIMIT is applied as that.
+MAX_TOKENS_ASKED = 2**31 - 1
 MAX_SEED = 2**31 - 1  # what every runtime takes (llama.cpp's is 32-bit; its all-ones seed means "random")
 MAX_STOP = 4  # stop strings, as OpenAI allows
 # Characters in one stop string. Streaming checks every token's text against each stop's
@@ -232,13 +235,17 @@ def _common(body: dict[str, Any], kind: str, prompt: str) -> Query:
     max_tokens = None
     # Both are checked; where both are given, `max_completion_tokens` (OpenAI's current name,
     # `max_tokens` being deprecated for chat) is the one applied, as vLLM applies it.
+    # Any positive count is taken, and a larger one than MAX_TOKENS_LIMIT applied as it (the
+    # model's context stops an answer sooner anyway): clients that send a large default
+    # (16384, a model's whole window) were refused on every request, the cascade's too,
+    # which does not use it.
     for name in ("max_tokens", "max_completion_tokens"):
-        value = _expect(body, name, (int,), f"an integer from 1 to {MAX_TOKENS_LIMIT}")
+        value = _expect(body, name, (int,), f"an integer from 1 to {MAX_TOKENS_ASKED}")
         if value is not None:
-            if not 1 <= value <= MAX_TOKENS_LIMIT:
-                raise ApiError(400, f"'{name}' must be from 1 to {MAX_TOKENS_LIMIT}, got {value}", param=name,
+            if not 1 <= value <= MAX_TOKENS_ASKED:
+                raise ApiError(400, f"'{name}' must be from 1 to {MAX_TOKENS_ASKED}, got {value}", param=name,
                                code="invalid_value")
-            max_tokens = value
+            max_tokens = min(value, MAX_TOKENS_LIMIT)
     n = _expect(body, "n", (int,), "1")
     if n not in (None, 1):
         raise ApiError(400, "'n' must be 1: cre returns one answer per request", param="n", code="invalid_value")
@@ -442,7 +449,10 @@ def stream_error(error: ApiError) -> Iterator[str]:
 
 def _event(query: Query, rid: str, created: int, model: str, choices: list[dict[str, Any]], **extra: Any) -> str:
     obj = "chat.completion.chunk" if query.kind == "chat" else "text_completion"
-    data = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices, **extra}
+    # With usage asked for, every chunk but the last carries `"usage": null`, as OpenAI's and
+    # vLLM's do: a client may read the field on each chunk.
+    empty_usage = {"usage": None} if query.include_usage else {}
+    data = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices, **empty_usage, **extra}
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
