@@ -1353,3 +1353,51 @@ def test_a_resume_file_with_only_a_cut_line_or_nothing_reads_as_nothing_answered
         earlier = tmp_path / "out.jsonl"
         earlier.write_text(text)
         assert read_done_ids(earlier) == {}
+
+
+@pytest.mark.parametrize("ref", ["a{4294967296}", "(" * 1000 + ")" * 1000])
+def test_a_regex_reference_python_cannot_compile_is_that_lines_error(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade, ref: str,
+) -> None:
+    # re.compile raised OverflowError / RecursionError, not re.error: a traceback that left the
+    # rest of the batch unanswered.
+    install(fake_backends, TABLE)
+    rows, summary = _run([jl(id="r", prompt=ADD, reference=ref, match="regex"), jl(id="a", prompt=ADD)],
+                         cascade, source="in")
+    assert [r["line"] for r in rows] == [1, 2]
+    assert "regular expression" in rows[0]["error"] and rows[1]["answer"] == "12"
+    assert (summary.errors, summary.answered) == (1, 1)
+
+
+def test_an_embedder_model_that_cannot_load_stops_the_batch(
+    fake_backends: Callable[..., dict[str, FakeBackend]], cascade: Cascade, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # It wrote an error record for every line, retrying the load each chunk, and exit 3.
+    install(fake_backends, TABLE)
+
+    def missing(prompts: list[str]) -> list[Any]:
+        raise ModelNotAvailable("model 'emb' is not on disk: run `cre models pull emb`", missing="emb")
+
+    monkeypatch.setattr(cascade, "route_many", missing)
+    out = io.StringIO()
+    with pytest.raises(ModelNotAvailable):
+        run_batch([jl(id=str(i), prompt=ADD) for i in range(130)], out, cascade)
+    assert out.getvalue() == ""
+
+
+def test_resume_skips_a_nul_gap_without_holding_it(tmp_path: Path) -> None:
+    # A second run's '>' emptied the file under a run still writing: the gap of NULs, as long
+    # as all it had written, has no newline, and was read as one line held whole.
+    import tracemalloc
+
+    path = tmp_path / "out.jsonl"
+    with open(path, "wb") as fh:
+        fh.truncate(64 << 20)  # sparse: the gap '>' leaves
+        fh.seek(0, os.SEEK_END)
+        fh.write(b'{"id": "a", "line": 1, "prompt_sha256": "d", "answer": "12"}\n')
+    tracemalloc.start()
+    done = read_done_ids(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert done == {"a": Answered(prompts={"d"}, at={1})}
+    assert peak < 8 << 20

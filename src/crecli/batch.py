@@ -175,7 +175,7 @@ def read_done_ids(path: Path) -> dict[str, Answered]:
         with open_input(path, "an earlier output file of `cre batch`", pipes=True) as fh:
             # A line at a time: a long run's output (each record carries its trace) can be
             # larger than the memory a resumed run has to spare.
-            for line in fh:
+            for line in _resume_lines(fh):
                 whole = whole or (line.endswith(b"\n") and bool(line.strip(b"\0 \t\r\n")))
                 records += _read_done_line(line, done)
     except FileNotFoundError:
@@ -190,6 +190,40 @@ def read_done_ids(path: Path) -> dict[str, Answered]:
                          "the earlier run's output: cre batch --resume answers.jsonl prompts.jsonl >> answers.jsonl")
     # An id's errors count only where it has answers too.
     return {id: answered for id, answered in done.items() if answered.prompts}
+
+
+# A --resume file is read in pieces of this many bytes, and a line held up to RESUME_LINE_CAP
+# (a record is a few KiB, its trace included); past it only its start is kept, which reads as
+# no record.
+RESUME_PIECE = 1 << 16
+RESUME_LINE_CAP = 64 << 20
+
+
+def _resume_lines(fh: BinaryIO) -> Iterator[bytes]:
+    """The lines of a --resume file, each without the NULs before it, in bounded memory.
+
+    Read in pieces (`RESUME_PIECE`), NULs that start a line dropped as they come: the gap a
+    shell's '>' leaves under a run still writing (`read_done_ids`) is as long as all that run
+    had written and holds no newline, so `for line in fh` held it whole, gigabytes for a long
+    run. A line over `RESUME_LINE_CAP` keeps its start only."""
+    kept: list[bytes] = []
+    size = 0
+    while True:
+        piece = fh.readline(RESUME_PIECE)
+        if not piece:
+            if kept:
+                yield b"".join(kept)
+            return
+        if not kept:
+            piece = piece.lstrip(b"\0")
+            if not piece:
+                continue
+        if size < RESUME_LINE_CAP:
+            kept.append(piece)
+            size += len(piece)
+        if piece.endswith(b"\n"):
+            yield b"".join(kept)[:RESUME_LINE_CAP]
+            kept, size = [], 0
 
 
 def _read_done_line(line: bytes, done: dict[str, "Answered"]) -> int:
@@ -821,6 +855,10 @@ def _answer_all(
             try:
                 # One routing call per chunk: per-call overhead dominates single prompts.
                 decisions = cascade.route_many([record.prompt for _, record in records])
+            except (ModelNotAvailable, ModelLoadError):
+                # The router's embedder model cannot be loaded: it stops the batch as a ladder
+                # model's does (below), not one error record a line for every line to come.
+                raise
             except CreError as exc:
                 for line, record in records:
                     fail(line, record.id, f"{source}:{line}: {exc}")

@@ -280,8 +280,10 @@ def reference_problem(reference: str, match: str) -> str | None:
     if match == "regex":
         try:
             _compile(reference)
-        except re.error as exc:
-            return f"reference {reference!r} is not a valid regular expression ({exc})"
+        except (re.error, OverflowError, RecursionError) as exc:
+            # Python's compiler raises more than re.error: a repeat over its limit
+            # ("a{4294967296}") and a thousand nested groups got past here as tracebacks.
+            return f"reference {reference!r} is not a valid regular expression ({exc or type(exc).__name__})"
         return None
     if match == "choice" and _read_letter(_segment(reference), anywhere=True)[1]:
         return (f"reference {reference!r} offers more than one option letter for match 'choice'; give "
