@@ -468,3 +468,47 @@ def test_an_unlabelled_log_is_refused_in_words_for_calibrate_and_eval_alike(cre,
         refused(run, f"{log}: no labelled queries (a 'reference' or 'labels' field), so no model can be scored on it")
         assert "evaluate" not in run.err
     assert four_fakes == {}
+
+
+@pytest.mark.parametrize(("option", "value"), [("--id-field", ""), ("--labels-field", "x" * 200),
+                                               ("--match-field", "a\tb")])
+def test_field_names_no_router_can_record_are_refused_before_models_run(
+    cre, sums_log, tiny_models_toml, four_fakes, tmp_path, option, value
+) -> None:
+    # The router's loader reads its field names as printable names of 1 to 128 characters:
+    # the save refused these after every model had run.
+    run = fit(cre, sums_log, tiny_models_toml, option, value, "-o", tmp_path / "r.cre")
+    refused(run, option, "the router records the field names", code=2)
+    assert four_fakes == {}
+
+
+def test_a_log_named_in_non_utf8_bytes_is_refused_before_models_run(
+    cre, sums_log, tiny_models_toml, four_fakes, tmp_path
+) -> None:
+    named = Path(os.fsdecode(os.fsencode(tmp_path) + b"/sums-\xe9.jsonl"))
+    named.write_bytes(sums_log.read_bytes())
+    refused(fit(cre, named, tiny_models_toml, "-o", tmp_path / "r.cre"), "not UTF-8", "rename the file")
+    assert four_fakes == {}
+
+
+def test_set_default_with_a_non_utf8_router_name_is_refused_before_models_run(
+    cre, sums_log, tiny_models_toml, four_fakes, tmp_path
+) -> None:
+    # settings.toml could not record the name: a UnicodeEncodeError traceback after the fit.
+    out = Path(os.fsdecode(os.fsencode(tmp_path) + b"/r\xe9.cre"))
+    refused(fit(cre, sums_log, tiny_models_toml, "-o", out, "--set-default"), "--set-default", code=2)
+    assert four_fakes == {}
+
+
+def test_format_text_given_is_not_blamed_on_the_logs_name(cre, sums_log, tiny_models_toml, four_fakes, tmp_path) -> None:
+    run = fit(cre, sums_log, tiny_models_toml, "--format", "text", "-o", tmp_path / "r.cre")
+    said = " ".join(run.err.split())
+    assert run.code == 0 and "--format text was given" in said and "its name does not end in" not in said
+
+
+def test_shots_no_cluster_can_try_are_warned_about(cre, sums_log, tiny_models_toml, four_fakes, tmp_path) -> None:
+    # "Answering 0 queries after 3 answered example(s)" was all it said.
+    run = fit(cre, sums_log, tiny_models_toml, "--shots", "0,3", "--sample-per-cluster", "4", "-o", tmp_path / "r.cre")
+    said = " ".join(run.err.split())
+    assert run.code == 0, run
+    assert "Answering 0 queries" not in said and "--shots 0,3: no cluster has 3 labelled queries" in said

@@ -467,3 +467,12 @@ def test_numeric_references_are_read_as_written_and_one_number_each(tmp_path: Pa
         write(path, f'{{"prompt": "q", "reference": {bad}, "match": "numeric"}}\n')
         with pytest.raises(InputError, match=words):
             read_log(path)
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_a_json_array_file_is_told_apart_from_json_lines(tmp_path: Path, indent: int | None) -> None:
+    # `--skip-bad`, the only advice, led to "0 usable queries".
+    log = tmp_path / "log.json"
+    log.write_text(json.dumps([{"prompt": f"q{i}", "reference": "a"} for i in range(12)], indent=indent))
+    with pytest.raises(InputError, match=r"one JSON array, not JSON Lines .* jq -c"):
+        read_log(log)

@@ -15,6 +15,7 @@ text hash), UMAP and HDBSCAN, and calibration.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -25,6 +26,7 @@ from crecli import __version__, archive, console, paths
 from crecli.choice import Choice, StatsTable, assignments_for, choose_models, cluster_stats
 from crecli.console import status
 from crecli.costs import BUDGET_EPS, Budget, CostModel
+from crecli.fields import Field
 from crecli.quality import DEFAULT_FIT_VOTES, DEFAULT_THRESHOLD, QualityCheck, default_thresholds, threshold_grid
 from crecli.replay import Replay, SimResult, run_reuse
 
@@ -128,12 +130,42 @@ def truth_labels(records: Sequence[Any], dotted: str, log_path: Path) -> list[st
     return gold
 
 
+class _Option(Field):
+    """A command-line value a router records, checked by the rule its loader reads it with."""
+
+    document = "option"
+
+
+def _check_recordable(log_path: Path, out_path: Path, options: FitOptions) -> None:
+    """What the router records of this fit, and settings.toml of its path, refused before any
+    model runs where it could not be: each was refused only at the save, after the whole run."""
+    from crecli.errors import InputError, UsageError
+    from crecli.fields import FieldError
+    from crecli.routerfile import log_record
+    from crecli.safejson import has_surrogate
+
+    fields = options.reader.fields
+    for option, name in (("--prompt-field", fields.prompt), ("--reference-field", fields.reference),
+                          ("--match-field", fields.match), ("--id-field", fields.id), ("--labels-field", fields.labels)):
+        try:
+            _Option(name, option).as_str()  # as `schema._reader` reads the router's field names
+        except FieldError as exc:
+            raise UsageError(f"{exc}: the router records the field names it was fitted with") from None
+    if has_surrogate(log_record(log_path)):
+        raise InputError(f"{os.fsencode(log_path)!r}: the log's name is not UTF-8, which the router, a JSON "
+                         "manifest, records; rename the file")
+    if options.set_default and has_surrogate(str(out_path.resolve())):
+        raise UsageError(f"-o {os.fsencode(out_path)!r}: with --set-default settings.toml records the router's "
+                         "path, and this one is not UTF-8; choose another name, or leave out --set-default")
+
+
 def check_before_fit(log_path: Path, out_path: Path, settings: "ModelConfig", options: FitOptions) -> Path:
     """Everything a fit writes, checked before it starts; returns the outcome store's path.
 
     Each of these used to fail only when the router was written, after the whole run, or
     worse, succeed: `-o` naming the log replaced the log with the router.
     """
+    _check_recordable(log_path, out_path, options)
     keep = [("the query log", log_path), (paths.KEEP_STORE, options.store)]
     keep += [("a served-query log", p) for p in options.served_logs]
     keep += [("a models.toml", Path(source)) for source in settings.sources]
@@ -230,8 +262,10 @@ def fit(log_path: Path, out_path: Path, settings: "ModelConfig", budget: "Budget
         if options.reader.as_read_at(log_path).fmt == "text" and sum(r.prompt.lstrip().startswith("{") for r in logged) * 2 > len(logged):
             # `cre fit queries.log` holding JSONL: each JSON line, its reference too, was a
             # prompt, and the advice below (field names) led nowhere.
+            why = ("--format text was given" if options.fmt is not None
+                   else "its name does not end in .jsonl, .json, .ndjson or .csv")
             console.warn(
-                f"{log_path} was read as plain text (its name does not end in .jsonl, .json, .ndjson or .csv), "
+                f"{log_path} was read as plain text ({why}), "
                 "so each line is a prompt and none has a reference, yet most lines look like JSON objects: "
                 "if it is JSONL, say so with --format jsonl. Every cluster starts on the fallback model "
                 f"({settings.ladder[-1]})."

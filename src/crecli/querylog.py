@@ -414,6 +414,12 @@ def _object_line(text: str) -> dict[str, Any]:
     except _Bad as exc:
         if "\r" in text:
             raise _Bad(f"{exc}; the line holds a carriage return: {_LONE_CR}") from None
+        opening = text.strip()
+        if opening == "[" or (opening.startswith("[") and opening[1:].lstrip().startswith("{")):
+            # A .json file is most often one array, pretty-printed or not; --skip-bad, the
+            # advice the reader adds, only led to "0 usable queries".
+            raise _Bad(f"{exc}; the file looks like one JSON array, not JSON Lines (one object a line): "
+                       "convert it with jq -c '.[]' FILE > FILE.jsonl") from None
         raise
 
 

@@ -166,6 +166,13 @@ def choose_shots(
     held_out.update(r.id for r in records if r.prompt.strip() in shown_prompts)
     scored = [r for r in records if clusters[r.id] in exemplars and r.id not in held_out]
     shown: dict[int, Mapping[OutcomeKey, Outcome]] = {0: base}
+    if not exemplars:
+        # Said: "Answering 0 queries after 3 answered example(s)" was all a fit whose clusters
+        # were all too small (`--sample-per-cluster 4`, a mostly unlabelled log) printed.
+        console.warn(f"--shots {','.join(map(str, counts))}: no cluster has {top} labelled queries to show and 2 more "
+                     f"to score them on ({top + 2} in all), so the router shows no answered examples; give fewer "
+                     "examples, or more labelled queries a cluster")
+        return ShotPlan({}, {}, set(), {}, shown, frozenset(m for m in ladder if not settings.get(m).keeps_examples))
     for n in sorted(set(counts) - {0}):
         wanted = {(r.id, m): shots_of(exemplars[clusters[r.id]], n) for r in scored for m in ladder}
         console.status(f"Answering {len(scored)} queries after {n} answered example(s) of their cluster...")
