@@ -14,8 +14,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from crecli.costs import BUDGET_EPS as _EPS, Budget, CostModel
-from crecli.outcomes import graded, mean_greedy_cost
+from crecli.costs import BUDGET_EPS as _EPS, Budget, CostModel, mean_greedy_cost
+from crecli.outcomes import graded
 
 if TYPE_CHECKING:
     from crecli.outcomes import Outcome, OutcomeKey
@@ -126,7 +126,7 @@ def cluster_stats(
     clusters of these records other than -1). Mean cost is that of one greedy answer, the cost of routing
     without a quality check; `simulate` prices the cascade's extra votes. A prompt too long for
     a model counts as a wrong answer, and in no mean cost; a model shown answered examples
-    pays its share of them (`outcomes.mean_greedy_cost`, as the replay prices them).
+    pays its share of them (`costs.mean_greedy_cost`, as the replay prices them).
     """
     if len(labels) != len(records):
         raise ValueError(f"{len(records)} records but {len(labels)} cluster labels")

@@ -222,6 +222,30 @@ def share_prefixes(visits: Sequence[tuple[str, float]]) -> list[float]:
     return [cost / counts[key] if key else 0.0 for key, cost in visits]
 
 
+def mean_greedy_cost(answers: Iterable[tuple[float, bool, str, float]], default: float = 0.0) -> float:
+    """The mean cost of greedy answers given as (own cost, too long, examples' key, examples'
+    cost): each with its share of the answered examples it was shown, split over the answers
+    that share them (`costs.share_prefixes`, as a run of answers pays them once), too-long ones
+    left out (`mean_answer_cost`). The one rule of a mean greedy cost: a cluster's statistics
+    (`choice.cluster_stats`) and the replay's baselines (`replay.greedy_cost`) alike, so
+    choosing a cluster's model and scoring the choice price examples the same way."""
+    answers = list(answers)
+    shares = share_prefixes([(key, cost) for _, _, key, cost in answers])
+    return mean_answer_cost(((own + share, too_long) for (own, too_long, _, _), share in zip(answers, shares)), default)
+
+
+def mean_answer_cost(costs: Iterable[tuple[float, bool]], default: float = 0.0) -> float:
+    """The mean of (cost, too long) pairs' costs, too-long ones left out; `default` where none
+    is left. The one rule of every mean cost of answers: a cluster's (`choice.cluster_stats`),
+    a greedy baseline's (`replay.greedy`), the oracle's.
+
+    A too-long outcome is graded wrong at no cost: the model never ran (`cre ask` passes its
+    rung over). That zero is no price of an answer: averaged in, it made a model that cannot
+    take a cluster's long prompts look cheap there. Accuracy still counts it, wrong."""
+    kept = [cost for cost, too_long in costs if not too_long]
+    return sum(kept) / len(kept) if kept else default
+
+
 def previous_prompts(prompts: Sequence[str], clusters: Sequence[int], chunk: int | None = CHUNK_LINES,
                      lines: Sequence[int] | None = None) -> list[str]:
     """Per prompt of a run, in the order given, the previous prompt of its cluster in its

@@ -36,7 +36,7 @@ rebuilt from the log on every call, so the log stays their single source of trut
 A prompt too long for a model's context (`PromptTooLong`) does not stop the run: it
 becomes a too-long outcome (`source="too_long"`) for that model, which no answer can be
 drawn from. The live cascade passes such a rung over (`live.LiveSource.hold`), so the
-replay does too: graded wrong, at no cost (and in no mean cost: `mean_answer_cost`), and
+replay does too: graded wrong, at no cost (and in no mean cost: `costs.mean_answer_cost`), and
 never accepted, so the query moves up, and on the top rung it is a wrong final answer,
 where `cre ask` fails. Nor are these stored: the fix, a larger `context` in models.toml,
 must take effect on the next run. The other way round, a recorded answer whose prompt
@@ -61,7 +61,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 from crecli import console, grading, paths
 from crecli.errors import CreError, PromptTooLong, StoreError
@@ -142,32 +142,6 @@ def graded(outcome: Outcome, record: "Record") -> list[bool]:
     if record.reference is None:
         raise CreError(f"query {record.id!r} has no reference answer, so its votes cannot be graded")
     return [grading.grade(v.text, record.reference, record.match) for v in outcome.votes]
-
-
-def mean_greedy_cost(answers: Iterable[tuple[float, bool, str, float]], default: float = 0.0) -> float:
-    """The mean cost of greedy answers given as (own cost, too long, examples' key, examples'
-    cost): each with its share of the answered examples it was shown, split over the answers
-    that share them (`costs.share_prefixes`, as a run of answers pays them once), too-long ones
-    left out (`mean_answer_cost`). The one rule of a mean greedy cost: a cluster's statistics
-    (`choice.cluster_stats`) and the replay's baselines (`replay.greedy_cost`) alike, so
-    choosing a cluster's model and scoring the choice price examples the same way."""
-    from crecli.costs import share_prefixes
-
-    answers = list(answers)
-    shares = share_prefixes([(key, cost) for _, _, key, cost in answers])
-    return mean_answer_cost(((own + share, too_long) for (own, too_long, _, _), share in zip(answers, shares)), default)
-
-
-def mean_answer_cost(costs: Iterable[tuple[float, bool]], default: float = 0.0) -> float:
-    """The mean of (cost, too long) pairs' costs, too-long ones left out; `default` where none
-    is left. The one rule of every mean cost of answers: a cluster's (`choice.cluster_stats`),
-    a greedy baseline's (`replay.greedy`), the oracle's.
-
-    A too-long outcome is graded wrong at no cost: the model never ran (`cre ask` passes its
-    rung over). That zero is no price of an answer: averaged in, it made a model that cannot
-    take a cluster's long prompts look cheap there. Accuracy still counts it, wrong."""
-    kept = [cost for cost, too_long in costs if not too_long]
-    return sum(kept) / len(kept) if kept else default
 
 
 def prompt_sha256(prompt: str, shots: Sequence[tuple[str, str]] = ()) -> str:

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Container, Mapping, Sequence
 
 from crecli import console, grading
-from crecli.costs import CostModel, Pricing, TokenCounts, share_prefixes
+from crecli.costs import CostModel, Pricing, TokenCounts, mean_greedy_cost, share_prefixes
 from crecli.errors import CreError
 from crecli.ladder import DEFERRAL, Climb, Policy, Rung, Verdict, walk
-from crecli.outcomes import graded, mean_greedy_cost, prompt_sha256
+from crecli.outcomes import graded, prompt_sha256
 from crecli.quality import deferral_features, needed, was_cut
 from crecli.shots import resolve_shots
 
@@ -611,14 +611,14 @@ def fit_clusters(router: "RouterFile", vectors: Any, routes: Sequence["RouteDeci
 def greedy(data: Data, idx: Sequence[int], model_of: Callable[[int], str]) -> tuple[float, float]:
     """Accuracy and mean cost of the greedy answer of model `model_of(i)` for each query i in
     `idx`: a prompt too long for its model is a wrong answer, and in no mean cost
-    (`outcomes.mean_answer_cost`)."""
+    (`costs.mean_answer_cost`)."""
     entries = [data.replay.entries[(data.records[i].id, model_of(i))] for i in idx]
     return sum(e.correct[0] for e in entries) / (len(entries) or 1), greedy_cost(entries)
 
 
 def greedy_cost(entries: Sequence[_Entry]) -> float:
     """The mean cost of `entries`' greedy answers, each with its share of the answered
-    examples it shares, too-long ones left out (`outcomes.mean_greedy_cost`)."""
+    examples it shares, too-long ones left out (`costs.mean_greedy_cost`)."""
     return mean_greedy_cost((e.cumcost[0], e.too_long, e.prefix_key, e.prefix_cost) for e in entries)
 
 
