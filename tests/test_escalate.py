@@ -443,3 +443,27 @@ def test_serve_passes_over_an_in_process_rung_it_cannot_load_and_ask_does_not(
         assert "/models" not in json.dumps(trace.to_dict())  # the client sees the trace: no path
     err = capsys.readouterr().err
     assert err.count("prompts pass over small to the next rung") == 1 and "/models/small.gguf" in err
+
+
+def test_a_cascade_from_a_file_closes_its_routers_embedder(monkeypatch: pytest.MonkeyPatch, tiny_models_toml: Path,
+                                                           tmp_path: Path) -> None:
+    # A llama.cpp embedder loads a whole model outside the pool: leaving the cascade left it loaded.
+    from dataclasses import replace
+
+    closed: list[bool] = []
+
+    class Embedder:
+        kind = "llama"
+
+        def close(self) -> None:
+            closed.append(True)
+
+    monkeypatch.setattr(routerfile, "load", lambda path, settings, force=False: replace(make_router(), embedder=Embedder()))
+    with Cascade.from_file(tmp_path / "r.cre", models_file=tiny_models_toml):
+        pass
+    assert closed == [True]
+    # A router handed in is the caller's to close.
+    shared = replace(make_router(), embedder=Embedder())
+    with Cascade(shared, config.load(tiny_models_toml)):
+        pass
+    assert closed == [True]

@@ -157,6 +157,40 @@ def test_a_model_waits_for_room_only_on_models_that_hold_memory() -> None:
         registry.make_backend = original  # type: ignore[assignment]
 
 
+
+def test_a_remote_rung_neither_waits_for_nor_closes_a_local_model() -> None:
+    # Over the budget (a local model larger than it loads alone), a remote rung, which holds no
+    # memory, waited for the local model's decode and then closed it, to load again next time.
+    from crecli.models.registry import ModelPool
+
+    closed: list[str] = []
+
+    class Closing(FakeBackend):
+        def close(self) -> None:
+            closed.append(self.spec.name)
+
+    local = ModelSpec(name="big", path="/x/big.gguf", size=150)  # over the budget alone
+    remote = ModelSpec(name="far", url="http://far/v1", api_model="served", prompt_format="chat")
+    original = registry.make_backend
+    registry.make_backend = lambda spec: Closing(spec)  # type: ignore[assignment]
+    try:
+        pool = ModelPool(memory_budget_bytes=100)
+        got = threading.Event()
+        with pool.lease(local):
+            def other() -> None:
+                with pool.lease(remote):
+                    got.set()
+
+            t = threading.Thread(target=other, daemon=True)
+            t.start()
+            assert got.wait(30), "the remote rung waited for the local model's decode"
+        t.join(30)
+        with pool.lease(local):
+            pass
+        assert closed == []
+    finally:
+        registry.make_backend = original  # type: ignore[assignment]
+
 def test_a_gate_admits_in_order_and_a_cancelled_waiter_leaves() -> None:
     gate = Gate(1)
     gate.acquire()

@@ -77,6 +77,9 @@ class Cascade:
         self.settings = settings
         self.quality = quality or router.quality
         self._owns_pool = pool is None
+        # A router this cascade loaded itself (`from_file`): its embedder, a whole model for
+        # a llama.cpp one, outside the pool, is this cascade's to close.
+        self._owns_router = False
         self.pool = pool if pool is not None else ModelPool()
         self.ladder = router.ladder_names
         self.specs = {name: settings.get(name) for name in self.ladder}
@@ -115,6 +118,7 @@ class Cascade:
         router = routerfile.load(Path(path), settings, force=force)
         cascade = cls(router, settings, ModelPool(memory_budget_bytes, parallel=parallel))
         cascade._owns_pool = True
+        cascade._owns_router = True
         return cascade
 
     @property
@@ -359,6 +363,10 @@ class Cascade:
         self._counters.clear()
         if self._owns_pool:
             self.pool.close()
+        if self._owns_router:
+            close = getattr(self.router.embedder, "close", None)
+            if close is not None:
+                close()
 
     def __enter__(self) -> "Cascade":
         return self

@@ -169,10 +169,14 @@ class ModelPool:
         # be known before older models make room for it.
         backend = backend_for(spec)
         cost = self.cost(backend) if self.budget is not None else 0
-        while self.budget is not None:
+        # A backend that holds no memory (a remote rung) needs no room: it waited behind a
+        # local model's decode and then closed it, where the pool was over its budget.
+        while self.budget is not None and cost > 0:
             # Caches that grew while the loaded models answered count as they stand now.
             used = sum(self._costs.values()) + sum(b.cache_memory() for b in self._loaded.values())
-            idle = [name for name in self._loaded if not self._busy[name]]
+            # Only models that hold memory free any: closing an idle remote rung frees none.
+            idle = [name for name in self._loaded
+                    if not self._busy[name] and (self._costs.get(name, 0) or self._loaded[name].cache_memory())]
             while idle and used + cost > self.budget:
                 name = idle.pop(0)
                 old = self._loaded.pop(name)
