@@ -760,3 +760,16 @@ def test_a_clusters_mean_cost_pays_its_share_of_the_examples_as_the_replay_does(
     # tokens, 3, shared by the two: 1.5 each.
     assert table.clusters[0].models["m"].mean_cost == pytest.approx(4.5)
     assert table.clusters[0].models["m"].mean_cost == pytest.approx(greedy_cost([replay.entries[(r, "m")] for r in "ab"]))
+
+
+def test_a_settings_label_shows_the_vote_counts_its_thresholds_ask_for() -> None:
+    # With --k 3 the label said 0.7 for 2/3: 3 of 3 votes read back, where 2 was written; from
+    # k = 11 two settings could print alike.
+    from crecli.calibrate import Setting, threshold_text
+    from crecli.quality import needed
+
+    for k in (3, 4, 6, 7, 12, 64):
+        shown = [float(threshold_text(j / k)) for j in range(k + 1)]
+        assert [needed(v, k) for v in shown] == list(range(k + 1))
+    assert len({Setting(1.0, (("s", j / 12), ("l", 0.0))).label() for j in range(13)}) == 13
+    assert Setting(3.75, (("s", 0.0), ("m", 0.2), ("l", 0.0))).label() == "weight 3.75 | thresholds 0.0/0.2/0.0"

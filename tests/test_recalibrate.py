@@ -745,3 +745,16 @@ def test_a_store_path_with_no_store_is_warned_about_before_any_model_runs(
         assert result.exit_code == 0, result.output
         said = " ".join(result.stderr.split())
         assert f"--store {typo}: no outcome store is there" in said and "every model runs on the 30 queries" in said
+
+
+def test_calibrate_says_before_the_work_that_o_replaces_another_router(fakes, tiny_models_toml: Path, tmp_path: Path) -> None:
+    # `cre fit` warns so; `cre calibrate a.cre -o b.cre` replaced b.cre without a word.
+    m = ("--models", tiny_models_toml)
+    log = write(tmp_path / "log.jsonl", rows())
+    first, second = tmp_path / "a.cre", tmp_path / "b.cre"
+    ok("fit", log, "-o", first, *m)
+    ok("fit", log, "-o", second, *m)
+    result = cre("calibrate", first, "-o", second, *m, "--folds", "2")
+    assert result.exit_code == 0 and "another router file is there; this calibration replaces it" in " ".join(result.stderr.split())
+    in_place = cre("calibrate", first, *m, "--folds", "2")
+    assert in_place.exit_code == 0 and "another router file is there" not in in_place.stderr

@@ -14,6 +14,7 @@ ones the fit drew (`replay.fit_sample`).
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import time
 from dataclasses import dataclass, replace
@@ -51,8 +52,18 @@ class Setting:
     thresholds: tuple[tuple[str, float], ...]
 
     def label(self) -> str:
-        """e.g. "weight 1.5 | thresholds 0.8/0.6/0.0" (thresholds smallest rung first)."""
-        return f"weight {self.weight:g} | thresholds " + "/".join(f"{v:.1f}" for _, v in self.thresholds)
+        """e.g. "weight 1.5 | thresholds 0.8/0.6/0.0" (thresholds smallest rung first, each
+        `threshold_text`)."""
+        return f"weight {self.weight:g} | thresholds " + "/".join(threshold_text(v) for _, v in self.thresholds)
+
+
+def threshold_text(value: float) -> str:
+    """A threshold as a setting's label shows it: cut (not rounded) to 4 decimals, so an
+    agreement threshold j/k reads as the vote count it asks for (2/3 as 0.6666, 2 of 3 votes:
+    `quality.needed`; "0.7", as `.1f` showed it, asks for 3) and every j/k of one k up to 64
+    reads apart; a deferral threshold of the grid reads as it is (0.0, 0.2, 0.5)."""
+    text = f"{math.floor(value * 10_000 + 1e-6) / 10_000:.4f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
 
 
 @dataclass(frozen=True)
@@ -683,7 +694,10 @@ def run(
                            allow=paths.OWNED_STORE)
     keep = [("the query log", log), (paths.KEEP_STORE, store), *[("a models.toml", Path(f)) for f in settings.sources]]
     paths.check_output(target, "-o", keep)
-    archive.check_replaceable(target, "-o")
+    if archive.check_replaceable(target, "-o") and not _same_router(target, router_path):
+        # Said before the work, as `cre fit` says it: another router at -o went without a word.
+        console.warn(f"-o {target}: another router file is there; this calibration replaces it when it ends "
+                     "(stop now, or pass -o another.cre, to keep it)")
     reader = router.fit.reader.overridden(skip_bad, max_line_bytes)
     # The log's labelled queries are counted before `prepare` runs any model on them. A fit
     # with --sample-per-cluster ran the models on a sample of its log: calibration scores the
@@ -711,6 +725,17 @@ def run(
     return cal, target
 
 
+def _same_router(target: Path, router_path: Path) -> bool:
+    """Whether writing `target` writes the router read from `router_path` (in place, by
+    the same path or another to it)."""
+    if target == router_path:
+        return True
+    try:
+        return target.samefile(router_path)
+    except OSError:  # one of them is not there: -o names another file
+        return False
+
+
 def check_unchanged(router_path: Path, loaded_sha256: str | None, target: Path) -> None:
     """Refuse to save a calibration in place (`target` is `router_path`, or another path to
     it) over a router file that is no longer the one loaded: a `cre fit -o ROUTER` that
@@ -718,12 +743,8 @@ def check_unchanged(router_path: Path, loaded_sha256: str | None, target: Path) 
     replaced."""
     from crecli.models.pull import sha256_file
 
-    if target != router_path:
-        try:
-            if not target.samefile(router_path):
-                return
-        except OSError:  # one of them is not there: -o names another file
-            return
+    if not _same_router(target, router_path):
+        return
     try:
         now = sha256_file(router_path)
     except OSError:  # gone, or unreadable: not the file loaded either
