@@ -758,3 +758,22 @@ def test_calibrate_says_before_the_work_that_o_replaces_another_router(fakes, ti
     assert result.exit_code == 0 and "another router file is there; this calibration replaces it" in " ".join(result.stderr.split())
     in_place = cre("calibrate", first, *m, "--folds", "2")
     assert in_place.exit_code == 0 and "another router file is there" not in in_place.stderr
+
+
+def test_calibrate_json_lists_every_cluster_model_the_router_is_written_with(fakes, tiny_models_toml: Path,
+                                                                             tmp_path: Path) -> None:
+    # A cluster with no labelled query in --log keeps its model in the router; the JSON's
+    # cluster_models left it out.
+    m = ("--models", tiny_models_toml)
+    router = fitted(tmp_path, m)
+    loaded = routerfile.load(router, config.load(tiny_models_toml))
+    if len(loaded.clusters) < 2:
+        pytest.skip("the fit made one cluster: nothing can be left out")
+    one = loaded.clusters[0]
+    part = [r for r in rows() if r["prompt"] in set(one.examples) or TOPICS.index(
+        next(t for t in TOPICS if r["prompt"].startswith(t.split("{")[0]))) == 0]
+    partial = write(tmp_path / "partial.jsonl", part)
+    cal = json.loads(ok("calibrate", router, *m, "--folds", "2", "--log", partial, "--json"))
+    written = routerfile.load(router, config.load(tiny_models_toml))
+    assert cal["cluster_models"] == {str(c.id): c.model for c in sorted(written.clusters, key=lambda c: c.id)}
+    assert set(cal["kept_models"]) <= set(cal["cluster_models"])

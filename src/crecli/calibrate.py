@@ -17,7 +17,7 @@ import itertools
 import math
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Container, Literal, Mapping, Sequence
 
@@ -465,6 +465,9 @@ class Calibration:
     log_sha256: str | None = None
     reader: "LogOptions | None" = None
     n_skipped_too_long: int = 0  # labelled queries left out: too long for every rung's context
+    # Clusters with no labelled query in the calibration log: the model each keeps from the
+    # router (`apply`), so a report lists every cluster's model the router is written with.
+    kept_models: dict[int, str] = field(default_factory=dict)
 
 
 def recalibrate(
@@ -720,6 +723,7 @@ def run(
     cal = recalibrate(router, data, budget, n_folds=n_folds, seed=seed, check=check, votes=votes, no_signals=no_signals)
     cal = replace(cal, log=recorded, log_sha256=data.log_sha256 or None, reader=reader,
                   n_skipped_too_long=data.n_skipped_too_long)
+    cal = replace(cal, kept_models={c.id: c.model for c in router.clusters if c.id not in cal.choice.models})
     check_unchanged(router_path, router.file_sha256, target)
     routerfile.save(apply(router, cal, settings), target)
     return cal, target

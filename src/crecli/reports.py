@@ -247,7 +247,9 @@ def calibration(cal: Any, path: Any, as_json: bool) -> None:
             "budget_met": cal.budget_met,
             "setting": cal.setting.label(),
             "thresholds": cal.thresholds,
-            "cluster_models": {str(k): v for k, v in cal.choice.models.items()},
+            # Every cluster's model the router is written with: those kept from the router too.
+            "cluster_models": {str(k): v for k, v in sorted({**cal.kept_models, **cal.choice.models}.items())},
+            "kept_models": {str(k): v for k, v in sorted(cal.kept_models.items())},
             "held_out": cal.held_out,
             "estimate": cal.estimate,
             "in_sample": cal.in_sample,
