@@ -101,7 +101,7 @@ def test_a_small_models_answer_does_not_wait_behind_a_large_ones(tmp_path: Path,
     assert max(active["large"]) == 1 and max(active["small"]) == 1
 
 
-def test_a_loaded_model_in_use_is_never_closed_to_make_room() -> None:
+def test_a_loaded_model_in_use_is_never_closed_to_make_room(monkeypatch: pytest.MonkeyPatch) -> None:
     from crecli.models.registry import ModelPool
 
     closed: list[str] = []
@@ -111,54 +111,55 @@ def test_a_loaded_model_in_use_is_never_closed_to_make_room() -> None:
             closed.append(self.spec.name)
 
     specs = {n: ModelSpec(name=n, path=f"/x/{n}.gguf", size=60) for n in ("a", "b")}
-    original = registry.make_backend
-    registry.make_backend = lambda spec: Sized(spec)  # type: ignore[assignment]
-    try:
-        pool = ModelPool(memory_budget_bytes=100)
-        order: list[str] = []
-        with pool.lease(specs["a"]):
-            def other() -> None:
-                with pool.lease(specs["b"]):
-                    order.append("b loaded")
+    monkeypatch.setattr(registry, "make_backend", lambda spec: Sized(spec))
+    pool = ModelPool(memory_budget_bytes=100)
+    order: list[str] = []
+    with pool.lease(specs["a"]):
+        def other() -> None:
+            with pool.lease(specs["b"]):
+                order.append("b loaded")
 
-            t = threading.Thread(target=other)
-            t.start()
-            time.sleep(0.3)
-            assert closed == [] and order == []  # b waits: a is in use and both do not fit
-            order.append("a done")
-        t.join(30)  # b loads as soon as a is free: only a slow, loaded machine takes more than a moment
-        assert order == ["a done", "b loaded"] and closed == ["a"]
-    finally:
-        registry.make_backend = original  # type: ignore[assignment]
+        t = threading.Thread(target=other)
+        t.start()
+        time.sleep(0.3)
+        assert closed == [] and order == []  # b waits: a is in use and both do not fit
+        order.append("a done")
+    t.join(30)  # b loads as soon as a is free: only a slow, loaded machine takes more than a moment
+    assert order == ["a done", "b loaded"] and closed == ["a"]
 
 
-def test_a_model_waits_for_room_only_on_models_that_hold_memory() -> None:
+def _leases_while_held(pool: Any, held: ModelSpec, wanted: ModelSpec) -> bool:
+    """Whether another thread leases `wanted` from `pool` while this one holds `held` (within
+    30 s; had it waited for `held`, it would have until this one let go, after the answer)."""
+    got = threading.Event()
+
+    def other() -> None:
+        with pool.lease(wanted):
+            got.set()
+
+    with pool.lease(held):
+        t = threading.Thread(target=other, daemon=True)
+        t.start()
+        leased = got.wait(30)
+    t.join(30)
+    return leased
+
+
+# Over the budget alone (a local model larger than it loads anyway), and one holding no memory.
+BIG = ModelSpec(name="big", path="/x/big.gguf", size=150)
+FAR_RUNG = ModelSpec(name="far", url="http://far/v1", api_model="served", prompt_format="chat")
+
+
+def test_a_model_waits_for_room_only_on_models_that_hold_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     from crecli.models.registry import ModelPool
 
-    local = ModelSpec(name="big", path="/x/big.gguf", size=150)  # over the budget alone
-    remote = ModelSpec(name="far", url="http://far/v1", api_model="served", prompt_format="chat")
-    original = registry.make_backend
-    registry.make_backend = lambda spec: FakeBackend(spec)  # type: ignore[assignment]
-    try:
-        pool = ModelPool(memory_budget_bytes=100)
-        loaded = threading.Event()
-        with pool.lease(remote):
-            def other() -> None:
-                with pool.lease(local):
-                    loaded.set()
-
-            t = threading.Thread(target=other, daemon=True)
-            t.start()
-            # The busy remote rung will free no memory, so the local model does not wait for it;
-            # had it waited, it would have until this block ends, after the assertion.
-            assert loaded.wait(30), "the local model waited for a remote rung to free memory"
-        t.join(30)
-    finally:
-        registry.make_backend = original  # type: ignore[assignment]
+    monkeypatch.setattr(registry, "make_backend", lambda spec: FakeBackend(spec))
+    # The busy remote rung will free no memory, so the local model does not wait for it.
+    assert _leases_while_held(ModelPool(memory_budget_bytes=100), FAR_RUNG, BIG), \
+        "the local model waited for a remote rung to free memory"
 
 
-
-def test_a_remote_rung_neither_waits_for_nor_closes_a_local_model() -> None:
+def test_a_remote_rung_neither_waits_for_nor_closes_a_local_model(monkeypatch: pytest.MonkeyPatch) -> None:
     # Over the budget (a local model larger than it loads alone), a remote rung, which holds no
     # memory, waited for the local model's decode and then closed it, to load again next time.
     from crecli.models.registry import ModelPool
@@ -169,27 +170,13 @@ def test_a_remote_rung_neither_waits_for_nor_closes_a_local_model() -> None:
         def close(self) -> None:
             closed.append(self.spec.name)
 
-    local = ModelSpec(name="big", path="/x/big.gguf", size=150)  # over the budget alone
-    remote = ModelSpec(name="far", url="http://far/v1", api_model="served", prompt_format="chat")
-    original = registry.make_backend
-    registry.make_backend = lambda spec: Closing(spec)  # type: ignore[assignment]
-    try:
-        pool = ModelPool(memory_budget_bytes=100)
-        got = threading.Event()
-        with pool.lease(local):
-            def other() -> None:
-                with pool.lease(remote):
-                    got.set()
+    monkeypatch.setattr(registry, "make_backend", lambda spec: Closing(spec))
+    pool = ModelPool(memory_budget_bytes=100)
+    assert _leases_while_held(pool, BIG, FAR_RUNG), "the remote rung waited for the local model's decode"
+    with pool.lease(BIG):
+        pass
+    assert closed == []
 
-            t = threading.Thread(target=other, daemon=True)
-            t.start()
-            assert got.wait(30), "the remote rung waited for the local model's decode"
-        t.join(30)
-        with pool.lease(local):
-            pass
-        assert closed == []
-    finally:
-        registry.make_backend = original  # type: ignore[assignment]
 
 def test_a_gate_admits_in_order_and_a_cancelled_waiter_leaves() -> None:
     gate = Gate(1)

@@ -227,9 +227,10 @@ def _resume_lines(fh: BinaryIO) -> Iterator[bytes]:
 
 
 def _read_done_line(line: bytes, done: dict[str, "Answered"]) -> int:
-    """One line of a --resume file into `done`; 1 where it is an answer or error record."""
+    """One line of a --resume file (`_resume_lines`: its leading NULs dropped) into `done`;
+    1 where it is an answer or error record."""
     try:
-        row = json.loads(line.lstrip(b"\0"))
+        row = json.loads(line)
     except (ValueError, RecursionError):
         return 0
     if not isinstance(row, dict) or ("answer" not in row and "error" not in row):

@@ -722,8 +722,8 @@ def run(
                                     if label.startswith("unknown") else "its server returns none")
     cal = recalibrate(router, data, budget, n_folds=n_folds, seed=seed, check=check, votes=votes, no_signals=no_signals)
     cal = replace(cal, log=recorded, log_sha256=data.log_sha256 or None, reader=reader,
-                  n_skipped_too_long=data.n_skipped_too_long)
-    cal = replace(cal, kept_models={c.id: c.model for c in router.clusters if c.id not in cal.choice.models})
+                  n_skipped_too_long=data.n_skipped_too_long,
+                  kept_models={c.id: c.model for c in router.clusters if c.id not in cal.choice.models})
     check_unchanged(router_path, router.file_sha256, target)
     routerfile.save(apply(router, cal, settings), target)
     return cal, target

@@ -212,10 +212,16 @@ def check_fields(body: dict[str, Any], kind: str) -> None:
                 raise ApiError(400, f"'{name}' is not supported: {why}; leave it out", param=name,
                                code="unsupported_parameter")
         else:
-            shown = name if len(name) <= 64 else name[:64] + "..."
+            shown = cut_name(name)
             raise ApiError(400, f"{shown!r} is not a field cre serve knows; it takes "
                            f"{', '.join(APPLIED[kind])} (and {', '.join(METADATA)})", param=shown[:64],
                            code="unknown_parameter")
+
+
+def cut_name(name: str, limit: int = 64) -> str:
+    """A client's name (a field's, a model's) as an error shows it: up to `limit` characters
+    and "...", so a multi-megabyte name does not come back whole."""
+    return name if len(name) <= limit else name[:limit] + "..."
 
 
 def _common(body: dict[str, Any], kind: str, prompt: str) -> Query:

@@ -736,9 +736,9 @@ def update_user_setting(key: str, value: str | bool | int | float) -> Path:
     value spread over several lines, say), the file is rewritten from its parsed data,
     which keeps every setting but not the comments.
     """
-    import tomllib
-
     import tomli_w
+
+    from crecli.errors import ConfigError
 
     data = read_user_settings()  # a broken file is a ConfigError before anything is written
     try:
@@ -746,14 +746,12 @@ def update_user_setting(key: str, value: str | bool | int | float) -> Path:
     except FileNotFoundError:
         text = ""
     except OSError as exc:
-        from crecli.errors import ConfigError
-
         raise ConfigError(f"{user_settings_file()}: cannot read it ({exc.strerror or exc}); fix or delete the file") from None
     wanted = {**data, key: value}
     edited = _with_key(text, key, tomli_w.dumps({key: value}))
     try:
-        same = tomllib.loads(edited) == wanted
-    except (ValueError, RecursionError):  # any TOML tomllib cannot read (`parse_toml`): rewrite whole
+        same = parse_toml(edited, user_settings_file(), "") == wanted
+    except ConfigError:  # any TOML tomllib cannot read: rewrite the file whole
         same = False
     return _replace_settings_text(edited if same else tomli_w.dumps(wanted))
 

@@ -11,8 +11,8 @@ prepared for it (`prepare`): its records, routes as `cre ask` routes them, and o
 from __future__ import annotations
 
 import functools
-import os
 import itertools
+import os
 from collections import Counter
 from dataclasses import InitVar, dataclass, field, replace
 from pathlib import Path

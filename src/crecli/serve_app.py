@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 from crecli.cancel import POLL_SECONDS
 from crecli.errors import CreError, PromptTooLong
 from crecli.openai_wire import (
-    Answer, ApiError, Query, parse_chat, parse_completion, parse_json, response_body, stream_chunk, stream_end,
+    Answer, ApiError, Query, cut_name, parse_chat, parse_completion, parse_json, response_body, stream_chunk, stream_end,
     stream_error, stream_events,
 )
 from crecli.serve_options import ServeOptions  # noqa: F401 (re-exported)
@@ -544,9 +544,8 @@ class App:
             return partial(cascade_job, self.cascade, query, ticket, self.served, emit)
         if query.model in self.ladder:
             return partial(model_job, self.cascade, query, emit)
-        # Shown cut, as field names are (`openai_wire`): a 3 MB name came back whole.
-        shown = query.model if len(query.model) <= 64 else query.model[:64] + "..."
-        raise ApiError(404, f"the model {shown!r} does not exist here; GET /v1/models lists "
+        # Shown cut, as field names are: a 3 MB name came back whole.
+        raise ApiError(404, f"the model {cut_name(query.model)!r} does not exist here; GET /v1/models lists "
                        f"{', '.join(self.cascade_names + self.ladder)}", param="model", code="model_not_found")
 
     async def answer(self, request: "Request", query: Query, deadline: float) -> Answer:

@@ -172,8 +172,7 @@ def choose_shots(
         console.warn(f"--shots {','.join(map(str, counts))}: no cluster has {top} labelled queries to show and 2 more "
                      f"to score them on ({top + 2} in all), so the router shows no answered examples; give fewer "
                      "examples, or more labelled queries a cluster")
-        return ShotPlan({}, {}, set(), {}, shown, frozenset(m for m in ladder if not settings.get(m).keeps_examples))
-    for n in sorted(set(counts) - {0}):
+    for n in sorted(set(counts) - {0}) if exemplars else ():
         wanted = {(r.id, m): shots_of(exemplars[clusters[r.id]], n) for r in scored for m in ladder}
         console.status(f"Answering {len(scored)} queries after {n} answered example(s) of their cluster...")
         shown[n] = outcomes_mod.collect(scored, settings, store, quality, shots=wanted)
